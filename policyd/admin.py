@@ -1,0 +1,315 @@
+"""Administration: keys, policy, credit, audit and rebuild. The AdminService calls these.
+
+Every change is made in SQL (the source of truth) and then in Redis, so it
+reaches every replica together: a paused key is refused by the next Authorize
+on any replica, because the authorize script reads the key's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from policyd import keys as key_secrets
+from policyd import redis_keys
+from policyd.counters import Counters
+from policyd.db import ApiKeyRow, PolicyVersionRow
+from policyd.directory import KeyDirectory
+from policyd.domain import PolicydError
+from policyd.money import AMOUNT_MAX
+from policyd.policy import ENVIRONMENTS, Policy, PolicyError, canonical_text, diff, parse_policy
+from policyd.policy_book import PolicyBook
+from policyd.quotas import remaining_ttl
+from policyd.store import OPEN_STATUSES, Store, key_record
+from policyd.writer import Writer
+
+GRANT_SOURCES = ("purchase", "promo", "refund", "adjustment")
+ROTATION_GRACE_SECONDS_DEFAULT = 86_400
+ROTATION_GRACE_SECONDS_MAX = 30 * 86_400
+LABEL_LENGTH_MAX = 256
+OWNER_ID_LENGTH_MAX = 128
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class KeyCreation:
+    row: ApiKeyRow
+    secret: str
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    version: int
+    changed: bool
+    diff: str
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    ok: bool
+    checked: int
+    mismatches: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+def _invalid(reason: str, message: str) -> PolicydError:
+    return PolicydError("INVALID_ARGUMENT", reason, message)
+
+
+def _secrets_of(row: ApiKeyRow, at: int) -> list[tuple[str, int]]:
+    valid = [(row.secret_hash, 0)]
+    if row.previous_secret_hash and row.previous_expires_ms > at:
+        valid.append((row.previous_secret_hash, row.previous_expires_ms))
+    return valid
+
+
+class Admin:
+    def __init__(self, store: Store, counters: Counters, book: PolicyBook, directory: KeyDirectory,
+                 writer: Writer, reservation_ttl_seconds: int = 600) -> None:
+        self.reservation_ttl_ms = reservation_ttl_seconds * 1000
+        self.store = store
+        self.counters = counters
+        self.book = book
+        self.directory = directory
+        self.writer = writer
+
+    # ------------------------------------------------------------------ keys
+    async def create_key(self, *, label: str, customer_id: str, workspace_id: str = "", project_id: str = "",
+                         team_id: str = "", environment: str, plan: str, scopes: list[str] | None = None,
+                         test: bool = False) -> KeyCreation:
+        if not customer_id:
+            raise _invalid("invalid_request", "customer_id is required")
+        for name, value in (("customer_id", customer_id), ("workspace_id", workspace_id),
+                            ("project_id", project_id), ("team_id", team_id)):
+            if len(value) > OWNER_ID_LENGTH_MAX or any(c in value for c in "{}\x00\n\r\t "):
+                raise _invalid("invalid_request", f"{name} must be at most {OWNER_ID_LENGTH_MAX} characters without spaces or braces")
+        if len(label) > LABEL_LENGTH_MAX:
+            raise _invalid("invalid_request", f"label must be at most {LABEL_LENGTH_MAX} characters")
+        if environment not in ENVIRONMENTS:
+            raise _invalid("invalid_environment", f"environment must be one of {', '.join(ENVIRONMENTS)}")
+        policy = self.book.current
+        if policy is None:
+            raise PolicydError("FAILED_PRECONDITION", "no_policy", "apply a policy before creating keys")
+        if policy.plan(plan) is None:
+            raise _invalid("unknown_plan", f"plan {plan!r} is not in policy version {policy.version} "
+                                           f"(plans: {', '.join(sorted(policy.document.plans))})")
+        secret = key_secrets.new_secret(test=test)
+        at = now_ms()
+        row = ApiKeyRow(
+            id=key_secrets.new_key_id(), label=label, prefix=key_secrets.display_prefix(secret),
+            secret_hash=key_secrets.hash_secret(secret), previous_secret_hash=None, previous_expires_ms=0,
+            customer_id=customer_id, workspace_id=workspace_id, project_id=project_id, team_id=team_id,
+            environment=environment, plan=plan, scopes=list(scopes or []), status="active", created_ms=at,
+            rotated_ms=0, status_changed_ms=at,
+        )
+        await asyncio.to_thread(self.store.save_key, row)
+        await self._publish_key(row)
+        self.directory.remember(row.secret_hash, key_record(row))
+        return KeyCreation(row, secret)
+
+    async def _publish_key(self, row: ApiKeyRow) -> None:
+        await self.counters.set_key_state(
+            self.counters.partition_of(row.customer_id), row.id, row.status, _secrets_of(row, now_ms())
+        )
+
+    async def get_key(self, key_id: str) -> ApiKeyRow:
+        row = await asyncio.to_thread(self.store.key, key_id)
+        if row is None:
+            raise PolicydError("NOT_FOUND", "unknown_key", f"no key {key_id!r}")
+        return row
+
+    async def list_keys(self, customer_id: str = "") -> list[ApiKeyRow]:
+        return await asyncio.to_thread(self.store.keys, customer_id)
+
+    async def set_state(self, key_id: str, status: str) -> ApiKeyRow:
+        row = await self.get_key(key_id)
+        if row.status == "revoked" and status != "revoked":
+            raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be used again")
+        row.status = status
+        row.status_changed_ms = now_ms()
+        await asyncio.to_thread(self.store.save_key, row)
+        await self._publish_key(row)
+        return row
+
+    async def rotate_key(self, key_id: str, grace_seconds: int = ROTATION_GRACE_SECONDS_DEFAULT) -> KeyCreation:
+        if not 0 <= grace_seconds <= ROTATION_GRACE_SECONDS_MAX:
+            raise _invalid("invalid_request", f"grace_seconds must be between 0 and {ROTATION_GRACE_SECONDS_MAX}")
+        row = await self.get_key(key_id)
+        if row.status == "revoked":
+            raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be rotated")
+        secret = key_secrets.new_secret(test=row.prefix.startswith("pdk_test_"))
+        at = now_ms()
+        row.previous_secret_hash = row.secret_hash if grace_seconds > 0 else None
+        row.previous_expires_ms = at + grace_seconds * 1000 if grace_seconds > 0 else 0
+        row.secret_hash = key_secrets.hash_secret(secret)
+        row.prefix = key_secrets.display_prefix(secret)
+        row.rotated_ms = at
+        await asyncio.to_thread(self.store.save_key, row)
+        await self._publish_key(row)
+        self.directory.remember(row.secret_hash, key_record(row))
+        return KeyCreation(row, secret)
+
+    # ------------------------------------------------------------------ policy
+    async def apply_policy(self, text: str, source_name: str = "policy.yaml", dry_run: bool = False) -> ApplyResult:
+        try:
+            document = parse_policy(text, source_name or "policy.yaml")
+        except PolicyError as error:
+            raise _invalid("invalid_policy", str(error)) from None
+        in_use = await asyncio.to_thread(self.store.plans_in_use)
+        missing = sorted(plan for plan in in_use if plan not in document.plans)
+        if missing:
+            raise _invalid("invalid_policy", f"{source_name}: plans used by keys are missing: "
+                                             + ", ".join(f"{p} ({in_use[p]} keys)" for p in missing))
+        canonical = canonical_text(document)
+        current = self.book.current
+        old = current.canonical if current else ""
+        changes = diff(old, canonical)
+        if not changes or dry_run:
+            return ApplyResult(current.version if current else 0, bool(changes) and False, changes)
+        version = (current.version if current else 0) + 1
+        row = PolicyVersionRow(version=version, digest=Policy(version, document, canonical).digest, canonical=canonical,
+                               source=text, source_name=source_name, applied_ms=now_ms())
+        try:
+            await asyncio.to_thread(self.store.add_policy, row)
+        except Exception as error:
+            if "UNIQUE" in str(error).upper() or "duplicate" in str(error).lower():
+                raise PolicydError("ABORTED", "policy_conflict", "another policy was applied at the same time; try again") from None
+            raise
+        self.book.install(Policy(version, document, canonical))
+        await self.counters.client.set(redis_keys.POLICY_VERSION, str(version))
+        return ApplyResult(version, True, changes)
+
+    # ------------------------------------------------------------------ wallets
+    async def grant_credit(self, customer_id: str, amount: int, currency: str, source: str, grant_id: str = "",
+                           note: str = "") -> tuple[str, str, tuple[int, int]]:
+        if not customer_id or len(customer_id) > OWNER_ID_LENGTH_MAX:
+            raise _invalid("invalid_request", "customer_id is required")
+        if source not in GRANT_SOURCES:
+            raise _invalid("invalid_grant", f"source must be one of {', '.join(GRANT_SOURCES)}")
+        if amount <= 0 or amount > AMOUNT_MAX:
+            raise _invalid("invalid_amount", "a credit grant must be a positive amount of nanos, at most 2^53-1")
+        policy = self.book.current
+        expected = policy.document.currency if policy else "USD"
+        if currency and currency != expected:
+            raise _invalid("currency_mismatch", f"wallets are in {expected}, not {currency}")
+        grant_id = grant_id or "grant_" + secrets.token_hex(12)
+        if len(grant_id) > 128:
+            raise _invalid("invalid_request", "grant_id must be at most 128 characters")
+        payload = json.dumps({"customer_id": customer_id, "currency": expected, "source": source, "note": note[:1024]})
+        partition = self.counters.partition_of(customer_id)
+        outcome, _ = await self.counters.grant(partition, customer_id, grant_id, amount, now_ms(), payload)
+        if outcome == "too_large":
+            raise _invalid("invalid_amount", "the balance would exceed 2^53-1 nanos")
+        return grant_id, outcome, await self.counters.wallet(customer_id)
+
+    # ------------------------------------------------------------------ audit and rebuild
+    async def audit(self) -> AuditResult:
+        """Redis counters against what the SQL ledger implies (after draining every pending event)."""
+        await self.writer.drain()
+        balances = await asyncio.to_thread(self.store.ledger_balances)
+        open_rows = await asyncio.to_thread(self.store.open_reservations)
+        reserved: dict[str, int] = {}
+        for row in open_rows:
+            reserved[row.customer_id] = reserved.get(row.customer_id, 0) + row.reserved_nanos
+        customers = set(balances) | set(reserved) | set(await self._wallet_customers())
+        mismatches: list[tuple[str, int, int]] = []
+        for customer in sorted(customers):
+            balance, held = await self.counters.wallet(customer)
+            if balance != balances.get(customer, 0):
+                mismatches.append((f"wallet:{customer}:balance", balance, balances.get(customer, 0)))
+            if held != reserved.get(customer, 0):
+                mismatches.append((f"wallet:{customer}:reserved", held, reserved.get(customer, 0)))
+        buckets = await asyncio.to_thread(self._bucket_totals)
+        now_s = now_ms() // 1000
+        for key, expected in sorted(buckets.items()):
+            if remaining_ttl(key, now_s) is None:
+                continue  # a window that has passed
+            value = int(await self.counters.client.hget(key, "used") or 0)
+            if value != expected:
+                mismatches.append((key, value, expected))
+        return AuditResult(not mismatches, 2 * len(customers) + len(buckets), mismatches)
+
+    async def _wallet_customers(self) -> list[str]:
+        found = []
+        async for key in self.counters.client.scan_iter(match=f"{redis_keys.PREFIX}:{{p*}}:wallet:*", count=1000):
+            found.append((key.decode() if isinstance(key, bytes) else key).split(":wallet:", 1)[1])
+        return found
+
+    def _bucket_totals(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for row in self.store.records_with_holds():
+            if row.status in ("released", "expired"):
+                continue
+            holds = row.final_holds if row.status in ("settled", "settled_late") else row.holds
+            for key, _unit, amount in holds or []:
+                totals[key] = totals.get(key, 0) + int(amount)
+        return totals
+
+    async def rebuild(self) -> int:
+        """Rewrite every counter from SQL (after Redis lost its data). Returns the number of counters written."""
+        client = self.counters.client
+        at = now_ms()
+        written = 0
+        for row in await asyncio.to_thread(self.store.keys):
+            await self._publish_key(row)
+            written += 1
+        balances = await asyncio.to_thread(self.store.ledger_balances)
+        open_rows = await asyncio.to_thread(self.store.open_reservations)
+        reserved: dict[str, int] = {}
+        inflight: dict[tuple[int, str], int] = {}
+        for row in open_rows:
+            reserved[row.customer_id] = reserved.get(row.customer_id, 0) + row.reserved_nanos
+            p = self.counters.partition_of(row.customer_id)
+            inflight[(p, row.api_key_id)] = inflight.get((p, row.api_key_id), 0) + 1
+            expires = row.created_ms + self.reservation_ttl_ms
+            fields = {
+                "decision": row.decision, "customer_id": row.customer_id, "key_id": row.api_key_id, "plan": row.plan,
+                "served_model": row.served_model, "provider": row.provider, "route": row.upstream,
+                "policy_version": row.policy_version, "price_table_version": row.price_table_version,
+                "currency": row.currency, "max_output_tokens": row.max_output_tokens, "holds": row.holds,
+                "record": {c: getattr(row, c) for c in _RECORD_COLUMNS},
+            }
+            await client.hset(redis_keys.reservation(p, row.request_id), mapping={
+                "state": "reserved", "key": redis_keys.key_state(p, row.api_key_id), "amount": str(row.reserved_nanos), "wallet": "1",
+                "expires": str(max(expires, at)), "r": json.dumps(fields, separators=(",", ":")),
+            })
+            await client.zadd(redis_keys.deadlines(p), {row.request_id: max(expires, at)})
+            await client.set(redis_keys.request_index(row.request_id), str(p), ex=7 * 86400)
+            written += 1
+        for customer in set(balances) | set(reserved):
+            p = self.counters.partition_of(customer)
+            await client.hset(redis_keys.wallet(p, customer), mapping={
+                "balance": str(balances.get(customer, 0)), "reserved": str(reserved.get(customer, 0)),
+            })
+            written += 1
+        for (p, key_id), count in inflight.items():
+            await client.set(redis_keys.inflight(p, key_id), str(count))
+        for grant_id, customer in await asyncio.to_thread(self.store.grant_ids):
+            await client.set(redis_keys.grant_marker(self.counters.partition_of(customer), grant_id), "1")
+        now_s = at // 1000
+        for key, total in (await asyncio.to_thread(self._bucket_totals)).items():
+            ttl = remaining_ttl(key, now_s)
+            if ttl is None:
+                continue
+            await client.hset(key, "used", str(total))
+            if ttl:
+                await client.expire(key, ttl)
+            written += 1
+        if self.book.current is not None:
+            await client.set(redis_keys.POLICY_VERSION, str(self.book.current.version))
+        return written
+
+
+_RECORD_COLUMNS = (
+    "request_id", "created_ms", "trace_id", "traceparent", "customer_id", "workspace_id", "project_id", "team_id",
+    "api_key_id", "plan", "environment", "claimed", "end_user_id", "agent_id", "thread_id", "feature", "route",
+    "tags", "endpoint", "requested_model", "primary_model", "served_model", "provider", "upstream", "decision",
+    "policy_version", "price_table_version", "billing_mode", "reservation_mode", "currency", "max_output_tokens",
+    "holds", "decision_latency_us", "client_address", "user_agent",
+)

@@ -1,0 +1,312 @@
+"""The `policyd` command. `serve` runs the service; every other command talks to a running
+policyd through its AdminService (like kubectl to an API server), so a change reaches
+counters, SQL and every replica together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from policyd.money import MoneyError, format_amount, parse_amount
+from policyd.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+
+EXIT_ERROR = 1
+EXIT_AUDIT_FAILED = 3
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from policyd.server import serve
+    from policyd.settings import Settings
+
+    overrides: dict[str, Any] = {}
+    for name in ("listen", "redis_url", "database_url", "admin_token"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.policy:
+        overrides["policy_file"] = args.policy
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level, format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}')
+
+    async def main() -> None:
+        task = asyncio.create_task(serve(settings))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
+    return 0
+
+
+def _stub(args: argparse.Namespace) -> tuple[admin_pb2_grpc.AdminServiceStub, list[tuple[str, str]]]:
+    channel = grpc.insecure_channel(args.server)
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
+    return admin_pb2_grpc.AdminServiceStub(channel), metadata
+
+
+def _print(args: argparse.Namespace, message: Any, text: str) -> None:
+    if args.json:
+        print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2, sort_keys=True))
+    else:
+        print(text)
+
+
+def _key_line(key: admin_pb2.ApiKey) -> str:
+    state = admin_pb2.KeyState.Name(key.state).lower()
+    o = key.owner
+    return f"{key.id}  {key.prefix}…  {state:8} {o.customer_id:20} {o.environment:16} {o.plan:16} {key.label}"
+
+
+def _keys(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    if args.keys_command == "create":
+        response = stub.CreateKey(admin_pb2.CreateKeyRequest(
+            label=args.label, customer_id=args.customer, workspace_id=args.workspace, project_id=args.project,
+            team_id=args.team, environment=args.environment, plan=args.plan, scopes=args.scope or [],
+            test=args.test), metadata=md)
+        _print(args, response, f"{_key_line(response.key)}\nsecret (shown once, store it now): {response.secret}")
+    elif args.keys_command == "list":
+        response = stub.ListKeys(admin_pb2.ListKeysRequest(customer_id=args.customer), metadata=md)
+        _print(args, response, "\n".join(_key_line(k) for k in response.keys) or "no keys")
+    elif args.keys_command == "show":
+        response = stub.GetKey(admin_pb2.GetKeyRequest(id=args.id), metadata=md)
+        _print(args, response, _key_line(response))
+    elif args.keys_command == "rotate":
+        request = admin_pb2.RotateKeyRequest(id=args.id)
+        if args.grace_seconds is not None:
+            request.grace_seconds = args.grace_seconds
+        response = stub.RotateKey(request, metadata=md)
+        _print(args, response, f"{_key_line(response.key)}\nnew secret (shown once): {response.secret}")
+    else:
+        action = {"pause": stub.PauseKey, "resume": stub.ResumeKey, "revoke": stub.RevokeKey}[args.keys_command]
+        response = action(admin_pb2.KeyActionRequest(id=args.id, reason=args.reason), metadata=md)
+        _print(args, response, _key_line(response))
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    response = stub.ApplyPolicy(admin_pb2.ApplyPolicyRequest(yaml=text, source_name=args.file, dry_run=args.dry_run),
+                                metadata=md)
+    if args.dry_run:
+        _print(args, response, (response.diff or "no changes") + f"\n(dry run: active version stays {response.version})")
+    elif response.changed:
+        _print(args, response, f"{response.diff}\napplied: policy version {response.version}")
+    else:
+        _print(args, response, f"no changes: policy version {response.version} stays active")
+    return 0
+
+
+def _wallet_text(w: admin_pb2.Wallet) -> str:
+    return (f"{w.customer_id}: balance {format_amount(w.balance_nanos)} {w.currency}, reserved "
+            f"{format_amount(w.reserved_nanos)}, available {format_amount(w.available_nanos)}")
+
+
+def _credit(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    try:
+        nanos = parse_amount(args.amount)
+    except MoneyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    response = stub.GrantCredit(admin_pb2.GrantCreditRequest(
+        customer_id=args.customer, amount=types_pb2.Money(currency=args.currency, nanos=nanos), source=args.source,
+        grant_id=args.grant_id, note=args.note), metadata=md)
+    _print(args, response, ("already granted: " if response.exists else f"granted {response.grant_id}: ")
+           + _wallet_text(response.wallet))
+    return 0
+
+
+def _wallet(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    response = stub.GetWallet(admin_pb2.GetWalletRequest(customer_id=args.customer), metadata=md)
+    _print(args, response, _wallet_text(response))
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    response = stub.Audit(admin_pb2.AuditRequest(), metadata=md)
+    lines = [f"{'ok' if response.ok else 'MISMATCH'}: {response.counters_checked} counters checked"]
+    lines += [f"  {m.counter}: redis {m.redis_value} ledger {m.ledger_value}" for m in response.mismatches]
+    _print(args, response, "\n".join(lines))
+    return 0 if response.ok else EXIT_AUDIT_FAILED
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    response = stub.Rebuild(admin_pb2.RebuildRequest(), metadata=md)
+    _print(args, response, f"rebuilt: {response.counters_written} counters written from SQL")
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.insecure_channel(args.server)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=args.wait)
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    except grpc.FutureTimeoutError:
+        print(f"not serving: nothing answered at {args.server}", file=sys.stderr)
+        return EXIT_ERROR
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    print("serving" if serving else "not serving")
+    return 0 if serving else EXIT_ERROR
+
+
+def _authorize(args: argparse.Namespace) -> int:
+    from policyd.v1 import policy_pb2, policy_pb2_grpc
+
+    stub = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(args.server))
+    request = policy_pb2.AuthorizeRequest(
+        api_key=args.key, endpoint=types_pb2.EndpointFamily.Value(args.endpoint.upper()), model=args.model,
+        shape=policy_pb2.RequestShape(prompt_bytes=len(args.prompt.encode()), message_count=1,
+                                      max_output_tokens=args.max_tokens),
+        attribution=types_pb2.Attribution(request_id=args.request_id, feature=args.feature, thread_id=args.thread),
+    )
+    response = stub.Authorize(request)
+    decision = policy_pb2.Decision.Name(response.decision).lower()
+    text = (f"{decision} {response.request_id}: served {response.served_model} via {response.route}, reserved "
+            f"{format_amount(response.reserved.nanos)} {response.reserved.currency}, output cap {response.max_output_tokens}"
+            if decision != "deny" else f"deny ({response.reason}, HTTP {response.http_status}): {response.message}")
+    _print(args, response, text)
+    return 0 if decision != "deny" else 2
+
+
+def _settle(args: argparse.Namespace) -> int:
+    from policyd.v1 import policy_pb2, policy_pb2_grpc
+
+    stub = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(args.server))
+    response = stub.Settle(policy_pb2.SettleRequest(request_id=args.request_id, usage=policy_pb2.Usage(
+        input_tokens=args.input_tokens, cached_input_tokens=args.cached_input_tokens,
+        output_tokens=args.output_tokens)))
+    outcome = policy_pb2.SettleOutcome.Name(response.outcome).lower()
+    _print(args, response, f"{outcome}: cost {format_amount(response.cost.nanos)}, charge "
+           f"{format_amount(response.charge.nanos)} {response.charge.currency}, balance "
+           f"{format_amount(response.balance_before.nanos)} -> {format_amount(response.balance_after.nanos)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="policyd", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+
+    def client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--server", default=os.environ.get("POLICYD_SERVER", "127.0.0.1:50051"),
+                       help="address of a running policyd (env POLICYD_SERVER)")
+        p.add_argument("--token", default=os.environ.get("POLICYD_ADMIN_TOKEN", ""),
+                       help="admin token (env POLICYD_ADMIN_TOKEN)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    serve = commands.add_parser("serve", help="run the policy decision service")
+    serve.add_argument("--listen", help="host:port (env POLICYD_LISTEN, default 127.0.0.1:50051)")
+    serve.add_argument("--redis-url", dest="redis_url", help="env POLICYD_REDIS_URL; empty = embedded store")
+    serve.add_argument("--database-url", dest="database_url", help="env POLICYD_DATABASE_URL; default sqlite:///policyd.db")
+    serve.add_argument("--admin-token", dest="admin_token", help="env POLICYD_ADMIN_TOKEN")
+    serve.add_argument("--policy", help="policy YAML to apply at start")
+    serve.set_defaults(run=_serve)
+
+    apply = client(commands.add_parser("apply", help="apply a policy YAML file (- for stdin)"))
+    apply.add_argument("-f", "--file", required=True)
+    apply.add_argument("--dry-run", action="store_true", help="show the diff, apply nothing")
+    apply.set_defaults(run=_apply)
+
+    keys = commands.add_parser("keys", help="customer API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = client(key_commands.add_parser("create", help="create a key; its secret is shown once"))
+    create.add_argument("--customer", required=True)
+    create.add_argument("--plan", required=True)
+    create.add_argument("--environment", default="production")
+    create.add_argument("--workspace", default="")
+    create.add_argument("--project", default="")
+    create.add_argument("--team", default="")
+    create.add_argument("--label", default="")
+    create.add_argument("--scope", action="append", help="narrow the plan's models (glob or tier:NAME); repeatable")
+    create.add_argument("--test", action="store_true", help="a pdk_test_ key")
+    listing = client(key_commands.add_parser("list", help="list keys (never their secrets)"))
+    listing.add_argument("--customer", default="")
+    for name in ("show", "pause", "resume", "revoke", "rotate"):
+        p = client(key_commands.add_parser(name, help=f"{name} a key"))
+        p.add_argument("id")
+        p.add_argument("--reason", default="")
+        if name == "rotate":
+            p.add_argument("--grace-seconds", type=int, default=None,
+                           help="how long the old secret keeps working (default 86400)")
+    keys.set_defaults(run=_keys)
+
+    credit = commands.add_parser("credit", help="prepaid credit")
+    credit_commands = credit.add_subparsers(dest="credit_command", required=True)
+    grant = client(credit_commands.add_parser("grant", help="add credit to a customer's wallet"))
+    grant.add_argument("--customer", required=True)
+    grant.add_argument("--amount", required=True, help="decimal, e.g. 10.00")
+    grant.add_argument("--currency", default="")
+    grant.add_argument("--source", default="purchase", choices=["purchase", "promo", "refund", "adjustment"])
+    grant.add_argument("--grant-id", dest="grant_id", default="", help="idempotency key")
+    grant.add_argument("--note", default="")
+    credit.set_defaults(run=_credit)
+
+    wallet = client(commands.add_parser("wallet", help="show a customer's wallet"))
+    wallet.add_argument("customer")
+    wallet.set_defaults(run=_wallet)
+
+    health = client(commands.add_parser("health", help="is a policyd serving? (gRPC health check)"))
+    health.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the server")
+    health.set_defaults(run=_health)
+
+    authorize = client(commands.add_parser("authorize", help="ask for a decision, as a proxy would (for trying things)"))
+    authorize.add_argument("--key", required=True)
+    authorize.add_argument("--model", required=True)
+    authorize.add_argument("--endpoint", default="chat_completions")
+    authorize.add_argument("--prompt", default="Hello!")
+    authorize.add_argument("--max-tokens", dest="max_tokens", type=int, default=0)
+    authorize.add_argument("--request-id", dest="request_id", default="")
+    authorize.add_argument("--feature", default="")
+    authorize.add_argument("--thread", default="")
+    authorize.set_defaults(run=_authorize)
+
+    settle = client(commands.add_parser("settle", help="settle a request with its actual usage (for trying things)"))
+    settle.add_argument("request_id")
+    settle.add_argument("--input-tokens", dest="input_tokens", type=int, required=True)
+    settle.add_argument("--cached-input-tokens", dest="cached_input_tokens", type=int, default=0)
+    settle.add_argument("--output-tokens", dest="output_tokens", type=int, required=True)
+    settle.set_defaults(run=_settle)
+
+    client(commands.add_parser("audit", help="check Redis counters against the SQL ledger")).set_defaults(run=_audit)
+    client(commands.add_parser("rebuild", help="rewrite every counter from SQL")).set_defaults(run=_rebuild)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except grpc.RpcError as error:
+        code = error.code()
+        reason = dict(error.trailing_metadata() or ()).get("policyd-reason", code.name.lower() if code else "error")
+        if getattr(args, "json", False):
+            print(json.dumps({"error": {"code": code.name if code else "", "reason": reason, "message": error.details()}}))
+        else:
+            print(f"error ({reason}): {error.details()}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Counters in Redis, changed only by the Lua scripts in policyd/lua/.
+
+One typed wrapper per script. The same scripts run on a real Redis (or Redis
+Cluster) and on the embedded store (fakeredis with a Lua runtime), which is one
+more implementation of the same client interface, not a special case.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from policyd import redis_keys
+from policyd.money import AMOUNT_MAX
+
+
+def _load(name: str) -> str:
+    return resources.files("policyd").joinpath("lua", f"{name}.lua").read_text()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for `url`, or the embedded in-process store when `url` is empty."""
+    if not url:
+        import fakeredis
+
+        return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=False)
+    return aioredis.Redis.from_url(url, decode_responses=False)
+
+
+@dataclass(frozen=True)
+class BucketHold:
+    """A quota bucket a request counts against, and what it holds there."""
+
+    key: str
+    label: str
+    unit: str  # money | tokens | requests
+    amount: int
+    limit: int
+    mode: str  # block | shadow (downgrade is decided by the engine, the script blocks)
+    ttl_seconds: int
+    thresholds: tuple[tuple[int, int], ...]  # (percent, used amount that crosses it)
+
+    def args(self) -> list[str]:
+        marks = ",".join(f"{pct}:{amount}" for pct, amount in self.thresholds)
+        return [str(self.amount), str(self.limit), self.mode, str(self.ttl_seconds), marks, self.label]
+
+
+@dataclass(frozen=True)
+class AuthorizeResult:
+    outcome: str  # allow | deny | exists
+    reason: str = ""
+    label: str = ""
+    reserved: int = 0
+    shadow: tuple[str, ...] = ()
+    state: str = ""
+    same_key: bool = True
+
+
+@dataclass(frozen=True)
+class SettleResult:
+    outcome: str  # settled | settled_late | exists | conflict | released | unknown
+    balance_before: int = 0
+    balance_after: int = 0
+
+
+@dataclass(frozen=True)
+class Reservation:
+    request_id: str
+    partition: int
+    state: str
+    amount: int
+    expires_ms: int
+    fields: dict[str, Any]  # what policyd stored at authorize (holds, owner, model, ...)
+
+
+class Counters:
+    def __init__(self, client: aioredis.Redis, partitions: int) -> None:
+        self.client = client
+        self.partitions = partitions
+        self._authorize = client.register_script(_load("authorize"))
+        self._settle = client.register_script(_load("settle"))
+        self._release = client.register_script(_load("release"))
+        self._grant = client.register_script(_load("grant"))
+        self._key_state = client.register_script(_load("key_state"))
+
+    def partition_of(self, owner_id: str) -> int:
+        return redis_keys.partition_of(owner_id, self.partitions)
+
+    async def set_key_state(self, partition: int, key_id: str, status: str, secrets: list[tuple[str, int]]) -> None:
+        args: list[str] = [status]
+        for secret_hash, expires_ms in secrets:
+            args += [secret_hash, str(expires_ms)]
+        await self._key_state(keys=[redis_keys.key_state(partition, key_id)], args=args)
+
+    async def authorize(
+        self,
+        *,
+        partition: int,
+        request_id: str,
+        key_id: str,
+        customer_id: str,
+        secret_hash: str,
+        now_ms: int,
+        expires_ms: int,
+        check_wallet: bool,
+        amount: int,
+        concurrency_cap: int,
+        payload: str,
+        reservation_fields: str,
+        preset_denial: str,
+        buckets: list[BucketHold],
+    ) -> AuthorizeResult:
+        keys = [
+            redis_keys.key_state(partition, key_id),
+            redis_keys.wallet(partition, customer_id),
+            redis_keys.reservation(partition, request_id),
+            redis_keys.deadlines(partition),
+            redis_keys.inflight(partition, key_id),
+            redis_keys.events(partition),
+            *[b.key for b in buckets],
+        ]
+        args: list[str] = [
+            request_id, secret_hash, str(now_ms), str(expires_ms), "1" if check_wallet else "0",
+            str(amount), str(concurrency_cap), payload, reservation_fields, preset_denial, str(len(buckets)),
+        ]
+        for b in buckets:
+            args += b.args()
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(redis_keys.request_index(request_id), str(partition), ex=7 * 86400, nx=True)
+            await self._authorize(keys=keys, args=args, client=pipe)
+            _, reply = await pipe.execute()
+        outcome = _text(reply[0])
+        if outcome == "allow":
+            shadow = _text(reply[2])
+            return AuthorizeResult("allow", reserved=int(reply[1]), shadow=tuple(s for s in shadow.split("|") if s))
+        if outcome == "deny":
+            return AuthorizeResult("deny", reason=_text(reply[1]), label=_text(reply[2]))
+        return AuthorizeResult("exists", state=_text(reply[1]), same_key=_text(reply[2]) == "1")
+
+    async def find_reservation(self, request_id: str) -> Reservation | None:
+        partition = await self.client.get(redis_keys.request_index(request_id))
+        if partition is None:
+            return None
+        return await self.read_reservation(int(partition), request_id)
+
+    async def read_reservation(self, partition: int, request_id: str) -> Reservation | None:
+        raw = await self.client.hgetall(redis_keys.reservation(partition, request_id))
+        if not raw:
+            return None
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        return Reservation(
+            request_id=request_id,
+            partition=partition,
+            state=data["state"],
+            amount=int(data["amount"]),
+            expires_ms=int(data["expires"]),
+            fields=json.loads(data["r"]),
+        )
+
+    async def settle(
+        self,
+        reservation: Reservation,
+        *,
+        customer_id: str,
+        key_id: str,
+        now_ms: int,
+        fingerprint: str,
+        charge: int,
+        retention_seconds: int,
+        payload: str,
+        bucket_deltas: list[tuple[str, int, int]],  # (key, delta while reserved, delta after expiry)
+    ) -> SettleResult:
+        p = reservation.partition
+        keys = [
+            redis_keys.reservation(p, reservation.request_id),
+            redis_keys.wallet(p, customer_id),
+            redis_keys.deadlines(p),
+            redis_keys.inflight(p, key_id),
+            redis_keys.events(p),
+            *[key for key, _, _ in bucket_deltas],
+        ]
+        args = [
+            reservation.request_id, str(now_ms), fingerprint, str(charge), str(-charge),
+            str(retention_seconds), payload, str(len(bucket_deltas)),
+        ]
+        for _, while_reserved, after_expiry in bucket_deltas:
+            args += [str(while_reserved), str(after_expiry)]
+        reply = await self._settle(keys=keys, args=args)
+        outcome = _text(reply[0])
+        if outcome in ("settled", "settled_late", "exists"):
+            return SettleResult(outcome, int(reply[1]), int(reply[2]))
+        return SettleResult(outcome)
+
+    async def release(
+        self,
+        reservation: Reservation,
+        *,
+        customer_id: str,
+        key_id: str,
+        now_ms: int,
+        target: str,  # released | expired
+        reason: str,
+        retention_seconds: int,
+        bucket_releases: list[tuple[str, int]],  # (key, negative held amount)
+    ) -> tuple[str, str]:
+        p = reservation.partition
+        keys = [
+            redis_keys.reservation(p, reservation.request_id),
+            redis_keys.wallet(p, customer_id),
+            redis_keys.deadlines(p),
+            redis_keys.inflight(p, key_id),
+            redis_keys.events(p),
+            *[key for key, _ in bucket_releases],
+        ]
+        args = [reservation.request_id, str(now_ms), target, reason, str(retention_seconds), str(len(bucket_releases))]
+        args += [str(amount) for _, amount in bucket_releases]
+        reply = await self._release(keys=keys, args=args)
+        return _text(reply[0]), _text(reply[1]) if len(reply) > 1 else ""
+
+    async def grant(self, partition: int, customer_id: str, grant_id: str, amount: int, now_ms: int, payload: str) -> tuple[str, int]:
+        reply = await self._grant(
+            keys=[
+                redis_keys.wallet(partition, customer_id),
+                redis_keys.grant_marker(partition, grant_id),
+                redis_keys.events(partition),
+            ],
+            args=[grant_id, str(amount), str(now_ms), payload, str(AMOUNT_MAX)],
+        )
+        return _text(reply[0]), int(reply[1])
+
+    async def wallet(self, customer_id: str) -> tuple[int, int]:
+        raw = await self.client.hmget(redis_keys.wallet(self.partition_of(customer_id), customer_id), "balance", "reserved")
+        return int(raw[0] or 0), int(raw[1] or 0)
+
+    async def due_reservations(self, partition: int, now_ms: int, count: int = 100) -> list[str]:
+        ids = await self.client.zrangebyscore(redis_keys.deadlines(partition), "-inf", now_ms, start=0, num=count)
+        return [_text(i) for i in ids]

@@ -1,0 +1,184 @@
+"""The durable store: SQLAlchemy models of keys, policies, usage records and the ledger.
+
+PostgreSQL in production, SQLite as the embedded default; the schema is made by
+the Alembic migrations in policyd/migrations (never by create_all). Money columns
+are BIGINT nanos. Rows of the ledger are appended, never edited.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, String, Text, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ID = String(128)
+NAME = String(256)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    label: Mapped[str] = mapped_column(NAME, default="")
+    prefix: Mapped[str] = mapped_column(String(32))
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    previous_secret_hash: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    previous_expires_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    customer_id: Mapped[str] = mapped_column(ID, index=True)
+    workspace_id: Mapped[str] = mapped_column(ID, default="")
+    project_id: Mapped[str] = mapped_column(ID, default="")
+    team_id: Mapped[str] = mapped_column(ID, default="")
+    environment: Mapped[str] = mapped_column(String(32))
+    plan: Mapped[str] = mapped_column(ID)
+    scopes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    rotated_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    status_changed_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class PolicyVersionRow(Base):
+    __tablename__ = "policy_versions"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    digest: Mapped[str] = mapped_column(String(64))
+    canonical: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text)
+    source_name: Mapped[str] = mapped_column(NAME, default="")
+    applied_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsageRecordRow(Base):
+    """One row per request_id: the decision, and once settled, the actual usage and money."""
+
+    __tablename__ = "usage_records"
+
+    request_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    created_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+    trace_id: Mapped[str] = mapped_column(ID, default="")
+    traceparent: Mapped[str] = mapped_column(NAME, default="")
+    customer_id: Mapped[str] = mapped_column(ID, default="", index=True)
+    workspace_id: Mapped[str] = mapped_column(ID, default="")
+    project_id: Mapped[str] = mapped_column(ID, default="")
+    team_id: Mapped[str] = mapped_column(ID, default="")
+    api_key_id: Mapped[str] = mapped_column(ID, default="", index=True)
+    plan: Mapped[str] = mapped_column(ID, default="")
+    environment: Mapped[str] = mapped_column(String(32), default="")
+    claimed: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # owner fields the caller claimed
+    end_user_id: Mapped[str] = mapped_column(NAME, default="")
+    agent_id: Mapped[str] = mapped_column(NAME, default="")
+    thread_id: Mapped[str] = mapped_column(NAME, default="")
+    feature: Mapped[str] = mapped_column(NAME, default="")
+    route: Mapped[str] = mapped_column(NAME, default="")
+    tags: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    endpoint: Mapped[str] = mapped_column(String(32), default="")
+    requested_model: Mapped[str] = mapped_column(NAME, default="")
+    primary_model: Mapped[str] = mapped_column(NAME, default="")
+    served_model: Mapped[str] = mapped_column(NAME, default="")
+    provider: Mapped[str] = mapped_column(ID, default="")
+    upstream: Mapped[str] = mapped_column(NAME, default="")
+    fallback_reason: Mapped[str] = mapped_column(NAME, default="")
+    decision: Mapped[str] = mapped_column(String(16))  # allow | deny | downgrade
+    reason: Mapped[str] = mapped_column(ID, default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+    shadow_denials: Mapped[list[str]] = mapped_column(JSON, default=list)
+    quota_bucket: Mapped[str] = mapped_column(NAME, default="")
+    policy_version: Mapped[int] = mapped_column(Integer, default=0)
+    price_table_version: Mapped[str] = mapped_column(ID, default="")
+    billing_mode: Mapped[str] = mapped_column(String(16), default="")
+    reservation_mode: Mapped[str] = mapped_column(String(16), default="")
+    currency: Mapped[str] = mapped_column(String(3), default="")
+    status: Mapped[str] = mapped_column(String(16), index=True)  # denied|reserved|settled|settled_late|released|expired
+    reserved_nanos: Mapped[int] = mapped_column(BigInteger, default=0)
+    max_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    holds: Mapped[list[Any]] = mapped_column(JSON, default=list)  # [[bucket key, unit, held], ...]
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    images: Mapped[int] = mapped_column(BigInteger, default=0)
+    seconds: Mapped[int] = mapped_column(BigInteger, default=0)
+    request_count: Mapped[int] = mapped_column(Integer, default=0)
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    cost_nanos: Mapped[int] = mapped_column(BigInteger, default=0)
+    charge_nanos: Mapped[int] = mapped_column(BigInteger, default=0)
+    balance_before_nanos: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    balance_after_nanos: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    final_holds: Mapped[list[Any]] = mapped_column(JSON, default=list)  # [[bucket key, unit, actual], ...]
+    decision_latency_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    upstream_latency_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    upstream_status: Mapped[int] = mapped_column(Integer, default=0)
+    error_class: Mapped[str] = mapped_column(NAME, default="")
+    stream_interrupted: Mapped[bool] = mapped_column(Boolean, default=False)
+    client_address: Mapped[str] = mapped_column(NAME, default="")
+    user_agent: Mapped[str] = mapped_column(Text, default="")
+    closed_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    close_reason: Mapped[str] = mapped_column(NAME, default="")
+
+
+Index("ix_usage_customer_created", UsageRecordRow.customer_id, UsageRecordRow.created_ms)
+
+
+class LedgerEntryRow(Base):
+    """An append-only wallet movement: + for grants, - for charges."""
+
+    __tablename__ = "ledger_entries"
+
+    entry_id: Mapped[str] = mapped_column(String(160), primary_key=True)  # grant:<id> | charge:<request_id>
+    customer_id: Mapped[str] = mapped_column(ID, index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # grant | charge
+    amount_nanos: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    request_id: Mapped[str] = mapped_column(ID, default="")
+    source: Mapped[str] = mapped_column(String(32), default="")  # purchase | promo | refund | adjustment | usage
+    note: Mapped[str] = mapped_column(Text, default="")
+    balance_after_nanos: Mapped[int] = mapped_column(BigInteger)
+    created_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class EventRow(Base):
+    """Events that are not a usage record: alerts (threshold crossings) and rejected calls."""
+
+    __tablename__ = "events"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # partition/stream entry id
+    kind: Mapped[str] = mapped_column(String(32), index=True)  # alert | rejected
+    request_id: Mapped[str] = mapped_column(ID, default="")
+    customer_id: Mapped[str] = mapped_column(ID, default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(connection: Any, _record: Any) -> None:
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the newest migration (Alembic), on SQLite and PostgreSQL alike."""
+    from importlib import resources
+
+    from alembic import command
+    from alembic.config import Config
+
+    location = resources.files("policyd").joinpath("migrations")
+    config = Config()
+    config.set_main_option("script_location", str(location))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "head")

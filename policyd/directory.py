@@ -1,0 +1,48 @@
+"""Resolving a secret to its key's identity: SQL is the source, memory the cache.
+
+The identity of a key (owner, environment, plan) never changes, so it is cached
+without expiry; whether the key may be used (active, paused, revoked, which
+secrets are valid) is checked in Redis inside the authorize script, atomically
+with the reservation, so a pause reaches every replica at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from policyd.store import KeyRecord, Store, key_record
+
+CACHE_ENTRIES_MAX = 1_000_000
+NEGATIVE_CACHE_SECONDS = 1.0
+NEGATIVE_ENTRIES_MAX = 100_000
+
+
+class KeyDirectory:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._known: dict[str, KeyRecord] = {}
+        self._unknown: dict[str, float] = {}
+
+    def remember(self, secret_hash: str, record: KeyRecord) -> None:
+        if len(self._known) >= CACHE_ENTRIES_MAX:
+            self._known.clear()
+        self._known[secret_hash] = record
+        self._unknown.pop(secret_hash, None)
+
+    async def resolve(self, secret_hash: str) -> KeyRecord | None:
+        record = self._known.get(secret_hash)
+        if record is not None:
+            return record
+        seen = self._unknown.get(secret_hash)
+        if seen is not None and time.monotonic() - seen < NEGATIVE_CACHE_SECONDS:
+            return None
+        row = await asyncio.to_thread(self.store.key_by_hash, secret_hash)
+        if row is None:
+            if len(self._unknown) >= NEGATIVE_ENTRIES_MAX:
+                self._unknown.clear()
+            self._unknown[secret_hash] = time.monotonic()
+            return None
+        record = key_record(row)
+        self.remember(secret_hash, record)
+        return record

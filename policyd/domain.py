@@ -1,0 +1,141 @@
+"""The decision pipeline's own types: what servicers translate protos into and out of."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ENDPOINTS = (
+    "chat_completions",
+    "responses",
+    "embeddings",
+    "images",
+    "anthropic_messages",
+    "gemini_generate_content",
+)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    request_id: str = ""
+    trace_id: str = ""
+    traceparent: str = ""
+    customer_id: str = ""
+    workspace_id: str = ""
+    project_id: str = ""
+    end_user_id: str = ""
+    agent_id: str = ""
+    thread_id: str = ""
+    feature: str = ""
+    route: str = ""
+    environment: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Shape:
+    input_tokens: int = 0
+    prompt_bytes: int = 0
+    message_count: int = 0
+    max_output_tokens: int = 0
+    image_count: int = 0
+    seconds: int = 0
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class AuthorizeInput:
+    api_key: str
+    endpoint: str  # one of ENDPOINTS, or "" when unknown
+    model: str
+    attribution: Attribution = field(default_factory=Attribution)
+    shape: Shape = field(default_factory=Shape)
+    client_address: str = ""
+    user_agent: str = ""
+
+
+@dataclass(frozen=True)
+class Owner:
+    customer_id: str = ""
+    workspace_id: str = ""
+    project_id: str = ""
+    team_id: str = ""
+    api_key_id: str = ""
+    environment: str = ""
+    plan: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision: str  # allow | deny | downgrade
+    request_id: str
+    reason: str = ""
+    message: str = ""
+    http_status: int = 200
+    error_type: str = ""
+    error_param: str = ""
+    retry_after_seconds: int = 0
+    owner: Owner = field(default_factory=Owner)
+    requested_model: str = ""
+    served_model: str = ""
+    provider: str = ""
+    route: str = ""
+    policy_version: int = 0
+    price_table_version: str = ""
+    currency: str = ""
+    reserved: int = 0
+    max_output_tokens: int = 0
+    reservation_expires_ms: int = 0
+    shadow_denials: tuple[str, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision != "deny"
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    request_id: str
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    images: int = 0
+    seconds: int = 0
+    requests: int = 0
+    served_model: str = ""
+    provider: str = ""
+    retries: int = 0
+    fallback_reason: str = ""
+    upstream_status: int = 0
+    error_class: str = ""
+    latency_ms: int = 0
+    stream_interrupted: bool = False
+
+
+@dataclass(frozen=True)
+class Settlement:
+    outcome: str  # settled | exists | settled_late
+    request_id: str
+    cost: int
+    charge: int
+    balance_before: int
+    balance_after: int
+    currency: str
+    price_table_version: str
+    served_model: str
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    outcome: str  # released | already_released | already_expired
+    request_id: str
+    released: int
+
+
+class PolicydError(Exception):
+    """A call that cannot be carried out; `reason` is the machine reason, `status` the gRPC code name."""
+
+    def __init__(self, status: str, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message

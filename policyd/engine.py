@@ -1,0 +1,518 @@
+"""The decision pipeline: Authorize, Settle, Release and expiry, top to bottom.
+
+    authorize:  validate input -> resolve the key -> policy snapshot (plan)
+                -> owner/environment/endpoint/model checks -> estimate the charge
+                -> quota buckets -> one atomic Lua step (key state, concurrency,
+                wallet, buckets, reservation, event) -> maybe downgrade -> decision
+    settle:     validate usage -> find the reservation -> price the actual usage
+                with the reservation's price table -> one atomic Lua step
+                (reservation -> charge, buckets adjusted, event)
+    release:    find the reservation -> one atomic Lua step (holds returned, event)
+    expire:     the same as release, for reservations past their deadline
+
+Every outcome, allowed or denied, leaves an event in the owner's partition
+stream; the writer turns events into SQL records. Servicers only translate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from policyd import keys as key_secrets
+from policyd import reasons, redis_keys
+from policyd.counters import BucketHold, Counters, Reservation
+from policyd.directory import KeyDirectory
+from policyd.domain import (
+    AuthorizeInput,
+    Decision,
+    Owner,
+    PolicydError,
+    ReleaseResult,
+    Settlement,
+    UsageReport,
+)
+from policyd.policy import Limit, ModelPrice, Plan, Policy
+from policyd.policy_book import PolicyBook
+from policyd.pricing import Quantities, charge_of, cost_of, estimate_input_tokens
+from policyd.quotas import hold_for, limit_reason
+from policyd.store import Store
+from policyd.validation import Problem, check_authorize, check_usage
+
+log = logging.getLogger("policyd.engine")
+
+RESULT_RETENTION_SECONDS = 7 * 86400  # settled/released reservations answer retries this long
+SWEEP_BATCH = 200
+
+MESSAGES = {
+    "missing_api_key": "No API key was provided.",
+    "malformed_api_key": "The API key is not in the format of a policyd key.",
+    "invalid_api_key": "Incorrect API key provided.",
+    "key_revoked": "This API key has been revoked.",
+    "key_paused": "This API key is paused.",
+    "environment_not_allowed": "This API key may not be used in this environment.",
+    "owner_mismatch": "The request claims an owner that is not the owner of this API key.",
+    "model_not_allowed": "This API key may not use the requested model.",
+    "endpoint_not_allowed": "This API key may not use this endpoint.",
+    "unknown_model": "The requested model does not exist.",
+    "unknown_plan": "The plan of this API key is not in the active policy.",
+    "no_policy": "No policy has been applied yet.",
+    "insufficient_quota": "You exceeded your current quota: the prepaid balance cannot cover this request.",
+    "budget_exceeded": "A budget limit has been reached.",
+    "rate_limit_exceeded": "A rate limit has been reached.",
+    "concurrency_limit_exceeded": "Too many requests in flight on this API key.",
+    "invalid_request": "The request is invalid.",
+    "counters_unavailable": "The policy service cannot reach its counters.",
+}
+
+
+NO_PRICE = ModelPrice.model_construct(provider="", route="", tier="", input=0, cached_input=None, output=0,
+                                      per_image=0, per_request=0, per_second=0)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+@dataclass
+class _Plan:
+    """What one attempt at a reservation is made of."""
+
+    served_model: str
+    price: ModelPrice
+    input_tokens: int
+    output_cap: int
+    charge: int
+    holds: list[BucketHold]
+    limits_by_label: dict[str, tuple[Limit, int]]  # label -> (limit, window end)
+
+
+class Engine:
+    def __init__(self, counters: Counters, store: Store, book: PolicyBook, directory: KeyDirectory,
+                 reservation_ttl_seconds: int = 600, failure_mode: str = "closed",
+                 clock: Callable[[], int] = now_ms) -> None:
+        self.counters = counters
+        self.store = store
+        self.book = book
+        self.directory = directory
+        self.reservation_ttl_ms = reservation_ttl_seconds * 1000
+        self.failure_mode = failure_mode
+        self.clock = clock
+
+    # ------------------------------------------------------------------ authorize
+    async def authorize(self, request: AuthorizeInput) -> Decision:
+        started = time.perf_counter_ns()
+        at = self.clock()
+        a = request.attribution
+        request_id = a.request_id or new_request_id()
+        base = {"request_id": request_id, "requested_model": request.model, "served_model": request.model}
+
+        # 1. input no policy could make sense of
+        try:
+            check_authorize(request)
+        except Problem as problem:
+            if problem.param == "request_id":
+                base["request_id"] = new_request_id()
+            return await self._deny_unowned(request, at, started, base, problem.reason, problem.message, problem.param)
+
+        # 2. the key
+        if not request.api_key:
+            return await self._deny_unowned(request, at, started, base, "missing_api_key")
+        if not key_secrets.is_well_formed(request.api_key):
+            return await self._deny_unowned(request, at, started, base, "malformed_api_key")
+        secret_hash = key_secrets.hash_secret(request.api_key)
+        key = await self.directory.resolve(secret_hash)
+        if key is None:
+            return await self._deny_unowned(request, at, started, base, "invalid_api_key")
+        owner = Owner(key.customer_id, key.workspace_id, key.project_id, key.team_id, key.id, key.environment, key.plan)
+
+        # 3. the policy snapshot this decision is made under
+        policy = self.book.current
+        plan = policy.plan(key.plan) if policy else None
+        preset = ""
+        param = ""
+        if policy is None:
+            preset = "no_policy"
+        elif plan is None:
+            preset = "unknown_plan"
+        else:
+            preset, param = self._policy_denial(request, key.scopes, owner, policy, plan)
+
+        # 4. estimate and buckets (only when the policy allows the request)
+        attempt = None
+        if not preset and policy is not None and plan is not None:
+            attempt = self._attempt(request, owner, policy, plan, request.model, at, skip_label="")
+        reserve = attempt or _Plan(request.model, NO_PRICE, 0, 0, 0, [], {})
+
+        # 5. the atomic step; a downgrade limit may turn a deny into a second attempt on a cheaper model
+        decision_kind = "allow"
+        result = await self._reserve(request, request_id, secret_hash, owner, policy, plan, reserve, preset, at, started)
+        if result is None:
+            return self._counters_down(request, request_id, base, owner, policy)
+        if result.outcome == "deny" and result.reason == "limit" and policy is not None and plan is not None:
+            limit = reserve.limits_by_label.get(result.label, (None, 0))[0]
+            if limit is not None and limit.action == "downgrade" and request.attribution.feature not in plan.critical_features \
+                    and limit.downgrade_to != reserve.served_model \
+                    and policy.model_allowed(plan, limit.downgrade_to, key.scopes) \
+                    and policy.tier_allowed_in(plan, key.environment, limit.downgrade_to):
+                cheaper = self._attempt(request, owner, policy, plan, limit.downgrade_to, at, skip_label=limit.label)
+                retry = await self._reserve(request, request_id, secret_hash, owner, policy, plan, cheaper, "", at, started,
+                                            decision="downgrade")
+                if retry is None:
+                    return self._counters_down(request, request_id, base, owner, policy)
+                if retry.outcome == "allow":
+                    reserve, result, decision_kind = cheaper, retry, "downgrade"
+                elif retry.outcome == "deny" and retry.reason == "limit":
+                    reserve, result = cheaper, retry
+
+        # 6. the decision
+        common = dict(
+            request_id=request_id, owner=owner, requested_model=request.model, served_model=reserve.served_model,
+            provider=reserve.price.provider, route=reserve.price.upstream,
+            policy_version=policy.version if policy else 0,
+            price_table_version=policy.document.price_table.version if policy else "",
+            currency=policy.document.currency if policy else "",
+        )
+        if result.outcome == "exists":
+            existing = await self.counters.read_reservation(self.counters.partition_of(owner.customer_id), request_id)
+            if not result.same_key or existing is None:
+                return self._deny(common, "invalid_request", "request_id was already used by another request", "request_id")
+            fields = existing.fields
+            return Decision(
+                decision=fields.get("decision", "allow"), reserved=existing.amount,
+                max_output_tokens=fields.get("max_output_tokens", 0), reservation_expires_ms=existing.expires_ms,
+                **{**common, "served_model": fields.get("served_model", reserve.served_model),
+                   "provider": fields.get("provider", ""), "route": fields.get("route", ""),
+                   "policy_version": fields.get("policy_version", common["policy_version"]),
+                   "price_table_version": fields.get("price_table_version", common["price_table_version"])},
+            )
+        if result.outcome == "deny":
+            reason, retry_after = result.reason, 0
+            if reason == "limit":
+                limit, window_end = reserve.limits_by_label[result.label]
+                reason = limit_reason(limit)
+                retry_after = max(1, -(-(window_end * 1000 - at) // 1000)) if window_end else 0
+            elif reason == "concurrency_limit_exceeded":
+                retry_after = 1
+            return self._deny(common, reason, MESSAGES.get(reason, ""), param, retry_after, result.label)
+        return Decision(
+            decision=decision_kind, reserved=result.reserved, max_output_tokens=reserve.output_cap,
+            reservation_expires_ms=at + self.reservation_ttl_ms, shadow_denials=result.shadow, **common,
+        )
+
+    def _policy_denial(self, request: AuthorizeInput, scopes: tuple[str, ...], owner: Owner, policy: Policy,
+                       plan: Plan) -> tuple[str, str]:
+        a = request.attribution
+        for claimed, actual, name in (
+            (a.customer_id, owner.customer_id, "customer_id"),
+            (a.workspace_id, owner.workspace_id, "workspace_id"),
+            (a.project_id, owner.project_id, "project_id"),
+        ):
+            if claimed and actual and claimed != actual or (claimed and not actual and name == "customer_id"):
+                return "owner_mismatch", name
+        if a.environment and a.environment != owner.environment:
+            return "environment_not_allowed", "environment"
+        if request.endpoint not in plan.endpoints:
+            return "endpoint_not_allowed", "endpoint"
+        if policy.model(request.model) is None:
+            return "unknown_model", "model"
+        if not policy.model_allowed(plan, request.model, scopes):
+            return "model_not_allowed", "model"
+        if not policy.tier_allowed_in(plan, owner.environment, request.model):
+            return "environment_not_allowed", "model"
+        return "", ""
+
+    def _attempt(self, request: AuthorizeInput, owner: Owner, policy: Policy, plan: Plan, model: str, at: int,
+                 skip_label: str) -> _Plan:
+        price = policy.model(model)
+        assert price is not None, "the model was checked against the price table"
+        s = request.shape
+        output_cap = s.max_output_tokens or plan.default_max_output_tokens
+        input_tokens = estimate_input_tokens(plan, s.prompt_bytes, s.message_count, s.input_tokens)
+        if request.endpoint == "embeddings":
+            output_cap = 0
+        quantities = Quantities(
+            input_tokens=input_tokens,
+            output_tokens=output_cap,
+            images=(s.image_count or 1) if request.endpoint == "images" else 0,
+            seconds=s.seconds,
+        )
+        charge = charge_of(plan, cost_of(price, quantities))
+        partition = self.counters.partition_of(owner.customer_id)
+        scope_ids = {
+            "key": owner.api_key_id, "customer": owner.customer_id, "workspace": owner.workspace_id,
+            "project": owner.project_id, "feature": request.attribution.feature, "model": model,
+            "thread": request.attribution.thread_id, "end_user": request.attribution.end_user_id,
+        }
+        holds: list[BucketHold] = []
+        by_label: dict[str, tuple[Limit, int]] = {}
+        for limit in plan.limits:
+            scope_id = scope_ids[limit.scope]
+            if not scope_id or limit.label == skip_label:
+                continue  # a thread limit binds requests that name a thread
+            hold, window = hold_for(limit, partition, scope_id, at // 1000, charge, quantities)
+            holds.append(hold)
+            by_label[limit.label] = (limit, window.end)
+        return _Plan(model, price, input_tokens, output_cap, charge, holds, by_label)
+
+    async def _reserve(self, request: AuthorizeInput, request_id: str, secret_hash: str, owner: Owner,
+                       policy: Policy | None, plan: Plan | None, attempt: _Plan, preset: str, at: int,
+                       started: int, decision: str = "allow") -> Any:
+        record = self._record(request, request_id, owner, policy, plan, attempt, at, started, decision)
+        limit_reasons = {label: limit_reason(limit) for label, (limit, _) in attempt.limits_by_label.items()}
+        payload = json.dumps({"record": record, "limit_reasons": limit_reasons, "messages": MESSAGES}, separators=(",", ":"))
+        fields = {
+            "decision": decision, "customer_id": owner.customer_id, "key_id": owner.api_key_id, "plan": owner.plan,
+            "served_model": attempt.served_model, "provider": attempt.price.provider, "route": attempt.price.upstream,
+            "policy_version": policy.version if policy else 0,
+            "price_table_version": policy.document.price_table.version if policy else "",
+            "currency": policy.document.currency if policy else "",
+            "max_output_tokens": attempt.output_cap,
+            "holds": [[h.key, h.unit, h.amount] for h in attempt.holds],
+            "record": record,
+        }
+        try:
+            return await self.counters.authorize(
+                partition=self.counters.partition_of(owner.customer_id), request_id=request_id,
+                key_id=owner.api_key_id, customer_id=owner.customer_id, secret_hash=secret_hash, now_ms=at,
+                expires_ms=at + self.reservation_ttl_ms,
+                check_wallet=plan is not None and plan.wallet == "required",
+                amount=attempt.charge, concurrency_cap=plan.concurrency if plan else 0,
+                payload=payload, reservation_fields=json.dumps(fields, separators=(",", ":")),
+                preset_denial=preset, buckets=attempt.holds,
+            )
+        except (ConnectionError, OSError, TimeoutError) as error:
+            log.error("counters unavailable during authorize of %s: %s", request_id, type(error).__name__)
+            return None
+        except Exception as error:  # redis-py raises its own ConnectionError/TimeoutError classes
+            if type(error).__module__.startswith("redis"):
+                log.error("counters unavailable during authorize of %s: %s", request_id, type(error).__name__)
+                return None
+            raise
+
+    def _record(self, request: AuthorizeInput, request_id: str, owner: Owner, policy: Policy | None,
+                plan: Plan | None, attempt: _Plan, at: int, started: int, decision: str) -> dict[str, Any]:
+        a = request.attribution
+        return {
+            "request_id": request_id, "created_ms": at, "trace_id": a.trace_id, "traceparent": a.traceparent,
+            "customer_id": owner.customer_id, "workspace_id": owner.workspace_id, "project_id": owner.project_id,
+            "team_id": owner.team_id, "api_key_id": owner.api_key_id, "plan": owner.plan,
+            "environment": owner.environment,
+            "claimed": {k: v for k, v in (("customer_id", a.customer_id), ("workspace_id", a.workspace_id),
+                                           ("project_id", a.project_id), ("environment", a.environment)) if v},
+            "end_user_id": a.end_user_id, "agent_id": a.agent_id, "thread_id": a.thread_id, "feature": a.feature,
+            "route": a.route, "tags": dict(a.tags), "endpoint": request.endpoint,
+            "requested_model": request.model, "primary_model": request.model, "served_model": attempt.served_model,
+            "provider": attempt.price.provider, "upstream": attempt.price.upstream, "decision": decision,
+            "policy_version": policy.version if policy else 0,
+            "price_table_version": policy.document.price_table.version if policy else "",
+            "billing_mode": plan.billing if plan else "", "reservation_mode": plan.reservation if plan else "",
+            "currency": policy.document.currency if policy else "",
+            "max_output_tokens": attempt.output_cap,
+            "holds": [[h.key, h.unit, h.amount] for h in attempt.holds],
+            "decision_latency_us": (time.perf_counter_ns() - started) // 1000,
+            "client_address": request.client_address, "user_agent": request.user_agent,
+        }
+
+    async def _deny_unowned(self, request: AuthorizeInput, at: int, started: int, base: dict[str, str],
+                            reason: str, message: str = "", param: str = "") -> Decision:
+        """A denial before any owner is known: recorded in the partition of the request id."""
+        request_id = base["request_id"]
+        empty = _Plan(request.model, NO_PRICE, 0, 0, 0, [], {})
+        record = self._record(request, request_id, Owner(), None, None, empty, at, started, "deny")
+        record.update(decision="deny", reason=reason, message=message or MESSAGES.get(reason, ""), status="denied")
+        record = _truncated(record)
+        await self._emit(self.counters.partition_of(request_id), "authorize", request_id, at,
+                         {"outcome": "deny", "reason": reason, "label": "", "reserved": "0"},
+                         {"record": record, "limit_reasons": {}, "messages": MESSAGES})
+        return self._deny(base | {"owner": Owner()}, reason, message or MESSAGES.get(reason, ""), param)
+
+    def _deny(self, common: dict[str, Any], reason: str, message: str = "", param: str = "",
+              retry_after: int = 0, label: str = "") -> Decision:
+        message = message or MESSAGES.get(reason, reason)
+        if label and label not in ("wallet", "concurrency"):
+            message = f"{message} ({label})"
+        return Decision(
+            decision="deny", reason=reason, message=message, http_status=reasons.http_status(reason),
+            error_type=reasons.error_type(reason), error_param=param, retry_after_seconds=retry_after,
+            **common,
+        )
+
+    def _counters_down(self, request: AuthorizeInput, request_id: str, base: dict[str, str], owner: Owner,
+                       policy: Policy | None) -> Decision:
+        common = {**base, "owner": owner, "policy_version": policy.version if policy else 0}
+        if self.failure_mode == "open":
+            log.warning("counters unavailable: allowing %s unreserved (fail open)", request_id)
+            return Decision(decision="allow", reason="counters_unavailable_fail_open", **common)
+        return self._deny(common, "counters_unavailable", retry_after=1)
+
+    async def _emit(self, partition: int, kind: str, request_id: str, at: int, fields: dict[str, str],
+                    data: dict[str, Any]) -> None:
+        """Append an event that moves no counter (denials before the owner is known, rejections)."""
+        body = {"type": kind, "rid": request_id, "at": str(at), **fields,
+                "d": json.dumps(data, separators=(",", ":"), default=str)}
+        try:
+            await self.counters.client.xadd(redis_keys.events(partition), body)
+        except Exception:
+            log.exception("could not record %s event for %s", kind, request_id)
+
+    async def _reject(self, request_id: str, partition: int | None, reason: str, message: str,
+                      detail: dict[str, Any]) -> PolicydError:
+        status = {
+            "invalid_usage": "INVALID_ARGUMENT", "invalid_request": "INVALID_ARGUMENT", "unknown_model": "INVALID_ARGUMENT",
+            "unknown_request": "NOT_FOUND", "request_denied": "FAILED_PRECONDITION",
+            "already_released": "FAILED_PRECONDITION", "exists_with_different_usage": "ALREADY_EXISTS",
+            "currency_mismatch": "INVALID_ARGUMENT",
+        }.get(reason, "INVALID_ARGUMENT")
+        safe_id = request_id if request_id and len(request_id) <= 128 else ""
+        await self._emit(partition if partition is not None else self.counters.partition_of(safe_id), "rejected",
+                         safe_id, self.clock(), {"reason": reason, "message": message[:512]}, _truncated(detail))
+        return PolicydError(status, reason, message)
+
+    # ------------------------------------------------------------------ settle
+    async def settle(self, report: UsageReport) -> Settlement:
+        try:
+            check_usage(report)
+        except Problem as problem:
+            raise await self._reject(report.request_id, None, problem.reason, problem.message, asdict(report))
+        reservation = await self.counters.find_reservation(report.request_id)
+        if reservation is None:
+            raise await self._missing(report.request_id, "settle", asdict(report))
+        r = reservation.fields
+        policy = await self.book.version(int(r["policy_version"]))
+        plan = policy.plan(r["plan"]) if policy else None
+        served = report.served_model or r["served_model"]
+        price = policy.model(served) if policy else None
+        if policy is None or plan is None or price is None:
+            raise await self._reject(report.request_id, reservation.partition, "unknown_model",
+                                     f"model {served!r} is not in price table {r['price_table_version']!r}", asdict(report))
+        quantities = Quantities(
+            input_tokens=report.input_tokens, cached_input_tokens=report.cached_input_tokens,
+            output_tokens=report.output_tokens, images=report.images, seconds=report.seconds,
+            requests=report.requests or 1,
+        )
+        cost = cost_of(price, quantities)
+        charge = charge_of(plan, cost)
+        numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
+                   report.seconds, report.requests or 1, served]
+        fingerprint = hashlib.sha256(json.dumps(numbers).encode()).hexdigest()[:32]
+        deltas = []
+        final_holds = []
+        for key, unit, held in r["holds"]:
+            actual = charge if unit == "money" else quantities.tokens if unit == "tokens" else 1
+            deltas.append((key, actual - held, actual))
+            final_holds.append([key, unit, actual])
+        settlement = {
+            "served_model": served, "provider": report.provider or price.provider,
+            "input_tokens": report.input_tokens, "cached_input_tokens": report.cached_input_tokens,
+            "output_tokens": report.output_tokens, "images": report.images, "seconds": report.seconds,
+            "request_count": report.requests or 1, "retries": report.retries,
+            "fallback_reason": report.fallback_reason, "upstream_status": report.upstream_status,
+            "error_class": report.error_class, "upstream_latency_ms": report.latency_ms,
+            "stream_interrupted": report.stream_interrupted, "cost_nanos": cost, "final_holds": final_holds,
+        }
+        payload = json.dumps({"record": r["record"], "settlement": settlement, "currency": r["currency"]},
+                             separators=(",", ":"))
+        result = await self.counters.settle(
+            reservation, customer_id=r["customer_id"], key_id=r["key_id"], now_ms=self.clock(),
+            fingerprint=fingerprint, charge=charge, retention_seconds=RESULT_RETENTION_SECONDS,
+            payload=payload, bucket_deltas=deltas,
+        )
+        if result.outcome == "conflict":
+            raise await self._reject(report.request_id, reservation.partition, "exists_with_different_usage",
+                                     "this request was already settled with other numbers", asdict(report))
+        if result.outcome == "released":
+            raise await self._reject(report.request_id, reservation.partition, "already_released",
+                                     "this request was released; it cannot be settled", asdict(report))
+        if result.outcome == "unknown":
+            raise await self._missing(report.request_id, "settle", asdict(report))
+        return Settlement(
+            outcome=result.outcome, request_id=report.request_id, cost=cost, charge=charge,
+            balance_before=result.balance_before, balance_after=result.balance_after, currency=r["currency"],
+            price_table_version=r["price_table_version"], served_model=served,
+        )
+
+    async def _missing(self, request_id: str, action: str, detail: dict[str, Any]) -> PolicydError:
+        record = await asyncio.to_thread(self.store.usage_record, request_id)
+        if record is not None and record.status == "denied":
+            return await self._reject(request_id, None, "request_denied",
+                                      f"request {request_id} was denied; there is nothing to {action}", detail)
+        return await self._reject(request_id, None, "unknown_request",
+                                  f"no reservation for request {request_id}", detail)
+
+    # ------------------------------------------------------------------ release and expiry
+    async def release(self, request_id: str, reason: str) -> ReleaseResult:
+        if not request_id or len(request_id) > 128:
+            raise await self._reject("", None, "invalid_request", "request_id is required", {"reason": reason[:256]})
+        reservation = await self.counters.find_reservation(request_id)
+        if reservation is None:
+            raise await self._missing(request_id, "release", {"reason": reason[:256]})
+        outcome, detail = await self._void(reservation, "released", reason[:256] or "released")
+        if outcome == "released":
+            return ReleaseResult("released", request_id, reservation.amount)
+        if outcome == "already" and detail in ("released", "expired"):
+            return ReleaseResult(f"already_{detail}", request_id, 0)
+        if outcome == "already" and detail == "settled":
+            raise await self._reject(request_id, reservation.partition, "already_settled",
+                                     "this request was settled; it cannot be released", {"reason": reason[:256]})
+        raise await self._missing(request_id, "release", {"reason": reason[:256]})
+
+    async def _void(self, reservation: Reservation, target: str, reason: str) -> tuple[str, str]:
+        r = reservation.fields
+        return await self.counters.release(
+            reservation, customer_id=r["customer_id"], key_id=r["key_id"], now_ms=self.clock(), target=target,
+            reason=reason, retention_seconds=RESULT_RETENTION_SECONDS,
+            bucket_releases=[(key, -held) for key, _, held in r["holds"]],
+        )
+
+    async def expire_due(self) -> int:
+        """Void every reservation past its deadline, in every partition; how many were voided."""
+        voided = 0
+        at = self.clock()
+        for partition in range(self.counters.partitions):
+            for request_id in await self.counters.due_reservations(partition, at, SWEEP_BATCH):
+                reservation = await self.counters.read_reservation(partition, request_id)
+                if reservation is None:
+                    await self.counters.client.zrem(redis_keys.deadlines(partition), request_id)
+                    continue
+                outcome, _ = await self._void(reservation, "expired", "deadline")
+                voided += outcome == "expired"
+        return voided
+
+    async def run_sweeper(self, stop: asyncio.Event, interval_ms: int) -> None:
+        while not stop.is_set():
+            try:
+                await self.expire_due()
+            except Exception:
+                log.exception("expiry sweep failed")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval_ms / 1000)
+            except TimeoutError:
+                pass
+
+
+def _clean(text: str, length_max: int) -> str:
+    return text[:length_max].encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
+
+
+def _truncated(data: dict[str, Any], length_max: int = 256) -> dict[str, Any]:
+    """Bad input is recorded, but never more of it than a record needs, and always as valid text."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, str):
+            out[key] = _clean(value, length_max)
+        elif isinstance(value, dict):
+            out[key] = {_clean(str(k), 64): _clean(str(v), length_max) for k, v in list(value.items())[:32]}
+        else:
+            out[key] = value
+    return out

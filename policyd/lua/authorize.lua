@@ -1,0 +1,137 @@
+-- authorize.lua: check a key and reserve an estimated charge, all or nothing.
+--
+-- Every key is in one owner partition (one Redis Cluster slot, hash tag {pN}).
+-- KEYS[1] key state hash     status = active|paused|revoked, h:<secret sha256> = expiry ms (0 = none)
+-- KEYS[2] wallet hash        balance, reserved (nanos)
+-- KEYS[3] reservation hash   created here
+-- KEYS[4] deadlines zset     request_id -> expiry ms
+-- KEYS[5] in-flight counter  of the key
+-- KEYS[6] event stream       of the partition
+-- KEYS[7..6+n] bucket hashes used (units of the bucket), a<pct> = alerted
+-- ARGV[1]  request_id
+-- ARGV[2]  secret sha256 (hex)
+-- ARGV[3]  now, unix ms
+-- ARGV[4]  reservation expiry, unix ms
+-- ARGV[5]  "1" = the wallet must cover the reservation, "0" = no wallet check
+-- ARGV[6]  reserved charge, nanos (string of an integer, 0 <= x < 2^53)
+-- ARGV[7]  concurrency cap of the key (0 = none)
+-- ARGV[8]  event payload (JSON made by policyd, opaque here)
+-- ARGV[9]  reservation fields (JSON made by policyd, stored opaque in field "r")
+-- ARGV[10] a denial policy already decided ("" = none), returned once the key itself is known good,
+--          so a paused or revoked key is always reported as such first
+-- ARGV[11] n buckets, then 6 per bucket:
+--          amount, limit, mode (block|shadow), ttl seconds (0 = none), thresholds ("pct:amount,..."), label
+--
+-- Numbers: every amount is an integer below 2^53, so Lua doubles hold them exactly;
+-- mutations use HINCRBY/INCRBY with the ARGV strings; numbers become strings only
+-- through string.format('%d'), never tostring (which rounds to 14 digits).
+-- Returns {"allow", reserved, shadow labels "a|b"} | {"deny", reason, label}
+--       | {"exists", state, "1" when the same key made it}.
+
+local function fmt(n) return string.format('%d', n) end
+
+local request_id = ARGV[1]
+local secret_field = 'h:' .. ARGV[2]
+local now_ms = tonumber(ARGV[3])
+local expires_ms = ARGV[4]
+local check_wallet = ARGV[5] == '1'
+local amount = tonumber(ARGV[6])
+local concurrency_cap = tonumber(ARGV[7])
+local payload = ARGV[8]
+local reservation_fields = ARGV[9]
+local preset_denial = ARGV[10]
+local bucket_count = tonumber(ARGV[11])
+
+local function record(outcome, reason, label, extra)
+  redis.call('XADD', KEYS[6], '*', 'type', 'authorize', 'rid', request_id, 'at', ARGV[3],
+    'outcome', outcome, 'reason', reason, 'label', label, 'reserved', extra, 'd', payload)
+end
+
+-- 1. a retry of a request already reserved is answered from the reservation, not charged again
+local previous_state = redis.call('HGET', KEYS[3], 'state')
+if previous_state then
+  return {'exists', previous_state, redis.call('HGET', KEYS[3], 'key') == KEYS[1] and '1' or '0'}
+end
+
+-- 2. the key: its state and this secret's validity are read here, atomically with the reservation
+local key_state = redis.call('HMGET', KEYS[1], 'status', secret_field)
+local status, secret_expiry = key_state[1], key_state[2]
+local deny_reason = nil
+if not status or not secret_expiry then
+  deny_reason = 'invalid_api_key'
+elseif status == 'revoked' then
+  deny_reason = 'key_revoked'
+elseif status == 'paused' then
+  deny_reason = 'key_paused'
+elseif secret_expiry ~= '0' and tonumber(secret_expiry) <= now_ms then
+  deny_reason = 'invalid_api_key'
+end
+if not deny_reason and preset_denial ~= '' then
+  deny_reason = preset_denial
+end
+if deny_reason then
+  record('deny', deny_reason, '', '0')
+  return {'deny', deny_reason, ''}
+end
+
+-- 3. concurrency
+if concurrency_cap > 0 then
+  local inflight = tonumber(redis.call('GET', KEYS[5]) or '0')
+  if inflight >= concurrency_cap then
+    record('deny', 'concurrency_limit_exceeded', 'concurrency', '0')
+    return {'deny', 'concurrency_limit_exceeded', 'concurrency'}
+  end
+end
+
+-- 4. wallet
+if check_wallet then
+  local wallet = redis.call('HMGET', KEYS[2], 'balance', 'reserved')
+  local available = tonumber(wallet[1] or '0') - tonumber(wallet[2] or '0')
+  if available < amount then
+    record('deny', 'insufficient_quota', 'wallet', '0')
+    return {'deny', 'insufficient_quota', 'wallet'}
+  end
+end
+
+-- 5. buckets: every hard limit must have room; shadow limits only note that they would deny
+local shadow = {}
+for i = 1, bucket_count do
+  local base = 11 + (i - 1) * 6
+  local bucket_amount = tonumber(ARGV[base + 1])
+  local limit = tonumber(ARGV[base + 2])
+  local used = tonumber(redis.call('HGET', KEYS[6 + i], 'used') or '0')
+  if used + bucket_amount > limit then
+    local label = ARGV[base + 6]
+    if ARGV[base + 3] == 'shadow' then
+      shadow[#shadow + 1] = label
+    else
+      record('deny', 'limit', label, '0')
+      return {'deny', 'limit', label}
+    end
+  end
+end
+
+-- Past this point nothing can deny: reserve everywhere.
+redis.call('HINCRBY', KEYS[2], 'reserved', ARGV[6])
+for i = 1, bucket_count do
+  local base = 11 + (i - 1) * 6
+  local key = KEYS[6 + i]
+  local used = redis.call('HINCRBY', key, 'used', ARGV[base + 1])
+  local ttl = tonumber(ARGV[base + 4])
+  if ttl > 0 and redis.call('TTL', key) < 0 then
+    redis.call('EXPIRE', key, ttl)
+  end
+  for pct, threshold in string.gmatch(ARGV[base + 5], '(%d+):(%d+)') do
+    if used >= tonumber(threshold) and redis.call('HSETNX', key, 'a' .. pct, '1') == 1 then
+      redis.call('XADD', KEYS[6], '*', 'type', 'alert', 'rid', request_id, 'at', ARGV[3],
+        'label', ARGV[base + 6], 'bucket', key, 'percent', pct, 'used', fmt(used), 'limit', ARGV[base + 2])
+    end
+  end
+end
+redis.call('INCR', KEYS[5])
+redis.call('HSET', KEYS[3], 'state', 'reserved', 'key', KEYS[1], 'amount', ARGV[6],
+  'wallet', check_wallet and '1' or '0', 'expires', expires_ms, 'r', reservation_fields)
+redis.call('ZADD', KEYS[4], expires_ms, request_id)
+local shadow_labels = table.concat(shadow, '|')
+record('allow', '', shadow_labels, ARGV[6])
+return {'allow', ARGV[6], shadow_labels}

@@ -1,0 +1,27 @@
+-- grant.lua: add a credit grant to a wallet, once per grant id.
+--
+-- KEYS[1] wallet hash        balance, reserved (nanos)
+-- KEYS[2] grant marker       exists once the grant is applied
+-- KEYS[3] event stream
+-- ARGV[1] grant id
+-- ARGV[2] amount, nanos (0 < x < 2^53, checked by policyd with the resulting balance)
+-- ARGV[3] now, unix ms
+-- ARGV[4] event payload (JSON made by policyd)
+-- ARGV[5] balance ceiling, nanos (2^53 - 1): a grant may not take a balance past it
+-- Returns {"granted", balance} | {"exists", balance} | {"too_large", balance}
+
+local function fmt(n) return string.format('%d', n) end
+
+local balance = tonumber(redis.call('HGET', KEYS[1], 'balance') or '0')
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {'exists', fmt(balance)}
+end
+if balance + tonumber(ARGV[2]) > tonumber(ARGV[5]) then
+  return {'too_large', fmt(balance)}
+end
+local after = redis.call('HINCRBY', KEYS[1], 'balance', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'reserved', '0')
+redis.call('SET', KEYS[2], '1')
+redis.call('XADD', KEYS[3], '*', 'type', 'grant', 'rid', ARGV[1], 'at', ARGV[3],
+  'amount', ARGV[2], 'balance_after', fmt(after), 'd', ARGV[4])
+return {'granted', fmt(after)}

@@ -1,0 +1,43 @@
+-- release.lua: void a reservation (provider error, client gone) or expire it (nobody settled).
+--
+-- KEYS[1] reservation hash   state = reserved|expired|settled|released
+-- KEYS[2] wallet hash        balance, reserved (nanos)
+-- KEYS[3] deadlines zset
+-- KEYS[4] in-flight counter  of the key
+-- KEYS[5] event stream
+-- KEYS[6..5+n] bucket hashes of the reservation
+-- ARGV[1] request_id
+-- ARGV[2] now, unix ms
+-- ARGV[3] "released" or "expired": the state to move to
+-- ARGV[4] reason (e.g. provider_error, client_disconnected, deadline)
+-- ARGV[5] result retention, seconds
+-- ARGV[6] n buckets, then 1 per bucket: the negative reserved amount
+-- Returns {"released"|"expired", amount} | {"already", state} | {"unknown"} | {"not_due"}
+
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  return {'unknown'}
+end
+if state ~= 'reserved' then
+  return {'already', state}
+end
+local target = ARGV[3]
+if target == 'expired' then
+  local expires = tonumber(redis.call('HGET', KEYS[1], 'expires'))
+  if expires > tonumber(ARGV[2]) then
+    return {'not_due'}
+  end
+end
+local amount = redis.call('HGET', KEYS[1], 'amount')
+redis.call('HINCRBY', KEYS[2], 'reserved', '-' .. amount)
+redis.call('DECR', KEYS[4])
+redis.call('ZREM', KEYS[3], ARGV[1])
+local bucket_count = tonumber(ARGV[6])
+for i = 1, bucket_count do
+  redis.call('HINCRBY', KEYS[5 + i], 'used', ARGV[6 + i])
+end
+redis.call('HSET', KEYS[1], 'state', target)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('XADD', KEYS[5], '*', 'type', target == 'expired' and 'expire' or 'release', 'rid', ARGV[1],
+  'at', ARGV[2], 'reason', ARGV[4], 'released', amount)
+return {target, amount}

@@ -1,0 +1,60 @@
+-- settle.lua: turn a reservation into the actual charge, once.
+--
+-- KEYS[1] reservation hash   state = reserved|expired|settled|released
+-- KEYS[2] wallet hash        balance, reserved (nanos)
+-- KEYS[3] deadlines zset
+-- KEYS[4] in-flight counter  of the key
+-- KEYS[5] event stream
+-- KEYS[6..5+n] bucket hashes of the reservation
+-- ARGV[1] request_id
+-- ARGV[2] now, unix ms
+-- ARGV[3] fingerprint of the settle numbers (a retry must bring the same)
+-- ARGV[4] charge, nanos (0 <= x < 2^53)
+-- ARGV[5] negative charge, "-" .. ARGV[4] (so no number is formatted here)
+-- ARGV[6] result retention, seconds
+-- ARGV[7] event payload (JSON made by policyd)
+-- ARGV[8] n buckets, then 2 per bucket: delta while reserved (actual - reserved), delta after expiry (actual)
+-- Returns {"settled"|"settled_late", balance_before, balance_after}
+--       | {"exists", balance_before, balance_after} | {"conflict"} | {"released"} | {"unknown"}
+
+local function fmt(n) return string.format('%d', n) end
+
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  return {'unknown'}
+end
+if state == 'settled' then
+  local stored = redis.call('HMGET', KEYS[1], 'fingerprint', 'balance_before', 'balance_after')
+  if stored[1] == ARGV[3] then
+    return {'exists', stored[2], stored[3]}
+  end
+  return {'conflict'}
+end
+if state == 'released' then
+  return {'released'}
+end
+
+local was_reserved = state == 'reserved'
+local holds_wallet = redis.call('HGET', KEYS[1], 'wallet') == '1'
+local reserved_amount = redis.call('HGET', KEYS[1], 'amount')
+local before = redis.call('HGET', KEYS[2], 'balance') or '0'
+if was_reserved then
+  redis.call('HINCRBY', KEYS[2], 'reserved', '-' .. reserved_amount)
+  redis.call('DECR', KEYS[4])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+local after = redis.call('HINCRBY', KEYS[2], 'balance', ARGV[5])
+local bucket_count = tonumber(ARGV[8])
+for i = 1, bucket_count do
+  local delta = was_reserved and ARGV[8 + (i - 1) * 2 + 1] or ARGV[8 + (i - 1) * 2 + 2]
+  redis.call('HINCRBY', KEYS[5 + i], 'used', delta)
+end
+local outcome = was_reserved and 'settled' or 'settled_late'
+local after_text = fmt(after)
+redis.call('HSET', KEYS[1], 'state', 'settled', 'fingerprint', ARGV[3],
+  'balance_before', before, 'balance_after', after_text)
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('XADD', KEYS[5], '*', 'type', 'settle', 'rid', ARGV[1], 'at', ARGV[2], 'outcome', outcome,
+  'charge', ARGV[4], 'balance_before', before, 'balance_after', after_text,
+  'released', was_reserved and reserved_amount or '0', 'wallet', holds_wallet and '1' or '0', 'd', ARGV[7])
+return {outcome, before, after_text}

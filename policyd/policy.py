@@ -1,0 +1,321 @@
+"""The declared policy: price table, plans, model allowlists and limits.
+
+Loaded from YAML strictly: unknown fields are rejected, every error names the
+file and line, and references (plans, models) are checked before anything is
+applied. A policy is applied whole or not at all; each applied policy gets a
+version that is stamped on every decision.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+
+from policyd.money import QUANTITY_MAX, MoneyError, format_amount, parse_amount
+
+ENVIRONMENTS = ("development", "staging", "production", "batch", "evaluation", "customer-facing")
+ENDPOINT_NAMES = (
+    "chat_completions",
+    "responses",
+    "embeddings",
+    "images",
+    "anthropic_messages",
+    "gemini_generate_content",
+)
+WINDOWS = ("minute", "hour", "day", "month", "total")
+SCOPES = ("key", "customer", "workspace", "project", "feature", "model", "thread", "end_user")
+UNITS = ("money", "tokens", "requests")
+POLICY_BYTES_MAX = 1_000_000
+LIMITS_PER_PLAN_MAX = 32
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be applied; `str()` names the file and line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _nanos(value: Any) -> int:
+    try:
+        nanos = parse_amount(value)
+    except MoneyError as error:
+        raise ValueError(str(error)) from None
+    if nanos < 0:
+        raise ValueError("a price or amount must not be negative")
+    return nanos
+
+
+class ModelPrice(_Strict):
+    """Prices in nanos: per 1M tokens, per image, per request, per second (per 1M as well)."""
+
+    provider: str = Field(min_length=1, max_length=64)
+    route: str = Field("", max_length=128)  # upstream cluster; defaults to the provider
+    tier: str = Field("", max_length=64)
+    input: int = 0
+    cached_input: int | None = None  # None = same as input
+    output: int = 0
+    per_image: int = 0
+    per_request: int = 0
+    per_second: int = 0
+
+    @field_validator("input", "cached_input", "output", "per_image", "per_request", "per_second", mode="before")
+    @classmethod
+    def _money(cls, value: Any) -> Any:
+        return None if value is None else _nanos(value)
+
+    @field_serializer("input", "cached_input", "output", "per_image", "per_request", "per_second")
+    def _render(self, value: int | None) -> str | None:
+        return None if value is None else format_amount(value)
+
+    @property
+    def cached_input_price(self) -> int:
+        return self.input if self.cached_input is None else self.cached_input
+
+    @property
+    def upstream(self) -> str:
+        return self.route or self.provider
+
+
+class PriceTable(_Strict):
+    version: str = Field(min_length=1, max_length=64)
+    models: dict[str, ModelPrice] = Field(min_length=1)
+
+
+class Limit(_Strict):
+    name: str = Field("", max_length=64)
+    scope: Literal["key", "customer", "workspace", "project", "feature", "model", "thread", "end_user"]
+    window: Literal["minute", "hour", "day", "month", "total"]
+    unit: Literal["money", "tokens", "requests"]
+    limit: int
+    action: Literal["block", "downgrade", "shadow"] = "block"
+    downgrade_to: str = ""
+    thresholds: tuple[int, ...] = (50, 80)  # percent; an alert event once per crossing
+
+    @model_validator(mode="before")
+    @classmethod
+    def _limit_value(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "limit" in data:
+            data = dict(data)
+            if data.get("unit") == "money":
+                data["limit"] = _nanos(data["limit"])
+            elif isinstance(data["limit"], bool) or not isinstance(data["limit"], int):
+                raise ValueError("limit must be a whole number for tokens and requests")
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "Limit":
+        if not 0 <= self.limit <= QUANTITY_MAX and self.unit != "money":
+            raise ValueError("limit out of range")
+        if self.action == "downgrade" and not self.downgrade_to:
+            raise ValueError("action 'downgrade' needs downgrade_to: a cheaper model")
+        if self.action != "downgrade" and self.downgrade_to:
+            raise ValueError("downgrade_to is only for action 'downgrade'")
+        for t in self.thresholds:
+            if not 0 < t < 100:
+                raise ValueError("thresholds are percentages between 1 and 99")
+        return self
+
+    @field_serializer("limit")
+    def _render(self, value: int) -> int | str:
+        return format_amount(value) if self.unit == "money" else value
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.scope}:{self.unit}:{self.window}"
+
+
+class Plan(_Strict):
+    extends: str = ""
+    models: tuple[str, ...] = ()  # exact names, globs ("gpt-4o*") or tiers ("tier:low-cost")
+    endpoints: tuple[str, ...] = ENDPOINT_NAMES
+    environments: dict[str, tuple[str, ...]] | None = None  # env -> tiers it may use ("*" = all)
+    default_max_output_tokens: int = Field(1024, ge=1, le=1_000_000)
+    reservation: Literal["estimate", "strict"] = "estimate"
+    billing: Literal["standard", "at_cost", "free"] = "standard"
+    markup_bps: int = Field(0, ge=0, le=1_000_000)  # charge = cost * (10000 + markup_bps) / 10000
+    wallet: Literal["required", "none"] = "required"
+    concurrency: int = Field(0, ge=0, le=100_000)  # in-flight requests per key, 0 = no cap
+    critical_features: tuple[str, ...] = ()  # never downgraded: blocked instead
+    limits: tuple[Limit, ...] = Field((), max_length=LIMITS_PER_PLAN_MAX)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if name not in ENDPOINT_NAMES:
+                raise ValueError(f"unknown endpoint family {name!r} (known: {', '.join(ENDPOINT_NAMES)})")
+        return value
+
+    @field_validator("limits")
+    @classmethod
+    def _unique_labels(cls, value: tuple[Limit, ...]) -> tuple[Limit, ...]:
+        labels = [limit.label for limit in value]
+        for label in labels:
+            if labels.count(label) > 1:
+                raise ValueError(f"two limits are named {label!r}: give each a distinct name")
+        return value
+
+    @field_validator("environments")
+    @classmethod
+    def _environments(cls, value: dict[str, tuple[str, ...]] | None) -> dict[str, tuple[str, ...]] | None:
+        for env in value or {}:
+            if env not in ENVIRONMENTS:
+                raise ValueError(f"unknown environment {env!r} (known: {', '.join(ENVIRONMENTS)})")
+        return value
+
+
+class PolicyDocument(_Strict):
+    currency: str = Field("USD", pattern=r"^[A-Z]{3}$")
+    price_table: PriceTable
+    plans: dict[str, Plan] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _references(self) -> "PolicyDocument":
+        for name, plan in self.plans.items():
+            if plan.extends and plan.extends not in self.plans:
+                raise ValueError(f"plan {name!r} extends unknown plan {plan.extends!r}")
+            for limit in plan.limits:
+                if limit.downgrade_to and limit.downgrade_to not in self.price_table.models:
+                    raise ValueError(f"plan {name!r}: downgrade_to {limit.downgrade_to!r} is not in the price table")
+            for pattern in plan.models:
+                if not pattern.startswith("tier:") and not any(
+                    fnmatch.fnmatchcase(m, pattern) for m in self.price_table.models
+                ):
+                    raise ValueError(f"plan {name!r}: model {pattern!r} matches nothing in the price table")
+        return self
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An applied policy: the document, its version, and the canonical text it was hashed from."""
+
+    version: int
+    document: PolicyDocument
+    canonical: str
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical.encode()).hexdigest()
+
+    def plan(self, name: str) -> Plan | None:
+        return self.document.plans.get(name)
+
+    def model(self, name: str) -> ModelPrice | None:
+        return self.document.price_table.models.get(name)
+
+    def model_allowed(self, plan: Plan, model: str, scopes: tuple[str, ...] = ()) -> bool:
+        price = self.model(model)
+        tier = price.tier if price else ""
+        def matches(patterns: tuple[str, ...]) -> bool:
+            return any(
+                (p == f"tier:{tier}" and tier) or (not p.startswith("tier:") and fnmatch.fnmatchcase(model, p))
+                for p in patterns
+            )
+        return matches(plan.models) and (not scopes or matches(scopes))
+
+    def tier_allowed_in(self, plan: Plan, environment: str, model: str) -> bool:
+        if plan.environments is None:
+            return True
+        tiers = plan.environments.get(environment)
+        if tiers is None:
+            return False
+        price = self.model(model)
+        return "*" in tiers or (price is not None and price.tier in tiers)
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    node = root
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == str(part):
+                    node = value
+                    line = key.start_mark.line + 1
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _resolve_extends(raw: dict[str, Any]) -> dict[str, Any]:
+    """Plans may extend another plan: its fields are the defaults of the child."""
+    plans = raw.get("plans")
+    if not isinstance(plans, dict):
+        return raw
+    resolved: dict[str, Any] = {}
+
+    def resolve(name: str, seen: tuple[str, ...]) -> Any:
+        if name in resolved:
+            return resolved[name]
+        body = plans[name]
+        if not isinstance(body, dict) or not body.get("extends"):
+            resolved[name] = body
+            return body
+        parent = body["extends"]
+        if parent not in plans:
+            return body  # reported by validation with its line
+        if parent in seen:
+            raise PolicyError(f"plans extend each other in a cycle: {' -> '.join(seen + (parent,))}")
+        merged = {**resolve(parent, seen + (parent,)), **body}
+        resolved[name] = merged
+        return merged
+
+    for name in plans:
+        resolve(name, (name,))
+    return {**raw, "plans": resolved}
+
+
+def parse_policy(text: str, source: str = "policy.yaml") -> PolicyDocument:
+    """Parse and validate a policy document; raise PolicyError naming the file and line."""
+    if len(text.encode("utf-8", "surrogatepass")) > POLICY_BYTES_MAX:
+        raise PolicyError(f"{source}: larger than {POLICY_BYTES_MAX} bytes")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise PolicyError(f"{source}{where}: invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{source}:1: a policy is a mapping with price_table and plans")
+    try:
+        return PolicyDocument.model_validate(_resolve_extends(raw))
+    except ValidationError as error:
+        messages = []
+        for item in error.errors():
+            loc = tuple(item["loc"])
+            line = _line_of(root, loc)
+            path = ".".join(str(p) for p in loc) or "(document)"
+            message = item["msg"].removeprefix("Value error, ")
+            messages.append(f"{source}:{line}: {path}: {message}")
+        raise PolicyError("\n".join(messages)) from None
+
+
+def canonical_text(document: PolicyDocument) -> str:
+    """A stable rendering (sorted keys, amounts as nanos) used for versions and diffs."""
+    data = json.loads(document.model_dump_json())
+    return yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
+
+
+def diff(old: str, new: str) -> str:
+    return "".join(
+        difflib.unified_diff(
+            old.splitlines(keepends=True), new.splitlines(keepends=True), "active", "proposed"
+        )
+    )

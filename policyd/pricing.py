@@ -1,0 +1,66 @@
+"""Cost and charge, from a price table and a plan. Integers only; rounding is money.price_quantity's.
+
+cost   = what the provider bills us: tokens x price per 1M (input, cached input, output)
+         + images x per_image + seconds x per_second + requests x per_request
+charge = what the customer pays: cost x (10000 + markup_bps) / 10000 for "standard" plans,
+         cost for "at_cost", 0 for "free".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policyd.money import apply_basis_points, price_quantity
+from policyd.policy import ModelPrice, Plan
+
+# Strict reservations bound input tokens by bytes: a byte-level BPE token is at least one byte,
+# plus the chat formatting a provider adds per message and per request.
+STRICT_TOKENS_PER_MESSAGE = 8
+STRICT_TOKENS_PER_REQUEST = 16
+# The default estimate: about four bytes of English per token.
+ESTIMATE_BYTES_PER_TOKEN = 4
+ESTIMATE_TOKENS_PER_MESSAGE = 4
+
+
+@dataclass(frozen=True)
+class Quantities:
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    images: int = 0
+    seconds: int = 0
+    requests: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+def cost_of(price: ModelPrice, q: Quantities) -> int:
+    uncached = q.input_tokens - q.cached_input_tokens
+    return (
+        price_quantity(uncached, price.input)
+        + price_quantity(q.cached_input_tokens, price.cached_input_price)
+        + price_quantity(q.output_tokens, price.output)
+        + q.images * price.per_image
+        + q.seconds * price.per_second
+        + q.requests * price.per_request
+    )
+
+
+def charge_of(plan: Plan, cost: int) -> int:
+    if plan.billing == "free":
+        return 0
+    if plan.billing == "at_cost":
+        return cost
+    return apply_basis_points(cost, 10_000 + plan.markup_bps)
+
+
+def estimate_input_tokens(plan: Plan, prompt_bytes: int, message_count: int, reported_tokens: int) -> int:
+    """Input tokens to reserve for. Strict: a true upper bound. Estimate: the proxy's count or bytes/4."""
+    if plan.reservation == "strict":
+        return prompt_bytes + STRICT_TOKENS_PER_MESSAGE * max(message_count, 1) + STRICT_TOKENS_PER_REQUEST
+    if reported_tokens > 0:
+        return reported_tokens
+    bytes_tokens = -(-prompt_bytes // ESTIMATE_BYTES_PER_TOKEN)
+    return bytes_tokens + ESTIMATE_TOKENS_PER_MESSAGE * max(message_count, 1)

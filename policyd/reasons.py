@@ -1,0 +1,48 @@
+"""Machine reasons for denials and errors, with their HTTP status and OpenAI error shape.
+
+One table, so the native API, ext_authz and the CLI all say the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str
+    http_status: int
+    error_type: str
+
+
+_REASONS = [
+    Reason("missing_api_key", 401, "invalid_request_error"),
+    Reason("malformed_api_key", 401, "invalid_request_error"),
+    Reason("invalid_api_key", 401, "invalid_request_error"),
+    Reason("key_revoked", 401, "invalid_request_error"),
+    Reason("key_paused", 403, "permission_error"),
+    Reason("environment_not_allowed", 403, "permission_error"),
+    Reason("owner_mismatch", 403, "permission_error"),
+    Reason("model_not_allowed", 403, "permission_error"),
+    Reason("endpoint_not_allowed", 403, "permission_error"),
+    Reason("unknown_model", 404, "invalid_request_error"),
+    Reason("unknown_endpoint", 400, "invalid_request_error"),
+    Reason("invalid_request", 400, "invalid_request_error"),
+    Reason("invalid_metadata", 400, "invalid_request_error"),
+    Reason("no_policy", 503, "server_error"),
+    Reason("unknown_plan", 403, "permission_error"),
+    Reason("insufficient_quota", 429, "insufficient_quota"),
+    Reason("budget_exceeded", 429, "budget_exceeded"),
+    Reason("rate_limit_exceeded", 429, "rate_limit_exceeded"),
+    Reason("concurrency_limit_exceeded", 429, "rate_limit_exceeded"),
+    Reason("counters_unavailable", 503, "server_error"),
+]
+REASONS: dict[str, Reason] = {r.code: r for r in _REASONS}
+
+
+def http_status(code: str) -> int:
+    return REASONS[code].http_status if code in REASONS else 400
+
+
+def error_type(code: str) -> str:
+    return REASONS[code].error_type if code in REASONS else "invalid_request_error"

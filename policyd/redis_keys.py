@@ -1,0 +1,72 @@
+"""Every Redis key policyd uses, built in one place.
+
+All keys of one owner (customer) carry the hash tag of the owner's partition,
+``{pN}``, so they live in one Redis Cluster slot and one Lua script can touch
+them together; the event stream of that partition carries the same tag, so the
+script appends its event atomically with the counter change.
+
+    pd:{pN}:key:<key_id>                key state: status, h:<secret sha256> -> expiry ms
+    pd:{pN}:wallet:<customer_id>        balance, reserved (nanos)
+    pd:{pN}:resv:<request_id>           one reservation (state, amount, holds)
+    pd:{pN}:deadlines                   zset request_id -> expiry ms
+    pd:{pN}:inflight:<key_id>           requests in flight on a key
+    pd:{pN}:b:<scope>:<id>:<unit>:<window>:<start>   a quota bucket: used, a<pct>
+    pd:{pN}:grant:<grant_id>            marker: a credit grant applied once
+    pd:{pN}:events                      the partition's event stream (drained to SQL)
+    pd:rid:<request_id>                 -> partition of the reservation (for Settle/Release)
+    pd:policy                           version of the active policy (a change makes replicas reload)
+"""
+
+from __future__ import annotations
+
+import zlib
+
+PREFIX = "pd"
+STREAM_GROUP = "policyd-writer"
+
+
+def partition_of(owner_id: str, partitions: int) -> int:
+    return zlib.crc32(owner_id.encode("utf-8")) % partitions
+
+
+def _tag(partition: int) -> str:
+    return f"{PREFIX}:{{p{partition}}}"
+
+
+def key_state(partition: int, key_id: str) -> str:
+    return f"{_tag(partition)}:key:{key_id}"
+
+
+def wallet(partition: int, customer_id: str) -> str:
+    return f"{_tag(partition)}:wallet:{customer_id}"
+
+
+def reservation(partition: int, request_id: str) -> str:
+    return f"{_tag(partition)}:resv:{request_id}"
+
+
+def deadlines(partition: int) -> str:
+    return f"{_tag(partition)}:deadlines"
+
+
+def inflight(partition: int, key_id: str) -> str:
+    return f"{_tag(partition)}:inflight:{key_id}"
+
+
+def bucket(partition: int, scope: str, scope_id: str, unit: str, window: str, start: int) -> str:
+    return f"{_tag(partition)}:b:{scope}:{scope_id}:{unit}:{window}:{start}"
+
+
+def grant_marker(partition: int, grant_id: str) -> str:
+    return f"{_tag(partition)}:grant:{grant_id}"
+
+
+def events(partition: int) -> str:
+    return f"{_tag(partition)}:events"
+
+
+def request_index(request_id: str) -> str:
+    return f"{PREFIX}:rid:{request_id}"
+
+
+POLICY_VERSION = f"{PREFIX}:policy"

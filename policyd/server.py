@@ -1,0 +1,122 @@
+"""Wiring: every part of a policyd process is built and started here, and nowhere else."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from policyd import redis_keys
+from policyd.admin import Admin
+from policyd.counters import Counters, connect
+from policyd.db import migrate
+from policyd.directory import KeyDirectory
+from policyd.engine import Engine
+from policyd.policy_book import PolicyBook
+from policyd.servicers import AdminServicer, PolicyServicer
+from policyd.settings import Settings
+from policyd.store import Store
+from policyd.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
+from policyd.writer import Writer
+
+log = logging.getLogger("policyd")
+
+
+@dataclass
+class Service:
+    settings: Settings
+    store: Store
+    counters: Counters
+    book: PolicyBook
+    directory: KeyDirectory
+    writer: Writer
+    engine: Engine
+    admin: Admin
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    async def build(cls, settings: Settings) -> "Service":
+        await asyncio.to_thread(migrate, settings.database_url)
+        store = Store(settings.database_url)
+        counters = Counters(connect(settings.redis_url), settings.partitions)
+        book = PolicyBook(store, counters.client)
+        directory = KeyDirectory(store)
+        writer = Writer(counters.client, store, settings.partitions, settings.writer_batch)
+        engine = Engine(counters, store, book, directory, settings.reservation_ttl_seconds, settings.failure_mode)
+        admin = Admin(store, counters, book, directory, writer, settings.reservation_ttl_seconds)
+        return cls(settings, store, counters, book, directory, writer, engine, admin)
+
+    async def start(self) -> None:
+        await self.writer.ensure_groups()
+        await self.book.load_latest()
+        if self.book.current is not None and await self.counters.client.get(redis_keys.POLICY_VERSION) is None:
+            # Counters are empty (the embedded store at start, or a Redis that lost its data): rebuild from SQL.
+            written = await self.admin.rebuild()
+            log.info("counters rebuilt from SQL: %d written", written)
+        if self.settings.policy_file:
+            text = Path(self.settings.policy_file).read_text()
+            result = await self.admin.apply_policy(text, self.settings.policy_file)
+            log.info("policy %s: version %d%s", self.settings.policy_file, result.version,
+                     " (applied)" if result.changed else " (unchanged)")
+        if self.settings.writer_enabled:
+            self.tasks.append(asyncio.create_task(self.writer.run(self.stop)))
+        self.tasks.append(asyncio.create_task(self.engine.run_sweeper(self.stop, self.settings.sweeper_interval_ms)))
+        self.tasks.append(asyncio.create_task(self.book.run(self.stop, self.settings.policy_refresh_ms)))
+
+    async def close(self) -> None:
+        self.stop.set()
+        for task in self.tasks:
+            try:
+                await asyncio.wait_for(task, timeout=5)
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+        try:
+            await self.writer.drain()
+        except Exception:
+            log.exception("final drain failed; events stay in the stream for the next writer")
+        await self.counters.client.aclose()
+        self.store.close()
+
+
+def make_grpc_server(service: Service) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    server = grpc.aio.server()
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(service.engine), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service.admin, service.settings.admin_token), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
+        admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    return server, health_servicer
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    service = await Service.build(settings)
+    await service.start()
+    server, health_servicer = make_grpc_server(service)
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {settings.listen}")
+    await server.start()
+    for name in ("", "policyd.v1.PolicyService", "policyd.v1.AdminService"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("policyd serving on %s (redis: %s, database: %s)", settings.listen,
+             "embedded" if not settings.redis_url else "external", settings.database_url.split("://")[0])
+    if ready is not None:
+        ready.set()
+    try:
+        await server.wait_for_termination()
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=5)
+        await service.close()

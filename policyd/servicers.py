@@ -1,0 +1,222 @@
+"""gRPC servicers: translate protos to the engine's and admin's types and back. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable, TypeVar
+
+import grpc
+
+from policyd.admin import Admin
+from policyd.db import ApiKeyRow
+from policyd.domain import (
+    ENDPOINTS,
+    Attribution,
+    AuthorizeInput,
+    Decision,
+    PolicydError,
+    Shape,
+    UsageReport,
+)
+from policyd.engine import Engine
+from policyd.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
+
+log = logging.getLogger("policyd.grpc")
+T = TypeVar("T")
+
+ENDPOINT_NAMES = {i + 1: name for i, name in enumerate(ENDPOINTS)}  # proto enum value -> name
+DECISIONS = {"allow": policy_pb2.ALLOW, "deny": policy_pb2.DENY, "downgrade": policy_pb2.DOWNGRADE}
+KEY_STATES = {"active": admin_pb2.ACTIVE, "paused": admin_pb2.PAUSED, "revoked": admin_pb2.REVOKED}
+REASON_METADATA = "policyd-reason"
+
+
+async def _call(context: grpc.aio.ServicerContext, action: Callable[[], Awaitable[T]]) -> T:
+    """Run an action; a PolicydError becomes its gRPC status with the machine reason in trailing metadata."""
+    try:
+        return await action()
+    except PolicydError as error:
+        context.set_trailing_metadata(((REASON_METADATA, error.reason),))
+        await context.abort(getattr(grpc.StatusCode, error.status), f"{error.reason}: {error.message}")
+        raise  # unreachable: abort raises
+
+
+def _money(currency: str, nanos: int) -> types_pb2.Money:
+    return types_pb2.Money(currency=currency, nanos=nanos)
+
+
+def authorize_input(request: policy_pb2.AuthorizeRequest) -> AuthorizeInput:
+    a = request.attribution
+    s = request.shape
+    return AuthorizeInput(
+        api_key=request.api_key,
+        endpoint=ENDPOINT_NAMES.get(request.endpoint, ""),
+        model=request.model,
+        attribution=Attribution(
+            request_id=a.request_id, trace_id=a.trace_id, traceparent=a.traceparent, customer_id=a.customer_id,
+            workspace_id=a.workspace_id, project_id=a.project_id, end_user_id=a.end_user_id, agent_id=a.agent_id,
+            thread_id=a.thread_id, feature=a.feature, route=a.route, environment=a.environment, tags=dict(a.tags),
+        ),
+        shape=Shape(
+            input_tokens=s.input_tokens, prompt_bytes=s.prompt_bytes, message_count=s.message_count,
+            max_output_tokens=s.max_output_tokens, image_count=s.image_count, seconds=s.seconds, stream=s.stream,
+        ),
+        client_address=request.client.address,
+        user_agent=request.client.user_agent,
+    )
+
+
+def authorize_response(d: Decision) -> policy_pb2.AuthorizeResponse:
+    o = d.owner
+    response = policy_pb2.AuthorizeResponse(
+        decision=DECISIONS[d.decision], reason=d.reason, message=d.message,
+        http_status=d.http_status if d.decision == "deny" else 200,
+        retry_after_seconds=d.retry_after_seconds,
+        owner=types_pb2.Owner(customer_id=o.customer_id, workspace_id=o.workspace_id, project_id=o.project_id,
+                              team_id=o.team_id, api_key_id=o.api_key_id, environment=o.environment, plan=o.plan),
+        request_id=d.request_id, requested_model=d.requested_model, served_model=d.served_model,
+        provider=d.provider, route=d.route, policy_version=d.policy_version,
+        price_table_version=d.price_table_version, reserved=_money(d.currency, d.reserved),
+        max_output_tokens=d.max_output_tokens, reservation_expires_unix_ms=d.reservation_expires_ms,
+        shadow_denials=list(d.shadow_denials),
+    )
+    if d.decision == "deny":
+        response.error.CopyFrom(types_pb2.OpenAIError(type=d.error_type, code=d.reason, message=d.message,
+                                                      param=d.error_param))
+    return response
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def Authorize(self, request: policy_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext) -> Any:
+        peer_input = authorize_input(request)
+        return authorize_response(await self.engine.authorize(peer_input))
+
+    async def Settle(self, request: policy_pb2.SettleRequest, context: grpc.aio.ServicerContext) -> Any:
+        u = request.usage
+        report = UsageReport(
+            request_id=request.request_id, input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
+            output_tokens=u.output_tokens, images=u.images, seconds=u.seconds, requests=u.requests,
+            served_model=request.served_model, provider=request.provider, retries=request.retries,
+            fallback_reason=request.fallback_reason, upstream_status=request.upstream_status,
+            error_class=request.error_class, latency_ms=request.latency_ms,
+            stream_interrupted=request.stream_interrupted,
+        )
+        s = await _call(context, lambda: self.engine.settle(report))
+        outcome = {"settled": policy_pb2.SETTLED, "exists": policy_pb2.EXISTS, "settled_late": policy_pb2.SETTLED_LATE}
+        return policy_pb2.SettleResponse(
+            outcome=outcome[s.outcome], request_id=s.request_id, cost=_money(s.currency, s.cost),
+            charge=_money(s.currency, s.charge), balance_before=_money(s.currency, s.balance_before),
+            balance_after=_money(s.currency, s.balance_after), price_table_version=s.price_table_version,
+            served_model=s.served_model,
+        )
+
+    async def Release(self, request: policy_pb2.ReleaseRequest, context: grpc.aio.ServicerContext) -> Any:
+        r = await _call(context, lambda: self.engine.release(request.request_id, request.reason))
+        outcome = {"released": policy_pb2.RELEASED, "already_released": policy_pb2.ALREADY_RELEASED,
+                   "already_expired": policy_pb2.ALREADY_EXPIRED}
+        currency = self.engine.book.current.document.currency if self.engine.book.current else ""
+        return policy_pb2.ReleaseResponse(outcome=outcome[r.outcome], request_id=r.request_id,
+                                          released=_money(currency, r.released))
+
+
+def api_key_message(row: ApiKeyRow) -> admin_pb2.ApiKey:
+    return admin_pb2.ApiKey(
+        id=row.id, label=row.label, prefix=row.prefix,
+        owner=types_pb2.Owner(customer_id=row.customer_id, workspace_id=row.workspace_id, project_id=row.project_id,
+                              team_id=row.team_id, api_key_id=row.id, environment=row.environment, plan=row.plan),
+        state=KEY_STATES[row.status], scopes=list(row.scopes or []), created_unix_ms=row.created_ms,
+        rotated_unix_ms=row.rotated_ms, previous_secret_expires_unix_ms=row.previous_expires_ms,
+    )
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, admin: Admin, token: str = "") -> None:
+        self.admin = admin
+        self.token = token
+
+    async def _authorized(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.token:
+            return
+        import hmac
+
+        metadata = dict(context.invocation_metadata() or ())
+        given = str(metadata.get("authorization", ""))
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            context.set_trailing_metadata(((REASON_METADATA, "unauthenticated"),))
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated: a valid admin token is required")
+
+    async def CreateKey(self, request: admin_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        created = await _call(context, lambda: self.admin.create_key(
+            label=request.label, customer_id=request.customer_id, workspace_id=request.workspace_id,
+            project_id=request.project_id, team_id=request.team_id, environment=request.environment,
+            plan=request.plan, scopes=list(request.scopes), test=request.test))
+        return admin_pb2.CreateKeyResponse(key=api_key_message(created.row), secret=created.secret)
+
+    async def ListKeys(self, request: admin_pb2.ListKeysRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        rows = await _call(context, lambda: self.admin.list_keys(request.customer_id))
+        return admin_pb2.ListKeysResponse(keys=[api_key_message(r) for r in rows])
+
+    async def GetKey(self, request: admin_pb2.GetKeyRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        return api_key_message(await _call(context, lambda: self.admin.get_key(request.id)))
+
+    async def PauseKey(self, request: admin_pb2.KeyActionRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        return api_key_message(await _call(context, lambda: self.admin.set_state(request.id, "paused")))
+
+    async def ResumeKey(self, request: admin_pb2.KeyActionRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        return api_key_message(await _call(context, lambda: self.admin.set_state(request.id, "active")))
+
+    async def RevokeKey(self, request: admin_pb2.KeyActionRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        return api_key_message(await _call(context, lambda: self.admin.set_state(request.id, "revoked")))
+
+    async def RotateKey(self, request: admin_pb2.RotateKeyRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        grace = request.grace_seconds if request.HasField("grace_seconds") else 86_400
+        created = await _call(context, lambda: self.admin.rotate_key(request.id, grace))
+        return admin_pb2.CreateKeyResponse(key=api_key_message(created.row), secret=created.secret)
+
+    async def ApplyPolicy(self, request: admin_pb2.ApplyPolicyRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        result = await _call(context, lambda: self.admin.apply_policy(request.yaml, request.source_name, request.dry_run))
+        return admin_pb2.ApplyPolicyResponse(version=result.version, changed=result.changed, diff=result.diff)
+
+    async def GetPolicy(self, request: admin_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        current = self.admin.book.current
+        return admin_pb2.GetPolicyResponse(version=current.version if current else 0,
+                                           yaml=current.canonical if current else "")
+
+    async def GrantCredit(self, request: admin_pb2.GrantCreditRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        grant_id, outcome, (balance, reserved) = await _call(context, lambda: self.admin.grant_credit(
+            request.customer_id, request.amount.nanos, request.amount.currency, request.source, request.grant_id,
+            request.note))
+        return admin_pb2.GrantCreditResponse(grant_id=grant_id, exists=outcome == "exists",
+                                             wallet=self._wallet(request.customer_id, balance, reserved))
+
+    def _wallet(self, customer_id: str, balance: int, reserved: int) -> admin_pb2.Wallet:
+        current = self.admin.book.current
+        return admin_pb2.Wallet(customer_id=customer_id, currency=current.document.currency if current else "",
+                                balance_nanos=balance, reserved_nanos=reserved, available_nanos=balance - reserved)
+
+    async def GetWallet(self, request: admin_pb2.GetWalletRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        balance, reserved = await self.admin.counters.wallet(request.customer_id)
+        return self._wallet(request.customer_id, balance, reserved)
+
+    async def Audit(self, request: admin_pb2.AuditRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        result = await _call(context, self.admin.audit)
+        return admin_pb2.AuditResponse(ok=result.ok, counters_checked=result.checked, mismatches=[
+            admin_pb2.AuditMismatch(counter=c, redis_value=r, ledger_value=l) for c, r, l in result.mismatches])
+
+    async def Rebuild(self, request: admin_pb2.RebuildRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        return admin_pb2.RebuildResponse(counters_written=await _call(context, self.admin.rebuild))

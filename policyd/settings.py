@@ -1,0 +1,35 @@
+"""Configuration: environment variables (POLICYD_*) and command-line flags.
+
+Without any, policyd runs on the embedded default: a SQLite file and an
+in-process Redis-compatible store that runs the same Lua scripts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POLICYD_", extra="forbid")
+
+    listen: str = Field("127.0.0.1:50051", description="gRPC address to serve on (host:port)")
+    redis_url: str = Field("", description="Redis URL; empty = the embedded in-process store")
+    database_url: str = Field(
+        "sqlite:///policyd.db",
+        description="SQLAlchemy URL of the durable store (postgresql+psycopg://... in production)",
+    )
+    admin_token: str = Field("", description="bearer token the AdminService requires; empty = no check (loopback use)")
+    policy_file: str = Field("", description="policy YAML to apply at start")
+    partitions: int = Field(16, ge=1, le=1024, description="event stream partitions (Redis Cluster hash slots)")
+    reservation_ttl_seconds: int = Field(600, ge=1, description="unsettled reservations expire after this")
+    failure_mode: Literal["closed", "open"] = Field(
+        "closed", description="when Redis cannot be reached: deny (closed) or allow unreserved (open)"
+    )
+    writer_batch: int = Field(500, ge=1, le=10_000, description="events the writer moves to SQL per batch")
+    writer_enabled: bool = Field(True, description="run the stream-to-SQL writer in this process")
+    sweeper_interval_ms: int = Field(500, ge=10, description="how often expired reservations are voided")
+    policy_refresh_ms: int = Field(500, ge=10, description="how often a replica checks for a newer policy")
+    log_level: str = Field("INFO")

@@ -1,0 +1,142 @@
+"""SQL access for keys, policy versions, the ledger and records (synchronous; callers use threads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from policyd.db import ApiKeyRow, EventRow, LedgerEntryRow, PolicyVersionRow, UsageRecordRow, make_engine
+
+OPEN_STATUSES = ("reserved",)
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """The immutable identity of a key, as the decision pipeline needs it."""
+
+    id: str
+    customer_id: str
+    workspace_id: str
+    project_id: str
+    team_id: str
+    environment: str
+    plan: str
+    scopes: tuple[str, ...] = field(default=())
+
+
+def key_record(row: ApiKeyRow) -> KeyRecord:
+    return KeyRecord(
+        id=row.id,
+        customer_id=row.customer_id,
+        workspace_id=row.workspace_id,
+        project_id=row.project_id,
+        team_id=row.team_id,
+        environment=row.environment,
+        plan=row.plan,
+        scopes=tuple(row.scopes or ()),
+    )
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = make_engine(url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def session(self) -> Session:
+        return self.sessions()
+
+    def insert_ignore(self, session: Session, model: type, rows: list[dict[str, Any]]) -> None:
+        """Insert rows, skipping those whose primary key exists (replays are harmless)."""
+        if not rows:
+            return
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(model).values(rows).on_conflict_do_nothing()
+        session.execute(statement)
+
+    # keys
+    def key_by_hash(self, secret_hash: str) -> ApiKeyRow | None:
+        with self.session() as session:
+            return session.scalars(
+                select(ApiKeyRow).where(
+                    or_(ApiKeyRow.secret_hash == secret_hash, ApiKeyRow.previous_secret_hash == secret_hash)
+                )
+            ).first()
+
+    def key(self, key_id: str) -> ApiKeyRow | None:
+        with self.session() as session:
+            return session.get(ApiKeyRow, key_id)
+
+    def keys(self, customer_id: str = "") -> list[ApiKeyRow]:
+        with self.session() as session:
+            query = select(ApiKeyRow).order_by(ApiKeyRow.created_ms, ApiKeyRow.id)
+            if customer_id:
+                query = query.where(ApiKeyRow.customer_id == customer_id)
+            return list(session.scalars(query))
+
+    def save_key(self, row: ApiKeyRow) -> ApiKeyRow:
+        with self.session() as session, session.begin():
+            merged = session.merge(row)
+        return merged
+
+    def plans_in_use(self) -> dict[str, int]:
+        with self.session() as session:
+            rows = session.execute(
+                select(ApiKeyRow.plan, func.count()).where(ApiKeyRow.status != "revoked").group_by(ApiKeyRow.plan)
+            )
+            return {plan: count for plan, count in rows}
+
+    # policy versions
+    def latest_policy(self) -> PolicyVersionRow | None:
+        with self.session() as session:
+            return session.scalars(select(PolicyVersionRow).order_by(PolicyVersionRow.version.desc())).first()
+
+    def policy_version(self, version: int) -> PolicyVersionRow | None:
+        with self.session() as session:
+            return session.get(PolicyVersionRow, version)
+
+    def add_policy(self, row: PolicyVersionRow) -> None:
+        with self.session() as session, session.begin():
+            session.add(row)
+
+    # records
+    def usage_record(self, request_id: str) -> UsageRecordRow | None:
+        with self.session() as session:
+            return session.get(UsageRecordRow, request_id)
+
+    def ledger_balances(self) -> dict[str, int]:
+        with self.session() as session:
+            rows = session.execute(
+                select(LedgerEntryRow.customer_id, func.sum(LedgerEntryRow.amount_nanos)).group_by(
+                    LedgerEntryRow.customer_id
+                )
+            )
+            return {customer: int(total) for customer, total in rows}
+
+    def open_reservations(self) -> list[UsageRecordRow]:
+        with self.session() as session:
+            return list(session.scalars(select(UsageRecordRow).where(UsageRecordRow.status.in_(OPEN_STATUSES))))
+
+    def records_with_holds(self) -> Iterable[UsageRecordRow]:
+        with self.session() as session:
+            query = select(UsageRecordRow).where(UsageRecordRow.status != "denied")
+            yield from session.scalars(query.execution_options(yield_per=1000))
+
+    def grant_ids(self) -> list[tuple[str, str]]:
+        with self.session() as session:
+            rows = session.execute(
+                select(LedgerEntryRow.entry_id, LedgerEntryRow.customer_id).where(LedgerEntryRow.kind == "grant")
+            )
+            return [(entry_id.removeprefix("grant:"), customer) for entry_id, customer in rows]
+
+    def events(self, kind: str) -> list[EventRow]:
+        with self.session() as session:
+            return list(session.scalars(select(EventRow).where(EventRow.kind == kind).order_by(EventRow.created_ms)))

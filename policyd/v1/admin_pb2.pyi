@@ -1,0 +1,216 @@
+from policyd.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class KeyState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEY_STATE_UNSPECIFIED: _ClassVar[KeyState]
+    ACTIVE: _ClassVar[KeyState]
+    PAUSED: _ClassVar[KeyState]
+    REVOKED: _ClassVar[KeyState]
+KEY_STATE_UNSPECIFIED: KeyState
+ACTIVE: KeyState
+PAUSED: KeyState
+REVOKED: KeyState
+
+class ApiKey(_message.Message):
+    __slots__ = ("id", "label", "prefix", "owner", "state", "scopes", "created_unix_ms", "rotated_unix_ms", "previous_secret_expires_unix_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ROTATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_SECRET_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    label: str
+    prefix: str
+    owner: _types_pb2.Owner
+    state: KeyState
+    scopes: _containers.RepeatedScalarFieldContainer[str]
+    created_unix_ms: int
+    rotated_unix_ms: int
+    previous_secret_expires_unix_ms: int
+    def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., prefix: _Optional[str] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., state: _Optional[_Union[KeyState, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., created_unix_ms: _Optional[int] = ..., rotated_unix_ms: _Optional[int] = ..., previous_secret_expires_unix_ms: _Optional[int] = ...) -> None: ...
+
+class CreateKeyRequest(_message.Message):
+    __slots__ = ("label", "customer_id", "workspace_id", "project_id", "team_id", "environment", "plan", "scopes", "test")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    TEAM_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
+    TEST_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    customer_id: str
+    workspace_id: str
+    project_id: str
+    team_id: str
+    environment: str
+    plan: str
+    scopes: _containers.RepeatedScalarFieldContainer[str]
+    test: bool
+    def __init__(self, label: _Optional[str] = ..., customer_id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., project_id: _Optional[str] = ..., team_id: _Optional[str] = ..., environment: _Optional[str] = ..., plan: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., test: _Optional[bool] = ...) -> None: ...
+
+class CreateKeyResponse(_message.Message):
+    __slots__ = ("key", "secret")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    key: ApiKey
+    secret: str
+    def __init__(self, key: _Optional[_Union[ApiKey, _Mapping]] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class ListKeysRequest(_message.Message):
+    __slots__ = ("customer_id",)
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
+
+class ListKeysResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[ApiKey]
+    def __init__(self, keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ...) -> None: ...
+
+class GetKeyRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class KeyActionRequest(_message.Message):
+    __slots__ = ("id", "reason")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    reason: str
+    def __init__(self, id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RotateKeyRequest(_message.Message):
+    __slots__ = ("id", "grace_seconds")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    grace_seconds: int
+    def __init__(self, id: _Optional[str] = ..., grace_seconds: _Optional[int] = ...) -> None: ...
+
+class ApplyPolicyRequest(_message.Message):
+    __slots__ = ("yaml", "source_name", "dry_run")
+    YAML_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NAME_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    yaml: str
+    source_name: str
+    dry_run: bool
+    def __init__(self, yaml: _Optional[str] = ..., source_name: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class ApplyPolicyResponse(_message.Message):
+    __slots__ = ("version", "changed", "diff")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    DIFF_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    changed: bool
+    diff: str
+    def __init__(self, version: _Optional[int] = ..., changed: _Optional[bool] = ..., diff: _Optional[str] = ...) -> None: ...
+
+class GetPolicyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetPolicyResponse(_message.Message):
+    __slots__ = ("version", "yaml")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    YAML_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    yaml: str
+    def __init__(self, version: _Optional[int] = ..., yaml: _Optional[str] = ...) -> None: ...
+
+class GrantCreditRequest(_message.Message):
+    __slots__ = ("customer_id", "amount", "source", "grant_id", "note")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    GRANT_ID_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    amount: _types_pb2.Money
+    source: str
+    grant_id: str
+    note: str
+    def __init__(self, customer_id: _Optional[str] = ..., amount: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., source: _Optional[str] = ..., grant_id: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
+
+class GrantCreditResponse(_message.Message):
+    __slots__ = ("grant_id", "wallet", "exists")
+    GRANT_ID_FIELD_NUMBER: _ClassVar[int]
+    WALLET_FIELD_NUMBER: _ClassVar[int]
+    EXISTS_FIELD_NUMBER: _ClassVar[int]
+    grant_id: str
+    wallet: Wallet
+    exists: bool
+    def __init__(self, grant_id: _Optional[str] = ..., wallet: _Optional[_Union[Wallet, _Mapping]] = ..., exists: _Optional[bool] = ...) -> None: ...
+
+class GetWalletRequest(_message.Message):
+    __slots__ = ("customer_id",)
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
+
+class Wallet(_message.Message):
+    __slots__ = ("customer_id", "currency", "balance_nanos", "reserved_nanos", "available_nanos")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_NANOS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_NANOS_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_NANOS_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    currency: str
+    balance_nanos: int
+    reserved_nanos: int
+    available_nanos: int
+    def __init__(self, customer_id: _Optional[str] = ..., currency: _Optional[str] = ..., balance_nanos: _Optional[int] = ..., reserved_nanos: _Optional[int] = ..., available_nanos: _Optional[int] = ...) -> None: ...
+
+class AuditRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AuditMismatch(_message.Message):
+    __slots__ = ("counter", "redis_value", "ledger_value")
+    COUNTER_FIELD_NUMBER: _ClassVar[int]
+    REDIS_VALUE_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_VALUE_FIELD_NUMBER: _ClassVar[int]
+    counter: str
+    redis_value: int
+    ledger_value: int
+    def __init__(self, counter: _Optional[str] = ..., redis_value: _Optional[int] = ..., ledger_value: _Optional[int] = ...) -> None: ...
+
+class AuditResponse(_message.Message):
+    __slots__ = ("ok", "counters_checked", "mismatches")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    MISMATCHES_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    counters_checked: int
+    mismatches: _containers.RepeatedCompositeFieldContainer[AuditMismatch]
+    def __init__(self, ok: _Optional[bool] = ..., counters_checked: _Optional[int] = ..., mismatches: _Optional[_Iterable[_Union[AuditMismatch, _Mapping]]] = ...) -> None: ...
+
+class RebuildRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RebuildResponse(_message.Message):
+    __slots__ = ("counters_written",)
+    COUNTERS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    counters_written: int
+    def __init__(self, counters_written: _Optional[int] = ...) -> None: ...

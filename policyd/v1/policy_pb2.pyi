@@ -1,0 +1,194 @@
+from policyd.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DECISION_UNSPECIFIED: _ClassVar[Decision]
+    ALLOW: _ClassVar[Decision]
+    DENY: _ClassVar[Decision]
+    DOWNGRADE: _ClassVar[Decision]
+
+class SettleOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SETTLE_OUTCOME_UNSPECIFIED: _ClassVar[SettleOutcome]
+    SETTLED: _ClassVar[SettleOutcome]
+    EXISTS: _ClassVar[SettleOutcome]
+    SETTLED_LATE: _ClassVar[SettleOutcome]
+
+class ReleaseOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RELEASE_OUTCOME_UNSPECIFIED: _ClassVar[ReleaseOutcome]
+    RELEASED: _ClassVar[ReleaseOutcome]
+    ALREADY_RELEASED: _ClassVar[ReleaseOutcome]
+    ALREADY_EXPIRED: _ClassVar[ReleaseOutcome]
+DECISION_UNSPECIFIED: Decision
+ALLOW: Decision
+DENY: Decision
+DOWNGRADE: Decision
+SETTLE_OUTCOME_UNSPECIFIED: SettleOutcome
+SETTLED: SettleOutcome
+EXISTS: SettleOutcome
+SETTLED_LATE: SettleOutcome
+RELEASE_OUTCOME_UNSPECIFIED: ReleaseOutcome
+RELEASED: ReleaseOutcome
+ALREADY_RELEASED: ReleaseOutcome
+ALREADY_EXPIRED: ReleaseOutcome
+
+class RequestShape(_message.Message):
+    __slots__ = ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds", "stream")
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    input_tokens: int
+    prompt_bytes: int
+    message_count: int
+    max_output_tokens: int
+    image_count: int
+    seconds: int
+    stream: bool
+    def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ...) -> None: ...
+
+class AuthorizeRequest(_message.Message):
+    __slots__ = ("api_key", "endpoint", "model", "attribution", "shape", "client")
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    api_key: str
+    endpoint: _types_pb2.EndpointFamily
+    model: str
+    attribution: _types_pb2.Attribution
+    shape: RequestShape
+    client: _types_pb2.ClientInfo
+    def __init__(self, api_key: _Optional[str] = ..., endpoint: _Optional[_Union[_types_pb2.EndpointFamily, str]] = ..., model: _Optional[str] = ..., attribution: _Optional[_Union[_types_pb2.Attribution, _Mapping]] = ..., shape: _Optional[_Union[RequestShape, _Mapping]] = ..., client: _Optional[_Union[_types_pb2.ClientInfo, _Mapping]] = ...) -> None: ...
+
+class AuthorizeResponse(_message.Message):
+    __slots__ = ("decision", "reason", "message", "http_status", "error", "retry_after_seconds", "owner", "request_id", "requested_model", "served_model", "provider", "route", "policy_version", "price_table_version", "reserved", "max_output_tokens", "reservation_expires_unix_ms", "shadow_denials")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRICE_TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_DENIALS_FIELD_NUMBER: _ClassVar[int]
+    decision: Decision
+    reason: str
+    message: str
+    http_status: int
+    error: _types_pb2.OpenAIError
+    retry_after_seconds: int
+    owner: _types_pb2.Owner
+    request_id: str
+    requested_model: str
+    served_model: str
+    provider: str
+    route: str
+    policy_version: int
+    price_table_version: str
+    reserved: _types_pb2.Money
+    max_output_tokens: int
+    reservation_expires_unix_ms: int
+    shadow_denials: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., http_status: _Optional[int] = ..., error: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ..., retry_after_seconds: _Optional[int] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., request_id: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., provider: _Optional[str] = ..., route: _Optional[str] = ..., policy_version: _Optional[int] = ..., price_table_version: _Optional[str] = ..., reserved: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., max_output_tokens: _Optional[int] = ..., reservation_expires_unix_ms: _Optional[int] = ..., shadow_denials: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("input_tokens", "cached_input_tokens", "output_tokens", "images", "seconds", "requests")
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    images: int
+    seconds: int
+    requests: int
+    def __init__(self, input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
+
+class SettleRequest(_message.Message):
+    __slots__ = ("request_id", "usage", "served_model", "provider", "retries", "fallback_reason", "upstream_status", "error_class", "latency_ms", "stream_interrupted")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CLASS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    usage: Usage
+    served_model: str
+    provider: str
+    retries: int
+    fallback_reason: str
+    upstream_status: int
+    error_class: str
+    latency_ms: int
+    stream_interrupted: bool
+    def __init__(self, request_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., served_model: _Optional[str] = ..., provider: _Optional[str] = ..., retries: _Optional[int] = ..., fallback_reason: _Optional[str] = ..., upstream_status: _Optional[int] = ..., error_class: _Optional[str] = ..., latency_ms: _Optional[int] = ..., stream_interrupted: _Optional[bool] = ...) -> None: ...
+
+class SettleResponse(_message.Message):
+    __slots__ = ("outcome", "request_id", "cost", "charge", "balance_before", "balance_after", "price_table_version", "served_model")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    CHARGE_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    PRICE_TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    outcome: SettleOutcome
+    request_id: str
+    cost: _types_pb2.Money
+    charge: _types_pb2.Money
+    balance_before: _types_pb2.Money
+    balance_after: _types_pb2.Money
+    price_table_version: str
+    served_model: str
+    def __init__(self, outcome: _Optional[_Union[SettleOutcome, str]] = ..., request_id: _Optional[str] = ..., cost: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., charge: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., balance_before: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., balance_after: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., price_table_version: _Optional[str] = ..., served_model: _Optional[str] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("request_id", "reason")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    reason: str
+    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("outcome", "request_id", "released")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    outcome: ReleaseOutcome
+    request_id: str
+    released: _types_pb2.Money
+    def __init__(self, outcome: _Optional[_Union[ReleaseOutcome, str]] = ..., request_id: _Optional[str] = ..., released: _Optional[_Union[_types_pb2.Money, _Mapping]] = ...) -> None: ...

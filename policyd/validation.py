@@ -1,0 +1,79 @@
+"""Limits on everything that comes from outside, and the checks that enforce them."""
+
+from __future__ import annotations
+
+import re
+
+from policyd.domain import ENDPOINTS, AuthorizeInput, UsageReport
+from policyd.money import QUANTITY_MAX
+
+REQUEST_ID_LENGTH_MAX = 128
+FIELD_LENGTH_MAX = 256
+MODEL_NAME_LENGTH_MAX = 256
+TAGS_MAX = 32
+TAG_KEY_LENGTH_MAX = 64
+TAG_VALUE_LENGTH_MAX = 256
+USER_AGENT_LENGTH_MAX = 1024
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:/=+@-]{1,128}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+_ATTRIBUTION_FIELDS = (
+    "trace_id", "traceparent", "customer_id", "workspace_id", "project_id", "end_user_id",
+    "agent_id", "thread_id", "feature", "route", "environment",
+)
+
+
+class Problem(Exception):
+    def __init__(self, reason: str, message: str, param: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.param = param
+
+
+def _text_field(name: str, value: str, length_max: int) -> None:
+    if len(value) > length_max:
+        raise Problem("invalid_metadata", f"{name} is longer than {length_max} characters", name)
+    if _CONTROL.search(value):
+        raise Problem("invalid_metadata", f"{name} contains control characters", name)
+    if "\ufffd" in value or any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise Problem("invalid_metadata", f"{name} is not valid UTF-8", name)
+
+
+def check_authorize(request: AuthorizeInput) -> None:
+    """Raise Problem for input that no policy could make sense of."""
+    a = request.attribution
+    if a.request_id and not REQUEST_ID_PATTERN.match(a.request_id):
+        raise Problem("invalid_metadata", "request_id must be 1-128 characters of [A-Za-z0-9._:/=+@-]", "request_id")
+    for name in _ATTRIBUTION_FIELDS:
+        _text_field(name, getattr(a, name), FIELD_LENGTH_MAX)
+    if len(a.tags) > TAGS_MAX:
+        raise Problem("invalid_metadata", f"at most {TAGS_MAX} tags", "tags")
+    for key, value in a.tags.items():
+        _text_field("tag name", key, TAG_KEY_LENGTH_MAX)
+        _text_field(f"tag {key}", value, TAG_VALUE_LENGTH_MAX)
+    _text_field("user_agent", request.user_agent, USER_AGENT_LENGTH_MAX)
+    _text_field("client address", request.client_address, FIELD_LENGTH_MAX)
+    if request.endpoint not in ENDPOINTS:
+        raise Problem("unknown_endpoint", "unknown or missing endpoint family", "endpoint")
+    if not request.model:
+        raise Problem("invalid_request", "model is required", "model")
+    _text_field("model", request.model, MODEL_NAME_LENGTH_MAX)
+    s = request.shape
+    for name in ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds"):
+        value = getattr(s, name)
+        if value < 0 or value > QUANTITY_MAX:
+            raise Problem("invalid_request", f"{name} must be between 0 and {QUANTITY_MAX}", name)
+
+
+def check_usage(report: UsageReport) -> None:
+    if not report.request_id or not REQUEST_ID_PATTERN.match(report.request_id):
+        raise Problem("invalid_request", "request_id is required (1-128 characters of [A-Za-z0-9._:/=+@-])", "request_id")
+    for name in ("input_tokens", "cached_input_tokens", "output_tokens", "images", "seconds", "requests", "retries", "latency_ms"):
+        value = getattr(report, name)
+        if value < 0 or value > QUANTITY_MAX:
+            raise Problem("invalid_usage", f"{name} must be between 0 and {QUANTITY_MAX}", name)
+    if report.cached_input_tokens > report.input_tokens:
+        raise Problem("invalid_usage", "cached_input_tokens cannot exceed input_tokens", "cached_input_tokens")
+    for name in ("served_model", "provider", "fallback_reason", "error_class"):
+        _text_field(name, getattr(report, name), FIELD_LENGTH_MAX)

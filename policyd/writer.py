@@ -1,0 +1,240 @@
+"""The writer: drains every partition's event stream into SQL, idempotently.
+
+Each counter change appends its event to the partition's stream in the same
+Lua step, so Redis and the record can never disagree about what happened; this
+writer makes the record durable. It reads through a consumer group, commits a
+batch in one SQL transaction, and only then acknowledges (and deletes) the
+entries. A crash anywhere leaves the entries pending: they are read again (by
+this consumer, or claimed by another after `claim_idle_ms`), and replays are
+harmless because every row is keyed by request_id / entry id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from policyd import redis_keys
+from policyd.db import EventRow, LedgerEntryRow, UsageRecordRow
+from policyd.store import Store
+
+log = logging.getLogger("policyd.writer")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Writer:
+    def __init__(self, client: aioredis.Redis, store: Store, partitions: int, batch: int = 500,
+                 claim_idle_ms: int = 30_000, consumer: str = "") -> None:
+        self.client = client
+        self.store = store
+        self.partitions = partitions
+        self.batch = batch
+        self.claim_idle_ms = claim_idle_ms
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self.written = 0
+        self._groups_ready = False
+
+    async def ensure_groups(self) -> None:
+        for partition in range(self.partitions):
+            try:
+                await self.client.xgroup_create(redis_keys.events(partition), redis_keys.STREAM_GROUP, id="0", mkstream=True)
+            except ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
+        self._groups_ready = True
+
+    async def _read(self, partition: int) -> list[tuple[str, dict[str, str]]]:
+        stream = redis_keys.events(partition)
+        entries: list[Any] = []
+        for start in ("0", ">"):  # first what this consumer read but did not ack, then new entries
+            reply = await self.client.xreadgroup(
+                redis_keys.STREAM_GROUP, self.consumer, {stream: start}, count=self.batch
+            )
+            entries = reply[0][1] if reply else []
+            if entries:
+                break
+        if not entries:
+            claimed = await self.client.xautoclaim(
+                stream, redis_keys.STREAM_GROUP, self.consumer, self.claim_idle_ms, "0-0", count=self.batch
+            )
+            entries = claimed[1] if claimed else []
+        return [(_text(i), {_text(k): _text(v) for k, v in fields.items()}) for i, fields in entries if fields]
+
+    async def drain_once(self) -> int:
+        """Move one batch of every partition to SQL; the number of events moved."""
+        if not self._groups_ready:
+            await self.ensure_groups()
+        moved = 0
+        for partition in range(self.partitions):
+            entries = await self._read(partition)
+            if not entries:
+                continue
+            await asyncio.to_thread(self._apply_or_quarantine, partition, entries)
+            ids = [entry_id for entry_id, _ in entries]
+            stream = redis_keys.events(partition)
+            await self.client.xack(stream, redis_keys.STREAM_GROUP, *ids)
+            await self.client.xdel(stream, *ids)
+            moved += len(entries)
+        self.written += moved
+        return moved
+
+    async def drain(self) -> int:
+        """Move everything there is now (used by audit and tests)."""
+        total = 0
+        while True:
+            moved = await self.drain_once()
+            total += moved
+            if moved == 0:
+                return total
+
+    async def run(self, stop: asyncio.Event, idle_sleep: float = 0.05) -> None:
+        backoff = idle_sleep
+        while not stop.is_set():
+            try:
+                moved = await self.drain_once()
+                backoff = idle_sleep
+            except Exception:  # SQL or Redis down: keep the entries pending and try again
+                log.exception("writer batch failed; retrying")
+                moved = 0
+                backoff = min(backoff * 2 if backoff > idle_sleep else 0.2, 5.0)
+            if moved == 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=backoff)
+                except TimeoutError:
+                    pass
+
+    # applying events, in one SQL transaction per batch
+    def _apply_or_quarantine(self, partition: int, entries: list[tuple[str, dict[str, str]]]) -> None:
+        """Apply a batch; if SQL refuses its data (not its connection), apply one by one and keep each
+        event it still refuses as an 'unwritable' event row, so one bad event never blocks a partition."""
+        try:
+            self._apply(partition, entries)
+            return
+        except (OperationalError, InterfaceError):
+            raise  # SQL is away: leave everything pending
+        except (DBAPIError, ValueError, KeyError, TypeError):
+            if len(entries) == 1:
+                log.exception("event %s of partition %d cannot be written; kept as unwritable", entries[0][0], partition)
+                self._quarantine(partition, entries[0])
+                return
+        for entry in entries:
+            self._apply_or_quarantine(partition, [entry])
+
+    def _quarantine(self, partition: int, entry: tuple[str, dict[str, str]]) -> None:
+        entry_id, fields = entry
+        detail = {k: v[:2000] for k, v in fields.items()}
+        with self.store.session() as session, session.begin():
+            self.store.insert_ignore(session, EventRow, [{
+                "id": f"{partition}-{entry_id}", "kind": "unwritable", "request_id": fields.get("rid", "")[:128],
+                "customer_id": "", "detail": detail, "created_ms": int(fields.get("at", "0") or 0),
+            }])
+
+    def _apply(self, partition: int, entries: list[tuple[str, dict[str, str]]]) -> None:
+        with self.store.session() as session, session.begin():
+            request_ids = {f["rid"] for _, f in entries if f.get("type") in ("authorize", "settle", "release", "expire")}
+            records: dict[str, UsageRecordRow] = {}
+            if request_ids:
+                for row in session.query(UsageRecordRow).filter(UsageRecordRow.request_id.in_(request_ids)):
+                    records[row.request_id] = row
+            ledger: list[dict[str, Any]] = []
+            events: list[dict[str, Any]] = []
+            for entry_id, fields in entries:
+                kind = fields.get("type", "")
+                if kind == "authorize":
+                    self._authorize(session, records, fields)
+                elif kind == "settle":
+                    ledger.append(self._settle(session, records, fields))
+                elif kind in ("release", "expire"):
+                    record = records.get(fields["rid"])
+                    if record is not None and record.status == "reserved":
+                        record.status = "released" if kind == "release" else "expired"
+                        record.closed_ms = int(fields["at"])
+                        record.close_reason = fields.get("reason", "")
+                elif kind == "grant":
+                    data = json.loads(fields["d"])
+                    ledger.append({
+                        "entry_id": f"grant:{fields['rid']}", "customer_id": data["customer_id"], "kind": "grant",
+                        "amount_nanos": int(fields["amount"]), "currency": data["currency"], "request_id": "",
+                        "source": data["source"], "note": data.get("note", ""),
+                        "balance_after_nanos": int(fields["balance_after"]), "created_ms": int(fields["at"]),
+                    })
+                elif kind in ("alert", "rejected"):
+                    detail = {k: v for k, v in fields.items() if k not in ("type", "rid", "at", "d")}
+                    if "d" in fields:
+                        detail.update(json.loads(fields["d"]))
+                    events.append({
+                        "id": f"{partition}-{entry_id}", "kind": kind, "request_id": fields.get("rid", ""),
+                        "customer_id": detail.get("customer_id", ""), "detail": detail, "created_ms": int(fields["at"]),
+                    })
+                else:
+                    log.error("unknown event type %r in partition %d (entry %s) kept as an event", kind, partition, entry_id)
+                    events.append({"id": f"{partition}-{entry_id}", "kind": "unknown", "detail": fields,
+                                   "created_ms": int(fields.get("at", "0") or 0)})
+            self.store.insert_ignore(session, LedgerEntryRow, ledger)
+            self.store.insert_ignore(session, EventRow, events)
+
+    @staticmethod
+    def _authorize(session: Any, records: dict[str, UsageRecordRow], fields: dict[str, str]) -> None:
+        data = json.loads(fields["d"])
+        outcome = fields["outcome"]
+        rid = fields["rid"]
+        existing = records.get(rid)
+        if existing is not None and existing.status != "denied":
+            return  # an allow is final; a replay or a denied retry does not overwrite it
+        values = dict(data["record"])
+        if outcome == "allow":
+            values["status"] = "reserved"
+            values["reserved_nanos"] = int(fields["reserved"])
+            values["shadow_denials"] = [s for s in fields.get("label", "").split("|") if s]
+        else:
+            values["status"] = "denied"
+            values["decision"] = "deny"
+            reason = fields.get("reason", "")
+            label = fields.get("label", "")
+            if reason == "limit":
+                reason = data.get("limit_reasons", {}).get(label, "rate_limit_exceeded")
+            values["reason"] = reason
+            values["quota_bucket"] = label
+            values["message"] = values.get("message") or data.get("messages", {}).get(reason, "")
+            values["reserved_nanos"] = 0
+        if existing is None:
+            row = UsageRecordRow(**values)
+            session.add(row)
+            records[rid] = row
+        else:
+            for name, value in values.items():
+                setattr(existing, name, value)
+
+    @staticmethod
+    def _settle(session: Any, records: dict[str, UsageRecordRow], fields: dict[str, str]) -> dict[str, Any]:
+        data = json.loads(fields["d"])
+        rid = fields["rid"]
+        record = records.get(rid)
+        if record is None:  # the authorize record was lost with a Redis failure: the settle carries enough
+            record = UsageRecordRow(**data["record"])
+            session.add(record)
+            records[rid] = record
+        for name, value in data["settlement"].items():
+            setattr(record, name, value)
+        record.status = "settled" if fields["outcome"] == "settled" else "settled_late"
+        record.charge_nanos = int(fields["charge"])
+        record.balance_before_nanos = int(fields["balance_before"])
+        record.balance_after_nanos = int(fields["balance_after"])
+        record.closed_ms = int(fields["at"])
+        return {
+            "entry_id": f"charge:{rid}", "customer_id": record.customer_id, "kind": "charge",
+            "amount_nanos": -int(fields["charge"]), "currency": record.currency or data.get("currency", ""),
+            "request_id": rid, "source": "usage", "note": "late" if fields["outcome"] == "settled_late" else "",
+            "balance_after_nanos": int(fields["balance_after"]), "created_ms": int(fields["at"]),
+        }

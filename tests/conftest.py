@@ -1,0 +1,70 @@
+"""Fixtures: each engine test runs twice, on the embedded default (in-process store + SQLite)
+and on real parts (redis-server + PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import pytest
+
+from policyd.server import Service
+from policyd.settings import Settings
+from tests.servers import PostgresServer, RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_POLICY = (ROOT / "policyd" / "samples" / "policy.yaml").read_text()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["embedded", "real"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """Settings for one backend: the embedded default, or real redis-server + PostgreSQL."""
+    if request.param == "embedded":
+        return {"redis_url": "", "database_url": f"sqlite:///{tmp_path / 'policyd.db'}"}
+    redis_server: RedisServer = request.getfixturevalue("redis_server")
+    postgres: PostgresServer = request.getfixturevalue("postgres_server")
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return {"redis_url": redis_server.url,
+            "database_url": postgres.create_database("t_" + secrets.token_hex(6))}
+
+
+def make_settings(backend: dict[str, str], **overrides: object) -> Settings:
+    values = {"partitions": 4, "writer_enabled": False, "sweeper_interval_ms": 60_000, **backend, **overrides}
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def service(backend: dict[str, str]) -> AsyncIterator[Service]:
+    """A built, started policyd without the gRPC layer; the writer is drained by the tests."""
+    svc = await Service.build(make_settings(backend))
+    await svc.start()
+    await svc.admin.apply_policy(SAMPLE_POLICY, "sample.yaml")
+    yield svc
+    await svc.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("POLICYD_"):
+            monkeypatch.delenv(name)

@@ -1,0 +1,32 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+from policyd.domain import Attribution, AuthorizeInput, Shape, UsageReport
+from policyd.money import parse_amount
+from policyd.server import Service
+
+
+async def new_key(service: Service, customer: str = "acme", plan: str = "pro", environment: str = "production",
+                  **owner: str) -> tuple[str, str]:
+    created = await service.admin.create_key(label="test", customer_id=customer, environment=environment, plan=plan,
+                                             **owner)
+    return created.row.id, created.secret
+
+
+async def fund(service: Service, customer: str, amount: str, grant_id: str = "", source: str = "purchase") -> None:
+    await service.admin.grant_credit(customer, parse_amount(amount), "USD", source, grant_id)
+
+
+def ask(secret: str, model: str = "gpt-4o-mini", request_id: str = "", endpoint: str = "chat_completions",
+        prompt_bytes: int = 400, max_output_tokens: int = 100, **attribution: object) -> AuthorizeInput:
+    return AuthorizeInput(
+        api_key=secret, endpoint=endpoint, model=model,
+        attribution=Attribution(request_id=request_id, **attribution),  # type: ignore[arg-type]
+        shape=Shape(prompt_bytes=prompt_bytes, message_count=1, max_output_tokens=max_output_tokens),
+    )
+
+
+def usage(request_id: str, input_tokens: int = 100, output_tokens: int = 50, **extra: object) -> UsageReport:
+    return UsageReport(request_id=request_id, input_tokens=input_tokens, output_tokens=output_tokens,
+                       **extra)  # type: ignore[arg-type]

@@ -1,0 +1,134 @@
+"""Real servers for the tests: redis-server and PostgreSQL from Debian's packages,
+started on 127.0.0.1 on free ports in temp dirs, and stopped by the tests."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+class RedisServer:
+    def __init__(self, appendonly: bool = False) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(binary):
+            raise RuntimeError("redis-server is not installed: run scripts/system-deps.sh (make test does)")
+        self.dir = tempfile.mkdtemp(prefix="policyd-redis-")
+        self.port = free_port()
+        self.args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                     "--save", "", "--appendonly", "yes" if appendonly else "no", "--daemonize", "no",
+                     "--logfile", os.path.join(self.dir, "redis.log")]
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _postgres_bin() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed: run scripts/system-deps.sh (make test does)")
+    return Path(found[-1]).parent
+
+
+class PostgresServer:
+    """A throwaway cluster. initdb refuses to run as root, so as root it runs as the `postgres` user."""
+
+    def __init__(self) -> None:
+        self.bin = _postgres_bin()
+        self.dir = tempfile.mkdtemp(prefix="policyd-pg-")
+        self.port = free_port()
+        self.user = None
+        if os.geteuid() == 0:
+            self.user = pwd.getpwnam("postgres")
+            os.chown(self.dir, self.user.pw_uid, self.user.pw_gid)
+        self.data = os.path.join(self.dir, "data")
+        self._run([str(self.bin / "initdb"), "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                   "--no-sync"])
+        self.process = subprocess.Popen(
+            self._as_user([str(self.bin / "postgres"), "-D", self.data, "-p", str(self.port), "-h", "127.0.0.1",
+                           "-k", self.dir, "-c", "fsync=off", "-c", "full_page_writes=off",
+                           "-c", "synchronous_commit=off", "-c", "max_connections=200"]),
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "pg.log"), "wb"),
+        )
+        wait_port(self.port)
+        self._wait_ready()
+
+    def _as_user(self, args: list[str]) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *args] if self.user else args
+
+    def _run(self, args: list[str]) -> None:
+        subprocess.run(self._as_user(args), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def _wait_ready(self) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                psycopg.connect(self.dsn("postgres"), autocommit=True).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def dsn(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.dsn("postgres"), autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)

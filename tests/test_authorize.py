@@ -1,0 +1,171 @@
+"""Authorize: keys, plans, model allowlists, attribution and the records every decision leaves."""
+
+from __future__ import annotations
+
+import pytest
+
+from policyd.server import Service
+from tests.helpers import ask, fund, new_key
+
+
+async def record(service: Service, request_id: str):
+    await service.writer.drain()
+    return service.store.usage_record(request_id)
+
+
+async def test_allow_resolves_owner_and_stamps_policy_version(service: Service) -> None:
+    key_id, secret = await new_key(service, workspace_id="ws1", project_id="proj1")
+    await fund(service, "acme", "10")
+    decision = await service.engine.authorize(ask(secret, request_id="r1", feature="chat", thread_id="t1"))
+    assert decision.decision == "allow", decision
+    assert decision.owner.customer_id == "acme"
+    assert decision.owner.workspace_id == "ws1"
+    assert decision.owner.api_key_id == key_id
+    assert decision.served_model == "gpt-4o-mini"
+    assert decision.provider == "openai"
+    assert decision.policy_version == service.book.current.version == 1
+    assert decision.price_table_version == "2026-11-01"
+    assert decision.reserved > 0
+    row = await record(service, "r1")
+    assert row.decision == "allow" and row.status == "reserved"
+    assert (row.customer_id, row.workspace_id, row.project_id, row.api_key_id) == ("acme", "ws1", "proj1", key_id)
+    assert (row.feature, row.thread_id, row.policy_version) == ("chat", "t1", 1)
+    assert row.reserved_nanos == decision.reserved
+
+
+@pytest.mark.parametrize(
+    ("api_key", "reason", "status"),
+    [
+        ("", "missing_api_key", 401),
+        ("sk-not-ours", "malformed_api_key", 401),
+        ("pdk_live_" + "A" * 40, "invalid_api_key", 401),
+    ],
+)
+async def test_bad_keys_are_denied_and_recorded(service: Service, api_key: str, reason: str, status: int) -> None:
+    decision = await service.engine.authorize(ask(api_key, request_id=f"bad-{reason}", client_address="203.0.113.9",
+                                                   ) if False else ask(api_key, request_id=f"bad-{reason}"))
+    assert (decision.decision, decision.reason, decision.http_status) == ("deny", reason, status)
+    row = await record(service, f"bad-{reason}")
+    assert row is not None and row.decision == "deny" and row.reason == reason and row.status == "denied"
+
+
+async def test_paused_resumed_revoked_key(service: Service) -> None:
+    key_id, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    await service.admin.set_state(key_id, "paused")
+    paused = await service.engine.authorize(ask(secret, request_id="p1"))
+    assert (paused.reason, paused.http_status) == ("key_paused", 403)
+    await service.admin.set_state(key_id, "active")
+    assert (await service.engine.authorize(ask(secret, request_id="p2"))).decision == "allow"
+    await service.admin.set_state(key_id, "revoked")
+    revoked = await service.engine.authorize(ask(secret, request_id="p3"))
+    assert (revoked.reason, revoked.http_status) == ("key_revoked", 401)
+    with pytest.raises(Exception, match="key_revoked"):
+        await service.admin.set_state(key_id, "active")
+    assert (await record(service, "p3")).reason == "key_revoked"
+
+
+async def test_paused_key_wins_over_policy_denial(service: Service) -> None:
+    key_id, secret = await new_key(service, plan="free")
+    await service.admin.set_state(key_id, "paused")
+    decision = await service.engine.authorize(ask(secret, model="gpt-4o"))
+    assert decision.reason == "key_paused"
+
+
+async def test_rotation_grace_period_both_secrets_same_key(service: Service) -> None:
+    key_id, old = await new_key(service)
+    await fund(service, "acme", "10")
+    rotated = await service.admin.rotate_key(key_id, grace_seconds=3600)
+    new = rotated.secret
+    assert new != old
+    a = await service.engine.authorize(ask(old, request_id="old-1"))
+    b = await service.engine.authorize(ask(new, request_id="new-1"))
+    assert a.decision == b.decision == "allow"
+    assert a.owner.api_key_id == b.owner.api_key_id == key_id
+    await service.admin.rotate_key(key_id, grace_seconds=0)
+    assert (await service.engine.authorize(ask(new, request_id="new-2"))).reason == "invalid_api_key"
+    assert (await service.engine.authorize(ask(old, request_id="old-2"))).reason == "invalid_api_key"
+
+
+async def test_model_allowlist_and_tiers(service: Service) -> None:
+    _, free_secret = await new_key(service, customer="free-co", plan="free")
+    denied = await service.engine.authorize(ask(free_secret, model="gpt-4o"))
+    assert (denied.reason, denied.http_status, denied.error_param) == ("model_not_allowed", 403, "model")
+    unknown = await service.engine.authorize(ask(free_secret, model="gpt-9"))
+    assert unknown.reason == "unknown_model"
+    endpoint = await service.engine.authorize(ask(free_secret, endpoint="images", model="gpt-4o-mini"))
+    assert endpoint.reason == "endpoint_not_allowed"
+    no_endpoint = await service.engine.authorize(ask(free_secret, endpoint=""))
+    assert no_endpoint.reason == "unknown_endpoint" and no_endpoint.http_status == 400
+
+
+async def test_staging_keys_never_reach_premium(service: Service) -> None:
+    await fund(service, "acme", "10")
+    _, staging = await new_key(service, environment="staging")
+    assert (await service.engine.authorize(ask(staging, model="gpt-4o"))).reason == "environment_not_allowed"
+    assert (await service.engine.authorize(ask(staging, model="gpt-4o-mini"))).decision == "allow"
+    _, batch = await new_key(service, environment="batch")  # not listed for the plan at all
+    assert (await service.engine.authorize(ask(batch, model="gpt-4o-mini"))).reason == "environment_not_allowed"
+
+
+async def test_wrong_environment_claim_is_denied(service: Service) -> None:
+    await fund(service, "acme", "10")
+    _, secret = await new_key(service, environment="staging")
+    decision = await service.engine.authorize(ask(secret, environment="production", request_id="env-1"))
+    assert decision.reason == "environment_not_allowed"
+    assert (await record(service, "env-1")).claimed == {"environment": "production"}
+
+
+async def test_spoofed_owner_is_denied_and_recorded(service: Service) -> None:
+    await fund(service, "acme", "10")
+    await fund(service, "globex", "10")
+    key_id, secret = await new_key(service, customer="acme", workspace_id="ws-a")
+    spoof = await service.engine.authorize(ask(secret, customer_id="globex", request_id="spoof-1"))
+    assert (spoof.reason, spoof.http_status) == ("owner_mismatch", 403)
+    assert spoof.owner.customer_id == "acme"  # never moved to the claimed owner
+    row = await record(service, "spoof-1")
+    assert (row.customer_id, row.claimed["customer_id"], row.reason) == ("acme", "globex", "owner_mismatch")
+    ws = await service.engine.authorize(ask(secret, workspace_id="ws-b"))
+    assert ws.reason == "owner_mismatch"
+    same = await service.engine.authorize(ask(secret, customer_id="acme", workspace_id="ws-a"))
+    assert same.decision == "allow"
+    balance, _ = await service.counters.wallet("globex")
+    assert balance == 10_000_000_000  # nothing reserved against the claimed customer
+
+
+@pytest.mark.parametrize(
+    ("attribution", "param"),
+    [
+        ({"feature": "x" * 300}, "feature"),
+        ({"thread_id": "bad\nline"}, "thread_id"),
+        ({"tags": {f"k{i}": "v" for i in range(40)}}, "tags"),
+        ({"request_id": "has spaces"}, "request_id"),
+    ],
+)
+async def test_invalid_metadata(service: Service, attribution: dict, param: str) -> None:
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    decision = await service.engine.authorize(ask(secret, **attribution))
+    assert (decision.decision, decision.reason, decision.http_status, decision.error_param) == (
+        "deny", "invalid_metadata", 400, param)
+    row = await record(service, decision.request_id)
+    assert row is not None and row.reason == "invalid_metadata"
+    assert await service.counters.wallet("acme") == (10_000_000_000, 0)
+
+
+async def test_decision_record_keeps_client_origin(service: Service) -> None:
+    from policyd.domain import AuthorizeInput, Shape
+
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1")
+    request = AuthorizeInput(api_key=secret, endpoint="chat_completions", model="gpt-4o-mini",
+                             shape=Shape(prompt_bytes=10), client_address="198.51.100.7", user_agent="curl/8.0")
+    decision = await service.engine.authorize(request)
+    row = await record(service, decision.request_id)
+    assert (row.client_address, row.user_agent) == ("198.51.100.7", "curl/8.0")
+    assert row.decision_latency_us > 0
+
+
+async def test_unknown_plan_after_policy_change_is_refused(service: Service) -> None:
+    with pytest.raises(Exception, match="unknown_plan"):
+        await service.admin.create_key(label="x", customer_id="acme", environment="production", plan="gold")
