@@ -1,0 +1,287 @@
+"""Money: reserve at Authorize, settle, release, expire, idempotency, limits, audit and rebuild."""
+
+from __future__ import annotations
+
+import pytest
+
+from policyd.domain import PolicydError
+from policyd.money import parse_amount, price_quantity
+from policyd.server import Service
+from tests.helpers import ask, fund, new_key, usage
+
+USD = 1_000_000_000
+
+
+async def test_settle_charges_exact_cost_plus_markup(service: Service) -> None:
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    d = await service.engine.authorize(ask(secret, model="gpt-4o", request_id="s1", max_output_tokens=200))
+    assert d.decision == "allow"
+    s = await service.engine.settle(usage("s1", input_tokens=1000, output_tokens=150).__class__(
+        request_id="s1", input_tokens=1000, cached_input_tokens=400, output_tokens=150))
+    # gpt-4o: input 2.50, cached 1.25, output 10.00 per 1M tokens; plan pro: +20%
+    cost = price_quantity(600, parse_amount("2.50")) + price_quantity(400, parse_amount("1.25")) \
+        + price_quantity(150, parse_amount("10.00"))
+    assert s.cost == cost == 1_500_000 + 500_000 + 1_500_000
+    assert s.charge == cost * 12 // 10
+    assert (s.balance_before, s.balance_after) == (10 * USD, 10 * USD - s.charge)
+    assert s.outcome == "settled"
+    assert await service.counters.wallet("acme") == (10 * USD - s.charge, 0)
+    await service.writer.drain()
+    row = service.store.usage_record("s1")
+    assert (row.status, row.cost_nanos, row.charge_nanos) == ("settled", cost, s.charge)
+    assert (row.balance_before_nanos, row.balance_after_nanos) == (10 * USD, 10 * USD - s.charge)
+    assert (row.input_tokens, row.cached_input_tokens, row.output_tokens) == (1000, 400, 150)
+    assert service.store.ledger_balances() == {"acme": 10 * USD - s.charge}
+    assert (await service.admin.audit()).ok
+
+
+async def test_duplicate_settle_charges_once_and_conflict_is_rejected(service: Service) -> None:
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    await service.engine.authorize(ask(secret, request_id="dup"))
+    first = await service.engine.settle(usage("dup"))
+    again = await service.engine.settle(usage("dup"))
+    assert again.outcome == "exists" and first.outcome == "settled"
+    assert (again.charge, again.balance_after) == (first.charge, first.balance_after)
+    assert await service.counters.wallet("acme") == (10 * USD - first.charge, 0)
+    with pytest.raises(PolicydError) as error:
+        await service.engine.settle(usage("dup", output_tokens=999))
+    assert error.value.reason == "exists_with_different_usage"
+    await service.writer.drain()
+    assert [e.detail["reason"] for e in service.store.events("rejected")] == ["exists_with_different_usage"]
+    assert (await service.admin.audit()).ok
+
+
+async def test_release_returns_the_hold(service: Service) -> None:
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1")
+    d = await service.engine.authorize(ask(secret, request_id="rel"))
+    assert await service.counters.wallet("acme") == (USD, d.reserved)
+    released = await service.engine.release("rel", "client_disconnected")
+    assert (released.outcome, released.released) == ("released", d.reserved)
+    assert await service.counters.wallet("acme") == (USD, 0)
+    assert (await service.engine.release("rel", "again")).outcome == "already_released"
+    with pytest.raises(PolicydError, match="already_released"):
+        await service.engine.settle(usage("rel"))
+    await service.writer.drain()
+    row = service.store.usage_record("rel")
+    assert (row.status, row.close_reason) == ("released", "client_disconnected")
+    assert (await service.admin.audit()).ok
+
+
+async def test_unsettled_reservation_expires_and_late_settle_still_charges(service: Service) -> None:
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1")
+    clock = [service.engine.clock()]
+    service.engine.clock = lambda: clock[0]
+    d = await service.engine.authorize(ask(secret, request_id="exp"))
+    assert await service.engine.expire_due() == 0
+    clock[0] += service.engine.reservation_ttl_ms + 1
+    assert await service.engine.expire_due() == 1
+    assert await service.counters.wallet("acme") == (USD, 0)
+    assert d.reserved > 0
+    late = await service.engine.settle(usage("exp"))
+    assert late.outcome == "settled_late"
+    assert await service.counters.wallet("acme") == (USD - late.charge, 0)
+    await service.writer.drain()
+    row = service.store.usage_record("exp")
+    assert row.status == "settled_late" and row.charge_nanos == late.charge
+    assert (await service.admin.audit()).ok
+
+
+async def test_wallet_caps_spend_before_it_happens(service: Service) -> None:
+    _, secret = await new_key(service)
+    await fund(service, "acme", "0.001")
+    d = await service.engine.authorize(ask(secret, model="gpt-4o", max_output_tokens=4000, request_id="big"))
+    assert (d.decision, d.reason, d.http_status, d.error_type) == ("deny", "insufficient_quota", 429, "insufficient_quota")
+    assert await service.counters.wallet("acme") == (1_000_000, 0)
+
+
+@pytest.mark.parametrize(
+    ("report", "reason"),
+    [
+        ({"input_tokens": -1}, "invalid_usage"),
+        ({"output_tokens": 10**15}, "invalid_usage"),
+        ({"input_tokens": 10, "cached_input_tokens": 11}, "invalid_usage"),
+        ({"served_model": "gpt-unknown"}, "unknown_model"),
+    ],
+)
+async def test_bad_settle_moves_no_money(service: Service, report: dict, reason: str) -> None:
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1")
+    d = await service.engine.authorize(ask(secret, request_id="bad-settle"))
+    from policyd.domain import UsageReport
+
+    with pytest.raises(PolicydError) as error:
+        await service.engine.settle(UsageReport(request_id="bad-settle", **report))
+    assert error.value.reason == reason
+    assert await service.counters.wallet("acme") == (USD, d.reserved)
+    await service.writer.drain()
+    assert [e.detail["reason"] for e in service.store.events("rejected")] == [reason]
+
+
+async def test_settle_unknown_and_denied_requests(service: Service) -> None:
+    _, secret = await new_key(service, plan="free", customer="tiny")
+    with pytest.raises(PolicydError) as unknown:
+        await service.engine.settle(usage("never-authorized"))
+    assert (unknown.value.reason, unknown.value.status) == ("unknown_request", "NOT_FOUND")
+    denied = await service.engine.authorize(ask(secret, model="gpt-4o", request_id="was-denied"))
+    assert denied.decision == "deny"
+    await service.writer.drain()
+    with pytest.raises(PolicydError) as error:
+        await service.engine.settle(usage("was-denied"))
+    assert error.value.reason == "request_denied"
+
+
+async def test_grants_are_idempotent_and_checked(service: Service) -> None:
+    await fund(service, "acme", "5", grant_id="g1")
+    await fund(service, "acme", "5", grant_id="g1")
+    assert await service.counters.wallet("acme") == (5 * USD, 0)
+    for amount, currency, source, reason in (
+        (-1, "USD", "purchase", "invalid_amount"),
+        (0, "USD", "purchase", "invalid_amount"),
+        (USD, "EUR", "purchase", "currency_mismatch"),
+        (USD, "USD", "gift", "invalid_grant"),
+    ):
+        with pytest.raises(PolicydError) as error:
+            await service.admin.grant_credit("acme", amount, currency, source)
+        assert error.value.reason == reason
+    assert await service.counters.wallet("acme") == (5 * USD, 0)
+    await service.writer.drain()
+    assert service.store.ledger_balances() == {"acme": 5 * USD}
+
+
+async def test_request_rate_limit_per_key_with_retry_after(service: Service) -> None:
+    _, secret = await new_key(service, plan="free", customer="tiny")
+    await fund(service, "tiny", "10")
+    decisions = [await service.engine.authorize(ask(secret, prompt_bytes=10, max_output_tokens=10)) for _ in range(21)]
+    assert [d.decision for d in decisions[:20]] == ["allow"] * 20
+    last = decisions[20]
+    assert (last.decision, last.reason, last.http_status) == ("deny", "rate_limit_exceeded", 429)
+    assert 1 <= last.retry_after_seconds <= 60
+
+
+async def test_thread_budget_stops_a_runaway_loop_but_not_other_threads(service: Service) -> None:
+    _, secret = await new_key(service, plan="free", customer="loopy")
+    await fund(service, "loopy", "10")
+    # free plan: thread-hour budget 0.50; each request on gpt-4o-mini reserves about 0.00015
+    allowed = 0
+    for i in range(200):
+        d = await service.engine.authorize(ask(secret, thread_id="agent-loop", prompt_bytes=200_000,
+                                                max_output_tokens=500, request_id=f"loop-{i}"))
+        if d.decision == "deny":
+            assert d.reason == "budget_exceeded"
+            break
+        allowed += 1
+        await service.engine.settle(usage(f"loop-{i}", input_tokens=200_000, output_tokens=500))
+    else:
+        pytest.fail("the thread budget never stopped the loop")
+    assert allowed > 0
+    other = await service.engine.authorize(ask(secret, thread_id="another", prompt_bytes=100, max_output_tokens=10))
+    assert other.decision == "allow"
+
+
+async def test_downgrade_when_daily_premium_budget_is_spent(service: Service) -> None:
+    policy = (await service.admin.book.version(1)).canonical.replace("limit: '50.000000000'", "limit: '0.010000000'")
+    await service.admin.apply_policy(policy, "tight.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    first = await service.engine.authorize(ask(secret, model="gpt-4o", max_output_tokens=500, request_id="d1"))
+    assert first.decision == "allow" and first.served_model == "gpt-4o"
+    second = await service.engine.authorize(ask(secret, model="gpt-4o", max_output_tokens=500, request_id="d2"))
+    assert (second.decision, second.served_model, second.requested_model) == ("downgrade", "gpt-4o-mini", "gpt-4o")
+    critical = await service.engine.authorize(ask(secret, model="gpt-4o", max_output_tokens=500, feature="checkout"))
+    assert (critical.decision, critical.reason) == ("deny", "budget_exceeded")
+    await service.writer.drain()
+    row = service.store.usage_record("d2")
+    assert (row.decision, row.served_model, row.requested_model) == ("downgrade", "gpt-4o-mini", "gpt-4o")
+
+
+async def test_shadow_limit_records_would_deny_but_allows(service: Service) -> None:
+    policy = (await service.admin.book.version(1)).canonical.replace(
+        "    - action: block\n      downgrade_to: ''\n      limit: 20\n", "    - action: shadow\n      downgrade_to: ''\n      limit: 1\n")
+    assert "action: shadow" in policy
+    await service.admin.apply_policy(policy, "shadow.yaml")
+    _, secret = await new_key(service, plan="free", customer="tiny")
+    await fund(service, "tiny", "1")
+    await service.engine.authorize(ask(secret, prompt_bytes=10, max_output_tokens=10))
+    d = await service.engine.authorize(ask(secret, prompt_bytes=10, max_output_tokens=10, request_id="sh"))
+    assert d.decision == "allow" and d.shadow_denials == ("key-rpm",)
+    await service.writer.drain()
+    assert service.store.usage_record("sh").shadow_denials == ["key-rpm"]
+
+
+async def test_soft_thresholds_alert_once_per_crossing(service: Service) -> None:
+    _, secret = await new_key(service, plan="free", customer="tiny")
+    await fund(service, "tiny", "10")
+    for _ in range(17):  # key-rpm limit 20: 50% at 10, 80% at 16
+        assert (await service.engine.authorize(ask(secret, prompt_bytes=10, max_output_tokens=10))).allowed
+    await service.writer.drain()
+    alerts = [(e.detail["label"], e.detail["percent"]) for e in service.store.events("alert")]
+    assert alerts == [("key-rpm", "50"), ("key-rpm", "80")]
+
+
+async def test_concurrency_cap_counts_in_flight_requests(service: Service) -> None:
+    policy = (await service.admin.book.version(1)).canonical.replace("concurrency: 32", "concurrency: 2")
+    await service.admin.apply_policy(policy, "conc.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    a = await service.engine.authorize(ask(secret, request_id="c1"))
+    b = await service.engine.authorize(ask(secret, request_id="c2"))
+    c = await service.engine.authorize(ask(secret, request_id="c3"))
+    assert (a.decision, b.decision, c.reason) == ("allow", "allow", "concurrency_limit_exceeded")
+    await service.engine.settle(usage("c1"))
+    assert (await service.engine.authorize(ask(secret, request_id="c4"))).decision == "allow"
+
+
+async def test_authorize_retry_reserves_once(service: Service) -> None:
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1")
+    a = await service.engine.authorize(ask(secret, request_id="retry"))
+    b = await service.engine.authorize(ask(secret, request_id="retry"))
+    assert a.decision == b.decision == "allow" and a.reserved == b.reserved
+    assert await service.counters.wallet("acme") == (USD, a.reserved)
+    _, other = await new_key(service, customer="acme")
+    hijack = await service.engine.authorize(ask(other, request_id="retry"))
+    assert hijack.decision == "deny" and hijack.reason == "invalid_request"
+
+
+async def test_strict_mode_bounds_spend_by_the_reservation(service: Service) -> None:
+    _, secret = await new_key(service, plan="free", customer="strict")
+    await fund(service, "strict", "0.01")
+    prompt_bytes, cap = 1000, 100
+    d = await service.engine.authorize(ask(secret, prompt_bytes=prompt_bytes, max_output_tokens=cap, request_id="st"))
+    assert d.max_output_tokens == cap
+    # the worst case a byte-level tokenizer allows for 1000 bytes in one message, at the enforced cap
+    s = await service.engine.settle(usage("st", input_tokens=prompt_bytes + 8 + 16, output_tokens=cap))
+    assert s.charge <= d.reserved
+
+
+async def test_default_output_cap_is_returned_when_the_client_gives_none(service: Service) -> None:
+    _, secret = await new_key(service, plan="free", customer="cap")
+    await fund(service, "cap", "1")
+    d = await service.engine.authorize(ask(secret, max_output_tokens=0))
+    assert d.max_output_tokens == 512
+
+
+async def test_rebuild_restores_counters_after_redis_data_loss(service: Service) -> None:
+    _, secret = await new_key(service)
+    await fund(service, "acme", "3", grant_id="g-rebuild")
+    await service.engine.authorize(ask(secret, request_id="open-1", thread_id="t"))
+    await service.engine.authorize(ask(secret, request_id="done-1", thread_id="t"))
+    await service.engine.settle(usage("done-1"))
+    await service.writer.drain()
+    before = await service.counters.wallet("acme")
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    assert await service.counters.wallet("acme") == (0, 0)
+    assert not (await service.admin.audit()).ok
+    await service.admin.rebuild()
+    assert await service.counters.wallet("acme") == before
+    assert (await service.admin.audit()).ok
+    # the key works again, the open reservation can still be settled, and the grant is not applied twice
+    assert (await service.engine.authorize(ask(secret, request_id="after"))).decision == "allow"
+    await service.engine.settle(usage("open-1"))
+    await fund(service, "acme", "3", grant_id="g-rebuild")
+    assert (await service.admin.audit()).ok
