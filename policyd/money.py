@@ -47,11 +47,11 @@ def apply_basis_points(amount: int, basis_points: int) -> int:
     return ceil_div(amount * basis_points, 10_000)
 
 
-def parse_amount(text: str | int) -> int:
-    """'2.50' -> 2_500_000_000 nanos. Exact: more than 9 decimals is an error."""
+def parse_amount(text: str | int | Decimal) -> int:
+    """'2.50' -> 2_500_000_000 nanos. Exact: more than 9 decimals is an error. Floats are refused."""
     if isinstance(text, bool):
         raise MoneyError("an amount must be a decimal string such as '2.50'")
-    if isinstance(text, int):
+    if isinstance(text, (int, Decimal)):
         value = Decimal(text)
     elif isinstance(text, str):
         try:
@@ -64,10 +64,10 @@ def parse_amount(text: str | int) -> int:
         raise MoneyError(f"not a finite amount: {text!r}")
     nanos = value * NANOS_PER_UNIT
     if nanos != nanos.to_integral_value():
-        raise MoneyError(f"{text!r} has more than 9 decimals (the nano is the smallest unit)")
+        raise MoneyError(f"{text} has more than 9 decimals (the nano is the smallest unit)")
     result = int(nanos)
     if abs(result) > AMOUNT_MAX:
-        raise MoneyError(f"{text!r} is out of range (at most {format_amount(AMOUNT_MAX)})")
+        raise MoneyError(f"{text} is out of range (at most {format_amount(AMOUNT_MAX)})")
     return result
 
 

@@ -9,6 +9,7 @@ version that is stamped on every decision.
 from __future__ import annotations
 
 import difflib
+from decimal import Decimal
 import fnmatch
 import hashlib
 import json
@@ -232,6 +233,16 @@ class Policy:
         return "*" in tiers or (price is not None and price.tier in tiers)
 
 
+class _ExactLoader(yaml.SafeLoader):
+    """YAML numbers with a fraction (2.50) are read as exact decimals from their text, never as floats."""
+
+
+_ExactLoader.add_constructor(
+    "tag:yaml.org,2002:float",
+    lambda loader, node: Decimal(loader.construct_scalar(node).replace("_", "")),
+)
+
+
 def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     node = root
     line = node.start_mark.line + 1 if node is not None else None
@@ -268,7 +279,8 @@ def _resolve_extends(raw: dict[str, Any]) -> dict[str, Any]:
             return body
         parent = body["extends"]
         if parent not in plans:
-            return body  # reported by validation with its line
+            resolved[name] = body  # reported by validation with its line
+            return body
         if parent in seen:
             raise PolicyError(f"plans extend each other in a cycle: {' -> '.join(seen + (parent,))}")
         merged = {**resolve(parent, seen + (parent,)), **body}
@@ -286,7 +298,7 @@ def parse_policy(text: str, source: str = "policy.yaml") -> PolicyDocument:
         raise PolicyError(f"{source}: larger than {POLICY_BYTES_MAX} bytes")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_ExactLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
