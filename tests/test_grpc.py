@@ -1,0 +1,112 @@
+"""The gRPC surface: a real server in this process, health, reflection, admin token, error statuses."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from policyd.server import Service, make_grpc_server
+from policyd.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
+from tests.conftest import SAMPLE_POLICY, make_settings
+
+TOKEN = "admin-secret-for-tests"
+
+
+@pytest.fixture
+async def channel(backend: dict[str, str]) -> AsyncIterator[grpc.aio.Channel]:
+    service = await Service.build(make_settings(backend, admin_token=TOKEN))
+    await service.start()
+    server, health_servicer = make_grpc_server(service)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        yield ch
+    await server.stop(grace=1)
+    await service.close()
+
+
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+async def test_health_and_reflection(channel: grpc.aio.Channel) -> None:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    async def ask():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    names = set()
+    async for response in stub.ServerReflectionInfo(ask()):
+        names |= {s.name for s in response.list_services_response.service}
+    assert {"policyd.v1.PolicyService", "policyd.v1.AdminService", "grpc.health.v1.Health"} <= names
+
+
+async def test_admin_requires_the_token(channel: grpc.aio.Channel) -> None:
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await admin.ApplyPolicy(admin_pb2.ApplyPolicyRequest(yaml=SAMPLE_POLICY))
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError):
+        await admin.ApplyPolicy(admin_pb2.ApplyPolicyRequest(yaml=SAMPLE_POLICY), metadata=(("authorization", "Bearer nope"),))
+
+
+async def test_full_flow_over_grpc(channel: grpc.aio.Channel) -> None:
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    policy = policy_pb2_grpc.PolicyServiceStub(channel)
+    applied = await admin.ApplyPolicy(admin_pb2.ApplyPolicyRequest(yaml=SAMPLE_POLICY, source_name="s.yaml"), metadata=AUTH)
+    assert applied.version == 1 and applied.changed
+    await admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="acme", source="purchase",
+                                                         amount=types_pb2.Money(currency="USD", nanos=2_000_000_000)),
+                            metadata=AUTH)
+    created = await admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="acme", plan="pro", environment="production",
+                                                               label="k"), metadata=AUTH)
+    assert created.secret.startswith("pdk_live_") and len(created.secret) == 49
+    listed = await admin.ListKeys(admin_pb2.ListKeysRequest(), metadata=AUTH)
+    assert created.secret not in str(listed) and listed.keys[0].prefix == created.secret[:12]
+
+    decision = await policy.Authorize(policy_pb2.AuthorizeRequest(
+        api_key=created.secret, endpoint=types_pb2.CHAT_COMPLETIONS, model="gpt-4o",
+        attribution=types_pb2.Attribution(request_id="g1", feature="chat", tags={"team": "search"}),
+        shape=policy_pb2.RequestShape(prompt_bytes=400, message_count=2, max_output_tokens=100)))
+    assert decision.decision == policy_pb2.ALLOW
+    assert decision.owner.customer_id == "acme" and decision.policy_version == 1
+    assert decision.reserved.currency == "USD" and decision.reserved.nanos > 0
+    settled = await policy.Settle(policy_pb2.SettleRequest(request_id="g1", usage=policy_pb2.Usage(
+        input_tokens=120, output_tokens=80)))
+    assert settled.outcome == policy_pb2.SETTLED
+    assert settled.balance_after.nanos == 2_000_000_000 - settled.charge.nanos
+    wallet = await admin.GetWallet(admin_pb2.GetWalletRequest(customer_id="acme"), metadata=AUTH)
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (settled.balance_after.nanos, 0)
+
+    await admin.PauseKey(admin_pb2.KeyActionRequest(id=created.key.id), metadata=AUTH)
+    paused = await policy.Authorize(policy_pb2.AuthorizeRequest(api_key=created.secret,
+                                                                endpoint=types_pb2.CHAT_COMPLETIONS, model="gpt-4o"))
+    assert (paused.decision, paused.reason, paused.http_status) == (policy_pb2.DENY, "key_paused", 403)
+    assert (paused.error.type, paused.error.code) == ("permission_error", "key_paused")
+    audit = await admin.Audit(admin_pb2.AuditRequest(), metadata=AUTH)
+    assert audit.ok and audit.counters_checked > 0
+
+
+async def test_errors_carry_status_and_machine_reason(channel: grpc.aio.Channel) -> None:
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    policy = policy_pb2_grpc.PolicyServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as bad_policy:
+        await admin.ApplyPolicy(admin_pb2.ApplyPolicyRequest(yaml="plans: [", source_name="broken.yaml"), metadata=AUTH)
+    assert bad_policy.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "broken.yaml:1" in bad_policy.value.details()
+    assert dict(bad_policy.value.trailing_metadata())["policyd-reason"] == "invalid_policy"
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await policy.Settle(policy_pb2.SettleRequest(request_id="nope", usage=policy_pb2.Usage(input_tokens=1)))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert dict(unknown.value.trailing_metadata())["policyd-reason"] == "unknown_request"
+    with pytest.raises(grpc.aio.AioRpcError) as no_key:
+        await admin.GetKey(admin_pb2.GetKeyRequest(id="key_missing"), metadata=AUTH)
+    assert no_key.value.code() == grpc.StatusCode.NOT_FOUND
+    unknown_endpoint = await policy.Authorize(policy_pb2.AuthorizeRequest(api_key="x", model="gpt-4o"))
+    assert (unknown_endpoint.decision, unknown_endpoint.reason) == (policy_pb2.DENY, "unknown_endpoint")
