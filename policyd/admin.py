@@ -114,9 +114,8 @@ class Admin:
         return KeyCreation(row, secret)
 
     async def _publish_key(self, row: ApiKeyRow) -> None:
-        await self.counters.set_key_state(
-            self.counters.partition_of(row.customer_id), row.id, row.status, _secrets_of(row, now_ms())
-        )
+        at = now_ms()
+        await self.counters.set_key_state(row.customer_id, row.id, row.status, _secrets_of(row, at), at)
 
     async def get_key(self, key_id: str) -> ApiKeyRow:
         row = await asyncio.to_thread(self.store.key, key_id)

@@ -26,13 +26,28 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def connect(url: str) -> aioredis.Redis:
-    """A client for `url`, or the embedded in-process store when `url` is empty."""
+REDIS_CONNECTIONS_MAX = 64
+REDIS_POOL_WAIT_SECONDS = 5.0
+
+
+def connect(url: str, connections_max: int = REDIS_CONNECTIONS_MAX) -> aioredis.Redis:
+    """A client for `url`, or the embedded in-process store when `url` is empty.
+
+    The pool blocks (up to REDIS_POOL_WAIT_SECONDS) when every connection is busy, so a burst
+    of requests queues for a connection instead of failing."""
     if not url:
         import fakeredis
 
-        return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=False)
-    return aioredis.Redis.from_url(url, decode_responses=False)
+        return fakeredis.FakeAsyncRedis(
+            server=fakeredis.FakeServer(), decode_responses=False,
+            connection_pool_class=aioredis.BlockingConnectionPool, max_connections=connections_max,
+            timeout=REDIS_POOL_WAIT_SECONDS,
+        )
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=connections_max, timeout=REDIS_POOL_WAIT_SECONDS, decode_responses=False,
+        socket_timeout=5, socket_connect_timeout=2, health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 @dataclass(frozen=True)
@@ -94,11 +109,13 @@ class Counters:
     def partition_of(self, owner_id: str) -> int:
         return redis_keys.partition_of(owner_id, self.partitions)
 
-    async def set_key_state(self, partition: int, key_id: str, status: str, secrets: list[tuple[str, int]]) -> None:
-        args: list[str] = [status]
+    async def set_key_state(self, customer_id: str, key_id: str, status: str, secrets: list[tuple[str, int]],
+                            now_ms: int) -> None:
+        partition = self.partition_of(customer_id)
+        args: list[str] = [status, str(now_ms), key_id, customer_id]
         for secret_hash, expires_ms in secrets:
             args += [secret_hash, str(expires_ms)]
-        await self._key_state(keys=[redis_keys.key_state(partition, key_id)], args=args)
+        await self._key_state(keys=[redis_keys.key_state(partition, key_id), redis_keys.events(partition)], args=args)
 
     async def authorize(
         self,

@@ -169,7 +169,7 @@ class Writer:
                         "source": data["source"], "note": data.get("note", ""),
                         "balance_after_nanos": int(fields["balance_after"]), "created_ms": int(fields["at"]),
                     })
-                elif kind in ("alert", "rejected"):
+                elif kind in ("alert", "rejected", "key_state"):
                     detail = {k: v for k, v in fields.items() if k not in ("type", "rid", "at", "d")}
                     if "d" in fields:
                         detail.update(json.loads(fields["d"]))

@@ -1,0 +1,54 @@
+"""policyd as separate processes, the way it runs in production."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.servers import free_port, wait_port
+
+
+def policyd_command() -> list[str]:
+    installed = Path(sys.executable).parent / "policyd"
+    return [str(installed)] if installed.exists() else [sys.executable, "-m", "policyd.cli"]
+
+
+class PolicydProcess:
+    def __init__(self, redis_url: str, database_url: str, *, policy: str = "", extra_env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = Path(tempfile.mkstemp(prefix="policyd-", suffix=".log")[1])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
+        env.update({"POLICYD_LISTEN": self.address, "POLICYD_REDIS_URL": redis_url,
+                    "POLICYD_DATABASE_URL": database_url, "POLICYD_PARTITIONS": "4",
+                    "POLICYD_SWEEPER_INTERVAL_MS": "100", **(extra_env or {})})
+        args = [*policyd_command(), "serve"] + (["--policy", policy] if policy else [])
+        self.process = subprocess.Popen(args, env=env, cwd=cwd, stdout=self.log_path.open("wb"),
+                                        stderr=subprocess.STDOUT)
+        try:
+            wait_port(self.port, timeout=60)
+        except TimeoutError:
+            self.kill()
+            raise RuntimeError(f"policyd did not start:\n{self.log()}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode

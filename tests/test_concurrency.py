@@ -1,0 +1,83 @@
+"""Concurrency: a pause is never overtaken by an allow, and a wallet is never overspent."""
+
+from __future__ import annotations
+
+import asyncio
+
+from policyd import redis_keys
+from policyd.server import Service
+from tests.helpers import ask, fund, new_key
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def test_pause_while_requests_are_in_flight(service: Service) -> None:
+    key_id, secret = await new_key(service)
+    await fund(service, "acme", "1000")
+    decided_after_pause: list[str] = []
+    paused = asyncio.Event()
+
+    async def client(n: int) -> None:
+        for i in range(40):
+            started_after_pause = paused.is_set()
+            d = await service.engine.authorize(ask(secret, request_id=f"c{n}-{i}", prompt_bytes=10, max_output_tokens=5))
+            if started_after_pause:
+                decided_after_pause.append(d.decision)
+
+    async def pauser() -> None:
+        await asyncio.sleep(0.02)
+        await service.admin.set_state(key_id, "paused")
+        paused.set()
+
+    await asyncio.gather(*(client(n) for n in range(8)), pauser())
+    assert decided_after_pause and set(decided_after_pause) == {"deny"}
+
+    # the stronger proof: in the partition's own order, no allow of this key follows the pause
+    stream = redis_keys.events(service.counters.partition_of("acme"))
+    entries = await service.counters.client.xrange(stream)
+    order = []
+    for _, fields in entries:
+        f = {_text(k): _text(v) for k, v in fields.items()}
+        if f["type"] == "key_state" and f["rid"] == key_id:
+            order.append(f"state:{f['status']}")
+        elif f["type"] == "authorize":
+            order.append(f["outcome"])
+    pause_at = order.index("state:paused")
+    assert "allow" in order[:pause_at]
+    assert "allow" not in order[pause_at:]
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+
+
+async def test_concurrent_authorize_never_overspends(service: Service) -> None:
+    """250 concurrent requests against a wallet that affords exactly 37 of them."""
+    policy = (await service.admin.book.version(1)).canonical.replace("concurrency: 32", "concurrency: 0")
+    await service.admin.apply_policy(policy, "no-concurrency-cap.yaml")
+    _, secret = await new_key(service)
+    probe = await service.engine.authorize(ask(secret, request_id="probe", prompt_bytes=4000, max_output_tokens=300))
+    assert probe.reason == "insufficient_quota"
+    one = await _estimate(service, secret)
+    affordable = 37
+    await service.admin.grant_credit("acme", one * affordable + one - 1, "USD", "purchase")
+    results = await asyncio.gather(*(
+        service.engine.authorize(ask(secret, request_id=f"burst-{i}", prompt_bytes=4000, max_output_tokens=300))
+        for i in range(250)
+    ))
+    allowed = [d for d in results if d.decision == "allow"]
+    assert len(allowed) == affordable
+    assert {d.reason for d in results if d.decision == "deny"} == {"insufficient_quota"}
+    balance, reserved = await service.counters.wallet("acme")
+    assert reserved == one * affordable <= balance
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+
+
+async def _estimate(service: Service, secret: str) -> int:
+    """What one request of the burst reserves, measured on a scratch customer."""
+    await service.admin.grant_credit("scratch", 10**12, "USD", "purchase")
+    key = await service.admin.create_key(label="s", customer_id="scratch", environment="production", plan="pro")
+    d = await service.engine.authorize(ask(key.secret, prompt_bytes=4000, max_output_tokens=300))
+    await service.engine.release(d.request_id, "probe")
+    return d.reserved
