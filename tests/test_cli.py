@@ -1,0 +1,108 @@
+"""The `policyd` command against a running `policyd serve` on the embedded default, as a new user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.processes import PolicydProcess, policyd_command
+
+SAMPLE = str(ROOT / "policyd" / "samples" / "policy.yaml")
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    process = PolicydProcess("", f"sqlite:///{tmp_path / 'policyd.db'}", policy=SAMPLE, cwd=str(tmp_path))
+    yield process
+    process.stop()
+
+
+def run(server: PolicydProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*policyd_command(), *args, "--server", server.address], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_a_new_users_tour(server: PolicydProcess, tmp_path: Path) -> None:
+    assert run(server, "health").stdout.strip() == "serving"
+    granted = run(server, "credit", "grant", "--customer", "demo", "--amount", "10.00", "--grant-id", "welcome")
+    assert granted.returncode == 0 and "balance 10.000000000 USD" in granted.stdout
+    created = json.loads(run(server, "keys", "create", "--customer", "demo", "--plan", "pro", "--json").stdout)
+    secret, key_id = created["secret"], created["key"]["id"]
+    assert secret.startswith("pdk_live_")
+
+    listed = run(server, "keys", "list", "--json")
+    assert key_id in listed.stdout and secret not in listed.stdout
+
+    allowed = run(server, "authorize", "--key", secret, "--model", "gpt-4o", "--max-tokens", "200",
+                  "--request-id", "tour-1")
+    assert allowed.returncode == 0 and allowed.stdout.startswith("allow tour-1: served gpt-4o")
+    settled = run(server, "settle", "tour-1", "--input-tokens", "12", "--output-tokens", "150")
+    # gpt-4o: 12 x 2.50/1M + 150 x 10.00/1M = 0.00153; pro: +20% = 0.001836
+    assert settled.returncode == 0
+    assert "charge 0.001836000 USD, balance 10.000000000 -> 9.998164000" in settled.stdout
+    assert "balance 9.998164000 USD, reserved 0.000000000" in run(server, "wallet", "demo").stdout
+
+    assert run(server, "keys", "pause", key_id).returncode == 0
+    denied = run(server, "authorize", "--key", secret, "--model", "gpt-4o")
+    assert denied.returncode == 2 and "key_paused" in denied.stdout
+    assert run(server, "keys", "resume", key_id).returncode == 0
+    assert run(server, "authorize", "--key", secret, "--model", "gpt-4o").returncode == 0
+
+    rotated = json.loads(run(server, "keys", "rotate", key_id, "--grace-seconds", "60", "--json").stdout)
+    assert rotated["secret"] != secret
+    assert run(server, "authorize", "--key", rotated["secret"], "--model", "gpt-4o").returncode == 0
+    assert run(server, "authorize", "--key", secret, "--model", "gpt-4o").returncode == 0  # grace period
+
+    audit = run(server, "audit")
+    assert audit.returncode == 0 and audit.stdout.startswith("ok:")
+
+    assert run(server, "keys", "revoke", key_id).returncode == 0
+    revoked = run(server, "authorize", "--key", rotated["secret"], "--model", "gpt-4o")
+    assert revoked.returncode == 2 and "key_revoked" in revoked.stdout
+
+    log = server.log()
+    assert secret not in log and rotated["secret"] not in log
+
+
+def test_apply_dry_run_and_errors(server: PolicydProcess, tmp_path: Path) -> None:
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(Path(SAMPLE).read_text().replace('output: "10.00"', 'output: "8.00"'))
+    dry = run(server, "apply", "-f", str(changed), "--dry-run")
+    assert dry.returncode == 0
+    assert "+      output: '8.000000000'" in dry.stdout and "active version stays 1" in dry.stdout
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("currency: USD\nprice_table:\n  version: '1'\n  models: {}\nplans:\n  pro: {modles: []}\n")
+    failed = run(server, "apply", "-f", str(broken))
+    assert failed.returncode == 1
+    assert "invalid_policy" in failed.stderr and "broken.yaml:4" in failed.stderr and "broken.yaml:6" in failed.stderr
+    unknown_plan = run(server, "keys", "create", "--customer", "c", "--plan", "gold")
+    assert unknown_plan.returncode == 1 and "unknown_plan" in unknown_plan.stderr
+    applied = run(server, "apply", "-f", str(changed))
+    assert applied.returncode == 0 and "applied: policy version 2" in applied.stdout
+    again = run(server, "apply", "-f", str(changed), "--json")
+    assert json.loads(again.stdout)["version"] == "2"
+
+
+def test_embedded_store_rebuilds_counters_from_sqlite_at_start(tmp_path: Path) -> None:
+    database = f"sqlite:///{tmp_path / 'policyd.db'}"
+    first = PolicydProcess("", database, policy=SAMPLE, cwd=str(tmp_path))
+    try:
+        run(first, "credit", "grant", "--customer", "demo", "--amount", "2.50")
+        secret = json.loads(run(first, "keys", "create", "--customer", "demo", "--plan", "pro", "--json").stdout)["secret"]
+        assert run(first, "authorize", "--key", secret, "--model", "gpt-4o-mini", "--request-id", "keep").returncode == 0
+    finally:
+        assert first.stop() == 0
+    second = PolicydProcess("", database, cwd=str(tmp_path))
+    try:
+        wallet = run(second, "wallet", "demo", "--json")
+        data = json.loads(wallet.stdout)
+        assert data["balance_nanos"] == "2500000000" and int(data["reserved_nanos"]) > 0
+        assert run(second, "settle", "keep", "--input-tokens", "5", "--output-tokens", "5").returncode == 0
+        assert run(second, "authorize", "--key", secret, "--model", "gpt-4o-mini").returncode == 0
+        assert run(second, "audit").returncode == 0
+    finally:
+        second.stop()
