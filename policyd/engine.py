@@ -247,7 +247,7 @@ class Engine:
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
             seconds=s.seconds,
         )
-        charge = charge_of(plan, cost_of(price, quantities))
+        charge = charge_of(plan, model, quantities, cost_of(price, quantities))
         partition = self.counters.partition_of(owner.customer_id)
         scope_ids = {
             "key": owner.api_key_id, "customer": owner.customer_id, "workspace": owner.workspace_id,
@@ -402,7 +402,7 @@ class Engine:
             requests=report.requests or 1,
         )
         cost = cost_of(price, quantities)
-        charge = charge_of(plan, cost)
+        charge = charge_of(plan, served, quantities, cost)
         numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
                    report.seconds, report.requests or 1, served]
         fingerprint = hashlib.sha256(json.dumps(numbers).encode()).hexdigest()[:32]

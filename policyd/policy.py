@@ -55,12 +55,9 @@ def _nanos(value: Any) -> int:
     return nanos
 
 
-class ModelPrice(_Strict):
-    """Prices in nanos: per 1M tokens, per image, per request, per second (per 1M as well)."""
+class Prices(_Strict):
+    """Prices in nanos: per 1M tokens (input, cached input, output), per image, per request, per second."""
 
-    provider: str = Field(min_length=1, max_length=64)
-    route: str = Field("", max_length=128)  # upstream cluster; defaults to the provider
-    tier: str = Field("", max_length=64)
     input: int = 0
     cached_input: int | None = None  # None = same as input
     output: int = 0
@@ -80,6 +77,14 @@ class ModelPrice(_Strict):
     @property
     def cached_input_price(self) -> int:
         return self.input if self.cached_input is None else self.cached_input
+
+
+class ModelPrice(Prices):
+    """A model of the price table: what the provider charges us, and where it is served."""
+
+    provider: str = Field(min_length=1, max_length=64)
+    route: str = Field("", max_length=128)  # upstream cluster; defaults to the provider
+    tier: str = Field("", max_length=64)
 
     @property
     def upstream(self) -> str:
@@ -142,7 +147,8 @@ class Plan(_Strict):
     default_max_output_tokens: int = Field(1024, ge=1, le=1_000_000)
     reservation: Literal["estimate", "strict"] = "estimate"
     billing: Literal["standard", "at_cost", "free"] = "standard"
-    markup_bps: int = Field(0, ge=0, le=1_000_000)  # charge = cost * (10000 + markup_bps) / 10000
+    markup_bps: int = Field(0, ge=-10_000, le=1_000_000)  # charge = cost * (10000 + markup_bps) / 10000; < 0 = discount
+    price_list: dict[str, Prices] = {}  # the plan's own customer prices for some models (instead of cost + markup)
     wallet: Literal["required", "none"] = "required"
     concurrency: int = Field(0, ge=0, le=100_000)  # in-flight requests per key, 0 = no cap
     critical_features: tuple[str, ...] = ()  # never downgraded: blocked instead
@@ -187,6 +193,9 @@ class PolicyDocument(_Strict):
             for limit in plan.limits:
                 if limit.downgrade_to and limit.downgrade_to not in self.price_table.models:
                     raise ValueError(f"plan {name!r}: downgrade_to {limit.downgrade_to!r} is not in the price table")
+            for model in plan.price_list:
+                if model not in self.price_table.models:
+                    raise ValueError(f"plan {name!r}: price_list model {model!r} is not in the price table")
             for pattern in plan.models:
                 if not pattern.startswith("tier:") and not any(
                     fnmatch.fnmatchcase(m, pattern) for m in self.price_table.models

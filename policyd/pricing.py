@@ -2,8 +2,9 @@
 
 cost   = what the provider bills us: tokens x price per 1M (input, cached input, output)
          + images x per_image + seconds x per_second + requests x per_request
-charge = what the customer pays: cost x (10000 + markup_bps) / 10000 for "standard" plans,
-         cost for "at_cost", 0 for "free".
+charge = what the customer pays: for "standard" plans, the plan's own price_list for the model
+         when it has one, else cost x (10000 + markup_bps) / 10000 (a negative markup is a
+         discount); cost for "at_cost"; 0 for "free" (the cost is still recorded).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from policyd.money import apply_basis_points, price_quantity
-from policyd.policy import ModelPrice, Plan
+from policyd.policy import Plan, Prices
 
 # Strict reservations bound input tokens by bytes: a byte-level BPE token is at least one byte,
 # plus the chat formatting a provider adds per message and per request.
@@ -36,7 +37,7 @@ class Quantities:
         return self.input_tokens + self.output_tokens
 
 
-def cost_of(price: ModelPrice, q: Quantities) -> int:
+def cost_of(price: Prices, q: Quantities) -> int:
     uncached = q.input_tokens - q.cached_input_tokens
     return (
         price_quantity(uncached, price.input)
@@ -48,11 +49,14 @@ def cost_of(price: ModelPrice, q: Quantities) -> int:
     )
 
 
-def charge_of(plan: Plan, cost: int) -> int:
+def charge_of(plan: Plan, model: str, q: Quantities, cost: int) -> int:
     if plan.billing == "free":
         return 0
     if plan.billing == "at_cost":
         return cost
+    listed = plan.price_list.get(model)
+    if listed is not None:
+        return cost_of(listed, q)
     return apply_basis_points(cost, 10_000 + plan.markup_bps)
 
 
