@@ -16,7 +16,7 @@ from typing import Any
 
 from policyd import keys as key_secrets
 from policyd import redis_keys
-from policyd.counters import Counters
+from policyd.counters import Counters, Fenced
 from policyd.db import ApiKeyRow, PolicyVersionRow
 from policyd.directory import KeyDirectory
 from policyd.domain import PolicydError
@@ -31,6 +31,7 @@ GRANT_SOURCES = ("purchase", "promo", "refund", "adjustment")
 ROTATION_GRACE_SECONDS_DEFAULT = 86_400
 ROTATION_GRACE_SECONDS_MAX = 30 * 86_400
 LABEL_LENGTH_MAX = 256
+REBUILD_FENCE_SECONDS = 600  # a rebuild that dies leaves its fence this long at most
 OWNER_ID_LENGTH_MAX = 128
 
 
@@ -202,7 +203,10 @@ class Admin:
             raise _invalid("invalid_request", "grant_id must be at most 128 characters")
         payload = json.dumps({"customer_id": customer_id, "currency": expected, "source": source, "note": note[:1024]})
         partition = self.counters.partition_of(customer_id)
-        outcome, _ = await self.counters.grant(partition, customer_id, grant_id, amount, now_ms(), payload)
+        try:
+            outcome, _ = await self.counters.grant(partition, customer_id, grant_id, amount, now_ms(), payload)
+        except Fenced:
+            raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None
         if outcome == "too_large":
             raise _invalid("invalid_amount", "the balance would exceed 2^53-1 nanos")
         return grant_id, outcome, await self.counters.wallet(customer_id)
@@ -251,7 +255,23 @@ class Admin:
         return totals
 
     async def rebuild(self) -> int:
-        """Rewrite every counter from SQL (after Redis lost its data). Returns the number of counters written."""
+        """Rewrite every counter from SQL (after Redis lost its data). Returns the number of counters written.
+
+        Fenced: every partition refuses script calls (authorize, settle, release, grant) until the
+        rewrite is done, so a replica still running cannot change a counter halfway through, and
+        events still in the streams are written to SQL first."""
+        client = self.counters.client
+        fences = [redis_keys.fence(p) for p in range(self.counters.partitions)]
+        for fence in fences:
+            await client.set(fence, "1", ex=REBUILD_FENCE_SECONDS)
+        try:
+            await self.writer.ensure_groups()
+            await self.writer.drain()
+            return await self._rewrite()
+        finally:
+            await client.delete(*fences)
+
+    async def _rewrite(self) -> int:
         client = self.counters.client
         at = now_ms()
         written = 0

@@ -40,14 +40,11 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level, format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}')
 
     async def main() -> None:
-        task = asyncio.create_task(serve(settings))
+        shutdown = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+            loop.add_signal_handler(sig, shutdown.set)
+        await serve(settings, shutdown=shutdown)
 
     asyncio.run(main())
     return 0

@@ -50,6 +50,14 @@ def connect(url: str, connections_max: int = REDIS_CONNECTIONS_MAX) -> aioredis.
     return aioredis.Redis(connection_pool=pool)
 
 
+class Fenced(Exception):
+    """The partition is being rebuilt from SQL; nothing may change its counters until it is done."""
+
+    def __init__(self, partition: int) -> None:
+        super().__init__(f"partition {partition} is being rebuilt")
+        self.partition = partition
+
+
 @dataclass(frozen=True)
 class BucketHold:
     """A quota bucket a request counts against, and what it holds there."""
@@ -142,6 +150,7 @@ class Counters:
             redis_keys.deadlines(partition),
             redis_keys.inflight(partition, key_id),
             redis_keys.events(partition),
+            redis_keys.fence(partition),
             *[b.key for b in buckets],
         ]
         args: list[str] = [
@@ -155,6 +164,8 @@ class Counters:
             await self._authorize(keys=keys, args=args, client=pipe)
             _, reply = await pipe.execute()
         outcome = _text(reply[0])
+        if outcome == "fenced":
+            raise Fenced(partition)
         if outcome == "allow":
             shadow = _text(reply[2])
             return AuthorizeResult("allow", reserved=int(reply[1]), shadow=tuple(s for s in shadow.split("|") if s))
@@ -202,6 +213,7 @@ class Counters:
             redis_keys.deadlines(p),
             redis_keys.inflight(p, key_id),
             redis_keys.events(p),
+            redis_keys.fence(p),
             *[key for key, _, _ in bucket_deltas],
         ]
         args = [
@@ -212,6 +224,8 @@ class Counters:
             args += [str(while_reserved), str(after_expiry)]
         reply = await self._settle(keys=keys, args=args)
         outcome = _text(reply[0])
+        if outcome == "fenced":
+            raise Fenced(p)
         if outcome in ("settled", "settled_late", "exists"):
             return SettleResult(outcome, int(reply[1]), int(reply[2]))
         return SettleResult(outcome)
@@ -235,11 +249,14 @@ class Counters:
             redis_keys.deadlines(p),
             redis_keys.inflight(p, key_id),
             redis_keys.events(p),
+            redis_keys.fence(p),
             *[key for key, _ in bucket_releases],
         ]
         args = [reservation.request_id, str(now_ms), target, reason, str(retention_seconds), str(len(bucket_releases))]
         args += [str(amount) for _, amount in bucket_releases]
         reply = await self._release(keys=keys, args=args)
+        if _text(reply[0]) == "fenced":
+            raise Fenced(p)
         return _text(reply[0]), _text(reply[1]) if len(reply) > 1 else ""
 
     async def grant(self, partition: int, customer_id: str, grant_id: str, amount: int, now_ms: int, payload: str) -> tuple[str, int]:
@@ -248,9 +265,12 @@ class Counters:
                 redis_keys.wallet(partition, customer_id),
                 redis_keys.grant_marker(partition, grant_id),
                 redis_keys.events(partition),
+                redis_keys.fence(partition),
             ],
             args=[grant_id, str(amount), str(now_ms), payload, str(AMOUNT_MAX)],
         )
+        if _text(reply[0]) == "fenced":
+            raise Fenced(partition)
         return _text(reply[0]), int(reply[1])
 
     async def wallet(self, customer_id: str) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from policyd import keys as key_secrets
 from policyd import reasons, redis_keys
-from policyd.counters import BucketHold, Counters, Reservation
+from policyd.counters import BucketHold, Counters, Fenced, Reservation
 from policyd.directory import KeyDirectory
 from policyd.domain import (
     AuthorizeInput,
@@ -291,7 +291,7 @@ class Engine:
                 payload=payload, reservation_fields=json.dumps(fields, separators=(",", ":")),
                 preset_denial=preset, buckets=attempt.holds,
             )
-        except (ConnectionError, OSError, TimeoutError) as error:
+        except (ConnectionError, OSError, TimeoutError, Fenced) as error:
             log.error("counters unavailable during authorize of %s: %s", request_id, type(error).__name__)
             return None
         except Exception as error:  # redis-py raises its own ConnectionError/TimeoutError classes
@@ -423,11 +423,14 @@ class Engine:
         }
         payload = json.dumps({"record": r["record"], "settlement": settlement, "currency": r["currency"]},
                              separators=(",", ":"))
-        result = await self.counters.settle(
-            reservation, customer_id=r["customer_id"], key_id=r["key_id"], now_ms=self.clock(),
-            fingerprint=fingerprint, charge=charge, retention_seconds=RESULT_RETENTION_SECONDS,
-            payload=payload, bucket_deltas=deltas,
-        )
+        try:
+            result = await self.counters.settle(
+                reservation, customer_id=r["customer_id"], key_id=r["key_id"], now_ms=self.clock(),
+                fingerprint=fingerprint, charge=charge, retention_seconds=RESULT_RETENTION_SECONDS,
+                payload=payload, bucket_deltas=deltas,
+            )
+        except Fenced:
+            raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None
         if result.outcome == "conflict":
             raise await self._reject(report.request_id, reservation.partition, "exists_with_different_usage",
                                      "this request was already settled with other numbers", asdict(report))
@@ -457,7 +460,10 @@ class Engine:
         reservation = await self.counters.find_reservation(request_id)
         if reservation is None:
             raise await self._missing(request_id, "release", {"reason": reason[:256]})
-        outcome, detail = await self._void(reservation, "released", reason[:256] or "released")
+        try:
+            outcome, detail = await self._void(reservation, "released", reason[:256] or "released")
+        except Fenced:
+            raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None
         if outcome == "released":
             return ReleaseResult("released", request_id, reservation.amount)
         if outcome == "already" and detail in ("released", "expired"):
@@ -480,13 +486,21 @@ class Engine:
         voided = 0
         at = self.clock()
         for partition in range(self.counters.partitions):
-            for request_id in await self.counters.due_reservations(partition, at, SWEEP_BATCH):
-                reservation = await self.counters.read_reservation(partition, request_id)
-                if reservation is None:
-                    await self.counters.client.zrem(redis_keys.deadlines(partition), request_id)
-                    continue
-                outcome, _ = await self._void(reservation, "expired", "deadline")
-                voided += outcome == "expired"
+            try:
+                voided += await self._expire_partition(partition, at)
+            except Fenced:
+                continue  # being rebuilt: the next sweep gets it
+        return voided
+
+    async def _expire_partition(self, partition: int, at: int) -> int:
+        voided = 0
+        for request_id in await self.counters.due_reservations(partition, at, SWEEP_BATCH):
+            reservation = await self.counters.read_reservation(partition, request_id)
+            if reservation is None:
+                await self.counters.client.zrem(redis_keys.deadlines(partition), request_id)
+                continue
+            outcome, _ = await self._void(reservation, "expired", "deadline")
+            voided += outcome == "expired"
         return voided
 
     async def run_sweeper(self, stop: asyncio.Event, interval_ms: int) -> None:

@@ -13,6 +13,7 @@ script appends its event atomically with the counter change.
     pd:{pN}:b:<scope>:<id>:<unit>:<window>:<start>   a quota bucket: used, a<pct>
     pd:{pN}:grant:<grant_id>            marker: a credit grant applied once
     pd:{pN}:events                      the partition's event stream (drained to SQL)
+    pd:{pN}:fence                       exists while `policyd rebuild` rewrites the partition
     pd:rid:<request_id>                 -> partition of the reservation (for Settle/Release)
     pd:policy                           version of the active policy (a change makes replicas reload)
 """
@@ -63,6 +64,10 @@ def grant_marker(partition: int, grant_id: str) -> str:
 
 def events(partition: int) -> str:
     return f"{_tag(partition)}:events"
+
+
+def fence(partition: int) -> str:
+    return f"{_tag(partition)}:fence"
 
 
 def request_index(request_id: str) -> str:

@@ -75,6 +75,7 @@ class Service:
             try:
                 await asyncio.wait_for(task, timeout=5)
             except (TimeoutError, asyncio.CancelledError):
+                log.warning("background task %s did not stop in time", task.get_coro())
                 task.cancel()
         try:
             await self.writer.drain()
@@ -100,7 +101,10 @@ def make_grpc_server(service: Service) -> tuple[grpc.aio.Server, health.aio.Heal
     return server, health_servicer
 
 
-async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+async def serve(settings: Settings, ready: asyncio.Event | None = None,
+                shutdown: asyncio.Event | None = None) -> None:
+    """Serve until `shutdown` is set (SIGTERM/SIGINT in `policyd serve`), then stop in order:
+    health NOT_SERVING, in-flight calls finished (5 s grace), background tasks, a last drain."""
     service = await Service.build(settings)
     await service.start()
     server, health_servicer = make_grpc_server(service)
@@ -114,9 +118,13 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
              "embedded" if not settings.redis_url else "external", settings.database_url.split("://")[0])
     if ready is not None:
         ready.set()
+    shutdown = shutdown or asyncio.Event()
     try:
-        await server.wait_for_termination()
+        await shutdown.wait()
     finally:
+        log.info("policyd stopping")
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=5)
+        log.info("grpc server stopped")
         await service.close()
+        log.info("policyd stopped")

@@ -95,7 +95,7 @@ def test_embedded_store_rebuilds_counters_from_sqlite_at_start(tmp_path: Path) -
         secret = json.loads(run(first, "keys", "create", "--customer", "demo", "--plan", "pro", "--json").stdout)["secret"]
         assert run(first, "authorize", "--key", secret, "--model", "gpt-4o-mini", "--request-id", "keep").returncode == 0
     finally:
-        assert first.stop() == 0
+        assert first.stop() == 0, first.log()
     second = PolicydProcess("", database, cwd=str(tmp_path))
     try:
         wallet = run(second, "wallet", "demo", "--json")

@@ -285,3 +285,26 @@ async def test_rebuild_restores_counters_after_redis_data_loss(service: Service)
     await service.engine.settle(usage("open-1"))
     await fund(service, "acme", "3", grant_id="g-rebuild")
     assert (await service.admin.audit()).ok
+
+
+async def test_rebuild_is_fenced_against_replicas_still_running(service: Service) -> None:
+    from policyd import redis_keys
+
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1")
+    d = await service.engine.authorize(ask(secret, request_id="fenced-1"))
+    partition = service.counters.partition_of("acme")
+    await service.counters.client.set(redis_keys.fence(partition), "1")  # as a rebuild in progress leaves it
+    during = await service.engine.authorize(ask(secret, request_id="fenced-2"))
+    assert (during.decision, during.reason, during.http_status) == ("deny", "counters_unavailable", 503)
+    with pytest.raises(PolicydError) as settle_error:
+        await service.engine.settle(usage("fenced-1"))
+    assert (settle_error.value.status, settle_error.value.reason) == ("UNAVAILABLE", "rebuilding")
+    with pytest.raises(PolicydError, match="rebuilding"):
+        await service.admin.grant_credit("acme", USD, "USD", "purchase")
+    assert await service.counters.wallet("acme") == (USD, d.reserved)
+    await service.counters.client.delete(redis_keys.fence(partition))
+    await service.admin.rebuild()  # fences, drains, rewrites, unfences
+    assert await service.counters.client.exists(redis_keys.fence(partition)) == 0
+    assert (await service.engine.settle(usage("fenced-1"))).outcome == "settled"
+    assert (await service.admin.audit()).ok

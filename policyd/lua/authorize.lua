@@ -7,7 +7,8 @@
 -- KEYS[4] deadlines zset     request_id -> expiry ms
 -- KEYS[5] in-flight counter  of the key
 -- KEYS[6] event stream       of the partition
--- KEYS[7..6+n] bucket hashes used (units of the bucket), a<pct> = alerted
+-- KEYS[7] fence              exists while `policyd rebuild` rewrites the partition: refuse
+-- KEYS[8..7+n] bucket hashes used (units of the bucket), a<pct> = alerted
 -- ARGV[1]  request_id
 -- ARGV[2]  secret sha256 (hex)
 -- ARGV[3]  now, unix ms
@@ -26,7 +27,7 @@
 -- mutations use HINCRBY/INCRBY with the ARGV strings; numbers become strings only
 -- through string.format('%d'), never tostring (which rounds to 14 digits).
 -- Returns {"allow", reserved, shadow labels "a|b"} | {"deny", reason, label}
---       | {"exists", state, "1" when the same key made it}.
+--       | {"exists", state, "1" when the same key made it} | {"fenced"}.
 
 local function fmt(n) return string.format('%d', n) end
 
@@ -45,6 +46,10 @@ local bucket_count = tonumber(ARGV[11])
 local function record(outcome, reason, label, extra)
   redis.call('XADD', KEYS[6], '*', 'type', 'authorize', 'rid', request_id, 'at', ARGV[3],
     'outcome', outcome, 'reason', reason, 'label', label, 'reserved', extra, 'd', payload)
+end
+
+if redis.call('EXISTS', KEYS[7]) == 1 then
+  return {'fenced'}
 end
 
 -- 1. a retry of a request already reserved is answered from the reservation, not charged again
@@ -99,7 +104,7 @@ for i = 1, bucket_count do
   local base = 11 + (i - 1) * 6
   local bucket_amount = tonumber(ARGV[base + 1])
   local limit = tonumber(ARGV[base + 2])
-  local used = tonumber(redis.call('HGET', KEYS[6 + i], 'used') or '0')
+  local used = tonumber(redis.call('HGET', KEYS[7 + i], 'used') or '0')
   if used + bucket_amount > limit then
     local label = ARGV[base + 6]
     if ARGV[base + 3] == 'shadow' then
@@ -115,7 +120,7 @@ end
 redis.call('HINCRBY', KEYS[2], 'reserved', ARGV[6])
 for i = 1, bucket_count do
   local base = 11 + (i - 1) * 6
-  local key = KEYS[6 + i]
+  local key = KEYS[7 + i]
   local used = redis.call('HINCRBY', key, 'used', ARGV[base + 1])
   local ttl = tonumber(ARGV[base + 4])
   if ttl > 0 and redis.call('TTL', key) < 0 then

@@ -3,15 +3,19 @@
 -- KEYS[1] wallet hash        balance, reserved (nanos)
 -- KEYS[2] grant marker       exists once the grant is applied
 -- KEYS[3] event stream
+-- KEYS[4] fence              exists while `policyd rebuild` rewrites the partition: refuse
 -- ARGV[1] grant id
 -- ARGV[2] amount, nanos (0 < x < 2^53, checked by policyd with the resulting balance)
 -- ARGV[3] now, unix ms
 -- ARGV[4] event payload (JSON made by policyd)
 -- ARGV[5] balance ceiling, nanos (2^53 - 1): a grant may not take a balance past it
--- Returns {"granted", balance} | {"exists", balance} | {"too_large", balance}
+-- Returns {"granted", balance} | {"exists", balance} | {"too_large", balance} | {"fenced", "0"}
 
 local function fmt(n) return string.format('%d', n) end
 
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  return {'fenced', '0'}
+end
 local balance = tonumber(redis.call('HGET', KEYS[1], 'balance') or '0')
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {'exists', fmt(balance)}

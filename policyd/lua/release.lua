@@ -5,15 +5,19 @@
 -- KEYS[3] deadlines zset
 -- KEYS[4] in-flight counter  of the key
 -- KEYS[5] event stream
--- KEYS[6..5+n] bucket hashes of the reservation
+-- KEYS[6] fence              exists while `policyd rebuild` rewrites the partition: refuse
+-- KEYS[7..6+n] bucket hashes of the reservation
 -- ARGV[1] request_id
 -- ARGV[2] now, unix ms
 -- ARGV[3] "released" or "expired": the state to move to
 -- ARGV[4] reason (e.g. provider_error, client_disconnected, deadline)
 -- ARGV[5] result retention, seconds
 -- ARGV[6] n buckets, then 1 per bucket: the negative reserved amount
--- Returns {"released"|"expired", amount} | {"already", state} | {"unknown"} | {"not_due"}
+-- Returns {"released"|"expired", amount} | {"already", state} | {"unknown"} | {"not_due"} | {"fenced"}
 
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  return {'fenced'}
+end
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
   return {'unknown'}
@@ -34,7 +38,7 @@ redis.call('DECR', KEYS[4])
 redis.call('ZREM', KEYS[3], ARGV[1])
 local bucket_count = tonumber(ARGV[6])
 for i = 1, bucket_count do
-  redis.call('HINCRBY', KEYS[5 + i], 'used', ARGV[6 + i])
+  redis.call('HINCRBY', KEYS[6 + i], 'used', ARGV[6 + i])
 end
 redis.call('HSET', KEYS[1], 'state', target)
 redis.call('EXPIRE', KEYS[1], ARGV[5])

@@ -5,7 +5,8 @@
 -- KEYS[3] deadlines zset
 -- KEYS[4] in-flight counter  of the key
 -- KEYS[5] event stream
--- KEYS[6..5+n] bucket hashes of the reservation
+-- KEYS[6] fence              exists while `policyd rebuild` rewrites the partition: refuse
+-- KEYS[7..6+n] bucket hashes of the reservation
 -- ARGV[1] request_id
 -- ARGV[2] now, unix ms
 -- ARGV[3] fingerprint of the settle numbers (a retry must bring the same)
@@ -15,10 +16,13 @@
 -- ARGV[7] event payload (JSON made by policyd)
 -- ARGV[8] n buckets, then 2 per bucket: delta while reserved (actual - reserved), delta after expiry (actual)
 -- Returns {"settled"|"settled_late", balance_before, balance_after}
---       | {"exists", balance_before, balance_after} | {"conflict"} | {"released"} | {"unknown"}
+--       | {"exists", balance_before, balance_after} | {"conflict"} | {"released"} | {"unknown"} | {"fenced"}
 
 local function fmt(n) return string.format('%d', n) end
 
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  return {'fenced'}
+end
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
   return {'unknown'}
@@ -47,7 +51,7 @@ local after = redis.call('HINCRBY', KEYS[2], 'balance', ARGV[5])
 local bucket_count = tonumber(ARGV[8])
 for i = 1, bucket_count do
   local delta = was_reserved and ARGV[8 + (i - 1) * 2 + 1] or ARGV[8 + (i - 1) * 2 + 2]
-  redis.call('HINCRBY', KEYS[5 + i], 'used', delta)
+  redis.call('HINCRBY', KEYS[6 + i], 'used', delta)
 end
 local outcome = was_reserved and 'settled' or 'settled_late'
 local after_text = fmt(after)
