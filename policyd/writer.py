@@ -35,7 +35,7 @@ def _text(value: Any) -> str:
 
 class Writer:
     def __init__(self, client: aioredis.Redis, store: Store, partitions: int, batch: int = 500,
-                 claim_idle_ms: int = 30_000, consumer: str = "") -> None:
+                 claim_idle_ms: int = 10_000, consumer: str = "") -> None:
         self.client = client
         self.store = store
         self.partitions = partitions
@@ -54,7 +54,7 @@ class Writer:
                     raise
         self._groups_ready = True
 
-    async def _read(self, partition: int) -> list[tuple[str, dict[str, str]]]:
+    async def _read(self, partition: int, claim_idle_ms: int) -> list[tuple[str, dict[str, str]]]:
         stream = redis_keys.events(partition)
         entries: list[Any] = []
         for start in ("0", ">"):  # first what this consumer read but did not ack, then new entries
@@ -66,18 +66,19 @@ class Writer:
                 break
         if not entries:
             claimed = await self.client.xautoclaim(
-                stream, redis_keys.STREAM_GROUP, self.consumer, self.claim_idle_ms, "0-0", count=self.batch
+                stream, redis_keys.STREAM_GROUP, self.consumer, claim_idle_ms, "0-0", count=self.batch
             )
             entries = claimed[1] if claimed else []
         return [(_text(i), {_text(k): _text(v) for k, v in fields.items()}) for i, fields in entries if fields]
 
-    async def drain_once(self) -> int:
+    async def drain_once(self, claim_idle_ms: int | None = None) -> int:
         """Move one batch of every partition to SQL; the number of events moved."""
         if not self._groups_ready:
             await self.ensure_groups()
         moved = 0
+        idle = self.claim_idle_ms if claim_idle_ms is None else claim_idle_ms
         for partition in range(self.partitions):
-            entries = await self._read(partition)
+            entries = await self._read(partition, idle)
             if not entries:
                 continue
             await asyncio.to_thread(self._apply_or_quarantine, partition, entries)
@@ -90,10 +91,11 @@ class Writer:
         return moved
 
     async def drain(self) -> int:
-        """Move everything there is now (used by audit and tests)."""
+        """Move everything there is now, other consumers' pending entries included (audit, rebuild,
+        shutdown). Taking an entry another writer still holds is safe: every write is idempotent."""
         total = 0
         while True:
-            moved = await self.drain_once()
+            moved = await self.drain_once(claim_idle_ms=0)
             total += moved
             if moved == 0:
                 return total
