@@ -273,6 +273,16 @@ class Counters:
             raise Fenced(partition)
         return _text(reply[0]), int(reply[1])
 
+    async def key_status(self, customer_id: str, key_id: str, secret_hash: str, now_ms: int) -> str:
+        """active | paused | revoked | invalid (this secret does not open the key)."""
+        status, expiry = await self.client.hmget(
+            redis_keys.key_state(self.partition_of(customer_id), key_id), "status", f"h:{secret_hash}")
+        if status is None or expiry is None:
+            return "invalid"
+        if _text(expiry) != "0" and int(expiry) <= now_ms:
+            return "invalid"
+        return _text(status)
+
     async def wallet(self, customer_id: str) -> tuple[int, int]:
         raw = await self.client.hmget(redis_keys.wallet(self.partition_of(customer_id), customer_id), "balance", "reserved")
         return int(raw[0] or 0), int(raw[1] or 0)

@@ -210,6 +210,37 @@ class Engine:
             reservation_expires_ms=at + self.reservation_ttl_ms, shadow_denials=result.shadow, **common,
         )
 
+    async def deny_request(self, request: AuthorizeInput, reason: str, message: str, param: str = "") -> Decision:
+        """A request a proxy could not make sense of (not JSON, too large, ...): denied and recorded."""
+        a = request.attribution
+        request_id = a.request_id if a.request_id and len(a.request_id) <= 128 else new_request_id()
+        base = {"request_id": request_id, "requested_model": request.model[:256], "served_model": request.model[:256]}
+        return await self._deny_unowned(request, self.clock(), time.perf_counter_ns(), base, reason, message, param)
+
+    async def models_for(self, api_key: str) -> tuple[list[tuple[str, str]], Decision | None]:
+        """The models a key may use (GET /v1/models), or the denial when the key may use none."""
+        base = {"request_id": new_request_id(), "requested_model": "", "served_model": ""}
+        if not api_key:
+            return [], self._deny(base | {"owner": Owner()}, "missing_api_key")
+        if not key_secrets.is_well_formed(api_key):
+            return [], self._deny(base | {"owner": Owner()}, "malformed_api_key")
+        secret_hash = key_secrets.hash_secret(api_key)
+        key = await self.directory.resolve(secret_hash)
+        if key is None:
+            return [], self._deny(base | {"owner": Owner()}, "invalid_api_key")
+        status = await self.counters.key_status(key.customer_id, key.id, secret_hash, self.clock())
+        reason = {"invalid": "invalid_api_key", "paused": "key_paused", "revoked": "key_revoked"}.get(status)
+        if reason:
+            return [], self._deny(base | {"owner": Owner()}, reason)
+        policy = self.book.current
+        plan = policy.plan(key.plan) if policy else None
+        if policy is None or plan is None:
+            return [], self._deny(base | {"owner": Owner()}, "unknown_plan" if policy else "no_policy")
+        return [
+            (name, price.provider) for name, price in sorted(policy.document.price_table.models.items())
+            if policy.model_allowed(plan, name, key.scopes) and policy.tier_allowed_in(plan, key.environment, name)
+        ], None
+
     def _policy_denial(self, request: AuthorizeInput, scopes: tuple[str, ...], owner: Owner, policy: Policy,
                        plan: Plan) -> tuple[str, str]:
         a = request.attribution
@@ -278,6 +309,7 @@ class Engine:
             "price_table_version": policy.document.price_table.version if policy else "",
             "currency": policy.document.currency if policy else "",
             "max_output_tokens": attempt.output_cap,
+            "input_tokens_estimate": attempt.input_tokens,
             "holds": [[h.key, h.unit, h.amount] for h in attempt.holds],
             "record": record,
         }
@@ -444,6 +476,18 @@ class Engine:
             balance_before=result.balance_before, balance_after=result.balance_after, currency=r["currency"],
             price_table_version=r["price_table_version"], served_model=served,
         )
+
+    async def settle_estimated(self, request_id: str, output_tokens: int, *, interrupted: bool, error_class: str,
+                               upstream_status: int = 0, provider: str = "") -> Settlement:
+        """Charge a request whose provider reported no usage (a cut stream, a disconnect, a reply without
+        usage): input as estimated at Authorize, output as counted from what was delivered."""
+        reservation = await self.counters.find_reservation(request_id)
+        input_tokens = int(reservation.fields.get("input_tokens_estimate", 0)) if reservation else 0
+        cap = int(reservation.fields.get("max_output_tokens", 0)) if reservation else 0
+        return await self.settle(UsageReport(
+            request_id=request_id, input_tokens=input_tokens, output_tokens=min(output_tokens, cap) if cap else output_tokens,
+            provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,
+        ))
 
     async def _missing(self, request_id: str, action: str, detail: dict[str, Any]) -> PolicydError:
         record = await asyncio.to_thread(self.store.usage_record, request_id)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -17,6 +19,9 @@ from policyd.counters import Counters, connect
 from policyd.db import migrate
 from policyd.directory import KeyDirectory
 from policyd.engine import Engine
+from policyd.ext_authz import AuthorizationServicer
+from policyd.ext_proc import ExternalProcessorServicer
+from policyd.providers import ProviderPool
 from policyd.policy_book import PolicyBook
 from policyd.servicers import AdminServicer, PolicyServicer
 from policyd.settings import Settings
@@ -37,6 +42,7 @@ class Service:
     writer: Writer
     engine: Engine
     admin: Admin
+    pool: ProviderPool
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -50,7 +56,8 @@ class Service:
         writer = Writer(counters.client, store, settings.partitions, settings.writer_batch)
         engine = Engine(counters, store, book, directory, settings.reservation_ttl_seconds, settings.failure_mode)
         admin = Admin(store, counters, book, directory, writer, settings.reservation_ttl_seconds)
-        return cls(settings, store, counters, book, directory, writer, engine, admin)
+        pool = ProviderPool.load(settings.providers_file)
+        return cls(settings, store, counters, book, directory, writer, engine, admin, pool)
 
     async def start(self) -> None:
         await self.writer.ensure_groups()
@@ -89,12 +96,17 @@ def make_grpc_server(service: Service) -> tuple[grpc.aio.Server, health.aio.Heal
     server = grpc.aio.server()
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(service.engine), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service.admin, service.settings.admin_token), server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(service.engine, service.pool), server)
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessorServicer(service.engine, service.pool), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
         admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
+        external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)

@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     )
     admin_token: str = Field("", description="bearer token the AdminService requires; empty = no check (loopback use)")
     policy_file: str = Field("", description="policy YAML to apply at start")
+    providers_file: str = Field("", description="provider accounts YAML (credentials put on upstream requests)")
     partitions: int = Field(16, ge=1, le=1024, description="event stream partitions (Redis Cluster hash slots)")
     reservation_ttl_seconds: int = Field(600, ge=1, description="unsettled reservations expire after this")
     failure_mode: Literal["closed", "open"] = Field(

@@ -1,0 +1,105 @@
+"""Envoy ext_authz (envoy.service.auth.v3.Authorization/Check) over the decision engine.
+
+Allow: the customer's key is replaced by the provider credential of the chosen account, the
+route header tells Envoy which cluster to use, and the reservation travels to ext_proc in
+dynamic metadata (namespace envoy.filters.http.ext_authz). Deny: an OpenAI-style error body,
+with the status (and retry-after) the decision carries. GET /v1/models is answered here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from policyd import http_api
+from policyd.domain import Decision
+from policyd.engine import Engine
+from policyd.providers import ProviderPool
+
+log = logging.getLogger("policyd.ext_authz")
+
+ROUTE_HEADER = "x-policyd-route"
+REQUEST_ID_HEADER = "x-policyd-request-id"
+METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def denied(status: int, body: bytes, retry_after: int = 0) -> Any:
+    """A reply Envoy sends itself, without calling the upstream (a denial, or an answer policyd owns)."""
+    headers = [_header("content-type", "application/json")]
+    if retry_after > 0:
+        headers.append(_header("retry-after", str(retry_after)))
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=status), headers=headers, body=body.decode()),
+    )
+
+
+def deny_decision(d: Decision) -> Any:
+    body = http_api.error_body(d.error_type, d.reason, d.message, d.error_param)
+    return denied(d.http_status, body, d.retry_after_seconds)
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    def __init__(self, engine: Engine, pool: ProviderPool) -> None:
+        self.engine = engine
+        self.pool = pool
+
+    async def Check(self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext) -> Any:
+        http = request.attributes.request.http
+        body = http.raw_body or http.body.encode("utf-8", "surrogateescape")
+        source = request.attributes.source.address.socket_address.address
+        call = http_api.parse_call(http.method, http.path, dict(http.headers), body, source)
+        if call.models_listing:
+            models, denial = await self.engine.models_for(call.api_key)
+            if denial is not None:
+                return deny_decision(denial)
+            return denied(200, http_api.models_listing(models))  # a local reply: Envoy answers it itself
+        if call.problem:
+            decision = await self.engine.deny_request(call.authorize_input(), call.problem, call.problem_message,
+                                                      call.problem_param)
+            return deny_decision(decision)
+        decision = await self.engine.authorize(call.authorize_input())
+        if not decision.allowed:
+            return deny_decision(decision)
+        return self._allow(call, decision)
+
+    def _allow(self, call: http_api.HttpCall, d: Decision) -> Any:
+        account = self.pool.pick(d.provider)
+        headers = [_header(REQUEST_ID_HEADER, d.request_id)]
+        remove = [h for h in http_api.CUSTOMER_KEY_HEADERS]  # the customer's key never goes upstream
+        route = d.route
+        if account is not None:
+            name, value = account.credential_header()
+            headers.append(_header(name, value))
+            remove = [h for h in remove if h != name]
+            route = account.cluster
+        headers.append(_header(ROUTE_HEADER, route))
+        metadata = struct_pb2.Struct()
+        metadata.update({
+            "request_id": d.request_id, "endpoint": call.endpoint, "stream": call.stream,
+            "requested_model": d.requested_model, "served_model": d.served_model,
+            "max_output_tokens": d.max_output_tokens, "client_gave_cap": call.max_output_tokens > 0,
+            "account": account.name if account else "", "decision": d.decision,
+        })
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=headers, headers_to_remove=remove,
+                response_headers_to_add=[_header(REQUEST_ID_HEADER, d.request_id)]),
+            dynamic_metadata=metadata,
+        )

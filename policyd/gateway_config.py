@@ -1,0 +1,151 @@
+"""The Envoy configuration that makes a stock Envoy a policyd gateway.
+
+`deploy/envoy/envoy.yaml` is this rendered with the defaults (a test keeps them equal); the
+demo and the end-to-end tests render it with their own ports.
+
+    policyd gateway-config --listen-port 10000 --policyd 127.0.0.1:50051 \\
+        --cluster openai=api.openai.com:443:tls > envoy.yaml
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policyd.http_api import REQUEST_BODY_BYTES_MAX
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str  # the Envoy cluster name, as routes and provider accounts name it
+    host: str
+    port: int
+    tls: bool = False
+
+
+DEFAULT_UPSTREAMS = (
+    Upstream("openai", "127.0.0.1", 8080),
+    Upstream("anthropic", "127.0.0.1", 8080),
+    Upstream("google", "127.0.0.1", 8080),
+)
+
+
+def _cluster(u: Upstream) -> str:
+    address = "STRICT_DNS" if not u.host.replace(".", "").isdigit() else "STATIC"
+    tls = f"""
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {u.host}""" if u.tls else ""
+    return f"""  - name: {u.name}
+    type: {address}
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: {u.name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{address: {u.host}, port_value: {u.port}}}{tls}
+"""
+
+
+def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_host: str = "127.0.0.1",
+           policyd_port: int = 50051, admin_port: int = 9901, upstreams: tuple[Upstream, ...] = DEFAULT_UPSTREAMS,
+           failure_mode_allow: bool = False, body_bytes_max: int = REQUEST_BODY_BYTES_MAX) -> str:
+    fail_open = "true" if failure_mode_allow else "false"
+    clusters = "".join(_cluster(u) for u in upstreams)
+    return f"""# Envoy as a policyd gateway: ext_authz decides and reserves, ext_proc rewrites and settles.
+# Rendered by policyd/gateway_config.py (the tests check this file equals its defaults).
+# Fail closed by default: when policyd cannot be reached, requests get 503 and nothing is spent.
+# To fail open (serve unmetered while policyd is down), set failure_mode_allow: true on both filters.
+admin:
+  address:
+    socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}
+static_resources:
+  listeners:
+  - name: gateway
+    address:
+      socket_address: {{address: {listen_host}, port_value: {listen_port}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: gateway
+          stream_idle_timeout: 300s
+          route_config:
+            name: providers
+            virtual_hosts:
+            - name: providers
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route:
+                  cluster_header: x-policyd-route
+                  timeout: 600s
+          local_reply_config:
+            mappers:
+            - filter:
+                status_code_filter:
+                  comparison: {{op: EQ, value: {{default_value: 413, runtime_key: policyd.body_too_large}}}}
+              body_format_override:
+                json_format:
+                  error:
+                    type: invalid_request_error
+                    code: request_too_large
+                    message: "The request body is larger than this gateway accepts ({body_bytes_max} bytes)."
+                content_type: application/json
+          http_filters:
+          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              grpc_service:
+                envoy_grpc: {{cluster_name: policyd}}
+                timeout: 2s
+              with_request_body:
+                max_request_bytes: {body_bytes_max}
+                allow_partial_message: false
+                pack_as_bytes: true
+              failure_mode_allow: {fail_open}
+              status_on_error: {{code: ServiceUnavailable}}
+              clear_route_cache: true
+          - name: envoy.filters.http.ext_proc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              grpc_service:
+                envoy_grpc: {{cluster_name: policyd}}
+                timeout: 600s
+              failure_mode_allow: {fail_open}
+              message_timeout: 5s
+              processing_mode:
+                request_header_mode: SEND
+                response_header_mode: SEND
+                request_body_mode: BUFFERED
+                response_body_mode: STREAMED
+                request_trailer_mode: SKIP
+                response_trailer_mode: SKIP
+              metadata_options:
+                forwarding_namespaces:
+                  untyped: [envoy.filters.http.ext_authz]
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: policyd
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    load_assignment:
+      cluster_name: policyd
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{address: {policyd_host}, port_value: {policyd_port}}}
+{clusters}"""

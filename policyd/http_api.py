@@ -1,0 +1,250 @@
+"""The provider HTTP APIs as a proxy sees them: which endpoint, which key, which model, how big,
+and the rewrites and error bodies policyd needs. Shared by the Envoy filters and gateways.
+
+Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
+    POST .../v1/chat/completions          chat_completions
+    POST .../v1/responses                 responses
+    POST .../v1/embeddings                embeddings
+    POST .../v1/images/generations        images
+    POST .../v1/messages                  anthropic_messages
+    POST .../v1beta/models/M:generateContent | :streamGenerateContent   gemini_generate_content
+    GET  .../v1/models                    the models the key may use (answered by policyd)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from policyd.domain import Attribution, AuthorizeInput, Shape
+
+REQUEST_BODY_BYTES_MAX = 10 * 1024 * 1024
+JSON_DEPTH_MAX = 64
+
+_PATHS = [
+    (re.compile(r"(^|/)v1/chat/completions/?$"), "chat_completions"),
+    (re.compile(r"(^|/)v1/responses/?$"), "responses"),
+    (re.compile(r"(^|/)v1/embeddings/?$"), "embeddings"),
+    (re.compile(r"(^|/)v1/images/generations/?$"), "images"),
+    (re.compile(r"(^|/)v1/messages/?$"), "anthropic_messages"),
+]
+_GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent)$")
+_MODELS = re.compile(r"(^|/)v1/models/?$")
+
+# header -> attribution field
+ATTRIBUTION_HEADERS = {
+    "x-trace-id": "trace_id",
+    "traceparent": "traceparent",
+    "x-customer-id": "customer_id",
+    "x-workspace-id": "workspace_id",
+    "x-project-id": "project_id",
+    "x-end-user-id": "end_user_id",
+    "x-agent-id": "agent_id",
+    "x-thread-id": "thread_id",
+    "x-session-id": "thread_id",
+    "x-feature": "feature",
+    "x-route": "route",
+    "x-environment": "environment",
+}
+REQUEST_ID_HEADERS = ("x-policyd-request-id", "idempotency-key", "x-request-id")
+TAG_HEADER_PREFIX = "x-policyd-tag-"
+CUSTOMER_KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
+
+
+@dataclass
+class HttpCall:
+    """An HTTP request understood as a model call, or the reason it cannot be."""
+
+    endpoint: str = ""
+    models_listing: bool = False
+    api_key: str = ""
+    model: str = ""
+    stream: bool = False
+    body: dict[str, Any] | None = None
+    max_output_tokens: int = 0
+    prompt_bytes: int = 0
+    message_count: int = 0
+    image_count: int = 0
+    problem: str = ""  # machine reason when the request is unusable
+    problem_message: str = ""
+    problem_param: str = ""
+    attribution: Attribution = field(default_factory=Attribution)
+    client_address: str = ""
+    user_agent: str = ""
+
+    def authorize_input(self) -> AuthorizeInput:
+        return AuthorizeInput(
+            api_key=self.api_key, endpoint=self.endpoint, model=self.model, attribution=self.attribution,
+            shape=Shape(prompt_bytes=self.prompt_bytes, message_count=self.message_count,
+                        max_output_tokens=self.max_output_tokens, image_count=self.image_count, stream=self.stream),
+            client_address=self.client_address, user_agent=self.user_agent,
+        )
+
+
+def endpoint_of(method: str, path: str) -> tuple[str, str, bool]:
+    """(endpoint family, model from the path, is the models listing)."""
+    path = path.split("?", 1)[0]
+    if method.upper() == "GET" and _MODELS.search(path):
+        return "", "", True
+    for pattern, name in _PATHS:
+        if pattern.search(path):
+            return name, "", False
+    gemini = _GEMINI.search(path)
+    if gemini:
+        return "gemini_generate_content", gemini.group("model"), False
+    return "", "", False
+
+
+def customer_key(headers: dict[str, str]) -> str:
+    value = headers.get("authorization", "")
+    if value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return (headers.get("x-api-key") or headers.get("x-goog-api-key") or "").strip()
+
+
+def _text_bytes(value: Any, depth: int = 0) -> int:
+    """UTF-8 bytes of every string in a JSON value (what the strict input bound counts)."""
+    if depth > JSON_DEPTH_MAX:
+        return 0
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, list):
+        return sum(_text_bytes(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return sum(_text_bytes(v, depth + 1) for k, v in value.items() if k not in ("model", "stream"))
+    return 0
+
+
+def _depth(value: Any, depth: int = 0) -> int:
+    if depth > JSON_DEPTH_MAX:
+        return depth
+    if isinstance(value, dict):
+        return max([_depth(v, depth + 1) for v in value.values()] or [depth])
+    if isinstance(value, list):
+        return max([_depth(v, depth + 1) for v in value] or [depth])
+    return depth
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, client_address: str = "") -> HttpCall:
+    """Understand one HTTP request. Never raises: problems are reported in `problem`."""
+    headers = {k.lower(): v for k, v in headers.items()}
+    call = HttpCall(api_key=customer_key(headers), client_address=client_address,
+                    user_agent=headers.get("user-agent", ""))
+    endpoint, path_model, listing = endpoint_of(method, path)
+    call.endpoint, call.models_listing = endpoint, listing
+    call.attribution = _attribution(headers)
+    forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
+    call.client_address = forwarded or client_address
+    if listing:
+        return call
+    if not endpoint:
+        return _problem(call, "unknown_endpoint", f"policyd does not know the endpoint {method} {path[:200]}", "path")
+    if len(body) > REQUEST_BODY_BYTES_MAX:
+        return _problem(call, "request_too_large", f"the request body is larger than {REQUEST_BODY_BYTES_MAX} bytes")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return _problem(call, "invalid_request", "the request body is not valid UTF-8")
+    try:
+        data = json.loads(text) if text.strip() else None
+    except (ValueError, RecursionError):
+        return _problem(call, "invalid_request", "the request body is not valid JSON")
+    if not isinstance(data, dict):
+        return _problem(call, "invalid_request", "the request body must be a JSON object")
+    if _depth(data) > JSON_DEPTH_MAX:
+        return _problem(call, "invalid_request", f"the request body nests deeper than {JSON_DEPTH_MAX} levels")
+    call.body = data
+    model = path_model or data.get("model")
+    if not isinstance(model, str) or not model:
+        return _problem(call, "invalid_request", "you must provide a model parameter", "model")
+    call.model = model
+    call.stream = data.get("stream") is True or path.split("?", 1)[0].endswith(":streamGenerateContent")
+    generation = data.get("generationConfig") if isinstance(data.get("generationConfig"), dict) else {}
+    call.max_output_tokens = (_int(data.get("max_completion_tokens")) or _int(data.get("max_tokens"))
+                              or _int(data.get("max_output_tokens")) or _int(generation.get("maxOutputTokens")))
+    content = {k: v for k, v in data.items() if k in ("messages", "input", "prompt", "system", "contents",
+                                                       "instructions", "tools", "systemInstruction")}
+    call.prompt_bytes = _text_bytes(content)
+    messages = data.get("messages") or data.get("contents") or data.get("input")
+    call.message_count = len(messages) if isinstance(messages, list) else 1
+    if endpoint == "images":
+        call.image_count = _int(data.get("n")) or 1
+    if not call.attribution.end_user_id and isinstance(data.get("user"), str):
+        call.attribution = _replace(call.attribution, end_user_id=data["user"][:256])
+    return call
+
+
+def _replace(attribution: Attribution, **changes: Any) -> Attribution:
+    from dataclasses import replace
+
+    return replace(attribution, **changes)
+
+
+def _attribution(headers: dict[str, str]) -> Attribution:
+    values: dict[str, Any] = {}
+    for header, name in ATTRIBUTION_HEADERS.items():
+        if header in headers and name not in values:
+            values[name] = headers[header]
+    for header in REQUEST_ID_HEADERS:
+        if headers.get(header):
+            values["request_id"] = headers[header]
+            break
+    tags = {k[len(TAG_HEADER_PREFIX):]: v for k, v in headers.items() if k.startswith(TAG_HEADER_PREFIX)}
+    return Attribution(tags=tags, **values)
+
+
+def _problem(call: HttpCall, reason: str, message: str, param: str = "") -> HttpCall:
+    call.problem, call.problem_message, call.problem_param = reason, message, param
+    return call
+
+
+def error_body(error_type: str, code: str, message: str, param: str = "") -> bytes:
+    """The OpenAI error shape, which the openai SDKs turn into their exception classes."""
+    return json.dumps({"error": {"type": error_type, "code": code, "message": message,
+                                 "param": param or None}}).encode()
+
+
+def rewrite_body(call_body: dict[str, Any], endpoint: str, served_model: str, requested_model: str,
+                 output_cap: int, client_gave_cap: bool, stream: bool) -> dict[str, Any] | None:
+    """The request body policy requires, or None when it stays as it is.
+
+    - the served model on a downgrade (not for Gemini, whose model is in the path);
+    - the reserved output cap when the client sent none;
+    - stream_options.include_usage for streamed chat completions, so usage is always reported.
+    """
+    body = dict(call_body)
+    changed = False
+    if served_model and served_model != requested_model and endpoint != "gemini_generate_content":
+        body["model"] = served_model
+        changed = True
+    if output_cap and not client_gave_cap:
+        if endpoint == "chat_completions":
+            body["max_completion_tokens"] = output_cap
+        elif endpoint == "responses":
+            body["max_output_tokens"] = output_cap
+        elif endpoint == "anthropic_messages":
+            body["max_tokens"] = output_cap
+        elif endpoint == "gemini_generate_content":
+            generation = dict(body.get("generationConfig") or {})
+            generation["maxOutputTokens"] = output_cap
+            body["generationConfig"] = generation
+        changed = changed or endpoint in ("chat_completions", "responses", "anthropic_messages", "gemini_generate_content")
+    if stream and endpoint == "chat_completions":
+        options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+        if options.get("include_usage") is not True:
+            body["stream_options"] = {**options, "include_usage": True}
+            changed = True
+    return body if changed else None
+
+
+def models_listing(models: list[tuple[str, str]], created: int = 0) -> bytes:
+    """GET /v1/models in the OpenAI list shape: (model id, owner) pairs."""
+    return json.dumps({"object": "list", "data": [
+        {"id": model, "object": "model", "created": created, "owned_by": owner} for model, owner in models
+    ]}).encode()

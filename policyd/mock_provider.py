@@ -1,0 +1,192 @@
+"""A small OpenAI/Anthropic-compatible provider for demos and tests: it answers chat completions,
+responses, embeddings and Anthropic messages with deterministic usage, streams SSE, and can fail.
+
+Scenarios, by the request header `x-mock-scenario`:
+    ok (default) | rate_limited (429) | server_error (500) | stall (sleeps 30 s) |
+    cut (a stream that stops mid-way without usage) | no_usage (a reply without usage)
+
+Usage it reports: prompt tokens = ceil(UTF-8 bytes of the messages / 4), completion tokens =
+min(the request's output cap, 12). `GET /_mock/requests` lists what it received (for tests).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
+COMPLETION_TOKENS_MAX = len(WORDS)
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    text = json.dumps(body.get("messages") or body.get("input") or body.get("prompt") or "", ensure_ascii=False)
+    return -(-len(text.encode()) // 4)
+
+
+def output_cap(body: dict[str, Any]) -> int:
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and value > 0:
+            return value
+    return COMPLETION_TOKENS_MAX
+
+
+class MockProvider:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, api_keys: tuple[str, ...] = ()) -> None:
+        self.api_keys = set(api_keys)
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:
+                if self.path == "/_mock/requests":
+                    with provider.lock:
+                        self._json(200, provider.requests)
+                else:
+                    self._json(404, {"error": {"type": "not_found", "message": "no such path"}})
+
+            def do_POST(self) -> None:
+                provider.handle(self)
+
+            def read_body(self) -> bytes:
+                if self.headers.get("transfer-encoding", "").lower() == "chunked":
+                    data = b""
+                    while True:
+                        size = int(self.rfile.readline().strip() or b"0", 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return data
+                        data += self.rfile.read(size)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("content-length") or 0))
+
+            def _json(self, status: int, payload: Any, extra: dict[str, str] | None = None) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                for k, v in (extra or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> "MockProvider":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def received(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.requests)
+
+    def handle(self, h: Any) -> None:
+        raw = h.read_body()
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            return h._json(400, {"error": {"type": "invalid_request_error", "message": "body is not JSON"}})
+        scenario = h.headers.get("x-mock-scenario", "ok")
+        auth = h.headers.get("authorization", "") or h.headers.get("x-api-key", "")
+        with self.lock:
+            self.requests.append({"path": h.path, "body": body, "authorization": auth, "scenario": scenario,
+                                  "content_length": h.headers.get("content-length"), "bytes": len(raw)})
+        if self.api_keys and auth.removeprefix("Bearer ") not in self.api_keys:
+            return h._json(401, {"error": {"type": "invalid_request_error", "code": "invalid_api_key",
+                                           "message": "the mock provider did not get its own key"}})
+        if scenario == "rate_limited":
+            return h._json(429, {"error": {"type": "rate_limit_error", "message": "slow down"}}, {"retry-after": "7"})
+        if scenario == "server_error":
+            return h._json(500, {"error": {"type": "server_error", "message": "boom"}})
+        if scenario == "stall":
+            time.sleep(30)
+        model = body.get("model", "")
+        p_tokens = prompt_tokens(body)
+        c_tokens = min(output_cap(body), COMPLETION_TOKENS_MAX)
+        text = "".join(WORDS[:c_tokens])
+        anthropic = h.path.rstrip("/").endswith("/v1/messages")
+        if h.path.rstrip("/").endswith("/v1/embeddings"):
+            return h._json(200, {"object": "list", "model": model, "data": [{"object": "embedding", "index": 0,
+                                 "embedding": [0.0, 0.1]}], "usage": {"prompt_tokens": p_tokens, "total_tokens": p_tokens}})
+        if body.get("stream"):
+            return self._stream(h, body, model, p_tokens, c_tokens, scenario, anthropic)
+        if anthropic:
+            usage = {"input_tokens": p_tokens, "output_tokens": c_tokens}
+            return h._json(200, {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+                                 "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                                 **({} if scenario == "no_usage" else {"usage": usage})})
+        if h.path.rstrip("/").endswith("/v1/responses"):
+            usage = {"input_tokens": p_tokens, "output_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
+            return h._json(200, {"id": "resp_mock", "object": "response", "model": model, "status": "completed",
+                                 "output": [{"type": "message", "role": "assistant", "content": [
+                                     {"type": "output_text", "text": text}]}],
+                                 **({} if scenario == "no_usage" else {"usage": usage})})
+        usage = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
+        return h._json(200, {"id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                          "finish_reason": "stop"}],
+                             **({} if scenario == "no_usage" else {"usage": usage})})
+
+    def _stream(self, h: Any, body: dict[str, Any], model: str, p_tokens: int, c_tokens: int, scenario: str,
+                anthropic: bool) -> None:
+        h.send_response(200)
+        h.send_header("content-type", "text/event-stream")
+        h.send_header("cache-control", "no-cache")
+        h.send_header("transfer-encoding", "chunked")
+        h.end_headers()
+
+        def send(data: str) -> None:
+            chunk = data.encode()
+            h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            h.wfile.flush()
+
+        words = WORDS[:c_tokens]
+        if anthropic:
+            send("event: message_start\ndata: " + json.dumps({"type": "message_start", "message": {
+                "id": "msg_mock", "model": model, "usage": {"input_tokens": p_tokens, "output_tokens": 0}}}) + "\n\n")
+            for i, word in enumerate(words):
+                if scenario == "cut" and i == len(words) // 2:
+                    h.close_connection = True
+                    return
+                send("event: content_block_delta\ndata: " + json.dumps({"type": "content_block_delta", "index": 0,
+                     "delta": {"type": "text_delta", "text": word}}) + "\n\n")
+            send("event: message_delta\ndata: " + json.dumps({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                 "usage": {"output_tokens": c_tokens}}) + "\n\n")
+            send("event: message_stop\ndata: {\"type\": \"message_stop\"}\n\n")
+            h.wfile.write(b"0\r\n\r\n")
+            return
+        for i, word in enumerate(words):
+            if scenario == "cut" and i == len(words) // 2:
+                h.close_connection = True  # the connection drops: no usage, no [DONE]
+                return
+            chunk = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
+                     "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+            send(f"data: {json.dumps(chunk)}\n\n")
+            time.sleep(0.002)
+        last = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        send(f"data: {json.dumps(last)}\n\n")
+        options = body.get("stream_options") or {}
+        if options.get("include_usage") and scenario != "no_usage":
+            usage = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
+                     "usage": {"prompt_tokens": p_tokens, "completion_tokens": c_tokens,
+                               "total_tokens": p_tokens + c_tokens}}
+            send(f"data: {json.dumps(usage)}\n\n")
+        send("data: [DONE]\n\n")
+        h.wfile.write(b"0\r\n\r\n")

@@ -1,0 +1,114 @@
+"""Provider accounts: the credentials policyd puts on upstream requests, pooled per provider.
+
+Configured in a YAML file (`POLICYD_PROVIDERS_FILE`), never in the policy (policies are stored
+and shown; secrets are not):
+
+    accounts:
+      - name: openai-1
+        provider: openai
+        cluster: openai            # the Envoy cluster requests on this account go to
+        api_key_env: OPENAI_KEY_1  # the secret comes from the environment (or api_key: ...)
+      - name: openai-2
+        provider: openai
+        cluster: openai
+        api_key_env: OPENAI_KEY_2
+
+Requests are spread across the accounts of a provider; an account that answered 429 or 5xx
+cools down (its retry-after, else COOLDOWN_SECONDS_DEFAULT) and the next requests use the next.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+COOLDOWN_SECONDS_DEFAULT = 30
+COOLDOWN_SECONDS_MAX = 600
+AUTH_HEADERS = {"bearer": "authorization", "x-api-key": "x-api-key", "x-goog-api-key": "x-goog-api-key"}
+DEFAULT_AUTH = {"anthropic": "x-api-key", "google": "x-goog-api-key"}
+
+
+class AccountConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    provider: str = Field(min_length=1, max_length=64)
+    cluster: str = Field("", max_length=128)
+    api_key: str = Field("", repr=False)
+    api_key_env: str = ""
+    auth: Literal["bearer", "x-api-key", "x-goog-api-key", ""] = ""
+
+
+class ProvidersFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    accounts: list[AccountConfig] = []
+
+
+@dataclass
+class Account:
+    name: str
+    provider: str
+    cluster: str
+    auth: str
+    secret: str = field(repr=False)
+    cooling_until: float = 0.0
+
+    def credential_header(self) -> tuple[str, str]:
+        header = AUTH_HEADERS[self.auth]
+        return header, (f"Bearer {self.secret}" if header == "authorization" else self.secret)
+
+
+class ProviderPool:
+    def __init__(self, accounts: list[Account] | None = None, clock=time.monotonic) -> None:
+        self.clock = clock
+        self.accounts: dict[str, list[Account]] = {}
+        for account in accounts or []:
+            self.accounts.setdefault(account.provider, []).append(account)
+        self._turns = {provider: itertools.count() for provider in self.accounts}
+
+    @classmethod
+    def load(cls, path: str) -> "ProviderPool":
+        if not path:
+            return cls()
+        try:
+            data = ProvidersFile.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+        except ValidationError as error:
+            raise SystemExit(f"{path}: {error}") from None
+        accounts = []
+        for config in data.accounts:
+            secret = config.api_key or (os.environ.get(config.api_key_env, "") if config.api_key_env else "")
+            if not secret:
+                raise SystemExit(f"{path}: account {config.name!r} has no api_key (or {config.api_key_env} is unset)")
+            auth = config.auth or DEFAULT_AUTH.get(config.provider, "bearer")
+            accounts.append(Account(config.name, config.provider, config.cluster or config.provider, auth, secret))
+        return cls(accounts)
+
+    def pick(self, provider: str) -> Account | None:
+        """The next account of the provider that is not cooling down (the least cooled one if all are)."""
+        accounts = self.accounts.get(provider)
+        if not accounts:
+            return None
+        now = self.clock()
+        start = next(self._turns[provider])
+        for i in range(len(accounts)):
+            account = accounts[(start + i) % len(accounts)]
+            if account.cooling_until <= now:
+                return account
+        return min(accounts, key=lambda a: a.cooling_until)
+
+    def cool_down(self, name: str, seconds: int = COOLDOWN_SECONDS_DEFAULT) -> None:
+        for accounts in self.accounts.values():
+            for account in accounts:
+                if account.name == name:
+                    account.cooling_until = self.clock() + min(max(seconds, 1), COOLDOWN_SECONDS_MAX)
+
+    def secrets(self) -> list[str]:
+        return [a.secret for accounts in self.accounts.values() for a in accounts]

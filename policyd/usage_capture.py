@@ -1,0 +1,176 @@
+"""Reading actual usage out of provider responses: a JSON body, or the events of an SSE stream.
+
+Chat completions, responses, embeddings, Anthropic messages and Gemini each report usage in
+their own shape; a stream reports it in its last events. When a stream is cut, or a provider
+sends no usage, what was delivered is counted so the request can still be charged (as an
+estimate, marked as such).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+RESPONSE_BUFFER_BYTES_MAX = 4 * 1024 * 1024  # a non-streamed body is buffered up to this for its usage
+SSE_LINE_BYTES_MAX = 1024 * 1024
+ESTIMATE_BYTES_PER_TOKEN = 4
+
+
+@dataclass
+class Tokens:
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.input_tokens or self.output_tokens)
+
+
+def _n(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
+    """Update `seen` from one JSON object (a whole body or one stream event); True if it held usage."""
+    if not isinstance(data, dict):
+        return False
+    if endpoint == "anthropic_messages":
+        message = data.get("message") if isinstance(data.get("message"), dict) else data
+        usage = message.get("usage") if isinstance(message.get("usage"), dict) else data.get("usage")
+        if not isinstance(usage, dict):
+            return False
+        cached = _n(usage.get("cache_read_input_tokens"))
+        created = _n(usage.get("cache_creation_input_tokens"))
+        if "input_tokens" in usage:
+            seen.input_tokens = _n(usage.get("input_tokens")) + cached + created
+            seen.cached_input_tokens = cached
+        if "output_tokens" in usage:
+            seen.output_tokens = max(seen.output_tokens, _n(usage.get("output_tokens")))  # cumulative in deltas
+        return True
+    if endpoint == "gemini_generate_content":
+        usage = data.get("usageMetadata")
+        if not isinstance(usage, dict):
+            return False
+        seen.input_tokens = _n(usage.get("promptTokenCount"))
+        seen.cached_input_tokens = min(_n(usage.get("cachedContentTokenCount")), seen.input_tokens)
+        seen.output_tokens = _n(usage.get("candidatesTokenCount")) + _n(usage.get("thoughtsTokenCount"))
+        return True
+    if endpoint == "responses" and isinstance(data.get("response"), dict):
+        data = data["response"]  # response.completed / response.incomplete events
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return False
+    if endpoint == "responses":
+        details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
+        seen.input_tokens = _n(usage.get("input_tokens"))
+        seen.cached_input_tokens = min(_n(details.get("cached_tokens")), seen.input_tokens)
+        seen.output_tokens = _n(usage.get("output_tokens"))
+        return True
+    details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
+    seen.input_tokens = _n(usage.get("prompt_tokens"))
+    seen.cached_input_tokens = min(_n(details.get("cached_tokens")), seen.input_tokens)
+    seen.output_tokens = _n(usage.get("completion_tokens"))
+    return True
+
+
+def _delivered_text(endpoint: str, data: Any) -> int:
+    """Bytes of generated text in one stream event (for estimating a cut stream)."""
+    if not isinstance(data, dict):
+        return 0
+    total = 0
+    for choice in data.get("choices") or []:
+        if isinstance(choice, dict):
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            for part in (delta.get("content"), delta.get("reasoning_content")):
+                if isinstance(part, str):
+                    total += len(part.encode("utf-8", "surrogatepass"))
+    delta = data.get("delta")
+    if isinstance(delta, str):  # responses: response.output_text.delta
+        total += len(delta.encode("utf-8", "surrogatepass"))
+    elif isinstance(delta, dict) and isinstance(delta.get("text"), str):  # anthropic content_block_delta
+        total += len(delta["text"].encode("utf-8", "surrogatepass"))
+    for candidate in data.get("candidates") or []:
+        if isinstance(candidate, dict):
+            for part in (candidate.get("content") or {}).get("parts") or []:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    total += len(part["text"].encode("utf-8", "surrogatepass"))
+    return total
+
+
+class ResponseReader:
+    """Feeds on response body chunks as they pass; knows the usage at the end, or an estimate."""
+
+    def __init__(self, endpoint: str, stream: bool) -> None:
+        self.endpoint = endpoint
+        self.stream = stream
+        self.tokens = Tokens()
+        self.found_usage = False
+        self.delivered_bytes = 0
+        self.malformed = False
+        self.finished = False  # the provider said the stream is complete ([DONE], message_stop, ...)
+        self._buffer = bytearray()
+        self._overflow = False
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        if not self.stream:
+            if len(self._buffer) + len(chunk) > RESPONSE_BUFFER_BYTES_MAX:
+                self._overflow = True
+                return
+            self._buffer += chunk
+            return
+        self._buffer += chunk
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline < 0:
+                if len(self._buffer) > SSE_LINE_BYTES_MAX:
+                    self.malformed = True
+                    self._buffer.clear()
+                return
+            line = bytes(self._buffer[:newline]).rstrip(b"\r")
+            del self._buffer[: newline + 1]
+            self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        if not line.startswith(b"data:"):
+            if line.startswith(b"event:") and b"message_stop" in line:
+                self.finished = True
+            return
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            self.finished = True
+            return
+        try:
+            data = json.loads(payload)
+        except (ValueError, RecursionError):
+            self.malformed = True
+            return
+        if usage_from(self.endpoint, data, self.tokens):
+            self.found_usage = self.found_usage or self.tokens.any
+        self.delivered_bytes += _delivered_text(self.endpoint, data)
+        if isinstance(data, dict) and data.get("type") in ("response.completed", "message_stop"):
+            self.finished = True
+
+    def finish(self) -> None:
+        """The body ended: parse what was buffered."""
+        if self.stream:
+            if self._buffer:
+                self._line(bytes(self._buffer).rstrip(b"\r\n"))
+                self._buffer.clear()
+            return
+        if self._overflow:
+            self.malformed = True
+            return
+        try:
+            data = json.loads(bytes(self._buffer)) if self._buffer else None
+        except (ValueError, RecursionError):
+            self.malformed = True
+            return
+        self.found_usage = usage_from(self.endpoint, data, self.tokens) and self.tokens.any
+        self.finished = True
+
+    def estimated_output_tokens(self) -> int:
+        return -(-self.delivered_bytes // ESTIMATE_BYTES_PER_TOKEN)

