@@ -31,6 +31,7 @@ GRANT_SOURCES = ("purchase", "promo", "refund", "adjustment")
 ROTATION_GRACE_SECONDS_DEFAULT = 86_400
 ROTATION_GRACE_SECONDS_MAX = 30 * 86_400
 LABEL_LENGTH_MAX = 256
+USAGE_LIST_MAX = 1000
 REBUILD_FENCE_SECONDS = 600  # a rebuild that dies leaves its fence this long at most
 OWNER_ID_LENGTH_MAX = 128
 
@@ -210,6 +211,12 @@ class Admin:
         if outcome == "too_large":
             raise _invalid("invalid_amount", "the balance would exceed 2^53-1 nanos")
         return grant_id, outcome, await self.counters.wallet(customer_id)
+
+    async def latest_usage(self, customer_id: str, limit: int) -> list[Any]:
+        """The newest usage records (after draining what is pending), newest first."""
+        limit = 50 if limit <= 0 else min(limit, USAGE_LIST_MAX)
+        await self.writer.drain()
+        return await asyncio.to_thread(self.store.latest_usage, customer_id, limit)
 
     # ------------------------------------------------------------------ audit and rebuild
     async def audit(self) -> AuditResult:

@@ -201,6 +201,51 @@ def _settle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(args: argparse.Namespace) -> int:
+    from policyd.demo import _usage_table
+
+    stub, md = _stub(args)
+    response = stub.ListUsage(admin_pb2.ListUsageRequest(customer_id=args.customer, limit=args.limit), metadata=md)
+    _print(args, response, _usage_table(list(response.records)))
+    return 0
+
+
+def _mock_provider(args: argparse.Namespace) -> int:
+    import time
+
+    from policyd.mock_provider import MockProvider
+
+    mock = MockProvider(host=args.host, port=args.port, api_keys=tuple(args.api_key or ())).start()
+    print(f"mock provider on http://{args.host}:{mock.port}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        mock.stop()
+    return 0
+
+
+def _gateway_config(args: argparse.Namespace) -> int:
+    from policyd.gateway_config import Upstream, render
+
+    host, _, port = args.policyd.rpartition(":")
+    upstreams = []
+    for spec in args.cluster or ["openai=127.0.0.1:8080", "anthropic=127.0.0.1:8080", "google=127.0.0.1:8080"]:
+        name, _, address = spec.partition("=")
+        parts = address.split(":")
+        upstreams.append(Upstream(name, parts[0], int(parts[1]), tls=len(parts) > 2 and parts[2] == "tls"))
+    print(render(listen_port=args.listen_port, policyd_host=host, policyd_port=int(port), admin_port=args.admin_port,
+                 upstreams=tuple(upstreams), failure_mode_allow=args.fail_open), end="")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from policyd.demo import run
+
+    stub, md = _stub(args)
+    return run(args.base_url, args.key_a, args.key_b, stub, md)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="policyd", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -285,6 +330,31 @@ def parser() -> argparse.ArgumentParser:
     settle.add_argument("--cached-input-tokens", dest="cached_input_tokens", type=int, default=0)
     settle.add_argument("--output-tokens", dest="output_tokens", type=int, required=True)
     settle.set_defaults(run=_settle)
+
+    usage = client(commands.add_parser("usage", help="the latest usage records"))
+    usage.add_argument("--customer", default="")
+    usage.add_argument("--limit", type=int, default=20)
+    usage.set_defaults(run=_usage)
+
+    mock = commands.add_parser("mock-provider", help="a small OpenAI/Anthropic-compatible provider for demos and tests")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8080)
+    mock.add_argument("--api-key", action="append", help="the provider key it accepts (repeatable; none = any)")
+    mock.set_defaults(run=_mock_provider)
+
+    gateway = commands.add_parser("gateway-config", help="print an Envoy config that makes Envoy a policyd gateway")
+    gateway.add_argument("--listen-port", type=int, default=10000)
+    gateway.add_argument("--admin-port", type=int, default=9901)
+    gateway.add_argument("--policyd", default="127.0.0.1:50051", help="host:port of policyd")
+    gateway.add_argument("--cluster", action="append", help="NAME=HOST:PORT[:tls], repeatable")
+    gateway.add_argument("--fail-open", action="store_true", help="serve unmetered while policyd is down")
+    gateway.set_defaults(run=_gateway_config)
+
+    demo = client(commands.add_parser("demo", help="drive a running gateway with the openai SDK"))
+    demo.add_argument("--base-url", default="http://127.0.0.1:10000/v1")
+    demo.add_argument("--key-a", required=True, help="a key of customer alice (plan pro)")
+    demo.add_argument("--key-b", required=True, help="a key of customer bob (plan free)")
+    demo.set_defaults(run=_demo)
 
     client(commands.add_parser("audit", help="check Redis counters against the SQL ledger")).set_defaults(run=_audit)
     client(commands.add_parser("rebuild", help="rewrite every counter from SQL")).set_defaults(run=_rebuild)

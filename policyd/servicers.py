@@ -131,6 +131,20 @@ def api_key_message(row: ApiKeyRow) -> admin_pb2.ApiKey:
     )
 
 
+def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
+    return admin_pb2.UsageRecord(
+        request_id=r.request_id, created_unix_ms=r.created_ms,
+        owner=types_pb2.Owner(customer_id=r.customer_id, workspace_id=r.workspace_id, project_id=r.project_id,
+                              team_id=r.team_id, api_key_id=r.api_key_id, environment=r.environment, plan=r.plan),
+        feature=r.feature, thread_id=r.thread_id, end_user_id=r.end_user_id, endpoint=r.endpoint,
+        requested_model=r.requested_model, served_model=r.served_model, decision=r.decision, reason=r.reason,
+        status=r.status, input_tokens=r.input_tokens, cached_input_tokens=r.cached_input_tokens,
+        output_tokens=r.output_tokens, cost=_money(r.currency, r.cost_nanos), charge=_money(r.currency, r.charge_nanos),
+        balance_after=_money(r.currency, r.balance_after_nanos or 0), stream_interrupted=bool(r.stream_interrupted),
+        error_class=r.error_class, policy_version=r.policy_version, price_table_version=r.price_table_version,
+    )
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, admin: Admin, token: str = "") -> None:
         self.admin = admin
@@ -210,6 +224,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         await self._authorized(context)
         balance, reserved = await self.admin.counters.wallet(request.customer_id)
         return self._wallet(request.customer_id, balance, reserved)
+
+    async def ListUsage(self, request: admin_pb2.ListUsageRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        rows = await _call(context, lambda: self.admin.latest_usage(request.customer_id, request.limit))
+        return admin_pb2.ListUsageResponse(records=[usage_record_message(r) for r in rows])
 
     async def Audit(self, request: admin_pb2.AuditRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._authorized(context)

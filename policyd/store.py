@@ -112,6 +112,13 @@ class Store:
         with self.session() as session:
             return session.get(UsageRecordRow, request_id)
 
+    def latest_usage(self, customer_id: str, limit: int) -> list[UsageRecordRow]:
+        with self.session() as session:
+            query = select(UsageRecordRow).order_by(UsageRecordRow.created_ms.desc(), UsageRecordRow.request_id).limit(limit)
+            if customer_id:
+                query = query.where(UsageRecordRow.customer_id == customer_id)
+            return list(session.scalars(query))
+
     def ledger_balances(self) -> dict[str, int]:
         with self.session() as session:
             rows = session.execute(

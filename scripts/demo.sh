@@ -1,36 +1,63 @@
 #!/usr/bin/env bash
-# `make run`: policyd on the embedded default (SQLite file + in-process store) with the sample
-# policy, a demo customer with $10.00 of credit, and a demo key printed once. Ctrl-C stops it.
+# `make run`: the main job on the embedded default (SQLite file + in-process store).
+# Starts policyd with the sample policy, a mock OpenAI-compatible provider and Envoy as the gateway,
+# creates two demo customers and prints the base URL and their keys. Ctrl-C stops everything.
+# POLICYD_DEMO_ONCE=1 drives the gateway once with `policyd demo` (the openai SDK) and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export POLICYD_LISTEN="${POLICYD_LISTEN:-127.0.0.1:50051}"
+GRPC_PORT="${POLICYD_GRPC_PORT:-50051}"
+GATEWAY_PORT="${POLICYD_GATEWAY_PORT:-10000}"
+MOCK_PORT="${POLICYD_MOCK_PORT:-8080}"
+ADMIN_PORT="${POLICYD_ENVOY_ADMIN_PORT:-9901}"
+STATE="${POLICYD_DEMO_DIR:-.policyd-demo}"
+mkdir -p "$STATE"
+STATE="$(cd "$STATE" && pwd)"
+export POLICYD_LISTEN="127.0.0.1:$GRPC_PORT"
 export POLICYD_SERVER="$POLICYD_LISTEN"
-export POLICYD_DATABASE_URL="${POLICYD_DATABASE_URL:-sqlite:///policyd.db}"
+export POLICYD_DATABASE_URL="${POLICYD_DATABASE_URL:-sqlite:///$STATE/policyd.db}"
+export POLICYD_PROVIDERS_FILE="${POLICYD_PROVIDERS_FILE:-scripts/demo-providers.yaml}"
 
-policyd serve --policy policyd/samples/policy.yaml &
-server=$!
-trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT INT TERM
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+
+policyd serve --policy policyd/samples/policy.yaml >"$STATE/policyd.log" 2>&1 &
+pids+=($!)
+policyd mock-provider --port "$MOCK_PORT" --api-key mock-provider-key-1 --api-key mock-provider-key-2 \
+  --api-key mock-provider-key-3 --api-key mock-provider-key-4 >"$STATE/mock.log" 2>&1 &
+pids+=($!)
+policyd gateway-config --listen-port "$GATEWAY_PORT" --admin-port "$ADMIN_PORT" --policyd "127.0.0.1:$GRPC_PORT" \
+  --cluster "openai=127.0.0.1:$MOCK_PORT" --cluster "anthropic=127.0.0.1:$MOCK_PORT" \
+  --cluster "google=127.0.0.1:$MOCK_PORT" >"$STATE/envoy.yaml"
+envoy -c "$STATE/envoy.yaml" --log-level warn --base-id "$GATEWAY_PORT" >"$STATE/envoy.log" 2>&1 &
+pids+=($!)
 policyd health --wait 30 >/dev/null
 
-policyd credit grant --customer demo --amount 10.00 --source promo --grant-id demo-welcome-credit
-created=$(policyd keys create --customer demo --plan pro --environment production --label "demo key" --json)
-secret=$(printf '%s' "$created" | python -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
-key_id=$(printf '%s' "$created" | python -c 'import json,sys; print(json.load(sys.stdin)["key"]["id"])')
+policyd credit grant --customer alice --amount 10.00 --grant-id demo-alice-welcome >/dev/null
+policyd credit grant --customer bob --amount 0.001 --source promo --grant-id demo-bob-trial >/dev/null
+key_a=$(policyd keys create --customer alice --plan pro --label "alice demo" --json | python -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+key_b=$(policyd keys create --customer bob --plan free --label "bob demo" --json | python -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$GATEWAY_PORT") 2>/dev/null && break; sleep 0.1; done
 
 cat <<MSG
+policyd is serving: gRPC on 127.0.0.1:$GRPC_PORT, and Envoy as an OpenAI-compatible gateway at
 
-policyd is serving on $POLICYD_LISTEN (embedded store, $POLICYD_DATABASE_URL).
-Demo key $key_id for customer "demo" (shown once):
+    base URL:  http://127.0.0.1:$GATEWAY_PORT/v1
+    alice (plan pro, 10.00 USD):   $key_a
+    bob   (plan free, 0.001 USD):  $key_b
 
-    $secret
+(keys are shown once; the provider behind Envoy is a local mock.) In another terminal, with
+$PWD/.venv/bin on PATH:
 
-Try it in another terminal (with $(pwd)/.venv/bin on PATH):
-    policyd authorize --key $secret --model gpt-4o --max-tokens 200 --request-id demo-1
-    policyd settle demo-1 --input-tokens 12 --output-tokens 150
-    policyd wallet demo
-    policyd keys pause $key_id        # the next authorize is denied
-    policyd audit
+    policyd demo --key-a $key_a --key-b $key_b
+    policyd usage
+    policyd wallet alice
 
-Ctrl-C stops policyd.
+or point any OpenAI SDK at the base URL with one of the keys. Ctrl-C stops everything.
 MSG
-wait "$server"
+if [ "${POLICYD_DEMO_ONCE:-}" = "1" ]; then
+  policyd demo --base-url "http://127.0.0.1:$GATEWAY_PORT/v1" --key-a "$key_a" --key-b "$key_b"
+  policyd audit
+  exit 0
+fi
+wait "${pids[0]}"

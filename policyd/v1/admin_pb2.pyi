@@ -181,6 +181,68 @@ class Wallet(_message.Message):
     available_nanos: int
     def __init__(self, customer_id: _Optional[str] = ..., currency: _Optional[str] = ..., balance_nanos: _Optional[int] = ..., reserved_nanos: _Optional[int] = ..., available_nanos: _Optional[int] = ...) -> None: ...
 
+class ListUsageRequest(_message.Message):
+    __slots__ = ("customer_id", "limit")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    limit: int
+    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class UsageRecord(_message.Message):
+    __slots__ = ("request_id", "created_unix_ms", "owner", "feature", "thread_id", "end_user_id", "endpoint", "requested_model", "served_model", "decision", "reason", "status", "input_tokens", "cached_input_tokens", "output_tokens", "cost", "charge", "balance_after", "stream_interrupted", "error_class", "policy_version", "price_table_version")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    THREAD_ID_FIELD_NUMBER: _ClassVar[int]
+    END_USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    CHARGE_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CLASS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRICE_TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    created_unix_ms: int
+    owner: _types_pb2.Owner
+    feature: str
+    thread_id: str
+    end_user_id: str
+    endpoint: str
+    requested_model: str
+    served_model: str
+    decision: str
+    reason: str
+    status: str
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    cost: _types_pb2.Money
+    charge: _types_pb2.Money
+    balance_after: _types_pb2.Money
+    stream_interrupted: bool
+    error_class: str
+    policy_version: int
+    price_table_version: str
+    def __init__(self, request_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., feature: _Optional[str] = ..., thread_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., status: _Optional[str] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., charge: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., balance_after: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., stream_interrupted: _Optional[bool] = ..., error_class: _Optional[str] = ..., policy_version: _Optional[int] = ..., price_table_version: _Optional[str] = ...) -> None: ...
+
+class ListUsageResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[UsageRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[UsageRecord, _Mapping]]] = ...) -> None: ...
+
 class AuditRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

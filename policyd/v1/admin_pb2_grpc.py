@@ -89,6 +89,11 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.GetWalletRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.Wallet.FromString,
                 _registered_method=True)
+        self.ListUsage = channel.unary_unary(
+                '/policyd.v1.AdminService/ListUsage',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.ListUsageRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.ListUsageResponse.FromString,
+                _registered_method=True)
         self.Audit = channel.unary_unary(
                 '/policyd.v1.AdminService/Audit',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.AuditRequest.SerializeToString,
@@ -170,6 +175,12 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListUsage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Audit(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -239,6 +250,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetWallet,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.GetWalletRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.Wallet.SerializeToString,
+            ),
+            'ListUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsage,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.ListUsageRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.ListUsageResponse.SerializeToString,
             ),
             'Audit': grpc.unary_unary_rpc_method_handler(
                     servicer.Audit,
@@ -548,6 +564,33 @@ class AdminService:
             '/policyd.v1.AdminService/GetWallet',
             policyd_dot_v1_dot_admin__pb2.GetWalletRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.Wallet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/ListUsage',
+            policyd_dot_v1_dot_admin__pb2.ListUsageRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.ListUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

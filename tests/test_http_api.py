@@ -1,0 +1,136 @@
+"""Reading provider HTTP requests and responses: endpoints, keys, shapes, rewrites, usage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policyd.gateway_config import render
+from policyd.http_api import parse_call, rewrite_body
+from policyd.usage_capture import ResponseReader
+from tests.conftest import ROOT
+
+
+def test_shipped_envoy_config_is_the_rendered_default() -> None:
+    assert (ROOT / "deploy" / "envoy" / "envoy.yaml").read_text() == render()
+    assert "failure_mode_allow: false" in render() and "failure_mode_allow: true" in render(failure_mode_allow=True)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "endpoint", "key"),
+    [
+        ("POST", "/v1/chat/completions", {"Authorization": "Bearer pdk_a"}, "chat_completions", "pdk_a"),
+        ("POST", "/openai/v1/responses", {"authorization": "bearer pdk_b"}, "responses", "pdk_b"),
+        ("POST", "/v1/messages", {"x-api-key": "pdk_c"}, "anthropic_messages", "pdk_c"),
+        ("POST", "/v1beta/models/gemini-2.5-flash:generateContent", {"x-goog-api-key": "pdk_d"},
+         "gemini_generate_content", "pdk_d"),
+        ("POST", "/v1/embeddings", {}, "embeddings", ""),
+        ("POST", "/v1/images/generations?x=1", {}, "images", ""),
+    ],
+)
+def test_endpoint_and_key(method: str, path: str, headers: dict, endpoint: str, key: str) -> None:
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    call = parse_call(method, path, headers, body)
+    assert (call.endpoint, call.api_key, call.problem) == (endpoint, key, "")
+
+
+def test_shape_and_attribution() -> None:
+    body = json.dumps({"model": "gpt-4o", "max_tokens": 77, "stream": True, "user": "u-9",
+                       "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo"}]})
+    call = parse_call("POST", "/v1/chat/completions", {"x-feature": "chat", "x-thread-id": "t", "x-request-id": "r1",
+                                                         "x-policyd-tag-team": "search", "x-forwarded-for": "1.2.3.4, 10.0.0.1"},
+                      body.encode())
+    assert (call.model, call.max_output_tokens, call.stream, call.message_count) == ("gpt-4o", 77, True, 2)
+    assert call.prompt_bytes == len("system".encode()) + len("be brief") + len("user") + len("héllo".encode())
+    a = call.attribution
+    assert (a.feature, a.thread_id, a.request_id, a.tags, a.end_user_id) == ("chat", "t", "r1", {"team": "search"}, "u-9")
+    assert call.client_address == "1.2.3.4"
+    gemini = parse_call("POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent", {},
+                        b'{"contents": [], "generationConfig": {"maxOutputTokens": 9}}')
+    assert (gemini.model, gemini.stream, gemini.max_output_tokens) == ("gemini-2.5-flash", True, 9)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "problem"),
+    [
+        ("/v1/chat/completions", b"nope", "invalid_request"),
+        ("/v1/chat/completions", b"[]", "invalid_request"),
+        ("/v1/chat/completions", b'{"messages": []}', "invalid_request"),
+        ("/v1/chat/completions", b"\xff", "invalid_request"),
+        ("/v1/chat/completions", b'{"model": 5}', "invalid_request"),
+        ("/v1/unknown", b"{}", "unknown_endpoint"),
+    ],
+)
+def test_problems(path: str, body: bytes, problem: str) -> None:
+    assert parse_call("POST", path, {}, body).problem == problem
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=2000), st.sampled_from(["/v1/chat/completions", "/v1/messages", "/v1/responses"]))
+def test_parse_never_raises_on_random_bytes(body: bytes, path: str) -> None:
+    call = parse_call("POST", path, {"authorization": "Bearer x"}, body)
+    assert call.problem or call.model
+
+
+def test_rewrites() -> None:
+    body = {"model": "gpt-4o", "messages": [], "stream": True}
+    rewritten = rewrite_body(body, "chat_completions", "gpt-4o-mini", "gpt-4o", 256, False, True)
+    assert rewritten == {"model": "gpt-4o-mini", "messages": [], "stream": True, "max_completion_tokens": 256,
+                         "stream_options": {"include_usage": True}}
+    assert rewrite_body({"model": "m", "max_tokens": 5}, "chat_completions", "m", "m", 5, True, False) is None
+    assert rewrite_body({"model": "m"}, "anthropic_messages", "m", "m", 64, False, False)["max_tokens"] == 64
+    assert rewrite_body({"model": "m"}, "responses", "m", "m", 64, False, False)["max_output_tokens"] == 64
+
+
+def _sse(*events: object) -> bytes:
+    return b"".join(b"data: " + (e if isinstance(e, bytes) else json.dumps(e).encode()) + b"\n\n" for e in events)
+
+
+def test_usage_from_chat_stream_in_odd_chunks() -> None:
+    stream = _sse({"choices": [{"delta": {"content": "Hello"}}]},
+                  {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 3,
+                                            "prompt_tokens_details": {"cached_tokens": 4}}}, b"[DONE]")
+    reader = ResponseReader("chat_completions", stream=True)
+    for i in range(0, len(stream), 7):
+        reader.feed(stream[i:i + 7])
+    reader.finish()
+    assert reader.found_usage and reader.finished
+    assert (reader.tokens.input_tokens, reader.tokens.cached_input_tokens, reader.tokens.output_tokens) == (11, 4, 3)
+
+
+def test_usage_from_anthropic_stream_and_bodies() -> None:
+    reader = ResponseReader("anthropic_messages", stream=True)
+    reader.feed(b"event: message_start\n" + _sse({"type": "message_start", "message": {
+        "usage": {"input_tokens": 20, "cache_read_input_tokens": 5, "output_tokens": 1}}}))
+    reader.feed(_sse({"type": "content_block_delta", "delta": {"type": "text_delta", "text": "abcd"}}))
+    reader.feed(_sse({"type": "message_delta", "usage": {"output_tokens": 9}}))
+    reader.finish()
+    assert (reader.tokens.input_tokens, reader.tokens.cached_input_tokens, reader.tokens.output_tokens) == (25, 5, 9)
+    responses = ResponseReader("responses", stream=False)
+    responses.feed(json.dumps({"usage": {"input_tokens": 7, "output_tokens": 2,
+                                         "input_tokens_details": {"cached_tokens": 1}}}).encode())
+    responses.finish()
+    assert (responses.tokens.input_tokens, responses.tokens.cached_input_tokens, responses.tokens.output_tokens) == (7, 1, 2)
+    gemini = ResponseReader("gemini_generate_content", stream=False)
+    gemini.feed(json.dumps({"usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 4}}).encode())
+    gemini.finish()
+    assert (gemini.tokens.input_tokens, gemini.tokens.output_tokens) == (3, 4)
+    embeddings = ResponseReader("embeddings", stream=False)
+    embeddings.feed(b'{"usage": {"prompt_tokens": 8, "total_tokens": 8}}')
+    embeddings.finish()
+    assert (embeddings.tokens.input_tokens, embeddings.found_usage) == (8, True)
+
+
+def test_a_cut_or_malformed_stream_is_estimated_from_what_was_delivered() -> None:
+    reader = ResponseReader("chat_completions", stream=True)
+    reader.feed(_sse({"choices": [{"delta": {"content": "x" * 40}}]}) + b"data: {broken\n\n")
+    reader.finish()
+    assert not reader.found_usage and reader.malformed and not reader.finished
+    assert reader.estimated_output_tokens() == 10
+    body = ResponseReader("chat_completions", stream=False)
+    body.feed(b"<html>oops</html>")
+    body.finish()
+    assert not body.found_usage and body.malformed
