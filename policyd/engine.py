@@ -95,6 +95,7 @@ class _Plan:
     charge: int
     holds: list[BucketHold]
     limits_by_label: dict[str, tuple[Limit, int]]  # label -> (limit, window end)
+    fallback_reason: str = ""
 
 
 class Engine:
@@ -110,7 +111,7 @@ class Engine:
         self.clock = clock
 
     # ------------------------------------------------------------------ authorize
-    async def authorize(self, request: AuthorizeInput) -> Decision:
+    async def authorize(self, request: AuthorizeInput, unavailable_providers: frozenset[str] = frozenset()) -> Decision:
         started = time.perf_counter_ns()
         at = self.clock()
         a = request.attribution
@@ -151,7 +152,10 @@ class Engine:
         # 4. estimate and buckets (only when the policy allows the request)
         attempt = None
         if not preset and policy is not None and plan is not None:
-            attempt = self._attempt(request, owner, policy, plan, request.model, at, skip_label="")
+            model, fallback_reason = self._route_around(policy, plan, key.scopes, owner.environment, request.model,
+                                                        unavailable_providers)
+            attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="")
+            attempt.fallback_reason = fallback_reason
         reserve = attempt or _Plan(request.model, NO_PRICE, 0, 0, 0, [], {})
 
         # 5. the atomic step; a downgrade limit may turn a deny into a second attempt on a cheaper model
@@ -166,6 +170,7 @@ class Engine:
                     and policy.model_allowed(plan, limit.downgrade_to, key.scopes) \
                     and policy.tier_allowed_in(plan, key.environment, limit.downgrade_to):
                 cheaper = self._attempt(request, owner, policy, plan, limit.downgrade_to, at, skip_label=limit.label)
+                cheaper.fallback_reason = f"downgraded:{limit.label}"
                 retry = await self._reserve(request, request_id, secret_hash, owner, policy, plan, cheaper, "", at, started,
                                             decision="downgrade")
                 if retry is None:
@@ -263,6 +268,22 @@ class Engine:
             return "environment_not_allowed", "model"
         return "", ""
 
+    @staticmethod
+    def _route_around(policy: Policy, plan: Plan, scopes: tuple[str, ...], environment: str, model: str,
+                      unavailable: frozenset[str]) -> tuple[str, str]:
+        """The model to serve: the requested one, or the first fallback the plan allows while the
+        requested model's provider is cooling down (429/5xx from every account)."""
+        price = policy.model(model)
+        if price is None or price.provider not in unavailable:
+            return model, ""
+        for alternative in plan.fallbacks.get(model, ()):
+            alt_price = policy.model(alternative)
+            if alt_price is not None and alt_price.provider not in unavailable \
+                    and policy.model_allowed(plan, alternative, scopes) \
+                    and policy.tier_allowed_in(plan, environment, alternative):
+                return alternative, f"{price.provider}_cooling_down"
+        return model, ""
+
     def _attempt(self, request: AuthorizeInput, owner: Owner, policy: Policy, plan: Plan, model: str, at: int,
                  skip_label: str) -> _Plan:
         price = policy.model(model)
@@ -345,6 +366,7 @@ class Engine:
             "end_user_id": a.end_user_id, "agent_id": a.agent_id, "thread_id": a.thread_id, "feature": a.feature,
             "route": a.route, "tags": dict(a.tags), "endpoint": request.endpoint,
             "requested_model": request.model, "primary_model": request.model, "served_model": attempt.served_model,
+            "fallback_reason": attempt.fallback_reason,
             "provider": attempt.price.provider, "upstream": attempt.price.upstream, "decision": decision,
             "policy_version": policy.version if policy else 0,
             "price_table_version": policy.document.price_table.version if policy else "",
@@ -449,10 +471,12 @@ class Engine:
             "input_tokens": report.input_tokens, "cached_input_tokens": report.cached_input_tokens,
             "output_tokens": report.output_tokens, "images": report.images, "seconds": report.seconds,
             "request_count": report.requests or 1, "retries": report.retries,
-            "fallback_reason": report.fallback_reason, "upstream_status": report.upstream_status,
+            "upstream_status": report.upstream_status,
             "error_class": report.error_class, "upstream_latency_ms": report.latency_ms,
             "stream_interrupted": report.stream_interrupted, "cost_nanos": cost, "final_holds": final_holds,
         }
+        if report.fallback_reason:  # the proxy's own fallback; otherwise the one decided at Authorize stays
+            settlement["fallback_reason"] = report.fallback_reason
         payload = json.dumps({"record": r["record"], "settlement": settlement, "currency": r["currency"]},
                              separators=(",", ":"))
         try:

@@ -168,7 +168,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             await self.engine.release(exchange.request_id, f"upstream_{status}" if status else "client_disconnected")
             return
         reader = exchange.reader
-        if reader.found_usage and not cut:
+        if reader.found_usage and (not cut or reader.finished):
+            # complete: a client that hangs up right after the provider's last event ([DONE],
+            # message_stop) cut nothing
             t = reader.tokens
             await self.engine.settle(UsageReport(
                 request_id=exchange.request_id, input_tokens=t.input_tokens, cached_input_tokens=t.cached_input_tokens,

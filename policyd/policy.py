@@ -152,6 +152,7 @@ class Plan(_Strict):
     wallet: Literal["required", "none"] = "required"
     concurrency: int = Field(0, ge=0, le=100_000)  # in-flight requests per key, 0 = no cap
     critical_features: tuple[str, ...] = ()  # never downgraded: blocked instead
+    fallbacks: dict[str, tuple[str, ...]] = {}  # model -> models to serve while its provider cools down
     limits: tuple[Limit, ...] = Field((), max_length=LIMITS_PER_PLAN_MAX)
 
     @field_validator("endpoints")
@@ -193,6 +194,10 @@ class PolicyDocument(_Strict):
             for limit in plan.limits:
                 if limit.downgrade_to and limit.downgrade_to not in self.price_table.models:
                     raise ValueError(f"plan {name!r}: downgrade_to {limit.downgrade_to!r} is not in the price table")
+            for model, alternatives in plan.fallbacks.items():
+                for name_ in (model, *alternatives):
+                    if name_ not in self.price_table.models:
+                        raise ValueError(f"plan {name!r}: fallback model {name_!r} is not in the price table")
             for model in plan.price_list:
                 if model not in self.price_table.models:
                     raise ValueError(f"plan {name!r}: price_list model {model!r} is not in the price table")

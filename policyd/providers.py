@@ -104,6 +104,11 @@ class ProviderPool:
                 return account
         return min(accounts, key=lambda a: a.cooling_until)
 
+    def cooling_providers(self) -> frozenset[str]:
+        """Providers all of whose accounts are cooling down."""
+        now = self.clock()
+        return frozenset(p for p, accounts in self.accounts.items() if all(a.cooling_until > now for a in accounts))
+
     def cool_down(self, name: str, seconds: int = COOLDOWN_SECONDS_DEFAULT) -> None:
         for accounts in self.accounts.values():
             for account in accounts:

@@ -20,13 +20,18 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from policyd import redis_keys
 from policyd.db import EventRow, LedgerEntryRow, UsageRecordRow
 from policyd.store import Store
 
 log = logging.getLogger("policyd.writer")
+
+DRAIN_CONFLICT_RETRIES = 20
+
+# Events of one request may be applied in any order; a record's status only moves up this ladder.
+STATUS_RANK = {"": -1, "denied": 0, "reserved": 1, "released": 2, "expired": 2, "settled": 3, "settled_late": 3}
 
 
 def _text(value: Any) -> str:
@@ -94,8 +99,16 @@ class Writer:
         """Move everything there is now, other consumers' pending entries included (audit, rebuild,
         shutdown). Taking an entry another writer still holds is safe: every write is idempotent."""
         total = 0
+        conflicts = 0
         while True:
-            moved = await self.drain_once(claim_idle_ms=0)
+            try:
+                moved = await self.drain_once(claim_idle_ms=0)
+            except IntegrityError:  # another writer inserted the same record first: its row is there now
+                conflicts += 1
+                if conflicts > DRAIN_CONFLICT_RETRIES:
+                    raise
+                await asyncio.sleep(0.01 * conflicts)
+                continue
             total += moved
             if moved == 0:
                 return total
@@ -123,8 +136,8 @@ class Writer:
         try:
             self._apply(partition, entries)
             return
-        except (OperationalError, InterfaceError):
-            raise  # SQL is away: leave everything pending
+        except (OperationalError, InterfaceError, IntegrityError):
+            raise  # SQL is away, or another writer inserted the same row first: leave it pending, retry
         except (DBAPIError, ValueError, KeyError, TypeError):
             if len(entries) == 1:
                 log.exception("event %s of partition %d cannot be written; kept as unwritable", entries[0][0], partition)
@@ -158,11 +171,7 @@ class Writer:
                 elif kind == "settle":
                     ledger.append(self._settle(session, records, fields))
                 elif kind in ("release", "expire"):
-                    record = records.get(fields["rid"])
-                    if record is not None and record.status == "reserved":
-                        record.status = "released" if kind == "release" else "expired"
-                        record.closed_ms = int(fields["at"])
-                        record.close_reason = fields.get("reason", "")
+                    self._close(session, records, fields, "released" if kind == "release" else "expired")
                 elif kind == "grant":
                     data = json.loads(fields["d"])
                     ledger.append({
@@ -187,15 +196,28 @@ class Writer:
             self.store.insert_ignore(session, EventRow, events)
 
     @staticmethod
-    def _authorize(session: Any, records: dict[str, UsageRecordRow], fields: dict[str, str]) -> None:
+    def _row(session: Any, records: dict[str, UsageRecordRow], rid: str, at: int) -> UsageRecordRow:
+        """The record of a request; a stub when an event of its arrives before its authorize event
+        (several writers drain one stream: events of one request can be applied in any order)."""
+        row = records.get(rid)
+        if row is None:
+            row = UsageRecordRow(request_id=rid, created_ms=at, decision="allow", status="")
+            session.add(row)
+            records[rid] = row
+        return row
+
+    @classmethod
+    def _authorize(cls, session: Any, records: dict[str, UsageRecordRow], fields: dict[str, str]) -> None:
         data = json.loads(fields["d"])
-        outcome = fields["outcome"]
         rid = fields["rid"]
         existing = records.get(rid)
-        if existing is not None and existing.status != "denied":
-            return  # an allow is final; a replay or a denied retry does not overwrite it
+        allowed = fields["outcome"] == "allow"
+        if existing is not None and existing.status != "denied" and (not allowed or existing.status == "reserved"):
+            return  # a replay, or a denied retry of a request that was allowed: the allow stands
+        if existing is not None and STATUS_RANK.get(existing.status, -1) >= STATUS_RANK["settled"]:
+            return  # the settle event came first and carried the whole record
         values = dict(data["record"])
-        if outcome == "allow":
+        if allowed:
             values["status"] = "reserved"
             values["reserved_nanos"] = int(fields["reserved"])
             values["shadow_denials"] = [s for s in fields.get("label", "").split("|") if s]
@@ -214,19 +236,32 @@ class Writer:
             row = UsageRecordRow(**values)
             session.add(row)
             records[rid] = row
-        else:
-            for name, value in values.items():
-                setattr(existing, name, value)
+            return
+        if existing.status in ("released", "expired"):  # a stub made by the later release/expire event
+            values.pop("status")
+        for name, value in values.items():
+            setattr(existing, name, value)
 
-    @staticmethod
-    def _settle(session: Any, records: dict[str, UsageRecordRow], fields: dict[str, str]) -> dict[str, Any]:
+    @classmethod
+    def _close(cls, session: Any, records: dict[str, UsageRecordRow], fields: dict[str, str], status: str) -> None:
+        row = cls._row(session, records, fields["rid"], int(fields["at"]))
+        if row.status in ("", "reserved"):
+            row.status = status
+            row.closed_ms = int(fields["at"])
+            row.close_reason = fields.get("reason", "")
+
+    @classmethod
+    def _settle(cls, session: Any, records: dict[str, UsageRecordRow], fields: dict[str, str]) -> dict[str, Any]:
         data = json.loads(fields["d"])
         rid = fields["rid"]
         record = records.get(rid)
-        if record is None:  # the authorize record was lost with a Redis failure: the settle carries enough
+        if record is None:  # the settle came first (or its authorize event was lost): it carries the record
             record = UsageRecordRow(**data["record"])
             session.add(record)
             records[rid] = record
+        elif record.status in ("", "released", "expired") and not record.customer_id:
+            for name, value in data["record"].items():  # a stub: fill it from the record the settle carries
+                setattr(record, name, value)
         for name, value in data["settlement"].items():
             setattr(record, name, value)
         record.status = "settled" if fields["outcome"] == "settled" else "settled_late"

@@ -297,3 +297,44 @@ def _eventually(gateway: Gateway, request_id: str, done, seconds: float = 10.0) 
         if time.monotonic() > deadline:
             raise AssertionError(f"{request_id} never reached its final state")
         time.sleep(0.2)
+
+
+def anthropic_post(gateway: Gateway, key: str, body: dict[str, Any], extra: dict[str, str] | None = None):
+    url = f"{gateway.base_url}/messages"
+    headers = {"x-api-key": key, "content-type": "application/json", "anthropic-version": "2023-06-01", **(extra or {})}
+    return post(url, headers, json.dumps(body).encode())
+
+
+def test_anthropic_messages_are_charged_from_their_usage(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-anthropic")
+    code, headers, reply = anthropic_post(gateway, key, {"model": "claude-sonnet-4", "max_tokens": 30,
+                                                          "messages": [{"role": "user", "content": "bonjour"}]})
+    assert code == 200, reply
+    record = gateway.record(headers["x-policyd-request-id"])
+    assert (record["input_tokens"], record["output_tokens"]) == (reply["usage"]["input_tokens"],
+                                                                  reply["usage"]["output_tokens"])
+    assert record["charge_nanos"] == expected_charge("claude-sonnet-4", reply["usage"]["input_tokens"],
+                                                     reply["usage"]["output_tokens"])
+    sent = [r for r in gateway.mock.received() if r["path"] == "/v1/messages"][-1]
+    assert sent["authorization"] == PROVIDER_KEYS[2]  # the pool's anthropic key, as x-api-key
+    code, _, error = anthropic_post(gateway, "pdk_live_" + "Q" * 40, {"model": "claude-sonnet-4", "max_tokens": 5,
+                                                                      "messages": []})
+    assert code == 401 and error["error"]["code"] == "invalid_api_key"
+
+
+def test_a_cooling_provider_sends_requests_to_the_plans_fallback(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-fallback", plan="resilient")
+    client = gateway.client(key)
+    for _ in range(2):  # both openai accounts answer 429 and cool down
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}],
+                                           extra_headers={"x-mock-scenario": "rate_limited"})
+    time.sleep(0.5)
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o", max_tokens=5,
+                                                           messages=[{"role": "user", "content": "fall back"}])
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["primary_model"], record["served_model"], record["fallback_reason"]) == (
+        "gpt-4o", "claude-sonnet-4", "openai_cooling_down")
+    sent = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "fall back"][-1]
+    assert sent["body"]["model"] == "claude-sonnet-4" and sent["authorization"] == f"Bearer {PROVIDER_KEYS[2]}" or \
+        sent["authorization"] == PROVIDER_KEYS[2]

@@ -83,3 +83,36 @@ async def test_an_unwritable_event_does_not_block_its_partition(service: Service
     await service.writer.drain()
     assert service.store.usage_record("after-broken") is not None
     assert [e.request_id for e in service.store.events("unwritable")] == ["broken"]
+
+
+async def test_events_of_one_request_can_be_applied_in_any_order(service: Service) -> None:
+    """Several writers share a stream, so a release (or settle) may reach SQL before its authorize."""
+    from policyd import redis_keys
+
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1")
+    partition = service.counters.partition_of("acme")
+    await service.engine.authorize(ask(secret, request_id="o-released"))
+    await service.engine.release("o-released", "provider_error")
+    await service.engine.authorize(ask(secret, request_id="o-settled"))
+    await service.engine.settle(usage("o-settled"))
+    clock = [service.engine.clock()]
+    service.engine.clock = lambda: clock[0]
+    await service.engine.authorize(ask(secret, request_id="o-late"))
+    clock[0] += service.engine.reservation_ttl_ms + 1
+    await service.engine.expire_due()
+    await service.engine.settle(usage("o-late"))
+    entries = await service.counters.client.xrange(redis_keys.events(partition))
+    decoded = [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in entries]
+    await service.counters.client.delete(redis_keys.events(partition))
+    service.writer._apply(partition, list(reversed(decoded)))
+    released = service.store.usage_record("o-released")
+    assert (released.status, released.customer_id, released.close_reason) == ("released", "acme", "provider_error")
+    settled = service.store.usage_record("o-settled")
+    assert (settled.status, settled.customer_id) == ("settled", "acme") and settled.charge_nanos > 0
+    late = service.store.usage_record("o-late")
+    assert late.status == "settled_late" and late.customer_id == "acme"
+    service.writer._apply(partition, decoded)  # and a replay in order changes nothing
+    assert service.store.usage_record("o-late").status == "settled_late"
+    await service.writer.ensure_groups()
+    assert (await service.admin.audit()).ok
