@@ -100,6 +100,7 @@ class UsageRecordRow(Base):
     holds: Mapped[list[Any]] = mapped_column(JSON, default=list)  # [[bucket key, unit, held], ...]
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cached_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_write_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     images: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -97,6 +97,7 @@ class UsageReport:
     request_id: str
     input_tokens: int = 0
     cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
     output_tokens: int = 0
     images: int = 0
     seconds: int = 0

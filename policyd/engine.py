@@ -72,7 +72,8 @@ MESSAGES = {
 }
 
 
-NO_PRICE = ModelPrice.model_construct(provider="", route="", tier="", input=0, cached_input=None, output=0,
+NO_PRICE = ModelPrice.model_construct(provider="", route="", tier="", input=0, cached_input=None,
+                                      cache_write_input=None, output=0,
                                       per_image=0, per_request=0, per_second=0)
 
 
@@ -452,13 +453,14 @@ class Engine:
                                      f"model {served!r} is not in price table {r['price_table_version']!r}", asdict(report))
         quantities = Quantities(
             input_tokens=report.input_tokens, cached_input_tokens=report.cached_input_tokens,
+            cache_write_input_tokens=report.cache_write_input_tokens,
             output_tokens=report.output_tokens, images=report.images, seconds=report.seconds,
             requests=report.requests or 1,
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost)
         numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
-                   report.seconds, report.requests or 1, served]
+                   report.seconds, report.requests or 1, served, report.cache_write_input_tokens]
         fingerprint = hashlib.sha256(json.dumps(numbers).encode()).hexdigest()[:32]
         deltas = []
         final_holds = []
@@ -469,6 +471,7 @@ class Engine:
         settlement = {
             "served_model": served, "provider": report.provider or price.provider,
             "input_tokens": report.input_tokens, "cached_input_tokens": report.cached_input_tokens,
+            "cache_write_input_tokens": report.cache_write_input_tokens,
             "output_tokens": report.output_tokens, "images": report.images, "seconds": report.seconds,
             "request_count": report.requests or 1, "retries": report.retries,
             "upstream_status": report.upstream_status,

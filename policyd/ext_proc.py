@@ -174,6 +174,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             t = reader.tokens
             await self.engine.settle(UsageReport(
                 request_id=exchange.request_id, input_tokens=t.input_tokens, cached_input_tokens=t.cached_input_tokens,
+                cache_write_input_tokens=t.cache_write_input_tokens, images=exchange.reader.images,
                 output_tokens=t.output_tokens, served_model=exchange.served_model, upstream_status=status,
             ))
             return
@@ -181,6 +182,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             t = reader.tokens  # a stream cut after the provider reported usage: that usage is exact
             await self.engine.settle(UsageReport(
                 request_id=exchange.request_id, input_tokens=t.input_tokens, cached_input_tokens=t.cached_input_tokens,
+                cache_write_input_tokens=t.cache_write_input_tokens, images=exchange.reader.images,
                 output_tokens=t.output_tokens, served_model=exchange.served_model, upstream_status=status,
                 stream_interrupted=True,
             ))

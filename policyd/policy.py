@@ -60,23 +60,28 @@ class Prices(_Strict):
 
     input: int = 0
     cached_input: int | None = None  # None = same as input
+    cache_write_input: int | None = None  # input written to the provider's cache; None = same as input
     output: int = 0
     per_image: int = 0
     per_request: int = 0
     per_second: int = 0
 
-    @field_validator("input", "cached_input", "output", "per_image", "per_request", "per_second", mode="before")
+    @field_validator("input", "cached_input", "cache_write_input", "output", "per_image", "per_request", "per_second", mode="before")
     @classmethod
     def _money(cls, value: Any) -> Any:
         return None if value is None else _nanos(value)
 
-    @field_serializer("input", "cached_input", "output", "per_image", "per_request", "per_second")
+    @field_serializer("input", "cached_input", "cache_write_input", "output", "per_image", "per_request", "per_second")
     def _render(self, value: int | None) -> str | None:
         return None if value is None else format_amount(value)
 
     @property
     def cached_input_price(self) -> int:
         return self.input if self.cached_input is None else self.cached_input
+
+    @property
+    def cache_write_input_price(self) -> int:
+        return self.input if self.cache_write_input is None else self.cache_write_input
 
 
 class ModelPrice(Prices):

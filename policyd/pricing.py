@@ -27,6 +27,7 @@ ESTIMATE_TOKENS_PER_MESSAGE = 4
 class Quantities:
     input_tokens: int = 0
     cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
     output_tokens: int = 0
     images: int = 0
     seconds: int = 0
@@ -38,10 +39,11 @@ class Quantities:
 
 
 def cost_of(price: Prices, q: Quantities) -> int:
-    uncached = q.input_tokens - q.cached_input_tokens
+    uncached = q.input_tokens - q.cached_input_tokens - q.cache_write_input_tokens
     return (
         price_quantity(uncached, price.input)
         + price_quantity(q.cached_input_tokens, price.cached_input_price)
+        + price_quantity(q.cache_write_input_tokens, price.cache_write_input_price)
         + price_quantity(q.output_tokens, price.output)
         + q.images * price.per_image
         + q.seconds * price.per_second

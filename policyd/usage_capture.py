@@ -21,6 +21,7 @@ ESTIMATE_BYTES_PER_TOKEN = 4
 class Tokens:
     input_tokens: int = 0
     cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
     output_tokens: int = 0
 
     @property
@@ -46,6 +47,7 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         if "input_tokens" in usage:
             seen.input_tokens = _n(usage.get("input_tokens")) + cached + created
             seen.cached_input_tokens = cached
+            seen.cache_write_input_tokens = created
         if "output_tokens" in usage:
             seen.output_tokens = max(seen.output_tokens, _n(usage.get("output_tokens")))  # cumulative in deltas
         return True
@@ -108,6 +110,7 @@ class ResponseReader:
         self.tokens = Tokens()
         self.found_usage = False
         self.delivered_bytes = 0
+        self.images = 0  # images in an images reply (priced per image)
         self.malformed = False
         self.finished = False  # the provider said the stream is complete ([DONE], message_stop, ...)
         self._buffer = bytearray()
@@ -170,6 +173,9 @@ class ResponseReader:
             self.malformed = True
             return
         self.found_usage = usage_from(self.endpoint, data, self.tokens) and self.tokens.any
+        if self.endpoint == "images" and isinstance(data, dict) and isinstance(data.get("data"), list):
+            self.images = len(data["data"])
+            self.found_usage = True
         self.finished = True
 
     def estimated_output_tokens(self) -> int:

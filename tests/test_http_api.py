@@ -104,11 +104,13 @@ def test_usage_from_chat_stream_in_odd_chunks() -> None:
 def test_usage_from_anthropic_stream_and_bodies() -> None:
     reader = ResponseReader("anthropic_messages", stream=True)
     reader.feed(b"event: message_start\n" + _sse({"type": "message_start", "message": {
-        "usage": {"input_tokens": 20, "cache_read_input_tokens": 5, "output_tokens": 1}}}))
+        "usage": {"input_tokens": 20, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 7,
+                  "output_tokens": 1}}}))
     reader.feed(_sse({"type": "content_block_delta", "delta": {"type": "text_delta", "text": "abcd"}}))
     reader.feed(_sse({"type": "message_delta", "usage": {"output_tokens": 9}}))
     reader.finish()
-    assert (reader.tokens.input_tokens, reader.tokens.cached_input_tokens, reader.tokens.output_tokens) == (25, 5, 9)
+    t = reader.tokens
+    assert (t.input_tokens, t.cached_input_tokens, t.cache_write_input_tokens, t.output_tokens) == (32, 5, 7, 9)
     responses = ResponseReader("responses", stream=False)
     responses.feed(json.dumps({"usage": {"input_tokens": 7, "output_tokens": 2,
                                          "input_tokens_details": {"cached_tokens": 1}}}).encode())

@@ -58,6 +58,14 @@ def test_cost_and_charge_by_billing_mode() -> None:
     assert charge_of(free.plans["free"], "gpt-4o-mini", q, 12345) == 0
 
 
+def test_cache_reads_and_writes_have_their_own_prices() -> None:
+    policy = parse_policy(SAMPLE_POLICY)
+    claude = policy.price_table.models["claude-sonnet-4"]
+    q = Quantities(input_tokens=10_000, cached_input_tokens=6_000, cache_write_input_tokens=3_000, output_tokens=100)
+    # 1,000 uncached x 3.00 + 6,000 read x 0.30 + 3,000 written x 3.75 + 100 out x 15.00, per 1M
+    assert cost_of(claude, q) == 3_000_000 + 1_800_000 + 11_250_000 + 1_500_000
+
+
 def test_a_price_between_nanos_rounds_up() -> None:
     # 0.0000015 per 1M tokens = 0.0015 nanos per token
     price = parse_amount("0.0000015")
