@@ -188,7 +188,7 @@ class Admin:
 
     # ------------------------------------------------------------------ wallets
     async def grant_credit(self, customer_id: str, amount: int, currency: str, source: str, grant_id: str = "",
-                           note: str = "") -> tuple[str, str, tuple[int, int]]:
+                           note: str = "", expires_ms: int = 0) -> tuple[str, str, tuple[int, int]]:
         if not customer_id or len(customer_id) > OWNER_ID_LENGTH_MAX:
             raise _invalid("invalid_request", "customer_id is required")
         if source not in GRANT_SOURCES:
@@ -199,13 +199,18 @@ class Admin:
         expected = policy.document.currency if policy else "USD"
         if currency and currency != expected:
             raise _invalid("currency_mismatch", f"wallets are in {expected}, not {currency}")
+        if expires_ms < 0 or (expires_ms and expires_ms <= now_ms()):
+            raise _invalid("invalid_grant", "a credit's expiry must be in the future (or 0: never)")
         grant_id = grant_id or "grant_" + secrets.token_hex(12)
+        if any(c in grant_id for c in " \n\r\t{}"):
+            raise _invalid("invalid_request", "grant_id must not contain spaces or braces")
         if len(grant_id) > 128:
             raise _invalid("invalid_request", "grant_id must be at most 128 characters")
         payload = json.dumps({"customer_id": customer_id, "currency": expected, "source": source, "note": note[:1024]})
         partition = self.counters.partition_of(customer_id)
         try:
-            outcome, _ = await self.counters.grant(partition, customer_id, grant_id, amount, now_ms(), payload)
+            outcome, _ = await self.counters.grant(partition, customer_id, grant_id, amount, now_ms(), payload,
+                                                   expires_ms)
         except Fenced:
             raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None
         if outcome == "too_large":
@@ -243,7 +248,18 @@ class Admin:
             value = int(await self.counters.client.hget(key, "used") or 0)
             if value != expected:
                 mismatches.append((key, value, expected))
-        return AuditResult(not mismatches, 2 * len(customers) + len(buckets), mismatches)
+        credits = await asyncio.to_thread(self._credits_left)
+        for (customer, grant_id), expected in sorted(credits.items()):
+            p = self.counters.partition_of(customer)
+            value = int(await self.counters.client.hget(redis_keys.credit_left(p, customer), grant_id) or 0)
+            if value != expected:
+                mismatches.append((f"credit_left:{customer}:{grant_id}", value, expected))
+        return AuditResult(not mismatches, 2 * len(customers) + len(buckets) + len(credits), mismatches)
+
+    def _credits_left(self) -> dict[tuple[str, str], int]:
+        consumed = self.store.credit_consumed()
+        return {(customer, grant_id): amount - consumed.get(grant_id, 0)
+                for grant_id, customer, amount, _ in self.store.open_expiring_grants()}
 
     async def _wallet_customers(self) -> list[str]:
         found = []
@@ -318,6 +334,15 @@ class Admin:
             await client.set(redis_keys.inflight(p, key_id), str(count))
         for grant_id, customer in await asyncio.to_thread(self.store.grant_ids):
             await client.set(redis_keys.grant_marker(self.counters.partition_of(customer), grant_id), "1")
+        credits = await asyncio.to_thread(self._credits_left)
+        expiries = {g: x for g, _, _, x in await asyncio.to_thread(self.store.open_expiring_grants)}
+        for (customer, grant_id), left in credits.items():
+            p = self.counters.partition_of(customer)
+            await client.zadd(redis_keys.credit_deadlines(p), {f"{customer} {grant_id}": expiries[grant_id]})
+            if left > 0:
+                await client.zadd(redis_keys.expiring_credits(p, customer), {grant_id: expiries[grant_id]})
+                await client.hset(redis_keys.credit_left(p, customer), grant_id, str(left))
+            written += 1
         now_s = at // 1000
         for key, total in (await asyncio.to_thread(self._bucket_totals)).items():
             ttl = remaining_ttl(key, now_s)

@@ -122,9 +122,12 @@ def _credit(args: argparse.Namespace) -> int:
     except MoneyError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    import time
+
+    expires = int(time.time() * 1000) + args.expires_in_days * 86_400_000 if args.expires_in_days > 0 else 0
     response = stub.GrantCredit(admin_pb2.GrantCreditRequest(
         customer_id=args.customer, amount=types_pb2.Money(currency=args.currency, nanos=nanos), source=args.source,
-        grant_id=args.grant_id, note=args.note), metadata=md)
+        grant_id=args.grant_id, note=args.note, expires_unix_ms=expires), metadata=md)
     _print(args, response, ("already granted: " if response.exists else f"granted {response.grant_id}: ")
            + _wallet_text(response.wallet))
     return 0
@@ -303,6 +306,8 @@ def parser() -> argparse.ArgumentParser:
     grant.add_argument("--source", default="purchase", choices=["purchase", "promo", "refund", "adjustment"])
     grant.add_argument("--grant-id", dest="grant_id", default="", help="idempotency key")
     grant.add_argument("--note", default="")
+    grant.add_argument("--expires-in-days", dest="expires_in_days", type=int, default=0,
+                       help="what is left of this credit is removed after this many days (0: never)")
     credit.set_defaults(run=_credit)
 
     wallet = client(commands.add_parser("wallet", help="show a customer's wallet"))

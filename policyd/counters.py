@@ -113,6 +113,7 @@ class Counters:
         self._release = client.register_script(_load("release"))
         self._grant = client.register_script(_load("grant"))
         self._key_state = client.register_script(_load("key_state"))
+        self._expire_credit = client.register_script(_load("expire_credit"))
 
     def partition_of(self, owner_id: str) -> int:
         return redis_keys.partition_of(owner_id, self.partitions)
@@ -214,6 +215,8 @@ class Counters:
             redis_keys.inflight(p, key_id),
             redis_keys.events(p),
             redis_keys.fence(p),
+            redis_keys.expiring_credits(p, customer_id),
+            redis_keys.credit_left(p, customer_id),
             *[key for key, _, _ in bucket_deltas],
         ]
         args = [
@@ -259,15 +262,41 @@ class Counters:
             raise Fenced(p)
         return _text(reply[0]), _text(reply[1]) if len(reply) > 1 else ""
 
-    async def grant(self, partition: int, customer_id: str, grant_id: str, amount: int, now_ms: int, payload: str) -> tuple[str, int]:
+    async def grant(self, partition: int, customer_id: str, grant_id: str, amount: int, now_ms: int, payload: str,
+                    expires_ms: int = 0) -> tuple[str, int]:
         reply = await self._grant(
             keys=[
                 redis_keys.wallet(partition, customer_id),
                 redis_keys.grant_marker(partition, grant_id),
                 redis_keys.events(partition),
                 redis_keys.fence(partition),
+                redis_keys.expiring_credits(partition, customer_id),
+                redis_keys.credit_left(partition, customer_id),
+                redis_keys.credit_deadlines(partition),
             ],
-            args=[grant_id, str(amount), str(now_ms), payload, str(AMOUNT_MAX)],
+            args=[grant_id, str(amount), str(now_ms), payload, str(AMOUNT_MAX), str(expires_ms), customer_id],
+        )
+        if _text(reply[0]) == "fenced":
+            raise Fenced(partition)
+        return _text(reply[0]), int(reply[1])
+
+    async def due_credits(self, partition: int, now_ms: int, count: int = 100) -> list[tuple[str, str]]:
+        """(customer, grant id) of expiring credits past their expiry."""
+        members = await self.client.zrangebyscore(redis_keys.credit_deadlines(partition), "-inf", now_ms,
+                                                  start=0, num=count)
+        return [tuple(_text(m).split(" ", 1)) for m in members]  # type: ignore[misc]
+
+    async def expire_credit(self, partition: int, customer_id: str, grant_id: str, now_ms: int) -> tuple[str, int]:
+        reply = await self._expire_credit(
+            keys=[
+                redis_keys.wallet(partition, customer_id),
+                redis_keys.expiring_credits(partition, customer_id),
+                redis_keys.credit_left(partition, customer_id),
+                redis_keys.credit_deadlines(partition),
+                redis_keys.events(partition),
+                redis_keys.fence(partition),
+            ],
+            args=[grant_id, str(now_ms), customer_id],
         )
         if _text(reply[0]) == "fenced":
             raise Fenced(partition)

@@ -111,6 +111,7 @@ class UsageRecordRow(Base):
     balance_before_nanos: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     balance_after_nanos: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     final_holds: Mapped[list[Any]] = mapped_column(JSON, default=list)  # [[bucket key, unit, actual], ...]
+    credit_source: Mapped[dict[str, int]] = mapped_column(JSON, default=dict, server_default="{}")  # expiring grant -> nanos paid
     decision_latency_us: Mapped[int] = mapped_column(BigInteger, default=0)
     upstream_latency_ms: Mapped[int] = mapped_column(BigInteger, default=0)
     upstream_status: Mapped[int] = mapped_column(Integer, default=0)
@@ -130,9 +131,9 @@ class LedgerEntryRow(Base):
 
     __tablename__ = "ledger_entries"
 
-    entry_id: Mapped[str] = mapped_column(String(160), primary_key=True)  # grant:<id> | charge:<request_id>
+    entry_id: Mapped[str] = mapped_column(String(160), primary_key=True)  # grant:<id> | charge:<rid> | expiry:<id>
     customer_id: Mapped[str] = mapped_column(ID, index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # grant | charge
+    kind: Mapped[str] = mapped_column(String(16))  # grant | charge | expiry
     amount_nanos: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
     request_id: Mapped[str] = mapped_column(ID, default="")
@@ -140,6 +141,7 @@ class LedgerEntryRow(Base):
     note: Mapped[str] = mapped_column(Text, default="")
     balance_after_nanos: Mapped[int] = mapped_column(BigInteger)
     created_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+    expires_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # grants: 0 = never
 
 
 class EventRow(Base):

@@ -40,7 +40,7 @@ from policyd.domain import (
 )
 from policyd.policy import Limit, ModelPrice, Plan, Policy
 from policyd.policy_book import PolicyBook
-from policyd.pricing import Quantities, charge_of, cost_of, estimate_input_tokens
+from policyd.pricing import Quantities, billing_of, charge_of, cost_of, estimate_input_tokens
 from policyd.quotas import hold_for, limit_reason
 from policyd.store import Store
 from policyd.validation import Problem, check_authorize, check_usage
@@ -300,7 +300,8 @@ class Engine:
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
             seconds=s.seconds,
         )
-        charge = charge_of(plan, model, quantities, cost_of(price, quantities))
+        charge = charge_of(plan, model, quantities, cost_of(price, quantities),
+                           billing_of(plan, request.attribution.feature))
         partition = self.counters.partition_of(owner.customer_id)
         scope_ids = {
             "key": owner.api_key_id, "customer": owner.customer_id, "workspace": owner.workspace_id,
@@ -371,7 +372,8 @@ class Engine:
             "provider": attempt.price.provider, "upstream": attempt.price.upstream, "decision": decision,
             "policy_version": policy.version if policy else 0,
             "price_table_version": policy.document.price_table.version if policy else "",
-            "billing_mode": plan.billing if plan else "", "reservation_mode": plan.reservation if plan else "",
+            "billing_mode": billing_of(plan, a.feature) if plan else "",
+            "reservation_mode": plan.reservation if plan else "",
             "currency": policy.document.currency if policy else "",
             "max_output_tokens": attempt.output_cap,
             "holds": [[h.key, h.unit, h.amount] for h in attempt.holds],
@@ -458,7 +460,7 @@ class Engine:
             requests=report.requests or 1,
         )
         cost = cost_of(price, quantities)
-        charge = charge_of(plan, served, quantities, cost)
+        charge = charge_of(plan, served, quantities, cost, r["record"].get("billing_mode", ""))
         numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
                    report.seconds, report.requests or 1, served, report.cache_write_input_tokens]
         fingerprint = hashlib.sha256(json.dumps(numbers).encode()).hexdigest()[:32]
@@ -564,6 +566,8 @@ class Engine:
         return voided
 
     async def _expire_partition(self, partition: int, at: int) -> int:
+        for customer_id, grant_id in await self.counters.due_credits(partition, at):
+            await self.counters.expire_credit(partition, customer_id, grant_id, at)
         voided = 0
         for request_id in await self.counters.due_reservations(partition, at, SWEEP_BATCH):
             reservation = await self.counters.read_reservation(partition, request_id)

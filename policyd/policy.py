@@ -157,6 +157,7 @@ class Plan(_Strict):
     wallet: Literal["required", "none"] = "required"
     concurrency: int = Field(0, ge=0, le=100_000)  # in-flight requests per key, 0 = no cap
     critical_features: tuple[str, ...] = ()  # never downgraded: blocked instead
+    promo_features: tuple[str, ...] = ()  # charged 0 (billing "promo"); the provider cost is still recorded
     fallbacks: dict[str, tuple[str, ...]] = {}  # model -> models to serve while its provider cools down
     limits: tuple[Limit, ...] = Field((), max_length=LIMITS_PER_PLAN_MAX)
 

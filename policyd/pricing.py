@@ -51,10 +51,16 @@ def cost_of(price: Prices, q: Quantities) -> int:
     )
 
 
-def charge_of(plan: Plan, model: str, q: Quantities, cost: int) -> int:
-    if plan.billing == "free":
+def billing_of(plan: Plan, feature: str) -> str:
+    """standard | at_cost | free | promo (a feature the plan promotes: charged 0, cost kept)."""
+    return "promo" if feature and feature in plan.promo_features else plan.billing
+
+
+def charge_of(plan: Plan, model: str, q: Quantities, cost: int, billing: str = "") -> int:
+    billing = billing or plan.billing
+    if billing in ("free", "promo"):
         return 0
-    if plan.billing == "at_cost":
+    if billing == "at_cost":
         return cost
     listed = plan.price_list.get(model)
     if listed is not None:

@@ -12,6 +12,9 @@ script appends its event atomically with the counter change.
     pd:{pN}:inflight:<key_id>           requests in flight on a key
     pd:{pN}:b:<scope>:<id>:<unit>:<window>:<start>   a quota bucket: used, a<pct>
     pd:{pN}:grant:<grant_id>            marker: a credit grant applied once
+    pd:{pN}:credits:<customer_id>       zset: expiring grant id -> expiry ms (consumed first)
+    pd:{pN}:credit_left:<customer_id>   hash: expiring grant id -> nanos not yet consumed
+    pd:{pN}:credit_deadlines            zset: "<customer> <grant id>" -> expiry ms (the sweeper's list)
     pd:{pN}:events                      the partition's event stream (drained to SQL)
     pd:{pN}:fence                       exists while `policyd rebuild` rewrites the partition
     pd:rid:<request_id>                 -> partition of the reservation (for Settle/Release)
@@ -60,6 +63,18 @@ def bucket(partition: int, scope: str, scope_id: str, unit: str, window: str, st
 
 def grant_marker(partition: int, grant_id: str) -> str:
     return f"{_tag(partition)}:grant:{grant_id}"
+
+
+def expiring_credits(partition: int, customer_id: str) -> str:
+    return f"{_tag(partition)}:credits:{customer_id}"
+
+
+def credit_left(partition: int, customer_id: str) -> str:
+    return f"{_tag(partition)}:credit_left:{customer_id}"
+
+
+def credit_deadlines(partition: int) -> str:
+    return f"{_tag(partition)}:credit_deadlines"
 
 
 def events(partition: int) -> str:

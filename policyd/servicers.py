@@ -212,7 +212,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         await self._authorized(context)
         grant_id, outcome, (balance, reserved) = await _call(context, lambda: self.admin.grant_credit(
             request.customer_id, request.amount.nanos, request.amount.currency, request.source, request.grant_id,
-            request.note))
+            request.note, request.expires_unix_ms))
         return admin_pb2.GrantCreditResponse(grant_id=grant_id, exists=outcome == "exists",
                                              wallet=self._wallet(request.customer_id, balance, reserved))
 

@@ -137,6 +137,27 @@ class Store:
             query = select(UsageRecordRow).where(UsageRecordRow.status != "denied")
             yield from session.scalars(query.execution_options(yield_per=1000))
 
+    def open_expiring_grants(self) -> list[tuple[str, str, int, int]]:
+        """(grant id, customer, amount, expires ms) of expiring grants not expired yet."""
+        with self.session() as session:
+            expired = {e.removeprefix("expiry:") for e in session.scalars(
+                select(LedgerEntryRow.entry_id).where(LedgerEntryRow.kind == "expiry"))}
+            rows = session.execute(select(LedgerEntryRow.entry_id, LedgerEntryRow.customer_id,
+                                          LedgerEntryRow.amount_nanos, LedgerEntryRow.expires_ms)
+                                   .where(LedgerEntryRow.kind == "grant", LedgerEntryRow.expires_ms > 0))
+            return [(e.removeprefix("grant:"), c, int(a), int(x)) for e, c, a, x in rows
+                    if e.removeprefix("grant:") not in expired]
+
+    def credit_consumed(self) -> dict[str, int]:
+        """Expiring grant id -> nanos of it that settled charges consumed."""
+        consumed: dict[str, int] = {}
+        with self.session() as session:
+            query = select(UsageRecordRow.credit_source).where(UsageRecordRow.status.in_(("settled", "settled_late")))
+            for sources in session.scalars(query.execution_options(yield_per=1000)):
+                for grant_id, amount in (sources or {}).items():
+                    consumed[grant_id] = consumed.get(grant_id, 0) + int(amount)
+        return consumed
+
     def grant_ids(self) -> list[tuple[str, str]]:
         with self.session() as session:
             rows = session.execute(

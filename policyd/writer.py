@@ -179,6 +179,14 @@ class Writer:
                         "amount_nanos": int(fields["amount"]), "currency": data["currency"], "request_id": "",
                         "source": data["source"], "note": data.get("note", ""),
                         "balance_after_nanos": int(fields["balance_after"]), "created_ms": int(fields["at"]),
+                        "expires_ms": int(fields.get("expires", "0") or 0),
+                    })
+                elif kind == "credit_expire":
+                    ledger.append({
+                        "entry_id": f"expiry:{fields['rid']}", "customer_id": fields["customer_id"], "kind": "expiry",
+                        "amount_nanos": -int(fields["amount"]), "currency": "", "request_id": "",
+                        "source": "expiry", "note": f"unused credit of {fields['rid']}",
+                        "balance_after_nanos": int(fields["balance_after"]), "created_ms": int(fields["at"]),
                     })
                 elif kind in ("alert", "rejected", "key_state"):
                     detail = {k: v for k, v in fields.items() if k not in ("type", "rid", "at", "d")}
@@ -265,6 +273,7 @@ class Writer:
         for name, value in data["settlement"].items():
             setattr(record, name, value)
         record.status = "settled" if fields["outcome"] == "settled" else "settled_late"
+        record.credit_source = {g: int(a) for g, _, a in (c.partition(":") for c in fields.get("credits", "").split(",") if c)}
         record.charge_nanos = int(fields["charge"])
         record.balance_before_nanos = int(fields["balance_before"])
         record.balance_after_nanos = int(fields["balance_after"])

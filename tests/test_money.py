@@ -308,3 +308,50 @@ async def test_rebuild_is_fenced_against_replicas_still_running(service: Service
     assert await service.counters.client.exists(redis_keys.fence(partition)) == 0
     assert (await service.engine.settle(usage("fenced-1"))).outcome == "settled"
     assert (await service.admin.audit()).ok
+
+
+async def test_expiring_credit_is_used_first_and_its_rest_expires(service: Service) -> None:
+    _, secret = await new_key(service)
+    clock = [service.engine.clock()]
+    service.engine.clock = lambda: clock[0]
+    import time as _time
+
+    expires = int(_time.time() * 1000) + 3_600_000
+    await service.admin.grant_credit("acme", 1 * USD, "USD", "purchase", "paid")
+    await service.admin.grant_credit("acme", USD // 100, "USD", "promo", "trial", expires_ms=expires)
+    await service.engine.authorize(ask(secret, model="gpt-4o", request_id="uses-trial"))
+    s = await service.engine.settle(usage("uses-trial", input_tokens=1000, output_tokens=500))
+    assert 0 < s.charge < USD // 100
+    await service.writer.drain()
+    assert service.store.usage_record("uses-trial").credit_source == {"trial": s.charge}
+    assert (await service.admin.audit()).ok
+    with pytest.raises(PolicydError, match="invalid_grant"):
+        await service.admin.grant_credit("acme", USD, "USD", "promo", "old", expires_ms=1)
+    clock[0] = expires + 1
+    await service.engine.expire_due()
+    assert await service.counters.wallet("acme") == (USD + USD // 100 - s.charge - (USD // 100 - s.charge), 0)
+    await service.writer.drain()
+    assert service.store.ledger_balances() == {"acme": USD}
+    assert (await service.admin.audit()).ok
+    await service.admin.rebuild()
+    assert await service.counters.wallet("acme") == (USD, 0)
+
+
+async def test_zero_charge_requests_settle_and_release(service: Service) -> None:
+    """A free plan or a promoted feature reserves 0 and is charged 0; the provider cost is kept."""
+    policy = (await service.admin.book.version(1)).canonical.replace(
+        "    promo_features: []\n", "    promo_features: [launch-week]\n")
+    await service.admin.apply_policy(policy, "promo.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1")
+    d = await service.engine.authorize(ask(secret, request_id="promo-1", feature="launch-week"))
+    assert d.decision == "allow" and d.reserved == 0
+    s = await service.engine.settle(usage("promo-1"))
+    assert s.charge == 0 and s.cost > 0
+    await service.engine.authorize(ask(secret, request_id="promo-2", feature="launch-week"))
+    assert (await service.engine.release("promo-2", "provider_error")).outcome == "released"
+    await service.writer.drain()
+    row = service.store.usage_record("promo-1")
+    assert (row.billing_mode, row.charge_nanos, row.cost_nanos) == ("promo", 0, s.cost)
+    assert await service.counters.wallet("acme") == (USD, 0)
+    assert (await service.admin.audit()).ok

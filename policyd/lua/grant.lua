@@ -4,11 +4,16 @@
 -- KEYS[2] grant marker       exists once the grant is applied
 -- KEYS[3] event stream
 -- KEYS[4] fence              exists while `policyd rebuild` rewrites the partition: refuse
+-- KEYS[5] expiring credits   zset grant id -> expiry ms, of this customer (consumed first, earliest first)
+-- KEYS[6] credit left        hash grant id -> nanos not yet consumed
+-- KEYS[7] credit deadlines   zset "<customer> <grant id>" -> expiry ms, of the partition (the sweeper's list)
 -- ARGV[1] grant id
 -- ARGV[2] amount, nanos (0 < x < 2^53, checked by policyd with the resulting balance)
 -- ARGV[3] now, unix ms
 -- ARGV[4] event payload (JSON made by policyd)
 -- ARGV[5] balance ceiling, nanos (2^53 - 1): a grant may not take a balance past it
+-- ARGV[6] expiry, unix ms ("0" = the credit never expires)
+-- ARGV[7] customer id
 -- Returns {"granted", balance} | {"exists", balance} | {"too_large", balance} | {"fenced", "0"}
 
 local function fmt(n) return string.format('%d', n) end
@@ -26,6 +31,11 @@ end
 local after = redis.call('HINCRBY', KEYS[1], 'balance', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'reserved', '0')
 redis.call('SET', KEYS[2], '1')
+if ARGV[6] ~= '0' then
+  redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
+  redis.call('HSET', KEYS[6], ARGV[1], ARGV[2])
+  redis.call('ZADD', KEYS[7], ARGV[6], ARGV[7] .. ' ' .. ARGV[1])
+end
 redis.call('XADD', KEYS[3], '*', 'type', 'grant', 'rid', ARGV[1], 'at', ARGV[3],
-  'amount', ARGV[2], 'balance_after', fmt(after), 'd', ARGV[4])
+  'amount', ARGV[2], 'balance_after', fmt(after), 'expires', ARGV[6], 'd', ARGV[4])
 return {'granted', fmt(after)}

@@ -18,6 +18,8 @@
 if redis.call('EXISTS', KEYS[6]) == 1 then
   return {'fenced'}
 end
+local function negative(text) return text == '0' and '0' or '-' .. text end
+
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
   return {'unknown'}
@@ -33,7 +35,7 @@ if target == 'expired' then
   end
 end
 local amount = redis.call('HGET', KEYS[1], 'amount')
-redis.call('HINCRBY', KEYS[2], 'reserved', '-' .. amount)
+redis.call('HINCRBY', KEYS[2], 'reserved', negative(amount))
 redis.call('DECR', KEYS[4])
 redis.call('ZREM', KEYS[3], ARGV[1])
 local bucket_count = tonumber(ARGV[6])

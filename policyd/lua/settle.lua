@@ -6,7 +6,9 @@
 -- KEYS[4] in-flight counter  of the key
 -- KEYS[5] event stream
 -- KEYS[6] fence              exists while `policyd rebuild` rewrites the partition: refuse
--- KEYS[7..6+n] bucket hashes of the reservation
+-- KEYS[7] expiring credits   zset grant id -> expiry ms (a charge consumes them first, earliest first)
+-- KEYS[8] credit left        hash grant id -> nanos not yet consumed
+-- KEYS[9..8+n] bucket hashes of the reservation
 -- ARGV[1] request_id
 -- ARGV[2] now, unix ms
 -- ARGV[3] fingerprint of the settle numbers (a retry must bring the same)
@@ -19,6 +21,8 @@
 --       | {"exists", balance_before, balance_after} | {"conflict"} | {"released"} | {"unknown"} | {"fenced"}
 
 local function fmt(n) return string.format('%d', n) end
+-- the negation of a decimal string; "-0" is not an integer to Redis
+local function negative(text) return text == '0' and '0' or '-' .. text end
 
 if redis.call('EXISTS', KEYS[6]) == 1 then
   return {'fenced'}
@@ -43,15 +47,35 @@ local holds_wallet = redis.call('HGET', KEYS[1], 'wallet') == '1'
 local reserved_amount = redis.call('HGET', KEYS[1], 'amount')
 local before = redis.call('HGET', KEYS[2], 'balance') or '0'
 if was_reserved then
-  redis.call('HINCRBY', KEYS[2], 'reserved', '-' .. reserved_amount)
+  redis.call('HINCRBY', KEYS[2], 'reserved', negative(reserved_amount))
   redis.call('DECR', KEYS[4])
   redis.call('ZREM', KEYS[3], ARGV[1])
 end
 local after = redis.call('HINCRBY', KEYS[2], 'balance', ARGV[5])
+-- which expiring credits pay for this charge (the rest comes from credit that never expires)
+local consumed = {}
+local to_consume = tonumber(ARGV[4])
+if to_consume > 0 then
+  local grants = redis.call('ZRANGEBYSCORE', KEYS[7], '(' .. ARGV[2], '+inf')
+  for _, grant in ipairs(grants) do
+    if to_consume <= 0 then break end
+    local left = tonumber(redis.call('HGET', KEYS[8], grant) or '0')
+    local take = math.min(left, to_consume)
+    if take > 0 then
+      local remaining = redis.call('HINCRBY', KEYS[8], grant, negative(fmt(take)))
+      to_consume = to_consume - take
+      consumed[#consumed + 1] = grant .. ':' .. fmt(take)
+      if remaining <= 0 then
+        redis.call('HDEL', KEYS[8], grant)
+        redis.call('ZREM', KEYS[7], grant)
+      end
+    end
+  end
+end
 local bucket_count = tonumber(ARGV[8])
 for i = 1, bucket_count do
   local delta = was_reserved and ARGV[8 + (i - 1) * 2 + 1] or ARGV[8 + (i - 1) * 2 + 2]
-  redis.call('HINCRBY', KEYS[6 + i], 'used', delta)
+  redis.call('HINCRBY', KEYS[8 + i], 'used', delta)
 end
 local outcome = was_reserved and 'settled' or 'settled_late'
 local after_text = fmt(after)
@@ -60,5 +84,6 @@ redis.call('HSET', KEYS[1], 'state', 'settled', 'fingerprint', ARGV[3],
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('XADD', KEYS[5], '*', 'type', 'settle', 'rid', ARGV[1], 'at', ARGV[2], 'outcome', outcome,
   'charge', ARGV[4], 'balance_before', before, 'balance_after', after_text,
-  'released', was_reserved and reserved_amount or '0', 'wallet', holds_wallet and '1' or '0', 'd', ARGV[7])
+  'released', was_reserved and reserved_amount or '0', 'wallet', holds_wallet and '1' or '0',
+  'credits', table.concat(consumed, ','), 'd', ARGV[7])
 return {outcome, before, after_text}

@@ -138,18 +138,20 @@ class GetPolicyResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., yaml: _Optional[str] = ...) -> None: ...
 
 class GrantCreditRequest(_message.Message):
-    __slots__ = ("customer_id", "amount", "source", "grant_id", "note")
+    __slots__ = ("customer_id", "amount", "source", "grant_id", "note", "expires_unix_ms")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     GRANT_ID_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     amount: _types_pb2.Money
     source: str
     grant_id: str
     note: str
-    def __init__(self, customer_id: _Optional[str] = ..., amount: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., source: _Optional[str] = ..., grant_id: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
+    expires_unix_ms: int
+    def __init__(self, customer_id: _Optional[str] = ..., amount: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., source: _Optional[str] = ..., grant_id: _Optional[str] = ..., note: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
 
 class GrantCreditResponse(_message.Message):
     __slots__ = ("grant_id", "wallet", "exists")
