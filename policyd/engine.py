@@ -163,7 +163,7 @@ class Engine:
         decision_kind = "allow"
         result = await self._reserve(request, request_id, secret_hash, owner, policy, plan, reserve, preset, at, started)
         if result is None:
-            return self._counters_down(request, request_id, base, owner, policy)
+            return await self._counters_down(request, request_id, base, owner, policy, plan, reserve, at, started)
         if result.outcome == "deny" and result.reason == "limit" and policy is not None and plan is not None:
             limit = reserve.limits_by_label.get(result.label, (None, 0))[0]
             if limit is not None and limit.action == "downgrade" and request.attribution.feature not in plan.critical_features \
@@ -175,7 +175,7 @@ class Engine:
                 retry = await self._reserve(request, request_id, secret_hash, owner, policy, plan, cheaper, "", at, started,
                                             decision="downgrade")
                 if retry is None:
-                    return self._counters_down(request, request_id, base, owner, policy)
+                    return await self._counters_down(request, request_id, base, owner, policy, plan, reserve, at, started)
                 if retry.outcome == "allow":
                     reserve, result, decision_kind = cheaper, retry, "downgrade"
                 elif retry.outcome == "deny" and retry.reason == "limit":
@@ -405,10 +405,22 @@ class Engine:
             **common,
         )
 
-    def _counters_down(self, request: AuthorizeInput, request_id: str, base: dict[str, str], owner: Owner,
-                       policy: Policy | None) -> Decision:
+    async def _counters_down(self, request: AuthorizeInput, request_id: str, base: dict[str, str], owner: Owner,
+                             policy: Policy | None, plan: Plan | None, attempt: _Plan, at: int,
+                             started: int) -> Decision:
+        """Redis cannot be reached: deny (fail closed, the default) or allow without a reservation
+        (fail open). Either way the decision is written to SQL directly, since the stream is away."""
         common = {**base, "owner": owner, "policy_version": policy.version if policy else 0}
-        if self.failure_mode == "open":
+        fail_open = self.failure_mode == "open"
+        record = self._record(request, request_id, owner, policy, plan, attempt, at, started,
+                              "allow" if fail_open else "deny")
+        record.update(status="unmetered" if fail_open else "denied", reason="counters_unavailable", holds=[],
+                      message="counters unavailable: " + ("allowed without a reservation" if fail_open else "denied"))
+        try:
+            await asyncio.to_thread(self.store.insert_records, [record])
+        except Exception:
+            log.exception("could not record %s while the counters are unavailable", request_id)
+        if fail_open:
             log.warning("counters unavailable: allowing %s unreserved (fail open)", request_id)
             return Decision(decision="allow", reason="counters_unavailable_fail_open", **common)
         return self._deny(common, "counters_unavailable", retry_after=1)
@@ -420,8 +432,18 @@ class Engine:
                 "d": json.dumps(data, separators=(",", ":"), default=str)}
         try:
             await self.counters.client.xadd(redis_keys.events(partition), body)
-        except Exception:
-            log.exception("could not record %s event for %s", kind, request_id)
+        except Exception as error:
+            log.error("stream unavailable (%s): recording %s of %s in SQL directly", type(error).__name__, kind,
+                      request_id)
+            try:
+                if kind == "authorize":
+                    await asyncio.to_thread(self.store.insert_records, [data["record"]])
+                else:
+                    await asyncio.to_thread(self.store.insert_event, {
+                        "id": f"direct-{new_request_id()}", "kind": kind, "request_id": request_id,
+                        "customer_id": "", "detail": {**fields, **data}, "created_ms": at})
+            except Exception:
+                log.exception("could not record %s of %s", kind, request_id)
 
     async def _reject(self, request_id: str, partition: int | None, reason: str, message: str,
                       detail: dict[str, Any]) -> PolicydError:

@@ -62,6 +62,14 @@ class Store:
         statement = dialect.insert(model).values(rows).on_conflict_do_nothing()
         session.execute(statement)
 
+    def insert_records(self, records: list[dict[str, Any]]) -> None:
+        with self.session() as session, session.begin():
+            self.insert_ignore(session, UsageRecordRow, records)
+
+    def insert_event(self, event: dict[str, Any]) -> None:
+        with self.session() as session, session.begin():
+            self.insert_ignore(session, EventRow, [event])
+
     # keys
     def key_by_hash(self, secret_hash: str) -> ApiKeyRow | None:
         with self.session() as session:
