@@ -52,6 +52,7 @@ class Exchange:
     account: str
     status: int = 0
     retry_after: int = 0
+    attempts: int = 1  # upstream attempts Envoy made (x-envoy-attempt-count)
     forwarded: bool = False
     closed: bool = False
     reader: ResponseReader = field(init=False)
@@ -102,6 +103,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         exchange.status = int(headers.get(":status", "0") or 0)
                         retry = headers.get("retry-after", "")
                         exchange.retry_after = int(retry) if retry.isdigit() else 0
+                        attempts = headers.get("x-envoy-attempt-count", "1")
+                        exchange.attempts = min(int(attempts), 100) if attempts.isdigit() and attempts != "0" else 1
                         if request.response_headers.end_of_stream:
                             await self._close(exchange)
                     yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
@@ -176,6 +179,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 request_id=exchange.request_id, input_tokens=t.input_tokens, cached_input_tokens=t.cached_input_tokens,
                 cache_write_input_tokens=t.cache_write_input_tokens, images=exchange.reader.images,
                 output_tokens=t.output_tokens, served_model=exchange.served_model, upstream_status=status,
+                requests=exchange.attempts, retries=exchange.attempts - 1,
             ))
             return
         if reader.found_usage and cut and reader.tokens.output_tokens:
@@ -184,7 +188,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 request_id=exchange.request_id, input_tokens=t.input_tokens, cached_input_tokens=t.cached_input_tokens,
                 cache_write_input_tokens=t.cache_write_input_tokens, images=exchange.reader.images,
                 output_tokens=t.output_tokens, served_model=exchange.served_model, upstream_status=status,
-                stream_interrupted=True,
+                stream_interrupted=True, requests=exchange.attempts, retries=exchange.attempts - 1,
             ))
             return
         reason = "stream_cut" if cut else ("malformed_response" if reader.malformed else "no_usage_reported")

@@ -79,6 +79,7 @@ static_resources:
             virtual_hosts:
             - name: providers
               domains: ["*"]
+              include_attempt_count_in_response: true
               routes:
               - match: {{prefix: "/"}}
                 route:

@@ -3,7 +3,8 @@ responses, embeddings and Anthropic messages with deterministic usage, streams S
 
 Scenarios, by the request header `x-mock-scenario`:
     ok (default) | rate_limited (429) | server_error (500) | stall (sleeps 30 s) |
-    cut (a stream that stops mid-way without usage) | no_usage (a reply without usage)
+    cut (a stream that stops mid-way without usage) | no_usage (a reply without usage) |
+    slow (a stream with 200 ms between events, for clients that hang up mid-way)
 
 Usage it reports: prompt tokens = ceil(UTF-8 bytes of the messages / 4), completion tokens =
 min(the request's output cap, 12). `GET /_mock/requests` lists what it received (for tests).
@@ -177,8 +178,11 @@ class MockProvider:
                 return
             chunk = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
                      "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
-            send(f"data: {json.dumps(chunk)}\n\n")
-            time.sleep(0.002)
+            try:
+                send(f"data: {json.dumps(chunk)}\n\n")
+            except OSError:
+                return  # the client (Envoy) hung up
+            time.sleep(0.2 if scenario == "slow" else 0.002)
         last = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
                 "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
         send(f"data: {json.dumps(last)}\n\n")

@@ -101,6 +101,26 @@ def _delivered_text(endpoint: str, data: Any) -> int:
     return total
 
 
+def _reply_text(data: Any) -> int:
+    """Bytes of generated text in a whole (non-streamed) reply, for estimating one without usage."""
+    if not isinstance(data, dict):
+        return 0
+    texts: list[Any] = []
+    for choice in data.get("choices") or []:
+        if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
+            texts.append(choice["message"].get("content"))
+    for item in data.get("output") or []:  # responses
+        if isinstance(item, dict):
+            texts += [part.get("text") for part in item.get("content") or [] if isinstance(part, dict)]
+    for part in data.get("content") or []:  # anthropic
+        if isinstance(part, dict):
+            texts.append(part.get("text"))
+    for candidate in data.get("candidates") or []:  # gemini
+        if isinstance(candidate, dict):
+            texts += [p.get("text") for p in (candidate.get("content") or {}).get("parts") or [] if isinstance(p, dict)]
+    return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts if isinstance(t, str))
+
+
 class ResponseReader:
     """Feeds on response body chunks as they pass; knows the usage at the end, or an estimate."""
 
@@ -173,6 +193,7 @@ class ResponseReader:
             self.malformed = True
             return
         self.found_usage = usage_from(self.endpoint, data, self.tokens) and self.tokens.any
+        self.delivered_bytes = _reply_text(data)
         if self.endpoint == "images" and isinstance(data, dict) and isinstance(data.get("data"), list):
             self.images = len(data["data"])
             self.found_usage = True

@@ -125,6 +125,7 @@ def test_non_streamed_chat_charges_the_provider_reported_usage(gateway: Gateway)
     assert record["charge_nanos"] == expected_charge("gpt-4o", completion.usage.prompt_tokens,
                                                      completion.usage.completion_tokens)
     assert (record["feature"], record["thread_id"], record["customer_id"]) == ("faq", "t-1", "e2e-plain")
+    assert (record["request_count"], record["retries"]) == (1, 0)  # from Envoy's x-envoy-attempt-count
     wallet = gateway.wallet("e2e-plain")
     assert wallet.balance_nanos == parse_amount("10") - record["charge_nanos"] and wallet.reserved_nanos == 0
     sent = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "How exact is policyd?"]
@@ -338,3 +339,43 @@ def test_a_cooling_provider_sends_requests_to_the_plans_fallback(gateway: Gatewa
     sent = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "fall back"][-1]
     assert sent["body"]["model"] == "claude-sonnet-4" and sent["authorization"] == f"Bearer {PROVIDER_KEYS[2]}" or \
         sent["authorization"] == PROVIDER_KEYS[2]
+
+
+def test_a_client_that_hangs_up_mid_stream_is_charged_for_what_it_got(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-hangup")
+    client = gateway.client(key)
+    with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "long answer"}], stream=True,
+            extra_headers={"x-mock-scenario": "slow", "x-policyd-request-id": "e2e-hangup-1"}) as response:
+        stream = response.parse()
+        first = [next(iter(stream)) for _ in range(2)]
+        assert all(c.choices for c in first)
+    # leaving the block closes the connection while the provider is still streaming
+    record = _eventually(gateway, "e2e-hangup-1", lambda r: r["status"] != "reserved")
+    assert record["status"] == "settled" and record["stream_interrupted"]
+    assert record["error_class"] == "usage_estimated:stream_cut"
+    assert 0 < record["output_tokens"] < 12 and record["charge_nanos"] > 0
+    assert gateway.wallet("e2e-hangup").reserved_nanos == 0
+
+
+def test_embeddings_responses_and_replies_without_usage(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-more")
+    client = gateway.client(key)
+    raw = client.embeddings.with_raw_response.create(model="gpt-4o-mini", input="embed me")
+    embedding = raw.parse()
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["endpoint"], record["input_tokens"], record["output_tokens"]) == (
+        "embeddings", embedding.usage.prompt_tokens, 0)
+    raw = client.responses.with_raw_response.create(model="gpt-4o", input="respond", max_output_tokens=20)
+    response = raw.parse()
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["endpoint"], record["input_tokens"], record["output_tokens"]) == (
+        "responses", response.usage.input_tokens, response.usage.output_tokens)
+    assert record["charge_nanos"] == expected_charge("gpt-4o", response.usage.input_tokens, response.usage.output_tokens)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "no usage"}], max_tokens=10,
+        extra_headers={"x-mock-scenario": "no_usage"})
+    assert raw.parse().usage is None
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert record["status"] == "settled" and record["error_class"] == "usage_estimated:no_usage_reported"
+    assert record["output_tokens"] > 0 and not record["stream_interrupted"]
