@@ -89,8 +89,9 @@ class Admin:
             raise _invalid("invalid_request", "customer_id is required")
         for name, value in (("customer_id", customer_id), ("workspace_id", workspace_id),
                             ("project_id", project_id), ("team_id", team_id)):
-            if len(value) > OWNER_ID_LENGTH_MAX or any(c in value for c in "{}\x00\n\r\t "):
-                raise _invalid("invalid_request", f"{name} must be at most {OWNER_ID_LENGTH_MAX} characters without spaces or braces")
+            if len(value) > OWNER_ID_LENGTH_MAX or any(c in value for c in "{}/\x00\n\r\t "):
+                raise _invalid("invalid_request",
+                               f"{name} must be at most {OWNER_ID_LENGTH_MAX} characters without spaces, '/' or braces")
         if len(label) > LABEL_LENGTH_MAX:
             raise _invalid("invalid_request", f"label must be at most {LABEL_LENGTH_MAX} characters")
         if environment not in ENVIRONMENTS:
@@ -188,9 +189,11 @@ class Admin:
 
     # ------------------------------------------------------------------ wallets
     async def grant_credit(self, customer_id: str, amount: int, currency: str, source: str, grant_id: str = "",
-                           note: str = "", expires_ms: int = 0) -> tuple[str, str, tuple[int, int]]:
-        if not customer_id or len(customer_id) > OWNER_ID_LENGTH_MAX:
-            raise _invalid("invalid_request", "customer_id is required")
+                           note: str = "", expires_ms: int = 0, workspace_id: str = "") -> tuple[str, str, tuple[int, int]]:
+        """Credit a customer's wallet, or one workspace's wallet (for plans with wallet_scope: workspace)."""
+        if not customer_id or len(customer_id) > OWNER_ID_LENGTH_MAX or "/" in customer_id \
+                or len(workspace_id) > OWNER_ID_LENGTH_MAX or "/" in workspace_id:
+            raise _invalid("invalid_request", "customer_id is required (and neither id may contain '/')")
         if source not in GRANT_SOURCES:
             raise _invalid("invalid_grant", f"source must be one of {', '.join(GRANT_SOURCES)}")
         if amount <= 0 or amount > AMOUNT_MAX:
@@ -206,16 +209,18 @@ class Admin:
             raise _invalid("invalid_request", "grant_id must not contain spaces or braces")
         if len(grant_id) > 128:
             raise _invalid("invalid_request", "grant_id must be at most 128 characters")
-        payload = json.dumps({"customer_id": customer_id, "currency": expected, "source": source, "note": note[:1024]})
+        wallet = redis_keys.wallet_id(customer_id, workspace_id)
+        payload = json.dumps({"customer_id": customer_id, "wallet_id": wallet, "currency": expected, "source": source,
+                              "note": note[:1024]})
         partition = self.counters.partition_of(customer_id)
         try:
-            outcome, _ = await self.counters.grant(partition, customer_id, grant_id, amount, now_ms(), payload,
+            outcome, _ = await self.counters.grant(partition, wallet, grant_id, amount, now_ms(), payload,
                                                    expires_ms)
         except Fenced:
             raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None
         if outcome == "too_large":
             raise _invalid("invalid_amount", "the balance would exceed 2^53-1 nanos")
-        return grant_id, outcome, await self.counters.wallet(customer_id)
+        return grant_id, outcome, await self.counters.wallet(wallet)
 
     async def latest_usage(self, customer_id: str, limit: int) -> list[Any]:
         """The newest usage records (after draining what is pending), newest first."""
@@ -231,7 +236,8 @@ class Admin:
         open_rows = await asyncio.to_thread(self.store.open_reservations)
         reserved: dict[str, int] = {}
         for row in open_rows:
-            reserved[row.customer_id] = reserved.get(row.customer_id, 0) + row.reserved_nanos
+            wallet = row.wallet_id or row.customer_id
+            reserved[wallet] = reserved.get(wallet, 0) + row.reserved_nanos
         customers = set(balances) | set(reserved) | set(await self._wallet_customers())
         mismatches: list[tuple[str, int, int]] = []
         for customer in sorted(customers):
@@ -306,12 +312,14 @@ class Admin:
         reserved: dict[str, int] = {}
         inflight: dict[tuple[int, str], int] = {}
         for row in open_rows:
-            reserved[row.customer_id] = reserved.get(row.customer_id, 0) + row.reserved_nanos
+            wallet = row.wallet_id or row.customer_id
+            reserved[wallet] = reserved.get(wallet, 0) + row.reserved_nanos
             p = self.counters.partition_of(row.customer_id)
             inflight[(p, row.api_key_id)] = inflight.get((p, row.api_key_id), 0) + 1
             expires = row.created_ms + self.reservation_ttl_ms
             fields = {
-                "decision": row.decision, "customer_id": row.customer_id, "key_id": row.api_key_id, "plan": row.plan,
+                "decision": row.decision, "customer_id": row.customer_id, "wallet_id": row.wallet_id or row.customer_id,
+                "key_id": row.api_key_id, "plan": row.plan,
                 "served_model": row.served_model, "provider": row.provider, "route": row.upstream,
                 "policy_version": row.policy_version, "price_table_version": row.price_table_version,
                 "currency": row.currency, "max_output_tokens": row.max_output_tokens, "holds": row.holds,
@@ -359,7 +367,7 @@ class Admin:
 
 _RECORD_COLUMNS = (
     "request_id", "created_ms", "trace_id", "traceparent", "customer_id", "workspace_id", "project_id", "team_id",
-    "api_key_id", "plan", "environment", "claimed", "end_user_id", "agent_id", "thread_id", "feature", "route",
+    "api_key_id", "wallet_id", "plan", "environment", "claimed", "end_user_id", "agent_id", "thread_id", "feature", "route",
     "tags", "endpoint", "requested_model", "primary_model", "served_model", "provider", "upstream", "decision",
     "policy_version", "price_table_version", "billing_mode", "reservation_mode", "currency", "max_output_tokens",
     "holds", "decision_latency_us", "client_address", "user_agent",

@@ -111,7 +111,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _wallet_text(w: admin_pb2.Wallet) -> str:
-    return (f"{w.customer_id}: balance {format_amount(w.balance_nanos)} {w.currency}, reserved "
+    return (f"{w.customer_id}{'/' + w.workspace_id if w.workspace_id else ''}: balance {format_amount(w.balance_nanos)} {w.currency}, reserved "
             f"{format_amount(w.reserved_nanos)}, available {format_amount(w.available_nanos)}")
 
 
@@ -127,7 +127,7 @@ def _credit(args: argparse.Namespace) -> int:
     expires = int(time.time() * 1000) + args.expires_in_days * 86_400_000 if args.expires_in_days > 0 else 0
     response = stub.GrantCredit(admin_pb2.GrantCreditRequest(
         customer_id=args.customer, amount=types_pb2.Money(currency=args.currency, nanos=nanos), source=args.source,
-        grant_id=args.grant_id, note=args.note, expires_unix_ms=expires), metadata=md)
+        grant_id=args.grant_id, note=args.note, expires_unix_ms=expires, workspace_id=args.workspace), metadata=md)
     _print(args, response, ("already granted: " if response.exists else f"granted {response.grant_id}: ")
            + _wallet_text(response.wallet))
     return 0
@@ -135,7 +135,8 @@ def _credit(args: argparse.Namespace) -> int:
 
 def _wallet(args: argparse.Namespace) -> int:
     stub, md = _stub(args)
-    response = stub.GetWallet(admin_pb2.GetWalletRequest(customer_id=args.customer), metadata=md)
+    response = stub.GetWallet(admin_pb2.GetWalletRequest(customer_id=args.customer, workspace_id=args.workspace),
+                              metadata=md)
     _print(args, response, _wallet_text(response))
     return 0
 
@@ -301,6 +302,7 @@ def parser() -> argparse.ArgumentParser:
     credit_commands = credit.add_subparsers(dest="credit_command", required=True)
     grant = client(credit_commands.add_parser("grant", help="add credit to a customer's wallet"))
     grant.add_argument("--customer", required=True)
+    grant.add_argument("--workspace", default="", help="credit this workspace's own wallet (wallet_scope: workspace)")
     grant.add_argument("--amount", required=True, help="decimal, e.g. 10.00")
     grant.add_argument("--currency", default="")
     grant.add_argument("--source", default="purchase", choices=["purchase", "promo", "refund", "adjustment"])
@@ -312,6 +314,7 @@ def parser() -> argparse.ArgumentParser:
 
     wallet = client(commands.add_parser("wallet", help="show a customer's wallet"))
     wallet.add_argument("customer")
+    wallet.add_argument("--workspace", default="")
     wallet.set_defaults(run=_wallet)
 
     health = client(commands.add_parser("health", help="is a policyd serving? (gRPC health check)"))

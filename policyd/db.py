@@ -68,6 +68,7 @@ class UsageRecordRow(Base):
     project_id: Mapped[str] = mapped_column(ID, default="")
     team_id: Mapped[str] = mapped_column(ID, default="")
     api_key_id: Mapped[str] = mapped_column(ID, default="", index=True)
+    wallet_id: Mapped[str] = mapped_column(String(258), default="", server_default="")  # customer or customer/workspace
     plan: Mapped[str] = mapped_column(ID, default="")
     environment: Mapped[str] = mapped_column(String(32), default="")
     claimed: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # owner fields the caller claimed
@@ -133,6 +134,7 @@ class LedgerEntryRow(Base):
 
     entry_id: Mapped[str] = mapped_column(String(160), primary_key=True)  # grant:<id> | charge:<rid> | expiry:<id>
     customer_id: Mapped[str] = mapped_column(ID, index=True)
+    wallet_id: Mapped[str] = mapped_column(String(258), default="", server_default="", index=True)
     kind: Mapped[str] = mapped_column(String(16))  # grant | charge | expiry
     amount_nanos: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))

@@ -325,8 +325,10 @@ class Engine:
         record = self._record(request, request_id, owner, policy, plan, attempt, at, started, decision)
         limit_reasons = {label: limit_reason(limit) for label, (limit, _) in attempt.limits_by_label.items()}
         payload = json.dumps({"record": record, "limit_reasons": limit_reasons, "messages": MESSAGES}, separators=(",", ":"))
+        wallet = record["wallet_id"]
         fields = {
-            "decision": decision, "customer_id": owner.customer_id, "key_id": owner.api_key_id, "plan": owner.plan,
+            "decision": decision, "customer_id": owner.customer_id, "wallet_id": wallet,
+            "key_id": owner.api_key_id, "plan": owner.plan,
             "served_model": attempt.served_model, "provider": attempt.price.provider, "route": attempt.price.upstream,
             "policy_version": policy.version if policy else 0,
             "price_table_version": policy.document.price_table.version if policy else "",
@@ -339,7 +341,7 @@ class Engine:
         try:
             return await self.counters.authorize(
                 partition=self.counters.partition_of(owner.customer_id), request_id=request_id,
-                key_id=owner.api_key_id, customer_id=owner.customer_id, secret_hash=secret_hash, now_ms=at,
+                key_id=owner.api_key_id, customer_id=wallet, secret_hash=secret_hash, now_ms=at,
                 expires_ms=at + self.reservation_ttl_ms,
                 check_wallet=plan is not None and plan.wallet == "required",
                 amount=attempt.charge, concurrency_cap=plan.concurrency if plan else 0,
@@ -362,6 +364,8 @@ class Engine:
             "request_id": request_id, "created_ms": at, "trace_id": a.trace_id, "traceparent": a.traceparent,
             "customer_id": owner.customer_id, "workspace_id": owner.workspace_id, "project_id": owner.project_id,
             "team_id": owner.team_id, "api_key_id": owner.api_key_id, "plan": owner.plan,
+            "wallet_id": redis_keys.wallet_id(owner.customer_id, owner.workspace_id)
+            if plan is not None and plan.wallet_scope == "workspace" else owner.customer_id,
             "environment": owner.environment,
             "claimed": {k: v for k, v in (("customer_id", a.customer_id), ("workspace_id", a.workspace_id),
                                            ("project_id", a.project_id), ("environment", a.environment)) if v},
@@ -508,7 +512,7 @@ class Engine:
                              separators=(",", ":"))
         try:
             result = await self.counters.settle(
-                reservation, customer_id=r["customer_id"], key_id=r["key_id"], now_ms=self.clock(),
+                reservation, customer_id=r.get("wallet_id", r["customer_id"]), key_id=r["key_id"], now_ms=self.clock(),
                 fingerprint=fingerprint, charge=charge, retention_seconds=RESULT_RETENTION_SECONDS,
                 payload=payload, bucket_deltas=deltas,
             )
@@ -571,7 +575,7 @@ class Engine:
     async def _void(self, reservation: Reservation, target: str, reason: str) -> tuple[str, str]:
         r = reservation.fields
         return await self.counters.release(
-            reservation, customer_id=r["customer_id"], key_id=r["key_id"], now_ms=self.clock(), target=target,
+            reservation, customer_id=r.get("wallet_id", r["customer_id"]), key_id=r["key_id"], now_ms=self.clock(), target=target,
             reason=reason, retention_seconds=RESULT_RETENTION_SECONDS,
             bucket_releases=[(key, -held) for key, _, held in r["holds"]],
         )

@@ -155,6 +155,7 @@ class Plan(_Strict):
     markup_bps: int = Field(0, ge=-10_000, le=1_000_000)  # charge = cost * (10000 + markup_bps) / 10000; < 0 = discount
     price_list: dict[str, Prices] = {}  # the plan's own customer prices for some models (instead of cost + markup)
     wallet: Literal["required", "none"] = "required"
+    wallet_scope: Literal["customer", "workspace"] = "customer"  # workspace: each workspace has its own wallet
     concurrency: int = Field(0, ge=0, le=100_000)  # in-flight requests per key, 0 = no cap
     critical_features: tuple[str, ...] = ()  # never downgraded: blocked instead
     promo_features: tuple[str, ...] = ()  # charged 0 (billing "promo"); the provider cost is still recorded

@@ -6,7 +6,7 @@ them together; the event stream of that partition carries the same tag, so the
 script appends its event atomically with the counter change.
 
     pd:{pN}:key:<key_id>                key state: status, h:<secret sha256> -> expiry ms
-    pd:{pN}:wallet:<customer_id>        balance, reserved (nanos)
+    pd:{pN}:wallet:<wallet_id>          balance, reserved (nanos); wallet id = customer or customer/workspace
     pd:{pN}:resv:<request_id>           one reservation (state, amount, holds)
     pd:{pN}:deadlines                   zset request_id -> expiry ms
     pd:{pN}:inflight:<key_id>           requests in flight on a key
@@ -30,7 +30,13 @@ STREAM_GROUP = "policyd-writer"
 
 
 def partition_of(owner_id: str, partitions: int) -> int:
-    return zlib.crc32(owner_id.encode("utf-8")) % partitions
+    """The partition of a customer; a workspace wallet id "<customer>/<workspace>" shares its customer's."""
+    return zlib.crc32(owner_id.split("/", 1)[0].encode("utf-8")) % partitions
+
+
+def wallet_id(customer_id: str, workspace_id: str = "") -> str:
+    """A customer's wallet is its id; a workspace wallet is "<customer>/<workspace>"."""
+    return f"{customer_id}/{workspace_id}" if workspace_id else customer_id
 
 
 def _tag(partition: int) -> str:

@@ -212,19 +212,22 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         await self._authorized(context)
         grant_id, outcome, (balance, reserved) = await _call(context, lambda: self.admin.grant_credit(
             request.customer_id, request.amount.nanos, request.amount.currency, request.source, request.grant_id,
-            request.note, request.expires_unix_ms))
-        return admin_pb2.GrantCreditResponse(grant_id=grant_id, exists=outcome == "exists",
-                                             wallet=self._wallet(request.customer_id, balance, reserved))
+            request.note, request.expires_unix_ms, request.workspace_id))
+        return admin_pb2.GrantCreditResponse(grant_id=grant_id, exists=outcome == "exists", wallet=self._wallet(
+            request.customer_id, request.workspace_id, balance, reserved))
 
-    def _wallet(self, customer_id: str, balance: int, reserved: int) -> admin_pb2.Wallet:
+    def _wallet(self, customer_id: str, workspace_id: str, balance: int, reserved: int) -> admin_pb2.Wallet:
         current = self.admin.book.current
-        return admin_pb2.Wallet(customer_id=customer_id, currency=current.document.currency if current else "",
+        return admin_pb2.Wallet(customer_id=customer_id, workspace_id=workspace_id,
+                                currency=current.document.currency if current else "",
                                 balance_nanos=balance, reserved_nanos=reserved, available_nanos=balance - reserved)
 
     async def GetWallet(self, request: admin_pb2.GetWalletRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._authorized(context)
-        balance, reserved = await self.admin.counters.wallet(request.customer_id)
-        return self._wallet(request.customer_id, balance, reserved)
+        from policyd.redis_keys import wallet_id
+
+        balance, reserved = await self.admin.counters.wallet(wallet_id(request.customer_id, request.workspace_id))
+        return self._wallet(request.customer_id, request.workspace_id, balance, reserved)
 
     async def ListUsage(self, request: admin_pb2.ListUsageRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._authorized(context)

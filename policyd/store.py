@@ -128,13 +128,16 @@ class Store:
             return list(session.scalars(query))
 
     def ledger_balances(self) -> dict[str, int]:
+        """Wallet id -> the sum of its ledger entries (its balance)."""
         with self.session() as session:
             rows = session.execute(
-                select(LedgerEntryRow.customer_id, func.sum(LedgerEntryRow.amount_nanos)).group_by(
-                    LedgerEntryRow.customer_id
-                )
+                select(LedgerEntryRow.wallet_id, LedgerEntryRow.customer_id, func.sum(LedgerEntryRow.amount_nanos))
+                .group_by(LedgerEntryRow.wallet_id, LedgerEntryRow.customer_id)
             )
-            return {customer: int(total) for customer, total in rows}
+            balances: dict[str, int] = {}
+            for wallet, customer, total in rows:
+                balances[wallet or customer] = balances.get(wallet or customer, 0) + int(total)
+            return balances
 
     def open_reservations(self) -> list[UsageRecordRow]:
         with self.session() as session:
@@ -146,11 +149,11 @@ class Store:
             yield from session.scalars(query.execution_options(yield_per=1000))
 
     def open_expiring_grants(self) -> list[tuple[str, str, int, int]]:
-        """(grant id, customer, amount, expires ms) of expiring grants not expired yet."""
+        """(grant id, wallet id, amount, expires ms) of expiring grants not expired yet."""
         with self.session() as session:
             expired = {e.removeprefix("expiry:") for e in session.scalars(
                 select(LedgerEntryRow.entry_id).where(LedgerEntryRow.kind == "expiry"))}
-            rows = session.execute(select(LedgerEntryRow.entry_id, LedgerEntryRow.customer_id,
+            rows = session.execute(select(LedgerEntryRow.entry_id, LedgerEntryRow.wallet_id,
                                           LedgerEntryRow.amount_nanos, LedgerEntryRow.expires_ms)
                                    .where(LedgerEntryRow.kind == "grant", LedgerEntryRow.expires_ms > 0))
             return [(e.removeprefix("grant:"), c, int(a), int(x)) for e, c, a, x in rows
@@ -169,7 +172,7 @@ class Store:
     def grant_ids(self) -> list[tuple[str, str]]:
         with self.session() as session:
             rows = session.execute(
-                select(LedgerEntryRow.entry_id, LedgerEntryRow.customer_id).where(LedgerEntryRow.kind == "grant")
+                select(LedgerEntryRow.entry_id, LedgerEntryRow.wallet_id).where(LedgerEntryRow.kind == "grant")
             )
             return [(entry_id.removeprefix("grant:"), customer) for entry_id, customer in rows]
 

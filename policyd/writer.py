@@ -175,7 +175,8 @@ class Writer:
                 elif kind == "grant":
                     data = json.loads(fields["d"])
                     ledger.append({
-                        "entry_id": f"grant:{fields['rid']}", "customer_id": data["customer_id"], "kind": "grant",
+                        "entry_id": f"grant:{fields['rid']}", "customer_id": data["customer_id"],
+                        "wallet_id": data.get("wallet_id") or data["customer_id"], "kind": "grant",
                         "amount_nanos": int(fields["amount"]), "currency": data["currency"], "request_id": "",
                         "source": data["source"], "note": data.get("note", ""),
                         "balance_after_nanos": int(fields["balance_after"]), "created_ms": int(fields["at"]),
@@ -183,7 +184,8 @@ class Writer:
                     })
                 elif kind == "credit_expire":
                     ledger.append({
-                        "entry_id": f"expiry:{fields['rid']}", "customer_id": fields["customer_id"], "kind": "expiry",
+                        "entry_id": f"expiry:{fields['rid']}", "customer_id": fields["customer_id"].split("/", 1)[0],
+                        "wallet_id": fields["customer_id"], "kind": "expiry",
                         "amount_nanos": -int(fields["amount"]), "currency": "", "request_id": "",
                         "source": "expiry", "note": f"unused credit of {fields['rid']}",
                         "balance_after_nanos": int(fields["balance_after"]), "created_ms": int(fields["at"]),
@@ -279,7 +281,8 @@ class Writer:
         record.balance_after_nanos = int(fields["balance_after"])
         record.closed_ms = int(fields["at"])
         return {
-            "entry_id": f"charge:{rid}", "customer_id": record.customer_id, "kind": "charge",
+            "entry_id": f"charge:{rid}", "customer_id": record.customer_id,
+            "wallet_id": record.wallet_id or record.customer_id, "kind": "charge",
             "amount_nanos": -int(fields["charge"]), "currency": record.currency or data.get("currency", ""),
             "request_id": rid, "source": "usage", "note": "late" if fields["outcome"] == "settled_late" else "",
             "balance_after_nanos": int(fields["balance_after"]), "created_ms": int(fields["at"]),

@@ -355,3 +355,30 @@ async def test_zero_charge_requests_settle_and_release(service: Service) -> None
     assert (row.billing_mode, row.charge_nanos, row.cost_nanos) == ("promo", 0, s.cost)
     assert await service.counters.wallet("acme") == (USD, 0)
     assert (await service.admin.audit()).ok
+
+
+async def test_workspace_wallets_are_separate(service: Service) -> None:
+    policy = (await service.admin.book.version(1)).canonical.replace(
+        "    wallet_scope: customer\n", "    wallet_scope: workspace\n")
+    await service.admin.apply_policy(policy, "ws.yaml")
+    _, ws1 = await new_key(service, workspace_id="ws1")
+    _, ws2 = await new_key(service, workspace_id="ws2")
+    await service.admin.grant_credit("acme", USD, "USD", "purchase", "ws1-credit", workspace_id="ws1")
+    await fund(service, "acme", "5")  # the customer's own wallet is not the workspaces'
+    d = await service.engine.authorize(ask(ws1, request_id="ws1-1"))
+    assert d.decision == "allow"
+    s = await service.engine.settle(usage("ws1-1"))
+    assert s.balance_before == USD
+    assert await service.counters.wallet("acme/ws1") == (USD - s.charge, 0)
+    assert await service.counters.wallet("acme") == (5 * USD, 0)
+    broke = await service.engine.authorize(ask(ws2, request_id="ws2-1"))
+    assert broke.reason == "insufficient_quota"
+    with pytest.raises(PolicydError):
+        await service.admin.grant_credit("acme/x", USD, "USD", "purchase")
+    await service.writer.drain()
+    assert service.store.ledger_balances() == {"acme/ws1": USD - s.charge, "acme": 5 * USD}
+    assert (await service.admin.audit()).ok
+    await service.counters.client.flushall()
+    await service.admin.rebuild()
+    assert await service.counters.wallet("acme/ws1") == (USD - s.charge, 0)
+    assert (await service.admin.audit()).ok

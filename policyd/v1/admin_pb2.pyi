@@ -138,20 +138,22 @@ class GetPolicyResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., yaml: _Optional[str] = ...) -> None: ...
 
 class GrantCreditRequest(_message.Message):
-    __slots__ = ("customer_id", "amount", "source", "grant_id", "note", "expires_unix_ms")
+    __slots__ = ("customer_id", "amount", "source", "grant_id", "note", "expires_unix_ms", "workspace_id")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     GRANT_ID_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     amount: _types_pb2.Money
     source: str
     grant_id: str
     note: str
     expires_unix_ms: int
-    def __init__(self, customer_id: _Optional[str] = ..., amount: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., source: _Optional[str] = ..., grant_id: _Optional[str] = ..., note: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
+    workspace_id: str
+    def __init__(self, customer_id: _Optional[str] = ..., amount: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., source: _Optional[str] = ..., grant_id: _Optional[str] = ..., note: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ..., workspace_id: _Optional[str] = ...) -> None: ...
 
 class GrantCreditResponse(_message.Message):
     __slots__ = ("grant_id", "wallet", "exists")
@@ -164,24 +166,28 @@ class GrantCreditResponse(_message.Message):
     def __init__(self, grant_id: _Optional[str] = ..., wallet: _Optional[_Union[Wallet, _Mapping]] = ..., exists: _Optional[bool] = ...) -> None: ...
 
 class GetWalletRequest(_message.Message):
-    __slots__ = ("customer_id",)
+    __slots__ = ("customer_id", "workspace_id")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
-    def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
+    workspace_id: str
+    def __init__(self, customer_id: _Optional[str] = ..., workspace_id: _Optional[str] = ...) -> None: ...
 
 class Wallet(_message.Message):
-    __slots__ = ("customer_id", "currency", "balance_nanos", "reserved_nanos", "available_nanos")
+    __slots__ = ("customer_id", "currency", "balance_nanos", "reserved_nanos", "available_nanos", "workspace_id")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     BALANCE_NANOS_FIELD_NUMBER: _ClassVar[int]
     RESERVED_NANOS_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_NANOS_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     currency: str
     balance_nanos: int
     reserved_nanos: int
     available_nanos: int
-    def __init__(self, customer_id: _Optional[str] = ..., currency: _Optional[str] = ..., balance_nanos: _Optional[int] = ..., reserved_nanos: _Optional[int] = ..., available_nanos: _Optional[int] = ...) -> None: ...
+    workspace_id: str
+    def __init__(self, customer_id: _Optional[str] = ..., currency: _Optional[str] = ..., balance_nanos: _Optional[int] = ..., reserved_nanos: _Optional[int] = ..., available_nanos: _Optional[int] = ..., workspace_id: _Optional[str] = ...) -> None: ...
 
 class ListUsageRequest(_message.Message):
     __slots__ = ("customer_id", "limit")
