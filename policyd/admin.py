@@ -23,6 +23,7 @@ from policyd.domain import PolicydError
 from policyd.money import AMOUNT_MAX
 from policyd.policy import ENVIRONMENTS, Policy, PolicyError, canonical_text, diff, parse_policy
 from policyd.policy_book import PolicyBook
+from policyd import pricing, quotas, reports
 from policyd.quotas import remaining_ttl
 from policyd.store import OPEN_STATUSES, Store, key_record
 from policyd.writer import Writer
@@ -227,6 +228,49 @@ class Admin:
         limit = 50 if limit <= 0 else min(limit, USAGE_LIST_MAX)
         await self.writer.drain()
         return await asyncio.to_thread(self.store.latest_usage, customer_id, limit)
+
+    async def usage_report(self, group_by: list[str], since_ms: int, until_ms: int, bucket: str, customer_id: str,
+                           compare_previous: bool) -> list[Any]:
+        await self.writer.drain()
+
+        def run() -> list[Any]:
+            with self.store.session() as session:
+                return reports.usage_report(session, group_by, since_ms, until_ms, bucket, customer_id,
+                                            compare_previous)
+
+        try:
+            return await asyncio.to_thread(run)
+        except reports.ReportError as error:
+            raise _invalid("invalid_report", str(error)) from None
+
+    async def review_key(self, key_id: str) -> dict[str, Any]:
+        """The review record of a key: owner, routes, bucket state, spend, last use, denials; no secret."""
+        row = await self.get_key(key_id)
+        await self.writer.drain()
+        at = now_ms()
+        day_start = at - at % 86_400_000
+        month_start = quotas.window_of("month", at // 1000).start * 1000
+        activity = await asyncio.to_thread(self.store.key_activity, key_id, day_start, month_start)
+        policy = self.book.current
+        plan = policy.plan(row.plan) if policy else None
+        models: list[str] = []
+        buckets: list[dict[str, Any]] = []
+        if policy is not None and plan is not None:
+            from policyd.engine import Engine
+
+            models = [m for m, _ in Engine.models_allowed(policy, plan, tuple(row.scopes or ()), row.environment)]
+            partition = self.counters.partition_of(row.customer_id)
+            scope_ids = {"key": row.id, "customer": row.customer_id, "workspace": row.workspace_id,
+                         "project": row.project_id}
+            for limit in plan.limits:
+                scope_id = scope_ids.get(limit.scope, "")
+                if not scope_id:
+                    continue  # per-thread, per-feature, per-model and per-user buckets are many: see reports
+                hold, _ = quotas.hold_for(limit, partition, scope_id, at // 1000, 0, pricing.Quantities())
+                used = int(await self.counters.client.hget(hold.key, "used") or 0)
+                buckets.append({"label": limit.label, "unit": limit.unit, "window": limit.window, "used": used,
+                                "limit": limit.limit})
+        return {"key": row, "models": models, "buckets": buckets, **activity}
 
     # ------------------------------------------------------------------ audit and rebuild
     async def audit(self) -> AuditResult:

@@ -81,8 +81,8 @@ def _keys(args: argparse.Namespace) -> int:
         response = stub.ListKeys(admin_pb2.ListKeysRequest(customer_id=args.customer), metadata=md)
         _print(args, response, "\n".join(_key_line(k) for k in response.keys) or "no keys")
     elif args.keys_command == "show":
-        response = stub.GetKey(admin_pb2.GetKeyRequest(id=args.id), metadata=md)
-        _print(args, response, _key_line(response))
+        review = stub.ReviewKey(admin_pb2.GetKeyRequest(id=args.id), metadata=md)
+        _print(args, review, _review_text(review))
     elif args.keys_command == "rotate":
         request = admin_pb2.RotateKeyRequest(id=args.id)
         if args.grace_seconds is not None:
@@ -94,6 +94,33 @@ def _keys(args: argparse.Namespace) -> int:
         response = action(admin_pb2.KeyActionRequest(id=args.id, reason=args.reason), metadata=md)
         _print(args, response, _key_line(response))
     return 0
+
+
+def _review_text(r: admin_pb2.KeyReview) -> str:
+    from datetime import datetime, timezone
+
+    def when(ms: int) -> str:
+        return datetime.fromtimestamp(ms // 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ms else "never"
+
+    k, o = r.key, r.key.owner
+    lines = [
+        f"key          {k.id} ({k.prefix}…) {admin_pb2.KeyState.Name(k.state).lower()}  label {k.label!r}",
+        f"owner        customer {o.customer_id}  workspace {o.workspace_id or '-'}  project {o.project_id or '-'}"
+        f"  team {o.team_id or '-'}",
+        f"environment  {o.environment}   plan {o.plan}",
+        f"models       {', '.join(r.allowed_models) or 'none'}",
+        f"created      {when(k.created_unix_ms)}   rotated {when(k.rotated_unix_ms)}",
+        f"last used    {when(r.last_used_unix_ms)}",
+        f"spend        today {format_amount(r.spend_today_nanos)}   this month {format_amount(r.spend_month_nanos)}",
+        f"requests     {r.requests}   denied {r.denials}   errors {r.errors}",
+    ]
+    if r.denials_by_reason:
+        lines.append("denials      " + ", ".join(f"{k}: {v}" for k, v in sorted(r.denials_by_reason.items())))
+    for b in r.buckets:
+        used = format_amount(b.used) if b.unit == "money" else str(b.used)
+        limit = format_amount(b.limit) if b.unit == "money" else str(b.limit)
+        lines.append(f"bucket       {b.label}: {used} of {limit} {b.unit} this {b.window}")
+    return "\n".join(lines)
 
 
 def _apply(args: argparse.Namespace) -> int:
@@ -209,9 +236,70 @@ def _usage(args: argparse.Namespace) -> int:
     from policyd.demo import _usage_table
 
     stub, md = _stub(args)
-    response = stub.ListUsage(admin_pb2.ListUsageRequest(customer_id=args.customer, limit=args.limit), metadata=md)
-    _print(args, response, _usage_table(list(response.records)))
+    if args.usage_command == "list":
+        response = stub.ListUsage(admin_pb2.ListUsageRequest(customer_id=args.customer, limit=args.limit), metadata=md)
+        _print(args, response, _usage_table(list(response.records)))
+        return 0
+    since, until = _window(args)
+    report = stub.UsageReport(admin_pb2.UsageReportRequest(
+        group_by=[g for g in args.group_by.split(",") if g], since_unix_ms=since, until_unix_ms=until,
+        bucket=args.bucket, customer_id=args.customer, compare_previous=args.top_movers), metadata=md)
+    rows = [{**dict(r.group), **({"bucket": r.bucket} if r.bucket else {}), **dict(r.figures)} for r in report.rows]
+    fmt = "json" if args.json else args.format
+    print(render_report(rows, [g for g in args.group_by.split(",") if g], fmt, report.currency), end="")
     return 0
+
+
+REPORT_COLUMNS = ("requests", "allowed", "denied", "downgraded", "failed", "input_tokens", "cached_input_tokens",
+                  "output_tokens", "cost_nanos", "charge_nanos", "margin_nanos", "cost_per_success_nanos",
+                  "retries", "fallbacks")
+MOVER_COLUMNS = ("previous_charge_nanos", "charge_change_nanos")
+
+
+def render_report(rows: list[dict[str, Any]], group_by: list[str], fmt: str, currency: str) -> str:
+    """A usage report as a table (amounts in currency units), CSV (amounts in nanos) or JSON."""
+    import csv
+    import io
+
+    columns = [*group_by, *(["bucket"] if any("bucket" in r for r in rows) else []), *REPORT_COLUMNS,
+               *([c for c in MOVER_COLUMNS if any(c in r for r in rows)])]
+    if fmt == "json":
+        return json.dumps({"currency": currency, "rows": [{c: r.get(c, 0 if c.endswith(("s", "nanos")) else "")
+                                                           for c in columns} for r in rows]}, indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for r in rows:
+            writer.writerow([r.get(c, "") for c in columns])
+        return out.getvalue()
+    headers = [c.removesuffix("_nanos") + (f" {currency}" if c.endswith("_nanos") else "") for c in columns]
+    cells = [[format_amount(int(r.get(c, 0))) if c.endswith("_nanos") else str(r.get(c, "")) for c in columns]
+             for r in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(v.ljust(w) if i < len(group_by) else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+              for row in cells]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _moment(text: str) -> int:
+    from datetime import datetime, timezone
+
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp()) * 1000
+
+
+def _window(args: argparse.Namespace) -> tuple[int, int]:
+    import time
+
+    until = _moment(args.until) if args.until else int(time.time() * 1000)
+    if args.since:
+        return _moment(args.since), until
+    amount, unit = int(args.last[:-1]), args.last[-1]
+    return until - amount * {"h": 3_600_000, "d": 86_400_000}[unit], until
 
 
 def _mock_provider(args: argparse.Namespace) -> int:
@@ -339,9 +427,23 @@ def parser() -> argparse.ArgumentParser:
     settle.add_argument("--output-tokens", dest="output_tokens", type=int, required=True)
     settle.set_defaults(run=_settle)
 
-    usage = client(commands.add_parser("usage", help="the latest usage records"))
-    usage.add_argument("--customer", default="")
-    usage.add_argument("--limit", type=int, default=20)
+    usage = commands.add_parser("usage", help="usage records and reports")
+    usage_commands = usage.add_subparsers(dest="usage_command", required=True)
+    listing = client(usage_commands.add_parser("list", help="the latest usage records"))
+    listing.add_argument("--customer", default="")
+    listing.add_argument("--limit", type=int, default=20)
+    report = client(usage_commands.add_parser("report", help="usage grouped by any dimension over a window"))
+    report.add_argument("--group-by", dest="group_by", default="customer",
+                        help="comma-separated: customer, workspace, project, key, environment, feature, route, "
+                             "thread, end_user, model, requested_model, provider, decision, status, reason")
+    report.add_argument("--since", help="start (ISO date or time, UTC)")
+    report.add_argument("--until", help="end (ISO date or time, UTC; default now)")
+    report.add_argument("--last", default="7d", help="window length when --since is not given: 24h, 7d, 30d ...")
+    report.add_argument("--bucket", default="", choices=["", "hour", "day", "month"])
+    report.add_argument("--customer", default="")
+    report.add_argument("--top-movers", dest="top_movers", action="store_true",
+                        help="compare each group with the window before: what caused the spike")
+    report.add_argument("--format", default="table", choices=["table", "csv", "json"])
     usage.set_defaults(run=_usage)
 
     mock = commands.add_parser("mock-provider", help="a small OpenAI/Anthropic-compatible provider for demos and tests")

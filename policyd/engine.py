@@ -242,10 +242,15 @@ class Engine:
         plan = policy.plan(key.plan) if policy else None
         if policy is None or plan is None:
             return [], self._deny(base | {"owner": Owner()}, "unknown_plan" if policy else "no_policy")
+        return self.models_allowed(policy, plan, key.scopes, key.environment), None
+
+    @staticmethod
+    def models_allowed(policy: Policy, plan: Plan, scopes: tuple[str, ...], environment: str) -> list[tuple[str, str]]:
+        """(model, provider) of every model a key of this plan, scopes and environment may use."""
         return [
             (name, price.provider) for name, price in sorted(policy.document.price_table.models.items())
-            if policy.model_allowed(plan, name, key.scopes) and policy.tier_allowed_in(plan, key.environment, name)
-        ], None
+            if policy.model_allowed(plan, name, scopes) and policy.tier_allowed_in(plan, environment, name)
+        ]
 
     def _policy_denial(self, request: AuthorizeInput, scopes: tuple[str, ...], owner: Owner, policy: Policy,
                        plan: Plan) -> tuple[str, str]:

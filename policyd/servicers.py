@@ -234,6 +234,32 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         rows = await _call(context, lambda: self.admin.latest_usage(request.customer_id, request.limit))
         return admin_pb2.ListUsageResponse(records=[usage_record_message(r) for r in rows])
 
+    async def UsageReport(self, request: admin_pb2.UsageReportRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        from policyd.reports import row_dict
+
+        rows = await _call(context, lambda: self.admin.usage_report(
+            list(request.group_by), request.since_unix_ms, request.until_unix_ms, request.bucket, request.customer_id,
+            request.compare_previous))
+        current = self.admin.book.current
+        out = []
+        for row in rows:
+            data = row_dict(row)
+            out.append(admin_pb2.UsageReportRow(
+                group=row.group, bucket=row.bucket,
+                figures={k: v for k, v in data.items() if k not in row.group and k != "bucket"}))
+        return admin_pb2.UsageReportResponse(currency=current.document.currency if current else "", rows=out)
+
+    async def ReviewKey(self, request: admin_pb2.GetKeyRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        review = await _call(context, lambda: self.admin.review_key(request.id))
+        return admin_pb2.KeyReview(
+            key=api_key_message(review["key"]), allowed_models=review["models"],
+            buckets=[admin_pb2.BucketState(**b) for b in review["buckets"]],
+            spend_today_nanos=review["spend_today"], spend_month_nanos=review["spend_month"],
+            last_used_unix_ms=review["last_used_ms"], requests=review["requests"], denials=review["denials"],
+            errors=review["errors"], denials_by_reason=review["denials_by_reason"])
+
     async def Audit(self, request: admin_pb2.AuditRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._authorized(context)
         result = await _call(context, self.admin.audit)

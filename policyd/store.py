@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -126,6 +126,24 @@ class Store:
             if customer_id:
                 query = query.where(UsageRecordRow.customer_id == customer_id)
             return list(session.scalars(query))
+
+    def key_activity(self, key_id: str, day_start_ms: int, month_start_ms: int) -> dict[str, Any]:
+        r = UsageRecordRow
+        charged = r.status.in_(("settled", "settled_late"))
+        with self.session() as session:
+            totals = session.execute(select(
+                func.count(), func.max(r.created_ms),
+                func.sum(case((r.decision == "deny", 1), else_=0)),
+                func.sum(case((r.status.in_(("released", "expired")), 1), else_=0)),
+                func.sum(case((charged & (r.created_ms >= day_start_ms), r.charge_nanos), else_=0)),
+                func.sum(case((charged & (r.created_ms >= month_start_ms), r.charge_nanos), else_=0)),
+            ).where(r.api_key_id == key_id)).one()
+            reasons = dict(session.execute(select(r.reason, func.count()).where(
+                r.api_key_id == key_id, r.decision == "deny").group_by(r.reason)).all())
+        requests, last, denials, errors, today, month = totals
+        return {"requests": int(requests or 0), "last_used_ms": int(last or 0), "denials": int(denials or 0),
+                "errors": int(errors or 0), "spend_today": int(today or 0), "spend_month": int(month or 0),
+                "denials_by_reason": {k: int(v) for k, v in reasons.items()}}
 
     def ledger_balances(self) -> dict[str, int]:
         """Wallet id -> the sum of its ledger entries (its balance)."""

@@ -50,7 +50,7 @@ policyd is serving: gRPC on 127.0.0.1:$GRPC_PORT, and Envoy as an OpenAI-compati
 $PWD/.venv/bin on PATH:
 
     policyd demo --key-a $key_a --key-b $key_b
-    policyd usage
+    policyd usage list
     policyd wallet alice
 
 or point any OpenAI SDK at the base URL with one of the keys. Ctrl-C stops everything.

@@ -60,6 +60,14 @@ def test_a_new_users_tour(server: PolicydProcess, tmp_path: Path) -> None:
     audit = run(server, "audit")
     assert audit.returncode == 0 and audit.stdout.startswith("ok:")
 
+    review = run(server, "keys", "show", key_id)
+    assert review.returncode == 0 and "spend        today 0.001836000" in review.stdout
+    assert "denials      key_paused: 1" in review.stdout and secret not in review.stdout
+    report = run(server, "usage", "report", "--group-by", "customer,model", "--format", "csv")
+    assert report.returncode == 0
+    assert report.stdout.splitlines()[0].startswith("customer,model,requests,allowed,denied")
+    assert "demo,gpt-4o,5,4,1" in report.stdout
+
     assert run(server, "keys", "revoke", key_id).returncode == 0
     revoked = run(server, "authorize", "--key", rotated["secret"], "--model", "gpt-4o")
     assert revoked.returncode == 2 and "key_revoked" in revoked.stdout

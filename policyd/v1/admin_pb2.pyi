@@ -251,6 +251,99 @@ class ListUsageResponse(_message.Message):
     records: _containers.RepeatedCompositeFieldContainer[UsageRecord]
     def __init__(self, records: _Optional[_Iterable[_Union[UsageRecord, _Mapping]]] = ...) -> None: ...
 
+class UsageReportRequest(_message.Message):
+    __slots__ = ("group_by", "since_unix_ms", "until_unix_ms", "bucket", "customer_id", "compare_previous")
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPARE_PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    group_by: _containers.RepeatedScalarFieldContainer[str]
+    since_unix_ms: int
+    until_unix_ms: int
+    bucket: str
+    customer_id: str
+    compare_previous: bool
+    def __init__(self, group_by: _Optional[_Iterable[str]] = ..., since_unix_ms: _Optional[int] = ..., until_unix_ms: _Optional[int] = ..., bucket: _Optional[str] = ..., customer_id: _Optional[str] = ..., compare_previous: _Optional[bool] = ...) -> None: ...
+
+class UsageReportRow(_message.Message):
+    __slots__ = ("group", "bucket", "figures")
+    class GroupEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class FiguresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    FIGURES_FIELD_NUMBER: _ClassVar[int]
+    group: _containers.ScalarMap[str, str]
+    bucket: str
+    figures: _containers.ScalarMap[str, int]
+    def __init__(self, group: _Optional[_Mapping[str, str]] = ..., bucket: _Optional[str] = ..., figures: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class UsageReportResponse(_message.Message):
+    __slots__ = ("currency", "rows")
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    currency: str
+    rows: _containers.RepeatedCompositeFieldContainer[UsageReportRow]
+    def __init__(self, currency: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[UsageReportRow, _Mapping]]] = ...) -> None: ...
+
+class BucketState(_message.Message):
+    __slots__ = ("label", "unit", "window", "used", "limit")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    unit: str
+    window: str
+    used: int
+    limit: int
+    def __init__(self, label: _Optional[str] = ..., unit: _Optional[str] = ..., window: _Optional[str] = ..., used: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class KeyReview(_message.Message):
+    __slots__ = ("key", "allowed_models", "buckets", "spend_today_nanos", "spend_month_nanos", "last_used_unix_ms", "requests", "denials", "errors", "denials_by_reason")
+    class DenialsByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    SPEND_TODAY_NANOS_FIELD_NUMBER: _ClassVar[int]
+    SPEND_MONTH_NANOS_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    DENIALS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    DENIALS_BY_REASON_FIELD_NUMBER: _ClassVar[int]
+    key: ApiKey
+    allowed_models: _containers.RepeatedScalarFieldContainer[str]
+    buckets: _containers.RepeatedCompositeFieldContainer[BucketState]
+    spend_today_nanos: int
+    spend_month_nanos: int
+    last_used_unix_ms: int
+    requests: int
+    denials: int
+    errors: int
+    denials_by_reason: _containers.ScalarMap[str, int]
+    def __init__(self, key: _Optional[_Union[ApiKey, _Mapping]] = ..., allowed_models: _Optional[_Iterable[str]] = ..., buckets: _Optional[_Iterable[_Union[BucketState, _Mapping]]] = ..., spend_today_nanos: _Optional[int] = ..., spend_month_nanos: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., requests: _Optional[int] = ..., denials: _Optional[int] = ..., errors: _Optional[int] = ..., denials_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class AuditRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

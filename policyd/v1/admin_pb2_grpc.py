@@ -94,6 +94,16 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ListUsageRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.ListUsageResponse.FromString,
                 _registered_method=True)
+        self.UsageReport = channel.unary_unary(
+                '/policyd.v1.AdminService/UsageReport',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.UsageReportRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.UsageReportResponse.FromString,
+                _registered_method=True)
+        self.ReviewKey = channel.unary_unary(
+                '/policyd.v1.AdminService/ReviewKey',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.GetKeyRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.KeyReview.FromString,
+                _registered_method=True)
         self.Audit = channel.unary_unary(
                 '/policyd.v1.AdminService/Audit',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.AuditRequest.SerializeToString,
@@ -181,6 +191,18 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UsageReport(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReviewKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Audit(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -255,6 +277,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListUsage,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.ListUsageRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.ListUsageResponse.SerializeToString,
+            ),
+            'UsageReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.UsageReport,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.UsageReportRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.UsageReportResponse.SerializeToString,
+            ),
+            'ReviewKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReviewKey,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.GetKeyRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.KeyReview.SerializeToString,
             ),
             'Audit': grpc.unary_unary_rpc_method_handler(
                     servicer.Audit,
@@ -591,6 +623,60 @@ class AdminService:
             '/policyd.v1.AdminService/ListUsage',
             policyd_dot_v1_dot_admin__pb2.ListUsageRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.ListUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UsageReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/UsageReport',
+            policyd_dot_v1_dot_admin__pb2.UsageReportRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.UsageReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReviewKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/ReviewKey',
+            policyd_dot_v1_dot_admin__pb2.GetKeyRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.KeyReview.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,152 @@
+"""Usage reports: who spent what, on which feature, model or thread, over a window.
+
+Grouped in SQL (one GROUP BY over usage_records, bucketed by hour or day with integer division of
+the timestamp, which PostgreSQL and SQLite compute alike); months are made of days in Python.
+Figures are integers: counts, tokens and nanos.
+"""
+
+from __future__ import annotations
+
+import calendar
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from policyd.db import UsageRecordRow
+from policyd.money import ceil_div
+
+DIMENSIONS = {
+    "customer": UsageRecordRow.customer_id, "workspace": UsageRecordRow.workspace_id,
+    "project": UsageRecordRow.project_id, "key": UsageRecordRow.api_key_id,
+    "environment": UsageRecordRow.environment, "feature": UsageRecordRow.feature, "route": UsageRecordRow.route,
+    "thread": UsageRecordRow.thread_id, "end_user": UsageRecordRow.end_user_id,
+    "model": UsageRecordRow.served_model, "requested_model": UsageRecordRow.requested_model,
+    "provider": UsageRecordRow.provider, "decision": UsageRecordRow.decision, "status": UsageRecordRow.status,
+    "reason": UsageRecordRow.reason,
+}
+BUCKET_MS = {"hour": 3_600_000, "day": 86_400_000, "month": 86_400_000}
+FIGURES = ("requests", "allowed", "denied", "downgraded", "failed", "input_tokens", "cached_input_tokens",
+           "output_tokens", "cost_nanos", "charge_nanos", "retries", "fallbacks")
+CHARGED = ("settled", "settled_late")
+GROUPS_MAX = 10_000
+
+
+class ReportError(ValueError):
+    pass
+
+
+@dataclass
+class ReportRow:
+    group: dict[str, str]
+    bucket: str = ""
+    figures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FIGURES, 0))
+    previous: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def margin_nanos(self) -> int:
+        return self.figures["charge_nanos"] - self.figures["cost_nanos"]
+
+    @property
+    def cost_per_success_nanos(self) -> int:
+        successes = self.figures["allowed"] - self.figures["failed"]
+        return ceil_div(self.figures["cost_nanos"], successes) if successes > 0 else 0
+
+
+def _bucket_label(bucket: str, start_ms: int) -> str:
+    moment = datetime.fromtimestamp(start_ms / 1000, tz=timezone.utc)  # a timestamp, not money
+    if bucket == "hour":
+        return moment.strftime("%Y-%m-%dT%H:00Z")
+    if bucket == "day":
+        return moment.strftime("%Y-%m-%d")
+    return moment.strftime("%Y-%m")
+
+
+def _query(session: Session, group_by: list[str], since_ms: int, until_ms: int, bucket: str,
+           customer_id: str) -> dict[tuple[tuple[str, ...], str], dict[str, int]]:
+    r = UsageRecordRow
+    columns = [DIMENSIONS[d].label(d) for d in group_by]
+    bucket_column = None
+    if bucket:
+        bucket_column = (r.created_ms - r.created_ms % BUCKET_MS[bucket]).label("bucket")
+        columns.append(bucket_column)
+    charged = r.status.in_(CHARGED)
+    figures = [
+        func.count().label("requests"),
+        func.sum(case((r.decision != "deny", 1), else_=0)).label("allowed"),
+        func.sum(case((r.decision == "deny", 1), else_=0)).label("denied"),
+        func.sum(case((r.decision == "downgrade", 1), else_=0)).label("downgraded"),
+        func.sum(case((r.status.in_(("released", "expired")), 1), else_=0)).label("failed"),
+        func.sum(case((charged, r.input_tokens), else_=0)).label("input_tokens"),
+        func.sum(case((charged, r.cached_input_tokens), else_=0)).label("cached_input_tokens"),
+        func.sum(case((charged, r.output_tokens), else_=0)).label("output_tokens"),
+        func.sum(case((charged, r.cost_nanos), else_=0)).label("cost_nanos"),
+        func.sum(case((charged, r.charge_nanos), else_=0)).label("charge_nanos"),
+        func.sum(r.retries).label("retries"),
+        func.sum(case((r.fallback_reason != "", 1), else_=0)).label("fallbacks"),
+    ]
+    query = select(*columns, *figures).where(r.created_ms >= since_ms, r.created_ms < until_ms)
+    if customer_id:
+        query = query.where(r.customer_id == customer_id)
+    groups = [c for c in columns]
+    if groups:
+        query = query.group_by(*groups)
+    out: dict[tuple[tuple[str, ...], str], dict[str, int]] = {}
+    for row in session.execute(query.limit(GROUPS_MAX * 31)):
+        data = row._mapping
+        key = tuple(str(data[d] or "") for d in group_by)
+        label = _bucket_label(bucket, int(data["bucket"])) if bucket else ""
+        target = out.setdefault((key, label), dict.fromkeys(FIGURES, 0))
+        for name in FIGURES:
+            target[name] += int(data[name] or 0)
+    return out
+
+
+def usage_report(session: Session, group_by: list[str], since_ms: int, until_ms: int, bucket: str = "",
+                 customer_id: str = "", compare_previous: bool = False) -> list[ReportRow]:
+    unknown = [d for d in group_by if d not in DIMENSIONS]
+    if unknown:
+        raise ReportError(f"unknown dimension {unknown[0]!r} (known: {', '.join(DIMENSIONS)})")
+    if bucket not in ("", "hour", "day", "month"):
+        raise ReportError("bucket must be hour, day or month")
+    if until_ms <= since_ms:
+        raise ReportError("the window is empty: until must be after since")
+    if compare_previous and bucket:
+        raise ReportError("top movers compare whole windows: leave the bucket out")
+    current = _query(session, group_by, since_ms, until_ms, bucket, customer_id)
+    previous = _query(session, group_by, 2 * since_ms - until_ms, since_ms, "", customer_id) if compare_previous else {}
+    rows = [ReportRow(dict(zip(group_by, key)), label, figures, previous.get((key, ""), {}))
+            for (key, label), figures in current.items()]
+    if compare_previous:  # top movers: what grew most against the window before
+        rows.sort(key=lambda r: (-(r.figures["charge_nanos"] - r.previous.get("charge_nanos", 0)), list(r.group.values())))
+    else:
+        rows.sort(key=lambda r: (r.bucket, -r.figures["charge_nanos"], list(r.group.values())))
+    return rows[:GROUPS_MAX]
+
+
+def month_bounds(period: str) -> tuple[int, int]:
+    """'2026-10' -> [start, end) in unix ms, UTC."""
+    try:
+        year, month = (int(p) for p in period.split("-"))
+        if not 1 <= month <= 12 or not 1970 <= year <= 9999 or len(period) != 7:
+            raise ValueError
+    except ValueError:
+        raise ReportError(f"a period is YYYY-MM, not {period!r}") from None
+    start = calendar.timegm((year, month, 1, 0, 0, 0))
+    days = calendar.monthrange(year, month)[1]
+    return start * 1000, (start + days * 86400) * 1000
+
+
+def row_dict(row: ReportRow) -> dict[str, Any]:
+    data: dict[str, Any] = {**row.group}
+    if row.bucket:
+        data["bucket"] = row.bucket
+    data.update(row.figures)
+    data["margin_nanos"] = row.margin_nanos
+    data["cost_per_success_nanos"] = row.cost_per_success_nanos
+    if row.previous:
+        data["previous_charge_nanos"] = row.previous.get("charge_nanos", 0)
+        data["charge_change_nanos"] = row.figures["charge_nanos"] - row.previous.get("charge_nanos", 0)
+    return data

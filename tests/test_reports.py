@@ -1,0 +1,130 @@
+"""Usage reports and the key review record, against known traffic whose totals the test keeps itself."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from policyd.cli import render_report
+from policyd.domain import PolicydError
+from policyd.reports import month_bounds
+from policyd.server import Service
+from tests.helpers import ask, fund, new_key, usage
+
+DAY = 86_400_000
+T0 = 1_793_491_200_000  # 2026-11-01T00:00:00Z
+
+
+async def _traffic(service: Service) -> dict:
+    """Two customers over two days; returns what the test expects, computed from the settle results."""
+    clock = [T0 + 3_600_000]
+    service.engine.clock = lambda: clock[0]
+    _, acme = await new_key(service, customer="acme")
+    _, globex = await new_key(service, customer="globex", plan="free")
+    await fund(service, "acme", "10")
+    await fund(service, "globex", "10")
+    expected: dict = {}
+
+    async def call(secret: str, customer: str, feature: str, day: int, rid: str, settle: bool = True,
+                   model: str = "gpt-4o-mini") -> None:
+        clock[0] = T0 + day * DAY + 3_600_000
+        d = await service.engine.authorize(ask(secret, request_id=rid, feature=feature, model=model))
+        e = expected.setdefault((customer, feature, day), {"requests": 0, "denied": 0, "charge": 0, "cost": 0,
+                                                           "input": 0, "output": 0, "failed": 0})
+        e["requests"] += 1
+        if d.decision == "deny":
+            e["denied"] += 1
+            return
+        if settle:
+            s = await service.engine.settle(usage(rid, input_tokens=100 + len(rid), output_tokens=20))
+            e["charge"] += s.charge
+            e["cost"] += s.cost
+            e["input"] += 100 + len(rid)
+            e["output"] += 20
+        else:
+            await service.engine.release(rid, "provider_error")
+            e["failed"] += 1
+
+    for i in range(5):
+        await call(acme, "acme", "chat", 0, f"a-chat-{i}")
+    for i in range(3):
+        await call(acme, "acme", "search", 1, f"a-search-{i}")
+    await call(acme, "acme", "search", 1, "a-fail", settle=False)
+    for i in range(2):
+        await call(globex, "globex", "chat", 1, f"g-chat-{i}")
+    await call(globex, "globex", "chat", 1, "g-denied", model="gpt-4o")  # free plan: not allowed
+    return expected
+
+
+async def test_report_by_customer_and_feature_matches_independent_totals(service: Service) -> None:
+    expected = await _traffic(service)
+    rows = await service.admin.usage_report(["customer", "feature"], T0, T0 + 2 * DAY, "", "", False)
+    got = {(r.group["customer"], r.group["feature"]): r for r in rows}
+    for (customer, feature) in {(c, f) for c, f, _ in expected}:
+        parts = [v for (c, f, _), v in expected.items() if (c, f) == (customer, feature)]
+        r = got[(customer, feature)]
+        assert r.figures["requests"] == sum(p["requests"] for p in parts)
+        assert r.figures["denied"] == sum(p["denied"] for p in parts)
+        assert r.figures["failed"] == sum(p["failed"] for p in parts)
+        assert r.figures["charge_nanos"] == sum(p["charge"] for p in parts)
+        assert r.figures["cost_nanos"] == sum(p["cost"] for p in parts)
+        assert r.figures["input_tokens"] == sum(p["input"] for p in parts)
+        assert r.margin_nanos == r.figures["charge_nanos"] - r.figures["cost_nanos"]
+    assert len(got) == 3
+
+
+async def test_report_buckets_and_top_movers(service: Service) -> None:
+    expected = await _traffic(service)
+    daily = await service.admin.usage_report(["customer"], T0, T0 + 2 * DAY, "day", "", False)
+    by_day = {(r.group["customer"], r.bucket): r.figures["charge_nanos"] for r in daily}
+    assert by_day[("acme", "2026-11-01")] == expected[("acme", "chat", 0)]["charge"]
+    assert by_day[("acme", "2026-11-02")] == expected[("acme", "search", 1)]["charge"]
+    monthly = await service.admin.usage_report(["customer"], T0, T0 + 2 * DAY, "month", "acme", False)
+    assert [(r.bucket, r.figures["requests"]) for r in monthly] == [("2026-11", 9)]
+    movers = await service.admin.usage_report(["feature"], T0 + DAY, T0 + 2 * DAY, "", "", True)
+    assert movers[0].group == {"feature": "search"}  # new spend on day 2: the biggest mover
+    chat = next(r for r in movers if r.group["feature"] == "chat")
+    assert chat.previous["charge_nanos"] == expected[("acme", "chat", 0)]["charge"]
+    with pytest.raises(PolicydError, match="unknown dimension"):
+        await service.admin.usage_report(["colour"], T0, T0 + DAY, "", "", False)
+    with pytest.raises(PolicydError, match="window is empty"):
+        await service.admin.usage_report(["customer"], T0, T0, "", "", False)
+
+
+async def test_rendering_as_table_csv_and_json(service: Service) -> None:
+    await _traffic(service)
+    from policyd.reports import row_dict
+
+    rows = [row_dict(r) for r in await service.admin.usage_report(["customer"], T0, T0 + 2 * DAY, "", "", False)]
+    table = render_report(rows, ["customer"], "table", "USD")
+    assert table.splitlines()[0].startswith("customer") and "charge USD" in table
+    parsed = list(csv.DictReader(io.StringIO(render_report(rows, ["customer"], "csv", "USD"))))
+    assert {r["customer"]: int(r["charge_nanos"]) for r in parsed} == {r["customer"]: r["charge_nanos"] for r in rows}
+    data = json.loads(render_report(rows, ["customer"], "json", "USD"))
+    assert data["currency"] == "USD" and len(data["rows"]) == 2
+
+
+async def test_key_review_record(service: Service) -> None:
+    key_id, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    for i in range(3):
+        await service.engine.authorize(ask(secret, request_id=f"r-{i}"))
+        await service.engine.settle(usage(f"r-{i}"))
+    await service.engine.authorize(ask(secret, request_id="bad", customer_id="spoof"))
+    review = await service.admin.review_key(key_id)
+    assert (review["requests"], review["denials"], review["denials_by_reason"]) == (4, 1, {"owner_mismatch": 1})
+    assert review["spend_today"] == review["spend_month"] > 0
+    assert "gpt-4o" in review["models"] and review["last_used_ms"] > 0
+    rpm = next(b for b in review["buckets"] if b["label"] == "key-rpm")
+    assert (rpm["used"], rpm["limit"]) == (3, 600)
+    assert secret not in json.dumps({k: v for k, v in review.items() if k != "key"})
+
+
+def test_month_bounds() -> None:
+    assert month_bounds("2026-11") == (T0, T0 + 30 * DAY)
+    for bad in ("2026-13", "26-11", "november"):
+        with pytest.raises(Exception):
+            month_bounds(bad)
