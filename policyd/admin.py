@@ -23,7 +23,7 @@ from policyd.domain import PolicydError
 from policyd.money import AMOUNT_MAX
 from policyd.policy import ENVIRONMENTS, Policy, PolicyError, canonical_text, diff, parse_policy
 from policyd.policy_book import PolicyBook
-from policyd import pricing, quotas, reports
+from policyd import invoices, pricing, quotas, reports
 from policyd.quotas import remaining_ttl
 from policyd.store import OPEN_STATUSES, Store, key_record
 from policyd.writer import Writer
@@ -242,6 +242,25 @@ class Admin:
             return await asyncio.to_thread(run)
         except reports.ReportError as error:
             raise _invalid("invalid_report", str(error)) from None
+
+    async def invoice(self, customer_id: str, period: str, lines_by: str = "model", close: bool = False) -> Any:
+        """The invoice of a customer for a period; with close=True, also close the period."""
+        await self.writer.drain()
+
+        def run() -> Any:
+            with self.store.session() as session, session.begin():
+                built = invoices.build(session, customer_id, period, lines_by or "model")
+                if close:
+                    invoices.close(session, built, now_ms())
+                    return invoices.Invoice(built.customer_id, built.period, built.group_by, built.text, closed=True)
+                return built
+
+        try:
+            return await asyncio.to_thread(run)
+        except invoices.InvoiceError as error:
+            reason = "period_closed" if "already closed" in str(error) else "invalid_invoice"
+            raise PolicydError("FAILED_PRECONDITION" if reason == "period_closed" else "INVALID_ARGUMENT", reason,
+                               str(error)) from None
 
     async def review_key(self, key_id: str) -> dict[str, Any]:
         """The review record of a key: owner, routes, bucket state, spend, last use, denials; no secret."""

@@ -123,6 +123,18 @@ def _review_text(r: admin_pb2.KeyReview) -> str:
     return "\n".join(lines)
 
 
+def _invoice(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    request = admin_pb2.InvoiceRequest(customer_id=args.customer, period=args.period, lines_by=args.by)
+    if args.invoice_command == "close":
+        response = stub.ClosePeriod(request, metadata=md)
+        print(f"closed {args.customer} {args.period}: digest {response.digest}")
+        return 0
+    response = stub.ExportInvoice(request, metadata=md)
+    print(response.csv if args.format == "csv" else response.json, end="")
+    return 0
+
+
 def _apply(args: argparse.Namespace) -> int:
     stub, md = _stub(args)
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
@@ -399,6 +411,18 @@ def parser() -> argparse.ArgumentParser:
     grant.add_argument("--expires-in-days", dest="expires_in_days", type=int, default=0,
                        help="what is left of this credit is removed after this many days (0: never)")
     credit.set_defaults(run=_credit)
+
+    invoice = commands.add_parser("invoice", help="invoice line items per customer and month")
+    invoice_commands = invoice.add_subparsers(dest="invoice_command", required=True)
+    for name, text in (("export", "invoice-ready lines (reproducible byte for byte)"),
+                       ("close", "close a period: later corrections land in the next one")):
+        p = client(invoice_commands.add_parser(name, help=text))
+        p.add_argument("--customer", required=True)
+        p.add_argument("--period", required=True, help="YYYY-MM (UTC)")
+        p.add_argument("--by", default="model", choices=["model", "feature"])
+        if name == "export":
+            p.add_argument("--format", default="csv", choices=["csv", "json"])
+    invoice.set_defaults(run=_invoice)
 
     wallet = client(commands.add_parser("wallet", help="show a customer's wallet"))
     wallet.add_argument("customer")

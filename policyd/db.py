@@ -144,6 +144,20 @@ class LedgerEntryRow(Base):
     balance_after_nanos: Mapped[int] = mapped_column(BigInteger)
     created_ms: Mapped[int] = mapped_column(BigInteger, index=True)
     expires_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # grants: 0 = never
+    recorded_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # when it reached SQL
+
+
+class PeriodCloseRow(Base):
+    """A closed invoice period: its export as it was, and the digest of it."""
+
+    __tablename__ = "period_closes"
+
+    customer_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    period: Mapped[str] = mapped_column(String(7), primary_key=True)  # YYYY-MM
+    lines_by: Mapped[str] = mapped_column(String(16), primary_key=True)
+    closed_ms: Mapped[int] = mapped_column(BigInteger)
+    digest: Mapped[str] = mapped_column(String(64))
+    export: Mapped[str] = mapped_column(Text)
 
 
 class EventRow(Base):

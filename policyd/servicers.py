@@ -250,6 +250,23 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 figures={k: v for k, v in data.items() if k not in row.group and k != "bucket"}))
         return admin_pb2.UsageReportResponse(currency=current.document.currency if current else "", rows=out)
 
+    async def ExportInvoice(self, request: admin_pb2.InvoiceRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        return self._invoice(await _call(context, lambda: self.admin.invoice(
+            request.customer_id, request.period, request.lines_by)))
+
+    async def ClosePeriod(self, request: admin_pb2.InvoiceRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        return self._invoice(await _call(context, lambda: self.admin.invoice(
+            request.customer_id, request.period, request.lines_by, close=True)))
+
+    @staticmethod
+    def _invoice(invoice: Any) -> admin_pb2.InvoiceResponse:
+        from policyd.invoices import to_csv
+
+        return admin_pb2.InvoiceResponse(json=invoice.text, csv=to_csv(invoice), digest=invoice.digest,
+                                         closed=invoice.closed)
+
     async def ReviewKey(self, request: admin_pb2.GetKeyRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._authorized(context)
         review = await _call(context, lambda: self.admin.review_key(request.id))

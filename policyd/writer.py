@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -202,6 +203,9 @@ class Writer:
                     log.error("unknown event type %r in partition %d (entry %s) kept as an event", kind, partition, entry_id)
                     events.append({"id": f"{partition}-{entry_id}", "kind": "unknown", "detail": fields,
                                    "created_ms": int(fields.get("at", "0") or 0)})
+            recorded = int(time.time() * 1000)
+            for entry in ledger:
+                entry["recorded_ms"] = recorded
             self.store.insert_ignore(session, LedgerEntryRow, ledger)
             self.store.insert_ignore(session, EventRow, events)
 

@@ -344,6 +344,28 @@ class KeyReview(_message.Message):
     denials_by_reason: _containers.ScalarMap[str, int]
     def __init__(self, key: _Optional[_Union[ApiKey, _Mapping]] = ..., allowed_models: _Optional[_Iterable[str]] = ..., buckets: _Optional[_Iterable[_Union[BucketState, _Mapping]]] = ..., spend_today_nanos: _Optional[int] = ..., spend_month_nanos: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., requests: _Optional[int] = ..., denials: _Optional[int] = ..., errors: _Optional[int] = ..., denials_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
+class InvoiceRequest(_message.Message):
+    __slots__ = ("customer_id", "period", "lines_by")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    LINES_BY_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    period: str
+    lines_by: str
+    def __init__(self, customer_id: _Optional[str] = ..., period: _Optional[str] = ..., lines_by: _Optional[str] = ...) -> None: ...
+
+class InvoiceResponse(_message.Message):
+    __slots__ = ("json", "csv", "digest", "closed")
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    CSV_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    csv: str
+    digest: str
+    closed: bool
+    def __init__(self, json: _Optional[str] = ..., csv: _Optional[str] = ..., digest: _Optional[str] = ..., closed: _Optional[bool] = ...) -> None: ...
+
 class AuditRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

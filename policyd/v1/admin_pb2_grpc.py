@@ -104,6 +104,16 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.GetKeyRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.KeyReview.FromString,
                 _registered_method=True)
+        self.ExportInvoice = channel.unary_unary(
+                '/policyd.v1.AdminService/ExportInvoice',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.InvoiceRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.InvoiceResponse.FromString,
+                _registered_method=True)
+        self.ClosePeriod = channel.unary_unary(
+                '/policyd.v1.AdminService/ClosePeriod',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.InvoiceRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.InvoiceResponse.FromString,
+                _registered_method=True)
         self.Audit = channel.unary_unary(
                 '/policyd.v1.AdminService/Audit',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.AuditRequest.SerializeToString,
@@ -203,6 +213,18 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportInvoice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClosePeriod(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Audit(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -287,6 +309,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ReviewKey,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.GetKeyRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.KeyReview.SerializeToString,
+            ),
+            'ExportInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportInvoice,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.InvoiceRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.InvoiceResponse.SerializeToString,
+            ),
+            'ClosePeriod': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClosePeriod,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.InvoiceRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.InvoiceResponse.SerializeToString,
             ),
             'Audit': grpc.unary_unary_rpc_method_handler(
                     servicer.Audit,
@@ -677,6 +709,60 @@ class AdminService:
             '/policyd.v1.AdminService/ReviewKey',
             policyd_dot_v1_dot_admin__pb2.GetKeyRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.KeyReview.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/ExportInvoice',
+            policyd_dot_v1_dot_admin__pb2.InvoiceRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.InvoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClosePeriod(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/ClosePeriod',
+            policyd_dot_v1_dot_admin__pb2.InvoiceRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.InvoiceResponse.FromString,
             options,
             channel_credentials,
             insecure,
