@@ -23,7 +23,7 @@ from policyd.domain import PolicydError
 from policyd.money import AMOUNT_MAX
 from policyd.policy import ENVIRONMENTS, Policy, PolicyError, canonical_text, diff, parse_policy
 from policyd.policy_book import PolicyBook
-from policyd import invoices, pricing, quotas, reports
+from policyd import invoices, pricing, quotas, reconcile, reports
 from policyd.quotas import remaining_ttl
 from policyd.store import OPEN_STATUSES, Store, key_record
 from policyd.writer import Writer
@@ -261,6 +261,33 @@ class Admin:
             reason = "period_closed" if "already closed" in str(error) else "invalid_invoice"
             raise PolicydError("FAILED_PRECONDITION" if reason == "period_closed" else "INVALID_ARGUMENT", reason,
                                str(error)) from None
+
+    async def reconcile(self, provider: str, export: bytes, tolerance_nanos: int = 0, tolerance_bps: int = 0) -> Any:
+        policy = self.book.current
+        if policy is None:
+            raise PolicydError("FAILED_PRECONDITION", "no_policy", "apply a policy first")
+        models = [m for m, price in policy.document.price_table.models.items() if price.provider == provider]
+        if not models:
+            raise _invalid("unknown_provider", f"no model of provider {provider!r} in the price table")
+        if tolerance_nanos < 0 or not 0 <= tolerance_bps <= 10_000:
+            raise _invalid("invalid_request", "tolerances must not be negative (bps at most 10000)")
+        try:
+            basis, lines = reconcile.parse(export, policy.document.currency)
+        except (reconcile.ReconcileError, UnicodeDecodeError) as error:
+            raise _invalid("invalid_export", str(error)) from None
+        await self.writer.drain()
+
+        def run() -> Any:
+            with self.store.session() as session:
+                return reconcile.reconcile(session, provider, basis, lines, models, tolerance_nanos, tolerance_bps)
+
+        result = await asyncio.to_thread(run)
+        await asyncio.to_thread(self.store.insert_event, {
+            "id": f"reconcile-{secrets.token_hex(8)}", "kind": "reconciliation", "request_id": "",
+            "customer_id": "", "created_ms": now_ms(),
+            "detail": {"provider": provider, "basis": basis, "ok": result.ok, "totals": result.totals(),
+                       "lines": [c.__dict__ for c in result.comparisons[:10_000]]}})
+        return result
 
     async def review_key(self, key_id: str) -> dict[str, Any]:
         """The review record of a key: owner, routes, bucket state, spend, last use, denials; no secret."""

@@ -135,6 +135,33 @@ def _invoice(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_RECONCILE_MISMATCH = 4
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    try:
+        tolerance = parse_amount(args.tolerance)
+    except MoneyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    export = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    r = stub.Reconcile(admin_pb2.ReconcileRequest(provider=args.provider, export=export, tolerance_nanos=tolerance,
+                                                  tolerance_bps=args.tolerance_bps), metadata=md)
+    lines = [f"{'day':10} {'model':28} {'status':18} {'provider':>14} {'ledger':>14} {'difference':>14}"]
+    for c in r.lines:
+        if r.basis == "amount":
+            figures = (format_amount(c.provider_nanos), format_amount(c.ledger_nanos), format_amount(c.difference_nanos))
+        else:
+            figures = (str(c.provider_tokens), str(c.ledger_tokens), str(c.provider_tokens - c.ledger_tokens))
+        lines.append(f"{c.day:10} {c.model[:28]:28} {c.status:18} {figures[0]:>14} {figures[1]:>14} {figures[2]:>14}")
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(r.totals.items()) if not k.endswith("_nanos"))
+    lines.append(f"{'ok' if r.ok else 'NOT RECONCILED'} ({r.basis}): {counts}; provider "
+                 f"{format_amount(r.totals.get('provider_nanos', 0))}, ledger {format_amount(r.totals.get('ledger_nanos', 0))}")
+    _print(args, r, "\n".join(lines))
+    return 0 if r.ok else EXIT_RECONCILE_MISMATCH
+
+
 def _apply(args: argparse.Namespace) -> int:
     stub, md = _stub(args)
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
@@ -423,6 +450,14 @@ def parser() -> argparse.ArgumentParser:
         if name == "export":
             p.add_argument("--format", default="csv", choices=["csv", "json"])
     invoice.set_defaults(run=_invoice)
+
+    recon = client(commands.add_parser("reconcile", help="a provider's cost export against the ledger"))
+    recon.add_argument("--provider", required=True)
+    recon.add_argument("--file", required=True, help="OpenAI costs or usage JSON, or CSV (- for stdin)")
+    recon.add_argument("--tolerance", default="0", help="an absolute difference within tolerance, e.g. 0.01")
+    recon.add_argument("--tolerance-bps", dest="tolerance_bps", type=int, default=0,
+                       help="or a relative one, in basis points of the ledger's figure")
+    recon.set_defaults(run=_reconcile)
 
     wallet = client(commands.add_parser("wallet", help="show a customer's wallet"))
     wallet.add_argument("customer")

@@ -71,6 +71,18 @@ def parse_amount(text: str | int | Decimal) -> int:
     return result
 
 
+def parse_external_amount(value: Decimal | int | str) -> int:
+    """An amount from outside policyd (a provider's export) that may carry more than 9 decimals:
+    rounded to the nano by the same rule as everything else (up)."""
+    try:
+        exact = Decimal(value) * NANOS_PER_UNIT
+    except InvalidOperation:
+        raise MoneyError(f"not a decimal amount: {value!r}") from None
+    if not exact.is_finite() or abs(exact) > AMOUNT_MAX:
+        raise MoneyError(f"amount out of range: {value!r}")
+    return -int((-exact).to_integral_value(rounding="ROUND_FLOOR"))
+
+
 def format_amount(nanos: int) -> str:
     """2_500_000_000 -> '2.500000000' (exact, for people and CSV)."""
     sign = "-" if nanos < 0 else ""

@@ -267,6 +267,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.InvoiceResponse(json=invoice.text, csv=to_csv(invoice), digest=invoice.digest,
                                          closed=invoice.closed)
 
+    async def Reconcile(self, request: admin_pb2.ReconcileRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorized(context)
+        result = await _call(context, lambda: self.admin.reconcile(
+            request.provider, request.export, request.tolerance_nanos, request.tolerance_bps))
+        return admin_pb2.ReconcileResponse(ok=result.ok, basis=result.basis, totals=result.totals(), lines=[
+            admin_pb2.ReconcileLine(day=c.day, model=c.model, status=c.status, provider_nanos=c.provider_nanos,
+                                    ledger_nanos=c.ledger_nanos, difference_nanos=c.difference_nanos,
+                                    provider_tokens=c.provider_tokens, ledger_tokens=c.ledger_tokens)
+            for c in result.comparisons])
+
     async def ReviewKey(self, request: admin_pb2.GetKeyRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._authorized(context)
         review = await _call(context, lambda: self.admin.review_key(request.id))

@@ -114,3 +114,30 @@ def test_embedded_store_rebuilds_counters_from_sqlite_at_start(tmp_path: Path) -
         assert run(second, "audit").returncode == 0
     finally:
         second.stop()
+
+
+def test_finance_commands(server: PolicydProcess, tmp_path: Path) -> None:
+    run(server, "credit", "grant", "--customer", "fin", "--amount", "5")
+    secret = json.loads(run(server, "keys", "create", "--customer", "fin", "--plan", "pro", "--json").stdout)["secret"]
+    assert run(server, "authorize", "--key", secret, "--model", "gpt-4o", "--request-id", "fin-1").returncode == 0
+    assert run(server, "settle", "fin-1", "--input-tokens", "1000", "--output-tokens", "100").returncode == 0
+    import time
+
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    export = tmp_path / "costs.csv"
+    export.write_text(f"date,model,amount\n{today},gpt-4o,0.0035\n")  # 1000 x 2.50 + 100 x 10.00 per 1M
+    ok = run(server, "reconcile", "--provider", "openai", "--file", str(export))
+    assert ok.returncode == 0 and "matched" in ok.stdout, ok.stdout + ok.stderr
+    export.write_text(f"date,model,amount\n{today},gpt-4o,0.0036\n")
+    off = run(server, "reconcile", "--provider", "openai", "--file", str(export))
+    assert off.returncode == 4 and "mismatched" in off.stdout
+    bad = run(server, "reconcile", "--provider", "openai", "--file", str(export), "--tolerance", "abc")
+    assert bad.returncode == 1
+    period = time.strftime("%Y-%m", time.gmtime())
+    invoice = run(server, "invoice", "export", "--customer", "fin", "--period", period)
+    assert invoice.returncode == 0 and invoice.stdout.startswith("kind,item,requests")
+    assert "line,gpt-4o,1,1000,100,4200000,0.01" in invoice.stdout  # 0.0042 with the 20% markup: 1 cent, rounded up
+    closing = run(server, "invoice", "close", "--customer", "fin", "--period", period)
+    assert closing.returncode == 1 and "has not ended" in closing.stderr
+    unknown = run(server, "invoice", "export", "--customer", "nobody", "--period", period)
+    assert unknown.returncode == 1 and "unknown customer" in unknown.stderr

@@ -366,6 +366,57 @@ class InvoiceResponse(_message.Message):
     closed: bool
     def __init__(self, json: _Optional[str] = ..., csv: _Optional[str] = ..., digest: _Optional[str] = ..., closed: _Optional[bool] = ...) -> None: ...
 
+class ReconcileRequest(_message.Message):
+    __slots__ = ("provider", "export", "tolerance_nanos", "tolerance_bps")
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_NANOS_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_BPS_FIELD_NUMBER: _ClassVar[int]
+    provider: str
+    export: bytes
+    tolerance_nanos: int
+    tolerance_bps: int
+    def __init__(self, provider: _Optional[str] = ..., export: _Optional[bytes] = ..., tolerance_nanos: _Optional[int] = ..., tolerance_bps: _Optional[int] = ...) -> None: ...
+
+class ReconcileLine(_message.Message):
+    __slots__ = ("day", "model", "status", "provider_nanos", "ledger_nanos", "difference_nanos", "provider_tokens", "ledger_tokens")
+    DAY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_NANOS_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_NANOS_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENCE_NANOS_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    day: str
+    model: str
+    status: str
+    provider_nanos: int
+    ledger_nanos: int
+    difference_nanos: int
+    provider_tokens: int
+    ledger_tokens: int
+    def __init__(self, day: _Optional[str] = ..., model: _Optional[str] = ..., status: _Optional[str] = ..., provider_nanos: _Optional[int] = ..., ledger_nanos: _Optional[int] = ..., difference_nanos: _Optional[int] = ..., provider_tokens: _Optional[int] = ..., ledger_tokens: _Optional[int] = ...) -> None: ...
+
+class ReconcileResponse(_message.Message):
+    __slots__ = ("ok", "basis", "lines", "totals")
+    class TotalsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    OK_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    TOTALS_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    basis: str
+    lines: _containers.RepeatedCompositeFieldContainer[ReconcileLine]
+    totals: _containers.ScalarMap[str, int]
+    def __init__(self, ok: _Optional[bool] = ..., basis: _Optional[str] = ..., lines: _Optional[_Iterable[_Union[ReconcileLine, _Mapping]]] = ..., totals: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class AuditRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -114,6 +114,11 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.InvoiceRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.InvoiceResponse.FromString,
                 _registered_method=True)
+        self.Reconcile = channel.unary_unary(
+                '/policyd.v1.AdminService/Reconcile',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
+                _registered_method=True)
         self.Audit = channel.unary_unary(
                 '/policyd.v1.AdminService/Audit',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.AuditRequest.SerializeToString,
@@ -225,6 +230,12 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reconcile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Audit(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -319,6 +330,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ClosePeriod,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.InvoiceRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.InvoiceResponse.SerializeToString,
+            ),
+            'Reconcile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reconcile,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.ReconcileRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.ReconcileResponse.SerializeToString,
             ),
             'Audit': grpc.unary_unary_rpc_method_handler(
                     servicer.Audit,
@@ -763,6 +779,33 @@ class AdminService:
             '/policyd.v1.AdminService/ClosePeriod',
             policyd_dot_v1_dot_admin__pb2.InvoiceRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.InvoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reconcile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/Reconcile',
+            policyd_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
             options,
             channel_credentials,
             insecure,
