@@ -160,6 +160,19 @@ class PeriodCloseRow(Base):
     export: Mapped[str] = mapped_column(Text)
 
 
+class AlertDeliveryRow(Base):
+    """One alert to one webhook: delivered at least once, retried with backoff until it is."""
+
+    __tablename__ = "alert_deliveries"
+
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    url: Mapped[str] = mapped_column(String(512), primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_ms: Mapped[int] = mapped_column(BigInteger, default=0, index=True)
+    delivered_ms: Mapped[int] = mapped_column(BigInteger, default=0, index=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+
+
 class EventRow(Base):
     """Events that are not a usage record: alerts (threshold crossings) and rejected calls."""
 

@@ -131,8 +131,8 @@ class Limit(_Strict):
         if self.action != "downgrade" and self.downgrade_to:
             raise ValueError("downgrade_to is only for action 'downgrade'")
         for t in self.thresholds:
-            if not 0 < t < 100:
-                raise ValueError("thresholds are percentages between 1 and 99")
+            if not 0 < t <= 100:
+                raise ValueError("thresholds are percentages between 1 and 100")
         return self
 
     @field_serializer("limit")

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from policyd import redis_keys
 from policyd.admin import Admin
+from policyd.alerts import AlertDelivery
 from policyd.counters import Counters, connect
 from policyd.db import migrate
 from policyd.directory import KeyDirectory
@@ -75,6 +76,10 @@ class Service:
             self.tasks.append(asyncio.create_task(self.writer.run(self.stop)))
         self.tasks.append(asyncio.create_task(self.engine.run_sweeper(self.stop, self.settings.sweeper_interval_ms)))
         self.tasks.append(asyncio.create_task(self.book.run(self.stop, self.settings.policy_refresh_ms)))
+        urls = [u.strip() for u in self.settings.webhook_urls.split(",") if u.strip()]
+        if urls:
+            delivery = AlertDelivery(self.store, urls, self.settings.webhook_secret)
+            self.tasks.append(asyncio.create_task(delivery.run(self.stop, self.settings.webhook_interval_ms)))
 
     async def close(self) -> None:
         self.stop.set()

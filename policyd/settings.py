@@ -33,4 +33,7 @@ class Settings(BaseSettings):
     writer_enabled: bool = Field(True, description="run the stream-to-SQL writer in this process")
     sweeper_interval_ms: int = Field(500, ge=10, description="how often expired reservations are voided")
     policy_refresh_ms: int = Field(500, ge=10, description="how often a replica checks for a newer policy")
+    webhook_urls: str = Field("", description="comma-separated URLs that receive alerts (JSON, HMAC-signed)")
+    webhook_secret: str = Field("", description="the HMAC-SHA256 key alerts are signed with (x-policyd-signature)")
+    webhook_interval_ms: int = Field(1000, ge=10, description="how often pending alerts are delivered")
     log_level: str = Field("INFO")

@@ -1,0 +1,76 @@
+"""Alerts reach webhooks at least once, signed, retried with backoff against a receiver that fails."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from policyd.alerts import AlertDelivery, deliveries
+from policyd.server import Service
+from tests.helpers import ask, fund, new_key
+
+
+class Receiver:
+    """A real local HTTP endpoint that answers 500 to the first `failures` requests."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.received: list[tuple[dict[str, str], bytes, int]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                status = 500 if len(receiver.received) < receiver.failures else 200
+                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body, status))
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/policyd"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_threshold_alerts_are_delivered_signed_after_retries(service: Service) -> None:
+    _, secret = await new_key(service, plan="free", customer="tiny")
+    await fund(service, "tiny", "10")
+    for _ in range(17):  # key-rpm is 20: crossing 50% and 80%
+        await service.engine.authorize(ask(secret, prompt_bytes=10, max_output_tokens=10))
+    await service.writer.drain()
+    receiver = Receiver(failures=3)
+    clock = [1_000_000]
+    delivery = AlertDelivery(service.store, [receiver.url], "webhook-secret", clock=lambda: clock[0])
+    try:
+        assert delivery.deliver_due() == 0  # both fail (attempt 1)
+        assert delivery.deliver_due() == 0  # not due yet: nothing sent
+        assert len(receiver.received) == 2
+        clock[0] += 1_000
+        assert delivery.deliver_due() == 1  # one fails again, the other gets through
+        clock[0] += 2_000
+        assert delivery.deliver_due() == 1
+        clock[0] += 60_000
+        assert delivery.deliver_due() == 0  # delivered once each: nothing more is sent
+    finally:
+        receiver.close()
+    delivered = [(h, b) for h, b, status in receiver.received if status == 200]
+    assert len(delivered) == 2
+    bodies = [json.loads(b) for _, b in delivered]
+    assert sorted(b["percent"] for b in bodies) == ["50", "80"]
+    assert {b["label"] for b in bodies} == {"key-rpm"}
+    for headers, body in delivered:
+        expected = "sha256=" + hmac.new(b"webhook-secret", body, hashlib.sha256).hexdigest()
+        assert headers["x-policyd-signature"] == expected
+        assert headers["x-policyd-event-id"] == json.loads(body)["id"]
+    rows = deliveries(service.store)
+    assert all(r.delivered_ms > 0 for r in rows) and sorted(r.attempts for r in rows) == [2, 3]
