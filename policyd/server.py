@@ -16,6 +16,8 @@ from grpc_reflection.v1alpha import reflection
 from policyd import redis_keys
 from policyd.admin import Admin
 from policyd.alerts import AlertDelivery
+from policyd.anomalies import AnomalyDetector
+from policyd.money import parse_amount
 from policyd.counters import Counters, connect
 from policyd.db import migrate
 from policyd.directory import KeyDirectory
@@ -76,6 +78,10 @@ class Service:
             self.tasks.append(asyncio.create_task(self.writer.run(self.stop)))
         self.tasks.append(asyncio.create_task(self.engine.run_sweeper(self.stop, self.settings.sweeper_interval_ms)))
         self.tasks.append(asyncio.create_task(self.book.run(self.stop, self.settings.policy_refresh_ms)))
+        detector = AnomalyDetector(
+            self.store, self.settings.anomaly_window_seconds * 1000, self.settings.anomaly_spend_factor,
+            parse_amount(self.settings.anomaly_spend_min), self.settings.anomaly_thread_requests)
+        self.tasks.append(asyncio.create_task(detector.run(self.stop)))
         urls = [u.strip() for u in self.settings.webhook_urls.split(",") if u.strip()]
         if urls:
             delivery = AlertDelivery(self.store, urls, self.settings.webhook_secret)

@@ -36,4 +36,8 @@ class Settings(BaseSettings):
     webhook_urls: str = Field("", description="comma-separated URLs that receive alerts (JSON, HMAC-signed)")
     webhook_secret: str = Field("", description="the HMAC-SHA256 key alerts are signed with (x-policyd-signature)")
     webhook_interval_ms: int = Field(1000, ge=10, description="how often pending alerts are delivered")
+    anomaly_window_seconds: int = Field(600, ge=60, description="anomaly detection window")
+    anomaly_spend_factor: int = Field(5, ge=2, description="a key spending this many times its usual rate is an anomaly")
+    anomaly_spend_min: str = Field("0.10", description="...and at least this much in the window (currency units)")
+    anomaly_thread_requests: int = Field(50, ge=2, description="a thread with this many requests in a window loops")
     log_level: str = Field("INFO")
