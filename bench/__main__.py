@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import estimates
+import sys
+
+from bench import estimates, report_volume
 
 
 def main() -> None:
     results = {}
     results.update(estimates.main())
+    print()
+    results.update(report_volume.main(sys.argv[1:]))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2))
