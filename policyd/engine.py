@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from policyd import keys as key_secrets
-from policyd import reasons, redis_keys
+from policyd import metrics, reasons, redis_keys
 from policyd.counters import BucketHold, Counters, Fenced, Reservation
 from policyd.directory import KeyDirectory
 from policyd.domain import (
@@ -113,6 +113,15 @@ class Engine:
 
     # ------------------------------------------------------------------ authorize
     async def authorize(self, request: AuthorizeInput, unavailable_providers: frozenset[str] = frozenset()) -> Decision:
+        started = time.perf_counter()
+        decision = await self._authorize(request, unavailable_providers)
+        metrics.authorize_seconds.observe(time.perf_counter() - started)
+        metrics.decisions.labels(decision.decision, decision.reason or "ok").inc()
+        if decision.reason == "counters_unavailable" or decision.reason == "counters_unavailable_fail_open":
+            metrics.counter_errors.inc()
+        return decision
+
+    async def _authorize(self, request: AuthorizeInput, unavailable_providers: frozenset[str]) -> Decision:
         started = time.perf_counter_ns()
         at = self.clock()
         a = request.attribution
@@ -469,6 +478,19 @@ class Engine:
 
     # ------------------------------------------------------------------ settle
     async def settle(self, report: UsageReport) -> Settlement:
+        started = time.perf_counter()
+        try:
+            settlement = await self._settle(report)
+        except PolicydError as error:
+            metrics.rejections.labels(error.reason).inc()
+            raise
+        metrics.settle_seconds.observe(time.perf_counter() - started)
+        metrics.settlements.labels(settlement.outcome).inc()
+        if settlement.outcome != "exists":
+            metrics.charged_nanos.inc(settlement.charge)
+        return settlement
+
+    async def _settle(self, report: UsageReport) -> Settlement:
         try:
             check_usage(report)
         except Problem as problem:
@@ -569,6 +591,7 @@ class Engine:
         except Fenced:
             raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None
         if outcome == "released":
+            metrics.releases.labels(metrics.release_reason(reason)).inc()
             return ReleaseResult("released", request_id, reservation.amount)
         if outcome == "already" and detail in ("released", "expired"):
             return ReleaseResult(f"already_{detail}", request_id, 0)
@@ -606,7 +629,9 @@ class Engine:
                 await self.counters.client.zrem(redis_keys.deadlines(partition), request_id)
                 continue
             outcome, _ = await self._void(reservation, "expired", "deadline")
-            voided += outcome == "expired"
+            if outcome == "expired":
+                voided += 1
+                metrics.releases.labels("deadline").inc()
         return voided
 
     async def run_sweeper(self, stop: asyncio.Event, interval_ms: int) -> None:

@@ -13,7 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from policyd import redis_keys
+from policyd import metrics, redis_keys
 from policyd.admin import Admin
 from policyd.alerts import AlertDelivery
 from policyd.anomalies import AnomalyDetector
@@ -131,6 +131,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
     service = await Service.build(settings)
     await service.start()
     server, health_servicer = make_grpc_server(service)
+    metrics.serve(settings.metrics_listen)
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen}")

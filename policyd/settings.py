@@ -40,4 +40,5 @@ class Settings(BaseSettings):
     anomaly_spend_factor: int = Field(5, ge=2, description="a key spending this many times its usual rate is an anomaly")
     anomaly_spend_min: str = Field("0.10", description="...and at least this much in the window (currency units)")
     anomaly_thread_requests: int = Field(50, ge=2, description="a thread with this many requests in a window loops")
+    metrics_listen: str = Field("", description="Prometheus /metrics address (host:port, e.g. 127.0.0.1:9464); empty = off")
     log_level: str = Field("INFO")

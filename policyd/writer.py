@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
-from policyd import redis_keys
+from policyd import metrics, redis_keys
 from policyd.db import EventRow, LedgerEntryRow, UsageRecordRow
 from policyd.store import Store
 
@@ -94,6 +94,7 @@ class Writer:
             await self.client.xdel(stream, *ids)
             moved += len(entries)
         self.written += moved
+        metrics.events_written.inc(moved)
         return moved
 
     async def drain(self) -> int:
@@ -121,6 +122,7 @@ class Writer:
                 moved = await self.drain_once()
                 backoff = idle_sleep
             except Exception:  # SQL or Redis down: keep the entries pending and try again
+                metrics.writer_errors.inc()
                 log.exception("writer batch failed; retrying")
                 moved = 0
                 backoff = min(backoff * 2 if backoff > idle_sleep else 0.2, 5.0)

@@ -1,0 +1,41 @@
+"""Prometheus metrics. Labels are bounded: decisions, machine reasons, outcomes; never keys or customers.
+
+Served on POLICYD_METRICS_LISTEN (host:port, e.g. 127.0.0.1:9464; empty = off, the default) at /metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry()
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+decisions = Counter("policyd_decisions_total", "Authorize decisions", ["decision", "reason"], registry=REGISTRY)
+authorize_seconds = Histogram("policyd_authorize_seconds", "Authorize latency", buckets=LATENCY_BUCKETS,
+                              registry=REGISTRY)
+settlements = Counter("policyd_settlements_total", "Settle outcomes", ["outcome"], registry=REGISTRY)
+settle_seconds = Histogram("policyd_settle_seconds", "Settle latency", buckets=LATENCY_BUCKETS, registry=REGISTRY)
+charged_nanos = Counter("policyd_charged_nanos_total", "Charges settled, in nanos of the currency", registry=REGISTRY)
+releases = Counter("policyd_releases_total", "Reservations voided", ["reason"], registry=REGISTRY)
+rejections = Counter("policyd_rejections_total", "Settle/Release calls refused", ["reason"], registry=REGISTRY)
+events_written = Counter("policyd_writer_events_total", "Events the writer moved to SQL", registry=REGISTRY)
+writer_errors = Counter("policyd_writer_errors_total", "Writer batches that failed (retried)", registry=REGISTRY)
+stream_pending = Gauge("policyd_stream_pending_events", "Events not yet in SQL, after the last drain",
+                       registry=REGISTRY)
+counter_errors = Counter("policyd_counter_errors_total", "Calls that could not reach Redis", registry=REGISTRY)
+
+KNOWN_RELEASE_REASONS = {"deadline", "client_disconnected", "provider_error"}
+
+
+def release_reason(reason: str) -> str:
+    """Bounded: upstream_<status> and a few known reasons, everything else 'other'."""
+    if reason in KNOWN_RELEASE_REASONS or (reason.startswith("upstream_") and reason[9:].isdigit()):
+        return reason
+    return "other"
+
+
+def serve(listen: str) -> None:
+    if not listen:
+        return
+    host, _, port = listen.rpartition(":")
+    start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)
