@@ -167,8 +167,13 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         status = exchange.status
         if status in COOLDOWN_STATUSES and exchange.account:
             self.pool.cool_down(exchange.account, exchange.retry_after or 30)
-        if status >= 400 or (status == 0 and not exchange.forwarded):
-            await self.engine.release(exchange.request_id, f"upstream_{status}" if status else "client_disconnected")
+        if status >= 400:
+            await self.engine.release(exchange.request_id, f"upstream_{status}")
+            return
+        if status == 0:
+            # the provider never answered (the client gave up first, or it stalled): nothing was delivered and
+            # a provider bills no reply, so the hold is released, not charged
+            await self.engine.release(exchange.request_id, "no_response")
             return
         reader = exchange.reader
         if reader.found_usage and (not cut or reader.finished):

@@ -24,7 +24,7 @@ stream_pending = Gauge("policyd_stream_pending_events", "Events not yet in SQL, 
                        registry=REGISTRY)
 counter_errors = Counter("policyd_counter_errors_total", "Calls that could not reach Redis", registry=REGISTRY)
 
-KNOWN_RELEASE_REASONS = {"deadline", "client_disconnected", "provider_error"}
+KNOWN_RELEASE_REASONS = {"deadline", "client_disconnected", "provider_error", "no_response"}
 
 
 def release_reason(reason: str) -> str:

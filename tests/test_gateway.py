@@ -379,3 +379,15 @@ def test_embeddings_responses_and_replies_without_usage(gateway: Gateway) -> Non
     record = gateway.record(raw.headers["x-policyd-request-id"])
     assert record["status"] == "settled" and record["error_class"] == "usage_estimated:no_usage_reported"
     assert record["output_tokens"] > 0 and not record["stream_interrupted"]
+
+
+def test_a_provider_that_never_answers_is_released_not_charged(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-stall")
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello?"}],
+                                       extra_headers={"x-mock-scenario": "stall",
+                                                      "x-policyd-request-id": "e2e-stall-1"})
+    record = _eventually(gateway, "e2e-stall-1", lambda r: r["status"] != "reserved")
+    assert (record["status"], record["close_reason"], record["charge_nanos"]) == ("released", "no_response", 0)
+    assert gateway.wallet("e2e-stall").reserved_nanos == 0
