@@ -35,6 +35,12 @@ def connect(url: str, connections_max: int = REDIS_CONNECTIONS_MAX) -> aioredis.
 
     The pool blocks (up to REDIS_POOL_WAIT_SECONDS) when every connection is busy, so a burst
     of requests queues for a connection instead of failing."""
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        # a Redis Cluster: every script touches the keys of one owner partition, which share a hash slot
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(url.replace("+cluster", "", 1), decode_responses=False,
+                                     max_connections=connections_max, socket_timeout=5, socket_connect_timeout=2)
     if not url:
         import fakeredis
 
@@ -108,6 +114,7 @@ class Counters:
     def __init__(self, client: aioredis.Redis, partitions: int) -> None:
         self.client = client
         self.partitions = partitions
+        self.cluster = type(client).__name__ == "RedisCluster"
         self._authorize = client.register_script(_load("authorize"))
         self._settle = client.register_script(_load("settle"))
         self._release = client.register_script(_load("release"))
@@ -160,10 +167,14 @@ class Counters:
         ]
         for b in buckets:
             args += b.args()
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.set(redis_keys.request_index(request_id), str(partition), ex=7 * 86400, nx=True)
-            await self._authorize(keys=keys, args=args, client=pipe)
-            _, reply = await pipe.execute()
+        if self.cluster:  # the request index lives in another slot: its own round trip
+            await self.client.set(redis_keys.request_index(request_id), str(partition), ex=7 * 86400, nx=True)
+            reply = await self._authorize(keys=keys, args=args)
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(redis_keys.request_index(request_id), str(partition), ex=7 * 86400, nx=True)
+                await self._authorize(keys=keys, args=args, client=pipe)
+                _, reply = await pipe.execute()
         outcome = _text(reply[0])
         if outcome == "fenced":
             raise Fenced(partition)
