@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import signal
 import sys
@@ -37,7 +36,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.policy:
         overrides["policy_file"] = args.policy
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level, format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}')
+    from policyd.logs import configure
+
+    configure(settings.log_level)
 
     async def main() -> None:
         shutdown = asyncio.Event()

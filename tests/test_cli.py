@@ -141,3 +141,16 @@ def test_finance_commands(server: PolicydProcess, tmp_path: Path) -> None:
     assert closing.returncode == 1 and "has not ended" in closing.stderr
     unknown = run(server, "invoice", "export", "--customer", "nobody", "--period", period)
     assert unknown.returncode == 1 and "unknown customer" in unknown.stderr
+
+
+def test_every_log_line_is_json_and_holds_no_secret(server: PolicydProcess) -> None:
+    created = json.loads(run(server, "keys", "create", "--customer", "logs", "--plan", "pro", "--json").stdout)
+    run(server, "authorize", "--key", created["secret"], "--model", "gpt-4o")
+    run(server, "authorize", "--key", created["secret"][:-1] + "x", "--model", "gpt-4o")
+    server.stop()
+    lines = [line for line in server.log().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        entry = json.loads(line)
+        assert {"time", "level", "logger", "message"} <= set(entry)
+        assert created["secret"][9:] not in line and created["secret"][9:-1] not in line
