@@ -25,7 +25,7 @@ from policyd.policy import ENVIRONMENTS, Policy, PolicyError, canonical_text, di
 from policyd.policy_book import PolicyBook
 from policyd import invoices, pricing, quotas, reconcile, reports
 from policyd.quotas import remaining_ttl
-from policyd.store import OPEN_STATUSES, Store, key_record
+from policyd.store import Store, key_record
 from policyd.writer import Writer
 
 GRANT_SOURCES = ("purchase", "promo", "refund", "adjustment")

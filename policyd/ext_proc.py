@@ -23,7 +23,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from policyd import http_api
 from policyd.domain import PolicydError, UsageReport
 from policyd.engine import Engine
-from policyd.ext_authz import METADATA_NAMESPACE, REQUEST_ID_HEADER, ROUTE_HEADER
+from policyd.ext_authz import METADATA_NAMESPACE, REQUEST_ID_HEADER
 from policyd.providers import ProviderPool
 from policyd.usage_capture import ResponseReader
 
