@@ -76,6 +76,7 @@ class Admin:
     def __init__(self, store: Store, counters: Counters, book: PolicyBook, directory: KeyDirectory,
                  writer: Writer, reservation_ttl_seconds: int = 600) -> None:
         self.reservation_ttl_ms = reservation_ttl_seconds * 1000
+        self.pool: Any = None  # the provider account pool, when the service has one (reconciliation per key)
         self.store = store
         self.counters = counters
         self.book = book
@@ -279,7 +280,9 @@ class Admin:
 
         def run() -> Any:
             with self.store.session() as session:
-                return reconcile.reconcile(session, provider, basis, lines, models, tolerance_nanos, tolerance_bps)
+                accounts = self.pool.accounts_by_provider_key() if self.pool is not None else {}
+                return reconcile.reconcile(session, provider, basis, lines, models, tolerance_nanos, tolerance_bps,
+                                           accounts)
 
         result = await asyncio.to_thread(run)
         await asyncio.to_thread(self.store.insert_event, {

@@ -155,7 +155,8 @@ def _reconcile(args: argparse.Namespace) -> int:
             figures = (format_amount(c.provider_nanos), format_amount(c.ledger_nanos), format_amount(c.difference_nanos))
         else:
             figures = (str(c.provider_tokens), str(c.ledger_tokens), str(c.provider_tokens - c.ledger_tokens))
-        lines.append(f"{c.day:10} {c.model[:28]:28} {c.status:18} {figures[0]:>14} {figures[1]:>14} {figures[2]:>14}")
+        model = f"{c.model} @ {c.provider_account}" if c.provider_account else c.model
+        lines.append(f"{c.day:10} {model[:28]:28} {c.status:18} {figures[0]:>14} {figures[1]:>14} {figures[2]:>14}")
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(r.totals.items()) if not k.endswith("_nanos"))
     lines.append(f"{'ok' if r.ok else 'NOT RECONCILED'} ({r.basis}): {counts}; provider "
                  f"{format_amount(r.totals.get('provider_nanos', 0))}, ledger {format_amount(r.totals.get('ledger_nanos', 0))}")

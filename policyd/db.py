@@ -83,6 +83,7 @@ class UsageRecordRow(Base):
     primary_model: Mapped[str] = mapped_column(NAME, default="")
     served_model: Mapped[str] = mapped_column(NAME, default="")
     provider: Mapped[str] = mapped_column(ID, default="")
+    provider_account: Mapped[str] = mapped_column(NAME, default="", server_default="")  # the credential that served it
     upstream: Mapped[str] = mapped_column(NAME, default="")
     fallback_reason: Mapped[str] = mapped_column(NAME, default="")
     decision: Mapped[str] = mapped_column(String(16))  # allow | deny | downgrade

@@ -110,6 +110,7 @@ class UsageReport:
     error_class: str = ""
     latency_ms: int = 0
     stream_interrupted: bool = False
+    provider_account: str = ""
 
 
 @dataclass(frozen=True)

@@ -532,6 +532,7 @@ class Engine:
             "upstream_status": report.upstream_status,
             "error_class": report.error_class, "upstream_latency_ms": report.latency_ms,
             "stream_interrupted": report.stream_interrupted, "cost_nanos": cost, "final_holds": final_holds,
+            "provider_account": report.provider_account,
         }
         if report.fallback_reason:  # the proxy's own fallback; otherwise the one decided at Authorize stays
             settlement["fallback_reason"] = report.fallback_reason
@@ -560,7 +561,7 @@ class Engine:
         )
 
     async def settle_estimated(self, request_id: str, output_tokens: int, *, interrupted: bool, error_class: str,
-                               upstream_status: int = 0, provider: str = "") -> Settlement:
+                               upstream_status: int = 0, provider: str = "", provider_account: str = "") -> Settlement:
         """Charge a request whose provider reported no usage (a cut stream, a disconnect, a reply without
         usage): input as estimated at Authorize, output as counted from what was delivered."""
         reservation = await self.counters.find_reservation(request_id)
@@ -569,6 +570,7 @@ class Engine:
         return await self.settle(UsageReport(
             request_id=request_id, input_tokens=input_tokens, output_tokens=min(output_tokens, cap) if cap else output_tokens,
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,
+            provider_account=provider_account,
         ))
 
     async def _missing(self, request_id: str, action: str, detail: dict[str, Any]) -> PolicydError:

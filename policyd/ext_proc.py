@@ -184,7 +184,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 request_id=exchange.request_id, input_tokens=t.input_tokens, cached_input_tokens=t.cached_input_tokens,
                 cache_write_input_tokens=t.cache_write_input_tokens, images=exchange.reader.images,
                 output_tokens=t.output_tokens, served_model=exchange.served_model, upstream_status=status,
-                requests=exchange.attempts, retries=exchange.attempts - 1,
+                requests=exchange.attempts, retries=exchange.attempts - 1, provider_account=exchange.account,
             ))
             return
         if reader.found_usage and cut and reader.tokens.output_tokens:
@@ -193,9 +193,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 request_id=exchange.request_id, input_tokens=t.input_tokens, cached_input_tokens=t.cached_input_tokens,
                 cache_write_input_tokens=t.cache_write_input_tokens, images=exchange.reader.images,
                 output_tokens=t.output_tokens, served_model=exchange.served_model, upstream_status=status,
-                stream_interrupted=True, requests=exchange.attempts, retries=exchange.attempts - 1,
+                stream_interrupted=True, requests=exchange.attempts, retries=exchange.attempts - 1, provider_account=exchange.account,
             ))
             return
         reason = "stream_cut" if cut else ("malformed_response" if reader.malformed else "no_usage_reported")
         await self.engine.settle_estimated(exchange.request_id, reader.estimated_output_tokens(), interrupted=cut,
-                                           error_class=f"usage_estimated:{reason}", upstream_status=status)
+                                           error_class=f"usage_estimated:{reason}", upstream_status=status,
+                                           provider_account=exchange.account)

@@ -44,6 +44,7 @@ class AccountConfig(BaseModel):
     api_key: str = Field("", repr=False)
     api_key_env: str = ""
     auth: Literal["bearer", "x-api-key", "x-goog-api-key", ""] = ""
+    provider_key_id: str = ""  # the provider's own id of this key (in its cost exports), for reconciliation
 
 
 class ProvidersFile(BaseModel):
@@ -60,6 +61,7 @@ class Account:
     auth: str
     secret: str = field(repr=False)
     cooling_until: float = 0.0
+    provider_key_id: str = ""
 
     def credential_header(self) -> tuple[str, str]:
         header = AUTH_HEADERS[self.auth]
@@ -88,7 +90,8 @@ class ProviderPool:
             if not secret:
                 raise SystemExit(f"{path}: account {config.name!r} has no api_key (or {config.api_key_env} is unset)")
             auth = config.auth or DEFAULT_AUTH.get(config.provider, "bearer")
-            accounts.append(Account(config.name, config.provider, config.cluster or config.provider, auth, secret))
+            accounts.append(Account(config.name, config.provider, config.cluster or config.provider, auth, secret,
+                                    provider_key_id=config.provider_key_id))
         return cls(accounts)
 
     def pick(self, provider: str) -> Account | None:
@@ -114,6 +117,10 @@ class ProviderPool:
             for account in accounts:
                 if account.name == name:
                     account.cooling_until = self.clock() + min(max(seconds, 1), COOLDOWN_SECONDS_MAX)
+
+    def accounts_by_provider_key(self) -> dict[str, str]:
+        """The provider's key id -> the account name policyd records."""
+        return {a.provider_key_id: a.name for accounts in self.accounts.values() for a in accounts if a.provider_key_id}
 
     def secrets(self) -> list[str]:
         return [a.secret for accounts in self.accounts.values() for a in accounts]

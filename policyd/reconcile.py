@@ -48,6 +48,7 @@ class Line:
     amount_nanos: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    key: str = ""  # the provider's id of the API key, when the export is broken down by key
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Comparison:
     ledger_nanos: int
     provider_tokens: int = 0
     ledger_tokens: int = 0
+    account: str = ""  # the provider account (key), when both sides are broken down by key
 
     @property
     def difference_nanos(self) -> int:
@@ -136,7 +138,7 @@ def _openai(data: Any, currency: str) -> tuple[str, list[Line]]:
                     nanos = parse_external_amount(amount["value"])
                 except MoneyError as error:
                     raise ReconcileError(str(error)) from None
-                lines.append(Line(day, _model_of(line_item), amount_nanos=nanos))
+                lines.append(Line(day, _model_of(line_item), amount_nanos=nanos, key=str(result.get("api_key_id") or "")))
                 basis = basis or "amount"
             elif "usage" in kind or "input_tokens" in result:
                 identity = (day, result.get("model"), result.get("project_id"), result.get("api_key_id"))
@@ -144,7 +146,8 @@ def _openai(data: Any, currency: str) -> tuple[str, list[Line]]:
                     raise ReconcileError(f"duplicated line: {day} {result.get('model')}")
                 seen.add(identity)
                 lines.append(Line(day, str(result.get("model") or ""), input_tokens=int(result.get("input_tokens") or 0),
-                                  output_tokens=int(result.get("output_tokens") or 0)))
+                                  output_tokens=int(result.get("output_tokens") or 0),
+                                  key=str(result.get("api_key_id") or "")))
                 basis = basis or "tokens"
             else:
                 raise ReconcileError(f"unknown result object {kind!r}")
@@ -175,7 +178,7 @@ def _csv(text: str, currency: str) -> list[Line]:
             tokens_out = int(row.get("output_tokens") or 0)
         except (ValueError, MoneyError) as error:
             raise ReconcileError(f"line {number}: {error}") from None
-        lines.append(Line(day, _model_of(row["model"]), nanos, tokens_in, tokens_out))
+        lines.append(Line(day, _model_of(row["model"]), nanos, tokens_in, tokens_out, row.get("key", "")))
         if len(lines) > LINES_MAX:
             raise ReconcileError(f"more than {LINES_MAX} lines")
     return lines
@@ -188,26 +191,36 @@ def _canonical_model(name: str, models: list[str]) -> str:
 
 
 def reconcile(session: Session, provider: str, basis: str, lines: list[Line], models: list[str],
-              tolerance_nanos: int = 0, tolerance_bps: int = 0) -> Result:
-    provider_side: dict[tuple[str, str], list[int]] = {}
+              tolerance_nanos: int = 0, tolerance_bps: int = 0, accounts: dict[str, str] | None = None) -> Result:
+    """Compare per day x model, and per provider key too when the export names keys (`accounts` maps the
+    provider's key ids to the account names policyd records)."""
+    accounts = accounts or {}
+    by_key = any(line.key in accounts for line in lines)  # keys policyd knows as accounts: compare per key
+    provider_side: dict[tuple[str, ...], list[int]] = {}
     for line in lines:
-        key = (line.day, _canonical_model(line.model, models))
+        key: tuple[str, ...] = (line.day, _canonical_model(line.model, models))
+        if by_key:
+            key += (accounts.get(line.key, line.key),)
         totals = provider_side.setdefault(key, [0, 0])
         totals[0] += line.amount_nanos
         totals[1] += line.input_tokens + line.output_tokens
-    days = sorted({d for d, _ in provider_side})
+    days = sorted({key[0] for key in provider_side})
     r = UsageRecordRow
-    ledger_side: dict[tuple[str, str], list[int]] = {}
+    ledger_side: dict[tuple[str, ...], list[int]] = {}
     if days:
         start = int(datetime.strptime(days[0], "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp()) * 1000
         end = int(datetime.strptime(days[-1], "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp()) * 1000 + DAY_MS
         day_start = (r.created_ms - r.created_ms % DAY_MS).label("day")
-        query = (select(day_start, r.served_model, func.sum(r.cost_nanos), func.sum(r.input_tokens + r.output_tokens))
+        query = (select(day_start, r.served_model, r.provider_account, func.sum(r.cost_nanos),
+                        func.sum(r.input_tokens + r.output_tokens))
                  .where(r.provider == provider, r.status.in_(("settled", "settled_late")),
                         r.created_ms >= start, r.created_ms < end)
-                 .group_by(day_start, r.served_model))
-        for day_ms, model, cost, tokens in session.execute(query):
-            ledger_side[(_day(int(day_ms) // 1000), model)] = [int(cost or 0), int(tokens or 0)]
+                 .group_by(day_start, r.served_model, r.provider_account))
+        for day_ms, model, account, cost, tokens in session.execute(query):
+            key = (_day(int(day_ms) // 1000), model) + ((account or "",) if by_key else ())
+            totals = ledger_side.setdefault(key, [0, 0])
+            totals[0] += int(cost or 0)
+            totals[1] += int(tokens or 0)
     result = Result(basis)
     for key in sorted(set(provider_side) | set(ledger_side)):
         p = provider_side.get(key)
@@ -221,5 +234,5 @@ def reconcile(session: Session, provider: str, basis: str, lines: list[Line], mo
             allowed = max(tolerance_nanos if basis == "amount" else 0, abs(b) * tolerance_bps // 10_000)
             status = "matched" if a == b else "within_tolerance" if abs(a - b) <= allowed else "mismatched"
         result.comparisons.append(Comparison(key[0], key[1], status, (p or [0, 0])[0], (l or [0, 0])[0],
-                                             (p or [0, 0])[1], (l or [0, 0])[1]))
+                                             (p or [0, 0])[1], (l or [0, 0])[1], key[2] if by_key else ""))
     return result

@@ -60,6 +60,7 @@ class Service:
         engine = Engine(counters, store, book, directory, settings.reservation_ttl_seconds, settings.failure_mode)
         admin = Admin(store, counters, book, directory, writer, settings.reservation_ttl_seconds)
         pool = ProviderPool.load(settings.providers_file)
+        admin.pool = pool
         return cls(settings, store, counters, book, directory, writer, engine, admin, pool)
 
     async def start(self) -> None:

@@ -102,7 +102,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             served_model=request.served_model, provider=request.provider, retries=request.retries,
             fallback_reason=request.fallback_reason, upstream_status=request.upstream_status,
             error_class=request.error_class, latency_ms=request.latency_ms,
-            stream_interrupted=request.stream_interrupted,
+            stream_interrupted=request.stream_interrupted, provider_account=request.provider_account,
         )
         s = await _call(context, lambda: self.engine.settle(report))
         outcome = {"settled": policy_pb2.SETTLED, "exists": policy_pb2.EXISTS, "settled_late": policy_pb2.SETTLED_LATE}
@@ -274,7 +274,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ReconcileResponse(ok=result.ok, basis=result.basis, totals=result.totals(), lines=[
             admin_pb2.ReconcileLine(day=c.day, model=c.model, status=c.status, provider_nanos=c.provider_nanos,
                                     ledger_nanos=c.ledger_nanos, difference_nanos=c.difference_nanos,
-                                    provider_tokens=c.provider_tokens, ledger_tokens=c.ledger_tokens)
+                                    provider_tokens=c.provider_tokens, ledger_tokens=c.ledger_tokens,
+                                    provider_account=c.account)
             for c in result.comparisons])
 
     async def ReviewKey(self, request: admin_pb2.GetKeyRequest, context: grpc.aio.ServicerContext) -> Any:

@@ -76,5 +76,5 @@ def check_usage(report: UsageReport) -> None:
     if report.cached_input_tokens + report.cache_write_input_tokens > report.input_tokens:
         raise Problem("invalid_usage", "cached_input_tokens + cache_write_input_tokens cannot exceed input_tokens",
                       "cached_input_tokens")
-    for name in ("served_model", "provider", "fallback_reason", "error_class"):
+    for name in ("served_model", "provider", "fallback_reason", "error_class", "provider_account"):
         _text_field(name, getattr(report, name), FIELD_LENGTH_MAX)

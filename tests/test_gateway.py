@@ -126,6 +126,7 @@ def test_non_streamed_chat_charges_the_provider_reported_usage(gateway: Gateway)
                                                      completion.usage.completion_tokens)
     assert (record["feature"], record["thread_id"], record["customer_id"]) == ("faq", "t-1", "e2e-plain")
     assert (record["request_count"], record["retries"]) == (1, 0)  # from Envoy's x-envoy-attempt-count
+    assert record["provider_account"] in ("openai-1", "openai-2")  # which credential served it
     wallet = gateway.wallet("e2e-plain")
     assert wallet.balance_nanos == parse_amount("10") - record["charge_nanos"] and wallet.reserved_nanos == 0
     sent = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "How exact is policyd?"]

@@ -115,3 +115,29 @@ async def test_malformed_exports_change_nothing(service: Service, export: bytes,
     assert service.store.events("reconciliation") == []
     with pytest.raises(PolicydError, match="unknown_provider|no model of provider"):
         await service.admin.reconcile("nobody", b"date,model,amount\n")
+
+
+async def test_reconciliation_per_provider_key(service: Service) -> None:
+    from policyd.providers import Account, ProviderPool
+
+    service.admin.pool = ProviderPool([Account("openai-1", "openai", "openai", "bearer", "s1", provider_key_id="key_A"),
+                                       Account("openai-2", "openai", "openai", "bearer", "s2", provider_key_id="key_B")])
+    service.engine.clock = lambda: (DAY1 + 3600) * 1000
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    costs = {}
+    for i, account in enumerate(["openai-1", "openai-2", "openai-2"]):
+        await service.engine.authorize(ask(secret, model="gpt-4o", request_id=f"k-{i}"))
+        from policyd.domain import UsageReport
+
+        s = await service.engine.settle(UsageReport(request_id=f"k-{i}", input_tokens=1000 + i, output_tokens=100,
+                                                    provider_account=account))
+        costs[account] = costs.get(account, 0) + s.cost
+    export = json.dumps({"data": [{"start_time": DAY1, "results": [
+        {"object": "organization.costs.result", "line_item": "gpt-4o, input", "api_key_id": "key_A",
+         "amount": {"value": units(costs["openai-1"]), "currency": "usd"}},
+        {"object": "organization.costs.result", "line_item": "gpt-4o, input", "api_key_id": "key_B",
+         "amount": {"value": units(costs["openai-2"] + 1), "currency": "usd"}}]}]}).encode()
+    result = await service.admin.reconcile("openai", export)
+    by_account = {c.account: c.status for c in result.comparisons}
+    assert by_account == {"openai-1": "matched", "openai-2": "mismatched"}

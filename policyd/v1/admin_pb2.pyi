@@ -379,7 +379,7 @@ class ReconcileRequest(_message.Message):
     def __init__(self, provider: _Optional[str] = ..., export: _Optional[bytes] = ..., tolerance_nanos: _Optional[int] = ..., tolerance_bps: _Optional[int] = ...) -> None: ...
 
 class ReconcileLine(_message.Message):
-    __slots__ = ("day", "model", "status", "provider_nanos", "ledger_nanos", "difference_nanos", "provider_tokens", "ledger_tokens")
+    __slots__ = ("day", "model", "status", "provider_nanos", "ledger_nanos", "difference_nanos", "provider_tokens", "ledger_tokens", "provider_account")
     DAY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -388,6 +388,7 @@ class ReconcileLine(_message.Message):
     DIFFERENCE_NANOS_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LEDGER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     day: str
     model: str
     status: str
@@ -396,7 +397,8 @@ class ReconcileLine(_message.Message):
     difference_nanos: int
     provider_tokens: int
     ledger_tokens: int
-    def __init__(self, day: _Optional[str] = ..., model: _Optional[str] = ..., status: _Optional[str] = ..., provider_nanos: _Optional[int] = ..., ledger_nanos: _Optional[int] = ..., difference_nanos: _Optional[int] = ..., provider_tokens: _Optional[int] = ..., ledger_tokens: _Optional[int] = ...) -> None: ...
+    provider_account: str
+    def __init__(self, day: _Optional[str] = ..., model: _Optional[str] = ..., status: _Optional[str] = ..., provider_nanos: _Optional[int] = ..., ledger_nanos: _Optional[int] = ..., difference_nanos: _Optional[int] = ..., provider_tokens: _Optional[int] = ..., ledger_tokens: _Optional[int] = ..., provider_account: _Optional[str] = ...) -> None: ...
 
 class ReconcileResponse(_message.Message):
     __slots__ = ("ok", "basis", "lines", "totals")

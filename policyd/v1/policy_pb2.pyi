@@ -134,7 +134,7 @@ class Usage(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ..., requests: _Optional[int] = ..., cache_write_input_tokens: _Optional[int] = ...) -> None: ...
 
 class SettleRequest(_message.Message):
-    __slots__ = ("request_id", "usage", "served_model", "provider", "retries", "fallback_reason", "upstream_status", "error_class", "latency_ms", "stream_interrupted")
+    __slots__ = ("request_id", "usage", "served_model", "provider", "retries", "fallback_reason", "upstream_status", "error_class", "latency_ms", "stream_interrupted", "provider_account")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     SERVED_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class SettleRequest(_message.Message):
     ERROR_CLASS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     STREAM_INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     usage: Usage
     served_model: str
@@ -155,7 +156,8 @@ class SettleRequest(_message.Message):
     error_class: str
     latency_ms: int
     stream_interrupted: bool
-    def __init__(self, request_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., served_model: _Optional[str] = ..., provider: _Optional[str] = ..., retries: _Optional[int] = ..., fallback_reason: _Optional[str] = ..., upstream_status: _Optional[int] = ..., error_class: _Optional[str] = ..., latency_ms: _Optional[int] = ..., stream_interrupted: _Optional[bool] = ...) -> None: ...
+    provider_account: str
+    def __init__(self, request_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., served_model: _Optional[str] = ..., provider: _Optional[str] = ..., retries: _Optional[int] = ..., fallback_reason: _Optional[str] = ..., upstream_status: _Optional[int] = ..., error_class: _Optional[str] = ..., latency_ms: _Optional[int] = ..., stream_interrupted: _Optional[bool] = ..., provider_account: _Optional[str] = ...) -> None: ...
 
 class SettleResponse(_message.Message):
     __slots__ = ("outcome", "request_id", "cost", "charge", "balance_before", "balance_after", "price_table_version", "served_model")
