@@ -13,7 +13,11 @@ Formats read:
 - a generic CSV with a header: date, model, [key|project], [input_tokens, output_tokens | tokens],
   amount, [currency].
 Provider amounts are read from their text as decimals (never floats) and rounded to the nano by
-the project's one rule.
+the project's one rule. The ledger side is the provider cost policyd recorded for every settled
+request, whatever the customer was charged (promotional, free, at-cost and downgraded requests
+included) and for every upstream attempt Envoy made (per-request prices x attempts), so what was
+paid to the provider but not charged to the customer is reconciled too. When the export names
+API keys that the provider accounts file maps (`provider_key_id`), lines compare per key as well.
 """
 
 from __future__ import annotations
