@@ -110,3 +110,15 @@ async def test_errors_carry_status_and_machine_reason(channel: grpc.aio.Channel)
     assert no_key.value.code() == grpc.StatusCode.NOT_FOUND
     unknown_endpoint = await policy.Authorize(policy_pb2.AuthorizeRequest(api_key="x", model="gpt-4o"))
     assert (unknown_endpoint.decision, unknown_endpoint.reason) == (policy_pb2.DENY, "unknown_endpoint")
+
+
+async def test_every_admin_call_needs_the_token(channel: grpc.aio.Channel) -> None:
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    service = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
+    for method in service.methods:
+        request_class = getattr(admin_pb2, method.input_type.name)
+        call = getattr(admin, method.name)
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await call(request_class(), metadata=metadata)
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED, method.name
