@@ -51,8 +51,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plain, TLS (--tls-ca) or mutual TLS (--tls-ca with --tls-cert and --tls-key)."""
+    if not getattr(args, "tls_ca", ""):
+        return grpc.insecure_channel(args.server)
+    key = Path(args.tls_key).read_bytes() if args.tls_key else None
+    cert = Path(args.tls_cert).read_bytes() if args.tls_cert else None
+    return grpc.secure_channel(args.server, grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes(), key, cert))
+
+
 def _stub(args: argparse.Namespace) -> tuple[admin_pb2_grpc.AdminServiceStub, list[tuple[str, str]]]:
-    channel = grpc.insecure_channel(args.server)
+    channel = _channel(args)
     metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
     return admin_pb2_grpc.AdminServiceStub(channel), metadata
 
@@ -228,7 +237,7 @@ def _rebuild(args: argparse.Namespace) -> int:
 def _health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    channel = grpc.insecure_channel(args.server)
+    channel = _channel(args)
     try:
         grpc.channel_ready_future(channel).result(timeout=args.wait)
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
@@ -243,7 +252,7 @@ def _health(args: argparse.Namespace) -> int:
 def _authorize(args: argparse.Namespace) -> int:
     from policyd.v1 import policy_pb2, policy_pb2_grpc
 
-    stub = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(args.server))
+    stub = policy_pb2_grpc.PolicyServiceStub(_channel(args))
     request = policy_pb2.AuthorizeRequest(
         api_key=args.key, endpoint=types_pb2.EndpointFamily.Value(args.endpoint.upper()), model=args.model,
         shape=policy_pb2.RequestShape(prompt_bytes=len(args.prompt.encode()), message_count=1,
@@ -262,7 +271,7 @@ def _authorize(args: argparse.Namespace) -> int:
 def _settle(args: argparse.Namespace) -> int:
     from policyd.v1 import policy_pb2, policy_pb2_grpc
 
-    stub = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(args.server))
+    stub = policy_pb2_grpc.PolicyServiceStub(_channel(args))
     response = stub.Settle(policy_pb2.SettleRequest(request_id=args.request_id, usage=policy_pb2.Usage(
         input_tokens=args.input_tokens, cached_input_tokens=args.cached_input_tokens,
         output_tokens=args.output_tokens)))
@@ -389,6 +398,11 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--token", default=os.environ.get("POLICYD_ADMIN_TOKEN", ""),
                        help="admin token (env POLICYD_ADMIN_TOKEN)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--tls-ca", dest="tls_ca", default=os.environ.get("POLICYD_TLS_CA", ""),
+                       help="PEM CA of the server's certificate: connect over TLS")
+        p.add_argument("--tls-cert", dest="tls_cert", default=os.environ.get("POLICYD_TLS_CLIENT_CERT", ""),
+                       help="client certificate, for mutual TLS")
+        p.add_argument("--tls-key", dest="tls_key", default=os.environ.get("POLICYD_TLS_CLIENT_KEY", ""))
         return p
 
     serve = commands.add_parser("serve", help="run the policy decision service")

@@ -133,7 +133,14 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
     await service.start()
     server, health_servicer = make_grpc_server(service)
     metrics.serve(settings.metrics_listen)
-    port = server.add_insecure_port(settings.listen)
+    if settings.tls_cert_file:
+        key = Path(settings.tls_key_file).read_bytes()
+        cert = Path(settings.tls_cert_file).read_bytes()
+        ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+        credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+        port = server.add_secure_port(settings.listen, credentials)
+    else:
+        port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen}")
     await server.start()

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL of the durable store (postgresql+psycopg://... in production)",
     )
     admin_token: str = Field("", description="bearer token the AdminService requires; empty = no check (loopback use)")
+    tls_cert_file: str = Field("", description="PEM certificate: serve gRPC over TLS")
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file")
+    tls_client_ca_file: str = Field("", description="PEM CA: require client certificates signed by it (mTLS)")
     policy_file: str = Field("", description="policy YAML to apply at start")
     providers_file: str = Field("", description="provider accounts YAML (credentials put on upstream requests)")
     partitions: int = Field(16, ge=1, le=1024, description="event stream partitions (Redis Cluster hash slots)")
