@@ -202,6 +202,9 @@ class Engine:
             existing = await self.counters.read_reservation(self.counters.partition_of(owner.customer_id), request_id)
             if not result.same_key or existing is None:
                 return self._deny(common, "invalid_request", "request_id was already used by another request", "request_id")
+            if existing.state != "reserved":  # a retry is answered only while its reservation is open
+                return self._deny(common, "invalid_request",
+                                  f"request_id was already used and is {existing.state}: use a new one", "request_id")
             fields = existing.fields
             return Decision(
                 decision=fields.get("decision", "allow"), reserved=existing.amount,

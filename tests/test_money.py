@@ -382,3 +382,14 @@ async def test_workspace_wallets_are_separate(service: Service) -> None:
     await service.admin.rebuild()
     assert await service.counters.wallet("acme/ws1") == (USD - s.charge, 0)
     assert (await service.admin.audit()).ok
+
+
+async def test_a_closed_request_id_cannot_authorize_again(service: Service) -> None:
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1")
+    await service.engine.authorize(ask(secret, request_id="once"))
+    await service.engine.release("once", "provider_error")
+    again = await service.engine.authorize(ask(secret, request_id="once"))
+    assert (again.decision, again.reason, again.error_param) == ("deny", "invalid_request", "request_id")
+    assert "released" in again.message
+    assert await service.counters.wallet("acme") == (USD, 0)
