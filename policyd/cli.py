@@ -150,10 +150,8 @@ EXIT_RECONCILE_MISMATCH = 4
 
 def _reconcile(args: argparse.Namespace) -> int:
     stub, md = _stub(args)
-    try:
-        tolerance = parse_amount(args.tolerance)
-    except MoneyError as error:
-        print(f"error: {error}", file=sys.stderr)
+    tolerance = _amount_argument(args.tolerance)
+    if tolerance is None:
         return EXIT_ERROR
     export = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
     r = stub.Reconcile(admin_pb2.ReconcileRequest(provider=args.provider, export=export, tolerance_nanos=tolerance,
@@ -187,6 +185,15 @@ def _apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _amount_argument(text: str) -> int | None:
+    """A decimal amount from the command line, in nanos; None (and the reason on stderr) when it is not one."""
+    try:
+        return parse_amount(text)
+    except MoneyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+
+
 def _wallet_text(w: admin_pb2.Wallet) -> str:
     return (f"{w.customer_id}{'/' + w.workspace_id if w.workspace_id else ''}: balance {format_amount(w.balance_nanos)} {w.currency}, reserved "
             f"{format_amount(w.reserved_nanos)}, available {format_amount(w.available_nanos)}")
@@ -194,10 +201,8 @@ def _wallet_text(w: admin_pb2.Wallet) -> str:
 
 def _credit(args: argparse.Namespace) -> int:
     stub, md = _stub(args)
-    try:
-        nanos = parse_amount(args.amount)
-    except MoneyError as error:
-        print(f"error: {error}", file=sys.stderr)
+    nanos = _amount_argument(args.amount)
+    if nanos is None:
         return EXIT_ERROR
     import time
 

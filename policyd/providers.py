@@ -60,7 +60,7 @@ class Account:
     cluster: str
     auth: str
     secret: str = field(repr=False)
-    cooling_until: float = 0.0
+    cooling_until_seconds: float = 0.0  # time.monotonic() seconds, not money
     provider_key_id: str = ""
 
     def credential_header(self) -> tuple[str, str]:
@@ -103,20 +103,20 @@ class ProviderPool:
         start = next(self._turns[provider])
         for i in range(len(accounts)):
             account = accounts[(start + i) % len(accounts)]
-            if account.cooling_until <= now:
+            if account.cooling_until_seconds <= now:
                 return account
-        return min(accounts, key=lambda a: a.cooling_until)
+        return min(accounts, key=lambda a: a.cooling_until_seconds)
 
     def cooling_providers(self) -> frozenset[str]:
         """Providers all of whose accounts are cooling down."""
         now = self.clock()
-        return frozenset(p for p, accounts in self.accounts.items() if all(a.cooling_until > now for a in accounts))
+        return frozenset(p for p, accounts in self.accounts.items() if all(a.cooling_until_seconds > now for a in accounts))
 
     def cool_down(self, name: str, seconds: int = COOLDOWN_SECONDS_DEFAULT) -> None:
         for accounts in self.accounts.values():
             for account in accounts:
                 if account.name == name:
-                    account.cooling_until = self.clock() + min(max(seconds, 1), COOLDOWN_SECONDS_MAX)
+                    account.cooling_until_seconds = self.clock() + min(max(seconds, 1), COOLDOWN_SECONDS_MAX)
 
     def accounts_by_provider_key(self) -> dict[str, str]:
         """The provider's key id -> the account name policyd records."""

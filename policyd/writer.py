@@ -115,17 +115,17 @@ class Writer:
             if moved == 0:
                 return total
 
-    async def run(self, stop: asyncio.Event, idle_sleep: float = 0.05) -> None:
-        backoff = idle_sleep
+    async def run(self, stop: asyncio.Event, idle_seconds: float = 0.05) -> None:
+        backoff = idle_seconds
         while not stop.is_set():
             try:
                 moved = await self.drain_once()
-                backoff = idle_sleep
+                backoff = idle_seconds
             except Exception:  # SQL or Redis down: keep the entries pending and try again
                 metrics.writer_errors.inc()
                 log.exception("writer batch failed; retrying")
                 moved = 0
-                backoff = min(backoff * 2 if backoff > idle_sleep else 0.2, 5.0)
+                backoff = min(backoff * 2 if backoff > idle_seconds else 0.2, 5.0)
             if moved == 0:
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=backoff)
