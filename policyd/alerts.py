@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import select
 
 from policyd.db import AlertDeliveryRow, EventRow
+from policyd.loops import every
 from policyd.store import Store
 
 log = logging.getLogger("policyd.alerts")
@@ -108,15 +109,7 @@ class AlertDelivery:
         return delivered
 
     async def run(self, stop: asyncio.Event, interval_ms: int) -> None:
-        while not stop.is_set():
-            try:
-                await asyncio.to_thread(self.deliver_due)
-            except Exception:
-                log.exception("alert delivery failed")
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval_ms / 1000)
-            except TimeoutError:
-                pass
+        await every(interval_ms / 1000, stop, lambda: asyncio.to_thread(self.deliver_due), "alert delivery")
 
 
 def deliveries(store: Store) -> list[Any]:

@@ -16,6 +16,7 @@ import time
 from sqlalchemy import func, select
 
 from policyd.db import EventRow, UsageRecordRow
+from policyd.loops import every
 from policyd.store import Store
 
 log = logging.getLogger("policyd.anomalies")
@@ -81,14 +82,9 @@ class AnomalyDetector:
                            "label": kind, "percent": ""}}
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                found = await asyncio.to_thread(self.detect)
-                if found:
-                    log.warning("%d anomalies recorded", found)
-            except Exception:
-                log.exception("anomaly detection failed")
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=min(self.window_ms / 1000, 60))
-            except TimeoutError:
-                pass
+        async def look() -> None:
+            found = await asyncio.to_thread(self.detect)
+            if found:
+                log.warning("%d anomalies recorded", found)
+
+        await every(min(self.window_ms / 1000, 60), stop, look, "anomaly detection")

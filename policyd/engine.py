@@ -29,6 +29,7 @@ from policyd import keys as key_secrets
 from policyd import metrics, reasons, redis_keys
 from policyd.counters import BucketHold, Counters, Fenced, Reservation
 from policyd.directory import KeyDirectory
+from policyd.loops import every
 from policyd.domain import (
     AuthorizeInput,
     Decision,
@@ -640,15 +641,7 @@ class Engine:
         return voided
 
     async def run_sweeper(self, stop: asyncio.Event, interval_ms: int) -> None:
-        while not stop.is_set():
-            try:
-                await self.expire_due()
-            except Exception:
-                log.exception("expiry sweep failed")
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval_ms / 1000)
-            except TimeoutError:
-                pass
+        await every(interval_ms / 1000, stop, self.expire_due, "expiry sweep")
 
 
 def _clean(text: str, length_max: int) -> str:

@@ -19,17 +19,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
+from policyd.domain import ENDPOINTS
 from policyd.money import QUANTITY_MAX, MoneyError, format_amount, parse_amount
 
 ENVIRONMENTS = ("development", "staging", "production", "batch", "evaluation", "customer-facing")
-ENDPOINT_NAMES = (
-    "chat_completions",
-    "responses",
-    "embeddings",
-    "images",
-    "anthropic_messages",
-    "gemini_generate_content",
-)
+ENDPOINT_NAMES = ENDPOINTS
 WINDOWS = ("minute", "hour", "day", "month", "total")
 SCOPES = ("key", "customer", "workspace", "project", "feature", "model", "thread", "end_user")
 UNITS = ("money", "tokens", "requests")

@@ -8,6 +8,7 @@ import logging
 import redis.asyncio as aioredis
 
 from policyd import redis_keys
+from policyd.loops import every
 from policyd.policy import Policy, PolicyDocument
 from policyd.store import Store
 
@@ -54,12 +55,4 @@ class PolicyBook:
             await self.load_latest()
 
     async def run(self, stop: asyncio.Event, interval_ms: int) -> None:
-        while not stop.is_set():
-            try:
-                await self.refresh()
-            except Exception:
-                log.exception("policy refresh failed")
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval_ms / 1000)
-            except TimeoutError:
-                pass
+        await every(interval_ms / 1000, stop, self.refresh, "policy refresh")
