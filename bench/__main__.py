@@ -7,12 +7,14 @@ from pathlib import Path
 
 import sys
 
-from bench import estimates, report_volume
+from bench import estimates, native, report_volume
 
 
 def main() -> None:
     results = {}
     results.update(estimates.main())
+    print()
+    results.update(native.main([]))
     print()
     results.update(report_volume.main(sys.argv[1:]))
     out = Path(__file__).parent / "results"

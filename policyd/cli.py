@@ -47,7 +47,12 @@ def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, shutdown.set)
         await serve(settings, shutdown=shutdown)
 
-    asyncio.run(main())
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
     return 0
 
 
