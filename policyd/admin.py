@@ -307,7 +307,8 @@ class Admin:
         if policy is not None and plan is not None:
             from policyd.engine import Engine
 
-            models = [m for m, _ in Engine.models_allowed(policy, plan, tuple(row.scopes or ()), row.environment)]
+            models = [f"{m} via {policy.model(m).upstream}"  # type: ignore[union-attr]
+                      for m, _ in Engine.models_allowed(policy, plan, tuple(row.scopes or ()), row.environment)]
             partition = self.counters.partition_of(row.customer_id)
             scope_ids = {"key": row.id, "customer": row.customer_id, "workspace": row.workspace_id,
                          "project": row.project_id}

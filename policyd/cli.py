@@ -123,7 +123,7 @@ def _review_text(r: admin_pb2.KeyReview) -> str:
         f"owner        customer {o.customer_id}  workspace {o.workspace_id or '-'}  project {o.project_id or '-'}"
         f"  team {o.team_id or '-'}",
         f"environment  {o.environment}   plan {o.plan}",
-        f"models       {', '.join(r.allowed_models) or 'none'}",
+        f"routes       {', '.join(r.allowed_models) or 'none'}",
         f"created      {when(k.created_unix_ms)}   rotated {when(k.rotated_unix_ms)}",
         f"last used    {when(r.last_used_unix_ms)}",
         f"spend        today {format_amount(r.spend_today_nanos)}   this month {format_amount(r.spend_month_nanos)}",

@@ -117,7 +117,7 @@ async def test_key_review_record(service: Service) -> None:
     review = await service.admin.review_key(key_id)
     assert (review["requests"], review["denials"], review["denials_by_reason"]) == (4, 1, {"owner_mismatch": 1})
     assert review["spend_today"] == review["spend_month"] > 0
-    assert "gpt-4o" in review["models"] and review["last_used_ms"] > 0
+    assert "gpt-4o via openai" in review["models"] and review["last_used_ms"] > 0
     rpm = next(b for b in review["buckets"] if b["label"] == "key-rpm")
     assert (rpm["used"], rpm["limit"]) == (3, 600)
     assert secret not in json.dumps({k: v for k, v in review.items() if k != "key"})
