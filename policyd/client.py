@@ -1,0 +1,192 @@
+"""A typed Python client for the PolicyService: what an in-house gateway calls around each model call.
+
+    from policyd.client import PolicyClient
+
+    with PolicyClient("127.0.0.1:50051") as policy:
+        decision = policy.authorize(api_key, "chat_completions", "gpt-4o", request_id="req-1",
+                                    prompt_bytes=2048, max_output_tokens=512, feature="chat")
+        if not decision.allowed:
+            ...  # answer decision.http_status with decision.error_body()
+        ...     # call the provider with decision.served_model, at most decision.max_output_tokens
+        policy.settle("req-1", input_tokens=900, output_tokens=300)   # or policy.release("req-1", "provider_error")
+
+`AsyncPolicyClient` is the same over grpc.aio. Every call has a deadline. Calls are retried on
+UNAVAILABLE only when they are idempotent: Authorize with a request_id, Settle, Release (all keyed
+by request_id). A refused Settle or Release raises `PolicydCallError` with the machine reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from policyd.domain import ENDPOINTS
+from policyd.v1 import policy_pb2, policy_pb2_grpc, types_pb2
+
+DEADLINE_SECONDS = 2.0
+RETRIES = 2
+RETRY_BACKOFF_SECONDS = 0.05
+
+
+class PolicydCallError(Exception):
+    """A call policyd refused or could not answer: `code` is the gRPC status, `reason` the machine reason."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.code = code
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    decision: str  # allow | deny | downgrade
+    reason: str
+    message: str
+    http_status: int
+    request_id: str
+    served_model: str
+    route: str
+    max_output_tokens: int
+    reserved_nanos: int
+    retry_after_seconds: int
+    response: Any  # the full AuthorizeResponse
+
+    def error_body(self) -> bytes:
+        e = self.response.error
+        return json.dumps({"error": {"type": e.type, "code": e.code, "message": e.message,
+                                     "param": e.param or None}}).encode()
+
+
+@dataclass(frozen=True)
+class Settled:
+    outcome: str  # settled | exists | settled_late
+    cost_nanos: int
+    charge_nanos: int
+    balance_after_nanos: int
+
+
+def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str, prompt_bytes: int,
+                       message_count: int, max_output_tokens: int, stream: bool, **attribution: Any) -> Any:
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
+    tags = attribution.pop("tags", {})
+    return policy_pb2.AuthorizeRequest(
+        api_key=api_key, endpoint=ENDPOINTS.index(endpoint) + 1, model=model,
+        attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
+        shape=policy_pb2.RequestShape(prompt_bytes=prompt_bytes, message_count=message_count,
+                                      max_output_tokens=max_output_tokens, stream=stream))
+
+
+def _decision(r: Any) -> Decision:
+    name = policy_pb2.Decision.Name(r.decision).lower()
+    return Decision(name != "deny", name, r.reason, r.message, r.http_status, r.request_id, r.served_model,
+                    r.route, r.max_output_tokens, r.reserved.nanos, r.retry_after_seconds, r)
+
+
+def _settled(r: Any) -> Settled:
+    return Settled(policy_pb2.SettleOutcome.Name(r.outcome).lower(), r.cost.nanos, r.charge.nanos,
+                   r.balance_after.nanos)
+
+
+def _error(error: grpc.RpcError) -> PolicydCallError:
+    reason = dict(error.trailing_metadata() or ()).get("policyd-reason", "") if hasattr(error, "trailing_metadata") else ""
+    return PolicydCallError(error.code(), reason or error.code().name.lower(), error.details() or "")
+
+
+class PolicyClient:
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None,
+                 deadline_seconds: float = DEADLINE_SECONDS, retries: int = RETRIES) -> None:
+        self.channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+        self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        self.deadline = deadline_seconds
+        self.retries = retries
+
+    def __enter__(self) -> "PolicyClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method: Any, request: Any, idempotent: bool) -> Any:
+        for attempt in range(self.retries + 1 if idempotent else 1):
+            try:
+                return method(request, timeout=self.deadline)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= (self.retries if idempotent else 0):
+                    raise _error(error) from None
+                time.sleep(RETRY_BACKOFF_SECONDS * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def authorize(self, api_key: str, endpoint: str, model: str, request_id: str = "", prompt_bytes: int = 0,
+                  message_count: int = 1, max_output_tokens: int = 0, stream: bool = False, **attribution: Any) -> Decision:
+        request = _authorize_request(api_key, endpoint, model, request_id, prompt_bytes, message_count,
+                                     max_output_tokens, stream, **attribution)
+        return _decision(self._call(self.stub.Authorize, request, idempotent=bool(request_id)))
+
+    def settle(self, request_id: str, input_tokens: int = 0, output_tokens: int = 0, cached_input_tokens: int = 0,
+               **extra: Any) -> Settled:
+        request = policy_pb2.SettleRequest(request_id=request_id, usage=policy_pb2.Usage(
+            input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=cached_input_tokens), **extra)
+        return _settled(self._call(self.stub.Settle, request, idempotent=True))
+
+    def release(self, request_id: str, reason: str = "") -> str:
+        reply = self._call(self.stub.Release, policy_pb2.ReleaseRequest(request_id=request_id, reason=reason),
+                           idempotent=True)
+        return policy_pb2.ReleaseOutcome.Name(reply.outcome).lower()
+
+
+class AsyncPolicyClient:
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None,
+                 deadline_seconds: float = DEADLINE_SECONDS, retries: int = RETRIES) -> None:
+        self.channel = (grpc.aio.secure_channel(target, credentials) if credentials
+                        else grpc.aio.insecure_channel(target))
+        self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        self.deadline = deadline_seconds
+        self.retries = retries
+
+    async def __aenter__(self) -> "AsyncPolicyClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _call(self, method: Any, request: Any, idempotent: bool) -> Any:
+        for attempt in range(self.retries + 1 if idempotent else 1):
+            try:
+                return await method(request, timeout=self.deadline)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= (self.retries if idempotent else 0):
+                    raise _error(error) from None
+                await asyncio.sleep(RETRY_BACKOFF_SECONDS * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def authorize(self, api_key: str, endpoint: str, model: str, request_id: str = "", prompt_bytes: int = 0,
+                        message_count: int = 1, max_output_tokens: int = 0, stream: bool = False,
+                        **attribution: Any) -> Decision:
+        request = _authorize_request(api_key, endpoint, model, request_id, prompt_bytes, message_count,
+                                     max_output_tokens, stream, **attribution)
+        return _decision(await self._call(self.stub.Authorize, request, idempotent=bool(request_id)))
+
+    async def settle(self, request_id: str, input_tokens: int = 0, output_tokens: int = 0,
+                     cached_input_tokens: int = 0, **extra: Any) -> Settled:
+        request = policy_pb2.SettleRequest(request_id=request_id, usage=policy_pb2.Usage(
+            input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=cached_input_tokens), **extra)
+        return _settled(await self._call(self.stub.Settle, request, idempotent=True))
+
+    async def release(self, request_id: str, reason: str = "") -> str:
+        reply = await self._call(self.stub.Release, policy_pb2.ReleaseRequest(request_id=request_id, reason=reason),
+                                 idempotent=True)
+        return policy_pb2.ReleaseOutcome.Name(reply.outcome).lower()

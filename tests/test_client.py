@@ -1,0 +1,68 @@
+"""The typed Python client (sync and async) against a running policyd."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from policyd.client import AsyncPolicyClient, PolicyClient, PolicydCallError
+from policyd.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from tests.conftest import ROOT
+from tests.processes import PolicydProcess
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("client")
+    process = PolicydProcess("", f"sqlite:///{tmp / 'p.db'}", policy=str(ROOT / "policyd/samples/policy.yaml"),
+                             cwd=str(tmp))
+    with grpc.insecure_channel(process.address) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="cl", source="purchase",
+                                                       amount=types_pb2.Money(currency="USD", nanos=10**9)))
+        key = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="cl", plan="free", environment="production"))
+    yield process, key.secret
+    process.stop()
+
+
+def test_sync_client_flow(served) -> None:
+    process, secret = served
+    with PolicyClient(process.address) as policy:
+        d = policy.authorize(secret, "chat_completions", "gpt-4o-mini", request_id="c-1", prompt_bytes=100,
+                             feature="chat", thread_id="t")
+        assert d.allowed and d.max_output_tokens == 512 and d.reserved_nanos > 0
+        s = policy.settle("c-1", input_tokens=30, output_tokens=10)
+        assert s.outcome == "settled" and s.charge_nanos > 0
+        assert policy.settle("c-1", input_tokens=30, output_tokens=10).outcome == "exists"
+        with pytest.raises(PolicydCallError) as refused:
+            policy.settle("c-1", input_tokens=31, output_tokens=10)
+        assert refused.value.reason == "exists_with_different_usage"
+        denied = policy.authorize(secret, "chat_completions", "gpt-4o")
+        assert not denied.allowed and denied.http_status == 403
+        assert json.loads(denied.error_body())["error"]["code"] == "model_not_allowed"
+        with pytest.raises(ValueError):
+            policy.authorize(secret, "telepathy", "gpt-4o")
+
+
+async def test_async_client_flow(served) -> None:
+    process, secret = served
+    async with AsyncPolicyClient(process.address) as policy:
+        d = await policy.authorize(secret, "chat_completions", "gpt-4o-mini", request_id="a-1", prompt_bytes=50)
+        assert d.allowed
+        assert await policy.release("a-1", "provider_error") == "released"
+        assert await policy.release("a-1") == "already_released"
+        with pytest.raises(PolicydCallError) as unknown:
+            await policy.settle("nope", input_tokens=1)
+        assert (unknown.value.code, unknown.value.reason) == (grpc.StatusCode.NOT_FOUND, "unknown_request")
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
+    from tests.servers import free_port
+
+    with PolicyClient(f"127.0.0.1:{free_port()}", deadline_seconds=0.5, retries=1) as policy:
+        with pytest.raises(PolicydCallError) as error:
+            policy.settle("x", input_tokens=1)
+        assert error.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
