@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
-import tempfile
 import time
 from typing import Any
 

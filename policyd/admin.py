@@ -411,14 +411,9 @@ class Admin:
             p = self.counters.partition_of(row.customer_id)
             inflight[(p, row.api_key_id)] = inflight.get((p, row.api_key_id), 0) + 1
             expires = row.created_ms + self.reservation_ttl_ms
-            fields = {
-                "decision": row.decision, "customer_id": row.customer_id, "wallet_id": row.wallet_id or row.customer_id,
-                "key_id": row.api_key_id, "plan": row.plan,
-                "served_model": row.served_model, "provider": row.provider, "route": row.upstream,
-                "policy_version": row.policy_version, "price_table_version": row.price_table_version,
-                "currency": row.currency, "max_output_tokens": row.max_output_tokens, "holds": row.holds,
-                "record": {c: getattr(row, c) for c in _RECORD_COLUMNS},
-            }
+            record = {c: getattr(row, c) for c in _RECORD_COLUMNS}
+            record["wallet_id"] = record["wallet_id"] or row.customer_id
+            fields = {"record": record, "input_tokens_estimate": 0}
             await client.hset(redis_keys.reservation(p, row.request_id), mapping={
                 "state": "reserved", "key": redis_keys.key_state(p, row.api_key_id), "amount": str(row.reserved_nanos), "wallet": "1",
                 "expires": str(max(expires, at)), "r": json.dumps(fields, separators=(",", ":")),
@@ -464,5 +459,5 @@ _RECORD_COLUMNS = (
     "api_key_id", "wallet_id", "plan", "environment", "claimed", "end_user_id", "agent_id", "thread_id", "feature", "route",
     "tags", "endpoint", "requested_model", "primary_model", "served_model", "provider", "upstream", "decision",
     "policy_version", "price_table_version", "billing_mode", "reservation_mode", "currency", "max_output_tokens",
-    "holds", "decision_latency_us", "client_address", "user_agent",
+    "holds", "decision_latency_us", "client_address", "user_agent", "fallback_reason",
 )

@@ -84,6 +84,16 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                       max_output_tokens=max_output_tokens, stream=stream))
 
 
+def _settle_request(request_id: str, input_tokens: int, output_tokens: int, cached_input_tokens: int,
+                    **extra: Any) -> Any:
+    return policy_pb2.SettleRequest(request_id=request_id, usage=policy_pb2.Usage(
+        input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=cached_input_tokens), **extra)
+
+
+def _released(reply: Any) -> str:
+    return policy_pb2.ReleaseOutcome.Name(reply.outcome).lower()
+
+
 def _decision(r: Any) -> Decision:
     name = policy_pb2.Decision.Name(r.decision).lower()
     return Decision(name != "deny", name, r.reason, r.message, r.http_status, r.request_id, r.served_model,
@@ -135,14 +145,12 @@ class PolicyClient:
 
     def settle(self, request_id: str, input_tokens: int = 0, output_tokens: int = 0, cached_input_tokens: int = 0,
                **extra: Any) -> Settled:
-        request = policy_pb2.SettleRequest(request_id=request_id, usage=policy_pb2.Usage(
-            input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=cached_input_tokens), **extra)
+        request = _settle_request(request_id, input_tokens, output_tokens, cached_input_tokens, **extra)
         return _settled(self._call(self.stub.Settle, request, idempotent=True))
 
     def release(self, request_id: str, reason: str = "") -> str:
-        reply = self._call(self.stub.Release, policy_pb2.ReleaseRequest(request_id=request_id, reason=reason),
-                           idempotent=True)
-        return policy_pb2.ReleaseOutcome.Name(reply.outcome).lower()
+        return _released(self._call(self.stub.Release, policy_pb2.ReleaseRequest(request_id=request_id, reason=reason),
+                                    idempotent=True))
 
 
 class AsyncPolicyClient:
@@ -182,11 +190,10 @@ class AsyncPolicyClient:
 
     async def settle(self, request_id: str, input_tokens: int = 0, output_tokens: int = 0,
                      cached_input_tokens: int = 0, **extra: Any) -> Settled:
-        request = policy_pb2.SettleRequest(request_id=request_id, usage=policy_pb2.Usage(
-            input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=cached_input_tokens), **extra)
+        request = _settle_request(request_id, input_tokens, output_tokens, cached_input_tokens, **extra)
         return _settled(await self._call(self.stub.Settle, request, idempotent=True))
 
     async def release(self, request_id: str, reason: str = "") -> str:
-        reply = await self._call(self.stub.Release, policy_pb2.ReleaseRequest(request_id=request_id, reason=reason),
-                                 idempotent=True)
-        return policy_pb2.ReleaseOutcome.Name(reply.outcome).lower()
+        return _released(await self._call(self.stub.Release,
+                                           policy_pb2.ReleaseRequest(request_id=request_id, reason=reason),
+                                           idempotent=True))

@@ -107,7 +107,12 @@ class Reservation:
     state: str
     amount: int
     expires_ms: int
-    fields: dict[str, Any]  # what policyd stored at authorize (holds, owner, model, ...)
+    fields: dict[str, Any]  # what policyd stored at authorize: {"record": ..., "input_tokens_estimate": ...}
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The usage record as it was at Authorize: owner, wallet, models, versions, holds."""
+        return self.fields["record"]
 
 
 class Counters:

@@ -99,6 +99,11 @@ class _Plan:
     limits_by_label: dict[str, tuple[Limit, int]]  # label -> (limit, window end)
     fallback_reason: str = ""
 
+    @classmethod
+    def empty(cls, model: str) -> "_Plan":
+        """Nothing to reserve: the request is denied before its estimate."""
+        return cls(model, NO_PRICE, 0, 0, 0, [], {})
+
 
 class Engine:
     def __init__(self, counters: Counters, store: Store, book: PolicyBook, directory: KeyDirectory,
@@ -167,7 +172,7 @@ class Engine:
                                                         unavailable_providers)
             attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="")
             attempt.fallback_reason = fallback_reason
-        reserve = attempt or _Plan(request.model, NO_PRICE, 0, 0, 0, [], {})
+        reserve = attempt or _Plan.empty(request.model)
 
         # 5. the atomic step; a downgrade limit may turn a deny into a second attempt on a cheaper model
         decision_kind = "allow"
@@ -206,14 +211,13 @@ class Engine:
             if existing.state != "reserved":  # a retry is answered only while its reservation is open
                 return self._deny(common, "invalid_request",
                                   f"request_id was already used and is {existing.state}: use a new one", "request_id")
-            fields = existing.fields
+            first = existing.record
             return Decision(
-                decision=fields.get("decision", "allow"), reserved=existing.amount,
-                max_output_tokens=fields.get("max_output_tokens", 0), reservation_expires_ms=existing.expires_ms,
-                **{**common, "served_model": fields.get("served_model", reserve.served_model),
-                   "provider": fields.get("provider", ""), "route": fields.get("route", ""),
-                   "policy_version": fields.get("policy_version", common["policy_version"]),
-                   "price_table_version": fields.get("price_table_version", common["price_table_version"])},
+                decision=first["decision"], reserved=existing.amount, max_output_tokens=first["max_output_tokens"],
+                reservation_expires_ms=existing.expires_ms,
+                **{**common, "served_model": first["served_model"], "provider": first["provider"],
+                   "route": first["upstream"], "policy_version": first["policy_version"],
+                   "price_table_version": first["price_table_version"]},
             )
         if result.outcome == "deny":
             reason, retry_after = result.reason, 0
@@ -344,18 +348,7 @@ class Engine:
         limit_reasons = {label: limit_reason(limit) for label, (limit, _) in attempt.limits_by_label.items()}
         payload = json.dumps({"record": record, "limit_reasons": limit_reasons, "messages": MESSAGES}, separators=(",", ":"))
         wallet = record["wallet_id"]
-        fields = {
-            "decision": decision, "customer_id": owner.customer_id, "wallet_id": wallet,
-            "key_id": owner.api_key_id, "plan": owner.plan,
-            "served_model": attempt.served_model, "provider": attempt.price.provider, "route": attempt.price.upstream,
-            "policy_version": policy.version if policy else 0,
-            "price_table_version": policy.document.price_table.version if policy else "",
-            "currency": policy.document.currency if policy else "",
-            "max_output_tokens": attempt.output_cap,
-            "input_tokens_estimate": attempt.input_tokens,
-            "holds": [[h.key, h.unit, h.amount] for h in attempt.holds],
-            "record": record,
-        }
+        fields = {"record": record, "input_tokens_estimate": attempt.input_tokens}
         try:
             return await self.counters.authorize(
                 partition=self.counters.partition_of(owner.customer_id), request_id=request_id,
@@ -407,8 +400,7 @@ class Engine:
                             reason: str, message: str = "", param: str = "") -> Decision:
         """A denial before any owner is known: recorded in the partition of the request id."""
         request_id = base["request_id"]
-        empty = _Plan(request.model, NO_PRICE, 0, 0, 0, [], {})
-        record = self._record(request, request_id, Owner(), None, None, empty, at, started, "deny")
+        record = self._record(request, request_id, Owner(), None, None, _Plan.empty(request.model), at, started, "deny")
         record.update(decision="deny", reason=reason, message=message or MESSAGES.get(reason, ""), status="denied")
         record = _truncated(record)
         await self._emit(self.counters.partition_of(request_id), "authorize", request_id, at,
@@ -502,7 +494,7 @@ class Engine:
         reservation = await self.counters.find_reservation(report.request_id)
         if reservation is None:
             raise await self._missing(report.request_id, "settle", asdict(report))
-        r = reservation.fields
+        r = reservation.record
         policy = await self.book.version(int(r["policy_version"]))
         plan = policy.plan(r["plan"]) if policy else None
         served = report.served_model or r["served_model"]
@@ -517,7 +509,7 @@ class Engine:
             requests=report.requests or 1,
         )
         cost = cost_of(price, quantities)
-        charge = charge_of(plan, served, quantities, cost, r["record"].get("billing_mode", ""))
+        charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
         numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
                    report.seconds, report.requests or 1, served, report.cache_write_input_tokens]
         fingerprint = hashlib.sha256(json.dumps(numbers).encode()).hexdigest()[:32]
@@ -540,11 +532,11 @@ class Engine:
         }
         if report.fallback_reason:  # the proxy's own fallback; otherwise the one decided at Authorize stays
             settlement["fallback_reason"] = report.fallback_reason
-        payload = json.dumps({"record": r["record"], "settlement": settlement, "currency": r["currency"]},
+        payload = json.dumps({"record": r, "settlement": settlement, "currency": r["currency"]},
                              separators=(",", ":"))
         try:
             result = await self.counters.settle(
-                reservation, customer_id=r.get("wallet_id", r["customer_id"]), key_id=r["key_id"], now_ms=self.clock(),
+                reservation, customer_id=r["wallet_id"], key_id=r["api_key_id"], now_ms=self.clock(),
                 fingerprint=fingerprint, charge=charge, retention_seconds=RESULT_RETENTION_SECONDS,
                 payload=payload, bucket_deltas=deltas,
             )
@@ -570,7 +562,7 @@ class Engine:
         usage): input as estimated at Authorize, output as counted from what was delivered."""
         reservation = await self.counters.find_reservation(request_id)
         input_tokens = int(reservation.fields.get("input_tokens_estimate", 0)) if reservation else 0
-        cap = int(reservation.fields.get("max_output_tokens", 0)) if reservation else 0
+        cap = int(reservation.record["max_output_tokens"]) if reservation else 0
         return await self.settle(UsageReport(
             request_id=request_id, input_tokens=input_tokens, output_tokens=min(output_tokens, cap) if cap else output_tokens,
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,
@@ -607,9 +599,9 @@ class Engine:
         raise await self._missing(request_id, "release", {"reason": reason[:256]})
 
     async def _void(self, reservation: Reservation, target: str, reason: str) -> tuple[str, str]:
-        r = reservation.fields
+        r = reservation.record
         return await self.counters.release(
-            reservation, customer_id=r.get("wallet_id", r["customer_id"]), key_id=r["key_id"], now_ms=self.clock(), target=target,
+            reservation, customer_id=r["wallet_id"], key_id=r["api_key_id"], now_ms=self.clock(), target=target,
             reason=reason, retention_seconds=RESULT_RETENTION_SECONDS,
             bucket_releases=[(key, -held) for key, _, held in r["holds"]],
         )

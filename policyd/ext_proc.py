@@ -176,24 +176,17 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             await self.engine.release(exchange.request_id, "no_response")
             return
         reader = exchange.reader
-        if reader.found_usage and (not cut or reader.finished):
-            # complete: a client that hangs up right after the provider's last event ([DONE],
-            # message_stop) cut nothing
+        # the provider's own usage is exact: when the response ended, when the client hung up only after the
+        # provider's last event ([DONE], message_stop), or when a cut came after the usage was reported
+        complete = not cut or reader.finished
+        if reader.found_usage and (complete or reader.tokens.output_tokens):
             t = reader.tokens
             await self.engine.settle(UsageReport(
                 request_id=exchange.request_id, input_tokens=t.input_tokens, cached_input_tokens=t.cached_input_tokens,
-                cache_write_input_tokens=t.cache_write_input_tokens, images=exchange.reader.images,
+                cache_write_input_tokens=t.cache_write_input_tokens, images=reader.images,
                 output_tokens=t.output_tokens, served_model=exchange.served_model, upstream_status=status,
-                requests=exchange.attempts, retries=exchange.attempts - 1, provider_account=exchange.account,
-            ))
-            return
-        if reader.found_usage and cut and reader.tokens.output_tokens:
-            t = reader.tokens  # a stream cut after the provider reported usage: that usage is exact
-            await self.engine.settle(UsageReport(
-                request_id=exchange.request_id, input_tokens=t.input_tokens, cached_input_tokens=t.cached_input_tokens,
-                cache_write_input_tokens=t.cache_write_input_tokens, images=exchange.reader.images,
-                output_tokens=t.output_tokens, served_model=exchange.served_model, upstream_status=status,
-                stream_interrupted=True, requests=exchange.attempts, retries=exchange.attempts - 1, provider_account=exchange.account,
+                stream_interrupted=not complete, requests=exchange.attempts, retries=exchange.attempts - 1,
+                provider_account=exchange.account,
             ))
             return
         reason = "stream_cut" if cut else ("malformed_response" if reader.malformed else "no_usage_reported")

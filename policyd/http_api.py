@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from policyd.domain import Attribution, AuthorizeInput, Shape
@@ -176,14 +176,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if endpoint == "images":
         call.image_count = _int(data.get("n")) or 1
     if not call.attribution.end_user_id and isinstance(data.get("user"), str):
-        call.attribution = _replace(call.attribution, end_user_id=data["user"][:256])
+        call.attribution = replace(call.attribution, end_user_id=data["user"][:256])
     return call
-
-
-def _replace(attribution: Attribution, **changes: Any) -> Attribution:
-    from dataclasses import replace
-
-    return replace(attribution, **changes)
 
 
 def _attribution(headers: dict[str, str]) -> Attribution:

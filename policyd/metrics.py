@@ -5,7 +5,7 @@ Served on POLICYD_METRICS_LISTEN (host:port, e.g. 127.0.0.1:9464; empty = off, t
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry()
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -20,8 +20,6 @@ releases = Counter("policyd_releases_total", "Reservations voided", ["reason"], 
 rejections = Counter("policyd_rejections_total", "Settle/Release calls refused", ["reason"], registry=REGISTRY)
 events_written = Counter("policyd_writer_events_total", "Events the writer moved to SQL", registry=REGISTRY)
 writer_errors = Counter("policyd_writer_errors_total", "Writer batches that failed (retried)", registry=REGISTRY)
-stream_pending = Gauge("policyd_stream_pending_events", "Events not yet in SQL, after the last drain",
-                       registry=REGISTRY)
 counter_errors = Counter("policyd_counter_errors_total", "Calls that could not reach Redis", registry=REGISTRY)
 
 KNOWN_RELEASE_REASONS = {"deadline", "client_disconnected", "provider_error", "no_response"}

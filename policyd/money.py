@@ -88,11 +88,3 @@ def format_amount(nanos: int) -> str:
     sign = "-" if nanos < 0 else ""
     units, rest = divmod(abs(nanos), NANOS_PER_UNIT)
     return f"{sign}{units}.{rest:09d}"
-
-
-def check_amount(nanos: int, what: str = "amount") -> int:
-    if isinstance(nanos, bool) or not isinstance(nanos, int):
-        raise MoneyError(f"{what} must be an integer number of nanos")
-    if abs(nanos) > AMOUNT_MAX:
-        raise MoneyError(f"{what} is out of range")
-    return nanos

@@ -24,9 +24,6 @@ from policyd.money import QUANTITY_MAX, MoneyError, format_amount, parse_amount
 
 ENVIRONMENTS = ("development", "staging", "production", "batch", "evaluation", "customer-facing")
 ENDPOINT_NAMES = ENDPOINTS
-WINDOWS = ("minute", "hour", "day", "month", "total")
-SCOPES = ("key", "customer", "workspace", "project", "feature", "model", "thread", "end_user")
-UNITS = ("money", "tokens", "requests")
 POLICY_BYTES_MAX = 1_000_000
 LIMITS_PER_PLAN_MAX = 32
 

@@ -122,5 +122,3 @@ class ProviderPool:
         """The provider's key id -> the account name policyd records."""
         return {a.provider_key_id: a.name for accounts in self.accounts.values() for a in accounts if a.provider_key_id}
 
-    def secrets(self) -> list[str]:
-        return [a.secret for accounts in self.accounts.values() for a in accounts]

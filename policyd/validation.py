@@ -14,7 +14,7 @@ TAGS_MAX = 32
 TAG_KEY_LENGTH_MAX = 64
 TAG_VALUE_LENGTH_MAX = 256
 USER_AGENT_LENGTH_MAX = 1024
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:/=+@-]{1,128}$")
+REQUEST_ID_PATTERN = re.compile(rf"^[A-Za-z0-9._:/=+@-]{{1,{REQUEST_ID_LENGTH_MAX}}}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 _ATTRIBUTION_FIELDS = (
