@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from policyd.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
 
 
 class NoopPolicy(policy_pb2_grpc.PolicyServiceServicer):

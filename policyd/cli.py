@@ -18,7 +18,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from policyd.money import MoneyError, format_amount, parse_amount
-from policyd.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 EXIT_ERROR = 1
 EXIT_AUDIT_FAILED = 3
@@ -260,7 +260,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _authorize(args: argparse.Namespace) -> int:
-    from policyd.v1 import policy_pb2, policy_pb2_grpc
+    from policyd_client.v1 import policy_pb2, policy_pb2_grpc
 
     stub = policy_pb2_grpc.PolicyServiceStub(_channel(args))
     request = policy_pb2.AuthorizeRequest(
@@ -279,7 +279,7 @@ def _authorize(args: argparse.Namespace) -> int:
 
 
 def _settle(args: argparse.Namespace) -> int:
-    from policyd.v1 import policy_pb2, policy_pb2_grpc
+    from policyd_client.v1 import policy_pb2, policy_pb2_grpc
 
     stub = policy_pb2_grpc.PolicyServiceStub(_channel(args))
     response = stub.Settle(policy_pb2.SettleRequest(request_id=args.request_id, usage=policy_pb2.Usage(

@@ -24,7 +24,7 @@ def _usage_table(records: list[Any]) -> str:
 def run(base_url: str, key_a: str, key_b: str, admin: Any, metadata: list[tuple[str, str]]) -> int:
     import openai
 
-    from policyd.v1 import admin_pb2
+    from policyd_client.v1 import admin_pb2
 
     alice = openai.OpenAI(base_url=base_url, api_key=key_a, max_retries=0)
     bob = openai.OpenAI(base_url=base_url, api_key=key_b, max_retries=0)

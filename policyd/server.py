@@ -29,7 +29,7 @@ from policyd.policy_book import PolicyBook
 from policyd.servicers import AdminServicer, PolicyServicer
 from policyd.settings import Settings
 from policyd.store import Store
-from policyd.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
 from policyd.writer import Writer
 
 log = logging.getLogger("policyd")

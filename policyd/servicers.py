@@ -19,7 +19,7 @@ from policyd.domain import (
     UsageReport,
 )
 from policyd.engine import Engine
-from policyd.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
 
 log = logging.getLogger("policyd.grpc")
 T = TypeVar("T")

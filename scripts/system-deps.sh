@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Installs redis-server and PostgreSQL from Debian's packages when they are missing.
+# Installs redis-server, PostgreSQL, Node.js with npm (the Node client's build and tests) and
+# Chromium with its driver (the dashboard's browser tests) from Debian's packages when missing.
 # The tests start their own servers on loopback in temp dirs; nothing here starts a service.
 set -euo pipefail
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 as_root=()

@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from policyd.client import AsyncPolicyClient, PolicyClient, PolicydCallError
-from policyd.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from policyd_client import AsyncPolicyClient, PolicyClient, PolicydCallError
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from tests.conftest import ROOT
 from tests.processes import PolicydProcess
 

@@ -16,10 +16,11 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     finally:
         sys.path.pop(0)
     gen_proto.generate(tmp_path)
-    fresh = tmp_path / "policyd" / "v1"
-    committed = ROOT / "policyd" / "v1"
+    fresh = tmp_path
+    committed = gen_proto.PACKAGE_DIR
     names = sorted(p.name for p in fresh.iterdir() if p.is_file())
-    assert names, "the generator produced nothing"
+    assert "policy_pb2_grpc.py" in names, "the generator produced nothing"
+    assert names == sorted(p.name for p in committed.iterdir() if p.is_file() and p.suffix in (".py", ".pyi"))
     stale = [n for n in names if not filecmp.cmp(fresh / n, committed / n, shallow=False)]
     assert not stale, f"run `make proto`: stale generated files {stale}"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from policyd.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
 from tests.conftest import ROOT
 from tests.processes import PolicydProcess
 from tests.servers import free_port

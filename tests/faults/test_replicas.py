@@ -10,7 +10,7 @@ import grpc
 import pytest
 import redis
 
-from policyd.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
 from tests.conftest import ROOT
 from tests.processes import PolicydProcess
 

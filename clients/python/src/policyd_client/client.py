@@ -1,6 +1,6 @@
 """A typed Python client for the PolicyService: what an in-house gateway calls around each model call.
 
-    from policyd.client import PolicyClient
+    from policyd_client import PolicyClient
 
     with PolicyClient("127.0.0.1:50051") as policy:
         decision = policy.authorize(api_key, "chat_completions", "gpt-4o", request_id="req-1",
@@ -25,8 +25,10 @@ from typing import Any
 
 import grpc
 
-from policyd.domain import ENDPOINTS
-from policyd.v1 import policy_pb2, policy_pb2_grpc, types_pb2
+from policyd_client.v1 import policy_pb2, policy_pb2_grpc, types_pb2
+
+# the endpoint families of the contract, by their lower-case names ("chat_completions", ...)
+ENDPOINTS = tuple(name.lower() for name in types_pb2.EndpointFamily.keys() if name != "ENDPOINT_FAMILY_UNSPECIFIED")
 
 DEADLINE_SECONDS = 2.0
 RETRIES = 2
@@ -78,7 +80,7 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
         raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
     tags = attribution.pop("tags", {})
     return policy_pb2.AuthorizeRequest(
-        api_key=api_key, endpoint=ENDPOINTS.index(endpoint) + 1, model=model,
+        api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()), model=model,
         attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
         shape=policy_pb2.RequestShape(prompt_bytes=prompt_bytes, message_count=message_count,
                                       max_output_tokens=max_output_tokens, stream=stream))

@@ -1,0 +1,196 @@
+/**
+ * policyd's TypeScript/Node client: the PolicyService (Authorize, Settle, Release) with deadlines,
+ * retries only where a call is idempotent, and typed errors.
+ *
+ *   const policy = new PolicyClient("127.0.0.1:50051");
+ *   const d = await policy.authorize({ apiKey, endpoint: "chat_completions", model: "gpt-4o",
+ *                                      requestId: "req-1", promptBytes: 2048, maxOutputTokens: 512 });
+ *   if (!d.allowed) return respond(d.httpStatus, d.errorBody());
+ *   ... call the provider with d.servedModel, at most d.maxOutputTokens ...
+ *   await policy.settle("req-1", { inputTokens: 900, outputTokens: 300 });   // or policy.release("req-1", "provider_error")
+ *
+ * Money is integer nanos (1e-9 of the currency unit) as `bigint`: never a floating-point number.
+ * The types under ./generated are generated from proto/policyd/v1 at build time (`npm run gen`).
+ */
+import * as path from "node:path";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+
+import type { ProtoGrpcType } from "./generated/policy";
+import type { AuthorizeRequest } from "./generated/policyd/v1/AuthorizeRequest";
+import type { AuthorizeResponse__Output } from "./generated/policyd/v1/AuthorizeResponse";
+import type { Attribution } from "./generated/policyd/v1/Attribution";
+import type { PolicyServiceClient } from "./generated/policyd/v1/PolicyService";
+import type { ReleaseRequest } from "./generated/policyd/v1/ReleaseRequest";
+import type { ReleaseResponse__Output } from "./generated/policyd/v1/ReleaseResponse";
+import type { SettleRequest } from "./generated/policyd/v1/SettleRequest";
+import type { SettleResponse__Output } from "./generated/policyd/v1/SettleResponse";
+
+export type { ProtoGrpcType } from "./generated/policy";
+
+export const ENDPOINTS = [
+  "chat_completions", "responses", "embeddings", "images", "anthropic_messages", "gemini_generate_content",
+] as const;
+export type Endpoint = (typeof ENDPOINTS)[number];
+
+export const DEADLINE_MS = 2000;
+export const RETRIES = 2;
+const RETRY_BACKOFF_MS = 50;
+
+/** The proto loader options the generated types were made with (see package.json "gen"). */
+export const LOADER_OPTIONS: protoLoader.Options = { longs: String, enums: String, defaults: true, oneofs: true };
+
+/** The directory holding policyd/v1/*.proto (shipped with this package). */
+export const PROTO_DIR = path.resolve(__dirname, "..", "..", "proto");
+
+/** Loads the contract: the generated PolicyService and AdminService constructors and message types. */
+export function loadContract(): ProtoGrpcType & { policyd: { v1: Record<string, any> } } {
+  const definition = protoLoader.loadSync(["policyd/v1/policy.proto", "policyd/v1/admin.proto"],
+    { ...LOADER_OPTIONS, includeDirs: [PROTO_DIR] });
+  return grpc.loadPackageDefinition(definition) as unknown as ProtoGrpcType & { policyd: { v1: Record<string, any> } };
+}
+
+/** A call policyd refused or could not answer: `code` is the gRPC status, `reason` the machine reason. */
+export class PolicydCallError extends Error {
+  constructor(readonly code: grpc.status, readonly reason: string, message: string) {
+    super(`${reason}: ${message}`);
+    this.name = "PolicydCallError";
+  }
+}
+
+export interface AuthorizeInput {
+  apiKey: string;
+  endpoint: Endpoint;
+  model: string;
+  requestId?: string;       // the idempotency key of the whole flow; makes Authorize retryable
+  promptBytes?: number;
+  messageCount?: number;
+  maxOutputTokens?: number;
+  inputTokens?: number;     // your own count, if you have one
+  stream?: boolean;
+  attribution?: Omit<Attribution, "requestId">;
+}
+
+export interface Decision {
+  allowed: boolean;
+  decision: "allow" | "deny" | "downgrade";
+  reason: string;
+  message: string;
+  httpStatus: number;
+  requestId: string;
+  servedModel: string;
+  route: string;
+  maxOutputTokens: number;
+  reservedNanos: bigint;
+  retryAfterSeconds: number;
+  /** The OpenAI-style JSON error body to answer a denied request with. */
+  errorBody(): string;
+  response: AuthorizeResponse__Output;
+}
+
+export interface UsageInput {
+  inputTokens?: number;
+  outputTokens?: number;
+  cachedInputTokens?: number;
+  cacheWriteInputTokens?: number;
+  images?: number;
+  seconds?: number;
+}
+
+export interface Settled {
+  outcome: "settled" | "exists" | "settled_late";
+  costNanos: bigint;
+  chargeNanos: bigint;
+  balanceBeforeNanos: bigint;
+  balanceAfterNanos: bigint;
+  response: SettleResponse__Output;
+}
+
+export interface ClientOptions {
+  credentials?: grpc.ChannelCredentials;
+  deadlineMs?: number;
+  retries?: number;
+}
+
+type Unary<Req, Res> = (request: Req, options: grpc.CallOptions, callback: grpc.requestCallback<Res>) => grpc.ClientUnaryCall;
+
+export class PolicyClient {
+  private readonly stub: PolicyServiceClient;
+  private readonly deadlineMs: number;
+  private readonly retries: number;
+
+  constructor(target: string, options: ClientOptions = {}) {
+    const contract = loadContract();
+    this.stub = new contract.policyd.v1.PolicyService(target, options.credentials ?? grpc.credentials.createInsecure());
+    this.deadlineMs = options.deadlineMs ?? DEADLINE_MS;
+    this.retries = options.retries ?? RETRIES;
+  }
+
+  close(): void {
+    this.stub.close();
+  }
+
+  async authorize(input: AuthorizeInput): Promise<Decision> {
+    if (!(ENDPOINTS as readonly string[]).includes(input.endpoint)) {
+      throw new TypeError(`endpoint must be one of ${ENDPOINTS.join(", ")}`);
+    }
+    const request: AuthorizeRequest = {
+      apiKey: input.apiKey,
+      endpoint: input.endpoint.toUpperCase() as AuthorizeRequest["endpoint"],
+      model: input.model,
+      attribution: { ...input.attribution, requestId: input.requestId ?? "" },
+      shape: {
+        promptBytes: input.promptBytes ?? 0, messageCount: input.messageCount ?? 1,
+        maxOutputTokens: input.maxOutputTokens ?? 0, inputTokens: input.inputTokens ?? 0, stream: input.stream ?? false,
+      },
+    };
+    const r = await this.call<AuthorizeRequest, AuthorizeResponse__Output>(
+      this.stub.authorize.bind(this.stub), request, Boolean(input.requestId));
+    const decision = r.decision.toLowerCase() as Decision["decision"];
+    return {
+      allowed: decision !== "deny", decision, reason: r.reason, message: r.message, httpStatus: r.httpStatus,
+      requestId: r.requestId, servedModel: r.servedModel, route: r.route,
+      maxOutputTokens: Number(r.maxOutputTokens), reservedNanos: BigInt(r.reserved?.nanos ?? "0"),
+      retryAfterSeconds: Number(r.retryAfterSeconds), response: r,
+      errorBody: () => JSON.stringify({ error: { type: r.error?.type ?? "", code: r.error?.code ?? "",
+                                                 message: r.error?.message ?? "", param: r.error?.param || null } }),
+    };
+  }
+
+  async settle(requestId: string, usage: UsageInput, extra: Omit<SettleRequest, "requestId" | "usage"> = {}): Promise<Settled> {
+    const r = await this.call<SettleRequest, SettleResponse__Output>(
+      this.stub.settle.bind(this.stub), { requestId, usage, ...extra }, true);
+    return {
+      outcome: r.outcome.toLowerCase() as Settled["outcome"],
+      costNanos: BigInt(r.cost?.nanos ?? "0"), chargeNanos: BigInt(r.charge?.nanos ?? "0"),
+      balanceBeforeNanos: BigInt(r.balanceBefore?.nanos ?? "0"), balanceAfterNanos: BigInt(r.balanceAfter?.nanos ?? "0"),
+      response: r,
+    };
+  }
+
+  /** Returns "released", "already_released" or "already_expired". */
+  async release(requestId: string, reason = ""): Promise<string> {
+    const r = await this.call<ReleaseRequest, ReleaseResponse__Output>(
+      this.stub.release.bind(this.stub), { requestId, reason }, true);
+    return String(r.outcome).toLowerCase();
+  }
+
+  private async call<Req, Res>(method: Unary<Req, Res>, request: Req, idempotent: boolean): Promise<Res> {
+    const attempts = idempotent ? this.retries + 1 : 1;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await new Promise<Res>((resolve, reject) => {
+          method(request, { deadline: new Date(Date.now() + this.deadlineMs) }, (error, response) =>
+            error ? reject(error) : resolve(response as Res));
+        });
+      } catch (caught) {
+        const error = caught as grpc.ServiceError;
+        if (error.code !== grpc.status.UNAVAILABLE || attempt >= attempts) {
+          const reason = String(error.metadata?.get("policyd-reason")[0] ?? "") || grpc.status[error.code]?.toLowerCase() || "error";
+          throw new PolicydCallError(error.code, reason, error.details ?? String(error));
+        }
+        await new Promise((resolve) => setTimeout(resolve, RETRY_BACKOFF_MS * attempt));
+      }
+    }
+  }
+}

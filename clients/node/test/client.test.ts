@@ -1,0 +1,94 @@
+// The client against a live policyd. The caller (tests/test_client_packages.py) starts policyd and
+// passes POLICYD_ADDRESS and POLICYD_TEST_KEY: a key of customer POLICYD_TEST_CUSTOMER on the sample
+// "free" plan (gpt-4o-mini allowed, gpt-4o not) with credit.
+import { test } from "node:test";
+import * as assert from "node:assert/strict";
+import * as grpc from "@grpc/grpc-js";
+
+import { loadContract, PolicyClient, PolicydCallError } from "../src/index";
+
+const address = process.env.POLICYD_ADDRESS ?? "";
+const apiKey = process.env.POLICYD_TEST_KEY ?? "";
+const customer = process.env.POLICYD_TEST_CUSTOMER ?? "";
+assert.ok(address && apiKey && customer, "POLICYD_ADDRESS, POLICYD_TEST_KEY and POLICYD_TEST_CUSTOMER must be set");
+
+function walletNanos(): Promise<bigint> {
+  const contract = loadContract();
+  const admin = new contract.policyd.v1.AdminService(address, grpc.credentials.createInsecure());
+  return new Promise((resolve, reject) =>
+    admin.GetWallet({ customerId: customer }, (error: Error | null, wallet: any) => {
+      admin.close();
+      error ? reject(error) : resolve(BigInt(wallet.balanceNanos));
+    }));
+}
+
+test("authorize then settle charges exactly once, in integer nanos", async () => {
+  const policy = new PolicyClient(address);
+  try {
+    const before = await walletNanos();
+    const d = await policy.authorize({ apiKey, endpoint: "chat_completions", model: "gpt-4o-mini", requestId: "node-1",
+                                       promptBytes: 400, attribution: { feature: "node-tests", threadId: "t-node" } });
+    assert.equal(d.allowed, true);
+    assert.equal(d.decision, "allow");
+    assert.equal(d.servedModel, "gpt-4o-mini");
+    assert.ok(d.reservedNanos > 0n);
+    const s = await policy.settle("node-1", { inputTokens: 120, outputTokens: 40 });
+    assert.equal(s.outcome, "settled");
+    assert.ok(s.chargeNanos > 0n);
+    assert.equal(s.balanceBeforeNanos - s.chargeNanos, s.balanceAfterNanos);
+    assert.equal(await walletNanos(), before - s.chargeNanos);
+    const again = await policy.settle("node-1", { inputTokens: 120, outputTokens: 40 });
+    assert.equal(again.outcome, "exists");
+    assert.equal(again.chargeNanos, s.chargeNanos);
+    assert.equal(await walletNanos(), before - s.chargeNanos);
+    await assert.rejects(policy.settle("node-1", { inputTokens: 121, outputTokens: 40 }),
+      (e: unknown) => e instanceof PolicydCallError && e.reason === "exists_with_different_usage");
+  } finally {
+    policy.close();
+  }
+});
+
+test("deny paths answer with the HTTP status and an OpenAI-style error body", async () => {
+  const policy = new PolicyClient(address);
+  try {
+    const before = await walletNanos();
+    const model = await policy.authorize({ apiKey, endpoint: "chat_completions", model: "gpt-4o" });
+    assert.equal(model.allowed, false);
+    assert.equal(model.httpStatus, 403);
+    assert.equal(JSON.parse(model.errorBody()).error.code, "model_not_allowed");
+    const key = await policy.authorize({ apiKey: "pdk_live_" + "x".repeat(40), endpoint: "chat_completions", model: "gpt-4o-mini" });
+    assert.equal(key.allowed, false);
+    assert.equal(key.httpStatus, 401);
+    assert.equal(key.reason, "invalid_api_key");
+    assert.equal(await walletNanos(), before);
+    await assert.rejects(policy.authorize({ apiKey, endpoint: "telepathy" as never, model: "gpt-4o-mini" }), TypeError);
+  } finally {
+    policy.close();
+  }
+});
+
+test("release returns the hold, once", async () => {
+  const policy = new PolicyClient(address);
+  try {
+    const before = await walletNanos();
+    const d = await policy.authorize({ apiKey, endpoint: "chat_completions", model: "gpt-4o-mini", requestId: "node-2" });
+    assert.equal(d.allowed, true);
+    assert.equal(await policy.release("node-2", "provider_error"), "released");
+    assert.equal(await policy.release("node-2"), "already_released");
+    assert.equal(await walletNanos(), before);
+    await assert.rejects(policy.settle("node-unknown", { inputTokens: 1 }),
+      (e: unknown) => e instanceof PolicydCallError && e.code === grpc.status.NOT_FOUND && e.reason === "unknown_request");
+  } finally {
+    policy.close();
+  }
+});
+
+test("an unreachable server is a clear error", async () => {
+  const policy = new PolicyClient("127.0.0.1:1", { deadlineMs: 500, retries: 1 });
+  try {
+    await assert.rejects(policy.settle("x", { inputTokens: 1 }), (e: unknown) =>
+      e instanceof PolicydCallError && [grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED].includes(e.code));
+  } finally {
+    policy.close();
+  }
+});
