@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 ENDPOINTS = (
@@ -12,6 +14,15 @@ ENDPOINTS = (
     "anthropic_messages",
     "gemini_generate_content",
 )
+
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$")
+
+
+def trace_id_from(traceparent: str) -> str:
+    """The trace id of a W3C traceparent ("00-<32 hex trace id>-<16 hex parent id>-<flags>"), or ""."""
+    match = _TRACEPARENT.match(traceparent)
+    return match.group(1) if match and match.group(1) != "0" * 32 else ""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from policyd.domain import PolicydError, UsageReport
 from policyd.engine import Engine
 from policyd.ext_authz import METADATA_NAMESPACE, REQUEST_ID_HEADER
 from policyd.providers import ProviderPool
-from policyd.usage_capture import ResponseReader
+from policyd.usage_capture import ResponseReader, closing
 
 log = logging.getLogger("policyd.ext_proc")
 COOLDOWN_STATUSES = {429, 500, 502, 503, 504}
@@ -167,29 +167,20 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         status = exchange.status
         if status in COOLDOWN_STATUSES and exchange.account:
             self.pool.cool_down(exchange.account, exchange.retry_after or 30)
-        if status >= 400:
-            await self.engine.release(exchange.request_id, f"upstream_{status}")
-            return
-        if status == 0:
-            # the provider never answered (the client gave up first, or it stalled): nothing was delivered and
-            # a provider bills no reply, so the hold is released, not charged
-            await self.engine.release(exchange.request_id, "no_response")
-            return
         reader = exchange.reader
-        # the provider's own usage is exact: when the response ended, when the client hung up only after the
-        # provider's last event ([DONE], message_stop), or when a cut came after the usage was reported
-        complete = not cut or reader.finished
-        if reader.found_usage and (complete or reader.tokens.output_tokens):
+        end = closing(status, reader, cut)
+        if end.action == "release":
+            await self.engine.release(exchange.request_id, end.reason)
+        elif end.action == "settle":
             t = reader.tokens
             await self.engine.settle(UsageReport(
                 request_id=exchange.request_id, input_tokens=t.input_tokens, cached_input_tokens=t.cached_input_tokens,
                 cache_write_input_tokens=t.cache_write_input_tokens, images=reader.images,
                 output_tokens=t.output_tokens, served_model=exchange.served_model, upstream_status=status,
-                stream_interrupted=not complete, requests=exchange.attempts, retries=exchange.attempts - 1,
+                stream_interrupted=end.interrupted, requests=exchange.attempts, retries=exchange.attempts - 1,
                 provider_account=exchange.account,
             ))
-            return
-        reason = "stream_cut" if cut else ("malformed_response" if reader.malformed else "no_usage_reported")
-        await self.engine.settle_estimated(exchange.request_id, reader.estimated_output_tokens(), interrupted=cut,
-                                           error_class=f"usage_estimated:{reason}", upstream_status=status,
-                                           provider_account=exchange.account)
+        else:
+            await self.engine.settle_estimated(exchange.request_id, reader.estimated_output_tokens(),
+                                               interrupted=end.interrupted, error_class=end.reason,
+                                               upstream_status=status, provider_account=exchange.account)

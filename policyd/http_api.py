@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from policyd.domain import Attribution, AuthorizeInput, Shape
+from policyd.domain import Attribution, AuthorizeInput, Shape, trace_id_from
 
 REQUEST_BODY_BYTES_MAX = 10 * 1024 * 1024
 JSON_DEPTH_MAX = 64
@@ -190,6 +190,8 @@ def _attribution(headers: dict[str, str]) -> Attribution:
             values["request_id"] = headers[header]
             break
     tags = {k[len(TAG_HEADER_PREFIX):]: v for k, v in headers.items() if k.startswith(TAG_HEADER_PREFIX)}
+    if not values.get("trace_id") and values.get("traceparent"):
+        values["trace_id"] = trace_id_from(values["traceparent"])
     return Attribution(tags=tags, **values)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -15,8 +16,10 @@ from policyd.domain import (
     AuthorizeInput,
     Decision,
     PolicydError,
+    Settlement,
     Shape,
     UsageReport,
+    trace_id_from,
 )
 from policyd.engine import Engine
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
@@ -28,6 +31,8 @@ ENDPOINT_NAMES = {i + 1: name for i, name in enumerate(ENDPOINTS)}  # proto enum
 DECISIONS = {"allow": policy_pb2.ALLOW, "deny": policy_pb2.DENY, "downgrade": policy_pb2.DOWNGRADE}
 KEY_STATES = {"active": admin_pb2.ACTIVE, "paused": admin_pb2.PAUSED, "revoked": admin_pb2.REVOKED}
 REASON_METADATA = "policyd-reason"
+# what a proxy may report as AuthorizeRequest.problem: it found the HTTP request unusable
+PROXY_PROBLEMS = frozenset({"invalid_request", "request_too_large", "unknown_endpoint"})
 
 
 async def _call(context: grpc.aio.ServicerContext, action: Callable[[], Awaitable[T]]) -> T:
@@ -44,15 +49,19 @@ def _money(currency: str, nanos: int) -> types_pb2.Money:
     return types_pb2.Money(currency=currency, nanos=nanos)
 
 
-def authorize_input(request: policy_pb2.AuthorizeRequest) -> AuthorizeInput:
+def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "") -> AuthorizeInput:
+    """The domain input of an AuthorizeRequest; `traceparent` is the call's gRPC metadata, used when the
+    attribution carries none (W3C trace context propagated by the caller's gRPC instrumentation)."""
     a = request.attribution
     s = request.shape
+    traceparent = a.traceparent or traceparent
     return AuthorizeInput(
         api_key=request.api_key,
         endpoint=ENDPOINT_NAMES.get(request.endpoint, ""),
         model=request.model,
         attribution=Attribution(
-            request_id=a.request_id, trace_id=a.trace_id, traceparent=a.traceparent, customer_id=a.customer_id,
+            request_id=a.request_id, trace_id=a.trace_id or trace_id_from(traceparent), traceparent=traceparent,
+            customer_id=a.customer_id,
             workspace_id=a.workspace_id, project_id=a.project_id, end_user_id=a.end_user_id, agent_id=a.agent_id,
             thread_id=a.thread_id, feature=a.feature, route=a.route, environment=a.environment, tags=dict(a.tags),
         ),
@@ -62,6 +71,16 @@ def authorize_input(request: policy_pb2.AuthorizeRequest) -> AuthorizeInput:
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,
+    )
+
+
+def settle_response(s: Settlement) -> policy_pb2.SettleResponse:
+    outcome = {"settled": policy_pb2.SETTLED, "exists": policy_pb2.EXISTS, "settled_late": policy_pb2.SETTLED_LATE}
+    return policy_pb2.SettleResponse(
+        outcome=outcome[s.outcome], request_id=s.request_id, cost=_money(s.currency, s.cost),
+        charge=_money(s.currency, s.charge), balance_before=_money(s.currency, s.balance_before),
+        balance_after=_money(s.currency, s.balance_after), price_table_version=s.price_table_version,
+        served_model=s.served_model,
     )
 
 
@@ -90,11 +109,22 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.engine = engine
 
     async def Authorize(self, request: policy_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext) -> Any:
-        peer_input = authorize_input(request)
+        traceparent = next((v for k, v in context.invocation_metadata() or () if k == "traceparent"), "")
+        peer_input = authorize_input(request, str(traceparent))
+        if request.HasField("problem"):
+            p = request.problem
+            reason = p.code if p.code in PROXY_PROBLEMS else "invalid_request"
+            return authorize_response(await self.engine.deny_request(peer_input, reason, p.message[:1024], p.param[:256]))
         return authorize_response(await self.engine.authorize(peer_input))
 
     async def Settle(self, request: policy_pb2.SettleRequest, context: grpc.aio.ServicerContext) -> Any:
         u = request.usage
+        if request.usage_estimated:
+            s = await _call(context, lambda: self.engine.settle_estimated(
+                request.request_id, u.output_tokens, interrupted=request.stream_interrupted,
+                error_class=request.error_class or "usage_estimated", upstream_status=request.upstream_status,
+                provider=request.provider, provider_account=request.provider_account))
+            return settle_response(s)
         report = UsageReport(
             request_id=request.request_id, input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
             cache_write_input_tokens=u.cache_write_input_tokens,
@@ -104,14 +134,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             error_class=request.error_class, latency_ms=request.latency_ms,
             stream_interrupted=request.stream_interrupted, provider_account=request.provider_account,
         )
-        s = await _call(context, lambda: self.engine.settle(report))
-        outcome = {"settled": policy_pb2.SETTLED, "exists": policy_pb2.EXISTS, "settled_late": policy_pb2.SETTLED_LATE}
-        return policy_pb2.SettleResponse(
-            outcome=outcome[s.outcome], request_id=s.request_id, cost=_money(s.currency, s.cost),
-            charge=_money(s.currency, s.charge), balance_before=_money(s.currency, s.balance_before),
-            balance_after=_money(s.currency, s.balance_after), price_table_version=s.price_table_version,
-            served_model=s.served_model,
-        )
+        return settle_response(await _call(context, lambda: self.engine.settle(report)))
 
     async def Release(self, request: policy_pb2.ReleaseRequest, context: grpc.aio.ServicerContext) -> Any:
         r = await _call(context, lambda: self.engine.release(request.request_id, request.reason))
@@ -143,6 +166,8 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
         output_tokens=r.output_tokens, cost=_money(r.currency, r.cost_nanos), charge=_money(r.currency, r.charge_nanos),
         balance_after=_money(r.currency, r.balance_after_nanos or 0), stream_interrupted=bool(r.stream_interrupted),
         error_class=r.error_class, policy_version=r.policy_version, price_table_version=r.price_table_version,
+        trace_id=r.trace_id, traceparent=r.traceparent, agent_id=r.agent_id, tags=json.loads(r.tags or "{}"),
+        balance_before=_money(r.currency, r.balance_before_nanos or 0), provider_account=r.provider_account,
     )
 
 

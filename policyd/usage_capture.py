@@ -201,3 +201,34 @@ class ResponseReader:
 
     def estimated_output_tokens(self) -> int:
         return -(-self.delivered_bytes // ESTIMATE_BYTES_PER_TOKEN)
+
+
+@dataclass(frozen=True)
+class Closing:
+    """How a proxied call ends, whichever proxy carried it (Envoy's ext_proc, the ASGI middleware):
+
+    release   the provider failed (upstream_<status>) or never answered (no_response): nothing is charged;
+    settle    the provider's own usage (`interrupted` when the client left after the usage was reported);
+    estimate  no usage from the provider: input as estimated at Authorize, output from what was delivered.
+    """
+
+    action: str  # release | settle | estimate
+    reason: str = ""  # the release reason, or the estimate's error class
+    interrupted: bool = False
+
+
+def closing(status: int, reader: ResponseReader, cut: bool) -> Closing:
+    """`status` is the provider's HTTP status (0: no answer), `cut` whether the response ended early."""
+    if status >= 400:
+        return Closing("release", f"upstream_{status}")
+    if status == 0:
+        # the client gave up first, or the provider stalled: nothing was delivered, and a provider bills no
+        # reply, so the hold is released, not charged
+        return Closing("release", "no_response")
+    # the provider's own usage is exact: when the response ended, when the client hung up only after the
+    # provider's last event ([DONE], message_stop), or when a cut came after the usage was reported
+    complete = not cut or reader.finished
+    if reader.found_usage and (complete or reader.tokens.output_tokens):
+        return Closing("settle", interrupted=not complete)
+    reason = "stream_cut" if cut else ("malformed_response" if reader.malformed else "no_usage_reported")
+    return Closing("estimate", f"usage_estimated:{reason}", interrupted=cut)

@@ -122,3 +122,43 @@ async def test_every_admin_call_needs_the_token(channel: grpc.aio.Channel) -> No
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await call(request_class(), metadata=metadata)
             assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED, method.name
+
+
+async def test_trace_context_problems_and_estimated_settlement(channel: grpc.aio.Channel) -> None:
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    policy = policy_pb2_grpc.PolicyServiceStub(channel)
+    await admin.ApplyPolicy(admin_pb2.ApplyPolicyRequest(yaml=SAMPLE_POLICY), metadata=AUTH)
+    await admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="tr", source="purchase",
+                                                         amount=types_pb2.Money(currency="USD", nanos=10**9)),
+                            metadata=AUTH)
+    secret = (await admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="tr", plan="pro", environment="production"),
+                                    metadata=AUTH)).secret
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    ask = policy_pb2.AuthorizeRequest(api_key=secret, endpoint=types_pb2.CHAT_COMPLETIONS, model="gpt-4o",
+                                      attribution=types_pb2.Attribution(request_id="tr-1"),
+                                      shape=policy_pb2.RequestShape(prompt_bytes=400, max_output_tokens=100))
+    assert (await policy.Authorize(ask, metadata=(("traceparent", trace),))).decision == policy_pb2.ALLOW
+
+    # usage unknown: input as estimated at Authorize, output as delivered, marked
+    settled = await policy.Settle(policy_pb2.SettleRequest(
+        request_id="tr-1", usage=policy_pb2.Usage(output_tokens=500), usage_estimated=True, stream_interrupted=True,
+        error_class="usage_estimated:stream_cut"))
+    assert settled.outcome == policy_pb2.SETTLED and settled.charge.nanos > 0
+
+    # a request the proxy could not use: denied, recorded, nothing reserved
+    refused = await policy.Authorize(policy_pb2.AuthorizeRequest(
+        api_key=secret, endpoint=types_pb2.CHAT_COMPLETIONS, attribution=types_pb2.Attribution(request_id="tr-2"),
+        problem=types_pb2.OpenAIError(code="request_too_large", message="too big")))
+    assert (refused.decision, refused.reason, refused.http_status) == (policy_pb2.DENY, "request_too_large", 413)
+    smuggled = await policy.Authorize(policy_pb2.AuthorizeRequest(
+        api_key=secret, endpoint=types_pb2.CHAT_COMPLETIONS, model="gpt-4o",
+        problem=types_pb2.OpenAIError(code="budget_exceeded", message="not a proxy problem")))
+    assert (smuggled.decision, smuggled.reason) == (policy_pb2.DENY, "invalid_request")
+
+    usage = await admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="tr", limit=10), metadata=AUTH)
+    (first,) = [r for r in usage.records if r.request_id == "tr-1"]
+    assert (first.traceparent, first.trace_id) == (trace, "0af7651916cd43dd8448eb211c80319c")
+    assert first.output_tokens == 100  # at most the reserved cap
+    assert first.stream_interrupted and first.error_class == "usage_estimated:stream_cut"
+    wallet = await admin.GetWallet(admin_pb2.GetWalletRequest(customer_id="tr"), metadata=AUTH)
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (10**9 - settled.charge.nanos, 0)

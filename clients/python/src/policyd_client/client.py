@@ -76,20 +76,39 @@ class Settled:
 
 def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str, prompt_bytes: int,
                        message_count: int, max_output_tokens: int, stream: bool, **attribution: Any) -> Any:
-    if endpoint not in ENDPOINTS:
+    """`attribution` holds the Attribution fields (feature, thread_id, tags, ...) and optionally
+    input_tokens, image_count, client_address, user_agent and problem=(code, message, param)."""
+    if endpoint not in ENDPOINTS and "problem" not in attribution:
         raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
     tags = attribution.pop("tags", {})
-    return policy_pb2.AuthorizeRequest(
-        api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()), model=model,
-        attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
-        shape=policy_pb2.RequestShape(prompt_bytes=prompt_bytes, message_count=message_count,
-                                      max_output_tokens=max_output_tokens, stream=stream))
+    client = types_pb2.ClientInfo(address=attribution.pop("client_address", ""),
+                                  user_agent=attribution.pop("user_agent", ""))
+    problem = attribution.pop("problem", None)
+    shape = policy_pb2.RequestShape(prompt_bytes=prompt_bytes, message_count=message_count,
+                                    max_output_tokens=max_output_tokens, stream=stream,
+                                    input_tokens=attribution.pop("input_tokens", 0),
+                                    image_count=attribution.pop("image_count", 0))
+    request = policy_pb2.AuthorizeRequest(
+        api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
+        model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
+        shape=shape, client=client)
+    if problem is not None:
+        code, message, param = problem
+        request.problem.CopyFrom(types_pb2.OpenAIError(code=code, message=message, param=param))
+    return request
+
+
+_USAGE_FIELDS = frozenset(policy_pb2.Usage.DESCRIPTOR.fields_by_name)
 
 
 def _settle_request(request_id: str, input_tokens: int, output_tokens: int, cached_input_tokens: int,
                     **extra: Any) -> Any:
+    """`extra` holds further Usage fields (images, cache_write_input_tokens, ...) and SettleRequest fields
+    (served_model, upstream_status, stream_interrupted, usage_estimated, ...)."""
+    usage = {name: extra.pop(name) for name in list(extra) if name in _USAGE_FIELDS}
     return policy_pb2.SettleRequest(request_id=request_id, usage=policy_pb2.Usage(
-        input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=cached_input_tokens), **extra)
+        input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=cached_input_tokens, **usage),
+        **extra)
 
 
 def _released(reply: Any) -> str:
@@ -156,13 +175,25 @@ class PolicyClient:
 
 
 class AsyncPolicyClient:
+    """The channel is opened on first use, in the event loop that uses it (so the client can be built
+    before a server such as uvicorn starts its loop)."""
+
     def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None,
                  deadline_seconds: float = DEADLINE_SECONDS, retries: int = RETRIES) -> None:
-        self.channel = (grpc.aio.secure_channel(target, credentials) if credentials
-                        else grpc.aio.insecure_channel(target))
-        self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        self.target = target
+        self.credentials = credentials
+        self.channel: grpc.aio.Channel | None = None
+        self._stub: Any = None
         self.deadline = deadline_seconds
         self.retries = retries
+
+    @property
+    def stub(self) -> Any:
+        if self._stub is None:
+            self.channel = (grpc.aio.secure_channel(self.target, self.credentials) if self.credentials
+                            else grpc.aio.insecure_channel(self.target))
+            self._stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        return self._stub
 
     async def __aenter__(self) -> "AsyncPolicyClient":
         return self
@@ -171,7 +202,9 @@ class AsyncPolicyClient:
         await self.close()
 
     async def close(self) -> None:
-        await self.channel.close()
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel, self._stub = None, None
 
     async def _call(self, method: Any, request: Any, idempotent: bool) -> Any:
         for attempt in range(self.retries + 1 if idempotent else 1):

@@ -198,7 +198,14 @@ class ListUsageRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
-    __slots__ = ("request_id", "created_unix_ms", "owner", "feature", "thread_id", "end_user_id", "endpoint", "requested_model", "served_model", "decision", "reason", "status", "input_tokens", "cached_input_tokens", "output_tokens", "cost", "charge", "balance_after", "stream_interrupted", "error_class", "policy_version", "price_table_version")
+    __slots__ = ("request_id", "created_unix_ms", "owner", "feature", "thread_id", "end_user_id", "endpoint", "requested_model", "served_model", "decision", "reason", "status", "input_tokens", "cached_input_tokens", "output_tokens", "cost", "charge", "balance_after", "stream_interrupted", "error_class", "policy_version", "price_table_version", "trace_id", "traceparent", "agent_id", "tags", "balance_before", "provider_account")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +228,12 @@ class UsageRecord(_message.Message):
     ERROR_CLASS_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     PRICE_TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     created_unix_ms: int
     owner: _types_pb2.Owner
@@ -243,7 +256,13 @@ class UsageRecord(_message.Message):
     error_class: str
     policy_version: int
     price_table_version: str
-    def __init__(self, request_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., feature: _Optional[str] = ..., thread_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., status: _Optional[str] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., charge: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., balance_after: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., stream_interrupted: _Optional[bool] = ..., error_class: _Optional[str] = ..., policy_version: _Optional[int] = ..., price_table_version: _Optional[str] = ...) -> None: ...
+    trace_id: str
+    traceparent: str
+    agent_id: str
+    tags: _containers.ScalarMap[str, str]
+    balance_before: _types_pb2.Money
+    provider_account: str
+    def __init__(self, request_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., feature: _Optional[str] = ..., thread_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., status: _Optional[str] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., charge: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., balance_after: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., stream_interrupted: _Optional[bool] = ..., error_class: _Optional[str] = ..., policy_version: _Optional[int] = ..., price_table_version: _Optional[str] = ..., trace_id: _Optional[str] = ..., traceparent: _Optional[str] = ..., agent_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., balance_before: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., provider_account: _Optional[str] = ...) -> None: ...
 
 class ListUsageResponse(_message.Message):
     __slots__ = ("records",)

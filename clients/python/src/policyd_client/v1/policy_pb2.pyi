@@ -60,20 +60,22 @@ class RequestShape(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
-    __slots__ = ("api_key", "endpoint", "model", "attribution", "shape", "client")
+    __slots__ = ("api_key", "endpoint", "model", "attribution", "shape", "client", "problem")
     API_KEY_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
     api_key: str
     endpoint: _types_pb2.EndpointFamily
     model: str
     attribution: _types_pb2.Attribution
     shape: RequestShape
     client: _types_pb2.ClientInfo
-    def __init__(self, api_key: _Optional[str] = ..., endpoint: _Optional[_Union[_types_pb2.EndpointFamily, str]] = ..., model: _Optional[str] = ..., attribution: _Optional[_Union[_types_pb2.Attribution, _Mapping]] = ..., shape: _Optional[_Union[RequestShape, _Mapping]] = ..., client: _Optional[_Union[_types_pb2.ClientInfo, _Mapping]] = ...) -> None: ...
+    problem: _types_pb2.OpenAIError
+    def __init__(self, api_key: _Optional[str] = ..., endpoint: _Optional[_Union[_types_pb2.EndpointFamily, str]] = ..., model: _Optional[str] = ..., attribution: _Optional[_Union[_types_pb2.Attribution, _Mapping]] = ..., shape: _Optional[_Union[RequestShape, _Mapping]] = ..., client: _Optional[_Union[_types_pb2.ClientInfo, _Mapping]] = ..., problem: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
     __slots__ = ("decision", "reason", "message", "http_status", "error", "retry_after_seconds", "owner", "request_id", "requested_model", "served_model", "provider", "route", "policy_version", "price_table_version", "reserved", "max_output_tokens", "reservation_expires_unix_ms", "shadow_denials")
@@ -134,7 +136,7 @@ class Usage(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ..., requests: _Optional[int] = ..., cache_write_input_tokens: _Optional[int] = ...) -> None: ...
 
 class SettleRequest(_message.Message):
-    __slots__ = ("request_id", "usage", "served_model", "provider", "retries", "fallback_reason", "upstream_status", "error_class", "latency_ms", "stream_interrupted", "provider_account")
+    __slots__ = ("request_id", "usage", "served_model", "provider", "retries", "fallback_reason", "upstream_status", "error_class", "latency_ms", "stream_interrupted", "provider_account", "usage_estimated")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     SERVED_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +148,7 @@ class SettleRequest(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     STREAM_INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_ESTIMATED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     usage: Usage
     served_model: str
@@ -157,7 +160,8 @@ class SettleRequest(_message.Message):
     latency_ms: int
     stream_interrupted: bool
     provider_account: str
-    def __init__(self, request_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., served_model: _Optional[str] = ..., provider: _Optional[str] = ..., retries: _Optional[int] = ..., fallback_reason: _Optional[str] = ..., upstream_status: _Optional[int] = ..., error_class: _Optional[str] = ..., latency_ms: _Optional[int] = ..., stream_interrupted: _Optional[bool] = ..., provider_account: _Optional[str] = ...) -> None: ...
+    usage_estimated: bool
+    def __init__(self, request_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., served_model: _Optional[str] = ..., provider: _Optional[str] = ..., retries: _Optional[int] = ..., fallback_reason: _Optional[str] = ..., upstream_status: _Optional[int] = ..., error_class: _Optional[str] = ..., latency_ms: _Optional[int] = ..., stream_interrupted: _Optional[bool] = ..., provider_account: _Optional[str] = ..., usage_estimated: _Optional[bool] = ...) -> None: ...
 
 class SettleResponse(_message.Message):
     __slots__ = ("outcome", "request_id", "cost", "charge", "balance_before", "balance_after", "price_table_version", "served_model")

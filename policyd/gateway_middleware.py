@@ -1,0 +1,264 @@
+"""An ASGI middleware that puts policyd around any Python OpenAI-compatible proxy (no Envoy needed).
+
+    from policyd.gateway_middleware import PolicydMiddleware
+    from policyd_client import AsyncPolicyClient
+
+    app = PolicydMiddleware(your_proxy_app, AsyncPolicyClient("127.0.0.1:50051"))
+
+Per HTTP request, the same steps as the Envoy filters (ext_authz + ext_proc), over policyd's gRPC API:
+
+1. read the body (at most `body_bytes_max`) and understand it (`http_api.parse_call`); an unusable
+   request is answered with an OpenAI-style error, and policyd records the denial;
+2. Authorize: a denial is answered with its HTTP status, `retry-after` and OpenAI error body, and
+   the proxy never sees the request; policyd unreachable answers 503 (fail closed);
+3. the proxy gets the request with the body policy requires (served model, output cap,
+   `stream_options.include_usage`), without the customer's key, and with
+   `x-policyd-request-id`, `x-policyd-served-model` and `x-policyd-route` headers;
+4. the response passes through unchanged while its usage is read (JSON or SSE); at its end the call
+   is settled with the provider's usage, released on an upstream error, or, when the client went
+   away or the stream was cut, charged for what was delivered (`usage_estimated`). The settlement
+   runs shielded from the request's cancellation.
+
+Paths that are not model calls go to the proxy untouched when `strict` is False; by default they are
+refused (404), so nothing reaches a provider unmetered. GET /v1/models passes through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import asdict
+from typing import Any, Awaitable, Callable, MutableMapping
+
+from policyd import http_api
+from policyd import reasons
+from policyd.usage_capture import ResponseReader, closing
+from policyd_client import AsyncPolicyClient, Decision, PolicydCallError
+
+log = logging.getLogger("policyd.gateway")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REQUEST_ID_HEADER = "x-policyd-request-id"
+STRIPPED_HEADERS = frozenset({*http_api.CUSTOMER_KEY_HEADERS, "content-length", REQUEST_ID_HEADER,
+                              "x-policyd-served-model", "x-policyd-route"})
+
+
+class PolicydMiddleware:
+    def __init__(self, app: ASGIApp, policy: AsyncPolicyClient, *, strict: bool = True,
+                 body_bytes_max: int = http_api.REQUEST_BODY_BYTES_MAX) -> None:
+        self.app = app
+        self.policy = policy
+        self.strict = strict
+        self.body_bytes_max = body_bytes_max
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body, size, complete = await self._read_body(receive)
+        if not complete:
+            return  # the client left before sending its request: nothing was authorized
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        client = scope.get("client") or ("", 0)
+        method, path = scope.get("method", "GET"), scope.get("path", "/")
+        call = http_api.parse_call(method, path, headers, body, client_address=str(client[0]))
+        if size > self.body_bytes_max:
+            call.problem, call.problem_message, call.problem_param = (
+                "request_too_large", f"the request body is larger than {self.body_bytes_max} bytes", "")
+        if call.models_listing or (not call.endpoint and not self.strict):
+            await self.app(scope, _replay(body, receive=receive), send)
+            return
+        if call.problem:
+            await self._refuse_unusable(call, send)
+            return
+        request_id = call.attribution.request_id or f"gw-{uuid.uuid4().hex}"
+        try:
+            decision = await self.policy.authorize(
+                call.api_key, call.endpoint, call.model, request_id=request_id, prompt_bytes=call.prompt_bytes,
+                message_count=call.message_count, max_output_tokens=call.max_output_tokens, stream=call.stream,
+                image_count=call.image_count, client_address=call.client_address, user_agent=call.user_agent[:1024],
+                **_attribution(call))
+        except PolicydCallError as error:
+            log.error("authorize failed (%s): refusing the request", error.reason)
+            await _respond(send, 503, http_api.error_body("server_error", "policy_unavailable",
+                                                          "the spend policy service is unavailable; retry later"),
+                           retry_after=1)
+            return
+        if not decision.allowed:
+            await _respond(send, decision.http_status, decision.error_body(), decision.retry_after_seconds,
+                           request_id=decision.request_id)
+            return
+        await self._forward(scope, receive, send, call, body, decision)
+
+    async def _read_body(self, receive: Receive) -> tuple[bytes, int, bool]:
+        """(the body, its size, whether it arrived whole); past body_bytes_max only the size is kept."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", size, False
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= self.body_bytes_max:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), size, True
+
+    async def _refuse_unusable(self, call: http_api.HttpCall, send: Send) -> None:
+        """Answer a request no policy could make sense of; policyd records the denial."""
+        try:
+            decision = await self.policy.authorize(
+                call.api_key, call.endpoint, call.model[:256], request_id=call.attribution.request_id,
+                client_address=call.client_address, user_agent=call.user_agent[:1024],
+                problem=(call.problem, call.problem_message, call.problem_param), **_attribution(call))
+            await _respond(send, decision.http_status, decision.error_body(), request_id=decision.request_id)
+        except PolicydCallError:
+            await _respond(send, reasons.http_status(call.problem), http_api.error_body(
+                reasons.error_type(call.problem), call.problem, call.problem_message, call.problem_param))
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, call: http_api.HttpCall, body: bytes,
+                       decision: Decision) -> None:
+        assert call.body is not None
+        rewritten = http_api.rewrite_body(call.body, call.endpoint, decision.served_model, call.model,
+                                          decision.max_output_tokens, call.max_output_tokens > 0, call.stream)
+        if rewritten is not None:
+            body = json.dumps(rewritten, separators=(",", ":")).encode()
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.decode("latin-1").lower() not in STRIPPED_HEADERS]
+        headers += [(b"content-length", str(len(body)).encode()),
+                    (REQUEST_ID_HEADER.encode(), decision.request_id.encode()),
+                    (b"x-policyd-served-model", decision.served_model.encode()),
+                    (b"x-policyd-route", decision.route.encode())]
+        exchange = _Exchange(decision.request_id, decision.served_model, ResponseReader(call.endpoint, call.stream))
+
+        async def metered_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                exchange.status = int(message["status"])
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (REQUEST_ID_HEADER.encode(), decision.request_id.encode())]}
+                await send(message)
+                return
+            if message["type"] == "http.response.body":
+                await send(message)
+                exchange.reader.feed(message.get("body", b""))  # counted once delivered
+                if not message.get("more_body", False):
+                    exchange.reader.finish()
+                    await self._close_shielded(exchange, cut=False)
+                return
+            await send(message)
+
+        # the proxy does not read from the client once it has the body, so a client that hangs up is
+        # watched for here: the proxy is cancelled (its upstream request with it) and what was delivered is charged
+        disconnected = asyncio.Event()
+        proxied = asyncio.ensure_future(self.app({**scope, "headers": headers}, _replay(body, disconnected),
+                                                 metered_send))
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, disconnected))
+        try:
+            await asyncio.wait({proxied, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not proxied.done():
+                proxied.cancel()
+                await asyncio.gather(proxied, return_exceptions=True)
+            else:
+                proxied.result()  # the proxy's own error propagates
+        finally:
+            watcher.cancel()
+            if not proxied.done():
+                proxied.cancel()
+            if not exchange.closed:
+                # the client went away, the proxy failed, or this request was cancelled: settle what was delivered
+                await self._close_shielded(exchange, cut=True)
+
+    async def _close_shielded(self, exchange: "_Exchange", cut: bool) -> None:
+        """Close in a task of its own: cancelling the request (a client gone, a server stopping) cannot
+        interrupt a settlement once it started."""
+        task = asyncio.create_task(self._close(exchange, cut))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        await asyncio.shield(task)
+
+    async def _close(self, exchange: "_Exchange", cut: bool) -> None:
+        if exchange.closed:
+            return
+        exchange.closed = True
+        reader = exchange.reader
+        end = closing(exchange.status, reader, cut)
+        try:
+            if end.action == "release":
+                await self.policy.release(exchange.request_id, end.reason)
+            elif end.action == "settle":
+                t = reader.tokens
+                await self.policy.settle(
+                    exchange.request_id, input_tokens=t.input_tokens, output_tokens=t.output_tokens,
+                    cached_input_tokens=t.cached_input_tokens, cache_write_input_tokens=t.cache_write_input_tokens,
+                    images=reader.images, served_model=exchange.served_model, upstream_status=exchange.status,
+                    stream_interrupted=end.interrupted)
+            else:
+                await self.policy.settle(exchange.request_id, output_tokens=reader.estimated_output_tokens(),
+                                         usage_estimated=True, stream_interrupted=end.interrupted,
+                                         error_class=end.reason, upstream_status=exchange.status)
+        except PolicydCallError as error:
+            # policyd refused or could not be reached: the reservation expires and is voided
+            log.warning("closing %s: %s", exchange.request_id, error.reason)
+
+    async def aclose(self) -> None:
+        """Wait for settlements still running (call at shutdown)."""
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+class _Exchange:
+    def __init__(self, request_id: str, served_model: str, reader: ResponseReader) -> None:
+        self.request_id = request_id
+        self.served_model = served_model
+        self.reader = reader
+        self.status = 0
+        self.closed = False
+
+
+def _attribution(call: http_api.HttpCall) -> dict[str, Any]:
+    fields = asdict(call.attribution)
+    fields.pop("request_id")
+    return fields
+
+
+def _replay(body: bytes, disconnected: asyncio.Event | None = None, receive: Receive | None = None) -> Receive:
+    """A receive() that gives the (rewritten) body once; then the client's own messages, or
+    http.disconnect once `disconnected` is set."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        if receive is not None:
+            return await receive()
+        assert disconnected is not None
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    return replay
+
+
+async def _watch_disconnect(receive: Receive, disconnected: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    disconnected.set()
+
+
+async def _respond(send: Send, status: int, body: bytes, retry_after: int = 0, request_id: str = "") -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after > 0:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    if request_id:
+        headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

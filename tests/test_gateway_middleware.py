@@ -1,0 +1,207 @@
+"""End to end without Envoy: the example in-house gateway (examples/gateway, an ASGI proxy wrapped in
+PolicydMiddleware, served by uvicorn), a policyd process, the mock provider, and the official openai
+SDK as the client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import openai
+import pytest
+
+from policyd.mock_provider import MockProvider
+from policyd.money import parse_amount
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from tests.conftest import ROOT
+from tests.processes import PolicydProcess
+from tests.servers import free_port, wait_port
+from tests.test_gateway import FIXTURES, expected_charge
+
+PROVIDER_KEY = "sk-mock-gateway-example"
+
+
+class ExampleGateway:
+    def __init__(self, tmp: Path) -> None:
+        self.mock = MockProvider(api_keys=(PROVIDER_KEY,)).start()
+        self.database = tmp / "policyd.db"
+        self.policyd = PolicydProcess("", f"sqlite:///{self.database}", policy=str(FIXTURES / "gateway_policy.yaml"),
+                                      cwd=str(tmp))
+        self.port = free_port()
+        env = {**os.environ, "POLICYD_ADDRESS": self.policyd.address,
+               "UPSTREAM_BASE_URL": f"http://127.0.0.1:{self.mock.port}/v1", "UPSTREAM_API_KEY": PROVIDER_KEY}
+        self.log = tmp / "gateway.log"
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "examples" / "gateway" / "gateway.py"),
+                                         "--port", str(self.port)], env=env, cwd=tmp,
+                                        stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        wait_port(self.port, timeout=30)
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.channel = grpc.insecure_channel(self.policyd.address)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+
+    def customer(self, customer: str, plan: str = "pro", credit: str = "10") -> str:
+        if credit:
+            self.admin.GrantCredit(admin_pb2.GrantCreditRequest(
+                customer_id=customer, source="purchase",
+                amount=types_pb2.Money(currency="USD", nanos=parse_amount(credit))))
+        return self.admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id=customer, plan=plan,
+                                                               environment="production")).secret
+
+    def client(self, key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=20)
+
+    def record(self, request_id: str, final: bool = True, seconds: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + seconds
+        while True:
+            audit = self.admin.Audit(admin_pb2.AuditRequest())  # drains the writer first
+            with sqlite3.connect(self.database) as db:
+                db.row_factory = sqlite3.Row
+                row = db.execute("select * from usage_records where request_id = ?", (request_id,)).fetchone()
+            # a settlement in flight can show as a passing difference between the counters and the ledger
+            if audit.ok and row is not None and (not final or row["status"] != "reserved"):
+                return dict(row)
+            assert time.monotonic() < deadline, f"{request_id}: {dict(row) if row else 'no record'}; {audit}"
+            time.sleep(0.1)
+
+    def wallet(self, customer: str) -> admin_pb2.Wallet:
+        return self.admin.GetWallet(admin_pb2.GetWalletRequest(customer_id=customer))
+
+    def received(self, content: str) -> list[dict[str, Any]]:
+        return [r for r in self.mock.received() if r["body"].get("messages", [{}])[0].get("content") == content]
+
+    def close(self) -> None:
+        self.channel.close()
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        self.policyd.stop()
+        self.mock.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[ExampleGateway]:
+    tmp = Path(tempfile.mkdtemp(prefix="policyd-example-gateway-"))
+    gw = ExampleGateway(tmp)
+    yield gw
+    gw.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_completion_is_charged_exactly_with_attribution_and_trace(gateway: ExampleGateway) -> None:
+    key = gateway.customer("mw-plain")
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    raw = gateway.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "middleware: how exact?"}], max_tokens=40,
+        extra_headers={"x-feature": "faq", "x-thread-id": "t-mw", "traceparent": trace})
+    completion = raw.parse()
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["decision"]) == ("settled", "allow")
+    assert (record["input_tokens"], record["output_tokens"]) == (completion.usage.prompt_tokens,
+                                                                  completion.usage.completion_tokens)
+    assert record["charge_nanos"] == expected_charge("gpt-4o", completion.usage.prompt_tokens,
+                                                     completion.usage.completion_tokens)
+    assert (record["feature"], record["thread_id"]) == ("faq", "t-mw")
+    assert (record["traceparent"], record["trace_id"]) == (trace, "4bf92f3577b34da6a3ce929d0e0e4736")
+    wallet = gateway.wallet("mw-plain")
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10") - record["charge_nanos"], 0)
+    (sent,) = gateway.received("middleware: how exact?")
+    assert sent["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert key not in json.dumps(gateway.mock.received())  # the customer's key never reaches the provider
+
+
+def test_a_stream_is_charged_from_the_usage_policyd_asked_for(gateway: ExampleGateway) -> None:
+    key = gateway.customer("mw-stream")
+    with gateway.client(key).chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "middleware stream"}], stream=True) as response:
+        request_id = response.headers["x-policyd-request-id"]
+        chunks = list(response.parse())
+    usage = [c.usage for c in chunks if c.usage]
+    assert len(usage) == 1  # the client did not ask for usage: the middleware did
+    record = gateway.record(request_id)
+    assert record["status"] == "settled" and not record["stream_interrupted"]
+    assert record["charge_nanos"] == expected_charge("gpt-4o-mini", usage[0].prompt_tokens, usage[0].completion_tokens)
+    (sent,) = gateway.received("middleware stream")
+    assert sent["body"]["stream_options"] == {"include_usage": True}
+    assert sent["body"]["max_completion_tokens"] == 1024  # the reserved cap, since the client gave none
+
+
+def test_denials_raise_the_sdk_exceptions_and_never_reach_the_provider(gateway: ExampleGateway) -> None:
+    before = len(gateway.mock.received())
+    with pytest.raises(openai.AuthenticationError) as invalid:
+        gateway.client("pdk_live_" + "Q" * 40).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert invalid.value.code == "invalid_api_key"
+    free = gateway.client(gateway.customer("mw-free", plan="free"))
+    with pytest.raises(openai.PermissionDeniedError) as not_allowed:
+        free.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert not_allowed.value.code == "model_not_allowed"
+    broke = gateway.client(gateway.customer("mw-broke", credit=""))
+    with pytest.raises(openai.RateLimitError) as quota:
+        broke.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    assert quota.value.code == "insufficient_quota"
+    assert len(gateway.mock.received()) == before
+
+
+def post(url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_unusable_requests_get_clear_errors_a_record_and_move_no_money(gateway: ExampleGateway) -> None:
+    key = gateway.customer("mw-bad", credit="1")
+    auth = {"authorization": f"Bearer {key}", "content-type": "application/json", "x-policyd-request-id": "mw-bad-1"}
+    code, reply = post(f"{gateway.base_url}/chat/completions", auth, b"not json")
+    assert (code, reply["error"]["code"]) == (400, "invalid_request")
+    record = gateway.record("mw-bad-1")
+    assert (record["status"], record["reason"], record["reserved_nanos"]) == ("denied", "invalid_request", 0)
+    code, reply = post(f"{gateway.base_url}/files", {**auth, "x-policyd-request-id": "mw-bad-2"}, b"{}")
+    assert (code, reply["error"]["code"]) == (400, "unknown_endpoint")  # strict: nothing unmetered passes
+    code, reply = post(f"{gateway.base_url}/chat/completions", {**auth, "x-policyd-request-id": "mw-bad-3"},
+                       b'{"model": "gpt-4o-mini", "x": "' + b"a" * (11 * 1024 * 1024) + b'"}')
+    assert (code, reply["error"]["code"]) == (413, "request_too_large")
+    assert gateway.record("mw-bad-3")["reason"] == "request_too_large"
+    wallet = gateway.wallet("mw-bad")
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("1"), 0)
+
+
+def test_an_upstream_error_releases_the_hold(gateway: ExampleGateway) -> None:
+    key = gateway.customer("mw-500")
+    with pytest.raises(openai.InternalServerError):
+        gateway.client(key).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "fail"}],
+            extra_headers={"x-mock-scenario": "server_error", "x-policyd-request-id": "mw-500-1"})
+    record = gateway.record("mw-500-1")
+    assert (record["status"], record["close_reason"], record["charge_nanos"]) == ("released", "upstream_500", 0)
+    wallet = gateway.wallet("mw-500")
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10"), 0)
+
+
+def test_a_client_that_hangs_up_mid_stream_is_charged_for_what_it_got(gateway: ExampleGateway) -> None:
+    key = gateway.customer("mw-hangup")
+    with gateway.client(key).chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "long answer"}], stream=True,
+            extra_headers={"x-mock-scenario": "slow", "x-policyd-request-id": "mw-hangup-1"}) as response:
+        stream = response.parse()
+        first = [next(iter(stream)) for _ in range(2)]
+        assert all(c.choices for c in first)
+    # leaving the block closes the connection while the provider is still streaming
+    record = gateway.record("mw-hangup-1")
+    assert record["status"] == "settled" and record["stream_interrupted"]
+    assert record["error_class"] == "usage_estimated:stream_cut"
+    assert 0 < record["output_tokens"] < 12 and record["charge_nanos"] > 0
+    wallet = gateway.wallet("mw-hangup")
+    assert wallet.reserved_nanos == 0 and wallet.balance_nanos == parse_amount("10") - record["charge_nanos"]
