@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test setup system-deps proto bench clean
+.PHONY: run test setup system-deps proto docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: setup system-deps
 
 proto: setup
 	$(PY) scripts/gen_proto.py
+
+# the configuration reference in README.md, from policyd/settings.py
+docs: setup
+	$(PY) scripts/gen_config_reference.py
 
 bench: setup system-deps
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench

@@ -18,6 +18,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from policyd.money import MoneyError, format_amount, parse_amount
+from policyd.settings import reference as settings_reference
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 EXIT_ERROR = 1
@@ -550,6 +551,9 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--key-a", required=True, help="a key of customer alice (plan pro)")
     demo.add_argument("--key-b", required=True, help="a key of customer bob (plan free)")
     demo.set_defaults(run=_demo)
+
+    commands.add_parser("config-reference", help="print the configuration reference (Markdown)").set_defaults(
+        run=lambda args: print(settings_reference(), end="") or 0)
 
     client(commands.add_parser("audit", help="check Redis counters against the SQL ledger")).set_defaults(run=_audit)
     client(commands.add_parser("rebuild", help="rewrite every counter from SQL")).set_defaults(run=_rebuild)

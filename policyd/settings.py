@@ -16,7 +16,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="POLICYD_", extra="forbid")
 
     listen: str = Field("127.0.0.1:50051", description="gRPC address to serve on (host:port)")
-    redis_url: str = Field("", description="Redis URL; empty = the embedded in-process store")
+    redis_url: str = Field("", description="Redis URL (redis://host:6379/0, rediss:// for TLS, redis+cluster://host:port "
+                                           "for a Redis Cluster); empty = the embedded in-process store")
     database_url: str = Field(
         "sqlite:///policyd.db",
         description="SQLAlchemy URL of the durable store (postgresql+psycopg://... in production)",
@@ -44,4 +45,19 @@ class Settings(BaseSettings):
     anomaly_spend_min: str = Field("0.10", description="...and at least this much in the window (currency units)")
     anomaly_thread_requests: int = Field(50, ge=2, description="a thread with this many requests in a window loops")
     metrics_listen: str = Field("", description="Prometheus /metrics address (host:port, e.g. 127.0.0.1:9464); empty = off")
-    log_level: str = Field("INFO")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR (JSON lines on stderr; secrets never logged)")
+
+
+def reference() -> str:
+    """The configuration reference as a Markdown table, generated from this model (README, `policyd config-reference`)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "empty" if default == "" else f"`{str(default).lower() if isinstance(default, bool) else default}`"
+        bounds = {m.__class__.__name__: getattr(m, m.__class__.__name__.lower()) for m in field.metadata
+                  if m.__class__.__name__ in ("Ge", "Le")}
+        limits = (f"{bounds['Ge']} to {bounds['Le']}" if len(bounds) == 2
+                  else f"at least {bounds['Ge']}" if "Ge" in bounds else "")
+        meaning = (field.description or "").replace("|", "\\|") + (f" ({limits})" if limits else "")
+        rows.append(f"| `POLICYD_{name.upper()}` | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"

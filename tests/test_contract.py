@@ -57,3 +57,17 @@ def test_no_float_in_the_contract() -> None:
     for proto in (ROOT / "proto").rglob("*.proto"):
         code = "\n".join(line.split("//")[0] for line in proto.read_text().splitlines())
         assert " double " not in code and " float " not in code, proto
+
+
+def test_readme_configuration_reference_is_generated_from_the_settings_model() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gen_config_reference
+    finally:
+        sys.path.pop(0)
+    from policyd.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    assert gen_config_reference.render(readme) == readme, "run `make docs`: the README's configuration table is stale"
+    for name in Settings.model_fields:
+        assert f"`POLICYD_{name.upper()}`" in readme
