@@ -319,7 +319,8 @@ class Admin:
                 hold, _ = quotas.hold_for(limit, partition, scope_id, at // 1000, 0, pricing.Quantities())
                 used = int(await self.counters.client.hget(hold.key, "used") or 0)
                 buckets.append({"label": limit.label, "unit": limit.unit, "window": limit.window, "used": used,
-                                "limit": limit.limit})
+                                "limit": limit.limit, "scope": limit.scope, "thresholds": list(limit.thresholds),
+                                "action": limit.action})
         return {"key": row, "models": models, "buckets": buckets, **activity}
 
     # ------------------------------------------------------------------ audit and rebuild

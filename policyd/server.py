@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from policyd import metrics, redis_keys
+from policyd.dashboard import serve_dashboard
 from policyd.admin import Admin
 from policyd.alerts import AlertDelivery
 from policyd.anomalies import AnomalyDetector
@@ -133,6 +134,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
     await service.start()
     server, health_servicer = make_grpc_server(service)
     metrics.serve(settings.metrics_listen)
+    dashboard = await serve_dashboard(service.admin, settings.dashboard_listen, settings.admin_token,
+                                      settings.dashboard_viewer_token)
     if settings.tls_cert_file:
         key = Path(settings.tls_key_file).read_bytes()
         cert = Path(settings.tls_cert_file).read_bytes()
@@ -158,5 +161,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=5)
         log.info("grpc server stopped")
+        if dashboard is not None:
+            await dashboard.stop()
         await service.close()
         log.info("policyd stopped")
