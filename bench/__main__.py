@@ -7,7 +7,7 @@ from pathlib import Path
 
 import sys
 
-from bench import estimates, native, report_volume
+from bench import dashboard_volume, estimates, native, report_volume
 
 
 def main() -> None:
@@ -17,6 +17,8 @@ def main() -> None:
     results.update(native.main([]))
     print()
     results.update(report_volume.main(sys.argv[1:]))
+    print()
+    results.update(dashboard_volume.main(sys.argv[1:]))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2))

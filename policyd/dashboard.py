@@ -304,7 +304,8 @@ class Dashboard:
 
         body = "".join(f'<tr><td>{link(r.group[dimension])}</td><td class="num">{_money(r.figures[figure], currency)}</td>'
                        f'<td class="num">{_count(r.figures["requests"])}</td></tr>' for r in rows)
-        return f"""<section class="card" id="top-{dimension}"><h2>Top {dimension}s</h2><table>
+        title = f"Top {dimension}s" + (" (last 24 hours at most)" if dimension == "thread" else "")
+        return f"""<section class="card" id="top-{dimension}"><h2>{title}</h2><table>
 <thead><tr><th>{dimension}</th><th class="num">{figure.split("_")[0]}</th><th class="num">requests</th></tr></thead>
 <tbody>{body or '<tr><td colspan="3" class="empty">none</td></tr>'}</tbody></table></section>"""
 

@@ -5,13 +5,13 @@ and invoices read, so a page and `policyd usage report` agree to the nano."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import case, func, select
 
-from policyd import reports
+from policyd import reports, rollups
 from policyd.admin import Admin, now_ms
 from policyd.db import EventRow, LedgerEntryRow
 from policyd.redis_keys import wallet_id
@@ -74,34 +74,40 @@ class DashboardData:
         self.admin = admin
         self.store = admin.store
 
-    async def overview(self, days: int, by: str, metric: str) -> Overview:
+    async def _fresh(self) -> None:
+        """Everything policyd decided so far is in SQL and in the rollups."""
         await self.admin.writer.drain()
-        until = now_ms()
-        since = until - days * DAY_MS
-        bucket = "hour" if days <= 2 else "day"
+        await asyncio.to_thread(rollups.refresh, self.store)
+
+    async def overview(self, days: int, by: str, metric: str) -> Overview:
+        await self._fresh()
+        at = now_ms()
+        period, step = ("hour", HOUR_MS) if days <= 2 else ("day", DAY_MS)
+        until = at - at % step + step  # the current hour or day included
+        since = until - (days * 24 if period == "hour" else days) * step
         figure = "cost_nanos" if metric == "cost" else "charge_nanos"
 
         def run() -> Overview:
             with self.store.session() as session:
-                over_time = reports.usage_report(session, [by], since, until, bucket)
-                tops = {d: reports.usage_report(session, [d], since, until)[:TOP_ROWS] for d in TOP_DIMENSIONS}
-                reasons = reports.usage_report(session, ["reason"], since, until, bucket)
-                totals = reports.usage_report(session, [], since, until)
-            labels = bucket_labels(since, until, bucket)
+                tops = {d: rollups.top(session, d, period, since, until, figure, TOP_ROWS)
+                        for d in TOP_DIMENSIONS if d != "thread"}
+                # threads are too many to roll up: the top ones come from the records of the last day at most
+                threads = reports.usage_report(session, ["thread"], max(since, at - DAY_MS), until)
+                threads.sort(key=lambda r: (-r.figures[figure], r.group["thread"]))
+                tops["thread"] = threads[:TOP_ROWS]
+                biggest = [r.group[by] for r in rollups.top(session, by, period, since, until, figure,
+                                                            STACKED_SERIES_MAX + 1) if r.figures[figure] > 0]
+                shown = biggest[:STACKED_SERIES_MAX]
+                over_time = rollups.over_time(session, by, period, since, until, shown)
+                reasons = rollups.over_time(session, "reason", period, since, until)
+            labels = bucket_labels(since, until, period)
             index = {label: i for i, label in enumerate(labels)}
-            per_group: dict[str, int] = {}
-            for row in over_time:
-                per_group[row.group[by]] = per_group.get(row.group[by], 0) + row.figures[figure]
-            ranked = sorted((g for g, v in per_group.items() if v > 0), key=lambda g: (-per_group[g], g))
-            shown = ranked[:STACKED_SERIES_MAX]
             series = {g: [0] * len(labels) for g in shown}
-            if len(ranked) > len(shown):
+            if len(biggest) > len(shown):
                 series["other"] = [0] * len(labels)
             for row in over_time:
-                if row.bucket in index and row.figures[figure]:
-                    name = row.group[by] if row.group[by] in shown else "other"
-                    if name in series:
-                        series[name][index[row.bucket]] += row.figures[figure]
+                if row.bucket in index and row.figures[figure] and row.group[by] in series:
+                    series[row.group[by]][index[row.bucket]] += row.figures[figure]
             denial_series: dict[str, list[int]] = {}
             denial_totals: dict[str, list[int]] = {}
             for row in reasons:
@@ -115,17 +121,17 @@ class DashboardData:
                 pair = denial_totals.setdefault(reason, [0, 0])
                 pair[0] += row.figures["denied"]
                 pair[1] += row.figures["downgraded"]
-            for row in tops.values():
-                row.sort(key=lambda r: (-r.figures[figure], list(r.group.values())))
-            return Overview(
-                since, until, by, metric, labels, series, totals[0].figures if totals else dict.fromkeys(reports.FIGURES, 0),
-                tops, denial_series,
-                sorted(((r, d, g) for r, (d, g) in denial_totals.items()), key=lambda t: (-(t[1] + t[2]), t[0])))
+            totals = dict.fromkeys(reports.FIGURES, 0)
+            for figures in rollups.totals(reasons, "reason").values():  # every record has exactly one reason
+                for name in reports.FIGURES:
+                    totals[name] += figures[name]
+            return Overview(since, until, by, metric, labels, series, totals, tops, denial_series,
+                            sorted(((r, d, g) for r, (d, g) in denial_totals.items()), key=lambda t: (-(t[1] + t[2]), t[0])))
 
         return await asyncio.to_thread(run)
 
     async def customer(self, customer_id: str) -> CustomerView:
-        await self.admin.writer.drain()
+        await self._fresh()
         balance, reserved = await self.admin.counters.wallet(wallet_id(customer_id, ""))
         keys = await self.admin.list_keys(customer_id)
         buckets: dict[tuple[str, str], dict[str, Any]] = {}
@@ -175,17 +181,27 @@ class DashboardData:
                             sorted(buckets.values(), key=lambda b: (b["owner"], b["label"])), keys, records)
 
     async def incidents(self, hours: int) -> Incidents:
-        await self.admin.writer.drain()
-        until = now_ms()
+        await self._fresh()
+        at = now_ms()
+        until = at - at % HOUR_MS + HOUR_MS
         since = until - hours * HOUR_MS
+        before = since - hours * HOUR_MS
+        thread_hours = min(hours, 24)  # threads come from the records: a day at most
 
         def run() -> Incidents:
             view = Incidents(since, until)
             with self.store.session() as session:
                 for d in INCIDENT_DIMENSIONS:
-                    rows = reports.usage_report(session, [d], since, until, compare_previous=True)
+                    if d == "thread":
+                        rows = reports.usage_report(session, [d], until - thread_hours * HOUR_MS, until,
+                                                    compare_previous=True)
+                    else:
+                        then = {r.group[d]: r.figures for r in rollups.top(session, d, "hour", before, since, "charge_nanos")}
+                        rows = [replace(r, previous=then.get(r.group[d], {}))
+                                for r in rollups.top(session, d, "hour", since, until, "charge_nanos")]
+                        rows.sort(key=lambda r: (-(r.figures["charge_nanos"] - r.previous.get("charge_nanos", 0)), r.group[d]))
                     view.movers[d] = [r for r in rows if r.group[d]][:5]
-                threads = reports.usage_report(session, ["thread"], since, until)
+                threads = reports.usage_report(session, ["thread"], until - thread_hours * HOUR_MS, until)
                 view.busiest_threads = sorted((r for r in threads if r.group["thread"]),
                                               key=lambda r: (-r.figures["requests"], r.group["thread"]))[:5]
                 view.anomalies = list(session.scalars(

@@ -7,6 +7,7 @@ are BIGINT nanos. Rows of the ledger are appended, never edited.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, String, Text, create_engine, event
@@ -19,6 +20,10 @@ NAME = String(256)
 
 class Base(DeclarativeBase):
     pass
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 class ApiKeyRow(Base):
@@ -123,9 +128,49 @@ class UsageRecordRow(Base):
     user_agent: Mapped[str] = mapped_column(Text, default="")
     closed_ms: Mapped[int] = mapped_column(BigInteger, default=0)
     close_reason: Mapped[str] = mapped_column(NAME, default="")
+    # when this row was last written to SQL (the rollups rebuild the hours of rows written since their last pass)
+    updated_ms: Mapped[int] = mapped_column(BigInteger, default=_now_ms, onupdate=_now_ms, server_default="0",
+                                            index=True)
 
 
 Index("ix_usage_customer_created", UsageRecordRow.customer_id, UsageRecordRow.created_ms)
+
+
+class UsageRollupRow(Base):
+    """Usage records summed per hour and per day, one row per (dimension, value): what the dashboard
+    reads instead of scanning a month of records. Rebuilt, hour by hour, from the records written
+    since the last pass (policyd/rollups.py); the same figures as policyd/reports.py computes."""
+
+    __tablename__ = "usage_rollups"
+
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)  # hour | day
+    start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    dimension: Mapped[str] = mapped_column(String(16), primary_key=True)  # customer | key | feature | model | ...
+    value: Mapped[str] = mapped_column(ID, primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    allowed: Mapped[int] = mapped_column(BigInteger, default=0)
+    denied: Mapped[int] = mapped_column(BigInteger, default=0)
+    downgraded: Mapped[int] = mapped_column(BigInteger, default=0)
+    failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_nanos: Mapped[int] = mapped_column(BigInteger, default=0)
+    charge_nanos: Mapped[int] = mapped_column(BigInteger, default=0)
+    retries: Mapped[int] = mapped_column(BigInteger, default=0)
+    fallbacks: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+Index("ix_rollups_dimension_period_start", UsageRollupRow.dimension, UsageRollupRow.period, UsageRollupRow.start_ms)
+
+
+class RollupCursorRow(Base):
+    """How far the rollups have read: records written (updated_ms) before `written_ms` are summed."""
+
+    __tablename__ = "rollup_cursor"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    written_ms: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class LedgerEntryRow(Base):

@@ -64,16 +64,11 @@ def _bucket_label(bucket: str, start_ms: int) -> str:
     return moment.strftime("%Y-%m")
 
 
-def _query(session: Session, group_by: list[str], since_ms: int, until_ms: int, bucket: str,
-           customer_id: str) -> dict[tuple[tuple[str, ...], str], dict[str, int]]:
+def figure_columns() -> list[Any]:
+    """The report's figures as SQL aggregates over usage_records (also what the rollups store)."""
     r = UsageRecordRow
-    columns = [DIMENSIONS[d].label(d) for d in group_by]
-    bucket_column = None
-    if bucket:
-        bucket_column = (r.created_ms - r.created_ms % BUCKET_MS[bucket]).label("bucket")
-        columns.append(bucket_column)
     charged = r.status.in_(CHARGED)
-    figures = [
+    return [
         func.count().label("requests"),
         func.sum(case((r.decision != "deny", 1), else_=0)).label("allowed"),
         func.sum(case((r.decision == "deny", 1), else_=0)).label("denied"),
@@ -87,6 +82,17 @@ def _query(session: Session, group_by: list[str], since_ms: int, until_ms: int, 
         func.sum(r.retries).label("retries"),
         func.sum(case((r.fallback_reason != "", 1), else_=0)).label("fallbacks"),
     ]
+
+
+def _query(session: Session, group_by: list[str], since_ms: int, until_ms: int, bucket: str,
+           customer_id: str) -> dict[tuple[tuple[str, ...], str], dict[str, int]]:
+    r = UsageRecordRow
+    columns = [DIMENSIONS[d].label(d) for d in group_by]
+    bucket_column = None
+    if bucket:
+        bucket_column = (r.created_ms - r.created_ms % BUCKET_MS[bucket]).label("bucket")
+        columns.append(bucket_column)
+    figures = figure_columns()
     query = select(*columns, *figures).where(r.created_ms >= since_ms, r.created_ms < until_ms)
     if customer_id:
         query = query.where(r.customer_id == customer_id)

@@ -13,7 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from policyd import metrics, redis_keys
+from policyd import metrics, redis_keys, rollups
 from policyd.dashboard import serve_dashboard
 from policyd.admin import Admin
 from policyd.alerts import AlertDelivery
@@ -84,6 +84,7 @@ class Service:
             self.store, self.settings.anomaly_window_seconds * 1000, self.settings.anomaly_spend_factor,
             parse_amount(self.settings.anomaly_spend_min), self.settings.anomaly_thread_requests)
         self.tasks.append(asyncio.create_task(detector.run(self.stop)))
+        self.tasks.append(asyncio.create_task(rollups.run(self.store, self.stop, self.settings.rollup_interval_ms)))
         urls = [u.strip() for u in self.settings.webhook_urls.split(",") if u.strip()]
         if urls:
             delivery = AlertDelivery(self.store, urls, self.settings.webhook_secret)

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     anomaly_spend_min: str = Field("0.10", description="...and at least this much in the window (currency units)")
     anomaly_thread_requests: int = Field(50, ge=2, description="a thread with this many requests in a window loops")
     metrics_listen: str = Field("", description="Prometheus /metrics address (host:port, e.g. 127.0.0.1:9464); empty = off")
+    rollup_interval_ms: int = Field(30_000, ge=100, description="how often usage rollups (the dashboard's sums) are "
+                                                              "brought up to date in the background")
     dashboard_listen: str = Field("", description="web dashboard address (host:port, e.g. 127.0.0.1:8090); empty = off. "
                                                   "Login with the admin token (admin rights) or the viewer token")
     dashboard_viewer_token: str = Field("", description="token that opens the dashboard read-only (with admin_token set)")
