@@ -72,6 +72,33 @@ def _stub(args: argparse.Namespace) -> tuple[admin_pb2_grpc.AdminServiceStub, li
     return admin_pb2_grpc.AdminServiceStub(channel), metadata
 
 
+def _admin_credentials(args: argparse.Namespace) -> int:
+    stub, metadata = _stub(args)
+    if args.credentials_command == "create":
+        made = stub.CreateAdminCredential(admin_pb2.CreateAdminCredentialRequest(
+            customer_id=args.customer, label=args.label), metadata=metadata)
+        _print(args, made, f"{made.credential.id} for customer {made.credential.customer_id}\n"
+                           f"secret (shown once, keep it safe): {made.secret}")
+    elif args.credentials_command == "list":
+        listed = stub.ListAdminCredentials(admin_pb2.ListAdminCredentialsRequest(customer_id=args.customer),
+                                           metadata=metadata)
+        _print(args, listed, "\n".join(
+            f"{c.id}  {c.customer_id}  {c.prefix}…  {'revoked' if c.revoked_unix_ms else 'active'}  {c.label}"
+            for c in listed.credentials) or "no admin credentials")
+    else:
+        revoked = stub.RevokeAdminCredential(admin_pb2.RevokeAdminCredentialRequest(id=args.id), metadata=metadata)
+        _print(args, revoked, f"{revoked.id} revoked")
+    return 0
+
+
+def _link_customer(args: argparse.Namespace) -> int:
+    stub, metadata = _stub(args)
+    linked = stub.LinkCustomer(admin_pb2.LinkCustomerRequest(customer_id=args.customer, parent_id=args.parent),
+                               metadata=metadata)
+    _print(args, linked, f"{linked.customer_id} is a sub-customer of {linked.parent_id}")
+    return 0
+
+
 def _print(args: argparse.Namespace, message: Any, text: str) -> None:
     if args.json:
         print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2, sort_keys=True))
@@ -451,6 +478,20 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--grace-seconds", type=int, default=None,
                            help="how long the old secret keeps working (default 86400)")
     keys.set_defaults(run=_keys)
+
+    creds = commands.add_parser("admin-credentials", help="admin credentials scoped to a customer and its sub-customers")
+    cred_commands = creds.add_subparsers(dest="credentials_command", required=True)
+    cred_create = client(cred_commands.add_parser("create", help="create one; its secret is shown once"))
+    cred_create.add_argument("--customer", required=True)
+    cred_create.add_argument("--label", default="")
+    client(cred_commands.add_parser("list", help="list them (never their secrets)")).add_argument("--customer", default="")
+    client(cred_commands.add_parser("revoke", help="revoke one at once")).add_argument("id")
+    creds.set_defaults(run=_admin_credentials)
+
+    link = client(commands.add_parser("link-customer", help="make a customer a sub-customer of another (resellers)"))
+    link.add_argument("customer")
+    link.add_argument("--parent", required=True)
+    link.set_defaults(run=_link_customer)
 
     credit = commands.add_parser("credit", help="prepaid credit")
     credit_commands = credit.add_subparsers(dest="credit_command", required=True)

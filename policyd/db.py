@@ -164,6 +164,30 @@ class UsageRollupRow(Base):
 Index("ix_rollups_dimension_period_start", UsageRollupRow.dimension, UsageRollupRow.period, UsageRollupRow.start_ms)
 
 
+class AdminCredentialRow(Base):
+    """An admin credential scoped to a customer and its sub-customers; only the secret's SHA-256 is kept."""
+
+    __tablename__ = "admin_credentials"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(32))
+    customer_id: Mapped[str] = mapped_column(ID, index=True)
+    label: Mapped[str] = mapped_column(NAME, default="")
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    revoked_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class CustomerParentRow(Base):
+    """customer_id is a sub-customer of parent_id (a reseller's customer)."""
+
+    __tablename__ = "customer_parents"
+
+    customer_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    parent_id: Mapped[str] = mapped_column(ID, index=True)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+
+
 class RollupCursorRow(Base):
     """How far the rollups have read: records written (updated_ms) before `written_ms` are summed."""
 

@@ -106,25 +106,43 @@ class Service:
         self.store.close()
 
 
-def make_grpc_server(service: Service) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def make_grpc_server(service: Service, policy: bool = True, admin: bool = True
+                     ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A gRPC server with the decision services (PolicyService, ext_authz, ext_proc), the AdminService,
+    or both; health checking and reflection on each."""
     server = grpc.aio.server()
-    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(service.engine), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service.admin, service.settings.admin_token), server)
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(service.engine, service.pool), server)
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorServicer(service.engine, service.pool), server)
+    names = []
+    if policy:
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(service.engine), server)
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(service.engine, service.pool),
+                                                                   server)
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+            ExternalProcessorServicer(service.engine, service.pool), server)
+        names += [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
+                  external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
+                  external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name]
+    if admin:
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service.admin, service.settings.admin_token),
+                                                          server)
+        names.append(admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (
-        policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
-        admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
-        external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
-        reflection.SERVICE_NAME,
-    )
+    names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     return server, health_servicer
+
+
+def _listen(server: grpc.aio.Server, address: str, settings: Settings, client_ca_file: str) -> None:
+    if settings.tls_cert_file:
+        key = Path(settings.tls_key_file).read_bytes()
+        cert = Path(settings.tls_cert_file).read_bytes()
+        ca = Path(client_ca_file).read_bytes() if client_ca_file else None
+        credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {address}")
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None,
@@ -133,23 +151,23 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
     health NOT_SERVING, in-flight calls finished (5 s grace), background tasks, a last drain."""
     service = await Service.build(settings)
     await service.start()
-    server, health_servicer = make_grpc_server(service)
+    separate_admin = bool(settings.admin_listen)
+    server, health_servicer = make_grpc_server(service, admin=not separate_admin)
+    main_names = ("", "policyd.v1.PolicyService") + (() if separate_admin else ("policyd.v1.AdminService",))
+    servers = [(server, health_servicer, main_names)]
+    _listen(server, settings.listen, settings, settings.tls_client_ca_file)
+    if separate_admin:
+        admin_server, admin_health = make_grpc_server(service, policy=False)
+        _listen(admin_server, settings.admin_listen, settings,
+                settings.admin_tls_client_ca_file or settings.tls_client_ca_file)
+        servers.append((admin_server, admin_health, ("", "policyd.v1.AdminService")))
     metrics.serve(settings.metrics_listen)
     dashboard = await serve_dashboard(service.admin, settings.dashboard_listen, settings.admin_token,
                                       settings.dashboard_viewer_token)
-    if settings.tls_cert_file:
-        key = Path(settings.tls_key_file).read_bytes()
-        cert = Path(settings.tls_cert_file).read_bytes()
-        ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
-        credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
-        port = server.add_secure_port(settings.listen, credentials)
-    else:
-        port = server.add_insecure_port(settings.listen)
-    if port == 0:
-        raise SystemExit(f"cannot listen on {settings.listen}")
-    await server.start()
-    for name in ("", "policyd.v1.PolicyService", "policyd.v1.AdminService"):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    for grpc_server, health_of, names in servers:
+        await grpc_server.start()
+        for name in names:
+            await health_of.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("policyd serving on %s (redis: %s, database: %s)", settings.listen,
              "embedded" if not settings.redis_url else "external", settings.database_url.split("://")[0])
     if ready is not None:
@@ -159,9 +177,10 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
         await shutdown.wait()
     finally:
         log.info("policyd stopping")
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=5)
-        log.info("grpc server stopped")
+        for grpc_server, health_of, _ in servers:
+            await health_of.enter_graceful_shutdown()
+        await asyncio.gather(*(grpc_server.stop(grace=5) for grpc_server, _, _ in servers))
+        log.info("grpc servers stopped")
         if dashboard is not None:
             await dashboard.stop()
         await service.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, Awaitable, Callable, TypeVar
@@ -9,7 +10,8 @@ from typing import Any, Awaitable, Callable, TypeVar
 import grpc
 
 from policyd.admin import Admin
-from policyd.db import ApiKeyRow
+from policyd.admin_access import AdminAccess, Principal
+from policyd.db import AdminCredentialRow, ApiKeyRow
 from policyd.domain import (
     ENDPOINTS,
     Attribution,
@@ -174,21 +176,51 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, admin: Admin, token: str = "") -> None:
         self.admin = admin
-        self.token = token
+        self.access = AdminAccess(admin.store, token)
 
-    async def _authorized(self, context: grpc.aio.ServicerContext) -> None:
-        if not self.token:
-            return
-        import hmac
-
+    async def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        """The caller, or UNAUTHENTICATED: the operator's token or a scoped admin credential is required."""
         metadata = dict(context.invocation_metadata() or ())
-        given = str(metadata.get("authorization", ""))
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+        principal = await asyncio.to_thread(self.access.resolve, str(metadata.get("authorization", "")))
+        if principal is None:
             context.set_trailing_metadata(((REASON_METADATA, "unauthenticated"),))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated: a valid admin token is required")
+        assert principal is not None
+        return principal
+
+    async def _operator(self, context: grpc.aio.ServicerContext) -> Principal:
+        principal = await self._principal(context)
+        await _call(context, lambda: asyncio.to_thread(self.access.require_operator, principal))
+        return principal
+
+    async def _for_customer(self, context: grpc.aio.ServicerContext, customer_id: str) -> Principal:
+        principal = await self._principal(context)
+        await _call(context, lambda: asyncio.to_thread(self.access.require_customer, principal, customer_id))
+        return principal
+
+    async def _key(self, context: grpc.aio.ServicerContext, key_id: str) -> ApiKeyRow:
+        """A key the caller may act on; one outside its scope is reported exactly like a missing one."""
+        principal = await self._principal(context)
+
+        async def find() -> ApiKeyRow:
+            row = await self.admin.get_key(key_id)
+            if not await asyncio.to_thread(self.access.in_scope, principal, row.customer_id):
+                raise PolicydError("NOT_FOUND", "unknown_key", f"no key {key_id!r}")
+            return row
+
+        return await _call(context, find)
+
+    async def _own_customer(self, context: grpc.aio.ServicerContext, customer_id: str) -> str:
+        """The customer a listing is about: as asked (within scope), or a scoped caller's own when empty."""
+        principal = await self._principal(context)
+        if not customer_id and not principal.operator:
+            return principal.customer_id
+        if customer_id:
+            await _call(context, lambda: asyncio.to_thread(self.access.require_customer, principal, customer_id))
+        return customer_id
 
     async def CreateKey(self, request: admin_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._for_customer(context, request.customer_id)
         created = await _call(context, lambda: self.admin.create_key(
             label=request.label, customer_id=request.customer_id, workspace_id=request.workspace_id,
             project_id=request.project_id, team_id=request.team_id, environment=request.environment,
@@ -196,45 +228,49 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.CreateKeyResponse(key=api_key_message(created.row), secret=created.secret)
 
     async def ListKeys(self, request: admin_pb2.ListKeysRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        principal = await self._principal(context)
+        if request.customer_id:
+            await self._for_customer(context, request.customer_id)
         rows = await _call(context, lambda: self.admin.list_keys(request.customer_id))
+        if not principal.operator and not request.customer_id:
+            scope = await asyncio.to_thread(self.access.customers_in_scope, principal)
+            rows = [r for r in rows if r.customer_id in scope]
         return admin_pb2.ListKeysResponse(keys=[api_key_message(r) for r in rows])
 
     async def GetKey(self, request: admin_pb2.GetKeyRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
-        return api_key_message(await _call(context, lambda: self.admin.get_key(request.id)))
+        return api_key_message(await self._key(context, request.id))
 
     async def PauseKey(self, request: admin_pb2.KeyActionRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._key(context, request.id)
         return api_key_message(await _call(context, lambda: self.admin.set_state(request.id, "paused")))
 
     async def ResumeKey(self, request: admin_pb2.KeyActionRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._key(context, request.id)
         return api_key_message(await _call(context, lambda: self.admin.set_state(request.id, "active")))
 
     async def RevokeKey(self, request: admin_pb2.KeyActionRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._key(context, request.id)
         return api_key_message(await _call(context, lambda: self.admin.set_state(request.id, "revoked")))
 
     async def RotateKey(self, request: admin_pb2.RotateKeyRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._key(context, request.id)
         grace = request.grace_seconds if request.HasField("grace_seconds") else 86_400
         created = await _call(context, lambda: self.admin.rotate_key(request.id, grace))
         return admin_pb2.CreateKeyResponse(key=api_key_message(created.row), secret=created.secret)
 
     async def ApplyPolicy(self, request: admin_pb2.ApplyPolicyRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._operator(context)
         result = await _call(context, lambda: self.admin.apply_policy(request.yaml, request.source_name, request.dry_run))
         return admin_pb2.ApplyPolicyResponse(version=result.version, changed=result.changed, diff=result.diff)
 
     async def GetPolicy(self, request: admin_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._operator(context)
         current = self.admin.book.current
         return admin_pb2.GetPolicyResponse(version=current.version if current else 0,
                                            yaml=current.canonical if current else "")
 
     async def GrantCredit(self, request: admin_pb2.GrantCreditRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._operator(context)
         grant_id, outcome, (balance, reserved) = await _call(context, lambda: self.admin.grant_credit(
             request.customer_id, request.amount.nanos, request.amount.currency, request.source, request.grant_id,
             request.note, request.expires_unix_ms, request.workspace_id))
@@ -248,23 +284,23 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                 balance_nanos=balance, reserved_nanos=reserved, available_nanos=balance - reserved)
 
     async def GetWallet(self, request: admin_pb2.GetWalletRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._for_customer(context, request.customer_id)
         from policyd.redis_keys import wallet_id
 
         balance, reserved = await self.admin.counters.wallet(wallet_id(request.customer_id, request.workspace_id))
         return self._wallet(request.customer_id, request.workspace_id, balance, reserved)
 
     async def ListUsage(self, request: admin_pb2.ListUsageRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
-        rows = await _call(context, lambda: self.admin.latest_usage(request.customer_id, request.limit))
+        customer_id = await self._own_customer(context, request.customer_id)
+        rows = await _call(context, lambda: self.admin.latest_usage(customer_id, request.limit))
         return admin_pb2.ListUsageResponse(records=[usage_record_message(r) for r in rows])
 
     async def UsageReport(self, request: admin_pb2.UsageReportRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        customer_id = await self._own_customer(context, request.customer_id)
         from policyd.reports import row_dict
 
         rows = await _call(context, lambda: self.admin.usage_report(
-            list(request.group_by), request.since_unix_ms, request.until_unix_ms, request.bucket, request.customer_id,
+            list(request.group_by), request.since_unix_ms, request.until_unix_ms, request.bucket, customer_id,
             request.compare_previous))
         current = self.admin.book.current
         out = []
@@ -276,12 +312,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.UsageReportResponse(currency=current.document.currency if current else "", rows=out)
 
     async def ExportInvoice(self, request: admin_pb2.InvoiceRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._for_customer(context, request.customer_id)
         return self._invoice(await _call(context, lambda: self.admin.invoice(
             request.customer_id, request.period, request.lines_by)))
 
     async def ClosePeriod(self, request: admin_pb2.InvoiceRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._operator(context)
         return self._invoice(await _call(context, lambda: self.admin.invoice(
             request.customer_id, request.period, request.lines_by, close=True)))
 
@@ -293,7 +329,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                          closed=invoice.closed)
 
     async def Reconcile(self, request: admin_pb2.ReconcileRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._operator(context)
         result = await _call(context, lambda: self.admin.reconcile(
             request.provider, request.export, request.tolerance_nanos, request.tolerance_bps))
         return admin_pb2.ReconcileResponse(ok=result.ok, basis=result.basis, totals=result.totals(), lines=[
@@ -304,7 +340,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             for c in result.comparisons])
 
     async def ReviewKey(self, request: admin_pb2.GetKeyRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._key(context, request.id)
         review = await _call(context, lambda: self.admin.review_key(request.id))
         return admin_pb2.KeyReview(
             key=api_key_message(review["key"]), allowed_models=review["models"],
@@ -314,11 +350,40 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             errors=review["errors"], denials_by_reason=review["denials_by_reason"])
 
     async def Audit(self, request: admin_pb2.AuditRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._operator(context)
         result = await _call(context, self.admin.audit)
         return admin_pb2.AuditResponse(ok=result.ok, counters_checked=result.checked, mismatches=[
             admin_pb2.AuditMismatch(counter=c, redis_value=r, ledger_value=l) for c, r, l in result.mismatches])
 
     async def Rebuild(self, request: admin_pb2.RebuildRequest, context: grpc.aio.ServicerContext) -> Any:
-        await self._authorized(context)
+        await self._operator(context)
         return admin_pb2.RebuildResponse(counters_written=await _call(context, self.admin.rebuild))
+
+    async def CreateAdminCredential(self, request: admin_pb2.CreateAdminCredentialRequest,
+                                    context: grpc.aio.ServicerContext) -> Any:
+        principal = await self._principal(context)
+        row, secret = await _call(context, lambda: asyncio.to_thread(
+            self.access.create_credential, principal, request.customer_id, request.label))
+        return admin_pb2.CreateAdminCredentialResponse(credential=credential_message(row), secret=secret)
+
+    async def ListAdminCredentials(self, request: admin_pb2.ListAdminCredentialsRequest,
+                                   context: grpc.aio.ServicerContext) -> Any:
+        principal = await self._principal(context)
+        rows = await _call(context, lambda: asyncio.to_thread(self.access.credentials, principal, request.customer_id))
+        return admin_pb2.ListAdminCredentialsResponse(credentials=[credential_message(r) for r in rows])
+
+    async def RevokeAdminCredential(self, request: admin_pb2.RevokeAdminCredentialRequest,
+                                    context: grpc.aio.ServicerContext) -> Any:
+        principal = await self._principal(context)
+        row = await _call(context, lambda: asyncio.to_thread(self.access.revoke_credential, principal, request.id))
+        return credential_message(row)
+
+    async def LinkCustomer(self, request: admin_pb2.LinkCustomerRequest, context: grpc.aio.ServicerContext) -> Any:
+        principal = await self._principal(context)
+        await _call(context, lambda: asyncio.to_thread(self.access.link, principal, request.customer_id, request.parent_id))
+        return admin_pb2.LinkCustomerResponse(customer_id=request.customer_id, parent_id=request.parent_id)
+
+
+def credential_message(row: AdminCredentialRow) -> admin_pb2.AdminCredential:
+    return admin_pb2.AdminCredential(id=row.id, customer_id=row.customer_id, label=row.label, prefix=row.prefix,
+                                     created_unix_ms=row.created_ms, revoked_unix_ms=row.revoked_ms)

@@ -22,6 +22,10 @@ class Settings(BaseSettings):
         "sqlite:///policyd.db",
         description="SQLAlchemy URL of the durable store (postgresql+psycopg://... in production)",
     )
+    admin_listen: str = Field("", description="serve the AdminService on this address only (host:port), apart from "
+                                               "the decision services; empty = on `listen` with them")
+    admin_tls_client_ca_file: str = Field("", description="PEM CA the AdminService listener requires client "
+                                                           "certificates from (mTLS for admins); empty = tls_client_ca_file")
     admin_token: str = Field("", description="bearer token the AdminService requires; empty = no check (loopback use)")
     tls_cert_file: str = Field("", description="PEM certificate: serve gRPC over TLS")
     tls_key_file: str = Field("", description="PEM private key of tls_cert_file")

@@ -154,3 +154,22 @@ def test_every_log_line_is_json_and_holds_no_secret(server: PolicydProcess) -> N
         entry = json.loads(line)
         assert {"time", "level", "logger", "message"} <= set(entry)
         assert created["secret"][9:] not in line and created["secret"][9:-1] not in line
+
+
+def test_scoped_admin_credentials_from_the_command_line(server: PolicydProcess) -> None:
+    assert run(server, "credit", "grant", "--customer", "shop", "--amount", "5").returncode == 0
+    assert run(server, "link-customer", "shop-eu", "--parent", "shop").returncode == 0
+    made = json.loads(run(server, "admin-credentials", "create", "--customer", "shop", "--json").stdout)
+    secret = made["secret"]
+    assert secret.startswith("pdadm_")
+    scoped = ["--token", secret]
+    assert run(server, "keys", "create", "--customer", "shop-eu", "--plan", "pro", *scoped).returncode == 0
+    refused = run(server, "keys", "create", "--customer", "elsewhere", "--plan", "pro", *scoped)
+    assert refused.returncode != 0 and "out_of_scope" in refused.stderr
+    assert run(server, "credit", "grant", "--customer", "shop", "--amount", "5", *scoped).returncode != 0
+    listed = run(server, "admin-credentials", "list")
+    assert made["credential"]["id"] in listed.stdout and secret not in listed.stdout
+    assert run(server, "admin-credentials", "revoke", made["credential"]["id"]).returncode == 0
+    gone = run(server, "keys", "list", *scoped)
+    assert gone.returncode != 0 and "unauthenticated" in gone.stderr
+    assert secret not in server.log() and secret[6:] not in server.log()

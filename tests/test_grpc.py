@@ -84,6 +84,11 @@ async def test_full_flow_over_grpc(channel: grpc.aio.Channel) -> None:
     wallet = await admin.GetWallet(admin_pb2.GetWalletRequest(customer_id="acme"), metadata=AUTH)
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (settled.balance_after.nanos, 0)
 
+    review = await admin.ReviewKey(admin_pb2.GetKeyRequest(id=created.key.id), metadata=AUTH)
+    rpm = next(b for b in review.buckets if b.label == "key-rpm")
+    assert (rpm.scope, rpm.unit, rpm.used, rpm.limit, list(rpm.thresholds), rpm.action) == (
+        "key", "requests", 1, 600, [50, 80], "block")
+    assert review.spend_today_nanos == settled.charge.nanos and created.secret not in str(review)
     await admin.PauseKey(admin_pb2.KeyActionRequest(id=created.key.id), metadata=AUTH)
     paused = await policy.Authorize(policy_pb2.AuthorizeRequest(api_key=created.secret,
                                                                 endpoint=types_pb2.CHAT_COMPLETIONS, model="gpt-4o"))

@@ -64,3 +64,46 @@ def test_cli_over_mutual_tls(tmp_path: Path) -> None:
         assert sp.run(args, capture_output=True, text=True, timeout=30).stdout.strip() == "serving"
     finally:
         process.stop()
+
+
+def test_admin_service_on_its_own_listener_with_its_own_client_ca(tmp_path: Path) -> None:
+    """Decision services over server TLS on one port; the AdminService only on another, which requires
+    client certificates from the admins' CA (not the proxies')."""
+    from tests.servers import free_port, wait_port
+    from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
+
+    _pki(tmp_path)
+    admins = tmp_path / "admins"
+    admins.mkdir()
+    _pki(admins)
+    read = lambda path: Path(path).read_bytes()  # noqa: E731
+    admin_port = free_port()
+    env = {"POLICYD_TLS_CERT_FILE": str(tmp_path / "server.pem"), "POLICYD_TLS_KEY_FILE": str(tmp_path / "server.key"),
+           "POLICYD_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
+           "POLICYD_ADMIN_TLS_CLIENT_CA_FILE": str(admins / "ca.pem")}
+    process = PolicydProcess("", f"sqlite:///{tmp_path / 'p.db'}", extra_env=env, cwd=str(tmp_path))
+    wait_port(admin_port)
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    server_tls = grpc.ssl_channel_credentials(read(tmp_path / "ca.pem"))
+    admin_mtls = grpc.ssl_channel_credentials(read(tmp_path / "ca.pem"), read(admins / "client.key"),
+                                              read(admins / "client.pem"))
+    proxy_mtls = grpc.ssl_channel_credentials(read(tmp_path / "ca.pem"), read(tmp_path / "client.key"),
+                                              read(tmp_path / "client.pem"))
+    try:
+        with grpc.secure_channel(process.address, server_tls, options=options) as decisions:
+            assert health_pb2_grpc.HealthStub(decisions).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as absent:
+                admin_pb2_grpc.AdminServiceStub(decisions).ListKeys(admin_pb2.ListKeysRequest(), timeout=10)
+            assert absent.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        admin_address = f"127.0.0.1:{admin_port}"
+        for refused in (server_tls, proxy_mtls):  # no client certificate, or one from the proxies' CA
+            with grpc.secure_channel(admin_address, refused, options=options) as channel, pytest.raises(grpc.RpcError):
+                admin_pb2_grpc.AdminServiceStub(channel).ListKeys(admin_pb2.ListKeysRequest(), timeout=5)
+        with grpc.secure_channel(admin_address, admin_mtls, options=options) as channel:
+            assert admin_pb2_grpc.AdminServiceStub(channel).ListKeys(admin_pb2.ListKeysRequest(), timeout=10).keys == []
+            with pytest.raises(grpc.RpcError) as elsewhere:
+                policy_pb2_grpc.PolicyServiceStub(channel).Release(policy_pb2.ReleaseRequest(request_id="x"), timeout=10)
+            assert elsewhere.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        process.stop()

@@ -19,6 +19,72 @@ ACTIVE: KeyState
 PAUSED: KeyState
 REVOKED: KeyState
 
+class AdminCredential(_message.Message):
+    __slots__ = ("id", "customer_id", "label", "prefix", "created_unix_ms", "revoked_unix_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    customer_id: str
+    label: str
+    prefix: str
+    created_unix_ms: int
+    revoked_unix_ms: int
+    def __init__(self, id: _Optional[str] = ..., customer_id: _Optional[str] = ..., label: _Optional[str] = ..., prefix: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., revoked_unix_ms: _Optional[int] = ...) -> None: ...
+
+class CreateAdminCredentialRequest(_message.Message):
+    __slots__ = ("customer_id", "label")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    label: str
+    def __init__(self, customer_id: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+
+class CreateAdminCredentialResponse(_message.Message):
+    __slots__ = ("credential", "secret")
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    credential: AdminCredential
+    secret: str
+    def __init__(self, credential: _Optional[_Union[AdminCredential, _Mapping]] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class ListAdminCredentialsRequest(_message.Message):
+    __slots__ = ("customer_id",)
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
+
+class ListAdminCredentialsResponse(_message.Message):
+    __slots__ = ("credentials",)
+    CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    credentials: _containers.RepeatedCompositeFieldContainer[AdminCredential]
+    def __init__(self, credentials: _Optional[_Iterable[_Union[AdminCredential, _Mapping]]] = ...) -> None: ...
+
+class RevokeAdminCredentialRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class LinkCustomerRequest(_message.Message):
+    __slots__ = ("customer_id", "parent_id")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    parent_id: str
+    def __init__(self, customer_id: _Optional[str] = ..., parent_id: _Optional[str] = ...) -> None: ...
+
+class LinkCustomerResponse(_message.Message):
+    __slots__ = ("customer_id", "parent_id")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    parent_id: str
+    def __init__(self, customer_id: _Optional[str] = ..., parent_id: _Optional[str] = ...) -> None: ...
+
 class ApiKey(_message.Message):
     __slots__ = ("id", "label", "prefix", "owner", "state", "scopes", "created_unix_ms", "rotated_unix_ms", "previous_secret_expires_unix_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -319,18 +385,24 @@ class UsageReportResponse(_message.Message):
     def __init__(self, currency: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[UsageReportRow, _Mapping]]] = ...) -> None: ...
 
 class BucketState(_message.Message):
-    __slots__ = ("label", "unit", "window", "used", "limit")
+    __slots__ = ("label", "unit", "window", "used", "limit", "scope", "thresholds", "action")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     UNIT_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
     label: str
     unit: str
     window: str
     used: int
     limit: int
-    def __init__(self, label: _Optional[str] = ..., unit: _Optional[str] = ..., window: _Optional[str] = ..., used: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+    scope: str
+    thresholds: _containers.RepeatedScalarFieldContainer[int]
+    action: str
+    def __init__(self, label: _Optional[str] = ..., unit: _Optional[str] = ..., window: _Optional[str] = ..., used: _Optional[int] = ..., limit: _Optional[int] = ..., scope: _Optional[str] = ..., thresholds: _Optional[_Iterable[int]] = ..., action: _Optional[str] = ...) -> None: ...
 
 class KeyReview(_message.Message):
     __slots__ = ("key", "allowed_models", "buckets", "spend_today_nanos", "spend_month_nanos", "last_used_unix_ms", "requests", "denials", "errors", "denials_by_reason")

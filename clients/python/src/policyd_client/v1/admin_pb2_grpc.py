@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Callers: the operator (POLICYD_ADMIN_TOKEN) may call everything. A scoped admin credential
+    (CreateAdminCredential) acts only on its customer and that customer's sub-customers (LinkCustomer),
+    and never on policy, credit, reconciliation, audit or rebuild: anything outside its scope answers
+    NOT_FOUND (resources by id) or PERMISSION_DENIED (the rest), with the reason `out_of_scope`.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -129,10 +133,34 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.RebuildRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.RebuildResponse.FromString,
                 _registered_method=True)
+        self.CreateAdminCredential = channel.unary_unary(
+                '/policyd.v1.AdminService/CreateAdminCredential',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.CreateAdminCredentialRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.CreateAdminCredentialResponse.FromString,
+                _registered_method=True)
+        self.ListAdminCredentials = channel.unary_unary(
+                '/policyd.v1.AdminService/ListAdminCredentials',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.ListAdminCredentialsRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.ListAdminCredentialsResponse.FromString,
+                _registered_method=True)
+        self.RevokeAdminCredential = channel.unary_unary(
+                '/policyd.v1.AdminService/RevokeAdminCredential',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.RevokeAdminCredentialRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.AdminCredential.FromString,
+                _registered_method=True)
+        self.LinkCustomer = channel.unary_unary(
+                '/policyd.v1.AdminService/LinkCustomer',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.LinkCustomerRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.LinkCustomerResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Callers: the operator (POLICYD_ADMIN_TOKEN) may call everything. A scoped admin credential
+    (CreateAdminCredential) acts only on its customer and that customer's sub-customers (LinkCustomer),
+    and never on policy, credit, reconciliation, audit or rebuild: anything outside its scope answers
+    NOT_FOUND (resources by id) or PERMISSION_DENIED (the rest), with the reason `out_of_scope`.
+    """
 
     def CreateKey(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -248,6 +276,30 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAdminCredential(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdminCredentials(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAdminCredential(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LinkCustomer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -346,6 +398,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.RebuildRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.RebuildResponse.SerializeToString,
             ),
+            'CreateAdminCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAdminCredential,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.CreateAdminCredentialRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.CreateAdminCredentialResponse.SerializeToString,
+            ),
+            'ListAdminCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdminCredentials,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.ListAdminCredentialsRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.ListAdminCredentialsResponse.SerializeToString,
+            ),
+            'RevokeAdminCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAdminCredential,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.RevokeAdminCredentialRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.AdminCredential.SerializeToString,
+            ),
+            'LinkCustomer': grpc.unary_unary_rpc_method_handler(
+                    servicer.LinkCustomer,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.LinkCustomerRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.LinkCustomerResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'policyd.v1.AdminService', rpc_method_handlers)
@@ -355,7 +427,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """Missing associated documentation comment in .proto file."""
+    """Callers: the operator (POLICYD_ADMIN_TOKEN) may call everything. A scoped admin credential
+    (CreateAdminCredential) acts only on its customer and that customer's sub-customers (LinkCustomer),
+    and never on policy, credit, reconciliation, audit or rebuild: anything outside its scope answers
+    NOT_FOUND (resources by id) or PERMISSION_DENIED (the rest), with the reason `out_of_scope`.
+    """
 
     @staticmethod
     def CreateKey(request,
@@ -860,6 +936,114 @@ class AdminService:
             '/policyd.v1.AdminService/Rebuild',
             policyd_dot_v1_dot_admin__pb2.RebuildRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.RebuildResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAdminCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/CreateAdminCredential',
+            policyd_dot_v1_dot_admin__pb2.CreateAdminCredentialRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.CreateAdminCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdminCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/ListAdminCredentials',
+            policyd_dot_v1_dot_admin__pb2.ListAdminCredentialsRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.ListAdminCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAdminCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/RevokeAdminCredential',
+            policyd_dot_v1_dot_admin__pb2.RevokeAdminCredentialRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.AdminCredential.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LinkCustomer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/LinkCustomer',
+            policyd_dot_v1_dot_admin__pb2.LinkCustomerRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.LinkCustomerResponse.FromString,
             options,
             channel_credentials,
             insecure,
