@@ -83,14 +83,24 @@ class PostgresServer:
         self.data = os.path.join(self.dir, "data")
         self._run([str(self.bin / "initdb"), "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
                    "--no-sync"])
+        self.start()
+
+    def start(self) -> None:
         self.process = subprocess.Popen(
             self._as_user([str(self.bin / "postgres"), "-D", self.data, "-p", str(self.port), "-h", "127.0.0.1",
                            "-k", self.dir, "-c", "fsync=off", "-c", "full_page_writes=off",
                            "-c", "synchronous_commit=off", "-c", "max_connections=200"]),
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "pg.log"), "wb"),
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "pg.log"), "ab"),
         )
         wait_port(self.port)
         self._wait_ready()
+
+    def stop(self) -> None:
+        """Fast shutdown (open connections are cut); the data stays for start()."""
+        if self.process.poll() is None:
+            # pg_ctl signals the postmaster itself (runuser, its parent here, forwards no signal)
+            self._run([str(self.bin / "pg_ctl"), "stop", "-D", self.data, "-m", "fast", "-w", "-t", "30"])
+            self.process.wait(timeout=30)
 
     def _as_user(self, args: list[str]) -> list[str]:
         return ["runuser", "-u", "postgres", "--", *args] if self.user else args

@@ -183,13 +183,26 @@ def nanos(browser: Any, css: str) -> int:
     return value
 
 
+def wait_for(browser: Any, css: str, text: str, contains: bool = False) -> None:
+    """After a click: wait until the next page shows `text` in `css` (the old page's elements go stale)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def shown(driver: Any) -> bool:
+        found = driver.find_element(By.CSS_SELECTOR, css).text
+        return text in found if contains else found == text
+
+    WebDriverWait(browser, 20, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(shown)
+
+
 def login(browser: Any, url: str, token: str) -> None:
     from selenium.webdriver.common.by import By
 
     browser.get(url + "/login")
     browser.find_element(By.NAME, "token").send_keys(token)
     browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-    assert browser.find_element(By.TAG_NAME, "h1").text == "Spend overview"
+    wait_for(browser, "h1", "Spend overview")
 
 
 def test_pages_show_the_ledgers_numbers_and_pause_works(deployment: Deployment, browser: Any) -> None:
@@ -244,18 +257,19 @@ def test_pages_show_the_ledgers_numbers_and_pause_works(deployment: Deployment, 
     assert nanos(browser, "#review tr:nth-child(12) td") == spend  # spend this month
     shot(browser, "key")
     browser.find_element(By.ID, "key-pause").click()
-    assert "Pause key" in browser.find_element(By.TAG_NAME, "h1").text
+    wait_for(browser, "h1", "Pause key", contains=True)
     shot(browser, "key-pause-confirm")
     browser.find_element(By.ID, "confirm").click()
-    assert browser.find_element(By.ID, "key-state").text == "paused"
+    wait_for(browser, "#key-state", "paused")
     denied = deployment.call("acme-batch", "gpt-4o-mini", "after-pause", "batch", "t-3")
     assert (denied.decision, denied.reason) == (policy_pb2.DENY, "key_paused")
     assert deployment.call("acme-prod", "gpt-4o-mini", "sibling", "search", "t-2").decision == policy_pb2.ALLOW
     actions = deployment.sql("select detail from events where kind = 'admin_action'")
     assert len(actions) == 1 and key_id in actions[0]["detail"] and "key_pause" in actions[0]["detail"]
     browser.find_element(By.ID, "key-resume").click()
+    wait_for(browser, "h1", "Resume key", contains=True)
     browser.find_element(By.ID, "confirm").click()
-    assert browser.find_element(By.ID, "key-state").text == "active"
+    wait_for(browser, "#key-state", "active")
     assert deployment.call("acme-batch", "gpt-4o-mini", "after-resume", "batch", "t-3").decision == policy_pb2.ALLOW
 
     # incidents: this window against the one before; every charged key moved up
