@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policyd.http_api import REQUEST_BODY_BYTES_MAX
+from policyd.http_api import REQUEST_BODY_BYTES_MAX, REQUEST_HEADERS_BYTES_MAX
+from policyd.http_api import REQUEST_HEADERS_COUNT_MAX as HEADERS_COUNT_MAX
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,11 @@ class Upstream:
     port: int
     tls: bool = False
 
+
+# Envoy's own limits on request headers: a backstop at twice policyd's (http_api.REQUEST_HEADERS_*_MAX).
+# Past these Envoy's codec drops the connection; below them policyd answers 431 with a JSON error and a record.
+REQUEST_HEADERS_KB_MAX = 2 * REQUEST_HEADERS_BYTES_MAX // 1024
+REQUEST_HEADERS_COUNT_MAX = 2 * HEADERS_COUNT_MAX
 
 DEFAULT_UPSTREAMS = (
     Upstream("openai", "127.0.0.1", 8080),
@@ -74,6 +80,8 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: gateway
           stream_idle_timeout: 300s
+          max_request_headers_kb: {REQUEST_HEADERS_KB_MAX}
+          common_http_protocol_options: {{max_headers_count: {REQUEST_HEADERS_COUNT_MAX}}}
           route_config:
             name: providers
             virtual_hosts:
@@ -96,6 +104,16 @@ static_resources:
                     type: invalid_request_error
                     code: request_too_large
                     message: "The request body is larger than this gateway accepts ({body_bytes_max} bytes)."
+                content_type: application/json
+            - filter:
+                status_code_filter:
+                  comparison: {{op: EQ, value: {{default_value: 431, runtime_key: policyd.headers_too_large}}}}
+              body_format_override:
+                json_format:
+                  error:
+                    type: invalid_request_error
+                    code: request_headers_too_large
+                    message: "The request headers are larger than this gateway accepts ({REQUEST_HEADERS_KB_MAX} KiB, {REQUEST_HEADERS_COUNT_MAX} headers)."
                 content_type: application/json
           http_filters:
           - name: envoy.filters.http.ext_authz

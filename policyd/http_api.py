@@ -21,6 +21,8 @@ from typing import Any
 from policyd.domain import Attribution, AuthorizeInput, Shape, trace_id_from
 
 REQUEST_BODY_BYTES_MAX = 10 * 1024 * 1024
+REQUEST_HEADERS_BYTES_MAX = 32 * 1024  # names and values, all headers together
+REQUEST_HEADERS_COUNT_MAX = 100
 JSON_DEPTH_MAX = 64
 
 _PATHS = [
@@ -141,6 +143,10 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.attribution = _attribution(headers)
     forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
     call.client_address = forwarded or client_address
+    if len(headers) > REQUEST_HEADERS_COUNT_MAX or \
+            sum(len(k) + len(v) for k, v in headers.items()) > REQUEST_HEADERS_BYTES_MAX:
+        return _problem(call, "request_headers_too_large", f"the request headers are larger than "
+                        f"{REQUEST_HEADERS_BYTES_MAX // 1024} KiB or more than {REQUEST_HEADERS_COUNT_MAX} headers")
     if listing:
         return call
     if not endpoint:

@@ -30,6 +30,7 @@ _REASONS = [
     Reason("invalid_request", 400, "invalid_request_error"),
     Reason("invalid_metadata", 400, "invalid_request_error"),
     Reason("request_too_large", 413, "invalid_request_error"),
+    Reason("request_headers_too_large", 431, "invalid_request_error"),
     Reason("no_policy", 503, "server_error"),
     Reason("unknown_plan", 403, "permission_error"),
     Reason("insufficient_quota", 429, "insufficient_quota"),

@@ -34,7 +34,7 @@ DECISIONS = {"allow": policy_pb2.ALLOW, "deny": policy_pb2.DENY, "downgrade": po
 KEY_STATES = {"active": admin_pb2.ACTIVE, "paused": admin_pb2.PAUSED, "revoked": admin_pb2.REVOKED}
 REASON_METADATA = "policyd-reason"
 # what a proxy may report as AuthorizeRequest.problem: it found the HTTP request unusable
-PROXY_PROBLEMS = frozenset({"invalid_request", "request_too_large", "unknown_endpoint"})
+PROXY_PROBLEMS = frozenset({"invalid_request", "request_too_large", "request_headers_too_large", "unknown_endpoint"})
 
 
 async def _call(context: grpc.aio.ServicerContext, action: Callable[[], Awaitable[T]]) -> T:

@@ -392,3 +392,24 @@ def test_a_provider_that_never_answers_is_released_not_charged(gateway: Gateway)
     record = _eventually(gateway, "e2e-stall-1", lambda r: r["status"] != "reserved")
     assert (record["status"], record["close_reason"], record["charge_nanos"]) == ("released", "no_response", 0)
     assert gateway.wallet("e2e-stall").reserved_nanos == 0
+
+
+def test_limits_on_headers_and_metadata_answer_clear_errors_and_move_no_money(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-limits", credit="1")
+    url = f"{gateway.base_url}/chat/completions"
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "limits"}]}).encode()
+    auth = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    before = len(gateway.mock.received())
+    code, _, reply = post(url, {**auth, "x-padding": "p" * 40 * 1024, "x-policyd-request-id": "e2e-limits-0"}, body)
+    assert (code, reply["error"]["code"]) == (431, "request_headers_too_large")  # past 32 KiB of headers
+    assert gateway.record("e2e-limits-0")["reason"] == "request_headers_too_large"
+    code, _, reply = post(url, {**auth, **{f"x-extra-{i}": "1" for i in range(120)}}, body)  # past 100 headers
+    assert (code, reply["error"]["code"]) == (431, "request_headers_too_large")
+    code, _, reply = post(url, {**auth, "x-feature": "f" * 300, "x-policyd-request-id": "e2e-limits-1"}, body)
+    assert (code, reply["error"]["code"], reply["error"]["param"]) == (400, "invalid_metadata", "feature")
+    assert gateway.record("e2e-limits-1")["reason"] == "invalid_metadata"
+    code, _, reply = post(url, {**auth, **{f"x-policyd-tag-t{i}": "v" for i in range(40)}}, body)
+    assert (code, reply["error"]["code"], reply["error"]["param"]) == (400, "invalid_metadata", "tags")
+    assert len(gateway.mock.received()) == before  # none reached the provider
+    wallet = gateway.wallet("e2e-limits")
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("1"), 0)

@@ -115,6 +115,13 @@ async def test_errors_carry_status_and_machine_reason(channel: grpc.aio.Channel)
     assert no_key.value.code() == grpc.StatusCode.NOT_FOUND
     unknown_endpoint = await policy.Authorize(policy_pb2.AuthorizeRequest(api_key="x", model="gpt-4o"))
     assert (unknown_endpoint.decision, unknown_endpoint.reason) == (policy_pb2.DENY, "unknown_endpoint")
+    for request in (admin_pb2.CreateKeyRequest(customer_id="acme", plan="pro", environment="production", label="l" * 257),
+                    admin_pb2.CreateKeyRequest(customer_id="c" * 129, plan="pro", environment="production"),
+                    admin_pb2.CreateKeyRequest(customer_id="acme", plan="pro", environment="production",
+                                               scopes=[f"s{i}" for i in range(100)])):
+        with pytest.raises(grpc.aio.AioRpcError) as too_long:  # limits on what admins send, too
+            await admin.CreateKey(request, metadata=AUTH)
+        assert too_long.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 async def test_every_admin_call_needs_the_token(channel: grpc.aio.Channel) -> None:
