@@ -7,6 +7,8 @@ more implementation of the same client interface, not a special case.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -100,6 +102,9 @@ class SettleResult:
     balance_after: int = 0
 
 
+RECENT_RESERVATIONS_MAX = 20_000  # open reservations this process made whose facts it keeps (a few KB each)
+
+
 @dataclass(frozen=True)
 class Reservation:
     request_id: str
@@ -120,6 +125,7 @@ class Counters:
         self.client = client
         self.partitions = partitions
         self.cluster = type(client).__name__ == "RedisCluster"
+        self._recent: OrderedDict[str, Reservation] = OrderedDict()
         self._authorize = client.register_script(_load("authorize"))
         self._settle = client.register_script(_load("settle"))
         self._release = client.register_script(_load("release"))
@@ -190,7 +196,22 @@ class Counters:
             return AuthorizeResult("deny", reason=_text(reply[1]), label=_text(reply[2]))
         return AuthorizeResult("exists", state=_text(reply[1]), same_key=_text(reply[2]) == "1")
 
+    def remember(self, reservation: Reservation) -> None:
+        """Keep the facts of a reservation this process just made, so its Settle or Release (most often
+        sent to the same process) needs one round trip to Redis instead of three. The facts never
+        change after Authorize; the state is checked by the settle/release scripts themselves."""
+        self._recent[reservation.request_id] = reservation
+        if len(self._recent) > RECENT_RESERVATIONS_MAX:
+            self._recent.popitem(last=False)
+
+    def forget(self, request_id: str) -> None:
+        self._recent.pop(request_id, None)
+
     async def find_reservation(self, request_id: str) -> Reservation | None:
+        """The facts of a reservation (its state may be stale: the scripts check it)."""
+        recent = self._recent.get(request_id)
+        if recent is not None:
+            return recent
         partition = await self.client.get(redis_keys.request_index(request_id))
         if partition is None:
             return None

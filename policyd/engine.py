@@ -349,9 +349,10 @@ class Engine:
         payload = json.dumps({"record": record, "limit_reasons": limit_reasons, "messages": MESSAGES}, separators=(",", ":"))
         wallet = record["wallet_id"]
         fields = {"record": record, "input_tokens_estimate": attempt.input_tokens}
+        partition = self.counters.partition_of(owner.customer_id)
         try:
-            return await self.counters.authorize(
-                partition=self.counters.partition_of(owner.customer_id), request_id=request_id,
+            result = await self.counters.authorize(
+                partition=partition, request_id=request_id,
                 key_id=owner.api_key_id, customer_id=wallet, secret_hash=secret_hash, now_ms=at,
                 expires_ms=at + self.reservation_ttl_ms,
                 check_wallet=plan is not None and plan.wallet == "required",
@@ -359,6 +360,10 @@ class Engine:
                 payload=payload, reservation_fields=json.dumps(fields, separators=(",", ":")),
                 preset_denial=preset, buckets=attempt.holds,
             )
+            if result.outcome == "allow":
+                self.counters.remember(Reservation(request_id, partition, "reserved", result.reserved,
+                                                   at + self.reservation_ttl_ms, fields))
+            return result
         except (ConnectionError, OSError, TimeoutError, Fenced) as error:
             log.error("counters unavailable during authorize of %s: %s", request_id, type(error).__name__)
             return None
@@ -542,6 +547,8 @@ class Engine:
             )
         except Fenced:
             raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None
+        if result.outcome in ("settled", "settled_late", "exists", "released"):
+            self.counters.forget(report.request_id)
         if result.outcome == "conflict":
             raise await self._reject(report.request_id, reservation.partition, "exists_with_different_usage",
                                      "this request was already settled with other numbers", asdict(report))
@@ -600,11 +607,14 @@ class Engine:
 
     async def _void(self, reservation: Reservation, target: str, reason: str) -> tuple[str, str]:
         r = reservation.record
-        return await self.counters.release(
+        outcome = await self.counters.release(
             reservation, customer_id=r["wallet_id"], key_id=r["api_key_id"], now_ms=self.clock(), target=target,
             reason=reason, retention_seconds=RESULT_RETENTION_SECONDS,
             bucket_releases=[(key, -held) for key, _, held in r["holds"]],
         )
+        if target == "released":  # an expired one stays settleable (late): keep its facts until then
+            self.counters.forget(reservation.request_id)
+        return outcome
 
     async def expire_due(self) -> int:
         """Void every reservation past its deadline, in every partition; how many were voided."""

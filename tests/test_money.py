@@ -393,3 +393,55 @@ async def test_a_closed_request_id_cannot_authorize_again(service: Service) -> N
     assert (again.decision, again.reason, again.error_param) == ("deny", "invalid_request", "request_id")
     assert "released" in again.message
     assert await service.counters.wallet("acme") == (USD, 0)
+
+
+async def test_settle_and_release_after_a_local_authorize_take_one_redis_round_trip(redis_server, postgres_server) -> None:
+    """The hot path: Authorize is one script (plus the request index, pipelined); the Settle or Release
+    of a reservation this process made runs its script alone, with no lookup before it. Counted by a
+    real redis-server (INFO commandstats)."""
+    import secrets
+
+    from tests.conftest import SAMPLE_POLICY, make_settings
+
+    # background loops slowed down: the counts below are this test's commands alone
+    service = await Service.build(make_settings(
+        {"redis_url": redis_server.url, "database_url": postgres_server.create_database("rt_" + secrets.token_hex(4))},
+        writer_enabled=False, sweeper_interval_ms=600_000, policy_refresh_ms=600_000))
+    await service.start()
+    try:
+        await _one_round_trip(service)
+    finally:
+        await service.close()
+
+
+async def _one_round_trip(service: Service) -> None:
+    from tests.conftest import SAMPLE_POLICY
+
+    await service.admin.apply_policy(SAMPLE_POLICY, "p.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "5")
+    client = service.counters.client
+
+    async def calls() -> dict[str, int]:
+        stats = await client.info("commandstats")
+        return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+    for rid in ("warm-1", "warm-2"):  # the first use of a script loads it (NOSCRIPT, SCRIPT LOAD, EVALSHA)
+        assert (await service.engine.authorize(ask(secret, request_id=rid))).decision == "allow"
+    await service.engine.settle(usage("warm-1"))
+    await service.engine.release("warm-2", "warm-up")
+    for rid, close in (("rt-1", "settle"), ("rt-2", "release")):
+        assert (await service.engine.authorize(ask(secret, request_id=rid))).decision == "allow"
+        before = await calls()
+        if close == "settle":
+            assert (await service.engine.settle(usage(rid))).outcome == "settled"
+        else:
+            assert (await service.engine.release(rid, "provider_error")).outcome == "released"
+        after = await calls()
+        changed = {name: after.get(name, 0) - before.get(name, 0) for name in ("get", "hgetall", "evalsha", "eval")}
+        assert changed == {"get": 0, "hgetall": 0, "evalsha": 1, "eval": 0}, (close, changed)
+    # another process (no local facts) still settles, with the lookups
+    service.counters.forget("rt-3")
+    assert (await service.engine.authorize(ask(secret, request_id="rt-3"))).decision == "allow"
+    service.counters.forget("rt-3")
+    assert (await service.engine.settle(usage("rt-3"))).outcome == "settled"
