@@ -63,8 +63,10 @@ def generate(url: str, records: int, seed: int = 11) -> None:
             for i in range(done, done + chunk):
                 customer = f"cust{rng.randrange(CUSTOMERS)}"
                 cost = rng.randrange(1_000, 5_000_000)
+                # records arrive in time order (the writer appends them as decisions happen), a minute of jitter
+                created = START_MS + (i * SPAN_MS) // records + rng.randrange(60_000)
                 buffer.write("\t".join(map(str, (
-                    f"r{i}", START_MS + rng.randrange(SPAN_MS), customer, f"key_{customer}", rng.choice(FEATURES),
+                    f"r{i}", created, customer, f"key_{customer}", rng.choice(FEATURES),
                     f"t{rng.randrange(100000)}", rng.choice(MODELS), rng.choice(MODELS), "openai", "allow", "settled",
                     rng.randrange(10, 5000), rng.randrange(1, 2000), cost, cost * 12 // 10))) + "\t" + tail + "\n")
             buffer.seek(0)

@@ -23,6 +23,7 @@ TOP_DIMENSIONS = ("customer", "key", "feature", "thread")
 INCIDENT_DIMENSIONS = ("key", "feature", "thread", "model")
 STACKED_SERIES_MAX = 6  # the biggest groups; the rest is summed as "other"
 TOP_ROWS = 10
+MOVER_CANDIDATES = 200  # threads that spent most in the window, compared with their window before
 LATEST_RECORDS = 50
 HISTORY_DAYS = 30
 
@@ -92,9 +93,7 @@ class DashboardData:
                 tops = {d: rollups.top(session, d, period, since, until, figure, TOP_ROWS)
                         for d in TOP_DIMENSIONS if d != "thread"}
                 # threads are too many to roll up: the top ones come from the records of the last day at most
-                threads = reports.usage_report(session, ["thread"], max(since, at - DAY_MS), until)
-                threads.sort(key=lambda r: (-r.figures[figure], r.group["thread"]))
-                tops["thread"] = threads[:TOP_ROWS]
+                tops["thread"] = reports.top_groups(session, "thread", max(since, at - DAY_MS), until, figure, TOP_ROWS)
                 biggest = [r.group[by] for r in rollups.top(session, by, period, since, until, figure,
                                                             STACKED_SERIES_MAX + 1) if r.figures[figure] > 0]
                 shown = biggest[:STACKED_SERIES_MAX]
@@ -183,9 +182,11 @@ class DashboardData:
     async def incidents(self, hours: int) -> Incidents:
         await self._fresh()
         at = now_ms()
-        until = at - at % HOUR_MS + HOUR_MS
-        since = until - hours * HOUR_MS
-        before = since - hours * HOUR_MS
+        # up to two days: hourly sums; longer windows compare whole days (a week is 7 rows per value, not 168)
+        period, step = ("hour", HOUR_MS) if hours <= 48 else ("day", DAY_MS)
+        until = at - at % step + step
+        since = until - -(-hours * HOUR_MS // step) * step
+        before = since - (until - since)
         thread_hours = min(hours, 24)  # threads come from the records: a day at most
 
         def run() -> Incidents:
@@ -193,17 +194,21 @@ class DashboardData:
             with self.store.session() as session:
                 for d in INCIDENT_DIMENSIONS:
                     if d == "thread":
-                        rows = reports.usage_report(session, [d], until - thread_hours * HOUR_MS, until,
-                                                    compare_previous=True)
+                        start = at - thread_hours * HOUR_MS
+                        rows = reports.top_groups(session, d, start, at, "charge_nanos", MOVER_CANDIDATES)
+                        then = {r.group[d]: r.figures for r in reports.top_groups(
+                            session, d, start - thread_hours * HOUR_MS, start, "charge_nanos", MOVER_CANDIDATES,
+                            only=[r.group[d] for r in rows])}
+                        rows = [replace(r, previous=then.get(r.group[d], {})) for r in rows]
+                        rows.sort(key=lambda r: (-(r.figures["charge_nanos"] - r.previous.get("charge_nanos", 0)), r.group[d]))
                     else:
-                        then = {r.group[d]: r.figures for r in rollups.top(session, d, "hour", before, since, "charge_nanos")}
+                        then = {r.group[d]: r.figures for r in rollups.top(session, d, period, before, since, "charge_nanos")}
                         rows = [replace(r, previous=then.get(r.group[d], {}))
-                                for r in rollups.top(session, d, "hour", since, until, "charge_nanos")]
+                                for r in rollups.top(session, d, period, since, until, "charge_nanos")]
                         rows.sort(key=lambda r: (-(r.figures["charge_nanos"] - r.previous.get("charge_nanos", 0)), r.group[d]))
                     view.movers[d] = [r for r in rows if r.group[d]][:5]
-                threads = reports.usage_report(session, ["thread"], until - thread_hours * HOUR_MS, until)
-                view.busiest_threads = sorted((r for r in threads if r.group["thread"]),
-                                              key=lambda r: (-r.figures["requests"], r.group["thread"]))[:5]
+                view.busiest_threads = reports.top_groups(session, "thread", at - thread_hours * HOUR_MS, at,
+                                                          "requests", 5)
                 view.anomalies = list(session.scalars(
                     select(EventRow).where(EventRow.kind == "alert", EventRow.created_ms >= since - HOUR_MS)
                     .order_by(EventRow.created_ms.desc()).limit(100)))

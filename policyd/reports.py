@@ -110,6 +110,22 @@ def _query(session: Session, group_by: list[str], since_ms: int, until_ms: int, 
     return out
 
 
+def top_groups(session: Session, dimension: str, since_ms: int, until_ms: int, order_by: str, limit: int,
+               only: list[str] | None = None) -> list[ReportRow]:
+    """The `limit` groups of one dimension with the biggest `order_by` figure, sorted and limited in SQL
+    (for dimensions with too many values to bring them all back, such as threads)."""
+    column = DIMENSIONS[dimension].label(dimension)
+    figures = figure_columns()
+    ordering = next(f for f in figures if f.name == order_by)
+    query = (select(column, *figures).where(UsageRecordRow.created_ms >= since_ms, UsageRecordRow.created_ms < until_ms,
+                                            DIMENSIONS[dimension] != "")
+             .group_by(column).order_by(ordering.desc(), column).limit(limit))
+    if only is not None:
+        query = query.where(DIMENSIONS[dimension].in_(only))
+    return [ReportRow({dimension: str(row._mapping[dimension])}, "",
+                      {name: int(row._mapping[name] or 0) for name in FIGURES}) for row in session.execute(query)]
+
+
 def usage_report(session: Session, group_by: list[str], since_ms: int, until_ms: int, bucket: str = "",
                  customer_id: str = "", compare_previous: bool = False) -> list[ReportRow]:
     unknown = [d for d in group_by if d not in DIMENSIONS]

@@ -48,6 +48,9 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_usage_records_updated_ms'), ['updated_ms'], unique=False)
 
     # ### end Alembic commands ###
+    # statistics for the new column, so the rollups' "written since" lookup uses its index at once
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("ANALYZE usage_records")
 
 
 def downgrade() -> None:
