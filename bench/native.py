@@ -4,7 +4,8 @@ no-op grpc.aio servicer measured in the same run as the floor.
     python -m bench.native [--seconds 10] [--concurrency 32] [--redis-url ...] [--database-url ...]
 
 Without URLs it starts a throwaway redis-server and PostgreSQL on loopback (the writer drains to it).
-The load generator runs in this process, bounded in time, on loopback only.
+policyd (`policyd serve`) and the floor (bench/noop_servers.py) each run as a process of their own;
+the load generator runs in this process, bounded in time, on loopback only.
 """
 
 from __future__ import annotations
@@ -18,14 +19,6 @@ from typing import Any
 import grpc
 
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
-
-
-class NoopPolicy(policy_pb2_grpc.PolicyServiceServicer):
-    async def Authorize(self, request: Any, context: Any) -> Any:
-        return policy_pb2.AuthorizeResponse(decision=policy_pb2.ALLOW, request_id=request.attribution.request_id)
-
-    async def Settle(self, request: Any, context: Any) -> Any:
-        return policy_pb2.SettleResponse(outcome=policy_pb2.SETTLED, request_id=request.request_id)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -71,45 +64,44 @@ async def drive(address: str, key: str, seconds: float, concurrency: int, prefix
     }
 
 
-async def floor(seconds: float, concurrency: int) -> dict:
-    server = grpc.aio.server()
-    policy_pb2_grpc.add_PolicyServiceServicer_to_server(NoopPolicy(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+def floor(seconds: float, concurrency: int) -> dict:
+    """The no-op servicer in a process of its own, like policyd."""
+    import subprocess
+    import sys
+
+    from tests.servers import free_port, wait_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "bench.noop_servers", str(port)],
+                               cwd=os.path.join(os.path.dirname(__file__), ".."))
     try:
-        return await drive(f"127.0.0.1:{port}", "k", seconds, concurrency, "noop")
+        wait_port(port)
+        return asyncio.run(drive(f"127.0.0.1:{port}", "k", seconds, concurrency, "noop"))
     finally:
-        await server.stop(0)
+        process.terminate()
+        process.wait(timeout=10)
 
 
-async def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str) -> dict:
-    from policyd.server import Service, make_grpc_server
-    from policyd.settings import Settings
+def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str) -> dict:
+    """`policyd serve` in a process of its own (uvloop, the writer draining to PostgreSQL in it)."""
+    from tests.processes import PolicydProcess
 
-    sample = os.path.join(os.path.dirname(__file__), "..", "policyd", "samples", "policy.yaml")
-    service = await Service.build(Settings(redis_url=redis_url, database_url=database_url, listen="127.0.0.1:0"))
-    await service.start()
-    await service.admin.apply_policy(open(sample).read().replace("limit: 600}", "limit: 100000000}")
-                                     .replace("concurrency: 32", "concurrency: 0"), "bench.yaml")
-    server, _ = make_grpc_server(service)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    process = PolicydProcess(redis_url, database_url, policy=os.path.join(os.path.dirname(__file__), "policy.yaml"),
+                             extra_env={"POLICYD_PARTITIONS": "16"})
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(process.address) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
-            await admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="bench", source="purchase",
-                                                                 amount=types_pb2.Money(currency="USD", nanos=10**15)))
-            key = await admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="bench", plan="pro",
-                                                                   environment="production"))
-        result = await drive(f"127.0.0.1:{port}", key.secret, seconds, concurrency, "bench")
-        lag_started = time.perf_counter()
-        await service.writer.drain()
-        result["writer_catch_up_seconds"] = round(time.perf_counter() - lag_started, 2)
-        result["audit_ok"] = (await service.admin.audit()).ok
+            admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="bench", source="purchase",
+                                                           amount=types_pb2.Money(currency="USD", nanos=10**15)))
+            key = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="bench", plan="bench",
+                                                             environment="production"))
+            result = asyncio.run(drive(process.address, key.secret, seconds, concurrency, "bench"))
+            lag_started = time.perf_counter()
+            result["audit_ok"] = admin.Audit(admin_pb2.AuditRequest(), timeout=300).ok  # drains the writer first
+            result["writer_catch_up_seconds"] = round(time.perf_counter() - lag_started, 2)
         return result
     finally:
-        await server.stop(0)
-        await service.close()
+        process.stop()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -131,8 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
             servers.append(PostgresServer())
             database_url = servers[-1].create_database("bench")
     try:
-        noop = asyncio.run(floor(args.seconds, args.concurrency))
-        real = asyncio.run(policyd(args.seconds, args.concurrency, redis_url, database_url))
+        noop = floor(args.seconds, args.concurrency)
+        real = policyd(args.seconds, args.concurrency, redis_url, database_url)
     finally:
         for server in servers:
             server.close()

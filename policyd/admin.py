@@ -16,7 +16,7 @@ from typing import Any
 
 from policyd import keys as key_secrets
 from policyd import redis_keys
-from policyd.counters import Counters, Fenced
+from policyd.counters import REQUEST_INDEX_SECONDS, Counters, Fenced
 from policyd.db import ApiKeyRow, PolicyVersionRow
 from policyd.directory import KeyDirectory
 from policyd.domain import PolicydError
@@ -420,7 +420,7 @@ class Admin:
                 "expires": str(max(expires, at)), "r": json.dumps(fields, separators=(",", ":")),
             })
             await client.zadd(redis_keys.deadlines(p), {row.request_id: max(expires, at)})
-            await client.set(redis_keys.request_index(row.request_id), str(p), ex=7 * 86400)
+            await client.set(redis_keys.request_index(row.request_id), str(p), ex=REQUEST_INDEX_SECONDS)
             written += 1
         for customer in set(balances) | set(reserved):
             p = self.counters.partition_of(customer)

@@ -102,6 +102,7 @@ class SettleResult:
     balance_after: int = 0
 
 
+REQUEST_INDEX_SECONDS = 7 * 86400  # how long a request id can be found (settled late, retried)
 RECENT_RESERVATIONS_MAX = 20_000  # open reservations this process made whose facts it keeps (a few KB each)
 
 
@@ -179,13 +180,12 @@ class Counters:
         for b in buckets:
             args += b.args()
         if self.cluster:  # the request index lives in another slot: its own round trip
-            await self.client.set(redis_keys.request_index(request_id), str(partition), ex=7 * 86400, nx=True)
-            reply = await self._authorize(keys=keys, args=args)
-        else:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(redis_keys.request_index(request_id), str(partition), ex=7 * 86400, nx=True)
-                await self._authorize(keys=keys, args=args, client=pipe)
-                _, reply = await pipe.execute()
+            await self.client.set(redis_keys.request_index(request_id), str(partition), ex=REQUEST_INDEX_SECONDS,
+                                  nx=True)
+        else:  # one round trip: the script sets the index too
+            keys.append(redis_keys.request_index(request_id))
+            args += [str(partition), str(REQUEST_INDEX_SECONDS)]
+        reply = await self._authorize(keys=keys, args=args)
         outcome = _text(reply[0])
         if outcome == "fenced":
             raise Fenced(partition)

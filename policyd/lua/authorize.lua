@@ -9,6 +9,8 @@
 -- KEYS[6] event stream       of the partition
 -- KEYS[7] fence              exists while `policyd rebuild` rewrites the partition: refuse
 -- KEYS[8..7+n] bucket hashes used (units of the bucket), a<pct> = alerted
+-- KEYS[8+n] (standalone Redis only) the request index, request_id -> partition, which a Settle sent
+--          to another process reads; in a Redis Cluster it lives in another slot and is set apart
 -- ARGV[1]  request_id
 -- ARGV[2]  secret sha256 (hex)
 -- ARGV[3]  now, unix ms
@@ -22,6 +24,7 @@
 --          so a paused or revoked key is always reported as such first
 -- ARGV[11] n buckets, then 6 per bucket:
 --          amount, limit, mode (block|shadow), ttl seconds (0 = none), thresholds ("pct:amount,..."), label
+-- ARGV[12+6n] the partition (with KEYS[8+n]); ARGV[13+6n] the index's lifetime, seconds
 --
 -- Numbers: every amount is an integer below 2^53, so Lua doubles hold them exactly;
 -- mutations use HINCRBY/INCRBY with the ARGV strings; numbers become strings only
@@ -46,6 +49,11 @@ local bucket_count = tonumber(ARGV[11])
 local function record(outcome, reason, label, extra)
   redis.call('XADD', KEYS[6], '*', 'type', 'authorize', 'rid', request_id, 'at', ARGV[3],
     'outcome', outcome, 'reason', reason, 'label', label, 'reserved', extra, 'd', payload)
+end
+
+local index_key = KEYS[8 + bucket_count]
+if index_key then
+  redis.call('SET', index_key, ARGV[12 + 6 * bucket_count], 'EX', ARGV[13 + 6 * bucket_count], 'NX')
 end
 
 if redis.call('EXISTS', KEYS[7]) == 1 then

