@@ -1,6 +1,6 @@
 """The Envoy path: requests/s and latency of the same Envoy (one worker) as a plain proxy, with no-op
 ext_authz + ext_proc servicers, and with policyd (ext_authz + ext_proc, real Redis, the writer
-draining to real PostgreSQL), non-streamed and streamed, to a provider that is not the bottleneck
+draining to real PostgreSQL from a `policyd writer` process beside it), non-streamed and streamed, to a provider that is not the bottleneck
 (another Envoy answering with a fixed completion, measured alone first). The load generator is wrk,
 on loopback, bounded in time.
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: scripts/system-deps.sh installs it (Debian's package)")
     sys.path.insert(0, str(HERE.parent))
-    from tests.processes import PolicydProcess
+    from tests.processes import PolicydProcess, WriterProcess
     from tests.servers import PostgresServer, RedisServer
 
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-envoy-"))
@@ -229,9 +229,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         redis, postgres = RedisServer(), PostgresServer()
         started += [redis, postgres]
-        policyd = PolicydProcess(redis.url, postgres.create_database("bench"), policy=str(HERE / "policy.yaml"),
-                                 extra_env={"POLICYD_PARTITIONS": "16"})
+        database = postgres.create_database("bench")
+        policyd = PolicydProcess(redis.url, database, policy=str(HERE / "policy.yaml"),
+                                 extra_env={"POLICYD_PARTITIONS": "16", "POLICYD_WRITER_ENABLED": "false"})
         started.append(policyd)
+        started.append(WriterProcess(redis.url, database, extra_env={"POLICYD_PARTITIONS": "16"}))
         with grpc.insecure_channel(policyd.address) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="bench", source="purchase",

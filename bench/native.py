@@ -82,12 +82,15 @@ def floor(seconds: float, concurrency: int) -> dict:
         process.wait(timeout=10)
 
 
-def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str) -> dict:
-    """`policyd serve` in a process of its own (uvloop, the writer draining to PostgreSQL in it)."""
-    from tests.processes import PolicydProcess
+def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str, writer: str = "process") -> dict:
+    """`policyd serve` in a process of its own (uvloop), the writer draining to PostgreSQL in a `policyd writer`
+    process beside it (writer="process", the production shape) or inside serve (writer="inprocess")."""
+    from tests.processes import PolicydProcess, WriterProcess
 
+    separate = writer == "process"
     process = PolicydProcess(redis_url, database_url, policy=os.path.join(os.path.dirname(__file__), "policy.yaml"),
-                             extra_env={"POLICYD_PARTITIONS": "16"})
+                             extra_env={"POLICYD_PARTITIONS": "16", "POLICYD_WRITER_ENABLED": str(not separate).lower()})
+    writers = [WriterProcess(redis_url, database_url, extra_env={"POLICYD_PARTITIONS": "16"})] if separate else []
     try:
         with grpc.insecure_channel(process.address) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
@@ -101,6 +104,8 @@ def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str)
             result["writer_catch_up_seconds"] = round(time.perf_counter() - lag_started, 2)
         return result
     finally:
+        for w in writers:
+            w.stop()
         process.stop()
 
 
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--redis-url", default="")
     parser.add_argument("--database-url", default="")
+    parser.add_argument("--writer", choices=["process", "inprocess"], default="process",
+                        help="the writer in a `policyd writer` process (default) or inside serve")
     args = parser.parse_args(argv)
     servers = []
     redis_url, database_url = args.redis_url, args.database_url
@@ -124,18 +131,20 @@ def main(argv: list[str] | None = None) -> dict:
             database_url = servers[-1].create_database("bench")
     try:
         noop = floor(args.seconds, args.concurrency)
-        real = policyd(args.seconds, args.concurrency, redis_url, database_url)
+        real = policyd(args.seconds, args.concurrency, redis_url, database_url, args.writer)
     finally:
         for server in servers:
             server.close()
     ratio = real["pairs_per_second"] / noop["pairs_per_second"] if noop["pairs_per_second"] else 0.0
-    print(f"native Authorize+Settle ({args.concurrency} concurrent, {args.seconds:.0f} s, {os.cpu_count()} cores)")
+    print(f"native Authorize+Settle ({args.concurrency} concurrent, {args.seconds:.0f} s, {os.cpu_count()} cores, "
+          f"writer {'in its own process' if args.writer == 'process' else 'inside serve'})")
     print(f"{'':24} {'pairs/s':>9} {'auth p50':>9} {'auth p99':>9} {'auth p99.9':>11} {'settle p50':>11} {'settle p99':>11}")
     for name, r in (("no-op grpc.aio (floor)", noop), ("policyd (Redis + PG)", real)):
         a, s = r["authorize_ms"], r["settle_ms"]
         print(f"{name:24} {r['pairs_per_second']:>9} {a['p50']:>9} {a['p99']:>9} {a['p999']:>11} {s['p50']:>11} {s['p99']:>11}")
     print(f"ratio to floor: {ratio:.2f}; writer caught up in {real['writer_catch_up_seconds']} s; audit ok: {real['audit_ok']}")
-    return {"native": {"floor": noop, "policyd": real, "ratio": round(ratio, 3), "cores": os.cpu_count()}}
+    return {"native": {"floor": noop, "policyd": real, "ratio": round(ratio, 3), "cores": os.cpu_count(),
+                       "writer": args.writer, "concurrency": args.concurrency}}
 
 
 if __name__ == "__main__":

@@ -26,7 +26,30 @@ EXIT_AUDIT_FAILED = 3
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from policyd.server import serve
+    from policyd.server import serve, work
+
+    settings = _settings(args)
+
+    async def main() -> None:
+        shutdown = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, shutdown.set)
+        if args.command == "writer":
+            await work(settings, shutdown=shutdown)
+        else:
+            await serve(settings, shutdown=shutdown)
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> Any:
     from policyd.settings import Settings
 
     overrides: dict[str, Any] = {}
@@ -36,25 +59,13 @@ def _serve(args: argparse.Namespace) -> int:
             overrides[name] = value
     if args.policy:
         overrides["policy_file"] = args.policy
+    if args.command == "writer":
+        overrides["writer_enabled"] = True
     settings = Settings(**overrides)
     from policyd.logs import configure
 
     configure(settings.log_level)
-
-    async def main() -> None:
-        shutdown = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, shutdown.set)
-        await serve(settings, shutdown=shutdown)
-
-    try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
-    return 0
+    return settings
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
@@ -450,6 +461,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-token", dest="admin_token", help="env POLICYD_ADMIN_TOKEN")
     serve.add_argument("--policy", help="policy YAML to apply at start")
     serve.set_defaults(run=_serve)
+
+    writer = commands.add_parser("writer", help="move decisions from Redis to SQL (and run the background loops) "
+                                                "in a process of its own; pair with POLICYD_WRITER_ENABLED=false on serve")
+    for flag, dest in (("--redis-url", "redis_url"), ("--database-url", "database_url")):
+        writer.add_argument(flag, dest=dest)
+    writer.set_defaults(run=_serve, listen=None, admin_token=None, policy=None)
 
     apply = client(commands.add_parser("apply", help="apply a policy YAML file (- for stdin)"))
     apply.add_argument("-f", "--file", required=True)

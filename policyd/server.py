@@ -185,3 +185,23 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
             await dashboard.stop()
         await service.close()
         log.info("policyd stopped")
+
+
+async def work(settings: Settings, shutdown: asyncio.Event | None = None) -> None:
+    """`policyd writer`: the writer (streams to SQL) and the background loops, no listener. Run it beside
+    `policyd serve` processes started with POLICYD_WRITER_ENABLED=false, so SQL work never competes
+    with decisions for a process (several writers may run: their consumer group shares the streams)."""
+    if not settings.redis_url:
+        raise SystemExit("policyd writer needs a shared Redis (POLICYD_REDIS_URL): the embedded store lives "
+                         "inside one serve process, which writes its own records")
+    service = await Service.build(settings)
+    await service.start()
+    metrics.serve(settings.metrics_listen)
+    log.info("policyd writer running (database: %s)", settings.database_url.split("://")[0])
+    shutdown = shutdown or asyncio.Event()
+    try:
+        await shutdown.wait()
+    finally:
+        log.info("policyd writer stopping")
+        await service.close()
+        log.info("policyd writer stopped")

@@ -11,6 +11,7 @@ command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)  # the Envoy-path benchmark's load generator
 [ ${#need[@]} -eq 0 ] && exit 0
 
 as_root=()

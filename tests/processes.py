@@ -52,3 +52,36 @@ class PolicydProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         return self.process.returncode
+
+
+class WriterProcess:
+    """`policyd writer`: the stream-to-SQL writer and background loops in a process of their own."""
+
+    def __init__(self, redis_url: str, database_url: str, extra_env: dict[str, str] | None = None) -> None:
+        import time
+
+        self.log_path = Path(tempfile.mkstemp(prefix="policyd-writer-", suffix=".log")[1])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
+        env.update({"POLICYD_REDIS_URL": redis_url, "POLICYD_DATABASE_URL": database_url, "POLICYD_PARTITIONS": "4",
+                    **(extra_env or {})})
+        self.process = subprocess.Popen([*policyd_command(), "writer"], env=env, stdout=self.log_path.open("wb"),
+                                        stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while "policyd writer running" not in self.log():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"policyd writer did not start:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return self.process.returncode

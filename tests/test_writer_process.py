@@ -1,0 +1,62 @@
+"""`policyd writer` in a process of its own beside a `policyd serve` whose writer is off: every decision
+reaches SQL through it, once, and the books balance."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import psycopg
+import pytest
+
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
+from tests.conftest import ROOT
+from tests.processes import PolicydProcess, WriterProcess
+
+
+@pytest.mark.slow
+def test_a_separate_writer_process_writes_every_decision_once(redis_server, postgres_server) -> None:
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    database = postgres_server.create_database("writer_process")
+    serve = PolicydProcess(redis_server.url, database, policy=str(ROOT / "policyd/samples/policy.yaml"),
+                           extra_env={"POLICYD_WRITER_ENABLED": "false"})
+    writer = WriterProcess(redis_server.url, database)
+    try:
+        with grpc.insecure_channel(serve.address) as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            policy = policy_pb2_grpc.PolicyServiceStub(channel)
+            admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="w", source="purchase",
+                                                           amount=types_pb2.Money(currency="USD", nanos=10**9)))
+            secret = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="w", plan="pro",
+                                                                environment="production")).secret
+            for i in range(40):
+                d = policy.Authorize(policy_pb2.AuthorizeRequest(
+                    api_key=secret, endpoint=types_pb2.CHAT_COMPLETIONS, model="gpt-4o-mini",
+                    attribution=types_pb2.Attribution(request_id=f"w-{i}"),
+                    shape=policy_pb2.RequestShape(prompt_bytes=400, max_output_tokens=50)))
+                assert d.decision == policy_pb2.ALLOW
+                if i % 4:
+                    policy.Settle(policy_pb2.SettleRequest(request_id=f"w-{i}", usage=policy_pb2.Usage(
+                        input_tokens=100, output_tokens=20)))
+                else:
+                    policy.Release(policy_pb2.ReleaseRequest(request_id=f"w-{i}", reason="provider_error"))
+            # only the writer process moves them to SQL: read PostgreSQL directly, without any admin call
+            # (those drain the streams themselves)
+            dsn = database.replace("postgresql+psycopg://", "postgresql://")
+            deadline = time.monotonic() + 30
+            while True:
+                with psycopg.connect(dsn) as connection:
+                    rows = connection.execute("select request_id, status from usage_records where customer_id = 'w'"
+                                              ).fetchall()
+                if len(rows) == 40 and all(status != "reserved" for _, status in rows):
+                    break
+                assert time.monotonic() < deadline, rows
+                time.sleep(0.2)
+            assert sorted(status for _, status in rows) == ["released"] * 10 + ["settled"] * 30
+            assert admin.Audit(admin_pb2.AuditRequest()).ok
+    finally:
+        writer.stop()
+        serve.stop()
+    assert "Traceback" not in writer.log()
