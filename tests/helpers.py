@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from policyd.domain import Attribution, AuthorizeInput, Shape, UsageReport
 from policyd.money import parse_amount
 from policyd.server import Service
@@ -30,3 +32,24 @@ def ask(secret: str, model: str = "gpt-4o-mini", request_id: str = "", endpoint:
 def usage(request_id: str, input_tokens: int = 100, output_tokens: int = 50, **extra: object) -> UsageReport:
     return UsageReport(request_id=request_id, input_tokens=input_tokens, output_tokens=output_tokens,
                        **extra)  # type: ignore[arg-type]
+
+
+class FundedCustomers:
+    """For end-to-end fixtures that hold an AdminService stub as `self.admin`: customers with credit and a key."""
+
+    admin: Any
+
+    def customer(self, customer: str, plan: str = "pro", credit: str = "10") -> str:
+        from policyd_client.v1 import admin_pb2, types_pb2
+
+        if credit:
+            self.admin.GrantCredit(admin_pb2.GrantCreditRequest(
+                customer_id=customer, source="purchase",
+                amount=types_pb2.Money(currency="USD", nanos=parse_amount(credit))))
+        return self.admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id=customer, plan=plan,
+                                                               environment="production")).secret
+
+    def wallet(self, customer: str) -> Any:
+        from policyd_client.v1 import admin_pb2
+
+        return self.admin.GetWallet(admin_pb2.GetWalletRequest(customer_id=customer))

@@ -24,6 +24,7 @@ from policyd.gateway_config import Upstream, render
 from policyd.mock_provider import MockProvider
 from policyd.money import parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from tests.helpers import FundedCustomers
 from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
 
@@ -39,7 +40,7 @@ def envoy_binary() -> str:
     return found
 
 
-class Gateway:
+class Gateway(FundedCustomers):
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.mock = MockProvider(api_keys=PROVIDER_KEYS).start()
@@ -66,14 +67,6 @@ class Gateway:
         self.channel = grpc.insecure_channel(self.policyd.address)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
 
-    def customer(self, customer: str, plan: str = "pro", credit: str = "10") -> str:
-        if credit:
-            self.admin.GrantCredit(admin_pb2.GrantCreditRequest(
-                customer_id=customer, source="purchase",
-                amount=types_pb2.Money(currency="USD", nanos=parse_amount(credit))))
-        return self.admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id=customer, plan=plan,
-                                                               environment="production")).secret
-
     def client(self, key: str, **kwargs: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=20, **kwargs)
 
@@ -84,9 +77,6 @@ class Gateway:
             row = db.execute("select * from usage_records where request_id = ?", (request_id,)).fetchone()
         assert row is not None, f"no record for {request_id}"
         return dict(row)
-
-    def wallet(self, customer: str) -> admin_pb2.Wallet:
-        return self.admin.GetWallet(admin_pb2.GetWalletRequest(customer_id=customer))
 
     def close(self) -> None:
         self.channel.close()

@@ -25,6 +25,7 @@ from policyd.mock_provider import MockProvider
 from policyd.money import parse_amount
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from tests.conftest import ROOT
+from tests.helpers import FundedCustomers
 from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
 from tests.test_gateway import FIXTURES, expected_charge
@@ -32,7 +33,7 @@ from tests.test_gateway import FIXTURES, expected_charge
 PROVIDER_KEY = "sk-mock-gateway-example"
 
 
-class ExampleGateway:
+class ExampleGateway(FundedCustomers):
     def __init__(self, tmp: Path) -> None:
         self.mock = MockProvider(api_keys=(PROVIDER_KEY,)).start()
         self.database = tmp / "policyd.db"
@@ -50,14 +51,6 @@ class ExampleGateway:
         self.channel = grpc.insecure_channel(self.policyd.address)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
 
-    def customer(self, customer: str, plan: str = "pro", credit: str = "10") -> str:
-        if credit:
-            self.admin.GrantCredit(admin_pb2.GrantCreditRequest(
-                customer_id=customer, source="purchase",
-                amount=types_pb2.Money(currency="USD", nanos=parse_amount(credit))))
-        return self.admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id=customer, plan=plan,
-                                                               environment="production")).secret
-
     def client(self, key: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=20)
 
@@ -73,9 +66,6 @@ class ExampleGateway:
                 return dict(row)
             assert time.monotonic() < deadline, f"{request_id}: {dict(row) if row else 'no record'}; {audit}"
             time.sleep(0.1)
-
-    def wallet(self, customer: str) -> admin_pb2.Wallet:
-        return self.admin.GetWallet(admin_pb2.GetWalletRequest(customer_id=customer))
 
     def received(self, content: str) -> list[dict[str, Any]]:
         return [r for r in self.mock.received() if r["body"].get("messages", [{}])[0].get("content") == content]
