@@ -29,6 +29,14 @@ class KeyRecord:
     scopes: tuple[str, ...] = field(default=())
 
 
+def _by_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Rows grouped by the columns they name: each group is one executemany (the others take defaults)."""
+    groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(frozenset(row), []).append(row)
+    return list(groups.values())
+
+
 def key_record(row: ApiKeyRow) -> KeyRecord:
     return KeyRecord(
         id=row.id,
@@ -59,8 +67,17 @@ class Store:
         if not rows:
             return
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-        statement = dialect.insert(model).values(rows).on_conflict_do_nothing()
-        session.execute(statement)
+        # executemany (a list of parameter sets): one statement compiled and cached, whatever the batch size;
+        # rows that name other columns go in a statement of their own (the rest take their defaults)
+        for same in _by_columns(rows):
+            session.execute(dialect.insert(model).on_conflict_do_nothing(), same)
+
+    def insert_new(self, session: Session, model: type, rows: list[dict[str, Any]]) -> None:
+        """Insert rows that must not exist yet (a conflict raises IntegrityError: another writer was first)."""
+        from sqlalchemy import insert
+
+        for same in _by_columns(rows):
+            session.execute(insert(model), same)
 
     def insert_records(self, records: list[dict[str, Any]]) -> None:
         with self.session() as session, session.begin():

@@ -35,6 +35,29 @@ DRAIN_CONFLICT_RETRIES = 20
 STATUS_RANK = {"": -1, "denied": 0, "reserved": 1, "released": 2, "expired": 2, "settled": 3, "settled_late": 3}
 
 
+_RECORD_COLUMNS = frozenset(c.name for c in UsageRecordRow.__table__.columns)
+
+
+class NewRecord:
+    """A usage record first seen in this batch: plain attributes, inserted with the others in one
+    executemany at the end of the batch (an ORM object per record cost most of the writer's time).
+    An unset column reads as None, as on a fresh ORM object; on insert it takes its default."""
+
+    def __init__(self, **values: Any) -> None:
+        unknown = set(values) - _RECORD_COLUMNS
+        if unknown:  # as the ORM would: the batch is then written event by event, and this one kept apart
+            raise TypeError(f"{sorted(unknown)[0]!r} is not a usage record column")
+        self.__dict__.update(values)
+
+    def columns(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k in _RECORD_COLUMNS}
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _RECORD_COLUMNS:
+            return None
+        raise AttributeError(name)
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -205,6 +228,7 @@ class Writer:
                     log.error("unknown event type %r in partition %d (entry %s) kept as an event", kind, partition, entry_id)
                     events.append({"id": f"{partition}-{entry_id}", "kind": "unknown", "detail": fields,
                                    "created_ms": int(fields.get("at", "0") or 0)})
+            self.store.insert_new(session, UsageRecordRow, [r.columns() for r in records.values() if isinstance(r, NewRecord)])
             recorded = int(time.time() * 1000)
             for entry in ledger:
                 entry["recorded_ms"] = recorded
@@ -217,8 +241,7 @@ class Writer:
         (several writers drain one stream: events of one request can be applied in any order)."""
         row = records.get(rid)
         if row is None:
-            row = UsageRecordRow(request_id=rid, created_ms=at, decision="allow", status="")
-            session.add(row)
+            row = NewRecord(request_id=rid, created_ms=at, decision="allow", status="")
             records[rid] = row
         return row
 
@@ -249,8 +272,7 @@ class Writer:
             values["message"] = values.get("message") or data.get("messages", {}).get(reason, "")
             values["reserved_nanos"] = 0
         if existing is None:
-            row = UsageRecordRow(**values)
-            session.add(row)
+            row = NewRecord(**values)
             records[rid] = row
             return
         if existing.status in ("released", "expired"):  # a stub made by the later release/expire event
@@ -272,8 +294,7 @@ class Writer:
         rid = fields["rid"]
         record = records.get(rid)
         if record is None:  # the settle came first (or its authorize event was lost): it carries the record
-            record = UsageRecordRow(**data["record"])
-            session.add(record)
+            record = NewRecord(**data["record"])
             records[rid] = record
         elif record.status in ("", "released", "expired") and not record.customer_id:
             for name, value in data["record"].items():  # a stub: fill it from the record the settle carries
