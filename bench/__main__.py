@@ -7,7 +7,7 @@ from pathlib import Path
 
 import sys
 
-from bench import dashboard_volume, envoy_path, estimates, native, report_volume
+from bench import dashboard_volume, data_size, envoy_path, estimates, native, report_volume
 
 
 def main() -> None:
@@ -17,6 +17,8 @@ def main() -> None:
     results.update(native.main([]))
     print()
     results.update(envoy_path.main([]))
+    print()
+    results.update(data_size.main([]))
     print()
     results.update(report_volume.main(sys.argv[1:]))
     print()
