@@ -20,7 +20,8 @@ Per HTTP request, the same steps as the Envoy filters (ext_authz + ext_proc), ov
    runs shielded from the request's cancellation.
 
 Paths that are not model calls go to the proxy untouched when `strict` is False; by default they are
-refused (404), so nothing reaches a provider unmetered. GET /v1/models passes through.
+refused (400, `unknown_endpoint`, recorded), so nothing reaches a provider unmetered. GET /v1/models passes
+through.
 """
 
 from __future__ import annotations
