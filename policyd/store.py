@@ -79,6 +79,18 @@ class Store:
         for same in _by_columns(rows):
             session.execute(insert(model), same)
 
+    def update_by_key(self, session: Session, model: type, key: str, rows: list[dict[str, Any]]) -> None:
+        """Update rows by their key column: each dict holds the key and the columns to set; rows that set
+        the same columns go in one executemany."""
+        from sqlalchemy import bindparam, update
+
+        table = model.__table__  # type: ignore[attr-defined]
+        for same in _by_columns(rows):
+            names = [name for name in same[0] if name != key]
+            statement = (update(table).where(table.c[key] == bindparam(f"k_{key}"))
+                         .values({name: bindparam(f"v_{name}") for name in names}))
+            session.execute(statement, [{f"k_{key}": row[key], **{f"v_{n}": row[n] for n in names}} for row in same])
+
     def insert_records(self, records: list[dict[str, Any]]) -> None:
         with self.session() as session, session.begin():
             self.insert_ignore(session, UsageRecordRow, records)

@@ -21,6 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from policyd import metrics, redis_keys
@@ -38,24 +39,43 @@ STATUS_RANK = {"": -1, "denied": 0, "reserved": 1, "released": 2, "expired": 2, 
 _RECORD_COLUMNS = frozenset(c.name for c in UsageRecordRow.__table__.columns)
 
 
-class NewRecord:
-    """A usage record first seen in this batch: plain attributes, inserted with the others in one
-    executemany at the end of the batch (an ORM object per record cost most of the writer's time).
-    An unset column reads as None, as on a fresh ORM object; on insert it takes its default."""
+class Record:
+    """A usage record as the writer changes it: plain attributes over the row's columns. A record first
+    seen in this batch (`new`) is inserted with the others in one executemany at the end of the batch;
+    one that exists is updated the same way, with only the columns the batch changed (an ORM object per
+    record cost most of the writer's time). An unset column reads as None, as on a fresh ORM object."""
 
-    def __init__(self, **values: Any) -> None:
+    def __init__(self, values: dict[str, Any], new: bool) -> None:
         unknown = set(values) - _RECORD_COLUMNS
         if unknown:  # as the ORM would: the batch is then written event by event, and this one kept apart
             raise TypeError(f"{sorted(unknown)[0]!r} is not a usage record column")
-        self.__dict__.update(values)
-
-    def columns(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if k in _RECORD_COLUMNS}
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "new", new)
+        object.__setattr__(self, "changed", set())
 
     def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
         if name in _RECORD_COLUMNS:
             return None
         raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in _RECORD_COLUMNS:
+            raise TypeError(f"{name!r} is not a usage record column")
+        self._values[name] = value
+        self.changed.add(name)
+
+    def columns(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def changes(self) -> dict[str, Any]:
+        return {name: self._values[name] for name in self.changed}
+
+
+def NewRecord(**values: Any) -> Record:  # noqa: N802 (reads as the constructor it stands for)
+    return Record(values, new=True)
 
 
 def _text(value: Any) -> str:
@@ -184,10 +204,11 @@ class Writer:
     def _apply(self, partition: int, entries: list[tuple[str, dict[str, str]]]) -> None:
         with self.store.session() as session, session.begin():
             request_ids = {f["rid"] for _, f in entries if f.get("type") in ("authorize", "settle", "release", "expire")}
-            records: dict[str, UsageRecordRow] = {}
+            records: dict[str, Record] = {}
             if request_ids:
-                for row in session.query(UsageRecordRow).filter(UsageRecordRow.request_id.in_(request_ids)):
-                    records[row.request_id] = row
+                table = UsageRecordRow.__table__
+                for row in session.execute(select(table).where(table.c.request_id.in_(request_ids))):
+                    records[row.request_id] = Record(dict(row._mapping), new=False)
             ledger: list[dict[str, Any]] = []
             events: list[dict[str, Any]] = []
             for entry_id, fields in entries:
@@ -228,7 +249,10 @@ class Writer:
                     log.error("unknown event type %r in partition %d (entry %s) kept as an event", kind, partition, entry_id)
                     events.append({"id": f"{partition}-{entry_id}", "kind": "unknown", "detail": fields,
                                    "created_ms": int(fields.get("at", "0") or 0)})
-            self.store.insert_new(session, UsageRecordRow, [r.columns() for r in records.values() if isinstance(r, NewRecord)])
+            self.store.insert_new(session, UsageRecordRow, [r.columns() for r in records.values() if r.new])
+            self.store.update_by_key(session, UsageRecordRow, "request_id",
+                                     [{"request_id": r.request_id, **r.changes()} for r in records.values()
+                                      if not r.new and r.changed])
             recorded = int(time.time() * 1000)
             for entry in ledger:
                 entry["recorded_ms"] = recorded
@@ -236,7 +260,7 @@ class Writer:
             self.store.insert_ignore(session, EventRow, events)
 
     @staticmethod
-    def _row(session: Any, records: dict[str, UsageRecordRow], rid: str, at: int) -> UsageRecordRow:
+    def _row(session: Any, records: dict[str, Record], rid: str, at: int) -> Record:
         """The record of a request; a stub when an event of its arrives before its authorize event
         (several writers drain one stream: events of one request can be applied in any order)."""
         row = records.get(rid)
@@ -246,7 +270,7 @@ class Writer:
         return row
 
     @classmethod
-    def _authorize(cls, session: Any, records: dict[str, UsageRecordRow], fields: dict[str, str]) -> None:
+    def _authorize(cls, session: Any, records: dict[str, Record], fields: dict[str, str]) -> None:
         data = json.loads(fields["d"])
         rid = fields["rid"]
         existing = records.get(rid)
@@ -281,7 +305,7 @@ class Writer:
             setattr(existing, name, value)
 
     @classmethod
-    def _close(cls, session: Any, records: dict[str, UsageRecordRow], fields: dict[str, str], status: str) -> None:
+    def _close(cls, session: Any, records: dict[str, Record], fields: dict[str, str], status: str) -> None:
         row = cls._row(session, records, fields["rid"], int(fields["at"]))
         if row.status in ("", "reserved"):
             row.status = status
@@ -289,7 +313,7 @@ class Writer:
             row.close_reason = fields.get("reason", "")
 
     @classmethod
-    def _settle(cls, session: Any, records: dict[str, UsageRecordRow], fields: dict[str, str]) -> dict[str, Any]:
+    def _settle(cls, session: Any, records: dict[str, Record], fields: dict[str, str]) -> dict[str, Any]:
         data = json.loads(fields["d"])
         rid = fields["rid"]
         record = records.get(rid)
