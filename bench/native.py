@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import os
 import time
-from typing import Any
 
 import grpc
 

@@ -67,7 +67,7 @@ class Incidents:
 def bucket_labels(since_ms: int, until_ms: int, bucket: str) -> list[str]:
     step = HOUR_MS if bucket == "hour" else DAY_MS
     start = since_ms - since_ms % step
-    return [reports._bucket_label(bucket, at) for at in range(start, until_ms, step)]
+    return [reports.bucket_label(bucket, at) for at in range(start, until_ms, step)]
 
 
 class DashboardData:

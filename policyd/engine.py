@@ -478,10 +478,11 @@ class Engine:
         return PolicydError(status, reason, message)
 
     # ------------------------------------------------------------------ settle
-    async def settle(self, report: UsageReport) -> Settlement:
+    async def settle(self, report: UsageReport, reservation: Reservation | None = None) -> Settlement:
+        """`reservation`: when the caller already found it (settle_estimated), so it is not looked up twice."""
         started = time.perf_counter()
         try:
-            settlement = await self._settle(report)
+            settlement = await self._settle(report, reservation)
         except PolicydError as error:
             metrics.rejections.labels(error.reason).inc()
             raise
@@ -491,12 +492,12 @@ class Engine:
             metrics.charged_nanos.inc(settlement.charge)
         return settlement
 
-    async def _settle(self, report: UsageReport) -> Settlement:
+    async def _settle(self, report: UsageReport, found: Reservation | None = None) -> Settlement:
         try:
             check_usage(report)
         except Problem as problem:
             raise await self._reject(report.request_id, None, problem.reason, problem.message, asdict(report))
-        reservation = await self.counters.find_reservation(report.request_id)
+        reservation = found or await self.counters.find_reservation(report.request_id)
         if reservation is None:
             raise await self._missing(report.request_id, "settle", asdict(report))
         r = reservation.record
@@ -574,7 +575,7 @@ class Engine:
             request_id=request_id, input_tokens=input_tokens, output_tokens=min(output_tokens, cap) if cap else output_tokens,
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,
             provider_account=provider_account,
-        ))
+        ), reservation)
 
     async def _missing(self, request_id: str, action: str, detail: dict[str, Any]) -> PolicydError:
         record = await asyncio.to_thread(self.store.usage_record, request_id)

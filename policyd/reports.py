@@ -55,7 +55,7 @@ class ReportRow:
         return ceil_div(self.figures["cost_nanos"], successes) if successes > 0 else 0
 
 
-def _bucket_label(bucket: str, start_ms: int) -> str:
+def bucket_label(bucket: str, start_ms: int) -> str:
     moment = datetime.fromtimestamp(start_ms / 1000, tz=timezone.utc)  # a timestamp, not money
     if bucket == "hour":
         return moment.strftime("%Y-%m-%dT%H:00Z")
@@ -103,7 +103,7 @@ def _query(session: Session, group_by: list[str], since_ms: int, until_ms: int, 
     for row in session.execute(query.limit(GROUPS_MAX * 31)):
         data = row._mapping
         key = tuple(str(data[d] or "") for d in group_by)
-        label = _bucket_label(bucket, int(data["bucket"])) if bucket else ""
+        label = bucket_label(bucket, int(data["bucket"])) if bucket else ""
         target = out.setdefault((key, label), dict.fromkeys(FIGURES, 0))
         for name in FIGURES:
             target[name] += int(data[name] or 0)

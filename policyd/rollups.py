@@ -14,7 +14,6 @@ serialized by a PostgreSQL advisory lock (SQLite serializes writers itself).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 from sqlalchemy import case, delete, func, insert, literal, select, text
@@ -22,9 +21,9 @@ from sqlalchemy.orm import Session
 
 from policyd import reports
 from policyd.db import RollupCursorRow, UsageRecordRow, UsageRollupRow
+from policyd.loops import every
 from policyd.store import Store
 
-log = logging.getLogger("policyd.rollups")
 
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
@@ -127,14 +126,9 @@ def over_time(session: Session, dimension: str, period: str, since_ms: int, unti
     group = rollup.c.value if values is None else case((rollup.c.value.in_(values), rollup.c.value), else_="other")
     query = _window(select(rollup.c.start_ms, group.label("value"), *_figure_sums(rollup)), rollup, dimension, period,
                     since_ms, until_ms).group_by(rollup.c.start_ms, group)
-    return [reports.ReportRow({dimension: row.value}, reports._bucket_label(period, int(row.start_ms)),
+    return [reports.ReportRow({dimension: row.value}, reports.bucket_label(period, int(row.start_ms)),
                               {name: int(getattr(row, name) or 0) for name in reports.FIGURES})
             for row in session.execute(query)]
-
-
-def read(session: Session, dimension: str, period: str, since_ms: int, until_ms: int) -> list[reports.ReportRow]:
-    """Every rollup row of one dimension in the window, as report rows (one per value and bucket)."""
-    return over_time(session, dimension, period, since_ms, until_ms)
 
 
 def totals(rows: list[reports.ReportRow], dimension: str) -> dict[str, dict[str, int]]:
@@ -148,12 +142,4 @@ def totals(rows: list[reports.ReportRow], dimension: str) -> dict[str, dict[str,
 
 
 async def run(store: Store, stop: asyncio.Event, interval_ms: int) -> None:
-    while not stop.is_set():
-        try:
-            await asyncio.to_thread(refresh, store)
-        except Exception:
-            log.exception("rollup pass failed; the next one retries")
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=interval_ms / 1000)
-        except TimeoutError:
-            pass
+    await every(interval_ms / 1000, stop, lambda: asyncio.to_thread(refresh, store), "rollup pass")

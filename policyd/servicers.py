@@ -230,7 +230,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListKeys(self, request: admin_pb2.ListKeysRequest, context: grpc.aio.ServicerContext) -> Any:
         principal = await self._principal(context)
         if request.customer_id:
-            await self._for_customer(context, request.customer_id)
+            await _call(context, lambda: asyncio.to_thread(self.access.require_customer, principal, request.customer_id))
         rows = await _call(context, lambda: self.admin.list_keys(request.customer_id))
         if not principal.operator and not request.customer_id:
             scope = await asyncio.to_thread(self.access.customers_in_scope, principal)

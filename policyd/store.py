@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import bindparam, case, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -74,16 +74,12 @@ class Store:
 
     def insert_new(self, session: Session, model: type, rows: list[dict[str, Any]]) -> None:
         """Insert rows that must not exist yet (a conflict raises IntegrityError: another writer was first)."""
-        from sqlalchemy import insert
-
         for same in _by_columns(rows):
             session.execute(insert(model), same)
 
     def update_by_key(self, session: Session, model: type, key: str, rows: list[dict[str, Any]]) -> None:
         """Update rows by their key column: each dict holds the key and the columns to set; rows that set
         the same columns go in one executemany."""
-        from sqlalchemy import bindparam, update
-
         table = model.__table__  # type: ignore[attr-defined]
         for same in _by_columns(rows):
             names = [name for name in same[0] if name != key]

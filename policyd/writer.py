@@ -74,10 +74,6 @@ class Record:
         return {name: self._values[name] for name in self.changed}
 
 
-def NewRecord(**values: Any) -> Record:  # noqa: N802 (reads as the constructor it stands for)
-    return Record(values, new=True)
-
-
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -265,7 +261,7 @@ class Writer:
         (several writers drain one stream: events of one request can be applied in any order)."""
         row = records.get(rid)
         if row is None:
-            row = NewRecord(request_id=rid, created_ms=at, decision="allow", status="")
+            row = Record({"request_id": rid, "created_ms": at, "decision": "allow", "status": ""}, new=True)
             records[rid] = row
         return row
 
@@ -296,7 +292,7 @@ class Writer:
             values["message"] = values.get("message") or data.get("messages", {}).get(reason, "")
             values["reserved_nanos"] = 0
         if existing is None:
-            row = NewRecord(**values)
+            row = Record(values, new=True)
             records[rid] = row
             return
         if existing.status in ("released", "expired"):  # a stub made by the later release/expire event
@@ -318,7 +314,7 @@ class Writer:
         rid = fields["rid"]
         record = records.get(rid)
         if record is None:  # the settle came first (or its authorize event was lost): it carries the record
-            record = NewRecord(**data["record"])
+            record = Record(data["record"], new=True)
             records[rid] = record
         elif record.status in ("", "released", "expired") and not record.customer_id:
             for name, value in data["record"].items():  # a stub: fill it from the record the settle carries

@@ -23,7 +23,7 @@ import pytest
 from policyd.gateway_config import Upstream, render
 from policyd.mock_provider import MockProvider
 from policyd.money import parse_amount, price_quantity
-from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.helpers import FundedCustomers
 from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port

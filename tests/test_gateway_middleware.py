@@ -23,7 +23,7 @@ import pytest
 
 from policyd.mock_provider import MockProvider
 from policyd.money import parse_amount
-from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import ROOT
 from tests.helpers import FundedCustomers
 from tests.processes import PolicydProcess

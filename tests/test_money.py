@@ -398,10 +398,10 @@ async def test_a_closed_request_id_cannot_authorize_again(service: Service) -> N
 async def test_settle_and_release_after_a_local_authorize_take_one_redis_round_trip(redis_server, postgres_server) -> None:
     """The hot path: Authorize is one script (which sets the request index too); the Settle or Release
     of a reservation this process made runs its script alone, with no lookup before it. Counted by a
-    real redis-server (INFO commandstats)."""
+    real redis-server (MONITOR, leaving out what the scripts run inside Redis)."""
     import secrets
 
-    from tests.conftest import SAMPLE_POLICY, make_settings
+    from tests.conftest import make_settings
 
     # background loops slowed down: the counts below are this test's commands alone
     service = await Service.build(make_settings(

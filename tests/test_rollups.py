@@ -45,7 +45,7 @@ def assert_rollups_match_reports(store: Store) -> None:
                 expected = {(r.group[dimension], r.bucket): r.figures for r in
                             reports.usage_report(session, [dimension], since, until, period)}
                 got = {(r.group[dimension], r.bucket): r.figures for r in
-                       rollups.read(session, dimension, period, since, until)}
+                       rollups.over_time(session, dimension, period, since, until)}
                 assert got == expected, (dimension, period)
 
 
