@@ -1,10 +1,18 @@
 """The Envoy path: requests/s and latency of the same Envoy (one worker) as a plain proxy, with no-op
-ext_authz + ext_proc servicers, and with policyd (ext_authz + ext_proc, real Redis, the writer
-draining to real PostgreSQL from a `policyd writer` process beside it), non-streamed and streamed, to a provider that is not the bottleneck
-(another Envoy answering with a fixed completion, measured alone first). The load generator is wrk,
-on loopback, bounded in time.
+filter servicers, and with policyd (real Redis, the writer draining to real PostgreSQL from a
+`policyd writer` process beside it), non-streamed and streamed, to a provider that is not the
+bottleneck (another Envoy answering with a fixed completion, measured alone first). The load
+generator is wrk, on loopback, bounded in time; the paced runs hold about --paced-rate requests/s
+(wrk's per-request delay over 10 connections) to read the latency added at a steady rate.
 
-    python -m bench.envoy_path [--seconds 10] [--connections 32]
+Integration shapes, each against the no-op servicers in the same shape:
+- ext_authz + ext_proc (the default config);
+- ext_proc alone (`policyd gateway-config --shape ext_proc`): decided at the request-body phase;
+- ext_authz alone, settlement reported another way: Envoy's gRPC access log to a side process
+  (bench/access_log_settler.py) that settles each request over the native API as an estimate.
+  Measured for its cost only: it keeps neither exact charges nor body rewrites.
+
+    python -m bench.envoy_path [--seconds 10] [--connections 32] [--paced-rate 500]
 """
 
 from __future__ import annotations
@@ -97,6 +105,38 @@ wrk.headers["content-type"] = "application/json"
 wrk.headers["authorization"] = "Bearer {key}"
 {extra}
 """
+PACED_CONNECTIONS = 10
+
+ACCESS_LOG = """          access_log:
+          - name: envoy.access_loggers.http_grpc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig
+              common_config:
+                log_name: policyd
+                transport_api_version: V3
+                grpc_service: {{envoy_grpc: {{cluster_name: settler}}}}
+                buffer_flush_interval: 0.05s
+              additional_request_headers_to_log: [x-policyd-request-id]
+"""
+SETTLER_CLUSTER = """  - name: settler
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: settler
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]
+"""
+
+
+def ext_authz_alone(config: str, settler_port: int) -> str:
+    """The default gateway config without ext_proc, its requests reported by the gRPC access log."""
+    start = config.index("          - name: envoy.filters.http.ext_proc")
+    config = config[:start] + config[config.index("          - name: envoy.filters.http.router"):]
+    config = config.replace("          stat_prefix: gateway\n", "          stat_prefix: gateway\n" + ACCESS_LOG.format(), 1)
+    return config + SETTLER_CLUSTER.format(port=settler_port)
 
 
 def free_port() -> int:
@@ -145,13 +185,16 @@ class Envoy:
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def wrk(url: str, key: str, stream: bool, connections: int, seconds: float, workdir: Path) -> dict[str, Any]:
+def wrk(url: str, key: str, stream: bool, connections: int, seconds: float, workdir: Path,
+        delay_ms: float = 0) -> dict[str, Any]:
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello bench"}], "max_tokens": 50}
     if stream:
         body["stream"] = True
-    script = workdir / f"wrk-{'stream' if stream else 'json'}.lua"
-    script.write_text(WRK_SCRIPT.format(body=json.dumps(body), key=key,
-                                        extra='wrk.headers["x-bench-stream"] = "1"' if stream else ""))
+    script = workdir / f"wrk-{'stream' if stream else 'json'}-{delay_ms}.lua"
+    extra = 'wrk.headers["x-bench-stream"] = "1"' if stream else ""
+    if delay_ms:
+        extra += f"\nfunction delay() return {delay_ms} end"
+    script.write_text(WRK_SCRIPT.format(body=json.dumps(body), key=key, extra=extra))
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True, timeout=seconds + 60).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -162,12 +205,15 @@ def wrk(url: str, key: str, stream: bool, connections: int, seconds: float, work
             "requests": requests, "errors": int(errors.group(1)) if errors else 0}
 
 
-def scenario(url: str, key: str, seconds: float, connections: int, workdir: Path) -> dict[str, Any]:
+def scenario(url: str, key: str, seconds: float, connections: int, workdir: Path, paced_rate: int = 0) -> dict[str, Any]:
     out = {}
     for stream in (False, True):
         name = "stream" if stream else "json"
         out[f"{name}_1"] = wrk(url, key, stream, 1, max(seconds / 2, 3), workdir)
         out[f"{name}_{connections}"] = wrk(url, key, stream, connections, seconds, workdir)
+    if paced_rate:
+        out["json_paced"] = wrk(url, key, False, PACED_CONNECTIONS, seconds, workdir,
+                                delay_ms=1000 * PACED_CONNECTIONS / paced_rate)
     return out
 
 
@@ -192,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--paced-rate", type=int, default=500, help="requests/s of the paced runs")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: scripts/system-deps.sh installs it (Debian's package)")
@@ -209,21 +256,20 @@ def main(argv: list[str] | None = None) -> dict:
                                         args.connections, args.seconds, workdir)
         upstreams = (Upstream("openai", "127.0.0.1", provider.port),)
 
-        plain = Envoy(PLAIN.format(port=(p := free_port()), upstream=provider.port), p, workdir)
+        plain = Envoy(PLAIN.format(port=(plain_port := free_port()), upstream=provider.port), plain_port, workdir)
         started.append(plain)
         results["plain_envoy"] = scenario(f"http://127.0.0.1:{plain.port}/v1/chat/completions", "none", args.seconds,
                                           args.connections, workdir)
-        plain.stop()
-        started.remove(plain)
 
+        url = "http://127.0.0.1:{}/v1/chat/completions"
         noop_port = free_port()
         noop = subprocess.Popen([sys.executable, "-m", "bench.noop_servers", str(noop_port)], cwd=HERE.parent)
         wait_port(noop_port)
-        gateway = Envoy(render(listen_port=(p := free_port()), policyd_port=noop_port, admin_port=free_port(),
-                               upstreams=upstreams), p, workdir)
-        results["noop_filters"] = scenario(f"http://127.0.0.1:{gateway.port}/v1/chat/completions", "none", args.seconds,
-                                           args.connections, workdir)
-        gateway.stop()
+        for name, shape in (("noop_filters", "ext_authz+ext_proc"), ("noop_ext_proc", "ext_proc")):
+            gateway = Envoy(render(listen_port=(p := free_port()), policyd_port=noop_port, admin_port=free_port(),
+                                   upstreams=upstreams, shape=shape), p, workdir)
+            results[name] = scenario(url.format(gateway.port), "none", args.seconds, args.connections, workdir)
+            gateway.stop()
         noop.terminate()
         noop.wait(timeout=10)
 
@@ -234,32 +280,50 @@ def main(argv: list[str] | None = None) -> dict:
                                  extra_env={"POLICYD_PARTITIONS": "16", "POLICYD_WRITER_ENABLED": "false"})
         started.append(policyd)
         started.append(WriterProcess(redis.url, database, extra_env={"POLICYD_PARTITIONS": "16"}))
+        settler_port = free_port()
+        settler = subprocess.Popen([sys.executable, "-m", "bench.access_log_settler", str(settler_port),
+                                    policyd.address], cwd=HERE.parent)
+        wait_port(settler_port)
         with grpc.insecure_channel(policyd.address) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="bench", source="purchase",
                                                            amount=types_pb2.Money(currency="USD", nanos=10**15)))
             key = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="bench", plan="bench",
                                                              environment="production")).secret
-            gateway = Envoy(render(listen_port=(p := free_port()), policyd_port=policyd.port, admin_port=free_port(),
-                                   upstreams=upstreams), p, workdir)
-            started.append(gateway)
             lag: list[int] = []
             stop = threading.Event()
             sampler = threading.Thread(target=stream_lag, args=(redis.url, 16, stop, lag), daemon=True)
             sampler.start()
             run_started = time.perf_counter()
-            results["policyd"] = scenario(f"http://127.0.0.1:{gateway.port}/v1/chat/completions", key, args.seconds,
-                                          args.connections, workdir)
+            configs = {
+                "policyd": render(listen_port=(p1 := free_port()), policyd_port=policyd.port, admin_port=free_port(),
+                                  upstreams=upstreams),
+                "policyd_ext_proc": render(listen_port=(p2 := free_port()), policyd_port=policyd.port,
+                                           admin_port=free_port(), upstreams=upstreams, shape="ext_proc"),
+                "policyd_ext_authz_access_log": ext_authz_alone(render(
+                    listen_port=(p3 := free_port()), policyd_port=policyd.port, admin_port=free_port(),
+                    upstreams=upstreams), settler_port),
+            }
+            for (name, config), port in zip(configs.items(), (p1, p2, p3)):
+                gateway = Envoy(config, port, workdir)
+                results[name] = scenario(url.format(port), key, args.seconds, args.connections, workdir,
+                                         args.paced_rate)
+                gateway.stop()
+            results["plain_envoy"]["json_paced"] = wrk(url.format(plain_port), "none", False, PACED_CONNECTIONS,
+                                                       args.seconds, workdir, 1000 * PACED_CONNECTIONS / args.paced_rate)
             load_seconds = time.perf_counter() - run_started
             stop.set()
             sampler.join(timeout=5)
+            time.sleep(1)  # the access log's last batch
             caught_up = time.perf_counter()
             audit = admin.Audit(admin_pb2.AuditRequest(), timeout=300)  # drains the writer first
             catch_up = time.perf_counter() - caught_up
             report = admin.UsageReport(admin_pb2.UsageReportRequest(group_by=["status"], since_unix_ms=0,
                                                                     until_unix_ms=2**62), timeout=120)
             by_status = {row.group["status"]: int(row.figures["requests"]) for row in report.rows}
-        sent = sum(r["requests"] for r in results["policyd"].values())
+        settler.terminate()
+        settler.wait(timeout=10)
+        sent = sum(r["requests"] for name in configs for r in results[name].values())
         results["writer"] = {"records": sum(by_status.values()), "requests_sent": sent, "by_status": by_status,
                              "records_per_second_under_load": round(sum(by_status.values()) / load_seconds, 1),
                              "lag_max": max(lag or [0]), "lag_last": (lag or [0])[-1],
@@ -270,23 +334,35 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
     c = args.connections
-    table = [("", "plain Envoy", "no-op filters", "policyd", "policyd / no-op")]
-    for name in ("json", "stream"):
-        for conns in (1, c):
-            k = f"{name}_{conns}"
-            p, n, q = results["plain_envoy"][k], results["noop_filters"][k], results["policyd"][k]
-            table.append((f"{name}, {conns} conn: req/s", p["rps"], n["rps"], q["rps"], f"{q['rps'] / n['rps']:.2f}"))
-            table.append((f"{name}, {conns} conn: p50/p99 ms", f"{p['p50_ms']}/{p['p99_ms']}", f"{n['p50_ms']}/{n['p99_ms']}",
-                          f"{q['p50_ms']}/{q['p99_ms']}", ""))
-    q1, p1 = results["policyd"]["json_1"], results["plain_envoy"]["json_1"]
-    results["added_latency_ms"] = {"p50": round(q1["p50_ms"] - p1["p50_ms"], 3), "p99": round(q1["p99_ms"] - p1["p99_ms"], 3)}
-    results["ratio_to_noop_json"] = round(results["policyd"][f"json_{c}"]["rps"] / results["noop_filters"][f"json_{c}"]["rps"], 3)
+    shapes = (("ext_authz + ext_proc", "noop_filters", "policyd"), ("ext_proc alone", "noop_ext_proc", "policyd_ext_proc"),
+              ("ext_authz alone + access log", "noop_filters", "policyd_ext_authz_access_log"))
     print(f"Envoy path ({os.cpu_count()} cores; one Envoy worker; provider alone: {results['provider_alone']['rps']} req/s)")
-    for row in table:
-        print("  " + "".join(f"{str(cell):<26}" for cell in row))
+    plain = results["plain_envoy"]
+    results["summary"] = {}
+    for label, noop_name, name in shapes:
+        table = [(label, "plain Envoy", "no-op filters", "policyd", "policyd / no-op")]
+        for kind in ("json", "stream"):
+            for conns in (1, c):
+                k = f"{kind}_{conns}"
+                p, n, q = plain[k], results[noop_name][k], results[name][k]
+                table.append((f"{kind}, {conns} conn: req/s", p["rps"], n["rps"], q["rps"], f"{q['rps'] / n['rps']:.2f}"))
+                table.append((f"{kind}, {conns} conn: p50/p99 ms", f"{p['p50_ms']}/{p['p99_ms']}",
+                              f"{n['p50_ms']}/{n['p99_ms']}", f"{q['p50_ms']}/{q['p99_ms']}", ""))
+        q, p = results[name]["json_paced"], plain["json_paced"]
+        table.append((f"json paced: req/s, p50/p99 ms", f"{p['rps']}, {p['p50_ms']}/{p['p99_ms']}", "",
+                      f"{q['rps']}, {q['p50_ms']}/{q['p99_ms']}", ""))
+        q1, p1 = results[name]["json_1"], plain["json_1"]
+        results["summary"][name] = {
+            "ratio_to_noop_json": round(results[name][f"json_{c}"]["rps"] / results[noop_name][f"json_{c}"]["rps"], 3),
+            "ratio_to_noop_stream": round(results[name][f"stream_{c}"]["rps"] / results[noop_name][f"stream_{c}"]["rps"], 3),
+            "added_p50_ms_one_connection": round(q1["p50_ms"] - p1["p50_ms"], 3),
+            "added_p99_ms_paced": round(q["p99_ms"] - p["p99_ms"], 3), "paced_rps": q["rps"]}
+        for row in table:
+            print("  " + "".join(f"{str(cell):<26}" for cell in row))
+        summary = results["summary"][name]
+        print(f"  added latency over plain Envoy: p50 {summary['added_p50_ms_one_connection']} ms at one connection, "
+              f"p99 {summary['added_p99_ms_paced']} ms at {summary['paced_rps']} req/s\n")
     w = results["writer"]
-    print(f"  added latency over plain Envoy at one connection: p50 {results['added_latency_ms']['p50']} ms, "
-          f"p99 {results['added_latency_ms']['p99']} ms")
     print(f"  writer: {w['records']} records for {w['requests_sent']} requests ({w['records_per_second_under_load']}/s "
           f"under load), stream lag max {w['lag_max']}, last {w['lag_last']}, caught up {w['catch_up_seconds_after_load']} s "
           f"after the load, audit {'ok' if w['audit_ok'] else 'FAILED'}")

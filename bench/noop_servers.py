@@ -1,6 +1,6 @@
 """The floors policyd is measured against, as a process of their own (like policyd): a grpc.aio server
-whose PolicyService, ext_authz and ext_proc do nothing but answer "allowed" (ext_authz sets the route
-header the gateway config routes on, as policyd does).
+whose PolicyService, ext_authz and ext_proc do nothing but answer "allowed" (ext_authz, and ext_proc at
+the request headers, set the route header the gateway config routes on, as policyd does).
 
     python -m bench.noop_servers PORT
 """
@@ -34,18 +34,23 @@ class NoopPolicy(policy_pb2_grpc.PolicyServiceServicer):
         return policy_pb2.SettleResponse(outcome=policy_pb2.SETTLED, request_id=request.request_id)
 
 
+ROUTE = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="x-policyd-route", value="openai"))
+
+
 class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
     async def Check(self, request: Any, context: Any) -> Any:
-        route = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="x-policyd-route", value="openai"))
         return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK),
-                                               ok_response=external_auth_pb2.OkHttpResponse(headers=[route]))
+                                               ok_response=external_auth_pb2.OkHttpResponse(headers=[ROUTE]))
 
 
 class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
     async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         async for request in requests:
             kind = request.WhichOneof("request")
-            if kind in ("request_headers", "response_headers"):
+            if kind == "request_headers":  # routes as policyd does when ext_proc is the only filter
+                yield ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse(
+                    header_mutation=ep.HeaderMutation(set_headers=[ROUTE]), clear_route_cache=True)))
+            elif kind == "response_headers":
                 yield ep.ProcessingResponse(**{kind: ep.HeadersResponse()})
             elif kind in ("request_body", "response_body"):
                 yield ep.ProcessingResponse(**{kind: ep.BodyResponse()})

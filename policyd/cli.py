@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from policyd.gateway_config import SHAPES
 from policyd.money import MoneyError, format_amount, parse_amount
 from policyd.settings import reference as settings_reference
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
@@ -426,7 +427,7 @@ def _gateway_config(args: argparse.Namespace) -> int:
         parts = address.split(":")
         upstreams.append(Upstream(name, parts[0], int(parts[1]), tls=len(parts) > 2 and parts[2] == "tls"))
     print(render(listen_port=args.listen_port, policyd_host=host, policyd_port=int(port), admin_port=args.admin_port,
-                 upstreams=tuple(upstreams), failure_mode_allow=args.fail_open), end="")
+                 upstreams=tuple(upstreams), failure_mode_allow=args.fail_open, shape=args.shape), end="")
     return 0
 
 
@@ -602,6 +603,8 @@ def parser() -> argparse.ArgumentParser:
     gateway.add_argument("--policyd", default="127.0.0.1:50051", help="host:port of policyd")
     gateway.add_argument("--cluster", action="append", help="NAME=HOST:PORT[:tls], repeatable")
     gateway.add_argument("--fail-open", action="store_true", help="serve unmetered while policyd is down")
+    gateway.add_argument("--shape", choices=SHAPES, default=SHAPES[0],
+                         help="ext_authz+ext_proc (default) or ext_proc alone (one stream per request)")
     gateway.set_defaults(run=_gateway_config)
 
     demo = client(commands.add_parser("demo", help="drive a running gateway with the openai SDK"))

@@ -22,10 +22,10 @@ from policyd import http_api
 from policyd.domain import Decision
 from policyd.engine import Engine
 from policyd.providers import ProviderPool
+from policyd.upstream import upstream_request
 
 log = logging.getLogger("policyd.ext_authz")
 
-ROUTE_HEADER = "x-policyd-route"
 REQUEST_ID_HEADER = "x-policyd-request-id"
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 
@@ -79,27 +79,19 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         return self._allow(call, decision)
 
     def _allow(self, call: http_api.HttpCall, d: Decision) -> Any:
-        account = self.pool.pick(d.provider)
-        headers = [_header(REQUEST_ID_HEADER, d.request_id)]
-        remove = [h for h in http_api.CUSTOMER_KEY_HEADERS]  # the customer's key never goes upstream
-        route = d.route
-        if account is not None:
-            name, value = account.credential_header()
-            headers.append(_header(name, value))
-            remove = [h for h in remove if h != name]
-            route = account.cluster
-        headers.append(_header(ROUTE_HEADER, route))
+        upstream = upstream_request(d, self.pool)
+        headers = [_header(REQUEST_ID_HEADER, d.request_id)] + [_header(k, v) for k, v in upstream.set_headers]
         metadata = struct_pb2.Struct()
         metadata.update({
             "request_id": d.request_id, "endpoint": call.endpoint, "stream": call.stream,
             "requested_model": d.requested_model, "served_model": d.served_model,
             "max_output_tokens": d.max_output_tokens, "client_gave_cap": call.max_output_tokens > 0,
-            "account": account.name if account else "", "decision": d.decision,
+            "account": upstream.account, "decision": d.decision,
         })
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
-                headers=headers, headers_to_remove=remove,
+                headers=headers, headers_to_remove=upstream.remove_headers,
                 response_headers_to_add=[_header(REQUEST_ID_HEADER, d.request_id)]),
             dynamic_metadata=metadata,
         )

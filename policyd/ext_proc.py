@@ -3,8 +3,15 @@
 One gRPC stream per HTTP request. The request body is rewritten where policy requires it (served
 model, output cap, stream usage); the response is read as it passes (STREAMED), and at its end
 the request is settled with the provider's usage. An upstream error releases the reservation; a
-stream cut or a client gone settles what was delivered (estimated, marked). Requests ext_authz
-denied carry no reservation and are never settled here.
+stream cut or a client gone settles what was delivered (estimated, marked).
+
+Two gateway shapes (`policyd gateway-config --shape`):
+- ext_authz + ext_proc: ext_authz decided and reserved; its decision arrives here as dynamic
+  metadata. Requests ext_authz denied never reach this filter.
+- ext_proc alone: no metadata arrives, so the decision is made here, at the request-body phase
+  (at the headers when there is no body): a denial is an immediate response, an allow sets the
+  provider credential and route as ext_authz would. One gRPC stream per request instead of a
+  call and a stream.
 """
 
 from __future__ import annotations
@@ -19,16 +26,19 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from envoy.type.v3 import http_status_pb2
 
 from policyd import http_api
-from policyd.domain import PolicydError, UsageReport
+from policyd.domain import Decision, PolicydError, UsageReport
 from policyd.engine import Engine
 from policyd.ext_authz import METADATA_NAMESPACE, REQUEST_ID_HEADER
 from policyd.providers import ProviderPool
+from policyd.upstream import upstream_request
 from policyd.usage_capture import ResponseReader, closing
 
 log = logging.getLogger("policyd.ext_proc")
 COOLDOWN_STATUSES = {429, 500, 502, 503, 504}
+ATTRIBUTES_NAMESPACE = "envoy.filters.http.ext_proc"
 
 
 def _headers(message: Any) -> dict[str, str]:
@@ -61,22 +71,72 @@ class Exchange:
         self.reader = ResponseReader(self.endpoint, self.stream)
 
     @classmethod
-    def from_metadata(cls, request: Any, headers: dict[str, str]) -> "Exchange | None":
-        fields: dict[str, Any] = {}
-        namespace = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
-        if namespace is not None:
-            from google.protobuf.json_format import MessageToDict
+    def from_metadata(cls, request: Any) -> "Exchange | None":
+        """The exchange ext_authz began, or None when no ext_authz decided this request.
 
-            fields = MessageToDict(namespace)
-        request_id = fields.get("request_id") or headers.get(REQUEST_ID_HEADER, "")
-        if not request_id:
+        Only the metadata counts: a request id header could come from the client."""
+        namespace = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+        if namespace is None:
+            return None
+        from google.protobuf.json_format import MessageToDict
+
+        fields: dict[str, Any] = MessageToDict(namespace)
+        if not fields.get("request_id"):
             return None
         return cls(
-            request_id=request_id, endpoint=str(fields.get("endpoint", "")), stream=bool(fields.get("stream", False)),
+            request_id=str(fields["request_id"]), endpoint=str(fields.get("endpoint", "")),
+            stream=bool(fields.get("stream", False)),
             requested_model=str(fields.get("requested_model", "")), served_model=str(fields.get("served_model", "")),
             output_cap=int(fields.get("max_output_tokens", 0) or 0), client_gave_cap=bool(fields.get("client_gave_cap")),
             account=str(fields.get("account", "")),
         )
+
+
+@dataclass
+class Arrival:
+    """A request no ext_authz decided: what its headers said, until its body arrives."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    client_address: str
+
+    @classmethod
+    def of(cls, request: Any, headers: dict[str, str]) -> "Arrival":
+        address = ""
+        attributes = request.attributes.get(ATTRIBUTES_NAMESPACE)
+        if attributes is not None and "source.address" in attributes.fields:
+            address = attributes.fields["source.address"].string_value
+            address = address.rsplit(":", 1)[0].strip("[]") if address.count(":") == 1 or "]:" in address else address
+        return cls(headers.get(":method", ""), headers.get(":path", ""),
+                   {k: v for k, v in headers.items() if not k.startswith(":")}, address)
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+                                      append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+
+
+def immediate(status: int, body: bytes, retry_after: int = 0, details: str = "") -> Any:
+    """A reply Envoy sends itself, without calling the upstream."""
+    headers = [_header("content-type", "application/json")]
+    if retry_after > 0:
+        headers.append(_header("retry-after", str(retry_after)))
+    return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=status), headers=ep.HeaderMutation(set_headers=headers), body=body,
+        details=details[:64]))
+
+
+def immediate_denial(d: Decision) -> Any:
+    body = http_api.error_body(d.error_type, d.reason, d.message, d.error_param)
+    return immediate(d.http_status, body, d.retry_after_seconds, f"policyd_{d.reason}")
+
+
+def _phase(kind: str, common: Any | None = None) -> Any:
+    """The reply to a request_headers or request_body message."""
+    if kind == "request_headers":
+        return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
+    return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
 
 
 class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
@@ -87,17 +147,31 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
 
     async def Process(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         exchange: Exchange | None = None
+        arrival: Arrival | None = None
         try:
             async for request in requests:
                 kind = request.WhichOneof("request")
                 if kind == "request_headers":
-                    exchange = Exchange.from_metadata(request, _headers(request.request_headers))
-                    mutation = ep.HeaderMutation(remove_headers=[REQUEST_ID_HEADER])
-                    yield ep.ProcessingResponse(request_headers=ep.HeadersResponse(
-                        response=ep.CommonResponse(header_mutation=mutation)))
+                    headers = _headers(request.request_headers)
+                    exchange = Exchange.from_metadata(request)
+                    if exchange is not None:
+                        mutation = ep.HeaderMutation(remove_headers=[REQUEST_ID_HEADER])
+                        yield _phase(kind, ep.CommonResponse(header_mutation=mutation))
+                    else:
+                        arrival = Arrival.of(request, headers)
+                        if request.request_headers.end_of_stream:
+                            exchange, reply = await self._decide(arrival, b"", kind)
+                            yield reply
+                        else:
+                            yield _phase(kind)
                 elif kind == "request_body":
-                    yield self._request_body(exchange, request.request_body)
+                    if exchange is None and arrival is not None:
+                        exchange, reply = await self._decide(arrival, request.request_body.body, kind)
+                        yield reply
+                    else:
+                        yield self._request_body(exchange, request.request_body)
                 elif kind == "response_headers":
+                    mutation = None
                     if exchange is not None:
                         headers = _headers(request.response_headers)
                         exchange.status = int(headers.get(":status", "0") or 0)
@@ -105,9 +179,12 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         exchange.retry_after = int(retry) if retry.isdigit() else 0
                         attempts = headers.get("x-envoy-attempt-count", "1")
                         exchange.attempts = min(int(attempts), 100) if attempts.isdigit() and attempts != "0" else 1
+                        if arrival is not None:  # no ext_authz to tell the client its request id
+                            mutation = ep.HeaderMutation(set_headers=[_header(REQUEST_ID_HEADER, exchange.request_id)])
                         if request.response_headers.end_of_stream:
                             await self._close(exchange)
-                    yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+                    yield ep.ProcessingResponse(response_headers=ep.HeadersResponse(
+                        response=ep.CommonResponse(header_mutation=mutation) if mutation else None))
                 elif kind == "response_body":
                     if exchange is not None and not exchange.closed:
                         exchange.reader.feed(request.response_body.body)
@@ -130,6 +207,37 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
 
+    async def _decide(self, arrival: Arrival, body: bytes, kind: str) -> tuple[Exchange | None, Any]:
+        """The ext_proc-only shape: authorize here, and either send the request on or answer it."""
+        call = http_api.parse_call(arrival.method, arrival.path, arrival.headers, body, arrival.client_address)
+        if call.models_listing:
+            models, denial = await self.engine.models_for(call.api_key)
+            if denial is not None:
+                return None, immediate_denial(denial)
+            return None, immediate(200, http_api.models_listing(models))
+        if call.problem:
+            return None, immediate_denial(await self.engine.deny_request(
+                call.authorize_input(), call.problem, call.problem_message, call.problem_param))
+        decision = await self.engine.authorize(call.authorize_input(), self.pool.cooling_providers())
+        if not decision.allowed:
+            return None, immediate_denial(decision)
+        upstream = upstream_request(decision, self.pool)
+        exchange = Exchange(
+            request_id=decision.request_id, endpoint=call.endpoint, stream=call.stream,
+            requested_model=decision.requested_model, served_model=decision.served_model,
+            output_cap=decision.max_output_tokens, client_gave_cap=call.max_output_tokens > 0,
+            account=upstream.account, forwarded=True)
+        set_headers = [_header(k, v) for k, v in upstream.set_headers]
+        new_body = self._rewritten(exchange, call.body)
+        if new_body is not None:
+            set_headers.append(_header("content-length", str(len(new_body))))
+        common = ep.CommonResponse(
+            header_mutation=ep.HeaderMutation(set_headers=set_headers,
+                                              remove_headers=upstream.remove_headers + [REQUEST_ID_HEADER]),
+            body_mutation=ep.BodyMutation(body=new_body) if new_body is not None else None,
+            clear_route_cache=True)
+        return exchange, _phase(kind, common)
+
     def _request_body(self, exchange: Exchange | None, body: Any) -> Any:
         empty = ep.ProcessingResponse(request_body=ep.BodyResponse())
         if exchange is None:
@@ -139,18 +247,21 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             data = json.loads(body.body) if body.body else None
         except ValueError:
             return empty  # ext_authz already refused bodies that are not JSON
-        if not isinstance(data, dict):
+        new_body = self._rewritten(exchange, data)
+        if new_body is None:
             return empty
-        rewritten = http_api.rewrite_body(data, exchange.endpoint, exchange.served_model, exchange.requested_model,
-                                          exchange.output_cap, exchange.client_gave_cap, exchange.stream)
-        if rewritten is None:
-            return empty
-        new_body = json.dumps(rewritten, separators=(",", ":")).encode()
-        mutation = ep.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key="content-length", raw_value=str(len(new_body)).encode()),
-            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)])
+        mutation = ep.HeaderMutation(set_headers=[_header("content-length", str(len(new_body)))])
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse(
             header_mutation=mutation, body_mutation=ep.BodyMutation(body=new_body))))
+
+    @staticmethod
+    def _rewritten(exchange: Exchange, data: Any) -> bytes | None:
+        """The request body policy requires instead of the client's, or None to send it as it is."""
+        if not isinstance(data, dict):
+            return None
+        rewritten = http_api.rewrite_body(data, exchange.endpoint, exchange.served_model, exchange.requested_model,
+                                          exchange.output_cap, exchange.client_gave_cap, exchange.stream)
+        return None if rewritten is None else json.dumps(rewritten, separators=(",", ":")).encode()
 
     async def _close(self, exchange: Exchange, cut: bool = False) -> None:
         if exchange.closed:

@@ -4,7 +4,12 @@
 demo and the end-to-end tests render it with their own ports.
 
     policyd gateway-config --listen-port 10000 --policyd 127.0.0.1:50051 \\
-        --cluster openai=api.openai.com:443:tls > envoy.yaml
+        --cluster openai=api.openai.com:443:tls [--shape ext_proc] > envoy.yaml
+
+Two shapes keep the same guarantees (see policyd/ext_proc.py):
+- `ext_authz+ext_proc` (the default): ext_authz decides and reserves, ext_proc rewrites and settles.
+- `ext_proc`: one ext_proc stream does all of it, deciding at the request-body phase; one gRPC call
+  fewer per request (bench/RESULTS.md measures both).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class Upstream:
 # Past these Envoy's codec drops the connection; below them policyd answers 431 with a JSON error and a record.
 REQUEST_HEADERS_KB_MAX = 2 * REQUEST_HEADERS_BYTES_MAX // 1024
 REQUEST_HEADERS_COUNT_MAX = 2 * HEADERS_COUNT_MAX
+
+SHAPES = ("ext_authz+ext_proc", "ext_proc")
 
 DEFAULT_UPSTREAMS = (
     Upstream("openai", "127.0.0.1", 8080),
@@ -56,15 +63,70 @@ def _cluster(u: Upstream) -> str:
 """
 
 
+def _ext_authz_filter(fail_open: str, body_bytes_max: int) -> str:
+    return f"""          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              grpc_service:
+                envoy_grpc: {{cluster_name: policyd}}
+                timeout: 2s
+              with_request_body:
+                max_request_bytes: {body_bytes_max}
+                allow_partial_message: false
+                pack_as_bytes: true
+              failure_mode_allow: {fail_open}
+              status_on_error: {{code: ServiceUnavailable}}
+              clear_route_cache: true
+"""
+
+
+def _ext_proc_filter(fail_open: str, shape: str) -> str:
+    if shape == "ext_proc":  # the decision is made here: the client's address comes as an attribute
+        extra = """              request_attributes: [source.address]
+"""
+    else:  # the decision ext_authz made travels in its dynamic metadata
+        extra = """              metadata_options:
+                forwarding_namespaces:
+                  untyped: [envoy.filters.http.ext_authz]
+"""
+    return f"""          - name: envoy.filters.http.ext_proc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              grpc_service:
+                envoy_grpc: {{cluster_name: policyd}}
+                timeout: 600s
+              failure_mode_allow: {fail_open}
+              status_on_error: {{code: ServiceUnavailable}}
+              message_timeout: 5s
+              processing_mode:
+                request_header_mode: SEND
+                response_header_mode: SEND
+                request_body_mode: BUFFERED
+                response_body_mode: STREAMED
+                request_trailer_mode: SKIP
+                response_trailer_mode: SKIP
+{extra}"""
+
+
 def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_host: str = "127.0.0.1",
            policyd_port: int = 50051, admin_port: int = 9901, upstreams: tuple[Upstream, ...] = DEFAULT_UPSTREAMS,
-           failure_mode_allow: bool = False, body_bytes_max: int = REQUEST_BODY_BYTES_MAX) -> str:
+           failure_mode_allow: bool = False, body_bytes_max: int = REQUEST_BODY_BYTES_MAX,
+           shape: str = SHAPES[0]) -> str:
+    if shape not in SHAPES:
+        raise ValueError(f"unknown gateway shape {shape!r}; one of {', '.join(SHAPES)}")
     fail_open = "true" if failure_mode_allow else "false"
     clusters = "".join(_cluster(u) for u in upstreams)
-    return f"""# Envoy as a policyd gateway: ext_authz decides and reserves, ext_proc rewrites and settles.
+    filters = (_ext_authz_filter(fail_open, body_bytes_max) if shape != "ext_proc" else "") + \
+        _ext_proc_filter(fail_open, shape)
+    # ext_proc buffers the body it decides on within the connection's buffer limit (past it: 413)
+    buffer_limit = f"\n    per_connection_buffer_limit_bytes: {body_bytes_max}" if shape == "ext_proc" else ""
+    title = ("ext_authz decides and reserves, ext_proc rewrites and settles" if shape != "ext_proc"
+             else "ext_proc decides, reserves, rewrites and settles (one stream per request)")
+    return f"""# Envoy as a policyd gateway: {title}.
 # Rendered by policyd/gateway_config.py (the tests check this file equals its defaults).
 # Fail closed by default: when policyd cannot be reached, requests get 503 and nothing is spent.
-# To fail open (serve unmetered while policyd is down), set failure_mode_allow: true on both filters.
+# To fail open (serve unmetered while policyd is down), set failure_mode_allow: true on its filters.
 admin:
   address:
     socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}
@@ -72,7 +134,7 @@ static_resources:
   listeners:
   - name: gateway
     address:
-      socket_address: {{address: {listen_host}, port_value: {listen_port}}}
+      socket_address: {{address: {listen_host}, port_value: {listen_port}}}{buffer_limit}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -116,39 +178,7 @@ static_resources:
                     message: "The request headers are larger than this gateway accepts ({REQUEST_HEADERS_KB_MAX} KiB, {REQUEST_HEADERS_COUNT_MAX} headers)."
                 content_type: application/json
           http_filters:
-          - name: envoy.filters.http.ext_authz
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
-              transport_api_version: V3
-              grpc_service:
-                envoy_grpc: {{cluster_name: policyd}}
-                timeout: 2s
-              with_request_body:
-                max_request_bytes: {body_bytes_max}
-                allow_partial_message: false
-                pack_as_bytes: true
-              failure_mode_allow: {fail_open}
-              status_on_error: {{code: ServiceUnavailable}}
-              clear_route_cache: true
-          - name: envoy.filters.http.ext_proc
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-              grpc_service:
-                envoy_grpc: {{cluster_name: policyd}}
-                timeout: 600s
-              failure_mode_allow: {fail_open}
-              message_timeout: 5s
-              processing_mode:
-                request_header_mode: SEND
-                response_header_mode: SEND
-                request_body_mode: BUFFERED
-                response_body_mode: STREAMED
-                request_trailer_mode: SKIP
-                response_trailer_mode: SKIP
-              metadata_options:
-                forwarding_namespaces:
-                  untyped: [envoy.filters.http.ext_authz]
-          - name: envoy.filters.http.router
+{filters}          - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:

@@ -20,7 +20,7 @@ import urllib.request
 import openai
 import pytest
 
-from policyd.gateway_config import Upstream, render
+from policyd.gateway_config import SHAPES, Upstream, render
 from policyd.mock_provider import MockProvider
 from policyd.money import parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
@@ -41,8 +41,9 @@ def envoy_binary() -> str:
 
 
 class Gateway(FundedCustomers):
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, shape: str = SHAPES[0]) -> None:
         self.tmp = tmp
+        self.shape = shape
         self.mock = MockProvider(api_keys=PROVIDER_KEYS).start()
         providers = tmp / "providers.yaml"
         providers.write_text(
@@ -57,7 +58,7 @@ class Gateway(FundedCustomers):
         config = tmp / "envoy.yaml"
         config.write_text(render(listen_port=self.port, policyd_port=self.policyd.port, admin_port=free_port(),
                                  upstreams=(Upstream("openai", "127.0.0.1", self.mock.port),
-                                            Upstream("anthropic", "127.0.0.1", self.mock.port))))
+                                            Upstream("anthropic", "127.0.0.1", self.mock.port)), shape=shape))
         self.envoy_log = tmp / "envoy.log"
         self.envoy = subprocess.Popen([envoy_binary(), "-c", str(config), "--log-level", "warn",
                                        "--base-id", str(self.port)],
@@ -86,10 +87,11 @@ class Gateway(FundedCustomers):
         self.mock.stop()
 
 
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[Gateway]:
+@pytest.fixture(scope="module", params=SHAPES)
+def gateway(request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    """Every test runs through both gateway shapes: ext_authz + ext_proc, and ext_proc alone."""
     tmp = Path(tempfile.mkdtemp(prefix="policyd-gateway-"))
-    gw = Gateway(tmp)
+    gw = Gateway(tmp, request.param)
     yield gw
     gw.close()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -117,6 +119,7 @@ def test_non_streamed_chat_charges_the_provider_reported_usage(gateway: Gateway)
     assert (record["feature"], record["thread_id"], record["customer_id"]) == ("faq", "t-1", "e2e-plain")
     assert (record["request_count"], record["retries"]) == (1, 0)  # from Envoy's x-envoy-attempt-count
     assert record["provider_account"] in ("openai-1", "openai-2")  # which credential served it
+    assert record["client_address"] == "127.0.0.1"
     wallet = gateway.wallet("e2e-plain")
     assert wallet.balance_nanos == parse_amount("10") - record["charge_nanos"] and wallet.reserved_nanos == 0
     sent = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "How exact is policyd?"]
@@ -148,6 +151,13 @@ def test_deny_paths_raise_the_matching_sdk_exceptions(gateway: Gateway) -> None:
     with pytest.raises(openai.AuthenticationError) as invalid:
         bad.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert invalid.value.code == "invalid_api_key" and invalid.value.type == "invalid_request_error"
+    # a request id of the client's own choosing (its idempotency key) never stands for a decision
+    known = gateway.client(gateway.customer("e2e-known")).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "spoofed id"}],
+                                    extra_headers={"x-policyd-request-id": known.headers["x-policyd-request-id"]})
+    assert "spoofed id" not in json.dumps(gateway.mock.received())  # it never went upstream
 
     free = gateway.client(gateway.customer("e2e-free", plan="free"))
     with pytest.raises(openai.PermissionDeniedError) as not_allowed:

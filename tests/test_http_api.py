@@ -14,8 +14,12 @@ from policyd.usage_capture import ResponseReader
 from tests.conftest import ROOT
 
 
-def test_shipped_envoy_config_is_the_rendered_default() -> None:
+def test_shipped_envoy_configs_are_the_rendered_defaults() -> None:
     assert (ROOT / "deploy" / "envoy" / "envoy.yaml").read_text() == render()
+    assert (ROOT / "deploy" / "envoy" / "envoy-ext-proc.yaml").read_text() == render(shape="ext_proc")
+    assert "ext_authz" not in render(shape="ext_proc").split("http_filters:")[1]
+    with pytest.raises(ValueError):
+        render(shape="ext_authz")
     assert "failure_mode_allow: false" in render() and "failure_mode_allow: true" in render(failure_mode_allow=True)
 
 

@@ -1,0 +1,36 @@
+"""How an allowed request leaves for its provider, whichever Envoy filter let it through.
+
+The customer's key never goes upstream: it is removed, and the chosen provider account's
+credential is set in its place; the route header names the Envoy cluster to send it to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policyd import http_api
+from policyd.domain import Decision
+from policyd.providers import ProviderPool
+
+ROUTE_HEADER = "x-policyd-route"
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    set_headers: list[tuple[str, str]]
+    remove_headers: list[str]
+    account: str  # the provider account that pays for it ("" when the route carries its own credential)
+
+
+def upstream_request(decision: Decision, pool: ProviderPool) -> UpstreamRequest:
+    account = pool.pick(decision.provider)
+    remove = list(http_api.CUSTOMER_KEY_HEADERS)
+    route = decision.route
+    headers: list[tuple[str, str]] = []
+    if account is not None:
+        name, value = account.credential_header()
+        headers.append((name, value))
+        remove = [h for h in remove if h != name]
+        route = account.cluster
+    headers.append((ROUTE_HEADER, route))
+    return UpstreamRequest(headers, remove, account.name if account else "")
