@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
                 table.append((f"{kind}, {conns} conn: p50/p99 ms", f"{p['p50_ms']}/{p['p99_ms']}",
                               f"{n['p50_ms']}/{n['p99_ms']}", f"{q['p50_ms']}/{q['p99_ms']}", ""))
         q, p = results[name]["json_paced"], plain["json_paced"]
-        table.append((f"json paced: req/s, p50/p99 ms", f"{p['rps']}, {p['p50_ms']}/{p['p99_ms']}", "",
+        table.append(("json paced: req/s, p50/p99 ms", f"{p['rps']}, {p['p50_ms']}/{p['p99_ms']}", "",
                       f"{q['rps']}, {q['p50_ms']}/{q['p99_ms']}", ""))
         q1, p1 = results[name]["json_1"], plain["json_1"]
         results["summary"][name] = {

@@ -43,6 +43,7 @@ from policyd.policy import Limit, ModelPrice, Plan, Policy
 from policyd.policy_book import PolicyBook
 from policyd.pricing import Quantities, billing_of, charge_of, cost_of, estimate_input_tokens
 from policyd.quotas import hold_for, limit_reason
+from policyd.reasons import MESSAGES
 from policyd.store import Store
 from policyd.validation import Problem, check_authorize, check_usage
 
@@ -51,26 +52,6 @@ log = logging.getLogger("policyd.engine")
 RESULT_RETENTION_SECONDS = 7 * 86400  # settled/released reservations answer retries this long
 SWEEP_BATCH = 200
 
-MESSAGES = {
-    "missing_api_key": "No API key was provided.",
-    "malformed_api_key": "The API key is not in the format of a policyd key.",
-    "invalid_api_key": "Incorrect API key provided.",
-    "key_revoked": "This API key has been revoked.",
-    "key_paused": "This API key is paused.",
-    "environment_not_allowed": "This API key may not be used in this environment.",
-    "owner_mismatch": "The request claims an owner that is not the owner of this API key.",
-    "model_not_allowed": "This API key may not use the requested model.",
-    "endpoint_not_allowed": "This API key may not use this endpoint.",
-    "unknown_model": "The requested model does not exist.",
-    "unknown_plan": "The plan of this API key is not in the active policy.",
-    "no_policy": "No policy has been applied yet.",
-    "insufficient_quota": "You exceeded your current quota: the prepaid balance cannot cover this request.",
-    "budget_exceeded": "A budget limit has been reached.",
-    "rate_limit_exceeded": "A rate limit has been reached.",
-    "concurrency_limit_exceeded": "Too many requests in flight on this API key.",
-    "invalid_request": "The request is invalid.",
-    "counters_unavailable": "The policy service cannot reach its counters.",
-}
 
 
 NO_PRICE = ModelPrice.model_construct(provider="", route="", tier="", input=0, cached_input=None,
@@ -346,9 +327,12 @@ class Engine:
                        started: int, decision: str = "allow") -> Any:
         record = self._record(request, request_id, owner, policy, plan, attempt, at, started, decision)
         limit_reasons = {label: limit_reason(limit) for label, (limit, _) in attempt.limits_by_label.items()}
-        payload = json.dumps({"record": record, "limit_reasons": limit_reasons, "messages": MESSAGES}, separators=(",", ":"))
+        # the record is encoded once, for the event and for the reservation
+        record_json = json.dumps(record, separators=(",", ":"))
+        payload = f'{{"record":{record_json},"limit_reasons":{json.dumps(limit_reasons, separators=(",", ":"))}}}'
         wallet = record["wallet_id"]
         fields = {"record": record, "input_tokens_estimate": attempt.input_tokens}
+        fields_json = f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.input_tokens)}}}'
         partition = self.counters.partition_of(owner.customer_id)
         try:
             result = await self.counters.authorize(
@@ -357,7 +341,7 @@ class Engine:
                 expires_ms=at + self.reservation_ttl_ms,
                 check_wallet=plan is not None and plan.wallet == "required",
                 amount=attempt.charge, concurrency_cap=plan.concurrency if plan else 0,
-                payload=payload, reservation_fields=json.dumps(fields, separators=(",", ":")),
+                payload=payload, reservation_fields=fields_json,
                 preset_denial=preset, buckets=attempt.holds,
             )
             if result.outcome == "allow":
@@ -410,7 +394,7 @@ class Engine:
         record = _truncated(record)
         await self._emit(self.counters.partition_of(request_id), "authorize", request_id, at,
                          {"outcome": "deny", "reason": reason, "label": "", "reserved": "0"},
-                         {"record": record, "limit_reasons": {}, "messages": MESSAGES})
+                         {"record": record, "limit_reasons": {}})
         return self._deny(base | {"owner": Owner()}, reason, message or MESSAGES.get(reason, ""), param)
 
     def _deny(self, common: dict[str, Any], reason: str, message: str = "", param: str = "",
@@ -621,18 +605,19 @@ class Engine:
         """Void every reservation past its deadline, in every partition; how many were voided."""
         voided = 0
         at = self.clock()
-        for partition in range(self.counters.partitions):
+        for partition, (credits, reservations) in (await self.counters.due_everywhere(at, SWEEP_BATCH)).items():
             try:
-                voided += await self._expire_partition(partition, at)
+                voided += await self._expire_partition(partition, at, credits, reservations)
             except Fenced:
                 continue  # being rebuilt: the next sweep gets it
         return voided
 
-    async def _expire_partition(self, partition: int, at: int) -> int:
-        for customer_id, grant_id in await self.counters.due_credits(partition, at):
+    async def _expire_partition(self, partition: int, at: int, credits: list[tuple[str, str]],
+                                reservations: list[str]) -> int:
+        for customer_id, grant_id in credits:
             await self.counters.expire_credit(partition, customer_id, grant_id, at)
         voided = 0
-        for request_id in await self.counters.due_reservations(partition, at, SWEEP_BATCH):
+        for request_id in reservations:
             reservation = await self.counters.read_reservation(partition, request_id)
             if reservation is None:
                 await self.counters.client.zrem(redis_keys.deadlines(partition), request_id)

@@ -48,3 +48,26 @@ def http_status(code: str) -> int:
 
 def error_type(code: str) -> str:
     return REASONS[code].error_type if code in REASONS else "invalid_request_error"
+
+
+# What a denial says to a person, by reason (the record keeps it; events do not carry it).
+MESSAGES = {
+    "missing_api_key": "No API key was provided.",
+    "malformed_api_key": "The API key is not in the format of a policyd key.",
+    "invalid_api_key": "Incorrect API key provided.",
+    "key_revoked": "This API key has been revoked.",
+    "key_paused": "This API key is paused.",
+    "environment_not_allowed": "This API key may not be used in this environment.",
+    "owner_mismatch": "The request claims an owner that is not the owner of this API key.",
+    "model_not_allowed": "This API key may not use the requested model.",
+    "endpoint_not_allowed": "This API key may not use this endpoint.",
+    "unknown_model": "The requested model does not exist.",
+    "unknown_plan": "The plan of this API key is not in the active policy.",
+    "no_policy": "No policy has been applied yet.",
+    "insufficient_quota": "You exceeded your current quota: the prepaid balance cannot cover this request.",
+    "budget_exceeded": "A budget limit has been reached.",
+    "rate_limit_exceeded": "A rate limit has been reached.",
+    "concurrency_limit_exceeded": "Too many requests in flight on this API key.",
+    "invalid_request": "The request is invalid.",
+    "counters_unavailable": "The policy service cannot reach its counters.",
+}

@@ -70,12 +70,12 @@ class Store:
         # executemany (a list of parameter sets): one statement compiled and cached, whatever the batch size;
         # rows that name other columns go in a statement of their own (the rest take their defaults)
         for same in _by_columns(rows):
-            session.execute(dialect.insert(model).on_conflict_do_nothing(), same)
+            session.execute(dialect.insert(model.__table__).on_conflict_do_nothing(), same)  # Core, not ORM bulk
 
     def insert_new(self, session: Session, model: type, rows: list[dict[str, Any]]) -> None:
         """Insert rows that must not exist yet (a conflict raises IntegrityError: another writer was first)."""
         for same in _by_columns(rows):
-            session.execute(insert(model), same)
+            session.execute(insert(model.__table__), same)  # Core: the ORM's bulk path costs more per row
 
     def update_by_key(self, session: Session, model: type, key: str, rows: list[dict[str, Any]]) -> None:
         """Update rows by their key column: each dict holds the key and the columns to set; rows that set

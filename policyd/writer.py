@@ -20,11 +20,13 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from policyd import metrics, redis_keys
+from policyd.reasons import MESSAGES
 from policyd.db import EventRow, LedgerEntryRow, UsageRecordRow
 from policyd.store import Store
 
@@ -74,6 +76,9 @@ class Record:
         return {name: self._values[name] for name in self.changed}
 
 
+Entry = tuple[int, str, dict[str, str]]  # partition, stream entry id, fields
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -89,6 +94,7 @@ class Writer:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self.written = 0
         self._groups_ready = False
+        self.reads_span_partitions = not isinstance(client, RedisCluster)
 
     async def ensure_groups(self) -> None:
         for partition in range(self.partitions):
@@ -99,42 +105,51 @@ class Writer:
                     raise
         self._groups_ready = True
 
-    async def _read(self, partition: int, claim_idle_ms: int) -> list[tuple[str, dict[str, str]]]:
-        stream = redis_keys.events(partition)
-        entries: list[Any] = []
-        for start in ("0", ">"):  # first what this consumer read but did not ack, then new entries
-            reply = await self.client.xreadgroup(
-                redis_keys.STREAM_GROUP, self.consumer, {stream: start}, count=self.batch
-            )
-            entries = reply[0][1] if reply else []
-            if entries:
-                break
-        if not entries:
-            claimed = await self.client.xautoclaim(
-                stream, redis_keys.STREAM_GROUP, self.consumer, claim_idle_ms, "0-0", count=self.batch
-            )
-            entries = claimed[1] if claimed else []
-        return [(_text(i), {_text(k): _text(v) for k, v in fields.items()}) for i, fields in entries if fields]
+    async def _read(self, claim_idle_ms: int) -> list[Entry]:
+        """One batch of every partition: what this consumer read but did not ack, else new entries, else
+        entries another consumer left pending for claim_idle_ms. On a single Redis one XREADGROUP reads
+        all partitions; a Redis Cluster keeps them in different slots, so there it is one per partition."""
+        streams = {redis_keys.events(p): p for p in range(self.partitions)}
+        found: dict[int, list[Any]] = {}
+        groups = [list(streams)] if self.reads_span_partitions else [[stream] for stream in streams]
+        for group in groups:
+            for start in ("0", ">"):
+                wanted = {stream: start for stream in group if streams[stream] not in found}
+                if not wanted:
+                    break
+                reply = await self.client.xreadgroup(redis_keys.STREAM_GROUP, self.consumer, wanted, count=self.batch)
+                for stream, entries in reply or []:
+                    if entries:
+                        found[streams[_text(stream)]] = entries
+        for stream, partition in streams.items():
+            if partition not in found:
+                claimed = await self.client.xautoclaim(stream, redis_keys.STREAM_GROUP, self.consumer,
+                                                       claim_idle_ms, "0-0", count=self.batch)
+                if claimed and claimed[1]:
+                    found[partition] = claimed[1]
+        return [(partition, _text(i), {_text(k): _text(v) for k, v in fields.items()})
+                for partition, entries in sorted(found.items()) for i, fields in entries if fields]
 
     async def drain_once(self, claim_idle_ms: int | None = None) -> int:
-        """Move one batch of every partition to SQL; the number of events moved."""
+        """Move one batch of every partition to SQL, in one transaction; the number of events moved."""
         if not self._groups_ready:
             await self.ensure_groups()
-        moved = 0
         idle = self.claim_idle_ms if claim_idle_ms is None else claim_idle_ms
-        for partition in range(self.partitions):
-            entries = await self._read(partition, idle)
-            if not entries:
-                continue
-            await asyncio.to_thread(self._apply_or_quarantine, partition, entries)
-            ids = [entry_id for entry_id, _ in entries]
-            stream = redis_keys.events(partition)
-            await self.client.xack(stream, redis_keys.STREAM_GROUP, *ids)
-            await self.client.xdel(stream, *ids)
-            moved += len(entries)
-        self.written += moved
-        metrics.events_written.inc(moved)
-        return moved
+        entries = await self._read(idle)
+        if not entries:
+            return 0
+        await asyncio.to_thread(self._apply_or_quarantine, entries)
+        by_stream: dict[str, list[str]] = {}
+        for partition, entry_id, _ in entries:
+            by_stream.setdefault(redis_keys.events(partition), []).append(entry_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, redis_keys.STREAM_GROUP, *ids)
+                pipe.xdel(stream, *ids)
+            await pipe.execute()
+        self.written += len(entries)
+        metrics.events_written.inc(len(entries))
+        return len(entries)
 
     async def drain(self) -> int:
         """Move everything there is now, other consumers' pending entries included (audit, rebuild,
@@ -154,7 +169,10 @@ class Writer:
             if moved == 0:
                 return total
 
-    async def run(self, stop: asyncio.Event, idle_seconds: float = 0.05) -> None:
+    async def run(self, stop: asyncio.Event, idle_seconds: float = 0.05, gather_seconds: float = 0.02) -> None:
+        """Drain until stopped. After a small batch it waits gather_seconds, so the next batch holds more
+        events (one transaction for more of them) and a request's authorize and settle more often arrive
+        together (one insert of the whole record instead of an insert and an update)."""
         backoff = idle_seconds
         while not stop.is_set():
             try:
@@ -165,31 +183,33 @@ class Writer:
                 log.exception("writer batch failed; retrying")
                 moved = 0
                 backoff = min(backoff * 2 if backoff > idle_seconds else 0.2, 5.0)
-            if moved == 0:
+            wait = backoff if moved == 0 else gather_seconds if moved < self.batch else 0
+            if wait:
                 try:
-                    await asyncio.wait_for(stop.wait(), timeout=backoff)
+                    await asyncio.wait_for(stop.wait(), timeout=wait)
                 except TimeoutError:
                     pass
 
     # applying events, in one SQL transaction per batch
-    def _apply_or_quarantine(self, partition: int, entries: list[tuple[str, dict[str, str]]]) -> None:
+    def _apply_or_quarantine(self, entries: list[Entry]) -> None:
         """Apply a batch; if SQL refuses its data (not its connection), apply one by one and keep each
         event it still refuses as an 'unwritable' event row, so one bad event never blocks a partition."""
         try:
-            self._apply(partition, entries)
+            self._apply(entries)
             return
         except (OperationalError, InterfaceError, IntegrityError):
             raise  # SQL is away, or another writer inserted the same row first: leave it pending, retry
         except (DBAPIError, ValueError, KeyError, TypeError):
             if len(entries) == 1:
-                log.exception("event %s of partition %d cannot be written; kept as unwritable", entries[0][0], partition)
-                self._quarantine(partition, entries[0])
+                log.exception("event %s of partition %d cannot be written; kept as unwritable", entries[0][1],
+                              entries[0][0])
+                self._quarantine(entries[0])
                 return
         for entry in entries:
-            self._apply_or_quarantine(partition, [entry])
+            self._apply_or_quarantine([entry])
 
-    def _quarantine(self, partition: int, entry: tuple[str, dict[str, str]]) -> None:
-        entry_id, fields = entry
+    def _quarantine(self, entry: Entry) -> None:
+        partition, entry_id, fields = entry
         detail = {k: v[:2000] for k, v in fields.items()}
         with self.store.session() as session, session.begin():
             self.store.insert_ignore(session, EventRow, [{
@@ -197,9 +217,9 @@ class Writer:
                 "customer_id": "", "detail": detail, "created_ms": int(fields.get("at", "0") or 0),
             }])
 
-    def _apply(self, partition: int, entries: list[tuple[str, dict[str, str]]]) -> None:
+    def _apply(self, entries: list[Entry]) -> None:
         with self.store.session() as session, session.begin():
-            request_ids = {f["rid"] for _, f in entries if f.get("type") in ("authorize", "settle", "release", "expire")}
+            request_ids = {f["rid"] for _, _, f in entries if f.get("type") in ("authorize", "settle", "release", "expire")}
             records: dict[str, Record] = {}
             if request_ids:
                 table = UsageRecordRow.__table__
@@ -207,7 +227,7 @@ class Writer:
                     records[row.request_id] = Record(dict(row._mapping), new=False)
             ledger: list[dict[str, Any]] = []
             events: list[dict[str, Any]] = []
-            for entry_id, fields in entries:
+            for partition, entry_id, fields in entries:
                 kind = fields.get("type", "")
                 if kind == "authorize":
                     self._authorize(session, records, fields)
@@ -289,7 +309,8 @@ class Writer:
                 reason = data.get("limit_reasons", {}).get(label, "rate_limit_exceeded")
             values["reason"] = reason
             values["quota_bucket"] = label
-            values["message"] = values.get("message") or data.get("messages", {}).get(reason, "")
+            # events written before messages left them may still carry their own table
+            values["message"] = values.get("message") or data.get("messages", {}).get(reason) or MESSAGES.get(reason, "")
             values["reserved_nanos"] = 0
         if existing is None:
             row = Record(values, new=True)

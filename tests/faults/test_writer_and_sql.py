@@ -31,7 +31,7 @@ async def test_sql_unavailable_then_back(service: Service, monkeypatch: pytest.M
     await fund(service, "acme", "10", grant_id="g")
     original = Writer._apply
 
-    def sql_down(self, partition, entries):
+    def sql_down(self, entries):
         raise OperationalError("INSERT", {}, Exception("connection refused"))
 
     monkeypatch.setattr(Writer, "_apply", sql_down)
@@ -54,8 +54,8 @@ async def test_a_dead_writers_entries_are_claimed_and_written_once(service: Serv
     original = Writer._apply
     calls = {"n": 0}
 
-    def commit_then_die(self, partition, entries):
-        original(self, partition, entries)  # the SQL commit happens...
+    def commit_then_die(self, entries):
+        original(self, entries)  # the SQL commit happens...
         calls["n"] += 1
         raise KeyboardInterrupt("killed before XACK")  # ...and the process dies before acknowledging
 
@@ -103,16 +103,16 @@ async def test_events_of_one_request_can_be_applied_in_any_order(service: Servic
     await service.engine.expire_due()
     await service.engine.settle(usage("o-late"))
     entries = await service.counters.client.xrange(redis_keys.events(partition))
-    decoded = [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in entries]
+    decoded = [(partition, i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in entries]
     await service.counters.client.delete(redis_keys.events(partition))
-    service.writer._apply(partition, list(reversed(decoded)))
+    service.writer._apply(list(reversed(decoded)))
     released = service.store.usage_record("o-released")
     assert (released.status, released.customer_id, released.close_reason) == ("released", "acme", "provider_error")
     settled = service.store.usage_record("o-settled")
     assert (settled.status, settled.customer_id) == ("settled", "acme") and settled.charge_nanos > 0
     late = service.store.usage_record("o-late")
     assert late.status == "settled_late" and late.customer_id == "acme"
-    service.writer._apply(partition, decoded)  # and a replay in order changes nothing
+    service.writer._apply(decoded)  # and a replay in order changes nothing
     assert service.store.usage_record("o-late").status == "settled_late"
     await service.writer.ensure_groups()
     assert (await service.admin.audit()).ok
