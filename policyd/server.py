@@ -76,10 +76,15 @@ class Service:
             result = await self.admin.apply_policy(text, self.settings.policy_file)
             log.info("policy %s: version %d%s", self.settings.policy_file, result.version,
                      " (applied)" if result.changed else " (unchanged)")
-        if self.settings.writer_enabled:
-            self.tasks.append(asyncio.create_task(self.writer.run(self.stop)))
         self.tasks.append(asyncio.create_task(self.engine.run_sweeper(self.stop, self.settings.sweeper_interval_ms)))
         self.tasks.append(asyncio.create_task(self.book.run(self.stop, self.settings.policy_refresh_ms)))
+        if self.settings.writer_enabled:
+            self._start_sql_loops()
+
+    def _start_sql_loops(self) -> None:
+        """The writer and the loops that read SQL (anomalies, rollups, webhooks) run where the writer runs:
+        in `policyd writer`, or in a serve process that writes its own records (POLICYD_WRITER_ENABLED)."""
+        self.tasks.append(asyncio.create_task(self.writer.run(self.stop)))
         detector = AnomalyDetector(
             self.store, self.settings.anomaly_window_seconds * 1000, self.settings.anomaly_spend_factor,
             parse_amount(self.settings.anomaly_spend_min), self.settings.anomaly_thread_requests)

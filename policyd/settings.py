@@ -38,7 +38,8 @@ class Settings(BaseSettings):
         "closed", description="when Redis cannot be reached: deny (closed) or allow unreserved (open)"
     )
     writer_batch: int = Field(500, ge=1, le=10_000, description="events the writer moves to SQL per batch")
-    writer_enabled: bool = Field(True, description="run the stream-to-SQL writer in this process")
+    writer_enabled: bool = Field(True, description="run the stream-to-SQL writer, and the loops that read SQL "
+                                 "(anomalies, rollups, webhooks), in this process")
     sweeper_interval_ms: int = Field(500, ge=10, description="how often expired reservations are voided")
     policy_refresh_ms: int = Field(500, ge=10, description="how often a replica checks for a newer policy")
     webhook_urls: str = Field("", description="comma-separated URLs that receive alerts (JSON, HMAC-signed)")

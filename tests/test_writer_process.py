@@ -22,7 +22,7 @@ def test_a_separate_writer_process_writes_every_decision_once(redis_server, post
     database = postgres_server.create_database("writer_process")
     serve = PolicydProcess(redis_server.url, database, policy=str(ROOT / "policyd/samples/policy.yaml"),
                            extra_env={"POLICYD_WRITER_ENABLED": "false"})
-    writer = WriterProcess(redis_server.url, database)
+    writer = WriterProcess(redis_server.url, database, extra_env={"POLICYD_ROLLUP_INTERVAL_MS": "200"})
     try:
         with grpc.insecure_channel(serve.address) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
@@ -55,6 +55,15 @@ def test_a_separate_writer_process_writes_every_decision_once(redis_server, post
                 assert time.monotonic() < deadline, rows
                 time.sleep(0.2)
             assert sorted(status for _, status in rows) == ["released"] * 10 + ["settled"] * 30
+            # the loops that read SQL run in the writer process too: the rollups catch up with the records
+            while True:
+                with psycopg.connect(dsn) as connection:
+                    summed = connection.execute("select requests from usage_rollups where period = 'day' and "
+                                                "dimension = 'customer' and value = 'w'").fetchall()
+                if summed == [(40,)]:
+                    break
+                assert time.monotonic() < deadline, summed
+                time.sleep(0.2)
             assert admin.Audit(admin_pb2.AuditRequest()).ok
     finally:
         writer.stop()
