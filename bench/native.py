@@ -1,7 +1,7 @@
 """Native path: Authorize + Settle pairs per second and latency percentiles over gRPC, against a
 no-op grpc.aio servicer measured in the same run as the floor.
 
-    python -m bench.native [--seconds 10] [--concurrency 32] [--redis-url ...] [--database-url ...]
+    python -m bench.native [--seconds 10] [--concurrency 32] [--rates 100,250,500,1000] [--redis-url ...] [--database-url ...]
 
 Without URLs it starts a throwaway redis-server and PostgreSQL on loopback (the writer drains to it).
 policyd (`policyd serve`) and the floor (bench/noop_servers.py) each run as a process of their own;
@@ -63,7 +63,62 @@ async def drive(address: str, key: str, seconds: float, concurrency: int, prefix
     }
 
 
-def floor(seconds: float, concurrency: int) -> dict:
+async def paced(address: str, key: str, seconds: float, rate: int, prefix: str) -> dict:
+    """Open loop: an Authorize starts every 1/rate s whatever the earlier ones do (each followed by its
+    Settle), so the latency is that of a steady decision rate, not of a closed loop that slows down
+    with the server. In flight at most rate/2 (past that the server is saturated: counted, not sent)."""
+    authorize_ms: list[float] = []
+    skipped = 0
+    in_flight = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = policy_pb2_grpc.PolicyServiceStub(channel)
+
+        async def one(rid: str) -> None:
+            nonlocal in_flight
+            started = time.perf_counter()
+            await stub.Authorize(policy_pb2.AuthorizeRequest(
+                api_key=key, endpoint=types_pb2.CHAT_COMPLETIONS, model="gpt-4o-mini",
+                attribution=types_pb2.Attribution(request_id=rid, feature="bench"),
+                shape=policy_pb2.RequestShape(prompt_bytes=800, message_count=2, max_output_tokens=200)))
+            authorize_ms.append((time.perf_counter() - started) * 1000)
+            await stub.Settle(policy_pb2.SettleRequest(request_id=rid, usage=policy_pb2.Usage(
+                input_tokens=200, output_tokens=150)))
+            in_flight -= 1
+
+        tasks = []
+        begin = time.perf_counter()
+        total = int(seconds * rate)
+        for i in range(total):
+            delay = begin + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if in_flight >= max(rate // 2, 1):
+                skipped += 1
+                continue
+            in_flight += 1
+            tasks.append(asyncio.create_task(one(f"{prefix}-{i}")))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - begin
+    return {"rate_asked": rate, "authorize_per_second": round(len(authorize_ms) / elapsed, 1), "skipped": skipped,
+            "authorize_ms": {"p50": round(percentile(authorize_ms, 0.5), 3), "p99": round(percentile(authorize_ms, 0.99), 3),
+                             "p999": round(percentile(authorize_ms, 0.999), 3)}}
+
+
+def decision_latency(database_url: str, prefix: str) -> dict:
+    """Authorize as policyd itself timed it (decision_latency_us of the records), without the client and
+    gRPC transport around it: what the paced runs' client-side figures include on top."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        values = [row[0] for row in connection.execute(text(
+            "select decision_latency_us from usage_records where request_id like :p order by 1"), {"p": f"{prefix}-%"})]
+    engine.dispose()
+    return {"p50": round(percentile(values, 0.5) / 1000, 3), "p99": round(percentile(values, 0.99) / 1000, 3),
+            "p999": round(percentile(values, 0.999) / 1000, 3)}
+
+
+def floor(seconds: float, concurrency: int, rates: tuple[int, ...] = ()) -> dict:
     """The no-op servicer in a process of its own, like policyd."""
     import subprocess
     import sys
@@ -75,13 +130,16 @@ def floor(seconds: float, concurrency: int) -> dict:
                                cwd=os.path.join(os.path.dirname(__file__), ".."))
     try:
         wait_port(port)
-        return asyncio.run(drive(f"127.0.0.1:{port}", "k", seconds, concurrency, "noop"))
+        result = asyncio.run(drive(f"127.0.0.1:{port}", "k", seconds, concurrency, "noop"))
+        result["paced"] = [asyncio.run(paced(f"127.0.0.1:{port}", "k", seconds, rate, f"noop{rate}")) for rate in rates]
+        return result
     finally:
         process.terminate()
         process.wait(timeout=10)
 
 
-def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str, writer: str = "process") -> dict:
+def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str, writer: str = "process",
+            rates: tuple[int, ...] = ()) -> dict:
     """`policyd serve` in a process of its own (uvloop), the writer draining to PostgreSQL in a `policyd writer`
     process beside it (writer="process", the production shape) or inside serve (writer="inprocess")."""
     from tests.processes import PolicydProcess, WriterProcess
@@ -98,9 +156,13 @@ def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str,
             key = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="bench", plan="bench",
                                                              environment="production"))
             result = asyncio.run(drive(process.address, key.secret, seconds, concurrency, "bench"))
+            result["paced"] = [asyncio.run(paced(process.address, key.secret, seconds, rate, f"paced{rate}"))
+                               for rate in rates]
             lag_started = time.perf_counter()
             result["audit_ok"] = admin.Audit(admin_pb2.AuditRequest(), timeout=300).ok  # drains the writer first
             result["writer_catch_up_seconds"] = round(time.perf_counter() - lag_started, 2)
+            for run in result["paced"]:
+                run["decision_ms"] = decision_latency(database_url, f"paced{run['rate_asked']}")
         return result
     finally:
         for w in writers:
@@ -109,11 +171,19 @@ def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str,
 
 
 def main(argv: list[str] | None = None) -> dict:
+    try:  # the load generator's own loop: uvloop adds less to the latency it measures
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--redis-url", default="")
     parser.add_argument("--database-url", default="")
+    parser.add_argument("--rates", default="100,250,500,1000",
+                        help="Authorize rates (per second) of the paced runs, comma-separated ('' = none)")
     parser.add_argument("--writer", choices=["process", "inprocess"], default="process",
                         help="the writer in a `policyd writer` process (default) or inside serve")
     args = parser.parse_args(argv)
@@ -128,9 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
         if not database_url:
             servers.append(PostgresServer())
             database_url = servers[-1].create_database("bench")
+    rates = tuple(int(r) for r in args.rates.split(",") if r.strip())
     try:
-        noop = floor(args.seconds, args.concurrency)
-        real = policyd(args.seconds, args.concurrency, redis_url, database_url, args.writer)
+        noop = floor(args.seconds, args.concurrency, rates)
+        real = policyd(args.seconds, args.concurrency, redis_url, database_url, args.writer, rates)
     finally:
         for server in servers:
             server.close()
@@ -142,6 +213,12 @@ def main(argv: list[str] | None = None) -> dict:
         a, s = r["authorize_ms"], r["settle_ms"]
         print(f"{name:24} {r['pairs_per_second']:>9} {a['p50']:>9} {a['p99']:>9} {a['p999']:>11} {s['p50']:>11} {s['p99']:>11}")
     print(f"ratio to floor: {ratio:.2f}; writer caught up in {real['writer_catch_up_seconds']} s; audit ok: {real['audit_ok']}")
+    print("paced (open loop; each Authorize followed by its Settle): Authorize p50 / p99 / p99.9 ms")
+    for run, floor_run in zip(real["paced"], noop["paced"]):
+        a, f, d = run["authorize_ms"], floor_run["authorize_ms"], run["decision_ms"]
+        print(f"  {run['rate_asked']:>5}/s asked, {run['authorize_per_second']}/s done ({run['skipped']} not sent): "
+              f"policyd {a['p50']} / {a['p99']} / {a['p999']}; no-op floor {f['p50']} / {f['p99']} / {f['p999']}; "
+              f"policyd's own work before its Redis call {d['p50']} / {d['p99']} / {d['p999']}")
     return {"native": {"floor": noop, "policyd": real, "ratio": round(ratio, 3), "cores": os.cpu_count(),
                        "writer": args.writer, "concurrency": args.concurrency}}
 
