@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+
 from policyd import keys as key_secrets
 from policyd import redis_keys
 from policyd.counters import REQUEST_INDEX_SECONDS, Counters, Fenced
@@ -396,63 +398,107 @@ class Admin:
             await client.delete(*fences)
 
     async def _rewrite(self) -> int:
-        client = self.counters.client
+        """Every counter from SQL, queued on pipelines of REBUILD_PIPELINE_COMMANDS commands (a million keys
+        is a thousand round trips, not a million)."""
         at = now_ms()
         written = 0
-        for row in await asyncio.to_thread(self.store.keys):
-            await self._publish_key(row)
-            written += 1
-        balances = await asyncio.to_thread(self.store.ledger_balances)
-        open_rows = await asyncio.to_thread(self.store.open_reservations)
-        reserved: dict[str, int] = {}
-        inflight: dict[tuple[int, str], int] = {}
-        for row in open_rows:
-            wallet = row.wallet_id or row.customer_id
-            reserved[wallet] = reserved.get(wallet, 0) + row.reserved_nanos
-            p = self.counters.partition_of(row.customer_id)
-            inflight[(p, row.api_key_id)] = inflight.get((p, row.api_key_id), 0) + 1
-            expires = row.created_ms + self.reservation_ttl_ms
-            record = {c: getattr(row, c) for c in _RECORD_COLUMNS}
-            record["wallet_id"] = record["wallet_id"] or row.customer_id
-            fields = {"record": record, "input_tokens_estimate": 0}
-            await client.hset(redis_keys.reservation(p, row.request_id), mapping={
-                "state": "reserved", "key": redis_keys.key_state(p, row.api_key_id), "amount": str(row.reserved_nanos), "wallet": "1",
-                "expires": str(max(expires, at)), "r": json.dumps(fields, separators=(",", ":")),
-            })
-            await client.zadd(redis_keys.deadlines(p), {row.request_id: max(expires, at)})
-            await client.set(redis_keys.request_index(row.request_id), str(p), ex=REQUEST_INDEX_SECONDS)
-            written += 1
-        for customer in set(balances) | set(reserved):
-            p = self.counters.partition_of(customer)
-            await client.hset(redis_keys.wallet(p, customer), mapping={
-                "balance": str(balances.get(customer, 0)), "reserved": str(reserved.get(customer, 0)),
-            })
-            written += 1
-        for (p, key_id), count in inflight.items():
-            await client.set(redis_keys.inflight(p, key_id), str(count))
-        for grant_id, customer in await asyncio.to_thread(self.store.grant_ids):
-            await client.set(redis_keys.grant_marker(self.counters.partition_of(customer), grant_id), "1")
-        credits = await asyncio.to_thread(self._credits_left)
-        expiries = {g: x for g, _, _, x in await asyncio.to_thread(self.store.open_expiring_grants)}
-        for (customer, grant_id), left in credits.items():
-            p = self.counters.partition_of(customer)
-            await client.zadd(redis_keys.credit_deadlines(p), {f"{customer} {grant_id}": expiries[grant_id]})
-            if left > 0:
-                await client.zadd(redis_keys.expiring_credits(p, customer), {grant_id: expiries[grant_id]})
-                await client.hset(redis_keys.credit_left(p, customer), grant_id, str(left))
-            written += 1
-        now_s = at // 1000
-        for key, total in (await asyncio.to_thread(self._bucket_totals)).items():
-            ttl = remaining_ttl(key, now_s)
-            if ttl is None:
-                continue
-            await client.hset(key, "used", str(total))
-            if ttl:
-                await client.expire(key, ttl)
-            written += 1
+        async with _Batches(self.counters.client) as batch:
+            for row in await asyncio.to_thread(self.store.keys):
+                await self.counters.set_key_state(row.customer_id, row.id, row.status, _secrets_of(row, at), at,
+                                                  pipe=await batch.pipe() if batch.takes_scripts else None)
+                written += 1
+            balances = await asyncio.to_thread(self.store.ledger_balances)
+            open_rows = await asyncio.to_thread(self.store.open_reservations)
+            reserved: dict[str, int] = {}
+            inflight: dict[tuple[int, str], int] = {}
+            for row in open_rows:
+                wallet = row.wallet_id or row.customer_id
+                reserved[wallet] = reserved.get(wallet, 0) + row.reserved_nanos
+                p = self.counters.partition_of(row.customer_id)
+                inflight[(p, row.api_key_id)] = inflight.get((p, row.api_key_id), 0) + 1
+                expires = row.created_ms + self.reservation_ttl_ms
+                record = {c: getattr(row, c) for c in _RECORD_COLUMNS}
+                record["wallet_id"] = record["wallet_id"] or row.customer_id
+                fields = {"record": record, "input_tokens_estimate": 0}
+                pipe = await batch.pipe(3)
+                pipe.hset(redis_keys.reservation(p, row.request_id), mapping={
+                    "state": "reserved", "key": redis_keys.key_state(p, row.api_key_id), "amount": str(row.reserved_nanos),
+                    "wallet": "1", "expires": str(max(expires, at)), "r": json.dumps(fields, separators=(",", ":")),
+                })
+                pipe.zadd(redis_keys.deadlines(p), {row.request_id: max(expires, at)})
+                pipe.set(redis_keys.request_index(row.request_id), str(p), ex=REQUEST_INDEX_SECONDS)
+                written += 1
+            for customer in set(balances) | set(reserved):
+                p = self.counters.partition_of(customer)
+                (await batch.pipe()).hset(redis_keys.wallet(p, customer), mapping={
+                    "balance": str(balances.get(customer, 0)), "reserved": str(reserved.get(customer, 0)),
+                })
+                written += 1
+            for (p, key_id), count in inflight.items():
+                (await batch.pipe()).set(redis_keys.inflight(p, key_id), str(count))
+            for grant_id, customer in await asyncio.to_thread(self.store.grant_ids):
+                (await batch.pipe()).set(redis_keys.grant_marker(self.counters.partition_of(customer), grant_id), "1")
+            credits = await asyncio.to_thread(self._credits_left)
+            expiries = {g: x for g, _, _, x in await asyncio.to_thread(self.store.open_expiring_grants)}
+            for (customer, grant_id), left in credits.items():
+                p = self.counters.partition_of(customer)
+                pipe = await batch.pipe(3)
+                pipe.zadd(redis_keys.credit_deadlines(p), {f"{customer} {grant_id}": expiries[grant_id]})
+                if left > 0:
+                    pipe.zadd(redis_keys.expiring_credits(p, customer), {grant_id: expiries[grant_id]})
+                    pipe.hset(redis_keys.credit_left(p, customer), grant_id, str(left))
+                written += 1
+            now_s = at // 1000
+            for key, total in (await asyncio.to_thread(self._bucket_totals)).items():
+                ttl = remaining_ttl(key, now_s)
+                if ttl is None:
+                    continue
+                pipe = await batch.pipe(2)
+                pipe.hset(key, "used", str(total))
+                if ttl:
+                    pipe.expire(key, ttl)
+                written += 1
+        # the policy version last: its presence says the counters are whole
         if self.book.current is not None:
-            await client.set(redis_keys.POLICY_VERSION, str(self.book.current.version))
+            await self.counters.client.set(redis_keys.POLICY_VERSION, str(self.book.current.version))
         return written
+
+
+REBUILD_PIPELINE_COMMANDS = 1000
+
+
+class _Batches:
+    """Pipelines (no transaction) sent whenever REBUILD_PIPELINE_COMMANDS commands are queued, and at the end."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.current: Any = None
+        self.queued = 0
+        # a Redis Cluster's pipelines refuse scripts: there they run one by one
+        self.takes_scripts = not isinstance(client, RedisCluster)
+
+    async def pipe(self, commands: int = 1) -> Any:
+        """The pipeline to queue the next `commands` commands on."""
+        if self.current is not None and self.queued + commands > REBUILD_PIPELINE_COMMANDS:
+            await self.flush()
+        if self.current is None:
+            self.current = self.client.pipeline(transaction=False)
+        self.queued += commands
+        return self.current
+
+    async def flush(self) -> None:
+        if self.current is not None:
+            pipe, self.current, self.queued = self.current, None, 0
+            await pipe.execute()  # which resets it (entering it as a context would reset a cluster's queue)
+
+    async def __aenter__(self) -> "_Batches":
+        return self
+
+    async def __aexit__(self, kind: Any, error: Any, trace: Any) -> None:
+        if kind is None:
+            await self.flush()
+        elif self.current is not None:
+            await self.current.reset()
 
 
 _RECORD_COLUMNS = (

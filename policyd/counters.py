@@ -161,12 +161,14 @@ class Counters:
         return redis_keys.partition_of(owner_id, self.partitions)
 
     async def set_key_state(self, customer_id: str, key_id: str, status: str, secrets: list[tuple[str, int]],
-                            now_ms: int) -> None:
+                            now_ms: int, pipe: Any = None) -> None:
+        """`pipe`: a pipeline to queue the script on (a rebuild of many keys) instead of running it now."""
         partition = self.partition_of(customer_id)
         args: list[str] = [status, str(now_ms), key_id, customer_id]
         for secret_hash, expires_ms in secrets:
             args += [secret_hash, str(expires_ms)]
-        await self._key_state(keys=[redis_keys.key_state(partition, key_id), redis_keys.events(partition)], args=args)
+        await self._key_state(keys=[redis_keys.key_state(partition, key_id), redis_keys.events(partition)], args=args,
+                              client=pipe)
 
     async def authorize(
         self,
