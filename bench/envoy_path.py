@@ -3,7 +3,7 @@ filter servicers, and with policyd (real Redis, the writer draining to real Post
 `policyd writer` process beside it), non-streamed and streamed, to a provider that is not the
 bottleneck (another Envoy answering with a fixed completion, measured alone first). The load
 generator is wrk, on loopback, bounded in time; the paced runs hold about --paced-rate requests/s
-(wrk's per-request delay over 10 connections) to read the latency added at a steady rate.
+(wrk's per-request delay over 50 connections) to read the latency added at a steady rate.
 
 Integration shapes, each against the no-op servicers in the same shape:
 - ext_authz + ext_proc (the default config);
@@ -12,7 +12,10 @@ Integration shapes, each against the no-op servicers in the same shape:
   (bench/access_log_settler.py) that settles each request over the native API as an estimate.
   Measured for its cost only: it keeps neither exact charges nor body rewrites.
 
-    python -m bench.envoy_path [--seconds 10] [--connections 32] [--paced-rate 500]
+With --litellm, LiteLLM's proxy (bench/litellm_peer.py; no budgets) runs to the same provider
+under the same load, with one and two workers.
+
+    python -m bench.envoy_path [--seconds 10] [--connections 32] [--paced-rate 500] [--litellm]
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ wrk.headers["content-type"] = "application/json"
 wrk.headers["authorization"] = "Bearer {key}"
 {extra}
 """
-PACED_CONNECTIONS = 10
+PACED_CONNECTIONS = 50
 
 ACCESS_LOG = """          access_log:
           - name: envoy.access_loggers.http_grpc
@@ -239,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--paced-rate", type=int, default=500, help="requests/s of the paced runs")
+    parser.add_argument("--litellm", action="store_true",
+                        help="measure LiteLLM's proxy as a peer (installed once into a virtualenv of its own)")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: scripts/system-deps.sh installs it (Debian's package)")
@@ -262,6 +267,19 @@ def main(argv: list[str] | None = None) -> dict:
                                           args.connections, workdir)
 
         url = "http://127.0.0.1:{}/v1/chat/completions"
+        if args.litellm:
+            from bench.litellm_peer import MASTER_KEY, LiteLLM
+
+            for workers in (1, 2):
+                peer = LiteLLM(provider.port, free_port(), workers, workdir)
+                try:
+                    wrk(url.format(peer.port), MASTER_KEY, False, args.connections, 2, workdir)  # warm up
+                    results[f"litellm_{workers}_workers"] = {
+                        "json_1": wrk(url.format(peer.port), MASTER_KEY, False, 1, max(args.seconds / 2, 3), workdir),
+                        f"json_{args.connections}": wrk(url.format(peer.port), MASTER_KEY, False, args.connections,
+                                                        args.seconds, workdir)}
+                finally:
+                    peer.stop()
         noop_port = free_port()
         noop = subprocess.Popen([sys.executable, "-m", "bench.noop_servers", str(noop_port)], cwd=HERE.parent)
         wait_port(noop_port)
@@ -362,6 +380,16 @@ def main(argv: list[str] | None = None) -> dict:
         summary = results["summary"][name]
         print(f"  added latency over plain Envoy: p50 {summary['added_p50_ms_one_connection']} ms at one connection, "
               f"p99 {summary['added_p99_ms_paced']} ms at {summary['paced_rps']} req/s\n")
+    c_key = f"json_{c}"
+    for workers in (1, 2):
+        peer = results.get(f"litellm_{workers}_workers")
+        if peer:
+            best = max(results[name][c_key]["rps"] for _, _, name in shapes[:2])
+            results["summary"][f"litellm_{workers}_workers"] = {"rps": peer[c_key]["rps"],
+                                                                "policyd_best_shape_over_litellm": round(best / peer[c_key]["rps"], 2)}
+            print(f"  LiteLLM proxy, {workers} worker(s), no budgets: {peer[c_key]['rps']} req/s at {c} connections "
+                  f"(p50 {peer[c_key]['p50_ms']} ms, p99 {peer[c_key]['p99_ms']} ms), {peer['json_1']['rps']} at one; "
+                  f"policyd's faster shape does {best / peer[c_key]['rps']:.1f}x")
     w = results["writer"]
     print(f"  writer: {w['records']} records for {w['requests_sent']} requests ({w['records_per_second_under_load']}/s "
           f"under load), stream lag max {w['lag_max']}, last {w['lag_last']}, caught up {w['catch_up_seconds_after_load']} s "

@@ -79,6 +79,7 @@ class Admin:
                  writer: Writer, reservation_ttl_seconds: int = 600) -> None:
         self.reservation_ttl_ms = reservation_ttl_seconds * 1000
         self.pool: Any = None  # the provider account pool, when the service has one (reconciliation per key)
+        self.finish_closings: Any = None  # the engine's, when there is one: settles in flight come first
         self.store = store
         self.counters = counters
         self.book = book
@@ -327,7 +328,10 @@ class Admin:
 
     # ------------------------------------------------------------------ audit and rebuild
     async def audit(self) -> AuditResult:
-        """Redis counters against what the SQL ledger implies (after draining every pending event)."""
+        """Redis counters against what the SQL ledger implies (after the settles this process still has
+        in flight, and every pending event)."""
+        if self.finish_closings is not None:
+            await self.finish_closings()
         await self.writer.drain()
         balances = await asyncio.to_thread(self.store.ledger_balances)
         open_rows = await asyncio.to_thread(self.store.open_reservations)

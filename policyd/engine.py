@@ -23,7 +23,7 @@ import logging
 import secrets
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
 from policyd import metrics, reasons, redis_keys
@@ -97,6 +97,20 @@ class Engine:
         self.reservation_ttl_ms = reservation_ttl_seconds * 1000
         self.failure_mode = failure_mode
         self.clock = clock
+        self._closings: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ closings in the background
+    def close_in_background(self, closing: Awaitable[None]) -> None:
+        """Run a settle or release that nobody waits for (a proxy that answered its client first, a stream
+        that was cut) in a task of its own, so no cancellation interrupts it; tracked until done."""
+        task = asyncio.ensure_future(closing)
+        self._closings.add(task)
+        task.add_done_callback(self._closings.discard)
+
+    async def finish_closings(self) -> None:
+        """Wait for the background closings (before an audit, at shutdown)."""
+        while self._closings:
+            await asyncio.gather(*list(self._closings), return_exceptions=True)
 
     # ------------------------------------------------------------------ authorize
     async def authorize(self, request: AuthorizeInput, unavailable_providers: frozenset[str] = frozenset()) -> Decision:

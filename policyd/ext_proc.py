@@ -16,7 +16,6 @@ Two gateway shapes (`policyd gateway-config --shape`):
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -143,7 +142,6 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
     def __init__(self, engine: Engine, pool: ProviderPool) -> None:
         self.engine = engine
         self.pool = pool
-        self._closing: set[asyncio.Task[None]] = set()
 
     async def Process(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         exchange: Exchange | None = None
@@ -182,7 +180,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         if arrival is not None:  # no ext_authz to tell the client its request id
                             mutation = ep.HeaderMutation(set_headers=[_header(REQUEST_ID_HEADER, exchange.request_id)])
                         if request.response_headers.end_of_stream:
-                            await self._close(exchange)
+                            self._close(exchange)
                     yield ep.ProcessingResponse(response_headers=ep.HeadersResponse(
                         response=ep.CommonResponse(header_mutation=mutation) if mutation else None))
                 elif kind == "response_body":
@@ -190,22 +188,18 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         exchange.reader.feed(request.response_body.body)
                         if request.response_body.end_of_stream:
                             exchange.reader.finish()
-                            await self._close(exchange)
+                            self._close(exchange)
                     yield ep.ProcessingResponse(response_body=ep.BodyResponse())
                 elif kind == "request_trailers":
                     yield ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
                 elif kind == "response_trailers":
                     if exchange is not None and not exchange.closed:
                         exchange.reader.finish()
-                        await self._close(exchange)
+                        self._close(exchange)
                     yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
         finally:
             if exchange is not None and not exchange.closed:
-                # the client went away, or the stream was cut: settle what was delivered, in a task of
-                # its own so the cancellation of this stream cannot interrupt it
-                task = asyncio.create_task(self._close(exchange, cut=True))
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+                self._close(exchange, cut=True)  # the client went away, or the stream was cut
 
     async def _decide(self, arrival: Arrival, body: bytes, kind: str) -> tuple[Exchange | None, Any]:
         """The ext_proc-only shape: authorize here, and either send the request on or answer it."""
@@ -263,10 +257,16 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                                           exchange.output_cap, exchange.client_gave_cap, exchange.stream)
         return None if rewritten is None else json.dumps(rewritten, separators=(",", ":")).encode()
 
-    async def _close(self, exchange: Exchange, cut: bool = False) -> None:
+    def _close(self, exchange: Exchange, cut: bool = False) -> None:
+        """Settle or release in a task of its own: the reply to Envoy does not wait for it (the client
+        gets its last bytes a Redis round trip sooner), and the end or cancellation of this stream
+        cannot interrupt it. Audits and shutdown wait for them (Engine.finish_closings)."""
         if exchange.closed:
             return
         exchange.closed = True
+        self.engine.close_in_background(self._finish(exchange, cut))
+
+    async def _finish(self, exchange: Exchange, cut: bool) -> None:
         try:
             await self._settle_or_release(exchange, cut)
         except PolicydError as error:

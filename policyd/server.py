@@ -62,6 +62,7 @@ class Service:
         admin = Admin(store, counters, book, directory, writer, settings.reservation_ttl_seconds)
         pool = ProviderPool.load(settings.providers_file)
         admin.pool = pool
+        admin.finish_closings = engine.finish_closings
         return cls(settings, store, counters, book, directory, writer, engine, admin, pool)
 
     async def start(self) -> None:
@@ -97,6 +98,7 @@ class Service:
 
     async def close(self) -> None:
         self.stop.set()
+        await self.engine.finish_closings()  # settles in flight, before the last drain
         for task in self.tasks:
             try:
                 await asyncio.wait_for(task, timeout=5)

@@ -70,6 +70,26 @@ async def test_release_returns_the_hold(service: Service) -> None:
     assert (await service.admin.audit()).ok
 
 
+async def test_settles_left_to_the_background_finish_before_an_audit_and_a_shutdown(service: Service) -> None:
+    import asyncio
+
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1")
+    for request_id in ("bg-audit", "bg-close"):
+        await service.engine.authorize(ask(secret, request_id=request_id))
+
+    async def settle_later(request_id: str) -> None:  # as ext_proc does once it has answered Envoy
+        await asyncio.sleep(0.3)
+        await service.engine.settle(usage(request_id))
+
+    service.engine.close_in_background(settle_later("bg-audit"))
+    assert (await service.admin.audit()).ok
+    assert service.store.usage_record("bg-audit").status == "settled"  # the audit waited for it
+    service.engine.close_in_background(settle_later("bg-close"))
+    await service.close()  # and so does a shutdown, before its last drain
+    assert service.store.usage_record("bg-close").status == "settled"
+
+
 async def test_unsettled_reservation_expires_and_late_settle_still_charges(service: Service) -> None:
     _, secret = await new_key(service)
     await fund(service, "acme", "1")
