@@ -204,6 +204,9 @@ def wrk(url: str, key: str, stream: bool, connections: int, seconds: float, work
     latency = {p: round(float(v) * _UNITS[u], 3) for p, v, u in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
     errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     requests = int(re.search(r"(\d+) requests in", out).group(1))
+    failed = int(errors.group(1)) if errors else 0
+    if failed > requests // 100:  # a floor that answers errors measures nothing
+        raise SystemExit(f"{url}: {failed} of {requests} responses were not 2xx")
     return {"rps": round(rps, 1), "p50_ms": latency.get("50"), "p90_ms": latency.get("90"), "p99_ms": latency.get("99"),
             "requests": requests, "errors": int(errors.group(1)) if errors else 0}
 

@@ -35,6 +35,7 @@ class NoopPolicy(policy_pb2_grpc.PolicyServiceServicer):
 
 
 ROUTE = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="x-policyd-route", value="openai"))
+ROUTE_RAW = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="x-policyd-route", raw_value=b"openai"))  # ext_proc
 
 
 class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
@@ -49,7 +50,7 @@ class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
             kind = request.WhichOneof("request")
             if kind == "request_headers":  # routes as policyd does when ext_proc is the only filter
                 yield ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse(
-                    header_mutation=ep.HeaderMutation(set_headers=[ROUTE]), clear_route_cache=True)))
+                    header_mutation=ep.HeaderMutation(set_headers=[ROUTE_RAW]), clear_route_cache=True)))
             elif kind == "response_headers":
                 yield ep.ProcessingResponse(**{kind: ep.HeadersResponse()})
             elif kind in ("request_body", "response_body"):

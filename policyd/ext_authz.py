@@ -22,7 +22,7 @@ from policyd import http_api
 from policyd.domain import Decision
 from policyd.engine import Engine
 from policyd.providers import ProviderPool
-from policyd.upstream import upstream_request
+from policyd.upstream import local_reply_headers, upstream_request
 
 log = logging.getLogger("policyd.ext_authz")
 
@@ -39,9 +39,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 def denied(status: int, body: bytes, retry_after: int = 0) -> Any:
     """A reply Envoy sends itself, without calling the upstream (a denial, or an answer policyd owns)."""
-    headers = [_header("content-type", "application/json")]
-    if retry_after > 0:
-        headers.append(_header("retry-after", str(retry_after)))
+    headers = [_header(k, v) for k, v in local_reply_headers(retry_after)]
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
         denied_response=external_auth_pb2.DeniedHttpResponse(

@@ -32,7 +32,7 @@ from policyd.domain import Decision, PolicydError, UsageReport
 from policyd.engine import Engine
 from policyd.ext_authz import METADATA_NAMESPACE, REQUEST_ID_HEADER
 from policyd.providers import ProviderPool
-from policyd.upstream import upstream_request
+from policyd.upstream import local_reply_headers, upstream_request
 from policyd.usage_capture import ResponseReader, closing
 
 log = logging.getLogger("policyd.ext_proc")
@@ -101,14 +101,21 @@ class Arrival:
     client_address: str
 
     @classmethod
-    def of(cls, request: Any, headers: dict[str, str]) -> "Arrival":
+    def of(cls, request: Any) -> "Arrival":
+        headers = _headers(request.request_headers)
         address = ""
         attributes = request.attributes.get(ATTRIBUTES_NAMESPACE)
         if attributes is not None and "source.address" in attributes.fields:
-            address = attributes.fields["source.address"].string_value
-            address = address.rsplit(":", 1)[0].strip("[]") if address.count(":") == 1 or "]:" in address else address
+            address = _host(attributes.fields["source.address"].string_value)
         return cls(headers.get(":method", ""), headers.get(":path", ""),
                    {k: v for k, v in headers.items() if not k.startswith(":")}, address)
+
+
+def _host(address: str) -> str:
+    """The host of Envoy's source.address: "10.0.0.1:5555" or "[::1]:5555" (a bare host stays as it is)."""
+    if address.startswith("["):
+        return address[1:].split("]", 1)[0]
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -118,9 +125,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 def immediate(status: int, body: bytes, retry_after: int = 0, details: str = "") -> Any:
     """A reply Envoy sends itself, without calling the upstream."""
-    headers = [_header("content-type", "application/json")]
-    if retry_after > 0:
-        headers.append(_header("retry-after", str(retry_after)))
+    headers = [_header(k, v) for k, v in local_reply_headers(retry_after)]
     return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=status), headers=ep.HeaderMutation(set_headers=headers), body=body,
         details=details[:64]))
@@ -150,13 +155,12 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             async for request in requests:
                 kind = request.WhichOneof("request")
                 if kind == "request_headers":
-                    headers = _headers(request.request_headers)
                     exchange = Exchange.from_metadata(request)
                     if exchange is not None:
                         mutation = ep.HeaderMutation(remove_headers=[REQUEST_ID_HEADER])
                         yield _phase(kind, ep.CommonResponse(header_mutation=mutation))
                     else:
-                        arrival = Arrival.of(request, headers)
+                        arrival = Arrival.of(request)
                         if request.request_headers.end_of_stream:
                             exchange, reply = await self._decide(arrival, b"", kind)
                             yield reply

@@ -1,7 +1,8 @@
-"""How an allowed request leaves for its provider, whichever Envoy filter let it through.
+"""What policyd tells Envoy to do with a request, whichever filter asks (ext_authz or ext_proc).
 
-The customer's key never goes upstream: it is removed, and the chosen provider account's
-credential is set in its place; the route header names the Envoy cluster to send it to.
+An allowed request leaves for its provider without the customer's key: it is removed, and the
+chosen provider account's credential is set in its place; the route header names the Envoy
+cluster to send it to. Anything else is answered by Envoy itself (a local reply).
 """
 
 from __future__ import annotations
@@ -34,3 +35,11 @@ def upstream_request(decision: Decision, pool: ProviderPool) -> UpstreamRequest:
         route = account.cluster
     headers.append((ROUTE_HEADER, route))
     return UpstreamRequest(headers, remove, account.name if account else "")
+
+
+def local_reply_headers(retry_after_seconds: int = 0) -> list[tuple[str, str]]:
+    """The headers of a reply Envoy sends itself (a denial, or an answer policyd owns)."""
+    headers = [("content-type", "application/json")]
+    if retry_after_seconds > 0:
+        headers.append(("retry-after", str(retry_after_seconds)))
+    return headers

@@ -140,3 +140,11 @@ def test_a_cut_or_malformed_stream_is_estimated_from_what_was_delivered() -> Non
     body.feed(b"<html>oops</html>")
     body.finish()
     assert not body.found_usage and body.malformed
+
+
+@pytest.mark.parametrize("address, host", [("10.0.0.1:5555", "10.0.0.1"), ("[::1]:5555", "::1"), ("::1", "::1"),
+                                           ("10.0.0.1", "10.0.0.1"), ("", "")])
+def test_the_client_host_is_read_from_envoys_source_address(address: str, host: str) -> None:
+    from policyd.ext_proc import _host
+
+    assert _host(address) == host
