@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from bench.noop_servers import run_on
 from policyd_client.v1 import policy_pb2, policy_pb2_grpc
-
-try:
-    import uvloop
-except ImportError:  # pragma: no cover
-    uvloop = None
 
 REQUEST_ID_HEADER = "x-policyd-request-id"
 BYTES_PER_TOKEN = 4
@@ -65,16 +61,13 @@ class Settler(als_pb2_grpc.AccessLogServiceServicer):
             self.in_flight.release()
 
 
-async def serve(port: int, policyd: str) -> None:
-    channel = grpc.aio.insecure_channel(policyd)
-    server = grpc.aio.server()
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(Settler(policy_pb2_grpc.PolicyServiceStub(channel)), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    await server.wait_for_termination()
+def register(policyd: str) -> Callable[[grpc.aio.Server], None]:
+    def add(server: grpc.aio.Server) -> None:
+        policy = policy_pb2_grpc.PolicyServiceStub(grpc.aio.insecure_channel(policyd))
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(Settler(policy), server)
+
+    return add
 
 
 if __name__ == "__main__":
-    if uvloop is not None:
-        uvloop.install()
-    asyncio.run(serve(int(sys.argv[1]), sys.argv[2]))
+    run_on(int(sys.argv[1]), register(sys.argv[2]))

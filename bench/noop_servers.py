@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -59,17 +59,26 @@ class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                 yield ep.ProcessingResponse(**{kind: ep.TrailersResponse()})
 
 
-async def serve(port: int) -> None:
-    server = grpc.aio.server()
+def run_on(port: int, register: Callable[[grpc.aio.Server], None]) -> None:
+    """A grpc.aio server on 127.0.0.1:port with what `register` adds (called in the server's loop),
+    on uvloop when it is there, until the process is stopped."""
+    async def serve() -> None:
+        server = grpc.aio.server()
+        register(server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    if uvloop is not None:
+        uvloop.install()
+    asyncio.run(serve())
+
+
+def register_noops(server: grpc.aio.Server) -> None:
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(NoopPolicy(), server)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(), server)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(NoopProcessor(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    await server.wait_for_termination()
 
 
 if __name__ == "__main__":
-    if uvloop is not None:
-        uvloop.install()
-    asyncio.run(serve(int(sys.argv[1])))
+    run_on(int(sys.argv[1]), register_noops)

@@ -38,7 +38,8 @@ except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
 
 class _HiredisPacking:
     """Commands packed by hiredis in C, as redis-py's synchronous client does; its asyncio client packs
-    them in Python, argument by argument (a third of a decision's CPU, with scripts of thirty arguments)."""
+    them in Python, argument by argument (a fifth of the engine's profiled time, with scripts of about
+    thirty arguments)."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
         if isinstance(args[0], str):

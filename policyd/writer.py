@@ -33,6 +33,7 @@ from policyd.store import Store
 log = logging.getLogger("policyd.writer")
 
 DRAIN_CONFLICT_RETRIES = 20
+CLAIM_CHECK_SECONDS = 1.0  # how often a running writer looks for entries a dead consumer left pending
 
 # Events of one request may be applied in any order; a record's status only moves up this ladder.
 STATUS_RANK = {"": -1, "denied": 0, "reserved": 1, "released": 2, "expired": 2, "settled": 3, "settled_late": 3}
@@ -95,6 +96,7 @@ class Writer:
         self.written = 0
         self._groups_ready = False
         self.reads_span_partitions = not isinstance(client, RedisCluster)
+        self._claims_checked = 0.0
 
     async def ensure_groups(self) -> None:
         for partition in range(self.partitions):
@@ -107,8 +109,9 @@ class Writer:
 
     async def _read(self, claim_idle_ms: int) -> list[Entry]:
         """One batch of every partition: what this consumer read but did not ack, else new entries, else
-        entries another consumer left pending for claim_idle_ms. On a single Redis one XREADGROUP reads
-        all partitions; a Redis Cluster keeps them in different slots, so there it is one per partition."""
+        entries another consumer left pending for claim_idle_ms (looked for once a CLAIM_CHECK_SECONDS,
+        or every time when claim_idle_ms is 0). On a single Redis one XREADGROUP reads all partitions;
+        a Redis Cluster keeps them in different slots, so there it is one per partition."""
         streams = {redis_keys.events(p): p for p in range(self.partitions)}
         found: dict[int, list[Any]] = {}
         groups = [list(streams)] if self.reads_span_partitions else [[stream] for stream in streams]
@@ -121,12 +124,19 @@ class Writer:
                 for stream, entries in reply or []:
                     if entries:
                         found[streams[_text(stream)]] = entries
+        if claim_idle_ms > 0 and time.monotonic() - self._claims_checked < CLAIM_CHECK_SECONDS:
+            return self._decoded(found)
+        self._claims_checked = time.monotonic()
         for stream, partition in streams.items():
             if partition not in found:
                 claimed = await self.client.xautoclaim(stream, redis_keys.STREAM_GROUP, self.consumer,
                                                        claim_idle_ms, "0-0", count=self.batch)
                 if claimed and claimed[1]:
                     found[partition] = claimed[1]
+        return self._decoded(found)
+
+    @staticmethod
+    def _decoded(found: dict[int, list[Any]]) -> list[Entry]:
         return [(partition, _text(i), {_text(k): _text(v) for k, v in fields.items()})
                 for partition, entries in sorted(found.items()) for i, fields in entries if fields]
 
