@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio.cluster import RedisCluster
-
 from policyd import keys as key_secrets
 from policyd import redis_keys
 from policyd.counters import REQUEST_INDEX_SECONDS, Counters, Fenced
@@ -408,8 +406,8 @@ class Admin:
         written = 0
         async with _Batches(self.counters.client) as batch:
             for row in await asyncio.to_thread(self.store.keys):
-                await self.counters.set_key_state(row.customer_id, row.id, row.status, _secrets_of(row, at), at,
-                                                  pipe=await batch.pipe() if batch.takes_scripts else None)
+                self.counters.queue_key_state(await batch.pipe(2), row.customer_id, row.id, row.status,
+                                              _secrets_of(row, at))
                 written += 1
             balances = await asyncio.to_thread(self.store.ledger_balances)
             open_rows = await asyncio.to_thread(self.store.open_reservations)
@@ -478,8 +476,6 @@ class _Batches:
         self.client = client
         self.current: Any = None
         self.queued = 0
-        # a Redis Cluster's pipelines refuse scripts: there they run one by one
-        self.takes_scripts = not isinstance(client, RedisCluster)
 
     async def pipe(self, commands: int = 1) -> Any:
         """The pipeline to queue the next `commands` commands on."""

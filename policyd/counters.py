@@ -162,14 +162,22 @@ class Counters:
         return redis_keys.partition_of(owner_id, self.partitions)
 
     async def set_key_state(self, customer_id: str, key_id: str, status: str, secrets: list[tuple[str, int]],
-                            now_ms: int, pipe: Any = None) -> None:
-        """`pipe`: a pipeline to queue the script on (a rebuild of many keys) instead of running it now."""
+                            now_ms: int) -> None:
         partition = self.partition_of(customer_id)
         args: list[str] = [status, str(now_ms), key_id, customer_id]
         for secret_hash, expires_ms in secrets:
             args += [secret_hash, str(expires_ms)]
-        await self._key_state(keys=[redis_keys.key_state(partition, key_id), redis_keys.events(partition)], args=args,
-                              client=pipe)
+        await self._key_state(keys=[redis_keys.key_state(partition, key_id), redis_keys.events(partition)], args=args)
+
+    def queue_key_state(self, pipe: Any, customer_id: str, key_id: str, status: str,
+                        secrets: list[tuple[str, int]]) -> None:
+        """The same state as set_key_state, queued on a pipeline and recorded as no change: for a rebuild,
+        whose fence keeps every decision off the partition meanwhile (so no script is needed to order
+        them, and a Redis Cluster's pipelines, which refuse scripts, take it too)."""
+        key = redis_keys.key_state(self.partition_of(customer_id), key_id)
+        pipe.delete(key)
+        pipe.hset(key, mapping={"status": status, **{f"h:{secret_hash}": str(expires_ms)
+                                                      for secret_hash, expires_ms in secrets}})
 
     async def authorize(
         self,

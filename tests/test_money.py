@@ -307,6 +307,27 @@ async def test_rebuild_restores_counters_after_redis_data_loss(service: Service)
     assert (await service.admin.audit()).ok
 
 
+async def test_rebuild_restores_every_key_state_without_recording_changes(service: Service) -> None:
+    paused_id, paused = await new_key(service, customer="acme")
+    rotated_id, old_secret = await new_key(service, customer="acme")
+    revoked_id, revoked = await new_key(service, customer="acme")
+    await fund(service, "acme", "3")
+    await service.admin.set_state(paused_id, "paused")
+    await service.admin.set_state(revoked_id, "revoked")
+    new_secret = (await service.admin.rotate_key(rotated_id, grace_seconds=3600)).secret
+    await service.writer.drain()
+    changes = len(service.store.events("key_state"))
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    await service.admin.rebuild()
+    decided = {name: (await service.engine.authorize(ask(secret))).reason or "allowed" for name, secret in (
+        ("paused", paused), ("revoked", revoked), ("old secret in its grace", old_secret), ("new secret", new_secret))}
+    assert decided == {"paused": "key_paused", "revoked": "key_revoked", "old secret in its grace": "allowed",
+                       "new secret": "allowed"}
+    await service.writer.drain()
+    assert len(service.store.events("key_state")) == changes  # a rebuild changes no key: it records none
+
+
 async def test_rebuild_is_fenced_against_replicas_still_running(service: Service) -> None:
     from policyd import redis_keys
 
