@@ -77,17 +77,21 @@ class Exchange:
         namespace = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
         if namespace is None:
             return None
-        from google.protobuf.json_format import MessageToDict
-
-        fields: dict[str, Any] = MessageToDict(namespace)
-        if not fields.get("request_id"):
+        fields = namespace.fields  # read directly: a Struct of strings, numbers and booleans
+        request_id = fields["request_id"].string_value if "request_id" in fields else ""
+        if not request_id:
             return None
+
+        def text(name: str) -> str:
+            return fields[name].string_value if name in fields else ""
+
         return cls(
-            request_id=str(fields["request_id"]), endpoint=str(fields.get("endpoint", "")),
-            stream=bool(fields.get("stream", False)),
-            requested_model=str(fields.get("requested_model", "")), served_model=str(fields.get("served_model", "")),
-            output_cap=int(fields.get("max_output_tokens", 0) or 0), client_gave_cap=bool(fields.get("client_gave_cap")),
-            account=str(fields.get("account", "")),
+            request_id=request_id, endpoint=text("endpoint"),
+            stream="stream" in fields and fields["stream"].bool_value,
+            requested_model=text("requested_model"), served_model=text("served_model"),
+            output_cap=int(fields["max_output_tokens"].number_value) if "max_output_tokens" in fields else 0,
+            client_gave_cap="client_gave_cap" in fields and fields["client_gave_cap"].bool_value,
+            account=text("account"),
         )
 
 
