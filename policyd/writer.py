@@ -179,7 +179,7 @@ class Writer:
             if moved == 0:
                 return total
 
-    async def run(self, stop: asyncio.Event, idle_seconds: float = 0.05, gather_seconds: float = 0.02) -> None:
+    async def run(self, stop: asyncio.Event, idle_seconds: float = 0.05, gather_seconds: float = 0.1) -> None:
         """Drain until stopped. After a small batch it waits gather_seconds, so the next batch holds more
         events (one transaction for more of them) and a request's authorize and settle more often arrive
         together (one insert of the whole record instead of an insert and an update)."""
