@@ -225,15 +225,22 @@ class Admin:
             raise _invalid("invalid_amount", "the balance would exceed 2^53-1 nanos")
         return grant_id, outcome, await self.counters.wallet(wallet)
 
+    async def catch_up(self) -> None:
+        """What this process decided is in SQL: its settles still in flight finish, then every pending
+        event is written (reports, listings, invoices, reconciliation and audits read after this)."""
+        if self.finish_closings is not None:
+            await self.finish_closings()
+        await self.writer.drain()
+
     async def latest_usage(self, customer_id: str, limit: int) -> list[Any]:
         """The newest usage records (after draining what is pending), newest first."""
         limit = 50 if limit <= 0 else min(limit, USAGE_LIST_MAX)
-        await self.writer.drain()
+        await self.catch_up()
         return await asyncio.to_thread(self.store.latest_usage, customer_id, limit)
 
     async def usage_report(self, group_by: list[str], since_ms: int, until_ms: int, bucket: str, customer_id: str,
                            compare_previous: bool) -> list[Any]:
-        await self.writer.drain()
+        await self.catch_up()
 
         def run() -> list[Any]:
             with self.store.session() as session:
@@ -247,7 +254,7 @@ class Admin:
 
     async def invoice(self, customer_id: str, period: str, lines_by: str = "model", close: bool = False) -> Any:
         """The invoice of a customer for a period; with close=True, also close the period."""
-        await self.writer.drain()
+        await self.catch_up()
 
         def run() -> Any:
             with self.store.session() as session, session.begin():
@@ -277,7 +284,7 @@ class Admin:
             basis, lines = reconcile.parse(export, policy.document.currency)
         except (reconcile.ReconcileError, UnicodeDecodeError) as error:
             raise _invalid("invalid_export", str(error)) from None
-        await self.writer.drain()
+        await self.catch_up()
 
         def run() -> Any:
             with self.store.session() as session:
@@ -296,7 +303,7 @@ class Admin:
     async def review_key(self, key_id: str) -> dict[str, Any]:
         """The review record of a key: owner, routes, bucket state, spend, last use, denials; no secret."""
         row = await self.get_key(key_id)
-        await self.writer.drain()
+        await self.catch_up()
         at = now_ms()
         day_start = at - at % 86_400_000
         month_start = quotas.window_of("month", at // 1000).start * 1000
@@ -326,11 +333,8 @@ class Admin:
 
     # ------------------------------------------------------------------ audit and rebuild
     async def audit(self) -> AuditResult:
-        """Redis counters against what the SQL ledger implies (after the settles this process still has
-        in flight, and every pending event)."""
-        if self.finish_closings is not None:
-            await self.finish_closings()
-        await self.writer.drain()
+        """Redis counters against what the SQL ledger implies (after catching up)."""
+        await self.catch_up()
         balances = await asyncio.to_thread(self.store.ledger_balances)
         open_rows = await asyncio.to_thread(self.store.open_reservations)
         reserved: dict[str, int] = {}

@@ -77,7 +77,7 @@ class DashboardData:
 
     async def _fresh(self) -> None:
         """Everything policyd decided so far is in SQL and in the rollups."""
-        await self.admin.writer.drain()
+        await self.admin.catch_up()
         await asyncio.to_thread(rollups.refresh, self.store)
 
     async def overview(self, days: int, by: str, metric: str) -> Overview:
