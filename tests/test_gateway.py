@@ -194,7 +194,8 @@ def test_bad_bodies_get_clear_errors_and_reserve_nothing(gateway: Gateway) -> No
     key = gateway.customer("e2e-bad", credit="1")
     url = f"{gateway.base_url}/chat/completions"
     auth = {"authorization": f"Bearer {key}", "content-type": "application/json"}
-    for body, status in ((b"not json", 400), (b"[1, 2]", 400), (b'{"messages": []}', 400), (b"\xff\xfe{", 400),
+    for body, status in ((b"", 400), (b"not json", 400), (b"[1, 2]", 400), (b'{"messages": []}', 400),
+                         (b"\xff\xfe{", 400),
                          (b'{"model": "gpt-4o-mini", "messages": ' + b"[" * 200 + b"]" * 200 + b"}", 400)):
         code, headers, reply = post(url, auth, body)
         assert code == status, (body[:20], reply)
