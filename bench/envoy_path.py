@@ -47,53 +47,35 @@ CHUNK = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0
 USAGE_CHUNK = {**CHUNK, "choices": [], "usage": COMPLETION["usage"]}
 STREAM = "".join(f"data: {json.dumps(c)}\n\n" for c in (CHUNK, CHUNK, USAGE_CHUNK)) + "data: [DONE]\n\n"
 
-PROVIDER = """static_resources:
+LISTENER = """static_resources:
   listeners:
-  - name: provider
+  - name: {name}
     address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: provider
+          stat_prefix: {name}
           route_config:
             virtual_hosts:
-            - name: provider
+            - name: {name}
               domains: ["*"]
               routes:
-              - match: {{prefix: "/", headers: [{{name: x-bench-stream, present_match: true}}]}}
-                direct_response: {{status: 200, body: {{inline_string: {stream}}}}}
-                response_headers_to_add: [{{header: {{key: content-type, value: text/event-stream}}}}]
-              - match: {{prefix: "/"}}
-                direct_response: {{status: 200, body: {{inline_string: {json}}}}}
-                response_headers_to_add: [{{header: {{key: content-type, value: application/json}}}}]
+{routes}
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
 """
 
-PLAIN = """static_resources:
-  listeners:
-  - name: gateway
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: gateway
-          route_config:
-            virtual_hosts:
-            - name: providers
-              domains: ["*"]
-              routes:
+PROVIDER_ROUTES = """              - match: {{prefix: "/", headers: [{{name: x-bench-stream, present_match: true}}]}}
+                direct_response: {{status: 200, body: {{inline_string: {stream}}}}}
+                response_headers_to_add: [{{header: {{key: content-type, value: text/event-stream}}}}]
               - match: {{prefix: "/"}}
-                route: {{cluster: openai}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
+                direct_response: {{status: 200, body: {{inline_string: {json}}}}}
+                response_headers_to_add: [{{header: {{key: content-type, value: application/json}}}}]"""
+
+PLAIN_CLUSTER = """  clusters:
   - name: openai
     type: STATIC
     connect_timeout: 2s
@@ -101,6 +83,20 @@ PLAIN = """static_resources:
       cluster_name: openai
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}}}]}}]
 """
+
+
+def provider_config(port: int) -> str:
+    """An Envoy answering every request itself with a fixed completion (JSON, or SSE when asked)."""
+    routes = PROVIDER_ROUTES.format(stream=json.dumps(STREAM), json=json.dumps(json.dumps(COMPLETION)))
+    return LISTENER.format(name="provider", port=port, routes=routes)
+
+
+def plain_config(port: int, upstream: int) -> str:
+    """The same Envoy as the gateway with no filters: the floor every shape is measured against."""
+    routes = """              - match: {prefix: "/"}
+                route: {cluster: openai}"""
+    return LISTENER.format(name="gateway", port=port, routes=routes) + PLAIN_CLUSTER.format(upstream=upstream)
+
 
 WRK_SCRIPT = """wrk.method = "POST"
 wrk.body = '{body}'
@@ -117,7 +113,7 @@ ACCESS_LOG = """          access_log:
               common_config:
                 log_name: policyd
                 transport_api_version: V3
-                grpc_service: {{envoy_grpc: {{cluster_name: settler}}}}
+                grpc_service: {envoy_grpc: {cluster_name: settler}}
                 buffer_flush_interval: 0.05s
               additional_request_headers_to_log: [x-policyd-request-id]
 """
@@ -138,7 +134,7 @@ def ext_authz_alone(config: str, settler_port: int) -> str:
     """The default gateway config without ext_proc, its requests reported by the gRPC access log."""
     start = config.index("          - name: envoy.filters.http.ext_proc")
     config = config[:start] + config[config.index("          - name: envoy.filters.http.router"):]
-    config = config.replace("          stat_prefix: gateway\n", "          stat_prefix: gateway\n" + ACCESS_LOG.format(), 1)
+    config = config.replace("          stat_prefix: gateway\n", "          stat_prefix: gateway\n" + ACCESS_LOG, 1)
     return config + SETTLER_CLUSTER.format(port=settler_port)
 
 
@@ -258,13 +254,13 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, Any] = {"cores": os.cpu_count()}
     started: list[Any] = []
     try:
-        provider = Envoy(PROVIDER.format(port=(p := free_port()), stream=json.dumps(STREAM), json=json.dumps(json.dumps(COMPLETION))), p, workdir)
+        provider = Envoy(provider_config(p := free_port()), p, workdir)
         started.append(provider)
         results["provider_alone"] = wrk(f"http://127.0.0.1:{provider.port}/v1/chat/completions", "none", False,
                                         args.connections, args.seconds, workdir)
         upstreams = (Upstream("openai", "127.0.0.1", provider.port),)
 
-        plain = Envoy(PLAIN.format(port=(plain_port := free_port()), upstream=provider.port), plain_port, workdir)
+        plain = Envoy(plain_config(plain_port := free_port(), provider.port), plain_port, workdir)
         started.append(plain)
         results["plain_envoy"] = scenario(f"http://127.0.0.1:{plain.port}/v1/chat/completions", "none", args.seconds,
                                           args.connections, workdir)
