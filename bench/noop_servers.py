@@ -47,6 +47,8 @@ class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
 class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
     async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         async for request in requests:
+            if request.observability_mode:  # the observer filter's messages are read, never answered
+                continue
             kind = request.WhichOneof("request")
             if kind == "request_headers":  # routes as policyd does when ext_proc is the only filter
                 yield ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse(

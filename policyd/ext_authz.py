@@ -15,19 +15,17 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from policyd import http_api
 from policyd.domain import Decision
 from policyd.engine import Engine
+from policyd.exchange import EXT_AUTHZ_NAMESPACE, REQUEST_ID_HEADER, Exchange
 from policyd.providers import ProviderPool
 from policyd.upstream import local_reply_headers, upstream_request
 
 log = logging.getLogger("policyd.ext_authz")
 
-REQUEST_ID_HEADER = "x-policyd-request-id"
-METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -79,13 +77,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     def _allow(self, call: http_api.HttpCall, d: Decision) -> Any:
         upstream = upstream_request(d, self.pool)
         headers = [_header(REQUEST_ID_HEADER, d.request_id)] + [_header(k, v) for k, v in upstream.set_headers]
-        metadata = struct_pb2.Struct()
-        metadata.update({
-            "request_id": d.request_id, "endpoint": call.endpoint, "stream": call.stream,
-            "requested_model": d.requested_model, "served_model": d.served_model,
-            "max_output_tokens": d.max_output_tokens, "client_gave_cap": call.max_output_tokens > 0,
-            "account": upstream.account, "decision": d.decision,
-        })
+        metadata = Exchange.of(call, d, upstream.account).metadata(EXT_AUTHZ_NAMESPACE, d.decision)
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(

@@ -1,9 +1,19 @@
 """Envoy ext_proc (envoy.service.ext_proc.v3.ExternalProcessor/Process) over the decision engine.
 
-One gRPC stream per HTTP request. The request body is rewritten where policy requires it (served
-model, output cap, stream usage); the response is read as it passes (STREAMED), and at its end
-the request is settled with the provider's usage. An upstream error releases the reservation; a
-stream cut or a client gone settles what was delivered (estimated, marked).
+Two ext_proc filters call this service, each with a gRPC stream per HTTP request:
+- the processing filter (synchronous): the request headers and body, rewritten where policy
+  requires it (served model, output cap, stream usage), and the response headers;
+- the observer filter (Envoy's observability mode: Envoy sends, nothing is answered, nothing
+  waits): the response headers and body as they pass. At the body's end the request is settled
+  with the provider's usage; an upstream error releases the reservation; a response cut or a
+  client gone settles what was delivered (estimated, marked) when Envoy closes the stream
+  (deferred_close_timeout after the cut). A streamed reply is one message per provider event, so
+  this keeps policyd off each token's path and halves its work per event (bench/RESULTS.md).
+The observer learns the request from the dynamic metadata the deciding filter left, so the two
+streams need not reach the same replica. A request cut before its response began is closed by
+the processing filter's stream (nothing was delivered: released). A processing filter configured
+to send response bodies itself (a gateway config rendered before the observer existed) gets
+them read and settled here as before.
 
 Two gateway shapes (`policyd gateway-config --shape`):
 - ext_authz + ext_proc: ext_authz decided and reserved; its decision arrives here as dynamic
@@ -18,11 +28,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.type.v3 import http_status_pb2
@@ -30,10 +41,10 @@ from envoy.type.v3 import http_status_pb2
 from policyd import http_api
 from policyd.domain import Decision, PolicydError, UsageReport
 from policyd.engine import Engine
-from policyd.ext_authz import METADATA_NAMESPACE, REQUEST_ID_HEADER
+from policyd.exchange import EXT_PROC_NAMESPACE, REQUEST_ID_HEADER, Exchange
 from policyd.providers import ProviderPool
 from policyd.upstream import local_reply_headers, upstream_request
-from policyd.usage_capture import ResponseReader, closing
+from policyd.usage_capture import closing
 
 log = logging.getLogger("policyd.ext_proc")
 COOLDOWN_STATUSES = {429, 500, 502, 503, 504}
@@ -45,54 +56,6 @@ def _headers(message: Any) -> dict[str, str]:
     for h in message.headers.headers:
         out[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
     return out
-
-
-@dataclass
-class Exchange:
-    """What policyd knows of one proxied request, from Authorize to Settle."""
-
-    request_id: str
-    endpoint: str
-    stream: bool
-    requested_model: str
-    served_model: str
-    output_cap: int
-    client_gave_cap: bool
-    account: str
-    status: int = 0
-    retry_after: int = 0
-    attempts: int = 1  # upstream attempts Envoy made (x-envoy-attempt-count)
-    forwarded: bool = False
-    closed: bool = False
-    reader: ResponseReader = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.reader = ResponseReader(self.endpoint, self.stream)
-
-    @classmethod
-    def from_metadata(cls, request: Any) -> "Exchange | None":
-        """The exchange ext_authz began, or None when no ext_authz decided this request.
-
-        Only the metadata counts: a request id header could come from the client."""
-        namespace = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
-        if namespace is None:
-            return None
-        fields = namespace.fields  # read directly: a Struct of strings, numbers and booleans
-        request_id = fields["request_id"].string_value if "request_id" in fields else ""
-        if not request_id:
-            return None
-
-        def text(name: str) -> str:
-            return fields[name].string_value if name in fields else ""
-
-        return cls(
-            request_id=request_id, endpoint=text("endpoint"),
-            stream="stream" in fields and fields["stream"].bool_value,
-            requested_model=text("requested_model"), served_model=text("served_model"),
-            output_cap=int(fields["max_output_tokens"].number_value) if "max_output_tokens" in fields else 0,
-            client_gave_cap="client_gave_cap" in fields and fields["client_gave_cap"].bool_value,
-            account=text("account"),
-        )
 
 
 @dataclass
@@ -153,10 +116,26 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         self.pool = pool
 
     async def Process(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        messages = requests.__aiter__()
+        first = await anext(messages, None)
+        if first is None:
+            return
+        if first.observability_mode:
+            await self._observe(first, messages)
+            return
+        async for reply in self._process(first, messages):
+            yield reply
+
+    async def _process(self, first: Any, messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The processing filter's stream: one reply to each message, Envoy waiting for it."""
+        # an observer filter reads the response body when this filter is configured not to
+        observed = first.HasField("protocol_config") and \
+            first.protocol_config.response_body_mode == processing_mode_pb2.ProcessingMode.NONE
         exchange: Exchange | None = None
         arrival: Arrival | None = None
+        request = first
         try:
-            async for request in requests:
+            while request is not None:
                 kind = request.WhichOneof("request")
                 if kind == "request_headers":
                     exchange = Exchange.from_metadata(request)
@@ -166,50 +145,92 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     else:
                         arrival = Arrival.of(request)
                         if request.request_headers.end_of_stream:
-                            exchange, reply = await self._decide(arrival, b"", kind)
+                            exchange, reply = await self._decide(arrival, b"", kind, observed)
                             yield reply
                         else:
                             yield _phase(kind)
                 elif kind == "request_body":
                     if exchange is None and arrival is not None:
-                        exchange, reply = await self._decide(arrival, request.request_body.body, kind)
+                        exchange, reply = await self._decide(arrival, request.request_body.body, kind, observed)
                         yield reply
                     else:
                         yield self._request_body(exchange, request.request_body)
                 elif kind == "response_headers":
                     mutation = None
                     if exchange is not None:
-                        headers = _headers(request.response_headers)
-                        exchange.status = int(headers.get(":status", "0") or 0)
-                        retry = headers.get("retry-after", "")
-                        exchange.retry_after = int(retry) if retry.isdigit() else 0
-                        attempts = headers.get("x-envoy-attempt-count", "1")
-                        exchange.attempts = min(int(attempts), 100) if attempts.isdigit() and attempts != "0" else 1
                         if arrival is not None:  # no ext_authz to tell the client its request id
                             mutation = ep.HeaderMutation(set_headers=[_header(REQUEST_ID_HEADER, exchange.request_id)])
-                        if request.response_headers.end_of_stream:
-                            self._close(exchange)
+                        if observed:  # the response began: the observer filter reads it and closes it
+                            self._response_began(exchange, request.response_headers)
+                            exchange = None
+                        elif self._observed(exchange, request):
+                            exchange = None
                     yield ep.ProcessingResponse(response_headers=ep.HeadersResponse(
                         response=ep.CommonResponse(header_mutation=mutation) if mutation else None))
                 elif kind == "response_body":
-                    if exchange is not None and not exchange.closed:
-                        exchange.reader.feed(request.response_body.body)
-                        if request.response_body.end_of_stream:
-                            exchange.reader.finish()
-                            self._close(exchange)
+                    if exchange is not None and self._observed(exchange, request):
+                        exchange = None
                     yield ep.ProcessingResponse(response_body=ep.BodyResponse())
                 elif kind == "request_trailers":
                     yield ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
                 elif kind == "response_trailers":
-                    if exchange is not None and not exchange.closed:
-                        exchange.reader.finish()
-                        self._close(exchange)
+                    if exchange is not None and self._observed(exchange, request):
+                        exchange = None
                     yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+                request = await anext(messages, None)
         finally:
             if exchange is not None and not exchange.closed:
                 self._close(exchange, cut=True)  # the client went away, or the stream was cut
 
-    async def _decide(self, arrival: Arrival, body: bytes, kind: str) -> tuple[Exchange | None, Any]:
+    async def _observe(self, first: Any, messages: AsyncIterator[Any]) -> None:
+        """The observer filter's stream: the response as it passes, nothing answered. Returning ends
+        the stream (Envoy then sends no more); Envoy closing it before the response's end is a cut."""
+        exchange = Exchange.from_metadata(first)
+        if exchange is None:
+            return  # a reply no allowed request led to (a denial, a local reply): nothing to settle
+        try:
+            if self._observed(exchange, first):
+                return
+            async for request in messages:
+                if self._observed(exchange, request):
+                    return
+        finally:
+            if not exchange.closed:
+                self._close(exchange, cut=True)
+
+    def _response_began(self, exchange: Exchange, message: Any) -> None:
+        """The provider's answer, from the response headers. An account that answers 429 or 5xx cools
+        down at once (before the client has the answer), so the next request goes elsewhere."""
+        headers = _headers(message)
+        exchange.status = int(headers.get(":status", "0") or 0)
+        retry = headers.get("retry-after", "")
+        exchange.retry_after = int(retry) if retry.isdigit() else 0
+        attempts = headers.get("x-envoy-attempt-count", "1")
+        exchange.attempts = min(int(attempts), 100) if attempts.isdigit() and attempts != "0" else 1
+        if exchange.status in COOLDOWN_STATUSES and exchange.account:
+            self.pool.cool_down(exchange.account, exchange.retry_after or 30)
+
+    def _observed(self, exchange: Exchange, request: Any) -> bool:
+        """Read one response message; True when the response ended with it (the exchange is closing)."""
+        kind = request.WhichOneof("request")
+        if kind == "response_body":
+            body = request.response_body
+            exchange.reader.feed(body.body)
+            if not body.end_of_stream:
+                return False
+            exchange.reader.finish()
+        elif kind == "response_headers":
+            self._response_began(exchange, request.response_headers)
+            if not request.response_headers.end_of_stream:
+                return False
+        elif kind == "response_trailers":
+            exchange.reader.finish()
+        else:
+            return False
+        self._close(exchange)
+        return True
+
+    async def _decide(self, arrival: Arrival, body: bytes, kind: str, observed: bool) -> tuple[Exchange | None, Any]:
         """The ext_proc-only shape: authorize here, and either send the request on or answer it."""
         call = http_api.parse_call(arrival.method, arrival.path, arrival.headers, body, arrival.client_address)
         if call.models_listing:
@@ -224,11 +245,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if not decision.allowed:
             return None, immediate_denial(decision)
         upstream = upstream_request(decision, self.pool)
-        exchange = Exchange(
-            request_id=decision.request_id, endpoint=call.endpoint, stream=call.stream,
-            requested_model=decision.requested_model, served_model=decision.served_model,
-            output_cap=decision.max_output_tokens, client_gave_cap=call.max_output_tokens > 0,
-            account=upstream.account, forwarded=True)
+        exchange = Exchange.of(call, decision, upstream.account)
         set_headers = [_header(k, v) for k, v in upstream.set_headers]
         new_body = self._rewritten(exchange, call.body)
         if new_body is not None:
@@ -238,13 +255,15 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                                               remove_headers=upstream.remove_headers + [REQUEST_ID_HEADER]),
             body_mutation=ep.BodyMutation(body=new_body) if new_body is not None else None,
             clear_route_cache=True)
-        return exchange, _phase(kind, common)
+        reply = _phase(kind, common)
+        if observed:  # what the observer filter needs to read and settle the response
+            reply.dynamic_metadata.CopyFrom(exchange.metadata(EXT_PROC_NAMESPACE))
+        return exchange, reply
 
     def _request_body(self, exchange: Exchange | None, body: Any) -> Any:
         empty = ep.ProcessingResponse(request_body=ep.BodyResponse())
         if exchange is None:
             return empty
-        exchange.forwarded = True
         try:
             data = json.loads(body.body) if body.body else None
         except ValueError:
@@ -284,8 +303,6 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
 
     async def _settle_or_release(self, exchange: Exchange, cut: bool) -> None:
         status = exchange.status
-        if status in COOLDOWN_STATUSES and exchange.account:
-            self.pool.cool_down(exchange.account, exchange.retry_after or 30)
         reader = exchange.reader
         end = closing(status, reader, cut)
         if end.action == "release":

@@ -7,15 +7,18 @@ demo and the end-to-end tests render it with their own ports.
         --cluster openai=api.openai.com:443:tls [--shape ext_proc] > envoy.yaml
 
 Two shapes keep the same guarantees (see policyd/ext_proc.py):
-- `ext_authz+ext_proc` (the default): ext_authz decides and reserves, ext_proc rewrites and settles.
-- `ext_proc`: one ext_proc stream does all of it, deciding at the request-body phase; one gRPC call
-  fewer per request (bench/RESULTS.md measures both).
+- `ext_authz+ext_proc` (the default): ext_authz decides and reserves, ext_proc rewrites.
+- `ext_proc`: one ext_proc stream decides at the request-body phase, reserves and rewrites; one gRPC
+  call fewer per request (bench/RESULTS.md measures both).
+In both, a second ext_proc filter in observability mode (`policyd.observer`) reads the response as
+it passes and settles it: Envoy waits for policyd at the request, never on the response's way out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE
 from policyd.http_api import REQUEST_BODY_BYTES_MAX, REQUEST_HEADERS_BYTES_MAX
 from policyd.http_api import REQUEST_HEADERS_COUNT_MAX as HEADERS_COUNT_MAX
 
@@ -83,12 +86,15 @@ def _ext_authz_filter(fail_open: str, body_bytes_max: int) -> str:
 
 def _ext_proc_filter(fail_open: str, shape: str) -> str:
     if shape == "ext_proc":  # the decision is made here: the client's address comes as an attribute
-        extra = """              request_attributes: [source.address]
+        extra = f"""              request_attributes: [source.address]
+              metadata_options:
+                receiving_namespaces:
+                  untyped: [{EXT_PROC_NAMESPACE}]
 """
     else:  # the decision ext_authz made travels in its dynamic metadata
-        extra = """              metadata_options:
+        extra = f"""              metadata_options:
                 forwarding_namespaces:
-                  untyped: [envoy.filters.http.ext_authz]
+                  untyped: [{EXT_AUTHZ_NAMESPACE}]
 """
     return f"""          - name: envoy.filters.http.ext_proc
             typed_config:
@@ -103,10 +109,37 @@ def _ext_proc_filter(fail_open: str, shape: str) -> str:
                 request_header_mode: SEND
                 response_header_mode: SEND
                 request_body_mode: BUFFERED
-                response_body_mode: STREAMED
+                response_body_mode: NONE
                 request_trailer_mode: SKIP
                 response_trailer_mode: SKIP
 {extra}"""
+
+
+def _observer_filter(shape: str) -> str:
+    """The response's headers, body and trailers sent to policyd as they pass, no reply awaited
+    (observability mode): how each request is settled. It never holds or fails a response; a
+    response cut mid-way is settled when Envoy closes the stream, deferred_close_timeout later."""
+    namespace = EXT_PROC_NAMESPACE if shape == "ext_proc" else EXT_AUTHZ_NAMESPACE
+    return f"""          - name: policyd.observer
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              grpc_service:
+                envoy_grpc: {{cluster_name: policyd}}
+                timeout: 600s
+              observability_mode: true
+              deferred_close_timeout: 2s
+              failure_mode_allow: true
+              processing_mode:
+                request_header_mode: SKIP
+                response_header_mode: SEND
+                request_body_mode: NONE
+                response_body_mode: STREAMED
+                request_trailer_mode: SKIP
+                response_trailer_mode: SEND
+              metadata_options:
+                forwarding_namespaces:
+                  untyped: [{namespace}]
+"""
 
 
 def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_host: str = "127.0.0.1",
@@ -118,11 +151,12 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
     fail_open = "true" if failure_mode_allow else "false"
     clusters = "".join(_cluster(u) for u in upstreams)
     filters = (_ext_authz_filter(fail_open, body_bytes_max) if shape != "ext_proc" else "") + \
-        _ext_proc_filter(fail_open, shape)
+        _ext_proc_filter(fail_open, shape) + _observer_filter(shape)
     # ext_proc buffers the body it decides on within the connection's buffer limit (past it: 413)
     buffer_limit = f"\n    per_connection_buffer_limit_bytes: {body_bytes_max}" if shape == "ext_proc" else ""
-    title = ("ext_authz decides and reserves, ext_proc rewrites and settles" if shape != "ext_proc"
-             else "ext_proc decides, reserves, rewrites and settles (one stream per request)")
+    title = ("ext_authz decides and reserves, ext_proc rewrites, policyd.observer reads the response and settles"
+             if shape != "ext_proc" else
+             "ext_proc decides, reserves and rewrites, policyd.observer reads the response and settles")
     return f"""# Envoy as a policyd gateway: {title}.
 # Rendered by policyd/gateway_config.py (the tests check this file equals its defaults).
 # Fail closed by default: when policyd cannot be reached, requests get 503 and nothing is spent.

@@ -71,13 +71,26 @@ class Gateway(FundedCustomers):
     def client(self, key: str, **kwargs: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=20, **kwargs)
 
-    def record(self, request_id: str) -> dict[str, Any]:
-        assert self.admin.Audit(admin_pb2.AuditRequest()).ok  # drains the writer first
-        with sqlite3.connect(self.database) as db:
-            db.row_factory = sqlite3.Row
-            row = db.execute("select * from usage_records where request_id = ?", (request_id,)).fetchone()
-        assert row is not None, f"no record for {request_id}"
-        return dict(row)
+    def record(self, request_id: str, seconds: float = 10.0) -> dict[str, Any]:
+        """The request's record once it is closed: the observer filter settles a response as it
+        ends, a moment after the client has it."""
+        deadline = time.monotonic() + seconds
+        while True:
+            assert self.admin.Audit(admin_pb2.AuditRequest()).ok  # drains the writer first
+            with sqlite3.connect(self.database) as db:
+                db.row_factory = sqlite3.Row
+                row = db.execute("select * from usage_records where request_id = ?", (request_id,)).fetchone()
+            if row is not None and row["status"] != "reserved":
+                return dict(row)
+            assert time.monotonic() < deadline, f"no closed record for {request_id}: {row and dict(row)}"
+            time.sleep(0.1)
+
+    def wallet_at_rest(self, customer: str, seconds: float = 10.0) -> Any:
+        """The wallet once nothing is reserved in it any more (its requests all closed)."""
+        deadline = time.monotonic() + seconds
+        while (wallet := self.wallet(customer)).reserved_nanos and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return wallet
 
     def close(self) -> None:
         self.channel.close()
@@ -120,7 +133,7 @@ def test_non_streamed_chat_charges_the_provider_reported_usage(gateway: Gateway)
     assert (record["request_count"], record["retries"]) == (1, 0)  # from Envoy's x-envoy-attempt-count
     assert record["provider_account"] in ("openai-1", "openai-2")  # which credential served it
     assert record["client_address"] == "127.0.0.1"
-    wallet = gateway.wallet("e2e-plain")
+    wallet = gateway.wallet_at_rest("e2e-plain")
     assert wallet.balance_nanos == parse_amount("10") - record["charge_nanos"] and wallet.reserved_nanos == 0
     sent = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "How exact is policyd?"]
     assert sent and sent[-1]["authorization"] in (f"Bearer {PROVIDER_KEYS[0]}", f"Bearer {PROVIDER_KEYS[1]}")
@@ -235,7 +248,7 @@ def test_a_stream_cut_midway_is_still_settled(gateway: Gateway) -> None:
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "cut me"}], stream=True,
                 extra_headers={"x-mock-scenario": "cut", "x-policyd-request-id": "e2e-cut-1"}) as response:
             list(response.parse())
-    record = _eventually(gateway, "e2e-cut-1", lambda r: r["status"] != "reserved")
+    record = gateway.record("e2e-cut-1")
     assert record["status"] == "settled" and record["stream_interrupted"]
     assert record["error_class"].startswith("usage_estimated")
     assert record["output_tokens"] > 0 and record["charge_nanos"] > 0
@@ -248,14 +261,14 @@ def test_upstream_errors_release_and_cool_the_account_down(gateway: Gateway) -> 
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "busy"}],
                                        extra_headers={"x-mock-scenario": "rate_limited",
                                                       "x-policyd-request-id": "e2e-429-1"})
-    record = _eventually(gateway, "e2e-429-1", lambda r: r["status"] != "reserved")
+    record = gateway.record("e2e-429-1")
     assert (record["status"], record["close_reason"], record["charge_nanos"]) == ("released", "upstream_429", 0)
     cooled = [r["authorization"] for r in gateway.mock.received() if r["scenario"] == "rate_limited"][-1]
     for i in range(4):  # the cooled account is skipped while it cools down
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"after {i}"}])
     after = [r["authorization"] for r in gateway.mock.received() if str(r["body"].get("messages", [{}])[0].get("content", "")).startswith("after ")]
     assert len(after) == 4 and cooled not in after
-    assert gateway.wallet("e2e-429").reserved_nanos == 0
+    assert gateway.wallet_at_rest("e2e-429").reserved_nanos == 0
 
 
 def test_concurrent_streams_never_overspend_a_strict_wallet(gateway: Gateway) -> None:
@@ -276,9 +289,8 @@ def test_concurrent_streams_never_overspend_a_strict_wallet(gateway: Gateway) ->
     with ThreadPoolExecutor(max_workers=25) as pool:
         outcomes = list(pool.map(one, range(100)))
     assert "ok" in outcomes and "denied" in outcomes
-    time.sleep(0.5)
+    wallet = gateway.wallet_at_rest("e2e-burst")
     assert gateway.admin.Audit(admin_pb2.AuditRequest()).ok
-    wallet = gateway.wallet("e2e-burst")
     assert wallet.reserved_nanos == 0
     assert wallet.balance_nanos >= 0  # strict: the documented bound is zero
     with sqlite3.connect(gateway.database) as db:
@@ -286,20 +298,6 @@ def test_concurrent_streams_never_overspend_a_strict_wallet(gateway: Gateway) ->
                                       "where customer_id = 'e2e-burst' and status = 'settled'").fetchone()
     assert settled == outcomes.count("ok")
     assert charged == parse_amount("0.0005") - wallet.balance_nanos
-
-
-def _eventually(gateway: Gateway, request_id: str, done, seconds: float = 10.0) -> dict[str, Any]:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            record = gateway.record(request_id)
-            if done(record):
-                return record
-        except AssertionError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{request_id} never reached its final state")
-        time.sleep(0.2)
 
 
 def anthropic_post(gateway: Gateway, key: str, body: dict[str, Any], extra: dict[str, str] | None = None):
@@ -353,7 +351,7 @@ def test_a_client_that_hangs_up_mid_stream_is_charged_for_what_it_got(gateway: G
         first = [next(iter(stream)) for _ in range(2)]
         assert all(c.choices for c in first)
     # leaving the block closes the connection while the provider is still streaming
-    record = _eventually(gateway, "e2e-hangup-1", lambda r: r["status"] != "reserved")
+    record = gateway.record("e2e-hangup-1")
     assert record["status"] == "settled" and record["stream_interrupted"]
     assert record["error_class"] == "usage_estimated:stream_cut"
     assert 0 < record["output_tokens"] < 12 and record["charge_nanos"] > 0
@@ -390,7 +388,7 @@ def test_a_provider_that_never_answers_is_released_not_charged(gateway: Gateway)
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello?"}],
                                        extra_headers={"x-mock-scenario": "stall",
                                                       "x-policyd-request-id": "e2e-stall-1"})
-    record = _eventually(gateway, "e2e-stall-1", lambda r: r["status"] != "reserved")
+    record = gateway.record("e2e-stall-1")
     assert (record["status"], record["close_reason"], record["charge_nanos"]) == ("released", "no_response", 0)
     assert gateway.wallet("e2e-stall").reserved_nanos == 0
 

@@ -1,0 +1,95 @@
+"""One proxied request, from its decision to its settle, as the Envoy filters carry it.
+
+The filter that decides (ext_authz, or ext_proc when it is the only one) puts what the rest of the
+request needs into Envoy's dynamic metadata; the filters that read the response (ext_proc, and the
+observer that reads response bodies) take it from there. Nothing about a request is kept in one
+policyd process between those filters, so each gRPC stream may reach any replica.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from policyd.domain import Decision
+from policyd.http_api import HttpCall
+from policyd.usage_capture import ResponseReader
+
+REQUEST_ID_HEADER = "x-policyd-request-id"
+EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where ext_authz's dynamic metadata lands
+EXT_PROC_NAMESPACE = "policyd"  # where the deciding ext_proc puts it (its receiving_namespaces)
+NAMESPACES = (EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE)
+
+
+@dataclass
+class Exchange:
+    """What policyd knows of one proxied request, from Authorize to Settle."""
+
+    request_id: str
+    endpoint: str
+    stream: bool
+    requested_model: str
+    served_model: str
+    output_cap: int
+    client_gave_cap: bool
+    account: str
+    status: int = 0
+    retry_after: int = 0
+    attempts: int = 1  # upstream attempts Envoy made (x-envoy-attempt-count)
+    closed: bool = False
+    reader: ResponseReader = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reader = ResponseReader(self.endpoint, self.stream)
+
+    @classmethod
+    def of(cls, call: HttpCall, decision: Decision, account: str) -> "Exchange":
+        """The exchange an allowed request begins."""
+        return cls(request_id=decision.request_id, endpoint=call.endpoint, stream=call.stream,
+                   requested_model=decision.requested_model, served_model=decision.served_model,
+                   output_cap=decision.max_output_tokens, client_gave_cap=call.max_output_tokens > 0,
+                   account=account)
+
+    def metadata(self, namespace: str, decision: str = "") -> struct_pb2.Struct:
+        """Envoy dynamic metadata that `from_metadata` reads back in a later filter."""
+        fields: dict[str, Any] = {
+            "request_id": self.request_id, "endpoint": self.endpoint, "stream": self.stream,
+            "requested_model": self.requested_model, "served_model": self.served_model,
+            "max_output_tokens": self.output_cap, "client_gave_cap": self.client_gave_cap, "account": self.account,
+        }
+        if decision:
+            fields["decision"] = decision
+        out = struct_pb2.Struct()
+        out.update(fields if namespace == EXT_AUTHZ_NAMESPACE else {namespace: fields})
+        return out
+
+    @classmethod
+    def from_metadata(cls, request: Any, namespaces: tuple[str, ...] = NAMESPACES) -> "Exchange | None":
+        """The exchange a deciding filter began, or None when none decided this request.
+
+        Only metadata counts: a request id header could come from the client, metadata only from
+        Envoy's own filters."""
+        filter_metadata = request.metadata_context.filter_metadata
+        for namespace in namespaces:
+            if namespace in filter_metadata:
+                fields = filter_metadata[namespace].fields  # read directly: a Struct of strings, numbers, booleans
+                break
+        else:
+            return None
+        request_id = fields["request_id"].string_value if "request_id" in fields else ""
+        if not request_id:
+            return None
+
+        def text(name: str) -> str:
+            return fields[name].string_value if name in fields else ""
+
+        return cls(
+            request_id=request_id, endpoint=text("endpoint"),
+            stream="stream" in fields and fields["stream"].bool_value,
+            requested_model=text("requested_model"), served_model=text("served_model"),
+            output_cap=int(fields["max_output_tokens"].number_value) if "max_output_tokens" in fields else 0,
+            client_gave_cap="client_gave_cap" in fields and fields["client_gave_cap"].bool_value,
+            account=text("account"),
+        )

@@ -1,0 +1,180 @@
+"""The ext_proc servicer's two streams, message by message (tests/test_gateway.py runs them through a
+real Envoy): the processing filter hands the response over to the observer filter when it is
+configured not to read bodies, and the observer settles, releases or estimates what it read."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE, Exchange
+from policyd.ext_proc import ExternalProcessorServicer
+from policyd.providers import Account, ProviderPool
+
+NONE = processing_mode_pb2.ProcessingMode.NONE
+STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+
+
+class RecordingEngine:
+    """Records how each request was closed; closings run as Engine's do (in tasks of their own)."""
+
+    def __init__(self) -> None:
+        self.closed: list[tuple[str, ...]] = []
+        self.tasks: set[asyncio.Task] = set()
+
+    def close_in_background(self, closing: Any) -> None:
+        self.tasks.add(asyncio.ensure_future(closing))
+
+    async def finish(self) -> None:
+        await asyncio.gather(*self.tasks)
+
+    async def settle(self, report: Any) -> None:
+        self.closed.append(("settle", report.request_id, report.input_tokens, report.output_tokens,
+                            report.stream_interrupted))
+
+    async def settle_estimated(self, request_id: str, output_tokens: int, **kwargs: Any) -> None:
+        self.closed.append(("estimate", request_id, output_tokens, kwargs["interrupted"], kwargs["error_class"]))
+
+    async def release(self, request_id: str, reason: str) -> None:
+        self.closed.append(("release", request_id, reason))
+
+
+def exchange(request_id: str = "r-1", stream: bool = True) -> Exchange:
+    return Exchange(request_id=request_id, endpoint="chat_completions", stream=stream, requested_model="gpt-4o-mini",
+                    served_model="gpt-4o-mini", output_cap=64, client_gave_cap=False, account="openai-1")
+
+
+def headers(status: str | None = None, **more: str) -> ep.HttpHeaders:
+    pairs = ([(":status", status)] if status else [(":method", "POST"), (":path", "/v1/chat/completions")])
+    pairs += list(more.items())
+    return ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode()) for k, v in pairs]))
+
+
+def with_metadata(message: ep.ProcessingRequest, namespace: str = EXT_AUTHZ_NAMESPACE,
+                  ex: Exchange | None = None) -> ep.ProcessingRequest:
+    metadata = (ex or exchange()).metadata(namespace)
+    if namespace == EXT_AUTHZ_NAMESPACE:
+        message.metadata_context.filter_metadata[namespace].CopyFrom(metadata)
+    else:
+        message.metadata_context.filter_metadata[namespace].CopyFrom(metadata.fields[namespace].struct_value)
+    return message
+
+
+def processing(response_body_mode: int, *tail: ep.ProcessingRequest) -> list[ep.ProcessingRequest]:
+    """The processing filter's messages after ext_authz allowed r-1 (its metadata forwarded)."""
+    first = with_metadata(ep.ProcessingRequest(request_headers=headers()))
+    first.protocol_config.response_body_mode = response_body_mode
+    body = ep.ProcessingRequest(request_body=ep.HttpBody(body=b'{"model": "gpt-4o-mini"}', end_of_stream=True))
+    return [first, body, *tail]
+
+
+def sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"
+
+
+def body(data: bytes, end: bool = False) -> ep.ProcessingRequest:
+    return ep.ProcessingRequest(response_body=ep.HttpBody(body=data, end_of_stream=end), observability_mode=True)
+
+
+def observed(*messages: ep.ProcessingRequest, namespace: str = EXT_AUTHZ_NAMESPACE) -> list[ep.ProcessingRequest]:
+    """The observer filter's messages: each carries the decision's metadata and observability_mode."""
+    out = []
+    for m in messages:
+        m.observability_mode = True
+        out.append(with_metadata(m, namespace))
+    return out
+
+
+async def run(servicer: ExternalProcessorServicer, messages: list[ep.ProcessingRequest]) -> list[Any]:
+    async def stream() -> AsyncIterator[ep.ProcessingRequest]:
+        for m in messages:
+            yield m
+
+    return [reply async for reply in servicer.Process(stream(), None)]
+
+
+def servicer() -> tuple[ExternalProcessorServicer, RecordingEngine, ProviderPool]:
+    engine = RecordingEngine()
+    pool = ProviderPool([Account("openai-1", "openai", "openai", "bearer", "sk-1")])
+    return ExternalProcessorServicer(engine, pool), engine, pool  # type: ignore[arg-type]
+
+
+def test_the_processing_filter_hands_the_response_to_the_observer() -> None:
+    async def scenario() -> None:
+        s, engine, _ = servicer()
+        replies = await run(s, processing(NONE, ep.ProcessingRequest(response_headers=headers("200"))))
+        await engine.finish()
+        assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers"]
+        assert engine.closed == []  # the observer closes it, not this stream's end
+        chunk = {"choices": [{"index": 0, "delta": {"content": "hello"}}]}
+        replies = await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")),
+                                        body(sse(chunk)[:20]), body(sse(chunk, {"choices": [], "usage": USAGE})[20:]),
+                                        body(b"", end=True)))
+        await engine.finish()
+        assert replies == []  # observability mode: nothing is answered
+        assert engine.closed == [("settle", "r-1", 11, 7, False)]
+    asyncio.run(scenario())
+
+
+def test_the_observer_learns_the_request_from_the_deciding_ext_proc_namespace() -> None:
+    async def scenario() -> None:
+        s, engine, _ = servicer()
+        await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")),
+                              body(sse({"choices": [], "usage": USAGE}), end=True), namespace=EXT_PROC_NAMESPACE))
+        await engine.finish()
+        assert engine.closed == [("settle", "r-1", 11, 7, False)]
+        # a reply no allowed request led to (a local reply) carries no decision: nothing is closed
+        await run(s, [ep.ProcessingRequest(response_headers=headers("403"), observability_mode=True)])
+        await engine.finish()
+        assert len(engine.closed) == 1
+    asyncio.run(scenario())
+
+
+def test_a_response_cut_before_its_end_is_estimated_when_envoy_closes_the_observer() -> None:
+    async def scenario() -> None:
+        s, engine, _ = servicer()
+        chunk = {"choices": [{"index": 0, "delta": {"content": "12345678"}}]}
+        await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")), body(sse(chunk, chunk)[:-14])))
+        await engine.finish()
+        assert engine.closed == [("estimate", "r-1", 4, True, "usage_estimated:stream_cut")]  # 16 bytes delivered
+    asyncio.run(scenario())
+
+
+def test_an_upstream_error_is_released_and_cools_the_account_down_before_the_client_sees_it() -> None:
+    async def scenario() -> None:
+        s, engine, pool = servicer()
+        await run(s, processing(NONE, ep.ProcessingRequest(response_headers=headers("429", retry_after="7"))))
+        assert pool.cooling_providers() == {"openai"}  # at the processing filter, synchronously
+        await run(s, observed(ep.ProcessingRequest(response_headers=headers("429")), body(b'{"error": {}}', end=True)))
+        await engine.finish()
+        assert engine.closed == [("release", "r-1", "upstream_429")]
+    asyncio.run(scenario())
+
+
+def test_a_request_cut_before_its_response_began_is_released_by_the_processing_filter() -> None:
+    async def scenario() -> None:
+        s, engine, _ = servicer()
+        await run(s, processing(NONE))
+        await engine.finish()
+        assert engine.closed == [("release", "r-1", "no_response")]
+    asyncio.run(scenario())
+
+
+def test_a_processing_filter_sent_response_bodies_reads_and_settles_them_itself() -> None:
+    async def scenario() -> None:  # a gateway config rendered before the observer filter existed
+        s, engine, _ = servicer()
+        replies = await run(s, processing(
+            STREAMED, ep.ProcessingRequest(response_headers=headers("200")),
+            ep.ProcessingRequest(response_body=ep.HttpBody(body=sse({"choices": [], "usage": USAGE}))),
+            ep.ProcessingRequest(response_body=ep.HttpBody(body=b"", end_of_stream=True))))
+        await engine.finish()
+        assert [r.WhichOneof("response") for r in replies][-2:] == ["response_body", "response_body"]
+        assert engine.closed == [("settle", "r-1", 11, 7, False)]
+    asyncio.run(scenario())
