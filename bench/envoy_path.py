@@ -12,10 +12,14 @@ Integration shapes, each against the no-op servicers in the same shape:
   (bench/access_log_settler.py) that settles each request over the native API as an estimate.
   Measured for its cost only: it keeps neither exact charges nor body rewrites.
 
+Streams as providers send them (bench/sse_provider.py: --events server-sent events a reply, each its
+own chunk, --event-gap-ms apart, over --event-connections): what reading each event costs policyd,
+in CPU of its process a request and an event, beside the no-op servicers reading the same.
 With --litellm, LiteLLM's proxy (bench/litellm_peer.py; no budgets) runs to the same provider
 under the same load, with one and two workers.
 
-    python -m bench.envoy_path [--seconds 10] [--connections 32] [--paced-rate 500] [--litellm]
+    python -m bench.envoy_path [--seconds 10] [--connections 32] [--paced-rate 500] [--events 100]
+                               [--event-gap-ms 1] [--event-connections 8] [--litellm]
 """
 
 from __future__ import annotations
@@ -219,6 +223,25 @@ def scenario(url: str, key: str, seconds: float, connections: int, workdir: Path
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU a process has used (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def events_run(url: str, key: str, connections: int, seconds: float, workdir: Path, events: int,
+               pids: dict[str, int]) -> dict[str, Any]:
+    """Streamed replies of `events` events each; CPU a request and an event of each process in `pids`."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    out = wrk(url, key, True, connections, seconds, workdir)
+    for name, pid in pids.items():
+        used = cpu_seconds(pid) - before[name]
+        out[f"{name}_cpu_ms_per_request"] = round(1000 * used / max(out["requests"], 1), 2)
+        out[f"{name}_cpu_us_per_event"] = round(1e6 * used / max(out["requests"] * events, 1), 1)
+    return out
+
+
 def stream_lag(redis_url: str, partitions: int, stop: threading.Event, samples: list[int]) -> None:
     """Events not yet read by the writer's consumer group, summed over partitions, once a second."""
     import redis
@@ -241,6 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--paced-rate", type=int, default=500, help="requests/s of the paced runs")
+    parser.add_argument("--events", type=int, default=100, help="server-sent events in each reply of the events runs")
+    parser.add_argument("--event-gap-ms", type=float, default=1.0, help="the provider's pause between two events")
+    parser.add_argument("--event-connections", type=int, default=8)
     parser.add_argument("--litellm", action="store_true",
                         help="measure LiteLLM's proxy as a peer (installed once into a virtualenv of its own)")
     args = parser.parse_args(argv)
@@ -253,12 +279,26 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-envoy-"))
     results: dict[str, Any] = {"cores": os.cpu_count()}
     started: list[Any] = []
+    events_provider: subprocess.Popen | None = None
     try:
         provider = Envoy(provider_config(p := free_port()), p, workdir)
         started.append(provider)
         results["provider_alone"] = wrk(f"http://127.0.0.1:{provider.port}/v1/chat/completions", "none", False,
                                         args.connections, args.seconds, workdir)
         upstreams = (Upstream("openai", "127.0.0.1", provider.port),)
+        events_port = free_port()
+        events_provider = subprocess.Popen([sys.executable, "-m", "bench.sse_provider", str(events_port),
+                                            str(args.events), str(args.event_gap_ms)], cwd=HERE.parent)
+        wait_port(events_port)
+        event_upstreams = (Upstream("openai", "127.0.0.1", events_port),)
+
+        def events(name: str, envoy_config: str, port: int, key: str, pids: dict[str, int]) -> None:
+            gateway = Envoy(envoy_config, port, workdir)
+            try:
+                results[name]["events"] = events_run(url.format(port), key, args.event_connections, args.seconds,
+                                                     workdir, args.events, pids)
+            finally:
+                gateway.stop()
 
         plain = Envoy(plain_config(plain_port := free_port(), provider.port), plain_port, workdir)
         started.append(plain)
@@ -266,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
                                           args.connections, workdir)
 
         url = "http://127.0.0.1:{}/v1/chat/completions"
+        events("plain_envoy", plain_config(p := free_port(), events_port), p, "none", {})
         if args.litellm:
             from bench.litellm_peer import MASTER_KEY, LiteLLM
 
@@ -287,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    upstreams=upstreams, shape=shape), p, workdir)
             results[name] = scenario(url.format(gateway.port), "none", args.seconds, args.connections, workdir)
             gateway.stop()
+            events(name, render(listen_port=(p := free_port()), policyd_port=noop_port, admin_port=free_port(),
+                                upstreams=event_upstreams, shape=shape), p, "none", {"noop": noop.pid})
         noop.terminate()
         noop.wait(timeout=10)
 
@@ -296,7 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
         policyd = PolicydProcess(redis.url, database, policy=str(HERE / "policy.yaml"),
                                  extra_env={"POLICYD_PARTITIONS": "16", "POLICYD_WRITER_ENABLED": "false"})
         started.append(policyd)
-        started.append(WriterProcess(redis.url, database, extra_env={"POLICYD_PARTITIONS": "16"}))
+        writer = WriterProcess(redis.url, database, extra_env={"POLICYD_PARTITIONS": "16"})
+        started.append(writer)
         settler_port = free_port()
         settler = subprocess.Popen([sys.executable, "-m", "bench.access_log_settler", str(settler_port),
                                     policyd.address], cwd=HERE.parent)
@@ -326,6 +370,10 @@ def main(argv: list[str] | None = None) -> dict:
                 results[name] = scenario(url.format(port), key, args.seconds, args.connections, workdir,
                                          args.paced_rate)
                 gateway.stop()
+            for name, shape in (("policyd", "ext_authz+ext_proc"), ("policyd_ext_proc", "ext_proc")):
+                events(name, render(listen_port=(p := free_port()), policyd_port=policyd.port, admin_port=free_port(),
+                                    upstreams=event_upstreams, shape=shape), p, key,
+                       {"policyd": policyd.process.pid, "writer": writer.process.pid})
             results["plain_envoy"]["json_paced"] = wrk(url.format(plain_port), "none", False, PACED_CONNECTIONS,
                                                        args.seconds, workdir, 1000 * PACED_CONNECTIONS / args.paced_rate)
             load_seconds = time.perf_counter() - run_started
@@ -346,6 +394,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "lag_max": max(lag or [0]), "lag_last": (lag or [0])[-1],
                              "catch_up_seconds_after_load": round(catch_up, 2), "audit_ok": audit.ok}
     finally:
+        if events_provider is not None:
+            events_provider.terminate()
         for thing in reversed(started):
             (thing.stop if hasattr(thing, "stop") and not hasattr(thing, "close") else thing.close)()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -368,6 +418,13 @@ def main(argv: list[str] | None = None) -> dict:
         q, p = results[name]["json_paced"], plain["json_paced"]
         table.append(("json paced: req/s, p50/p99 ms", f"{p['rps']}, {p['p50_ms']}/{p['p99_ms']}", "",
                       f"{q['rps']}, {q['p50_ms']}/{q['p99_ms']}", ""))
+        e, ne, pe = results[name].get("events"), results[noop_name]["events"], plain["events"]
+        if e:
+            table.append((f"{args.events}-event streams, {args.event_connections} conn: req/s", pe["rps"], ne["rps"],
+                          e["rps"], f"{e['rps'] / ne['rps']:.2f}"))
+            table.append(("  p50 of a whole stream, ms", pe["p50_ms"], ne["p50_ms"], e["p50_ms"], ""))
+            table.append(("  CPU a request (an event)", "", f"{ne['noop_cpu_ms_per_request']} ms ({ne['noop_cpu_us_per_event']} us)",
+                          f"{e['policyd_cpu_ms_per_request']} ms ({e['policyd_cpu_us_per_event']} us)", ""))
         q1, p1 = results[name]["json_1"], plain["json_1"]
         results["summary"][name] = {
             "ratio_to_noop_json": round(results[name][f"json_{c}"]["rps"] / results[noop_name][f"json_{c}"]["rps"], 3),

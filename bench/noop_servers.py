@@ -18,6 +18,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 
+from policyd.ext_proc import READ_BODY_HERE
+from policyd.upstream import OBSERVER_HEADER, ROUTE_HEADER
 from policyd_client.v1 import policy_pb2, policy_pb2_grpc
 
 try:
@@ -34,27 +36,45 @@ class NoopPolicy(policy_pb2_grpc.PolicyServiceServicer):
         return policy_pb2.SettleResponse(outcome=policy_pb2.SETTLED, request_id=request.request_id)
 
 
-ROUTE = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="x-policyd-route", value="openai"))
-ROUTE_RAW = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="x-policyd-route", raw_value=b"openai"))  # ext_proc
+ROUTE = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=ROUTE_HEADER, value="openai"))
+ROUTE_RAW = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=ROUTE_HEADER, raw_value=b"openai"))  # ext_proc
+STREAM_HEADER = "x-bench-stream"  # the benchmark's streamed requests carry it (what policyd reads in the body)
+
+
+def observer(stream: bool, raw: bool = False) -> base_pb2.HeaderValueOption:
+    """As policyd: streams are read by the observer filter, other replies by the processing filter."""
+    value = "read" if stream else "skip"
+    header = base_pb2.HeaderValue(key=OBSERVER_HEADER, raw_value=value.encode()) if raw else \
+        base_pb2.HeaderValue(key=OBSERVER_HEADER, value=value)
+    return base_pb2.HeaderValueOption(header=header)
 
 
 class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
     async def Check(self, request: Any, context: Any) -> Any:
+        stream = STREAM_HEADER in request.attributes.request.http.headers
         return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK),
-                                               ok_response=external_auth_pb2.OkHttpResponse(headers=[ROUTE]))
+                                               ok_response=external_auth_pb2.OkHttpResponse(
+                                                   headers=[ROUTE, observer(stream)]))
 
 
 class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
     async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        stream = False
         async for request in requests:
-            if request.observability_mode:  # the observer filter's messages are read, never answered
-                continue
             kind = request.WhichOneof("request")
+            if request.observability_mode:  # the observer filter's messages are read, never answered,
+                message = getattr(request, kind)  # and its stream ends with the response, as policyd's
+                if kind == "response_trailers" or message.end_of_stream:
+                    return
+                continue
             if kind == "request_headers":  # routes as policyd does when ext_proc is the only filter
+                stream = any(h.key == STREAM_HEADER for h in request.request_headers.headers.headers)
                 yield ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse(
-                    header_mutation=ep.HeaderMutation(set_headers=[ROUTE_RAW]), clear_route_cache=True)))
-            elif kind == "response_headers":
-                yield ep.ProcessingResponse(**{kind: ep.HeadersResponse()})
+                    header_mutation=ep.HeaderMutation(set_headers=[ROUTE_RAW, observer(stream, raw=True)]),
+                    clear_route_cache=True)))
+            elif kind == "response_headers":  # a reply that is not a stream: its body is read here
+                yield ep.ProcessingResponse(response_headers=ep.HeadersResponse(),
+                                            mode_override=None if stream else READ_BODY_HERE)
             elif kind in ("request_body", "response_body"):
                 yield ep.ProcessingResponse(**{kind: ep.BodyResponse()})
             else:

@@ -75,7 +75,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         return self._allow(call, decision)
 
     def _allow(self, call: http_api.HttpCall, d: Decision) -> Any:
-        upstream = upstream_request(d, self.pool)
+        upstream = upstream_request(d, self.pool, call.stream)
         headers = [_header(REQUEST_ID_HEADER, d.request_id)] + [_header(k, v) for k, v in upstream.set_headers]
         metadata = Exchange.of(call, d, upstream.account).metadata(EXT_AUTHZ_NAMESPACE, d.decision)
         return external_auth_pb2.CheckResponse(

@@ -2,18 +2,20 @@
 
 Two ext_proc filters call this service, each with a gRPC stream per HTTP request:
 - the processing filter (synchronous): the request headers and body, rewritten where policy
-  requires it (served model, output cap, stream usage), and the response headers;
+  requires it (served model, output cap, stream usage), the response headers, and the body of a
+  reply that is not a stream (asked for at its headers: mode_override);
 - the observer filter (Envoy's observability mode: Envoy sends, nothing is answered, nothing
-  waits): the response headers and body as they pass. At the body's end the request is settled
-  with the provider's usage; an upstream error releases the reservation; a response cut or a
-  client gone settles what was delivered (estimated, marked) when Envoy closes the stream
-  (deferred_close_timeout after the cut). A streamed reply is one message per provider event, so
-  this keeps policyd off each token's path and halves its work per event (bench/RESULTS.md).
+  waits), for streamed requests only (the deciding filter's observer header): the response
+  headers and each event as it passes. A stream is one message per provider event; none of them
+  waits for policyd, and each costs it about half what an answered one would (bench/RESULTS.md).
+Whichever reads the response settles it at its end with the provider's usage; an upstream error
+releases the reservation; a response cut or a client gone settles what was delivered (estimated,
+marked), for the observer when Envoy closes its stream (deferred_close_timeout after the cut).
 The observer learns the request from the dynamic metadata the deciding filter left, so the two
 streams need not reach the same replica. A request cut before its response began is closed by
 the processing filter's stream (nothing was delivered: released). A processing filter configured
-to send response bodies itself (a gateway config rendered before the observer existed) gets
-them read and settled here as before.
+to send every response body (a gateway config rendered before the observer existed) gets them
+all read and settled here, as before.
 
 Two gateway shapes (`policyd gateway-config --shape`):
 - ext_authz + ext_proc: ext_authz decided and reserved; its decision arrives here as dynamic
@@ -49,6 +51,10 @@ from policyd.usage_capture import closing
 log = logging.getLogger("policyd.ext_proc")
 COOLDOWN_STATUSES = {429, 500, 502, 503, 504}
 ATTRIBUTES_NAMESPACE = "envoy.filters.http.ext_proc"
+NONE = processing_mode_pb2.ProcessingMode.NONE
+# asked for at the headers of a reply the observer does not read (not a stream)
+READ_BODY_HERE = processing_mode_pb2.ProcessingMode(response_body_mode=processing_mode_pb2.ProcessingMode.STREAMED,
+                                                    response_trailer_mode=processing_mode_pb2.ProcessingMode.SEND)
 
 
 def _headers(message: Any) -> dict[str, str]:
@@ -128,9 +134,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
 
     async def _process(self, first: Any, messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """The processing filter's stream: one reply to each message, Envoy waiting for it."""
-        # an observer filter reads the response body when this filter is configured not to
-        observed = first.HasField("protocol_config") and \
-            first.protocol_config.response_body_mode == processing_mode_pb2.ProcessingMode.NONE
+        # configured to send no response body: the observer filter reads streams, and other replies'
+        # bodies are asked for at their headers (a config from before the observer sends every body here)
+        observer = first.HasField("protocol_config") and first.protocol_config.response_body_mode == NONE
         exchange: Exchange | None = None
         arrival: Arrival | None = None
         request = first
@@ -145,36 +151,38 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     else:
                         arrival = Arrival.of(request)
                         if request.request_headers.end_of_stream:
-                            exchange, reply = await self._decide(arrival, b"", kind, observed)
+                            exchange, reply = await self._decide(arrival, b"", kind, observer)
                             yield reply
                         else:
                             yield _phase(kind)
                 elif kind == "request_body":
                     if exchange is None and arrival is not None:
-                        exchange, reply = await self._decide(arrival, request.request_body.body, kind, observed)
+                        exchange, reply = await self._decide(arrival, request.request_body.body, kind, observer)
                         yield reply
                     else:
                         yield self._request_body(exchange, request.request_body)
                 elif kind == "response_headers":
-                    mutation = None
+                    mutation = mode = None
                     if exchange is not None:
                         if arrival is not None:  # no ext_authz to tell the client its request id
                             mutation = ep.HeaderMutation(set_headers=[_header(REQUEST_ID_HEADER, exchange.request_id)])
-                        if observed:  # the response began: the observer filter reads it and closes it
+                        if observer and exchange.stream:  # the observer filter reads the stream and closes it
                             self._response_began(exchange, request.response_headers)
                             exchange = None
-                        elif self._observed(exchange, request):
+                        elif self._read_response(exchange, request):
                             exchange = None
+                        elif observer:
+                            mode = READ_BODY_HERE
                     yield ep.ProcessingResponse(response_headers=ep.HeadersResponse(
-                        response=ep.CommonResponse(header_mutation=mutation) if mutation else None))
+                        response=ep.CommonResponse(header_mutation=mutation) if mutation else None), mode_override=mode)
                 elif kind == "response_body":
-                    if exchange is not None and self._observed(exchange, request):
+                    if exchange is not None and self._read_response(exchange, request):
                         exchange = None
                     yield ep.ProcessingResponse(response_body=ep.BodyResponse())
                 elif kind == "request_trailers":
                     yield ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
                 elif kind == "response_trailers":
-                    if exchange is not None and self._observed(exchange, request):
+                    if exchange is not None and self._read_response(exchange, request):
                         exchange = None
                     yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
                 request = await anext(messages, None)
@@ -189,10 +197,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if exchange is None:
             return  # a reply no allowed request led to (a denial, a local reply): nothing to settle
         try:
-            if self._observed(exchange, first):
+            if self._read_response(exchange, first):
                 return
             async for request in messages:
-                if self._observed(exchange, request):
+                if self._read_response(exchange, request):
                     return
         finally:
             if not exchange.closed:
@@ -210,7 +218,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if exchange.status in COOLDOWN_STATUSES and exchange.account:
             self.pool.cool_down(exchange.account, exchange.retry_after or 30)
 
-    def _observed(self, exchange: Exchange, request: Any) -> bool:
+    def _read_response(self, exchange: Exchange, request: Any) -> bool:
         """Read one response message; True when the response ended with it (the exchange is closing)."""
         kind = request.WhichOneof("request")
         if kind == "response_body":
@@ -230,7 +238,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         self._close(exchange)
         return True
 
-    async def _decide(self, arrival: Arrival, body: bytes, kind: str, observed: bool) -> tuple[Exchange | None, Any]:
+    async def _decide(self, arrival: Arrival, body: bytes, kind: str, observer: bool) -> tuple[Exchange | None, Any]:
         """The ext_proc-only shape: authorize here, and either send the request on or answer it."""
         call = http_api.parse_call(arrival.method, arrival.path, arrival.headers, body, arrival.client_address)
         if call.models_listing:
@@ -244,7 +252,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         decision = await self.engine.authorize(call.authorize_input(), self.pool.cooling_providers())
         if not decision.allowed:
             return None, immediate_denial(decision)
-        upstream = upstream_request(decision, self.pool)
+        upstream = upstream_request(decision, self.pool, call.stream)
         exchange = Exchange.of(call, decision, upstream.account)
         set_headers = [_header(k, v) for k, v in upstream.set_headers]
         new_body = self._rewritten(exchange, call.body)
@@ -256,7 +264,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             body_mutation=ep.BodyMutation(body=new_body) if new_body is not None else None,
             clear_route_cache=True)
         reply = _phase(kind, common)
-        if observed:  # what the observer filter needs to read and settle the response
+        if observer and call.stream:  # what the observer filter needs to read and settle the stream
             reply.dynamic_metadata.CopyFrom(exchange.metadata(EXT_PROC_NAMESPACE))
         return exchange, reply
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE
 from policyd.http_api import REQUEST_BODY_BYTES_MAX, REQUEST_HEADERS_BYTES_MAX
 from policyd.http_api import REQUEST_HEADERS_COUNT_MAX as HEADERS_COUNT_MAX
+from policyd.upstream import OBSERVER_HEADER, ROUTE_HEADER
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ REQUEST_HEADERS_KB_MAX = 2 * REQUEST_HEADERS_BYTES_MAX // 1024
 REQUEST_HEADERS_COUNT_MAX = 2 * HEADERS_COUNT_MAX
 
 SHAPES = ("ext_authz+ext_proc", "ext_proc")
+
+# Concurrent gRPC streams an Envoy may hold to policyd: an allowed request holds the processing
+# filter's stream for its whole life and the observer's while its response passes (a cut one 2 s
+# more). Past this, Envoy refuses new requests with 503 (fail closed); its default is 1,024.
+POLICYD_STREAMS_MAX = 100_000
 
 DEFAULT_UPSTREAMS = (
     Upstream("openai", "127.0.0.1", 8080),
@@ -105,6 +111,7 @@ def _ext_proc_filter(fail_open: str, shape: str) -> str:
               failure_mode_allow: {fail_open}
               status_on_error: {{code: ServiceUnavailable}}
               message_timeout: 5s
+              allow_mode_override: true  # a reply that is not a stream is read here: policyd asks for its body
               processing_mode:
                 request_header_mode: SEND
                 response_header_mode: SEND
@@ -116,29 +123,52 @@ def _ext_proc_filter(fail_open: str, shape: str) -> str:
 
 
 def _observer_filter(shape: str) -> str:
-    """The response's headers, body and trailers sent to policyd as they pass, no reply awaited
-    (observability mode): how each request is settled. It never holds or fails a response; a
+    """A stream's headers, events and trailers sent to policyd as they pass, no reply awaited
+    (observability mode): how a streamed request is settled. It runs only where the deciding filter
+    set the observer header to `read` (replies that are not streams are read by the processing
+    filter: one message, cheaper than a stream of its own). It never holds or fails a response; a
     response cut mid-way is settled when Envoy closes the stream, deferred_close_timeout later."""
     namespace = EXT_PROC_NAMESPACE if shape == "ext_proc" else EXT_AUTHZ_NAMESPACE
     return f"""          - name: policyd.observer
             typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-              grpc_service:
-                envoy_grpc: {{cluster_name: policyd}}
-                timeout: 600s
-              observability_mode: true
-              deferred_close_timeout: 2s
-              failure_mode_allow: true
-              processing_mode:
-                request_header_mode: SKIP
-                response_header_mode: SEND
-                request_body_mode: NONE
-                response_body_mode: STREAMED
-                request_trailer_mode: SKIP
-                response_trailer_mode: SEND
-              metadata_options:
-                forwarding_namespaces:
-                  untyped: [{namespace}]
+              "@type": type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher
+              xds_matcher:
+                matcher_list:
+                  matchers:
+                  - predicate:
+                      not_matcher:
+                        single_predicate:
+                          input:
+                            name: observer-header
+                            typed_config:
+                              "@type": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput
+                              header_name: {OBSERVER_HEADER}
+                          value_match: {{exact: read}}
+                    on_match:
+                      action:
+                        name: skip
+                        typed_config:
+                          "@type": type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter
+              extension_config:
+                name: policyd.observer
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+                  grpc_service:
+                    envoy_grpc: {{cluster_name: policyd}}
+                    timeout: 600s
+                  observability_mode: true
+                  deferred_close_timeout: 2s
+                  failure_mode_allow: true
+                  processing_mode:
+                    request_header_mode: SKIP
+                    response_header_mode: SEND
+                    request_body_mode: NONE
+                    response_body_mode: STREAMED
+                    request_trailer_mode: SKIP
+                    response_trailer_mode: SEND
+                  metadata_options:
+                    forwarding_namespaces:
+                      untyped: [{namespace}]
 """
 
 
@@ -187,8 +217,9 @@ static_resources:
               routes:
               - match: {{prefix: "/"}}
                 route:
-                  cluster_header: x-policyd-route
+                  cluster_header: {ROUTE_HEADER}
                   timeout: 600s
+                request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}]  # policyd's own, not the provider's
           local_reply_config:
             mappers:
             - filter:
@@ -219,6 +250,8 @@ static_resources:
   - name: policyd
     type: STATIC
     connect_timeout: 1s
+    circuit_breakers:  # every request in flight holds a stream or two to policyd (Envoy's default caps at 1,024)
+      thresholds: [{{max_requests: {POLICYD_STREAMS_MAX}, max_pending_requests: {POLICYD_STREAMS_MAX}}}]
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions

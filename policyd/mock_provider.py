@@ -107,6 +107,7 @@ class MockProvider:
         auth = h.headers.get("authorization", "") or h.headers.get("x-api-key", "")
         with self.lock:
             self.requests.append({"path": h.path, "body": body, "authorization": auth, "scenario": scenario,
+                                  "policyd_headers": sorted(k.lower() for k in h.headers if k.lower().startswith("x-policyd-")),
                                   "content_length": h.headers.get("content-length"), "bytes": len(raw)})
         if self.api_keys and auth.removeprefix("Bearer ") not in self.api_keys:
             return h._json(401, {"error": {"type": "invalid_request_error", "code": "invalid_api_key",

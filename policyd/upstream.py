@@ -2,7 +2,7 @@
 
 An allowed request leaves for its provider without the customer's key: it is removed, and the
 chosen provider account's credential is set in its place; the route header names the Envoy
-cluster to send it to. Anything else is answered by Envoy itself (a local reply).
+cluster to send it to, and the observer header whether the observer filter reads its response. Anything else is answered by Envoy itself (a local reply).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from policyd.domain import Decision
 from policyd.providers import ProviderPool
 
 ROUTE_HEADER = "x-policyd-route"
+OBSERVER_HEADER = "x-policyd-observer"
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,13 @@ class UpstreamRequest:
     account: str  # the provider account that pays for it ("" when the route carries its own credential)
 
 
-def upstream_request(decision: Decision, pool: ProviderPool) -> UpstreamRequest:
+def upstream_request(decision: Decision, pool: ProviderPool, stream: bool) -> UpstreamRequest:
     account = pool.pick(decision.provider)
     remove = list(http_api.CUSTOMER_KEY_HEADERS)
     route = decision.route
-    headers: list[tuple[str, str]] = []
+    # whether the observer filter reads this response (a stream) or the processing filter does; always
+    # set here, so what a client sent under this name never decides it (the route drops it upstream)
+    headers: list[tuple[str, str]] = [(OBSERVER_HEADER, "read" if stream else "skip")]
     if account is not None:
         name, value = account.credential_header()
         headers.append((name, value))

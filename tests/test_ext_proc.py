@@ -1,6 +1,6 @@
 """The ext_proc servicer's two streams, message by message (tests/test_gateway.py runs them through a
-real Envoy): the processing filter hands the response over to the observer filter when it is
-configured not to read bodies, and the observer settles, releases or estimates what it read."""
+real Envoy): the processing filter hands a stream over to the observer filter and reads other
+replies itself, and whichever reads the response settles, releases or estimates it."""
 
 from __future__ import annotations
 
@@ -67,9 +67,9 @@ def with_metadata(message: ep.ProcessingRequest, namespace: str = EXT_AUTHZ_NAME
     return message
 
 
-def processing(response_body_mode: int, *tail: ep.ProcessingRequest) -> list[ep.ProcessingRequest]:
+def processing(response_body_mode: int, *tail: ep.ProcessingRequest, stream: bool = True) -> list[ep.ProcessingRequest]:
     """The processing filter's messages after ext_authz allowed r-1 (its metadata forwarded)."""
-    first = with_metadata(ep.ProcessingRequest(request_headers=headers()))
+    first = with_metadata(ep.ProcessingRequest(request_headers=headers()), ex=exchange(stream=stream))
     first.protocol_config.response_body_mode = response_body_mode
     body = ep.ProcessingRequest(request_body=ep.HttpBody(body=b'{"model": "gpt-4o-mini"}', end_of_stream=True))
     return [first, body, *tail]
@@ -164,6 +164,25 @@ def test_a_request_cut_before_its_response_began_is_released_by_the_processing_f
         await run(s, processing(NONE))
         await engine.finish()
         assert engine.closed == [("release", "r-1", "no_response")]
+    asyncio.run(scenario())
+
+
+def test_a_reply_that_is_not_a_stream_is_read_by_the_processing_filter_which_asks_for_its_body() -> None:
+    async def scenario() -> None:
+        s, engine, _ = servicer()
+        reply = {"choices": [{"index": 0, "message": {"content": "hi"}}], "usage": USAGE}
+        replies = await run(s, processing(
+            NONE, ep.ProcessingRequest(response_headers=headers("200")),
+            ep.ProcessingRequest(response_body=ep.HttpBody(body=json.dumps(reply).encode(), end_of_stream=True)),
+            stream=False))
+        await engine.finish()
+        asked = replies[2].mode_override
+        assert (replies[2].WhichOneof("response"), asked.response_body_mode) == ("response_headers", STREAMED)
+        assert [r.WhichOneof("response") for r in replies][3:] == ["response_body"]
+        assert engine.closed == [("settle", "r-1", 11, 7, False)]
+        # a stream's headers ask for nothing: the observer filter reads it
+        replies = await run(s, processing(NONE, ep.ProcessingRequest(response_headers=headers("200"))))
+        assert not replies[2].HasField("mode_override")
     asyncio.run(scenario())
 
 

@@ -159,6 +159,31 @@ def test_streamed_chat_is_charged_and_usage_is_always_requested(gateway: Gateway
     assert body["max_completion_tokens"] == 1024  # the reserved cap, since the client gave none
 
 
+def test_the_observer_header_is_policyds_alone(gateway: Gateway) -> None:
+    """A client cannot choose who reads its response: a stream claiming nobody need read it, and a
+    reply claiming the observer should read it too, are each charged once, exactly."""
+    key = gateway.customer("e2e-observer")
+    client = gateway.client(key)
+    with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "observe me"}], stream=True,
+            extra_headers={"x-policyd-observer": "skip"}) as response:
+        streamed_id = response.headers["x-policyd-request-id"]
+        usage = [c.usage for c in response.parse() if c.usage][0]
+    streamed = gateway.record(streamed_id)
+    assert (streamed["status"], streamed["error_class"], streamed["output_tokens"]) == (
+        "settled", "", usage.completion_tokens)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "observe me too"}],
+        extra_headers={"x-policyd-observer": "read"})
+    plain = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (plain["status"], plain["error_class"], plain["output_tokens"]) == (
+        "settled", "", raw.parse().usage.completion_tokens)
+    wallet = gateway.wallet_at_rest("e2e-observer")
+    assert wallet.balance_nanos == parse_amount("10") - streamed["charge_nanos"] - plain["charge_nanos"]
+    sent = [r for r in gateway.mock.received() if str(r["body"].get("messages", [{}])[0].get("content", "")).startswith("observe me")]
+    assert len(sent) == 2 and all(r["policyd_headers"] == [] for r in sent)  # policyd's headers stay in Envoy
+
+
 def test_deny_paths_raise_the_matching_sdk_exceptions(gateway: Gateway) -> None:
     bad = gateway.client("pdk_live_" + "Z" * 40)
     with pytest.raises(openai.AuthenticationError) as invalid:
