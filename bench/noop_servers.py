@@ -1,6 +1,8 @@
 """The floors policyd is measured against, as a process of their own (like policyd): a grpc.aio server
-whose PolicyService, ext_authz and ext_proc do nothing but answer "allowed" (ext_authz, and ext_proc at
-the request headers, set the route header the gateway config routes on, as policyd does).
+whose PolicyService, ext_authz and ext_proc do nothing but answer "allowed". As policyd does,
+ext_authz and ext_proc (at the request headers) set the route header the gateway config routes on and
+the observer header (streams are read by the observer filter, which returns at the stream's end; other
+replies' bodies are asked for at their headers and read by the processing filter).
 
     python -m bench.noop_servers PORT
 """

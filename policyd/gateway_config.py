@@ -10,8 +10,9 @@ Two shapes keep the same guarantees (see policyd/ext_proc.py):
 - `ext_authz+ext_proc` (the default): ext_authz decides and reserves, ext_proc rewrites.
 - `ext_proc`: one ext_proc stream decides at the request-body phase, reserves and rewrites; one gRPC
   call fewer per request (bench/RESULTS.md measures both).
-In both, a second ext_proc filter in observability mode (`policyd.observer`) reads the response as
-it passes and settles it: Envoy waits for policyd at the request, never on the response's way out.
+In both, ext_proc reads and settles replies that are not streams, and a second ext_proc filter in
+observability mode (`policyd.observer`) reads and settles streams: no event of a stream waits for
+policyd on its way out.
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ REQUEST_HEADERS_COUNT_MAX = 2 * HEADERS_COUNT_MAX
 
 SHAPES = ("ext_authz+ext_proc", "ext_proc")
 
-# Concurrent gRPC streams an Envoy may hold to policyd: an allowed request holds the processing
-# filter's stream for its whole life and the observer's while its response passes (a cut one 2 s
-# more). Past this, Envoy refuses new requests with 503 (fail closed); its default is 1,024.
-POLICYD_STREAMS_MAX = 100_000
+# Requests an Envoy may hold in flight to a provider cluster, and gRPC streams to policyd (an allowed
+# request holds the processing filter's stream for its whole life, a streamed one the observer's
+# too, a cut one 2 s more). Envoy's default circuit breakers cap each at 1,024 and answer 503 past
+# that: a few hundred long model streams at once would hit it.
+IN_FLIGHT_MAX = 100_000
+CIRCUIT_BREAKERS = f"""    circuit_breakers:  # Envoy's default caps each at 1,024: more long model streams at once would get 503
+      thresholds: [{{max_connections: {IN_FLIGHT_MAX}, max_pending_requests: {IN_FLIGHT_MAX}, max_requests: {IN_FLIGHT_MAX}}}]
+"""
 
 DEFAULT_UPSTREAMS = (
     Upstream("openai", "127.0.0.1", 8080),
@@ -62,7 +67,7 @@ def _cluster(u: Upstream) -> str:
     return f"""  - name: {u.name}
     type: {address}
     connect_timeout: 2s
-    load_assignment:
+{CIRCUIT_BREAKERS}    load_assignment:
       cluster_name: {u.name}
       endpoints:
       - lb_endpoints:
@@ -184,9 +189,9 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
         _ext_proc_filter(fail_open, shape) + _observer_filter(shape)
     # ext_proc buffers the body it decides on within the connection's buffer limit (past it: 413)
     buffer_limit = f"\n    per_connection_buffer_limit_bytes: {body_bytes_max}" if shape == "ext_proc" else ""
-    title = ("ext_authz decides and reserves, ext_proc rewrites, policyd.observer reads the response and settles"
+    title = ("ext_authz decides and reserves, ext_proc rewrites and settles, policyd.observer settles streams"
              if shape != "ext_proc" else
-             "ext_proc decides, reserves and rewrites, policyd.observer reads the response and settles")
+             "ext_proc decides, reserves, rewrites and settles, policyd.observer settles streams")
     return f"""# Envoy as a policyd gateway: {title}.
 # Rendered by policyd/gateway_config.py (the tests check this file equals its defaults).
 # Fail closed by default: when policyd cannot be reached, requests get 503 and nothing is spent.
@@ -250,9 +255,7 @@ static_resources:
   - name: policyd
     type: STATIC
     connect_timeout: 1s
-    circuit_breakers:  # every request in flight holds a stream or two to policyd (Envoy's default caps at 1,024)
-      thresholds: [{{max_requests: {POLICYD_STREAMS_MAX}, max_pending_requests: {POLICYD_STREAMS_MAX}}}]
-    typed_extension_protocol_options:
+{CIRCUIT_BREAKERS}    typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config:

@@ -35,6 +35,10 @@ def output_cap(body: dict[str, Any]) -> int:
     return COMPLETION_TOKENS_MAX
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # a gateway may open hundreds of connections at once
+
+
 class MockProvider:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, api_keys: tuple[str, ...] = ()) -> None:
         self.api_keys = set(api_keys)
@@ -80,7 +84,7 @@ class MockProvider:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server = _Server((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

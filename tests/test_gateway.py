@@ -76,13 +76,14 @@ class Gateway(FundedCustomers):
         ends, a moment after the client has it."""
         deadline = time.monotonic() + seconds
         while True:
-            assert self.admin.Audit(admin_pb2.AuditRequest()).ok  # drains the writer first
+            # drains the writer first; a request closing while it compares shows as a passing mismatch
+            audit = self.admin.Audit(admin_pb2.AuditRequest())
             with sqlite3.connect(self.database) as db:
                 db.row_factory = sqlite3.Row
                 row = db.execute("select * from usage_records where request_id = ?", (request_id,)).fetchone()
-            if row is not None and row["status"] != "reserved":
+            if row is not None and row["status"] != "reserved" and audit.ok:
                 return dict(row)
-            assert time.monotonic() < deadline, f"no closed record for {request_id}: {row and dict(row)}"
+            assert time.monotonic() < deadline, f"no closed record for {request_id}: {row and dict(row)}, {audit}"
             time.sleep(0.1)
 
     def wallet_at_rest(self, customer: str, seconds: float = 10.0) -> Any:
@@ -416,6 +417,54 @@ def test_a_provider_that_never_answers_is_released_not_charged(gateway: Gateway)
     record = gateway.record("e2e-stall-1")
     assert (record["status"], record["close_reason"], record["charge_nanos"]) == ("released", "no_response", 0)
     assert gateway.wallet("e2e-stall").reserved_nanos == 0
+
+
+IN_FLIGHT = 1100  # more than Envoy's default circuit breakers allow a cluster (1,024 requests)
+
+
+def test_more_requests_in_flight_than_envoys_default_circuit_breakers_are_served(gateway: Gateway) -> None:
+    """Model calls are long: hundreds at once through one Envoy must not meet a 503 from a circuit
+    breaker, neither on the provider's cluster nor on policyd's (each request holds a stream there)."""
+    import asyncio
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4 * IN_FLIGHT:  # client sockets and the mock provider's, in this process
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4 * IN_FLIGHT, hard), hard))
+    key = gateway.customer("e2e-crowd", credit="100")
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "crowd"}], "max_tokens": 5})
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {key}\r\n"
+               f"content-type: application/json\r\nx-mock-scenario: stall\r\ncontent-length: {len(body)}\r\n\r\n"
+               f"{body}").encode()
+
+    def at_provider() -> int:
+        return sum(1 for r in gateway.mock.received() if r["scenario"] == "stall" and
+                   r["body"].get("messages", [{}])[0].get("content") == "crowd")
+
+    async def crowd() -> None:
+        connections = []
+        already = at_provider()
+        try:
+            for sent in range(100, IN_FLIGHT + 100, 100):  # in waves policyd decides well within Envoy's timeouts
+                for _ in range(min(sent, IN_FLIGHT) - len(connections)):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+                    writer.write(request)
+                    connections.append((reader, writer))
+                deadline = time.monotonic() + 30
+                while at_provider() - already < len(connections) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                assert at_provider() - already == len(connections), "a request in the crowd never reached the provider"
+            # every one of them allowed and held at the provider, all at once
+            completion = gateway.client(key).chat.completions.create(  # and one more still gets through
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "one more"}], max_tokens=5)
+            assert completion.usage.completion_tokens > 0
+        finally:
+            for _, writer in connections:
+                writer.close()
+
+    asyncio.run(crowd())
+    wallet = gateway.wallet_at_rest("e2e-crowd", seconds=120)  # the stalled ones, cut: released, not charged
+    assert wallet.reserved_nanos == 0
 
 
 def test_limits_on_headers_and_metadata_answer_clear_errors_and_move_no_money(gateway: Gateway) -> None:
