@@ -420,14 +420,19 @@ def _mock_provider(args: argparse.Namespace) -> int:
 def _gateway_config(args: argparse.Namespace) -> int:
     from policyd.gateway_config import Upstream, render
 
-    host, _, port = args.policyd.rpartition(":")
+    replicas = []
+    for address in args.policyd.split(","):
+        host, _, port = address.strip().rpartition(":")
+        replicas.append((host.strip("[]"), int(port)))
     upstreams = []
     for spec in args.cluster or ["openai=127.0.0.1:8080", "anthropic=127.0.0.1:8080", "google=127.0.0.1:8080"]:
         name, _, address = spec.partition("=")
         parts = address.split(":")
         upstreams.append(Upstream(name, parts[0], int(parts[1]), tls=len(parts) > 2 and parts[2] == "tls"))
-    print(render(listen_port=args.listen_port, policyd_host=host, policyd_port=int(port), admin_port=args.admin_port,
-                 upstreams=tuple(upstreams), failure_mode_allow=args.fail_open, shape=args.shape), end="")
+    (host, port), *more = replicas
+    print(render(listen_port=args.listen_port, policyd_host=host, policyd_port=port, admin_port=args.admin_port,
+                 upstreams=tuple(upstreams), failure_mode_allow=args.fail_open, shape=args.shape,
+                 more_policyd=tuple(more)), end="")
     return 0
 
 
@@ -600,7 +605,8 @@ def parser() -> argparse.ArgumentParser:
     gateway = commands.add_parser("gateway-config", help="print an Envoy config that makes Envoy a policyd gateway")
     gateway.add_argument("--listen-port", type=int, default=10000)
     gateway.add_argument("--admin-port", type=int, default=9901)
-    gateway.add_argument("--policyd", default="127.0.0.1:50051", help="host:port of policyd")
+    gateway.add_argument("--policyd", default="127.0.0.1:50051",
+                         help="host:port of policyd; several replicas comma-separated (or a name that resolves to them)")
     gateway.add_argument("--cluster", action="append", help="NAME=HOST:PORT[:tls], repeatable")
     gateway.add_argument("--fail-open", action="store_true", help="serve unmetered while policyd is down")
     gateway.add_argument("--shape", choices=SHAPES, default=SHAPES[0],

@@ -56,8 +56,14 @@ DEFAULT_UPSTREAMS = (
 )
 
 
+def _discovery(host: str) -> str:
+    """STATIC for an IP address; STRICT_DNS for a name (every address it resolves to is an endpoint,
+    so a headless service spreads the streams over all its replicas)."""
+    return "STATIC" if host.replace(".", "").isdigit() or ":" in host else "STRICT_DNS"
+
+
 def _cluster(u: Upstream) -> str:
-    address = "STRICT_DNS" if not u.host.replace(".", "").isdigit() else "STATIC"
+    address = _discovery(u.host)
     tls = f"""
     transport_socket:
       name: envoy.transport_sockets.tls
@@ -180,9 +186,18 @@ def _observer_filter(shape: str) -> str:
 def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_host: str = "127.0.0.1",
            policyd_port: int = 50051, admin_port: int = 9901, upstreams: tuple[Upstream, ...] = DEFAULT_UPSTREAMS,
            failure_mode_allow: bool = False, body_bytes_max: int = REQUEST_BODY_BYTES_MAX,
-           shape: str = SHAPES[0]) -> str:
+           shape: str = SHAPES[0], more_policyd: tuple[tuple[str, int], ...] = ()) -> str:
+    """`more_policyd`: further (host, port) replicas beside policyd_host:policyd_port; Envoy spreads
+    each request's streams over all of them (a name that resolves to several addresses does too)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown gateway shape {shape!r}; one of {', '.join(SHAPES)}")
+    replicas = ((policyd_host, policyd_port), *more_policyd)
+    if len({_discovery(host) for host, _ in replicas}) > 1:
+        raise ValueError("policyd replicas are either all IP addresses or all names")
+    policyd_endpoints = "".join(f"""
+        - endpoint:
+            address:
+              socket_address: {{address: {host}, port_value: {port}}}""" for host, port in replicas)
     fail_open = "true" if failure_mode_allow else "false"
     clusters = "".join(_cluster(u) for u in upstreams)
     filters = (_ext_authz_filter(fail_open, body_bytes_max) if shape != "ext_proc" else "") + \
@@ -253,7 +268,7 @@ static_resources:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
   - name: policyd
-    type: STATIC
+    type: {_discovery(policyd_host)}
     connect_timeout: 1s
 {CIRCUIT_BREAKERS}    typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
@@ -263,8 +278,5 @@ static_resources:
     load_assignment:
       cluster_name: policyd
       endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{address: {policyd_host}, port_value: {policyd_port}}}
+      - lb_endpoints:{policyd_endpoints}
 {clusters}"""

@@ -23,6 +23,30 @@ def test_shipped_envoy_configs_are_the_rendered_defaults() -> None:
     assert "failure_mode_allow: false" in render() and "failure_mode_allow: true" in render(failure_mode_allow=True)
 
 
+def test_gateway_config_reaches_policyd_by_address_name_or_several_replicas(tmp_path) -> None:
+    """Every variant `policyd gateway-config --policyd` renders is a config Envoy accepts: an address
+    (STATIC), a name such as a service's (STRICT_DNS: all its addresses), several replicas."""
+    import subprocess
+    import sys
+
+    from tests.test_gateway import envoy_binary
+
+    variants = {"address": "127.0.0.1:50051", "name": "policyd.internal:50051",
+                "replicas": "10.0.0.5:50051,10.0.0.6:50051,[::1]:50051"}
+    for name, policyd in variants.items():
+        config = subprocess.run([sys.executable, "-m", "policyd.cli", "gateway-config", "--policyd", policyd,
+                                 "--shape", "ext_proc"], capture_output=True, text=True, check=True).stdout
+        cluster = config[config.index("  - name: policyd\n"):config.index("  - name: openai")]
+        assert ("type: STRICT_DNS" in cluster) == (name == "name")
+        assert cluster.count("- endpoint:") == len(policyd.split(","))
+        (tmp_path / f"{name}.yaml").write_text(config)
+        checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(tmp_path / f"{name}.yaml")],
+                                 capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    with pytest.raises(ValueError):
+        render(policyd_host="10.0.0.5", more_policyd=(("policyd.internal", 50051),))
+
+
 @pytest.mark.parametrize(
     ("method", "path", "headers", "endpoint", "key"),
     [

@@ -1,0 +1,114 @@
+"""End to end with two policyd replicas behind one Envoy (real redis-server and PostgreSQL, the
+openai SDK as the client): Envoy spreads the gRPC streams of each request over both, so a request
+decided on one replica is read and settled on the other. Nothing about a request may live in one
+process between its filters; each is still charged exactly once."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import openai
+import pytest
+
+from policyd.gateway_config import SHAPES, Upstream, render
+from policyd.mock_provider import MockProvider
+from policyd.money import parse_amount
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc
+from tests.helpers import FundedCustomers
+from tests.processes import PolicydProcess
+from tests.servers import PostgresServer, RedisServer, free_port, wait_port
+from tests.test_gateway import FIXTURES, PROVIDER_KEYS, envoy_binary, expected_charge
+
+
+class Replicas(FundedCustomers):
+    def __init__(self, tmp: Path, shape: str, redis: RedisServer, database: str) -> None:
+        self.mock = MockProvider(api_keys=PROVIDER_KEYS).start()
+        providers = tmp / "providers.yaml"
+        providers.write_text("accounts:\n"
+                             f"  - {{name: openai-1, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[0]}}}\n")
+        env = {"POLICYD_PROVIDERS_FILE": str(providers)}
+        self.replicas = [PolicydProcess(redis.url, database, policy=str(FIXTURES / "gateway_policy.yaml"),
+                                        extra_env=env, cwd=str(tmp)) for _ in range(2)]
+        self.port, self.admin_port = free_port(), free_port()
+        (tmp / "envoy.yaml").write_text(render(
+            listen_port=self.port, policyd_port=self.replicas[0].port, admin_port=self.admin_port,
+            upstreams=(Upstream("openai", "127.0.0.1", self.mock.port),), shape=shape,
+            more_policyd=(("127.0.0.1", self.replicas[1].port),)))
+        self.envoy = subprocess.Popen([envoy_binary(), "-c", str(tmp / "envoy.yaml"), "--log-level", "warn",
+                                       "--base-id", str(self.port)],
+                                      stdout=(tmp / "envoy.log").open("wb"), stderr=subprocess.STDOUT)
+        wait_port(self.port, timeout=60)
+        self.channel = grpc.insecure_channel(self.replicas[0].address)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+
+    def streams_per_replica(self) -> list[int]:
+        """Envoy's count of gRPC streams it sent to each replica."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/clusters") as response:
+            text = response.read().decode()
+        return [int(re.search(rf"^policyd::127\.0\.0\.1:{r.port}::rq_total::(\d+)$", text, re.M).group(1))
+                for r in self.replicas]
+
+    def close(self) -> None:
+        self.channel.close()
+        self.envoy.terminate()
+        self.envoy.wait(timeout=10)
+        for replica in self.replicas:
+            replica.stop()
+        self.mock.stop()
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[tuple[RedisServer, PostgresServer]]:
+    redis, postgres = RedisServer(), PostgresServer()
+    yield redis, postgres
+    redis.close()
+    postgres.close()
+
+
+@pytest.fixture(params=SHAPES)
+def replicas(request: pytest.FixtureRequest, shared: tuple[RedisServer, PostgresServer]) -> Iterator[Replicas]:
+    import redis as redis_client
+
+    redis, postgres = shared
+    shape = request.param
+    redis_client.Redis.from_url(redis.url).flushall()  # each shape on its own counters and database
+    database = postgres.create_database("replicas_" + shape.replace("+", "_"))
+    r = Replicas(Path(tempfile.mkdtemp(prefix="policyd-replicas-")), shape, redis, database)
+    yield r
+    r.close()
+
+
+def test_a_request_decided_on_one_replica_is_settled_exactly_on_another(replicas: Replicas) -> None:
+    key = replicas.customer("replicated")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{replicas.port}/v1", api_key=key, max_retries=0, timeout=20)
+    charges: dict[str, int] = {}
+    for i in range(6):
+        with client.chat.completions.with_streaming_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"stream {i}"}], stream=True) as response:
+            request_id = response.headers["x-policyd-request-id"]
+            usage = [c.usage for c in response.parse() if c.usage][0]
+        charges[request_id] = expected_charge("gpt-4o-mini", usage.prompt_tokens, usage.completion_tokens)
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": f"reply {i}"}], max_tokens=8)
+        usage = raw.parse().usage
+        charges[raw.headers["x-policyd-request-id"]] = expected_charge("gpt-4o-mini", usage.prompt_tokens,
+                                                                       usage.completion_tokens)
+    assert min(replicas.streams_per_replica()) >= 6  # both replicas had a share of every kind of stream
+    deadline = time.monotonic() + 20
+    while (wallet := replicas.wallet("replicated")).reserved_nanos and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert wallet.reserved_nanos == 0
+    assert wallet.balance_nanos == parse_amount("10") - sum(charges.values())
+    report = replicas.admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="replicated", limit=100))
+    settled = {r.request_id: r.charge.nanos for r in report.records if r.status == "settled"}
+    assert settled == charges  # each exactly once, at the provider's usage
+    assert replicas.admin.Audit(admin_pb2.AuditRequest()).ok
+    assert json.dumps(replicas.mock.received()).count(key) == 0
