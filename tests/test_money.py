@@ -513,3 +513,31 @@ async def _one_round_trip(service: Service) -> None:
     with Sent() as sent:
         assert (await service.engine.settle(usage("rt-3"))).outcome == "settled"
     assert sent == ["GET", "HGETALL", "EVALSHA"], sent
+
+
+async def test_an_audit_under_traffic_reports_only_differences_that_stay(service: Service,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from policyd import redis_keys
+    from policyd.admin import AUDIT_ROUNDS
+
+    _, secret = await new_key(service)
+    await fund(service, "acme", "3")
+    await service.engine.authorize(ask(secret, request_id="traffic-1"))
+    await service.engine.settle(usage("traffic-1"))
+    ledger = service.store.ledger_balances
+    reads: list[int] = []
+
+    def ledger_read_before_an_event_landed() -> dict[str, int]:  # the first read misses a settle in flight
+        reads.append(1)
+        balances = ledger()
+        return {**balances, "acme": balances["acme"] + 7} if len(reads) == 1 else balances
+
+    monkeypatch.setattr(service.store, "ledger_balances", ledger_read_before_an_event_landed)
+    audit = await service.admin.audit()
+    assert audit.ok and len(reads) == 2  # the difference was gone at the next comparison
+    balance, _ = await service.counters.wallet("acme")
+    key = redis_keys.wallet(service.counters.partition_of("acme"), "acme")
+    await service.counters.client.hincrby(key, "balance", 5)  # a counter that is truly off stays off
+    audit = await service.admin.audit()
+    assert not audit.ok and audit.mismatches == [("wallet:acme:balance", balance + 5, balance)]
+    assert len(reads) == 2 + AUDIT_ROUNDS
