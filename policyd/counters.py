@@ -82,6 +82,15 @@ def connect(url: str, connections_max: int = REDIS_CONNECTIONS_MAX) -> aioredis.
     return aioredis.Redis(connection_pool=pool)
 
 
+def unreachable(error: BaseException) -> bool:
+    """Whether an error says Redis could not be reached (worth retrying), not that a call was wrong.
+    redis-py raises its own ConnectionError and TimeoutError classes, not the builtins."""
+    if isinstance(error, (ConnectionError, OSError, TimeoutError, Fenced)):
+        return True
+    return type(error).__module__.startswith("redis") and type(error).__name__ in ("ConnectionError", "TimeoutError",
+                                                                                    "BusyLoadingError")
+
+
 class Fenced(Exception):
     """The partition is being rebuilt from SQL; nothing may change its counters until it is done."""
 

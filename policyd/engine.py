@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
 from policyd import metrics, reasons, redis_keys
-from policyd.counters import BucketHold, Counters, Fenced, Reservation
+from policyd.counters import BucketHold, Counters, Fenced, Reservation, unreachable
 from policyd.directory import KeyDirectory
 from policyd.loops import every
 from policyd.domain import (
@@ -50,6 +50,8 @@ from policyd.validation import Problem, check_authorize, check_usage
 log = logging.getLogger("policyd.engine")
 
 RESULT_RETENTION_SECONDS = 7 * 86400  # settled/released reservations answer retries this long
+CLOSE_RETRY_SECONDS = 600  # a background settle or release is tried again this long while Redis is unreachable
+CLOSE_RETRY_DELAY_MAX_SECONDS = 5.0
 SWEEP_BATCH = 200
 
 
@@ -98,19 +100,63 @@ class Engine:
         self.failure_mode = failure_mode
         self.clock = clock
         self._closings: set[asyncio.Task[None]] = set()
+        self._retrying: set[asyncio.Task[None]] = set()  # closings between two attempts (Redis unreachable)
+        self._stopping = False
 
     # ------------------------------------------------------------------ closings in the background
-    def close_in_background(self, closing: Awaitable[None]) -> None:
+    def close_in_background(self, closing: Callable[[], Awaitable[None]], request_id: str) -> None:
         """Run a settle or release that nobody waits for (a proxy that answered its client first, a stream
-        that was cut) in a task of its own, so no cancellation interrupts it; tracked until done."""
-        task = asyncio.ensure_future(closing)
+        that was cut) in a task of its own, so no cancellation interrupts it; tracked until done.
+
+        `closing` makes the call. While the counters cannot be reached it is made again (backing off to
+        CLOSE_RETRY_DELAY_MAX_SECONDS, for CLOSE_RETRY_SECONDS or until the service stops): a
+        response already delivered is still charged when Redis comes back (settles are idempotent;
+        one after the reservation's deadline is recorded settled_late)."""
+        task = asyncio.ensure_future(self._close_retrying(closing, request_id))
         self._closings.add(task)
         task.add_done_callback(self._closings.discard)
+        task.add_done_callback(self._retrying.discard)
 
-    async def finish_closings(self) -> None:
-        """Wait for the background closings (before an audit, at shutdown)."""
-        while self._closings:
-            await asyncio.gather(*list(self._closings), return_exceptions=True)
+    async def _close_retrying(self, closing: Callable[[], Awaitable[None]], request_id: str) -> None:
+        deadline = time.monotonic() + CLOSE_RETRY_SECONDS
+        delay = 0.1
+        while True:
+            try:
+                await closing()
+                return
+            except PolicydError as error:
+                if error.status != "UNAVAILABLE":
+                    log.warning("closing %s: %s", request_id, error)
+                    return
+                failure: BaseException = error
+            except Exception as error:
+                if not unreachable(error):
+                    log.exception("closing %s failed; the reservation will expire", request_id)
+                    return
+                failure = error
+            if self._stopping or time.monotonic() + delay > deadline:
+                log.error("closing %s gave up with the counters unreachable (%s); the reservation will expire",
+                          request_id, type(failure).__name__)
+                return
+            metrics.close_retries.inc()
+            task = asyncio.current_task()
+            self._closings.discard(task)  # an audit or a report does not wait out an outage
+            self._retrying.add(task)
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self._retrying.discard(task)
+                self._closings.add(task)
+            delay = min(delay * 2, CLOSE_RETRY_DELAY_MAX_SECONDS)
+
+    async def finish_closings(self, stopping: bool = False) -> None:
+        """Wait for the background closings being made (before an audit or a report); ones waiting to be
+        made again while Redis is unreachable are not waited for, except at shutdown (`stopping`), where
+        each makes one last attempt."""
+        self._stopping = self._stopping or stopping
+        while self._closings or (stopping and self._retrying):
+            waiting = self._closings | self._retrying if stopping else self._closings
+            await asyncio.wait(waiting, timeout=0.05)
 
     # ------------------------------------------------------------------ authorize
     async def authorize(self, request: AuthorizeInput, unavailable_providers: frozenset[str] = frozenset()) -> Decision:
@@ -362,11 +408,8 @@ class Engine:
                 self.counters.remember(Reservation(request_id, partition, "reserved", result.reserved,
                                                    at + self.reservation_ttl_ms, fields))
             return result
-        except (ConnectionError, OSError, TimeoutError, Fenced) as error:
-            log.error("counters unavailable during authorize of %s: %s", request_id, type(error).__name__)
-            return None
-        except Exception as error:  # redis-py raises its own ConnectionError/TimeoutError classes
-            if type(error).__module__.startswith("redis"):
+        except Exception as error:
+            if unreachable(error):
                 log.error("counters unavailable during authorize of %s: %s", request_id, type(error).__name__)
                 return None
             raise

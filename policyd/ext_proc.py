@@ -29,7 +29,6 @@ Two gateway shapes (`policyd gateway-config --shape`):
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -41,14 +40,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 
 from policyd import http_api
-from policyd.domain import Decision, PolicydError, UsageReport
+from policyd.domain import Decision, UsageReport
 from policyd.engine import Engine
 from policyd.exchange import EXT_PROC_NAMESPACE, REQUEST_ID_HEADER, Exchange
 from policyd.providers import ProviderPool
 from policyd.upstream import local_reply_headers, upstream_request
 from policyd.usage_capture import closing
 
-log = logging.getLogger("policyd.ext_proc")
 COOLDOWN_STATUSES = {429, 500, 502, 503, 504}
 ATTRIBUTES_NAMESPACE = "envoy.filters.http.ext_proc"
 NONE = processing_mode_pb2.ProcessingMode.NONE
@@ -299,15 +297,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if exchange.closed:
             return
         exchange.closed = True
-        self.engine.close_in_background(self._finish(exchange, cut))
-
-    async def _finish(self, exchange: Exchange, cut: bool) -> None:
-        try:
-            await self._settle_or_release(exchange, cut)
-        except PolicydError as error:
-            log.warning("closing %s: %s", exchange.request_id, error)
-        except Exception:
-            log.exception("closing %s failed; the reservation will expire", exchange.request_id)
+        self.engine.close_in_background(lambda: self._settle_or_release(exchange, cut), exchange.request_id)
 
     async def _settle_or_release(self, exchange: Exchange, cut: bool) -> None:
         status = exchange.status

@@ -21,6 +21,8 @@ rejections = Counter("policyd_rejections_total", "Settle/Release calls refused",
 events_written = Counter("policyd_writer_events_total", "Events the writer moved to SQL", registry=REGISTRY)
 writer_errors = Counter("policyd_writer_errors_total", "Writer batches that failed (retried)", registry=REGISTRY)
 counter_errors = Counter("policyd_counter_errors_total", "Calls that could not reach Redis", registry=REGISTRY)
+close_retries = Counter("policyd_close_retries_total",
+                        "Settles and releases made again because Redis could not be reached", registry=REGISTRY)
 
 KNOWN_RELEASE_REASONS = {"deadline", "client_disconnected", "provider_error", "no_response"}
 

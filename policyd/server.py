@@ -98,7 +98,7 @@ class Service:
 
     async def close(self) -> None:
         self.stop.set()
-        await self.engine.finish_closings()  # settles in flight, before the last drain
+        await self.engine.finish_closings(stopping=True)  # settles in flight, before the last drain
         for task in self.tasks:
             try:
                 await asyncio.wait_for(task, timeout=5)

@@ -28,8 +28,8 @@ class RecordingEngine:
         self.closed: list[tuple[str, ...]] = []
         self.tasks: set[asyncio.Task] = set()
 
-    def close_in_background(self, closing: Any) -> None:
-        self.tasks.add(asyncio.ensure_future(closing))
+    def close_in_background(self, closing: Any, request_id: str) -> None:
+        self.tasks.add(asyncio.ensure_future(closing()))
 
     async def finish(self) -> None:
         await asyncio.gather(*self.tasks)

@@ -82,10 +82,10 @@ async def test_settles_left_to_the_background_finish_before_an_audit_and_a_shutd
         await asyncio.sleep(0.3)
         await service.engine.settle(usage(request_id))
 
-    service.engine.close_in_background(settle_later("bg-audit"))
+    service.engine.close_in_background(lambda: settle_later("bg-audit"), "bg-audit")
     assert (await service.admin.audit()).ok
     assert service.store.usage_record("bg-audit").status == "settled"  # the audit waited for it
-    service.engine.close_in_background(settle_later("bg-close"))
+    service.engine.close_in_background(lambda: settle_later("bg-close"), "bg-close")
     await service.close()  # and so does a shutdown, before its last drain
     assert service.store.usage_record("bg-close").status == "settled"
 

@@ -47,3 +47,43 @@ async def test_redis_down_fails_in_the_configured_mode(tmp_path: Path, mode: str
     finally:
         await service.close()
         redis.close()
+
+
+async def test_a_settle_made_while_redis_is_down_lands_when_it_is_back(tmp_path: Path) -> None:
+    """A response was delivered, then Redis went away: its settle (made in the background, as ext_proc
+    makes it) is made again until Redis is back, so the customer is still charged, exactly."""
+    import asyncio
+    import time
+
+    from tests.helpers import usage
+
+    redis = RedisServer(appendonly=True)
+    service = await Service.build(make_settings({"redis_url": redis.url,
+                                                 "database_url": f"sqlite:///{tmp_path / 'p.db'}"}))
+    try:
+        await service.start()
+        await service.admin.apply_policy(SAMPLE_POLICY, "p.yaml")
+        _, secret = await new_key(service)
+        await fund(service, "acme", "1")
+        assert (await service.engine.authorize(ask(secret, request_id="delivered"))).decision == "allow"
+        await service.writer.drain()
+        redis.stop()
+        service.engine.close_in_background(lambda: service.engine.settle(usage("delivered")), "delivered")
+        await asyncio.sleep(1.0)  # several attempts, each refused
+        started = time.monotonic()
+        await service.engine.finish_closings()  # an audit or a report does not wait out the outage
+        assert time.monotonic() - started < 1.0
+        assert service.store.usage_record("delivered").status == "reserved"
+        redis.start()
+        deadline = time.monotonic() + 20
+        while service.store.usage_record("delivered").status == "reserved" and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            await service.writer.drain()
+        row = service.store.usage_record("delivered")
+        assert row.status == "settled" and row.charge_nanos > 0
+        balance, reserved = await service.counters.wallet("acme")
+        assert (balance, reserved) == (1_000_000_000 - row.charge_nanos, 0)
+        assert (await service.admin.audit()).ok
+    finally:
+        await service.close()
+        redis.close()
