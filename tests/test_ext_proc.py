@@ -106,94 +106,80 @@ def servicer() -> tuple[ExternalProcessorServicer, RecordingEngine, ProviderPool
     return ExternalProcessorServicer(engine, pool), engine, pool  # type: ignore[arg-type]
 
 
-def test_the_processing_filter_hands_the_response_to_the_observer() -> None:
-    async def scenario() -> None:
-        s, engine, _ = servicer()
-        replies = await run(s, processing(NONE, ep.ProcessingRequest(response_headers=headers("200"))))
-        await engine.finish()
-        assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers"]
-        assert engine.closed == []  # the observer closes it, not this stream's end
-        chunk = {"choices": [{"index": 0, "delta": {"content": "hello"}}]}
-        replies = await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")),
-                                        body(sse(chunk)[:20]), body(sse(chunk, {"choices": [], "usage": USAGE})[20:]),
-                                        body(b"", end=True)))
-        await engine.finish()
-        assert replies == []  # observability mode: nothing is answered
-        assert engine.closed == [("settle", "r-1", 11, 7, False)]
-    asyncio.run(scenario())
+async def test_the_processing_filter_hands_the_response_to_the_observer() -> None:
+    s, engine, _ = servicer()
+    replies = await run(s, processing(NONE, ep.ProcessingRequest(response_headers=headers("200"))))
+    await engine.finish()
+    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers"]
+    assert engine.closed == []  # the observer closes it, not this stream's end
+    chunk = {"choices": [{"index": 0, "delta": {"content": "hello"}}]}
+    replies = await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")),
+                                    body(sse(chunk)[:20]), body(sse(chunk, {"choices": [], "usage": USAGE})[20:]),
+                                    body(b"", end=True)))
+    await engine.finish()
+    assert replies == []  # observability mode: nothing is answered
+    assert engine.closed == [("settle", "r-1", 11, 7, False)]
 
 
-def test_the_observer_learns_the_request_from_the_deciding_ext_proc_namespace() -> None:
-    async def scenario() -> None:
-        s, engine, _ = servicer()
-        await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")),
-                              body(sse({"choices": [], "usage": USAGE}), end=True), namespace=EXT_PROC_NAMESPACE))
-        await engine.finish()
-        assert engine.closed == [("settle", "r-1", 11, 7, False)]
-        # a reply no allowed request led to (a local reply) carries no decision: nothing is closed
-        await run(s, [ep.ProcessingRequest(response_headers=headers("403"), observability_mode=True)])
-        await engine.finish()
-        assert len(engine.closed) == 1
-    asyncio.run(scenario())
+async def test_the_observer_learns_the_request_from_the_deciding_ext_proc_namespace() -> None:
+    s, engine, _ = servicer()
+    await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")),
+                          body(sse({"choices": [], "usage": USAGE}), end=True), namespace=EXT_PROC_NAMESPACE))
+    await engine.finish()
+    assert engine.closed == [("settle", "r-1", 11, 7, False)]
+    # a reply no allowed request led to (a local reply) carries no decision: nothing is closed
+    await run(s, [ep.ProcessingRequest(response_headers=headers("403"), observability_mode=True)])
+    await engine.finish()
+    assert len(engine.closed) == 1
 
 
-def test_a_response_cut_before_its_end_is_estimated_when_envoy_closes_the_observer() -> None:
-    async def scenario() -> None:
-        s, engine, _ = servicer()
-        chunk = {"choices": [{"index": 0, "delta": {"content": "12345678"}}]}
-        await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")), body(sse(chunk, chunk)[:-14])))
-        await engine.finish()
-        assert engine.closed == [("estimate", "r-1", 4, True, "usage_estimated:stream_cut")]  # 16 bytes delivered
-    asyncio.run(scenario())
+async def test_a_response_cut_before_its_end_is_estimated_when_envoy_closes_the_observer() -> None:
+    s, engine, _ = servicer()
+    chunk = {"choices": [{"index": 0, "delta": {"content": "12345678"}}]}
+    await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")), body(sse(chunk, chunk)[:-14])))
+    await engine.finish()
+    assert engine.closed == [("estimate", "r-1", 4, True, "usage_estimated:stream_cut")]  # 16 bytes delivered
 
 
-def test_an_upstream_error_is_released_and_cools_the_account_down_before_the_client_sees_it() -> None:
-    async def scenario() -> None:
-        s, engine, pool = servicer()
-        await run(s, processing(NONE, ep.ProcessingRequest(response_headers=headers("429", retry_after="7"))))
-        assert pool.cooling_providers() == {"openai"}  # at the processing filter, synchronously
-        await run(s, observed(ep.ProcessingRequest(response_headers=headers("429")), body(b'{"error": {}}', end=True)))
-        await engine.finish()
-        assert engine.closed == [("release", "r-1", "upstream_429")]
-    asyncio.run(scenario())
+async def test_an_upstream_error_is_released_and_cools_the_account_down_before_the_client_sees_it() -> None:
+    s, engine, pool = servicer()
+    await run(s, processing(NONE, ep.ProcessingRequest(response_headers=headers("429", retry_after="7"))))
+    assert pool.cooling_providers() == {"openai"}  # at the processing filter, synchronously
+    await run(s, observed(ep.ProcessingRequest(response_headers=headers("429")), body(b'{"error": {}}', end=True)))
+    await engine.finish()
+    assert engine.closed == [("release", "r-1", "upstream_429")]
 
 
-def test_a_request_cut_before_its_response_began_is_released_by_the_processing_filter() -> None:
-    async def scenario() -> None:
-        s, engine, _ = servicer()
-        await run(s, processing(NONE))
-        await engine.finish()
-        assert engine.closed == [("release", "r-1", "no_response")]
-    asyncio.run(scenario())
+async def test_a_request_cut_before_its_response_began_is_released_by_the_processing_filter() -> None:
+    s, engine, _ = servicer()
+    await run(s, processing(NONE))
+    await engine.finish()
+    assert engine.closed == [("release", "r-1", "no_response")]
 
 
-def test_a_reply_that_is_not_a_stream_is_read_by_the_processing_filter_which_asks_for_its_body() -> None:
-    async def scenario() -> None:
-        s, engine, _ = servicer()
-        reply = {"choices": [{"index": 0, "message": {"content": "hi"}}], "usage": USAGE}
-        replies = await run(s, processing(
-            NONE, ep.ProcessingRequest(response_headers=headers("200")),
-            ep.ProcessingRequest(response_body=ep.HttpBody(body=json.dumps(reply).encode(), end_of_stream=True)),
-            stream=False))
-        await engine.finish()
-        asked = replies[2].mode_override
-        assert (replies[2].WhichOneof("response"), asked.response_body_mode) == ("response_headers", STREAMED)
-        assert [r.WhichOneof("response") for r in replies][3:] == ["response_body"]
-        assert engine.closed == [("settle", "r-1", 11, 7, False)]
-        # a stream's headers ask for nothing: the observer filter reads it
-        replies = await run(s, processing(NONE, ep.ProcessingRequest(response_headers=headers("200"))))
-        assert not replies[2].HasField("mode_override")
-    asyncio.run(scenario())
+async def test_a_reply_that_is_not_a_stream_is_read_by_the_processing_filter_which_asks_for_its_body() -> None:
+    s, engine, _ = servicer()
+    reply = {"choices": [{"index": 0, "message": {"content": "hi"}}], "usage": USAGE}
+    replies = await run(s, processing(
+        NONE, ep.ProcessingRequest(response_headers=headers("200")),
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=json.dumps(reply).encode(), end_of_stream=True)),
+        stream=False))
+    await engine.finish()
+    asked = replies[2].mode_override
+    assert (replies[2].WhichOneof("response"), asked.response_body_mode) == ("response_headers", STREAMED)
+    assert [r.WhichOneof("response") for r in replies][3:] == ["response_body"]
+    assert engine.closed == [("settle", "r-1", 11, 7, False)]
+    # a stream's headers ask for nothing: the observer filter reads it
+    replies = await run(s, processing(NONE, ep.ProcessingRequest(response_headers=headers("200"))))
+    assert not replies[2].HasField("mode_override")
 
 
-def test_a_processing_filter_sent_response_bodies_reads_and_settles_them_itself() -> None:
-    async def scenario() -> None:  # a gateway config rendered before the observer filter existed
-        s, engine, _ = servicer()
-        replies = await run(s, processing(
-            STREAMED, ep.ProcessingRequest(response_headers=headers("200")),
-            ep.ProcessingRequest(response_body=ep.HttpBody(body=sse({"choices": [], "usage": USAGE}))),
-            ep.ProcessingRequest(response_body=ep.HttpBody(body=b"", end_of_stream=True))))
-        await engine.finish()
-        assert [r.WhichOneof("response") for r in replies][-2:] == ["response_body", "response_body"]
-        assert engine.closed == [("settle", "r-1", 11, 7, False)]
-    asyncio.run(scenario())
+async def test_a_processing_filter_sent_response_bodies_reads_and_settles_them_itself() -> None:  # a gateway config rendered before the observer filter existed
+    s, engine, _ = servicer()
+    replies = await run(s, processing(
+        STREAMED, ep.ProcessingRequest(response_headers=headers("200")),
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=sse({"choices": [], "usage": USAGE}))),
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=b"", end_of_stream=True))))
+    await engine.finish()
+    assert [r.WhichOneof("response") for r in replies][-2:] == ["response_body", "response_body"]
+    assert engine.closed == [("settle", "r-1", 11, 7, False)]

@@ -3,7 +3,9 @@ the service recovers when Redis is back."""
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
 
@@ -13,20 +15,32 @@ from tests.helpers import ask, fund, new_key
 from tests.servers import RedisServer
 
 
-@pytest.mark.parametrize("mode", ["closed", "open"])
-async def test_redis_down_fails_in_the_configured_mode(tmp_path: Path, mode: str) -> None:
+@asynccontextmanager
+async def reserved_then_redis_down(tmp_path: Path, request_id: str,
+                                   failure_mode: str = "closed") -> AsyncIterator[tuple[Service, RedisServer, str]]:
+    """A service on a Redis with AOF, acme funded with 1, `request_id` reserved and in SQL, then
+    Redis stopped: (service, redis, acme's key)."""
     redis = RedisServer(appendonly=True)
     service = await Service.build(make_settings({"redis_url": redis.url,
                                                  "database_url": f"sqlite:///{tmp_path / 'p.db'}"},
-                                                failure_mode=mode))
+                                                failure_mode=failure_mode))
     try:
         await service.start()
         await service.admin.apply_policy(SAMPLE_POLICY, "p.yaml")
         _, secret = await new_key(service)
         await fund(service, "acme", "1")
-        assert (await service.engine.authorize(ask(secret, request_id="before"))).decision == "allow"
+        assert (await service.engine.authorize(ask(secret, request_id=request_id))).decision == "allow"
         await service.writer.drain()
         redis.stop()
+        yield service, redis, secret
+    finally:
+        await service.close()
+        redis.close()
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+async def test_redis_down_fails_in_the_configured_mode(tmp_path: Path, mode: str) -> None:
+    async with reserved_then_redis_down(tmp_path, "before", mode) as (service, redis, secret):
         during = await service.engine.authorize(ask(secret, request_id="during"))
         if mode == "closed":
             assert (during.decision, during.reason, during.http_status) == ("deny", "counters_unavailable", 503)
@@ -44,9 +58,6 @@ async def test_redis_down_fails_in_the_configured_mode(tmp_path: Path, mode: str
         balance, reserved = await service.counters.wallet("acme")
         assert balance == 1_000_000_000 and reserved == 2 * after.reserved  # "before" and "after" held
         assert (await service.admin.audit()).ok
-    finally:
-        await service.close()
-        redis.close()
 
 
 async def test_a_settle_made_while_redis_is_down_lands_when_it_is_back(tmp_path: Path) -> None:
@@ -57,17 +68,7 @@ async def test_a_settle_made_while_redis_is_down_lands_when_it_is_back(tmp_path:
 
     from tests.helpers import usage
 
-    redis = RedisServer(appendonly=True)
-    service = await Service.build(make_settings({"redis_url": redis.url,
-                                                 "database_url": f"sqlite:///{tmp_path / 'p.db'}"}))
-    try:
-        await service.start()
-        await service.admin.apply_policy(SAMPLE_POLICY, "p.yaml")
-        _, secret = await new_key(service)
-        await fund(service, "acme", "1")
-        assert (await service.engine.authorize(ask(secret, request_id="delivered"))).decision == "allow"
-        await service.writer.drain()
-        redis.stop()
+    async with reserved_then_redis_down(tmp_path, "delivered") as (service, redis, _):
         service.engine.close_in_background(lambda: service.engine.settle(usage("delivered")), "delivered")
         await asyncio.sleep(1.0)  # several attempts, each refused
         started = time.monotonic()
@@ -84,6 +85,3 @@ async def test_a_settle_made_while_redis_is_down_lands_when_it_is_back(tmp_path:
         balance, reserved = await service.counters.wallet("acme")
         assert (balance, reserved) == (1_000_000_000 - row.charge_nanos, 0)
         assert (await service.admin.audit()).ok
-    finally:
-        await service.close()
-        redis.close()
