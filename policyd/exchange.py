@@ -2,7 +2,7 @@
 
 The filter that decides (ext_authz, or ext_proc when it is the only one) puts what the rest of the
 request needs into Envoy's dynamic metadata; the filters that read the response (ext_proc, and the
-observer that reads response bodies) take it from there. Nothing about a request is kept in one
+observer that reads streams) take it from there. Nothing about a request is kept in one
 policyd process between those filters, so each gRPC stream may reach any replica.
 """
 

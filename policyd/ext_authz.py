@@ -27,7 +27,6 @@ from policyd.upstream import local_reply_headers, upstream_request
 log = logging.getLogger("policyd.ext_authz")
 
 
-
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=key, value=value),
