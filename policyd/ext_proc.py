@@ -7,7 +7,7 @@ Two ext_proc filters call this service, each with a gRPC stream per HTTP request
 - the observer filter (Envoy's observability mode: Envoy sends, nothing is answered, nothing
   waits), for streamed requests only (the deciding filter's observer header): the response
   headers and each event as it passes. A stream is one message per provider event; none of them
-  waits for policyd, and each costs it about half what an answered one would (bench/RESULTS.md).
+  waits for policyd, and a stream costs it about a third less than answering each (bench/RESULTS.md).
 Whichever reads the response settles it at its end with the provider's usage; an upstream error
 releases the reservation; a response cut or a client gone settles what was delivered (estimated,
 marked), for the observer when Envoy closes its stream (deferred_close_timeout after the cut).
