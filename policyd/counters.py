@@ -83,12 +83,11 @@ def connect(url: str, connections_max: int = REDIS_CONNECTIONS_MAX) -> aioredis.
 
 
 def unreachable(error: BaseException) -> bool:
-    """Whether an error says Redis could not be reached (worth retrying), not that a call was wrong.
-    redis-py raises its own ConnectionError and TimeoutError classes, not the builtins."""
-    if isinstance(error, (ConnectionError, OSError, TimeoutError, Fenced)):
-        return True
-    return type(error).__module__.startswith("redis") and type(error).__name__ in ("ConnectionError", "TimeoutError",
-                                                                                    "BusyLoadingError")
+    """Whether an error says the counters could not be used just now (worth retrying): the network,
+    a rebuild's fence, or anything redis-py raises (its own ConnectionError and TimeoutError classes,
+    a cluster's failover, a replica that is read-only, a server still loading)."""
+    return isinstance(error, (ConnectionError, OSError, TimeoutError, Fenced)) or \
+        type(error).__module__.startswith("redis")
 
 
 class Fenced(Exception):

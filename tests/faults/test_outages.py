@@ -36,7 +36,7 @@ class Load(threading.Thread):
         self.secret = secret
         self.pace = pace_seconds
         self.phase = "before"
-        self.results: list[tuple[str, str, str, float]] = []  # request id, phase, outcome, seconds
+        self.results: list[tuple[str, str, str, float]] = []  # request id, phase (or "a->b"), outcome, seconds
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -57,6 +57,8 @@ class Load(threading.Thread):
                     outcome = "settled" if s.outcome == policy_pb2.SETTLED else f"settle:{s.outcome}"
             except grpc.RpcError as error:
                 outcome = f"error:{error.code().name}"
+            if self.phase != phase:  # began in one phase and ended in the next: neither's alone
+                phase = f"{phase}->{self.phase}"
             self.results.append((rid, phase, outcome, time.monotonic() - started))
             i += 1
             time.sleep(self.pace)
