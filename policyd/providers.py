@@ -69,12 +69,15 @@ class Account:
 
 
 class ProviderPool:
-    def __init__(self, accounts: list[Account] | None = None, clock=time.monotonic) -> None:
+    def __init__(self, accounts: list[Account] | None = None, clock=time.monotonic,
+                 wall_ms=lambda: time.time_ns() // 1_000_000) -> None:
         self.clock = clock
+        self.wall_ms = wall_ms
         self.accounts: dict[str, list[Account]] = {}
         for account in accounts or []:
             self.accounts.setdefault(account.provider, []).append(account)
         self._turns = {provider: itertools.count() for provider in self.accounts}
+        self._announced: dict[str, int] = {}  # cool-downs begun here, not yet shared: account -> until (unix ms)
 
     @classmethod
     def load(cls, path: str) -> "ProviderPool":
@@ -113,10 +116,27 @@ class ProviderPool:
         return frozenset(p for p, accounts in self.accounts.items() if all(a.cooling_until_seconds > now for a in accounts))
 
     def cool_down(self, name: str, seconds: int = COOLDOWN_SECONDS_DEFAULT) -> None:
+        seconds = min(max(seconds, 1), COOLDOWN_SECONDS_MAX)
         for accounts in self.accounts.values():
             for account in accounts:
                 if account.name == name:
-                    account.cooling_until_seconds = self.clock() + min(max(seconds, 1), COOLDOWN_SECONDS_MAX)
+                    account.cooling_until_seconds = self.clock() + seconds
+                    self._announced[name] = self.wall_ms() + seconds * 1000
+
+    def take_announced(self) -> dict[str, int]:
+        """Cool-downs begun in this process since the last call (account -> until, unix ms), to share."""
+        announced, self._announced = self._announced, {}
+        return announced
+
+    def adopt(self, shared: dict[str, int]) -> None:
+        """Cool-downs any replica began (account -> until, unix ms): an account another replica saw
+        answer 429 or 5xx cools down here too."""
+        now_ms, now = self.wall_ms(), self.clock()
+        for accounts in self.accounts.values():
+            for account in accounts:
+                until = shared.get(account.name, 0)
+                if until > now_ms:
+                    account.cooling_until_seconds = max(account.cooling_until_seconds, now + (until - now_ms) / 1000)
 
     def accounts_by_provider_key(self) -> dict[str, str]:
         """The provider's key id -> the account name policyd records."""

@@ -96,3 +96,4 @@ def request_index(request_id: str) -> str:
 
 
 POLICY_VERSION = f"{PREFIX}:policy"
+COOLDOWNS = f"{PREFIX}:cooldowns"  # provider account -> cooling until (unix ms), shared by every replica

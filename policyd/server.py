@@ -25,6 +25,7 @@ from policyd.directory import KeyDirectory
 from policyd.engine import Engine
 from policyd.ext_authz import AuthorizationServicer
 from policyd.ext_proc import ExternalProcessorServicer
+from policyd.loops import every
 from policyd.providers import ProviderPool
 from policyd.policy_book import PolicyBook
 from policyd.servicers import AdminServicer, PolicyServicer
@@ -34,6 +35,8 @@ from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_
 from policyd.writer import Writer
 
 log = logging.getLogger("policyd")
+
+COOLDOWN_SHARE_SECONDS = 1.0  # how often a replica publishes and takes up provider cool-downs
 
 
 @dataclass
@@ -79,8 +82,25 @@ class Service:
                      " (applied)" if result.changed else " (unchanged)")
         self.tasks.append(asyncio.create_task(self.engine.run_sweeper(self.stop, self.settings.sweeper_interval_ms)))
         self.tasks.append(asyncio.create_task(self.book.run(self.stop, self.settings.policy_refresh_ms)))
+        if self.pool.accounts:
+            self.tasks.append(asyncio.create_task(every(COOLDOWN_SHARE_SECONDS, self.stop, self.share_cooldowns,
+                                                        "sharing provider cool-downs")))
         if self.settings.writer_enabled:
             self._start_sql_loops()
+
+    async def share_cooldowns(self) -> None:
+        """Publish the provider cool-downs this replica began and take up everyone's: a 429 one replica
+        saw steers every replica off that account within COOLDOWN_SHARE_SECONDS."""
+        client = self.counters.client
+        announced = self.pool.take_announced()
+        if announced:
+            await client.hset(redis_keys.COOLDOWNS, mapping=announced)
+        shared = {(k.decode() if isinstance(k, bytes) else k): int(v)
+                  for k, v in (await client.hgetall(redis_keys.COOLDOWNS)).items()}
+        self.pool.adopt(shared)
+        ended = [name for name, until in shared.items() if until < self.pool.wall_ms()]
+        if ended:
+            await client.hdel(redis_keys.COOLDOWNS, *ended)
 
     def _start_sql_loops(self) -> None:
         """The writer and the loops that read SQL (anomalies, rollups, webhooks) run where the writer runs:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import subprocess
 import tempfile
 import time
@@ -33,7 +34,8 @@ class Replicas(FundedCustomers):
         self.mock = MockProvider(api_keys=PROVIDER_KEYS).start()
         providers = tmp / "providers.yaml"
         providers.write_text("accounts:\n"
-                             f"  - {{name: openai-1, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[0]}}}\n")
+                             f"  - {{name: openai-1, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[0]}}}\n"
+                             f"  - {{name: openai-2, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[1]}}}\n")
         env = {"POLICYD_PROVIDERS_FILE": str(providers)}
         self.replicas = [PolicydProcess(redis.url, database, policy=str(FIXTURES / "gateway_policy.yaml"),
                                         extra_env=env, cwd=str(tmp)) for _ in range(2)]
@@ -80,7 +82,7 @@ def replicas(request: pytest.FixtureRequest, shared: tuple[RedisServer, Postgres
     redis, postgres = shared
     shape = request.param
     redis_client.Redis.from_url(redis.url).flushall()  # each shape on its own counters and database
-    database = postgres.create_database("replicas_" + shape.replace("+", "_"))
+    database = postgres.create_database("replicas_" + secrets.token_hex(6))
     r = Replicas(Path(tempfile.mkdtemp(prefix="policyd-replicas-")), shape, redis, database)
     yield r
     r.close()
@@ -112,3 +114,55 @@ def test_a_request_decided_on_one_replica_is_settled_exactly_on_another(replicas
     assert settled == charges  # each exactly once, at the provider's usage
     assert replicas.admin.Audit(admin_pb2.AuditRequest()).ok
     assert json.dumps(replicas.mock.received()).count(key) == 0
+
+
+def test_an_account_that_answered_429_through_one_replica_is_skipped_by_all(replicas: Replicas) -> None:
+    key = replicas.customer("cooled")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{replicas.port}/v1", api_key=key, max_retries=0, timeout=20)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "busy"}],
+                                       extra_headers={"x-mock-scenario": "rate_limited"})
+    cooled = [r["authorization"] for r in replicas.mock.received() if r["scenario"] == "rate_limited"][-1]
+    time.sleep(2)  # the replica that saw it has shared it
+    for i in range(8):  # decided on both replicas in turn
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"next {i}"}],
+                                       max_tokens=5)
+    sent = [r["authorization"] for r in replicas.mock.received()
+            if str(r["body"].get("messages", [{}])[0].get("content", "")).startswith("next ")]
+    assert len(sent) == 8 and cooled not in sent
+
+
+async def test_a_cool_down_one_replica_began_steers_every_replica(shared: tuple[RedisServer, PostgresServer]) -> None:
+    """An account that answered 429 through one replica is skipped by the others too (within
+    COOLDOWN_SHARE_SECONDS): the cool-down travels through Redis, not only the replica's memory."""
+    import redis as redis_client
+
+    from policyd import redis_keys
+    from policyd.providers import Account, ProviderPool
+    from policyd.server import Service
+    from tests.conftest import make_settings
+
+    redis, postgres = shared
+    redis_client.Redis.from_url(redis.url).flushall()
+    settings = make_settings({"redis_url": redis.url, "database_url": postgres.create_database("cooldowns")})
+    first, second = [await Service.build(settings) for _ in range(2)]
+    try:
+        for replica in (first, second):
+            replica.pool = ProviderPool([Account("openai-1", "openai", "openai", "bearer", "sk-1"),
+                                         Account("openai-2", "openai", "openai", "bearer", "sk-2")])
+        first.pool.cool_down("openai-1", 30)
+        assert {second.pool.pick("openai").name for _ in range(4)} == {"openai-1", "openai-2"}  # not yet told
+        await first.share_cooldowns()
+        await second.share_cooldowns()
+        assert {second.pool.pick("openai").name for _ in range(4)} == {"openai-2"}
+        first.pool.cool_down("openai-2", 30)
+        await first.share_cooldowns()
+        await second.share_cooldowns()
+        assert second.pool.cooling_providers() == {"openai"}  # the plan's fallbacks take over everywhere
+        client = redis_client.Redis.from_url(redis.url)
+        client.hset(redis_keys.COOLDOWNS, "openai-9", 1)  # a cool-down long over is dropped
+        await second.share_cooldowns()
+        assert set(client.hkeys(redis_keys.COOLDOWNS)) == {b"openai-1", b"openai-2"}
+    finally:
+        await first.close()
+        await second.close()
