@@ -123,6 +123,11 @@ class ProviderPool:
                     account.cooling_until_seconds = self.clock() + seconds
                     self._announced[name] = self.wall_ms() + seconds * 1000
 
+    def announce(self, cooldowns: dict[str, int]) -> None:
+        """Cool-downs (account -> until, unix ms) to share again: a publication that failed."""
+        for name, until in cooldowns.items():
+            self._announced[name] = max(until, self._announced.get(name, 0))
+
     def take_announced(self) -> dict[str, int]:
         """Cool-downs begun in this process since the last call (account -> until, unix ms), to share."""
         announced, self._announced = self._announced, {}

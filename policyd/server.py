@@ -94,13 +94,15 @@ class Service:
         client = self.counters.client
         announced = self.pool.take_announced()
         if announced:
-            await client.hset(redis_keys.COOLDOWNS, mapping=announced)
+            try:
+                await client.hset(redis_keys.COOLDOWNS, mapping=announced)
+            except Exception:
+                self.pool.announce(announced)  # shared on a later pass
+                raise
+        # one field an account, ended ones left in place (a field a replica is rewriting is never deleted)
         shared = {(k.decode() if isinstance(k, bytes) else k): int(v)
                   for k, v in (await client.hgetall(redis_keys.COOLDOWNS)).items()}
         self.pool.adopt(shared)
-        ended = [name for name, until in shared.items() if until < self.pool.wall_ms()]
-        if ended:
-            await client.hdel(redis_keys.COOLDOWNS, *ended)
 
     def _start_sql_loops(self) -> None:
         """The writer and the loops that read SQL (anomalies, rollups, webhooks) run where the writer runs:
