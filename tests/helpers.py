@@ -53,3 +53,12 @@ class FundedCustomers:
         from policyd_client.v1 import admin_pb2
 
         return self.admin.GetWallet(admin_pb2.GetWalletRequest(customer_id=customer))
+
+    def wallet_at_rest(self, customer: str, seconds: float = 10.0) -> Any:
+        """The wallet once nothing is reserved in it any more (its requests all closed)."""
+        import time
+
+        deadline = time.monotonic() + seconds
+        while (wallet := self.wallet(customer)).reserved_nanos and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return wallet

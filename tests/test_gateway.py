@@ -40,17 +40,27 @@ def envoy_binary() -> str:
     return found
 
 
+PROVIDERS = ("accounts:\n"
+             f"  - {{name: openai-1, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[0]}}}\n"
+             f"  - {{name: openai-2, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[1]}}}\n"
+             f"  - {{name: anthropic-1, provider: anthropic, cluster: anthropic, api_key: {PROVIDER_KEYS[2]}}}\n")
+
+
+def start_envoy(config: Path, port: int, log: Path) -> subprocess.Popen:
+    """The real Envoy on `config`, once it listens on `port`."""
+    envoy = subprocess.Popen([envoy_binary(), "-c", str(config), "--log-level", "warn", "--base-id", str(port)],
+                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    wait_port(port, timeout=60)
+    return envoy
+
+
 class Gateway(FundedCustomers):
     def __init__(self, tmp: Path, shape: str = SHAPES[0]) -> None:
         self.tmp = tmp
         self.shape = shape
         self.mock = MockProvider(api_keys=PROVIDER_KEYS).start()
         providers = tmp / "providers.yaml"
-        providers.write_text(
-            "accounts:\n"
-            f"  - {{name: openai-1, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[0]}}}\n"
-            f"  - {{name: openai-2, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[1]}}}\n"
-            f"  - {{name: anthropic-1, provider: anthropic, cluster: anthropic, api_key: {PROVIDER_KEYS[2]}}}\n")
+        providers.write_text(PROVIDERS)
         self.database = tmp / "policyd.db"
         self.policyd = PolicydProcess("", f"sqlite:///{self.database}", policy=str(FIXTURES / "gateway_policy.yaml"),
                                       extra_env={"POLICYD_PROVIDERS_FILE": str(providers)}, cwd=str(tmp))
@@ -60,10 +70,7 @@ class Gateway(FundedCustomers):
                                  upstreams=(Upstream("openai", "127.0.0.1", self.mock.port),
                                             Upstream("anthropic", "127.0.0.1", self.mock.port)), shape=shape))
         self.envoy_log = tmp / "envoy.log"
-        self.envoy = subprocess.Popen([envoy_binary(), "-c", str(config), "--log-level", "warn",
-                                       "--base-id", str(self.port)],
-                                      stdout=self.envoy_log.open("wb"), stderr=subprocess.STDOUT)
-        wait_port(self.port, timeout=60)
+        self.envoy = start_envoy(config, self.port, self.envoy_log)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.channel = grpc.insecure_channel(self.policyd.address)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
@@ -86,12 +93,6 @@ class Gateway(FundedCustomers):
             assert time.monotonic() < deadline, f"no closed record for {request_id}: {row and dict(row)}, {audit}"
             time.sleep(0.1)
 
-    def wallet_at_rest(self, customer: str, seconds: float = 10.0) -> Any:
-        """The wallet once nothing is reserved in it any more (its requests all closed)."""
-        deadline = time.monotonic() + seconds
-        while (wallet := self.wallet(customer)).reserved_nanos and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return wallet
 
     def close(self) -> None:
         self.channel.close()

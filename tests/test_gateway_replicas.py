@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import subprocess
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import grpc
 import openai
@@ -25,17 +24,15 @@ from policyd.money import parse_amount
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.helpers import FundedCustomers
 from tests.processes import PolicydProcess
-from tests.servers import PostgresServer, RedisServer, free_port, wait_port
-from tests.test_gateway import FIXTURES, PROVIDER_KEYS, envoy_binary, expected_charge
+from tests.servers import PostgresServer, RedisServer, free_port
+from tests.test_gateway import FIXTURES, PROVIDER_KEYS, PROVIDERS, expected_charge, start_envoy
 
 
 class Replicas(FundedCustomers):
     def __init__(self, tmp: Path, shape: str, redis: RedisServer, database: str) -> None:
         self.mock = MockProvider(api_keys=PROVIDER_KEYS).start()
         providers = tmp / "providers.yaml"
-        providers.write_text("accounts:\n"
-                             f"  - {{name: openai-1, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[0]}}}\n"
-                             f"  - {{name: openai-2, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[1]}}}\n")
+        providers.write_text(PROVIDERS)
         env = {"POLICYD_PROVIDERS_FILE": str(providers)}
         self.replicas = [PolicydProcess(redis.url, database, policy=str(FIXTURES / "gateway_policy.yaml"),
                                         extra_env=env, cwd=str(tmp)) for _ in range(2)]
@@ -44,10 +41,7 @@ class Replicas(FundedCustomers):
             listen_port=self.port, policyd_port=self.replicas[0].port, admin_port=self.admin_port,
             upstreams=(Upstream("openai", "127.0.0.1", self.mock.port),), shape=shape,
             more_policyd=(("127.0.0.1", self.replicas[1].port),)))
-        self.envoy = subprocess.Popen([envoy_binary(), "-c", str(tmp / "envoy.yaml"), "--log-level", "warn",
-                                       "--base-id", str(self.port)],
-                                      stdout=(tmp / "envoy.log").open("wb"), stderr=subprocess.STDOUT)
-        wait_port(self.port, timeout=60)
+        self.envoy = start_envoy(tmp / "envoy.yaml", self.port, tmp / "envoy.log")
         self.channel = grpc.insecure_channel(self.replicas[0].address)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
 
@@ -104,9 +98,7 @@ def test_a_request_decided_on_one_replica_is_settled_exactly_on_another(replicas
         charges[raw.headers["x-policyd-request-id"]] = expected_charge("gpt-4o-mini", usage.prompt_tokens,
                                                                        usage.completion_tokens)
     assert min(replicas.streams_per_replica()) >= 6  # both replicas had a share of every kind of stream
-    deadline = time.monotonic() + 20
-    while (wallet := replicas.wallet("replicated")).reserved_nanos and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wallet = replicas.wallet_at_rest("replicated", seconds=20)
     assert wallet.reserved_nanos == 0
     assert wallet.balance_nanos == parse_amount("10") - sum(charges.values())
     report = replicas.admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="replicated", limit=100))
