@@ -36,7 +36,7 @@ class Settler(als_pb2_grpc.AccessLogServiceServicer):
     async def StreamAccessLogs(self, requests: AsyncIterator[Any], context: Any) -> Any:
         async for message in requests:
             for entry in message.http_logs.log_entry:
-                request_id = entry.request.request_headers.get(REQUEST_ID_HEADER, "")
+                request_id = entry.response.response_headers.get(REQUEST_ID_HEADER, "")  # ext_authz adds it
                 if request_id:
                     await self.in_flight.acquire()
                     task = asyncio.create_task(self.report(request_id, entry))

@@ -119,7 +119,7 @@ ACCESS_LOG = """          access_log:
                 transport_api_version: V3
                 grpc_service: {envoy_grpc: {cluster_name: settler}}
                 buffer_flush_interval: 0.05s
-              additional_request_headers_to_log: [x-policyd-request-id]
+              additional_response_headers_to_log: [x-policyd-request-id]
 """
 SETTLER_CLUSTER = """  - name: settler
     type: STATIC

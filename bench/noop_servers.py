@@ -1,8 +1,9 @@
 """The floors policyd is measured against, as a process of their own (like policyd): a grpc.aio server
-whose PolicyService, ext_authz and ext_proc do nothing but answer "allowed". As policyd does,
-ext_authz and ext_proc (at the request headers) set the route header the gateway config routes on and
-the observer header (streams are read by the observer filter, which returns at the stream's end; other
-replies' bodies are asked for at their headers and read by the processing filter).
+whose PolicyService, ext_authz and ext_proc do nothing but answer "allowed". As policyd does, they set
+the headers the gateway config acts on: the route; the observer header (after ext_authz the observer
+filter reads every reply; in the ext_proc shape it reads streams, and other replies' bodies are asked
+for at their headers and read by the processing filter); after ext_authz, the rewrite header for the
+bodies policyd rewrites (streamed chat completions get include_usage).
 
     python -m bench.noop_servers PORT
 """
@@ -21,7 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 
 from policyd.ext_proc import READ_BODY_HERE
-from policyd.upstream import OBSERVER_HEADER, ROUTE_HEADER
+from policyd.upstream import OBSERVER_HEADER, REWRITE_HEADER, ROUTE_HEADER
 from policyd_client.v1 import policy_pb2, policy_pb2_grpc
 
 try:
@@ -54,9 +55,11 @@ def observer(stream: bool, raw: bool = False) -> base_pb2.HeaderValueOption:
 class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
     async def Check(self, request: Any, context: Any) -> Any:
         stream = STREAM_HEADER in request.attributes.request.http.headers
+        rewrite = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=REWRITE_HEADER,
+                                                                         value="yes" if stream else "no"))
         return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK),
                                                ok_response=external_auth_pb2.OkHttpResponse(
-                                                   headers=[ROUTE, observer(stream)]))
+                                                   headers=[ROUTE, observer(True), rewrite]))
 
 
 class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
@@ -66,7 +69,7 @@ class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
             kind = request.WhichOneof("request")
             if request.observability_mode:  # the observer filter's messages are read, never answered,
                 message = getattr(request, kind)  # and its stream ends with the response, as policyd's
-                if kind == "response_trailers" or message.end_of_stream:
+                if kind == "response_trailers" or (kind.startswith("response") and message.end_of_stream):
                     return
                 continue
             if kind == "request_headers":  # routes as policyd does when ext_proc is the only filter

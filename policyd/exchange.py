@@ -9,12 +9,13 @@ policyd process between those filters, so each gRPC stream may reach any replica
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import json
 from typing import Any
 
 from google.protobuf import struct_pb2
 
 from policyd.domain import Decision
-from policyd.http_api import HttpCall
+from policyd.http_api import HttpCall, rewrite_body
 from policyd.usage_capture import ResponseReader
 
 REQUEST_ID_HEADER = "x-policyd-request-id"
@@ -35,6 +36,7 @@ class Exchange:
     output_cap: int
     client_gave_cap: bool
     account: str
+    observed: bool = False  # the observer filter reads the response (else the processing filter does)
     status: int = 0
     retry_after: int = 0
     attempts: int = 1  # upstream attempts Envoy made (x-envoy-attempt-count)
@@ -45,12 +47,20 @@ class Exchange:
         self.reader = ResponseReader(self.endpoint, self.stream)
 
     @classmethod
-    def of(cls, call: HttpCall, decision: Decision, account: str) -> "Exchange":
+    def of(cls, call: HttpCall, decision: Decision, account: str, observed: bool) -> "Exchange":
         """The exchange an allowed request begins."""
         return cls(request_id=decision.request_id, endpoint=call.endpoint, stream=call.stream,
                    requested_model=decision.requested_model, served_model=decision.served_model,
                    output_cap=decision.max_output_tokens, client_gave_cap=call.max_output_tokens > 0,
-                   account=account)
+                   account=account, observed=observed)
+
+    def rewritten(self, body: Any) -> bytes | None:
+        """The request body policy requires instead of the client's, or None to send it as it is."""
+        if not isinstance(body, dict):
+            return None
+        rewritten = rewrite_body(body, self.endpoint, self.served_model, self.requested_model, self.output_cap,
+                                 self.client_gave_cap, self.stream)
+        return None if rewritten is None else json.dumps(rewritten, separators=(",", ":")).encode()
 
     def metadata(self, namespace: str, decision: str = "") -> struct_pb2.Struct:
         """Envoy dynamic metadata that `from_metadata` reads back in a later filter."""
@@ -58,6 +68,7 @@ class Exchange:
             "request_id": self.request_id, "endpoint": self.endpoint, "stream": self.stream,
             "requested_model": self.requested_model, "served_model": self.served_model,
             "max_output_tokens": self.output_cap, "client_gave_cap": self.client_gave_cap, "account": self.account,
+            "observed": self.observed,
         }
         if decision:
             fields["decision"] = decision
@@ -92,4 +103,6 @@ class Exchange:
             output_cap=int(fields["max_output_tokens"].number_value) if "max_output_tokens" in fields else 0,
             client_gave_cap="client_gave_cap" in fields and fields["client_gave_cap"].bool_value,
             account=text("account"),
+            # a decision from before the field: the observer read streams alone
+            observed=fields["observed"].bool_value if "observed" in fields else "stream" in fields and fields["stream"].bool_value,
         )

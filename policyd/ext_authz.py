@@ -74,13 +74,16 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         return self._allow(call, decision)
 
     def _allow(self, call: http_api.HttpCall, d: Decision) -> Any:
-        upstream = upstream_request(d, self.pool, call.stream)
-        headers = [_header(REQUEST_ID_HEADER, d.request_id)] + [_header(k, v) for k, v in upstream.set_headers]
-        metadata = Exchange.of(call, d, upstream.account).metadata(EXT_AUTHZ_NAMESPACE, d.decision)
+        """The observer filter reads every reply; the processing filter runs only for a body to rewrite."""
+        exchange = Exchange.of(call, d, account="", observed=True)
+        upstream = upstream_request(d, self.pool, observed=True, rewrite=exchange.rewritten(call.body) is not None)
+        exchange.account = upstream.account
+        headers = [_header(k, v) for k, v in upstream.set_headers]
+        metadata = exchange.metadata(EXT_AUTHZ_NAMESPACE, d.decision)
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
-                headers=headers, headers_to_remove=upstream.remove_headers,
+                headers=headers, headers_to_remove=upstream.remove_headers + [REQUEST_ID_HEADER],
                 response_headers_to_add=[_header(REQUEST_ID_HEADER, d.request_id)]),
             dynamic_metadata=metadata,
         )

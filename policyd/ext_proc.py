@@ -1,25 +1,26 @@
 """Envoy ext_proc (envoy.service.ext_proc.v3.ExternalProcessor/Process) over the decision engine.
 
 Two ext_proc filters call this service, each with a gRPC stream per HTTP request:
-- the processing filter (synchronous): the request headers and body, rewritten where policy
-  requires it (served model, output cap, stream usage), the response headers, and the body of a
-  reply that is not a stream (asked for at its headers: mode_override);
+- the processing filter (synchronous): after ext_authz, only for a request whose body policy
+  rewrites (served model, output cap, stream usage), sent the body alone; in the ext_proc-alone
+  shape, every request: its headers and body (the decision is made here), the response headers,
+  and the body of a reply that is not a stream (asked for at its headers: mode_override);
 - the observer filter (Envoy's observability mode: Envoy sends, nothing is answered, nothing
-  waits), for streamed requests only (the deciding filter's observer header): the response
-  headers and each event as it passes. A stream is one message per provider event; none of them
-  waits for policyd, and a stream costs it about a third less than answering each (bench/RESULTS.md).
+  waits), wherever the deciding filter set the observer header: every allowed request after
+  ext_authz (from its request headers on), streams in the ext_proc-alone shape. A stream is one
+  message per provider event; none of them waits for policyd (bench/RESULTS.md).
 Whichever reads the response settles it at its end with the provider's usage; an upstream error
-releases the reservation; a response cut or a client gone settles what was delivered (estimated,
-marked), for the observer when Envoy closes its stream (deferred_close_timeout after the cut).
-The observer learns the request from the dynamic metadata the deciding filter left, so the two
-streams need not reach the same replica. A request cut before its response began is closed by
-the processing filter's stream (nothing was delivered: released). A processing filter configured
-to send every response body (a gateway config rendered before the observer existed) gets them
-all read and settled here, as before.
+releases the reservation and cools the account down; a response cut or a client gone settles what
+was delivered (estimated, marked), and a request cut before its response began is released, when
+Envoy closes that stream (the observer's deferred_close_timeout after the cut). The observer learns
+the request from the dynamic metadata the deciding filter left (`Exchange.observed` says it reads
+the response), so the two streams need not reach the same replica. Gateway configs rendered before
+(a processing filter sent every response body, or sent the request and response headers after
+ext_authz) get their responses read as they ask.
 
 Two gateway shapes (`policyd gateway-config --shape`):
 - ext_authz + ext_proc: ext_authz decided and reserved; its decision arrives here as dynamic
-  metadata. Requests ext_authz denied never reach this filter.
+  metadata. Requests ext_authz denied never reach these filters.
 - ext_proc alone: no metadata arrives, so the decision is made here, at the request-body phase
   (at the headers when there is no body): a denial is an immediate response, an allow sets the
   provider credential and route as ext_authz would. One gRPC stream per request instead of a
@@ -143,28 +144,31 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 kind = request.WhichOneof("request")
                 if kind == "request_headers":
                     exchange = Exchange.from_metadata(request)
-                    if exchange is not None:
-                        mutation = ep.HeaderMutation(remove_headers=[REQUEST_ID_HEADER])
-                        yield _phase(kind, ep.CommonResponse(header_mutation=mutation))
-                    else:
+                    if exchange is None:
                         arrival = Arrival.of(request)
                         if request.request_headers.end_of_stream:
                             exchange, reply = await self._decide(arrival, b"", kind, observer)
                             yield reply
                         else:
                             yield _phase(kind)
+                    else:
+                        yield _phase(kind)
                 elif kind == "request_body":
+                    if exchange is None and arrival is None:  # after ext_authz, only the body may be sent
+                        exchange = Exchange.from_metadata(request)
                     if exchange is None and arrival is not None:
                         exchange, reply = await self._decide(arrival, request.request_body.body, kind, observer)
                         yield reply
                     else:
                         yield self._request_body(exchange, request.request_body)
+                        if observer and exchange is not None and exchange.observed:  # ext_authz decided: the
+                            exchange = None  # observer filter reads the reply (open since the request headers)
                 elif kind == "response_headers":
                     mutation = mode = None
                     if exchange is not None:
                         if arrival is not None:  # no ext_authz to tell the client its request id
                             mutation = ep.HeaderMutation(set_headers=[_header(REQUEST_ID_HEADER, exchange.request_id)])
-                        if observer and exchange.stream:  # the observer filter reads the stream and closes it
+                        if observer and exchange.observed:  # the observer filter reads the stream and closes it
                             self._response_began(exchange, request.response_headers)
                             exchange = None
                         elif self._read_response(exchange, request):
@@ -250,10 +254,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         decision = await self.engine.authorize(call.authorize_input(), self.pool.cooling_providers())
         if not decision.allowed:
             return None, immediate_denial(decision)
-        upstream = upstream_request(decision, self.pool, call.stream)
-        exchange = Exchange.of(call, decision, upstream.account)
+        upstream = upstream_request(decision, self.pool, observed=call.stream)
+        exchange = Exchange.of(call, decision, upstream.account, observed=observer and call.stream)
         set_headers = [_header(k, v) for k, v in upstream.set_headers]
-        new_body = self._rewritten(exchange, call.body)
+        new_body = exchange.rewritten(call.body)
         if new_body is not None:
             set_headers.append(_header("content-length", str(len(new_body))))
         common = ep.CommonResponse(
@@ -262,7 +266,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             body_mutation=ep.BodyMutation(body=new_body) if new_body is not None else None,
             clear_route_cache=True)
         reply = _phase(kind, common)
-        if observer and call.stream:  # what the observer filter needs to read and settle the stream
+        if exchange.observed:  # what the observer filter needs to read and settle the stream
             reply.dynamic_metadata.CopyFrom(exchange.metadata(EXT_PROC_NAMESPACE))
         return exchange, reply
 
@@ -274,21 +278,12 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             data = json.loads(body.body) if body.body else None
         except ValueError:
             return empty  # ext_authz already refused bodies that are not JSON
-        new_body = self._rewritten(exchange, data)
+        new_body = exchange.rewritten(data)
         if new_body is None:
             return empty
         mutation = ep.HeaderMutation(set_headers=[_header("content-length", str(len(new_body)))])
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse(
             header_mutation=mutation, body_mutation=ep.BodyMutation(body=new_body))))
-
-    @staticmethod
-    def _rewritten(exchange: Exchange, data: Any) -> bytes | None:
-        """The request body policy requires instead of the client's, or None to send it as it is."""
-        if not isinstance(data, dict):
-            return None
-        rewritten = http_api.rewrite_body(data, exchange.endpoint, exchange.served_model, exchange.requested_model,
-                                          exchange.output_cap, exchange.client_gave_cap, exchange.stream)
-        return None if rewritten is None else json.dumps(rewritten, separators=(",", ":")).encode()
 
     def _close(self, exchange: Exchange, cut: bool = False) -> None:
         """Settle or release in a task of its own: the reply to Envoy does not wait for it (the client

@@ -7,12 +7,13 @@ demo and the end-to-end tests render it with their own ports.
         --cluster openai=api.openai.com:443:tls [--shape ext_proc] > envoy.yaml
 
 Two shapes keep the same guarantees (see policyd/ext_proc.py):
-- `ext_authz+ext_proc` (the default): ext_authz decides and reserves, ext_proc rewrites.
-- `ext_proc`: one ext_proc stream decides at the request-body phase, reserves and rewrites; one gRPC
-  call fewer per request (bench/RESULTS.md measures both).
-In both, ext_proc reads and settles replies that are not streams, and a second ext_proc filter in
-observability mode (`policyd.observer`) reads and settles streams: no event of a stream waits for
-policyd on its way out.
+- `ext_authz+ext_proc` (the default): ext_authz decides and reserves; ext_proc runs only for a body
+  policy rewrites; an ext_proc filter in observability mode (`policyd.observer`) reads and settles
+  every reply. A request waits for one call (ext_authz's), and for one message more when rewritten.
+- `ext_proc`: one ext_proc stream decides at the request-body phase, reserves, rewrites, and reads
+  and settles replies that are not streams; the observer reads streams. Less CPU a request under
+  load (bench/RESULTS.md measures both).
+No event of a stream waits for policyd on its way out.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE
 from policyd.http_api import REQUEST_BODY_BYTES_MAX, REQUEST_HEADERS_BYTES_MAX
 from policyd.http_api import REQUEST_HEADERS_COUNT_MAX as HEADERS_COUNT_MAX
-from policyd.upstream import OBSERVER_HEADER, ROUTE_HEADER
+from policyd.upstream import OBSERVER_HEADER, REWRITE_HEADER, ROUTE_HEADER
 
 
 @dataclass(frozen=True)
@@ -102,18 +103,8 @@ def _ext_authz_filter(fail_open: str, body_bytes_max: int) -> str:
 
 
 def _ext_proc_filter(fail_open: str, shape: str) -> str:
-    if shape == "ext_proc":  # the decision is made here: the client's address comes as an attribute
-        extra = f"""              request_attributes: [source.address]
-              metadata_options:
-                receiving_namespaces:
-                  untyped: [{EXT_PROC_NAMESPACE}]
-"""
-    else:  # the decision ext_authz made travels in its dynamic metadata
-        extra = f"""              metadata_options:
-                forwarding_namespaces:
-                  untyped: [{EXT_AUTHZ_NAMESPACE}]
-"""
-    return f"""          - name: envoy.filters.http.ext_proc
+    if shape == "ext_proc":  # decides at the request body, reads replies that are not streams
+        return f"""          - name: envoy.filters.http.ext_proc
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
               grpc_service:
@@ -130,17 +121,38 @@ def _ext_proc_filter(fail_open: str, shape: str) -> str:
                 response_body_mode: NONE
                 request_trailer_mode: SKIP
                 response_trailer_mode: SKIP
-{extra}"""
+              request_attributes: [source.address]  # the client's address, for the decision made here
+              metadata_options:
+                receiving_namespaces:
+                  untyped: [{EXT_PROC_NAMESPACE}]
+"""
+    # after ext_authz: only requests whose body policy rewrites (ext_authz sets the rewrite header),
+    # one message (the body, with ext_authz's decision in its metadata); the observer reads the reply
+    return _unless_header(REWRITE_HEADER, "yes", "envoy.filters.http.ext_proc", f"""\
+                  "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+                  grpc_service:
+                    envoy_grpc: {{cluster_name: policyd}}
+                    timeout: 5s
+                  failure_mode_allow: {fail_open}
+                  status_on_error: {{code: ServiceUnavailable}}
+                  message_timeout: 5s
+                  processing_mode:
+                    request_header_mode: SKIP
+                    response_header_mode: SKIP
+                    request_body_mode: BUFFERED
+                    response_body_mode: NONE
+                    request_trailer_mode: SKIP
+                    response_trailer_mode: SKIP
+                  metadata_options:
+                    forwarding_namespaces:
+                      untyped: [{EXT_AUTHZ_NAMESPACE}]
+""")
 
 
-def _observer_filter(shape: str) -> str:
-    """A stream's headers, events and trailers sent to policyd as they pass, no reply awaited
-    (observability mode): how a streamed request is settled. It runs only where the deciding filter
-    set the observer header to `read` (replies that are not streams are read by the processing
-    filter: one message, cheaper than a stream of its own). It never holds or fails a response; a
-    response cut mid-way is settled when Envoy closes the stream, deferred_close_timeout later."""
-    namespace = EXT_PROC_NAMESPACE if shape == "ext_proc" else EXT_AUTHZ_NAMESPACE
-    return f"""          - name: policyd.observer
+def _unless_header(header: str, value: str, name: str, config: str) -> str:
+    """`config` (an http filter's typed_config, indented for extension_config) run only for requests whose
+    `header` is `value`: Envoy skips the filter for the rest (a matcher on request headers)."""
+    return f"""          - name: {name}
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher
               xds_matcher:
@@ -150,19 +162,32 @@ def _observer_filter(shape: str) -> str:
                       not_matcher:
                         single_predicate:
                           input:
-                            name: observer-header
+                            name: {name}-header
                             typed_config:
                               "@type": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput
-                              header_name: {OBSERVER_HEADER}
-                          value_match: {{exact: read}}
+                              header_name: {header}
+                          value_match: {{exact: "{value}"}}
                     on_match:
                       action:
                         name: skip
                         typed_config:
                           "@type": type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter
               extension_config:
-                name: policyd.observer
+                name: {name}
                 typed_config:
+{config}"""
+
+
+def _observer_filter(shape: str) -> str:
+    """The response as it passes, sent to policyd with no reply awaited (observability mode): how a
+    reply is settled, for every allowed request after ext_authz, for streams in the ext_proc shape
+    (where the processing filter reads other replies: one message, cheaper than a stream of its own).
+    It runs only where the deciding filter set the observer header to `read`; it never holds or fails
+    a request. After ext_authz it opens at the request headers, so a request cut before its reply
+    began is released when Envoy closes the stream (deferred_close_timeout after the cut); in the
+    ext_proc shape the processing filter sees that. A reply cut mid-way is settled the same way."""
+    namespace, request_headers = (EXT_PROC_NAMESPACE, "SKIP") if shape == "ext_proc" else (EXT_AUTHZ_NAMESPACE, "SEND")
+    return _unless_header(OBSERVER_HEADER, "read", "policyd.observer", f"""\
                   "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
                   grpc_service:
                     envoy_grpc: {{cluster_name: policyd}}
@@ -171,7 +196,7 @@ def _observer_filter(shape: str) -> str:
                   deferred_close_timeout: 2s
                   failure_mode_allow: true
                   processing_mode:
-                    request_header_mode: SKIP
+                    request_header_mode: {request_headers}
                     response_header_mode: SEND
                     request_body_mode: NONE
                     response_body_mode: STREAMED
@@ -180,7 +205,7 @@ def _observer_filter(shape: str) -> str:
                   metadata_options:
                     forwarding_namespaces:
                       untyped: [{namespace}]
-"""
+""")
 
 
 def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_host: str = "127.0.0.1",
@@ -239,7 +264,7 @@ static_resources:
                 route:
                   cluster_header: {ROUTE_HEADER}
                   timeout: 600s
-                request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}]  # policyd's own, not the provider's
+                request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}]  # policyd's own, not the provider's
           local_reply_config:
             mappers:
             - filter:

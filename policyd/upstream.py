@@ -2,7 +2,9 @@
 
 An allowed request leaves for its provider without the customer's key: it is removed, and the
 chosen provider account's credential is set in its place; the route header names the Envoy
-cluster to send it to, and the observer header whether the observer filter reads its response. Anything else is answered by Envoy itself (a local reply).
+cluster to send it to, the observer header whether the observer filter reads its response, and (after
+ext_authz) the rewrite header whether the processing filter rewrites its body. Anything else is
+answered by Envoy itself (a local reply).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from policyd.providers import ProviderPool
 
 ROUTE_HEADER = "x-policyd-route"
 OBSERVER_HEADER = "x-policyd-observer"
+REWRITE_HEADER = "x-policyd-rewrite"  # ext_authz: whether the processing filter rewrites the body
 
 
 @dataclass(frozen=True)
@@ -24,13 +27,16 @@ class UpstreamRequest:
     account: str  # the provider account that pays for it ("" when the route carries its own credential)
 
 
-def upstream_request(decision: Decision, pool: ProviderPool, stream: bool) -> UpstreamRequest:
+def upstream_request(decision: Decision, pool: ProviderPool, observed: bool, rewrite: bool | None = None) -> UpstreamRequest:
+    """`observed`: whether the observer filter reads the response (or the processing filter does);
+    `rewrite`, from ext_authz only: whether the processing filter rewrites the body. Both always set
+    here, so what a client sent under these names never decides them (the route drops them upstream)."""
     account = pool.pick(decision.provider)
     remove = list(http_api.CUSTOMER_KEY_HEADERS)
     route = decision.route
-    # whether the observer filter reads this response (a stream) or the processing filter does; always
-    # set here, so what a client sent under this name never decides it (the route drops it upstream)
-    headers: list[tuple[str, str]] = [(OBSERVER_HEADER, "read" if stream else "skip")]
+    headers: list[tuple[str, str]] = [(OBSERVER_HEADER, "read" if observed else "skip")]
+    if rewrite is not None:
+        headers.append((REWRITE_HEADER, "yes" if rewrite else "no"))
     if account is not None:
         name, value = account.credential_header()
         headers.append((name, value))

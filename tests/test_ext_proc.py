@@ -12,6 +12,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from policyd.domain import Decision
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE, Exchange
 from policyd.ext_proc import ExternalProcessorServicer
 from policyd.providers import Account, ProviderPool
@@ -44,10 +45,16 @@ class RecordingEngine:
     async def release(self, request_id: str, reason: str) -> None:
         self.closed.append(("release", request_id, reason))
 
+    async def authorize(self, request: Any, cooling: Any) -> Decision:  # the ext_proc shape decides: allowed
+        return Decision("allow", "r-1", requested_model="gpt-4o-mini", served_model="gpt-4o-mini", provider="openai",
+                        route="openai", max_output_tokens=64)
 
-def exchange(request_id: str = "r-1", stream: bool = True) -> Exchange:
+
+def exchange(request_id: str = "r-1", stream: bool = True, observed: bool = True) -> Exchange:
+    """As ext_authz decides it: the observer filter reads the reply."""
     return Exchange(request_id=request_id, endpoint="chat_completions", stream=stream, requested_model="gpt-4o-mini",
-                    served_model="gpt-4o-mini", output_cap=64, client_gave_cap=False, account="openai-1")
+                    served_model="gpt-4o-mini", output_cap=64, client_gave_cap=False, account="openai-1",
+                    observed=observed)
 
 
 def headers(status: str | None = None, **more: str) -> ep.HttpHeaders:
@@ -67,11 +74,36 @@ def with_metadata(message: ep.ProcessingRequest, namespace: str = EXT_AUTHZ_NAME
     return message
 
 
-def processing(response_body_mode: int, *tail: ep.ProcessingRequest, stream: bool = True) -> list[ep.ProcessingRequest]:
-    """The processing filter's messages after ext_authz allowed r-1 (its metadata forwarded)."""
-    first = with_metadata(ep.ProcessingRequest(request_headers=headers()), ex=exchange(stream=stream))
+REQUEST = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+STREAM_REQUEST = b'{"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+
+
+def after_ext_authz(data: bytes = STREAM_REQUEST, stream: bool = True) -> list[ep.ProcessingRequest]:
+    """The processing filter's one message after ext_authz allowed r-1 and asked for a rewrite: the
+    body, with the decision's metadata (the request headers are not sent to it)."""
+    message = with_metadata(ep.ProcessingRequest(request_body=ep.HttpBody(body=data, end_of_stream=True)),
+                            ex=exchange(stream=stream))
+    message.protocol_config.response_body_mode = NONE
+    return [message]
+
+
+def legacy_processing(response_body_mode: int, *tail: ep.ProcessingRequest, metadata: Exchange | None = None,
+                      ) -> list[ep.ProcessingRequest]:
+    """A processing filter of an older gateway config after ext_authz: the request headers, the body
+    and (as configured) the response."""
+    first = with_metadata(ep.ProcessingRequest(request_headers=headers()), ex=metadata or exchange())
     first.protocol_config.response_body_mode = response_body_mode
-    body = ep.ProcessingRequest(request_body=ep.HttpBody(body=b'{"model": "gpt-4o-mini"}', end_of_stream=True))
+    body = ep.ProcessingRequest(request_body=ep.HttpBody(body=STREAM_REQUEST, end_of_stream=True))
+    return [first, body, *tail]
+
+
+def ext_proc_shape(*tail: ep.ProcessingRequest, stream: bool = True) -> list[ep.ProcessingRequest]:
+    """The processing filter's messages when it is the only deciding filter: it decides at the body."""
+    first = ep.ProcessingRequest(request_headers=headers(authorization="Bearer pdk_test_" + "a" * 40,
+                                                         content_type="application/json"))
+    first.protocol_config.response_body_mode = NONE
+    body = ep.ProcessingRequest(request_body=ep.HttpBody(body=STREAM_REQUEST if stream else REQUEST,
+                                                         end_of_stream=True))
     return [first, body, *tail]
 
 
@@ -83,12 +115,13 @@ def body(data: bytes, end: bool = False) -> ep.ProcessingRequest:
     return ep.ProcessingRequest(response_body=ep.HttpBody(body=data, end_of_stream=end), observability_mode=True)
 
 
-def observed(*messages: ep.ProcessingRequest, namespace: str = EXT_AUTHZ_NAMESPACE) -> list[ep.ProcessingRequest]:
+def observed(*messages: ep.ProcessingRequest, namespace: str = EXT_AUTHZ_NAMESPACE,
+             ex: Exchange | None = None) -> list[ep.ProcessingRequest]:
     """The observer filter's messages: each carries the decision's metadata and observability_mode."""
     out = []
     for m in messages:
         m.observability_mode = True
-        out.append(with_metadata(m, namespace))
+        out.append(with_metadata(m, namespace, ex))
     return out
 
 
@@ -106,19 +139,60 @@ def servicer() -> tuple[ExternalProcessorServicer, RecordingEngine, ProviderPool
     return ExternalProcessorServicer(engine, pool), engine, pool  # type: ignore[arg-type]
 
 
-async def test_the_processing_filter_hands_the_response_to_the_observer() -> None:
+async def test_after_ext_authz_the_processing_filter_rewrites_the_body_and_the_observer_reads_the_reply() -> None:
     s, engine, _ = servicer()
-    replies = await run(s, processing(NONE, ep.ProcessingRequest(response_headers=headers("200"))))
+    replies = await run(s, after_ext_authz())
     await engine.finish()
-    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers"]
+    assert [r.WhichOneof("response") for r in replies] == ["request_body"]
+    rewritten = json.loads(replies[0].request_body.response.body_mutation.body)
+    assert (rewritten["stream_options"], rewritten["max_completion_tokens"]) == ({"include_usage": True}, 64)
     assert engine.closed == []  # the observer closes it, not this stream's end
     chunk = {"choices": [{"index": 0, "delta": {"content": "hello"}}]}
-    replies = await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")),
+    replies = await run(s, observed(ep.ProcessingRequest(request_headers=headers()),
+                                    ep.ProcessingRequest(response_headers=headers("200")),
                                     body(sse(chunk)[:20]), body(sse(chunk, {"choices": [], "usage": USAGE})[20:]),
                                     body(b"", end=True)))
     await engine.finish()
     assert replies == []  # observability mode: nothing is answered
     assert engine.closed == [("settle", "r-1", 11, 7, False)]
+
+
+async def test_after_ext_authz_the_observer_reads_replies_that_are_not_streams_too() -> None:
+    s, engine, _ = servicer()
+    reply = {"choices": [{"index": 0, "message": {"content": "hi"}}], "usage": USAGE}
+    data = json.dumps(reply).encode()
+    await run(s, observed(ep.ProcessingRequest(request_headers=headers()),
+                          ep.ProcessingRequest(response_headers=headers("200")), body(data[:9]), body(data[9:], end=True),
+                          ex=exchange(stream=False)))
+    await engine.finish()
+    assert engine.closed == [("settle", "r-1", 11, 7, False)]
+
+
+async def test_after_ext_authz_a_request_cut_before_its_reply_began_is_released_by_the_observer() -> None:
+    s, engine, _ = servicer()  # the observer's stream opens at the request headers; Envoy closes it at the cut
+    await run(s, observed(ep.ProcessingRequest(request_headers=headers())))
+    await engine.finish()
+    assert engine.closed == [("release", "r-1", "no_response")]
+
+
+async def test_an_older_gateway_configs_processing_filter_hands_streams_to_the_observer_and_reads_the_rest() -> None:
+    """Its processing filter gets the request headers first; a decision from before the observed
+    field (an older replica's ext_authz) had the observer read streams alone."""
+    s, engine, _ = servicer()
+    for stream in (True, False):
+        metadata = exchange(request_id=f"r-{stream}", stream=stream, observed=stream)
+        replies = await run(s, legacy_processing(NONE, ep.ProcessingRequest(response_headers=headers("200")),
+                                                 metadata=metadata))
+        await engine.finish()
+        assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers"]
+        assert replies[2].HasField("mode_override") is not stream  # a reply that is not a stream: its body, please
+    # the reply that is not a stream began, then its stream was cut (this one read it); the stream is the observer's
+    assert engine.closed == [("estimate", "r-False", 0, True, "usage_estimated:stream_cut")]
+    raw = exchange(stream=True).metadata(EXT_AUTHZ_NAMESPACE)
+    del raw.fields["observed"]
+    old = ep.ProcessingRequest(request_headers=headers())
+    old.metadata_context.filter_metadata[EXT_AUTHZ_NAMESPACE].CopyFrom(raw)
+    assert Exchange.from_metadata(old).observed  # a stream: the observer read it
 
 
 async def test_the_observer_learns_the_request_from_the_deciding_ext_proc_namespace() -> None:
@@ -142,26 +216,34 @@ async def test_a_response_cut_before_its_end_is_estimated_when_envoy_closes_the_
 
 
 async def test_an_upstream_error_is_released_and_cools_the_account_down_before_the_client_sees_it() -> None:
-    s, engine, pool = servicer()
-    await run(s, processing(NONE, ep.ProcessingRequest(response_headers=headers("429", retry_after="7"))))
+    s, engine, pool = servicer()  # ext_proc shape: the processing filter sees the response headers
+    await run(s, ext_proc_shape(ep.ProcessingRequest(response_headers=headers("429", retry_after="7"))))
     assert pool.cooling_providers() == {"openai"}  # at the processing filter, synchronously
-    await run(s, observed(ep.ProcessingRequest(response_headers=headers("429")), body(b'{"error": {}}', end=True)))
+    await run(s, observed(ep.ProcessingRequest(response_headers=headers("429")), body(b'{"error": {}}', end=True),
+                          namespace=EXT_PROC_NAMESPACE))
     await engine.finish()
     assert engine.closed == [("release", "r-1", "upstream_429")]
-
-
-async def test_a_request_cut_before_its_response_began_is_released_by_the_processing_filter() -> None:
-    s, engine, _ = servicer()
-    await run(s, processing(NONE))
+    s, engine, pool = servicer()  # after ext_authz: the observer, as soon as the headers pass
+    await run(s, observed(ep.ProcessingRequest(request_headers=headers()),
+                          ep.ProcessingRequest(response_headers=headers("503")), body(b'{"error": {}}', end=True)))
     await engine.finish()
+    assert pool.cooling_providers() == {"openai"} and engine.closed == [("release", "r-1", "upstream_503")]
+
+
+async def test_in_the_ext_proc_shape_a_request_cut_before_its_response_began_is_released_by_the_processing_filter(
+        ) -> None:
+    s, engine, _ = servicer()
+    replies = await run(s, ext_proc_shape())
+    await engine.finish()
+    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body"]
     assert engine.closed == [("release", "r-1", "no_response")]
 
 
-async def test_a_reply_that_is_not_a_stream_is_read_by_the_processing_filter_which_asks_for_its_body() -> None:
+async def test_in_the_ext_proc_shape_a_reply_that_is_not_a_stream_is_read_by_the_processing_filter() -> None:
     s, engine, _ = servicer()
     reply = {"choices": [{"index": 0, "message": {"content": "hi"}}], "usage": USAGE}
-    replies = await run(s, processing(
-        NONE, ep.ProcessingRequest(response_headers=headers("200")),
+    replies = await run(s, ext_proc_shape(
+        ep.ProcessingRequest(response_headers=headers("200")),
         ep.ProcessingRequest(response_body=ep.HttpBody(body=json.dumps(reply).encode(), end_of_stream=True)),
         stream=False))
     await engine.finish()
@@ -170,13 +252,14 @@ async def test_a_reply_that_is_not_a_stream_is_read_by_the_processing_filter_whi
     assert [r.WhichOneof("response") for r in replies][3:] == ["response_body"]
     assert engine.closed == [("settle", "r-1", 11, 7, False)]
     # a stream's headers ask for nothing: the observer filter reads it
-    replies = await run(s, processing(NONE, ep.ProcessingRequest(response_headers=headers("200"))))
+    replies = await run(s, ext_proc_shape(ep.ProcessingRequest(response_headers=headers("200"))))
     assert not replies[2].HasField("mode_override")
+    assert replies[1].dynamic_metadata.fields[EXT_PROC_NAMESPACE].struct_value.fields["observed"].bool_value
 
 
 async def test_a_processing_filter_sent_response_bodies_reads_and_settles_them_itself() -> None:  # a gateway config rendered before the observer filter existed
     s, engine, _ = servicer()
-    replies = await run(s, processing(
+    replies = await run(s, legacy_processing(
         STREAMED, ep.ProcessingRequest(response_headers=headers("200")),
         ep.ProcessingRequest(response_body=ep.HttpBody(body=sse({"choices": [], "usage": USAGE}))),
         ep.ProcessingRequest(response_body=ep.HttpBody(body=b"", end_of_stream=True))))

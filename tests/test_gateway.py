@@ -161,14 +161,15 @@ def test_streamed_chat_is_charged_and_usage_is_always_requested(gateway: Gateway
     assert body["max_completion_tokens"] == 1024  # the reserved cap, since the client gave none
 
 
-def test_the_observer_header_is_policyds_alone(gateway: Gateway) -> None:
-    """A client cannot choose who reads its response: a stream claiming nobody need read it, and a
-    reply claiming the observer should read it too, are each charged once, exactly."""
+def test_the_observer_and_rewrite_headers_are_policyds_alone(gateway: Gateway) -> None:
+    """A client cannot choose who reads its response, nor skip the body rewrite: a stream claiming
+    nobody need read it and that its body stays as sent (it would then lack the usage policyd asks
+    for), and a reply claiming the observer should read it too, are each charged once, exactly."""
     key = gateway.customer("e2e-observer")
     client = gateway.client(key)
     with client.chat.completions.with_streaming_response.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "observe me"}], stream=True,
-            extra_headers={"x-policyd-observer": "skip"}) as response:
+            extra_headers={"x-policyd-observer": "skip", "x-policyd-rewrite": "no"}) as response:
         streamed_id = response.headers["x-policyd-request-id"]
         usage = [c.usage for c in response.parse() if c.usage][0]
     streamed = gateway.record(streamed_id)
@@ -176,7 +177,7 @@ def test_the_observer_header_is_policyds_alone(gateway: Gateway) -> None:
         "settled", "", usage.completion_tokens)
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "observe me too"}],
-        extra_headers={"x-policyd-observer": "read"})
+        extra_headers={"x-policyd-observer": "read", "x-policyd-rewrite": "yes"})
     plain = gateway.record(raw.headers["x-policyd-request-id"])
     assert (plain["status"], plain["error_class"], plain["output_tokens"]) == (
         "settled", "", raw.parse().usage.completion_tokens)
