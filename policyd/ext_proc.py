@@ -163,6 +163,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         yield self._request_body(exchange, request.request_body)
                         if observer and exchange is not None and exchange.observed:  # ext_authz decided: the
                             exchange = None  # observer filter reads the reply (open since the request headers)
+                            if request is first:  # sent the body alone: nothing else comes, the stream can end
+                                return
                 elif kind == "response_headers":
                     mutation = mode = None
                     if exchange is not None:

@@ -132,7 +132,7 @@ def _ext_proc_filter(fail_open: str, shape: str) -> str:
                   "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
                   grpc_service:
                     envoy_grpc: {{cluster_name: policyd}}
-                    timeout: 5s
+                    timeout: 600s
                   failure_mode_allow: {fail_open}
                   status_on_error: {{code: ServiceUnavailable}}
                   message_timeout: 5s

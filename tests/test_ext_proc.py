@@ -141,9 +141,11 @@ def servicer() -> tuple[ExternalProcessorServicer, RecordingEngine, ProviderPool
 
 async def test_after_ext_authz_the_processing_filter_rewrites_the_body_and_the_observer_reads_the_reply() -> None:
     s, engine, _ = servicer()
-    replies = await run(s, after_ext_authz())
+    messages = after_ext_authz()
+    messages.append(ep.ProcessingRequest(response_headers=headers("200")))  # never sent: to show the stream ended
+    replies = await run(s, messages)
     await engine.finish()
-    assert [r.WhichOneof("response") for r in replies] == ["request_body"]
+    assert [r.WhichOneof("response") for r in replies] == ["request_body"]  # and the stream ends
     rewritten = json.loads(replies[0].request_body.response.body_mutation.body)
     assert (rewritten["stream_options"], rewritten["max_completion_tokens"]) == ({"include_usage": True}, 64)
     assert engine.closed == []  # the observer closes it, not this stream's end
