@@ -8,8 +8,8 @@ policyd process between those filters, so each gRPC stream may reach any replica
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -104,5 +104,6 @@ class Exchange:
             client_gave_cap="client_gave_cap" in fields and fields["client_gave_cap"].bool_value,
             account=text("account"),
             # a decision from before the field: the observer read streams alone
-            observed=fields["observed"].bool_value if "observed" in fields else "stream" in fields and fields["stream"].bool_value,
+            observed=fields["observed"].bool_value if "observed" in fields else
+            "stream" in fields and fields["stream"].bool_value,
         )

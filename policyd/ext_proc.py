@@ -2,7 +2,7 @@
 
 Two ext_proc filters call this service, each with a gRPC stream per HTTP request:
 - the processing filter (synchronous): after ext_authz, only for a request whose body policy
-  rewrites (served model, output cap, stream usage), sent the body alone; in the ext_proc-alone
+  rewrites (served model, output cap, stream usage): its headers and body; in the ext_proc-alone
   shape, every request: its headers and body (the decision is made here), the response headers,
   and the body of a reply that is not a stream (asked for at its headers: mode_override);
 - the observer filter (Envoy's observability mode: Envoy sends, nothing is answered, nothing
@@ -154,8 +154,6 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     else:
                         yield _phase(kind)
                 elif kind == "request_body":
-                    if exchange is None and arrival is None:  # after ext_authz, only the body may be sent
-                        exchange = Exchange.from_metadata(request)
                     if exchange is None and arrival is not None:
                         exchange, reply = await self._decide(arrival, request.request_body.body, kind, observer)
                         yield reply
@@ -163,8 +161,6 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         yield self._request_body(exchange, request.request_body)
                         if observer and exchange is not None and exchange.observed:  # ext_authz decided: the
                             exchange = None  # observer filter reads the reply (open since the request headers)
-                            if request is first:  # sent the body alone: nothing else comes, the stream can end
-                                return
                 elif kind == "response_headers":
                     mutation = mode = None
                     if exchange is not None:

@@ -9,7 +9,7 @@ demo and the end-to-end tests render it with their own ports.
 Two shapes keep the same guarantees (see policyd/ext_proc.py):
 - `ext_authz+ext_proc` (the default): ext_authz decides and reserves; ext_proc runs only for a body
   policy rewrites; an ext_proc filter in observability mode (`policyd.observer`) reads and settles
-  every reply. A request waits for one call (ext_authz's), and for one message more when rewritten.
+  every reply. A request waits for one call (ext_authz's), and for two messages more when rewritten.
 - `ext_proc`: one ext_proc stream decides at the request-body phase, reserves, rewrites, and reads
   and settles replies that are not streams; the observer reads streams. Less CPU a request under
   load (bench/RESULTS.md measures both).
@@ -126,8 +126,9 @@ def _ext_proc_filter(fail_open: str, shape: str) -> str:
                 receiving_namespaces:
                   untyped: [{EXT_PROC_NAMESPACE}]
 """
-    # after ext_authz: only requests whose body policy rewrites (ext_authz sets the rewrite header),
-    # one message (the body, with ext_authz's decision in its metadata); the observer reads the reply
+    # after ext_authz: only requests whose body policy rewrites (ext_authz sets the rewrite header): the
+    # request headers (with ext_authz's decision in their metadata) and the body; the observer reads the
+    # reply. (Sent the body alone, with the headers skipped, Envoy 1.40 lost bodies under load.)
     return _unless_header(REWRITE_HEADER, "yes", "envoy.filters.http.ext_proc", f"""\
                   "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
                   grpc_service:
@@ -137,7 +138,7 @@ def _ext_proc_filter(fail_open: str, shape: str) -> str:
                   status_on_error: {{code: ServiceUnavailable}}
                   message_timeout: 5s
                   processing_mode:
-                    request_header_mode: SKIP
+                    request_header_mode: SEND
                     response_header_mode: SKIP
                     request_body_mode: BUFFERED
                     response_body_mode: NONE

@@ -79,12 +79,11 @@ STREAM_REQUEST = b'{"model": "gpt-4o-mini", "stream": true, "messages": [{"role"
 
 
 def after_ext_authz(data: bytes = STREAM_REQUEST, stream: bool = True) -> list[ep.ProcessingRequest]:
-    """The processing filter's one message after ext_authz allowed r-1 and asked for a rewrite: the
-    body, with the decision's metadata (the request headers are not sent to it)."""
-    message = with_metadata(ep.ProcessingRequest(request_body=ep.HttpBody(body=data, end_of_stream=True)),
-                            ex=exchange(stream=stream))
-    message.protocol_config.response_body_mode = NONE
-    return [message]
+    """The processing filter's messages after ext_authz allowed r-1 and asked for a rewrite: the
+    request headers, with the decision's metadata, and the body."""
+    first = with_metadata(ep.ProcessingRequest(request_headers=headers()), ex=exchange(stream=stream))
+    first.protocol_config.response_body_mode = NONE
+    return [first, ep.ProcessingRequest(request_body=ep.HttpBody(body=data, end_of_stream=True))]
 
 
 def legacy_processing(response_body_mode: int, *tail: ep.ProcessingRequest, metadata: Exchange | None = None,
@@ -141,12 +140,10 @@ def servicer() -> tuple[ExternalProcessorServicer, RecordingEngine, ProviderPool
 
 async def test_after_ext_authz_the_processing_filter_rewrites_the_body_and_the_observer_reads_the_reply() -> None:
     s, engine, _ = servicer()
-    messages = after_ext_authz()
-    messages.append(ep.ProcessingRequest(response_headers=headers("200")))  # never sent: to show the stream ended
-    replies = await run(s, messages)
+    replies = await run(s, after_ext_authz())
     await engine.finish()
-    assert [r.WhichOneof("response") for r in replies] == ["request_body"]  # and the stream ends
-    rewritten = json.loads(replies[0].request_body.response.body_mutation.body)
+    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body"]
+    rewritten = json.loads(replies[1].request_body.response.body_mutation.body)
     assert (rewritten["stream_options"], rewritten["max_completion_tokens"]) == ({"include_usage": True}, 64)
     assert engine.closed == []  # the observer closes it, not this stream's end
     chunk = {"choices": [{"index": 0, "delta": {"content": "hello"}}]}

@@ -328,6 +328,27 @@ def test_concurrent_streams_never_overspend_a_strict_wallet(gateway: Gateway) ->
     assert charged == parse_amount("0.0005") - wallet.balance_nanos
 
 
+def test_bodies_are_rewritten_for_every_request_of_a_crowd(gateway: Gateway) -> None:
+    """Many streamed requests at once, each needing its body rewritten (include_usage, the output cap):
+    every one is served and charged from the usage the provider reported, which it only sends when
+    asked. (A processing filter sent the body with its headers skipped lost bodies under load.)"""
+    key = gateway.customer("e2e-crowd-rewrite", credit="50")
+    client = gateway.client(key)
+
+    def one(i: int) -> str:
+        with client.chat.completions.with_streaming_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"crowd {i}"}], stream=True) as response:
+            assert any(chunk.usage for chunk in response.parse())  # asked for by policyd, not by the client
+            return response.headers["x-policyd-request-id"]
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        request_ids = list(pool.map(one, range(400)))
+    records = [gateway.record(request_id) for request_id in request_ids]
+    assert {(r["status"], r["error_class"]) for r in records} == {("settled", "")}
+    assert all(r["output_tokens"] > 0 for r in records)
+    assert gateway.wallet_at_rest("e2e-crowd-rewrite").reserved_nanos == 0
+
+
 def anthropic_post(gateway: Gateway, key: str, body: dict[str, Any], extra: dict[str, str] | None = None):
     url = f"{gateway.base_url}/messages"
     headers = {"x-api-key": key, "content-type": "application/json", "anthropic-version": "2023-06-01", **(extra or {})}
