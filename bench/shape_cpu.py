@@ -1,0 +1,88 @@
+"""One gateway shape, policyd behind Envoy (real Redis, the writer draining to real PostgreSQL), JSON
+replies at --connections and at one connection: requests/s, latency, and the CPU each process
+spends a request (read from /proc). Short and repeatable, to compare two commits side by side:
+run it from each checkout in turn, several times alternately (the machine's noise moves single
+runs by 10-20%).
+
+    python -m bench.shape_cpu [--shape ext_authz+ext_proc] [--seconds 10] [--connections 32]
+    PYTHONPATH=/path/to/other/checkout python -m bench.shape_cpu ...   # the same, for another commit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.envoy_path import HERE, Envoy, cpu_seconds, free_port, provider_config, wrk
+from policyd.gateway_config import SHAPES, Upstream, render
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+
+
+def measured(url: str, key: str, connections: int, seconds: float, workdir: Path, pids: dict[str, int]) -> dict[str, Any]:
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    out = wrk(url, key, False, connections, seconds, workdir)
+    out["cpu_ms_per_request"] = {name: round(1000 * (cpu_seconds(pid) - before[name]) / max(out["requests"], 1), 3)
+                                 for name, pid in pids.items()}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=SHAPES, default=SHAPES[0])
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE.parent))
+    from tests.processes import PolicydProcess, WriterProcess
+    from tests.servers import PostgresServer, RedisServer
+
+    workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-shape-"))
+    started: list[Any] = []
+    try:
+        provider = Envoy(provider_config(provider_port := free_port()), provider_port, workdir)
+        started.append(provider)
+        redis, postgres = RedisServer(), PostgresServer()
+        started += [redis, postgres]
+        database = postgres.create_database("bench")
+        policyd = PolicydProcess(redis.url, database, policy=str(HERE / "policy.yaml"),
+                                 extra_env={"POLICYD_PARTITIONS": "16", "POLICYD_WRITER_ENABLED": "false"})
+        started.append(policyd)
+        writer = WriterProcess(redis.url, database, extra_env={"POLICYD_PARTITIONS": "16"})
+        started.append(writer)
+        with grpc.insecure_channel(policyd.address) as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="bench", source="purchase",
+                                                           amount=types_pb2.Money(currency="USD", nanos=10**15)))
+            key = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="bench", plan="bench",
+                                                             environment="production")).secret
+        gateway = Envoy(render(listen_port=(port := free_port()), policyd_port=policyd.port, admin_port=free_port(),
+                               upstreams=(Upstream("openai", "127.0.0.1", provider.port),), shape=args.shape),
+                        port, workdir)
+        started.append(gateway)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        pids = {"policyd": policyd.process.pid, "writer": writer.process.pid, "redis": redis.process.pid}
+        wrk(url, key, False, args.connections, 3, workdir)  # warm up
+        results = {"shape": args.shape,
+                   f"json_{args.connections}": measured(url, key, args.connections, args.seconds, workdir, pids),
+                   "json_1": measured(url, key, 1, args.seconds / 2, workdir, pids)}
+    finally:
+        for thing in reversed(started):
+            (thing.stop if hasattr(thing, "stop") and not hasattr(thing, "close") else thing.close)()
+        shutil.rmtree(workdir, ignore_errors=True)
+    for name in (f"json_{args.connections}", "json_1"):
+        r = results[name]
+        print(f"{args.shape}, {name}: {r['rps']} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, CPU ms a request: "
+              + ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_request"].items()))
+    print(json.dumps(results))
+    return {"shape_cpu": results}
+
+
+if __name__ == "__main__":
+    main()
