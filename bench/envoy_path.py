@@ -261,6 +261,33 @@ def stream_lag(redis_url: str, partitions: int, stop: threading.Event, samples: 
     client.close()
 
 
+def policyd_stack(started: list[Any]) -> tuple[Any, Any, Any]:
+    """Redis, PostgreSQL, `policyd serve` and `policyd writer` (16 partitions) as processes of their
+    own, appended to `started` (stopped in reverse by the caller)."""
+    from tests.processes import PolicydProcess, WriterProcess
+    from tests.servers import PostgresServer, RedisServer
+
+    redis, postgres = RedisServer(), PostgresServer()
+    started += [redis, postgres]
+    database = postgres.create_database("bench")
+    policyd = PolicydProcess(redis.url, database, policy=str(HERE / "policy.yaml"),
+                             extra_env={"POLICYD_PARTITIONS": "16", "POLICYD_WRITER_ENABLED": "false"})
+    started.append(policyd)
+    writer = WriterProcess(redis.url, database, extra_env={"POLICYD_PARTITIONS": "16"})
+    started.append(writer)
+    return redis, policyd, writer
+
+
+def funded_key(address: str) -> str:
+    """A key of customer "bench" (plan "bench"), whose wallet will not run dry in a benchmark."""
+    with grpc.insecure_channel(address) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="bench", source="purchase",
+                                                       amount=types_pb2.Money(currency="USD", nanos=10**15)))
+        return admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="bench", plan="bench",
+                                                          environment="production")).secret
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10)
@@ -275,9 +302,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: scripts/system-deps.sh installs it (Debian's package)")
     sys.path.insert(0, str(HERE.parent))
-    from tests.processes import PolicydProcess, WriterProcess
-    from tests.servers import PostgresServer, RedisServer
-
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-envoy-"))
     results: dict[str, Any] = {"cores": os.cpu_count()}
     started: list[Any] = []
@@ -336,24 +360,14 @@ def main(argv: list[str] | None = None) -> dict:
         noop.terminate()
         noop.wait(timeout=10)
 
-        redis, postgres = RedisServer(), PostgresServer()
-        started += [redis, postgres]
-        database = postgres.create_database("bench")
-        policyd = PolicydProcess(redis.url, database, policy=str(HERE / "policy.yaml"),
-                                 extra_env={"POLICYD_PARTITIONS": "16", "POLICYD_WRITER_ENABLED": "false"})
-        started.append(policyd)
-        writer = WriterProcess(redis.url, database, extra_env={"POLICYD_PARTITIONS": "16"})
-        started.append(writer)
+        redis, policyd, writer = policyd_stack(started)
         settler_port = free_port()
         settler = subprocess.Popen([sys.executable, "-m", "bench.access_log_settler", str(settler_port),
                                     policyd.address], cwd=HERE.parent)
         wait_port(settler_port)
+        key = funded_key(policyd.address)
         with grpc.insecure_channel(policyd.address) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
-            admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="bench", source="purchase",
-                                                           amount=types_pb2.Money(currency="USD", nanos=10**15)))
-            key = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="bench", plan="bench",
-                                                             environment="production")).secret
             lag: list[int] = []
             stop = threading.Event()
             sampler = threading.Thread(target=stream_lag, args=(redis.url, 16, stop, lag), daemon=True)

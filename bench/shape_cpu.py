@@ -18,11 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from bench.envoy_path import HERE, Envoy, cpu_seconds, free_port, provider_config, wrk
+from bench.envoy_path import HERE, Envoy, cpu_seconds, free_port, funded_key, policyd_stack, provider_config, wrk
 from policyd.gateway_config import SHAPES, Upstream, render
-from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 
 def measured(url: str, key: str, connections: int, seconds: float, workdir: Path, pids: dict[str, int]) -> dict[str, Any]:
@@ -40,28 +37,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE.parent))
-    from tests.processes import PolicydProcess, WriterProcess
-    from tests.servers import PostgresServer, RedisServer
-
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-shape-"))
     started: list[Any] = []
     try:
         provider = Envoy(provider_config(provider_port := free_port()), provider_port, workdir)
         started.append(provider)
-        redis, postgres = RedisServer(), PostgresServer()
-        started += [redis, postgres]
-        database = postgres.create_database("bench")
-        policyd = PolicydProcess(redis.url, database, policy=str(HERE / "policy.yaml"),
-                                 extra_env={"POLICYD_PARTITIONS": "16", "POLICYD_WRITER_ENABLED": "false"})
-        started.append(policyd)
-        writer = WriterProcess(redis.url, database, extra_env={"POLICYD_PARTITIONS": "16"})
-        started.append(writer)
-        with grpc.insecure_channel(policyd.address) as channel:
-            admin = admin_pb2_grpc.AdminServiceStub(channel)
-            admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="bench", source="purchase",
-                                                           amount=types_pb2.Money(currency="USD", nanos=10**15)))
-            key = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="bench", plan="bench",
-                                                             environment="production")).secret
+        redis, policyd, writer = policyd_stack(started)
+        key = funded_key(policyd.address)
         gateway = Envoy(render(listen_port=(port := free_port()), policyd_port=policyd.port, admin_port=free_port(),
                                upstreams=(Upstream("openai", "127.0.0.1", provider.port),), shape=args.shape),
                         port, workdir)

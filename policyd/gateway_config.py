@@ -102,52 +102,49 @@ def _ext_authz_filter(fail_open: str, body_bytes_max: int) -> str:
 """
 
 
+def _indented(text: str, spaces: int) -> str:
+    return "".join(" " * spaces + line if line.strip() else line for line in text.splitlines(True))
+
+
+def _processing_config(fail_open: str, response_header_mode: str, more: str) -> str:
+    """The processing ext_proc filter's typed_config (not indented): the request headers and body,
+    answered; `more` its shape's own fields."""
+    return f""""@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+grpc_service:
+  envoy_grpc: {{cluster_name: policyd}}
+  timeout: 600s
+failure_mode_allow: {fail_open}
+status_on_error: {{code: ServiceUnavailable}}
+message_timeout: 5s
+processing_mode:
+  request_header_mode: SEND
+  response_header_mode: {response_header_mode}
+  request_body_mode: BUFFERED
+  response_body_mode: NONE
+  request_trailer_mode: SKIP
+  response_trailer_mode: SKIP
+{more}"""
+
+
 def _ext_proc_filter(fail_open: str, shape: str) -> str:
     if shape == "ext_proc":  # decides at the request body, reads replies that are not streams
-        return f"""          - name: envoy.filters.http.ext_proc
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-              grpc_service:
-                envoy_grpc: {{cluster_name: policyd}}
-                timeout: 600s
-              failure_mode_allow: {fail_open}
-              status_on_error: {{code: ServiceUnavailable}}
-              message_timeout: 5s
-              allow_mode_override: true  # a reply that is not a stream is read here: policyd asks for its body
-              processing_mode:
-                request_header_mode: SEND
-                response_header_mode: SEND
-                request_body_mode: BUFFERED
-                response_body_mode: NONE
-                request_trailer_mode: SKIP
-                response_trailer_mode: SKIP
-              request_attributes: [source.address]  # the client's address, for the decision made here
-              metadata_options:
-                receiving_namespaces:
-                  untyped: [{EXT_PROC_NAMESPACE}]
-"""
+        return "          - name: envoy.filters.http.ext_proc\n            typed_config:\n" + _indented(
+            _processing_config(fail_open, "SEND", f"""\
+allow_mode_override: true  # a reply that is not a stream is read here: policyd asks for its body
+request_attributes: [source.address]  # the client's address, for the decision made here
+metadata_options:
+  receiving_namespaces:
+    untyped: [{EXT_PROC_NAMESPACE}]
+"""), 14)
     # after ext_authz: only requests whose body policy rewrites (ext_authz sets the rewrite header): the
     # request headers (with ext_authz's decision in their metadata) and the body; the observer reads the
     # reply. (Sent the body alone, with the headers skipped, Envoy 1.40 lost bodies under load.)
-    return _unless_header(REWRITE_HEADER, "yes", "envoy.filters.http.ext_proc", f"""\
-                  "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-                  grpc_service:
-                    envoy_grpc: {{cluster_name: policyd}}
-                    timeout: 600s
-                  failure_mode_allow: {fail_open}
-                  status_on_error: {{code: ServiceUnavailable}}
-                  message_timeout: 5s
-                  processing_mode:
-                    request_header_mode: SEND
-                    response_header_mode: SKIP
-                    request_body_mode: BUFFERED
-                    response_body_mode: NONE
-                    request_trailer_mode: SKIP
-                    response_trailer_mode: SKIP
-                  metadata_options:
-                    forwarding_namespaces:
-                      untyped: [{EXT_AUTHZ_NAMESPACE}]
-""")
+    return _unless_header(REWRITE_HEADER, "yes", "envoy.filters.http.ext_proc", _indented(
+        _processing_config(fail_open, "SKIP", f"""\
+metadata_options:
+  forwarding_namespaces:
+    untyped: [{EXT_AUTHZ_NAMESPACE}]
+"""), 18))
 
 
 def _unless_header(header: str, value: str, name: str, config: str) -> str:
