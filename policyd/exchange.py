@@ -54,12 +54,16 @@ class Exchange:
                    output_cap=decision.max_output_tokens, client_gave_cap=call.max_output_tokens > 0,
                    account=account, observed=observed)
 
-    def rewritten(self, body: Any) -> bytes | None:
-        """The request body policy requires instead of the client's, or None to send it as it is."""
+    def rewrite(self, body: Any) -> dict[str, Any] | None:
+        """The request body (parsed) policy requires instead of the client's, or None to send it as it is."""
         if not isinstance(body, dict):
             return None
-        rewritten = rewrite_body(body, self.endpoint, self.served_model, self.requested_model, self.output_cap,
-                                 self.client_gave_cap, self.stream)
+        return rewrite_body(body, self.endpoint, self.served_model, self.requested_model, self.output_cap,
+                            self.client_gave_cap, self.stream)
+
+    def rewritten(self, body: Any) -> bytes | None:
+        """`rewrite`, encoded for the provider."""
+        rewritten = self.rewrite(body)
         return None if rewritten is None else json.dumps(rewritten, separators=(",", ":")).encode()
 
     def metadata(self, namespace: str, decision: str = "") -> struct_pb2.Struct:

@@ -76,7 +76,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     def _allow(self, call: http_api.HttpCall, d: Decision) -> Any:
         """The observer filter reads every reply; the processing filter runs only for a body to rewrite."""
         exchange = Exchange.of(call, d, account="", observed=True)
-        upstream = upstream_request(d, self.pool, observed=True, rewrite=exchange.rewritten(call.body) is not None)
+        upstream = upstream_request(d, self.pool, observed=True, rewrite=exchange.rewrite(call.body) is not None)
         exchange.account = upstream.account
         headers = [_header(k, v) for k, v in upstream.set_headers]
         metadata = exchange.metadata(EXT_AUTHZ_NAMESPACE, d.decision)
