@@ -72,8 +72,12 @@ class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                 if kind == "response_trailers" or (kind.startswith("response") and message.end_of_stream):
                     return
                 continue
-            if kind == "request_headers":  # routes as policyd does when ext_proc is the only filter
-                stream = any(h.key == STREAM_HEADER for h in request.request_headers.headers.headers)
+            if kind == "request_headers":
+                names = {h.key for h in request.request_headers.headers.headers}
+                if REWRITE_HEADER in names:  # ext_authz decided: nothing to change here, as policyd
+                    yield ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+                    continue
+                stream = STREAM_HEADER in names  # routes as policyd does when ext_proc is the only filter
                 yield ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse(
                     header_mutation=ep.HeaderMutation(set_headers=[ROUTE_RAW, observer(stream, raw=True)]),
                     clear_route_cache=True)))

@@ -143,14 +143,12 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             while request is not None:
                 kind = request.WhichOneof("request")
                 if kind == "request_headers":
-                    exchange = Exchange.from_metadata(request)
+                    exchange = Exchange.from_metadata(request)  # None: no ext_authz decided; this stream decides
                     if exchange is None:
                         arrival = Arrival.of(request)
-                        if request.request_headers.end_of_stream:
-                            exchange, reply = await self._decide(arrival, b"", kind, observer)
-                            yield reply
-                        else:
-                            yield _phase(kind)
+                    if arrival is not None and request.request_headers.end_of_stream:
+                        exchange, reply = await self._decide(arrival, b"", kind, observer)
+                        yield reply
                     else:
                         yield _phase(kind)
                 elif kind == "request_body":

@@ -78,18 +78,10 @@ REQUEST = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "h
 STREAM_REQUEST = b'{"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
 
 
-def after_ext_authz(data: bytes = STREAM_REQUEST, stream: bool = True) -> list[ep.ProcessingRequest]:
-    """The processing filter's messages after ext_authz allowed r-1 and asked for a rewrite: the
-    request headers, with the decision's metadata, and the body."""
-    first = with_metadata(ep.ProcessingRequest(request_headers=headers()), ex=exchange(stream=stream))
-    first.protocol_config.response_body_mode = NONE
-    return [first, ep.ProcessingRequest(request_body=ep.HttpBody(body=data, end_of_stream=True))]
-
-
-def legacy_processing(response_body_mode: int, *tail: ep.ProcessingRequest, metadata: Exchange | None = None,
-                      ) -> list[ep.ProcessingRequest]:
-    """A processing filter of an older gateway config after ext_authz: the request headers, the body
-    and (as configured) the response."""
+def after_ext_authz(*tail: ep.ProcessingRequest, response_body_mode: int = NONE,
+                    metadata: Exchange | None = None) -> list[ep.ProcessingRequest]:
+    """The processing filter's messages after ext_authz allowed r-1: the request headers, with the
+    decision's metadata, and the body; then `tail` (the response, which older gateway configs sent it)."""
     first = with_metadata(ep.ProcessingRequest(request_headers=headers()), ex=metadata or exchange())
     first.protocol_config.response_body_mode = response_body_mode
     body = ep.ProcessingRequest(request_body=ep.HttpBody(body=STREAM_REQUEST, end_of_stream=True))
@@ -180,8 +172,8 @@ async def test_an_older_gateway_configs_processing_filter_hands_streams_to_the_o
     s, engine, _ = servicer()
     for stream in (True, False):
         metadata = exchange(request_id=f"r-{stream}", stream=stream, observed=stream)
-        replies = await run(s, legacy_processing(NONE, ep.ProcessingRequest(response_headers=headers("200")),
-                                                 metadata=metadata))
+        replies = await run(s, after_ext_authz(ep.ProcessingRequest(response_headers=headers("200")),
+                                               metadata=metadata))
         await engine.finish()
         assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers"]
         assert replies[2].HasField("mode_override") is not stream  # a reply that is not a stream: its body, please
@@ -258,10 +250,10 @@ async def test_in_the_ext_proc_shape_a_reply_that_is_not_a_stream_is_read_by_the
 
 async def test_a_processing_filter_sent_response_bodies_reads_and_settles_them_itself() -> None:  # a gateway config rendered before the observer filter existed
     s, engine, _ = servicer()
-    replies = await run(s, legacy_processing(
-        STREAMED, ep.ProcessingRequest(response_headers=headers("200")),
+    replies = await run(s, after_ext_authz(
+        ep.ProcessingRequest(response_headers=headers("200")),
         ep.ProcessingRequest(response_body=ep.HttpBody(body=sse({"choices": [], "usage": USAGE}))),
-        ep.ProcessingRequest(response_body=ep.HttpBody(body=b"", end_of_stream=True))))
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=b"", end_of_stream=True)), response_body_mode=STREAMED))
     await engine.finish()
     assert [r.WhichOneof("response") for r in replies][-2:] == ["response_body", "response_body"]
     assert engine.closed == [("settle", "r-1", 11, 7, False)]
