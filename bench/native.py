@@ -2,7 +2,7 @@
 no-op grpc.aio servicer measured in the same run as the floor.
 
     python -m bench.native [--seconds 10] [--concurrency 32] [--rounds 2] [--rates 100,250,500,1000]
-                           [--redis-url ...] [--database-url ...]
+                           [--workers 1] [--redis-url ...] [--database-url ...]
 
 Without URLs it starts a throwaway redis-server and PostgreSQL on loopback (the writer drains to it).
 policyd (`policyd serve`) and the floor (bench/noop_servers.py) each run as a process of their own;
@@ -26,16 +26,24 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))] if ordered else 0.0
 
 
-async def drive(address: str, key: str, seconds: float, concurrency: int, prefix: str) -> dict:
+def channels(address: str, connections: int) -> list[grpc.aio.Channel]:
+    """One connection (channel) each: a channel of its own subchannel pool, so they are not shared."""
+    options = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
+    return [grpc.aio.insecure_channel(address, options=options) for _ in range(connections)]
+
+
+async def drive(address: str, key: str, seconds: float, concurrency: int, prefix: str, connections: int = 1) -> dict:
     authorize_ms: list[float] = []
     settle_ms: list[float] = []
     pairs = 0
     deadline = time.perf_counter() + seconds
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = policy_pb2_grpc.PolicyServiceStub(channel)
+    opened = channels(address, connections)
+    try:
+        stubs = [policy_pb2_grpc.PolicyServiceStub(channel) for channel in opened]
 
         async def worker(n: int) -> None:
             nonlocal pairs
+            stub = stubs[n % len(stubs)]
             i = 0
             while time.perf_counter() < deadline:
                 rid = f"{prefix}-{n}-{i}"
@@ -56,6 +64,9 @@ async def drive(address: str, key: str, seconds: float, concurrency: int, prefix
         started = time.perf_counter()
         await asyncio.gather(*(worker(n) for n in range(concurrency)))
         elapsed = time.perf_counter() - started
+    finally:
+        for channel in opened:
+            await channel.close()
     return {
         "pairs_per_second": round(pairs / elapsed, 1),
         "authorize_ms": {"p50": round(percentile(authorize_ms, 0.5), 3), "p99": round(percentile(authorize_ms, 0.99), 3),
@@ -119,35 +130,55 @@ def decision_latency(database_url: str, prefix: str) -> dict:
             "p999": round(percentile(values, 0.999) / 1000, 3)}
 
 
-def floor(seconds: float, concurrency: int, rates: tuple[int, ...] = ()) -> dict:
-    """The no-op servicer in a process of its own, like policyd."""
+def floor(seconds: float, concurrency: int, rates: tuple[int, ...] = (), workers: int = 1) -> dict:
+    """The no-op servicer in a process of its own, like policyd (`workers` of them on one port, as policyd's)."""
     import subprocess
     import sys
 
     from tests.servers import free_port, wait_port
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "bench.noop_servers", str(port)],
-                               cwd=os.path.join(os.path.dirname(__file__), ".."))
+    processes = []
     try:
+        for _ in range(workers):
+            processes.append(subprocess.Popen([sys.executable, "-m", "bench.noop_servers", str(port)],
+                                              cwd=os.path.join(os.path.dirname(__file__), "..")))
         wait_port(port)
-        result = asyncio.run(drive(f"127.0.0.1:{port}", "k", seconds, concurrency, "noop"))
+        while not all(listening(process.pid, port) for process in processes):  # each binds once it has imported
+            time.sleep(0.1)
+        result = asyncio.run(drive(f"127.0.0.1:{port}", "k", seconds, concurrency, "noop", connections(workers)))
         result["paced"] = [asyncio.run(paced(f"127.0.0.1:{port}", "k", seconds, rate, f"noop{rate}")) for rate in rates]
         return result
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def listening(pid: int, port: int) -> bool:
+    import psutil
+
+    return any(c.laddr.port == port and c.status == psutil.CONN_LISTEN
+               for c in psutil.Process(pid).net_connections(kind="tcp"))
+
+
+def connections(workers: int) -> int:
+    """Client connections: one for one process; with several, enough that the kernel spreads them evenly."""
+    return 1 if workers == 1 else 8 * workers
 
 
 def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str, writer: str = "process",
-            rates: tuple[int, ...] = ()) -> dict:
+            rates: tuple[int, ...] = (), workers: int = 1) -> dict:
     """`policyd serve` in a process of its own (uvloop), the writer draining to PostgreSQL in a `policyd writer`
     process beside it (writer="process", the production shape) or inside serve (writer="inprocess")."""
     from tests.processes import PolicydProcess, WriterProcess
 
     separate = writer == "process"
     process = PolicydProcess(redis_url, database_url, policy=os.path.join(os.path.dirname(__file__), "policy.yaml"),
-                             extra_env={"POLICYD_PARTITIONS": "16", "POLICYD_WRITER_ENABLED": str(not separate).lower()})
+                             extra_env={"POLICYD_PARTITIONS": "16", "POLICYD_WRITER_ENABLED": str(not separate).lower(),
+                                        "POLICYD_WORKERS": str(workers)})
+    if workers > 1:
+        process.listening_workers(workers)
     writers = [WriterProcess(redis_url, database_url, extra_env={"POLICYD_PARTITIONS": "16"})] if separate else []
     try:
         with grpc.insecure_channel(process.address) as channel:
@@ -156,7 +187,7 @@ def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str,
                                                            amount=types_pb2.Money(currency="USD", nanos=10**15)))
             key = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="bench", plan="bench",
                                                              environment="production"))
-            result = asyncio.run(drive(process.address, key.secret, seconds, concurrency, "bench"))
+            result = asyncio.run(drive(process.address, key.secret, seconds, concurrency, "bench", connections(workers)))
             result["paced"] = [asyncio.run(paced(process.address, key.secret, seconds, rate, f"paced{rate}"))
                                for rate in rates]
             lag_started = time.perf_counter()
@@ -187,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Authorize rates (per second) of the paced runs, comma-separated ('' = none)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="floor and policyd measured alternately this many times (the floor moves run to run)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="policyd serve processes on one port (POLICYD_WORKERS), and as many no-op floor processes")
     parser.add_argument("--writer", choices=["process", "inprocess"], default="process",
                         help="the writer in a `policyd writer` process (default) or inside serve")
     args = parser.parse_args(argv)
@@ -206,8 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for n in range(max(args.rounds, 1)):
             paced_rates = rates if n == 0 else ()  # the paced runs once
-            rounds.append((floor(args.seconds, args.concurrency, paced_rates),
-                           policyd(args.seconds, args.concurrency, redis_url, database_url, args.writer, paced_rates)))
+            rounds.append((floor(args.seconds, args.concurrency, paced_rates, args.workers),
+                           policyd(args.seconds, args.concurrency, redis_url, database_url, args.writer, paced_rates,
+                                   args.workers)))
     finally:
         for server in servers:
             server.close()
@@ -215,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = ratios[(len(ratios) - 1) // 2]  # the lower middle: never flattering
     noop, real = rounds[0]
     print(f"native Authorize+Settle ({args.concurrency} concurrent, {args.seconds:.0f} s, {os.cpu_count()} cores, "
-          f"writer {'in its own process' if args.writer == 'process' else 'inside serve'})")
+          f"writer {'in its own process' if args.writer == 'process' else 'inside serve'}, {args.workers} serve "
+          f"process{'es' if args.workers > 1 else ''})")
     print(f"{'':30} {'pairs/s':>9} {'auth p50':>9} {'auth p99':>9} {'auth p99.9':>11} {'settle p50':>11} {'settle p99':>11}")
     for n, pair in enumerate(rounds, 1):
         for name, r in (("no-op grpc.aio (floor)", pair[0]), ("policyd (Redis + PG)", pair[1])):
@@ -232,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"policyd's own work before its Redis call {d['p50']} / {d['p99']} / {d['p999']}")
     return {"native": {"rounds": [{"floor": f, "policyd": r} for f, r in rounds], "ratio": round(ratio, 3),
                        "ratios": [round(x, 3) for x in ratios], "cores": os.cpu_count(), "writer": args.writer,
+                       "workers": args.workers,
                        "concurrency": args.concurrency}}
 
 

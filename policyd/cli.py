@@ -30,6 +30,10 @@ def _serve(args: argparse.Namespace) -> int:
     from policyd.server import serve, work
 
     settings = _settings(args)
+    if args.command == "serve" and settings.workers > 1:
+        from policyd.workers import Supervisor
+
+        return Supervisor(settings).run()
 
     async def main() -> None:
         shutdown = asyncio.Event()
@@ -54,7 +58,7 @@ def _settings(args: argparse.Namespace) -> Any:
     from policyd.settings import Settings
 
     overrides: dict[str, Any] = {}
-    for name in ("listen", "redis_url", "database_url", "admin_token"):
+    for name in ("listen", "redis_url", "database_url", "admin_token", "workers"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
@@ -466,13 +470,14 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--database-url", dest="database_url", help="env POLICYD_DATABASE_URL; default sqlite:///policyd.db")
     serve.add_argument("--admin-token", dest="admin_token", help="env POLICYD_ADMIN_TOKEN")
     serve.add_argument("--policy", help="policy YAML to apply at start")
+    serve.add_argument("--workers", type=int, help="processes sharing the port (env POLICYD_WORKERS, default 1)")
     serve.set_defaults(run=_serve)
 
     writer = commands.add_parser("writer", help="move decisions from Redis to SQL (and run the background loops) "
                                                 "in a process of its own; pair with POLICYD_WRITER_ENABLED=false on serve")
     for flag, dest in (("--redis-url", "redis_url"), ("--database-url", "database_url")):
         writer.add_argument(flag, dest=dest)
-    writer.set_defaults(run=_serve, listen=None, admin_token=None, policy=None)
+    writer.set_defaults(run=_serve, listen=None, admin_token=None, policy=None, workers=None)
 
     apply = client(commands.add_parser("apply", help="apply a policy YAML file (- for stdin)"))
     apply.add_argument("-f", "--file", required=True)

@@ -37,13 +37,31 @@ REASON_METADATA = "policyd-reason"
 PROXY_PROBLEMS = frozenset({"invalid_request", "request_too_large", "request_headers_too_large", "unknown_endpoint"})
 
 
+def _unreachable(error: Exception) -> bool:
+    """A store policyd stands on is down or was cut off: the caller may try again."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    return isinstance(error, (RedisConnectionError, RedisTimeoutError, OperationalError, InterfaceError))
+
+
 async def _call(context: grpc.aio.ServicerContext, action: Callable[[], Awaitable[T]]) -> T:
-    """Run an action; a PolicydError becomes its gRPC status with the machine reason in trailing metadata."""
+    """Run an action; a PolicydError becomes its gRPC status with the machine reason in trailing metadata.
+    Any other error is logged in full and answered briefly (UNAVAILABLE when a store is unreachable, else
+    INTERNAL): its text may hold SQL and data, and may be longer than a client accepts in metadata."""
     try:
         return await action()
     except PolicydError as error:
         context.set_trailing_metadata(((REASON_METADATA, error.reason),))
         await context.abort(getattr(grpc.StatusCode, error.status), f"{error.reason}: {error.message}")
+        raise  # unreachable: abort raises
+    except Exception as error:
+        log.exception("call failed")
+        reason, status = ("unavailable", grpc.StatusCode.UNAVAILABLE) if _unreachable(error) else \
+            ("internal", grpc.StatusCode.INTERNAL)
+        context.set_trailing_metadata(((REASON_METADATA, reason),))
+        await context.abort(status, f"{reason}: {type(error).__name__} (the details are in policyd's log)")
         raise  # unreachable: abort raises
 
 

@@ -22,6 +22,10 @@ class Settings(BaseSettings):
         "sqlite:///policyd.db",
         description="SQLAlchemy URL of the durable store (postgresql+psycopg://... in production)",
     )
+    workers: int = Field(1, ge=1, le=64, description="`policyd serve` processes sharing `listen` (SO_REUSEPORT, Linux; "
+                                                     "a shared Redis needed): about one a core. Worker 0 alone applies "
+                                                     "policy_file and runs the writer and the dashboard; worker i serves "
+                                                     "metrics on the metrics port + i")
     admin_listen: str = Field("", description="serve the AdminService on this address only (host:port), apart from "
                                                "the decision services; empty = on `listen` with them")
     admin_tls_client_ca_file: str = Field("", description="PEM CA the AdminService listener requires client "

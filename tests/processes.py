@@ -53,6 +53,34 @@ class PolicydProcess:
                 self.kill()
         return self.process.returncode
 
+    def workers(self) -> list:
+        """The worker processes of a serve started with POLICYD_WORKERS > 1 (psutil.Process each)."""
+        import psutil
+
+        return psutil.Process(self.process.pid).children()
+
+    def listening_workers(self, count: int, timeout: float = 60) -> list:
+        """The workers, once `count` of them listen on the port (each binds it as it becomes ready)."""
+        import time
+
+        import psutil
+
+        def listening(worker: psutil.Process) -> bool:
+            try:
+                return any(c.laddr.port == self.port and c.status == psutil.CONN_LISTEN
+                           for c in worker.net_connections(kind="tcp"))
+            except psutil.NoSuchProcess:
+                return False
+
+        deadline = time.monotonic() + timeout
+        while True:
+            workers = [w for w in self.workers() if listening(w)]
+            if len(workers) == count:
+                return workers
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{len(workers)} of {count} workers listen:\n{self.log()}")
+            time.sleep(0.1)
+
 
 class WriterProcess:
     """`policyd writer`: the stream-to-SQL writer and background loops in a process of their own."""

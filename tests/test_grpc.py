@@ -174,3 +174,35 @@ async def test_trace_context_problems_and_estimated_settlement(channel: grpc.aio
     assert first.stream_interrupted and first.error_class == "usage_estimated:stream_cut"
     wallet = await admin.GetWallet(admin_pb2.GetWalletRequest(customer_id="tr"), metadata=AUTH)
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (10**9 - settled.charge.nanos, 0)
+
+
+@pytest.mark.parametrize("fault, code, reason", [
+    (RuntimeError("INSERT INTO usage_records ... " + "x" * 40_000), grpc.StatusCode.INTERNAL, "internal"),
+    (__import__("redis").exceptions.ConnectionError("Redis went away"), grpc.StatusCode.UNAVAILABLE, "unavailable"),
+])
+async def test_unexpected_errors_are_logged_and_answered_briefly(tmp_path, caplog, fault, code, reason) -> None:
+    """An error policyd did not expect (SQL text, data, a long message) stays in its log: the caller gets
+    a short status it can read (a 40 KB message would pass gRPC's metadata limit: the client would see
+    RESOURCE_EXHAUSTED, not the error) and the machine reason."""
+    service = await Service.build(make_settings({"redis_url": "", "database_url": f"sqlite:///{tmp_path}/g.db"},
+                                                admin_token=TOKEN))
+    await service.start()
+
+    async def failing_audit():
+        raise fault
+
+    service.admin.audit = failing_audit
+    server, _ = make_grpc_server(service)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await admin_pb2_grpc.AdminServiceStub(ch).Audit(admin_pb2.AuditRequest(), metadata=AUTH)
+    finally:
+        await server.stop(grace=1)
+        await service.close()
+    assert error.value.code() == code
+    assert error.value.details() == f"{reason}: {type(fault).__name__} (the details are in policyd's log)"
+    assert dict(error.value.trailing_metadata())["policyd-reason"] == reason
+    assert any(r.exc_info and r.exc_info[1] is fault for r in caplog.records)
