@@ -191,7 +191,11 @@ def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str,
             result["paced"] = [asyncio.run(paced(process.address, key.secret, seconds, rate, f"paced{rate}"))
                                for rate in rates]
             lag_started = time.perf_counter()
-            result["audit_ok"] = admin.Audit(admin_pb2.AuditRequest(), timeout=300).ok  # drains the writer first
+            try:
+                result["audit_ok"] = admin.Audit(admin_pb2.AuditRequest(), timeout=300).ok  # drains the writer first
+            except grpc.RpcError as error:  # counted as a failed audit; policyd's log says why
+                result["audit_ok"] = False
+                print(f"audit failed: {error.code()} {error.details()}\n{process.log()[-4000:]}")
             result["writer_catch_up_seconds"] = round(time.perf_counter() - lag_started, 2)
             for run in result["paced"]:
                 run["decision_ms"] = decision_latency(database_url, f"paced{run['rate_asked']}")
