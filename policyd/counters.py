@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from policyd import redis_keys
 from policyd.money import AMOUNT_MAX
+from policyd.script_lane import ScriptLane
 
 
 def _load(name: str) -> str:
@@ -165,6 +166,19 @@ class Counters:
         self._grant = client.register_script(_load("grant"))
         self._key_state = client.register_script(_load("key_state"))
         self._expire_credit = client.register_script(_load("expire_credit"))
+        # the scripts every request runs go through one pipelined connection where redis-py's pool is not needed
+        self._lane = ScriptLane.for_client(client)
+
+    async def _decide(self, script: Any, keys: list[str], args: list[str]) -> Any:
+        """Run one of the per-request scripts (authorize, settle, release)."""
+        if self._lane is None:
+            return await script(keys=keys, args=args)
+        return await self._lane.run(script.sha, script.script, keys, args)
+
+    async def aclose(self) -> None:
+        if self._lane is not None:
+            await self._lane.aclose()
+        await self.client.aclose()
 
     def partition_of(self, owner_id: str) -> int:
         return redis_keys.partition_of(owner_id, self.partitions)
@@ -227,7 +241,7 @@ class Counters:
         else:  # one round trip: the script sets the index too
             keys.append(redis_keys.request_index(request_id))
             args += [str(partition), str(REQUEST_INDEX_SECONDS)]
-        reply = await self._authorize(keys=keys, args=args)
+        reply = await self._decide(self._authorize, keys, args)
         outcome = _text(reply[0])
         if outcome == "fenced":
             raise Fenced(partition)
@@ -304,7 +318,7 @@ class Counters:
         ]
         for _, while_reserved, after_expiry in bucket_deltas:
             args += [str(while_reserved), str(after_expiry)]
-        reply = await self._settle(keys=keys, args=args)
+        reply = await self._decide(self._settle, keys, args)
         outcome = _text(reply[0])
         if outcome == "fenced":
             raise Fenced(p)
@@ -336,7 +350,7 @@ class Counters:
         ]
         args = [reservation.request_id, str(now_ms), target, reason, str(retention_seconds), str(len(bucket_releases))]
         args += [str(amount) for _, amount in bucket_releases]
-        reply = await self._release(keys=keys, args=args)
+        reply = await self._decide(self._release, keys, args)
         if _text(reply[0]) == "fenced":
             raise Fenced(p)
         return _text(reply[0]), _text(reply[1]) if len(reply) > 1 else ""

@@ -131,7 +131,7 @@ class Service:
             await self.writer.drain()
         except Exception:
             log.exception("final drain failed; events stay in the stream for the next writer")
-        await self.counters.client.aclose()
+        await self.counters.aclose()
         self.store.close()
 
 
