@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from sqlalchemy import bindparam, case, func, insert, or_, select, update
+from sqlalchemy import JSON, Table, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from policyd.db import ApiKeyRow, EventRow, LedgerEntryRow, PolicyVersionRow, UsageRecordRow, make_engine
@@ -35,6 +36,36 @@ def _by_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     for row in rows:
         groups.setdefault(frozenset(row), []).append(row)
     return list(groups.values())
+
+
+def _copy(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
+    """COPY rows into a PostgreSQL table in the session's transaction. Columns a row leaves out take their
+    Python-side defaults (worked out once a batch), as an INSERT through SQLAlchemy would; those without
+    one are left to the table's own default. The driver's errors are raised as SQLAlchemy's
+    (IntegrityError for a row that exists), as an INSERT's would be."""
+    import json
+
+    import psycopg
+
+    named = set().union(*rows)
+    columns = [c for c in table.columns if c.name in named or c.default is not None]
+    defaults = [(c.name, None if c.default is None else c.default.arg(None) if c.default.is_callable  # type: ignore[attr-defined]
+                 else c.default.arg) for c in columns]  # type: ignore[attr-defined]
+    json_positions = [i for i, c in enumerate(columns) if isinstance(c.type, JSON)]
+    statement = f"COPY {table.name} ({', '.join(c.name for c in columns)}) FROM STDIN"
+    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        with cursor.copy(statement) as copy:
+            for row in rows:
+                values = [row.get(name, default) for name, default in defaults]
+                for i in json_positions:  # JSON as text: the server parses it into the column
+                    if values[i] is not None:
+                        values[i] = json.dumps(values[i])
+                copy.write_row(values)
+    except psycopg.Error as error:
+        raise DBAPIError.instance(statement, None, error, psycopg.Error) from error
+    finally:
+        cursor.close()
 
 
 def key_record(row: ApiKeyRow) -> KeyRecord:
@@ -73,7 +104,14 @@ class Store:
             session.execute(dialect.insert(model.__table__).on_conflict_do_nothing(), same)  # Core, not ORM bulk
 
     def insert_new(self, session: Session, model: type, rows: list[dict[str, Any]]) -> None:
-        """Insert rows that must not exist yet (a conflict raises IntegrityError: another writer was first)."""
+        """Insert rows that must not exist yet (a conflict raises IntegrityError: another writer was first).
+        On PostgreSQL by COPY (the batch in one stream the driver encodes in C: the writer's inserts cost
+        about half of its CPU as executemany)."""
+        if not rows:
+            return
+        if self.engine.dialect.name == "postgresql":
+            _copy(session, model.__table__, rows)  # type: ignore[attr-defined]
+            return
         for same in _by_columns(rows):
             session.execute(insert(model.__table__), same)  # Core: the ORM's bulk path costs more per row
 
