@@ -4,8 +4,8 @@ core at a time, so a machine with more cores serves more decisions with more pro
 Each worker is a replica like any other (counters in the shared Redis, policy and keys refreshed from
 SQL and invalidated across replicas), listening on the same address: gRPC servers set SO_REUSEPORT
 on Linux, and the kernel spreads new connections across the processes bound to it. A connection
-stays with its worker, so a client needs several connections for its calls to spread (Envoy opens
-more once a connection holds `max_concurrent_streams`; a gRPC client, one channel each).
+stays with its worker, so a client needs several connections for its calls to spread (Envoy opens one
+per worker thread; a gRPC client, one a channel).
 
 What must run once runs in worker 0, started first and awaited until it listens: applying the
 policy file (the others load it from SQL), the writer and the SQL loops, the dashboard. Worker i
