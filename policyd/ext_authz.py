@@ -22,6 +22,7 @@ from policyd.domain import Decision
 from policyd.engine import Engine
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, REQUEST_ID_HEADER, Exchange
 from policyd.providers import ProviderPool
+from policyd.reasons import MESSAGES, error_type, failure, http_status
 from policyd.upstream import local_reply_headers, upstream_request
 
 log = logging.getLogger("policyd.ext_authz")
@@ -49,12 +50,24 @@ def deny_decision(d: Decision) -> Any:
     return denied(d.http_status, body, d.retry_after_seconds)
 
 
+def denied_by_failure(error: Exception) -> Any:
+    reason = failure(error)
+    return denied(http_status(reason), http_api.error_body(error_type(reason), reason, MESSAGES[reason]))
+
+
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     def __init__(self, engine: Engine, pool: ProviderPool) -> None:
         self.engine = engine
         self.pool = pool
 
     async def Check(self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await self._check(request)
+        except Exception as error:  # answered as the OpenAI error a client reads, not as an empty 503
+            log.exception("check failed")
+            return denied_by_failure(error)
+
+    async def _check(self, request: external_auth_pb2.CheckRequest) -> Any:
         http = request.attributes.request.http
         body = http.raw_body or http.body.encode("utf-8", "surrogateescape")
         source = request.attributes.source.address.socket_address.address

@@ -30,6 +30,7 @@ Two gateway shapes (`policyd gateway-config --shape`):
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -45,8 +46,11 @@ from policyd.domain import Decision, UsageReport
 from policyd.engine import Engine
 from policyd.exchange import EXT_PROC_NAMESPACE, REQUEST_ID_HEADER, Exchange
 from policyd.providers import ProviderPool
+from policyd.reasons import MESSAGES, error_type, failure, http_status
 from policyd.upstream import local_reply_headers, upstream_request
 from policyd.usage_capture import closing
+
+log = logging.getLogger("policyd.ext_proc")
 
 COOLDOWN_STATUSES = {429, 500, 502, 503, 504}
 ATTRIBUTES_NAMESPACE = "envoy.filters.http.ext_proc"
@@ -106,6 +110,12 @@ def immediate(status: int, body: bytes, retry_after: int = 0, details: str = "")
 def immediate_denial(d: Decision) -> Any:
     body = http_api.error_body(d.error_type, d.reason, d.message, d.error_param)
     return immediate(d.http_status, body, d.retry_after_seconds, f"policyd_{d.reason}")
+
+
+def immediate_failure(error: Exception) -> Any:
+    reason = failure(error)
+    return immediate(http_status(reason), http_api.error_body(error_type(reason), reason, MESSAGES[reason]), 0,
+                     f"policyd_{reason}")
 
 
 def _phase(kind: str, common: Any | None = None) -> Any:
@@ -238,6 +248,13 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
 
     async def _decide(self, arrival: Arrival, body: bytes, kind: str, observer: bool) -> tuple[Exchange | None, Any]:
         """The ext_proc-only shape: authorize here, and either send the request on or answer it."""
+        try:
+            return await self._decision(arrival, body, kind, observer)
+        except Exception as error:  # answered as the OpenAI error a client reads, not as an empty 503
+            log.exception("decision failed")
+            return None, immediate_failure(error)
+
+    async def _decision(self, arrival: Arrival, body: bytes, kind: str, observer: bool) -> tuple[Exchange | None, Any]:
         call = http_api.parse_call(arrival.method, arrival.path, arrival.headers, body, arrival.client_address)
         if call.models_listing:
             models, denial = await self.engine.models_for(call.api_key)

@@ -38,6 +38,8 @@ _REASONS = [
     Reason("rate_limit_exceeded", 429, "rate_limit_exceeded"),
     Reason("concurrency_limit_exceeded", 429, "rate_limit_exceeded"),
     Reason("counters_unavailable", 503, "server_error"),
+    Reason("unavailable", 503, "server_error"),  # an unexpected error: a store policyd stands on is unreachable
+    Reason("internal", 500, "server_error"),  # an unexpected error of any other kind
 ]
 REASONS: dict[str, Reason] = {r.code: r for r in _REASONS}
 
@@ -70,4 +72,18 @@ MESSAGES = {
     "concurrency_limit_exceeded": "Too many requests in flight on this API key.",
     "invalid_request": "The request is invalid.",
     "counters_unavailable": "The policy service cannot reach its counters.",
+    "unavailable": "The policy service cannot reach a store it needs; try again.",
+    "internal": "The policy service failed to decide this request; the details are in its log.",
 }
+
+
+def failure(error: Exception) -> str:
+    """The reason an unexpected error is answered with: "unavailable" when a store policyd stands on is
+    down or was cut off (the caller may try again), else "internal". Its text is never sent: it may
+    hold SQL and data, and may be longer than a caller accepts."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    unreachable = (RedisConnectionError, RedisTimeoutError, OperationalError, InterfaceError, ConnectionError)
+    return "unavailable" if isinstance(error, unreachable) else "internal"

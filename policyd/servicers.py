@@ -24,6 +24,7 @@ from policyd.domain import (
     trace_id_from,
 )
 from policyd.engine import Engine
+from policyd.reasons import failure
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
 
 log = logging.getLogger("policyd.grpc")
@@ -35,15 +36,6 @@ KEY_STATES = {"active": admin_pb2.ACTIVE, "paused": admin_pb2.PAUSED, "revoked":
 REASON_METADATA = "policyd-reason"
 # what a proxy may report as AuthorizeRequest.problem: it found the HTTP request unusable
 PROXY_PROBLEMS = frozenset({"invalid_request", "request_too_large", "request_headers_too_large", "unknown_endpoint"})
-
-
-def _unreachable(error: Exception) -> bool:
-    """A store policyd stands on is down or was cut off: the caller may try again."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-    from sqlalchemy.exc import InterfaceError, OperationalError
-
-    return isinstance(error, (RedisConnectionError, RedisTimeoutError, OperationalError, InterfaceError))
 
 
 async def _call(context: grpc.aio.ServicerContext, action: Callable[[], Awaitable[T]]) -> T:
@@ -58,8 +50,8 @@ async def _call(context: grpc.aio.ServicerContext, action: Callable[[], Awaitabl
         raise  # unreachable: abort raises
     except Exception as error:
         log.exception("call failed")
-        reason, status = ("unavailable", grpc.StatusCode.UNAVAILABLE) if _unreachable(error) else \
-            ("internal", grpc.StatusCode.INTERNAL)
+        reason = failure(error)
+        status = grpc.StatusCode.UNAVAILABLE if reason == "unavailable" else grpc.StatusCode.INTERNAL
         context.set_trailing_metadata(((REASON_METADATA, reason),))
         await context.abort(status, f"{reason}: {type(error).__name__} (the details are in policyd's log)")
         raise  # unreachable: abort raises

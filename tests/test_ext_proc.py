@@ -8,9 +8,11 @@ import asyncio
 import json
 from typing import Any, AsyncIterator
 
+import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from policyd.domain import Decision
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE, Exchange
@@ -257,3 +259,32 @@ async def test_a_processing_filter_sent_response_bodies_reads_and_settles_them_i
     await engine.finish()
     assert [r.WhichOneof("response") for r in replies][-2:] == ["response_body", "response_body"]
     assert engine.closed == [("settle", "r-1", 11, 7, False)]
+
+
+class FailingEngine(RecordingEngine):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    async def authorize(self, request: Any, cooling: Any) -> Decision:
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "status", "reason"), [
+    (RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused."), 503, "unavailable"),
+    (RuntimeError("SELECT * FROM api_keys WHERE secret_hash = 'abc' " + "x" * 40_000), 500, "internal"),
+])
+async def test_in_the_ext_proc_shape_an_unexpected_error_is_answered_as_an_openai_error(
+        error: Exception, status: int, reason: str, caplog: pytest.LogCaptureFixture) -> None:
+    engine = FailingEngine(error)
+    s = ExternalProcessorServicer(engine, ProviderPool([]))  # type: ignore[arg-type]
+    replies = await run(s, ext_proc_shape())
+    await engine.finish()
+    answer = replies[-1].immediate_response
+    assert answer.status.code == status
+    body = json.loads(answer.body)["error"]
+    assert (body["type"], body["code"]) == ("server_error", reason)
+    assert "SELECT" not in answer.body.decode() and "111" not in answer.body.decode()  # the error's text stays in the log
+    assert answer.details == f"policyd_{reason}"
+    assert engine.closed == []  # nothing reserved, nothing to close
+    assert any(r.exc_info and r.exc_info[1] is error for r in caplog.records)

@@ -1,0 +1,55 @@
+"""The ext_authz servicer's Check, called directly (tests/test_gateway.py runs it through a real Envoy)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2
+from google.rpc import code_pb2
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import OperationalError
+
+from policyd.ext_authz import AuthorizationServicer
+from policyd.providers import ProviderPool
+
+
+class FailingEngine:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.asked = 0
+
+    async def authorize(self, request: Any, cooling: Any) -> Any:
+        self.asked += 1
+        raise self.error
+
+
+def check_request() -> external_auth_pb2.CheckRequest:
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path = "POST", "/v1/chat/completions"
+    http.headers.update({"authorization": "Bearer pdk_test_" + "a" * 40, "content-type": "application/json"})
+    http.raw_body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+    return request
+
+
+@pytest.mark.parametrize(("error", "status", "reason"), [
+    (RedisTimeoutError("Timeout reading from 10.0.0.7:6379"), 503, "unavailable"),
+    (OperationalError("SELECT secret_hash FROM api_keys", {}, Exception("server closed the connection")), 503,
+     "unavailable"),
+    (KeyError("pdk_test_" + "a" * 40), 500, "internal"),
+])
+async def test_an_unexpected_error_is_denied_with_an_openai_error_and_logged(
+        error: Exception, status: int, reason: str, caplog: pytest.LogCaptureFixture) -> None:
+    engine = FailingEngine(error)
+    servicer = AuthorizationServicer(engine, ProviderPool([]))  # type: ignore[arg-type]
+    answer = await servicer.Check(check_request(), None)
+    assert engine.asked == 1
+    assert answer.status.code == code_pb2.PERMISSION_DENIED and not answer.HasField("ok_response")
+    assert answer.denied_response.status.code == status
+    error_body = json.loads(answer.denied_response.body)["error"]
+    assert (error_body["type"], error_body["code"]) == ("server_error", reason)
+    assert "secret_hash" not in answer.denied_response.body and "pdk_test_" not in answer.denied_response.body
+    assert {h.header.key for h in answer.denied_response.headers} >= {"content-type"}
+    assert any(r.exc_info and r.exc_info[1] is error for r in caplog.records)
