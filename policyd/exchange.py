@@ -15,10 +15,9 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from policyd.domain import Decision
-from policyd.http_api import HttpCall, rewrite_body
+from policyd.http_api import REQUEST_ID_HEADER, HttpCall, rewrite_body
 from policyd.usage_capture import ResponseReader
 
-REQUEST_ID_HEADER = "x-policyd-request-id"
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where ext_authz's dynamic metadata lands
 EXT_PROC_NAMESPACE = "policyd"  # where the deciding ext_proc puts it (its receiving_namespaces)
 NAMESPACES = (EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE)

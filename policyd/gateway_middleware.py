@@ -46,8 +46,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-REQUEST_ID_HEADER = "x-policyd-request-id"
-STRIPPED_HEADERS = frozenset({*http_api.CUSTOMER_KEY_HEADERS, "content-length", REQUEST_ID_HEADER,
+STRIPPED_HEADERS = frozenset({*http_api.CUSTOMER_KEY_HEADERS, "content-length", http_api.REQUEST_ID_HEADER,
                               "x-policyd-served-model", "x-policyd-route"})
 
 
@@ -135,7 +134,7 @@ class PolicydMiddleware:
             body = json.dumps(rewritten, separators=(",", ":")).encode()
         headers = [(k, v) for k, v in scope.get("headers", []) if k.decode("latin-1").lower() not in STRIPPED_HEADERS]
         headers += [(b"content-length", str(len(body)).encode()),
-                    (REQUEST_ID_HEADER.encode(), decision.request_id.encode()),
+                    (http_api.REQUEST_ID_HEADER.encode(), decision.request_id.encode()),
                     (b"x-policyd-served-model", decision.served_model.encode()),
                     (b"x-policyd-route", decision.route.encode())]
         exchange = _Exchange(decision.request_id, decision.served_model, ResponseReader(call.endpoint, call.stream))
@@ -144,7 +143,7 @@ class PolicydMiddleware:
             if message["type"] == "http.response.start":
                 exchange.status = int(message["status"])
                 message = {**message, "headers": [*message.get("headers", []),
-                                                  (REQUEST_ID_HEADER.encode(), decision.request_id.encode())]}
+                                                  (http_api.REQUEST_ID_HEADER.encode(), decision.request_id.encode())]}
                 await send(message)
                 return
             if message["type"] == "http.response.body":
@@ -260,6 +259,6 @@ async def _respond(send: Send, status: int, body: bytes, retry_after: int = 0, r
     if retry_after > 0:
         headers.append((b"retry-after", str(retry_after).encode()))
     if request_id:
-        headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+        headers.append((http_api.REQUEST_ID_HEADER.encode(), request_id.encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -50,7 +50,8 @@ ATTRIBUTION_HEADERS = {
     "x-route": "route",
     "x-environment": "environment",
 }
-REQUEST_ID_HEADERS = ("x-policyd-request-id", "idempotency-key", "x-request-id")
+REQUEST_ID_HEADER = "x-policyd-request-id"  # the request id policyd sends back with every reply
+REQUEST_ID_HEADERS = (REQUEST_ID_HEADER, "idempotency-key", "x-request-id")
 TAG_HEADER_PREFIX = "x-policyd-tag-"
 CUSTOMER_KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
 
