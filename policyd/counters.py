@@ -147,6 +147,7 @@ class Reservation:
     amount: int
     expires_ms: int
     fields: dict[str, Any]  # what policyd stored at authorize: {"record": ..., "input_tokens_estimate": ...}
+    record_json: str = ""  # the record as this process encoded it at authorize (empty when read from Redis)
 
     @property
     def record(self) -> dict[str, Any]:

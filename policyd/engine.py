@@ -406,7 +406,7 @@ class Engine:
             )
             if result.outcome == "allow":
                 self.counters.remember(Reservation(request_id, partition, "reserved", result.reserved,
-                                                   at + self.reservation_ttl_ms, fields))
+                                                   at + self.reservation_ttl_ms, fields, record_json))
             return result
         except Exception as error:
             if unreachable(error):
@@ -579,8 +579,9 @@ class Engine:
         }
         if report.fallback_reason:  # the proxy's own fallback; otherwise the one decided at Authorize stays
             settlement["fallback_reason"] = report.fallback_reason
-        payload = json.dumps({"record": r, "settlement": settlement, "currency": r["currency"]},
-                             separators=(",", ":"))
+        record_json = reservation.record_json or json.dumps(r, separators=(",", ":"))
+        payload = (f'{{"record":{record_json},"settlement":{json.dumps(settlement, separators=(",", ":"))},'
+                   f'"currency":{json.dumps(r["currency"])}}}')
         try:
             result = await self.counters.settle(
                 reservation, customer_id=r["wallet_id"], key_id=r["api_key_id"], now_ms=self.clock(),

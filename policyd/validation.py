@@ -16,6 +16,7 @@ TAG_VALUE_LENGTH_MAX = 256
 USER_AGENT_LENGTH_MAX = 1024
 REQUEST_ID_PATTERN = re.compile(rf"^[A-Za-z0-9._:/=+@-]{{1,{REQUEST_ID_LENGTH_MAX}}}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NOT_UTF8 = re.compile("[\ufffd\ud800-\udfff]")  # a replacement character, or a lone surrogate
 
 _ATTRIBUTION_FIELDS = (
     "trace_id", "traceparent", "customer_id", "workspace_id", "project_id", "end_user_id",
@@ -32,11 +33,13 @@ class Problem(Exception):
 
 
 def _text_field(name: str, value: str, length_max: int) -> None:
+    if not value:
+        return
     if len(value) > length_max:
         raise Problem("invalid_metadata", f"{name} is longer than {length_max} characters", name)
     if _CONTROL.search(value):
         raise Problem("invalid_metadata", f"{name} contains control characters", name)
-    if "\ufffd" in value or any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+    if _NOT_UTF8.search(value):
         raise Problem("invalid_metadata", f"{name} is not valid UTF-8", name)
 
 

@@ -140,6 +140,9 @@ async def test_spoofed_owner_is_denied_and_recorded(service: Service) -> None:
         ({"thread_id": "bad\nline"}, "thread_id"),
         ({"tags": {f"k{i}": "v" for i in range(40)}}, "tags"),
         ({"request_id": "has spaces"}, "request_id"),
+        ({"end_user_id": "user-\udcff"}, "end_user_id"),  # a header byte that was not UTF-8 (surrogateescape)
+        ({"feature": "caf\ufffd"}, "feature"),  # already replaced on the way in
+        ({"tags": {"team": "a\ud800b"}}, "tag team"),
     ],
 )
 async def test_invalid_metadata(service: Service, attribution: dict, param: str) -> None:
