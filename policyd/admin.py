@@ -527,6 +527,6 @@ _RECORD_COLUMNS = (
     "request_id", "created_ms", "trace_id", "traceparent", "customer_id", "workspace_id", "project_id", "team_id",
     "api_key_id", "wallet_id", "plan", "environment", "claimed", "end_user_id", "agent_id", "thread_id", "feature", "route",
     "tags", "endpoint", "requested_model", "primary_model", "served_model", "provider", "upstream", "decision",
-    "policy_version", "price_table_version", "billing_mode", "reservation_mode", "currency", "max_output_tokens",
+    "policy_version", "price_table_version", "billing_mode", "reservation_mode", "currency", "max_output_tokens", "choices",
     "holds", "decision_latency_us", "client_address", "user_agent", "fallback_reason",
 )

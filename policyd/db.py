@@ -103,7 +103,8 @@ class UsageRecordRow(Base):
     currency: Mapped[str] = mapped_column(String(3), default="")
     status: Mapped[str] = mapped_column(String(16), index=True)  # denied|reserved|settled|settled_late|released|expired
     reserved_nanos: Mapped[int] = mapped_column(BigInteger, default=0)
-    max_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    max_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)  # the cap of each choice
+    choices: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")  # n: output reserved = cap x n
     holds: Mapped[list[Any]] = mapped_column(JSON, default=list)  # [[bucket key, unit, held], ...]
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cached_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -51,6 +51,7 @@ class Shape:
     image_count: int = 0
     seconds: int = 0
     stream: bool = False
+    choices: int = 0  # completions the provider generates (n / best_of / candidateCount), each up to the cap; 0 = 1
 
 
 @dataclass(frozen=True)

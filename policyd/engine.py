@@ -359,7 +359,7 @@ class Engine:
             output_cap = 0
         quantities = Quantities(
             input_tokens=input_tokens,
-            output_tokens=output_cap,
+            output_tokens=output_cap * max(1, s.choices),  # every choice may reach the cap, and all are billed
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
             seconds=s.seconds,
         )
@@ -436,7 +436,7 @@ class Engine:
             "billing_mode": billing_of(plan, a.feature) if plan else "",
             "reservation_mode": plan.reservation if plan else "",
             "currency": policy.document.currency if policy else "",
-            "max_output_tokens": attempt.output_cap,
+            "max_output_tokens": attempt.output_cap, "choices": max(1, request.shape.choices),
             "holds": [[h.key, h.unit, h.amount] for h in attempt.holds],
             "decision_latency_us": (time.perf_counter_ns() - started) // 1000,
             "client_address": request.client_address, "user_agent": request.user_agent,
@@ -612,7 +612,8 @@ class Engine:
         usage): input as estimated at Authorize, output as counted from what was delivered."""
         reservation = await self.counters.find_reservation(request_id)
         input_tokens = int(reservation.fields.get("input_tokens_estimate", 0)) if reservation else 0
-        cap = int(reservation.record["max_output_tokens"]) if reservation else 0
+        cap = int(reservation.record["max_output_tokens"]) * int(reservation.record.get("choices") or 1) \
+            if reservation else 0
         return await self.settle(UsageReport(
             request_id=request_id, input_tokens=input_tokens, output_tokens=min(output_tokens, cap) if cap else output_tokens,
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,

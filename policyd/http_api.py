@@ -70,6 +70,7 @@ class HttpCall:
     prompt_bytes: int = 0
     message_count: int = 0
     image_count: int = 0
+    choices: int = 0  # completions asked for (n, candidateCount); 0 = one
     problem: str = ""  # machine reason when the request is unusable
     problem_message: str = ""
     problem_param: str = ""
@@ -81,7 +82,8 @@ class HttpCall:
         return AuthorizeInput(
             api_key=self.api_key, endpoint=self.endpoint, model=self.model, attribution=self.attribution,
             shape=Shape(prompt_bytes=self.prompt_bytes, message_count=self.message_count,
-                        max_output_tokens=self.max_output_tokens, image_count=self.image_count, stream=self.stream),
+                        max_output_tokens=self.max_output_tokens, image_count=self.image_count, stream=self.stream,
+                        choices=self.choices),
             client_address=self.client_address, user_agent=self.user_agent,
         )
 
@@ -134,6 +136,14 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+def _count(value: Any) -> int:
+    """A count as a provider reads it: 3 and 3.0 alike (a count policyd cannot read is left to the provider,
+    which refuses it)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return _int(value)
+
+
 def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, client_address: str = "") -> HttpCall:
     """Understand one HTTP request. Never raises: problems are reported in `problem`."""
     headers = {k.lower(): v for k, v in headers.items()}
@@ -182,6 +192,10 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.message_count = len(messages) if isinstance(messages, list) else 1
     if endpoint == "images":
         call.image_count = _int(data.get("n")) or 1
+    elif endpoint == "chat_completions":  # n choices, each up to the output cap: all of them are billed
+        call.choices = _count(data.get("n"))
+    elif endpoint == "gemini_generate_content":
+        call.choices = _count(generation.get("candidateCount"))
     if not call.attribution.end_user_id and isinstance(data.get("user"), str):
         call.attribution = replace(call.attribution, end_user_id=data["user"][:256])
     return call

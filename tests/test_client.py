@@ -52,6 +52,10 @@ async def test_async_client_flow(served) -> None:
     async with AsyncPolicyClient(process.address) as policy:
         d = await policy.authorize(secret, "chat_completions", "gpt-4o-mini", request_id="a-1", prompt_bytes=50)
         assert d.allowed
+        three = await policy.authorize(secret, "chat_completions", "gpt-4o-mini", request_id="a-3", prompt_bytes=50,
+                                       choices=3)  # n=3: the cap is reserved for each choice
+        assert three.max_output_tokens == d.max_output_tokens and three.reserved_nanos > 2 * d.reserved_nanos
+        assert await policy.release("a-3") == "released"
         assert await policy.release("a-1", "provider_error") == "released"
         assert await policy.release("a-1") == "already_released"
         with pytest.raises(PolicydCallError) as unknown:

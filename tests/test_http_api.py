@@ -96,6 +96,20 @@ def test_problems(path: str, body: bytes, problem: str) -> None:
     assert parse_call("POST", path, {}, body).problem == problem
 
 
+@pytest.mark.parametrize(("path", "body", "choices"), [
+    ("/v1/chat/completions", {"model": "m", "messages": [], "n": 3}, 3),
+    ("/v1/chat/completions", {"model": "m", "messages": [], "n": 3.0}, 3),  # read as the provider reads it
+    ("/v1/chat/completions", {"model": "m", "messages": []}, 0),
+    ("/v1/chat/completions", {"model": "m", "messages": [], "n": "3"}, 0),  # the provider refuses it: released
+    ("/v1beta/models/gemini-2.0-flash:generateContent", {"contents": [], "generationConfig": {"candidateCount": 2}}, 2),
+    ("/v1/images/generations", {"model": "m", "prompt": "p", "n": 4}, 0),  # images count as images
+])
+def test_choices_are_read_from_n_and_candidate_count(path: str, body: dict, choices: int) -> None:
+    call = parse_call("POST", path, {"authorization": "Bearer k"}, json.dumps(body).encode())
+    assert not call.problem
+    assert call.choices == choices and call.authorize_input().shape.choices == choices
+
+
 @settings(max_examples=300)
 @given(st.binary(max_size=2000), st.sampled_from(["/v1/chat/completions", "/v1/messages", "/v1/responses"]))
 def test_parse_never_raises_on_random_bytes(body: bytes, path: str) -> None:

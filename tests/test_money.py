@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from policyd.domain import PolicydError
-from policyd.money import parse_amount, price_quantity
+from policyd.money import format_amount, parse_amount, price_quantity
 from policyd.server import Service
 from tests.helpers import ask, fund, new_key, usage
 
@@ -276,6 +276,38 @@ async def test_strict_mode_bounds_spend_by_the_reservation(service: Service) -> 
     # the worst case a byte-level tokenizer allows for 1000 bytes in one message, at the enforced cap
     s = await service.engine.settle(usage("st", input_tokens=prompt_bytes + 8 + 16, output_tokens=cap))
     assert s.charge <= d.reserved
+
+
+async def test_every_choice_is_reserved_up_to_the_cap(service: Service) -> None:
+    """n choices are n completions, each up to the cap, all billed: the reservation covers them all."""
+    _, secret = await new_key(service, plan="free", customer="choices")
+    await fund(service, "choices", "0.01")
+    prompt_bytes, cap = 1000, 100
+    one = await service.engine.authorize(ask(secret, prompt_bytes=prompt_bytes, max_output_tokens=cap, request_id="n1"))
+    four = await service.engine.authorize(ask(secret, prompt_bytes=prompt_bytes, max_output_tokens=cap, choices=4,
+                                              request_id="n4"))
+    assert (one.decision, four.decision) == ("allow", "allow")
+    assert four.max_output_tokens == cap  # the cap of each choice, as the provider applies it
+    worst = usage("n4", input_tokens=prompt_bytes + 8 + 16, output_tokens=4 * cap)
+    s = await service.engine.settle(worst)
+    assert one.reserved < s.charge <= four.reserved  # one choice's reservation would have been overshot
+    await service.engine.release("n1", "test")
+    # a wallet that covers one choice but not four
+    _, poor = await new_key(service, plan="free", customer="poor")
+    await fund(service, "poor", format_amount(one.reserved))
+    many = await service.engine.authorize(ask(poor, prompt_bytes=prompt_bytes, max_output_tokens=cap, choices=2))
+    assert many.reason == "insufficient_quota"
+    assert (await service.engine.authorize(ask(poor, prompt_bytes=prompt_bytes, max_output_tokens=cap))).decision == "allow"
+    # a cut reply is estimated from what was delivered, up to the cap of every choice
+    await service.engine.authorize(ask(secret, max_output_tokens=cap, choices=4, request_id="cut4"))
+    await service.engine.authorize(ask(secret, max_output_tokens=cap, request_id="cut1"))
+    for rid in ("cut4", "cut1"):
+        await service.engine.settle_estimated(rid, 350, interrupted=True, error_class="client_disconnected")
+    await service.writer.drain()
+    assert service.store.usage_record("cut4").output_tokens == 350
+    assert service.store.usage_record("cut1").output_tokens == cap
+    assert (service.store.usage_record("n4").choices, service.store.usage_record("cut1").choices) == (4, 1)
+    assert (await service.admin.audit()).ok
 
 
 async def test_default_output_cap_is_returned_when_the_client_gives_none(service: Service) -> None:

@@ -1,6 +1,6 @@
 """Property tests: random interleavings of authorize / settle / release / expire / top-up keep
 balance = grants - settled charges, reserved = open reservations, to the nano; strict plans never
-take a wallet below zero."""
+take a wallet below zero (n choices each reaching the output cap included)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.helpers import ask, usage
 
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("authorize"), st.integers(0, 20_000), st.integers(0, 800)),
+        st.tuples(st.just("authorize"), st.integers(0, 20_000), st.integers(0, 800), st.integers(0, 4)),
         st.tuples(st.just("settle"), st.integers(0, 40), st.floats(0, 1), st.floats(0, 1)),
         st.tuples(st.just("settle_again"), st.integers(0, 40)),
         st.tuples(st.just("release"), st.integers(0, 40)),
@@ -58,7 +58,7 @@ async def _scenario(service: Service, operations: list, customer: str) -> None:
     key = await service.admin.create_key(label="p", customer_id=customer, environment="production", plan="free")
     grants = 0
     charges = 0
-    requests: list[tuple[str, int, int, int]] = []  # request id, reserved, prompt bytes, cap
+    requests: list[tuple[str, int, int, int]] = []  # request id, reserved, prompt bytes, output bound
     open_: dict[str, int] = {}
     state: dict[str, str] = {}
     settled_with: dict[str, tuple[int, int]] = {}
@@ -67,9 +67,9 @@ async def _scenario(service: Service, operations: list, customer: str) -> None:
         if kind == "authorize":
             rid = f"{customer}-{n}"
             d = await service.engine.authorize(ask(key.secret, request_id=rid, prompt_bytes=op[1],
-                                                    max_output_tokens=op[2], thread_id=f"t{n}"))
-            if d.decision != "deny":
-                requests.append((rid, d.reserved, op[1], d.max_output_tokens))
+                                                    max_output_tokens=op[2], choices=op[3], thread_id=f"t{n}"))
+            if d.decision != "deny":  # each of n choices may reach the cap
+                requests.append((rid, d.reserved, op[1], d.max_output_tokens * max(1, op[3])))
                 open_[rid] = d.reserved
                 state[rid] = "reserved"
         elif kind in ("settle", "settle_again", "release") and requests:
@@ -84,7 +84,7 @@ async def _scenario(service: Service, operations: list, customer: str) -> None:
                     assert state[rid] == "settled" and error.reason == "already_settled"
                 continue
             if kind == "settle":
-                # within the strict bound: input <= bytes + overhead, output <= the enforced cap
+                # within the strict bound: input <= bytes + overhead, output <= the enforced cap x choices
                 tokens = (int((prompt + 24) * op[2]), int(cap * op[3]))
             else:
                 tokens = settled_with.get(rid, (1, 1))

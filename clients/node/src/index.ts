@@ -67,6 +67,7 @@ export interface AuthorizeInput {
   messageCount?: number;
   maxOutputTokens?: number;
   inputTokens?: number;     // your own count, if you have one
+  choices?: number;         // completions generated (n / candidateCount), each up to maxOutputTokens
   stream?: boolean;
   attribution?: Omit<Attribution, "requestId">;
 }
@@ -142,6 +143,7 @@ export class PolicyClient {
       shape: {
         promptBytes: input.promptBytes ?? 0, messageCount: input.messageCount ?? 1,
         maxOutputTokens: input.maxOutputTokens ?? 0, inputTokens: input.inputTokens ?? 0, stream: input.stream ?? false,
+        choices: input.choices ?? 0,
       },
     };
     const r = await this.call<AuthorizeRequest, AuthorizeResponse__Output>(

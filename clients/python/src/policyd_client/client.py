@@ -77,7 +77,8 @@ class Settled:
 def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str, prompt_bytes: int,
                        message_count: int, max_output_tokens: int, stream: bool, **attribution: Any) -> Any:
     """`attribution` holds the Attribution fields (feature, thread_id, tags, ...) and optionally
-    input_tokens, image_count, client_address, user_agent and problem=(code, message, param)."""
+    input_tokens, image_count, choices (n: completions generated), client_address, user_agent and
+    problem=(code, message, param)."""
     if endpoint not in ENDPOINTS and "problem" not in attribution:
         raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
     tags = attribution.pop("tags", {})
@@ -87,7 +88,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     shape = policy_pb2.RequestShape(prompt_bytes=prompt_bytes, message_count=message_count,
                                     max_output_tokens=max_output_tokens, stream=stream,
                                     input_tokens=attribution.pop("input_tokens", 0),
-                                    image_count=attribution.pop("image_count", 0))
+                                    image_count=attribution.pop("image_count", 0),
+                                    choices=attribution.pop("choices", 0))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),

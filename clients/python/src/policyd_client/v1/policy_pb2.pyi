@@ -42,7 +42,7 @@ ALREADY_RELEASED: ReleaseOutcome
 ALREADY_EXPIRED: ReleaseOutcome
 
 class RequestShape(_message.Message):
-    __slots__ = ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds", "stream")
+    __slots__ = ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds", "stream", "choices")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class RequestShape(_message.Message):
     IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     prompt_bytes: int
     message_count: int
@@ -57,7 +58,8 @@ class RequestShape(_message.Message):
     image_count: int
     seconds: int
     stream: bool
-    def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ...) -> None: ...
+    choices: int
+    def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ..., choices: _Optional[int] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("api_key", "endpoint", "model", "attribution", "shape", "client", "problem")
