@@ -34,7 +34,7 @@ docs: setup
 	$(PY) scripts/gen_config_reference.py
 
 bench: setup system-deps
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) policyd.db policyd.db-wal policyd.db-shm .pytest_cache
