@@ -55,7 +55,8 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         usage = data.get("usageMetadata")
         if not isinstance(usage, dict):
             return False
-        seen.input_tokens = _n(usage.get("promptTokenCount"))
+        # the prompts of tool use are counted apart from the prompt, and billed as input
+        seen.input_tokens = _n(usage.get("promptTokenCount")) + _n(usage.get("toolUsePromptTokenCount"))
         seen.cached_input_tokens = min(_n(usage.get("cachedContentTokenCount")), seen.input_tokens)
         seen.output_tokens = _n(usage.get("candidatesTokenCount")) + _n(usage.get("thoughtsTokenCount"))
         return True

@@ -162,6 +162,13 @@ def test_usage_from_anthropic_stream_and_bodies() -> None:
     gemini.feed(json.dumps({"usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 4}}).encode())
     gemini.finish()
     assert (gemini.tokens.input_tokens, gemini.tokens.output_tokens) == (3, 4)
+    thinking = ResponseReader("gemini_generate_content", stream=False)  # thoughts bill as output, tool prompts as input
+    thinking.feed(json.dumps({"usageMetadata": {"promptTokenCount": 30, "cachedContentTokenCount": 10,
+                                                "toolUsePromptTokenCount": 5, "candidatesTokenCount": 4,
+                                                "thoughtsTokenCount": 6, "totalTokenCount": 45}}).encode())
+    thinking.finish()
+    t = thinking.tokens
+    assert (t.input_tokens, t.cached_input_tokens, t.output_tokens) == (35, 10, 10)
     embeddings = ResponseReader("embeddings", stream=False)
     embeddings.feed(b'{"usage": {"prompt_tokens": 8, "total_tokens": 8}}')
     embeddings.finish()
