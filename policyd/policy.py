@@ -11,10 +11,12 @@ from __future__ import annotations
 import difflib
 from decimal import Decimal
 import fnmatch
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
@@ -92,10 +94,27 @@ class PriceTable(_Strict):
     models: dict[str, ModelPrice] = Field(min_length=1)
 
 
+@functools.lru_cache(maxsize=256)
+def time_zone(name: str) -> ZoneInfo:
+    """An IANA time zone ("Europe/Paris"); ValueError for a name the time zone database does not hold."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (an IANA name such as 'Europe/Paris')") from None
+
+
+def _time_zone_name(value: str) -> str:
+    if value:
+        time_zone(value)
+    return value
+
+
 class Limit(_Strict):
     name: str = Field("", max_length=64)
     scope: Literal["key", "customer", "workspace", "project", "feature", "model", "thread", "end_user"]
     window: Literal["minute", "hour", "day", "month", "total"]
+    # days and months from local midnight in this IANA time zone ("" = UTC); the policy's `timezone` by default
+    timezone: str = Field("", max_length=64)
     unit: Literal["money", "tokens", "requests"]
     limit: int
     action: Literal["block", "downgrade", "shadow"] = "block"
@@ -124,6 +143,9 @@ class Limit(_Strict):
         for t in self.thresholds:
             if not 0 < t <= 100:
                 raise ValueError("thresholds are percentages between 1 and 100")
+        if self.timezone and self.window not in ("day", "month"):
+            raise ValueError("timezone is for day and month windows")
+        _time_zone_name(self.timezone)
         return self
 
     @field_serializer("limit")
@@ -181,8 +203,29 @@ class Plan(_Strict):
 
 class PolicyDocument(_Strict):
     currency: str = Field("USD", pattern=r"^[A-Z]{3}$")
+    timezone: str = Field("", max_length=64)  # where day and month limits start, unless a limit names its own
     price_table: PriceTable
     plans: dict[str, Plan] = Field(min_length=1)
+
+    @field_validator("timezone")
+    @classmethod
+    def _time_zone(cls, value: str) -> str:
+        return _time_zone_name(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _limits_in_the_policy_time_zone(cls, data: Any) -> Any:
+        """Day and month limits that name no time zone start at midnight in the policy's."""
+        if not isinstance(data, dict) or not data.get("timezone") or not isinstance(data.get("plans"), dict):
+            return data
+        plans = {}
+        for name, plan in data["plans"].items():
+            if isinstance(plan, dict) and isinstance(plan.get("limits"), list):
+                plan = {**plan, "limits": [
+                    {**limit, "timezone": data["timezone"]} if isinstance(limit, dict) and not limit.get("timezone")
+                    and limit.get("window") in ("day", "month") else limit for limit in plan["limits"]]}
+            plans[name] = plan
+        return {**data, "plans": plans}
 
     @model_validator(mode="after")
     def _references(self) -> "PolicyDocument":

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import calendar
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 from policyd import redis_keys
 from policyd.counters import BucketHold
 from policyd.money import ceil_div
-from policyd.policy import Limit
+from policyd.policy import Limit, time_zone
 from policyd.pricing import Quantities
 
 WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
@@ -23,9 +24,30 @@ class Window:
     end: int  # unix seconds (0 for "total": never)
 
 
+def window_spec(limit: Limit) -> str:
+    """The window as bucket keys name it: "day", or "day@Europe/Paris" for a day of another time zone."""
+    return f"{limit.window}@{limit.timezone}" if limit.timezone else limit.window
+
+
+def _local_midnight(day: date, zone: ZoneInfo) -> int:
+    return int(datetime(day.year, day.month, day.day, tzinfo=zone).timestamp())
+
+
 def window_of(window: str, now_s: int) -> Window:
+    """The window holding `now_s`. Days and months are UTC's, or a time zone's (`day@<zone>`): from
+    local midnight to local midnight, 23 or 25 hours on the days clocks change."""
+    window, _, zone_name = window.partition("@")
     if window == "total":
         return Window(0, 0)
+    if zone_name and window in ("day", "month"):
+        zone = time_zone(zone_name)
+        today = datetime.fromtimestamp(now_s, tz=zone).date()
+        if window == "day":
+            first, following = today, today + timedelta(days=1)
+        else:
+            first = today.replace(day=1)
+            following = (first + timedelta(days=32)).replace(day=1)
+        return Window(_local_midnight(first, zone), _local_midnight(following, zone))
     if window == "month":
         moment = datetime.fromtimestamp(now_s, tz=timezone.utc)
         start = calendar.timegm((moment.year, moment.month, 1, 0, 0, 0))
@@ -53,8 +75,9 @@ def limit_reason(limit: Limit) -> str:
 
 
 def hold_for(limit: Limit, partition: int, scope_id: str, now_s: int, charge: int, q: Quantities) -> tuple[BucketHold, Window]:
-    window = window_of(limit.window, now_s)
-    key = redis_keys.bucket(partition, limit.scope, _escape(scope_id), limit.unit, limit.window, window.start)
+    spec = window_spec(limit)
+    window = window_of(spec, now_s)
+    key = redis_keys.bucket(partition, limit.scope, _escape(scope_id), limit.unit, spec, window.start)
     ttl = 0 if window.end == 0 else window.end - now_s + BUCKET_TTL_MARGIN_SECONDS
     thresholds = tuple((pct, ceil_div(limit.limit * pct, 100)) for pct in limit.thresholds)
     hold = BucketHold(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import calendar
+
 import pytest
 
 from policyd.domain import PolicydError
 from policyd.money import format_amount, parse_amount, price_quantity
 from policyd.server import Service
+from tests.conftest import SAMPLE_POLICY
 from tests.helpers import ask, fund, new_key, usage
 
 USD = 1_000_000_000
@@ -573,3 +576,41 @@ async def test_an_audit_under_traffic_reports_only_differences_that_stay(service
     audit = await service.admin.audit()
     assert not audit.ok and audit.mismatches == [("wallet:acme:balance", balance + 5, balance)]
     assert len(reads) == 2 + AUDIT_ROUNDS
+
+
+async def test_day_budgets_start_at_midnight_in_the_policy_time_zone(service: Service) -> None:
+    """A customer in Tokyo gets a new day at Tokyo's midnight (15:00 UTC), not at UTC's."""
+    tight = SAMPLE_POLICY.replace('limit: "50.00", action: downgrade', 'limit: "0.01", action: downgrade')
+    await service.admin.apply_policy(tight.replace("currency: USD\n", "currency: USD\ntimezone: Asia/Tokyo\n"), "tokyo.yaml")
+    limit = next(lim for lim in service.admin.book.current.plan("pro").limits if lim.name == "premium-day")
+    assert limit.timezone == "Asia/Tokyo"
+    assert next(lim for lim in service.admin.book.current.plan("pro").limits if lim.window == "minute").timezone == ""
+    clock = [calendar.timegm((2026, 11, 24, 14, 30, 0)) * 1000]  # 23:30 in Tokyo
+    service.engine.clock = lambda: clock[0]
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    first = await service.engine.authorize(ask(secret, model="gpt-4o", max_output_tokens=500, request_id="tz1"))
+    late = await service.engine.authorize(ask(secret, model="gpt-4o", max_output_tokens=500, request_id="tz2"))
+    assert (first.decision, late.decision) == ("allow", "downgrade")  # the day's premium budget is spent
+    clock[0] += 3600 * 1000  # 00:30 in Tokyo, still 15:30 of the same UTC day
+    next_day = await service.engine.authorize(ask(secret, model="gpt-4o", max_output_tokens=500, request_id="tz3"))
+    assert (next_day.decision, next_day.served_model) == ("allow", "gpt-4o")
+    await service.writer.drain()
+    holds = [key for key, _, _ in service.store.usage_record("tz3").holds if ":day@Asia/Tokyo:" in key]
+    assert holds and holds[0].endswith(f":{calendar.timegm((2026, 11, 24, 15, 0, 0))}")
+    assert (await service.admin.audit()).ok
+
+
+async def test_day_budgets_without_a_time_zone_are_utc_days(service: Service) -> None:
+    tight = SAMPLE_POLICY.replace('limit: "50.00", action: downgrade', 'limit: "0.01", action: downgrade')
+    await service.admin.apply_policy(tight, "utc.yaml")
+    clock = [calendar.timegm((2026, 11, 24, 14, 30, 0)) * 1000]
+    service.engine.clock = lambda: clock[0]
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    await service.engine.authorize(ask(secret, model="gpt-4o", max_output_tokens=500))
+    clock[0] += 3600 * 1000
+    later = await service.engine.authorize(ask(secret, model="gpt-4o", max_output_tokens=500))
+    assert later.decision == "downgrade"  # the same UTC day
+    clock[0] = calendar.timegm((2026, 11, 25, 0, 0, 1)) * 1000
+    assert (await service.engine.authorize(ask(secret, model="gpt-4o", max_output_tokens=500))).decision == "allow"

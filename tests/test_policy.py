@@ -26,12 +26,28 @@ FIXTURES = Path(__file__).parent / "fixtures" / "policies"
         ("unknown_model_pattern.yaml", "model 'claude-*' matches nothing"),
         ("negative_price.yaml", "negative_price.yaml:5: price_table.models.gpt-4o.input: a price or amount must not be negative"),
         ("bad_environment.yaml", "bad_environment.yaml:9: plans.pro.environments: unknown environment 'prod'"),
+        ("unknown_time_zone.yaml", "unknown_time_zone.yaml:10: plans.pro.limits.0: unknown time zone 'Europe/Pariss'"),
+        ("time_zone_of_an_hour.yaml", "time_zone_of_an_hour.yaml:11: plans.pro.limits.0: timezone is for day and month"),
     ],
 )
 def test_bad_policies_name_the_file_line_and_reason(fixture: str, expected: str) -> None:
     with pytest.raises(PolicyError) as error:
         parse_policy((FIXTURES / fixture).read_text(), fixture)
     assert expected in str(error.value)
+
+
+def test_a_limit_keeps_its_own_time_zone_and_the_rest_take_the_policys() -> None:
+    text = (FIXTURES / "time_zone_of_an_hour.yaml").read_text().replace(
+        "{name: hourly, scope: key, window: hour, unit: requests, limit: 100, timezone: Asia/Kolkata}",
+        "{name: monthly, scope: key, window: month, unit: requests, limit: 100, timezone: UTC}\n"
+        "      - {name: daily, scope: key, window: day, unit: requests, limit: 10}\n"
+        "      - {name: hourly, scope: key, window: hour, unit: requests, limit: 5}")
+    document = parse_policy(text)
+    zones = {limit.name: limit.timezone for limit in document.plans["pro"].limits}
+    assert zones == {"hourly": "", "daily": "Asia/Kolkata", "monthly": "UTC"}
+    assert parse_policy(canonical_text(document)) == document
+    with pytest.raises(PolicyError, match="timezone: unknown time zone 'Mars/Olympus'"):
+        parse_policy(text.replace("timezone: Asia/Kolkata\n", "timezone: Mars/Olympus\n", 1))
 
 
 def test_canonical_text_round_trips() -> None:

@@ -9,7 +9,7 @@ import itertools
 from typing import Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from policyd.domain import PolicydError
@@ -120,3 +120,37 @@ async def _scenario(service: Service, operations: list, customer: str) -> None:
     assert service.store.ledger_balances().get(customer, 0) == grants - charges
     audit = await service.admin.audit()
     assert audit.ok, audit.mismatches
+
+
+ZONES = ["", "UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe", "America/Santiago",
+         "Pacific/Apia", "Asia/Tehran", "Pacific/Chatham"]
+
+
+@settings(max_examples=500, deadline=None)
+@example(instant=1662897600, window="day", zone="America/Santiago")  # 2022-09-11: no midnight (00:00 -> 01:00)
+@example(instant=1325160000, window="day", zone="Pacific/Apia")  # 2011-12-29: the next day, the 30th, never was
+@example(instant=1696161600, window="day", zone="Australia/Lord_Howe")  # 2023-10-01: a 23.5-hour day
+@example(instant=1774800000, window="month", zone="Europe/Paris")  # March 2026: 743 hours
+@given(instant=st.integers(946_684_800, 2_208_988_800), window=st.sampled_from(["day", "month"]),
+       zone=st.sampled_from(ZONES))
+def test_calendar_windows_tile_time_in_every_time_zone(instant: int, window: str, zone: str) -> None:
+    """Every instant is in exactly one window, windows follow one another with no gap, a day lasts 23 to 25
+    hours (clock changes), and a window starts where its local date (or month) begins."""
+    from datetime import datetime, timezone as utc
+
+    from policyd.policy import time_zone
+    from policyd.quotas import remaining_ttl, window_of
+
+    spec = f"{window}@{zone}" if zone else window
+    w = window_of(spec, instant)
+    assert w.start <= instant < w.end
+    assert window_of(spec, w.end).start == w.end and window_of(spec, w.start - 1).end == w.start
+    hours = (w.end - w.start) / 3600
+    assert (22.5 <= hours <= 25.5) if window == "day" else (27 * 24 <= hours <= 32 * 24)
+    tz = time_zone(zone) if zone else utc.utc
+    start, before, now = (datetime.fromtimestamp(t, tz=tz) for t in (w.start, w.start - 1, instant))
+    if window == "day":
+        assert start.date() == now.date() and before.date() < start.date()
+    else:
+        assert (start.year, start.month) == (now.year, now.month) and (before.year, before.month) != (start.year, start.month)
+    assert remaining_ttl(f"pd:{{p0}}:b:customer:c:money:{spec}:{w.start}", instant) is not None
