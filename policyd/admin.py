@@ -68,6 +68,11 @@ def _invalid(reason: str, message: str) -> PolicydError:
     return PolicydError("INVALID_ARGUMENT", reason, message)
 
 
+def _check_expiry(expires_ms: int) -> None:
+    if expires_ms < 0 or (expires_ms and expires_ms <= now_ms()):
+        raise _invalid("invalid_request", "expires_unix_ms must be in the future (or 0: never)")
+
+
 def _secrets_of(row: ApiKeyRow, at: int) -> list[tuple[str, int]]:
     valid = [(row.secret_hash, 0)]
     if row.previous_secret_hash and row.previous_expires_ms > at:
@@ -90,9 +95,11 @@ class Admin:
     # ------------------------------------------------------------------ keys
     async def create_key(self, *, label: str, customer_id: str, workspace_id: str = "", project_id: str = "",
                          team_id: str = "", environment: str, plan: str, scopes: list[str] | None = None,
-                         test: bool = False) -> KeyCreation:
+                         test: bool = False, expires_ms: int = 0) -> KeyCreation:
+        """`expires_ms`: when the key ends (refused as key_expired from then on), 0 = never."""
         if not customer_id:
             raise _invalid("invalid_request", "customer_id is required")
+        _check_expiry(expires_ms)
         for name, value in (("customer_id", customer_id), ("workspace_id", workspace_id),
                             ("project_id", project_id), ("team_id", team_id)):
             if len(value) > OWNER_ID_LENGTH_MAX or any(c in value for c in "{}/\x00\n\r\t "):
@@ -115,7 +122,7 @@ class Admin:
             secret_hash=key_secrets.hash_secret(secret), previous_secret_hash=None, previous_expires_ms=0,
             customer_id=customer_id, workspace_id=workspace_id, project_id=project_id, team_id=team_id,
             environment=environment, plan=plan, scopes=list(scopes or []), status="active", created_ms=at,
-            rotated_ms=0, status_changed_ms=at,
+            rotated_ms=0, status_changed_ms=at, expires_ms=expires_ms,
         )
         await asyncio.to_thread(self.store.save_key, row)
         await self._publish_key(row)
@@ -124,7 +131,7 @@ class Admin:
 
     async def _publish_key(self, row: ApiKeyRow) -> None:
         at = now_ms()
-        await self.counters.set_key_state(row.customer_id, row.id, row.status, _secrets_of(row, at), at)
+        await self.counters.set_key_state(row.customer_id, row.id, row.status, _secrets_of(row, at), at, row.expires_ms)
 
     async def get_key(self, key_id: str) -> ApiKeyRow:
         row = await asyncio.to_thread(self.store.key, key_id)
@@ -141,6 +148,17 @@ class Admin:
             raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be used again")
         row.status = status
         row.status_changed_ms = now_ms()
+        await asyncio.to_thread(self.store.save_key, row)
+        await self._publish_key(row)
+        return row
+
+    async def set_expiry(self, key_id: str, expires_ms: int) -> ApiKeyRow:
+        """Move a key's end (0 = never): an expired key that gets a later end works again."""
+        _check_expiry(expires_ms)
+        row = await self.get_key(key_id)
+        if row.status == "revoked":
+            raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be used again")
+        row.expires_ms = expires_ms
         await asyncio.to_thread(self.store.save_key, row)
         await self._publish_key(row)
         return row
@@ -429,7 +447,7 @@ class Admin:
         async with _Batches(self.counters.client) as batch:
             for row in await asyncio.to_thread(self.store.keys):
                 self.counters.queue_key_state(await batch.pipe(2), row.customer_id, row.id, row.status,
-                                              _secrets_of(row, at))
+                                              _secrets_of(row, at), row.expires_ms)
                 written += 1
             balances = await asyncio.to_thread(self.store.ledger_balances)
             open_rows = await asyncio.to_thread(self.store.open_reservations)

@@ -123,9 +123,28 @@ def _print(args: argparse.Namespace, message: Any, text: str) -> None:
 
 
 def _key_line(key: admin_pb2.ApiKey) -> str:
+    import time
+
     state = admin_pb2.KeyState.Name(key.state).lower()
+    if key.expires_unix_ms and key.expires_unix_ms <= time.time() * 1000 and state != "revoked":
+        state = "expired"
     o = key.owner
-    return f"{key.id}  {key.prefix}…  {state:8} {o.customer_id:20} {o.environment:16} {o.plan:16} {key.label}"
+    ends = f"  (ends {_utc(key.expires_unix_ms)})" if key.expires_unix_ms else ""
+    return f"{key.id}  {key.prefix}…  {state:8} {o.customer_id:20} {o.environment:16} {o.plan:16} {key.label}{ends}"
+
+
+def _utc(ms: int) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ms // 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _expiry_arguments(parser: argparse.ArgumentParser, never: bool = False) -> None:
+    when = parser.add_mutually_exclusive_group(required=never)
+    when.add_argument("--expires-in", help="the key ends this long from now: 30d, 24h, 90m")
+    when.add_argument("--expires-at", help="the key ends at this time (ISO 8601; UTC unless it says otherwise)")
+    if never:
+        when.add_argument("--never", action="store_true", help="the key does not end")
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -134,7 +153,7 @@ def _keys(args: argparse.Namespace) -> int:
         response = stub.CreateKey(admin_pb2.CreateKeyRequest(
             label=args.label, customer_id=args.customer, workspace_id=args.workspace, project_id=args.project,
             team_id=args.team, environment=args.environment, plan=args.plan, scopes=args.scope or [],
-            test=args.test), metadata=md)
+            test=args.test, expires_unix_ms=_expiry_ms(args)), metadata=md)
         _print(args, response, f"{_key_line(response.key)}\nsecret (shown once, store it now): {response.secret}")
     elif args.keys_command == "list":
         response = stub.ListKeys(admin_pb2.ListKeysRequest(customer_id=args.customer), metadata=md)
@@ -142,6 +161,10 @@ def _keys(args: argparse.Namespace) -> int:
     elif args.keys_command == "show":
         review = stub.ReviewKey(admin_pb2.GetKeyRequest(id=args.id), metadata=md)
         _print(args, review, _review_text(review))
+    elif args.keys_command == "expire":
+        response = stub.SetKeyExpiry(admin_pb2.SetKeyExpiryRequest(id=args.id, expires_unix_ms=_expiry_ms(args)),
+                                     metadata=md)
+        _print(args, response, _key_line(response))
     elif args.keys_command == "rotate":
         request = admin_pb2.RotateKeyRequest(id=args.id)
         if args.grace_seconds is not None:
@@ -168,7 +191,7 @@ def _review_text(r: admin_pb2.KeyReview) -> str:
         f"  team {o.team_id or '-'}",
         f"environment  {o.environment}   plan {o.plan}",
         f"routes       {', '.join(r.allowed_models) or 'none'}",
-        f"created      {when(k.created_unix_ms)}   rotated {when(k.rotated_unix_ms)}",
+        f"created      {when(k.created_unix_ms)}   rotated {when(k.rotated_unix_ms)}   ends {when(k.expires_unix_ms)}",
         f"last used    {when(r.last_used_unix_ms)}",
         f"spend        today {format_amount(r.spend_today_nanos)}   this month {format_amount(r.spend_month_nanos)}",
         f"requests     {r.requests}   denied {r.denials}   errors {r.errors}",
@@ -402,8 +425,26 @@ def _window(args: argparse.Namespace) -> tuple[int, int]:
     until = _moment(args.until) if args.until else int(time.time() * 1000)
     if args.since:
         return _moment(args.since), until
-    amount, unit = int(args.last[:-1]), args.last[-1]
-    return until - amount * {"h": 3_600_000, "d": 86_400_000}[unit], until
+    return until - _duration_ms(args.last), until
+
+
+def _duration_ms(text: str) -> int:
+    """ "90m", "24h", "30d" in milliseconds."""
+    amount, unit = text[:-1], text[-1:]
+    if not amount.isdigit() or unit not in ("m", "h", "d"):
+        raise SystemExit(f"policyd: a duration is a whole number and m, h or d (30d, 24h, 90m), not {text!r}")
+    return int(amount) * {"m": 60_000, "h": 3_600_000, "d": 86_400_000}[unit]
+
+
+def _expiry_ms(args: argparse.Namespace) -> int:
+    """--expires-at (ISO 8601, UTC unless it says otherwise) or --expires-in (a duration from now); 0 = never."""
+    import time
+
+    if getattr(args, "expires_at", None):
+        return _moment(args.expires_at)
+    if getattr(args, "expires_in", None):
+        return int(time.time() * 1000) + _duration_ms(args.expires_in)
+    return 0
 
 
 def _mock_provider(args: argparse.Namespace) -> int:
@@ -496,6 +537,10 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--label", default="")
     create.add_argument("--scope", action="append", help="narrow the plan's models (glob or tier:NAME); repeatable")
     create.add_argument("--test", action="store_true", help="a pdk_test_ key")
+    _expiry_arguments(create)
+    expire = client(key_commands.add_parser("expire", help="set when a key ends (--never: it does not)"))
+    expire.add_argument("id")
+    _expiry_arguments(expire, never=True)
     listing = client(key_commands.add_parser("list", help="list keys (never their secrets)"))
     listing.add_argument("--customer", default="")
     for name in ("show", "pause", "resume", "revoke", "rotate"):

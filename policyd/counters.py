@@ -185,22 +185,23 @@ class Counters:
         return redis_keys.partition_of(owner_id, self.partitions)
 
     async def set_key_state(self, customer_id: str, key_id: str, status: str, secrets: list[tuple[str, int]],
-                            now_ms: int) -> None:
+                            now_ms: int, expires_ms: int = 0) -> None:
+        """`expires_ms`: when the key itself ends (0 = never), whatever its secrets."""
         partition = self.partition_of(customer_id)
-        args: list[str] = [status, str(now_ms), key_id, customer_id]
+        args: list[str] = [status, str(now_ms), key_id, customer_id, str(expires_ms)]
         for secret_hash, expires_ms in secrets:
             args += [secret_hash, str(expires_ms)]
         await self._key_state(keys=[redis_keys.key_state(partition, key_id), redis_keys.events(partition)], args=args)
 
     def queue_key_state(self, pipe: Any, customer_id: str, key_id: str, status: str,
-                        secrets: list[tuple[str, int]]) -> None:
+                        secrets: list[tuple[str, int]], expires_ms: int = 0) -> None:
         """The same state as set_key_state, queued on a pipeline and recorded as no change: for a rebuild,
         whose fence keeps every decision off the partition meanwhile (so no script is needed to order
         them, and a Redis Cluster's pipelines, which refuse scripts, take it too)."""
         key = redis_keys.key_state(self.partition_of(customer_id), key_id)
         pipe.delete(key)
-        pipe.hset(key, mapping={"status": status, **{f"h:{secret_hash}": str(expires_ms)
-                                                      for secret_hash, expires_ms in secrets}})
+        pipe.hset(key, mapping={"status": status, "expires": str(expires_ms),
+                                **{f"h:{secret_hash}": str(secret_expires_ms) for secret_hash, secret_expires_ms in secrets}})
 
     async def authorize(
         self,
@@ -391,11 +392,14 @@ class Counters:
         return _text(reply[0]), int(reply[1])
 
     async def key_status(self, customer_id: str, key_id: str, secret_hash: str, now_ms: int) -> str:
-        """active | paused | revoked | invalid (this secret does not open the key)."""
-        status, expiry = await self.client.hmget(
-            redis_keys.key_state(self.partition_of(customer_id), key_id), "status", f"h:{secret_hash}")
+        """active | paused | revoked | expired | invalid (this secret does not open the key): as authorize.lua reads it."""
+        status, expiry, key_expiry = await self.client.hmget(
+            redis_keys.key_state(self.partition_of(customer_id), key_id), "status", f"h:{secret_hash}", "expires")
         if status is None or expiry is None:
             return "invalid"
+        if _text(status) != "revoked" and key_expiry is not None and _text(key_expiry) != "0" \
+                and int(key_expiry) <= now_ms:
+            return "expired"
         if _text(expiry) != "0" and int(expiry) <= now_ms:
             return "invalid"
         return _text(status)

@@ -46,6 +46,7 @@ class ApiKeyRow(Base):
     created_ms: Mapped[int] = mapped_column(BigInteger)
     rotated_ms: Mapped[int] = mapped_column(BigInteger, default=0)
     status_changed_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # the key's end, 0 = never
 
 
 class PolicyVersionRow(Base):

@@ -293,7 +293,8 @@ class Engine:
         if key is None:
             return [], self._deny(base | {"owner": Owner()}, "invalid_api_key")
         status = await self.counters.key_status(key.customer_id, key.id, secret_hash, self.clock())
-        reason = {"invalid": "invalid_api_key", "paused": "key_paused", "revoked": "key_revoked"}.get(status)
+        reason = {"invalid": "invalid_api_key", "paused": "key_paused", "revoked": "key_revoked",
+                  "expired": "key_expired"}.get(status)
         if reason:
             return [], self._deny(base | {"owner": Owner()}, reason)
         policy = self.book.current

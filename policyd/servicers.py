@@ -165,6 +165,7 @@ def api_key_message(row: ApiKeyRow) -> admin_pb2.ApiKey:
                               team_id=row.team_id, api_key_id=row.id, environment=row.environment, plan=row.plan),
         state=KEY_STATES[row.status], scopes=list(row.scopes or []), created_unix_ms=row.created_ms,
         rotated_unix_ms=row.rotated_ms, previous_secret_expires_unix_ms=row.previous_expires_ms,
+        expires_unix_ms=row.expires_ms or 0,
     )
 
 
@@ -235,7 +236,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         created = await _call(context, lambda: self.admin.create_key(
             label=request.label, customer_id=request.customer_id, workspace_id=request.workspace_id,
             project_id=request.project_id, team_id=request.team_id, environment=request.environment,
-            plan=request.plan, scopes=list(request.scopes), test=request.test))
+            plan=request.plan, scopes=list(request.scopes), test=request.test, expires_ms=request.expires_unix_ms))
         return admin_pb2.CreateKeyResponse(key=api_key_message(created.row), secret=created.secret)
 
     async def ListKeys(self, request: admin_pb2.ListKeysRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -262,6 +263,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def RevokeKey(self, request: admin_pb2.KeyActionRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._key(context, request.id)
         return api_key_message(await _call(context, lambda: self.admin.set_state(request.id, "revoked")))
+
+    async def SetKeyExpiry(self, request: admin_pb2.SetKeyExpiryRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._key(context, request.id)
+        return api_key_message(await _call(context, lambda: self.admin.set_expiry(request.id, request.expires_unix_ms)))
 
     async def RotateKey(self, request: admin_pb2.RotateKeyRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._key(context, request.id)

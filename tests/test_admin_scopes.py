@@ -77,6 +77,7 @@ def cross_boundary_calls(w: World) -> dict[str, Any]:
         "ResumeKey": admin_pb2.KeyActionRequest(id=other_key),
         "RevokeKey": admin_pb2.KeyActionRequest(id=other_key),
         "RotateKey": admin_pb2.RotateKeyRequest(id=other_key),
+        "SetKeyExpiry": admin_pb2.SetKeyExpiryRequest(id=other_key, expires_unix_ms=now + 60_000),
         "ApplyPolicy": admin_pb2.ApplyPolicyRequest(yaml=SAMPLE_POLICY),
         "GetPolicy": admin_pb2.GetPolicyRequest(),
         "GrantCredit": admin_pb2.GrantCreditRequest(customer_id="reseller", source="purchase",

@@ -65,6 +65,47 @@ async def test_paused_resumed_revoked_key(service: Service) -> None:
     assert (await record(service, "p3")).reason == "key_revoked"
 
 
+async def test_a_key_ends_when_it_expires_until_given_a_later_end(service: Service) -> None:
+    start = service.engine.clock()
+    created = await service.admin.create_key(label="trial", customer_id="acme", environment="production", plan="pro",
+                                             expires_ms=start + 60_000)
+    key_id, secret = created.row.id, created.secret
+    await fund(service, "acme", "10")
+    clock = [start]
+    service.engine.clock = lambda: clock[0]
+    assert (await service.engine.authorize(ask(secret, request_id="e1"))).decision == "allow"
+    clock[0] = start + 60_000  # its end
+    expired = await service.engine.authorize(ask(secret, request_id="e2"))
+    assert (expired.decision, expired.reason, expired.http_status, expired.error_type) == (
+        "deny", "key_expired", 401, "invalid_request_error")
+    assert expired.message == "This API key has expired."
+    assert (await service.engine.models_for(secret))[1].reason == "key_expired"
+    assert (await record(service, "e2")).reason == "key_expired"
+    assert await service.counters.wallet("acme") == (10_000_000_000, (await record(service, "e1")).reserved_nanos)
+    # the rotated secret ends with the key; a rebuild of Redis from SQL keeps the end
+    await service.admin.rotate_key(key_id, grace_seconds=0)
+    await service.writer.drain()
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    await service.admin.rebuild()
+    rotated = await service.admin.get_key(key_id)
+    assert rotated.expires_ms == start + 60_000
+    # a later end brings it back; 0 means it never ends
+    await service.admin.set_expiry(key_id, start + 3_600_000)
+    secret = (await service.admin.rotate_key(key_id, grace_seconds=0)).secret
+    assert (await service.engine.authorize(ask(secret, request_id="e3"))).decision == "allow"
+    clock[0] = start + 3_600_000
+    assert (await service.engine.authorize(ask(secret, request_id="e4"))).reason == "key_expired"
+    await service.admin.set_expiry(key_id, 0)
+    clock[0] = start + 10 * 365 * 86_400_000
+    assert (await service.engine.authorize(ask(secret, request_id="e5"))).decision == "allow"
+    with pytest.raises(Exception, match="in the future"):
+        await service.admin.set_expiry(key_id, start - 1)
+    await service.admin.set_state(key_id, "revoked")  # revoked outranks expired, for good
+    with pytest.raises(Exception, match="key_revoked"):
+        await service.admin.set_expiry(key_id, 0)
+
+
 async def test_paused_key_wins_over_policy_denial(service: Service) -> None:
     key_id, secret = await new_key(service, plan="free")
     await service.admin.set_state(key_id, "paused")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,22 @@ def test_a_new_users_tour(server: PolicydProcess, tmp_path: Path) -> None:
 
     log = server.log()
     assert secret not in log and rotated["secret"] not in log
+
+
+def test_keys_that_end(server: PolicydProcess) -> None:
+    before = time.time() * 1000
+    trial = json.loads(run(server, "keys", "create", "--customer", "trial", "--plan", "pro", "--expires-in", "30d",
+                           "--json").stdout)
+    ends = int(trial["key"]["expires_unix_ms"])
+    assert before + 30 * 86_400_000 <= ends <= time.time() * 1000 + 30 * 86_400_000
+    assert "(ends " in run(server, "keys", "list").stdout
+    shown = run(server, "keys", "expire", trial["key"]["id"], "--expires-at", "2099-01-01T00:00:00Z")
+    assert shown.returncode == 0 and "(ends 2099-01-01 00:00:00Z)" in shown.stdout
+    never = json.loads(run(server, "keys", "expire", trial["key"]["id"], "--never", "--json").stdout)
+    assert "expires_unix_ms" not in never or int(never["expires_unix_ms"]) == 0
+    past = run(server, "keys", "expire", trial["key"]["id"], "--expires-at", "2001-01-01")
+    assert past.returncode != 0 and "in the future" in past.stderr
+    assert run(server, "keys", "expire", trial["key"]["id"]).returncode != 0  # when, or --never, must be said
 
 
 def test_apply_dry_run_and_errors(server: PolicydProcess, tmp_path: Path) -> None:

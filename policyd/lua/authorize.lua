@@ -1,7 +1,8 @@
 -- authorize.lua: check a key and reserve an estimated charge, all or nothing.
 --
 -- Every key is in one owner partition (one Redis Cluster slot, hash tag {pN}).
--- KEYS[1] key state hash     status = active|paused|revoked, h:<secret sha256> = expiry ms (0 = none)
+-- KEYS[1] key state hash     status = active|paused|revoked, expires = the key's end ms (0 or absent = none),
+--                            h:<secret sha256> = expiry ms (0 = none)
 -- KEYS[2] wallet hash        balance, reserved (nanos)
 -- KEYS[3] reservation hash   created here
 -- KEYS[4] deadlines zset     request_id -> expiry ms
@@ -67,13 +68,15 @@ if previous_state then
 end
 
 -- 2. the key: its state and this secret's validity are read here, atomically with the reservation
-local key_state = redis.call('HMGET', KEYS[1], 'status', secret_field)
-local status, secret_expiry = key_state[1], key_state[2]
+local key_state = redis.call('HMGET', KEYS[1], 'status', secret_field, 'expires')
+local status, secret_expiry, key_expiry = key_state[1], key_state[2], key_state[3]
 local deny_reason = nil
 if not status or not secret_expiry then
   deny_reason = 'invalid_api_key'
 elseif status == 'revoked' then
   deny_reason = 'key_revoked'
+elseif key_expiry and key_expiry ~= '0' and tonumber(key_expiry) <= now_ms then
+  deny_reason = 'key_expired'
 elseif status == 'paused' then
   deny_reason = 'key_paused'
 elseif secret_expiry ~= '0' and tonumber(secret_expiry) <= now_ms then

@@ -86,7 +86,7 @@ class LinkCustomerResponse(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., parent_id: _Optional[str] = ...) -> None: ...
 
 class ApiKey(_message.Message):
-    __slots__ = ("id", "label", "prefix", "owner", "state", "scopes", "created_unix_ms", "rotated_unix_ms", "previous_secret_expires_unix_ms")
+    __slots__ = ("id", "label", "prefix", "owner", "state", "scopes", "created_unix_ms", "rotated_unix_ms", "previous_secret_expires_unix_ms", "expires_unix_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class ApiKey(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ROTATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_SECRET_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     id: str
     label: str
     prefix: str
@@ -105,10 +106,11 @@ class ApiKey(_message.Message):
     created_unix_ms: int
     rotated_unix_ms: int
     previous_secret_expires_unix_ms: int
-    def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., prefix: _Optional[str] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., state: _Optional[_Union[KeyState, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., created_unix_ms: _Optional[int] = ..., rotated_unix_ms: _Optional[int] = ..., previous_secret_expires_unix_ms: _Optional[int] = ...) -> None: ...
+    expires_unix_ms: int
+    def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., prefix: _Optional[str] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., state: _Optional[_Union[KeyState, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., created_unix_ms: _Optional[int] = ..., rotated_unix_ms: _Optional[int] = ..., previous_secret_expires_unix_ms: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("label", "customer_id", "workspace_id", "project_id", "team_id", "environment", "plan", "scopes", "test")
+    __slots__ = ("label", "customer_id", "workspace_id", "project_id", "team_id", "environment", "plan", "scopes", "test", "expires_unix_ms")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +120,7 @@ class CreateKeyRequest(_message.Message):
     PLAN_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     TEST_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     label: str
     customer_id: str
     workspace_id: str
@@ -127,7 +130,8 @@ class CreateKeyRequest(_message.Message):
     plan: str
     scopes: _containers.RepeatedScalarFieldContainer[str]
     test: bool
-    def __init__(self, label: _Optional[str] = ..., customer_id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., project_id: _Optional[str] = ..., team_id: _Optional[str] = ..., environment: _Optional[str] = ..., plan: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., test: _Optional[bool] = ...) -> None: ...
+    expires_unix_ms: int
+    def __init__(self, label: _Optional[str] = ..., customer_id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., project_id: _Optional[str] = ..., team_id: _Optional[str] = ..., environment: _Optional[str] = ..., plan: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., test: _Optional[bool] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
 
 class CreateKeyResponse(_message.Message):
     __slots__ = ("key", "secret")
@@ -162,6 +166,14 @@ class KeyActionRequest(_message.Message):
     id: str
     reason: str
     def __init__(self, id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetKeyExpiryRequest(_message.Message):
+    __slots__ = ("id", "expires_unix_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    expires_unix_ms: int
+    def __init__(self, id: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
 
 class RotateKeyRequest(_message.Message):
     __slots__ = ("id", "grace_seconds")

@@ -73,6 +73,11 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.RotateKeyRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.CreateKeyResponse.FromString,
                 _registered_method=True)
+        self.SetKeyExpiry = channel.unary_unary(
+                '/policyd.v1.AdminService/SetKeyExpiry',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.SetKeyExpiryRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.ApiKey.FromString,
+                _registered_method=True)
         self.ApplyPolicy = channel.unary_unary(
                 '/policyd.v1.AdminService/ApplyPolicy',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ApplyPolicyRequest.SerializeToString,
@@ -199,6 +204,12 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RotateKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetKeyExpiry(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -337,6 +348,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RotateKey,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.RotateKeyRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'SetKeyExpiry': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetKeyExpiry,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.SetKeyExpiryRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.ApiKey.SerializeToString,
             ),
             'ApplyPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyPolicy,
@@ -612,6 +628,33 @@ class AdminService:
             '/policyd.v1.AdminService/RotateKey',
             policyd_dot_v1_dot_admin__pb2.RotateKeyRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetKeyExpiry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/SetKeyExpiry',
+            policyd_dot_v1_dot_admin__pb2.SetKeyExpiryRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.ApiKey.FromString,
             options,
             channel_credentials,
             insecure,
