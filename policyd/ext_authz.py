@@ -37,7 +37,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 def denied(status: int, body: bytes, retry_after: int = 0) -> Any:
     """A reply Envoy sends itself, without calling the upstream (a denial, or an answer policyd owns)."""
-    headers = [_header(k, v) for k, v in local_reply_headers(retry_after)]
+    headers = [_header(k, v) for k, v in local_reply_headers(status, retry_after)]
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
         denied_response=external_auth_pb2.DeniedHttpResponse(

@@ -101,7 +101,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 def immediate(status: int, body: bytes, retry_after: int = 0, details: str = "") -> Any:
     """A reply Envoy sends itself, without calling the upstream."""
-    headers = [_header(k, v) for k, v in local_reply_headers(retry_after)]
+    headers = [_header(k, v) for k, v in local_reply_headers(status, retry_after)]
     return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=status), headers=ep.HeaderMutation(set_headers=headers), body=body,
         details=details[:64]))

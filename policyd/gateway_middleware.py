@@ -255,9 +255,8 @@ async def _watch_disconnect(receive: Receive, disconnected: asyncio.Event) -> No
 
 
 async def _respond(send: Send, status: int, body: bytes, retry_after: int = 0, request_id: str = "") -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if retry_after > 0:
-        headers.append((b"retry-after", str(retry_after).encode()))
+    headers = [(k.encode(), v.encode()) for k, v in http_api.reply_headers(status, retry_after)]
+    headers.append((b"content-length", str(len(body)).encode()))
     if request_id:
         headers.append((http_api.REQUEST_ID_HEADER.encode(), request_id.encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -221,6 +221,23 @@ def _problem(call: HttpCall, reason: str, message: str, param: str = "") -> Http
     return call
 
 
+RETRY_WORTH_WAITING_SECONDS = 60  # the openai SDKs wait out a retry-after of up to a minute
+
+
+def reply_headers(status: int, retry_after_seconds: int = 0) -> list[tuple[str, str]]:
+    """The headers of a JSON reply policyd gives itself (a denial, an answer it owns). The OpenAI SDKs
+    retry every 429 on their own (twice, by default) unless told otherwise by `x-should-retry`: a
+    429 that a wait of a minute cannot cure (an empty wallet, a day's budget) says false, so the
+    client hears at once and is not denied three times; one that a short wait cures says true."""
+    headers = [("content-type", "application/json")]
+    if retry_after_seconds > 0:
+        headers.append(("retry-after", str(retry_after_seconds)))
+    if status == 429:
+        worth_it = 0 < retry_after_seconds <= RETRY_WORTH_WAITING_SECONDS
+        headers.append(("x-should-retry", "true" if worth_it else "false"))
+    return headers
+
+
 def error_body(error_type: str, code: str, message: str, param: str = "") -> bytes:
     """The OpenAI error shape, which the openai SDKs turn into their exception classes."""
     return json.dumps({"error": {"type": error_type, "code": code, "message": message,

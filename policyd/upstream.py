@@ -46,9 +46,6 @@ def upstream_request(decision: Decision, pool: ProviderPool, observed: bool, rew
     return UpstreamRequest(headers, remove, account.name if account else "")
 
 
-def local_reply_headers(retry_after_seconds: int = 0) -> list[tuple[str, str]]:
+def local_reply_headers(status: int, retry_after_seconds: int = 0) -> list[tuple[str, str]]:
     """The headers of a reply Envoy sends itself (a denial, or an answer policyd owns)."""
-    headers = [("content-type", "application/json")]
-    if retry_after_seconds > 0:
-        headers.append(("retry-after", str(retry_after_seconds)))
-    return headers
+    return http_api.reply_headers(status, retry_after_seconds)

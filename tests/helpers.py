@@ -49,6 +49,13 @@ class FundedCustomers:
         return self.admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id=customer, plan=plan,
                                                                environment="production")).secret
 
+    def records(self, customer: str) -> list[Any]:
+        """The customer's usage records, newest first, once the writer has caught up (Audit drains it)."""
+        from policyd_client.v1 import admin_pb2
+
+        self.admin.Audit(admin_pb2.AuditRequest())
+        return list(self.admin.ListUsage(admin_pb2.ListUsageRequest(customer_id=customer, limit=100)).records)
+
     def wallet(self, customer: str) -> Any:
         from policyd_client.v1 import admin_pb2
 

@@ -209,6 +209,11 @@ def test_deny_paths_raise_the_matching_sdk_exceptions(gateway: Gateway) -> None:
     with pytest.raises(openai.RateLimitError) as quota:
         broke.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
     assert quota.value.code == "insufficient_quota" and quota.value.type == "insufficient_quota"
+    assert quota.value.response.headers["x-should-retry"] == "false"  # waiting will not fill the wallet
+    sdk_defaults = openai.OpenAI(base_url=gateway.base_url, api_key=broke.api_key, timeout=20)  # retries 429s twice
+    with pytest.raises(openai.RateLimitError):
+        sdk_defaults.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "once"}])
+    assert [r.reason for r in gateway.records("e2e-broke")] == ["insufficient_quota"] * 2  # one each: no retries
 
     key = gateway.customer("e2e-paused")
     key_id = gateway.admin.ListKeys(admin_pb2.ListKeysRequest(customer_id="e2e-paused")).keys[0].id

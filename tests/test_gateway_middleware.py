@@ -139,6 +139,11 @@ def test_denials_raise_the_sdk_exceptions_and_never_reach_the_provider(gateway: 
     with pytest.raises(openai.RateLimitError) as quota:
         broke.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
     assert quota.value.code == "insufficient_quota"
+    assert quota.value.response.headers["x-should-retry"] == "false"  # waiting will not fill the wallet
+    sdk_defaults = openai.OpenAI(base_url=gateway.base_url, api_key=broke.api_key, timeout=20)  # retries 429s twice
+    with pytest.raises(openai.RateLimitError):
+        sdk_defaults.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "once"}])
+    assert [r.reason for r in gateway.records("mw-broke")] == ["insufficient_quota"] * 2  # one each: no retries
     assert len(gateway.mock.received()) == before
 
 

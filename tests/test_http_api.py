@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policyd.gateway_config import render
-from policyd.http_api import parse_call, rewrite_body
+from policyd.http_api import parse_call, reply_headers, rewrite_body
 from policyd.usage_capture import ResponseReader
 from tests.conftest import ROOT
 
@@ -115,6 +115,21 @@ def test_choices_are_read_from_n_and_candidate_count(path: str, body: dict, choi
 def test_parse_never_raises_on_random_bytes(body: bytes, path: str) -> None:
     call = parse_call("POST", path, {"authorization": "Bearer x"}, body)
     assert call.problem or call.model
+
+
+@pytest.mark.parametrize(("status", "retry_after", "should_retry"), [
+    (429, 0, "false"),  # an empty wallet: waiting does not help
+    (429, 86_400, "false"),  # a day's budget
+    (429, 1, "true"),  # too many in flight, a minute's rate limit: the SDK waits and tries again
+    (429, 60, "true"),
+    (403, 0, None),  # the SDKs never retry these anyway
+    (503, 0, None),  # ... and always retry these
+])
+def test_replies_tell_the_openai_sdks_whether_to_retry(status: int, retry_after: int, should_retry: str | None) -> None:
+    headers = dict(reply_headers(status, retry_after))
+    assert headers.get("x-should-retry") == should_retry
+    assert headers["content-type"] == "application/json"
+    assert headers.get("retry-after") == (str(retry_after) if retry_after else None)
 
 
 def test_rewrites() -> None:
