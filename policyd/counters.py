@@ -189,8 +189,8 @@ class Counters:
         """`expires_ms`: when the key itself ends (0 = never), whatever its secrets."""
         partition = self.partition_of(customer_id)
         args: list[str] = [status, str(now_ms), key_id, customer_id, str(expires_ms)]
-        for secret_hash, expires_ms in secrets:
-            args += [secret_hash, str(expires_ms)]
+        for secret_hash, secret_expires_ms in secrets:
+            args += [secret_hash, str(secret_expires_ms)]
         await self._key_state(keys=[redis_keys.key_state(partition, key_id), redis_keys.events(partition)], args=args)
 
     def queue_key_state(self, pipe: Any, customer_id: str, key_id: str, status: str,
@@ -392,7 +392,8 @@ class Counters:
         return _text(reply[0]), int(reply[1])
 
     async def key_status(self, customer_id: str, key_id: str, secret_hash: str, now_ms: int) -> str:
-        """active | paused | revoked | expired | invalid (this secret does not open the key): as authorize.lua reads it."""
+        """active | paused | revoked | expired | invalid (this secret does not open the key), as authorize.lua
+        reads them."""
         status, expiry, key_expiry = await self.client.hmget(
             redis_keys.key_state(self.partition_of(customer_id), key_id), "status", f"h:{secret_hash}", "expires")
         if status is None or expiry is None:
