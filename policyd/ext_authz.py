@@ -97,6 +97,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
                 headers=headers, headers_to_remove=upstream.remove_headers + [REQUEST_ID_HEADER],
-                response_headers_to_add=[_header(REQUEST_ID_HEADER, d.request_id)]),
+                response_headers_to_add=[_header(REQUEST_ID_HEADER, d.request_id)],
+                query_parameters_to_remove=[http_api.QUERY_KEY] if call.key_in_query else []),
             dynamic_metadata=metadata,
         )

@@ -270,6 +270,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         upstream = upstream_request(decision, self.pool, observed=call.stream)
         exchange = Exchange.of(call, decision, upstream.account, observed=observer and call.stream)
         set_headers = [_header(k, v) for k, v in upstream.set_headers]
+        if call.key_in_query:  # the customer's key stays here
+            set_headers.append(_header(":path", http_api.without_query_key(arrival.path)))
         new_body = exchange.rewritten(call.body)
         if new_body is not None:
             set_headers.append(_header("content-length", str(len(new_body))))

@@ -68,7 +68,9 @@ class PolicydMiddleware:
             return  # the client left before sending its request: nothing was authorized
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         client = scope.get("client") or ("", 0)
-        method, path = scope.get("method", "GET"), scope.get("path", "/")
+        method, path, query = scope.get("method", "GET"), scope.get("path", "/"), scope.get("query_string", b"")
+        if query:
+            path = f"{path}?{query.decode('latin-1')}"
         call = http_api.parse_call(method, path, headers, body, client_address=str(client[0]))
         if size > self.body_bytes_max:
             call.problem, call.problem_message, call.problem_param = (
@@ -158,8 +160,11 @@ class PolicydMiddleware:
         # the proxy does not read from the client once it has the body, so a client that hangs up is
         # watched for here: the proxy is cancelled (its upstream request with it) and what was delivered is charged
         disconnected = asyncio.Event()
-        proxied = asyncio.ensure_future(self.app({**scope, "headers": headers}, _replay(body, disconnected),
-                                                 metered_send))
+        upstream_scope = {**scope, "headers": headers}
+        if call.key_in_query:  # the customer's key stays here
+            upstream_scope["query_string"] = http_api.without_query_key(
+                "?" + scope["query_string"].decode("latin-1")).lstrip("?").encode("latin-1")
+        proxied = asyncio.ensure_future(self.app(upstream_scope, _replay(body, disconnected), metered_send))
         watcher = asyncio.ensure_future(_watch_disconnect(receive, disconnected))
         try:
             await asyncio.wait({proxied, watcher}, return_when=asyncio.FIRST_COMPLETED)

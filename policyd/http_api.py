@@ -17,6 +17,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import parse_qsl, unquote_plus
 
 from policyd.domain import Attribution, AuthorizeInput, Shape, trace_id_from
 
@@ -71,6 +72,7 @@ class HttpCall:
     message_count: int = 0
     image_count: int = 0
     choices: int = 0  # completions asked for (n, candidateCount); 0 = one
+    key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
     problem_message: str = ""
     problem_param: str = ""
@@ -100,6 +102,28 @@ def endpoint_of(method: str, path: str) -> tuple[str, str, bool]:
     if gemini:
         return "gemini_generate_content", gemini.group("model"), False
     return "", "", False
+
+
+QUERY_KEY = "key"  # Gemini's ?key=API_KEY: the customer's key when no header carries one
+
+
+def query_key(path: str) -> str | None:
+    """The `key` of a path's query, None when it has none."""
+    _, sep, query = path.partition("?")
+    if sep:
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            if name == QUERY_KEY:
+                return value.strip()
+    return None
+
+
+def without_query_key(path: str) -> str:
+    """The path as it goes upstream: the customer's `key` taken out of its query, the rest as it was."""
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path
+    kept = [part for part in query.split("&") if unquote_plus(part.split("=", 1)[0]) != QUERY_KEY]
+    return f"{base}?{'&'.join(kept)}" if kept else base
 
 
 def customer_key(headers: dict[str, str]) -> str:
@@ -149,6 +173,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     headers = {k.lower(): v for k, v in headers.items()}
     call = HttpCall(api_key=customer_key(headers), client_address=client_address,
                     user_agent=headers.get("user-agent", ""))
+    in_query = query_key(path)
+    call.api_key, call.key_in_query = call.api_key or in_query or "", in_query is not None
     endpoint, path_model, listing = endpoint_of(method, path)
     call.endpoint, call.models_listing = endpoint, listing
     call.attribution = _attribution(headers)

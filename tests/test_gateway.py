@@ -236,6 +236,22 @@ def post(url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str,
         return error.code, {k.lower(): v for k, v in error.headers.items()}, json.loads(error.read())
 
 
+def test_a_key_in_the_query_opens_the_gateway_and_never_reaches_the_provider(gateway: Gateway) -> None:
+    """Gemini's clients may send the key as ?key=: read it, and take it out of the path that goes upstream."""
+    key = gateway.customer("e2e-query-key")
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "query key"}],
+                       "max_tokens": 16}).encode()
+    request = urllib.request.Request(f"{gateway.base_url}/chat/completions?key={key}&trace=on", data=body,
+                                     method="POST", headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=20) as reply:
+        assert reply.status == 200
+        request_id = reply.headers["x-policyd-request-id"]
+    (sent,) = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "query key"]
+    assert sent["path"] == "/v1/chat/completions?trace=on" and key not in json.dumps(sent)
+    record = gateway.record(request_id)
+    assert (record["status"], record["customer_id"]) == ("settled", "e2e-query-key")
+
+
 def test_bad_bodies_get_clear_errors_and_reserve_nothing(gateway: Gateway) -> None:
     key = gateway.customer("e2e-bad", credit="1")
     url = f"{gateway.base_url}/chat/completions"

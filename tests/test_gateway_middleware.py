@@ -156,6 +156,19 @@ def post(url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str,
         return error.code, json.loads(error.read())
 
 
+def test_a_key_in_the_query_is_read_and_never_reaches_the_provider(gateway: ExampleGateway) -> None:
+    key = gateway.customer("mw-query-key")
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "mw query key"}],
+                       "max_tokens": 16}).encode()
+    code, reply = post(f"{gateway.base_url}/chat/completions?trace=on&key={key}", {"content-type": "application/json",
+                       "x-policyd-request-id": "mw-query-1"}, body)
+    assert code == 200 and reply["usage"]["completion_tokens"] > 0
+    (sent,) = gateway.received("mw query key")
+    assert sent["path"] == "/v1/chat/completions?trace=on" and key not in json.dumps(sent)
+    record = gateway.record("mw-query-1")
+    assert (record["status"], record["customer_id"]) == ("settled", "mw-query-key")
+
+
 def test_unusable_requests_get_clear_errors_a_record_and_move_no_money(gateway: ExampleGateway) -> None:
     key = gateway.customer("mw-bad", credit="1")
     auth = {"authorization": f"Bearer {key}", "content-type": "application/json", "x-policyd-request-id": "mw-bad-1"}

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policyd.gateway_config import render
-from policyd.http_api import parse_call, reply_headers, rewrite_body
+from policyd.http_api import parse_call, reply_headers, rewrite_body, without_query_key
 from policyd.usage_capture import ResponseReader
 from tests.conftest import ROOT
 
@@ -130,6 +130,20 @@ def test_replies_tell_the_openai_sdks_whether_to_retry(status: int, retry_after:
     assert headers.get("x-should-retry") == should_retry
     assert headers["content-type"] == "application/json"
     assert headers.get("retry-after") == (str(retry_after) if retry_after else None)
+
+
+def test_a_key_in_the_query_is_read_and_never_sent_upstream() -> None:
+    body = json.dumps({"contents": [{"parts": [{"text": "hi"}]}]}).encode()
+    call = parse_call("POST", "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&key=pdk_live_abc", {}, body)
+    assert (call.api_key, call.key_in_query, call.endpoint, call.stream) == (
+        "pdk_live_abc", True, "gemini_generate_content", True)
+    assert without_query_key("/v1beta/models/m:streamGenerateContent?alt=sse&key=pdk_live_abc") == \
+        "/v1beta/models/m:streamGenerateContent?alt=sse"
+    assert without_query_key("/p?k%65y=secret&a=1&key") == "/p?a=1"  # however it is spelled
+    assert without_query_key("/p?key=x") == "/p" and without_query_key("/p") == "/p"
+    both = parse_call("POST", "/v1/chat/completions?key=other", {"authorization": "Bearer pdk_live_h"}, b"{}")
+    assert (both.api_key, both.key_in_query) == ("pdk_live_h", True)  # the header's; the query's is still stripped
+    assert not parse_call("POST", "/v1/chat/completions?alt=sse", {}, b"{}").key_in_query
 
 
 def test_rewrites() -> None:
