@@ -418,7 +418,7 @@ class Engine:
     def _record(self, request: AuthorizeInput, request_id: str, owner: Owner, policy: Policy | None,
                 plan: Plan | None, attempt: _Plan, at: int, started: int, decision: str) -> dict[str, Any]:
         a = request.attribution
-        return {
+        record: dict[str, Any] = {
             "request_id": request_id, "created_ms": at, "trace_id": a.trace_id, "traceparent": a.traceparent,
             "customer_id": owner.customer_id, "workspace_id": owner.workspace_id, "project_id": owner.project_id,
             "team_id": owner.team_id, "api_key_id": owner.api_key_id, "plan": owner.plan,
@@ -437,11 +437,14 @@ class Engine:
             "billing_mode": billing_of(plan, a.feature) if plan else "",
             "reservation_mode": plan.reservation if plan else "",
             "currency": policy.document.currency if policy else "",
-            "max_output_tokens": attempt.output_cap, "choices": max(1, request.shape.choices),
+            "max_output_tokens": attempt.output_cap,
             "holds": [[h.key, h.unit, h.amount] for h in attempt.holds],
             "decision_latency_us": (time.perf_counter_ns() - started) // 1000,
             "client_address": request.client_address, "user_agent": request.user_agent,
         }
+        if request.shape.choices > 1:  # only then: a writer from before the column still writes every other record
+            record["choices"] = request.shape.choices
+        return record
 
     async def _deny_unowned(self, request: AuthorizeInput, at: int, started: int, base: dict[str, str],
                             reason: str, message: str = "", param: str = "") -> Decision:
