@@ -9,6 +9,7 @@ with the reservation, so a pause reaches every replica at once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 from policyd.store import KeyRecord, Store, key_record
@@ -16,6 +17,15 @@ from policyd.store import KeyRecord, Store, key_record
 CACHE_ENTRIES_MAX = 1_000_000
 NEGATIVE_CACHE_SECONDS = 1.0
 NEGATIVE_ENTRIES_MAX = 100_000
+EVICTED_SHARE = 10  # a full cache forgets its oldest tenth, not everything at once
+
+
+def _make_room(entries: dict, capacity: int) -> None:
+    """Forget the tenth held longest (a dict keeps insertion order) once `capacity` is reached, so that
+    a full cache sends a few keys back to SQL, not every key at the same moment."""
+    if len(entries) >= capacity:
+        for stale in list(itertools.islice(entries, max(1, capacity // EVICTED_SHARE))):
+            del entries[stale]
 
 
 class KeyDirectory:
@@ -25,8 +35,7 @@ class KeyDirectory:
         self._unknown: dict[str, float] = {}
 
     def remember(self, secret_hash: str, record: KeyRecord) -> None:
-        if len(self._known) >= CACHE_ENTRIES_MAX:
-            self._known.clear()
+        _make_room(self._known, CACHE_ENTRIES_MAX)
         self._known[secret_hash] = record
         self._unknown.pop(secret_hash, None)
 
@@ -39,8 +48,7 @@ class KeyDirectory:
             return None
         row = await asyncio.to_thread(self.store.key_by_hash, secret_hash)
         if row is None:
-            if len(self._unknown) >= NEGATIVE_ENTRIES_MAX:
-                self._unknown.clear()
+            _make_room(self._unknown, NEGATIVE_ENTRIES_MAX)
             self._unknown[secret_hash] = time.monotonic()
             return None
         record = key_record(row)
