@@ -13,6 +13,7 @@ ENDPOINTS = (
     "images",
     "anthropic_messages",
     "gemini_generate_content",
+    "completions",
 )
 
 

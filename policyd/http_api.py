@@ -8,6 +8,7 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
     POST .../v1/images/generations        images
     POST .../v1/messages                  anthropic_messages
     POST .../v1beta/models/M:generateContent | :streamGenerateContent   gemini_generate_content
+    POST .../v1/completions               completions (legacy text completions)
     GET  .../v1/models                    the models the key may use (answered by policyd)
 """
 
@@ -32,6 +33,7 @@ _PATHS = [
     (re.compile(r"(^|/)v1/embeddings/?$"), "embeddings"),
     (re.compile(r"(^|/)v1/images/generations/?$"), "images"),
     (re.compile(r"(^|/)v1/messages/?$"), "anthropic_messages"),
+    (re.compile(r"(^|/)v1/completions/?$"), "completions"),
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent)$")
 _MODELS = re.compile(r"(^|/)v1/models/?$")
@@ -71,6 +73,7 @@ class HttpCall:
     prompt_bytes: int = 0
     message_count: int = 0
     image_count: int = 0
+    input_tokens: int = 0  # counted from the request (a prompt of token ids), 0 = estimated
     choices: int = 0  # completions asked for (n, candidateCount); 0 = one
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
@@ -85,7 +88,7 @@ class HttpCall:
             api_key=self.api_key, endpoint=self.endpoint, model=self.model, attribution=self.attribution,
             shape=Shape(prompt_bytes=self.prompt_bytes, message_count=self.message_count,
                         max_output_tokens=self.max_output_tokens, image_count=self.image_count, stream=self.stream,
-                        choices=self.choices),
+                        choices=self.choices, input_tokens=self.input_tokens),
             client_address=self.client_address, user_agent=self.user_agent,
         )
 
@@ -220,6 +223,13 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.image_count = _int(data.get("n")) or 1
     elif endpoint == "chat_completions":  # n choices, each up to the output cap: all of them are billed
         call.choices = _count(data.get("n"))
+    elif endpoint == "completions":  # best_of are generated (and billed), n of them returned
+        call.choices = max(_count(data.get("n")), _count(data.get("best_of")))
+        prompt = data.get("prompt")
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            call.input_tokens = len(prompt)  # a prompt of token ids: counted, not estimated
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+            call.input_tokens = sum(len(p) for p in prompt)
     elif endpoint == "gemini_generate_content":
         call.choices = _count(generation.get("candidateCount"))
     if not call.attribution.end_user_id and isinstance(data.get("user"), str):
@@ -276,7 +286,7 @@ def rewrite_body(call_body: dict[str, Any], endpoint: str, served_model: str, re
 
     - the served model on a downgrade (not for Gemini, whose model is in the path);
     - the reserved output cap when the client sent none;
-    - stream_options.include_usage for streamed chat completions, so usage is always reported.
+    - stream_options.include_usage for streamed chat and text completions, so usage is always reported.
     """
     body = dict(call_body)
     changed = False
@@ -286,6 +296,8 @@ def rewrite_body(call_body: dict[str, Any], endpoint: str, served_model: str, re
     if output_cap and not client_gave_cap:
         if endpoint == "chat_completions":
             body["max_completion_tokens"] = output_cap
+        elif endpoint == "completions":
+            body["max_tokens"] = output_cap
         elif endpoint == "responses":
             body["max_output_tokens"] = output_cap
         elif endpoint == "anthropic_messages":
@@ -294,8 +306,9 @@ def rewrite_body(call_body: dict[str, Any], endpoint: str, served_model: str, re
             generation = dict(body.get("generationConfig") or {})
             generation["maxOutputTokens"] = output_cap
             body["generationConfig"] = generation
-        changed = changed or endpoint in ("chat_completions", "responses", "anthropic_messages", "gemini_generate_content")
-    if stream and endpoint == "chat_completions":
+        changed = changed or endpoint in ("chat_completions", "completions", "responses", "anthropic_messages",
+                                          "gemini_generate_content")
+    if stream and endpoint in ("chat_completions", "completions"):
         options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
         if options.get("include_usage") is not True:
             body["stream_options"] = {**options, "include_usage": True}

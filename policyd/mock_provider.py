@@ -133,11 +133,12 @@ class MockProvider:
         c_tokens = min(output_cap(body), COMPLETION_TOKENS_MAX)
         text = "".join(WORDS[:c_tokens])
         anthropic = h.path.rstrip("/").endswith("/v1/messages")
+        legacy = h.path.split("?")[0].rstrip("/").endswith("/v1/completions")  # text completions
         if h.path.rstrip("/").endswith("/v1/embeddings"):
             return h._json(200, {"object": "list", "model": model, "data": [{"object": "embedding", "index": 0,
                                  "embedding": [0.0, 0.1]}], "usage": {"prompt_tokens": p_tokens, "total_tokens": p_tokens}})
         if body.get("stream"):
-            return self._stream(h, body, model, p_tokens, c_tokens, scenario, anthropic)
+            return self._stream(h, body, model, p_tokens, c_tokens, scenario, anthropic, legacy)
         if anthropic:
             usage = {"input_tokens": p_tokens, "output_tokens": c_tokens}
             return h._json(200, {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
@@ -150,13 +151,17 @@ class MockProvider:
                                      {"type": "output_text", "text": text}]}],
                                  **({} if scenario == "no_usage" else {"usage": usage})})
         usage = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
+        if legacy:
+            return h._json(200, {"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": model,
+                                 "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+                                 **({} if scenario == "no_usage" else {"usage": usage})})
         return h._json(200, {"id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                           "finish_reason": "stop"}],
                              **({} if scenario == "no_usage" else {"usage": usage})})
 
     def _stream(self, h: Any, body: dict[str, Any], model: str, p_tokens: int, c_tokens: int, scenario: str,
-                anthropic: bool) -> None:
+                anthropic: bool, legacy: bool = False) -> None:
         h.send_response(200)
         h.send_header("content-type", "text/event-stream")
         h.send_header("cache-control", "no-cache")
@@ -189,6 +194,9 @@ class MockProvider:
                 return
             chunk = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
                      "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+            if legacy:
+                chunk = {"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": model,
+                         "choices": [{"index": 0, "text": word, "finish_reason": None, "logprobs": None}]}
             try:
                 send(f"data: {json.dumps(chunk)}\n\n")
             except OSError:
@@ -196,6 +204,9 @@ class MockProvider:
             time.sleep(0.2 if scenario == "slow" else 0.002)
         last = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
                 "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        if legacy:
+            last = {"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": model,
+                    "choices": [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}]}
         send(f"data: {json.dumps(last)}\n\n")
         options = body.get("stream_options") or {}
         if options.get("include_usage") and scenario != "no_usage":

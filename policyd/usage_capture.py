@@ -86,8 +86,8 @@ def _delivered_text(endpoint: str, data: Any) -> int:
     for choice in data.get("choices") or []:
         if isinstance(choice, dict):
             delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-            for part in (delta.get("content"), delta.get("reasoning_content")):
-                if isinstance(part, str):
+            for part in (delta.get("content"), delta.get("reasoning_content"), choice.get("text")):
+                if isinstance(part, str):  # text: a legacy completion's
                     total += len(part.encode("utf-8", "surrogatepass"))
     delta = data.get("delta")
     if isinstance(delta, str):  # responses: response.output_text.delta
@@ -110,6 +110,8 @@ def _reply_text(data: Any) -> int:
     for choice in data.get("choices") or []:
         if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
             texts.append(choice["message"].get("content"))
+        elif isinstance(choice, dict):  # a legacy completion
+            texts.append(choice.get("text"))
     for item in data.get("output") or []:  # responses
         if isinstance(item, dict):
             texts += [part.get("text") for part in item.get("content") or [] if isinstance(part, dict)]

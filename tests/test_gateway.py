@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from policyd.gateway_config import SHAPES, Upstream, render
-from policyd.mock_provider import MockProvider
+from policyd.mock_provider import COMPLETION_TOKENS_MAX, MockProvider
 from policyd.money import parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.helpers import FundedCustomers
@@ -140,6 +140,28 @@ def test_non_streamed_chat_charges_the_provider_reported_usage(gateway: Gateway)
     sent = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "How exact is policyd?"]
     assert sent and sent[-1]["authorization"] in (f"Bearer {PROVIDER_KEYS[0]}", f"Bearer {PROVIDER_KEYS[1]}")
     assert key not in json.dumps(gateway.mock.received())  # the customer's key never reaches the provider
+
+
+def test_legacy_text_completions_are_charged_streamed_or_not(gateway: Gateway) -> None:
+    """/v1/completions (OpenAI's legacy API, and what many OpenAI-compatible servers speak)."""
+    client = gateway.client(gateway.customer("e2e-legacy"))
+    raw = client.completions.with_raw_response.create(model="gpt-4o-mini", prompt="Say something exact", max_tokens=5,
+                                                      n=2)
+    completion = raw.parse()
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["endpoint"], record["status"], record["choices"]) == ("completions", "settled", 2)
+    assert (record["input_tokens"], record["output_tokens"]) == (completion.usage.prompt_tokens,
+                                                                  completion.usage.completion_tokens)
+    assert record["charge_nanos"] == expected_charge("gpt-4o-mini", completion.usage.prompt_tokens,
+                                                     completion.usage.completion_tokens)
+    stream = client.completions.with_raw_response.create(model="gpt-4o-mini", prompt="Stream something", stream=True)
+    text = "".join(chunk.choices[0].text for chunk in stream.parse() if chunk.choices)
+    record = gateway.record(stream.headers["x-policyd-request-id"])
+    (sent,) = [r["body"] for r in gateway.mock.received() if r["body"].get("prompt") == "Stream something"]
+    assert sent["stream_options"] == {"include_usage": True} and sent["max_tokens"] == record["max_output_tokens"]
+    assert text and record["status"] == "settled" and not record["error_class"]  # the provider's usage, not an estimate
+    assert record["output_tokens"] == min(record["max_output_tokens"], COMPLETION_TOKENS_MAX)  # what the mock made
+    assert record["input_tokens"] > 0
 
 
 def test_streamed_chat_is_charged_and_usage_is_always_requested(gateway: Gateway) -> None:

@@ -103,6 +103,8 @@ def test_problems(path: str, body: bytes, problem: str) -> None:
     ("/v1/chat/completions", {"model": "m", "messages": [], "n": "3"}, 0),  # the provider refuses it: released
     ("/v1beta/models/gemini-2.0-flash:generateContent", {"contents": [], "generationConfig": {"candidateCount": 2}}, 2),
     ("/v1/images/generations", {"model": "m", "prompt": "p", "n": 4}, 0),  # images count as images
+    ("/v1/completions", {"model": "m", "prompt": "p", "n": 2, "best_of": 5}, 5),  # best_of are all generated
+    ("/v1/completions", {"model": "m", "prompt": "p", "n": 3}, 3),
 ])
 def test_choices_are_read_from_n_and_candidate_count(path: str, body: dict, choices: int) -> None:
     call = parse_call("POST", path, {"authorization": "Bearer k"}, json.dumps(body).encode())
@@ -130,6 +132,22 @@ def test_replies_tell_the_openai_sdks_whether_to_retry(status: int, retry_after:
     assert headers.get("x-should-retry") == should_retry
     assert headers["content-type"] == "application/json"
     assert headers.get("retry-after") == (str(retry_after) if retry_after else None)
+
+
+def test_legacy_completions_are_their_own_family() -> None:
+    assert parse_call("POST", "/v1/chat/completions", {}, b'{"model": "m"}').endpoint == "chat_completions"
+    text = parse_call("POST", "/openai/v1/completions", {}, json.dumps({"model": "m", "prompt": "abcd"}).encode())
+    assert (text.endpoint, text.prompt_bytes, text.input_tokens) == ("completions", 4, 0)
+    ids = parse_call("POST", "/v1/completions", {}, json.dumps({"model": "m", "prompt": [1, 2, 3, 4, 5]}).encode())
+    assert ids.input_tokens == 5 and ids.authorize_input().shape.input_tokens == 5  # token ids are counted
+    batch = parse_call("POST", "/v1/completions", {}, json.dumps({"model": "m", "prompt": [[1, 2], [3]]}).encode())
+    assert batch.input_tokens == 3
+    assert rewrite_body({"model": "m", "prompt": "p", "stream": True}, "completions", "m", "m", 64, False, True) == {
+        "model": "m", "prompt": "p", "stream": True, "max_tokens": 64, "stream_options": {"include_usage": True}}
+    reader = ResponseReader("completions", stream=True)
+    reader.feed(b'data: {"choices": [{"index": 0, "text": "abcdefgh"}]}\n\n')
+    reader.finish()
+    assert not reader.found_usage and reader.estimated_output_tokens() == 2  # a cut stream's text counts
 
 
 def test_a_key_in_the_query_is_read_and_never_sent_upstream() -> None:

@@ -16,6 +16,7 @@ class EndpointFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMAGES: _ClassVar[EndpointFamily]
     ANTHROPIC_MESSAGES: _ClassVar[EndpointFamily]
     GEMINI_GENERATE_CONTENT: _ClassVar[EndpointFamily]
+    COMPLETIONS: _ClassVar[EndpointFamily]
 ENDPOINT_FAMILY_UNSPECIFIED: EndpointFamily
 CHAT_COMPLETIONS: EndpointFamily
 RESPONSES: EndpointFamily
@@ -23,6 +24,7 @@ EMBEDDINGS: EndpointFamily
 IMAGES: EndpointFamily
 ANTHROPIC_MESSAGES: EndpointFamily
 GEMINI_GENERATE_CONTENT: EndpointFamily
+COMPLETIONS: EndpointFamily
 
 class Money(_message.Message):
     __slots__ = ("currency", "nanos")
