@@ -58,6 +58,24 @@ class Prices(_Strict):
     per_image: int = 0
     per_request: int = 0
     per_second: int = 0
+    # A long-context tier (Anthropic's and Gemini's): a request whose input passes `long_context_above`
+    # tokens (cached and cache writes included) has all its tokens priced at `long_context`'s prices
+    long_context_above: int = Field(0, ge=0, le=QUANTITY_MAX)
+    long_context: Prices | None = None
+
+    @model_validator(mode="after")
+    def _tier(self) -> "Prices":
+        if (self.long_context is None) != (self.long_context_above == 0):
+            raise ValueError("long_context and long_context_above (input tokens) go together")
+        if self.long_context is not None and self.long_context.long_context is not None:
+            raise ValueError("a long_context tier has no tier of its own")
+        return self
+
+    def for_input(self, input_tokens: int) -> "Prices":
+        """The token prices of a request with this many input tokens: the long-context tier's past its threshold."""
+        if self.long_context is not None and input_tokens > self.long_context_above:
+            return self.long_context
+        return self
 
     @field_validator("input", "cached_input", "cache_write_input", "output", "per_image", "per_request", "per_second", mode="before")
     @classmethod

@@ -1,6 +1,7 @@
 """Cost and charge, from a price table and a plan. Integers only; rounding is money.price_quantity's.
 
-cost   = what the provider bills us: tokens x price per 1M (input, cached input, output)
+cost   = what the provider bills us: tokens x price per 1M (input, cached input, output; every token at
+         the long-context tier's prices when the input passes its threshold)
          + images x per_image + seconds x per_second + requests x per_request
 charge = what the customer pays: for "standard" plans, the plan's own price_list for the model
          when it has one, else cost x (10000 + markup_bps) / 10000 (a negative markup is a
@@ -40,11 +41,12 @@ class Quantities:
 
 def cost_of(price: Prices, q: Quantities) -> int:
     uncached = q.input_tokens - q.cached_input_tokens - q.cache_write_input_tokens
+    tokens = price.for_input(q.input_tokens)  # a long-context tier prices every token of the request
     return (
-        price_quantity(uncached, price.input)
-        + price_quantity(q.cached_input_tokens, price.cached_input_price)
-        + price_quantity(q.cache_write_input_tokens, price.cache_write_input_price)
-        + price_quantity(q.output_tokens, price.output)
+        price_quantity(uncached, tokens.input)
+        + price_quantity(q.cached_input_tokens, tokens.cached_input_price)
+        + price_quantity(q.cache_write_input_tokens, tokens.cache_write_input_price)
+        + price_quantity(q.output_tokens, tokens.output)
         + q.images * price.per_image
         + q.seconds * price.per_second
         + q.requests * price.per_request

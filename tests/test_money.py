@@ -614,3 +614,23 @@ async def test_day_budgets_without_a_time_zone_are_utc_days(service: Service) ->
     assert later.decision == "downgrade"  # the same UTC day
     clock[0] = calendar.timegm((2026, 11, 25, 0, 0, 1)) * 1000
     assert (await service.engine.authorize(ask(secret, model="gpt-4o", max_output_tokens=500))).decision == "allow"
+
+
+async def test_a_long_prompt_is_reserved_and_charged_at_the_long_context_tier(service: Service) -> None:
+    tiered = SAMPLE_POLICY.replace('      output: "0.60"\n', '      output: "0.60"\n      long_context_above: 1000\n'
+                                   '      long_context: {input: "0.30", cached_input: "0.15", output: "1.20"}\n', 1)
+    await service.admin.apply_policy(tiered, "tiered.yaml")
+    _, secret = await new_key(service, plan="free", customer="long")  # strict, charged at cost
+    await fund(service, "long", "1")
+    base_in, base_out, tier_in, tier_out = (parse_amount(p) for p in ("0.15", "0.60", "0.30", "1.20"))
+    short = await service.engine.authorize(ask(secret, prompt_bytes=500, max_output_tokens=100, request_id="short"))
+    long = await service.engine.authorize(ask(secret, prompt_bytes=5000, max_output_tokens=100, request_id="long"))
+    # the strict bound of input (bytes + 8 a message + 16) decides the tier of the reservation
+    assert short.reserved == price_quantity(524, base_in) + price_quantity(100, base_out)
+    assert long.reserved == price_quantity(5024, tier_in) + price_quantity(100, tier_out)
+    s = await service.engine.settle(usage("short", input_tokens=1000, output_tokens=90))  # at the threshold: base
+    assert s.charge == price_quantity(1000, base_in) + price_quantity(90, base_out)
+    s = await service.engine.settle(usage("long", input_tokens=1001, output_tokens=90))  # past it: every token
+    assert s.charge == price_quantity(1001, tier_in) + price_quantity(90, tier_out)
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policyd.money import AMOUNT_MAX, MoneyError, format_amount, parse_amount, price_quantity
-from policyd.policy import parse_policy
+from policyd.policy import PolicyError, parse_policy
 from policyd.pricing import Quantities, charge_of, cost_of
 from tests.conftest import SAMPLE_POLICY
 
@@ -74,3 +75,52 @@ def test_a_price_between_nanos_rounds_up() -> None:
     assert price_quantity(2000, price) == 3
     assert price_quantity(0, price) == 0
     assert price_quantity(1000, parse_amount("0.075")) == 75_000  # exact: no rounding
+
+
+LONG_CONTEXT = """currency: USD
+price_table:
+  version: "tiers"
+  models:
+    gemini-2.5-pro: {provider: google, input: "1.25", cached_input: "0.31", output: "10.00", per_request: "0.001",
+                     long_context_above: 200000,
+                     long_context: {input: "2.50", cached_input: "0.625", output: "15.00"}}
+plans:
+  pro:
+    models: [gemini-2.5-pro]
+    markup_bps: 1000
+    price_list:
+      gemini-2.5-pro: {input: "2.00", output: "12.00", long_context_above: 200000,
+                       long_context: {input: "4.00", output: "18.00"}}
+  at-cost:
+    models: [gemini-2.5-pro]
+    billing: at_cost
+"""
+
+
+def test_past_the_long_context_threshold_every_token_has_the_tiers_price() -> None:
+    document = parse_policy(LONG_CONTEXT)
+    price = document.price_table.models["gemini-2.5-pro"]
+    at = Quantities(input_tokens=200_000, cached_input_tokens=100_000, output_tokens=1_000)
+    past = Quantities(input_tokens=200_001, cached_input_tokens=100_000, output_tokens=1_000)
+    # 100,000 x 1.25 + 100,000 x 0.31 + 1,000 x 10.00 per 1M, + the request
+    assert cost_of(price, at) == 125_000_000 + 31_000_000 + 10_000_000 + 1_000_000
+    # 100,001 x 2.50 + 100,000 x 0.625 + 1,000 x 15.00 per 1M, + the request (not a token price: unchanged)
+    assert cost_of(price, past) == 250_002_500 + 62_500_000 + 15_000_000 + 1_000_000
+    pro, at_cost = document.plans["pro"], document.plans["at-cost"]
+    assert charge_of(at_cost, "gemini-2.5-pro", past, cost_of(price, past)) == cost_of(price, past)
+    # the plan's own price list has its own tier (its cached input: the tier's input, as it names none)
+    assert charge_of(pro, "gemini-2.5-pro", past, 0) == 400_004_000 + 400_000_000 + 18_000_000
+    assert charge_of(pro, "gemini-2.5-pro", at, 0) == 200_000_000 + 200_000_000 + 12_000_000
+
+
+@pytest.mark.parametrize(("tier", "problem"), [
+    ("long_context: {input: \"2.50\"}", "long_context and long_context_above (input tokens) go together"),
+    ("long_context_above: 1000", "long_context and long_context_above (input tokens) go together"),
+    ("long_context_above: 10, long_context: {input: \"2\", long_context_above: 20, long_context: {input: \"3\"}}",
+     "a long_context tier has no tier of its own"),
+])
+def test_a_long_context_tier_is_whole(tier: str, problem: str) -> None:
+    text = LONG_CONTEXT.replace("""long_context_above: 200000,
+                     long_context: {input: "2.50", cached_input: "0.625", output: "15.00"}}""", tier + "}")
+    with pytest.raises(PolicyError, match=re.escape(problem)):
+        parse_policy(text)
