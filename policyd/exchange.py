@@ -15,7 +15,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from policyd.domain import Decision
-from policyd.http_api import REQUEST_ID_HEADER, HttpCall, rewrite_body
+from policyd.http_api import REQUEST_ID_HEADER, HttpCall, rewrite_body, upstream_path
 from policyd.usage_capture import ResponseReader
 
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where ext_authz's dynamic metadata lands
@@ -52,6 +52,14 @@ class Exchange:
                    requested_model=decision.requested_model, served_model=decision.served_model,
                    output_cap=decision.max_output_tokens, client_gave_cap=call.max_output_tokens > 0,
                    account=account, observed=observed)
+
+    @property
+    def model_in_path_changes(self) -> bool:
+        """Gemini names the model in the path: serving another one means rewriting the path."""
+        return self.endpoint == "gemini_generate_content" and self.served_model != self.requested_model
+
+    def upstream_path(self, path: str) -> str:
+        return upstream_path(path, self.endpoint, self.served_model, self.requested_model)
 
     def rewrite(self, body: Any) -> dict[str, Any] | None:
         """The request body (parsed) policy requires instead of the client's, or None to send it as it is."""

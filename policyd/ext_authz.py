@@ -89,7 +89,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     def _allow(self, call: http_api.HttpCall, d: Decision) -> Any:
         """The observer filter reads every reply; the processing filter runs only for a body to rewrite."""
         exchange = Exchange.of(call, d, account="", observed=True)
-        upstream = upstream_request(d, self.pool, observed=True, rewrite=exchange.rewrite(call.body) is not None)
+        rewrite = exchange.rewrite(call.body) is not None or exchange.model_in_path_changes
+        upstream = upstream_request(d, self.pool, observed=True, rewrite=rewrite)
         exchange.account = upstream.account
         headers = [_header(k, v) for k, v in upstream.set_headers]
         metadata = exchange.metadata(EXT_AUTHZ_NAMESPACE, d.decision)

@@ -159,6 +159,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     if arrival is not None and request.request_headers.end_of_stream:
                         exchange, reply = await self._decide(arrival, b"", kind, observer)
                         yield reply
+                    elif exchange is not None and exchange.model_in_path_changes:  # ext_authz decided another model
+                        path = exchange.upstream_path(_headers(request.request_headers).get(":path", ""))
+                        yield _phase(kind, ep.CommonResponse(header_mutation=ep.HeaderMutation(
+                            set_headers=[_header(":path", path)])))
                     else:
                         yield _phase(kind)
                 elif kind == "request_body":
@@ -270,8 +274,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         upstream = upstream_request(decision, self.pool, observed=call.stream)
         exchange = Exchange.of(call, decision, upstream.account, observed=observer and call.stream)
         set_headers = [_header(k, v) for k, v in upstream.set_headers]
-        if call.key_in_query:  # the customer's key stays here
-            set_headers.append(_header(":path", http_api.without_query_key(arrival.path)))
+        path = exchange.upstream_path(arrival.path)  # no customer key in the query; Gemini's served model
+        if path != arrival.path:
+            set_headers.append(_header(":path", path))
         new_body = exchange.rewritten(call.body)
         if new_body is not None:
             set_headers.append(_header("content-length", str(len(new_body))))

@@ -162,9 +162,12 @@ class PolicydMiddleware:
         # watched for here: the proxy is cancelled (its upstream request with it) and what was delivered is charged
         disconnected = asyncio.Event()
         upstream_scope = {**scope, "headers": headers}
-        if call.key_in_query:  # the customer's key stays here
-            upstream_scope["query_string"] = http_api.without_query_key(
-                "?" + scope["query_string"].decode("latin-1")).lstrip("?").encode("latin-1")
+        query = scope.get("query_string", b"").decode("latin-1")
+        full = f"{scope.get('path', '/')}?{query}" if query else scope.get("path", "/")
+        path = http_api.upstream_path(full, call.endpoint, decision.served_model, call.model)
+        if path != full:  # no customer key in the query; Gemini's served model in the path
+            base, _, rest = path.partition("?")
+            upstream_scope.update(path=base, raw_path=base.encode("latin-1"), query_string=rest.encode("latin-1"))
         proxied = asyncio.ensure_future(self.app(upstream_scope, _replay(body, disconnected), metered_send))
         watcher = asyncio.ensure_future(_watch_disconnect(receive, disconnected))
         try:

@@ -129,6 +129,19 @@ def without_query_key(path: str) -> str:
     return f"{base}?{'&'.join(kept)}" if kept else base
 
 
+def upstream_path(path: str, endpoint: str, served_model: str, requested_model: str) -> str:
+    """The path as it goes upstream: the customer's `key` taken out of its query and, where the model
+    is in the path (Gemini), the served model in place of the requested one (a downgrade, a fallback)."""
+    path = without_query_key(path)
+    if endpoint != "gemini_generate_content" or not served_model or served_model == requested_model:
+        return path
+    base, sep, query = path.partition("?")
+    named = _GEMINI.search(base)
+    if named is None:
+        return path
+    return f"{base[:named.start('model')]}{served_model}{base[named.end('model'):]}{sep}{query}"
+
+
 def customer_key(headers: dict[str, str]) -> str:
     value = headers.get("authorization", "")
     if value[:7].lower() == "bearer ":

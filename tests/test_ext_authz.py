@@ -53,3 +53,25 @@ async def test_an_unexpected_error_is_denied_with_an_openai_error_and_logged(
     assert "secret_hash" not in answer.denied_response.body and "pdk_test_" not in answer.denied_response.body
     assert {h.header.key for h in answer.denied_response.headers} >= {"content-type"}
     assert any(r.exc_info and r.exc_info[1] is error for r in caplog.records)
+
+
+class DowngradingEngine:
+    async def authorize(self, request: Any, cooling: Any) -> Any:
+        from policyd.domain import Decision
+
+        return Decision("downgrade", "r-1", requested_model=request.model, served_model="gemini-2.5-flash",
+                        provider="google", route="google", max_output_tokens=64)
+
+
+async def test_a_gemini_request_served_by_another_model_goes_through_the_processing_filter() -> None:
+    """Gemini names the model in the path, which only the processing filter can rewrite."""
+    from policyd.providers import Account
+
+    request = check_request()
+    http = request.attributes.request.http
+    http.path = "/v1beta/models/gemini-2.5-pro:generateContent"
+    http.raw_body = b'{"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": 64}}'
+    pool = ProviderPool([Account("google-1", "google", "google", "x-goog-api-key", "g-1")])
+    answer = await AuthorizationServicer(DowngradingEngine(), pool).Check(request, None)  # type: ignore[arg-type]
+    headers = {h.header.key: h.header.value for h in answer.ok_response.headers}
+    assert headers["x-policyd-rewrite"] == "yes"  # the body needs nothing; the path does

@@ -288,3 +288,49 @@ async def test_in_the_ext_proc_shape_an_unexpected_error_is_answered_as_an_opena
     assert answer.details == f"policyd_{reason}"
     assert engine.closed == []  # nothing reserved, nothing to close
     assert any(r.exc_info and r.exc_info[1] is error for r in caplog.records)
+
+
+GEMINI_PATH = "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse"
+
+
+def gemini_downgrade() -> Exchange:
+    return Exchange(request_id="r-1", endpoint="gemini_generate_content", stream=True,
+                    requested_model="gemini-2.5-pro", served_model="gemini-2.5-flash", output_cap=64,
+                    client_gave_cap=True, account="google-1", observed=True)
+
+
+def paths_set(reply: Any) -> list[str]:
+    common = reply.request_headers.response if reply.HasField("request_headers") else reply.request_body.response
+    return [h.header.raw_value.decode() for h in common.header_mutation.set_headers if h.header.key == ":path"]
+
+
+async def test_after_ext_authz_a_gemini_request_served_by_another_model_has_that_model_in_its_path() -> None:
+    s, _, _ = servicer()
+    first = with_metadata(ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=":path", raw_value=GEMINI_PATH.encode())]))), ex=gemini_downgrade())
+    first.protocol_config.response_body_mode = NONE
+    replies = await run(s, [first, ep.ProcessingRequest(request_body=ep.HttpBody(body=b'{"contents": []}',
+                                                                                end_of_stream=True))])
+    assert paths_set(replies[0]) == ["/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"]
+    # the model it was asked for: the path stays as it came
+    same = with_metadata(ep.ProcessingRequest(request_headers=headers()), ex=exchange())
+    assert paths_set((await run(s, [same]))[0]) == []
+
+
+class DowngradingEngine(RecordingEngine):
+    async def authorize(self, request: Any, cooling: Any) -> Decision:
+        return Decision("downgrade", "r-1", requested_model=request.model, served_model="gemini-2.5-flash",
+                        provider="google", route="google", max_output_tokens=64)
+
+
+async def test_in_the_ext_proc_shape_the_served_model_and_no_customer_key_go_upstream_in_the_path() -> None:
+    engine = DowngradingEngine()
+    s = ExternalProcessorServicer(engine, ProviderPool([Account("google-1", "google", "google", "x-goog-api-key",  # type: ignore[arg-type]
+                                                                "g-1")]))
+    first = ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=":method", raw_value=b"POST"),
+        base_pb2.HeaderValue(key=":path", raw_value=(GEMINI_PATH + "&key=pdk_test_" + "a" * 40).encode())])))
+    first.protocol_config.response_body_mode = NONE
+    body = ep.ProcessingRequest(request_body=ep.HttpBody(body=b'{"contents": []}', end_of_stream=True))
+    replies = await run(s, [first, body])
+    assert paths_set(replies[1]) == ["/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"]

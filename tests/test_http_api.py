@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policyd.gateway_config import render
-from policyd.http_api import parse_call, reply_headers, rewrite_body, without_query_key
+from policyd.http_api import parse_call, reply_headers, rewrite_body, upstream_path, without_query_key
 from policyd.usage_capture import ResponseReader
 from tests.conftest import ROOT
 
@@ -132,6 +132,15 @@ def test_replies_tell_the_openai_sdks_whether_to_retry(status: int, retry_after:
     assert headers.get("x-should-retry") == should_retry
     assert headers["content-type"] == "application/json"
     assert headers.get("retry-after") == (str(retry_after) if retry_after else None)
+
+
+def test_the_upstream_path_carries_the_served_gemini_model_and_no_customer_key() -> None:
+    gemini = "/v1beta/models/gemini-2.5-pro:generateContent"
+    assert upstream_path(gemini + "?key=pdk_live_x", "gemini_generate_content", "gemini-2.5-flash", "gemini-2.5-pro") \
+        == "/v1beta/models/gemini-2.5-flash:generateContent"
+    assert upstream_path(gemini, "gemini_generate_content", "gemini-2.5-pro", "gemini-2.5-pro") == gemini
+    assert upstream_path("/v1/chat/completions?key=k&a=1", "chat_completions", "gpt-4o-mini", "gpt-4o") == \
+        "/v1/chat/completions?a=1"  # the model of others is in the body
 
 
 def test_legacy_completions_are_their_own_family() -> None:
