@@ -22,7 +22,6 @@ from policyd.domain import Decision
 from policyd.engine import Engine
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, REQUEST_ID_HEADER, Exchange
 from policyd.providers import ProviderPool
-from policyd.reasons import MESSAGES, error_type, failure, http_status
 from policyd.upstream import local_reply_headers, upstream_request
 
 log = logging.getLogger("policyd.ext_authz")
@@ -51,8 +50,8 @@ def deny_decision(d: Decision) -> Any:
 
 
 def denied_by_failure(error: Exception) -> Any:
-    reason = failure(error)
-    return denied(http_status(reason), http_api.error_body(error_type(reason), reason, MESSAGES[reason]))
+    status, body, _ = http_api.failure_reply(error)
+    return denied(status, body)
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):

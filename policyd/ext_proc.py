@@ -46,7 +46,6 @@ from policyd.domain import Decision, UsageReport
 from policyd.engine import Engine
 from policyd.exchange import EXT_PROC_NAMESPACE, REQUEST_ID_HEADER, Exchange
 from policyd.providers import ProviderPool
-from policyd.reasons import MESSAGES, error_type, failure, http_status
 from policyd.upstream import local_reply_headers, upstream_request
 from policyd.usage_capture import closing
 
@@ -113,9 +112,8 @@ def immediate_denial(d: Decision) -> Any:
 
 
 def immediate_failure(error: Exception) -> Any:
-    reason = failure(error)
-    return immediate(http_status(reason), http_api.error_body(error_type(reason), reason, MESSAGES[reason]), 0,
-                     f"policyd_{reason}")
+    status, body, reason = http_api.failure_reply(error)
+    return immediate(status, body, 0, f"policyd_{reason}")
 
 
 def _phase(kind: str, common: Any | None = None) -> Any:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
 
+from policyd import reasons
 from policyd.domain import Attribution, AuthorizeInput, Shape, trace_id_from
 
 REQUEST_BODY_BYTES_MAX = 10 * 1024 * 1024
@@ -285,6 +286,13 @@ def reply_headers(status: int, retry_after_seconds: int = 0) -> list[tuple[str, 
         worth_it = 0 < retry_after_seconds <= RETRY_WORTH_WAITING_SECONDS
         headers.append(("x-should-retry", "true" if worth_it else "false"))
     return headers
+
+
+def failure_reply(error: Exception) -> tuple[int, bytes, str]:
+    """(status, OpenAI error body, reason) for an error policyd did not expect: 503 when a store it
+    stands on is unreachable, else 500; the error's own text goes to the log, never to the client."""
+    reason = reasons.failure(error)
+    return reasons.http_status(reason), error_body(reasons.error_type(reason), reason, reasons.MESSAGES[reason]), reason
 
 
 def error_body(error_type: str, code: str, message: str, param: str = "") -> bytes:
