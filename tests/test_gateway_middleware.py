@@ -213,3 +213,57 @@ def test_a_client_that_hangs_up_mid_stream_is_charged_for_what_it_got(gateway: E
     assert 0 < record["output_tokens"] < 12 and record["charge_nanos"] > 0
     wallet = gateway.wallet("mw-hangup")
     assert wallet.reserved_nanos == 0 and wallet.balance_nanos == parse_amount("10") - record["charge_nanos"]
+
+
+class DowngradingPolicy:
+    """The policy client as the middleware uses it: Authorize answers a downgrade; closings are recorded."""
+
+    def __init__(self) -> None:
+        self.settled: list[tuple[str, dict[str, Any]]] = []
+
+    async def authorize(self, api_key: str, endpoint: str, model: str, **_: Any) -> Any:
+        from policyd_client import Decision
+
+        return Decision(allowed=True, decision="downgrade", reason="", message="", http_status=200, request_id="r-g",
+                        served_model="gemini-2.5-flash", route="google", max_output_tokens=64, reserved_nanos=1,
+                        retry_after_seconds=0, response=None)
+
+    async def settle(self, request_id: str, **usage: Any) -> None:
+        self.settled.append((request_id, usage))
+
+    async def release(self, request_id: str, reason: str = "") -> None:
+        self.settled.append((request_id, {"released": reason}))
+
+
+async def test_the_middleware_sends_gemini_the_served_model_in_the_path_and_keeps_the_key() -> None:
+    from policyd.gateway_middleware import PolicydMiddleware
+
+    seen: list[dict[str, Any]] = []
+
+    async def provider(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(scope)
+        body = json.dumps({"candidates": [{"content": {"parts": [{"text": "hi"}]}}],
+                           "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1}}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    policy = DowngradingPolicy()
+    app = PolicydMiddleware(provider, policy)  # type: ignore[arg-type]
+    request = json.dumps({"contents": [{"parts": [{"text": "hi"}]}]}).encode()
+    messages = [{"type": "http.request", "body": request, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app({"type": "http", "method": "POST", "path": "/v1beta/models/gemini-2.5-pro:generateContent",
+               "raw_path": b"/v1beta/models/gemini-2.5-pro:generateContent", "query_string": b"alt=json&key=pdk_live_x",
+               "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1)}, receive, send)
+    (scope,) = seen
+    assert scope["path"] == scope["raw_path"].decode() == "/v1beta/models/gemini-2.5-flash:generateContent"
+    assert scope["query_string"] == b"alt=json"
+    assert sent[0]["status"] == 200
+    assert policy.settled and policy.settled[0][0] == "r-g" and policy.settled[0][1]["output_tokens"] == 1
