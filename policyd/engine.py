@@ -43,6 +43,7 @@ from policyd.policy import Limit, ModelPrice, Plan, Policy
 from policyd.policy_book import PolicyBook
 from policyd.pricing import Quantities, billing_of, charge_of, cost_of, estimate_input_tokens
 from policyd.quotas import hold_for, limit_reason
+from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
 from policyd.store import Store
 from policyd.validation import Problem, check_authorize, check_usage
@@ -611,15 +612,23 @@ class Engine:
         )
 
     async def settle_estimated(self, request_id: str, output_tokens: int, *, interrupted: bool, error_class: str,
-                               upstream_status: int = 0, provider: str = "", provider_account: str = "") -> Settlement:
-        """Charge a request whose provider reported no usage (a cut stream, a disconnect, a reply without
-        usage): input as estimated at Authorize, output as counted from what was delivered."""
+                               upstream_status: int = 0, provider: str = "", provider_account: str = "",
+                               reported: Tokens | None = None) -> Settlement:
+        """Charge a request whose provider reported no usage of its whole output (a cut stream, a
+        disconnect, a reply without usage): output as counted from what was delivered (at most the
+        reserved cap of every choice); input as the provider reported it (`reported`: Anthropic does at
+        a stream's start), else as estimated at Authorize."""
         reservation = await self.counters.find_reservation(request_id)
         input_tokens = int(reservation.fields.get("input_tokens_estimate", 0)) if reservation else 0
+        cached = cache_writes = 0
+        if reported is not None and reported.input_tokens:
+            input_tokens, cached, cache_writes = (reported.input_tokens, reported.cached_input_tokens,
+                                                  reported.cache_write_input_tokens)
         cap = int(reservation.record["max_output_tokens"]) * int(reservation.record.get("choices") or 1) \
             if reservation else 0
         return await self.settle(UsageReport(
-            request_id=request_id, input_tokens=input_tokens, output_tokens=min(output_tokens, cap) if cap else output_tokens,
+            request_id=request_id, input_tokens=input_tokens, cached_input_tokens=cached,
+            cache_write_input_tokens=cache_writes, output_tokens=min(output_tokens, cap) if cap else output_tokens,
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,
             provider_account=provider_account,
         ), reservation)

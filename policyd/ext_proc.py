@@ -330,4 +330,5 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         else:
             await self.engine.settle_estimated(exchange.request_id, reader.estimated_output_tokens(),
                                                interrupted=end.interrupted, error_class=end.reason,
-                                               upstream_status=status, provider_account=exchange.account)
+                                               upstream_status=status, provider_account=exchange.account,
+                                               reported=reader.tokens)

@@ -210,7 +210,10 @@ class PolicydMiddleware:
                     images=reader.images, served_model=exchange.served_model, upstream_status=exchange.status,
                     stream_interrupted=end.interrupted)
             else:
+                t = reader.tokens  # the input, when the provider reported it before the cut
                 await self.policy.settle(exchange.request_id, output_tokens=reader.estimated_output_tokens(),
+                                         input_tokens=t.input_tokens, cached_input_tokens=t.cached_input_tokens,
+                                         cache_write_input_tokens=t.cache_write_input_tokens,
                                          usage_estimated=True, stream_interrupted=end.interrupted,
                                          error_class=end.reason, upstream_status=exchange.status)
         except PolicydCallError as error:

@@ -24,6 +24,7 @@ from policyd.domain import (
     trace_id_from,
 )
 from policyd.engine import Engine
+from policyd.usage_capture import Tokens
 from policyd.reasons import failure
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
 
@@ -136,7 +137,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             s = await _call(context, lambda: self.engine.settle_estimated(
                 request.request_id, u.output_tokens, interrupted=request.stream_interrupted,
                 error_class=request.error_class or "usage_estimated", upstream_status=request.upstream_status,
-                provider=request.provider, provider_account=request.provider_account))
+                provider=request.provider, provider_account=request.provider_account,
+                reported=Tokens(u.input_tokens, u.cached_input_tokens, u.cache_write_input_tokens)))
             return settle_response(s)
         report = UsageReport(
             request_id=request.request_id, input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,

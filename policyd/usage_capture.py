@@ -132,6 +132,9 @@ class ResponseReader:
         self.stream = stream
         self.tokens = Tokens()
         self.found_usage = False
+        # the usage seen counts the whole output: OpenAI's usage chunk, Anthropic's message_delta, a
+        # Responses API completion. Anthropic's message_start and Gemini's running counts do not.
+        self.output_final = False
         self.delivered_bytes = 0
         self.images = 0  # images in an images reply (priced per image)
         self.malformed = False
@@ -176,6 +179,10 @@ class ResponseReader:
             return
         if usage_from(self.endpoint, data, self.tokens):
             self.found_usage = self.found_usage or self.tokens.any
+            if self.endpoint == "anthropic_messages":
+                self.output_final = self.output_final or (isinstance(data, dict) and data.get("type") == "message_delta")
+            elif self.endpoint != "gemini_generate_content":
+                self.output_final = True
         self.delivered_bytes += _delivered_text(self.endpoint, data)
         if isinstance(data, dict) and data.get("type") in ("response.completed", "message_stop"):
             self.finished = True
@@ -203,7 +210,8 @@ class ResponseReader:
         self.finished = True
 
     def estimated_output_tokens(self) -> int:
-        return -(-self.delivered_bytes // ESTIMATE_BYTES_PER_TOKEN)
+        """Output tokens from the text delivered, or as many as the provider had counted when more."""
+        return max(-(-self.delivered_bytes // ESTIMATE_BYTES_PER_TOKEN), self.tokens.output_tokens)
 
 
 @dataclass(frozen=True)
@@ -212,7 +220,8 @@ class Closing:
 
     release   the provider failed (upstream_<status>) or never answered (no_response): nothing is charged;
     settle    the provider's own usage (`interrupted` when the client left after the usage was reported);
-    estimate  no usage from the provider: input as estimated at Authorize, output from what was delivered.
+    estimate  no final usage from the provider: input as the provider reported it (Anthropic does at the
+              stream's start), else as estimated at Authorize; output from what was delivered.
     """
 
     action: str  # release | settle | estimate
@@ -229,9 +238,9 @@ def closing(status: int, reader: ResponseReader, cut: bool) -> Closing:
         # reply, so the hold is released, not charged
         return Closing("release", "no_response")
     # the provider's own usage is exact: when the response ended, when the client hung up only after the
-    # provider's last event ([DONE], message_stop), or when a cut came after the usage was reported
+    # provider's last event ([DONE], message_stop), or when a cut came after the usage of the whole output
     complete = not cut or reader.finished
-    if reader.found_usage and (complete or reader.tokens.output_tokens):
+    if reader.found_usage and (complete or reader.output_final):
         return Closing("settle", interrupted=not complete)
     reason = "stream_cut" if cut else ("malformed_response" if reader.malformed else "no_usage_reported")
     return Closing("estimate", f"usage_estimated:{reason}", interrupted=cut)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from policyd.gateway_config import render
 from policyd.http_api import parse_call, reply_headers, rewrite_body, upstream_path, without_query_key
-from policyd.usage_capture import ResponseReader
+from policyd.usage_capture import Closing, ResponseReader, closing
 from tests.conftest import ROOT
 
 
@@ -249,3 +249,28 @@ def test_the_client_host_is_read_from_envoys_source_address(address: str, host: 
     from policyd.ext_proc import _host
 
     assert _host(address) == host
+
+
+def test_a_stream_cut_before_the_usage_of_its_whole_output_is_estimated_from_what_was_delivered() -> None:
+    """Anthropic reports the input and one output token at the start, the output at the end: a cut in
+    between is not charged one output token, and its input is the provider's, not an estimate."""
+    start = {"type": "message_start", "message": {"usage": {"input_tokens": 20, "cache_read_input_tokens": 5,
+                                                            "output_tokens": 1}}}
+    delta = {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "x" * 400}}
+    cut = ResponseReader("anthropic_messages", stream=True)
+    cut.feed(_sse(start, delta, delta))
+    end = closing(200, cut, cut=True)
+    assert (end.action, end.reason, end.interrupted) == ("estimate", "usage_estimated:stream_cut", True)
+    assert cut.estimated_output_tokens() == 200 and (cut.tokens.input_tokens, cut.tokens.cached_input_tokens) == (25, 5)
+    whole = ResponseReader("anthropic_messages", stream=True)
+    whole.feed(_sse(start, delta, {"type": "message_delta", "usage": {"output_tokens": 180}}))
+    assert closing(200, whole, cut=True) == Closing("settle", interrupted=True)  # the usage of it all came first
+    assert whole.tokens.output_tokens == 180
+    chat = ResponseReader("chat_completions", stream=True)  # OpenAI: the usage chunk is the last word
+    chat.feed(_sse({"choices": [{"delta": {"content": "abcd"}}]},
+                   {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 1}}))
+    assert closing(200, chat, cut=True) == Closing("settle", interrupted=True)
+    gemini = ResponseReader("gemini_generate_content", stream=True)  # running counts, the last one is final
+    gemini.feed(_sse({"candidates": [{"content": {"parts": [{"text": "y" * 80}]}}],
+                      "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 20}}))
+    assert closing(200, gemini, cut=True).action == "estimate" and gemini.estimated_output_tokens() == 20

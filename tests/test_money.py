@@ -634,3 +634,19 @@ async def test_a_long_prompt_is_reserved_and_charged_at_the_long_context_tier(se
     assert s.charge == price_quantity(1001, tier_in) + price_quantity(90, tier_out)
     await service.writer.drain()
     assert (await service.admin.audit()).ok
+
+
+async def test_a_cut_stream_is_charged_the_input_the_provider_reported_and_the_output_delivered(service: Service) -> None:
+    from policyd.usage_capture import Tokens
+
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    await service.engine.authorize(ask(secret, model="gpt-4o", prompt_bytes=400, max_output_tokens=100, request_id="cut"))
+    s = await service.engine.settle_estimated("cut", 250, interrupted=True, error_class="usage_estimated:stream_cut",
+                                              reported=Tokens(input_tokens=3000, cached_input_tokens=1000))
+    await service.writer.drain()
+    row = service.store.usage_record("cut")
+    assert (row.input_tokens, row.cached_input_tokens, row.output_tokens) == (3000, 1000, 100)  # output: at most the cap
+    cost = price_quantity(2000, parse_amount("2.50")) + price_quantity(1000, parse_amount("1.25")) + \
+        price_quantity(100, parse_amount("10.00"))
+    assert s.charge == -(-cost * 12_000 // 10_000)  # pro: +20%
