@@ -110,6 +110,7 @@ class UsageRecordRow(Base):
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cached_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cache_write_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    web_searches: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # the provider's, priced each
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     images: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -115,6 +115,7 @@ class UsageReport:
     images: int = 0
     seconds: int = 0
     requests: int = 0
+    web_searches: int = 0  # server-side web searches the provider ran (Anthropic's server tool, OpenAI's web_search_call)
     served_model: str = ""
     provider: str = ""
     retries: int = 0

@@ -139,8 +139,11 @@ class MockProvider:
                                  "embedding": [0.0, 0.1]}], "usage": {"prompt_tokens": p_tokens, "total_tokens": p_tokens}})
         if body.get("stream"):
             return self._stream(h, body, model, p_tokens, c_tokens, scenario, anthropic, legacy)
+        searches = sum(1 for tool in body.get("tools") or [] if str(tool.get("type", "")).startswith("web_search"))
         if anthropic:
             usage = {"input_tokens": p_tokens, "output_tokens": c_tokens}
+            if searches:  # one search a search tool, as Anthropic reports its server-side tools
+                usage["server_tool_use"] = {"web_search_requests": searches}
             return h._json(200, {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
                                  "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
                                  **({} if scenario == "no_usage" else {"usage": usage})})

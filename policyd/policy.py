@@ -58,6 +58,7 @@ class Prices(_Strict):
     per_image: int = 0
     per_request: int = 0
     per_second: int = 0
+    per_web_search: int = 0  # a web search the provider runs for the request (its server-side tool)
     # A long-context tier (Anthropic's and Gemini's): a request whose input passes `long_context_above`
     # tokens (cached and cache writes included) has all its tokens priced at `long_context`'s prices
     long_context_above: int = Field(0, ge=0, le=QUANTITY_MAX)
@@ -77,12 +78,14 @@ class Prices(_Strict):
             return self.long_context
         return self
 
-    @field_validator("input", "cached_input", "cache_write_input", "output", "per_image", "per_request", "per_second", mode="before")
+    @field_validator("input", "cached_input", "cache_write_input", "output", "per_image", "per_request", "per_second",
+                     "per_web_search", mode="before")
     @classmethod
     def _money(cls, value: Any) -> Any:
         return None if value is None else _nanos(value)
 
-    @field_serializer("input", "cached_input", "cache_write_input", "output", "per_image", "per_request", "per_second")
+    @field_serializer("input", "cached_input", "cache_write_input", "output", "per_image", "per_request", "per_second",
+                      "per_web_search")
     def _render(self, value: int | None) -> str | None:
         return None if value is None else format_amount(value)
 

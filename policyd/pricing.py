@@ -3,6 +3,7 @@
 cost   = what the provider bills us: tokens x price per 1M (input, cached input, output; every token at
          the long-context tier's prices when the input passes its threshold)
          + images x per_image + seconds x per_second + requests x per_request
+         + web searches x per_web_search (the provider's server-side search tool)
 charge = what the customer pays: for "standard" plans, the plan's own price_list for the model
          when it has one, else cost x (10000 + markup_bps) / 10000 (a negative markup is a
          discount); cost for "at_cost"; 0 for "free" (the cost is still recorded).
@@ -33,6 +34,7 @@ class Quantities:
     images: int = 0
     seconds: int = 0
     requests: int = 1
+    web_searches: int = 0
 
     @property
     def tokens(self) -> int:
@@ -50,6 +52,7 @@ def cost_of(price: Prices, q: Quantities) -> int:
         + q.images * price.per_image
         + q.seconds * price.per_second
         + q.requests * price.per_request
+        + q.web_searches * price.per_web_search
     )
 
 

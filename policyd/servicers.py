@@ -144,6 +144,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             request_id=request.request_id, input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
             cache_write_input_tokens=u.cache_write_input_tokens,
             output_tokens=u.output_tokens, images=u.images, seconds=u.seconds, requests=u.requests,
+            web_searches=u.web_searches,
             served_model=request.served_model, provider=request.provider, retries=request.retries,
             fallback_reason=request.fallback_reason, upstream_status=request.upstream_status,
             error_class=request.error_class, latency_ms=request.latency_ms,

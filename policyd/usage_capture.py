@@ -23,6 +23,7 @@ class Tokens:
     cached_input_tokens: int = 0
     cache_write_input_tokens: int = 0
     output_tokens: int = 0
+    web_searches: int = 0  # the provider's server-side searches (priced per search)
 
     @property
     def any(self) -> bool:
@@ -50,6 +51,8 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
             seen.cache_write_input_tokens = created
         if "output_tokens" in usage:
             seen.output_tokens = max(seen.output_tokens, _n(usage.get("output_tokens")))  # cumulative in deltas
+        tools = usage.get("server_tool_use") if isinstance(usage.get("server_tool_use"), dict) else {}
+        seen.web_searches = max(seen.web_searches, _n(tools.get("web_search_requests")))
         return True
     if endpoint == "gemini_generate_content":
         usage = data.get("usageMetadata")
@@ -70,6 +73,8 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         seen.input_tokens = _n(usage.get("input_tokens"))
         seen.cached_input_tokens = min(_n(details.get("cached_tokens")), seen.input_tokens)
         seen.output_tokens = _n(usage.get("output_tokens"))
+        seen.web_searches = sum(1 for item in data.get("output") or []
+                                if isinstance(item, dict) and item.get("type") == "web_search_call")
         return True
     details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
     seen.input_tokens = _n(usage.get("prompt_tokens"))

@@ -73,7 +73,8 @@ def check_authorize(request: AuthorizeInput) -> None:
 def check_usage(report: UsageReport) -> None:
     if not report.request_id or not REQUEST_ID_PATTERN.match(report.request_id):
         raise Problem("invalid_request", "request_id is required (1-128 characters of [A-Za-z0-9._:/=+@-])", "request_id")
-    for name in ("input_tokens", "cached_input_tokens", "cache_write_input_tokens", "output_tokens", "images", "seconds", "requests", "retries", "latency_ms"):
+    for name in ("input_tokens", "cached_input_tokens", "cache_write_input_tokens", "output_tokens", "images", "seconds",
+                 "requests", "retries", "latency_ms", "web_searches"):
         value = getattr(report, name)
         if value < 0 or value > QUANTITY_MAX:
             raise Problem("invalid_usage", f"{name} must be between 0 and {QUANTITY_MAX}", name)

@@ -415,6 +415,20 @@ def test_anthropic_messages_are_charged_from_their_usage(gateway: Gateway) -> No
     assert code == 401 and error["error"]["code"] == "invalid_api_key"
 
 
+def test_the_providers_web_searches_are_charged_per_search(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-search")
+    code, headers, reply = anthropic_post(gateway, key, {
+        "model": "claude-sonnet-4", "max_tokens": 30, "messages": [{"role": "user", "content": "news?"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 2}]})
+    assert code == 200 and reply["usage"]["server_tool_use"] == {"web_search_requests": 1}, reply
+    record = gateway.record(headers["x-policyd-request-id"])
+    assert record["web_searches"] == 1
+    u = reply["usage"]
+    cost = price_quantity(u["input_tokens"], parse_amount("3.00")) + price_quantity(u["output_tokens"], parse_amount("15.00")) \
+        + parse_amount("0.01")
+    assert record["cost_nanos"] == cost and record["charge_nanos"] == -(-cost * 12_000 // 10_000)  # pro: +20%
+
+
 def test_a_cooling_provider_sends_requests_to_the_plans_fallback(gateway: Gateway) -> None:
     key = gateway.customer("e2e-fallback", plan="resilient")
     client = gateway.client(key)

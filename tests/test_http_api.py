@@ -251,6 +251,20 @@ def test_the_client_host_is_read_from_envoys_source_address(address: str, host: 
     assert _host(address) == host
 
 
+def test_web_searches_are_read_where_providers_report_them() -> None:
+    anthropic = ResponseReader("anthropic_messages", stream=False)
+    anthropic.feed(json.dumps({"usage": {"input_tokens": 9, "output_tokens": 4,
+                                         "server_tool_use": {"web_search_requests": 2}}}).encode())
+    anthropic.finish()
+    assert anthropic.tokens.web_searches == 2
+    responses = ResponseReader("responses", stream=True)
+    responses.feed(_sse({"type": "response.completed", "response": {
+        "output": [{"type": "web_search_call", "status": "completed"}, {"type": "web_search_call"},
+                   {"type": "message", "content": [{"type": "output_text", "text": "hi"}]}],
+        "usage": {"input_tokens": 5, "output_tokens": 1}}}))
+    assert responses.tokens.web_searches == 2 and responses.found_usage
+
+
 def test_a_stream_cut_before_the_usage_of_its_whole_output_is_estimated_from_what_was_delivered() -> None:
     """Anthropic reports the input and one output token at the start, the output at the end: a cut in
     between is not charged one output token, and its input is the provider's, not an estimate."""

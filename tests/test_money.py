@@ -650,3 +650,20 @@ async def test_a_cut_stream_is_charged_the_input_the_provider_reported_and_the_o
     cost = price_quantity(2000, parse_amount("2.50")) + price_quantity(1000, parse_amount("1.25")) + \
         price_quantity(100, parse_amount("10.00"))
     assert s.charge == -(-cost * 12_000 // 10_000)  # pro: +20%
+
+
+async def test_web_searches_are_part_of_a_settlements_numbers(service: Service) -> None:
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    await service.engine.authorize(ask(secret, request_id="search"))
+    first = await service.engine.settle(usage("search", web_searches=2))
+    assert (await service.engine.settle(usage("search", web_searches=2))).outcome == "exists"  # a retry
+    with pytest.raises(PolicydError) as other:
+        await service.engine.settle(usage("search", web_searches=3))
+    assert other.value.reason == "exists_with_different_usage"
+    with pytest.raises(PolicydError) as negative:
+        await service.engine.settle(usage("search-2", web_searches=-1))
+    assert negative.value.reason == "invalid_usage"
+    await service.writer.drain()
+    assert service.store.usage_record("search").web_searches == 2
+    assert first.charge > 0 and (await service.admin.audit()).ok

@@ -97,6 +97,14 @@ plans:
 """
 
 
+def test_a_web_search_has_its_own_price_whatever_the_tier() -> None:
+    price = parse_policy(LONG_CONTEXT.replace('per_request: "0.001",', 'per_request: "0.001", per_web_search: "0.01",')
+                         ).price_table.models["gemini-2.5-pro"]
+    assert cost_of(price, Quantities(web_searches=3)) - cost_of(price, Quantities()) == 30_000_000
+    long = Quantities(input_tokens=300_000, web_searches=1)
+    assert cost_of(price, long) == price_quantity(300_000, parse_amount("2.50")) + 1_000_000 + 10_000_000
+
+
 def test_past_the_long_context_threshold_every_token_has_the_tiers_price() -> None:
     document = parse_policy(LONG_CONTEXT)
     price = document.price_table.models["gemini-2.5-pro"]
