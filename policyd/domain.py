@@ -53,6 +53,7 @@ class Shape:
     seconds: int = 0
     stream: bool = False
     choices: int = 0  # completions the provider generates (n / best_of / candidateCount), each up to the cap; 0 = 1
+    web_searches: int = 0  # the most server-side web searches the request allows (reserved at their price)
 
 
 @dataclass(frozen=True)

@@ -363,7 +363,7 @@ class Engine:
             input_tokens=input_tokens,
             output_tokens=output_cap * max(1, s.choices),  # every choice may reach the cap, and all are billed
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
-            seconds=s.seconds,
+            seconds=s.seconds, web_searches=s.web_searches,
         )
         charge = charge_of(plan, model, quantities, cost_of(price, quantities),
                            billing_of(plan, request.attribution.feature))

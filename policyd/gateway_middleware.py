@@ -87,6 +87,7 @@ class PolicydMiddleware:
                 call.api_key, call.endpoint, call.model, request_id=request_id, prompt_bytes=call.prompt_bytes,
                 message_count=call.message_count, max_output_tokens=call.max_output_tokens, stream=call.stream,
                 image_count=call.image_count, choices=call.choices, input_tokens=call.input_tokens,
+                web_searches=call.web_searches,
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
                 **_attribution(call))
         except PolicydCallError as error:

@@ -76,6 +76,7 @@ class HttpCall:
     image_count: int = 0
     input_tokens: int = 0  # counted from the request (a prompt of token ids), 0 = estimated
     choices: int = 0  # completions asked for (n, candidateCount); 0 = one
+    web_searches: int = 0  # the most provider-side web searches the request allows (0: none, or no bound given)
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
     problem_message: str = ""
@@ -89,7 +90,7 @@ class HttpCall:
             api_key=self.api_key, endpoint=self.endpoint, model=self.model, attribution=self.attribution,
             shape=Shape(prompt_bytes=self.prompt_bytes, message_count=self.message_count,
                         max_output_tokens=self.max_output_tokens, image_count=self.image_count, stream=self.stream,
-                        choices=self.choices, input_tokens=self.input_tokens),
+                        choices=self.choices, input_tokens=self.input_tokens, web_searches=self.web_searches),
             client_address=self.client_address, user_agent=self.user_agent,
         )
 
@@ -185,6 +186,21 @@ def _count(value: Any) -> int:
     return _int(value)
 
 
+def _search_bound(endpoint: str, data: dict[str, Any]) -> int:
+    """The most web searches the provider may run for this request, where the request bounds them:
+    Anthropic's web search tool's `max_uses`, the Responses API's `max_tool_calls` with a search tool."""
+    listed = data.get("tools")
+    tools = [t for t in listed if isinstance(t, dict) and str(t.get("type", "")).startswith("web_search")] \
+        if isinstance(listed, list) else []
+    if not tools:
+        return 0
+    if endpoint == "anthropic_messages":
+        return sum(_count(t.get("max_uses")) for t in tools)
+    if endpoint == "responses":
+        return _count(data.get("max_tool_calls"))
+    return 0
+
+
 def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, client_address: str = "") -> HttpCall:
     """Understand one HTTP request. Never raises: problems are reported in `problem`."""
     headers = {k.lower(): v for k, v in headers.items()}
@@ -246,6 +262,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
             call.input_tokens = sum(len(p) for p in prompt)
     elif endpoint == "gemini_generate_content":
         call.choices = _count(generation.get("candidateCount"))
+    call.web_searches = _search_bound(endpoint, data)
     if not call.attribution.end_user_id and isinstance(data.get("user"), str):
         call.attribution = replace(call.attribution, end_user_id=data["user"][:256])
     return call

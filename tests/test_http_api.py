@@ -251,6 +251,18 @@ def test_the_client_host_is_read_from_envoys_source_address(address: str, host: 
     assert _host(address) == host
 
 
+@pytest.mark.parametrize(("path", "body", "bound"), [
+    ("/v1/messages", {"model": "m", "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 4}]}, 4),
+    ("/v1/messages", {"model": "m", "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 0),  # unbounded
+    ("/v1/responses", {"model": "m", "tools": [{"type": "web_search"}], "max_tool_calls": 2}, 2),
+    ("/v1/responses", {"model": "m", "tools": [{"type": "function", "name": "f"}], "max_tool_calls": 2}, 0),
+    ("/v1/messages", {"model": "m", "tools": 5}, 0),  # not a list: nothing to read, nothing raised
+])
+def test_the_web_searches_a_request_allows_are_read(path: str, body: dict, bound: int) -> None:
+    call = parse_call("POST", path, {}, json.dumps(body).encode())
+    assert not call.problem and call.authorize_input().shape.web_searches == bound
+
+
 def test_web_searches_are_read_where_providers_report_them() -> None:
     anthropic = ResponseReader("anthropic_messages", stream=False)
     anthropic.feed(json.dumps({"usage": {"input_tokens": 9, "output_tokens": 4,

@@ -667,3 +667,15 @@ async def test_web_searches_are_part_of_a_settlements_numbers(service: Service) 
     await service.writer.drain()
     assert service.store.usage_record("search").web_searches == 2
     assert first.charge > 0 and (await service.admin.audit()).ok
+
+
+async def test_the_web_searches_a_request_allows_are_reserved_at_their_price(service: Service) -> None:
+    priced = SAMPLE_POLICY.replace('      output: "0.60"\n', '      output: "0.60"\n      per_web_search: "0.01"\n', 1)
+    await service.admin.apply_policy(priced, "searches.yaml")
+    _, secret = await new_key(service, plan="free", customer="searcher")  # strict, charged at cost
+    await fund(service, "searcher", "1")
+    plain = await service.engine.authorize(ask(secret, request_id="plain"))
+    bounded = await service.engine.authorize(ask(secret, request_id="bounded", web_searches=3))
+    assert bounded.reserved - plain.reserved == 3 * parse_amount("0.01")
+    s = await service.engine.settle(usage("bounded", input_tokens=100, output_tokens=50, web_searches=3))
+    assert s.charge <= bounded.reserved  # within the strict bound

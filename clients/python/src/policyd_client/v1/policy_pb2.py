@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from policyd_client.v1 import types_pb2 as policyd_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17policyd/v1/policy.proto\x12\npolicyd.v1\x1a\x16policyd/v1/types.proto\"\xb3\x01\n\x0cRequestShape\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x14\n\x0cprompt_bytes\x18\x02 \x01(\x03\x12\x15\n\rmessage_count\x18\x03 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\x03\x12\x13\n\x0bimage_count\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x03\x12\x0e\n\x06stream\x18\x07 \x01(\x08\x12\x0f\n\x07\x63hoices\x18\x08 \x01(\x03\"\x89\x02\n\x10\x41uthorizeRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12,\n\x08\x65ndpoint\x18\x02 \x01(\x0e\x32\x1a.policyd.v1.EndpointFamily\x12\r\n\x05model\x18\x03 \x01(\t\x12,\n\x0b\x61ttribution\x18\x04 \x01(\x0b\x32\x17.policyd.v1.Attribution\x12\'\n\x05shape\x18\x05 \x01(\x0b\x32\x18.policyd.v1.RequestShape\x12&\n\x06\x63lient\x18\x06 \x01(\x0b\x32\x16.policyd.v1.ClientInfo\x12(\n\x07problem\x18\x07 \x01(\x0b\x32\x17.policyd.v1.OpenAIError\"\xee\x03\n\x11\x41uthorizeResponse\x12&\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x14.policyd.v1.Decision\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0bhttp_status\x18\x04 \x01(\x05\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.policyd.v1.OpenAIError\x12\x1b\n\x13retry_after_seconds\x18\x06 \x01(\x03\x12 \n\x05owner\x18\x07 \x01(\x0b\x32\x11.policyd.v1.Owner\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x17\n\x0frequested_model\x18\t \x01(\t\x12\x14\n\x0cserved_model\x18\n \x01(\t\x12\x10\n\x08provider\x18\x0b \x01(\t\x12\r\n\x05route\x18\x0c \x01(\t\x12\x16\n\x0epolicy_version\x18\r \x01(\x03\x12\x1b\n\x13price_table_version\x18\x0e \x01(\t\x12#\n\x08reserved\x18\x0f \x01(\x0b\x32\x11.policyd.v1.Money\x12\x19\n\x11max_output_tokens\x18\x10 \x01(\x03\x12#\n\x1breservation_expires_unix_ms\x18\x11 \x01(\x03\x12\x16\n\x0eshadow_denials\x18\x12 \x03(\t\"\xbc\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x02 \x01(\x03\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\x12\x0e\n\x06images\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x03\x12\x10\n\x08requests\x18\x06 \x01(\x03\x12 \n\x18\x63\x61\x63he_write_input_tokens\x18\x07 \x01(\x03\x12\x14\n\x0cweb_searches\x18\x08 \x01(\x03\"\xa8\x02\n\rSettleRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.policyd.v1.Usage\x12\x14\n\x0cserved_model\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x0f\n\x07retries\x18\x05 \x01(\x05\x12\x17\n\x0f\x66\x61llback_reason\x18\x06 \x01(\t\x12\x17\n\x0fupstream_status\x18\x07 \x01(\x05\x12\x13\n\x0b\x65rror_class\x18\x08 \x01(\t\x12\x12\n\nlatency_ms\x18\t \x01(\x03\x12\x1a\n\x12stream_interrupted\x18\n \x01(\x08\x12\x18\n\x10provider_account\x18\x0b \x01(\t\x12\x17\n\x0fusage_estimated\x18\x0c \x01(\x08\"\x9c\x02\n\x0eSettleResponse\x12*\n\x07outcome\x18\x01 \x01(\x0e\x32\x19.policyd.v1.SettleOutcome\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1f\n\x04\x63ost\x18\x03 \x01(\x0b\x32\x11.policyd.v1.Money\x12!\n\x06\x63harge\x18\x04 \x01(\x0b\x32\x11.policyd.v1.Money\x12)\n\x0e\x62\x61lance_before\x18\x05 \x01(\x0b\x32\x11.policyd.v1.Money\x12(\n\rbalance_after\x18\x06 \x01(\x0b\x32\x11.policyd.v1.Money\x12\x1b\n\x13price_table_version\x18\x07 \x01(\t\x12\x14\n\x0cserved_model\x18\x08 \x01(\t\"4\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"w\n\x0fReleaseResponse\x12+\n\x07outcome\x18\x01 \x01(\x0e\x32\x1a.policyd.v1.ReleaseOutcome\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12#\n\x08released\x18\x03 \x01(\x0b\x32\x11.policyd.v1.Money*H\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\t\n\x05\x41LLOW\x10\x01\x12\x08\n\x04\x44\x45NY\x10\x02\x12\r\n\tDOWNGRADE\x10\x03*Z\n\rSettleOutcome\x12\x1e\n\x1aSETTLE_OUTCOME_UNSPECIFIED\x10\x00\x12\x0b\n\x07SETTLED\x10\x01\x12\n\n\x06\x45XISTS\x10\x02\x12\x10\n\x0cSETTLED_LATE\x10\x03*j\n\x0eReleaseOutcome\x12\x1f\n\x1bRELEASE_OUTCOME_UNSPECIFIED\x10\x00\x12\x0c\n\x08RELEASED\x10\x01\x12\x14\n\x10\x41LREADY_RELEASED\x10\x02\x12\x13\n\x0f\x41LREADY_EXPIRED\x10\x03\x32\xde\x01\n\rPolicyService\x12H\n\tAuthorize\x12\x1c.policyd.v1.AuthorizeRequest\x1a\x1d.policyd.v1.AuthorizeResponse\x12?\n\x06Settle\x12\x19.policyd.v1.SettleRequest\x1a\x1a.policyd.v1.SettleResponse\x12\x42\n\x07Release\x12\x1a.policyd.v1.ReleaseRequest\x1a\x1b.policyd.v1.ReleaseResponseB\x16Z\x14policyd/v1;policydv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17policyd/v1/policy.proto\x12\npolicyd.v1\x1a\x16policyd/v1/types.proto\"\xc9\x01\n\x0cRequestShape\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x14\n\x0cprompt_bytes\x18\x02 \x01(\x03\x12\x15\n\rmessage_count\x18\x03 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\x03\x12\x13\n\x0bimage_count\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x03\x12\x0e\n\x06stream\x18\x07 \x01(\x08\x12\x0f\n\x07\x63hoices\x18\x08 \x01(\x03\x12\x14\n\x0cweb_searches\x18\t \x01(\x03\"\x89\x02\n\x10\x41uthorizeRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12,\n\x08\x65ndpoint\x18\x02 \x01(\x0e\x32\x1a.policyd.v1.EndpointFamily\x12\r\n\x05model\x18\x03 \x01(\t\x12,\n\x0b\x61ttribution\x18\x04 \x01(\x0b\x32\x17.policyd.v1.Attribution\x12\'\n\x05shape\x18\x05 \x01(\x0b\x32\x18.policyd.v1.RequestShape\x12&\n\x06\x63lient\x18\x06 \x01(\x0b\x32\x16.policyd.v1.ClientInfo\x12(\n\x07problem\x18\x07 \x01(\x0b\x32\x17.policyd.v1.OpenAIError\"\xee\x03\n\x11\x41uthorizeResponse\x12&\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x14.policyd.v1.Decision\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0bhttp_status\x18\x04 \x01(\x05\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.policyd.v1.OpenAIError\x12\x1b\n\x13retry_after_seconds\x18\x06 \x01(\x03\x12 \n\x05owner\x18\x07 \x01(\x0b\x32\x11.policyd.v1.Owner\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x17\n\x0frequested_model\x18\t \x01(\t\x12\x14\n\x0cserved_model\x18\n \x01(\t\x12\x10\n\x08provider\x18\x0b \x01(\t\x12\r\n\x05route\x18\x0c \x01(\t\x12\x16\n\x0epolicy_version\x18\r \x01(\x03\x12\x1b\n\x13price_table_version\x18\x0e \x01(\t\x12#\n\x08reserved\x18\x0f \x01(\x0b\x32\x11.policyd.v1.Money\x12\x19\n\x11max_output_tokens\x18\x10 \x01(\x03\x12#\n\x1breservation_expires_unix_ms\x18\x11 \x01(\x03\x12\x16\n\x0eshadow_denials\x18\x12 \x03(\t\"\xbc\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x02 \x01(\x03\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\x12\x0e\n\x06images\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x03\x12\x10\n\x08requests\x18\x06 \x01(\x03\x12 \n\x18\x63\x61\x63he_write_input_tokens\x18\x07 \x01(\x03\x12\x14\n\x0cweb_searches\x18\x08 \x01(\x03\"\xa8\x02\n\rSettleRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.policyd.v1.Usage\x12\x14\n\x0cserved_model\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x0f\n\x07retries\x18\x05 \x01(\x05\x12\x17\n\x0f\x66\x61llback_reason\x18\x06 \x01(\t\x12\x17\n\x0fupstream_status\x18\x07 \x01(\x05\x12\x13\n\x0b\x65rror_class\x18\x08 \x01(\t\x12\x12\n\nlatency_ms\x18\t \x01(\x03\x12\x1a\n\x12stream_interrupted\x18\n \x01(\x08\x12\x18\n\x10provider_account\x18\x0b \x01(\t\x12\x17\n\x0fusage_estimated\x18\x0c \x01(\x08\"\x9c\x02\n\x0eSettleResponse\x12*\n\x07outcome\x18\x01 \x01(\x0e\x32\x19.policyd.v1.SettleOutcome\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1f\n\x04\x63ost\x18\x03 \x01(\x0b\x32\x11.policyd.v1.Money\x12!\n\x06\x63harge\x18\x04 \x01(\x0b\x32\x11.policyd.v1.Money\x12)\n\x0e\x62\x61lance_before\x18\x05 \x01(\x0b\x32\x11.policyd.v1.Money\x12(\n\rbalance_after\x18\x06 \x01(\x0b\x32\x11.policyd.v1.Money\x12\x1b\n\x13price_table_version\x18\x07 \x01(\t\x12\x14\n\x0cserved_model\x18\x08 \x01(\t\"4\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"w\n\x0fReleaseResponse\x12+\n\x07outcome\x18\x01 \x01(\x0e\x32\x1a.policyd.v1.ReleaseOutcome\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12#\n\x08released\x18\x03 \x01(\x0b\x32\x11.policyd.v1.Money*H\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\t\n\x05\x41LLOW\x10\x01\x12\x08\n\x04\x44\x45NY\x10\x02\x12\r\n\tDOWNGRADE\x10\x03*Z\n\rSettleOutcome\x12\x1e\n\x1aSETTLE_OUTCOME_UNSPECIFIED\x10\x00\x12\x0b\n\x07SETTLED\x10\x01\x12\n\n\x06\x45XISTS\x10\x02\x12\x10\n\x0cSETTLED_LATE\x10\x03*j\n\x0eReleaseOutcome\x12\x1f\n\x1bRELEASE_OUTCOME_UNSPECIFIED\x10\x00\x12\x0c\n\x08RELEASED\x10\x01\x12\x14\n\x10\x41LREADY_RELEASED\x10\x02\x12\x13\n\x0f\x41LREADY_EXPIRED\x10\x03\x32\xde\x01\n\rPolicyService\x12H\n\tAuthorize\x12\x1c.policyd.v1.AuthorizeRequest\x1a\x1d.policyd.v1.AuthorizeResponse\x12?\n\x06Settle\x12\x19.policyd.v1.SettleRequest\x1a\x1a.policyd.v1.SettleResponse\x12\x42\n\x07Release\x12\x1a.policyd.v1.ReleaseRequest\x1a\x1b.policyd.v1.ReleaseResponseB\x16Z\x14policyd/v1;policydv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,28 +33,28 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'policyd.v1.policy_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\024policyd/v1;policydv1'
-  _globals['_DECISION']._serialized_start=1962
-  _globals['_DECISION']._serialized_end=2034
-  _globals['_SETTLEOUTCOME']._serialized_start=2036
-  _globals['_SETTLEOUTCOME']._serialized_end=2126
-  _globals['_RELEASEOUTCOME']._serialized_start=2128
-  _globals['_RELEASEOUTCOME']._serialized_end=2234
+  _globals['_DECISION']._serialized_start=1984
+  _globals['_DECISION']._serialized_end=2056
+  _globals['_SETTLEOUTCOME']._serialized_start=2058
+  _globals['_SETTLEOUTCOME']._serialized_end=2148
+  _globals['_RELEASEOUTCOME']._serialized_start=2150
+  _globals['_RELEASEOUTCOME']._serialized_end=2256
   _globals['_REQUESTSHAPE']._serialized_start=64
-  _globals['_REQUESTSHAPE']._serialized_end=243
-  _globals['_AUTHORIZEREQUEST']._serialized_start=246
-  _globals['_AUTHORIZEREQUEST']._serialized_end=511
-  _globals['_AUTHORIZERESPONSE']._serialized_start=514
-  _globals['_AUTHORIZERESPONSE']._serialized_end=1008
-  _globals['_USAGE']._serialized_start=1011
-  _globals['_USAGE']._serialized_end=1199
-  _globals['_SETTLEREQUEST']._serialized_start=1202
-  _globals['_SETTLEREQUEST']._serialized_end=1498
-  _globals['_SETTLERESPONSE']._serialized_start=1501
-  _globals['_SETTLERESPONSE']._serialized_end=1785
-  _globals['_RELEASEREQUEST']._serialized_start=1787
-  _globals['_RELEASEREQUEST']._serialized_end=1839
-  _globals['_RELEASERESPONSE']._serialized_start=1841
-  _globals['_RELEASERESPONSE']._serialized_end=1960
-  _globals['_POLICYSERVICE']._serialized_start=2237
-  _globals['_POLICYSERVICE']._serialized_end=2459
+  _globals['_REQUESTSHAPE']._serialized_end=265
+  _globals['_AUTHORIZEREQUEST']._serialized_start=268
+  _globals['_AUTHORIZEREQUEST']._serialized_end=533
+  _globals['_AUTHORIZERESPONSE']._serialized_start=536
+  _globals['_AUTHORIZERESPONSE']._serialized_end=1030
+  _globals['_USAGE']._serialized_start=1033
+  _globals['_USAGE']._serialized_end=1221
+  _globals['_SETTLEREQUEST']._serialized_start=1224
+  _globals['_SETTLEREQUEST']._serialized_end=1520
+  _globals['_SETTLERESPONSE']._serialized_start=1523
+  _globals['_SETTLERESPONSE']._serialized_end=1807
+  _globals['_RELEASEREQUEST']._serialized_start=1809
+  _globals['_RELEASEREQUEST']._serialized_end=1861
+  _globals['_RELEASERESPONSE']._serialized_start=1863
+  _globals['_RELEASERESPONSE']._serialized_end=1982
+  _globals['_POLICYSERVICE']._serialized_start=2259
+  _globals['_POLICYSERVICE']._serialized_end=2481
 # @@protoc_insertion_point(module_scope)

@@ -42,7 +42,7 @@ ALREADY_RELEASED: ReleaseOutcome
 ALREADY_EXPIRED: ReleaseOutcome
 
 class RequestShape(_message.Message):
-    __slots__ = ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds", "stream", "choices")
+    __slots__ = ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds", "stream", "choices", "web_searches")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class RequestShape(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     CHOICES_FIELD_NUMBER: _ClassVar[int]
+    WEB_SEARCHES_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     prompt_bytes: int
     message_count: int
@@ -59,7 +60,8 @@ class RequestShape(_message.Message):
     seconds: int
     stream: bool
     choices: int
-    def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ..., choices: _Optional[int] = ...) -> None: ...
+    web_searches: int
+    def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ..., choices: _Optional[int] = ..., web_searches: _Optional[int] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("api_key", "endpoint", "model", "attribution", "shape", "client", "problem")
