@@ -69,6 +69,7 @@ export interface AuthorizeInput {
   maxOutputTokens?: number;
   inputTokens?: number;     // your own count, if you have one
   choices?: number;         // completions generated (n / candidateCount), each up to maxOutputTokens
+  webSearches?: number;     // the most provider-side web searches the request allows (max_uses)
   stream?: boolean;
   attribution?: Omit<Attribution, "requestId">;
 }
@@ -144,7 +145,7 @@ export class PolicyClient {
       shape: {
         promptBytes: input.promptBytes ?? 0, messageCount: input.messageCount ?? 1,
         maxOutputTokens: input.maxOutputTokens ?? 0, inputTokens: input.inputTokens ?? 0, stream: input.stream ?? false,
-        choices: input.choices ?? 0,
+        choices: input.choices ?? 0, webSearches: input.webSearches ?? 0,
       },
     };
     const r = await this.call<AuthorizeRequest, AuthorizeResponse__Output>(
