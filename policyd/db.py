@@ -111,6 +111,8 @@ class UsageRecordRow(Base):
     cached_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cache_write_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     web_searches: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # the provider's, priced each
+    audio_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of input_tokens
+    audio_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of output_tokens
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     images: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[int] = mapped_column(BigInteger, default=0)

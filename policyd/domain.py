@@ -117,6 +117,8 @@ class UsageReport:
     seconds: int = 0
     requests: int = 0
     web_searches: int = 0  # server-side web searches the provider ran (Anthropic's server tool, OpenAI's web_search_call)
+    audio_input_tokens: int = 0  # the part of input_tokens that was audio (uncached), priced as audio
+    audio_output_tokens: int = 0  # the part of output_tokens that was audio
     served_model: str = ""
     provider: str = ""
     retries: int = 0

@@ -559,13 +559,15 @@ class Engine:
             cache_write_input_tokens=report.cache_write_input_tokens,
             output_tokens=report.output_tokens, images=report.images, seconds=report.seconds,
             requests=report.requests or 1, web_searches=report.web_searches,
+            audio_input_tokens=report.audio_input_tokens, audio_output_tokens=report.audio_output_tokens,
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
         numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
                    report.seconds, report.requests or 1, served, report.cache_write_input_tokens]
-        if report.web_searches:  # only then: a retried Settle fingerprints the same on a replica from before
-            numbers.append(report.web_searches)
+        if report.web_searches or report.audio_input_tokens or report.audio_output_tokens:
+            # only then: a retried Settle fingerprints the same on a replica from before these fields
+            numbers += [report.web_searches, report.audio_input_tokens, report.audio_output_tokens]
         fingerprint = hashlib.sha256(json.dumps(numbers).encode()).hexdigest()[:32]
         deltas = []
         final_holds = []
@@ -586,8 +588,9 @@ class Engine:
         }
         if report.fallback_reason:  # the proxy's own fallback; otherwise the one decided at Authorize stays
             settlement["fallback_reason"] = report.fallback_reason
-        if report.web_searches:  # only then: a writer from before the column still writes every other record
-            settlement["web_searches"] = report.web_searches
+        for name in ("web_searches", "audio_input_tokens", "audio_output_tokens"):
+            if getattr(report, name):  # only then: a writer from before the column still writes every other record
+                settlement[name] = getattr(report, name)
         record_json = reservation.record_json or json.dumps(r, separators=(",", ":"))
         payload = (f'{{"record":{record_json},"settlement":{json.dumps(settlement, separators=(",", ":"))},'
                    f'"currency":{json.dumps(r["currency"])}}}')

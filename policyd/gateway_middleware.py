@@ -208,7 +208,8 @@ class PolicydMiddleware:
                 await self.policy.settle(
                     exchange.request_id, input_tokens=t.input_tokens, output_tokens=t.output_tokens,
                     cached_input_tokens=t.cached_input_tokens, cache_write_input_tokens=t.cache_write_input_tokens,
-                    web_searches=t.web_searches, images=reader.images, served_model=exchange.served_model, upstream_status=exchange.status,
+                    web_searches=t.web_searches, audio_input_tokens=t.audio_input_tokens,
+                    audio_output_tokens=t.audio_output_tokens, images=reader.images, served_model=exchange.served_model, upstream_status=exchange.status,
                     stream_interrupted=end.interrupted)
             else:
                 t = reader.tokens  # the input, when the provider reported it before the cut

@@ -154,6 +154,9 @@ class MockProvider:
                                      {"type": "output_text", "text": text}]}],
                                  **({} if scenario == "no_usage" else {"usage": usage})})
         usage = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
+        if "audio" in (body.get("modalities") or []):  # gpt-4o-audio: half the prompt heard, all but one token spoken
+            usage["prompt_tokens_details"] = {"cached_tokens": 0, "audio_tokens": p_tokens // 2}
+            usage["completion_tokens_details"] = {"audio_tokens": max(c_tokens - 1, 0)}
         if legacy:
             return h._json(200, {"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": model,
                                  "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],

@@ -59,6 +59,8 @@ class Prices(_Strict):
     per_request: int = 0
     per_second: int = 0
     per_web_search: int = 0  # a web search the provider runs for the request (its server-side tool)
+    audio_input: int | None = None  # per 1M audio input tokens (gpt-4o-audio, realtime); None = as input
+    audio_output: int | None = None  # per 1M audio output tokens; None = as output
     # A long-context tier (Anthropic's and Gemini's): a request whose input passes `long_context_above`
     # tokens (cached and cache writes included) has all its tokens priced at `long_context`'s prices
     long_context_above: int = Field(0, ge=0, le=QUANTITY_MAX)
@@ -79,13 +81,13 @@ class Prices(_Strict):
         return self
 
     @field_validator("input", "cached_input", "cache_write_input", "output", "per_image", "per_request", "per_second",
-                     "per_web_search", mode="before")
+                     "per_web_search", "audio_input", "audio_output", mode="before")
     @classmethod
     def _money(cls, value: Any) -> Any:
         return None if value is None else _nanos(value)
 
     @field_serializer("input", "cached_input", "cache_write_input", "output", "per_image", "per_request", "per_second",
-                      "per_web_search")
+                      "per_web_search", "audio_input", "audio_output")
     def _render(self, value: int | None) -> str | None:
         return None if value is None else format_amount(value)
 
@@ -96,6 +98,14 @@ class Prices(_Strict):
     @property
     def cache_write_input_price(self) -> int:
         return self.input if self.cache_write_input is None else self.cache_write_input
+
+    @property
+    def audio_input_price(self) -> int:
+        return self.input if self.audio_input is None else self.audio_input
+
+    @property
+    def audio_output_price(self) -> int:
+        return self.output if self.audio_output is None else self.audio_output
 
 
 class ModelPrice(Prices):

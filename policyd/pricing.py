@@ -1,6 +1,6 @@
 """Cost and charge, from a price table and a plan. Integers only; rounding is money.price_quantity's.
 
-cost   = what the provider bills us: tokens x price per 1M (input, cached input, output; every token at
+cost   = what the provider bills us: tokens x price per 1M (input, cached input, audio, output; every token at
          the long-context tier's prices when the input passes its threshold)
          + images x per_image + seconds x per_second + requests x per_request
          + web searches x per_web_search (the provider's server-side search tool)
@@ -35,6 +35,8 @@ class Quantities:
     seconds: int = 0
     requests: int = 1
     web_searches: int = 0
+    audio_input_tokens: int = 0  # of input_tokens (uncached)
+    audio_output_tokens: int = 0  # of output_tokens
 
     @property
     def tokens(self) -> int:
@@ -42,13 +44,15 @@ class Quantities:
 
 
 def cost_of(price: Prices, q: Quantities) -> int:
-    uncached = q.input_tokens - q.cached_input_tokens - q.cache_write_input_tokens
+    text_input = q.input_tokens - q.cached_input_tokens - q.cache_write_input_tokens - q.audio_input_tokens
     tokens = price.for_input(q.input_tokens)  # a long-context tier prices every token of the request
     return (
-        price_quantity(uncached, tokens.input)
+        price_quantity(text_input, tokens.input)
+        + price_quantity(q.audio_input_tokens, tokens.audio_input_price)
         + price_quantity(q.cached_input_tokens, tokens.cached_input_price)
         + price_quantity(q.cache_write_input_tokens, tokens.cache_write_input_price)
-        + price_quantity(q.output_tokens, tokens.output)
+        + price_quantity(q.output_tokens - q.audio_output_tokens, tokens.output)
+        + price_quantity(q.audio_output_tokens, tokens.audio_output_price)
         + q.images * price.per_image
         + q.seconds * price.per_second
         + q.requests * price.per_request

@@ -24,6 +24,8 @@ class Tokens:
     cache_write_input_tokens: int = 0
     output_tokens: int = 0
     web_searches: int = 0  # the provider's server-side searches (priced per search)
+    audio_input_tokens: int = 0  # of input_tokens, uncached
+    audio_output_tokens: int = 0  # of output_tokens
 
     @property
     def any(self) -> bool:
@@ -77,9 +79,14 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
                                 if isinstance(item, dict) and item.get("type") == "web_search_call")
         return True
     details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
+    out_details = usage.get("completion_tokens_details") if isinstance(usage.get("completion_tokens_details"), dict) \
+        else {}
     seen.input_tokens = _n(usage.get("prompt_tokens"))
     seen.cached_input_tokens = min(_n(details.get("cached_tokens")), seen.input_tokens)
+    # audio (gpt-4o-audio): its own price; the cached part, if any, stays at the cached price
+    seen.audio_input_tokens = min(_n(details.get("audio_tokens")), seen.input_tokens - seen.cached_input_tokens)
     seen.output_tokens = _n(usage.get("completion_tokens"))
+    seen.audio_output_tokens = min(_n(out_details.get("audio_tokens")), seen.output_tokens)
     return True
 
 

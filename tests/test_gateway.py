@@ -415,6 +415,21 @@ def test_anthropic_messages_are_charged_from_their_usage(gateway: Gateway) -> No
     assert code == 401 and error["error"]["code"] == "invalid_api_key"
 
 
+def test_audio_tokens_are_charged_at_the_audio_prices(gateway: Gateway) -> None:
+    raw = gateway.client(gateway.customer("e2e-audio")).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "Say it out loud"}], max_tokens=8,
+        modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+    u = raw.parse().usage
+    audio_in, audio_out = u.prompt_tokens_details.audio_tokens, u.completion_tokens_details.audio_tokens
+    assert audio_in > 0 and audio_out > 0
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["audio_input_tokens"], record["audio_output_tokens"]) == (audio_in, audio_out)
+    cost = (price_quantity(u.prompt_tokens - audio_in, parse_amount("2.50")) + price_quantity(audio_in, parse_amount("40.00"))
+            + price_quantity(u.completion_tokens - audio_out, parse_amount("10.00"))
+            + price_quantity(audio_out, parse_amount("80.00")))
+    assert record["cost_nanos"] == cost and record["charge_nanos"] == -(-cost * 12_000 // 10_000)
+
+
 def test_the_providers_web_searches_are_charged_per_search(gateway: Gateway) -> None:
     key = gateway.customer("e2e-search")
     code, headers, reply = anthropic_post(gateway, key, {

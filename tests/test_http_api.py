@@ -263,6 +263,17 @@ def test_the_web_searches_a_request_allows_are_read(path: str, body: dict, bound
     assert not call.problem and call.authorize_input().shape.web_searches == bound
 
 
+def test_audio_tokens_are_read_apart_from_text() -> None:
+    reader = ResponseReader("chat_completions", stream=False)
+    reader.feed(json.dumps({"usage": {"prompt_tokens": 100, "completion_tokens": 40,
+                                      "prompt_tokens_details": {"cached_tokens": 30, "audio_tokens": 90},
+                                      "completion_tokens_details": {"audio_tokens": 35, "reasoning_tokens": 0}}}).encode())
+    reader.finish()
+    t = reader.tokens
+    # audio beyond what is not cached cannot be: the cached part keeps its cached price
+    assert (t.input_tokens, t.cached_input_tokens, t.audio_input_tokens, t.audio_output_tokens) == (100, 30, 70, 35)
+
+
 def test_web_searches_are_read_where_providers_report_them() -> None:
     anthropic = ResponseReader("anthropic_messages", stream=False)
     anthropic.feed(json.dumps({"usage": {"input_tokens": 9, "output_tokens": 4,

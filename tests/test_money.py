@@ -679,3 +679,17 @@ async def test_the_web_searches_a_request_allows_are_reserved_at_their_price(ser
     assert bounded.reserved - plain.reserved == 3 * parse_amount("0.01")
     s = await service.engine.settle(usage("bounded", input_tokens=100, output_tokens=50, web_searches=3))
     assert s.charge <= bounded.reserved  # within the strict bound
+
+
+@pytest.mark.parametrize("numbers", [
+    {"input_tokens": 100, "cached_input_tokens": 50, "audio_input_tokens": 60},
+    {"output_tokens": 10, "audio_output_tokens": 11},
+])
+async def test_audio_tokens_are_parts_of_the_tokens(service: Service, numbers: dict) -> None:
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1")
+    await service.engine.authorize(ask(secret, request_id="audio"))
+    with pytest.raises(PolicydError) as refused:
+        await service.engine.settle(usage("audio", **numbers))
+    assert refused.value.reason == "invalid_usage" and "audio" in refused.value.message
+    assert await service.counters.wallet("acme") == (1_000_000_000, (await service.counters.find_reservation("audio")).amount)

@@ -97,6 +97,16 @@ plans:
 """
 
 
+def test_audio_tokens_have_their_own_prices_and_default_to_texts() -> None:
+    document = parse_policy(LONG_CONTEXT.replace('per_request: "0.001",', 'per_request: "0.001", audio_input: "40.00",'))
+    price = document.price_table.models["gemini-2.5-pro"]
+    q = Quantities(input_tokens=1_000, cached_input_tokens=100, audio_input_tokens=400, output_tokens=50,
+                   audio_output_tokens=20)
+    assert cost_of(price, q) == (price_quantity(500, parse_amount("1.25")) + price_quantity(400, parse_amount("40.00"))
+                                 + price_quantity(100, parse_amount("0.31")) + price_quantity(30, parse_amount("10.00"))
+                                 + price_quantity(20, parse_amount("10.00")) + 1_000_000)  # audio output: as output
+
+
 def test_a_web_search_has_its_own_price_whatever_the_tier() -> None:
     price = parse_policy(LONG_CONTEXT.replace('per_request: "0.001",', 'per_request: "0.001", per_web_search: "0.01",')
                          ).price_table.models["gemini-2.5-pro"]
