@@ -119,6 +119,7 @@ class UsageReport:
     web_searches: int = 0  # server-side web searches the provider ran (Anthropic's server tool, OpenAI's web_search_call)
     audio_input_tokens: int = 0  # the part of input_tokens that was audio (uncached), priced as audio
     audio_output_tokens: int = 0  # the part of output_tokens that was audio
+    cache_write_1h_input_tokens: int = 0  # the part of cache_write_input_tokens kept an hour, priced apart
     served_model: str = ""
     provider: str = ""
     retries: int = 0

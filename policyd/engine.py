@@ -560,14 +560,16 @@ class Engine:
             output_tokens=report.output_tokens, images=report.images, seconds=report.seconds,
             requests=report.requests or 1, web_searches=report.web_searches,
             audio_input_tokens=report.audio_input_tokens, audio_output_tokens=report.audio_output_tokens,
+            cache_write_1h_input_tokens=report.cache_write_1h_input_tokens,
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
         numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
                    report.seconds, report.requests or 1, served, report.cache_write_input_tokens]
-        if report.web_searches or report.audio_input_tokens or report.audio_output_tokens:
-            # only then: a retried Settle fingerprints the same on a replica from before these fields
-            numbers += [report.web_searches, report.audio_input_tokens, report.audio_output_tokens]
+        later = [report.web_searches, report.audio_input_tokens, report.audio_output_tokens,
+                 report.cache_write_1h_input_tokens]
+        if any(later):  # only then: a retried Settle fingerprints the same on a replica from before these fields
+            numbers += later
         fingerprint = hashlib.sha256(json.dumps(numbers).encode()).hexdigest()[:32]
         deltas = []
         final_holds = []
@@ -588,7 +590,7 @@ class Engine:
         }
         if report.fallback_reason:  # the proxy's own fallback; otherwise the one decided at Authorize stays
             settlement["fallback_reason"] = report.fallback_reason
-        for name in ("web_searches", "audio_input_tokens", "audio_output_tokens"):
+        for name in ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens"):
             if getattr(report, name):  # only then: a writer from before the column still writes every other record
                 settlement[name] = getattr(report, name)
         record_json = reservation.record_json or json.dumps(r, separators=(",", ":"))
@@ -627,15 +629,16 @@ class Engine:
         a stream's start), else as estimated at Authorize."""
         reservation = await self.counters.find_reservation(request_id)
         input_tokens = int(reservation.fields.get("input_tokens_estimate", 0)) if reservation else 0
-        cached = cache_writes = 0
+        cached = cache_writes = hour_writes = 0
         if reported is not None and reported.input_tokens:
-            input_tokens, cached, cache_writes = (reported.input_tokens, reported.cached_input_tokens,
-                                                  reported.cache_write_input_tokens)
+            input_tokens, cached, cache_writes, hour_writes = (
+                reported.input_tokens, reported.cached_input_tokens, reported.cache_write_input_tokens,
+                reported.cache_write_1h_input_tokens)
         cap = int(reservation.record["max_output_tokens"]) * int(reservation.record.get("choices") or 1) \
             if reservation else 0
         return await self.settle(UsageReport(
             request_id=request_id, input_tokens=input_tokens, cached_input_tokens=cached,
-            cache_write_input_tokens=cache_writes, output_tokens=min(output_tokens, cap) if cap else output_tokens,
+            cache_write_input_tokens=cache_writes, cache_write_1h_input_tokens=hour_writes, output_tokens=min(output_tokens, cap) if cap else output_tokens,
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,
             provider_account=provider_account,
         ), reservation)

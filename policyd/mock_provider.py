@@ -142,6 +142,10 @@ class MockProvider:
         searches = sum(1 for tool in body.get("tools") or [] if str(tool.get("type", "")).startswith("web_search"))
         if anthropic:
             usage = {"input_tokens": p_tokens, "output_tokens": c_tokens}
+            if "\"ttl\": \"1h\"" in json.dumps(body.get("system")):  # half the prompt written to an hour's cache
+                written = p_tokens // 2
+                usage.update(input_tokens=p_tokens - written, cache_creation_input_tokens=written,
+                             cache_creation={"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": written})
             if searches:  # one search a search tool, as Anthropic reports its server-side tools
                 usage["server_tool_use"] = {"web_search_requests": searches}
             return h._json(200, {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,

@@ -54,6 +54,7 @@ class Prices(_Strict):
     input: int = 0
     cached_input: int | None = None  # None = same as input
     cache_write_input: int | None = None  # input written to the provider's cache; None = same as input
+    cache_write_1h_input: int | None = None  # written to a cache kept an hour (Anthropic); None = as cache_write_input
     output: int = 0
     per_image: int = 0
     per_request: int = 0
@@ -80,14 +81,14 @@ class Prices(_Strict):
             return self.long_context
         return self
 
-    @field_validator("input", "cached_input", "cache_write_input", "output", "per_image", "per_request", "per_second",
-                     "per_web_search", "audio_input", "audio_output", mode="before")
+    @field_validator("input", "cached_input", "cache_write_input", "cache_write_1h_input", "output", "per_image",
+                     "per_request", "per_second", "per_web_search", "audio_input", "audio_output", mode="before")
     @classmethod
     def _money(cls, value: Any) -> Any:
         return None if value is None else _nanos(value)
 
-    @field_serializer("input", "cached_input", "cache_write_input", "output", "per_image", "per_request", "per_second",
-                      "per_web_search", "audio_input", "audio_output")
+    @field_serializer("input", "cached_input", "cache_write_input", "cache_write_1h_input", "output", "per_image",
+                      "per_request", "per_second", "per_web_search", "audio_input", "audio_output")
     def _render(self, value: int | None) -> str | None:
         return None if value is None else format_amount(value)
 
@@ -98,6 +99,10 @@ class Prices(_Strict):
     @property
     def cache_write_input_price(self) -> int:
         return self.input if self.cache_write_input is None else self.cache_write_input
+
+    @property
+    def cache_write_1h_input_price(self) -> int:
+        return self.cache_write_input_price if self.cache_write_1h_input is None else self.cache_write_1h_input
 
     @property
     def audio_input_price(self) -> int:

@@ -35,6 +35,7 @@ class Quantities:
     seconds: int = 0
     requests: int = 1
     web_searches: int = 0
+    cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens
     audio_input_tokens: int = 0  # of input_tokens (uncached)
     audio_output_tokens: int = 0  # of output_tokens
 
@@ -50,7 +51,8 @@ def cost_of(price: Prices, q: Quantities) -> int:
         price_quantity(text_input, tokens.input)
         + price_quantity(q.audio_input_tokens, tokens.audio_input_price)
         + price_quantity(q.cached_input_tokens, tokens.cached_input_price)
-        + price_quantity(q.cache_write_input_tokens, tokens.cache_write_input_price)
+        + price_quantity(q.cache_write_input_tokens - q.cache_write_1h_input_tokens, tokens.cache_write_input_price)
+        + price_quantity(q.cache_write_1h_input_tokens, tokens.cache_write_1h_input_price)
         + price_quantity(q.output_tokens - q.audio_output_tokens, tokens.output)
         + price_quantity(q.audio_output_tokens, tokens.audio_output_price)
         + q.images * price.per_image

@@ -138,14 +138,15 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 request.request_id, u.output_tokens, interrupted=request.stream_interrupted,
                 error_class=request.error_class or "usage_estimated", upstream_status=request.upstream_status,
                 provider=request.provider, provider_account=request.provider_account,
-                reported=Tokens(u.input_tokens, u.cached_input_tokens, u.cache_write_input_tokens)))
+                reported=Tokens(u.input_tokens, u.cached_input_tokens, u.cache_write_input_tokens,
+                                cache_write_1h_input_tokens=u.cache_write_1h_input_tokens)))
             return settle_response(s)
         report = UsageReport(
             request_id=request.request_id, input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
             cache_write_input_tokens=u.cache_write_input_tokens,
             output_tokens=u.output_tokens, images=u.images, seconds=u.seconds, requests=u.requests,
             web_searches=u.web_searches, audio_input_tokens=u.audio_input_tokens,
-            audio_output_tokens=u.audio_output_tokens,
+            audio_output_tokens=u.audio_output_tokens, cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
             served_model=request.served_model, provider=request.provider, retries=request.retries,
             fallback_reason=request.fallback_reason, upstream_status=request.upstream_status,
             error_class=request.error_class, latency_ms=request.latency_ms,

@@ -26,6 +26,7 @@ class Tokens:
     web_searches: int = 0  # the provider's server-side searches (priced per search)
     audio_input_tokens: int = 0  # of input_tokens, uncached
     audio_output_tokens: int = 0  # of output_tokens
+    cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens (Anthropic's hour-long cache)
 
     @property
     def any(self) -> bool:
@@ -51,6 +52,8 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
             seen.input_tokens = _n(usage.get("input_tokens")) + cached + created
             seen.cached_input_tokens = cached
             seen.cache_write_input_tokens = created
+            split = usage.get("cache_creation") if isinstance(usage.get("cache_creation"), dict) else {}
+            seen.cache_write_1h_input_tokens = min(_n(split.get("ephemeral_1h_input_tokens")), created)
         if "output_tokens" in usage:
             seen.output_tokens = max(seen.output_tokens, _n(usage.get("output_tokens")))  # cumulative in deltas
         tools = usage.get("server_tool_use") if isinstance(usage.get("server_tool_use"), dict) else {}

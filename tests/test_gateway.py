@@ -430,6 +430,22 @@ def test_audio_tokens_are_charged_at_the_audio_prices(gateway: Gateway) -> None:
     assert record["cost_nanos"] == cost and record["charge_nanos"] == -(-cost * 12_000 // 10_000)
 
 
+def test_an_hours_cache_writes_are_charged_at_their_own_price(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-cache-1h")
+    code, headers, reply = anthropic_post(gateway, key, {
+        "model": "claude-sonnet-4", "max_tokens": 20, "messages": [{"role": "user", "content": "a long question " * 20}],
+        "system": [{"type": "text", "text": "a long manual", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]})
+    u = reply["usage"]
+    assert code == 200 and u["cache_creation"]["ephemeral_1h_input_tokens"] > 0, reply
+    record = gateway.record(headers["x-policyd-request-id"])
+    written = u["cache_creation_input_tokens"]
+    assert (record["input_tokens"], record["cache_write_input_tokens"], record["cache_write_1h_input_tokens"]) == (
+        u["input_tokens"] + written, written, written)
+    cost = price_quantity(u["input_tokens"], parse_amount("3.00")) + price_quantity(written, parse_amount("6.00")) \
+        + price_quantity(u["output_tokens"], parse_amount("15.00"))
+    assert record["cost_nanos"] == cost and record["charge_nanos"] == -(-cost * 12_000 // 10_000)
+
+
 def test_the_providers_web_searches_are_charged_per_search(gateway: Gateway) -> None:
     key = gateway.customer("e2e-search")
     code, headers, reply = anthropic_post(gateway, key, {

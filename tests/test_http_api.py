@@ -263,6 +263,17 @@ def test_the_web_searches_a_request_allows_are_read(path: str, body: dict, bound
     assert not call.problem and call.authorize_input().shape.web_searches == bound
 
 
+def test_an_hours_cache_writes_are_read_apart() -> None:
+    reader = ResponseReader("anthropic_messages", stream=False)
+    reader.feed(json.dumps({"usage": {"input_tokens": 10, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 30,
+                                      "cache_creation": {"ephemeral_5m_input_tokens": 12, "ephemeral_1h_input_tokens": 18},
+                                      "output_tokens": 3}}).encode())
+    reader.finish()
+    t = reader.tokens
+    assert (t.input_tokens, t.cached_input_tokens, t.cache_write_input_tokens, t.cache_write_1h_input_tokens) == (
+        45, 5, 30, 18)
+
+
 def test_audio_tokens_are_read_apart_from_text() -> None:
     reader = ResponseReader("chat_completions", stream=False)
     reader.feed(json.dumps({"usage": {"prompt_tokens": 100, "completion_tokens": 40,

@@ -681,15 +681,16 @@ async def test_the_web_searches_a_request_allows_are_reserved_at_their_price(ser
     assert s.charge <= bounded.reserved  # within the strict bound
 
 
-@pytest.mark.parametrize("numbers", [
-    {"input_tokens": 100, "cached_input_tokens": 50, "audio_input_tokens": 60},
-    {"output_tokens": 10, "audio_output_tokens": 11},
+@pytest.mark.parametrize(("numbers", "part"), [
+    ({"input_tokens": 100, "cached_input_tokens": 50, "audio_input_tokens": 60}, "audio_input_tokens"),
+    ({"output_tokens": 10, "audio_output_tokens": 11}, "audio_output_tokens"),
+    ({"input_tokens": 100, "cache_write_input_tokens": 10, "cache_write_1h_input_tokens": 11}, "cache_write_1h"),
 ])
-async def test_audio_tokens_are_parts_of_the_tokens(service: Service, numbers: dict) -> None:
+async def test_the_parts_of_the_tokens_fit_in_them(service: Service, numbers: dict, part: str) -> None:
     _, secret = await new_key(service)
     await fund(service, "acme", "1")
     await service.engine.authorize(ask(secret, request_id="audio"))
     with pytest.raises(PolicydError) as refused:
         await service.engine.settle(usage("audio", **numbers))
-    assert refused.value.reason == "invalid_usage" and "audio" in refused.value.message
+    assert refused.value.reason == "invalid_usage" and part in refused.value.message
     assert await service.counters.wallet("acme") == (1_000_000_000, (await service.counters.find_reservation("audio")).amount)

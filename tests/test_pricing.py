@@ -97,6 +97,17 @@ plans:
 """
 
 
+def test_an_hours_cache_writes_have_their_own_price_and_default_to_cache_writes() -> None:
+    base = parse_policy(LONG_CONTEXT.replace('per_request: "0.001",', 'per_request: "0.001", cache_write_input: "1.50",'))
+    hour = parse_policy(LONG_CONTEXT.replace('per_request: "0.001",',
+                                             'per_request: "0.001", cache_write_input: "1.50", cache_write_1h_input: "2.50",'))
+    q = Quantities(input_tokens=1_000, cache_write_input_tokens=600, cache_write_1h_input_tokens=200)
+    plain = price_quantity(400, parse_amount("1.25")) + 1_000_000
+    assert cost_of(base.price_table.models["gemini-2.5-pro"], q) == plain + price_quantity(600, parse_amount("1.50"))
+    assert cost_of(hour.price_table.models["gemini-2.5-pro"], q) == (
+        plain + price_quantity(400, parse_amount("1.50")) + price_quantity(200, parse_amount("2.50")))
+
+
 def test_audio_tokens_have_their_own_prices_and_default_to_texts() -> None:
     document = parse_policy(LONG_CONTEXT.replace('per_request: "0.001",', 'per_request: "0.001", audio_input: "40.00",'))
     price = document.price_table.models["gemini-2.5-pro"]

@@ -122,7 +122,7 @@ class AuthorizeResponse(_message.Message):
     def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., http_status: _Optional[int] = ..., error: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ..., retry_after_seconds: _Optional[int] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., request_id: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., provider: _Optional[str] = ..., route: _Optional[str] = ..., policy_version: _Optional[int] = ..., price_table_version: _Optional[str] = ..., reserved: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., max_output_tokens: _Optional[int] = ..., reservation_expires_unix_ms: _Optional[int] = ..., shadow_denials: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("input_tokens", "cached_input_tokens", "output_tokens", "images", "seconds", "requests", "cache_write_input_tokens", "web_searches", "audio_input_tokens", "audio_output_tokens")
+    __slots__ = ("input_tokens", "cached_input_tokens", "output_tokens", "images", "seconds", "requests", "cache_write_input_tokens", "web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,7 @@ class Usage(_message.Message):
     WEB_SEARCHES_FIELD_NUMBER: _ClassVar[int]
     AUDIO_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_WRITE_1H_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
@@ -143,7 +144,8 @@ class Usage(_message.Message):
     web_searches: int
     audio_input_tokens: int
     audio_output_tokens: int
-    def __init__(self, input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ..., requests: _Optional[int] = ..., cache_write_input_tokens: _Optional[int] = ..., web_searches: _Optional[int] = ..., audio_input_tokens: _Optional[int] = ..., audio_output_tokens: _Optional[int] = ...) -> None: ...
+    cache_write_1h_input_tokens: int
+    def __init__(self, input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ..., requests: _Optional[int] = ..., cache_write_input_tokens: _Optional[int] = ..., web_searches: _Optional[int] = ..., audio_input_tokens: _Optional[int] = ..., audio_output_tokens: _Optional[int] = ..., cache_write_1h_input_tokens: _Optional[int] = ...) -> None: ...
 
 class SettleRequest(_message.Message):
     __slots__ = ("request_id", "usage", "served_model", "provider", "retries", "fallback_reason", "upstream_status", "error_class", "latency_ms", "stream_interrupted", "provider_account", "usage_estimated")
