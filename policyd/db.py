@@ -114,6 +114,7 @@ class UsageRecordRow(Base):
     audio_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of input_tokens
     audio_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of output_tokens
     cache_write_1h_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of cache writes
+    service_tier: Mapped[str] = mapped_column(String(32), default="", server_default="")  # the provider's, priced apart
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     images: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -54,6 +54,7 @@ class Shape:
     stream: bool = False
     choices: int = 0  # completions the provider generates (n / best_of / candidateCount), each up to the cap; 0 = 1
     web_searches: int = 0  # the most server-side web searches the request allows (reserved at their price)
+    service_tier: str = ""  # the processing tier asked for (OpenAI's flex, priority); "" = default
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class UsageReport:
     audio_input_tokens: int = 0  # the part of input_tokens that was audio (uncached), priced as audio
     audio_output_tokens: int = 0  # the part of output_tokens that was audio
     cache_write_1h_input_tokens: int = 0  # the part of cache_write_input_tokens kept an hour, priced apart
+    service_tier: str = ""  # the provider's processing tier that served it (its own token prices)
     served_model: str = ""
     provider: str = ""
     retries: int = 0

@@ -363,7 +363,7 @@ class Engine:
             input_tokens=input_tokens,
             output_tokens=output_cap * max(1, s.choices),  # every choice may reach the cap, and all are billed
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
-            seconds=s.seconds, web_searches=s.web_searches,
+            seconds=s.seconds, web_searches=s.web_searches, service_tier=s.service_tier,
         )
         charge = charge_of(plan, model, quantities, cost_of(price, quantities),
                            billing_of(plan, request.attribution.feature))
@@ -560,7 +560,7 @@ class Engine:
             output_tokens=report.output_tokens, images=report.images, seconds=report.seconds,
             requests=report.requests or 1, web_searches=report.web_searches,
             audio_input_tokens=report.audio_input_tokens, audio_output_tokens=report.audio_output_tokens,
-            cache_write_1h_input_tokens=report.cache_write_1h_input_tokens,
+            cache_write_1h_input_tokens=report.cache_write_1h_input_tokens, service_tier=report.service_tier,
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
@@ -568,8 +568,8 @@ class Engine:
                    report.seconds, report.requests or 1, served, report.cache_write_input_tokens]
         later = [report.web_searches, report.audio_input_tokens, report.audio_output_tokens,
                  report.cache_write_1h_input_tokens]
-        if any(later):  # only then: a retried Settle fingerprints the same on a replica from before these fields
-            numbers += later
+        if any(later) or report.service_tier:  # only then: a retried Settle fingerprints the same on a replica
+            numbers += [*later, report.service_tier]  # from before these fields
         fingerprint = hashlib.sha256(json.dumps(numbers).encode()).hexdigest()[:32]
         deltas = []
         final_holds = []
@@ -590,7 +590,8 @@ class Engine:
         }
         if report.fallback_reason:  # the proxy's own fallback; otherwise the one decided at Authorize stays
             settlement["fallback_reason"] = report.fallback_reason
-        for name in ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens"):
+        for name in ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens",
+                     "service_tier"):
             if getattr(report, name):  # only then: a writer from before the column still writes every other record
                 settlement[name] = getattr(report, name)
         record_json = reservation.record_json or json.dumps(r, separators=(",", ":"))
@@ -638,7 +639,8 @@ class Engine:
             if reservation else 0
         return await self.settle(UsageReport(
             request_id=request_id, input_tokens=input_tokens, cached_input_tokens=cached,
-            cache_write_input_tokens=cache_writes, cache_write_1h_input_tokens=hour_writes, output_tokens=min(output_tokens, cap) if cap else output_tokens,
+            cache_write_input_tokens=cache_writes, cache_write_1h_input_tokens=hour_writes,
+            service_tier=reported.service_tier if reported is not None else "", output_tokens=min(output_tokens, cap) if cap else output_tokens,
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,
             provider_account=provider_account,
         ), reservation)

@@ -325,6 +325,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 cache_write_input_tokens=t.cache_write_input_tokens, images=reader.images,
                 output_tokens=t.output_tokens, web_searches=t.web_searches, audio_input_tokens=t.audio_input_tokens,
                 audio_output_tokens=t.audio_output_tokens, cache_write_1h_input_tokens=t.cache_write_1h_input_tokens,
+                service_tier=t.service_tier,
                 served_model=exchange.served_model,
                 upstream_status=status,
                 stream_interrupted=end.interrupted, requests=exchange.attempts, retries=exchange.attempts - 1,

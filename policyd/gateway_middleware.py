@@ -87,7 +87,7 @@ class PolicydMiddleware:
                 call.api_key, call.endpoint, call.model, request_id=request_id, prompt_bytes=call.prompt_bytes,
                 message_count=call.message_count, max_output_tokens=call.max_output_tokens, stream=call.stream,
                 image_count=call.image_count, choices=call.choices, input_tokens=call.input_tokens,
-                web_searches=call.web_searches,
+                web_searches=call.web_searches, service_tier=call.service_tier,
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
                 **_attribution(call))
         except PolicydCallError as error:
@@ -210,7 +210,8 @@ class PolicydMiddleware:
                     cached_input_tokens=t.cached_input_tokens, cache_write_input_tokens=t.cache_write_input_tokens,
                     web_searches=t.web_searches, audio_input_tokens=t.audio_input_tokens,
                     audio_output_tokens=t.audio_output_tokens,
-                    cache_write_1h_input_tokens=t.cache_write_1h_input_tokens, images=reader.images, served_model=exchange.served_model, upstream_status=exchange.status,
+                    cache_write_1h_input_tokens=t.cache_write_1h_input_tokens, service_tier=t.service_tier,
+                    images=reader.images, served_model=exchange.served_model, upstream_status=exchange.status,
                     stream_interrupted=end.interrupted)
             else:
                 t = reader.tokens  # the input, when the provider reported it before the cut

@@ -77,6 +77,7 @@ class HttpCall:
     input_tokens: int = 0  # counted from the request (a prompt of token ids), 0 = estimated
     choices: int = 0  # completions asked for (n, candidateCount); 0 = one
     web_searches: int = 0  # the most provider-side web searches the request allows (0: none, or no bound given)
+    service_tier: str = ""  # the processing tier asked for (OpenAI's service_tier); "" = the default
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
     problem_message: str = ""
@@ -90,7 +91,8 @@ class HttpCall:
             api_key=self.api_key, endpoint=self.endpoint, model=self.model, attribution=self.attribution,
             shape=Shape(prompt_bytes=self.prompt_bytes, message_count=self.message_count,
                         max_output_tokens=self.max_output_tokens, image_count=self.image_count, stream=self.stream,
-                        choices=self.choices, input_tokens=self.input_tokens, web_searches=self.web_searches),
+                        choices=self.choices, input_tokens=self.input_tokens, web_searches=self.web_searches,
+                        service_tier=self.service_tier),
             client_address=self.client_address, user_agent=self.user_agent,
         )
 
@@ -263,6 +265,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     elif endpoint == "gemini_generate_content":
         call.choices = _count(generation.get("candidateCount"))
     call.web_searches = _search_bound(endpoint, data)
+    tier = data.get("service_tier")
+    call.service_tier = tier[:32] if isinstance(tier, str) and tier not in ("auto", "default") else ""
     if not call.attribution.end_user_id and isinstance(data.get("user"), str):
         call.attribution = replace(call.attribution, end_user_id=data["user"][:256])
     return call

@@ -165,7 +165,9 @@ class MockProvider:
             return h._json(200, {"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": model,
                                  "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
                                  **({} if scenario == "no_usage" else {"usage": usage})})
+        tier = {"auto": "default", None: "default"}.get(body.get("service_tier"), body.get("service_tier"))
         return h._json(200, {"id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
+                             "service_tier": tier,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                           "finish_reason": "stop"}],
                              **({} if scenario == "no_usage" else {"usage": usage})})

@@ -66,6 +66,8 @@ class Prices(_Strict):
     # tokens (cached and cache writes included) has all its tokens priced at `long_context`'s prices
     long_context_above: int = Field(0, ge=0, le=QUANTITY_MAX)
     long_context: Prices | None = None
+    # token prices of a provider's processing tiers (OpenAI's service_tier "flex", "priority"); others: these
+    service_tiers: dict[str, Prices] = Field({}, max_length=16)
 
     @model_validator(mode="after")
     def _tier(self) -> "Prices":
@@ -73,13 +75,18 @@ class Prices(_Strict):
             raise ValueError("long_context and long_context_above (input tokens) go together")
         if self.long_context is not None and self.long_context.long_context is not None:
             raise ValueError("a long_context tier has no tier of its own")
+        for name, tier in self.service_tiers.items():
+            if tier.service_tiers or not 0 < len(name) <= 32:
+                raise ValueError(f"service tier {name!r}: a name of 1-32 characters, with no tiers of its own")
         return self
 
-    def for_input(self, input_tokens: int) -> "Prices":
-        """The token prices of a request with this many input tokens: the long-context tier's past its threshold."""
-        if self.long_context is not None and input_tokens > self.long_context_above:
-            return self.long_context
-        return self
+    def for_input(self, input_tokens: int, service_tier: str = "") -> "Prices":
+        """The token prices of a request with this many input tokens on this processing tier: the service
+        tier's (when priced), then the long-context tier's past its threshold."""
+        prices = self.service_tiers.get(service_tier, self) if service_tier else self
+        if prices.long_context is not None and input_tokens > prices.long_context_above:
+            return prices.long_context
+        return prices
 
     @field_validator("input", "cached_input", "cache_write_input", "cache_write_1h_input", "output", "per_image",
                      "per_request", "per_second", "per_web_search", "audio_input", "audio_output", mode="before")

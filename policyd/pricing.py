@@ -36,6 +36,7 @@ class Quantities:
     requests: int = 1
     web_searches: int = 0
     cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens
+    service_tier: str = ""  # the provider's processing tier (its own token prices when the table has them)
     audio_input_tokens: int = 0  # of input_tokens (uncached)
     audio_output_tokens: int = 0  # of output_tokens
 
@@ -46,7 +47,7 @@ class Quantities:
 
 def cost_of(price: Prices, q: Quantities) -> int:
     text_input = q.input_tokens - q.cached_input_tokens - q.cache_write_input_tokens - q.audio_input_tokens
-    tokens = price.for_input(q.input_tokens)  # a long-context tier prices every token of the request
+    tokens = price.for_input(q.input_tokens, q.service_tier)  # a service or long-context tier prices every token
     return (
         price_quantity(text_input, tokens.input)
         + price_quantity(q.audio_input_tokens, tokens.audio_input_price)

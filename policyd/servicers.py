@@ -81,7 +81,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
         shape=Shape(
             input_tokens=s.input_tokens, prompt_bytes=s.prompt_bytes, message_count=s.message_count,
             max_output_tokens=s.max_output_tokens, image_count=s.image_count, seconds=s.seconds, stream=s.stream,
-            choices=s.choices, web_searches=s.web_searches,
+            choices=s.choices, web_searches=s.web_searches, service_tier=s.service_tier,
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,
@@ -139,7 +139,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 error_class=request.error_class or "usage_estimated", upstream_status=request.upstream_status,
                 provider=request.provider, provider_account=request.provider_account,
                 reported=Tokens(u.input_tokens, u.cached_input_tokens, u.cache_write_input_tokens,
-                                cache_write_1h_input_tokens=u.cache_write_1h_input_tokens)))
+                                cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
+                                service_tier=request.service_tier)))
             return settle_response(s)
         report = UsageReport(
             request_id=request.request_id, input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
@@ -151,6 +152,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             fallback_reason=request.fallback_reason, upstream_status=request.upstream_status,
             error_class=request.error_class, latency_ms=request.latency_ms,
             stream_interrupted=request.stream_interrupted, provider_account=request.provider_account,
+            service_tier=request.service_tier,
         )
         return settle_response(await _call(context, lambda: self.engine.settle(report)))
 

@@ -27,6 +27,7 @@ class Tokens:
     audio_input_tokens: int = 0  # of input_tokens, uncached
     audio_output_tokens: int = 0  # of output_tokens
     cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens (Anthropic's hour-long cache)
+    service_tier: str = ""  # the processing tier that served it, as the provider says (OpenAI's service_tier)
 
     @property
     def any(self) -> bool:
@@ -41,6 +42,10 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     """Update `seen` from one JSON object (a whole body or one stream event); True if it held usage."""
     if not isinstance(data, dict):
         return False
+    response = data.get("response") if isinstance(data.get("response"), dict) else {}
+    served_by = data.get("service_tier") or response.get("service_tier")  # chat's, the Responses API's
+    if isinstance(served_by, str) and served_by:
+        seen.service_tier = "" if served_by == "default" else served_by[:32]
     if endpoint == "anthropic_messages":
         message = data.get("message") if isinstance(data.get("message"), dict) else data
         usage = message.get("usage") if isinstance(message.get("usage"), dict) else data.get("usage")

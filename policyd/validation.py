@@ -14,6 +14,7 @@ TAGS_MAX = 32
 TAG_KEY_LENGTH_MAX = 64
 TAG_VALUE_LENGTH_MAX = 256
 USER_AGENT_LENGTH_MAX = 1024
+SERVICE_TIER_LENGTH_MAX = 32
 REQUEST_ID_PATTERN = re.compile(rf"^[A-Za-z0-9._:/=+@-]{{1,{REQUEST_ID_LENGTH_MAX}}}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NOT_UTF8 = re.compile("[\ufffd\ud800-\udfff]")  # a replacement character, or a lone surrogate
@@ -62,6 +63,7 @@ def check_authorize(request: AuthorizeInput) -> None:
     if not request.model:
         raise Problem("invalid_request", "model is required", "model")
     _text_field("model", request.model, MODEL_NAME_LENGTH_MAX)
+    _text_field("service_tier", request.shape.service_tier, SERVICE_TIER_LENGTH_MAX)
     s = request.shape
     for name in ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds",
                  "choices", "web_searches"):
@@ -87,5 +89,6 @@ def check_usage(report: UsageReport) -> None:
                       "cache_write_1h_input_tokens")
     if report.audio_output_tokens > report.output_tokens:
         raise Problem("invalid_usage", "audio_output_tokens cannot exceed output_tokens", "audio_output_tokens")
+    _text_field("service_tier", report.service_tier, SERVICE_TIER_LENGTH_MAX)
     for name in ("served_model", "provider", "fallback_reason", "error_class", "provider_account"):
         _text_field(name, getattr(report, name), FIELD_LENGTH_MAX)

@@ -430,6 +430,18 @@ def test_audio_tokens_are_charged_at_the_audio_prices(gateway: Gateway) -> None:
     assert record["cost_nanos"] == cost and record["charge_nanos"] == -(-cost * 12_000 // 10_000)
 
 
+def test_the_service_tier_that_served_a_request_sets_its_prices(gateway: Gateway) -> None:
+    raw = gateway.client(gateway.customer("e2e-flex")).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "no hurry"}], max_tokens=8, service_tier="flex")
+    completion = raw.parse()
+    assert completion.service_tier == "flex"
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    u = completion.usage
+    cost = price_quantity(u.prompt_tokens, parse_amount("0.075")) + price_quantity(u.completion_tokens, parse_amount("0.30"))
+    assert (record["service_tier"], record["cost_nanos"]) == ("flex", cost)
+    assert record["charge_nanos"] == -(-cost * 12_000 // 10_000)
+
+
 def test_an_hours_cache_writes_are_charged_at_their_own_price(gateway: Gateway) -> None:
     key = gateway.customer("e2e-cache-1h")
     code, headers, reply = anthropic_post(gateway, key, {

@@ -263,6 +263,21 @@ def test_the_web_searches_a_request_allows_are_read(path: str, body: dict, bound
     assert not call.problem and call.authorize_input().shape.web_searches == bound
 
 
+def test_the_service_tier_asked_for_and_the_one_that_served_are_read() -> None:
+    asked = parse_call("POST", "/v1/chat/completions", {}, json.dumps({"model": "m", "service_tier": "flex"}).encode())
+    assert asked.authorize_input().shape.service_tier == "flex"
+    auto = parse_call("POST", "/v1/chat/completions", {}, json.dumps({"model": "m", "service_tier": "auto"}).encode())
+    assert auto.authorize_input().shape.service_tier == ""
+    chat = ResponseReader("chat_completions", stream=False)
+    chat.feed(json.dumps({"service_tier": "priority", "usage": {"prompt_tokens": 3, "completion_tokens": 1}}).encode())
+    chat.finish()
+    assert chat.tokens.service_tier == "priority"
+    responses = ResponseReader("responses", stream=True)
+    responses.feed(_sse({"type": "response.completed", "response": {"service_tier": "default",
+                                                                   "usage": {"input_tokens": 1, "output_tokens": 1}}}))
+    assert responses.tokens.service_tier == ""  # the default: the base prices
+
+
 def test_an_hours_cache_writes_are_read_apart() -> None:
     reader = ResponseReader("anthropic_messages", stream=False)
     reader.feed(json.dumps({"usage": {"input_tokens": 10, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 30,

@@ -694,3 +694,19 @@ async def test_the_parts_of_the_tokens_fit_in_them(service: Service, numbers: di
         await service.engine.settle(usage("audio", **numbers))
     assert refused.value.reason == "invalid_usage" and part in refused.value.message
     assert await service.counters.wallet("acme") == (1_000_000_000, (await service.counters.find_reservation("audio")).amount)
+
+
+async def test_a_service_tier_is_reserved_and_charged_at_its_prices(service: Service) -> None:
+    tiered = SAMPLE_POLICY.replace('      output: "0.60"\n', '      output: "0.60"\n      service_tiers: '
+                                   '{flex: {input: "0.075", output: "0.30"}, priority: {input: "0.30", output: "1.20"}}\n', 1)
+    await service.admin.apply_policy(tiered, "tiers.yaml")
+    _, secret = await new_key(service, plan="free", customer="tiers")  # strict, charged at cost
+    await fund(service, "tiers", "1")
+    default = await service.engine.authorize(ask(secret, request_id="default"))
+    priority = await service.engine.authorize(ask(secret, request_id="priority", service_tier="priority"))
+    assert priority.reserved == 2 * default.reserved  # twice the prices, same bound
+    s = await service.engine.settle(usage("priority", input_tokens=100, output_tokens=50, service_tier="flex"))
+    assert s.charge == price_quantity(100, parse_amount("0.075")) + price_quantity(50, parse_amount("0.30"))  # as served
+    await service.writer.drain()
+    assert service.store.usage_record("priority").service_tier == "flex"
+    assert service.store.usage_record("default").service_tier == ""

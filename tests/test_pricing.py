@@ -97,6 +97,19 @@ plans:
 """
 
 
+def test_a_service_tier_has_its_own_token_prices() -> None:
+    document = parse_policy(LONG_CONTEXT.replace('per_request: "0.001",', 'per_request: "0.001", service_tiers: {'
+                                                 'flex: {input: "0.625", output: "5.00"}, priority: {input: "2.50", '
+                                                 'output: "20.00"}},'))
+    price = document.price_table.models["gemini-2.5-pro"]
+    q = {"input_tokens": 1_000, "output_tokens": 100}
+    assert cost_of(price, Quantities(**q, service_tier="flex")) == (
+        price_quantity(1_000, parse_amount("0.625")) + price_quantity(100, parse_amount("5.00")) + 1_000_000)
+    assert cost_of(price, Quantities(**q, service_tier="priority")) == (
+        price_quantity(1_000, parse_amount("2.50")) + price_quantity(100, parse_amount("20.00")) + 1_000_000)
+    assert cost_of(price, Quantities(**q, service_tier="scale")) == cost_of(price, Quantities(**q))  # not priced: base
+
+
 def test_an_hours_cache_writes_have_their_own_price_and_default_to_cache_writes() -> None:
     base = parse_policy(LONG_CONTEXT.replace('per_request: "0.001",', 'per_request: "0.001", cache_write_input: "1.50",'))
     hour = parse_policy(LONG_CONTEXT.replace('per_request: "0.001",',

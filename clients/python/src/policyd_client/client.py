@@ -90,7 +90,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     input_tokens=attribution.pop("input_tokens", 0),
                                     image_count=attribution.pop("image_count", 0),
                                     choices=attribution.pop("choices", 0),
-                                    web_searches=attribution.pop("web_searches", 0))
+                                    web_searches=attribution.pop("web_searches", 0),
+                                    service_tier=attribution.pop("service_tier", ""))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
