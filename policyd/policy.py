@@ -48,6 +48,10 @@ def _nanos(value: Any) -> int:
     return nanos
 
 
+_AMOUNTS = ("input", "cached_input", "cache_write_input", "cache_write_1h_input", "output", "per_image", "per_request",
+            "per_second", "per_web_search", "audio_input", "audio_output")  # the prices written as amounts
+
+
 class Prices(_Strict):
     """Prices in nanos: per 1M tokens (input, cached input, output), per image, per request, per second."""
 
@@ -88,14 +92,12 @@ class Prices(_Strict):
             return prices.long_context
         return prices
 
-    @field_validator("input", "cached_input", "cache_write_input", "cache_write_1h_input", "output", "per_image",
-                     "per_request", "per_second", "per_web_search", "audio_input", "audio_output", mode="before")
+    @field_validator(*_AMOUNTS, mode="before")
     @classmethod
     def _money(cls, value: Any) -> Any:
         return None if value is None else _nanos(value)
 
-    @field_serializer("input", "cached_input", "cache_write_input", "cache_write_1h_input", "output", "per_image",
-                      "per_request", "per_second", "per_web_search", "audio_input", "audio_output")
+    @field_serializer(*_AMOUNTS)
     def _render(self, value: int | None) -> str | None:
         return None if value is None else format_amount(value)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import itertools
 
 import pytest
 
@@ -11,6 +12,8 @@ from policyd.money import format_amount, parse_amount, price_quantity
 from policyd.server import Service
 from tests.conftest import SAMPLE_POLICY
 from tests.helpers import ask, fund, new_key, usage
+
+_customers = itertools.count()
 
 USD = 1_000_000_000
 
@@ -616,12 +619,20 @@ async def test_day_budgets_without_a_time_zone_are_utc_days(service: Service) ->
     assert (await service.engine.authorize(ask(secret, model="gpt-4o", max_output_tokens=500))).decision == "allow"
 
 
+async def mini_priced_with(service: Service, prices: str) -> str:
+    """The sample policy with `prices` (YAML) added to gpt-4o-mini's; a funded key of the free plan (strict,
+    charged at cost) of a customer of its own."""
+    await service.admin.apply_policy(SAMPLE_POLICY.replace('      output: "0.60"\n', f'      output: "0.60"\n      {prices}\n', 1),
+                                     "priced.yaml")
+    customer = f"priced-{next(_customers)}"
+    _, secret = await new_key(service, plan="free", customer=customer)
+    await fund(service, customer, "1")
+    return secret
+
+
 async def test_a_long_prompt_is_reserved_and_charged_at_the_long_context_tier(service: Service) -> None:
-    tiered = SAMPLE_POLICY.replace('      output: "0.60"\n', '      output: "0.60"\n      long_context_above: 1000\n'
-                                   '      long_context: {input: "0.30", cached_input: "0.15", output: "1.20"}\n', 1)
-    await service.admin.apply_policy(tiered, "tiered.yaml")
-    _, secret = await new_key(service, plan="free", customer="long")  # strict, charged at cost
-    await fund(service, "long", "1")
+    secret = await mini_priced_with(service, 'long_context_above: 1000\n'
+                                             '      long_context: {input: "0.30", cached_input: "0.15", output: "1.20"}')
     base_in, base_out, tier_in, tier_out = (parse_amount(p) for p in ("0.15", "0.60", "0.30", "1.20"))
     short = await service.engine.authorize(ask(secret, prompt_bytes=500, max_output_tokens=100, request_id="short"))
     long = await service.engine.authorize(ask(secret, prompt_bytes=5000, max_output_tokens=100, request_id="long"))
@@ -670,10 +681,7 @@ async def test_web_searches_are_part_of_a_settlements_numbers(service: Service) 
 
 
 async def test_the_web_searches_a_request_allows_are_reserved_at_their_price(service: Service) -> None:
-    priced = SAMPLE_POLICY.replace('      output: "0.60"\n', '      output: "0.60"\n      per_web_search: "0.01"\n', 1)
-    await service.admin.apply_policy(priced, "searches.yaml")
-    _, secret = await new_key(service, plan="free", customer="searcher")  # strict, charged at cost
-    await fund(service, "searcher", "1")
+    secret = await mini_priced_with(service, 'per_web_search: "0.01"')
     plain = await service.engine.authorize(ask(secret, request_id="plain"))
     bounded = await service.engine.authorize(ask(secret, request_id="bounded", web_searches=3))
     assert bounded.reserved - plain.reserved == 3 * parse_amount("0.01")
@@ -697,11 +705,8 @@ async def test_the_parts_of_the_tokens_fit_in_them(service: Service, numbers: di
 
 
 async def test_a_service_tier_is_reserved_and_charged_at_its_prices(service: Service) -> None:
-    tiered = SAMPLE_POLICY.replace('      output: "0.60"\n', '      output: "0.60"\n      service_tiers: '
-                                   '{flex: {input: "0.075", output: "0.30"}, priority: {input: "0.30", output: "1.20"}}\n', 1)
-    await service.admin.apply_policy(tiered, "tiers.yaml")
-    _, secret = await new_key(service, plan="free", customer="tiers")  # strict, charged at cost
-    await fund(service, "tiers", "1")
+    secret = await mini_priced_with(service, 'service_tiers: {flex: {input: "0.075", output: "0.30"}, '
+                                             'priority: {input: "0.30", output: "1.20"}}')
     default = await service.engine.authorize(ask(secret, request_id="default"))
     priority = await service.engine.authorize(ask(secret, request_id="priority", service_tier="priority"))
     assert priority.reserved == 2 * default.reserved  # twice the prices, same bound
