@@ -189,6 +189,10 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
         error_class=r.error_class, policy_version=r.policy_version, price_table_version=r.price_table_version,
         trace_id=r.trace_id, traceparent=r.traceparent, agent_id=r.agent_id, tags=json.loads(r.tags or "{}"),
         balance_before=_money(r.currency, r.balance_before_nanos or 0), provider_account=r.provider_account,
+        cache_write_input_tokens=r.cache_write_input_tokens or 0,
+        cache_write_1h_input_tokens=r.cache_write_1h_input_tokens or 0, audio_input_tokens=r.audio_input_tokens or 0,
+        audio_output_tokens=r.audio_output_tokens or 0, web_searches=r.web_searches or 0, choices=r.choices or 1,
+        service_tier=r.service_tier or "",
     )
 
 

@@ -172,8 +172,23 @@ async def test_trace_context_problems_and_estimated_settlement(channel: grpc.aio
     assert (first.traceparent, first.trace_id) == (trace, "0af7651916cd43dd8448eb211c80319c")
     assert first.output_tokens == 100  # at most the reserved cap
     assert first.stream_interrupted and first.error_class == "usage_estimated:stream_cut"
+    assert (first.choices, first.web_searches, first.service_tier) == (1, 0, "")
     wallet = await admin.GetWallet(admin_pb2.GetWalletRequest(customer_id="tr"), metadata=AUTH)
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (10**9 - settled.charge.nanos, 0)
+
+    # what a usage record says of its parts travels back through ListUsage
+    ask = policy_pb2.AuthorizeRequest(api_key=secret, endpoint=types_pb2.CHAT_COMPLETIONS, model="gpt-4o",
+                                      attribution=types_pb2.Attribution(request_id="tr-3"),
+                                      shape=policy_pb2.RequestShape(prompt_bytes=400, max_output_tokens=100, choices=2))
+    assert (await policy.Authorize(ask)).decision == policy_pb2.ALLOW
+    await policy.Settle(policy_pb2.SettleRequest(request_id="tr-3", service_tier="priority", usage=policy_pb2.Usage(
+        input_tokens=100, output_tokens=20, cache_write_input_tokens=8, cache_write_1h_input_tokens=4,
+        audio_input_tokens=10, audio_output_tokens=5, web_searches=1)))
+    usage = await admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="tr", limit=10), metadata=AUTH)
+    (parts,) = [r for r in usage.records if r.request_id == "tr-3"]
+    assert (parts.choices, parts.web_searches, parts.service_tier, parts.cache_write_input_tokens,
+            parts.cache_write_1h_input_tokens, parts.audio_input_tokens, parts.audio_output_tokens) == (
+        2, 1, "priority", 8, 4, 10, 5)
 
 
 @pytest.mark.parametrize("fault, code, reason", [
