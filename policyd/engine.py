@@ -54,6 +54,10 @@ RESULT_RETENTION_SECONDS = 7 * 86400  # settled/released reservations answer ret
 CLOSE_RETRY_SECONDS = 600  # a background settle or release is tried again this long while Redis is unreachable
 CLOSE_RETRY_DELAY_MAX_SECONDS = 5.0
 SWEEP_BATCH = 200
+# usage fields newer than the first records: in a settlement, and its fingerprint, only when set, so that an
+# older writer still writes every other record and a retried Settle fingerprints as an older replica did
+LATER_USAGE_FIELDS = ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens",
+                      "service_tier")
 
 
 
@@ -566,10 +570,9 @@ class Engine:
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
         numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
                    report.seconds, report.requests or 1, served, report.cache_write_input_tokens]
-        later = [report.web_searches, report.audio_input_tokens, report.audio_output_tokens,
-                 report.cache_write_1h_input_tokens]
-        if any(later) or report.service_tier:  # only then: a retried Settle fingerprints the same on a replica
-            numbers += [*later, report.service_tier]  # from before these fields
+        later = [getattr(report, name) for name in LATER_USAGE_FIELDS]
+        if any(later):  # only then: a retried Settle fingerprints the same on a replica from before these fields
+            numbers += later
         fingerprint = hashlib.sha256(json.dumps(numbers).encode()).hexdigest()[:32]
         deltas = []
         final_holds = []
@@ -590,10 +593,9 @@ class Engine:
         }
         if report.fallback_reason:  # the proxy's own fallback; otherwise the one decided at Authorize stays
             settlement["fallback_reason"] = report.fallback_reason
-        for name in ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens",
-                     "service_tier"):
-            if getattr(report, name):  # only then: a writer from before the column still writes every other record
-                settlement[name] = getattr(report, name)
+        for name, value in zip(LATER_USAGE_FIELDS, later):
+            if value:  # only then: a writer from before the column still writes every other record
+                settlement[name] = value
         record_json = reservation.record_json or json.dumps(r, separators=(",", ":"))
         payload = (f'{{"record":{record_json},"settlement":{json.dumps(settlement, separators=(",", ":"))},'
                    f'"currency":{json.dumps(r["currency"])}}}')

@@ -319,17 +319,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if end.action == "release":
             await self.engine.release(exchange.request_id, end.reason)
         elif end.action == "settle":
-            t = reader.tokens
             await self.engine.settle(UsageReport(
-                request_id=exchange.request_id, input_tokens=t.input_tokens, cached_input_tokens=t.cached_input_tokens,
-                cache_write_input_tokens=t.cache_write_input_tokens, images=reader.images,
-                output_tokens=t.output_tokens, web_searches=t.web_searches, audio_input_tokens=t.audio_input_tokens,
-                audio_output_tokens=t.audio_output_tokens, cache_write_1h_input_tokens=t.cache_write_1h_input_tokens,
-                service_tier=t.service_tier,
-                served_model=exchange.served_model,
-                upstream_status=status,
-                stream_interrupted=end.interrupted, requests=exchange.attempts, retries=exchange.attempts - 1,
-                provider_account=exchange.account,
+                request_id=exchange.request_id, **reader.tokens.fields(), images=reader.images,
+                served_model=exchange.served_model, upstream_status=status, stream_interrupted=end.interrupted,
+                requests=exchange.attempts, retries=exchange.attempts - 1, provider_account=exchange.account,
             ))
         else:
             await self.engine.settle_estimated(exchange.request_id, reader.estimated_output_tokens(),

@@ -204,22 +204,15 @@ class PolicydMiddleware:
             if end.action == "release":
                 await self.policy.release(exchange.request_id, end.reason)
             elif end.action == "settle":
-                t = reader.tokens
                 await self.policy.settle(
-                    exchange.request_id, input_tokens=t.input_tokens, output_tokens=t.output_tokens,
-                    cached_input_tokens=t.cached_input_tokens, cache_write_input_tokens=t.cache_write_input_tokens,
-                    web_searches=t.web_searches, audio_input_tokens=t.audio_input_tokens,
-                    audio_output_tokens=t.audio_output_tokens,
-                    cache_write_1h_input_tokens=t.cache_write_1h_input_tokens, service_tier=t.service_tier,
-                    images=reader.images, served_model=exchange.served_model, upstream_status=exchange.status,
+                    exchange.request_id, **reader.tokens.fields(), images=reader.images,
+                    served_model=exchange.served_model, upstream_status=exchange.status,
                     stream_interrupted=end.interrupted)
-            else:
-                t = reader.tokens  # the input, when the provider reported it before the cut
-                await self.policy.settle(exchange.request_id, output_tokens=reader.estimated_output_tokens(),
-                                         input_tokens=t.input_tokens, cached_input_tokens=t.cached_input_tokens,
-                                         cache_write_input_tokens=t.cache_write_input_tokens,
-                                         cache_write_1h_input_tokens=t.cache_write_1h_input_tokens, usage_estimated=True, stream_interrupted=end.interrupted,
-                                         error_class=end.reason, upstream_status=exchange.status)
+            else:  # output from what was delivered; the rest as the provider reported it before the cut
+                await self.policy.settle(
+                    exchange.request_id, **{**reader.tokens.fields(), "output_tokens": reader.estimated_output_tokens()},
+                    usage_estimated=True, stream_interrupted=end.interrupted, error_class=end.reason,
+                    upstream_status=exchange.status)
         except PolicydCallError as error:
             # policyd refused or could not be reached: the reservation expires and is voided
             log.warning("closing %s: %s", exchange.request_id, error.reason)

@@ -9,7 +9,7 @@ estimate, marked as such).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 RESPONSE_BUFFER_BYTES_MAX = 4 * 1024 * 1024  # a non-streamed body is buffered up to this for its usage
@@ -32,6 +32,10 @@ class Tokens:
     @property
     def any(self) -> bool:
         return bool(self.input_tokens or self.output_tokens)
+
+    def fields(self) -> dict[str, Any]:
+        """The usage as UsageReport and the native API's Settle name it (the same names, one to one)."""
+        return asdict(self)
 
 
 def _n(value: Any) -> int:
