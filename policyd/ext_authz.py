@@ -22,7 +22,7 @@ from policyd.domain import Decision
 from policyd.engine import Engine
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, REQUEST_ID_HEADER, Exchange
 from policyd.providers import ProviderPool
-from policyd.upstream import local_reply_headers, upstream_request
+from policyd.upstream import upstream_request
 
 log = logging.getLogger("policyd.ext_authz")
 
@@ -36,7 +36,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 def denied(status: int, body: bytes, retry_after: int = 0) -> Any:
     """A reply Envoy sends itself, without calling the upstream (a denial, or an answer policyd owns)."""
-    headers = [_header(k, v) for k, v in local_reply_headers(status, retry_after)]
+    headers = [_header(k, v) for k, v in http_api.reply_headers(status, retry_after)]
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
         denied_response=external_auth_pb2.DeniedHttpResponse(

@@ -46,7 +46,7 @@ from policyd.domain import Decision, UsageReport
 from policyd.engine import Engine
 from policyd.exchange import EXT_PROC_NAMESPACE, REQUEST_ID_HEADER, Exchange
 from policyd.providers import ProviderPool
-from policyd.upstream import local_reply_headers, upstream_request
+from policyd.upstream import upstream_request
 from policyd.usage_capture import closing
 
 log = logging.getLogger("policyd.ext_proc")
@@ -100,7 +100,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 def immediate(status: int, body: bytes, retry_after: int = 0, details: str = "") -> Any:
     """A reply Envoy sends itself, without calling the upstream."""
-    headers = [_header(k, v) for k, v in local_reply_headers(status, retry_after)]
+    headers = [_header(k, v) for k, v in http_api.reply_headers(status, retry_after)]
     return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=status), headers=ep.HeaderMutation(set_headers=headers), body=body,
         details=details[:64]))

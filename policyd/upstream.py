@@ -44,8 +44,3 @@ def upstream_request(decision: Decision, pool: ProviderPool, observed: bool, rew
         route = account.cluster
     headers.append((ROUTE_HEADER, route))
     return UpstreamRequest(headers, remove, account.name if account else "")
-
-
-def local_reply_headers(status: int, retry_after_seconds: int = 0) -> list[tuple[str, str]]:
-    """The headers of a reply Envoy sends itself (a denial, or an answer policyd owns)."""
-    return http_api.reply_headers(status, retry_after_seconds)
