@@ -22,11 +22,15 @@ async def test_pause_while_requests_are_in_flight(service: Service) -> None:
     paused = asyncio.Event()
 
     async def client(n: int) -> None:
-        for i in range(40):
+        after = 0  # requests go on until 5 of this client's have started after the pause (however fast they are)
+        for i in range(5_000):
             started_after_pause = paused.is_set()
             d = await service.engine.authorize(ask(secret, request_id=f"c{n}-{i}", prompt_bytes=10, max_output_tokens=5))
             if started_after_pause:
                 decided_after_pause.append(d.decision)
+                after += 1
+                if after == 5:
+                    return
 
     async def pauser() -> None:
         await asyncio.sleep(0.02)
