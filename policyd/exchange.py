@@ -35,6 +35,7 @@ class Exchange:
     output_cap: int
     client_gave_cap: bool
     account: str
+    model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment)
     observed: bool = False  # the observer filter reads the response (else the processing filter does)
     status: int = 0
     retry_after: int = 0
@@ -51,15 +52,15 @@ class Exchange:
         return cls(request_id=decision.request_id, endpoint=call.endpoint, stream=call.stream,
                    requested_model=decision.requested_model, served_model=decision.served_model,
                    output_cap=decision.max_output_tokens, client_gave_cap=call.max_output_tokens > 0,
-                   account=account, observed=observed)
+                   account=account, model_in_path=call.model_in_path, observed=observed)
 
     @property
     def model_in_path_changes(self) -> bool:
-        """Gemini names the model in the path: serving another one means rewriting the path."""
-        return self.endpoint == "gemini_generate_content" and self.served_model != self.requested_model
+        """The path names the model: serving another one means rewriting the path."""
+        return self.model_in_path and self.served_model != self.requested_model
 
     def upstream_path(self, path: str) -> str:
-        return upstream_path(path, self.endpoint, self.served_model, self.requested_model)
+        return upstream_path(path, self.served_model, self.requested_model)
 
     def rewrite(self, body: Any) -> dict[str, Any] | None:
         """The request body (parsed) policy requires instead of the client's, or None to send it as it is."""
@@ -79,7 +80,7 @@ class Exchange:
             "request_id": self.request_id, "endpoint": self.endpoint, "stream": self.stream,
             "requested_model": self.requested_model, "served_model": self.served_model,
             "max_output_tokens": self.output_cap, "client_gave_cap": self.client_gave_cap, "account": self.account,
-            "observed": self.observed,
+            "observed": self.observed, "model_in_path": self.model_in_path,
         }
         if decision:
             fields["decision"] = decision
@@ -114,6 +115,9 @@ class Exchange:
             output_cap=int(fields["max_output_tokens"].number_value) if "max_output_tokens" in fields else 0,
             client_gave_cap="client_gave_cap" in fields and fields["client_gave_cap"].bool_value,
             account=text("account"),
+            # a decision from before the field: Gemini alone named the model in the path
+            model_in_path=fields["model_in_path"].bool_value if "model_in_path" in fields else
+            text("endpoint") == "gemini_generate_content",
             # a decision from before the field: the observer read streams alone
             observed=fields["observed"].bool_value if "observed" in fields else
             "stream" in fields and fields["stream"].bool_value,

@@ -272,7 +272,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         upstream = upstream_request(decision, self.pool, observed=call.stream)
         exchange = Exchange.of(call, decision, upstream.account, observed=observer and call.stream)
         set_headers = [_header(k, v) for k, v in upstream.set_headers]
-        path = exchange.upstream_path(arrival.path)  # no customer key in the query; Gemini's served model
+        path = exchange.upstream_path(arrival.path)  # no customer key in the query; the served model where the path names it
         if path != arrival.path:
             set_headers.append(_header(":path", path))
         new_body = exchange.rewritten(call.body)

@@ -165,8 +165,8 @@ class PolicydMiddleware:
         upstream_scope = {**scope, "headers": headers}
         query = scope.get("query_string", b"").decode("latin-1")
         full = f"{scope.get('path', '/')}?{query}" if query else scope.get("path", "/")
-        path = http_api.upstream_path(full, call.endpoint, decision.served_model, call.model)
-        if path != full:  # no customer key in the query; Gemini's served model in the path
+        path = http_api.upstream_path(full, decision.served_model, call.model)
+        if path != full:  # no customer key in the query; the served model where the path names it
             base, _, rest = path.partition("?")
             upstream_scope.update(path=base, raw_path=base.encode("latin-1"), query_string=rest.encode("latin-1"))
         proxied = asyncio.ensure_future(self.app(upstream_scope, _replay(body, disconnected), metered_send))

@@ -10,6 +10,11 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
     POST .../v1beta/models/M:generateContent | :streamGenerateContent   gemini_generate_content
     POST .../v1/completions               completions (legacy text completions)
     GET  .../v1/models                    the models the key may use (answered by policyd)
+
+Azure OpenAI's paths name the deployment (the model, as policyd's policy names it) in the path:
+    POST .../openai/deployments/D/chat/completions | completions | embeddings | images/generations
+    POST .../openai/responses             responses (the model in the body)
+and its clients send the key as `api-key`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ _PATHS = [
     (re.compile(r"(^|/)v1/completions/?$"), "completions"),
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent)$")
+_AZURE_OPERATIONS = {"chat/completions": "chat_completions", "completions": "completions",
+                     "embeddings": "embeddings", "images/generations": "images"}
+_AZURE = re.compile(r"(^|/)openai/deployments/(?P<model>[^/]+)/(?P<operation>chat/completions|completions|embeddings"
+                    r"|images/generations)/?$")
+_AZURE_RESPONSES = re.compile(r"(^|/)openai/responses/?$")
 _MODELS = re.compile(r"(^|/)v1/models/?$")
 
 # header -> attribution field
@@ -57,7 +67,7 @@ ATTRIBUTION_HEADERS = {
 REQUEST_ID_HEADER = "x-policyd-request-id"  # the request id policyd sends back with every reply
 REQUEST_ID_HEADERS = (REQUEST_ID_HEADER, "idempotency-key", "x-request-id")
 TAG_HEADER_PREFIX = "x-policyd-tag-"
-CUSTOMER_KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
+CUSTOMER_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")  # api-key: Azure OpenAI's
 
 
 @dataclass
@@ -68,6 +78,7 @@ class HttpCall:
     models_listing: bool = False
     api_key: str = ""
     model: str = ""
+    model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment): a downgrade rewrites it
     stream: bool = False
     body: dict[str, Any] | None = None
     max_output_tokens: int = 0
@@ -102,12 +113,17 @@ def endpoint_of(method: str, path: str) -> tuple[str, str, bool]:
     path = path.split("?", 1)[0]
     if method.upper() == "GET" and _MODELS.search(path):
         return "", "", True
+    azure = _AZURE.search(path)  # first: a deployment may be named like a path segment ("v1")
+    if azure:
+        return _AZURE_OPERATIONS[azure.group("operation")], azure.group("model"), False
     for pattern, name in _PATHS:
         if pattern.search(path):
             return name, "", False
     gemini = _GEMINI.search(path)
     if gemini:
         return "gemini_generate_content", gemini.group("model"), False
+    if _AZURE_RESPONSES.search(path):
+        return "responses", "", False
     return "", "", False
 
 
@@ -133,14 +149,15 @@ def without_query_key(path: str) -> str:
     return f"{base}?{'&'.join(kept)}" if kept else base
 
 
-def upstream_path(path: str, endpoint: str, served_model: str, requested_model: str) -> str:
+def upstream_path(path: str, served_model: str, requested_model: str) -> str:
     """The path as it goes upstream: the customer's `key` taken out of its query and, where the model
-    is in the path (Gemini), the served model in place of the requested one (a downgrade, a fallback)."""
+    is in the path (Gemini, an Azure deployment), the served model in place of the requested one (a
+    downgrade, a fallback)."""
     path = without_query_key(path)
-    if endpoint != "gemini_generate_content" or not served_model or served_model == requested_model:
+    if not served_model or served_model == requested_model:
         return path
     base, sep, query = path.partition("?")
-    named = _GEMINI.search(base)
+    named = _GEMINI.search(base) or _AZURE.search(base)
     if named is None:
         return path
     return f"{base[:named.start('model')]}{served_model}{base[named.end('model'):]}{sep}{query}"
@@ -150,7 +167,7 @@ def customer_key(headers: dict[str, str]) -> str:
     value = headers.get("authorization", "")
     if value[:7].lower() == "bearer ":
         return value[7:].strip()
-    return (headers.get("x-api-key") or headers.get("x-goog-api-key") or "").strip()
+    return (headers.get("x-api-key") or headers.get("api-key") or headers.get("x-goog-api-key") or "").strip()
 
 
 def _text_bytes(value: Any, depth: int = 0) -> int:
@@ -241,7 +258,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     model = path_model or data.get("model")
     if not isinstance(model, str) or not model:
         return _problem(call, "invalid_request", "you must provide a model parameter", "model")
-    call.model = model
+    call.model, call.model_in_path = model, bool(path_model)
     call.stream = data.get("stream") is True or path.split("?", 1)[0].endswith(":streamGenerateContent")
     generation = data.get("generationConfig") if isinstance(data.get("generationConfig"), dict) else {}
     call.max_output_tokens = (_int(data.get("max_completion_tokens")) or _int(data.get("max_tokens"))

@@ -23,6 +23,9 @@ WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " an
 COMPLETION_TOKENS_MAX = len(WORDS)
 
 
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
+
+
 def prompt_tokens(body: dict[str, Any]) -> int:
     text = json.dumps(body.get("messages") or body.get("input") or body.get("prompt") or "", ensure_ascii=False)
     return -(-len(text.encode()) // 4)
@@ -114,9 +117,10 @@ class MockProvider:
         except ValueError:
             return h._json(400, {"error": {"type": "invalid_request_error", "message": "body is not JSON"}})
         scenario = h.headers.get("x-mock-scenario", "ok")
-        auth = h.headers.get("authorization", "") or h.headers.get("x-api-key", "")
+        auth = h.headers.get("authorization", "") or h.headers.get("x-api-key", "") or h.headers.get("api-key", "")
         with self.lock:
             self.requests.append({"path": h.path, "body": body, "authorization": auth, "scenario": scenario,
+                                  "credentials": {k: h.headers[k] for k in CREDENTIAL_HEADERS if h.headers.get(k)},
                                   "policyd_headers": sorted(k.lower() for k in h.headers if k.lower().startswith("x-policyd-")),
                                   "content_length": h.headers.get("content-length"), "bytes": len(raw)})
         if self.api_keys and auth.removeprefix("Bearer ") not in self.api_keys:
@@ -128,13 +132,15 @@ class MockProvider:
             return h._json(500, {"error": {"type": "server_error", "message": "boom"}})
         if scenario == "stall":
             time.sleep(30)
-        model = body.get("model", "")
+        route = h.path.split("?")[0].rstrip("/")
+        deployment = route.split("/openai/deployments/", 1)[1].split("/", 1)[0] if "/openai/deployments/" in route else ""
+        model = deployment or body.get("model", "")  # Azure OpenAI serves the deployment the path names
         p_tokens = prompt_tokens(body)
         c_tokens = min(output_cap(body), COMPLETION_TOKENS_MAX)
         text = "".join(WORDS[:c_tokens])
-        anthropic = h.path.rstrip("/").endswith("/v1/messages")
-        legacy = h.path.split("?")[0].rstrip("/").endswith("/v1/completions")  # text completions
-        if h.path.rstrip("/").endswith("/v1/embeddings"):
+        anthropic = route.endswith("/v1/messages")
+        legacy = route.endswith("/completions") and not route.endswith("/chat/completions")  # text completions
+        if route.endswith("/embeddings"):
             return h._json(200, {"object": "list", "model": model, "data": [{"object": "embedding", "index": 0,
                                  "embedding": [0.0, 0.1]}], "usage": {"prompt_tokens": p_tokens, "total_tokens": p_tokens}})
         if body.get("stream"):
@@ -151,7 +157,7 @@ class MockProvider:
             return h._json(200, {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
                                  "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
                                  **({} if scenario == "no_usage" else {"usage": usage})})
-        if h.path.rstrip("/").endswith("/v1/responses"):
+        if route.endswith("/responses"):
             usage = {"input_tokens": p_tokens, "output_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
             return h._json(200, {"id": "resp_mock", "object": "response", "model": model, "status": "completed",
                                  "output": [{"type": "message", "role": "assistant", "content": [

@@ -12,6 +12,10 @@ and shown; secrets are not):
         provider: openai
         cluster: openai
         api_key_env: OPENAI_KEY_2
+      - name: azure-east
+        provider: azure            # Azure OpenAI: the key goes as `api-key` (or set auth: bearer, ...)
+        cluster: azure-east
+        api_key_env: AZURE_KEY_EAST
 
 Requests are spread across the accounts of a provider; an account that answered 429 or 5xx
 cools down (its retry-after, else COOLDOWN_SECONDS_DEFAULT) and the next requests use the next.
@@ -31,8 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 COOLDOWN_SECONDS_DEFAULT = 30
 COOLDOWN_SECONDS_MAX = 600
-AUTH_HEADERS = {"bearer": "authorization", "x-api-key": "x-api-key", "x-goog-api-key": "x-goog-api-key"}
-DEFAULT_AUTH = {"anthropic": "x-api-key", "google": "x-goog-api-key"}
+AUTH_HEADERS = {"bearer": "authorization", "x-api-key": "x-api-key", "x-goog-api-key": "x-goog-api-key",
+                "api-key": "api-key"}  # api-key: Azure OpenAI's
+DEFAULT_AUTH = {"anthropic": "x-api-key", "google": "x-goog-api-key", "azure": "api-key"}
 
 
 class AccountConfig(BaseModel):
@@ -43,7 +48,7 @@ class AccountConfig(BaseModel):
     cluster: str = Field("", max_length=128)
     api_key: str = Field("", repr=False)
     api_key_env: str = ""
-    auth: Literal["bearer", "x-api-key", "x-goog-api-key", ""] = ""
+    auth: Literal["bearer", "x-api-key", "x-goog-api-key", "api-key", ""] = ""
     provider_key_id: str = ""  # the provider's own id of this key (in its cost exports), for reconciliation
 
 

@@ -75,3 +75,33 @@ async def test_a_gemini_request_served_by_another_model_goes_through_the_process
     answer = await AuthorizationServicer(DowngradingEngine(), pool).Check(request, None)  # type: ignore[arg-type]
     headers = {h.header.key: h.header.value for h in answer.ok_response.headers}
     assert headers["x-policyd-rewrite"] == "yes"  # the body needs nothing; the path does
+
+
+async def test_an_azure_account_sends_its_key_as_api_key_and_the_customers_never_goes_upstream(tmp_path: Any) -> None:
+    """Azure OpenAI: an account of provider `azure` authenticates with `api-key` unless told otherwise;
+    the customer's `api-key` is removed; a deployment served in place of another goes through the
+    processing filter, which rewrites the path."""
+    from policyd.domain import Decision
+
+    class AzureEngine:
+        async def authorize(self, request: Any, cooling: Any) -> Any:
+            return Decision("downgrade", "r-1", requested_model=request.model, served_model="gpt-4o-mini",
+                            provider="azure", route="azure", max_output_tokens=64)
+
+    providers = tmp_path / "providers.yaml"
+    providers.write_text("accounts:\n  - {name: azure-east, provider: azure, cluster: azure-east, api_key: az-secret}\n")
+    pool = ProviderPool.load(str(providers))
+    request = check_request()
+    http = request.attributes.request.http
+    http.path = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    http.headers.pop("authorization")
+    http.headers["api-key"] = "pdk_test_" + "a" * 40
+    http.raw_body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64}'
+    answer = await AuthorizationServicer(AzureEngine(), pool).Check(request, None)  # type: ignore[arg-type]
+    headers = {h.header.key: h.header.value for h in answer.ok_response.headers}
+    assert (headers["api-key"], headers["x-policyd-route"]) == ("az-secret", "azure-east")
+    assert "authorization" not in headers and "api-key" not in answer.ok_response.headers_to_remove
+    assert "authorization" in answer.ok_response.headers_to_remove
+    assert headers["x-policyd-rewrite"] == "yes"  # the path names gpt-4o: the processing filter rewrites it
+    metadata = answer.dynamic_metadata.fields
+    assert metadata["model_in_path"].bool_value and metadata["requested_model"].string_value == "gpt-4o"

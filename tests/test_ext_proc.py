@@ -296,7 +296,7 @@ GEMINI_PATH = "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse"
 def gemini_downgrade() -> Exchange:
     return Exchange(request_id="r-1", endpoint="gemini_generate_content", stream=True,
                     requested_model="gemini-2.5-pro", served_model="gemini-2.5-flash", output_cap=64,
-                    client_gave_cap=True, account="google-1", observed=True)
+                    client_gave_cap=True, account="google-1", model_in_path=True, observed=True)
 
 
 def paths_set(reply: Any) -> list[str]:

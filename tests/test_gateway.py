@@ -29,6 +29,7 @@ from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
 
 FIXTURES = Path(__file__).parent / "fixtures"
+AZURE_API_VERSION = "2024-10-21"
 PROVIDER_KEYS = ("sk-mock-openai-1", "sk-mock-openai-2", "sk-mock-anthropic")
 PRICE = {"gpt-4o": ("2.50", "10.00"), "gpt-4o-mini": ("0.15", "0.60"), "claude-sonnet-4": ("3.00", "15.00")}
 
@@ -77,6 +78,11 @@ class Gateway(FundedCustomers):
 
     def client(self, key: str, **kwargs: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=20, **kwargs)
+
+    def azure_client(self, key: str) -> openai.AzureOpenAI:
+        """The openai SDK's Azure client: the deployment in the path, the key as `api-key`."""
+        return openai.AzureOpenAI(azure_endpoint=f"http://127.0.0.1:{self.port}", api_key=key,
+                                  api_version=AZURE_API_VERSION, max_retries=0, timeout=20)
 
     def record(self, request_id: str, seconds: float = 10.0) -> dict[str, Any]:
         """The request's record once it is closed: the observer filter settles a response as it
@@ -272,6 +278,47 @@ def test_a_key_in_the_query_opens_the_gateway_and_never_reaches_the_provider(gat
     assert sent["path"] == "/v1/chat/completions?trace=on" and key not in json.dumps(sent)
     record = gateway.record(request_id)
     assert (record["status"], record["customer_id"]) == ("settled", "e2e-query-key")
+
+
+def test_azure_openai_clients_are_charged_and_a_downgrade_reaches_the_cheaper_deployment(gateway: Gateway) -> None:
+    """Azure OpenAI's API through the openai SDK's AzureOpenAI client: the key comes as `api-key` (and
+    never goes upstream), the model is the deployment in the path; a downgrade rewrites the path, or
+    the provider would run (and bill) the model policyd refused while policyd charged the cheaper one."""
+    key = gateway.customer("e2e-azure")
+    client = gateway.azure_client(key)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "azure plain"}], max_tokens=8)
+    usage = raw.parse().usage
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["customer_id"], record["served_model"]) == ("settled", "e2e-azure", "gpt-4o")
+    assert record["charge_nanos"] == expected_charge("gpt-4o", usage.prompt_tokens, usage.completion_tokens)
+    with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "azure stream"}], stream=True) as response:
+        streamed_id = response.headers["x-policyd-request-id"]
+        streamed_usage = [c.usage for c in response.parse() if c.usage][0]
+    streamed = gateway.record(streamed_id)
+    assert (streamed["status"], streamed["error_class"], streamed["output_tokens"]) == (
+        "settled", "", streamed_usage.completion_tokens)
+
+    thrifty = gateway.azure_client(gateway.customer("e2e-azure-thrifty", plan="thrifty"))
+    raw = thrifty.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "azure downgrade"}], max_tokens=5)
+    assert raw.parse().model == "gpt-4o-mini"  # the deployment the provider ran
+    downgraded = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (downgraded["decision"], downgraded["served_model"]) == ("downgrade", "gpt-4o-mini")
+
+    sent = {r["body"]["messages"][0]["content"]: r for r in gateway.mock.received()
+            if str(r["body"].get("messages", [{}])[0].get("content", "")).startswith("azure")}
+    version = f"?api-version={AZURE_API_VERSION}"
+    assert sent["azure plain"]["path"] == f"/openai/deployments/gpt-4o/chat/completions{version}"
+    assert sent["azure stream"]["body"]["stream_options"] == {"include_usage": True}
+    assert sent["azure downgrade"]["path"] == f"/openai/deployments/gpt-4o-mini/chat/completions{version}"
+    for request in sent.values():  # the provider account's credential alone
+        assert list(request["credentials"]) == ["authorization"] and key not in json.dumps(request)
+    with pytest.raises(openai.AuthenticationError):
+        gateway.azure_client("pdk_live_" + "Z" * 40).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "azure wrong key"}])
+    assert "azure wrong key" not in json.dumps(gateway.mock.received())
 
 
 def test_bad_bodies_get_clear_errors_and_reserve_nothing(gateway: Gateway) -> None:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policyd.gateway_config import render
-from policyd.http_api import parse_call, reply_headers, rewrite_body, upstream_path, without_query_key
+from policyd.http_api import CUSTOMER_KEY_HEADERS, parse_call, reply_headers, rewrite_body, upstream_path, without_query_key
 from policyd.usage_capture import Closing, ResponseReader, closing
 from tests.conftest import ROOT
 
@@ -136,11 +136,38 @@ def test_replies_tell_the_openai_sdks_whether_to_retry(status: int, retry_after:
 
 def test_the_upstream_path_carries_the_served_gemini_model_and_no_customer_key() -> None:
     gemini = "/v1beta/models/gemini-2.5-pro:generateContent"
-    assert upstream_path(gemini + "?key=pdk_live_x", "gemini_generate_content", "gemini-2.5-flash", "gemini-2.5-pro") \
+    assert upstream_path(gemini + "?key=pdk_live_x", "gemini-2.5-flash", "gemini-2.5-pro") \
         == "/v1beta/models/gemini-2.5-flash:generateContent"
-    assert upstream_path(gemini, "gemini_generate_content", "gemini-2.5-pro", "gemini-2.5-pro") == gemini
-    assert upstream_path("/v1/chat/completions?key=k&a=1", "chat_completions", "gpt-4o-mini", "gpt-4o") == \
+    assert upstream_path(gemini, "gemini-2.5-pro", "gemini-2.5-pro") == gemini
+    assert upstream_path("/v1/chat/completions?key=k&a=1", "gpt-4o-mini", "gpt-4o") == \
         "/v1/chat/completions?a=1"  # the model of others is in the body
+    azure = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    assert upstream_path(azure, "gpt-4o-mini", "gpt-4o") == \
+        "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+
+
+@pytest.mark.parametrize(("path", "endpoint"), [
+    ("/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", "chat_completions"),
+    ("/openai/deployments/gpt-4o/completions?api-version=2024-10-21", "completions"),
+    ("/openai/deployments/gpt-4o/embeddings", "embeddings"),
+    ("/openai/deployments/gpt-4o/images/generations?api-version=2024-10-21", "images"),
+    ("/openai/deployments/v1/completions", "completions"),  # a deployment named like a path segment
+])
+def test_azure_openai_paths_name_the_deployment_and_its_clients_send_api_key(path: str, endpoint: str) -> None:
+    """Azure OpenAI (and the openai SDK's AzureOpenAI client): the deployment in the path is the model,
+    whatever the body says, and the key comes as `api-key`."""
+    model = path.split("/")[3]
+    call = parse_call("POST", path, {"api-key": "pdk_live_azure"}, json.dumps({"model": "other", "prompt": "p"}).encode())
+    assert (call.endpoint, call.model, call.model_in_path, call.api_key, call.problem) == (
+        endpoint, model, True, "pdk_live_azure", "")
+    no_model = parse_call("POST", path, {"api-key": "k"}, json.dumps({"prompt": "p", "input": "i"}).encode())
+    assert (no_model.model, no_model.problem) == (model, "")  # curl-style bodies without a model
+    responses = parse_call("POST", "/openai/responses?api-version=2025-03-01-preview", {"api-key": "k"},
+                           json.dumps({"model": "gpt-4o", "input": "hi"}).encode())
+    assert (responses.endpoint, responses.model, responses.model_in_path) == ("responses", "gpt-4o", False)
+    assert "api-key" in CUSTOMER_KEY_HEADERS  # so it never goes upstream
+    plain = parse_call("POST", "/v1/chat/completions", {"authorization": "Bearer b"}, b'{"model": "m"}')
+    assert (plain.model, plain.model_in_path) == ("m", False)
 
 
 def test_legacy_completions_are_their_own_family() -> None:
