@@ -66,6 +66,11 @@ NO_PRICE = ModelPrice.model_construct(provider="", route="", tier="", input=0, c
                                       per_image=0, per_request=0, per_second=0)
 
 
+# a key's state (counters.key_status) -> the denial it gets
+KEY_STATE_DENIALS = {"invalid": "invalid_api_key", "paused": "key_paused", "revoked": "key_revoked",
+                     "expired": "key_expired"}
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -286,6 +291,53 @@ class Engine:
         base = {"request_id": request_id, "requested_model": request.model[:256], "served_model": request.model[:256]}
         return await self._deny_unowned(request, self.clock(), time.perf_counter_ns(), base, reason, message, param)
 
+    async def admit_token_count(self, request: AuthorizeInput) -> Decision:
+        """A request that only counts tokens, free at the provider (Anthropic's count_tokens, Gemini's
+        countTokens, OpenAI's input_tokens; clients such as Claude Code send many). The key, its state,
+        the plan, the endpoint and the model are checked as for a model call; nothing is reserved,
+        counted against a limit or charged. An allowed one leaves no record and nothing to settle; a
+        denied one is recorded as every denial is."""
+        started = time.perf_counter_ns()
+        at = self.clock()
+        request_id = request.attribution.request_id or new_request_id()
+        base = {"request_id": request_id, "requested_model": request.model, "served_model": request.model}
+        try:
+            check_authorize(request)
+        except Problem as problem:
+            if problem.param == "request_id":
+                base["request_id"] = new_request_id()
+            return await self._deny_unowned(request, at, started, base, problem.reason, problem.message, problem.param)
+        if not request.api_key:
+            return await self._deny_unowned(request, at, started, base, "missing_api_key")
+        if not key_secrets.is_well_formed(request.api_key):
+            return await self._deny_unowned(request, at, started, base, "malformed_api_key")
+        secret_hash = key_secrets.hash_secret(request.api_key)
+        key = await self.directory.resolve(secret_hash)
+        if key is None:
+            return await self._deny_unowned(request, at, started, base, "invalid_api_key")
+        owner = Owner(key.customer_id, key.workspace_id, key.project_id, key.team_id, key.id, key.environment, key.plan)
+        status = await self.counters.key_status(key.customer_id, key.id, secret_hash, at)
+        policy = self.book.current
+        plan = policy.plan(key.plan) if policy else None
+        reason, param = KEY_STATE_DENIALS.get(status, ""), ""
+        if not reason and (policy is None or plan is None):
+            reason = "unknown_plan" if policy else "no_policy"
+        elif not reason and policy is not None and plan is not None:
+            reason, param = self._policy_denial(request, key.scopes, owner, policy, plan)
+        price = policy.model(request.model) if policy else None
+        common = dict(
+            base, owner=owner, provider=price.provider if price else "", route=price.upstream if price else "",
+            policy_version=policy.version if policy else 0,
+            price_table_version=policy.document.price_table.version if policy else "",
+            currency=policy.document.currency if policy else "",
+        )
+        decision = Decision(decision="allow", **common)
+        if reason:
+            await self._record_denial(request, owner, policy, plan, at, started, base, reason)
+            decision = self._deny(common, reason, param=param)
+        metrics.decisions.labels(decision.decision, decision.reason or "token_count").inc()
+        return decision
+
     async def models_for(self, api_key: str) -> tuple[list[tuple[str, str]], Decision | None]:
         """The models a key may use (GET /v1/models), or the denial when the key may use none."""
         base = {"request_id": new_request_id(), "requested_model": "", "served_model": ""}
@@ -298,10 +350,8 @@ class Engine:
         if key is None:
             return [], self._deny(base | {"owner": Owner()}, "invalid_api_key")
         status = await self.counters.key_status(key.customer_id, key.id, secret_hash, self.clock())
-        reason = {"invalid": "invalid_api_key", "paused": "key_paused", "revoked": "key_revoked",
-                  "expired": "key_expired"}.get(status)
-        if reason:
-            return [], self._deny(base | {"owner": Owner()}, reason)
+        if status in KEY_STATE_DENIALS:
+            return [], self._deny(base | {"owner": Owner()}, KEY_STATE_DENIALS[status])
         policy = self.book.current
         plan = policy.plan(key.plan) if policy else None
         if policy is None or plan is None:
@@ -454,14 +504,19 @@ class Engine:
     async def _deny_unowned(self, request: AuthorizeInput, at: int, started: int, base: dict[str, str],
                             reason: str, message: str = "", param: str = "") -> Decision:
         """A denial before any owner is known: recorded in the partition of the request id."""
-        request_id = base["request_id"]
-        record = self._record(request, request_id, Owner(), None, None, _Plan.empty(request.model), at, started, "deny")
-        record.update(decision="deny", reason=reason, message=message or MESSAGES.get(reason, ""), status="denied")
-        record = _truncated(record)
-        await self._emit(self.counters.partition_of(request_id), "authorize", request_id, at,
-                         {"outcome": "deny", "reason": reason, "label": "", "reserved": "0"},
-                         {"record": record, "limit_reasons": {}})
+        await self._record_denial(request, Owner(), None, None, at, started, base, reason, message)
         return self._deny(base | {"owner": Owner()}, reason, message or MESSAGES.get(reason, ""), param)
+
+    async def _record_denial(self, request: AuthorizeInput, owner: Owner, policy: Policy | None, plan: Plan | None,
+                             at: int, started: int, base: dict[str, str], reason: str, message: str = "") -> None:
+        """Record a denial no counter script made (it moved no counter): in the owner's partition, or the
+        request id's when no owner is known."""
+        request_id = base["request_id"]
+        record = self._record(request, request_id, owner, policy, plan, _Plan.empty(request.model), at, started, "deny")
+        record.update(decision="deny", reason=reason, message=message or MESSAGES.get(reason, ""), status="denied")
+        await self._emit(self.counters.partition_of(owner.customer_id or request_id), "authorize", request_id, at,
+                         {"outcome": "deny", "reason": reason, "label": "", "reserved": "0"},
+                         {"record": _truncated(record), "limit_reasons": {}})
 
     def _deny(self, common: dict[str, Any], reason: str, message: str = "", param: str = "",
               retry_after: int = 0, label: str = "") -> Decision:

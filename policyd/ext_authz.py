@@ -80,24 +80,28 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             decision = await self.engine.deny_request(call.authorize_input(), call.problem, call.problem_message,
                                                       call.problem_param)
             return deny_decision(decision)
-        decision = await self.engine.authorize(call.authorize_input(), self.pool.cooling_providers())
+        if call.counts_tokens:
+            decision = await self.engine.admit_token_count(call.authorize_input())
+        else:
+            decision = await self.engine.authorize(call.authorize_input(), self.pool.cooling_providers())
         if not decision.allowed:
             return deny_decision(decision)
         return self._allow(call, decision)
 
     def _allow(self, call: http_api.HttpCall, d: Decision) -> Any:
-        """The observer filter reads every reply; the processing filter runs only for a body to rewrite."""
-        exchange = Exchange.of(call, d, account="", observed=True)
-        rewrite = exchange.rewrite(call.body) is not None or exchange.model_in_path_changes
-        upstream = upstream_request(d, self.pool, observed=True, rewrite=rewrite)
+        """The observer filter reads every reply; the processing filter runs only for a body to rewrite.
+        A token count goes on with the provider's credential alone: nothing to rewrite, read or settle."""
+        settled = not call.counts_tokens
+        exchange = Exchange.of(call, d, account="", observed=settled)
+        rewrite = settled and (exchange.rewrite(call.body) is not None or exchange.model_in_path_changes)
+        upstream = upstream_request(d, self.pool, observed=settled, rewrite=rewrite)
         exchange.account = upstream.account
         headers = [_header(k, v) for k, v in upstream.set_headers]
-        metadata = exchange.metadata(EXT_AUTHZ_NAMESPACE, d.decision)
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
                 headers=headers, headers_to_remove=upstream.remove_headers + [REQUEST_ID_HEADER],
-                response_headers_to_add=[_header(REQUEST_ID_HEADER, d.request_id)],
+                response_headers_to_add=[_header(REQUEST_ID_HEADER, d.request_id)] if settled else [],
                 query_parameters_to_remove=[http_api.QUERY_KEY] if call.key_in_query else []),
-            dynamic_metadata=metadata,
+            dynamic_metadata=exchange.metadata(EXT_AUTHZ_NAMESPACE, d.decision) if settled else None,
         )

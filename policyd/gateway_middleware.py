@@ -19,7 +19,9 @@ Per HTTP request, the same steps as the Envoy filters (ext_authz + ext_proc), ov
    away or the stream was cut, charged for what was delivered (`usage_estimated`). The settlement
    runs shielded from the request's cancellation.
 
-Paths that are not model calls go to the proxy untouched when `strict` is False; by default they are
+Token counts (free at the provider) are checked as model calls are (key, plan, model) and go to the
+proxy without the customer's key, with nothing reserved or settled. Other paths that are not model
+calls go to the proxy untouched when `strict` is False; by default they are
 refused (400, `unknown_endpoint`, recorded), so nothing reaches a provider unmetered. GET /v1/models passes
 through.
 """
@@ -87,7 +89,7 @@ class PolicydMiddleware:
                 call.api_key, call.endpoint, call.model, request_id=request_id, prompt_bytes=call.prompt_bytes,
                 message_count=call.message_count, max_output_tokens=call.max_output_tokens, stream=call.stream,
                 image_count=call.image_count, choices=call.choices, input_tokens=call.input_tokens,
-                web_searches=call.web_searches, service_tier=call.service_tier,
+                web_searches=call.web_searches, service_tier=call.service_tier, count_tokens=call.counts_tokens,
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
                 **_attribution(call))
         except PolicydCallError as error:
@@ -99,6 +101,9 @@ class PolicydMiddleware:
         if not decision.allowed:
             await _respond(send, decision.http_status, decision.error_body(), decision.retry_after_seconds,
                            request_id=decision.request_id)
+            return
+        if call.counts_tokens:  # free: on to the proxy without the customer's key; nothing to rewrite, read or settle
+            await self.app(_upstream_scope(scope, call, decision, body), _replay(body, receive=receive), send)
             return
         await self._forward(scope, receive, send, call, body, decision)
 
@@ -136,11 +141,6 @@ class PolicydMiddleware:
                                           decision.max_output_tokens, call.max_output_tokens > 0, call.stream)
         if rewritten is not None:
             body = json.dumps(rewritten, separators=(",", ":")).encode()
-        headers = [(k, v) for k, v in scope.get("headers", []) if k.decode("latin-1").lower() not in STRIPPED_HEADERS]
-        headers += [(b"content-length", str(len(body)).encode()),
-                    (http_api.REQUEST_ID_HEADER.encode(), decision.request_id.encode()),
-                    (b"x-policyd-served-model", decision.served_model.encode()),
-                    (b"x-policyd-route", decision.route.encode())]
         exchange = _Exchange(decision.request_id, decision.served_model, ResponseReader(call.endpoint, call.stream))
 
         async def metered_send(message: Message) -> None:
@@ -162,13 +162,7 @@ class PolicydMiddleware:
         # the proxy does not read from the client once it has the body, so a client that hangs up is
         # watched for here: the proxy is cancelled (its upstream request with it) and what was delivered is charged
         disconnected = asyncio.Event()
-        upstream_scope = {**scope, "headers": headers}
-        query = scope.get("query_string", b"").decode("latin-1")
-        full = f"{scope.get('path', '/')}?{query}" if query else scope.get("path", "/")
-        path = http_api.upstream_path(full, decision.served_model, call.model)
-        if path != full:  # no customer key in the query; the served model where the path names it
-            base, _, rest = path.partition("?")
-            upstream_scope.update(path=base, raw_path=base.encode("latin-1"), query_string=rest.encode("latin-1"))
+        upstream_scope = _upstream_scope(scope, call, decision, body)
         proxied = asyncio.ensure_future(self.app(upstream_scope, _replay(body, disconnected), metered_send))
         watcher = asyncio.ensure_future(_watch_disconnect(receive, disconnected))
         try:
@@ -230,6 +224,24 @@ class _Exchange:
         self.reader = reader
         self.status = 0
         self.closed = False
+
+
+def _upstream_scope(scope: Scope, call: http_api.HttpCall, decision: Decision, body: bytes) -> Scope:
+    """The request as the proxy gets it: without the customer's key (headers and query), with policyd's
+    headers, and the served model where the path names it."""
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.decode("latin-1").lower() not in STRIPPED_HEADERS]
+    headers += [(b"content-length", str(len(body)).encode()),
+                (http_api.REQUEST_ID_HEADER.encode(), decision.request_id.encode()),
+                (b"x-policyd-served-model", decision.served_model.encode()),
+                (b"x-policyd-route", decision.route.encode())]
+    upstream = {**scope, "headers": headers}
+    query = scope.get("query_string", b"").decode("latin-1")
+    full = f"{scope.get('path', '/')}?{query}" if query else scope.get("path", "/")
+    path = http_api.upstream_path(full, decision.served_model, call.model)
+    if path != full:
+        base, _, rest = path.partition("?")
+        upstream.update(path=base, raw_path=base.encode("latin-1"), query_string=rest.encode("latin-1"))
+    return upstream
 
 
 def _attribution(call: http_api.HttpCall) -> dict[str, Any]:

@@ -10,6 +10,9 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
     POST .../v1beta/models/M:generateContent | :streamGenerateContent   gemini_generate_content
     POST .../v1/completions               completions (legacy text completions)
     GET  .../v1/models                    the models the key may use (answered by policyd)
+    POST .../v1/messages/count_tokens | .../v1/responses/input_tokens | .../models/M:countTokens
+                                          token counts: free at the provider, so the key, plan and
+                                          model are checked and nothing is reserved or charged
 
 Azure OpenAI's paths name the deployment (the model, as policyd's policy names it) in the path:
     POST .../openai/deployments/D/chat/completions | completions | embeddings | images/generations
@@ -41,7 +44,12 @@ _PATHS = [
     (re.compile(r"(^|/)v1/messages/?$"), "anthropic_messages"),
     (re.compile(r"(^|/)v1/completions/?$"), "completions"),
 ]
-_GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent)$")
+_GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent"
+                     r"|countTokens)$")
+_TOKEN_COUNTS = [
+    (re.compile(r"(^|/)v1/messages/count_tokens/?$"), "anthropic_messages"),
+    (re.compile(r"(^|/)v1/responses/input_tokens/?$"), "responses"),
+]
 _AZURE_OPERATIONS = {"chat/completions": "chat_completions", "completions": "completions",
                      "embeddings": "embeddings", "images/generations": "images"}
 _AZURE = re.compile(r"(^|/)openai/deployments/(?P<model>[^/]+)/(?P<operation>chat/completions|completions|embeddings"
@@ -79,6 +87,7 @@ class HttpCall:
     api_key: str = ""
     model: str = ""
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment): a downgrade rewrites it
+    counts_tokens: bool = False  # a token count of the endpoint family (free: nothing reserved or charged)
     stream: bool = False
     body: dict[str, Any] | None = None
     max_output_tokens: int = 0
@@ -108,23 +117,36 @@ class HttpCall:
         )
 
 
-def endpoint_of(method: str, path: str) -> tuple[str, str, bool]:
-    """(endpoint family, model from the path, is the models listing)."""
+@dataclass(frozen=True)
+class Endpoint:
+    """What a request's method and path say."""
+
+    family: str = ""  # one of ENDPOINTS, "" when unknown
+    model: str = ""  # the model the path names (Gemini, an Azure deployment), else ""
+    models_listing: bool = False
+    counts_tokens: bool = False
+
+
+def endpoint_of(method: str, path: str) -> Endpoint:
     path = path.split("?", 1)[0]
     if method.upper() == "GET" and _MODELS.search(path):
-        return "", "", True
+        return Endpoint(models_listing=True)
     azure = _AZURE.search(path)  # first: a deployment may be named like a path segment ("v1")
     if azure:
-        return _AZURE_OPERATIONS[azure.group("operation")], azure.group("model"), False
+        return Endpoint(_AZURE_OPERATIONS[azure.group("operation")], azure.group("model"))
     for pattern, name in _PATHS:
         if pattern.search(path):
-            return name, "", False
+            return Endpoint(name)
+    for pattern, name in _TOKEN_COUNTS:
+        if pattern.search(path):
+            return Endpoint(name, counts_tokens=True)
     gemini = _GEMINI.search(path)
     if gemini:
-        return "gemini_generate_content", gemini.group("model"), False
+        return Endpoint("gemini_generate_content", gemini.group("model"),
+                        counts_tokens=gemini.group("verb") == "countTokens")
     if _AZURE_RESPONSES.search(path):
-        return "responses", "", False
-    return "", "", False
+        return Endpoint("responses")
+    return Endpoint()
 
 
 QUERY_KEY = "key"  # Gemini's ?key=API_KEY: the customer's key when no header carries one
@@ -227,8 +249,9 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
                     user_agent=headers.get("user-agent", ""))
     in_query = query_key(path)
     call.api_key, call.key_in_query = call.api_key or in_query or "", in_query is not None
-    endpoint, path_model, listing = endpoint_of(method, path)
-    call.endpoint, call.models_listing = endpoint, listing
+    named = endpoint_of(method, path)
+    endpoint, path_model, listing = named.family, named.model, named.models_listing
+    call.endpoint, call.models_listing, call.counts_tokens = endpoint, listing, named.counts_tokens
     call.attribution = _attribution(headers)
     forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
     call.client_address = forwarded or client_address

@@ -138,6 +138,12 @@ class MockProvider:
         p_tokens = prompt_tokens(body)
         c_tokens = min(output_cap(body), COMPLETION_TOKENS_MAX)
         text = "".join(WORDS[:c_tokens])
+        if route.endswith("/v1/messages/count_tokens"):  # token counts: what each provider answers
+            return h._json(200, {"input_tokens": p_tokens})
+        if route.endswith("/v1/responses/input_tokens"):
+            return h._json(200, {"object": "response.input_tokens", "input_tokens": p_tokens})
+        if route.endswith(":countTokens"):
+            return h._json(200, {"totalTokens": p_tokens})
         anthropic = route.endswith("/v1/messages")
         legacy = route.endswith("/completions") and not route.endswith("/chat/completions")  # text completions
         if route.endswith("/embeddings"):

@@ -213,3 +213,32 @@ async def test_decision_record_keeps_client_origin(service: Service) -> None:
 async def test_unknown_plan_after_policy_change_is_refused(service: Service) -> None:
     with pytest.raises(Exception, match="unknown_plan"):
         await service.admin.create_key(label="x", customer_id="acme", environment="production", plan="gold")
+
+
+async def test_a_token_count_checks_key_plan_and_model_and_moves_nothing(service: Service) -> None:
+    """Token counts are free at the provider: allowed for a key that may use the model (even with an
+    empty wallet), without a reservation, a limit's count or a record; denied and recorded otherwise."""
+    key_id, secret = await new_key(service, plan="free")  # no credit at all; 20 requests a minute
+    counts = [await service.engine.admit_token_count(ask(secret, request_id=f"count-{i}")) for i in range(25)]
+    assert {(c.decision, c.reserved, c.provider, c.owner.customer_id) for c in counts} == {("allow", 0, "openai", "acme")}
+    assert await service.counters.wallet("acme") == (0, 0)
+    assert await record(service, "count-0") is None  # nothing to settle, nothing recorded
+    await fund(service, "acme", "1")
+    assert (await service.engine.authorize(ask(secret, request_id="after-counts"))).decision == "allow"  # rpm untouched
+
+    for request, reason in ((ask(secret, request_id="count-premium", model="gpt-4o"), "model_not_allowed"),
+                            (ask(secret, request_id="count-endpoint", model="claude-sonnet-4",
+                                 endpoint="anthropic_messages"), "endpoint_not_allowed"),
+                            (ask(secret, request_id="count-unknown", model="no-such-model"), "unknown_model"),
+                            (ask("pdk_live_" + "A" * 40, request_id="count-bad-key"), "invalid_api_key")):
+        denied = await service.engine.admit_token_count(request)
+        assert (denied.decision, denied.reason) == ("deny", reason)
+        row = await record(service, request.attribution.request_id)
+        assert (row.decision, row.reason, row.status, row.reserved_nanos) == ("deny", reason, "denied", 0)
+    assert (await record(service, "count-premium")).customer_id == "acme"  # the owner is known: attributed
+    await service.admin.set_state(key_id, "paused")
+    paused = await service.engine.admit_token_count(ask(secret, request_id="count-paused"))
+    assert (paused.reason, paused.http_status) == ("key_paused", 403)
+    assert (await record(service, "count-paused")).customer_id == "acme"
+    await service.admin.set_state(key_id, "revoked")
+    assert (await service.engine.admit_token_count(ask(secret))).reason == "key_revoked"

@@ -321,6 +321,41 @@ def test_azure_openai_clients_are_charged_and_a_downgrade_reaches_the_cheaper_de
     assert "azure wrong key" not in json.dumps(gateway.mock.received())
 
 
+def test_token_counts_are_free_but_need_a_key_that_may_use_the_model(gateway: Gateway) -> None:
+    """Claude Code and the SDKs count tokens before they send (Anthropic's count_tokens, OpenAI's
+    input_tokens; free at the provider). A key that may use the model goes through even with an empty
+    wallet, nothing is reserved, charged or recorded, the body reaches the provider as sent (these APIs
+    refuse output caps) with the provider's credential; a key that may not is refused before it."""
+    root = f"http://127.0.0.1:{gateway.port}/v1"
+    key = gateway.customer("e2e-count", credit="")
+    anthropic = {"model": "claude-sonnet-4", "messages": [{"role": "user", "content": "count me, Claude"}]}
+    code, _, reply = post(f"{root}/messages/count_tokens", {"x-api-key": key, "content-type": "application/json",
+                                                            "anthropic-version": "2023-06-01"},
+                          json.dumps(anthropic).encode())
+    assert code == 200 and reply["input_tokens"] > 0
+    code, _, reply = post(f"{root}/responses/input_tokens", {"authorization": f"Bearer {key}",
+                                                             "content-type": "application/json"},
+                          json.dumps({"model": "gpt-4o-mini", "input": "count me, GPT"}).encode())
+    assert code == 200 and (reply["object"], reply["input_tokens"] > 0) == ("response.input_tokens", True)
+    sent = {r["path"]: r for r in gateway.mock.received() if "count me" in json.dumps(r["body"])}
+    assert sent["/v1/messages/count_tokens"]["body"] == anthropic  # as the client sent it
+    assert sent["/v1/messages/count_tokens"]["credentials"] == {"x-api-key": PROVIDER_KEYS[2]}
+    assert sent["/v1/responses/input_tokens"]["credentials"]["authorization"] in (
+        f"Bearer {PROVIDER_KEYS[0]}", f"Bearer {PROVIDER_KEYS[1]}")
+    wallet = gateway.wallet_at_rest("e2e-count")
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (0, 0)
+    assert list(gateway.records("e2e-count")) == []  # nothing to settle, nothing recorded
+
+    free = gateway.customer("e2e-count-free", plan="free")
+    refused = {"model": "claude-sonnet-4", "messages": [{"role": "user", "content": "count refused"}]}
+    for api_key, status, reason in (("pdk_live_" + "Z" * 40, 401, "invalid_api_key"), (free, 403, "model_not_allowed")):
+        code, _, reply = post(f"{root}/messages/count_tokens", {"x-api-key": api_key, "content-type": "application/json"},
+                              json.dumps(refused).encode())
+        assert (code, reply["error"]["code"]) == (status, reason)
+    assert "count refused" not in json.dumps(gateway.mock.received())
+    assert [r.reason for r in gateway.records("e2e-count-free")] == ["model_not_allowed"]  # a denial is recorded
+
+
 def test_bad_bodies_get_clear_errors_and_reserve_nothing(gateway: Gateway) -> None:
     key = gateway.customer("e2e-bad", credit="1")
     url = f"{gateway.base_url}/chat/completions"

@@ -186,6 +186,23 @@ def test_unusable_requests_get_clear_errors_a_record_and_move_no_money(gateway: 
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("1"), 0)
 
 
+def test_a_token_count_is_free_but_checked_over_the_native_api(gateway: ExampleGateway) -> None:
+    """The middleware asks policyd over gRPC (AuthorizeRequest.count_tokens): a key that may use the
+    model counts with an empty wallet, nothing reserved or recorded; a key that may not never reaches the provider."""
+    key = gateway.customer("mw-count", credit="")
+    body = {"model": "gpt-4o-mini", "input": "mw count me"}
+    code, reply = post(f"{gateway.base_url}/responses/input_tokens", {"authorization": f"Bearer {key}",
+                       "content-type": "application/json"}, json.dumps(body).encode())
+    assert code == 200 and reply["input_tokens"] > 0
+    (sent,) = [r for r in gateway.mock.received() if r["body"] == body]
+    assert sent["path"] == "/v1/responses/input_tokens" and sent["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert list(gateway.records("mw-count")) == [] and gateway.wallet("mw-count").reserved_nanos == 0
+    code, reply = post(f"{gateway.base_url}/responses/input_tokens", {"authorization": "Bearer pdk_live_" + "Q" * 40,
+                       "content-type": "application/json"}, json.dumps({**body, "input": "mw count refused"}).encode())
+    assert (code, reply["error"]["code"]) == (401, "invalid_api_key")
+    assert "mw count refused" not in json.dumps(gateway.mock.received())
+
+
 def test_an_upstream_error_releases_the_hold(gateway: ExampleGateway) -> None:
     key = gateway.customer("mw-500")
     with pytest.raises(openai.InternalServerError):

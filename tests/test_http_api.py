@@ -170,6 +170,19 @@ def test_azure_openai_paths_name_the_deployment_and_its_clients_send_api_key(pat
     assert (plain.model, plain.model_in_path) == ("m", False)
 
 
+@pytest.mark.parametrize(("path", "endpoint", "model"), [
+    ("/v1/messages/count_tokens", "anthropic_messages", "claude-sonnet-4"),
+    ("/v1/responses/input_tokens", "responses", "claude-sonnet-4"),
+    ("/v1beta/models/gemini-2.5-flash:countTokens?key=pdk_live_q", "gemini_generate_content", "gemini-2.5-flash"),
+])
+def test_token_counts_are_known_and_marked_free(path: str, endpoint: str, model: str) -> None:
+    body = json.dumps({"model": "claude-sonnet-4", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    call = parse_call("POST", path, {"x-api-key": "k"}, body)
+    assert (call.endpoint, call.model, call.counts_tokens, call.problem) == (endpoint, model, True, "")
+    for model_call in ("/v1/messages", "/v1/responses", "/v1beta/models/gemini-2.5-flash:generateContent"):
+        assert not parse_call("POST", model_call, {}, body).counts_tokens
+
+
 def test_legacy_completions_are_their_own_family() -> None:
     assert parse_call("POST", "/v1/chat/completions", {}, b'{"model": "m"}').endpoint == "chat_completions"
     text = parse_call("POST", "/openai/v1/completions", {}, json.dumps({"model": "m", "prompt": "abcd"}).encode())

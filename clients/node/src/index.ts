@@ -71,6 +71,7 @@ export interface AuthorizeInput {
   choices?: number;         // completions generated (n / candidateCount), each up to maxOutputTokens
   webSearches?: number;     // the most provider-side web searches the request allows (max_uses)
   stream?: boolean;
+  countTokens?: boolean;    // a free token count (count_tokens, input_tokens, countTokens): nothing reserved or to settle
   attribution?: Omit<Attribution, "requestId">;
 }
 
@@ -147,6 +148,7 @@ export class PolicyClient {
         maxOutputTokens: input.maxOutputTokens ?? 0, inputTokens: input.inputTokens ?? 0, stream: input.stream ?? false,
         choices: input.choices ?? 0, webSearches: input.webSearches ?? 0,
       },
+      countTokens: input.countTokens ?? false,
     };
     const r = await this.call<AuthorizeRequest, AuthorizeResponse__Output>(
       this.stub.authorize.bind(this.stub), request, Boolean(input.requestId));

@@ -77,14 +77,16 @@ class Settled:
 def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str, prompt_bytes: int,
                        message_count: int, max_output_tokens: int, stream: bool, **attribution: Any) -> Any:
     """`attribution` holds the Attribution fields (feature, thread_id, tags, ...) and optionally
-    input_tokens, image_count, choices (n: completions generated), client_address, user_agent and
-    problem=(code, message, param)."""
+    input_tokens, image_count, choices (n: completions generated), client_address, user_agent,
+    problem=(code, message, param) and count_tokens=True (a free token count: nothing reserved, nothing
+    to settle)."""
     if endpoint not in ENDPOINTS and "problem" not in attribution:
         raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
     tags = attribution.pop("tags", {})
     client = types_pb2.ClientInfo(address=attribution.pop("client_address", ""),
                                   user_agent=attribution.pop("user_agent", ""))
     problem = attribution.pop("problem", None)
+    count_tokens = bool(attribution.pop("count_tokens", False))
     shape = policy_pb2.RequestShape(prompt_bytes=prompt_bytes, message_count=message_count,
                                     max_output_tokens=max_output_tokens, stream=stream,
                                     input_tokens=attribution.pop("input_tokens", 0),
@@ -95,7 +97,7 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
-        shape=shape, client=client)
+        shape=shape, client=client, count_tokens=count_tokens)
     if problem is not None:
         code, message, param = problem
         request.problem.CopyFrom(types_pb2.OpenAIError(code=code, message=message, param=param))

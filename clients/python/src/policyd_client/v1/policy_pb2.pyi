@@ -66,7 +66,7 @@ class RequestShape(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ..., choices: _Optional[int] = ..., web_searches: _Optional[int] = ..., service_tier: _Optional[str] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
-    __slots__ = ("api_key", "endpoint", "model", "attribution", "shape", "client", "problem")
+    __slots__ = ("api_key", "endpoint", "model", "attribution", "shape", "client", "problem", "count_tokens")
     API_KEY_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class AuthorizeRequest(_message.Message):
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    COUNT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     api_key: str
     endpoint: _types_pb2.EndpointFamily
     model: str
@@ -81,7 +82,8 @@ class AuthorizeRequest(_message.Message):
     shape: RequestShape
     client: _types_pb2.ClientInfo
     problem: _types_pb2.OpenAIError
-    def __init__(self, api_key: _Optional[str] = ..., endpoint: _Optional[_Union[_types_pb2.EndpointFamily, str]] = ..., model: _Optional[str] = ..., attribution: _Optional[_Union[_types_pb2.Attribution, _Mapping]] = ..., shape: _Optional[_Union[RequestShape, _Mapping]] = ..., client: _Optional[_Union[_types_pb2.ClientInfo, _Mapping]] = ..., problem: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ...) -> None: ...
+    count_tokens: bool
+    def __init__(self, api_key: _Optional[str] = ..., endpoint: _Optional[_Union[_types_pb2.EndpointFamily, str]] = ..., model: _Optional[str] = ..., attribution: _Optional[_Union[_types_pb2.Attribution, _Mapping]] = ..., shape: _Optional[_Union[RequestShape, _Mapping]] = ..., client: _Optional[_Union[_types_pb2.ClientInfo, _Mapping]] = ..., problem: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ..., count_tokens: _Optional[bool] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
     __slots__ = ("decision", "reason", "message", "http_status", "error", "retry_after_seconds", "owner", "request_id", "requested_model", "served_model", "provider", "route", "policy_version", "price_table_version", "reserved", "max_output_tokens", "reservation_expires_unix_ms", "shadow_denials")
