@@ -55,6 +55,7 @@ class Shape:
     choices: int = 0  # completions the provider generates (n / best_of / candidateCount), each up to the cap; 0 = 1
     web_searches: int = 0  # the most server-side web searches the request allows (reserved at their price)
     service_tier: str = ""  # the processing tier asked for (OpenAI's flex, priority); "" = default
+    unseen_input: bool = False  # input the request only refers to (a previous response, a file, an image URL...)
 
 
 @dataclass(frozen=True)

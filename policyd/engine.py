@@ -37,11 +37,12 @@ from policyd.domain import (
     PolicydError,
     ReleaseResult,
     Settlement,
+    Shape,
     UsageReport,
 )
 from policyd.policy import Limit, ModelPrice, Plan, Policy
 from policyd.policy_book import PolicyBook
-from policyd.pricing import Quantities, billing_of, charge_of, cost_of, estimate_input_tokens
+from policyd.pricing import Quantities, billing_of, charge_of, cost_of, estimate_input_tokens, input_estimate
 from policyd.quotas import hold_for, limit_reason
 from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
@@ -91,6 +92,7 @@ class _Plan:
     holds: list[BucketHold]
     limits_by_label: dict[str, tuple[Limit, int]]  # label -> (limit, window end)
     fallback_reason: str = ""
+    likely_input_tokens: int = 0  # what a settle without the provider's usage charges (input_tokens: reserved)
 
     @classmethod
     def empty(cls, model: str) -> "_Plan":
@@ -220,7 +222,7 @@ class Engine:
         attempt = None
         if not preset and policy is not None and plan is not None:
             model, fallback_reason = self._route_around(policy, plan, key.scopes, owner.environment, request.model,
-                                                        unavailable_providers)
+                                                        request.shape, unavailable_providers)
             attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="")
             attempt.fallback_reason = fallback_reason
         reserve = attempt or _Plan.empty(request.model)
@@ -235,7 +237,8 @@ class Engine:
             if limit is not None and limit.action == "downgrade" and request.attribution.feature not in plan.critical_features \
                     and limit.downgrade_to != reserve.served_model \
                     and policy.model_allowed(plan, limit.downgrade_to, key.scopes) \
-                    and policy.tier_allowed_in(plan, key.environment, limit.downgrade_to):
+                    and policy.tier_allowed_in(plan, key.environment, limit.downgrade_to) \
+                    and self._input_bounded(policy, plan, limit.downgrade_to, request.shape):
                 cheaper = self._attempt(request, owner, policy, plan, limit.downgrade_to, at, skip_label=limit.label)
                 cheaper.fallback_reason = f"downgraded:{limit.label}"
                 retry = await self._reserve(request, request_id, secret_hash, owner, policy, plan, cheaper, "", at, started,
@@ -386,11 +389,21 @@ class Engine:
             return "model_not_allowed", "model"
         if not policy.tier_allowed_in(plan, owner.environment, request.model):
             return "environment_not_allowed", "model"
+        if not self._input_bounded(policy, plan, request.model, request.shape):
+            return "input_unbounded", "model"
         return "", ""
 
     @staticmethod
+    def _input_bounded(policy: Policy, plan: Plan, model: str, shape: Shape) -> bool:
+        """Whether a strict plan can bound this request's input on this model: input the request only
+        refers to (a previous response, a file, an image URL...) is bounded by the model's context window
+        alone."""
+        price = policy.model(model)
+        return plan.reservation != "strict" or not shape.unseen_input or bool(price and price.context_window)
+
+    @staticmethod
     def _route_around(policy: Policy, plan: Plan, scopes: tuple[str, ...], environment: str, model: str,
-                      unavailable: frozenset[str]) -> tuple[str, str]:
+                      shape: Shape, unavailable: frozenset[str]) -> tuple[str, str]:
         """The model to serve: the requested one, or the first fallback the plan allows while the
         requested model's provider is cooling down (429/5xx from every account)."""
         price = policy.model(model)
@@ -400,7 +413,8 @@ class Engine:
             alt_price = policy.model(alternative)
             if alt_price is not None and alt_price.provider not in unavailable \
                     and policy.model_allowed(plan, alternative, scopes) \
-                    and policy.tier_allowed_in(plan, environment, alternative):
+                    and policy.tier_allowed_in(plan, environment, alternative) \
+                    and Engine._input_bounded(policy, plan, alternative, shape):
                 return alternative, f"{price.provider}_cooling_down"
         return model, ""
 
@@ -410,7 +424,8 @@ class Engine:
         assert price is not None, "the model was checked against the price table"
         s = request.shape
         output_cap = s.max_output_tokens or plan.default_max_output_tokens
-        input_tokens = estimate_input_tokens(plan, s.prompt_bytes, s.message_count, s.input_tokens)
+        input_tokens = estimate_input_tokens(plan, s.prompt_bytes, s.message_count, s.input_tokens,
+                                             price.context_window, s.unseen_input)
         if request.endpoint == "embeddings":
             output_cap = 0
         quantities = Quantities(
@@ -436,7 +451,8 @@ class Engine:
             hold, window = hold_for(limit, partition, scope_id, at // 1000, charge, quantities)
             holds.append(hold)
             by_label[limit.label] = (limit, window.end)
-        return _Plan(model, price, input_tokens, output_cap, charge, holds, by_label)
+        likely = min(input_estimate(s.prompt_bytes, s.message_count, s.input_tokens), input_tokens)
+        return _Plan(model, price, input_tokens, output_cap, charge, holds, by_label, likely_input_tokens=likely)
 
     async def _reserve(self, request: AuthorizeInput, request_id: str, secret_hash: str, owner: Owner,
                        policy: Policy | None, plan: Plan | None, attempt: _Plan, preset: str, at: int,
@@ -447,8 +463,8 @@ class Engine:
         record_json = json.dumps(record, separators=(",", ":"))
         payload = f'{{"record":{record_json},"limit_reasons":{json.dumps(limit_reasons, separators=(",", ":"))}}}'
         wallet = record["wallet_id"]
-        fields = {"record": record, "input_tokens_estimate": attempt.input_tokens}
-        fields_json = f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.input_tokens)}}}'
+        fields = {"record": record, "input_tokens_estimate": attempt.likely_input_tokens}
+        fields_json = f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.likely_input_tokens)}}}'
         partition = self.counters.partition_of(owner.customer_id)
         try:
             result = await self.counters.authorize(

@@ -98,6 +98,7 @@ class HttpCall:
     choices: int = 0  # completions asked for (n, candidateCount); 0 = one
     web_searches: int = 0  # the most provider-side web searches the request allows (0: none, or no bound given)
     service_tier: str = ""  # the processing tier asked for (OpenAI's service_tier); "" = the default
+    unseen_input: bool = False  # input billed but not in the body (a previous response, a file, a server tool...)
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
     problem_message: str = ""
@@ -112,7 +113,7 @@ class HttpCall:
             shape=Shape(prompt_bytes=self.prompt_bytes, message_count=self.message_count,
                         max_output_tokens=self.max_output_tokens, image_count=self.image_count, stream=self.stream,
                         choices=self.choices, input_tokens=self.input_tokens, web_searches=self.web_searches,
-                        service_tier=self.service_tier),
+                        service_tier=self.service_tier, unseen_input=self.unseen_input),
             client_address=self.client_address, user_agent=self.user_agent,
         )
 
@@ -242,6 +243,48 @@ def _search_bound(endpoint: str, data: dict[str, Any]) -> int:
     return 0
 
 
+# Input the provider bills that the request only refers to: policyd cannot bound it by the body's bytes.
+_STORED_CONTEXT = ("previous_response_id", "conversation", "cachedContent", "cached_content", "mcp_servers",
+                   "web_search_options")
+_REFERENCE_KEYS = ("file_id", "file_uri", "fileUri", "file_url")
+_SERVER_TOOL_TYPES = ("web_search", "file_search", "mcp", "code_interpreter", "web_fetch", "code_execution")
+_SERVER_TOOL_KEYS = ("googleSearch", "google_search", "googleSearchRetrieval", "urlContext", "url_context",
+                     "codeExecution", "code_execution", "fileSearch")
+
+
+def _refers_to_input(value: Any, depth: int = 0) -> bool:
+    """Whether content refers to input it does not carry: a file by id or URI, an image or document by URL."""
+    if depth > JSON_DEPTH_MAX:
+        return False
+    if isinstance(value, list):
+        return any(_refers_to_input(v, depth + 1) for v in value)
+    if not isinstance(value, dict):
+        return False
+    for name, item in value.items():
+        if name in _REFERENCE_KEYS and item:
+            return True
+        if name in ("url", "image_url") and isinstance(item, str) and not item.startswith("data:"):
+            return True
+        if isinstance(item, (dict, list)) and _refers_to_input(item, depth + 1):
+            return True
+    return False
+
+
+def _unseen_input(data: dict[str, Any]) -> bool:
+    """Whether the provider bills input the body does not carry: a previous response or conversation, a
+    stored prompt, cached content, files and URLs, or the results of tools the provider runs itself
+    (web search, file search, code execution, MCP servers)."""
+    if any(data.get(name) for name in _STORED_CONTEXT) or isinstance(data.get("prompt"), dict):
+        return True
+    tools = data.get("tools") if isinstance(data.get("tools"), list) else []
+    for tool in tools:
+        if isinstance(tool, dict) and (str(tool.get("type", "")).startswith(_SERVER_TOOL_TYPES)
+                                       or any(key in tool for key in _SERVER_TOOL_KEYS)):
+            return True
+    content = [data.get(k) for k in ("messages", "input", "contents", "system", "instructions", "systemInstruction")]
+    return _refers_to_input(content)
+
+
 def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, client_address: str = "") -> HttpCall:
     """Understand one HTTP request. Never raises: problems are reported in `problem`."""
     headers = {k.lower(): v for k, v in headers.items()}
@@ -305,6 +348,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     elif endpoint == "gemini_generate_content":
         call.choices = _count(generation.get("candidateCount"))
     call.web_searches = _search_bound(endpoint, data)
+    call.unseen_input = not call.counts_tokens and _unseen_input(data)
     tier = data.get("service_tier")
     call.service_tier = tier[:32] if isinstance(tier, str) and tier not in ("auto", "default") else ""
     if not call.attribution.end_user_id and isinstance(data.get("user"), str):

@@ -128,6 +128,9 @@ class ModelPrice(Prices):
     provider: str = Field(min_length=1, max_length=64)
     route: str = Field("", max_length=128)  # upstream cluster; defaults to the provider
     tier: str = Field("", max_length=64)
+    # the most input tokens one request can carry (0 = not given): bounds a strict plan's reservation,
+    # and is the bound of input a request only refers to (a previous response, a file, an image URL)
+    context_window: int = Field(0, ge=0, le=QUANTITY_MAX)
 
     @property
     def upstream(self) -> str:

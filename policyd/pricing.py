@@ -80,10 +80,22 @@ def charge_of(plan: Plan, model: str, q: Quantities, cost: int, billing: str = "
     return apply_basis_points(cost, 10_000 + plan.markup_bps)
 
 
-def estimate_input_tokens(plan: Plan, prompt_bytes: int, message_count: int, reported_tokens: int) -> int:
-    """Input tokens to reserve for. Strict: a true upper bound. Estimate: the proxy's count or bytes/4."""
+def estimate_input_tokens(plan: Plan, prompt_bytes: int, message_count: int, reported_tokens: int,
+                          context_window: int = 0, unseen_input: bool = False) -> int:
+    """Input tokens to reserve for. Strict: a true upper bound: the bytes' bound, or the model's context
+    window when that is less, or when the request refers to input it does not carry (its caller refuses
+    such a request on a model with no window). Estimate: `input_estimate`."""
     if plan.reservation == "strict":
-        return prompt_bytes + STRICT_TOKENS_PER_MESSAGE * max(message_count, 1) + STRICT_TOKENS_PER_REQUEST
+        if unseen_input and context_window:
+            return context_window
+        bound = prompt_bytes + STRICT_TOKENS_PER_MESSAGE * max(message_count, 1) + STRICT_TOKENS_PER_REQUEST
+        return min(bound, context_window) if context_window else bound
+    return input_estimate(prompt_bytes, message_count, reported_tokens)
+
+
+def input_estimate(prompt_bytes: int, message_count: int, reported_tokens: int) -> int:
+    """The likely input tokens: the proxy's count, else about four bytes a token. A request settled
+    without the provider's usage (a cut stream) is charged this much input, never a strict bound."""
     if reported_tokens > 0:
         return reported_tokens
     bytes_tokens = -(-prompt_bytes // ESTIMATE_BYTES_PER_TOKEN)

@@ -32,6 +32,7 @@ _REASONS = [
     Reason("invalid_metadata", 400, "invalid_request_error"),
     Reason("request_too_large", 413, "invalid_request_error"),
     Reason("request_headers_too_large", 431, "invalid_request_error"),
+    Reason("input_unbounded", 400, "invalid_request_error"),
     Reason("no_policy", 503, "server_error"),
     Reason("unknown_plan", 403, "permission_error"),
     Reason("insufficient_quota", 429, "insufficient_quota"),
@@ -73,6 +74,9 @@ MESSAGES = {
     "rate_limit_exceeded": "A rate limit has been reached.",
     "concurrency_limit_exceeded": "Too many requests in flight on this API key.",
     "invalid_request": "The request is invalid.",
+    "input_unbounded": "The request refers to input it does not carry (a previous response, a stored prompt, a "
+                       "file, an image URL or cached content), and this plan reserves strictly: the model has no "
+                       "context_window to bound it. Send the input itself, or ask the operator to set one.",
     "counters_unavailable": "The policy service cannot reach its counters.",
     "unavailable": "The policy service cannot reach a store it needs; try again.",
     "internal": "The policy service failed to decide this request; the details are in its log.",

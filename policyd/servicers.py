@@ -81,7 +81,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
         shape=Shape(
             input_tokens=s.input_tokens, prompt_bytes=s.prompt_bytes, message_count=s.message_count,
             max_output_tokens=s.max_output_tokens, image_count=s.image_count, seconds=s.seconds, stream=s.stream,
-            choices=s.choices, web_searches=s.web_searches, service_tier=s.service_tier,
+            choices=s.choices, web_searches=s.web_searches, service_tier=s.service_tier, unseen_input=s.unseen_input,
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,

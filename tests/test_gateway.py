@@ -356,6 +356,22 @@ def test_token_counts_are_free_but_need_a_key_that_may_use_the_model(gateway: Ga
     assert [r.reason for r in gateway.records("e2e-count-free")] == ["model_not_allowed"]  # a denial is recorded
 
 
+def test_a_strict_plan_refuses_input_it_cannot_bound(gateway: Gateway) -> None:
+    """An image by URL is billed as input tokens the body's bytes do not bound; a strict plan, on a model
+    with no context_window, refuses it before the provider (an estimate plan lets it through)."""
+    content = [{"type": "text", "text": "what is in this picture?"},
+               {"type": "image_url", "image_url": {"url": "https://example.com/unbounded.png"}}]
+    strict = gateway.client(gateway.customer("e2e-unbounded", plan="strict"))
+    with pytest.raises(openai.BadRequestError) as refused:
+        strict.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": content}])
+    assert (refused.value.code, refused.value.param) == ("input_unbounded", "model")
+    assert "unbounded.png" not in json.dumps(gateway.mock.received())
+    assert [r.reason for r in gateway.records("e2e-unbounded")] == ["input_unbounded"]
+    estimating = gateway.client(gateway.customer("e2e-unbounded-pro"))
+    assert estimating.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": content}],
+                                              max_tokens=4).usage.completion_tokens > 0
+
+
 def test_bad_bodies_get_clear_errors_and_reserve_nothing(gateway: Gateway) -> None:
     key = gateway.customer("e2e-bad", credit="1")
     url = f"{gateway.base_url}/chat/completions"

@@ -203,6 +203,17 @@ def test_a_token_count_is_free_but_checked_over_the_native_api(gateway: ExampleG
     assert "mw count refused" not in json.dumps(gateway.mock.received())
 
 
+def test_input_a_request_only_refers_to_reaches_policyd_over_the_native_api(gateway: ExampleGateway) -> None:
+    """RequestShape.unseen_input: a previous response's tokens are billed but not in the body, so a strict
+    plan on a model with no context_window refuses the request."""
+    key = gateway.customer("mw-unbounded", plan="strict")
+    body = {"model": "gpt-4o-mini", "input": "go on", "previous_response_id": "resp_mw_unbounded"}
+    code, reply = post(f"{gateway.base_url}/responses", {"authorization": f"Bearer {key}",
+                       "content-type": "application/json"}, json.dumps(body).encode())
+    assert (code, reply["error"]["code"]) == (400, "input_unbounded")
+    assert "resp_mw_unbounded" not in json.dumps(gateway.mock.received())
+
+
 def test_an_upstream_error_releases_the_hold(gateway: ExampleGateway) -> None:
     key = gateway.customer("mw-500")
     with pytest.raises(openai.InternalServerError):

@@ -183,6 +183,47 @@ def test_token_counts_are_known_and_marked_free(path: str, endpoint: str, model:
         assert not parse_call("POST", model_call, {}, body).counts_tokens
 
 
+IMAGE_URL = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+IMAGE_DATA = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+@pytest.mark.parametrize(("path", "body", "unseen"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, False),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [IMAGE_URL]}]}, True),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [IMAGE_DATA]}]}, False),  # its bytes are there
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"file_id": "file-abc"}}]}]}, True),
+    ("/v1/chat/completions", {"messages": [], "web_search_options": {}}, False),  # empty: no search asked
+    ("/v1/chat/completions", {"messages": [], "web_search_options": {"search_context_size": "low"}}, True),
+    ("/v1/chat/completions", {"messages": [], "tools": [{"type": "function", "function": {"name": "f"}}]}, False),
+    ("/v1/responses", {"input": "go on", "previous_response_id": "resp_123"}, True),
+    ("/v1/responses", {"input": "go on", "conversation": "conv_123"}, True),
+    ("/v1/responses", {"prompt": {"id": "pmpt_123", "version": "2"}}, True),  # a stored prompt
+    ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_image",
+                                                               "image_url": "https://example.com/a.png"}]}]}, True),
+    ("/v1/responses", {"input": "x", "tools": [{"type": "web_search_preview"}]}, True),
+    ("/v1/responses", {"input": "x", "tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, True),
+    ("/v1/responses", {"input": "x", "tools": [{"type": "mcp", "server_url": "https://mcp.example.com"}]}, True),
+    ("/v1/messages", {"messages": [{"role": "user", "content": [{"type": "image", "source": {
+        "type": "url", "url": "https://example.com/a.png"}}]}]}, True),
+    ("/v1/messages", {"messages": [{"role": "user", "content": [{"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]}, False),
+    ("/v1/messages", {"messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, True),
+    ("/v1/messages", {"messages": [], "tools": [{"type": "bash_20250124", "name": "bash"}]}, False),  # the client runs it
+    ("/v1/messages", {"messages": [], "mcp_servers": [{"type": "url", "url": "https://mcp.example.com"}]}, True),
+    ("/v1beta/models/gemini-2.5-flash:generateContent", {"contents": [], "cachedContent": "cachedContents/c1"}, True),
+    ("/v1beta/models/gemini-2.5-flash:generateContent", {"contents": [{"parts": [{"fileData": {
+        "fileUri": "https://generativelanguage.googleapis.com/v1beta/files/f1"}}]}]}, True),
+    ("/v1beta/models/gemini-2.5-flash:generateContent", {"contents": [], "tools": [{"googleSearch": {}}]}, True),
+    ("/v1/completions", {"prompt": "plain text"}, False),
+    ("/v1/responses/input_tokens", {"input": "x", "previous_response_id": "resp_1"}, False),  # a count reserves nothing
+])
+def test_input_a_request_only_refers_to_is_noticed(path: str, body: dict, unseen: bool) -> None:
+    call = parse_call("POST", path, {"authorization": "Bearer k"}, json.dumps({"model": "m", **body}).encode())
+    assert not call.problem and call.unseen_input is unseen
+    assert call.authorize_input().shape.unseen_input is unseen
+
+
 def test_legacy_completions_are_their_own_family() -> None:
     assert parse_call("POST", "/v1/chat/completions", {}, b'{"model": "m"}').endpoint == "chat_completions"
     text = parse_call("POST", "/openai/v1/completions", {}, json.dumps({"model": "m", "prompt": "abcd"}).encode())

@@ -715,3 +715,46 @@ async def test_a_service_tier_is_reserved_and_charged_at_its_prices(service: Ser
     await service.writer.drain()
     assert service.store.usage_record("priority").service_tier == "flex"
     assert service.store.usage_record("default").service_tier == ""
+
+
+async def test_input_a_request_only_refers_to_is_reserved_up_to_the_context_window_on_strict_plans(
+        service: Service) -> None:
+    """A previous response, a stored prompt, a file, an image URL, a server tool's results: billed as
+    input, not in the body's bytes. A strict plan reserves the model's context window for them, so the
+    wallet still cannot go below zero; a model with no window refuses them; estimate plans are unchanged."""
+    from policyd.pricing import input_estimate
+
+    secret = await mini_priced_with(service, "context_window: 4000")  # free plan: strict, at cost
+    price_in, price_out = parse_amount("0.15"), parse_amount("0.60")
+    window = await service.engine.authorize(ask(secret, prompt_bytes=100, max_output_tokens=100, request_id="ref",
+                                                unseen_input=True))
+    assert window.reserved == price_quantity(4000, price_in) + price_quantity(100, price_out)
+    s = await service.engine.settle(usage("ref", input_tokens=4000, output_tokens=100))  # a long conversation
+    assert s.charge == window.reserved
+    huge = await service.engine.authorize(ask(secret, prompt_bytes=50_000, max_output_tokens=100, request_id="huge"))
+    assert huge.reserved == window.reserved  # the provider refuses more input than the window: the bound
+    await service.engine.authorize(ask(secret, prompt_bytes=400, max_output_tokens=100, request_id="ref-cut",
+                                       unseen_input=True))
+    await service.engine.settle_estimated("ref-cut", 10, interrupted=True, error_class="usage_estimated:stream_cut")
+    await service.writer.drain()
+    # a cut stream the provider reported nothing of is charged the likely input, not the bound it reserved
+    assert service.store.usage_record("ref-cut").input_tokens == input_estimate(400, 1, 0)
+
+    _, poor = await new_key(service, plan="free", customer="poor")
+    await fund(service, "poor", "0.0001")  # covers 100 bytes and 100 tokens out, not a 4,000-token window
+    assert (await service.engine.authorize(ask(poor, prompt_bytes=100, request_id="poor-seen"))).decision == "allow"
+    unseen = await service.engine.authorize(ask(poor, prompt_bytes=100, request_id="poor-unseen", unseen_input=True))
+    assert unseen.reason == "insufficient_quota"
+
+    await service.admin.apply_policy(SAMPLE_POLICY, "no-window.yaml")  # gpt-4o-mini has no context_window
+    refused = await service.engine.authorize(ask(secret, prompt_bytes=100, request_id="unbounded", unseen_input=True))
+    assert (refused.decision, refused.reason, refused.http_status, refused.error_param) == (
+        "deny", "input_unbounded", 400, "model")
+    _, pro = await new_key(service, customer="estimating")  # pro: estimate reservations, as before
+    await fund(service, "estimating", "1")
+    estimated = await service.engine.authorize(ask(pro, prompt_bytes=100, max_output_tokens=100, unseen_input=True))
+    assert estimated.decision == "allow"
+    await service.writer.drain()
+    row = service.store.usage_record("unbounded")
+    assert (row.status, row.reason, row.reserved_nanos) == ("denied", "input_unbounded", 0)
+    assert (await service.admin.audit()).ok

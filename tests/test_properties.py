@@ -1,6 +1,7 @@
 """Property tests: random interleavings of authorize / settle / release / expire / top-up keep
 balance = grants - settled charges, reserved = open reservations, to the nano; strict plans never
-take a wallet below zero (n choices each reaching the output cap included)."""
+take a wallet below zero (n choices each reaching the output cap included, and input a request only
+refers to, bounded by the model's context window)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.helpers import ask, usage
 
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("authorize"), st.integers(0, 20_000), st.integers(0, 800), st.integers(0, 4)),
+        st.tuples(st.just("authorize"), st.integers(0, 20_000), st.integers(0, 800), st.integers(0, 4), st.booleans()),
         st.tuples(st.just("settle"), st.integers(0, 40), st.floats(0, 1), st.floats(0, 1)),
         st.tuples(st.just("settle_again"), st.integers(0, 40)),
         st.tuples(st.just("release"), st.integers(0, 40)),
@@ -36,17 +37,22 @@ def running(backend: dict[str, str]) -> Iterator[tuple[asyncio.AbstractEventLoop
     loop = asyncio.new_event_loop()
     service = loop.run_until_complete(Service.build(make_settings(backend)))
     loop.run_until_complete(service.start())
-    loop.run_until_complete(service.admin.apply_policy(SAMPLE_POLICY.replace("limit: 20}", "limit: 100000}"), "p.yaml"))
+    policy = SAMPLE_POLICY.replace("limit: 20}", "limit: 100000}").replace(
+        '      output: "0.60"\n', f'      output: "0.60"\n      context_window: {CONTEXT_WINDOW}\n', 1)  # gpt-4o-mini's
+    loop.run_until_complete(service.admin.apply_policy(policy, "p.yaml"))
     yield loop, service
     loop.run_until_complete(service.close())
     loop.close()
 
 
 counter = itertools.count()
+CONTEXT_WINDOW = 6_000  # below the largest prompts drawn: the window bounds some of them
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(operations=ops)
+# a small prompt that refers to a long conversation (previous_response_id), billed at the whole window
+@example(operations=[("grant", 100_000), ("authorize", 100, 100, 0, True), ("settle", 0, 1.0, 1.0)])
 def test_wallet_invariant_under_random_interleavings(running, operations) -> None:
     loop, service = running
     loop.run_until_complete(_scenario(service, operations, f"cust{next(counter)}"))
@@ -58,7 +64,7 @@ async def _scenario(service: Service, operations: list, customer: str) -> None:
     key = await service.admin.create_key(label="p", customer_id=customer, environment="production", plan="free")
     grants = 0
     charges = 0
-    requests: list[tuple[str, int, int, int]] = []  # request id, reserved, prompt bytes, output bound
+    requests: list[tuple[str, int, int, int]] = []  # request id, reserved, input bound, output bound
     open_: dict[str, int] = {}
     state: dict[str, str] = {}
     settled_with: dict[str, tuple[int, int]] = {}
@@ -67,9 +73,13 @@ async def _scenario(service: Service, operations: list, customer: str) -> None:
         if kind == "authorize":
             rid = f"{customer}-{n}"
             d = await service.engine.authorize(ask(key.secret, request_id=rid, prompt_bytes=op[1],
-                                                    max_output_tokens=op[2], choices=op[3], thread_id=f"t{n}"))
+                                                    max_output_tokens=op[2], choices=op[3], thread_id=f"t{n}",
+                                                    unseen_input=op[4]))
+            # the most input the provider can bill: the bytes' bound (bytes + 8 a message + 16), at most the
+            # context window, which alone bounds input the request only refers to
+            bound = CONTEXT_WINDOW if op[4] else min(op[1] + 24, CONTEXT_WINDOW)
             if d.decision != "deny":  # each of n choices may reach the cap
-                requests.append((rid, d.reserved, op[1], d.max_output_tokens * max(1, op[3])))
+                requests.append((rid, d.reserved, bound, d.max_output_tokens * max(1, op[3])))
                 open_[rid] = d.reserved
                 state[rid] = "reserved"
         elif kind in ("settle", "settle_again", "release") and requests:
@@ -84,8 +94,8 @@ async def _scenario(service: Service, operations: list, customer: str) -> None:
                     assert state[rid] == "settled" and error.reason == "already_settled"
                 continue
             if kind == "settle":
-                # within the strict bound: input <= bytes + overhead, output <= the enforced cap x choices
-                tokens = (int((prompt + 24) * op[2]), int(cap * op[3]))
+                # within the strict bound: input <= its bound, output <= the enforced cap x choices
+                tokens = (int(prompt * op[2]), int(cap * op[3]))
             else:
                 tokens = settled_with.get(rid, (1, 1))
             try:

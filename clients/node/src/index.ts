@@ -71,6 +71,7 @@ export interface AuthorizeInput {
   choices?: number;         // completions generated (n / candidateCount), each up to maxOutputTokens
   webSearches?: number;     // the most provider-side web searches the request allows (max_uses)
   stream?: boolean;
+  unseenInput?: boolean;    // the input includes what the request only refers to (previous_response_id, file_id, an image URL, a server tool)
   countTokens?: boolean;    // a free token count (count_tokens, input_tokens, countTokens): nothing reserved or to settle
   attribution?: Omit<Attribution, "requestId">;
 }
@@ -146,7 +147,7 @@ export class PolicyClient {
       shape: {
         promptBytes: input.promptBytes ?? 0, messageCount: input.messageCount ?? 1,
         maxOutputTokens: input.maxOutputTokens ?? 0, inputTokens: input.inputTokens ?? 0, stream: input.stream ?? false,
-        choices: input.choices ?? 0, webSearches: input.webSearches ?? 0,
+        choices: input.choices ?? 0, webSearches: input.webSearches ?? 0, unseenInput: input.unseenInput ?? false,
       },
       countTokens: input.countTokens ?? false,
     };

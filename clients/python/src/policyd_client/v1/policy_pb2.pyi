@@ -42,7 +42,7 @@ ALREADY_RELEASED: ReleaseOutcome
 ALREADY_EXPIRED: ReleaseOutcome
 
 class RequestShape(_message.Message):
-    __slots__ = ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds", "stream", "choices", "web_searches", "service_tier")
+    __slots__ = ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds", "stream", "choices", "web_searches", "service_tier", "unseen_input")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class RequestShape(_message.Message):
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     WEB_SEARCHES_FIELD_NUMBER: _ClassVar[int]
     SERVICE_TIER_FIELD_NUMBER: _ClassVar[int]
+    UNSEEN_INPUT_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     prompt_bytes: int
     message_count: int
@@ -63,7 +64,8 @@ class RequestShape(_message.Message):
     choices: int
     web_searches: int
     service_tier: str
-    def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ..., choices: _Optional[int] = ..., web_searches: _Optional[int] = ..., service_tier: _Optional[str] = ...) -> None: ...
+    unseen_input: bool
+    def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ..., choices: _Optional[int] = ..., web_searches: _Optional[int] = ..., service_tier: _Optional[str] = ..., unseen_input: _Optional[bool] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("api_key", "endpoint", "model", "attribution", "shape", "client", "problem", "count_tokens")
