@@ -339,10 +339,9 @@ class Admin:
             models = [f"{m} via {policy.model(m).upstream}"  # type: ignore[union-attr]
                       for m, _ in Engine.models_allowed(policy, plan, tuple(row.scopes or ()), row.environment)]
             partition = self.counters.partition_of(row.customer_id)
-            scope_ids = {"key": row.id, "customer": row.customer_id, "workspace": row.workspace_id,
-                         "project": row.project_id}
+            of_key = quotas.scope_ids(row.customer_id, row.id, row.workspace_id, row.project_id, row.team_id)
             for limit in plan.limits:
-                scope_id = scope_ids.get(limit.scope, "")
+                scope_id = of_key[limit.scope]
                 if not scope_id:
                     continue  # per-thread, per-feature, per-model and per-user buckets are many: see reports
                 hold, _ = quotas.hold_for(limit, partition, scope_id, at // 1000, 0, pricing.Quantities())

@@ -634,7 +634,7 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=20)
     report = client(usage_commands.add_parser("report", help="usage grouped by any dimension over a window"))
     report.add_argument("--group-by", dest="group_by", default="customer",
-                        help="comma-separated: customer, workspace, project, key, environment, feature, route, "
+                        help="comma-separated: customer, workspace, project, team, key, environment, feature, route, "
                              "thread, end_user, model, requested_model, provider, decision, status, reason")
     report.add_argument("--since", help="start (ISO date or time, UTC)")
     report.add_argument("--until", help="end (ISO date or time, UTC; default now)")

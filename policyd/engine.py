@@ -43,7 +43,7 @@ from policyd.domain import (
 from policyd.policy import Limit, ModelPrice, Plan, Policy
 from policyd.policy_book import PolicyBook
 from policyd.pricing import Quantities, billing_of, charge_of, cost_of, estimate_input_tokens, input_estimate
-from policyd.quotas import hold_for, limit_reason
+from policyd.quotas import hold_for, limit_reason, scope_ids
 from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
 from policyd.store import Store
@@ -437,15 +437,13 @@ class Engine:
         charge = charge_of(plan, model, quantities, cost_of(price, quantities),
                            billing_of(plan, request.attribution.feature))
         partition = self.counters.partition_of(owner.customer_id)
-        scope_ids = {
-            "key": owner.api_key_id, "customer": owner.customer_id, "workspace": owner.workspace_id,
-            "project": owner.project_id, "feature": request.attribution.feature, "model": model,
-            "thread": request.attribution.thread_id, "end_user": request.attribution.end_user_id,
-        }
+        a = request.attribution
+        buckets = scope_ids(owner.customer_id, owner.api_key_id, owner.workspace_id, owner.project_id, owner.team_id,
+                            a.feature, model, a.thread_id, a.end_user_id)
         holds: list[BucketHold] = []
         by_label: dict[str, tuple[Limit, int]] = {}
         for limit in plan.limits:
-            scope_id = scope_ids[limit.scope]
+            scope_id = buckets[limit.scope]
             if not scope_id or limit.label == skip_label:
                 continue  # a thread limit binds requests that name a thread
             hold, window = hold_for(limit, partition, scope_id, at // 1000, charge, quantities)

@@ -159,7 +159,8 @@ def _time_zone_name(value: str) -> str:
 
 class Limit(_Strict):
     name: str = Field("", max_length=64)
-    scope: Literal["key", "customer", "workspace", "project", "feature", "model", "thread", "end_user"]
+    # each counted within one customer: a limit of a plan binds each of its customers apart
+    scope: Literal["key", "customer", "workspace", "project", "team", "feature", "model", "thread", "end_user"]
     window: Literal["minute", "hour", "day", "month", "total"]
     # days and months from local midnight in this IANA time zone ("" = UTC); the policy's `timezone` by default
     timezone: str = Field("", max_length=64)

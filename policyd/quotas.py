@@ -24,6 +24,20 @@ class Window:
     end: int  # unix seconds (0 for "total": never)
 
 
+def scope_ids(customer_id: str, key_id: str, workspace_id: str = "", project_id: str = "", team_id: str = "",
+              feature: str = "", model: str = "", thread_id: str = "", end_user_id: str = "") -> dict[str, str]:
+    """The bucket each limit scope counts a request in. Keys and customers are unique; every other scope
+    is named within its customer, so two customers' "default" workspaces, threads "t1" or end users
+    "alice" never share a bucket (they would whenever both customers hash to one partition). An empty
+    id: the request has none of that scope, and the limit does not bind it."""
+    def within(name: str) -> str:
+        return f"{customer_id}/{name}" if name else ""
+
+    return {"key": key_id, "customer": customer_id, "workspace": within(workspace_id), "project": within(project_id),
+            "team": within(team_id), "feature": within(feature), "model": within(model),
+            "thread": within(thread_id), "end_user": within(end_user_id)}
+
+
 def window_spec(limit: Limit) -> str:
     """The window as bucket keys name it: "day", or "day@Europe/Paris" for a day of another time zone."""
     return f"{limit.window}@{limit.timezone}" if limit.timezone else limit.window

@@ -20,7 +20,7 @@ from policyd.money import ceil_div
 
 DIMENSIONS = {
     "customer": UsageRecordRow.customer_id, "workspace": UsageRecordRow.workspace_id,
-    "project": UsageRecordRow.project_id, "key": UsageRecordRow.api_key_id,
+    "project": UsageRecordRow.project_id, "team": UsageRecordRow.team_id, "key": UsageRecordRow.api_key_id,
     "environment": UsageRecordRow.environment, "feature": UsageRecordRow.feature, "route": UsageRecordRow.route,
     "thread": UsageRecordRow.thread_id, "end_user": UsageRecordRow.end_user_id,
     "model": UsageRecordRow.served_model, "requested_model": UsageRecordRow.requested_model,

@@ -758,3 +758,36 @@ async def test_input_a_request_only_refers_to_is_reserved_up_to_the_context_wind
     row = service.store.usage_record("unbounded")
     assert (row.status, row.reason, row.reserved_nanos) == ("denied", "input_unbounded", 0)
     assert (await service.admin.audit()).ok
+
+
+async def test_limits_below_the_customer_bind_each_customer_apart(service: Service) -> None:
+    """Workspaces, projects, teams, features, models, threads and end users are named by each customer:
+    two customers' end user "alice" or team "red" are never one bucket, even when both customers' counters
+    sit in one partition."""
+    rpm = "- {name: key-rpm, scope: key, window: minute, unit: requests, limit: 20}"
+    await service.admin.apply_policy(SAMPLE_POLICY.replace(rpm, rpm + (
+        "\n      - {name: team-hour, scope: team, window: hour, unit: requests, limit: 2}"
+        "\n      - {name: user-hour, scope: end_user, window: hour, unit: requests, limit: 1}"), 1), "scopes.yaml")
+    names = (f"tenant-{i}" for i in itertools.count())
+    first = next(names)
+    second = next(n for n in names if service.counters.partition_of(n) == service.counters.partition_of(first))
+    red: dict[str, str] = {}
+    for customer in (first, second):
+        _, red[customer] = await new_key(service, plan="free", customer=customer, team_id="red")
+        await fund(service, customer, "1")
+    _, blue = await new_key(service, plan="free", customer=first, team_id="blue")
+
+    async def asked(secret: str, end_user: str) -> str:
+        d = await service.engine.authorize(ask(secret, end_user_id=end_user, prompt_bytes=10, max_output_tokens=5))
+        return d.decision if d.decision != "deny" else d.message.rsplit("(", 1)[-1].rstrip(")")
+
+    assert await asked(red[first], "alice") == "allow"
+    assert await asked(red[first], "alice") == "user-hour"  # the first customer's alice: her one request
+    assert await asked(red[second], "alice") == "allow"  # the second customer's alice is someone else
+    assert await asked(red[first], "bob") == "allow"  # team red of the first customer: 2 of 2
+    assert await asked(red[first], "carol") == "team-hour"
+    assert await asked(blue, "carol") == "allow"  # another team of the same customer
+    assert await asked(red[second], "bob") == "allow"  # the second customer's team red: 2 of 2
+    assert await asked(red[second], "carol") == "team-hour"
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
