@@ -25,7 +25,7 @@ from policyd.policy import ENVIRONMENTS, Policy, PolicyError, canonical_text, di
 from policyd.policy_book import PolicyBook
 from policyd import invoices, pricing, quotas, reconcile, reports
 from policyd.quotas import remaining_ttl
-from policyd.store import Store, key_record
+from policyd.store import Store, key_record, key_terms
 from policyd.writer import Writer
 
 GRANT_SOURCES = ("purchase", "promo", "refund", "adjustment")
@@ -131,7 +131,8 @@ class Admin:
 
     async def _publish_key(self, row: ApiKeyRow) -> None:
         at = now_ms()
-        await self.counters.set_key_state(row.customer_id, row.id, row.status, _secrets_of(row, at), at, row.expires_ms)
+        await self.counters.set_key_state(row.customer_id, row.id, row.status, _secrets_of(row, at), at, row.expires_ms,
+                                          key_terms(row.plan, row.scopes or ()), row.plan)
 
     async def get_key(self, key_id: str) -> ApiKeyRow:
         row = await asyncio.to_thread(self.store.key, key_id)
@@ -162,6 +163,37 @@ class Admin:
         await asyncio.to_thread(self.store.save_key, row)
         await self._publish_key(row)
         return row
+
+    async def set_plan(self, plan: str, *, key_id: str = "", customer_id: str = "") -> list[ApiKeyRow]:
+        """Move a key, or every key of a customer, to another plan of the active policy (an upgrade, a
+        downgrade): the keys moved. Every replica decides under the new plan from the next request (the
+        authorize script sees the key's new terms); requests already reserved settle as reserved.
+        Revoked keys stay as they were."""
+        if bool(key_id) == bool(customer_id):
+            raise _invalid("invalid_request", "give either a key id or a customer id")
+        policy = self.book.current
+        if policy is None:
+            raise PolicydError("FAILED_PRECONDITION", "no_policy", "apply a policy before moving keys to a plan")
+        if policy.plan(plan) is None:
+            raise _invalid("unknown_plan", f"plan {plan!r} is not in policy version {policy.version} "
+                                           f"(plans: {', '.join(sorted(policy.document.plans))})")
+        if key_id:
+            rows = [await self.get_key(key_id)]
+            if rows[0].status == "revoked":
+                raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be used again")
+        else:
+            rows = await self.list_keys(customer_id)
+            if not rows:
+                raise PolicydError("NOT_FOUND", "unknown_customer", f"customer {customer_id!r} has no keys")
+        moved = []
+        for row in rows:
+            if row.status == "revoked" or row.plan == plan:
+                continue
+            row.plan = plan
+            await asyncio.to_thread(self.store.save_key, row)  # SQL first: a replica that sees new terms reads them here
+            await self._publish_key(row)
+            moved.append(row)
+        return moved
 
     async def rotate_key(self, key_id: str, grace_seconds: int = ROTATION_GRACE_SECONDS_DEFAULT) -> KeyCreation:
         if not 0 <= grace_seconds <= ROTATION_GRACE_SECONDS_MAX:
@@ -446,7 +478,7 @@ class Admin:
         async with _Batches(self.counters.client) as batch:
             for row in await asyncio.to_thread(self.store.keys):
                 self.counters.queue_key_state(await batch.pipe(2), row.customer_id, row.id, row.status,
-                                              _secrets_of(row, at), row.expires_ms)
+                                              _secrets_of(row, at), row.expires_ms, key_terms(row.plan, row.scopes or ()))
                 written += 1
             balances = await asyncio.to_thread(self.store.ledger_balances)
             open_rows = await asyncio.to_thread(self.store.open_reservations)

@@ -165,6 +165,10 @@ def _keys(args: argparse.Namespace) -> int:
         response = stub.SetKeyExpiry(admin_pb2.SetKeyExpiryRequest(id=args.id, expires_unix_ms=_expiry_ms(args)),
                                      metadata=md)
         _print(args, response, _key_line(response))
+    elif args.keys_command == "plan":
+        moved = stub.SetPlan(admin_pb2.SetPlanRequest(key_id=args.key or "", customer_id=args.customer or "",
+                                                      plan=args.plan), metadata=md)
+        _print(args, moved, "\n".join(_key_line(k) for k in moved.keys) or "no key moved (already on the plan)")
     elif args.keys_command == "rotate":
         request = admin_pb2.RotateKeyRequest(id=args.id)
         if args.grace_seconds is not None:
@@ -543,6 +547,11 @@ def parser() -> argparse.ArgumentParser:
     _expiry_arguments(expire, never=True)
     listing = client(key_commands.add_parser("list", help="list keys (never their secrets)"))
     listing.add_argument("--customer", default="")
+    plan = client(key_commands.add_parser("plan", help="move a key, or every key of a customer, to another plan"))
+    plan.add_argument("plan")
+    whose = plan.add_mutually_exclusive_group(required=True)
+    whose.add_argument("--key", help="the key's id")
+    whose.add_argument("--customer", help="every key of this customer")
     for name in ("show", "pause", "resume", "revoke", "rotate"):
         p = client(key_commands.add_parser(name, help=f"{name} a key"))
         p.add_argument("id")

@@ -119,7 +119,7 @@ class BucketHold:
 
 @dataclass(frozen=True)
 class AuthorizeResult:
-    outcome: str  # allow | deny | exists
+    outcome: str  # allow | deny | exists | stale (the key's terms changed since it was read)
     reason: str = ""
     label: str = ""
     reserved: int = 0
@@ -185,22 +185,23 @@ class Counters:
         return redis_keys.partition_of(owner_id, self.partitions)
 
     async def set_key_state(self, customer_id: str, key_id: str, status: str, secrets: list[tuple[str, int]],
-                            now_ms: int, expires_ms: int = 0) -> None:
-        """`expires_ms`: when the key itself ends (0 = never), whatever its secrets."""
+                            now_ms: int, expires_ms: int = 0, terms: str = "", plan: str = "") -> None:
+        """`expires_ms`: when the key itself ends (0 = never), whatever its secrets; `terms`: the
+        fingerprint of its plan and scopes (store.key_terms); `plan`: recorded with the change."""
         partition = self.partition_of(customer_id)
-        args: list[str] = [status, str(now_ms), key_id, customer_id, str(expires_ms)]
+        args: list[str] = [status, str(now_ms), key_id, customer_id, str(expires_ms), terms, plan]
         for secret_hash, secret_expires_ms in secrets:
             args += [secret_hash, str(secret_expires_ms)]
         await self._key_state(keys=[redis_keys.key_state(partition, key_id), redis_keys.events(partition)], args=args)
 
     def queue_key_state(self, pipe: Any, customer_id: str, key_id: str, status: str,
-                        secrets: list[tuple[str, int]], expires_ms: int = 0) -> None:
+                        secrets: list[tuple[str, int]], expires_ms: int = 0, terms: str = "") -> None:
         """The same state as set_key_state, queued on a pipeline and recorded as no change: for a rebuild,
         whose fence keeps every decision off the partition meanwhile (so no script is needed to order
         them, and a Redis Cluster's pipelines, which refuse scripts, take it too)."""
         key = redis_keys.key_state(self.partition_of(customer_id), key_id)
         pipe.delete(key)
-        pipe.hset(key, mapping={"status": status, "expires": str(expires_ms),
+        pipe.hset(key, mapping={"status": status, "expires": str(expires_ms), "terms": terms,
                                 **{f"h:{secret_hash}": str(secret_expires_ms) for secret_hash, secret_expires_ms in secrets}})
 
     async def authorize(
@@ -219,6 +220,7 @@ class Counters:
         payload: str,
         reservation_fields: str,
         preset_denial: str,
+        terms: str,
         buckets: list[BucketHold],
     ) -> AuthorizeResult:
         keys = [
@@ -233,7 +235,7 @@ class Counters:
         ]
         args: list[str] = [
             request_id, secret_hash, str(now_ms), str(expires_ms), "1" if check_wallet else "0",
-            str(amount), str(concurrency_cap), payload, reservation_fields, preset_denial, str(len(buckets)),
+            str(amount), str(concurrency_cap), payload, reservation_fields, preset_denial, terms, str(len(buckets)),
         ]
         for b in buckets:
             args += b.args()
@@ -252,6 +254,8 @@ class Counters:
             return AuthorizeResult("allow", reserved=int(reply[1]), shadow=tuple(s for s in shadow.split("|") if s))
         if outcome == "deny":
             return AuthorizeResult("deny", reason=_text(reply[1]), label=_text(reply[2]))
+        if outcome == "stale":
+            return AuthorizeResult("stale")
         return AuthorizeResult("exists", state=_text(reply[1]), same_key=_text(reply[2]) == "1")
 
     def remember(self, reservation: Reservation) -> None:
@@ -391,11 +395,12 @@ class Counters:
             raise Fenced(partition)
         return _text(reply[0]), int(reply[1])
 
-    async def key_status(self, customer_id: str, key_id: str, secret_hash: str, now_ms: int) -> str:
+    async def key_status(self, customer_id: str, key_id: str, secret_hash: str, now_ms: int, terms: str = "") -> str:
         """active | paused | revoked | expired | invalid (this secret does not open the key), as authorize.lua
-        reads them."""
-        status, expiry, key_expiry = await self.client.hmget(
-            redis_keys.key_state(self.partition_of(customer_id), key_id), "status", f"h:{secret_hash}", "expires")
+        reads them; stale when the key is active under other terms than `terms` (its plan or scopes changed)."""
+        status, expiry, key_expiry, key_terms = await self.client.hmget(
+            redis_keys.key_state(self.partition_of(customer_id), key_id), "status", f"h:{secret_hash}", "expires",
+            "terms")
         if status is None or expiry is None:
             return "invalid"
         if _text(status) != "revoked" and key_expiry is not None and _text(key_expiry) != "0" \
@@ -403,6 +408,8 @@ class Counters:
             return "expired"
         if _text(expiry) != "0" and int(expiry) <= now_ms:
             return "invalid"
+        if _text(status) == "active" and terms and key_terms and _text(key_terms) not in ("", terms):
+            return "stale"
         return _text(status)
 
     async def wallet(self, customer_id: str) -> tuple[int, int]:

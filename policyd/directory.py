@@ -1,9 +1,11 @@
 """Resolving a secret to its key's identity: SQL is the source, memory the cache.
 
-The identity of a key (owner, environment, plan) never changes, so it is cached
-without expiry; whether the key may be used (active, paused, revoked, which
-secrets are valid) is checked in Redis inside the authorize script, atomically
-with the reservation, so a pause reaches every replica at once.
+The identity of a key is cached without expiry: its owner and environment never
+change; its plan and scopes may, and their fingerprint is kept in Redis, where the
+authorize script compares it with the cached one (a difference: the key is read
+again). Whether the key may be used (active, paused, revoked, which secrets are
+valid) is checked in Redis inside the authorize script, atomically with the
+reservation, so a pause or a plan change reaches every replica at once.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class KeyDirectory:
         _make_room(self._known, CACHE_ENTRIES_MAX)
         self._known[secret_hash] = record
         self._unknown.pop(secret_hash, None)
+
+    def forget(self, secret_hash: str) -> None:
+        """Read this key from SQL again at its next use (its plan or scopes changed)."""
+        self._known.pop(secret_hash, None)
 
     async def resolve(self, secret_hash: str) -> KeyRecord | None:
         record = self._known.get(secret_hash)

@@ -46,7 +46,7 @@ from policyd.pricing import Quantities, billing_of, charge_of, cost_of, estimate
 from policyd.quotas import hold_for, limit_reason, scope_ids
 from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
-from policyd.store import Store
+from policyd.store import KeyRecord, Store
 from policyd.validation import Problem, check_authorize, check_usage
 
 log = logging.getLogger("policyd.engine")
@@ -67,9 +67,12 @@ NO_PRICE = ModelPrice.model_construct(provider="", route="", tier="", input=0, c
                                       per_image=0, per_request=0, per_second=0)
 
 
+# the decision of a key read under terms (plan, scopes) the operator has since changed: made again
+STALE = Decision(decision="deny", request_id="", reason="stale")
+
 # a key's state (counters.key_status) -> the denial it gets
 KEY_STATE_DENIALS = {"invalid": "invalid_api_key", "paused": "key_paused", "revoked": "key_revoked",
-                     "expired": "key_expired"}
+                     "expired": "key_expired", "unavailable": "unavailable"}
 
 
 def now_ms() -> int:
@@ -174,6 +177,12 @@ class Engine:
     async def authorize(self, request: AuthorizeInput, unavailable_providers: frozenset[str] = frozenset()) -> Decision:
         started = time.perf_counter()
         decision = await self._authorize(request, unavailable_providers)
+        if decision is STALE:  # the operator changed the key's plan or scopes since this process read it
+            decision = await self._authorize(request, unavailable_providers)
+            if decision is STALE:  # changed again meanwhile: the client may retry at once
+                decision = self._deny({"request_id": request.attribution.request_id or new_request_id(),
+                                       "requested_model": request.model, "served_model": request.model,
+                                       "owner": Owner()}, "unavailable", retry_after=1)
         metrics.authorize_seconds.observe(time.perf_counter() - started)
         metrics.decisions.labels(decision.decision, decision.reason or "ok").inc()
         if decision.reason == "counters_unavailable" or decision.reason == "counters_unavailable_fail_open":
@@ -229,9 +238,13 @@ class Engine:
 
         # 5. the atomic step; a downgrade limit may turn a deny into a second attempt on a cheaper model
         decision_kind = "allow"
-        result = await self._reserve(request, request_id, secret_hash, owner, policy, plan, reserve, preset, at, started)
+        result = await self._reserve(request, request_id, secret_hash, key.terms, owner, policy, plan, reserve, preset,
+                                     at, started)
         if result is None:
             return await self._counters_down(request, request_id, base, owner, policy, plan, reserve, at, started)
+        if result.outcome == "stale":
+            self.directory.forget(secret_hash)  # read it again from SQL, where the change was made first
+            return STALE
         if result.outcome == "deny" and result.reason == "limit" and policy is not None and plan is not None:
             limit = reserve.limits_by_label.get(result.label, (None, 0))[0]
             if limit is not None and limit.action == "downgrade" and request.attribution.feature not in plan.critical_features \
@@ -241,10 +254,13 @@ class Engine:
                     and self._input_bounded(policy, plan, limit.downgrade_to, request.shape):
                 cheaper = self._attempt(request, owner, policy, plan, limit.downgrade_to, at, skip_label=limit.label)
                 cheaper.fallback_reason = f"downgraded:{limit.label}"
-                retry = await self._reserve(request, request_id, secret_hash, owner, policy, plan, cheaper, "", at, started,
-                                            decision="downgrade")
+                retry = await self._reserve(request, request_id, secret_hash, key.terms, owner, policy, plan, cheaper, "",
+                                            at, started, decision="downgrade")
                 if retry is None:
                     return await self._counters_down(request, request_id, base, owner, policy, plan, reserve, at, started)
+                if retry.outcome == "stale":
+                    self.directory.forget(secret_hash)
+                    return STALE
                 if retry.outcome == "allow":
                     reserve, result, decision_kind = cheaper, retry, "downgrade"
                 elif retry.outcome == "deny" and retry.reason == "limit":
@@ -314,12 +330,10 @@ class Engine:
             return await self._deny_unowned(request, at, started, base, "missing_api_key")
         if not key_secrets.is_well_formed(request.api_key):
             return await self._deny_unowned(request, at, started, base, "malformed_api_key")
-        secret_hash = key_secrets.hash_secret(request.api_key)
-        key = await self.directory.resolve(secret_hash)
+        key, status = await self._key_in_force(key_secrets.hash_secret(request.api_key), at)
         if key is None:
             return await self._deny_unowned(request, at, started, base, "invalid_api_key")
         owner = Owner(key.customer_id, key.workspace_id, key.project_id, key.team_id, key.id, key.environment, key.plan)
-        status = await self.counters.key_status(key.customer_id, key.id, secret_hash, at)
         policy = self.book.current
         plan = policy.plan(key.plan) if policy else None
         reason, param = KEY_STATE_DENIALS.get(status, ""), ""
@@ -348,11 +362,9 @@ class Engine:
             return [], self._deny(base | {"owner": Owner()}, "missing_api_key")
         if not key_secrets.is_well_formed(api_key):
             return [], self._deny(base | {"owner": Owner()}, "malformed_api_key")
-        secret_hash = key_secrets.hash_secret(api_key)
-        key = await self.directory.resolve(secret_hash)
+        key, status = await self._key_in_force(key_secrets.hash_secret(api_key), self.clock())
         if key is None:
             return [], self._deny(base | {"owner": Owner()}, "invalid_api_key")
-        status = await self.counters.key_status(key.customer_id, key.id, secret_hash, self.clock())
         if status in KEY_STATE_DENIALS:
             return [], self._deny(base | {"owner": Owner()}, KEY_STATE_DENIALS[status])
         policy = self.book.current
@@ -360,6 +372,19 @@ class Engine:
         if policy is None or plan is None:
             return [], self._deny(base | {"owner": Owner()}, "unknown_plan" if policy else "no_policy")
         return self.models_allowed(policy, plan, key.scopes, key.environment), None
+
+    async def _key_in_force(self, secret_hash: str, at: int) -> tuple[KeyRecord | None, str]:
+        """The key a secret opens, under its current terms, and its state (counters.key_status; "unavailable"
+        when its terms changed twice while being read)."""
+        for _ in range(2):
+            key = await self.directory.resolve(secret_hash)
+            if key is None:
+                return None, "invalid"
+            status = await self.counters.key_status(key.customer_id, key.id, secret_hash, at, key.terms)
+            if status != "stale":
+                return key, status
+            self.directory.forget(secret_hash)
+        return key, "unavailable"
 
     @staticmethod
     def models_allowed(policy: Policy, plan: Plan, scopes: tuple[str, ...], environment: str) -> list[tuple[str, str]]:
@@ -452,7 +477,7 @@ class Engine:
         likely = min(input_estimate(s.prompt_bytes, s.message_count, s.input_tokens), input_tokens)
         return _Plan(model, price, input_tokens, output_cap, charge, holds, by_label, likely_input_tokens=likely)
 
-    async def _reserve(self, request: AuthorizeInput, request_id: str, secret_hash: str, owner: Owner,
+    async def _reserve(self, request: AuthorizeInput, request_id: str, secret_hash: str, terms: str, owner: Owner,
                        policy: Policy | None, plan: Plan | None, attempt: _Plan, preset: str, at: int,
                        started: int, decision: str = "allow") -> Any:
         record = self._record(request, request_id, owner, policy, plan, attempt, at, started, decision)
@@ -472,7 +497,7 @@ class Engine:
                 check_wallet=plan is not None and plan.wallet == "required",
                 amount=attempt.charge, concurrency_cap=plan.concurrency if plan else 0,
                 payload=payload, reservation_fields=fields_json,
-                preset_denial=preset, buckets=attempt.holds,
+                preset_denial=preset, terms=terms, buckets=attempt.holds,
             )
             if result.outcome == "allow":
                 self.counters.remember(Reservation(request_id, partition, "reserved", result.reserved,

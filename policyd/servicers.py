@@ -281,6 +281,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         await self._key(context, request.id)
         return api_key_message(await _call(context, lambda: self.admin.set_expiry(request.id, request.expires_unix_ms)))
 
+    async def SetPlan(self, request: admin_pb2.SetPlanRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._operator(context)
+        moved = await _call(context, lambda: self.admin.set_plan(request.plan, key_id=request.key_id,
+                                                                 customer_id=request.customer_id))
+        return admin_pb2.SetPlanResponse(keys=[api_key_message(row) for row in moved])
+
     async def RotateKey(self, request: admin_pb2.RotateKeyRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._key(context, request.id)
         grace = request.grace_seconds if request.HasField("grace_seconds") else 86_400

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterable
 
 from sqlalchemy import JSON, Table, bindparam, case, func, insert, or_, select, update
@@ -18,7 +21,9 @@ OPEN_STATUSES = ("reserved",)
 
 @dataclass(frozen=True)
 class KeyRecord:
-    """The immutable identity of a key, as the decision pipeline needs it."""
+    """The identity of a key, as the decision pipeline needs it. Its owner never changes; its plan and
+    scopes (its terms) may: their fingerprint is kept in the key's Redis state, where the authorize
+    script compares it with the one a decision was made under."""
 
     id: str
     customer_id: str
@@ -28,6 +33,15 @@ class KeyRecord:
     environment: str
     plan: str
     scopes: tuple[str, ...] = field(default=())
+
+    @cached_property
+    def terms(self) -> str:
+        return key_terms(self.plan, self.scopes)
+
+
+def key_terms(plan: str, scopes: Iterable[str]) -> str:
+    """The fingerprint of what a key may do: its plan and scopes."""
+    return hashlib.sha256(json.dumps([plan, sorted(scopes)]).encode()).hexdigest()[:16]
 
 
 def _by_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

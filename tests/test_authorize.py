@@ -242,3 +242,46 @@ async def test_a_token_count_checks_key_plan_and_model_and_moves_nothing(service
     assert (await record(service, "count-paused")).customer_id == "acme"
     await service.admin.set_state(key_id, "revoked")
     assert (await service.engine.admit_token_count(ask(secret))).reason == "key_revoked"
+
+
+async def test_a_plan_change_binds_the_next_decision_even_where_the_old_plan_is_cached(service: Service) -> None:
+    """Moving a key (or a customer's keys) to another plan: a replica that read the key before the change
+    still holds the old plan in memory; the authorize script sees the key's new terms in Redis, and the
+    decision is made again under the new plan."""
+    from policyd import keys as key_secrets
+    from policyd.domain import PolicydError
+
+    key_id, secret = await new_key(service, plan="free", customer="upgrader")
+    await fund(service, "upgrader", "10")
+    assert (await service.engine.authorize(ask(secret, model="gpt-4o"))).reason == "model_not_allowed"
+    secret_hash = key_secrets.hash_secret(secret)
+    before = await service.engine.directory.resolve(secret_hash)  # what another replica still holds
+    moved = await service.admin.set_plan("pro", key_id=key_id)
+    assert [(row.id, row.plan) for row in moved] == [(key_id, "pro")]
+    service.engine.directory.remember(secret_hash, before)
+    upgraded = await service.engine.authorize(ask(secret, model="gpt-4o", request_id="after-upgrade"))
+    assert (upgraded.decision, upgraded.owner.plan) == ("allow", "pro")
+    await service.writer.drain()
+    assert service.store.usage_record("after-upgrade").plan == "pro"
+
+    service.engine.directory.remember(secret_hash, before)  # the same for the listing and token counts
+    assert ("gpt-4o", "openai") in (await service.engine.models_for(secret))[0]
+    service.engine.directory.remember(secret_hash, before)
+    assert (await service.engine.admit_token_count(ask(secret, model="gpt-4o"))).decision == "allow"
+
+    _, second = await new_key(service, plan="pro", customer="upgrader")
+    revoked_id, _ = await new_key(service, plan="pro", customer="upgrader")
+    await service.admin.set_state(revoked_id, "revoked")
+    cached = await service.engine.directory.resolve(key_secrets.hash_secret(second))
+    moved = await service.admin.set_plan("free", customer_id="upgrader")  # every key of the customer, back down
+    assert sorted(row.plan for row in moved) == ["free", "free"] and revoked_id not in {row.id for row in moved}
+    assert (await service.admin.get_key(revoked_id)).plan == "pro"
+    service.engine.directory.remember(key_secrets.hash_secret(second), cached)
+    assert (await service.engine.authorize(ask(second, model="gpt-4o"))).reason == "model_not_allowed"
+    for bad, reason in (({"key_id": key_id, "customer_id": "upgrader"}, "invalid_request"),
+                        ({"key_id": key_id, "plan": "no-such-plan"}, "unknown_plan"),
+                        ({"key_id": revoked_id}, "key_revoked"), ({"customer_id": "nobody"}, "unknown_customer")):
+        with pytest.raises(PolicydError) as error:
+            await service.admin.set_plan(bad.pop("plan", "pro"), **bad)
+        assert error.value.reason == reason
+    assert (await service.admin.audit()).ok

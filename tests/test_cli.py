@@ -93,6 +93,21 @@ def test_keys_that_end(server: PolicydProcess) -> None:
     assert run(server, "keys", "expire", trial["key"]["id"]).returncode != 0  # when, or --never, must be said
 
 
+def test_keys_move_to_another_plan(server: PolicydProcess) -> None:
+    created = json.loads(run(server, "keys", "create", "--customer", "mover", "--plan", "free", "--json").stdout)
+    run(server, "credit", "grant", "--customer", "mover", "--amount", "5")
+    refused = run(server, "authorize", "--key", created["secret"], "--model", "gpt-4o")
+    assert refused.returncode == 2 and "model_not_allowed" in refused.stdout
+    moved = run(server, "keys", "plan", "pro", "--customer", "mover")
+    assert moved.returncode == 0 and created["key"]["id"] in moved.stdout and "pro" in moved.stdout
+    assert run(server, "authorize", "--key", created["secret"], "--model", "gpt-4o").returncode == 0
+    again = run(server, "keys", "plan", "pro", "--key", created["key"]["id"])
+    assert again.returncode == 0 and "no key moved" in again.stdout
+    unknown = run(server, "keys", "plan", "platinum", "--key", created["key"]["id"])
+    assert unknown.returncode != 0 and "unknown_plan" in unknown.stderr
+    assert run(server, "keys", "plan", "pro").returncode != 0  # whose keys must be said
+
+
 def test_apply_dry_run_and_errors(server: PolicydProcess, tmp_path: Path) -> None:
     changed = tmp_path / "changed.yaml"
     changed.write_text(Path(SAMPLE).read_text().replace('output: "10.00"', 'output: "8.00"'))

@@ -108,6 +108,25 @@ def test_a_request_decided_on_one_replica_is_settled_exactly_on_another(replicas
     assert json.dumps(replicas.mock.received()).count(key) == 0
 
 
+def test_a_plan_change_binds_every_replica_at_the_next_request(replicas: Replicas) -> None:
+    """Both replicas hold the key in memory (free plan: no gpt-4o); the operator moves the customer to
+    pro on one of them; every next request, whichever replica decides it, is decided under pro."""
+    key = replicas.customer("upgraded", plan="free")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{replicas.port}/v1", api_key=key, max_retries=0, timeout=20)
+    before = replicas.streams_per_replica()
+    for i in range(8):
+        with pytest.raises(openai.PermissionDeniedError):
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": f"before {i}"}])
+    assert min(after - was for after, was in zip(replicas.streams_per_replica(), before)) >= 2  # both decided some
+    moved = replicas.admin.SetPlan(admin_pb2.SetPlanRequest(customer_id="upgraded", plan="pro"))
+    assert [k.owner.plan for k in moved.keys] == ["pro"]
+    served = [client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": f"after {i}"}],
+                                             max_tokens=4).model for i in range(8)]
+    assert served == ["gpt-4o"] * 8
+    records = replicas.records("upgraded")
+    assert sorted((r.owner.plan, r.decision) for r in records) == [("free", "deny")] * 8 + [("pro", "allow")] * 8
+
+
 def test_an_account_that_answered_429_through_one_replica_is_skipped_by_all(replicas: Replicas) -> None:
     key = replicas.customer("cooled")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{replicas.port}/v1", api_key=key, max_retries=0, timeout=20)

@@ -2,7 +2,7 @@
 --
 -- Every key is in one owner partition (one Redis Cluster slot, hash tag {pN}).
 -- KEYS[1] key state hash     status = active|paused|revoked, expires = the key's end ms (0 or absent = none),
---                            h:<secret sha256> = expiry ms (0 = none)
+--                            h:<secret sha256> = expiry ms (0 = none), terms = the plan and scopes' fingerprint
 -- KEYS[2] wallet hash        balance, reserved (nanos)
 -- KEYS[3] reservation hash   created here
 -- KEYS[4] deadlines zset     request_id -> expiry ms
@@ -23,15 +23,18 @@
 -- ARGV[9]  reservation fields (JSON made by policyd, stored opaque in field "r")
 -- ARGV[10] a denial policy already decided ("" = none), returned once the key itself is known good,
 --          so a paused or revoked key is always reported as such first
--- ARGV[11] n buckets, then 6 per bucket:
+-- ARGV[11] the fingerprint of the key's plan and scopes the decision was made under: when the key state
+--          holds another (the operator changed them), nothing is done and {"stale"} is returned, so
+--          policyd reads the key again and decides anew
+-- ARGV[12] n buckets, then 6 per bucket:
 --          amount, limit, mode (block|shadow), ttl seconds (0 = none), thresholds ("pct:amount,..."), label
--- ARGV[12+6n] the partition (with KEYS[8+n]); ARGV[13+6n] the index's lifetime, seconds
+-- ARGV[13+6n] the partition (with KEYS[8+n]); ARGV[14+6n] the index's lifetime, seconds
 --
 -- Numbers: every amount is an integer below 2^53, so Lua doubles hold them exactly;
 -- mutations use HINCRBY/INCRBY with the ARGV strings; numbers become strings only
 -- through string.format('%d'), never tostring (which rounds to 14 digits).
 -- Returns {"allow", reserved, shadow labels "a|b"} | {"deny", reason, label}
---       | {"exists", state, "1" when the same key made it} | {"fenced"}.
+--       | {"exists", state, "1" when the same key made it} | {"fenced"} | {"stale"}.
 
 local function fmt(n) return string.format('%d', n) end
 
@@ -45,7 +48,8 @@ local concurrency_cap = tonumber(ARGV[7])
 local payload = ARGV[8]
 local reservation_fields = ARGV[9]
 local preset_denial = ARGV[10]
-local bucket_count = tonumber(ARGV[11])
+local terms = ARGV[11]
+local bucket_count = tonumber(ARGV[12])
 
 local function record(outcome, reason, label, extra)
   redis.call('XADD', KEYS[6], '*', 'type', 'authorize', 'rid', request_id, 'at', ARGV[3],
@@ -54,7 +58,7 @@ end
 
 local index_key = KEYS[8 + bucket_count]
 if index_key then
-  redis.call('SET', index_key, ARGV[12 + 6 * bucket_count], 'EX', ARGV[13 + 6 * bucket_count], 'NX')
+  redis.call('SET', index_key, ARGV[13 + 6 * bucket_count], 'EX', ARGV[14 + 6 * bucket_count], 'NX')
 end
 
 if redis.call('EXISTS', KEYS[7]) == 1 then
@@ -68,8 +72,8 @@ if previous_state then
 end
 
 -- 2. the key: its state and this secret's validity are read here, atomically with the reservation
-local key_state = redis.call('HMGET', KEYS[1], 'status', secret_field, 'expires')
-local status, secret_expiry, key_expiry = key_state[1], key_state[2], key_state[3]
+local key_state = redis.call('HMGET', KEYS[1], 'status', secret_field, 'expires', 'terms')
+local status, secret_expiry, key_expiry, key_terms = key_state[1], key_state[2], key_state[3], key_state[4]
 local deny_reason = nil
 if not status or not secret_expiry then
   deny_reason = 'invalid_api_key'
@@ -81,6 +85,10 @@ elseif status == 'paused' then
   deny_reason = 'key_paused'
 elseif secret_expiry ~= '0' and tonumber(secret_expiry) <= now_ms then
   deny_reason = 'invalid_api_key'
+end
+-- a state written before terms were kept has none: nothing to compare
+if not deny_reason and key_terms and key_terms ~= '' and key_terms ~= terms then
+  return {'stale'}
 end
 if not deny_reason and preset_denial ~= '' then
   deny_reason = preset_denial
@@ -112,7 +120,7 @@ end
 -- 5. buckets: every hard limit must have room; shadow limits only note that they would deny
 local shadow = {}
 for i = 1, bucket_count do
-  local base = 11 + (i - 1) * 6
+  local base = 12 + (i - 1) * 6
   local bucket_amount = tonumber(ARGV[base + 1])
   local limit = tonumber(ARGV[base + 2])
   local used = tonumber(redis.call('HGET', KEYS[7 + i], 'used') or '0')
@@ -130,7 +138,7 @@ end
 -- Past this point nothing can deny: reserve everywhere.
 redis.call('HINCRBY', KEYS[2], 'reserved', ARGV[6])
 for i = 1, bucket_count do
-  local base = 11 + (i - 1) * 6
+  local base = 12 + (i - 1) * 6
   local key = KEYS[7 + i]
   local used = redis.call('HINCRBY', key, 'used', ARGV[base + 1])
   local ttl = tonumber(ARGV[base + 4])

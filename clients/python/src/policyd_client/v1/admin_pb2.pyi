@@ -175,6 +175,22 @@ class SetKeyExpiryRequest(_message.Message):
     expires_unix_ms: int
     def __init__(self, id: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
 
+class SetPlanRequest(_message.Message):
+    __slots__ = ("key_id", "customer_id", "plan")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    customer_id: str
+    plan: str
+    def __init__(self, key_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., plan: _Optional[str] = ...) -> None: ...
+
+class SetPlanResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[ApiKey]
+    def __init__(self, keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ...) -> None: ...
+
 class RotateKeyRequest(_message.Message):
     __slots__ = ("id", "grace_seconds")
     ID_FIELD_NUMBER: _ClassVar[int]

@@ -78,6 +78,11 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.SetKeyExpiryRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.ApiKey.FromString,
                 _registered_method=True)
+        self.SetPlan = channel.unary_unary(
+                '/policyd.v1.AdminService/SetPlan',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.SetPlanRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.SetPlanResponse.FromString,
+                _registered_method=True)
         self.ApplyPolicy = channel.unary_unary(
                 '/policyd.v1.AdminService/ApplyPolicy',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ApplyPolicyRequest.SerializeToString,
@@ -211,6 +216,14 @@ class AdminServiceServicer:
 
     def SetKeyExpiry(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPlan(self, request, context):
+        """Move a key, or every key of a customer, to another plan (operator only): binds from the next
+        decision on every replica; requests already reserved settle as reserved.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -353,6 +366,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.SetKeyExpiry,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.SetKeyExpiryRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.ApiKey.SerializeToString,
+            ),
+            'SetPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPlan,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.SetPlanRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.SetPlanResponse.SerializeToString,
             ),
             'ApplyPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyPolicy,
@@ -655,6 +673,33 @@ class AdminService:
             '/policyd.v1.AdminService/SetKeyExpiry',
             policyd_dot_v1_dot_admin__pb2.SetKeyExpiryRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/SetPlan',
+            policyd_dot_v1_dot_admin__pb2.SetPlanRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.SetPlanResponse.FromString,
             options,
             channel_credentials,
             insecure,
