@@ -228,6 +228,18 @@ def _count(value: Any) -> int:
     return _int(value)
 
 
+def _token_ids(value: Any) -> int:
+    """Tokens of an input given as token ids (a list of them, or a list of such lists), which its bytes do
+    not bound: counted, not estimated. 0 when the input is text."""
+    if not isinstance(value, list) or not value:
+        return 0
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return len(value)
+    if all(isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in value):
+        return sum(len(p) for p in value)
+    return 0
+
+
 def _search_bound(endpoint: str, data: dict[str, Any]) -> int:
     """The most web searches the provider may run for this request, where the request bounds them:
     Anthropic's web search tool's `max_uses`, the Responses API's `max_tool_calls` with a search tool."""
@@ -340,11 +352,9 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.choices = _count(data.get("n"))
     elif endpoint == "completions":  # best_of are generated (and billed), n of them returned
         call.choices = max(_count(data.get("n")), _count(data.get("best_of")))
-        prompt = data.get("prompt")
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            call.input_tokens = len(prompt)  # a prompt of token ids: counted, not estimated
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
-            call.input_tokens = sum(len(p) for p in prompt)
+        call.input_tokens = _token_ids(data.get("prompt"))
+    elif endpoint == "embeddings":
+        call.input_tokens = _token_ids(data.get("input"))
     elif endpoint == "gemini_generate_content":
         call.choices = _count(generation.get("candidateCount"))
     call.web_searches = _search_bound(endpoint, data)

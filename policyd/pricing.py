@@ -82,13 +82,15 @@ def charge_of(plan: Plan, model: str, q: Quantities, cost: int, billing: str = "
 
 def estimate_input_tokens(plan: Plan, prompt_bytes: int, message_count: int, reported_tokens: int,
                           context_window: int = 0, unseen_input: bool = False) -> int:
-    """Input tokens to reserve for. Strict: a true upper bound: the bytes' bound, or the model's context
-    window when that is less, or when the request refers to input it does not carry (its caller refuses
-    such a request on a model with no window). Estimate: `input_estimate`."""
+    """Input tokens to reserve for. Strict: a true upper bound: the bytes' bound (or the proxy's count when
+    greater: a prompt of token ids has no text to bound), or the model's context window when that is less,
+    or when the request refers to input it does not carry (its caller refuses such a request on a model
+    with no window). Estimate: `input_estimate`."""
     if plan.reservation == "strict":
         if unseen_input and context_window:
             return context_window
-        bound = prompt_bytes + STRICT_TOKENS_PER_MESSAGE * max(message_count, 1) + STRICT_TOKENS_PER_REQUEST
+        bound = max(prompt_bytes + STRICT_TOKENS_PER_MESSAGE * max(message_count, 1) + STRICT_TOKENS_PER_REQUEST,
+                    reported_tokens)
         return min(bound, context_window) if context_window else bound
     return input_estimate(prompt_bytes, message_count, reported_tokens)
 

@@ -791,3 +791,18 @@ async def test_limits_below_the_customer_bind_each_customer_apart(service: Servi
     assert await asked(red[second], "carol") == "team-hour"
     await service.writer.drain()
     assert (await service.admin.audit()).ok
+
+
+async def test_a_strict_plan_reserves_every_token_id_of_a_prompt_given_as_ids(service: Service) -> None:
+    """Token ids (legacy completions, embeddings) have no text for the bytes' bound: a strict plan reserves
+    their count when it is the greater."""
+    _, secret = await new_key(service, plan="free", customer="token-ids")
+    await fund(service, "token-ids", "1")
+    d = await service.engine.authorize(ask(secret, model="text-embedding-3-small", endpoint="embeddings",
+                                           prompt_bytes=0, input_tokens=5000, request_id="ids"))
+    assert d.reserved == price_quantity(5000, parse_amount("0.02"))
+    s = await service.engine.settle(usage("ids", input_tokens=5000, output_tokens=0))
+    assert s.charge == d.reserved
+    text = await service.engine.authorize(ask(secret, model="text-embedding-3-small", endpoint="embeddings",
+                                              prompt_bytes=1000, input_tokens=10))
+    assert text.reserved == price_quantity(1000 + 8 + 16, parse_amount("0.02"))  # the bytes' bound, the greater
