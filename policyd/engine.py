@@ -448,7 +448,7 @@ class Engine:
         price = policy.model(model)
         assert price is not None, "the model was checked against the price table"
         s = request.shape
-        output_cap = s.max_output_tokens or plan.default_max_output_tokens
+        output_cap = s.max_output_tokens or price.default_max_output_tokens or plan.default_max_output_tokens
         input_tokens = estimate_input_tokens(plan, s.prompt_bytes, s.message_count, s.input_tokens,
                                              price.context_window, s.unseen_input)
         if request.endpoint == "embeddings":

@@ -131,6 +131,9 @@ class ModelPrice(Prices):
     # the most input tokens one request can carry (0 = not given): bounds a strict plan's reservation,
     # and is the bound of input a request only refers to (a previous response, a file, an image URL)
     context_window: int = Field(0, ge=0, le=QUANTITY_MAX)
+    # the output cap of a request that gives none, instead of the plan's (0 = the plan's): a reasoning
+    # model spends its hidden reasoning from the same cap, and a small one leaves it nothing to answer with
+    default_max_output_tokens: int = Field(0, ge=0, le=1_000_000)
 
     @property
     def upstream(self) -> str:

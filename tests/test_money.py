@@ -323,6 +323,16 @@ async def test_default_output_cap_is_returned_when_the_client_gives_none(service
     assert d.max_output_tokens == 512
 
 
+async def test_a_model_may_give_its_own_default_output_cap(service: Service) -> None:
+    """A reasoning model spends hidden reasoning from the same cap: the plan's small default would leave it
+    nothing to answer with, so the model's own default (when it has one) replaces it; a client's cap still rules."""
+    secret = await mini_priced_with(service, "default_max_output_tokens: 8000")  # free plan default: 512
+    roomy = await service.engine.authorize(ask(secret, max_output_tokens=0))
+    assert roomy.max_output_tokens == 8000
+    assert roomy.reserved == price_quantity(400 + 8 + 16, parse_amount("0.15")) + price_quantity(8000, parse_amount("0.60"))
+    assert (await service.engine.authorize(ask(secret, max_output_tokens=64))).max_output_tokens == 64
+
+
 async def test_rebuild_restores_counters_after_redis_data_loss(service: Service) -> None:
     _, secret = await new_key(service)
     await fund(service, "acme", "3", grant_id="g-rebuild")
