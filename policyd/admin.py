@@ -23,7 +23,7 @@ from policyd.domain import PolicydError
 from policyd.money import AMOUNT_MAX
 from policyd.policy import ENVIRONMENTS, Policy, PolicyError, canonical_text, diff, parse_policy
 from policyd.policy_book import PolicyBook
-from policyd import invoices, pricing, quotas, reconcile, reports
+from policyd import invoices, key_limits, pricing, quotas, reconcile, reports
 from policyd.quotas import remaining_ttl
 from policyd.store import Store, key_record, key_terms
 from policyd.writer import Writer
@@ -73,6 +73,13 @@ def _check_expiry(expires_ms: int) -> None:
         raise _invalid("invalid_request", "expires_unix_ms must be in the future (or 0: never)")
 
 
+def _key_limits(limits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    try:
+        return key_limits.checked(limits)
+    except ValueError as error:
+        raise _invalid("invalid_limit", str(error)) from None
+
+
 def _secrets_of(row: ApiKeyRow, at: int) -> list[tuple[str, int]]:
     valid = [(row.secret_hash, 0)]
     if row.previous_secret_hash and row.previous_expires_ms > at:
@@ -95,11 +102,14 @@ class Admin:
     # ------------------------------------------------------------------ keys
     async def create_key(self, *, label: str, customer_id: str, workspace_id: str = "", project_id: str = "",
                          team_id: str = "", environment: str, plan: str, scopes: list[str] | None = None,
-                         test: bool = False, expires_ms: int = 0) -> KeyCreation:
-        """`expires_ms`: when the key ends (refused as key_expired from then on), 0 = never."""
+                         test: bool = False, expires_ms: int = 0,
+                         limits: list[dict[str, Any]] | None = None) -> KeyCreation:
+        """`expires_ms`: when the key ends (refused as key_expired from then on), 0 = never; `limits`: the
+        key's own limits (key_limits.py)."""
         if not customer_id:
             raise _invalid("invalid_request", "customer_id is required")
         _check_expiry(expires_ms)
+        own_limits = _key_limits(limits or [])
         for name, value in (("customer_id", customer_id), ("workspace_id", workspace_id),
                             ("project_id", project_id), ("team_id", team_id)):
             if len(value) > OWNER_ID_LENGTH_MAX or any(c in value for c in "{}/\x00\n\r\t "):
@@ -122,7 +132,7 @@ class Admin:
             secret_hash=key_secrets.hash_secret(secret), previous_secret_hash=None, previous_expires_ms=0,
             customer_id=customer_id, workspace_id=workspace_id, project_id=project_id, team_id=team_id,
             environment=environment, plan=plan, scopes=list(scopes or []), status="active", created_ms=at,
-            rotated_ms=0, status_changed_ms=at, expires_ms=expires_ms,
+            rotated_ms=0, status_changed_ms=at, expires_ms=expires_ms, limits=own_limits,
         )
         await asyncio.to_thread(self.store.save_key, row)
         await self._publish_key(row)
@@ -132,7 +142,7 @@ class Admin:
     async def _publish_key(self, row: ApiKeyRow) -> None:
         at = now_ms()
         await self.counters.set_key_state(row.customer_id, row.id, row.status, _secrets_of(row, at), at, row.expires_ms,
-                                          key_terms(row.plan, row.scopes or ()), row.plan)
+                                          key_terms(row.plan, row.scopes or (), row.limits), row.plan)
 
     async def get_key(self, key_id: str) -> ApiKeyRow:
         row = await asyncio.to_thread(self.store.key, key_id)
@@ -161,6 +171,18 @@ class Admin:
             raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be used again")
         row.expires_ms = expires_ms
         await asyncio.to_thread(self.store.save_key, row)
+        await self._publish_key(row)
+        return row
+
+    async def set_limits(self, key_id: str, limits: list[dict[str, Any]]) -> ApiKeyRow:
+        """Give a key its own limits (none: the plan's alone); they bind from the next decision on every
+        replica. A limit that lowers a count already past it refuses the key's next requests in that window."""
+        own_limits = _key_limits(limits)
+        row = await self.get_key(key_id)
+        if row.status == "revoked":
+            raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be used again")
+        row.limits = own_limits
+        await asyncio.to_thread(self.store.save_key, row)  # SQL first: a replica that sees new terms reads them here
         await self._publish_key(row)
         return row
 
@@ -372,7 +394,7 @@ class Admin:
                       for m, _ in Engine.models_allowed(policy, plan, tuple(row.scopes or ()), row.environment)]
             partition = self.counters.partition_of(row.customer_id)
             of_key = quotas.scope_ids(row.customer_id, row.id, row.workspace_id, row.project_id, row.team_id)
-            for limit in plan.limits:
+            for limit in key_limits.effective(plan.limits, key_limits.as_limits(row.limits), policy.document.timezone):
                 scope_id = of_key[limit.scope]
                 if not scope_id:
                     continue  # per-thread, per-feature, per-model and per-user buckets are many: see reports
@@ -478,7 +500,8 @@ class Admin:
         async with _Batches(self.counters.client) as batch:
             for row in await asyncio.to_thread(self.store.keys):
                 self.counters.queue_key_state(await batch.pipe(2), row.customer_id, row.id, row.status,
-                                              _secrets_of(row, at), row.expires_ms, key_terms(row.plan, row.scopes or ()))
+                                              _secrets_of(row, at), row.expires_ms,
+                                              key_terms(row.plan, row.scopes or (), row.limits))
                 written += 1
             balances = await asyncio.to_thread(self.store.ledger_balances)
             open_rows = await asyncio.to_thread(self.store.open_reservations)

@@ -130,13 +130,39 @@ def _key_line(key: admin_pb2.ApiKey) -> str:
         state = "expired"
     o = key.owner
     ends = f"  (ends {_utc(key.expires_unix_ms)})" if key.expires_unix_ms else ""
-    return f"{key.id}  {key.prefix}…  {state:8} {o.customer_id:20} {o.environment:16} {o.plan:16} {key.label}{ends}"
+    own = f"  (own limits: {', '.join(_limit_text(limit) for limit in key.limits)})" if key.limits else ""
+    return f"{key.id}  {key.prefix}…  {state:8} {o.customer_id:20} {o.environment:16} {o.plan:16} {key.label}{ends}{own}"
+
+
+def _limit_text(limit: admin_pb2.KeyLimit) -> str:
+    from policyd.money import format_amount
+
+    value = format_amount(limit.limit) if limit.unit == "money" else str(limit.limit)
+    return f"{value} {limit.unit} a {limit.window}" + (f" ({limit.timezone})" if limit.timezone else "")
+
+
+def _key_limit(text: str) -> admin_pb2.KeyLimit:
+    """WINDOW[@ZONE]:UNIT:VALUE, e.g. month:money:20.00, minute:requests:60, day@Asia/Tokyo:tokens:100000."""
+    from policyd.money import MoneyError, parse_amount
+
+    window, _, rest = text.partition(":")
+    unit, _, value = rest.partition(":")
+    window, _, zone = window.partition("@")
+    try:
+        limit = parse_amount(value) if unit == "money" else int(value)
+    except (MoneyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r}: WINDOW:UNIT:VALUE, e.g. month:money:20.00") from None
+    return admin_pb2.KeyLimit(window=window, unit=unit, limit=limit, timezone=zone)
 
 
 def _utc(ms: int) -> str:
     from datetime import datetime, timezone
 
     return datetime.fromtimestamp(ms // 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+KEY_LIMIT_HELP = ("a limit of this key's own, WINDOW[@ZONE]:UNIT:VALUE (month:money:20.00, minute:requests:60); "
+                  "in place of the plan's key limit of the same unit and window; repeatable")
 
 
 def _expiry_arguments(parser: argparse.ArgumentParser, never: bool = False) -> None:
@@ -153,7 +179,7 @@ def _keys(args: argparse.Namespace) -> int:
         response = stub.CreateKey(admin_pb2.CreateKeyRequest(
             label=args.label, customer_id=args.customer, workspace_id=args.workspace, project_id=args.project,
             team_id=args.team, environment=args.environment, plan=args.plan, scopes=args.scope or [],
-            test=args.test, expires_unix_ms=_expiry_ms(args)), metadata=md)
+            test=args.test, expires_unix_ms=_expiry_ms(args), limits=args.limit or []), metadata=md)
         _print(args, response, f"{_key_line(response.key)}\nsecret (shown once, store it now): {response.secret}")
     elif args.keys_command == "list":
         response = stub.ListKeys(admin_pb2.ListKeysRequest(customer_id=args.customer), metadata=md)
@@ -164,6 +190,9 @@ def _keys(args: argparse.Namespace) -> int:
     elif args.keys_command == "expire":
         response = stub.SetKeyExpiry(admin_pb2.SetKeyExpiryRequest(id=args.id, expires_unix_ms=_expiry_ms(args)),
                                      metadata=md)
+        _print(args, response, _key_line(response))
+    elif args.keys_command == "limits":
+        response = stub.SetKeyLimits(admin_pb2.SetKeyLimitsRequest(id=args.id, limits=args.limit or []), metadata=md)
         _print(args, response, _key_line(response))
     elif args.keys_command == "plan":
         moved = stub.SetPlan(admin_pb2.SetPlanRequest(key_id=args.key or "", customer_id=args.customer or "",
@@ -541,12 +570,18 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--label", default="")
     create.add_argument("--scope", action="append", help="narrow the plan's models (glob or tier:NAME); repeatable")
     create.add_argument("--test", action="store_true", help="a pdk_test_ key")
+    create.add_argument("--limit", action="append", type=_key_limit, help=KEY_LIMIT_HELP)
     _expiry_arguments(create)
     expire = client(key_commands.add_parser("expire", help="set when a key ends (--never: it does not)"))
     expire.add_argument("id")
     _expiry_arguments(expire, never=True)
     listing = client(key_commands.add_parser("list", help="list keys (never their secrets)"))
     listing.add_argument("--customer", default="")
+    own = client(key_commands.add_parser("limits", help="set a key's own limits (the whole set; --none: the plan's alone)"))
+    own.add_argument("id")
+    given = own.add_mutually_exclusive_group(required=True)
+    given.add_argument("--limit", action="append", type=_key_limit, help=KEY_LIMIT_HELP)
+    given.add_argument("--none", action="store_true", help="no limits of its own")
     plan = client(key_commands.add_parser("plan", help="move a key, or every key of a customer, to another plan"))
     plan.add_argument("plan")
     whose = plan.add_mutually_exclusive_group(required=True)

@@ -42,6 +42,8 @@ class ApiKeyRow(Base):
     environment: Mapped[str] = mapped_column(String(32))
     plan: Mapped[str] = mapped_column(ID)
     scopes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # the key's own limits ({window, unit, limit, timezone}; money in nanos): key_limits.py
+    limits: Mapped[list[dict] | None] = mapped_column(JSON, default=list, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_ms: Mapped[int] = mapped_column(BigInteger)
     rotated_ms: Mapped[int] = mapped_column(BigInteger, default=0)

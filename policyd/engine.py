@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
-from policyd import metrics, reasons, redis_keys
+from policyd import key_limits, metrics, reasons, redis_keys
 from policyd.counters import BucketHold, Counters, Fenced, Reservation, unreachable
 from policyd.directory import KeyDirectory
 from policyd.loops import every
@@ -232,7 +232,7 @@ class Engine:
         if not preset and policy is not None and plan is not None:
             model, fallback_reason = self._route_around(policy, plan, key.scopes, owner.environment, request.model,
                                                         request.shape, unavailable_providers)
-            attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="")
+            attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="", own_limits=key.limits)
             attempt.fallback_reason = fallback_reason
         reserve = attempt or _Plan.empty(request.model)
 
@@ -252,7 +252,8 @@ class Engine:
                     and policy.model_allowed(plan, limit.downgrade_to, key.scopes) \
                     and policy.tier_allowed_in(plan, key.environment, limit.downgrade_to) \
                     and self._input_bounded(policy, plan, limit.downgrade_to, request.shape):
-                cheaper = self._attempt(request, owner, policy, plan, limit.downgrade_to, at, skip_label=limit.label)
+                cheaper = self._attempt(request, owner, policy, plan, limit.downgrade_to, at, skip_label=limit.label,
+                                        own_limits=key.limits)
                 cheaper.fallback_reason = f"downgraded:{limit.label}"
                 retry = await self._reserve(request, request_id, secret_hash, key.terms, owner, policy, plan, cheaper, "",
                                             at, started, decision="downgrade")
@@ -444,7 +445,9 @@ class Engine:
         return model, ""
 
     def _attempt(self, request: AuthorizeInput, owner: Owner, policy: Policy, plan: Plan, model: str, at: int,
-                 skip_label: str) -> _Plan:
+                 skip_label: str, own_limits: tuple[Limit, ...] = ()) -> _Plan:
+        """What reserving this request on `model` takes: its estimate, charge and the holds of the plan's
+        limits and the key's own (`own_limits`)."""
         price = policy.model(model)
         assert price is not None, "the model was checked against the price table"
         s = request.shape
@@ -467,7 +470,7 @@ class Engine:
                             a.feature, model, a.thread_id, a.end_user_id)
         holds: list[BucketHold] = []
         by_label: dict[str, tuple[Limit, int]] = {}
-        for limit in plan.limits:
+        for limit in key_limits.effective(plan.limits, own_limits, policy.document.timezone):
             scope_id = buckets[limit.scope]
             if not scope_id or limit.label == skip_label:
                 continue  # a thread limit binds requests that name a thread

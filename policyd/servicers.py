@@ -175,7 +175,12 @@ def api_key_message(row: ApiKeyRow) -> admin_pb2.ApiKey:
         state=KEY_STATES[row.status], scopes=list(row.scopes or []), created_unix_ms=row.created_ms,
         rotated_unix_ms=row.rotated_ms, previous_secret_expires_unix_ms=row.previous_expires_ms,
         expires_unix_ms=row.expires_ms or 0,
+        limits=[admin_pb2.KeyLimit(**limit) for limit in row.limits or ()],
     )
+
+
+def key_limit(message: admin_pb2.KeyLimit) -> dict[str, Any]:
+    return {"window": message.window, "unit": message.unit, "limit": message.limit, "timezone": message.timezone}
 
 
 def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
@@ -249,7 +254,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         created = await _call(context, lambda: self.admin.create_key(
             label=request.label, customer_id=request.customer_id, workspace_id=request.workspace_id,
             project_id=request.project_id, team_id=request.team_id, environment=request.environment,
-            plan=request.plan, scopes=list(request.scopes), test=request.test, expires_ms=request.expires_unix_ms))
+            plan=request.plan, scopes=list(request.scopes), test=request.test, expires_ms=request.expires_unix_ms,
+            limits=[key_limit(limit) for limit in request.limits]))
         return admin_pb2.CreateKeyResponse(key=api_key_message(created.row), secret=created.secret)
 
     async def ListKeys(self, request: admin_pb2.ListKeysRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -280,6 +286,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def SetKeyExpiry(self, request: admin_pb2.SetKeyExpiryRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._key(context, request.id)
         return api_key_message(await _call(context, lambda: self.admin.set_expiry(request.id, request.expires_unix_ms)))
+
+    async def SetKeyLimits(self, request: admin_pb2.SetKeyLimitsRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._key(context, request.id)
+        return api_key_message(await _call(context, lambda: self.admin.set_limits(
+            request.id, [key_limit(limit) for limit in request.limits])))
 
     async def SetPlan(self, request: admin_pb2.SetPlanRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._operator(context)

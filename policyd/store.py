@@ -14,16 +14,18 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from policyd import key_limits
 from policyd.db import ApiKeyRow, EventRow, LedgerEntryRow, PolicyVersionRow, UsageRecordRow, make_engine
+from policyd.policy import Limit
 
 OPEN_STATUSES = ("reserved",)
 
 
 @dataclass(frozen=True)
 class KeyRecord:
-    """The identity of a key, as the decision pipeline needs it. Its owner never changes; its plan and
-    scopes (its terms) may: their fingerprint is kept in the key's Redis state, where the authorize
-    script compares it with the one a decision was made under."""
+    """The identity of a key, as the decision pipeline needs it. Its owner never changes; its plan, scopes
+    and own limits (its terms) may: their fingerprint is kept in the key's Redis state, where the
+    authorize script compares it with the one a decision was made under."""
 
     id: str
     customer_id: str
@@ -33,15 +35,21 @@ class KeyRecord:
     environment: str
     plan: str
     scopes: tuple[str, ...] = field(default=())
+    stored_limits: tuple[dict[str, Any], ...] = field(default=())  # its own limits, as stored (key_limits.py)
 
     @cached_property
     def terms(self) -> str:
-        return key_terms(self.plan, self.scopes)
+        return key_terms(self.plan, self.scopes, self.stored_limits)
+
+    @cached_property
+    def limits(self) -> tuple[Limit, ...]:
+        return key_limits.as_limits(self.stored_limits)
 
 
-def key_terms(plan: str, scopes: Iterable[str]) -> str:
-    """The fingerprint of what a key may do: its plan and scopes."""
-    return hashlib.sha256(json.dumps([plan, sorted(scopes)]).encode()).hexdigest()[:16]
+def key_terms(plan: str, scopes: Iterable[str], limits: Iterable[dict[str, Any]] | None = ()) -> str:
+    """The fingerprint of what a key may do: its plan, scopes and own limits."""
+    text = json.dumps([plan, sorted(scopes), list(limits or ())], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _by_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -92,6 +100,7 @@ def key_record(row: ApiKeyRow) -> KeyRecord:
         environment=row.environment,
         plan=row.plan,
         scopes=tuple(row.scopes or ()),
+        stored_limits=tuple(row.limits or ()),
     )
 
 

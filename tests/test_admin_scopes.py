@@ -79,6 +79,8 @@ def cross_boundary_calls(w: World) -> dict[str, Any]:
         "RotateKey": admin_pb2.RotateKeyRequest(id=other_key),
         "SetKeyExpiry": admin_pb2.SetKeyExpiryRequest(id=other_key, expires_unix_ms=now + 60_000),
         "SetPlan": admin_pb2.SetPlanRequest(customer_id="reseller", plan="free"),  # plans are the operator's
+        "SetKeyLimits": admin_pb2.SetKeyLimitsRequest(id=other_key, limits=[admin_pb2.KeyLimit(
+            window="day", unit="money", limit=1)]),
         "ApplyPolicy": admin_pb2.ApplyPolicyRequest(yaml=SAMPLE_POLICY),
         "GetPolicy": admin_pb2.GetPolicyRequest(),
         "GrantCredit": admin_pb2.GrantCreditRequest(customer_id="reseller", source="purchase",

@@ -285,3 +285,44 @@ async def test_a_plan_change_binds_the_next_decision_even_where_the_old_plan_is_
             await service.admin.set_plan(bad.pop("plan", "pro"), **bad)
         assert error.value.reason == reason
     assert (await service.admin.audit()).ok
+
+
+async def test_a_key_with_limits_of_its_own(service: Service) -> None:
+    """A key's own budget binds beside its plan's; its own limit of a plan's key-scope bucket replaces the
+    plan's; a change binds a replica that still holds the key's old terms; none: the plan's alone."""
+    from policyd import keys as key_secrets
+    from policyd.domain import PolicydError
+    from policyd.money import parse_amount
+
+    capped_id, capped = await new_key(service, plan="free", customer="limited")  # free: 20 requests a minute a key
+    _, plain = await new_key(service, plan="free", customer="limited")
+    await fund(service, "limited", "10")
+    await service.admin.set_limits(capped_id, [{"window": "minute", "unit": "requests", "limit": 2},
+                                               {"window": "month", "unit": "money", "limit": parse_amount("5")}])
+    decisions = [await service.engine.authorize(ask(capped, prompt_bytes=10, max_output_tokens=5)) for _ in range(3)]
+    assert [d.decision for d in decisions] == ["allow", "allow", "deny"]
+    assert (decisions[2].reason, decisions[2].message.endswith("(key-requests-minute)")) == ("rate_limit_exceeded", True)
+    assert all([(await service.engine.authorize(ask(plain, prompt_bytes=10, max_output_tokens=5))).decision == "allow"
+                for _ in range(5)])  # the plan's 20 a minute for the other key
+
+    held = await service.engine.directory.resolve(key_secrets.hash_secret(capped))  # another replica's copy
+    row = await service.admin.set_limits(capped_id, [{"window": "day", "unit": "money", "limit": 1}])  # a nano a day
+    assert row.limits == [{"window": "day", "unit": "money", "limit": 1, "timezone": ""}]
+    service.engine.directory.remember(key_secrets.hash_secret(capped), held)
+    broke = await service.engine.authorize(ask(capped, prompt_bytes=10, max_output_tokens=5, request_id="own-day"))
+    assert (broke.reason, broke.message.endswith("(key-money-day)")) == ("budget_exceeded", True)
+    await service.admin.set_limits(capped_id, [])
+    assert (await service.engine.authorize(ask(capped, prompt_bytes=10, max_output_tokens=5))).decision == "allow"
+    review = await service.admin.review_key(capped_id)
+    assert {b["label"] for b in review["buckets"]} == {"key-rpm"}  # the plan's again
+
+    for bad in ([{"window": "week", "unit": "money", "limit": 1}], [{"window": "day", "unit": "coins", "limit": 1}],
+                [{"window": "day", "unit": "money", "limit": -1}], [{"window": "hour", "unit": "money", "limit": 1,
+                                                                       "timezone": "Europe/Paris"}],
+                [{"window": "day", "unit": "money", "limit": 1}] * 2):
+        with pytest.raises(PolicydError) as error:
+            await service.admin.set_limits(capped_id, bad)
+        assert error.value.reason == "invalid_limit"
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+    assert service.store.usage_record("own-day").reason == "budget_exceeded"

@@ -108,6 +108,21 @@ def test_keys_move_to_another_plan(server: PolicydProcess) -> None:
     assert run(server, "keys", "plan", "pro").returncode != 0  # whose keys must be said
 
 
+def test_keys_with_limits_of_their_own(server: PolicydProcess) -> None:
+    created = json.loads(run(server, "keys", "create", "--customer", "capped", "--plan", "pro",
+                             "--limit", "month:money:0.000001", "--json").stdout)
+    assert created["key"]["limits"] == [{"window": "month", "unit": "money", "limit": "1000"}]  # nanos
+    run(server, "credit", "grant", "--customer", "capped", "--amount", "5")
+    refused = run(server, "authorize", "--key", created["secret"], "--model", "gpt-4o-mini")
+    assert refused.returncode == 2 and "budget_exceeded" in refused.stdout and "key-money-month" in refused.stdout
+    assert "(own limits: 0.000001000 money a month)" in run(server, "keys", "list", "--customer", "capped").stdout
+    lifted = run(server, "keys", "limits", created["key"]["id"], "--none")
+    assert lifted.returncode == 0 and "own limits" not in lifted.stdout
+    assert run(server, "authorize", "--key", created["secret"], "--model", "gpt-4o-mini").returncode == 0
+    wrong = run(server, "keys", "limits", created["key"]["id"], "--limit", "month:money:lots")
+    assert wrong.returncode != 0 and "WINDOW:UNIT:VALUE" in wrong.stderr
+
+
 def test_apply_dry_run_and_errors(server: PolicydProcess, tmp_path: Path) -> None:
     changed = tmp_path / "changed.yaml"
     changed.write_text(Path(SAMPLE).read_text().replace('output: "10.00"', 'output: "8.00"'))

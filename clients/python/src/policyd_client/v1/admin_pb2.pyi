@@ -86,7 +86,7 @@ class LinkCustomerResponse(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., parent_id: _Optional[str] = ...) -> None: ...
 
 class ApiKey(_message.Message):
-    __slots__ = ("id", "label", "prefix", "owner", "state", "scopes", "created_unix_ms", "rotated_unix_ms", "previous_secret_expires_unix_ms", "expires_unix_ms")
+    __slots__ = ("id", "label", "prefix", "owner", "state", "scopes", "created_unix_ms", "rotated_unix_ms", "previous_secret_expires_unix_ms", "expires_unix_ms", "limits")
     ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class ApiKey(_message.Message):
     ROTATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_SECRET_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     id: str
     label: str
     prefix: str
@@ -107,10 +108,31 @@ class ApiKey(_message.Message):
     rotated_unix_ms: int
     previous_secret_expires_unix_ms: int
     expires_unix_ms: int
-    def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., prefix: _Optional[str] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., state: _Optional[_Union[KeyState, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., created_unix_ms: _Optional[int] = ..., rotated_unix_ms: _Optional[int] = ..., previous_secret_expires_unix_ms: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
+    limits: _containers.RepeatedCompositeFieldContainer[KeyLimit]
+    def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., prefix: _Optional[str] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., state: _Optional[_Union[KeyState, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., created_unix_ms: _Optional[int] = ..., rotated_unix_ms: _Optional[int] = ..., previous_secret_expires_unix_ms: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ...) -> None: ...
+
+class KeyLimit(_message.Message):
+    __slots__ = ("window", "unit", "limit", "timezone")
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    TIMEZONE_FIELD_NUMBER: _ClassVar[int]
+    window: str
+    unit: str
+    limit: int
+    timezone: str
+    def __init__(self, window: _Optional[str] = ..., unit: _Optional[str] = ..., limit: _Optional[int] = ..., timezone: _Optional[str] = ...) -> None: ...
+
+class SetKeyLimitsRequest(_message.Message):
+    __slots__ = ("id", "limits")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    limits: _containers.RepeatedCompositeFieldContainer[KeyLimit]
+    def __init__(self, id: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("label", "customer_id", "workspace_id", "project_id", "team_id", "environment", "plan", "scopes", "test", "expires_unix_ms")
+    __slots__ = ("label", "customer_id", "workspace_id", "project_id", "team_id", "environment", "plan", "scopes", "test", "expires_unix_ms", "limits")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +143,7 @@ class CreateKeyRequest(_message.Message):
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     TEST_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     label: str
     customer_id: str
     workspace_id: str
@@ -131,7 +154,8 @@ class CreateKeyRequest(_message.Message):
     scopes: _containers.RepeatedScalarFieldContainer[str]
     test: bool
     expires_unix_ms: int
-    def __init__(self, label: _Optional[str] = ..., customer_id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., project_id: _Optional[str] = ..., team_id: _Optional[str] = ..., environment: _Optional[str] = ..., plan: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., test: _Optional[bool] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
+    limits: _containers.RepeatedCompositeFieldContainer[KeyLimit]
+    def __init__(self, label: _Optional[str] = ..., customer_id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., project_id: _Optional[str] = ..., team_id: _Optional[str] = ..., environment: _Optional[str] = ..., plan: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., test: _Optional[bool] = ..., expires_unix_ms: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ...) -> None: ...
 
 class CreateKeyResponse(_message.Message):
     __slots__ = ("key", "secret")

@@ -83,6 +83,11 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.SetPlanRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.SetPlanResponse.FromString,
                 _registered_method=True)
+        self.SetKeyLimits = channel.unary_unary(
+                '/policyd.v1.AdminService/SetKeyLimits',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.SetKeyLimitsRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.ApiKey.FromString,
+                _registered_method=True)
         self.ApplyPolicy = channel.unary_unary(
                 '/policyd.v1.AdminService/ApplyPolicy',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ApplyPolicyRequest.SerializeToString,
@@ -223,6 +228,13 @@ class AdminServiceServicer:
     def SetPlan(self, request, context):
         """Move a key, or every key of a customer, to another plan (operator only): binds from the next
         decision on every replica; requests already reserved settle as reserved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetKeyLimits(self, request, context):
+        """A key's own limits (budgets, rate limits), binding from the next decision on every replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -371,6 +383,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.SetPlan,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.SetPlanRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.SetPlanResponse.SerializeToString,
+            ),
+            'SetKeyLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetKeyLimits,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.SetKeyLimitsRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.ApiKey.SerializeToString,
             ),
             'ApplyPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyPolicy,
@@ -700,6 +717,33 @@ class AdminService:
             '/policyd.v1.AdminService/SetPlan',
             policyd_dot_v1_dot_admin__pb2.SetPlanRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.SetPlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetKeyLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/SetKeyLimits',
+            policyd_dot_v1_dot_admin__pb2.SetKeyLimitsRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.ApiKey.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,71 @@
+"""A key's own limits: the budgets and rate limits an operator gives one key, beside its plan's.
+
+Stored with the key as `{window, unit, limit, timezone}` (money in nanos of the policy's currency)
+and part of its terms (store.key_terms), so a change binds every replica from the next decision.
+A key limit counts in the key's bucket of its unit and window: where the plan has a limit of the
+key scope in the same bucket, the key's replaces it (an override: "this key may spend 20 a month,
+not the plan's 100"); any other binds beside the plan's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from pydantic import ValidationError
+
+from policyd.money import format_amount
+from policyd.policy import Limit
+
+KEY_LIMITS_MAX = 8
+WINDOWS = ("minute", "hour", "day", "month", "total")
+UNITS = ("money", "tokens", "requests")
+
+
+def checked(limits: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The limits as a key stores them, in one order; ValueError says what is wrong."""
+    stored: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for given in limits:
+        window, unit = str(given.get("window", "")), str(given.get("unit", ""))
+        limit, zone = given.get("limit"), str(given.get("timezone", "") or "")
+        if window not in WINDOWS:
+            raise ValueError(f"a key limit's window is one of {', '.join(WINDOWS)}, not {window!r}")
+        if unit not in UNITS:
+            raise ValueError(f"a key limit's unit is one of {', '.join(UNITS)}, not {unit!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError("a key limit is a whole number, at least 0 (money in nanos)")
+        entry = {"window": window, "unit": unit, "limit": limit, "timezone": zone}
+        try:
+            _limit(entry)
+        except ValidationError as error:
+            raise ValueError(f"key limit {window}/{unit}: {error.errors()[0]['msg']}") from None
+        if (window, unit, zone) in stored:
+            raise ValueError(f"two key limits of {unit} per {window}")
+        stored[(window, unit, zone)] = entry
+    if len(stored) > KEY_LIMITS_MAX:
+        raise ValueError(f"a key has at most {KEY_LIMITS_MAX} limits of its own")
+    return [stored[k] for k in sorted(stored)]
+
+
+def _limit(entry: Mapping[str, Any]) -> Limit:
+    value = entry["limit"]
+    return Limit(name=f"key-{entry['unit']}-{entry['window']}", scope="key", window=entry["window"],
+                 unit=entry["unit"], limit=format_amount(value) if entry["unit"] == "money" else value,
+                 timezone=entry.get("timezone", ""))
+
+
+def as_limits(stored: Iterable[Mapping[str, Any]] | None) -> tuple[Limit, ...]:
+    return tuple(_limit(entry) for entry in stored or ())
+
+
+def effective(plan_limits: tuple[Limit, ...], own: tuple[Limit, ...], zone: str) -> tuple[Limit, ...]:
+    """The limits a request on this key counts against: the plan's, with the key's own in place of the
+    plan's key-scope limits of the same bucket. `zone`: the policy's time zone, for the key's day and
+    month limits that name none."""
+    if not own:
+        return plan_limits
+    own = tuple(limit.model_copy(update={"timezone": zone}) if zone and not limit.timezone
+                and limit.window in ("day", "month") else limit for limit in own)
+    taken = {(limit.unit, limit.window, limit.timezone) for limit in own}
+    kept = tuple(limit for limit in plan_limits
+                 if limit.scope != "key" or (limit.unit, limit.window, limit.timezone) not in taken)
+    return kept + own
