@@ -14,6 +14,7 @@ ENDPOINTS = (
     "anthropic_messages",
     "gemini_generate_content",
     "completions",
+    "audio_speech",
 )
 
 

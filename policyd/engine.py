@@ -454,7 +454,7 @@ class Engine:
         output_cap = s.max_output_tokens or price.default_max_output_tokens or plan.default_max_output_tokens
         input_tokens = estimate_input_tokens(plan, s.prompt_bytes, s.message_count, s.input_tokens,
                                              price.context_window, s.unseen_input)
-        if request.endpoint == "embeddings":
+        if request.endpoint in ("embeddings", "audio_speech"):  # no output tokens to cap
             output_cap = 0
         quantities = Quantities(
             input_tokens=input_tokens,

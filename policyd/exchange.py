@@ -36,6 +36,7 @@ class Exchange:
     client_gave_cap: bool
     account: str
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment)
+    input_tokens: int = 0  # the request's own count of its input (token ids; text to speech's characters)
     observed: bool = False  # the observer filter reads the response (else the processing filter does)
     status: int = 0
     retry_after: int = 0
@@ -44,7 +45,7 @@ class Exchange:
     reader: ResponseReader = field(init=False)
 
     def __post_init__(self) -> None:
-        self.reader = ResponseReader(self.endpoint, self.stream)
+        self.reader = ResponseReader(self.endpoint, self.stream, self.input_tokens)
 
     @classmethod
     def of(cls, call: HttpCall, decision: Decision, account: str, observed: bool) -> "Exchange":
@@ -52,7 +53,8 @@ class Exchange:
         return cls(request_id=decision.request_id, endpoint=call.endpoint, stream=call.stream,
                    requested_model=decision.requested_model, served_model=decision.served_model,
                    output_cap=decision.max_output_tokens, client_gave_cap=call.max_output_tokens > 0,
-                   account=account, model_in_path=call.model_in_path, observed=observed)
+                   account=account, model_in_path=call.model_in_path, input_tokens=call.input_tokens,
+                   observed=observed)
 
     @property
     def model_in_path_changes(self) -> bool:
@@ -80,7 +82,7 @@ class Exchange:
             "request_id": self.request_id, "endpoint": self.endpoint, "stream": self.stream,
             "requested_model": self.requested_model, "served_model": self.served_model,
             "max_output_tokens": self.output_cap, "client_gave_cap": self.client_gave_cap, "account": self.account,
-            "observed": self.observed, "model_in_path": self.model_in_path,
+            "observed": self.observed, "model_in_path": self.model_in_path, "input_tokens": self.input_tokens,
         }
         if decision:
             fields["decision"] = decision
@@ -118,6 +120,7 @@ class Exchange:
             # a decision from before the field: Gemini alone named the model in the path
             model_in_path=fields["model_in_path"].bool_value if "model_in_path" in fields else
             text("endpoint") == "gemini_generate_content",
+            input_tokens=int(fields["input_tokens"].number_value) if "input_tokens" in fields else 0,
             # a decision from before the field: the observer read streams alone
             observed=fields["observed"].bool_value if "observed" in fields else
             "stream" in fields and fields["stream"].bool_value,

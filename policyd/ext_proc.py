@@ -239,7 +239,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             exchange.reader.finish()
         elif kind == "response_headers":
             self._response_began(exchange, request.response_headers)
-            if not request.response_headers.end_of_stream:
+            # speech is billed by the characters sent: its status is all there is to read, not its audio
+            if not request.response_headers.end_of_stream and not exchange.reader.audio:
                 return False
         elif kind == "response_trailers":
             exchange.reader.finish()

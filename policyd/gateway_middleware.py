@@ -142,7 +142,7 @@ class PolicydMiddleware:
                                           decision.max_output_tokens, call.max_output_tokens > 0, call.stream)
         if rewritten is not None:
             body = json.dumps(rewritten, separators=(",", ":")).encode()
-        exchange = _Exchange(decision.request_id, decision.served_model, ResponseReader(call.endpoint, call.stream))
+        exchange = _Exchange(decision.request_id, decision.served_model, ResponseReader(call.endpoint, call.stream, call.input_tokens))
 
         async def metered_send(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -9,6 +9,7 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
     POST .../v1/messages                  anthropic_messages
     POST .../v1beta/models/M:generateContent | :streamGenerateContent   gemini_generate_content
     POST .../v1/completions               completions (legacy text completions)
+    POST .../v1/audio/speech              audio_speech (text to speech: billed by the characters of `input`)
     GET  .../v1/models                    the models the key may use (answered by policyd)
     POST .../v1/messages/count_tokens | .../v1/responses/input_tokens | .../models/M:countTokens
                                           token counts: free at the provider, so the key, plan and
@@ -43,6 +44,7 @@ _PATHS = [
     (re.compile(r"(^|/)v1/images/generations/?$"), "images"),
     (re.compile(r"(^|/)v1/messages/?$"), "anthropic_messages"),
     (re.compile(r"(^|/)v1/completions/?$"), "completions"),
+    (re.compile(r"(^|/)v1/audio/speech/?$"), "audio_speech"),
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent"
                      r"|countTokens)$")
@@ -51,9 +53,9 @@ _TOKEN_COUNTS = [
     (re.compile(r"(^|/)v1/responses/input_tokens/?$"), "responses"),
 ]
 _AZURE_OPERATIONS = {"chat/completions": "chat_completions", "completions": "completions",
-                     "embeddings": "embeddings", "images/generations": "images"}
+                     "embeddings": "embeddings", "images/generations": "images", "audio/speech": "audio_speech"}
 _AZURE = re.compile(r"(^|/)openai/deployments/(?P<model>[^/]+)/(?P<operation>chat/completions|completions|embeddings"
-                    r"|images/generations)/?$")
+                    r"|images/generations|audio/speech)/?$")
 _AZURE_RESPONSES = re.compile(r"(^|/)openai/responses/?$")
 _MODELS = re.compile(r"(^|/)v1/models/?$")
 
@@ -355,6 +357,11 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.input_tokens = _token_ids(data.get("prompt"))
     elif endpoint == "embeddings":
         call.input_tokens = _token_ids(data.get("input"))
+    elif endpoint == "audio_speech":  # billed by the characters of the text: known before the call, exactly
+        text = data.get("input")
+        if not isinstance(text, str) or not text:
+            return _problem(call, "invalid_request", "input must be the text to speak", "input")
+        call.input_tokens = len(text)
     elif endpoint == "gemini_generate_content":
         call.choices = _count(generation.get("candidateCount"))
     call.web_searches = _search_bound(endpoint, data)

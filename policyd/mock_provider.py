@@ -24,6 +24,7 @@ COMPLETION_TOKENS_MAX = len(WORDS)
 
 
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
+AUDIO_BYTES_PER_CHARACTER = 64
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:
@@ -83,10 +84,11 @@ class MockProvider:
                         self.rfile.readline()
                 return self.rfile.read(int(self.headers.get("content-length") or 0))
 
-            def _json(self, status: int, payload: Any, extra: dict[str, str] | None = None) -> None:
-                data = json.dumps(payload).encode()
+            def _json(self, status: int, payload: Any, extra: dict[str, str] | None = None,
+                      content_type: str = "application/json") -> None:
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
-                self.send_header("content-type", "application/json")
+                self.send_header("content-type", content_type)
                 self.send_header("content-length", str(len(data)))
                 for k, v in (extra or {}).items():
                     self.send_header(k, v)
@@ -138,6 +140,9 @@ class MockProvider:
         p_tokens = prompt_tokens(body)
         c_tokens = min(output_cap(body), COMPLETION_TOKENS_MAX)
         text = "".join(WORDS[:c_tokens])
+        if route.endswith("/audio/speech"):  # "audio": a few bytes a character
+            return h._json(200, b"ID3" + bytes(AUDIO_BYTES_PER_CHARACTER * len(str(body.get("input", "")))),
+                           content_type="audio/mpeg")
         if route.endswith("/v1/messages/count_tokens"):  # token counts: what each provider answers
             return h._json(200, {"input_tokens": p_tokens})
         if route.endswith("/v1/responses/input_tokens"):

@@ -151,7 +151,10 @@ def _reply_text(data: Any) -> int:
 class ResponseReader:
     """Feeds on response body chunks as they pass; knows the usage at the end, or an estimate."""
 
-    def __init__(self, endpoint: str, stream: bool) -> None:
+    def __init__(self, endpoint: str, stream: bool, request_input_tokens: int = 0) -> None:
+        """`request_input_tokens`: the request's own count of its input (HttpCall.input_tokens). Text to
+        speech is billed by the characters sent and its reply (audio) reports nothing: that count is its
+        usage, whole from the start, and the audio is passed over unread."""
         self.endpoint = endpoint
         self.stream = stream
         self.tokens = Tokens()
@@ -159,6 +162,10 @@ class ResponseReader:
         # the usage seen counts the whole output: OpenAI's usage chunk, Anthropic's message_delta, a
         # Responses API completion. Anthropic's message_start and Gemini's running counts do not.
         self.output_final = False
+        self.audio = endpoint == "audio_speech"
+        if self.audio:
+            self.tokens.input_tokens = request_input_tokens
+            self.found_usage = self.output_final = True
         self.delivered_bytes = 0
         self.images = 0  # images in an images reply (priced per image)
         self.malformed = False
@@ -167,7 +174,7 @@ class ResponseReader:
         self._overflow = False
 
     def feed(self, chunk: bytes) -> None:
-        if not chunk:
+        if not chunk or self.audio:
             return
         if not self.stream:
             if len(self._buffer) + len(chunk) > RESPONSE_BUFFER_BYTES_MAX:
@@ -213,6 +220,9 @@ class ResponseReader:
 
     def finish(self) -> None:
         """The body ended: parse what was buffered."""
+        if self.audio:
+            self.finished = True
+            return
         if self.stream:
             if self._buffer:
                 self._line(bytes(self._buffer).rstrip(b"\r\n"))

@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from policyd.gateway_config import SHAPES, Upstream, render
-from policyd.mock_provider import COMPLETION_TOKENS_MAX, MockProvider
+from policyd.mock_provider import AUDIO_BYTES_PER_CHARACTER, COMPLETION_TOKENS_MAX, MockProvider
 from policyd.money import parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.helpers import FundedCustomers
@@ -321,6 +321,27 @@ def test_azure_openai_clients_are_charged_and_a_downgrade_reaches_the_cheaper_de
     assert "azure wrong key" not in json.dumps(gateway.mock.received())
 
 
+def test_text_to_speech_is_charged_by_the_characters_sent(gateway: Gateway) -> None:
+    """/v1/audio/speech answers with audio and no usage; the provider bills the characters of `input`, which
+    policyd counts from the request: reserved and charged exactly, the audio passed over unread."""
+    key = gateway.customer("e2e-speech")
+    text = "Exact to the character, even in speech: ünïcödé counts as characters. " * 40
+    raw = gateway.client(key).audio.speech.with_raw_response.create(model="tts-1", voice="alloy", input=text)
+    audio = raw.parse().content
+    assert audio.startswith(b"ID3") and len(audio) == 3 + AUDIO_BYTES_PER_CHARACTER * len(text)  # all of it
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["endpoint"], record["status"], record["error_class"]) == ("audio_speech", "settled", "")
+    assert (record["input_tokens"], record["output_tokens"]) == (len(text), 0)
+    assert record["charge_nanos"] == -(-price_quantity(len(text), parse_amount("15.00")) * 12_000 // 10_000)
+    (sent,) = [r for r in gateway.mock.received() if r["path"] == "/v1/audio/speech"]
+    assert sent["body"] == {"model": "tts-1", "voice": "alloy", "input": text}  # no output cap added
+    with pytest.raises(openai.BadRequestError) as empty:
+        gateway.client(key).audio.speech.create(model="tts-1", voice="alloy", input="")
+    assert empty.value.param == "input"
+    wallet = gateway.wallet_at_rest("e2e-speech")
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10") - record["charge_nanos"], 0)
+
+
 def test_token_counts_are_free_but_need_a_key_that_may_use_the_model(gateway: Gateway) -> None:
     """Claude Code and the SDKs count tokens before they send (Anthropic's count_tokens, OpenAI's
     input_tokens; free at the provider). A key that may use the model goes through even with an empty
@@ -393,7 +414,7 @@ def test_models_listing_shows_what_the_key_may_use(gateway: Gateway) -> None:
     free = gateway.client(gateway.customer("e2e-models", plan="free"))
     assert sorted(m.id for m in free.models.list()) == ["gpt-4o-mini"]
     pro = gateway.client(gateway.customer("e2e-models-pro"))
-    assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "gpt-4o", "gpt-4o-mini"]
+    assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "gpt-4o", "gpt-4o-mini", "tts-1"]
 
 
 def test_downgrade_reaches_the_cheaper_model_with_the_body_rewritten(gateway: Gateway) -> None:

@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from policyd.mock_provider import MockProvider
-from policyd.money import parse_amount
+from policyd.money import parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import ROOT
 from tests.helpers import FundedCustomers
@@ -212,6 +212,17 @@ def test_input_a_request_only_refers_to_reaches_policyd_over_the_native_api(gate
                        "content-type": "application/json"}, json.dumps(body).encode())
     assert (code, reply["error"]["code"]) == (400, "input_unbounded")
     assert "resp_mw_unbounded" not in json.dumps(gateway.mock.received())
+
+
+def test_text_to_speech_is_charged_by_the_characters_sent(gateway: ExampleGateway) -> None:
+    key = gateway.customer("mw-speech")
+    text = "Speak every character: ünïcödé."
+    raw = gateway.client(key).audio.speech.with_raw_response.create(model="tts-1", voice="alloy", input=text)
+    assert raw.parse().content.startswith(b"ID3")
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["endpoint"], record["status"], record["input_tokens"], record["error_class"]) == (
+        "audio_speech", "settled", len(text), "")
+    assert record["charge_nanos"] == -(-price_quantity(len(text), parse_amount("15.00")) * 12_000 // 10_000)
 
 
 def test_an_upstream_error_releases_the_hold(gateway: ExampleGateway) -> None:

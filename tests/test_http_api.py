@@ -421,3 +421,23 @@ def test_a_stream_cut_before_the_usage_of_its_whole_output_is_estimated_from_wha
     gemini.feed(_sse({"candidates": [{"content": {"parts": [{"text": "y" * 80}]}}],
                       "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 20}}))
     assert closing(200, gemini, cut=True).action == "estimate" and gemini.estimated_output_tokens() == 20
+
+
+def test_text_to_speech_counts_the_characters_and_reads_no_audio() -> None:
+    body = json.dumps({"model": "tts-1", "voice": "alloy", "input": "héllo wörld"}).encode()
+    call = parse_call("POST", "/v1/audio/speech", {"authorization": "Bearer k"}, body)
+    assert (call.endpoint, call.input_tokens, call.max_output_tokens, call.problem) == ("audio_speech", 11, 0, "")
+    azure = parse_call("POST", "/openai/deployments/tts-hd/audio/speech?api-version=2025-03-01-preview",
+                       {"api-key": "k"}, body)
+    assert (azure.endpoint, azure.model, azure.input_tokens) == ("audio_speech", "tts-hd", 11)
+    for bad in ({"model": "tts-1"}, {"model": "tts-1", "input": ""}, {"model": "tts-1", "input": ["a"]}):
+        refused = parse_call("POST", "/v1/audio/speech", {}, json.dumps(bad).encode())
+        assert (refused.problem, refused.problem_param) == ("invalid_request", "input")
+    assert rewrite_body(json.loads(body), "audio_speech", "tts-1", "tts-1", 0, False, False) is None
+    reader = ResponseReader("audio_speech", stream=False, request_input_tokens=11)
+    reader.feed(b"ID3" + bytes(10_000_000))  # never buffered
+    assert closing(200, reader, cut=True) == Closing("settle", interrupted=True)  # billed whole, even if cut
+    reader.finish()
+    assert (reader.tokens.input_tokens, reader.found_usage, closing(200, reader, cut=False)) == (
+        11, True, Closing("settle"))
+    assert closing(500, reader, cut=False).action == "release"

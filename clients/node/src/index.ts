@@ -30,7 +30,7 @@ export type { ProtoGrpcType } from "./generated/policy";
 
 export const ENDPOINTS = [
   "chat_completions", "responses", "embeddings", "images", "anthropic_messages", "gemini_generate_content",
-  "completions",
+  "completions", "audio_speech",
 ] as const;
 export type Endpoint = (typeof ENDPOINTS)[number];
 

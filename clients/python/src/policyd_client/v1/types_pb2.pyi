@@ -17,6 +17,7 @@ class EndpointFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ANTHROPIC_MESSAGES: _ClassVar[EndpointFamily]
     GEMINI_GENERATE_CONTENT: _ClassVar[EndpointFamily]
     COMPLETIONS: _ClassVar[EndpointFamily]
+    AUDIO_SPEECH: _ClassVar[EndpointFamily]
 ENDPOINT_FAMILY_UNSPECIFIED: EndpointFamily
 CHAT_COMPLETIONS: EndpointFamily
 RESPONSES: EndpointFamily
@@ -25,6 +26,7 @@ IMAGES: EndpointFamily
 ANTHROPIC_MESSAGES: EndpointFamily
 GEMINI_GENERATE_CONTENT: EndpointFamily
 COMPLETIONS: EndpointFamily
+AUDIO_SPEECH: EndpointFamily
 
 class Money(_message.Message):
     __slots__ = ("currency", "nanos")
