@@ -119,12 +119,7 @@ class Admin:
             raise _invalid("invalid_request", f"label must be at most {LABEL_LENGTH_MAX} characters")
         if environment not in ENVIRONMENTS:
             raise _invalid("invalid_environment", f"environment must be one of {', '.join(ENVIRONMENTS)}")
-        policy = self.book.current
-        if policy is None:
-            raise PolicydError("FAILED_PRECONDITION", "no_policy", "apply a policy before creating keys")
-        if policy.plan(plan) is None:
-            raise _invalid("unknown_plan", f"plan {plan!r} is not in policy version {policy.version} "
-                                           f"(plans: {', '.join(sorted(policy.document.plans))})")
+        self._check_plan(plan, "creating keys")
         secret = key_secrets.new_secret(test=test)
         at = now_ms()
         row = ApiKeyRow(
@@ -138,6 +133,15 @@ class Admin:
         await self._publish_key(row)
         self.directory.remember(row.secret_hash, key_record(row))
         return KeyCreation(row, secret)
+
+    def _check_plan(self, plan: str, doing: str) -> None:
+        """A plan keys may be put on: one of the active policy's."""
+        policy = self.book.current
+        if policy is None:
+            raise PolicydError("FAILED_PRECONDITION", "no_policy", f"apply a policy before {doing}")
+        if policy.plan(plan) is None:
+            raise _invalid("unknown_plan", f"plan {plan!r} is not in policy version {policy.version} "
+                                           f"(plans: {', '.join(sorted(policy.document.plans))})")
 
     async def _publish_key(self, row: ApiKeyRow) -> None:
         at = now_ms()
@@ -193,12 +197,7 @@ class Admin:
         Revoked keys stay as they were."""
         if bool(key_id) == bool(customer_id):
             raise _invalid("invalid_request", "give either a key id or a customer id")
-        policy = self.book.current
-        if policy is None:
-            raise PolicydError("FAILED_PRECONDITION", "no_policy", "apply a policy before moving keys to a plan")
-        if policy.plan(plan) is None:
-            raise _invalid("unknown_plan", f"plan {plan!r} is not in policy version {policy.version} "
-                                           f"(plans: {', '.join(sorted(policy.document.plans))})")
+        self._check_plan(plan, "moving keys to a plan")
         if key_id:
             rows = [await self.get_key(key_id)]
             if rows[0].status == "revoked":

@@ -196,20 +196,11 @@ class Engine:
         request_id = a.request_id or new_request_id()
         base = {"request_id": request_id, "requested_model": request.model, "served_model": request.model}
 
-        # 1. input no policy could make sense of
-        try:
-            check_authorize(request)
-        except Problem as problem:
-            if problem.param == "request_id":
-                base["request_id"] = new_request_id()
-            return await self._deny_unowned(request, at, started, base, problem.reason, problem.message, problem.param)
-
-        # 2. the key
-        if not request.api_key:
-            return await self._deny_unowned(request, at, started, base, "missing_api_key")
-        if not key_secrets.is_well_formed(request.api_key):
-            return await self._deny_unowned(request, at, started, base, "malformed_api_key")
-        secret_hash = key_secrets.hash_secret(request.api_key)
+        # 1. input no policy could make sense of, and 2. the key
+        screened = await self._screen(request, at, started, base)
+        if isinstance(screened, Decision):
+            return screened
+        secret_hash = screened
         key = await self.directory.resolve(secret_hash)
         if key is None:
             return await self._deny_unowned(request, at, started, base, "invalid_api_key")
@@ -304,6 +295,21 @@ class Engine:
             reservation_expires_ms=at + self.reservation_ttl_ms, shadow_denials=result.shadow, **common,
         )
 
+    async def _screen(self, request: AuthorizeInput, at: int, started: int, base: dict[str, str]) -> Decision | str:
+        """The first steps of every decision: input no policy could make sense of, a missing or malformed
+        key. The recorded denial, or the hash of the key's secret to look it up by."""
+        try:
+            check_authorize(request)
+        except Problem as problem:
+            if problem.param == "request_id":
+                base["request_id"] = new_request_id()
+            return await self._deny_unowned(request, at, started, base, problem.reason, problem.message, problem.param)
+        if not request.api_key:
+            return await self._deny_unowned(request, at, started, base, "missing_api_key")
+        if not key_secrets.is_well_formed(request.api_key):
+            return await self._deny_unowned(request, at, started, base, "malformed_api_key")
+        return key_secrets.hash_secret(request.api_key)
+
     async def deny_request(self, request: AuthorizeInput, reason: str, message: str, param: str = "") -> Decision:
         """A request a proxy could not make sense of (not JSON, too large, ...): denied and recorded."""
         a = request.attribution
@@ -321,17 +327,10 @@ class Engine:
         at = self.clock()
         request_id = request.attribution.request_id or new_request_id()
         base = {"request_id": request_id, "requested_model": request.model, "served_model": request.model}
-        try:
-            check_authorize(request)
-        except Problem as problem:
-            if problem.param == "request_id":
-                base["request_id"] = new_request_id()
-            return await self._deny_unowned(request, at, started, base, problem.reason, problem.message, problem.param)
-        if not request.api_key:
-            return await self._deny_unowned(request, at, started, base, "missing_api_key")
-        if not key_secrets.is_well_formed(request.api_key):
-            return await self._deny_unowned(request, at, started, base, "malformed_api_key")
-        key, status = await self._key_in_force(key_secrets.hash_secret(request.api_key), at)
+        screened = await self._screen(request, at, started, base)
+        if isinstance(screened, Decision):
+            return screened
+        key, status = await self._key_in_force(screened, at)
         if key is None:
             return await self._deny_unowned(request, at, started, base, "invalid_api_key")
         owner = Owner(key.customer_id, key.workspace_id, key.project_id, key.team_id, key.id, key.environment, key.plan)
