@@ -68,6 +68,7 @@ class AuthorizeInput:
     shape: Shape = field(default_factory=Shape)
     client_address: str = ""
     user_agent: str = ""
+    count_tokens: bool = False  # the request only counts tokens: free, nothing reserved (Engine.admit_token_count)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ NO_PRICE = ModelPrice.model_construct(provider="", route="", tier="", input=0, c
                                       per_image=0, per_request=0, per_second=0)
 
 
-# the decision of a key read under terms (plan, scopes) the operator has since changed: made again
+# the decision of a key read under terms (plan, scopes, own limits) the operator has since changed: made again
 STALE = Decision(decision="deny", request_id="", reason="stale")
 
 # a key's state (counters.key_status) -> the denial it gets
@@ -175,9 +175,11 @@ class Engine:
 
     # ------------------------------------------------------------------ authorize
     async def authorize(self, request: AuthorizeInput, unavailable_providers: frozenset[str] = frozenset()) -> Decision:
+        if request.count_tokens:
+            return await self.admit_token_count(request)
         started = time.perf_counter()
         decision = await self._authorize(request, unavailable_providers)
-        if decision is STALE:  # the operator changed the key's plan or scopes since this process read it
+        if decision is STALE:  # the operator changed the key's terms since this process read it
             decision = await self._authorize(request, unavailable_providers)
             if decision is STALE:  # changed again meanwhile: the client may retry at once
                 decision = self._deny({"request_id": request.attribution.request_id or new_request_id(),

@@ -80,10 +80,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             decision = await self.engine.deny_request(call.authorize_input(), call.problem, call.problem_message,
                                                       call.problem_param)
             return deny_decision(decision)
-        if call.counts_tokens:
-            decision = await self.engine.admit_token_count(call.authorize_input())
-        else:
-            decision = await self.engine.authorize(call.authorize_input(), self.pool.cooling_providers())
+        decision = await self.engine.authorize(call.authorize_input(), self.pool.cooling_providers())
         if not decision.allowed:
             return deny_decision(decision)
         return self._allow(call, decision)
@@ -91,7 +88,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     def _allow(self, call: http_api.HttpCall, d: Decision) -> Any:
         """The observer filter reads every reply; the processing filter runs only for a body to rewrite.
         A token count goes on with the provider's credential alone: nothing to rewrite, read or settle."""
-        settled = not call.counts_tokens
+        settled = not call.count_tokens
         exchange = Exchange.of(call, d, account="", observed=settled)
         rewrite = settled and (exchange.rewrite(call.body) is not None or exchange.model_in_path_changes)
         upstream = upstream_request(d, self.pool, observed=settled, rewrite=rewrite)

@@ -267,10 +267,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if call.problem:
             return None, immediate_denial(await self.engine.deny_request(
                 call.authorize_input(), call.problem, call.problem_message, call.problem_param))
-        if call.counts_tokens:
-            decision = await self.engine.admit_token_count(call.authorize_input())
-        else:
-            decision = await self.engine.authorize(call.authorize_input(), self.pool.cooling_providers())
+        decision = await self.engine.authorize(call.authorize_input(), self.pool.cooling_providers())
         if not decision.allowed:
             return None, immediate_denial(decision)
         upstream = upstream_request(decision, self.pool, observed=call.stream)
@@ -279,7 +276,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         path = exchange.upstream_path(arrival.path)  # no customer key in the query; the served model where the path names it
         if path != arrival.path:
             set_headers.append(_header(":path", path))
-        if call.counts_tokens:  # free: on with the provider's credential; nothing to rewrite, read or settle
+        if call.count_tokens:  # free: on with the provider's credential; nothing to rewrite, read or settle
             return None, _phase(kind, ep.CommonResponse(header_mutation=ep.HeaderMutation(
                 set_headers=set_headers, remove_headers=upstream.remove_headers + [REQUEST_ID_HEADER]),
                 clear_route_cache=True))

@@ -89,7 +89,7 @@ class PolicydMiddleware:
                 call.api_key, call.endpoint, call.model, request_id=request_id, prompt_bytes=call.prompt_bytes,
                 message_count=call.message_count, max_output_tokens=call.max_output_tokens, stream=call.stream,
                 image_count=call.image_count, choices=call.choices, input_tokens=call.input_tokens,
-                web_searches=call.web_searches, service_tier=call.service_tier, count_tokens=call.counts_tokens,
+                web_searches=call.web_searches, service_tier=call.service_tier, count_tokens=call.count_tokens,
                 unseen_input=call.unseen_input,
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
                 **_attribution(call))
@@ -103,7 +103,7 @@ class PolicydMiddleware:
             await _respond(send, decision.http_status, decision.error_body(), decision.retry_after_seconds,
                            request_id=decision.request_id)
             return
-        if call.counts_tokens:  # free: on to the proxy without the customer's key; nothing to rewrite, read or settle
+        if call.count_tokens:  # free: on to the proxy without the customer's key; nothing to rewrite, read or settle
             await self.app(_upstream_scope(scope, call, decision, body), _replay(body, receive=receive), send)
             return
         await self._forward(scope, receive, send, call, body, decision)
@@ -142,7 +142,8 @@ class PolicydMiddleware:
                                           decision.max_output_tokens, call.max_output_tokens > 0, call.stream)
         if rewritten is not None:
             body = json.dumps(rewritten, separators=(",", ":")).encode()
-        exchange = _Exchange(decision.request_id, decision.served_model, ResponseReader(call.endpoint, call.stream, call.input_tokens))
+        exchange = _Exchange(decision.request_id, decision.served_model,
+                             ResponseReader(call.endpoint, call.stream, call.input_tokens))
 
         async def metered_send(message: Message) -> None:
             if message["type"] == "http.response.start":

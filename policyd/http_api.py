@@ -89,7 +89,7 @@ class HttpCall:
     api_key: str = ""
     model: str = ""
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment): a downgrade rewrites it
-    counts_tokens: bool = False  # a token count of the endpoint family (free: nothing reserved or charged)
+    count_tokens: bool = False  # a token count of the endpoint family (free: nothing reserved or charged)
     stream: bool = False
     body: dict[str, Any] | None = None
     max_output_tokens: int = 0
@@ -116,7 +116,7 @@ class HttpCall:
                         max_output_tokens=self.max_output_tokens, image_count=self.image_count, stream=self.stream,
                         choices=self.choices, input_tokens=self.input_tokens, web_searches=self.web_searches,
                         service_tier=self.service_tier, unseen_input=self.unseen_input),
-            client_address=self.client_address, user_agent=self.user_agent,
+            client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
         )
 
 
@@ -127,7 +127,7 @@ class Endpoint:
     family: str = ""  # one of ENDPOINTS, "" when unknown
     model: str = ""  # the model the path names (Gemini, an Azure deployment), else ""
     models_listing: bool = False
-    counts_tokens: bool = False
+    count_tokens: bool = False
 
 
 def endpoint_of(method: str, path: str) -> Endpoint:
@@ -142,11 +142,11 @@ def endpoint_of(method: str, path: str) -> Endpoint:
             return Endpoint(name)
     for pattern, name in _TOKEN_COUNTS:
         if pattern.search(path):
-            return Endpoint(name, counts_tokens=True)
+            return Endpoint(name, count_tokens=True)
     gemini = _GEMINI.search(path)
     if gemini:
         return Endpoint("gemini_generate_content", gemini.group("model"),
-                        counts_tokens=gemini.group("verb") == "countTokens")
+                        count_tokens=gemini.group("verb") == "countTokens")
     if _AZURE_RESPONSES.search(path):
         return Endpoint("responses")
     return Endpoint()
@@ -308,7 +308,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.api_key, call.key_in_query = call.api_key or in_query or "", in_query is not None
     named = endpoint_of(method, path)
     endpoint, path_model, listing = named.family, named.model, named.models_listing
-    call.endpoint, call.models_listing, call.counts_tokens = endpoint, listing, named.counts_tokens
+    call.endpoint, call.models_listing, call.count_tokens = endpoint, listing, named.count_tokens
     call.attribution = _attribution(headers)
     forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
     call.client_address = forwarded or client_address
@@ -365,7 +365,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     elif endpoint == "gemini_generate_content":
         call.choices = _count(generation.get("candidateCount"))
     call.web_searches = _search_bound(endpoint, data)
-    call.unseen_input = not call.counts_tokens and _unseen_input(data)
+    call.unseen_input = not call.count_tokens and _unseen_input(data)
     tier = data.get("service_tier")
     call.service_tier = tier[:32] if isinstance(tier, str) and tier not in ("auto", "default") else ""
     if not call.attribution.end_user_id and isinstance(data.get("user"), str):

@@ -85,6 +85,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,
+        count_tokens=request.count_tokens,
     )
 
 
@@ -129,8 +130,6 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             p = request.problem
             reason = p.code if p.code in PROXY_PROBLEMS else "invalid_request"
             return authorize_response(await self.engine.deny_request(peer_input, reason, p.message[:1024], p.param[:256]))
-        if request.count_tokens:
-            return authorize_response(await self.engine.admit_token_count(peer_input))
         return authorize_response(await self.engine.authorize(peer_input))
 
     async def Settle(self, request: policy_pb2.SettleRequest, context: grpc.aio.ServicerContext) -> Any:

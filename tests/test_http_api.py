@@ -178,9 +178,9 @@ def test_azure_openai_paths_name_the_deployment_and_its_clients_send_api_key(pat
 def test_token_counts_are_known_and_marked_free(path: str, endpoint: str, model: str) -> None:
     body = json.dumps({"model": "claude-sonnet-4", "messages": [{"role": "user", "content": "hi"}]}).encode()
     call = parse_call("POST", path, {"x-api-key": "k"}, body)
-    assert (call.endpoint, call.model, call.counts_tokens, call.problem) == (endpoint, model, True, "")
+    assert (call.endpoint, call.model, call.count_tokens, call.problem) == (endpoint, model, True, "")
     for model_call in ("/v1/messages", "/v1/responses", "/v1beta/models/gemini-2.5-flash:generateContent"):
-        assert not parse_call("POST", model_call, {}, body).counts_tokens
+        assert not parse_call("POST", model_call, {}, body).count_tokens
 
 
 IMAGE_URL = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
