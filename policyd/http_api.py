@@ -275,6 +275,8 @@ def _refers_to_input(value: Any, depth: int = 0) -> bool:
     if not isinstance(value, dict):
         return False
     for name, item in value.items():
+        if name == "annotations":  # citations of an earlier reply the client sends back: not input by reference
+            continue
         if name in _REFERENCE_KEYS and item:
             return True
         if name in ("url", "image_url") and isinstance(item, str) and not item.startswith("data:"):

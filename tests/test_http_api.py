@@ -202,6 +202,8 @@ IMAGE_DATA = {"type": "image_url", "image_url": {"url": "data:image/png;base64,i
     ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_image",
                                                                "image_url": "https://example.com/a.png"}]}]}, True),
     ("/v1/responses", {"input": "x", "tools": [{"type": "web_search_preview"}]}, True),
+    ("/v1/responses", {"input": [{"role": "assistant", "content": [{"type": "output_text", "text": "t", "annotations": [
+        {"type": "url_citation", "url": "https://example.com/cited"}]}]}]}, False),  # an earlier reply's citations
     ("/v1/responses", {"input": "x", "tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, True),
     ("/v1/responses", {"input": "x", "tools": [{"type": "mcp", "server_url": "https://mcp.example.com"}]}, True),
     ("/v1/messages", {"messages": [{"role": "user", "content": [{"type": "image", "source": {
