@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 RESPONSE_BUFFER_BYTES_MAX = 4 * 1024 * 1024  # a non-streamed body is buffered up to this for its usage
-SSE_LINE_BYTES_MAX = 1024 * 1024
+SSE_LINE_BYTES_MAX = 1024 * 1024  # an SSE line, or an object of a JSON-array stream
+_DECODER = json.JSONDecoder()
 ESTIMATE_BYTES_PER_TOKEN = 4
 
 
@@ -170,6 +171,8 @@ class ResponseReader:
         self.images = 0  # images in an images reply (priced per image)
         self.malformed = False
         self.finished = False  # the provider said the stream is complete ([DONE], message_stop, ...)
+        # Gemini's stream without alt=sse is one JSON array whose objects arrive one by one, not SSE
+        self._array: bool | None = None  # decided by the stream's first byte
         self._buffer = bytearray()
         self._overflow = False
 
@@ -183,6 +186,11 @@ class ResponseReader:
             self._buffer += chunk
             return
         self._buffer += chunk
+        if self._array is None and self._buffer.strip():
+            self._array = self._buffer.lstrip()[:1] == b"["
+        if self._array:
+            self._array_items()
+            return
         while True:
             newline = self._buffer.find(b"\n")
             if newline < 0:
@@ -208,6 +216,30 @@ class ResponseReader:
         except (ValueError, RecursionError):
             self.malformed = True
             return
+        self._event(data)
+
+    def _array_items(self) -> None:
+        """Read the objects of a JSON-array stream that have arrived whole; keep the rest for later."""
+        text = bytes(self._buffer).decode("utf-8", "surrogateescape")  # a character cut in two stays in the rest
+        at = 0
+        while True:
+            while at < len(text) and text[at] in " \t\r\n,[]":
+                self.finished = self.finished or text[at] == "]"
+                at += 1
+            if at >= len(text):
+                break
+            try:
+                data, at = _DECODER.raw_decode(text, at)
+            except (ValueError, RecursionError):
+                break  # not whole yet
+            self._event(data)
+        del self._buffer[:len(text[:at].encode("utf-8", "surrogateescape"))]
+        if len(self._buffer) > SSE_LINE_BYTES_MAX:
+            self.malformed = True
+            self._buffer.clear()
+
+    def _event(self, data: Any) -> None:
+        """One event of a stream (an SSE data line, an object of a JSON-array stream)."""
         if usage_from(self.endpoint, data, self.tokens):
             self.found_usage = self.found_usage or self.tokens.any
             if self.endpoint == "anthropic_messages":
@@ -224,9 +256,11 @@ class ResponseReader:
             self.finished = True
             return
         if self.stream:
-            if self._buffer:
+            if self._array and self._buffer.strip():
+                self.malformed = True  # an object the stream never finished
+            elif self._buffer:
                 self._line(bytes(self._buffer).rstrip(b"\r\n"))
-                self._buffer.clear()
+            self._buffer.clear()
             return
         if self._overflow:
             self.malformed = True

@@ -443,3 +443,25 @@ def test_text_to_speech_counts_the_characters_and_reads_no_audio() -> None:
     assert (reader.tokens.input_tokens, reader.found_usage, closing(200, reader, cut=False)) == (
         11, True, Closing("settle"))
     assert closing(500, reader, cut=False).action == "release"
+
+
+def test_a_gemini_stream_without_sse_is_read_as_the_json_array_it_is() -> None:
+    """:streamGenerateContent without alt=sse streams one JSON array, an object at a time (REST clients
+    and curl get this): its usage is read as the objects arrive, split anywhere, even inside a character."""
+    chunks = [{"candidates": [{"content": {"parts": [{"text": "héllo " * 10}]}}],
+               "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": 5}},
+              {"candidates": [{"content": {"parts": [{"text": "wörld " * 10}]}}],
+               "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": 30, "thoughtsTokenCount": 8}}]
+    body = ("[" + "\n,\r\n".join(json.dumps(c, ensure_ascii=False) for c in chunks) + "]").encode()
+    for size in (1, 7, len(body)):
+        reader = ResponseReader("gemini_generate_content", stream=True)
+        for at in range(0, len(body), size):
+            reader.feed(body[at:at + size])
+        reader.finish()
+        assert (reader.tokens.input_tokens, reader.tokens.output_tokens, reader.found_usage) == (12, 38, True)
+        assert reader.finished and not reader.malformed and closing(200, reader, cut=False) == Closing("settle")
+    cut = ResponseReader("gemini_generate_content", stream=True)
+    cut.feed(body[:len(body) // 2 + 40])  # the first object whole, the second cut
+    cut.finish()
+    assert cut.malformed and not cut.finished and cut.tokens.output_tokens == 5
+    assert closing(200, cut, cut=True).action == "estimate" and cut.estimated_output_tokens() >= 15  # text delivered
