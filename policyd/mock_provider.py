@@ -1,5 +1,6 @@
-"""A small OpenAI/Anthropic-compatible provider for demos and tests: it answers chat completions,
-responses, embeddings and Anthropic messages with deterministic usage, streams SSE, and can fail.
+"""A small OpenAI/Anthropic/Gemini-compatible provider for demos and tests: it answers chat completions,
+responses, embeddings, legacy completions, speech, Anthropic messages, Gemini's generateContent (and its
+streams, SSE or a JSON array) and token counts with deterministic usage, streams SSE, and can fail.
 
 Scenarios, by the request header `x-mock-scenario`:
     ok (default) | rate_limited (429) | server_error (500) | stall (sleeps 30 s) |
@@ -13,6 +14,7 @@ min(the request's output cap, 12). `GET /_mock/requests` lists what it received 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -25,16 +27,19 @@ COMPLETION_TOKENS_MAX = len(WORDS)
 
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 AUDIO_BYTES_PER_CHARACTER = 64
+GEMINI_PATH = re.compile(r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent)$")
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:
-    text = json.dumps(body.get("messages") or body.get("input") or body.get("prompt") or "", ensure_ascii=False)
+    text = json.dumps(body.get("messages") or body.get("input") or body.get("prompt") or body.get("contents") or "",
+                      ensure_ascii=False)
     return -(-len(text.encode()) // 4)
 
 
 def output_cap(body: dict[str, Any]) -> int:
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = body.get(name)
+    generation = body.get("generationConfig") if isinstance(body.get("generationConfig"), dict) else {}
+    for value in (body.get("max_completion_tokens"), body.get("max_tokens"), body.get("max_output_tokens"),
+                  generation.get("maxOutputTokens")):
         if isinstance(value, int) and value > 0:
             return value
     return COMPLETION_TOKENS_MAX
@@ -119,7 +124,7 @@ class MockProvider:
         except ValueError:
             return h._json(400, {"error": {"type": "invalid_request_error", "message": "body is not JSON"}})
         scenario = h.headers.get("x-mock-scenario", "ok")
-        auth = h.headers.get("authorization", "") or h.headers.get("x-api-key", "") or h.headers.get("api-key", "")
+        auth = next((h.headers[k] for k in CREDENTIAL_HEADERS if h.headers.get(k)), "")
         with self.lock:
             self.requests.append({"path": h.path, "body": body, "authorization": auth, "scenario": scenario,
                                   "credentials": {k: h.headers[k] for k in CREDENTIAL_HEADERS if h.headers.get(k)},
@@ -149,6 +154,10 @@ class MockProvider:
             return h._json(200, {"object": "response.input_tokens", "input_tokens": p_tokens})
         if route.endswith(":countTokens"):
             return h._json(200, {"totalTokens": p_tokens})
+        gemini = GEMINI_PATH.search(route)
+        if gemini:
+            return self._gemini(h, gemini.group("model"), p_tokens, c_tokens, text, gemini.group("verb"),
+                                sse="alt=sse" in h.path)
         anthropic = route.endswith("/v1/messages")
         legacy = route.endswith("/completions") and not route.endswith("/chat/completions")  # text completions
         if route.endswith("/embeddings"):
@@ -188,6 +197,32 @@ class MockProvider:
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                           "finish_reason": "stop"}],
                              **({} if scenario == "no_usage" else {"usage": usage})})
+
+    def _gemini(self, h: Any, model: str, p_tokens: int, c_tokens: int, text: str, verb: str, sse: bool) -> None:
+        """Gemini's generateContent, and its stream: SSE with alt=sse, else one JSON array sent an object at
+        a time; usageMetadata in every object, the counts so far."""
+        def reply(part: str, done: int, last: bool) -> dict[str, Any]:
+            return {"candidates": [{"content": {"role": "model", "parts": [{"text": part}]},
+                                    **({"finishReason": "STOP"} if last else {})}],
+                    "usageMetadata": {"promptTokenCount": p_tokens, "candidatesTokenCount": done,
+                                      "totalTokenCount": p_tokens + done}, "modelVersion": model}
+
+        if verb == "generateContent":
+            return h._json(200, reply(text, c_tokens, True))
+        h.send_response(200)
+        h.send_header("content-type", "text/event-stream" if sse else "application/json")
+        h.send_header("transfer-encoding", "chunked")
+        h.end_headers()
+        words = WORDS[:c_tokens]
+        pieces = ["".join(words[i:i + 4]) for i in range(0, len(words), 4)] or [""]
+        for i, piece in enumerate(pieces):
+            event = json.dumps(reply(piece, min(4 * (i + 1), c_tokens), i == len(pieces) - 1))
+            data = f"data: {event}\r\n\r\n" if sse else ("[" if i == 0 else "\n,\r\n") + event
+            chunk = data.encode()
+            h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        if not sse:
+            h.wfile.write(b"1\r\n]\r\n")
+        h.wfile.write(b"0\r\n\r\n")
 
     def _stream(self, h: Any, body: dict[str, Any], model: str, p_tokens: int, c_tokens: int, scenario: str,
                 anthropic: bool, legacy: bool = False) -> None:

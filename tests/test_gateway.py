@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from policyd.gateway_config import SHAPES, Upstream, render
-from policyd.mock_provider import AUDIO_BYTES_PER_CHARACTER, COMPLETION_TOKENS_MAX, MockProvider
+from policyd.mock_provider import AUDIO_BYTES_PER_CHARACTER, COMPLETION_TOKENS_MAX, MockProvider, prompt_tokens
 from policyd.money import parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.helpers import FundedCustomers
@@ -30,7 +30,7 @@ from tests.servers import free_port, wait_port
 
 FIXTURES = Path(__file__).parent / "fixtures"
 AZURE_API_VERSION = "2024-10-21"
-PROVIDER_KEYS = ("sk-mock-openai-1", "sk-mock-openai-2", "sk-mock-anthropic")
+PROVIDER_KEYS = ("sk-mock-openai-1", "sk-mock-openai-2", "sk-mock-anthropic", "sk-mock-google")
 PRICE = {"gpt-4o": ("2.50", "10.00"), "gpt-4o-mini": ("0.15", "0.60"), "claude-sonnet-4": ("3.00", "15.00")}
 
 
@@ -44,7 +44,8 @@ def envoy_binary() -> str:
 PROVIDERS = ("accounts:\n"
              f"  - {{name: openai-1, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[0]}}}\n"
              f"  - {{name: openai-2, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[1]}}}\n"
-             f"  - {{name: anthropic-1, provider: anthropic, cluster: anthropic, api_key: {PROVIDER_KEYS[2]}}}\n")
+             f"  - {{name: anthropic-1, provider: anthropic, cluster: anthropic, api_key: {PROVIDER_KEYS[2]}}}\n"
+             f"  - {{name: google-1, provider: google, cluster: google, api_key: {PROVIDER_KEYS[3]}}}\n")
 
 
 def start_envoy(config: Path, port: int, log: Path) -> subprocess.Popen:
@@ -69,7 +70,8 @@ class Gateway(FundedCustomers):
         config = tmp / "envoy.yaml"
         config.write_text(render(listen_port=self.port, policyd_port=self.policyd.port, admin_port=free_port(),
                                  upstreams=(Upstream("openai", "127.0.0.1", self.mock.port),
-                                            Upstream("anthropic", "127.0.0.1", self.mock.port)), shape=shape))
+                                            Upstream("anthropic", "127.0.0.1", self.mock.port),
+                                            Upstream("google", "127.0.0.1", self.mock.port)), shape=shape))
         self.envoy_log = tmp / "envoy.log"
         self.envoy = start_envoy(config, self.port, self.envoy_log)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -340,6 +342,39 @@ def test_text_to_speech_is_charged_by_the_characters_sent(gateway: Gateway) -> N
     assert empty.value.param == "input"
     wallet = gateway.wallet_at_rest("e2e-speech")
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10") - record["charge_nanos"], 0)
+
+
+def test_gemini_is_charged_in_every_stream_format_and_a_downgrade_reaches_the_path(gateway: Gateway) -> None:
+    """Gemini's REST API: the key as x-goog-api-key or ?key=, the model in the path; generateContent, its
+    stream as SSE (alt=sse) and as the JSON array it is without; a downgrade rewrites the path, or Google
+    would run (and bill) the model policyd refused while policyd charged the cheaper one."""
+    root = f"http://127.0.0.1:{gateway.port}/v1beta/models"
+    key = gateway.customer("e2e-gemini", plan="google")
+    body = {"contents": [{"role": "user", "parts": [{"text": "gemini, exactly"}]}], "generationConfig": {"maxOutputTokens": 8}}
+    cost = price_quantity(prompt_tokens(body), parse_amount("0.30")) + price_quantity(8, parse_amount("2.50"))
+    for verb in (":generateContent", ":streamGenerateContent?alt=sse", ":streamGenerateContent"):
+        request = urllib.request.Request(f"{root}/gemini-2.5-flash{verb}", data=json.dumps(body).encode(), method="POST",
+                                         headers={"x-goog-api-key": key, "content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=20) as reply:
+            request_id, answer = reply.headers["x-policyd-request-id"], reply.read()
+        assert b"policyd" in answer
+        record = gateway.record(request_id)
+        assert (record["status"], record["error_class"], record["input_tokens"], record["output_tokens"]) == (
+            "settled", "", prompt_tokens(body), 8), verb
+        assert record["charge_nanos"] == cost, verb
+    thrifty = gateway.customer("e2e-gemini-thrifty", plan="google-thrifty")
+    asked = {**body, "contents": [{"role": "user", "parts": [{"text": "gemini, downgraded"}]}]}
+    request = urllib.request.Request(f"{root}/gemini-2.5-pro:generateContent?key={thrifty}", method="POST",
+                                     data=json.dumps(asked).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=20) as reply:
+        request_id, answer = reply.headers["x-policyd-request-id"], json.loads(reply.read())
+    assert answer["modelVersion"] == "gemini-2.5-flash"  # what the provider ran
+    (sent,) = [r for r in gateway.mock.received() if "downgraded" in json.dumps(r["body"])]
+    assert sent["path"] == "/v1beta/models/gemini-2.5-flash:generateContent"  # no customer key either
+    assert sent["credentials"] == {"x-goog-api-key": PROVIDER_KEYS[3]}
+    record = gateway.record(request_id)
+    assert (record["decision"], record["requested_model"], record["served_model"]) == (
+        "downgrade", "gemini-2.5-pro", "gemini-2.5-flash")
 
 
 def test_token_counts_are_free_but_need_a_key_that_may_use_the_model(gateway: Gateway) -> None:
