@@ -5,7 +5,8 @@ streams, SSE or a JSON array) and token counts with deterministic usage, streams
 Scenarios, by the request header `x-mock-scenario`:
     ok (default) | rate_limited (429) | server_error (500) | stall (sleeps 30 s) |
     cut (a stream that stops mid-way without usage) | no_usage (a reply without usage) |
-    slow (a stream with 200 ms between events, for clients that hang up mid-way)
+    slow (a stream with 200 ms between events, for clients that hang up mid-way) |
+    error_midway (an Anthropic stream that ends with an error event and no message_delta)
 
 Usage it reports: prompt tokens = ceil(UTF-8 bytes of the messages / 4), completion tokens =
 min(the request's output cap, 12). `GET /_mock/requests` lists what it received (for tests).
@@ -244,6 +245,11 @@ class MockProvider:
             for i, word in enumerate(words):
                 if scenario == "cut" and i == len(words) // 2:
                     h.close_connection = True
+                    return
+                if scenario == "error_midway" and i == len(words) // 2:  # Anthropic's overloaded error, mid-stream
+                    send("event: error\ndata: " + json.dumps({"type": "error", "error": {
+                        "type": "overloaded_error", "message": "Overloaded"}}) + "\n\n")
+                    h.wfile.write(b"0\r\n\r\n")
                     return
                 send("event: content_block_delta\ndata: " + json.dumps({"type": "content_block_delta", "index": 0,
                      "delta": {"type": "text_delta", "text": word}}) + "\n\n")

@@ -308,7 +308,10 @@ def closing(status: int, reader: ResponseReader, cut: bool) -> Closing:
     # the provider's own usage is exact: when the response ended, when the client hung up only after the
     # provider's last event ([DONE], message_stop), or when a cut came after the usage of the whole output
     complete = not cut or reader.finished
-    if reader.found_usage and (complete or reader.output_final):
+    # Anthropic's message_start counts no output: its stream is whole only with its message_delta (an error
+    # event mid-way ends it without one), and is otherwise estimated from what was delivered, like a cut one
+    counted = reader.output_final or not (reader.stream and reader.endpoint == "anthropic_messages")
+    if reader.found_usage and (reader.output_final or (complete and counted)):
         return Closing("settle", interrupted=not complete)
     reason = "stream_cut" if cut else ("malformed_response" if reader.malformed else "no_usage_reported")
     return Closing("estimate", f"usage_estimated:{reason}", interrupted=cut)

@@ -569,6 +569,26 @@ def test_anthropic_messages_are_charged_from_their_usage(gateway: Gateway) -> No
     assert code == 401 and error["error"]["code"] == "invalid_api_key"
 
 
+def test_an_anthropic_stream_ended_by_an_error_event_is_charged_for_what_it_delivered(gateway: Gateway) -> None:
+    """Anthropic may end a stream with an error event (overloaded_error) after message_start: no
+    message_delta brings the output count, so the output delivered is estimated, not message_start's 1."""
+    key = gateway.customer("e2e-anthropic-error")
+    request = urllib.request.Request(f"{gateway.base_url}/messages", method="POST", data=json.dumps({
+        "model": "claude-sonnet-4", "max_tokens": 12, "stream": True,
+        "messages": [{"role": "user", "content": "overload me"}]}).encode(), headers={
+        "x-api-key": key, "content-type": "application/json", "x-mock-scenario": "error_midway"})
+    with urllib.request.urlopen(request, timeout=20) as reply:
+        request_id, events = reply.headers["x-policyd-request-id"], reply.read().decode()
+    assert "overloaded_error" in events and "message_delta" not in events
+    delivered = "".join(json.loads(line[5:])["delta"]["text"] for line in events.splitlines()
+                        if line.startswith("data:") and "content_block_delta" in line)
+    record = gateway.record(request_id)
+    assert record["status"] == "settled" and record["error_class"] == "usage_estimated:no_usage_reported"
+    assert record["input_tokens"] == json.loads(events.split("data: ", 1)[1].split("\n", 1)[0])["message"]["usage"][
+        "input_tokens"]  # as message_start reported it
+    assert record["output_tokens"] == -(-len(delivered.encode()) // 4) > 1
+
+
 def test_audio_tokens_are_charged_at_the_audio_prices(gateway: Gateway) -> None:
     raw = gateway.client(gateway.customer("e2e-audio")).chat.completions.with_raw_response.create(
         model="gpt-4o", messages=[{"role": "user", "content": "Say it out loud"}], max_tokens=8,
