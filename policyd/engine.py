@@ -457,6 +457,8 @@ class Engine:
                                              price.context_window, s.unseen_input)
         if request.endpoint in ("embeddings", "audio_speech"):  # no output tokens to cap
             output_cap = 0
+        elif request.endpoint == "images":  # no cap to give either: each image bills up to the model's most
+            output_cap = (price.output_tokens_per_image or output_cap) * (s.image_count or 1)
         quantities = Quantities(
             input_tokens=input_tokens,
             output_tokens=output_cap * max(1, s.choices),  # every choice may reach the cap, and all are billed

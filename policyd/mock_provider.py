@@ -28,6 +28,7 @@ COMPLETION_TOKENS_MAX = len(WORDS)
 
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 AUDIO_BYTES_PER_CHARACTER = 64
+IMAGE_TOKENS = {"low": 272, "medium": 1056, "high": 4160}  # a square image's output tokens, by quality
 GEMINI_PATH = re.compile(r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent)$")
 
 
@@ -161,6 +162,15 @@ class MockProvider:
                                 sse="alt=sse" in h.path)
         anthropic = route.endswith("/v1/messages")
         legacy = route.endswith("/completions") and not route.endswith("/chat/completions")  # text completions
+        if route.endswith("/images/generations"):  # per image; gpt-image models report tokens too
+            n = body.get("n") if isinstance(body.get("n"), int) and body["n"] > 0 else 1
+            reply: dict[str, Any] = {"created": 0, "data": [{"b64_json": "iVBORw0KGgo="}] * n}
+            if str(model).startswith("gpt-image"):
+                per_image = IMAGE_TOKENS.get(body.get("quality"), IMAGE_TOKENS["medium"])
+                reply["usage"] = {"input_tokens": p_tokens, "output_tokens": per_image * n,
+                                  "total_tokens": p_tokens + per_image * n,
+                                  "input_tokens_details": {"text_tokens": p_tokens, "image_tokens": 0}}
+            return h._json(200, reply)
         if route.endswith("/embeddings"):
             return h._json(200, {"object": "list", "model": model, "data": [{"object": "embedding", "index": 0,
                                  "embedding": [0.0, 0.1]}], "usage": {"prompt_tokens": p_tokens, "total_tokens": p_tokens}})

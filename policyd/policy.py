@@ -134,6 +134,9 @@ class ModelPrice(Prices):
     # the output cap of a request that gives none, instead of the plan's (0 = the plan's): a reasoning
     # model spends its hidden reasoning from the same cap, and a small one leaves it nothing to answer with
     default_max_output_tokens: int = Field(0, ge=0, le=1_000_000)
+    # the most output tokens one image bills, for image models priced by tokens (gpt-image-1: 6240, a
+    # high-quality 1024x1536): an images request reserves this many a requested image
+    output_tokens_per_image: int = Field(0, ge=0, le=1_000_000)
 
     @property
     def upstream(self) -> str:

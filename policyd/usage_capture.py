@@ -83,6 +83,10 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     usage = data.get("usage")
     if not isinstance(usage, dict):
         return False
+    if endpoint == "images":  # token-priced image models (gpt-image-1): text in, image tokens out
+        seen.input_tokens = _n(usage.get("input_tokens"))
+        seen.output_tokens = _n(usage.get("output_tokens"))
+        return True
     if endpoint == "responses":
         details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
         seen.input_tokens = _n(usage.get("input_tokens"))

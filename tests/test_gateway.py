@@ -21,7 +21,8 @@ import openai
 import pytest
 
 from policyd.gateway_config import SHAPES, Upstream, render
-from policyd.mock_provider import AUDIO_BYTES_PER_CHARACTER, COMPLETION_TOKENS_MAX, MockProvider, prompt_tokens
+from policyd.mock_provider import (AUDIO_BYTES_PER_CHARACTER, COMPLETION_TOKENS_MAX, IMAGE_TOKENS, MockProvider,
+                                   prompt_tokens)
 from policyd.money import parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.helpers import FundedCustomers
@@ -344,6 +345,22 @@ def test_text_to_speech_is_charged_by_the_characters_sent(gateway: Gateway) -> N
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10") - record["charge_nanos"], 0)
 
 
+def test_token_priced_images_are_reserved_at_their_most_and_charged_their_tokens(gateway: Gateway) -> None:
+    """gpt-image-1 bills text in and image tokens out (its reply's usage), and no request can cap the image
+    tokens: each image is reserved at the model's output_tokens_per_image, and charged what it billed."""
+    raw = gateway.client(gateway.customer("e2e-image")).images.with_raw_response.generate(
+        model="gpt-image-1", prompt="a precise ledger, drawn", n=2, quality="medium")
+    image = raw.parse()
+    assert len(image.data) == 2 and image.usage.output_tokens == 2 * IMAGE_TOKENS["medium"]
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["endpoint"], record["status"], record["error_class"]) == ("images", "settled", "")
+    assert (record["input_tokens"], record["output_tokens"]) == (image.usage.input_tokens, image.usage.output_tokens)
+    cost = price_quantity(image.usage.input_tokens, parse_amount("5.00")) + \
+        price_quantity(image.usage.output_tokens, parse_amount("40.00"))
+    assert record["charge_nanos"] == -(-cost * 12_000 // 10_000)
+    assert record["reserved_nanos"] >= price_quantity(2 * 6240, parse_amount("40.00")) * 12 // 10  # the most, twice
+
+
 def test_gemini_is_charged_in_every_stream_format_and_a_downgrade_reaches_the_path(gateway: Gateway) -> None:
     """Gemini's REST API: the key as x-goog-api-key or ?key=, the model in the path; generateContent, its
     stream as SSE (alt=sse) and as the JSON array it is without; a downgrade rewrites the path, or Google
@@ -449,7 +466,7 @@ def test_models_listing_shows_what_the_key_may_use(gateway: Gateway) -> None:
     free = gateway.client(gateway.customer("e2e-models", plan="free"))
     assert sorted(m.id for m in free.models.list()) == ["gpt-4o-mini"]
     pro = gateway.client(gateway.customer("e2e-models-pro"))
-    assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "gpt-4o", "gpt-4o-mini", "tts-1"]
+    assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "gpt-4o", "gpt-4o-mini", "gpt-image-1", "tts-1"]
 
 
 def test_downgrade_reaches_the_cheaper_model_with_the_body_rewritten(gateway: Gateway) -> None:
