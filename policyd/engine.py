@@ -453,6 +453,8 @@ class Engine:
         assert price is not None, "the model was checked against the price table"
         s = request.shape
         output_cap = s.max_output_tokens or price.default_max_output_tokens or plan.default_max_output_tokens
+        if price.max_output_tokens:
+            output_cap = min(output_cap, price.max_output_tokens)
         input_tokens = estimate_input_tokens(plan, s.prompt_bytes, s.message_count, s.input_tokens,
                                              price.context_window, s.unseen_input)
         if request.endpoint in ("embeddings", "audio_speech"):  # no output tokens to cap

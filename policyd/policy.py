@@ -137,6 +137,9 @@ class ModelPrice(Prices):
     # the most output tokens one image bills, for image models priced by tokens (gpt-image-1: 6240, a
     # high-quality 1024x1536): an images request reserves this many a requested image
     output_tokens_per_image: int = Field(0, ge=0, le=1_000_000)
+    # the most output tokens the model makes in one reply (0 = not given): a client's larger cap is refused
+    # or cut by the provider, so no more is reserved; the cap policyd gives itself is no larger either
+    max_output_tokens: int = Field(0, ge=0, le=QUANTITY_MAX)
 
     @property
     def upstream(self) -> str:

@@ -333,6 +333,16 @@ async def test_a_model_may_give_its_own_default_output_cap(service: Service) -> 
     assert (await service.engine.authorize(ask(secret, max_output_tokens=64))).max_output_tokens == 64
 
 
+async def test_no_more_output_is_reserved_than_the_model_can_make(service: Service) -> None:
+    """A client's cap beyond the model's most output is refused or cut by the provider: reserving it would
+    refuse requests a wallet can pay for."""
+    secret = await mini_priced_with(service, "max_output_tokens: 16384")
+    greedy = await service.engine.authorize(ask(secret, max_output_tokens=1_000_000))
+    assert greedy.max_output_tokens == 16384
+    assert greedy.reserved == price_quantity(400 + 8 + 16, parse_amount("0.15")) + price_quantity(16384, parse_amount("0.60"))
+    assert (await service.engine.authorize(ask(secret, max_output_tokens=100))).max_output_tokens == 100
+
+
 async def test_rebuild_restores_counters_after_redis_data_loss(service: Service) -> None:
     _, secret = await new_key(service)
     await fund(service, "acme", "3", grant_id="g-rebuild")
