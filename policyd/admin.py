@@ -34,6 +34,8 @@ ROTATION_GRACE_SECONDS_MAX = 30 * 86_400
 LABEL_LENGTH_MAX = 256
 USAGE_LIST_MAX = 1000
 REBUILD_FENCE_SECONDS = 600  # a rebuild that dies leaves its fence this long at most
+KEY_SCOPES_MAX = 32
+SCOPE_LENGTH_MAX = 128
 OWNER_ID_LENGTH_MAX = 128
 
 
@@ -71,6 +73,13 @@ def _invalid(reason: str, message: str) -> PolicydError:
 def _check_expiry(expires_ms: int) -> None:
     if expires_ms < 0 or (expires_ms and expires_ms <= now_ms()):
         raise _invalid("invalid_request", "expires_unix_ms must be in the future (or 0: never)")
+
+
+def _key_scopes(scopes: list[str]) -> list[str]:
+    if len(scopes) > KEY_SCOPES_MAX or any(not s or len(s) > SCOPE_LENGTH_MAX or s != s.strip() for s in scopes):
+        raise _invalid("invalid_request", f"at most {KEY_SCOPES_MAX} scopes, each a model glob or tier:NAME of "
+                                          f"1-{SCOPE_LENGTH_MAX} characters")
+    return list(dict.fromkeys(scopes))
 
 
 def _key_limits(limits: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -126,7 +135,7 @@ class Admin:
             id=key_secrets.new_key_id(), label=label, prefix=key_secrets.display_prefix(secret),
             secret_hash=key_secrets.hash_secret(secret), previous_secret_hash=None, previous_expires_ms=0,
             customer_id=customer_id, workspace_id=workspace_id, project_id=project_id, team_id=team_id,
-            environment=environment, plan=plan, scopes=list(scopes or []), status="active", created_ms=at,
+            environment=environment, plan=plan, scopes=_key_scopes(scopes or []), status="active", created_ms=at,
             rotated_ms=0, status_changed_ms=at, expires_ms=expires_ms, limits=own_limits,
         )
         await asyncio.to_thread(self.store.save_key, row)
@@ -181,11 +190,19 @@ class Admin:
     async def set_limits(self, key_id: str, limits: list[dict[str, Any]]) -> ApiKeyRow:
         """Give a key its own limits (none: the plan's alone); they bind from the next decision on every
         replica. A limit that lowers a count already past it refuses the key's next requests in that window."""
-        own_limits = _key_limits(limits)
+        return await self._change_terms(key_id, limits=_key_limits(limits))
+
+    async def set_scopes(self, key_id: str, scopes: list[str]) -> ApiKeyRow:
+        """Narrow (or widen back, within its plan) the models a key may use: globs or tier:NAME, none = the
+        plan's; binding from the next decision on every replica."""
+        return await self._change_terms(key_id, scopes=_key_scopes(scopes))
+
+    async def _change_terms(self, key_id: str, **terms: Any) -> ApiKeyRow:
         row = await self.get_key(key_id)
         if row.status == "revoked":
             raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be used again")
-        row.limits = own_limits
+        for name, value in terms.items():
+            setattr(row, name, value)
         await asyncio.to_thread(self.store.save_key, row)  # SQL first: a replica that sees new terms reads them here
         await self._publish_key(row)
         return row

@@ -131,7 +131,9 @@ def _key_line(key: admin_pb2.ApiKey) -> str:
     o = key.owner
     ends = f"  (ends {_utc(key.expires_unix_ms)})" if key.expires_unix_ms else ""
     own = f"  (own limits: {', '.join(_limit_text(limit) for limit in key.limits)})" if key.limits else ""
-    return f"{key.id}  {key.prefix}…  {state:8} {o.customer_id:20} {o.environment:16} {o.plan:16} {key.label}{ends}{own}"
+    models = f"  (models: {', '.join(key.scopes)})" if key.scopes else ""
+    return (f"{key.id}  {key.prefix}…  {state:8} {o.customer_id:20} {o.environment:16} {o.plan:16} {key.label}"
+            f"{ends}{models}{own}")
 
 
 def _limit_text(limit: admin_pb2.KeyLimit) -> str:
@@ -193,6 +195,9 @@ def _keys(args: argparse.Namespace) -> int:
         _print(args, response, _key_line(response))
     elif args.keys_command == "limits":
         response = stub.SetKeyLimits(admin_pb2.SetKeyLimitsRequest(id=args.id, limits=args.limit or []), metadata=md)
+        _print(args, response, _key_line(response))
+    elif args.keys_command == "scopes":
+        response = stub.SetKeyScopes(admin_pb2.SetKeyScopesRequest(id=args.id, scopes=args.scope or []), metadata=md)
         _print(args, response, _key_line(response))
     elif args.keys_command == "plan":
         moved = stub.SetPlan(admin_pb2.SetPlanRequest(key_id=args.key or "", customer_id=args.customer or "",
@@ -582,6 +587,11 @@ def parser() -> argparse.ArgumentParser:
     given = own.add_mutually_exclusive_group(required=True)
     given.add_argument("--limit", action="append", type=_key_limit, help=KEY_LIMIT_HELP)
     given.add_argument("--none", action="store_true", help="no limits of its own")
+    narrow = client(key_commands.add_parser("scopes", help="the models a key may use within its plan (--all: the plan's)"))
+    narrow.add_argument("id")
+    which = narrow.add_mutually_exclusive_group(required=True)
+    which.add_argument("--scope", action="append", help="a model glob or tier:NAME; repeatable")
+    which.add_argument("--all", action="store_true", help="every model of its plan")
     plan = client(key_commands.add_parser("plan", help="move a key, or every key of a customer, to another plan"))
     plan.add_argument("plan")
     whose = plan.add_mutually_exclusive_group(required=True)

@@ -291,6 +291,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return api_key_message(await _call(context, lambda: self.admin.set_limits(
             request.id, [key_limit(limit) for limit in request.limits])))
 
+    async def SetKeyScopes(self, request: admin_pb2.SetKeyScopesRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._key(context, request.id)
+        return api_key_message(await _call(context, lambda: self.admin.set_scopes(request.id, list(request.scopes))))
+
     async def SetPlan(self, request: admin_pb2.SetPlanRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._operator(context)
         moved = await _call(context, lambda: self.admin.set_plan(request.plan, key_id=request.key_id,

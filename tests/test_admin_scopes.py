@@ -81,6 +81,7 @@ def cross_boundary_calls(w: World) -> dict[str, Any]:
         "SetPlan": admin_pb2.SetPlanRequest(customer_id="reseller", plan="free"),  # plans are the operator's
         "SetKeyLimits": admin_pb2.SetKeyLimitsRequest(id=other_key, limits=[admin_pb2.KeyLimit(
             window="day", unit="money", limit=1)]),
+        "SetKeyScopes": admin_pb2.SetKeyScopesRequest(id=other_key, scopes=["gpt-4o-mini"]),
         "ApplyPolicy": admin_pb2.ApplyPolicyRequest(yaml=SAMPLE_POLICY),
         "GetPolicy": admin_pb2.GetPolicyRequest(),
         "GrantCredit": admin_pb2.GrantCreditRequest(customer_id="reseller", source="purchase",

@@ -326,3 +326,22 @@ async def test_a_key_with_limits_of_its_own(service: Service) -> None:
     await service.writer.drain()
     assert (await service.admin.audit()).ok
     assert service.store.usage_record("own-day").reason == "budget_exceeded"
+
+
+async def test_a_keys_models_narrow_and_widen_back_from_the_next_decision(service: Service) -> None:
+    from policyd import keys as key_secrets
+    from policyd.domain import PolicydError
+
+    key_id, secret = await new_key(service, customer="narrowed")
+    await fund(service, "narrowed", "10")
+    held = await service.engine.directory.resolve(key_secrets.hash_secret(secret))  # another replica's copy
+    row = await service.admin.set_scopes(key_id, ["gpt-4o-mini", "gpt-4o-mini"])
+    assert row.scopes == ["gpt-4o-mini"]
+    service.engine.directory.remember(key_secrets.hash_secret(secret), held)
+    assert (await service.engine.authorize(ask(secret, model="gpt-4o"))).reason == "model_not_allowed"
+    assert [m for m, _ in (await service.engine.models_for(secret))[0]] == ["gpt-4o-mini"]
+    await service.admin.set_scopes(key_id, [])
+    assert (await service.engine.authorize(ask(secret, model="gpt-4o"))).decision == "allow"
+    with pytest.raises(PolicydError) as error:
+        await service.admin.set_scopes(key_id, [""])
+    assert error.value.reason == "invalid_request"

@@ -119,6 +119,12 @@ def test_keys_with_limits_of_their_own(server: PolicydProcess) -> None:
     lifted = run(server, "keys", "limits", created["key"]["id"], "--none")
     assert lifted.returncode == 0 and "own limits" not in lifted.stdout
     assert run(server, "authorize", "--key", created["secret"], "--model", "gpt-4o-mini").returncode == 0
+    narrowed = run(server, "keys", "scopes", created["key"]["id"], "--scope", "gpt-4o")
+    assert narrowed.returncode == 0 and "(models: gpt-4o)" in narrowed.stdout
+    refused = run(server, "authorize", "--key", created["secret"], "--model", "gpt-4o-mini")
+    assert refused.returncode == 2 and "model_not_allowed" in refused.stdout
+    assert run(server, "keys", "scopes", created["key"]["id"], "--all").returncode == 0
+    assert run(server, "authorize", "--key", created["secret"], "--model", "gpt-4o-mini").returncode == 0
     wrong = run(server, "keys", "limits", created["key"]["id"], "--limit", "month:money:lots")
     assert wrong.returncode != 0 and "WINDOW:UNIT:VALUE" in wrong.stderr
 

@@ -123,6 +123,14 @@ class KeyLimit(_message.Message):
     timezone: str
     def __init__(self, window: _Optional[str] = ..., unit: _Optional[str] = ..., limit: _Optional[int] = ..., timezone: _Optional[str] = ...) -> None: ...
 
+class SetKeyScopesRequest(_message.Message):
+    __slots__ = ("id", "scopes")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    scopes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class SetKeyLimitsRequest(_message.Message):
     __slots__ = ("id", "limits")
     ID_FIELD_NUMBER: _ClassVar[int]

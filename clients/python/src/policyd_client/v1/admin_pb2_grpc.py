@@ -88,6 +88,11 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.SetKeyLimitsRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.ApiKey.FromString,
                 _registered_method=True)
+        self.SetKeyScopes = channel.unary_unary(
+                '/policyd.v1.AdminService/SetKeyScopes',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.SetKeyScopesRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.ApiKey.FromString,
+                _registered_method=True)
         self.ApplyPolicy = channel.unary_unary(
                 '/policyd.v1.AdminService/ApplyPolicy',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ApplyPolicyRequest.SerializeToString,
@@ -240,6 +245,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetKeyScopes(self, request, context):
+        """The models a key may use, within its plan (globs or tier:NAME; none = the plan's), from the next decision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ApplyPolicy(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -387,6 +399,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'SetKeyLimits': grpc.unary_unary_rpc_method_handler(
                     servicer.SetKeyLimits,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.SetKeyLimitsRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.ApiKey.SerializeToString,
+            ),
+            'SetKeyScopes': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetKeyScopes,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.SetKeyScopesRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.ApiKey.SerializeToString,
             ),
             'ApplyPolicy': grpc.unary_unary_rpc_method_handler(
@@ -743,6 +760,33 @@ class AdminService:
             target,
             '/policyd.v1.AdminService/SetKeyLimits',
             policyd_dot_v1_dot_admin__pb2.SetKeyLimitsRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetKeyScopes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/SetKeyScopes',
+            policyd_dot_v1_dot_admin__pb2.SetKeyScopesRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.ApiKey.FromString,
             options,
             channel_credentials,
