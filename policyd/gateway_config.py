@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE
-from policyd.http_api import REQUEST_BODY_BYTES_MAX, REQUEST_HEADERS_BYTES_MAX
+from policyd.http_api import PROVIDER_ACCOUNT_HEADERS, REQUEST_BODY_BYTES_MAX, REQUEST_HEADERS_BYTES_MAX
 from policyd.http_api import REQUEST_HEADERS_COUNT_MAX as HEADERS_COUNT_MAX
 from policyd.upstream import OBSERVER_HEADER, REWRITE_HEADER, ROUTE_HEADER
 
@@ -263,6 +263,7 @@ static_resources:
                   cluster_header: {ROUTE_HEADER}
                   timeout: 600s
                 request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}]  # policyd's own, not the provider's
+                response_headers_to_remove: [{", ".join(PROVIDER_ACCOUNT_HEADERS)}]  # the operator's account, not the customer's
           local_reply_config:
             mappers:
             - filter:

@@ -48,6 +48,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+ACCOUNT_HEADERS = frozenset(http_api.PROVIDER_ACCOUNT_HEADERS)
 STRIPPED_HEADERS = frozenset({*http_api.CUSTOMER_KEY_HEADERS, "content-length", http_api.REQUEST_ID_HEADER,
                               "x-policyd-served-model", "x-policyd-route"})
 
@@ -148,8 +149,8 @@ class PolicydMiddleware:
         async def metered_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 exchange.status = int(message["status"])
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (http_api.REQUEST_ID_HEADER.encode(), decision.request_id.encode())]}
+                kept = [(k, v) for k, v in message.get("headers", []) if k.decode("latin-1").lower() not in ACCOUNT_HEADERS]
+                message = {**message, "headers": [*kept, (http_api.REQUEST_ID_HEADER.encode(), decision.request_id.encode())]}
                 await send(message)
                 return
             if message["type"] == "http.response.body":

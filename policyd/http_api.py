@@ -78,6 +78,14 @@ REQUEST_ID_HEADER = "x-policyd-request-id"  # the request id policyd sends back 
 REQUEST_ID_HEADERS = (REQUEST_ID_HEADER, "idempotency-key", "x-request-id")
 TAG_HEADER_PREFIX = "x-policyd-tag-"
 CUSTOMER_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")  # api-key: Azure OpenAI's
+# What a provider's reply says of the operator's account, not of the customer's: its organization and project,
+# and the account's own rate limits (the customer's are policyd's). Taken out before the reply reaches the client.
+PROVIDER_ACCOUNT_HEADERS = (
+    "openai-organization", "openai-project", "anthropic-organization-id",
+    *(f"x-ratelimit-{kind}-{unit}" for kind in ("limit", "remaining", "reset") for unit in ("requests", "tokens")),
+    *(f"anthropic-ratelimit-{unit}-{kind}" for unit in ("requests", "tokens", "input-tokens", "output-tokens")
+      for kind in ("limit", "remaining", "reset")),
+)
 
 
 @dataclass

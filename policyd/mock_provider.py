@@ -28,6 +28,8 @@ COMPLETION_TOKENS_MAX = len(WORDS)
 
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 AUDIO_BYTES_PER_CHARACTER = 64
+ACCOUNT_HEADERS = {"openai-organization": "org-operator", "x-ratelimit-remaining-requests": "9999",
+                   "anthropic-ratelimit-tokens-remaining": "123456", "x-request-id": "req_mock"}
 IMAGE_TOKENS = {"low": 272, "medium": 1056, "high": 4160}  # a square image's output tokens, by quality
 GEMINI_PATH = re.compile(r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent)$")
 
@@ -97,6 +99,8 @@ class MockProvider:
                 self.send_response(status)
                 self.send_header("content-type", content_type)
                 self.send_header("content-length", str(len(data)))
+                for k, v in ACCOUNT_HEADERS.items():  # what a provider says of the account a request came on
+                    self.send_header(k, v)
                 for k, v in (extra or {}).items():
                     self.send_header(k, v)
                 self.end_headers()

@@ -21,8 +21,8 @@ import openai
 import pytest
 
 from policyd.gateway_config import SHAPES, Upstream, render
-from policyd.mock_provider import (AUDIO_BYTES_PER_CHARACTER, COMPLETION_TOKENS_MAX, IMAGE_TOKENS, MockProvider,
-                                   prompt_tokens)
+from policyd.mock_provider import (ACCOUNT_HEADERS, AUDIO_BYTES_PER_CHARACTER, COMPLETION_TOKENS_MAX, IMAGE_TOKENS,
+                                   MockProvider, prompt_tokens)
 from policyd.money import parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.helpers import FundedCustomers
@@ -171,6 +171,16 @@ def test_legacy_text_completions_are_charged_streamed_or_not(gateway: Gateway) -
     assert text and record["status"] == "settled" and not record["error_class"]  # the provider's usage, not an estimate
     assert record["output_tokens"] == min(record["max_output_tokens"], COMPLETION_TOKENS_MAX)  # what the mock made
     assert record["input_tokens"] > 0
+
+
+def test_what_a_provider_says_of_the_operators_account_never_reaches_the_client(gateway: Gateway) -> None:
+    """The provider's organization and its account's rate limits are the operator's business: a customer
+    who reads them learns whose account serves it and how much room it has (its own limits are policyd's)."""
+    raw = gateway.client(gateway.customer("e2e-account-headers")).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "whose account?"}], max_tokens=4)
+    headers = {k.lower() for k in raw.headers}
+    assert not headers & set(ACCOUNT_HEADERS) - {"x-request-id"}
+    assert raw.headers["x-request-id"] == "req_mock"  # the provider's request id stays: support needs it
 
 
 def test_streamed_chat_is_charged_and_usage_is_always_requested(gateway: Gateway) -> None:

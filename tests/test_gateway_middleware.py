@@ -214,6 +214,14 @@ def test_input_a_request_only_refers_to_reaches_policyd_over_the_native_api(gate
     assert "resp_mw_unbounded" not in json.dumps(gateway.mock.received())
 
 
+def test_what_a_provider_says_of_the_operators_account_never_reaches_the_client(gateway: ExampleGateway) -> None:
+    raw = gateway.client(gateway.customer("mw-account")).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "whose account?"}], max_tokens=4)
+    assert not {k.lower() for k in raw.headers} & {"openai-organization", "x-ratelimit-remaining-requests",
+                                                   "anthropic-ratelimit-tokens-remaining"}
+    assert raw.headers["x-request-id"] == "req_mock"
+
+
 def test_text_to_speech_is_charged_by_the_characters_sent(gateway: ExampleGateway) -> None:
     key = gateway.customer("mw-speech")
     text = "Speak every character: ünïcödé."
