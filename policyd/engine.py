@@ -119,7 +119,7 @@ class Engine:
         self._stopping = False
 
     # ------------------------------------------------------------------ closings in the background
-    def close_in_background(self, closing: Callable[[], Awaitable[None]], request_id: str) -> None:
+    def close_in_background(self, closing: Callable[[], Awaitable[Any]], request_id: str) -> None:
         """Run a settle or release that nobody waits for (a proxy that answered its client first, a stream
         that was cut) in a task of its own, so no cancellation interrupts it; tracked until done.
 
@@ -132,7 +132,7 @@ class Engine:
         task.add_done_callback(self._closings.discard)
         task.add_done_callback(self._retrying.discard)
 
-    async def _close_retrying(self, closing: Callable[[], Awaitable[None]], request_id: str) -> None:
+    async def _close_retrying(self, closing: Callable[[], Awaitable[Any]], request_id: str) -> None:
         deadline = time.monotonic() + CLOSE_RETRY_SECONDS
         delay = 0.1
         while True:
@@ -190,6 +190,26 @@ class Engine:
         if decision.reason == "counters_unavailable" or decision.reason == "counters_unavailable_fail_open":
             metrics.counter_errors.inc()
         return decision
+
+    async def authorize_for_proxy(self, request: AuthorizeInput,
+                                  unavailable_providers: frozenset[str] = frozenset()) -> Decision:
+        """Authorize for a caller that may be cancelled midway: Envoy drops its ext_authz or ext_proc call
+        when the client hangs up. The decision runs to its end regardless, and a reservation nobody will
+        use is released at once (reason client_gone) instead of holding the wallet until it expires."""
+        deciding = asyncio.ensure_future(self.authorize(request, unavailable_providers))
+        try:
+            return await asyncio.shield(deciding)
+        except asyncio.CancelledError:
+            deciding.add_done_callback(self._release_abandoned)
+            raise
+
+    def _release_abandoned(self, deciding: "asyncio.Future[Decision]") -> None:
+        if deciding.cancelled() or deciding.exception() is not None:
+            return
+        decision = deciding.result()
+        if decision.allowed and decision.reservation_expires_ms:  # a reservation was made (not fail-open, no count)
+            request_id = decision.request_id
+            self.close_in_background(lambda: self.release(request_id, "client_gone"), request_id)
 
     async def _authorize(self, request: AuthorizeInput, unavailable_providers: frozenset[str]) -> Decision:
         started = time.perf_counter_ns()

@@ -80,7 +80,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             decision = await self.engine.deny_request(call.authorize_input(), call.problem, call.problem_message,
                                                       call.problem_param)
             return deny_decision(decision)
-        decision = await self.engine.authorize(call.authorize_input(), self.pool.cooling_providers())
+        decision = await self.engine.authorize_for_proxy(call.authorize_input(), self.pool.cooling_providers())
         if not decision.allowed:
             return deny_decision(decision)
         return self._allow(call, decision)

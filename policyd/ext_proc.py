@@ -267,7 +267,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if call.problem:
             return None, immediate_denial(await self.engine.deny_request(
                 call.authorize_input(), call.problem, call.problem_message, call.problem_param))
-        decision = await self.engine.authorize(call.authorize_input(), self.pool.cooling_providers())
+        decision = await self.engine.authorize_for_proxy(call.authorize_input(), self.pool.cooling_providers())
         if not decision.allowed:
             return None, immediate_denial(decision)
         upstream = upstream_request(decision, self.pool, observed=call.stream)

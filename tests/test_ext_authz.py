@@ -20,7 +20,7 @@ class FailingEngine:
         self.error = error
         self.asked = 0
 
-    async def authorize(self, request: Any, cooling: Any) -> Any:
+    async def authorize_for_proxy(self, request: Any, cooling: Any) -> Any:
         self.asked += 1
         raise self.error
 
@@ -56,7 +56,7 @@ async def test_an_unexpected_error_is_denied_with_an_openai_error_and_logged(
 
 
 class DowngradingEngine:
-    async def authorize(self, request: Any, cooling: Any) -> Any:
+    async def authorize_for_proxy(self, request: Any, cooling: Any) -> Any:
         from policyd.domain import Decision
 
         return Decision("downgrade", "r-1", requested_model=request.model, served_model="gemini-2.5-flash",
@@ -84,7 +84,7 @@ async def test_an_azure_account_sends_its_key_as_api_key_and_the_customers_never
     from policyd.domain import Decision
 
     class AzureEngine:
-        async def authorize(self, request: Any, cooling: Any) -> Any:
+        async def authorize_for_proxy(self, request: Any, cooling: Any) -> Any:
             return Decision("downgrade", "r-1", requested_model=request.model, served_model="gpt-4o-mini",
                             provider="azure", route="azure", max_output_tokens=64)
 

@@ -47,7 +47,7 @@ class RecordingEngine:
     async def release(self, request_id: str, reason: str) -> None:
         self.closed.append(("release", request_id, reason))
 
-    async def authorize(self, request: Any, cooling: Any) -> Decision:  # the ext_proc shape decides: allowed
+    async def authorize_for_proxy(self, request: Any, cooling: Any) -> Decision:  # the ext_proc shape decides: allowed
         return Decision("allow", "r-1", requested_model="gpt-4o-mini", served_model="gpt-4o-mini", provider="openai",
                         route="openai", max_output_tokens=64)
 
@@ -266,7 +266,7 @@ class FailingEngine(RecordingEngine):
         super().__init__()
         self.error = error
 
-    async def authorize(self, request: Any, cooling: Any) -> Decision:
+    async def authorize_for_proxy(self, request: Any, cooling: Any) -> Decision:
         raise self.error
 
 
@@ -318,7 +318,7 @@ async def test_after_ext_authz_a_gemini_request_served_by_another_model_has_that
 
 
 class DowngradingEngine(RecordingEngine):
-    async def authorize(self, request: Any, cooling: Any) -> Decision:
+    async def authorize_for_proxy(self, request: Any, cooling: Any) -> Decision:
         return Decision("downgrade", "r-1", requested_model=request.model, served_model="gemini-2.5-flash",
                         provider="google", route="google", max_output_tokens=64)
 

@@ -826,3 +826,33 @@ async def test_a_strict_plan_reserves_every_token_id_of_a_prompt_given_as_ids(se
     text = await service.engine.authorize(ask(secret, model="text-embedding-3-small", endpoint="embeddings",
                                               prompt_bytes=1000, input_tokens=10))
     assert text.reserved == price_quantity(1000 + 8 + 16, parse_amount("0.02"))  # the bytes' bound, the greater
+
+
+async def test_a_reservation_whose_proxy_gave_up_midway_is_released_at_once(service: Service) -> None:
+    """Envoy drops its ext_authz (or ext_proc) call when the client hangs up while policyd decides: the
+    decision still runs to its end, and what it reserved is released then, not held until it expires."""
+    import asyncio
+
+    _, secret = await new_key(service, customer="gone")
+    await fund(service, "gone", "1")
+    reserving = service.engine.counters.authorize
+
+    async def slow_reservation(**kwargs):  # the client hangs up while the script runs
+        await asyncio.sleep(0.05)
+        return await reserving(**kwargs)
+
+    service.engine.counters.authorize = slow_reservation  # type: ignore[method-assign]
+    asked = asyncio.ensure_future(service.engine.authorize_for_proxy(ask(secret, request_id="abandoned")))
+    await asyncio.sleep(0.01)
+    asked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asked
+    await asyncio.sleep(0.1)
+    await service.engine.finish_closings()
+    assert await service.counters.wallet("gone") == (USD, 0)  # nothing held
+    await service.writer.drain()
+    row = service.store.usage_record("abandoned")
+    assert (row.status, row.close_reason) == ("released", "client_gone")
+    service.engine.counters.authorize = reserving  # type: ignore[method-assign]
+    kept = await service.engine.authorize_for_proxy(ask(secret, request_id="kept"))  # not cancelled: kept
+    assert kept.decision == "allow" and (await service.counters.wallet("gone"))[1] == kept.reserved
