@@ -75,6 +75,10 @@ KEY_STATE_DENIALS = {"invalid": "invalid_api_key", "paused": "key_paused", "revo
                      "expired": "key_expired", "unavailable": "unavailable"}
 
 
+def _owner_of(key: KeyRecord) -> Owner:
+    return Owner(key.customer_id, key.workspace_id, key.project_id, key.team_id, key.id, key.environment, key.plan)
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -226,7 +230,7 @@ class Engine:
         key = await self.directory.resolve(secret_hash)
         if key is None:
             return await self._deny_unowned(request, at, started, base, "invalid_api_key")
-        owner = Owner(key.customer_id, key.workspace_id, key.project_id, key.team_id, key.id, key.environment, key.plan)
+        owner = _owner_of(key)
 
         # 3. the policy snapshot this decision is made under
         policy = self.book.current
@@ -333,11 +337,18 @@ class Engine:
         return key_secrets.hash_secret(request.api_key)
 
     async def deny_request(self, request: AuthorizeInput, reason: str, message: str, param: str = "") -> Decision:
-        """A request a proxy could not make sense of (not JSON, too large, ...): denied and recorded."""
+        """A request a proxy could not make sense of (not JSON, too large, ...): denied and recorded, as the
+        key's owner's when its key is one (so a customer finds its refused requests among its records)."""
         a = request.attribution
         request_id = a.request_id if a.request_id and len(a.request_id) <= 128 else new_request_id()
         base = {"request_id": request_id, "requested_model": request.model[:256], "served_model": request.model[:256]}
-        return await self._deny_unowned(request, self.clock(), time.perf_counter_ns(), base, reason, message, param)
+        key = await self.directory.resolve(key_secrets.hash_secret(request.api_key)) \
+            if key_secrets.is_well_formed(request.api_key) else None
+        if key is None:
+            return await self._deny_unowned(request, self.clock(), time.perf_counter_ns(), base, reason, message, param)
+        owner = _owner_of(key)
+        await self._record_denial(request, owner, None, None, self.clock(), time.perf_counter_ns(), base, reason, message)
+        return self._deny(base | {"owner": owner}, reason, message or MESSAGES.get(reason, ""), param)
 
     async def admit_token_count(self, request: AuthorizeInput) -> Decision:
         """A request that only counts tokens, free at the provider (Anthropic's count_tokens, Gemini's
@@ -355,7 +366,7 @@ class Engine:
         key, status = await self._key_in_force(screened, at)
         if key is None:
             return await self._deny_unowned(request, at, started, base, "invalid_api_key")
-        owner = Owner(key.customer_id, key.workspace_id, key.project_id, key.team_id, key.id, key.environment, key.plan)
+        owner = _owner_of(key)
         policy = self.book.current
         plan = policy.plan(key.plan) if policy else None
         reason, param = KEY_STATE_DENIALS.get(status, ""), ""

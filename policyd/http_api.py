@@ -374,6 +374,10 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.input_tokens = len(text)
     elif endpoint == "gemini_generate_content":
         call.choices = _count(generation.get("candidateCount"))
+    if endpoint == "responses" and data.get("background") is True:  # billed later, as the client polls for it
+        return _problem(call, "invalid_request", "background responses are not supported here: their usage "
+                        "arrives after the request, where policyd cannot charge it; ask without background",
+                        "background")
     call.web_searches = _search_bound(endpoint, data)
     call.unseen_input = not call.count_tokens and _unseen_input(data)
     tier = data.get("service_tier")

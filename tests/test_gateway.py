@@ -439,6 +439,15 @@ def test_token_counts_are_free_but_need_a_key_that_may_use_the_model(gateway: Ga
     assert [r.reason for r in gateway.records("e2e-count-free")] == ["model_not_allowed"]  # a denial is recorded
 
 
+def test_a_background_response_is_refused_before_the_provider(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-background")
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client(key).responses.create(model="gpt-4o-mini", input="research in the background", background=True)
+    assert (refused.value.code, refused.value.param) == ("invalid_request", "background")
+    assert "research in the background" not in json.dumps(gateway.mock.received())
+    assert [r.reason for r in gateway.records("e2e-background")] == ["invalid_request"]
+
+
 def test_a_strict_plan_refuses_input_it_cannot_bound(gateway: Gateway) -> None:
     """An image by URL is billed as input tokens the body's bytes do not bound; a strict plan, on a model
     with no context_window, refuses it before the provider (an estimate plan lets it through)."""

@@ -226,6 +226,16 @@ def test_input_a_request_only_refers_to_is_noticed(path: str, body: dict, unseen
     assert call.authorize_input().shape.unseen_input is unseen
 
 
+def test_a_background_response_is_refused_with_a_clear_error() -> None:
+    """A background response answers at once with no usage; its tokens are billed later, while the client
+    polls: it cannot be charged, so it is refused (and recorded), not undercharged."""
+    body = json.dumps({"model": "o3-deep-research", "input": "research", "background": True}).encode()
+    call = parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, body)
+    assert (call.problem, call.problem_param) == ("invalid_request", "background")
+    foreground = json.dumps({"model": "o3", "input": "x", "background": False}).encode()
+    assert not parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, foreground).problem
+
+
 def test_legacy_completions_are_their_own_family() -> None:
     assert parse_call("POST", "/v1/chat/completions", {}, b'{"model": "m"}').endpoint == "chat_completions"
     text = parse_call("POST", "/openai/v1/completions", {}, json.dumps({"model": "m", "prompt": "abcd"}).encode())
