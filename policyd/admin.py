@@ -23,7 +23,7 @@ from policyd.domain import PolicydError
 from policyd.money import AMOUNT_MAX
 from policyd.policy import ENVIRONMENTS, Policy, PolicyError, canonical_text, diff, parse_policy
 from policyd.policy_book import PolicyBook
-from policyd import invoices, key_limits, pricing, quotas, reconcile, reports
+from policyd import invoices, key_limits, quotas, reconcile, reports
 from policyd.quotas import remaining_ttl
 from policyd.store import Store, key_record, key_terms
 from policyd.writer import Writer
@@ -408,15 +408,11 @@ class Admin:
 
             models = [f"{m} via {policy.model(m).upstream}"  # type: ignore[union-attr]
                       for m, _ in Engine.models_allowed(policy, plan, tuple(row.scopes or ()), row.environment)]
-            partition = self.counters.partition_of(row.customer_id)
-            of_key = quotas.scope_ids(row.customer_id, row.id, row.workspace_id, row.project_id, row.team_id)
-            for limit in key_limits.effective(plan.limits, key_limits.as_limits(row.limits), policy.document.timezone):
-                scope_id = of_key[limit.scope]
-                if not scope_id:
-                    continue  # per-thread, per-feature, per-model and per-user buckets are many: see reports
-                hold, _ = quotas.hold_for(limit, partition, scope_id, at // 1000, 0, pricing.Quantities())
-                used = int(await self.counters.client.hget(hold.key, "used") or 0)
-                buckets.append({"label": limit.label, "unit": limit.unit, "window": limit.window, "used": used,
+            limits = key_limits.effective(plan.limits, key_limits.as_limits(row.limits), policy.document.timezone)
+            ids = quotas.scope_ids(row.customer_id, row.id, row.workspace_id, row.project_id, row.team_id)
+            for state in await quotas.bucket_states(self.counters, limits, ids, at):
+                limit = state["limit"]
+                buckets.append({"label": limit.label, "unit": limit.unit, "window": limit.window, "used": state["used"],
                                 "limit": limit.limit, "scope": limit.scope, "thresholds": list(limit.thresholds),
                                 "action": limit.action})
         return {"key": row, "models": models, "buckets": buckets, **activity}

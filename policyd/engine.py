@@ -43,7 +43,8 @@ from policyd.domain import (
 from policyd.policy import Limit, ModelPrice, Plan, Policy
 from policyd.policy_book import PolicyBook
 from policyd.pricing import Quantities, billing_of, charge_of, cost_of, estimate_input_tokens, input_estimate
-from policyd.quotas import hold_for, limit_reason, scope_ids
+from policyd.money import format_amount
+from policyd.quotas import bucket_states, hold_for, limit_reason, scope_ids
 from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
 from policyd.store import KeyRecord, Store
@@ -390,21 +391,60 @@ class Engine:
 
     async def models_for(self, api_key: str) -> tuple[list[tuple[str, str]], Decision | None]:
         """The models a key may use (GET /v1/models), or the denial when the key may use none."""
-        base = {"request_id": new_request_id(), "requested_model": "", "served_model": ""}
+        found = await self._key_asking(api_key)
+        if isinstance(found, Decision):
+            return [], found
+        key, policy, plan = found
+        return self.models_allowed(policy, plan, key.scopes, key.environment), None
+
+    async def key_summary(self, api_key: str) -> tuple[dict[str, Any], Decision | None]:
+        """What a key may still spend (GET /v1/key, for the key's own holder): its wallet, and the current
+        window of every limit that binds all its requests, with what is used; money as decimal text."""
+        found = await self._key_asking(api_key)
+        if isinstance(found, Decision):
+            return {}, found
+        key, policy, plan = found
+        wallet_id = redis_keys.wallet_id(key.customer_id, key.workspace_id) \
+            if plan.wallet_scope == "workspace" else key.customer_id
+        balance, reserved = await self.counters.wallet(wallet_id)
+        limits = key_limits.effective(plan.limits, key.limits, policy.document.timezone)
+        ids = scope_ids(key.customer_id, key.id, key.workspace_id, key.project_id, key.team_id)
+
+        def amount(unit: str, value: int) -> int | str:
+            return format_amount(value) if unit == "money" else value
+
+        return {
+            "object": "key", "id": key.id, "customer": key.customer_id, "plan": key.plan,
+            "currency": policy.document.currency,
+            "wallet": None if plan.wallet == "none" else {
+                "balance": format_amount(balance), "reserved": format_amount(reserved),
+                "available": format_amount(balance - reserved)},
+            "limits": [{"name": s["limit"].label, "scope": s["limit"].scope, "window": s["limit"].window,
+                        "unit": s["limit"].unit, "limit": amount(s["limit"].unit, s["limit"].limit),
+                        "used": amount(s["limit"].unit, s["used"]),
+                        "remaining": amount(s["limit"].unit, max(s["limit"].limit - s["used"], 0)),
+                        "resets_at": s["ends"] or None}
+                       for s in await bucket_states(self.counters, limits, ids, self.clock())
+                       if s["limit"].action != "shadow"],
+        }, None
+
+    async def _key_asking(self, api_key: str) -> tuple[KeyRecord, Policy, Plan] | Decision:
+        """The key of a request about the key itself (not a model call), or the denial it gets."""
+        base = {"request_id": new_request_id(), "requested_model": "", "served_model": "", "owner": Owner()}
         if not api_key:
-            return [], self._deny(base | {"owner": Owner()}, "missing_api_key")
+            return self._deny(base, "missing_api_key")
         if not key_secrets.is_well_formed(api_key):
-            return [], self._deny(base | {"owner": Owner()}, "malformed_api_key")
+            return self._deny(base, "malformed_api_key")
         key, status = await self._key_in_force(key_secrets.hash_secret(api_key), self.clock())
         if key is None:
-            return [], self._deny(base | {"owner": Owner()}, "invalid_api_key")
+            return self._deny(base, "invalid_api_key")
         if status in KEY_STATE_DENIALS:
-            return [], self._deny(base | {"owner": Owner()}, KEY_STATE_DENIALS[status])
+            return self._deny(base, KEY_STATE_DENIALS[status])
         policy = self.book.current
         plan = policy.plan(key.plan) if policy else None
         if policy is None or plan is None:
-            return [], self._deny(base | {"owner": Owner()}, "unknown_plan" if policy else "no_policy")
-        return self.models_allowed(policy, plan, key.scopes, key.environment), None
+            return self._deny(base, "unknown_plan" if policy else "no_policy")
+        return key, policy, plan
 
     async def _key_in_force(self, secret_hash: str, at: int) -> tuple[KeyRecord | None, str]:
         """The key a secret opens, under its current terms, and its state (counters.key_status; "unavailable"

@@ -8,6 +8,7 @@ with the status (and retry-after) the decision carries. GET /v1/models is answer
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -76,6 +77,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             if denial is not None:
                 return deny_decision(denial)
             return denied(200, http_api.models_listing(models))  # a local reply: Envoy answers it itself
+        if call.key_summary:
+            summary, denial = await self.engine.key_summary(call.api_key)
+            return deny_decision(denial) if denial is not None else denied(200, json.dumps(summary).encode())
         if call.problem:
             decision = await self.engine.deny_request(call.authorize_input(), call.problem, call.problem_message,
                                                       call.problem_param)

@@ -78,7 +78,7 @@ class PolicydMiddleware:
         if size > self.body_bytes_max:
             call.problem, call.problem_message, call.problem_param = (
                 "request_too_large", f"the request body is larger than {self.body_bytes_max} bytes", "")
-        if call.models_listing or (not call.endpoint and not self.strict):
+        if call.models_listing or call.key_summary or (not call.endpoint and not self.strict):
             await self.app(scope, _replay(body, receive=receive), send)
             return
         if call.problem:

@@ -11,6 +11,7 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
     POST .../v1/completions               completions (legacy text completions)
     POST .../v1/audio/speech              audio_speech (text to speech: billed by the characters of `input`)
     GET  .../v1/models                    the models the key may use (answered by policyd)
+    GET  .../v1/key                       what the key may still spend: its wallet, its limits (answered by policyd)
     POST .../v1/messages/count_tokens | .../v1/responses/input_tokens | .../models/M:countTokens
                                           token counts: free at the provider, so the key, plan and
                                           model are checked and nothing is reserved or charged
@@ -58,6 +59,7 @@ _AZURE = re.compile(r"(^|/)openai/deployments/(?P<model>[^/]+)/(?P<operation>cha
                     r"|images/generations|audio/speech)/?$")
 _AZURE_RESPONSES = re.compile(r"(^|/)openai/responses/?$")
 _MODELS = re.compile(r"(^|/)v1/models/?$")
+_KEY_SUMMARY = re.compile(r"(^|/)v1/key/?$")
 
 # header -> attribution field
 ATTRIBUTION_HEADERS = {
@@ -94,6 +96,7 @@ class HttpCall:
 
     endpoint: str = ""
     models_listing: bool = False
+    key_summary: bool = False  # GET /v1/key: answered by policyd
     api_key: str = ""
     model: str = ""
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment): a downgrade rewrites it
@@ -135,6 +138,7 @@ class Endpoint:
     family: str = ""  # one of ENDPOINTS, "" when unknown
     model: str = ""  # the model the path names (Gemini, an Azure deployment), else ""
     models_listing: bool = False
+    key_summary: bool = False
     count_tokens: bool = False
 
 
@@ -142,6 +146,8 @@ def endpoint_of(method: str, path: str) -> Endpoint:
     path = path.split("?", 1)[0]
     if method.upper() == "GET" and _MODELS.search(path):
         return Endpoint(models_listing=True)
+    if method.upper() == "GET" and _KEY_SUMMARY.search(path):
+        return Endpoint(key_summary=True)
     azure = _AZURE.search(path)  # first: a deployment may be named like a path segment ("v1")
     if azure:
         return Endpoint(_AZURE_OPERATIONS[azure.group("operation")], azure.group("model"))
@@ -319,6 +325,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     named = endpoint_of(method, path)
     endpoint, path_model, listing = named.family, named.model, named.models_listing
     call.endpoint, call.models_listing, call.count_tokens = endpoint, listing, named.count_tokens
+    call.key_summary = named.key_summary
     call.attribution = _attribution(headers)
     forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
     call.client_address = forwarded or client_address
@@ -326,7 +333,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
             sum(len(k) + len(v) for k, v in headers.items()) > REQUEST_HEADERS_BYTES_MAX:
         return _problem(call, "request_headers_too_large", f"the request headers are larger than "
                         f"{REQUEST_HEADERS_BYTES_MAX // 1024} KiB or more than {REQUEST_HEADERS_COUNT_MAX} headers")
-    if listing:
+    if listing or call.key_summary:
         return call
     if not endpoint:
         return _problem(call, "unknown_endpoint", f"policyd does not know the endpoint {method} {path[:200]}", "path")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
@@ -12,6 +13,9 @@ from policyd.counters import BucketHold
 from policyd.money import ceil_div
 from policyd.policy import Limit, time_zone
 from policyd.pricing import Quantities
+
+if TYPE_CHECKING:
+    from policyd.counters import Counters
 
 WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
 BUCKET_TTL_MARGIN_SECONDS = 3600
@@ -36,6 +40,22 @@ def scope_ids(customer_id: str, key_id: str, workspace_id: str = "", project_id:
     return {"key": key_id, "customer": customer_id, "workspace": within(workspace_id), "project": within(project_id),
             "team": within(team_id), "feature": within(feature), "model": within(model),
             "thread": within(thread_id), "end_user": within(end_user_id)}
+
+
+async def bucket_states(counters: "Counters", limits: tuple[Limit, ...], ids: dict[str, str], at_ms: int
+                        ) -> list[dict[str, Any]]:
+    """The current window of each limit that binds a key's every request (its key, customer, workspace,
+    project and team buckets, `ids` from scope_ids): used so far, and when the window ends (unix s, 0 for
+    total). Per-thread, per-feature, per-model and per-user buckets are many, one a request: left out."""
+    partition = counters.partition_of(ids["customer"])
+    states: list[dict[str, Any]] = []
+    for limit in limits:
+        if not ids[limit.scope]:
+            continue
+        hold, window = hold_for(limit, partition, ids[limit.scope], at_ms // 1000, 0, Quantities())
+        states.append({"limit": limit, "used": int(await counters.client.hget(hold.key, "used") or 0),
+                       "ends": window.end})
+    return states
 
 
 def window_spec(limit: Limit) -> str:

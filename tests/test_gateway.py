@@ -23,7 +23,7 @@ import pytest
 from policyd.gateway_config import SHAPES, Upstream, render
 from policyd.mock_provider import (ACCOUNT_HEADERS, AUDIO_BYTES_PER_CHARACTER, COMPLETION_TOKENS_MAX, IMAGE_TOKENS,
                                    MockProvider, prompt_tokens)
-from policyd.money import parse_amount, price_quantity
+from policyd.money import format_amount, parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.helpers import FundedCustomers
 from tests.processes import PolicydProcess
@@ -486,6 +486,40 @@ def test_models_listing_shows_what_the_key_may_use(gateway: Gateway) -> None:
     assert sorted(m.id for m in free.models.list()) == ["gpt-4o-mini"]
     pro = gateway.client(gateway.customer("e2e-models-pro"))
     assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "gpt-4o", "gpt-4o-mini", "gpt-image-1", "tts-1"]
+
+
+def test_a_key_asks_what_it_may_still_spend(gateway: Gateway) -> None:
+    """GET /v1/key, answered by policyd for the key's holder: the wallet (exact decimal text) and the current
+    window of the limits that bind every request of the key, with what each has used."""
+    key = gateway.customer("e2e-summary", plan="strict")
+    gateway.admin.SetKeyLimits(admin_pb2.SetKeyLimitsRequest(
+        id=gateway.admin.ListKeys(admin_pb2.ListKeysRequest(customer_id="e2e-summary")).keys[0].id,
+        limits=[admin_pb2.KeyLimit(window="month", unit="money", limit=parse_amount("2"))]))
+
+    def summary(api_key: str) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(f"{gateway.base_url}/key", headers={"authorization": f"Bearer {api_key}"})
+        try:
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    code, before = summary(key)
+    assert code == 200 and (before["customer"], before["plan"], before["currency"]) == ("e2e-summary", "strict", "USD")
+    assert before["wallet"] == {"balance": "10.000000000", "reserved": "0.000000000", "available": "10.000000000"}
+    (own,) = [limit for limit in before["limits"] if limit["name"] == "key-money-month"]
+    assert (own["limit"], own["used"], own["remaining"], own["scope"]) == ("2.000000000", "0.000000000", "2.000000000", "key")
+    raw = gateway.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "spend a little"}], max_tokens=4)
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    _, after = summary(key)
+    spent = format_amount(record["charge_nanos"])
+    assert after["wallet"]["available"] == format_amount(parse_amount("10") - record["charge_nanos"])
+    (own,) = [limit for limit in after["limits"] if limit["name"] == "key-money-month"]
+    assert own["used"] == spent and own["resets_at"] > time.time()
+    code, error = summary("pdk_live_" + "Q" * 40)
+    assert (code, error["error"]["code"]) == (401, "invalid_api_key")
+    assert "/v1/key" not in json.dumps([r["path"] for r in gateway.mock.received()])  # policyd answered it
 
 
 def test_downgrade_reaches_the_cheaper_model_with_the_body_rewritten(gateway: Gateway) -> None:
