@@ -187,7 +187,7 @@ class Counters:
     async def set_key_state(self, customer_id: str, key_id: str, status: str, secrets: list[tuple[str, int]],
                             now_ms: int, expires_ms: int = 0, terms: str = "", plan: str = "") -> None:
         """`expires_ms`: when the key itself ends (0 = never), whatever its secrets; `terms`: the
-        fingerprint of its plan and scopes (store.key_terms); `plan`: recorded with the change."""
+        fingerprint of its terms, plan, scopes and own limits (store.key_terms); `plan`: recorded with the change."""
         partition = self.partition_of(customer_id)
         args: list[str] = [status, str(now_ms), key_id, customer_id, str(expires_ms), terms, plan]
         for secret_hash, secret_expires_ms in secrets:
@@ -397,7 +397,7 @@ class Counters:
 
     async def key_status(self, customer_id: str, key_id: str, secret_hash: str, now_ms: int, terms: str = "") -> str:
         """active | paused | revoked | expired | invalid (this secret does not open the key), as authorize.lua
-        reads them; stale when the key is active under other terms than `terms` (its plan or scopes changed)."""
+        reads them; stale when the key is active under other terms than `terms` (its plan, scopes or limits changed)."""
         status, expiry, key_expiry, key_terms = await self.client.hmget(
             redis_keys.key_state(self.partition_of(customer_id), key_id), "status", f"h:{secret_hash}", "expires",
             "terms")

@@ -2,7 +2,7 @@
 --
 -- Every key is in one owner partition (one Redis Cluster slot, hash tag {pN}).
 -- KEYS[1] key state hash     status = active|paused|revoked, expires = the key's end ms (0 or absent = none),
---                            h:<secret sha256> = expiry ms (0 = none), terms = the plan and scopes' fingerprint
+--                            h:<secret sha256> = expiry ms (0 = none), terms = the fingerprint of its plan, scopes and own limits
 -- KEYS[2] wallet hash        balance, reserved (nanos)
 -- KEYS[3] reservation hash   created here
 -- KEYS[4] deadlines zset     request_id -> expiry ms
@@ -23,7 +23,7 @@
 -- ARGV[9]  reservation fields (JSON made by policyd, stored opaque in field "r")
 -- ARGV[10] a denial policy already decided ("" = none), returned once the key itself is known good,
 --          so a paused or revoked key is always reported as such first
--- ARGV[11] the fingerprint of the key's plan and scopes the decision was made under: when the key state
+-- ARGV[11] the fingerprint of the key's plan, scopes and own limits the decision was made under: when the key state
 --          holds another (the operator changed them), nothing is done and {"stale"} is returned, so
 --          policyd reads the key again and decides anew
 -- ARGV[12] n buckets, then 6 per bucket:

@@ -2,7 +2,7 @@
 -- and record the change in the partition's stream (so the order against decisions is provable).
 --
 -- KEYS[1] key state hash     status, expires = the key's end, ms (0 = none), h:<secret sha256> = expiry ms (0 = none),
---                            terms = the fingerprint of the key's plan and scopes (authorize.lua compares it)
+--                            terms = the fingerprint of the key's plan, scopes and own limits (authorize.lua compares it)
 -- KEYS[2] event stream       of the partition
 -- ARGV[1] status: active|paused|revoked
 -- ARGV[2] now, unix ms
