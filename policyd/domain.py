@@ -164,3 +164,29 @@ class PolicydError(Exception):
         self.status = status
         self.reason = reason
         self.message = message
+
+
+@dataclass(frozen=True)
+class LimitState:
+    """One limit's current window, as a key's holder may see it."""
+
+    name: str
+    scope: str
+    window: str
+    unit: str
+    limit: int  # nanos for money
+    used: int
+    resets_unix: int  # the window's end, unix seconds; 0 for total
+
+
+@dataclass(frozen=True)
+class KeySummary:
+    """What a key may still spend: its wallet (None: the plan draws on none) and its limits."""
+
+    key_id: str
+    customer_id: str
+    plan: str
+    currency: str
+    balance: int | None
+    reserved: int
+    limits: tuple[LimitState, ...]

@@ -33,6 +33,8 @@ from policyd.loops import every
 from policyd.domain import (
     AuthorizeInput,
     Decision,
+    KeySummary,
+    LimitState,
     Owner,
     PolicydError,
     ReleaseResult,
@@ -43,7 +45,6 @@ from policyd.domain import (
 from policyd.policy import Limit, ModelPrice, Plan, Policy
 from policyd.policy_book import PolicyBook
 from policyd.pricing import Quantities, billing_of, charge_of, cost_of, estimate_input_tokens, input_estimate
-from policyd.money import format_amount
 from policyd.quotas import bucket_states, hold_for, limit_reason, scope_ids
 from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
@@ -397,36 +398,24 @@ class Engine:
         key, policy, plan = found
         return self.models_allowed(policy, plan, key.scopes, key.environment), None
 
-    async def key_summary(self, api_key: str) -> tuple[dict[str, Any], Decision | None]:
+    async def key_summary(self, api_key: str) -> tuple[KeySummary | None, Decision | None]:
         """What a key may still spend (GET /v1/key, for the key's own holder): its wallet, and the current
-        window of every limit that binds all its requests, with what is used; money as decimal text."""
+        window of every limit that binds all its requests, with what is used."""
         found = await self._key_asking(api_key)
         if isinstance(found, Decision):
-            return {}, found
+            return None, found
         key, policy, plan = found
         wallet_id = redis_keys.wallet_id(key.customer_id, key.workspace_id) \
             if plan.wallet_scope == "workspace" else key.customer_id
         balance, reserved = await self.counters.wallet(wallet_id)
         limits = key_limits.effective(plan.limits, key.limits, policy.document.timezone)
         ids = scope_ids(key.customer_id, key.id, key.workspace_id, key.project_id, key.team_id)
-
-        def amount(unit: str, value: int) -> int | str:
-            return format_amount(value) if unit == "money" else value
-
-        return {
-            "object": "key", "id": key.id, "customer": key.customer_id, "plan": key.plan,
-            "currency": policy.document.currency,
-            "wallet": None if plan.wallet == "none" else {
-                "balance": format_amount(balance), "reserved": format_amount(reserved),
-                "available": format_amount(balance - reserved)},
-            "limits": [{"name": s["limit"].label, "scope": s["limit"].scope, "window": s["limit"].window,
-                        "unit": s["limit"].unit, "limit": amount(s["limit"].unit, s["limit"].limit),
-                        "used": amount(s["limit"].unit, s["used"]),
-                        "remaining": amount(s["limit"].unit, max(s["limit"].limit - s["used"], 0)),
-                        "resets_at": s["ends"] or None}
+        states = tuple(LimitState(s["limit"].label, s["limit"].scope, s["limit"].window, s["limit"].unit,
+                                  s["limit"].limit, s["used"], s["ends"])
                        for s in await bucket_states(self.counters, limits, ids, self.clock())
-                       if s["limit"].action != "shadow"],
-        }, None
+                       if s["limit"].action != "shadow")
+        return KeySummary(key.id, key.customer_id, key.plan, policy.document.currency,
+                          None if plan.wallet == "none" else balance, reserved, states), None
 
     async def _key_asking(self, api_key: str) -> tuple[KeyRecord, Policy, Plan] | Decision:
         """The key of a request about the key itself (not a model call), or the denial it gets."""

@@ -8,7 +8,6 @@ with the status (and retry-after) the decision carries. GET /v1/models is answer
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -79,7 +78,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             return denied(200, http_api.models_listing(models))  # a local reply: Envoy answers it itself
         if call.key_summary:
             summary, denial = await self.engine.key_summary(call.api_key)
-            return deny_decision(denial) if denial is not None else denied(200, json.dumps(summary).encode())
+            return deny_decision(denial) if summary is None else denied(200, http_api.key_summary_body(summary))
         if call.problem:
             decision = await self.engine.deny_request(call.authorize_input(), call.problem, call.problem_message,
                                                       call.problem_param)

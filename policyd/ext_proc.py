@@ -266,7 +266,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             return None, immediate(200, http_api.models_listing(models))
         if call.key_summary:
             summary, denial = await self.engine.key_summary(call.api_key)
-            return None, immediate_denial(denial) if denial is not None else immediate(200, json.dumps(summary).encode())
+            return None, immediate_denial(denial) if summary is None else immediate(200, http_api.key_summary_body(summary))
         if call.problem:
             return None, immediate_denial(await self.engine.deny_request(
                 call.authorize_input(), call.problem, call.problem_message, call.problem_param))

@@ -37,6 +37,7 @@ from typing import Any, Awaitable, Callable, MutableMapping
 
 from policyd import http_api
 from policyd import reasons
+from policyd.domain import KeySummary, LimitState
 from policyd.usage_capture import ResponseReader, closing
 from policyd_client import AsyncPolicyClient, Decision, PolicydCallError
 
@@ -78,7 +79,10 @@ class PolicydMiddleware:
         if size > self.body_bytes_max:
             call.problem, call.problem_message, call.problem_param = (
                 "request_too_large", f"the request body is larger than {self.body_bytes_max} bytes", "")
-        if call.models_listing or call.key_summary or (not call.endpoint and not self.strict):
+        if call.key_summary:
+            await self._describe_key(call, send)
+            return
+        if call.models_listing or (not call.endpoint and not self.strict):
             await self.app(scope, _replay(body, receive=receive), send)
             return
         if call.problem:
@@ -108,6 +112,21 @@ class PolicydMiddleware:
             await self.app(_upstream_scope(scope, call, decision, body), _replay(body, receive=receive), send)
             return
         await self._forward(scope, receive, send, call, body, decision)
+
+    async def _describe_key(self, call: http_api.HttpCall, send: Send) -> None:
+        """GET /v1/key: what the key may still spend, as policyd tells it."""
+        try:
+            message = await self.policy.describe_key(call.api_key)
+        except PolicydCallError as error:
+            await _respond(send, reasons.http_status(error.reason), http_api.error_body(
+                reasons.error_type(error.reason), error.reason, reasons.MESSAGES.get(error.reason, error.reason)))
+            return
+        await _respond(send, 200, http_api.key_summary_body(KeySummary(
+            key_id=message.key_id, customer_id=message.customer_id, plan=message.plan,
+            currency=message.balance.currency, balance=message.balance.nanos if message.has_wallet else None,
+            reserved=message.reserved.nanos,
+            limits=tuple(LimitState(s.name, s.scope, s.window, s.unit, s.limit, s.used, s.resets_unix)
+                         for s in message.limits))))
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, int, bool]:
         """(the body, its size, whether it arrived whole); past body_bytes_max only the size is kept."""

@@ -31,7 +31,8 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
 
 from policyd import reasons
-from policyd.domain import Attribution, AuthorizeInput, Shape, trace_id_from
+from policyd.domain import Attribution, AuthorizeInput, KeySummary, Shape, trace_id_from
+from policyd.money import format_amount
 
 REQUEST_BODY_BYTES_MAX = 10 * 1024 * 1024
 REQUEST_HEADERS_BYTES_MAX = 32 * 1024  # names and values, all headers together
@@ -478,6 +479,24 @@ def rewrite_body(call_body: dict[str, Any], endpoint: str, served_model: str, re
             body["stream_options"] = {**options, "include_usage": True}
             changed = True
     return body if changed else None
+
+
+def key_summary_body(summary: KeySummary) -> bytes:
+    """GET /v1/key: what the key may still spend, money as exact decimal text of the policy's currency."""
+    def amount(unit: str, value: int) -> int | str:
+        return format_amount(value) if unit == "money" else value
+
+    wallet = None if summary.balance is None else {
+        "balance": format_amount(summary.balance), "reserved": format_amount(summary.reserved),
+        "available": format_amount(summary.balance - summary.reserved)}
+    return json.dumps({
+        "object": "key", "id": summary.key_id, "customer": summary.customer_id, "plan": summary.plan,
+        "currency": summary.currency, "wallet": wallet,
+        "limits": [{"name": s.name, "scope": s.scope, "window": s.window, "unit": s.unit,
+                    "limit": amount(s.unit, s.limit), "used": amount(s.unit, s.used),
+                    "remaining": amount(s.unit, max(s.limit - s.used, 0)), "resets_at": s.resets_unix or None}
+                   for s in summary.limits],
+    }).encode()
 
 
 def models_listing(models: list[tuple[str, str]], created: int = 0) -> bytes:

@@ -17,6 +17,7 @@ from policyd.domain import (
     Attribution,
     AuthorizeInput,
     Decision,
+    KeySummary,
     PolicydError,
     Settlement,
     Shape,
@@ -35,6 +36,8 @@ ENDPOINT_NAMES = {i + 1: name for i, name in enumerate(ENDPOINTS)}  # proto enum
 DECISIONS = {"allow": policy_pb2.ALLOW, "deny": policy_pb2.DENY, "downgrade": policy_pb2.DOWNGRADE}
 KEY_STATES = {"active": admin_pb2.ACTIVE, "paused": admin_pb2.PAUSED, "revoked": admin_pb2.REVOKED}
 REASON_METADATA = "policyd-reason"
+DENIAL_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}  # a denial's HTTP status -> its gRPC status
 # what a proxy may report as AuthorizeRequest.problem: it found the HTTP request unusable
 PROXY_PROBLEMS = frozenset({"invalid_request", "request_too_large", "request_headers_too_large", "unknown_endpoint"})
 
@@ -157,6 +160,17 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         )
         return settle_response(await _call(context, lambda: self.engine.settle(report)))
 
+    async def DescribeKey(self, request: policy_pb2.DescribeKeyRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def described() -> KeySummary:
+            summary, denial = await self.engine.key_summary(request.api_key)
+            if summary is None:
+                assert denial is not None
+                raise PolicydError(DENIAL_STATUS.get(denial.http_status, "FAILED_PRECONDITION"), denial.reason,
+                                   denial.message)
+            return summary
+
+        return key_summary_message(await _call(context, described))
+
     async def Release(self, request: policy_pb2.ReleaseRequest, context: grpc.aio.ServicerContext) -> Any:
         r = await _call(context, lambda: self.engine.release(request.request_id, request.reason))
         outcome = {"released": policy_pb2.RELEASED, "already_released": policy_pb2.ALREADY_RELEASED,
@@ -164,6 +178,16 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         currency = self.engine.book.current.document.currency if self.engine.book.current else ""
         return policy_pb2.ReleaseResponse(outcome=outcome[r.outcome], request_id=r.request_id,
                                           released=_money(currency, r.released))
+
+
+def key_summary_message(s: KeySummary) -> policy_pb2.KeySummary:
+    return policy_pb2.KeySummary(
+        key_id=s.key_id, customer_id=s.customer_id, plan=s.plan, has_wallet=s.balance is not None,
+        balance=_money(s.currency, s.balance or 0), reserved=_money(s.currency, s.reserved),
+        limits=[policy_pb2.LimitState(name=limit.name, scope=limit.scope, window=limit.window, unit=limit.unit,
+                                      limit=limit.limit, used=limit.used, resets_unix=limit.resets_unix)
+                for limit in s.limits],
+    )
 
 
 def api_key_message(row: ApiKeyRow) -> admin_pb2.ApiKey:

@@ -63,6 +63,26 @@ async def test_async_client_flow(served) -> None:
         assert (unknown.value.code, unknown.value.reason) == (grpc.StatusCode.NOT_FOUND, "unknown_request")
 
 
+async def test_a_key_is_described_over_the_native_api(served) -> None:
+    """DescribeKey: what a key may still spend, for a proxy that answers GET /v1/key itself."""
+    process, secret = served
+    async with AsyncPolicyClient(process.address) as policy:
+        before = await policy.describe_key(secret)
+        assert (before.customer_id, before.plan, before.has_wallet, before.balance.currency) == ("cl", "free", True, "USD")
+        (rpm,) = [limit for limit in before.limits if limit.name == "key-rpm"]  # the thread limit binds per request
+        assert (rpm.scope, rpm.window, rpm.unit, rpm.limit) == ("key", "minute", "requests", 20)
+        await policy.authorize(secret, "chat_completions", "gpt-4o-mini", request_id="described", prompt_bytes=50)
+        after = await policy.describe_key(secret)
+        assert [limit.used for limit in after.limits if limit.name == "key-rpm"] == [rpm.used + 1]
+        assert after.reserved.nanos > before.reserved.nanos and rpm.resets_unix > 0
+        await policy.release("described")
+        with pytest.raises(PolicydCallError) as refused:
+            await policy.describe_key("pdk_live_" + "Q" * 40)
+        assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.UNAUTHENTICATED, "invalid_api_key")
+    with PolicyClient(process.address) as sync_policy:
+        assert sync_policy.describe_key(secret).key_id == before.key_id
+
+
 def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
     from tests.servers import free_port
 

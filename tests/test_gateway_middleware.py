@@ -214,6 +214,25 @@ def test_input_a_request_only_refers_to_reaches_policyd_over_the_native_api(gate
     assert "resp_mw_unbounded" not in json.dumps(gateway.mock.received())
 
 
+def test_a_key_asks_what_it_may_still_spend(gateway: ExampleGateway) -> None:
+    key = gateway.customer("mw-summary")
+
+    def summary(api_key: str) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(f"{gateway.base_url}/key", headers={"authorization": f"Bearer {api_key}"})
+        try:
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    code, answer = summary(key)
+    assert code == 200 and (answer["customer"], answer["plan"], answer["currency"]) == ("mw-summary", "pro", "USD")
+    assert answer["wallet"] == {"balance": "10.000000000", "reserved": "0.000000000", "available": "10.000000000"}
+    code, error = summary("pdk_live_" + "Q" * 40)
+    assert (code, error["error"]["code"]) == (401, "invalid_api_key")
+    assert "/v1/key" not in json.dumps([r["path"] for r in gateway.mock.received()])
+
+
 def test_what_a_provider_says_of_the_operators_account_never_reaches_the_client(gateway: ExampleGateway) -> None:
     raw = gateway.client(gateway.customer("mw-account")).chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "whose account?"}], max_tokens=4)

@@ -181,6 +181,10 @@ class PolicyClient:
         return _released(self._call(self.stub.Release, policy_pb2.ReleaseRequest(request_id=request_id, reason=reason),
                                     idempotent=True))
 
+    def describe_key(self, api_key: str) -> Any:
+        """What a key may still spend (a policy_pb2.KeySummary), for answering the key's holder (GET /v1/key)."""
+        return self._call(self.stub.DescribeKey, policy_pb2.DescribeKeyRequest(api_key=api_key), idempotent=True)
+
 
 class AsyncPolicyClient:
     """The channel is opened on first use, in the event loop that uses it (so the client can be built
@@ -240,3 +244,7 @@ class AsyncPolicyClient:
         return _released(await self._call(self.stub.Release,
                                            policy_pb2.ReleaseRequest(request_id=request_id, reason=reason),
                                            idempotent=True))
+
+    async def describe_key(self, api_key: str) -> Any:
+        """What a key may still spend (a policy_pb2.KeySummary), for answering the key's holder (GET /v1/key)."""
+        return await self._call(self.stub.DescribeKey, policy_pb2.DescribeKeyRequest(api_key=api_key), idempotent=True)

@@ -41,6 +41,48 @@ RELEASED: ReleaseOutcome
 ALREADY_RELEASED: ReleaseOutcome
 ALREADY_EXPIRED: ReleaseOutcome
 
+class DescribeKeyRequest(_message.Message):
+    __slots__ = ("api_key",)
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    api_key: str
+    def __init__(self, api_key: _Optional[str] = ...) -> None: ...
+
+class KeySummary(_message.Message):
+    __slots__ = ("key_id", "customer_id", "plan", "has_wallet", "balance", "reserved", "limits")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    HAS_WALLET_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    customer_id: str
+    plan: str
+    has_wallet: bool
+    balance: _types_pb2.Money
+    reserved: _types_pb2.Money
+    limits: _containers.RepeatedCompositeFieldContainer[LimitState]
+    def __init__(self, key_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., has_wallet: _Optional[bool] = ..., balance: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., reserved: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[LimitState, _Mapping]]] = ...) -> None: ...
+
+class LimitState(_message.Message):
+    __slots__ = ("name", "scope", "window", "unit", "limit", "used", "resets_unix")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    RESETS_UNIX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scope: str
+    window: str
+    unit: str
+    limit: int
+    used: int
+    resets_unix: int
+    def __init__(self, name: _Optional[str] = ..., scope: _Optional[str] = ..., window: _Optional[str] = ..., unit: _Optional[str] = ..., limit: _Optional[int] = ..., used: _Optional[int] = ..., resets_unix: _Optional[int] = ...) -> None: ...
+
 class RequestShape(_message.Message):
     __slots__ = ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds", "stream", "choices", "web_searches", "service_tier", "unseen_input")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,11 @@ class PolicyServiceStub:
                 request_serializer=policyd_dot_v1_dot_policy__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_policy__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.DescribeKey = channel.unary_unary(
+                '/policyd.v1.PolicyService/DescribeKey',
+                request_serializer=policyd_dot_v1_dot_policy__pb2.DescribeKeyRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_policy__pb2.KeySummary.FromString,
+                _registered_method=True)
 
 
 class PolicyServiceServicer:
@@ -72,6 +77,14 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeKey(self, request, context):
+        """What a key may still spend, for a proxy to answer the key's holder (GET /v1/key). A key that cannot
+        be used is refused with the status and reason Authorize gives (trailing metadata policyd-reason).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +102,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=policyd_dot_v1_dot_policy__pb2.ReleaseRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_policy__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'DescribeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeKey,
+                    request_deserializer=policyd_dot_v1_dot_policy__pb2.DescribeKeyRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_policy__pb2.KeySummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +190,33 @@ class PolicyService:
             '/policyd.v1.PolicyService/Release',
             policyd_dot_v1_dot_policy__pb2.ReleaseRequest.SerializeToString,
             policyd_dot_v1_dot_policy__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.PolicyService/DescribeKey',
+            policyd_dot_v1_dot_policy__pb2.DescribeKeyRequest.SerializeToString,
+            policyd_dot_v1_dot_policy__pb2.KeySummary.FromString,
             options,
             channel_credentials,
             insecure,
