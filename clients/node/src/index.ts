@@ -1,5 +1,5 @@
 /**
- * policyd's TypeScript/Node client: the PolicyService (Authorize, Settle, Release) with deadlines,
+ * policyd's TypeScript/Node client: the PolicyService (Authorize, Settle, Release, DescribeKey) with deadlines,
  * retries only where a call is idempotent, and typed errors.
  *
  *   const policy = new PolicyClient("127.0.0.1:50051");
@@ -21,6 +21,8 @@ import type { AuthorizeRequest } from "./generated/policyd/v1/AuthorizeRequest";
 import type { AuthorizeResponse__Output } from "./generated/policyd/v1/AuthorizeResponse";
 import type { Attribution } from "./generated/policyd/v1/Attribution";
 import type { PolicyServiceClient } from "./generated/policyd/v1/PolicyService";
+import type { DescribeKeyRequest } from "./generated/policyd/v1/DescribeKeyRequest";
+import type { KeySummary__Output } from "./generated/policyd/v1/KeySummary";
 import type { ReleaseRequest } from "./generated/policyd/v1/ReleaseRequest";
 import type { ReleaseResponse__Output } from "./generated/policyd/v1/ReleaseResponse";
 import type { SettleRequest } from "./generated/policyd/v1/SettleRequest";
@@ -111,6 +113,27 @@ export interface Settled {
   response: SettleResponse__Output;
 }
 
+export interface LimitState {
+  name: string;
+  scope: string;
+  window: string;
+  unit: string;             // money (nanos), tokens, requests
+  limit: bigint;
+  used: bigint;
+  resetsUnix: number;       // the window's end, unix seconds; 0 for total
+}
+
+export interface KeySummary {
+  keyId: string;
+  customerId: string;
+  plan: string;
+  hasWallet: boolean;
+  currency: string;
+  balanceNanos: bigint;
+  reservedNanos: bigint;    // held for requests in flight
+  limits: LimitState[];
+}
+
 export interface ClientOptions {
   credentials?: grpc.ChannelCredentials;
   deadlineMs?: number;
@@ -180,6 +203,19 @@ export class PolicyClient {
     const r = await this.call<ReleaseRequest, ReleaseResponse__Output>(
       this.stub.release.bind(this.stub), { requestId, reason }, true);
     return String(r.outcome).toLowerCase();
+  }
+
+  /** What a key may still spend (its wallet and the current window of its limits), for answering GET /v1/key. */
+  async describeKey(apiKey: string): Promise<KeySummary> {
+    const r = await this.call<DescribeKeyRequest, KeySummary__Output>(
+      this.stub.describeKey.bind(this.stub), { apiKey }, true);
+    return {
+      keyId: r.keyId, customerId: r.customerId, plan: r.plan, hasWallet: r.hasWallet,
+      currency: r.balance?.currency ?? "", balanceNanos: BigInt(r.balance?.nanos ?? "0"),
+      reservedNanos: BigInt(r.reserved?.nanos ?? "0"),
+      limits: r.limits.map((l) => ({ name: l.name, scope: l.scope, window: l.window, unit: l.unit,
+                                    limit: BigInt(l.limit), used: BigInt(l.used), resetsUnix: Number(l.resetsUnix) })),
+    };
   }
 
   private async call<Req, Res>(method: Unary<Req, Res>, request: Req, idempotent: boolean): Promise<Res> {

@@ -83,6 +83,22 @@ test("release returns the hold, once", async () => {
   }
 });
 
+test("a key is described: its wallet and the current window of its limits", async () => {
+  const policy = new PolicyClient(address);
+  try {
+    const summary = await policy.describeKey(apiKey);
+    assert.equal(summary.customerId, customer);
+    assert.equal(summary.plan, "free");
+    assert.equal(summary.balanceNanos, await walletNanos());
+    const rpm = summary.limits.find((l) => l.name === "key-rpm");
+    assert.ok(rpm && rpm.unit === "requests" && rpm.limit === 20n && rpm.resetsUnix > 0);
+    await assert.rejects(policy.describeKey("pdk_live_" + "Q".repeat(40)),
+      (e: unknown) => e instanceof PolicydCallError && e.code === grpc.status.UNAUTHENTICATED && e.reason === "invalid_api_key");
+  } finally {
+    policy.close();
+  }
+});
+
 test("an unreachable server is a clear error", async () => {
   const policy = new PolicyClient("127.0.0.1:1", { deadlineMs: 500, retries: 1 });
   try {
