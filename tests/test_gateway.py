@@ -488,6 +488,16 @@ def test_models_listing_shows_what_the_key_may_use(gateway: Gateway) -> None:
     assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "gpt-4o", "gpt-4o-mini", "gpt-image-1", "tts-1"]
 
 
+def key_summary(base_url: str, api_key: str) -> tuple[int, dict[str, Any]]:
+    """GET /v1/key with a key: the status and the JSON answer."""
+    request = urllib.request.Request(f"{base_url}/key", headers={"authorization": f"Bearer {api_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=20) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
 def test_a_key_asks_what_it_may_still_spend(gateway: Gateway) -> None:
     """GET /v1/key, answered by policyd for the key's holder: the wallet (exact decimal text) and the current
     window of the limits that bind every request of the key, with what each has used."""
@@ -496,15 +506,7 @@ def test_a_key_asks_what_it_may_still_spend(gateway: Gateway) -> None:
         id=gateway.admin.ListKeys(admin_pb2.ListKeysRequest(customer_id="e2e-summary")).keys[0].id,
         limits=[admin_pb2.KeyLimit(window="month", unit="money", limit=parse_amount("2"))]))
 
-    def summary(api_key: str) -> tuple[int, dict[str, Any]]:
-        request = urllib.request.Request(f"{gateway.base_url}/key", headers={"authorization": f"Bearer {api_key}"})
-        try:
-            with urllib.request.urlopen(request, timeout=20) as reply:
-                return reply.status, json.loads(reply.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
-
-    code, before = summary(key)
+    code, before = key_summary(gateway.base_url, key)
     assert code == 200 and (before["customer"], before["plan"], before["currency"]) == ("e2e-summary", "strict", "USD")
     assert before["wallet"] == {"balance": "10.000000000", "reserved": "0.000000000", "available": "10.000000000"}
     (own,) = [limit for limit in before["limits"] if limit["name"] == "key-money-month"]
@@ -512,12 +514,12 @@ def test_a_key_asks_what_it_may_still_spend(gateway: Gateway) -> None:
     raw = gateway.client(key).chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "spend a little"}], max_tokens=4)
     record = gateway.record(raw.headers["x-policyd-request-id"])
-    _, after = summary(key)
+    _, after = key_summary(gateway.base_url, key)
     spent = format_amount(record["charge_nanos"])
     assert after["wallet"]["available"] == format_amount(parse_amount("10") - record["charge_nanos"])
     (own,) = [limit for limit in after["limits"] if limit["name"] == "key-money-month"]
     assert own["used"] == spent and own["resets_at"] > time.time()
-    code, error = summary("pdk_live_" + "Q" * 40)
+    code, error = key_summary(gateway.base_url, "pdk_live_" + "Q" * 40)
     assert (code, error["error"]["code"]) == (401, "invalid_api_key")
     assert "/v1/key" not in json.dumps([r["path"] for r in gateway.mock.received()])  # policyd answered it
 

@@ -28,7 +28,7 @@ from tests.conftest import ROOT
 from tests.helpers import FundedCustomers
 from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
-from tests.test_gateway import FIXTURES, expected_charge
+from tests.test_gateway import FIXTURES, expected_charge, key_summary
 
 PROVIDER_KEY = "sk-mock-gateway-example"
 
@@ -217,18 +217,10 @@ def test_input_a_request_only_refers_to_reaches_policyd_over_the_native_api(gate
 def test_a_key_asks_what_it_may_still_spend(gateway: ExampleGateway) -> None:
     key = gateway.customer("mw-summary")
 
-    def summary(api_key: str) -> tuple[int, dict[str, Any]]:
-        request = urllib.request.Request(f"{gateway.base_url}/key", headers={"authorization": f"Bearer {api_key}"})
-        try:
-            with urllib.request.urlopen(request, timeout=20) as reply:
-                return reply.status, json.loads(reply.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
-
-    code, answer = summary(key)
+    code, answer = key_summary(gateway.base_url, key)
     assert code == 200 and (answer["customer"], answer["plan"], answer["currency"]) == ("mw-summary", "pro", "USD")
     assert answer["wallet"] == {"balance": "10.000000000", "reserved": "0.000000000", "available": "10.000000000"}
-    code, error = summary("pdk_live_" + "Q" * 40)
+    code, error = key_summary(gateway.base_url, "pdk_live_" + "Q" * 40)
     assert (code, error["error"]["code"]) == (401, "invalid_api_key")
     assert "/v1/key" not in json.dumps([r["path"] for r in gateway.mock.received()])
 
