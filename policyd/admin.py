@@ -25,7 +25,7 @@ from policyd.policy import ENVIRONMENTS, Policy, PolicyError, canonical_text, di
 from policyd.policy_book import PolicyBook
 from policyd import invoices, key_limits, quotas, reconcile, reports
 from policyd.quotas import remaining_ttl
-from policyd.store import Store, key_record, key_terms
+from policyd.store import Store, key_record
 from policyd.writer import Writer
 
 GRANT_SOURCES = ("purchase", "promo", "refund", "adjustment")
@@ -155,7 +155,7 @@ class Admin:
     async def _publish_key(self, row: ApiKeyRow) -> None:
         at = now_ms()
         await self.counters.set_key_state(row.customer_id, row.id, row.status, _secrets_of(row, at), at, row.expires_ms,
-                                          key_terms(row.plan, row.scopes or (), row.limits), row.plan)
+                                          key_record(row).terms, row.plan)
 
     async def get_key(self, key_id: str) -> ApiKeyRow:
         row = await asyncio.to_thread(self.store.key, key_id)
@@ -172,40 +172,41 @@ class Admin:
             raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be used again")
         row.status = status
         row.status_changed_ms = now_ms()
-        await asyncio.to_thread(self.store.save_key, row)
-        await self._publish_key(row)
+        await self._save_and_publish(row)
         return row
 
     async def set_expiry(self, key_id: str, expires_ms: int) -> ApiKeyRow:
         """Move a key's end (0 = never): an expired key that gets a later end works again."""
         _check_expiry(expires_ms)
-        row = await self.get_key(key_id)
-        if row.status == "revoked":
-            raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be used again")
-        row.expires_ms = expires_ms
-        await asyncio.to_thread(self.store.save_key, row)
-        await self._publish_key(row)
-        return row
+        return await self._change_key(key_id, expires_ms=expires_ms)
 
     async def set_limits(self, key_id: str, limits: list[dict[str, Any]]) -> ApiKeyRow:
         """Give a key its own limits (none: the plan's alone); they bind from the next decision on every
         replica. A limit that lowers a count already past it refuses the key's next requests in that window."""
-        return await self._change_terms(key_id, limits=_key_limits(limits))
+        return await self._change_key(key_id, limits=_key_limits(limits))
 
     async def set_scopes(self, key_id: str, scopes: list[str]) -> ApiKeyRow:
         """Narrow (or widen back, within its plan) the models a key may use: globs or tier:NAME, none = the
         plan's; binding from the next decision on every replica."""
-        return await self._change_terms(key_id, scopes=_key_scopes(scopes))
+        return await self._change_key(key_id, scopes=_key_scopes(scopes))
 
-    async def _change_terms(self, key_id: str, **terms: Any) -> ApiKeyRow:
+    async def _change_key(self, key_id: str, **fields: Any) -> ApiKeyRow:
+        """Change a key that is not revoked, and publish its new state (and terms) to every replica."""
+        row = await self._usable_key(key_id)
+        for name, value in fields.items():
+            setattr(row, name, value)
+        await self._save_and_publish(row)
+        return row
+
+    async def _usable_key(self, key_id: str) -> ApiKeyRow:
         row = await self.get_key(key_id)
         if row.status == "revoked":
             raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be used again")
-        for name, value in terms.items():
-            setattr(row, name, value)
+        return row
+
+    async def _save_and_publish(self, row: ApiKeyRow) -> None:
         await asyncio.to_thread(self.store.save_key, row)  # SQL first: a replica that sees new terms reads them here
         await self._publish_key(row)
-        return row
 
     async def set_plan(self, plan: str, *, key_id: str = "", customer_id: str = "") -> list[ApiKeyRow]:
         """Move a key, or every key of a customer, to another plan of the active policy (an upgrade, a
@@ -216,9 +217,7 @@ class Admin:
             raise _invalid("invalid_request", "give either a key id or a customer id")
         self._check_plan(plan, "moving keys to a plan")
         if key_id:
-            rows = [await self.get_key(key_id)]
-            if rows[0].status == "revoked":
-                raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be used again")
+            rows = [await self._usable_key(key_id)]
         else:
             rows = await self.list_keys(customer_id)
             if not rows:
@@ -228,8 +227,7 @@ class Admin:
             if row.status == "revoked" or row.plan == plan:
                 continue
             row.plan = plan
-            await asyncio.to_thread(self.store.save_key, row)  # SQL first: a replica that sees new terms reads them here
-            await self._publish_key(row)
+            await self._save_and_publish(row)
             moved.append(row)
         return moved
 
@@ -512,8 +510,7 @@ class Admin:
         async with _Batches(self.counters.client) as batch:
             for row in await asyncio.to_thread(self.store.keys):
                 self.counters.queue_key_state(await batch.pipe(2), row.customer_id, row.id, row.status,
-                                              _secrets_of(row, at), row.expires_ms,
-                                              key_terms(row.plan, row.scopes or (), row.limits))
+                                              _secrets_of(row, at), row.expires_ms, key_record(row).terms)
                 written += 1
             balances = await asyncio.to_thread(self.store.ledger_balances)
             open_rows = await asyncio.to_thread(self.store.open_reservations)

@@ -279,11 +279,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         path = exchange.upstream_path(arrival.path)  # no customer key in the query; the served model where the path names it
         if path != arrival.path:
             set_headers.append(_header(":path", path))
-        if call.count_tokens:  # free: on with the provider's credential; nothing to rewrite, read or settle
-            return None, _phase(kind, ep.CommonResponse(header_mutation=ep.HeaderMutation(
-                set_headers=set_headers, remove_headers=upstream.remove_headers + [REQUEST_ID_HEADER]),
-                clear_route_cache=True))
-        new_body = exchange.rewritten(call.body)
+        new_body = None if call.count_tokens else exchange.rewritten(call.body)
         if new_body is not None:
             set_headers.append(_header("content-length", str(len(new_body))))
         common = ep.CommonResponse(
@@ -294,7 +290,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         reply = _phase(kind, common)
         if exchange.observed:  # what the observer filter needs to read and settle the stream
             reply.dynamic_metadata.CopyFrom(exchange.metadata(EXT_PROC_NAMESPACE))
-        return exchange, reply
+        # a token count is free: on with the provider's credential, nothing to read or settle
+        return (None if call.count_tokens else exchange), reply
 
     def _request_body(self, exchange: Exchange | None, body: Any) -> Any:
         empty = ep.ProcessingResponse(request_body=ep.BodyResponse())
