@@ -232,6 +232,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and of its children, those it waited for included (PostgreSQL's backends)."""
+    import psutil
+
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    total = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            total += cpu_seconds(child.pid)
+        except OSError:  # ended meanwhile: its time is in the parent's children's time from now on
+            pass
+    return total
+
+
 def events_run(url: str, key: str, connections: int, seconds: float, workdir: Path, events: int,
                pids: dict[str, int]) -> dict[str, Any]:
     """Streamed replies of `events` events each; CPU a request and an event of each process in `pids`."""

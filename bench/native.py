@@ -32,7 +32,22 @@ def channels(address: str, connections: int) -> list[grpc.aio.Channel]:
     return [grpc.aio.insecure_channel(address, options=options) for _ in range(connections)]
 
 
-async def drive(address: str, key: str, seconds: float, concurrency: int, prefix: str, connections: int = 1) -> dict:
+def cpu_by_process(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each process named (with its children), and by this load generator."""
+    from bench.envoy_path import tree_cpu_seconds
+
+    return {"load generator": time.process_time(), **{name: tree_cpu_seconds(pid) for name, pid in pids.items()}}
+
+
+def cpu_ms_a_pair(before: dict[str, float], pids: dict[str, int], pairs: float) -> dict[str, float]:
+    after = cpu_by_process(pids)
+    return {name: round(1000 * (after[name] - before[name]) / max(pairs, 1), 3) for name in after}
+
+
+async def drive(address: str, key: str, seconds: float, concurrency: int, prefix: str, connections: int = 1,
+                pids: dict[str, int] | None = None) -> dict:
+    pids = pids or {}
+    cpu_before = cpu_by_process(pids)
     authorize_ms: list[float] = []
     settle_ms: list[float] = []
     pairs = 0
@@ -69,6 +84,7 @@ async def drive(address: str, key: str, seconds: float, concurrency: int, prefix
             await channel.close()
     return {
         "pairs_per_second": round(pairs / elapsed, 1),
+        "cpu_ms_a_pair": cpu_ms_a_pair(cpu_before, pids, pairs),
         "authorize_ms": {"p50": round(percentile(authorize_ms, 0.5), 3), "p99": round(percentile(authorize_ms, 0.99), 3),
                          "p999": round(percentile(authorize_ms, 0.999), 3)},
         "settle_ms": {"p50": round(percentile(settle_ms, 0.5), 3), "p99": round(percentile(settle_ms, 0.99), 3)},
@@ -146,7 +162,8 @@ def floor(seconds: float, concurrency: int, rates: tuple[int, ...] = (), workers
         wait_port(port)
         while not all(listening(process.pid, port) for process in processes):  # each binds once it has imported
             time.sleep(0.1)
-        result = asyncio.run(drive(f"127.0.0.1:{port}", "k", seconds, concurrency, "noop", connections(workers)))
+        result = asyncio.run(drive(f"127.0.0.1:{port}", "k", seconds, concurrency, "noop", connections(workers),
+                                   {"server": processes[0].pid} if workers == 1 else {}))
         result["paced"] = [asyncio.run(paced(f"127.0.0.1:{port}", "k", seconds, rate, f"noop{rate}")) for rate in rates]
         return result
     finally:
@@ -168,7 +185,7 @@ def connections(workers: int) -> int:
 
 
 def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str, writer: str = "process",
-            rates: tuple[int, ...] = (), workers: int = 1) -> dict:
+            rates: tuple[int, ...] = (), workers: int = 1, server_pids: dict[str, int] | None = None) -> dict:
     """`policyd serve` in a process of its own (uvloop), the writer draining to PostgreSQL in a `policyd writer`
     process beside it (writer="process", the production shape) or inside serve (writer="inprocess")."""
     from tests.processes import PolicydProcess, WriterProcess
@@ -187,8 +204,12 @@ def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str,
                                                            amount=types_pb2.Money(currency="USD", nanos=10**15)))
             key = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="bench", plan="bench",
                                                              environment="production"))
-            result = asyncio.run(drive(process.address, key.secret, seconds, concurrency, "bench", connections(workers)))
-            result["paced"] = [asyncio.run(paced(process.address, key.secret, seconds, rate, f"paced{rate}"))
+            pids = {"serve": process.process.pid, **({"writer": writers[0].process.pid} if writers else {}),
+                    **(server_pids or {})} if workers == 1 else {}
+            run = f"{time.time_ns():x}"  # request ids new in every run: a repeated id is a retry, answered as a replay
+            result = asyncio.run(drive(process.address, key.secret, seconds, concurrency, f"bench-{run}", connections(workers),
+                                       pids))
+            result["paced"] = [asyncio.run(paced(process.address, key.secret, seconds, rate, f"paced{rate}-{run}"))
                                for rate in rates]
             lag_started = time.perf_counter()
             try:
@@ -197,8 +218,8 @@ def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str,
                 result["audit_ok"] = False
                 print(f"audit failed: {error.code()} {error.details()}\n{process.log()[-4000:]}")
             result["writer_catch_up_seconds"] = round(time.perf_counter() - lag_started, 2)
-            for run in result["paced"]:
-                run["decision_ms"] = decision_latency(database_url, f"paced{run['rate_asked']}")
+            for paced_run in result["paced"]:
+                paced_run["decision_ms"] = decision_latency(database_url, f"paced{paced_run['rate_asked']}-{run}")
         return result
     finally:
         for w in writers:
@@ -238,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not database_url:
             servers.append(PostgresServer())
             database_url = servers[-1].create_database("bench")
+    server_pids = {name: server.process.pid for name, server in zip(("redis", "postgres"), servers)
+                   if len(servers) == 2 and server.process}
     rates = tuple(int(r) for r in args.rates.split(",") if r.strip())
     rounds: list[tuple[dict, dict]] = []
     try:
@@ -245,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
             paced_rates = rates if n == 0 else ()  # the paced runs once
             rounds.append((floor(args.seconds, args.concurrency, paced_rates, args.workers),
                            policyd(args.seconds, args.concurrency, redis_url, database_url, args.writer, paced_rates,
-                                   args.workers)))
+                                   args.workers, server_pids)))
     finally:
         for server in servers:
             server.close()
@@ -261,6 +284,12 @@ def main(argv: list[str] | None = None) -> dict:
             a, s = r["authorize_ms"], r["settle_ms"]
             print(f"{f'round {n}: {name}':30} {r['pairs_per_second']:>9} {a['p50']:>9} {a['p99']:>9} {a['p999']:>11} "
                   f"{s['p50']:>11} {s['p99']:>11}")
+    for n, (noop_round, real_round) in enumerate(rounds, 1):
+        if real_round["cpu_ms_a_pair"]:
+            print(f"round {n}: CPU ms a pair: policyd " + ", ".join(f"{k} {v}" for k, v in real_round["cpu_ms_a_pair"].items())
+                  + f" (all {sum(real_round['cpu_ms_a_pair'].values()):.3f}); floor "
+                  + ", ".join(f"{k} {v}" for k, v in noop_round["cpu_ms_a_pair"].items())
+                  + f" (all {sum(noop_round['cpu_ms_a_pair'].values()):.3f})")
     print(f"ratio to floor: {ratio:.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)}); writer caught up in "
           f"{real['writer_catch_up_seconds']} s; audit ok: {all(r['audit_ok'] for _, r in rounds)}")
     print("paced (open loop; each Authorize followed by its Settle): Authorize p50 / p99 / p99.9 ms")
