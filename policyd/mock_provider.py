@@ -175,9 +175,13 @@ class MockProvider:
                                   "total_tokens": p_tokens + per_image * n,
                                   "input_tokens_details": {"text_tokens": p_tokens, "image_tokens": 0}}
             return h._json(200, reply)
-        if route.endswith("/embeddings"):
-            return h._json(200, {"object": "list", "model": model, "data": [{"object": "embedding", "index": 0,
-                                 "embedding": [0.0, 0.1]}], "usage": {"prompt_tokens": p_tokens, "total_tokens": p_tokens}})
+        if route.endswith("/embeddings"):  # a vector of `dimensions` (default 2) for each input
+            inputs = body.get("input") if isinstance(body.get("input"), list) and body["input"] else [""]
+            size = body["dimensions"] if isinstance(body.get("dimensions"), int) and 0 < body["dimensions"] <= 4096 else 2
+            vector = [round(0.0123456789 * (i % 80), 10) for i in range(size)]
+            return h._json(200, {"object": "list", "model": model,
+                                 "data": [{"object": "embedding", "index": i, "embedding": vector} for i in range(len(inputs))],
+                                 "usage": {"prompt_tokens": p_tokens, "total_tokens": p_tokens}})
         if body.get("stream"):
             return self._stream(h, body, model, p_tokens, c_tokens, scenario, anthropic, legacy)
         searches = sum(1 for tool in body.get("tools") or [] if str(tool.get("type", "")).startswith("web_search"))

@@ -36,6 +36,10 @@ from policyd.writer import Writer
 
 log = logging.getLogger("policyd")
 
+# The largest gRPC message policyd accepts: Envoy sends a request body whole to ext_authz and to the
+# processing ext_proc (and a reply whole in the ext_proc shape), up to the gateway's body limit; gRPC's
+# default of 4 MiB would fail bodies between it and that limit. Past the limit the gateway refuses.
+GRPC_MESSAGE_BYTES_MAX = 64 * 1024 * 1024
 COOLDOWN_SHARE_SECONDS = 1.0  # how often a replica publishes and takes up provider cool-downs
 
 
@@ -139,7 +143,7 @@ def make_grpc_server(service: Service, policy: bool = True, admin: bool = True
                      ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A gRPC server with the decision services (PolicyService, ext_authz, ext_proc), the AdminService,
     or both; health checking and reflection on each."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX)])
     names = []
     if policy:
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(service.engine), server)

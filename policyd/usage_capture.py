@@ -12,7 +12,12 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-RESPONSE_BUFFER_BYTES_MAX = 4 * 1024 * 1024  # a non-streamed body is buffered up to this for its usage
+from policyd.json_fields import TopLevelFields
+
+RESPONSE_BUFFER_BYTES_MAX = 4 * 1024 * 1024  # a non-streamed body is buffered up to this; past it, read as it passes
+# the top-level fields of a non-streamed reply that its usage is read from, when it is too large to hold
+_USAGE_FIELDS = frozenset({"usage", "usageMetadata", "service_tier"})
+_USAGE_ITEMS = frozenset({"output"})  # the Responses API's output items: its web searches
 SSE_LINE_BYTES_MAX = 1024 * 1024  # an SSE line, or an object of a JSON-array stream
 _DECODER = json.JSONDecoder()
 ESTIMATE_BYTES_PER_TOKEN = 4
@@ -178,16 +183,20 @@ class ResponseReader:
         # Gemini's stream without alt=sse is one JSON array whose objects arrive one by one, not SSE
         self._array: bool | None = None  # decided by the stream's first byte
         self._buffer = bytearray()
-        self._overflow = False
+        self._large: TopLevelFields | None = None  # a non-streamed reply too large to hold, read as it passes
 
     def feed(self, chunk: bytes) -> None:
         if not chunk or self.audio:
             return
         if not self.stream:
-            if len(self._buffer) + len(chunk) > RESPONSE_BUFFER_BYTES_MAX:
-                self._overflow = True
-                return
-            self._buffer += chunk
+            if self._large is None and len(self._buffer) + len(chunk) > RESPONSE_BUFFER_BYTES_MAX:
+                self._large = TopLevelFields(_USAGE_FIELDS, _USAGE_ITEMS)
+                self._large.feed(bytes(self._buffer))
+                self._buffer = bytearray()
+            if self._large is not None:
+                self._large.feed(chunk)
+            else:
+                self._buffer += chunk
             return
         self._buffer += chunk
         if self._array is None and self._buffer.strip():
@@ -266,14 +275,18 @@ class ResponseReader:
                 self._line(bytes(self._buffer).rstrip(b"\r\n"))
             self._buffer.clear()
             return
-        if self._overflow:
-            self.malformed = True
-            return
-        try:
-            data = json.loads(bytes(self._buffer)) if self._buffer else None
-        except (ValueError, RecursionError):
-            self.malformed = True
-            return
+        if self._large is not None:
+            self._large.end()
+            if self._large.broken:
+                self.malformed = True
+                return
+            data = self._large.as_object()
+        else:
+            try:
+                data = json.loads(bytes(self._buffer)) if self._buffer else None
+            except (ValueError, RecursionError):
+                self.malformed = True
+                return
         self.found_usage = usage_from(self.endpoint, data, self.tokens) and self.tokens.any
         self.delivered_bytes = _reply_text(data)
         if self.endpoint == "images" and isinstance(data, dict) and isinstance(data.get("data"), list):

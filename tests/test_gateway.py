@@ -855,3 +855,28 @@ def test_limits_on_headers_and_metadata_answer_clear_errors_and_move_no_money(ga
     assert len(gateway.mock.received()) == before  # none reached the provider
     wallet = gateway.wallet("e2e-limits")
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("1"), 0)
+
+
+def test_bodies_up_to_the_gateway_limit_are_decided(gateway: Gateway) -> None:
+    """A body past gRPC's default 4 MiB message (a long document, an image inlined as base64) but within
+    the gateway's limit reaches policyd whole and is decided like any other."""
+    key = gateway.customer("e2e-big-body", credit="10")
+    content = "word " * (6 * 1024 * 1024 // 5)
+    reply = gateway.client(key).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": content}], max_tokens=4)
+    assert reply.usage.prompt_tokens > 0
+    assert [r.status for r in gateway.records("e2e-big-body")] == ["settled"]
+
+
+def test_large_replies_are_passed_and_charged(gateway: Gateway) -> None:
+    """A reply of many MiB (700 embeddings of 1,536 numbers: about 13 MiB, past the 4 MiB a reply is held
+    whole for and past the gateway's body limit) reaches the client whole and is charged from the usage the
+    provider reports at its end, in both shapes, not estimated."""
+    key = gateway.customer("e2e-big-reply", credit="10")
+    texts = [f"document {i}" for i in range(700)]
+    reply = gateway.client(key).embeddings.create(model="gpt-4o-mini", input=texts, dimensions=1536,
+                                                  encoding_format="float")
+    assert len(reply.data) == 700 and len(reply.data[-1].embedding) == 1536
+    record, = gateway.records("e2e-big-reply")
+    assert (record.status, record.input_tokens, record.error_class) == ("settled", reply.usage.prompt_tokens, "")
+    assert record.charge.nanos == expected_charge("gpt-4o-mini", reply.usage.prompt_tokens, 0)

@@ -325,3 +325,20 @@ async def test_the_middleware_sends_gemini_the_served_model_in_the_path_and_keep
     assert scope["query_string"] == b"alt=json"
     assert sent[0]["status"] == 200
     assert policy.settled and policy.settled[0][0] == "r-g" and policy.settled[0][1]["output_tokens"] == 1
+
+
+def test_large_bodies_both_ways_are_decided_and_charged_from_the_providers_usage(gateway: ExampleGateway) -> None:
+    """A request of 6 MiB (past gRPC's default message size, within the body limit) is decided; a reply of
+    about 13 MiB (past the 4 MiB a reply is held whole for) is charged from the usage at its end."""
+    key = gateway.customer("mw-large", credit="10")
+    client = gateway.client(key)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "word " * (6 * 1024 * 1024 // 5)}], max_tokens=4)
+    assert gateway.record(raw.headers["x-policyd-request-id"])["status"] == "settled"
+    raw = client.embeddings.with_raw_response.create(model="gpt-4o-mini", input=[f"doc {i}" for i in range(700)],
+                                                     dimensions=1536, encoding_format="float")
+    reply = raw.parse()
+    assert len(reply.data) == 700
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["input_tokens"], record["error_class"]) == ("settled", reply.usage.prompt_tokens, "")
+    assert record["charge_nanos"] == expected_charge("gpt-4o-mini", reply.usage.prompt_tokens, 0)
