@@ -1,106 +1,167 @@
-"""The top-level fields of a JSON object too large to hold in memory, read as it passes chunk by chunk.
+"""Chosen fields of a JSON object too large to hold in memory, read as it passes chunk by chunk.
 
-A provider's reply of many MiB (a batch of embeddings, images inlined as base64) still reports its
-usage in a small top-level field. `TopLevelFields` keeps the values of the fields it is asked for
-(each up to `value_bytes_max`), the items of some top-level arrays that are small enough, and the
-number of items of every top-level array; the rest passes unread. Strings, the bulk of such
-replies, are skipped by one regular-expression match each; numbers are never looked at.
+A provider's reply of many MiB (a batch of embeddings, images inlined as base64), or one stream event
+of that size (a Responses API `response.completed` carrying a generated image), still reports its
+usage in a small field. `ObjectFields` keeps the values at the paths it is asked for (each up to
+`value_bytes_max`), the items of some arrays that are small enough, and the number of object or
+array items of every array outside other arrays; the rest passes unread. Strings, the bulk of such
+bodies, are skipped by one regular-expression match each; numbers are never looked at.
+
+A path is the tuple of keys from the top: ("usage",), ("response", "usage").
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 _STRUCTURE = re.compile(rb'["{}\[\]:]')  # what moves the reader: a string's start, nesting, a key's colon
 _STRING_REST = re.compile(rb'(?:[^"\\]|\\.)*"')  # the rest of a string, through its closing quote
 _WHITESPACE = b" \t\r\n"
 VALUE_BYTES_MAX = 64 * 1024
+Path = tuple[str, ...]
 
 
-class TopLevelFields:
-    """Feed the object's bytes in order (`feed`), then `end()`; `values`, `items` and `counts` hold what
-    was kept, `broken` whether the bytes were not one JSON object."""
+@dataclass
+class _Container:
+    is_object: bool
+    path: Path | None  # None inside an array: no path leads there
+    key: str | None = None  # an object's key whose value is being read
+    expect_value: bool = False  # an object's colon seen, its value not yet ended
+    literal: bool = False  # ... and that value is a literal (number, true, false, null) under way
 
-    def __init__(self, keep: frozenset[str], keep_items: frozenset[str] = frozenset(),
+
+class ObjectFields:
+    """Feed the object's bytes in order (`feed`), then `end()`; `values`, `items` and `counts` hold what was
+    kept, `broken` whether the bytes were not one JSON object."""
+
+    def __init__(self, keep: Iterable[Path], keep_items: Iterable[Path] = (),
                  value_bytes_max: int = VALUE_BYTES_MAX) -> None:
-        self.keep, self.keep_items, self.value_bytes_max = keep, keep_items, value_bytes_max
-        self.values: dict[str, Any] = {}  # kept fields whose value fit
-        self.items: dict[str, list[Any]] = {}  # items that fit, of the arrays of keep_items
-        self.counts: dict[str, int] = {}  # object or array items of each top-level array
+        self.keep, self.keep_items = frozenset(keep), frozenset(keep_items)
+        self.value_bytes_max = value_bytes_max
+        self.values: dict[Path, Any] = {}  # kept values that fit
+        self.items: dict[Path, list[Any]] = {}  # items that fit, of the arrays of keep_items
+        self.counts: dict[Path, int] = {}  # object or array items of each array outside arrays
         self.broken = False
-        self._depth = 0
+        self._stack: list[_Container] = []
+        self._ended = False  # the top object closed
         self._in_string = False
         self._escape_pending = False  # a chunk ended inside a string's escape: the next byte is escaped
-        self._string = bytearray()  # a top-level string being read: maybe a key
-        self._candidate_key: str | None = None  # the last top-level string: a key if a colon follows
-        self._key: str | None = None  # the top-level field whose value is being read
-        self._capture: bytearray | None = None  # the raw bytes of a value (or an item) being kept
-        self._capture_depth = 0  # the depth its value ends at
+        self._string = bytearray()  # a key being read
+        self._string_is_key = False
+        self._candidate_key: str | None = None  # the last key read: its colon follows
+        self._capture: bytearray | None = None  # the raw bytes of a value or an item being kept
+        self._capture_depth = 0  # the depth of the container holding it
+        self._capture_item = False  # an item of an array (else an object's value)
+        self._capture_path: Path = ()
 
     def feed(self, chunk: bytes) -> None:
         if self.broken or not chunk:
             return
         at, size = 0, len(chunk)
-        captured_from = 0  # the part of this chunk not yet added to the capture
-        while at < size:
+        self._captured_from = 0  # the part of this chunk not yet added to the capture
+        while at < size and not self.broken:
             if self._in_string:
                 at = self._string_rest(chunk, at)
-                if self._in_string:
-                    break
-                if self._depth == 1 and self._capture is None:
-                    self._candidate_key = self._decoded_string()
-                elif self._capture is not None and self._depth == self._capture_depth:  # a kept string value
-                    captured_from = self._captured(chunk, captured_from, at)
-                    self._finish_capture()
+                if not self._in_string:
+                    self._string_ended(chunk, at)
                 continue
             found = _STRUCTURE.search(chunk, at)
+            end = found.start() if found is not None else size
+            top = self._stack[-1] if self._stack else None
+            if top is None and chunk[at:end].strip(_WHITESPACE):
+                self.broken = True  # bytes outside the object
+                return
+            if top is not None and top.is_object and chunk[at:end].strip(_WHITESPACE):
+                if top.expect_value:
+                    top.literal = True
+                elif chunk[at:end].strip(_WHITESPACE + b","):
+                    self.broken = True  # between a value and the next key, or a key and its colon
+                    return
             if found is None:
                 break
             at = found.end()
-            char = chunk[found.start()]
-            if self._depth == 1 and char in (0x22, 0x7D) and self._capture is not None and self._capture_depth == 1:
-                literal = (bytes(self._capture) + chunk[captured_from:found.start()]).strip(_WHITESPACE)
-                if literal:  # the kept field's value was a literal (a number, true, false, null): it ended
-                    self._capture = bytearray(literal.rstrip(b",").rstrip(_WHITESPACE))
-                    self._finish_capture()
-            if char == 0x22:  # "
-                self._in_string = True
-                self._string.clear()
-            elif char in (0x7B, 0x5B):  # { [
-                if self._depth == 0 and char != 0x7B:
-                    self.broken = True
-                    return
-                if self._depth == 1 and char == 0x5B and self._key is not None:
-                    self.counts[self._key] = 0  # a top-level array: its items are counted
-                elif self._depth == 2 and self._key in self.counts:
-                    self.counts[self._key] += 1
-                    if self._key in self.keep_items and self._capture is None:
-                        captured_from = found.start()
-                        self._capture, self._capture_depth = bytearray(), 2
-                self._depth += 1
-            elif char in (0x7D, 0x5D):  # } ]
-                self._depth -= 1
-                if self._depth < 0:
-                    self.broken = True
-                    return
-                if self._capture is not None and self._depth == self._capture_depth:
-                    captured_from = self._captured(chunk, captured_from, at)
-                    self._finish_capture()
-                if self._depth == 1 and self._capture is None:
-                    self._key = None  # the end of a top-level value
-            elif char == 0x3A and self._depth == 1:  # the colon after a top-level key
-                self._key, self._candidate_key = self._candidate_key, None
-                if self._key in self.keep:
-                    captured_from = at
-                    self._capture, self._capture_depth = bytearray(), 1
+            self._token(chunk, found.start(), at, chunk[found.start()])
         if self._capture is not None:
-            self._captured(chunk, captured_from, size)
+            self._add_to_capture(chunk, size)
 
     def end(self) -> None:
-        if self._depth != 0 or self._in_string:
+        if self._stack or self._in_string or not self._ended:
             self.broken = True
+
+    def as_object(self) -> dict[str, Any]:
+        """What was kept as one object: kept values, kept items as their arrays, other arrays as None items."""
+        data: dict[str, Any] = {}
+        for path, count in self.counts.items():
+            _put(data, path, [None] * count)
+        for path, items in self.items.items():
+            _put(data, path, items)
+        for path, value in self.values.items():
+            _put(data, path, value)
+        return data
+
+    def _token(self, chunk: bytes, start: int, after: int, char: int) -> None:
+        top = self._stack[-1] if self._stack else None
+        if top is not None and top.literal and char in (0x22, 0x7D):  # the literal value ended before this
+            self._value_ended(chunk, start, literal=True)
+        if char == 0x22:  # "
+            if self._ended:
+                self.broken = True
+                return
+            self._in_string = True
+            self._string.clear()
+            self._string_is_key = top is not None and top.is_object and not top.expect_value
+            if top is not None and not top.is_object:
+                self._item_starts(top, start, counted=False)
+        elif char in (0x7B, 0x5B):  # { [
+            if top is None:
+                if char != 0x7B or self._ended:
+                    self.broken = True
+                    return
+                self._stack.append(_Container(True, ()))
+                return
+            if top.is_object and not top.expect_value:
+                self.broken = True
+                return
+            path = None
+            if top.is_object and top.path is not None and top.key is not None:
+                path = (*top.path, top.key)
+            elif not top.is_object:
+                self._item_starts(top, start, counted=True)
+            self._stack.append(_Container(char == 0x7B, path))
+        elif char in (0x7D, 0x5D):  # } ]
+            if top is None or top.is_object != (char == 0x7D) or (top.is_object and top.expect_value):
+                self.broken = True
+                return
+            self._stack.pop()
+            if not self._stack:
+                self._ended = True
+                return
+            parent = self._stack[-1]
+            if parent.is_object:
+                self._value_ended(chunk, after)
+            elif self._capture is not None and self._capture_item and len(self._stack) == self._capture_depth:
+                self._finish_capture(chunk, after)
+        elif top is not None and top.is_object and not top.expect_value:  # the colon after a key
+            top.key, self._candidate_key = self._candidate_key, None
+            top.expect_value, top.literal = True, False
+            if self._capture is None and top.path is not None and top.key is not None \
+                    and (*top.path, top.key) in self.keep:
+                self._start_capture(after, False, (*top.path, top.key))
+        else:
+            self.broken = True  # a colon where none can be
+
+    def _item_starts(self, array: _Container, start: int, counted: bool) -> None:
+        """An item of `array` starts at `start`: a string, or an object or array (`counted`)."""
+        if array.path is None:
+            return
+        if counted:
+            self.counts[array.path] = self.counts.get(array.path, 0) + 1
+        if self._capture is None and array.path in self.keep_items:
+            self._start_capture(start, True, array.path)
 
     def _string_rest(self, chunk: bytes, at: int) -> int:
         """Read on inside a string from `at`; where it ends, or the chunk's end (still inside)."""
@@ -109,54 +170,73 @@ class TopLevelFields:
             self._escape_pending = False
             at += 1
         found = _STRING_REST.match(chunk, at)
-        keep = self._depth == 1 and self._capture is None
+        end = found.end() if found is not None else len(chunk)
+        if self._string_is_key and self._capture is None and len(self._string) < self.value_bytes_max:
+            self._string += chunk[start:end - 1 if found is not None else end]
         if found is None:  # the string goes on past this chunk
             tail = chunk[at:]
-            trailing = len(tail) - len(tail.rstrip(b"\\"))
-            self._escape_pending = trailing % 2 == 1
-            if keep and len(self._string) < self.value_bytes_max:
-                self._string += chunk[start:]
-            return len(chunk)
-        if keep and len(self._string) < self.value_bytes_max:
-            self._string += chunk[start:found.end() - 1]
+            self._escape_pending = (len(tail) - len(tail.rstrip(b"\\"))) % 2 == 1
+            return end
         self._in_string = False
-        return found.end()
-
-    def _decoded_string(self) -> str | None:
-        if len(self._string) >= self.value_bytes_max:
-            return None
-        try:
-            return json.loads(b'"' + bytes(self._string) + b'"')
-        except ValueError:
-            return None
-
-    def _captured(self, chunk: bytes, start: int, end: int) -> int:
-        if self._capture is not None:
-            if len(self._capture) + end - start > self.value_bytes_max:
-                self._capture = None  # too large to keep: read past like a field not kept
-            else:
-                self._capture += chunk[start:end]
         return end
 
-    def _finish_capture(self) -> None:
-        raw, key = self._capture, self._key
-        self._capture = None
-        if self._capture_depth == 1:
-            self._key = None
-        if raw is None or key is None:
+    def _string_ended(self, chunk: bytes, after: int) -> None:
+        top = self._stack[-1] if self._stack else None
+        if top is None:
             return
+        if self._string_is_key:
+            self._candidate_key = None
+            if self._capture is None and len(self._string) < self.value_bytes_max:
+                try:
+                    self._candidate_key = json.loads(b'"' + bytes(self._string) + b'"')
+                except ValueError:
+                    pass
+        elif top.is_object:
+            self._value_ended(chunk, after)
+        elif self._capture is not None and self._capture_item and len(self._stack) == self._capture_depth:
+            self._finish_capture(chunk, after)
+
+    def _value_ended(self, chunk: bytes, at: int, literal: bool = False) -> None:
+        """The value of the top object's current key ended at `at`."""
+        top = self._stack[-1]
+        top.expect_value, top.literal = False, False
+        if self._capture is not None and not self._capture_item and len(self._stack) == self._capture_depth:
+            self._finish_capture(chunk, at, literal)
+
+    def _start_capture(self, at: int, item: bool, path: Path) -> None:
+        self._capture, self._capture_item, self._capture_path = bytearray(), item, path
+        self._capture_depth = len(self._stack)
+        self._captured_from = at
+
+    def _add_to_capture(self, chunk: bytes, end: int) -> None:
+        if self._capture is not None:
+            if len(self._capture) + end - self._captured_from > self.value_bytes_max:
+                self._capture = None  # too large to keep: read past like anything not kept
+            else:
+                self._capture += chunk[self._captured_from:end]
+        self._captured_from = end
+
+    def _finish_capture(self, chunk: bytes, end: int, literal: bool = False) -> None:
+        self._add_to_capture(chunk, end)
+        raw, self._capture = self._capture, None
+        if raw is None:
+            return
+        if literal:
+            raw = bytearray(raw.strip(_WHITESPACE).rstrip(b",").rstrip(_WHITESPACE))
         try:
             value = json.loads(bytes(raw))
         except (ValueError, RecursionError):
             return
-        if self._capture_depth == 1:
-            self.values[key] = value
+        if self._capture_item:
+            self.items.setdefault(self._capture_path, []).append(value)
         else:
-            self.items.setdefault(key, []).append(value)
+            self.values[self._capture_path] = value
 
-    def as_object(self) -> dict[str, Any]:
-        """What was kept as one object: kept fields, kept items as their arrays, other arrays as None items."""
-        data: dict[str, Any] = {key: [None] * count for key, count in self.counts.items()}
-        data.update(self.items)
-        data.update(self.values)
-        return data
+
+def _put(data: dict[str, Any], path: Path, value: Any) -> None:
+    for key in path[:-1]:
+        inner = data.get(key)
+        if not isinstance(inner, dict):
+            inner = data[key] = {}
+        data = inner
+    data[path[-1]] = value

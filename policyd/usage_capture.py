@@ -12,12 +12,15 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from policyd.json_fields import TopLevelFields
+from policyd.json_fields import ObjectFields
 
 RESPONSE_BUFFER_BYTES_MAX = 4 * 1024 * 1024  # a non-streamed body is buffered up to this; past it, read as it passes
-# the top-level fields of a non-streamed reply that its usage is read from, when it is too large to hold
-_USAGE_FIELDS = frozenset({"usage", "usageMetadata", "service_tier"})
-_USAGE_ITEMS = frozenset({"output"})  # the Responses API's output items: its web searches
+# the fields of a non-streamed reply, or of a stream event, that usage is read from, when it is too large
+# to hold: OpenAI's, Anthropic's and Gemini's usage, the tier that served it, the Responses API's output
+# items (its web searches); an event's type, the response or message it carries
+_USAGE_FIELDS = [("usage",), ("usageMetadata",), ("service_tier",), ("type",), ("response", "usage"),
+                 ("response", "service_tier"), ("message", "usage")]
+_USAGE_ITEMS = [("output",), ("response", "output")]
 SSE_LINE_BYTES_MAX = 1024 * 1024  # an SSE line, or an object of a JSON-array stream
 _DECODER = json.JSONDecoder()
 ESTIMATE_BYTES_PER_TOKEN = 4
@@ -183,14 +186,14 @@ class ResponseReader:
         # Gemini's stream without alt=sse is one JSON array whose objects arrive one by one, not SSE
         self._array: bool | None = None  # decided by the stream's first byte
         self._buffer = bytearray()
-        self._large: TopLevelFields | None = None  # a non-streamed reply too large to hold, read as it passes
+        self._large: ObjectFields | None = None  # a reply, or a stream's event, too large to hold: read as it passes
 
     def feed(self, chunk: bytes) -> None:
         if not chunk or self.audio:
             return
         if not self.stream:
             if self._large is None and len(self._buffer) + len(chunk) > RESPONSE_BUFFER_BYTES_MAX:
-                self._large = TopLevelFields(_USAGE_FIELDS, _USAGE_ITEMS)
+                self._large = ObjectFields(_USAGE_FIELDS, _USAGE_ITEMS)
                 self._large.feed(bytes(self._buffer))
                 self._buffer = bytearray()
             if self._large is not None:
@@ -198,6 +201,13 @@ class ResponseReader:
             else:
                 self._buffer += chunk
             return
+        if self._large is not None:  # an event too large to hold, read as it passes until its line ends
+            newline = chunk.find(b"\n")
+            self._large.feed(chunk if newline < 0 else chunk[:newline].rstrip(b"\r"))
+            if newline < 0:
+                return
+            self._large_event_ended()
+            chunk = chunk[newline + 1:]
         self._buffer += chunk
         if self._array is None and self._buffer.strip():
             self._array = self._buffer.lstrip()[:1] == b"["
@@ -208,12 +218,24 @@ class ResponseReader:
             newline = self._buffer.find(b"\n")
             if newline < 0:
                 if len(self._buffer) > SSE_LINE_BYTES_MAX:
-                    self.malformed = True
+                    if self._buffer.startswith(b"data:"):
+                        self._large = ObjectFields(_USAGE_FIELDS, _USAGE_ITEMS)
+                        self._large.feed(bytes(self._buffer[5:]).lstrip(b" "))
+                    else:
+                        self.malformed = True
                     self._buffer.clear()
                 return
             line = bytes(self._buffer[:newline]).rstrip(b"\r")
             del self._buffer[: newline + 1]
             self._line(line)
+
+    def _large_event_ended(self) -> None:
+        large, self._large = self._large, None
+        large.end()
+        if large.broken:
+            self.malformed = True
+        else:
+            self._event(large.as_object())
 
     def _line(self, line: bytes) -> None:
         if not line.startswith(b"data:"):
@@ -269,6 +291,8 @@ class ResponseReader:
             self.finished = True
             return
         if self.stream:
+            if self._large is not None:
+                self._large_event_ended()
             if self._array and self._buffer.strip():
                 self.malformed = True  # an object the stream never finished
             elif self._buffer:

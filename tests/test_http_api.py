@@ -475,3 +475,43 @@ def test_a_gemini_stream_without_sse_is_read_as_the_json_array_it_is() -> None:
     cut.finish()
     assert cut.malformed and not cut.finished and cut.tokens.output_tokens == 5
     assert closing(200, cut, cut=True).action == "estimate" and cut.estimated_output_tokens() >= 15  # text delivered
+
+
+def _fed_in_pieces(reader: ResponseReader, raw: bytes, piece: int = 65536) -> ResponseReader:
+    for at in range(0, len(raw), piece):
+        reader.feed(raw[at:at + piece])
+    reader.finish()
+    return reader
+
+
+def test_usage_is_read_from_replies_and_events_too_large_to_hold() -> None:
+    """Past the 4 MiB a reply is held whole for, and the 1 MiB a stream event is: the usage, the tier, the
+    web searches and the image count still come from the provider, not from an estimate."""
+    image = "iVBORw0KGgo" * 200_000  # 2.2 MB of base64
+    completed = {"type": "response.completed", "response": {
+        "id": "resp_1", "output": [{"type": "image_generation_call", "result": image}, {"type": "web_search_call"},
+                                   {"type": "message", "content": [{"type": "output_text", "text": "done"}]}],
+        "usage": {"input_tokens": 40, "output_tokens": 1100, "input_tokens_details": {"cached_tokens": 8}},
+        "service_tier": "priority"}}
+    stream = _sse({"type": "response.output_text.delta", "delta": "done"}) + _sse(completed)
+    reader = _fed_in_pieces(ResponseReader("responses", stream=True), stream)
+    t = reader.tokens
+    assert (t.input_tokens, t.cached_input_tokens, t.output_tokens, t.web_searches, t.service_tier) == (
+        40, 8, 1100, 1, "priority")
+    assert reader.finished and not reader.malformed and closing(200, reader, cut=False).action == "settle"
+    gemini = {"candidates": [{"content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": image}}]}}],
+              "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 1290}}
+    reader = _fed_in_pieces(ResponseReader("gemini_generate_content", stream=True), _sse(gemini))
+    assert (reader.tokens.input_tokens, reader.tokens.output_tokens) == (9, 1290)
+    images = {"created": 0, "data": [{"b64_json": image}, {"b64_json": image}],
+              "usage": {"input_tokens": 20, "output_tokens": 4000}}
+    reader = _fed_in_pieces(ResponseReader("images", stream=False), json.dumps(images).encode())
+    assert (reader.images, reader.tokens.input_tokens, reader.tokens.output_tokens, reader.found_usage) == (2, 20, 4000,
+                                                                                                            True)
+    anthropic = {"type": "message", "content": [{"type": "text", "text": "x" * 5_000_000}],
+                 "usage": {"input_tokens": 10, "output_tokens": 1_250_000, "cache_read_input_tokens": 2}}
+    reader = _fed_in_pieces(ResponseReader("anthropic_messages", stream=False), json.dumps(anthropic).encode())
+    assert (reader.tokens.input_tokens, reader.tokens.cached_input_tokens, reader.tokens.output_tokens) == (
+        12, 2, 1_250_000)
+    cut = _fed_in_pieces(ResponseReader("responses", stream=True), stream[:len(stream) // 2])  # ends mid-event
+    assert cut.malformed and not cut.found_usage
