@@ -190,3 +190,4 @@ class KeySummary:
     balance: int | None
     reserved: int
     limits: tuple[LimitState, ...]
+    models: tuple[tuple[str, str], ...] = ()  # (model, provider) pairs the key may use

@@ -399,8 +399,8 @@ class Engine:
         return self.models_allowed(policy, plan, key.scopes, key.environment), None
 
     async def key_summary(self, api_key: str) -> tuple[KeySummary | None, Decision | None]:
-        """What a key may still spend (GET /v1/key, for the key's own holder): its wallet, and the current
-        window of every limit that binds all its requests, with what is used."""
+        """What a key may still spend (GET /v1/key, for the key's own holder): its wallet, the current
+        window of every limit that binds all its requests, with what is used, and the models it may use."""
         found = await self._key_asking(api_key)
         if isinstance(found, Decision):
             return None, found
@@ -415,7 +415,8 @@ class Engine:
                        for s in await bucket_states(self.counters, limits, ids, self.clock())
                        if s["limit"].action != "shadow")
         return KeySummary(key.id, key.customer_id, key.plan, policy.document.currency,
-                          None if plan.wallet == "none" else balance, reserved, states), None
+                          None if plan.wallet == "none" else balance, reserved, states,
+                          tuple(self.models_allowed(policy, plan, key.scopes, key.environment))), None
 
     async def _key_asking(self, api_key: str) -> tuple[KeyRecord, Policy, Plan] | Decision:
         """The key of a request about the key itself (not a model call), or the denial it gets."""

@@ -22,8 +22,8 @@ Per HTTP request, the same steps as the Envoy filters (ext_authz + ext_proc), ov
 Token counts (free at the provider) are checked as model calls are (key, plan, model) and go to the
 proxy without the customer's key, with nothing reserved or settled. Other paths that are not model
 calls go to the proxy untouched when `strict` is False; by default they are
-refused (400, `unknown_endpoint`, recorded), so nothing reaches a provider unmetered. GET /v1/models passes
-through.
+refused (400, `unknown_endpoint`, recorded), so nothing reaches a provider unmetered. GET /v1/models and
+GET /v1/key are answered from policyd's DescribeKey: the models the key may use, what it may still spend.
 """
 
 from __future__ import annotations
@@ -79,10 +79,10 @@ class PolicydMiddleware:
         if size > self.body_bytes_max:
             call.problem, call.problem_message, call.problem_param = (
                 "request_too_large", f"the request body is larger than {self.body_bytes_max} bytes", "")
-        if call.key_summary:
+        if call.key_summary or call.models_listing:
             await self._describe_key(call, send)
             return
-        if call.models_listing or (not call.endpoint and not self.strict):
+        if not call.endpoint and not self.strict:
             await self.app(scope, _replay(body, receive=receive), send)
             return
         if call.problem:
@@ -114,12 +114,16 @@ class PolicydMiddleware:
         await self._forward(scope, receive, send, call, body, decision)
 
     async def _describe_key(self, call: http_api.HttpCall, send: Send) -> None:
-        """GET /v1/key: what the key may still spend, as policyd tells it."""
+        """GET /v1/key: what the key may still spend; GET /v1/models: the models it may use; as policyd
+        tells them (the provider's own list would show models the key may not use)."""
         try:
             message = await self.policy.describe_key(call.api_key)
         except PolicydCallError as error:
             await _respond(send, reasons.http_status(error.reason), http_api.error_body(
                 reasons.error_type(error.reason), error.reason, reasons.MESSAGES.get(error.reason, error.reason)))
+            return
+        if call.models_listing:
+            await _respond(send, 200, http_api.models_listing([(m.id, m.owned_by) for m in message.models]))
             return
         await _respond(send, 200, http_api.key_summary_body(KeySummary(
             key_id=message.key_id, customer_id=message.customer_id, plan=message.plan,

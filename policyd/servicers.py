@@ -187,6 +187,7 @@ def key_summary_message(s: KeySummary) -> policy_pb2.KeySummary:
         limits=[policy_pb2.LimitState(name=limit.name, scope=limit.scope, window=limit.window, unit=limit.unit,
                                       limit=limit.limit, used=limit.used, resets_unix=limit.resets_unix)
                 for limit in s.limits],
+        models=[policy_pb2.KeyModel(id=model, owned_by=owner) for model, owner in s.models],
     )
 
 

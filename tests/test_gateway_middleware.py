@@ -342,3 +342,15 @@ def test_large_bodies_both_ways_are_decided_and_charged_from_the_providers_usage
     record = gateway.record(raw.headers["x-policyd-request-id"])
     assert (record["status"], record["input_tokens"], record["error_class"]) == ("settled", reply.usage.prompt_tokens, "")
     assert record["charge_nanos"] == expected_charge("gpt-4o-mini", reply.usage.prompt_tokens, 0)
+
+
+def test_models_listing_shows_what_the_key_may_use(gateway: ExampleGateway) -> None:
+    """GET /v1/models is answered by policyd, not passed to the provider (whose list shows models the key may
+    not use); a key it does not know gets the OpenAI-style 401."""
+    free = gateway.client(gateway.customer("mw-models", plan="free"))
+    assert sorted((m.id, m.owned_by) for m in free.models.list()) == [("gpt-4o-mini", "openai")]
+    pro = gateway.client(gateway.customer("mw-models-pro"))
+    assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "gpt-4o", "gpt-4o-mini", "gpt-image-1", "tts-1"]
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client("pdk_live_" + "Q" * 40).models.list()
+    assert "/v1/models" not in json.dumps([r["path"] for r in gateway.mock.received()])

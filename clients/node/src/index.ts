@@ -132,6 +132,7 @@ export interface KeySummary {
   balanceNanos: bigint;
   reservedNanos: bigint;    // held for requests in flight
   limits: LimitState[];
+  models: { id: string; ownedBy: string }[];  // the models the key may use (for answering GET /v1/models)
 }
 
 export interface ClientOptions {
@@ -205,7 +206,8 @@ export class PolicyClient {
     return String(r.outcome).toLowerCase();
   }
 
-  /** What a key may still spend (its wallet and the current window of its limits), for answering GET /v1/key. */
+  /** What a key may still spend (its wallet and the current window of its limits) and the models it may use,
+   *  for answering GET /v1/key and GET /v1/models. */
   async describeKey(apiKey: string): Promise<KeySummary> {
     const r = await this.call<DescribeKeyRequest, KeySummary__Output>(
       this.stub.describeKey.bind(this.stub), { apiKey }, true);
@@ -215,6 +217,7 @@ export class PolicyClient {
       reservedNanos: BigInt(r.reserved?.nanos ?? "0"),
       limits: r.limits.map((l) => ({ name: l.name, scope: l.scope, window: l.window, unit: l.unit,
                                     limit: BigInt(l.limit), used: BigInt(l.used), resetsUnix: Number(l.resetsUnix) })),
+      models: r.models.map((m) => ({ id: m.id, ownedBy: m.ownedBy })),
     };
   }
 

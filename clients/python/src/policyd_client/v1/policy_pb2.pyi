@@ -48,7 +48,7 @@ class DescribeKeyRequest(_message.Message):
     def __init__(self, api_key: _Optional[str] = ...) -> None: ...
 
 class KeySummary(_message.Message):
-    __slots__ = ("key_id", "customer_id", "plan", "has_wallet", "balance", "reserved", "limits")
+    __slots__ = ("key_id", "customer_id", "plan", "has_wallet", "balance", "reserved", "limits", "models")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class KeySummary(_message.Message):
     BALANCE_FIELD_NUMBER: _ClassVar[int]
     RESERVED_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     customer_id: str
     plan: str
@@ -63,7 +64,16 @@ class KeySummary(_message.Message):
     balance: _types_pb2.Money
     reserved: _types_pb2.Money
     limits: _containers.RepeatedCompositeFieldContainer[LimitState]
-    def __init__(self, key_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., has_wallet: _Optional[bool] = ..., balance: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., reserved: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[LimitState, _Mapping]]] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[KeyModel]
+    def __init__(self, key_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., has_wallet: _Optional[bool] = ..., balance: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., reserved: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[LimitState, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[KeyModel, _Mapping]]] = ...) -> None: ...
+
+class KeyModel(_message.Message):
+    __slots__ = ("id", "owned_by")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OWNED_BY_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    owned_by: str
+    def __init__(self, id: _Optional[str] = ..., owned_by: _Optional[str] = ...) -> None: ...
 
 class LimitState(_message.Message):
     __slots__ = ("name", "scope", "window", "unit", "limit", "used", "resets_unix")
