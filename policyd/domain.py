@@ -15,6 +15,7 @@ ENDPOINTS = (
     "gemini_generate_content",
     "completions",
     "audio_speech",
+    "audio_transcriptions",
 )
 
 
@@ -57,6 +58,7 @@ class Shape:
     web_searches: int = 0  # the most server-side web searches the request allows (reserved at their price)
     service_tier: str = ""  # the processing tier asked for (OpenAI's flex, priority); "" = default
     unseen_input: bool = False  # input the request only refers to (a previous response, a file, an image URL...)
+    audio_bytes: int = 0  # the audio sent, when its seconds are not known (speech to text)
 
 
 @dataclass(frozen=True)

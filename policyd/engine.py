@@ -44,7 +44,8 @@ from policyd.domain import (
 )
 from policyd.policy import Limit, ModelPrice, Plan, Policy
 from policyd.policy_book import PolicyBook
-from policyd.pricing import Quantities, billing_of, charge_of, cost_of, estimate_input_tokens, input_estimate
+from policyd.pricing import (AUDIO_TOKENS_PER_SECOND, Quantities, audio_seconds, audio_seconds_likely, billing_of,
+                             charge_of, cost_of, estimate_input_tokens, input_estimate)
 from policyd.quotas import bucket_states, hold_for, limit_reason, scope_ids
 from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
@@ -102,6 +103,8 @@ class _Plan:
     limits_by_label: dict[str, tuple[Limit, int]]  # label -> (limit, window end)
     fallback_reason: str = ""
     likely_input_tokens: int = 0  # what a settle without the provider's usage charges (input_tokens: reserved)
+    likely_seconds: int = 0  # ... and the audio's seconds (speech to text)
+    likely_audio_tokens: int = 0  # ... and its audio tokens, of likely_input_tokens (a model billing those)
 
     @classmethod
     def empty(cls, model: str) -> "_Plan":
@@ -518,15 +521,25 @@ class Engine:
             output_cap = min(output_cap, price.max_output_tokens)
         input_tokens = estimate_input_tokens(plan, s.prompt_bytes, s.message_count, s.input_tokens,
                                              price.context_window, s.unseen_input)
+        likely = min(input_estimate(s.prompt_bytes, s.message_count, s.input_tokens), input_tokens)
+        seconds, likely_seconds, audio_tokens, likely_audio = s.seconds, s.seconds, 0, 0
         if request.endpoint in ("embeddings", "audio_speech"):  # no output tokens to cap
             output_cap = 0
         elif request.endpoint == "images":  # no cap to give either: each image bills up to the model's most
             output_cap = (price.output_tokens_per_image or output_cap) * (s.image_count or 1)
+        elif request.endpoint == "audio_transcriptions":  # the audio's seconds, or its audio tokens, and text out
+            seconds = audio_seconds(plan, s.seconds, s.audio_bytes, price.max_audio_seconds)
+            likely_seconds = audio_seconds_likely(s.seconds, s.audio_bytes)
+            if not price.per_second:  # billed by audio tokens
+                audio_tokens = seconds * AUDIO_TOKENS_PER_SECOND
+                input_tokens += audio_tokens
+                likely_audio = likely_seconds * AUDIO_TOKENS_PER_SECOND
+                likely += likely_audio
         quantities = Quantities(
             input_tokens=input_tokens,
             output_tokens=output_cap * max(1, s.choices),  # every choice may reach the cap, and all are billed
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
-            seconds=s.seconds, web_searches=s.web_searches, service_tier=s.service_tier,
+            seconds=seconds, web_searches=s.web_searches, service_tier=s.service_tier, audio_input_tokens=audio_tokens,
         )
         charge = charge_of(plan, model, quantities, cost_of(price, quantities),
                            billing_of(plan, request.attribution.feature))
@@ -543,8 +556,8 @@ class Engine:
             hold, window = hold_for(limit, partition, scope_id, at // 1000, charge, quantities)
             holds.append(hold)
             by_label[limit.label] = (limit, window.end)
-        likely = min(input_estimate(s.prompt_bytes, s.message_count, s.input_tokens), input_tokens)
-        return _Plan(model, price, input_tokens, output_cap, charge, holds, by_label, likely_input_tokens=likely)
+        return _Plan(model, price, input_tokens, output_cap, charge, holds, by_label, likely_input_tokens=likely,
+                     likely_seconds=likely_seconds, likely_audio_tokens=likely_audio)
 
     async def _reserve(self, request: AuthorizeInput, request_id: str, secret_hash: str, terms: str, owner: Owner,
                        policy: Policy | None, plan: Plan | None, attempt: _Plan, preset: str, at: int,
@@ -555,8 +568,11 @@ class Engine:
         record_json = json.dumps(record, separators=(",", ":"))
         payload = f'{{"record":{record_json},"limit_reasons":{json.dumps(limit_reasons, separators=(",", ":"))}}}'
         wallet = record["wallet_id"]
-        fields = {"record": record, "input_tokens_estimate": attempt.likely_input_tokens}
-        fields_json = f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.likely_input_tokens)}}}'
+        fields = {"record": record, "input_tokens_estimate": attempt.likely_input_tokens,
+                  "seconds_estimate": attempt.likely_seconds, "audio_tokens_estimate": attempt.likely_audio_tokens}
+        fields_json = (f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.likely_input_tokens)},'
+                       f'"seconds_estimate":{int(attempt.likely_seconds)},'
+                       f'"audio_tokens_estimate":{int(attempt.likely_audio_tokens)}}}')
         partition = self.counters.partition_of(owner.customer_id)
         try:
             result = await self.counters.authorize(
@@ -795,17 +811,23 @@ class Engine:
         a stream's start), else as estimated at Authorize."""
         reservation = await self.counters.find_reservation(request_id)
         input_tokens = int(reservation.fields.get("input_tokens_estimate", 0)) if reservation else 0
+        seconds = int(reservation.fields.get("seconds_estimate", 0)) if reservation else 0
+        audio_tokens = int(reservation.fields.get("audio_tokens_estimate", 0)) if reservation else 0
+        if reported is not None and reported.seconds:
+            seconds = reported.seconds
         cached = cache_writes = hour_writes = 0
         if reported is not None and reported.input_tokens:
-            input_tokens, cached, cache_writes, hour_writes = (
+            input_tokens, cached, cache_writes, hour_writes, audio_tokens = (
                 reported.input_tokens, reported.cached_input_tokens, reported.cache_write_input_tokens,
-                reported.cache_write_1h_input_tokens)
+                reported.cache_write_1h_input_tokens, reported.audio_input_tokens)
         cap = int(reservation.record["max_output_tokens"]) * int(reservation.record.get("choices") or 1) \
             if reservation else 0
         return await self.settle(UsageReport(
             request_id=request_id, input_tokens=input_tokens, cached_input_tokens=cached,
             cache_write_input_tokens=cache_writes, cache_write_1h_input_tokens=hour_writes,
-            service_tier=reported.service_tier if reported is not None else "", output_tokens=min(output_tokens, cap) if cap else output_tokens,
+            service_tier=reported.service_tier if reported is not None else "", seconds=seconds,
+            audio_input_tokens=min(audio_tokens, input_tokens),
+            output_tokens=min(output_tokens, cap) if cap else output_tokens,
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,
             provider_account=provider_account,
         ), reservation)

@@ -8,14 +8,14 @@ policyd process between those filters, so each gRPC stream may reach any replica
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import struct_pb2
 
 from policyd.domain import Decision
-from policyd.http_api import REQUEST_ID_HEADER, HttpCall, rewrite_body, upstream_path
+from policyd.http_api import REQUEST_ID_HEADER, HttpCall, encoded_body, rewrite_body, upstream_path  # noqa: F401 (re-exported)
+from policyd.multipart import MultipartForm
 from policyd.usage_capture import ResponseReader
 
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where ext_authz's dynamic metadata lands
@@ -64,17 +64,17 @@ class Exchange:
     def upstream_path(self, path: str) -> str:
         return upstream_path(path, self.served_model, self.requested_model)
 
-    def rewrite(self, body: Any) -> dict[str, Any] | None:
+    def rewrite(self, body: Any) -> dict[str, Any] | MultipartForm | None:
         """The request body (parsed) policy requires instead of the client's, or None to send it as it is."""
-        if not isinstance(body, dict):
+        if not isinstance(body, (dict, MultipartForm)):
             return None
         return rewrite_body(body, self.endpoint, self.served_model, self.requested_model, self.output_cap,
-                            self.client_gave_cap, self.stream)
+                            self.client_gave_cap, self.stream, self.model_in_path)
 
     def rewritten(self, body: Any) -> bytes | None:
         """`rewrite`, encoded for the provider."""
         rewritten = self.rewrite(body)
-        return None if rewritten is None else json.dumps(rewritten, separators=(",", ":")).encode()
+        return None if rewritten is None else encoded_body(rewritten)
 
     def metadata(self, namespace: str, decision: str = "") -> struct_pb2.Struct:
         """Envoy dynamic metadata that `from_metadata` reads back in a later filter."""

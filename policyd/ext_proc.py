@@ -29,7 +29,6 @@ Two gateway shapes (`policyd gateway-config --shape`):
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -146,12 +145,14 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         observer = first.HasField("protocol_config") and first.protocol_config.response_body_mode == NONE
         exchange: Exchange | None = None
         arrival: Arrival | None = None
+        content_type = ""  # of a request ext_authz decided, for reading its body
         request = first
         try:
             while request is not None:
                 kind = request.WhichOneof("request")
                 if kind == "request_headers":
                     exchange = Exchange.from_metadata(request)  # None: no ext_authz decided; this stream decides
+                    content_type = _headers(request.request_headers).get("content-type", "")
                     if exchange is None:
                         arrival = Arrival.of(request)
                     if arrival is not None and request.request_headers.end_of_stream:
@@ -168,7 +169,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         exchange, reply = await self._decide(arrival, request.request_body.body, kind, observer)
                         yield reply
                     else:
-                        yield self._request_body(exchange, request.request_body)
+                        yield self._request_body(exchange, request.request_body, content_type)
                         if observer and exchange is not None and exchange.observed:  # ext_authz decided: the
                             exchange = None  # observer filter reads the reply (open since the request headers)
                 elif kind == "response_headers":
@@ -293,14 +294,13 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         # a token count is free: on with the provider's credential, nothing to read or settle
         return (None if call.count_tokens else exchange), reply
 
-    def _request_body(self, exchange: Exchange | None, body: Any) -> Any:
+    def _request_body(self, exchange: Exchange | None, body: Any, content_type: str) -> Any:
         empty = ep.ProcessingResponse(request_body=ep.BodyResponse())
         if exchange is None:
             return empty
-        try:
-            data = json.loads(body.body) if body.body else None
-        except ValueError:
-            return empty  # ext_authz already refused bodies that are not JSON
+        data = http_api.parsed_body(content_type, body.body)
+        if data is None:
+            return empty  # ext_authz already refused bodies it cannot read
         new_body = exchange.rewritten(data)
         if new_body is None:
             return empty

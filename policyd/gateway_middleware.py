@@ -29,7 +29,6 @@ GET /v1/key are answered from policyd's DescribeKey: the models the key may use,
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from dataclasses import asdict
@@ -163,9 +162,10 @@ class PolicydMiddleware:
                        decision: Decision) -> None:
         assert call.body is not None
         rewritten = http_api.rewrite_body(call.body, call.endpoint, decision.served_model, call.model,
-                                          decision.max_output_tokens, call.max_output_tokens > 0, call.stream)
+                                          decision.max_output_tokens, call.max_output_tokens > 0, call.stream,
+                                          call.model_in_path)
         if rewritten is not None:
-            body = json.dumps(rewritten, separators=(",", ":")).encode()
+            body = http_api.encoded_body(rewritten)
         exchange = _Exchange(decision.request_id, decision.served_model,
                              ResponseReader(call.endpoint, call.stream, call.input_tokens))
 

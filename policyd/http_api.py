@@ -10,6 +10,10 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
     POST .../v1beta/models/M:generateContent | :streamGenerateContent   gemini_generate_content
     POST .../v1/completions               completions (legacy text completions)
     POST .../v1/audio/speech              audio_speech (text to speech: billed by the characters of `input`)
+    POST .../v1/audio/transcriptions | .../v1/audio/translations
+                                          audio_transcriptions (speech to text, multipart/form-data: billed by
+                                          the audio's seconds or audio tokens; a WAV file's header gives its
+                                          seconds, other formats' size bounds them)
     GET  .../v1/models                    the models the key may use (answered by policyd)
     GET  .../v1/key                       what the key may still spend: its wallet, its limits (answered by policyd)
     POST .../v1/messages/count_tokens | .../v1/responses/input_tokens | .../models/M:countTokens
@@ -17,7 +21,8 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
                                           model are checked and nothing is reserved or charged
 
 Azure OpenAI's paths name the deployment (the model, as policyd's policy names it) in the path:
-    POST .../openai/deployments/D/chat/completions | completions | embeddings | images/generations
+    POST .../openai/deployments/D/chat/completions | completions | embeddings | images/generations |
+                                  audio/speech | audio/transcriptions | audio/translations
     POST .../openai/responses             responses (the model in the body)
 and its clients send the key as `api-key`.
 """
@@ -31,10 +36,13 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
 
 from policyd import reasons
+from policyd.audio import wav_seconds
 from policyd.domain import Attribution, AuthorizeInput, KeySummary, Shape, trace_id_from
 from policyd.money import format_amount
+from policyd.multipart import MultipartError, MultipartForm
 
-REQUEST_BODY_BYTES_MAX = 10 * 1024 * 1024
+# Anthropic accepts requests of up to 32 MB, OpenAI audio files of up to 25 MB (speech to text)
+REQUEST_BODY_BYTES_MAX = 32 * 1024 * 1024
 REQUEST_HEADERS_BYTES_MAX = 32 * 1024  # names and values, all headers together
 REQUEST_HEADERS_COUNT_MAX = 100
 JSON_DEPTH_MAX = 64
@@ -47,6 +55,7 @@ _PATHS = [
     (re.compile(r"(^|/)v1/messages/?$"), "anthropic_messages"),
     (re.compile(r"(^|/)v1/completions/?$"), "completions"),
     (re.compile(r"(^|/)v1/audio/speech/?$"), "audio_speech"),
+    (re.compile(r"(^|/)v1/audio/(transcriptions|translations)/?$"), "audio_transcriptions"),
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent"
                      r"|countTokens)$")
@@ -55,9 +64,10 @@ _TOKEN_COUNTS = [
     (re.compile(r"(^|/)v1/responses/input_tokens/?$"), "responses"),
 ]
 _AZURE_OPERATIONS = {"chat/completions": "chat_completions", "completions": "completions",
-                     "embeddings": "embeddings", "images/generations": "images", "audio/speech": "audio_speech"}
+                     "embeddings": "embeddings", "images/generations": "images", "audio/speech": "audio_speech",
+                     "audio/transcriptions": "audio_transcriptions", "audio/translations": "audio_transcriptions"}
 _AZURE = re.compile(r"(^|/)openai/deployments/(?P<model>[^/]+)/(?P<operation>chat/completions|completions|embeddings"
-                    r"|images/generations|audio/speech)/?$")
+                    r"|images/generations|audio/speech|audio/transcriptions|audio/translations)/?$")
 _AZURE_RESPONSES = re.compile(r"(^|/)openai/responses/?$")
 _MODELS = re.compile(r"(^|/)v1/models/?$")
 _KEY_SUMMARY = re.compile(r"(^|/)v1/key/?$")
@@ -103,7 +113,7 @@ class HttpCall:
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment): a downgrade rewrites it
     count_tokens: bool = False  # a token count of the endpoint family (free: nothing reserved or charged)
     stream: bool = False
-    body: dict[str, Any] | None = None
+    body: dict[str, Any] | MultipartForm | None = None  # JSON, or a speech-to-text request's form
     max_output_tokens: int = 0
     prompt_bytes: int = 0
     message_count: int = 0
@@ -113,6 +123,8 @@ class HttpCall:
     web_searches: int = 0  # the most provider-side web searches the request allows (0: none, or no bound given)
     service_tier: str = ""  # the processing tier asked for (OpenAI's service_tier); "" = the default
     unseen_input: bool = False  # input billed but not in the body (a previous response, a file, a server tool...)
+    seconds: int = 0  # the audio's seconds, when its header tells them (speech to text)
+    audio_bytes: int = 0  # the audio's size, when it does not
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
     problem_message: str = ""
@@ -127,7 +139,8 @@ class HttpCall:
             shape=Shape(prompt_bytes=self.prompt_bytes, message_count=self.message_count,
                         max_output_tokens=self.max_output_tokens, image_count=self.image_count, stream=self.stream,
                         choices=self.choices, input_tokens=self.input_tokens, web_searches=self.web_searches,
-                        service_tier=self.service_tier, unseen_input=self.unseen_input),
+                        service_tier=self.service_tier, unseen_input=self.unseen_input, seconds=self.seconds,
+                        audio_bytes=self.audio_bytes),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
         )
 
@@ -340,6 +353,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "unknown_endpoint", f"policyd does not know the endpoint {method} {path[:200]}", "path")
     if len(body) > REQUEST_BODY_BYTES_MAX:
         return _problem(call, "request_too_large", f"the request body is larger than {REQUEST_BODY_BYTES_MAX} bytes")
+    if endpoint == "audio_transcriptions":
+        return _speech_to_text(call, headers.get("content-type", ""), body, path_model)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -395,6 +410,31 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     return call
 
 
+def _speech_to_text(call: HttpCall, content_type: str, body: bytes, path_model: str) -> HttpCall:
+    """A transcription or translation: a multipart/form-data body with the audio `file` and its fields."""
+    boundary = MultipartForm.boundary_of(content_type)
+    if boundary is None:
+        return _problem(call, "invalid_request", "a speech-to-text request must be multipart/form-data with a "
+                        "boundary, the audio in its `file` part")
+    try:
+        form = MultipartForm.parse(body, boundary)
+    except MultipartError as error:
+        return _problem(call, "invalid_request", f"the multipart body cannot be read: {error}")
+    audio = form.file("file")
+    if audio is None or not audio.content:
+        return _problem(call, "invalid_request", "the audio must be sent as the `file` part", "file")
+    model = path_model or (form.field("model") or "").strip()
+    if not model:
+        return _problem(call, "invalid_request", "you must provide a model parameter", "model")
+    call.body, call.model, call.model_in_path = form, model, bool(path_model)
+    call.stream = (form.field("stream") or "").strip().lower() == "true"
+    call.prompt_bytes = len((form.field("prompt") or "").encode("utf-8"))
+    call.message_count = 1
+    call.seconds = wav_seconds(audio.content)
+    call.audio_bytes = 0 if call.seconds else len(audio.content)
+    return call
+
+
 def _attribution(headers: dict[str, str]) -> Attribution:
     values: dict[str, Any] = {}
     for header, name in ATTRIBUTION_HEADERS.items():
@@ -445,17 +485,22 @@ def error_body(error_type: str, code: str, message: str, param: str = "") -> byt
                                  "param": param or None}}).encode()
 
 
-def rewrite_body(call_body: dict[str, Any], endpoint: str, served_model: str, requested_model: str,
-                 output_cap: int, client_gave_cap: bool, stream: bool) -> dict[str, Any] | None:
+def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, served_model: str, requested_model: str,
+                 output_cap: int, client_gave_cap: bool, stream: bool,
+                 model_in_path: bool = False) -> dict[str, Any] | MultipartForm | None:
     """The request body policy requires, or None when it stays as it is.
 
-    - the served model on a downgrade (not for Gemini, whose model is in the path);
+    - the served model on a downgrade (not where the path names the model: Gemini, an Azure deployment);
     - the reserved output cap when the client sent none;
     - stream_options.include_usage for streamed chat and text completions, so usage is always reported.
-    """
+
+    A speech-to-text form changes only by its model."""
+    downgraded = bool(served_model) and served_model != requested_model and not model_in_path
+    if isinstance(call_body, MultipartForm):
+        return call_body.with_field("model", served_model) if downgraded else None
     body = dict(call_body)
     changed = False
-    if served_model and served_model != requested_model and endpoint != "gemini_generate_content":
+    if downgraded and endpoint != "gemini_generate_content":
         body["model"] = served_model
         changed = True
     if output_cap and not client_gave_cap:
@@ -479,6 +524,25 @@ def rewrite_body(call_body: dict[str, Any], endpoint: str, served_model: str, re
             body["stream_options"] = {**options, "include_usage": True}
             changed = True
     return body if changed else None
+
+
+def parsed_body(content_type: str, body: bytes) -> dict[str, Any] | MultipartForm | None:
+    """A request body as `rewrite_body` takes it: a multipart form, else JSON; None when it is neither."""
+    boundary = MultipartForm.boundary_of(content_type)
+    try:
+        if boundary is not None:
+            return MultipartForm.parse(body, boundary)
+        data = json.loads(body) if body else None
+    except (ValueError, RecursionError):  # MultipartError is a ValueError
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def encoded_body(body: dict[str, Any] | MultipartForm) -> bytes:
+    """A (rewritten) request body as sent to the provider."""
+    if isinstance(body, MultipartForm):
+        return body.encoded()
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def key_summary_body(summary: KeySummary) -> bytes:

@@ -22,6 +22,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from policyd.audio import wav_seconds
+from policyd.multipart import MultipartError, MultipartForm
+
 WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
 COMPLETION_TOKENS_MAX = len(WORDS)
 
@@ -125,9 +128,17 @@ class MockProvider:
 
     def handle(self, h: Any) -> None:
         raw = h.read_body()
+        audio = b""
+        boundary = MultipartForm.boundary_of(h.headers.get("content-type", ""))
         try:
-            body = json.loads(raw or b"{}")
-        except ValueError:
+            if boundary is not None:  # speech to text: the fields, and the audio apart
+                form = MultipartForm.parse(raw, boundary)
+                body = {p.name: p.content.decode("utf-8", "replace") for p in form.parts if p.filename is None}
+                audio = form.file("file").content if form.file("file") else b""
+                body["file_bytes"] = len(audio)
+            else:
+                body = json.loads(raw or b"{}")
+        except (ValueError, MultipartError):
             return h._json(400, {"error": {"type": "invalid_request_error", "message": "body is not JSON"}})
         scenario = h.headers.get("x-mock-scenario", "ok")
         auth = next((h.headers[k] for k in CREDENTIAL_HEADERS if h.headers.get(k)), "")
@@ -151,6 +162,8 @@ class MockProvider:
         p_tokens = prompt_tokens(body)
         c_tokens = min(output_cap(body), COMPLETION_TOKENS_MAX)
         text = "".join(WORDS[:c_tokens])
+        if route.endswith(("/audio/transcriptions", "/audio/translations")):
+            return self._speech_to_text(h, body, model, audio, text)
         if route.endswith("/audio/speech"):  # "audio": a few bytes a character
             return h._json(200, b"ID3" + bytes(AUDIO_BYTES_PER_CHARACTER * len(str(body.get("input", "")))),
                            content_type="audio/mpeg")
@@ -216,6 +229,41 @@ class MockProvider:
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                           "finish_reason": "stop"}],
                              **({} if scenario == "no_usage" else {"usage": usage})})
+
+    def _speech_to_text(self, h: Any, form: dict[str, Any], model: str, audio: bytes, text: str) -> None:
+        """whisper-1 reports the audio's seconds; gpt-4o(-mini)-transcribe its tokens (10 audio tokens a second,
+        the prompt's text tokens; the transcript's out), and streams with stream=true. response_format text,
+        srt and vtt answer the transcript alone, with no usage."""
+        if not audio:
+            return h._json(400, {"error": {"type": "invalid_request_error", "message": "no audio file"}})
+        seconds = wav_seconds(audio) or -(-len(audio) // 16_000)
+        words = WORDS[:min(3 * seconds, COMPLETION_TOKENS_MAX)]
+        transcript = "".join(words).strip()
+        response_format = form.get("response_format", "json")
+        if response_format in ("text", "srt", "vtt"):
+            return h._json(200, transcript.encode(), content_type="text/plain; charset=utf-8")
+        if model.startswith("whisper"):
+            usage: dict[str, Any] = {"type": "duration", "seconds": seconds}
+            if response_format == "verbose_json":
+                return h._json(200, {"task": "transcribe", "language": "english", "duration": seconds - 0.25,
+                                     "text": transcript, "segments": [], "usage": usage})
+            return h._json(200, {"text": transcript, "usage": usage})
+        prompt = len(str(form.get("prompt", "")).split())
+        usage = {"type": "tokens", "input_tokens": 10 * seconds + prompt, "output_tokens": len(words),
+                 "total_tokens": 10 * seconds + prompt + len(words),
+                 "input_token_details": {"text_tokens": prompt, "audio_tokens": 10 * seconds}}
+        if form.get("stream") != "true":
+            return h._json(200, {"text": transcript, "usage": usage})
+        h.send_response(200)
+        h.send_header("content-type", "text/event-stream")
+        h.send_header("transfer-encoding", "chunked")
+        h.end_headers()
+        events = [{"type": "transcript.text.delta", "delta": word} for word in words]
+        events.append({"type": "transcript.text.done", "text": transcript, "usage": usage})
+        for event in events:
+            chunk = f"data: {json.dumps(event)}\n\n".encode()
+            h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        h.wfile.write(b"0\r\n\r\n")
 
     def _gemini(self, h: Any, model: str, p_tokens: int, c_tokens: int, text: str, verb: str, sse: bool) -> None:
         """Gemini's generateContent, and its stream: SSE with alt=sse, else one JSON array sent an object at

@@ -140,6 +140,9 @@ class ModelPrice(Prices):
     # the most output tokens the model makes in one reply (0 = not given): a client's larger cap is refused
     # or cut by the provider, so no more is reserved; the cap policyd gives itself is no larger either
     max_output_tokens: int = Field(0, ge=0, le=QUANTITY_MAX)
+    # the longest audio the model takes in one request, in seconds (0 = not given): bounds a strict plan's
+    # reservation for speech to text in a compressed format, whose bytes alone bound it loosely
+    max_audio_seconds: int = Field(0, ge=0, le=QUANTITY_MAX)
 
     @property
     def upstream(self) -> str:

@@ -102,3 +102,32 @@ def input_estimate(prompt_bytes: int, message_count: int, reported_tokens: int) 
         return reported_tokens
     bytes_tokens = -(-prompt_bytes // ESTIMATE_BYTES_PER_TOKEN)
     return bytes_tokens + ESTIMATE_TOKENS_PER_MESSAGE * max(message_count, 1)
+
+
+# Speech to text. A provider bills the audio's seconds (whisper-1: per_second) or its audio tokens
+# (gpt-4o-transcribe: 10 audio tokens a second, its published rate). A WAV file's header gives its
+# seconds exactly; other formats are compressed, so the bytes bound them: no codec a provider accepts
+# holds a second in fewer than 750 bytes (6 kb/s, Opus's lowest rate; MP3's is 8 kb/s), and speech is
+# usually sent at about 128 kb/s.
+AUDIO_TOKENS_PER_SECOND = 10
+AUDIO_BYTES_PER_SECOND_MIN = 750
+AUDIO_BYTES_PER_SECOND_LIKELY = 16_000
+
+
+def audio_seconds(plan: Plan, exact_seconds: int, audio_bytes: int, max_audio_seconds: int = 0) -> int:
+    """Seconds of audio to reserve for: the exact seconds when known; else, strict, the most the bytes can
+    hold (at most the model's longest audio, when it has one); estimate, `audio_seconds_likely`."""
+    if exact_seconds > 0 or audio_bytes <= 0:
+        return exact_seconds
+    if plan.reservation == "strict":
+        bound = -(-audio_bytes // AUDIO_BYTES_PER_SECOND_MIN)
+        return min(bound, max_audio_seconds) if max_audio_seconds else bound
+    return audio_seconds_likely(exact_seconds, audio_bytes)
+
+
+def audio_seconds_likely(exact_seconds: int, audio_bytes: int) -> int:
+    """The likely seconds: exact when known, else the bytes at speech's usual rate. A request settled
+    without the provider's usage (a reply in text, srt or vtt) is charged this many."""
+    if exact_seconds > 0 or audio_bytes <= 0:
+        return exact_seconds
+    return -(-audio_bytes // AUDIO_BYTES_PER_SECOND_LIKELY)

@@ -85,6 +85,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             input_tokens=s.input_tokens, prompt_bytes=s.prompt_bytes, message_count=s.message_count,
             max_output_tokens=s.max_output_tokens, image_count=s.image_count, seconds=s.seconds, stream=s.stream,
             choices=s.choices, web_searches=s.web_searches, service_tier=s.service_tier, unseen_input=s.unseen_input,
+            audio_bytes=s.audio_bytes,
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,
@@ -144,7 +145,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 provider=request.provider, provider_account=request.provider_account,
                 reported=Tokens(u.input_tokens, u.cached_input_tokens, u.cache_write_input_tokens,
                                 cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
-                                service_tier=request.service_tier)))
+                                service_tier=request.service_tier, seconds=u.seconds,
+                                audio_input_tokens=u.audio_input_tokens)))
             return settle_response(s)
         report = UsageReport(
             request_id=request.request_id, input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
 from policyd.json_fields import ObjectFields
@@ -37,10 +38,11 @@ class Tokens:
     audio_output_tokens: int = 0  # of output_tokens
     cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens (Anthropic's hour-long cache)
     service_tier: str = ""  # the processing tier that served it, as the provider says (OpenAI's service_tier)
+    seconds: int = 0  # audio seconds billed (speech to text priced by the second)
 
     @property
     def any(self) -> bool:
-        return bool(self.input_tokens or self.output_tokens)
+        return bool(self.input_tokens or self.output_tokens or self.seconds)
 
     def fields(self) -> dict[str, Any]:
         """The usage as UsageReport and the native API's Settle name it (the same names, one to one)."""
@@ -51,10 +53,46 @@ def _n(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+def _seconds(value: Any) -> int:
+    """Seconds as a provider reports them (3, 9.02, "9.02"), rounded up; 0 when not a duration."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    try:
+        seconds = Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return 0
+    if not seconds.is_finite() or seconds <= 0 or seconds > 10**9:
+        return 0
+    return int(seconds.to_integral_value(rounding=ROUND_CEILING))
+
+
+def _speech_to_text_usage(data: dict[str, Any], seen: Tokens) -> bool:
+    """A transcription's usage: its audio's seconds (whisper-1: {"type": "duration"}, or verbose_json's
+    `duration`), or its tokens (gpt-4o-transcribe: audio and text in, text out)."""
+    usage = data.get("usage")
+    if isinstance(usage, dict) and usage.get("type") == "duration":
+        seen.seconds = _seconds(usage.get("seconds"))
+        return True
+    if isinstance(usage, dict) and ("input_tokens" in usage or "output_tokens" in usage):
+        details = usage.get("input_token_details") if isinstance(usage.get("input_token_details"), dict) else {}
+        seen.input_tokens = _n(usage.get("input_tokens"))
+        seen.audio_input_tokens = min(_n(details.get("audio_tokens")), seen.input_tokens)
+        seen.output_tokens = _n(usage.get("output_tokens"))
+        return True
+    if "duration" in data:
+        seen.seconds = _seconds(data.get("duration"))
+        return True
+    return False
+
+
 def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     """Update `seen` from one JSON object (a whole body or one stream event); True if it held usage."""
     if not isinstance(data, dict):
         return False
+    if endpoint == "audio_transcriptions":
+        return _speech_to_text_usage(data, seen)
     response = data.get("response") if isinstance(data.get("response"), dict) else {}
     served_by = data.get("service_tier") or response.get("service_tier")  # chat's, the Responses API's
     if isinstance(served_by, str) and served_by:
@@ -143,7 +181,7 @@ def _reply_text(data: Any) -> int:
     """Bytes of generated text in a whole (non-streamed) reply, for estimating one without usage."""
     if not isinstance(data, dict):
         return 0
-    texts: list[Any] = []
+    texts: list[Any] = [data.get("text")]  # a transcription's
     for choice in data.get("choices") or []:
         if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
             texts.append(choice["message"].get("content"))
@@ -282,7 +320,8 @@ class ResponseReader:
             elif self.endpoint != "gemini_generate_content":
                 self.output_final = True
         self.delivered_bytes += _delivered_text(self.endpoint, data)
-        if isinstance(data, dict) and data.get("type") in ("response.completed", "message_stop"):
+        if isinstance(data, dict) and data.get("type") in ("response.completed", "message_stop",
+                                                           "transcript.text.done"):
             self.finished = True
 
     def finish(self) -> None:
@@ -309,6 +348,9 @@ class ResponseReader:
             try:
                 data = json.loads(bytes(self._buffer)) if self._buffer else None
             except (ValueError, RecursionError):
+                if self.endpoint == "audio_transcriptions":  # a transcript as text, srt or vtt: no usage in it
+                    self.delivered_bytes, self.finished = len(self._buffer), True
+                    return
                 self.malformed = True
                 return
         self.found_usage = usage_from(self.endpoint, data, self.tokens) and self.tokens.any

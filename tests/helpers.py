@@ -72,3 +72,12 @@ class FundedCustomers:
         while (wallet := self.wallet(customer)).reserved_nanos and time.monotonic() < deadline:
             time.sleep(0.1)
         return wallet
+
+
+def wav(seconds: int, rate: int = 8000) -> bytes:
+    """A RIFF/WAVE file of `seconds` of 16-bit mono silence: its header gives its length exactly."""
+    import struct
+
+    data = bytes(2 * rate * seconds)
+    return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE" + b"fmt "
+            + struct.pack("<IHHIIHH", 16, 1, 1, rate, 2 * rate, 2, 16) + b"data" + struct.pack("<I", len(data)) + data)

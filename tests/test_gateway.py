@@ -25,7 +25,7 @@ from policyd.mock_provider import (ACCOUNT_HEADERS, AUDIO_BYTES_PER_CHARACTER, C
                                    MockProvider, prompt_tokens)
 from policyd.money import format_amount, parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
-from tests.helpers import FundedCustomers
+from tests.helpers import FundedCustomers, wav
 from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
 
@@ -475,7 +475,7 @@ def test_bad_bodies_get_clear_errors_and_reserve_nothing(gateway: Gateway) -> No
         assert code == status, (body[:20], reply)
         assert headers["content-type"] == "application/json"
         assert reply["error"]["type"] == "invalid_request_error"
-    code, _, reply = post(url, auth, b'{"model": "gpt-4o-mini", "x": "' + b"a" * (11 * 1024 * 1024) + b'"}')
+    code, _, reply = post(url, auth, b'{"model": "gpt-4o-mini", "x": "' + b"a" * (33 * 1024 * 1024) + b'"}')
     assert code == 413 and reply["error"]["code"] == "request_too_large"
     wallet = gateway.wallet("e2e-bad")
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("1"), 0)
@@ -880,3 +880,72 @@ def test_large_replies_are_passed_and_charged(gateway: Gateway) -> None:
     record, = gateway.records("e2e-big-reply")
     assert (record.status, record.input_tokens, record.error_class) == ("settled", reply.usage.prompt_tokens, "")
     assert record.charge.nanos == expected_charge("gpt-4o-mini", reply.usage.prompt_tokens, 0)
+
+
+def test_speech_to_text_is_charged_by_the_seconds_or_tokens_the_provider_reports(gateway: Gateway) -> None:
+    """Transcriptions and translations (multipart/form-data, through the openai SDK): whisper-1 by the audio's
+    seconds, gpt-4o-transcribe by its audio and text tokens, streamed or not; a transcript in plain text
+    (no usage) is charged the seconds a WAV header gives; a downgrade rewrites the form's model."""
+    second = parse_amount("0.0001")
+    key = gateway.customer("e2e-voice", plan="voice")
+    client = gateway.client(key)
+    raw = client.audio.transcriptions.with_raw_response.create(model="whisper-1", file=("hello.wav", wav(7)))
+    assert raw.parse().text
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["seconds"], record["error_class"]) == ("settled", 7, "")
+    assert record["reserved_nanos"] == record["charge_nanos"] == 7 * second  # the header's seconds, exactly
+    with pytest.warns(DeprecationWarning):  # the SDK marks translations deprecated; the endpoint still serves
+        raw = client.audio.translations.with_raw_response.create(model="whisper-1", file=("hola.wav", wav(3)))
+    assert gateway.record(raw.headers["x-policyd-request-id"])["charge_nanos"] == 3 * second
+    raw = client.audio.transcriptions.with_raw_response.create(model="whisper-1", file=("plain.wav", wav(5)),
+                                                               response_format="text")
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["seconds"], record["charge_nanos"]) == (5, 5 * second)
+    assert record["error_class"].startswith("usage_estimated")
+    mp3 = b"ID3" + bytes(47_997)  # compressed: its seconds are the provider's to tell (here 3)
+    raw = client.audio.transcriptions.with_raw_response.create(model="gpt-4o-transcribe", file=("a.mp3", mp3),
+                                                               prompt="names: policyd")
+    reply = raw.parse()
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    usage = reply.usage
+    audio_tokens = usage.input_token_details.audio_tokens
+    assert (record["input_tokens"], record["audio_input_tokens"], record["output_tokens"]) == (
+        usage.input_tokens, audio_tokens, usage.output_tokens) and audio_tokens == 30
+    assert record["charge_nanos"] == (price_quantity(audio_tokens, parse_amount("6.00"))
+                                      + price_quantity(usage.input_tokens - audio_tokens, parse_amount("2.50"))
+                                      + price_quantity(usage.output_tokens, parse_amount("10.00")))
+    with client.audio.transcriptions.with_streaming_response.create(
+            model="gpt-4o-transcribe", file=("s.wav", wav(2)), stream=True) as streamed:
+        request_id = streamed.headers["x-policyd-request-id"]
+        events = list(streamed.parse())
+    assert events[-1].type == "transcript.text.done"
+    record = gateway.record(request_id)
+    assert (record["status"], record["input_tokens"], record["error_class"]) == ("settled", 20, "")
+    thrifty = gateway.client(gateway.customer("e2e-voice-thrifty", plan="voice-thrifty"))
+    raw = thrifty.audio.transcriptions.with_raw_response.create(model="gpt-4o-transcribe", file=("d.wav", wav(2)))
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["requested_model"], record["served_model"]) == ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+    sent = [r for r in gateway.mock.received() if r["path"].endswith("/audio/transcriptions")][-1]
+    assert (sent["body"]["model"], sent["body"]["file_bytes"]) == ("gpt-4o-mini-transcribe", len(wav(2)))
+
+
+def test_speech_to_text_under_a_strict_plan_reserves_what_the_bytes_can_hold(gateway: Gateway) -> None:
+    """A compressed file's seconds are bounded by its bytes (750 a second at the lowest bitrate), or by the
+    model's longest audio; the charge is the provider's. A body that is not a form is refused, moving nothing."""
+    second = parse_amount("0.0001")
+    client = gateway.client(gateway.customer("e2e-voice-strict", plan="voice-strict"))
+    raw = client.audio.transcriptions.with_raw_response.create(model="whisper-1", file=("long.ogg", bytes(75_000)))
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["reserved_nanos"], record["seconds"], record["charge_nanos"]) == (100 * second, 5, 5 * second)
+    big = bytes(2_000_000)  # 2,667 s by its bytes; the model takes at most 1,500
+    raw = client.audio.transcriptions.with_raw_response.create(model="gpt-4o-mini-transcribe", file=("big.ogg", big))
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert record["reserved_nanos"] == (price_quantity(1500 * 10, parse_amount("3.00"))
+                                        + price_quantity(8 + 16, parse_amount("1.25"))
+                                        + price_quantity(1024, parse_amount("5.00")))  # the plan's output cap
+    before = gateway.wallet("e2e-voice-strict")
+    code, _, reply = post(f"{gateway.base_url}/audio/transcriptions",
+                          {"authorization": f"Bearer {gateway.customer('e2e-voice-strict', plan='voice-strict', credit='')}",
+                           "content-type": "application/json"}, b'{"model": "whisper-1"}')
+    assert (code, reply["error"]["code"]) == (400, "invalid_request")
+    assert gateway.wallet("e2e-voice-strict") == before

@@ -25,7 +25,7 @@ from policyd.mock_provider import MockProvider
 from policyd.money import parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import ROOT
-from tests.helpers import FundedCustomers
+from tests.helpers import FundedCustomers, wav
 from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
 from tests.test_gateway import FIXTURES, expected_charge, key_summary
@@ -179,7 +179,7 @@ def test_unusable_requests_get_clear_errors_a_record_and_move_no_money(gateway: 
     code, reply = post(f"{gateway.base_url}/files", {**auth, "x-policyd-request-id": "mw-bad-2"}, b"{}")
     assert (code, reply["error"]["code"]) == (400, "unknown_endpoint")  # strict: nothing unmetered passes
     code, reply = post(f"{gateway.base_url}/chat/completions", {**auth, "x-policyd-request-id": "mw-bad-3"},
-                       b'{"model": "gpt-4o-mini", "x": "' + b"a" * (11 * 1024 * 1024) + b'"}')
+                       b'{"model": "gpt-4o-mini", "x": "' + b"a" * (33 * 1024 * 1024) + b'"}')
     assert (code, reply["error"]["code"]) == (413, "request_too_large")
     assert gateway.record("mw-bad-3")["reason"] == "request_too_large"
     wallet = gateway.wallet("mw-bad")
@@ -354,3 +354,18 @@ def test_models_listing_shows_what_the_key_may_use(gateway: ExampleGateway) -> N
     with pytest.raises(openai.AuthenticationError):
         gateway.client("pdk_live_" + "Q" * 40).models.list()
     assert "/v1/models" not in json.dumps([r["path"] for r in gateway.mock.received()])
+
+
+def test_speech_to_text_is_charged_and_a_downgrade_rewrites_the_form(gateway: ExampleGateway) -> None:
+    client = gateway.client(gateway.customer("mw-voice", plan="voice"))
+    raw = client.audio.transcriptions.with_raw_response.create(model="whisper-1", file=("a.wav", wav(6)))
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["seconds"], record["charge_nanos"]) == ("settled", 6, 6 * parse_amount("0.0001"))
+    thrifty = gateway.client(gateway.customer("mw-voice-thrifty", plan="voice-thrifty"))
+    raw = thrifty.audio.transcriptions.with_raw_response.create(model="gpt-4o-transcribe", file=("b.wav", wav(2)))
+    assert raw.parse().usage.input_tokens == 20
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["served_model"], record["input_tokens"], record["audio_input_tokens"]) == (
+        "gpt-4o-mini-transcribe", 20, 20)
+    sent = [r for r in gateway.mock.received() if r["path"].endswith("/audio/transcriptions")][-1]
+    assert (sent["body"]["model"], sent["body"]["file_bytes"]) == ("gpt-4o-mini-transcribe", len(wav(2)))

@@ -32,7 +32,7 @@ export type { ProtoGrpcType } from "./generated/policy";
 
 export const ENDPOINTS = [
   "chat_completions", "responses", "embeddings", "images", "anthropic_messages", "gemini_generate_content",
-  "completions", "audio_speech",
+  "completions", "audio_speech", "audio_transcriptions",
 ] as const;
 export type Endpoint = (typeof ENDPOINTS)[number];
 
@@ -74,6 +74,8 @@ export interface AuthorizeInput {
   webSearches?: number;     // the most provider-side web searches the request allows (max_uses)
   stream?: boolean;
   unseenInput?: boolean;    // the input includes what the request only refers to (previous_response_id, file_id, an image URL, a server tool)
+  seconds?: number;         // speech to text: the audio's seconds, when known exactly (a WAV header)
+  audioBytes?: number;      // ... else the audio's size: policyd estimates or bounds its seconds
   countTokens?: boolean;    // a free token count (count_tokens, input_tokens, countTokens): nothing reserved or to settle
   attribution?: Omit<Attribution, "requestId">;
 }
@@ -172,6 +174,7 @@ export class PolicyClient {
         promptBytes: input.promptBytes ?? 0, messageCount: input.messageCount ?? 1,
         maxOutputTokens: input.maxOutputTokens ?? 0, inputTokens: input.inputTokens ?? 0, stream: input.stream ?? false,
         choices: input.choices ?? 0, webSearches: input.webSearches ?? 0, unseenInput: input.unseenInput ?? false,
+        seconds: input.seconds ?? 0, audioBytes: input.audioBytes ?? 0,
       },
       countTokens: input.countTokens ?? false,
     };

@@ -78,7 +78,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                        message_count: int, max_output_tokens: int, stream: bool, **attribution: Any) -> Any:
     """`attribution` holds the Attribution fields (feature, thread_id, tags, ...) and optionally
     input_tokens, image_count, choices (n: completions generated), web_searches, service_tier,
-    unseen_input (the input includes what the request only refers to), client_address, user_agent,
+    unseen_input (the input includes what the request only refers to), seconds and audio_bytes (speech to
+    text: the audio's seconds when known exactly, else its size), client_address, user_agent,
     problem=(code, message, param) and count_tokens=True (a free token count: nothing reserved, nothing
     to settle)."""
     if endpoint not in ENDPOINTS and "problem" not in attribution:
@@ -95,7 +96,9 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     choices=attribution.pop("choices", 0),
                                     web_searches=attribution.pop("web_searches", 0),
                                     service_tier=attribution.pop("service_tier", ""),
-                                    unseen_input=bool(attribution.pop("unseen_input", False)))
+                                    unseen_input=bool(attribution.pop("unseen_input", False)),
+                                    seconds=attribution.pop("seconds", 0),
+                                    audio_bytes=attribution.pop("audio_bytes", 0))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),

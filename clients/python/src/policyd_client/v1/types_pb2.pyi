@@ -18,6 +18,7 @@ class EndpointFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GEMINI_GENERATE_CONTENT: _ClassVar[EndpointFamily]
     COMPLETIONS: _ClassVar[EndpointFamily]
     AUDIO_SPEECH: _ClassVar[EndpointFamily]
+    AUDIO_TRANSCRIPTIONS: _ClassVar[EndpointFamily]
 ENDPOINT_FAMILY_UNSPECIFIED: EndpointFamily
 CHAT_COMPLETIONS: EndpointFamily
 RESPONSES: EndpointFamily
@@ -27,6 +28,7 @@ ANTHROPIC_MESSAGES: EndpointFamily
 GEMINI_GENERATE_CONTENT: EndpointFamily
 COMPLETIONS: EndpointFamily
 AUDIO_SPEECH: EndpointFamily
+AUDIO_TRANSCRIPTIONS: EndpointFamily
 
 class Money(_message.Message):
     __slots__ = ("currency", "nanos")
