@@ -289,8 +289,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             body_mutation=ep.BodyMutation(body=new_body) if new_body is not None else None,
             clear_route_cache=True)
         reply = _phase(kind, common)
-        if exchange.observed:  # what the observer filter needs to read and settle the stream
-            reply.dynamic_metadata.CopyFrom(exchange.metadata(EXT_PROC_NAMESPACE))
+        # what the observer filter needs to read and settle a stream; the request id for a reply Envoy replaces
+        reply.dynamic_metadata.CopyFrom(exchange.metadata(EXT_PROC_NAMESPACE))
         # a token count is free: on with the provider's credential, nothing to read or settle
         return (None if call.count_tokens else exchange), reply
 

@@ -18,10 +18,12 @@ No event of a stream waits for policyd on its way out.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE
-from policyd.http_api import PROVIDER_ACCOUNT_HEADERS, REQUEST_BODY_BYTES_MAX, REQUEST_HEADERS_BYTES_MAX
+from policyd.http_api import (CREDENTIAL_REFUSALS, PROVIDER_ACCOUNT_HEADERS, REQUEST_BODY_BYTES_MAX,
+                              REQUEST_HEADERS_BYTES_MAX, REQUEST_ID_HEADER, credentials_refused_reply)
 from policyd.http_api import REQUEST_HEADERS_COUNT_MAX as HEADERS_COUNT_MAX
 from policyd.upstream import OBSERVER_HEADER, REWRITE_HEADER, ROUTE_HEADER
 
@@ -176,6 +178,53 @@ def _unless_header(header: str, value: str, name: str, config: str) -> str:
 {config}"""
 
 
+def _credentials_refused_filter(shape: str) -> str:
+    """The provider's 401 or 403 (its refusal of the operator's credentials: the customer's key never
+    reaches it) replaced by policyd's 502 `provider_credentials_refused`, so the customer is not told
+    their own key is wrong, nor shown the ends of the operator's. First in the chain, so the filters
+    after it (the observer) see the provider's own status and release the hold. Envoy's own replies
+    (policyd's denials among them) pass unchanged."""
+    status, headers, body = credentials_refused_reply()
+    statuses = "".join(f"""
+                            - single_predicate:
+                                input:
+                                  name: status
+                                  typed_config:
+                                    "@type": type.googleapis.com/envoy.type.matcher.v3.HttpResponseStatusCodeMatchInput
+                                value_match: {{exact: "{code}"}}""" for code in CREDENTIAL_REFUSALS)
+    namespace = EXT_PROC_NAMESPACE if shape == "ext_proc" else EXT_AUTHZ_NAMESPACE
+    headers = [*headers, (REQUEST_ID_HEADER, f"%DYNAMIC_METADATA({namespace}:request_id)%")]  # the deciding filter's
+    added = "".join(f"""
+                          - header: {{key: {name}, value: "{value}"}}
+                            append_action: OVERWRITE_IF_EXISTS_OR_ADD""" for name, value in headers)
+    return f"""          - name: envoy.filters.http.custom_response
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.custom_response.v3.CustomResponse
+              custom_response_matcher:
+                matcher_list:
+                  matchers:
+                  - predicate:
+                      and_matcher:
+                        predicate:
+                        - single_predicate:
+                            input:
+                              name: local_reply
+                              typed_config:
+                                "@type": type.googleapis.com/envoy.type.matcher.v3.HttpResponseLocalReplyMatchInput
+                            value_match: {{exact: "false"}}
+                        - or_matcher:
+                            predicate:{statuses}
+                    on_match:
+                      action:
+                        name: provider_credentials_refused
+                        typed_config:
+                          "@type": type.googleapis.com/envoy.extensions.http.custom_response.local_response_policy.v3.LocalResponsePolicy
+                          body: {{inline_string: {json.dumps(body.decode())}}}
+                          status_code: {status}
+                          response_headers_to_add:{added}
+"""
+
+
 def _observer_filter(shape: str) -> str:
     """The response as it passes, sent to policyd with no reply awaited (observability mode): how a
     reply is settled, for every allowed request after ext_authz, for streams in the ext_proc shape
@@ -223,7 +272,8 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
               socket_address: {{address: {host}, port_value: {port}}}""" for host, port in replicas)
     fail_open = "true" if failure_mode_allow else "false"
     clusters = "".join(_cluster(u) for u in upstreams)
-    filters = (_ext_authz_filter(fail_open, body_bytes_max) if shape != "ext_proc" else "") + \
+    filters = _credentials_refused_filter(shape) + \
+        (_ext_authz_filter(fail_open, body_bytes_max) if shape != "ext_proc" else "") + \
         _ext_proc_filter(fail_open, shape) + _observer_filter(shape)
     # ext_proc buffers the body it decides on within the connection's buffer limit (past it: 413)
     buffer_limit = f"\n    per_connection_buffer_limit_bytes: {body_bytes_max}" if shape == "ext_proc" else ""

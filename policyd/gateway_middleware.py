@@ -169,14 +169,22 @@ class PolicydMiddleware:
         exchange = _Exchange(decision.request_id, decision.served_model,
                              ResponseReader(call.endpoint, call.stream, call.input_tokens))
 
+        refused = http_api.credentials_refused_reply()
+
         async def metered_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 exchange.status = int(message["status"])
                 kept = [(k, v) for k, v in message.get("headers", []) if k.decode("latin-1").lower() not in ACCOUNT_HEADERS]
+                if exchange.status in http_api.CREDENTIAL_REFUSALS:  # the operator's credentials, not the customer's
+                    kept = [(k.encode(), v.encode()) for k, v in refused[1]]
+                    kept.append((b"content-length", str(len(refused[2])).encode()))
+                    message = {**message, "status": refused[0]}
                 message = {**message, "headers": [*kept, (http_api.REQUEST_ID_HEADER.encode(), decision.request_id.encode())]}
                 await send(message)
                 return
             if message["type"] == "http.response.body":
+                if exchange.status in http_api.CREDENTIAL_REFUSALS:  # the provider's words stay here
+                    message = {**message, "body": b"" if message.get("more_body", False) else refused[2]}
                 await send(message)
                 exchange.reader.feed(message.get("body", b""))  # counted once delivered
                 if not message.get("more_body", False):

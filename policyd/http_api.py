@@ -472,6 +472,19 @@ def reply_headers(status: int, retry_after_seconds: int = 0) -> list[tuple[str, 
     return headers
 
 
+# The provider's 401 and 403 are about the operator's credentials (the customer's key never reaches it):
+# passed on, they would tell the customer their own key is wrong and show the operator's key's ends
+# (OpenAI's "Incorrect API key provided: sk-proj-ab***wxyz"). They are answered with this instead.
+CREDENTIAL_REFUSALS = (401, 403)
+
+
+def credentials_refused_reply() -> tuple[int, list[tuple[str, str]], bytes]:
+    """(status, headers, body) that stand for a provider's refusal of the operator's credentials."""
+    reason = "provider_credentials_refused"
+    return (reasons.http_status(reason), [("content-type", "application/json"), ("x-should-retry", "false")],
+            error_body(reasons.error_type(reason), reason, reasons.MESSAGES[reason]))
+
+
 def failure_reply(error: Exception) -> tuple[int, bytes, str]:
     """(status, OpenAI error body, reason) for an error policyd did not expect: 503 when a store it
     stands on is unreachable, else 500; the error's own text goes to the log, never to the client."""

@@ -152,6 +152,13 @@ class MockProvider:
                                            "message": "the mock provider did not get its own key"}})
         if scenario == "rate_limited":
             return h._json(429, {"error": {"type": "rate_limit_error", "message": "slow down"}}, {"retry-after": "7"})
+        if scenario == "unauthorized":  # OpenAI's answer to a wrong key: the key's ends in the message
+            return h._json(401, {"error": {"type": "invalid_request_error", "code": "invalid_api_key", "param": None,
+                                           "message": "Incorrect API key provided: sk-proj-Ab12************wxYZ. "
+                                                      "You can find your API key at the provider's site."}})
+        if scenario == "forbidden":  # a project without access to the model
+            return h._json(403, {"error": {"type": "invalid_request_error", "code": "model_not_found", "param": None,
+                                           "message": "Project proj_Operator123 does not have access to model x"}})
         if scenario == "server_error":
             return h._json(500, {"error": {"type": "server_error", "message": "boom"}})
         if scenario == "stall":

@@ -40,6 +40,8 @@ _REASONS = [
     Reason("rate_limit_exceeded", 429, "rate_limit_exceeded"),
     Reason("concurrency_limit_exceeded", 429, "rate_limit_exceeded"),
     Reason("counters_unavailable", 503, "server_error"),
+    # the provider refused the operator's own credentials (its 401 or 403): never the customer's key
+    Reason("provider_credentials_refused", 502, "server_error"),
     Reason("unavailable", 503, "server_error"),  # an unexpected error: a store policyd stands on is unreachable
     Reason("internal", 500, "server_error"),  # an unexpected error of any other kind
 ]
@@ -78,6 +80,8 @@ MESSAGES = {
                        "file, an image URL or cached content), and this plan reserves strictly: the model has no "
                        "context_window to bound it. Send the input itself, or ask the operator to set one.",
     "counters_unavailable": "The policy service cannot reach its counters.",
+    "provider_credentials_refused": "The model provider refused this gateway's own credentials. This is not a "
+                                    "problem with your API key; the gateway's operator must fix it.",
     "unavailable": "The policy service cannot reach a store it needs; try again.",
     "internal": "The policy service failed to decide this request; the details are in its log.",
 }

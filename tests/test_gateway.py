@@ -949,3 +949,27 @@ def test_speech_to_text_under_a_strict_plan_reserves_what_the_bytes_can_hold(gat
                            "content-type": "application/json"}, b'{"model": "whisper-1"}')
     assert (code, reply["error"]["code"]) == (400, "invalid_request")
     assert gateway.wallet("e2e-voice-strict") == before
+
+
+def test_a_provider_refusing_the_gateways_credentials_is_not_blamed_on_the_customers_key(gateway: Gateway) -> None:
+    """The provider's 401 or 403 concern the operator's credentials: the customer gets policyd's 502
+    provider_credentials_refused (not an AuthenticationError about their own key, not the ends of the
+    operator's key, not its project), the hold is released, nothing is charged; policyd's own 401 stands."""
+    key = gateway.customer("e2e-upstream-auth", credit="1")
+    client = gateway.client(key)
+    for scenario in ("unauthorized", "forbidden"):
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=5, extra_headers={"x-mock-scenario": scenario})
+        error = refused.value
+        assert (error.status_code, error.code, error.type) == (502, "provider_credentials_refused", "server_error")
+        assert error.response.headers["x-should-retry"] == "false"
+        assert "sk-proj" not in error.response.text and "proj_Operator" not in error.response.text
+        record = gateway.record(error.response.headers["x-policyd-request-id"])
+        assert (record["status"], record["close_reason"], record["charge_nanos"]) == (
+            "released", {"unauthorized": "upstream_401", "forbidden": "upstream_403"}[scenario], 0)
+    wallet = gateway.wallet("e2e-upstream-auth")
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("1"), 0)
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client("pdk_live_" + "Q" * 40).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])

@@ -369,3 +369,19 @@ def test_speech_to_text_is_charged_and_a_downgrade_rewrites_the_form(gateway: Ex
         "gpt-4o-mini-transcribe", 20, 20)
     sent = [r for r in gateway.mock.received() if r["path"].endswith("/audio/transcriptions")][-1]
     assert (sent["body"]["model"], sent["body"]["file_bytes"]) == ("gpt-4o-mini-transcribe", len(wav(2)))
+
+
+def test_a_provider_refusing_the_gateways_credentials_is_not_blamed_on_the_customers_key(gateway: ExampleGateway) -> None:
+    key = gateway.customer("mw-upstream-auth", credit="1")
+    for scenario in ("unauthorized", "forbidden"):
+        with pytest.raises(openai.APIStatusError) as refused:
+            gateway.client(key).chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                extra_headers={"x-mock-scenario": scenario})
+        error = refused.value
+        assert (error.status_code, error.code) == (502, "provider_credentials_refused")
+        assert "sk-proj" not in error.response.text and "proj_Operator" not in error.response.text
+        record = gateway.record(error.response.headers["x-policyd-request-id"])
+        assert (record["status"], record["close_reason"]) == ("released", f"upstream_{403 if scenario == 'forbidden' else 401}")
+    wallet = gateway.wallet("mw-upstream-auth")
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("1"), 0)
