@@ -16,6 +16,7 @@ ENDPOINTS = (
     "completions",
     "audio_speech",
     "audio_transcriptions",
+    "moderations",
 )
 
 

@@ -90,6 +90,9 @@ def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
 
 
+FREE_ENDPOINTS = frozenset({"moderations"})  # free at the provider: admitted as token counts are
+
+
 @dataclass
 class _Plan:
     """What one attempt at a reservation is made of."""
@@ -184,7 +187,7 @@ class Engine:
 
     # ------------------------------------------------------------------ authorize
     async def authorize(self, request: AuthorizeInput, unavailable_providers: frozenset[str] = frozenset()) -> Decision:
-        if request.count_tokens:
+        if request.count_tokens or request.endpoint in FREE_ENDPOINTS:
             return await self.admit_token_count(request)
         started = time.perf_counter()
         decision = await self._authorize(request, unavailable_providers)
@@ -357,7 +360,8 @@ class Engine:
 
     async def admit_token_count(self, request: AuthorizeInput) -> Decision:
         """A request that only counts tokens, free at the provider (Anthropic's count_tokens, Gemini's
-        countTokens, OpenAI's input_tokens; clients such as Claude Code send many). The key, its state,
+        countTokens, OpenAI's input_tokens; clients such as Claude Code send many), or another free call
+        (OpenAI's moderations). The key, its state,
         the plan, the endpoint and the model are checked as for a model call; nothing is reserved,
         counted against a limit or charged. An allowed one leaves no record and nothing to settle; a
         denied one is recorded as every denial is."""

@@ -19,6 +19,8 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
     POST .../v1/messages/count_tokens | .../v1/responses/input_tokens | .../models/M:countTokens
                                           token counts: free at the provider, so the key, plan and
                                           model are checked and nothing is reserved or charged
+    POST .../v1/moderations               moderations (free too, the same way; the model defaults to
+                                          omni-moderation-latest, as OpenAI's does)
 
 Azure OpenAI's paths name the deployment (the model, as policyd's policy names it) in the path:
     POST .../openai/deployments/D/chat/completions | completions | embeddings | images/generations |
@@ -59,10 +61,12 @@ _PATHS = [
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent"
                      r"|countTokens)$")
-_TOKEN_COUNTS = [
+_TOKEN_COUNTS = [  # and other calls free at the provider
     (re.compile(r"(^|/)v1/messages/count_tokens/?$"), "anthropic_messages"),
     (re.compile(r"(^|/)v1/responses/input_tokens/?$"), "responses"),
+    (re.compile(r"(^|/)v1/moderations/?$"), "moderations"),
 ]
+MODERATION_MODEL_DEFAULT = "omni-moderation-latest"
 _AZURE_OPERATIONS = {"chat/completions": "chat_completions", "completions": "completions",
                      "embeddings": "embeddings", "images/generations": "images", "audio/speech": "audio_speech",
                      "audio/transcriptions": "audio_transcriptions", "audio/translations": "audio_transcriptions"}
@@ -368,7 +372,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if _depth(data) > JSON_DEPTH_MAX:
         return _problem(call, "invalid_request", f"the request body nests deeper than {JSON_DEPTH_MAX} levels")
     call.body = data
-    model = path_model or data.get("model")
+    model = path_model or data.get("model") or (MODERATION_MODEL_DEFAULT if endpoint == "moderations" else None)
     if not isinstance(model, str) or not model:
         return _problem(call, "invalid_request", "you must provide a model parameter", "model")
     call.model, call.model_in_path = model, bool(path_model)

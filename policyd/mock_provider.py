@@ -174,6 +174,9 @@ class MockProvider:
         if route.endswith("/audio/speech"):  # "audio": a few bytes a character
             return h._json(200, b"ID3" + bytes(AUDIO_BYTES_PER_CHARACTER * len(str(body.get("input", "")))),
                            content_type="audio/mpeg")
+        if route.endswith("/v1/moderations"):  # free
+            return h._json(200, {"id": "modr-mock", "model": model or "omni-moderation-latest",
+                                 "results": [{"flagged": False, "categories": {}, "category_scores": {}}]})
         if route.endswith("/v1/messages/count_tokens"):  # token counts: what each provider answers
             return h._json(200, {"input_tokens": p_tokens})
         if route.endswith("/v1/responses/input_tokens"):

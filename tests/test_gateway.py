@@ -485,7 +485,8 @@ def test_models_listing_shows_what_the_key_may_use(gateway: Gateway) -> None:
     free = gateway.client(gateway.customer("e2e-models", plan="free"))
     assert sorted(m.id for m in free.models.list()) == ["gpt-4o-mini"]
     pro = gateway.client(gateway.customer("e2e-models-pro"))
-    assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "gpt-4o", "gpt-4o-mini", "gpt-image-1", "tts-1"]
+    assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "gpt-4o", "gpt-4o-mini", "gpt-image-1",
+                                                      "omni-moderation-latest", "tts-1"]
 
 
 def key_summary(base_url: str, api_key: str) -> tuple[int, dict[str, Any]]:
@@ -973,3 +974,18 @@ def test_a_provider_refusing_the_gateways_credentials_is_not_blamed_on_the_custo
     with pytest.raises(openai.AuthenticationError):
         gateway.client("pdk_live_" + "Q" * 40).chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_moderations_are_free_but_need_a_key_that_may_use_the_model(gateway: Gateway) -> None:
+    """OpenAI's moderations cost nothing: checked like a model call (the key, the plan's models), sent with the
+    provider's credential, nothing reserved, charged or recorded, even with an empty wallet."""
+    key = gateway.customer("e2e-moderation", credit="")
+    moderation = gateway.client(key).moderations.create(input="is this fine?")
+    assert moderation.results[0].flagged is False
+    sent = [r for r in gateway.mock.received() if r["path"].endswith("/v1/moderations")][-1]
+    assert sent["authorization"] != f"Bearer {key}" and sent["body"]["input"] == "is this fine?"
+    assert gateway.records("e2e-moderation") == []
+    free = gateway.client(gateway.customer("e2e-moderation-free", plan="free", credit=""))
+    with pytest.raises(openai.PermissionDeniedError):
+        free.moderations.create(input="the free plan lists no moderation model")
+    assert [r.reason for r in gateway.records("e2e-moderation-free")] == ["model_not_allowed"]

@@ -350,7 +350,8 @@ def test_models_listing_shows_what_the_key_may_use(gateway: ExampleGateway) -> N
     free = gateway.client(gateway.customer("mw-models", plan="free"))
     assert sorted((m.id, m.owned_by) for m in free.models.list()) == [("gpt-4o-mini", "openai")]
     pro = gateway.client(gateway.customer("mw-models-pro"))
-    assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "gpt-4o", "gpt-4o-mini", "gpt-image-1", "tts-1"]
+    assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "gpt-4o", "gpt-4o-mini", "gpt-image-1",
+                                                      "omni-moderation-latest", "tts-1"]
     with pytest.raises(openai.AuthenticationError):
         gateway.client("pdk_live_" + "Q" * 40).models.list()
     assert "/v1/models" not in json.dumps([r["path"] for r in gateway.mock.received()])
@@ -385,3 +386,10 @@ def test_a_provider_refusing_the_gateways_credentials_is_not_blamed_on_the_custo
         assert (record["status"], record["close_reason"]) == ("released", f"upstream_{403 if scenario == 'forbidden' else 401}")
     wallet = gateway.wallet("mw-upstream-auth")
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("1"), 0)
+
+
+def test_moderations_are_free_but_checked(gateway: ExampleGateway) -> None:
+    key = gateway.customer("mw-moderation", credit="")
+    assert gateway.client(key).moderations.create(input="fine?").results[0].flagged is False
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client("pdk_live_" + "Q" * 40).moderations.create(input="fine?")

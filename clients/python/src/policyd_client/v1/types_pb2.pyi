@@ -19,6 +19,7 @@ class EndpointFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPLETIONS: _ClassVar[EndpointFamily]
     AUDIO_SPEECH: _ClassVar[EndpointFamily]
     AUDIO_TRANSCRIPTIONS: _ClassVar[EndpointFamily]
+    MODERATIONS: _ClassVar[EndpointFamily]
 ENDPOINT_FAMILY_UNSPECIFIED: EndpointFamily
 CHAT_COMPLETIONS: EndpointFamily
 RESPONSES: EndpointFamily
@@ -29,6 +30,7 @@ GEMINI_GENERATE_CONTENT: EndpointFamily
 COMPLETIONS: EndpointFamily
 AUDIO_SPEECH: EndpointFamily
 AUDIO_TRANSCRIPTIONS: EndpointFamily
+MODERATIONS: EndpointFamily
 
 class Money(_message.Message):
     __slots__ = ("currency", "nanos")
