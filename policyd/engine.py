@@ -492,9 +492,10 @@ class Engine:
     def _input_bounded(policy: Policy, plan: Plan, model: str, shape: Shape) -> bool:
         """Whether a strict plan can bound this request's input on this model: input the request only
         refers to (a previous response, a file, an image URL...) is bounded by the model's context window
-        alone."""
+        alone, unless the model bills no input tokens (an image model priced by the image)."""
         price = policy.model(model)
-        return plan.reservation != "strict" or not shape.unseen_input or bool(price and price.context_window)
+        return plan.reservation != "strict" or not shape.unseen_input or bool(price and price.context_window) \
+            or bool(price and not price.input)
 
     @staticmethod
     def _route_around(policy: Policy, plan: Plan, scopes: tuple[str, ...], environment: str, model: str,

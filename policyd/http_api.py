@@ -6,6 +6,9 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
     POST .../v1/responses                 responses
     POST .../v1/embeddings                embeddings
     POST .../v1/images/generations        images
+    POST .../v1/images/edits | .../v1/images/variations
+                                          images too, from a multipart/form-data body: the input images
+                                          are input the text does not bound (unseen_input)
     POST .../v1/messages                  anthropic_messages
     POST .../v1beta/models/M:generateContent | :streamGenerateContent   gemini_generate_content
     POST .../v1/completions               completions (legacy text completions)
@@ -53,7 +56,7 @@ _PATHS = [
     (re.compile(r"(^|/)v1/chat/completions/?$"), "chat_completions"),
     (re.compile(r"(^|/)v1/responses/?$"), "responses"),
     (re.compile(r"(^|/)v1/embeddings/?$"), "embeddings"),
-    (re.compile(r"(^|/)v1/images/generations/?$"), "images"),
+    (re.compile(r"(^|/)v1/images/(generations|edits|variations)/?$"), "images"),
     (re.compile(r"(^|/)v1/messages/?$"), "anthropic_messages"),
     (re.compile(r"(^|/)v1/completions/?$"), "completions"),
     (re.compile(r"(^|/)v1/audio/speech/?$"), "audio_speech"),
@@ -68,10 +71,11 @@ _TOKEN_COUNTS = [  # and other calls free at the provider
 ]
 MODERATION_MODEL_DEFAULT = "omni-moderation-latest"
 _AZURE_OPERATIONS = {"chat/completions": "chat_completions", "completions": "completions",
-                     "embeddings": "embeddings", "images/generations": "images", "audio/speech": "audio_speech",
+                     "embeddings": "embeddings", "images/generations": "images", "images/edits": "images",
+                     "audio/speech": "audio_speech",
                      "audio/transcriptions": "audio_transcriptions", "audio/translations": "audio_transcriptions"}
 _AZURE = re.compile(r"(^|/)openai/deployments/(?P<model>[^/]+)/(?P<operation>chat/completions|completions|embeddings"
-                    r"|images/generations|audio/speech|audio/transcriptions|audio/translations)/?$")
+                    r"|images/generations|images/edits|audio/speech|audio/transcriptions|audio/translations)/?$")
 _AZURE_RESPONSES = re.compile(r"(^|/)openai/responses/?$")
 _MODELS = re.compile(r"(^|/)v1/models/?$")
 _KEY_SUMMARY = re.compile(r"(^|/)v1/key/?$")
@@ -359,6 +363,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "request_too_large", f"the request body is larger than {REQUEST_BODY_BYTES_MAX} bytes")
     if endpoint == "audio_transcriptions":
         return _speech_to_text(call, headers.get("content-type", ""), body, path_model)
+    if endpoint == "images" and MultipartForm.boundary_of(headers.get("content-type", "")) is not None:
+        return _image_form(call, headers["content-type"], body, path_model)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -436,6 +442,33 @@ def _speech_to_text(call: HttpCall, content_type: str, body: bytes, path_model: 
     call.message_count = 1
     call.seconds = wav_seconds(audio.content)
     call.audio_bytes = 0 if call.seconds else len(audio.content)
+    return call
+
+
+IMAGE_FORM_MODEL_DEFAULT = "dall-e-2"  # the model of an image edit or variation that names none, as OpenAI's
+
+
+def _image_form(call: HttpCall, content_type: str, body: bytes, path_model: str) -> HttpCall:
+    """An image edit or variation: a multipart/form-data body with the input image(s), a mask, and fields."""
+    try:
+        form = MultipartForm.parse(body, MultipartForm.boundary_of(content_type) or "")
+    except MultipartError as error:
+        return _problem(call, "invalid_request", f"the multipart body cannot be read: {error}")
+    images = [p for p in form.parts if p.filename is not None and p.name in ("image", "image[]", "mask")]
+    if not any(p.name != "mask" and p.content for p in images):
+        return _problem(call, "invalid_request", "the input image must be sent as the `image` part", "image")
+    call.body, call.model_in_path = form, bool(path_model)
+    call.model = path_model or (form.field("model") or "").strip() or IMAGE_FORM_MODEL_DEFAULT
+    n = (form.field("n") or "1").strip()
+    if not n.isdigit() or not 1 <= int(n) <= 10:
+        return _problem(call, "invalid_request", "n must be a whole number from 1 to 10", "n")
+    call.image_count = int(n)
+    call.stream = (form.field("stream") or "").strip().lower() == "true"
+    call.prompt_bytes = len((form.field("prompt") or "").encode("utf-8"))
+    call.message_count = 1
+    call.unseen_input = True  # the input images' tokens (a model priced by them): no text bounds them
+    if not call.attribution.end_user_id and form.field("user"):
+        call.attribution = replace(call.attribution, end_user_id=(form.field("user") or "")[:256])
     return call
 
 

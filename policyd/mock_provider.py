@@ -136,6 +136,9 @@ class MockProvider:
                 body = {p.name: p.content.decode("utf-8", "replace") for p in form.parts if p.filename is None}
                 audio = form.file("file").content if form.file("file") else b""
                 body["file_bytes"] = len(audio)
+                body["images_in"] = sum(1 for p in form.parts if p.filename is not None and p.name in ("image", "image[]"))
+                if "n" in body and body["n"].isdigit():
+                    body["n"] = int(body["n"])
             else:
                 body = json.loads(raw or b"{}")
         except (ValueError, MultipartError):
@@ -189,14 +192,16 @@ class MockProvider:
                                 sse="alt=sse" in h.path)
         anthropic = route.endswith("/v1/messages")
         legacy = route.endswith("/completions") and not route.endswith("/chat/completions")  # text completions
-        if route.endswith("/images/generations"):  # per image; gpt-image models report tokens too
+        if route.endswith(("/images/generations", "/images/edits", "/images/variations")):
+            # per image; gpt-image models report tokens too (an edit's input images: 323 tokens each)
             n = body.get("n") if isinstance(body.get("n"), int) and body["n"] > 0 else 1
             reply: dict[str, Any] = {"created": 0, "data": [{"b64_json": "iVBORw0KGgo="}] * n}
-            if str(model).startswith("gpt-image"):
+            if str(model or "dall-e-2").startswith("gpt-image"):
                 per_image = IMAGE_TOKENS.get(body.get("quality"), IMAGE_TOKENS["medium"])
-                reply["usage"] = {"input_tokens": p_tokens, "output_tokens": per_image * n,
-                                  "total_tokens": p_tokens + per_image * n,
-                                  "input_tokens_details": {"text_tokens": p_tokens, "image_tokens": 0}}
+                seen = 323 * body.get("images_in", 0)
+                reply["usage"] = {"input_tokens": p_tokens + seen, "output_tokens": per_image * n,
+                                  "total_tokens": p_tokens + seen + per_image * n,
+                                  "input_tokens_details": {"text_tokens": p_tokens, "image_tokens": seen}}
             return h._json(200, reply)
         if route.endswith("/embeddings"):  # a vector of `dimensions` (default 2) for each input
             inputs = body.get("input") if isinstance(body.get("input"), list) and body["input"] else [""]

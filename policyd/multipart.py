@@ -86,7 +86,11 @@ class MultipartForm:
         return None
 
     def with_field(self, name: str, value: str) -> "MultipartForm":
-        """The form with the value of plain field `name` replaced (every field of that name)."""
+        """The form with the value of plain field `name` replaced (every field of that name), or added first
+        when it has none (a model the provider would otherwise default)."""
+        if self.field(name) is None:
+            added = Part(f'Content-Disposition: form-data; name="{name}"'.encode(), name, None, value.encode())
+            return replace(self, parts=(added, *self.parts))
         return replace(self, parts=tuple(replace(p, content=value.encode()) if p.name == name and p.filename is None
                                          else p for p in self.parts))
 

@@ -371,6 +371,33 @@ def test_token_priced_images_are_reserved_at_their_most_and_charged_their_tokens
     assert record["reserved_nanos"] >= price_quantity(2 * 6240, parse_amount("40.00")) * 12 // 10  # the most, twice
 
 
+def test_image_edits_and_variations_are_charged_like_generations(gateway: Gateway) -> None:
+    """images.edit and images.create_variation send multipart forms: gpt-image-1 is charged the tokens of
+    its input images and prompt and of the images it made; dall-e-2 by the image."""
+    client = gateway.client(gateway.customer("e2e-image-edit"))
+    png = b"\x89PNG\r\n\x1a\n" + bytes(2000)
+    raw = client.images.with_raw_response.edit(model="gpt-image-1", image=[("a.png", png), ("b.png", png)],
+                                               prompt="make the ledger blue", n=2, quality="low")
+    edit = raw.parse()
+    assert len(edit.data) == 2 and edit.usage.input_tokens_details.image_tokens == 2 * 323
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["endpoint"], record["status"], record["error_class"]) == ("images", "settled", "")
+    assert (record["input_tokens"], record["output_tokens"]) == (edit.usage.input_tokens, edit.usage.output_tokens)
+    cost = price_quantity(edit.usage.input_tokens, parse_amount("5.00")) + \
+        price_quantity(edit.usage.output_tokens, parse_amount("40.00"))
+    assert record["charge_nanos"] == -(-cost * 12_000 // 10_000)
+    with pytest.warns(DeprecationWarning):  # the SDK marks variations deprecated; the endpoint still serves
+        raw = client.images.with_raw_response.create_variation(image=("c.png", png), n=3)  # dall-e-2: the default
+    assert len(raw.parse().data) == 3
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["served_model"], record["charge_nanos"]) == ("dall-e-2", 3 * parse_amount("0.02") * 12 // 10)
+    code, _, reply = post(f"{gateway.base_url}/images/edits",
+                          {"authorization": f"Bearer {gateway.customer('e2e-image-edit', credit='')}",
+                           "content-type": "multipart/form-data; boundary=x"},
+                          b'--x\r\ncontent-disposition: form-data; name="prompt"\r\n\r\nno image\r\n--x--\r\n')
+    assert (code, reply["error"]["param"]) == (400, "image")
+
+
 def test_gemini_is_charged_in_every_stream_format_and_a_downgrade_reaches_the_path(gateway: Gateway) -> None:
     """Gemini's REST API: the key as x-goog-api-key or ?key=, the model in the path; generateContent, its
     stream as SSE (alt=sse) and as the JSON array it is without; a downgrade rewrites the path, or Google
@@ -485,8 +512,8 @@ def test_models_listing_shows_what_the_key_may_use(gateway: Gateway) -> None:
     free = gateway.client(gateway.customer("e2e-models", plan="free"))
     assert sorted(m.id for m in free.models.list()) == ["gpt-4o-mini"]
     pro = gateway.client(gateway.customer("e2e-models-pro"))
-    assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "gpt-4o", "gpt-4o-mini", "gpt-image-1",
-                                                      "omni-moderation-latest", "tts-1"]
+    assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "dall-e-2", "gpt-4o", "gpt-4o-mini",
+                                                      "gpt-image-1", "omni-moderation-latest", "tts-1"]
 
 
 def key_summary(base_url: str, api_key: str) -> tuple[int, dict[str, Any]]:

@@ -350,8 +350,8 @@ def test_models_listing_shows_what_the_key_may_use(gateway: ExampleGateway) -> N
     free = gateway.client(gateway.customer("mw-models", plan="free"))
     assert sorted((m.id, m.owned_by) for m in free.models.list()) == [("gpt-4o-mini", "openai")]
     pro = gateway.client(gateway.customer("mw-models-pro"))
-    assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "gpt-4o", "gpt-4o-mini", "gpt-image-1",
-                                                      "omni-moderation-latest", "tts-1"]
+    assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "dall-e-2", "gpt-4o", "gpt-4o-mini",
+                                                      "gpt-image-1", "omni-moderation-latest", "tts-1"]
     with pytest.raises(openai.AuthenticationError):
         gateway.client("pdk_live_" + "Q" * 40).models.list()
     assert "/v1/models" not in json.dumps([r["path"] for r in gateway.mock.received()])
