@@ -412,6 +412,17 @@ class Counters:
             return "stale"
         return _text(status)
 
+    async def remember_response(self, customer_id: str, response_id: str, where: str, seconds: int) -> None:
+        """That the provider stored this response for this customer (`where`: its provider and route)."""
+        await self.client.set(redis_keys.stored_response(self.partition_of(customer_id), customer_id, response_id),
+                              where, ex=seconds)
+
+    async def stored_response(self, customer_id: str, response_id: str) -> str | None:
+        """Where a response this customer made is stored, or None when it made no such response."""
+        raw = await self.client.get(redis_keys.stored_response(self.partition_of(customer_id), customer_id,
+                                                                 response_id))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
     async def wallet(self, customer_id: str) -> tuple[int, int]:
         raw = await self.client.hmget(redis_keys.wallet(self.partition_of(customer_id), customer_id), "balance", "reserved")
         return int(raw[0] or 0), int(raw[1] or 0)

@@ -72,6 +72,7 @@ class AuthorizeInput:
     client_address: str = ""
     user_agent: str = ""
     count_tokens: bool = False  # the request only counts tokens: free, nothing reserved (Engine.admit_token_count)
+    stored_response: str = ""  # the request reads or deletes this stored response (free: Engine.admit_stored_response)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class Decision:
     max_output_tokens: int = 0
     reservation_expires_ms: int = 0
     shadow_denials: tuple[str, ...] = ()
+    account: str = ""  # the provider account to serve it on ("" = any of the provider's): a stored response's
 
     @property
     def allowed(self) -> bool:
@@ -137,6 +139,7 @@ class UsageReport:
     latency_ms: int = 0
     stream_interrupted: bool = False
     provider_account: str = ""
+    provider_response_id: str = ""  # the id of a response the provider stored (the Responses API's)
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,8 @@ def new_request_id() -> str:
 
 
 FREE_ENDPOINTS = frozenset({"moderations"})  # free at the provider: admitted as token counts are
+STORED_RESPONSE_SECONDS = 30 * 86400  # how long the provider keeps a stored response (OpenAI: 30 days)
+STORED_RESPONSE_RECHECK_SECONDS = 0.5
 
 
 @dataclass
@@ -187,6 +189,8 @@ class Engine:
 
     # ------------------------------------------------------------------ authorize
     async def authorize(self, request: AuthorizeInput, unavailable_providers: frozenset[str] = frozenset()) -> Decision:
+        if request.stored_response:
+            return await self.admit_stored_response(request)
         if request.count_tokens or request.endpoint in FREE_ENDPOINTS:
             return await self.admit_token_count(request)
         started = time.perf_counter()
@@ -395,6 +399,52 @@ class Engine:
             await self._record_denial(request, owner, policy, plan, at, started, base, reason)
             decision = self._deny(common, reason, param=param)
         metrics.decisions.labels(decision.decision, decision.reason or "token_count").inc()
+        return decision
+
+    async def admit_stored_response(self, request: AuthorizeInput) -> Decision:
+        """A request that reads, deletes or cancels a response the provider stored (the Responses API's
+        GET/DELETE /v1/responses/{id}, its input_items, its cancel): free at the provider. The key, its state
+        and the plan's responses endpoint are checked; the response must be one made under the key's
+        customer (a miss is looked for once more a moment later: the reply that made it may still be
+        settling), else response_not_found (404, as the provider says of an id it does not know). Served
+        on the provider account that stored it; recorded only when refused."""
+        started = time.perf_counter_ns()
+        at = self.clock()
+        request_id = request.attribution.request_id or new_request_id()
+        base = {"request_id": request_id, "requested_model": "", "served_model": ""}
+        screened = await self._screen(request, at, started, base)
+        if isinstance(screened, Decision):
+            return screened
+        key, status = await self._key_in_force(screened, at)
+        if key is None:
+            return await self._deny_unowned(request, at, started, base, "invalid_api_key")
+        owner = _owner_of(key)
+        policy = self.book.current
+        plan = policy.plan(key.plan) if policy else None
+        reason = KEY_STATE_DENIALS.get(status, "")
+        if not reason and (policy is None or plan is None):
+            reason = "unknown_plan" if policy else "no_policy"
+        elif not reason and plan is not None and "responses" not in plan.endpoints:
+            reason = "endpoint_not_allowed"
+        where = None
+        if not reason:
+            where = await self.counters.stored_response(owner.customer_id, request.stored_response)
+            if where is None:
+                await asyncio.sleep(STORED_RESPONSE_RECHECK_SECONDS)
+                where = await self.counters.stored_response(owner.customer_id, request.stored_response)
+            if where is None:
+                reason = "response_not_found"
+        provider, route, account = (where.split("\t") + ["", "", ""])[:3] if where else ("", "", "")
+        common = dict(base, owner=owner, provider=provider, route=route, account=account,
+                      policy_version=policy.version if policy else 0,
+                      price_table_version=policy.document.price_table.version if policy else "",
+                      currency=policy.document.currency if policy else "")
+        if reason:
+            await self._record_denial(request, owner, policy, plan, at, started, base, reason)
+            decision = self._deny(common, reason)
+        else:
+            decision = Decision(decision="allow", **common)
+        metrics.decisions.labels(decision.decision, decision.reason or "stored_response").inc()
         return decision
 
     async def models_for(self, api_key: str) -> tuple[list[tuple[str, str]], Decision | None]:
@@ -801,15 +851,28 @@ class Engine:
                                      "this request was released; it cannot be settled", asdict(report))
         if result.outcome == "unknown":
             raise await self._missing(report.request_id, "settle", asdict(report))
+        if report.provider_response_id:
+            await self._remember_response(r["customer_id"], report.provider_response_id,
+                                          report.provider or price.provider, price.upstream, report.provider_account)
         return Settlement(
             outcome=result.outcome, request_id=report.request_id, cost=cost, charge=charge,
             balance_before=result.balance_before, balance_after=result.balance_after, currency=r["currency"],
             price_table_version=r["price_table_version"], served_model=served,
         )
 
+    async def _remember_response(self, customer_id: str, response_id: str, provider: str, route: str,
+                                 account: str) -> None:
+        """That the provider stored this response for this customer, on this account: its customer may read,
+        delete or cancel it (admit_stored_response), no other may. The charge stands if this fails."""
+        try:
+            await self.counters.remember_response(customer_id, response_id, "\t".join((provider, route, account)),
+                                                  STORED_RESPONSE_SECONDS)
+        except Exception:
+            log.exception("could not remember stored response %s of %s", response_id[:64], customer_id)
+
     async def settle_estimated(self, request_id: str, output_tokens: int, *, interrupted: bool, error_class: str,
                                upstream_status: int = 0, provider: str = "", provider_account: str = "",
-                               reported: Tokens | None = None) -> Settlement:
+                               reported: Tokens | None = None, provider_response_id: str = "") -> Settlement:
         """Charge a request whose provider reported no usage of its whole output (a cut stream, a
         disconnect, a reply without usage): output as counted from what was delivered (at most the
         reserved cap of every choice); input as the provider reported it (`reported`: Anthropic does at
@@ -834,7 +897,7 @@ class Engine:
             audio_input_tokens=min(audio_tokens, input_tokens),
             output_tokens=min(output_tokens, cap) if cap else output_tokens,
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,
-            provider_account=provider_account,
+            provider_account=provider_account, provider_response_id=provider_response_id,
         ), reservation)
 
     async def _missing(self, request_id: str, action: str, detail: dict[str, Any]) -> PolicydError:

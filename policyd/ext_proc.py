@@ -328,9 +328,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 request_id=exchange.request_id, **reader.tokens.fields(), images=reader.images,
                 served_model=exchange.served_model, upstream_status=status, stream_interrupted=end.interrupted,
                 requests=exchange.attempts, retries=exchange.attempts - 1, provider_account=exchange.account,
+                provider_response_id=reader.response_id,
             ))
         else:
             await self.engine.settle_estimated(exchange.request_id, reader.estimated_output_tokens(),
                                                interrupted=end.interrupted, error_class=end.reason,
                                                upstream_status=status, provider_account=exchange.account,
-                                               reported=reader.tokens)
+                                               reported=reader.tokens, provider_response_id=reader.response_id)

@@ -94,6 +94,7 @@ class PolicydMiddleware:
                 message_count=call.message_count, max_output_tokens=call.max_output_tokens, stream=call.stream,
                 image_count=call.image_count, choices=call.choices, input_tokens=call.input_tokens,
                 web_searches=call.web_searches, service_tier=call.service_tier, count_tokens=call.count_tokens,
+                stored_response_id=call.stored_response,
                 unseen_input=call.unseen_input,
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
                 **_attribution(call))
@@ -235,12 +236,12 @@ class PolicydMiddleware:
                 await self.policy.settle(
                     exchange.request_id, **reader.tokens.fields(), images=reader.images,
                     served_model=exchange.served_model, upstream_status=exchange.status,
-                    stream_interrupted=end.interrupted)
+                    stream_interrupted=end.interrupted, provider_response_id=reader.response_id)
             else:  # output from what was delivered; the rest as the provider reported it before the cut
                 await self.policy.settle(
                     exchange.request_id, **{**reader.tokens.fields(), "output_tokens": reader.estimated_output_tokens()},
                     usage_estimated=True, stream_interrupted=end.interrupted, error_class=end.reason,
-                    upstream_status=exchange.status)
+                    upstream_status=exchange.status, provider_response_id=reader.response_id)
         except PolicydCallError as error:
             # policyd refused or could not be reached: the reservation expires and is voided
             log.warning("closing %s: %s", exchange.request_id, error.reason)

@@ -19,6 +19,9 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
                                           seconds, other formats' size bounds them)
     GET  .../v1/models                    the models the key may use (answered by policyd)
     GET  .../v1/key                       what the key may still spend: its wallet, its limits (answered by policyd)
+    GET | DELETE .../v1/responses/{id}, GET .../input_items, POST .../cancel
+                                          a response the provider stored, free: only its own customer's
+                                          keys reach it, on the account that stored it
     POST .../v1/messages/count_tokens | .../v1/responses/input_tokens | .../models/M:countTokens
                                           token counts: free at the provider, so the key, plan and
                                           model are checked and nothing is reserved or charged
@@ -77,6 +80,9 @@ _AZURE_OPERATIONS = {"chat/completions": "chat_completions", "completions": "com
 _AZURE = re.compile(r"(^|/)openai/deployments/(?P<model>[^/]+)/(?P<operation>chat/completions|completions|embeddings"
                     r"|images/generations|images/edits|audio/speech|audio/transcriptions|audio/translations)/?$")
 _AZURE_RESPONSES = re.compile(r"(^|/)openai/responses/?$")
+# a response the provider stored: read (GET), deleted (DELETE), its input items (GET), cancelled (POST)
+_STORED_RESPONSE_METHODS = {"": ("GET", "DELETE"), "/input_items": ("GET",), "/cancel": ("POST",)}
+_STORED_RESPONSE = re.compile(r"(^|/)(v1|openai)/responses/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/input_items|/cancel)?/?$")
 _MODELS = re.compile(r"(^|/)v1/models/?$")
 _KEY_SUMMARY = re.compile(r"(^|/)v1/key/?$")
 
@@ -120,6 +126,7 @@ class HttpCall:
     model: str = ""
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment): a downgrade rewrites it
     count_tokens: bool = False  # a token count of the endpoint family (free: nothing reserved or charged)
+    stored_response: str = ""  # ... or a stored response read, deleted or cancelled (free too)
     stream: bool = False
     body: dict[str, Any] | MultipartForm | None = None  # JSON, or a speech-to-text request's form
     max_output_tokens: int = 0
@@ -150,6 +157,7 @@ class HttpCall:
                         service_tier=self.service_tier, unseen_input=self.unseen_input, seconds=self.seconds,
                         audio_bytes=self.audio_bytes),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
+            stored_response=self.stored_response,
         )
 
 
@@ -162,6 +170,7 @@ class Endpoint:
     models_listing: bool = False
     key_summary: bool = False
     count_tokens: bool = False
+    stored_response: str = ""  # the id of a stored response the request reads, deletes or cancels
 
 
 def endpoint_of(method: str, path: str) -> Endpoint:
@@ -185,6 +194,10 @@ def endpoint_of(method: str, path: str) -> Endpoint:
                         count_tokens=gemini.group("verb") == "countTokens")
     if _AZURE_RESPONSES.search(path):
         return Endpoint("responses")
+    stored = _STORED_RESPONSE.search(path)
+    if stored and stored.group("id") != "input_tokens" and \
+            method.upper() in _STORED_RESPONSE_METHODS[stored.group("rest") or ""]:
+        return Endpoint("responses", count_tokens=True, stored_response=stored.group("id"))
     return Endpoint()
 
 
@@ -348,6 +361,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     endpoint, path_model, listing = named.family, named.model, named.models_listing
     call.endpoint, call.models_listing, call.count_tokens = endpoint, listing, named.count_tokens
     call.key_summary = named.key_summary
+    call.stored_response = named.stored_response
     call.attribution = _attribution(headers)
     forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
     call.client_address = forwarded or client_address
@@ -356,6 +370,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "request_headers_too_large", f"the request headers are larger than "
                         f"{REQUEST_HEADERS_BYTES_MAX // 1024} KiB or more than {REQUEST_HEADERS_COUNT_MAX} headers")
     if listing or call.key_summary:
+        return call
+    if call.stored_response:  # no body to read: the id is in the path
         return call
     if not endpoint:
         return _problem(call, "unknown_endpoint", f"policyd does not know the endpoint {method} {path[:200]}", "path")

@@ -14,6 +14,7 @@ min(the request's output cap, 12). `GET /_mock/requests` lists what it received 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 from policyd.audio import wav_seconds
 from policyd.multipart import MultipartError, MultipartForm
 
+STORED_RESPONSE_PATH = re.compile(r"/v1/responses/(?P<id>resp_[^/]+)(?P<rest>/input_items|/cancel)?$")
 WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
 COMPLETION_TOKENS_MAX = len(WORDS)
 
@@ -66,6 +68,8 @@ class MockProvider:
         self.api_keys = set(api_keys)
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
+        self.stored: dict[str, tuple[dict[str, Any], Any]] = {}  # stored responses: id -> (reply, input)
+        self.response_ids = itertools.count(1)
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -78,8 +82,13 @@ class MockProvider:
                 if self.path == "/_mock/requests":
                     with provider.lock:
                         self._json(200, provider.requests)
+                elif "/responses/" in self.path:
+                    provider.handle(self)
                 else:
                     self._json(404, {"error": {"type": "not_found", "message": "no such path"}})
+
+            def do_DELETE(self) -> None:
+                provider.handle(self)
 
             def do_POST(self) -> None:
                 provider.handle(self)
@@ -167,6 +176,9 @@ class MockProvider:
         if scenario == "stall":
             time.sleep(30)
         route = h.path.split("?")[0].rstrip("/")
+        stored = STORED_RESPONSE_PATH.search(route)
+        if stored:
+            return self._stored_response(h, stored.group("id"), stored.group("rest") or "", h.command)
         deployment = route.split("/openai/deployments/", 1)[1].split("/", 1)[0] if "/openai/deployments/" in route else ""
         model = deployment or body.get("model", "")  # Azure OpenAI serves the deployment the path names
         p_tokens = prompt_tokens(body)
@@ -226,10 +238,14 @@ class MockProvider:
                                  **({} if scenario == "no_usage" else {"usage": usage})})
         if route.endswith("/responses"):
             usage = {"input_tokens": p_tokens, "output_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
-            return h._json(200, {"id": "resp_mock", "object": "response", "model": model, "status": "completed",
-                                 "output": [{"type": "message", "role": "assistant", "content": [
-                                     {"type": "output_text", "text": text}]}],
-                                 **({} if scenario == "no_usage" else {"usage": usage})})
+            reply = {"id": f"resp_mock{next(self.response_ids)}", "object": "response", "model": model,
+                     "status": "completed", "output": [{"type": "message", "role": "assistant", "content": [
+                         {"type": "output_text", "text": text}]}],
+                     **({} if scenario == "no_usage" else {"usage": usage})}
+            if body.get("store") is not False:
+                with self.lock:
+                    self.stored[reply["id"]] = (reply, body.get("input"))
+            return h._json(200, reply)
         usage = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
         if "audio" in (body.get("modalities") or []):  # gpt-4o-audio: half the prompt heard, all but one token spoken
             usage["prompt_tokens_details"] = {"cached_tokens": 0, "audio_tokens": p_tokens // 2}
@@ -244,6 +260,23 @@ class MockProvider:
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                           "finish_reason": "stop"}],
                              **({} if scenario == "no_usage" else {"usage": usage})})
+
+    def _stored_response(self, h: Any, response_id: str, rest: str, method: str) -> None:
+        """The Responses API's stored responses: read, deleted, their input items, cancelled."""
+        with self.lock:
+            found = self.stored.get(response_id)
+            if found is not None and method == "DELETE":
+                del self.stored[response_id]
+        if found is None:
+            return h._json(404, {"error": {"type": "invalid_request_error", "code": None, "param": None,
+                                           "message": f"Response with id '{response_id}' not found."}})
+        reply, given = found
+        if method == "DELETE":
+            return h._json(200, {"id": response_id, "object": "response", "deleted": True})
+        if rest == "/input_items":
+            return h._json(200, {"object": "list", "data": [{"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": str(given)}]}], "has_more": False})
+        return h._json(200, {**reply, "status": "cancelled"} if rest == "/cancel" else reply)
 
     def _speech_to_text(self, h: Any, form: dict[str, Any], model: str, audio: bytes, text: str) -> None:
         """whisper-1 reports the audio's seconds; gpt-4o(-mini)-transcribe its tokens (10 audio tokens a second,

@@ -102,6 +102,14 @@ class ProviderPool:
                                     provider_key_id=config.provider_key_id))
         return cls(accounts)
 
+    def named(self, provider: str, name: str) -> Account | None:
+        """The provider's account of this name (where a stored response lives), else any (`pick`): an
+        account since removed from the configuration cannot serve it, and the provider will say so."""
+        for account in self.accounts.get(provider, ()):
+            if account.name == name:
+                return account
+        return self.pick(provider)
+
     def pick(self, provider: str) -> Account | None:
         """The next account of the provider that is not cooling down (the least cooled one if all are)."""
         accounts = self.accounts.get(provider)

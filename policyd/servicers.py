@@ -90,6 +90,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
         client_address=request.client.address,
         user_agent=request.client.user_agent,
         count_tokens=request.count_tokens,
+        stored_response=request.stored_response_id[:256],
     )
 
 
@@ -143,6 +144,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 request.request_id, u.output_tokens, interrupted=request.stream_interrupted,
                 error_class=request.error_class or "usage_estimated", upstream_status=request.upstream_status,
                 provider=request.provider, provider_account=request.provider_account,
+                provider_response_id=request.provider_response_id[:256],
                 reported=Tokens(u.input_tokens, u.cached_input_tokens, u.cache_write_input_tokens,
                                 cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
                                 service_tier=request.service_tier, seconds=u.seconds,
@@ -158,6 +160,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             fallback_reason=request.fallback_reason, upstream_status=request.upstream_status,
             error_class=request.error_class, latency_ms=request.latency_ms,
             stream_interrupted=request.stream_interrupted, provider_account=request.provider_account,
+            provider_response_id=request.provider_response_id[:256],
             service_tier=request.service_tier,
         )
         return settle_response(await _call(context, lambda: self.engine.settle(report)))

@@ -31,7 +31,7 @@ def upstream_request(decision: Decision, pool: ProviderPool, observed: bool, rew
     """`observed`: whether the observer filter reads the response (or the processing filter does);
     `rewrite`, from ext_authz only: whether the processing filter rewrites the body. Both always set
     here, so what a client sent under these names never decides them (the route drops them upstream)."""
-    account = pool.pick(decision.provider)
+    account = pool.named(decision.provider, decision.account) if decision.account else pool.pick(decision.provider)
     remove = list(http_api.CUSTOMER_KEY_HEADERS)
     route = decision.route
     headers: list[tuple[str, str]] = [(OBSERVER_HEADER, "read" if observed else "skip")]

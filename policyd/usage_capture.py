@@ -20,7 +20,7 @@ RESPONSE_BUFFER_BYTES_MAX = 4 * 1024 * 1024  # a non-streamed body is buffered u
 # to hold: OpenAI's, Anthropic's and Gemini's usage, the tier that served it, the Responses API's output
 # items (its web searches); an event's type, the response or message it carries
 _USAGE_FIELDS = [("usage",), ("usageMetadata",), ("service_tier",), ("type",), ("response", "usage"),
-                 ("response", "service_tier"), ("message", "usage")]
+                 ("response", "service_tier"), ("message", "usage"), ("id",), ("response", "id")]
 _USAGE_ITEMS = [("output",), ("response", "output")]
 SSE_LINE_BYTES_MAX = 1024 * 1024  # an SSE line, or an object of a JSON-array stream
 _DECODER = json.JSONDecoder()
@@ -219,6 +219,7 @@ class ResponseReader:
             self.found_usage = self.output_final = True
         self.delivered_bytes = 0
         self.images = 0  # images in an images reply (priced per image)
+        self.response_id = ""  # the id of the response the provider stored (the Responses API's)
         self.malformed = False
         self.finished = False  # the provider said the stream is complete ([DONE], message_stop, ...)
         # Gemini's stream without alt=sse is one JSON array whose objects arrive one by one, not SSE
@@ -311,8 +312,18 @@ class ResponseReader:
             self.malformed = True
             self._buffer.clear()
 
+    def _response_id(self, data: Any) -> None:
+        """The Responses API's id of its response: a whole reply's `id`, an event's `response.id`."""
+        if self.endpoint != "responses" or self.response_id or not isinstance(data, dict):
+            return
+        response = data.get("response") if isinstance(data.get("response"), dict) else data if not self.stream else {}
+        found = response.get("id")
+        if isinstance(found, str) and 0 < len(found) <= 200:
+            self.response_id = found
+
     def _event(self, data: Any) -> None:
         """One event of a stream (an SSE data line, an object of a JSON-array stream)."""
+        self._response_id(data)
         if usage_from(self.endpoint, data, self.tokens):
             self.found_usage = self.found_usage or self.tokens.any
             if self.endpoint == "anthropic_messages":
@@ -354,6 +365,7 @@ class ResponseReader:
                 self.malformed = True
                 return
         self.found_usage = usage_from(self.endpoint, data, self.tokens) and self.tokens.any
+        self._response_id(data)
         self.delivered_bytes = _reply_text(data)
         if self.endpoint == "images" and isinstance(data, dict) and isinstance(data.get("data"), list):
             self.images = len(data["data"])

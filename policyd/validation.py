@@ -16,6 +16,8 @@ TAG_VALUE_LENGTH_MAX = 256
 USER_AGENT_LENGTH_MAX = 1024
 SERVICE_TIER_LENGTH_MAX = 32
 REQUEST_ID_PATTERN = re.compile(rf"^[A-Za-z0-9._:/=+@-]{{1,{REQUEST_ID_LENGTH_MAX}}}$")
+STORED_RESPONSE_ID_LENGTH_MAX = 200
+STORED_RESPONSE_ID_PATTERN = re.compile(rf"^[A-Za-z0-9_.-]{{1,{STORED_RESPONSE_ID_LENGTH_MAX}}}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NOT_UTF8 = re.compile("[\ufffd\ud800-\udfff]")  # a replacement character, or a lone surrogate
 
@@ -60,6 +62,12 @@ def check_authorize(request: AuthorizeInput) -> None:
     _text_field("client address", request.client_address, FIELD_LENGTH_MAX)
     if request.endpoint not in ENDPOINTS:
         raise Problem("unknown_endpoint", "unknown or missing endpoint family", "endpoint")
+    if request.stored_response:  # a stored response's id, from a URL path: names no model
+        _text_field("stored_response", request.stored_response, STORED_RESPONSE_ID_LENGTH_MAX)
+        if not STORED_RESPONSE_ID_PATTERN.match(request.stored_response):
+            raise Problem("invalid_request", "a stored response's id is 1-200 characters of [A-Za-z0-9_.-]",
+                          "stored_response_id")
+        return
     if not request.model:
         raise Problem("invalid_request", "model is required", "model")
     _text_field("model", request.model, MODEL_NAME_LENGTH_MAX)

@@ -1016,3 +1016,31 @@ def test_moderations_are_free_but_need_a_key_that_may_use_the_model(gateway: Gat
     with pytest.raises(openai.PermissionDeniedError):
         free.moderations.create(input="the free plan lists no moderation model")
     assert [r.reason for r in gateway.records("e2e-moderation-free")] == ["model_not_allowed"]
+
+
+def test_stored_responses_are_reached_by_their_own_customer_only(gateway: Gateway) -> None:
+    """The Responses API stores what it answers: its customer's keys read it, list its input items, cancel
+    and delete it, free, on the provider account that stored it; another customer's key gets 404
+    response_not_found (recorded), as if it did not exist."""
+    mine = gateway.client(gateway.customer("e2e-stored"))
+    my_other_key = gateway.client(gateway.customer("e2e-stored", credit=""))
+    theirs = gateway.client(gateway.customer("e2e-stored-other"))
+    raw = mine.responses.with_raw_response.create(model="gpt-4o-mini", input="remember this", max_output_tokens=8)
+    made = raw.parse()
+    charged = gateway.record(raw.headers["x-policyd-request-id"])["charge_nanos"]
+    assert my_other_key.responses.retrieve(made.id).output_text == made.output_text
+    assert mine.responses.input_items.list(made.id).data[0].content[0].text == "remember this"
+    for attempt in (lambda: theirs.responses.retrieve(made.id), lambda: theirs.responses.delete(made.id),
+                    lambda: theirs.responses.input_items.list(made.id), lambda: theirs.responses.cancel(made.id)):
+        with pytest.raises(openai.NotFoundError) as refused:
+            attempt()
+        assert refused.value.code == "response_not_found"
+    assert [r.reason for r in gateway.records("e2e-stored-other")] == ["response_not_found"] * 4
+    mine.responses.delete(made.id)
+    with pytest.raises(openai.NotFoundError) as gone:  # the provider's own answer now
+        mine.responses.retrieve(made.id)
+    assert gone.value.code is None
+    wallet = gateway.wallet("e2e-stored")
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10") - charged, 0)  # reads are free
+    sent = [r for r in gateway.mock.received() if f"/responses/{made.id}" in r["path"]]
+    assert len(sent) == 4 and all(r["authorization"] == sent[0]["authorization"] != "" for r in sent)

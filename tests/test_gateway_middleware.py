@@ -393,3 +393,18 @@ def test_moderations_are_free_but_checked(gateway: ExampleGateway) -> None:
     assert gateway.client(key).moderations.create(input="fine?").results[0].flagged is False
     with pytest.raises(openai.AuthenticationError):
         gateway.client("pdk_live_" + "Q" * 40).moderations.create(input="fine?")
+
+
+def test_stored_responses_are_reached_by_their_own_customer_only(gateway: ExampleGateway) -> None:
+    mine = gateway.client(gateway.customer("mw-stored"))
+    theirs = gateway.client(gateway.customer("mw-stored-other"))
+    raw = mine.responses.with_raw_response.create(model="gpt-4o-mini", input="keep it", max_output_tokens=8)
+    made = raw.parse()
+    gateway.record(raw.headers["x-policyd-request-id"])  # settled: the response is known to be this customer's
+    assert mine.responses.retrieve(made.id).id == made.id
+    with pytest.raises(openai.NotFoundError) as refused:
+        theirs.responses.retrieve(made.id)
+    assert refused.value.code == "response_not_found"
+    mine.responses.delete(made.id)
+    with pytest.raises(openai.NotFoundError):
+        mine.responses.retrieve(made.id)

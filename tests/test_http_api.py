@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policyd.gateway_config import render
+from policyd import http_api
 from policyd.http_api import CUSTOMER_KEY_HEADERS, parse_call, reply_headers, rewrite_body, upstream_path, without_query_key
 from policyd.usage_capture import Closing, ResponseReader, closing
 from tests.conftest import ROOT
@@ -515,3 +516,28 @@ def test_usage_is_read_from_replies_and_events_too_large_to_hold() -> None:
         12, 2, 1_250_000)
     cut = _fed_in_pieces(ResponseReader("responses", stream=True), stream[:len(stream) // 2])  # ends mid-event
     assert cut.malformed and not cut.found_usage
+
+
+def test_stored_responses_are_named_by_path_and_method_and_their_ids_read_from_replies() -> None:
+    for method, path, stored in (("GET", "/v1/responses/resp_1", "resp_1"), ("DELETE", "/v1/responses/resp_1", "resp_1"),
+                                 ("GET", "/v1/responses/resp_1/input_items?limit=5", "resp_1"),
+                                 ("POST", "/v1/responses/resp_1/cancel", "resp_1"),
+                                 ("GET", "/openai/responses/resp_2", "resp_2"),
+                                 ("POST", "/v1/responses/resp_1", ""), ("DELETE", "/v1/responses/resp_1/input_items", ""),
+                                 ("GET", "/v1/responses/resp_1/cancel", ""), ("POST", "/v1/responses/input_tokens", "")):
+        named = http_api.endpoint_of(method, path)
+        assert named.stored_response == stored, (method, path)
+        assert named.count_tokens == (bool(stored) or path.endswith("input_tokens"))
+    call = http_api.parse_call("GET", "/v1/responses/resp_1", {"authorization": "Bearer k"}, b"")
+    assert (call.problem, call.endpoint, call.stored_response, call.authorize_input().stored_response) == (
+        "", "responses", "resp_1", "resp_1")
+    streamed = ResponseReader("responses", stream=True)
+    streamed.feed(_sse({"type": "response.created", "response": {"id": "resp_s", "status": "in_progress"}},
+                       {"type": "response.completed", "response": {"id": "resp_s", "usage": {"input_tokens": 1}}}))
+    whole = ResponseReader("responses", stream=False)
+    whole.feed(json.dumps({"id": "resp_w", "output": [{"id": "msg_1"}], "usage": {"input_tokens": 1}}).encode())
+    whole.finish()
+    chat = ResponseReader("chat_completions", stream=False)
+    chat.feed(b'{"id": "chatcmpl-1", "usage": {"prompt_tokens": 1}}')
+    chat.finish()
+    assert (streamed.response_id, whole.response_id, chat.response_id) == ("resp_s", "resp_w", "")

@@ -80,15 +80,17 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     input_tokens, image_count, choices (n: completions generated), web_searches, service_tier,
     unseen_input (the input includes what the request only refers to), seconds and audio_bytes (speech to
     text: the audio's seconds when known exactly, else its size), client_address, user_agent,
-    problem=(code, message, param) and count_tokens=True (a free token count: nothing reserved, nothing
-    to settle)."""
-    if endpoint not in ENDPOINTS and "problem" not in attribution:
+    problem=(code, message, param), count_tokens=True (a free token count: nothing reserved, nothing
+    to settle) and stored_response_id (a stored response read, deleted or cancelled: free, its customer's
+    keys only)."""
+    if endpoint not in ENDPOINTS and "problem" not in attribution and not attribution.get("stored_response_id"):
         raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
     tags = attribution.pop("tags", {})
     client = types_pb2.ClientInfo(address=attribution.pop("client_address", ""),
                                   user_agent=attribution.pop("user_agent", ""))
     problem = attribution.pop("problem", None)
     count_tokens = bool(attribution.pop("count_tokens", False))
+    stored_response_id = attribution.pop("stored_response_id", "")
     shape = policy_pb2.RequestShape(prompt_bytes=prompt_bytes, message_count=message_count,
                                     max_output_tokens=max_output_tokens, stream=stream,
                                     input_tokens=attribution.pop("input_tokens", 0),
@@ -102,7 +104,7 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
-        shape=shape, client=client, count_tokens=count_tokens)
+        shape=shape, client=client, count_tokens=count_tokens, stored_response_id=stored_response_id)
     if problem is not None:
         code, message, param = problem
         request.problem.CopyFrom(types_pb2.OpenAIError(code=code, message=message, param=param))
