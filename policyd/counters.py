@@ -412,15 +412,14 @@ class Counters:
             return "stale"
         return _text(status)
 
-    async def remember_response(self, customer_id: str, response_id: str, where: str, seconds: int) -> None:
-        """That the provider stored this response for this customer (`where`: its provider and route)."""
-        await self.client.set(redis_keys.stored_response(self.partition_of(customer_id), customer_id, response_id),
-                              where, ex=seconds)
+    async def remember_response(self, response_id: str, whose: str, seconds: int) -> None:
+        """That the provider stored this response (`whose`: its customer, provider, route and account). The
+        first to make it keeps it: an id is the provider's, never made twice."""
+        await self.client.set(redis_keys.stored_response(response_id), whose, ex=seconds, nx=True)
 
-    async def stored_response(self, customer_id: str, response_id: str) -> str | None:
-        """Where a response this customer made is stored, or None when it made no such response."""
-        raw = await self.client.get(redis_keys.stored_response(self.partition_of(customer_id), customer_id,
-                                                                 response_id))
+    async def stored_response(self, response_id: str) -> str | None:
+        """Whose a stored response is and where (as remember_response was told), or None when unknown."""
+        raw = await self.client.get(redis_keys.stored_response(response_id))
         return raw.decode() if isinstance(raw, bytes) else raw
 
     async def wallet(self, customer_id: str) -> tuple[int, int]:

@@ -73,6 +73,7 @@ class AuthorizeInput:
     user_agent: str = ""
     count_tokens: bool = False  # the request only counts tokens: free, nothing reserved (Engine.admit_token_count)
     stored_response: str = ""  # the request reads or deletes this stored response (free: Engine.admit_stored_response)
+    previous_response: str = ""  # the stored response a Responses API request continues (previous_response_id)
 
 
 @dataclass(frozen=True)

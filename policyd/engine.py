@@ -255,6 +255,9 @@ class Engine:
             preset = "unknown_plan"
         else:
             preset, param = self._policy_denial(request, key.scopes, owner, policy, plan)
+        if not preset and request.previous_response and \
+                not await self._may_continue(owner.customer_id, request.previous_response):
+            preset, param = "response_not_found", "previous_response_id"
 
         # 4. estimate and buckets (only when the policy allows the request)
         attempt = None
@@ -426,15 +429,15 @@ class Engine:
             reason = "unknown_plan" if policy else "no_policy"
         elif not reason and plan is not None and "responses" not in plan.endpoints:
             reason = "endpoint_not_allowed"
-        where = None
+        provider = route = account = ""
         if not reason:
-            where = await self.counters.stored_response(owner.customer_id, request.stored_response)
-            if where is None:
+            whose = await self.counters.stored_response(request.stored_response)
+            if whose is None:
                 await asyncio.sleep(STORED_RESPONSE_RECHECK_SECONDS)
-                where = await self.counters.stored_response(owner.customer_id, request.stored_response)
-            if where is None:
-                reason = "response_not_found"
-        provider, route, account = (where.split("\t") + ["", "", ""])[:3] if where else ("", "", "")
+                whose = await self.counters.stored_response(request.stored_response)
+            customer, provider, route, account = (*(whose or "").split("\t"), "", "", "", "")[:4]
+            if customer != owner.customer_id:
+                reason, provider, route, account = "response_not_found", "", "", ""
         common = dict(base, owner=owner, provider=provider, route=route, account=account,
                       policy_version=policy.version if policy else 0,
                       price_table_version=policy.document.price_table.version if policy else "",
@@ -865,10 +868,17 @@ class Engine:
         """That the provider stored this response for this customer, on this account: its customer may read,
         delete or cancel it (admit_stored_response), no other may. The charge stands if this fails."""
         try:
-            await self.counters.remember_response(customer_id, response_id, "\t".join((provider, route, account)),
+            await self.counters.remember_response(response_id, "\t".join((customer_id, provider, route, account)),
                                                   STORED_RESPONSE_SECONDS)
         except Exception:
             log.exception("could not remember stored response %s of %s", response_id[:64], customer_id)
+
+    async def _may_continue(self, customer_id: str, response_id: str) -> bool:
+        """Whether a customer's request may continue this stored response: not when another customer made it.
+        One policyd does not know of (made before it remembered them, or just now and not yet settled)
+        is the provider's to find or not."""
+        whose = await self.counters.stored_response(response_id)
+        return whose is None or whose.split("\t", 1)[0] == customer_id
 
     async def settle_estimated(self, request_id: str, output_tokens: int, *, interrupted: bool, error_class: str,
                                upstream_status: int = 0, provider: str = "", provider_account: str = "",

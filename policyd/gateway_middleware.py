@@ -94,7 +94,7 @@ class PolicydMiddleware:
                 message_count=call.message_count, max_output_tokens=call.max_output_tokens, stream=call.stream,
                 image_count=call.image_count, choices=call.choices, input_tokens=call.input_tokens,
                 web_searches=call.web_searches, service_tier=call.service_tier, count_tokens=call.count_tokens,
-                stored_response_id=call.stored_response,
+                stored_response_id=call.stored_response, previous_response_id=call.previous_response,
                 unseen_input=call.unseen_input,
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
                 **_attribution(call))

@@ -127,6 +127,7 @@ class HttpCall:
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment): a downgrade rewrites it
     count_tokens: bool = False  # a token count of the endpoint family (free: nothing reserved or charged)
     stored_response: str = ""  # ... or a stored response read, deleted or cancelled (free too)
+    previous_response: str = ""  # the stored response a Responses API request continues
     stream: bool = False
     body: dict[str, Any] | MultipartForm | None = None  # JSON, or a speech-to-text request's form
     max_output_tokens: int = 0
@@ -157,7 +158,7 @@ class HttpCall:
                         service_tier=self.service_tier, unseen_input=self.unseen_input, seconds=self.seconds,
                         audio_bytes=self.audio_bytes),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
-            stored_response=self.stored_response,
+            stored_response=self.stored_response, previous_response=self.previous_response,
         )
 
 
@@ -427,6 +428,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "invalid_request", "background responses are not supported here: their usage "
                         "arrives after the request, where policyd cannot charge it; ask without background",
                         "background")
+    if endpoint == "responses" and isinstance(data.get("previous_response_id"), str):
+        call.previous_response = data["previous_response_id"][:256]
     call.web_searches = _search_bound(endpoint, data)
     call.unseen_input = not call.count_tokens and _unseen_input(data)
     tier = data.get("service_tier")

@@ -83,9 +83,9 @@ def credit_deadlines(partition: int) -> str:
     return f"{_tag(partition)}:credit_deadlines"
 
 
-def stored_response(partition: int, customer_id: str, response_id: str) -> str:
-    """A response the provider stored for a customer (its id, as the Responses API gave it): its route."""
-    return f"{_tag(partition)}:resp:{customer_id}:{response_id}"
+def stored_response(response_id: str) -> str:
+    """A response the provider stored (its id, as the Responses API gave it): whose it is, and where."""
+    return f"{PREFIX}:resp:{response_id}"
 
 
 def events(partition: int) -> str:

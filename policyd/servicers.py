@@ -90,7 +90,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
         client_address=request.client.address,
         user_agent=request.client.user_agent,
         count_tokens=request.count_tokens,
-        stored_response=request.stored_response_id[:256],
+        stored_response=request.stored_response_id[:256], previous_response=request.previous_response_id[:256],
     )
 
 

@@ -70,6 +70,7 @@ def check_authorize(request: AuthorizeInput) -> None:
         return
     if not request.model:
         raise Problem("invalid_request", "model is required", "model")
+    _text_field("previous_response_id", request.previous_response, STORED_RESPONSE_ID_LENGTH_MAX)
     _text_field("model", request.model, MODEL_NAME_LENGTH_MAX)
     _text_field("service_tier", request.shape.service_tier, SERVICE_TIER_LENGTH_MAX)
     s = request.shape

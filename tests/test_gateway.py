@@ -1020,8 +1020,8 @@ def test_moderations_are_free_but_need_a_key_that_may_use_the_model(gateway: Gat
 
 def test_stored_responses_are_reached_by_their_own_customer_only(gateway: Gateway) -> None:
     """The Responses API stores what it answers: its customer's keys read it, list its input items, cancel
-    and delete it, free, on the provider account that stored it; another customer's key gets 404
-    response_not_found (recorded), as if it did not exist."""
+    and delete it, free, on the provider account that stored it, and continue it; another customer's key
+    gets 404 response_not_found (recorded), as if it did not exist."""
     mine = gateway.client(gateway.customer("e2e-stored"))
     my_other_key = gateway.client(gateway.customer("e2e-stored", credit=""))
     theirs = gateway.client(gateway.customer("e2e-stored-other"))
@@ -1035,7 +1035,13 @@ def test_stored_responses_are_reached_by_their_own_customer_only(gateway: Gatewa
         with pytest.raises(openai.NotFoundError) as refused:
             attempt()
         assert refused.value.code == "response_not_found"
-    assert [r.reason for r in gateway.records("e2e-stored-other")] == ["response_not_found"] * 4
+    with pytest.raises(openai.NotFoundError) as refused:  # nor continue it
+        theirs.responses.create(model="gpt-4o-mini", input="and then?", previous_response_id=made.id, max_output_tokens=8)
+    assert (refused.value.code, refused.value.param) == ("response_not_found", "previous_response_id")
+    assert [r.reason for r in gateway.records("e2e-stored-other")] == ["response_not_found"] * 5
+    raw = mine.responses.with_raw_response.create(model="gpt-4o-mini", input="and then?", previous_response_id=made.id,
+                                                  max_output_tokens=8)
+    charged += gateway.record(raw.headers["x-policyd-request-id"])["charge_nanos"]
     mine.responses.delete(made.id)
     with pytest.raises(openai.NotFoundError) as gone:  # the provider's own answer now
         mine.responses.retrieve(made.id)

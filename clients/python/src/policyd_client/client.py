@@ -81,8 +81,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     unseen_input (the input includes what the request only refers to), seconds and audio_bytes (speech to
     text: the audio's seconds when known exactly, else its size), client_address, user_agent,
     problem=(code, message, param), count_tokens=True (a free token count: nothing reserved, nothing
-    to settle) and stored_response_id (a stored response read, deleted or cancelled: free, its customer's
-    keys only)."""
+    to settle), stored_response_id (a stored response read, deleted or cancelled: free, its customer's
+    keys only) and previous_response_id (the stored response a Responses API request continues)."""
     if endpoint not in ENDPOINTS and "problem" not in attribution and not attribution.get("stored_response_id"):
         raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
     tags = attribution.pop("tags", {})
@@ -91,6 +91,7 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     problem = attribution.pop("problem", None)
     count_tokens = bool(attribution.pop("count_tokens", False))
     stored_response_id = attribution.pop("stored_response_id", "")
+    previous_response_id = attribution.pop("previous_response_id", "")
     shape = policy_pb2.RequestShape(prompt_bytes=prompt_bytes, message_count=message_count,
                                     max_output_tokens=max_output_tokens, stream=stream,
                                     input_tokens=attribution.pop("input_tokens", 0),
@@ -104,7 +105,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
-        shape=shape, client=client, count_tokens=count_tokens, stored_response_id=stored_response_id)
+        shape=shape, client=client, count_tokens=count_tokens, stored_response_id=stored_response_id,
+        previous_response_id=previous_response_id)
     if problem is not None:
         code, message, param = problem
         request.problem.CopyFrom(types_pb2.OpenAIError(code=code, message=message, param=param))
