@@ -39,8 +39,12 @@ class ObjectFields:
     kept, `broken` whether the bytes were not one JSON object."""
 
     def __init__(self, keep: Iterable[Path], keep_items: Iterable[Path] = (),
-                 value_bytes_max: int = VALUE_BYTES_MAX) -> None:
+                 value_bytes_max: int = VALUE_BYTES_MAX, stop_at_end: bool = False) -> None:
+        """`stop_at_end`: the object is one of several in the bytes (an item of a JSON-array stream): reading
+        stops where it closes, and `rest` holds the bytes of that chunk after it."""
         self.keep, self.keep_items = frozenset(keep), frozenset(keep_items)
+        self.stop_at_end = stop_at_end
+        self.rest: bytes | None = None
         self.value_bytes_max = value_bytes_max
         self.values: dict[Path, Any] = {}  # kept values that fit
         self.items: dict[Path, list[Any]] = {}  # items that fit, of the arrays of keep_items
@@ -59,7 +63,7 @@ class ObjectFields:
         self._capture_path: Path = ()
 
     def feed(self, chunk: bytes) -> None:
-        if self.broken or not chunk:
+        if self.broken or not chunk or self.rest is not None:
             return
         at, size = 0, len(chunk)
         self._captured_from = 0  # the part of this chunk not yet added to the capture
@@ -85,6 +89,9 @@ class ObjectFields:
                 break
             at = found.end()
             self._token(chunk, found.start(), at, chunk[found.start()])
+            if self._ended and self.stop_at_end:
+                self.rest = chunk[at:]
+                return
         if self._capture is not None:
             self._add_to_capture(chunk, size)
 

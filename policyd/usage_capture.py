@@ -240,7 +240,13 @@ class ResponseReader:
             else:
                 self._buffer += chunk
             return
-        if self._large is not None:  # an event too large to hold, read as it passes until its line ends
+        if self._large is not None and self._array:  # an object of a JSON-array stream too large to hold
+            self._large.feed(chunk)
+            if self._large.rest is None and not self._large.broken:
+                return
+            chunk = self._large.rest or b""
+            self._large_event_ended()
+        elif self._large is not None:  # an event too large to hold, read as it passes until its line ends
             newline = chunk.find(b"\n")
             self._large.feed(chunk if newline < 0 else chunk[:newline].rstrip(b"\r"))
             if newline < 0:
@@ -308,9 +314,15 @@ class ResponseReader:
                 break  # not whole yet
             self._event(data)
         del self._buffer[:len(text[:at].encode("utf-8", "surrogateescape"))]
-        if len(self._buffer) > SSE_LINE_BYTES_MAX:
-            self.malformed = True
+        if len(self._buffer) > SSE_LINE_BYTES_MAX:  # an object too large to hold: read on as it passes
+            self._large = ObjectFields(_USAGE_FIELDS, _USAGE_ITEMS, stop_at_end=True)
+            self._large.feed(bytes(self._buffer))
             self._buffer.clear()
+            if self._large.rest is not None or self._large.broken:
+                rest = self._large.rest or b""
+                self._large_event_ended()
+                self._buffer += rest
+                self._array_items()
 
     def _response_id(self, data: Any) -> None:
         """The Responses API's id of its response: a whole reply's `id`, an event's `response.id`."""

@@ -514,6 +514,11 @@ def test_usage_is_read_from_replies_and_events_too_large_to_hold() -> None:
     reader = _fed_in_pieces(ResponseReader("anthropic_messages", stream=False), json.dumps(anthropic).encode())
     assert (reader.tokens.input_tokens, reader.tokens.cached_input_tokens, reader.tokens.output_tokens) == (
         12, 2, 1_250_000)
+    array = (b"[" + json.dumps(gemini).encode() + b",\r\n" + json.dumps({"candidates": [], "usageMetadata": {
+        "promptTokenCount": 9, "candidatesTokenCount": 1300}}).encode() + b"]")  # without alt=sse: one JSON array
+    reader = _fed_in_pieces(ResponseReader("gemini_generate_content", stream=True), array)
+    assert (reader.tokens.input_tokens, reader.tokens.output_tokens, reader.finished, reader.malformed) == (
+        9, 1300, True, False)
     cut = _fed_in_pieces(ResponseReader("responses", stream=True), stream[:len(stream) // 2])  # ends mid-event
     assert cut.malformed and not cut.found_usage
 
