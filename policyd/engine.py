@@ -368,10 +368,40 @@ class Engine:
     async def admit_token_count(self, request: AuthorizeInput) -> Decision:
         """A request that only counts tokens, free at the provider (Anthropic's count_tokens, Gemini's
         countTokens, OpenAI's input_tokens; clients such as Claude Code send many), or another free call
-        (OpenAI's moderations). The key, its state,
-        the plan, the endpoint and the model are checked as for a model call; nothing is reserved,
-        counted against a limit or charged. An allowed one leaves no record and nothing to settle; a
-        denied one is recorded as every denial is."""
+        (OpenAI's moderations). The key, its state, the plan, the endpoint and the model are checked as
+        for a model call; nothing is reserved, counted against a limit or charged. An allowed one leaves
+        no record and nothing to settle; a denied one is recorded as every denial is."""
+        async def check(key: KeyRecord, owner: Owner, policy: Policy, plan: Plan) -> tuple[str, str, tuple[str, ...]]:
+            reason, param = self._policy_denial(request, key.scopes, owner, policy, plan)
+            price = policy.model(request.model)
+            return reason, param, (price.provider, price.upstream) if price else ()
+
+        return await self._admit_free(request, check, "token_count")
+
+    async def admit_stored_response(self, request: AuthorizeInput) -> Decision:
+        """A request that reads, deletes or cancels a response the provider stored (the Responses API's
+        GET/DELETE /v1/responses/{id}, its input_items, its cancel): free at the provider. The key, its state
+        and the plan's responses endpoint are checked; the response must be one made under the key's
+        customer (a miss is looked for once more a moment later: the reply that made it may still be
+        settling), else response_not_found (404, as the provider says of an id it does not know). Served
+        on the provider account that stored it; recorded only when refused."""
+        async def check(key: KeyRecord, owner: Owner, policy: Policy, plan: Plan) -> tuple[str, str, tuple[str, ...]]:
+            if "responses" not in plan.endpoints:
+                return "endpoint_not_allowed", "", ()
+            whose = await self.counters.stored_response(request.stored_response)
+            if whose is None:
+                await asyncio.sleep(STORED_RESPONSE_RECHECK_SECONDS)
+                whose = await self.counters.stored_response(request.stored_response)
+            customer, *where = (whose or "").split("\t")
+            return ("", "", tuple(where)) if customer == owner.customer_id else ("response_not_found", "", ())
+
+        return await self._admit_free(request, check, "stored_response")
+
+    async def _admit_free(self, request: AuthorizeInput, check: Callable[..., Awaitable[tuple[str, str, tuple[str, ...]]]],
+                          label: str) -> Decision:
+        """The common steps of a call free at the provider: the input, the key and its state, the policy
+        and plan; then `check(key, owner, policy, plan)`: (denial reason or "", its param, where to serve
+        it: (provider, route[, account]))."""
         started = time.perf_counter_ns()
         at = self.clock()
         request_id = request.attribution.request_id or new_request_id()
@@ -385,14 +415,14 @@ class Engine:
         owner = _owner_of(key)
         policy = self.book.current
         plan = policy.plan(key.plan) if policy else None
-        reason, param = KEY_STATE_DENIALS.get(status, ""), ""
+        reason, param, where = KEY_STATE_DENIALS.get(status, ""), "", ()
         if not reason and (policy is None or plan is None):
             reason = "unknown_plan" if policy else "no_policy"
         elif not reason and policy is not None and plan is not None:
-            reason, param = self._policy_denial(request, key.scopes, owner, policy, plan)
-        price = policy.model(request.model) if policy else None
+            reason, param, where = await check(key, owner, policy, plan)
+        provider, route, account = (*where, "", "", "")[:3]
         common = dict(
-            base, owner=owner, provider=price.provider if price else "", route=price.upstream if price else "",
+            base, owner=owner, provider=provider, route=route, account=account,
             policy_version=policy.version if policy else 0,
             price_table_version=policy.document.price_table.version if policy else "",
             currency=policy.document.currency if policy else "",
@@ -401,53 +431,7 @@ class Engine:
         if reason:
             await self._record_denial(request, owner, policy, plan, at, started, base, reason)
             decision = self._deny(common, reason, param=param)
-        metrics.decisions.labels(decision.decision, decision.reason or "token_count").inc()
-        return decision
-
-    async def admit_stored_response(self, request: AuthorizeInput) -> Decision:
-        """A request that reads, deletes or cancels a response the provider stored (the Responses API's
-        GET/DELETE /v1/responses/{id}, its input_items, its cancel): free at the provider. The key, its state
-        and the plan's responses endpoint are checked; the response must be one made under the key's
-        customer (a miss is looked for once more a moment later: the reply that made it may still be
-        settling), else response_not_found (404, as the provider says of an id it does not know). Served
-        on the provider account that stored it; recorded only when refused."""
-        started = time.perf_counter_ns()
-        at = self.clock()
-        request_id = request.attribution.request_id or new_request_id()
-        base = {"request_id": request_id, "requested_model": "", "served_model": ""}
-        screened = await self._screen(request, at, started, base)
-        if isinstance(screened, Decision):
-            return screened
-        key, status = await self._key_in_force(screened, at)
-        if key is None:
-            return await self._deny_unowned(request, at, started, base, "invalid_api_key")
-        owner = _owner_of(key)
-        policy = self.book.current
-        plan = policy.plan(key.plan) if policy else None
-        reason = KEY_STATE_DENIALS.get(status, "")
-        if not reason and (policy is None or plan is None):
-            reason = "unknown_plan" if policy else "no_policy"
-        elif not reason and plan is not None and "responses" not in plan.endpoints:
-            reason = "endpoint_not_allowed"
-        provider = route = account = ""
-        if not reason:
-            whose = await self.counters.stored_response(request.stored_response)
-            if whose is None:
-                await asyncio.sleep(STORED_RESPONSE_RECHECK_SECONDS)
-                whose = await self.counters.stored_response(request.stored_response)
-            customer, provider, route, account = (*(whose or "").split("\t"), "", "", "", "")[:4]
-            if customer != owner.customer_id:
-                reason, provider, route, account = "response_not_found", "", "", ""
-        common = dict(base, owner=owner, provider=provider, route=route, account=account,
-                      policy_version=policy.version if policy else 0,
-                      price_table_version=policy.document.price_table.version if policy else "",
-                      currency=policy.document.currency if policy else "")
-        if reason:
-            await self._record_denial(request, owner, policy, plan, at, started, base, reason)
-            decision = self._deny(common, reason)
-        else:
-            decision = Decision(decision="allow", **common)
-        metrics.decisions.labels(decision.decision, decision.reason or "stored_response").inc()
+        metrics.decisions.labels(decision.decision, decision.reason or label).inc()
         return decision
 
     async def models_for(self, api_key: str) -> tuple[list[tuple[str, str]], Decision | None]:
