@@ -14,7 +14,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from policyd.domain import Decision
-from policyd.http_api import REQUEST_ID_HEADER, HttpCall, encoded_body, rewrite_body, upstream_path  # noqa: F401 (re-exported)
+from policyd.http_api import HttpCall, encoded_body, rewrite_body, upstream_path
 from policyd.multipart import MultipartForm
 from policyd.usage_capture import ResponseReader
 

@@ -20,7 +20,8 @@ from google.rpc import code_pb2, status_pb2
 from policyd import http_api
 from policyd.domain import Decision
 from policyd.engine import Engine
-from policyd.exchange import EXT_AUTHZ_NAMESPACE, REQUEST_ID_HEADER, Exchange
+from policyd.exchange import EXT_AUTHZ_NAMESPACE, Exchange
+from policyd.http_api import REQUEST_ID_HEADER
 from policyd.providers import ProviderPool
 from policyd.upstream import upstream_request
 

@@ -43,7 +43,8 @@ from envoy.type.v3 import http_status_pb2
 from policyd import http_api
 from policyd.domain import Decision, UsageReport
 from policyd.engine import Engine
-from policyd.exchange import EXT_PROC_NAMESPACE, REQUEST_ID_HEADER, Exchange
+from policyd.exchange import EXT_PROC_NAMESPACE, Exchange
+from policyd.http_api import REQUEST_ID_HEADER
 from policyd.providers import ProviderPool
 from policyd.upstream import upstream_request
 from policyd.usage_capture import closing
