@@ -145,7 +145,10 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     out_details = usage.get("completion_tokens_details") if isinstance(usage.get("completion_tokens_details"), dict) \
         else {}
     seen.input_tokens = _n(usage.get("prompt_tokens"))
-    seen.cached_input_tokens = min(_n(details.get("cached_tokens")), seen.input_tokens)
+    # cached input as OpenAI reports it, or as OpenAI-compatible providers do: DeepSeek's cache hits,
+    # Moonshot's cached_tokens beside the prompt's
+    cached = _n(details.get("cached_tokens")) or _n(usage.get("prompt_cache_hit_tokens")) or _n(usage.get("cached_tokens"))
+    seen.cached_input_tokens = min(cached, seen.input_tokens)
     # audio (gpt-4o-audio): its own price; the cached part, if any, stays at the cached price
     seen.audio_input_tokens = min(_n(details.get("audio_tokens")), seen.input_tokens - seen.cached_input_tokens)
     seen.output_tokens = _n(usage.get("completion_tokens"))

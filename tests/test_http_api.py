@@ -546,3 +546,16 @@ def test_stored_responses_are_named_by_path_and_method_and_their_ids_read_from_r
     chat.feed(b'{"id": "chatcmpl-1", "usage": {"prompt_tokens": 1}}')
     chat.finish()
     assert (streamed.response_id, whole.response_id, chat.response_id) == ("resp_s", "resp_w", "")
+
+
+def test_cached_input_is_read_as_openai_compatible_providers_report_it() -> None:
+    """DeepSeek reports its cache hits as prompt_cache_hit_tokens, Moonshot as cached_tokens beside the
+    prompt's: both are cached input, priced as such, as OpenAI's prompt_tokens_details.cached_tokens is."""
+    for usage in ({"prompt_tokens": 100, "completion_tokens": 5, "prompt_cache_hit_tokens": 64,
+                   "prompt_cache_miss_tokens": 36},
+                  {"prompt_tokens": 100, "completion_tokens": 5, "cached_tokens": 64},
+                  {"prompt_tokens": 100, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 64}}):
+        reader = ResponseReader("chat_completions", stream=False)
+        reader.feed(json.dumps({"choices": [], "usage": usage}).encode())
+        reader.finish()
+        assert (reader.tokens.input_tokens, reader.tokens.cached_input_tokens, reader.tokens.output_tokens) == (100, 64, 5)
