@@ -11,6 +11,8 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
                                           are input the text does not bound (unseen_input)
     POST .../v1/messages                  anthropic_messages
     POST .../v1beta/models/M:generateContent | :streamGenerateContent   gemini_generate_content
+    POST .../v1beta/models/M:embedContent | :batchEmbedContents        embeddings (Gemini reports no usage
+                                          for them: charged as estimated from the text)
     POST .../v1/completions               completions (legacy text completions)
     POST .../v1/audio/speech              audio_speech (text to speech: billed by the characters of `input`)
     POST .../v1/audio/transcriptions | .../v1/audio/translations
@@ -66,7 +68,7 @@ _PATHS = [
     (re.compile(r"(^|/)v1/audio/(transcriptions|translations)/?$"), "audio_transcriptions"),
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent"
-                     r"|countTokens)$")
+                     r"|countTokens|embedContent|batchEmbedContents)$")
 _TOKEN_COUNTS = [  # and other calls free at the provider
     (re.compile(r"(^|/)v1/messages/count_tokens/?$"), "anthropic_messages"),
     (re.compile(r"(^|/)v1/responses/input_tokens/?$"), "responses"),
@@ -191,6 +193,8 @@ def endpoint_of(method: str, path: str) -> Endpoint:
             return Endpoint(name, count_tokens=True)
     gemini = _GEMINI.search(path)
     if gemini:
+        if gemini.group("verb") in ("embedContent", "batchEmbedContents"):
+            return Endpoint("embeddings", gemini.group("model"))
         return Endpoint("gemini_generate_content", gemini.group("model"),
                         count_tokens=gemini.group("verb") == "countTokens")
     if _AZURE_RESPONSES.search(path):
@@ -404,9 +408,10 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.max_output_tokens = (_int(data.get("max_completion_tokens")) or _int(data.get("max_tokens"))
                               or _int(data.get("max_output_tokens")) or _int(generation.get("maxOutputTokens")))
     content = {k: v for k, v in data.items() if k in ("messages", "input", "prompt", "system", "contents",
-                                                       "instructions", "tools", "systemInstruction")}
+                                                       "instructions", "tools", "systemInstruction", "content",
+                                                       "requests")}
     call.prompt_bytes = _text_bytes(content)
-    messages = data.get("messages") or data.get("contents") or data.get("input")
+    messages = data.get("messages") or data.get("contents") or data.get("input") or data.get("requests")
     call.message_count = len(messages) if isinstance(messages, list) else 1
     if endpoint == "images":
         call.image_count = _int(data.get("n")) or 1

@@ -198,6 +198,10 @@ class MockProvider:
             return h._json(200, {"object": "response.input_tokens", "input_tokens": p_tokens})
         if route.endswith(":countTokens"):
             return h._json(200, {"totalTokens": p_tokens})
+        if route.endswith(":embedContent"):  # Gemini's embeddings: no usage in the reply
+            return h._json(200, {"embedding": {"values": [0.1, 0.2]}})
+        if route.endswith(":batchEmbedContents"):
+            return h._json(200, {"embeddings": [{"values": [0.1, 0.2]} for _ in body.get("requests") or [{}]]})
         gemini = GEMINI_PATH.search(route)
         if gemini:
             return self._gemini(h, gemini.group("model"), p_tokens, c_tokens, text, gemini.group("verb"),

@@ -1050,3 +1050,22 @@ def test_stored_responses_are_reached_by_their_own_customer_only(gateway: Gatewa
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10") - charged, 0)  # reads are free
     sent = [r for r in gateway.mock.received() if f"/responses/{made.id}" in r["path"]]
     assert len(sent) == 4 and all(r["authorization"] == sent[0]["authorization"] != "" for r in sent)
+
+
+def test_gemini_embeddings_are_charged_as_estimated_from_their_text(gateway: Gateway) -> None:
+    """Gemini's embedContent and batchEmbedContents report no usage: each is charged the input estimated
+    from its text (marked usage_estimated), never passed unmetered."""
+    root = f"http://127.0.0.1:{gateway.port}/v1beta/models/gemini-embedding-001"
+    key = gateway.customer("e2e-gemini-embed", plan="google")
+    text = "a ledger line " * 40  # 560 bytes: 140 tokens estimated, and 4 for the one message
+    for verb, body, tokens in ((":embedContent", {"content": {"parts": [{"text": text}]}}, 144),
+                               (":batchEmbedContents", {"requests": [{"model": "models/gemini-embedding-001",
+                                                                      "content": {"parts": [{"text": text}]}}] * 3},
+                                3 * 140 + 3 * 4)):
+        code, headers, reply = post(f"{root}{verb}", {"x-goog-api-key": key, "content-type": "application/json"},
+                                    json.dumps(body).encode())
+        assert code == 200, reply
+        record = gateway.record(headers["x-policyd-request-id"])
+        assert (record["endpoint"], record["status"], record["input_tokens"]) == ("embeddings", "settled", tokens)
+        assert record["error_class"].startswith("usage_estimated")
+        assert record["charge_nanos"] == price_quantity(tokens, parse_amount("0.15"))
