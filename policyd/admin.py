@@ -16,7 +16,7 @@ from typing import Any
 
 from policyd import keys as key_secrets
 from policyd import redis_keys
-from policyd.counters import REQUEST_INDEX_SECONDS, Counters, Fenced
+from policyd.counters import REQUEST_INDEX_SECONDS, STORED_RESPONSE_SECONDS, Counters, Fenced
 from policyd.db import ApiKeyRow, PolicyVersionRow
 from policyd.directory import KeyDirectory
 from policyd.domain import PolicydError
@@ -553,6 +553,15 @@ class Admin:
                     pipe.zadd(redis_keys.expiring_credits(p, customer), {grant_id: expiries[grant_id]})
                     pipe.hset(redis_keys.credit_left(p, customer), grant_id, str(left))
                 written += 1
+            kept_ms = STORED_RESPONSE_SECONDS * 1000
+            for response_id, customer, provider, served, account, created_ms in await asyncio.to_thread(
+                    self.store.stored_responses, at - kept_ms):
+                price = self.book.current.model(served) if self.book.current is not None else None
+                seconds = (created_ms + kept_ms - at) // 1000
+                if seconds > 0:
+                    self.counters.queue_stored_response(await batch.pipe(), response_id, customer, provider,
+                                                        price.upstream if price else "", account, seconds)
+                    written += 1
             now_s = at // 1000
             for key, total in (await asyncio.to_thread(self._bucket_totals)).items():
                 ttl = remaining_ttl(key, now_s)

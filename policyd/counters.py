@@ -24,6 +24,11 @@ def _load(name: str) -> str:
     return resources.files("policyd").joinpath("lua", f"{name}.lua").read_text()
 
 
+def _whose(customer_id: str, provider: str, route: str, account: str) -> str:
+    """A stored response's owner and where it lives, as its key holds them."""
+    return "\t".join((customer_id, provider, route, account))
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -136,6 +141,7 @@ class SettleResult:
 
 
 REQUEST_INDEX_SECONDS = 7 * 86400  # how long a request id can be found (settled late, retried)
+STORED_RESPONSE_SECONDS = 30 * 86400  # how long the provider keeps a stored response (OpenAI: 30 days)
 RECENT_RESERVATIONS_MAX = 20_000  # open reservations this process made whose facts it keeps (a few KB each)
 
 
@@ -412,10 +418,19 @@ class Counters:
             return "stale"
         return _text(status)
 
-    async def remember_response(self, response_id: str, whose: str, seconds: int) -> None:
-        """That the provider stored this response (`whose`: its customer, provider, route and account). The
-        first to make it keeps it: an id is the provider's, never made twice."""
-        await self.client.set(redis_keys.stored_response(response_id), whose, ex=seconds, nx=True)
+    async def remember_response(self, response_id: str, customer_id: str, provider: str, route: str, account: str,
+                                seconds: int) -> None:
+        """That the provider stored this response for this customer, on this provider, route and account.
+        The first to make it keeps it: an id is the provider's, never made twice."""
+        await self.client.set(redis_keys.stored_response(response_id), _whose(customer_id, provider, route, account),
+                              ex=seconds, nx=True)
+
+    @staticmethod
+    def queue_stored_response(pipe: Any, response_id: str, customer_id: str, provider: str, route: str, account: str,
+                              seconds: int) -> None:
+        """The same as remember_response, queued on a pipeline (a rebuild's)."""
+        pipe.set(redis_keys.stored_response(response_id), _whose(customer_id, provider, route, account),
+                 ex=seconds, nx=True)
 
     async def stored_response(self, response_id: str) -> str | None:
         """Whose a stored response is and where (as remember_response was told), or None when unknown."""

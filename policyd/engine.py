@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
 from policyd import key_limits, metrics, reasons, redis_keys
-from policyd.counters import BucketHold, Counters, Fenced, Reservation, unreachable
+from policyd.counters import STORED_RESPONSE_SECONDS, BucketHold, Counters, Fenced, Reservation, unreachable
 from policyd.directory import KeyDirectory
 from policyd.loops import every
 from policyd.domain import (
@@ -91,7 +91,6 @@ def new_request_id() -> str:
 
 
 FREE_ENDPOINTS = frozenset({"moderations"})  # free at the provider: admitted as token counts are
-STORED_RESPONSE_SECONDS = 30 * 86400  # how long the provider keeps a stored response (OpenAI: 30 days)
 STORED_RESPONSE_RECHECK_SECONDS = 0.5
 
 
@@ -814,6 +813,8 @@ class Engine:
         }
         if report.fallback_reason:  # the proxy's own fallback; otherwise the one decided at Authorize stays
             settlement["fallback_reason"] = report.fallback_reason
+        if report.provider_response_id:  # not a usage number: outside the fingerprint
+            settlement["provider_response_id"] = report.provider_response_id
         for name, value in zip(LATER_USAGE_FIELDS, later):
             if value:  # only then: a writer from before the column still writes every other record
                 settlement[name] = value
@@ -850,9 +851,10 @@ class Engine:
     async def _remember_response(self, customer_id: str, response_id: str, provider: str, route: str,
                                  account: str) -> None:
         """That the provider stored this response for this customer, on this account: its customer may read,
-        delete or cancel it (admit_stored_response), no other may. The charge stands if this fails."""
+        delete or cancel it (admit_stored_response), no other may. The charge stands if this fails; the usage
+        record keeps the id, from which a rebuild remembers it again."""
         try:
-            await self.counters.remember_response(response_id, "\t".join((customer_id, provider, route, account)),
+            await self.counters.remember_response(response_id, customer_id, provider, route, account,
                                                   STORED_RESPONSE_SECONDS)
         except Exception:
             log.exception("could not remember stored response %s of %s", response_id[:64], customer_id)

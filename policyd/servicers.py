@@ -228,7 +228,7 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
         cache_write_input_tokens=r.cache_write_input_tokens or 0,
         cache_write_1h_input_tokens=r.cache_write_1h_input_tokens or 0, audio_input_tokens=r.audio_input_tokens or 0,
         audio_output_tokens=r.audio_output_tokens or 0, web_searches=r.web_searches or 0, choices=r.choices or 1,
-        service_tier=r.service_tier or "",
+        service_tier=r.service_tier or "", provider_response_id=r.provider_response_id or "",
     )
 
 

@@ -247,6 +247,15 @@ class Store:
         with self.session() as session:
             return list(session.scalars(select(UsageRecordRow).where(UsageRecordRow.status.in_(OPEN_STATUSES))))
 
+    def stored_responses(self, since_ms: int) -> list[tuple[str, str, str, str, str, int]]:
+        """(provider response id, customer, provider, served model, provider account, created ms) of each
+        response the provider stored for a request made since since_ms."""
+        r = UsageRecordRow
+        query = select(r.provider_response_id, r.customer_id, r.provider, r.served_model, r.provider_account,
+                       r.created_ms).where(r.provider_response_id != "", r.created_ms >= since_ms)
+        with self.session() as session:
+            return [tuple(row) for row in session.execute(query)]
+
     def records_with_holds(self) -> Iterable[UsageRecordRow]:
         with self.session() as session:
             query = select(UsageRecordRow).where(UsageRecordRow.status != "denied")

@@ -1027,7 +1027,9 @@ def test_stored_responses_are_reached_by_their_own_customer_only(gateway: Gatewa
     theirs = gateway.client(gateway.customer("e2e-stored-other"))
     raw = mine.responses.with_raw_response.create(model="gpt-4o-mini", input="remember this", max_output_tokens=8)
     made = raw.parse()
-    charged = gateway.record(raw.headers["x-policyd-request-id"])["charge_nanos"]
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    charged = record["charge_nanos"]
+    assert record["provider_response_id"] == made.id  # kept in SQL: a rebuild after Redis lost it knows whose it is
     assert my_other_key.responses.retrieve(made.id).output_text == made.output_text
     assert mine.responses.input_items.list(made.id).data[0].content[0].text == "remember this"
     for attempt in (lambda: theirs.responses.retrieve(made.id), lambda: theirs.responses.delete(made.id),

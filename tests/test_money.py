@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import calendar
 import itertools
+from dataclasses import replace
 
 import pytest
 
-from policyd.domain import PolicydError
+from policyd.domain import AuthorizeInput, PolicydError
 from policyd.money import format_amount, parse_amount, price_quantity
 from policyd.server import Service
 from tests.conftest import SAMPLE_POLICY
@@ -384,6 +385,40 @@ async def test_rebuild_restores_every_key_state_without_recording_changes(servic
                        "new secret": "allowed"}
     await service.writer.drain()
     assert len(service.store.events("key_state")) == changes  # a rebuild changes no key: it records none
+
+
+async def test_rebuild_remembers_whose_each_stored_response_is(service: Service) -> None:
+    """Whose a stored response is lives in Redis for speed and in its usage record for good: after Redis
+    lost its data, a rebuild knows it again, so another customer still cannot read or continue it, its
+    own customer still can, on the provider account that stored it."""
+    _, mine = await new_key(service, customer="acme")
+    _, theirs = await new_key(service, customer="rival")
+    await fund(service, "acme", "3")
+    await fund(service, "rival", "3")
+    await service.engine.authorize(ask(mine, request_id="made", endpoint="responses"))
+    await service.engine.settle(usage("made", provider_response_id="resp_kept", provider_account="second"))
+    await service.engine.authorize(ask(mine, request_id="plain"))
+    await service.engine.settle(usage("plain"))
+    await service.writer.drain()
+    assert (service.store.usage_record("made").provider_response_id,
+            service.store.usage_record("plain").provider_response_id) == ("resp_kept", "")
+
+    def reading(secret: str) -> AuthorizeInput:
+        return replace(ask(secret, endpoint="responses"), stored_response="resp_kept")
+
+    before = await service.engine.authorize(reading(mine))
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    await service.admin.rebuild()
+    read = await service.engine.authorize(reading(mine))
+    assert (read.decision, read.account, read.provider) == ("allow", "second", "openai")
+    assert (read.provider, read.route, read.account) == (before.provider, before.route, before.account)
+    assert read.route != ""
+    assert (await service.engine.authorize(reading(theirs))).reason == "response_not_found"
+    continued = replace(ask(theirs, endpoint="responses"), previous_response="resp_kept")
+    assert (await service.engine.authorize(continued)).reason == "response_not_found"
+    assert (await service.engine.authorize(replace(ask(mine, endpoint="responses"),
+                                                   previous_response="resp_kept"))).decision == "allow"
 
 
 async def test_rebuild_is_fenced_against_replicas_still_running(service: Service) -> None:

@@ -1,0 +1,25 @@
+"""provider response id: the response the provider stored for a request (the Responses API's), kept so that a
+rebuild knows again whose each stored response is
+
+Revision ID: 0017
+Revises: 0016
+Create Date: 2026-11-24 18:20:00.000000
+"""
+from alembic import op
+import sqlalchemy as sa
+
+
+revision = '0017'
+down_revision = '0016'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('usage_records', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('provider_response_id', sa.String(length=256), server_default='', nullable=False))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('usage_records', schema=None) as batch_op:
+        batch_op.drop_column('provider_response_id')
