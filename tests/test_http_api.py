@@ -245,8 +245,8 @@ def test_legacy_completions_are_their_own_family() -> None:
     assert ids.input_tokens == 5 and ids.authorize_input().shape.input_tokens == 5  # token ids are counted
     batch = parse_call("POST", "/v1/completions", {}, json.dumps({"model": "m", "prompt": [[1, 2], [3]]}).encode())
     assert batch.input_tokens == 3
-    for given, tokens in (([[1, 2, 3], [4, 5]], 5), ([7, 8, 9], 3), (["a", "b"], 0), ("text", 0), ([True, False], 0)):
-        embedded = parse_call("POST", "/v1/embeddings", {}, json.dumps({"model": "m", "input": given}).encode())
+    for sent, tokens in (([[1, 2, 3], [4, 5]], 5), ([7, 8, 9], 3), (["a", "b"], 0), ("text", 0), ([True, False], 0)):
+        embedded = parse_call("POST", "/v1/embeddings", {}, json.dumps({"model": "m", "input": sent}).encode())
         assert (embedded.endpoint, embedded.input_tokens) == ("embeddings", tokens)  # token ids: counted
     assert rewrite_body({"model": "m", "prompt": "p", "stream": True}, "completions", "m", "m", 64, False, True) == {
         "model": "m", "prompt": "p", "stream": True, "max_tokens": 64, "stream_options": {"include_usage": True}}

@@ -5,7 +5,6 @@ that dies is replaced, and SIGTERM stops them all gracefully."""
 from __future__ import annotations
 
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
