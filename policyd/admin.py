@@ -255,6 +255,10 @@ class Admin:
             document = parse_policy(text, source_name or "policy.yaml")
         except PolicyError as error:
             raise _invalid("invalid_policy", str(error)) from None
+        if document.caps and self.counters.cluster:
+            raise _invalid("invalid_policy", f"{source_name}: caps count every customer's requests in one counter, "
+                                             "which a Redis Cluster cannot change beside a customer's in one step: "
+                                             "use caps with a single Redis (with replicas)")
         in_use = await asyncio.to_thread(self.store.plans_in_use)
         missing = sorted(plan for plan in in_use if plan not in document.plans)
         if missing:

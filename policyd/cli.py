@@ -18,7 +18,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from policyd.gateway_config import SHAPES
-from policyd.money import MoneyError, format_amount, parse_amount
+from policyd.money import MONEY_UNITS, MoneyError, format_amount, parse_amount
 from policyd.settings import reference as settings_reference
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
@@ -137,21 +137,17 @@ def _key_line(key: admin_pb2.ApiKey) -> str:
 
 
 def _limit_text(limit: admin_pb2.KeyLimit) -> str:
-    from policyd.money import format_amount
-
-    value = format_amount(limit.limit) if limit.unit == "money" else str(limit.limit)
+    value = format_amount(limit.limit) if limit.unit in MONEY_UNITS else str(limit.limit)
     return f"{value} {limit.unit} a {limit.window}" + (f" ({limit.timezone})" if limit.timezone else "")
 
 
 def _key_limit(text: str) -> admin_pb2.KeyLimit:
     """WINDOW[@ZONE]:UNIT:VALUE, e.g. month:money:20.00, minute:requests:60, day@Asia/Tokyo:tokens:100000."""
-    from policyd.money import MoneyError, parse_amount
-
     window, _, rest = text.partition(":")
     unit, _, value = rest.partition(":")
     window, _, zone = window.partition("@")
     try:
-        limit = parse_amount(value) if unit == "money" else int(value)
+        limit = parse_amount(value) if unit in MONEY_UNITS else int(value)
     except (MoneyError, ValueError):
         raise argparse.ArgumentTypeError(f"{text!r}: WINDOW:UNIT:VALUE, e.g. month:money:20.00") from None
     return admin_pb2.KeyLimit(window=window, unit=unit, limit=limit, timezone=zone)
@@ -237,8 +233,8 @@ def _review_text(r: admin_pb2.KeyReview) -> str:
     if r.denials_by_reason:
         lines.append("denials      " + ", ".join(f"{k}: {v}" for k, v in sorted(r.denials_by_reason.items())))
     for b in r.buckets:
-        used = format_amount(b.used) if b.unit == "money" else str(b.used)
-        limit = format_amount(b.limit) if b.unit == "money" else str(b.limit)
+        used = format_amount(b.used) if b.unit in MONEY_UNITS else str(b.used)
+        limit = format_amount(b.limit) if b.unit in MONEY_UNITS else str(b.limit)
         lines.append(f"bucket       {b.label}: {used} of {limit} {b.unit} this {b.window}")
     return "\n".join(lines)
 

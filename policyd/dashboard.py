@@ -36,7 +36,7 @@ from policyd.dashboard_data import (
     DashboardData,
 )
 from policyd.domain import PolicydError
-from policyd.money import NANOS_PER_UNIT
+from policyd.money import MONEY_UNITS, NANOS_PER_UNIT
 
 log = logging.getLogger("policyd.dashboard")
 
@@ -518,7 +518,7 @@ def _meter(used: int, limit: int, thresholds: list[int]) -> str:
 
 
 def _bucket_row(b: dict[str, Any], currency: str) -> str:
-    if b["unit"] == "money":
+    if b["unit"] in MONEY_UNITS:
         used, limit = _money(b["used"], currency), _money(b["limit"], currency)
     else:
         used, limit = f'{_count(b["used"])} {escape(b["unit"])}', f'{_count(b["limit"])} {escape(b["unit"])}'

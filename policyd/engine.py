@@ -46,7 +46,7 @@ from policyd.policy import Limit, ModelPrice, Plan, Policy
 from policyd.policy_book import PolicyBook
 from policyd.pricing import (AUDIO_TOKENS_PER_SECOND, Quantities, audio_seconds, audio_seconds_likely, billing_of,
                              charge_of, cost_of, estimate_input_tokens, input_estimate)
-from policyd.quotas import bucket_states, hold_for, limit_reason, scope_ids
+from policyd.quotas import amount_for, bucket_states, cap_hold, hold_for, limit_reason, scope_ids
 from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
 from policyd.store import KeyRecord, Store
@@ -553,7 +553,7 @@ class Engine:
     def _attempt(self, request: AuthorizeInput, owner: Owner, policy: Policy, plan: Plan, model: str, at: int,
                  skip_label: str, own_limits: tuple[Limit, ...] = ()) -> _Plan:
         """What reserving this request on `model` takes: its estimate, charge and the holds of the plan's
-        limits and the key's own (`own_limits`)."""
+        limits, the key's own (`own_limits`) and the operator's caps."""
         price = policy.model(model)
         assert price is not None, "the model was checked against the price table"
         s = request.shape
@@ -582,8 +582,8 @@ class Engine:
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
             seconds=seconds, web_searches=s.web_searches, service_tier=s.service_tier, audio_input_tokens=audio_tokens,
         )
-        charge = charge_of(plan, model, quantities, cost_of(price, quantities),
-                           billing_of(plan, request.attribution.feature))
+        cost = cost_of(price, quantities)
+        charge = charge_of(plan, model, quantities, cost, billing_of(plan, request.attribution.feature))
         partition = self.counters.partition_of(owner.customer_id)
         a = request.attribution
         buckets = scope_ids(owner.customer_id, owner.api_key_id, owner.workspace_id, owner.project_id, owner.team_id,
@@ -594,9 +594,14 @@ class Engine:
             scope_id = buckets[limit.scope]
             if not scope_id or limit.label == skip_label:
                 continue  # a thread limit binds requests that name a thread
-            hold, window = hold_for(limit, partition, scope_id, at // 1000, charge, quantities)
+            hold, window = hold_for(limit, partition, scope_id, at // 1000, charge, quantities, cost)
             holds.append(hold)
             by_label[limit.label] = (limit, window.end)
+        for cap in policy.caps_for(model):  # the operator's own, across every customer
+            if cap.label != skip_label:
+                hold, window = cap_hold(cap, at // 1000, charge, cost, quantities)
+                holds.append(hold)
+                by_label[cap.label] = (cap, window.end)
         return _Plan(model, price, input_tokens, output_cap, charge, holds, by_label, likely_input_tokens=likely,
                      likely_seconds=likely_seconds, likely_audio_tokens=likely_audio)
 
@@ -797,7 +802,7 @@ class Engine:
         deltas = []
         final_holds = []
         for key, unit, held in r["holds"]:
-            actual = charge if unit == "money" else quantities.tokens if unit == "tokens" else 1
+            actual = amount_for(unit, charge, cost, quantities)
             deltas.append((key, actual - held, actual))
             final_holds.append([key, unit, actual])
         settlement = {

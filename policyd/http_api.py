@@ -48,7 +48,7 @@ from urllib.parse import parse_qsl, unquote_plus
 from policyd import reasons
 from policyd.audio import wav_seconds
 from policyd.domain import Attribution, AuthorizeInput, KeySummary, Shape, trace_id_from
-from policyd.money import format_amount
+from policyd.money import MONEY_UNITS, format_amount
 from policyd.multipart import MultipartError, MultipartForm
 
 # Anthropic accepts requests of up to 32 MB, OpenAI audio files of up to 25 MB (speech to text)
@@ -622,7 +622,7 @@ def encoded_body(body: dict[str, Any] | MultipartForm) -> bytes:
 def key_summary_body(summary: KeySummary) -> bytes:
     """GET /v1/key: what the key may still spend, money as exact decimal text of the policy's currency."""
     def amount(unit: str, value: int) -> int | str:
-        return format_amount(value) if unit == "money" else value
+        return format_amount(value) if unit in MONEY_UNITS else value
 
     wallet = None if summary.balance is None else {
         "balance": format_amount(summary.balance), "reserved": format_amount(summary.reserved),

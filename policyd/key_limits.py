@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 
 from pydantic import ValidationError
 
-from policyd.money import format_amount
+from policyd.money import MONEY_UNITS, format_amount
 from policyd.policy import Limit
 
 KEY_LIMITS_MAX = 8
@@ -49,7 +49,7 @@ def checked(limits: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def _limit(entry: Mapping[str, Any]) -> Limit:
     value = entry["limit"]
     return Limit(name=f"key-{entry['unit']}-{entry['window']}", scope="key", window=entry["window"],
-                 unit=entry["unit"], limit=format_amount(value) if entry["unit"] == "money" else value,
+                 unit=entry["unit"], limit=format_amount(value) if entry["unit"] in MONEY_UNITS else value,
                  timezone=entry.get("timezone", ""))
 
 

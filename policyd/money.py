@@ -23,6 +23,7 @@ NANOS_PER_UNIT = 1_000_000_000
 PRICE_QUANTITY = 1_000_000  # prices are per million tokens (or per million of any counted unit)
 AMOUNT_MAX = 2**53 - 1
 QUANTITY_MAX = 10**12  # tokens, images, seconds in one request: far beyond any real one
+MONEY_UNITS = ("money", "cost")  # limit units counted in the currency: what customers are charged, what providers bill
 
 
 class MoneyError(ValueError):

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from policyd.domain import ENDPOINTS
-from policyd.money import QUANTITY_MAX, MoneyError, format_amount, parse_amount
+from policyd.money import MONEY_UNITS, QUANTITY_MAX, MoneyError, format_amount, parse_amount
 
 ENVIRONMENTS = ("development", "staging", "production", "batch", "evaluation", "customer-facing")
 ENDPOINT_NAMES = ENDPOINTS
@@ -176,7 +176,8 @@ class Limit(_Strict):
     window: Literal["minute", "hour", "day", "month", "total"]
     # days and months from local midnight in this IANA time zone ("" = UTC); the policy's `timezone` by default
     timezone: str = Field("", max_length=64)
-    unit: Literal["money", "tokens", "requests"]
+    # money: what customers are charged; cost: what the provider bills (before markup, discount or promo)
+    unit: Literal["money", "cost", "tokens", "requests"]
     limit: int
     action: Literal["block", "downgrade", "shadow"] = "block"
     downgrade_to: str = ""
@@ -187,7 +188,7 @@ class Limit(_Strict):
     def _limit_value(cls, data: Any) -> Any:
         if isinstance(data, dict) and "limit" in data:
             data = dict(data)
-            if data.get("unit") == "money":
+            if data.get("unit") in MONEY_UNITS:
                 data["limit"] = _nanos(data["limit"])
             elif isinstance(data["limit"], bool) or not isinstance(data["limit"], int):
                 raise ValueError("limit must be a whole number for tokens and requests")
@@ -195,7 +196,7 @@ class Limit(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Limit":
-        if not 0 <= self.limit <= QUANTITY_MAX and self.unit != "money":
+        if not 0 <= self.limit <= QUANTITY_MAX and self.unit not in MONEY_UNITS:
             raise ValueError("limit out of range")
         if self.action == "downgrade" and not self.downgrade_to:
             raise ValueError("action 'downgrade' needs downgrade_to: a cheaper model")
@@ -211,11 +212,26 @@ class Limit(_Strict):
 
     @field_serializer("limit")
     def _render(self, value: int) -> int | str:
-        return format_amount(value) if self.unit == "money" else value
+        return format_amount(value) if self.unit in MONEY_UNITS else value
 
     @property
     def label(self) -> str:
         return self.name or f"{self.scope}:{self.unit}:{self.window}"
+
+
+class Cap(Limit):
+    """The operator's own cap on what all customers together may spend on a provider, on some models, or in
+    all, whatever each one's wallet and plan would allow: one counter every request it covers counts in,
+    on every replica (a provider's daily bill, a premium model's hourly spend)."""
+
+    scope: Literal["all"] = "all"
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    provider: str = Field("", max_length=64)  # the requests served by this provider ("" = any)
+    models: tuple[str, ...] = ()  # ... on these models: exact names, globs or tiers ("tier:premium"); () = any
+
+    def covers(self, model: str, price: "ModelPrice") -> bool:
+        return (not self.provider or price.provider == self.provider) and \
+            (not self.models or _matches(self.models, model, price.tier))
 
 
 class Plan(_Strict):
@@ -267,6 +283,7 @@ class PolicyDocument(_Strict):
     timezone: str = Field("", max_length=64)  # where day and month limits start, unless a limit names its own
     price_table: PriceTable
     plans: dict[str, Plan] = Field(min_length=1)
+    caps: tuple[Cap, ...] = Field((), max_length=LIMITS_PER_PLAN_MAX)  # the operator's, across every customer
 
     @field_validator("timezone")
     @classmethod
@@ -279,14 +296,16 @@ class PolicyDocument(_Strict):
         """Day and month limits that name no time zone start at midnight in the policy's."""
         if not isinstance(data, dict) or not data.get("timezone") or not isinstance(data.get("plans"), dict):
             return data
-        plans = {}
-        for name, plan in data["plans"].items():
-            if isinstance(plan, dict) and isinstance(plan.get("limits"), list):
-                plan = {**plan, "limits": [
-                    {**limit, "timezone": data["timezone"]} if isinstance(limit, dict) and not limit.get("timezone")
-                    and limit.get("window") in ("day", "month") else limit for limit in plan["limits"]]}
-            plans[name] = plan
-        return {**data, "plans": plans}
+
+        def localised(limits: Any) -> Any:
+            if not isinstance(limits, list):
+                return limits
+            return [{**limit, "timezone": data["timezone"]} if isinstance(limit, dict) and not limit.get("timezone")
+                    and limit.get("window") in ("day", "month") else limit for limit in limits]
+
+        plans = {name: {**plan, "limits": localised(plan["limits"])} if isinstance(plan, dict) and "limits" in plan
+                 else plan for name, plan in data["plans"].items()}
+        return {**data, "plans": plans, **({"caps": localised(data["caps"])} if "caps" in data else {})}
 
     @model_validator(mode="after")
     def _references(self) -> "PolicyDocument":
@@ -308,7 +327,22 @@ class PolicyDocument(_Strict):
                     fnmatch.fnmatchcase(m, pattern) for m in self.price_table.models
                 ):
                     raise ValueError(f"plan {name!r}: model {pattern!r} matches nothing in the price table")
+        names = [cap.name for cap in self.caps]
+        plan_labels = {limit.label for plan in self.plans.values() for limit in plan.limits}
+        for cap in self.caps:
+            if names.count(cap.name) > 1 or cap.name in plan_labels:
+                raise ValueError(f"cap {cap.name!r}: another cap or a plan's limit has that name; give each its own")
+            if not any(cap.covers(m, price) for m, price in self.price_table.models.items()):
+                raise ValueError(f"cap {cap.name!r}: its provider and models match nothing in the price table")
+            if cap.downgrade_to and cap.downgrade_to not in self.price_table.models:
+                raise ValueError(f"cap {cap.name!r}: downgrade_to {cap.downgrade_to!r} is not in the price table")
         return self
+
+
+def _matches(patterns: tuple[str, ...], model: str, tier: str) -> bool:
+    """Whether a model is named by any of these patterns: exact names, globs ("gpt-4o*"), tiers ("tier:premium")."""
+    return any((p == f"tier:{tier}" and tier) or (not p.startswith("tier:") and fnmatch.fnmatchcase(model, p))
+               for p in patterns)
 
 
 @dataclass(frozen=True)
@@ -332,12 +366,12 @@ class Policy:
     def model_allowed(self, plan: Plan, model: str, scopes: tuple[str, ...] = ()) -> bool:
         price = self.model(model)
         tier = price.tier if price else ""
-        def matches(patterns: tuple[str, ...]) -> bool:
-            return any(
-                (p == f"tier:{tier}" and tier) or (not p.startswith("tier:") and fnmatch.fnmatchcase(model, p))
-                for p in patterns
-            )
-        return matches(plan.models) and (not scopes or matches(scopes))
+        return _matches(plan.models, model, tier) and (not scopes or _matches(scopes, model, tier))
+
+    def caps_for(self, model: str) -> list[Cap]:
+        """The operator's caps a request served on `model` counts in."""
+        price = self.model(model)
+        return [cap for cap in self.document.caps if price is not None and cap.covers(model, price)]
 
     def tier_allowed_in(self, plan: Plan, environment: str, model: str) -> bool:
         if plan.environments is None:
@@ -438,6 +472,8 @@ def parse_policy(text: str, source: str = "policy.yaml") -> PolicyDocument:
 def canonical_text(document: PolicyDocument) -> str:
     """A stable rendering (sorted keys, amounts as nanos) used for versions and diffs."""
     data = json.loads(document.model_dump_json())
+    if not data["caps"]:  # as policies without caps always read: their versions' digests stay the same
+        del data["caps"]
     return yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
 
 

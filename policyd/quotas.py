@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 from policyd import redis_keys
 from policyd.counters import BucketHold
 from policyd.money import ceil_div
-from policyd.policy import Limit, time_zone
+from policyd.policy import Cap, Limit, time_zone
 from policyd.pricing import Quantities
 
 if TYPE_CHECKING:
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
 BUCKET_TTL_MARGIN_SECONDS = 3600
-LIMIT_REASONS = {"money": "budget_exceeded", "tokens": "rate_limit_exceeded", "requests": "rate_limit_exceeded"}
+LIMIT_REASONS = {"money": "budget_exceeded", "cost": "budget_exceeded", "tokens": "rate_limit_exceeded",
+                 "requests": "rate_limit_exceeded"}
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,12 @@ def _escape(scope_id: str) -> str:
     return scope_id.replace("%", "%25").replace(":", "%3A")
 
 
-def amount_for(unit: str, charge: int, q: Quantities) -> int:
+def amount_for(unit: str, charge: int, cost: int, q: Quantities) -> int:
+    """What a request counts in a bucket of this unit: its charge, its provider cost, its tokens, or 1."""
     if unit == "money":
         return charge
+    if unit == "cost":
+        return cost
     if unit == "tokens":
         return q.tokens
     return 1
@@ -108,23 +112,28 @@ def limit_reason(limit: Limit) -> str:
     return LIMIT_REASONS[limit.unit]
 
 
-def hold_for(limit: Limit, partition: int, scope_id: str, now_s: int, charge: int, q: Quantities) -> tuple[BucketHold, Window]:
+def hold_for(limit: Limit, partition: int, scope_id: str, now_s: int, charge: int, q: Quantities,
+             cost: int = 0) -> tuple[BucketHold, Window]:
+    """The hold of a request in its bucket of a plan's (or a key's own) limit, in its customer's partition."""
     spec = window_spec(limit)
     window = window_of(spec, now_s)
     key = redis_keys.bucket(partition, limit.scope, _escape(scope_id), limit.unit, spec, window.start)
+    return _hold(limit, key, window, now_s, amount_for(limit.unit, charge, cost, q)), window
+
+
+def cap_hold(cap: Cap, now_s: int, charge: int, cost: int, q: Quantities) -> tuple[BucketHold, Window]:
+    """The hold of a request in the one bucket of an operator's cap, shared by every customer."""
+    spec = window_spec(cap)
+    window = window_of(spec, now_s)
+    key = redis_keys.cap_bucket(cap.name, cap.unit, spec, window.start)
+    return _hold(cap, key, window, now_s, amount_for(cap.unit, charge, cost, q)), window
+
+
+def _hold(limit: Limit, key: str, window: Window, now_s: int, amount: int) -> BucketHold:
     ttl = 0 if window.end == 0 else window.end - now_s + BUCKET_TTL_MARGIN_SECONDS
     thresholds = tuple((pct, ceil_div(limit.limit * pct, 100)) for pct in limit.thresholds)
-    hold = BucketHold(
-        key=key,
-        label=limit.label,
-        unit=limit.unit,
-        amount=amount_for(limit.unit, charge, q),
-        limit=limit.limit,
-        mode="shadow" if limit.action == "shadow" else "block",
-        ttl_seconds=ttl,
-        thresholds=thresholds,
-    )
-    return hold, window
+    return BucketHold(key=key, label=limit.label, unit=limit.unit, amount=amount, limit=limit.limit,
+                      mode="shadow" if limit.action == "shadow" else "block", ttl_seconds=ttl, thresholds=thresholds)
 
 
 def remaining_ttl(bucket_key: str, now_s: int) -> int | None:

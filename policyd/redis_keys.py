@@ -17,6 +17,8 @@ script appends its event atomically with the counter change.
     pd:{pN}:credit_deadlines            zset: "<customer> <grant id>" -> expiry ms (the sweeper's list)
     pd:{pN}:events                      the partition's event stream (drained to SQL)
     pd:{pN}:fence                       exists while `policyd rebuild` rewrites the partition
+    pd:{caps}:b:cap:<name>:<unit>:<window>:<start>   an operator's cap (every customer's requests count in it:
+                                        scripts touch it beside one partition's keys, so caps need a single Redis)
     pd:rid:<request_id>                 -> partition of the reservation (for Settle/Release)
     pd:policy                           version of the active policy (a change makes replicas reload)
 """
@@ -65,6 +67,11 @@ def inflight(partition: int, key_id: str) -> str:
 
 def bucket(partition: int, scope: str, scope_id: str, unit: str, window: str, start: int) -> str:
     return f"{_tag(partition)}:b:{scope}:{scope_id}:{unit}:{window}:{start}"
+
+
+def cap_bucket(name: str, unit: str, window: str, start: int) -> str:
+    """The bucket of an operator's cap: one for every customer, in no partition (a single Redis only)."""
+    return f"{PREFIX}:{{caps}}:b:cap:{name}:{unit}:{window}:{start}"
 
 
 def grant_marker(partition: int, grant_id: str) -> str:

@@ -54,3 +54,22 @@ async def test_the_whole_flow_on_a_cluster(cluster: RedisCluster, tmp_path: Path
         assert (await service.admin.audit()).ok
     finally:
         await service.close()
+
+
+async def test_a_policy_with_caps_is_refused_on_a_cluster(cluster: RedisCluster, tmp_path: Path) -> None:
+    """A cap is one counter beside every partition's: a cluster cannot change it in one step with a
+    customer's, so the policy is refused, with the reason, and the one in force stays."""
+    from policyd.domain import PolicydError
+
+    service = await Service.build(make_settings({"redis_url": cluster.url,
+                                                 "database_url": f"sqlite:///{tmp_path / 'p.db'}"}, partitions=8))
+    try:
+        await service.start()
+        first = await service.admin.apply_policy(SAMPLE_POLICY, "p.yaml")
+        capped = SAMPLE_POLICY + '\ncaps:\n  - {name: all-day, window: day, unit: cost, limit: "100.00"}\n'
+        with pytest.raises(PolicydError) as refused:
+            await service.admin.apply_policy(capped, "capped.yaml")
+        assert refused.value.reason == "invalid_policy" and "Redis Cluster" in refused.value.message
+        assert service.admin.book.current.version == first.version
+    finally:
+        await service.close()

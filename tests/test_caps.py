@@ -1,0 +1,130 @@
+"""The operator's caps: one counter across every customer (a provider's daily bill, a premium model's
+hourly requests), reserved in the same atomic step as each customer's wallet and limits."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from policyd.domain import PolicydError
+from policyd.money import parse_amount, price_quantity
+from policyd.server import Service
+from tests.helpers import ask, fund, new_key, usage
+
+_customers = itertools.count()
+
+# one gpt-4o-mini request of ask(prompt_bytes=400, max_output_tokens=100) is estimated at 104 input tokens
+ESTIMATE_COST = price_quantity(104, parse_amount("0.15")) + price_quantity(100, parse_amount("0.60"))
+
+CAPPED = """
+currency: USD
+timezone: Europe/Paris
+price_table:
+  version: "caps-1"
+  models:
+    gpt-4o-mini: {provider: openai, tier: low-cost, input: "0.15", output: "0.60"}
+    gpt-4o: {provider: openai, tier: premium, input: "2.50", output: "10.00"}
+    claude-sonnet: {provider: anthropic, tier: premium, input: "3.00", output: "15.00"}
+plans:
+  pro:
+    models: ["*"]
+    markup_bps: 5000
+caps:
+  - {name: openai-day, provider: openai, window: day, unit: cost, limit: "OPENAI_DAY"}
+  - {name: premium-hour, models: ["tier:premium"], window: hour, unit: requests, limit: 3,
+     action: downgrade, downgrade_to: gpt-4o-mini}
+"""
+
+
+async def capped(service: Service, openai_day: int, customers: int = 2) -> list[str]:
+    """The capped policy, the OpenAI cap at `openai_day` nanos of provider cost; keys of funded customers."""
+    from policyd.money import format_amount
+
+    await service.admin.apply_policy(CAPPED.replace("OPENAI_DAY", format_amount(openai_day)), "caps.yaml")
+    secrets = []
+    for _ in range(customers):
+        customer = f"capped-{next(_customers)}"
+        secrets.append((await new_key(service, customer=customer, plan="pro"))[1])
+        await fund(service, customer, "100")
+    return secrets
+
+
+async def used(service: Service, request_id: str, label: str) -> int:
+    """What the cap `label` holds now, found through the request's record."""
+    await service.writer.drain()
+    key = next(k for k, _unit, _held in service.store.usage_record(request_id).holds if f":cap:{label}:" in k)
+    return int(await service.counters.client.hget(key, "used") or 0)
+
+
+async def test_a_cap_binds_every_customer_together_and_counts_provider_cost(service: Service) -> None:
+    """Two customers with money to spare share the operator's OpenAI cap: it counts provider cost (not the
+    marked-up charge), is held at Authorize and trued up at Settle, and refuses whoever would cross it."""
+    alice, bob = await capped(service, openai_day=ESTIMATE_COST * 5 // 2)
+    first = await service.engine.authorize(ask(alice, request_id="a1"))
+    assert first.decision == "allow" and first.reserved == ESTIMATE_COST * 3 // 2  # the charge has the markup
+    assert await used(service, "a1", "openai-day") == ESTIMATE_COST  # the cap, the provider's cost
+    assert (await service.engine.authorize(ask(bob, request_id="b1"))).decision == "allow"
+    refused = await service.engine.authorize(ask(bob, request_id="b2"))
+    assert (refused.decision, refused.reason, refused.http_status) == ("deny", "budget_exceeded", 429)
+    assert 0 < refused.retry_after_seconds <= 86400 + 3600  # until the cap's day ends (in Paris)
+    assert (await service.engine.authorize(ask(alice, request_id="c1", model="claude-sonnet"))).decision == "allow"
+    await service.engine.settle(usage("a1", input_tokens=100, output_tokens=10))  # less than estimated
+    actual = price_quantity(100, parse_amount("0.15")) + price_quantity(10, parse_amount("0.60"))
+    assert await used(service, "a1", "openai-day") == actual + ESTIMATE_COST
+    assert (await service.engine.authorize(ask(bob, request_id="b3"))).decision == "allow"  # room again
+    await service.engine.release("b1", "upstream_error")
+    await service.engine.release("b3", "upstream_error")
+    assert await used(service, "a1", "openai-day") == actual
+    assert (await service.admin.audit()).ok
+
+
+async def test_a_cap_cannot_be_overshot_by_concurrent_customers(service: Service) -> None:
+    """Forty requests of twenty customers at once against a cap with room for seven: seven are allowed."""
+    secrets = await capped(service, openai_day=ESTIMATE_COST * 7 + ESTIMATE_COST // 2, customers=20)
+    decisions = await asyncio.gather(*(service.engine.authorize(ask(secrets[n % 20], request_id=f"race-{n}"))
+                                       for n in range(40)))
+    allowed = [d.request_id for d in decisions if d.decision == "allow"]
+    assert len(allowed) == 7
+    assert {d.reason for d in decisions if d.decision == "deny"} == {"budget_exceeded"}
+    assert await used(service, allowed[0], "openai-day") == 7 * ESTIMATE_COST
+
+
+async def test_a_cap_may_downgrade_to_a_model_it_does_not_cover(service: Service) -> None:
+    """The premium cap's fourth request in the hour is served on gpt-4o-mini, whoever sends it."""
+    alice, bob = await capped(service, openai_day=parse_amount("100"))
+    served = [(await service.engine.authorize(ask(secret, model="gpt-4o", request_id=f"p{n}"))).served_model
+              for n, secret in enumerate((alice, bob, alice, bob))]
+    assert served == ["gpt-4o", "gpt-4o", "gpt-4o", "gpt-4o-mini"]
+    late = await service.engine.authorize(ask(alice, model="claude-sonnet", request_id="p4"))
+    assert (late.decision, late.served_model) == ("downgrade", "gpt-4o-mini")
+
+
+async def test_rebuild_restores_a_cap_from_the_records(service: Service) -> None:
+    alice, bob = await capped(service, openai_day=ESTIMATE_COST * 5 // 2)
+    await service.engine.authorize(ask(alice, request_id="open"))
+    await service.engine.authorize(ask(bob, request_id="done"))
+    await service.engine.settle(usage("done"))
+    before = await used(service, "open", "openai-day")
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    await service.admin.rebuild()
+    assert await used(service, "open", "openai-day") == before
+    assert (await service.engine.authorize(ask(bob, request_id="over"))).reason == "budget_exceeded"
+    assert (await service.admin.audit()).ok
+
+
+@pytest.mark.parametrize("caps, message", [
+    ('[{name: x, provider: nobody, window: day, unit: cost, limit: "1"}]', "match nothing"),
+    ('[{name: x, window: day, unit: cost, limit: "1"}, {name: x, window: hour, unit: requests, limit: 1}]',
+     "another cap"),
+    ('[{name: x, models: [gpt-4o], window: day, unit: cost, limit: "1", action: downgrade, downgrade_to: nope}]',
+     "not in the price table"),
+    ('[{name: "a b", window: day, unit: cost, limit: "1"}]', "name"),
+])
+async def test_caps_that_cannot_work_are_refused_with_the_reason(service: Service, caps: str, message: str) -> None:
+    text = CAPPED.split("caps:")[0] + f"caps: {caps}\n"
+    with pytest.raises(PolicydError) as refused:
+        await service.admin.apply_policy(text, "caps.yaml")
+    assert refused.value.reason == "invalid_policy" and message in refused.value.message
