@@ -21,7 +21,8 @@ from policyd.db import ApiKeyRow, PolicyVersionRow
 from policyd.directory import KeyDirectory
 from policyd.domain import PolicydError
 from policyd.money import AMOUNT_MAX
-from policyd.policy import ENVIRONMENTS, Policy, PolicyError, canonical_text, diff, parse_policy
+from policyd.policy import ENVIRONMENTS, Cap, Policy, PolicyError, canonical_text, diff, parse_policy
+from policyd.pricing import Quantities
 from policyd.policy_book import PolicyBook
 from policyd import invoices, key_limits, quotas, reconcile, reports
 from policyd.quotas import remaining_ttl
@@ -418,6 +419,18 @@ class Admin:
                                 "limit": limit.limit, "scope": limit.scope, "thresholds": list(limit.thresholds),
                                 "action": limit.action})
         return {"key": row, "models": models, "buckets": buckets, **activity}
+
+    async def caps(self) -> list[tuple[Cap, int, int]]:
+        """The operator's caps in the policy in force: each with what its current window holds (open
+        requests' holds, closed ones' charges) and when that window ends (unix s, 0 for a total)."""
+        if self.book.current is None:
+            return []
+        now_s = now_ms() // 1000
+        states = []
+        for cap in self.book.current.document.caps:
+            hold, window = quotas.cap_hold(cap, now_s, 0, 0, Quantities())
+            states.append((cap, int(await self.counters.client.hget(hold.key, "used") or 0), window.end))
+        return states
 
     # ------------------------------------------------------------------ audit and rebuild
     async def audit(self) -> AuditResult:

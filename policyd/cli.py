@@ -329,6 +329,22 @@ def _wallet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _caps(args: argparse.Namespace) -> int:
+    import time
+
+    stub, md = _stub(args)
+    response = stub.ListCaps(admin_pb2.ListCapsRequest(), metadata=md)
+    lines = []
+    for c in response.caps:
+        used, limit = (format_amount(c.used), format_amount(c.limit)) if c.unit in MONEY_UNITS else (c.used, c.limit)
+        covers = " ".join(filter(None, (c.provider, ",".join(c.models)))) or "every request"
+        ends = time.strftime(" until %Y-%m-%d %H:%M UTC", time.gmtime(c.resets_unix)) if c.resets_unix else ""
+        action = f", then {c.action}" + (f" to {c.downgrade_to}" if c.downgrade_to else "") if c.action != "block" else ""
+        lines.append(f"{c.name}: {used} of {limit} {c.unit} this {c.window}{ends} ({covers}{action})")
+    _print(args, response, "\n".join(lines) or "no caps in the policy in force")
+    return 0
+
+
 def _audit(args: argparse.Namespace) -> int:
     stub, md = _stub(args)
     response = stub.Audit(admin_pb2.AuditRequest(), metadata=md)
@@ -722,6 +738,7 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("config-reference", help="print the configuration reference (Markdown)").set_defaults(
         run=lambda args: print(settings_reference(), end="") or 0)
 
+    client(commands.add_parser("caps", help="the operator's caps: what each holds this window")).set_defaults(run=_caps)
     client(commands.add_parser("audit", help="check Redis counters against the SQL ledger")).set_defaults(run=_audit)
     client(commands.add_parser("rebuild", help="rewrite every counter from SQL")).set_defaults(run=_rebuild)
     return root

@@ -428,6 +428,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             last_used_unix_ms=review["last_used_ms"], requests=review["requests"], denials=review["denials"],
             errors=review["errors"], denials_by_reason=review["denials_by_reason"])
 
+    async def ListCaps(self, request: admin_pb2.ListCapsRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._operator(context)
+        current = self.admin.book.current
+        return admin_pb2.ListCapsResponse(currency=current.document.currency if current else "", caps=[
+            admin_pb2.CapState(name=c.name, provider=c.provider, models=list(c.models), window=c.window,
+                               timezone=c.timezone, unit=c.unit, limit=c.limit, used=used, resets_unix=ends,
+                               action=c.action, downgrade_to=c.downgrade_to)
+            for c, used, ends in await _call(context, self.admin.caps)])
+
     async def Audit(self, request: admin_pb2.AuditRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._operator(context)
         result = await _call(context, self.admin.audit)

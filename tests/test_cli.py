@@ -129,6 +129,29 @@ def test_keys_with_limits_of_their_own(server: PolicydProcess) -> None:
     assert wrong.returncode != 0 and "WINDOW:UNIT:VALUE" in wrong.stderr
 
 
+def test_caps_from_the_command_line(server: PolicydProcess, tmp_path: Path) -> None:
+    """An operator caps OpenAI's daily bill across every customer, sees what the cap holds, and a request
+    that would cross it is refused, naming the cap."""
+    assert run(server, "caps").stdout.strip() == "no caps in the policy in force"
+    capped = tmp_path / "capped.yaml"
+    capped.write_text(Path(SAMPLE).read_text() + '\ncaps:\n  - {name: openai-day, provider: openai, window: day, '
+                                                  'unit: cost, limit: "LIMIT"}\n')
+    capped.write_text(capped.read_text().replace("LIMIT", "1.00"))
+    assert run(server, "apply", "-f", str(capped)).returncode == 0
+    for customer in ("one", "two"):
+        secret = json.loads(run(server, "keys", "create", "--customer", customer, "--plan", "pro", "--json").stdout)["secret"]
+        run(server, "credit", "grant", "--customer", customer, "--amount", "5")
+        assert run(server, "authorize", "--key", secret, "--model", "gpt-4o-mini").returncode == 0
+    state = json.loads(run(server, "caps", "--json").stdout)["caps"][0]
+    held = int(state["used"])
+    assert held > 0 and state["limit"] == "1000000000" and state["provider"] == "openai"
+    assert run(server, "caps").stdout.startswith(f"openai-day: 0.{held:09d} of 1.000000000 cost this day until ")
+    capped.write_text(capped.read_text().replace('limit: "1.00"', f'limit: "0.{held + 1:09d}"'))
+    assert run(server, "apply", "-f", str(capped)).returncode == 0
+    refused = run(server, "authorize", "--key", secret, "--model", "gpt-4o-mini")
+    assert refused.returncode == 2 and "budget_exceeded" in refused.stdout and "openai-day" in refused.stdout
+
+
 def test_apply_dry_run_and_errors(server: PolicydProcess, tmp_path: Path) -> None:
     changed = tmp_path / "changed.yaml"
     changed.write_text(Path(SAMPLE).read_text().replace('output: "10.00"', 'output: "8.00"'))

@@ -586,6 +586,44 @@ class ReconcileResponse(_message.Message):
     totals: _containers.ScalarMap[str, int]
     def __init__(self, ok: _Optional[bool] = ..., basis: _Optional[str] = ..., lines: _Optional[_Iterable[_Union[ReconcileLine, _Mapping]]] = ..., totals: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
+class ListCapsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CapState(_message.Message):
+    __slots__ = ("name", "provider", "models", "window", "timezone", "unit", "limit", "used", "resets_unix", "action", "downgrade_to")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    TIMEZONE_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    RESETS_UNIX_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    DOWNGRADE_TO_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    provider: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    window: str
+    timezone: str
+    unit: str
+    limit: int
+    used: int
+    resets_unix: int
+    action: str
+    downgrade_to: str
+    def __init__(self, name: _Optional[str] = ..., provider: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., window: _Optional[str] = ..., timezone: _Optional[str] = ..., unit: _Optional[str] = ..., limit: _Optional[int] = ..., used: _Optional[int] = ..., resets_unix: _Optional[int] = ..., action: _Optional[str] = ..., downgrade_to: _Optional[str] = ...) -> None: ...
+
+class ListCapsResponse(_message.Message):
+    __slots__ = ("currency", "caps")
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    CAPS_FIELD_NUMBER: _ClassVar[int]
+    currency: str
+    caps: _containers.RepeatedCompositeFieldContainer[CapState]
+    def __init__(self, currency: _Optional[str] = ..., caps: _Optional[_Iterable[_Union[CapState, _Mapping]]] = ...) -> None: ...
+
 class AuditRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -143,6 +143,11 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
                 _registered_method=True)
+        self.ListCaps = channel.unary_unary(
+                '/policyd.v1.AdminService/ListCaps',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.ListCapsRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.ListCapsResponse.FromString,
+                _registered_method=True)
         self.Audit = channel.unary_unary(
                 '/policyd.v1.AdminService/Audit',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.AuditRequest.SerializeToString,
@@ -312,6 +317,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCaps(self, request, context):
+        """the operator's caps: each one's current window
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Audit(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -455,6 +467,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Reconcile,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.ReconcileRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.ReconcileResponse.SerializeToString,
+            ),
+            'ListCaps': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCaps,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.ListCapsRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.ListCapsResponse.SerializeToString,
             ),
             'Audit': grpc.unary_unary_rpc_method_handler(
                     servicer.Audit,
@@ -1058,6 +1075,33 @@ class AdminService:
             '/policyd.v1.AdminService/Reconcile',
             policyd_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCaps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/ListCaps',
+            policyd_dot_v1_dot_admin__pb2.ListCapsRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.ListCapsResponse.FromString,
             options,
             channel_credentials,
             insecure,
