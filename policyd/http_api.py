@@ -439,9 +439,20 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.unseen_input = not call.count_tokens and _unseen_input(data)
     tier = data.get("service_tier")
     call.service_tier = tier[:32] if isinstance(tier, str) and tier not in ("auto", "default") else ""
-    if not call.attribution.end_user_id and isinstance(data.get("user"), str):
-        call.attribution = replace(call.attribution, end_user_id=data["user"][:256])
+    if not call.attribution.end_user_id and (end_user := _end_user(data)):
+        call.attribution = replace(call.attribution, end_user_id=end_user[:256])
     return call
+
+
+def _end_user(data: dict[str, Any]) -> str:
+    """The end user a body names, as each API lets a client say it: OpenAI's `safety_identifier` (which
+    replaces `user`) or `user`, Anthropic's `metadata.user_id`."""
+    metadata = data.get("metadata")
+    for value in (data.get("safety_identifier"), data.get("user"),
+                  metadata.get("user_id") if isinstance(metadata, dict) else None):
+        if isinstance(value, str) and value:
+            return value
+    return ""
 
 
 def _speech_to_text(call: HttpCall, content_type: str, body: bytes, path_model: str) -> HttpCall:

@@ -77,6 +77,13 @@ def test_shape_and_attribution() -> None:
     a = call.attribution
     assert (a.feature, a.thread_id, a.request_id, a.tags, a.end_user_id) == ("chat", "t", "r1", {"team": "search"}, "u-9")
     assert call.client_address == "1.2.3.4"
+    for said, end_user in (({"safety_identifier": "hashed-7", "user": "u-9"}, "hashed-7"), ({"user": "u-9"}, "u-9"),
+                           ({"metadata": {"user_id": "anthropic-3"}}, "anthropic-3"), ({"user": 5, "metadata": []}, "")):
+        path = "/v1/messages" if "metadata" in said else "/v1/chat/completions"
+        named = parse_call("POST", path, {}, json.dumps({"model": "m", "max_tokens": 5, "messages": [], **said}).encode())
+        assert named.attribution.end_user_id == end_user, said
+    assert parse_call("POST", "/v1/chat/completions", {"x-end-user-id": "header-1"}, json.dumps(
+        {"model": "m", "messages": [], "safety_identifier": "body-1"}).encode()).attribution.end_user_id == "header-1"
     gemini = parse_call("POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent", {},
                         b'{"contents": [], "generationConfig": {"maxOutputTokens": 9}}')
     assert (gemini.model, gemini.stream, gemini.max_output_tokens) == ("gemini-2.5-flash", True, 9)
