@@ -570,10 +570,13 @@ class Admin:
                     pipe.zadd(redis_keys.expiring_credits(p, customer), {grant_id: expiries[grant_id]})
                     pipe.hset(redis_keys.credit_left(p, customer), grant_id, str(left))
                 written += 1
+            from policyd.engine import CONVERSATION_PRICE
+
             kept_ms = STORED_RESPONSE_SECONDS * 1000
             for response_id, customer, provider, served, account, created_ms in await asyncio.to_thread(
-                    self.store.stored_responses, at - kept_ms):
-                price = self.book.current.model(served) if self.book.current is not None else None
+                    self.store.stored_responses, at - kept_ms):  # and conversations made (no model served)
+                price = CONVERSATION_PRICE if not served else \
+                    self.book.current.model(served) if self.book.current is not None else None
                 seconds = (created_ms + kept_ms - at) // 1000
                 if seconds > 0:
                     self.counters.queue_stored_response(await batch.pipe(), response_id, customer, provider,

@@ -74,6 +74,8 @@ class AuthorizeInput:
     count_tokens: bool = False  # the request only counts tokens: free, nothing reserved (Engine.admit_token_count)
     stored_response: str = ""  # the request reads or deletes this stored response (free: Engine.admit_stored_response)
     previous_response: str = ""  # the stored response a Responses API request continues (previous_response_id)
+    creates_conversation: bool = False  # POST /v1/conversations: free; whose it is, remembered from its reply
+    conversation: str = ""  # the conversation a Responses API request adds to (its `conversation`)
 
 
 @dataclass(frozen=True)

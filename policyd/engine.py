@@ -68,6 +68,8 @@ LATER_USAGE_FIELDS = ("web_searches", "audio_input_tokens", "audio_output_tokens
 NO_PRICE = ModelPrice.model_construct(provider="", route="", tier="", input=0, cached_input=None,
                                       cache_write_input=None, output=0,
                                       per_image=0, per_request=0, per_second=0)
+# what making a conversation (OpenAI's POST /v1/conversations) costs, and where it goes: nothing, OpenAI
+CONVERSATION_PRICE = NO_PRICE.model_copy(update={"provider": "openai"})
 
 
 # the decision of a key read under terms (plan, scopes, own limits) the operator has since changed: made again
@@ -92,6 +94,7 @@ def new_request_id() -> str:
 
 FREE_ENDPOINTS = frozenset({"moderations"})  # free at the provider: admitted as token counts are
 STORED_RESPONSE_RECHECK_SECONDS = 0.5
+CONVERSATION_ID_PREFIX = "conv_"  # OpenAI's: a stored conversation, not a stored response
 
 
 @dataclass
@@ -257,10 +260,15 @@ class Engine:
         if not preset and request.previous_response and \
                 not await self._may_continue(owner.customer_id, request.previous_response):
             preset, param = "response_not_found", "previous_response_id"
+        if not preset and request.conversation and \
+                not await self._may_continue(owner.customer_id, request.conversation):
+            preset, param = "conversation_not_found", "conversation"
 
         # 4. estimate and buckets (only when the policy allows the request)
         attempt = None
-        if not preset and policy is not None and plan is not None:
+        if not preset and request.creates_conversation:  # free: reserved at 0, settled with its id
+            attempt = _Plan("", CONVERSATION_PRICE, 0, 0, 0, [], {})
+        elif not preset and policy is not None and plan is not None:
             model, fallback_reason = self._route_around(policy, plan, key.scopes, owner.environment, request.model,
                                                         request.shape, unavailable_providers)
             attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="", own_limits=key.limits)
@@ -379,11 +387,12 @@ class Engine:
 
     async def admit_stored_response(self, request: AuthorizeInput) -> Decision:
         """A request that reads, deletes or cancels a response the provider stored (the Responses API's
-        GET/DELETE /v1/responses/{id}, its input_items, its cancel): free at the provider. The key, its state
-        and the plan's responses endpoint are checked; the response must be one made under the key's
-        customer (a miss is looked for once more a moment later: the reply that made it may still be
-        settling), else response_not_found (404, as the provider says of an id it does not know). Served
-        on the provider account that stored it; recorded only when refused."""
+        GET/DELETE /v1/responses/{id}, its input_items, its cancel), or reads, changes or deletes a
+        conversation or its items (/v1/conversations/{id}...): free at the provider. The key, its state
+        and the plan's responses endpoint are checked; the response or conversation must be one made under
+        the key's customer (a miss is looked for once more a moment later: the reply that made it may still
+        be settling), else response_not_found or conversation_not_found (404, as the provider says of an id
+        it does not know). Served on the provider account that stored it; recorded only when refused."""
         async def check(key: KeyRecord, owner: Owner, policy: Policy, plan: Plan) -> tuple[str, str, tuple[str, ...]]:
             if "responses" not in plan.endpoints:
                 return "endpoint_not_allowed", "", ()
@@ -392,7 +401,10 @@ class Engine:
                 await asyncio.sleep(STORED_RESPONSE_RECHECK_SECONDS)
                 whose = await self.counters.stored_response(request.stored_response)
             customer, *where = (whose or "").split("\t")
-            return ("", "", tuple(where)) if customer == owner.customer_id else ("response_not_found", "", ())
+            if customer == owner.customer_id:
+                return "", "", tuple(where)
+            return ("conversation_not_found" if request.stored_response.startswith(CONVERSATION_ID_PREFIX)
+                    else "response_not_found"), "", ()
 
         return await self._admit_free(request, check, "stored_response")
 
@@ -514,6 +526,8 @@ class Engine:
             return "environment_not_allowed", "environment"
         if request.endpoint not in plan.endpoints:
             return "endpoint_not_allowed", "endpoint"
+        if request.creates_conversation:  # names no model
+            return "", ""
         if policy.model(request.model) is None:
             return "unknown_model", "model"
         if not policy.model_allowed(plan, request.model, scopes):
@@ -779,7 +793,7 @@ class Engine:
         policy = await self.book.version(int(r["policy_version"]))
         plan = policy.plan(r["plan"]) if policy else None
         served = report.served_model or r["served_model"]
-        price = policy.model(served) if policy else None
+        price = (policy.model(served) if served else CONVERSATION_PRICE) if policy else None
         if policy is None or plan is None or price is None:
             raise await self._reject(report.request_id, reservation.partition, "unknown_model",
                                      f"model {served!r} is not in price table {r['price_table_version']!r}", asdict(report))

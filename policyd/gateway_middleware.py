@@ -95,6 +95,7 @@ class PolicydMiddleware:
                 image_count=call.image_count, choices=call.choices, input_tokens=call.input_tokens,
                 web_searches=call.web_searches, service_tier=call.service_tier, count_tokens=call.count_tokens,
                 stored_response_id=call.stored_response, previous_response_id=call.previous_response,
+                creates_conversation=call.creates_conversation, conversation_id=call.conversation,
                 unseen_input=call.unseen_input,
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
                 **_attribution(call))
@@ -161,10 +162,9 @@ class PolicydMiddleware:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, call: http_api.HttpCall, body: bytes,
                        decision: Decision) -> None:
-        assert call.body is not None
-        rewritten = http_api.rewrite_body(call.body, call.endpoint, decision.served_model, call.model,
-                                          decision.max_output_tokens, call.max_output_tokens > 0, call.stream,
-                                          call.model_in_path)
+        rewritten = None if call.body is None else http_api.rewrite_body(  # a conversation made: no body read
+            call.body, call.endpoint, decision.served_model, call.model, decision.max_output_tokens,
+            call.max_output_tokens > 0, call.stream, call.model_in_path)
         if rewritten is not None:
             body = http_api.encoded_body(rewritten)
         exchange = _Exchange(decision.request_id, decision.served_model,

@@ -85,6 +85,12 @@ _AZURE_RESPONSES = re.compile(r"(^|/)openai/responses/?$")
 # a response the provider stored: read (GET), deleted (DELETE), its input items (GET), cancelled (POST)
 _STORED_RESPONSE_METHODS = {"": ("GET", "DELETE"), "/input_items": ("GET",), "/cancel": ("POST",)}
 _STORED_RESPONSE = re.compile(r"(^|/)(v1|openai)/responses/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/input_items|/cancel)?/?$")
+# the Conversations API: one made (POST, free; whose it is, remembered from the reply's id); one read,
+# changed or deleted, its items listed, added, read or deleted (free, for its own customer's keys alone)
+_CONVERSATIONS = re.compile(r"(^|/)(v1|openai)/conversations/?$")
+_CONVERSATION = re.compile(r"(^|/)(v1|openai)/conversations/(?P<id>[A-Za-z0-9_.-]{1,200})"
+                           r"(?P<rest>/items(?P<item>/[A-Za-z0-9_.-]{1,200})?)?/?$")
+_CONVERSATION_METHODS = {"": ("GET", "POST", "DELETE"), "/items": ("GET", "POST"), "/item": ("GET", "DELETE")}
 _MODELS = re.compile(r"(^|/)v1/models/?$")
 _KEY_SUMMARY = re.compile(r"(^|/)v1/key/?$")
 
@@ -128,8 +134,10 @@ class HttpCall:
     model: str = ""
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment): a downgrade rewrites it
     count_tokens: bool = False  # a token count of the endpoint family (free: nothing reserved or charged)
-    stored_response: str = ""  # ... or a stored response read, deleted or cancelled (free too)
+    stored_response: str = ""  # ... or a stored response read, deleted or cancelled (free too), or a conversation
     previous_response: str = ""  # the stored response a Responses API request continues
+    creates_conversation: bool = False  # POST /v1/conversations: free, settled with the conversation's id
+    conversation: str = ""  # the conversation a Responses API request adds to
     stream: bool = False
     body: dict[str, Any] | MultipartForm | None = None  # JSON, or a speech-to-text request's form
     max_output_tokens: int = 0
@@ -161,6 +169,7 @@ class HttpCall:
                         audio_bytes=self.audio_bytes),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, previous_response=self.previous_response,
+            creates_conversation=self.creates_conversation, conversation=self.conversation,
         )
 
 
@@ -173,7 +182,8 @@ class Endpoint:
     models_listing: bool = False
     key_summary: bool = False
     count_tokens: bool = False
-    stored_response: str = ""  # the id of a stored response the request reads, deletes or cancels
+    stored_response: str = ""  # the id of a stored response the request reads, deletes or cancels, or a conversation's
+    creates_conversation: bool = False
 
 
 def endpoint_of(method: str, path: str) -> Endpoint:
@@ -203,6 +213,13 @@ def endpoint_of(method: str, path: str) -> Endpoint:
     if stored and stored.group("id") != "input_tokens" and \
             method.upper() in _STORED_RESPONSE_METHODS[stored.group("rest") or ""]:
         return Endpoint("responses", count_tokens=True, stored_response=stored.group("id"))
+    if method.upper() == "POST" and _CONVERSATIONS.search(path):
+        return Endpoint("responses", creates_conversation=True)
+    conversation = _CONVERSATION.search(path)
+    if conversation:
+        rest = "/item" if conversation.group("item") else conversation.group("rest") or ""
+        if method.upper() in _CONVERSATION_METHODS[rest]:
+            return Endpoint("responses", count_tokens=True, stored_response=conversation.group("id"))
     return Endpoint()
 
 
@@ -367,6 +384,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.endpoint, call.models_listing, call.count_tokens = endpoint, listing, named.count_tokens
     call.key_summary = named.key_summary
     call.stored_response = named.stored_response
+    call.creates_conversation = named.creates_conversation
     call.attribution = _attribution(headers)
     forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
     call.client_address = forwarded or client_address
@@ -382,6 +400,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "unknown_endpoint", f"policyd does not know the endpoint {method} {path[:200]}", "path")
     if len(body) > REQUEST_BODY_BYTES_MAX:
         return _problem(call, "request_too_large", f"the request body is larger than {REQUEST_BODY_BYTES_MAX} bytes")
+    if call.creates_conversation:  # no model: its items go to the provider as they are
+        return call
     if endpoint == "audio_transcriptions":
         return _speech_to_text(call, headers.get("content-type", ""), body, path_model)
     if endpoint == "images" and MultipartForm.boundary_of(headers.get("content-type", "")) is not None:
@@ -435,6 +455,11 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
                         "background")
     if endpoint == "responses" and isinstance(data.get("previous_response_id"), str):
         call.previous_response = data["previous_response_id"][:256]
+    conversation = data.get("conversation") if endpoint == "responses" else None
+    if isinstance(conversation, dict):  # {"id": "conv_..."}
+        conversation = conversation.get("id")
+    if isinstance(conversation, str):
+        call.conversation = conversation[:256]
     call.web_searches = _search_bound(endpoint, data)
     call.unseen_input = not call.count_tokens and _unseen_input(data)
     tier = data.get("service_tier")

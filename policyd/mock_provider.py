@@ -27,6 +27,7 @@ from policyd.audio import wav_seconds
 from policyd.multipart import MultipartError, MultipartForm
 
 STORED_RESPONSE_PATH = re.compile(r"/v1/responses/(?P<id>resp_[^/]+)(?P<rest>/input_items|/cancel)?$")
+CONVERSATION_PATH = re.compile(r"/v1/conversations(/(?P<id>[^/]+)(?P<items>/items(/(?P<item>[^/]+))?)?)?$")
 WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
 COMPLETION_TOKENS_MAX = len(WORDS)
 
@@ -70,6 +71,7 @@ class MockProvider:
         self.lock = threading.Lock()
         self.stored: dict[str, tuple[dict[str, Any], Any]] = {}  # stored responses: id -> (reply, input)
         self.response_ids = itertools.count(1)
+        self.conversations: dict[str, dict[str, Any]] = {}  # id -> {"metadata": ..., "items": [...]}
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -82,7 +84,7 @@ class MockProvider:
                 if self.path == "/_mock/requests":
                     with provider.lock:
                         self._json(200, provider.requests)
-                elif "/responses/" in self.path:
+                elif "/responses/" in self.path or "/conversations/" in self.path:
                     provider.handle(self)
                 else:
                     self._json(404, {"error": {"type": "not_found", "message": "no such path"}})
@@ -179,6 +181,9 @@ class MockProvider:
         stored = STORED_RESPONSE_PATH.search(route)
         if stored:
             return self._stored_response(h, stored.group("id"), stored.group("rest") or "", h.command)
+        conversation = CONVERSATION_PATH.search(route)
+        if conversation:
+            return self._conversation(h, body, conversation)
         deployment = route.split("/openai/deployments/", 1)[1].split("/", 1)[0] if "/openai/deployments/" in route else ""
         model = deployment or body.get("model", "")  # Azure OpenAI serves the deployment the path names
         p_tokens = prompt_tokens(body)
@@ -249,6 +254,16 @@ class MockProvider:
             if body.get("store") is not False:
                 with self.lock:
                     self.stored[reply["id"]] = (reply, body.get("input"))
+            named = body.get("conversation")
+            named = named.get("id") if isinstance(named, dict) else named
+            if named is not None:  # the exchange is added to the conversation
+                with self.lock:
+                    if named not in self.conversations:
+                        return h._json(404, {"error": {"type": "invalid_request_error", "code": None, "param": None,
+                                                       "message": f"Conversation with id '{named}' not found."}})
+                    self.conversations[named]["items"] += [
+                        self._item({"type": "message", "role": "user", "content": str(body.get("input"))}),
+                        self._item({"type": "message", "role": "assistant", "content": text})]
             return h._json(200, reply)
         usage = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
         if "audio" in (body.get("modalities") or []):  # gpt-4o-audio: half the prompt heard, all but one token spoken
@@ -264,6 +279,51 @@ class MockProvider:
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                           "finish_reason": "stop"}],
                              **({} if scenario == "no_usage" else {"usage": usage})})
+
+    def _item(self, item: dict[str, Any]) -> dict[str, Any]:
+        text = item.get("content")
+        content = text if isinstance(text, list) else [{"type": "input_text" if item.get("role") == "user"
+                                                         else "output_text", "text": str(text)}]
+        return {"type": "message", "id": f"msg_mock{next(self.response_ids)}", "status": "completed",
+                "role": item.get("role", "user"), "content": content}
+
+    def _conversation(self, h: Any, body: dict[str, Any], found: Any) -> None:
+        """The Conversations API: made, read, changed, deleted; its items listed, added, read, deleted."""
+        method, conversation_id, item_id = h.command, found.group("id"), found.group("item")
+        with self.lock:
+            if conversation_id is None:  # POST /v1/conversations
+                conversation_id = f"conv_mock{next(self.response_ids)}"
+                self.conversations[conversation_id] = {"metadata": body.get("metadata") or {},
+                                                       "items": [self._item(i) for i in body.get("items") or []]}
+                return h._json(200, {"id": conversation_id, "object": "conversation", "created_at": 0,
+                                     "metadata": self.conversations[conversation_id]["metadata"]})
+            held = self.conversations.get(conversation_id)
+            if held is None:
+                return h._json(404, {"error": {"type": "invalid_request_error", "code": None, "param": None,
+                                               "message": f"Conversation with id '{conversation_id}' not found."}})
+            summary = {"id": conversation_id, "object": "conversation", "created_at": 0, "metadata": held["metadata"]}
+            if found.group("items") is None:
+                if method == "DELETE":
+                    del self.conversations[conversation_id]
+                    return h._json(200, {"id": conversation_id, "object": "conversation.deleted", "deleted": True})
+                if method == "POST":
+                    held["metadata"] = body.get("metadata") or {}
+                    summary["metadata"] = held["metadata"]
+                return h._json(200, summary)
+            if item_id is not None:
+                item = next((i for i in held["items"] if i["id"] == item_id), None)
+                if item is None:
+                    return h._json(404, {"error": {"type": "invalid_request_error", "message": "no such item"}})
+                if method == "DELETE":
+                    held["items"].remove(item)
+                    return h._json(200, summary)
+                return h._json(200, item)
+            added = [self._item(i) for i in body.get("items") or []] if method == "POST" else []
+            held["items"] += added
+            listed = added if method == "POST" else held["items"]
+            return h._json(200, {"object": "list", "data": listed, "has_more": False,
+                                 "first_id": listed[0]["id"] if listed else None,
+                                 "last_id": listed[-1]["id"] if listed else None})
 
     def _stored_response(self, h: Any, response_id: str, rest: str, method: str) -> None:
         """The Responses API's stored responses: read, deleted, their input items, cancelled."""

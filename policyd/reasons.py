@@ -28,6 +28,7 @@ _REASONS = [
     Reason("endpoint_not_allowed", 403, "permission_error"),
     Reason("unknown_model", 404, "invalid_request_error"),
     Reason("response_not_found", 404, "invalid_request_error"),  # a stored response of another customer, or none
+    Reason("conversation_not_found", 404, "invalid_request_error"),  # ... a conversation
     Reason("unknown_endpoint", 400, "invalid_request_error"),
     Reason("invalid_request", 400, "invalid_request_error"),
     Reason("invalid_metadata", 400, "invalid_request_error"),
@@ -71,6 +72,7 @@ MESSAGES = {
     "endpoint_not_allowed": "This API key may not use this endpoint.",
     "unknown_model": "The requested model does not exist.",
     "response_not_found": "No response with this id was made with this API key's account.",
+    "conversation_not_found": "No conversation with this id was made with this API key's account.",
     "unknown_plan": "The plan of this API key is not in the active policy.",
     "no_policy": "No policy has been applied yet.",
     "insufficient_quota": "You exceeded your current quota: the prepaid balance cannot cover this request.",

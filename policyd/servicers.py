@@ -91,6 +91,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
         user_agent=request.client.user_agent,
         count_tokens=request.count_tokens,
         stored_response=request.stored_response_id[:256], previous_response=request.previous_response_id[:256],
+        creates_conversation=request.creates_conversation, conversation=request.conversation_id[:256],
     )
 
 

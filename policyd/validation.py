@@ -68,6 +68,9 @@ def check_authorize(request: AuthorizeInput) -> None:
             raise Problem("invalid_request", "a stored response's id is 1-200 characters of [A-Za-z0-9_.-]",
                           "stored_response_id")
         return
+    _text_field("conversation", request.conversation, STORED_RESPONSE_ID_LENGTH_MAX)
+    if request.creates_conversation:  # names no model
+        return
     if not request.model:
         raise Problem("invalid_request", "model is required", "model")
     _text_field("previous_response_id", request.previous_response, STORED_RESPONSE_ID_LENGTH_MAX)

@@ -1054,6 +1054,47 @@ def test_stored_responses_are_reached_by_their_own_customer_only(gateway: Gatewa
     assert len(sent) == 4 and all(r["authorization"] == sent[0]["authorization"] != "" for r in sent)
 
 
+def test_conversations_are_reached_by_their_own_customer_only(gateway: Gateway) -> None:
+    """OpenAI's conversations: one made is free (settled at 0, its id kept in the record, so a rebuild knows
+    whose it is), then read, changed, listed, added to and answered in by any key of its customer, on the
+    account that made it; another customer's key gets 404 conversation_not_found (recorded), as if it did
+    not exist, and cannot add to it through a response either."""
+    mine = gateway.client(gateway.customer("e2e-conv"))
+    my_other_key = gateway.client(gateway.customer("e2e-conv", credit=""))
+    theirs = gateway.client(gateway.customer("e2e-conv-other"))
+    raw = mine.conversations.with_raw_response.create(
+        items=[{"type": "message", "role": "user", "content": "remember this"}], metadata={"topic": "ledger"})
+    made = raw.parse()
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["charge_nanos"], record["provider_response_id"]) == ("settled", 0, made.id)
+    assert not record["error_class"]  # its reply is its whole usage: nothing estimated
+    assert my_other_key.conversations.retrieve(made.id).metadata == {"topic": "ledger"}
+    my_other_key.conversations.items.create(made.id, items=[{"type": "message", "role": "user", "content": "more"}])
+    assert len(mine.conversations.items.list(made.id).data) == 2
+    answer = mine.responses.with_raw_response.create(model="gpt-4o-mini", input="and?", conversation=made.id,
+                                                     max_output_tokens=8)
+    assert gateway.record(answer.headers["x-policyd-request-id"])["charge_nanos"] > 0
+    assert len(mine.conversations.items.list(made.id).data) == 4
+    for attempt in (lambda: theirs.conversations.retrieve(made.id),
+                    lambda: theirs.conversations.update(made.id, metadata={"topic": "mine now"}),
+                    lambda: theirs.conversations.delete(made.id),
+                    lambda: theirs.conversations.items.list(made.id),
+                    lambda: theirs.conversations.items.create(made.id, items=[
+                        {"type": "message", "role": "user", "content": "injected"}])):
+        with pytest.raises(openai.NotFoundError) as refused:
+            attempt()
+        assert refused.value.code == "conversation_not_found"
+    with pytest.raises(openai.NotFoundError) as refused:
+        theirs.responses.create(model="gpt-4o-mini", input="what did they say?", conversation={"id": made.id},
+                                max_output_tokens=8)
+    assert (refused.value.code, refused.value.param) == ("conversation_not_found", "conversation")
+    assert [r.reason for r in gateway.records("e2e-conv-other")] == ["conversation_not_found"] * 6
+    assert mine.conversations.retrieve(made.id).metadata == {"topic": "ledger"}  # nothing of theirs reached it
+    assert mine.conversations.delete(made.id).deleted
+    sent = [r for r in gateway.mock.received() if "/v1/conversations" in r["path"]]
+    assert len(sent) == 7 and all(r["authorization"] == sent[0]["authorization"] != "" for r in sent)
+
+
 def test_gemini_embeddings_are_charged_as_estimated_from_their_text(gateway: Gateway) -> None:
     """Gemini's embedContent and batchEmbedContents report no usage: each is charged the input estimated
     from its text (marked usage_estimated), never passed unmetered."""

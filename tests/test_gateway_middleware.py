@@ -408,3 +408,21 @@ def test_stored_responses_are_reached_by_their_own_customer_only(gateway: Exampl
     mine.responses.delete(made.id)
     with pytest.raises(openai.NotFoundError):
         mine.responses.retrieve(made.id)
+
+
+def test_conversations_are_reached_by_their_own_customer_only(gateway: ExampleGateway) -> None:
+    mine = gateway.client(gateway.customer("mw-conv"))
+    theirs = gateway.client(gateway.customer("mw-conv-other"))
+    raw = mine.conversations.with_raw_response.create(metadata={"topic": "t"})
+    made = raw.parse()
+    record = gateway.record(raw.headers["x-policyd-request-id"])  # settled at 0 with the conversation's id
+    assert (record["charge_nanos"], record["provider_response_id"]) == (0, made.id)
+    mine.responses.create(model="gpt-4o-mini", input="hi", conversation=made.id, max_output_tokens=8)
+    assert len(mine.conversations.items.list(made.id).data) == 2
+    with pytest.raises(openai.NotFoundError) as refused:
+        theirs.conversations.items.list(made.id)
+    assert refused.value.code == "conversation_not_found"
+    with pytest.raises(openai.NotFoundError) as refused:
+        theirs.responses.create(model="gpt-4o-mini", input="hi", conversation=made.id, max_output_tokens=8)
+    assert (refused.value.code, refused.value.param) == ("conversation_not_found", "conversation")
+    assert mine.conversations.delete(made.id).deleted

@@ -555,6 +555,34 @@ def test_stored_responses_are_named_by_path_and_method_and_their_ids_read_from_r
     assert (streamed.response_id, whole.response_id, chat.response_id) == ("resp_s", "resp_w", "")
 
 
+def test_conversations_are_named_by_path_and_method_and_their_ids_read_from_replies() -> None:
+    """A conversation made (POST /v1/conversations) is settled, not free-passed; one read, changed, deleted,
+    or its items, is reached as a stored response is; a response names the conversation it adds to."""
+    for method, path, stored in (("GET", "/v1/conversations/conv_1", "conv_1"), ("POST", "/v1/conversations/conv_1", "conv_1"),
+                                 ("DELETE", "/v1/conversations/conv_1", "conv_1"),
+                                 ("GET", "/v1/conversations/conv_1/items?limit=5", "conv_1"),
+                                 ("POST", "/v1/conversations/conv_1/items", "conv_1"),
+                                 ("GET", "/v1/conversations/conv_1/items/msg_2", "conv_1"),
+                                 ("DELETE", "/v1/conversations/conv_1/items/msg_2", "conv_1"),
+                                 ("DELETE", "/v1/conversations/conv_1/items", ""),
+                                 ("POST", "/v1/conversations/conv_1/items/msg_2", ""), ("PUT", "/v1/conversations/conv_1", "")):
+        assert http_api.endpoint_of(method, path).stored_response == stored, (method, path)
+    made = http_api.parse_call("POST", "/v1/conversations", {"authorization": "Bearer k"},
+                               b'{"items": [{"type": "message", "role": "user", "content": "hi"}]}')
+    asked = made.authorize_input()
+    assert (made.problem, made.endpoint, made.count_tokens, asked.creates_conversation, asked.model) == (
+        "", "responses", False, True, "")
+    assert http_api.parse_call("GET", "/v1/conversations", {}, b"").problem == "unknown_endpoint"
+    for given in ("conv_9", {"id": "conv_9"}):
+        body = json.dumps({"model": "m", "input": "hi", "conversation": given}).encode()
+        assert http_api.parse_call("POST", "/v1/responses", {}, body).authorize_input().conversation == "conv_9"
+    reply = ResponseReader("responses", stream=False)
+    reply.feed(b'{"id": "conv_9", "object": "conversation", "created_at": 1, "metadata": {}}')
+    reply.finish()
+    assert (reply.response_id, reply.found_usage, reply.tokens.any) == ("conv_9", True, False)
+    assert closing(200, reply, cut=False).action == "settle"  # at 0: its reply is all its usage
+
+
 def test_cached_input_is_read_as_openai_compatible_providers_report_it() -> None:
     """DeepSeek reports its cache hits as prompt_cache_hit_tokens, Moonshot as cached_tokens beside the
     prompt's: both are cached input, priced as such, as OpenAI's prompt_tokens_details.cached_tokens is."""

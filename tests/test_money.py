@@ -421,6 +421,40 @@ async def test_rebuild_remembers_whose_each_stored_response_is(service: Service)
                                                    previous_response="resp_kept"))).decision == "allow"
 
 
+async def test_a_conversation_is_made_free_and_stays_its_customers_after_a_rebuild(service: Service) -> None:
+    """Making a conversation reserves and charges nothing (an empty wallet may), and is settled with the
+    conversation's id: only its customer may reach it or add to it, before and after a rebuild."""
+    _, mine = await new_key(service, customer="acme")
+    _, theirs = await new_key(service, customer="rival")
+    await fund(service, "rival", "3")
+    making = replace(ask(mine, request_id="conv-made", endpoint="responses", model=""), creates_conversation=True)
+    made = await service.engine.authorize(making)
+    assert (made.decision, made.reserved, made.provider, made.route) == ("allow", 0, "openai", "openai")
+    settled = await service.engine.settle(usage("conv-made", input_tokens=0, output_tokens=0,
+                                                provider_response_id="conv_kept", provider_account="second"))
+    assert (settled.charge, settled.balance_after) == (0, 0)
+
+    def reaching(secret: str) -> AuthorizeInput:
+        return replace(ask(secret, endpoint="responses"), stored_response="conv_kept")
+
+    def adding(secret: str) -> AuthorizeInput:
+        return replace(ask(secret, endpoint="responses"), conversation="conv_kept")
+
+    await service.writer.drain()
+    for rebuilt in (False, True):
+        if rebuilt:
+            await service.counters.client.flushall()
+            await service.writer.ensure_groups()
+            await service.admin.rebuild()
+        read = await service.engine.authorize(reaching(mine))
+        assert (read.decision, read.provider, read.route, read.account) == ("allow", "openai", "openai", "second")
+        assert (await service.engine.authorize(reaching(theirs))).reason == "conversation_not_found"
+        refused = await service.engine.authorize(adding(theirs))
+        assert (refused.reason, refused.error_param) == ("conversation_not_found", "conversation")
+    assert service.store.usage_record("conv-made").provider_response_id == "conv_kept"
+    assert (await service.admin.audit()).ok
+
+
 async def test_rebuild_is_fenced_against_replicas_still_running(service: Service) -> None:
     from policyd import redis_keys
 
