@@ -573,8 +573,8 @@ def test_conversations_are_named_by_path_and_method_and_their_ids_read_from_repl
     assert (made.problem, made.endpoint, made.count_tokens, asked.creates_conversation, asked.model) == (
         "", "responses", False, True, "")
     assert http_api.parse_call("GET", "/v1/conversations", {}, b"").problem == "unknown_endpoint"
-    for given in ("conv_9", {"id": "conv_9"}):
-        body = json.dumps({"model": "m", "input": "hi", "conversation": given}).encode()
+    for named in ("conv_9", {"id": "conv_9"}):
+        body = json.dumps({"model": "m", "input": "hi", "conversation": named}).encode()
         assert http_api.parse_call("POST", "/v1/responses", {}, body).authorize_input().conversation == "conv_9"
     reply = ResponseReader("responses", stream=False)
     reply.feed(b'{"id": "conv_9", "object": "conversation", "created_at": 1, "metadata": {}}')

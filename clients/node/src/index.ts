@@ -77,6 +77,10 @@ export interface AuthorizeInput {
   seconds?: number;         // speech to text: the audio's seconds, when known exactly (a WAV header)
   audioBytes?: number;      // ... else the audio's size: policyd estimates or bounds its seconds
   countTokens?: boolean;    // a free token count (count_tokens, input_tokens, countTokens): nothing reserved or to settle
+  storedResponseId?: string;     // a stored response (or conversation) read, changed or deleted: free, its customer's keys only
+  previousResponseId?: string;   // the stored response a Responses API request continues
+  createsConversation?: boolean; // POST /v1/conversations: free, settled with the conversation's id (settle extra providerResponseId)
+  conversationId?: string;       // the conversation a Responses API request adds to
   attribution?: Omit<Attribution, "requestId">;
 }
 
@@ -177,6 +181,8 @@ export class PolicyClient {
         seconds: input.seconds ?? 0, audioBytes: input.audioBytes ?? 0,
       },
       countTokens: input.countTokens ?? false,
+      storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",
+      createsConversation: input.createsConversation ?? false, conversationId: input.conversationId ?? "",
     };
     const r = await this.call<AuthorizeRequest, AuthorizeResponse__Output>(
       this.stub.authorize.bind(this.stub), request, Boolean(input.requestId));
