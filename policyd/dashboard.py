@@ -286,7 +286,14 @@ class Dashboard:
                                       "denied and downgraded requests")
         reasons = "".join(f'<tr><td>{escape(r)}</td><td class="num">{_count(d)}</td><td class="num">{_count(g)}</td></tr>'
                           for r, d, g in view.denial_reasons)
-        body = f"""{filters}{figures}
+        caps = "".join(_bucket_row({"label": cap.name, "owner": " ".join(filter(None, (cap.provider, ", ".join(cap.models))))
+                                    or "every request", "window": cap.window, "used": used, "limit": cap.limit,
+                                    "unit": cap.unit, "thresholds": list(cap.thresholds), "action": cap.action},
+                                   currency) for cap, used, _ in await self.admin.caps())
+        caps_card = f"""<section class="card"><h2>Caps, across every customer</h2><table id="caps"><thead><tr>
+<th>cap</th><th>on</th><th>window</th><th class="num">used</th><th class="num">limit</th><th>use</th><th>on limit</th></tr></thead>
+<tbody>{caps}</tbody></table></section>""" if caps else ""
+        body = f"""{filters}{figures}{caps_card}
 <section class="card"><h2>{escape(metric.capitalize())} over time, by {escape(by)}</h2>{spend}</section>
 <div class="grid">{tops}</div>
 <section class="card"><h2>Denied and downgraded requests</h2>{denials}

@@ -302,3 +302,22 @@ def test_pages_fit_a_phone_screen(deployment: Deployment, browser: Any) -> None:
             shot(browser, f"phone-{name}")
     finally:
         browser.set_window_size(1280, 1000)
+
+
+def test_the_overview_shows_the_operators_caps(deployment: Deployment) -> None:
+    """With caps in the policy, the overview shows what each holds now, as ListCaps does; without, none."""
+    assert 'id="caps"' not in fetch(deployment.url + "/", token=ADMIN_TOKEN)[2]
+    sample = (ROOT / "policyd/samples/policy.yaml").read_text()
+    capped = sample + '\ncaps:\n  - {name: openai-day, provider: openai, window: day, unit: cost, limit: "900.00"}\n'
+    deployment.admin.ApplyPolicy(admin_pb2.ApplyPolicyRequest(yaml=capped, source_name="capped.yaml"), metadata=AUTH)
+    try:
+        deployment.call("acme-prod", "gpt-4o-mini", "capped-1", "search", "t-2")  # held, not settled
+        held = deployment.admin.ListCaps(admin_pb2.ListCapsRequest(), metadata=AUTH).caps[0].used
+        status, _, page = fetch(deployment.url + "/", token=ADMIN_TOKEN)
+        assert status == 200 and held > 0
+        table = page.split('id="caps"', 1)[1].split("</table>", 1)[0]
+        assert "openai-day" in table and f'data-nanos="{held}"' in table and 'data-nanos="900000000000"' in table
+    finally:
+        deployment.policy.Release(policy_pb2.ReleaseRequest(request_id="capped-1", reason="test_done"))
+        deployment.admin.ApplyPolicy(admin_pb2.ApplyPolicyRequest(yaml=sample, source_name="policy.yaml"),
+                                     metadata=AUTH)
