@@ -91,7 +91,7 @@ _CONVERSATIONS = re.compile(r"(^|/)(v1|openai)/conversations/?$")
 _CONVERSATION = re.compile(r"(^|/)(v1|openai)/conversations/(?P<id>[A-Za-z0-9_.-]{1,200})"
                            r"(?P<rest>/items(?P<item>/[A-Za-z0-9_.-]{1,200})?)?/?$")
 _CONVERSATION_METHODS = {"": ("GET", "POST", "DELETE"), "/items": ("GET", "POST"), "/item": ("GET", "DELETE")}
-_MODELS = re.compile(r"(^|/)v1/models/?$")
+_MODELS = re.compile(r"(^|/)v1(beta)?/models/?$")
 _KEY_SUMMARY = re.compile(r"(^|/)v1/key/?$")
 
 # header -> attribution field
@@ -129,6 +129,7 @@ class HttpCall:
 
     endpoint: str = ""
     models_listing: bool = False
+    listing_shape: str = "openai"  # ... answered as the client's API lists models: openai | anthropic | gemini
     key_summary: bool = False  # GET /v1/key: answered by policyd
     api_key: str = ""
     model: str = ""
@@ -392,6 +393,10 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
             sum(len(k) + len(v) for k, v in headers.items()) > REQUEST_HEADERS_BYTES_MAX:
         return _problem(call, "request_headers_too_large", f"the request headers are larger than "
                         f"{REQUEST_HEADERS_BYTES_MAX // 1024} KiB or more than {REQUEST_HEADERS_COUNT_MAX} headers")
+    if listing:
+        call.listing_shape = "anthropic" if "anthropic-version" in headers else \
+            "gemini" if "/v1beta/" in path.split("?", 1)[0] or "x-goog-api-key" in headers or call.key_in_query \
+            else "openai"
     if listing or call.key_summary:
         return call
     if call.stored_response:  # no body to read: the id is in the path
@@ -673,8 +678,21 @@ def key_summary_body(summary: KeySummary) -> bytes:
     }).encode()
 
 
-def models_listing(models: list[tuple[str, str]], created: int = 0) -> bytes:
-    """GET /v1/models in the OpenAI list shape: (model id, owner) pairs."""
+def models_listing(models: list[tuple[str, str]], shape: str = "openai") -> bytes:
+    """GET /v1/models of (model id, provider) pairs, as the client's API lists them: OpenAI's list (every
+    model the key may use); Anthropic's (`anthropic-version` sent) and Gemini's (`/v1beta/models`, a
+    Gemini key header or `?key=`) of that provider's models alone, the only ones its API can call."""
+    if shape == "anthropic":
+        ids = [model for model, owner in models if owner == "anthropic"]
+        return json.dumps({"data": [{"type": "model", "id": model, "display_name": model,
+                                     "created_at": "1970-01-01T00:00:00Z"} for model in ids],
+                           "has_more": False, "first_id": ids[0] if ids else None,
+                           "last_id": ids[-1] if ids else None}).encode()
+    if shape == "gemini":
+        return json.dumps({"models": [
+            {"name": f"models/{model}", "baseModelId": model, "version": "", "displayName": model,
+             "supportedGenerationMethods": ["generateContent", "countTokens"]}
+            for model, owner in models if owner == "google"]}).encode()
     return json.dumps({"object": "list", "data": [
-        {"id": model, "object": "model", "created": created, "owned_by": owner} for model, owner in models
+        {"id": model, "object": "model", "created": 0, "owned_by": owner} for model, owner in models
     ]}).encode()

@@ -516,6 +516,31 @@ def test_models_listing_shows_what_the_key_may_use(gateway: Gateway) -> None:
                                                       "gpt-image-1", "omni-moderation-latest", "tts-1"]
 
 
+def test_models_are_listed_as_each_clients_api_lists_them(gateway: Gateway) -> None:
+    """Anthropic's clients (anthropic-version) and Gemini's (/v1beta/models, their key header or ?key=) get
+    their own API's list, of the models of that provider the key may use: the only ones they can call."""
+    root = f"http://127.0.0.1:{gateway.port}"
+    pro = gateway.customer("e2e-models-shapes")
+
+    def listed(path: str, headers: dict[str, str]) -> Any:
+        with urllib.request.urlopen(urllib.request.Request(root + path, headers=headers), timeout=20) as reply:
+            assert reply.status == 200
+            return json.loads(reply.read())
+
+    anthropic = listed("/v1/models", {"x-api-key": pro, "anthropic-version": "2023-06-01"})
+    assert [(m["type"], m["id"]) for m in anthropic["data"]] == [("model", "claude-sonnet-4")]
+    assert (anthropic["has_more"], anthropic["first_id"], anthropic["last_id"]) == (False, "claude-sonnet-4", "claude-sonnet-4")
+    google = gateway.customer("e2e-models-google", plan="google")
+    for path, headers in (("/v1beta/models", {"x-goog-api-key": google}), (f"/v1beta/models?key={google}", {})):
+        names = [m["name"] for m in listed(path, headers)["models"]]
+        assert names and all(n.startswith("models/gemini") for n in names), names
+    assert [m["id"] for m in listed("/v1/models", {"authorization": f"Bearer {google}"})["data"]] == \
+        [n.removeprefix("models/") for n in names]  # the same models, in OpenAI's list
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        listed("/v1beta/models", {"x-goog-api-key": "pdk_live_" + "Q" * 40})
+    assert refused.value.code == 401
+
+
 def key_summary(base_url: str, api_key: str) -> tuple[int, dict[str, Any]]:
     """GET /v1/key with a key: the status and the JSON answer."""
     request = urllib.request.Request(f"{base_url}/key", headers={"authorization": f"Bearer {api_key}"})
