@@ -76,7 +76,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             models, denial = await self.engine.models_for(call.api_key)
             if denial is not None:
                 return deny_decision(denial)
-            return denied(200, http_api.models_listing(models, call.listing_shape))  # a local reply: Envoy answers it itself
+            return denied(*http_api.models_reply(models, call.listing_shape, call.model))  # Envoy answers it itself
         if call.key_summary:
             summary, denial = await self.engine.key_summary(call.api_key)
             return deny_decision(denial) if summary is None else denied(200, http_api.key_summary_body(summary))

@@ -265,7 +265,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             models, denial = await self.engine.models_for(call.api_key)
             if denial is not None:
                 return None, immediate_denial(denial)
-            return None, immediate(200, http_api.models_listing(models, call.listing_shape))
+            return None, immediate(*http_api.models_reply(models, call.listing_shape, call.model))
         if call.key_summary:
             summary, denial = await self.engine.key_summary(call.api_key)
             return None, immediate_denial(denial) if summary is None else immediate(200, http_api.key_summary_body(summary))

@@ -124,8 +124,8 @@ class PolicydMiddleware:
                 reasons.error_type(error.reason), error.reason, reasons.MESSAGES.get(error.reason, error.reason)))
             return
         if call.models_listing:
-            await _respond(send, 200, http_api.models_listing([(m.id, m.owned_by) for m in message.models],
-                                                              call.listing_shape))
+            await _respond(send, *http_api.models_reply([(m.id, m.owned_by) for m in message.models],
+                                                        call.listing_shape, call.model))
             return
         await _respond(send, 200, http_api.key_summary_body(KeySummary(
             key_id=message.key_id, customer_id=message.customer_id, plan=message.plan,

@@ -92,6 +92,7 @@ _CONVERSATION = re.compile(r"(^|/)(v1|openai)/conversations/(?P<id>[A-Za-z0-9_.-
                            r"(?P<rest>/items(?P<item>/[A-Za-z0-9_.-]{1,200})?)?/?$")
 _CONVERSATION_METHODS = {"": ("GET", "POST", "DELETE"), "/items": ("GET", "POST"), "/item": ("GET", "DELETE")}
 _MODELS = re.compile(r"(^|/)v1(beta)?/models/?$")
+_MODEL = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[A-Za-z0-9_.@-]{1,200})/?$")  # one model: GET (retrieve)
 _KEY_SUMMARY = re.compile(r"(^|/)v1/key/?$")
 
 # header -> attribution field
@@ -191,6 +192,9 @@ def endpoint_of(method: str, path: str) -> Endpoint:
     path = path.split("?", 1)[0]
     if method.upper() == "GET" and _MODELS.search(path):
         return Endpoint(models_listing=True)
+    one = _MODEL.search(path) if method.upper() == "GET" else None
+    if one:
+        return Endpoint(model=one.group("model"), models_listing=True)
     if method.upper() == "GET" and _KEY_SUMMARY.search(path):
         return Endpoint(key_summary=True)
     azure = _AZURE.search(path)  # first: a deployment may be named like a path segment ("v1")
@@ -383,6 +387,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     named = endpoint_of(method, path)
     endpoint, path_model, listing = named.family, named.model, named.models_listing
     call.endpoint, call.models_listing, call.count_tokens = endpoint, listing, named.count_tokens
+    if listing:
+        call.model = path_model  # GET /v1/models/{model}: that one model
     call.key_summary = named.key_summary
     call.stored_response = named.stored_response
     call.creates_conversation = named.creates_conversation
@@ -676,6 +682,20 @@ def key_summary_body(summary: KeySummary) -> bytes:
                     "remaining": amount(s.unit, max(s.limit - s.used, 0)), "resets_at": s.resets_unix or None}
                    for s in summary.limits],
     }).encode()
+
+
+def models_reply(models: list[tuple[str, str]], shape: str = "openai", model: str = "") -> tuple[int, bytes]:
+    """GET /v1/models, or /v1/models/{model} (`model`): the status and body, as the client's API answers.
+    A model the key may not use is not found, as the provider says of one that does not exist."""
+    if not model:
+        return 200, models_listing(models, shape)
+    found = [(m, owner) for m, owner in models if m == model.removeprefix("models/")]
+    listed = json.loads(models_listing(found, shape))
+    entries = listed.get("data", listed.get("models")) or []
+    if not entries:
+        return 404, error_body("invalid_request_error", "model_not_found",
+                               f"The model '{model[:200]}' does not exist or you do not have access to it.", "model")
+    return 200, json.dumps(entries[0]).encode()
 
 
 def models_listing(models: list[tuple[str, str]], shape: str = "openai") -> bytes:

@@ -539,6 +539,13 @@ def test_models_are_listed_as_each_clients_api_lists_them(gateway: Gateway) -> N
     with pytest.raises(urllib.error.HTTPError) as refused:
         listed("/v1beta/models", {"x-goog-api-key": "pdk_live_" + "Q" * 40})
     assert refused.value.code == 401
+    # one model: the openai SDK's retrieve, Anthropic's and Gemini's model reads
+    assert gateway.client(pro).models.retrieve("gpt-4o").owned_by == "openai"
+    with pytest.raises(openai.NotFoundError) as missing:  # one the key may not use is not found, as at the provider
+        gateway.client(google).models.retrieve("gpt-4o")
+    assert (missing.value.code, missing.value.param) == ("model_not_found", "model")
+    assert listed("/v1/models/claude-sonnet-4", {"x-api-key": pro, "anthropic-version": "2023-06-01"})["type"] == "model"
+    assert listed(f"/v1beta/{names[0]}", {"x-goog-api-key": google})["name"] == names[0]
 
 
 def key_summary(base_url: str, api_key: str) -> tuple[int, dict[str, Any]]:
