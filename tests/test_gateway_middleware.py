@@ -354,6 +354,10 @@ def test_models_listing_shows_what_the_key_may_use(gateway: ExampleGateway) -> N
                                                       "gpt-image-1", "omni-moderation-latest", "tts-1"]
     with pytest.raises(openai.AuthenticationError):
         gateway.client("pdk_live_" + "Q" * 40).models.list()
+    assert pro.models.retrieve("gpt-4o").id == "gpt-4o"
+    with pytest.raises(openai.NotFoundError) as missing:
+        free.models.retrieve("gpt-4o")
+    assert missing.value.code == "model_not_found"
     assert "/v1/models" not in json.dumps([r["path"] for r in gateway.mock.received()])
 
 
