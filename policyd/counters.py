@@ -129,6 +129,7 @@ class AuthorizeResult:
     label: str = ""
     reserved: int = 0
     shadow: tuple[str, ...] = ()
+    used: tuple[int, ...] = ()  # allowed: each bucket's use once this request is held there, in the holds' order
     state: str = ""
     same_key: bool = True
 
@@ -257,7 +258,9 @@ class Counters:
             raise Fenced(partition)
         if outcome == "allow":
             shadow = _text(reply[2])
-            return AuthorizeResult("allow", reserved=int(reply[1]), shadow=tuple(s for s in shadow.split("|") if s))
+            used = _text(reply[3]) if len(reply) > 3 else ""
+            return AuthorizeResult("allow", reserved=int(reply[1]), shadow=tuple(s for s in shadow.split("|") if s),
+                                   used=tuple(int(u) for u in used.split(",") if u))
         if outcome == "deny":
             return AuthorizeResult("deny", reason=_text(reply[1]), label=_text(reply[2]))
         if outcome == "stale":

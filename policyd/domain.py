@@ -90,6 +90,16 @@ class Owner:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """What the tightest of a request's limits of one unit leaves once the request is held there."""
+
+    unit: str  # requests | tokens
+    limit: int
+    remaining: int
+    resets_ms: int  # when its window ends (0: a total, never)
+
+
+@dataclass(frozen=True)
 class Decision:
     decision: str  # allow | deny | downgrade
     request_id: str
@@ -112,6 +122,7 @@ class Decision:
     reservation_expires_ms: int = 0
     shadow_denials: tuple[str, ...] = ()
     account: str = ""  # the provider account to serve it on ("" = any of the provider's): a stored response's
+    rate_limits: tuple[RateLimit, ...] = ()  # allowed: the tightest request and token limit (rate-limit headers)
 
     @property
     def allowed(self) -> bool:

@@ -37,12 +37,13 @@ from policyd.domain import (
     LimitState,
     Owner,
     PolicydError,
+    RateLimit,
     ReleaseResult,
     Settlement,
     Shape,
     UsageReport,
 )
-from policyd.policy import Limit, ModelPrice, Plan, Policy
+from policyd.policy import Cap, Limit, ModelPrice, Plan, Policy
 from policyd.policy_book import PolicyBook
 from policyd.pricing import (AUDIO_TOKENS_PER_SECOND, Quantities, audio_seconds, audio_seconds_likely, billing_of,
                              charge_of, cost_of, estimate_input_tokens, input_estimate)
@@ -78,6 +79,21 @@ STALE = Decision(decision="deny", request_id="", reason="stale")
 # a key's state (counters.key_status) -> the denial it gets
 KEY_STATE_DENIALS = {"invalid": "invalid_api_key", "paused": "key_paused", "revoked": "key_revoked",
                      "expired": "key_expired", "unavailable": "unavailable"}
+
+
+def _rate_limits(attempt: "_Plan", used: tuple[int, ...]) -> tuple[RateLimit, ...]:
+    """The tightest request limit and token limit a request was held in, with what each leaves, for the
+    rate-limit headers its client reads. Blocking limits of the customer's own alone: a shadow limit
+    refuses nothing, and an operator's cap is the operator's business."""
+    tightest: dict[str, RateLimit] = {}
+    for hold, after in zip(attempt.holds, used):
+        limit, ends = attempt.limits_by_label.get(hold.label, (None, 0))
+        if hold.mode != "block" or hold.unit not in ("requests", "tokens") or limit is None or isinstance(limit, Cap):
+            continue
+        remaining = max(hold.limit - after, 0)
+        if hold.unit not in tightest or remaining < tightest[hold.unit].remaining:
+            tightest[hold.unit] = RateLimit(hold.unit, hold.limit, remaining, ends * 1000)
+    return tuple(tightest.values())
 
 
 def _owner_of(key: KeyRecord) -> Owner:
@@ -340,7 +356,8 @@ class Engine:
             return self._deny(common, reason, MESSAGES.get(reason, ""), param, retry_after, result.label)
         return Decision(
             decision=decision_kind, reserved=result.reserved, max_output_tokens=reserve.output_cap,
-            reservation_expires_ms=at + self.reservation_ttl_ms, shadow_denials=result.shadow, **common,
+            reservation_expires_ms=at + self.reservation_ttl_ms, shadow_denials=result.shadow,
+            rate_limits=_rate_limits(reserve, result.used), **common,
         )
 
     async def _screen(self, request: AuthorizeInput, at: int, started: int, base: dict[str, str]) -> Decision | str:

@@ -42,6 +42,9 @@ class Exchange:
     retry_after: int = 0
     attempts: int = 1  # upstream attempts Envoy made (x-envoy-attempt-count)
     closed: bool = False
+    # the reply's own headers policyd adds (its request id, the key's rate limits), where one filter both
+    # decides and sees the reply (the ext_proc-only shape); not carried in metadata
+    reply_headers: tuple[tuple[str, str], ...] = ()
     reader: ResponseReader = field(init=False)
 
     def __post_init__(self) -> None:

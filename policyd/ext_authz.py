@@ -9,6 +9,7 @@ with the status (and retry-after) the decision carries. GET /v1/models is answer
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -102,7 +103,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
                 headers=headers, headers_to_remove=upstream.remove_headers + [REQUEST_ID_HEADER],
-                response_headers_to_add=[_header(REQUEST_ID_HEADER, d.request_id)] if settled else [],
+                response_headers_to_add=[_header(k, v) for k, v in (
+                    (REQUEST_ID_HEADER, d.request_id),
+                    *http_api.rate_limit_headers(d.rate_limits, int(time.time() * 1000)))] if settled else [],
                 query_parameters_to_remove=[http_api.QUERY_KEY] if call.key_in_query else []),
             dynamic_metadata=exchange.metadata(EXT_AUTHZ_NAMESPACE, d.decision) if settled else None,
         )

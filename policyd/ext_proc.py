@@ -30,6 +30,7 @@ Two gateway shapes (`policyd gateway-config --shape`):
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -176,8 +177,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 elif kind == "response_headers":
                     mutation = mode = None
                     if exchange is not None:
-                        if arrival is not None:  # no ext_authz to tell the client its request id
-                            mutation = ep.HeaderMutation(set_headers=[_header(REQUEST_ID_HEADER, exchange.request_id)])
+                        if arrival is not None:  # no ext_authz to tell the client its request id and rate limits
+                            mutation = ep.HeaderMutation(set_headers=[_header(k, v) for k, v in exchange.reply_headers])
                         if observer and exchange.observed:  # the observer filter reads the stream and closes it
                             self._response_began(exchange, request.response_headers)
                             exchange = None
@@ -277,6 +278,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             return None, immediate_denial(decision)
         upstream = upstream_request(decision, self.pool, observed=call.stream)
         exchange = Exchange.of(call, decision, upstream.account, observed=observer and call.stream)
+        exchange.reply_headers = ((REQUEST_ID_HEADER, decision.request_id),
+                                  *http_api.rate_limit_headers(decision.rate_limits, int(time.time() * 1000)))
         set_headers = [_header(k, v) for k, v in upstream.set_headers]
         path = exchange.upstream_path(arrival.path)  # no customer key in the query; the served model where the path names it
         if path != arrival.path:

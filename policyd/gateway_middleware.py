@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import asdict
 from typing import Any, Awaitable, Callable, MutableMapping
 
 from policyd import http_api
 from policyd import reasons
-from policyd.domain import KeySummary, LimitState
+from policyd.domain import KeySummary, LimitState, RateLimit
 from policyd.usage_capture import ResponseReader, closing
 from policyd_client import AsyncPolicyClient, Decision, PolicydCallError
 
@@ -181,7 +182,10 @@ class PolicydMiddleware:
                     kept = [(k.encode(), v.encode()) for k, v in refused[1]]
                     kept.append((b"content-length", str(len(refused[2])).encode()))
                     message = {**message, "status": refused[0]}
-                message = {**message, "headers": [*kept, (http_api.REQUEST_ID_HEADER.encode(), decision.request_id.encode())]}
+                added = [(http_api.REQUEST_ID_HEADER, decision.request_id), *http_api.rate_limit_headers(
+                    (RateLimit(r.unit, r.limit, r.remaining, r.resets_unix_ms) for r in decision.response.rate_limits),
+                    int(time.time() * 1000))]
+                message = {**message, "headers": [*kept, *((k.encode(), v.encode()) for k, v in added)]}
                 await send(message)
                 return
             if message["type"] == "http.response.body":

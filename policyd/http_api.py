@@ -42,12 +42,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Iterable
 from urllib.parse import parse_qsl, unquote_plus
 
 from policyd import reasons
 from policyd.audio import wav_seconds
-from policyd.domain import Attribution, AuthorizeInput, KeySummary, Shape, trace_id_from
+from policyd.domain import Attribution, AuthorizeInput, KeySummary, RateLimit, Shape, trace_id_from
 from policyd.money import MONEY_UNITS, format_amount
 from policyd.multipart import MultipartError, MultipartForm
 
@@ -564,6 +564,27 @@ def _problem(call: HttpCall, reason: str, message: str, param: str = "") -> Http
 
 
 RETRY_WORTH_WAITING_SECONDS = 60  # the openai SDKs wait out a retry-after of up to a minute
+
+
+def rate_limit_headers(rate_limits: Iterable[RateLimit], now_ms: int) -> list[tuple[str, str]]:
+    """OpenAI's rate-limit headers of a reply, from the key's own limits (the provider's, which describe the
+    operator's account, never reach the client): x-ratelimit-limit-, -remaining- and -reset-requests and
+    -tokens, the reset as OpenAI writes it ("1m30s", "250ms"; none for a total that never resets)."""
+    headers = []
+    for r in rate_limits:
+        headers += [(f"x-ratelimit-limit-{r.unit}", str(r.limit)), (f"x-ratelimit-remaining-{r.unit}", str(r.remaining))]
+        if r.resets_ms:
+            headers.append((f"x-ratelimit-reset-{r.unit}", _duration(max(r.resets_ms - now_ms, 0))))
+    return headers
+
+
+def _duration(ms: int) -> str:
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = -(-ms // 1000)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes}m{seconds}s" if hours else f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
 
 
 def reply_headers(status: int, retry_after_seconds: int = 0) -> list[tuple[str, str]]:

@@ -118,6 +118,8 @@ def authorize_response(d: Decision) -> policy_pb2.AuthorizeResponse:
         price_table_version=d.price_table_version, reserved=_money(d.currency, d.reserved),
         max_output_tokens=d.max_output_tokens, reservation_expires_unix_ms=d.reservation_expires_ms,
         shadow_denials=list(d.shadow_denials),
+        rate_limits=[policy_pb2.RateLimit(unit=r.unit, limit=r.limit, remaining=r.remaining, resets_unix_ms=r.resets_ms)
+                     for r in d.rate_limits],
     )
     if d.decision == "deny":
         response.error.CopyFrom(types_pb2.OpenAIError(type=d.error_type, code=d.reason, message=d.message,

@@ -128,3 +128,40 @@ async def test_caps_that_cannot_work_are_refused_with_the_reason(service: Servic
     with pytest.raises(PolicydError) as refused:
         await service.admin.apply_policy(text, "caps.yaml")
     assert refused.value.reason == "invalid_policy" and message in refused.value.message
+
+
+async def test_rate_limit_figures_name_the_customers_own_limits_not_the_operators_caps(service: Service) -> None:
+    """A decision tells the tightest blocking request and token limit of the customer's own (for the
+    x-ratelimit-* headers); shadow limits refuse nothing and caps are the operator's: neither is told."""
+    await service.admin.apply_policy(CAPPED.replace("OPENAI_DAY", "100.00").replace("    markup_bps: 5000\n", """\
+    markup_bps: 5000
+    limits:
+      - {name: key-hour, scope: key, window: hour, unit: requests, limit: 5}
+      - {name: customer-hour, scope: customer, window: hour, unit: requests, limit: 4}
+      - {name: watch, scope: key, window: minute, unit: requests, limit: 1, action: shadow}
+      - {name: key-day-tokens, scope: key, window: day, unit: tokens, limit: 10000}
+"""), "caps.yaml")
+    _, secret = await new_key(service, customer="paced", plan="pro")
+    await fund(service, "paced", "10")
+    first = await service.engine.authorize(ask(secret, request_id="r1"))
+    second = await service.engine.authorize(ask(secret, request_id="r2"))
+    limits = {r.unit: (r.limit, r.remaining) for r in second.rate_limits}
+    assert limits == {"requests": (4, 2), "tokens": (10000, 10000 - 2 * (104 + 100))}  # the customer's 4, after two
+    assert {r.unit: r.remaining for r in first.rate_limits}["requests"] == 3
+    assert all(r.resets_ms > 0 for r in second.rate_limits)
+    assert second.shadow_denials == ("watch",)  # over its shadow limit, which is not what the figures tell
+
+
+def test_rate_limit_headers_say_the_reset_as_openai_writes_it() -> None:
+    from policyd.domain import RateLimit
+    from policyd.http_api import rate_limit_headers
+
+    now = 1_000_000
+    headers = dict(rate_limit_headers([RateLimit("requests", 60, 59, now + 250), RateLimit("tokens", 9, 0, now + 90_500)],
+                                      now))
+    assert headers == {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
+                       "x-ratelimit-reset-requests": "250ms", "x-ratelimit-limit-tokens": "9",
+                       "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1m31s"}
+    assert dict(rate_limit_headers([RateLimit("requests", 5, 1, now + 7_200_000)], now))[
+        "x-ratelimit-reset-requests"] == "2h0m0s"
+    assert "x-ratelimit-reset-requests" not in dict(rate_limit_headers([RateLimit("requests", 5, 1, 0)], now))

@@ -4,6 +4,7 @@ and the official openai SDK as the client."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -546,6 +547,32 @@ def test_models_are_listed_as_each_clients_api_lists_them(gateway: Gateway) -> N
     assert (missing.value.code, missing.value.param) == ("model_not_found", "model")
     assert listed("/v1/models/claude-sonnet-4", {"x-api-key": pro, "anthropic-version": "2023-06-01"})["type"] == "model"
     assert listed(f"/v1beta/{names[0]}", {"x-goog-api-key": google})["name"] == names[0]
+
+
+def test_replies_carry_the_keys_own_rate_limits(gateway: Gateway) -> None:
+    """OpenAI's x-ratelimit-* headers, from the tightest of the key's request and token limits once the request
+    is held (the provider's own, which describe the operator's account, never reach the client)."""
+    client = gateway.client(gateway.customer("e2e-paced", plan="paced"))
+    seen = []
+    for _ in range(3):
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+        seen.append(raw.headers)
+    assert [(h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) for h in seen] == [
+        ("3", "2"), ("3", "1"), ("3", "0")]  # the key's 3 an hour, not its customer's 100 nor the provider's
+    for h in seen:
+        reset = re.fullmatch(r"(?:(\d+)m)?(\d+)s", h["x-ratelimit-reset-requests"])
+        assert reset and 0 < int(reset.group(1) or 0) * 60 + int(reset.group(2)) <= 3600
+        assert h["x-ratelimit-limit-tokens"] == "1000000" and "x-ratelimit-reset-tokens" in h
+    remaining_tokens = [int(h["x-ratelimit-remaining-tokens"]) for h in seen]
+    assert remaining_tokens == sorted(remaining_tokens, reverse=True) and remaining_tokens[-1] < 1_000_000
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=8)
+    assert refused.value.code == "rate_limit_exceeded" and int(refused.value.response.headers["retry-after"]) > 0
+    unlimited = gateway.client(gateway.customer("e2e-unpaced")).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    assert not any(h.startswith("x-ratelimit-") for h in unlimited.headers)  # no limits, no headers
 
 
 def key_summary(base_url: str, api_key: str) -> tuple[int, dict[str, Any]]:

@@ -430,3 +430,14 @@ def test_conversations_are_reached_by_their_own_customer_only(gateway: ExampleGa
         theirs.responses.create(model="gpt-4o-mini", input="hi", conversation=made.id, max_output_tokens=8)
     assert (refused.value.code, refused.value.param) == ("conversation_not_found", "conversation")
     assert mine.conversations.delete(made.id).deleted
+
+
+def test_replies_carry_the_keys_own_rate_limits(gateway: ExampleGateway) -> None:
+    client = gateway.client(gateway.customer("mw-paced", plan="paced"))
+    remaining = []
+    for _ in range(2):
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+        remaining.append(raw.headers["x-ratelimit-remaining-requests"])
+        assert raw.headers["x-ratelimit-limit-requests"] == "3" and raw.headers["x-ratelimit-reset-requests"]
+    assert remaining == ["2", "1"]

@@ -33,7 +33,7 @@
 -- Numbers: every amount is an integer below 2^53, so Lua doubles hold them exactly;
 -- mutations use HINCRBY/INCRBY with the ARGV strings; numbers become strings only
 -- through string.format('%d'), never tostring (which rounds to 14 digits).
--- Returns {"allow", reserved, shadow labels "a|b"} | {"deny", reason, label}
+-- Returns {"allow", reserved, shadow labels "a|b", each bucket's use after it "u1,u2,..."} | {"deny", reason, label}
 --       | {"exists", state, "1" when the same key made it} | {"fenced"} | {"stale"}.
 
 local function fmt(n) return string.format('%d', n) end
@@ -137,10 +137,12 @@ end
 
 -- Past this point nothing can deny: reserve everywhere.
 redis.call('HINCRBY', KEYS[2], 'reserved', ARGV[6])
+local used_after = {}
 for i = 1, bucket_count do
   local base = 12 + (i - 1) * 6
   local key = KEYS[7 + i]
   local used = redis.call('HINCRBY', key, 'used', ARGV[base + 1])
+  used_after[i] = fmt(used)
   local ttl = tonumber(ARGV[base + 4])
   if ttl > 0 and redis.call('TTL', key) < 0 then
     redis.call('EXPIRE', key, ttl)
@@ -158,4 +160,4 @@ redis.call('HSET', KEYS[3], 'state', 'reserved', 'key', KEYS[1], 'amount', ARGV[
 redis.call('ZADD', KEYS[4], expires_ms, request_id)
 local shadow_labels = table.concat(shadow, '|')
 record('allow', '', shadow_labels, ARGV[6])
-return {'allow', ARGV[6], shadow_labels}
+return {'allow', ARGV[6], shadow_labels, table.concat(used_after, ',')}

@@ -150,7 +150,7 @@ class AuthorizeRequest(_message.Message):
     def __init__(self, api_key: _Optional[str] = ..., endpoint: _Optional[_Union[_types_pb2.EndpointFamily, str]] = ..., model: _Optional[str] = ..., attribution: _Optional[_Union[_types_pb2.Attribution, _Mapping]] = ..., shape: _Optional[_Union[RequestShape, _Mapping]] = ..., client: _Optional[_Union[_types_pb2.ClientInfo, _Mapping]] = ..., problem: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ..., count_tokens: _Optional[bool] = ..., stored_response_id: _Optional[str] = ..., previous_response_id: _Optional[str] = ..., creates_conversation: _Optional[bool] = ..., conversation_id: _Optional[str] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
-    __slots__ = ("decision", "reason", "message", "http_status", "error", "retry_after_seconds", "owner", "request_id", "requested_model", "served_model", "provider", "route", "policy_version", "price_table_version", "reserved", "max_output_tokens", "reservation_expires_unix_ms", "shadow_denials")
+    __slots__ = ("decision", "reason", "message", "http_status", "error", "retry_after_seconds", "owner", "request_id", "requested_model", "served_model", "provider", "route", "policy_version", "price_table_version", "reserved", "max_output_tokens", "reservation_expires_unix_ms", "shadow_denials", "rate_limits")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,7 @@ class AuthorizeResponse(_message.Message):
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     SHADOW_DENIALS_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMITS_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     reason: str
     message: str
@@ -187,7 +188,20 @@ class AuthorizeResponse(_message.Message):
     max_output_tokens: int
     reservation_expires_unix_ms: int
     shadow_denials: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., http_status: _Optional[int] = ..., error: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ..., retry_after_seconds: _Optional[int] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., request_id: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., provider: _Optional[str] = ..., route: _Optional[str] = ..., policy_version: _Optional[int] = ..., price_table_version: _Optional[str] = ..., reserved: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., max_output_tokens: _Optional[int] = ..., reservation_expires_unix_ms: _Optional[int] = ..., shadow_denials: _Optional[_Iterable[str]] = ...) -> None: ...
+    rate_limits: _containers.RepeatedCompositeFieldContainer[RateLimit]
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., http_status: _Optional[int] = ..., error: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ..., retry_after_seconds: _Optional[int] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., request_id: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., provider: _Optional[str] = ..., route: _Optional[str] = ..., policy_version: _Optional[int] = ..., price_table_version: _Optional[str] = ..., reserved: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., max_output_tokens: _Optional[int] = ..., reservation_expires_unix_ms: _Optional[int] = ..., shadow_denials: _Optional[_Iterable[str]] = ..., rate_limits: _Optional[_Iterable[_Union[RateLimit, _Mapping]]] = ...) -> None: ...
+
+class RateLimit(_message.Message):
+    __slots__ = ("unit", "limit", "remaining", "resets_unix_ms")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    RESETS_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    unit: str
+    limit: int
+    remaining: int
+    resets_unix_ms: int
+    def __init__(self, unit: _Optional[str] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., resets_unix_ms: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("input_tokens", "cached_input_tokens", "output_tokens", "images", "seconds", "requests", "cache_write_input_tokens", "web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens")
