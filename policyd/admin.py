@@ -573,14 +573,15 @@ class Admin:
             from policyd.engine import CONVERSATION_PRICE
 
             kept_ms = STORED_RESPONSE_SECONDS * 1000
-            for response_id, customer, provider, served, account, created_ms in await asyncio.to_thread(
+            for response_id, customer, provider, served, account, created_ms, context in await asyncio.to_thread(
                     self.store.stored_responses, at - kept_ms):  # and conversations made (no model served)
                 price = CONVERSATION_PRICE if not served else \
                     self.book.current.model(served) if self.book.current is not None else None
                 seconds = (created_ms + kept_ms - at) // 1000
                 if seconds > 0:
                     self.counters.queue_stored_response(await batch.pipe(), response_id, customer, provider,
-                                                        price.upstream if price else "", account, seconds)
+                                                        price.upstream if price else "", account, seconds,
+                                                        int(context or 0))
                     written += 1
             now_s = at // 1000
             for key, total in (await asyncio.to_thread(self._bucket_totals)).items():

@@ -24,9 +24,10 @@ def _load(name: str) -> str:
     return resources.files("policyd").joinpath("lua", f"{name}.lua").read_text()
 
 
-def _whose(customer_id: str, provider: str, route: str, account: str) -> str:
-    """A stored response's owner and where it lives, as its key holds them."""
-    return "\t".join((customer_id, provider, route, account))
+def _whose(customer_id: str, provider: str, route: str, account: str, context_tokens: int = 0) -> str:
+    """A stored response's owner, where it lives, and the tokens a request that continues it carries as input
+    unseen (its input and output: all of it goes back to the model), as its key holds them."""
+    return "\t".join((customer_id, provider, route, account, str(context_tokens)))
 
 
 def _text(value: Any) -> str:
@@ -422,18 +423,29 @@ class Counters:
         return _text(status)
 
     async def remember_response(self, response_id: str, customer_id: str, provider: str, route: str, account: str,
-                                seconds: int) -> None:
-        """That the provider stored this response for this customer, on this provider, route and account.
-        The first to make it keeps it: an id is the provider's, never made twice."""
-        await self.client.set(redis_keys.stored_response(response_id), _whose(customer_id, provider, route, account),
-                              ex=seconds, nx=True)
+                                seconds: int, context_tokens: int = 0) -> None:
+        """That the provider stored this response (or conversation) for this customer, on this provider, route
+        and account, holding `context_tokens`. The first to make it keeps it: an id is the provider's, never
+        made twice."""
+        await self.client.set(redis_keys.stored_response(response_id),
+                              _whose(customer_id, provider, route, account, context_tokens), ex=seconds, nx=True)
 
     @staticmethod
     def queue_stored_response(pipe: Any, response_id: str, customer_id: str, provider: str, route: str, account: str,
-                              seconds: int) -> None:
+                              seconds: int, context_tokens: int = 0) -> None:
         """The same as remember_response, queued on a pipeline (a rebuild's)."""
-        pipe.set(redis_keys.stored_response(response_id), _whose(customer_id, provider, route, account),
+        pipe.set(redis_keys.stored_response(response_id), _whose(customer_id, provider, route, account, context_tokens),
                  ex=seconds, nx=True)
+
+    async def grow_context(self, response_id: str, context_tokens: int) -> None:
+        """A conversation answered in now holds `context_tokens` (the last answer's input and output); its
+        owner and place stay. Not a counter of money: the last answer settled wins."""
+        key = redis_keys.stored_response(response_id)
+        whose = await self.client.get(key)
+        if whose is not None:
+            customer_id, provider, route, account, *_ = (*_text(whose).split("\t"), "", "", "")
+            await self.client.set(key, _whose(customer_id, provider, route, account, context_tokens), xx=True,
+                                  keepttl=True)
 
     async def stored_response(self, response_id: str) -> str | None:
         """Whose a stored response is and where (as remember_response was told), or None when unknown."""

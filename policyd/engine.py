@@ -273,12 +273,15 @@ class Engine:
             preset = "unknown_plan"
         else:
             preset, param = self._policy_denial(request, key.scopes, owner, policy, plan)
-        if not preset and request.previous_response and \
-                not await self._may_continue(owner.customer_id, request.previous_response):
-            preset, param = "response_not_found", "previous_response_id"
-        if not preset and request.conversation and \
-                not await self._may_continue(owner.customer_id, request.conversation):
-            preset, param = "conversation_not_found", "conversation"
+        prior_tokens = 0  # input a continuation carries unseen: the previous response's, or the conversation's
+        for stored, reason, name in ((request.previous_response, "response_not_found", "previous_response_id"),
+                                     (request.conversation, "conversation_not_found", "conversation")):
+            if stored and not preset:
+                context = await self._context_of(owner.customer_id, stored)
+                if context is None:
+                    preset, param = reason, name
+                else:
+                    prior_tokens += context
 
         # 4. estimate and buckets (only when the policy allows the request)
         attempt = None
@@ -287,7 +290,8 @@ class Engine:
         elif not preset and policy is not None and plan is not None:
             model, fallback_reason = self._route_around(policy, plan, key.scopes, owner.environment, request.model,
                                                         request.shape, unavailable_providers)
-            attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="", own_limits=key.limits)
+            attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="", own_limits=key.limits,
+                                    prior_tokens=prior_tokens)
             attempt.fallback_reason = fallback_reason
         reserve = attempt or _Plan.empty(request.model)
 
@@ -308,7 +312,7 @@ class Engine:
                     and policy.tier_allowed_in(plan, key.environment, limit.downgrade_to) \
                     and self._input_bounded(policy, plan, limit.downgrade_to, request.shape):
                 cheaper = self._attempt(request, owner, policy, plan, limit.downgrade_to, at, skip_label=limit.label,
-                                        own_limits=key.limits)
+                                        own_limits=key.limits, prior_tokens=prior_tokens)
                 cheaper.fallback_reason = f"downgraded:{limit.label}"
                 retry = await self._reserve(request, request_id, secret_hash, key.terms, owner, policy, plan, cheaper, "",
                                             at, started, decision="downgrade")
@@ -582,9 +586,12 @@ class Engine:
         return model, ""
 
     def _attempt(self, request: AuthorizeInput, owner: Owner, policy: Policy, plan: Plan, model: str, at: int,
-                 skip_label: str, own_limits: tuple[Limit, ...] = ()) -> _Plan:
+                 skip_label: str, own_limits: tuple[Limit, ...] = (), prior_tokens: int = 0) -> _Plan:
         """What reserving this request on `model` takes: its estimate, charge and the holds of the plan's
-        limits, the key's own (`own_limits`) and the operator's caps."""
+        limits, the key's own (`own_limits`) and the operator's caps. `prior_tokens`: the input a
+        continuation carries unseen (the previous response's or the conversation's input and output, as
+        settled), which an estimating plan reserves beside the visible input (a strict one reserves the
+        model's context window for it)."""
         price = policy.model(model)
         assert price is not None, "the model was checked against the price table"
         s = request.shape
@@ -594,6 +601,9 @@ class Engine:
         input_tokens = estimate_input_tokens(plan, s.prompt_bytes, s.message_count, s.input_tokens,
                                              price.context_window, s.unseen_input)
         likely = min(input_estimate(s.prompt_bytes, s.message_count, s.input_tokens), input_tokens)
+        if plan.reservation == "estimate" and prior_tokens:
+            prior = min(prior_tokens, price.context_window) if price.context_window else prior_tokens
+            input_tokens, likely = input_tokens + prior, likely + prior
         seconds, likely_seconds, audio_tokens, likely_audio = s.seconds, s.seconds, 0, 0
         if request.endpoint in ("embeddings", "audio_speech"):  # no output tokens to cap
             output_cap = 0
@@ -647,9 +657,12 @@ class Engine:
         wallet = record["wallet_id"]
         fields = {"record": record, "input_tokens_estimate": attempt.likely_input_tokens,
                   "seconds_estimate": attempt.likely_seconds, "audio_tokens_estimate": attempt.likely_audio_tokens}
+        conversation = f',"conversation":{json.dumps(request.conversation)}' if request.conversation else ""
+        if request.conversation:
+            fields["conversation"] = request.conversation
         fields_json = (f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.likely_input_tokens)},'
                        f'"seconds_estimate":{int(attempt.likely_seconds)},'
-                       f'"audio_tokens_estimate":{int(attempt.likely_audio_tokens)}}}')
+                       f'"audio_tokens_estimate":{int(attempt.likely_audio_tokens)}{conversation}}}')
         partition = self.counters.partition_of(owner.customer_id)
         try:
             result = await self.counters.authorize(
@@ -875,9 +888,13 @@ class Engine:
                                      "this request was released; it cannot be settled", asdict(report))
         if result.outcome == "unknown":
             raise await self._missing(report.request_id, "settle", asdict(report))
+        context = report.input_tokens + report.output_tokens  # what answering on from here carries back as input
         if report.provider_response_id:
             await self._remember_response(r["customer_id"], report.provider_response_id,
-                                          report.provider or price.provider, price.upstream, report.provider_account)
+                                          report.provider or price.provider, price.upstream, report.provider_account,
+                                          context)
+        if reservation.fields.get("conversation") and result.outcome != "exists":
+            await self._grow_conversation(str(reservation.fields["conversation"]), context)
         return Settlement(
             outcome=result.outcome, request_id=report.request_id, cost=cost, charge=charge,
             balance_before=result.balance_before, balance_after=result.balance_after, currency=r["currency"],
@@ -885,22 +902,35 @@ class Engine:
         )
 
     async def _remember_response(self, customer_id: str, response_id: str, provider: str, route: str,
-                                 account: str) -> None:
+                                 account: str, context_tokens: int = 0) -> None:
         """That the provider stored this response for this customer, on this account: its customer may read,
         delete or cancel it (admit_stored_response), no other may. The charge stands if this fails; the usage
         record keeps the id, from which a rebuild remembers it again."""
         try:
             await self.counters.remember_response(response_id, customer_id, provider, route, account,
-                                                  STORED_RESPONSE_SECONDS)
+                                                  STORED_RESPONSE_SECONDS, context_tokens)
         except Exception:
             log.exception("could not remember stored response %s of %s", response_id[:64], customer_id)
 
-    async def _may_continue(self, customer_id: str, response_id: str) -> bool:
-        """Whether a customer's request may continue this stored response: not when another customer made it.
-        One policyd does not know of (made before it remembered them, or just now and not yet settled)
-        is the provider's to find or not."""
+    async def _grow_conversation(self, conversation: str, context_tokens: int) -> None:
+        """A conversation answered in holds what the answer's input and output were: the next answer carries it."""
+        try:
+            await self.counters.grow_context(conversation, context_tokens)
+        except Exception:
+            log.exception("could not note the size of conversation %s", conversation[:64])
+
+    async def _context_of(self, customer_id: str, response_id: str) -> int | None:
+        """The tokens a customer's request that continues this stored response (or answers in this
+        conversation) carries as input unseen, as policyd last settled it; None when another customer made
+        it (the request is refused). One policyd does not know of (made before it remembered them, or
+        just now and not yet settled) is the provider's to find or not: 0."""
         whose = await self.counters.stored_response(response_id)
-        return whose is None or whose.split("\t", 1)[0] == customer_id
+        if whose is None:
+            return 0
+        customer, *rest = whose.split("\t")
+        if customer != customer_id:
+            return None
+        return int(rest[3]) if len(rest) > 3 and rest[3].isdigit() else 0
 
     async def settle_estimated(self, request_id: str, output_tokens: int, *, interrupted: bool, error_class: str,
                                upstream_status: int = 0, provider: str = "", provider_account: str = "",

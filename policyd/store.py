@@ -247,12 +247,13 @@ class Store:
         with self.session() as session:
             return list(session.scalars(select(UsageRecordRow).where(UsageRecordRow.status.in_(OPEN_STATUSES))))
 
-    def stored_responses(self, since_ms: int) -> list[tuple[str, str, str, str, str, int]]:
-        """(provider response id, customer, provider, served model, provider account, created ms) of each
-        response the provider stored for a request made since since_ms."""
+    def stored_responses(self, since_ms: int) -> list[tuple[str, str, str, str, str, int, int]]:
+        """(provider response id, customer, provider, served model, provider account, created ms, its input
+        and output tokens) of each response the provider stored for a request made since since_ms."""
         r = UsageRecordRow
         query = select(r.provider_response_id, r.customer_id, r.provider, r.served_model, r.provider_account,
-                       r.created_ms).where(r.provider_response_id != "", r.created_ms >= since_ms)
+                       r.created_ms, r.input_tokens + r.output_tokens).where(r.provider_response_id != "",
+                                                                             r.created_ms >= since_ms)
         with self.session() as session:
             return [tuple(row) for row in session.execute(query)]
 

@@ -455,6 +455,56 @@ async def test_a_conversation_is_made_free_and_stays_its_customers_after_a_rebui
     assert (await service.admin.audit()).ok
 
 
+async def test_a_continuation_reserves_the_input_it_carries_unseen(service: Service) -> None:
+    """previous_response_id, or a conversation, sends what came before back to the model, billed as input
+    the body does not show: an estimating plan reserves the previous response's (or the conversation's
+    last answer's) input and output beside the visible input, so a wallet that cannot pay for them is
+    refused before the call instead of overdrawn after it."""
+    _, secret = await new_key(service, customer="acme")  # plan pro: estimate, 20% markup
+    await fund(service, "acme", "1")
+    await service.engine.authorize(ask(secret, request_id="first", endpoint="responses"))
+    await service.engine.settle(usage("first", input_tokens=50_000, output_tokens=10_000,
+                                      provider_response_id="resp_long"))
+    plain = await service.engine.authorize(ask(secret, request_id="plain", endpoint="responses", unseen_input=True))
+    continuing = replace(ask(secret, request_id="next", endpoint="responses", unseen_input=True),
+                         previous_response="resp_long")
+    continued = await service.engine.authorize(continuing)
+    carried = price_quantity(60_000, parse_amount("0.15")) * 12 // 10  # input at 0.15 a million, 20% markup
+    assert abs(continued.reserved - plain.reserved - carried) <= 1
+    await service.engine.release("next", "test")
+    await service.engine.release("plain", "test")
+    # a conversation: what its last answer settled is what the next one carries
+    await service.engine.authorize(replace(ask(secret, request_id="made", endpoint="responses", model=""),
+                                           creates_conversation=True))
+    await service.engine.settle(usage("made", 0, 0, provider_response_id="conv_long"))
+    for turn, (tokens_in, tokens_out) in enumerate(((2_000, 500), (30_000, 5_000))):
+        answer = replace(ask(secret, request_id=f"turn-{turn}", endpoint="responses", unseen_input=True),
+                         conversation="conv_long")
+        await service.engine.authorize(answer)
+        await service.engine.settle(usage(f"turn-{turn}", tokens_in, tokens_out))
+    following = await service.engine.authorize(replace(ask(secret, request_id="turn-2", endpoint="responses",
+                                                           unseen_input=True), conversation="conv_long"))
+    assert abs(following.reserved - plain.reserved - price_quantity(35_000, parse_amount("0.15")) * 12 // 10) <= 1
+    await service.engine.release("turn-2", "test")
+    # a wallet that covers the visible input but not what the continuation carries
+    from policyd.pricing import Quantities, charge_of, cost_of
+
+    policy = service.engine.book.current
+    said = Quantities(input_tokens=50_000, output_tokens=10_000)
+    first_charge = charge_of(policy.plan("pro"), "gpt-4o-mini", said, cost_of(policy.model("gpt-4o-mini"), said),
+                             "standard")
+    _, poor = await new_key(service, customer="poor")
+    await fund(service, "poor", format_amount(first_charge + plain.reserved + carried // 2))
+    await service.engine.authorize(ask(poor, request_id="poor-first", endpoint="responses"))
+    settled = await service.engine.settle(usage("poor-first", 50_000, 10_000, provider_response_id="resp_poor"))
+    assert settled.balance_after == plain.reserved + carried // 2
+    refused = await service.engine.authorize(replace(ask(poor, request_id="poor-next", endpoint="responses",
+                                                         unseen_input=True), previous_response="resp_poor"))
+    assert refused.reason == "insufficient_quota"  # not overdrawn by 60,000 tokens it did not reserve
+    assert (await service.engine.authorize(ask(poor, request_id="poor-plain", endpoint="responses",
+                                               unseen_input=True))).decision == "allow"
+
+
 async def test_rebuild_is_fenced_against_replicas_still_running(service: Service) -> None:
     from policyd import redis_keys
 
