@@ -183,7 +183,7 @@ class PolicydMiddleware:
                     kept.append((b"content-length", str(len(refused[2])).encode()))
                     message = {**message, "status": refused[0]}
                 added = [(http_api.REQUEST_ID_HEADER, decision.request_id), *http_api.rate_limit_headers(
-                    (RateLimit(r.unit, r.limit, r.remaining, r.resets_unix_ms) for r in decision.response.rate_limits),
+                    (RateLimit(r.unit, r.limit, r.remaining, r.resets_unix_ms) for r in decision.rate_limits),
                     int(time.time() * 1000))]
                 message = {**message, "headers": [*kept, *((k.encode(), v.encode()) for k, v in added)]}
                 await send(message)

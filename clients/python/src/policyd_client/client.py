@@ -60,6 +60,12 @@ class Decision:
     retry_after_seconds: int
     response: Any  # the full AuthorizeResponse
 
+    @property
+    def rate_limits(self) -> list[Any]:
+        """What the key's tightest request and token limits leave once this request is held (RateLimit:
+        unit, limit, remaining, resets_unix_ms), for a proxy's x-ratelimit-* headers."""
+        return list(self.response.rate_limits) if self.response is not None else []
+
     def error_body(self) -> bytes:
         e = self.response.error
         return json.dumps({"error": {"type": e.type, "code": e.code, "message": e.message,
