@@ -60,6 +60,7 @@ class Shape:
     service_tier: str = ""  # the processing tier asked for (OpenAI's flex, priority); "" = default
     unseen_input: bool = False  # input the request only refers to (a previous response, a file, an image URL...)
     audio_bytes: int = 0  # the audio sent, when its seconds are not known (speech to text)
+    cache_write: str = ""  # the longest cache the input may be written to (Anthropic's cache_control): 5m | 1h | ""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
@@ -624,6 +624,12 @@ class Engine:
             seconds=seconds, web_searches=s.web_searches, service_tier=s.service_tier, audio_input_tokens=audio_tokens,
         )
         cost = cost_of(price, quantities)
+        if s.cache_write:  # the whole prompt may be written to the cache, at the write price: reserved so if dearer
+            writes = input_tokens - audio_tokens
+            written = replace(quantities, cache_write_input_tokens=writes,
+                              cache_write_1h_input_tokens=writes if s.cache_write == "1h" else 0)
+            if cost_of(price, written) > cost:
+                quantities, cost = written, cost_of(price, written)
         charge = charge_of(plan, model, quantities, cost, billing_of(plan, request.attribution.feature))
         partition = self.counters.partition_of(owner.customer_id)
         a = request.attribution

@@ -153,6 +153,7 @@ class HttpCall:
     unseen_input: bool = False  # input billed but not in the body (a previous response, a file, a server tool...)
     seconds: int = 0  # the audio's seconds, when its header tells them (speech to text)
     audio_bytes: int = 0  # the audio's size, when it does not
+    cache_write: str = ""  # the longest cache the body asks its input written to (cache_control): 5m | 1h | ""
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
     problem_message: str = ""
@@ -168,7 +169,7 @@ class HttpCall:
                         max_output_tokens=self.max_output_tokens, image_count=self.image_count, stream=self.stream,
                         choices=self.choices, input_tokens=self.input_tokens, web_searches=self.web_searches,
                         service_tier=self.service_tier, unseen_input=self.unseen_input, seconds=self.seconds,
-                        audio_bytes=self.audio_bytes),
+                        audio_bytes=self.audio_bytes, cache_write=self.cache_write),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, previous_response=self.previous_response,
             creates_conversation=self.creates_conversation, conversation=self.conversation,
@@ -473,11 +474,30 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.conversation = conversation[:256]
     call.web_searches = _search_bound(endpoint, data)
     call.unseen_input = not call.count_tokens and _unseen_input(data)
+    call.cache_write = _cache_write(data) if '"cache_control"' in text else ""
     tier = data.get("service_tier")
     call.service_tier = tier[:32] if isinstance(tier, str) and tier not in ("auto", "default") else ""
     if not call.attribution.end_user_id and (end_user := _end_user(data)):
         call.attribution = replace(call.attribution, end_user_id=end_user[:256])
     return call
+
+
+def _cache_write(data: Any) -> str:
+    """The longest cache a body asks the provider to write its input to: Anthropic's `cache_control`
+    ({"type": "ephemeral"}, five minutes, or with "ttl": "1h"), on its system, tools, messages or content
+    blocks, or at its top (automatic caching); OpenAI-compatible gateways pass it on in chat messages."""
+    longest = ""
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            marker = node.get("cache_control")
+            if isinstance(marker, dict):
+                longest = "1h" if marker.get("ttl") == "1h" else longest or "5m"
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return longest
 
 
 def _end_user(data: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -581,6 +582,26 @@ def test_conversations_are_named_by_path_and_method_and_their_ids_read_from_repl
     reply.finish()
     assert (reply.response_id, reply.found_usage, reply.tokens.any) == ("conv_9", True, False)
     assert closing(200, reply, cut=False).action == "settle"  # at 0: its reply is all its usage
+
+
+def test_input_marked_for_the_cache_is_named_with_its_longest_time_to_live() -> None:
+    """Anthropic's cache_control on the system, tools, a message's content block or at the top; an hour's
+    mark wins over five minutes'; OpenAI-compatible chat messages carry it too."""
+    def cache_write(path: str, body: dict[str, Any]) -> str:
+        call = http_api.parse_call("POST", path, {}, json.dumps({"model": "m", "max_tokens": 5, **body}).encode())
+        return call.authorize_input().shape.cache_write
+
+    ephemeral = {"type": "ephemeral"}
+    assert cache_write("/v1/messages", {"messages": [{"role": "user", "content": "hi"}]}) == ""
+    assert cache_write("/v1/messages", {"system": [{"type": "text", "text": "s", "cache_control": ephemeral}],
+                                        "messages": []}) == "5m"
+    assert cache_write("/v1/messages", {"tools": [{"name": "t", "cache_control": {**ephemeral, "ttl": "1h"}}],
+                                        "messages": [{"role": "user", "content": [
+                                            {"type": "text", "text": "x", "cache_control": ephemeral}]}]}) == "1h"
+    assert cache_write("/v1/messages", {"cache_control": ephemeral, "messages": []}) == "5m"
+    assert cache_write("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x", "cache_control": ephemeral}]}]}) == "5m"
+    assert cache_write("/v1/messages", {"messages": [{"role": "user", "content": "cache_control"}]}) == ""
 
 
 def test_cached_input_is_read_as_openai_compatible_providers_report_it() -> None:

@@ -769,6 +769,31 @@ async def mini_priced_with(service: Service, prices: str) -> str:
     return secret
 
 
+async def test_a_prompt_marked_for_the_cache_is_reserved_at_the_cache_write_price(service: Service) -> None:
+    """Cache writes cost more than input (Anthropic: 1.25x for five minutes, 2x for an hour): a request whose
+    body marks its input for the cache (cache_control) is reserved at the write price, so a strict plan's
+    bound holds when the provider writes the whole prompt; without the mark it is input as before."""
+    from policyd.pricing import STRICT_TOKENS_PER_MESSAGE, STRICT_TOKENS_PER_REQUEST
+
+    secret = await mini_priced_with(service, 'cache_write_input: "0.1875"\n      cache_write_1h_input: "0.30"')
+    bound = 400 + STRICT_TOKENS_PER_MESSAGE + STRICT_TOKENS_PER_REQUEST  # ask(): 400 bytes, one message
+
+    def marked(request_id: str, ttl: str) -> AuthorizeInput:
+        request = ask(secret, request_id=request_id)
+        return replace(request, shape=replace(request.shape, cache_write=ttl))
+
+    plain = await service.engine.authorize(ask(secret, request_id="plain"))
+    output = price_quantity(100, parse_amount("0.60"))
+    assert plain.reserved == price_quantity(bound, parse_amount("0.15")) + output
+    for ttl, price in (("5m", "0.1875"), ("1h", "0.30")):
+        held = await service.engine.authorize(marked(f"cached-{ttl}", ttl))
+        assert held.reserved == price_quantity(bound, parse_amount(price)) + output
+        written = dict(cache_write_input_tokens=bound, cache_write_1h_input_tokens=bound if ttl == "1h" else 0)
+        settled = await service.engine.settle(usage(f"cached-{ttl}", input_tokens=bound, output_tokens=100, **written))
+        assert plain.reserved < settled.charge <= held.reserved  # beyond the plain bound, within the marked one
+    await service.engine.release("plain", "test")
+
+
 async def test_a_long_prompt_is_reserved_and_charged_at_the_long_context_tier(service: Service) -> None:
     secret = await mini_priced_with(service, 'long_context_above: 1000\n'
                                              '      long_context: {input: "0.30", cached_input: "0.15", output: "1.20"}')

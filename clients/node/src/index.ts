@@ -76,6 +76,7 @@ export interface AuthorizeInput {
   unseenInput?: boolean;    // the input includes what the request only refers to (previous_response_id, file_id, an image URL, a server tool)
   seconds?: number;         // speech to text: the audio's seconds, when known exactly (a WAV header)
   audioBytes?: number;      // ... else the audio's size: policyd estimates or bounds its seconds
+  cacheWrite?: "" | "5m" | "1h";  // the longest cache the body asks its input written to (Anthropic's cache_control)
   countTokens?: boolean;    // a free token count (count_tokens, input_tokens, countTokens): nothing reserved or to settle
   storedResponseId?: string;     // a stored response (or conversation) read, changed or deleted: free, its customer's keys only
   previousResponseId?: string;   // the stored response a Responses API request continues
@@ -178,7 +179,7 @@ export class PolicyClient {
         promptBytes: input.promptBytes ?? 0, messageCount: input.messageCount ?? 1,
         maxOutputTokens: input.maxOutputTokens ?? 0, inputTokens: input.inputTokens ?? 0, stream: input.stream ?? false,
         choices: input.choices ?? 0, webSearches: input.webSearches ?? 0, unseenInput: input.unseenInput ?? false,
-        seconds: input.seconds ?? 0, audioBytes: input.audioBytes ?? 0,
+        seconds: input.seconds ?? 0, audioBytes: input.audioBytes ?? 0, cacheWrite: input.cacheWrite ?? "",
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",
