@@ -442,7 +442,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     content = {k: v for k, v in data.items() if k in ("messages", "input", "prompt", "system", "contents",
                                                        "instructions", "tools", "systemInstruction", "content",
                                                        "requests")}
-    call.prompt_bytes = _text_bytes(content)
+    call.prompt_bytes = _text_bytes(content) + _hidden_prompt_bytes(endpoint, data)
     messages = data.get("messages") or data.get("contents") or data.get("input") or data.get("requests")
     call.message_count = len(messages) if isinstance(messages, list) else 1
     if endpoint == "images":
@@ -480,6 +480,22 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if not call.attribution.end_user_id and (end_user := _end_user(data)):
         call.attribution = replace(call.attribution, end_user_id=end_user[:256])
     return call
+
+
+# Input a provider adds to a request and bills, which its body does not carry, as bytes of text (a token is
+# at most a byte's worth in a strict bound, about four in an estimate). Anthropic's: the system prompt
+# that enables tool use (346 tokens on its current models), and the definition of each tool it defines
+# itself (a "type" such as bash_20250124 or computer_20250124: up to 735 tokens).
+ANTHROPIC_TOOL_USE_PROMPT_BYTES = 1_400
+ANTHROPIC_BUILT_IN_TOOL_BYTES = 3_000
+
+
+def _hidden_prompt_bytes(endpoint: str, data: dict[str, Any]) -> int:
+    tools = data.get("tools")
+    if endpoint != "anthropic_messages" or not isinstance(tools, list) or not tools:
+        return 0
+    built_in = sum(1 for t in tools if isinstance(t, dict) and isinstance(t.get("type"), str) and t["type"] != "custom")
+    return ANTHROPIC_TOOL_USE_PROMPT_BYTES + ANTHROPIC_BUILT_IN_TOOL_BYTES * built_in
 
 
 def _cache_write(data: Any) -> str:

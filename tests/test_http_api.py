@@ -584,6 +584,25 @@ def test_conversations_are_named_by_path_and_method_and_their_ids_read_from_repl
     assert closing(200, reply, cut=False).action == "settle"  # at 0: its reply is all its usage
 
 
+def test_anthropics_hidden_tool_prompt_counts_as_input() -> None:
+    """Anthropic bills a system prompt it adds for tool use (346 tokens) and the definitions of the tools it
+    defines itself (bash, computer, text editor: up to 735 tokens each), none of them in the body: they
+    count as prompt bytes, so a strict bound holds for a short request with tools."""
+    def prompt_bytes(tools: list[Any]) -> int:
+        body = {"model": "claude-sonnet-4", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+        call = http_api.parse_call("POST", "/v1/messages", {}, json.dumps({**body, **({"tools": tools} if tools else {})}).encode())
+        return call.prompt_bytes
+
+    bare = prompt_bytes([])
+    custom = [{"name": "f", "input_schema": {"type": "object"}}]
+    with_custom = prompt_bytes(custom)
+    assert with_custom - bare >= 346 + http_api._text_bytes({"tools": custom})  # a token is at most a byte
+    assert prompt_bytes(custom + [{"type": "bash_20250124", "name": "bash"}]) - with_custom >= 735 + len("bash")
+    chat = http_api.parse_call("POST", "/v1/chat/completions", {}, json.dumps(
+        {"model": "m", "messages": [], "tools": [{"type": "function", "function": {"name": "f"}}]}).encode())
+    assert chat.prompt_bytes == http_api._text_bytes({"tools": [{"type": "function", "function": {"name": "f"}}]})
+
+
 def test_input_marked_for_the_cache_is_named_with_its_longest_time_to_live() -> None:
     """Anthropic's cache_control on the system, tools, a message's content block or at the top; an hour's
     mark wins over five minutes'; OpenAI-compatible chat messages carry it too."""
