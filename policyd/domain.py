@@ -61,6 +61,7 @@ class Shape:
     unseen_input: bool = False  # input the request only refers to (a previous response, a file, an image URL...)
     audio_bytes: int = 0  # the audio sent, when its seconds are not known (speech to text)
     cache_write: str = ""  # the longest cache the input may be written to (Anthropic's cache_control): 5m | 1h | ""
+    audio_output: bool = False  # the reply may be spoken (modalities include "audio"): output at the audio price
 
 
 @dataclass(frozen=True)

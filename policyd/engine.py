@@ -622,6 +622,9 @@ class Engine:
             output_tokens=output_cap * max(1, s.choices),  # every choice may reach the cap, and all are billed
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
             seconds=seconds, web_searches=s.web_searches, service_tier=s.service_tier, audio_input_tokens=audio_tokens,
+            # a spoken reply: every output token may be audio, at its own price (when the dearer)
+            audio_output_tokens=output_cap * max(1, s.choices) if s.audio_output and price.audio_output_price > price.output
+            else 0,
         )
         cost = cost_of(price, quantities)
         if s.cache_write:  # the whole prompt may be written to the cache, at the write price: reserved so if dearer

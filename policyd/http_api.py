@@ -154,6 +154,7 @@ class HttpCall:
     seconds: int = 0  # the audio's seconds, when its header tells them (speech to text)
     audio_bytes: int = 0  # the audio's size, when it does not
     cache_write: str = ""  # the longest cache the body asks its input written to (cache_control): 5m | 1h | ""
+    audio_output: bool = False  # the reply may be spoken (modalities include "audio")
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
     problem_message: str = ""
@@ -169,7 +170,7 @@ class HttpCall:
                         max_output_tokens=self.max_output_tokens, image_count=self.image_count, stream=self.stream,
                         choices=self.choices, input_tokens=self.input_tokens, web_searches=self.web_searches,
                         service_tier=self.service_tier, unseen_input=self.unseen_input, seconds=self.seconds,
-                        audio_bytes=self.audio_bytes, cache_write=self.cache_write),
+                        audio_bytes=self.audio_bytes, cache_write=self.cache_write, audio_output=self.audio_output),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, previous_response=self.previous_response,
             creates_conversation=self.creates_conversation, conversation=self.conversation,
@@ -475,6 +476,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.web_searches = _search_bound(endpoint, data)
     call.unseen_input = not call.count_tokens and _unseen_input(data)
     call.cache_write = _cache_write(data) if '"cache_control"' in text else ""
+    modalities = data.get("modalities")
+    call.audio_output = isinstance(modalities, list) and "audio" in modalities
     tier = data.get("service_tier")
     call.service_tier = tier[:32] if isinstance(tier, str) and tier not in ("auto", "default") else ""
     if not call.attribution.end_user_id and (end_user := _end_user(data)):

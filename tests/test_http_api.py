@@ -623,6 +623,13 @@ def test_input_marked_for_the_cache_is_named_with_its_longest_time_to_live() -> 
     assert cache_write("/v1/messages", {"messages": [{"role": "user", "content": "cache_control"}]}) == ""
 
 
+def test_a_reply_that_may_be_spoken_is_named() -> None:
+    for modalities, spoken in ((["text", "audio"], True), (["text"], False), (None, False), ("audio", False)):
+        body = {"model": "gpt-4o-audio-preview", "messages": [], **({"modalities": modalities} if modalities else {})}
+        call = http_api.parse_call("POST", "/v1/chat/completions", {}, json.dumps(body).encode())
+        assert call.authorize_input().shape.audio_output is spoken, modalities
+
+
 def test_cached_input_is_read_as_openai_compatible_providers_report_it() -> None:
     """DeepSeek reports its cache hits as prompt_cache_hit_tokens, Moonshot as cached_tokens beside the
     prompt's: both are cached input, priced as such, as OpenAI's prompt_tokens_details.cached_tokens is."""

@@ -794,6 +794,20 @@ async def test_a_prompt_marked_for_the_cache_is_reserved_at_the_cache_write_pric
     await service.engine.release("plain", "test")
 
 
+async def test_a_spoken_reply_is_reserved_at_the_audio_output_price(service: Service) -> None:
+    """A chat completion that may answer in audio (modalities ["text", "audio"]) has its output reserved at
+    the audio output price (gpt-4o-audio: 8x text's), so a strict bound holds when every token is spoken."""
+    secret = await mini_priced_with(service, 'audio_output: "4.80"')
+    plain = await service.engine.authorize(ask(secret, request_id="text"))
+    spoken = ask(secret, request_id="spoken")
+    held = await service.engine.authorize(replace(spoken, shape=replace(spoken.shape, audio_output=True)))
+    assert held.reserved - plain.reserved == price_quantity(100, parse_amount("4.80")) - price_quantity(
+        100, parse_amount("0.60"))
+    settled = await service.engine.settle(usage("spoken", input_tokens=10, output_tokens=100, audio_output_tokens=100))
+    assert plain.reserved < settled.charge <= held.reserved
+    await service.engine.release("text", "test")
+
+
 async def test_a_long_prompt_is_reserved_and_charged_at_the_long_context_tier(service: Service) -> None:
     secret = await mini_priced_with(service, 'long_context_above: 1000\n'
                                              '      long_context: {input: "0.30", cached_input: "0.15", output: "1.20"}')

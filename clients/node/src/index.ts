@@ -77,6 +77,7 @@ export interface AuthorizeInput {
   seconds?: number;         // speech to text: the audio's seconds, when known exactly (a WAV header)
   audioBytes?: number;      // ... else the audio's size: policyd estimates or bounds its seconds
   cacheWrite?: "" | "5m" | "1h";  // the longest cache the body asks its input written to (Anthropic's cache_control)
+  audioOutput?: boolean;    // the reply may be spoken (modalities include "audio"): output reserved at the audio price
   countTokens?: boolean;    // a free token count (count_tokens, input_tokens, countTokens): nothing reserved or to settle
   storedResponseId?: string;     // a stored response (or conversation) read, changed or deleted: free, its customer's keys only
   previousResponseId?: string;   // the stored response a Responses API request continues
@@ -180,6 +181,7 @@ export class PolicyClient {
         maxOutputTokens: input.maxOutputTokens ?? 0, inputTokens: input.inputTokens ?? 0, stream: input.stream ?? false,
         choices: input.choices ?? 0, webSearches: input.webSearches ?? 0, unseenInput: input.unseenInput ?? false,
         seconds: input.seconds ?? 0, audioBytes: input.audioBytes ?? 0, cacheWrite: input.cacheWrite ?? "",
+        audioOutput: input.audioOutput ?? false,
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",

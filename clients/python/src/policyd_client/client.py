@@ -86,7 +86,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     input_tokens, image_count, choices (n: completions generated), web_searches, service_tier,
     unseen_input (the input includes what the request only refers to), seconds and audio_bytes (speech to
     text: the audio's seconds when known exactly, else its size), cache_write ("5m" or "1h": the longest
-    cache the body asks its input written to, Anthropic's cache_control), client_address, user_agent,
+    cache the body asks its input written to, Anthropic's cache_control), audio_output=True (the reply may
+    be spoken: modalities include "audio"), client_address, user_agent,
     problem=(code, message, param), count_tokens=True (a free token count: nothing reserved, nothing
     to settle), stored_response_id (a stored response read, deleted or cancelled: free, its customer's
     keys only), previous_response_id (the stored response a Responses API request continues),
@@ -113,7 +114,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     unseen_input=bool(attribution.pop("unseen_input", False)),
                                     seconds=attribution.pop("seconds", 0),
                                     audio_bytes=attribution.pop("audio_bytes", 0),
-                                    cache_write=attribution.pop("cache_write", ""))
+                                    cache_write=attribution.pop("cache_write", ""),
+                                    audio_output=bool(attribution.pop("audio_output", False)))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
