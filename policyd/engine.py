@@ -408,14 +408,15 @@ class Engine:
 
     async def admit_stored_response(self, request: AuthorizeInput) -> Decision:
         """A request that reads, deletes or cancels a response the provider stored (the Responses API's
-        GET/DELETE /v1/responses/{id}, its input_items, its cancel), or reads, changes or deletes a
-        conversation or its items (/v1/conversations/{id}...): free at the provider. The key, its state
-        and the plan's responses endpoint are checked; the response or conversation must be one made under
+        GET/DELETE /v1/responses/{id}, its input_items, its cancel), reads, changes or deletes a
+        conversation or its items (/v1/conversations/{id}...) or a chat completion kept with store: true
+        (/v1/chat/completions/{id}, its messages): free at the provider. The key, its state and the plan's
+        endpoint (responses, chat_completions) are checked; the response or conversation must be one made under
         the key's customer (a miss is looked for once more a moment later: the reply that made it may still
         be settling), else response_not_found or conversation_not_found (404, as the provider says of an id
         it does not know). Served on the provider account that stored it; recorded only when refused."""
         async def check(key: KeyRecord, owner: Owner, policy: Policy, plan: Plan) -> tuple[str, str, tuple[str, ...]]:
-            if "responses" not in plan.endpoints:
+            if request.endpoint not in plan.endpoints:  # responses, or chat_completions for a stored chat
                 return "endpoint_not_allowed", "", ()
             whose = await self.counters.stored_response(request.stored_response)
             if whose is None:

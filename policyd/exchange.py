@@ -37,6 +37,7 @@ class Exchange:
     account: str
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment)
     input_tokens: int = 0  # the request's own count of its input (token ids; text to speech's characters)
+    stored: bool = False  # the provider keeps the reply (a chat completion's store: true): its id is remembered
     observed: bool = False  # the observer filter reads the response (else the processing filter does)
     status: int = 0
     retry_after: int = 0
@@ -48,7 +49,7 @@ class Exchange:
     reader: ResponseReader = field(init=False)
 
     def __post_init__(self) -> None:
-        self.reader = ResponseReader(self.endpoint, self.stream, self.input_tokens)
+        self.reader = ResponseReader(self.endpoint, self.stream, self.input_tokens, stored=self.stored)
 
     @classmethod
     def of(cls, call: HttpCall, decision: Decision, account: str, observed: bool) -> "Exchange":
@@ -57,7 +58,7 @@ class Exchange:
                    requested_model=decision.requested_model, served_model=decision.served_model,
                    output_cap=decision.max_output_tokens, client_gave_cap=call.max_output_tokens > 0,
                    account=account, model_in_path=call.model_in_path, input_tokens=call.input_tokens,
-                   observed=observed)
+                   observed=observed, stored=call.stores_reply)
 
     @property
     def model_in_path_changes(self) -> bool:
@@ -87,6 +88,8 @@ class Exchange:
             "max_output_tokens": self.output_cap, "client_gave_cap": self.client_gave_cap, "account": self.account,
             "observed": self.observed, "model_in_path": self.model_in_path, "input_tokens": self.input_tokens,
         }
+        if self.stored:
+            fields["stored"] = True
         if decision:
             fields["decision"] = decision
         out = struct_pb2.Struct()
@@ -127,4 +130,5 @@ class Exchange:
             # a decision from before the field: the observer read streams alone
             observed=fields["observed"].bool_value if "observed" in fields else
             "stream" in fields and fields["stream"].bool_value,
+            stored="stored" in fields and fields["stored"].bool_value,
         )

@@ -170,7 +170,7 @@ class PolicydMiddleware:
         if rewritten is not None:
             body = http_api.encoded_body(rewritten)
         exchange = _Exchange(decision.request_id, decision.served_model,
-                             ResponseReader(call.endpoint, call.stream, call.input_tokens))
+                             ResponseReader(call.endpoint, call.stream, call.input_tokens, stored=call.stores_reply))
 
         refused = http_api.credentials_refused_reply()
 

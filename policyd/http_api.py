@@ -91,6 +91,9 @@ _CONVERSATIONS = re.compile(r"(^|/)(v1|openai)/conversations/?$")
 _CONVERSATION = re.compile(r"(^|/)(v1|openai)/conversations/(?P<id>[A-Za-z0-9_.-]{1,200})"
                            r"(?P<rest>/items(?P<item>/[A-Za-z0-9_.-]{1,200})?)?/?$")
 _CONVERSATION_METHODS = {"": ("GET", "POST", "DELETE"), "/items": ("GET", "POST"), "/item": ("GET", "DELETE")}
+# a chat completion the provider stored (store: true): read, its metadata changed, deleted; its messages read
+_STORED_CHAT = re.compile(r"(^|/)v1/chat/completions/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/messages)?/?$")
+_STORED_CHAT_METHODS = {"": ("GET", "POST", "DELETE"), "/messages": ("GET",)}
 _MODELS = re.compile(r"(^|/)v1(beta)?/models/?$")
 _MODEL = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[A-Za-z0-9_.@-]{1,200})/?$")  # one model: GET (retrieve)
 _KEY_SUMMARY = re.compile(r"(^|/)v1/key/?$")
@@ -155,6 +158,7 @@ class HttpCall:
     audio_bytes: int = 0  # the audio's size, when it does not
     cache_write: str = ""  # the longest cache the body asks its input written to (cache_control): 5m | 1h | ""
     audio_output: bool = False  # the reply may be spoken (modalities include "audio")
+    stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
     problem_message: str = ""
@@ -220,6 +224,9 @@ def endpoint_of(method: str, path: str) -> Endpoint:
     if stored and stored.group("id") != "input_tokens" and \
             method.upper() in _STORED_RESPONSE_METHODS[stored.group("rest") or ""]:
         return Endpoint("responses", count_tokens=True, stored_response=stored.group("id"))
+    stored_chat = _STORED_CHAT.search(path)
+    if stored_chat and method.upper() in _STORED_CHAT_METHODS[stored_chat.group("rest") or ""]:
+        return Endpoint("chat_completions", count_tokens=True, stored_response=stored_chat.group("id"))
     if method.upper() == "POST" and _CONVERSATIONS.search(path):
         return Endpoint("responses", creates_conversation=True)
     conversation = _CONVERSATION.search(path)
@@ -476,6 +483,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.web_searches = _search_bound(endpoint, data)
     call.unseen_input = not call.count_tokens and _unseen_input(data)
     call.cache_write = _cache_write(data) if '"cache_control"' in text else ""
+    call.stores_reply = endpoint == "chat_completions" and data.get("store") is True
     modalities = data.get("modalities")
     call.audio_output = isinstance(modalities, list) and "audio" in modalities
     tier = data.get("service_tier")

@@ -27,6 +27,7 @@ from policyd.audio import wav_seconds
 from policyd.multipart import MultipartError, MultipartForm
 
 STORED_RESPONSE_PATH = re.compile(r"/v1/responses/(?P<id>resp_[^/]+)(?P<rest>/input_items|/cancel)?$")
+STORED_CHAT_PATH = re.compile(r"/v1/chat/completions/(?P<id>chatcmpl-[^/]+)(?P<rest>/messages)?$")
 CONVERSATION_PATH = re.compile(r"/v1/conversations(/(?P<id>[^/]+)(?P<items>/items(/(?P<item>[^/]+))?)?)?$")
 WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
 COMPLETION_TOKENS_MAX = len(WORDS)
@@ -84,7 +85,7 @@ class MockProvider:
                 if self.path == "/_mock/requests":
                     with provider.lock:
                         self._json(200, provider.requests)
-                elif "/responses/" in self.path or "/conversations/" in self.path:
+                elif any(part in self.path for part in ("/responses/", "/conversations/", "/chat/completions/")):
                     provider.handle(self)
                 else:
                     self._json(404, {"error": {"type": "not_found", "message": "no such path"}})
@@ -184,6 +185,9 @@ class MockProvider:
         conversation = CONVERSATION_PATH.search(route)
         if conversation:
             return self._conversation(h, body, conversation)
+        stored_chat = STORED_CHAT_PATH.search(route)
+        if stored_chat:
+            return self._stored_chat(h, body, stored_chat.group("id"), stored_chat.group("rest") or "")
         deployment = route.split("/openai/deployments/", 1)[1].split("/", 1)[0] if "/openai/deployments/" in route else ""
         model = deployment or body.get("model", "")  # Azure OpenAI serves the deployment the path names
         p_tokens = prompt_tokens(body)
@@ -274,11 +278,14 @@ class MockProvider:
                                  "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
                                  **({} if scenario == "no_usage" else {"usage": usage})})
         tier = {"auto": "default", None: "default"}.get(body.get("service_tier"), body.get("service_tier"))
-        return h._json(200, {"id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
-                             "service_tier": tier,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": "stop"}],
-                             **({} if scenario == "no_usage" else {"usage": usage})})
+        reply = {"id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model, "service_tier": tier,
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                 **({} if scenario == "no_usage" else {"usage": usage})}
+        if body.get("store") is True:  # kept: read, changed, deleted and its messages listed by its id
+            with self.lock:
+                reply["id"] = f"chatcmpl-mock{next(self.response_ids)}"
+                self.stored[reply["id"]] = (reply, body.get("messages"))
+        return h._json(200, reply)
 
     def _item(self, item: dict[str, Any]) -> dict[str, Any]:
         text = item.get("content")
@@ -324,6 +331,25 @@ class MockProvider:
             return h._json(200, {"object": "list", "data": listed, "has_more": False,
                                  "first_id": listed[0]["id"] if listed else None,
                                  "last_id": listed[-1]["id"] if listed else None})
+
+    def _stored_chat(self, h: Any, body: dict[str, Any], completion_id: str, rest: str) -> None:
+        """Chat completions kept with store: true: read, their metadata changed, deleted, their messages listed."""
+        with self.lock:
+            found = self.stored.get(completion_id)
+            if found is not None and h.command == "DELETE":
+                del self.stored[completion_id]
+            if found is not None and h.command == "POST":
+                found[0]["metadata"] = body.get("metadata") or {}
+        if found is None:
+            return h._json(404, {"error": {"type": "invalid_request_error", "code": None, "param": None,
+                                           "message": f"Completion with id '{completion_id}' not found."}})
+        reply, messages = found
+        if h.command == "DELETE":
+            return h._json(200, {"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
+        if rest == "/messages":
+            return h._json(200, {"object": "list", "has_more": False, "data": [
+                {"id": f"{completion_id}-{i}", **m} for i, m in enumerate(messages or [])]})
+        return h._json(200, reply)
 
     def _stored_response(self, h: Any, response_id: str, rest: str, method: str) -> None:
         """The Responses API's stored responses: read, deleted, their input items, cancelled."""

@@ -205,10 +205,11 @@ def _reply_text(data: Any) -> int:
 class ResponseReader:
     """Feeds on response body chunks as they pass; knows the usage at the end, or an estimate."""
 
-    def __init__(self, endpoint: str, stream: bool, request_input_tokens: int = 0) -> None:
+    def __init__(self, endpoint: str, stream: bool, request_input_tokens: int = 0, stored: bool = False) -> None:
         """`request_input_tokens`: the request's own count of its input (HttpCall.input_tokens). Text to
         speech is billed by the characters sent and its reply (audio) reports nothing: that count is its
-        usage, whole from the start, and the audio is passed over unread."""
+        usage, whole from the start, and the audio is passed over unread. `stored`: the provider keeps
+        the reply (a chat completion sent with store: true), so its id is read as a Responses API's is."""
         self.endpoint = endpoint
         self.stream = stream
         self.tokens = Tokens()
@@ -222,7 +223,8 @@ class ResponseReader:
             self.found_usage = self.output_final = True
         self.delivered_bytes = 0
         self.images = 0  # images in an images reply (priced per image)
-        self.response_id = ""  # the id of the response the provider stored (the Responses API's)
+        self.response_id = ""  # the id of the response the provider stored (the Responses API's, a stored chat's)
+        self.stored = stored or endpoint == "responses"
         self.malformed = False
         self.finished = False  # the provider said the stream is complete ([DONE], message_stop, ...)
         # Gemini's stream without alt=sse is one JSON array whose objects arrive one by one, not SSE
@@ -328,10 +330,12 @@ class ResponseReader:
                 self._array_items()
 
     def _response_id(self, data: Any) -> None:
-        """The Responses API's id of its response: a whole reply's `id`, an event's `response.id`."""
-        if self.endpoint != "responses" or self.response_id or not isinstance(data, dict):
+        """The id of a reply the provider stored: a whole reply's `id`, a Responses API event's `response.id`,
+        a stored chat completion's chunk's `id`."""
+        if not self.stored or self.response_id or not isinstance(data, dict):
             return
-        response = data.get("response") if isinstance(data.get("response"), dict) else data if not self.stream else {}
+        response = data.get("response") if isinstance(data.get("response"), dict) else \
+            data if not self.stream or self.endpoint != "responses" else {}
         found = response.get("id")
         if isinstance(found, str) and 0 < len(found) <= 200:
             self.response_id = found

@@ -1113,6 +1113,31 @@ def test_stored_responses_are_reached_by_their_own_customer_only(gateway: Gatewa
     assert len(sent) == 4 and all(r["authorization"] == sent[0]["authorization"] != "" for r in sent)
 
 
+def test_stored_chat_completions_are_reached_by_their_own_customer_only(gateway: Gateway) -> None:
+    """A chat completion sent with store: true is kept by the provider: its customer's keys read it, list its
+    messages, change its metadata and delete it, free; another customer's key gets 404 response_not_found.
+    One not stored leaves no id behind."""
+    mine = gateway.client(gateway.customer("e2e-stored-chat"))
+    theirs = gateway.client(gateway.customer("e2e-stored-chat-other"))
+    raw = mine.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "keep this"}], max_tokens=8, store=True)
+    kept = raw.parse()
+    assert gateway.record(raw.headers["x-policyd-request-id"])["provider_response_id"] == kept.id
+    assert mine.chat.completions.retrieve(kept.id).id == kept.id
+    assert mine.chat.completions.messages.list(kept.id).data[0].content == "keep this"
+    assert mine.chat.completions.update(kept.id, metadata={"topic": "t"}).metadata == {"topic": "t"}
+    for attempt in (lambda: theirs.chat.completions.retrieve(kept.id),
+                    lambda: theirs.chat.completions.messages.list(kept.id),
+                    lambda: theirs.chat.completions.delete(kept.id)):
+        with pytest.raises(openai.NotFoundError) as refused:
+            attempt()
+        assert refused.value.code == "response_not_found"
+    assert mine.chat.completions.delete(kept.id).deleted
+    plain = mine.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "forget this"}], max_tokens=8)
+    assert gateway.record(plain.headers["x-policyd-request-id"])["provider_response_id"] == ""
+
+
 def test_conversations_are_reached_by_their_own_customer_only(gateway: Gateway) -> None:
     """OpenAI's conversations: one made is free (settled at 0, its id kept in the record, so a rebuild knows
     whose it is), then read, changed, listed, added to and answered in by any key of its customer, on the

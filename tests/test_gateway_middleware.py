@@ -441,3 +441,16 @@ def test_replies_carry_the_keys_own_rate_limits(gateway: ExampleGateway) -> None
         remaining.append(raw.headers["x-ratelimit-remaining-requests"])
         assert raw.headers["x-ratelimit-limit-requests"] == "3" and raw.headers["x-ratelimit-reset-requests"]
     assert remaining == ["2", "1"]
+
+
+def test_stored_chat_completions_are_reached_by_their_own_customer_only(gateway: ExampleGateway) -> None:
+    mine = gateway.client(gateway.customer("mw-stored-chat"))
+    theirs = gateway.client(gateway.customer("mw-stored-chat-other"))
+    raw = mine.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "keep"}], max_tokens=8, store=True)
+    kept = raw.parse()
+    assert gateway.record(raw.headers["x-policyd-request-id"])["provider_response_id"] == kept.id
+    assert mine.chat.completions.retrieve(kept.id).id == kept.id
+    with pytest.raises(openai.NotFoundError) as refused:
+        theirs.chat.completions.retrieve(kept.id)
+    assert refused.value.code == "response_not_found"

@@ -554,6 +554,21 @@ def test_stored_responses_are_named_by_path_and_method_and_their_ids_read_from_r
     chat.feed(b'{"id": "chatcmpl-1", "usage": {"prompt_tokens": 1}}')
     chat.finish()
     assert (streamed.response_id, whole.response_id, chat.response_id) == ("resp_s", "resp_w", "")
+    # a chat completion sent with store: true is named by its id; its stream's chunks carry the id
+    kept = ResponseReader("chat_completions", stream=True, stored=True)
+    kept.feed(_sse({"id": "chatcmpl-k", "choices": [{"index": 0, "delta": {"content": "a"}}]}))
+    kept.finish()
+    assert kept.response_id == "chatcmpl-k"
+    for method, path, stored in (("GET", "/v1/chat/completions/chatcmpl-1", "chatcmpl-1"),
+                                 ("POST", "/v1/chat/completions/chatcmpl-1", "chatcmpl-1"),
+                                 ("DELETE", "/v1/chat/completions/chatcmpl-1", "chatcmpl-1"),
+                                 ("GET", "/v1/chat/completions/chatcmpl-1/messages", "chatcmpl-1"),
+                                 ("POST", "/v1/chat/completions/chatcmpl-1/messages", "")):
+        named = http_api.endpoint_of(method, path)
+        assert (named.stored_response, named.family if stored else "") == (stored, "chat_completions" if stored else "")
+    body = json.dumps({"model": "m", "messages": [], "store": True}).encode()
+    assert http_api.parse_call("POST", "/v1/chat/completions", {}, body).stores_reply
+    assert not http_api.parse_call("POST", "/v1/chat/completions", {}, body.replace(b"true", b"false")).stores_reply
 
 
 def test_conversations_are_named_by_path_and_method_and_their_ids_read_from_replies() -> None:
