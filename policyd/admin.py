@@ -16,7 +16,7 @@ from typing import Any
 
 from policyd import keys as key_secrets
 from policyd import redis_keys
-from policyd.counters import REQUEST_INDEX_SECONDS, STORED_RESPONSE_SECONDS, Counters, Fenced
+from policyd.counters import REQUEST_INDEX_SECONDS, STORED_RESPONSE_HOT_SECONDS, Counters, Fenced
 from policyd.db import ApiKeyRow, PolicyVersionRow
 from policyd.directory import KeyDirectory
 from policyd.domain import PolicydError
@@ -572,7 +572,7 @@ class Admin:
                 written += 1
             from policyd.engine import CONVERSATION_PRICE
 
-            kept_ms = STORED_RESPONSE_SECONDS * 1000
+            kept_ms = STORED_RESPONSE_HOT_SECONDS * 1000  # older ones are found in their records when asked for
             for response_id, customer, provider, served, account, created_ms, context in await asyncio.to_thread(
                     self.store.stored_responses, at - kept_ms):  # and conversations made (no model served)
                 price = CONVERSATION_PRICE if not served else \

@@ -24,7 +24,7 @@ def _load(name: str) -> str:
     return resources.files("policyd").joinpath("lua", f"{name}.lua").read_text()
 
 
-def _whose(customer_id: str, provider: str, route: str, account: str, context_tokens: int = 0) -> str:
+def whose_of(customer_id: str, provider: str, route: str, account: str, context_tokens: int = 0) -> str:
     """A stored response's owner, where it lives, and the tokens a request that continues it carries as input
     unseen (its input and output: all of it goes back to the model), as its key holds them."""
     return "\t".join((customer_id, provider, route, account, str(context_tokens)))
@@ -144,6 +144,8 @@ class SettleResult:
 
 REQUEST_INDEX_SECONDS = 7 * 86400  # how long a request id can be found (settled late, retried)
 STORED_RESPONSE_SECONDS = 30 * 86400  # how long the provider keeps a stored response (OpenAI: 30 days)
+# how long Redis holds whose a stored response is; older ones are found in their usage records (and held again)
+STORED_RESPONSE_HOT_SECONDS = 86400
 RECENT_RESERVATIONS_MAX = 20_000  # open reservations this process made whose facts it keeps (a few KB each)
 
 
@@ -428,13 +430,13 @@ class Counters:
         and account, holding `context_tokens`. The first to make it keeps it: an id is the provider's, never
         made twice."""
         await self.client.set(redis_keys.stored_response(response_id),
-                              _whose(customer_id, provider, route, account, context_tokens), ex=seconds, nx=True)
+                              whose_of(customer_id, provider, route, account, context_tokens), ex=seconds, nx=True)
 
     @staticmethod
     def queue_stored_response(pipe: Any, response_id: str, customer_id: str, provider: str, route: str, account: str,
                               seconds: int, context_tokens: int = 0) -> None:
         """The same as remember_response, queued on a pipeline (a rebuild's)."""
-        pipe.set(redis_keys.stored_response(response_id), _whose(customer_id, provider, route, account, context_tokens),
+        pipe.set(redis_keys.stored_response(response_id), whose_of(customer_id, provider, route, account, context_tokens),
                  ex=seconds, nx=True)
 
     async def grow_context(self, response_id: str, context_tokens: int) -> None:
@@ -444,7 +446,7 @@ class Counters:
         whose = await self.client.get(key)
         if whose is not None:
             customer_id, provider, route, account, *_ = (*_text(whose).split("\t"), "", "", "")
-            await self.client.set(key, _whose(customer_id, provider, route, account, context_tokens), xx=True,
+            await self.client.set(key, whose_of(customer_id, provider, route, account, context_tokens), xx=True,
                                   keepttl=True)
 
     async def stored_response(self, response_id: str) -> str | None:

@@ -118,7 +118,7 @@ class UsageRecordRow(Base):
     cache_write_1h_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of cache writes
     service_tier: Mapped[str] = mapped_column(String(32), default="", server_default="")  # the provider's, priced apart
     # the id of the response the provider stored for it (the Responses API's): only its customer may reach it
-    provider_response_id: Mapped[str] = mapped_column(String(256), default="", server_default="")
+    provider_response_id: Mapped[str] = mapped_column(String(256), default="", server_default="", index=True)
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     images: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -27,7 +27,8 @@ from typing import Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
 from policyd import key_limits, metrics, reasons, redis_keys
-from policyd.counters import STORED_RESPONSE_SECONDS, BucketHold, Counters, Fenced, Reservation, unreachable
+from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECONDS, BucketHold, Counters, Fenced,
+                              Reservation, unreachable, whose_of)
 from policyd.directory import KeyDirectory
 from policyd.loops import every
 from policyd.domain import (
@@ -418,10 +419,10 @@ class Engine:
         async def check(key: KeyRecord, owner: Owner, policy: Policy, plan: Plan) -> tuple[str, str, tuple[str, ...]]:
             if request.endpoint not in plan.endpoints:  # responses, or chat_completions for a stored chat
                 return "endpoint_not_allowed", "", ()
-            whose = await self.counters.stored_response(request.stored_response)
+            whose = await self._whose(request.stored_response)
             if whose is None:
                 await asyncio.sleep(STORED_RESPONSE_RECHECK_SECONDS)
-                whose = await self.counters.stored_response(request.stored_response)
+                whose = await self._whose(request.stored_response)
             customer, *where = (whose or "").split("\t")
             if customer == owner.customer_id:
                 return "", "", tuple(where)
@@ -918,9 +919,28 @@ class Engine:
         record keeps the id, from which a rebuild remembers it again."""
         try:
             await self.counters.remember_response(response_id, customer_id, provider, route, account,
-                                                  STORED_RESPONSE_SECONDS, context_tokens)
+                                                  STORED_RESPONSE_HOT_SECONDS, context_tokens)
         except Exception:
             log.exception("could not remember stored response %s of %s", response_id[:64], customer_id)
+
+    async def _whose(self, response_id: str) -> str | None:
+        """Whose a stored response (a conversation, a kept chat completion) is and where, as remember_response
+        was told: from Redis while it is recent, else from the usage record that made it (held in Redis
+        again); None when policyd never settled it, or the provider no longer keeps it."""
+        whose = await self.counters.stored_response(response_id)
+        if whose is not None:
+            return whose
+        found = await asyncio.to_thread(self.store.stored_response, response_id)
+        if found is None:
+            return None
+        customer, provider, served, account, created_ms, context = found
+        if not response_id.startswith(CONVERSATION_ID_PREFIX) and created_ms < self.clock() - STORED_RESPONSE_SECONDS * 1000:
+            return None  # a stored response lives 30 days at the provider; a conversation until deleted
+        policy = self.book.current
+        price = (policy.model(served) if served else CONVERSATION_PRICE) if policy else None
+        route = price.upstream if price else ""
+        await self._remember_response(customer, response_id, provider, route, account, int(context or 0))
+        return whose_of(customer, provider, route, account, int(context or 0))
 
     async def _grow_conversation(self, conversation: str, context_tokens: int) -> None:
         """A conversation answered in holds what the answer's input and output were: the next answer carries it."""
@@ -934,7 +954,7 @@ class Engine:
         conversation) carries as input unseen, as policyd last settled it; None when another customer made
         it (the request is refused). One policyd does not know of (made before it remembered them, or
         just now and not yet settled) is the provider's to find or not: 0."""
-        whose = await self.counters.stored_response(response_id)
+        whose = await self._whose(response_id)
         if whose is None:
             return 0
         customer, *rest = whose.split("\t")

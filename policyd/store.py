@@ -247,6 +247,17 @@ class Store:
         with self.session() as session:
             return list(session.scalars(select(UsageRecordRow).where(UsageRecordRow.status.in_(OPEN_STATUSES))))
 
+    def stored_response(self, response_id: str) -> tuple[str, str, str, str, int, int] | None:
+        """(customer, provider, served model, provider account, created ms, its input and output tokens) of
+        the request whose reply the provider stored under this id (a response, a conversation, a kept chat
+        completion), or None."""
+        r = UsageRecordRow
+        query = select(r.customer_id, r.provider, r.served_model, r.provider_account, r.created_ms,
+                       r.input_tokens + r.output_tokens).where(r.provider_response_id == response_id).limit(1)
+        with self.session() as session:
+            row = session.execute(query).first()
+        return None if row is None else tuple(row)  # type: ignore[return-value]
+
     def stored_responses(self, since_ms: int) -> list[tuple[str, str, str, str, str, int, int]]:
         """(provider response id, customer, provider, served model, provider account, created ms, its input
         and output tokens) of each response the provider stored for a request made since since_ms."""

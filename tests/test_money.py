@@ -421,6 +421,42 @@ async def test_rebuild_remembers_whose_each_stored_response_is(service: Service)
                                                    previous_response="resp_kept"))).decision == "allow"
 
 
+async def test_whose_an_older_stored_response_is_comes_from_its_record(service: Service) -> None:
+    """Redis holds whose a stored response is for a day (a Responses API deployment stores every reply); an
+    older one is found in the usage record that made it, and held in Redis again, so its customer still
+    reaches it and no other does, until the provider forgets it (30 days)."""
+    from policyd import redis_keys
+
+    _, mine = await new_key(service, customer="acme")
+    _, theirs = await new_key(service, customer="rival")
+    await fund(service, "acme", "3")
+    await fund(service, "rival", "3")
+    await service.engine.authorize(ask(mine, request_id="made", endpoint="responses"))
+    await service.engine.settle(usage("made", provider_response_id="resp_old", provider_account="second"))
+    await service.writer.drain()
+    key = redis_keys.stored_response("resp_old")
+    assert 0 < await service.counters.client.ttl(key) <= 86400
+    await service.counters.client.delete(key)  # a day later
+
+    def reaching(secret: str) -> AuthorizeInput:
+        return replace(ask(secret, endpoint="responses"), stored_response="resp_old")
+
+    read = await service.engine.authorize(reaching(mine))
+    assert (read.decision, read.account) == ("allow", "second")
+    assert await service.counters.client.exists(key)  # held again
+    await service.counters.client.delete(key)
+    assert (await service.engine.authorize(reaching(theirs))).reason == "response_not_found"
+    continuing = replace(ask(theirs, endpoint="responses"), previous_response="resp_old")
+    assert (await service.engine.authorize(continuing)).reason == "response_not_found"
+    await service.counters.client.delete(key)
+    real_clock = service.engine.clock
+    service.engine.clock = lambda: real_clock() + 31 * 86400 * 1000  # the provider has forgotten it
+    try:
+        assert (await service.engine.authorize(reaching(mine))).reason == "response_not_found"
+    finally:
+        service.engine.clock = real_clock
+
+
 async def test_a_conversation_is_made_free_and_stays_its_customers_after_a_rebuild(service: Service) -> None:
     """Making a conversation reserves and charges nothing (an empty wallet may), and is settled with the
     conversation's id: only its customer may reach it or add to it, before and after a rebuild."""
