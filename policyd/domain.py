@@ -46,6 +46,11 @@ class Attribution:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+# what a free call may make for a customer, whose it then is: OpenAI's conversations (POST /v1/conversations)
+# and files (POST /v1/files)
+CREATABLE = ("conversation", "file")
+FILES_PER_REQUEST_MAX = 64  # file ids a request's input may refer to (each checked: whose it is)
+
 @dataclass(frozen=True)
 class Shape:
     input_tokens: int = 0
@@ -76,7 +81,8 @@ class AuthorizeInput:
     count_tokens: bool = False  # the request only counts tokens: free, nothing reserved (Engine.admit_token_count)
     stored_response: str = ""  # the request reads or deletes this stored response (free: Engine.admit_stored_response)
     previous_response: str = ""  # the stored response a Responses API request continues (previous_response_id)
-    creates_conversation: bool = False  # POST /v1/conversations: free; whose it is, remembered from its reply
+    creates: str = ""  # a free call that makes something for the customer (CREATABLE): its id remembered from the reply
+    files: tuple[str, ...] = ()  # the files (by id) the request's input refers to: the customer's own, or unknown
     conversation: str = ""  # the conversation a Responses API request adds to (its `conversation`)
 
 

@@ -112,6 +112,14 @@ def new_request_id() -> str:
 FREE_ENDPOINTS = frozenset({"moderations"})  # free at the provider: admitted as token counts are
 STORED_RESPONSE_RECHECK_SECONDS = 0.5
 CONVERSATION_ID_PREFIX = "conv_"  # OpenAI's: a stored conversation, not a stored response
+FILE_ID_PREFIX = "file-"  # ... an uploaded file
+
+
+def _not_found(stored_id: str) -> str:
+    """The denial of a stored thing another customer made, named as the provider names what it does not know."""
+    if stored_id.startswith(CONVERSATION_ID_PREFIX):
+        return "conversation_not_found"
+    return "file_not_found" if stored_id.startswith(FILE_ID_PREFIX) else "response_not_found"
 
 
 @dataclass
@@ -286,7 +294,11 @@ class Engine:
 
         # 4. estimate and buckets (only when the policy allows the request)
         attempt = None
-        if not preset and request.creates_conversation:  # free: reserved at 0, settled with its id
+        for file_id in request.files if not preset else ():  # the files its input refers to: not another's
+            if await self._context_of(owner.customer_id, file_id) is None:
+                preset, param = "file_not_found", "file_id"
+                break
+        if not preset and request.creates:  # a conversation or a file made: free, reserved at 0, settled with its id
             attempt = _Plan("", CONVERSATION_PRICE, 0, 0, 0, [], {})
         elif not preset and policy is not None and plan is not None:
             model, fallback_reason = self._route_around(policy, plan, key.scopes, owner.environment, request.model,
@@ -426,8 +438,7 @@ class Engine:
             customer, *where = (whose or "").split("\t")
             if customer == owner.customer_id:
                 return "", "", tuple(where)
-            return ("conversation_not_found" if request.stored_response.startswith(CONVERSATION_ID_PREFIX)
-                    else "response_not_found"), "", ()
+            return _not_found(request.stored_response), "", ()
 
         return await self._admit_free(request, check, "stored_response")
 
@@ -549,7 +560,7 @@ class Engine:
             return "environment_not_allowed", "environment"
         if request.endpoint not in plan.endpoints:
             return "endpoint_not_allowed", "endpoint"
-        if request.creates_conversation:  # names no model
+        if request.creates:  # names no model
             return "", ""
         if policy.model(request.model) is None:
             return "unknown_model", "model"
@@ -934,8 +945,9 @@ class Engine:
         if found is None:
             return None
         customer, provider, served, account, created_ms, context = found
-        if not response_id.startswith(CONVERSATION_ID_PREFIX) and created_ms < self.clock() - STORED_RESPONSE_SECONDS * 1000:
-            return None  # a stored response lives 30 days at the provider; a conversation until deleted
+        if not response_id.startswith((CONVERSATION_ID_PREFIX, FILE_ID_PREFIX)) and \
+                created_ms < self.clock() - STORED_RESPONSE_SECONDS * 1000:
+            return None  # a stored response lives 30 days at the provider; a conversation or a file until deleted
         policy = self.book.current
         price = (policy.model(served) if served else CONVERSATION_PRICE) if policy else None
         route = price.upstream if price else ""

@@ -96,7 +96,7 @@ class PolicydMiddleware:
                 image_count=call.image_count, choices=call.choices, input_tokens=call.input_tokens,
                 web_searches=call.web_searches, service_tier=call.service_tier, count_tokens=call.count_tokens,
                 stored_response_id=call.stored_response, previous_response_id=call.previous_response,
-                creates_conversation=call.creates_conversation, conversation_id=call.conversation,
+                creates=call.creates, conversation_id=call.conversation, file_ids=list(call.files),
                 unseen_input=call.unseen_input, cache_write=call.cache_write, audio_output=call.audio_output,
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
                 **_attribution(call))

@@ -91,6 +91,11 @@ _CONVERSATIONS = re.compile(r"(^|/)(v1|openai)/conversations/?$")
 _CONVERSATION = re.compile(r"(^|/)(v1|openai)/conversations/(?P<id>[A-Za-z0-9_.-]{1,200})"
                            r"(?P<rest>/items(?P<item>/[A-Za-z0-9_.-]{1,200})?)?/?$")
 _CONVERSATION_METHODS = {"": ("GET", "POST", "DELETE"), "/items": ("GET", "POST"), "/item": ("GET", "DELETE")}
+# OpenAI's files: one uploaded (POST, free; whose it is, remembered from the reply's id); one read, its
+# content downloaded, or deleted (free, for its own customer's keys alone); the account-wide list is not offered
+_FILES = re.compile(r"(^|/)(v1|openai)/files/?$")
+_FILE = re.compile(r"(^|/)(v1|openai)/files/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/content)?/?$")
+_FILE_METHODS = {"": ("GET", "DELETE"), "/content": ("GET",)}
 # a chat completion the provider stored (store: true): read, its metadata changed, deleted; its messages read
 _STORED_CHAT = re.compile(r"(^|/)v1/chat/completions/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/messages)?/?$")
 _STORED_CHAT_METHODS = {"": ("GET", "POST", "DELETE"), "/messages": ("GET",)}
@@ -141,7 +146,8 @@ class HttpCall:
     count_tokens: bool = False  # a token count of the endpoint family (free: nothing reserved or charged)
     stored_response: str = ""  # ... or a stored response read, deleted or cancelled (free too), or a conversation
     previous_response: str = ""  # the stored response a Responses API request continues
-    creates_conversation: bool = False  # POST /v1/conversations: free, settled with the conversation's id
+    creates: str = ""  # POST /v1/conversations, /v1/files: free, settled with the new id (CREATABLE)
+    files: tuple[str, ...] = ()  # the files (by id) the input refers to
     conversation: str = ""  # the conversation a Responses API request adds to
     stream: bool = False
     body: dict[str, Any] | MultipartForm | None = None  # JSON, or a speech-to-text request's form
@@ -177,7 +183,7 @@ class HttpCall:
                         audio_bytes=self.audio_bytes, cache_write=self.cache_write, audio_output=self.audio_output),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, previous_response=self.previous_response,
-            creates_conversation=self.creates_conversation, conversation=self.conversation,
+            creates=self.creates, conversation=self.conversation, files=self.files,
         )
 
 
@@ -191,7 +197,7 @@ class Endpoint:
     key_summary: bool = False
     count_tokens: bool = False
     stored_response: str = ""  # the id of a stored response the request reads, deletes or cancels, or a conversation's
-    creates_conversation: bool = False
+    creates: str = ""  # a conversation or a file made (CREATABLE)
 
 
 def endpoint_of(method: str, path: str) -> Endpoint:
@@ -228,7 +234,12 @@ def endpoint_of(method: str, path: str) -> Endpoint:
     if stored_chat and method.upper() in _STORED_CHAT_METHODS[stored_chat.group("rest") or ""]:
         return Endpoint("chat_completions", count_tokens=True, stored_response=stored_chat.group("id"))
     if method.upper() == "POST" and _CONVERSATIONS.search(path):
-        return Endpoint("responses", creates_conversation=True)
+        return Endpoint("responses", creates="conversation")
+    if method.upper() == "POST" and _FILES.search(path):
+        return Endpoint("responses", creates="file")
+    stored_file = _FILE.search(path)
+    if stored_file and method.upper() in _FILE_METHODS[stored_file.group("rest") or ""]:
+        return Endpoint("responses", count_tokens=True, stored_response=stored_file.group("id"))
     conversation = _CONVERSATION.search(path)
     if conversation:
         rest = "/item" if conversation.group("item") else conversation.group("rest") or ""
@@ -400,7 +411,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.model = path_model  # GET /v1/models/{model}: that one model
     call.key_summary = named.key_summary
     call.stored_response = named.stored_response
-    call.creates_conversation = named.creates_conversation
+    call.creates = named.creates
     call.attribution = _attribution(headers)
     forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
     call.client_address = forwarded or client_address
@@ -420,7 +431,9 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "unknown_endpoint", f"policyd does not know the endpoint {method} {path[:200]}", "path")
     if len(body) > REQUEST_BODY_BYTES_MAX:
         return _problem(call, "request_too_large", f"the request body is larger than {REQUEST_BODY_BYTES_MAX} bytes")
-    if call.creates_conversation:  # no model: its items go to the provider as they are
+    if call.creates == "file" and "anthropic-version" in headers:  # Anthropic's Files API: not offered
+        return _problem(call, "unknown_endpoint", "policyd does not offer Anthropic's Files API", "path")
+    if call.creates:  # no model: its items, or its file, go to the provider as they are
         return call
     if endpoint == "audio_transcriptions":
         return _speech_to_text(call, headers.get("content-type", ""), body, path_model)
@@ -482,6 +495,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.conversation = conversation[:256]
     call.web_searches = _search_bound(endpoint, data)
     call.unseen_input = not call.count_tokens and _unseen_input(data)
+    call.files = _file_ids(data) if '"file_id"' in text else ()
     call.cache_write = _cache_write(data) if '"cache_control"' in text else ""
     call.stores_reply = endpoint == "chat_completions" and data.get("store") is True
     modalities = data.get("modalities")
@@ -507,6 +521,23 @@ def _hidden_prompt_bytes(endpoint: str, data: dict[str, Any]) -> int:
         return 0
     built_in = sum(1 for t in tools if isinstance(t, dict) and isinstance(t.get("type"), str) and t["type"] != "custom")
     return ANTHROPIC_TOOL_USE_PROMPT_BYTES + ANTHROPIC_BUILT_IN_TOOL_BYTES * built_in
+
+
+def _file_ids(data: Any) -> tuple[str, ...]:
+    """The OpenAI files a body's input refers to by id (chat's file parts, the Responses API's input_file
+    and input_image), each once, in order."""
+    found: dict[str, None] = {}
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            file_id = node.get("file_id")
+            if isinstance(file_id, str) and file_id:
+                found[file_id[:256]] = None
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return tuple(found)
 
 
 def _cache_write(data: Any) -> str:

@@ -27,6 +27,7 @@ from policyd.audio import wav_seconds
 from policyd.multipart import MultipartError, MultipartForm
 
 STORED_RESPONSE_PATH = re.compile(r"/v1/responses/(?P<id>resp_[^/]+)(?P<rest>/input_items|/cancel)?$")
+FILE_PATH = re.compile(r"/v1/files(/(?P<id>[^/]+)(?P<content>/content)?)?$")
 STORED_CHAT_PATH = re.compile(r"/v1/chat/completions/(?P<id>chatcmpl-[^/]+)(?P<rest>/messages)?$")
 CONVERSATION_PATH = re.compile(r"/v1/conversations(/(?P<id>[^/]+)(?P<items>/items(/(?P<item>[^/]+))?)?)?$")
 WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
@@ -73,6 +74,7 @@ class MockProvider:
         self.stored: dict[str, tuple[dict[str, Any], Any]] = {}  # stored responses: id -> (reply, input)
         self.response_ids = itertools.count(1)
         self.conversations: dict[str, dict[str, Any]] = {}  # id -> {"metadata": ..., "items": [...]}
+        self.files: dict[str, tuple[dict[str, Any], bytes]] = {}  # id -> (the file object, its content)
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,7 +87,7 @@ class MockProvider:
                 if self.path == "/_mock/requests":
                     with provider.lock:
                         self._json(200, provider.requests)
-                elif any(part in self.path for part in ("/responses/", "/conversations/", "/chat/completions/")):
+                elif any(part in self.path for part in ("/responses/", "/conversations/", "/chat/completions/", "/files/")):
                     provider.handle(self)
                 else:
                     self._json(404, {"error": {"type": "not_found", "message": "no such path"}})
@@ -185,6 +187,9 @@ class MockProvider:
         conversation = CONVERSATION_PATH.search(route)
         if conversation:
             return self._conversation(h, body, conversation)
+        uploaded = FILE_PATH.search(route)
+        if uploaded:
+            return self._file(h, body, audio, uploaded.group("id"), bool(uploaded.group("content")))
         stored_chat = STORED_CHAT_PATH.search(route)
         if stored_chat:
             return self._stored_chat(h, body, stored_chat.group("id"), stored_chat.group("rest") or "")
@@ -331,6 +336,26 @@ class MockProvider:
             return h._json(200, {"object": "list", "data": listed, "has_more": False,
                                  "first_id": listed[0]["id"] if listed else None,
                                  "last_id": listed[-1]["id"] if listed else None})
+
+    def _file(self, h: Any, form: dict[str, Any], content: bytes, file_id: str | None, download: bool) -> None:
+        """The Files API: uploaded (a form with its purpose and file), read, its content downloaded, deleted."""
+        with self.lock:
+            if file_id is None:
+                file_id = f"file-mock{next(self.response_ids)}"
+                self.files[file_id] = ({"id": file_id, "object": "file", "bytes": len(content), "created_at": 0,
+                                        "filename": "upload", "purpose": form.get("purpose", "user_data")}, content)
+                return h._json(200, self.files[file_id][0])
+            found = self.files.get(file_id)
+            if found is not None and h.command == "DELETE":
+                del self.files[file_id]
+        if found is None:
+            return h._json(404, {"error": {"type": "invalid_request_error", "code": None, "param": None,
+                                           "message": f"No such File object: {file_id}"}})
+        if h.command == "DELETE":
+            return h._json(200, {"id": file_id, "object": "file", "deleted": True})
+        if download:
+            return h._json(200, found[1], content_type="application/octet-stream")
+        return h._json(200, found[0])
 
     def _stored_chat(self, h: Any, body: dict[str, Any], completion_id: str, rest: str) -> None:
         """Chat completions kept with store: true: read, their metadata changed, deleted, their messages listed."""

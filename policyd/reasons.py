@@ -29,6 +29,7 @@ _REASONS = [
     Reason("unknown_model", 404, "invalid_request_error"),
     Reason("response_not_found", 404, "invalid_request_error"),  # a stored response of another customer, or none
     Reason("conversation_not_found", 404, "invalid_request_error"),  # ... a conversation
+    Reason("file_not_found", 404, "invalid_request_error"),  # ... a file
     Reason("unknown_endpoint", 400, "invalid_request_error"),
     Reason("invalid_request", 400, "invalid_request_error"),
     Reason("invalid_metadata", 400, "invalid_request_error"),
@@ -73,6 +74,7 @@ MESSAGES = {
     "unknown_model": "The requested model does not exist.",
     "response_not_found": "No response with this id was made with this API key's account.",
     "conversation_not_found": "No conversation with this id was made with this API key's account.",
+    "file_not_found": "No file with this id was uploaded with this API key's account.",
     "unknown_plan": "The plan of this API key is not in the active policy.",
     "no_policy": "No policy has been applied yet.",
     "insufficient_quota": "You exceeded your current quota: the prepaid balance cannot cover this request.",

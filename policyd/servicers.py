@@ -13,7 +13,9 @@ from policyd.admin import Admin
 from policyd.admin_access import AdminAccess, Principal
 from policyd.db import AdminCredentialRow, ApiKeyRow
 from policyd.domain import (
+    CREATABLE,
     ENDPOINTS,
+    FILES_PER_REQUEST_MAX,
     Attribution,
     AuthorizeInput,
     Decision,
@@ -92,7 +94,8 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
         user_agent=request.client.user_agent,
         count_tokens=request.count_tokens,
         stored_response=request.stored_response_id[:256], previous_response=request.previous_response_id[:256],
-        creates_conversation=request.creates_conversation, conversation=request.conversation_id[:256],
+        creates=request.creates if request.creates in CREATABLE else "", conversation=request.conversation_id[:256],
+        files=tuple(f[:256] for f in request.file_ids[:FILES_PER_REQUEST_MAX]),
     )
 
 

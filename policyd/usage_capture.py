@@ -384,8 +384,8 @@ class ResponseReader:
                 self.malformed = True
                 return
         self.found_usage = usage_from(self.endpoint, data, self.tokens) and self.tokens.any
-        if self.endpoint == "responses" and isinstance(data, dict) and data.get("object") == "conversation":
-            self.found_usage = True  # a conversation made costs nothing: its reply is all its usage
+        if self.endpoint == "responses" and isinstance(data, dict) and data.get("object") in ("conversation", "file"):
+            self.found_usage = True  # a conversation made, a file uploaded, cost nothing: the reply is all the usage
         self._response_id(data)
         self.delivered_bytes = _reply_text(data)
         if self.endpoint == "images" and isinstance(data, dict) and isinstance(data.get("data"), list):

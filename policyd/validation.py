@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from policyd.domain import ENDPOINTS, AuthorizeInput, UsageReport
+from policyd.domain import CREATABLE, ENDPOINTS, FILES_PER_REQUEST_MAX, AuthorizeInput, UsageReport
 from policyd.money import QUANTITY_MAX
 
 REQUEST_ID_LENGTH_MAX = 128
@@ -69,7 +69,13 @@ def check_authorize(request: AuthorizeInput) -> None:
                           "stored_response_id")
         return
     _text_field("conversation", request.conversation, STORED_RESPONSE_ID_LENGTH_MAX)
-    if request.creates_conversation:  # names no model
+    if len(request.files) > FILES_PER_REQUEST_MAX:
+        raise Problem("invalid_request", f"at most {FILES_PER_REQUEST_MAX} files by id in one request", "file_id")
+    for file_id in request.files:
+        _text_field("file_id", file_id, STORED_RESPONSE_ID_LENGTH_MAX)
+    if request.creates:  # names no model
+        if request.creates not in CREATABLE:
+            raise Problem("invalid_request", f"creates is one of {', '.join(CREATABLE)}", "creates")
         return
     if not request.model:
         raise Problem("invalid_request", "model is required", "model")

@@ -1113,6 +1113,34 @@ def test_stored_responses_are_reached_by_their_own_customer_only(gateway: Gatewa
     assert len(sent) == 4 and all(r["authorization"] == sent[0]["authorization"] != "" for r in sent)
 
 
+def test_files_are_reached_and_referred_to_by_their_own_customer_only(gateway: Gateway) -> None:
+    """OpenAI's files: an upload is free (settled at 0, its id in the record); its customer's keys read it,
+    download it, refer to it in a request and delete it; another customer's key gets 404 file_not_found
+    (recorded) for each, a request referring to it included, as if it did not exist."""
+    mine = gateway.client(gateway.customer("e2e-files"))
+    my_other_key = gateway.client(gateway.customer("e2e-files", credit=""))
+    theirs = gateway.client(gateway.customer("e2e-files-other"))
+    raw = mine.files.with_raw_response.create(file=("notes.txt", b"twelve bytes"), purpose="user_data")
+    uploaded = raw.parse()
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["charge_nanos"], record["provider_response_id"]) == ("settled", 0, uploaded.id)
+    assert my_other_key.files.retrieve(uploaded.id).bytes == 12
+    assert mine.files.content(uploaded.id).read() == b"twelve bytes"
+    asking = [{"role": "user", "content": [{"type": "input_file", "file_id": uploaded.id},
+                                           {"type": "input_text", "text": "what does it say?"}]}]
+    mine.responses.create(model="gpt-4o-mini", input=asking, max_output_tokens=8)
+    for attempt in (lambda: theirs.files.retrieve(uploaded.id), lambda: theirs.files.content(uploaded.id),
+                    lambda: theirs.files.delete(uploaded.id)):
+        with pytest.raises(openai.NotFoundError) as refused:
+            attempt()
+        assert refused.value.code == "file_not_found"
+    with pytest.raises(openai.NotFoundError) as refused:
+        theirs.responses.create(model="gpt-4o-mini", input=asking, max_output_tokens=8)
+    assert (refused.value.code, refused.value.param) == ("file_not_found", "file_id")
+    assert [r.reason for r in gateway.records("e2e-files-other")] == ["file_not_found"] * 4
+    assert mine.files.delete(uploaded.id).deleted
+
+
 def test_stored_chat_completions_are_reached_by_their_own_customer_only(gateway: Gateway) -> None:
     """A chat completion sent with store: true is kept by the provider: its customer's keys read it, list its
     messages, change its metadata and delete it, free; another customer's key gets 404 response_not_found.

@@ -454,3 +454,15 @@ def test_stored_chat_completions_are_reached_by_their_own_customer_only(gateway:
     with pytest.raises(openai.NotFoundError) as refused:
         theirs.chat.completions.retrieve(kept.id)
     assert refused.value.code == "response_not_found"
+
+
+def test_files_are_reached_by_their_own_customer_only(gateway: ExampleGateway) -> None:
+    mine = gateway.client(gateway.customer("mw-files"))
+    theirs = gateway.client(gateway.customer("mw-files-other"))
+    raw = mine.files.with_raw_response.create(file=("a.txt", b"abc"), purpose="user_data")
+    uploaded = raw.parse()
+    assert gateway.record(raw.headers["x-policyd-request-id"])["provider_response_id"] == uploaded.id
+    assert mine.files.content(uploaded.id).read() == b"abc"
+    with pytest.raises(openai.NotFoundError) as refused:
+        theirs.files.retrieve(uploaded.id)
+    assert refused.value.code == "file_not_found"

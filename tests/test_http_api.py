@@ -586,8 +586,8 @@ def test_conversations_are_named_by_path_and_method_and_their_ids_read_from_repl
     made = http_api.parse_call("POST", "/v1/conversations", {"authorization": "Bearer k"},
                                b'{"items": [{"type": "message", "role": "user", "content": "hi"}]}')
     asked = made.authorize_input()
-    assert (made.problem, made.endpoint, made.count_tokens, asked.creates_conversation, asked.model) == (
-        "", "responses", False, True, "")
+    assert (made.problem, made.endpoint, made.count_tokens, asked.creates, asked.model) == (
+        "", "responses", False, "conversation", "")
     assert http_api.parse_call("GET", "/v1/conversations", {}, b"").problem == "unknown_endpoint"
     for named in ("conv_9", {"id": "conv_9"}):
         body = json.dumps({"model": "m", "input": "hi", "conversation": named}).encode()
@@ -643,6 +643,30 @@ def test_a_reply_that_may_be_spoken_is_named() -> None:
         body = {"model": "gpt-4o-audio-preview", "messages": [], **({"modalities": modalities} if modalities else {})}
         call = http_api.parse_call("POST", "/v1/chat/completions", {}, json.dumps(body).encode())
         assert call.authorize_input().shape.audio_output is spoken, modalities
+
+
+def test_files_are_named_by_path_and_method_and_their_ids_read_from_requests() -> None:
+    for method, path, stored, creates in (("POST", "/v1/files", "", "file"), ("GET", "/v1/files/file-1", "file-1", ""),
+                                          ("DELETE", "/v1/files/file-1", "file-1", ""),
+                                          ("GET", "/v1/files/file-1/content", "file-1", ""),
+                                          ("POST", "/v1/files/file-1", "", ""), ("GET", "/v1/files", "", "")):
+        named = http_api.endpoint_of(method, path)
+        assert (named.stored_response, named.creates) == (stored, creates), (method, path)
+    anthropic = http_api.parse_call("POST", "/v1/files", {"anthropic-version": "2023-06-01"}, b"x")
+    assert anthropic.problem == "unknown_endpoint"  # Anthropic's Files API is not offered
+    body = {"model": "m", "input": [{"role": "user", "content": [
+        {"type": "input_file", "file_id": "file-a"}, {"type": "input_image", "file_id": "file-b"},
+        {"type": "input_file", "file_id": "file-a"}]}]}
+    call = http_api.parse_call("POST", "/v1/responses", {}, json.dumps(body).encode())
+    assert (call.authorize_input().files, call.unseen_input) == (("file-a", "file-b"), True)
+    chat = {"model": "m", "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-c"}}]}]}
+    assert http_api.parse_call("POST", "/v1/chat/completions", {}, json.dumps(chat).encode()).files == ("file-c",)
+    many = {"model": "m", "input": [{"type": "input_file", "file_id": f"file-{i}"} for i in range(65)]}
+    from policyd.validation import Problem, check_authorize
+    with pytest.raises(Problem) as refused:
+        check_authorize(http_api.parse_call("POST", "/v1/responses", {"authorization": "Bearer k"},
+                                            json.dumps(many).encode()).authorize_input())
+    assert refused.value.reason == "invalid_request"
 
 
 def test_cached_input_is_read_as_openai_compatible_providers_report_it() -> None:

@@ -463,7 +463,7 @@ async def test_a_conversation_is_made_free_and_stays_its_customers_after_a_rebui
     _, mine = await new_key(service, customer="acme")
     _, theirs = await new_key(service, customer="rival")
     await fund(service, "rival", "3")
-    making = replace(ask(mine, request_id="conv-made", endpoint="responses", model=""), creates_conversation=True)
+    making = replace(ask(mine, request_id="conv-made", endpoint="responses", model=""), creates="conversation")
     made = await service.engine.authorize(making)
     assert (made.decision, made.reserved, made.provider, made.route) == ("allow", 0, "openai", "openai")
     settled = await service.engine.settle(usage("conv-made", input_tokens=0, output_tokens=0,
@@ -511,7 +511,7 @@ async def test_a_continuation_reserves_the_input_it_carries_unseen(service: Serv
     await service.engine.release("plain", "test")
     # a conversation: what its last answer settled is what the next one carries
     await service.engine.authorize(replace(ask(secret, request_id="made", endpoint="responses", model=""),
-                                           creates_conversation=True))
+                                           creates="conversation"))
     await service.engine.settle(usage("made", 0, 0, provider_response_id="conv_long"))
     for turn, (tokens_in, tokens_out) in enumerate(((2_000, 500), (30_000, 5_000))):
         answer = replace(ask(secret, request_id=f"turn-{turn}", endpoint="responses", unseen_input=True),

@@ -81,8 +81,9 @@ export interface AuthorizeInput {
   countTokens?: boolean;    // a free token count (count_tokens, input_tokens, countTokens): nothing reserved or to settle
   storedResponseId?: string;     // a stored response (or conversation) read, changed or deleted: free, its customer's keys only
   previousResponseId?: string;   // the stored response a Responses API request continues
-  createsConversation?: boolean; // POST /v1/conversations: free, settled with the conversation's id (settle extra providerResponseId)
+  creates?: "" | "conversation" | "file"; // POST /v1/conversations, /v1/files: free, settled with the new id (settle extra providerResponseId)
   conversationId?: string;       // the conversation a Responses API request adds to
+  fileIds?: string[];            // the files the request's input refers to by id
   attribution?: Omit<Attribution, "requestId">;
 }
 
@@ -185,7 +186,7 @@ export class PolicyClient {
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",
-      createsConversation: input.createsConversation ?? false, conversationId: input.conversationId ?? "",
+      creates: input.creates ?? "", conversationId: input.conversationId ?? "", fileIds: input.fileIds ?? [],
     };
     const r = await this.call<AuthorizeRequest, AuthorizeResponse__Output>(
       this.stub.authorize.bind(this.stub), request, Boolean(input.requestId));

@@ -91,8 +91,9 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     problem=(code, message, param), count_tokens=True (a free token count: nothing reserved, nothing
     to settle), stored_response_id (a stored response read, deleted or cancelled: free, its customer's
     keys only), previous_response_id (the stored response a Responses API request continues),
-    creates_conversation=True (POST /v1/conversations: free, settled with the conversation's id) and
-    conversation_id (the conversation a Responses API request adds to)."""
+    creates="conversation" or "file" (POST /v1/conversations, /v1/files: free, settled with the new id),
+    conversation_id (the conversation a Responses API request adds to) and file_ids (the files its input
+    refers to)."""
     if endpoint not in ENDPOINTS and "problem" not in attribution and not attribution.get("stored_response_id"):
         raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
     tags = attribution.pop("tags", {})
@@ -102,8 +103,9 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     count_tokens = bool(attribution.pop("count_tokens", False))
     stored_response_id = attribution.pop("stored_response_id", "")
     previous_response_id = attribution.pop("previous_response_id", "")
-    creates_conversation = bool(attribution.pop("creates_conversation", False))
+    creates = attribution.pop("creates", "")
     conversation_id = attribution.pop("conversation_id", "")
+    file_ids = list(attribution.pop("file_ids", ()))
     shape = policy_pb2.RequestShape(prompt_bytes=prompt_bytes, message_count=message_count,
                                     max_output_tokens=max_output_tokens, stream=stream,
                                     input_tokens=attribution.pop("input_tokens", 0),
@@ -120,8 +122,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
         shape=shape, client=client, count_tokens=count_tokens, stored_response_id=stored_response_id,
-        previous_response_id=previous_response_id, creates_conversation=creates_conversation,
-        conversation_id=conversation_id)
+        previous_response_id=previous_response_id, creates=creates, conversation_id=conversation_id,
+        file_ids=file_ids)
     if problem is not None:
         code, message, param = problem
         request.problem.CopyFrom(types_pb2.OpenAIError(code=code, message=message, param=param))

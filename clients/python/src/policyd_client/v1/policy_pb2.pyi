@@ -126,7 +126,7 @@ class RequestShape(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ..., choices: _Optional[int] = ..., web_searches: _Optional[int] = ..., service_tier: _Optional[str] = ..., unseen_input: _Optional[bool] = ..., audio_bytes: _Optional[int] = ..., cache_write: _Optional[str] = ..., audio_output: _Optional[bool] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
-    __slots__ = ("api_key", "endpoint", "model", "attribution", "shape", "client", "problem", "count_tokens", "stored_response_id", "previous_response_id", "creates_conversation", "conversation_id")
+    __slots__ = ("api_key", "endpoint", "model", "attribution", "shape", "client", "problem", "count_tokens", "stored_response_id", "previous_response_id", "creates", "conversation_id", "file_ids")
     API_KEY_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -137,8 +137,9 @@ class AuthorizeRequest(_message.Message):
     COUNT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STORED_RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
-    CREATES_CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    CREATES_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    FILE_IDS_FIELD_NUMBER: _ClassVar[int]
     api_key: str
     endpoint: _types_pb2.EndpointFamily
     model: str
@@ -149,9 +150,10 @@ class AuthorizeRequest(_message.Message):
     count_tokens: bool
     stored_response_id: str
     previous_response_id: str
-    creates_conversation: bool
+    creates: str
     conversation_id: str
-    def __init__(self, api_key: _Optional[str] = ..., endpoint: _Optional[_Union[_types_pb2.EndpointFamily, str]] = ..., model: _Optional[str] = ..., attribution: _Optional[_Union[_types_pb2.Attribution, _Mapping]] = ..., shape: _Optional[_Union[RequestShape, _Mapping]] = ..., client: _Optional[_Union[_types_pb2.ClientInfo, _Mapping]] = ..., problem: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ..., count_tokens: _Optional[bool] = ..., stored_response_id: _Optional[str] = ..., previous_response_id: _Optional[str] = ..., creates_conversation: _Optional[bool] = ..., conversation_id: _Optional[str] = ...) -> None: ...
+    file_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, api_key: _Optional[str] = ..., endpoint: _Optional[_Union[_types_pb2.EndpointFamily, str]] = ..., model: _Optional[str] = ..., attribution: _Optional[_Union[_types_pb2.Attribution, _Mapping]] = ..., shape: _Optional[_Union[RequestShape, _Mapping]] = ..., client: _Optional[_Union[_types_pb2.ClientInfo, _Mapping]] = ..., problem: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ..., count_tokens: _Optional[bool] = ..., stored_response_id: _Optional[str] = ..., previous_response_id: _Optional[str] = ..., creates: _Optional[str] = ..., conversation_id: _Optional[str] = ..., file_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
     __slots__ = ("decision", "reason", "message", "http_status", "error", "retry_after_seconds", "owner", "request_id", "requested_model", "served_model", "provider", "route", "policy_version", "price_table_version", "reserved", "max_output_tokens", "reservation_expires_unix_ms", "shadow_denials", "rate_limits")
