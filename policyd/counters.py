@@ -146,6 +146,7 @@ REQUEST_INDEX_SECONDS = 7 * 86400  # how long a request id can be found (settled
 STORED_RESPONSE_SECONDS = 30 * 86400  # how long the provider keeps a stored response (OpenAI: 30 days)
 # how long Redis holds whose a stored response is; older ones are found in their usage records (and held again)
 STORED_RESPONSE_HOT_SECONDS = 86400
+UNKNOWN_STORED_SECONDS = 60  # an id no record names is not looked for in SQL again for this long
 RECENT_RESERVATIONS_MAX = 20_000  # open reservations this process made whose facts it keeps (a few KB each)
 
 
@@ -448,6 +449,13 @@ class Counters:
             customer_id, provider, route, account, *_ = (*_text(whose).split("\t"), "", "", "")
             await self.client.set(key, whose_of(customer_id, provider, route, account, context_tokens), xx=True,
                                   keepttl=True)
+
+    async def known_unknown(self, response_id: str) -> bool:
+        """Whether this id was looked for in SQL a moment ago and not found."""
+        return bool(await self.client.exists(redis_keys.unknown_stored(response_id)))
+
+    async def note_unknown(self, response_id: str) -> None:
+        await self.client.set(redis_keys.unknown_stored(response_id), "1", ex=UNKNOWN_STORED_SECONDS)
 
     async def stored_response(self, response_id: str) -> str | None:
         """Whose a stored response is and where (as remember_response was told), or None when unknown."""

@@ -941,8 +941,11 @@ class Engine:
         whose = await self.counters.stored_response(response_id)
         if whose is not None:
             return whose
+        if await self.counters.known_unknown(response_id):  # a client repeating ids nobody made reads no SQL
+            return None
         found = await asyncio.to_thread(self.store.stored_response, response_id)
         if found is None:
+            await self.counters.note_unknown(response_id)
             return None
         customer, provider, served, account, created_ms, context = found
         if not response_id.startswith((CONVERSATION_ID_PREFIX, FILE_ID_PREFIX)) and \

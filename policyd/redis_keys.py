@@ -19,6 +19,8 @@ script appends its event atomically with the counter change.
     pd:{pN}:fence                       exists while `policyd rebuild` rewrites the partition
     pd:{caps}:b:cap:<name>:<unit>:<window>:<start>   an operator's cap (every customer's requests count in it:
                                         scripts touch it beside one partition's keys, so caps need a single Redis)
+    pd:resp:<id>                        whose a stored response, conversation or file is (a day; then SQL)
+    pd:resp-unknown:<id>                an id SQL did not know a moment ago (a minute)
     pd:rid:<request_id>                 -> partition of the reservation (for Settle/Release)
     pd:policy                           version of the active policy (a change makes replicas reload)
 """
@@ -93,6 +95,11 @@ def credit_deadlines(partition: int) -> str:
 def stored_response(response_id: str) -> str:
     """A response the provider stored (its id, as the Responses API gave it): whose it is, and where."""
     return f"{PREFIX}:resp:{response_id}"
+
+
+def unknown_stored(response_id: str) -> str:
+    """An id no usage record names, looked for a moment ago: not looked for in SQL again meanwhile."""
+    return f"{PREFIX}:resp-unknown:{response_id}"
 
 
 def events(partition: int) -> str:
