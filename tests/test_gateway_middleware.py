@@ -176,7 +176,7 @@ def test_unusable_requests_get_clear_errors_a_record_and_move_no_money(gateway: 
     assert (code, reply["error"]["code"]) == (400, "invalid_request")
     record = gateway.record("mw-bad-1")
     assert (record["status"], record["reason"], record["reserved_nanos"]) == ("denied", "invalid_request", 0)
-    code, reply = post(f"{gateway.base_url}/files", {**auth, "x-policyd-request-id": "mw-bad-2"}, b"{}")
+    code, reply = post(f"{gateway.base_url}/batches", {**auth, "x-policyd-request-id": "mw-bad-2"}, b"{}")
     assert (code, reply["error"]["code"]) == (400, "unknown_endpoint")  # strict: nothing unmetered passes
     code, reply = post(f"{gateway.base_url}/chat/completions", {**auth, "x-policyd-request-id": "mw-bad-3"},
                        b'{"model": "gpt-4o-mini", "x": "' + b"a" * (33 * 1024 * 1024) + b'"}')
