@@ -164,7 +164,7 @@ class PolicydMiddleware:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, call: http_api.HttpCall, body: bytes,
                        decision: Decision) -> None:
-        rewritten = None if call.body is None else http_api.rewrite_body(  # a conversation made: no body read
+        rewritten = None if call.body is None else http_api.rewrite_body(  # a conversation or file made: no body read
             call.body, call.endpoint, decision.served_model, call.model, decision.max_output_tokens,
             call.max_output_tokens > 0, call.stream, call.model_in_path)
         if rewritten is not None:
