@@ -113,6 +113,7 @@ class UsageRecordRow(Base):
     cached_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cache_write_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     web_searches: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # the provider's, priced each
+    file_searches: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # ... of files, priced each
     audio_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of input_tokens
     audio_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of output_tokens
     cache_write_1h_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of cache writes

@@ -148,6 +148,7 @@ class UsageReport:
     seconds: int = 0
     requests: int = 0
     web_searches: int = 0  # server-side web searches the provider ran (Anthropic's server tool, OpenAI's web_search_call)
+    file_searches: int = 0  # file searches the provider ran (the Responses API's file_search tool), priced per call
     audio_input_tokens: int = 0  # the part of input_tokens that was audio (uncached), priced as audio
     audio_output_tokens: int = 0  # the part of output_tokens that was audio
     cache_write_1h_input_tokens: int = 0  # the part of cache_write_input_tokens kept an hour, priced apart

@@ -63,7 +63,7 @@ SWEEP_BATCH = 200
 # usage fields newer than the first records: in a settlement, and its fingerprint, only when set, so that an
 # older writer still writes every other record and a retried Settle fingerprints as an older replica did
 LATER_USAGE_FIELDS = ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens",
-                      "service_tier")
+                      "service_tier", "file_searches")
 
 
 
@@ -853,7 +853,7 @@ class Engine:
             input_tokens=report.input_tokens, cached_input_tokens=report.cached_input_tokens,
             cache_write_input_tokens=report.cache_write_input_tokens,
             output_tokens=report.output_tokens, images=report.images, seconds=report.seconds,
-            requests=report.requests or 1, web_searches=report.web_searches,
+            requests=report.requests or 1, web_searches=report.web_searches, file_searches=report.file_searches,
             audio_input_tokens=report.audio_input_tokens, audio_output_tokens=report.audio_output_tokens,
             cache_write_1h_input_tokens=report.cache_write_1h_input_tokens, service_tier=report.service_tier,
         )
@@ -1003,6 +1003,9 @@ class Engine:
             service_tier=reported.service_tier if reported is not None else "", seconds=seconds,
             audio_input_tokens=min(audio_tokens, input_tokens),
             output_tokens=min(output_tokens, cap) if cap else output_tokens,
+            # the provider's tool calls it reported before the end (searches it ran are billed, cut or not)
+            web_searches=reported.web_searches if reported is not None else 0,
+            file_searches=reported.file_searches if reported is not None else 0,
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,
             provider_account=provider_account, provider_response_id=provider_response_id,
         ), reservation)

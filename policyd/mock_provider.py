@@ -256,8 +256,12 @@ class MockProvider:
                                  **({} if scenario == "no_usage" else {"usage": usage})})
         if route.endswith("/responses"):
             usage = {"input_tokens": p_tokens, "output_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
+            calls = [{"type": "web_search_call" if str(tool.get("type", "")).startswith("web_search") else
+                      "file_search_call", "id": f"call_mock{i}", "status": "completed"}
+                     for i, tool in enumerate(body.get("tools") or [])
+                     if str(tool.get("type", "")).startswith(("web_search", "file_search"))]  # one call a search tool
             reply = {"id": f"resp_mock{next(self.response_ids)}", "object": "response", "model": model,
-                     "status": "completed", "output": [{"type": "message", "role": "assistant", "content": [
+                     "status": "completed", "output": [*calls, {"type": "message", "role": "assistant", "content": [
                          {"type": "output_text", "text": text}]}],
                      **({} if scenario == "no_usage" else {"usage": usage})}
             if body.get("store") is not False:

@@ -49,7 +49,7 @@ def _nanos(value: Any) -> int:
 
 
 _AMOUNTS = ("input", "cached_input", "cache_write_input", "cache_write_1h_input", "output", "per_image", "per_request",
-            "per_second", "per_web_search", "audio_input", "audio_output")  # the prices written as amounts
+            "per_second", "per_web_search", "per_file_search", "audio_input", "audio_output")  # the prices written as amounts
 
 
 class Prices(_Strict):
@@ -64,6 +64,7 @@ class Prices(_Strict):
     per_request: int = 0
     per_second: int = 0
     per_web_search: int = 0  # a web search the provider runs for the request (its server-side tool)
+    per_file_search: int = 0  # a file search the provider runs (the Responses API's file_search tool call)
     audio_input: int | None = None  # per 1M audio input tokens (gpt-4o-audio, realtime); None = as input
     audio_output: int | None = None  # per 1M audio output tokens; None = as output
     # A long-context tier (Anthropic's and Gemini's): a request whose input passes `long_context_above`

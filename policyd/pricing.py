@@ -35,6 +35,7 @@ class Quantities:
     seconds: int = 0
     requests: int = 1
     web_searches: int = 0
+    file_searches: int = 0
     cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens
     service_tier: str = ""  # the provider's processing tier (its own token prices when the table has them)
     audio_input_tokens: int = 0  # of input_tokens (uncached)
@@ -60,6 +61,7 @@ def cost_of(price: Prices, q: Quantities) -> int:
         + q.seconds * price.per_second
         + q.requests * price.per_request
         + q.web_searches * price.per_web_search
+        + q.file_searches * price.per_file_search
     )
 
 

@@ -155,13 +155,14 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 reported=Tokens(u.input_tokens, u.cached_input_tokens, u.cache_write_input_tokens,
                                 cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
                                 service_tier=request.service_tier, seconds=u.seconds,
-                                audio_input_tokens=u.audio_input_tokens)))
+                                audio_input_tokens=u.audio_input_tokens, web_searches=u.web_searches,
+                                file_searches=u.file_searches)))
             return settle_response(s)
         report = UsageReport(
             request_id=request.request_id, input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
             cache_write_input_tokens=u.cache_write_input_tokens,
             output_tokens=u.output_tokens, images=u.images, seconds=u.seconds, requests=u.requests,
-            web_searches=u.web_searches, audio_input_tokens=u.audio_input_tokens,
+            web_searches=u.web_searches, file_searches=u.file_searches, audio_input_tokens=u.audio_input_tokens,
             audio_output_tokens=u.audio_output_tokens, cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
             served_model=request.served_model, provider=request.provider, retries=request.retries,
             fallback_reason=request.fallback_reason, upstream_status=request.upstream_status,
@@ -235,6 +236,7 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
         cache_write_input_tokens=r.cache_write_input_tokens or 0,
         cache_write_1h_input_tokens=r.cache_write_1h_input_tokens or 0, audio_input_tokens=r.audio_input_tokens or 0,
         audio_output_tokens=r.audio_output_tokens or 0, web_searches=r.web_searches or 0, choices=r.choices or 1,
+        file_searches=r.file_searches or 0,
         service_tier=r.service_tier or "", provider_response_id=r.provider_response_id or "",
     )
 

@@ -34,6 +34,7 @@ class Tokens:
     cache_write_input_tokens: int = 0
     output_tokens: int = 0
     web_searches: int = 0  # the provider's server-side searches (priced per search)
+    file_searches: int = 0  # ... of files (the Responses API's file_search_call items, priced per call)
     audio_input_tokens: int = 0  # of input_tokens, uncached
     audio_output_tokens: int = 0  # of output_tokens
     cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens (Anthropic's hour-long cache)
@@ -138,8 +139,9 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         seen.input_tokens = _n(usage.get("input_tokens"))
         seen.cached_input_tokens = min(_n(details.get("cached_tokens")), seen.input_tokens)
         seen.output_tokens = _n(usage.get("output_tokens"))
-        seen.web_searches = sum(1 for item in data.get("output") or []
-                                if isinstance(item, dict) and item.get("type") == "web_search_call")
+        output = [item for item in data.get("output") or [] if isinstance(item, dict)]
+        seen.web_searches = sum(1 for item in output if item.get("type") == "web_search_call")
+        seen.file_searches = sum(1 for item in output if item.get("type") == "file_search_call")
         return True
     details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
     out_details = usage.get("completion_tokens_details") if isinstance(usage.get("completion_tokens_details"), dict) \

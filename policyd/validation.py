@@ -95,7 +95,7 @@ def check_usage(report: UsageReport) -> None:
         raise Problem("invalid_request", "request_id is required (1-128 characters of [A-Za-z0-9._:/=+@-])", "request_id")
     for name in ("input_tokens", "cached_input_tokens", "cache_write_input_tokens", "output_tokens", "images", "seconds",
                  "requests", "retries", "latency_ms", "web_searches", "audio_input_tokens", "audio_output_tokens",
-                 "cache_write_1h_input_tokens"):
+                 "cache_write_1h_input_tokens", "file_searches"):
         value = getattr(report, name)
         if value < 0 or value > QUANTITY_MAX:
             raise Problem("invalid_usage", f"{name} must be between 0 and {QUANTITY_MAX}", name)

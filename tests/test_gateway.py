@@ -1113,6 +1113,21 @@ def test_stored_responses_are_reached_by_their_own_customer_only(gateway: Gatewa
     assert len(sent) == 4 and all(r["authorization"] == sent[0]["authorization"] != "" for r in sent)
 
 
+def test_the_responses_apis_searches_are_charged_per_call(gateway: Gateway) -> None:
+    """The Responses API's web_search and file_search tools bill each call apart from tokens: each
+    web_search_call and file_search_call item of the reply is charged at the model's per-call price."""
+    client = gateway.client(gateway.customer("e2e-search-calls"))
+    raw = client.responses.with_raw_response.create(
+        model="gpt-4o-mini", input="look it up", max_output_tokens=8,
+        tools=[{"type": "file_search", "vector_store_ids": ["vs_mock"]}, {"type": "web_search"}])
+    made = raw.parse()
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["file_searches"], record["web_searches"]) == (1, 1)
+    tokens = price_quantity(made.usage.input_tokens, parse_amount("0.15")) + price_quantity(
+        made.usage.output_tokens, parse_amount("0.60"))
+    assert record["cost_nanos"] == tokens + parse_amount("0.0025") + parse_amount("0.025")
+
+
 def test_files_are_reached_and_referred_to_by_their_own_customer_only(gateway: Gateway) -> None:
     """OpenAI's files: an upload is free (settled at 0, its id in the record); its customer's keys read it,
     download it, refer to it in a request and delete it; another customer's key gets 404 file_not_found

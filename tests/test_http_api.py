@@ -669,6 +669,21 @@ def test_files_are_named_by_path_and_method_and_their_ids_read_from_requests() -
     assert refused.value.reason == "invalid_request"
 
 
+def test_the_responses_apis_search_calls_are_counted_streamed_or_not() -> None:
+    reply = {"id": "resp_1", "output": [{"type": "file_search_call"}, {"type": "file_search_call"},
+                                        {"type": "web_search_call"}, {"type": "message"}],
+             "usage": {"input_tokens": 5, "output_tokens": 1}}
+    whole = ResponseReader("responses", stream=False)
+    whole.feed(json.dumps(reply).encode())
+    whole.finish()
+    streamed = ResponseReader("responses", stream=True)
+    streamed.feed(_sse({"type": "response.completed", "response": reply}))
+    streamed.finish()
+    for reader in (whole, streamed):
+        assert (reader.tokens.file_searches, reader.tokens.web_searches) == (2, 1)
+        assert reader.tokens.fields()["file_searches"] == 2  # as Settle names it
+
+
 def test_cached_input_is_read_as_openai_compatible_providers_report_it() -> None:
     """DeepSeek reports its cache hits as prompt_cache_hit_tokens, Moonshot as cached_tokens beside the
     prompt's: both are cached input, priced as such, as OpenAI's prompt_tokens_details.cached_tokens is."""
