@@ -67,6 +67,7 @@ class Shape:
     audio_bytes: int = 0  # the audio sent, when its seconds are not known (speech to text)
     cache_write: str = ""  # the longest cache the input may be written to (Anthropic's cache_control): 5m | 1h | ""
     audio_output: bool = False  # the reply may be spoken (modalities include "audio"): output at the audio price
+    file_searches: int = 0  # the most file searches the request allows (reserved at their price)
 
 
 @dataclass(frozen=True)

@@ -634,7 +634,8 @@ class Engine:
             input_tokens=input_tokens,
             output_tokens=output_cap * max(1, s.choices),  # every choice may reach the cap, and all are billed
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
-            seconds=seconds, web_searches=s.web_searches, service_tier=s.service_tier, audio_input_tokens=audio_tokens,
+            seconds=seconds, web_searches=s.web_searches, file_searches=s.file_searches, service_tier=s.service_tier,
+            audio_input_tokens=audio_tokens,
             # a spoken reply: every output token may be audio, at its own price (when the dearer)
             audio_output_tokens=output_cap * max(1, s.choices) if s.audio_output and price.audio_output_price > price.output
             else 0,

@@ -164,6 +164,7 @@ class HttpCall:
     audio_bytes: int = 0  # the audio's size, when it does not
     cache_write: str = ""  # the longest cache the body asks its input written to (cache_control): 5m | 1h | ""
     audio_output: bool = False  # the reply may be spoken (modalities include "audio")
+    file_searches: int = 0  # the most file searches the request allows (0: none, or no bound given)
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
@@ -180,7 +181,8 @@ class HttpCall:
                         max_output_tokens=self.max_output_tokens, image_count=self.image_count, stream=self.stream,
                         choices=self.choices, input_tokens=self.input_tokens, web_searches=self.web_searches,
                         service_tier=self.service_tier, unseen_input=self.unseen_input, seconds=self.seconds,
-                        audio_bytes=self.audio_bytes, cache_write=self.cache_write, audio_output=self.audio_output),
+                        audio_bytes=self.audio_bytes, cache_write=self.cache_write, audio_output=self.audio_output,
+                        file_searches=self.file_searches),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, previous_response=self.previous_response,
             creates=self.creates, conversation=self.conversation, files=self.files,
@@ -338,11 +340,12 @@ def _token_ids(value: Any) -> int:
     return 0
 
 
-def _search_bound(endpoint: str, data: dict[str, Any]) -> int:
-    """The most web searches the provider may run for this request, where the request bounds them:
-    Anthropic's web search tool's `max_uses`, the Responses API's `max_tool_calls` with a search tool."""
+def _search_bound(endpoint: str, data: dict[str, Any], kind: str = "web_search") -> int:
+    """The most searches of a kind (web_search, file_search) the provider may run for this request, where
+    the request bounds them: Anthropic's web search tool's `max_uses`, the Responses API's `max_tool_calls`
+    with a search tool (which bounds every tool's calls together: each kind is reserved up to it)."""
     listed = data.get("tools")
-    tools = [t for t in listed if isinstance(t, dict) and str(t.get("type", "")).startswith("web_search")] \
+    tools = [t for t in listed if isinstance(t, dict) and str(t.get("type", "")).startswith(kind)] \
         if isinstance(listed, list) else []
     if not tools:
         return 0
@@ -494,6 +497,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if isinstance(conversation, str):
         call.conversation = conversation[:256]
     call.web_searches = _search_bound(endpoint, data)
+    call.file_searches = _search_bound(endpoint, data, "file_search")
     call.unseen_input = not call.count_tokens and _unseen_input(data)
     call.files = _file_ids(data) if '"file_id"' in text else ()
     call.cache_write = _cache_write(data) if '"cache_control"' in text else ""

@@ -88,7 +88,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             max_output_tokens=s.max_output_tokens, image_count=s.image_count, seconds=s.seconds, stream=s.stream,
             choices=s.choices, web_searches=s.web_searches, service_tier=s.service_tier, unseen_input=s.unseen_input,
             audio_bytes=s.audio_bytes, cache_write=s.cache_write if s.cache_write in ("5m", "1h") else "",
-            audio_output=s.audio_output,
+            audio_output=s.audio_output, file_searches=s.file_searches,
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,

@@ -669,6 +669,17 @@ def test_files_are_named_by_path_and_method_and_their_ids_read_from_requests() -
     assert refused.value.reason == "invalid_request"
 
 
+def test_the_responses_apis_searches_are_bounded_by_max_tool_calls() -> None:
+    def bounds(tools: list[dict[str, Any]], **more: Any) -> tuple[int, int]:
+        body = {"model": "m", "input": "x", "tools": tools, **more}
+        shape = http_api.parse_call("POST", "/v1/responses", {}, json.dumps(body).encode()).authorize_input().shape
+        return shape.web_searches, shape.file_searches
+
+    assert bounds([{"type": "file_search", "vector_store_ids": ["vs"]}], max_tool_calls=3) == (0, 3)
+    assert bounds([{"type": "file_search"}, {"type": "web_search"}], max_tool_calls=2) == (2, 2)  # each up to it
+    assert bounds([{"type": "file_search"}]) == (0, 0)  # no bound given: charged as run
+
+
 def test_the_responses_apis_search_calls_are_counted_streamed_or_not() -> None:
     reply = {"id": "resp_1", "output": [{"type": "file_search_call"}, {"type": "file_search_call"},
                                         {"type": "web_search_call"}, {"type": "message"}],

@@ -854,6 +854,19 @@ async def test_a_spoken_reply_is_reserved_at_the_audio_output_price(service: Ser
     await service.engine.release("text", "test")
 
 
+async def test_file_searches_are_reserved_up_to_the_requests_bound(service: Service) -> None:
+    """max_tool_calls with a file_search tool bounds the file searches the provider may run: each is
+    reserved at its price, and the charge of those run stays within it."""
+    secret = await mini_priced_with(service, 'per_file_search: "0.0025"')
+    plain = await service.engine.authorize(ask(secret, request_id="no-search"))
+    bounded = ask(secret, request_id="searches")
+    held = await service.engine.authorize(replace(bounded, shape=replace(bounded.shape, file_searches=3)))
+    assert held.reserved - plain.reserved == 3 * parse_amount("0.0025")
+    settled = await service.engine.settle(usage("searches", input_tokens=10, output_tokens=10, file_searches=3))
+    assert parse_amount("0.0075") < settled.charge <= held.reserved
+    await service.engine.release("no-search", "test")
+
+
 async def test_a_long_prompt_is_reserved_and_charged_at_the_long_context_tier(service: Service) -> None:
     secret = await mini_priced_with(service, 'long_context_above: 1000\n'
                                              '      long_context: {input: "0.30", cached_input: "0.15", output: "1.20"}')

@@ -72,6 +72,7 @@ export interface AuthorizeInput {
   inputTokens?: number;     // your own count, if you have one
   choices?: number;         // completions generated (n / candidateCount), each up to maxOutputTokens
   webSearches?: number;     // the most provider-side web searches the request allows (max_uses)
+  fileSearches?: number;    // ... file searches (max_tool_calls with a file_search tool)
   stream?: boolean;
   unseenInput?: boolean;    // the input includes what the request only refers to (previous_response_id, file_id, an image URL, a server tool)
   seconds?: number;         // speech to text: the audio's seconds, when known exactly (a WAV header)
@@ -180,7 +181,7 @@ export class PolicyClient {
       shape: {
         promptBytes: input.promptBytes ?? 0, messageCount: input.messageCount ?? 1,
         maxOutputTokens: input.maxOutputTokens ?? 0, inputTokens: input.inputTokens ?? 0, stream: input.stream ?? false,
-        choices: input.choices ?? 0, webSearches: input.webSearches ?? 0, unseenInput: input.unseenInput ?? false,
+        choices: input.choices ?? 0, webSearches: input.webSearches ?? 0, fileSearches: input.fileSearches ?? 0, unseenInput: input.unseenInput ?? false,
         seconds: input.seconds ?? 0, audioBytes: input.audioBytes ?? 0, cacheWrite: input.cacheWrite ?? "",
         audioOutput: input.audioOutput ?? false,
       },
