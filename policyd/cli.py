@@ -438,7 +438,11 @@ def render_report(rows: list[dict[str, Any]], group_by: list[str], fmt: str, cur
     import csv
     import io
 
-    columns = [*group_by, *(["bucket"] if any("bucket" in r for r in rows) else []), *REPORT_COLUMNS,
+    from policyd.reports import USAGE_FIGURES
+
+    # the figures of what providers bill apart: always in CSV and JSON, in the table where some row has one
+    usage = [c for c in USAGE_FIGURES if fmt != "table" or any(int(r.get(c, 0) or 0) for r in rows)]
+    columns = [*group_by, *(["bucket"] if any("bucket" in r for r in rows) else []), *REPORT_COLUMNS, *usage,
                *([c for c in MOVER_COLUMNS if any(c in r for r in rows)])]
     if fmt == "json":
         return json.dumps({"currency": currency, "rows": [{c: r.get(c, 0 if c.endswith(("s", "nanos")) else "")

@@ -171,6 +171,15 @@ class UsageRollupRow(Base):
     charge_nanos: Mapped[int] = mapped_column(BigInteger, default=0)
     retries: Mapped[int] = mapped_column(BigInteger, default=0)
     fallbacks: Mapped[int] = mapped_column(BigInteger, default=0)
+    # reports.USAGE_FIGURES (migration 0019)
+    cache_write_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    cache_write_1h_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    audio_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    audio_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    images: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    seconds: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    web_searches: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    file_searches: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 Index("ix_rollups_dimension_period_start", UsageRollupRow.dimension, UsageRollupRow.period, UsageRollupRow.start_ms)
@@ -286,8 +295,9 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, use_insertmanyvalues=False)
 
 
-def migrate(url: str) -> None:
-    """Bring the schema to the newest migration (Alembic), on SQLite and PostgreSQL alike."""
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the schema to the newest migration (Alembic), on SQLite and PostgreSQL alike (or to
+    `revision`: tests of a migration start from the one before it)."""
     from importlib import resources
 
     from alembic import command
@@ -297,4 +307,4 @@ def migrate(url: str) -> None:
     config = Config()
     config.set_main_option("script_location", str(location))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    command.upgrade(config, revision)

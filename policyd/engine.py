@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
-from policyd import key_limits, metrics, reasons, redis_keys
+from policyd import compact_json, key_limits, metrics, reasons, redis_keys
 from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECONDS, BucketHold, Counters, Fenced,
                               Reservation, unreachable, whose_of)
 from policyd.directory import KeyDirectory
@@ -675,12 +675,12 @@ class Engine:
         record = self._record(request, request_id, owner, policy, plan, attempt, at, started, decision)
         limit_reasons = {label: limit_reason(limit) for label, (limit, _) in attempt.limits_by_label.items()}
         # the record is encoded once, for the event and for the reservation
-        record_json = json.dumps(record, separators=(",", ":"))
-        payload = f'{{"record":{record_json},"limit_reasons":{json.dumps(limit_reasons, separators=(",", ":"))}}}'
+        record_json = compact_json.dumps(record)
+        payload = f'{{"record":{record_json},"limit_reasons":{compact_json.dumps(limit_reasons)}}}'
         wallet = record["wallet_id"]
         fields = {"record": record, "input_tokens_estimate": attempt.likely_input_tokens,
                   "seconds_estimate": attempt.likely_seconds, "audio_tokens_estimate": attempt.likely_audio_tokens}
-        conversation = f',"conversation":{json.dumps(request.conversation)}' if request.conversation else ""
+        conversation = f',"conversation":{compact_json.dumps(request.conversation)}' if request.conversation else ""
         if request.conversation:
             fields["conversation"] = request.conversation
         fields_json = (f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.likely_input_tokens)},'
@@ -890,9 +890,9 @@ class Engine:
         for name, value in zip(LATER_USAGE_FIELDS, later):
             if value:  # only then: a writer from before the column still writes every other record
                 settlement[name] = value
-        record_json = reservation.record_json or json.dumps(r, separators=(",", ":"))
-        payload = (f'{{"record":{record_json},"settlement":{json.dumps(settlement, separators=(",", ":"))},'
-                   f'"currency":{json.dumps(r["currency"])}}}')
+        record_json = reservation.record_json or compact_json.dumps(r)
+        payload = (f'{{"record":{record_json},"settlement":{compact_json.dumps(settlement)},'
+                   f'"currency":{compact_json.dumps(r["currency"])}}}')
         try:
             result = await self.counters.settle(
                 reservation, customer_id=r["wallet_id"], key_id=r["api_key_id"], now_ms=self.clock(),

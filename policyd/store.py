@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterable
 
-from sqlalchemy import JSON, Table, bindparam, case, func, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import JSON, Table, bindparam, case, func, insert, or_, select, text, update
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from policyd import key_limits
+from policyd import compact_json, key_limits
 from policyd.db import ApiKeyRow, EventRow, LedgerEntryRow, PolicyVersionRow, UsageRecordRow, make_engine
 from policyd.policy import Limit
 
@@ -48,8 +48,8 @@ class KeyRecord:
 
 def key_terms(plan: str, scopes: Iterable[str], limits: Iterable[dict[str, Any]] | None = ()) -> str:
     """The fingerprint of what a key may do: its plan, scopes and own limits."""
-    text = json.dumps([plan, sorted(scopes), list(limits or ())], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    described = json.dumps([plan, sorted(scopes), list(limits or ())], sort_keys=True)
+    return hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
 def _by_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -60,34 +60,48 @@ def _by_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return list(groups.values())
 
 
-def _copy(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
-    """COPY rows into a PostgreSQL table in the session's transaction. Columns a row leaves out take their
-    Python-side defaults (worked out once a batch), as an INSERT through SQLAlchemy would; those without
-    one are left to the table's own default. The driver's errors are raised as SQLAlchemy's
-    (IntegrityError for a row that exists), as an INSERT's would be."""
-    import json
-
-    import psycopg
-
+def _filled(table: Table, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """The columns to write of a batch and each row's values in their order: the columns some row names,
+    and those with a Python-side default (worked out once a batch), which a row leaving them out takes,
+    as an INSERT through SQLAlchemy would; columns with neither are left to the table's own default."""
     named = set().union(*rows)
     columns = [c for c in table.columns if c.name in named or c.default is not None]
     defaults = [(c.name, None if c.default is None else c.default.arg(None) if c.default.is_callable  # type: ignore[attr-defined]
                  else c.default.arg) for c in columns]  # type: ignore[attr-defined]
-    json_positions = [i for i, c in enumerate(columns) if isinstance(c.type, JSON)]
-    statement = f"COPY {table.name} ({', '.join(c.name for c in columns)}) FROM STDIN"
+    return [c.name for c in columns], [[row.get(name, default) for name, default in defaults] for row in rows]
+
+
+def _copy(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
+    """COPY rows into a PostgreSQL table in the session's transaction. The driver's errors are raised as
+    SQLAlchemy's (IntegrityError for a row that exists), as an INSERT's would be."""
+    import psycopg
+
+    names, values = _filled(table, rows)
+    json_positions = [i for i, name in enumerate(names) if isinstance(table.c[name].type, JSON)]
+    statement = f"COPY {table.name} ({', '.join(names)}) FROM STDIN"
     cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         with cursor.copy(statement) as copy:
-            for row in rows:
-                values = [row.get(name, default) for name, default in defaults]
+            for row in values:
                 for i in json_positions:  # JSON as text: the server parses it into the column
-                    if values[i] is not None:
-                        values[i] = json.dumps(values[i])
-                copy.write_row(values)
+                    if row[i] is not None:
+                        row[i] = compact_json.dumps(row[i])
+                copy.write_row(row)
     except psycopg.Error as error:
         raise DBAPIError.instance(statement, None, error, psycopg.Error) from error
     finally:
         cursor.close()
+
+
+def _insert_ignore_postgresql(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert a batch in one statement, skipping rows whose key exists: the rows go as one JSON array that
+    PostgreSQL turns into the table's row type (an executemany costs a round trip of the driver's
+    pipeline a row). Rows that repeat a key within the batch are skipped the same way."""
+    names, values = _filled(table, rows)
+    listed = ", ".join(names)
+    statement = text(f"INSERT INTO {table.name} ({listed}) SELECT {listed} FROM "
+                     f"jsonb_populate_recordset(NULL::{table.name}, CAST(:rows AS jsonb)) ON CONFLICT DO NOTHING")
+    session.execute(statement, {"rows": compact_json.dumps([dict(zip(names, row)) for row in values])})
 
 
 def key_record(row: ApiKeyRow) -> KeyRecord:
@@ -120,11 +134,13 @@ class Store:
         """Insert rows, skipping those whose primary key exists (replays are harmless)."""
         if not rows:
             return
-        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        if self.engine.dialect.name == "postgresql":
+            _insert_ignore_postgresql(session, model.__table__, rows)  # type: ignore[attr-defined]
+            return
         # executemany (a list of parameter sets): one statement compiled and cached, whatever the batch size;
         # rows that name other columns go in a statement of their own (the rest take their defaults)
         for same in _by_columns(rows):
-            session.execute(dialect.insert(model.__table__).on_conflict_do_nothing(), same)  # Core, not ORM bulk
+            session.execute(sqlite.insert(model.__table__).on_conflict_do_nothing(), same)  # Core, not ORM bulk
 
     def insert_new(self, session: Session, model: type, rows: list[dict[str, Any]]) -> None:
         """Insert rows that must not exist yet (a conflict raises IntegrityError: another writer was first).

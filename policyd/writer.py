@@ -12,7 +12,6 @@ harmless because every row is keyed by request_id / entry id.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -25,7 +24,7 @@ from redis.exceptions import ResponseError
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
-from policyd import metrics, redis_keys
+from policyd import compact_json, metrics, redis_keys
 from policyd.reasons import MESSAGES
 from policyd.db import EventRow, LedgerEntryRow, UsageRecordRow
 from policyd.store import Store
@@ -84,6 +83,15 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _fields(fields: dict[Any, Any]) -> dict[str, str]:
+    """An entry's fields as text: bytes from a client that does not decode (every field at once), else
+    whatever each one is."""
+    try:
+        return {k.decode(): v.decode() for k, v in fields.items()}
+    except AttributeError:
+        return {_text(k): _text(v) for k, v in fields.items()}
+
+
 class Writer:
     def __init__(self, client: aioredis.Redis, store: Store, partitions: int, batch: int = 500,
                  claim_idle_ms: int = 10_000, consumer: str = "") -> None:
@@ -137,7 +145,7 @@ class Writer:
 
     @staticmethod
     def _decoded(found: dict[int, list[Any]]) -> list[Entry]:
-        return [(partition, _text(i), {_text(k): _text(v) for k, v in fields.items()})
+        return [(partition, _text(i), _fields(fields))
                 for partition, entries in sorted(found.items()) for i, fields in entries if fields]
 
     async def drain_once(self, claim_idle_ms: int | None = None) -> int:
@@ -246,7 +254,7 @@ class Writer:
                 elif kind in ("release", "expire"):
                     self._close(session, records, fields, "released" if kind == "release" else "expired")
                 elif kind == "grant":
-                    data = json.loads(fields["d"])
+                    data = compact_json.loads(fields["d"])
                     ledger.append({
                         "entry_id": f"grant:{fields['rid']}", "customer_id": data["customer_id"],
                         "wallet_id": data.get("wallet_id") or data["customer_id"], "kind": "grant",
@@ -266,7 +274,7 @@ class Writer:
                 elif kind in ("alert", "rejected", "key_state"):
                     detail = {k: v for k, v in fields.items() if k not in ("type", "rid", "at", "d")}
                     if "d" in fields:
-                        detail.update(json.loads(fields["d"]))
+                        detail.update(compact_json.loads(fields["d"]))
                     events.append({
                         "id": f"{partition}-{entry_id}", "kind": kind, "request_id": fields.get("rid", ""),
                         "customer_id": detail.get("customer_id", ""), "detail": detail, "created_ms": int(fields["at"]),
@@ -297,7 +305,7 @@ class Writer:
 
     @classmethod
     def _authorize(cls, session: Any, records: dict[str, Record], fields: dict[str, str]) -> None:
-        data = json.loads(fields["d"])
+        data = compact_json.loads(fields["d"])
         rid = fields["rid"]
         existing = records.get(rid)
         allowed = fields["outcome"] == "allow"
@@ -341,7 +349,7 @@ class Writer:
 
     @classmethod
     def _settle(cls, session: Any, records: dict[str, Record], fields: dict[str, str]) -> dict[str, Any]:
-        data = json.loads(fields["d"])
+        data = compact_json.loads(fields["d"])
         rid = fields["rid"]
         record = records.get(rid)
         if record is None:  # the settle came first (or its authorize event was lost): it carries the record

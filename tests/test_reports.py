@@ -128,3 +128,28 @@ def test_month_bounds() -> None:
     for bad in ("2026-13", "26-11", "november"):
         with pytest.raises(Exception):
             month_bounds(bad)
+
+
+async def test_reports_sum_what_providers_bill_apart_for_charged_requests_only(service: Service) -> None:
+    """Cache writes, audio tokens, images, seconds, web and file searches: each a line of a provider's
+    invoice, summed per group as the tokens are (a released request's reported figures do not count)."""
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    extra = {"cache_write_input_tokens": 300, "cache_write_1h_input_tokens": 100, "audio_input_tokens": 40,
+             "audio_output_tokens": 30, "web_searches": 2, "file_searches": 3}
+    for i in range(2):
+        await service.engine.authorize(ask(secret, request_id=f"billed-{i}", feature="voice"))
+        await service.engine.settle(usage(f"billed-{i}", input_tokens=500, output_tokens=60, **extra))
+    await service.engine.authorize(ask(secret, request_id="released", feature="voice"))
+    await service.engine.release("released", "provider_error")
+    await service.writer.drain()
+    rows = await service.admin.usage_report(["feature"], 0, 2**62, "", "acme", False)
+    figures = {r.group["feature"]: r.figures for r in rows}["voice"]
+    assert {name: figures[name] for name in extra} == {name: 2 * value for name, value in extra.items()}
+    assert (figures["images"], figures["seconds"], figures["requests"], figures["failed"]) == (0, 0, 3, 1)
+    from policyd.reports import row_dict
+
+    parsed = list(csv.DictReader(io.StringIO(render_report([row_dict(r) for r in rows], ["feature"], "csv", "USD"))))
+    assert int(parsed[0]["web_searches"]) == 4 and int(parsed[0]["cache_write_input_tokens"]) == 600
+    table = render_report([row_dict(r) for r in rows], ["feature"], "table", "USD")
+    assert "file_searches" in table.splitlines()[0] and "images" not in table.splitlines()[0]

@@ -33,6 +33,7 @@ def records(rng: random.Random, count: int, offset: int = 0) -> list[dict]:
             "status": status, "input_tokens": rng.randrange(0, 5000), "output_tokens": rng.randrange(0, 2000),
             "cached_input_tokens": 0, "cost_nanos": cost, "charge_nanos": cost * 12 // 10,
             "retries": rng.randrange(0, 2), "fallback_reason": rng.choice(["", "", "cooling"]),
+            **{name: rng.choice([0, 0, rng.randrange(1, 3000)]) for name in reports.USAGE_FIGURES},
         })
     return out
 
@@ -114,5 +115,28 @@ def test_a_pass_without_a_cursor_rebuilds_everything(tmp_path: Path) -> None:
             session.execute(delete(RollupCursorRow))
         rollups.refresh(store)
         assert_rollups_match_reports(store)
+    finally:
+        store.close()
+
+
+def test_rollups_made_before_the_usage_figures_are_rebuilt_with_them(tmp_path: Path) -> None:
+    """Migration 0019 adds the figures of what providers bill apart; the rollups written before it lack
+    them, so it clears the cursor: the next pass sums every hour again, records written before included."""
+    url = f"sqlite:///{tmp_path / 'upgrade.db'}"
+    migrate(url, "0018")
+    store = Store(url)
+    try:
+        with store.engine.begin() as connection:  # a cursor past everything: no record would be summed again
+            connection.execute(RollupCursorRow.__table__.insert().values(name=rollups.CURSOR, written_ms=2**62))
+        migrate(url)
+        with store.session() as session:
+            assert session.get(RollupCursorRow, rollups.CURSOR) is None
+        store.insert_records(records(random.Random(7), 200))
+        assert rollups.refresh(store) > 0
+        assert_rollups_match_reports(store)
+        with store.session() as session:
+            summed = rollups.top(session, "customer", "day", START - rollups.DAY_MS, START + 5 * rollups.DAY_MS,
+                                 "web_searches")
+        assert sum(r.figures["web_searches"] for r in summed) > 0
     finally:
         store.close()

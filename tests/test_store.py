@@ -4,9 +4,9 @@ would have written them, and a record that exists is refused as an INSERT refuse
 from __future__ import annotations
 
 import pytest
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from policyd.db import UsageRecordRow, migrate
+from policyd.db import EventRow, LedgerEntryRow, UsageRecordRow, migrate
 from policyd.store import Store
 
 
@@ -37,5 +37,46 @@ def test_copied_records_take_the_defaults_an_insert_gives_and_refuse_duplicates(
                 store.insert_new(session, UsageRecordRow, [dict(sparse, status="settled")])
         with store.session() as session:  # and nothing of the refused batch was written
             assert session.get(UsageRecordRow, "r-sparse").status == "denied"
+    finally:
+        store.close()
+
+
+def test_rows_inserted_ignoring_existing_ones_read_back_whole_and_skip_repeats(postgres_server) -> None:
+    """insert_ignore on PostgreSQL (one statement a batch): values exact, defaults as an INSERT gives them,
+    a row whose key exists (in the table or earlier in the batch) skipped, the rest written."""
+    url = postgres_server.create_database("store_ignore")
+    migrate(url)
+    store = Store(url)
+    try:
+        charge = {"entry_id": "charge:r1", "customer_id": "c1", "wallet_id": "c1", "kind": "charge",
+                  "amount_nanos": -(2**62), "currency": "USD", "request_id": "r1", "source": "usage",
+                  "note": "ünïcode ✓ \"quoted\" \t tab", "balance_after_nanos": 2**63 - 1, "created_ms": 7}
+        sparse = {"entry_id": "grant:g1", "customer_id": "c1", "kind": "grant", "amount_nanos": 5,
+                  "currency": "EUR", "balance_after_nanos": 5, "created_ms": 8}
+        with store.session() as session, session.begin():
+            store.insert_ignore(session, LedgerEntryRow, [charge, sparse])
+        with store.session() as session, session.begin():  # a replay beside a new row, repeated in the batch
+            store.insert_ignore(session, LedgerEntryRow, [dict(charge, amount_nanos=1), dict(sparse, note="new", entry_id="grant:g2"),
+                                                          dict(sparse, note="again", entry_id="grant:g2")])
+            store.insert_ignore(session, EventRow, [{"id": "0-1", "kind": "alert", "detail": {"a": [1, {"b": None}]},
+                                                     "created_ms": 9}, {"id": "0-2", "kind": "rejected", "created_ms": 10}])
+        with store.session() as session:
+            ledger = {r.entry_id: r for r in session.query(LedgerEntryRow)}
+            events = {r.id: r for r in session.query(EventRow)}
+        assert sorted(ledger) == ["charge:r1", "grant:g1", "grant:g2"]
+        row = ledger["charge:r1"]  # the replay changed nothing
+        assert (row.amount_nanos, row.balance_after_nanos, row.note) == (-(2**62), 2**63 - 1, charge["note"])
+        assert (ledger["grant:g1"].wallet_id, ledger["grant:g1"].request_id, ledger["grant:g1"].note,
+                ledger["grant:g1"].expires_ms) == ("", "", "", 0)  # the defaults an INSERT gives
+        assert ledger["grant:g2"].note == "new"  # the first of the batch's repeats
+        assert events["0-1"].detail == {"a": [1, {"b": None}]} and events["0-2"].detail == {}
+        assert (events["0-2"].request_id, events["0-2"].customer_id) == ("", "")
+        with pytest.raises(DBAPIError):  # text PostgreSQL cannot hold: the whole batch refused, as SQL data
+            with store.session() as session, session.begin():
+                store.insert_ignore(session, EventRow, [{"id": "0-3", "kind": "alert", "created_ms": 1},
+                                                        {"id": "0-4", "kind": "alert", "created_ms": 1,
+                                                         "request_id": "nul\x00"}])
+        with store.session() as session:
+            assert session.get(EventRow, "0-3") is None
     finally:
         store.close()

@@ -1,0 +1,31 @@
+"""The JSON policyd writes for itself reads back as the value it was made of, whatever the value holds:
+what orjson refuses (integers past 64 bits, lone surrogates) is still written, by the standard library."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from policyd import compact_json
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(values)
+def test_what_is_written_reads_back_as_the_same_value_by_either_reader(value) -> None:
+    text = compact_json.dumps(value)
+    assert compact_json.loads(text) == value
+    assert json.loads(text) == value  # plain JSON: any reader reads it
+
+
+def test_values_orjson_refuses_are_written_by_the_standard_library() -> None:
+    for value in ({"n": 2**64}, {"s": "lone \ud800 surrogate"}, [-(2**70)]):
+        text = compact_json.dumps(value)
+        assert json.loads(text) == value and compact_json.loads(text) == value
+    assert compact_json.dumps({"a": [1, "é"]}) == '{"a":[1,"é"]}'  # compact, UTF-8 as it is
