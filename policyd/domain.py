@@ -68,6 +68,10 @@ class Shape:
     cache_write: str = ""  # the longest cache the input may be written to (Anthropic's cache_control): 5m | 1h | ""
     audio_output: bool = False  # the reply may be spoken (modalities include "audio"): output at the audio price
     file_searches: int = 0  # the most file searches the request allows (reserved at their price)
+    # search tools the provider runs that the request gives no bound for: each is bounded at the plan's
+    # default_max_tool_calls, reserved so, and the bound set in the request (Decision.max_tool_calls)
+    unbounded_web_search_tools: int = 0  # Anthropic: web search tools without max_uses; Responses: 1 without max_tool_calls
+    unbounded_file_search: bool = False  # a file_search tool without max_tool_calls (the Responses API)
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,9 @@ class Decision:
     shadow_denials: tuple[str, ...] = ()
     account: str = ""  # the provider account to serve it on ("" = any of the provider's): a stored response's
     rate_limits: tuple[RateLimit, ...] = ()  # allowed: the tightest request and token limit (rate-limit headers)
+    # > 0: the bound the reservation covers for the request's unbounded search tools, which the proxy sets in
+    # the request (the Responses API's max_tool_calls; max_uses of each Anthropic web search tool without one)
+    max_tool_calls: int = 0
 
     @property
     def allowed(self) -> bool:

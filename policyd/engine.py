@@ -137,6 +137,7 @@ class _Plan:
     likely_input_tokens: int = 0  # what a settle without the provider's usage charges (input_tokens: reserved)
     likely_seconds: int = 0  # ... and the audio's seconds (speech to text)
     likely_audio_tokens: int = 0  # ... and its audio tokens, of likely_input_tokens (a model billing those)
+    tool_call_cap: int = 0  # the bound set for the request's unbounded search tools (0: none)
 
     @classmethod
     def empty(cls, model: str) -> "_Plan":
@@ -357,7 +358,7 @@ class Engine:
             first = existing.record
             return Decision(
                 decision=first["decision"], reserved=existing.amount, max_output_tokens=first["max_output_tokens"],
-                reservation_expires_ms=existing.expires_ms,
+                reservation_expires_ms=existing.expires_ms, max_tool_calls=int(existing.fields.get("max_tool_calls", 0)),
                 **{**common, "served_model": first["served_model"], "provider": first["provider"],
                    "route": first["upstream"], "policy_version": first["policy_version"],
                    "price_table_version": first["price_table_version"]},
@@ -374,7 +375,7 @@ class Engine:
         return Decision(
             decision=decision_kind, reserved=result.reserved, max_output_tokens=reserve.output_cap,
             reservation_expires_ms=at + self.reservation_ttl_ms, shadow_denials=result.shadow,
-            rate_limits=_rate_limits(reserve, result.used), **common,
+            rate_limits=_rate_limits(reserve, result.used), max_tool_calls=reserve.tool_call_cap, **common,
         )
 
     async def _screen(self, request: AuthorizeInput, at: int, started: int, base: dict[str, str]) -> Decision | str:
@@ -630,11 +631,14 @@ class Engine:
                 input_tokens += audio_tokens
                 likely_audio = likely_seconds * AUDIO_TOKENS_PER_SECOND
                 likely += likely_audio
+        # search tools the request leaves unbounded: each bounded at the plan's default (set in the request)
+        tool_call_cap = plan.default_max_tool_calls if s.unbounded_web_search_tools or s.unbounded_file_search else 0
         quantities = Quantities(
             input_tokens=input_tokens,
             output_tokens=output_cap * max(1, s.choices),  # every choice may reach the cap, and all are billed
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
-            seconds=seconds, web_searches=s.web_searches, file_searches=s.file_searches, service_tier=s.service_tier,
+            seconds=seconds, web_searches=s.web_searches + s.unbounded_web_search_tools * tool_call_cap,
+            file_searches=s.file_searches + (tool_call_cap if s.unbounded_file_search else 0), service_tier=s.service_tier,
             audio_input_tokens=audio_tokens,
             # a spoken reply: every output token may be audio, at its own price (when the dearer)
             audio_output_tokens=output_cap * max(1, s.choices) if s.audio_output and price.audio_output_price > price.output
@@ -667,7 +671,7 @@ class Engine:
                 holds.append(hold)
                 by_label[cap.label] = (cap, window.end)
         return _Plan(model, price, input_tokens, output_cap, charge, holds, by_label, likely_input_tokens=likely,
-                     likely_seconds=likely_seconds, likely_audio_tokens=likely_audio)
+                     likely_seconds=likely_seconds, likely_audio_tokens=likely_audio, tool_call_cap=tool_call_cap)
 
     async def _reserve(self, request: AuthorizeInput, request_id: str, secret_hash: str, terms: str, owner: Owner,
                        policy: Policy | None, plan: Plan | None, attempt: _Plan, preset: str, at: int,
@@ -680,12 +684,15 @@ class Engine:
         wallet = record["wallet_id"]
         fields = {"record": record, "input_tokens_estimate": attempt.likely_input_tokens,
                   "seconds_estimate": attempt.likely_seconds, "audio_tokens_estimate": attempt.likely_audio_tokens}
-        conversation = f',"conversation":{compact_json.dumps(request.conversation)}' if request.conversation else ""
+        extra = f',"conversation":{compact_json.dumps(request.conversation)}' if request.conversation else ""
         if request.conversation:
             fields["conversation"] = request.conversation
+        if attempt.tool_call_cap:  # a retry of the request is answered with the same bound
+            fields["max_tool_calls"] = attempt.tool_call_cap
+            extra += f',"max_tool_calls":{int(attempt.tool_call_cap)}'
         fields_json = (f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.likely_input_tokens)},'
                        f'"seconds_estimate":{int(attempt.likely_seconds)},'
-                       f'"audio_tokens_estimate":{int(attempt.likely_audio_tokens)}{conversation}}}')
+                       f'"audio_tokens_estimate":{int(attempt.likely_audio_tokens)}{extra}}}')
         partition = self.counters.partition_of(owner.customer_id)
         try:
             result = await self.counters.authorize(

@@ -99,6 +99,8 @@ class PolicydMiddleware:
                 stored_response_id=call.stored_response, previous_response_id=call.previous_response,
                 creates=call.creates, conversation_id=call.conversation, file_ids=list(call.files),
                 unseen_input=call.unseen_input, cache_write=call.cache_write, audio_output=call.audio_output,
+                unbounded_web_search_tools=call.unbounded_web_search_tools,
+                unbounded_file_search=call.unbounded_file_search,
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
                 **_attribution(call))
         except PolicydCallError as error:
@@ -167,7 +169,7 @@ class PolicydMiddleware:
                        decision: Decision) -> None:
         rewritten = None if call.body is None else http_api.rewrite_body(  # a conversation or file made: no body read
             call.body, call.endpoint, decision.served_model, call.model, decision.max_output_tokens,
-            call.max_output_tokens > 0, call.stream, call.model_in_path)
+            call.max_output_tokens > 0, call.stream, call.model_in_path, decision.max_tool_calls)
         if rewritten is not None:
             body = http_api.encoded_body(rewritten)
         exchange = _Exchange(decision.request_id, decision.served_model,

@@ -165,6 +165,8 @@ class HttpCall:
     cache_write: str = ""  # the longest cache the body asks its input written to (cache_control): 5m | 1h | ""
     audio_output: bool = False  # the reply may be spoken (modalities include "audio")
     file_searches: int = 0  # the most file searches the request allows (0: none, or no bound given)
+    unbounded_web_search_tools: int = 0  # web search tools given no bound (policyd sets the plan's)
+    unbounded_file_search: bool = False  # a file_search tool given no bound (max_tool_calls)
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
@@ -182,7 +184,8 @@ class HttpCall:
                         choices=self.choices, input_tokens=self.input_tokens, web_searches=self.web_searches,
                         service_tier=self.service_tier, unseen_input=self.unseen_input, seconds=self.seconds,
                         audio_bytes=self.audio_bytes, cache_write=self.cache_write, audio_output=self.audio_output,
-                        file_searches=self.file_searches),
+                        file_searches=self.file_searches, unbounded_web_search_tools=self.unbounded_web_search_tools,
+                        unbounded_file_search=self.unbounded_file_search),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, previous_response=self.previous_response,
             creates=self.creates, conversation=self.conversation, files=self.files,
@@ -344,15 +347,33 @@ def _search_bound(endpoint: str, data: dict[str, Any], kind: str = "web_search")
     """The most searches of a kind (web_search, file_search) the provider may run for this request, where
     the request bounds them: Anthropic's web search tool's `max_uses`, the Responses API's `max_tool_calls`
     with a search tool (which bounds every tool's calls together: each kind is reserved up to it)."""
-    listed = data.get("tools")
-    tools = [t for t in listed if isinstance(t, dict) and str(t.get("type", "")).startswith(kind)] \
-        if isinstance(listed, list) else []
+    tools = _search_tools(data, kind)
     if not tools:
         return 0
     if endpoint == "anthropic_messages":
         return sum(_count(t.get("max_uses")) for t in tools)
     if endpoint == "responses":
         return _count(data.get("max_tool_calls"))
+    return 0
+
+
+def _search_tools(data: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    listed = data.get("tools")
+    return [t for t in listed if isinstance(t, dict) and str(t.get("type", "")).startswith(kind)] \
+        if isinstance(listed, list) else []
+
+
+def _unbounded_search_tools(endpoint: str, data: dict[str, Any], kind: str = "web_search") -> int:
+    """Search tools of a kind the provider runs that the request gives no bound for: on Anthropic's API each
+    web search tool without `max_uses`; on the Responses API, 1 when such a tool is given without
+    `max_tool_calls`. policyd bounds them (rewrite_body sets the plan's default) and reserves that many."""
+    tools = _search_tools(data, kind)
+    if not tools:
+        return 0
+    if endpoint == "anthropic_messages" and kind == "web_search":
+        return sum(1 for t in tools if not _count(t.get("max_uses")))
+    if endpoint == "responses":
+        return 0 if _count(data.get("max_tool_calls")) else 1
     return 0
 
 
@@ -498,6 +519,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.conversation = conversation[:256]
     call.web_searches = _search_bound(endpoint, data)
     call.file_searches = _search_bound(endpoint, data, "file_search")
+    call.unbounded_web_search_tools = _unbounded_search_tools(endpoint, data)
+    call.unbounded_file_search = _unbounded_search_tools(endpoint, data, "file_search") > 0
     call.unseen_input = not call.count_tokens and _unseen_input(data)
     call.files = _file_ids(data) if '"file_id"' in text else ()
     call.cache_write = _cache_write(data) if '"cache_control"' in text else ""
@@ -711,11 +734,13 @@ def error_body(error_type: str, code: str, message: str, param: str = "") -> byt
 
 def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, served_model: str, requested_model: str,
                  output_cap: int, client_gave_cap: bool, stream: bool,
-                 model_in_path: bool = False) -> dict[str, Any] | MultipartForm | None:
+                 model_in_path: bool = False, tool_call_cap: int = 0) -> dict[str, Any] | MultipartForm | None:
     """The request body policy requires, or None when it stays as it is.
 
     - the served model on a downgrade (not where the path names the model: Gemini, an Azure deployment);
     - the reserved output cap when the client sent none;
+    - the reserved bound of search tools the client left unbounded (`tool_call_cap`): the Responses API's
+      max_tool_calls, max_uses of each Anthropic web search tool without one;
     - stream_options.include_usage for streamed chat and text completions, so usage is always reported.
 
     A speech-to-text form changes only by its model."""
@@ -742,6 +767,15 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, serve
             body["generationConfig"] = generation
         changed = changed or endpoint in ("chat_completions", "completions", "responses", "anthropic_messages",
                                           "gemini_generate_content")
+    if tool_call_cap and endpoint == "responses" and not _count(body.get("max_tool_calls")):
+        body["max_tool_calls"] = tool_call_cap
+        changed = True
+    if tool_call_cap and endpoint == "anthropic_messages" and isinstance(body.get("tools"), list):
+        tools = [dict(t, max_uses=tool_call_cap) if isinstance(t, dict) and str(t.get("type", "")).startswith("web_search")
+                 and not _count(t.get("max_uses")) else t for t in body["tools"]]
+        if tools != body["tools"]:
+            body["tools"] = tools
+            changed = True
     if stream and endpoint in ("chat_completions", "completions"):
         options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
         if options.get("include_usage") is not True:

@@ -241,6 +241,9 @@ class Plan(_Strict):
     endpoints: tuple[str, ...] = ENDPOINT_NAMES
     environments: dict[str, tuple[str, ...]] | None = None  # env -> tiers it may use ("*" = all)
     default_max_output_tokens: int = Field(1024, ge=1, le=1_000_000)
+    # the most calls of the search tools a provider runs (web search, file search) when a request gives no
+    # bound of its own: set in the request (max_tool_calls, or max_uses) and reserved at their price
+    default_max_tool_calls: int = Field(10, ge=1, le=10_000)
     reservation: Literal["estimate", "strict"] = "estimate"
     billing: Literal["standard", "at_cost", "free"] = "standard"
     markup_bps: int = Field(0, ge=-10_000, le=1_000_000)  # charge = cost * (10000 + markup_bps) / 10000; < 0 = discount

@@ -89,6 +89,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             choices=s.choices, web_searches=s.web_searches, service_tier=s.service_tier, unseen_input=s.unseen_input,
             audio_bytes=s.audio_bytes, cache_write=s.cache_write if s.cache_write in ("5m", "1h") else "",
             audio_output=s.audio_output, file_searches=s.file_searches,
+            unbounded_web_search_tools=s.unbounded_web_search_tools, unbounded_file_search=s.unbounded_file_search,
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,
@@ -121,7 +122,7 @@ def authorize_response(d: Decision) -> policy_pb2.AuthorizeResponse:
         provider=d.provider, route=d.route, policy_version=d.policy_version,
         price_table_version=d.price_table_version, reserved=_money(d.currency, d.reserved),
         max_output_tokens=d.max_output_tokens, reservation_expires_unix_ms=d.reservation_expires_ms,
-        shadow_denials=list(d.shadow_denials),
+        shadow_denials=list(d.shadow_denials), max_tool_calls=d.max_tool_calls,
         rate_limits=[policy_pb2.RateLimit(unit=r.unit, limit=r.limit, remaining=r.remaining, resets_unix_ms=r.resets_ms)
                      for r in d.rate_limits],
     )

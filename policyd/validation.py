@@ -15,6 +15,7 @@ TAG_KEY_LENGTH_MAX = 64
 TAG_VALUE_LENGTH_MAX = 256
 USER_AGENT_LENGTH_MAX = 1024
 SERVICE_TIER_LENGTH_MAX = 32
+SEARCH_TOOLS_MAX = 128  # unbounded search tools a request may list (each reserved at the plan's bound)
 REQUEST_ID_PATTERN = re.compile(rf"^[A-Za-z0-9._:/=+@-]{{1,{REQUEST_ID_LENGTH_MAX}}}$")
 STORED_RESPONSE_ID_LENGTH_MAX = 200
 STORED_RESPONSE_ID_PATTERN = re.compile(rf"^[A-Za-z0-9_.-]{{1,{STORED_RESPONSE_ID_LENGTH_MAX}}}$")
@@ -88,6 +89,9 @@ def check_authorize(request: AuthorizeInput) -> None:
         value = getattr(s, name)
         if value < 0 or value > QUANTITY_MAX:
             raise Problem("invalid_request", f"{name} must be between 0 and {QUANTITY_MAX}", name)
+    if not 0 <= s.unbounded_web_search_tools <= SEARCH_TOOLS_MAX:
+        raise Problem("invalid_request", f"unbounded_web_search_tools must be between 0 and {SEARCH_TOOLS_MAX}",
+                      "unbounded_web_search_tools")
 
 
 def check_usage(report: UsageReport) -> None:

@@ -805,6 +805,32 @@ def test_the_providers_web_searches_are_charged_per_search(gateway: Gateway) -> 
     assert record["cost_nanos"] == cost and record["charge_nanos"] == -(-cost * 12_000 // 10_000)  # pro: +20%
 
 
+def test_search_tools_given_no_bound_reach_the_provider_bounded_as_reserved(gateway: Gateway) -> None:
+    """A search tool the client left unbounded reaches the provider with the plan's default bound (the one
+    the reservation covers): max_uses on Anthropic's web search tool, max_tool_calls on the Responses API;
+    its searches are charged as run, and a bound the client gave passes as it is."""
+    key = gateway.customer("e2e-unbounded")
+    code, headers, reply = anthropic_post(gateway, key, {
+        "model": "claude-sonnet-4", "max_tokens": 30, "messages": [{"role": "user", "content": "unbounded news?"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search"}]})
+    assert code == 200, reply
+    sent = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "unbounded news?"]
+    assert sent[-1]["body"]["tools"] == [{"type": "web_search_20250305", "name": "web_search", "max_uses": 10}]
+    record = gateway.record(headers["x-policyd-request-id"])
+    assert record["web_searches"] == 1 and record["reserved_nanos"] >= 10 * parse_amount("0.01")  # ten searches held
+    client = gateway.client(key)
+    raw = client.responses.with_raw_response.create(model="gpt-4o-mini", input="search the files", max_output_tokens=8,
+                                                    tools=[{"type": "file_search", "vector_store_ids": ["vs_1"]}])
+    sent = [r for r in gateway.mock.received() if r["body"].get("input") == "search the files"]
+    assert sent[-1]["body"]["max_tool_calls"] == 10
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["file_searches"]) == ("settled", 1)
+    client.responses.create(model="gpt-4o-mini", input="search twice at most", max_output_tokens=8, max_tool_calls=2,
+                            tools=[{"type": "web_search"}])
+    sent = [r for r in gateway.mock.received() if r["body"].get("input") == "search twice at most"]
+    assert sent[-1]["body"]["max_tool_calls"] == 2
+
+
 def test_a_cooling_provider_sends_requests_to_the_plans_fallback(gateway: Gateway) -> None:
     key = gateway.customer("e2e-fallback", plan="resilient")
     client = gateway.client(key)

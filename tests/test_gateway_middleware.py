@@ -466,3 +466,17 @@ def test_files_are_reached_by_their_own_customer_only(gateway: ExampleGateway) -
     with pytest.raises(openai.NotFoundError) as refused:
         theirs.files.retrieve(uploaded.id)
     assert refused.value.code == "file_not_found"
+
+
+def test_a_search_tool_given_no_bound_reaches_the_provider_bounded_over_the_native_api(gateway: ExampleGateway) -> None:
+    """RequestShape.unbounded_file_search and AuthorizeResponse.max_tool_calls: the gateway sets the bound
+    the reservation covers, and the searches run are charged."""
+    key = gateway.customer("mw-tools")
+    raw = gateway.client(key).responses.with_raw_response.create(
+        model="gpt-4o-mini", input="mw search the files", max_output_tokens=8,
+        tools=[{"type": "file_search", "vector_store_ids": ["vs_1"]}])
+    sent = [r for r in gateway.mock.received() if r["body"].get("input") == "mw search the files"]
+    assert sent[-1]["body"]["max_tool_calls"] == 10
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["file_searches"]) == ("settled", 1)
+    assert record["reserved_nanos"] >= 10 * parse_amount("0.0025")  # the ten searches the bound allows, held

@@ -677,7 +677,7 @@ def test_the_responses_apis_searches_are_bounded_by_max_tool_calls() -> None:
 
     assert bounds([{"type": "file_search", "vector_store_ids": ["vs"]}], max_tool_calls=3) == (0, 3)
     assert bounds([{"type": "file_search"}, {"type": "web_search"}], max_tool_calls=2) == (2, 2)  # each up to it
-    assert bounds([{"type": "file_search"}]) == (0, 0)  # no bound given: charged as run
+    assert bounds([{"type": "file_search"}]) == (0, 0)  # no bound given: the plan's default is set (unbounded_file_search)
 
 
 def test_the_responses_apis_search_calls_are_counted_streamed_or_not() -> None:
@@ -706,3 +706,28 @@ def test_cached_input_is_read_as_openai_compatible_providers_report_it() -> None
         reader.feed(json.dumps({"choices": [], "usage": usage}).encode())
         reader.finish()
         assert (reader.tokens.input_tokens, reader.tokens.cached_input_tokens, reader.tokens.output_tokens) == (100, 64, 5)
+
+
+def test_search_tools_given_no_bound_are_read_and_bounded_in_the_body() -> None:
+    """Which search tools run unbounded (each then bounded at the plan's default and reserved so), and the
+    body that carries the bound: max_tool_calls on the Responses API, max_uses on each Anthropic web search
+    tool without one. Bounds the client gave stay as they are."""
+    def shape(path: str, body: dict[str, Any]) -> Any:
+        return http_api.parse_call("POST", path, {}, json.dumps(body).encode()).authorize_input().shape
+
+    web = {"type": "web_search_20250305", "name": "web_search"}
+    anthropic = {"model": "m", "max_tokens": 5, "messages": [], "tools": [web, dict(web, max_uses=4), {"name": "f"}]}
+    s = shape("/v1/messages", anthropic)
+    assert (s.web_searches, s.unbounded_web_search_tools, s.unbounded_file_search) == (4, 1, False)
+    rewritten = rewrite_body(anthropic, "anthropic_messages", "m", "m", 5, True, False, tool_call_cap=7)
+    assert rewritten["tools"] == [dict(web, max_uses=7), dict(web, max_uses=4), {"name": "f"}]
+    assert anthropic["tools"][0] == web  # the client's body itself is not changed
+    responses = {"model": "m", "input": "x", "tools": [{"type": "web_search"}, {"type": "file_search"}]}
+    s = shape("/v1/responses", responses)
+    assert (s.web_searches, s.file_searches, s.unbounded_web_search_tools, s.unbounded_file_search) == (0, 0, 1, True)
+    assert rewrite_body(responses, "responses", "m", "m", 5, True, False, tool_call_cap=7)["max_tool_calls"] == 7
+    given = dict(responses, max_tool_calls=2)
+    s = shape("/v1/responses", given)
+    assert (s.web_searches, s.file_searches, s.unbounded_web_search_tools, s.unbounded_file_search) == (2, 2, 0, False)
+    assert rewrite_body(given, "responses", "m", "m", 5, True, False) is None
+    assert shape("/v1/chat/completions", {"model": "m", "tools": [{"type": "function"}]}).unbounded_web_search_tools == 0

@@ -1073,3 +1073,45 @@ async def test_a_reservation_whose_proxy_gave_up_midway_is_released_at_once(serv
     service.engine.counters.authorize = reserving  # type: ignore[method-assign]
     kept = await service.engine.authorize_for_proxy(ask(secret, request_id="kept"))  # not cancelled: kept
     assert kept.decision == "allow" and (await service.counters.wallet("gone"))[1] == kept.reserved
+
+
+async def test_search_tools_given_no_bound_are_bounded_at_the_plans_default_and_reserved_so(service: Service) -> None:
+    """A web search tool without max_uses (or a Responses API search tool without max_tool_calls) could run
+    any number of paid searches: policyd bounds each such tool at the plan's default_max_tool_calls,
+    reserves that many searches at their price, and answers the bound for the proxy to set. A wallet
+    that cannot pay for them is refused, not overdrawn; a retry is answered with the same bound."""
+    secret = await mini_priced_with(service, 'per_web_search: "0.01"\n      per_file_search: "0.0025"')
+    plain = await service.engine.authorize(ask(secret, request_id="no-tools"))
+    assert plain.max_tool_calls == 0
+    request = ask(secret, request_id="unbounded")
+    unbounded = replace(request, shape=replace(request.shape, unbounded_web_search_tools=2, unbounded_file_search=True))
+    held = await service.engine.authorize(unbounded)
+    default = 10  # the plan's default_max_tool_calls
+    assert held.allowed and held.max_tool_calls == default
+    assert held.reserved - plain.reserved == 2 * default * parse_amount("0.01") + default * parse_amount("0.0025")
+    again = await service.engine.authorize(unbounded)  # a retry: the same reservation, the same bound
+    assert (again.reserved, again.max_tool_calls) == (held.reserved, default)
+    settled = await service.engine.settle(usage("unbounded", input_tokens=10, output_tokens=10, web_searches=20,
+                                                file_searches=10))
+    assert settled.charge <= held.reserved  # every search the bound allows is covered
+    await service.engine.release("no-tools", "test")
+
+    # the plan's own default; a wallet that pays for the tokens but not for the searches is refused
+    await service.admin.apply_policy(SAMPLE_POLICY.replace('      output: "0.60"\n', '      output: "0.60"\n'
+                                                           '      per_web_search: "0.01"\n', 1)
+                                     .replace("  free:\n", "  free:\n    default_max_tool_calls: 3\n", 1), "bounded.yaml")
+    _, poor = await new_key(service, plan="free", customer="poor-searcher")
+    await fund(service, "poor-searcher", "0.02")
+    tokens_only = await service.engine.authorize(ask(poor, request_id="poor-plain"))
+    assert tokens_only.allowed and tokens_only.reserved < parse_amount("0.02")
+    await service.engine.release("poor-plain", "test")
+    searching = ask(poor, request_id="poor-search")
+    refused = await service.engine.authorize(replace(searching, shape=replace(searching.shape,
+                                                                               unbounded_web_search_tools=1)))
+    assert not refused.allowed and refused.reason == "insufficient_quota"
+    bounded_here = ask(poor, request_id="poor-search-1")
+    one = await service.engine.authorize(replace(bounded_here, shape=replace(bounded_here.shape, web_searches=1)))
+    assert one.allowed and one.max_tool_calls == 0  # a bound of its own: nothing to set
+    await service.engine.release("poor-search-1", "test")
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok

@@ -73,6 +73,8 @@ export interface AuthorizeInput {
   choices?: number;         // completions generated (n / candidateCount), each up to maxOutputTokens
   webSearches?: number;     // the most provider-side web searches the request allows (max_uses)
   fileSearches?: number;    // ... file searches (max_tool_calls with a file_search tool)
+  unboundedWebSearchTools?: number;  // web search tools given no bound (Anthropic: without max_uses; Responses: 1 without max_tool_calls)
+  unboundedFileSearch?: boolean;     // a file_search tool without max_tool_calls: both bounded at the plan's default (Decision.maxToolCalls)
   stream?: boolean;
   unseenInput?: boolean;    // the input includes what the request only refers to (previous_response_id, file_id, an image URL, a server tool)
   seconds?: number;         // speech to text: the audio's seconds, when known exactly (a WAV header)
@@ -98,6 +100,9 @@ export interface Decision {
   servedModel: string;
   route: string;
   maxOutputTokens: number;
+  /** > 0: the bound of the request's unbounded search tools the reservation covers: set it in the request
+   *  (the Responses API's max_tool_calls; max_uses on each Anthropic web search tool without one). */
+  maxToolCalls: number;
   reservedNanos: bigint;
   retryAfterSeconds: number;
   /** The OpenAI-style JSON error body to answer a denied request with. */
@@ -183,7 +188,8 @@ export class PolicyClient {
         maxOutputTokens: input.maxOutputTokens ?? 0, inputTokens: input.inputTokens ?? 0, stream: input.stream ?? false,
         choices: input.choices ?? 0, webSearches: input.webSearches ?? 0, fileSearches: input.fileSearches ?? 0, unseenInput: input.unseenInput ?? false,
         seconds: input.seconds ?? 0, audioBytes: input.audioBytes ?? 0, cacheWrite: input.cacheWrite ?? "",
-        audioOutput: input.audioOutput ?? false,
+        audioOutput: input.audioOutput ?? false, unboundedWebSearchTools: input.unboundedWebSearchTools ?? 0,
+        unboundedFileSearch: input.unboundedFileSearch ?? false,
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",
@@ -195,7 +201,7 @@ export class PolicyClient {
     return {
       allowed: decision !== "deny", decision, reason: r.reason, message: r.message, httpStatus: r.httpStatus,
       requestId: r.requestId, servedModel: r.servedModel, route: r.route,
-      maxOutputTokens: Number(r.maxOutputTokens), reservedNanos: BigInt(r.reserved?.nanos ?? "0"),
+      maxOutputTokens: Number(r.maxOutputTokens), maxToolCalls: Number(r.maxToolCalls ?? 0), reservedNanos: BigInt(r.reserved?.nanos ?? "0"),
       retryAfterSeconds: Number(r.retryAfterSeconds), response: r,
       errorBody: () => JSON.stringify({ error: { type: r.error?.type ?? "", code: r.error?.code ?? "",
                                                  message: r.error?.message ?? "", param: r.error?.param || null } }),

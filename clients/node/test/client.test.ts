@@ -67,6 +67,23 @@ test("deny paths answer with the HTTP status and an OpenAI-style error body", as
   }
 });
 
+test("a search tool given no bound is bounded at the plan's default, and reserved so", async () => {
+  const policy = new PolicyClient(address);
+  try {
+    const plain = await policy.authorize({ apiKey, endpoint: "responses", model: "gpt-4o-mini", requestId: "node-tools-0" });
+    const d = await policy.authorize({ apiKey, endpoint: "responses", model: "gpt-4o-mini", requestId: "node-tools-1",
+                                       unboundedWebSearchTools: 1 });
+    assert.equal(plain.maxToolCalls, 0);
+    assert.equal(d.allowed, true);
+    assert.equal(d.maxToolCalls, 10);  // the sample plans' default_max_tool_calls
+    assert.ok(d.reservedNanos >= plain.reservedNanos);
+    assert.equal(await policy.release("node-tools-0"), "released");
+    assert.equal(await policy.release("node-tools-1"), "released");
+  } finally {
+    policy.close();
+  }
+});
+
 test("release returns the hold, once", async () => {
   const policy = new PolicyClient(address);
   try {

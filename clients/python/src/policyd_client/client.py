@@ -66,6 +66,13 @@ class Decision:
         unit, limit, remaining, resets_unix_ms), for a proxy's x-ratelimit-* headers."""
         return list(self.response.rate_limits) if self.response is not None else []
 
+    @property
+    def max_tool_calls(self) -> int:
+        """> 0: the bound the reservation covers for the request's unbounded search tools, which the proxy
+        must set in the request (the Responses API's max_tool_calls; max_uses on each Anthropic web search
+        tool that has none)."""
+        return int(self.response.max_tool_calls) if self.response is not None else 0
+
     def error_body(self) -> bytes:
         e = self.response.error
         return json.dumps({"error": {"type": e.type, "code": e.code, "message": e.message,
@@ -87,7 +94,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     unseen_input (the input includes what the request only refers to), seconds and audio_bytes (speech to
     text: the audio's seconds when known exactly, else its size), cache_write ("5m" or "1h": the longest
     cache the body asks its input written to, Anthropic's cache_control), audio_output=True (the reply may
-    be spoken: modalities include "audio"), client_address, user_agent,
+    be spoken: modalities include "audio"), unbounded_web_search_tools and unbounded_file_search (search
+    tools given no bound: bounded at the plan's default, see Decision.max_tool_calls), client_address, user_agent,
     problem=(code, message, param), count_tokens=True (a free token count: nothing reserved, nothing
     to settle), stored_response_id (a stored response read, deleted or cancelled: free, its customer's
     keys only), previous_response_id (the stored response a Responses API request continues),
@@ -118,7 +126,9 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     seconds=attribution.pop("seconds", 0),
                                     audio_bytes=attribution.pop("audio_bytes", 0),
                                     cache_write=attribution.pop("cache_write", ""),
-                                    audio_output=bool(attribution.pop("audio_output", False)))
+                                    audio_output=bool(attribution.pop("audio_output", False)),
+                                    unbounded_web_search_tools=attribution.pop("unbounded_web_search_tools", 0),
+                                    unbounded_file_search=bool(attribution.pop("unbounded_file_search", False)))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
