@@ -5,6 +5,8 @@ and decoded by it where policyd reads its own JSON back (the writer). What orjso
 standard library still writes: integers beyond 64 bits, and strings holding lone surrogates (which
 validation keeps out of attribution, but a caller's text may still carry), so nothing policyd could
 write before is refused now. Either output is plain JSON: readers never depend on which wrote it.
+orjson reads an integer past 64 bits as a float: text with such a long run of digits is read by the
+standard library, so every integer read back is exact.
 
 Request and reply bodies from clients and providers are not read here: the standard library's
 parser accepts some inputs orjson refuses (lone surrogate escapes), and those must keep being read.
@@ -13,6 +15,7 @@ parser accepts some inputs orjson refuses (lone surrogate escapes), and those mu
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -26,8 +29,17 @@ def dumps(value: Any) -> str:
         return json.dumps(value, separators=(",", ":"))
 
 
+# 19 digits in a row: maybe an integer past 64 bits, which orjson would read as a float (never, for money)
+_LONG_DIGITS = re.compile(r"\d{19}")
+
+
 def loads(text: str | bytes) -> Any:
+    """The value JSON text holds; integers exact whatever their size."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    if _LONG_DIGITS.search(text):
+        return json.loads(text)
     try:
         return orjson.loads(text)
-    except orjson.JSONDecodeError:  # what the standard library wrote past orjson's limits
+    except orjson.JSONDecodeError:  # what the standard library wrote past orjson's limits (lone surrogates)
         return json.loads(text)

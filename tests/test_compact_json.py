@@ -29,3 +29,10 @@ def test_values_orjson_refuses_are_written_by_the_standard_library() -> None:
         text = compact_json.dumps(value)
         assert json.loads(text) == value and compact_json.loads(text) == value
     assert compact_json.dumps({"a": [1, "é"]}) == '{"a":[1,"é"]}'  # compact, UTF-8 as it is
+
+
+def test_integers_past_64_bits_read_back_exact_never_as_floats() -> None:
+    for n in (2**63, -(2**63) - 1, 2**64, 10**30):
+        value = compact_json.loads(compact_json.dumps({"amount_nanos": n}))["amount_nanos"]
+        assert value == n and isinstance(value, int)
+    assert compact_json.loads(b'{"a": 1}') == {"a": 1}

@@ -1,0 +1,113 @@
+"""The decision's and the writer's own CPU, without gRPC: the servicers called directly in one process
+against a real Redis (SQLite for serve's store), then the writer draining the events to a real
+PostgreSQL. What a change to the engine, the servicers or the writer costs shows here apart from the
+gRPC and event-loop work that is most of serve's CPU under load (and the machine's noise in the
+multi-process benchmarks); run it from two checkouts alternately to compare them.
+
+    python -m bench.inprocess [--pairs 16000] [--concurrency 16] [--profile]
+    PYTHONPATH=/path/to/other/checkout python -m bench.inprocess ...   # the same, for another commit
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import pstats
+import time
+from typing import Any
+
+from policyd_client.v1 import policy_pb2, types_pb2
+
+
+class _Context:
+    """What the servicers read of a gRPC call's context."""
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+
+async def measure(pairs: int, concurrency: int, profile: bool) -> dict[str, float]:
+    from policyd.server import Service
+    from policyd.servicers import PolicyServicer
+    from policyd.settings import Settings
+    from tests.servers import PostgresServer, RedisServer
+
+    redis, postgres = RedisServer(), PostgresServer()
+    policy = os.path.join(os.path.dirname(__file__), "policy.yaml")
+    try:
+        database = postgres.create_database("inprocess")
+        settings = Settings(redis_url=redis.url, database_url=database, policy_file=policy, partitions=16,
+                            writer_enabled=False)
+        service = await Service.build(settings)
+        await service.start()
+        await service.admin.grant_credit("bench", 10**15, "USD", "purchase")
+        key = await service.admin.create_key(label="bench", customer_id="bench", environment="production", plan="bench")
+        await service.writer.drain()
+        servicer, context = PolicyServicer(service.engine), _Context()
+        run = f"{time.time_ns():x}"
+
+        async def worker(n: int, count: int, prefix: str) -> None:
+            for i in range(count):
+                rid = f"{prefix}-{run}-{n}-{i}"
+                await servicer.Authorize(policy_pb2.AuthorizeRequest(
+                    api_key=key.secret, endpoint=types_pb2.CHAT_COMPLETIONS, model="gpt-4o-mini",
+                    attribution=types_pb2.Attribution(request_id=rid, feature="bench"),
+                    shape=policy_pb2.RequestShape(prompt_bytes=800, message_count=2, max_output_tokens=200)), context)
+                await servicer.Settle(policy_pb2.SettleRequest(request_id=rid, usage=policy_pb2.Usage(
+                    input_tokens=200, output_tokens=150)), context)
+
+        await asyncio.gather(*(worker(n, 50, "warm") for n in range(8)))
+        await service.writer.drain()
+        each = max(pairs // concurrency, 1)
+        profiler = cProfile.Profile() if profile else None
+        started = time.process_time()
+        if profiler:
+            profiler.enable()
+        await asyncio.gather(*(worker(n, each, "pair") for n in range(concurrency)))
+        decided = time.process_time()
+        moved = 0
+        while True:  # the writer's work for the same pairs (the SQL in a thread: counted by process time)
+            batch = await service.writer.drain_once(claim_idle_ms=0)
+            if not batch:
+                break
+            moved += batch
+        written = time.process_time()
+        if profiler:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        done = each * concurrency
+        await service.close()
+        return {"pairs": done, "events_written": moved,
+                "decision_cpu_us_a_pair": round(1e6 * (decided - started) / done, 1),
+                "writer_cpu_us_a_pair": round(1e6 * (written - decided) / done, 1)}
+    finally:
+        redis.close()
+        postgres.close()
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", type=int, default=16000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--profile", action="store_true", help="print cProfile's top functions (slows every call)")
+    args = parser.parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    result = asyncio.run(measure(args.pairs, args.concurrency, args.profile))
+    print(f"in-process, {result['pairs']} Authorize+Settle pairs ({args.concurrency} concurrent, real Redis and "
+          f"PostgreSQL, {os.cpu_count()} cores): decision {result['decision_cpu_us_a_pair']} us of CPU a pair, "
+          f"writer {result['writer_cpu_us_a_pair']} us a pair ({result['events_written']} events)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
