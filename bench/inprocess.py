@@ -5,6 +5,7 @@ gRPC and event-loop work that is most of serve's CPU under load (and the machine
 multi-process benchmarks); run it from two checkouts alternately to compare them.
 
     python -m bench.inprocess [--pairs 16000] [--concurrency 16] [--profile]
+    python -m bench.inprocess --checks 16000      # ext_authz's Check of a chat completion instead (Envoy's path)
     PYTHONPATH=/path/to/other/checkout python -m bench.inprocess ...   # the same, for another commit
 """
 
@@ -15,6 +16,7 @@ import asyncio
 import cProfile
 import os
 import pstats
+import tempfile
 import time
 from typing import Any
 
@@ -29,6 +31,61 @@ class _Context:
 
     def set_trailing_metadata(self, metadata: Any) -> None:
         pass
+
+
+CHAT_BODY = (b'{"model":"gpt-4o-mini","max_tokens":200,"messages":[{"role":"system","content":"You are a helpful '
+             b'assistant."},{"role":"user","content":"' + b"Tell me about the weather in a few words. " * 10 + b'"}]}')
+
+
+async def measure_checks(checks: int, concurrency: int, profile: bool) -> dict[str, float]:
+    """ext_authz's Check of a JSON chat completion, as Envoy sends it: the decision, the reply's headers and
+    the metadata the later filters read (the observer's settle is not in it)."""
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    from policyd.ext_authz import AuthorizationServicer
+    from policyd.server import Service
+    from policyd.settings import Settings
+    from tests.servers import RedisServer
+
+    redis = RedisServer()
+    policy = os.path.join(os.path.dirname(__file__), "policy.yaml")
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            settings = Settings(redis_url=redis.url, database_url=f"sqlite:///{workdir}/policyd.db", policy_file=policy,
+                                partitions=16, writer_enabled=False)
+            service = await Service.build(settings)
+            await service.start()
+            await service.admin.grant_credit("bench", 10**15, "USD", "purchase")
+            key = await service.admin.create_key(label="bench", customer_id="bench", environment="production",
+                                                 plan="bench")
+            servicer = AuthorizationServicer(service.engine, service.pool)
+            run = f"{time.time_ns():x}"
+
+            async def worker(n: int, count: int, prefix: str) -> None:
+                for i in range(count):
+                    request = external_auth_pb2.CheckRequest()
+                    http = request.attributes.request.http
+                    http.method, http.path, http.raw_body = "POST", "/v1/chat/completions", CHAT_BODY
+                    http.headers.update({"authorization": f"Bearer {key.secret}", "content-type": "application/json",
+                                         "x-request-id": f"{prefix}-{run}-{n}-{i}"})
+                    answer = await servicer.Check(request, None)
+                    assert answer.status.code == 0, answer
+
+            await asyncio.gather(*(worker(n, 50, "warm") for n in range(8)))
+            each = max(checks // concurrency, 1)
+            profiler = cProfile.Profile() if profile else None
+            started = time.process_time()
+            if profiler:
+                profiler.enable()
+            await asyncio.gather(*(worker(n, each, "check") for n in range(concurrency)))
+            done = time.process_time()
+            if profiler:
+                profiler.disable()
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+            await service.close()
+            return {"checks": each * concurrency, "check_cpu_us": round(1e6 * (done - started) / (each * concurrency), 1)}
+    finally:
+        redis.close()
 
 
 async def measure(pairs: int, concurrency: int, profile: bool) -> dict[str, float]:
@@ -94,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=16000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--checks", type=int, default=0, help="measure this many ext_authz Checks instead")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions (slows every call)")
     args = parser.parse_args(argv)
     try:
@@ -102,6 +160,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         uvloop.install()
     except ImportError:
         pass
+    if args.checks:
+        checked = asyncio.run(measure_checks(args.checks, args.concurrency, args.profile))
+        print(f"in-process, {checked['checks']} ext_authz Checks of a chat completion ({args.concurrency} concurrent, "
+              f"real Redis, {os.cpu_count()} cores): {checked['check_cpu_us']} us of CPU a Check")
+        return checked
     result = asyncio.run(measure(args.pairs, args.concurrency, args.profile))
     print(f"in-process, {result['pairs']} Authorize+Settle pairs ({args.concurrency} concurrent, real Redis and "
           f"PostgreSQL, {os.cpu_count()} cores): decision {result['decision_cpu_us_a_pair']} us of CPU a pair, "
