@@ -1,9 +1,8 @@
 """The floors policyd is measured against, as a process of their own (like policyd): a grpc.aio server
 whose PolicyService, ext_authz and ext_proc do nothing but answer "allowed". As policyd does, they set
-the headers the gateway config acts on: the route; the observer header (after ext_authz the observer
-filter reads every reply; in the ext_proc shape it reads streams, and other replies' bodies are asked
-for at their headers and read by the processing filter); after ext_authz, the rewrite header for the
-bodies policyd rewrites (streamed chat completions get include_usage).
+the headers the gateway config acts on: the route; the observer header (the observer filter reads
+every reply, in both shapes); after ext_authz, the rewrite header for the bodies policyd rewrites
+(streamed chat completions get include_usage).
 
     python -m bench.noop_servers PORT
 """
@@ -21,7 +20,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 
-from policyd.ext_proc import READ_BODY_HERE
 from policyd.upstream import OBSERVER_HEADER, REWRITE_HEADER, ROUTE_HEADER
 from policyd_client.v1 import policy_pb2, policy_pb2_grpc
 
@@ -64,7 +62,6 @@ class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
 
 class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
     async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-        stream = False
         async for request in requests:
             kind = request.WhichOneof("request")
             if request.observability_mode:  # the observer filter's messages are read, never answered,
@@ -77,13 +74,12 @@ class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                 if REWRITE_HEADER in names:  # ext_authz decided: nothing to change here, as policyd
                     yield ep.ProcessingResponse(request_headers=ep.HeadersResponse())
                     continue
-                stream = STREAM_HEADER in names  # routes as policyd does when ext_proc is the only filter
+                # routes as policyd does when ext_proc is the only filter; the observer reads every reply
                 yield ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse(
-                    header_mutation=ep.HeaderMutation(set_headers=[ROUTE_RAW, observer(stream, raw=True)]),
+                    header_mutation=ep.HeaderMutation(set_headers=[ROUTE_RAW, observer(True, raw=True)]),
                     clear_route_cache=True)))
-            elif kind == "response_headers":  # a reply that is not a stream: its body is read here
-                yield ep.ProcessingResponse(response_headers=ep.HeadersResponse(),
-                                            mode_override=None if stream else READ_BODY_HERE)
+            elif kind == "response_headers":  # the observer reads the reply, as policyd's does
+                yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
             elif kind in ("request_body", "response_body"):
                 yield ep.ProcessingResponse(**{kind: ep.BodyResponse()})
             else:

@@ -62,6 +62,8 @@ CLOSE_RETRY_DELAY_MAX_SECONDS = 5.0
 SWEEP_BATCH = 200
 # usage fields newer than the first records: in a settlement, and its fingerprint, only when set, so that an
 # older writer still writes every other record and a retried Settle fingerprints as an older replica did
+# where a request carries a bound of its search tools for policyd to set (Gemini's takes none: reserved only)
+TOOL_BOUND_ENDPOINTS = frozenset({"responses", "anthropic_messages"})
 LATER_USAGE_FIELDS = ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens",
                       "service_tier", "file_searches")
 
@@ -375,7 +377,8 @@ class Engine:
         return Decision(
             decision=decision_kind, reserved=result.reserved, max_output_tokens=reserve.output_cap,
             reservation_expires_ms=at + self.reservation_ttl_ms, shadow_denials=result.shadow,
-            rate_limits=_rate_limits(reserve, result.used), max_tool_calls=reserve.tool_call_cap, **common,
+            rate_limits=_rate_limits(reserve, result.used),
+            max_tool_calls=reserve.tool_call_cap if request.endpoint in TOOL_BOUND_ENDPOINTS else 0, **common,
         )
 
     async def _screen(self, request: AuthorizeInput, at: int, started: int, base: dict[str, str]) -> Decision | str:
@@ -687,7 +690,7 @@ class Engine:
         extra = f',"conversation":{compact_json.dumps(request.conversation)}' if request.conversation else ""
         if request.conversation:
             fields["conversation"] = request.conversation
-        if attempt.tool_call_cap:  # a retry of the request is answered with the same bound
+        if attempt.tool_call_cap and request.endpoint in TOOL_BOUND_ENDPOINTS:  # a retry is answered with the same bound
             fields["max_tool_calls"] = attempt.tool_call_cap
             extra += f',"max_tool_calls":{int(attempt.tool_call_cap)}'
         fields_json = (f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.likely_input_tokens)},'

@@ -3,12 +3,15 @@
 Two ext_proc filters call this service, each with a gRPC stream per HTTP request:
 - the processing filter (synchronous): after ext_authz, only for a request whose body policy
   rewrites (served model, output cap, stream usage): its headers and body; in the ext_proc-alone
-  shape, every request: its headers and body (the decision is made here), the response headers,
-  and the body of a reply that is not a stream (asked for at its headers: mode_override);
+  shape, every request: its headers and body (the decision is made here) and the response headers
+  (the reply's request id and rate-limit headers);
 - the observer filter (Envoy's observability mode: Envoy sends, nothing is answered, nothing
-  waits), wherever the deciding filter set the observer header: every allowed request after
-  ext_authz (from its request headers on), streams in the ext_proc-alone shape. A stream is one
-  message per provider event; none of them waits for policyd (bench/RESULTS.md).
+  waits), wherever the deciding filter set the observer header: every allowed request, after
+  ext_authz from its request headers on, in the ext_proc-alone shape from its response headers on.
+  A stream is one message per provider event; none of them waits for policyd (bench/RESULTS.md).
+  (The ext_proc-alone shape once read replies that are not streams in the processing filter, asking
+  for their bodies at their headers with a mode_override: Envoy sometimes passed a body that arrived
+  with its headers on to the client unsent, and the reply was settled as cut, its output unread.)
 Whichever reads the response settles it at its end with the provider's usage; an upstream error
 releases the reservation and cools the account down; a response cut or a client gone settles what
 was delivered (estimated, marked), and a request cut before its response began is released, when
@@ -55,7 +58,8 @@ log = logging.getLogger("policyd.ext_proc")
 COOLDOWN_STATUSES = {429, 500, 502, 503, 504}
 ATTRIBUTES_NAMESPACE = "envoy.filters.http.ext_proc"
 NONE = processing_mode_pb2.ProcessingMode.NONE
-# asked for at the headers of a reply the observer does not read (not a stream)
+# asked for at the headers of a reply the observer does not read: only a decision an older replica made
+# (before every reply was observed) leaves one so; a body that came with its headers may pass unread
 READ_BODY_HERE = processing_mode_pb2.ProcessingMode(response_body_mode=processing_mode_pb2.ProcessingMode.STREAMED,
                                                     response_trailer_mode=processing_mode_pb2.ProcessingMode.SEND)
 
@@ -276,8 +280,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         decision = await self.engine.authorize_for_proxy(call.authorize_input(), self.pool.cooling_providers())
         if not decision.allowed:
             return None, immediate_denial(decision)
-        upstream = upstream_request(decision, self.pool, observed=call.stream)
-        exchange = Exchange.of(call, decision, upstream.account, observed=observer and call.stream)
+        # the observer filter reads every reply (a token count's, free, is not read)
+        upstream = upstream_request(decision, self.pool, observed=not call.count_tokens)
+        exchange = Exchange.of(call, decision, upstream.account, observed=observer)
         exchange.reply_headers = ((REQUEST_ID_HEADER, decision.request_id),
                                   *http_api.rate_limit_headers(decision.rate_limits, int(time.time() * 1000)))
         set_headers = [_header(k, v) for k, v in upstream.set_headers]

@@ -10,9 +10,8 @@ Two shapes keep the same guarantees (see policyd/ext_proc.py):
 - `ext_authz+ext_proc` (the default): ext_authz decides and reserves; ext_proc runs only for a body
   policy rewrites; an ext_proc filter in observability mode (`policyd.observer`) reads and settles
   every reply. A request waits for one call (ext_authz's), and for two messages more when rewritten.
-- `ext_proc`: one ext_proc stream decides at the request-body phase, reserves, rewrites, and reads
-  and settles replies that are not streams; the observer reads streams. Less CPU a request under
-  load (bench/RESULTS.md measures both).
+- `ext_proc`: one ext_proc stream decides at the request-body phase, reserves and rewrites; the
+  observer reads and settles every reply (bench/RESULTS.md measures both shapes).
 No event of a stream waits for policyd on its way out.
 """
 
@@ -129,10 +128,9 @@ processing_mode:
 
 
 def _ext_proc_filter(fail_open: str, shape: str) -> str:
-    if shape == "ext_proc":  # decides at the request body, reads replies that are not streams
+    if shape == "ext_proc":  # decides at the request body; the observer reads the reply
         return "          - name: envoy.filters.http.ext_proc\n            typed_config:\n" + _indented(
             _processing_config(fail_open, "SEND", f"""\
-allow_mode_override: true  # a reply that is not a stream is read here: policyd asks for its body
 request_attributes: [source.address]  # the client's address, for the decision made here
 metadata_options:
   receiving_namespaces:
@@ -226,13 +224,14 @@ def _credentials_refused_filter(shape: str) -> str:
 
 
 def _observer_filter(shape: str) -> str:
-    """The response as it passes, sent to policyd with no reply awaited (observability mode): how a
-    reply is settled, for every allowed request after ext_authz, for streams in the ext_proc shape
-    (where the processing filter reads other replies: one message, cheaper than a stream of its own).
-    It runs only where the deciding filter set the observer header to `read`; it never holds or fails
-    a request. After ext_authz it opens at the request headers, so a request cut before its reply
-    began is released when Envoy closes the stream (deferred_close_timeout after the cut); in the
-    ext_proc shape the processing filter sees that. A reply cut mid-way is settled the same way."""
+    """The response as it passes, sent to policyd with no reply awaited (observability mode): how every
+    allowed request's reply is settled, in both shapes. (The ext_proc shape once had the processing
+    filter ask for other replies' bodies at their headers, a mode_override: Envoy at times passed a body
+    that came with its headers on unsent, and the reply was settled as cut.) It runs only where the
+    deciding filter set the observer header to `read`; it never holds or fails a request. After
+    ext_authz it opens at the request headers, so a request cut before its reply began is released when
+    Envoy closes the stream (deferred_close_timeout after the cut); in the ext_proc shape the processing
+    filter sees that. A reply cut mid-way is settled the same way."""
     namespace, request_headers = (EXT_PROC_NAMESPACE, "SKIP") if shape == "ext_proc" else (EXT_AUTHZ_NAMESPACE, "SEND")
     return _unless_header(OBSERVER_HEADER, "read", "policyd.observer", f"""\
                   "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
@@ -277,9 +276,8 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
         _ext_proc_filter(fail_open, shape) + _observer_filter(shape)
     # ext_proc buffers the body it decides on within the connection's buffer limit (past it: 413)
     buffer_limit = f"\n    per_connection_buffer_limit_bytes: {body_bytes_max}" if shape == "ext_proc" else ""
-    title = ("ext_authz decides and reserves, ext_proc rewrites and settles, policyd.observer settles streams"
-             if shape != "ext_proc" else
-             "ext_proc decides, reserves, rewrites and settles, policyd.observer settles streams")
+    title = ("ext_authz decides and reserves, ext_proc rewrites, policyd.observer settles"
+             if shape != "ext_proc" else "ext_proc decides, reserves and rewrites, policyd.observer settles")
     return f"""# Envoy as a policyd gateway: {title}.
 # Rendered by policyd/gateway_config.py (the tests check this file equals its defaults).
 # Fail closed by default: when policyd cannot be reached, requests get 503 and nothing is spent.

@@ -366,7 +366,12 @@ def _search_tools(data: dict[str, Any], kind: str) -> list[dict[str, Any]]:
 def _unbounded_search_tools(endpoint: str, data: dict[str, Any], kind: str = "web_search") -> int:
     """Search tools of a kind the provider runs that the request gives no bound for: on Anthropic's API each
     web search tool without `max_uses`; on the Responses API, 1 when such a tool is given without
-    `max_tool_calls`. policyd bounds them (rewrite_body sets the plan's default) and reserves that many."""
+    `max_tool_calls`. policyd bounds them (rewrite_body sets the plan's default) and reserves that many.
+    Gemini's grounding with Google Search (1 when asked for) takes no bound: the plan's default is
+    reserved, and a model billing per grounded prompt (`web_search_unit: request`) needs just one."""
+    if endpoint == "gemini_generate_content" and kind == "web_search":  # no bound can be given: reserved alone
+        listed = data.get("tools") if isinstance(data.get("tools"), list) else []
+        return 1 if any(isinstance(t, dict) and any(k in t for k in _GOOGLE_SEARCH_KEYS) for t in listed) else 0
     tools = _search_tools(data, kind)
     if not tools:
         return 0
@@ -382,6 +387,7 @@ _STORED_CONTEXT = ("previous_response_id", "conversation", "cachedContent", "cac
                    "web_search_options")
 _REFERENCE_KEYS = ("file_id", "file_uri", "fileUri", "file_url")
 _SERVER_TOOL_TYPES = ("web_search", "file_search", "mcp", "code_interpreter", "web_fetch", "code_execution")
+_GOOGLE_SEARCH_KEYS = ("googleSearch", "google_search", "googleSearchRetrieval", "google_search_retrieval")
 _SERVER_TOOL_KEYS = ("googleSearch", "google_search", "googleSearchRetrieval", "urlContext", "url_context",
                      "codeExecution", "code_execution", "fileSearch")
 

@@ -218,8 +218,10 @@ class MockProvider:
             return h._json(200, {"embeddings": [{"values": [0.1, 0.2]} for _ in body.get("requests") or [{}]]})
         gemini = GEMINI_PATH.search(route)
         if gemini:
+            grounded = any(isinstance(t, dict) and ("googleSearch" in t or "google_search" in t)
+                           for t in body.get("tools") or [])
             return self._gemini(h, gemini.group("model"), p_tokens, c_tokens, text, gemini.group("verb"),
-                                sse="alt=sse" in h.path)
+                                sse="alt=sse" in h.path, searches=2 if grounded else 0)
         anthropic = route.endswith("/v1/messages")
         legacy = route.endswith("/completions") and not route.endswith("/chat/completions")  # text completions
         if route.endswith(("/images/generations", "/images/edits", "/images/variations")):
@@ -432,12 +434,18 @@ class MockProvider:
             h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
         h.wfile.write(b"0\r\n\r\n")
 
-    def _gemini(self, h: Any, model: str, p_tokens: int, c_tokens: int, text: str, verb: str, sse: bool) -> None:
+    def _gemini(self, h: Any, model: str, p_tokens: int, c_tokens: int, text: str, verb: str, sse: bool,
+                searches: int = 0) -> None:
         """Gemini's generateContent, and its stream: SSE with alt=sse, else one JSON array sent an object at
-        a time; usageMetadata in every object, the counts so far."""
+        a time; usageMetadata in every object, the counts so far. `searches`: grounding with Google Search
+        ran that many queries (groundingMetadata in the last object)."""
+        grounding = {"groundingMetadata": {"webSearchQueries": [f"query {i + 1}" for i in range(searches)],
+                                           "groundingChunks": [{"web": {"uri": "https://example.com/a"}}]}} \
+            if searches else {}
+
         def reply(part: str, done: int, last: bool) -> dict[str, Any]:
             return {"candidates": [{"content": {"role": "model", "parts": [{"text": part}]},
-                                    **({"finishReason": "STOP"} if last else {})}],
+                                    **({"finishReason": "STOP", **grounding} if last else {})}],
                     "usageMetadata": {"promptTokenCount": p_tokens, "candidatesTokenCount": done,
                                       "totalTokenCount": p_tokens + done}, "modelVersion": model}
 

@@ -64,6 +64,9 @@ class Prices(_Strict):
     per_request: int = 0
     per_second: int = 0
     per_web_search: int = 0  # a web search the provider runs for the request (its server-side tool)
+    # what per_web_search is charged for: each search ("search"), or a request that searched at all, once
+    # ("request": Gemini 2.x's grounding with Google Search, billed per grounded prompt)
+    web_search_unit: Literal["search", "request"] = "search"
     per_file_search: int = 0  # a file search the provider runs (the Responses API's file_search tool call)
     audio_input: int | None = None  # per 1M audio input tokens (gpt-4o-audio, realtime); None = as input
     audio_output: int | None = None  # per 1M audio output tokens; None = as output

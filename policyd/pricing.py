@@ -60,7 +60,7 @@ def cost_of(price: Prices, q: Quantities) -> int:
         + q.images * price.per_image
         + q.seconds * price.per_second
         + q.requests * price.per_request
-        + q.web_searches * price.per_web_search
+        + (min(q.web_searches, 1) if price.web_search_unit == "request" else q.web_searches) * price.per_web_search
         + q.file_searches * price.per_file_search
     )
 

@@ -88,6 +88,19 @@ def _speech_to_text_usage(data: dict[str, Any], seen: Tokens) -> bool:
     return False
 
 
+def _grounding_searches(data: dict[str, Any]) -> int:
+    """Google searches behind a Gemini reply (grounding with Google Search): each candidate grounded by a
+    search counts its `webSearchQueries`, at least one. A stream carries them in its last objects: the
+    largest count seen is kept."""
+    searches = 0
+    for candidate in data.get("candidates") or []:
+        grounding = candidate.get("groundingMetadata") if isinstance(candidate, dict) else None
+        if isinstance(grounding, dict) and grounding:
+            queries = grounding.get("webSearchQueries")
+            searches += max(len(queries) if isinstance(queries, list) else 0, 1)
+    return searches
+
+
 def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     """Update `seen` from one JSON object (a whole body or one stream event); True if it held usage."""
     if not isinstance(data, dict):
@@ -117,6 +130,7 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         seen.web_searches = max(seen.web_searches, _n(tools.get("web_search_requests")))
         return True
     if endpoint == "gemini_generate_content":
+        seen.web_searches = max(seen.web_searches, _grounding_searches(data))
         usage = data.get("usageMetadata")
         if not isinstance(usage, dict):
             return False

@@ -18,6 +18,7 @@ from policyd.domain import Decision
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE, Exchange
 from policyd.ext_proc import ExternalProcessorServicer
 from policyd.providers import Account, ProviderPool
+from policyd.upstream import OBSERVER_HEADER
 
 NONE = processing_mode_pb2.ProcessingMode.NONE
 STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
@@ -232,22 +233,28 @@ async def test_in_the_ext_proc_shape_a_request_cut_before_its_response_began_is_
     assert engine.closed == [("release", "r-1", "no_response")]
 
 
-async def test_in_the_ext_proc_shape_a_reply_that_is_not_a_stream_is_read_by_the_processing_filter() -> None:
+async def test_in_the_ext_proc_shape_every_reply_is_handed_to_the_observer() -> None:
+    """The processing stream decides and reads the response headers; it asks for no body (a mode_override
+    for a body that came with its headers was at times passed on by Envoy unsent, and the reply settled as
+    cut): the observer filter reads every reply, a stream or not, from the metadata the decision left."""
     s, engine, _ = servicer()
-    reply = {"choices": [{"index": 0, "message": {"content": "hi"}}], "usage": USAGE}
-    replies = await run(s, ext_proc_shape(
-        ep.ProcessingRequest(response_headers=headers("200")),
-        ep.ProcessingRequest(response_body=ep.HttpBody(body=json.dumps(reply).encode(), end_of_stream=True)),
-        stream=False))
+    for stream in (False, True):
+        replies = await run(s, ext_proc_shape(ep.ProcessingRequest(response_headers=headers("200")), stream=stream))
+        assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers"]
+        assert not replies[2].HasField("mode_override")
+        metadata = replies[1].dynamic_metadata.fields[EXT_PROC_NAMESPACE].struct_value
+        assert metadata.fields["observed"].bool_value
+        observer_header = [h.header for h in replies[1].request_body.response.header_mutation.set_headers
+                           if h.header.key == OBSERVER_HEADER]
+        assert [h.raw_value or h.value.encode() for h in observer_header] == [b"read"]
     await engine.finish()
-    asked = replies[2].mode_override
-    assert (replies[2].WhichOneof("response"), asked.response_body_mode) == ("response_headers", STREAMED)
-    assert [r.WhichOneof("response") for r in replies][3:] == ["response_body"]
+    assert engine.closed == []  # neither stream's end closes them: the observer's does
+    reply = {"choices": [{"index": 0, "message": {"content": "hi"}}], "usage": USAGE}
+    data = json.dumps(reply).encode()
+    await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")), body(data[:9]), body(data[9:], end=True),
+                          namespace=EXT_PROC_NAMESPACE, ex=exchange(stream=False)))
+    await engine.finish()
     assert engine.closed == [("settle", "r-1", 11, 7, False)]
-    # a stream's headers ask for nothing: the observer filter reads it
-    replies = await run(s, ext_proc_shape(ep.ProcessingRequest(response_headers=headers("200"))))
-    assert not replies[2].HasField("mode_override")
-    assert replies[1].dynamic_metadata.fields[EXT_PROC_NAMESPACE].struct_value.fields["observed"].bool_value
 
 
 async def test_a_processing_filter_sent_response_bodies_reads_and_settles_them_itself() -> None:  # a gateway config rendered before the observer filter existed

@@ -432,6 +432,56 @@ def test_gemini_is_charged_in_every_stream_format_and_a_downgrade_reaches_the_pa
         "downgrade", "gemini-2.5-pro", "gemini-2.5-flash")
 
 
+def test_every_reply_of_a_run_of_short_requests_is_read_whole(gateway: Gateway) -> None:
+    """Short JSON replies arrive with their headers: each is read by the observer and settled from the
+    provider's usage, none as cut and estimated (in the ext_proc shape the processing stream once asked
+    for these bodies at their headers, and Envoy now and then passed one on unsent)."""
+    key = gateway.customer("e2e-short-run")
+    client = gateway.client(key)
+    asked = {}
+    for i in range(40):
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", max_tokens=5, messages=[{"role": "user", "content": f"short {i}"}])
+        asked[raw.headers["x-policyd-request-id"]] = raw.parse().usage
+    deadline = time.monotonic() + 10
+    while True:
+        records = {r.request_id: r for r in gateway.records("e2e-short-run")}
+        if all(records.get(rid) is not None and records[rid].status != "reserved" for rid in asked) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for rid, usage in asked.items():
+        r = records[rid]
+        assert (r.status, r.error_class, r.input_tokens, r.output_tokens) == (
+            "settled", "", usage.prompt_tokens, usage.completion_tokens), rid
+
+
+def test_geminis_grounding_with_google_search_is_charged_as_google_bills_it(gateway: Gateway) -> None:
+    """A Gemini request with the googleSearch tool: the searches its reply's groundingMetadata lists are
+    charged, per grounded request on a model billed so (web_search_unit: request, Gemini 2.x) or per
+    search query (Gemini 3's way); the tool takes no bound, so the plan's default is reserved."""
+    root = f"http://127.0.0.1:{gateway.port}/v1beta/models"
+    key = gateway.customer("e2e-grounding", plan="google")
+    body = {"contents": [{"role": "user", "parts": [{"text": "grounded, please"}]}],
+            "generationConfig": {"maxOutputTokens": 8}, "tools": [{"googleSearch": {}}]}
+    for model, price_in, price_out, searches_charged, searches_held in (
+            ("gemini-2.5-flash", "0.30", "2.50", parse_amount("0.035"), parse_amount("0.035")),  # once a request
+            ("gemini-2.5-pro", "1.25", "10.00", 2 * parse_amount("0.014"), 10 * parse_amount("0.014"))):  # the default
+        for verb in (":generateContent", ":streamGenerateContent?alt=sse"):
+            request = urllib.request.Request(f"{root}/{model}{verb}", data=json.dumps(body).encode(), method="POST",
+                                             headers={"x-goog-api-key": key, "content-type": "application/json"})
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                request_id, answer = reply.headers["x-policyd-request-id"], reply.read()
+            assert b"webSearchQueries" in answer
+            record = gateway.record(request_id)
+            cost = price_quantity(record["input_tokens"], parse_amount(price_in)) + \
+                price_quantity(record["output_tokens"], parse_amount(price_out)) + searches_charged
+            assert (record["status"], record["web_searches"], record["cost_nanos"]) == ("settled", 2, cost), (model, verb)
+            assert record["reserved_nanos"] >= searches_held  # the searches were held before they ran
+    pro = [r for r in gateway.mock.received() if r["path"].startswith("/v1beta/models/gemini-2.5-pro")][-1]
+    assert pro["body"]["tools"] == [{"googleSearch": {}}]  # Gemini takes no bound: the body goes as sent
+
+
 def test_token_counts_are_free_but_need_a_key_that_may_use_the_model(gateway: Gateway) -> None:
     """Claude Code and the SDKs count tokens before they send (Anthropic's count_tokens, OpenAI's
     input_tokens; free at the provider). A key that may use the model goes through even with an empty

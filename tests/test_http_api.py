@@ -731,3 +731,28 @@ def test_search_tools_given_no_bound_are_read_and_bounded_in_the_body() -> None:
     assert (s.web_searches, s.file_searches, s.unbounded_web_search_tools, s.unbounded_file_search) == (2, 2, 0, False)
     assert rewrite_body(given, "responses", "m", "m", 5, True, False) is None
     assert shape("/v1/chat/completions", {"model": "m", "tools": [{"type": "function"}]}).unbounded_web_search_tools == 0
+
+
+def test_geminis_grounding_searches_are_counted_from_the_reply_and_the_tool_is_reserved() -> None:
+    """groundingMetadata's webSearchQueries, in a whole reply or a stream's last object (at least one search
+    a grounded candidate); the googleSearch tool takes no bound: it is reserved at the plan's default."""
+    grounded = {"candidates": [{"content": {"parts": [{"text": "x"}]}, "groundingMetadata": {
+        "webSearchQueries": ["a", "b", "c"]}}, {"content": {"parts": [{"text": "y"}]}, "groundingMetadata": {
+            "groundingChunks": [{"web": {"uri": "u"}}]}}],
+        "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2}}
+    whole = ResponseReader("gemini_generate_content", stream=False)
+    whole.feed(json.dumps(grounded).encode())
+    whole.finish()
+    streamed = ResponseReader("gemini_generate_content", stream=True)
+    first = {"candidates": [{"content": {"parts": [{"text": "x"}]}}], "usageMetadata": {"promptTokenCount": 5}}
+    streamed.feed(f"data: {json.dumps(first)}\r\n\r\ndata: {json.dumps(grounded)}\r\n\r\n".encode())
+    streamed.finish()
+    for reader in (whole, streamed):
+        assert reader.tokens.web_searches == 4 and reader.tokens.input_tokens == 5
+    body = {"contents": [{"parts": [{"text": "q"}]}], "tools": [{"googleSearch": {}}]}
+    shape = parse_call("POST", "/v1beta/models/gemini-2.5-flash:generateContent", {},
+                       json.dumps(body).encode()).authorize_input().shape
+    assert (shape.web_searches, shape.unbounded_web_search_tools) == (0, 1)
+    plain = parse_call("POST", "/v1beta/models/gemini-2.5-flash:generateContent", {},
+                       json.dumps({"contents": []}).encode()).authorize_input().shape
+    assert plain.unbounded_web_search_tools == 0

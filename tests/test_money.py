@@ -1084,7 +1084,8 @@ async def test_search_tools_given_no_bound_are_bounded_at_the_plans_default_and_
     plain = await service.engine.authorize(ask(secret, request_id="no-tools"))
     assert plain.max_tool_calls == 0
     request = ask(secret, request_id="unbounded")
-    unbounded = replace(request, shape=replace(request.shape, unbounded_web_search_tools=2, unbounded_file_search=True))
+    unbounded = replace(request, endpoint="responses",
+                        shape=replace(request.shape, unbounded_web_search_tools=2, unbounded_file_search=True))
     held = await service.engine.authorize(unbounded)
     default = 10  # the plan's default_max_tool_calls
     assert held.allowed and held.max_tool_calls == default
@@ -1106,12 +1107,13 @@ async def test_search_tools_given_no_bound_are_bounded_at_the_plans_default_and_
     assert tokens_only.allowed and tokens_only.reserved < parse_amount("0.02")
     await service.engine.release("poor-plain", "test")
     searching = ask(poor, request_id="poor-search")
-    refused = await service.engine.authorize(replace(searching, shape=replace(searching.shape,
-                                                                               unbounded_web_search_tools=1)))
+    refused = await service.engine.authorize(replace(searching, endpoint="responses",
+                                                     shape=replace(searching.shape, unbounded_web_search_tools=1)))
     assert not refused.allowed and refused.reason == "insufficient_quota"
     bounded_here = ask(poor, request_id="poor-search-1")
     one = await service.engine.authorize(replace(bounded_here, shape=replace(bounded_here.shape, web_searches=1)))
     assert one.allowed and one.max_tool_calls == 0  # a bound of its own: nothing to set
     await service.engine.release("poor-search-1", "test")
+
     await service.writer.drain()
     assert (await service.admin.audit()).ok

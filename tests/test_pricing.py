@@ -67,6 +67,19 @@ def test_cache_reads_and_writes_have_their_own_prices() -> None:
     assert cost_of(claude, q) == 3_000_000 + 1_800_000 + 11_250_000 + 1_500_000
 
 
+def test_web_searches_are_charged_per_search_or_once_a_request_as_the_model_is_billed() -> None:
+    from policyd.policy import ModelPrice
+
+    per_search = ModelPrice(provider="google", input="0", output="0", per_web_search="0.014")
+    per_request = ModelPrice(provider="google", input="0", output="0", per_web_search="0.035", web_search_unit="request")
+    for searches in (0, 1, 3):
+        q = Quantities(web_searches=searches)
+        assert cost_of(per_search, q) == searches * parse_amount("0.014")
+        assert cost_of(per_request, q) == min(searches, 1) * parse_amount("0.035")
+    with pytest.raises(ValueError):
+        ModelPrice(provider="google", input="0", output="0", web_search_unit="query")
+
+
 def test_a_price_between_nanos_rounds_up() -> None:
     # 0.0000015 per 1M tokens = 0.0015 nanos per token
     price = parse_amount("0.0000015")
