@@ -399,6 +399,15 @@ def test_image_edits_and_variations_are_charged_like_generations(gateway: Gatewa
     assert (code, reply["error"]["param"]) == (400, "image")
 
 
+def gemini_post(gateway: Gateway, key: str, model_and_verb: str, body: dict[str, Any]) -> tuple[str, bytes]:
+    """POST to Gemini's REST API through the gateway (the key as x-goog-api-key): the request id and the body."""
+    request = urllib.request.Request(f"http://127.0.0.1:{gateway.port}/v1beta/models/{model_and_verb}",
+                                     data=json.dumps(body).encode(), method="POST",
+                                     headers={"x-goog-api-key": key, "content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=20) as reply:
+        return reply.headers["x-policyd-request-id"], reply.read()
+
+
 def test_gemini_is_charged_in_every_stream_format_and_a_downgrade_reaches_the_path(gateway: Gateway) -> None:
     """Gemini's REST API: the key as x-goog-api-key or ?key=, the model in the path; generateContent, its
     stream as SSE (alt=sse) and as the JSON array it is without; a downgrade rewrites the path, or Google
@@ -408,10 +417,7 @@ def test_gemini_is_charged_in_every_stream_format_and_a_downgrade_reaches_the_pa
     body = {"contents": [{"role": "user", "parts": [{"text": "gemini, exactly"}]}], "generationConfig": {"maxOutputTokens": 8}}
     cost = price_quantity(prompt_tokens(body), parse_amount("0.30")) + price_quantity(8, parse_amount("2.50"))
     for verb in (":generateContent", ":streamGenerateContent?alt=sse", ":streamGenerateContent"):
-        request = urllib.request.Request(f"{root}/gemini-2.5-flash{verb}", data=json.dumps(body).encode(), method="POST",
-                                         headers={"x-goog-api-key": key, "content-type": "application/json"})
-        with urllib.request.urlopen(request, timeout=20) as reply:
-            request_id, answer = reply.headers["x-policyd-request-id"], reply.read()
+        request_id, answer = gemini_post(gateway, key, f"gemini-2.5-flash{verb}", body)
         assert b"policyd" in answer
         record = gateway.record(request_id)
         assert (record["status"], record["error_class"], record["input_tokens"], record["output_tokens"]) == (
@@ -460,7 +466,6 @@ def test_geminis_grounding_with_google_search_is_charged_as_google_bills_it(gate
     """A Gemini request with the googleSearch tool: the searches its reply's groundingMetadata lists are
     charged, per grounded request on a model billed so (web_search_unit: request, Gemini 2.x) or per
     search query (Gemini 3's way); the tool takes no bound, so the plan's default is reserved."""
-    root = f"http://127.0.0.1:{gateway.port}/v1beta/models"
     key = gateway.customer("e2e-grounding", plan="google")
     body = {"contents": [{"role": "user", "parts": [{"text": "grounded, please"}]}],
             "generationConfig": {"maxOutputTokens": 8}, "tools": [{"googleSearch": {}}]}
@@ -468,10 +473,7 @@ def test_geminis_grounding_with_google_search_is_charged_as_google_bills_it(gate
             ("gemini-2.5-flash", "0.30", "2.50", parse_amount("0.035"), parse_amount("0.035")),  # once a request
             ("gemini-2.5-pro", "1.25", "10.00", 2 * parse_amount("0.014"), 10 * parse_amount("0.014"))):  # the default
         for verb in (":generateContent", ":streamGenerateContent?alt=sse"):
-            request = urllib.request.Request(f"{root}/{model}{verb}", data=json.dumps(body).encode(), method="POST",
-                                             headers={"x-goog-api-key": key, "content-type": "application/json"})
-            with urllib.request.urlopen(request, timeout=20) as reply:
-                request_id, answer = reply.headers["x-policyd-request-id"], reply.read()
+            request_id, answer = gemini_post(gateway, key, f"{model}{verb}", body)
             assert b"webSearchQueries" in answer
             record = gateway.record(request_id)
             cost = price_quantity(record["input_tokens"], parse_amount(price_in)) + \
