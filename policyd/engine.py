@@ -60,10 +60,10 @@ RESULT_RETENTION_SECONDS = 7 * 86400  # settled/released reservations answer ret
 CLOSE_RETRY_SECONDS = 600  # a background settle or release is tried again this long while Redis is unreachable
 CLOSE_RETRY_DELAY_MAX_SECONDS = 5.0
 SWEEP_BATCH = 200
-# usage fields newer than the first records: in a settlement, and its fingerprint, only when set, so that an
-# older writer still writes every other record and a retried Settle fingerprints as an older replica did
 # where a request carries a bound of its search tools for policyd to set (Gemini's takes none: reserved only)
 TOOL_BOUND_ENDPOINTS = frozenset({"responses", "anthropic_messages"})
+# usage fields newer than the first records: in a settlement, and its fingerprint, only when set, so that an
+# older writer still writes every other record and a retried Settle fingerprints as an older replica did
 LATER_USAGE_FIELDS = ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens",
                       "service_tier", "file_searches")
 
@@ -139,7 +139,7 @@ class _Plan:
     likely_input_tokens: int = 0  # what a settle without the provider's usage charges (input_tokens: reserved)
     likely_seconds: int = 0  # ... and the audio's seconds (speech to text)
     likely_audio_tokens: int = 0  # ... and its audio tokens, of likely_input_tokens (a model billing those)
-    tool_call_cap: int = 0  # the bound set for the request's unbounded search tools (0: none)
+    tool_call_cap: int = 0  # the bound the request is to carry for its unbounded search tools (0: none)
 
     @classmethod
     def empty(cls, model: str) -> "_Plan":
@@ -378,7 +378,7 @@ class Engine:
             decision=decision_kind, reserved=result.reserved, max_output_tokens=reserve.output_cap,
             reservation_expires_ms=at + self.reservation_ttl_ms, shadow_denials=result.shadow,
             rate_limits=_rate_limits(reserve, result.used),
-            max_tool_calls=reserve.tool_call_cap if request.endpoint in TOOL_BOUND_ENDPOINTS else 0, **common,
+            max_tool_calls=reserve.tool_call_cap, **common,
         )
 
     async def _screen(self, request: AuthorizeInput, at: int, started: int, base: dict[str, str]) -> Decision | str:
@@ -634,14 +634,16 @@ class Engine:
                 input_tokens += audio_tokens
                 likely_audio = likely_seconds * AUDIO_TOKENS_PER_SECOND
                 likely += likely_audio
-        # search tools the request leaves unbounded: each bounded at the plan's default (set in the request)
-        tool_call_cap = plan.default_max_tool_calls if s.unbounded_web_search_tools or s.unbounded_file_search else 0
+        # search tools the request leaves unbounded: each reserved at the plan's default, which the request
+        # then carries where it can (Gemini's search takes no bound)
+        searches_bound = plan.default_max_tool_calls if s.unbounded_web_search_tools or s.unbounded_file_search else 0
+        tool_call_cap = searches_bound if request.endpoint in TOOL_BOUND_ENDPOINTS else 0
         quantities = Quantities(
             input_tokens=input_tokens,
             output_tokens=output_cap * max(1, s.choices),  # every choice may reach the cap, and all are billed
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
-            seconds=seconds, web_searches=s.web_searches + s.unbounded_web_search_tools * tool_call_cap,
-            file_searches=s.file_searches + (tool_call_cap if s.unbounded_file_search else 0), service_tier=s.service_tier,
+            seconds=seconds, web_searches=s.web_searches + s.unbounded_web_search_tools * searches_bound,
+            file_searches=s.file_searches + (searches_bound if s.unbounded_file_search else 0), service_tier=s.service_tier,
             audio_input_tokens=audio_tokens,
             # a spoken reply: every output token may be audio, at its own price (when the dearer)
             audio_output_tokens=output_cap * max(1, s.choices) if s.audio_output and price.audio_output_price > price.output
@@ -690,7 +692,7 @@ class Engine:
         extra = f',"conversation":{compact_json.dumps(request.conversation)}' if request.conversation else ""
         if request.conversation:
             fields["conversation"] = request.conversation
-        if attempt.tool_call_cap and request.endpoint in TOOL_BOUND_ENDPOINTS:  # a retry is answered with the same bound
+        if attempt.tool_call_cap:  # a retry is answered with the same bound
             fields["max_tool_calls"] = attempt.tool_call_cap
             extra += f',"max_tool_calls":{int(attempt.tool_call_cap)}'
         fields_json = (f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.likely_input_tokens)},'
