@@ -357,10 +357,18 @@ def _search_bound(endpoint: str, data: dict[str, Any], kind: str = "web_search")
     return 0
 
 
-def _search_tools(data: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+def _tools(data: dict[str, Any]) -> list[dict[str, Any]]:
     listed = data.get("tools")
-    return [t for t in listed if isinstance(t, dict) and str(t.get("type", "")).startswith(kind)] \
-        if isinstance(listed, list) else []
+    return [t for t in listed if isinstance(t, dict)] if isinstance(listed, list) else []
+
+
+def _search_tools(data: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [t for t in _tools(data) if str(t.get("type", "")).startswith(kind)]
+
+
+def _unbounded_web_search(tool: dict[str, Any]) -> bool:
+    """An Anthropic web search tool given no `max_uses`."""
+    return str(tool.get("type", "")).startswith("web_search") and not _count(tool.get("max_uses"))
 
 
 def _unbounded_search_tools(endpoint: str, data: dict[str, Any], kind: str = "web_search") -> int:
@@ -370,14 +378,10 @@ def _unbounded_search_tools(endpoint: str, data: dict[str, Any], kind: str = "we
     Gemini's grounding with Google Search (1 when asked for) takes no bound: the plan's default is
     reserved, and a model billing per grounded prompt (`web_search_unit: request`) needs just one."""
     if endpoint == "gemini_generate_content" and kind == "web_search":  # no bound can be given: reserved alone
-        listed = data.get("tools") if isinstance(data.get("tools"), list) else []
-        return 1 if any(isinstance(t, dict) and any(k in t for k in _GOOGLE_SEARCH_KEYS) for t in listed) else 0
-    tools = _search_tools(data, kind)
-    if not tools:
-        return 0
+        return 1 if any(key in t for t in _tools(data) for key in _GOOGLE_SEARCH_KEYS) else 0
     if endpoint == "anthropic_messages" and kind == "web_search":
-        return sum(1 for t in tools if not _count(t.get("max_uses")))
-    if endpoint == "responses":
+        return sum(1 for t in _tools(data) if _unbounded_web_search(t))
+    if endpoint == "responses" and _search_tools(data, kind):
         return 0 if _count(data.get("max_tool_calls")) else 1
     return 0
 
@@ -388,8 +392,8 @@ _STORED_CONTEXT = ("previous_response_id", "conversation", "cachedContent", "cac
 _REFERENCE_KEYS = ("file_id", "file_uri", "fileUri", "file_url")
 _SERVER_TOOL_TYPES = ("web_search", "file_search", "mcp", "code_interpreter", "web_fetch", "code_execution")
 _GOOGLE_SEARCH_KEYS = ("googleSearch", "google_search", "googleSearchRetrieval", "google_search_retrieval")
-_SERVER_TOOL_KEYS = ("googleSearch", "google_search", "googleSearchRetrieval", "urlContext", "url_context",
-                     "codeExecution", "code_execution", "fileSearch")
+_SERVER_TOOL_KEYS = (*_GOOGLE_SEARCH_KEYS, "urlContext", "url_context", "codeExecution", "code_execution",
+                     "fileSearch")
 
 
 def _refers_to_input(value: Any, depth: int = 0) -> bool:
@@ -777,8 +781,8 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, serve
         body["max_tool_calls"] = tool_call_cap
         changed = True
     if tool_call_cap and endpoint == "anthropic_messages" and isinstance(body.get("tools"), list):
-        tools = [dict(t, max_uses=tool_call_cap) if isinstance(t, dict) and str(t.get("type", "")).startswith("web_search")
-                 and not _count(t.get("max_uses")) else t for t in body["tools"]]
+        tools = [dict(t, max_uses=tool_call_cap) if isinstance(t, dict) and _unbounded_web_search(t) else t
+                 for t in body["tools"]]
         if tools != body["tools"]:
             body["tools"] = tools
             changed = True

@@ -28,14 +28,13 @@ DIMENSIONS = {
     "reason": UsageRecordRow.reason,
 }
 BUCKET_MS = {"hour": 3_600_000, "day": 86_400_000, "month": 86_400_000}
-FIGURES = ("requests", "allowed", "denied", "downgraded", "failed", "input_tokens", "cached_input_tokens",
-           "output_tokens", "cost_nanos", "charge_nanos", "retries", "fallbacks")
 # what else a provider bills apart, summed over charged records like the tokens: each line of a provider's
 # invoice has its figure (cache writes of either TTL, of which 1h; audio tokens, part of input/output_tokens;
 # images; audio seconds; web and file searches)
 USAGE_FIGURES = ("cache_write_input_tokens", "cache_write_1h_input_tokens", "audio_input_tokens",
                  "audio_output_tokens", "images", "seconds", "web_searches", "file_searches")
-FIGURES = FIGURES + USAGE_FIGURES
+FIGURES = ("requests", "allowed", "denied", "downgraded", "failed", "input_tokens", "cached_input_tokens",
+           "output_tokens", "cost_nanos", "charge_nanos", "retries", "fallbacks", *USAGE_FIGURES)
 CHARGED = ("settled", "settled_late")
 GROUPS_MAX = 10_000
 
