@@ -36,3 +36,21 @@ def test_integers_past_64_bits_read_back_exact_never_as_floats() -> None:
         value = compact_json.loads(compact_json.dumps({"amount_nanos": n}))["amount_nanos"]
         assert value == n and isinstance(value, int)
     assert compact_json.loads(b'{"a": 1}') == {"a": 1}
+
+
+def test_json_orjson_did_not_write_reads_as_the_standard_library_reads_it() -> None:
+    """Spaces, escapes, floats and repeated keys: what comes back unlike the text is read again by the
+    standard library, so the value is the same whichever reader's fast path took it."""
+    for text in ('{"a": 1, "b": [2, 3]}', '{"s":"caf\\u00e9"}', '{"n":18446744073709551616,"f":1.5}',
+                 '{"a":1,"a":2}', '[-9223372036854775809]', '{"big": 123456789012345678901234567890}',
+                 '{"s":"lone \\udc00"}', '  [1]  '):
+        value = compact_json.loads(text)
+        assert value == json.loads(text)
+        assert repr(value) == repr(json.loads(text))  # an integer stays an integer, never a float
+
+
+@given(values)
+def test_reads_text_the_standard_library_wrote_as_it_reads_it(value) -> None:
+    for text in (json.dumps(value), json.dumps(value, ensure_ascii=False, indent=1)):
+        assert compact_json.loads(text) == value
+        assert compact_json.loads(text.encode("utf-8", "surrogatepass")) == value
