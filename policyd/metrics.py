@@ -5,7 +5,7 @@ Served on POLICYD_METRICS_LISTEN (host:port, e.g. 127.0.0.1:9464; empty = off, t
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry()
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -21,6 +21,8 @@ rejections = Counter("policyd_rejections_total", "Settle/Release calls refused",
 events_written = Counter("policyd_writer_events_total", "Events the writer moved to SQL", registry=REGISTRY)
 writer_errors = Counter("policyd_writer_errors_total", "Writer batches that failed (retried)", registry=REGISTRY)
 counter_errors = Counter("policyd_counter_errors_total", "Calls that could not reach Redis", registry=REGISTRY)
+heap_frozen_objects = Gauge("policyd_heap_frozen_objects",
+                            "Objects made at startup, kept out of the garbage collector's passes", registry=REGISTRY)
 close_retries = Counter("policyd_close_retries_total",
                         "Settles and releases made again because Redis could not be reached", registry=REGISTRY)
 

@@ -56,5 +56,7 @@ def test_metrics_count_decisions_settlements_and_charges(tmp_path: Path) -> None
         assert values['policyd_releases_total{reason="provider_error"}'] == 1
         assert values["policyd_authorize_seconds_count"] == 6
         assert not any("key_" in name or key.secret in name for name in values)  # no per-key labels
+        # what startup made is out of the collector's full passes (tens of thousands of objects)
+        assert values["policyd_heap_frozen_objects"] > 20_000
     finally:
         process.stop()

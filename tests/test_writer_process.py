@@ -12,6 +12,8 @@ import pytest
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
 from tests.conftest import ROOT
 from tests.processes import PolicydProcess, WriterProcess
+from tests.servers import free_port
+from tests.test_metrics import scrape
 
 
 @pytest.mark.slow
@@ -22,7 +24,9 @@ def test_a_separate_writer_process_writes_every_decision_once(redis_server, post
     database = postgres_server.create_database("writer_process")
     serve = PolicydProcess(redis_server.url, database, policy=str(ROOT / "policyd/samples/policy.yaml"),
                            extra_env={"POLICYD_WRITER_ENABLED": "false"})
-    writer = WriterProcess(redis_server.url, database, extra_env={"POLICYD_ROLLUP_INTERVAL_MS": "200"})
+    metrics_port = free_port()
+    writer = WriterProcess(redis_server.url, database, extra_env={"POLICYD_ROLLUP_INTERVAL_MS": "200",
+                                                                  "POLICYD_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"})
     try:
         with grpc.insecure_channel(serve.address) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
@@ -55,6 +59,8 @@ def test_a_separate_writer_process_writes_every_decision_once(redis_server, post
                 assert time.monotonic() < deadline, rows
                 time.sleep(0.2)
             assert sorted(status for _, status in rows) == ["released"] * 10 + ["settled"] * 30
+            # the writer too keeps what it started with out of the collector's full passes
+            assert scrape(metrics_port)["policyd_heap_frozen_objects"] > 20_000
             # the loops that read SQL run in the writer process too: the rollups catch up with the records
             while True:
                 with psycopg.connect(dsn) as connection:
