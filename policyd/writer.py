@@ -79,6 +79,12 @@ class Record:
 Entry = tuple[int, str, dict[str, str]]  # partition, stream entry id, fields
 
 
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id ("<ms>-<sequence>") as what orders it."""
+    ms, _, sequence = entry_id.partition("-")
+    return int(ms), int(sequence or 0)
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -150,12 +156,16 @@ class Writer:
 
     async def drain_once(self, claim_idle_ms: int | None = None) -> int:
         """Move one batch of every partition to SQL, in one transaction; the number of events moved."""
+        return len(await self._move_batch(claim_idle_ms))
+
+    async def _move_batch(self, claim_idle_ms: int | None = None) -> list[Entry]:
+        """drain_once: the entries it moved."""
         if not self._groups_ready:
             await self.ensure_groups()
         idle = self.claim_idle_ms if claim_idle_ms is None else claim_idle_ms
         entries = await self._read(idle)
         if not entries:
-            return 0
+            return entries
         await asyncio.to_thread(self._apply_or_quarantine, entries)
         by_stream: dict[str, list[str]] = {}
         for partition, entry_id, _ in entries:
@@ -167,24 +177,37 @@ class Writer:
             await pipe.execute()
         self.written += len(entries)
         metrics.events_written.inc(len(entries))
-        return len(entries)
+        return entries
+
+    async def _newest_ids(self) -> dict[int, tuple[int, int]]:
+        """Each partition's newest entry now, as (ms, sequence); a partition with none is left out."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for partition in range(self.partitions):
+                pipe.xrevrange(redis_keys.events(partition), count=1)
+            replies = await pipe.execute()
+        return {partition: _entry_order(_text(reply[0][0])) for partition, reply in enumerate(replies) if reply}
 
     async def drain(self) -> int:
         """Move everything there is now, other consumers' pending entries included (audit, rebuild,
-        shutdown). Taking an entry another writer still holds is safe: every write is idempotent."""
+        shutdown). Taking an entry another writer still holds is safe: every write is idempotent.
+        Events that arrive meanwhile are left to the running writers: it returns once a batch holds
+        only entries newer than each partition's newest when it began (under steady traffic a
+        drain that waited for empty streams would not end while the traffic lasts)."""
+        newest = await self._newest_ids()
         total = 0
         conflicts = 0
         while True:
             try:
-                moved = await self.drain_once(claim_idle_ms=0)
+                moved = await self._move_batch(claim_idle_ms=0)
             except IntegrityError:  # another writer inserted the same record first: its row is there now
                 conflicts += 1
                 if conflicts > DRAIN_CONFLICT_RETRIES:
                     raise
                 await asyncio.sleep(0.01 * conflicts)
                 continue
-            total += moved
-            if moved == 0:
+            total += len(moved)
+            if all(partition not in newest or _entry_order(entry_id) > newest[partition]
+                   for partition, entry_id, _ in moved):
                 return total
 
     async def run(self, stop: asyncio.Event, idle_seconds: float = 0.05, gather_seconds: float = 0.1) -> None:

@@ -7,7 +7,7 @@ import json
 
 from policyd import redis_keys
 from policyd.server import Service
-from tests.helpers import ask, fund, new_key
+from tests.helpers import ask, fund, new_key, usage
 
 
 def _text(value: object) -> str:
@@ -88,3 +88,38 @@ async def _estimate(service: Service, secret: str) -> int:
     d = await service.engine.authorize(ask(key.secret, prompt_bytes=4000, max_output_tokens=300))
     await service.engine.release(d.request_id, "probe")
     return d.reserved
+
+
+async def test_a_drain_under_steady_traffic_ends_with_everything_before_it_written(service: Service) -> None:
+    """An audit, a records listing or a rebuild drains the streams first: under traffic that never pauses
+    it moves what was there when it began and returns while the traffic goes on (waiting for empty
+    streams, it returned only once the traffic stopped)."""
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1000")
+    stop = asyncio.Event()
+    done: list[str] = []
+
+    async def client(n: int) -> None:
+        i = 0
+        while not stop.is_set() and i < 4_000:  # bounded either way: about 20 s of traffic at most
+            rid = f"steady-{n}-{i}"
+            i += 1
+            d = await service.engine.authorize(ask(secret, request_id=rid, prompt_bytes=40, max_output_tokens=5))
+            assert d.decision == "allow"
+            await service.engine.settle(usage(rid, input_tokens=10, output_tokens=5))
+            done.append(rid)
+
+    traffic = [asyncio.create_task(client(n)) for n in range(4)]
+    try:
+        while len(done) < 200:
+            await asyncio.sleep(0.01)
+        before = list(done)  # settled, so their events are in the streams before the drain begins
+        await service.writer.drain()
+        assert not all(task.done() for task in traffic), "the drain waited for the traffic to end"
+        assert {service.store.usage_record(rid).status for rid in before} == {"settled"}
+    finally:
+        stop.set()
+        await asyncio.gather(*traffic)
+    await service.writer.drain()
+    assert {service.store.usage_record(rid).status for rid in done} == {"settled"}
+    assert (await service.admin.audit()).ok

@@ -185,12 +185,17 @@ def nanos(browser: Any, css: str) -> int:
 
 def wait_for(browser: Any, css: str, text: str, contains: bool = False) -> None:
     """After a click: wait until the next page shows `text` in `css` (the old page's elements go stale)."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     def shown(driver: Any) -> bool:
-        found = driver.find_element(By.CSS_SELECTOR, css).text
+        try:
+            found = driver.find_element(By.CSS_SELECTOR, css).text
+        except WebDriverException as error:  # newer ChromeDrivers report a node gone with the old page so
+            if "does not belong to the document" in str(error):
+                return False
+            raise
         return text in found if contains else found == text
 
     WebDriverWait(browser, 20, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(shown)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -12,6 +13,11 @@ from policyd.server import Service
 from tests.helpers import ask, fund, new_key, usage
 
 OCTOBER = 1_790_812_800_000  # 2026-10-01T00:00:00Z
+
+
+def this_month() -> str:
+    """The period of what is recorded now (grants, and charges that reach the ledger late, by the real clock)."""
+    return time.strftime("%Y-%m", time.gmtime())
 DAY = 86_400_000
 
 
@@ -55,8 +61,8 @@ async def test_invoice_lines_credits_and_promos(service: Service) -> None:
     csv_text = to_csv(invoice)
     assert csv_text.splitlines()[0] == "kind,item,requests,input_tokens,output_tokens,charge_nanos,amount"
     assert csv_text.rstrip().endswith(f"total,,,,,,{data['total']}")
-    november = (await service.admin.invoice("acme", "2026-11")).data()
-    assert november["credits"] == [{"source": "purchase", "entries": 1, "amount_nanos": 20_000_000_000,
+    current = (await service.admin.invoice("acme", this_month())).data()
+    assert current["credits"] == [{"source": "purchase", "entries": 1, "amount_nanos": 20_000_000_000,
                                     "amount": "20.00"}]
 
 
@@ -68,7 +74,7 @@ async def test_closed_period_is_frozen_and_late_charges_move_to_the_next(service
         await service.admin.invoice("acme", "2026-10", close=True)
     assert again.value.reason == "period_closed"
     with pytest.raises(PolicydError, match="has not ended"):
-        await service.admin.invoice("acme", "2026-11", close=True)
+        await service.admin.invoice("acme", this_month(), close=True)
     # a charge dated in October reaches the ledger after the close (a writer that caught up late)
     _, secret = await new_key(service)
     service.engine.clock = lambda: OCTOBER + 20 * DAY
@@ -76,8 +82,8 @@ async def test_closed_period_is_frozen_and_late_charges_move_to_the_next(service
     late = await service.engine.settle(usage("late-oct", input_tokens=500, output_tokens=50))
     october = await service.admin.invoice("acme", "2026-10")
     assert october.text == closed.text and october.closed  # no silent edit
-    november = (await service.admin.invoice("acme", "2026-11")).data()
-    adjustment = november["adjustments_from_closed_periods"]
+    current = (await service.admin.invoice("acme", this_month())).data()
+    adjustment = current["adjustments_from_closed_periods"]
     assert [(a["item"], a["charge_nanos"]) for a in adjustment] == [("late usage of 2026-10: gpt-4o", late.charge)]
     assert sum(charges.values()) > 0
 
