@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench import dashboard_volume, data_size, envoy_path, estimates, native, report_volume
+from bench import admin_load, dashboard_volume, data_size, envoy_path, estimates, native, report_volume
 
 
 def main() -> None:
@@ -24,6 +24,8 @@ def main() -> None:
     results.update(native.main([]))
     print()
     results.update(envoy_path.main(peers))
+    print()
+    results.update(admin_load.main([]))
     print()
     results.update(data_size.main([]))
     print()

@@ -24,8 +24,12 @@ from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 def admin_calls(admin: admin_pb2_grpc.AdminServiceStub, stop: threading.Event) -> dict[str, list[float]]:
     took: dict[str, list[float]] = {"UsageReport": [], "ListUsage": [], "Audit": []}
-    calls = (("UsageReport", lambda: admin.UsageReport(admin_pb2.UsageReportRequest(group_by=["customer", "model"]),
-                                                       timeout=120)),
+    def report() -> None:  # the last day's, by customer and model
+        now = int(time.time() * 1000)
+        admin.UsageReport(admin_pb2.UsageReportRequest(group_by=["customer", "model"], since_unix_ms=now - 86_400_000,
+                                                       until_unix_ms=now + 60_000), timeout=120)
+
+    calls = (("UsageReport", report),
              ("ListUsage", lambda: admin.ListUsage(admin_pb2.ListUsageRequest(limit=1000), timeout=120)),
              ("Audit", lambda: admin.Audit(admin_pb2.AuditRequest(), timeout=120)))
     while not stop.is_set():
@@ -73,13 +77,23 @@ def main(argv: list[str] | None = None) -> dict:
             alone = asyncio.run(paced(process.address, key, args.seconds, args.rate, f"alone-{run}"))
             stop = threading.Event()
             took: dict[str, list[float]] = {}
-            worker = threading.Thread(target=lambda: took.update(admin_calls(admin, stop)))
+            failed: list[BaseException] = []
+
+            def admin_thread() -> None:
+                try:
+                    took.update(admin_calls(admin, stop))
+                except BaseException as error:  # reported after the run: a failed admin call spoils the figures
+                    failed.append(error)
+
+            worker = threading.Thread(target=admin_thread)
             worker.start()
             try:
                 busy = asyncio.run(paced(process.address, key, args.seconds, args.rate, f"busy-{run}"))
             finally:
                 stop.set()
                 worker.join()
+            if failed:
+                raise failed[0]
     finally:
         writer.stop()
         process.stop()

@@ -465,7 +465,7 @@ class Admin:
                 mismatches.append((f"wallet:{customer}:balance", balance, balances.get(customer, 0)))
             if held != reserved.get(customer, 0):
                 mismatches.append((f"wallet:{customer}:reserved", held, reserved.get(customer, 0)))
-        buckets = await asyncio.to_thread(self._bucket_totals)
+        buckets = await asyncio.to_thread(self.store.held_by_bucket)
         now_s = now_ms() // 1000
         for key, expected in sorted(buckets.items()):
             if remaining_ttl(key, now_s) is None:
@@ -491,16 +491,6 @@ class Admin:
         async for key in self.counters.client.scan_iter(match=f"{redis_keys.PREFIX}:{{p*}}:wallet:*", count=1000):
             found.append((key.decode() if isinstance(key, bytes) else key).split(":wallet:", 1)[1])
         return found
-
-    def _bucket_totals(self) -> dict[str, int]:
-        totals: dict[str, int] = {}
-        for row in self.store.records_with_holds():
-            if row.status in ("released", "expired"):
-                continue
-            holds = row.final_holds if row.status in ("settled", "settled_late") else row.holds
-            for key, _unit, amount in holds or []:
-                totals[key] = totals.get(key, 0) + int(amount)
-        return totals
 
     async def rebuild(self) -> int:
         """Rewrite every counter from SQL (after Redis lost its data). Returns the number of counters written.
@@ -584,7 +574,7 @@ class Admin:
                                                         int(context or 0))
                     written += 1
             now_s = at // 1000
-            for key, total in (await asyncio.to_thread(self._bucket_totals)).items():
+            for key, total in (await asyncio.to_thread(self.store.held_by_bucket)).items():
                 ttl = remaining_ttl(key, now_s)
                 if ttl is None:
                     continue

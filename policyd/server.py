@@ -13,7 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from policyd import heap, metrics, redis_keys, rollups
+from policyd import metrics, redis_keys, rollups, runtime
 from policyd.dashboard import serve_dashboard
 from policyd.admin import Admin
 from policyd.alerts import AlertDelivery
@@ -201,7 +201,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
         await grpc_server.start()
         for name in names:
             await health_of.set(name, health_pb2.HealthCheckResponse.SERVING)
-    heap.freeze_startup_objects()
+    runtime.settle_in()
     log.info("policyd serving on %s (redis: %s, database: %s)", settings.listen,
              "embedded" if not settings.redis_url else "external", settings.database_url.split("://")[0])
     if ready is not None:
@@ -231,7 +231,7 @@ async def work(settings: Settings, shutdown: asyncio.Event | None = None) -> Non
     service = await Service.build(settings)
     await service.start()
     metrics.serve(settings.metrics_listen)
-    heap.freeze_startup_objects()
+    runtime.settle_in()
     log.info("policyd writer running (database: %s)", settings.database_url.split("://")[0])
     shutdown = shutdown or asyncio.Event()
     try:

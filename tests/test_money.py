@@ -588,6 +588,7 @@ async def test_expiring_credit_is_used_first_and_its_rest_expires(service: Servi
     assert 0 < s.charge < USD // 100
     await service.writer.drain()
     assert service.store.usage_record("uses-trial").credit_source == {"trial": s.charge}
+    assert service.store.credit_consumed() == {"trial": s.charge}  # summed by SQL, as the audit reads it
     assert (await service.admin.audit()).ok
     with pytest.raises(PolicydError, match="invalid_grant"):
         await service.admin.grant_credit("acme", USD, "USD", "promo", "old", expires_ms=1)
@@ -1117,3 +1118,32 @@ async def test_search_tools_given_no_bound_are_bounded_at_the_plans_default_and_
 
     await service.writer.drain()
     assert (await service.admin.audit()).ok
+
+
+async def test_the_audit_sums_every_records_holds_and_finds_a_bucket_that_is_off(service: Service) -> None:
+    """The audit's bucket totals are summed by SQL: a settled record counts its final holds, an open one what
+    it reserved, a released or denied one nothing; they equal the counters, and a counter moved by hand is
+    reported."""
+    _, secret = await new_key(service)
+    await fund(service, "acme", "5")
+    for i in range(6):
+        assert (await service.engine.authorize(ask(secret, request_id=f"held-{i}", prompt_bytes=400))).decision == "allow"
+    for i in range(3):
+        await service.engine.settle(usage(f"held-{i}", input_tokens=100 + i, output_tokens=7 * i))
+    await service.engine.release("held-3", "provider_error")
+    await service.engine.authorize(ask(secret, model="not-a-model", request_id="held-denied"))
+    await service.writer.drain()
+    expected: dict[str, int] = {}
+    for i in range(6):
+        row = service.store.usage_record(f"held-{i}")
+        if row.status == "released":
+            continue
+        for key, _unit, amount in row.final_holds if row.status == "settled" else row.holds:
+            expected[key] = expected.get(key, 0) + int(amount)
+    assert expected and any(amount > 0 for amount in expected.values())
+    assert service.store.held_by_bucket() == expected
+    assert (await service.admin.audit()).ok
+    key = sorted(expected)[0]
+    await service.counters.client.hincrby(key, "used", 1)
+    audit = await service.admin.audit()
+    assert not audit.ok and audit.mismatches == [(key, expected[key] + 1, expected[key])]
