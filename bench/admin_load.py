@@ -18,8 +18,8 @@ import time
 
 import grpc
 
-from bench.native import paced
-from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from bench.native import funded_key, paced
+from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 
 
 def admin_calls(admin: admin_pb2_grpc.AdminServiceStub, stop: threading.Event) -> dict[str, list[float]]:
@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with grpc.insecure_channel(process.address) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
-            admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="bench", source="purchase",
-                                                           amount=types_pb2.Money(currency="USD", nanos=10**15)))
-            key = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="bench", plan="bench",
-                                                             environment="production")).secret
+            key = funded_key(admin).secret
             run = f"{time.time_ns():x}"
             warm_rate = 1000
             asyncio.run(paced(process.address, key, args.warm_pairs / warm_rate, warm_rate, f"warm-{run}"))

@@ -184,6 +184,13 @@ def connections(workers: int) -> int:
     return 1 if workers == 1 else 8 * workers
 
 
+def funded_key(admin: admin_pb2_grpc.AdminServiceStub) -> admin_pb2.CreateKeyResponse:
+    """A key of the benchmark's customer, with more credit than any run spends."""
+    admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="bench", source="purchase",
+                                                   amount=types_pb2.Money(currency="USD", nanos=10**15)))
+    return admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="bench", plan="bench", environment="production"))
+
+
 def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str, writer: str = "process",
             rates: tuple[int, ...] = (), workers: int = 1, server_pids: dict[str, int] | None = None) -> dict:
     """`policyd serve` in a process of its own (uvloop), the writer draining to PostgreSQL in a `policyd writer`
@@ -200,10 +207,7 @@ def policyd(seconds: float, concurrency: int, redis_url: str, database_url: str,
     try:
         with grpc.insecure_channel(process.address) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
-            admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="bench", source="purchase",
-                                                           amount=types_pb2.Money(currency="USD", nanos=10**15)))
-            key = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="bench", plan="bench",
-                                                             environment="production"))
+            key = funded_key(admin)
             pids = {"serve": process.process.pid, **({"writer": writers[0].process.pid} if writers else {}),
                     **(server_pids or {})} if workers == 1 else {}
             run = f"{time.time_ns():x}"  # request ids new in every run: a repeated id is a retry, answered as a replay
