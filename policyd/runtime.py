@@ -13,7 +13,8 @@ The event loop gets the interpreter back sooner from a busy thread. SQL work run
 audits, the writer's batches) and holds the interpreter lock while its rows become Python objects; the
 loop thread, which every decision needs after each wait, gets the lock only when the busy thread is
 made to give it up, by default after 5 ms. At 0.5 ms, decisions while admin calls ran measured p50 2.6
-and p99 15 ms instead of 3.9 and 27 (`python -m bench.admin_load`); with no busy thread nothing changes.
+and p99 15 ms instead of 3.9 and 27 in one pair of runs (`python -m bench.admin_load`; its run-to-run
+noise is large, bench/RESULTS.md); with no busy thread nothing changes.
 """
 
 from __future__ import annotations
