@@ -23,7 +23,9 @@ from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 
 
 def admin_calls(admin: admin_pb2_grpc.AdminServiceStub, stop: threading.Event) -> dict[str, list[float]]:
+    """The admin calls, one after another until `stop`: the seconds each call took, by name."""
     took: dict[str, list[float]] = {"UsageReport": [], "ListUsage": [], "Audit": []}
+
     def report() -> None:  # the last day's, by customer and model
         now = int(time.time() * 1000)
         admin.UsageReport(admin_pb2.UsageReportRequest(group_by=["customer", "model"], since_unix_ms=now - 86_400_000,

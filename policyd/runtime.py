@@ -28,16 +28,9 @@ THREAD_SWITCH_SECONDS = 0.0005
 
 
 def settle_in() -> None:
-    """Once a process runs: what startup made is frozen out of collections, and threads switch sooner."""
+    """Once a process runs: threads switch sooner, and what startup made (collected of its garbage
+    first) is frozen out of later collections; the gauge policyd_heap_frozen_objects says how much."""
     sys.setswitchinterval(THREAD_SWITCH_SECONDS)
-    freeze_startup_objects()
-
-
-def freeze_startup_objects() -> int:
-    """Collect what startup left behind, then keep every object still alive out of later collections;
-    the number kept (also the gauge policyd_heap_frozen_objects)."""
     gc.collect()
     gc.freeze()
-    frozen = gc.get_freeze_count()
-    metrics.heap_frozen_objects.set(frozen)
-    return frozen
+    metrics.heap_frozen_objects.set(gc.get_freeze_count())

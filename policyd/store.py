@@ -290,14 +290,16 @@ class Store:
         [[bucket key, unit, amount], ...] (read into Python, the holds of every record cost the audit
         seconds a 20,000 records, all of them spent holding the lock decisions need)."""
         held = "CASE WHEN status IN ('settled', 'settled_late') THEN final_holds ELSE holds END"
-        if self.engine.dialect.name == "postgresql":
-            query = (f"SELECT h.value ->> 0, SUM(CAST(h.value ->> 2 AS numeric)) FROM usage_records, "
-                     f"json_array_elements(CASE WHEN json_typeof({held}) = 'array' THEN {held} END) AS h "
-                     f"WHERE status NOT IN ('denied', 'released', 'expired') GROUP BY 1")
-        else:
-            query = (f"SELECT json_extract(h.value, '$[0]'), SUM(CAST(json_extract(h.value, '$[2]') AS INTEGER)) "
-                     f"FROM usage_records, json_each(CASE WHEN json_type({held}) = 'array' THEN {held} END) AS h "
-                     f"WHERE status NOT IN ('denied', 'released', 'expired') GROUP BY 1")
+        where = "WHERE status NOT IN ('denied', 'released', 'expired') GROUP BY 1"
+        return self._summed(
+            postgresql=f"SELECT h.value ->> 0, SUM(CAST(h.value ->> 2 AS numeric)) FROM usage_records, "
+                       f"json_array_elements(CASE WHEN json_typeof({held}) = 'array' THEN {held} END) AS h {where}",
+            sqlite=f"SELECT json_extract(h.value, '$[0]'), SUM(CAST(json_extract(h.value, '$[2]') AS INTEGER)) "
+                   f"FROM usage_records, json_each(CASE WHEN json_type({held}) = 'array' THEN {held} END) AS h {where}")
+
+    def _summed(self, postgresql: str, sqlite: str) -> dict[str, int]:
+        """The rows (key, integer total) of the query in this database's dialect, as a dict."""
+        query = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         with self.session() as session:
             return {str(key): int(total) for key, total in session.execute(text(query)) if key is not None}
 
@@ -315,16 +317,12 @@ class Store:
     def credit_consumed(self) -> dict[str, int]:
         """Expiring grant id -> nanos of it that settled charges consumed: summed by SQL from each settled
         record's {grant id: nanos} (read into Python, every settled record's cost the audit seconds)."""
-        if self.engine.dialect.name == "postgresql":
-            query = ("SELECT c.key, SUM(CAST(c.value AS numeric)) FROM usage_records, json_each_text(CASE WHEN "
-                     "json_typeof(credit_source) = 'object' THEN credit_source END) AS c "
-                     "WHERE status IN ('settled', 'settled_late') GROUP BY 1")
-        else:
-            query = ("SELECT c.key, SUM(CAST(c.value AS INTEGER)) FROM usage_records, json_each(CASE WHEN "
-                     "json_type(credit_source) = 'object' THEN credit_source END) AS c "
-                     "WHERE status IN ('settled', 'settled_late') GROUP BY 1")
-        with self.session() as session:
-            return {str(grant): int(total) for grant, total in session.execute(text(query)) if grant is not None}
+        where = "WHERE status IN ('settled', 'settled_late') GROUP BY 1"
+        return self._summed(
+            postgresql="SELECT c.key, SUM(CAST(c.value AS numeric)) FROM usage_records, json_each_text(CASE WHEN "
+                       f"json_typeof(credit_source) = 'object' THEN credit_source END) AS c {where}",
+            sqlite="SELECT c.key, SUM(CAST(c.value AS INTEGER)) FROM usage_records, json_each(CASE WHEN "
+                   f"json_type(credit_source) = 'object' THEN credit_source END) AS c {where}")
 
     def grant_ids(self) -> list[tuple[str, str]]:
         with self.session() as session:

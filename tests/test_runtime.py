@@ -16,7 +16,7 @@ def test_settling_in_freezes_what_startup_made_and_shortens_the_thread_switch() 
               "from policyd import runtime\n"
               "before = sys.getswitchinterval()\n"
               "runtime.settle_in()\n"
-              "collected = gc.collect()\n"
+              "gc.collect()\n"
               "print(json.dumps([before, sys.getswitchinterval(), gc.get_freeze_count(), len(gc.get_objects())]))\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
