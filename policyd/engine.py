@@ -622,7 +622,12 @@ class Engine:
             prior = min(prior_tokens, price.context_window) if price.context_window else prior_tokens
             input_tokens, likely = input_tokens + prior, likely + prior
         seconds, likely_seconds, audio_tokens, likely_audio = s.seconds, s.seconds, 0, 0
-        if request.endpoint in ("embeddings", "audio_speech"):  # no output tokens to cap
+        speech_output = 0  # audio tokens out of text to speech billed by tokens: every one up to the cap
+        if request.endpoint == "audio_speech" and price.prices_output:  # its text's tokens in, not characters
+            input_tokens = estimate_input_tokens(plan, s.prompt_bytes, 1, 0, price.context_window)
+            likely = min(input_estimate(s.prompt_bytes, 1, 0), input_tokens)
+            speech_output = output_cap
+        elif request.endpoint in ("embeddings", "audio_speech"):  # no output tokens to cap
             output_cap = 0
         elif request.endpoint == "images":  # no cap to give either: each image bills up to the model's most
             output_cap = (price.output_tokens_per_image or output_cap) * (s.image_count or 1)
@@ -647,7 +652,7 @@ class Engine:
             audio_input_tokens=audio_tokens,
             # a spoken reply: every output token may be audio, at its own price (when the dearer)
             audio_output_tokens=output_cap * max(1, s.choices) if s.audio_output and price.audio_output_price > price.output
-            else 0,
+            else speech_output,
         )
         cost = cost_of(price, quantities)
         if s.cache_write:  # the whole prompt may be written to the cache, at the write price: reserved so if dearer
@@ -855,6 +860,8 @@ class Engine:
         if reservation is None:
             raise await self._missing(report.request_id, "settle", asdict(report))
         r = reservation.record
+        if r.get("endpoint") == "audio_speech":  # text to speech makes audio alone: every output token is audio
+            report = replace(report, audio_output_tokens=report.output_tokens)
         policy = await self.book.version(int(r["policy_version"]))
         plan = policy.plan(r["plan"]) if policy else None
         served = report.served_model or r["served_model"]

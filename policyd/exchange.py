@@ -50,7 +50,8 @@ class Exchange:
     reader: ResponseReader = field(init=False)
 
     def __post_init__(self) -> None:
-        self.reader = ResponseReader(self.endpoint, self.stream, self.input_tokens, stored=self.stored)
+        self.reader = ResponseReader(self.endpoint, self.stream, self.input_tokens, stored=self.stored,
+                                     output_cap=self.output_cap)
 
     @classmethod
     def of(cls, call: HttpCall, decision: Decision, account: str, observed: bool) -> "Exchange":

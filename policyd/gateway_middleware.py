@@ -173,7 +173,8 @@ class PolicydMiddleware:
         if rewritten is not None:
             body = http_api.encoded_body(rewritten)
         exchange = _Exchange(decision.request_id, decision.served_model,
-                             ResponseReader(call.endpoint, call.stream, call.input_tokens, stored=call.stores_reply))
+                             ResponseReader(call.endpoint, call.stream, call.input_tokens, stored=call.stores_reply,
+                                            output_cap=decision.max_output_tokens))
 
         refused = http_api.credentials_refused_reply()
 

@@ -14,7 +14,9 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
     POST .../v1beta/models/M:embedContent | :batchEmbedContents        embeddings (Gemini reports no usage
                                           for them: charged as estimated from the text)
     POST .../v1/completions               completions (legacy text completions)
-    POST .../v1/audio/speech              audio_speech (text to speech: billed by the characters of `input`)
+    POST .../v1/audio/speech              audio_speech (text to speech: billed by the characters of `input`,
+                                          or, a model priced for output, by tokens: `stream_format: sse`
+                                          replies end with their usage, audio bytes are estimated)
     POST .../v1/audio/transcriptions | .../v1/audio/translations
                                           audio_transcriptions (speech to text, multipart/form-data: billed by
                                           the audio's seconds or audio tokens; a WAV file's header gives its
@@ -514,6 +516,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         if not isinstance(text, str) or not text:
             return _problem(call, "invalid_request", "input must be the text to speak", "input")
         call.input_tokens = len(text)
+        call.stream = data.get("stream_format") == "sse"  # its audio in events, and its usage last (gpt-4o-mini-tts)
     elif endpoint == "gemini_generate_content":
         call.choices = _count(generation.get("candidateCount"))
     if endpoint == "responses" and data.get("background") is True:  # billed later, as the client polls for it

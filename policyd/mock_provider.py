@@ -14,6 +14,7 @@ min(the request's output cap, 12). `GET /_mock/requests` lists what it received 
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import re
@@ -200,9 +201,8 @@ class MockProvider:
         text = "".join(WORDS[:c_tokens])
         if route.endswith(("/audio/transcriptions", "/audio/translations")):
             return self._speech_to_text(h, body, model, audio, text)
-        if route.endswith("/audio/speech"):  # "audio": a few bytes a character
-            return h._json(200, b"ID3" + bytes(AUDIO_BYTES_PER_CHARACTER * len(str(body.get("input", "")))),
-                           content_type="audio/mpeg")
+        if route.endswith("/audio/speech"):
+            return self._speech(h, body)
         if route.endswith("/v1/moderations"):  # free
             return h._json(200, {"id": "modr-mock", "model": model or "omni-moderation-latest",
                                  "results": [{"flagged": False, "categories": {}, "category_scores": {}}]})
@@ -429,6 +429,28 @@ class MockProvider:
         h.end_headers()
         events = [{"type": "transcript.text.delta", "delta": word} for word in words]
         events.append({"type": "transcript.text.done", "text": transcript, "usage": usage})
+        for event in events:
+            chunk = f"data: {json.dumps(event)}\n\n".encode()
+            h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        h.wfile.write(b"0\r\n\r\n")
+
+    def _speech(self, h: Any, body: dict[str, Any]) -> None:
+        """Text to speech: "audio", a few bytes a character; with stream_format sse (gpt-4o-mini-tts), the
+        audio in speech.audio.delta events, then speech.audio.done with its usage: the text's tokens in,
+        two audio tokens a character out."""
+        text = str(body.get("input", ""))
+        audio = b"ID3" + bytes(AUDIO_BYTES_PER_CHARACTER * len(text))
+        if body.get("stream_format") != "sse":
+            return h._json(200, audio, content_type="audio/mpeg")
+        text_tokens = -(-len((text + str(body.get("instructions", ""))).encode()) // 4)
+        usage = {"input_tokens": text_tokens, "output_tokens": 2 * len(text), "total_tokens": text_tokens + 2 * len(text)}
+        h.send_response(200)
+        h.send_header("content-type", "text/event-stream")
+        h.send_header("transfer-encoding", "chunked")
+        h.end_headers()
+        events = [{"type": "speech.audio.delta", "audio": base64.b64encode(audio[at:at + 64]).decode()}
+                  for at in range(0, len(audio), 64)]
+        events.append({"type": "speech.audio.done", "usage": usage})
         for event in events:
             chunk = f"data: {json.dumps(event)}\n\n".encode()
             h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")

@@ -125,6 +125,12 @@ class Prices(_Strict):
     def audio_output_price(self) -> int:
         return self.output if self.audio_output is None else self.audio_output
 
+    @property
+    def prices_output(self) -> bool:
+        """Priced for output tokens. Text to speech so priced is billed by tokens (gpt-4o-mini-tts: its
+        text in, its audio out), otherwise by the characters of its input (tts-1)."""
+        return self.output > 0 or bool(self.audio_output)
+
 
 class ModelPrice(Prices):
     """A model of the price table: what the provider charges us, and where it is served."""

@@ -116,6 +116,18 @@ AUDIO_BYTES_PER_SECOND_MIN = 750
 AUDIO_BYTES_PER_SECOND_LIKELY = 16_000
 
 
+# Text to speech billed by tokens (gpt-4o-mini-tts): its audio out is about 1,250 audio tokens a minute
+# (OpenAI's published $0.015 a minute at $12 per 1M audio tokens), and speech about 900 characters a
+# minute: 7 audio tokens for 5 characters. A reply that reports no usage (audio bytes, not
+# stream_format sse) is charged this many, marked estimated.
+SPEECH_AUDIO_TOKENS_PER_CHARACTERS = (7, 5)
+
+
+def speech_audio_tokens_likely(characters: int) -> int:
+    tokens, characters_per = SPEECH_AUDIO_TOKENS_PER_CHARACTERS
+    return -(-max(characters, 0) * tokens // characters_per)
+
+
 def audio_seconds(plan: Plan, exact_seconds: int, audio_bytes: int, max_audio_seconds: int = 0) -> int:
     """Seconds of audio to reserve for: the exact seconds when known; else, strict, the most the bytes can
     hold (at most the model's longest audio, when it has one); estimate, `audio_seconds_likely`."""

@@ -14,6 +14,7 @@ from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
 from policyd.json_fields import ObjectFields
+from policyd.pricing import speech_audio_tokens_likely
 
 RESPONSE_BUFFER_BYTES_MAX = 4 * 1024 * 1024  # a non-streamed body is buffered up to this; past it, read as it passes
 # the fields of a non-streamed reply, or of a stream event, that usage is read from, when it is too large
@@ -107,6 +108,13 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         return False
     if endpoint == "audio_transcriptions":
         return _speech_to_text_usage(data, seen)
+    if endpoint == "audio_speech":  # text to speech billed by tokens: its text in, its audio out (speech.audio.done)
+        usage = data.get("usage")
+        if not isinstance(usage, dict):
+            return False
+        seen.input_tokens = _n(usage.get("input_tokens"))
+        seen.output_tokens = seen.audio_output_tokens = _n(usage.get("output_tokens"))
+        return True
     response = data.get("response") if isinstance(data.get("response"), dict) else {}
     served_by = data.get("service_tier") or response.get("service_tier")  # chat's, the Responses API's
     if isinstance(served_by, str) and served_by:
@@ -221,10 +229,14 @@ def _reply_text(data: Any) -> int:
 class ResponseReader:
     """Feeds on response body chunks as they pass; knows the usage at the end, or an estimate."""
 
-    def __init__(self, endpoint: str, stream: bool, request_input_tokens: int = 0, stored: bool = False) -> None:
+    def __init__(self, endpoint: str, stream: bool, request_input_tokens: int = 0, stored: bool = False,
+                 output_cap: int = 0) -> None:
         """`request_input_tokens`: the request's own count of its input (HttpCall.input_tokens). Text to
         speech is billed by the characters sent and its reply (audio) reports nothing: that count is its
-        usage, whole from the start, and the audio is passed over unread. `stored`: the provider keeps
+        usage, whole from the start, and the audio is passed over unread. Unless it was reserved an
+        output cap (`output_cap`, Engine._attempt: its model is priced for output): then it is billed by
+        tokens, which its events report last (stream_format sse, `speech.audio.done`); audio bytes
+        report none, and its audio tokens are estimated from its characters. `stored`: the provider keeps
         the reply (a chat completion sent with store: true), so its id is read as a Responses API's is."""
         self.endpoint = endpoint
         self.stream = stream
@@ -233,7 +245,9 @@ class ResponseReader:
         # the usage seen counts the whole output: OpenAI's usage chunk, Anthropic's message_delta, a
         # Responses API completion. Anthropic's message_start and Gemini's running counts do not.
         self.output_final = False
-        self.audio = endpoint == "audio_speech"
+        self.speech_tokens = endpoint == "audio_speech" and output_cap > 0
+        self._speech_characters = request_input_tokens if self.speech_tokens else 0
+        self.audio = endpoint == "audio_speech" and not self.speech_tokens
         if self.audio:
             self.tokens.input_tokens = request_input_tokens
             self.found_usage = self.output_final = True
@@ -249,7 +263,7 @@ class ResponseReader:
         self._large: ObjectFields | None = None  # a reply, or a stream's event, too large to hold: read as it passes
 
     def feed(self, chunk: bytes) -> None:
-        if not chunk or self.audio:
+        if not chunk or self.audio or (self.speech_tokens and not self.stream):  # audio bytes: nothing to read
             return
         if not self.stream:
             if self._large is None and len(self._buffer) + len(chunk) > RESPONSE_BUFFER_BYTES_MAX:
@@ -367,12 +381,12 @@ class ResponseReader:
                 self.output_final = True
         self.delivered_bytes += _delivered_text(self.endpoint, data)
         if isinstance(data, dict) and data.get("type") in ("response.completed", "message_stop",
-                                                           "transcript.text.done"):
+                                                           "transcript.text.done", "speech.audio.done"):
             self.finished = True
 
     def finish(self) -> None:
         """The body ended: parse what was buffered."""
-        if self.audio:
+        if self.audio or (self.speech_tokens and not self.stream):
             self.finished = True
             return
         if self.stream:
@@ -410,7 +424,10 @@ class ResponseReader:
         self.finished = True
 
     def estimated_output_tokens(self) -> int:
-        """Output tokens from the text delivered, or as many as the provider had counted when more."""
+        """Output tokens from the text delivered (text to speech's audio tokens: from its characters), or
+        as many as the provider had counted when more."""
+        if self.speech_tokens:
+            return max(speech_audio_tokens_likely(self._speech_characters), self.tokens.output_tokens)
         return max(-(-self.delivered_bytes // ESTIMATE_BYTES_PER_TOKEN), self.tokens.output_tokens)
 
 

@@ -356,6 +356,45 @@ def test_text_to_speech_is_charged_by_the_characters_sent(gateway: Gateway) -> N
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10") - record["charge_nanos"], 0)
 
 
+def test_text_to_speech_priced_by_tokens_is_charged_its_reported_usage_or_an_estimate(gateway: Gateway) -> None:
+    """gpt-4o-mini-tts bills its text's tokens in and its audio tokens out. Asked with stream_format sse, its
+    last event reports them: charged exactly (every output token at the audio price). Asked for audio bytes,
+    it reports nothing: charged as estimated from the characters, and marked so. Nothing stays held."""
+    key = gateway.customer("e2e-speech-tokens")
+    text = "Tokens, not characters: ünïcödé too. " * 20
+    client = gateway.client(key)
+    raw = client.audio.speech.with_raw_response.create(model="gpt-4o-mini-tts", voice="alloy", input=text,
+                                                         stream_format="sse")
+    events = [json.loads(line[5:]) for line in raw.parse().content.decode().splitlines() if line.startswith("data:")]
+    assert [e["type"] for e in events[-2:]] == ["speech.audio.delta", "speech.audio.done"]
+    usage = events[-1]["usage"]
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["endpoint"], record["status"], record["error_class"]) == ("audio_speech", "settled", "")
+    assert (record["input_tokens"], record["output_tokens"], record["audio_output_tokens"]) == (
+        usage["input_tokens"], usage["output_tokens"], usage["output_tokens"])
+    cost = price_quantity(usage["input_tokens"], parse_amount("0.60")) + \
+        price_quantity(usage["output_tokens"], parse_amount("12.00"))
+    assert (record["cost_nanos"], record["charge_nanos"]) == (cost, -(-cost * 12_000 // 10_000))
+    # held before: the model's default output cap (8,000) of audio tokens, at the audio price
+    assert record["reserved_nanos"] >= price_quantity(8000, parse_amount("12.00")) * 12 // 10
+    (sent,) = [r for r in gateway.mock.received() if r["path"] == "/v1/audio/speech" and r["body"]["input"] == text
+               and "stream_format" in r["body"]]
+    assert sent["body"] == {"model": "gpt-4o-mini-tts", "voice": "alloy", "input": text, "stream_format": "sse"}
+
+    raw = client.audio.speech.with_raw_response.create(model="gpt-4o-mini-tts", voice="alloy", input=text)
+    assert raw.parse().content.startswith(b"ID3")
+    estimated = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (estimated["status"], estimated["error_class"]) == ("settled", "usage_estimated:no_usage_reported")
+    assert estimated["output_tokens"] == estimated["audio_output_tokens"] == -(-len(text) * 7 // 5)
+    assert 0 < estimated["input_tokens"] <= len(text.encode())  # the text's tokens as estimated, not its characters
+    cost = price_quantity(estimated["input_tokens"], parse_amount("0.60")) + \
+        price_quantity(estimated["output_tokens"], parse_amount("12.00"))
+    assert estimated["cost_nanos"] == cost
+    wallet = gateway.wallet_at_rest("e2e-speech-tokens")
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (
+        parse_amount("10") - record["charge_nanos"] - estimated["charge_nanos"], 0)
+
+
 def test_token_priced_images_are_reserved_at_their_most_and_charged_their_tokens(gateway: Gateway) -> None:
     """gpt-image-1 bills text in and image tokens out (its reply's usage), and no request can cap the image
     tokens: each image is reserved at the model's output_tokens_per_image, and charged what it billed."""
@@ -566,7 +605,8 @@ def test_models_listing_shows_what_the_key_may_use(gateway: Gateway) -> None:
     assert sorted(m.id for m in free.models.list()) == ["gpt-4o-mini"]
     pro = gateway.client(gateway.customer("e2e-models-pro"))
     assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "dall-e-2", "gpt-4o", "gpt-4o-mini",
-                                                      "gpt-image-1", "omni-moderation-latest", "tts-1"]
+                                                      "gpt-4o-mini-tts", "gpt-image-1", "omni-moderation-latest",
+                                                      "tts-1"]
 
 
 def test_models_are_listed_as_each_clients_api_lists_them(gateway: Gateway) -> None:

@@ -244,6 +244,25 @@ def test_text_to_speech_is_charged_by_the_characters_sent(gateway: ExampleGatewa
     assert record["charge_nanos"] == -(-price_quantity(len(text), parse_amount("15.00")) * 12_000 // 10_000)
 
 
+def test_text_to_speech_priced_by_tokens_is_charged_the_usage_its_events_report(gateway: ExampleGateway) -> None:
+    key = gateway.customer("mw-speech-tokens")
+    text = "Tokens in, audio tokens out: ünïcödé."
+    raw = gateway.client(key).audio.speech.with_raw_response.create(model="gpt-4o-mini-tts", voice="alloy",
+                                                                    input=text, stream_format="sse")
+    usage = json.loads(raw.parse().content.decode().strip().splitlines()[-1][5:])["usage"]
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["error_class"], record["input_tokens"], record["output_tokens"],
+            record["audio_output_tokens"]) == ("settled", "", usage["input_tokens"], usage["output_tokens"],
+                                               usage["output_tokens"])
+    cost = price_quantity(usage["input_tokens"], parse_amount("0.60")) + \
+        price_quantity(usage["output_tokens"], parse_amount("12.00"))
+    assert (record["cost_nanos"], record["charge_nanos"]) == (cost, -(-cost * 12_000 // 10_000))
+    raw = gateway.client(key).audio.speech.with_raw_response.create(model="gpt-4o-mini-tts", voice="alloy", input=text)
+    estimated = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (estimated["error_class"], estimated["output_tokens"]) == ("usage_estimated:no_usage_reported",
+                                                                      -(-len(text) * 7 // 5))
+
+
 def test_an_upstream_error_releases_the_hold(gateway: ExampleGateway) -> None:
     key = gateway.customer("mw-500")
     with pytest.raises(openai.InternalServerError):
@@ -351,7 +370,8 @@ def test_models_listing_shows_what_the_key_may_use(gateway: ExampleGateway) -> N
     assert sorted((m.id, m.owned_by) for m in free.models.list()) == [("gpt-4o-mini", "openai")]
     pro = gateway.client(gateway.customer("mw-models-pro"))
     assert sorted(m.id for m in pro.models.list()) == ["claude-sonnet-4", "dall-e-2", "gpt-4o", "gpt-4o-mini",
-                                                      "gpt-image-1", "omni-moderation-latest", "tts-1"]
+                                                      "gpt-4o-mini-tts", "gpt-image-1", "omni-moderation-latest",
+                                                      "tts-1"]
     with pytest.raises(openai.AuthenticationError):
         gateway.client("pdk_live_" + "Q" * 40).models.list()
     assert pro.models.retrieve("gpt-4o").id == "gpt-4o"

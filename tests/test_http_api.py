@@ -464,6 +464,33 @@ def test_text_to_speech_counts_the_characters_and_reads_no_audio() -> None:
     assert closing(500, reader, cut=False).action == "release"
 
 
+def test_text_to_speech_priced_by_tokens_reads_its_events_usage_or_estimates_its_audio() -> None:
+    """A speech reservation with an output cap (its model priced for output, gpt-4o-mini-tts) bills tokens:
+    stream_format sse ends with speech.audio.done and its usage (every output token audio); audio bytes
+    report none, and are estimated from the characters (7 audio tokens for 5), never buffered."""
+    body = {"model": "gpt-4o-mini-tts", "voice": "alloy", "input": "héllo wörld", "stream_format": "sse"}
+    call = parse_call("POST", "/v1/audio/speech", {"authorization": "Bearer k"}, json.dumps(body).encode())
+    assert (call.endpoint, call.stream, call.input_tokens, call.problem) == ("audio_speech", True, 11, "")
+    assert parse_call("POST", "/v1/audio/speech", {}, json.dumps({**body, "stream_format": "audio"}).encode()).stream is False
+    assert rewrite_body(body, "audio_speech", "gpt-4o-mini-tts", "gpt-4o-mini-tts", 8000, False, True) is None  # no cap to send
+    events = ResponseReader("audio_speech", stream=True, request_input_tokens=11, output_cap=8000)
+    events.feed(_sse({"type": "speech.audio.delta", "audio": "SUQz" * 50_000}))
+    assert closing(200, events, cut=True).action == "estimate"  # cut before its usage
+    assert events.estimated_output_tokens() == 16  # ceil(11 * 7 / 5)
+    events.feed(_sse({"type": "speech.audio.done", "usage": {"input_tokens": 4, "output_tokens": 31, "total_tokens": 35}}))
+    events.finish()
+    assert (events.tokens.input_tokens, events.tokens.output_tokens, events.tokens.audio_output_tokens) == (4, 31, 31)
+    assert (events.finished, closing(200, events, cut=False)) == (True, Closing("settle"))
+    audio = ResponseReader("audio_speech", stream=False, request_input_tokens=11, output_cap=8000)
+    audio.feed(b"ID3" + bytes(10_000_000))
+    audio.finish()
+    assert (audio.found_usage, audio.tokens.input_tokens, len(audio._buffer)) == (False, 0, 0)
+    assert closing(200, audio, cut=False) == Closing("estimate", "usage_estimated:no_usage_reported")
+    assert audio.estimated_output_tokens() == 16
+    by_characters = ResponseReader("audio_speech", stream=False, request_input_tokens=11)  # no cap: tts-1
+    assert (by_characters.found_usage, by_characters.tokens.input_tokens) == (True, 11)
+
+
 def test_a_gemini_stream_without_sse_is_read_as_the_json_array_it_is() -> None:
     """:streamGenerateContent without alt=sse streams one JSON array, an object at a time (REST clients
     and curl get this): its usage is read as the objects arrive, split anywhere, even inside a character."""
