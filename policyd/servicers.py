@@ -382,7 +382,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListUsage(self, request: admin_pb2.ListUsageRequest, context: grpc.aio.ServicerContext) -> Any:
         customer_id = await self._own_customer(context, request.customer_id)
         rows = await _call(context, lambda: self.admin.latest_usage(customer_id, request.limit))
-        return admin_pb2.ListUsageResponse(records=[usage_record_message(r) for r in rows])
+        # up to USAGE_LIST_MAX messages: built on a thread, not on the loop the decisions wait for
+        return await asyncio.to_thread(
+            lambda: admin_pb2.ListUsageResponse(records=[usage_record_message(r) for r in rows]))
 
     async def UsageReport(self, request: admin_pb2.UsageReportRequest, context: grpc.aio.ServicerContext) -> Any:
         customer_id = await self._own_customer(context, request.customer_id)
@@ -392,13 +394,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             list(request.group_by), request.since_unix_ms, request.until_unix_ms, request.bucket, customer_id,
             request.compare_previous))
         current = self.admin.book.current
-        out = []
-        for row in rows:
-            data = row_dict(row)
-            out.append(admin_pb2.UsageReportRow(
-                group=row.group, bucket=row.bucket,
-                figures={k: v for k, v in data.items() if k not in row.group and k != "bucket"}))
-        return admin_pb2.UsageReportResponse(currency=current.document.currency if current else "", rows=out)
+
+        def reply() -> admin_pb2.UsageReportResponse:  # as many rows as groups and buckets: on a thread
+            out = []
+            for row in rows:
+                data = row_dict(row)
+                out.append(admin_pb2.UsageReportRow(
+                    group=row.group, bucket=row.bucket,
+                    figures={k: v for k, v in data.items() if k not in row.group and k != "bucket"}))
+            return admin_pb2.UsageReportResponse(currency=current.document.currency if current else "", rows=out)
+
+        return await asyncio.to_thread(reply)
 
     async def ExportInvoice(self, request: admin_pb2.InvoiceRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._for_customer(context, request.customer_id)
