@@ -624,8 +624,9 @@ class Engine:
         seconds, likely_seconds, audio_tokens, likely_audio = s.seconds, s.seconds, 0, 0
         speech_output = 0  # audio tokens out of text to speech billed by tokens: every one up to the cap
         if request.endpoint == "audio_speech" and price.prices_output:  # its text's tokens in, not characters
-            input_tokens = estimate_input_tokens(plan, s.prompt_bytes, 1, 0, price.context_window)
-            likely = min(input_estimate(s.prompt_bytes, 1, 0), input_tokens)
+            text_bytes = s.prompt_bytes or s.input_tokens  # a native caller may send the characters alone
+            input_tokens = estimate_input_tokens(plan, text_bytes, 1, 0, price.context_window)
+            likely = min(input_estimate(text_bytes, 1, 0), input_tokens)
             speech_output = output_cap
         elif request.endpoint in ("embeddings", "audio_speech"):  # no output tokens to cap
             output_cap = 0

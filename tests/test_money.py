@@ -7,9 +7,11 @@ import itertools
 from dataclasses import replace
 
 import pytest
+import yaml
 
 from policyd.domain import AuthorizeInput, PolicydError
 from policyd.money import format_amount, parse_amount, price_quantity
+from policyd.pricing import input_estimate
 from policyd.server import Service
 from tests.conftest import SAMPLE_POLICY
 from tests.helpers import ask, fund, new_key, usage
@@ -223,6 +225,31 @@ async def test_downgrade_when_daily_premium_budget_is_spent(service: Service) ->
     await service.writer.drain()
     row = service.store.usage_record("d2")
     assert (row.decision, row.served_model, row.requested_model) == ("downgrade", "gpt-4o-mini", "gpt-4o")
+
+
+async def test_speech_priced_by_tokens_holds_audio_tokens_up_to_the_cap_and_charges_them_at_the_audio_price(
+        service: Service) -> None:
+    """Over the native API, where a caller may send a speech request's characters alone: a speech model priced
+    for output reserves the text's tokens (estimated from those characters) and audio tokens up to the model's
+    output cap, at the audio price; Settle's output tokens are charged as audio tokens."""
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["price_table"]["models"]["gpt-4o-mini-tts"] = {"provider": "openai", "tier": "low-cost", "input": "0.60",
+                                                       "audio_output": "12.00", "default_max_output_tokens": 2000}
+    await service.admin.apply_policy(yaml.safe_dump(doc), "tts.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    decision = await service.engine.authorize(ask(secret, model="gpt-4o-mini-tts", endpoint="audio_speech",
+                                                  prompt_bytes=0, max_output_tokens=0, input_tokens=400,
+                                                  request_id="tts-native"))
+    assert (decision.decision, decision.max_output_tokens) == ("allow", 2000)
+    held = price_quantity(input_estimate(400, 1, 0), parse_amount("0.60")) + price_quantity(2000, parse_amount("12.00"))
+    assert decision.reserved == -(-held * 12_000 // 10_000)  # pro's 20% markup
+    settled = await service.engine.settle(usage("tts-native", input_tokens=90, output_tokens=1234))
+    cost = price_quantity(90, parse_amount("0.60")) + price_quantity(1234, parse_amount("12.00"))
+    assert settled.charge == -(-cost * 12_000 // 10_000)
+    await service.writer.drain()
+    row = service.store.usage_record("tts-native")
+    assert (row.cost_nanos, row.output_tokens, row.audio_output_tokens) == (cost, 1234, 1234)
 
 
 async def test_shadow_limit_records_would_deny_but_allows(service: Service) -> None:
