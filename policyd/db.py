@@ -116,6 +116,7 @@ class UsageRecordRow(Base):
     file_searches: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # ... of files, priced each
     audio_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of input_tokens
     audio_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of output_tokens
+    image_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of input_tokens
     cache_write_1h_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of cache writes
     service_tier: Mapped[str] = mapped_column(String(32), default="", server_default="")  # the provider's, priced apart
     # the id of the response the provider stored for it (the Responses API's): only its customer may reach it
@@ -180,6 +181,7 @@ class UsageRollupRow(Base):
     seconds: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     web_searches: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     file_searches: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    image_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0020
 
 
 Index("ix_rollups_dimension_period_start", UsageRollupRow.dimension, UsageRollupRow.period, UsageRollupRow.start_ms)

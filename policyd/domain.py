@@ -159,6 +159,7 @@ class UsageReport:
     file_searches: int = 0  # file searches the provider ran (the Responses API's file_search tool), priced per call
     audio_input_tokens: int = 0  # the part of input_tokens that was audio (uncached), priced as audio
     audio_output_tokens: int = 0  # the part of output_tokens that was audio
+    image_input_tokens: int = 0  # the part of input_tokens that was images (uncached), where priced apart (gpt-image-1)
     cache_write_1h_input_tokens: int = 0  # the part of cache_write_input_tokens kept an hour, priced apart
     service_tier: str = ""  # the provider's processing tier that served it (its own token prices)
     served_model: str = ""

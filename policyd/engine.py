@@ -65,7 +65,7 @@ TOOL_BOUND_ENDPOINTS = frozenset({"responses", "anthropic_messages"})
 # usage fields newer than the first records: in a settlement, and its fingerprint, only when set, so that an
 # older writer still writes every other record and a retried Settle fingerprints as an older replica did
 LATER_USAGE_FIELDS = ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens",
-                      "service_tier", "file_searches")
+                      "service_tier", "file_searches", "image_input_tokens")
 
 
 
@@ -623,6 +623,7 @@ class Engine:
             input_tokens, likely = input_tokens + prior, likely + prior
         seconds, likely_seconds, audio_tokens, likely_audio = s.seconds, s.seconds, 0, 0
         speech_output = 0  # audio tokens out of text to speech billed by tokens: every one up to the cap
+        image_input = 0  # input tokens an edit's images may be (every one, when they are priced dearer)
         if request.endpoint == "audio_speech" and price.prices_output:  # its text's tokens in, not characters
             text_bytes = s.prompt_bytes or s.input_tokens  # a native caller may send the characters alone
             input_tokens = estimate_input_tokens(plan, text_bytes, 1, 0, price.context_window)
@@ -632,6 +633,8 @@ class Engine:
             output_cap = 0
         elif request.endpoint == "images":  # no cap to give either: each image bills up to the model's most
             output_cap = (price.output_tokens_per_image or output_cap) * (s.image_count or 1)
+            if s.unseen_input and price.image_input_price > price.input:  # input images, at their dearer price
+                image_input = input_tokens
         elif request.endpoint == "audio_transcriptions":  # the audio's seconds, or its audio tokens, and text out
             seconds = audio_seconds(plan, s.seconds, s.audio_bytes, price.max_audio_seconds)
             likely_seconds = audio_seconds_likely(s.seconds, s.audio_bytes)
@@ -654,6 +657,7 @@ class Engine:
             # a spoken reply: every output token may be audio, at its own price (when the dearer)
             audio_output_tokens=output_cap * max(1, s.choices) if s.audio_output and price.audio_output_price > price.output
             else speech_output,
+            image_input_tokens=image_input,
         )
         cost = cost_of(price, quantities)
         if s.cache_write:  # the whole prompt may be written to the cache, at the write price: reserved so if dearer
@@ -877,6 +881,7 @@ class Engine:
             requests=report.requests or 1, web_searches=report.web_searches, file_searches=report.file_searches,
             audio_input_tokens=report.audio_input_tokens, audio_output_tokens=report.audio_output_tokens,
             cache_write_1h_input_tokens=report.cache_write_1h_input_tokens, service_tier=report.service_tier,
+            image_input_tokens=report.image_input_tokens,
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])

@@ -1,6 +1,6 @@
 """Cost and charge, from a price table and a plan. Integers only; rounding is money.price_quantity's.
 
-cost   = what the provider bills us: tokens x price per 1M (input, cached input, audio, output; every token at
+cost   = what the provider bills us: tokens x price per 1M (input, cached input, audio, image input, output; every token at
          the long-context tier's prices when the input passes its threshold)
          + images x per_image + seconds x per_second + requests x per_request
          + web searches x per_web_search (the provider's server-side search tool)
@@ -40,6 +40,7 @@ class Quantities:
     service_tier: str = ""  # the provider's processing tier (its own token prices when the table has them)
     audio_input_tokens: int = 0  # of input_tokens (uncached)
     audio_output_tokens: int = 0  # of output_tokens
+    image_input_tokens: int = 0  # of input_tokens (uncached)
 
     @property
     def tokens(self) -> int:
@@ -47,11 +48,13 @@ class Quantities:
 
 
 def cost_of(price: Prices, q: Quantities) -> int:
-    text_input = q.input_tokens - q.cached_input_tokens - q.cache_write_input_tokens - q.audio_input_tokens
+    text_input = (q.input_tokens - q.cached_input_tokens - q.cache_write_input_tokens - q.audio_input_tokens
+                  - q.image_input_tokens)
     tokens = price.for_input(q.input_tokens, q.service_tier)  # a service or long-context tier prices every token
     return (
         price_quantity(text_input, tokens.input)
         + price_quantity(q.audio_input_tokens, tokens.audio_input_price)
+        + price_quantity(q.image_input_tokens, tokens.image_input_price)
         + price_quantity(q.cached_input_tokens, tokens.cached_input_price)
         + price_quantity(q.cache_write_input_tokens - q.cache_write_1h_input_tokens, tokens.cache_write_input_price)
         + price_quantity(q.cache_write_1h_input_tokens, tokens.cache_write_1h_input_price)

@@ -165,7 +165,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             output_tokens=u.output_tokens, images=u.images, seconds=u.seconds, requests=u.requests,
             web_searches=u.web_searches, file_searches=u.file_searches, audio_input_tokens=u.audio_input_tokens,
             audio_output_tokens=u.audio_output_tokens, cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
-            served_model=request.served_model, provider=request.provider, retries=request.retries,
+            image_input_tokens=u.image_input_tokens, served_model=request.served_model, provider=request.provider, retries=request.retries,
             fallback_reason=request.fallback_reason, upstream_status=request.upstream_status,
             error_class=request.error_class, latency_ms=request.latency_ms,
             stream_interrupted=request.stream_interrupted, provider_account=request.provider_account,
@@ -221,6 +221,13 @@ def key_limit(message: admin_pb2.KeyLimit) -> dict[str, Any]:
     return {"window": message.window, "unit": message.unit, "limit": message.limit, "timezone": message.timezone}
 
 
+def _tags(tags: Any) -> dict[str, str]:
+    """A record's tags: the JSON column's object (text from a database that kept it as text)."""
+    if isinstance(tags, str):
+        tags = json.loads(tags or "{}")
+    return {str(k): str(v) for k, v in (tags or {}).items()} if isinstance(tags, dict) else {}
+
+
 def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
     return admin_pb2.UsageRecord(
         request_id=r.request_id, created_unix_ms=r.created_ms,
@@ -232,12 +239,12 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
         output_tokens=r.output_tokens, cost=_money(r.currency, r.cost_nanos), charge=_money(r.currency, r.charge_nanos),
         balance_after=_money(r.currency, r.balance_after_nanos or 0), stream_interrupted=bool(r.stream_interrupted),
         error_class=r.error_class, policy_version=r.policy_version, price_table_version=r.price_table_version,
-        trace_id=r.trace_id, traceparent=r.traceparent, agent_id=r.agent_id, tags=json.loads(r.tags or "{}"),
+        trace_id=r.trace_id, traceparent=r.traceparent, agent_id=r.agent_id, tags=_tags(r.tags),
         balance_before=_money(r.currency, r.balance_before_nanos or 0), provider_account=r.provider_account,
         cache_write_input_tokens=r.cache_write_input_tokens or 0,
         cache_write_1h_input_tokens=r.cache_write_1h_input_tokens or 0, audio_input_tokens=r.audio_input_tokens or 0,
         audio_output_tokens=r.audio_output_tokens or 0, web_searches=r.web_searches or 0, choices=r.choices or 1,
-        file_searches=r.file_searches or 0,
+        file_searches=r.file_searches or 0, image_input_tokens=r.image_input_tokens or 0,
         service_tier=r.service_tier or "", provider_response_id=r.provider_response_id or "",
     )
 

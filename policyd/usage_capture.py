@@ -38,6 +38,7 @@ class Tokens:
     file_searches: int = 0  # ... of files (the Responses API's file_search_call items, priced per call)
     audio_input_tokens: int = 0  # of input_tokens, uncached
     audio_output_tokens: int = 0  # of output_tokens
+    image_input_tokens: int = 0  # of input_tokens, uncached (gpt-image-1's input images)
     cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens (Anthropic's hour-long cache)
     service_tier: str = ""  # the processing tier that served it, as the provider says (OpenAI's service_tier)
     seconds: int = 0  # audio seconds billed (speech to text priced by the second)
@@ -152,8 +153,11 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     usage = data.get("usage")
     if not isinstance(usage, dict):
         return False
-    if endpoint == "images":  # token-priced image models (gpt-image-1): text in, image tokens out
+    if endpoint == "images":  # token-priced image models (gpt-image-1): text and images in, image tokens out
+        details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
         seen.input_tokens = _n(usage.get("input_tokens"))
+        seen.cached_input_tokens = min(_n(details.get("cached_tokens")), seen.input_tokens)
+        seen.image_input_tokens = min(_n(details.get("image_tokens")), seen.input_tokens - seen.cached_input_tokens)
         seen.output_tokens = _n(usage.get("output_tokens"))
         return True
     if endpoint == "responses":

@@ -99,13 +99,14 @@ def check_usage(report: UsageReport) -> None:
         raise Problem("invalid_request", "request_id is required (1-128 characters of [A-Za-z0-9._:/=+@-])", "request_id")
     for name in ("input_tokens", "cached_input_tokens", "cache_write_input_tokens", "output_tokens", "images", "seconds",
                  "requests", "retries", "latency_ms", "web_searches", "audio_input_tokens", "audio_output_tokens",
-                 "cache_write_1h_input_tokens", "file_searches"):
+                 "cache_write_1h_input_tokens", "file_searches", "image_input_tokens"):
         value = getattr(report, name)
         if value < 0 or value > QUANTITY_MAX:
             raise Problem("invalid_usage", f"{name} must be between 0 and {QUANTITY_MAX}", name)
-    if report.cached_input_tokens + report.cache_write_input_tokens + report.audio_input_tokens > report.input_tokens:
-        raise Problem("invalid_usage", "cached_input_tokens + cache_write_input_tokens + audio_input_tokens cannot "
-                      "exceed input_tokens", "cached_input_tokens")
+    if report.cached_input_tokens + report.cache_write_input_tokens + report.audio_input_tokens + \
+            report.image_input_tokens > report.input_tokens:
+        raise Problem("invalid_usage", "cached_input_tokens + cache_write_input_tokens + audio_input_tokens + "
+                      "image_input_tokens cannot exceed input_tokens", "cached_input_tokens")
     if report.cache_write_1h_input_tokens > report.cache_write_input_tokens:
         raise Problem("invalid_usage", "cache_write_1h_input_tokens cannot exceed cache_write_input_tokens",
                       "cache_write_1h_input_tokens")

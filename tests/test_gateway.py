@@ -413,7 +413,8 @@ def test_token_priced_images_are_reserved_at_their_most_and_charged_their_tokens
 
 def test_image_edits_and_variations_are_charged_like_generations(gateway: Gateway) -> None:
     """images.edit and images.create_variation send multipart forms: gpt-image-1 is charged the tokens of
-    its input images and prompt and of the images it made; dall-e-2 by the image."""
+    its prompt, of its input images (at their own price, twice the text's), and of the images it made;
+    dall-e-2 by the image."""
     client = gateway.client(gateway.customer("e2e-image-edit"))
     png = b"\x89PNG\r\n\x1a\n" + bytes(2000)
     raw = client.images.with_raw_response.edit(model="gpt-image-1", image=[("a.png", png), ("b.png", png)],
@@ -422,10 +423,11 @@ def test_image_edits_and_variations_are_charged_like_generations(gateway: Gatewa
     assert len(edit.data) == 2 and edit.usage.input_tokens_details.image_tokens == 2 * 323
     record = gateway.record(raw.headers["x-policyd-request-id"])
     assert (record["endpoint"], record["status"], record["error_class"]) == ("images", "settled", "")
-    assert (record["input_tokens"], record["output_tokens"]) == (edit.usage.input_tokens, edit.usage.output_tokens)
-    cost = price_quantity(edit.usage.input_tokens, parse_amount("5.00")) + \
-        price_quantity(edit.usage.output_tokens, parse_amount("40.00"))
-    assert record["charge_nanos"] == -(-cost * 12_000 // 10_000)
+    assert (record["input_tokens"], record["image_input_tokens"], record["output_tokens"]) == (
+        edit.usage.input_tokens, 2 * 323, edit.usage.output_tokens)
+    cost = price_quantity(edit.usage.input_tokens - 2 * 323, parse_amount("5.00")) + \
+        price_quantity(2 * 323, parse_amount("10.00")) + price_quantity(edit.usage.output_tokens, parse_amount("40.00"))
+    assert (record["cost_nanos"], record["charge_nanos"]) == (cost, -(-cost * 12_000 // 10_000))
     with pytest.warns(DeprecationWarning):  # the SDK marks variations deprecated; the endpoint still serves
         raw = client.images.with_raw_response.create_variation(image=("c.png", png), n=3)  # dall-e-2: the default
     assert len(raw.parse().data) == 3

@@ -78,7 +78,7 @@ async def test_full_flow_over_grpc(channel: grpc.aio.Channel) -> None:
     assert decision.owner.customer_id == "acme" and decision.policy_version == 1
     assert decision.reserved.currency == "USD" and decision.reserved.nanos > 0
     settled = await policy.Settle(policy_pb2.SettleRequest(request_id="g1", usage=policy_pb2.Usage(
-        input_tokens=120, output_tokens=80)))
+        input_tokens=120, output_tokens=80, image_input_tokens=20)))  # gpt-4o prices image input as input
     assert settled.outcome == policy_pb2.SETTLED
     assert settled.balance_after.nanos == 2_000_000_000 - settled.charge.nanos
     wallet = await admin.GetWallet(admin_pb2.GetWalletRequest(customer_id="acme"), metadata=AUTH)
@@ -96,6 +96,9 @@ async def test_full_flow_over_grpc(channel: grpc.aio.Channel) -> None:
     assert (paused.error.type, paused.error.code) == ("permission_error", "key_paused")
     audit = await admin.Audit(admin_pb2.AuditRequest(), metadata=AUTH)
     assert audit.ok and audit.counters_checked > 0
+    (record,) = [r for r in (await admin.ListUsage(admin_pb2.ListUsageRequest(), metadata=AUTH)).records
+                 if r.request_id == "g1"]
+    assert (record.input_tokens, record.image_input_tokens, record.charge.nanos) == (120, 20, settled.charge.nanos)
 
 
 async def test_errors_carry_status_and_machine_reason(channel: grpc.aio.Channel) -> None:

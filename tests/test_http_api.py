@@ -544,6 +544,11 @@ def test_usage_is_read_from_replies_and_events_too_large_to_hold() -> None:
     reader = _fed_in_pieces(ResponseReader("images", stream=False), json.dumps(images).encode())
     assert (reader.images, reader.tokens.input_tokens, reader.tokens.output_tokens, reader.found_usage) == (2, 20, 4000,
                                                                                                             True)
+    edited = {**images, "usage": {"input_tokens": 700, "output_tokens": 4000, "input_tokens_details": {
+        "text_tokens": 54, "image_tokens": 646, "cached_tokens": 100}}}  # an edit's input images: priced apart
+    reader = _fed_in_pieces(ResponseReader("images", stream=False), json.dumps(edited).encode())
+    assert (reader.tokens.input_tokens, reader.tokens.cached_input_tokens, reader.tokens.image_input_tokens) == (
+        700, 100, 600)  # the image tokens' uncached part (the cached ones are priced as cached)
     anthropic = {"type": "message", "content": [{"type": "text", "text": "x" * 5_000_000}],
                  "usage": {"input_tokens": 10, "output_tokens": 1_250_000, "cache_read_input_tokens": 2}}
     reader = _fed_in_pieces(ResponseReader("anthropic_messages", stream=False), json.dumps(anthropic).encode())

@@ -252,6 +252,32 @@ async def test_speech_priced_by_tokens_holds_audio_tokens_up_to_the_cap_and_char
     assert (row.cost_nanos, row.output_tokens, row.audio_output_tokens) == (cost, 1234, 1234)
 
 
+async def test_image_input_tokens_are_held_and_charged_at_their_own_price(service: Service) -> None:
+    """gpt-image-1 bills an edit's input images at twice its text's price: an edit (input the text does not
+    bound) holds its input at the dearer price, and Settle's image_input_tokens are charged at it."""
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["price_table"]["models"]["gpt-image-1"] = {"provider": "openai", "tier": "low-cost", "input": "5.00",
+                                                   "image_input": "10.00", "output": "40.00",
+                                                   "output_tokens_per_image": 1056}
+    await service.admin.apply_policy(yaml.safe_dump(doc), "images.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    made = await service.engine.authorize(ask(secret, model="gpt-image-1", endpoint="images", request_id="made",
+                                              prompt_bytes=400, max_output_tokens=0))
+    edit = await service.engine.authorize(ask(secret, model="gpt-image-1", endpoint="images", request_id="edit",
+                                              prompt_bytes=400, max_output_tokens=0, unseen_input=True))
+    likely = input_estimate(400, 1, 0)
+    output = price_quantity(1056, parse_amount("40.00"))
+    assert made.reserved == -(-(price_quantity(likely, parse_amount("5.00")) + output) * 12_000 // 10_000)
+    assert edit.reserved == -(-(price_quantity(likely, parse_amount("10.00")) + output) * 12_000 // 10_000)
+    settled = await service.engine.settle(usage("edit", input_tokens=700, output_tokens=1056, image_input_tokens=646))
+    cost = price_quantity(54, parse_amount("5.00")) + price_quantity(646, parse_amount("10.00")) + output
+    assert settled.charge == -(-cost * 12_000 // 10_000)
+    await service.writer.drain()
+    row = service.store.usage_record("edit")
+    assert (row.cost_nanos, row.input_tokens, row.image_input_tokens) == (cost, 700, 646)
+
+
 async def test_shadow_limit_records_would_deny_but_allows(service: Service) -> None:
     policy = (await service.admin.book.version(1)).canonical.replace(
         "    - action: block\n      downgrade_to: ''\n      limit: 20\n", "    - action: shadow\n      downgrade_to: ''\n      limit: 1\n")
@@ -957,6 +983,7 @@ async def test_the_web_searches_a_request_allows_are_reserved_at_their_price(ser
 @pytest.mark.parametrize(("numbers", "part"), [
     ({"input_tokens": 100, "cached_input_tokens": 50, "audio_input_tokens": 60}, "audio_input_tokens"),
     ({"output_tokens": 10, "audio_output_tokens": 11}, "audio_output_tokens"),
+    ({"input_tokens": 100, "audio_input_tokens": 50, "image_input_tokens": 51}, "image_input_tokens"),
     ({"input_tokens": 100, "cache_write_input_tokens": 10, "cache_write_1h_input_tokens": 11}, "cache_write_1h"),
 ])
 async def test_the_parts_of_the_tokens_fit_in_them(service: Service, numbers: dict, part: str) -> None:
