@@ -1,7 +1,7 @@
 """Cost and charge, from a price table and a plan. Integers only; rounding is money.price_quantity's.
 
-cost   = what the provider bills us: tokens x price per 1M (input, cached input, audio, image input, output; every token at
-         the long-context tier's prices when the input passes its threshold)
+cost   = what the provider bills us: tokens x price per 1M (input, cached input, audio, image input, output;
+         every token at the long-context tier's prices when the input passes its threshold)
          + images x per_image + seconds x per_second + requests x per_request
          + web searches x per_web_search (the provider's server-side search tool)
 charge = what the customer pays: for "standard" plans, the plan's own price_list for the model
