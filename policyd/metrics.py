@@ -23,6 +23,9 @@ writer_errors = Counter("policyd_writer_errors_total", "Writer batches that fail
 counter_errors = Counter("policyd_counter_errors_total", "Calls that could not reach Redis", registry=REGISTRY)
 heap_frozen_objects = Gauge("policyd_heap_frozen_objects",
                             "Objects made at startup, kept out of the garbage collector's passes", registry=REGISTRY)
+event_loop_lag_seconds = Histogram("policyd_event_loop_lag_seconds",
+                                   "How much later than due the event loop ran a timer (checked every 0.1 s): "
+                                   "every decision waits as long", buckets=LATENCY_BUCKETS, registry=REGISTRY)
 close_retries = Counter("policyd_close_retries_total",
                         "Settles and releases made again because Redis could not be reached", registry=REGISTRY)
 

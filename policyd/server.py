@@ -85,6 +85,7 @@ class Service:
             log.info("policy %s: version %d%s", self.settings.policy_file, result.version,
                      " (applied)" if result.changed else " (unchanged)")
         self.tasks.append(asyncio.create_task(self.engine.run_sweeper(self.stop, self.settings.sweeper_interval_ms)))
+        self.tasks.append(asyncio.create_task(runtime.watch_loop_lag(self.stop)))
         self.tasks.append(asyncio.create_task(self.book.run(self.stop, self.settings.policy_refresh_ms)))
         if self.pool.accounts:
             self.tasks.append(asyncio.create_task(every(COOLDOWN_SHARE_SECONDS, self.stop, self.share_cooldowns,

@@ -58,5 +58,6 @@ def test_metrics_count_decisions_settlements_and_charges(tmp_path: Path) -> None
         assert not any("key_" in name or key.secret in name for name in values)  # no per-key labels
         # what startup made is out of the collector's full passes (tens of thousands of objects)
         assert values["policyd_heap_frozen_objects"] > 20_000
+        assert values["policyd_event_loop_lag_seconds_count"] > 0  # the loop's lateness is watched
     finally:
         process.stop()
