@@ -67,6 +67,18 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+def _send_events(h: Any, events: list[dict[str, Any]]) -> None:
+    """A 200 of server-sent events, one chunk an event (OpenAI's audio endpoints stream so)."""
+    h.send_response(200)
+    h.send_header("content-type", "text/event-stream")
+    h.send_header("transfer-encoding", "chunked")
+    h.end_headers()
+    for event in events:
+        chunk = f"data: {json.dumps(event)}\n\n".encode()
+        h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+    h.wfile.write(b"0\r\n\r\n")
+
+
 class MockProvider:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, api_keys: tuple[str, ...] = ()) -> None:
         self.api_keys = set(api_keys)
@@ -423,16 +435,8 @@ class MockProvider:
                  "input_token_details": {"text_tokens": prompt, "audio_tokens": 10 * seconds}}
         if form.get("stream") != "true":
             return h._json(200, {"text": transcript, "usage": usage})
-        h.send_response(200)
-        h.send_header("content-type", "text/event-stream")
-        h.send_header("transfer-encoding", "chunked")
-        h.end_headers()
         events = [{"type": "transcript.text.delta", "delta": word} for word in words]
-        events.append({"type": "transcript.text.done", "text": transcript, "usage": usage})
-        for event in events:
-            chunk = f"data: {json.dumps(event)}\n\n".encode()
-            h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-        h.wfile.write(b"0\r\n\r\n")
+        _send_events(h, [*events, {"type": "transcript.text.done", "text": transcript, "usage": usage}])
 
     def _speech(self, h: Any, body: dict[str, Any]) -> None:
         """Text to speech: "audio", a few bytes a character; with stream_format sse (gpt-4o-mini-tts), the
@@ -444,17 +448,9 @@ class MockProvider:
             return h._json(200, audio, content_type="audio/mpeg")
         text_tokens = -(-len((text + str(body.get("instructions", ""))).encode()) // 4)
         usage = {"input_tokens": text_tokens, "output_tokens": 2 * len(text), "total_tokens": text_tokens + 2 * len(text)}
-        h.send_response(200)
-        h.send_header("content-type", "text/event-stream")
-        h.send_header("transfer-encoding", "chunked")
-        h.end_headers()
         events = [{"type": "speech.audio.delta", "audio": base64.b64encode(audio[at:at + 64]).decode()}
                   for at in range(0, len(audio), 64)]
-        events.append({"type": "speech.audio.done", "usage": usage})
-        for event in events:
-            chunk = f"data: {json.dumps(event)}\n\n".encode()
-            h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-        h.wfile.write(b"0\r\n\r\n")
+        _send_events(h, [*events, {"type": "speech.audio.done", "usage": usage}])
 
     def _gemini(self, h: Any, model: str, p_tokens: int, c_tokens: int, text: str, verb: str, sse: bool,
                 searches: int = 0) -> None:

@@ -252,6 +252,8 @@ class ResponseReader:
         self.speech_tokens = endpoint == "audio_speech" and output_cap > 0
         self._speech_characters = request_input_tokens if self.speech_tokens else 0
         self.audio = endpoint == "audio_speech" and not self.speech_tokens
+        # passed over unread: speech billed by characters, and audio bytes (no usage in them)
+        self._unread = self.audio or (self.speech_tokens and not stream)
         if self.audio:
             self.tokens.input_tokens = request_input_tokens
             self.found_usage = self.output_final = True
@@ -267,7 +269,7 @@ class ResponseReader:
         self._large: ObjectFields | None = None  # a reply, or a stream's event, too large to hold: read as it passes
 
     def feed(self, chunk: bytes) -> None:
-        if not chunk or self.audio or (self.speech_tokens and not self.stream):  # audio bytes: nothing to read
+        if not chunk or self._unread:
             return
         if not self.stream:
             if self._large is None and len(self._buffer) + len(chunk) > RESPONSE_BUFFER_BYTES_MAX:
@@ -390,7 +392,7 @@ class ResponseReader:
 
     def finish(self) -> None:
         """The body ended: parse what was buffered."""
-        if self.audio or (self.speech_tokens and not self.stream):
+        if self._unread:
             self.finished = True
             return
         if self.stream:
