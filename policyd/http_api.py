@@ -523,6 +523,11 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "invalid_request", "background responses are not supported here: their usage "
                         "arrives after the request, where policyd cannot charge it; ask without background",
                         "background")
+    if endpoint == "responses" and any(t.get("type") == "image_generation" for t in _tools(data)):
+        # its images are billed apart from the reply's usage, which does not count them: unmetered spend
+        return _problem(call, "invalid_request", "the image_generation tool is not supported here: the images it "
+                        "makes are billed apart from the response's usage, so policyd could neither bound nor "
+                        "charge them; generate images with /v1/images/generations", "tools")
     if endpoint == "responses" and isinstance(data.get("previous_response_id"), str):
         call.previous_response = data["previous_response_id"][:256]
     conversation = data.get("conversation") if endpoint == "responses" else None

@@ -569,6 +569,21 @@ def test_a_background_response_is_refused_before_the_provider(gateway: Gateway) 
     assert [r.reason for r in gateway.records("e2e-background")] == ["invalid_request"]
 
 
+def test_the_image_generation_tool_is_refused_before_the_provider(gateway: Gateway) -> None:
+    """Its images would be billed to the operator apart from the usage the reply reports: refused, recorded,
+    nothing held or charged."""
+    key = gateway.customer("e2e-image-tool")
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client(key).responses.create(model="gpt-4o-mini", input="draw me a ledger",
+                                             tools=[{"type": "image_generation"}])
+    assert (refused.value.code, refused.value.param) == ("invalid_request", "tools")
+    assert "image_generation" in refused.value.message
+    assert "draw me a ledger" not in json.dumps(gateway.mock.received())
+    assert [r.reason for r in gateway.records("e2e-image-tool")] == ["invalid_request"]
+    wallet = gateway.wallet("e2e-image-tool")
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10"), 0)
+
+
 def test_a_strict_plan_refuses_input_it_cannot_bound(gateway: Gateway) -> None:
     """An image by URL is billed as input tokens the body's bytes do not bound; a strict plan, on a model
     with no context_window, refuses it before the provider (an estimate plan lets it through)."""

@@ -245,6 +245,16 @@ def test_a_background_response_is_refused_with_a_clear_error() -> None:
     assert not parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, foreground).problem
 
 
+def test_the_image_generation_tool_is_refused_with_a_clear_error() -> None:
+    """The Responses API's image_generation tool bills its images apart from the response's usage, which
+    leaves them out: unmetered, so refused (and recorded); other tools pass."""
+    body = {"model": "gpt-4.1-mini", "input": "draw a ledger", "tools": [{"type": "image_generation", "quality": "low"}]}
+    call = parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, json.dumps(body).encode())
+    assert (call.problem, call.problem_param) == ("invalid_request", "tools")
+    searched = {**body, "tools": [{"type": "web_search"}], "max_tool_calls": 2}
+    assert not parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, json.dumps(searched).encode()).problem
+
+
 def test_legacy_completions_are_their_own_family() -> None:
     assert parse_call("POST", "/v1/chat/completions", {}, b'{"model": "m"}').endpoint == "chat_completions"
     text = parse_call("POST", "/openai/v1/completions", {}, json.dumps({"model": "m", "prompt": "abcd"}).encode())
