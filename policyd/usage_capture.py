@@ -23,6 +23,9 @@ RESPONSE_BUFFER_BYTES_MAX = 4 * 1024 * 1024  # a non-streamed body is buffered u
 _USAGE_FIELDS = [("usage",), ("usageMetadata",), ("service_tier",), ("type",), ("response", "usage"),
                  ("response", "service_tier"), ("message", "usage"), ("id",), ("response", "id")]
 _USAGE_ITEMS = [("output",), ("response", "output")]
+# the event that ends a stream, where the provider names one: a client gone after it got everything
+_LAST_EVENTS = frozenset({"response.completed", "message_stop", "transcript.text.done", "speech.audio.done",
+                          "image_generation.completed", "image_edit.completed"})
 SSE_LINE_BYTES_MAX = 1024 * 1024  # an SSE line, or an object of a JSON-array stream
 _DECODER = json.JSONDecoder()
 ESTIMATE_BYTES_PER_TOKEN = 4
@@ -386,9 +389,10 @@ class ResponseReader:
             elif self.endpoint != "gemini_generate_content":
                 self.output_final = True
         self.delivered_bytes += _delivered_text(self.endpoint, data)
-        if isinstance(data, dict) and data.get("type") in ("response.completed", "message_stop",
-                                                           "transcript.text.done", "speech.audio.done"):
+        if isinstance(data, dict) and data.get("type") in _LAST_EVENTS:
             self.finished = True
+            if self.endpoint == "images":  # a streamed image's last event: one image made (its usage in it)
+                self.images += 1
 
     def finish(self) -> None:
         """The body ended: parse what was buffered."""

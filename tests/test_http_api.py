@@ -245,6 +245,25 @@ def test_a_background_response_is_refused_with_a_clear_error() -> None:
     assert not parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, foreground).problem
 
 
+def test_a_streamed_image_is_read_to_its_completed_event() -> None:
+    """gpt-image-1 with stream: true sends partial images, then image_generation.completed (or
+    image_edit.completed) with the usage: settled exactly, even when the client leaves right after it."""
+    partial = {"type": "image_generation.partial_image", "b64_json": "iVBORw0KGgo=" * 1000, "partial_image_index": 0}
+    done = {"type": "image_generation.completed", "b64_json": "iVBORw0KGgo=" * 1000,
+            "usage": {"input_tokens": 20, "output_tokens": 1156, "total_tokens": 1176,
+                      "input_tokens_details": {"text_tokens": 20, "image_tokens": 0}}}
+    reader = ResponseReader("images", stream=True)
+    reader.feed(_sse(partial))
+    assert closing(200, reader, cut=True).action == "estimate"  # left before the image was done
+    reader.feed(_sse(done))
+    assert (reader.tokens.input_tokens, reader.tokens.output_tokens, reader.images, reader.finished) == (
+        20, 1156, 1, True)
+    assert closing(200, reader, cut=True) == Closing("settle", interrupted=False)
+    edited = ResponseReader("images", stream=True)
+    edited.feed(_sse({**done, "type": "image_edit.completed"}))
+    assert (edited.finished, edited.images, closing(200, edited, cut=False)) == (True, 1, Closing("settle"))
+
+
 def test_the_image_generation_tool_is_refused_with_a_clear_error() -> None:
     """The Responses API's image_generation tool bills its images apart from the response's usage, which
     leaves them out: unmetered, so refused (and recorded); other tools pass."""
