@@ -44,9 +44,13 @@ def settle_in() -> None:
 
 
 async def watch_loop_lag(stop: asyncio.Event, check_seconds: float = LOOP_LAG_CHECK_SECONDS) -> None:
-    """Until `stop`: sleep check_seconds, and record how much later than that the loop woke this up."""
+    """Until `stop`: wait check_seconds, and record how much later than that the loop woke this up."""
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         started = loop.time()
-        await asyncio.sleep(check_seconds)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=check_seconds)
+            return  # stopping: at once, not at the next check
+        except TimeoutError:
+            pass
         metrics.event_loop_lag_seconds.observe(max(loop.time() - started - check_seconds, 0.0))
