@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -222,13 +221,6 @@ def key_limit(message: admin_pb2.KeyLimit) -> dict[str, Any]:
     return {"window": message.window, "unit": message.unit, "limit": message.limit, "timezone": message.timezone}
 
 
-def _tags(tags: Any) -> dict[str, str]:
-    """A record's tags: the JSON column's object (text from a database that kept it as text)."""
-    if isinstance(tags, str):
-        tags = json.loads(tags or "{}")
-    return {str(k): str(v) for k, v in (tags or {}).items()} if isinstance(tags, dict) else {}
-
-
 def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
     return admin_pb2.UsageRecord(
         request_id=r.request_id, created_unix_ms=r.created_ms,
@@ -240,7 +232,7 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
         output_tokens=r.output_tokens, cost=_money(r.currency, r.cost_nanos), charge=_money(r.currency, r.charge_nanos),
         balance_after=_money(r.currency, r.balance_after_nanos or 0), stream_interrupted=bool(r.stream_interrupted),
         error_class=r.error_class, policy_version=r.policy_version, price_table_version=r.price_table_version,
-        trace_id=r.trace_id, traceparent=r.traceparent, agent_id=r.agent_id, tags=_tags(r.tags),
+        trace_id=r.trace_id, traceparent=r.traceparent, agent_id=r.agent_id, tags=r.tags or {},  # the JSON column's object
         balance_before=_money(r.currency, r.balance_before_nanos or 0), provider_account=r.provider_account,
         cache_write_input_tokens=r.cache_write_input_tokens or 0,
         cache_write_1h_input_tokens=r.cache_write_1h_input_tokens or 0, audio_input_tokens=r.audio_input_tokens or 0,
