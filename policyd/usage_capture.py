@@ -106,6 +106,17 @@ def _grounding_searches(data: dict[str, Any]) -> int:
     return searches
 
 
+def _billable_searches(response: dict[str, Any], output: list[dict[str, Any]]) -> int:
+    """The Responses API's billed web searches: its `tool_usage.web_search.num_requests` when it reports
+    it, else its web_search_call items that searched (opening a page or finding in one is not billed)."""
+    tool_usage = response.get("tool_usage") if isinstance(response.get("tool_usage"), dict) else {}
+    web_search = tool_usage.get("web_search") if isinstance(tool_usage.get("web_search"), dict) else None
+    if web_search is not None and "num_requests" in web_search:
+        return _n(web_search.get("num_requests"))
+    return sum(1 for item in output if item.get("type") == "web_search_call"
+               and (item.get("action") if isinstance(item.get("action"), dict) else {}).get("type", "search") == "search")
+
+
 def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     """Update `seen` from one JSON object (a whole body or one stream event); True if it held usage."""
     if not isinstance(data, dict):
@@ -167,9 +178,11 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
         seen.input_tokens = _n(usage.get("input_tokens"))
         seen.cached_input_tokens = min(_n(details.get("cached_tokens")), seen.input_tokens)
+        seen.cache_write_input_tokens = min(_n(details.get("cache_write_tokens")),
+                                            seen.input_tokens - seen.cached_input_tokens)
         seen.output_tokens = _n(usage.get("output_tokens"))
         output = [item for item in data.get("output") or [] if isinstance(item, dict)]
-        seen.web_searches = sum(1 for item in output if item.get("type") == "web_search_call")
+        seen.web_searches = _billable_searches(data, output)
         seen.file_searches = sum(1 for item in output if item.get("type") == "file_search_call")
         return True
     details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
@@ -180,8 +193,10 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     # Moonshot's cached_tokens beside the prompt's
     cached = _n(details.get("cached_tokens")) or _n(usage.get("prompt_cache_hit_tokens")) or _n(usage.get("cached_tokens"))
     seen.cached_input_tokens = min(cached, seen.input_tokens)
+    seen.cache_write_input_tokens = min(_n(details.get("cache_write_tokens")), seen.input_tokens - seen.cached_input_tokens)
     # audio (gpt-4o-audio): its own price; the cached part, if any, stays at the cached price
-    seen.audio_input_tokens = min(_n(details.get("audio_tokens")), seen.input_tokens - seen.cached_input_tokens)
+    seen.audio_input_tokens = min(_n(details.get("audio_tokens")),
+                                  seen.input_tokens - seen.cached_input_tokens - seen.cache_write_input_tokens)
     seen.output_tokens = _n(usage.get("completion_tokens"))
     seen.audio_output_tokens = min(_n(out_details.get("audio_tokens")), seen.output_tokens)
     return True

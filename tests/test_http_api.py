@@ -446,6 +446,36 @@ def test_web_searches_are_read_where_providers_report_them() -> None:
                    {"type": "message", "content": [{"type": "output_text", "text": "hi"}]}],
         "usage": {"input_tokens": 5, "output_tokens": 1}}}))
     assert responses.tokens.web_searches == 2 and responses.found_usage
+    # opening a page or finding in one is not a billed search; the provider's own count wins when given
+    browsing = [{"type": "web_search_call", "action": {"type": "search", "query": "q"}},
+                {"type": "web_search_call", "action": {"type": "open_page", "url": "https://example.com"}},
+                {"type": "web_search_call", "action": {"type": "find_in_page", "pattern": "p"}}]
+    counted = ResponseReader("responses", stream=False)
+    counted.feed(json.dumps({"output": browsing, "usage": {"input_tokens": 5, "output_tokens": 1}}).encode())
+    counted.finish()
+    assert counted.tokens.web_searches == 1
+    reported = ResponseReader("responses", stream=False)
+    reported.feed(json.dumps({"output": browsing, "usage": {"input_tokens": 5, "output_tokens": 1},
+                              "tool_usage": {"web_search": {"num_requests": 0},
+                                             "image_gen": {"input_tokens": 0, "output_tokens": 0}}}).encode())
+    reported.finish()
+    assert reported.tokens.web_searches == 0  # a discounted search is not billed: the provider says so
+
+
+def test_cache_writes_are_read_where_openai_reports_them() -> None:
+    """Explicit prompt caching reports the tokens written to the cache beside those read from it: priced
+    at the write price (as input when the table has none), and never counted twice with audio input."""
+    chat = ResponseReader("chat_completions", stream=False)
+    chat.feed(json.dumps({"usage": {"prompt_tokens": 100, "completion_tokens": 5, "prompt_tokens_details": {
+        "cached_tokens": 30, "cache_write_tokens": 60, "audio_tokens": 40}}}).encode())
+    chat.finish()
+    t = chat.tokens
+    assert (t.input_tokens, t.cached_input_tokens, t.cache_write_input_tokens, t.audio_input_tokens) == (100, 30, 60, 10)
+    responses = ResponseReader("responses", stream=True)
+    responses.feed(_sse({"type": "response.completed", "response": {"output": [], "usage": {
+        "input_tokens": 50, "output_tokens": 2, "input_tokens_details": {"cached_tokens": 10, "cache_write_tokens": 70}}}}))
+    t = responses.tokens
+    assert (t.input_tokens, t.cached_input_tokens, t.cache_write_input_tokens) == (50, 10, 40)
 
 
 def test_a_stream_cut_before_the_usage_of_its_whole_output_is_estimated_from_what_was_delivered() -> None:
