@@ -117,6 +117,13 @@ class UsageRecordRow(Base):
     audio_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of input_tokens
     audio_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of output_tokens
     image_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of input_tokens
+    # the Responses API's image_generation tool (migration 0021): the image model that priced its images, its usage
+    image_model: Mapped[str] = mapped_column(NAME, default="", server_default="")
+    image_generation_calls: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    image_generation_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    image_generation_cached_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    image_generation_image_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    image_generation_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     cache_write_1h_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of cache writes
     service_tier: Mapped[str] = mapped_column(String(32), default="", server_default="")  # the provider's, priced apart
     # the id of the response the provider stored for it (the Responses API's): only its customer may reach it
@@ -182,6 +189,11 @@ class UsageRollupRow(Base):
     web_searches: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     file_searches: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     image_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0020
+    image_generation_calls: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0021
+    image_generation_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    image_generation_cached_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    image_generation_image_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    image_generation_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 Index("ix_rollups_dimension_period_start", UsageRollupRow.dimension, UsageRollupRow.period, UsageRollupRow.start_ms)

@@ -72,6 +72,13 @@ class Shape:
     # default_max_tool_calls, reserved so, and the bound set in the request (Decision.max_tool_calls)
     unbounded_web_search_tools: int = 0  # Anthropic: web search tools without max_uses; Responses: 1 without max_tool_calls
     unbounded_file_search: bool = False  # a file_search tool without max_tool_calls (the Responses API)
+    # The Responses API's image_generation tool: its images are billed at the image model's own prices,
+    # apart from the response's usage. `image_generation_calls`: the most calls the request allows
+    # (max_tool_calls); 0 with an image model = no bound given: the plan's default_max_tool_calls, set in
+    # the request. `partial_images`: the partial images each streamed call sends (billed as output too).
+    image_model: str = ""
+    image_generation_calls: int = 0
+    partial_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,11 @@ class Decision:
         return self.decision != "deny"
 
 
+# the image_generation tool's usage, as UsageReport, the reader's Tokens and the native Usage name it
+IMAGE_GENERATION_USAGE = ("image_generation_calls", "image_generation_input_tokens", "image_generation_cached_input_tokens",
+                          "image_generation_image_input_tokens", "image_generation_output_tokens")
+
+
 @dataclass(frozen=True)
 class UsageReport:
     request_id: str
@@ -162,6 +174,13 @@ class UsageReport:
     image_input_tokens: int = 0  # the part of input_tokens that was images (uncached), where priced apart (gpt-image-1)
     cache_write_1h_input_tokens: int = 0  # the part of cache_write_input_tokens kept an hour, priced apart
     service_tier: str = ""  # the provider's processing tier that served it (its own token prices)
+    # the image_generation tool's own usage (the Responses API's tool_usage.image_gen), priced at the
+    # reserved image model's prices: its calls, its input (of which cached, of which images uncached), output
+    image_generation_calls: int = 0
+    image_generation_input_tokens: int = 0
+    image_generation_cached_input_tokens: int = 0
+    image_generation_image_input_tokens: int = 0
+    image_generation_output_tokens: int = 0
     served_model: str = ""
     provider: str = ""
     retries: int = 0

@@ -32,6 +32,7 @@ from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECON
 from policyd.directory import KeyDirectory
 from policyd.loops import every
 from policyd.domain import (
+    IMAGE_GENERATION_USAGE,
     AuthorizeInput,
     Decision,
     KeySummary,
@@ -46,8 +47,9 @@ from policyd.domain import (
 )
 from policyd.policy import Cap, Limit, ModelPrice, Plan, Policy
 from policyd.policy_book import PolicyBook
-from policyd.pricing import (AUDIO_TOKENS_PER_SECOND, Quantities, audio_seconds, audio_seconds_likely, billing_of,
-                             charge_of, cost_of, estimate_input_tokens, input_estimate)
+from policyd.pricing import (AUDIO_TOKENS_PER_SECOND, PARTIAL_IMAGE_OUTPUT_TOKENS, Quantities, audio_seconds,
+                             audio_seconds_likely, billing_of, charge_of, cost_of, estimate_input_tokens,
+                             image_generation_quantities, input_estimate)
 from policyd.quotas import amount_for, bucket_states, cap_hold, hold_for, limit_reason, scope_ids
 from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
@@ -65,7 +67,7 @@ TOOL_BOUND_ENDPOINTS = frozenset({"responses", "anthropic_messages"})
 # usage fields newer than the first records: in a settlement, and its fingerprint, only when set, so that an
 # older writer still writes every other record and a retried Settle fingerprints as an older replica did
 LATER_USAGE_FIELDS = ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens",
-                      "service_tier", "file_searches", "image_input_tokens")
+                      "service_tier", "file_searches", "image_input_tokens", *IMAGE_GENERATION_USAGE)
 
 
 
@@ -574,6 +576,12 @@ class Engine:
             return "environment_not_allowed", "model"
         if not self._input_bounded(policy, plan, request.model, request.shape):
             return "input_unbounded", "model"
+        image_model = request.shape.image_model  # the image_generation tool's images: at that model's prices
+        if image_model and policy.model(image_model) is None:
+            return "unknown_model", "tools"
+        if image_model and not (policy.model_allowed(plan, image_model, scopes)
+                                and policy.tier_allowed_in(plan, owner.environment, image_model)):
+            return "model_not_allowed", "tools"
         return "", ""
 
     @staticmethod
@@ -666,7 +674,18 @@ class Engine:
                               cache_write_1h_input_tokens=writes if s.cache_write == "1h" else 0)
             if cost_of(price, written) > cost:
                 quantities, cost = written, cost_of(price, written)
-        charge = charge_of(plan, model, quantities, cost, billing_of(plan, request.attribution.feature))
+        billing = billing_of(plan, request.attribution.feature)
+        charge = charge_of(plan, model, quantities, cost, billing)
+        if s.image_model:  # the image_generation tool's calls, each at most an image and its partials
+            calls = s.image_generation_calls or plan.default_max_tool_calls
+            if not s.image_generation_calls and request.endpoint in TOOL_BOUND_ENDPOINTS:
+                tool_call_cap = max(tool_call_cap, calls)
+            images, images_cost, images_charge = self._image_generation(
+                policy, plan, s.image_model, billing, calls, input_tokens=calls * input_tokens,
+                output_tokens=calls * (self._tokens_per_image(policy, plan, s.image_model)
+                                       + s.partial_images * PARTIAL_IMAGE_OUTPUT_TOKENS), reserve=True)
+            quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, \
+                charge + images_charge
         partition = self.counters.partition_of(owner.customer_id)
         a = request.attribution
         buckets = scope_ids(owner.customer_id, owner.api_key_id, owner.workspace_id, owner.project_id, owner.team_id,
@@ -687,6 +706,28 @@ class Engine:
                 by_label[cap.label] = (cap, window.end)
         return _Plan(model, price, input_tokens, output_cap, charge, holds, by_label, likely_input_tokens=likely,
                      likely_seconds=likely_seconds, likely_audio_tokens=likely_audio, tool_call_cap=tool_call_cap)
+
+    @staticmethod
+    def _tokens_per_image(policy: Policy, plan: Plan, image_model: str) -> int:
+        """The most output tokens one image of this model bills (as the images endpoint reserves it)."""
+        price = policy.model(image_model)
+        assert price is not None, "the image model was checked against the price table"
+        return price.output_tokens_per_image or price.max_output_tokens or plan.default_max_output_tokens
+
+    @staticmethod
+    def _image_generation(policy: Policy, plan: Plan, image_model: str, billing: str, calls: int,
+                          input_tokens: int = 0, cached_input_tokens: int = 0, image_input_tokens: int = 0,
+                          output_tokens: int = 0, reserve: bool = False) -> tuple[Quantities, int, int]:
+        """The image_generation tool's quantities, cost and charge at its image model's prices (the
+        plan's price list for that model, when it has one). Reserved (`reserve`): input at the dearer
+        of the model's text and image input prices, since what the tool is given may be either."""
+        price = policy.model(image_model)
+        assert price is not None, "the image model was checked against the price table"
+        if reserve and price.image_input_price > price.input:
+            image_input_tokens = input_tokens
+        quantities = image_generation_quantities(input_tokens, cached_input_tokens, image_input_tokens, output_tokens)
+        cost = cost_of(price, quantities)
+        return quantities, cost, charge_of(plan, image_model, quantities, cost, billing)
 
     async def _reserve(self, request: AuthorizeInput, request_id: str, secret_hash: str, terms: str, owner: Owner,
                        policy: Policy | None, plan: Plan | None, attempt: _Plan, preset: str, at: int,
@@ -758,6 +799,8 @@ class Engine:
         }
         if request.shape.choices > 1:  # only then: a writer from before the column still writes every other record
             record["choices"] = request.shape.choices
+        if request.shape.image_model:  # ... and so (its images are priced at that model's prices at Settle)
+            record["image_model"] = request.shape.image_model
         return record
 
     async def _deny_unowned(self, request: AuthorizeInput, at: int, started: int, base: dict[str, str],
@@ -885,6 +928,24 @@ class Engine:
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
+        image_model = r.get("image_model") or ""
+        tool_images = report.image_generation_calls or report.image_generation_input_tokens or \
+            report.image_generation_output_tokens
+        if tool_images and (not image_model or policy.model(image_model) is None):
+            raise await self._reject(report.request_id, reservation.partition, "invalid_usage",
+                                     "image_generation usage for a request that reserved no image model "
+                                     "(RequestShape.image_model): its images cannot be priced", asdict(report))
+        if tool_images:
+            # calls the provider reported no tokens for: each an image at the model's most
+            made = report.image_generation_output_tokens or \
+                report.image_generation_calls * self._tokens_per_image(policy, plan, image_model)
+            report = replace(report, image_generation_output_tokens=made)
+            images, images_cost, images_charge = self._image_generation(
+                policy, plan, image_model, r["billing_mode"], report.image_generation_calls,
+                report.image_generation_input_tokens, report.image_generation_cached_input_tokens,
+                report.image_generation_image_input_tokens, made)
+            quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, \
+                charge + images_charge
         numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
                    report.seconds, report.requests or 1, served, report.cache_write_input_tokens]
         later = [getattr(report, name) for name in LATER_USAGE_FIELDS]
@@ -1032,6 +1093,8 @@ class Engine:
             # the provider's tool calls it reported before the end (searches it ran are billed, cut or not)
             web_searches=reported.web_searches if reported is not None else 0,
             file_searches=reported.file_searches if reported is not None else 0,
+            # the images the image_generation tool made before the end: its usage when reported, else its calls
+            **({name: getattr(reported, name) for name in IMAGE_GENERATION_USAGE} if reported is not None else {}),
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,
             provider_account=provider_account, provider_response_id=provider_response_id,
         ), reservation)

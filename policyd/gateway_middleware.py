@@ -100,7 +100,8 @@ class PolicydMiddleware:
                 creates=call.creates, conversation_id=call.conversation, file_ids=list(call.files),
                 unseen_input=call.unseen_input, cache_write=call.cache_write, audio_output=call.audio_output,
                 unbounded_web_search_tools=call.unbounded_web_search_tools,
-                unbounded_file_search=call.unbounded_file_search,
+                unbounded_file_search=call.unbounded_file_search, image_model=call.image_model,
+                image_generation_calls=call.image_generation_calls, partial_images=call.partial_images,
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
                 **_attribution(call))
         except PolicydCallError as error:

@@ -169,6 +169,9 @@ class HttpCall:
     file_searches: int = 0  # the most file searches the request allows (0: none, or no bound given)
     unbounded_web_search_tools: int = 0  # web search tools given no bound (policyd sets the plan's)
     unbounded_file_search: bool = False  # a file_search tool given no bound (max_tool_calls)
+    image_model: str = ""  # the image_generation tool's model: its images are priced at that model's prices
+    image_generation_calls: int = 0  # the most calls the request allows (max_tool_calls; 0: no bound given)
+    partial_images: int = 0  # partial images each streamed image_generation call sends
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
@@ -187,7 +190,8 @@ class HttpCall:
                         service_tier=self.service_tier, unseen_input=self.unseen_input, seconds=self.seconds,
                         audio_bytes=self.audio_bytes, cache_write=self.cache_write, audio_output=self.audio_output,
                         file_searches=self.file_searches, unbounded_web_search_tools=self.unbounded_web_search_tools,
-                        unbounded_file_search=self.unbounded_file_search),
+                        unbounded_file_search=self.unbounded_file_search, image_model=self.image_model,
+                        image_generation_calls=self.image_generation_calls, partial_images=self.partial_images),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, previous_response=self.previous_response,
             creates=self.creates, conversation=self.conversation, files=self.files,
@@ -523,11 +527,17 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "invalid_request", "background responses are not supported here: their usage "
                         "arrives after the request, where policyd cannot charge it; ask without background",
                         "background")
-    if endpoint == "responses" and any(t.get("type") == "image_generation" for t in _tools(data)):
-        # its images are billed apart from the reply's usage, which does not count them: unmetered spend
-        return _problem(call, "invalid_request", "the image_generation tool is not supported here: the images it "
-                        "makes are billed apart from the response's usage, so policyd could neither bound nor "
-                        "charge them; generate images with /v1/images/generations", "tools")
+    image_tools = [t for t in _tools(data) if t.get("type") == "image_generation"] if endpoint == "responses" else []
+    if image_tools:  # its images are billed apart from the reply's usage, at the image model's prices
+        if len(image_tools) > 1:
+            return _problem(call, "invalid_request", "a request may give one image_generation tool", "tools")
+        image_model = image_tools[0].get("model")
+        if not isinstance(image_model, str) or not image_model:
+            return _problem(call, "invalid_request", "name the image model of the image_generation tool "
+                            "(tools[].model): the images it makes are billed at that model's prices", "tools")
+        call.image_model = image_model[:256]
+        call.image_generation_calls = _count(data.get("max_tool_calls"))
+        call.partial_images = _count(image_tools[0].get("partial_images")) if call.stream else 0
     if endpoint == "responses" and isinstance(data.get("previous_response_id"), str):
         call.previous_response = data["previous_response_id"][:256]
     conversation = data.get("conversation") if endpoint == "responses" else None

@@ -278,6 +278,15 @@ class MockProvider:
                      "status": "completed", "output": [*calls, {"type": "message", "role": "assistant", "content": [
                          {"type": "output_text", "text": text}]}],
                      **({} if scenario == "no_usage" else {"usage": usage})}
+            painter = next((t for t in body.get("tools") or [] if t.get("type") == "image_generation"), None)
+            if painter is not None:  # one image, billed apart at the image model's prices (tool_usage.image_gen)
+                quality = painter.get("quality") if painter.get("quality") in IMAGE_TOKENS else "medium"
+                reply["output"].insert(0, {"type": "image_generation_call", "id": "ig_mock", "status": "completed",
+                                           "result": "iVBORw0KGgo=", "quality": quality, "size": "1024x1024",
+                                           "revised_prompt": text})
+                reply["tool_usage"] = {"web_search": {"num_requests": searches}, "image_gen": {
+                    "input_tokens": 40, "input_tokens_details": {"image_tokens": 0, "text_tokens": 40},
+                    "output_tokens": IMAGE_TOKENS[quality], "total_tokens": 40 + IMAGE_TOKENS[quality]}}
             if body.get("store") is not False:
                 with self.lock:
                     self.stored[reply["id"]] = (reply, body.get("input"))

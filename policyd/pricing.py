@@ -4,6 +4,7 @@ cost   = what the provider bills us: tokens x price per 1M (input, cached input,
          every token at the long-context tier's prices when the input passes its threshold)
          + images x per_image + seconds x per_second + requests x per_request
          + web searches x per_web_search (the provider's server-side search tool)
+         + the image_generation tool's tokens at its image model's token prices (its own cost_of)
 charge = what the customer pays: for "standard" plans, the plan's own price_list for the model
          when it has one, else cost x (10000 + markup_bps) / 10000 (a negative markup is a
          discount); cost for "at_cost"; 0 for "free" (the cost is still recorded).
@@ -41,10 +42,13 @@ class Quantities:
     audio_input_tokens: int = 0  # of input_tokens (uncached)
     audio_output_tokens: int = 0  # of output_tokens
     image_input_tokens: int = 0  # of input_tokens (uncached)
+    # tokens of a hosted tool priced at another model's prices (the image_generation tool's, at its image
+    # model's: image_generation_cost): counted in token limits, not priced here
+    tool_tokens: int = 0
 
     @property
     def tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
+        return self.input_tokens + self.output_tokens + self.tool_tokens
 
 
 def cost_of(price: Prices, q: Quantities) -> int:
@@ -66,6 +70,18 @@ def cost_of(price: Prices, q: Quantities) -> int:
         + (min(q.web_searches, 1) if price.web_search_unit == "request" else q.web_searches) * price.per_web_search
         + q.file_searches * price.per_file_search
     )
+
+
+# The image_generation tool (the Responses API's): each partial image a streamed call sends is billed as
+# 100 image output tokens (OpenAI's published figure), beside the image's own
+PARTIAL_IMAGE_OUTPUT_TOKENS = 100
+
+
+def image_generation_quantities(input_tokens: int, cached_input_tokens: int, image_input_tokens: int,
+                                output_tokens: int) -> Quantities:
+    """The image_generation tool's usage as priced at its image model's prices (no request of its own)."""
+    return Quantities(input_tokens=input_tokens, cached_input_tokens=cached_input_tokens,
+                      image_input_tokens=image_input_tokens, output_tokens=output_tokens, requests=0)
 
 
 def billing_of(plan: Plan, feature: str) -> str:

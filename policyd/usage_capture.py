@@ -21,7 +21,8 @@ RESPONSE_BUFFER_BYTES_MAX = 4 * 1024 * 1024  # a non-streamed body is buffered u
 # to hold: OpenAI's, Anthropic's and Gemini's usage, the tier that served it, the Responses API's output
 # items (its web searches); an event's type, the response or message it carries
 _USAGE_FIELDS = [("usage",), ("usageMetadata",), ("service_tier",), ("type",), ("response", "usage"),
-                 ("response", "service_tier"), ("message", "usage"), ("id",), ("response", "id")]
+                 ("response", "service_tier"), ("message", "usage"), ("id",), ("response", "id"), ("tool_usage",),
+                 ("response", "tool_usage")]
 _USAGE_ITEMS = [("output",), ("response", "output")]
 # the event that ends a stream, where the provider names one: a client gone after it got everything
 _LAST_EVENTS = frozenset({"response.completed", "message_stop", "transcript.text.done", "speech.audio.done",
@@ -45,6 +46,12 @@ class Tokens:
     cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens (Anthropic's hour-long cache)
     service_tier: str = ""  # the processing tier that served it, as the provider says (OpenAI's service_tier)
     seconds: int = 0  # audio seconds billed (speech to text priced by the second)
+    # the Responses API's image_generation tool: its calls, and its usage as tool_usage.image_gen reports it
+    image_generation_calls: int = 0
+    image_generation_input_tokens: int = 0
+    image_generation_cached_input_tokens: int = 0
+    image_generation_image_input_tokens: int = 0  # of image_generation_input_tokens, uncached
+    image_generation_output_tokens: int = 0
 
     @property
     def any(self) -> bool:
@@ -117,6 +124,23 @@ def _billable_searches(response: dict[str, Any], output: list[dict[str, Any]]) -
                and (item.get("action") if isinstance(item.get("action"), dict) else {}).get("type", "search") == "search")
 
 
+def _image_generation_usage(response: dict[str, Any], output: list[dict[str, Any]], seen: Tokens) -> None:
+    """The image_generation tool's calls (its items, or the completed events a stream counted) and its
+    usage, which the Responses API reports apart from the response's (`tool_usage.image_gen`)."""
+    seen.image_generation_calls = max(seen.image_generation_calls, sum(
+        1 for item in output if item.get("type") == "image_generation_call" and item.get("status") != "failed"))
+    tool_usage = response.get("tool_usage") if isinstance(response.get("tool_usage"), dict) else {}
+    usage = tool_usage.get("image_gen") if isinstance(tool_usage.get("image_gen"), dict) else {}
+    details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
+    cached = usage.get("cached_tokens_details") if isinstance(usage.get("cached_tokens_details"), dict) else {}
+    seen.image_generation_input_tokens = _n(usage.get("input_tokens"))
+    seen.image_generation_cached_input_tokens = min(_n(usage.get("cached_tokens")), seen.image_generation_input_tokens)
+    uncached_images = _n(details.get("image_tokens")) - _n(cached.get("cached_image_tokens"))
+    seen.image_generation_image_input_tokens = min(max(uncached_images, 0), seen.image_generation_input_tokens
+                                                   - seen.image_generation_cached_input_tokens)
+    seen.image_generation_output_tokens = _n(usage.get("output_tokens"))
+
+
 def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     """Update `seen` from one JSON object (a whole body or one stream event); True if it held usage."""
     if not isinstance(data, dict):
@@ -184,6 +208,7 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         output = [item for item in data.get("output") or [] if isinstance(item, dict)]
         seen.web_searches = _billable_searches(data, output)
         seen.file_searches = sum(1 for item in output if item.get("type") == "file_search_call")
+        _image_generation_usage(data, output, seen)
         return True
     details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
     out_details = usage.get("completion_tokens_details") if isinstance(usage.get("completion_tokens_details"), dict) \
@@ -404,6 +429,8 @@ class ResponseReader:
             elif self.endpoint != "gemini_generate_content":
                 self.output_final = True
         self.delivered_bytes += _delivered_text(self.endpoint, data)
+        if isinstance(data, dict) and data.get("type") == "response.image_generation_call.completed":
+            self.tokens.image_generation_calls += 1  # an image made: billed, whether the stream ends or not
         if isinstance(data, dict) and data.get("type") in _LAST_EVENTS:
             self.finished = True
             if self.endpoint == "images":  # a streamed image's last event: one image made (its usage in it)

@@ -16,6 +16,8 @@ TAG_VALUE_LENGTH_MAX = 256
 USER_AGENT_LENGTH_MAX = 1024
 SERVICE_TIER_LENGTH_MAX = 32
 SEARCH_TOOLS_MAX = 128  # unbounded search tools a request may list (each reserved at the plan's bound)
+TOOL_CALLS_MAX = 10_000  # the most hosted tool calls a request may allow (max_tool_calls)
+PARTIAL_IMAGES_MAX = 16  # partial images a streamed image_generation call may send (OpenAI takes 0-3)
 REQUEST_ID_PATTERN = re.compile(rf"^[A-Za-z0-9._:/=+@-]{{1,{REQUEST_ID_LENGTH_MAX}}}$")
 STORED_RESPONSE_ID_LENGTH_MAX = 200
 STORED_RESPONSE_ID_PATTERN = re.compile(rf"^[A-Za-z0-9_.-]{{1,{STORED_RESPONSE_ID_LENGTH_MAX}}}$")
@@ -92,6 +94,15 @@ def check_authorize(request: AuthorizeInput) -> None:
     if not 0 <= s.unbounded_web_search_tools <= SEARCH_TOOLS_MAX:
         raise Problem("invalid_request", f"unbounded_web_search_tools must be between 0 and {SEARCH_TOOLS_MAX}",
                       "unbounded_web_search_tools")
+    _text_field("image_model", s.image_model, MODEL_NAME_LENGTH_MAX)
+    if not 0 <= s.image_generation_calls <= TOOL_CALLS_MAX:
+        raise Problem("invalid_request", f"image_generation_calls must be between 0 and {TOOL_CALLS_MAX}",
+                      "image_generation_calls")
+    if not 0 <= s.partial_images <= PARTIAL_IMAGES_MAX:
+        raise Problem("invalid_request", f"partial_images must be between 0 and {PARTIAL_IMAGES_MAX}", "partial_images")
+    if (s.image_generation_calls or s.partial_images) and not s.image_model:
+        raise Problem("invalid_request", "image_generation_calls and partial_images need the image_model that makes "
+                      "the images", "image_model")
 
 
 def check_usage(report: UsageReport) -> None:
@@ -99,7 +110,9 @@ def check_usage(report: UsageReport) -> None:
         raise Problem("invalid_request", "request_id is required (1-128 characters of [A-Za-z0-9._:/=+@-])", "request_id")
     for name in ("input_tokens", "cached_input_tokens", "cache_write_input_tokens", "output_tokens", "images", "seconds",
                  "requests", "retries", "latency_ms", "web_searches", "audio_input_tokens", "audio_output_tokens",
-                 "cache_write_1h_input_tokens", "file_searches", "image_input_tokens"):
+                 "cache_write_1h_input_tokens", "file_searches", "image_input_tokens", "image_generation_calls",
+                 "image_generation_input_tokens", "image_generation_cached_input_tokens",
+                 "image_generation_image_input_tokens", "image_generation_output_tokens"):
         value = getattr(report, name)
         if value < 0 or value > QUANTITY_MAX:
             raise Problem("invalid_usage", f"{name} must be between 0 and {QUANTITY_MAX}", name)
@@ -112,6 +125,10 @@ def check_usage(report: UsageReport) -> None:
                       "cache_write_1h_input_tokens")
     if report.audio_output_tokens > report.output_tokens:
         raise Problem("invalid_usage", "audio_output_tokens cannot exceed output_tokens", "audio_output_tokens")
+    if report.image_generation_cached_input_tokens + report.image_generation_image_input_tokens > \
+            report.image_generation_input_tokens:
+        raise Problem("invalid_usage", "image_generation_cached_input_tokens + image_generation_image_input_tokens "
+                      "cannot exceed image_generation_input_tokens", "image_generation_cached_input_tokens")
     _text_field("service_tier", report.service_tier, SERVICE_TIER_LENGTH_MAX)
     for name in ("served_model", "provider", "fallback_reason", "error_class", "provider_account"):
         _text_field(name, getattr(report, name), FIELD_LENGTH_MAX)

@@ -569,18 +569,49 @@ def test_a_background_response_is_refused_before_the_provider(gateway: Gateway) 
     assert [r.reason for r in gateway.records("e2e-background")] == ["invalid_request"]
 
 
-def test_the_image_generation_tool_is_refused_before_the_provider(gateway: Gateway) -> None:
-    """Its images would be billed to the operator apart from the usage the reply reports: refused, recorded,
-    nothing held or charged."""
+def test_the_image_generation_tool_is_charged_at_its_image_models_prices(gateway: Gateway) -> None:
+    """The Responses API's image_generation tool: its images are billed apart from the response's usage
+    (tool_usage.image_gen), at the image model's prices. Reserved: each call (the plan's default bound,
+    set in the request) at the image model's most per image; charged: the model's tokens at its own
+    prices plus the tool's at the image model's, each with the plan's markup."""
     key = gateway.customer("e2e-image-tool")
-    with pytest.raises(openai.BadRequestError) as refused:
-        gateway.client(key).responses.create(model="gpt-4o-mini", input="draw me a ledger",
-                                             tools=[{"type": "image_generation"}])
-    assert (refused.value.code, refused.value.param) == ("invalid_request", "tools")
-    assert "image_generation" in refused.value.message
-    assert "draw me a ledger" not in json.dumps(gateway.mock.received())
-    assert [r.reason for r in gateway.records("e2e-image-tool")] == ["invalid_request"]
+    raw = gateway.client(key).responses.with_raw_response.create(
+        model="gpt-4o-mini", input="draw me a ledger", max_output_tokens=16,
+        tools=[{"type": "image_generation", "model": "gpt-image-1", "quality": "low"}])
+    reply = raw.parse()
+    assert reply.output[0].type == "image_generation_call" and reply.tool_usage.image_gen.output_tokens == 272
+    sent = [r for r in gateway.mock.received() if r["body"].get("input") == "draw me a ledger"]
+    assert sent[-1]["body"]["max_tool_calls"] == 10  # the bound the reservation covers
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["image_model"], record["image_generation_calls"]) == ("settled", "gpt-image-1", 1)
+    assert (record["image_generation_input_tokens"], record["image_generation_output_tokens"]) == (40, 272)
+    assert (record["input_tokens"], record["output_tokens"]) == (reply.usage.input_tokens, reply.usage.output_tokens)
+    text = price_quantity(reply.usage.input_tokens, parse_amount("0.15")) + \
+        price_quantity(reply.usage.output_tokens, parse_amount("0.60"))
+    images = price_quantity(40, parse_amount("5.00")) + price_quantity(272, parse_amount("40.00"))
+    assert record["cost_nanos"] == text + images
+    assert record["charge_nanos"] == -(-text * 12_000 // 10_000) + -(-images * 12_000 // 10_000)
+    # held: ten calls, each an image at gpt-image-1's most (6,240 tokens) and the prompt at its image input price
+    assert record["reserved_nanos"] >= price_quantity(10 * 6240, parse_amount("40.00")) * 12 // 10
     wallet = gateway.wallet("e2e-image-tool")
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10") - record["charge_nanos"], 0)
+
+
+def test_an_image_generation_tool_the_key_may_not_use_is_refused_before_the_provider(gateway: Gateway) -> None:
+    """A tool naming no image model (its images could not be priced), or one the key's plan does not allow,
+    is refused, recorded, nothing held or charged."""
+    key = gateway.customer("e2e-image-tool-refused", plan="thrifty")
+    client = gateway.client(key)
+    for tool, code in (({"type": "image_generation"}, "invalid_request"),
+                       ({"type": "image_generation", "model": "gpt-image-1"}, "model_not_allowed"),
+                       ({"type": "image_generation", "model": "gpt-image-9"}, "unknown_model")):
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.responses.create(model="gpt-4o-mini", input="draw me a forbidden ledger", tools=[tool])
+        assert (refused.value.code, refused.value.param) == (code, "tools")
+    assert "draw me a forbidden ledger" not in json.dumps(gateway.mock.received())
+    assert sorted(r.reason for r in gateway.records("e2e-image-tool-refused")) == [
+        "invalid_request", "model_not_allowed", "unknown_model"]
+    wallet = gateway.wallet("e2e-image-tool-refused")
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10"), 0)
 
 

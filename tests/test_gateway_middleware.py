@@ -500,3 +500,23 @@ def test_a_search_tool_given_no_bound_reaches_the_provider_bounded_over_the_nati
     record = gateway.record(raw.headers["x-policyd-request-id"])
     assert (record["status"], record["file_searches"]) == ("settled", 1)
     assert record["reserved_nanos"] >= 10 * parse_amount("0.0025")  # the ten searches the bound allows, held
+
+
+def test_the_image_generation_tool_is_charged_over_the_native_api(gateway: ExampleGateway) -> None:
+    """RequestShape.image_model and Usage's image_generation figures: the tool's bound reaches the provider,
+    its images are charged at gpt-image-1's prices beside the model's own tokens."""
+    key = gateway.customer("mw-image-tool")
+    raw = gateway.client(key).responses.with_raw_response.create(
+        model="gpt-4o-mini", input="mw draw a ledger", max_output_tokens=8,
+        tools=[{"type": "image_generation", "model": "gpt-image-1", "quality": "high"}])
+    reply = raw.parse()
+    sent = [r for r in gateway.mock.received() if r["body"].get("input") == "mw draw a ledger"]
+    assert sent[-1]["body"]["max_tool_calls"] == 10
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["image_model"], record["image_generation_calls"],
+            record["image_generation_input_tokens"], record["image_generation_output_tokens"]) == (
+        "settled", "gpt-image-1", 1, 40, 4160)
+    text = price_quantity(reply.usage.input_tokens, parse_amount("0.15")) + \
+        price_quantity(reply.usage.output_tokens, parse_amount("0.60"))
+    assert record["cost_nanos"] == text + price_quantity(40, parse_amount("5.00")) + \
+        price_quantity(4160, parse_amount("40.00"))

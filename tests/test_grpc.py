@@ -193,6 +193,26 @@ async def test_trace_context_problems_and_estimated_settlement(channel: grpc.aio
             parts.cache_write_1h_input_tokens, parts.audio_input_tokens, parts.audio_output_tokens) == (
         2, 1, "priority", 8, 4, 10, 5)
 
+    # the image_generation tool: its image model and bound in, its usage out, whole or estimated
+    for request_id in ("tr-4", "tr-5"):
+        drawn = await policy.Authorize(policy_pb2.AuthorizeRequest(
+            api_key=secret, endpoint=types_pb2.RESPONSES, model="gpt-4o", attribution=types_pb2.Attribution(
+                request_id=request_id), shape=policy_pb2.RequestShape(prompt_bytes=40, image_model="gpt-image-1")))
+        assert (drawn.decision, drawn.max_tool_calls) == (policy_pb2.ALLOW, 10)
+    await policy.Settle(policy_pb2.SettleRequest(request_id="tr-4", usage=policy_pb2.Usage(
+        input_tokens=10, output_tokens=5, image_generation_calls=1, image_generation_input_tokens=40,
+        image_generation_cached_input_tokens=8, image_generation_image_input_tokens=12,
+        image_generation_output_tokens=272)))
+    await policy.Settle(policy_pb2.SettleRequest(request_id="tr-5", usage_estimated=True, stream_interrupted=True,
+                                                 usage=policy_pb2.Usage(output_tokens=3, image_generation_calls=1)))
+    usage = await admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="tr", limit=10), metadata=AUTH)
+    tool = {r.request_id: r for r in usage.records}
+    assert (tool["tr-4"].image_model, tool["tr-4"].image_generation_calls, tool["tr-4"].image_generation_input_tokens,
+            tool["tr-4"].image_generation_cached_input_tokens, tool["tr-4"].image_generation_image_input_tokens,
+            tool["tr-4"].image_generation_output_tokens) == ("gpt-image-1", 1, 40, 8, 12, 272)
+    assert (tool["tr-5"].image_generation_calls, tool["tr-5"].status) == (1, "settled")
+    assert tool["tr-5"].image_generation_output_tokens > 0  # an image made, charged at the model's most
+
 
 @pytest.mark.parametrize("fault, code, reason", [
     (RuntimeError("INSERT INTO usage_records ... " + "x" * 40_000), grpc.StatusCode.INTERNAL, "internal"),

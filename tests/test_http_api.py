@@ -264,14 +264,60 @@ def test_a_streamed_image_is_read_to_its_completed_event() -> None:
     assert (edited.finished, edited.images, closing(200, edited, cut=False)) == (True, 1, Closing("settle"))
 
 
-def test_the_image_generation_tool_is_refused_with_a_clear_error() -> None:
-    """The Responses API's image_generation tool bills its images apart from the response's usage, which
-    leaves them out: unmetered, so refused (and recorded); other tools pass."""
-    body = {"model": "gpt-4.1-mini", "input": "draw a ledger", "tools": [{"type": "image_generation", "quality": "low"}]}
-    call = parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, json.dumps(body).encode())
-    assert (call.problem, call.problem_param) == ("invalid_request", "tools")
-    searched = {**body, "tools": [{"type": "web_search"}], "max_tool_calls": 2}
-    assert not parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, json.dumps(searched).encode()).problem
+def test_the_image_generation_tool_names_the_image_model_its_images_are_priced_at() -> None:
+    """The Responses API's image_generation tool: its image model (whose prices its images are billed at),
+    the calls the request allows (max_tool_calls; none: the plan's bound) and, streamed, its partial images.
+    A tool naming no model, or two tools, cannot be priced: refused with a clear error."""
+    tool = {"type": "image_generation", "model": "gpt-image-1", "quality": "low", "partial_images": 2}
+    body = {"model": "gpt-4.1-mini", "input": "draw a ledger", "tools": [tool]}
+
+    def parsed(**changes: Any) -> Any:
+        return parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, json.dumps({**body, **changes}).encode())
+
+    call = parsed()
+    shape = call.authorize_input().shape
+    assert not call.problem and (shape.image_model, shape.image_generation_calls, shape.partial_images) == (
+        "gpt-image-1", 0, 0)  # partial images come only in a stream
+    shape = parsed(stream=True, max_tool_calls=3).authorize_input().shape
+    assert (shape.image_model, shape.image_generation_calls, shape.partial_images) == ("gpt-image-1", 3, 2)
+    for changes in ({"tools": [{"type": "image_generation"}]}, {"tools": [tool, tool]},
+                    {"tools": [{"type": "image_generation", "model": 7}]}):
+        refused = parsed(**changes)
+        assert (refused.problem, refused.problem_param) == ("invalid_request", "tools"), changes
+        assert "image_generation" in refused.problem_message
+    searched = parsed(tools=[{"type": "web_search"}], max_tool_calls=2)
+    assert not searched.problem and searched.authorize_input().shape.image_model == ""
+
+
+def test_the_image_generation_tools_usage_is_read_apart_from_the_responses() -> None:
+    """tool_usage.image_gen: the tool's input (of which cached, of which uncached images) and output, and its
+    calls; a stream cut after an image was made still counts that image (its completed event)."""
+    image_gen = {"input_tokens": 300, "input_tokens_details": {"image_tokens": 200, "text_tokens": 100},
+                 "cached_tokens": 120, "cached_tokens_details": {"cached_image_tokens": 50, "cached_text_tokens": 70},
+                 "output_tokens": 4160, "total_tokens": 4460}
+    whole = ResponseReader("responses", stream=False)
+    whole.feed(json.dumps({"output": [{"type": "image_generation_call", "status": "completed", "result": "iVBOR"},
+                                      {"type": "image_generation_call", "status": "failed"}],
+                           "usage": {"input_tokens": 9, "output_tokens": 3},
+                           "tool_usage": {"image_gen": image_gen, "web_search": {"num_requests": 0}}}).encode())
+    whole.finish()
+    t = whole.tokens
+    assert (t.image_generation_calls, t.image_generation_input_tokens, t.image_generation_cached_input_tokens,
+            t.image_generation_image_input_tokens, t.image_generation_output_tokens) == (1, 300, 120, 150, 4160)
+    assert (t.input_tokens, t.output_tokens) == (9, 3)  # the model's own, priced at its own prices
+    cut = ResponseReader("responses", stream=True)
+    cut.feed(_sse({"type": "response.image_generation_call.partial_image", "partial_image_b64": "iVBOR",
+                   "partial_image_index": 0, "item_id": "ig_1", "output_index": 0},
+                  {"type": "response.image_generation_call.completed", "item_id": "ig_1", "output_index": 0},
+                  {"type": "response.output_text.delta", "delta": "here is your ledger"}))
+    end = closing(200, cut, cut=True)
+    assert end.action == "estimate" and cut.tokens.image_generation_calls == 1
+    streamed = ResponseReader("responses", stream=True)  # the completed event counts once with its item
+    streamed.feed(_sse({"type": "response.image_generation_call.completed", "item_id": "ig_1", "output_index": 0},
+                       {"type": "response.completed", "response": {
+                           "output": [{"type": "image_generation_call", "status": "completed", "result": "iVBOR"}],
+                           "usage": {"input_tokens": 9, "output_tokens": 3}, "tool_usage": {"image_gen": image_gen}}}))
+    assert (streamed.tokens.image_generation_calls, streamed.tokens.image_generation_output_tokens) == (1, 4160)
 
 
 def test_legacy_completions_are_their_own_family() -> None:

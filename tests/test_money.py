@@ -5,6 +5,7 @@ from __future__ import annotations
 import calendar
 import itertools
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import yaml
@@ -276,6 +277,63 @@ async def test_image_input_tokens_are_held_and_charged_at_their_own_price(servic
     await service.writer.drain()
     row = service.store.usage_record("edit")
     assert (row.cost_nanos, row.input_tokens, row.image_input_tokens) == (cost, 700, 646)
+
+
+async def test_the_image_generation_tool_is_held_and_charged_at_its_image_models_prices(service: Service) -> None:
+    """The Responses API's image_generation tool: each call it may make is held at the image model's most
+    per image (and 100 tokens a partial image) and the request's input at the image model's dearer input
+    price; Settle charges the tool's usage at the image model's prices beside the model's own, each with
+    the plan's markup. Calls reported without tokens are charged an image at the most each; tool usage for
+    a request that reserved no image model cannot be priced: refused, nothing moves."""
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["price_table"]["models"]["gpt-image-1"] = {"provider": "openai", "tier": "premium", "input": "5.00",
+                                                   "cached_input": "1.25", "image_input": "10.00", "output": "40.00",
+                                                   "output_tokens_per_image": 1056}
+    await service.admin.apply_policy(yaml.safe_dump(doc), "image-tool.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+
+    def drawing(request_id: str, **tool: Any) -> AuthorizeInput:
+        plain = ask(secret, endpoint="responses", request_id=request_id)
+        return replace(plain, shape=replace(plain.shape, image_model="gpt-image-1", **tool))
+
+    def marked_up(nanos: int) -> int:
+        return -(-nanos * 12_000 // 10_000)
+
+    plain = await service.engine.authorize(ask(secret, endpoint="responses", request_id="plain"))
+    drawn = await service.engine.authorize(drawing("drawn", image_generation_calls=2, partial_images=1))
+    held_input = input_estimate(400, 1, 0)
+    assert drawn.reserved - plain.reserved == marked_up(
+        price_quantity(2 * held_input, parse_amount("10.00")) + price_quantity(2 * (1056 + 100), parse_amount("40.00")))
+    assert drawn.max_tool_calls == 0  # the request bounds its calls itself
+    unbounded = await service.engine.authorize(drawing("unbounded"))
+    assert unbounded.max_tool_calls == 10  # the plan's default, for the request to carry
+    assert unbounded.reserved - plain.reserved == marked_up(
+        price_quantity(10 * held_input, parse_amount("10.00")) + price_quantity(10 * 1056, parse_amount("40.00")))
+
+    settled = await service.engine.settle(usage(
+        "drawn", input_tokens=100, output_tokens=50, image_generation_calls=1, image_generation_input_tokens=300,
+        image_generation_cached_input_tokens=120, image_generation_image_input_tokens=150,
+        image_generation_output_tokens=1156))
+    own = price_quantity(100, parse_amount("0.15")) + price_quantity(50, parse_amount("0.60"))
+    images = price_quantity(30, parse_amount("5.00")) + price_quantity(120, parse_amount("1.25")) + \
+        price_quantity(150, parse_amount("10.00")) + price_quantity(1156, parse_amount("40.00"))
+    assert (settled.cost, settled.charge) == (own + images, marked_up(own) + marked_up(images))
+    counted = await service.engine.settle(usage("unbounded", input_tokens=100, output_tokens=50,
+                                                image_generation_calls=2))
+    assert counted.cost == own + price_quantity(2 * 1056, parse_amount("40.00"))
+    with pytest.raises(PolicydError) as refused:
+        await service.engine.settle(usage("plain", image_generation_calls=1, image_generation_output_tokens=272))
+    assert refused.value.reason == "invalid_usage" and "image model" in refused.value.message
+    await service.writer.drain()
+    row = service.store.usage_record("drawn")
+    assert (row.image_model, row.image_generation_calls, row.image_generation_input_tokens,
+            row.image_generation_cached_input_tokens, row.image_generation_image_input_tokens,
+            row.image_generation_output_tokens, row.cost_nanos) == ("gpt-image-1", 1, 300, 120, 150, 1156, own + images)
+    assert service.store.usage_record("unbounded").image_generation_output_tokens == 2 * 1056
+    balance, reserved = await service.counters.wallet("acme")
+    assert balance == parse_amount("10") - settled.charge - counted.charge
+    assert reserved == (await service.counters.find_reservation("plain")).amount
 
 
 async def test_shadow_limit_records_would_deny_but_allows(service: Service) -> None:

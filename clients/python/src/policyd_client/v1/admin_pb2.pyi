@@ -324,7 +324,7 @@ class ListUsageRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
-    __slots__ = ("request_id", "created_unix_ms", "owner", "feature", "thread_id", "end_user_id", "endpoint", "requested_model", "served_model", "decision", "reason", "status", "input_tokens", "cached_input_tokens", "output_tokens", "cost", "charge", "balance_after", "stream_interrupted", "error_class", "policy_version", "price_table_version", "trace_id", "traceparent", "agent_id", "tags", "balance_before", "provider_account", "cache_write_input_tokens", "cache_write_1h_input_tokens", "audio_input_tokens", "audio_output_tokens", "web_searches", "choices", "service_tier", "provider_response_id", "file_searches", "image_input_tokens")
+    __slots__ = ("request_id", "created_unix_ms", "owner", "feature", "thread_id", "end_user_id", "endpoint", "requested_model", "served_model", "decision", "reason", "status", "input_tokens", "cached_input_tokens", "output_tokens", "cost", "charge", "balance_after", "stream_interrupted", "error_class", "policy_version", "price_table_version", "trace_id", "traceparent", "agent_id", "tags", "balance_before", "provider_account", "cache_write_input_tokens", "cache_write_1h_input_tokens", "audio_input_tokens", "audio_output_tokens", "web_searches", "choices", "service_tier", "provider_response_id", "file_searches", "image_input_tokens", "image_model", "image_generation_calls", "image_generation_input_tokens", "image_generation_cached_input_tokens", "image_generation_image_input_tokens", "image_generation_output_tokens")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -370,6 +370,12 @@ class UsageRecord(_message.Message):
     PROVIDER_RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     FILE_SEARCHES_FIELD_NUMBER: _ClassVar[int]
     IMAGE_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_GENERATION_CALLS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_GENERATION_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_GENERATION_CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_GENERATION_IMAGE_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_GENERATION_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     created_unix_ms: int
     owner: _types_pb2.Owner
@@ -408,7 +414,13 @@ class UsageRecord(_message.Message):
     provider_response_id: str
     file_searches: int
     image_input_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., feature: _Optional[str] = ..., thread_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., status: _Optional[str] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., charge: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., balance_after: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., stream_interrupted: _Optional[bool] = ..., error_class: _Optional[str] = ..., policy_version: _Optional[int] = ..., price_table_version: _Optional[str] = ..., trace_id: _Optional[str] = ..., traceparent: _Optional[str] = ..., agent_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., balance_before: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., provider_account: _Optional[str] = ..., cache_write_input_tokens: _Optional[int] = ..., cache_write_1h_input_tokens: _Optional[int] = ..., audio_input_tokens: _Optional[int] = ..., audio_output_tokens: _Optional[int] = ..., web_searches: _Optional[int] = ..., choices: _Optional[int] = ..., service_tier: _Optional[str] = ..., provider_response_id: _Optional[str] = ..., file_searches: _Optional[int] = ..., image_input_tokens: _Optional[int] = ...) -> None: ...
+    image_model: str
+    image_generation_calls: int
+    image_generation_input_tokens: int
+    image_generation_cached_input_tokens: int
+    image_generation_image_input_tokens: int
+    image_generation_output_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., feature: _Optional[str] = ..., thread_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., status: _Optional[str] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., charge: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., balance_after: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., stream_interrupted: _Optional[bool] = ..., error_class: _Optional[str] = ..., policy_version: _Optional[int] = ..., price_table_version: _Optional[str] = ..., trace_id: _Optional[str] = ..., traceparent: _Optional[str] = ..., agent_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., balance_before: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., provider_account: _Optional[str] = ..., cache_write_input_tokens: _Optional[int] = ..., cache_write_1h_input_tokens: _Optional[int] = ..., audio_input_tokens: _Optional[int] = ..., audio_output_tokens: _Optional[int] = ..., web_searches: _Optional[int] = ..., choices: _Optional[int] = ..., service_tier: _Optional[str] = ..., provider_response_id: _Optional[str] = ..., file_searches: _Optional[int] = ..., image_input_tokens: _Optional[int] = ..., image_model: _Optional[str] = ..., image_generation_calls: _Optional[int] = ..., image_generation_input_tokens: _Optional[int] = ..., image_generation_cached_input_tokens: _Optional[int] = ..., image_generation_image_input_tokens: _Optional[int] = ..., image_generation_output_tokens: _Optional[int] = ...) -> None: ...
 
 class ListUsageResponse(_message.Message):
     __slots__ = ("records",)
