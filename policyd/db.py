@@ -117,6 +117,7 @@ class UsageRecordRow(Base):
     audio_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of input_tokens
     audio_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of output_tokens
     image_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of input_tokens
+    image_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of output_tokens (0022)
     # the Responses API's image_generation tool (migration 0021): the image model that priced its images, its usage
     image_model: Mapped[str] = mapped_column(NAME, default="", server_default="")
     image_generation_calls: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -194,6 +195,7 @@ class UsageRollupRow(Base):
     image_generation_cached_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     image_generation_image_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     image_generation_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    image_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0022
 
 
 Index("ix_rollups_dimension_period_start", UsageRollupRow.dimension, UsageRollupRow.period, UsageRollupRow.start_ms)

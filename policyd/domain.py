@@ -172,6 +172,7 @@ class UsageReport:
     audio_input_tokens: int = 0  # the part of input_tokens that was audio (uncached), priced as audio
     audio_output_tokens: int = 0  # the part of output_tokens that was audio
     image_input_tokens: int = 0  # the part of input_tokens that was images (uncached), where priced apart (gpt-image-1)
+    image_output_tokens: int = 0  # the part of output_tokens that was images, where priced apart (Gemini's image models)
     cache_write_1h_input_tokens: int = 0  # the part of cache_write_input_tokens kept an hour, priced apart
     service_tier: str = ""  # the provider's processing tier that served it (its own token prices)
     # the image_generation tool's own usage (the Responses API's tool_usage.image_gen), priced at the

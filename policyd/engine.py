@@ -67,7 +67,8 @@ TOOL_BOUND_ENDPOINTS = frozenset({"responses", "anthropic_messages"})
 # usage fields newer than the first records: in a settlement, and its fingerprint, only when set, so that an
 # older writer still writes every other record and a retried Settle fingerprints as an older replica did
 LATER_USAGE_FIELDS = ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens",
-                      "service_tier", "file_searches", "image_input_tokens", *IMAGE_GENERATION_USAGE)
+                      "service_tier", "file_searches", "image_input_tokens", *IMAGE_GENERATION_USAGE,
+                      "image_output_tokens")
 
 
 
@@ -655,6 +656,7 @@ class Engine:
         # then carries where it can (Gemini's search takes no bound)
         searches_bound = plan.default_max_tool_calls if s.unbounded_web_search_tools or s.unbounded_file_search else 0
         tool_call_cap = searches_bound if request.endpoint in TOOL_BOUND_ENDPOINTS else 0
+        spoken = s.audio_output and price.audio_output_price > price.output
         quantities = Quantities(
             input_tokens=input_tokens,
             output_tokens=output_cap * max(1, s.choices),  # every choice may reach the cap, and all are billed
@@ -663,9 +665,11 @@ class Engine:
             file_searches=s.file_searches + (searches_bound if s.unbounded_file_search else 0), service_tier=s.service_tier,
             audio_input_tokens=audio_tokens,
             # a spoken reply: every output token may be audio, at its own price (when the dearer)
-            audio_output_tokens=output_cap * max(1, s.choices) if s.audio_output and price.audio_output_price > price.output
-            else speech_output,
+            audio_output_tokens=output_cap * max(1, s.choices) if spoken else speech_output,
             image_input_tokens=image_input,
+            # a model pricing its images out dearer (Gemini's image models): every output token may be an image's
+            image_output_tokens=output_cap * max(1, s.choices) if not spoken and not speech_output
+            and price.image_output_price > price.output else 0,
         )
         cost = cost_of(price, quantities)
         if s.cache_write:  # the whole prompt may be written to the cache, at the write price: reserved so if dearer
@@ -924,7 +928,7 @@ class Engine:
             requests=report.requests or 1, web_searches=report.web_searches, file_searches=report.file_searches,
             audio_input_tokens=report.audio_input_tokens, audio_output_tokens=report.audio_output_tokens,
             cache_write_1h_input_tokens=report.cache_write_1h_input_tokens, service_tier=report.service_tier,
-            image_input_tokens=report.image_input_tokens,
+            image_input_tokens=report.image_input_tokens, image_output_tokens=report.image_output_tokens,
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])

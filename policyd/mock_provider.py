@@ -40,6 +40,7 @@ AUDIO_BYTES_PER_CHARACTER = 64
 ACCOUNT_HEADERS = {"openai-organization": "org-operator", "x-ratelimit-remaining-requests": "9999",
                    "anthropic-ratelimit-tokens-remaining": "123456", "x-request-id": "req_mock"}
 IMAGE_TOKENS = {"low": 272, "medium": 1056, "high": 4160}  # a square image's output tokens, by quality
+GEMINI_IMAGE_TOKENS = 1290  # a 1024x1024 image out of Gemini's image models
 GEMINI_PATH = re.compile(r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent)$")
 
 
@@ -477,7 +478,15 @@ class MockProvider:
                                       "totalTokenCount": p_tokens + done}, "modelVersion": model}
 
         if verb == "generateContent":
-            return h._json(200, reply(text, c_tokens, True))
+            whole = reply(text, c_tokens, True)
+            if "-image" in model:  # an image model: an image beside the text, its tokens by modality
+                whole["candidates"][0]["content"]["parts"].append(
+                    {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}})
+                whole["usageMetadata"].update(
+                    candidatesTokenCount=c_tokens + GEMINI_IMAGE_TOKENS, totalTokenCount=p_tokens + c_tokens + GEMINI_IMAGE_TOKENS,
+                    candidatesTokensDetails=[{"modality": "TEXT", "tokenCount": c_tokens},
+                                             {"modality": "IMAGE", "tokenCount": GEMINI_IMAGE_TOKENS}])
+            return h._json(200, whole)
         h.send_response(200)
         h.send_header("content-type", "text/event-stream" if sse else "application/json")
         h.send_header("transfer-encoding", "chunked")

@@ -50,7 +50,7 @@ def _nanos(value: Any) -> int:
 
 _AMOUNTS = ("input", "cached_input", "cache_write_input", "cache_write_1h_input", "output", "per_image", "per_request",
             "per_second", "per_web_search", "per_file_search", "audio_input", "audio_output",
-            "image_input")  # the prices written as amounts
+            "image_input", "image_output")  # the prices written as amounts
 
 
 class Prices(_Strict):
@@ -72,6 +72,7 @@ class Prices(_Strict):
     audio_input: int | None = None  # per 1M audio input tokens (gpt-4o-audio, realtime); None = as input
     audio_output: int | None = None  # per 1M audio output tokens; None = as output
     image_input: int | None = None  # per 1M image input tokens (gpt-image-1's edits); None = as input
+    image_output: int | None = None  # per 1M image output tokens (Gemini's image models); None = as output
     # A long-context tier (Anthropic's and Gemini's): a request whose input passes `long_context_above`
     # tokens (cached and cache writes included) has all its tokens priced at `long_context`'s prices
     long_context_above: int = Field(0, ge=0, le=QUANTITY_MAX)
@@ -130,6 +131,10 @@ class Prices(_Strict):
     @property
     def image_input_price(self) -> int:
         return self.input if self.image_input is None else self.image_input
+
+    @property
+    def image_output_price(self) -> int:
+        return self.output if self.image_output is None else self.image_output
 
     @property
     def prices_output(self) -> bool:

@@ -1,6 +1,7 @@
 """Cost and charge, from a price table and a plan. Integers only; rounding is money.price_quantity's.
 
-cost   = what the provider bills us: tokens x price per 1M (input, cached input, audio, image input, output;
+cost   = what the provider bills us: tokens x price per 1M (input, cached input, audio, image input, output,
+         audio and image output;
          every token at the long-context tier's prices when the input passes its threshold)
          + images x per_image + seconds x per_second + requests x per_request
          + web searches x per_web_search (the provider's server-side search tool)
@@ -42,6 +43,7 @@ class Quantities:
     audio_input_tokens: int = 0  # of input_tokens (uncached)
     audio_output_tokens: int = 0  # of output_tokens
     image_input_tokens: int = 0  # of input_tokens (uncached)
+    image_output_tokens: int = 0  # of output_tokens (Gemini's image models: images out at their own price)
     # tokens of a hosted tool priced at another model's prices (the image_generation tool's, at its image
     # model's: image_generation_cost): counted in token limits, not priced here
     tool_tokens: int = 0
@@ -62,8 +64,9 @@ def cost_of(price: Prices, q: Quantities) -> int:
         + price_quantity(q.cached_input_tokens, tokens.cached_input_price)
         + price_quantity(q.cache_write_input_tokens - q.cache_write_1h_input_tokens, tokens.cache_write_input_price)
         + price_quantity(q.cache_write_1h_input_tokens, tokens.cache_write_1h_input_price)
-        + price_quantity(q.output_tokens - q.audio_output_tokens, tokens.output)
+        + price_quantity(q.output_tokens - q.audio_output_tokens - q.image_output_tokens, tokens.output)
         + price_quantity(q.audio_output_tokens, tokens.audio_output_price)
+        + price_quantity(q.image_output_tokens, tokens.image_output_price)
         + q.images * price.per_image
         + q.seconds * price.per_second
         + q.requests * price.per_request

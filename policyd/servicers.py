@@ -167,7 +167,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             output_tokens=u.output_tokens, images=u.images, seconds=u.seconds, requests=u.requests,
             web_searches=u.web_searches, file_searches=u.file_searches, audio_input_tokens=u.audio_input_tokens,
             audio_output_tokens=u.audio_output_tokens, cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
-            image_input_tokens=u.image_input_tokens, **{name: getattr(u, name) for name in IMAGE_GENERATION_USAGE},
+            image_input_tokens=u.image_input_tokens, image_output_tokens=u.image_output_tokens, **{name: getattr(u, name) for name in IMAGE_GENERATION_USAGE},
             served_model=request.served_model, provider=request.provider, retries=request.retries,
             fallback_reason=request.fallback_reason, upstream_status=request.upstream_status,
             error_class=request.error_class, latency_ms=request.latency_ms,
@@ -241,6 +241,7 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
         cache_write_1h_input_tokens=r.cache_write_1h_input_tokens or 0, audio_input_tokens=r.audio_input_tokens or 0,
         audio_output_tokens=r.audio_output_tokens or 0, web_searches=r.web_searches or 0, choices=r.choices or 1,
         file_searches=r.file_searches or 0, image_input_tokens=r.image_input_tokens or 0,
+        image_output_tokens=r.image_output_tokens or 0,
         image_model=r.image_model or "", **{name: getattr(r, name) or 0 for name in IMAGE_GENERATION_USAGE},
         service_tier=r.service_tier or "", provider_response_id=r.provider_response_id or "",
     )

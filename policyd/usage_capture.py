@@ -43,6 +43,7 @@ class Tokens:
     audio_input_tokens: int = 0  # of input_tokens, uncached
     audio_output_tokens: int = 0  # of output_tokens
     image_input_tokens: int = 0  # of input_tokens, uncached (gpt-image-1's input images)
+    image_output_tokens: int = 0  # of output_tokens (Gemini's images out)
     cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens (Anthropic's hour-long cache)
     service_tier: str = ""  # the processing tier that served it, as the provider says (OpenAI's service_tier)
     seconds: int = 0  # audio seconds billed (speech to text priced by the second)
@@ -111,6 +112,12 @@ def _grounding_searches(data: dict[str, Any]) -> int:
             queries = grounding.get("webSearchQueries")
             searches += max(len(queries) if isinstance(queries, list) else 0, 1)
     return searches
+
+
+def _modality(usage: dict[str, Any], details: str, modality: str) -> int:
+    """Gemini's tokens of one modality in a list of {modality, tokenCount} (promptTokensDetails, ...)."""
+    parts = usage.get(details) if isinstance(usage.get(details), list) else []
+    return sum(_n(p.get("tokenCount")) for p in parts if isinstance(p, dict) and p.get("modality") == modality)
 
 
 def _billable_searches(response: dict[str, Any], output: list[dict[str, Any]]) -> int:
@@ -185,6 +192,13 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         seen.input_tokens = _n(usage.get("promptTokenCount")) + _n(usage.get("toolUsePromptTokenCount"))
         seen.cached_input_tokens = min(_n(usage.get("cachedContentTokenCount")), seen.input_tokens)
         seen.output_tokens = _n(usage.get("candidatesTokenCount")) + _n(usage.get("thoughtsTokenCount"))
+        # by modality: audio in (priced apart on Gemini's models), audio and images out
+        heard = _modality(usage, "promptTokensDetails", "AUDIO") + _modality(usage, "toolUsePromptTokensDetails", "AUDIO")
+        seen.audio_input_tokens = min(max(heard - _modality(usage, "cacheTokensDetails", "AUDIO"), 0),
+                                      seen.input_tokens - seen.cached_input_tokens)
+        seen.audio_output_tokens = min(_modality(usage, "candidatesTokensDetails", "AUDIO"), seen.output_tokens)
+        seen.image_output_tokens = min(_modality(usage, "candidatesTokensDetails", "IMAGE"),
+                                       seen.output_tokens - seen.audio_output_tokens)
         return True
     if endpoint == "responses" and isinstance(data.get("response"), dict):
         data = data["response"]  # response.completed / response.incomplete events

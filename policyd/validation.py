@@ -110,7 +110,8 @@ def check_usage(report: UsageReport) -> None:
         raise Problem("invalid_request", "request_id is required (1-128 characters of [A-Za-z0-9._:/=+@-])", "request_id")
     for name in ("input_tokens", "cached_input_tokens", "cache_write_input_tokens", "output_tokens", "images", "seconds",
                  "requests", "retries", "latency_ms", "web_searches", "audio_input_tokens", "audio_output_tokens",
-                 "cache_write_1h_input_tokens", "file_searches", "image_input_tokens", "image_generation_calls",
+                 "cache_write_1h_input_tokens", "file_searches", "image_input_tokens", "image_output_tokens",
+                 "image_generation_calls",
                  "image_generation_input_tokens", "image_generation_cached_input_tokens",
                  "image_generation_image_input_tokens", "image_generation_output_tokens"):
         value = getattr(report, name)
@@ -123,8 +124,9 @@ def check_usage(report: UsageReport) -> None:
     if report.cache_write_1h_input_tokens > report.cache_write_input_tokens:
         raise Problem("invalid_usage", "cache_write_1h_input_tokens cannot exceed cache_write_input_tokens",
                       "cache_write_1h_input_tokens")
-    if report.audio_output_tokens > report.output_tokens:
-        raise Problem("invalid_usage", "audio_output_tokens cannot exceed output_tokens", "audio_output_tokens")
+    if report.audio_output_tokens + report.image_output_tokens > report.output_tokens:
+        raise Problem("invalid_usage", "audio_output_tokens + image_output_tokens cannot exceed output_tokens",
+                      "audio_output_tokens")
     if report.image_generation_cached_input_tokens + report.image_generation_image_input_tokens > \
             report.image_generation_input_tokens:
         raise Problem("invalid_usage", "image_generation_cached_input_tokens + image_generation_image_input_tokens "

@@ -22,8 +22,8 @@ import openai
 import pytest
 
 from policyd.gateway_config import SHAPES, Upstream, render
-from policyd.mock_provider import (ACCOUNT_HEADERS, AUDIO_BYTES_PER_CHARACTER, COMPLETION_TOKENS_MAX, IMAGE_TOKENS,
-                                   MockProvider, prompt_tokens)
+from policyd.mock_provider import (ACCOUNT_HEADERS, AUDIO_BYTES_PER_CHARACTER, COMPLETION_TOKENS_MAX, GEMINI_IMAGE_TOKENS,
+                                   IMAGE_TOKENS, MockProvider, prompt_tokens)
 from policyd.money import format_amount, parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.helpers import FundedCustomers, wav
@@ -523,6 +523,24 @@ def test_geminis_grounding_with_google_search_is_charged_as_google_bills_it(gate
             assert record["reserved_nanos"] >= searches_held  # the searches were held before they ran
     pro = [r for r in gateway.mock.received() if r["path"].startswith("/v1beta/models/gemini-2.5-pro")][-1]
     assert pro["body"]["tools"] == [{"googleSearch": {}}]  # Gemini takes no bound: the body goes as sent
+
+
+def test_geminis_images_out_are_charged_at_their_own_price(gateway: Gateway) -> None:
+    """Gemini's image models bill the images they make at their own price ($30 per 1M on
+    gemini-2.5-flash-image, twelve times its text): the reply's candidatesTokensDetails say which output
+    tokens were images; every output token is reserved at the image price, since any may be one."""
+    key = gateway.customer("e2e-gemini-image", plan="google")
+    body = {"contents": [{"role": "user", "parts": [{"text": "draw a ledger, Gemini"}]}],
+            "generationConfig": {"maxOutputTokens": 2000}}
+    request_id, answer = gemini_post(gateway, key, "gemini-2.5-flash-image:generateContent", body)
+    assert b"inlineData" in answer
+    record = gateway.record(request_id)
+    text = record["output_tokens"] - GEMINI_IMAGE_TOKENS
+    assert (record["status"], record["image_output_tokens"]) == ("settled", GEMINI_IMAGE_TOKENS) and text > 0
+    cost = price_quantity(record["input_tokens"], parse_amount("0.30")) + price_quantity(text, parse_amount("2.50")) + \
+        price_quantity(GEMINI_IMAGE_TOKENS, parse_amount("30.00"))
+    assert record["cost_nanos"] == cost
+    assert record["reserved_nanos"] >= price_quantity(2000, parse_amount("30.00"))  # the cap, all of it images
 
 
 def test_token_counts_are_free_but_need_a_key_that_may_use_the_model(gateway: Gateway) -> None:

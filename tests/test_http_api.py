@@ -893,3 +893,26 @@ def test_geminis_grounding_searches_are_counted_from_the_reply_and_the_tool_is_r
     plain = parse_call("POST", "/v1beta/models/gemini-2.5-flash:generateContent", {},
                        json.dumps({"contents": []}).encode()).authorize_input().shape
     assert plain.unbounded_web_search_tools == 0
+
+
+def test_geminis_tokens_are_read_by_modality() -> None:
+    """Gemini reports its tokens by modality: audio in (priced apart on its models; the cached part keeps the
+    cached price), audio and images out (each at its own price where the table has one)."""
+    reader = ResponseReader("gemini_generate_content", stream=False)
+    reader.feed(json.dumps({"usageMetadata": {
+        "promptTokenCount": 1000, "cachedContentTokenCount": 300, "candidatesTokenCount": 1400,
+        "thoughtsTokenCount": 20,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 200}, {"modality": "AUDIO", "tokenCount": 800}],
+        "cacheTokensDetails": [{"modality": "AUDIO", "tokenCount": 300}],
+        "candidatesTokensDetails": [{"modality": "TEXT", "tokenCount": 110}, {"modality": "IMAGE", "tokenCount": 1290}]}}
+    ).encode())
+    reader.finish()
+    t = reader.tokens
+    assert (t.input_tokens, t.cached_input_tokens, t.audio_input_tokens) == (1000, 300, 500)
+    assert (t.output_tokens, t.image_output_tokens, t.audio_output_tokens) == (1420, 1290, 0)
+    spoken = ResponseReader("gemini_generate_content", stream=False)  # a speech model's audio out
+    spoken.feed(json.dumps({"usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 700,
+                                              "candidatesTokensDetails": [{"modality": "AUDIO", "tokenCount": 700}]}}
+                           ).encode())
+    spoken.finish()
+    assert (spoken.tokens.audio_output_tokens, spoken.tokens.image_output_tokens) == (700, 0)

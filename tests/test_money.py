@@ -336,6 +336,30 @@ async def test_the_image_generation_tool_is_held_and_charged_at_its_image_models
     assert reserved == (await service.counters.find_reservation("plain")).amount
 
 
+async def test_image_output_tokens_are_held_and_charged_at_their_own_price(service: Service) -> None:
+    """A model pricing the images it makes apart (Gemini's image models): every output token is held at the
+    image price (any may be an image's), and Settle's image_output_tokens are charged at it, the rest of
+    the output at the text price."""
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["price_table"]["models"]["gemini-2.5-flash-image"] = {"provider": "google", "tier": "low-cost",
+                                                              "input": "0.30", "output": "2.50", "image_output": "30.00"}
+    await service.admin.apply_policy(yaml.safe_dump(doc), "gemini-images.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    held = await service.engine.authorize(ask(secret, model="gemini-2.5-flash-image", endpoint="gemini_generate_content",
+                                              request_id="painted", prompt_bytes=400, max_output_tokens=2000))
+    likely = input_estimate(400, 1, 0)
+    assert held.reserved == -(-(price_quantity(likely, parse_amount("0.30"))
+                                + price_quantity(2000, parse_amount("30.00"))) * 12_000 // 10_000)
+    settled = await service.engine.settle(usage("painted", input_tokens=12, output_tokens=1400, image_output_tokens=1290))
+    cost = price_quantity(12, parse_amount("0.30")) + price_quantity(110, parse_amount("2.50")) + \
+        price_quantity(1290, parse_amount("30.00"))
+    assert (settled.cost, settled.charge) == (cost, -(-cost * 12_000 // 10_000))
+    await service.writer.drain()
+    row = service.store.usage_record("painted")
+    assert (row.output_tokens, row.image_output_tokens, row.cost_nanos) == (1400, 1290, cost)
+
+
 async def test_shadow_limit_records_would_deny_but_allows(service: Service) -> None:
     policy = (await service.admin.book.version(1)).canonical.replace(
         "    - action: block\n      downgrade_to: ''\n      limit: 20\n", "    - action: shadow\n      downgrade_to: ''\n      limit: 1\n")
@@ -1041,6 +1065,7 @@ async def test_the_web_searches_a_request_allows_are_reserved_at_their_price(ser
 @pytest.mark.parametrize(("numbers", "part"), [
     ({"input_tokens": 100, "cached_input_tokens": 50, "audio_input_tokens": 60}, "audio_input_tokens"),
     ({"output_tokens": 10, "audio_output_tokens": 11}, "audio_output_tokens"),
+    ({"output_tokens": 10, "audio_output_tokens": 5, "image_output_tokens": 6}, "image_output_tokens"),
     ({"input_tokens": 100, "audio_input_tokens": 50, "image_input_tokens": 51}, "image_input_tokens"),
     ({"input_tokens": 100, "cache_write_input_tokens": 10, "cache_write_1h_input_tokens": 11}, "cache_write_1h"),
 ])

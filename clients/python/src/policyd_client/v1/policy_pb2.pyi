@@ -224,7 +224,7 @@ class RateLimit(_message.Message):
     def __init__(self, unit: _Optional[str] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., resets_unix_ms: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("input_tokens", "cached_input_tokens", "output_tokens", "images", "seconds", "requests", "cache_write_input_tokens", "web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens", "file_searches", "image_input_tokens", "image_generation_calls", "image_generation_input_tokens", "image_generation_cached_input_tokens", "image_generation_image_input_tokens", "image_generation_output_tokens")
+    __slots__ = ("input_tokens", "cached_input_tokens", "output_tokens", "images", "seconds", "requests", "cache_write_input_tokens", "web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens", "file_searches", "image_input_tokens", "image_generation_calls", "image_generation_input_tokens", "image_generation_cached_input_tokens", "image_generation_image_input_tokens", "image_generation_output_tokens", "image_output_tokens")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +243,7 @@ class Usage(_message.Message):
     IMAGE_GENERATION_CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_GENERATION_IMAGE_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_GENERATION_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
@@ -261,7 +262,8 @@ class Usage(_message.Message):
     image_generation_cached_input_tokens: int
     image_generation_image_input_tokens: int
     image_generation_output_tokens: int
-    def __init__(self, input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ..., requests: _Optional[int] = ..., cache_write_input_tokens: _Optional[int] = ..., web_searches: _Optional[int] = ..., audio_input_tokens: _Optional[int] = ..., audio_output_tokens: _Optional[int] = ..., cache_write_1h_input_tokens: _Optional[int] = ..., file_searches: _Optional[int] = ..., image_input_tokens: _Optional[int] = ..., image_generation_calls: _Optional[int] = ..., image_generation_input_tokens: _Optional[int] = ..., image_generation_cached_input_tokens: _Optional[int] = ..., image_generation_image_input_tokens: _Optional[int] = ..., image_generation_output_tokens: _Optional[int] = ...) -> None: ...
+    image_output_tokens: int
+    def __init__(self, input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ..., requests: _Optional[int] = ..., cache_write_input_tokens: _Optional[int] = ..., web_searches: _Optional[int] = ..., audio_input_tokens: _Optional[int] = ..., audio_output_tokens: _Optional[int] = ..., cache_write_1h_input_tokens: _Optional[int] = ..., file_searches: _Optional[int] = ..., image_input_tokens: _Optional[int] = ..., image_generation_calls: _Optional[int] = ..., image_generation_input_tokens: _Optional[int] = ..., image_generation_cached_input_tokens: _Optional[int] = ..., image_generation_image_input_tokens: _Optional[int] = ..., image_generation_output_tokens: _Optional[int] = ..., image_output_tokens: _Optional[int] = ...) -> None: ...
 
 class SettleRequest(_message.Message):
     __slots__ = ("request_id", "usage", "served_model", "provider", "retries", "fallback_reason", "upstream_status", "error_class", "latency_ms", "stream_interrupted", "provider_account", "usage_estimated", "service_tier", "provider_response_id")
