@@ -79,6 +79,10 @@ class Shape:
     image_model: str = ""
     image_generation_calls: int = 0
     partial_images: int = 0
+    # hosted containers the request may have the provider create (a code_interpreter tool with an "auto"
+    # container, a shell tool in a "container_auto" environment): how many, and the largest memory limit
+    containers: int = 0
+    container_memory: str = ""
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,7 @@ class UsageReport:
     audio_output_tokens: int = 0  # the part of output_tokens that was audio
     image_input_tokens: int = 0  # the part of input_tokens that was images (uncached), where priced apart (gpt-image-1)
     image_output_tokens: int = 0  # the part of output_tokens that was images, where priced apart (Gemini's image models)
+    containers: int = 0  # hosted containers the response ran code in (code_interpreter, shell), priced each
     cache_write_1h_input_tokens: int = 0  # the part of cache_write_input_tokens kept an hour, priced apart
     service_tier: str = ""  # the provider's processing tier that served it (its own token prices)
     # the image_generation tool's own usage (the Responses API's tool_usage.image_gen), priced at the

@@ -68,7 +68,7 @@ TOOL_BOUND_ENDPOINTS = frozenset({"responses", "anthropic_messages"})
 # older writer still writes every other record and a retried Settle fingerprints as an older replica did
 LATER_USAGE_FIELDS = ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens",
                       "service_tier", "file_searches", "image_input_tokens", *IMAGE_GENERATION_USAGE,
-                      "image_output_tokens")
+                      "image_output_tokens", "containers")
 
 
 
@@ -329,7 +329,8 @@ class Engine:
                     and limit.downgrade_to != reserve.served_model \
                     and policy.model_allowed(plan, limit.downgrade_to, key.scopes) \
                     and policy.tier_allowed_in(plan, key.environment, limit.downgrade_to) \
-                    and self._input_bounded(policy, plan, limit.downgrade_to, request.shape):
+                    and self._input_bounded(policy, plan, limit.downgrade_to, request.shape) \
+                    and self._tools_priced(policy, limit.downgrade_to, request.shape):
                 cheaper = self._attempt(request, owner, policy, plan, limit.downgrade_to, at, skip_label=limit.label,
                                         own_limits=key.limits, prior_tokens=prior_tokens)
                 cheaper.fallback_reason = f"downgraded:{limit.label}"
@@ -577,6 +578,8 @@ class Engine:
             return "environment_not_allowed", "model"
         if not self._input_bounded(policy, plan, request.model, request.shape):
             return "input_unbounded", "model"
+        if not self._tools_priced(policy, request.model, request.shape):
+            return "tool_not_priced", "tools"  # a container the provider would bill, which policyd could not charge
         image_model = request.shape.image_model  # the image_generation tool's images: at that model's prices
         if image_model and policy.model(image_model) is None:
             return "unknown_model", "tools"
@@ -595,6 +598,12 @@ class Engine:
             or bool(price and not price.input)
 
     @staticmethod
+    def _tools_priced(policy: Policy, model: str, shape: Shape) -> bool:
+        """Whether the model prices the hosted containers the request may have the provider make."""
+        price = policy.model(model)
+        return not shape.containers or bool(price and shape.container_memory in price.per_container)
+
+    @staticmethod
     def _route_around(policy: Policy, plan: Plan, scopes: tuple[str, ...], environment: str, model: str,
                       shape: Shape, unavailable: frozenset[str]) -> tuple[str, str]:
         """The model to serve: the requested one, or the first fallback the plan allows while the
@@ -607,7 +616,8 @@ class Engine:
             if alt_price is not None and alt_price.provider not in unavailable \
                     and policy.model_allowed(plan, alternative, scopes) \
                     and policy.tier_allowed_in(plan, environment, alternative) \
-                    and Engine._input_bounded(policy, plan, alternative, shape):
+                    and Engine._input_bounded(policy, plan, alternative, shape) \
+                    and Engine._tools_priced(policy, alternative, shape):
                 return alternative, f"{price.provider}_cooling_down"
         return model, ""
 
@@ -670,6 +680,7 @@ class Engine:
             # a model pricing its images out dearer (Gemini's image models): every output token may be an image's
             image_output_tokens=output_cap * max(1, s.choices) if not spoken and not speech_output
             and price.image_output_price > price.output else 0,
+            containers=s.containers, container_memory=s.container_memory,
         )
         cost = cost_of(price, quantities)
         if s.cache_write:  # the whole prompt may be written to the cache, at the write price: reserved so if dearer
@@ -805,6 +816,8 @@ class Engine:
             record["choices"] = request.shape.choices
         if request.shape.image_model:  # ... and so (its images are priced at that model's prices at Settle)
             record["image_model"] = request.shape.image_model
+        if request.shape.containers:  # the containers it may make: the most charged at Settle, and their memory
+            record["containers"], record["container_memory"] = request.shape.containers, request.shape.container_memory
         return record
 
     async def _deny_unowned(self, request: AuthorizeInput, at: int, started: int, base: dict[str, str],
@@ -921,6 +934,8 @@ class Engine:
         if policy is None or plan is None or price is None:
             raise await self._reject(report.request_id, reservation.partition, "unknown_model",
                                      f"model {served!r} is not in price table {r['price_table_version']!r}", asdict(report))
+        # containers: those the request asked the provider to make, at most (one it only reused is no new one)
+        report = replace(report, containers=min(report.containers, int(r.get("containers") or 0)))
         quantities = Quantities(
             input_tokens=report.input_tokens, cached_input_tokens=report.cached_input_tokens,
             cache_write_input_tokens=report.cache_write_input_tokens,
@@ -929,6 +944,7 @@ class Engine:
             audio_input_tokens=report.audio_input_tokens, audio_output_tokens=report.audio_output_tokens,
             cache_write_1h_input_tokens=report.cache_write_1h_input_tokens, service_tier=report.service_tier,
             image_input_tokens=report.image_input_tokens, image_output_tokens=report.image_output_tokens,
+            containers=report.containers, container_memory=r.get("container_memory") or "",
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
@@ -980,6 +996,8 @@ class Engine:
         for name, value in zip(LATER_USAGE_FIELDS, later):
             if value:  # only then: a writer from before the column still writes every other record
                 settlement[name] = value
+        if r.get("containers"):  # the record held those it might make: now those charged, none included
+            settlement["containers"] = report.containers
         record_json = reservation.record_json or compact_json.dumps(r)
         payload = (f'{{"record":{record_json},"settlement":{compact_json.dumps(settlement)},'
                    f'"currency":{compact_json.dumps(r["currency"])}}}')
@@ -1097,6 +1115,7 @@ class Engine:
             # the provider's tool calls it reported before the end (searches it ran are billed, cut or not)
             web_searches=reported.web_searches if reported is not None else 0,
             file_searches=reported.file_searches if reported is not None else 0,
+            containers=reported.containers if reported is not None else 0,  # made before the end: billed
             # the images the image_generation tool made before the end: its usage when reported, else its calls
             **({name: getattr(reported, name) for name in IMAGE_GENERATION_USAGE} if reported is not None else {}),
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,

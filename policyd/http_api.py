@@ -172,6 +172,8 @@ class HttpCall:
     image_model: str = ""  # the image_generation tool's model: its images are priced at that model's prices
     image_generation_calls: int = 0  # the most calls the request allows (max_tool_calls; 0: no bound given)
     partial_images: int = 0  # partial images each streamed image_generation call sends
+    containers: int = 0  # hosted containers the request may have the provider make (code_interpreter, shell)
+    container_memory: str = ""  # ... the largest memory limit they ask for
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
@@ -191,7 +193,8 @@ class HttpCall:
                         audio_bytes=self.audio_bytes, cache_write=self.cache_write, audio_output=self.audio_output,
                         file_searches=self.file_searches, unbounded_web_search_tools=self.unbounded_web_search_tools,
                         unbounded_file_search=self.unbounded_file_search, image_model=self.image_model,
-                        image_generation_calls=self.image_generation_calls, partial_images=self.partial_images),
+                        image_generation_calls=self.image_generation_calls, partial_images=self.partial_images,
+                        containers=self.containers, container_memory=self.container_memory),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, previous_response=self.previous_response,
             creates=self.creates, conversation=self.conversation, files=self.files,
@@ -372,6 +375,29 @@ def _search_tools(data: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     return [t for t in _tools(data) if str(t.get("type", "")).startswith(kind)]
 
 
+CONTAINER_MEMORY_DEFAULT = "1g"  # OpenAI's, for a container that names no memory_limit
+
+
+def _new_containers(tools: list[dict[str, Any]]) -> tuple[int, str]:
+    """The hosted containers a Responses API request may have the provider make, each billed: one a
+    code_interpreter tool given an "auto" container (a container's id names one made before), one a
+    shell tool in a "container_auto" environment; and the largest memory limit they ask for."""
+    asked = []
+    for tool in tools:
+        where = tool.get("container") if tool.get("type") == "code_interpreter" else \
+            tool.get("environment") if tool.get("type") == "shell" else None
+        if isinstance(where, dict) and where.get("type") in ("auto", "container_auto"):
+            memory = where.get("memory_limit")
+            asked.append(memory[:16] if isinstance(memory, str) and memory else CONTAINER_MEMORY_DEFAULT)
+    return len(asked), max(asked, key=_memory_order, default="")
+
+
+def _memory_order(memory: str) -> tuple[int, str]:
+    """A memory limit's size ("64g" > "16g" > "4g" > "1g"); one policyd cannot read sorts last, by name."""
+    digits = memory[:-1]
+    return (int(digits), memory) if memory[-1:] in ("g", "G") and digits.isdigit() else (-1, memory)
+
+
 def _unbounded_web_search(tool: dict[str, Any]) -> bool:
     """An Anthropic web search tool given no `max_uses`."""
     return str(tool.get("type", "")).startswith("web_search") and not _count(tool.get("max_uses"))
@@ -538,6 +564,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.image_model = image_model[:256]
         call.image_generation_calls = _count(data.get("max_tool_calls"))
         call.partial_images = _count(image_tools[0].get("partial_images")) if call.stream else 0
+    if endpoint == "responses":
+        call.containers, call.container_memory = _new_containers(_tools(data))
     if endpoint == "responses" and isinstance(data.get("previous_response_id"), str):
         call.previous_response = data["previous_response_id"][:256]
     conversation = data.get("conversation") if endpoint == "responses" else None

@@ -279,6 +279,12 @@ class MockProvider:
                      "status": "completed", "output": [*calls, {"type": "message", "role": "assistant", "content": [
                          {"type": "output_text", "text": text}]}],
                      **({} if scenario == "no_usage" else {"usage": usage})}
+            for tool in body.get("tools") or []:  # code runs in a container: a new one for an "auto" container
+                if tool.get("type") == "code_interpreter":
+                    made = tool.get("container") if isinstance(tool.get("container"), str) else \
+                        f"cntr_mock{next(self.response_ids)}"
+                    reply["output"].insert(0, {"type": "code_interpreter_call", "id": "ci_mock", "status": "completed",
+                                               "code": "print(6 * 7)", "container_id": made, "outputs": None})
             painter = next((t for t in body.get("tools") or [] if t.get("type") == "image_generation"), None)
             if painter is not None:  # one image, billed apart at the image model's prices (tool_usage.image_gen)
                 quality = painter.get("quality") if painter.get("quality") in IMAGE_TOKENS else "medium"

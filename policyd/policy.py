@@ -34,6 +34,9 @@ class PolicyError(ValueError):
     """A policy that cannot be applied; `str()` names the file and line."""
 
 
+CONTAINER_MEMORY_LENGTH_MAX = 16
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -73,6 +76,9 @@ class Prices(_Strict):
     audio_output: int | None = None  # per 1M audio output tokens; None = as output
     image_input: int | None = None  # per 1M image input tokens (gpt-image-1's edits); None = as input
     image_output: int | None = None  # per 1M image output tokens (Gemini's image models); None = as output
+    # a hosted container the provider creates for the request, by its memory limit (OpenAI's code_interpreter
+    # and shell tools: {"1g": "0.03", "4g": "0.12", ...}); a request asking for an unpriced one is refused
+    per_container: dict[str, int] = Field({}, max_length=16)
     # A long-context tier (Anthropic's and Gemini's): a request whose input passes `long_context_above`
     # tokens (cached and cache writes included) has all its tokens priced at `long_context`'s prices
     long_context_above: int = Field(0, ge=0, le=QUANTITY_MAX)
@@ -107,6 +113,20 @@ class Prices(_Strict):
     @field_serializer(*_AMOUNTS)
     def _render(self, value: int | None) -> str | None:
         return None if value is None else format_amount(value)
+
+    @field_validator("per_container", mode="before")
+    @classmethod
+    def _container_prices(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        for memory in value:
+            if not isinstance(memory, str) or not 0 < len(memory) <= CONTAINER_MEMORY_LENGTH_MAX:
+                raise ValueError(f"per_container: a memory limit of 1-{CONTAINER_MEMORY_LENGTH_MAX} characters, like 1g")
+        return {memory: _nanos(amount) for memory, amount in value.items()}
+
+    @field_serializer("per_container")
+    def _render_containers(self, value: dict[str, int]) -> dict[str, str]:
+        return {memory: format_amount(amount) for memory, amount in value.items()}
 
     @property
     def cached_input_price(self) -> int:

@@ -36,6 +36,7 @@ _REASONS = [
     Reason("request_too_large", 413, "invalid_request_error"),
     Reason("request_headers_too_large", 431, "invalid_request_error"),
     Reason("input_unbounded", 400, "invalid_request_error"),
+    Reason("tool_not_priced", 400, "invalid_request_error"),  # a hosted tool the price table does not price
     Reason("no_policy", 503, "server_error"),
     Reason("unknown_plan", 403, "permission_error"),
     Reason("insufficient_quota", 429, "insufficient_quota"),
@@ -72,6 +73,8 @@ MESSAGES = {
     "model_not_allowed": "This API key may not use the requested model.",
     "endpoint_not_allowed": "This API key may not use this endpoint.",
     "unknown_model": "The requested model does not exist.",
+    "tool_not_priced": "The model's price table does not price a hosted tool this request may use (a code "
+                       "interpreter or shell container: per_container).",
     "response_not_found": "No response with this id was made with this API key's account.",
     "conversation_not_found": "No conversation with this id was made with this API key's account.",
     "file_not_found": "No file with this id was uploaded with this API key's account.",

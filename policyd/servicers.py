@@ -91,6 +91,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             audio_output=s.audio_output, file_searches=s.file_searches,
             unbounded_web_search_tools=s.unbounded_web_search_tools, unbounded_file_search=s.unbounded_file_search,
             image_model=s.image_model, image_generation_calls=s.image_generation_calls, partial_images=s.partial_images,
+            containers=s.containers, container_memory=s.container_memory,
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,
@@ -158,7 +159,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                                 cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
                                 service_tier=request.service_tier, seconds=u.seconds,
                                 audio_input_tokens=u.audio_input_tokens, web_searches=u.web_searches,
-                                file_searches=u.file_searches,
+                                file_searches=u.file_searches, containers=u.containers,
                                 **{name: getattr(u, name) for name in IMAGE_GENERATION_USAGE})))
             return settle_response(s)
         report = UsageReport(
@@ -167,7 +168,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             output_tokens=u.output_tokens, images=u.images, seconds=u.seconds, requests=u.requests,
             web_searches=u.web_searches, file_searches=u.file_searches, audio_input_tokens=u.audio_input_tokens,
             audio_output_tokens=u.audio_output_tokens, cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
-            image_input_tokens=u.image_input_tokens, image_output_tokens=u.image_output_tokens, **{name: getattr(u, name) for name in IMAGE_GENERATION_USAGE},
+            image_input_tokens=u.image_input_tokens, image_output_tokens=u.image_output_tokens, containers=u.containers,
+            **{name: getattr(u, name) for name in IMAGE_GENERATION_USAGE},
             served_model=request.served_model, provider=request.provider, retries=request.retries,
             fallback_reason=request.fallback_reason, upstream_status=request.upstream_status,
             error_class=request.error_class, latency_ms=request.latency_ms,
@@ -241,7 +243,8 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
         cache_write_1h_input_tokens=r.cache_write_1h_input_tokens or 0, audio_input_tokens=r.audio_input_tokens or 0,
         audio_output_tokens=r.audio_output_tokens or 0, web_searches=r.web_searches or 0, choices=r.choices or 1,
         file_searches=r.file_searches or 0, image_input_tokens=r.image_input_tokens or 0,
-        image_output_tokens=r.image_output_tokens or 0,
+        image_output_tokens=r.image_output_tokens or 0, containers=r.containers or 0,
+        container_memory=r.container_memory or "",
         image_model=r.image_model or "", **{name: getattr(r, name) or 0 for name in IMAGE_GENERATION_USAGE},
         service_tier=r.service_tier or "", provider_response_id=r.provider_response_id or "",
     )

@@ -44,6 +44,7 @@ class Tokens:
     audio_output_tokens: int = 0  # of output_tokens
     image_input_tokens: int = 0  # of input_tokens, uncached (gpt-image-1's input images)
     image_output_tokens: int = 0  # of output_tokens (Gemini's images out)
+    containers: int = 0  # hosted containers the response ran code in (code_interpreter_call, shell_call items)
     cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens (Anthropic's hour-long cache)
     service_tier: str = ""  # the processing tier that served it, as the provider says (OpenAI's service_tier)
     seconds: int = 0  # audio seconds billed (speech to text priced by the second)
@@ -118,6 +119,24 @@ def _modality(usage: dict[str, Any], details: str, modality: str) -> int:
     """Gemini's tokens of one modality in a list of {modality, tokenCount} (promptTokensDetails, ...)."""
     parts = usage.get(details) if isinstance(usage.get(details), list) else []
     return sum(_n(p.get("tokenCount")) for p in parts if isinstance(p, dict) and p.get("modality") == modality)
+
+
+def containers_used(items: list[Any]) -> set[str]:
+    """The hosted containers Responses API items ran code in: a code_interpreter_call's container_id, a
+    shell_call's environment's."""
+    used = set()
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "code_interpreter_call":
+            found = item.get("container_id")
+        elif item.get("type") == "shell_call" and isinstance(item.get("environment"), dict):
+            found = item["environment"].get("container_id")
+        else:
+            continue
+        if isinstance(found, str) and found:
+            used.add(found[:256])
+    return used
 
 
 def _billable_searches(response: dict[str, Any], output: list[dict[str, Any]]) -> int:
@@ -223,6 +242,7 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         seen.web_searches = _billable_searches(data, output)
         seen.file_searches = sum(1 for item in output if item.get("type") == "file_search_call")
         _image_generation_usage(data, output, seen)
+        seen.containers = max(seen.containers, len(containers_used(output)))
         return True
     details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
     out_details = usage.get("completion_tokens_details") if isinstance(usage.get("completion_tokens_details"), dict) \
@@ -315,6 +335,7 @@ class ResponseReader:
             self.tokens.input_tokens = request_input_tokens
             self.found_usage = self.output_final = True
         self.delivered_bytes = 0
+        self._containers: set[str] = set()  # the hosted containers a stream's items ran code in
         self.images = 0  # images in an images reply (priced per image)
         self.response_id = ""  # the id of the response the provider stored (the Responses API's, a stored chat's)
         self.stored = stored or endpoint == "responses"
@@ -443,6 +464,9 @@ class ResponseReader:
             elif self.endpoint != "gemini_generate_content":
                 self.output_final = True
         self.delivered_bytes += _delivered_text(self.endpoint, data)
+        if isinstance(data, dict) and data.get("type") in ("response.output_item.added", "response.output_item.done"):
+            self._containers |= containers_used([data.get("item")])  # a container made: billed, whether the stream ends
+            self.tokens.containers = max(self.tokens.containers, len(self._containers))
         if isinstance(data, dict) and data.get("type") == "response.image_generation_call.completed":
             self.tokens.image_generation_calls += 1  # an image made: billed, whether the stream ends or not
         if isinstance(data, dict) and data.get("type") in _LAST_EVENTS:

@@ -6,6 +6,7 @@ import re
 
 from policyd.domain import CREATABLE, ENDPOINTS, FILES_PER_REQUEST_MAX, AuthorizeInput, UsageReport
 from policyd.money import QUANTITY_MAX
+from policyd.policy import CONTAINER_MEMORY_LENGTH_MAX
 
 REQUEST_ID_LENGTH_MAX = 128
 FIELD_LENGTH_MAX = 256
@@ -100,6 +101,9 @@ def check_authorize(request: AuthorizeInput) -> None:
                       "image_generation_calls")
     if not 0 <= s.partial_images <= PARTIAL_IMAGES_MAX:
         raise Problem("invalid_request", f"partial_images must be between 0 and {PARTIAL_IMAGES_MAX}", "partial_images")
+    if not 0 <= s.containers <= SEARCH_TOOLS_MAX:
+        raise Problem("invalid_request", f"containers must be between 0 and {SEARCH_TOOLS_MAX}", "containers")
+    _text_field("container_memory", s.container_memory, CONTAINER_MEMORY_LENGTH_MAX)
     if (s.image_generation_calls or s.partial_images) and not s.image_model:
         raise Problem("invalid_request", "image_generation_calls and partial_images need the image_model that makes "
                       "the images", "image_model")
@@ -111,7 +115,7 @@ def check_usage(report: UsageReport) -> None:
     for name in ("input_tokens", "cached_input_tokens", "cache_write_input_tokens", "output_tokens", "images", "seconds",
                  "requests", "retries", "latency_ms", "web_searches", "audio_input_tokens", "audio_output_tokens",
                  "cache_write_1h_input_tokens", "file_searches", "image_input_tokens", "image_output_tokens",
-                 "image_generation_calls",
+                 "containers", "image_generation_calls",
                  "image_generation_input_tokens", "image_generation_cached_input_tokens",
                  "image_generation_image_input_tokens", "image_generation_output_tokens"):
         value = getattr(report, name)

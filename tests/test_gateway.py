@@ -633,6 +633,34 @@ def test_an_image_generation_tool_the_key_may_not_use_is_refused_before_the_prov
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10"), 0)
 
 
+def test_code_interpreter_containers_are_charged_and_unpriced_ones_refused(gateway: Gateway) -> None:
+    """The code_interpreter tool runs code in a container the provider bills ($0.03 a 1 GB one): an "auto"
+    container is held and, once the reply shows code ran in it, charged; a container named by id was made
+    (and charged) before; a memory limit the price table does not price is refused before the provider."""
+    key = gateway.customer("e2e-containers")
+    client = gateway.client(key)
+    raw = client.responses.with_raw_response.create(
+        model="gpt-4o-mini", input="compute six times seven", max_output_tokens=16,
+        tools=[{"type": "code_interpreter", "container": {"type": "auto"}}])
+    reply = raw.parse()
+    assert reply.output[0].type == "code_interpreter_call"
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    text = price_quantity(reply.usage.input_tokens, parse_amount("0.15")) + \
+        price_quantity(reply.usage.output_tokens, parse_amount("0.60"))
+    assert (record["status"], record["containers"], record["container_memory"]) == ("settled", 1, "1g")
+    assert record["cost_nanos"] == text + parse_amount("0.03")
+    again = client.responses.with_raw_response.create(
+        model="gpt-4o-mini", input="compute again in it", max_output_tokens=16,
+        tools=[{"type": "code_interpreter", "container": reply.output[0].container_id}])
+    record = gateway.record(again.headers["x-policyd-request-id"])
+    assert (record["status"], record["containers"]) == ("settled", 0)  # no new container: none charged
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="gpt-4o-mini", input="compute in a huge container",
+                                tools=[{"type": "code_interpreter", "container": {"type": "auto", "memory_limit": "64g"}}])
+    assert (refused.value.code, refused.value.param) == ("tool_not_priced", "tools")
+    assert "huge container" not in json.dumps(gateway.mock.received())
+
+
 def test_a_strict_plan_refuses_input_it_cannot_bound(gateway: Gateway) -> None:
     """An image by URL is billed as input tokens the body's bytes do not bound; a strict plan, on a model
     with no context_window, refuses it before the provider (an estimate plan lets it through)."""

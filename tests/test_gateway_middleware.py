@@ -520,3 +520,16 @@ def test_the_image_generation_tool_is_charged_over_the_native_api(gateway: Examp
         price_quantity(reply.usage.output_tokens, parse_amount("0.60"))
     assert record["cost_nanos"] == text + price_quantity(40, parse_amount("5.00")) + \
         price_quantity(4160, parse_amount("40.00"))
+
+
+def test_a_code_interpreter_container_is_charged_over_the_native_api(gateway: ExampleGateway) -> None:
+    """RequestShape.containers / container_memory and Usage.containers: the container is held and charged."""
+    key = gateway.customer("mw-containers")
+    raw = gateway.client(key).responses.with_raw_response.create(
+        model="gpt-4o-mini", input="mw compute", max_output_tokens=8,
+        tools=[{"type": "code_interpreter", "container": {"type": "auto", "memory_limit": "4g"}}])
+    reply = raw.parse()
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["containers"], record["container_memory"]) == ("settled", 1, "4g")
+    assert record["cost_nanos"] == price_quantity(reply.usage.input_tokens, parse_amount("0.15")) + \
+        price_quantity(reply.usage.output_tokens, parse_amount("0.60")) + parse_amount("0.12")

@@ -916,3 +916,35 @@ def test_geminis_tokens_are_read_by_modality() -> None:
                            ).encode())
     spoken.finish()
     assert (spoken.tokens.audio_output_tokens, spoken.tokens.image_output_tokens) == (700, 0)
+
+
+def test_hosted_containers_a_request_may_make_are_named_and_the_ones_used_are_read() -> None:
+    """A code_interpreter tool with an "auto" container, a shell tool in a "container_auto" environment:
+    each may make a container the provider bills, by its memory limit (1g when it names none); a container
+    named by id was made before. The reply's code_interpreter_call and shell_call items say which ran."""
+    def shape(*tools: dict[str, Any]) -> Any:
+        body = {"model": "gpt-4.1", "input": "compute", "tools": list(tools)}
+        return parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, json.dumps(body).encode()
+                          ).authorize_input().shape
+
+    auto = {"type": "code_interpreter", "container": {"type": "auto"}}
+    assert (shape(auto).containers, shape(auto).container_memory) == (1, "1g")
+    big = shape({"type": "code_interpreter", "container": {"type": "auto", "memory_limit": "4g"}},
+                {"type": "shell", "environment": {"type": "container_auto", "memory_limit": "16g"}})
+    assert (big.containers, big.container_memory) == (2, "16g")
+    named = shape({"type": "code_interpreter", "container": "cntr_made_before"},
+                  {"type": "shell", "environment": {"type": "local"}}, {"type": "web_search"})
+    assert (named.containers, named.container_memory) == (0, "")
+    whole = ResponseReader("responses", stream=False)
+    whole.feed(json.dumps({"output": [
+        {"type": "code_interpreter_call", "container_id": "cntr_1", "code": "1"},
+        {"type": "code_interpreter_call", "container_id": "cntr_1", "code": "2"},  # the same container, again
+        {"type": "shell_call", "environment": {"type": "container_reference", "container_id": "cntr_2"}},
+        {"type": "message", "content": []}], "usage": {"input_tokens": 9, "output_tokens": 3}}).encode())
+    whole.finish()
+    assert whole.tokens.containers == 2
+    cut = ResponseReader("responses", stream=True)  # a container made before the stream was cut
+    cut.feed(_sse({"type": "response.output_item.added", "output_index": 0,
+                   "item": {"type": "code_interpreter_call", "container_id": "cntr_9", "status": "in_progress"}},
+                  {"type": "response.output_text.delta", "delta": "the answer is"}))
+    assert closing(200, cut, cut=True).action == "estimate" and cut.tokens.containers == 1

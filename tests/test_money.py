@@ -360,6 +360,38 @@ async def test_image_output_tokens_are_held_and_charged_at_their_own_price(servi
     assert (row.output_tokens, row.image_output_tokens, row.cost_nanos) == (1400, 1290, cost)
 
 
+async def test_hosted_containers_are_held_and_charged_by_their_memory(service: Service) -> None:
+    """Containers a request may have the provider make (code interpreter, shell) are held at the model's
+    per_container price of the largest memory asked, and charged for those the reply ran code in, at most
+    those asked for; a memory the model does not price is refused before anything is held."""
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["price_table"]["models"]["gpt-4o-mini"]["per_container"] = {"1g": "0.03", "4g": "0.12"}
+    await service.admin.apply_policy(yaml.safe_dump(doc), "containers.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+
+    def computing(request_id: str, containers: int, memory: str) -> AuthorizeInput:
+        plain = ask(secret, endpoint="responses", request_id=request_id)
+        return replace(plain, shape=replace(plain.shape, containers=containers, container_memory=memory))
+
+    plain = await service.engine.authorize(ask(secret, endpoint="responses", request_id="plain"))
+    two = await service.engine.authorize(computing("two", 2, "4g"))
+    assert two.reserved - plain.reserved == 2 * parse_amount("0.12") * 12 // 10
+    refused = await service.engine.authorize(computing("huge", 1, "64g"))
+    assert (refused.decision, refused.reason, refused.error_param) == ("deny", "tool_not_priced", "tools")
+    own = price_quantity(100, parse_amount("0.15")) + price_quantity(50, parse_amount("0.60"))
+    settled = await service.engine.settle(usage("two", containers=3))  # three seen, two asked for: two charged
+    assert settled.cost == own + 2 * parse_amount("0.12")
+    one = await service.engine.authorize(computing("unused", 1, "1g"))
+    assert one.decision == "allow"
+    unused = await service.engine.settle(usage("unused"))  # the model ran no code: no container billed
+    assert unused.cost == own
+    await service.writer.drain()
+    assert (service.store.usage_record("two").containers, service.store.usage_record("two").container_memory) == (2, "4g")
+    assert service.store.usage_record("unused").containers == 0
+    assert service.store.usage_record("huge").status == "denied"
+
+
 async def test_shadow_limit_records_would_deny_but_allows(service: Service) -> None:
     policy = (await service.admin.book.version(1)).canonical.replace(
         "    - action: block\n      downgrade_to: ''\n      limit: 20\n", "    - action: shadow\n      downgrade_to: ''\n      limit: 1\n")

@@ -97,7 +97,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     be spoken: modalities include "audio"), unbounded_web_search_tools and unbounded_file_search (search
     tools given no bound: bounded at the plan's default, see Decision.max_tool_calls), image_model,
     image_generation_calls and partial_images (the Responses API's image_generation tool: the image model
-    that prices its images, its calls' bound, its partial images a call), client_address, user_agent,
+    that prices its images, its calls' bound, its partial images a call), containers and container_memory
+    (hosted containers the provider may make: code_interpreter, shell), client_address, user_agent,
     problem=(code, message, param), count_tokens=True (a free token count: nothing reserved, nothing
     to settle), stored_response_id (a stored response read, deleted or cancelled: free, its customer's
     keys only), previous_response_id (the stored response a Responses API request continues),
@@ -133,7 +134,9 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     unbounded_file_search=bool(attribution.pop("unbounded_file_search", False)),
                                     image_model=attribution.pop("image_model", ""),
                                     image_generation_calls=attribution.pop("image_generation_calls", 0),
-                                    partial_images=attribution.pop("partial_images", 0))
+                                    partial_images=attribution.pop("partial_images", 0),
+                                    containers=attribution.pop("containers", 0),
+                                    container_memory=attribution.pop("container_memory", ""))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
