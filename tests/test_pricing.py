@@ -179,3 +179,52 @@ def test_a_long_context_tier_is_whole(tier: str, problem: str) -> None:
                      long_context: {input: "2.50", cached_input: "0.625", output: "15.00"}}""", tier + "}")
     with pytest.raises(PolicyError, match=re.escape(problem)):
         parse_policy(text)
+
+
+@st.composite
+def _token_parts(draw: st.DrawFn) -> Quantities:
+    """Input and output tokens and parts of them that fit (as check_usage requires)."""
+    input_tokens, output_tokens = draw(st.integers(0, 10**9)), draw(st.integers(0, 10**9))
+    left = input_tokens
+    parts = {}
+    for name in ("cached_input_tokens", "cache_write_input_tokens", "audio_input_tokens", "image_input_tokens"):
+        parts[name] = draw(st.integers(0, left))
+        left -= parts[name]
+    parts["audio_output_tokens"] = draw(st.integers(0, output_tokens))
+    parts["image_output_tokens"] = draw(st.integers(0, output_tokens - parts["audio_output_tokens"]))
+    return Quantities(input_tokens=input_tokens, output_tokens=output_tokens, requests=0, **parts)
+
+
+@given(_token_parts(), st.integers(0, 10**11), st.integers(0, 10**11))
+def test_a_part_without_its_own_price_costs_what_its_whole_does(q: Quantities, input_price: int, output_price: int) -> None:
+    """Every part of the input and output (cached, cache writes, audio, images) is priced as its whole when
+    the table gives it no price of its own: only the rounding of each part up (never down) can add, at
+    most a nano a part."""
+    document = parse_policy(SAMPLE_POLICY)
+    price = document.price_table.models["gpt-4o"].model_copy(update={"input": input_price, "output": output_price,
+                                                                     "cached_input": None})
+    whole = cost_of(price, Quantities(input_tokens=q.input_tokens, output_tokens=q.output_tokens, requests=0))
+    assert whole <= cost_of(price, q) <= whole + 8
+
+
+@given(_token_parts(), st.integers(1, 10**11))
+def test_a_part_priced_dearer_costs_more_by_exactly_its_difference(q: Quantities, extra: int) -> None:
+    """Images out at their own price (Gemini's image models): dearer by `extra` a million, the image tokens
+    cost that much more, rounded as their part is, and nothing else moves."""
+    document = parse_policy(SAMPLE_POLICY)
+    base = document.price_table.models["gpt-4o"]
+    dearer = base.model_copy(update={"image_output": base.output + extra})
+    added = cost_of(dearer, q) - cost_of(base, q)
+    images = q.image_output_tokens
+    assert added == price_quantity(images, base.output + extra) - price_quantity(images, base.output)
+
+
+def test_containers_are_priced_by_their_memory() -> None:
+    document = parse_policy(SAMPLE_POLICY.replace('      output: "0.60"', '      output: "0.60"\n'
+                                                  '      per_container: {1g: "0.03", 4g: "0.12"}', 1))
+    price = document.price_table.models["gpt-4o-mini"]
+    assert cost_of(price, Quantities(containers=2, container_memory="4g", requests=0)) == 2 * parse_amount("0.12")
+    assert cost_of(price, Quantities(containers=1, container_memory="1g", requests=0)) == parse_amount("0.03")
+    with pytest.raises(PolicyError):
+        parse_policy(SAMPLE_POLICY.replace('      output: "0.60"', '      output: "0.60"\n'
+                                           '      per_container: {1g: "-0.03"}', 1))
