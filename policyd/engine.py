@@ -696,7 +696,7 @@ class Engine:
             if not s.image_generation_calls and request.endpoint in TOOL_BOUND_ENDPOINTS:
                 tool_call_cap = max(tool_call_cap, calls)
             images, images_cost, images_charge = self._image_generation(
-                policy, plan, s.image_model, billing, calls, input_tokens=calls * input_tokens,
+                policy, plan, s.image_model, billing, input_tokens=calls * input_tokens,
                 output_tokens=calls * (self._tokens_per_image(policy, plan, s.image_model)
                                        + s.partial_images * PARTIAL_IMAGE_OUTPUT_TOKENS), reserve=True)
             quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, \
@@ -730,8 +730,7 @@ class Engine:
         return price.output_tokens_per_image or price.max_output_tokens or plan.default_max_output_tokens
 
     @staticmethod
-    def _image_generation(policy: Policy, plan: Plan, image_model: str, billing: str, calls: int,
-                          input_tokens: int = 0, cached_input_tokens: int = 0, image_input_tokens: int = 0,
+    def _image_generation(policy: Policy, plan: Plan, image_model: str, billing: str, input_tokens: int = 0, cached_input_tokens: int = 0, image_input_tokens: int = 0,
                           output_tokens: int = 0, reserve: bool = False) -> tuple[Quantities, int, int]:
         """The image_generation tool's quantities, cost and charge at its image model's prices (the
         plan's price list for that model, when it has one). Reserved (`reserve`): input at the dearer
@@ -743,6 +742,27 @@ class Engine:
         quantities = image_generation_quantities(input_tokens, cached_input_tokens, image_input_tokens, output_tokens)
         cost = cost_of(price, quantities)
         return quantities, cost, charge_of(plan, image_model, quantities, cost, billing)
+
+    @classmethod
+    def _images_made(cls, policy: Policy, plan: Plan, record: dict[str, Any],
+                     report: UsageReport) -> tuple[UsageReport, Quantities, int, int]:
+        """The image_generation tool's usage at Settle, at the prices of the image model the request
+        reserved for: calls reported without tokens are an image at the model's most each. Usage of a tool
+        the request reserved no image model for (a stored prompt's tools, which the body does not show)
+        cannot be priced: recorded as reported, marked, and the rest of the request charged."""
+        image_model = record.get("image_model") or ""
+        if not (report.image_generation_calls or report.image_generation_input_tokens
+                or report.image_generation_output_tokens):
+            return report, Quantities(requests=0), 0, 0
+        if not image_model or policy.model(image_model) is None:
+            return replace(report, error_class=report.error_class or "image_generation_unpriced"), \
+                Quantities(requests=0), 0, 0
+        made = report.image_generation_output_tokens or \
+            report.image_generation_calls * cls._tokens_per_image(policy, plan, image_model)
+        images, cost, charge = cls._image_generation(
+            policy, plan, image_model, record["billing_mode"], report.image_generation_input_tokens, report.image_generation_cached_input_tokens,
+            report.image_generation_image_input_tokens, made)
+        return replace(report, image_generation_output_tokens=made), images, cost, charge
 
     async def _reserve(self, request: AuthorizeInput, request_id: str, secret_hash: str, terms: str, owner: Owner,
                        policy: Policy | None, plan: Plan | None, attempt: _Plan, preset: str, at: int,
@@ -948,24 +968,8 @@ class Engine:
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
-        image_model = r.get("image_model") or ""
-        tool_images = report.image_generation_calls or report.image_generation_input_tokens or \
-            report.image_generation_output_tokens
-        if tool_images and (not image_model or policy.model(image_model) is None):
-            raise await self._reject(report.request_id, reservation.partition, "invalid_usage",
-                                     "image_generation usage for a request that reserved no image model "
-                                     "(RequestShape.image_model): its images cannot be priced", asdict(report))
-        if tool_images:
-            # calls the provider reported no tokens for: each an image at the model's most
-            made = report.image_generation_output_tokens or \
-                report.image_generation_calls * self._tokens_per_image(policy, plan, image_model)
-            report = replace(report, image_generation_output_tokens=made)
-            images, images_cost, images_charge = self._image_generation(
-                policy, plan, image_model, r["billing_mode"], report.image_generation_calls,
-                report.image_generation_input_tokens, report.image_generation_cached_input_tokens,
-                report.image_generation_image_input_tokens, made)
-            quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, \
-                charge + images_charge
+        report, images, images_cost, images_charge = self._images_made(policy, plan, r, report)
+        quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, charge + images_charge
         numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
                    report.seconds, report.requests or 1, served, report.cache_write_input_tokens]
         later = [getattr(report, name) for name in LATER_USAGE_FIELDS]

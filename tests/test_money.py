@@ -284,7 +284,8 @@ async def test_the_image_generation_tool_is_held_and_charged_at_its_image_models
     per image (and 100 tokens a partial image) and the request's input at the image model's dearer input
     price; Settle charges the tool's usage at the image model's prices beside the model's own, each with
     the plan's markup. Calls reported without tokens are charged an image at the most each; tool usage for
-    a request that reserved no image model cannot be priced: refused, nothing moves."""
+    a request that reserved no image model (a stored prompt's tool) cannot be priced: the rest of the request
+    is charged, the figures recorded, the record marked."""
     doc = yaml.safe_load(SAMPLE_POLICY)
     doc["price_table"]["models"]["gpt-image-1"] = {"provider": "openai", "tier": "premium", "input": "5.00",
                                                    "cached_input": "1.25", "image_input": "10.00", "output": "40.00",
@@ -322,18 +323,18 @@ async def test_the_image_generation_tool_is_held_and_charged_at_its_image_models
     counted = await service.engine.settle(usage("unbounded", input_tokens=100, output_tokens=50,
                                                 image_generation_calls=2))
     assert counted.cost == own + price_quantity(2 * 1056, parse_amount("40.00"))
-    with pytest.raises(PolicydError) as refused:
-        await service.engine.settle(usage("plain", image_generation_calls=1, image_generation_output_tokens=272))
-    assert refused.value.reason == "invalid_usage" and "image model" in refused.value.message
+    unpriced = await service.engine.settle(usage("plain", image_generation_calls=1, image_generation_output_tokens=272))
+    assert unpriced.cost == own
     await service.writer.drain()
+    row = service.store.usage_record("plain")
+    assert (row.status, row.error_class, row.image_generation_output_tokens) == ("settled", "image_generation_unpriced", 272)
     row = service.store.usage_record("drawn")
     assert (row.image_model, row.image_generation_calls, row.image_generation_input_tokens,
             row.image_generation_cached_input_tokens, row.image_generation_image_input_tokens,
             row.image_generation_output_tokens, row.cost_nanos) == ("gpt-image-1", 1, 300, 120, 150, 1156, own + images)
     assert service.store.usage_record("unbounded").image_generation_output_tokens == 2 * 1056
-    balance, reserved = await service.counters.wallet("acme")
-    assert balance == parse_amount("10") - settled.charge - counted.charge
-    assert reserved == (await service.counters.find_reservation("plain")).amount
+    assert await service.counters.wallet("acme") == (
+        parse_amount("10") - settled.charge - counted.charge - unpriced.charge, 0)
 
 
 async def test_image_output_tokens_are_held_and_charged_at_their_own_price(service: Service) -> None:
