@@ -2,6 +2,9 @@
 responses, embeddings, legacy completions, speech, Anthropic messages, Gemini's generateContent (and its
 streams, SSE or a JSON array) and token counts with deterministic usage, streams SSE, and can fail.
 
+The Responses API streams its own events (response.created, items added and done, text deltas, an image
+tool's partial images, response.completed with the usage); chat and legacy completions stream chunks.
+
 Scenarios, by the request header `x-mock-scenario`:
     ok (default) | rate_limited (429) | server_error (500) | stall (sleeps 30 s) |
     cut (a stream that stops mid-way without usage) | no_usage (a reply without usage) |
@@ -255,9 +258,9 @@ class MockProvider:
             return h._json(200, {"object": "list", "model": model,
                                  "data": [{"object": "embedding", "index": i, "embedding": vector} for i in range(len(inputs))],
                                  "usage": {"prompt_tokens": p_tokens, "total_tokens": p_tokens}})
-        if body.get("stream"):
-            return self._stream(h, body, model, p_tokens, c_tokens, scenario, anthropic, legacy)
         searches = sum(1 for tool in body.get("tools") or [] if str(tool.get("type", "")).startswith("web_search"))
+        if body.get("stream") and not route.endswith("/responses"):
+            return self._stream(h, body, model, p_tokens, c_tokens, scenario, anthropic, legacy)
         if anthropic:
             usage = {"input_tokens": p_tokens, "output_tokens": c_tokens}
             if "\"ttl\": \"1h\"" in json.dumps(body.get("system")):  # half the prompt written to an hour's cache
@@ -270,30 +273,7 @@ class MockProvider:
                                  "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
                                  **({} if scenario == "no_usage" else {"usage": usage})})
         if route.endswith("/responses"):
-            usage = {"input_tokens": p_tokens, "output_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
-            calls = [{"type": "web_search_call" if str(tool.get("type", "")).startswith("web_search") else
-                      "file_search_call", "id": f"call_mock{i}", "status": "completed"}
-                     for i, tool in enumerate(body.get("tools") or [])
-                     if str(tool.get("type", "")).startswith(("web_search", "file_search"))]  # one call a search tool
-            reply = {"id": f"resp_mock{next(self.response_ids)}", "object": "response", "model": model,
-                     "status": "completed", "output": [*calls, {"type": "message", "role": "assistant", "content": [
-                         {"type": "output_text", "text": text}]}],
-                     **({} if scenario == "no_usage" else {"usage": usage})}
-            for tool in body.get("tools") or []:  # code runs in a container: a new one for an "auto" container
-                if tool.get("type") == "code_interpreter":
-                    made = tool.get("container") if isinstance(tool.get("container"), str) else \
-                        f"cntr_mock{next(self.response_ids)}"
-                    reply["output"].insert(0, {"type": "code_interpreter_call", "id": "ci_mock", "status": "completed",
-                                               "code": "print(6 * 7)", "container_id": made, "outputs": None})
-            painter = next((t for t in body.get("tools") or [] if t.get("type") == "image_generation"), None)
-            if painter is not None:  # one image, billed apart at the image model's prices (tool_usage.image_gen)
-                quality = painter.get("quality") if painter.get("quality") in IMAGE_TOKENS else "medium"
-                reply["output"].insert(0, {"type": "image_generation_call", "id": "ig_mock", "status": "completed",
-                                           "result": "iVBORw0KGgo=", "quality": quality, "size": "1024x1024",
-                                           "revised_prompt": text})
-                reply["tool_usage"] = {"web_search": {"num_requests": searches}, "image_gen": {
-                    "input_tokens": 40, "input_tokens_details": {"image_tokens": 0, "text_tokens": 40},
-                    "output_tokens": IMAGE_TOKENS[quality], "total_tokens": 40 + IMAGE_TOKENS[quality]}}
+            reply = self._response(body, model, p_tokens, c_tokens, text, searches, scenario)
             if body.get("store") is not False:
                 with self.lock:
                     self.stored[reply["id"]] = (reply, body.get("input"))
@@ -307,6 +287,8 @@ class MockProvider:
                     self.conversations[named]["items"] += [
                         self._item({"type": "message", "role": "user", "content": str(body.get("input"))}),
                         self._item({"type": "message", "role": "assistant", "content": text})]
+            if body.get("stream"):
+                return self._responses_stream(h, reply, WORDS[:c_tokens], scenario)
             return h._json(200, reply)
         usage = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
         if "audio" in (body.get("modalities") or []):  # gpt-4o-audio: half the prompt heard, all but one token spoken
@@ -325,6 +307,82 @@ class MockProvider:
                 reply["id"] = f"chatcmpl-mock{next(self.response_ids)}"
                 self.stored[reply["id"]] = (reply, body.get("messages"))
         return h._json(200, reply)
+
+    def _response(self, body: dict[str, Any], model: str, p_tokens: int, c_tokens: int, text: str, searches: int,
+                  scenario: str) -> dict[str, Any]:
+        """A Responses API reply: a call a search tool, code run in a container for a code_interpreter tool
+        (a new one for an "auto" container), one image for an image_generation tool (billed apart at the image
+        model's prices: tool_usage.image_gen), then the message."""
+        usage = {"input_tokens": p_tokens, "output_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
+        tools = body.get("tools") or []
+        calls = [{"type": "web_search_call" if str(tool.get("type", "")).startswith("web_search") else
+                  "file_search_call", "id": f"call_mock{i}", "status": "completed"}
+                 for i, tool in enumerate(tools)
+                 if str(tool.get("type", "")).startswith(("web_search", "file_search"))]  # one call a search tool
+        reply = {"id": f"resp_mock{next(self.response_ids)}", "object": "response", "created_at": 0, "model": model,
+                 "status": "completed", "output": [*calls, {"type": "message", "id": "msg_mock", "status": "completed",
+                                                            "role": "assistant", "content": [
+                                                                {"type": "output_text", "text": text, "annotations": []}]}],
+                 **({} if scenario == "no_usage" else {"usage": usage})}
+        for tool in tools:
+            if tool.get("type") == "code_interpreter":
+                made = tool.get("container") if isinstance(tool.get("container"), str) else \
+                    f"cntr_mock{next(self.response_ids)}"
+                reply["output"].insert(0, {"type": "code_interpreter_call", "id": "ci_mock", "status": "completed",
+                                           "code": "print(6 * 7)", "container_id": made, "outputs": None})
+        painter = next((t for t in tools if t.get("type") == "image_generation"), None)
+        if painter is not None:
+            quality = painter.get("quality") if painter.get("quality") in IMAGE_TOKENS else "medium"
+            partials = painter.get("partial_images", 0) if body.get("stream") else 0
+            reply["output"].insert(0, {"type": "image_generation_call", "id": "ig_mock", "status": "completed",
+                                       "result": "iVBORw0KGgo=", "quality": quality, "size": "1024x1024",
+                                       "revised_prompt": text, "partial_images": partials})
+            made = IMAGE_TOKENS[quality] + 100 * partials  # each partial image: 100 more image tokens
+            reply["tool_usage"] = {"web_search": {"num_requests": searches}, "image_gen": {
+                "input_tokens": 40, "input_tokens_details": {"image_tokens": 0, "text_tokens": 40},
+                "output_tokens": made, "total_tokens": 40 + made}}
+        return reply
+
+    def _responses_stream(self, h: Any, reply: dict[str, Any], words: list[str], scenario: str) -> None:
+        """A Responses API stream: response.created, each output item added and done (the image's partial
+        images and its completed event, the message's text deltas), then response.completed with the
+        usage. `cut` drops the connection half-way through the text, `slow` waits 200 ms a delta."""
+        h.send_response(200)
+        h.send_header("content-type", "text/event-stream")
+        h.send_header("transfer-encoding", "chunked")
+        h.end_headers()
+        sequence = itertools.count()
+
+        def send(kind: str, **fields: Any) -> None:
+            data = json.dumps({"type": kind, "sequence_number": next(sequence), **fields})
+            chunk = f"event: {kind}\ndata: {data}\n\n".encode()
+            h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            h.wfile.flush()
+
+        started = {k: v for k, v in reply.items() if k not in ("usage", "tool_usage")}
+        try:
+            send("response.created", response={**started, "status": "in_progress", "output": []})
+            for index, item in enumerate(reply["output"]):
+                send("response.output_item.added", output_index=index,
+                     item={**{k: v for k, v in item.items() if k not in ("result", "content")}, "status": "in_progress"})
+                if item["type"] == "image_generation_call":
+                    for partial in range(item.get("partial_images", 0)):
+                        send("response.image_generation_call.partial_image", output_index=index, item_id=item["id"],
+                             partial_image_index=partial, partial_image_b64="iVBORw0KGgo=")
+                    send("response.image_generation_call.completed", output_index=index, item_id=item["id"])
+                if item["type"] == "message":
+                    for i, word in enumerate(words):
+                        if scenario == "cut" and i == len(words) // 2:
+                            h.close_connection = True  # the connection drops: no response.completed
+                            return
+                        send("response.output_text.delta", output_index=index, item_id=item["id"], content_index=0,
+                             delta=word, logprobs=[])
+                        time.sleep(0.2 if scenario == "slow" else 0.002)
+                send("response.output_item.done", output_index=index, item=item)
+            send("response.completed", response=reply)
+            h.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            return  # the client (Envoy) hung up
 
     def _item(self, item: dict[str, Any]) -> dict[str, Any]:
         text = item.get("content")

@@ -824,6 +824,67 @@ def test_a_stream_cut_midway_is_still_settled(gateway: Gateway) -> None:
     assert record["output_tokens"] > 0 and record["charge_nanos"] > 0
 
 
+def test_a_responses_stream_is_charged_from_its_completed_event(gateway: Gateway) -> None:
+    """The Responses API's own stream (response.created ... response.completed): charged the usage of its
+    last event, the image its image_generation tool made (and its partial images) at gpt-image-1's
+    prices, the container its code ran in at the model's price."""
+    key = gateway.customer("e2e-responses-stream")
+    events = list(gateway.client(key).responses.create(
+        model="gpt-4o-mini", input="stream me a picture and a sum", max_output_tokens=16, stream=True,
+        tools=[{"type": "image_generation", "model": "gpt-image-1", "quality": "low", "partial_images": 2},
+               {"type": "code_interpreter", "container": {"type": "auto"}}],
+        extra_headers={"x-policyd-request-id": "e2e-rstream-1"}))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert kinds.count("response.image_generation_call.partial_image") == 2
+    final = events[-1].response
+    record = gateway.record("e2e-rstream-1")
+    assert (record["status"], record["stream_interrupted"], record["error_class"]) == ("settled", 0, "")
+    assert (record["input_tokens"], record["output_tokens"]) == (final.usage.input_tokens, final.usage.output_tokens)
+    assert (record["image_generation_calls"], record["image_generation_output_tokens"], record["containers"]) == (
+        1, 272 + 2 * 100, 1)
+    text = price_quantity(final.usage.input_tokens, parse_amount("0.15")) + \
+        price_quantity(final.usage.output_tokens, parse_amount("0.60"))
+    images = price_quantity(40, parse_amount("5.00")) + price_quantity(472, parse_amount("40.00"))
+    assert record["cost_nanos"] == text + images + parse_amount("0.03")
+
+
+def test_a_responses_stream_cut_midway_is_charged_for_what_was_made(gateway: Gateway) -> None:
+    """Cut after the image and the container were made, half-way through the text: the image (an image at
+    gpt-image-1's most, no usage having come) and the container are charged with the text delivered and
+    the input estimated, marked."""
+    key = gateway.customer("e2e-responses-cut")
+    with pytest.raises(Exception):
+        list(gateway.client(key).responses.create(
+            model="gpt-4o-mini", input="cut me after the picture", max_output_tokens=12, stream=True,
+            tools=[{"type": "image_generation", "model": "gpt-image-1", "quality": "low"},
+                   {"type": "code_interpreter", "container": {"type": "auto"}}],
+            extra_headers={"x-mock-scenario": "cut", "x-policyd-request-id": "e2e-rcut-1"}))
+    record = gateway.record("e2e-rcut-1")
+    assert (record["status"], record["stream_interrupted"]) == ("settled", 1)
+    assert record["error_class"].startswith("usage_estimated")
+    assert (record["image_generation_calls"], record["image_generation_output_tokens"], record["containers"]) == (
+        1, 6240, 1)
+    assert 0 < record["output_tokens"] < 12
+    assert record["cost_nanos"] > price_quantity(6240, parse_amount("40.00")) + parse_amount("0.03")
+    assert gateway.wallet("e2e-responses-cut").reserved_nanos == 0
+
+
+def test_a_client_that_hangs_up_a_responses_stream_is_charged_for_what_it_got(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-responses-hangup")
+    with gateway.client(key).responses.with_streaming_response.create(
+            model="gpt-4o-mini", input="a long streamed answer", stream=True,
+            extra_headers={"x-mock-scenario": "slow", "x-policyd-request-id": "e2e-rhangup-1"}) as response:
+        stream = iter(response.parse())
+        first = [next(stream).type for _ in range(4)]
+        assert first[0] == "response.created" and "response.output_text.delta" in first
+    record = gateway.record("e2e-rhangup-1")
+    assert (record["status"], record["stream_interrupted"], record["error_class"]) == (
+        "settled", 1, "usage_estimated:stream_cut")
+    assert 0 < record["output_tokens"] < 12 and record["charge_nanos"] > 0
+    assert gateway.wallet("e2e-responses-hangup").reserved_nanos == 0
+
+
 def test_upstream_errors_release_and_cool_the_account_down(gateway: Gateway) -> None:
     key = gateway.customer("e2e-429")
     client = gateway.client(key)
