@@ -83,6 +83,12 @@ class Shape:
     # container, a shell tool in a "container_auto" environment): how many, and the largest memory limit
     containers: int = 0
     container_memory: str = ""
+    # how many of a model's most per image (output_tokens_per_image) one image may bill: its area over the
+    # standard sizes' largest (1536x1024), times a GIF's frames; 0 = 1 (images, the image_generation tool)
+    image_scale: int = 0
+
+
+IMAGE_SCALE_MAX = 10_000  # the largest image_scale (a request's is held at most so: the provider refuses past it)
 
 
 @dataclass(frozen=True)

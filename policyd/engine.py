@@ -651,7 +651,7 @@ class Engine:
         elif request.endpoint in ("embeddings", "audio_speech"):  # no output tokens to cap
             output_cap = 0
         elif request.endpoint == "images":  # no cap to give either: each image bills up to the model's most
-            output_cap = (price.output_tokens_per_image or output_cap) * (s.image_count or 1)
+            output_cap = (price.output_tokens_per_image or output_cap) * (s.image_count or 1) * max(1, s.image_scale)
             if s.unseen_input and price.image_input_price > price.input:  # input images, at their dearer price
                 image_input = input_tokens
         elif request.endpoint == "audio_transcriptions":  # the audio's seconds, or its audio tokens, and text out
@@ -697,7 +697,7 @@ class Engine:
                 tool_call_cap = max(tool_call_cap, calls)
             images, images_cost, images_charge = self._image_generation(
                 policy, plan, s.image_model, billing, input_tokens=calls * input_tokens,
-                output_tokens=calls * (self._tokens_per_image(policy, plan, s.image_model)
+                output_tokens=calls * (self._tokens_per_image(policy, plan, s.image_model) * max(1, s.image_scale)
                                        + s.partial_images * PARTIAL_IMAGE_OUTPUT_TOKENS), reserve=True)
             quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, \
                 charge + images_charge
@@ -744,10 +744,11 @@ class Engine:
         return quantities, cost, charge_of(plan, image_model, quantities, cost, billing)
 
     @classmethod
-    def _images_made(cls, policy: Policy, plan: Plan, record: dict[str, Any],
-                     report: UsageReport) -> tuple[UsageReport, Quantities, int, int]:
+    def _images_made(cls, policy: Policy, plan: Plan, record: dict[str, Any], report: UsageReport,
+                     image_scale: int = 1) -> tuple[UsageReport, Quantities, int, int]:
         """The image_generation tool's usage at Settle, at the prices of the image model the request
-        reserved for: calls reported without tokens are an image at the model's most each. Usage of a tool
+        reserved for: calls reported without tokens are an image at the model's most each (of the size
+        and frames held: `image_scale`). Usage of a tool
         the request reserved no image model for (a stored prompt's tools, which the body does not show)
         cannot be priced: recorded as reported, marked, and the rest of the request charged."""
         image_model = record.get("image_model") or ""
@@ -758,7 +759,7 @@ class Engine:
             return replace(report, error_class=report.error_class or "image_generation_unpriced"), \
                 Quantities(requests=0), 0, 0
         made = report.image_generation_output_tokens or \
-            report.image_generation_calls * cls._tokens_per_image(policy, plan, image_model)
+            report.image_generation_calls * cls._tokens_per_image(policy, plan, image_model) * image_scale
         images, cost, charge = cls._image_generation(
             policy, plan, image_model, record["billing_mode"], report.image_generation_input_tokens, report.image_generation_cached_input_tokens,
             report.image_generation_image_input_tokens, made)
@@ -781,6 +782,9 @@ class Engine:
         if attempt.tool_call_cap:  # a retry is answered with the same bound
             fields["max_tool_calls"] = attempt.tool_call_cap
             extra += f',"max_tool_calls":{int(attempt.tool_call_cap)}'
+        if request.shape.image_model and request.shape.image_scale > 1:  # an image at Settle with no usage: as held
+            fields["image_scale"] = request.shape.image_scale
+            extra += f',"image_scale":{int(request.shape.image_scale)}'
         fields_json = (f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.likely_input_tokens)},'
                        f'"seconds_estimate":{int(attempt.likely_seconds)},'
                        f'"audio_tokens_estimate":{int(attempt.likely_audio_tokens)}{extra}}}')
@@ -968,7 +972,8 @@ class Engine:
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
-        report, images, images_cost, images_charge = self._images_made(policy, plan, r, report)
+        report, images, images_cost, images_charge = self._images_made(
+            policy, plan, r, report, int(reservation.fields.get("image_scale") or 1))
         quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, charge + images_charge
         numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
                    report.seconds, report.requests or 1, served, report.cache_write_input_tokens]

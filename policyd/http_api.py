@@ -49,7 +49,7 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from policyd import reasons
 from policyd.audio import wav_seconds
-from policyd.domain import Attribution, AuthorizeInput, KeySummary, RateLimit, Shape, trace_id_from
+from policyd.domain import IMAGE_SCALE_MAX, Attribution, AuthorizeInput, KeySummary, RateLimit, Shape, trace_id_from
 from policyd.money import MONEY_UNITS, format_amount
 from policyd.multipart import MultipartError, MultipartForm
 
@@ -174,6 +174,7 @@ class HttpCall:
     partial_images: int = 0  # partial images each streamed image_generation call sends
     containers: int = 0  # hosted containers the request may have the provider make (code_interpreter, shell)
     container_memory: str = ""  # ... the largest memory limit they ask for
+    image_scale: int = 0  # how many of a model's most per image one image may bill (its size, a GIF's frames)
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
@@ -194,7 +195,8 @@ class HttpCall:
                         file_searches=self.file_searches, unbounded_web_search_tools=self.unbounded_web_search_tools,
                         unbounded_file_search=self.unbounded_file_search, image_model=self.image_model,
                         image_generation_calls=self.image_generation_calls, partial_images=self.partial_images,
-                        containers=self.containers, container_memory=self.container_memory),
+                        containers=self.containers, container_memory=self.container_memory,
+                        image_scale=self.image_scale),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, previous_response=self.previous_response,
             creates=self.creates, conversation=self.conversation, files=self.files,
@@ -375,6 +377,27 @@ def _search_tools(data: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     return [t for t in _tools(data) if str(t.get("type", "")).startswith(kind)]
 
 
+# An image model's output_tokens_per_image is the most one image of the standard sizes bills (up to
+# 1536x1024). Larger sizes (newer models draw up to 3840x2160) bill more, about by their area, and a GIF
+# bills each of its frames (OpenAI's default: 9).
+STANDARD_IMAGE_PIXELS = 1536 * 1024
+GIF_FRAMES_DEFAULT = 9
+
+
+def image_scale(size: Any, output_format: Any, frame_count: Any) -> int:
+    """How many of a model's most per image one image of this size and format may bill."""
+    scale = 1
+    if isinstance(size, str):
+        width, _, height = size.strip().lower().partition("x")
+        if width.isdigit() and height.isdigit() and len(width) < 7 and len(height) < 7:
+            scale = max(1, -(-int(width) * int(height) // STANDARD_IMAGE_PIXELS))
+    if isinstance(output_format, str) and output_format.strip().lower() == "gif":
+        frames = frame_count if isinstance(frame_count, int) and not isinstance(frame_count, bool) else \
+            int(frame_count) if isinstance(frame_count, str) and frame_count.strip().isdigit() else 0
+        scale *= min(frames, IMAGE_SCALE_MAX) if frames > 0 else GIF_FRAMES_DEFAULT
+    return min(scale, IMAGE_SCALE_MAX)  # past it the provider refuses the request: held as the most
+
+
 CONTAINER_MEMORY_DEFAULT = "1g"  # OpenAI's, for a container that names no memory_limit
 
 
@@ -534,6 +557,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.message_count = len(messages) if isinstance(messages, list) else 1
     if endpoint == "images":
         call.image_count = _int(data.get("n")) or 1
+        call.image_scale = image_scale(data.get("size"), data.get("output_format"), data.get("frame_count"))
     elif endpoint == "chat_completions":  # n choices, each up to the output cap: all of them are billed
         call.choices = _count(data.get("n"))
     elif endpoint == "completions":  # best_of are generated (and billed), n of them returned
@@ -564,6 +588,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.image_model = image_model[:256]
         call.image_generation_calls = _count(data.get("max_tool_calls"))
         call.partial_images = _count(image_tools[0].get("partial_images")) if call.stream else 0
+        tool = image_tools[0]
+        call.image_scale = image_scale(tool.get("size"), tool.get("output_format"), tool.get("frame_count"))
     if endpoint == "responses":
         call.containers, call.container_memory = _new_containers(_tools(data))
     if endpoint == "responses" and isinstance(data.get("previous_response_id"), str):
@@ -695,6 +721,7 @@ def _image_form(call: HttpCall, content_type: str, body: bytes, path_model: str)
     if not n.isdigit() or not 1 <= int(n) <= 10:
         return _problem(call, "invalid_request", "n must be a whole number from 1 to 10", "n")
     call.image_count = int(n)
+    call.image_scale = image_scale(form.field("size"), form.field("output_format"), form.field("frame_count"))
     call.stream = (form.field("stream") or "").strip().lower() == "true"
     call.prompt_bytes = len((form.field("prompt") or "").encode("utf-8"))
     call.message_count = 1

@@ -91,7 +91,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             audio_output=s.audio_output, file_searches=s.file_searches,
             unbounded_web_search_tools=s.unbounded_web_search_tools, unbounded_file_search=s.unbounded_file_search,
             image_model=s.image_model, image_generation_calls=s.image_generation_calls, partial_images=s.partial_images,
-            containers=s.containers, container_memory=s.container_memory,
+            containers=s.containers, container_memory=s.container_memory, image_scale=s.image_scale,
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from policyd.domain import CREATABLE, ENDPOINTS, FILES_PER_REQUEST_MAX, AuthorizeInput, UsageReport
+from policyd.domain import CREATABLE, ENDPOINTS, FILES_PER_REQUEST_MAX, IMAGE_SCALE_MAX, AuthorizeInput, UsageReport
 from policyd.money import QUANTITY_MAX
 from policyd.policy import CONTAINER_MEMORY_LENGTH_MAX
 
@@ -101,6 +101,8 @@ def check_authorize(request: AuthorizeInput) -> None:
                       "image_generation_calls")
     if not 0 <= s.partial_images <= PARTIAL_IMAGES_MAX:
         raise Problem("invalid_request", f"partial_images must be between 0 and {PARTIAL_IMAGES_MAX}", "partial_images")
+    if not 0 <= s.image_scale <= IMAGE_SCALE_MAX:
+        raise Problem("invalid_request", f"image_scale must be between 0 and {IMAGE_SCALE_MAX}", "image_scale")
     if not 0 <= s.containers <= SEARCH_TOOLS_MAX:
         raise Problem("invalid_request", f"containers must be between 0 and {SEARCH_TOOLS_MAX}", "containers")
     _text_field("container_memory", s.container_memory, CONTAINER_MEMORY_LENGTH_MAX)

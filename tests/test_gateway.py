@@ -411,6 +411,18 @@ def test_token_priced_images_are_reserved_at_their_most_and_charged_their_tokens
     assert record["reserved_nanos"] >= price_quantity(2 * 6240, parse_amount("40.00")) * 12 // 10  # the most, twice
 
 
+def test_a_large_image_is_held_at_its_size(gateway: Gateway) -> None:
+    """Sizes past 1536x1024 bill about by their area (3840x2160: up to six standard images' tokens): held
+    so, before the provider; charged what it billed."""
+    raw = gateway.client(gateway.customer("e2e-large-image")).images.with_raw_response.generate(
+        model="gpt-image-1", prompt="a very large ledger", size="3840x2160", quality="low")
+    image = raw.parse()
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["output_tokens"]) == ("settled", image.usage.output_tokens)
+    assert record["reserved_nanos"] >= price_quantity(6 * 6240, parse_amount("40.00")) * 12 // 10
+    assert record["max_output_tokens"] == 6 * 6240
+
+
 def test_image_edits_and_variations_are_charged_like_generations(gateway: Gateway) -> None:
     """images.edit and images.create_variation send multipart forms: gpt-image-1 is charged the tokens of
     its prompt, of its input images (at their own price, twice the text's), and of the images it made;

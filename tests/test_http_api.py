@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from policyd.gateway_config import render
 from policyd import http_api
-from policyd.http_api import CUSTOMER_KEY_HEADERS, parse_call, reply_headers, rewrite_body, upstream_path, without_query_key
+from policyd.domain import IMAGE_SCALE_MAX
+from policyd.http_api import (CUSTOMER_KEY_HEADERS, image_scale, parse_call, reply_headers, rewrite_body, upstream_path,
+                              without_query_key)
 from policyd.usage_capture import Closing, ResponseReader, closing
 from tests.conftest import ROOT
 
@@ -948,3 +950,21 @@ def test_hosted_containers_a_request_may_make_are_named_and_the_ones_used_are_re
                    "item": {"type": "code_interpreter_call", "container_id": "cntr_9", "status": "in_progress"}},
                   {"type": "response.output_text.delta", "delta": "the answer is"}))
     assert closing(200, cut, cut=True).action == "estimate" and cut.tokens.containers == 1
+
+
+def test_an_images_size_and_frames_scale_what_one_image_may_bill() -> None:
+    """A model's output_tokens_per_image is the most a standard-size image (up to 1536x1024) bills; a larger
+    size bills about by its area, a GIF each of its frames (9 unless it says): images requests, their forms
+    and the image_generation tool hold each image so."""
+    assert [image_scale(size, None, None) for size in (None, "auto", "1024x1024", "1536x1024", "1536x1025",
+                                                       "3840x2160", "2560x1440", "big")] == [1, 1, 1, 1, 2, 6, 3, 1]
+    assert (image_scale("1024x1024", "gif", None), image_scale("1024x1024", "gif", 4), image_scale(None, "gif", "12"),
+            image_scale("3840x2160", "GIF", 5), image_scale("1024x1024", "png", 5)) == (9, 4, 12, 30, 1)
+    assert image_scale("999999x999999", "gif", 10**9) == IMAGE_SCALE_MAX  # held at the most
+    drawn = parse_call("POST", "/v1/images/generations", {"authorization": "Bearer k"}, json.dumps(
+        {"model": "gpt-image-2", "prompt": "a ledger", "n": 2, "size": "3840x2160"}).encode())
+    assert (drawn.authorize_input().shape.image_count, drawn.authorize_input().shape.image_scale) == (2, 6)
+    tool = parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, json.dumps(
+        {"model": "gpt-5", "input": "animate a ledger", "tools": [
+            {"type": "image_generation", "model": "gpt-image-2", "output_format": "gif", "frame_count": 6}]}).encode())
+    assert tool.authorize_input().shape.image_scale == 6

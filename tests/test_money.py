@@ -337,6 +337,37 @@ async def test_the_image_generation_tool_is_held_and_charged_at_its_image_models
         parse_amount("10") - settled.charge - counted.charge - unpriced.charge, 0)
 
 
+async def test_a_large_or_animated_image_is_held_at_its_scale(service: Service) -> None:
+    """An image larger than the standard sizes, or a GIF's frames, may bill that many times the model's most
+    per image (RequestShape.image_scale): held so, for the images endpoint and the image_generation tool;
+    a tool's image with no usage reported is charged so too."""
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["price_table"]["models"]["gpt-image-2"] = {"provider": "openai", "tier": "premium", "input": "5.00",
+                                                   "output": "40.00", "output_tokens_per_image": 1056}
+    await service.admin.apply_policy(yaml.safe_dump(doc), "large-images.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+
+    def scaled(request: AuthorizeInput, scale: int, **shape: Any) -> AuthorizeInput:
+        return replace(request, shape=replace(request.shape, image_scale=scale, **shape))
+
+    def images(request_id: str, scale: int) -> AuthorizeInput:
+        return scaled(ask(secret, model="gpt-image-2", endpoint="images", request_id=request_id, prompt_bytes=40,
+                          max_output_tokens=0), scale, image_count=2)
+
+    standard = await service.engine.authorize(images("s", 0))
+    large = await service.engine.authorize(images("l", 6))
+    per_image = price_quantity(1056, parse_amount("40.00")) * 12 // 10
+    assert large.reserved - standard.reserved >= 2 * 5 * per_image - 2  # five more images' worth, each of two
+    plain = await service.engine.authorize(ask(secret, endpoint="responses", request_id="plain"))
+    drawn = await service.engine.authorize(scaled(ask(secret, endpoint="responses", request_id="gif"), 9,
+                                                  image_model="gpt-image-2", image_generation_calls=1))
+    assert drawn.reserved - plain.reserved >= 9 * per_image
+    settled = await service.engine.settle(usage("gif", input_tokens=100, output_tokens=50, image_generation_calls=1))
+    own = price_quantity(100, parse_amount("0.15")) + price_quantity(50, parse_amount("0.60"))
+    assert settled.cost == own + price_quantity(9 * 1056, parse_amount("40.00"))
+
+
 async def test_image_output_tokens_are_held_and_charged_at_their_own_price(service: Service) -> None:
     """A model pricing the images it makes apart (Gemini's image models): every output token is held at the
     image price (any may be an image's), and Settle's image_output_tokens are charged at it, the rest of

@@ -98,7 +98,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     tools given no bound: bounded at the plan's default, see Decision.max_tool_calls), image_model,
     image_generation_calls and partial_images (the Responses API's image_generation tool: the image model
     that prices its images, its calls' bound, its partial images a call), containers and container_memory
-    (hosted containers the provider may make: code_interpreter, shell), client_address, user_agent,
+    (hosted containers the provider may make: code_interpreter, shell), image_scale (the standard image's most
+    tokens one image may bill: its size, a GIF's frames), client_address, user_agent,
     problem=(code, message, param), count_tokens=True (a free token count: nothing reserved, nothing
     to settle), stored_response_id (a stored response read, deleted or cancelled: free, its customer's
     keys only), previous_response_id (the stored response a Responses API request continues),
@@ -136,7 +137,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     image_generation_calls=attribution.pop("image_generation_calls", 0),
                                     partial_images=attribution.pop("partial_images", 0),
                                     containers=attribution.pop("containers", 0),
-                                    container_memory=attribution.pop("container_memory", ""))
+                                    container_memory=attribution.pop("container_memory", ""),
+                                    image_scale=attribution.pop("image_scale", 0))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
