@@ -1007,6 +1007,8 @@ class Engine:
                 settlement[name] = value
         if r.get("containers"):  # the record held those it might make: now those charged, none included
             settlement["containers"] = report.containers
+        if images_cost:  # part of the cost, billed by the provider under the image model (reconciliation)
+            settlement["image_generation_cost_nanos"] = images_cost
         record_json = reservation.record_json or compact_json.dumps(r)
         payload = (f'{{"record":{record_json},"settlement":{compact_json.dumps(settlement)},'
                    f'"currency":{compact_json.dumps(r["currency"])}}}')

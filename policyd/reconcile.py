@@ -1,7 +1,8 @@
 """Provider invoice reconciliation: a provider's cost export against policyd's ledger.
 
 Both sides are summed per UTC day x model (the provider's dated model names, e.g.
-gpt-4o-2024-08-06, map to the price table's longest matching name) and compared:
+gpt-4o-2024-08-06, map to the price table's longest matching name; the images a Responses API
+image_generation tool made count under their image model, as the provider bills them) and compared:
 matched (equal to the nano), within_tolerance, mismatched, missing_in_ledger (the provider billed
 what policyd never saw) or missing_in_export (policyd recorded cost the provider did not bill).
 
@@ -215,12 +216,17 @@ def reconcile(session: Session, provider: str, basis: str, lines: list[Line], mo
         start = int(datetime.strptime(days[0], "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp()) * 1000
         end = int(datetime.strptime(days[-1], "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp()) * 1000 + DAY_MS
         day_start = (r.created_ms - r.created_ms % DAY_MS).label("day")
-        query = (select(day_start, r.served_model, r.provider_account, func.sum(r.cost_nanos),
-                        func.sum(r.input_tokens + r.output_tokens))
-                 .where(r.provider == provider, r.status.in_(("settled", "settled_late")),
-                        r.created_ms >= start, r.created_ms < end)
-                 .group_by(day_start, r.served_model, r.provider_account))
-        for day_ms, model, account, cost, tokens in session.execute(query):
+        charged = (r.provider == provider, r.status.in_(("settled", "settled_late")), r.created_ms >= start,
+                   r.created_ms < end)
+        query = (select(day_start, r.served_model, r.provider_account,
+                        func.sum(r.cost_nanos - r.image_generation_cost_nanos), func.sum(r.input_tokens + r.output_tokens))
+                 .where(*charged).group_by(day_start, r.served_model, r.provider_account))
+        # the images an image_generation tool made: billed under the image model, apart from the model's tokens
+        images = (select(day_start, r.image_model, r.provider_account, func.sum(r.image_generation_cost_nanos),
+                         func.sum(r.image_generation_input_tokens + r.image_generation_output_tokens))
+                  .where(*charged, r.image_generation_cost_nanos > 0)
+                  .group_by(day_start, r.image_model, r.provider_account))
+        for day_ms, model, account, cost, tokens in [*session.execute(query), *session.execute(images)]:
             key = (_day(int(day_ms) // 1000), model) + ((account or "",) if by_key else ())
             totals = ledger_side.setdefault(key, [0, 0])
             totals[0] += int(cost or 0)

@@ -619,7 +619,7 @@ def test_the_image_generation_tool_is_charged_at_its_image_models_prices(gateway
     text = price_quantity(reply.usage.input_tokens, parse_amount("0.15")) + \
         price_quantity(reply.usage.output_tokens, parse_amount("0.60"))
     images = price_quantity(40, parse_amount("5.00")) + price_quantity(272, parse_amount("40.00"))
-    assert record["cost_nanos"] == text + images
+    assert (record["cost_nanos"], record["image_generation_cost_nanos"]) == (text + images, images)
     assert record["charge_nanos"] == -(-text * 12_000 // 10_000) + -(-images * 12_000 // 10_000)
     # held: ten calls, each an image at gpt-image-1's most (6,240 tokens) and the prompt at its image input price
     assert record["reserved_nanos"] >= price_quantity(10 * 6240, parse_amount("40.00")) * 12 // 10

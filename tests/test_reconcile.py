@@ -4,12 +4,16 @@ one price mismatch and one extra line."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
+import yaml
 
 from policyd.domain import PolicydError
+from policyd.money import parse_amount, price_quantity
 from policyd.server import Service
+from tests.conftest import SAMPLE_POLICY
 from tests.helpers import ask, fund, new_key, usage
 
 DAY1 = 1_793_491_200  # 2026-11-01T00:00:00Z, seconds
@@ -141,3 +145,28 @@ async def test_reconciliation_per_provider_key(service: Service) -> None:
     result = await service.admin.reconcile("openai", export)
     by_account = {c.account: c.status for c in result.comparisons}
     assert by_account == {"openai-1": "matched", "openai-2": "mismatched"}
+
+
+async def test_images_of_the_image_generation_tool_reconcile_under_their_image_model(service: Service) -> None:
+    """The provider bills the images a Responses API image_generation tool made under the image model, apart
+    from the model's own tokens: the ledger counts them so, and both lines match to the nano."""
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["price_table"]["models"]["gpt-image-1"] = {"provider": "openai", "tier": "premium", "input": "5.00",
+                                                   "output": "40.00", "output_tokens_per_image": 1056}
+    await service.admin.apply_policy(yaml.safe_dump(doc), "image-tool.yaml")
+    service.engine.clock = lambda: (DAY1 + 3600) * 1000
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    plain = ask(secret, endpoint="responses", request_id="drawn")
+    await service.engine.authorize(replace(plain, shape=replace(plain.shape, image_model="gpt-image-1",
+                                                                image_generation_calls=1)))
+    settled = await service.engine.settle(usage("drawn", input_tokens=100, output_tokens=50, image_generation_calls=1,
+                                                image_generation_input_tokens=40, image_generation_output_tokens=1056))
+    images = price_quantity(40, parse_amount("5.00")) + price_quantity(1056, parse_amount("40.00"))
+    own = settled.cost - images
+    assert own == price_quantity(100, parse_amount("0.15")) + price_quantity(50, parse_amount("0.60"))
+    export = _costs_export([(DAY1, "gpt-4o-mini-2024-07-18, input", units(own)),
+                            (DAY1, "gpt-image-1, image output", units(images))])
+    result = await service.admin.reconcile("openai", export)
+    assert result.ok and {(c.model, c.status, c.ledger_nanos) for c in result.comparisons} == {
+        ("gpt-4o-mini", "matched", own), ("gpt-image-1", "matched", images)}
