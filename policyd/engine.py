@@ -730,8 +730,9 @@ class Engine:
         return price.output_tokens_per_image or price.max_output_tokens or plan.default_max_output_tokens
 
     @staticmethod
-    def _image_generation(policy: Policy, plan: Plan, image_model: str, billing: str, input_tokens: int = 0, cached_input_tokens: int = 0, image_input_tokens: int = 0,
-                          output_tokens: int = 0, reserve: bool = False) -> tuple[Quantities, int, int]:
+    def _image_generation(policy: Policy, plan: Plan, image_model: str, billing: str, input_tokens: int = 0,
+                          cached_input_tokens: int = 0, image_input_tokens: int = 0, output_tokens: int = 0,
+                          reserve: bool = False) -> tuple[Quantities, int, int]:
         """The image_generation tool's quantities, cost and charge at its image model's prices (the
         plan's price list for that model, when it has one). Reserved (`reserve`): input at the dearer
         of the model's text and image input prices, since what the tool is given may be either."""
@@ -761,8 +762,8 @@ class Engine:
         made = report.image_generation_output_tokens or \
             report.image_generation_calls * cls._tokens_per_image(policy, plan, image_model) * image_scale
         images, cost, charge = cls._image_generation(
-            policy, plan, image_model, record["billing_mode"], report.image_generation_input_tokens, report.image_generation_cached_input_tokens,
-            report.image_generation_image_input_tokens, made)
+            policy, plan, image_model, record["billing_mode"], report.image_generation_input_tokens,
+            report.image_generation_cached_input_tokens, report.image_generation_image_input_tokens, made)
         return replace(report, image_generation_output_tokens=made), images, cost, charge
 
     async def _reserve(self, request: AuthorizeInput, request_id: str, secret_hash: str, terms: str, owner: Owner,

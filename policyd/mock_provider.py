@@ -547,7 +547,8 @@ class MockProvider:
                 whole["candidates"][0]["content"]["parts"].append(
                     {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}})
                 whole["usageMetadata"].update(
-                    candidatesTokenCount=c_tokens + GEMINI_IMAGE_TOKENS, totalTokenCount=p_tokens + c_tokens + GEMINI_IMAGE_TOKENS,
+                    candidatesTokenCount=c_tokens + GEMINI_IMAGE_TOKENS,
+                    totalTokenCount=p_tokens + c_tokens + GEMINI_IMAGE_TOKENS,
                     candidatesTokensDetails=[{"modality": "TEXT", "tokenCount": c_tokens},
                                              {"modality": "IMAGE", "tokenCount": GEMINI_IMAGE_TOKENS}])
             return h._json(200, whole)

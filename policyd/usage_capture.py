@@ -121,7 +121,7 @@ def _modality(usage: dict[str, Any], details: str, modality: str) -> int:
     return sum(_n(p.get("tokenCount")) for p in parts if isinstance(p, dict) and p.get("modality") == modality)
 
 
-def containers_used(items: list[Any]) -> set[str]:
+def _containers_used(items: list[Any]) -> set[str]:
     """The hosted containers Responses API items ran code in: a code_interpreter_call's container_id, a
     shell_call's environment's."""
     used = set()
@@ -242,7 +242,7 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         seen.web_searches = _billable_searches(data, output)
         seen.file_searches = sum(1 for item in output if item.get("type") == "file_search_call")
         _image_generation_usage(data, output, seen)
-        seen.containers = max(seen.containers, len(containers_used(output)))
+        seen.containers = max(seen.containers, len(_containers_used(output)))
         return True
     details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
     out_details = usage.get("completion_tokens_details") if isinstance(usage.get("completion_tokens_details"), dict) \
@@ -465,7 +465,7 @@ class ResponseReader:
                 self.output_final = True
         self.delivered_bytes += _delivered_text(self.endpoint, data)
         if isinstance(data, dict) and data.get("type") in ("response.output_item.added", "response.output_item.done"):
-            self._containers |= containers_used([data.get("item")])  # a container made: billed, whether the stream ends
+            self._containers |= _containers_used([data.get("item")])  # a container made: billed, whether the stream ends
             self.tokens.containers = max(self.tokens.containers, len(self._containers))
         if isinstance(data, dict) and data.get("type") == "response.image_generation_call.completed":
             self.tokens.image_generation_calls += 1  # an image made: billed, whether the stream ends or not
