@@ -65,7 +65,9 @@ class Shape:
     service_tier: str = ""  # the processing tier asked for (OpenAI's flex, priority); "" = default
     unseen_input: bool = False  # input the request only refers to (a previous response, a file, an image URL...)
     audio_bytes: int = 0  # the audio sent, when its seconds are not known (speech to text)
-    cache_write: str = ""  # the longest cache the input may be written to (Anthropic's cache_control): 5m | 1h | ""
+    # the longest cache the input may be written to: the short write, "5m" (Anthropic's cache_control,
+    # OpenAI's 30 minutes), or the long one, "1h" (Anthropic's hour, OpenAI's 12 hours); "" = none
+    cache_write: str = ""
     audio_output: bool = False  # the reply may be spoken (modalities include "audio"): output at the audio price
     file_searches: int = 0  # the most file searches the request allows (reserved at their price)
     # search tools the provider runs that the request gives no bound for: each is bounded at the plan's
@@ -184,7 +186,7 @@ class UsageReport:
     image_input_tokens: int = 0  # the part of input_tokens that was images (uncached), where priced apart (gpt-image-1)
     image_output_tokens: int = 0  # the part of output_tokens that was images, where priced apart (Gemini's image models)
     containers: int = 0  # hosted containers the response ran code in (code_interpreter, shell), priced each
-    cache_write_1h_input_tokens: int = 0  # the part of cache_write_input_tokens kept an hour, priced apart
+    cache_write_1h_input_tokens: int = 0  # the part of cache_write_input_tokens of the long write (1h; OpenAI's 12h)
     service_tier: str = ""  # the provider's processing tier that served it (its own token prices)
     # the image_generation tool's own usage (the Responses API's tool_usage.image_gen), priced at the
     # reserved image model's prices: its calls, its input (of which cached, of which images uncached), output

@@ -164,7 +164,7 @@ class HttpCall:
     unseen_input: bool = False  # input billed but not in the body (a previous response, a file, a server tool...)
     seconds: int = 0  # the audio's seconds, when its header tells them (speech to text)
     audio_bytes: int = 0  # the audio's size, when it does not
-    cache_write: str = ""  # the longest cache the body asks its input written to (cache_control): 5m | 1h | ""
+    cache_write: str = ""  # the longest cache the input may be written to: 5m | 1h (Anthropic's; OpenAI's 30m | 12h) | ""
     audio_output: bool = False  # the reply may be spoken (modalities include "audio")
     file_searches: int = 0  # the most file searches the request allows (0: none, or no bound given)
     unbounded_web_search_tools: int = 0  # web search tools given no bound (policyd sets the plan's)
@@ -606,6 +606,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.unseen_input = not call.count_tokens and _unseen_input(data)
     call.files = _file_ids(data) if '"file_id"' in text else ()
     call.cache_write = _cache_write(data) if '"cache_control"' in text else ""
+    if endpoint in ("chat_completions", "responses"):  # OpenAI writes the prompt to its cache unasked
+        call.cache_write = call.cache_write or _openai_cache_write(data)
     call.stores_reply = endpoint == "chat_completions" and data.get("store") is True
     modalities = data.get("modalities")
     call.audio_output = isinstance(modalities, list) and "audio" in modalities
@@ -665,6 +667,14 @@ def _cache_write(data: Any) -> str:
         elif isinstance(node, list):
             stack.extend(v for v in node if isinstance(v, (dict, list)))
     return longest
+
+
+def _openai_cache_write(data: dict[str, Any]) -> str:
+    """The cache OpenAI may write a request's prompt to: its implicit breakpoint (and any explicit one)
+    keeps it 30 minutes, the short write ("5m", the price of cache_write_input), or 12 hours when
+    `prompt_cache_options.ttl` asks so, the long write ("1h", the price of cache_write_1h_input)."""
+    options = data.get("prompt_cache_options")
+    return "1h" if isinstance(options, dict) and options.get("ttl") == "12h" else "5m"
 
 
 def _end_user(data: dict[str, Any]) -> str:

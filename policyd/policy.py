@@ -62,7 +62,8 @@ class Prices(_Strict):
     input: int = 0
     cached_input: int | None = None  # None = same as input
     cache_write_input: int | None = None  # input written to the provider's cache; None = same as input
-    cache_write_1h_input: int | None = None  # written to a cache kept an hour (Anthropic); None = as cache_write_input
+    # written to be kept long (Anthropic's hour, OpenAI's 12 hours); None = as cache_write_input
+    cache_write_1h_input: int | None = None
     output: int = 0
     per_image: int = 0
     per_request: int = 0

@@ -45,7 +45,7 @@ class Tokens:
     image_input_tokens: int = 0  # of input_tokens, uncached (gpt-image-1's input images)
     image_output_tokens: int = 0  # of output_tokens (Gemini's images out)
     containers: int = 0  # hosted containers the response ran code in (code_interpreter_call, shell_call items)
-    cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens (Anthropic's hour-long cache)
+    cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens (Anthropic's hour, OpenAI's 12 hours)
     service_tier: str = ""  # the processing tier that served it, as the provider says (OpenAI's service_tier)
     seconds: int = 0  # audio seconds billed (speech to text priced by the second)
     # the Responses API's image_generation tool: its calls, and its usage as tool_usage.image_gen reports it
@@ -237,6 +237,9 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         seen.cached_input_tokens = min(_n(details.get("cached_tokens")), seen.input_tokens)
         seen.cache_write_input_tokens = min(_n(details.get("cache_write_tokens")),
                                             seen.input_tokens - seen.cached_input_tokens)
+        kept = details.get("cache_write_tokens_details") if isinstance(details.get("cache_write_tokens_details"), dict) \
+            else {}  # written to be kept 12 hours: the long write's price (as Anthropic's hour-long one)
+        seen.cache_write_1h_input_tokens = min(_n(kept.get("ttl_12h_tokens")), seen.cache_write_input_tokens)
         seen.output_tokens = _n(usage.get("output_tokens"))
         output = [item for item in data.get("output") or [] if isinstance(item, dict)]
         seen.web_searches = _billable_searches(data, output)

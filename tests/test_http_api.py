@@ -524,6 +524,27 @@ def test_cache_writes_are_read_where_openai_reports_them() -> None:
         "input_tokens": 50, "output_tokens": 2, "input_tokens_details": {"cached_tokens": 10, "cache_write_tokens": 70}}}}))
     t = responses.tokens
     assert (t.input_tokens, t.cached_input_tokens, t.cache_write_input_tokens) == (50, 10, 40)
+    kept = ResponseReader("responses", stream=False)  # written to be kept 12 hours: the long write's price
+    kept.feed(json.dumps({"output": [], "usage": {"input_tokens": 500, "output_tokens": 2, "input_tokens_details": {
+        "cached_tokens": 0, "cache_write_tokens": 400,
+        "cache_write_tokens_details": {"ttl_30m_tokens": 100, "ttl_12h_tokens": 300}}}}).encode())
+    kept.finish()
+    assert (kept.tokens.cache_write_input_tokens, kept.tokens.cache_write_1h_input_tokens) == (400, 300)
+
+
+def test_openai_requests_may_write_their_prompt_to_the_cache() -> None:
+    """OpenAI writes a prompt to its cache unasked (its implicit breakpoint, kept 30 minutes: the short
+    write) or for 12 hours when prompt_cache_options.ttl says so (the long write): held at the write price
+    where the table makes writes dearer than input. Anthropic writes only what cache_control marks."""
+    def write(path: str, body: dict[str, Any]) -> str:
+        return parse_call("POST", path, {"authorization": "Bearer k"}, json.dumps(body).encode()).cache_write
+
+    chat = {"model": "gpt-5.6", "messages": [{"role": "user", "content": "hi"}]}
+    assert write("/v1/chat/completions", chat) == "5m"
+    assert write("/v1/responses", {"model": "gpt-5.6", "input": "hi", "prompt_cache_options": {"ttl": "12h"}}) == "1h"
+    assert write("/v1/responses", {"model": "gpt-5.6", "input": "hi", "prompt_cache_options": {"ttl": "30m"}}) == "5m"
+    assert write("/v1/messages", {"model": "claude-sonnet-4", "max_tokens": 5, "messages": chat["messages"]}) == ""
+    assert write("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}) == ""
 
 
 def test_a_stream_cut_before_the_usage_of_its_whole_output_is_estimated_from_what_was_delivered() -> None:
