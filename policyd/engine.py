@@ -683,7 +683,9 @@ class Engine:
             containers=s.containers, container_memory=s.container_memory,
         )
         cost = cost_of(price, quantities)
-        if s.cache_write:  # the whole prompt may be written to the cache, at the write price: reserved so if dearer
+        # the whole prompt may be written to the cache, at the write price: reserved so if dearer (OpenAI's
+        # prompts all may be: a table that prices no write apart needs no second look)
+        if s.cache_write and price.prices_cache_writes:
             writes = input_tokens - audio_tokens
             written = replace(quantities, cache_write_input_tokens=writes,
                               cache_write_1h_input_tokens=writes if s.cache_write == "1h" else 0)

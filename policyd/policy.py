@@ -158,6 +158,12 @@ class Prices(_Strict):
         return self.output if self.image_output is None else self.image_output
 
     @property
+    def prices_cache_writes(self) -> bool:
+        """Whether a cache write may cost other than input here (a write price, or tiers that may have one)."""
+        return self.cache_write_input is not None or self.cache_write_1h_input is not None \
+            or self.long_context is not None or bool(self.service_tiers)
+
+    @property
     def prices_output(self) -> bool:
         """Priced for output tokens. Text to speech so priced is billed by tokens (gpt-4o-mini-tts: its
         text in, its audio out), otherwise by the characters of its input (tts-1)."""
