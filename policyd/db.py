@@ -121,6 +121,7 @@ class UsageRecordRow(Base):
     # hosted containers (migration 0023): those reserved, then those charged; the memory limit they were priced at
     containers: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     container_memory: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    maps_groundings: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0025
     # the Responses API's image_generation tool (migration 0021): the image model that priced its images, its usage
     image_model: Mapped[str] = mapped_column(NAME, default="", server_default="")
     image_generation_calls: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -202,6 +203,7 @@ class UsageRollupRow(Base):
     image_generation_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     image_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0022
     containers: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0023
+    maps_groundings: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0025
 
 
 Index("ix_rollups_dimension_period_start", UsageRollupRow.dimension, UsageRollupRow.period, UsageRollupRow.start_ms)

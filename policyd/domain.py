@@ -88,6 +88,7 @@ class Shape:
     # how many of a model's most per image (output_tokens_per_image) one image may bill: its area over the
     # standard sizes' largest (1536x1024), times a GIF's frames; 0 = 1 (images, the image_generation tool)
     image_scale: int = 0
+    maps_grounding: bool = False  # Gemini's googleMaps tool: a grounded prompt may be billed (per_maps_grounding)
 
 
 IMAGE_SCALE_MAX = 10_000  # the largest image_scale (a request's is held at most so: the provider refuses past it)
@@ -186,6 +187,7 @@ class UsageReport:
     image_input_tokens: int = 0  # the part of input_tokens that was images (uncached), where priced apart (gpt-image-1)
     image_output_tokens: int = 0  # the part of output_tokens that was images, where priced apart (Gemini's image models)
     containers: int = 0  # hosted containers the response ran code in (code_interpreter, shell), priced each
+    maps_groundings: int = 0  # prompts grounded with Google Maps (Gemini's googleMaps tool), priced each
     cache_write_1h_input_tokens: int = 0  # the part of cache_write_input_tokens of the long write (1h; OpenAI's 12h)
     service_tier: str = ""  # the provider's processing tier that served it (its own token prices)
     # the image_generation tool's own usage (the Responses API's tool_usage.image_gen), priced at the

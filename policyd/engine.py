@@ -68,7 +68,7 @@ TOOL_BOUND_ENDPOINTS = frozenset({"responses", "anthropic_messages"})
 # older writer still writes every other record and a retried Settle fingerprints as an older replica did
 LATER_USAGE_FIELDS = ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens",
                       "service_tier", "file_searches", "image_input_tokens", *IMAGE_GENERATION_USAGE,
-                      "image_output_tokens", "containers")
+                      "image_output_tokens", "containers", "maps_groundings")
 
 
 
@@ -599,9 +599,11 @@ class Engine:
 
     @staticmethod
     def _tools_priced(policy: Policy, model: str, shape: Shape) -> bool:
-        """Whether the model prices the hosted containers the request may have the provider make."""
+        """Whether the model prices the hosted tools the request may have the provider bill apart: the
+        containers it may make, grounding with Google Maps."""
         price = policy.model(model)
-        return not shape.containers or bool(price and shape.container_memory in price.per_container)
+        return (not shape.containers or bool(price and shape.container_memory in price.per_container)) \
+            and (not shape.maps_grounding or bool(price and price.per_maps_grounding))
 
     @staticmethod
     def _route_around(policy: Policy, plan: Plan, scopes: tuple[str, ...], environment: str, model: str,
@@ -680,7 +682,7 @@ class Engine:
             # a model pricing its images out dearer (Gemini's image models): every output token may be an image's
             image_output_tokens=output_cap * max(1, s.choices) if not spoken and not speech_output
             and price.image_output_price > price.output else 0,
-            containers=s.containers, container_memory=s.container_memory,
+            containers=s.containers, container_memory=s.container_memory, maps_groundings=int(s.maps_grounding),
         )
         cost = cost_of(price, quantities)
         # the whole prompt may be written to the cache, at the write price: reserved so if dearer (OpenAI's
@@ -972,6 +974,7 @@ class Engine:
             cache_write_1h_input_tokens=report.cache_write_1h_input_tokens, service_tier=report.service_tier,
             image_input_tokens=report.image_input_tokens, image_output_tokens=report.image_output_tokens,
             containers=report.containers, container_memory=r.get("container_memory") or "",
+            maps_groundings=report.maps_groundings,
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
@@ -1130,6 +1133,7 @@ class Engine:
             web_searches=reported.web_searches if reported is not None else 0,
             file_searches=reported.file_searches if reported is not None else 0,
             containers=reported.containers if reported is not None else 0,  # made before the end: billed
+            maps_groundings=reported.maps_groundings if reported is not None else 0,
             # the images the image_generation tool made before the end: its usage when reported, else its calls
             **({name: getattr(reported, name) for name in IMAGE_GENERATION_USAGE} if reported is not None else {}),
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,

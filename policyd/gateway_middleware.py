@@ -103,6 +103,7 @@ class PolicydMiddleware:
                 unbounded_file_search=call.unbounded_file_search, image_model=call.image_model,
                 image_generation_calls=call.image_generation_calls, partial_images=call.partial_images,
                 containers=call.containers, container_memory=call.container_memory, image_scale=call.image_scale,
+                maps_grounding=call.maps_grounding,
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
                 **_attribution(call))
         except PolicydCallError as error:

@@ -175,6 +175,7 @@ class HttpCall:
     containers: int = 0  # hosted containers the request may have the provider make (code_interpreter, shell)
     container_memory: str = ""  # ... the largest memory limit they ask for
     image_scale: int = 0  # how many of a model's most per image one image may bill (its size, a GIF's frames)
+    maps_grounding: bool = False  # Gemini's googleMaps tool: a grounded prompt is billed apart
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
@@ -196,7 +197,7 @@ class HttpCall:
                         unbounded_file_search=self.unbounded_file_search, image_model=self.image_model,
                         image_generation_calls=self.image_generation_calls, partial_images=self.partial_images,
                         containers=self.containers, container_memory=self.container_memory,
-                        image_scale=self.image_scale),
+                        image_scale=self.image_scale, maps_grounding=self.maps_grounding),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, previous_response=self.previous_response,
             creates=self.creates, conversation=self.conversation, files=self.files,
@@ -447,8 +448,9 @@ _STORED_CONTEXT = ("previous_response_id", "conversation", "cachedContent", "cac
 _REFERENCE_KEYS = ("file_id", "file_uri", "fileUri", "file_url")
 _SERVER_TOOL_TYPES = ("web_search", "file_search", "mcp", "code_interpreter", "web_fetch", "code_execution")
 _GOOGLE_SEARCH_KEYS = ("googleSearch", "google_search", "googleSearchRetrieval", "google_search_retrieval")
-_SERVER_TOOL_KEYS = (*_GOOGLE_SEARCH_KEYS, "urlContext", "url_context", "codeExecution", "code_execution",
-                     "fileSearch")
+_GOOGLE_MAPS_KEYS = ("googleMaps", "google_maps")
+_SERVER_TOOL_KEYS = (*_GOOGLE_SEARCH_KEYS, *_GOOGLE_MAPS_KEYS, "urlContext", "url_context", "codeExecution",
+                     "code_execution", "fileSearch")
 
 
 def _refers_to_input(value: Any, depth: int = 0) -> bool:
@@ -600,6 +602,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if isinstance(conversation, str):
         call.conversation = conversation[:256]
     call.web_searches = _search_bound(endpoint, data)
+    call.maps_grounding = endpoint == "gemini_generate_content" and \
+        any(key in t for t in _tools(data) for key in _GOOGLE_MAPS_KEYS)
     call.file_searches = _search_bound(endpoint, data, "file_search")
     call.unbounded_web_search_tools = _unbounded_search_tools(endpoint, data)
     call.unbounded_file_search = _unbounded_search_tools(endpoint, data, "file_search") > 0

@@ -237,7 +237,9 @@ class MockProvider:
             grounded = any(isinstance(t, dict) and ("googleSearch" in t or "google_search" in t)
                            for t in body.get("tools") or [])
             return self._gemini(h, gemini.group("model"), p_tokens, c_tokens, text, gemini.group("verb"),
-                                sse="alt=sse" in h.path, searches=2 if grounded else 0)
+                                sse="alt=sse" in h.path, searches=2 if grounded else 0,
+                                maps=any(isinstance(t, dict) and ("googleMaps" in t or "google_maps" in t)
+                                         for t in body.get("tools") or []))
         anthropic = route.endswith("/v1/messages")
         legacy = route.endswith("/completions") and not route.endswith("/chat/completions")  # text completions
         if route.endswith(("/images/generations", "/images/edits", "/images/variations")):
@@ -527,13 +529,16 @@ class MockProvider:
         _send_events(h, [*events, {"type": "speech.audio.done", "usage": usage}])
 
     def _gemini(self, h: Any, model: str, p_tokens: int, c_tokens: int, text: str, verb: str, sse: bool,
-                searches: int = 0) -> None:
+                searches: int = 0, maps: bool = False) -> None:
         """Gemini's generateContent, and its stream: SSE with alt=sse, else one JSON array sent an object at
         a time; usageMetadata in every object, the counts so far. `searches`: grounding with Google Search
         ran that many queries (groundingMetadata in the last object)."""
         grounding = {"groundingMetadata": {"webSearchQueries": [f"query {i + 1}" for i in range(searches)],
                                            "groundingChunks": [{"web": {"uri": "https://example.com/a"}}]}} \
             if searches else {}
+        if maps:  # grounded with Google Maps: places among its chunks
+            grounding = {"groundingMetadata": {"groundingChunks": [
+                {"maps": {"uri": "https://maps.google.com/?cid=1", "title": "A ledger shop", "placeId": "places/1"}}]}}
 
         def reply(part: str, done: int, last: bool) -> dict[str, Any]:
             return {"candidates": [{"content": {"role": "model", "parts": [{"text": part}]},

@@ -52,7 +52,7 @@ def _nanos(value: Any) -> int:
 
 
 _AMOUNTS = ("input", "cached_input", "cache_write_input", "cache_write_1h_input", "output", "per_image", "per_request",
-            "per_second", "per_web_search", "per_file_search", "audio_input", "audio_output",
+            "per_second", "per_web_search", "per_file_search", "per_maps_grounding", "audio_input", "audio_output",
             "image_input", "image_output")  # the prices written as amounts
 
 
@@ -73,6 +73,7 @@ class Prices(_Strict):
     # ("request": Gemini 2.x's grounding with Google Search, billed per grounded prompt)
     web_search_unit: Literal["search", "request"] = "search"
     per_file_search: int = 0  # a file search the provider runs (the Responses API's file_search tool call)
+    per_maps_grounding: int = 0  # a prompt grounded with Google Maps (Gemini's googleMaps tool): unpriced = refused
     audio_input: int | None = None  # per 1M audio input tokens (gpt-4o-audio, realtime); None = as input
     audio_output: int | None = None  # per 1M audio output tokens; None = as output
     image_input: int | None = None  # per 1M image input tokens (gpt-image-1's edits); None = as input

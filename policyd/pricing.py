@@ -6,6 +6,7 @@ cost   = what the provider bills us: tokens x price per 1M (input, cached input,
          + images x per_image + seconds x per_second + requests x per_request
          + web searches x per_web_search (the provider's server-side search tool)
          + containers x per_container[memory limit] (code interpreter and shell containers)
+         + prompts grounded with Google Maps x per_maps_grounding
          + the image_generation tool's tokens at its image model's token prices (its own cost_of)
 charge = what the customer pays: for "standard" plans, the plan's own price_list for the model
          when it has one, else cost x (10000 + markup_bps) / 10000 (a negative markup is a
@@ -46,6 +47,7 @@ class Quantities:
     image_input_tokens: int = 0  # of input_tokens (uncached)
     image_output_tokens: int = 0  # of output_tokens (Gemini's image models: images out at their own price)
     containers: int = 0  # hosted containers the provider made (code_interpreter, shell), at per_container[memory]
+    maps_groundings: int = 0  # prompts grounded with Google Maps (Gemini), at per_maps_grounding
     container_memory: str = ""
     # tokens of a hosted tool priced at another model's prices (the image_generation tool's, at its image
     # model's: image_generation_cost): counted in token limits, not priced here
@@ -76,6 +78,7 @@ def cost_of(price: Prices, q: Quantities) -> int:
         + (min(q.web_searches, 1) if price.web_search_unit == "request" else q.web_searches) * price.per_web_search
         + q.file_searches * price.per_file_search
         + (q.containers * price.per_container.get(q.container_memory, 0) if q.containers else 0)
+        + q.maps_groundings * price.per_maps_grounding
     )
 
 

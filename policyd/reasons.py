@@ -74,7 +74,8 @@ MESSAGES = {
     "endpoint_not_allowed": "This API key may not use this endpoint.",
     "unknown_model": "The requested model does not exist.",
     "tool_not_priced": "The model's price table does not price a hosted tool this request may use (a code "
-                       "interpreter or shell container: per_container).",
+                       "interpreter or shell container: per_container; grounding with Google Maps: "
+                       "per_maps_grounding).",
     "response_not_found": "No response with this id was made with this API key's account.",
     "conversation_not_found": "No conversation with this id was made with this API key's account.",
     "file_not_found": "No file with this id was uploaded with this API key's account.",

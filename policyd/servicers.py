@@ -92,6 +92,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             unbounded_web_search_tools=s.unbounded_web_search_tools, unbounded_file_search=s.unbounded_file_search,
             image_model=s.image_model, image_generation_calls=s.image_generation_calls, partial_images=s.partial_images,
             containers=s.containers, container_memory=s.container_memory, image_scale=s.image_scale,
+            maps_grounding=s.maps_grounding,
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,
@@ -160,6 +161,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                                 service_tier=request.service_tier, seconds=u.seconds,
                                 audio_input_tokens=u.audio_input_tokens, web_searches=u.web_searches,
                                 file_searches=u.file_searches, containers=u.containers,
+                                maps_groundings=u.maps_groundings,
                                 **{name: getattr(u, name) for name in IMAGE_GENERATION_USAGE})))
             return settle_response(s)
         report = UsageReport(
@@ -169,6 +171,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             web_searches=u.web_searches, file_searches=u.file_searches, audio_input_tokens=u.audio_input_tokens,
             audio_output_tokens=u.audio_output_tokens, cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
             image_input_tokens=u.image_input_tokens, image_output_tokens=u.image_output_tokens, containers=u.containers,
+            maps_groundings=u.maps_groundings,
             **{name: getattr(u, name) for name in IMAGE_GENERATION_USAGE},
             served_model=request.served_model, provider=request.provider, retries=request.retries,
             fallback_reason=request.fallback_reason, upstream_status=request.upstream_status,
@@ -244,7 +247,7 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
         audio_output_tokens=r.audio_output_tokens or 0, web_searches=r.web_searches or 0, choices=r.choices or 1,
         file_searches=r.file_searches or 0, image_input_tokens=r.image_input_tokens or 0,
         image_output_tokens=r.image_output_tokens or 0, containers=r.containers or 0,
-        container_memory=r.container_memory or "",
+        container_memory=r.container_memory or "", maps_groundings=r.maps_groundings or 0,
         image_model=r.image_model or "", **{name: getattr(r, name) or 0 for name in IMAGE_GENERATION_USAGE},
         service_tier=r.service_tier or "", provider_response_id=r.provider_response_id or "",
     )

@@ -45,6 +45,7 @@ class Tokens:
     image_input_tokens: int = 0  # of input_tokens, uncached (gpt-image-1's input images)
     image_output_tokens: int = 0  # of output_tokens (Gemini's images out)
     containers: int = 0  # hosted containers the response ran code in (code_interpreter_call, shell_call items)
+    maps_groundings: int = 0  # a Gemini reply grounded with Google Maps (its groundingChunks' maps): billed once
     cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens (Anthropic's hour, OpenAI's 12 hours)
     service_tier: str = ""  # the processing tier that served it, as the provider says (OpenAI's service_tier)
     seconds: int = 0  # audio seconds billed (speech to text priced by the second)
@@ -102,15 +103,28 @@ def _speech_to_text_usage(data: dict[str, Any], seen: Tokens) -> bool:
     return False
 
 
+def _maps_grounded(data: dict[str, Any]) -> int:
+    """1 when a Gemini reply was grounded with Google Maps (a groundingChunk of a place): billed per prompt."""
+    for candidate in data.get("candidates") or []:
+        grounding = candidate.get("groundingMetadata") if isinstance(candidate, dict) else None
+        chunks = grounding.get("groundingChunks") if isinstance(grounding, dict) else None
+        if isinstance(chunks, list) and any(isinstance(c, dict) and "maps" in c for c in chunks):
+            return 1
+    return 0
+
+
 def _grounding_searches(data: dict[str, Any]) -> int:
     """Google searches behind a Gemini reply (grounding with Google Search): each candidate grounded by a
-    search counts its `webSearchQueries`, at least one. A stream carries them in its last objects: the
-    largest count seen is kept."""
+    search counts its `webSearchQueries`, at least one; one grounded by Google Maps alone (places, no
+    queries) is not a search. A stream carries them in its last objects: the largest count seen is kept."""
     searches = 0
     for candidate in data.get("candidates") or []:
         grounding = candidate.get("groundingMetadata") if isinstance(candidate, dict) else None
         if isinstance(grounding, dict) and grounding:
             queries = grounding.get("webSearchQueries")
+            chunks = grounding.get("groundingChunks") if isinstance(grounding.get("groundingChunks"), list) else []
+            if not queries and chunks and all(isinstance(c, dict) and "maps" in c for c in chunks):
+                continue
             searches += max(len(queries) if isinstance(queries, list) else 0, 1)
     return searches
 
@@ -204,6 +218,7 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         return True
     if endpoint == "gemini_generate_content":
         seen.web_searches = max(seen.web_searches, _grounding_searches(data))
+        seen.maps_groundings = max(seen.maps_groundings, _maps_grounded(data))
         usage = data.get("usageMetadata")
         if not isinstance(usage, dict):
             return False

@@ -117,7 +117,7 @@ def check_usage(report: UsageReport) -> None:
     for name in ("input_tokens", "cached_input_tokens", "cache_write_input_tokens", "output_tokens", "images", "seconds",
                  "requests", "retries", "latency_ms", "web_searches", "audio_input_tokens", "audio_output_tokens",
                  "cache_write_1h_input_tokens", "file_searches", "image_input_tokens", "image_output_tokens",
-                 "containers", "image_generation_calls",
+                 "containers", "maps_groundings", "image_generation_calls",
                  "image_generation_input_tokens", "image_generation_cached_input_tokens",
                  "image_generation_image_input_tokens", "image_generation_output_tokens"):
         value = getattr(report, name)

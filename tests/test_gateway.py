@@ -537,6 +537,27 @@ def test_geminis_grounding_with_google_search_is_charged_as_google_bills_it(gate
     assert pro["body"]["tools"] == [{"googleSearch": {}}]  # Gemini takes no bound: the body goes as sent
 
 
+def test_grounding_with_google_maps_is_charged_per_grounded_prompt(gateway: Gateway) -> None:
+    """Gemini's googleMaps tool bills a prompt it grounds ($25 per 1,000): held once, charged when the reply's
+    groundingChunks name places, in every stream format; a model that does not price it refuses it first."""
+    key = gateway.customer("e2e-maps", plan="google")
+    body = {"contents": [{"role": "user", "parts": [{"text": "where can I buy a ledger?"}]}],
+            "generationConfig": {"maxOutputTokens": 8}, "tools": [{"googleMaps": {}}]}
+    for verb in (":generateContent", ":streamGenerateContent?alt=sse"):
+        request_id, answer = gemini_post(gateway, key, f"gemini-2.5-flash{verb}", body)
+        assert b"placeId" in answer
+        record = gateway.record(request_id)
+        cost = price_quantity(record["input_tokens"], parse_amount("0.30")) + \
+            price_quantity(record["output_tokens"], parse_amount("2.50")) + parse_amount("0.025")
+        assert (record["status"], record["maps_groundings"], record["cost_nanos"]) == ("settled", 1, cost), verb
+        assert record["reserved_nanos"] >= parse_amount("0.025")
+    code, _, reply = post(f"http://127.0.0.1:{gateway.port}/v1beta/models/gemini-2.5-pro:generateContent",
+                          {"x-goog-api-key": key, "content-type": "application/json"}, json.dumps(body).encode())
+    assert (code, reply["error"]["code"], reply["error"]["param"]) == (400, "tool_not_priced", "tools")
+    assert not [r for r in gateway.mock.received() if r["path"].startswith("/v1beta/models/gemini-2.5-pro")
+                and "googleMaps" in json.dumps(r["body"])]
+
+
 def test_geminis_images_out_are_charged_at_their_own_price(gateway: Gateway) -> None:
     """Gemini's image models bill the images they make at their own price ($30 per 1M on
     gemini-2.5-flash-image, twelve times its text): the reply's candidatesTokensDetails say which output

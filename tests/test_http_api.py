@@ -989,3 +989,26 @@ def test_an_images_size_and_frames_scale_what_one_image_may_bill() -> None:
         {"model": "gpt-5", "input": "animate a ledger", "tools": [
             {"type": "image_generation", "model": "gpt-image-2", "output_format": "gif", "frame_count": 6}]}).encode())
     assert tool.authorize_input().shape.image_scale == 6
+
+
+def test_grounding_with_google_maps_is_read_apart_from_searches() -> None:
+    """Gemini's googleMaps tool: the request may be billed a grounded prompt (held), the reply says so by
+    places among its groundingChunks; grounding by places alone is no Google search."""
+    body = {"contents": [{"role": "user", "parts": [{"text": "near me"}]}], "tools": [{"googleMaps": {}}]}
+    call = parse_call("POST", "/v1beta/models/gemini-2.5-flash:generateContent", {"x-goog-api-key": "k"},
+                      json.dumps(body).encode())
+    assert call.authorize_input().shape.maps_grounding and call.unseen_input
+    assert not parse_call("POST", "/v1/chat/completions", {"authorization": "Bearer k"}, json.dumps(
+        {"model": "m", "messages": [], "tools": [{"googleMaps": {}}]}).encode()).authorize_input().shape.maps_grounding
+    places = {"candidates": [{"groundingMetadata": {"groundingChunks": [{"maps": {"placeId": "places/1"}}]}}],
+              "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 3}}
+    reader = ResponseReader("gemini_generate_content", stream=False)
+    reader.feed(json.dumps(places).encode())
+    reader.finish()
+    assert (reader.tokens.maps_groundings, reader.tokens.web_searches) == (1, 0)
+    both = {"candidates": [{"groundingMetadata": {"webSearchQueries": ["a", "b"], "groundingChunks": [
+        {"maps": {"placeId": "places/1"}}, {"web": {"uri": "https://example.com"}}]}}]}
+    reader = ResponseReader("gemini_generate_content", stream=False)
+    reader.feed(json.dumps(both).encode())
+    reader.finish()
+    assert (reader.tokens.maps_groundings, reader.tokens.web_searches) == (1, 2)

@@ -424,6 +424,32 @@ async def test_hosted_containers_are_held_and_charged_by_their_memory(service: S
     assert service.store.usage_record("huge").status == "denied"
 
 
+async def test_grounding_with_google_maps_is_held_and_charged_per_prompt(service: Service) -> None:
+    """Gemini's googleMaps tool: one grounded prompt held at the model's per_maps_grounding, charged when
+    the reply was grounded; a model that does not price it refuses the request before anything is held."""
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["price_table"]["models"]["gemini-2.5-flash"]["per_maps_grounding"] = "0.025"
+    await service.admin.apply_policy(yaml.safe_dump(doc), "maps.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+
+    def grounded(model: str, request_id: str) -> AuthorizeInput:
+        request = ask(secret, model=model, endpoint="gemini_generate_content", request_id=request_id)
+        return replace(request, shape=replace(request.shape, maps_grounding=True))
+
+    plain = await service.engine.authorize(ask(secret, model="gemini-2.5-flash", endpoint="gemini_generate_content",
+                                               request_id="plain"))
+    held = await service.engine.authorize(grounded("gemini-2.5-flash", "maps"))
+    assert held.reserved - plain.reserved == parse_amount("0.025") * 12 // 10
+    refused = await service.engine.authorize(grounded("gpt-4o-mini", "unpriced"))
+    assert (refused.decision, refused.reason, refused.error_param) == ("deny", "tool_not_priced", "tools")
+    settled = await service.engine.settle(usage("maps", maps_groundings=1))
+    assert settled.cost == price_quantity(100, parse_amount("0.30")) + price_quantity(50, parse_amount("2.50")) + \
+        parse_amount("0.025")
+    await service.writer.drain()
+    assert service.store.usage_record("maps").maps_groundings == 1
+
+
 async def test_shadow_limit_records_would_deny_but_allows(service: Service) -> None:
     policy = (await service.admin.book.version(1)).canonical.replace(
         "    - action: block\n      downgrade_to: ''\n      limit: 20\n", "    - action: shadow\n      downgrade_to: ''\n      limit: 1\n")

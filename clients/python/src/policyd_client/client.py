@@ -99,7 +99,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     image_generation_calls and partial_images (the Responses API's image_generation tool: the image model
     that prices its images, its calls' bound, its partial images a call), containers and container_memory
     (hosted containers the provider may make: code_interpreter, shell), image_scale (the standard image's most
-    tokens one image may bill: its size, a GIF's frames), client_address, user_agent,
+    tokens one image may bill: its size, a GIF's frames), maps_grounding (Gemini's googleMaps tool),
+    client_address, user_agent,
     problem=(code, message, param), count_tokens=True (a free token count: nothing reserved, nothing
     to settle), stored_response_id (a stored response read, deleted or cancelled: free, its customer's
     keys only), previous_response_id (the stored response a Responses API request continues),
@@ -138,7 +139,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     partial_images=attribution.pop("partial_images", 0),
                                     containers=attribution.pop("containers", 0),
                                     container_memory=attribution.pop("container_memory", ""),
-                                    image_scale=attribution.pop("image_scale", 0))
+                                    image_scale=attribution.pop("image_scale", 0),
+                                    maps_grounding=bool(attribution.pop("maps_grounding", False)))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
