@@ -91,6 +91,7 @@ class Shape:
     maps_grounding: bool = False  # Gemini's googleMaps tool: a grounded prompt may be billed (per_maps_grounding)
 
 
+CONTAINER_MEMORY_DEFAULT = "1g"  # OpenAI's, for a container that names no memory_limit
 IMAGE_SCALE_MAX = 10_000  # the largest image_scale (a request's is held at most so: the provider refuses past it)
 
 

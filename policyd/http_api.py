@@ -49,7 +49,8 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from policyd import reasons
 from policyd.audio import wav_seconds
-from policyd.domain import IMAGE_SCALE_MAX, Attribution, AuthorizeInput, KeySummary, RateLimit, Shape, trace_id_from
+from policyd.domain import (CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX, Attribution, AuthorizeInput, KeySummary,
+                            RateLimit, Shape, trace_id_from)
 from policyd.money import MONEY_UNITS, format_amount
 from policyd.multipart import MultipartError, MultipartForm
 
@@ -397,9 +398,6 @@ def image_scale(size: Any, output_format: Any, frame_count: Any) -> int:
             int(frame_count) if isinstance(frame_count, str) and frame_count.strip().isdigit() else 0
         scale *= min(frames, IMAGE_SCALE_MAX) if frames > 0 else GIF_FRAMES_DEFAULT
     return min(scale, IMAGE_SCALE_MAX)  # past it the provider refuses the request: held as the most
-
-
-CONTAINER_MEMORY_DEFAULT = "1g"  # OpenAI's, for a container that names no memory_limit
 
 
 def _new_containers(tools: list[dict[str, Any]]) -> tuple[int, str]:

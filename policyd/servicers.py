@@ -12,6 +12,7 @@ from policyd.admin import Admin
 from policyd.admin_access import AdminAccess, Principal
 from policyd.db import AdminCredentialRow, ApiKeyRow
 from policyd.domain import (
+    CONTAINER_MEMORY_DEFAULT,
     CREATABLE,
     ENDPOINTS,
     FILES_PER_REQUEST_MAX,
@@ -91,7 +92,9 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             audio_output=s.audio_output, file_searches=s.file_searches,
             unbounded_web_search_tools=s.unbounded_web_search_tools, unbounded_file_search=s.unbounded_file_search,
             image_model=s.image_model, image_generation_calls=s.image_generation_calls, partial_images=s.partial_images,
-            containers=s.containers, container_memory=s.container_memory, image_scale=s.image_scale,
+            containers=s.containers,
+            container_memory=s.container_memory or (CONTAINER_MEMORY_DEFAULT if s.containers else ""),
+            image_scale=s.image_scale,
             maps_grounding=s.maps_grounding,
         ),
         client_address=request.client.address,

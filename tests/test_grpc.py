@@ -244,3 +244,35 @@ async def test_unexpected_errors_are_logged_and_answered_briefly(tmp_path, caplo
     assert error.value.details() == f"{reason}: {type(fault).__name__} (the details are in policyd's log)"
     assert dict(error.value.trailing_metadata())["policyd-reason"] == reason
     assert any(r.exc_info and r.exc_info[1] is fault for r in caplog.records)
+
+
+async def test_hosted_tools_over_the_native_api(channel: grpc.aio.Channel) -> None:
+    """RequestShape.containers (its memory "1g" when the caller names none) and maps_grounding: held at the
+    model's prices; a denial with its reason where the model prices none; Usage.containers charged."""
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    policy = policy_pb2_grpc.PolicyServiceStub(channel)
+    priced = SAMPLE_POLICY.replace('      output: "10.00"', '      output: "10.00"\n      per_container: {1g: "0.03"}', 1)
+    await admin.ApplyPolicy(admin_pb2.ApplyPolicyRequest(yaml=priced), metadata=AUTH)
+    await admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="ht", source="purchase",
+                                                         amount=types_pb2.Money(currency="USD", nanos=10**9)),
+                            metadata=AUTH)
+    secret = (await admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="ht", plan="pro", environment="production"),
+                                    metadata=AUTH)).secret
+
+    async def ask(request_id: str, **shape: object) -> policy_pb2.AuthorizeResponse:
+        return await policy.Authorize(policy_pb2.AuthorizeRequest(
+            api_key=secret, endpoint=types_pb2.RESPONSES, model="gpt-4o",
+            attribution=types_pb2.Attribution(request_id=request_id),
+            shape=policy_pb2.RequestShape(prompt_bytes=40, max_output_tokens=10, **shape)))
+
+    plain, computing = await ask("ht-1"), await ask("ht-2", containers=1)
+    assert computing.decision == policy_pb2.ALLOW
+    assert computing.reserved.nanos - plain.reserved.nanos == 30_000_000 * 12 // 10  # a 1g container, marked up
+    for request_id, shape in (("ht-3", {"containers": 1, "container_memory": "64g"}), ("ht-4", {"maps_grounding": True})):
+        refused = await ask(request_id, **shape)
+        assert (refused.decision, refused.reason, refused.error.param) == (policy_pb2.DENY, "tool_not_priced", "tools")
+    settled = await policy.Settle(policy_pb2.SettleRequest(request_id="ht-2", usage=policy_pb2.Usage(
+        input_tokens=10, output_tokens=5, containers=1)))
+    usage = await admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="ht", limit=10), metadata=AUTH)
+    (record,) = [r for r in usage.records if r.request_id == "ht-2"]
+    assert (record.containers, record.container_memory, record.charge.nanos) == (1, "1g", settled.charge.nanos)
