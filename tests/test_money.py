@@ -228,17 +228,26 @@ async def test_downgrade_when_daily_premium_budget_is_spent(service: Service) ->
     assert (row.decision, row.served_model, row.requested_model) == ("downgrade", "gpt-4o-mini", "gpt-4o")
 
 
+async def acme_with_prices(service: Service, models: dict[str, dict[str, Any]], added: bool = False) -> str:
+    """The sample policy with these models' prices (`added`: to those a model has); a pro key of acme,
+    funded with 10."""
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    for name, prices in models.items():
+        doc["price_table"]["models"][name] = {**(doc["price_table"]["models"][name] if added else {}), **prices}
+    await service.admin.apply_policy(yaml.safe_dump(doc), "prices.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    return secret
+
+
 async def test_speech_priced_by_tokens_holds_audio_tokens_up_to_the_cap_and_charges_them_at_the_audio_price(
         service: Service) -> None:
     """Over the native API, where a caller may send a speech request's characters alone: a speech model priced
     for output reserves the text's tokens (estimated from those characters) and audio tokens up to the model's
     output cap, at the audio price; Settle's output tokens are charged as audio tokens."""
-    doc = yaml.safe_load(SAMPLE_POLICY)
-    doc["price_table"]["models"]["gpt-4o-mini-tts"] = {"provider": "openai", "tier": "low-cost", "input": "0.60",
-                                                       "audio_output": "12.00", "default_max_output_tokens": 2000}
-    await service.admin.apply_policy(yaml.safe_dump(doc), "tts.yaml")
-    _, secret = await new_key(service)
-    await fund(service, "acme", "10")
+    secret = await acme_with_prices(service, {"gpt-4o-mini-tts": {
+        "provider": "openai", "tier": "low-cost", "input": "0.60", "audio_output": "12.00",
+        "default_max_output_tokens": 2000}})
     decision = await service.engine.authorize(ask(secret, model="gpt-4o-mini-tts", endpoint="audio_speech",
                                                   prompt_bytes=0, max_output_tokens=0, input_tokens=400,
                                                   request_id="tts-native"))
@@ -256,13 +265,9 @@ async def test_speech_priced_by_tokens_holds_audio_tokens_up_to_the_cap_and_char
 async def test_image_input_tokens_are_held_and_charged_at_their_own_price(service: Service) -> None:
     """gpt-image-1 bills an edit's input images at twice its text's price: an edit (input the text does not
     bound) holds its input at the dearer price, and Settle's image_input_tokens are charged at it."""
-    doc = yaml.safe_load(SAMPLE_POLICY)
-    doc["price_table"]["models"]["gpt-image-1"] = {"provider": "openai", "tier": "low-cost", "input": "5.00",
-                                                   "image_input": "10.00", "output": "40.00",
-                                                   "output_tokens_per_image": 1056}
-    await service.admin.apply_policy(yaml.safe_dump(doc), "images.yaml")
-    _, secret = await new_key(service)
-    await fund(service, "acme", "10")
+    secret = await acme_with_prices(service, {"gpt-image-1": {
+        "provider": "openai", "tier": "low-cost", "input": "5.00", "image_input": "10.00", "output": "40.00",
+        "output_tokens_per_image": 1056}})
     made = await service.engine.authorize(ask(secret, model="gpt-image-1", endpoint="images", request_id="made",
                                               prompt_bytes=400, max_output_tokens=0))
     edit = await service.engine.authorize(ask(secret, model="gpt-image-1", endpoint="images", request_id="edit",
@@ -286,13 +291,9 @@ async def test_the_image_generation_tool_is_held_and_charged_at_its_image_models
     the plan's markup. Calls reported without tokens are charged an image at the most each; tool usage for
     a request that reserved no image model (a stored prompt's tool) cannot be priced: the rest of the request
     is charged, the figures recorded, the record marked."""
-    doc = yaml.safe_load(SAMPLE_POLICY)
-    doc["price_table"]["models"]["gpt-image-1"] = {"provider": "openai", "tier": "premium", "input": "5.00",
-                                                   "cached_input": "1.25", "image_input": "10.00", "output": "40.00",
-                                                   "output_tokens_per_image": 1056}
-    await service.admin.apply_policy(yaml.safe_dump(doc), "image-tool.yaml")
-    _, secret = await new_key(service)
-    await fund(service, "acme", "10")
+    secret = await acme_with_prices(service, {"gpt-image-1": {
+        "provider": "openai", "tier": "premium", "input": "5.00", "cached_input": "1.25", "image_input": "10.00",
+        "output": "40.00", "output_tokens_per_image": 1056}})
 
     def drawing(request_id: str, **tool: Any) -> AuthorizeInput:
         plain = ask(secret, endpoint="responses", request_id=request_id)
@@ -341,12 +342,8 @@ async def test_a_large_or_animated_image_is_held_at_its_scale(service: Service) 
     """An image larger than the standard sizes, or a GIF's frames, may bill that many times the model's most
     per image (RequestShape.image_scale): held so, for the images endpoint and the image_generation tool;
     a tool's image with no usage reported is charged so too."""
-    doc = yaml.safe_load(SAMPLE_POLICY)
-    doc["price_table"]["models"]["gpt-image-2"] = {"provider": "openai", "tier": "premium", "input": "5.00",
-                                                   "output": "40.00", "output_tokens_per_image": 1056}
-    await service.admin.apply_policy(yaml.safe_dump(doc), "large-images.yaml")
-    _, secret = await new_key(service)
-    await fund(service, "acme", "10")
+    secret = await acme_with_prices(service, {"gpt-image-2": {
+        "provider": "openai", "tier": "premium", "input": "5.00", "output": "40.00", "output_tokens_per_image": 1056}})
 
     def scaled(request: AuthorizeInput, scale: int, **shape: Any) -> AuthorizeInput:
         return replace(request, shape=replace(request.shape, image_scale=scale, **shape))
@@ -372,12 +369,8 @@ async def test_image_output_tokens_are_held_and_charged_at_their_own_price(servi
     """A model pricing the images it makes apart (Gemini's image models): every output token is held at the
     image price (any may be an image's), and Settle's image_output_tokens are charged at it, the rest of
     the output at the text price."""
-    doc = yaml.safe_load(SAMPLE_POLICY)
-    doc["price_table"]["models"]["gemini-2.5-flash-image"] = {"provider": "google", "tier": "low-cost",
-                                                              "input": "0.30", "output": "2.50", "image_output": "30.00"}
-    await service.admin.apply_policy(yaml.safe_dump(doc), "gemini-images.yaml")
-    _, secret = await new_key(service)
-    await fund(service, "acme", "10")
+    secret = await acme_with_prices(service, {"gemini-2.5-flash-image": {
+        "provider": "google", "tier": "low-cost", "input": "0.30", "output": "2.50", "image_output": "30.00"}})
     held = await service.engine.authorize(ask(secret, model="gemini-2.5-flash-image", endpoint="gemini_generate_content",
                                               request_id="painted", prompt_bytes=400, max_output_tokens=2000))
     likely = input_estimate(400, 1, 0)
@@ -396,11 +389,8 @@ async def test_hosted_containers_are_held_and_charged_by_their_memory(service: S
     """Containers a request may have the provider make (code interpreter, shell) are held at the model's
     per_container price of the largest memory asked, and charged for those the reply ran code in, at most
     those asked for; a memory the model does not price is refused before anything is held."""
-    doc = yaml.safe_load(SAMPLE_POLICY)
-    doc["price_table"]["models"]["gpt-4o-mini"]["per_container"] = {"1g": "0.03", "4g": "0.12"}
-    await service.admin.apply_policy(yaml.safe_dump(doc), "containers.yaml")
-    _, secret = await new_key(service)
-    await fund(service, "acme", "10")
+    secret = await acme_with_prices(service, {"gpt-4o-mini": {"per_container": {"1g": "0.03", "4g": "0.12"}}},
+                                    added=True)
 
     def computing(request_id: str, containers: int, memory: str) -> AuthorizeInput:
         plain = ask(secret, endpoint="responses", request_id=request_id)
@@ -427,11 +417,7 @@ async def test_hosted_containers_are_held_and_charged_by_their_memory(service: S
 async def test_grounding_with_google_maps_is_held_and_charged_per_prompt(service: Service) -> None:
     """Gemini's googleMaps tool: one grounded prompt held at the model's per_maps_grounding, charged when
     the reply was grounded; a model that does not price it refuses the request before anything is held."""
-    doc = yaml.safe_load(SAMPLE_POLICY)
-    doc["price_table"]["models"]["gemini-2.5-flash"]["per_maps_grounding"] = "0.025"
-    await service.admin.apply_policy(yaml.safe_dump(doc), "maps.yaml")
-    _, secret = await new_key(service)
-    await fund(service, "acme", "10")
+    secret = await acme_with_prices(service, {"gemini-2.5-flash": {"per_maps_grounding": "0.025"}}, added=True)
 
     def grounded(model: str, request_id: str) -> AuthorizeInput:
         request = ask(secret, model=model, endpoint="gemini_generate_content", request_id=request_id)
