@@ -139,15 +139,21 @@ async def test_every_admin_call_needs_the_token(channel: grpc.aio.Channel) -> No
             assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED, method.name
 
 
+async def funded_key(admin: admin_pb2_grpc.AdminServiceStub, customer: str, policy_yaml: str) -> str:
+    """The policy applied; a pro key of `customer`, funded with 1 USD: its secret."""
+    await admin.ApplyPolicy(admin_pb2.ApplyPolicyRequest(yaml=policy_yaml), metadata=AUTH)
+    await admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id=customer, source="purchase",
+                                                         amount=types_pb2.Money(currency="USD", nanos=10**9)),
+                            metadata=AUTH)
+    created = await admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id=customer, plan="pro",
+                                                               environment="production"), metadata=AUTH)
+    return created.secret
+
+
 async def test_trace_context_problems_and_estimated_settlement(channel: grpc.aio.Channel) -> None:
     admin = admin_pb2_grpc.AdminServiceStub(channel)
     policy = policy_pb2_grpc.PolicyServiceStub(channel)
-    await admin.ApplyPolicy(admin_pb2.ApplyPolicyRequest(yaml=SAMPLE_POLICY), metadata=AUTH)
-    await admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="tr", source="purchase",
-                                                         amount=types_pb2.Money(currency="USD", nanos=10**9)),
-                            metadata=AUTH)
-    secret = (await admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="tr", plan="pro", environment="production"),
-                                    metadata=AUTH)).secret
+    secret = await funded_key(admin, "tr", SAMPLE_POLICY)
     trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     ask = policy_pb2.AuthorizeRequest(api_key=secret, endpoint=types_pb2.CHAT_COMPLETIONS, model="gpt-4o",
                                       attribution=types_pb2.Attribution(request_id="tr-1"),
@@ -252,12 +258,7 @@ async def test_hosted_tools_over_the_native_api(channel: grpc.aio.Channel) -> No
     admin = admin_pb2_grpc.AdminServiceStub(channel)
     policy = policy_pb2_grpc.PolicyServiceStub(channel)
     priced = SAMPLE_POLICY.replace('      output: "10.00"', '      output: "10.00"\n      per_container: {1g: "0.03"}', 1)
-    await admin.ApplyPolicy(admin_pb2.ApplyPolicyRequest(yaml=priced), metadata=AUTH)
-    await admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="ht", source="purchase",
-                                                         amount=types_pb2.Money(currency="USD", nanos=10**9)),
-                            metadata=AUTH)
-    secret = (await admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="ht", plan="pro", environment="production"),
-                                    metadata=AUTH)).secret
+    secret = await funded_key(admin, "ht", priced)
 
     async def ask(request_id: str, **shape: object) -> policy_pb2.AuthorizeResponse:
         return await policy.Authorize(policy_pb2.AuthorizeRequest(
