@@ -3,8 +3,9 @@
 A provider's reply of many MiB (a batch of embeddings, images inlined as base64), or one stream event
 of that size (a Responses API `response.completed` carrying a generated image), still reports its
 usage in a small field. `ObjectFields` keeps the values at the paths it is asked for (each up to
-`value_bytes_max`), the items of some arrays that are small enough, and the number of object or
-array items of every array outside other arrays; the rest passes unread. Strings, the bulk of such
+`value_bytes_max`), the items of some arrays that are small enough (of one too large, its `type`
+alone, when it has one: a generated image's call is still seen), and the number of object or array
+items of every array outside other arrays; the rest passes unread. Strings, the bulk of such
 bodies, are skipped by one regular-expression match each; numbers are never looked at.
 
 A path is the tuple of keys from the top: ("usage",), ("response", "usage").
@@ -218,7 +219,11 @@ class ObjectFields:
     def _add_to_capture(self, chunk: bytes, end: int) -> None:
         if self._capture is not None:
             if len(self._capture) + end - self._captured_from > self.value_bytes_max:
-                self._capture = None  # too large to keep: read past like anything not kept
+                if self._capture_item:  # an item too large to keep: its type stays (a generated image's call)
+                    kind = _top_level_type(bytes(self._capture) + chunk[self._captured_from:end])
+                    if kind is not None:
+                        self.items.setdefault(self._capture_path, []).append({"type": kind})
+                self._capture = None  # read past like anything not kept
             else:
                 self._capture += chunk[self._captured_from:end]
         self._captured_from = end
@@ -238,6 +243,36 @@ class ObjectFields:
             self.items.setdefault(self._capture_path, []).append(value)
         else:
             self.values[self._capture_path] = value
+
+
+_TYPE_VALUE = re.compile(rb'\s*:\s*"((?:[^"\\]|\\.){1,64})"')
+
+
+def _top_level_type(raw: bytes) -> str | None:
+    """The `type` key's string value of the object these bytes begin (a key of the object itself, not of
+    one inside it), when it comes in them."""
+    depth, at = 0, 0
+    while True:
+        found = _STRUCTURE.search(raw, at)
+        if found is None:
+            return None
+        char, at = raw[found.start()], found.end()
+        if char == 0x22:  # "
+            rest = _STRING_REST.match(raw, at)
+            if rest is None:
+                return None
+            text, at = raw[at:rest.end() - 1], rest.end()
+            value = _TYPE_VALUE.match(raw, at) if depth == 1 and text == b"type" else None
+            if value is not None:
+                try:
+                    kind = json.loads(b'"' + value.group(1) + b'"')
+                except ValueError:
+                    return None
+                return kind if isinstance(kind, str) else None
+        elif char in (0x7B, 0x5B):  # { [
+            depth += 1
+        elif char in (0x7D, 0x5D):  # } ]
+            depth -= 1
 
 
 def _put(data: dict[str, Any], path: Path, value: Any) -> None:

@@ -1012,3 +1012,18 @@ def test_grounding_with_google_maps_is_read_apart_from_searches() -> None:
     reader.feed(json.dumps(both).encode())
     reader.finish()
     assert (reader.tokens.maps_groundings, reader.tokens.web_searches) == (1, 2)
+
+
+def test_an_image_call_too_large_to_hold_is_still_counted() -> None:
+    """A reply past the 4 MiB held whole, with images the image_generation tool made and no tool_usage: each
+    image_generation_call item, too large to keep, still leaves its type, so its image is counted (and
+    charged at the image model's most); the web search beside it too."""
+    image = "iVBORw0KGgo" * 200_000  # 2.2 MB of base64 each
+    reply = {"id": "resp_big", "output": [
+        {"id": "ig_1", "type": "image_generation_call", "status": "completed", "result": image},
+        {"id": "ig_2", "type": "image_generation_call", "status": "completed", "result": image},
+        {"type": "web_search_call", "action": {"type": "search"}},
+        {"type": "message", "content": [{"type": "output_text", "text": "two ledgers"}]}],
+        "usage": {"input_tokens": 30, "output_tokens": 12}}
+    t = _fed_in_pieces(ResponseReader("responses", stream=False), json.dumps(reply).encode()).tokens
+    assert (t.image_generation_calls, t.web_searches, t.input_tokens, t.output_tokens) == (2, 1, 30, 12)
