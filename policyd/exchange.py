@@ -58,7 +58,7 @@ class Exchange:
         """The exchange an allowed request begins."""
         return cls(request_id=decision.request_id, endpoint=call.endpoint, stream=call.stream,
                    requested_model=decision.requested_model, served_model=decision.served_model,
-                   output_cap=decision.max_output_tokens, client_gave_cap=call.max_output_tokens > 0,
+                   output_cap=decision.max_output_tokens, client_gave_cap=call.keeps_its_cap,
                    account=account, model_in_path=call.model_in_path, input_tokens=call.input_tokens,
                    observed=observed, stored=call.stores_reply, tool_call_cap=decision.max_tool_calls)
 

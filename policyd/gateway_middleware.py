@@ -172,7 +172,7 @@ class PolicydMiddleware:
                        decision: Decision) -> None:
         rewritten = None if call.body is None else http_api.rewrite_body(  # a conversation or file made: no body read
             call.body, call.endpoint, decision.served_model, call.model, decision.max_output_tokens,
-            call.max_output_tokens > 0, call.stream, call.model_in_path, decision.max_tool_calls)
+            call.keeps_its_cap, call.stream, call.model_in_path, decision.max_tool_calls)
         if rewritten is not None:
             body = http_api.encoded_body(rewritten)
         exchange = _Exchange(decision.request_id, decision.served_model,

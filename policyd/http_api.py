@@ -85,6 +85,7 @@ _AZURE_OPERATIONS = {"chat/completions": "chat_completions", "completions": "com
 _AZURE = re.compile(r"(^|/)openai/deployments/(?P<model>[^/]+)/(?P<operation>chat/completions|completions|embeddings"
                     r"|images/generations|images/edits|audio/speech|audio/transcriptions|audio/translations)/?$")
 _AZURE_RESPONSES = re.compile(r"(^|/)openai/responses/?$")
+_COMPACTION = re.compile(r"(^|/)v1/responses/compact/?$")  # the Responses API compacting a conversation
 # a response the provider stored: read (GET), deleted (DELETE), its input items (GET), cancelled (POST)
 _STORED_RESPONSE_METHODS = {"": ("GET", "DELETE"), "/input_items": ("GET",), "/cancel": ("POST",)}
 _STORED_RESPONSE = re.compile(r"(^|/)(v1|openai)/responses/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/input_items|/cancel)?/?$")
@@ -178,6 +179,7 @@ class HttpCall:
     image_scale: int = 0  # how many of a model's most per image one image may bill (its size, a GIF's frames)
     maps_grounding: bool = False  # Gemini's googleMaps tool: a grounded prompt is billed apart
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
+    compaction: bool = False  # a Responses API compaction (POST /v1/responses/compact): it takes no output cap
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
     problem_message: str = ""
@@ -185,6 +187,12 @@ class HttpCall:
     attribution: Attribution = field(default_factory=Attribution)
     client_address: str = ""
     user_agent: str = ""
+
+    @property
+    def keeps_its_cap(self) -> bool:
+        """No output cap is written into the request: it gives one, or takes none (a compaction, whose
+        output is its own size: reserved at the model's or plan's default cap)."""
+        return self.max_output_tokens > 0 or self.compaction
 
     def authorize_input(self) -> AuthorizeInput:
         return AuthorizeInput(
@@ -216,6 +224,7 @@ class Endpoint:
     count_tokens: bool = False
     stored_response: str = ""  # the id of a stored response the request reads, deletes or cancels, or a conversation's
     creates: str = ""  # a conversation or a file made (CREATABLE)
+    compaction: bool = False  # POST /v1/responses/compact: billed as a response, it takes no output cap
 
 
 def endpoint_of(method: str, path: str) -> Endpoint:
@@ -233,6 +242,8 @@ def endpoint_of(method: str, path: str) -> Endpoint:
     for pattern, name in _PATHS:
         if pattern.search(path):
             return Endpoint(name)
+    if method.upper() == "POST" and _COMPACTION.search(path):
+        return Endpoint("responses", compaction=True)
     for pattern, name in _TOKEN_COUNTS:
         if pattern.search(path):
             return Endpoint(name, count_tokens=True)
@@ -501,6 +512,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.key_summary = named.key_summary
     call.stored_response = named.stored_response
     call.creates = named.creates
+    call.compaction = named.compaction
     call.attribution = _attribution(headers)
     forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
     call.client_address = forwarded or client_address

@@ -274,6 +274,13 @@ class MockProvider:
             return h._json(200, {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
                                  "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
                                  **({} if scenario == "no_usage" else {"usage": usage})})
+        if route.endswith("/responses/compact"):  # the conversation compacted into one encrypted item
+            return h._json(200, {"id": f"resp_mock{next(self.response_ids)}", "object": "response.compaction",
+                                 "created_at": 0, "output": [{"type": "compaction", "id": "cmp_mock",
+                                                              "encrypted_content": "gAAAAB" + "x" * 40}],
+                                 "usage": {"input_tokens": p_tokens, "output_tokens": 7, "total_tokens": p_tokens + 7,
+                                           "input_tokens_details": {"cached_tokens": 0},
+                                           "output_tokens_details": {"reasoning_tokens": 0}}})
         if route.endswith("/responses"):
             reply = self._response(body, model, p_tokens, c_tokens, text, searches, scenario)
             if body.get("store") is not False:

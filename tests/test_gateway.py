@@ -694,6 +694,23 @@ def test_code_interpreter_containers_are_charged_and_unpriced_ones_refused(gatew
     assert "huge container" not in json.dumps(gateway.mock.received())
 
 
+def test_a_compaction_is_charged_as_a_response_and_takes_no_output_cap(gateway: Gateway) -> None:
+    """POST /v1/responses/compact (coding agents compact their conversations with it): billed as the model's
+    tokens, so held and charged like a response; it takes no output cap, so none is written into it."""
+    key = gateway.customer("e2e-compact")
+    raw = gateway.client(key).responses.with_raw_response.compact(
+        model="gpt-4o-mini", input=[{"role": "user", "content": "a long conversation to compact"}])
+    compacted = raw.parse()
+    assert compacted.output[0].type == "compaction"
+    sent = [r for r in gateway.mock.received() if r["path"].endswith("/responses/compact")][-1]
+    assert "max_output_tokens" not in sent["body"] and sent["authorization"] != f"Bearer {key}"
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["endpoint"], record["status"]) == ("responses", "settled")
+    assert (record["input_tokens"], record["output_tokens"]) == (compacted.usage.input_tokens, 7)
+    assert record["cost_nanos"] == price_quantity(compacted.usage.input_tokens, parse_amount("0.15")) + \
+        price_quantity(7, parse_amount("0.60"))
+
+
 def test_a_strict_plan_refuses_input_it_cannot_bound(gateway: Gateway) -> None:
     """An image by URL is billed as input tokens the body's bytes do not bound; a strict plan, on a model
     with no context_window, refuses it before the provider (an estimate plan lets it through)."""

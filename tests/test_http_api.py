@@ -1027,3 +1027,12 @@ def test_an_image_call_too_large_to_hold_is_still_counted() -> None:
         "usage": {"input_tokens": 30, "output_tokens": 12}}
     t = _fed_in_pieces(ResponseReader("responses", stream=False), json.dumps(reply).encode()).tokens
     assert (t.image_generation_calls, t.web_searches, t.input_tokens, t.output_tokens) == (2, 1, 30, 12)
+
+
+def test_a_compaction_is_a_response_that_takes_no_output_cap() -> None:
+    body = {"model": "gpt-5", "input": [{"role": "user", "content": "compact me"}], "previous_response_id": "resp_1"}
+    call = parse_call("POST", "/v1/responses/compact", {"authorization": "Bearer k"}, json.dumps(body).encode())
+    assert (call.endpoint, call.compaction, call.keeps_its_cap, call.problem) == ("responses", True, True, "")
+    assert call.previous_response == "resp_1" and call.unseen_input  # its history is billed as input
+    plain = parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, json.dumps(body).encode())
+    assert (plain.compaction, plain.keeps_its_cap) == (False, False)
