@@ -65,6 +65,15 @@ class Tokens:
         return asdict(self)
 
 
+def _list(value: Any) -> list[Any]:
+    """A reply's array, or none: what a provider sent in its place is read as nothing, never fails."""
+    return value if isinstance(value, list) else []
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _n(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
@@ -105,7 +114,7 @@ def _speech_to_text_usage(data: dict[str, Any], seen: Tokens) -> bool:
 
 def _maps_grounded(data: dict[str, Any]) -> int:
     """1 when a Gemini reply was grounded with Google Maps (a groundingChunk of a place): billed per prompt."""
-    for candidate in data.get("candidates") or []:
+    for candidate in _list(data.get("candidates")):
         grounding = candidate.get("groundingMetadata") if isinstance(candidate, dict) else None
         chunks = grounding.get("groundingChunks") if isinstance(grounding, dict) else None
         if isinstance(chunks, list) and any(isinstance(c, dict) and "maps" in c for c in chunks):
@@ -118,7 +127,7 @@ def _grounding_searches(data: dict[str, Any]) -> int:
     search counts its `webSearchQueries`, at least one; one grounded by Google Maps alone (places, no
     queries) is not a search. A stream carries them in its last objects: the largest count seen is kept."""
     searches = 0
-    for candidate in data.get("candidates") or []:
+    for candidate in _list(data.get("candidates")):
         grounding = candidate.get("groundingMetadata") if isinstance(candidate, dict) else None
         if isinstance(grounding, dict) and grounding:
             queries = grounding.get("webSearchQueries")
@@ -256,7 +265,7 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
             else {}  # written to be kept 12 hours: the long write's price (as Anthropic's hour-long one)
         seen.cache_write_1h_input_tokens = min(_n(kept.get("ttl_12h_tokens")), seen.cache_write_input_tokens)
         seen.output_tokens = _n(usage.get("output_tokens"))
-        output = [item for item in data.get("output") or [] if isinstance(item, dict)]
+        output = [item for item in _list(data.get("output")) if isinstance(item, dict)]
         seen.web_searches = _billable_searches(data, output)
         seen.file_searches = sum(1 for item in output if item.get("type") == "file_search_call")
         _image_generation_usage(data, output, seen)
@@ -284,7 +293,7 @@ def _delivered_text(endpoint: str, data: Any) -> int:
     if not isinstance(data, dict):
         return 0
     total = 0
-    for choice in data.get("choices") or []:
+    for choice in _list(data.get("choices")):
         if isinstance(choice, dict):
             delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
             for part in (delta.get("content"), delta.get("reasoning_content"), choice.get("text")):
@@ -295,9 +304,9 @@ def _delivered_text(endpoint: str, data: Any) -> int:
         total += len(delta.encode("utf-8", "surrogatepass"))
     elif isinstance(delta, dict) and isinstance(delta.get("text"), str):  # anthropic content_block_delta
         total += len(delta["text"].encode("utf-8", "surrogatepass"))
-    for candidate in data.get("candidates") or []:
+    for candidate in _list(data.get("candidates")):
         if isinstance(candidate, dict):
-            for part in (candidate.get("content") or {}).get("parts") or []:
+            for part in _list(_dict(candidate.get("content")).get("parts")):
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     total += len(part["text"].encode("utf-8", "surrogatepass"))
     return total
@@ -308,20 +317,20 @@ def _reply_text(data: Any) -> int:
     if not isinstance(data, dict):
         return 0
     texts: list[Any] = [data.get("text")]  # a transcription's
-    for choice in data.get("choices") or []:
+    for choice in _list(data.get("choices")):
         if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
             texts.append(choice["message"].get("content"))
         elif isinstance(choice, dict):  # a legacy completion
             texts.append(choice.get("text"))
-    for item in data.get("output") or []:  # responses
+    for item in _list(data.get("output")):  # responses
         if isinstance(item, dict):
-            texts += [part.get("text") for part in item.get("content") or [] if isinstance(part, dict)]
-    for part in data.get("content") or []:  # anthropic
+            texts += [part.get("text") for part in _list(item.get("content")) if isinstance(part, dict)]
+    for part in _list(data.get("content")):  # anthropic
         if isinstance(part, dict):
             texts.append(part.get("text"))
-    for candidate in data.get("candidates") or []:  # gemini
+    for candidate in _list(data.get("candidates")):  # gemini
         if isinstance(candidate, dict):
-            texts += [p.get("text") for p in (candidate.get("content") or {}).get("parts") or [] if isinstance(p, dict)]
+            texts += [p.get("text") for p in _list(_dict(candidate.get("content")).get("parts")) if isinstance(p, dict)]
     return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts if isinstance(t, str))
 
 
@@ -482,12 +491,15 @@ class ResponseReader:
             elif self.endpoint != "gemini_generate_content":
                 self.output_final = True
         self.delivered_bytes += _delivered_text(self.endpoint, data)
-        if isinstance(data, dict) and data.get("type") in ("response.output_item.added", "response.output_item.done"):
+        kind = data.get("type") if isinstance(data, dict) else None
+        if not isinstance(kind, str):  # an event names its kind in text; anything else is no event policyd reads
+            return
+        if kind in ("response.output_item.added", "response.output_item.done"):
             self._containers |= _containers_used([data.get("item")])  # a container made: billed, whether the stream ends
             self.tokens.containers = max(self.tokens.containers, len(self._containers))
-        if isinstance(data, dict) and data.get("type") == "response.image_generation_call.completed":
+        if kind == "response.image_generation_call.completed":
             self.tokens.image_generation_calls += 1  # an image made: billed, whether the stream ends or not
-        if isinstance(data, dict) and data.get("type") in _LAST_EVENTS:
+        if kind in _LAST_EVENTS:
             self.finished = True
             if self.endpoint == "images":  # a streamed image's last event: one image made (its usage in it)
                 self.images += 1

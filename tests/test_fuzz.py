@@ -4,12 +4,14 @@ and always come back as a clear answer (a decision, or a PolicydError with a mac
 from __future__ import annotations
 
 import asyncio
+import json
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policyd.domain import Attribution, AuthorizeInput, PolicydError, Shape, UsageReport
 from policyd.server import Service
+from policyd.usage_capture import ResponseReader, closing
 from tests.conftest import SAMPLE_POLICY, make_settings
 
 text = st.one_of(st.text(max_size=40), st.text(min_size=250, max_size=600),
@@ -79,3 +81,42 @@ def test_random_authorize_and_settle_input(tmp_path) -> None:
     finally:
         loop.run_until_complete(service.close())
         loop.close()
+
+
+_REPLY_KEYS = ["type", "usage", "response", "output", "item", "tool_usage", "image_gen", "web_search", "num_requests",
+               "input_tokens", "output_tokens", "usageMetadata", "candidates", "groundingMetadata", "groundingChunks",
+               "maps", "candidatesTokensDetails", "promptTokensDetails", "cacheTokensDetails", "modality", "tokenCount",
+               "action", "container_id", "environment", "status", "input_tokens_details", "cache_write_tokens_details",
+               "ttl_12h_tokens", "cached_tokens", "cache_write_tokens", "image_tokens", "audio_tokens", "choices",
+               "delta", "content", "parts", "text", "message", "server_tool_use", "prompt_tokens", "completion_tokens",
+               "prompt_tokens_details", "completion_tokens_details", "data", "duration", "id", "service_tier",
+               "cache_read_input_tokens", "cache_creation_input_tokens", "cache_creation", "webSearchQueries",
+               "promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "cachedContentTokenCount"]
+_REPLY_WORDS = st.sampled_from(["IMAGE", "AUDIO", "image_generation_call", "code_interpreter_call", "shell_call",
+                                "response.completed", "response.output_item.added", "web_search_call", "search",
+                                "message_delta", "message_start", "response.image_generation_call.completed"])
+_replies = st.recursive(st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.text(max_size=6) | _REPLY_WORDS,
+                        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_REPLY_KEYS), inner,
+                                                                                    max_size=6), max_leaves=30)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(endpoint=st.sampled_from(["responses", "gemini_generate_content", "chat_completions", "anthropic_messages",
+                                 "images", "completions", "embeddings", "audio_transcriptions"]),
+       reply=_replies, stream=st.booleans())
+def test_any_reply_is_read_without_failing_and_its_parts_fit(endpoint: str, reply: object, stream: bool) -> None:
+    """Whatever a provider sends back (the fields' names right, their values anything): the reader never
+    fails, and the parts of the usage it reads fit in their wholes, as Settle requires of them."""
+    reader = ResponseReader(endpoint, stream)
+    raw = json.dumps(reply).encode()
+    reader.feed(b"data: " + raw + b"\n\n" if stream else raw)
+    reader.finish()
+    closing(200, reader, cut=True)
+    assert reader.estimated_output_tokens() >= 0
+    t = reader.tokens
+    assert t.cached_input_tokens + t.cache_write_input_tokens + t.audio_input_tokens + t.image_input_tokens \
+        <= t.input_tokens
+    assert t.audio_output_tokens + t.image_output_tokens <= t.output_tokens
+    assert t.cache_write_1h_input_tokens <= t.cache_write_input_tokens
+    assert t.image_generation_cached_input_tokens + t.image_generation_image_input_tokens \
+        <= t.image_generation_input_tokens
