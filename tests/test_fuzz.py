@@ -29,7 +29,12 @@ def requests(draw, secret: str):
                                 thread_id=draw(text), customer_id=draw(st.one_of(st.just(""), text)),
                                 tags=draw(st.dictionaries(text, text, max_size=40))),
         shape=Shape(prompt_bytes=draw(numbers), max_output_tokens=draw(numbers), message_count=draw(numbers),
-                    image_count=draw(numbers), input_tokens=draw(numbers)),
+                    image_count=draw(numbers), input_tokens=draw(numbers),
+                    # the hosted tools: an image model, its calls and sizes, containers, maps grounding
+                    image_model=draw(st.one_of(st.sampled_from(["", "gpt-image-1"]), text)),
+                    image_generation_calls=draw(numbers), partial_images=draw(numbers), image_scale=draw(numbers),
+                    containers=draw(numbers), container_memory=draw(st.one_of(st.just("1g"), text)),
+                    maps_grounding=draw(st.booleans())),
         client_address=draw(text), user_agent=draw(text),
     )
 
@@ -39,7 +44,9 @@ def test_random_authorize_and_settle_input(tmp_path) -> None:
     service = loop.run_until_complete(Service.build(make_settings(
         {"redis_url": "", "database_url": f"sqlite:///{tmp_path / 'f.db'}"})))
     loop.run_until_complete(service.start())
-    loop.run_until_complete(service.admin.apply_policy(SAMPLE_POLICY.replace("limit: 600}", "limit: 1000000}"), "p"))
+    policy = SAMPLE_POLICY.replace("limit: 600}", "limit: 1000000}").replace(
+        '      output: "0.60"', '      output: "0.60"\n      per_container: {1g: "0.03"}', 1)
+    loop.run_until_complete(service.admin.apply_policy(policy, "p"))
     key = loop.run_until_complete(service.admin.create_key(label="f", customer_id="fuzz", environment="production",
                                                            plan="pro"))
     loop.run_until_complete(service.admin.grant_credit("fuzz", 10**12, "USD", "purchase"))
@@ -50,11 +57,14 @@ def test_random_authorize_and_settle_input(tmp_path) -> None:
         model=st.sampled_from(["gpt-4o", "gpt-4o-mini", "claude-sonnet-4"]),
         attribution=st.builds(Attribution, request_id=st.from_regex(r"[a-z0-9]{1,12}", fullmatch=True),
                               feature=st.from_regex(r"[a-z]{0,8}", fullmatch=True)),
-        shape=st.builds(Shape, prompt_bytes=st.integers(0, 10**6), max_output_tokens=st.integers(0, 10**5)))
+        shape=st.builds(Shape, prompt_bytes=st.integers(0, 10**6), max_output_tokens=st.integers(0, 10**5),
+                        image_model=st.sampled_from(["", "gpt-image-1"]), image_generation_calls=st.integers(0, 3),
+                        image_scale=st.integers(0, 6), containers=st.integers(0, 2), container_memory=st.just("1g")))
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(request=st.one_of(sane, requests(key.secret)), usage=st.tuples(numbers, numbers, numbers))
-    def one(request: AuthorizeInput, usage: tuple[int, int, int]) -> None:
+    @given(request=st.one_of(sane, requests(key.secret)), usage=st.tuples(numbers, numbers, numbers),
+           tools=st.tuples(numbers, numbers, numbers))
+    def one(request: AuthorizeInput, usage: tuple[int, int, int], tools: tuple[int, int, int]) -> None:
         decision = loop.run_until_complete(service.engine.authorize(request))
         assert decision.decision in ("allow", "deny", "downgrade")
         if decision.decision == "deny":
@@ -63,7 +73,8 @@ def test_random_authorize_and_settle_input(tmp_path) -> None:
         allowed.append(decision.request_id)
         try:
             loop.run_until_complete(service.engine.settle(UsageReport(
-                request_id=decision.request_id, input_tokens=usage[0], output_tokens=usage[1], images=usage[2])))
+                request_id=decision.request_id, input_tokens=usage[0], output_tokens=usage[1], images=usage[2],
+                image_generation_calls=tools[0], image_generation_output_tokens=tools[1], containers=tools[2])))
         except PolicydError as error:
             assert error.reason in ("invalid_usage", "exists_with_different_usage")
             try:
