@@ -558,6 +558,9 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "invalid_request", "you must provide a model parameter", "model")
     call.model, call.model_in_path = model, bool(path_model)
     call.stream = data.get("stream") is True or path.split("?", 1)[0].endswith(":streamGenerateContent")
+    if endpoint == "gemini_generate_content" and data.get("generationConfig") is not None \
+            and not isinstance(data.get("generationConfig"), dict):  # policyd writes the output cap into it
+        return _problem(call, "invalid_request", "generationConfig must be an object", "generationConfig")
     generation = data.get("generationConfig") if isinstance(data.get("generationConfig"), dict) else {}
     call.max_output_tokens = (_int(data.get("max_completion_tokens")) or _int(data.get("max_tokens"))
                               or _int(data.get("max_output_tokens")) or _int(generation.get("maxOutputTokens")))
@@ -869,7 +872,7 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, serve
         elif endpoint == "anthropic_messages":
             body["max_tokens"] = output_cap
         elif endpoint == "gemini_generate_content":
-            generation = dict(body.get("generationConfig") or {})
+            generation = dict(body["generationConfig"]) if isinstance(body.get("generationConfig"), dict) else {}
             generation["maxOutputTokens"] = output_cap
             body["generationConfig"] = generation
         changed = changed or endpoint in ("chat_completions", "completions", "responses", "anthropic_messages",

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policyd.domain import Attribution, AuthorizeInput, PolicydError, Shape, UsageReport
+from policyd.http_api import encoded_body, rewrite_body
 from policyd.server import Service
 from policyd.usage_capture import ResponseReader, closing
 from tests.conftest import SAMPLE_POLICY, make_settings
@@ -131,3 +132,31 @@ def test_any_reply_is_read_without_failing_and_its_parts_fit(endpoint: str, repl
     assert t.cache_write_1h_input_tokens <= t.cache_write_input_tokens
     assert t.image_generation_cached_input_tokens + t.image_generation_image_input_tokens \
         <= t.image_generation_input_tokens
+
+
+_BODY_KEYS = ["model", "tools", "max_uses", "type", "max_tool_calls", "max_output_tokens", "max_tokens",
+              "max_completion_tokens", "generationConfig", "maxOutputTokens", "stream", "stream_options",
+              "include_usage", "messages", "input", "contents"]
+_bodies = st.dictionaries(st.sampled_from(_BODY_KEYS), st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=5)
+    | st.sampled_from(["web_search_20250305", "web_search", "image_generation"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(_BODY_KEYS), inner, max_size=5),
+    max_leaves=20), max_size=6)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(body=_bodies, endpoint=st.sampled_from(["chat_completions", "completions", "responses", "anthropic_messages",
+                                               "gemini_generate_content", "embeddings"]),
+       served=st.sampled_from(["m", "cheaper"]), cap=st.integers(0, 1000), gave=st.booleans(), stream=st.booleans(),
+       tool_cap=st.integers(0, 20))
+def test_any_body_is_rewritten_without_failing(body: dict, endpoint: str, served: str, cap: int, gave: bool,
+                                               stream: bool, tool_cap: int) -> None:
+    """What policy writes into a request (the served model, the output cap, the tools' bound, usage in a
+    stream) never fails on a body of odd values: the reservation is not left behind a failed rewrite."""
+    rewritten = rewrite_body(body, endpoint, served, "m", cap, gave, stream, False, tool_cap)
+    if rewritten is not None:
+        sent = json.loads(encoded_body(rewritten))
+        downgraded = served != "m" and endpoint != "gemini_generate_content"  # Gemini's model is in its path
+        assert sent.get("model") == (served if downgraded else body.get("model"))
+        if cap and not gave and endpoint == "gemini_generate_content":
+            assert sent["generationConfig"]["maxOutputTokens"] == cap

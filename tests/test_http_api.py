@@ -1036,3 +1036,13 @@ def test_a_compaction_is_a_response_that_takes_no_output_cap() -> None:
     assert call.previous_response == "resp_1" and call.unseen_input  # its history is billed as input
     plain = parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, json.dumps(body).encode())
     assert (plain.compaction, plain.keeps_its_cap) == (False, False)
+
+
+def test_a_gemini_generation_config_that_is_no_object_is_refused() -> None:
+    """policyd writes the output cap into generationConfig: one that is not an object cannot take it (and
+    Google refuses it): a clear error before anything is held."""
+    for config in ("0", 5, [1], True):
+        body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": config}
+        call = parse_call("POST", "/v1beta/models/gemini-2.5-flash:generateContent", {"x-goog-api-key": "k"},
+                          json.dumps(body).encode())
+        assert (call.problem, call.problem_param) == ("invalid_request", "generationConfig"), config
