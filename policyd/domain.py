@@ -81,6 +81,7 @@ class Shape:
     image_model: str = ""
     image_generation_calls: int = 0
     partial_images: int = 0
+    image_model_default: bool = False  # the tool names no model: the plan's image_generation_model, set in the request
     # hosted containers the request may have the provider create (a code_interpreter tool with an "auto"
     # container, a shell tool in a "container_auto" environment): how many, and the largest memory limit
     containers: int = 0
@@ -160,6 +161,8 @@ class Decision:
     # > 0: the bound the reservation covers for the request's unbounded search tools, which the proxy sets in
     # the request (the Responses API's max_tool_calls; max_uses of each Anthropic web search tool without one)
     max_tool_calls: int = 0
+    # an image model the request is to name in its image_generation tool (the plan's, for a tool naming none)
+    image_model: str = ""
 
     @property
     def allowed(self) -> bool:

@@ -280,6 +280,9 @@ class Engine:
         # 3. the policy snapshot this decision is made under
         policy = self.book.current
         plan = policy.plan(key.plan) if policy else None
+        if plan is not None and request.shape.image_model_default and not request.shape.image_model:
+            # an image_generation tool naming no model: the plan's, which the request is then to name
+            request = replace(request, shape=replace(request.shape, image_model=plan.image_generation_model))
         preset = ""
         param = ""
         if policy is None:
@@ -365,6 +368,7 @@ class Engine:
             return Decision(
                 decision=first["decision"], reserved=existing.amount, max_output_tokens=first["max_output_tokens"],
                 reservation_expires_ms=existing.expires_ms, max_tool_calls=int(existing.fields.get("max_tool_calls", 0)),
+                image_model=request.shape.image_model if request.shape.image_model_default else "",
                 **{**common, "served_model": first["served_model"], "provider": first["provider"],
                    "route": first["upstream"], "policy_version": first["policy_version"],
                    "price_table_version": first["price_table_version"]},
@@ -382,7 +386,8 @@ class Engine:
             decision=decision_kind, reserved=result.reserved, max_output_tokens=reserve.output_cap,
             reservation_expires_ms=at + self.reservation_ttl_ms, shadow_denials=result.shadow,
             rate_limits=_rate_limits(reserve, result.used),
-            max_tool_calls=reserve.tool_call_cap, **common,
+            max_tool_calls=reserve.tool_call_cap,
+            image_model=request.shape.image_model if request.shape.image_model_default else "", **common,
         )
 
     async def _screen(self, request: AuthorizeInput, at: int, started: int, base: dict[str, str]) -> Decision | str:
@@ -580,6 +585,8 @@ class Engine:
             return "input_unbounded", "model"
         if not self._tools_priced(policy, request.model, request.shape):
             return "tool_not_priced", "tools"  # a container the provider would bill, which policyd could not charge
+        if request.shape.image_model_default and not request.shape.image_model:
+            return "image_model_required", "tools"
         image_model = request.shape.image_model  # the image_generation tool's images: at that model's prices
         if image_model and policy.model(image_model) is None:
             return "unknown_model", "tools"

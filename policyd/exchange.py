@@ -39,6 +39,7 @@ class Exchange:
     input_tokens: int = 0  # the request's own count of its input (token ids; text to speech's characters)
     stored: bool = False  # the provider keeps the reply (a chat completion's store: true): its id is remembered
     tool_call_cap: int = 0  # the bound set for the request's unbounded search tools (Decision.max_tool_calls)
+    image_model: str = ""  # the model set in an image_generation tool naming none (Decision.image_model)
     observed: bool = False  # the observer filter reads the response (else the processing filter does)
     status: int = 0
     retry_after: int = 0
@@ -60,7 +61,8 @@ class Exchange:
                    requested_model=decision.requested_model, served_model=decision.served_model,
                    output_cap=decision.max_output_tokens, client_gave_cap=call.keeps_its_cap,
                    account=account, model_in_path=call.model_in_path, input_tokens=call.input_tokens,
-                   observed=observed, stored=call.stores_reply, tool_call_cap=decision.max_tool_calls)
+                   observed=observed, stored=call.stores_reply, tool_call_cap=decision.max_tool_calls,
+                   image_model=decision.image_model)
 
     @property
     def model_in_path_changes(self) -> bool:
@@ -75,7 +77,8 @@ class Exchange:
         if not isinstance(body, (dict, MultipartForm)):
             return None
         return rewrite_body(body, self.endpoint, self.served_model, self.requested_model, self.output_cap,
-                            self.client_gave_cap, self.stream, self.model_in_path, self.tool_call_cap)
+                            self.client_gave_cap, self.stream, self.model_in_path, self.tool_call_cap,
+                            self.image_model)
 
     def rewritten(self, body: Any) -> bytes | None:
         """`rewrite`, encoded for the provider."""
@@ -94,6 +97,8 @@ class Exchange:
             fields["stored"] = True
         if self.tool_call_cap:
             fields["max_tool_calls"] = self.tool_call_cap
+        if self.image_model:
+            fields["image_model"] = self.image_model
         if decision:
             fields["decision"] = decision
         out = struct_pb2.Struct()
@@ -136,4 +141,5 @@ class Exchange:
             "stream" in fields and fields["stream"].bool_value,
             stored="stored" in fields and fields["stored"].bool_value,
             tool_call_cap=int(fields["max_tool_calls"].number_value) if "max_tool_calls" in fields else 0,
+            image_model=text("image_model"),
         )

@@ -101,6 +101,7 @@ class PolicydMiddleware:
                 unseen_input=call.unseen_input, cache_write=call.cache_write, audio_output=call.audio_output,
                 unbounded_web_search_tools=call.unbounded_web_search_tools,
                 unbounded_file_search=call.unbounded_file_search, image_model=call.image_model,
+                image_model_default=call.image_model_default,
                 image_generation_calls=call.image_generation_calls, partial_images=call.partial_images,
                 containers=call.containers, container_memory=call.container_memory, image_scale=call.image_scale,
                 maps_grounding=call.maps_grounding,
@@ -172,7 +173,7 @@ class PolicydMiddleware:
                        decision: Decision) -> None:
         rewritten = None if call.body is None else http_api.rewrite_body(  # a conversation or file made: no body read
             call.body, call.endpoint, decision.served_model, call.model, decision.max_output_tokens,
-            call.keeps_its_cap, call.stream, call.model_in_path, decision.max_tool_calls)
+            call.keeps_its_cap, call.stream, call.model_in_path, decision.max_tool_calls, decision.image_model)
         if rewritten is not None:
             body = http_api.encoded_body(rewritten)
         exchange = _Exchange(decision.request_id, decision.served_model,

@@ -172,6 +172,7 @@ class HttpCall:
     unbounded_web_search_tools: int = 0  # web search tools given no bound (policyd sets the plan's)
     unbounded_file_search: bool = False  # a file_search tool given no bound (max_tool_calls)
     image_model: str = ""  # the image_generation tool's model: its images are priced at that model's prices
+    image_model_default: bool = False  # the tool names none: the plan's is set in it (Decision.image_model)
     image_generation_calls: int = 0  # the most calls the request allows (max_tool_calls; 0: no bound given)
     partial_images: int = 0  # partial images each streamed image_generation call sends
     containers: int = 0  # hosted containers the request may have the provider make (code_interpreter, shell)
@@ -204,6 +205,7 @@ class HttpCall:
                         audio_bytes=self.audio_bytes, cache_write=self.cache_write, audio_output=self.audio_output,
                         file_searches=self.file_searches, unbounded_web_search_tools=self.unbounded_web_search_tools,
                         unbounded_file_search=self.unbounded_file_search, image_model=self.image_model,
+                        image_model_default=self.image_model_default,
                         image_generation_calls=self.image_generation_calls, partial_images=self.partial_images,
                         containers=self.containers, container_memory=self.container_memory,
                         image_scale=self.image_scale, maps_grounding=self.maps_grounding),
@@ -597,10 +599,11 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         if len(image_tools) > 1:
             return _problem(call, "invalid_request", "a request may give one image_generation tool", "tools")
         image_model = image_tools[0].get("model")
-        if not isinstance(image_model, str) or not image_model:
-            return _problem(call, "invalid_request", "name the image model of the image_generation tool "
-                            "(tools[].model): the images it makes are billed at that model's prices", "tools")
-        call.image_model = image_model[:256]
+        if image_model is not None and (not isinstance(image_model, str) or not image_model):
+            return _problem(call, "invalid_request", "the image_generation tool's model must name an image model",
+                            "tools")
+        call.image_model = (image_model or "")[:256]
+        call.image_model_default = image_model is None  # the plan's is set in it
         call.image_generation_calls = _count(data.get("max_tool_calls"))
         call.partial_images = _count(image_tools[0].get("partial_images")) if call.stream else 0
         tool = image_tools[0]
@@ -844,13 +847,15 @@ def error_body(error_type: str, code: str, message: str, param: str = "") -> byt
 
 def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, served_model: str, requested_model: str,
                  output_cap: int, client_gave_cap: bool, stream: bool,
-                 model_in_path: bool = False, tool_call_cap: int = 0) -> dict[str, Any] | MultipartForm | None:
+                 model_in_path: bool = False, tool_call_cap: int = 0,
+                 image_model: str = "") -> dict[str, Any] | MultipartForm | None:
     """The request body policy requires, or None when it stays as it is.
 
     - the served model on a downgrade (not where the path names the model: Gemini, an Azure deployment);
     - the reserved output cap when the client sent none;
     - the reserved bound of search tools the client left unbounded (`tool_call_cap`): the Responses API's
       max_tool_calls, max_uses of each Anthropic web search tool without one;
+    - the image model an image_generation tool naming none is to use (`image_model`: the plan's default);
     - stream_options.include_usage for streamed chat and text completions, so usage is always reported.
 
     A speech-to-text form changes only by its model."""
@@ -880,6 +885,12 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, serve
     if tool_call_cap and endpoint == "responses" and not _count(body.get("max_tool_calls")):
         body["max_tool_calls"] = tool_call_cap
         changed = True
+    if image_model and endpoint == "responses" and isinstance(body.get("tools"), list):
+        tools = [dict(t, model=image_model) if isinstance(t, dict) and t.get("type") == "image_generation"
+                 and t.get("model") is None else t for t in body["tools"]]
+        if tools != body["tools"]:
+            body["tools"] = tools
+            changed = True
     if tool_call_cap and endpoint == "anthropic_messages" and isinstance(body.get("tools"), list):
         tools = [dict(t, max_uses=tool_call_cap) if isinstance(t, dict) and _unbounded_web_search(t) else t
                  for t in body["tools"]]

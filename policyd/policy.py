@@ -292,6 +292,9 @@ class Plan(_Strict):
     # the most calls of the search tools a provider runs (web search, file search) when a request gives no
     # bound of its own: set in the request (max_tool_calls, or max_uses) and reserved at their price
     default_max_tool_calls: int = Field(10, ge=1, le=10_000)
+    # the image model an image_generation tool that names none is given (written into the request, its images
+    # priced at its prices); "" = such a tool is refused: the provider's own default could not be priced
+    image_generation_model: str = Field("", max_length=256)
     reservation: Literal["estimate", "strict"] = "estimate"
     billing: Literal["standard", "at_cost", "free"] = "standard"
     markup_bps: int = Field(0, ge=-10_000, le=1_000_000)  # charge = cost * (10000 + markup_bps) / 10000; < 0 = discount

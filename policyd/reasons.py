@@ -37,6 +37,7 @@ _REASONS = [
     Reason("request_headers_too_large", 431, "invalid_request_error"),
     Reason("input_unbounded", 400, "invalid_request_error"),
     Reason("tool_not_priced", 400, "invalid_request_error"),  # a hosted tool the price table does not price
+    Reason("image_model_required", 400, "invalid_request_error"),  # an image tool naming no model, no plan default
     Reason("no_policy", 503, "server_error"),
     Reason("unknown_plan", 403, "permission_error"),
     Reason("insufficient_quota", 429, "insufficient_quota"),
@@ -73,6 +74,8 @@ MESSAGES = {
     "model_not_allowed": "This API key may not use the requested model.",
     "endpoint_not_allowed": "This API key may not use this endpoint.",
     "unknown_model": "The requested model does not exist.",
+    "image_model_required": "Name the image model of the image_generation tool (tools[].model): its images are "
+                            "billed at that model's prices, and this key's plan gives none by default.",
     "tool_not_priced": "The model's price table does not price a hosted tool this request may use (a code "
                        "interpreter or shell container: per_container; grounding with Google Maps: "
                        "per_maps_grounding).",

@@ -92,6 +92,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             audio_output=s.audio_output, file_searches=s.file_searches,
             unbounded_web_search_tools=s.unbounded_web_search_tools, unbounded_file_search=s.unbounded_file_search,
             image_model=s.image_model, image_generation_calls=s.image_generation_calls, partial_images=s.partial_images,
+            image_model_default=s.image_model_default,
             containers=s.containers,
             container_memory=s.container_memory or (CONTAINER_MEMORY_DEFAULT if s.containers else ""),
             image_scale=s.image_scale,
@@ -128,7 +129,7 @@ def authorize_response(d: Decision) -> policy_pb2.AuthorizeResponse:
         provider=d.provider, route=d.route, policy_version=d.policy_version,
         price_table_version=d.price_table_version, reserved=_money(d.currency, d.reserved),
         max_output_tokens=d.max_output_tokens, reservation_expires_unix_ms=d.reservation_expires_ms,
-        shadow_denials=list(d.shadow_denials), max_tool_calls=d.max_tool_calls,
+        shadow_denials=list(d.shadow_denials), max_tool_calls=d.max_tool_calls, image_model=d.image_model,
         rate_limits=[policy_pb2.RateLimit(unit=r.unit, limit=r.limit, remaining=r.remaining, resets_unix_ms=r.resets_ms)
                      for r in d.rate_limits],
     )

@@ -106,7 +106,7 @@ def check_authorize(request: AuthorizeInput) -> None:
     if not 0 <= s.containers <= SEARCH_TOOLS_MAX:
         raise Problem("invalid_request", f"containers must be between 0 and {SEARCH_TOOLS_MAX}", "containers")
     _text_field("container_memory", s.container_memory, CONTAINER_MEMORY_LENGTH_MAX)
-    if (s.image_generation_calls or s.partial_images) and not s.image_model:
+    if (s.image_generation_calls or s.partial_images) and not (s.image_model or s.image_model_default):
         raise Problem("invalid_request", "image_generation_calls and partial_images need the image_model that makes "
                       "the images", "image_model")
 

@@ -648,12 +648,31 @@ def test_the_image_generation_tool_is_charged_at_its_image_models_prices(gateway
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10") - record["charge_nanos"], 0)
 
 
+def test_an_image_generation_tool_naming_no_model_is_given_the_plans(gateway: Gateway) -> None:
+    """The openai SDK's plain `{"type": "image_generation"}` (the provider would pick its own default, whose
+    price policyd could not know): the plan's image_generation_model is set in the tool, reserved for and
+    charged at."""
+    key = gateway.customer("e2e-image-default")
+    raw = gateway.client(key).responses.with_raw_response.create(
+        model="gpt-4o-mini", input="draw me a default ledger", max_output_tokens=16, max_tool_calls=1,
+        tools=[{"type": "image_generation", "quality": "low"}])
+    reply = raw.parse()
+    sent = [r for r in gateway.mock.received() if r["body"].get("input") == "draw me a default ledger"][-1]
+    assert sent["body"]["tools"] == [{"type": "image_generation", "quality": "low", "model": "gpt-image-1"}]
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["image_model"], record["image_generation_output_tokens"]) == (
+        "settled", "gpt-image-1", 272)
+    assert record["image_generation_cost_nanos"] == price_quantity(40, parse_amount("5.00")) + \
+        price_quantity(272, parse_amount("40.00"))
+    assert reply.tool_usage.image_gen.output_tokens == 272
+
+
 def test_an_image_generation_tool_the_key_may_not_use_is_refused_before_the_provider(gateway: Gateway) -> None:
-    """A tool naming no image model (its images could not be priced), or one the key's plan does not allow,
-    is refused, recorded, nothing held or charged."""
+    """A tool naming no image model when the plan gives none (its images could not be priced), or one the
+    key's plan does not allow, is refused, recorded, nothing held or charged."""
     key = gateway.customer("e2e-image-tool-refused", plan="thrifty")
     client = gateway.client(key)
-    for tool, code in (({"type": "image_generation"}, "invalid_request"),
+    for tool, code in (({"type": "image_generation"}, "image_model_required"),  # the plan gives none by default
                        ({"type": "image_generation", "model": "gpt-image-1"}, "model_not_allowed"),
                        ({"type": "image_generation", "model": "gpt-image-9"}, "unknown_model")):
         with pytest.raises(openai.APIStatusError) as refused:
@@ -661,7 +680,7 @@ def test_an_image_generation_tool_the_key_may_not_use_is_refused_before_the_prov
         assert (refused.value.code, refused.value.param) == (code, "tools")
     assert "draw me a forbidden ledger" not in json.dumps(gateway.mock.received())
     assert sorted(r.reason for r in gateway.records("e2e-image-tool-refused")) == [
-        "invalid_request", "model_not_allowed", "unknown_model"]
+        "image_model_required", "model_not_allowed", "unknown_model"]
     wallet = gateway.wallet("e2e-image-tool-refused")
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10"), 0)
 

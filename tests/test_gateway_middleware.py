@@ -533,3 +533,16 @@ def test_a_code_interpreter_container_is_charged_over_the_native_api(gateway: Ex
     assert (record["status"], record["containers"], record["container_memory"]) == ("settled", 1, "4g")
     assert record["cost_nanos"] == price_quantity(reply.usage.input_tokens, parse_amount("0.15")) + \
         price_quantity(reply.usage.output_tokens, parse_amount("0.60")) + parse_amount("0.12")
+
+
+def test_an_image_tool_naming_no_model_is_given_the_plans_over_the_native_api(gateway: ExampleGateway) -> None:
+    """RequestShape.image_model_default and AuthorizeResponse.image_model: the gateway names the plan's image
+    model in the tool, and its image is charged at that model's prices."""
+    key = gateway.customer("mw-image-default")
+    raw = gateway.client(key).responses.with_raw_response.create(
+        model="gpt-4o-mini", input="mw draw a default ledger", max_output_tokens=8, max_tool_calls=1,
+        tools=[{"type": "image_generation", "quality": "medium"}])
+    sent = [r for r in gateway.mock.received() if r["body"].get("input") == "mw draw a default ledger"][-1]
+    assert sent["body"]["tools"][0]["model"] == "gpt-image-1"
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["image_model"], record["image_generation_output_tokens"]) == ("gpt-image-1", 1056)

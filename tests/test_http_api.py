@@ -269,7 +269,8 @@ def test_a_streamed_image_is_read_to_its_completed_event() -> None:
 def test_the_image_generation_tool_names_the_image_model_its_images_are_priced_at() -> None:
     """The Responses API's image_generation tool: its image model (whose prices its images are billed at),
     the calls the request allows (max_tool_calls; none: the plan's bound) and, streamed, its partial images.
-    A tool naming no model, or two tools, cannot be priced: refused with a clear error."""
+    A tool naming no model is given the plan's (Decision.image_model); a model that is no name, or two
+    tools, are refused with a clear error."""
     tool = {"type": "image_generation", "model": "gpt-image-1", "quality": "low", "partial_images": 2}
     body = {"model": "gpt-4.1-mini", "input": "draw a ledger", "tools": [tool]}
 
@@ -282,8 +283,10 @@ def test_the_image_generation_tool_names_the_image_model_its_images_are_priced_a
         "gpt-image-1", 0, 0)  # partial images come only in a stream
     shape = parsed(stream=True, max_tool_calls=3).authorize_input().shape
     assert (shape.image_model, shape.image_generation_calls, shape.partial_images) == ("gpt-image-1", 3, 2)
-    for changes in ({"tools": [{"type": "image_generation"}]}, {"tools": [tool, tool]},
-                    {"tools": [{"type": "image_generation", "model": 7}]}):
+    unnamed = parsed(tools=[{"type": "image_generation"}]).authorize_input().shape  # the plan's is set in it
+    assert (unnamed.image_model, unnamed.image_model_default) == ("", True)
+    for changes in ({"tools": [tool, tool]}, {"tools": [{"type": "image_generation", "model": 7}]},
+                    {"tools": [{"type": "image_generation", "model": ""}]}):
         refused = parsed(**changes)
         assert (refused.problem, refused.problem_param) == ("invalid_request", "tools"), changes
         assert "image_generation" in refused.problem_message

@@ -338,6 +338,32 @@ async def test_the_image_generation_tool_is_held_and_charged_at_its_image_models
         parse_amount("10") - settled.charge - counted.charge - unpriced.charge, 0)
 
 
+async def test_an_image_tool_naming_no_model_is_given_the_plans_and_a_retry_says_so_again(service: Service) -> None:
+    """RequestShape.image_model_default: the plan's image_generation_model is reserved for and answered in
+    Decision.image_model (a retried Authorize answers it too); a plan without one refuses the request."""
+    defaulted = SAMPLE_POLICY.replace("    markup_bps: 2000\n",
+                                      "    markup_bps: 2000\n    image_generation_model: gpt-image-1\n", 1)
+    await service.admin.apply_policy(defaulted, "image-default.yaml")
+    _, secret = await new_key(service)
+    _, free_secret = await new_key(service, plan="free", customer="tiny")
+    await fund(service, "acme", "10")
+    await fund(service, "tiny", "10")
+
+    def unnamed(key: str, request_id: str) -> AuthorizeInput:
+        request = ask(key, endpoint="responses", request_id=request_id)
+        return replace(request, shape=replace(request.shape, image_model_default=True, image_generation_calls=1))
+
+    first = await service.engine.authorize(unnamed(secret, "unnamed"))
+    again = await service.engine.authorize(unnamed(secret, "unnamed"))
+    assert (first.decision, first.image_model, again.image_model, again.reserved) == (
+        "allow", "gpt-image-1", "gpt-image-1", first.reserved)
+    named = await service.engine.authorize(replace(unnamed(secret, "named"), shape=replace(
+        unnamed(secret, "named").shape, image_model="gpt-image-1", image_model_default=False)))
+    assert (named.image_model, named.reserved) == ("", first.reserved)  # named: nothing to set, the same hold
+    refused = await service.engine.authorize(unnamed(free_secret, "no-default"))
+    assert (refused.decision, refused.reason, refused.error_param) == ("deny", "image_model_required", "tools")
+
+
 async def test_a_large_or_animated_image_is_held_at_its_scale(service: Service) -> None:
     """An image larger than the standard sizes, or a GIF's frames, may bill that many times the model's most
     per image (RequestShape.image_scale): held so, for the images endpoint and the image_generation tool;

@@ -73,6 +73,12 @@ class Decision:
         tool that has none)."""
         return int(self.response.max_tool_calls) if self.response is not None else 0
 
+    @property
+    def image_model(self) -> str:
+        """Set: the image model the proxy must name in the request's image_generation tool, which named
+        none (the plan's default, whose prices its images are charged at)."""
+        return str(self.response.image_model) if self.response is not None else ""
+
     def error_body(self) -> bytes:
         e = self.response.error
         return json.dumps({"error": {"type": e.type, "code": e.code, "message": e.message,
@@ -100,6 +106,7 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     that prices its images, its calls' bound, its partial images a call), containers and container_memory
     (hosted containers the provider may make: code_interpreter, shell), image_scale (the standard image's most
     tokens one image may bill: its size, a GIF's frames), maps_grounding (Gemini's googleMaps tool),
+    image_model_default (the image tool names no model: AuthorizeResponse.image_model says the one to set),
     client_address, user_agent,
     problem=(code, message, param), count_tokens=True (a free token count: nothing reserved, nothing
     to settle), stored_response_id (a stored response read, deleted or cancelled: free, its customer's
@@ -140,7 +147,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     containers=attribution.pop("containers", 0),
                                     container_memory=attribution.pop("container_memory", ""),
                                     image_scale=attribution.pop("image_scale", 0),
-                                    maps_grounding=bool(attribution.pop("maps_grounding", False)))
+                                    maps_grounding=bool(attribution.pop("maps_grounding", False)),
+                                    image_model_default=bool(attribution.pop("image_model_default", False)))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
