@@ -377,6 +377,9 @@ class PolicyDocument(_Strict):
             for model in plan.price_list:
                 if model not in self.price_table.models:
                     raise ValueError(f"plan {name!r}: price_list model {model!r} is not in the price table")
+            if plan.image_generation_model and plan.image_generation_model not in self.price_table.models:
+                raise ValueError(f"plan {name!r}: image_generation_model {plan.image_generation_model!r} is not in "
+                                 "the price table")
             for pattern in plan.models:
                 if not pattern.startswith("tier:") and not any(
                     fnmatch.fnmatchcase(m, pattern) for m in self.price_table.models

@@ -23,6 +23,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "policies"
         ("unknown_plan.yaml", "extends unknown plan 'gold'"),
         ("float_price.yaml", "float_price.yaml:7: price_table.models.gpt-4o.input: 1E-10 has more than 9 decimals"),
         ("unknown_downgrade.yaml", "downgrade_to 'gpt-3' is not in the price table"),
+        ("unknown_image_generation_model.yaml", "image_generation_model 'gpt-image-9' is not in the price table"),
         ("unknown_model_pattern.yaml", "model 'claude-*' matches nothing"),
         ("negative_price.yaml", "negative_price.yaml:5: price_table.models.gpt-4o.input: a price or amount must not be negative"),
         ("bad_environment.yaml", "bad_environment.yaml:9: plans.pro.environments: unknown environment 'prod'"),
