@@ -212,6 +212,9 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         usage = message.get("usage") if isinstance(message.get("usage"), dict) else data.get("usage")
         if not isinstance(usage, dict):
             return False
+        tier = usage.get("service_tier")  # Anthropic's says it in the usage: standard, priority, batch
+        if isinstance(tier, str) and tier:
+            seen.service_tier = "" if tier == "standard" else tier[:32]
         cached = _n(usage.get("cache_read_input_tokens"))
         created = _n(usage.get("cache_creation_input_tokens"))
         if "input_tokens" in usage:

@@ -1049,3 +1049,19 @@ def test_a_gemini_generation_config_that_is_no_object_is_refused() -> None:
         call = parse_call("POST", "/v1beta/models/gemini-2.5-flash:generateContent", {"x-goog-api-key": "k"},
                           json.dumps(body).encode())
         assert (call.problem, call.problem_param) == ("invalid_request", "generationConfig"), config
+
+
+def test_anthropics_service_tier_is_read_from_its_usage() -> None:
+    """Anthropic says the tier that served a message in its usage (standard, priority): a tier the table
+    prices apart (service_tiers) is charged at its prices; standard is the model's own."""
+    for tier, expected in (("priority", "priority"), ("standard", "")):
+        reader = ResponseReader("anthropic_messages", stream=False)
+        reader.feed(json.dumps({"type": "message", "usage": {"input_tokens": 9, "output_tokens": 3,
+                                                             "service_tier": tier}}).encode())
+        reader.finish()
+        assert reader.tokens.service_tier == expected
+    streamed = ResponseReader("anthropic_messages", stream=True)
+    streamed.feed(_sse({"type": "message_start", "message": {"usage": {"input_tokens": 9, "output_tokens": 1,
+                                                                        "service_tier": "priority"}}},
+                       {"type": "message_delta", "usage": {"output_tokens": 5}}))
+    assert (streamed.tokens.service_tier, streamed.tokens.output_tokens) == ("priority", 5)
