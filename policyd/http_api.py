@@ -633,6 +633,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.audio_output = isinstance(modalities, list) and "audio" in modalities
     tier = data.get("service_tier")
     call.service_tier = tier[:32] if isinstance(tier, str) and tier not in ("auto", "default") else ""
+    if endpoint == "anthropic_messages":  # Anthropic serves at its priority tier when it can unless told not to
+        call.service_tier = "" if tier == "standard_only" else "priority"
     if not call.attribution.end_user_id and (end_user := _end_user(data)):
         call.attribution = replace(call.attribution, end_user_id=end_user[:256])
     return call

@@ -1065,3 +1065,13 @@ def test_anthropics_service_tier_is_read_from_its_usage() -> None:
                                                                         "service_tier": "priority"}}},
                        {"type": "message_delta", "usage": {"output_tokens": 5}}))
     assert (streamed.tokens.service_tier, streamed.tokens.output_tokens) == ("priority", 5)
+
+
+def test_an_anthropic_request_is_held_at_the_priority_tier_it_may_be_served_at() -> None:
+    """Anthropic serves a message at its priority tier when the account has one, unless the request says
+    standard_only: held at the priority tier's prices where the table has them (else the model's own)."""
+    def tier(**changes: Any) -> str:
+        body = {"model": "claude-sonnet-4", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], **changes}
+        return parse_call("POST", "/v1/messages", {"x-api-key": "k"}, json.dumps(body).encode()).service_tier
+
+    assert (tier(), tier(service_tier="auto"), tier(service_tier="standard_only")) == ("priority", "priority", "")
