@@ -758,15 +758,12 @@ class Engine:
     @classmethod
     def _images_made(cls, policy: Policy, plan: Plan, record: dict[str, Any], report: UsageReport,
                      image_scale: int = 1) -> tuple[UsageReport, Quantities, int, int]:
-        """The image_generation tool's usage at Settle, at the prices of the image model the request
-        reserved for: calls reported without tokens are an image at the model's most each (of the size
-        and frames held: `image_scale`). Usage of a tool
-        the request reserved no image model for (a stored prompt's tools, which the body does not show)
-        cannot be priced: recorded as reported, marked, and the rest of the request charged."""
+        """The image_generation tool's usage at Settle (a report that has some), at the prices of the image
+        model the request reserved for: calls reported without tokens are an image at the model's most each
+        (of the size and frames held: `image_scale`). Usage of a tool the request reserved no image model
+        for (a stored prompt's tools, which the body does not show) cannot be priced: recorded as
+        reported, marked, and the rest of the request charged."""
         image_model = record.get("image_model") or ""
-        if not (report.image_generation_calls or report.image_generation_input_tokens
-                or report.image_generation_output_tokens):
-            return report, Quantities(requests=0), 0, 0
         if not image_model or policy.model(image_model) is None:
             return replace(report, error_class=report.error_class or "image_generation_unpriced"), \
                 Quantities(requests=0), 0, 0
@@ -971,7 +968,8 @@ class Engine:
             raise await self._reject(report.request_id, reservation.partition, "unknown_model",
                                      f"model {served!r} is not in price table {r['price_table_version']!r}", asdict(report))
         # containers: those the request asked the provider to make, at most (one it only reused is no new one)
-        report = replace(report, containers=min(report.containers, int(r.get("containers") or 0)))
+        if report.containers and report.containers > int(r.get("containers") or 0):
+            report = replace(report, containers=int(r.get("containers") or 0))
         quantities = Quantities(
             input_tokens=report.input_tokens, cached_input_tokens=report.cached_input_tokens,
             cache_write_input_tokens=report.cache_write_input_tokens,
@@ -985,9 +983,12 @@ class Engine:
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
-        report, images, images_cost, images_charge = self._images_made(
-            policy, plan, r, report, int(reservation.fields.get("image_scale") or 1))
-        quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, charge + images_charge
+        images_cost = 0
+        if report.image_generation_calls or report.image_generation_input_tokens or report.image_generation_output_tokens:
+            report, images, images_cost, images_charge = self._images_made(
+                policy, plan, r, report, int(reservation.fields.get("image_scale") or 1))
+            quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, \
+                charge + images_charge
         numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
                    report.seconds, report.requests or 1, served, report.cache_write_input_tokens]
         later = [getattr(report, name) for name in LATER_USAGE_FIELDS]
