@@ -101,7 +101,7 @@ def _speech_to_text_usage(data: dict[str, Any], seen: Tokens) -> bool:
         seen.seconds = _seconds(usage.get("seconds"))
         return True
     if isinstance(usage, dict) and ("input_tokens" in usage or "output_tokens" in usage):
-        details = usage.get("input_token_details") if isinstance(usage.get("input_token_details"), dict) else {}
+        details = _dict(usage.get("input_token_details"))
         seen.input_tokens = _n(usage.get("input_tokens"))
         seen.audio_input_tokens = min(_n(details.get("audio_tokens")), seen.input_tokens)
         seen.output_tokens = _n(usage.get("output_tokens"))
@@ -131,7 +131,7 @@ def _grounding_searches(data: dict[str, Any]) -> int:
         grounding = candidate.get("groundingMetadata") if isinstance(candidate, dict) else None
         if isinstance(grounding, dict) and grounding:
             queries = grounding.get("webSearchQueries")
-            chunks = grounding.get("groundingChunks") if isinstance(grounding.get("groundingChunks"), list) else []
+            chunks = _list(grounding.get("groundingChunks"))
             if not queries and chunks and all(isinstance(c, dict) and "maps" in c for c in chunks):
                 continue
             searches += max(len(queries) if isinstance(queries, list) else 0, 1)
@@ -140,7 +140,7 @@ def _grounding_searches(data: dict[str, Any]) -> int:
 
 def _modality(usage: dict[str, Any], details: str, modality: str) -> int:
     """Gemini's tokens of one modality in a list of {modality, tokenCount} (promptTokensDetails, ...)."""
-    parts = usage.get(details) if isinstance(usage.get(details), list) else []
+    parts = _list(usage.get(details))
     return sum(_n(p.get("tokenCount")) for p in parts if isinstance(p, dict) and p.get("modality") == modality)
 
 
@@ -165,12 +165,12 @@ def _containers_used(items: list[Any]) -> set[str]:
 def _billable_searches(response: dict[str, Any], output: list[dict[str, Any]]) -> int:
     """The Responses API's billed web searches: its `tool_usage.web_search.num_requests` when it reports
     it, else its web_search_call items that searched (opening a page or finding in one is not billed)."""
-    tool_usage = response.get("tool_usage") if isinstance(response.get("tool_usage"), dict) else {}
+    tool_usage = _dict(response.get("tool_usage"))
     web_search = tool_usage.get("web_search") if isinstance(tool_usage.get("web_search"), dict) else None
     if web_search is not None and "num_requests" in web_search:
         return _n(web_search.get("num_requests"))
     return sum(1 for item in output if item.get("type") == "web_search_call"
-               and (item.get("action") if isinstance(item.get("action"), dict) else {}).get("type", "search") == "search")
+               and _dict(item.get("action")).get("type", "search") == "search")
 
 
 def _image_generation_usage(response: dict[str, Any], output: list[dict[str, Any]], seen: Tokens) -> None:
@@ -178,10 +178,10 @@ def _image_generation_usage(response: dict[str, Any], output: list[dict[str, Any
     usage, which the Responses API reports apart from the response's (`tool_usage.image_gen`)."""
     seen.image_generation_calls = max(seen.image_generation_calls, sum(
         1 for item in output if item.get("type") == "image_generation_call" and item.get("status") != "failed"))
-    tool_usage = response.get("tool_usage") if isinstance(response.get("tool_usage"), dict) else {}
-    usage = tool_usage.get("image_gen") if isinstance(tool_usage.get("image_gen"), dict) else {}
-    details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
-    cached = usage.get("cached_tokens_details") if isinstance(usage.get("cached_tokens_details"), dict) else {}
+    tool_usage = _dict(response.get("tool_usage"))
+    usage = _dict(tool_usage.get("image_gen"))
+    details = _dict(usage.get("input_tokens_details"))
+    cached = _dict(usage.get("cached_tokens_details"))
     seen.image_generation_input_tokens = _n(usage.get("input_tokens"))
     seen.image_generation_cached_input_tokens = min(_n(usage.get("cached_tokens")), seen.image_generation_input_tokens)
     uncached_images = _n(details.get("image_tokens")) - _n(cached.get("cached_image_tokens"))
@@ -203,7 +203,7 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         seen.input_tokens = _n(usage.get("input_tokens"))
         seen.output_tokens = seen.audio_output_tokens = _n(usage.get("output_tokens"))
         return True
-    response = data.get("response") if isinstance(data.get("response"), dict) else {}
+    response = _dict(data.get("response"))
     served_by = data.get("service_tier") or response.get("service_tier")  # chat's, the Responses API's
     if isinstance(served_by, str) and served_by:
         seen.service_tier = "" if served_by == "default" else served_by[:32]
@@ -221,11 +221,11 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
             seen.input_tokens = _n(usage.get("input_tokens")) + cached + created
             seen.cached_input_tokens = cached
             seen.cache_write_input_tokens = created
-            split = usage.get("cache_creation") if isinstance(usage.get("cache_creation"), dict) else {}
+            split = _dict(usage.get("cache_creation"))
             seen.cache_write_1h_input_tokens = min(_n(split.get("ephemeral_1h_input_tokens")), created)
         if "output_tokens" in usage:
             seen.output_tokens = max(seen.output_tokens, _n(usage.get("output_tokens")))  # cumulative in deltas
-        tools = usage.get("server_tool_use") if isinstance(usage.get("server_tool_use"), dict) else {}
+        tools = _dict(usage.get("server_tool_use"))
         seen.web_searches = max(seen.web_searches, _n(tools.get("web_search_requests")))
         return True
     if endpoint == "gemini_generate_content":
@@ -252,20 +252,19 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     if not isinstance(usage, dict):
         return False
     if endpoint == "images":  # token-priced image models (gpt-image-1): text and images in, image tokens out
-        details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
+        details = _dict(usage.get("input_tokens_details"))
         seen.input_tokens = _n(usage.get("input_tokens"))
         seen.cached_input_tokens = min(_n(details.get("cached_tokens")), seen.input_tokens)
         seen.image_input_tokens = min(_n(details.get("image_tokens")), seen.input_tokens - seen.cached_input_tokens)
         seen.output_tokens = _n(usage.get("output_tokens"))
         return True
     if endpoint == "responses":
-        details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
+        details = _dict(usage.get("input_tokens_details"))
         seen.input_tokens = _n(usage.get("input_tokens"))
         seen.cached_input_tokens = min(_n(details.get("cached_tokens")), seen.input_tokens)
         seen.cache_write_input_tokens = min(_n(details.get("cache_write_tokens")),
                                             seen.input_tokens - seen.cached_input_tokens)
-        kept = details.get("cache_write_tokens_details") if isinstance(details.get("cache_write_tokens_details"), dict) \
-            else {}  # written to be kept 12 hours: the long write's price (as Anthropic's hour-long one)
+        kept = _dict(details.get("cache_write_tokens_details"))  # kept 12 hours: the long write's price
         seen.cache_write_1h_input_tokens = min(_n(kept.get("ttl_12h_tokens")), seen.cache_write_input_tokens)
         seen.output_tokens = _n(usage.get("output_tokens"))
         output = [item for item in _list(data.get("output")) if isinstance(item, dict)]
@@ -274,7 +273,7 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         _image_generation_usage(data, output, seen)
         seen.containers = max(seen.containers, len(_containers_used(output)))
         return True
-    details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
+    details = _dict(usage.get("prompt_tokens_details"))
     out_details = usage.get("completion_tokens_details") if isinstance(usage.get("completion_tokens_details"), dict) \
         else {}
     seen.input_tokens = _n(usage.get("prompt_tokens"))
@@ -298,7 +297,7 @@ def _delivered_text(endpoint: str, data: Any) -> int:
     total = 0
     for choice in _list(data.get("choices")):
         if isinstance(choice, dict):
-            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            delta = _dict(choice.get("delta"))
             for part in (delta.get("content"), delta.get("reasoning_content"), choice.get("text")):
                 if isinstance(part, str):  # text: a legacy completion's
                     total += len(part.encode("utf-8", "surrogatepass"))
