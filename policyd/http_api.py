@@ -335,6 +335,76 @@ def _text_bytes(value: Any, depth: int = 0) -> int:
     return 0
 
 
+# Top-level fields that carry no text the provider bills: the model, switches, ids of stored things (their
+# input is counted apart, as unseen), and the caller's own labels. Every other field is prompt.
+_NOT_PROMPT_FIELDS = frozenset({"model", "stream", "stream_options", "metadata", "user", "safety_identifier",
+                                "prompt_cache_key", "previous_response_id", "conversation", "cachedContent",
+                                "cached_content", "labels", "include", "logit_bias", "service_tier", "store"})
+# Fields that hold the prompt's text (messages, instructions, input): the bytes of their strings, as the
+# strict bound is proven for (tests/test_estimates.py). Any other object or list (tool definitions,
+# legacy functions, a response schema, a prediction, a tool config) is billed as the provider renders
+# it, names and all, which is no longer than its JSON: its JSON's bytes are counted.
+_PROMPT_TEXT_FIELDS = frozenset({"messages", "input", "prompt", "system", "contents", "instructions", "content",
+                                 "requests", "systemInstruction", "system_instruction"})
+
+
+def _prompt_bytes(data: dict[str, Any]) -> int:
+    """The bytes of a body that bound (strict) or estimate the input the provider bills for it."""
+    total = 0
+    for name, value in data.items():
+        if name in _NOT_PROMPT_FIELDS:
+            continue
+        if name in _PROMPT_TEXT_FIELDS or isinstance(value, str):
+            total += _text_bytes(value)
+        elif isinstance(value, (dict, list)):
+            total += len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+    return total
+
+
+# The output cap each API reads, by the fields it reads it from. A cap in a field the API does not read
+# bounds nothing: policyd writes its own where the API reads it. A chat completion may give two, and
+# OpenAI-compatible providers differ on which one wins: the larger is reserved.
+_OUTPUT_CAP_FIELDS = {"chat_completions": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
+                      "responses": ("max_output_tokens",), "anthropic_messages": ("max_tokens",)}
+GEMINI_GENERATION_CONFIG = ("generationConfig", "generation_config")  # Gemini reads either name of a field
+_GEMINI_OUTPUT_CAP = ("maxOutputTokens", "max_output_tokens")
+
+
+def _generation_config(data: dict[str, Any]) -> dict[str, Any] | None:
+    """A Gemini body's generation config ({} when it gives none); None when it gives it under both names."""
+    given = [data[k] for k in GEMINI_GENERATION_CONFIG if data.get(k) is not None]
+    if len(given) > 1:
+        return None
+    return given[0] if given and isinstance(given[0], dict) else {}
+
+
+def _gemini_field(config: dict[str, Any], *names: str) -> Any:
+    return next((config[n] for n in names if config.get(n) is not None), None)
+
+
+def _gemini_count(value: Any) -> int:
+    """A count as Gemini reads it (protobuf's JSON: 3, 3.0 and "3" alike); 0 when it is not one."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    return _count(value)
+
+
+def _output_cap(endpoint: str, data: dict[str, Any], generation: dict[str, Any]) -> tuple[int, str]:
+    """(the largest output cap the request gives where its API reads one, 0 for none; the field of a cap the
+    API would refuse or read as none, "" when every cap given is a count). Gemini reads 0 as no cap."""
+    if endpoint == "gemini_generate_content":
+        given = _gemini_field(generation, *_GEMINI_OUTPUT_CAP)
+        cap = _gemini_count(given)
+        return cap, "" if cap or given is None or given in (0, "0") else "generationConfig.maxOutputTokens"
+    cap = 0
+    for name in _OUTPUT_CAP_FIELDS.get(endpoint, ()):
+        given = data.get(name)
+        if given is not None and not _count(given):
+            return 0, name
+        cap = max(cap, _count(given))
+    return cap, ""
+
+
 def _depth(value: Any, depth: int = 0) -> int:
     if depth > JSON_DEPTH_MAX:
         return depth
@@ -560,16 +630,17 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "invalid_request", "you must provide a model parameter", "model")
     call.model, call.model_in_path = model, bool(path_model)
     call.stream = data.get("stream") is True or path.split("?", 1)[0].endswith(":streamGenerateContent")
-    if endpoint == "gemini_generate_content" and data.get("generationConfig") is not None \
-            and not isinstance(data.get("generationConfig"), dict):  # policyd writes the output cap into it
+    if endpoint == "gemini_generate_content" and any(data.get(k) is not None and not isinstance(data.get(k), dict)
+                                                     for k in GEMINI_GENERATION_CONFIG):  # the output cap goes in it
         return _problem(call, "invalid_request", "generationConfig must be an object", "generationConfig")
-    generation = data.get("generationConfig") if isinstance(data.get("generationConfig"), dict) else {}
-    call.max_output_tokens = (_int(data.get("max_completion_tokens")) or _int(data.get("max_tokens"))
-                              or _int(data.get("max_output_tokens")) or _int(generation.get("maxOutputTokens")))
-    content = {k: v for k, v in data.items() if k in ("messages", "input", "prompt", "system", "contents",
-                                                       "instructions", "tools", "systemInstruction", "content",
-                                                       "requests")}
-    call.prompt_bytes = _text_bytes(content) + _hidden_prompt_bytes(endpoint, data)
+    generation = _generation_config(data) if endpoint == "gemini_generate_content" else {}
+    if generation is None:
+        return _problem(call, "invalid_request", "a request gives its generation config once, as generationConfig "
+                        "or generation_config", "generationConfig")
+    call.max_output_tokens, bad_cap = _output_cap(endpoint, data, generation)
+    if bad_cap:
+        return _problem(call, "invalid_request", f"{bad_cap} must be a whole number of tokens, at least 1", bad_cap)
+    call.prompt_bytes = _prompt_bytes(data) + _hidden_prompt_bytes(endpoint, data)
     messages = data.get("messages") or data.get("contents") or data.get("input") or data.get("requests")
     call.message_count = len(messages) if isinstance(messages, list) else 1
     if endpoint == "images":
@@ -589,7 +660,11 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.input_tokens = len(text)
         call.stream = data.get("stream_format") == "sse"  # its audio in events, and its usage last (gpt-4o-mini-tts)
     elif endpoint == "gemini_generate_content":
-        call.choices = _count(generation.get("candidateCount"))
+        candidates = _gemini_field(generation, "candidateCount", "candidate_count")
+        call.choices = _gemini_count(candidates)
+        if candidates is not None and not call.choices:
+            return _problem(call, "invalid_request", "candidateCount must be a whole number, at least 1",
+                            "generationConfig")
     if endpoint == "responses" and data.get("background") is True:  # billed later, as the client polls for it
         return _problem(call, "invalid_request", "background responses are not supported here: their usage "
                         "arrives after the request, where policyd cannot charge it; ask without background",
@@ -878,10 +953,12 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, serve
             body["max_output_tokens"] = output_cap
         elif endpoint == "anthropic_messages":
             body["max_tokens"] = output_cap
-        elif endpoint == "gemini_generate_content":
-            generation = dict(body["generationConfig"]) if isinstance(body.get("generationConfig"), dict) else {}
+        elif endpoint == "gemini_generate_content":  # in the config the body gives, under the name it uses
+            key = next((k for k in GEMINI_GENERATION_CONFIG if isinstance(body.get(k), dict)), "generationConfig")
+            given = body.get(key) if isinstance(body.get(key), dict) else {}
+            generation = {k: v for k, v in given.items() if k not in _GEMINI_OUTPUT_CAP}
             generation["maxOutputTokens"] = output_cap
-            body["generationConfig"] = generation
+            body[key] = generation
         changed = changed or endpoint in ("chat_completions", "completions", "responses", "anthropic_messages",
                                           "gemini_generate_content")
     if tool_call_cap and endpoint == "responses" and not _count(body.get("max_tool_calls")):

@@ -778,7 +778,83 @@ def test_anthropics_hidden_tool_prompt_counts_as_input() -> None:
     assert prompt_bytes(custom + [{"type": "bash_20250124", "name": "bash"}]) - with_custom >= 735 + len("bash")
     chat = http_api.parse_call("POST", "/v1/chat/completions", {}, json.dumps(
         {"model": "m", "messages": [], "tools": [{"type": "function", "function": {"name": "f"}}]}).encode())
-    assert chat.prompt_bytes == http_api._text_bytes({"tools": [{"type": "function", "function": {"name": "f"}}]})
+    assert chat.prompt_bytes == len(b'[{"type":"function","function":{"name":"f"}}]')  # names and all
+
+
+def test_every_field_a_provider_bills_as_input_counts() -> None:
+    """Tool definitions count with their property names (the provider renders them into the prompt), as do
+    the legacy functions, a response schema, a prediction and Gemini's snake_case system instruction;
+    ids, labels and the caller's metadata do not."""
+    def prompt_bytes(path: str, **fields: Any) -> int:
+        return parse_call("POST", path, {}, json.dumps({"model": "m", "max_tokens": 5, **fields}).encode()).prompt_bytes
+
+    chat = "/v1/chat/completions"
+    bare = prompt_bytes(chat, messages=[{"role": "user", "content": "hi"}])
+    name = "customer_billing_address_line_two"
+    schema = {"type": "object", "properties": {name: {"type": "string"}}}
+    for field, value in (("tools", [{"type": "function", "function": {"name": "f", "parameters": schema}}]),
+                         ("functions", [{"name": "f", "parameters": schema}]),
+                         ("response_format", {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}),
+                         ("prediction", {"type": "content", "content": name})):
+        assert prompt_bytes(chat, messages=[{"role": "user", "content": "hi"}], **{field: value}) - bare \
+            >= len(name), field
+    assert prompt_bytes(chat, messages=[{"role": "user", "content": "hi"}], user="u" * 500, metadata={"k": "v" * 500},
+                        prompt_cache_key="c" * 500, safety_identifier="s" * 500, temperature=0.5) == bare
+    gemini = "/v1beta/models/gemini-2.5-flash:generateContent"
+    assert prompt_bytes(gemini, contents=[], system_instruction={"parts": [{"text": "x" * 900}]}) >= 900
+    assert prompt_bytes(gemini, contents=[], systemInstruction={"parts": [{"text": "x" * 900}]}) >= 900
+
+
+def test_the_output_cap_is_read_where_the_api_reads_it() -> None:
+    """A chat completion's larger of max_tokens and max_completion_tokens (OpenAI-compatible providers differ
+    on which wins); a cap in a field the API does not read is none, and policyd writes its own where the
+    API reads it; a cap the provider would refuse is refused before anything is held."""
+    def call(path: str, **fields: Any) -> Any:
+        return parse_call("POST", path, {}, json.dumps({"model": "m", "messages": [], **fields}).encode())
+
+    chat = "/v1/chat/completions"
+    assert call(chat, max_tokens=10, max_completion_tokens=900).max_output_tokens == 900
+    assert call(chat, max_tokens=900, max_completion_tokens=10).max_output_tokens == 900
+    assert call(chat, max_tokens=64.0).max_output_tokens == 64
+    assert call(chat, max_tokens=None, max_completion_tokens=7).max_output_tokens == 7
+    stray = call(chat, max_output_tokens=5)  # not a chat completion's field: no cap
+    assert (stray.max_output_tokens, stray.problem) == (0, "")
+    body = rewrite_body(stray.body, "chat_completions", "m", "m", 300, False, False)
+    assert body["max_completion_tokens"] == 300
+    assert call("/v1/responses", max_tokens=5).max_output_tokens == 0
+    assert call("/v1/responses", max_output_tokens=5).max_output_tokens == 5
+    assert call("/v1/messages", max_output_tokens=5, max_completion_tokens=6).max_output_tokens == 0
+    assert call("/v1/messages", max_tokens=5).max_output_tokens == 5
+    for bad in ("1000", 0, -1, 1.5, True, [5]):
+        refused = call(chat, max_tokens=bad)
+        assert (refused.problem, refused.problem_param) == ("invalid_request", "max_tokens"), bad
+    assert call("/v1/messages", max_tokens=0).problem == "invalid_request"
+
+
+def test_gemini_reads_either_name_of_its_generation_config() -> None:
+    """Gemini's JSON takes snake_case names and counts written as text: policyd reads the output cap and the
+    candidates from either, writes its cap into the config the body gives (a second config would be
+    refused by the provider), and refuses a body giving both."""
+    path = "/v1beta/models/gemini-2.5-flash:generateContent"
+
+    def call(**fields: Any) -> Any:
+        return parse_call("POST", path, {}, json.dumps({"contents": [], **fields}).encode())
+
+    snake = call(generation_config={"max_output_tokens": 40, "candidate_count": "3"})
+    assert (snake.max_output_tokens, snake.choices, snake.problem) == (40, 3, "")
+    assert call(generationConfig={"maxOutputTokens": "41"}).max_output_tokens == 41
+    unset = call(generation_config={"max_output_tokens": 0, "temperature": 0.1})
+    assert (unset.max_output_tokens, unset.problem) == (0, "")  # 0 is no cap to Gemini
+    body = rewrite_body(unset.body, "gemini_generate_content", "gemini-2.5-flash", "gemini-2.5-flash", 500, False,
+                        False, model_in_path=True)
+    assert "generationConfig" not in body
+    assert body["generation_config"] == {"temperature": 0.1, "maxOutputTokens": 500}
+    plain = rewrite_body({"contents": []}, "gemini_generate_content", "g", "g", 500, False, False, model_in_path=True)
+    assert plain["generationConfig"] == {"maxOutputTokens": 500}
+    both = call(generationConfig={}, generation_config={})
+    assert (both.problem, both.problem_param) == ("invalid_request", "generationConfig")
+    for bad in ({"maxOutputTokens": -5}, {"max_output_tokens": "many"}, {"candidateCount": 0}):
+        assert call(generationConfig=bad).problem == "invalid_request", bad
 
 
 def test_input_marked_for_the_cache_is_named_with_its_longest_time_to_live() -> None:
