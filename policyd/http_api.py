@@ -534,20 +534,40 @@ _SERVER_TOOL_KEYS = (*_GOOGLE_SEARCH_KEYS, *_GOOGLE_MAPS_KEYS, "urlContext", "ur
                      "code_execution", "fileSearch")
 
 
+# Inline media a provider bills by its pixels, pages or frames, which a small file holds many of (a blank
+# page, a plain image: a few hundred bytes, a thousand tokens and more): its bytes bound nothing.
+_MEDIA_BILLED_BY_CONTENT = ("image/", "application/pdf", "video/")
+_MEDIA_BLOCKS = ("image", "document")  # Anthropic's content blocks of such media, whatever their source
+
+
+def _billed_by_content(media_type: Any) -> bool:
+    return isinstance(media_type, str) and media_type.lower().startswith(_MEDIA_BILLED_BY_CONTENT)
+
+
 def _refers_to_input(value: Any, depth: int = 0) -> bool:
-    """Whether content refers to input it does not carry: a file by id or URI, an image or document by URL."""
+    """Whether content holds input its bytes do not bound: a file by id or URI, an image or document by URL,
+    or an image, a PDF or a video inline (data URLs, file data, Anthropic's image and document blocks,
+    Gemini's inlineData)."""
     if depth > JSON_DEPTH_MAX:
         return False
     if isinstance(value, list):
         return any(_refers_to_input(v, depth + 1) for v in value)
     if not isinstance(value, dict):
         return False
+    if value.get("type") in _MEDIA_BLOCKS and isinstance(value.get("source"), dict):
+        return True
     for name, item in value.items():
         if name == "annotations":  # citations of an earlier reply the client sends back: not input by reference
             continue
         if name in _REFERENCE_KEYS and item:
             return True
-        if name in ("url", "image_url") and isinstance(item, str) and not item.startswith("data:"):
+        if name in ("url", "image_url") and isinstance(item, str) and \
+                (not item.startswith("data:") or _billed_by_content(item[5:])):
+            return True
+        if name == "file_data" and item:  # a file inline (OpenAI's chat file parts, the Responses API's input_file)
+            return True
+        if name in ("inlineData", "inline_data") and isinstance(item, dict) and \
+                _billed_by_content(item.get("mimeType", item.get("mime_type"))):
             return True
         if isinstance(item, (dict, list)) and _refers_to_input(item, depth + 1):
             return True

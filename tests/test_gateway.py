@@ -744,6 +744,13 @@ def test_a_strict_plan_refuses_input_it_cannot_bound(gateway: Gateway) -> None:
     estimating = gateway.client(gateway.customer("e2e-unbounded-pro"))
     assert estimating.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": content}],
                                               max_tokens=4).usage.completion_tokens > 0
+    # an image inline is billed by its pixels, which a few bytes can hold (a plain WebP): its bytes bound nothing
+    inline = [{"type": "text", "text": "and this one?"},
+              {"type": "image_url", "image_url": {"url": "data:image/webp;base64,UklGRhoAAABXRUJQVlA4TA0AAAAvAAAAEAcQERGIiP4HAA=="}}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        strict.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": inline}])
+    assert refused.value.code == "input_unbounded"
+    assert [r.reason for r in gateway.records("e2e-unbounded")] == ["input_unbounded"] * 2
 
 
 def test_bad_bodies_get_clear_errors_and_reserve_nothing(gateway: Gateway) -> None:

@@ -201,7 +201,17 @@ IMAGE_DATA = {"type": "image_url", "image_url": {"url": "data:image/png;base64,i
 @pytest.mark.parametrize(("path", "body", "unseen"), [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, False),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [IMAGE_URL]}]}, True),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [IMAGE_DATA]}]}, False),  # its bytes are there
+    # inline images and documents bill by their pixels and pages, which a few bytes can hold (a plain WebP
+    # image, a blank PDF page: a hundred bytes, a thousand tokens and more): their bytes bound nothing
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [IMAGE_DATA]}]}, True),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "file", "file": {
+        "filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0="}}]}]}, True),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
+        "data": "UklGRg==", "format": "wav"}}]}]}, False),  # audio: its bytes bound its seconds
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "see data:image/png;base64,AAAA"}]}, False),
+    ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_file", "filename": "a.pdf",
+                                                               "file_data": "data:application/pdf;base64,JVBERi0="}]}]},
+     True),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "file", "file": {"file_id": "file-abc"}}]}]}, True),
     ("/v1/chat/completions", {"messages": [], "web_search_options": {}}, False),  # empty: no search asked
@@ -220,7 +230,15 @@ IMAGE_DATA = {"type": "image_url", "image_url": {"url": "data:image/png;base64,i
     ("/v1/messages", {"messages": [{"role": "user", "content": [{"type": "image", "source": {
         "type": "url", "url": "https://example.com/a.png"}}]}]}, True),
     ("/v1/messages", {"messages": [{"role": "user", "content": [{"type": "image", "source": {
-        "type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]}, False),
+        "type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]}, True),
+    ("/v1/messages", {"messages": [{"role": "user", "content": [{"type": "document", "source": {
+        "type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}]}]}, True),
+    ("/v1beta/models/gemini-2.5-flash:generateContent", {"contents": [{"parts": [{"inline_data": {
+        "mime_type": "application/pdf", "data": "JVBERi0="}}]}]}, True),
+    ("/v1beta/models/gemini-2.5-flash:generateContent", {"contents": [{"parts": [{"inlineData": {
+        "mimeType": "image/webp", "data": "UklGRg=="}}]}]}, True),
+    ("/v1beta/models/gemini-2.5-flash:generateContent", {"contents": [{"parts": [{"inlineData": {
+        "mimeType": "audio/wav", "data": "UklGRg=="}}]}]}, False),
     ("/v1/messages", {"messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, True),
     ("/v1/messages", {"messages": [], "tools": [{"type": "bash_20250124", "name": "bash"}]}, False),  # the client runs it
     ("/v1/messages", {"messages": [], "mcp_servers": [{"type": "url", "url": "https://mcp.example.com"}]}, True),
