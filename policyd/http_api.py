@@ -664,7 +664,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     messages = data.get("messages") or data.get("contents") or data.get("input") or data.get("requests")
     call.message_count = len(messages) if isinstance(messages, list) else 1
     if endpoint == "images":
-        call.image_count = _int(data.get("n")) or 1
+        call.image_count = _count(data.get("n")) or 1
         call.image_scale = image_scale(data.get("size"), data.get("output_format"), data.get("frame_count"))
     elif endpoint == "chat_completions":  # n choices, each up to the output cap: all of them are billed
         call.choices = _count(data.get("n"))

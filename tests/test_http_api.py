@@ -113,6 +113,8 @@ def test_problems(path: str, body: bytes, problem: str) -> None:
     ("/v1/chat/completions", {"model": "m", "messages": []}, 0),
     ("/v1/chat/completions", {"model": "m", "messages": [], "n": "3"}, 0),  # the provider refuses it: released
     ("/v1beta/models/gemini-2.0-flash:generateContent", {"contents": [], "generationConfig": {"candidateCount": 2}}, 2),
+    ("/v1beta/models/gemini-2.0-flash:generateContent", {"contents": [], "generation_config": {"candidate_count": "4"}},
+     4),  # Gemini reads snake_case names and counts written as text
     ("/v1/images/generations", {"model": "m", "prompt": "p", "n": 4}, 0),  # images count as images
     ("/v1/completions", {"model": "m", "prompt": "p", "n": 2, "best_of": 5}, 5),  # best_of are all generated
     ("/v1/completions", {"model": "m", "prompt": "p", "n": 3}, 3),
@@ -121,6 +123,14 @@ def test_choices_are_read_from_n_and_candidate_count(path: str, body: dict, choi
     call = parse_call("POST", path, {"authorization": "Bearer k"}, json.dumps(body).encode())
     assert not call.problem
     assert call.choices == choices and call.authorize_input().shape.choices == choices
+
+
+def test_images_asked_for_are_read_as_the_provider_reads_them() -> None:
+    def images(n: Any) -> int:
+        body = {"model": "gpt-image-1", "prompt": "p", **({"n": n} if n is not None else {})}
+        return parse_call("POST", "/v1/images/generations", {}, json.dumps(body).encode()).image_count
+
+    assert (images(None), images(4), images(4.0)) == (1, 4, 4)
 
 
 @settings(max_examples=300)
