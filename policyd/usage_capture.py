@@ -266,7 +266,7 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
                                             seen.input_tokens - seen.cached_input_tokens)
         kept = _dict(details.get("cache_write_tokens_details"))  # kept 12 hours: the long write's price
         seen.cache_write_1h_input_tokens = min(_n(kept.get("ttl_12h_tokens")), seen.cache_write_input_tokens)
-        seen.output_tokens = _n(usage.get("output_tokens"))
+        seen.output_tokens = _billed_output(usage, "input_tokens", "output_tokens")
         output = [item for item in _list(data.get("output")) if isinstance(item, dict)]
         seen.web_searches = _billable_searches(data, output)
         seen.file_searches = sum(1 for item in output if item.get("type") == "file_search_call")
@@ -285,9 +285,17 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     # audio (gpt-4o-audio): its own price; the cached part, if any, stays at the cached price
     seen.audio_input_tokens = min(_n(details.get("audio_tokens")),
                                   seen.input_tokens - seen.cached_input_tokens - seen.cache_write_input_tokens)
-    seen.output_tokens = _n(usage.get("completion_tokens"))
+    seen.output_tokens = _billed_output(usage, "prompt_tokens", "completion_tokens")
     seen.audio_output_tokens = min(_n(out_details.get("audio_tokens")), seen.output_tokens)
     return True
+
+
+def _billed_output(usage: dict[str, Any], input_name: str, output_name: str) -> int:
+    """The output tokens a usage bills. OpenAI counts reasoning in its output; xAI, and OpenAI-compatible
+    servers that follow it, report reasoning beside the output (`completion_tokens_details.reasoning_tokens`)
+    and in the total: what the total holds past input and output is that output too."""
+    output = _n(usage.get(output_name))
+    return max(output, _n(usage.get("total_tokens")) - _n(usage.get(input_name)))
 
 
 def _delivered_text(endpoint: str, data: Any) -> int:

@@ -444,6 +444,31 @@ def test_usage_from_anthropic_stream_and_bodies() -> None:
     assert (embeddings.tokens.input_tokens, embeddings.found_usage) == (8, True)
 
 
+def test_reasoning_reported_beside_the_output_is_charged_as_output() -> None:
+    """xAI (and OpenAI-compatible servers following it) report reasoning outside completion_tokens, in the
+    total: prompt 10,120 + completion 1,499 + reasoning 2,809 = 14,428. OpenAI counts it inside."""
+    beside = {"prompt_tokens": 10120, "completion_tokens": 1499, "total_tokens": 14428,
+              "prompt_tokens_details": {"cached_tokens": 128}, "completion_tokens_details": {"reasoning_tokens": 2809}}
+    inside = {"prompt_tokens": 2008, "completion_tokens": 266, "total_tokens": 2274,
+              "completion_tokens_details": {"reasoning_tokens": 261}}
+    for usage, output in ((beside, 1499 + 2809), (inside, 266), ({"prompt_tokens": 5, "completion_tokens": 3}, 3),
+                          ({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 6}, 3)):
+        whole = ResponseReader("chat_completions", stream=False)
+        whole.feed(json.dumps({"choices": [{"message": {"content": "ok"}}], "usage": usage}).encode())
+        whole.finish()
+        streamed = ResponseReader("chat_completions", stream=True)
+        streamed.feed(_sse({"choices": [{"delta": {"content": "ok"}}]}, {"choices": [], "usage": usage}))
+        streamed.finish()
+        for reader in (whole, streamed):
+            assert (reader.tokens.input_tokens, reader.tokens.output_tokens) == (usage["prompt_tokens"], output), usage
+    response = ResponseReader("responses", stream=False)
+    response.feed(json.dumps({"output": [], "usage": {
+        "input_tokens": 40, "output_tokens": 10, "total_tokens": 80,
+        "output_tokens_details": {"reasoning_tokens": 30}}}).encode())
+    response.finish()
+    assert response.tokens.output_tokens == 40
+
+
 def test_a_cut_or_malformed_stream_is_estimated_from_what_was_delivered() -> None:
     reader = ResponseReader("chat_completions", stream=True)
     reader.feed(_sse({"choices": [{"delta": {"content": "x" * 40}}]}) + b"data: {broken\n\n")
