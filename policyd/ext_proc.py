@@ -228,6 +228,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         down at once (before the client has the answer), so the next request goes elsewhere."""
         headers = _headers(message)
         exchange.status = int(headers.get(":status", "0") or 0)
+        exchange.reader.encoded_as(headers.get("content-encoding", ""))
         retry = headers.get("retry-after", "")
         exchange.retry_after = int(retry) if retry.isdigit() else 0
         attempts = headers.get("x-envoy-attempt-count", "1")

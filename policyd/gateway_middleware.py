@@ -13,7 +13,8 @@ Per HTTP request, the same steps as the Envoy filters (ext_authz + ext_proc), ov
    the proxy never sees the request; policyd unreachable answers 503 (fail closed);
 3. the proxy gets the request with the body policy requires (served model, output cap,
    `stream_options.include_usage`), without the customer's key, and with
-   `x-policyd-request-id`, `x-policyd-served-model` and `x-policyd-route` headers;
+   `x-policyd-request-id`, `x-policyd-served-model` and `x-policyd-route` headers, and asking for the
+   reply as it is (`accept-encoding: identity`; one compressed anyway, gzip or deflate, is read decoded);
 4. the response passes through unchanged while its usage is read (JSON or SSE); at its end the call
    is settled with the provider's usage, released on an upstream error, or, when the client went
    away or the stream was cut, charged for what was delivered (`usage_estimated`). The settlement
@@ -51,7 +52,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ACCOUNT_HEADERS = frozenset(http_api.PROVIDER_ACCOUNT_HEADERS)
 STRIPPED_HEADERS = frozenset({*http_api.CUSTOMER_KEY_HEADERS, "content-length", http_api.REQUEST_ID_HEADER,
-                              "x-policyd-served-model", "x-policyd-route"})
+                              "x-policyd-served-model", "x-policyd-route", "accept-encoding"})
 
 
 class PolicydMiddleware:
@@ -185,6 +186,8 @@ class PolicydMiddleware:
         async def metered_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 exchange.status = int(message["status"])
+                exchange.reader.encoded_as(next((v.decode("latin-1") for k, v in message.get("headers", [])
+                                                 if k.decode("latin-1").lower() == "content-encoding"), ""))
                 kept = [(k, v) for k, v in message.get("headers", []) if k.decode("latin-1").lower() not in ACCOUNT_HEADERS]
                 if exchange.status in http_api.CREDENTIAL_REFUSALS:  # the operator's credentials, not the customer's
                     kept = [(k.encode(), v.encode()) for k, v in refused[1]]
@@ -281,7 +284,8 @@ def _upstream_scope(scope: Scope, call: http_api.HttpCall, decision: Decision, b
     headers += [(b"content-length", str(len(body)).encode()),
                 (http_api.REQUEST_ID_HEADER.encode(), decision.request_id.encode()),
                 (b"x-policyd-served-model", decision.served_model.encode()),
-                (b"x-policyd-route", decision.route.encode())]
+                (b"x-policyd-route", decision.route.encode()),
+                (b"accept-encoding", b"identity")]  # the reply as it is, its usage readable
     upstream = {**scope, "headers": headers}
     query = scope.get("query_string", b"").decode("latin-1")
     full = f"{scope.get('path', '/')}?{query}" if query else scope.get("path", "/")

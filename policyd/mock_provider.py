@@ -9,7 +9,9 @@ Scenarios, by the request header `x-mock-scenario`:
     ok (default) | rate_limited (429) | server_error (500) | stall (sleeps 30 s) |
     cut (a stream that stops mid-way without usage) | no_usage (a reply without usage) |
     slow (a stream with 200 ms between events, for clients that hang up mid-way) |
-    error_midway (an Anthropic stream that ends with an error event and no message_delta)
+    error_midway (an Anthropic stream that ends with an error event and no message_delta) |
+    gzip (a JSON reply compressed whatever the request accepts; it is compressed anyway when the request
+    accepts gzip, as providers do)
 
 Usage it reports: prompt tokens = ceil(UTF-8 bytes of the messages / 4), completion tokens =
 min(the request's output cap, 12). `GET /_mock/requests` lists what it received (for tests).
@@ -18,6 +20,7 @@ min(the request's output cap, 12). `GET /_mock/requests` lists what it received 
 from __future__ import annotations
 
 import base64
+import gzip
 import itertools
 import json
 import re
@@ -130,8 +133,15 @@ class MockProvider:
             def _json(self, status: int, payload: Any, extra: dict[str, str] | None = None,
                       content_type: str = "application/json") -> None:
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                # as providers do: a JSON reply compressed when the client accepts gzip (or always: scenario gzip)
+                accepted = [c.split(";")[0].strip().lower() for c in self.headers.get("accept-encoding", "").split(",")]
+                compressed = "gzip" in accepted or self.headers.get("x-mock-scenario") == "gzip"
+                if compressed:
+                    data = gzip.compress(data)
                 self.send_response(status)
                 self.send_header("content-type", content_type)
+                if compressed:
+                    self.send_header("content-encoding", "gzip")
                 self.send_header("content-length", str(len(data)))
                 for k, v in ACCOUNT_HEADERS.items():  # what a provider says of the account a request came on
                     self.send_header(k, v)
@@ -180,7 +190,8 @@ class MockProvider:
             self.requests.append({"path": h.path, "body": body, "authorization": auth, "scenario": scenario,
                                   "credentials": {k: h.headers[k] for k in CREDENTIAL_HEADERS if h.headers.get(k)},
                                   "policyd_headers": sorted(k.lower() for k in h.headers if k.lower().startswith("x-policyd-")),
-                                  "content_length": h.headers.get("content-length"), "bytes": len(raw)})
+                                  "content_length": h.headers.get("content-length"), "bytes": len(raw),
+                                  "accept_encoding": h.headers.get("accept-encoding", "")})
         if self.api_keys and auth.removeprefix("Bearer ") not in self.api_keys:
             return h._json(401, {"error": {"type": "invalid_request_error", "code": "invalid_api_key",
                                            "message": "the mock provider did not get its own key"}})

@@ -35,6 +35,8 @@ def upstream_request(decision: Decision, pool: ProviderPool, observed: bool, rew
     remove = list(http_api.CUSTOMER_KEY_HEADERS)
     route = decision.route
     headers: list[tuple[str, str]] = [(OBSERVER_HEADER, "read" if observed else "skip")]
+    if observed:  # the reply as it is, its usage readable (the openai SDK asks for gzip; providers would send it)
+        headers.append(("accept-encoding", "identity"))
     if rewrite is not None:
         headers.append((REWRITE_HEADER, "yes" if rewrite else "no"))
     if account is not None:

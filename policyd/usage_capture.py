@@ -9,6 +9,7 @@ estimate, marked as such).
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import asdict, dataclass
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
@@ -344,6 +345,15 @@ def _reply_text(data: Any) -> int:
     return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts if isinstance(t, str))
 
 
+# A reply in a content coding is read from a decoded copy (the client gets the bytes as sent). policyd asks
+# providers for replies as they are (accept-encoding: identity); gzip and deflate are read if one compresses
+# anyway. Others (br, zstd) cannot be read here: such a reply is estimated (undecodable_reply), its bytes
+# on the wire taken for delivered text.
+_ZLIB_CODINGS = ("gzip", "x-gzip", "deflate")
+_ZLIB_AUTO_HEADER = 32 + zlib.MAX_WBITS  # a gzip or zlib stream, told apart by its header
+DECODED_PIECE_BYTES = 1 << 20  # decoded a piece at a time: a small reply that inflates hugely is read as it goes
+
+
 class ResponseReader:
     """Feeds on response body chunks as they pass; knows the usage at the end, or an estimate."""
 
@@ -382,9 +392,39 @@ class ResponseReader:
         self._array: bool | None = None  # decided by the stream's first byte
         self._buffer = bytearray()
         self._large: ObjectFields | None = None  # a reply, or a stream's event, too large to hold: read as it passes
+        self._decoder: Any = None  # a zlib decompressor, for a reply in gzip or deflate
+        self.undecodable = False  # a reply in a coding policyd cannot decode: estimated
+
+    def encoded_as(self, content_encoding: str) -> None:
+        """The reply's content-encoding, from its headers (before its body)."""
+        codings = [c.strip().lower() for c in content_encoding.split(",")]
+        codings = [c for c in codings if c and c != "identity"]
+        if not codings or self._unread:
+            return
+        if len(codings) == 1 and codings[0] in _ZLIB_CODINGS:
+            self._decoder = zlib.decompressobj(_ZLIB_AUTO_HEADER)
+        else:
+            self.undecodable = True
 
     def feed(self, chunk: bytes) -> None:
         if not chunk or self._unread:
+            return
+        if self.undecodable:
+            self.delivered_bytes += len(chunk)
+            return
+        if self._decoder is None:
+            self._feed(chunk)
+            return
+        try:
+            while chunk:
+                piece = self._decoder.decompress(chunk, DECODED_PIECE_BYTES)
+                chunk = self._decoder.unconsumed_tail
+                self._feed(piece)
+        except zlib.error:
+            self.malformed, self._decoder, self._unread = True, None, True
+
+    def _feed(self, chunk: bytes) -> None:
+        if not chunk:
             return
         if not self.stream:
             if self._large is None and len(self._buffer) + len(chunk) > RESPONSE_BUFFER_BYTES_MAX:
@@ -519,6 +559,14 @@ class ResponseReader:
         if self._unread:
             self.finished = True
             return
+        if self.undecodable:
+            return
+        if self._decoder is not None:
+            try:
+                self._feed(self._decoder.flush())
+            except zlib.error:
+                self.malformed = True
+                return
         if self.stream:
             if self._large is not None:
                 self._large_event_ended()
@@ -592,5 +640,6 @@ def closing(status: int, reader: ResponseReader, cut: bool) -> Closing:
     counted = reader.output_final or not (reader.stream and reader.endpoint == "anthropic_messages")
     if reader.found_usage and (reader.output_final or (complete and counted)):
         return Closing("settle", interrupted=not complete)
-    reason = "stream_cut" if cut else ("malformed_response" if reader.malformed else "no_usage_reported")
+    reason = "stream_cut" if cut else "undecodable_reply" if reader.undecodable else \
+        "malformed_response" if reader.malformed else "no_usage_reported"
     return Closing("estimate", f"usage_estimated:{reason}", interrupted=cut)

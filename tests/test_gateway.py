@@ -887,6 +887,27 @@ def test_downgrade_reaches_the_cheaper_model_with_the_body_rewritten(gateway: Ga
                                                      completion.usage.completion_tokens, markup_bps=0)
 
 
+def test_replies_are_read_whatever_their_content_coding(gateway: Gateway) -> None:
+    """The openai SDK asks for gzip, and providers compress when asked: policyd asks the provider for the
+    reply as it is (accept-encoding: identity), so its usage is read and charged exactly; a provider that
+    compresses anyway is read from a decoded copy while the client gets the bytes as sent."""
+    client = gateway.client(gateway.customer("e2e-coding"))
+    plain = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "coding plain"}], max_tokens=8)
+    sent = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "coding plain"]
+    assert sent[-1]["accept_encoding"] == "identity"
+    compressed = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "coding gzip"}], max_tokens=8,
+        extra_headers={"x-mock-scenario": "gzip"})
+    assert compressed.headers["content-encoding"] == "gzip"  # passed on as sent; the SDK decodes it
+    for raw in (plain, compressed):
+        completion = raw.parse()
+        record = gateway.record(raw.headers["x-policyd-request-id"])
+        assert (record["status"], record["error_class"]) == ("settled", "")
+        assert record["charge_nanos"] == expected_charge("gpt-4o-mini", completion.usage.prompt_tokens,
+                                                         completion.usage.completion_tokens)
+
+
 def test_a_stream_cut_midway_is_still_settled(gateway: Gateway) -> None:
     key = gateway.customer("e2e-cut")
     with pytest.raises(Exception):

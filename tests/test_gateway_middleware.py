@@ -109,6 +109,23 @@ def test_a_completion_is_charged_exactly_with_attribution_and_trace(gateway: Exa
     assert key not in json.dumps(gateway.mock.received())  # the customer's key never reaches the provider
 
 
+def test_a_reply_in_gzip_is_read_and_passed_on_as_sent(gateway: ExampleGateway) -> None:
+    """The proxy is asked for replies as they are (accept-encoding: identity); one that comes compressed
+    anyway is read from a decoded copy and charged exactly."""
+    client = gateway.client(gateway.customer("mw-gzip"))
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "mw gzip"}], max_tokens=8,
+        extra_headers={"x-mock-scenario": "gzip"})
+    assert raw.headers["content-encoding"] == "gzip"
+    completion = raw.parse()
+    (sent,) = gateway.received("mw gzip")
+    assert sent["accept_encoding"] == "identity"
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["error_class"]) == ("settled", "")
+    assert record["charge_nanos"] == expected_charge("gpt-4o-mini", completion.usage.prompt_tokens,
+                                                     completion.usage.completion_tokens)
+
+
 def test_a_stream_is_charged_from_the_usage_policyd_asked_for(gateway: ExampleGateway) -> None:
     key = gateway.customer("mw-stream")
     with gateway.client(key).chat.completions.with_streaming_response.create(

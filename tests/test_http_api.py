@@ -469,6 +469,50 @@ def test_reasoning_reported_beside_the_output_is_charged_as_output() -> None:
     assert response.tokens.output_tokens == 40
 
 
+def test_a_compressed_reply_is_read_from_a_decoded_copy() -> None:
+    """gzip and deflate (zlib) replies, whole or streamed, in pieces of any size, are read as plain ones; a
+    coding policyd cannot decode (br) or a corrupt one is estimated and marked, never raised."""
+    import gzip
+    import zlib
+
+    reply = json.dumps({"choices": [{"message": {"content": "hello"}}],
+                        "usage": {"prompt_tokens": 9, "completion_tokens": 4}}).encode()
+    stream = _sse({"choices": [{"delta": {"content": "hi"}}]}, {"choices": [], "usage": {
+        "prompt_tokens": 9, "completion_tokens": 4}}) + b"data: [DONE]\n\n"
+    for coding, compress in (("gzip", gzip.compress), ("deflate", zlib.compress), ("x-gzip", gzip.compress)):
+        for streamed, body in ((False, reply), (True, stream)):
+            data = compress(body)
+            for size in (1, 7, len(data)):
+                reader = ResponseReader("chat_completions", stream=streamed)
+                reader.encoded_as(coding)
+                for at in range(0, len(data), size):
+                    reader.feed(data[at:at + size])
+                reader.finish()
+                assert (reader.tokens.input_tokens, reader.tokens.output_tokens) == (9, 4), (coding, streamed, size)
+                assert closing(200, reader, cut=False).action == "settle"
+    brotli = ResponseReader("chat_completions", stream=False)
+    brotli.encoded_as("br")
+    brotli.feed(b"\x1b\x03\x00" * 40)
+    brotli.finish()
+    assert closing(200, brotli, cut=False).reason == "usage_estimated:undecodable_reply"
+    assert brotli.estimated_output_tokens() == 30  # its bytes on the wire, for want of its text
+    corrupt = ResponseReader("chat_completions", stream=False)
+    corrupt.encoded_as("gzip")
+    corrupt.feed(gzip.compress(reply)[:10] + b"not gzip at all")
+    corrupt.finish()
+    assert closing(200, corrupt, cut=False).reason == "usage_estimated:malformed_response"
+    inflating = ResponseReader("chat_completions", stream=False)  # 64 MiB of spaces from 64 KiB: read as it goes
+    inflating.encoded_as("gzip")
+    inflating.feed(gzip.compress(b" " * (64 << 20) + reply))
+    inflating.finish()
+    assert inflating.tokens.output_tokens == 4
+    identity = ResponseReader("chat_completions", stream=False)
+    identity.encoded_as("identity")
+    identity.feed(reply)
+    identity.finish()
+    assert identity.tokens.output_tokens == 4
+
+
 def test_a_cut_or_malformed_stream_is_estimated_from_what_was_delivered() -> None:
     reader = ResponseReader("chat_completions", stream=True)
     reader.feed(_sse({"choices": [{"delta": {"content": "x" * 40}}]}) + b"data: {broken\n\n")

@@ -22,7 +22,7 @@ import uvicorn
 from policyd.gateway_middleware import PolicydMiddleware
 from policyd_client import AsyncPolicyClient
 
-HOP_BY_HOP = {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"accept-encoding"}
+HOP_BY_HOP = {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"content-length"}
 
 
 def upstream_proxy(base_url: str, api_key: str) -> Any:
