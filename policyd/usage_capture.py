@@ -216,14 +216,23 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         tier = usage.get("service_tier")  # Anthropic's says it in the usage: standard, priority, batch
         if isinstance(tier, str) and tier:
             seen.service_tier = "" if tier == "standard" else tier[:32]
-        cached = _n(usage.get("cache_read_input_tokens"))
-        created = _n(usage.get("cache_creation_input_tokens"))
-        if "input_tokens" in usage:
-            seen.input_tokens = _n(usage.get("input_tokens")) + cached + created
-            seen.cached_input_tokens = cached
-            seen.cache_write_input_tokens = created
-            split = _dict(usage.get("cache_creation"))
-            seen.cache_write_1h_input_tokens = min(_n(split.get("ephemeral_1h_input_tokens")), created)
+        # message_start counts the input; a message_delta may count it again, cumulative (grown by server
+        # tools' results), and an Anthropic-compatible server may leave a count out or null there: each
+        # count given replaces the one before, one not given keeps it
+        if any(usage.get(k) is not None for k in ("input_tokens", "cache_read_input_tokens",
+                                                   "cache_creation_input_tokens")):
+            uncached = seen.input_tokens - seen.cached_input_tokens - seen.cache_write_input_tokens
+            if usage.get("input_tokens") is not None:
+                uncached = _n(usage["input_tokens"])
+            if usage.get("cache_read_input_tokens") is not None:
+                seen.cached_input_tokens = _n(usage["cache_read_input_tokens"])
+            if usage.get("cache_creation_input_tokens") is not None:
+                seen.cache_write_input_tokens = _n(usage["cache_creation_input_tokens"])
+            split = usage.get("cache_creation")
+            long_writes = _n(split.get("ephemeral_1h_input_tokens")) if isinstance(split, dict) \
+                else seen.cache_write_1h_input_tokens
+            seen.cache_write_1h_input_tokens = min(long_writes, seen.cache_write_input_tokens)
+            seen.input_tokens = uncached + seen.cached_input_tokens + seen.cache_write_input_tokens
         if "output_tokens" in usage:
             seen.output_tokens = max(seen.output_tokens, _n(usage.get("output_tokens")))  # cumulative in deltas
         tools = _dict(usage.get("server_tool_use"))

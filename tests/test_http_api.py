@@ -672,6 +672,27 @@ def test_a_stream_cut_before_the_usage_of_its_whole_output_is_estimated_from_wha
     assert closing(200, gemini, cut=True).action == "estimate" and gemini.estimated_output_tokens() == 20
 
 
+def test_anthropics_input_counted_again_at_the_end_replaces_the_start_count() -> None:
+    """A message_delta's counts are cumulative (the results of a web search add input mid-stream); a count
+    it leaves out or gives as null (Anthropic-compatible servers do) keeps the message_start's."""
+    start = {"type": "message_start", "message": {"usage": {
+        "input_tokens": 20, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 8,
+        "cache_creation": {"ephemeral_1h_input_tokens": 8}, "output_tokens": 1}}}
+    for delta_usage, expected in (
+            ({"input_tokens": 10682, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 8,
+              "output_tokens": 510, "server_tool_use": {"web_search_requests": 1}}, (10682 + 13, 5, 8, 8)),
+            ({"input_tokens": None, "cache_read_input_tokens": None, "output_tokens": 510}, (33, 5, 8, 8)),
+            ({"output_tokens": 510}, (33, 5, 8, 8)),
+            ({"input_tokens": 40, "output_tokens": 510}, (53, 5, 8, 8)),
+            ({"cache_creation_input_tokens": 3, "output_tokens": 510}, (28, 5, 3, 3))):
+        reader = ResponseReader("anthropic_messages", stream=True)
+        reader.feed(_sse(start, {"type": "message_delta", "usage": delta_usage}, {"type": "message_stop"}))
+        reader.finish()
+        t = reader.tokens
+        assert (t.input_tokens, t.cached_input_tokens, t.cache_write_input_tokens, t.cache_write_1h_input_tokens,
+                t.output_tokens) == (*expected, 510), delta_usage
+
+
 def test_text_to_speech_counts_the_characters_and_reads_no_audio() -> None:
     body = json.dumps({"model": "tts-1", "voice": "alloy", "input": "héllo wörld"}).encode()
     call = parse_call("POST", "/v1/audio/speech", {"authorization": "Bearer k"}, body)
