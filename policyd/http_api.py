@@ -523,6 +523,20 @@ def _unbounded_search_tools(endpoint: str, data: dict[str, Any], kind: str = "we
     return 0
 
 
+# Azure OpenAI's api-versions before this refuse stream_options, without which a stream reports no usage
+AZURE_STREAM_USAGE_SINCE = "2024-09-01-preview"
+
+
+def _azure_without_stream_usage(path: str) -> bool:
+    """Whether an Azure deployment's path asks for an api-version older than AZURE_STREAM_USAGE_SINCE."""
+    base, _, query = path.partition("?")
+    if not _AZURE.search(base):
+        return False
+    version = next((v for k, v in parse_qsl(query, keep_blank_values=True) if k == "api-version"), "")
+    day = version.strip()[:10]
+    return bool(re.fullmatch(r"\d{4}-\d{2}-\d{2}", day)) and day < AZURE_STREAM_USAGE_SINCE[:10]
+
+
 # Input the provider bills that the request only refers to: policyd cannot bound it by the body's bytes.
 _STORED_CONTEXT = ("previous_response_id", "conversation", "cachedContent", "cached_content", "mcp_servers",
                    "web_search_options")
@@ -685,6 +699,10 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         if candidates is not None and not call.choices:
             return _problem(call, "invalid_request", "candidateCount must be a whole number, at least 1",
                             "generationConfig")
+    if call.stream and endpoint in ("chat_completions", "completions") and _azure_without_stream_usage(path):
+        return _problem(call, "invalid_request", f"a streamed completion on Azure OpenAI needs api-version "
+                        f"{AZURE_STREAM_USAGE_SINCE} or later (or the v1 API), which takes stream_options: its "
+                        f"usage is what it is charged", "api-version")
     if endpoint == "responses" and data.get("background") is True:  # billed later, as the client polls for it
         return _problem(call, "invalid_request", "background responses are not supported here: their usage "
                         "arrives after the request, where policyd cannot charge it; ask without background",

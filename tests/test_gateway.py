@@ -83,10 +83,10 @@ class Gateway(FundedCustomers):
     def client(self, key: str, **kwargs: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=20, **kwargs)
 
-    def azure_client(self, key: str) -> openai.AzureOpenAI:
+    def azure_client(self, key: str, api_version: str = AZURE_API_VERSION) -> openai.AzureOpenAI:
         """The openai SDK's Azure client: the deployment in the path, the key as `api-key`."""
         return openai.AzureOpenAI(azure_endpoint=f"http://127.0.0.1:{self.port}", api_key=key,
-                                  api_version=AZURE_API_VERSION, max_retries=0, timeout=20)
+                                  api_version=api_version, max_retries=0, timeout=20)
 
     def record(self, request_id: str, seconds: float = 10.0) -> dict[str, Any]:
         """The request's record once it is closed: the observer filter settles a response as it
@@ -333,6 +333,15 @@ def test_azure_openai_clients_are_charged_and_a_downgrade_reaches_the_cheaper_de
         gateway.azure_client("pdk_live_" + "Z" * 40).chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "azure wrong key"}])
     assert "azure wrong key" not in json.dumps(gateway.mock.received())
+    # an api-version older than stream_options: its stream would report no usage, so it is refused first
+    old = gateway.azure_client(key, api_version="2024-06-01")
+    with pytest.raises(openai.BadRequestError) as refused:
+        old.chat.completions.create(model="gpt-4o-mini", stream=True,
+                                    messages=[{"role": "user", "content": "azure old stream"}])
+    assert (refused.value.code, refused.value.param) == ("invalid_request", "api-version")
+    assert "azure old stream" not in json.dumps(gateway.mock.received())
+    assert old.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "azure old"}],
+                                       max_tokens=4).usage.completion_tokens > 0  # not streamed: its usage is there
 
 
 def test_text_to_speech_is_charged_by_the_characters_sent(gateway: Gateway) -> None:

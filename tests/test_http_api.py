@@ -167,6 +167,23 @@ def test_the_upstream_path_carries_the_served_gemini_model_and_no_customer_key()
         "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 
 
+def test_an_azure_stream_needs_an_api_version_that_reports_its_usage() -> None:
+    """Azure's api-versions before 2024-09-01-preview refuse stream_options, so a stream would report no
+    usage: refused first, with the version to use; later versions, the v1 API and unstreamed calls pass."""
+    def problem(path: str, stream: bool = True) -> tuple[str, str]:
+        call = parse_call("POST", path, {"api-key": "k"}, json.dumps({"model": "m", "messages": [], "stream": stream}).encode())
+        return call.problem, call.problem_param
+
+    chat = "/openai/deployments/gpt-4o/chat/completions?api-version="
+    for version in ("2024-06-01", "2024-08-01-preview", "2023-05-15"):
+        assert problem(chat + version) == ("invalid_request", "api-version"), version
+    assert problem("/openai/deployments/gpt-4o/completions?api-version=2024-02-01") == ("invalid_request", "api-version")
+    for version in ("2024-09-01-preview", "2024-10-21", "2025-04-01-preview", "latest"):
+        assert problem(chat + version) == ("", ""), version
+    assert problem(chat + "2024-06-01", stream=False) == ("", "")
+    assert problem("/openai/v1/chat/completions") == ("", "")
+
+
 @pytest.mark.parametrize(("path", "endpoint"), [
     ("/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", "chat_completions"),
     ("/openai/deployments/gpt-4o/completions?api-version=2024-10-21", "completions"),
