@@ -63,6 +63,9 @@ class Shape:
     choices: int = 0  # completions the provider generates (n / best_of / candidateCount), each up to the cap; 0 = 1
     web_searches: int = 0  # the most server-side web searches the request allows (reserved at their price)
     service_tier: str = ""  # the processing tier asked for (OpenAI's flex, priority); "" = default
+    # the tier is the provider's default, not asked for (Anthropic serves at priority when it can): held at
+    # its prices where the table has them, never refused for want of them
+    service_tier_implied: bool = False
     unseen_input: bool = False  # input the request only refers to (a previous response, a file, an image URL...)
     audio_bytes: int = 0  # the audio sent, when its seconds are not known (speech to text)
     # the longest cache the input may be written to: the short write, "5m" (Anthropic's cache_control,
@@ -93,6 +96,9 @@ class Shape:
 
 
 CONTAINER_MEMORY_DEFAULT = "1g"  # OpenAI's, for a container that names no memory_limit
+# the processing tier of Anthropic's fast mode (`speed: "fast"`, and a usage's `speed: "fast"`), as the
+# price table names it in a model's service_tiers
+ANTHROPIC_FAST_MODE = "fast_mode"
 IMAGE_SCALE_MAX = 10_000  # the largest image_scale (a request's is held at most so: the provider refuses past it)
 
 

@@ -32,6 +32,7 @@ from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECON
 from policyd.directory import KeyDirectory
 from policyd.loops import every
 from policyd.domain import (
+    ANTHROPIC_FAST_MODE,
     IMAGE_GENERATION_USAGE,
     AuthorizeInput,
     Decision,
@@ -333,7 +334,8 @@ class Engine:
                     and policy.model_allowed(plan, limit.downgrade_to, key.scopes) \
                     and policy.tier_allowed_in(plan, key.environment, limit.downgrade_to) \
                     and self._input_bounded(policy, plan, limit.downgrade_to, request.shape) \
-                    and self._tools_priced(policy, limit.downgrade_to, request.shape):
+                    and self._tools_priced(policy, limit.downgrade_to, request.shape) \
+                    and self._tier_priced(policy, limit.downgrade_to, request.shape):
                 cheaper = self._attempt(request, owner, policy, plan, limit.downgrade_to, at, skip_label=limit.label,
                                         own_limits=key.limits, prior_tokens=prior_tokens)
                 cheaper.fallback_reason = f"downgraded:{limit.label}"
@@ -585,6 +587,9 @@ class Engine:
             return "input_unbounded", "model"
         if not self._tools_priced(policy, request.model, request.shape):
             return "tool_not_priced", "tools"  # a container the provider would bill, which policyd could not charge
+        if not self._tier_priced(policy, request.model, request.shape):
+            return "service_tier_not_priced", \
+                "speed" if request.shape.service_tier == ANTHROPIC_FAST_MODE else "service_tier"
         if request.shape.image_model_default and not request.shape.image_model:
             return "image_model_required", "tools"
         image_model = request.shape.image_model  # the image_generation tool's images: at that model's prices
@@ -613,6 +618,13 @@ class Engine:
             and (not shape.maps_grounding or bool(price and price.per_maps_grounding))
 
     @staticmethod
+    def _tier_priced(policy: Policy, model: str, shape: Shape) -> bool:
+        """Whether the model prices the processing tier the request asks for (a dearer one charged at the
+        standard prices would undercharge; a cheaper one, overcharge): the provider's own default need not."""
+        price = policy.model(model)
+        return shape.service_tier_implied or bool(price and price.prices_tier(shape.service_tier))
+
+    @staticmethod
     def _route_around(policy: Policy, plan: Plan, scopes: tuple[str, ...], environment: str, model: str,
                       shape: Shape, unavailable: frozenset[str]) -> tuple[str, str]:
         """The model to serve: the requested one, or the first fallback the plan allows while the
@@ -626,7 +638,8 @@ class Engine:
                     and policy.model_allowed(plan, alternative, scopes) \
                     and policy.tier_allowed_in(plan, environment, alternative) \
                     and Engine._input_bounded(policy, plan, alternative, shape) \
-                    and Engine._tools_priced(policy, alternative, shape):
+                    and Engine._tools_priced(policy, alternative, shape) \
+                    and Engine._tier_priced(policy, alternative, shape):
                 return alternative, f"{price.provider}_cooling_down"
         return model, ""
 
@@ -967,6 +980,9 @@ class Engine:
         if policy is None or plan is None or price is None:
             raise await self._reject(report.request_id, reservation.partition, "unknown_model",
                                      f"model {served!r} is not in price table {r['price_table_version']!r}", asdict(report))
+        if not price.prices_tier(report.service_tier):  # served on a tier the table does not price: at the
+            # model's own prices, marked (a project's default tier, which no request names)
+            report = replace(report, error_class=report.error_class or "service_tier_unpriced")
         # containers: those the request asked the provider to make, at most (one it only reused is no new one)
         if report.containers and report.containers > int(r.get("containers") or 0):
             report = replace(report, containers=int(r.get("containers") or 0))

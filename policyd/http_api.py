@@ -49,7 +49,7 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from policyd import reasons
 from policyd.audio import wav_seconds
-from policyd.domain import (CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX, Attribution, AuthorizeInput, KeySummary,
+from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX, Attribution, AuthorizeInput, KeySummary,
                             RateLimit, Shape, trace_id_from)
 from policyd.money import MONEY_UNITS, format_amount
 from policyd.multipart import MultipartError, MultipartForm
@@ -180,6 +180,7 @@ class HttpCall:
     image_scale: int = 0  # how many of a model's most per image one image may bill (its size, a GIF's frames)
     maps_grounding: bool = False  # Gemini's googleMaps tool: a grounded prompt is billed apart
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
+    service_tier_implied: bool = False  # the provider's default tier (Anthropic's priority), not one asked for
     compaction: bool = False  # a Responses API compaction (POST /v1/responses/compact): it takes no output cap
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
@@ -201,7 +202,8 @@ class HttpCall:
             shape=Shape(prompt_bytes=self.prompt_bytes, message_count=self.message_count,
                         max_output_tokens=self.max_output_tokens, image_count=self.image_count, stream=self.stream,
                         choices=self.choices, input_tokens=self.input_tokens, web_searches=self.web_searches,
-                        service_tier=self.service_tier, unseen_input=self.unseen_input, seconds=self.seconds,
+                        service_tier=self.service_tier, service_tier_implied=self.service_tier_implied,
+                        unseen_input=self.unseen_input, seconds=self.seconds,
                         audio_bytes=self.audio_bytes, cache_write=self.cache_write, audio_output=self.audio_output,
                         file_searches=self.file_searches, unbounded_web_search_tools=self.unbounded_web_search_tools,
                         unbounded_file_search=self.unbounded_file_search, image_model=self.image_model,
@@ -748,6 +750,9 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.service_tier = tier[:32] if isinstance(tier, str) and tier not in ("auto", "default") else ""
     if endpoint == "anthropic_messages":  # Anthropic serves at its priority tier when it can unless told not to
         call.service_tier = "" if tier == "standard_only" else "priority"
+        call.service_tier_implied = True
+        if data.get("speed") == "fast":  # fast mode: its own, dearer prices
+            call.service_tier, call.service_tier_implied = ANTHROPIC_FAST_MODE, False
     if not call.attribution.end_user_id and (end_user := _end_user(data)):
         call.attribution = replace(call.attribution, end_user_id=end_user[:256])
     return call

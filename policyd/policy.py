@@ -56,6 +56,13 @@ _AMOUNTS = ("input", "cached_input", "cache_write_input", "cache_write_1h_input"
             "image_input", "image_output")  # the prices written as amounts
 
 
+# Processing tiers (OpenAI's service_tier, Anthropic's, and Anthropic's fast mode, `speed: "fast"`): the
+# standard tier is a model's own prices; OpenAI renamed its "priority" tier "fast" and takes either name.
+# Anthropic's fast mode is a tier of its own name, ANTHROPIC_FAST_MODE (its priority tier is another thing).
+STANDARD_SERVICE_TIERS = frozenset({"", "auto", "default", "standard", "standard_only"})
+SERVICE_TIER_ALIASES = {"fast": "priority", "priority": "fast"}
+
+
 class Prices(_Strict):
     """Prices in nanos: per 1M tokens (input, cached input, output), per image, per request, per second."""
 
@@ -99,10 +106,23 @@ class Prices(_Strict):
                 raise ValueError(f"service tier {name!r}: a name of 1-32 characters, with no tiers of its own")
         return self
 
+    def tier_prices(self, service_tier: str) -> "Prices | None":
+        """A processing tier's prices, by its name or the name it also goes by (OpenAI's "fast", which is
+        its "priority"); None when the table does not price it."""
+        if not service_tier:
+            return None
+        found = self.service_tiers.get(service_tier)
+        alias = SERVICE_TIER_ALIASES.get(service_tier)
+        return found if found is not None or alias is None else self.service_tiers.get(alias)
+
+    def prices_tier(self, service_tier: str) -> bool:
+        """Whether a request on this tier can be priced: the standard tier always, any other when priced."""
+        return service_tier in STANDARD_SERVICE_TIERS or self.tier_prices(service_tier) is not None
+
     def for_input(self, input_tokens: int, service_tier: str = "") -> "Prices":
         """The token prices of a request with this many input tokens on this processing tier: the service
         tier's (when priced), then the long-context tier's past its threshold."""
-        prices = self.service_tiers.get(service_tier, self) if service_tier else self
+        prices = self.tier_prices(service_tier) or self
         if prices.long_context is not None and input_tokens > prices.long_context_above:
             return prices.long_context
         return prices

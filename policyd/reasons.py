@@ -37,6 +37,7 @@ _REASONS = [
     Reason("request_headers_too_large", 431, "invalid_request_error"),
     Reason("input_unbounded", 400, "invalid_request_error"),
     Reason("tool_not_priced", 400, "invalid_request_error"),  # a hosted tool the price table does not price
+    Reason("service_tier_not_priced", 400, "invalid_request_error"),  # a processing tier the table does not price
     Reason("image_model_required", 400, "invalid_request_error"),  # an image tool naming no model, no plan default
     Reason("no_policy", 503, "server_error"),
     Reason("unknown_plan", 403, "permission_error"),
@@ -79,6 +80,8 @@ MESSAGES = {
     "tool_not_priced": "The model's price table does not price a hosted tool this request may use (a code "
                        "interpreter or shell container: per_container; grounding with Google Maps: "
                        "per_maps_grounding).",
+    "service_tier_not_priced": "The model's price table does not price the processing tier this request asks "
+                               "for (service_tier, or Anthropic's speed: fast); ask for the standard tier.",
     "response_not_found": "No response with this id was made with this API key's account.",
     "conversation_not_found": "No conversation with this id was made with this API key's account.",
     "file_not_found": "No file with this id was uploaded with this API key's account.",

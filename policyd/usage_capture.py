@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
+from policyd.domain import ANTHROPIC_FAST_MODE
 from policyd.json_fields import ObjectFields
 from policyd.pricing import speech_audio_tokens_likely
 
@@ -216,6 +217,11 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         tier = usage.get("service_tier")  # Anthropic's says it in the usage: standard, priority, batch
         if isinstance(tier, str) and tier:
             seen.service_tier = "" if tier == "standard" else tier[:32]
+        speed = usage.get("speed")  # fast mode, at its own prices, when the reply ran at it (not standard)
+        if speed == "fast":
+            seen.service_tier = ANTHROPIC_FAST_MODE
+        elif isinstance(speed, str) and speed and seen.service_tier == ANTHROPIC_FAST_MODE:
+            seen.service_tier = ""
         # message_start counts the input; a message_delta may count it again, cumulative (grown by server
         # tools' results), and an Anthropic-compatible server may leave a count out or null there: each
         # count given replaces the one before, one not given keeps it

@@ -22,13 +22,14 @@ async def fund(service: Service, customer: str, amount: str, grant_id: str = "",
 
 def ask(secret: str, model: str = "gpt-4o-mini", request_id: str = "", endpoint: str = "chat_completions",
         prompt_bytes: int = 400, max_output_tokens: int = 100, choices: int = 0, web_searches: int = 0,
-        service_tier: str = "", unseen_input: bool = False, input_tokens: int = 0, **attribution: object) -> AuthorizeInput:
+        service_tier: str = "", unseen_input: bool = False, input_tokens: int = 0, service_tier_implied: bool = False,
+        **attribution: object) -> AuthorizeInput:
     return AuthorizeInput(
         api_key=secret, endpoint=endpoint, model=model,
         attribution=Attribution(request_id=request_id, **attribution),  # type: ignore[arg-type]
         shape=Shape(prompt_bytes=prompt_bytes, message_count=1, max_output_tokens=max_output_tokens, choices=choices,
                     web_searches=web_searches, service_tier=service_tier, unseen_input=unseen_input,
-                    input_tokens=input_tokens),
+                    input_tokens=input_tokens, service_tier_implied=service_tier_implied),
     )
 
 

@@ -1126,6 +1126,14 @@ def test_the_service_tier_that_served_a_request_sets_its_prices(gateway: Gateway
     cost = price_quantity(u.prompt_tokens, parse_amount("0.075")) + price_quantity(u.completion_tokens, parse_amount("0.30"))
     assert (record["service_tier"], record["cost_nanos"]) == ("flex", cost)
     assert record["charge_nanos"] == -(-cost * 12_000 // 10_000)
+    # a tier the model's prices do not name (OpenAI's fast mode, its priority tier renamed): refused first
+    client = gateway.client(gateway.customer("e2e-fast-tier"))
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hurry up"}],
+                                       max_tokens=8, service_tier="priority")
+    assert (refused.value.code, refused.value.param) == ("service_tier_not_priced", "service_tier")
+    assert "hurry up" not in json.dumps(gateway.mock.received())
+    assert [r.reason for r in gateway.records("e2e-fast-tier")] == ["service_tier_not_priced"]
 
 
 def test_an_hours_cache_writes_are_charged_at_their_own_price(gateway: Gateway) -> None:

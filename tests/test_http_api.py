@@ -1286,3 +1286,25 @@ def test_an_anthropic_request_is_held_at_the_priority_tier_it_may_be_served_at()
         return parse_call("POST", "/v1/messages", {"x-api-key": "k"}, json.dumps(body).encode()).service_tier
 
     assert (tier(), tier(service_tier="auto"), tier(service_tier="standard_only")) == ("priority", "priority", "")
+
+
+def test_anthropics_fast_mode_is_a_tier_asked_for_and_read_from_the_usage() -> None:
+    """`speed: "fast"` asks for fast mode (its own, dearer prices: refused where the table has none); the
+    usage's `speed` says what the message ran at (a fast request may fall back to standard)."""
+    body = {"model": "claude-opus-4-6", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    fast = parse_call("POST", "/v1/messages", {"x-api-key": "k"}, json.dumps({**body, "speed": "fast"}).encode())
+    shape = fast.authorize_input().shape
+    assert (shape.service_tier, shape.service_tier_implied) == ("fast_mode", False)
+    implied = parse_call("POST", "/v1/messages", {"x-api-key": "k"}, json.dumps(body).encode()).authorize_input().shape
+    assert (implied.service_tier, implied.service_tier_implied) == ("priority", True)
+    openai_fast = parse_call("POST", "/v1/responses", {}, json.dumps({"model": "m", "input": "x",
+                                                                       "service_tier": "fast"}).encode())
+    assert (openai_fast.authorize_input().shape.service_tier, openai_fast.service_tier_implied) == ("fast", False)
+    for usage, expected in (({"speed": "fast", "service_tier": "standard"}, "fast_mode"),
+                            ({"speed": "standard", "service_tier": "standard"}, ""),
+                            ({"speed": "standard", "service_tier": "priority"}, "priority")):
+        reader = ResponseReader("anthropic_messages", stream=True)
+        reader.feed(_sse({"type": "message_start", "message": {"usage": {"input_tokens": 9, "output_tokens": 1,
+                                                                          **usage}}},
+                         {"type": "message_delta", "usage": {"output_tokens": 5}}))
+        assert reader.tokens.service_tier == expected, usage

@@ -1194,6 +1194,38 @@ async def test_a_service_tier_is_reserved_and_charged_at_its_prices(service: Ser
     assert service.store.usage_record("default").service_tier == ""
 
 
+async def test_a_tier_asked_for_must_be_priced_and_goes_by_either_name(service: Service) -> None:
+    """OpenAI's "fast" tier is its "priority" (renamed): priced by either name. A tier the model's prices do
+    not name is refused before anything is held (charged at the standard prices it would be undercharged,
+    or overcharged); the provider's own default (Anthropic's priority) is not asked for, and passes. A
+    reply on a tier the table does not price is charged the model's prices and marked."""
+    secret = await mini_priced_with(service, 'service_tiers: {priority: {input: "0.30", output: "1.20"}}')
+    default = await service.engine.authorize(ask(secret, request_id="std"))
+    fast = await service.engine.authorize(ask(secret, request_id="fast", service_tier="fast"))
+    assert fast.decision == "allow" and fast.reserved == 2 * default.reserved
+    s = await service.engine.settle(usage("fast", input_tokens=100, output_tokens=50, service_tier="fast"))
+    assert s.charge == price_quantity(100, parse_amount("0.30")) + price_quantity(50, parse_amount("1.20"))
+    for tier in ("flex", "ultrafast"):
+        refused = await service.engine.authorize(ask(secret, request_id=f"asked-{tier}", service_tier=tier))
+        assert (refused.decision, refused.reason, refused.http_status, refused.error_param) == (
+            "deny", "service_tier_not_priced", 400, "service_tier"), tier
+    fast_mode = await service.engine.authorize(ask(secret, request_id="fast-mode",
+                                                   service_tier="fast_mode"))  # Anthropic's: not its priority
+    assert (fast_mode.reason, fast_mode.error_param) == ("service_tier_not_priced", "speed")
+    implied = await service.engine.authorize(ask(secret, request_id="implied", service_tier="flex",
+                                                 service_tier_implied=True))
+    assert implied.decision == "allow" and implied.reserved == default.reserved
+    await service.engine.settle(usage("std", input_tokens=100, output_tokens=50, service_tier="scale"))
+    await service.writer.drain()
+    assert (service.store.usage_record("asked-flex").status, service.store.usage_record("asked-flex").reserved_nanos) \
+        == ("denied", 0)
+    unpriced = service.store.usage_record("std")
+    assert (unpriced.service_tier, unpriced.error_class) == ("scale", "service_tier_unpriced")
+    assert unpriced.cost_nanos == price_quantity(100, parse_amount("0.15")) + price_quantity(50, parse_amount("0.60"))
+    assert service.store.usage_record("fast").error_class == ""
+    assert (await service.admin.audit()).ok
+
+
 async def test_input_a_request_only_refers_to_is_reserved_up_to_the_context_window_on_strict_plans(
         service: Service) -> None:
     """A previous response, a stored prompt, a file, an image URL, a server tool's results: billed as
