@@ -99,6 +99,15 @@ CONTAINER_MEMORY_DEFAULT = "1g"  # OpenAI's, for a container that names no memor
 # the processing tier of Anthropic's fast mode (`speed: "fast"`, and a usage's `speed: "fast"`), as the
 # price table names it in a model's service_tiers
 ANTHROPIC_FAST_MODE = "fast_mode"
+
+
+def tier_in_geo(tier: str, inference_geo: str) -> str:
+    """The tier a request runs on in a geography of its own (Anthropic's `inference_geo: "us"`, priced
+    apart): the price table names it "<tier>+<geo>", or "<geo>" on the standard tier; "global" is none."""
+    geo = inference_geo.strip().lower()[:16]
+    if not geo or geo == "global":
+        return tier
+    return f"{tier}+{geo}" if tier else geo
 IMAGE_SCALE_MAX = 10_000  # the largest image_scale (a request's is held at most so: the provider refuses past it)
 
 

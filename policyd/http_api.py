@@ -49,7 +49,7 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from policyd import reasons
 from policyd.audio import wav_seconds
-from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX, Attribution, AuthorizeInput, KeySummary,
+from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, tier_in_geo, IMAGE_SCALE_MAX, Attribution, AuthorizeInput, KeySummary,
                             RateLimit, Shape, trace_id_from)
 from policyd.money import MONEY_UNITS, format_amount
 from policyd.multipart import MultipartError, MultipartForm
@@ -753,6 +753,11 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.service_tier_implied = True
         if data.get("speed") == "fast":  # fast mode: its own, dearer prices
             call.service_tier, call.service_tier_implied = ANTHROPIC_FAST_MODE, False
+        geo = data.get("inference_geo")  # a geography of its own (US-only inference): its own prices too
+        if isinstance(geo, str) and tier_in_geo("", geo):
+            fast = call.service_tier == ANTHROPIC_FAST_MODE
+            call.service_tier = tier_in_geo(ANTHROPIC_FAST_MODE if fast else "", geo)
+            call.service_tier_implied = False
     if not call.attribution.end_user_id and (end_user := _end_user(data)):
         call.attribution = replace(call.attribution, end_user_id=end_user[:256])
     return call

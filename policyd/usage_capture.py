@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
-from policyd.domain import ANTHROPIC_FAST_MODE
+from policyd.domain import ANTHROPIC_FAST_MODE, tier_in_geo
 from policyd.json_fields import ObjectFields
 from policyd.pricing import speech_audio_tokens_likely
 
@@ -57,6 +57,10 @@ class Tokens:
     image_generation_cached_input_tokens: int = 0
     image_generation_image_input_tokens: int = 0  # of image_generation_input_tokens, uncached
     image_generation_output_tokens: int = 0
+    # what Anthropic's usage has said of its tier so far (a stream's events say it in parts): service_tier
+    _tier: str = ""
+    _fast: bool = False  # speed: fast
+    _geo: str = ""  # inference_geo
 
     @property
     def any(self) -> bool:
@@ -64,7 +68,7 @@ class Tokens:
 
     def fields(self) -> dict[str, Any]:
         """The usage as UsageReport and the native API's Settle name it (the same names, one to one)."""
-        return asdict(self)
+        return {name: value for name, value in asdict(self).items() if not name.startswith("_")}
 
 
 def _list(value: Any) -> list[Any]:
@@ -214,14 +218,16 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         usage = message.get("usage") if isinstance(message.get("usage"), dict) else data.get("usage")
         if not isinstance(usage, dict):
             return False
-        tier = usage.get("service_tier")  # Anthropic's says it in the usage: standard, priority, batch
+        # the tier that served it, as its usage says: service_tier (standard, priority, batch), fast mode
+        # (speed: fast, at its own prices: not standard), the geography (inference_geo: us, priced apart)
+        tier, speed, geo = usage.get("service_tier"), usage.get("speed"), usage.get("inference_geo")
         if isinstance(tier, str) and tier:
-            seen.service_tier = "" if tier == "standard" else tier[:32]
-        speed = usage.get("speed")  # fast mode, at its own prices, when the reply ran at it (not standard)
-        if speed == "fast":
-            seen.service_tier = ANTHROPIC_FAST_MODE
-        elif isinstance(speed, str) and speed and seen.service_tier == ANTHROPIC_FAST_MODE:
-            seen.service_tier = ""
+            seen._tier = "" if tier == "standard" else tier[:32]
+        if isinstance(speed, str) and speed:
+            seen._fast = speed == "fast"
+        if isinstance(geo, str) and geo:
+            seen._geo = geo
+        seen.service_tier = tier_in_geo(ANTHROPIC_FAST_MODE if seen._fast else seen._tier, seen._geo)
         # message_start counts the input; a message_delta may count it again, cumulative (grown by server
         # tools' results), and an Anthropic-compatible server may leave a count out or null there: each
         # count given replaces the one before, one not given keeps it

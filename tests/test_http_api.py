@@ -1308,3 +1308,28 @@ def test_anthropics_fast_mode_is_a_tier_asked_for_and_read_from_the_usage() -> N
                                                                           **usage}}},
                          {"type": "message_delta", "usage": {"output_tokens": 5}}))
         assert reader.tokens.service_tier == expected, usage
+
+
+def test_anthropics_inference_geography_is_a_tier_of_its_own() -> None:
+    """`inference_geo: "us"` (US-only inference, priced apart) is the tier "us", or "fast_mode+us" in fast
+    mode: asked for (refused where unpriced); "global" is the standard. The usage's inference_geo says
+    where the message ran (a workspace's default geography is not in the request), in any event."""
+    def tier(**fields: Any) -> tuple[str, bool]:
+        body = {"model": "claude-opus-4-6", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], **fields}
+        shape = parse_call("POST", "/v1/messages", {"x-api-key": "k"}, json.dumps(body).encode()).authorize_input().shape
+        return shape.service_tier, shape.service_tier_implied
+
+    assert tier(inference_geo="us") == ("us", False)
+    assert tier(inference_geo="US", speed="fast") == ("fast_mode+us", False)
+    assert tier(inference_geo="global") == ("priority", True)
+    for events, expected in (
+            (({"input_tokens": 9, "output_tokens": 1, "inference_geo": "us"}, {"output_tokens": 5}), "us"),
+            (({"input_tokens": 9, "output_tokens": 1, "speed": "fast"}, {"output_tokens": 5, "inference_geo": "us"}),
+             "fast_mode+us"),
+            (({"input_tokens": 9, "output_tokens": 1, "service_tier": "priority", "inference_geo": "global"},
+              {"output_tokens": 5}), "priority")):
+        reader = ResponseReader("anthropic_messages", stream=True)
+        reader.feed(_sse({"type": "message_start", "message": {"usage": events[0]}},
+                         {"type": "message_delta", "usage": events[1]}))
+        assert reader.tokens.service_tier == expected, events
+        assert "_geo" not in reader.tokens.fields()

@@ -1181,6 +1181,20 @@ async def test_the_parts_of_the_tokens_fit_in_them(service: Service, numbers: di
     assert await service.counters.wallet("acme") == (1_000_000_000, (await service.counters.find_reservation("audio")).amount)
 
 
+async def test_a_geography_and_fast_mode_are_priced_as_the_table_names_them(service: Service) -> None:
+    """Anthropic's US-only inference ("us") and fast mode in it ("fast_mode+us"): held at the prices the
+    table gives the tier asked for, charged at the tier the usage says it ran on."""
+    secret = await mini_priced_with(service, 'service_tiers: {us: {input: "0.165", output: "0.66"}, '
+                                             '"fast_mode+us": {input: "0.99", output: "3.96"}}')
+    standard = await service.engine.authorize(ask(secret, request_id="geo-std"))
+    fast_us = await service.engine.authorize(ask(secret, request_id="geo-fast", service_tier="fast_mode+us"))
+    assert fast_us.reserved == 6 * -(-standard.reserved * 11 // 10)  # 6x, and a tenth more, on these prices
+    s = await service.engine.settle(usage("geo-fast", input_tokens=100, output_tokens=50, service_tier="us"))
+    assert s.charge == price_quantity(100, parse_amount("0.165")) + price_quantity(50, parse_amount("0.66"))
+    refused = await service.engine.authorize(ask(secret, request_id="geo-fast-only", service_tier="fast_mode"))
+    assert refused.reason == "service_tier_not_priced"  # fast mode without the geography is another tier
+
+
 async def test_a_service_tier_is_reserved_and_charged_at_its_prices(service: Service) -> None:
     secret = await mini_priced_with(service, 'service_tiers: {flex: {input: "0.075", output: "0.30"}, '
                                              'priority: {input: "0.30", output: "1.20"}}')
@@ -1209,6 +1223,8 @@ async def test_a_tier_asked_for_must_be_priced_and_goes_by_either_name(service: 
         refused = await service.engine.authorize(ask(secret, request_id=f"asked-{tier}", service_tier=tier))
         assert (refused.decision, refused.reason, refused.http_status, refused.error_param) == (
             "deny", "service_tier_not_priced", 400, "service_tier"), tier
+    us = await service.engine.authorize(ask(secret, request_id="us", service_tier="us"))  # priced below
+    assert (us.reason, us.error_param) == ("service_tier_not_priced", "service_tier")
     fast_mode = await service.engine.authorize(ask(secret, request_id="fast-mode",
                                                    service_tier="fast_mode"))  # Anthropic's: not its priority
     assert (fast_mode.reason, fast_mode.error_param) == ("service_tier_not_priced", "speed")
