@@ -588,8 +588,9 @@ class Engine:
         if not self._tools_priced(policy, request.model, request.shape):
             return "tool_not_priced", "tools"  # a container the provider would bill, which policyd could not charge
         if not self._tier_priced(policy, request.model, request.shape):
-            return "service_tier_not_priced", \
-                "speed" if request.shape.service_tier == ANTHROPIC_FAST_MODE else "service_tier"
+            asked = request.shape.service_tier  # Anthropic's: fast mode (speed), or a geography (inference_geo)
+            return "service_tier_not_priced", "speed" if asked == ANTHROPIC_FAST_MODE else \
+                "inference_geo" if request.endpoint == "anthropic_messages" else "service_tier"
         if request.shape.image_model_default and not request.shape.image_model:
             return "image_model_required", "tools"
         image_model = request.shape.image_model  # the image_generation tool's images: at that model's prices

@@ -86,6 +86,12 @@ def _send_events(h: Any, events: list[dict[str, Any]]) -> None:
     h.wfile.write(b"0\r\n\r\n")
 
 
+def anthropic_speed_and_geo(body: dict[str, Any]) -> dict[str, str]:
+    """What Anthropic's usage says of a message's speed and geography (fast mode, US-only inference)."""
+    return {"speed": "fast" if body.get("speed") == "fast" else "standard",
+            "inference_geo": str(body.get("inference_geo") or "global")}
+
+
 class MockProvider:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, api_keys: tuple[str, ...] = ()) -> None:
         self.api_keys = set(api_keys)
@@ -282,6 +288,7 @@ class MockProvider:
                              cache_creation={"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": written})
             if searches:  # one search a search tool, as Anthropic reports its server-side tools
                 usage["server_tool_use"] = {"web_search_requests": searches}
+            usage.update(anthropic_speed_and_geo(body))
             return h._json(200, {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
                                  "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
                                  **({} if scenario == "no_usage" else {"usage": usage})})
@@ -606,7 +613,8 @@ class MockProvider:
         words = WORDS[:c_tokens]
         if anthropic:
             send("event: message_start\ndata: " + json.dumps({"type": "message_start", "message": {
-                "id": "msg_mock", "model": model, "usage": {"input_tokens": p_tokens, "output_tokens": 0}}}) + "\n\n")
+                "id": "msg_mock", "model": model, "usage": {"input_tokens": p_tokens, "output_tokens": 0,
+                                                            **anthropic_speed_and_geo(body)}}}) + "\n\n")
             for i, word in enumerate(words):
                 if scenario == "cut" and i == len(words) // 2:
                     h.close_connection = True

@@ -1081,6 +1081,35 @@ def test_anthropic_messages_are_charged_from_their_usage(gateway: Gateway) -> No
     assert code == 401 and error["error"]["code"] == "invalid_api_key"
 
 
+def test_anthropics_fast_mode_is_charged_at_its_prices_and_an_unpriced_geography_refused(gateway: Gateway) -> None:
+    """speed: fast (fast mode, 6x): held and charged at the table's fast_mode prices, whole or streamed, as
+    the usage's speed says; US-only inference the table does not price is refused before the provider."""
+    key = gateway.customer("e2e-fast-mode")
+    body = {"model": "claude-sonnet-4", "max_tokens": 30, "speed": "fast",
+            "messages": [{"role": "user", "content": "quickly"}]}
+    code, headers, reply = anthropic_post(gateway, key, body)
+    assert code == 200 and reply["usage"]["speed"] == "fast", reply
+    u = reply["usage"]
+    record = gateway.record(headers["x-policyd-request-id"])
+    cost = price_quantity(u["input_tokens"], parse_amount("18.00")) + price_quantity(u["output_tokens"],
+                                                                                   parse_amount("90.00"))
+    assert (record["service_tier"], record["cost_nanos"], record["error_class"]) == ("fast_mode", cost, "")
+    request = urllib.request.Request(f"{gateway.base_url}/messages", method="POST", data=json.dumps(
+        {**body, "stream": True, "messages": [{"role": "user", "content": "quickly streamed"}]}).encode(),
+        headers={"x-api-key": key, "content-type": "application/json", "anthropic-version": "2023-06-01"})
+    with urllib.request.urlopen(request, timeout=30) as streamed:
+        request_id, events = streamed.headers["x-policyd-request-id"], streamed.read().decode()
+    output = json.loads([line for line in events.splitlines() if '"message_delta"' in line][0][5:])["usage"]
+    record = gateway.record(request_id)
+    assert record["service_tier"] == "fast_mode" and record["output_tokens"] == output["output_tokens"]
+    assert record["cost_nanos"] == price_quantity(record["input_tokens"], parse_amount("18.00")) + \
+        price_quantity(record["output_tokens"], parse_amount("90.00"))
+    code, _, error = anthropic_post(gateway, key, {**body, "speed": "standard", "inference_geo": "us",
+                                                   "messages": [{"role": "user", "content": "only in the us"}]})
+    assert (code, error["error"]["code"], error["error"]["param"]) == (400, "service_tier_not_priced", "inference_geo")
+    assert "only in the us" not in json.dumps(gateway.mock.received())
+
+
 def test_an_anthropic_stream_ended_by_an_error_event_is_charged_for_what_it_delivered(gateway: Gateway) -> None:
     """Anthropic may end a stream with an error event (overloaded_error) after message_start: no
     message_delta brings the output count, so the output delivered is estimated, not message_start's 1."""
