@@ -1130,11 +1130,13 @@ class Engine:
 
     async def settle_estimated(self, request_id: str, output_tokens: int, *, interrupted: bool, error_class: str,
                                upstream_status: int = 0, provider: str = "", provider_account: str = "",
-                               reported: Tokens | None = None, provider_response_id: str = "") -> Settlement:
+                               reported: Tokens | None = None, provider_response_id: str = "",
+                               output_as_held: bool = False) -> Settlement:
         """Charge a request whose provider reported no usage of its whole output (a cut stream, a
         disconnect, a reply without usage): output as counted from what was delivered (at most the
-        reserved cap of every choice); input as the provider reported it (`reported`: Anthropic does at
-        a stream's start), else as estimated at Authorize."""
+        reserved cap of every choice; all of it, `output_as_held`, for a reply the provider makes whole
+        though its client left); input as the provider reported it (`reported`: Anthropic does at a
+        stream's start), else as estimated at Authorize."""
         reservation = await self.counters.find_reservation(request_id)
         input_tokens = int(reservation.fields.get("input_tokens_estimate", 0)) if reservation else 0
         seconds = int(reservation.fields.get("seconds_estimate", 0)) if reservation else 0
@@ -1153,7 +1155,7 @@ class Engine:
             cache_write_input_tokens=cache_writes, cache_write_1h_input_tokens=hour_writes,
             service_tier=reported.service_tier if reported is not None else "", seconds=seconds,
             audio_input_tokens=min(audio_tokens, input_tokens),
-            output_tokens=min(output_tokens, cap) if cap else output_tokens,
+            output_tokens=cap if output_as_held else min(output_tokens, cap) if cap else output_tokens,
             # the provider's tool calls it reported before the end (searches it ran are billed, cut or not)
             web_searches=reported.web_searches if reported is not None else 0,
             file_searches=reported.file_searches if reported is not None else 0,

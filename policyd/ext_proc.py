@@ -344,4 +344,5 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             await self.engine.settle_estimated(exchange.request_id, reader.estimated_output_tokens(),
                                                interrupted=end.interrupted, error_class=end.reason,
                                                upstream_status=status, provider_account=exchange.account,
-                                               reported=reader.tokens, provider_response_id=reader.response_id)
+                                               reported=reader.tokens, provider_response_id=reader.response_id,
+                                               output_as_held=end.output_as_held)

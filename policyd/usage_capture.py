@@ -634,15 +634,19 @@ class ResponseReader:
 class Closing:
     """How a proxied call ends, whichever proxy carried it (Envoy's ext_proc, the ASGI middleware):
 
-    release   the provider failed (upstream_<status>) or never answered (no_response): nothing is charged;
+    release   the provider failed (upstream_<status>, the gateway's own answer for it included): nothing
+              is charged;
     settle    the provider's own usage (`interrupted` when the client left after the usage was reported);
     estimate  no final usage from the provider: input as the provider reported it (Anthropic does at the
-              stream's start), else as estimated at Authorize; output from what was delivered.
+              stream's start), else as estimated at Authorize; output from what was delivered, or, for a
+              reply the provider makes whole though its client left before it began (`output_as_held`),
+              the output cap held for it.
     """
 
     action: str  # release | settle | estimate
     reason: str = ""  # the release reason, or the estimate's error class
     interrupted: bool = False
+    output_as_held: bool = False
 
 
 def closing(status: int, reader: ResponseReader, cut: bool) -> Closing:
@@ -650,9 +654,11 @@ def closing(status: int, reader: ResponseReader, cut: bool) -> Closing:
     if status >= 400:
         return Closing("release", f"upstream_{status}")
     if status == 0:
-        # the client gave up first, or the provider stalled: nothing was delivered, and a provider bills no
-        # reply, so the hold is released, not charged
-        return Closing("release", "no_response")
+        # the client left before the reply began (a provider that failed or timed out is answered for by the
+        # gateway, with a status). The provider has the request and bills it: a stream stops when its client
+        # leaves (its input is charged), a reply not streamed is made whole all the same (OpenAI goes on
+        # with it), so its output is charged as held, the most it could be: leaving early saves nothing
+        return Closing("estimate", "usage_estimated:client_gone", interrupted=True, output_as_held=not reader.stream)
     # the provider's own usage is exact: when the response ended, when the client hung up only after the
     # provider's last event ([DONE], message_stop), or when a cut came after the usage of the whole output
     complete = not cut or reader.finished

@@ -43,7 +43,8 @@ class RecordingEngine:
                             report.stream_interrupted))
 
     async def settle_estimated(self, request_id: str, output_tokens: int, **kwargs: Any) -> None:
-        self.closed.append(("estimate", request_id, output_tokens, kwargs["interrupted"], kwargs["error_class"]))
+        self.closed.append(("estimate", request_id, output_tokens, kwargs["interrupted"], kwargs["error_class"],
+                            *(("as held",) if kwargs.get("output_as_held") else ())))
 
     async def release(self, request_id: str, reason: str) -> None:
         self.closed.append(("release", request_id, reason))
@@ -162,11 +163,14 @@ async def test_after_ext_authz_the_observer_reads_replies_that_are_not_streams_t
     assert engine.closed == [("settle", "r-1", 11, 7, False)]
 
 
-async def test_after_ext_authz_a_request_cut_before_its_reply_began_is_released_by_the_observer() -> None:
-    s, engine, _ = servicer()  # the observer's stream opens at the request headers; Envoy closes it at the cut
-    await run(s, observed(ep.ProcessingRequest(request_headers=headers())))
-    await engine.finish()
-    assert engine.closed == [("release", "r-1", "no_response")]
+async def test_after_ext_authz_a_client_gone_before_its_reply_began_is_charged_by_the_observer() -> None:
+    """The provider has the request and bills it: a stream's input (it stops when its client leaves); a reply
+    not streamed, made whole all the same, its input and the output held for it."""
+    for stream, held in ((True, ()), (False, ("as held",))):
+        s, engine, _ = servicer()  # the observer's stream opens at the request headers; Envoy closes it at the cut
+        await run(s, observed(ep.ProcessingRequest(request_headers=headers()), ex=exchange(stream=stream)))
+        await engine.finish()
+        assert engine.closed == [("estimate", "r-1", 0, True, "usage_estimated:client_gone", *held)]
 
 
 async def test_an_older_gateway_configs_processing_filter_hands_streams_to_the_observer_and_reads_the_rest() -> None:
@@ -224,13 +228,13 @@ async def test_an_upstream_error_is_released_and_cools_the_account_down_before_t
     assert pool.cooling_providers() == {"openai"} and engine.closed == [("release", "r-1", "upstream_503")]
 
 
-async def test_in_the_ext_proc_shape_a_request_cut_before_its_response_began_is_released_by_the_processing_filter(
+async def test_in_the_ext_proc_shape_a_client_gone_before_its_response_began_is_charged_by_the_processing_filter(
         ) -> None:
     s, engine, _ = servicer()
     replies = await run(s, ext_proc_shape())
     await engine.finish()
     assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body"]
-    assert engine.closed == [("release", "r-1", "no_response")]
+    assert engine.closed == [("estimate", "r-1", 0, True, "usage_estimated:client_gone")]  # a stream: its input
 
 
 async def test_in_the_ext_proc_shape_every_reply_is_handed_to_the_observer() -> None:

@@ -1279,15 +1279,29 @@ def test_embeddings_responses_and_replies_without_usage(gateway: Gateway) -> Non
     assert record["output_tokens"] > 0 and not record["stream_interrupted"]
 
 
-def test_a_provider_that_never_answers_is_released_not_charged(gateway: Gateway) -> None:
+def test_a_client_that_leaves_before_its_reply_began_is_charged(gateway: Gateway) -> None:
+    """The provider has the request and bills it however soon its client leaves: a reply not streamed is
+    made whole all the same (its input as estimated and the output held for it: leaving early saves
+    nothing), a stream stops with its client (its input alone)."""
     key = gateway.customer("e2e-stall")
     client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=1.5)
     with pytest.raises(openai.APITimeoutError):
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello?"}],
-                                       extra_headers={"x-mock-scenario": "stall",
-                                                      "x-policyd-request-id": "e2e-stall-1"})
+                                       max_tokens=300, extra_headers={"x-mock-scenario": "stall",
+                                                                      "x-policyd-request-id": "e2e-stall-1"})
     record = gateway.record("e2e-stall-1")
-    assert (record["status"], record["close_reason"], record["charge_nanos"]) == ("released", "no_response", 0)
+    assert (record["status"], record["error_class"], record["output_tokens"]) == (
+        "settled", "usage_estimated:client_gone", 300)
+    assert record["charge_nanos"] == record["reserved_nanos"] > 0
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello??"}],
+                                       max_tokens=300, stream=True,
+                                       extra_headers={"x-mock-scenario": "stall",
+                                                      "x-policyd-request-id": "e2e-stall-2"})
+    streamed = gateway.record("e2e-stall-2")
+    assert (streamed["status"], streamed["error_class"], streamed["output_tokens"]) == (
+        "settled", "usage_estimated:client_gone", 0)
+    assert 0 < streamed["charge_nanos"] < streamed["reserved_nanos"]
     assert gateway.wallet("e2e-stall").reserved_nanos == 0
 
 

@@ -309,6 +309,21 @@ def test_a_client_that_hangs_up_mid_stream_is_charged_for_what_it_got(gateway: E
     assert wallet.reserved_nanos == 0 and wallet.balance_nanos == parse_amount("10") - record["charge_nanos"]
 
 
+def test_a_client_that_leaves_before_its_reply_began_is_charged_as_held(gateway: ExampleGateway) -> None:
+    """A reply not streamed is made whole by the provider however soon its client leaves: its input as
+    estimated and the output held for it are charged."""
+    key = gateway.customer("mw-gone")
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "slow one"}],
+                                       max_tokens=300, extra_headers={"x-mock-scenario": "stall",
+                                                                      "x-policyd-request-id": "mw-gone-1"})
+    record = gateway.record("mw-gone-1")
+    assert (record["status"], record["error_class"], record["output_tokens"]) == (
+        "settled", "usage_estimated:client_gone", 300)
+    assert record["charge_nanos"] == record["reserved_nanos"] > 0 and gateway.wallet("mw-gone").reserved_nanos == 0
+
+
 class DowngradingPolicy:
     """The policy client as the middleware uses it: Authorize answers a downgrade; closings are recorded."""
 
