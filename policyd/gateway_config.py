@@ -296,7 +296,7 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: gateway
-          stream_idle_timeout: 300s
+          stream_idle_timeout: 600s  # a reply not streamed may think this long (the route timeout, the openai SDK's)
           max_request_headers_kb: {REQUEST_HEADERS_KB_MAX}
           common_http_protocol_options: {{max_headers_count: {REQUEST_HEADERS_COUNT_MAX}}}
           route_config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -25,6 +26,12 @@ def test_shipped_envoy_configs_are_the_rendered_defaults() -> None:
     with pytest.raises(ValueError):
         render(shape="ext_authz")
     assert "failure_mode_allow: false" in render() and "failure_mode_allow: true" in render(failure_mode_allow=True)
+    # a reply not streamed may be silent as long as the route waits for it (a reasoning model's): Envoy's idle
+    # timeout would otherwise cut it first, while the provider goes on and bills it
+    config = render()
+    idle = int(re.search(r"stream_idle_timeout: (\d+)s", config).group(1))
+    route = int(re.search(r"cluster_header: \S+\n\s+timeout: (\d+)s", config).group(1))
+    assert idle >= route >= 600
 
 
 def test_gateway_config_reaches_policyd_by_address_name_or_several_replicas(tmp_path) -> None:
