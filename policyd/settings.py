@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     policy_file: str = Field("", description="policy YAML to apply at start")
     providers_file: str = Field("", description="provider accounts YAML (credentials put on upstream requests)")
     partitions: int = Field(16, ge=1, le=1024, description="event stream partitions (Redis Cluster hash slots)")
-    reservation_ttl_seconds: int = Field(600, ge=1, description="unsettled reservations expire after this")
+    reservation_ttl_seconds: int = Field(660, ge=1, description="unsettled reservations expire after this (longer than "
+                                         "the gateway's 600 s route timeout: a reply that takes all of it is settled "
+                                         "before its hold lapses)")
     failure_mode: Literal["closed", "open"] = Field(
         "closed", description="when Redis cannot be reached: deny (closed) or allow unreserved (open)"
     )

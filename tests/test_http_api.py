@@ -32,6 +32,8 @@ def test_shipped_envoy_configs_are_the_rendered_defaults() -> None:
     idle = int(re.search(r"stream_idle_timeout: (\d+)s", config).group(1))
     route = int(re.search(r"cluster_header: \S+\n\s+timeout: (\d+)s", config).group(1))
     assert idle >= route >= 600
+    from policyd.settings import Settings  # a reply that takes all the route's time is settled before its hold lapses
+    assert Settings.model_fields["reservation_ttl_seconds"].default > route
 
 
 def test_gateway_config_reaches_policyd_by_address_name_or_several_replicas(tmp_path) -> None:
