@@ -99,6 +99,7 @@ CONTAINER_MEMORY_DEFAULT = "1g"  # OpenAI's, for a container that names no memor
 # the processing tier of Anthropic's fast mode (`speed: "fast"`, and a usage's `speed: "fast"`), as the
 # price table names it in a model's service_tiers
 ANTHROPIC_FAST_MODE = "fast_mode"
+IMAGE_SCALE_MAX = 10_000  # the largest image_scale (a request's is held at most so: the provider refuses past it)
 
 
 def tier_in_geo(tier: str, inference_geo: str) -> str:
@@ -108,7 +109,6 @@ def tier_in_geo(tier: str, inference_geo: str) -> str:
     if not geo or geo == "global":
         return tier
     return f"{tier}+{geo}" if tier else geo
-IMAGE_SCALE_MAX = 10_000  # the largest image_scale (a request's is held at most so: the provider refuses past it)
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,8 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from policyd import reasons
 from policyd.audio import wav_seconds
-from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, tier_in_geo, IMAGE_SCALE_MAX, Attribution, AuthorizeInput, KeySummary,
-                            RateLimit, Shape, trace_id_from)
+from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX, Attribution,
+                            AuthorizeInput, KeySummary, RateLimit, Shape, tier_in_geo, trace_id_from)
 from policyd.money import MONEY_UNITS, format_amount
 from policyd.multipart import MultipartError, MultipartForm
 

@@ -755,7 +755,8 @@ def test_a_strict_plan_refuses_input_it_cannot_bound(gateway: Gateway) -> None:
                                               max_tokens=4).usage.completion_tokens > 0
     # an image inline is billed by its pixels, which a few bytes can hold (a plain WebP): its bytes bound nothing
     inline = [{"type": "text", "text": "and this one?"},
-              {"type": "image_url", "image_url": {"url": "data:image/webp;base64,UklGRhoAAABXRUJQVlA4TA0AAAAvAAAAEAcQERGIiP4HAA=="}}]
+              {"type": "image_url", "image_url": {
+                  "url": "data:image/webp;base64,UklGRhoAAABXRUJQVlA4TA0AAAAvAAAAEAcQERGIiP4HAA=="}}]
     with pytest.raises(openai.BadRequestError) as refused:
         strict.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": inline}])
     assert refused.value.code == "input_unbounded"

@@ -180,13 +180,15 @@ def test_an_azure_stream_needs_an_api_version_that_reports_its_usage() -> None:
     """Azure's api-versions before 2024-09-01-preview refuse stream_options, so a stream would report no
     usage: refused first, with the version to use; later versions, the v1 API and unstreamed calls pass."""
     def problem(path: str, stream: bool = True) -> tuple[str, str]:
-        call = parse_call("POST", path, {"api-key": "k"}, json.dumps({"model": "m", "messages": [], "stream": stream}).encode())
+        body = json.dumps({"model": "m", "messages": [], "stream": stream}).encode()
+        call = parse_call("POST", path, {"api-key": "k"}, body)
         return call.problem, call.problem_param
 
     chat = "/openai/deployments/gpt-4o/chat/completions?api-version="
     for version in ("2024-06-01", "2024-08-01-preview", "2023-05-15"):
         assert problem(chat + version) == ("invalid_request", "api-version"), version
-    assert problem("/openai/deployments/gpt-4o/completions?api-version=2024-02-01") == ("invalid_request", "api-version")
+    legacy = "/openai/deployments/gpt-4o/completions?api-version=2024-02-01"
+    assert problem(legacy) == ("invalid_request", "api-version")
     for version in ("2024-09-01-preview", "2024-10-21", "2025-04-01-preview", "latest"):
         assert problem(chat + version) == ("", ""), version
     assert problem(chat + "2024-06-01", stream=False) == ("", "")
@@ -1325,7 +1327,8 @@ def test_anthropics_inference_geography_is_a_tier_of_its_own() -> None:
     where the message ran (a workspace's default geography is not in the request), in any event."""
     def tier(**fields: Any) -> tuple[str, bool]:
         body = {"model": "claude-opus-4-6", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], **fields}
-        shape = parse_call("POST", "/v1/messages", {"x-api-key": "k"}, json.dumps(body).encode()).authorize_input().shape
+        call = parse_call("POST", "/v1/messages", {"x-api-key": "k"}, json.dumps(body).encode())
+        shape = call.authorize_input().shape
         return shape.service_tier, shape.service_tier_implied
 
     assert tier(inference_geo="us") == ("us", False)
