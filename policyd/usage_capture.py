@@ -320,50 +320,81 @@ def _billed_output(usage: dict[str, Any], input_name: str, output_name: str) -> 
     return max(output, _n(usage.get("total_tokens")) - _n(usage.get(input_name)))
 
 
+def _bytes(texts: list[Any]) -> int:
+    return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts if isinstance(t, str))
+
+
+def _json_text(value: Any) -> str | None:
+    """A tool call's arguments given as an object (Anthropic's tool_use input, Gemini's functionCall): the
+    provider generated its JSON."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else None
+
+
+def _chat_generated(part: dict[str, Any]) -> list[Any]:
+    """What a chat completion's message (or a stream's delta) says the model generated: its text, its
+    refusal, its reasoning where shown (DeepSeek's reasoning_content, others' reasoning) and its tool calls'
+    arguments."""
+    texts = [part.get("content"), part.get("refusal"), part.get("reasoning_content"), part.get("reasoning")]
+    calls = [_dict(c).get("function") for c in _list(part.get("tool_calls"))] + [part.get("function_call")]
+    return texts + [_dict(f).get("arguments") for f in calls]
+
+
+def _anthropic_generated(block: dict[str, Any]) -> list[Any]:
+    """A content block (or a stream's delta): text, thinking, a tool call's input (whole or in parts)."""
+    return [block.get("text"), block.get("thinking"), block.get("partial_json"), _json_text(block.get("input"))]
+
+
+def _gemini_generated(candidate: dict[str, Any]) -> list[Any]:
+    """A candidate's parts: text (thoughts included) and function calls."""
+    parts = [p for p in _list(_dict(candidate.get("content")).get("parts")) if isinstance(p, dict)]
+    return [p.get("text") for p in parts] + [_json_text(p.get("functionCall")) for p in parts]
+
+
 def _delivered_text(endpoint: str, data: Any) -> int:
-    """Bytes of generated text in one stream event (for estimating a cut stream)."""
+    """Bytes of what the model generated in one stream event, of every kind the provider bills as output
+    (text, reasoning shown, refusals, tool calls' arguments), for estimating a cut stream."""
     if not isinstance(data, dict):
         return 0
-    total = 0
+    texts: list[Any] = []
     for choice in _list(data.get("choices")):
         if isinstance(choice, dict):
-            delta = _dict(choice.get("delta"))
-            for part in (delta.get("content"), delta.get("reasoning_content"), choice.get("text")):
-                if isinstance(part, str):  # text: a legacy completion's
-                    total += len(part.encode("utf-8", "surrogatepass"))
+            texts += _chat_generated(_dict(choice.get("delta"))) + [choice.get("text")]  # text: a legacy completion's
     delta = data.get("delta")
-    if isinstance(delta, str):  # responses: response.output_text.delta
-        total += len(delta.encode("utf-8", "surrogatepass"))
-    elif isinstance(delta, dict) and isinstance(delta.get("text"), str):  # anthropic content_block_delta
-        total += len(delta["text"].encode("utf-8", "surrogatepass"))
+    if isinstance(delta, str):  # the Responses API's deltas: output text, reasoning, a function call's arguments
+        texts.append(delta)
+    elif isinstance(delta, dict):  # Anthropic's content_block_delta
+        texts += _anthropic_generated(delta)
+    if data.get("type") == "content_block_start":  # a tool call's input given whole at its start
+        texts.append(_json_text(_dict(data.get("content_block")).get("input") or None))
     for candidate in _list(data.get("candidates")):
         if isinstance(candidate, dict):
-            for part in _list(_dict(candidate.get("content")).get("parts")):
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    total += len(part["text"].encode("utf-8", "surrogatepass"))
-    return total
+            texts += _gemini_generated(candidate)
+    return _bytes(texts)
 
 
 def _reply_text(data: Any) -> int:
-    """Bytes of generated text in a whole (non-streamed) reply, for estimating one without usage."""
+    """Bytes of what the model generated in a whole (non-streamed) reply, of every kind the provider bills
+    as output, for estimating one without usage."""
     if not isinstance(data, dict):
         return 0
     texts: list[Any] = [data.get("text")]  # a transcription's
     for choice in _list(data.get("choices")):
         if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
-            texts.append(choice["message"].get("content"))
+            texts += _chat_generated(choice["message"])
         elif isinstance(choice, dict):  # a legacy completion
             texts.append(choice.get("text"))
-    for item in _list(data.get("output")):  # responses
+    for item in _list(data.get("output")):  # responses: messages, reasoning, function and tool calls
         if isinstance(item, dict):
-            texts += [part.get("text") for part in _list(item.get("content")) if isinstance(part, dict)]
-    for part in _list(data.get("content")):  # anthropic
-        if isinstance(part, dict):
-            texts.append(part.get("text"))
+            parts = [p for p in _list(item.get("content")) + _list(item.get("summary")) if isinstance(p, dict)]
+            texts += [p.get("text") for p in parts] + [p.get("refusal") for p in parts]
+            texts += [item.get("arguments"), item.get("input")]
+    for block in _list(data.get("content")):  # anthropic
+        if isinstance(block, dict):
+            texts += _anthropic_generated(block)
     for candidate in _list(data.get("candidates")):  # gemini
         if isinstance(candidate, dict):
-            texts += [p.get("text") for p in _list(_dict(candidate.get("content")).get("parts")) if isinstance(p, dict)]
-    return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts if isinstance(t, str))
+            texts += _gemini_generated(candidate)
+    return _bytes(texts)
 
 
 # A reply in a content coding is read from a decoded copy (the client gets the bytes as sent). policyd asks

@@ -553,6 +553,41 @@ def test_a_cut_or_malformed_stream_is_estimated_from_what_was_delivered() -> Non
     assert not body.found_usage and body.malformed
 
 
+def test_a_cut_stream_or_a_reply_without_usage_counts_every_kind_of_output_delivered() -> None:
+    """Tool calls' arguments, reasoning shown and refusals are output the provider bills, as text is: a stream
+    cut while a model wrote a tool call (an agent's file edit) is estimated from them, not as nothing."""
+    arguments = json.dumps({"path": "a.py", "content": "x" * 400})
+    streams = {
+        "chat_completions": [{"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {
+            "name": "edit", "arguments": arguments[:200]}}]}}]},
+            {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": arguments[200:]}}]}}]}],
+        "anthropic_messages": [{"type": "content_block_delta", "delta": {"type": "thinking_delta", "thinking": "t" * 40}},
+                               {"type": "content_block_start", "content_block": {"type": "tool_use", "input": {}}},
+                               {"type": "content_block_delta", "delta": {"type": "input_json_delta",
+                                                                         "partial_json": arguments}}],
+        "responses": [{"type": "response.function_call_arguments.delta", "delta": arguments}],
+        "gemini_generate_content": [{"candidates": [{"content": {"parts": [
+            {"functionCall": {"name": "edit", "args": {"path": "a.py", "content": "x" * 400}}}]}}]}],
+    }
+    for endpoint, events in streams.items():
+        cut = ResponseReader(endpoint, stream=True)
+        cut.feed(_sse(*events))  # and nothing after: the stream was cut
+        assert cut.estimated_output_tokens() >= len(arguments) // 4, endpoint
+    replies = {
+        "chat_completions": {"choices": [{"message": {"content": None, "tool_calls": [
+            {"function": {"name": "edit", "arguments": arguments}}]}}]},
+        "anthropic_messages": {"content": [{"type": "thinking", "thinking": "t" * 40},
+                                           {"type": "tool_use", "name": "edit", "input": json.loads(arguments)}]},
+        "responses": {"output": [{"type": "reasoning", "summary": [{"type": "summary_text", "text": "s" * 40}]},
+                                 {"type": "function_call", "name": "edit", "arguments": arguments}]},
+    }
+    for endpoint, reply in replies.items():
+        whole = ResponseReader(endpoint, stream=False)
+        whole.feed(json.dumps(reply).encode())
+        whole.finish()
+        assert not whole.found_usage and whole.estimated_output_tokens() >= len(arguments) // 4, endpoint
+
+
 @pytest.mark.parametrize("address, host", [("10.0.0.1:5555", "10.0.0.1"), ("[::1]:5555", "::1"), ("::1", "::1"),
                                            ("10.0.0.1", "10.0.0.1"), ("", "")])
 def test_the_client_host_is_read_from_envoys_source_address(address: str, host: str) -> None:
