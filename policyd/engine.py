@@ -808,6 +808,9 @@ class Engine:
         if request.shape.image_model and request.shape.image_scale > 1:  # an image at Settle with no usage: as held
             fields["image_scale"] = request.shape.image_scale
             extra += f',"image_scale":{int(request.shape.image_scale)}'
+        if request.endpoint == "images":  # the images asked for: charged as held if the client leaves first
+            fields["images"] = max(1, request.shape.image_count)
+            extra += f',"images":{int(max(1, request.shape.image_count))}'
         fields_json = (f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.likely_input_tokens)},'
                        f'"seconds_estimate":{int(attempt.likely_seconds)},'
                        f'"audio_tokens_estimate":{int(attempt.likely_audio_tokens)}{extra}}}')
@@ -1156,6 +1159,7 @@ class Engine:
             service_tier=reported.service_tier if reported is not None else "", seconds=seconds,
             audio_input_tokens=min(audio_tokens, input_tokens),
             output_tokens=cap if output_as_held else min(output_tokens, cap) if cap else output_tokens,
+            images=int(reservation.fields.get("images") or 0) if output_as_held and reservation else 0,
             # the provider's tool calls it reported before the end (searches it ran are billed, cut or not)
             web_searches=reported.web_searches if reported is not None else 0,
             file_searches=reported.file_searches if reported is not None else 0,

@@ -262,6 +262,27 @@ async def test_speech_priced_by_tokens_holds_audio_tokens_up_to_the_cap_and_char
     assert (row.cost_nanos, row.output_tokens, row.audio_output_tokens) == (cost, 1234, 1234)
 
 
+async def test_a_reply_whose_client_left_before_it_began_is_charged_as_held(service: Service) -> None:
+    """The provider makes a reply not streamed whole however soon its client leaves: its input as estimated,
+    its output cap, and an images request's images, as held."""
+    from dataclasses import replace as changed
+
+    secret = await acme_with_prices(service, {"dall-e-3": {"provider": "openai", "tier": "low-cost",
+                                                           "per_image": "0.04"}})
+    asked = ask(secret, model="dall-e-3", endpoint="images", request_id="drawn", prompt_bytes=40, max_output_tokens=0)
+    held = await service.engine.authorize(changed(asked, shape=changed(asked.shape, image_count=3)))
+    settled = await service.engine.settle_estimated("drawn", 0, interrupted=True, output_as_held=True,
+                                                    error_class="usage_estimated:client_gone")
+    assert settled.charge == held.reserved == -(-3 * parse_amount("0.04") * 12_000 // 10_000)
+    chat = await service.engine.authorize(ask(secret, request_id="thought", max_output_tokens=300))
+    settled = await service.engine.settle_estimated("thought", 0, interrupted=True, output_as_held=True,
+                                                    error_class="usage_estimated:client_gone")
+    assert settled.charge == chat.reserved
+    await service.writer.drain()
+    assert (service.store.usage_record("drawn").images, service.store.usage_record("thought").output_tokens) == (3, 300)
+    assert (await service.admin.audit()).ok
+
+
 async def test_image_input_tokens_are_held_and_charged_at_their_own_price(service: Service) -> None:
     """gpt-image-1 bills an edit's input images at twice its text's price: an edit (input the text does not
     bound) holds its input at the dearer price, and Settle's image_input_tokens are charged at it."""
