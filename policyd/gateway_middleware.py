@@ -230,6 +230,7 @@ class PolicydMiddleware:
                 proxied.cancel()
             if not exchange.closed:
                 # the client went away, the proxy failed, or this request was cancelled: settle what was delivered
+                exchange.client_left = disconnected.is_set()
                 await self._close_shielded(exchange, cut=True)
 
     async def _close_shielded(self, exchange: "_Exchange", cut: bool) -> None:
@@ -245,7 +246,7 @@ class PolicydMiddleware:
             return
         exchange.closed = True
         reader = exchange.reader
-        end = closing(exchange.status, reader, cut)
+        end = closing(exchange.status, reader, cut, client_left=exchange.client_left)
         try:
             if end.action == "release":
                 await self.policy.release(exchange.request_id, end.reason)
@@ -276,6 +277,7 @@ class _Exchange:
         self.served_model = served_model
         self.reader = reader
         self.held_output = held_output  # the output reserved (the cap of every choice)
+        self.client_left = True  # whether a reply that never began was left by its client (not the proxy's failure)
         self.status = 0
         self.closed = False
 

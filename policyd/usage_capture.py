@@ -680,10 +680,14 @@ class Closing:
     output_as_held: bool = False
 
 
-def closing(status: int, reader: ResponseReader, cut: bool) -> Closing:
-    """`status` is the provider's HTTP status (0: no answer), `cut` whether the response ended early."""
+def closing(status: int, reader: ResponseReader, cut: bool, client_left: bool = True) -> Closing:
+    """`status` is the provider's HTTP status (0: no answer), `cut` whether the response ended early,
+    `client_left` whether no answer came because the client left (a proxy that failed before it reached
+    the provider: released)."""
     if status >= 400:
         return Closing("release", f"upstream_{status}")
+    if status == 0 and not client_left:
+        return Closing("release", "no_response")
     if status == 0:
         # the client left before the reply began (a provider that failed or timed out is answered for by the
         # gateway, with a status). The provider has the request and bills it: a stream stops when its client

@@ -4,6 +4,7 @@ SDK as the client."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -376,6 +377,36 @@ async def test_the_middleware_sends_gemini_the_served_model_in_the_path_and_keep
     assert scope["query_string"] == b"alt=json"
     assert sent[0]["status"] == 200
     assert policy.settled and policy.settled[0][0] == "r-g" and policy.settled[0][1]["output_tokens"] == 1
+
+
+async def test_a_proxy_that_fails_before_the_provider_answers_is_released_not_charged() -> None:
+    """No reply began because the proxy failed (its upstream unreachable), not because the client left: the
+    provider never had the request, so the hold is released (a client gone is charged: the tests above)."""
+    from policyd.gateway_middleware import PolicydMiddleware
+
+    async def failing_proxy(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raise ConnectionError("the provider could not be reached")
+
+    policy = DowngradingPolicy()
+    app = PolicydMiddleware(failing_proxy, policy)  # type: ignore[arg-type]
+    messages = [{"type": "http.request", "body": json.dumps({"contents": []}).encode(), "more_body": False}]
+    staying = asyncio.Event()  # the client stays: it never says http.disconnect
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await staying.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    with pytest.raises(ConnectionError):
+        await app({"type": "http", "method": "POST", "path": "/v1beta/models/gemini-2.5-pro:generateContent",
+                   "raw_path": b"/v1beta/models/gemini-2.5-pro:generateContent", "query_string": b"",
+                   "headers": [(b"content-type", b"application/json"), (b"x-goog-api-key", b"pdk_live_x")],
+                   "client": ("127.0.0.1", 1)}, receive, send)
+    assert policy.settled == [("r-g", {"released": "no_response"})]
 
 
 def test_large_bodies_both_ways_are_decided_and_charged_from_the_providers_usage(gateway: ExampleGateway) -> None:
