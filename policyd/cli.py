@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from policyd.gateway_config import SHAPES
+from policyd.gateway_config import ROUTE_TIMEOUT_SECONDS, SHAPES
 from policyd.money import MONEY_UNITS, MoneyError, format_amount, parse_amount
 from policyd.settings import reference as settings_reference
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
@@ -531,7 +531,7 @@ def _gateway_config(args: argparse.Namespace) -> int:
     (host, port), *more = replicas
     print(render(listen_port=args.listen_port, policyd_host=host, policyd_port=port, admin_port=args.admin_port,
                  upstreams=tuple(upstreams), failure_mode_allow=args.fail_open, shape=args.shape,
-                 more_policyd=tuple(more)), end="")
+                 more_policyd=tuple(more), route_timeout_seconds=args.route_timeout), end="")
     return 0
 
 
@@ -731,6 +731,9 @@ def parser() -> argparse.ArgumentParser:
     gateway.add_argument("--fail-open", action="store_true", help="serve unmetered while policyd is down")
     gateway.add_argument("--shape", choices=SHAPES, default=SHAPES[0],
                          help="ext_authz+ext_proc (default) or ext_proc alone (one stream per request)")
+    gateway.add_argument("--route-timeout", type=int, default=ROUTE_TIMEOUT_SECONDS,
+                         help="seconds the gateway waits for a reply and its next bytes (policyd's "
+                              "POLICYD_RESERVATION_TTL_SECONDS must be longer)")
     gateway.set_defaults(run=_gateway_config)
 
     demo = client(commands.add_parser("demo", help="drive a running gateway with the openai SDK"))

@@ -44,6 +44,7 @@ class Exchange:
     status: int = 0
     retry_after: int = 0
     attempts: int = 1  # upstream attempts Envoy made (x-envoy-attempt-count)
+    gateway_timed_out: bool = False  # the status is the gateway's own: it gave up on the provider
     closed: bool = False
     # the reply's own headers policyd adds (its request id, the key's rate limits), where one filter both
     # decides and sees the reply (the ext_proc-only shape); not carried in metadata

@@ -50,7 +50,7 @@ from policyd.engine import Engine
 from policyd.exchange import EXT_PROC_NAMESPACE, Exchange
 from policyd.http_api import REQUEST_ID_HEADER
 from policyd.providers import ProviderPool
-from policyd.upstream import upstream_request
+from policyd.upstream import GATEWAY_TIMEOUT_HEADER, upstream_request
 from policyd.usage_capture import closing
 
 log = logging.getLogger("policyd.ext_proc")
@@ -229,11 +229,13 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         headers = _headers(message)
         exchange.status = int(headers.get(":status", "0") or 0)
         exchange.reader.encoded_as(headers.get("content-encoding", ""))
+        exchange.gateway_timed_out = headers.get(GATEWAY_TIMEOUT_HEADER) == "yes"
         retry = headers.get("retry-after", "")
         exchange.retry_after = int(retry) if retry.isdigit() else 0
         attempts = headers.get("x-envoy-attempt-count", "1")
         exchange.attempts = min(int(attempts), 100) if attempts.isdigit() and attempts != "0" else 1
-        if exchange.status in COOLDOWN_STATUSES and exchange.account:
+        # (a reply the gateway stopped waiting for says nothing of the account)
+        if exchange.status in COOLDOWN_STATUSES and exchange.account and not exchange.gateway_timed_out:
             self.pool.cool_down(exchange.account, exchange.retry_after or 30)
 
     def _read_response(self, exchange: Exchange, request: Any) -> bool:
@@ -330,7 +332,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
     async def _settle_or_release(self, exchange: Exchange, cut: bool) -> None:
         status = exchange.status
         reader = exchange.reader
-        end = closing(status, reader, cut)
+        end = closing(status, reader, cut, gateway_timed_out=exchange.gateway_timed_out)
         if end.action == "release":
             await self.engine.release(exchange.request_id, end.reason)
         elif end.action == "settle":

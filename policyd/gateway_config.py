@@ -24,7 +24,7 @@ from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE
 from policyd.http_api import (CREDENTIAL_REFUSALS, PROVIDER_ACCOUNT_HEADERS, REQUEST_BODY_BYTES_MAX,
                               REQUEST_HEADERS_BYTES_MAX, REQUEST_ID_HEADER, credentials_refused_reply)
 from policyd.http_api import REQUEST_HEADERS_COUNT_MAX as HEADERS_COUNT_MAX
-from policyd.upstream import OBSERVER_HEADER, REWRITE_HEADER, ROUTE_HEADER
+from policyd.upstream import GATEWAY_TIMEOUT_HEADER, OBSERVER_HEADER, REWRITE_HEADER, ROUTE_HEADER
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,10 @@ REQUEST_HEADERS_KB_MAX = 2 * REQUEST_HEADERS_BYTES_MAX // 1024
 REQUEST_HEADERS_COUNT_MAX = 2 * HEADERS_COUNT_MAX
 
 SHAPES = ("ext_authz+ext_proc", "ext_proc")
+# How long the gateway waits for a provider's reply, and for its next bytes: the openai SDK's own timeout.
+# policyd's ext_proc streams live a little longer, to see the reply's end.
+ROUTE_TIMEOUT_SECONDS = 600
+STREAM_TIMEOUT_MARGIN_SECONDS = 60
 
 # Requests an Envoy may hold in flight to a provider cluster, and gRPC streams to policyd (an allowed
 # request holds the processing filter's stream for its whole life, a streamed one the observer's
@@ -107,13 +111,13 @@ def _indented(text: str, spaces: int) -> str:
     return "".join(" " * spaces + line if line.strip() else line for line in text.splitlines(True))
 
 
-def _processing_config(fail_open: str, response_header_mode: str, more: str) -> str:
+def _processing_config(fail_open: str, response_header_mode: str, more: str, stream_seconds: int) -> str:
     """The processing ext_proc filter's typed_config (not indented): the request headers and body,
-    answered; `more` its shape's own fields."""
+    answered; `more` its shape's own fields; `stream_seconds` the longest its stream lives (a request's)."""
     return f""""@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
 grpc_service:
   envoy_grpc: {{cluster_name: policyd}}
-  timeout: 600s
+  timeout: {stream_seconds}s
 failure_mode_allow: {fail_open}
 status_on_error: {{code: ServiceUnavailable}}
 message_timeout: 5s
@@ -127,7 +131,7 @@ processing_mode:
 {more}"""
 
 
-def _ext_proc_filter(fail_open: str, shape: str) -> str:
+def _ext_proc_filter(fail_open: str, shape: str, stream_seconds: int) -> str:
     if shape == "ext_proc":  # decides at the request body; the observer reads the reply
         return "          - name: envoy.filters.http.ext_proc\n            typed_config:\n" + _indented(
             _processing_config(fail_open, "SEND", f"""\
@@ -135,7 +139,7 @@ request_attributes: [source.address]  # the client's address, for the decision m
 metadata_options:
   receiving_namespaces:
     untyped: [{EXT_PROC_NAMESPACE}]
-"""), 14)
+""", stream_seconds), 14)
     # after ext_authz: only requests whose body policy rewrites (ext_authz sets the rewrite header): the
     # request headers (with ext_authz's decision in their metadata) and the body; the observer reads the
     # reply. (Sent the body alone, with the headers skipped, Envoy 1.40 lost bodies under load.)
@@ -144,7 +148,7 @@ metadata_options:
 metadata_options:
   forwarding_namespaces:
     untyped: [{EXT_AUTHZ_NAMESPACE}]
-"""), 18))
+""", stream_seconds), 18))
 
 
 def _unless_header(header: str, value: str, name: str, config: str) -> str:
@@ -223,7 +227,7 @@ def _credentials_refused_filter(shape: str) -> str:
 """
 
 
-def _observer_filter(shape: str) -> str:
+def _observer_filter(shape: str, stream_seconds: int) -> str:
     """The response as it passes, sent to policyd with no reply awaited (observability mode): how every
     allowed request's reply is settled, in both shapes. (The ext_proc shape once had the processing
     filter ask for other replies' bodies at their headers, a mode_override: Envoy at times passed a body
@@ -237,7 +241,7 @@ def _observer_filter(shape: str) -> str:
                   "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
                   grpc_service:
                     envoy_grpc: {{cluster_name: policyd}}
-                    timeout: 600s
+                    timeout: {stream_seconds}s
                   observability_mode: true
                   deferred_close_timeout: 2s
                   failure_mode_allow: true
@@ -257,9 +261,15 @@ def _observer_filter(shape: str) -> str:
 def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_host: str = "127.0.0.1",
            policyd_port: int = 50051, admin_port: int = 9901, upstreams: tuple[Upstream, ...] = DEFAULT_UPSTREAMS,
            failure_mode_allow: bool = False, body_bytes_max: int = REQUEST_BODY_BYTES_MAX,
-           shape: str = SHAPES[0], more_policyd: tuple[tuple[str, int], ...] = ()) -> str:
+           shape: str = SHAPES[0], more_policyd: tuple[tuple[str, int], ...] = (),
+           route_timeout_seconds: int = ROUTE_TIMEOUT_SECONDS) -> str:
     """`more_policyd`: further (host, port) replicas beside policyd_host:policyd_port; Envoy spreads
-    each request's streams over all of them (a name that resolves to several addresses does too)."""
+    each request's streams over all of them (a name that resolves to several addresses does too).
+    `route_timeout_seconds`: how long the gateway waits for a reply, and for its next bytes (policyd's
+    reservations must outlast it: POLICYD_RESERVATION_TTL_SECONDS)."""
+    if route_timeout_seconds < 1:
+        raise ValueError("the route timeout is at least a second")
+    stream_seconds = route_timeout_seconds + STREAM_TIMEOUT_MARGIN_SECONDS
     if shape not in SHAPES:
         raise ValueError(f"unknown gateway shape {shape!r}; one of {', '.join(SHAPES)}")
     replicas = ((policyd_host, policyd_port), *more_policyd)
@@ -273,7 +283,7 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
     clusters = "".join(_cluster(u) for u in upstreams)
     filters = _credentials_refused_filter(shape) + \
         (_ext_authz_filter(fail_open, body_bytes_max) if shape != "ext_proc" else "") + \
-        _ext_proc_filter(fail_open, shape) + _observer_filter(shape)
+        _ext_proc_filter(fail_open, shape, stream_seconds) + _observer_filter(shape, stream_seconds)
     # ext_proc buffers the body it decides on within the connection's buffer limit (past it: 413)
     buffer_limit = f"\n    per_connection_buffer_limit_bytes: {body_bytes_max}" if shape == "ext_proc" else ""
     title = ("ext_authz decides and reserves, ext_proc rewrites, policyd.observer settles"
@@ -296,7 +306,7 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: gateway
-          stream_idle_timeout: 600s  # a reply not streamed may think this long (the route timeout, the openai SDK's)
+          stream_idle_timeout: {route_timeout_seconds}s  # a reply not streamed may think as long as the route waits
           max_request_headers_kb: {REQUEST_HEADERS_KB_MAX}
           common_http_protocol_options: {{max_headers_count: {REQUEST_HEADERS_COUNT_MAX}}}
           route_config:
@@ -309,11 +319,16 @@ static_resources:
               - match: {{prefix: "/"}}
                 route:
                   cluster_header: {ROUTE_HEADER}
-                  timeout: 600s
+                  timeout: {route_timeout_seconds}s
                 request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}]  # policyd's own, not the provider's
                 response_headers_to_remove: [{", ".join(PROVIDER_ACCOUNT_HEADERS)}]  # the operator's account, not the customer's
           local_reply_config:
             mappers:
+            - filter:  # the gateway gave up on the provider (its route or idle timeout), which goes on and bills
+                response_flag_filter: {{flags: [UT, SI]}}
+              headers_to_add:
+              - header: {{key: {GATEWAY_TIMEOUT_HEADER}, value: "yes"}}
+                append_action: OVERWRITE_IF_EXISTS_OR_ADD
             - filter:
                 status_code_filter:
                   comparison: {{op: EQ, value: {{default_value: 413, runtime_key: policyd.body_too_large}}}}

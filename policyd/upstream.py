@@ -18,6 +18,8 @@ from policyd.providers import ProviderPool
 ROUTE_HEADER = "x-policyd-route"
 OBSERVER_HEADER = "x-policyd-observer"
 REWRITE_HEADER = "x-policyd-rewrite"  # ext_authz: whether the processing filter rewrites the body
+# on the gateway's own reply when it gave up on the provider (its route or idle timeout: Envoy's UT, SI)
+GATEWAY_TIMEOUT_HEADER = "x-policyd-gateway-timeout"
 
 
 @dataclass(frozen=True)

@@ -680,10 +680,16 @@ class Closing:
     output_as_held: bool = False
 
 
-def closing(status: int, reader: ResponseReader, cut: bool, client_left: bool = True) -> Closing:
+def closing(status: int, reader: ResponseReader, cut: bool, client_left: bool = True,
+            gateway_timed_out: bool = False) -> Closing:
     """`status` is the provider's HTTP status (0: no answer), `cut` whether the response ended early,
     `client_left` whether no answer came because the client left (a proxy that failed before it reached
-    the provider: released)."""
+    the provider: released), `gateway_timed_out` whether the status is the gateway's own for giving up
+    on the provider (its route or idle timeout)."""
+    if status >= 400 and gateway_timed_out:
+        # the provider has the request and goes on with it, as for a client gone: charged as held
+        return Closing("estimate", "usage_estimated:gateway_timeout", interrupted=True,
+                       output_as_held=not reader.stream)
     if status >= 400:
         return Closing("release", f"upstream_{status}")
     if status == 0 and not client_left:

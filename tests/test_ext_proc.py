@@ -228,6 +228,24 @@ async def test_an_upstream_error_is_released_and_cools_the_account_down_before_t
     assert pool.cooling_providers() == {"openai"} and engine.closed == [("release", "r-1", "upstream_503")]
 
 
+async def test_a_reply_the_gateway_stopped_waiting_for_is_charged_as_held_and_cools_no_account() -> None:
+    """Envoy's own 504 for its route timeout (marked by the gateway config's local reply): the provider goes
+    on and bills the request, so it is charged as held; the account did nothing wrong and is not cooled."""
+    s, engine, pool = servicer()
+    await run(s, observed(ep.ProcessingRequest(request_headers=headers()),
+                          ep.ProcessingRequest(response_headers=headers("504", **{"x-policyd-gateway-timeout": "yes"})),
+                          body(b"upstream request timeout", end=True), ex=exchange(stream=False)))
+    await engine.finish()
+    assert engine.closed == [("estimate", "r-1", 0, True, "usage_estimated:gateway_timeout", "as held")]
+    assert pool.cooling_providers() == set()
+    s, engine, pool = servicer()  # the provider's own 504: released, its account cooled down
+    await run(s, observed(ep.ProcessingRequest(request_headers=headers()),
+                          ep.ProcessingRequest(response_headers=headers("504")), body(b"{}", end=True),
+                          ex=exchange(stream=False)))
+    await engine.finish()
+    assert engine.closed == [("release", "r-1", "upstream_504")] and pool.cooling_providers() == {"openai"}
+
+
 async def test_in_the_ext_proc_shape_a_client_gone_before_its_response_began_is_charged_by_the_processing_filter(
         ) -> None:
     s, engine, _ = servicer()

@@ -1280,6 +1280,35 @@ def test_embeddings_responses_and_replies_without_usage(gateway: Gateway) -> Non
     assert record["output_tokens"] > 0 and not record["stream_interrupted"]
 
 
+def test_a_reply_the_gateway_stops_waiting_for_is_charged_as_held(gateway: Gateway, tmp_path: Path) -> None:
+    """The gateway's route timeout (2 s here) answers 504 for a provider still at work on the request, which
+    goes on and bills it: charged as a client gone (its input and the output held for it), marked
+    usage_estimated:gateway_timeout."""
+    port = free_port()
+    config = tmp_path / "envoy-short.yaml"
+    config.write_text(render(listen_port=port, policyd_port=gateway.policyd.port, admin_port=free_port(),
+                             upstreams=tuple(Upstream(name, "127.0.0.1", gateway.mock.port)
+                                             for name in ("openai", "anthropic", "google")),
+                             shape=gateway.shape, route_timeout_seconds=2))
+    envoy = start_envoy(config, port, tmp_path / "envoy-short.log")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=gateway.customer("e2e-gw-timeout"),
+                               max_retries=0, timeout=20)
+        with pytest.raises(openai.InternalServerError) as timed_out:
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "think long"}],
+                                           max_tokens=300, extra_headers={"x-mock-scenario": "stall",
+                                                                          "x-policyd-request-id": "e2e-gw-timeout-1"})
+        assert timed_out.value.status_code == 504
+        assert timed_out.value.response.headers["x-policyd-gateway-timeout"] == "yes"
+        record = gateway.record("e2e-gw-timeout-1")
+        assert (record["status"], record["error_class"], record["output_tokens"]) == (
+            "settled", "usage_estimated:gateway_timeout", 300)
+        assert record["charge_nanos"] == record["reserved_nanos"] > 0
+    finally:
+        envoy.terminate()
+        envoy.wait(timeout=10)
+
+
 def test_a_client_that_leaves_before_its_reply_began_is_charged(gateway: Gateway) -> None:
     """The provider has the request and bills it however soon its client leaves: a reply not streamed is
     made whole all the same (its input as estimated and the output held for it: leaving early saves
