@@ -69,6 +69,10 @@ _PATHS = [
     (re.compile(r"(^|/)v1/completions/?$"), "completions"),
     (re.compile(r"(^|/)v1/audio/speech/?$"), "audio_speech"),
     (re.compile(r"(^|/)v1/audio/(transcriptions|translations)/?$"), "audio_transcriptions"),
+    # Gemini's OpenAI-compatible API (the openai SDK with base_url .../v1beta/openai/): OpenAI's bodies and usage
+    (re.compile(r"(^|/)v1beta/openai/chat/completions/?$"), "chat_completions"),
+    (re.compile(r"(^|/)v1beta/openai/embeddings/?$"), "embeddings"),
+    (re.compile(r"(^|/)v1beta/openai/images/generations/?$"), "images"),
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent"
                      r"|countTokens|embedContent|batchEmbedContents)$")

@@ -524,6 +524,31 @@ def test_every_reply_of_a_run_of_short_requests_is_read_whole(gateway: Gateway) 
             "settled", "", usage.prompt_tokens, usage.completion_tokens), rid
 
 
+def test_geminis_openai_compatible_api_is_metered_as_openais(gateway: Gateway) -> None:
+    """The openai SDK pointed at Gemini's OpenAI-compatible API (base_url .../v1beta/openai/): the path goes
+    to Google as it is, the body and usage are OpenAI's, whole and streamed (usage asked for)."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1beta/openai/", max_retries=0, timeout=20,
+                           api_key=gateway.customer("e2e-gemini-openai", plan="google"))
+    raw = client.chat.completions.with_raw_response.create(
+        model="gemini-2.5-flash", messages=[{"role": "user", "content": "gemini, as openai"}], max_tokens=8)
+    u = raw.parse().usage
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["error_class"], record["input_tokens"], record["output_tokens"]) == (
+        "settled", "", u.prompt_tokens, u.completion_tokens)
+    assert record["charge_nanos"] == price_quantity(u.prompt_tokens, parse_amount("0.30")) + \
+        price_quantity(u.completion_tokens, parse_amount("2.50"))
+    with client.chat.completions.with_streaming_response.create(
+            model="gemini-2.5-flash", messages=[{"role": "user", "content": "gemini, streamed"}],
+            stream=True) as response:
+        request_id, chunks = response.headers["x-policyd-request-id"], list(response.parse())
+    (usage,) = [c.usage for c in chunks if c.usage]
+    streamed = gateway.record(request_id)
+    assert (streamed["status"], streamed["output_tokens"]) == ("settled", usage.completion_tokens)
+    sent = [r for r in gateway.mock.received() if r["path"].startswith("/v1beta/openai/chat/completions")]
+    assert len(sent) == 2 and sent[-1]["body"]["stream_options"] == {"include_usage": True}
+    assert sent[-1]["credentials"] == {"x-goog-api-key": PROVIDER_KEYS[3]}
+
+
 def test_geminis_grounding_with_google_search_is_charged_as_google_bills_it(gateway: Gateway) -> None:
     """A Gemini request with the googleSearch tool: the searches its reply's groundingMetadata lists are
     charged, per grounded request on a model billed so (web_search_unit: request, Gemini 2.x) or per

@@ -69,6 +69,8 @@ def test_gateway_config_reaches_policyd_by_address_name_or_several_replicas(tmp_
         ("POST", "/v1beta/models/gemini-2.5-flash:generateContent", {"x-goog-api-key": "pdk_d"},
          "gemini_generate_content", "pdk_d"),
         ("POST", "/v1/embeddings", {}, "embeddings", ""),
+        ("POST", "/v1beta/openai/chat/completions", {"authorization": "Bearer pdk_g"}, "chat_completions", "pdk_g"),
+        ("POST", "/v1beta/openai/embeddings", {}, "embeddings", ""),
         ("POST", "/v1/images/generations?x=1", {}, "images", ""),
     ],
 )
