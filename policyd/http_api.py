@@ -76,6 +76,13 @@ _PATHS = [
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent"
                      r"|countTokens|embedContent|batchEmbedContents)$")
+# Vertex AI: Google's and Anthropic's models under a project's location, the model in the path; Gemini's
+# bodies and usage, or Anthropic's (rawPredict, streamRawPredict)
+_VERTEX = re.compile(r"(^|/)v1(beta1)?/projects/[^/]+/locations/[^/]+/publishers/(?P<publisher>google|anthropic)"
+                     r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent|countTokens"
+                     r"|rawPredict|streamRawPredict)$")
+_VERTEX_VERBS = {"google": ("generateContent", "streamGenerateContent", "countTokens"),
+                 "anthropic": ("rawPredict", "streamRawPredict")}
 _TOKEN_COUNTS = [  # and other calls free at the provider
     (re.compile(r"(^|/)v1/messages/count_tokens/?$"), "anthropic_messages"),
     (re.compile(r"(^|/)v1/responses/input_tokens/?$"), "responses"),
@@ -255,6 +262,13 @@ def endpoint_of(method: str, path: str) -> Endpoint:
     for pattern, name in _TOKEN_COUNTS:
         if pattern.search(path):
             return Endpoint(name, count_tokens=True)
+    vertex = _VERTEX.search(path)
+    if vertex:
+        publisher, verb = vertex.group("publisher"), vertex.group("verb")
+        if verb not in _VERTEX_VERBS[publisher]:
+            return Endpoint()
+        family = "gemini_generate_content" if publisher == "google" else "anthropic_messages"
+        return Endpoint(family, vertex.group("model"), count_tokens=verb == "countTokens")
     gemini = _GEMINI.search(path)
     if gemini:
         if gemini.group("verb") in ("embedContent", "batchEmbedContents"):
@@ -309,13 +323,13 @@ def without_query_key(path: str) -> str:
 
 def upstream_path(path: str, served_model: str, requested_model: str) -> str:
     """The path as it goes upstream: the customer's `key` taken out of its query and, where the model
-    is in the path (Gemini, an Azure deployment), the served model in place of the requested one (a
+    is in the path (Gemini, Vertex AI, an Azure deployment), the served model in place of the requested one (a
     downgrade, a fallback)."""
     path = without_query_key(path)
     if not served_model or served_model == requested_model:
         return path
     base, sep, query = path.partition("?")
-    named = _GEMINI.search(base) or _AZURE.search(base)
+    named = _GEMINI.search(base) or _VERTEX.search(base) or _AZURE.search(base)
     if named is None:
         return path
     return f"{base[:named.start('model')]}{served_model}{base[named.end('model'):]}{sep}{query}"

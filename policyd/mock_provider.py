@@ -48,6 +48,7 @@ ACCOUNT_HEADERS = {"openai-organization": "org-operator", "x-ratelimit-remaining
 IMAGE_TOKENS = {"low": 272, "medium": 1056, "high": 4160}  # a square image's output tokens, by quality
 GEMINI_IMAGE_TOKENS = 1290  # a 1024x1024 image out of Gemini's image models
 GEMINI_PATH = re.compile(r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent)$")
+VERTEX_ANTHROPIC_PATH = re.compile(r"/publishers/anthropic/models/(?P<model>[^/:]+):(rawPredict|streamRawPredict)$")
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:
@@ -228,7 +229,8 @@ class MockProvider:
         if stored_chat:
             return self._stored_chat(h, body, stored_chat.group("id"), stored_chat.group("rest") or "")
         deployment = route.split("/openai/deployments/", 1)[1].split("/", 1)[0] if "/openai/deployments/" in route else ""
-        model = deployment or body.get("model", "")  # Azure OpenAI serves the deployment the path names
+        vertex_anthropic = VERTEX_ANTHROPIC_PATH.search(route)  # Vertex AI's Claude: the model in the path
+        model = deployment or (vertex_anthropic.group("model") if vertex_anthropic else body.get("model", ""))
         p_tokens = prompt_tokens(body)
         c_tokens = min(output_cap(body), COMPLETION_TOKENS_MAX)
         text = "".join(WORDS[:c_tokens])
@@ -257,7 +259,7 @@ class MockProvider:
                                 sse="alt=sse" in h.path, searches=2 if grounded else 0,
                                 maps=any(isinstance(t, dict) and ("googleMaps" in t or "google_maps" in t)
                                          for t in body.get("tools") or []))
-        anthropic = route.endswith("/v1/messages")
+        anthropic = route.endswith("/v1/messages") or vertex_anthropic is not None
         legacy = route.endswith("/completions") and not route.endswith("/chat/completions")  # text completions
         if route.endswith(("/images/generations", "/images/edits", "/images/variations")):
             # per image; gpt-image models report tokens too (an edit's input images: 323 tokens each)

@@ -524,6 +524,42 @@ def test_every_reply_of_a_run_of_short_requests_is_read_whole(gateway: Gateway) 
             "settled", "", usage.prompt_tokens, usage.completion_tokens), rid
 
 
+def test_vertex_ais_gemini_and_claude_are_metered_as_their_own_apis(gateway: Gateway) -> None:
+    """Vertex AI's paths (a project's location, the model in the path): Gemini's bodies and usage
+    (generateContent, its SSE stream) and Anthropic's (rawPredict, streamRawPredict, whose streams another
+    gateway logged at no spend), each charged exactly from the provider's usage."""
+    root = f"http://127.0.0.1:{gateway.port}/v1/projects/acme/locations/us-east5/publishers"
+
+    def post(key: str, path: str, body: dict[str, Any]) -> tuple[str, bytes]:
+        request = urllib.request.Request(f"{root}/{path}", data=json.dumps(body).encode(), method="POST",
+                                         headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=20) as reply:
+            return reply.headers["x-policyd-request-id"], reply.read()
+
+    google = gateway.customer("e2e-vertex-gemini", plan="google")
+    body = {"contents": [{"role": "user", "parts": [{"text": "vertex, exactly"}]}],
+            "generationConfig": {"maxOutputTokens": 8}}
+    cost = price_quantity(prompt_tokens(body), parse_amount("0.30")) + price_quantity(8, parse_amount("2.50"))
+    for verb in (":generateContent", ":streamGenerateContent?alt=sse"):
+        request_id, answer = post(google, f"google/models/gemini-2.5-flash{verb}", body)
+        record = gateway.record(request_id)
+        assert (record["status"], record["error_class"], record["output_tokens"], record["charge_nanos"]) == (
+            "settled", "", 8, cost), verb
+    claude = gateway.customer("e2e-vertex-claude")
+    message = {"anthropic_version": "vertex-2023-10-16", "max_tokens": 30,
+               "messages": [{"role": "user", "content": "claude on vertex"}]}
+    for verb, streamed in ((":rawPredict", False), (":streamRawPredict", True)):
+        request_id, answer = post(claude, f"anthropic/models/claude-sonnet-4{verb}", {**message, "stream": streamed})
+        record = gateway.record(request_id)
+        assert (record["status"], record["error_class"], record["served_model"]) == ("settled", "", "claude-sonnet-4")
+        assert record["output_tokens"] > 0 and record["charge_nanos"] == expected_charge(
+            "claude-sonnet-4", record["input_tokens"], record["output_tokens"]), verb
+    sent = [r for r in gateway.mock.received() if "/publishers/" in r["path"]]
+    assert len(sent) == 4 and all(PROVIDER_KEYS[2] in json.dumps(r["credentials"]) or
+                                  PROVIDER_KEYS[3] in json.dumps(r["credentials"]) for r in sent)
+    assert all(google not in json.dumps(r) and claude not in json.dumps(r) for r in sent)
+
+
 def test_geminis_openai_compatible_api_is_metered_as_openais(gateway: Gateway) -> None:
     """The openai SDK pointed at Gemini's OpenAI-compatible API (base_url .../v1beta/openai/): the path goes
     to Google as it is, the body and usage are OpenAI's, whole and streamed (usage asked for)."""

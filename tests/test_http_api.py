@@ -71,6 +71,10 @@ def test_gateway_config_reaches_policyd_by_address_name_or_several_replicas(tmp_
         ("POST", "/v1/embeddings", {}, "embeddings", ""),
         ("POST", "/v1beta/openai/chat/completions", {"authorization": "Bearer pdk_g"}, "chat_completions", "pdk_g"),
         ("POST", "/v1beta/openai/embeddings", {}, "embeddings", ""),
+        ("POST", "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4:rawPredict", {},
+         "anthropic_messages", ""),
+        ("POST", "/v1/projects/p/locations/global/publishers/google/models/gemini-2.5-flash:streamGenerateContent",
+         {}, "gemini_generate_content", ""),
         ("POST", "/v1/images/generations?x=1", {}, "images", ""),
     ],
 )
@@ -943,6 +947,24 @@ def test_conversations_are_named_by_path_and_method_and_their_ids_read_from_repl
     reply.finish()
     assert (reply.response_id, reply.found_usage, reply.tokens.any) == ("conv_9", True, False)
     assert closing(200, reply, cut=False).action == "settle"  # at 0: its reply is all its usage
+
+
+def test_vertex_ai_paths_name_the_model_and_a_downgrade_rewrites_it() -> None:
+    root = "/v1/projects/p/locations/us-east5/publishers"
+    claude = parse_call("POST", f"{root}/anthropic/models/claude-opus-4-6:streamRawPredict", {},
+                        json.dumps({"anthropic_version": "vertex-2023-10-16", "max_tokens": 9, "stream": True,
+                                    "messages": [{"role": "user", "content": "hi"}]}).encode())
+    assert (claude.endpoint, claude.model, claude.model_in_path, claude.stream, claude.max_output_tokens,
+            claude.problem) == ("anthropic_messages", "claude-opus-4-6", True, True, 9, "")
+    gemini = parse_call("POST", f"{root}/google/models/gemini-2.5-pro:streamGenerateContent?alt=sse", {},
+                        b'{"contents": []}')
+    assert (gemini.endpoint, gemini.model, gemini.stream) == ("gemini_generate_content", "gemini-2.5-pro", True)
+    assert upstream_path(f"{root}/google/models/gemini-2.5-pro:generateContent?alt=sse", "gemini-2.5-flash",
+                         "gemini-2.5-pro") == f"{root}/google/models/gemini-2.5-flash:generateContent?alt=sse"
+    counted = parse_call("POST", f"{root}/google/models/gemini-2.5-pro:countTokens", {}, b'{"contents": []}')
+    assert counted.count_tokens
+    for mixed in (f"{root}/google/models/gemini-2.5-pro:rawPredict", f"{root}/anthropic/models/claude:generateContent"):
+        assert parse_call("POST", mixed, {}, b"{}").problem == "unknown_endpoint"
 
 
 def test_anthropics_hidden_tool_prompt_counts_as_input() -> None:
