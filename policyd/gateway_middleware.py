@@ -179,8 +179,7 @@ class PolicydMiddleware:
             body = http_api.encoded_body(rewritten)
         exchange = _Exchange(decision.request_id, decision.served_model,
                              ResponseReader(call.endpoint, call.stream, call.input_tokens, stored=call.stores_reply,
-                                            output_cap=decision.max_output_tokens),
-                             held_output=decision.max_output_tokens * max(1, call.choices))
+                                            output_cap=decision.max_output_tokens))
 
         refused = http_api.credentials_refused_reply()
 
@@ -256,10 +255,10 @@ class PolicydMiddleware:
                     served_model=exchange.served_model, upstream_status=exchange.status,
                     stream_interrupted=end.interrupted, provider_response_id=reader.response_id)
             else:  # output from what was delivered (or as held); the rest as the provider reported it before the cut
-                output = exchange.held_output if end.output_as_held else reader.estimated_output_tokens()
                 await self.policy.settle(
-                    exchange.request_id, **{**reader.tokens.fields(), "output_tokens": output},
-                    usage_estimated=True, stream_interrupted=end.interrupted, error_class=end.reason,
+                    exchange.request_id, **{**reader.tokens.fields(), "output_tokens": reader.estimated_output_tokens()},
+                    usage_estimated=True, output_as_held=end.output_as_held,
+                    stream_interrupted=end.interrupted, error_class=end.reason,
                     upstream_status=exchange.status, provider_response_id=reader.response_id)
         except PolicydCallError as error:
             # policyd refused or could not be reached: the reservation expires and is voided
@@ -272,11 +271,10 @@ class PolicydMiddleware:
 
 
 class _Exchange:
-    def __init__(self, request_id: str, served_model: str, reader: ResponseReader, held_output: int = 0) -> None:
+    def __init__(self, request_id: str, served_model: str, reader: ResponseReader) -> None:
         self.request_id = request_id
         self.served_model = served_model
         self.reader = reader
-        self.held_output = held_output  # the output reserved (the cap of every choice)
         self.client_left = True  # whether a reply that never began was left by its client (not the proxy's failure)
         self.status = 0
         self.closed = False

@@ -159,7 +159,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 request.request_id, u.output_tokens, interrupted=request.stream_interrupted,
                 error_class=request.error_class or "usage_estimated", upstream_status=request.upstream_status,
                 provider=request.provider, provider_account=request.provider_account,
-                provider_response_id=request.provider_response_id[:256],
+                provider_response_id=request.provider_response_id[:256], output_as_held=request.output_as_held,
                 reported=Tokens(u.input_tokens, u.cached_input_tokens, u.cache_write_input_tokens,
                                 cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
                                 service_tier=request.service_tier, seconds=u.seconds,

@@ -150,6 +150,28 @@ async def funded_key(admin: admin_pb2_grpc.AdminServiceStub, customer: str, poli
     return created.secret
 
 
+async def test_a_native_proxy_settles_a_client_gone_as_held(channel: grpc.aio.Channel) -> None:
+    """A proxy whose client left before the reply began settles with usage_estimated and output_as_held: the
+    output held (the cap of every choice) and an images request's images are charged, as the provider bills."""
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    policy = policy_pb2_grpc.PolicyServiceStub(channel)
+    secret = await funded_key(admin, "held", SAMPLE_POLICY)
+    for request_id, endpoint, model, shape in (
+            ("held-1", types_pb2.CHAT_COMPLETIONS, "gpt-4o-mini", policy_pb2.RequestShape(prompt_bytes=40,
+                                                                                         max_output_tokens=300)),
+            ("held-2", types_pb2.IMAGES, "gpt-image-1", policy_pb2.RequestShape(prompt_bytes=40, image_count=2))):
+        held = await policy.Authorize(policy_pb2.AuthorizeRequest(
+            api_key=secret, endpoint=endpoint, model=model, attribution=types_pb2.Attribution(request_id=request_id),
+            shape=shape))
+        assert held.decision == policy_pb2.ALLOW, held.reason
+        settled = await policy.Settle(policy_pb2.SettleRequest(
+            request_id=request_id, usage_estimated=True, output_as_held=True, stream_interrupted=True,
+            error_class="usage_estimated:client_gone"))
+        assert settled.charge.nanos == held.reserved.nanos > 0, request_id  # gpt-image-1 here: per image alone
+    usage = await admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="held", limit=10), metadata=AUTH)
+    assert {r.request_id: r.output_tokens for r in usage.records}["held-1"] == 300
+
+
 async def test_trace_context_problems_and_estimated_settlement(channel: grpc.aio.Channel) -> None:
     admin = admin_pb2_grpc.AdminServiceStub(channel)
     policy = policy_pb2_grpc.PolicyServiceStub(channel)
