@@ -252,6 +252,7 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
         file_searches=r.file_searches or 0, image_input_tokens=r.image_input_tokens or 0,
         image_output_tokens=r.image_output_tokens or 0, containers=r.containers or 0,
         container_memory=r.container_memory or "", maps_groundings=r.maps_groundings or 0,
+        images=r.images or 0, seconds=r.seconds or 0,
         image_model=r.image_model or "", **{name: getattr(r, name) or 0 for name in IMAGE_GENERATION_USAGE},
         service_tier=r.service_tier or "", provider_response_id=r.provider_response_id or "",
     )

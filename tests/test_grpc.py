@@ -155,11 +155,14 @@ async def test_a_native_proxy_settles_a_client_gone_as_held(channel: grpc.aio.Ch
     output held (the cap of every choice) and an images request's images are charged, as the provider bills."""
     admin = admin_pb2_grpc.AdminServiceStub(channel)
     policy = policy_pb2_grpc.PolicyServiceStub(channel)
-    secret = await funded_key(admin, "held", SAMPLE_POLICY)
+    priced = SAMPLE_POLICY.replace("    gpt-image-1:\n", '    whisper-1: {provider: openai, tier: low-cost, per_second: "0.0001"}\n'
+                                                      "    gpt-image-1:\n", 1)
+    secret = await funded_key(admin, "held", priced)
     for request_id, endpoint, model, shape in (
             ("held-1", types_pb2.CHAT_COMPLETIONS, "gpt-4o-mini", policy_pb2.RequestShape(prompt_bytes=40,
                                                                                          max_output_tokens=300)),
-            ("held-2", types_pb2.IMAGES, "gpt-image-1", policy_pb2.RequestShape(prompt_bytes=40, image_count=2))):
+            ("held-2", types_pb2.IMAGES, "gpt-image-1", policy_pb2.RequestShape(prompt_bytes=40, image_count=2)),
+            ("held-3", types_pb2.AUDIO_TRANSCRIPTIONS, "whisper-1", policy_pb2.RequestShape(seconds=30))):
         held = await policy.Authorize(policy_pb2.AuthorizeRequest(
             api_key=secret, endpoint=endpoint, model=model, attribution=types_pb2.Attribution(request_id=request_id),
             shape=shape))
@@ -169,7 +172,8 @@ async def test_a_native_proxy_settles_a_client_gone_as_held(channel: grpc.aio.Ch
             error_class="usage_estimated:client_gone"))
         assert settled.charge.nanos == held.reserved.nanos > 0, request_id  # gpt-image-1 here: per image alone
     usage = await admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="held", limit=10), metadata=AUTH)
-    assert {r.request_id: r.output_tokens for r in usage.records}["held-1"] == 300
+    records = {r.request_id: r for r in usage.records}
+    assert (records["held-1"].output_tokens, records["held-2"].images, records["held-3"].seconds) == (300, 2, 30)
 
 
 async def test_trace_context_problems_and_estimated_settlement(channel: grpc.aio.Channel) -> None:
