@@ -331,11 +331,7 @@ class Engine:
             limit = reserve.limits_by_label.get(result.label, (None, 0))[0]
             if limit is not None and limit.action == "downgrade" and request.attribution.feature not in plan.critical_features \
                     and limit.downgrade_to != reserve.served_model \
-                    and policy.model_allowed(plan, limit.downgrade_to, key.scopes) \
-                    and policy.tier_allowed_in(plan, key.environment, limit.downgrade_to) \
-                    and self._input_bounded(policy, plan, limit.downgrade_to, request.shape) \
-                    and self._tools_priced(policy, limit.downgrade_to, request.shape) \
-                    and self._tier_priced(policy, limit.downgrade_to, request.shape):
+                    and self._may_serve(policy, plan, key.scopes, key.environment, limit.downgrade_to, request.shape):
                 cheaper = self._attempt(request, owner, policy, plan, limit.downgrade_to, at, skip_label=limit.label,
                                         own_limits=key.limits, prior_tokens=prior_tokens)
                 cheaper.fallback_reason = f"downgraded:{limit.label}"
@@ -626,6 +622,15 @@ class Engine:
         return shape.service_tier_implied or bool(price and price.prices_tier(shape.service_tier))
 
     @staticmethod
+    def _may_serve(policy: Policy, plan: Plan, scopes: tuple[str, ...], environment: str, model: str,
+                   shape: Shape) -> bool:
+        """Whether a model another stands in for (a downgrade, a fallback) may serve this request: the
+        checks Authorize makes of the requested model (`_policy_denial`), passed or not."""
+        return policy.model_allowed(plan, model, scopes) and policy.tier_allowed_in(plan, environment, model) \
+            and Engine._input_bounded(policy, plan, model, shape) and Engine._tools_priced(policy, model, shape) \
+            and Engine._tier_priced(policy, model, shape)
+
+    @staticmethod
     def _route_around(policy: Policy, plan: Plan, scopes: tuple[str, ...], environment: str, model: str,
                       shape: Shape, unavailable: frozenset[str]) -> tuple[str, str]:
         """The model to serve: the requested one, or the first fallback the plan allows while the
@@ -636,11 +641,7 @@ class Engine:
         for alternative in plan.fallbacks.get(model, ()):
             alt_price = policy.model(alternative)
             if alt_price is not None and alt_price.provider not in unavailable \
-                    and policy.model_allowed(plan, alternative, scopes) \
-                    and policy.tier_allowed_in(plan, environment, alternative) \
-                    and Engine._input_bounded(policy, plan, alternative, shape) \
-                    and Engine._tools_priced(policy, alternative, shape) \
-                    and Engine._tier_priced(policy, alternative, shape):
+                    and Engine._may_serve(policy, plan, scopes, environment, alternative, shape):
                 return alternative, f"{price.provider}_cooling_down"
         return model, ""
 

@@ -386,16 +386,19 @@ def _prompt_bytes(data: dict[str, Any]) -> int:
 # OpenAI-compatible providers differ on which one wins: the larger is reserved.
 _OUTPUT_CAP_FIELDS = {"chat_completions": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
                       "responses": ("max_output_tokens",), "anthropic_messages": ("max_tokens",)}
-GEMINI_GENERATION_CONFIG = ("generationConfig", "generation_config")  # Gemini reads either name of a field
+_GEMINI_GENERATION_CONFIG = ("generationConfig", "generation_config")  # Gemini reads either name of a field
 _GEMINI_OUTPUT_CAP = ("maxOutputTokens", "max_output_tokens")
 
 
-def _generation_config(data: dict[str, Any]) -> dict[str, Any] | None:
-    """A Gemini body's generation config ({} when it gives none); None when it gives it under both names."""
-    given = [data[k] for k in GEMINI_GENERATION_CONFIG if data.get(k) is not None]
+def _generation_config(data: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """A Gemini body's generation config ({} when it gives none), and what is wrong with it ("" when
+    nothing): the output cap is written into it, so it must be one object, under one of its names."""
+    given = [data[k] for k in _GEMINI_GENERATION_CONFIG if data.get(k) is not None]
+    if any(not isinstance(config, dict) for config in given):
+        return {}, "generationConfig must be an object"
     if len(given) > 1:
-        return None
-    return given[0] if given and isinstance(given[0], dict) else {}
+        return {}, "a request gives its generation config once, as generationConfig or generation_config"
+    return (given[0] if given else {}), ""
 
 
 def _gemini_field(config: dict[str, Any], *names: str) -> Any:
@@ -684,13 +687,9 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "invalid_request", "you must provide a model parameter", "model")
     call.model, call.model_in_path = model, bool(path_model)
     call.stream = data.get("stream") is True or path.split("?", 1)[0].endswith(":streamGenerateContent")
-    if endpoint == "gemini_generate_content" and any(data.get(k) is not None and not isinstance(data.get(k), dict)
-                                                     for k in GEMINI_GENERATION_CONFIG):  # the output cap goes in it
-        return _problem(call, "invalid_request", "generationConfig must be an object", "generationConfig")
-    generation = _generation_config(data) if endpoint == "gemini_generate_content" else {}
-    if generation is None:
-        return _problem(call, "invalid_request", "a request gives its generation config once, as generationConfig "
-                        "or generation_config", "generationConfig")
+    generation, bad_config = _generation_config(data) if endpoint == "gemini_generate_content" else ({}, "")
+    if bad_config:
+        return _problem(call, "invalid_request", bad_config, "generationConfig")
     call.max_output_tokens, bad_cap = _output_cap(endpoint, data, generation)
     if bad_cap:
         return _problem(call, "invalid_request", f"{bad_cap} must be a whole number of tokens, at least 1", bad_cap)
@@ -1020,7 +1019,7 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, serve
         elif endpoint == "anthropic_messages":
             body["max_tokens"] = output_cap
         elif endpoint == "gemini_generate_content":  # in the config the body gives, under the name it uses
-            key = next((k for k in GEMINI_GENERATION_CONFIG if isinstance(body.get(k), dict)), "generationConfig")
+            key = next((k for k in _GEMINI_GENERATION_CONFIG if isinstance(body.get(k), dict)), "generationConfig")
             given = body.get(key) if isinstance(body.get(key), dict) else {}
             generation = {k: v for k, v in given.items() if k not in _GEMINI_OUTPUT_CAP}
             generation["maxOutputTokens"] = output_cap

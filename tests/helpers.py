@@ -16,6 +16,19 @@ async def new_key(service: Service, customer: str = "acme", plan: str = "pro", e
     return created.row.id, created.secret
 
 
+def leave_before_the_reply(base_url: str, key: str, request_id: str, stream: bool = False) -> None:
+    """A gpt-4o-mini call (output cap 300) whose client leaves before the reply begins: the mock provider
+    stalls (x-mock-scenario: stall) and the openai SDK gives up after 1.5 s."""
+    import openai
+    import pytest
+
+    client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": request_id}],
+                                       max_tokens=300, stream=stream, extra_headers={
+                                           "x-mock-scenario": "stall", "x-policyd-request-id": request_id})
+
+
 async def fund(service: Service, customer: str, amount: str, grant_id: str = "", source: str = "purchase") -> None:
     await service.admin.grant_credit(customer, parse_amount(amount), "USD", source, grant_id)
 
