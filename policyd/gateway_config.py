@@ -233,9 +233,9 @@ def _observer_filter(shape: str, stream_seconds: int) -> str:
     filter ask for other replies' bodies at their headers, a mode_override: Envoy at times passed a body
     that came with its headers on unsent, and the reply was settled as cut.) It runs only where the
     deciding filter set the observer header to `read`; it never holds or fails a request. After
-    ext_authz it opens at the request headers, so a request cut before its reply began is released when
-    Envoy closes the stream (deferred_close_timeout after the cut); in the ext_proc shape the processing
-    filter sees that. A reply cut mid-way is settled the same way."""
+    ext_authz it opens at the request headers, so a request whose client left before its reply began is
+    charged (usage_estimated:client_gone) when Envoy closes the stream (deferred_close_timeout after the
+    cut); in the ext_proc shape the processing filter sees that. A reply cut mid-way is settled the same way."""
     namespace, request_headers = (EXT_PROC_NAMESPACE, "SKIP") if shape == "ext_proc" else (EXT_AUTHZ_NAMESPACE, "SEND")
     return _unless_header(OBSERVER_HEADER, "read", "policyd.observer", f"""\
                   "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
