@@ -162,6 +162,7 @@ class Decision:
     owner: Owner = field(default_factory=Owner)
     requested_model: str = ""
     served_model: str = ""
+    upstream_model: str = ""  # the served model as the provider names it (its upstream_model, else its name)
     provider: str = ""
     route: str = ""
     policy_version: int = 0
@@ -176,7 +177,8 @@ class Decision:
     # > 0: the bound the reservation covers for the request's unbounded search tools, which the proxy sets in
     # the request (the Responses API's max_tool_calls; max_uses of each Anthropic web search tool without one)
     max_tool_calls: int = 0
-    # an image model the request is to name in its image_generation tool (the plan's, for a tool naming none)
+    # an image model the request is to name in its image_generation tool, as the provider names it (the plan's,
+    # for a tool naming none; or the tool's own, when the price table knows it by another name)
     image_model: str = ""
 
     @property

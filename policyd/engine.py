@@ -128,6 +128,15 @@ def _not_found(stored_id: str) -> str:
     return "file_not_found" if stored_id.startswith(FILE_ID_PREFIX) else "response_not_found"
 
 
+def _image_model_named(policy: Policy | None, shape: Shape) -> str:
+    """The model the request's image_generation tool is to name (Decision.image_model): the plan's, for a tool
+    naming none; the tool's own as the provider knows it, when the price table names it otherwise; else ""."""
+    if not shape.image_model:
+        return ""
+    upstream = policy.upstream_name(shape.image_model) if policy else shape.image_model
+    return upstream if shape.image_model_default or upstream != shape.image_model else ""
+
+
 @dataclass
 class _Plan:
     """What one attempt at a reservation is made of."""
@@ -350,6 +359,7 @@ class Engine:
         # 6. the decision
         common = dict(
             request_id=request_id, owner=owner, requested_model=request.model, served_model=reserve.served_model,
+            upstream_model=policy.upstream_name(reserve.served_model) if policy else reserve.served_model,
             provider=reserve.price.provider, route=reserve.price.upstream,
             policy_version=policy.version if policy else 0,
             price_table_version=policy.document.price_table.version if policy else "",
@@ -366,8 +376,9 @@ class Engine:
             return Decision(
                 decision=first["decision"], reserved=existing.amount, max_output_tokens=first["max_output_tokens"],
                 reservation_expires_ms=existing.expires_ms, max_tool_calls=int(existing.fields.get("max_tool_calls", 0)),
-                image_model=request.shape.image_model if request.shape.image_model_default else "",
+                image_model=_image_model_named(policy, request.shape),
                 **{**common, "served_model": first["served_model"], "provider": first["provider"],
+                   "upstream_model": policy.upstream_name(first["served_model"]) if policy else first["served_model"],
                    "route": first["upstream"], "policy_version": first["policy_version"],
                    "price_table_version": first["price_table_version"]},
             )
@@ -385,7 +396,7 @@ class Engine:
             reservation_expires_ms=at + self.reservation_ttl_ms, shadow_denials=result.shadow,
             rate_limits=_rate_limits(reserve, result.used),
             max_tool_calls=reserve.tool_call_cap,
-            image_model=request.shape.image_model if request.shape.image_model_default else "", **common,
+            image_model=_image_model_named(policy, request.shape), **common,
         )
 
     async def _screen(self, request: AuthorizeInput, at: int, started: int, base: dict[str, str]) -> Decision | str:
@@ -981,6 +992,8 @@ class Engine:
         policy = await self.book.version(int(r["policy_version"]))
         plan = policy.plan(r["plan"]) if policy else None
         served = report.served_model or r["served_model"]
+        if policy is not None and served == policy.upstream_name(r["served_model"]):
+            served = r["served_model"]  # the model authorized, by the name it was sent upstream with
         price = (policy.model(served) if served else CONVERSATION_PRICE) if policy else None
         if policy is None or plan is None or price is None:
             raise await self._reject(report.request_id, reservation.partition, "unknown_model",

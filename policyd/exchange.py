@@ -35,6 +35,7 @@ class Exchange:
     output_cap: int
     client_gave_cap: bool
     account: str
+    upstream_model: str = ""  # the served model as the provider names it ("" = served_model)
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment)
     input_tokens: int = 0  # the request's own count of its input (token ids; text to speech's characters)
     stored: bool = False  # the provider keeps the reply (a chat completion's store: true): its id is remembered
@@ -60,24 +61,30 @@ class Exchange:
         """The exchange an allowed request begins."""
         return cls(request_id=decision.request_id, endpoint=call.endpoint, stream=call.stream,
                    requested_model=decision.requested_model, served_model=decision.served_model,
-                   output_cap=decision.max_output_tokens, client_gave_cap=call.keeps_its_cap,
+                   upstream_model=decision.upstream_model, output_cap=decision.max_output_tokens, client_gave_cap=call.keeps_its_cap,
                    account=account, model_in_path=call.model_in_path, input_tokens=call.input_tokens,
                    observed=observed, stored=call.stores_reply, tool_call_cap=decision.max_tool_calls,
                    image_model=decision.image_model)
 
     @property
+    def sent_model(self) -> str:
+        """The model the request goes upstream with: the served one, as the provider names it."""
+        return self.upstream_model or self.served_model
+
+    @property
     def model_in_path_changes(self) -> bool:
-        """The path names the model: serving another one means rewriting the path."""
-        return self.model_in_path and self.served_model != self.requested_model
+        """The path names the model: serving another one (or one the provider names otherwise) means
+        rewriting the path."""
+        return self.model_in_path and self.sent_model != self.requested_model
 
     def upstream_path(self, path: str) -> str:
-        return upstream_path(path, self.served_model, self.requested_model)
+        return upstream_path(path, self.sent_model, self.requested_model)
 
     def rewrite(self, body: Any) -> dict[str, Any] | MultipartForm | None:
         """The request body (parsed) policy requires instead of the client's, or None to send it as it is."""
         if not isinstance(body, (dict, MultipartForm)):
             return None
-        return rewrite_body(body, self.endpoint, self.served_model, self.requested_model, self.output_cap,
+        return rewrite_body(body, self.endpoint, self.sent_model, self.requested_model, self.output_cap,
                             self.client_gave_cap, self.stream, self.model_in_path, self.tool_call_cap,
                             self.image_model)
 
@@ -94,6 +101,8 @@ class Exchange:
             "max_output_tokens": self.output_cap, "client_gave_cap": self.client_gave_cap, "account": self.account,
             "observed": self.observed, "model_in_path": self.model_in_path, "input_tokens": self.input_tokens,
         }
+        if self.upstream_model and self.upstream_model != self.served_model:
+            fields["upstream_model"] = self.upstream_model
         if self.stored:
             fields["stored"] = True
         if self.tool_call_cap:
@@ -130,7 +139,7 @@ class Exchange:
             request_id=request_id, endpoint=text("endpoint"),
             stream="stream" in fields and fields["stream"].bool_value,
             requested_model=text("requested_model"), served_model=text("served_model"),
-            output_cap=int(fields["max_output_tokens"].number_value) if "max_output_tokens" in fields else 0,
+            upstream_model=text("upstream_model"), output_cap=int(fields["max_output_tokens"].number_value) if "max_output_tokens" in fields else 0,
             client_gave_cap="client_gave_cap" in fields and fields["client_gave_cap"].bool_value,
             account=text("account"),
             # a decision from before the field: Gemini alone named the model in the path

@@ -173,7 +173,7 @@ class PolicydMiddleware:
     async def _forward(self, scope: Scope, receive: Receive, send: Send, call: http_api.HttpCall, body: bytes,
                        decision: Decision) -> None:
         rewritten = None if call.body is None else http_api.rewrite_body(  # a conversation or file made: no body read
-            call.body, call.endpoint, decision.served_model, call.model, decision.max_output_tokens,
+            call.body, call.endpoint, decision.upstream_model, call.model, decision.max_output_tokens,
             call.keeps_its_cap, call.stream, call.model_in_path, decision.max_tool_calls, decision.image_model)
         if rewritten is not None:
             body = http_api.encoded_body(rewritten)
@@ -282,7 +282,7 @@ class _Exchange:
 
 def _upstream_scope(scope: Scope, call: http_api.HttpCall, decision: Decision, body: bytes) -> Scope:
     """The request as the proxy gets it: without the customer's key (headers and query), with policyd's
-    headers, and the served model where the path names it."""
+    headers, and the served model (as the provider names it) where the path names it."""
     headers = [(k, v) for k, v in scope.get("headers", []) if k.decode("latin-1").lower() not in STRIPPED_HEADERS]
     headers += [(b"content-length", str(len(body)).encode()),
                 (http_api.REQUEST_ID_HEADER.encode(), decision.request_id.encode()),
@@ -292,7 +292,7 @@ def _upstream_scope(scope: Scope, call: http_api.HttpCall, decision: Decision, b
     upstream = {**scope, "headers": headers}
     query = scope.get("query_string", b"").decode("latin-1")
     full = f"{scope.get('path', '/')}?{query}" if query else scope.get("path", "/")
-    path = http_api.upstream_path(full, decision.served_model, call.model)
+    path = http_api.upstream_path(full, decision.upstream_model, call.model)
     if path != full:
         base, _, rest = path.partition("?")
         upstream.update(path=base, raw_path=base.encode("latin-1"), query_string=rest.encode("latin-1"))

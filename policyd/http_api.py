@@ -45,7 +45,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import parse_qsl, quote, unquote_plus
 
 from policyd import reasons
 from policyd.audio import wav_seconds
@@ -321,18 +321,19 @@ def without_query_key(path: str) -> str:
     return f"{base}?{'&'.join(kept)}" if kept else base
 
 
-def upstream_path(path: str, served_model: str, requested_model: str) -> str:
+def upstream_path(path: str, upstream_model: str, requested_model: str) -> str:
     """The path as it goes upstream: the customer's `key` taken out of its query and, where the model
-    is in the path (Gemini, Vertex AI, an Azure deployment), the served model in place of the requested one (a
-    downgrade, a fallback)."""
+    is in the path (Gemini, Vertex AI, an Azure deployment), the served model as the provider names it in
+    place of the requested one (a downgrade, a fallback, a model the price table names otherwise)."""
     path = without_query_key(path)
-    if not served_model or served_model == requested_model:
+    if not upstream_model or upstream_model == requested_model:
         return path
     base, sep, query = path.partition("?")
     named = _GEMINI.search(base) or _VERTEX.search(base) or _AZURE.search(base)
     if named is None:
         return path
-    return f"{base[:named.start('model')]}{served_model}{base[named.end('model'):]}{sep}{query}"
+    segment = quote(upstream_model, safe="@-._~")  # one path segment, whatever the name holds
+    return f"{base[:named.start('model')]}{segment}{base[named.end('model'):]}{sep}{query}"
 
 
 def customer_key(headers: dict[str, str]) -> str:
@@ -987,27 +988,30 @@ def error_body(error_type: str, code: str, message: str, param: str = "") -> byt
                                  "param": param or None}}).encode()
 
 
-def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, served_model: str, requested_model: str,
+def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstream_model: str, requested_model: str,
                  output_cap: int, client_gave_cap: bool, stream: bool,
                  model_in_path: bool = False, tool_call_cap: int = 0,
                  image_model: str = "") -> dict[str, Any] | MultipartForm | None:
     """The request body policy requires, or None when it stays as it is.
 
-    - the served model on a downgrade (not where the path names the model: Gemini, an Azure deployment);
+    - the served model as the provider names it (`upstream_model`), where it is not the model the request
+      names: a downgrade, a fallback, a model the price table names otherwise (not where the path names the
+      model: Gemini, an Azure deployment);
     - the reserved output cap when the client sent none;
     - the reserved bound of search tools the client left unbounded (`tool_call_cap`): the Responses API's
       max_tool_calls, max_uses of each Anthropic web search tool without one;
-    - the image model an image_generation tool naming none is to use (`image_model`: the plan's default);
+    - the image model the image_generation tool is to name (`image_model`: the plan's default for a tool
+      naming none, or the tool's own as the provider names it);
     - stream_options.include_usage for streamed chat and text completions, so usage is always reported.
 
     A speech-to-text form changes only by its model."""
-    downgraded = bool(served_model) and served_model != requested_model and not model_in_path
+    renamed = bool(upstream_model) and upstream_model != requested_model and not model_in_path
     if isinstance(call_body, MultipartForm):
-        return call_body.with_field("model", served_model) if downgraded else None
+        return call_body.with_field("model", upstream_model) if renamed else None
     body = dict(call_body)
     changed = False
-    if downgraded and endpoint != "gemini_generate_content":
-        body["model"] = served_model
+    if renamed and endpoint != "gemini_generate_content":
+        body["model"] = upstream_model
         changed = True
     if output_cap and not client_gave_cap:
         if endpoint == "chat_completions":
@@ -1031,7 +1035,7 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, serve
         changed = True
     if image_model and endpoint == "responses" and isinstance(body.get("tools"), list):
         tools = [dict(t, model=image_model) if isinstance(t, dict) and t.get("type") == "image_generation"
-                 and t.get("model") is None else t for t in body["tools"]]
+                 and t.get("model") != image_model else t for t in body["tools"]]
         if tools != body["tools"]:
             body["tools"] = tools
             changed = True

@@ -197,6 +197,10 @@ class ModelPrice(Prices):
     provider: str = Field(min_length=1, max_length=64)
     route: str = Field("", max_length=128)  # upstream cluster; defaults to the provider
     tier: str = Field("", max_length=64)
+    # the name the provider knows the model by, when the price table names it otherwise (a name customers
+    # see, a dated snapshot, an Azure deployment): requests for this model go upstream with it in their
+    # body or path; records, limits and reports keep the table's name ("" = the table's name)
+    upstream_model: str = Field("", max_length=256, pattern=r"^[^\s]*$")
     # the most input tokens one request can carry (0 = not given): bounds a strict plan's reservation,
     # and is the bound of input a request only refers to (a previous response, a file, an image URL)
     context_window: int = Field(0, ge=0, le=QUANTITY_MAX)
@@ -440,6 +444,11 @@ class Policy:
 
     def model(self, name: str) -> ModelPrice | None:
         return self.document.price_table.models.get(name)
+
+    def upstream_name(self, name: str) -> str:
+        """The name a request for this model carries to the provider: its `upstream_model`, else its own."""
+        price = self.model(name)
+        return price.upstream_model if price is not None and price.upstream_model else name
 
     def model_allowed(self, plan: Plan, model: str, scopes: tuple[str, ...] = ()) -> bool:
         price = self.model(model)

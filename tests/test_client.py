@@ -34,6 +34,7 @@ def test_sync_client_flow(served) -> None:
         d = policy.authorize(secret, "chat_completions", "gpt-4o-mini", request_id="c-1", prompt_bytes=100,
                              feature="chat", thread_id="t")
         assert d.allowed and d.max_output_tokens == 512 and d.reserved_nanos > 0
+        assert (d.served_model, d.upstream_model) == ("gpt-4o-mini", "gpt-4o-mini")
         s = policy.settle("c-1", input_tokens=30, output_tokens=10)
         assert s.outcome == "settled" and s.charge_nanos > 0
         assert policy.settle("c-1", input_tokens=30, output_tokens=10).outcome == "exists"

@@ -333,6 +333,7 @@ def test_azure_openai_clients_are_charged_and_a_downgrade_reaches_the_cheaper_de
         gateway.azure_client("pdk_live_" + "Z" * 40).chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "azure wrong key"}])
     assert "azure wrong key" not in json.dumps(gateway.mock.received())
+
     # an api-version older than stream_options: its stream would report no usage, so it is refused first
     old = gateway.azure_client(key, api_version="2024-06-01")
     with pytest.raises(openai.BadRequestError) as refused:
@@ -342,6 +343,60 @@ def test_azure_openai_clients_are_charged_and_a_downgrade_reaches_the_cheaper_de
     assert "azure old stream" not in json.dumps(gateway.mock.received())
     assert old.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "azure old"}],
                                        max_tokens=4).usage.completion_tokens > 0  # not streamed: its usage is there
+
+
+def test_a_model_the_provider_names_otherwise_goes_upstream_by_that_name_and_is_charged_by_the_tables(
+        gateway: Gateway) -> None:
+    """Price-table entries with `upstream_model`: the customer asks for the table's name (house-fast, an
+    Azure deployment house-eu), the provider gets its own (gpt-4o-mini-2024-07-18 in the body, streamed or
+    not; eu-prod-4o in the Azure path), and the record and the charge keep the table's name and prices. A
+    downgrade onto such a model sends the provider's name too. Sent as the customer named it, the
+    provider would refuse a name it does not know (or run another model than the one charged)."""
+    house_fast = {"house-fast": ("0.30", "1.20"), "house-eu": ("2.75", "11.00")}
+
+    def charge(model: str, prompt: int, completion: int) -> int:
+        price_in, price_out = house_fast[model]
+        return price_quantity(prompt, parse_amount(price_in)) + price_quantity(completion, parse_amount(price_out))
+
+    client = gateway.client(gateway.customer("e2e-house", plan="house"))
+    raw = client.chat.completions.with_raw_response.create(
+        model="house-fast", messages=[{"role": "user", "content": "house plain"}], max_tokens=8)
+    usage = raw.parse().usage
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["requested_model"], record["served_model"]) == (
+        "settled", "house-fast", "house-fast")
+    assert record["charge_nanos"] == charge("house-fast", usage.prompt_tokens, usage.completion_tokens) > 0
+    with client.chat.completions.with_streaming_response.create(
+            model="house-fast", messages=[{"role": "user", "content": "house stream"}], stream=True) as response:
+        streamed_id = response.headers["x-policyd-request-id"]
+        streamed_usage = [c.usage for c in response.parse() if c.usage][0]
+    streamed = gateway.record(streamed_id)
+    assert (streamed["status"], streamed["served_model"], streamed["charge_nanos"]) == (
+        "settled", "house-fast", charge("house-fast", streamed_usage.prompt_tokens, streamed_usage.completion_tokens))
+
+    azure = gateway.azure_client(gateway.customer("e2e-house-azure", plan="house"))
+    raw = azure.chat.completions.with_raw_response.create(
+        model="house-eu", messages=[{"role": "user", "content": "house azure"}], max_tokens=8)
+    usage = raw.parse().usage
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["served_model"], record["charge_nanos"]) == (
+        "settled", "house-eu", charge("house-eu", usage.prompt_tokens, usage.completion_tokens))
+
+    thrifty = gateway.client(gateway.customer("e2e-house-thrifty", plan="house-thrifty"))
+    raw = thrifty.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "house downgrade"}], max_tokens=8)
+    usage = raw.parse().usage
+    downgraded = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (downgraded["decision"], downgraded["requested_model"], downgraded["served_model"]) == (
+        "downgrade", "gpt-4o", "house-fast")
+    assert downgraded["charge_nanos"] == charge("house-fast", usage.prompt_tokens, usage.completion_tokens)
+
+    sent = {r["body"]["messages"][0]["content"]: r for r in gateway.mock.received()
+            if str(r["body"].get("messages", [{}])[0].get("content", "")).startswith("house")}
+    assert sent["house plain"]["body"]["model"] == "gpt-4o-mini-2024-07-18"
+    assert sent["house stream"]["body"]["model"] == "gpt-4o-mini-2024-07-18"
+    assert sent["house downgrade"]["body"]["model"] == "gpt-4o-mini-2024-07-18"
+    assert sent["house azure"]["path"] == f"/openai/deployments/eu-prod-4o/chat/completions?api-version={AZURE_API_VERSION}"
 
 
 def test_text_to_speech_is_charged_by_the_characters_sent(gateway: Gateway) -> None:

@@ -580,6 +580,34 @@ def test_the_image_generation_tool_is_charged_over_the_native_api(gateway: Examp
         price_quantity(4160, parse_amount("40.00"))
 
 
+def test_models_the_provider_names_otherwise_reach_it_by_that_name_over_the_native_api(
+        gateway: ExampleGateway) -> None:
+    """AuthorizeResponse.upstream_model: a price-table entry with `upstream_model` goes upstream by the
+    provider's name, the model and an image_generation tool's alike; the record keeps the table's name."""
+    client = gateway.client(gateway.customer("mw-house", plan="house"))
+    raw = client.chat.completions.with_raw_response.create(
+        model="house-fast", messages=[{"role": "user", "content": "mw house"}], max_tokens=8)
+    usage = raw.parse().usage
+    (sent,) = gateway.received("mw house")
+    assert sent["body"]["model"] == "gpt-4o-mini-2024-07-18"
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["served_model"], record["cost_nanos"]) == (
+        "settled", "house-fast", price_quantity(usage.prompt_tokens, parse_amount("0.30"))
+        + price_quantity(usage.completion_tokens, parse_amount("1.20")))
+
+    raw = client.responses.with_raw_response.create(
+        model="house-fast", input="mw house draws", max_output_tokens=8,
+        tools=[{"type": "image_generation", "model": "house-image"}])
+    raw.parse()
+    sent = [r for r in gateway.mock.received() if r["body"].get("input") == "mw house draws"]
+    assert (sent[-1]["body"]["model"], sent[-1]["body"]["tools"][0]["model"]) == ("gpt-4o-mini-2024-07-18",
+                                                                                  "gpt-image-1")
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["served_model"], record["image_model"], record["image_generation_calls"]) == (
+        "settled", "house-fast", "house-image", 1)
+    assert record["cost_nanos"] >= price_quantity(record["image_generation_output_tokens"], parse_amount("40.00")) > 0
+
+
 def test_a_code_interpreter_container_is_charged_over_the_native_api(gateway: ExampleGateway) -> None:
     """RequestShape.containers / container_memory and Usage.containers: the container is held and charged."""
     key = gateway.customer("mw-containers")

@@ -180,6 +180,26 @@ def test_the_upstream_path_carries_the_served_gemini_model_and_no_customer_key()
     azure = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
     assert upstream_path(azure, "gpt-4o-mini", "gpt-4o") == \
         "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    # a provider's name holding what a path segment cannot (a Vertex version, a slash) stays one segment
+    vertex = "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-house:rawPredict"
+    assert upstream_path(vertex, "claude-sonnet-4@20250514", "claude-house") == \
+        "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4@20250514:rawPredict"
+    assert upstream_path(azure, "team/eu 4o", "gpt-4o") == \
+        "/openai/deployments/team%2Feu%204o/chat/completions?api-version=2024-10-21"
+
+
+def test_the_image_generation_tool_is_sent_with_the_model_the_decision_names() -> None:
+    """Decision.image_model: set in a tool naming none (the plan's default) and in one naming the table's
+    name for a model the provider names otherwise; a tool already naming it is left as it is."""
+    def tools(tool: dict) -> list:
+        body = {"model": "m", "input": "draw", "tools": [{"type": "web_search"}, tool]}
+        rewritten = rewrite_body(body, "responses", "m", "m", 0, True, False, image_model="gpt-image-1")
+        return None if rewritten is None else rewritten["tools"]
+    assert tools({"type": "image_generation"}) == [{"type": "web_search"}, {"type": "image_generation",
+                                                                            "model": "gpt-image-1"}]
+    assert tools({"type": "image_generation", "model": "house-image", "quality": "high"})[1] == {
+        "type": "image_generation", "model": "gpt-image-1", "quality": "high"}
+    assert tools({"type": "image_generation", "model": "gpt-image-1"}) is None
 
 
 def test_an_azure_stream_needs_an_api_version_that_reports_its_usage() -> None:

@@ -1455,3 +1455,53 @@ async def test_the_audit_sums_every_records_holds_and_finds_a_bucket_that_is_off
     await service.counters.client.hincrby(key, "used", 1)
     audit = await service.admin.audit()
     assert not audit.ok and audit.mismatches == [(key, expected[key] + 1, expected[key])]
+
+
+ALIASED = SAMPLE_POLICY.replace("    gpt-4o-mini:\n", """\
+    house-fast:
+      provider: openai
+      tier: low-cost
+      upstream_model: gpt-4o-mini-2024-07-18
+      input: "0.30"
+      output: "1.20"
+    gpt-4o-mini:
+""").replace("downgrade_to: gpt-4o-mini}", "downgrade_to: house-fast}")
+
+
+async def test_a_model_the_provider_names_otherwise_is_sent_by_that_name_and_charged_by_the_tables(
+        service: Service) -> None:
+    """A price-table entry with `upstream_model` (a name customers see, a dated snapshot, an Azure
+    deployment): the request goes upstream with the provider's name, while the decision, the charge, the
+    limits and the record keep the table's; a downgrade onto it is sent by the provider's name too; a proxy
+    that settles with the provider's name is read as the model it was authorized for."""
+    await service.admin.apply_policy(ALIASED, "aliased.yaml")
+    _, secret = await new_key(service, customer="aliaser")
+    await fund(service, "aliaser", "10")
+    d = await service.engine.authorize(ask(secret, model="house-fast", request_id="alias-1"))
+    assert (d.decision, d.requested_model, d.served_model, d.upstream_model) == (
+        "allow", "house-fast", "house-fast", "gpt-4o-mini-2024-07-18")
+    plain = await service.engine.authorize(ask(secret, model="gpt-4o-mini", request_id="alias-plain"))
+    assert (plain.served_model, plain.upstream_model) == ("gpt-4o-mini", "gpt-4o-mini")
+    retried = await service.engine.authorize(ask(secret, model="house-fast", request_id="alias-1"))
+    assert (retried.served_model, retried.upstream_model) == ("house-fast", "gpt-4o-mini-2024-07-18")
+
+    s = await service.engine.settle(usage("alias-1", input_tokens=1000, output_tokens=100,
+                                          served_model="gpt-4o-mini-2024-07-18"))
+    cost = price_quantity(1000, parse_amount("0.30")) + price_quantity(100, parse_amount("1.20"))
+    assert (s.outcome, s.served_model, s.cost, s.charge) == ("settled", "house-fast", cost, cost * 12 // 10)
+    with pytest.raises(PolicydError) as error:  # a name neither the table nor the authorized model has
+        await service.engine.settle(usage("alias-plain", served_model="gpt-4o-mini-2024-07-18"))
+    assert error.value.reason == "unknown_model"
+    await service.writer.drain()
+    row = service.store.usage_record("alias-1")
+    assert (row.requested_model, row.served_model, row.charge_nanos) == ("house-fast", "house-fast", s.charge)
+
+    # over the day's limit, gpt-4o is downgraded onto the entry: sent as the provider names it
+    await service.admin.apply_policy(ALIASED.replace('limit: "50.00"', 'limit: "0.000001"'), "aliased-tight.yaml")
+    down = await service.engine.authorize(ask(secret, model="gpt-4o", request_id="alias-down"))
+    assert (down.decision, down.served_model, down.upstream_model) == (
+        "downgrade", "house-fast", "gpt-4o-mini-2024-07-18")
+
+    with pytest.raises(PolicydError, match="upstream_model"):  # one name, no spaces
+        await service.admin.apply_policy(ALIASED.replace("upstream_model: gpt-4o-mini-2024-07-18",
+                                                         "upstream_model: 'gpt 4o'"), "bad.yaml")

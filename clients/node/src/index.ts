@@ -6,7 +6,7 @@
  *   const d = await policy.authorize({ apiKey, endpoint: "chat_completions", model: "gpt-4o",
  *                                      requestId: "req-1", promptBytes: 2048, maxOutputTokens: 512 });
  *   if (!d.allowed) return respond(d.httpStatus, d.errorBody());
- *   ... call the provider with d.servedModel, at most d.maxOutputTokens ...
+ *   ... call the provider with d.upstreamModel, at most d.maxOutputTokens ...
  *   await policy.settle("req-1", { inputTokens: 900, outputTokens: 300 });   // or policy.release("req-1", "provider_error")
  *
  * Money is integer nanos (1e-9 of the currency unit) as `bigint`: never a floating-point number.
@@ -98,6 +98,9 @@ export interface Decision {
   httpStatus: number;
   requestId: string;
   servedModel: string;
+  /** The served model as the provider names it: send it upstream (in the body, or the path where the path
+   *  names the model) when it differs from the model the request names. Records keep servedModel. */
+  upstreamModel: string;
   route: string;
   maxOutputTokens: number;
   /** > 0: the bound of the request's unbounded search tools the reservation covers: set it in the request
@@ -200,7 +203,8 @@ export class PolicyClient {
     const decision = r.decision.toLowerCase() as Decision["decision"];
     return {
       allowed: decision !== "deny", decision, reason: r.reason, message: r.message, httpStatus: r.httpStatus,
-      requestId: r.requestId, servedModel: r.servedModel, route: r.route,
+      requestId: r.requestId, servedModel: r.servedModel, upstreamModel: r.upstreamModel || r.servedModel,
+      route: r.route,
       maxOutputTokens: Number(r.maxOutputTokens), maxToolCalls: Number(r.maxToolCalls ?? 0), reservedNanos: BigInt(r.reserved?.nanos ?? "0"),
       retryAfterSeconds: Number(r.retryAfterSeconds), response: r,
       errorBody: () => JSON.stringify({ error: { type: r.error?.type ?? "", code: r.error?.code ?? "",

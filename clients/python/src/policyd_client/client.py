@@ -7,7 +7,7 @@
                                     prompt_bytes=2048, max_output_tokens=512, feature="chat")
         if not decision.allowed:
             ...  # answer decision.http_status with decision.error_body()
-        ...     # call the provider with decision.served_model, at most decision.max_output_tokens
+        ...     # call the provider with decision.upstream_model, at most decision.max_output_tokens
         policy.settle("req-1", input_tokens=900, output_tokens=300)   # or policy.release("req-1", "provider_error")
 
 `AsyncPolicyClient` is the same over grpc.aio. Every call has a deadline. Calls are retried on
@@ -75,9 +75,16 @@ class Decision:
 
     @property
     def image_model(self) -> str:
-        """Set: the image model the proxy must name in the request's image_generation tool, which named
-        none (the plan's default, whose prices its images are charged at)."""
+        """Set: the image model the proxy must name in the request's image_generation tool, as the provider
+        names it (the plan's default, for a tool naming none; or the tool's own, known upstream by another
+        name), whose prices its images are charged at."""
         return str(self.response.image_model) if self.response is not None else ""
+
+    @property
+    def upstream_model(self) -> str:
+        """The served model as the provider names it: what the proxy sends upstream (in the body, or the
+        path where the path names the model) when it differs from the model the request names."""
+        return str(self.response.upstream_model or self.served_model) if self.response is not None else self.served_model
 
     def error_body(self) -> bytes:
         e = self.response.error
