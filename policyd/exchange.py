@@ -36,6 +36,7 @@ class Exchange:
     client_gave_cap: bool
     account: str
     upstream_model: str = ""  # the served model as the provider names it ("" = served_model)
+    usage_unasked: bool = False  # a stream whose usage event the gateway keeps from its client (unasked_usage)
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment)
     input_tokens: int = 0  # the request's own count of its input (token ids; text to speech's characters)
     stored: bool = False  # the provider keeps the reply (a chat completion's store: true): its id is remembered
@@ -61,7 +62,8 @@ class Exchange:
         """The exchange an allowed request begins."""
         return cls(request_id=decision.request_id, endpoint=call.endpoint, stream=call.stream,
                    requested_model=decision.requested_model, served_model=decision.served_model,
-                   upstream_model=decision.upstream_model, output_cap=decision.max_output_tokens, client_gave_cap=call.keeps_its_cap,
+                   upstream_model=decision.upstream_model, usage_unasked=observed and call.usage_unasked,
+                   output_cap=decision.max_output_tokens, client_gave_cap=call.keeps_its_cap,
                    account=account, model_in_path=call.model_in_path, input_tokens=call.input_tokens,
                    observed=observed, stored=call.stores_reply, tool_call_cap=decision.max_tool_calls,
                    image_model=decision.image_model)
@@ -103,6 +105,8 @@ class Exchange:
         }
         if self.upstream_model and self.upstream_model != self.served_model:
             fields["upstream_model"] = self.upstream_model
+        if self.usage_unasked:  # read by the gateway's Lua filter (policyd/gateway_lua/unasked_usage.lua)
+            fields["usage_unasked"] = True
         if self.stored:
             fields["stored"] = True
         if self.tool_call_cap:
@@ -139,7 +143,8 @@ class Exchange:
             request_id=request_id, endpoint=text("endpoint"),
             stream="stream" in fields and fields["stream"].bool_value,
             requested_model=text("requested_model"), served_model=text("served_model"),
-            upstream_model=text("upstream_model"), output_cap=int(fields["max_output_tokens"].number_value) if "max_output_tokens" in fields else 0,
+            upstream_model=text("upstream_model"),
+            usage_unasked="usage_unasked" in fields and fields["usage_unasked"].bool_value, output_cap=int(fields["max_output_tokens"].number_value) if "max_output_tokens" in fields else 0,
             client_gave_cap="client_gave_cap" in fields and fields["client_gave_cap"].bool_value,
             account=text("account"),
             # a decision from before the field: Gemini alone named the model in the path

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib import resources
 
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE
 from policyd.http_api import (CREDENTIAL_REFUSALS, PROVIDER_ACCOUNT_HEADERS, REQUEST_BODY_BYTES_MAX,
                               REQUEST_HEADERS_BYTES_MAX, REQUEST_ID_HEADER, credentials_refused_reply)
 from policyd.http_api import REQUEST_HEADERS_COUNT_MAX as HEADERS_COUNT_MAX
-from policyd.upstream import GATEWAY_TIMEOUT_HEADER, OBSERVER_HEADER, REWRITE_HEADER, ROUTE_HEADER
+from policyd.upstream import (GATEWAY_TIMEOUT_HEADER, OBSERVER_HEADER, REWRITE_HEADER, ROUTE_HEADER,
+                              UNASKED_USAGE_HEADER)
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,26 @@ def _observer_filter(shape: str, stream_seconds: int) -> str:
 """)
 
 
+def _unasked_usage_filter(shape: str) -> str:
+    """Envoy's Lua filter that keeps a stream's usage event from a client that did not ask for it (policyd
+    asks every streamed chat and text completion for its usage; policyd/unasked_usage.py), for the requests
+    the deciding filter marked so in its metadata (`usage_unasked`). Before the processing filter and the
+    observer in the chain, so that on the way back the observer reads the provider's own bytes first, and
+    the processing filter's wait for its answer on the response headers (the ext_proc shape) comes before
+    the script reads the body (after it, Envoy 1.40 cut such streams after their first piece). After
+    ext_authz, which marks the request with a header too, Envoy skips the filter for other requests; in the
+    ext_proc shape, whose decision comes after it, the script runs for every response and reads the mark."""
+    source = resources.files("policyd").joinpath("gateway_lua", "unasked_usage.lua").read_text()
+    config = f"""\
+"@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+default_source_code:
+  inline_string: |
+{_indented(source, 4)}"""
+    if shape == "ext_proc":
+        return "          - name: policyd.unasked_usage\n            typed_config:\n" + _indented(config, 14)
+    return _unless_header(UNASKED_USAGE_HEADER, "strip", "policyd.unasked_usage", _indented(config, 18))
+
+
 def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_host: str = "127.0.0.1",
            policyd_port: int = 50051, admin_port: int = 9901, upstreams: tuple[Upstream, ...] = DEFAULT_UPSTREAMS,
            failure_mode_allow: bool = False, body_bytes_max: int = REQUEST_BODY_BYTES_MAX,
@@ -283,7 +305,8 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
     clusters = "".join(_cluster(u) for u in upstreams)
     filters = _credentials_refused_filter(shape) + \
         (_ext_authz_filter(fail_open, body_bytes_max) if shape != "ext_proc" else "") + \
-        _ext_proc_filter(fail_open, shape, stream_seconds) + _observer_filter(shape, stream_seconds)
+        _unasked_usage_filter(shape) + _ext_proc_filter(fail_open, shape, stream_seconds) + \
+        _observer_filter(shape, stream_seconds)
     # ext_proc buffers the body it decides on within the connection's buffer limit (past it: 413)
     buffer_limit = f"\n    per_connection_buffer_limit_bytes: {body_bytes_max}" if shape == "ext_proc" else ""
     title = ("ext_authz decides and reserves, ext_proc rewrites, policyd.observer settles"
@@ -320,7 +343,7 @@ static_resources:
                 route:
                   cluster_header: {ROUTE_HEADER}
                   timeout: {route_timeout_seconds}s
-                request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}]  # policyd's own, not the provider's
+                request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}, {UNASKED_USAGE_HEADER}]  # policyd's own, not the provider's
                 response_headers_to_remove: [{", ".join(PROVIDER_ACCOUNT_HEADERS)}]  # the operator's account, not the customer's
           local_reply_config:
             mappers:

@@ -15,10 +15,11 @@ Per HTTP request, the same steps as the Envoy filters (ext_authz + ext_proc), ov
    `stream_options.include_usage`), without the customer's key, and with
    `x-policyd-request-id`, `x-policyd-served-model` and `x-policyd-route` headers, and asking for the
    reply as it is (`accept-encoding: identity`; one compressed anyway, gzip or deflate, is read decoded);
-4. the response passes through unchanged while its usage is read (JSON or SSE); at its end the call
-   is settled with the provider's usage, released on an upstream error, or, when the client went
-   away or the stream was cut, charged for what was delivered (`usage_estimated`). The settlement
-   runs shielded from the request's cancellation.
+4. the response passes through as sent while its usage is read (JSON or SSE), but for the usage event of
+   a stream whose client did not ask for it, which policyd asked for and keeps from it (unasked_usage);
+   at its end the call is settled with the provider's usage, released on an upstream error, or, when the
+   client went away or the stream was cut, charged for what was delivered (`usage_estimated`). The
+   settlement runs shielded from the request's cancellation.
 
 Token counts (free at the provider) are checked as model calls are (key, plan, model) and go to the
 proxy without the customer's key, with nothing reserved or settled. Other paths that are not model
@@ -39,6 +40,7 @@ from typing import Any, Awaitable, Callable, MutableMapping
 from policyd import http_api
 from policyd import reasons
 from policyd.domain import KeySummary, LimitState, RateLimit
+from policyd.unasked_usage import UnaskedUsage
 from policyd.usage_capture import ResponseReader, closing
 from policyd_client import AsyncPolicyClient, Decision, PolicydCallError
 
@@ -182,12 +184,17 @@ class PolicydMiddleware:
                                             output_cap=decision.max_output_tokens))
 
         refused = http_api.credentials_refused_reply()
+        unasked: UnaskedUsage | None = None  # the stream's usage event, kept from a client that did not ask
 
         async def metered_send(message: Message) -> None:
+            nonlocal unasked
             if message["type"] == "http.response.start":
                 exchange.status = int(message["status"])
-                exchange.reader.encoded_as(next((v.decode("latin-1") for k, v in message.get("headers", [])
-                                                 if k.decode("latin-1").lower() == "content-encoding"), ""))
+                response_headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                                    for k, v in message.get("headers", [])}
+                exchange.reader.encoded_as(response_headers.get("content-encoding", ""))
+                if call.usage_unasked and response_headers.get("content-type", "").startswith("text/event-stream"):
+                    unasked = UnaskedUsage()
                 kept = [(k, v) for k, v in message.get("headers", []) if k.decode("latin-1").lower() not in ACCOUNT_HEADERS]
                 if exchange.status in http_api.CREDENTIAL_REFUSALS:  # the operator's credentials, not the customer's
                     kept = [(k.encode(), v.encode()) for k, v in refused[1]]
@@ -200,10 +207,14 @@ class PolicydMiddleware:
                 await send(message)
                 return
             if message["type"] == "http.response.body":
+                sent = message.get("body", b"")
                 if exchange.status in http_api.CREDENTIAL_REFUSALS:  # the provider's words stay here
                     message = {**message, "body": b"" if message.get("more_body", False) else refused[2]}
+                elif unasked is not None:
+                    shown = unasked.feed(sent) + (b"" if message.get("more_body", False) else unasked.finish())
+                    message = {**message, "body": shown}
                 await send(message)
-                exchange.reader.feed(message.get("body", b""))  # counted once delivered
+                exchange.reader.feed(sent)  # counted once delivered, as the provider sent it
                 if not message.get("more_body", False):
                     exchange.reader.finish()
                     await self._close_shielded(exchange, cut=False)

@@ -89,6 +89,8 @@ _TOKEN_COUNTS = [  # and other calls free at the provider
     (re.compile(r"(^|/)v1/moderations/?$"), "moderations"),
 ]
 MODERATION_MODEL_DEFAULT = "omni-moderation-latest"
+# streams whose usage comes only when asked for (stream_options.include_usage), which policyd always asks
+STREAM_USAGE_ENDPOINTS = frozenset({"chat_completions", "completions"})
 _AZURE_OPERATIONS = {"chat/completions": "chat_completions", "completions": "completions",
                      "embeddings": "embeddings", "images/generations": "images", "images/edits": "images",
                      "audio/speech": "audio_speech",
@@ -200,6 +202,15 @@ class HttpCall:
     attribution: Attribution = field(default_factory=Attribution)
     client_address: str = ""
     user_agent: str = ""
+
+    @property
+    def usage_unasked(self) -> bool:
+        """A streamed chat or text completion whose client did not ask for its usage: policyd asks for it
+        (stream_options.include_usage) and keeps the usage event from the client (policyd/unasked_usage.py)."""
+        if not self.stream or self.endpoint not in STREAM_USAGE_ENDPOINTS or not isinstance(self.body, dict):
+            return False
+        options = self.body.get("stream_options")
+        return not (isinstance(options, dict) and options.get("include_usage") is True)
 
     @property
     def keeps_its_cap(self) -> bool:
@@ -1045,7 +1056,7 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
         if tools != body["tools"]:
             body["tools"] = tools
             changed = True
-    if stream and endpoint in ("chat_completions", "completions"):
+    if stream and endpoint in STREAM_USAGE_ENDPOINTS:
         options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
         if options.get("include_usage") is not True:
             body["stream_options"] = {**options, "include_usage": True}

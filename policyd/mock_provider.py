@@ -11,7 +11,9 @@ Scenarios, by the request header `x-mock-scenario`:
     slow (a stream with 200 ms between events, for clients that hang up mid-way) |
     error_midway (an Anthropic stream that ends with an error event and no message_delta) |
     gzip (a JSON reply compressed whatever the request accepts; it is compressed anyway when the request
-    accepts gzip, as providers do)
+    accepts gzip, as providers do) |
+    fragmented (a chat or text completion stream written a few bytes at a time: its events split across
+    reads, as a network may deliver them)
 
 Usage it reports: prompt tokens = ceil(UTF-8 bytes of the messages / 4), completion tokens =
 min(the request's output cap, 12). `GET /_mock/requests` lists what it received (for tests).
@@ -608,9 +610,14 @@ class MockProvider:
         h.end_headers()
 
         def send(data: str) -> None:
-            chunk = data.encode()
-            h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-            h.wfile.flush()
+            encoded = data.encode()
+            size = 7 if scenario == "fragmented" else len(encoded)
+            for at in range(0, len(encoded), size):
+                chunk = encoded[at:at + size]
+                h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                h.wfile.flush()
+                if size < len(encoded):
+                    time.sleep(0.001)  # a piece a read
 
         words = WORDS[:c_tokens]
         if anthropic:

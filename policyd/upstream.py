@@ -2,8 +2,9 @@
 
 An allowed request leaves for its provider without the customer's key: it is removed, and the
 chosen provider account's credential is set in its place; the route header names the Envoy
-cluster to send it to, the observer header whether the observer filter reads its response, and (after
-ext_authz) the rewrite header whether the processing filter rewrites its body. Anything else is
+cluster to send it to, the observer header whether the observer filter reads its response, the usage
+header whether the gateway keeps a usage event the client did not ask for from it (policyd/unasked_usage.py),
+and (after ext_authz) the rewrite header whether the processing filter rewrites its body. Anything else is
 answered by Envoy itself (a local reply).
 """
 
@@ -18,6 +19,7 @@ from policyd.providers import ProviderPool
 ROUTE_HEADER = "x-policyd-route"
 OBSERVER_HEADER = "x-policyd-observer"
 REWRITE_HEADER = "x-policyd-rewrite"  # ext_authz: whether the processing filter rewrites the body
+UNASKED_USAGE_HEADER = "x-policyd-unasked-usage"  # strip: the stream's usage event is kept from the client
 # on the gateway's own reply when it gave up on the provider (its route or idle timeout: Envoy's UT, SI)
 GATEWAY_TIMEOUT_HEADER = "x-policyd-gateway-timeout"
 
@@ -29,14 +31,17 @@ class UpstreamRequest:
     account: str  # the provider account that pays for it ("" when the route carries its own credential)
 
 
-def upstream_request(decision: Decision, pool: ProviderPool, observed: bool, rewrite: bool | None = None) -> UpstreamRequest:
+def upstream_request(decision: Decision, pool: ProviderPool, observed: bool, rewrite: bool | None = None,
+                     usage_unasked: bool = False) -> UpstreamRequest:
     """`observed`: whether the observer filter reads the response (or the processing filter does);
-    `rewrite`, from ext_authz only: whether the processing filter rewrites the body. Both always set
+    `rewrite`, from ext_authz only: whether the processing filter rewrites the body; `usage_unasked`: a
+    stream whose client did not ask for the usage policyd asks for (HttpCall.usage_unasked). All always set
     here, so what a client sent under these names never decides them (the route drops them upstream)."""
     account = pool.named(decision.provider, decision.account) if decision.account else pool.pick(decision.provider)
     remove = list(http_api.CUSTOMER_KEY_HEADERS)
     route = decision.route
-    headers: list[tuple[str, str]] = [(OBSERVER_HEADER, "read" if observed else "skip")]
+    headers: list[tuple[str, str]] = [(OBSERVER_HEADER, "read" if observed else "skip"),
+                                      (UNASKED_USAGE_HEADER, "strip" if usage_unasked else "pass")]
     if observed:  # the reply as it is, its usage readable (the openai SDK asks for gzip; providers would send it)
         headers.append(("accept-encoding", "identity"))
     if rewrite is not None:

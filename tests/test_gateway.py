@@ -185,22 +185,57 @@ def test_what_a_provider_says_of_the_operators_account_never_reaches_the_client(
 
 
 def test_streamed_chat_is_charged_and_usage_is_always_requested(gateway: Gateway) -> None:
+    """policyd asks every stream for its usage, and keeps the usage event from a client that did not ask
+    for it: every chunk it gets has a choice (the openai quickstart's `chunk.choices[0]` would fail on the
+    usage event's empty choices), while the charge is the usage the provider sent. A client that asks gets it."""
     key = gateway.customer("e2e-stream")
+    messages = [{"role": "user", "content": "stream please"}]
     with gateway.client(key).chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "stream please"}], stream=True) as response:
+            model="gpt-4o-mini", messages=messages, stream=True) as response:
         request_id = response.headers["x-policyd-request-id"]
         chunks = list(response.parse())
-    usage = [c.usage for c in chunks if c.usage]
-    assert len(usage) == 1  # policyd asked for it: the client did not
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert all(len(c.choices) == 1 and c.usage is None for c in chunks)  # policyd asked for it: the client did not
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text.endswith("Done")
+    output = sum(1 for c in chunks if c.choices[0].delta.content)  # the mock's output: a token a chunk
     record = gateway.record(request_id)
     assert record["status"] == "settled" and not record["stream_interrupted"]
-    assert (record["input_tokens"], record["output_tokens"]) == (usage[0].prompt_tokens, usage[0].completion_tokens)
-    assert record["charge_nanos"] == expected_charge("gpt-4o-mini", usage[0].prompt_tokens, usage[0].completion_tokens)
+    assert (record["input_tokens"], record["output_tokens"]) == (prompt_tokens({"messages": messages}), output)
+    assert record["charge_nanos"] == expected_charge("gpt-4o-mini", prompt_tokens({"messages": messages}), output)
     body = [r["body"] for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "stream please"][-1]
     assert body["stream_options"] == {"include_usage": True}
     assert body["max_completion_tokens"] == 1024  # the reserved cap, since the client gave none
+
+    with gateway.client(key).chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "stream, with usage"}], stream=True,
+            stream_options={"include_usage": True}) as response:
+        asked_id = response.headers["x-policyd-request-id"]
+        chunks = list(response.parse())
+    (usage_event,) = [c for c in chunks if c.usage]
+    assert usage_event.choices == []  # as the provider sent it
+    asked = gateway.record(asked_id)
+    assert (asked["status"], asked["input_tokens"], asked["output_tokens"]) == (
+        "settled", usage_event.usage.prompt_tokens, usage_event.usage.completion_tokens)
+    assert asked["charge_nanos"] == expected_charge("gpt-4o-mini", usage_event.usage.prompt_tokens,
+                                                    usage_event.usage.completion_tokens)
+
+    # legacy completions, and a stream that reaches Envoy in small pieces: the same, byte for byte but the event
+    completions = gateway.client(key).completions.create(model="gpt-4o-mini", prompt="legacy stream", stream=True,
+                                                         max_tokens=5)
+    pieces = list(completions)
+    assert pieces and all(len(p.choices) == 1 and p.usage is None for p in pieces)
+    raw = urllib.request.urlopen(urllib.request.Request(
+        f"{gateway.base_url}/chat/completions", method="POST", data=json.dumps(
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "stream in pieces"}], "stream": True,
+             "max_tokens": 6}).encode(),
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json",
+                 "x-mock-scenario": "fragmented"}), timeout=20)
+    with raw:
+        events = raw.read().decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and len(events) == 6 + 1 + 2  # six words, the stop, [DONE]
+    assert all(json.loads(e[len("data: "):])["choices"] for e in events[:-2])
+    pieced = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (pieced["status"], pieced["output_tokens"]) == ("settled", 6)
 
 
 def test_the_observer_and_rewrite_headers_are_policyds_alone(gateway: Gateway) -> None:
@@ -211,6 +246,7 @@ def test_the_observer_and_rewrite_headers_are_policyds_alone(gateway: Gateway) -
     client = gateway.client(key)
     with client.chat.completions.with_streaming_response.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "observe me"}], stream=True,
+            stream_options={"include_usage": True},
             extra_headers={"x-policyd-observer": "skip", "x-policyd-rewrite": "no"}) as response:
         streamed_id = response.headers["x-policyd-request-id"]
         usage = [c.usage for c in response.parse() if c.usage][0]
@@ -307,7 +343,8 @@ def test_azure_openai_clients_are_charged_and_a_downgrade_reaches_the_cheaper_de
     assert (record["status"], record["customer_id"], record["served_model"]) == ("settled", "e2e-azure", "gpt-4o")
     assert record["charge_nanos"] == expected_charge("gpt-4o", usage.prompt_tokens, usage.completion_tokens)
     with client.chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "azure stream"}], stream=True) as response:
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "azure stream"}], stream=True,
+            stream_options={"include_usage": True}) as response:
         streamed_id = response.headers["x-policyd-request-id"]
         streamed_usage = [c.usage for c in response.parse() if c.usage][0]
     streamed = gateway.record(streamed_id)
@@ -367,7 +404,8 @@ def test_a_model_the_provider_names_otherwise_goes_upstream_by_that_name_and_is_
         "settled", "house-fast", "house-fast")
     assert record["charge_nanos"] == charge("house-fast", usage.prompt_tokens, usage.completion_tokens) > 0
     with client.chat.completions.with_streaming_response.create(
-            model="house-fast", messages=[{"role": "user", "content": "house stream"}], stream=True) as response:
+            model="house-fast", messages=[{"role": "user", "content": "house stream"}], stream=True,
+            stream_options={"include_usage": True}) as response:
         streamed_id = response.headers["x-policyd-request-id"]
         streamed_usage = [c.usage for c in response.parse() if c.usage][0]
     streamed = gateway.record(streamed_id)
@@ -630,7 +668,7 @@ def test_geminis_openai_compatible_api_is_metered_as_openais(gateway: Gateway) -
         price_quantity(u.completion_tokens, parse_amount("2.50"))
     with client.chat.completions.with_streaming_response.create(
             model="gemini-2.5-flash", messages=[{"role": "user", "content": "gemini, streamed"}],
-            stream=True) as response:
+            stream=True, stream_options={"include_usage": True}) as response:
         request_id, chunks = response.headers["x-policyd-request-id"], list(response.parse())
     (usage,) = [c.usage for c in chunks if c.usage]
     streamed = gateway.record(request_id)
@@ -1164,7 +1202,8 @@ def test_bodies_are_rewritten_for_every_request_of_a_crowd(gateway: Gateway) -> 
     def one(i: int) -> str:
         with client.chat.completions.with_streaming_response.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": f"crowd {i}"}], stream=True) as response:
-            assert any(chunk.usage for chunk in response.parse())  # asked for by policyd, not by the client
+            # asked for by policyd, not by the client, and kept from it: every chunk has its choice
+            assert all(chunk.choices and chunk.usage is None for chunk in response.parse())
             return response.headers["x-policyd-request-id"]
 
     with ThreadPoolExecutor(max_workers=32) as pool:

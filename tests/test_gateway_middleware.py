@@ -22,7 +22,7 @@ import grpc
 import openai
 import pytest
 
-from policyd.mock_provider import MockProvider
+from policyd.mock_provider import MockProvider, prompt_tokens
 from policyd.money import parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import ROOT
@@ -128,19 +128,33 @@ def test_a_reply_in_gzip_is_read_and_passed_on_as_sent(gateway: ExampleGateway) 
 
 
 def test_a_stream_is_charged_from_the_usage_policyd_asked_for(gateway: ExampleGateway) -> None:
+    """The middleware asks every stream for its usage, charges it, and keeps the usage event from a client
+    that did not ask (every chunk it gets has a choice); a client that asks gets it as sent."""
     key = gateway.customer("mw-stream")
+    messages = [{"role": "user", "content": "middleware stream"}]
     with gateway.client(key).chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "middleware stream"}], stream=True) as response:
+            model="gpt-4o-mini", messages=messages, stream=True,
+            extra_headers={"x-mock-scenario": "fragmented"}) as response:  # its events in pieces
         request_id = response.headers["x-policyd-request-id"]
         chunks = list(response.parse())
-    usage = [c.usage for c in chunks if c.usage]
-    assert len(usage) == 1  # the client did not ask for usage: the middleware did
+    assert all(len(c.choices) == 1 and c.usage is None for c in chunks)  # the client did not ask: the middleware did
+    output = sum(1 for c in chunks if c.choices[0].delta.content)  # the mock's output: a token a chunk
     record = gateway.record(request_id)
     assert record["status"] == "settled" and not record["stream_interrupted"]
-    assert record["charge_nanos"] == expected_charge("gpt-4o-mini", usage[0].prompt_tokens, usage[0].completion_tokens)
+    assert (record["input_tokens"], record["output_tokens"]) == (prompt_tokens({"messages": messages}), output)
+    assert record["charge_nanos"] == expected_charge("gpt-4o-mini", prompt_tokens({"messages": messages}), output)
     (sent,) = gateway.received("middleware stream")
     assert sent["body"]["stream_options"] == {"include_usage": True}
     assert sent["body"]["max_completion_tokens"] == 1024  # the reserved cap, since the client gave none
+
+    with gateway.client(key).chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "middleware stream, asked"}], stream=True,
+            stream_options={"include_usage": True}) as response:
+        asked_id = response.headers["x-policyd-request-id"]
+        chunks = list(response.parse())
+    (usage_event,) = [c for c in chunks if c.usage]
+    assert usage_event.choices == []
+    assert gateway.record(asked_id)["output_tokens"] == usage_event.usage.completion_tokens
 
 
 def test_denials_raise_the_sdk_exceptions_and_never_reach_the_provider(gateway: ExampleGateway) -> None:

@@ -88,7 +88,8 @@ def test_a_request_decided_on_one_replica_is_settled_exactly_on_another(replicas
     charges: dict[str, int] = {}
     for i in range(6):
         with client.chat.completions.with_streaming_response.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": f"stream {i}"}], stream=True) as response:
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"stream {i}"}], stream=True,
+                stream_options={"include_usage": True}) as response:
             request_id = response.headers["x-policyd-request-id"]
             usage = [c.usage for c in response.parse() if c.usage][0]
         charges[request_id] = expected_charge("gpt-4o-mini", usage.prompt_tokens, usage.completion_tokens)
