@@ -163,6 +163,8 @@ class Decision:
     requested_model: str = ""
     served_model: str = ""
     upstream_model: str = ""  # the served model as the provider names it (its upstream_model, else its name)
+    # where a chat completion's output cap goes for the served model's provider ("" = max_completion_tokens)
+    output_cap_field: str = ""
     provider: str = ""
     route: str = ""
     policy_version: int = 0

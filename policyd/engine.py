@@ -128,6 +128,11 @@ def _not_found(stored_id: str) -> str:
     return "file_not_found" if stored_id.startswith(FILE_ID_PREFIX) else "response_not_found"
 
 
+def _cap_field(price: ModelPrice | None) -> str:
+    """Decision.output_cap_field: "" for OpenAI's max_completion_tokens, else the field the provider reads."""
+    return "" if price is None or price.output_cap_field == "max_completion_tokens" else price.output_cap_field
+
+
 def _image_model_named(policy: Policy | None, shape: Shape) -> str:
     """The model the request's image_generation tool is to name (Decision.image_model): the plan's, for a tool
     naming none; the tool's own as the provider knows it, when the price table names it otherwise; else ""."""
@@ -360,6 +365,7 @@ class Engine:
         common = dict(
             request_id=request_id, owner=owner, requested_model=request.model, served_model=reserve.served_model,
             upstream_model=policy.upstream_name(reserve.served_model) if policy else reserve.served_model,
+            output_cap_field=_cap_field(reserve.price),
             provider=reserve.price.provider, route=reserve.price.upstream,
             policy_version=policy.version if policy else 0,
             price_table_version=policy.document.price_table.version if policy else "",
@@ -379,6 +385,7 @@ class Engine:
                 image_model=_image_model_named(policy, request.shape),
                 **{**common, "served_model": first["served_model"], "provider": first["provider"],
                    "upstream_model": policy.upstream_name(first["served_model"]) if policy else first["served_model"],
+                   "output_cap_field": _cap_field(policy.model(first["served_model"]) if policy else None),
                    "route": first["upstream"], "policy_version": first["policy_version"],
                    "price_table_version": first["price_table_version"]},
             )

@@ -1002,13 +1002,15 @@ def error_body(error_type: str, code: str, message: str, param: str = "") -> byt
 def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstream_model: str, requested_model: str,
                  output_cap: int, client_gave_cap: bool, stream: bool,
                  model_in_path: bool = False, tool_call_cap: int = 0,
-                 image_model: str = "") -> dict[str, Any] | MultipartForm | None:
+                 image_model: str = "", output_cap_field: str = "") -> dict[str, Any] | MultipartForm | None:
     """The request body policy requires, or None when it stays as it is.
 
     - the served model as the provider names it (`upstream_model`), where it is not the model the request
       names: a downgrade, a fallback, a model the price table names otherwise (not where the path names the
       model: Gemini, an Azure deployment);
-    - the reserved output cap when the client sent none;
+    - the reserved output cap when the client sent none, where the provider reads it (a chat completion's
+      `output_cap_field`: max_completion_tokens, or max_tokens for providers that read only it, to which a
+      client's max_completion_tokens is moved, since such a provider would ignore it);
     - the reserved bound of search tools the client left unbounded (`tool_call_cap`): the Responses API's
       max_tool_calls, max_uses of each Anthropic web search tool without one;
     - the image model the image_generation tool is to name (`image_model`: the plan's default for a tool
@@ -1024,9 +1026,14 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
     if renamed and endpoint != "gemini_generate_content":
         body["model"] = upstream_model
         changed = True
+    if output_cap and endpoint == "chat_completions" and output_cap_field == "max_tokens" and client_gave_cap \
+            and body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
+        del body["max_completion_tokens"]  # a field this provider ignores: its cap moves where it reads one
+        body["max_tokens"] = output_cap
+        changed = True
     if output_cap and not client_gave_cap:
         if endpoint == "chat_completions":
-            body["max_completion_tokens"] = output_cap
+            body[output_cap_field or "max_completion_tokens"] = output_cap
         elif endpoint == "completions":
             body["max_tokens"] = output_cap
         elif endpoint == "responses":

@@ -201,6 +201,10 @@ class ModelPrice(Prices):
     # see, a dated snapshot, an Azure deployment): requests for this model go upstream with it in their
     # body or path; records, limits and reports keep the table's name ("" = the table's name)
     upstream_model: str = Field("", max_length=256, pattern=r"^[^\s]*$")
+    # where a chat completion's output cap goes for the model's provider: OpenAI's max_completion_tokens, or
+    # max_tokens for OpenAI-compatible providers that read only it (Mistral, DeepSeek, Together, Ollama, ...):
+    # a cap in a field the provider ignores bounds nothing, and the reservation would not hold
+    output_cap_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
     # the most input tokens one request can carry (0 = not given): bounds a strict plan's reservation,
     # and is the bound of input a request only refers to (a previous response, a file, an image URL)
     context_window: int = Field(0, ge=0, le=QUANTITY_MAX)

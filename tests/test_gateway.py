@@ -437,6 +437,21 @@ def test_a_model_the_provider_names_otherwise_goes_upstream_by_that_name_and_is_
     assert sent["house azure"]["path"] == f"/openai/deployments/eu-prod-4o/chat/completions?api-version={AZURE_API_VERSION}"
 
 
+def test_a_chat_completions_cap_reaches_a_provider_that_reads_max_tokens_alone(gateway: Gateway) -> None:
+    """An OpenAI-compatible server that reads a chat completion's cap as max_tokens alone (the model's
+    output_cap_field): policyd's cap, and a client's max_completion_tokens (which the server would ignore,
+    leaving the output unbounded past what was held), go to it as max_tokens."""
+    client = gateway.client(gateway.customer("e2e-compat", plan="house"))
+    for content, extra in (("compat uncapped", {}), ("compat capped", {"max_completion_tokens": 7})):
+        raw = client.chat.completions.with_raw_response.create(
+            model="house-compat", messages=[{"role": "user", "content": content}], **extra)
+        record = gateway.record(raw.headers["x-policyd-request-id"])
+        (sent,) = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == content]
+        assert "max_completion_tokens" not in sent["body"]
+        assert sent["body"]["max_tokens"] == record["max_output_tokens"] == (7 if extra else 1024)
+        assert (record["status"], record["output_tokens"]) == ("settled", raw.parse().usage.completion_tokens)
+
+
 def test_text_to_speech_is_charged_by_the_characters_sent(gateway: Gateway) -> None:
     """/v1/audio/speech answers with audio and no usage; the provider bills the characters of `input`, which
     policyd counts from the request: reserved and charged exactly, the audio passed over unread."""

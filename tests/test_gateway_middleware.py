@@ -622,6 +622,16 @@ def test_models_the_provider_names_otherwise_reach_it_by_that_name_over_the_nati
     assert record["cost_nanos"] >= price_quantity(record["image_generation_output_tokens"], parse_amount("40.00")) > 0
 
 
+def test_a_chat_completions_cap_reaches_a_provider_that_reads_max_tokens_alone(gateway: ExampleGateway) -> None:
+    """AuthorizeResponse.output_cap_field: the middleware writes the cap where the provider reads it."""
+    client = gateway.client(gateway.customer("mw-compat", plan="house"))
+    raw = client.chat.completions.with_raw_response.create(
+        model="house-compat", messages=[{"role": "user", "content": "mw compat"}], max_completion_tokens=6)
+    (sent,) = gateway.received("mw compat")
+    assert "max_completion_tokens" not in sent["body"] and sent["body"]["max_tokens"] == 6
+    assert gateway.record(raw.headers["x-policyd-request-id"])["output_tokens"] == raw.parse().usage.completion_tokens
+
+
 def test_a_code_interpreter_container_is_charged_over_the_native_api(gateway: ExampleGateway) -> None:
     """RequestShape.containers / container_memory and Usage.containers: the container is held and charged."""
     key = gateway.customer("mw-containers")

@@ -76,6 +76,7 @@ async def test_full_flow_over_grpc(channel: grpc.aio.Channel) -> None:
         shape=policy_pb2.RequestShape(prompt_bytes=400, message_count=2, max_output_tokens=100)))
     assert decision.decision == policy_pb2.ALLOW
     assert (decision.served_model, decision.upstream_model) == ("gpt-4o", "gpt-4o")  # the provider's name too
+    assert decision.output_cap_field == "max_completion_tokens"
     assert decision.owner.customer_id == "acme" and decision.policy_version == 1
     assert decision.reserved.currency == "USD" and decision.reserved.nanos > 0
     settled = await policy.Settle(policy_pb2.SettleRequest(request_id="g1", usage=policy_pb2.Usage(

@@ -451,6 +451,22 @@ def test_rewrites() -> None:
     assert rewrite_body({"model": "m"}, "responses", "m", "m", 64, False, False)["max_output_tokens"] == 64
 
 
+def test_a_chat_completions_cap_goes_where_the_provider_reads_it() -> None:
+    """A model whose provider reads only max_tokens (output_cap_field): policyd's cap is written there, and
+    a client's max_completion_tokens, which that provider would ignore (leaving the output unbounded and
+    the reservation short), is moved there; a client's max_tokens stays. OpenAI's default is untouched."""
+    def rewrite(body: dict, cap: int, gave: bool, field: str = "max_tokens") -> dict | None:
+        return rewrite_body({"model": "m", "messages": [], **body}, "chat_completions", "m", "m", cap, gave, False,
+                            output_cap_field=field)
+    assert rewrite({}, 1024, False) == {"model": "m", "messages": [], "max_tokens": 1024}
+    assert rewrite({"max_completion_tokens": 50}, 50, True) == {"model": "m", "messages": [], "max_tokens": 50}
+    assert rewrite({"max_tokens": 50}, 50, True) is None
+    assert rewrite({"max_tokens": 50, "max_completion_tokens": 70}, 70, True) is None  # both: it reads its own
+    assert rewrite({}, 1024, False, "max_completion_tokens") == {"model": "m", "messages": [],
+                                                                 "max_completion_tokens": 1024}
+    assert rewrite({"max_tokens": 50}, 50, True, "") is None  # OpenAI reads either
+
+
 def _sse(*events: object) -> bytes:
     return b"".join(b"data: " + (e if isinstance(e, bytes) else json.dumps(e).encode()) + b"\n\n" for e in events)
 

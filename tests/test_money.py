@@ -1462,6 +1462,7 @@ ALIASED = SAMPLE_POLICY.replace("    gpt-4o-mini:\n", """\
       provider: openai
       tier: low-cost
       upstream_model: gpt-4o-mini-2024-07-18
+      output_cap_field: max_tokens
       input: "0.30"
       output: "1.20"
     gpt-4o-mini:
@@ -1480,10 +1481,12 @@ async def test_a_model_the_provider_names_otherwise_is_sent_by_that_name_and_cha
     d = await service.engine.authorize(ask(secret, model="house-fast", request_id="alias-1"))
     assert (d.decision, d.requested_model, d.served_model, d.upstream_model) == (
         "allow", "house-fast", "house-fast", "gpt-4o-mini-2024-07-18")
+    assert d.output_cap_field == "max_tokens"  # its provider reads a chat completion's cap there
     plain = await service.engine.authorize(ask(secret, model="gpt-4o-mini", request_id="alias-plain"))
-    assert (plain.served_model, plain.upstream_model) == ("gpt-4o-mini", "gpt-4o-mini")
+    assert (plain.served_model, plain.upstream_model, plain.output_cap_field) == ("gpt-4o-mini", "gpt-4o-mini", "")
     retried = await service.engine.authorize(ask(secret, model="house-fast", request_id="alias-1"))
     assert (retried.served_model, retried.upstream_model) == ("house-fast", "gpt-4o-mini-2024-07-18")
+    assert retried.output_cap_field == "max_tokens"
 
     s = await service.engine.settle(usage("alias-1", input_tokens=1000, output_tokens=100,
                                           served_model="gpt-4o-mini-2024-07-18"))
@@ -1502,6 +1505,9 @@ async def test_a_model_the_provider_names_otherwise_is_sent_by_that_name_and_cha
     assert (down.decision, down.served_model, down.upstream_model) == (
         "downgrade", "house-fast", "gpt-4o-mini-2024-07-18")
 
+    with pytest.raises(PolicydError, match="output_cap_field"):  # the fields chat completions have
+        await service.admin.apply_policy(ALIASED.replace("output_cap_field: max_tokens", "output_cap_field: tokens"),
+                                         "bad-field.yaml")
     with pytest.raises(PolicydError, match="upstream_model"):  # one name, no spaces
         await service.admin.apply_policy(ALIASED.replace("upstream_model: gpt-4o-mini-2024-07-18",
                                                          "upstream_model: 'gpt 4o'"), "bad.yaml")

@@ -101,6 +101,9 @@ export interface Decision {
   /** The served model as the provider names it: send it upstream (in the body, or the path where the path
    *  names the model) when it differs from the model the request names. Records keep servedModel. */
   upstreamModel: string;
+  /** Where a chat completion's output cap goes for the served model's provider: "max_completion_tokens"
+   *  (OpenAI's), or "max_tokens" for providers that read only it. */
+  outputCapField: string;
   route: string;
   maxOutputTokens: number;
   /** > 0: the bound of the request's unbounded search tools the reservation covers: set it in the request
@@ -204,6 +207,7 @@ export class PolicyClient {
     return {
       allowed: decision !== "deny", decision, reason: r.reason, message: r.message, httpStatus: r.httpStatus,
       requestId: r.requestId, servedModel: r.servedModel, upstreamModel: r.upstreamModel || r.servedModel,
+      outputCapField: r.outputCapField || "max_completion_tokens",
       route: r.route,
       maxOutputTokens: Number(r.maxOutputTokens), maxToolCalls: Number(r.maxToolCalls ?? 0), reservedNanos: BigInt(r.reserved?.nanos ?? "0"),
       retryAfterSeconds: Number(r.retryAfterSeconds), response: r,

@@ -32,6 +32,7 @@ test("authorize then settle charges exactly once, in integer nanos", async () =>
     assert.equal(d.decision, "allow");
     assert.equal(d.servedModel, "gpt-4o-mini");
     assert.equal(d.upstreamModel, "gpt-4o-mini");
+    assert.equal(d.outputCapField, "max_completion_tokens");
     assert.ok(d.reservedNanos > 0n);
     const s = await policy.settle("node-1", { inputTokens: 120, outputTokens: 40 });
     assert.equal(s.outcome, "settled");

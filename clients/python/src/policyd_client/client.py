@@ -86,6 +86,13 @@ class Decision:
         path where the path names the model) when it differs from the model the request names."""
         return str(self.response.upstream_model or self.served_model) if self.response is not None else self.served_model
 
+    @property
+    def output_cap_field(self) -> str:
+        """Where a chat completion's output cap goes for the served model's provider: max_completion_tokens
+        (OpenAI's), or max_tokens for providers that read only it."""
+        return str(self.response.output_cap_field or "max_completion_tokens") if self.response is not None \
+            else "max_completion_tokens"
+
     def error_body(self) -> bytes:
         e = self.response.error
         return json.dumps({"error": {"type": e.type, "code": e.code, "message": e.message,
