@@ -194,7 +194,8 @@ class PolicydMiddleware:
                 response_headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                                     for k, v in message.get("headers", [])}
                 exchange.reader.encoded_as(response_headers.get("content-encoding", ""))
-                if call.usage_unasked and response_headers.get("content-type", "").startswith("text/event-stream"):
+                if call.usage_unasked and response_headers.get("content-type", "").startswith("text/event-stream") \
+                        and response_headers.get("content-encoding", "identity") == "identity":  # else unseen: as sent
                     unasked = UnaskedUsage()
                 kept = [(k, v) for k, v in message.get("headers", []) if k.decode("latin-1").lower() not in ACCOUNT_HEADERS]
                 if exchange.status in http_api.CREDENTIAL_REFUSALS:  # the operator's credentials, not the customer's

@@ -10,8 +10,8 @@ Scenarios, by the request header `x-mock-scenario`:
     cut (a stream that stops mid-way without usage) | no_usage (a reply without usage) |
     slow (a stream with 200 ms between events, for clients that hang up mid-way) |
     error_midway (an Anthropic stream that ends with an error event and no message_delta) |
-    gzip (a JSON reply compressed whatever the request accepts; it is compressed anyway when the request
-    accepts gzip, as providers do) |
+    gzip (a JSON reply, or a chat or text completion stream, compressed whatever the request accepts; a JSON
+    reply is compressed anyway when the request accepts gzip, as providers do) |
     fragmented (a chat or text completion stream written a few bytes at a time: its events split across
     reads, as a network may deliver them)
 
@@ -29,6 +29,7 @@ import re
 import sys
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -603,14 +604,20 @@ class MockProvider:
 
     def _stream(self, h: Any, body: dict[str, Any], model: str, p_tokens: int, c_tokens: int, scenario: str,
                 anthropic: bool, legacy: bool = False) -> None:
+        # scenario gzip: a chat or text completion stream compressed whatever the request accepts
+        compressor = zlib.compressobj(wbits=31) if scenario == "gzip" and not anthropic else None
         h.send_response(200)
         h.send_header("content-type", "text/event-stream")
         h.send_header("cache-control", "no-cache")
         h.send_header("transfer-encoding", "chunked")
+        if compressor is not None:
+            h.send_header("content-encoding", "gzip")
         h.end_headers()
 
         def send(data: str) -> None:
             encoded = data.encode()
+            if compressor is not None:
+                encoded = compressor.compress(encoded) + compressor.flush(zlib.Z_SYNC_FLUSH)
             size = 7 if scenario == "fragmented" else len(encoded)
             for at in range(0, len(encoded), size):
                 chunk = encoded[at:at + size]
@@ -667,4 +674,7 @@ class MockProvider:
                                "total_tokens": p_tokens + c_tokens}}
             send(f"data: {json.dumps(usage)}\n\n")
         send("data: [DONE]\n\n")
+        if compressor is not None:
+            rest = compressor.flush()
+            h.wfile.write(f"{len(rest):x}\r\n".encode() + rest + b"\r\n")
         h.wfile.write(b"0\r\n\r\n")

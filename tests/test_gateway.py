@@ -237,6 +237,19 @@ def test_streamed_chat_is_charged_and_usage_is_always_requested(gateway: Gateway
     pieced = gateway.record(raw.headers["x-policyd-request-id"])
     assert (pieced["status"], pieced["output_tokens"]) == ("settled", 6)
 
+    # a stream the provider compresses anyway: its events cannot be seen on the way, so it passes whole
+    # (usage event included), and is charged from its usage, read decoded
+    with gateway.client(key).chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "stream, compressed"}], stream=True,
+            extra_headers={"x-mock-scenario": "gzip"}) as response:
+        assert response.headers["content-encoding"] == "gzip"
+        compressed_id = response.headers["x-policyd-request-id"]
+        chunks = list(response.parse())
+    (usage_event,) = [c for c in chunks if c.usage]
+    compressed = gateway.record(compressed_id)
+    assert (compressed["status"], compressed["error_class"], compressed["output_tokens"]) == (
+        "settled", "", usage_event.usage.completion_tokens)
+
 
 def test_the_observer_and_rewrite_headers_are_policyds_alone(gateway: Gateway) -> None:
     """A client cannot choose who reads its response, nor skip the body rewrite: a stream claiming

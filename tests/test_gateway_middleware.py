@@ -156,6 +156,14 @@ def test_a_stream_is_charged_from_the_usage_policyd_asked_for(gateway: ExampleGa
     assert usage_event.choices == []
     assert gateway.record(asked_id)["output_tokens"] == usage_event.usage.completion_tokens
 
+    with gateway.client(key).chat.completions.with_streaming_response.create(  # compressed: passes as sent
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "middleware stream, compressed"}], stream=True,
+            extra_headers={"x-mock-scenario": "gzip"}) as response:
+        compressed_id = response.headers["x-policyd-request-id"]
+        chunks = list(response.parse())
+    (usage_event,) = [c for c in chunks if c.usage]
+    assert gateway.record(compressed_id)["output_tokens"] == usage_event.usage.completion_tokens
+
 
 def test_denials_raise_the_sdk_exceptions_and_never_reach_the_provider(gateway: ExampleGateway) -> None:
     before = len(gateway.mock.received())

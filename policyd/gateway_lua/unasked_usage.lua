@@ -27,8 +27,11 @@ end
 
 function envoy_on_response(handle)
   if not marked(handle) then return end
-  local content_type = handle:headers():get("content-type") or ""
-  if content_type:find("text/event-stream", 1, true) == nil then return end
+  local headers = handle:headers()
+  local content_type = headers:get("content-type") or ""
+  local encoding = headers:get("content-encoding") or "identity"
+  -- a stream compressed anyway (policyd asks for it as it is) passes as sent: its events cannot be seen
+  if content_type:find("text/event-stream", 1, true) == nil or encoding ~= "identity" then return end
   local pending = ""
   for chunk in handle:bodyChunks() do
     local data = pending .. chunk:getBytes(0, chunk:length())
