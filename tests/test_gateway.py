@@ -408,11 +408,14 @@ def test_a_model_the_provider_names_otherwise_goes_upstream_by_that_name_and_is_
         price_in, price_out = house_fast[model]
         return price_quantity(prompt, parse_amount(price_in)) + price_quantity(completion, parse_amount(price_out))
 
+    def asked(client: Any, model: str, content: str) -> tuple[dict[str, Any], Any]:
+        """The record of one chat completion, and the usage its reply reported."""
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": content}], max_tokens=8)
+        return gateway.record(raw.headers["x-policyd-request-id"]), raw.parse().usage
+
     client = gateway.client(gateway.customer("e2e-house", plan="house"))
-    raw = client.chat.completions.with_raw_response.create(
-        model="house-fast", messages=[{"role": "user", "content": "house plain"}], max_tokens=8)
-    usage = raw.parse().usage
-    record = gateway.record(raw.headers["x-policyd-request-id"])
+    record, usage = asked(client, "house-fast", "house plain")
     assert (record["status"], record["requested_model"], record["served_model"]) == (
         "settled", "house-fast", "house-fast")
     assert record["charge_nanos"] == charge("house-fast", usage.prompt_tokens, usage.completion_tokens) > 0
@@ -425,19 +428,13 @@ def test_a_model_the_provider_names_otherwise_goes_upstream_by_that_name_and_is_
     assert (streamed["status"], streamed["served_model"], streamed["charge_nanos"]) == (
         "settled", "house-fast", charge("house-fast", streamed_usage.prompt_tokens, streamed_usage.completion_tokens))
 
-    azure = gateway.azure_client(gateway.customer("e2e-house-azure", plan="house"))
-    raw = azure.chat.completions.with_raw_response.create(
-        model="house-eu", messages=[{"role": "user", "content": "house azure"}], max_tokens=8)
-    usage = raw.parse().usage
-    record = gateway.record(raw.headers["x-policyd-request-id"])
+    record, usage = asked(gateway.azure_client(gateway.customer("e2e-house-azure", plan="house")), "house-eu",
+                          "house azure")
     assert (record["status"], record["served_model"], record["charge_nanos"]) == (
         "settled", "house-eu", charge("house-eu", usage.prompt_tokens, usage.completion_tokens))
 
-    thrifty = gateway.client(gateway.customer("e2e-house-thrifty", plan="house-thrifty"))
-    raw = thrifty.chat.completions.with_raw_response.create(
-        model="gpt-4o", messages=[{"role": "user", "content": "house downgrade"}], max_tokens=8)
-    usage = raw.parse().usage
-    downgraded = gateway.record(raw.headers["x-policyd-request-id"])
+    downgraded, usage = asked(gateway.client(gateway.customer("e2e-house-thrifty", plan="house-thrifty")), "gpt-4o",
+                              "house downgrade")
     assert (downgraded["decision"], downgraded["requested_model"], downgraded["served_model"]) == (
         "downgrade", "gpt-4o", "house-fast")
     assert downgraded["charge_nanos"] == charge("house-fast", usage.prompt_tokens, usage.completion_tokens)
