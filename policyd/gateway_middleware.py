@@ -53,7 +53,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ACCOUNT_HEADERS = frozenset(http_api.PROVIDER_ACCOUNT_HEADERS)
-STRIPPED_HEADERS = frozenset({*http_api.CUSTOMER_KEY_HEADERS, "content-length", http_api.REQUEST_ID_HEADER,
+STRIPPED_HEADERS = frozenset({*http_api.CUSTOMER_KEY_HEADERS, *http_api.ACCOUNT_REQUEST_HEADERS, "content-length",
+                              http_api.REQUEST_ID_HEADER,
                               "x-policyd-served-model", "x-policyd-route", "accept-encoding"})
 
 

@@ -139,6 +139,10 @@ REQUEST_ID_HEADER = "x-policyd-request-id"  # the request id policyd sends back 
 REQUEST_ID_HEADERS = (REQUEST_ID_HEADER, "idempotency-key", "x-request-id")
 TAG_HEADER_PREFIX = "x-policyd-tag-"
 CUSTOMER_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")  # api-key: Azure OpenAI's
+# The OpenAI organization and project a request names (the openai SDK sends them from OPENAI_ORG_ID and
+# OPENAI_PROJECT_ID): the client's own account, which the operator's key does not belong to (OpenAI refuses
+# it: 401 mismatched_organization). Never sent upstream; an account's own are set from its configuration.
+ACCOUNT_REQUEST_HEADERS = ("openai-organization", "openai-project")
 # What a provider's reply says of the operator's account, not of the customer's: its organization and project,
 # and the account's own rate limits (the customer's are policyd's). Taken out before the reply reaches the client.
 PROVIDER_ACCOUNT_HEADERS = (

@@ -201,7 +201,9 @@ class MockProvider:
                                   "credentials": {k: h.headers[k] for k in CREDENTIAL_HEADERS if h.headers.get(k)},
                                   "policyd_headers": sorted(k.lower() for k in h.headers if k.lower().startswith("x-policyd-")),
                                   "content_length": h.headers.get("content-length"), "bytes": len(raw),
-                                  "accept_encoding": h.headers.get("accept-encoding", "")})
+                                  "accept_encoding": h.headers.get("accept-encoding", ""),
+                                  "openai_account": {k: h.headers[k] for k in ("openai-organization", "openai-project")
+                                                     if h.headers.get(k)}})
         if self.api_keys and auth.removeprefix("Bearer ") not in self.api_keys:
             return h._json(401, {"error": {"type": "invalid_request_error", "code": "invalid_api_key",
                                            "message": "the mock provider did not get its own key"}})

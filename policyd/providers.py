@@ -16,6 +16,11 @@ and shown; secrets are not):
         provider: azure            # Azure OpenAI: the key goes as `api-key` (or set auth: bearer, ...)
         cluster: azure-east
         api_key_env: AZURE_KEY_EAST
+      - name: openai-research
+        provider: openai
+        api_key_env: OPENAI_KEY_3
+        organization: org-...      # sent as OpenAI-Organization / OpenAI-Project with this account's
+        project: proj_...          # requests (a client's own are never sent: they name its account)
 
 Requests are spread across the accounts of a provider; an account that answered 429 or 5xx
 cools down (its retry-after, else COOLDOWN_SECONDS_DEFAULT) and the next requests use the next.
@@ -50,6 +55,8 @@ class AccountConfig(BaseModel):
     api_key_env: str = ""
     auth: Literal["bearer", "x-api-key", "x-goog-api-key", "api-key", ""] = ""
     provider_key_id: str = ""  # the provider's own id of this key (in its cost exports), for reconciliation
+    organization: str = Field("", max_length=256)  # OpenAI's: the organization and project the key bills to
+    project: str = Field("", max_length=256)
 
 
 class ProvidersFile(BaseModel):
@@ -67,10 +74,17 @@ class Account:
     secret: str = field(repr=False)
     cooling_until_seconds: float = 0.0  # time.monotonic() seconds, not money
     provider_key_id: str = ""
+    organization: str = ""
+    project: str = ""
 
     def credential_header(self) -> tuple[str, str]:
         header = AUTH_HEADERS[self.auth]
         return header, (f"Bearer {self.secret}" if header == "authorization" else self.secret)
+
+    def account_headers(self) -> list[tuple[str, str]]:
+        """The OpenAI organization and project this account's requests bill to, where configured."""
+        named = (("openai-organization", self.organization), ("openai-project", self.project))
+        return [(name, value) for name, value in named if value]
 
 
 class ProviderPool:
@@ -99,7 +113,8 @@ class ProviderPool:
                 raise SystemExit(f"{path}: account {config.name!r} has no api_key (or {config.api_key_env} is unset)")
             auth = config.auth or DEFAULT_AUTH.get(config.provider, "bearer")
             accounts.append(Account(config.name, config.provider, config.cluster or config.provider, auth, secret,
-                                    provider_key_id=config.provider_key_id))
+                                    provider_key_id=config.provider_key_id, organization=config.organization,
+                                    project=config.project))
         return cls(accounts)
 
     def named(self, provider: str, name: str) -> Account | None:

@@ -1,7 +1,8 @@
 """What policyd tells Envoy to do with a request, whichever filter asks (ext_authz or ext_proc).
 
 An allowed request leaves for its provider without the customer's key: it is removed, and the
-chosen provider account's credential is set in its place; the route header names the Envoy
+chosen provider account's credential is set in its place (with the OpenAI organization and project the
+account bills to, where configured; the ones a client names are its own account's, never sent); the route header names the Envoy
 cluster to send it to, the observer header whether the observer filter reads its response, the usage
 header whether the gateway keeps a usage event the client did not ask for from it (policyd/unasked_usage.py),
 and (after ext_authz) the rewrite header whether the processing filter rewrites its body. Anything else is
@@ -38,7 +39,7 @@ def upstream_request(decision: Decision, pool: ProviderPool, observed: bool, rew
     stream whose client did not ask for the usage policyd asks for (HttpCall.usage_unasked). All always set
     here, so what a client sent under these names never decides them (the route drops them upstream)."""
     account = pool.named(decision.provider, decision.account) if decision.account else pool.pick(decision.provider)
-    remove = list(http_api.CUSTOMER_KEY_HEADERS)
+    remove = [*http_api.CUSTOMER_KEY_HEADERS, *http_api.ACCOUNT_REQUEST_HEADERS]
     route = decision.route
     headers: list[tuple[str, str]] = [(OBSERVER_HEADER, "read" if observed else "skip"),
                                       (UNASKED_USAGE_HEADER, "strip" if usage_unasked else "pass")]
@@ -49,7 +50,8 @@ def upstream_request(decision: Decision, pool: ProviderPool, observed: bool, rew
     if account is not None:
         name, value = account.credential_header()
         headers.append((name, value))
-        remove = [h for h in remove if h != name]
+        headers.extend(account.account_headers())
+        remove = [h for h in remove if h not in {k for k, _ in headers}]
         route = account.cluster
     headers.append((ROUTE_HEADER, route))
     return UpstreamRequest(headers, remove, account.name if account else "")

@@ -44,7 +44,8 @@ def envoy_binary() -> str:
 
 
 PROVIDERS = ("accounts:\n"
-             f"  - {{name: openai-1, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[0]}}}\n"
+             f"  - {{name: openai-1, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[0]},\n"
+             "      organization: org-operator, project: proj_operator}\n"
              f"  - {{name: openai-2, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[1]}}}\n"
              f"  - {{name: anthropic-1, provider: anthropic, cluster: anthropic, api_key: {PROVIDER_KEYS[2]}}}\n"
              f"  - {{name: google-1, provider: google, cluster: google, api_key: {PROVIDER_KEYS[3]}}}\n")
@@ -445,6 +446,27 @@ def test_a_model_the_provider_names_otherwise_goes_upstream_by_that_name_and_is_
     assert sent["house stream"]["body"]["model"] == "gpt-4o-mini-2024-07-18"
     assert sent["house downgrade"]["body"]["model"] == "gpt-4o-mini-2024-07-18"
     assert sent["house azure"]["path"] == f"/openai/deployments/eu-prod-4o/chat/completions?api-version={AZURE_API_VERSION}"
+
+
+def test_the_openai_account_a_client_names_is_never_sent_with_the_operators_key(gateway: Gateway) -> None:
+    """The openai SDK sends OpenAI-Organization and OpenAI-Project from OPENAI_ORG_ID / OPENAI_PROJECT_ID:
+    the client's own account, which the operator's key does not belong to (OpenAI answers 401
+    mismatched_organization, or bills another project of the operator's). They are taken out; an account
+    configured with its own (openai-1) sends those."""
+    key = gateway.customer("e2e-org")
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=key, organization="org-customer",
+                           project="proj_customer", max_retries=0, timeout=20)
+    accounts = set()
+    for i in range(4):  # both accounts, in turn
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": f"whose org {i}?"}], max_tokens=4)
+        record = gateway.record(raw.headers["x-policyd-request-id"])
+        (sent,) = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == f"whose org {i}?"]
+        expected = {"openai-organization": "org-operator", "openai-project": "proj_operator"} \
+            if record["provider_account"] == "openai-1" else {}
+        assert (record["status"], sent["openai_account"]) == ("settled", expected)
+        accounts.add(record["provider_account"])
+    assert accounts == {"openai-1", "openai-2"}
 
 
 def test_a_chat_completions_cap_reaches_a_provider_that_reads_max_tokens_alone(gateway: Gateway) -> None:

@@ -630,6 +630,15 @@ def test_models_the_provider_names_otherwise_reach_it_by_that_name_over_the_nati
     assert record["cost_nanos"] >= price_quantity(record["image_generation_output_tokens"], parse_amount("40.00")) > 0
 
 
+def test_the_openai_account_a_client_names_is_never_sent_with_the_gateways_key(gateway: ExampleGateway) -> None:
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=gateway.customer("mw-org"), organization="org-customer",
+                           project="proj_customer", max_retries=0, timeout=20)
+    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "mw whose org?"}],
+                                   max_tokens=4)
+    (sent,) = gateway.received("mw whose org?")
+    assert sent["openai_account"] == {}
+
+
 def test_a_chat_completions_cap_reaches_a_provider_that_reads_max_tokens_alone(gateway: ExampleGateway) -> None:
     """AuthorizeResponse.output_cap_field: the middleware writes the cap where the provider reads it."""
     client = gateway.client(gateway.customer("mw-compat", plan="house"))
