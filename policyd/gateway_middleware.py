@@ -198,6 +198,8 @@ class PolicydMiddleware:
                 if call.usage_unasked and response_headers.get("content-type", "").startswith("text/event-stream") \
                         and response_headers.get("content-encoding", "identity") == "identity":  # else unseen: as sent
                     unasked = UnaskedUsage()
+                    message = {**message, "headers": [(k, v) for k, v in message.get("headers", [])
+                                                      if k.decode("latin-1").lower() != "content-length"]}
                 kept = [(k, v) for k, v in message.get("headers", []) if k.decode("latin-1").lower() not in ACCOUNT_HEADERS]
                 if exchange.status in http_api.CREDENTIAL_REFUSALS:  # the operator's credentials, not the customer's
                     kept = [(k.encode(), v.encode()) for k, v in refused[1]]

@@ -13,7 +13,8 @@ Scenarios, by the request header `x-mock-scenario`:
     gzip (a JSON reply, or a chat or text completion stream, compressed whatever the request accepts; a JSON
     reply is compressed anyway when the request accepts gzip, as providers do) |
     fragmented (a chat or text completion stream written a few bytes at a time: its events split across
-    reads, as a network may deliver them)
+    reads, as a network may deliver them) | sized (a chat or text completion stream sent whole, with a
+    content-length, as a server that buffers its events does)
 
 Usage it reports: prompt tokens = ceil(UTF-8 bytes of the messages / 4), completion tokens =
 min(the request's output cap, 12). `GET /_mock/requests` lists what it received (for tests).
@@ -608,16 +609,23 @@ class MockProvider:
                 anthropic: bool, legacy: bool = False) -> None:
         # scenario gzip: a chat or text completion stream compressed whatever the request accepts
         compressor = zlib.compressobj(wbits=31) if scenario == "gzip" and not anthropic else None
-        h.send_response(200)
-        h.send_header("content-type", "text/event-stream")
-        h.send_header("cache-control", "no-cache")
-        h.send_header("transfer-encoding", "chunked")
-        if compressor is not None:
-            h.send_header("content-encoding", "gzip")
-        h.end_headers()
+        # scenario sized: a chat or text completion stream sent whole, with its content-length (a server that
+        # buffers its events)
+        sized: list[bytes] | None = [] if scenario == "sized" and not anthropic else None
+        if sized is None:
+            h.send_response(200)
+            h.send_header("content-type", "text/event-stream")
+            h.send_header("cache-control", "no-cache")
+            h.send_header("transfer-encoding", "chunked")
+            if compressor is not None:
+                h.send_header("content-encoding", "gzip")
+            h.end_headers()
 
         def send(data: str) -> None:
             encoded = data.encode()
+            if sized is not None:
+                sized.append(encoded)
+                return
             if compressor is not None:
                 encoded = compressor.compress(encoded) + compressor.flush(zlib.Z_SYNC_FLUSH)
             size = 7 if scenario == "fragmented" else len(encoded)
@@ -676,6 +684,14 @@ class MockProvider:
                                "total_tokens": p_tokens + c_tokens}}
             send(f"data: {json.dumps(usage)}\n\n")
         send("data: [DONE]\n\n")
+        if sized is not None:
+            whole = b"".join(sized)
+            h.send_response(200)
+            h.send_header("content-type", "text/event-stream")
+            h.send_header("content-length", str(len(whole)))
+            h.end_headers()
+            h.wfile.write(whole)
+            return
         if compressor is not None:
             rest = compressor.flush()
             h.wfile.write(f"{len(rest):x}\r\n".encode() + rest + b"\r\n")

@@ -238,6 +238,17 @@ def test_streamed_chat_is_charged_and_usage_is_always_requested(gateway: Gateway
     pieced = gateway.record(raw.headers["x-policyd-request-id"])
     assert (pieced["status"], pieced["output_tokens"]) == ("settled", 6)
 
+    # a stream sent whole with its content-length (a server that buffers its events): the body shrinks,
+    # so it goes to the client without it (with it, the client would wait for bytes that never come)
+    with gateway.client(key).chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "stream, sized"}], stream=True,
+            extra_headers={"x-mock-scenario": "sized"}) as response:
+        assert "content-length" not in response.headers
+        sized_id = response.headers["x-policyd-request-id"]
+        chunks = list(response.parse())
+    assert chunks and all(len(c.choices) == 1 and c.usage is None for c in chunks)
+    assert gateway.record(sized_id)["output_tokens"] == sum(1 for c in chunks if c.choices[0].delta.content)
+
     # a stream the provider compresses anyway: its events cannot be seen on the way, so it passes whole
     # (usage event included), and is charged from its usage, read decoded
     with gateway.client(key).chat.completions.with_streaming_response.create(

@@ -32,6 +32,7 @@ function envoy_on_response(handle)
   local encoding = headers:get("content-encoding") or "identity"
   -- a stream compressed anyway (policyd asks for it as it is) passes as sent: its events cannot be seen
   if content_type:find("text/event-stream", 1, true) == nil or encoding ~= "identity" then return end
+  headers:remove("content-length")  -- the body shrinks: sent chunked (a server that buffers its events gives one)
   local pending = ""
   for chunk in handle:bodyChunks() do
     local data = pending .. chunk:getBytes(0, chunk:length())
