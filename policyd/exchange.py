@@ -108,8 +108,6 @@ class Exchange:
             fields["upstream_model"] = self.upstream_model
         if self.output_cap_field:
             fields["output_cap_field"] = self.output_cap_field
-        if self.usage_unasked:  # read by the gateway's Lua filter (policyd/gateway_lua/unasked_usage.lua)
-            fields["usage_unasked"] = True
         if self.stored:
             fields["stored"] = True
         if self.tool_call_cap:
@@ -147,7 +145,6 @@ class Exchange:
             stream="stream" in fields and fields["stream"].bool_value,
             requested_model=text("requested_model"), served_model=text("served_model"),
             upstream_model=text("upstream_model"),
-            usage_unasked="usage_unasked" in fields and fields["usage_unasked"].bool_value,
             output_cap_field=text("output_cap_field"), output_cap=int(fields["max_output_tokens"].number_value) if "max_output_tokens" in fields else 0,
             client_gave_cap="client_gave_cap" in fields and fields["client_gave_cap"].bool_value,
             account=text("account"),

@@ -50,7 +50,7 @@ from policyd.engine import Engine
 from policyd.exchange import EXT_PROC_NAMESPACE, Exchange
 from policyd.http_api import REQUEST_ID_HEADER
 from policyd.providers import ProviderPool
-from policyd.upstream import GATEWAY_TIMEOUT_HEADER, upstream_request
+from policyd.upstream import GATEWAY_TIMEOUT_HEADER, UNASKED_USAGE_HEADER, upstream_request
 from policyd.usage_capture import closing
 
 log = logging.getLogger("policyd.ext_proc")
@@ -183,6 +183,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     if exchange is not None:
                         if arrival is not None:  # no ext_authz to tell the client its request id and rate limits
                             mutation = ep.HeaderMutation(set_headers=[_header(k, v) for k, v in exchange.reply_headers])
+                            if exchange.usage_unasked:  # for the gateway's Lua filter, which takes it off
+                                mutation.set_headers.append(_header(UNASKED_USAGE_HEADER, "strip"))
                         if observer and exchange.observed:  # the observer filter reads the stream and closes it
                             self._response_began(exchange, request.response_headers)
                             exchange = None

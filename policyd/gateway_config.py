@@ -153,9 +153,11 @@ metadata_options:
 """, stream_seconds), 18))
 
 
-def _unless_header(header: str, value: str, name: str, config: str) -> str:
+def _unless_header(header: str, value: str, name: str, config: str, on_response: bool = False) -> str:
     """`config` (an http filter's typed_config, indented for extension_config) run only for requests whose
-    `header` is `value`: Envoy skips the filter for the rest (a matcher on request headers)."""
+    `header` is `value`: Envoy skips the filter for the rest (a matcher on request headers; on the response's
+    headers with `on_response`, for a filter that acts on the response alone)."""
+    input_type = "HttpResponseHeaderMatchInput" if on_response else "HttpRequestHeaderMatchInput"
     return f"""          - name: {name}
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher
@@ -168,7 +170,7 @@ def _unless_header(header: str, value: str, name: str, config: str) -> str:
                           input:
                             name: {name}-header
                             typed_config:
-                              "@type": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput
+                              "@type": type.googleapis.com/envoy.type.matcher.v3.{input_type}
                               header_name: {header}
                           value_match: {{exact: "{value}"}}
                     on_match:
@@ -263,21 +265,22 @@ def _observer_filter(shape: str, stream_seconds: int) -> str:
 def _unasked_usage_filter(shape: str) -> str:
     """Envoy's Lua filter that keeps a stream's usage event from a client that did not ask for it (policyd
     asks every streamed chat and text completion for its usage; policyd/unasked_usage.py), for the requests
-    the deciding filter marked so in its metadata (`usage_unasked`). Before the processing filter and the
-    observer in the chain, so that on the way back the observer reads the provider's own bytes first, and
-    the processing filter's wait for its answer on the response headers (the ext_proc shape) comes before
-    the script reads the body (after it, Envoy 1.40 cut such streams after their first piece). After
-    ext_authz, which marks the request with a header too, Envoy skips the filter for other requests; in the
-    ext_proc shape, whose decision comes after it, the script runs for every response and reads the mark."""
+    the deciding filter marked so (`x-policyd-unasked-usage: strip`); Envoy skips it for the rest. Before the
+    processing filter and the observer in the chain, so that on the way back the observer reads the
+    provider's own bytes first, and the processing filter's wait for its answer on the response headers
+    (the ext_proc shape) comes before the script reads the body (after it, Envoy 1.40 cut such streams after
+    their first piece). After ext_authz the mark is a request header; in the ext_proc shape, whose decision
+    comes after this filter, the processing filter puts it on the response headers, and the script takes it
+    off (a Lua filter run for every response cost Envoy about 0.1 ms of CPU a request). What a client (or a
+    provider, on its reply) sent under that name is dropped first, so the mark alone decides."""
     source = resources.files("policyd").joinpath("gateway_lua", "unasked_usage.lua").read_text()
     config = f"""\
 "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
 default_source_code:
   inline_string: |
 {_indented(source, 4)}"""
-    if shape == "ext_proc":
-        return "          - name: policyd.unasked_usage\n            typed_config:\n" + _indented(config, 14)
-    return _unless_header(UNASKED_USAGE_HEADER, "strip", "policyd.unasked_usage", _indented(config, 18))
+    return _unless_header(UNASKED_USAGE_HEADER, "strip", "policyd.unasked_usage", _indented(config, 18),
+                          on_response=shape == "ext_proc")
 
 
 def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_host: str = "127.0.0.1",
@@ -344,7 +347,7 @@ static_resources:
                   cluster_header: {ROUTE_HEADER}
                   timeout: {route_timeout_seconds}s
                 request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}, {UNASKED_USAGE_HEADER}]  # policyd's own, not the provider's
-                response_headers_to_remove: [{", ".join(PROVIDER_ACCOUNT_HEADERS)}]  # the operator's account, not the customer's
+                response_headers_to_remove: [{", ".join(PROVIDER_ACCOUNT_HEADERS)}, {UNASKED_USAGE_HEADER}]  # the operator's account; policyd's mark
           local_reply_config:
             mappers:
             - filter:  # the gateway gave up on the provider (its route or idle timeout), which goes on and bills

@@ -194,6 +194,7 @@ def test_streamed_chat_is_charged_and_usage_is_always_requested(gateway: Gateway
     with gateway.client(key).chat.completions.with_streaming_response.create(
             model="gpt-4o-mini", messages=messages, stream=True) as response:
         request_id = response.headers["x-policyd-request-id"]
+        assert "x-policyd-unasked-usage" not in response.headers  # the gateway's own mark, taken off
         chunks = list(response.parse())
     assert all(len(c.choices) == 1 and c.usage is None for c in chunks)  # policyd asked for it: the client did not
     text = "".join(c.choices[0].delta.content or "" for c in chunks)

@@ -2,9 +2,10 @@
 --
 -- policyd asks every streamed chat and text completion for its usage (stream_options.include_usage); the
 -- provider then ends the stream with one more event, its `choices` empty and the usage in it, which a
--- client that did not ask may not expect (`chunk.choices[0]` fails on it). It acts on the responses of
--- requests the deciding filter marked so in its dynamic metadata (usage_unasked: ext_authz's, or the
--- processing ext_proc filter's in namespace policyd); it sits before the observer filter in the chain, so
+-- client that did not ask may not expect (`chunk.choices[0]` fails on it). Envoy runs it only for the
+-- requests the deciding filter marked so (x-policyd-unasked-usage: strip, on the request after ext_authz,
+-- on the response in the ext_proc shape; what a client or provider sent under that name is dropped first;
+-- taken off the response here); it sits before the observer filter in the chain, so
 -- the observer reads the provider's own bytes and this takes the event out after it. Every other byte
 -- passes as sent, in order; an event is held only until its end (a blank line) arrives, and one the stream
 -- never ends is not passed on (an SSE client would not dispatch it either). The same rule as
@@ -16,18 +17,9 @@ end
 
 local BLANKS = {"\r\n\r\n", "\n\n", "\r\r"}
 
-local function marked(handle)
-  local metadata = handle:streamInfo():dynamicMetadata()
-  for _, namespace in ipairs({"envoy.filters.http.ext_authz", "policyd"}) do
-    local decided = metadata:get(namespace)
-    if decided ~= nil and decided["usage_unasked"] then return true end
-  end
-  return false
-end
-
 function envoy_on_response(handle)
-  if not marked(handle) then return end
   local headers = handle:headers()
+  headers:remove("x-policyd-unasked-usage")
   local content_type = headers:get("content-type") or ""
   local encoding = headers:get("content-encoding") or "identity"
   -- a stream compressed anyway (policyd asks for it as it is) passes as sent: its events cannot be seen
