@@ -155,8 +155,9 @@ SETTLER_CLUSTER = """  - name: settler
 
 
 def ext_authz_alone(config: str, settler_port: int) -> str:
-    """The default gateway config without ext_proc, its requests reported by the gRPC access log."""
-    start = config.index("          - name: envoy.filters.http.ext_proc")
+    """The default gateway config without ext_proc (nor the Lua filter before it, which acts on streams whose
+    usage the processing filter asked for), its requests reported by the gRPC access log."""
+    start = config.index("          - name: policyd.unasked_usage")
     config = config[:start] + config[config.index("          - name: envoy.filters.http.router"):]
     config = config.replace("          stat_prefix: gateway\n", "          stat_prefix: gateway\n" + ACCESS_LOG, 1)
     return config + SETTLER_CLUSTER.format(port=settler_port)
