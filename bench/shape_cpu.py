@@ -1,8 +1,8 @@
 """One gateway shape, policyd behind Envoy (real Redis, the writer draining to real PostgreSQL), JSON
 replies (or streams, --stream) at --connections and at one connection: requests/s, latency, and the CPU
-each process (the gateway Envoy's too) spends a request (read from /proc). Short and repeatable, to compare two commits side by side:
-run it from each checkout in turn, several times alternately (the machine's noise moves single
-runs by 10-20%).
+each process (the gateway Envoy's too) spends a request (read from /proc). Short and repeatable, to
+compare two commits side by side: run it from each checkout in turn, several times alternately (the
+machine's noise moves single runs by 10-20%).
 
     python -m bench.shape_cpu [--shape ext_authz+ext_proc] [--seconds 10] [--connections 32] [--stream]
     PYTHONPATH=/path/to/other/checkout python -m bench.shape_cpu ...   # the same, for another commit

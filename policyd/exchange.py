@@ -64,7 +64,8 @@ class Exchange:
         return cls(request_id=decision.request_id, endpoint=call.endpoint, stream=call.stream,
                    requested_model=decision.requested_model, served_model=decision.served_model,
                    upstream_model=decision.upstream_model, usage_unasked=observed and call.usage_unasked,
-                   output_cap_field=decision.output_cap_field, output_cap=decision.max_output_tokens, client_gave_cap=call.keeps_its_cap,
+                   output_cap_field=decision.output_cap_field, output_cap=decision.max_output_tokens,
+                   client_gave_cap=call.keeps_its_cap,
                    account=account, model_in_path=call.model_in_path, input_tokens=call.input_tokens,
                    observed=observed, stored=call.stores_reply, tool_call_cap=decision.max_tool_calls,
                    image_model=decision.image_model)
@@ -144,8 +145,8 @@ class Exchange:
             request_id=request_id, endpoint=text("endpoint"),
             stream="stream" in fields and fields["stream"].bool_value,
             requested_model=text("requested_model"), served_model=text("served_model"),
-            upstream_model=text("upstream_model"),
-            output_cap_field=text("output_cap_field"), output_cap=int(fields["max_output_tokens"].number_value) if "max_output_tokens" in fields else 0,
+            upstream_model=text("upstream_model"), output_cap_field=text("output_cap_field"),
+            output_cap=int(fields["max_output_tokens"].number_value) if "max_output_tokens" in fields else 0,
             client_gave_cap="client_gave_cap" in fields and fields["client_gave_cap"].bool_value,
             account=text("account"),
             # a decision from before the field: Gemini alone named the model in the path
