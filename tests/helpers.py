@@ -46,6 +46,13 @@ def ask(secret: str, model: str = "gpt-4o-mini", request_id: str = "", endpoint:
     )
 
 
+def streamed(client: Any, content: str, model: str = "gpt-4o-mini", **kwargs: Any) -> tuple[Any, list[Any]]:
+    """A streamed chat completion through an openai SDK client: the reply's headers and every chunk."""
+    with client.chat.completions.with_streaming_response.create(
+            model=model, messages=[{"role": "user", "content": content}], stream=True, **kwargs) as response:
+        return response.headers, list(response.parse())
+
+
 def usage(request_id: str, input_tokens: int = 100, output_tokens: int = 50, **extra: object) -> UsageReport:
     return UsageReport(request_id=request_id, input_tokens=input_tokens, output_tokens=output_tokens,
                        **extra)  # type: ignore[arg-type]

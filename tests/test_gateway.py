@@ -26,7 +26,7 @@ from policyd.mock_provider import (ACCOUNT_HEADERS, AUDIO_BYTES_PER_CHARACTER, C
                                    IMAGE_TOKENS, MockProvider, prompt_tokens)
 from policyd.money import format_amount, parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
-from tests.helpers import FundedCustomers, leave_before_the_reply, wav
+from tests.helpers import FundedCustomers, leave_before_the_reply, streamed, wav
 from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
 
@@ -191,11 +191,9 @@ def test_streamed_chat_is_charged_and_usage_is_always_requested(gateway: Gateway
     usage event's empty choices), while the charge is the usage the provider sent. A client that asks gets it."""
     key = gateway.customer("e2e-stream")
     messages = [{"role": "user", "content": "stream please"}]
-    with gateway.client(key).chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=messages, stream=True) as response:
-        request_id = response.headers["x-policyd-request-id"]
-        assert "x-policyd-unasked-usage" not in response.headers  # the gateway's own mark, taken off
-        chunks = list(response.parse())
+    headers, chunks = streamed(gateway.client(key), "stream please")
+    request_id = headers["x-policyd-request-id"]
+    assert "x-policyd-unasked-usage" not in headers  # the gateway's own mark, taken off
     assert all(len(c.choices) == 1 and c.usage is None for c in chunks)  # policyd asked for it: the client did not
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text.endswith("Done")
@@ -208,14 +206,10 @@ def test_streamed_chat_is_charged_and_usage_is_always_requested(gateway: Gateway
     assert body["stream_options"] == {"include_usage": True}
     assert body["max_completion_tokens"] == 1024  # the reserved cap, since the client gave none
 
-    with gateway.client(key).chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "stream, with usage"}], stream=True,
-            stream_options={"include_usage": True}) as response:
-        asked_id = response.headers["x-policyd-request-id"]
-        chunks = list(response.parse())
+    headers, chunks = streamed(gateway.client(key), "stream, with usage", stream_options={"include_usage": True})
     (usage_event,) = [c for c in chunks if c.usage]
     assert usage_event.choices == []  # as the provider sent it
-    asked = gateway.record(asked_id)
+    asked = gateway.record(headers["x-policyd-request-id"])
     assert (asked["status"], asked["input_tokens"], asked["output_tokens"]) == (
         "settled", usage_event.usage.prompt_tokens, usage_event.usage.completion_tokens)
     assert asked["charge_nanos"] == expected_charge("gpt-4o-mini", usage_event.usage.prompt_tokens,
@@ -241,25 +235,17 @@ def test_streamed_chat_is_charged_and_usage_is_always_requested(gateway: Gateway
 
     # a stream sent whole with its content-length (a server that buffers its events): the body shrinks,
     # so it goes to the client without it (with it, the client would wait for bytes that never come)
-    with gateway.client(key).chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "stream, sized"}], stream=True,
-            extra_headers={"x-mock-scenario": "sized"}) as response:
-        assert "content-length" not in response.headers
-        sized_id = response.headers["x-policyd-request-id"]
-        chunks = list(response.parse())
+    headers, chunks = streamed(gateway.client(key), "stream, sized", extra_headers={"x-mock-scenario": "sized"})
+    assert "content-length" not in headers
     assert chunks and all(len(c.choices) == 1 and c.usage is None for c in chunks)
-    assert gateway.record(sized_id)["output_tokens"] == sum(1 for c in chunks if c.choices[0].delta.content)
+    assert gateway.record(headers["x-policyd-request-id"])["output_tokens"] == sum(1 for c in chunks if c.choices[0].delta.content)
 
     # a stream the provider compresses anyway: its events cannot be seen on the way, so it passes whole
     # (usage event included), and is charged from its usage, read decoded
-    with gateway.client(key).chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "stream, compressed"}], stream=True,
-            extra_headers={"x-mock-scenario": "gzip"}) as response:
-        assert response.headers["content-encoding"] == "gzip"
-        compressed_id = response.headers["x-policyd-request-id"]
-        chunks = list(response.parse())
+    headers, chunks = streamed(gateway.client(key), "stream, compressed", extra_headers={"x-mock-scenario": "gzip"})
+    assert headers["content-encoding"] == "gzip"
     (usage_event,) = [c for c in chunks if c.usage]
-    compressed = gateway.record(compressed_id)
+    compressed = gateway.record(headers["x-policyd-request-id"])
     assert (compressed["status"], compressed["error_class"], compressed["output_tokens"]) == (
         "settled", "", usage_event.usage.completion_tokens)
 
@@ -368,13 +354,10 @@ def test_azure_openai_clients_are_charged_and_a_downgrade_reaches_the_cheaper_de
     record = gateway.record(raw.headers["x-policyd-request-id"])
     assert (record["status"], record["customer_id"], record["served_model"]) == ("settled", "e2e-azure", "gpt-4o")
     assert record["charge_nanos"] == expected_charge("gpt-4o", usage.prompt_tokens, usage.completion_tokens)
-    with client.chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "azure stream"}], stream=True,
-            stream_options={"include_usage": True}) as response:
-        streamed_id = response.headers["x-policyd-request-id"]
-        streamed_usage = [c.usage for c in response.parse() if c.usage][0]
-    streamed = gateway.record(streamed_id)
-    assert (streamed["status"], streamed["error_class"], streamed["output_tokens"]) == (
+    headers, chunks = streamed(client, "azure stream", stream_options={"include_usage": True})
+    (streamed_usage,) = [c.usage for c in chunks if c.usage]
+    stream_record = gateway.record(headers["x-policyd-request-id"])
+    assert (stream_record["status"], stream_record["error_class"], stream_record["output_tokens"]) == (
         "settled", "", streamed_usage.completion_tokens)
 
     thrifty = gateway.azure_client(gateway.customer("e2e-azure-thrifty", plan="thrifty"))
@@ -432,13 +415,10 @@ def test_a_model_the_provider_names_otherwise_goes_upstream_by_that_name_and_is_
     assert (record["status"], record["requested_model"], record["served_model"]) == (
         "settled", "house-fast", "house-fast")
     assert record["charge_nanos"] == charge("house-fast", usage.prompt_tokens, usage.completion_tokens) > 0
-    with client.chat.completions.with_streaming_response.create(
-            model="house-fast", messages=[{"role": "user", "content": "house stream"}], stream=True,
-            stream_options={"include_usage": True}) as response:
-        streamed_id = response.headers["x-policyd-request-id"]
-        streamed_usage = [c.usage for c in response.parse() if c.usage][0]
-    streamed = gateway.record(streamed_id)
-    assert (streamed["status"], streamed["served_model"], streamed["charge_nanos"]) == (
+    headers, chunks = streamed(client, "house stream", model="house-fast", stream_options={"include_usage": True})
+    (streamed_usage,) = [c.usage for c in chunks if c.usage]
+    stream_record = gateway.record(headers["x-policyd-request-id"])
+    assert (stream_record["status"], stream_record["served_model"], stream_record["charge_nanos"]) == (
         "settled", "house-fast", charge("house-fast", streamed_usage.prompt_tokens, streamed_usage.completion_tokens))
 
     record, usage = asked(gateway.azure_client(gateway.customer("e2e-house-azure", plan="house")), "house-eu",
@@ -700,8 +680,8 @@ def test_vertex_ais_gemini_and_claude_are_metered_as_their_own_apis(gateway: Gat
     claude = gateway.customer("e2e-vertex-claude")
     message = {"anthropic_version": "vertex-2023-10-16", "max_tokens": 30,
                "messages": [{"role": "user", "content": "claude on vertex"}]}
-    for verb, streamed in ((":rawPredict", False), (":streamRawPredict", True)):
-        request_id, answer = post(claude, f"anthropic/models/claude-sonnet-4{verb}", {**message, "stream": streamed})
+    for verb, stream in ((":rawPredict", False), (":streamRawPredict", True)):
+        request_id, answer = post(claude, f"anthropic/models/claude-sonnet-4{verb}", {**message, "stream": stream})
         record = gateway.record(request_id)
         assert (record["status"], record["error_class"], record["served_model"]) == ("settled", "", "claude-sonnet-4")
         assert record["output_tokens"] > 0 and record["charge_nanos"] == expected_charge(

@@ -26,7 +26,7 @@ from policyd.mock_provider import MockProvider, prompt_tokens
 from policyd.money import parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import ROOT
-from tests.helpers import FundedCustomers, leave_before_the_reply, wav
+from tests.helpers import FundedCustomers, leave_before_the_reply, streamed, wav
 from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
 from tests.test_gateway import FIXTURES, expected_charge, key_summary
@@ -129,17 +129,14 @@ def test_a_reply_in_gzip_is_read_and_passed_on_as_sent(gateway: ExampleGateway) 
 
 def test_a_stream_is_charged_from_the_usage_policyd_asked_for(gateway: ExampleGateway) -> None:
     """The middleware asks every stream for its usage, charges it, and keeps the usage event from a client
-    that did not ask (every chunk it gets has a choice); a client that asks gets it as sent."""
-    key = gateway.customer("mw-stream")
+    that did not ask (every chunk it gets has a choice); a client that asks gets it as sent, and so does one
+    whose stream the provider compresses (its events cannot be seen on the way)."""
+    client = gateway.client(gateway.customer("mw-stream"))
     messages = [{"role": "user", "content": "middleware stream"}]
-    with gateway.client(key).chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=messages, stream=True,
-            extra_headers={"x-mock-scenario": "fragmented"}) as response:  # its events in pieces
-        request_id = response.headers["x-policyd-request-id"]
-        chunks = list(response.parse())
+    headers, chunks = streamed(client, "middleware stream", extra_headers={"x-mock-scenario": "fragmented"})
     assert all(len(c.choices) == 1 and c.usage is None for c in chunks)  # the client did not ask: the middleware did
     output = sum(1 for c in chunks if c.choices[0].delta.content)  # the mock's output: a token a chunk
-    record = gateway.record(request_id)
+    record = gateway.record(headers["x-policyd-request-id"])
     assert record["status"] == "settled" and not record["stream_interrupted"]
     assert (record["input_tokens"], record["output_tokens"]) == (prompt_tokens({"messages": messages}), output)
     assert record["charge_nanos"] == expected_charge("gpt-4o-mini", prompt_tokens({"messages": messages}), output)
@@ -147,22 +144,12 @@ def test_a_stream_is_charged_from_the_usage_policyd_asked_for(gateway: ExampleGa
     assert sent["body"]["stream_options"] == {"include_usage": True}
     assert sent["body"]["max_completion_tokens"] == 1024  # the reserved cap, since the client gave none
 
-    with gateway.client(key).chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "middleware stream, asked"}], stream=True,
-            stream_options={"include_usage": True}) as response:
-        asked_id = response.headers["x-policyd-request-id"]
-        chunks = list(response.parse())
-    (usage_event,) = [c for c in chunks if c.usage]
-    assert usage_event.choices == []
-    assert gateway.record(asked_id)["output_tokens"] == usage_event.usage.completion_tokens
-
-    with gateway.client(key).chat.completions.with_streaming_response.create(  # compressed: passes as sent
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "middleware stream, compressed"}], stream=True,
-            extra_headers={"x-mock-scenario": "gzip"}) as response:
-        compressed_id = response.headers["x-policyd-request-id"]
-        chunks = list(response.parse())
-    (usage_event,) = [c for c in chunks if c.usage]
-    assert gateway.record(compressed_id)["output_tokens"] == usage_event.usage.completion_tokens
+    for content, extra in (("middleware stream, asked", {"stream_options": {"include_usage": True}}),
+                           ("middleware stream, compressed", {"extra_headers": {"x-mock-scenario": "gzip"}})):
+        headers, chunks = streamed(client, content, **extra)
+        (usage_event,) = [c for c in chunks if c.usage]
+        assert usage_event.choices == []
+        assert gateway.record(headers["x-policyd-request-id"])["output_tokens"] == usage_event.usage.completion_tokens
 
 
 def test_denials_raise_the_sdk_exceptions_and_never_reach_the_provider(gateway: ExampleGateway) -> None:
