@@ -497,6 +497,7 @@ class Engine:
         provider, route, account = (*where, "", "", "")[:3]
         common = dict(
             base, owner=owner, provider=provider, route=route, account=account,
+            upstream_model=policy.upstream_name(request.model) if policy and request.model else request.model,
             policy_version=policy.version if policy else 0,
             price_table_version=policy.document.price_table.version if policy else "",
             currency=policy.document.currency if policy else "",

@@ -44,6 +44,7 @@ class Exchange:
     tool_call_cap: int = 0  # the bound set for the request's unbounded search tools (Decision.max_tool_calls)
     image_model: str = ""  # the model set in an image_generation tool naming none (Decision.image_model)
     observed: bool = False  # the observer filter reads the response (else the processing filter does)
+    free: bool = False  # a token count (free at the provider): its body may be rewritten; nothing to read or settle
     status: int = 0
     retry_after: int = 0
     attempts: int = 1  # upstream attempts Envoy made (x-envoy-attempt-count)
@@ -109,6 +110,8 @@ class Exchange:
             fields["upstream_model"] = self.upstream_model
         if self.output_cap_field:
             fields["output_cap_field"] = self.output_cap_field
+        if self.free:
+            fields["free"] = True
         if self.stored:
             fields["stored"] = True
         if self.tool_call_cap:
@@ -157,6 +160,7 @@ class Exchange:
             observed=fields["observed"].bool_value if "observed" in fields else
             "stream" in fields and fields["stream"].bool_value,
             stored="stored" in fields and fields["stored"].bool_value,
+            free="free" in fields and fields["free"].bool_value,
             tool_call_cap=int(fields["max_tool_calls"].number_value) if "max_tool_calls" in fields else 0,
             image_model=text("image_model"),
         )

@@ -92,10 +92,12 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
 
     def _allow(self, call: http_api.HttpCall, d: Decision) -> Any:
         """The observer filter reads every reply; the processing filter runs only for a body to rewrite.
-        A token count goes on with the provider's credential alone: nothing to rewrite, read or settle."""
+        A token count goes on with the provider's credential: nothing to read or settle, and nothing to
+        rewrite but a model the provider names otherwise (the processing filter then rewrites it alone)."""
         settled = not call.count_tokens
         exchange = Exchange.of(call, d, account="", observed=settled)
-        rewrite = settled and (exchange.rewrite(call.body) is not None or exchange.model_in_path_changes)
+        exchange.free = not settled
+        rewrite = exchange.rewrite(call.body) is not None or exchange.model_in_path_changes
         upstream = upstream_request(d, self.pool, observed=settled, rewrite=rewrite,
                                     usage_unasked=settled and call.usage_unasked)
         exchange.account = upstream.account
@@ -108,5 +110,5 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                     (REQUEST_ID_HEADER, d.request_id),
                     *http_api.rate_limit_headers(d.rate_limits, int(time.time() * 1000)))] if settled else [],
                 query_parameters_to_remove=[http_api.QUERY_KEY] if call.key_in_query else []),
-            dynamic_metadata=exchange.metadata(EXT_AUTHZ_NAMESPACE, d.decision) if settled else None,
+            dynamic_metadata=exchange.metadata(EXT_AUTHZ_NAMESPACE, d.decision) if settled or rewrite else None,
         )

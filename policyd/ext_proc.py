@@ -176,8 +176,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         yield reply
                     else:
                         yield self._request_body(exchange, request.request_body, content_type)
-                        if observer and exchange is not None and exchange.observed:  # ext_authz decided: the
-                            exchange = None  # observer filter reads the reply (open since the request headers)
+                        if exchange is not None and (exchange.free or observer and exchange.observed):
+                            exchange = None  # ext_authz decided: the observer filter reads the reply (open since
+                            # the request headers), or a token count leaves nothing to read
                 elif kind == "response_headers":
                     mutation = mode = None
                     if exchange is not None:
@@ -206,7 +207,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
                 request = await anext(messages, None)
         finally:
-            if exchange is not None and not exchange.closed:
+            if exchange is not None and not exchange.closed and not exchange.free:
                 self._close(exchange, cut=True)  # the client went away, or the stream was cut
 
     async def _observe(self, first: Any, messages: AsyncIterator[Any]) -> None:
@@ -295,7 +296,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         path = exchange.upstream_path(arrival.path)  # no customer key in the query; the served model where the path names it
         if path != arrival.path:
             set_headers.append(_header(":path", path))
-        new_body = None if call.count_tokens else exchange.rewritten(call.body)
+        new_body = exchange.rewritten(call.body)  # a token count's: its model alone, where the provider names it otherwise
         if new_body is not None:
             set_headers.append(_header("content-length", str(len(new_body))))
         common = ep.CommonResponse(

@@ -99,6 +99,7 @@ class PolicydMiddleware:
                 message_count=call.message_count, max_output_tokens=call.max_output_tokens, stream=call.stream,
                 image_count=call.image_count, choices=call.choices, input_tokens=call.input_tokens,
                 web_searches=call.web_searches, file_searches=call.file_searches, service_tier=call.service_tier,
+                service_tier_implied=call.service_tier_implied,
                 count_tokens=call.count_tokens,
                 stored_response_id=call.stored_response, previous_response_id=call.previous_response,
                 creates=call.creates, conversation_id=call.conversation, file_ids=list(call.files),
@@ -121,7 +122,11 @@ class PolicydMiddleware:
             await _respond(send, decision.http_status, decision.error_body(), decision.retry_after_seconds,
                            request_id=decision.request_id)
             return
-        if call.count_tokens:  # free: on to the proxy without the customer's key; nothing to rewrite, read or settle
+        if call.count_tokens:  # free: on to the proxy without the customer's key; nothing to read or settle, and
+            # nothing to rewrite but a model the provider names otherwise
+            renamed = None if call.body is None else http_api.rewrite_body(
+                call.body, call.endpoint, decision.upstream_model, call.model, 0, True, False, call.model_in_path)
+            body = body if renamed is None else http_api.encoded_body(renamed)
             await self.app(_upstream_scope(scope, call, decision, body), _replay(body, receive=receive), send)
             return
         await self._forward(scope, receive, send, call, body, decision)

@@ -92,7 +92,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             audio_output=s.audio_output, file_searches=s.file_searches,
             unbounded_web_search_tools=s.unbounded_web_search_tools, unbounded_file_search=s.unbounded_file_search,
             image_model=s.image_model, image_generation_calls=s.image_generation_calls, partial_images=s.partial_images,
-            image_model_default=s.image_model_default,
+            image_model_default=s.image_model_default, service_tier_implied=s.service_tier_implied,
             containers=s.containers,
             container_memory=s.container_memory or (CONTAINER_MEMORY_DEFAULT if s.containers else ""),
             image_scale=s.image_scale,

@@ -812,6 +812,18 @@ def test_token_counts_are_free_but_need_a_key_that_may_use_the_model(gateway: Ga
     assert "count refused" not in json.dumps(gateway.mock.received())
     assert [r.reason for r in gateway.records("e2e-count-free")] == ["model_not_allowed"]  # a denial is recorded
 
+    # a model the provider names otherwise is counted under the provider's name (it knows no other), and
+    # nothing else of the body changes
+    house = gateway.customer("e2e-count-house", plan="house", credit="")
+    counted = {"model": "house-claude", "messages": [{"role": "user", "content": "count me, house"}]}
+    code, _, reply = post(f"{root}/messages/count_tokens", {"x-api-key": house, "content-type": "application/json",
+                                                            "anthropic-version": "2023-06-01"},
+                          json.dumps(counted).encode())
+    assert code == 200 and reply["input_tokens"] > 0
+    (sent,) = [r for r in gateway.mock.received() if "count me, house" in json.dumps(r["body"])]
+    assert sent["body"] == {**counted, "model": "claude-sonnet-4-20250514"}
+    assert list(gateway.records("e2e-count-house")) == []
+
 
 def test_a_background_response_is_refused_before_the_provider(gateway: Gateway) -> None:
     key = gateway.customer("e2e-background")

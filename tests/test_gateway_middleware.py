@@ -617,6 +617,31 @@ def test_models_the_provider_names_otherwise_reach_it_by_that_name_over_the_nati
     assert record["cost_nanos"] >= price_quantity(record["image_generation_output_tokens"], parse_amount("40.00")) > 0
 
 
+def test_anthropic_messages_are_served_over_the_native_api(gateway: ExampleGateway) -> None:
+    """Anthropic serves a message at its priority tier unless told standard_only, so policyd takes that tier
+    as implied (RequestShape.service_tier_implied): never refused where the table does not price it (it was
+    refused over the native API, service_tier_not_priced, as if the client had asked for it)."""
+    body = {"model": "claude-sonnet-4", "max_tokens": 16, "messages": [{"role": "user", "content": "mw claude"}]}
+    code, reply = post(f"{gateway.base_url}/messages", {
+        "x-api-key": gateway.customer("mw-claude"), "content-type": "application/json",
+        "anthropic-version": "2023-06-01"}, json.dumps(body).encode())
+    assert code == 200 and reply["usage"]["output_tokens"] > 0, reply
+    (listed,) = gateway.records("mw-claude")
+    record = gateway.record(listed.request_id)
+    assert (record["status"], record["served_model"], record["output_tokens"]) == (
+        "settled", "claude-sonnet-4", reply["usage"]["output_tokens"])
+
+
+def test_a_token_count_names_the_model_as_the_provider_does(gateway: ExampleGateway) -> None:
+    counted = {"model": "house-claude", "messages": [{"role": "user", "content": "mw count house"}]}
+    code, reply = post(f"{gateway.base_url}/messages/count_tokens", {
+        "x-api-key": gateway.customer("mw-count-house", plan="house", credit=""), "content-type": "application/json"},
+        json.dumps(counted).encode())
+    assert code == 200 and reply["input_tokens"] > 0, reply
+    (sent,) = [r for r in gateway.mock.received() if "mw count house" in json.dumps(r["body"])]
+    assert sent["body"] == {**counted, "model": "claude-sonnet-4-20250514"}
+
+
 def test_the_openai_account_a_client_names_is_never_sent_with_the_gateways_key(gateway: ExampleGateway) -> None:
     client = openai.OpenAI(base_url=gateway.base_url, api_key=gateway.customer("mw-org"), organization="org-customer",
                            project="proj_customer", max_retries=0, timeout=20)

@@ -121,6 +121,7 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     (hosted containers the provider may make: code_interpreter, shell), image_scale (the standard image's most
     tokens one image may bill: its size, a GIF's frames), maps_grounding (Gemini's googleMaps tool),
     image_model_default (the image tool names no model: AuthorizeResponse.image_model says the one to set),
+    service_tier_implied (service_tier is the provider's default, Anthropic's priority: never refused),
     client_address, user_agent,
     problem=(code, message, param), count_tokens=True (a free token count: nothing reserved, nothing
     to settle), stored_response_id (a stored response read, deleted or cancelled: free, its customer's
@@ -162,7 +163,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     container_memory=attribution.pop("container_memory", ""),
                                     image_scale=attribution.pop("image_scale", 0),
                                     maps_grounding=bool(attribution.pop("maps_grounding", False)),
-                                    image_model_default=bool(attribution.pop("image_model_default", False)))
+                                    image_model_default=bool(attribution.pop("image_model_default", False)),
+                                    service_tier_implied=bool(attribution.pop("service_tier_implied", False)))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
