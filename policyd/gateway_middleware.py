@@ -94,24 +94,14 @@ class PolicydMiddleware:
             return
         request_id = call.attribution.request_id or f"gw-{uuid.uuid4().hex}"
         try:
+            # the request's shape as the Envoy filters give it to the engine, every field of it (fields once
+            # listed here one by one fell behind: speech's seconds, Anthropic's implied tier)
             decision = await self.policy.authorize(
-                call.api_key, call.endpoint, call.model, request_id=request_id, prompt_bytes=call.prompt_bytes,
-                message_count=call.message_count, max_output_tokens=call.max_output_tokens, stream=call.stream,
-                image_count=call.image_count, choices=call.choices, input_tokens=call.input_tokens,
-                web_searches=call.web_searches, file_searches=call.file_searches, service_tier=call.service_tier,
-                service_tier_implied=call.service_tier_implied,
-                count_tokens=call.count_tokens,
+                call.api_key, call.endpoint, call.model, request_id=request_id, count_tokens=call.count_tokens,
                 stored_response_id=call.stored_response, previous_response_id=call.previous_response,
                 creates=call.creates, conversation_id=call.conversation, file_ids=list(call.files),
-                unseen_input=call.unseen_input, cache_write=call.cache_write, audio_output=call.audio_output,
-                unbounded_web_search_tools=call.unbounded_web_search_tools,
-                unbounded_file_search=call.unbounded_file_search, image_model=call.image_model,
-                image_model_default=call.image_model_default,
-                image_generation_calls=call.image_generation_calls, partial_images=call.partial_images,
-                containers=call.containers, container_memory=call.container_memory, image_scale=call.image_scale,
-                maps_grounding=call.maps_grounding,
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
-                **_attribution(call))
+                **asdict(call.authorize_input().shape), **_attribution(call))
         except PolicydCallError as error:
             log.error("authorize failed (%s): refusing the request", error.reason)
             await _respond(send, 503, http_api.error_body("server_error", "policy_unavailable",

@@ -462,6 +462,14 @@ def test_speech_to_text_is_charged_and_a_downgrade_rewrites_the_form(gateway: Ex
     sent = [r for r in gateway.mock.received() if r["path"].endswith("/audio/transcriptions")][-1]
     assert (sent["body"]["model"], sent["body"]["file_bytes"]) == ("gpt-4o-mini-transcribe", len(wav(2)))
 
+    # the audio's length reaches policyd over the native API (RequestShape.seconds, audio_bytes): a WAV's
+    # seconds exactly, a compressed file's bound by its bytes under a strict plan (it was held at nothing)
+    strict = gateway.client(gateway.customer("mw-voice-strict", plan="voice-strict"))
+    raw = strict.audio.transcriptions.with_raw_response.create(model="whisper-1", file=("long.ogg", bytes(75_000)))
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    second = parse_amount("0.0001")
+    assert (record["reserved_nanos"], record["seconds"], record["charge_nanos"]) == (100 * second, 5, 5 * second)
+
 
 def test_a_provider_refusing_the_gateways_credentials_is_not_blamed_on_the_customers_key(gateway: ExampleGateway) -> None:
     key = gateway.customer("mw-upstream-auth", credit="1")
