@@ -81,6 +81,17 @@ export interface AuthorizeInput {
   audioBytes?: number;      // ... else the audio's size: policyd estimates or bounds its seconds
   cacheWrite?: "" | "5m" | "1h";  // the longest cache the body asks its input written to (Anthropic's cache_control)
   audioOutput?: boolean;    // the reply may be spoken (modalities include "audio"): output reserved at the audio price
+  imageCount?: number;      // images asked for (an images request's n): each reserved at the model's most per image
+  serviceTier?: string;     // the processing tier asked for (OpenAI's service_tier; Anthropic's "fast_mode", "us")
+  serviceTierImplied?: boolean;  // serviceTier is the provider's own default (Anthropic's priority): never refused
+  imageModel?: string;      // the Responses API's image_generation tool: the image model that prices its images
+  imageModelDefault?: boolean;   // ... the tool names none: Decision.response.imageModel says the one to set
+  imageGenerationCalls?: number; // ... its calls' bound (max_tool_calls)
+  partialImages?: number;   // ... partial images each streamed call sends
+  containers?: number;      // hosted containers the provider may make (code_interpreter "auto", shell)
+  containerMemory?: string; // ... the largest memory limit asked ("1g" when none)
+  imageScale?: number;      // how many of an image model's most per image one image may bill (size, GIF frames)
+  mapsGrounding?: boolean;  // Gemini's googleMaps tool: a grounded prompt billed apart
   countTokens?: boolean;    // a free token count (count_tokens, input_tokens, countTokens): nothing reserved or to settle
   storedResponseId?: string;     // a stored response (or conversation) read, changed or deleted: free, its customer's keys only
   previousResponseId?: string;   // the stored response a Responses API request continues
@@ -195,7 +206,12 @@ export class PolicyClient {
         choices: input.choices ?? 0, webSearches: input.webSearches ?? 0, fileSearches: input.fileSearches ?? 0, unseenInput: input.unseenInput ?? false,
         seconds: input.seconds ?? 0, audioBytes: input.audioBytes ?? 0, cacheWrite: input.cacheWrite ?? "",
         audioOutput: input.audioOutput ?? false, unboundedWebSearchTools: input.unboundedWebSearchTools ?? 0,
-        unboundedFileSearch: input.unboundedFileSearch ?? false,
+        unboundedFileSearch: input.unboundedFileSearch ?? false, imageCount: input.imageCount ?? 0,
+        serviceTier: input.serviceTier ?? "", serviceTierImplied: input.serviceTierImplied ?? false,
+        imageModel: input.imageModel ?? "", imageModelDefault: input.imageModelDefault ?? false,
+        imageGenerationCalls: input.imageGenerationCalls ?? 0, partialImages: input.partialImages ?? 0,
+        containers: input.containers ?? 0, containerMemory: input.containerMemory ?? "",
+        imageScale: input.imageScale ?? 0, mapsGrounding: input.mapsGrounding ?? false,
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",

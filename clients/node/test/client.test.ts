@@ -50,6 +50,21 @@ test("authorize then settle charges exactly once, in integer nanos", async () =>
   }
 });
 
+test("the request's shape reaches policyd: a tier asked for is priced or refused, an implied one never refused", async () => {
+  const policy = new PolicyClient(address);
+  try {
+    const flex = await policy.authorize({ apiKey, endpoint: "chat_completions", model: "gpt-4o-mini", serviceTier: "flex" });
+    assert.equal(flex.allowed, false);
+    assert.equal(flex.reason, "service_tier_not_priced");
+    const implied = await policy.authorize({ apiKey, endpoint: "chat_completions", model: "gpt-4o-mini",
+                                             requestId: "node-implied", serviceTier: "priority", serviceTierImplied: true });
+    assert.equal(implied.allowed, true);
+    assert.equal(await policy.release("node-implied", "provider_error"), "released");
+  } finally {
+    policy.close();
+  }
+});
+
 test("deny paths answer with the HTTP status and an OpenAI-style error body", async () => {
   const policy = new PolicyClient(address);
   try {
