@@ -364,7 +364,7 @@ class Engine:
         # 6. the decision
         common = dict(
             request_id=request_id, owner=owner, requested_model=request.model, served_model=reserve.served_model,
-            upstream_model=policy.upstream_name(reserve.served_model) if policy else reserve.served_model,
+            upstream_model=reserve.price.upstream_model or reserve.served_model,  # the price at hand: no lookup
             output_cap_field=_cap_field(reserve.price),
             provider=reserve.price.provider, route=reserve.price.upstream,
             policy_version=policy.version if policy else 0,
@@ -497,7 +497,7 @@ class Engine:
         provider, route, account = (*where, "", "", "")[:3]
         common = dict(
             base, owner=owner, provider=provider, route=route, account=account,
-            upstream_model=policy.upstream_name(request.model) if policy and request.model else request.model,
+            upstream_model=policy.upstream_name(request.model) if policy else request.model,
             policy_version=policy.version if policy else 0,
             price_table_version=policy.document.price_table.version if policy else "",
             currency=policy.document.currency if policy else "",

@@ -99,7 +99,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         exchange.free = not settled
         rewrite = exchange.rewrite(call.body) is not None or exchange.model_in_path_changes
         upstream = upstream_request(d, self.pool, observed=settled, rewrite=rewrite,
-                                    usage_unasked=settled and call.usage_unasked)
+                                    usage_unasked=call.usage_unasked)
         exchange.account = upstream.account
         headers = [_header(k, v) for k, v in upstream.set_headers]
         return external_auth_pb2.CheckResponse(

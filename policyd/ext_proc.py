@@ -288,7 +288,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             return None, immediate_denial(decision)
         # the observer filter reads every reply (a token count's, free, is not read)
         upstream = upstream_request(decision, self.pool, observed=not call.count_tokens,
-                                    usage_unasked=not call.count_tokens and call.usage_unasked)
+                                    usage_unasked=call.usage_unasked)
         exchange = Exchange.of(call, decision, upstream.account, observed=observer)
         exchange.reply_headers = ((REQUEST_ID_HEADER, decision.request_id),
                                   *http_api.rate_limit_headers(decision.rate_limits, int(time.time() * 1000)))

@@ -38,9 +38,8 @@ from dataclasses import asdict
 from typing import Any, Awaitable, Callable, MutableMapping
 
 from policyd import http_api
-from policyd import reasons
+from policyd import reasons, unasked_usage
 from policyd.domain import KeySummary, LimitState, RateLimit
-from policyd.unasked_usage import UnaskedUsage
 from policyd.usage_capture import ResponseReader, closing
 from policyd_client import AsyncPolicyClient, Decision, PolicydCallError
 
@@ -181,7 +180,7 @@ class PolicydMiddleware:
                                             output_cap=decision.max_output_tokens))
 
         refused = http_api.credentials_refused_reply()
-        unasked: UnaskedUsage | None = None  # the stream's usage event, kept from a client that did not ask
+        unasked: unasked_usage.UnaskedUsage | None = None  # the usage event, kept from a client that did not ask
 
         async def metered_send(message: Message) -> None:
             nonlocal unasked
@@ -190,9 +189,9 @@ class PolicydMiddleware:
                 response_headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                                     for k, v in message.get("headers", [])}
                 exchange.reader.encoded_as(response_headers.get("content-encoding", ""))
-                if call.usage_unasked and response_headers.get("content-type", "").startswith("text/event-stream") \
-                        and response_headers.get("content-encoding", "identity") == "identity":  # else unseen: as sent
-                    unasked = UnaskedUsage()
+                if call.usage_unasked and unasked_usage.applies(response_headers.get("content-type", ""),
+                                                                response_headers.get("content-encoding", "")):
+                    unasked = unasked_usage.UnaskedUsage()
                     message = {**message, "headers": [(k, v) for k, v in message.get("headers", [])
                                                       if k.decode("latin-1").lower() != "content-length"]}
                 kept = [(k, v) for k, v in message.get("headers", []) if k.decode("latin-1").lower() not in ACCOUNT_HEADERS]

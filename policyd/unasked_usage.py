@@ -23,6 +23,13 @@ _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
 
+def applies(content_type: str, content_encoding: str) -> bool:
+    """Whether a reply's events can be seen to take one out: a stream (text/event-stream) as it is, not
+    compressed anyway (policyd asks for it uncompressed; one compressed passes as sent). Where it applies, the
+    reply's content-length, if it gives one, goes: the body shrinks."""
+    return content_type.startswith("text/event-stream") and content_encoding in ("", "identity")
+
+
 def usage_only(event: bytes) -> bool:
     """Whether an SSE event is the usage alone: `choices` empty, `usage` an object."""
     if not (_USAGE.search(event) and _NO_CHOICES.search(event)):

@@ -2,11 +2,11 @@
 
 An allowed request leaves for its provider without the customer's key: it is removed, and the
 chosen provider account's credential is set in its place (with the OpenAI organization and project the
-account bills to, where configured; the ones a client names are its own account's, never sent); the route header names the Envoy
-cluster to send it to, the observer header whether the observer filter reads its response, the usage
-header whether the gateway keeps a usage event the client did not ask for from it (policyd/unasked_usage.py),
-and (after ext_authz) the rewrite header whether the processing filter rewrites its body. Anything else is
-answered by Envoy itself (a local reply).
+account bills to, where configured; the ones a client names are its own account's, never sent); the
+route header names the Envoy cluster to send it to, the observer header whether the observer filter
+reads its response, the usage header whether the gateway keeps a usage event the client did not ask
+for from it (policyd/unasked_usage.py), and (after ext_authz) the rewrite header whether the processing
+filter rewrites its body. Anything else is answered by Envoy itself (a local reply).
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def upstream_request(decision: Decision, pool: ProviderPool, observed: bool, rew
         name, value = account.credential_header()
         headers.append((name, value))
         headers.extend(account.account_headers())
-        remove = [h for h in remove if h not in {k for k, _ in headers}]
+        set_here = {k for k, _ in headers}
+        remove = [h for h in remove if h not in set_here]
         route = account.cluster
     headers.append((ROUTE_HEADER, route))
     return UpstreamRequest(headers, remove, account.name if account else "")

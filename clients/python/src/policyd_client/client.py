@@ -84,7 +84,8 @@ class Decision:
     def upstream_model(self) -> str:
         """The served model as the provider names it: what the proxy sends upstream (in the body, or the
         path where the path names the model) when it differs from the model the request names."""
-        return str(self.response.upstream_model or self.served_model) if self.response is not None else self.served_model
+        return str(self.response.upstream_model or self.served_model) if self.response is not None \
+            else self.served_model
 
     @property
     def output_cap_field(self) -> str:
