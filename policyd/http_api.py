@@ -454,6 +454,61 @@ def _depth(value: Any, depth: int = 0) -> int:
     return depth
 
 
+class _NamedTwice(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _named_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object of a request body, each of its names given once. Of a name given twice, Python reads the
+    last value and some providers' parsers the first: the request policyd held for and the one the provider
+    serves could differ (`"max_tokens": 100000, "max_tokens": 10`), so such a body is refused."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _NamedTwice(name)
+            seen.add(name)
+    return data
+
+
+_REQUEST_JSON = json.JSONDecoder(object_pairs_hook=_named_once)
+
+# Fields policyd reads to hold and charge a request, and the JSON type each must have. OpenAI refuses
+# another type; an OpenAI-compatible server with a lax parser reads "true" as true and "3" as 3, and would
+# stream a reply policyd took for one not streamed (asking no usage for it, reading no events), or make
+# choices policyd did not hold for: a value of another type is refused here, before the provider.
+_FLAG_FIELDS = ("stream", "background", "store")
+_COUNT_FIELDS = ("n", "best_of", "max_tool_calls")
+_TOOL_COUNT_FIELDS = ("max_uses", "partial_images")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+
+
+def _mistyped(data: dict[str, Any]) -> tuple[str, str] | None:
+    """(the field, what it must be) of the first field policyd reads whose value is of another type."""
+    for name in _FLAG_FIELDS:
+        if data.get(name) is not None and not isinstance(data[name], bool):
+            return name, "true or false"
+    options = data.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return "stream_options", "an object"
+    if options and options.get("include_usage") is not None and not isinstance(options["include_usage"], bool):
+        return "stream_options.include_usage", "true or false"
+    for name in _COUNT_FIELDS:
+        if data.get(name) is not None and not _whole(data[name]):
+            return name, "a whole number"
+    for tool in _tools(data):
+        for name in _TOOL_COUNT_FIELDS:
+            if tool.get(name) is not None and not _whole(tool[name]):
+                return f"tools.{name}", "a whole number"
+    return None
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
@@ -690,13 +745,18 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     except UnicodeDecodeError:
         return _problem(call, "invalid_request", "the request body is not valid UTF-8")
     try:
-        data = json.loads(text) if text.strip() else None
+        data = _REQUEST_JSON.decode(text) if text.strip() else None
+    except _NamedTwice as twice:
+        return _problem(call, "invalid_request", f"the request body names {twice.name!r} twice in one object: "
+                        f"providers differ in which of the two they read", twice.name)
     except (ValueError, RecursionError):
         return _problem(call, "invalid_request", "the request body is not valid JSON")
     if not isinstance(data, dict):
         return _problem(call, "invalid_request", "the request body must be a JSON object")
     if _depth(data) > JSON_DEPTH_MAX:
         return _problem(call, "invalid_request", f"the request body nests deeper than {JSON_DEPTH_MAX} levels")
+    if mistyped := _mistyped(data):
+        return _problem(call, "invalid_request", f"{mistyped[0]} must be {mistyped[1]}", mistyped[0])
     call.body = data
     model = path_model or data.get("model") or (MODERATION_MODEL_DEFAULT if endpoint == "moderations" else None)
     if not isinstance(model, str) or not model:

@@ -834,6 +834,28 @@ def test_a_background_response_is_refused_before_the_provider(gateway: Gateway) 
     assert [r.reason for r in gateway.records("e2e-background")] == ["invalid_request"]
 
 
+def test_a_request_the_provider_could_read_otherwise_is_refused_before_it(gateway: Gateway) -> None:
+    """A lax OpenAI-compatible server streams for `"stream": "true"` and makes three choices for `"n": "3"`;
+    of a name given twice some parsers read the first value. policyd would hold and charge another request
+    than the one served (a stream taken for a JSON reply: no usage asked, charged no output): refused."""
+    key = gateway.customer("e2e-lax")
+    client = gateway.client(key)
+    before = gateway.wallet("e2e-lax")
+    for extra, param in (({"stream": "true"}, "stream"), ({"n": "3"}, "n")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "lax read"}],
+                                           extra_body=extra)
+        assert (refused.value.code, refused.value.param) == ("invalid_request", param)
+    code, _, reply = post(f"{gateway.base_url}/chat/completions",
+                          {"authorization": f"Bearer {key}", "content-type": "application/json"},
+                          b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "lax read"}], '
+                          b'"max_tokens": 100000, "max_tokens": 5}')
+    assert (code, reply["error"]["code"], reply["error"]["param"]) == (400, "invalid_request", "max_tokens")
+    assert "lax read" not in json.dumps(gateway.mock.received())
+    assert [r.reason for r in gateway.records("e2e-lax")] == ["invalid_request"] * 3
+    assert gateway.wallet("e2e-lax") == before
+
+
 def test_the_image_generation_tool_is_charged_at_its_image_models_prices(gateway: Gateway) -> None:
     """The Responses API's image_generation tool: its images are billed apart from the response's usage
     (tool_usage.image_gen), at the image model's prices. Reserved: each call (the plan's default bound,

@@ -127,7 +127,6 @@ def test_problems(path: str, body: bytes, problem: str) -> None:
     ("/v1/chat/completions", {"model": "m", "messages": [], "n": 3}, 3),
     ("/v1/chat/completions", {"model": "m", "messages": [], "n": 3.0}, 3),  # read as the provider reads it
     ("/v1/chat/completions", {"model": "m", "messages": []}, 0),
-    ("/v1/chat/completions", {"model": "m", "messages": [], "n": "3"}, 0),  # the provider refuses it: released
     ("/v1beta/models/gemini-2.0-flash:generateContent", {"contents": [], "generationConfig": {"candidateCount": 2}}, 2),
     ("/v1beta/models/gemini-2.0-flash:generateContent", {"contents": [], "generation_config": {"candidate_count": "4"}},
      4),  # Gemini reads snake_case names and counts written as text
@@ -139,6 +138,63 @@ def test_choices_are_read_from_n_and_candidate_count(path: str, body: dict, choi
     call = parse_call("POST", path, {"authorization": "Bearer k"}, json.dumps(body).encode())
     assert not call.problem
     assert call.choices == choices and call.authorize_input().shape.choices == choices
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    # a lax OpenAI-compatible server reads "true" as true: it would stream a reply policyd took for one not
+    # streamed (no usage asked for, its events unread: charged as a malformed reply, no output)
+    ("/v1/chat/completions", {"model": "m", "messages": [], "stream": "true"}, "stream"),
+    ("/v1/chat/completions", {"model": "m", "messages": [], "stream": 1}, "stream"),
+    ("/v1/messages", {"model": "m", "messages": [], "max_tokens": 5, "stream": "true"}, "stream"),
+    ("/v1/responses", {"model": "m", "input": "hi", "background": "true"}, "background"),  # billed later: refused
+    ("/v1/chat/completions", {"model": "m", "messages": [], "store": "yes"}, "store"),
+    ("/v1/chat/completions", {"model": "m", "messages": [], "stream": True, "stream_options": "x"},
+     "stream_options"),
+    ("/v1/chat/completions", {"model": "m", "messages": [], "stream": True,
+                              "stream_options": {"include_usage": "true"}}, "stream_options.include_usage"),
+    ("/v1/chat/completions", {"model": "m", "messages": [], "n": "3"}, "n"),  # 3 choices, held as one
+    ("/v1/chat/completions", {"model": "m", "messages": [], "n": 2.5}, "n"),
+    ("/v1/chat/completions", {"model": "m", "messages": [], "n": True}, "n"),
+    ("/v1/completions", {"model": "m", "prompt": "p", "best_of": "5"}, "best_of"),
+    ("/v1/responses", {"model": "m", "input": "hi", "tools": [{"type": "web_search"}], "max_tool_calls": "50"},
+     "max_tool_calls"),
+    ("/v1/messages", {"model": "m", "messages": [], "max_tokens": 5,
+                      "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": "99"}]},
+     "tools.max_uses"),
+    ("/v1/responses", {"model": "m", "input": "hi", "stream": True,
+                       "tools": [{"type": "image_generation", "partial_images": "3"}]}, "tools.partial_images"),
+])
+def test_a_field_policyd_reads_given_as_another_type_is_refused(path: str, body: dict, param: str) -> None:
+    call = parse_call("POST", path, {"authorization": "Bearer k"}, json.dumps(body).encode())
+    assert (call.problem, call.problem_param) == ("invalid_request", param)
+    assert param.split(".")[-1] in call.problem_message
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "m", "messages": [], "stream": False, "stream_options": None, "n": 1, "store": True},
+    {"model": "m", "messages": [], "stream": None, "n": None, "background": None},
+    {"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": False}, "n": 2.0},
+])
+def test_fields_of_their_own_types_or_null_are_read(body: dict) -> None:
+    assert not parse_call("POST", "/v1/chat/completions", {"authorization": "Bearer k"},
+                          json.dumps(body).encode()).problem
+
+
+@pytest.mark.parametrize("text", [
+    '{"model": "m", "messages": [], "max_tokens": 100000, "max_tokens": 10}',  # Python reads 10, others 100000
+    '{"model": "gpt-4o", "model": "gpt-4o-mini", "messages": []}',
+    '{"model": "m", "messages": [], "stream": true, "stream_options": {"include_usage": false, "include_usage": true}}',
+])
+def test_a_body_naming_a_field_twice_in_one_object_is_refused(text: str) -> None:
+    """Parsers differ on a name given twice (Python's json keeps the last value, others the first): what
+    policyd holds for and what the provider serves could differ, so the request goes no further."""
+    call = parse_call("POST", "/v1/chat/completions", {"authorization": "Bearer k"}, text.encode())
+    assert call.problem == "invalid_request" and "twice" in call.problem_message
+    assert call.problem_param in ("max_tokens", "model", "include_usage")
+    # the same names in different objects are no problem
+    assert not parse_call("POST", "/v1/chat/completions", {"authorization": "Bearer k"},
+                          b'{"model": "m", "messages": [{"role": "user", "content": "a"}, '
+                          b'{"role": "assistant", "content": "b"}], "max_tokens": 5}').problem
 
 
 def test_images_asked_for_are_read_as_the_provider_reads_them() -> None:
