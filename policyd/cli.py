@@ -531,7 +531,8 @@ def _gateway_config(args: argparse.Namespace) -> int:
     (host, port), *more = replicas
     print(render(listen_port=args.listen_port, policyd_host=host, policyd_port=port, admin_port=args.admin_port,
                  upstreams=tuple(upstreams), failure_mode_allow=args.fail_open, shape=args.shape,
-                 more_policyd=tuple(more), route_timeout_seconds=args.route_timeout), end="")
+                 more_policyd=tuple(more), route_timeout_seconds=args.route_timeout,
+                 cors_origins=tuple(args.cors_origin or ())), end="")
     return 0
 
 
@@ -734,6 +735,9 @@ def parser() -> argparse.ArgumentParser:
     gateway.add_argument("--route-timeout", type=int, default=ROUTE_TIMEOUT_SECONDS,
                          help="seconds the gateway waits for a reply and its next bytes (policyd's "
                               "POLICYD_RESERVATION_TTL_SECONDS must be longer)")
+    gateway.add_argument("--cors-origin", action="append",
+                         help="a web origin (https://app.example, or * for any) whose pages may call the gateway "
+                              "from a browser, repeatable; none by default")
     gateway.set_defaults(run=_gateway_config)
 
     demo = client(commands.add_parser("demo", help="drive a running gateway with the openai SDK"))

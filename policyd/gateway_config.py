@@ -18,6 +18,7 @@ No event of a stream waits for policyd on its way out.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -184,6 +185,43 @@ def _unless_header(header: str, value: str, name: str, config: str, on_response:
 {config}"""
 
 
+# A browser's cross-origin call: the headers it may send (the key as a bearer token, the provider APIs' own,
+# the SDKs' x-stainless-*, policyd's attribution headers: any, "*", with authorization named, as the Fetch
+# standard asks) and read (any: the request id, rate limits, retry-after). No cookies: a key is sent as a header.
+CORS_ALLOW_HEADERS = "authorization, *"
+CORS_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_MAX_AGE_SECONDS = 600
+
+
+def _cors_filter(origins: tuple[str, ...]) -> str:
+    """Envoy's CORS filter, first in the chain: it answers a browser's preflight (OPTIONS) from an allowed
+    origin itself, so the preflight, which carries no key, never reaches policyd, and it marks every reply to
+    such an origin as readable by it, policyd's refusals included (a browser app then reads the error's body:
+    insufficient_quota, a rate limit). None when no origin is allowed."""
+    if not origins:
+        return ""
+    return """          - name: envoy.filters.http.cors
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors
+"""
+
+
+def _cors_policy(origins: tuple[str, ...]) -> str:
+    if not origins:
+        return ""
+    matches = "".join("\n                  - " + ("{safe_regex: {regex: \".*\"}}" if origin == "*" else
+                                               f"{{exact: {json.dumps(origin)}}}") for origin in origins)
+    return f"""
+              typed_per_filter_config:
+                envoy.filters.http.cors:
+                  "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
+                  allow_origin_string_match:{matches}
+                  allow_methods: "{CORS_ALLOW_METHODS}"
+                  allow_headers: "{CORS_ALLOW_HEADERS}"
+                  expose_headers: "*"
+                  max_age: "{CORS_MAX_AGE_SECONDS}\""""
+
+
 def _credentials_refused_filter(shape: str) -> str:
     """The provider's 401 or 403 (its refusal of the operator's credentials: the customer's key never
     reaches it) replaced by policyd's 502 `provider_credentials_refused`, so the customer is not told
@@ -287,13 +325,17 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
            policyd_port: int = 50051, admin_port: int = 9901, upstreams: tuple[Upstream, ...] = DEFAULT_UPSTREAMS,
            failure_mode_allow: bool = False, body_bytes_max: int = REQUEST_BODY_BYTES_MAX,
            shape: str = SHAPES[0], more_policyd: tuple[tuple[str, int], ...] = (),
-           route_timeout_seconds: int = ROUTE_TIMEOUT_SECONDS) -> str:
+           route_timeout_seconds: int = ROUTE_TIMEOUT_SECONDS, cors_origins: tuple[str, ...] = ()) -> str:
     """`more_policyd`: further (host, port) replicas beside policyd_host:policyd_port; Envoy spreads
     each request's streams over all of them (a name that resolves to several addresses does too).
     `route_timeout_seconds`: how long the gateway waits for a reply, and for its next bytes (policyd's
-    reservations must outlast it: POLICYD_RESERVATION_TTL_SECONDS)."""
+    reservations must outlast it: POLICYD_RESERVATION_TTL_SECONDS). `cors_origins`: the web origins
+    (`https://app.example`, or `*` for any) whose pages may call the gateway from a browser; none by default."""
     if route_timeout_seconds < 1:
         raise ValueError("the route timeout is at least a second")
+    for origin in cors_origins:
+        if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d+)?", origin):
+            raise ValueError(f"a CORS origin is a scheme and host (https://app.example[:port]) or *, not {origin!r}")
     stream_seconds = route_timeout_seconds + STREAM_TIMEOUT_MARGIN_SECONDS
     if shape not in SHAPES:
         raise ValueError(f"unknown gateway shape {shape!r}; one of {', '.join(SHAPES)}")
@@ -306,7 +348,7 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
               socket_address: {{address: {host}, port_value: {port}}}""" for host, port in replicas)
     fail_open = "true" if failure_mode_allow else "false"
     clusters = "".join(_cluster(u) for u in upstreams)
-    filters = _credentials_refused_filter(shape) + \
+    filters = _cors_filter(cors_origins) + _credentials_refused_filter(shape) + \
         (_ext_authz_filter(fail_open, body_bytes_max) if shape != "ext_proc" else "") + \
         _unasked_usage_filter(shape) + _ext_proc_filter(fail_open, shape, stream_seconds) + \
         _observer_filter(shape, stream_seconds)
@@ -340,7 +382,7 @@ static_resources:
             virtual_hosts:
             - name: providers
               domains: ["*"]
-              include_attempt_count_in_response: true
+              include_attempt_count_in_response: true{_cors_policy(cors_origins)}
               routes:
               - match: {{prefix: "/"}}
                 route:

@@ -59,6 +59,9 @@ def start_envoy(config: Path, port: int, log: Path) -> subprocess.Popen:
     return envoy
 
 
+APP_ORIGIN = "https://app.example"  # a web app whose pages may call the gateway from the browser
+
+
 class Gateway(FundedCustomers):
     def __init__(self, tmp: Path, shape: str = SHAPES[0]) -> None:
         self.tmp = tmp
@@ -74,7 +77,8 @@ class Gateway(FundedCustomers):
         config.write_text(render(listen_port=self.port, policyd_port=self.policyd.port, admin_port=free_port(),
                                  upstreams=(Upstream("openai", "127.0.0.1", self.mock.port),
                                             Upstream("anthropic", "127.0.0.1", self.mock.port),
-                                            Upstream("google", "127.0.0.1", self.mock.port)), shape=shape))
+                                            Upstream("google", "127.0.0.1", self.mock.port)), shape=shape,
+                                 cors_origins=(APP_ORIGIN,)))
         self.envoy_log = tmp / "envoy.log"
         self.envoy = start_envoy(config, self.port, self.envoy_log)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -324,6 +328,49 @@ def post(url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str,
             return reply.status, {k.lower(): v for k, v in reply.headers.items()}, json.loads(reply.read())
     except urllib.error.HTTPError as error:
         return error.code, {k.lower(): v for k, v in error.headers.items()}, json.loads(error.read())
+
+
+def test_a_web_page_of_an_allowed_origin_calls_the_gateway_from_the_browser(gateway: Gateway) -> None:
+    """A web app calling the gateway from its pages (the openai SDK's dangerouslyAllowBrowser, with a key of
+    its user's): the browser's preflight, which carries no key, is answered by Envoy and never reaches policyd
+    (nothing recorded, nothing held); every reply to that origin is readable by the page, streams and policyd's
+    refusals included (the app shows insufficient_quota, not a network error). Another origin is not allowed."""
+    def preflight(origin: str) -> tuple[int, dict[str, str]]:
+        request = urllib.request.Request(f"{gateway.base_url}/chat/completions", method="OPTIONS", headers={
+            "origin": origin, "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type, x-stainless-os, x-thread-id"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return reply.status, {k.lower(): v for k, v in reply.headers.items()}
+        except urllib.error.HTTPError as error:
+            return error.code, {k.lower(): v for k, v in error.headers.items()}
+
+    status, headers = preflight(APP_ORIGIN)
+    assert status == 200 and headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "POST" in headers["access-control-allow-methods"]
+    allowed = {h.strip() for h in headers["access-control-allow-headers"].split(",")}
+    assert {"authorization", "*"} <= allowed  # the Fetch standard's "*" covers every header but authorization
+    status, headers = preflight("https://elsewhere.example")
+    assert status != 200 and "access-control-allow-origin" not in headers
+
+    key = gateway.customer("e2e-browser")
+    page = gateway.client(key, default_headers={"origin": APP_ORIGIN})
+    raw = page.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "from a page"}], max_tokens=8)
+    assert raw.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert raw.headers["access-control-expose-headers"] == "*"  # the request id, rate limits, retry-after
+    with page.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "a stream from a page"}], stream=True) as s:
+        assert s.headers["access-control-allow-origin"] == APP_ORIGIN
+        assert "".join(c.choices[0].delta.content or "" for c in s.parse() if c.choices)
+    broke = gateway.customer("e2e-browser-broke", credit="")
+    for refused_key, code in ((broke, "insufficient_quota"), ("pdk_live_not_a_key", "malformed_api_key")):
+        with pytest.raises(openai.APIStatusError) as refused:
+            gateway.client(refused_key, default_headers={"origin": APP_ORIGIN}).chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        assert refused.value.response.headers["access-control-allow-origin"] == APP_ORIGIN
+        assert refused.value.code == code
+    assert sorted(r.status for r in gateway.records("e2e-browser")) == ["settled", "settled"]
 
 
 def test_a_key_in_the_query_opens_the_gateway_and_never_reaches_the_provider(gateway: Gateway) -> None:

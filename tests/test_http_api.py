@@ -27,6 +27,11 @@ def test_shipped_envoy_configs_are_the_rendered_defaults() -> None:
     with pytest.raises(ValueError):
         render(shape="ext_authz")
     assert "failure_mode_allow: false" in render() and "failure_mode_allow: true" in render(failure_mode_allow=True)
+    # no web origin may call the gateway from a browser unless named (tests/test_gateway.py: one named)
+    assert "cors" not in render() and "envoy.filters.http.cors" in render(cors_origins=("*",))
+    for origin in ("app.example", "https://app.example/path", "https://a.example, https://b.example"):
+        with pytest.raises(ValueError):
+            render(cors_origins=(origin,))
     # a reply not streamed may be silent as long as the route waits for it (a reasoning model's): Envoy's idle
     # timeout would otherwise cut it first, while the provider goes on and bills it
     config = render()
