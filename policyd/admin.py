@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -29,12 +30,14 @@ from policyd.quotas import remaining_ttl
 from policyd.store import Store, key_record
 from policyd.writer import Writer
 
+log = logging.getLogger("policyd.admin")
+
 GRANT_SOURCES = ("purchase", "promo", "refund", "adjustment")
 ROTATION_GRACE_SECONDS_DEFAULT = 86_400
 ROTATION_GRACE_SECONDS_MAX = 30 * 86_400
 LABEL_LENGTH_MAX = 256
 USAGE_LIST_MAX = 1000
-REBUILD_FENCE_SECONDS = 600  # a rebuild that dies leaves its fence this long at most
+REBUILD_SECONDS_MAX = 600  # a rebuild that dies holds its partitions' gates and its lock this long at most
 KEY_SCOPES_MAX = 32
 SCOPE_LENGTH_MAX = 128
 OWNER_ID_LENGTH_MAX = 128
@@ -495,19 +498,49 @@ class Admin:
     async def rebuild(self) -> int:
         """Rewrite every counter from SQL (after Redis lost its data). Returns the number of counters written.
 
-        Fenced: every partition refuses script calls (authorize, settle, release, grant) until the
-        rewrite is done, so a replica still running cannot change a counter halfway through, and
-        events still in the streams are written to SQL first."""
+        Gated: every partition refuses script calls (authorize, settle, release, grant) until the rewrite is
+        done, so a replica still running cannot change a counter halfway through, and events still in the
+        streams are written to SQL first. The gates open only when the rewrite is whole: one that fails
+        leaves them closed (decisions refused, as with counters lost) for the next rebuild. One rebuild at
+        a time, across replicas (`rebuild_running` when another holds the lock)."""
         client = self.counters.client
-        fences = [redis_keys.fence(p) for p in range(self.counters.partitions)]
-        for fence in fences:
-            await client.set(fence, "1", ex=REBUILD_FENCE_SECONDS)
+        if not await client.set(redis_keys.REBUILD_LOCK, "1", nx=True, ex=REBUILD_SECONDS_MAX):
+            raise PolicydError("FAILED_PRECONDITION", "rebuild_running", "another rebuild of the counters is running")
+        gates = [redis_keys.gate(p) for p in range(self.counters.partitions)]
         try:
-            await self.writer.ensure_groups()
-            await self.writer.drain()
-            return await self._rewrite()
+            for gate in gates:
+                await client.set(gate, redis_keys.GATE_REBUILDING, ex=REBUILD_SECONDS_MAX)
+            try:
+                await self.writer.ensure_groups()
+                await self.writer.drain()
+                written = await self._rewrite()
+            except BaseException:
+                for gate in gates:
+                    await client.delete(gate)
+                raise
+            for gate in gates:
+                await client.set(gate, redis_keys.GATE_OPEN)
+            return written
         finally:
-            await client.delete(*fences)
+            await client.delete(redis_keys.REBUILD_LOCK)
+
+    async def recover(self, starting: bool = False) -> int | None:
+        """Rebuild the counters when a partition's gate is gone: Redis lost them (restarted without
+        persistence, flushed, evicted) or a rebuild died halfway, and every decision on that partition is
+        refused until they are whole. Nothing when every gate is open or another replica is at it. Returns
+        the counters written, or None when no rebuild ran here."""
+        if None not in await self.counters.gates():
+            return None
+        say = log.info if starting else log.warning  # at start: an empty store, a new Redis, an upgrade
+        say("counters not known whole (a partition's gate is gone): rebuilding them from SQL")
+        try:
+            written = await self.rebuild()
+        except PolicydError as error:
+            if error.reason == "rebuild_running":
+                return None
+            raise
+        say("counters rebuilt from SQL: %d written", written)
+        return written
 
     async def _rewrite(self) -> int:
         """Every counter from SQL, queued on pipelines of REBUILD_PIPELINE_COMMANDS commands (a million keys

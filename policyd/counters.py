@@ -7,8 +7,10 @@ more implementation of the same client interface, not a special case.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -91,14 +93,15 @@ def connect(url: str, connections_max: int = REDIS_CONNECTIONS_MAX) -> aioredis.
 
 def unreachable(error: BaseException) -> bool:
     """Whether an error says the counters could not be used just now (worth retrying): the network,
-    a rebuild's fence, or anything redis-py raises (its own ConnectionError and TimeoutError classes,
+    a partition's closed gate (a rebuild, counters lost), or anything redis-py raises (its own ConnectionError and TimeoutError classes,
     a cluster's failover, a replica that is read-only, a server still loading)."""
     return isinstance(error, (ConnectionError, OSError, TimeoutError, Fenced)) or \
         type(error).__module__.startswith("redis")
 
 
 class Fenced(Exception):
-    """The partition is being rebuilt from SQL; nothing may change its counters until it is done."""
+    """The partition's gate is not open: its counters are being rebuilt from SQL, or Redis lost them (and
+    a rebuild is due); nothing may change them until they are whole again."""
 
     def __init__(self, partition: int) -> None:
         super().__init__(f"partition {partition} is being rebuilt")
@@ -180,6 +183,18 @@ class Counters:
         self._expire_credit = client.register_script(_load("expire_credit"))
         # the scripts every request runs go through one pipelined connection where redis-py's pool is not needed
         self._lane = ScriptLane.for_client(client)
+        # told whenever a script finds its partition's gate closed (Service: a rebuild when the counters are lost)
+        self.on_fenced: Callable[[], None] | None = None
+
+    def _fenced(self, partition: int) -> Fenced:
+        if self.on_fenced is not None:
+            self.on_fenced()
+        return Fenced(partition)
+
+    async def gates(self) -> list[str | None]:
+        """Each partition's gate: open, rebuilding, or None (its counters lost)."""
+        found = await asyncio.gather(*(self.client.get(redis_keys.gate(p)) for p in range(self.partitions)))
+        return [_text(g) if g is not None else None for g in found]
 
     async def _decide(self, script: Any, keys: list[str], args: list[str]) -> Any:
         """Run one of the per-request scripts (authorize, settle, release)."""
@@ -208,7 +223,7 @@ class Counters:
     def queue_key_state(self, pipe: Any, customer_id: str, key_id: str, status: str,
                         secrets: list[tuple[str, int]], expires_ms: int = 0, terms: str = "") -> None:
         """The same state as set_key_state, queued on a pipeline and recorded as no change: for a rebuild,
-        whose fence keeps every decision off the partition meanwhile (so no script is needed to order
+        whose closed gates keep every decision off the partitions meanwhile (so no script is needed to order
         them, and a Redis Cluster's pipelines, which refuse scripts, take it too)."""
         key = redis_keys.key_state(self.partition_of(customer_id), key_id)
         pipe.delete(key)
@@ -241,7 +256,7 @@ class Counters:
             redis_keys.deadlines(partition),
             redis_keys.inflight(partition, key_id),
             redis_keys.events(partition),
-            redis_keys.fence(partition),
+            redis_keys.gate(partition),
             *[b.key for b in buckets],
         ]
         args: list[str] = [
@@ -259,7 +274,7 @@ class Counters:
         reply = await self._decide(self._authorize, keys, args)
         outcome = _text(reply[0])
         if outcome == "fenced":
-            raise Fenced(partition)
+            raise self._fenced(partition)
         if outcome == "allow":
             shadow = _text(reply[2])
             used = _text(reply[3]) if len(reply) > 3 else ""
@@ -326,7 +341,7 @@ class Counters:
             redis_keys.deadlines(p),
             redis_keys.inflight(p, key_id),
             redis_keys.events(p),
-            redis_keys.fence(p),
+            redis_keys.gate(p),
             redis_keys.expiring_credits(p, customer_id),
             redis_keys.credit_left(p, customer_id),
             *[key for key, _, _ in bucket_deltas],
@@ -340,7 +355,7 @@ class Counters:
         reply = await self._decide(self._settle, keys, args)
         outcome = _text(reply[0])
         if outcome == "fenced":
-            raise Fenced(p)
+            raise self._fenced(p)
         if outcome in ("settled", "settled_late", "exists"):
             return SettleResult(outcome, int(reply[1]), int(reply[2]))
         return SettleResult(outcome)
@@ -364,14 +379,14 @@ class Counters:
             redis_keys.deadlines(p),
             redis_keys.inflight(p, key_id),
             redis_keys.events(p),
-            redis_keys.fence(p),
+            redis_keys.gate(p),
             *[key for key, _ in bucket_releases],
         ]
         args = [reservation.request_id, str(now_ms), target, reason, str(retention_seconds), str(len(bucket_releases))]
         args += [str(amount) for _, amount in bucket_releases]
         reply = await self._decide(self._release, keys, args)
         if _text(reply[0]) == "fenced":
-            raise Fenced(p)
+            raise self._fenced(p)
         return _text(reply[0]), _text(reply[1]) if len(reply) > 1 else ""
 
     async def grant(self, partition: int, customer_id: str, grant_id: str, amount: int, now_ms: int, payload: str,
@@ -381,7 +396,7 @@ class Counters:
                 redis_keys.wallet(partition, customer_id),
                 redis_keys.grant_marker(partition, grant_id),
                 redis_keys.events(partition),
-                redis_keys.fence(partition),
+                redis_keys.gate(partition),
                 redis_keys.expiring_credits(partition, customer_id),
                 redis_keys.credit_left(partition, customer_id),
                 redis_keys.credit_deadlines(partition),
@@ -389,7 +404,7 @@ class Counters:
             args=[grant_id, str(amount), str(now_ms), payload, str(AMOUNT_MAX), str(expires_ms), customer_id],
         )
         if _text(reply[0]) == "fenced":
-            raise Fenced(partition)
+            raise self._fenced(partition)
         return _text(reply[0]), int(reply[1])
 
     async def expire_credit(self, partition: int, customer_id: str, grant_id: str, now_ms: int) -> tuple[str, int]:
@@ -400,12 +415,12 @@ class Counters:
                 redis_keys.credit_left(partition, customer_id),
                 redis_keys.credit_deadlines(partition),
                 redis_keys.events(partition),
-                redis_keys.fence(partition),
+                redis_keys.gate(partition),
             ],
             args=[grant_id, str(now_ms), customer_id],
         )
         if _text(reply[0]) == "fenced":
-            raise Fenced(partition)
+            raise self._fenced(partition)
         return _text(reply[0]), int(reply[1])
 
     async def key_status(self, customer_id: str, key_id: str, secret_hash: str, now_ms: int, terms: str = "") -> str:

@@ -16,13 +16,17 @@ script appends its event atomically with the counter change.
     pd:{pN}:credit_left:<customer_id>   hash: expiring grant id -> nanos not yet consumed
     pd:{pN}:credit_deadlines            zset: "<customer> <grant id>" -> expiry ms (the sweeper's list)
     pd:{pN}:events                      the partition's event stream (drained to SQL)
-    pd:{pN}:fence                       exists while `policyd rebuild` rewrites the partition
+    pd:{pN}:gate                        "open" while the partition's counters are whole (written from SQL, kept
+                                        since); "rebuilding" while a rebuild rewrites them; gone when Redis lost
+                                        them (a restart without persistence, a flush, an eviction). Every script
+                                        refuses ("fenced") unless it is open
     pd:{caps}:b:cap:<name>:<unit>:<window>:<start>   an operator's cap (every customer's requests count in it:
                                         scripts touch it beside one partition's keys, so caps need a single Redis)
     pd:resp:<id>                        whose a stored response, conversation or file is (a day; then SQL)
     pd:resp-unknown:<id>                an id SQL did not know a moment ago (a minute)
     pd:rid:<request_id>                 -> partition of the reservation (for Settle/Release)
     pd:policy                           version of the active policy (a change makes replicas reload)
+    pd:rebuild                          held by the replica rewriting the counters from SQL (one at a time)
 """
 
 from __future__ import annotations
@@ -106,8 +110,13 @@ def events(partition: int) -> str:
     return f"{_tag(partition)}:events"
 
 
-def fence(partition: int) -> str:
-    return f"{_tag(partition)}:fence"
+def gate(partition: int) -> str:
+    return f"{_tag(partition)}:gate"
+
+
+GATE_OPEN = "open"
+GATE_REBUILDING = "rebuilding"
+REBUILD_LOCK = f"{PREFIX}:rebuild"
 
 
 def request_index(request_id: str) -> str:

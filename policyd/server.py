@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -43,6 +45,29 @@ GRPC_MESSAGE_BYTES_MAX = 64 * 1024 * 1024
 COOLDOWN_SHARE_SECONDS = 1.0  # how often a replica publishes and takes up provider cool-downs
 
 
+RECOVERY_INTERVAL_SECONDS = 5.0
+
+
+async def _warn_of_eviction(client: Any) -> None:
+    """Redis set to evict keys when full (any maxmemory-policy but noeviction, with a maxmemory) may drop a
+    quota's counter, which then starts again from nothing: a budget overshot. Said loudly at start."""
+    try:
+        policy = _config_value(await client.config_get("maxmemory-policy"), "maxmemory-policy")
+        limit = _config_value(await client.config_get("maxmemory"), "maxmemory")
+    except Exception:  # managed Redis may refuse CONFIG: nothing to say
+        return
+    if policy and policy != "noeviction" and limit not in ("", "0"):
+        log.error("Redis evicts keys when full (maxmemory-policy %s): a counter it evicts starts again from "
+                  "nothing, and a budget can be overshot; set maxmemory-policy noeviction", policy)
+
+
+def _config_value(reply: Any, name: str) -> str:
+    if not isinstance(reply, dict):
+        return ""
+    value = reply.get(name, reply.get(name.encode(), ""))
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 @dataclass
 class Service:
     settings: Settings
@@ -56,6 +81,8 @@ class Service:
     pool: ProviderPool
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _recovery: asyncio.Task[None] | None = None
+    _next_recovery: float = 0.0
 
     @classmethod
     async def build(cls, settings: Settings) -> "Service":
@@ -75,10 +102,11 @@ class Service:
     async def start(self) -> None:
         await self.writer.ensure_groups()
         await self.book.load_latest()
-        if self.book.current is not None and await self.counters.client.get(redis_keys.POLICY_VERSION) is None:
-            # Counters are empty (the embedded store at start, or a Redis that lost its data): rebuild from SQL.
-            written = await self.admin.rebuild()
-            log.info("counters rebuilt from SQL: %d written", written)
+        # counters not known whole (the embedded store at start, a Redis that lost its data, a rebuild that
+        # died): rewritten from SQL before the first decision, unless another replica is at it
+        await self.admin.recover(starting=True)
+        self.counters.on_fenced = self._counters_fenced
+        await _warn_of_eviction(self.counters.client)
         if self.settings.policy_file:
             text = Path(self.settings.policy_file).read_text()
             result = await self.admin.apply_policy(text, self.settings.policy_file)
@@ -92,6 +120,22 @@ class Service:
                                                         "sharing provider cool-downs")))
         if self.settings.writer_enabled:
             self._start_sql_loops()
+
+    def _counters_fenced(self) -> None:
+        """A script found its partition's gate closed: a rebuild under way (nothing to do), or the counters
+        lost while this replica runs (Redis restarted without its data): rebuilt from SQL here, unless another
+        replica is at it; tried again at most every RECOVERY_INTERVAL_SECONDS while they stay lost."""
+        now = time.monotonic()
+        if self._recovery is not None and not self._recovery.done() or now < self._next_recovery:
+            return
+        self._next_recovery = now + RECOVERY_INTERVAL_SECONDS
+        self._recovery = asyncio.create_task(self._recover())
+
+    async def _recover(self) -> None:
+        try:
+            await self.admin.recover()
+        except Exception:
+            log.exception("rebuilding lost counters failed; decisions stay refused until a rebuild succeeds")
 
     async def share_cooldowns(self) -> None:
         """Publish the provider cool-downs this replica began and take up everyone's: a 429 one replica
@@ -125,6 +169,8 @@ class Service:
 
     async def close(self) -> None:
         self.stop.set()
+        if self._recovery is not None and not self._recovery.done():
+            await asyncio.wait([self._recovery], timeout=30)
         await self.engine.finish_closings(stopping=True)  # settles in flight, before the last drain
         for task in self.tasks:
             try:

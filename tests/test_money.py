@@ -816,7 +816,7 @@ async def test_rebuild_is_fenced_against_replicas_still_running(service: Service
     await fund(service, "acme", "1")
     d = await service.engine.authorize(ask(secret, request_id="fenced-1"))
     partition = service.counters.partition_of("acme")
-    await service.counters.client.set(redis_keys.fence(partition), "1")  # as a rebuild in progress leaves it
+    await service.counters.client.set(redis_keys.gate(partition), redis_keys.GATE_REBUILDING)  # as a rebuild does
     during = await service.engine.authorize(ask(secret, request_id="fenced-2"))
     assert (during.decision, during.reason, during.http_status) == ("deny", "counters_unavailable", 503)
     with pytest.raises(PolicydError) as settle_error:
@@ -825,9 +825,8 @@ async def test_rebuild_is_fenced_against_replicas_still_running(service: Service
     with pytest.raises(PolicydError, match="rebuilding"):
         await service.admin.grant_credit("acme", USD, "USD", "purchase")
     assert await service.counters.wallet("acme") == (USD, d.reserved)
-    await service.counters.client.delete(redis_keys.fence(partition))
-    await service.admin.rebuild()  # fences, drains, rewrites, unfences
-    assert await service.counters.client.exists(redis_keys.fence(partition)) == 0
+    await service.admin.rebuild()  # closes the gates, drains, rewrites, opens them
+    assert await service.counters.gates() == [redis_keys.GATE_OPEN] * service.counters.partitions
     assert (await service.engine.settle(usage("fenced-1"))).outcome == "settled"
     assert (await service.admin.audit()).ok
 

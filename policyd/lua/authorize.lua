@@ -8,7 +8,7 @@
 -- KEYS[4] deadlines zset     request_id -> expiry ms
 -- KEYS[5] in-flight counter  of the key
 -- KEYS[6] event stream       of the partition
--- KEYS[7] fence              exists while `policyd rebuild` rewrites the partition: refuse
+-- KEYS[7] gate               "open" while the partition's counters are whole: else refuse
 -- KEYS[8..7+n] bucket hashes used (units of the bucket), a<pct> = alerted
 -- KEYS[8+n] (standalone Redis only) the request index, request_id -> partition, which a Settle sent
 --          to another process reads; in a Redis Cluster it lives in another slot and is set apart
@@ -61,7 +61,7 @@ if index_key then
   redis.call('SET', index_key, ARGV[13 + 6 * bucket_count], 'EX', ARGV[14 + 6 * bucket_count], 'NX')
 end
 
-if redis.call('EXISTS', KEYS[7]) == 1 then
+if redis.call('GET', KEYS[7]) ~= 'open' then
   return {'fenced'}
 end
 

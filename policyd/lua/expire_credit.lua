@@ -5,7 +5,7 @@
 -- KEYS[3] credit left        hash grant id -> nanos not yet consumed
 -- KEYS[4] credit deadlines   zset "<customer> <grant id>" -> expiry ms, of the partition
 -- KEYS[5] event stream
--- KEYS[6] fence              exists while `policyd rebuild` rewrites the partition: refuse
+-- KEYS[6] gate               "open" while the partition's counters are whole: else refuse
 -- ARGV[1] grant id
 -- ARGV[2] now, unix ms
 -- ARGV[3] customer id
@@ -15,7 +15,7 @@ local function fmt(n) return string.format('%d', n) end
 -- the negation of a decimal string; "-0" is not an integer to Redis
 local function negative(text) return text == '0' and '0' or '-' .. text end
 
-if redis.call('EXISTS', KEYS[6]) == 1 then
+if redis.call('GET', KEYS[6]) ~= 'open' then
   return {'fenced', '0'}
 end
 local member = ARGV[3] .. ' ' .. ARGV[1]

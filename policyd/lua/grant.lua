@@ -3,7 +3,7 @@
 -- KEYS[1] wallet hash        balance, reserved (nanos)
 -- KEYS[2] grant marker       exists once the grant is applied
 -- KEYS[3] event stream
--- KEYS[4] fence              exists while `policyd rebuild` rewrites the partition: refuse
+-- KEYS[4] gate               "open" while the partition's counters are whole: else refuse
 -- KEYS[5] expiring credits   zset grant id -> expiry ms, of this customer (consumed first, earliest first)
 -- KEYS[6] credit left        hash grant id -> nanos not yet consumed
 -- KEYS[7] credit deadlines   zset "<customer> <grant id>" -> expiry ms, of the partition (the sweeper's list)
@@ -18,7 +18,7 @@
 
 local function fmt(n) return string.format('%d', n) end
 
-if redis.call('EXISTS', KEYS[4]) == 1 then
+if redis.call('GET', KEYS[4]) ~= 'open' then
   return {'fenced', '0'}
 end
 local balance = tonumber(redis.call('HGET', KEYS[1], 'balance') or '0')

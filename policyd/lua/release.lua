@@ -5,7 +5,7 @@
 -- KEYS[3] deadlines zset
 -- KEYS[4] in-flight counter  of the key
 -- KEYS[5] event stream
--- KEYS[6] fence              exists while `policyd rebuild` rewrites the partition: refuse
+-- KEYS[6] gate               "open" while the partition's counters are whole: else refuse
 -- KEYS[7..6+n] bucket hashes of the reservation
 -- ARGV[1] request_id
 -- ARGV[2] now, unix ms
@@ -15,7 +15,7 @@
 -- ARGV[6] n buckets, then 1 per bucket: the negative reserved amount
 -- Returns {"released"|"expired", amount} | {"already", state} | {"unknown"} | {"not_due"} | {"fenced"}
 
-if redis.call('EXISTS', KEYS[6]) == 1 then
+if redis.call('GET', KEYS[6]) ~= 'open' then
   return {'fenced'}
 end
 local function negative(text) return text == '0' and '0' or '-' .. text end

@@ -5,7 +5,7 @@
 -- KEYS[3] deadlines zset
 -- KEYS[4] in-flight counter  of the key
 -- KEYS[5] event stream
--- KEYS[6] fence              exists while `policyd rebuild` rewrites the partition: refuse
+-- KEYS[6] gate               "open" while the partition's counters are whole: else refuse
 -- KEYS[7] expiring credits   zset grant id -> expiry ms (a charge consumes them first, earliest first)
 -- KEYS[8] credit left        hash grant id -> nanos not yet consumed
 -- KEYS[9..8+n] bucket hashes of the reservation
@@ -24,7 +24,7 @@ local function fmt(n) return string.format('%d', n) end
 -- the negation of a decimal string; "-0" is not an integer to Redis
 local function negative(text) return text == '0' and '0' or '-' .. text end
 
-if redis.call('EXISTS', KEYS[6]) == 1 then
+if redis.call('GET', KEYS[6]) ~= 'open' then
   return {'fenced'}
 end
 local state = redis.call('HGET', KEYS[1], 'state')
