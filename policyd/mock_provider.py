@@ -379,9 +379,9 @@ class MockProvider:
         return reply
 
     def _responses_stream(self, h: Any, reply: dict[str, Any], words: list[str], scenario: str) -> None:
-        """A Responses API stream: response.created, each output item added and done (the image's partial
-        images and its completed event, the message's text deltas), then response.completed with the
-        usage. `cut` drops the connection half-way through the text, `slow` waits 200 ms a delta."""
+        """A Responses API stream, as OpenAI sends it: response.created, each output item added and done (the
+        image's partial images and its completed event; the message's content part added, its text deltas,
+        the text and the part done), then response.completed with the usage. `cut` drops the connection half-way through the text, `slow` waits 200 ms a delta."""
         h.send_response(200)
         h.send_header("content-type", "text/event-stream")
         h.send_header("transfer-encoding", "chunked")
@@ -398,14 +398,19 @@ class MockProvider:
         try:
             send("response.created", response={**started, "status": "in_progress", "output": []})
             for index, item in enumerate(reply["output"]):
-                send("response.output_item.added", output_index=index,
-                     item={**{k: v for k, v in item.items() if k not in ("result", "content")}, "status": "in_progress"})
+                added = {k: v for k, v in item.items() if k not in ("result", "content")}
+                if item["type"] == "message":  # its content parts are added one by one (the SDK's stream helper)
+                    added["content"] = []
+                send("response.output_item.added", output_index=index, item={**added, "status": "in_progress"})
                 if item["type"] == "image_generation_call":
                     for partial in range(item.get("partial_images", 0)):
                         send("response.image_generation_call.partial_image", output_index=index, item_id=item["id"],
                              partial_image_index=partial, partial_image_b64="iVBORw0KGgo=")
                     send("response.image_generation_call.completed", output_index=index, item_id=item["id"])
                 if item["type"] == "message":
+                    part = item["content"][0]
+                    send("response.content_part.added", output_index=index, item_id=item["id"], content_index=0,
+                         part={**part, "text": ""})
                     for i, word in enumerate(words):
                         if scenario == "cut" and i == len(words) // 2:
                             h.close_connection = True  # the connection drops: no response.completed
@@ -413,6 +418,10 @@ class MockProvider:
                         send("response.output_text.delta", output_index=index, item_id=item["id"], content_index=0,
                              delta=word, logprobs=[])
                         time.sleep(0.2 if scenario == "slow" else 0.002)
+                    send("response.output_text.done", output_index=index, item_id=item["id"], content_index=0,
+                         text=part["text"], logprobs=[])
+                    send("response.content_part.done", output_index=index, item_id=item["id"], content_index=0,
+                         part=part)
                 send("response.output_item.done", output_index=index, item=item)
             send("response.completed", response=reply)
             h.wfile.write(b"0\r\n\r\n")

@@ -1230,6 +1230,22 @@ def test_a_responses_stream_is_charged_from_its_completed_event(gateway: Gateway
     assert record["cost_nanos"] == text + images + parse_amount("0.03")
 
 
+def test_the_sdks_responses_stream_helper_reads_its_reply_through_the_gateway(gateway: Gateway) -> None:
+    """`client.responses.stream()` builds the reply from every event (an item's content parts added, the
+    text's deltas, the text done): what passes through the gateway is the stream as sent, and it is
+    charged the usage the helper's final response shows."""
+    key = gateway.customer("e2e-responses-helper")
+    with gateway.client(key).responses.stream(model="gpt-4o-mini", input="stream me through the helper",
+                                              max_output_tokens=16,
+                                              extra_headers={"x-policyd-request-id": "e2e-rhelper-1"}) as stream:
+        deltas = "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert final.output_text and final.output_text.split() == deltas.split()
+    record = gateway.record("e2e-rhelper-1")
+    assert (record["status"], record["input_tokens"], record["output_tokens"]) == (
+        "settled", final.usage.input_tokens, final.usage.output_tokens)
+
+
 def test_a_responses_stream_cut_midway_is_charged_for_what_was_made(gateway: Gateway) -> None:
     """Cut after the image and the container were made, half-way through the text: the image (an image at
     gpt-image-1's most, no usage having come) and the container are charged with the text delivered and
