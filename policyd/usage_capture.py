@@ -24,7 +24,7 @@ RESPONSE_BUFFER_BYTES_MAX = 4 * 1024 * 1024  # a non-streamed body is buffered u
 # items (its web searches); an event's type, the response or message it carries
 _USAGE_FIELDS = [("usage",), ("usageMetadata",), ("service_tier",), ("type",), ("response", "usage"),
                  ("response", "service_tier"), ("message", "usage"), ("id",), ("response", "id"), ("tool_usage",),
-                 ("response", "tool_usage")]
+                 ("response", "tool_usage"), ("x_groq", "usage")]
 _USAGE_ITEMS = [("output",), ("response", "output")]
 # the event that ends a stream, where the provider names one: a client gone after it got everything
 _LAST_EVENTS = frozenset({"response.completed", "message_stop", "transcript.text.done", "speech.audio.done",
@@ -271,6 +271,8 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     if endpoint == "responses" and isinstance(data.get("response"), dict):
         data = data["response"]  # response.completed / response.incomplete events
     usage = data.get("usage")
+    if not isinstance(usage, dict) and endpoint in ("chat_completions", "completions"):
+        usage = _dict(data.get("x_groq")).get("usage")  # Groq's streams put it there (its OpenAI-compatible API)
     if not isinstance(usage, dict):
         return False
     if endpoint == "images":  # token-priced image models (gpt-image-1): text and images in, image tokens out

@@ -544,6 +544,22 @@ def test_usage_from_chat_stream_in_odd_chunks() -> None:
     assert (reader.tokens.input_tokens, reader.tokens.cached_input_tokens, reader.tokens.output_tokens) == (11, 4, 3)
 
 
+def test_usage_groq_puts_under_x_groq_is_read() -> None:
+    """Groq's OpenAI-compatible streams give their usage on the last chunk under `x_groq`: read there (a
+    stream otherwise charged as an estimate), whatever the chunk's size."""
+    last = {"choices": [{"delta": {}, "finish_reason": "stop"}],
+            "x_groq": {"id": "req_1", "usage": {"prompt_tokens": 21, "completion_tokens": 6}}}
+    for padding in (0, 5 * 1024 * 1024):  # a chunk too large to hold is read as it passes
+        chunk = {**last, "system_fingerprint": "x" * padding}
+        reader = ResponseReader("chat_completions", stream=True)
+        stream = _sse({"choices": [{"delta": {"content": "fast"}}]}, chunk, b"[DONE]")
+        for i in range(0, len(stream), 65536):  # as it arrives, in pieces
+            reader.feed(stream[i:i + 65536])
+        reader.finish()
+        assert reader.found_usage and (reader.tokens.input_tokens, reader.tokens.output_tokens) == (21, 6)
+        assert closing(200, reader, cut=False).action == "settle"
+
+
 def test_usage_from_anthropic_stream_and_bodies() -> None:
     reader = ResponseReader("anthropic_messages", stream=True)
     reader.feed(b"event: message_start\n" + _sse({"type": "message_start", "message": {
