@@ -333,6 +333,7 @@ class Counters:
         retention_seconds: int,
         payload: str,
         bucket_deltas: list[tuple[str, int, int]],  # (key, delta while reserved, delta after expiry)
+        balance_alerts: tuple[int, ...] = (),  # balances whose crossing downward is an alert (the plan's)
     ) -> SettleResult:
         p = reservation.partition
         keys = [
@@ -352,6 +353,7 @@ class Counters:
         ]
         for _, while_reserved, after_expiry in bucket_deltas:
             args += [str(while_reserved), str(after_expiry)]
+        args += [",".join(str(amount) for amount in balance_alerts), customer_id]
         reply = await self._decide(self._settle, keys, args)
         outcome = _text(reply[0])
         if outcome == "fenced":

@@ -1072,7 +1072,7 @@ class Engine:
             result = await self.counters.settle(
                 reservation, customer_id=r["wallet_id"], key_id=r["api_key_id"], now_ms=self.clock(),
                 fingerprint=fingerprint, charge=charge, retention_seconds=RESULT_RETENTION_SECONDS,
-                payload=payload, bucket_deltas=deltas,
+                payload=payload, bucket_deltas=deltas, balance_alerts=plan.balance_alerts,
             )
         except Fenced:
             raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None

@@ -28,6 +28,7 @@ ENVIRONMENTS = ("development", "staging", "production", "batch", "evaluation", "
 ENDPOINT_NAMES = ENDPOINTS
 POLICY_BYTES_MAX = 1_000_000
 LIMITS_PER_PLAN_MAX = 32
+BALANCE_ALERTS_MAX = 8
 
 
 class PolicyError(ValueError):
@@ -334,6 +335,23 @@ class Plan(_Strict):
     promo_features: tuple[str, ...] = ()  # charged 0 (billing "promo"); the provider cost is still recorded
     fallbacks: dict[str, tuple[str, ...]] = {}  # model -> models to serve while its provider cools down
     limits: tuple[Limit, ...] = Field((), max_length=LIMITS_PER_PLAN_MAX)
+    # amounts of the wallet's balance (the policy's currency) whose crossing by a charge is an alert: a
+    # prepaid customer told to top up before requests are refused (once a crossing: a grant re-arms it)
+    balance_alerts: tuple[int, ...] = Field((), max_length=BALANCE_ALERTS_MAX)
+
+    @field_validator("balance_alerts", mode="before")
+    @classmethod
+    def _balance_alerts(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("balance_alerts is a list of amounts, such as [\"5.00\", \"1.00\"]")
+        amounts = [_nanos(v) for v in value]
+        if any(a <= 0 for a in amounts) or len(set(amounts)) != len(amounts):
+            raise ValueError("balance_alerts are distinct amounts above 0")
+        return tuple(sorted(amounts, reverse=True))
+
+    @field_serializer("balance_alerts")
+    def _render_balance_alerts(self, value: tuple[int, ...]) -> list[str]:
+        return [format_amount(v) for v in value]
 
     @field_validator("endpoints")
     @classmethod

@@ -107,3 +107,51 @@ async def test_spend_spikes_and_thread_loops_become_alerts_once(service: Service
     assert spike["api_key_id"] == key_id and spike["spend_nanos"] >= 5 * spike["usual_nanos"]
     loop = next(a for a in alerts if a["anomaly"] == "thread_loop")
     assert (loop["thread_id"], loop["requests"]) == ("agent-7", 60)
+
+
+async def test_a_prepaid_wallet_taken_below_an_alert_amount_is_an_alert_once_a_crossing(service: Service) -> None:
+    """A plan's `balance_alerts`: a charge that takes a prepaid wallet's balance below one of them is an
+    alert (delivered as any other), once a crossing; a grant that lifts the balance above re-arms it. A
+    postpaid wallet (plan wallet: none) is never alerted."""
+    import yaml
+
+    from policyd.money import parse_amount
+    from tests.conftest import SAMPLE_POLICY
+    from tests.helpers import usage
+
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["plans"]["pro"]["balance_alerts"] = ["0.10", "0.50"]
+    await service.admin.apply_policy(yaml.safe_dump(doc), "alerts.yaml")
+    assert service.book.current.plan("internal-staging").balance_alerts == (parse_amount("0.50"),
+                                                                            parse_amount("0.10"))
+    _, secret = await new_key(service, customer="topup")
+    _, postpaid = await new_key(service, customer="later", plan="internal-staging")
+    await fund(service, "topup", "0.60")
+
+    async def spend(key: str, request_id: str, output_tokens: int = 50_000) -> int:
+        await service.engine.authorize(ask(key, request_id=request_id))
+        return (await service.engine.settle(usage(request_id, 100_000, output_tokens))).balance_after
+
+    balances = [await spend(secret, f"s{i}") for i in range(3)]  # 0.054 a charge: 0.546, 0.492, 0.438
+    await fund(service, "topup", "0.20")  # 0.638: above 0.50 again
+    balances += [await spend(secret, f"t{i}") for i in range(3)]  # 0.584, 0.530, 0.476
+    balances.append(await spend(secret, "big", output_tokens=500_000))  # 0.042 + 0.36 = 0.402: 0.074
+    for i in range(3):
+        await spend(postpaid, f"p{i}")
+    await service.writer.drain()
+    crossed = [e.detail for e in service.store.events("alert") if e.detail.get("label") == "low-balance"]
+    assert [(a["customer_id"], int(a["below"]), int(a["balance"])) for a in crossed] == [
+        ("topup", parse_amount("0.50"), balances[1]), ("topup", parse_amount("0.50"), balances[5]),
+        ("topup", parse_amount("0.10"), balances[6])]
+    assert balances[1] < parse_amount("0.50") <= balances[0] and balances[6] < parse_amount("0.10")
+
+    receiver = Receiver(failures=0)
+    delivery = AlertDelivery(service.store, [receiver.url], "webhook-secret")
+    try:
+        while delivery.deliver_due():
+            pass
+    finally:
+        receiver.close()
+    bodies = [json.loads(body) for _, body, _ in receiver.received]
+    assert sorted(b["below"] for b in bodies if b.get("label") == "low-balance") == sorted(
+        a["below"] for a in crossed)

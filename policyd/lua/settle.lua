@@ -17,6 +17,8 @@
 -- ARGV[6] result retention, seconds
 -- ARGV[7] event payload (JSON made by policyd)
 -- ARGV[8] n buckets, then 2 per bucket: delta while reserved (actual - reserved), delta after expiry (actual)
+-- ARGV[9+2n]  balances whose crossing downward by this charge is an alert, nanos, "a,b" ("" = none)
+-- ARGV[10+2n] the wallet's id (a customer, or "<customer>/<workspace>")
 -- Returns {"settled"|"settled_late", balance_before, balance_after}
 --       | {"exists", balance_before, balance_after} | {"conflict"} | {"released"} | {"unknown"} | {"fenced"}
 
@@ -86,4 +88,18 @@ redis.call('XADD', KEYS[5], '*', 'type', 'settle', 'rid', ARGV[1], 'at', ARGV[2]
   'charge', ARGV[4], 'balance_before', before, 'balance_after', after_text,
   'released', was_reserved and reserved_amount or '0', 'wallet', holds_wallet and '1' or '0',
   'credits', table.concat(consumed, ','), 'd', ARGV[7])
+-- a prepaid wallet's balance taken below an alert amount by this charge (once a crossing: a grant re-arms it)
+local marks = ARGV[9 + bucket_count * 2]
+if holds_wallet and marks and marks ~= '' then
+  local wallet_id = ARGV[10 + bucket_count * 2]
+  local before_amount = tonumber(before)
+  for threshold in string.gmatch(marks, '(%d+)') do
+    local amount = tonumber(threshold)
+    if before_amount >= amount and after < amount then
+      redis.call('XADD', KEYS[5], '*', 'type', 'alert', 'rid', ARGV[1], 'at', ARGV[2], 'label', 'low-balance',
+        'customer_id', string.match(wallet_id, '^[^/]*'), 'wallet_id', wallet_id, 'below', threshold,
+        'balance', after_text)
+    end
+  end
+end
 return {outcome, before, after_text}
