@@ -529,9 +529,18 @@ class Admin:
         persistence, flushed, evicted) or a rebuild died halfway, and every decision on that partition is
         refused until they are whole. Nothing when every gate is open or another replica is at it. Returns
         the counters written, or None when no rebuild ran here."""
-        if None not in await self.counters.gates():
+        client = self.counters.client
+        gates = await self.counters.gates()
+        if None not in gates:
             return None
-        say = log.info if starting else log.warning  # at start: an empty store, a new Redis, an upgrade
+        if starting and gates == [None] * len(gates) and await client.get(redis_keys.POLICY_VERSION) is not None:
+            # counters kept by a policyd from before the gates (an upgrade), not lost: whole as they are. A
+            # rebuild now would rewrite them under the older replicas still deciding, which no gate holds back
+            for partition in range(self.counters.partitions):
+                await client.set(redis_keys.gate(partition), redis_keys.GATE_OPEN, nx=True)
+            log.info("counters kept from before their gates: opened as they are")
+            return None
+        say = log.info if starting else log.warning  # at start: an empty store, a new Redis
         say("counters not known whole (a partition's gate is gone): rebuilding them from SQL")
         try:
             written = await self.rebuild()

@@ -179,3 +179,25 @@ async def test_a_redis_that_evicts_keys_is_named_at_start(caplog: pytest.LogCapt
     finally:
         await client.aclose()
         redis.close()
+
+
+async def test_counters_from_before_the_gates_are_opened_as_they_are_at_start(service: Service,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upgrade: Redis holds the counters an older policyd kept (its policy version among them), with no
+    gates. A replica of this version starting opens them as they are: a rebuild would rewrite the counters
+    under the older replicas still deciding, which no gate holds back. Once running, gates gone are a loss."""
+    _, secret = (lambda c: (c.row.id, c.secret))(await service.admin.create_key(
+        label="t", customer_id="acme", environment="production", plan="pro"))
+    await fund(service, "acme", "1")
+    held = await service.engine.authorize(ask(secret, request_id="in-flight"))
+    for partition in range(service.counters.partitions):
+        await service.counters.client.delete(redis_keys.gate(partition))
+
+    async def no_rebuild() -> int:
+        raise AssertionError("rebuilt")
+
+    monkeypatch.setattr(service.admin, "rebuild", no_rebuild)
+    assert await service.admin.recover(starting=True) is None
+    assert await service.counters.gates() == [redis_keys.GATE_OPEN] * service.counters.partitions
+    assert await service.counters.wallet("acme") == (10**9, held.reserved)  # the hold kept, not rewritten
+    assert (await service.engine.settle(usage("in-flight"))).outcome == "settled"
