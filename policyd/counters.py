@@ -93,8 +93,9 @@ def connect(url: str, connections_max: int = REDIS_CONNECTIONS_MAX) -> aioredis.
 
 def unreachable(error: BaseException) -> bool:
     """Whether an error says the counters could not be used just now (worth retrying): the network,
-    a partition's closed gate (a rebuild, counters lost), or anything redis-py raises (its own ConnectionError and TimeoutError classes,
-    a cluster's failover, a replica that is read-only, a server still loading)."""
+    a partition's closed gate (a rebuild, counters lost), or anything redis-py raises (its own
+    ConnectionError and TimeoutError classes, a cluster's failover, a replica that is read-only, a server
+    still loading)."""
     return isinstance(error, (ConnectionError, OSError, TimeoutError, Fenced)) or \
         type(error).__module__.startswith("redis")
 
@@ -136,6 +137,7 @@ class AuthorizeResult:
     used: tuple[int, ...] = ()  # allowed: each bucket's use once this request is held there, in the holds' order
     state: str = ""
     same_key: bool = True
+    room: int = -1  # denied by the wallet or a limit: what it could still hold (-1: another denial)
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,8 @@ class Counters:
             return AuthorizeResult("allow", reserved=int(reply[1]), shadow=tuple(s for s in shadow.split("|") if s),
                                    used=tuple(int(u) for u in used.split(",") if u))
         if outcome == "deny":
-            return AuthorizeResult("deny", reason=_text(reply[1]), label=_text(reply[2]))
+            return AuthorizeResult("deny", reason=_text(reply[1]), label=_text(reply[2]),
+                                   room=int(reply[3]) if len(reply) > 3 else -1)
         if outcome == "stale":
             return AuthorizeResult("stale")
         return AuthorizeResult("exists", state=_text(reply[1]), same_key=_text(reply[2]) == "1")

@@ -93,6 +93,7 @@ class Shape:
     # standard sizes' largest (1536x1024), times a GIF's frames; 0 = 1 (images, the image_generation tool)
     image_scale: int = 0
     maps_grounding: bool = False  # Gemini's googleMaps tool: a grounded prompt may be billed (per_maps_grounding)
+    output_cap_fixed: bool = False  # no cap can be written into the request (a compaction): never fitted
 
 
 CONTAINER_MEMORY_DEFAULT = "1g"  # OpenAI's, for a container that names no memory_limit

@@ -142,6 +142,17 @@ def _image_model_named(policy: Policy | None, shape: Shape) -> str:
     return upstream if shape.image_model_default or upstream != shape.image_model else ""
 
 
+# endpoints whose output cap a proxy writes into the request (http_api.rewrite_body), which a plan with
+# fit_output_cap may lower to what the wallet or a limit can hold; tries: another limit may refuse the lower
+FITTED_ENDPOINTS = frozenset({"chat_completions", "completions", "responses", "anthropic_messages",
+                              "gemini_generate_content"})
+FIT_TRIES = 3
+
+
+def _capped(request: AuthorizeInput, output_cap: int) -> AuthorizeInput:
+    return replace(request, shape=replace(request.shape, max_output_tokens=output_cap))
+
+
 @dataclass
 class _Plan:
     """What one attempt at a reservation is made of."""
@@ -158,6 +169,7 @@ class _Plan:
     likely_seconds: int = 0  # ... and the audio's seconds (speech to text)
     likely_audio_tokens: int = 0  # ... and its audio tokens, of likely_input_tokens (a model billing those)
     tool_call_cap: int = 0  # the bound the request is to carry for its unbounded search tools (0: none)
+    skip_label: str = ""  # the limit a downgrade was made for, which the cheaper model's attempt leaves out
 
     @classmethod
     def empty(cls, model: str) -> "_Plan":
@@ -360,6 +372,28 @@ class Engine:
                     reserve, result, decision_kind = cheaper, retry, "downgrade"
                 elif retry.outcome == "deny" and retry.reason == "limit":
                     reserve, result = cheaper, retry
+
+        # 5b. a plan that fits the output cap: the largest cap the wallet or limit that refused can still hold
+        # (at least the plan's fit_output_cap_min), written into the request, instead of a refusal
+        for _ in range(FIT_TRIES):
+            if not (result.outcome == "deny" and result.room >= 0 and plan is not None and plan.fit_output_cap
+                    and request.endpoint in FITTED_ENDPOINTS and not request.shape.output_cap_fixed):
+                break
+            cap = self._largest_output_cap(request, owner, policy, plan, reserve, result.label, result.room, at,
+                                           key.limits, prior_tokens)
+            if cap < plan.fit_output_cap_min:
+                break
+            fitted = self._attempt(_capped(request, cap), owner, policy, plan, reserve.served_model, at,
+                                   skip_label=reserve.skip_label, own_limits=key.limits, prior_tokens=prior_tokens)
+            fitted.fallback_reason = reserve.fallback_reason
+            retry = await self._reserve(request, request_id, secret_hash, key.terms, owner, policy, plan, fitted, "",
+                                        at, started, decision=decision_kind)
+            if retry is None:
+                return await self._counters_down(request, request_id, base, owner, policy, plan, reserve, at, started)
+            if retry.outcome == "stale":
+                self.directory.forget(secret_hash)
+                return STALE
+            reserve, result = fitted, retry
 
         # 6. the decision
         common = dict(
@@ -664,6 +698,31 @@ class Engine:
                 return alternative, f"{price.provider}_cooling_down"
         return model, ""
 
+    def _largest_output_cap(self, request: AuthorizeInput, owner: Owner, policy: Policy | None, plan: Plan,
+                            reserve: _Plan, label: str, room: int, at: int, own_limits: tuple[Limit, ...],
+                            prior_tokens: int) -> int:
+        """The largest output cap below the one reserved whose hold in the wallet (`label` "wallet") or in the
+        limit `label` is at most `room`, what it could still hold; 0 when not even the plan's least fits."""
+        assert policy is not None
+
+        def held(cap: int) -> int:
+            attempt = self._attempt(_capped(request, cap), owner, policy, plan, reserve.served_model, at,
+                                    skip_label=reserve.skip_label, own_limits=own_limits, prior_tokens=prior_tokens)
+            if label == "wallet":
+                return attempt.charge
+            return next((h.amount for h in attempt.holds if h.label == label), room + 1)
+
+        low, high = plan.fit_output_cap_min, reserve.output_cap - 1
+        if high < low or held(low) > room:
+            return 0
+        while low < high:  # held(low) fits; the hold grows with the cap
+            middle = (low + high + 1) // 2
+            if held(middle) <= room:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
     def _attempt(self, request: AuthorizeInput, owner: Owner, policy: Policy, plan: Plan, model: str, at: int,
                  skip_label: str, own_limits: tuple[Limit, ...] = (), prior_tokens: int = 0) -> _Plan:
         """What reserving this request on `model` takes: its estimate, charge and the holds of the plan's
@@ -765,7 +824,8 @@ class Engine:
                 holds.append(hold)
                 by_label[cap.label] = (cap, window.end)
         return _Plan(model, price, input_tokens, output_cap, charge, holds, by_label, likely_input_tokens=likely,
-                     likely_seconds=likely_seconds, likely_audio_tokens=likely_audio, tool_call_cap=tool_call_cap)
+                     likely_seconds=likely_seconds, likely_audio_tokens=likely_audio, tool_call_cap=tool_call_cap,
+                     skip_label=skip_label)
 
     @staticmethod
     def _tokens_per_image(policy: Policy, plan: Plan, image_model: str) -> int:

@@ -66,7 +66,7 @@ class Exchange:
                    requested_model=decision.requested_model, served_model=decision.served_model,
                    upstream_model=decision.upstream_model, usage_unasked=observed and call.usage_unasked,
                    output_cap_field=decision.output_cap_field, output_cap=decision.max_output_tokens,
-                   client_gave_cap=call.keeps_its_cap,
+                   client_gave_cap=call.keeps_its_cap_under(decision.max_output_tokens),
                    account=account, model_in_path=call.model_in_path, input_tokens=call.input_tokens,
                    observed=observed, stored=call.stores_reply, tool_call_cap=decision.max_tool_calls,
                    image_model=decision.image_model)

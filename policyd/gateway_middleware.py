@@ -171,8 +171,8 @@ class PolicydMiddleware:
                        decision: Decision) -> None:
         rewritten = None if call.body is None else http_api.rewrite_body(  # a conversation or file made: no body read
             call.body, call.endpoint, decision.upstream_model, call.model, decision.max_output_tokens,
-            call.keeps_its_cap, call.stream, call.model_in_path, decision.max_tool_calls, decision.image_model,
-            decision.output_cap_field)
+            call.keeps_its_cap_under(decision.max_output_tokens), call.stream, call.model_in_path,
+            decision.max_tool_calls, decision.image_model, decision.output_cap_field)
         if rewritten is not None:
             body = http_api.encoded_body(rewritten)
         exchange = _Exchange(decision.request_id, decision.served_model,

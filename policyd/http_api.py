@@ -222,6 +222,11 @@ class HttpCall:
         output is its own size: reserved at the model's or plan's default cap)."""
         return self.max_output_tokens > 0 or self.compaction
 
+    def keeps_its_cap_under(self, decided: int) -> bool:
+        """`keeps_its_cap`, unless the decision holds a smaller cap than the request gives (a plan that
+        fits the cap to what the wallet can hold): then the decision's is written over the request's."""
+        return self.keeps_its_cap and not (decided and self.max_output_tokens > decided)
+
     def authorize_input(self) -> AuthorizeInput:
         return AuthorizeInput(
             api_key=self.api_key, endpoint=self.endpoint, model=self.model, attribution=self.attribution,
@@ -236,7 +241,8 @@ class HttpCall:
                         image_model_default=self.image_model_default,
                         image_generation_calls=self.image_generation_calls, partial_images=self.partial_images,
                         containers=self.containers, container_memory=self.container_memory,
-                        image_scale=self.image_scale, maps_grounding=self.maps_grounding),
+                        image_scale=self.image_scale, maps_grounding=self.maps_grounding,
+                        output_cap_fixed=self.compaction),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, previous_response=self.previous_response,
             creates=self.creates, conversation=self.conversation, files=self.files,
@@ -1096,7 +1102,13 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
         body["max_tokens"] = output_cap
         changed = True
     if output_cap and not client_gave_cap:
-        if endpoint == "chat_completions":
+        given = [name for name in _OUTPUT_CAP_FIELDS.get(endpoint, ()) if body.get(name) is not None]
+        for name in given:  # a larger cap of the client's (a plan fitting the cap to the wallet): lowered there
+            body[name] = output_cap
+        if endpoint == "chat_completions" and output_cap_field == "max_tokens":  # the one field it reads
+            body.pop("max_completion_tokens", None)
+            body["max_tokens"] = output_cap
+        elif endpoint == "chat_completions" and not given:
             body[output_cap_field or "max_completion_tokens"] = output_cap
         elif endpoint == "completions":
             body["max_tokens"] = output_cap

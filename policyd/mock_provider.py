@@ -381,7 +381,8 @@ class MockProvider:
     def _responses_stream(self, h: Any, reply: dict[str, Any], words: list[str], scenario: str) -> None:
         """A Responses API stream, as OpenAI sends it: response.created, each output item added and done (the
         image's partial images and its completed event; the message's content part added, its text deltas,
-        the text and the part done), then response.completed with the usage. `cut` drops the connection half-way through the text, `slow` waits 200 ms a delta."""
+        the text and the part done), then response.completed with the usage. `cut` drops the connection
+        half-way through the text, `slow` waits 200 ms a delta."""
         h.send_response(200)
         h.send_header("content-type", "text/event-stream")
         h.send_header("transfer-encoding", "chunked")

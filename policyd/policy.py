@@ -335,6 +335,10 @@ class Plan(_Strict):
     promo_features: tuple[str, ...] = ()  # charged 0 (billing "promo"); the provider cost is still recorded
     fallbacks: dict[str, tuple[str, ...]] = {}  # model -> models to serve while its provider cools down
     limits: tuple[Limit, ...] = Field((), max_length=LIMITS_PER_PLAN_MAX)
+    # a request whose whole output cap the wallet or a limit cannot hold is served with the largest cap they
+    # can (written into the request), when that is at least fit_output_cap_min tokens, rather than refused
+    fit_output_cap: bool = False
+    fit_output_cap_min: int = Field(256, ge=1, le=1_000_000)
     # amounts of the wallet's balance (the policy's currency) whose crossing by a charge is an alert: a
     # prepaid customer told to top up before requests are refused (once a crossing: a grant re-arms it)
     balance_alerts: tuple[int, ...] = Field((), max_length=BALANCE_ALERTS_MAX)

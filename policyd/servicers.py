@@ -96,7 +96,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             containers=s.containers,
             container_memory=s.container_memory or (CONTAINER_MEMORY_DEFAULT if s.containers else ""),
             image_scale=s.image_scale,
-            maps_grounding=s.maps_grounding,
+            maps_grounding=s.maps_grounding, output_cap_fixed=s.output_cap_fixed,
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,

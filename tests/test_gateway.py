@@ -903,6 +903,35 @@ def test_a_request_the_provider_could_read_otherwise_is_refused_before_it(gatewa
     assert gateway.wallet("e2e-lax") == before
 
 
+def test_a_wallet_that_cannot_hold_the_whole_output_cap_is_served_the_cap_it_can(gateway: Gateway) -> None:
+    """A plan with fit_output_cap: a coding agent's 30,000 output tokens, which the wallet cannot hold, go to
+    the provider lowered to the cap it can (in the field the client gave, max_tokens or
+    max_completion_tokens, or the Responses API's max_output_tokens), rather than being refused; the reply
+    and its charge stay within what was held."""
+    key = gateway.customer("e2e-fitting", plan="fitting", credit="0.005")
+    client = gateway.client(key)
+    asks = (("max_tokens", "chat"), ("max_completion_tokens", "chat"), ("max_output_tokens", "responses"))
+    for field, api in asks:
+        content = f"fit me by {field}"
+        if api == "chat":
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": content}], **{field: 30_000})
+        else:
+            raw = client.responses.with_raw_response.create(model="gpt-4o-mini", input=content, **{field: 30_000})
+        record = gateway.record(raw.headers["x-policyd-request-id"])
+        assert record["status"] == "settled" and 64 <= record["max_output_tokens"] < 30_000
+        (sent,) = [r["body"] for r in gateway.mock.received() if content in json.dumps(r["body"])]
+        assert sent[field] == record["max_output_tokens"]  # lowered where the client gave it
+        assert not {"max_tokens", "max_completion_tokens", "max_output_tokens"} - {field} & set(sent)
+        assert record["charge_nanos"] <= record["reserved_nanos"]
+    assert gateway.wallet("e2e-fitting").balance_nanos >= 0
+    # a plan without it refuses the same request
+    with pytest.raises(openai.RateLimitError) as refused:
+        gateway.client(gateway.customer("e2e-not-fitting", plan="free", credit="0.005")).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "refuse me"}], max_tokens=30_000)
+    assert refused.value.code == "insufficient_quota"
+
+
 def test_the_image_generation_tool_is_charged_at_its_image_models_prices(gateway: Gateway) -> None:
     """The Responses API's image_generation tool: its images are billed apart from the response's usage
     (tool_usage.image_gen), at the image model's prices. Reserved: each call (the plan's default bound,

@@ -183,6 +183,17 @@ def post(url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str,
         return error.code, json.loads(error.read())
 
 
+def test_a_cap_fitted_to_the_wallet_goes_to_the_provider_lowered(gateway: ExampleGateway) -> None:
+    """The middleware writes a fitted output cap over the client's larger one, as Envoy does."""
+    key = gateway.customer("mw-fitting", plan="fitting", credit="0.005")
+    raw = gateway.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "fit me, middleware"}], max_tokens=30_000)
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert record["status"] == "settled" and 64 <= record["max_output_tokens"] < 30_000
+    (sent,) = gateway.received("fit me, middleware")
+    assert sent["body"]["max_tokens"] == record["max_output_tokens"] and "max_completion_tokens" not in sent["body"]
+
+
 def test_a_key_in_the_query_is_read_and_never_reaches_the_provider(gateway: ExampleGateway) -> None:
     key = gateway.customer("mw-query-key")
     body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "mw query key"}],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import itertools
 from dataclasses import replace
@@ -1510,3 +1511,79 @@ async def test_a_model_the_provider_names_otherwise_is_sent_by_that_name_and_cha
     with pytest.raises(PolicydError, match="upstream_model"):  # one name, no spaces
         await service.admin.apply_policy(ALIASED.replace("upstream_model: gpt-4o-mini-2024-07-18",
                                                          "upstream_model: 'gpt 4o'"), "bad.yaml")
+
+
+async def _fitting_policy(service: Service, **plan: object) -> None:
+    import yaml
+
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["plans"]["fitting"] = {"extends": "pro", "fit_output_cap": True, "fit_output_cap_min": 100, **plan}
+    await service.admin.apply_policy(yaml.safe_dump(doc), "fitting.yaml")
+
+
+async def test_a_plan_that_fits_the_output_cap_serves_the_largest_the_wallet_can_hold(service: Service) -> None:
+    """A coding agent asks 32,000 output tokens a request: a wallet that cannot hold that much is not
+    refused while it can hold a useful cap; the request is held, and served, with the largest cap it can
+    (written into the request by the proxy). Nothing can overshoot: the hold is a true bound."""
+    await _fitting_policy(service)
+    _, rich = await new_key(service, customer="rich", plan="fitting")
+    await fund(service, "rich", "100")
+
+    async def held(cap: int, request_id: str) -> int:
+        d = await service.engine.authorize(ask(rich, request_id=request_id, max_output_tokens=cap))
+        assert d.decision == "allow" and d.max_output_tokens == cap
+        await service.engine.release(request_id, "test")
+        return d.reserved
+
+    whole = await held(32_000, "whole")
+    _, agent = await new_key(service, customer="agent", plan="fitting")
+    await fund(service, "agent", format_amount(whole // 2))
+    fitted = await service.engine.authorize(ask(agent, request_id="fitted", max_output_tokens=32_000))
+    assert fitted.decision == "allow" and 100 <= fitted.max_output_tokens < 32_000
+    assert fitted.reserved <= whole // 2 < await held(fitted.max_output_tokens + 1, "one-more")  # the largest
+    assert await service.counters.wallet("agent") == (whole // 2, fitted.reserved)
+    # the next one: what is left cannot hold the plan's least (100 tokens): refused, as without fitting
+    refused = await service.engine.authorize(ask(agent, request_id="refused", max_output_tokens=32_000))
+    assert refused.reason == "insufficient_quota"
+    settled = await service.engine.settle(usage("fitted", 100, 50))
+    assert settled.balance_after == whole // 2 - settled.charge
+    # a plan without it refuses as before; a compaction, whose cap no proxy can write, is never fitted
+    _, plain = await new_key(service, customer="agent", plan="pro")
+    assert (await service.engine.authorize(ask(plain, max_output_tokens=10**6))).reason == "insufficient_quota"
+    _, compactor = await new_key(service, customer="compactor", plan="fitting")
+    await fund(service, "compactor", format_amount(await held(300, "small")))  # less than the default cap's hold
+    plain_response = ask(compactor, request_id="response", endpoint="responses", max_output_tokens=0)
+    compaction = replace(plain_response, shape=replace(plain_response.shape, output_cap_fixed=True))
+    assert (await service.engine.authorize(compaction)).reason == "insufficient_quota"
+    fitted_response = await service.engine.authorize(plain_response)  # the default cap, fitted
+    assert fitted_response.decision == "allow" and 100 <= fitted_response.max_output_tokens < 1024
+    assert (await service.admin.audit()).ok
+
+
+async def test_concurrent_requests_fitted_to_one_wallet_never_hold_more_than_it_has(service: Service) -> None:
+    await _fitting_policy(service)
+    _, agent = await new_key(service, customer="swarm", plan="fitting")
+    await fund(service, "swarm", "0.05")
+    decisions = await asyncio.gather(*(service.engine.authorize(ask(agent, request_id=f"swarm-{i}",
+                                                                    max_output_tokens=100_000))
+                                       for i in range(24)))
+    allowed = [d for d in decisions if d.decision == "allow"]
+    assert allowed and any(d.max_output_tokens < 100_000 for d in allowed)
+    assert all(d.reason == "insufficient_quota" for d in decisions if d.decision != "allow")
+    assert sum(d.reserved for d in allowed) == (await service.counters.wallet("swarm"))[1] <= parse_amount("0.05")
+    for d in allowed:  # each served its whole fitted cap: the wallet ends at or above nothing
+        await service.engine.settle(usage(d.request_id, 50, d.max_output_tokens))  # input within its estimate
+    balance, reserved = await service.counters.wallet("swarm")
+    assert reserved == 0 and balance >= 0
+    assert (await service.admin.audit()).ok
+
+
+async def test_a_money_limit_fits_the_output_cap_too(service: Service) -> None:
+    """The limit that refuses may be a budget rather than the wallet: the cap is fitted to what it can
+    still hold; a request limit, which no cap moves, refuses as before."""
+    await _fitting_policy(service, limits=[{"name": "day", "scope": "key", "window": "day", "unit": "money",
+                                            "limit": "0.004"}])
+    _, agent = await new_key(service, customer="budgeted", plan="fitting")
+    await fund(service, "budgeted", "100")
+    d = await service.engine.authorize(ask(agent, request_id="budgeted-1", max_output_tokens=50_000))
+    assert d.decision == "allow" and 100 <= d.max_output_tokens < 50_000 and d.reserved <= parse_amount("0.004")

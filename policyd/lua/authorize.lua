@@ -33,7 +33,8 @@
 -- Numbers: every amount is an integer below 2^53, so Lua doubles hold them exactly;
 -- mutations use HINCRBY/INCRBY with the ARGV strings; numbers become strings only
 -- through string.format('%d'), never tostring (which rounds to 14 digits).
--- Returns {"allow", reserved, shadow labels "a|b", each bucket's use after it "u1,u2,..."} | {"deny", reason, label}
+-- Returns {"allow", reserved, shadow labels "a|b", each bucket's use after it "u1,u2,..."}
+--       | {"deny", reason, label[, the room the wallet or the limit had left: what it could still hold]}
 --       | {"exists", state, "1" when the same key made it} | {"fenced"} | {"stale"}.
 
 local function fmt(n) return string.format('%d', n) end
@@ -113,7 +114,7 @@ if check_wallet then
   local available = tonumber(wallet[1] or '0') - tonumber(wallet[2] or '0')
   if available < amount then
     record('deny', 'insufficient_quota', 'wallet', '0')
-    return {'deny', 'insufficient_quota', 'wallet'}
+    return {'deny', 'insufficient_quota', 'wallet', fmt(math.max(available, 0))}
   end
 end
 
@@ -130,7 +131,7 @@ for i = 1, bucket_count do
       shadow[#shadow + 1] = label
     else
       record('deny', 'limit', label, '0')
-      return {'deny', 'limit', label}
+      return {'deny', 'limit', label, fmt(math.max(limit - used, 0))}
     end
   end
 end

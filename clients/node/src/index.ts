@@ -84,6 +84,7 @@ export interface AuthorizeInput {
   imageCount?: number;      // images asked for (an images request's n): each reserved at the model's most per image
   serviceTier?: string;     // the processing tier asked for (OpenAI's service_tier; Anthropic's "fast_mode", "us")
   serviceTierImplied?: boolean;  // serviceTier is the provider's own default (Anthropic's priority): never refused
+  outputCapFixed?: boolean;  // no output cap can be written into the request (a compaction): never fitted
   imageModel?: string;      // the Responses API's image_generation tool: the image model that prices its images
   imageModelDefault?: boolean;   // ... the tool names none: Decision.response.imageModel says the one to set
   imageGenerationCalls?: number; // ... its calls' bound (max_tool_calls)
@@ -212,6 +213,7 @@ export class PolicyClient {
         imageGenerationCalls: input.imageGenerationCalls ?? 0, partialImages: input.partialImages ?? 0,
         containers: input.containers ?? 0, containerMemory: input.containerMemory ?? "",
         imageScale: input.imageScale ?? 0, mapsGrounding: input.mapsGrounding ?? false,
+        outputCapFixed: input.outputCapFixed ?? false,
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",
