@@ -374,6 +374,9 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: gateway
+          # every client is external: Envoy then drops the x-envoy-* instructions a client sends (retries,
+          # per-try timeouts), which would have one request reach the provider several times, billed each
+          internal_address_config: {{unix_sockets: false, cidr_ranges: []}}
           stream_idle_timeout: {route_timeout_seconds}s  # a reply not streamed may think as long as the route waits
           max_request_headers_kb: {REQUEST_HEADERS_KB_MAX}
           common_http_protocol_options: {{max_headers_count: {REQUEST_HEADERS_COUNT_MAX}}}

@@ -373,6 +373,22 @@ def test_a_web_page_of_an_allowed_origin_calls_the_gateway_from_the_browser(gate
     assert sorted(r.status for r in gateway.records("e2e-browser")) == ["settled", "settled"]
 
 
+def test_a_client_cannot_make_the_gateway_try_the_provider_again(gateway: Gateway) -> None:
+    """Envoy's router reads retry and timeout instructions from x-envoy-* request headers: a client that
+    could set them would have one request sent to the provider several times (each attempt billed, one
+    charged). The gateway takes none from a client: one request, one provider call, one record."""
+    key = gateway.customer("e2e-no-retries")
+    sneaky = {"x-envoy-retry-on": "5xx,reset,retriable-status-codes", "x-envoy-retriable-status-codes": "500",
+              "x-envoy-max-retries": "3", "x-envoy-upstream-rq-per-try-timeout-ms": "1", "x-mock-scenario":
+              "server_error"}
+    with pytest.raises(openai.InternalServerError):
+        gateway.client(key).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "try me once"}], max_tokens=8,
+            extra_headers=sneaky)
+    assert len([r for r in gateway.mock.received() if "try me once" in json.dumps(r["body"])]) == 1
+    assert [r.status for r in gateway.records("e2e-no-retries")] == ["released"]
+
+
 def test_a_key_in_the_query_opens_the_gateway_and_never_reaches_the_provider(gateway: Gateway) -> None:
     """Gemini's clients may send the key as ?key=: read it, and take it out of the path that goes upstream."""
     key = gateway.customer("e2e-query-key")

@@ -27,6 +27,8 @@ def test_shipped_envoy_configs_are_the_rendered_defaults() -> None:
     with pytest.raises(ValueError):
         render(shape="ext_authz")
     assert "failure_mode_allow: false" in render() and "failure_mode_allow: true" in render(failure_mode_allow=True)
+    # no client is internal: Envoy takes no x-envoy-* retry or timeout instruction from one (tests/test_gateway.py)
+    assert "internal_address_config: {unix_sockets: false, cidr_ranges: []}" in render()
     # no web origin may call the gateway from a browser unless named (tests/test_gateway.py: one named)
     assert "cors" not in render() and "envoy.filters.http.cors" in render(cors_origins=("*",))
     for origin in ("app.example", "https://app.example/path", "https://a.example, https://b.example"):
