@@ -515,8 +515,8 @@ class Admin:
                 await self.writer.drain()
                 written = await self._rewrite()
             except BaseException:
-                for gate in gates:
-                    await client.delete(gate)
+                for gate in gates:  # closed for good, until a rebuild succeeds (not an upgrade's missing gate)
+                    await client.set(gate, redis_keys.GATE_BROKEN)
                 raise
             for gate in gates:
                 await client.set(gate, redis_keys.GATE_OPEN)
@@ -525,14 +525,14 @@ class Admin:
             await client.delete(redis_keys.REBUILD_LOCK)
 
     async def recover(self, starting: bool = False) -> int | None:
-        """Rebuild the counters when a partition's gate is gone: Redis lost them (restarted without
-        persistence, flushed, evicted) or a rebuild died halfway, and every decision on that partition is
-        refused until they are whole. Nothing when every gate is open or another replica is at it. Returns
-        the counters written, or None when no rebuild ran here."""
+        """Rebuild the counters when a partition's gate is gone (Redis lost them: restarted without
+        persistence, flushed, evicted; or a rebuild died) or broken (a rebuild failed): every decision on that
+        partition is refused until they are whole. Nothing when every gate is open or another replica is at
+        it. Returns the counters written, or None when no rebuild ran here."""
         client = self.counters.client
         gates = await self.counters.gates()
-        if None not in gates:
-            return None
+        if all(g == redis_keys.GATE_OPEN for g in gates) or redis_keys.GATE_REBUILDING in gates:
+            return None  # whole, or another replica is at it (its gates lapse if it dies)
         if starting and gates == [None] * len(gates) and await client.get(redis_keys.POLICY_VERSION) is not None:
             # counters kept by a policyd from before the gates (an upgrade), not lost: whole as they are. A
             # rebuild now would rewrite them under the older replicas still deciding, which no gate holds back

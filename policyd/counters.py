@@ -194,7 +194,7 @@ class Counters:
         return Fenced(partition)
 
     async def gates(self) -> list[str | None]:
-        """Each partition's gate: open, rebuilding, or None (its counters lost)."""
+        """Each partition's gate: open, rebuilding, broken (a rebuild failed), or None (its counters lost)."""
         found = await asyncio.gather(*(self.client.get(redis_keys.gate(p)) for p in range(self.partitions)))
         return [_text(g) if g is not None else None for g in found]
 

@@ -386,6 +386,8 @@ class Engine:
             fitted = self._attempt(_capped(request, cap), owner, policy, plan, reserve.served_model, at,
                                    skip_label=reserve.skip_label, own_limits=key.limits, prior_tokens=prior_tokens)
             fitted.fallback_reason = reserve.fallback_reason
+            if fitted.fallback_reason.startswith("downgraded:"):  # the cheaper model a limit left, fitted
+                decision_kind = "downgrade"
             retry = await self._reserve(request, request_id, secret_hash, key.terms, owner, policy, plan, fitted, "",
                                         at, started, decision=decision_kind)
             if retry is None:

@@ -17,9 +17,9 @@ script appends its event atomically with the counter change.
     pd:{pN}:credit_deadlines            zset: "<customer> <grant id>" -> expiry ms (the sweeper's list)
     pd:{pN}:events                      the partition's event stream (drained to SQL)
     pd:{pN}:gate                        "open" while the partition's counters are whole (written from SQL, kept
-                                        since); "rebuilding" while a rebuild rewrites them; gone when Redis lost
-                                        them (a restart without persistence, a flush, an eviction). Every script
-                                        refuses ("fenced") unless it is open
+                                        since); "rebuilding" while a rebuild rewrites them; "broken" when one
+                                        failed; gone when Redis lost them (a restart without persistence, a
+                                        flush, an eviction). Every script refuses ("fenced") unless it is open
     pd:{caps}:b:cap:<name>:<unit>:<window>:<start>   an operator's cap (every customer's requests count in it:
                                         scripts touch it beside one partition's keys, so caps need a single Redis)
     pd:resp:<id>                        whose a stored response, conversation or file is (a day; then SQL)
@@ -116,6 +116,7 @@ def gate(partition: int) -> str:
 
 GATE_OPEN = "open"
 GATE_REBUILDING = "rebuilding"
+GATE_BROKEN = "broken"  # a rebuild failed halfway: closed until one succeeds
 REBUILD_LOCK = f"{PREFIX}:rebuild"
 
 

@@ -21,6 +21,10 @@ from tests.servers import RedisServer
 MONTH_REQUESTS = [{"window": "month", "unit": "requests", "limit": 5}]
 
 
+async def _no_rebuild() -> int:
+    raise AssertionError("rebuilt")
+
+
 async def _open(service: Service) -> None:
     deadline = time.monotonic() + 30
     while await service.counters.gates() != [redis_keys.GATE_OPEN] * service.counters.partitions:
@@ -68,13 +72,20 @@ async def test_a_rebuild_that_fails_leaves_the_gates_closed_and_is_tried_again(s
     await service.counters.client.flushall()
     with pytest.raises(ConnectionError):
         await service.admin.rebuild()
-    assert await service.counters.gates() == [None] * service.counters.partitions
+    broken = [redis_keys.GATE_BROKEN] * service.counters.partitions
+    assert await service.counters.gates() == broken
+    # broken, not gone: a replica starting does not take the counters for an older policyd's, whole as they are
+    await service.counters.client.set(redis_keys.POLICY_VERSION, "1")
+    service.admin.rebuild, rebuild = (lambda: _no_rebuild()), service.admin.rebuild
+    with pytest.raises(AssertionError, match="rebuilt"):
+        await service.admin.recover(starting=True)
+    service.admin.rebuild = rebuild
     assert await service.counters.client.exists(redis_keys.REBUILD_LOCK) == 0
     refused = await service.engine.authorize(ask(secret, request_id="half"))
     assert refused.reason == "counters_unavailable"
     assert service._recovery is not None
     await service._recovery  # tried at once, and failed the same way
-    assert await service.counters.gates() == [None] * service.counters.partitions
+    assert await service.counters.gates() == broken
     monkeypatch.setattr(service.admin, "_rewrite", rewrite)
     service._next_recovery = 0.0  # the next try is due
     assert (await service.engine.authorize(ask(secret, request_id="retry"))).reason == "counters_unavailable"
