@@ -46,6 +46,7 @@ from policyd.domain import (
     Shape,
     UsageReport,
 )
+from policyd.money import format_amount
 from policyd.policy import Cap, Limit, ModelPrice, Plan, Policy
 from policyd.policy_book import PolicyBook
 from policyd.pricing import (AUDIO_TOKENS_PER_SECOND, PARTIAL_IMAGE_OUTPUT_TOKENS, Quantities, audio_seconds,
@@ -147,6 +148,10 @@ def _image_model_named(policy: Policy | None, shape: Shape) -> str:
 FITTED_ENDPOINTS = frozenset({"chat_completions", "completions", "responses", "anthropic_messages",
                               "gemini_generate_content"})
 FIT_TRIES = 3
+# where each API reads a request's output cap: the param of a refusal that asks for a smaller one
+OUTPUT_CAP_PARAMS = {"chat_completions": "max_completion_tokens", "completions": "max_tokens",
+                     "responses": "max_output_tokens", "anthropic_messages": "max_tokens",
+                     "gemini_generate_content": "generationConfig.maxOutputTokens"}
 
 
 def _capped(request: AuthorizeInput, output_cap: int) -> AuthorizeInput:
@@ -312,6 +317,7 @@ class Engine:
             request = replace(request, shape=replace(request.shape, image_model=plan.image_generation_model))
         preset = ""
         param = ""
+        preset_message = ""
         if policy is None:
             preset = "no_policy"
         elif plan is None:
@@ -342,6 +348,9 @@ class Engine:
             attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="", own_limits=key.limits,
                                     prior_tokens=prior_tokens)
             attempt.fallback_reason = fallback_reason
+            if plan.max_request_charge and attempt.charge > plan.max_request_charge:
+                attempt, preset, param, preset_message = self._within_request_charge(
+                    request, owner, policy, plan, attempt, at, key.limits, prior_tokens)
         reserve = attempt or _Plan.empty(request.model)
 
         # 5. the atomic step; a downgrade limit may turn a deny into a second attempt on a cheaper model
@@ -433,7 +442,8 @@ class Engine:
                 retry_after = max(1, -(-(window_end * 1000 - at) // 1000)) if window_end else 0
             elif reason == "concurrency_limit_exceeded":
                 retry_after = 1
-            return self._deny(common, reason, MESSAGES.get(reason, ""), param, retry_after, result.label)
+            message = preset_message if reason == preset and preset_message else MESSAGES.get(reason, "")
+            return self._deny(common, reason, message, param, retry_after, result.label)
         return Decision(
             decision=decision_kind, reserved=result.reserved, max_output_tokens=reserve.output_cap,
             reservation_expires_ms=at + self.reservation_ttl_ms, shadow_denials=result.shadow,
@@ -699,6 +709,27 @@ class Engine:
                     and Engine._may_serve(policy, plan, scopes, environment, alternative, shape):
                 return alternative, f"{price.provider}_cooling_down"
         return model, ""
+
+    def _within_request_charge(self, request: AuthorizeInput, owner: Owner, policy: Policy, plan: Plan,
+                               attempt: _Plan, at: int, own_limits: tuple[Limit, ...],
+                               prior_tokens: int) -> tuple[_Plan, str, str, str]:
+        """A request whose hold passes the plan's max_request_charge: (the attempt, the denial, its param, its
+        message). With fit_output_cap, held with the largest output cap within the bound; else refused, the
+        message saying what it may cost and what the plan allows."""
+        if plan.fit_output_cap and request.endpoint in FITTED_ENDPOINTS and not request.shape.output_cap_fixed:
+            cap = self._largest_output_cap(request, owner, policy, plan, attempt, "wallet", plan.max_request_charge,
+                                           at, own_limits, prior_tokens)
+            if cap >= plan.fit_output_cap_min:
+                fitted = self._attempt(_capped(request, cap), owner, policy, plan, attempt.served_model, at,
+                                       skip_label=attempt.skip_label, own_limits=own_limits, prior_tokens=prior_tokens)
+                fitted.fallback_reason = attempt.fallback_reason
+                return fitted, "", "", ""
+        currency = policy.document.currency
+        message = (f"This request may cost up to {format_amount(attempt.charge)} {currency} (its input and up to "
+                   f"{attempt.output_cap} output tokens); this API key's plan allows a single request at most "
+                   f"{format_amount(plan.max_request_charge)} {currency}: ask for fewer output tokens, or send "
+                   f"less input.")
+        return attempt, "request_too_costly", OUTPUT_CAP_PARAMS.get(request.endpoint, ""), message
 
     def _largest_output_cap(self, request: AuthorizeInput, owner: Owner, policy: Policy | None, plan: Plan,
                             reserve: _Plan, label: str, room: int, at: int, own_limits: tuple[Limit, ...],

@@ -339,6 +339,18 @@ class Plan(_Strict):
     # can (written into the request), when that is at least fit_output_cap_min tokens, rather than refused
     fit_output_cap: bool = False
     fit_output_cap_min: int = Field(256, ge=1, le=1_000_000)
+    # the most one request may hold (its worst case, what the wallet reserves for it), in the policy's
+    # currency; 0 = no bound. Past it: refused (request_too_costly), or its output cap fitted to it
+    max_request_charge: int = 0
+
+    @field_validator("max_request_charge", mode="before")
+    @classmethod
+    def _max_request_charge(cls, value: Any) -> Any:
+        return 0 if value in (None, 0, "", "0") else _nanos(value)
+
+    @field_serializer("max_request_charge")
+    def _render_max_request_charge(self, value: int) -> str | int:
+        return format_amount(value) if value else 0
     # amounts of the wallet's balance (the policy's currency) whose crossing by a charge is an alert: a
     # prepaid customer told to top up before requests are refused (once a crossing: a grant re-arms it)
     balance_alerts: tuple[int, ...] = Field((), max_length=BALANCE_ALERTS_MAX)

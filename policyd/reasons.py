@@ -41,6 +41,7 @@ _REASONS = [
     Reason("image_model_required", 400, "invalid_request_error"),  # an image tool naming no model, no plan default
     Reason("no_policy", 503, "server_error"),
     Reason("unknown_plan", 403, "permission_error"),
+    Reason("request_too_costly", 400, "invalid_request_error"),  # past the plan's max_request_charge
     Reason("insufficient_quota", 429, "insufficient_quota"),
     Reason("budget_exceeded", 429, "budget_exceeded"),
     Reason("rate_limit_exceeded", 429, "rate_limit_exceeded"),
@@ -87,6 +88,8 @@ MESSAGES = {
     "file_not_found": "No file with this id was uploaded with this API key's account.",
     "unknown_plan": "The plan of this API key is not in the active policy.",
     "no_policy": "No policy has been applied yet.",
+    "request_too_costly": "This request may cost more than this API key's plan allows a single request: ask for "
+                          "fewer output tokens, or send less input.",
     "insufficient_quota": "You exceeded your current quota: the prepaid balance cannot cover this request.",
     "budget_exceeded": "A budget limit has been reached.",
     "rate_limit_exceeded": "A rate limit has been reached.",

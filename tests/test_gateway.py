@@ -919,6 +919,21 @@ def test_a_request_the_provider_could_read_otherwise_is_refused_before_it(gatewa
     assert gateway.wallet("e2e-lax") == before
 
 
+def test_a_request_past_the_plans_max_request_charge_is_refused_before_the_provider(gateway: Gateway) -> None:
+    key = gateway.customer("e2e-capped", plan="capped")
+    client = gateway.client(key)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "too dear"}],
+                                       max_tokens=30_000)
+    assert refused.value.code == "request_too_costly" and "0.002000000 USD" in refused.value.message
+    assert "too dear" not in json.dumps(gateway.mock.received())
+    reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "cheap"}],
+                                           max_tokens=500)
+    assert reply.choices[0].message.content
+    assert sorted(r.status for r in gateway.records("e2e-capped")) == ["denied", "settled"]
+    assert gateway.wallet("e2e-capped").reserved_nanos == 0
+
+
 def test_a_wallet_that_cannot_hold_the_whole_output_cap_is_served_the_cap_it_can(gateway: Gateway) -> None:
     """A plan with fit_output_cap: a coding agent's 30,000 output tokens, which the wallet cannot hold, go to
     the provider lowered to the cap it can (in the field the client gave, max_tokens or

@@ -1587,3 +1587,32 @@ async def test_a_money_limit_fits_the_output_cap_too(service: Service) -> None:
     await fund(service, "budgeted", "100")
     d = await service.engine.authorize(ask(agent, request_id="budgeted-1", max_output_tokens=50_000))
     assert d.decision == "allow" and 100 <= d.max_output_tokens < 50_000 and d.reserved <= parse_amount("0.004")
+
+
+async def test_a_request_past_the_plans_max_request_charge_is_refused_or_fitted(service: Service) -> None:
+    """max_request_charge: the most one request may hold. Past it a request is refused before any counter
+    moves, with what it may cost and what the plan allows (and where its cap goes); a plan that fits the
+    output cap serves it with the largest cap within the bound instead."""
+    import yaml
+
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["plans"]["bounded"] = {"extends": "pro", "max_request_charge": "0.01"}
+    doc["plans"]["bounded-fitting"] = {"extends": "bounded", "fit_output_cap": True}
+    await service.admin.apply_policy(yaml.safe_dump(doc), "bounded.yaml")
+    assert service.book.current.plan("bounded").max_request_charge == parse_amount("0.01")
+    _, secret = await new_key(service, customer="bounded", plan="bounded")
+    await fund(service, "bounded", "10")
+    refused = await service.engine.authorize(ask(secret, request_id="dear", max_output_tokens=32_000))
+    assert (refused.decision, refused.reason, refused.http_status, refused.error_param) == (
+        "deny", "request_too_costly", 400, "max_completion_tokens")
+    assert "at most 0.010000000 USD" in refused.message and "32000 output tokens" in refused.message
+    assert await service.counters.wallet("bounded") == (parse_amount("10"), 0)
+    cheap = await service.engine.authorize(ask(secret, request_id="cheap", max_output_tokens=1_000))
+    assert cheap.decision == "allow" and cheap.reserved <= parse_amount("0.01")
+    _, fitting = await new_key(service, customer="bounded", plan="bounded-fitting")
+    fitted = await service.engine.authorize(ask(fitting, request_id="fitted", max_output_tokens=32_000))
+    assert fitted.decision == "allow" and 256 <= fitted.max_output_tokens < 32_000
+    assert fitted.reserved <= parse_amount("0.01")
+    await service.writer.drain()
+    (record,) = [r for r in await service.admin.latest_usage("bounded", 10) if r.request_id == "dear"]
+    assert (record.status, record.reason) == ("denied", "request_too_costly")
