@@ -25,7 +25,7 @@ from policyd.money import AMOUNT_MAX
 from policyd.policy import ENVIRONMENTS, Cap, Policy, PolicyError, canonical_text, diff, parse_policy
 from policyd.pricing import Quantities
 from policyd.policy_book import PolicyBook
-from policyd import invoices, key_limits, quotas, reconcile, reports
+from policyd import invoices, key_limits, metrics, quotas, reconcile, reports
 from policyd.quotas import remaining_ttl
 from policyd.store import Store, key_record
 from policyd.writer import Writer
@@ -541,13 +541,19 @@ class Admin:
             log.info("counters kept from before their gates: opened as they are")
             return None
         say = log.info if starting else log.warning  # at start: an empty store, a new Redis
+        trigger = "start" if starting else "lost"
         say("counters not known whole (a partition's gate is gone): rebuilding them from SQL")
         try:
             written = await self.rebuild()
         except PolicydError as error:
             if error.reason == "rebuild_running":
                 return None
+            metrics.counter_rebuilds.labels(trigger, "failed").inc()
             raise
+        except Exception:
+            metrics.counter_rebuilds.labels(trigger, "failed").inc()
+            raise
+        metrics.counter_rebuilds.labels(trigger, "done").inc()
         say("counters rebuilt from SQL: %d written", written)
         return written
 

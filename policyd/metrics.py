@@ -26,6 +26,10 @@ heap_frozen_objects = Gauge("policyd_heap_frozen_objects",
 event_loop_lag_seconds = Histogram("policyd_event_loop_lag_seconds",
                                    "How much later than due the event loop ran a timer (checked every 0.1 s): "
                                    "every decision waits as long", buckets=LATENCY_BUCKETS, registry=REGISTRY)
+counter_rebuilds = Counter("policyd_counter_rebuilds_total",
+                           "Counters rewritten from SQL by this process: at start (an empty store, a new Redis) or "
+                           "because Redis lost them while it ran (lost), and the rebuilds that failed",
+                           ["trigger", "outcome"], registry=REGISTRY)
 close_retries = Counter("policyd_close_retries_total",
                         "Settles and releases made again because Redis could not be reached", registry=REGISTRY)
 

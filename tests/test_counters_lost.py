@@ -43,10 +43,15 @@ async def test_counters_lost_while_serving_are_rebuilt_before_the_next_decision(
     await service.admin.catch_up()  # in SQL, as a writer keeps it
     before = await service.counters.wallet("acme")
 
+    from policyd import metrics
+
+    rebuilt = metrics.counter_rebuilds.labels("lost", "done")._value.get()
     await service.counters.client.flushall()  # Redis restarted without its data
     during = await service.engine.authorize(ask(secret, request_id="during"))
     assert (during.decision, during.reason, during.http_status) == ("deny", "counters_unavailable", 503)
     await _open(service)  # this replica rebuilt them from SQL, unasked
+    await service._recovery
+    assert metrics.counter_rebuilds.labels("lost", "done")._value.get() == rebuilt + 1  # an operator sees it
     assert await service.counters.wallet("acme") == before
     assert (await service.engine.authorize(ask(secret, request_id="fifth"))).decision == "allow"
     sixth = await service.engine.authorize(ask(secret, request_id="sixth"))
