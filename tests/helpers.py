@@ -58,6 +58,16 @@ def usage(request_id: str, input_tokens: int = 100, output_tokens: int = 50, **e
                        **extra)  # type: ignore[arg-type]
 
 
+def funded_key(admin: Any, customer: str, plan: str = "pro", nanos: int = 10**9) -> Any:
+    """Credit and a production key for a customer, over a running policyd's AdminService stub: the
+    CreateKeyResponse (its `secret`, its `key`)."""
+    from policyd_client.v1 import admin_pb2, types_pb2
+
+    admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id=customer, source="purchase",
+                                                   amount=types_pb2.Money(currency="USD", nanos=nanos)))
+    return admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id=customer, plan=plan, environment="production"))
+
+
 class FundedCustomers:
     """For end-to-end fixtures that hold an AdminService stub as `self.admin`: customers with credit and a key."""
 

@@ -14,7 +14,7 @@ from policyd import redis_keys
 from policyd.server import Service
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
 from tests.conftest import ROOT
-from tests.helpers import ask, fund, usage
+from tests.helpers import ask, fund, funded_key, usage
 from tests.processes import PolicydProcess
 from tests.servers import RedisServer
 
@@ -125,10 +125,7 @@ def test_a_redis_restarted_without_its_data_under_a_running_policyd(postgres_ser
         with grpc.insecure_channel(serve.address) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             policy = policy_pb2_grpc.PolicyServiceStub(channel)
-            admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="lost", source="purchase",
-                                                           amount=types_pb2.Money(currency="USD", nanos=10**9)))
-            created = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="lost", plan="pro",
-                                                                 environment="production"))
+            created = funded_key(admin, "lost")
             admin.SetKeyLimits(admin_pb2.SetKeyLimitsRequest(id=created.key.id, limits=[admin_pb2.KeyLimit(
                 window="month", unit="requests", limit=5)]))
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import grpc
 
-from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
+from policyd_client.v1 import admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
 from tests.conftest import ROOT
+from tests.helpers import funded_key
 from tests.processes import PolicydProcess
 from tests.servers import free_port
 
@@ -32,9 +33,7 @@ def test_metrics_count_decisions_settlements_and_charges(tmp_path: Path) -> None
         with grpc.insecure_channel(process.address) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             policy = policy_pb2_grpc.PolicyServiceStub(channel)
-            admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="m", source="purchase",
-                                                           amount=types_pb2.Money(currency="USD", nanos=10**9)))
-            key = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="m", plan="free", environment="production"))
+            key = funded_key(admin, "m", plan="free")
             charged = 0
             for i in range(4):
                 d = policy.Authorize(policy_pb2.AuthorizeRequest(

@@ -11,6 +11,7 @@ import pytest
 
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
 from tests.conftest import ROOT
+from tests.helpers import funded_key
 from tests.processes import PolicydProcess, WriterProcess
 from tests.servers import free_port
 from tests.test_metrics import scrape
@@ -31,10 +32,7 @@ def test_a_separate_writer_process_writes_every_decision_once(redis_server, post
         with grpc.insecure_channel(serve.address) as channel:
             admin = admin_pb2_grpc.AdminServiceStub(channel)
             policy = policy_pb2_grpc.PolicyServiceStub(channel)
-            admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="w", source="purchase",
-                                                           amount=types_pb2.Money(currency="USD", nanos=10**9)))
-            secret = admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="w", plan="pro",
-                                                                environment="production")).secret
+            secret = funded_key(admin, "w").secret
             for i in range(40):
                 d = policy.Authorize(policy_pb2.AuthorizeRequest(
                     api_key=secret, endpoint=types_pb2.CHAT_COMPLETIONS, model="gpt-4o-mini",
