@@ -49,6 +49,11 @@ class Attribution:
 # what a free call may make for a customer, whose it then is: OpenAI's conversations (POST /v1/conversations)
 # and files (POST /v1/files)
 CREATABLE = ("conversation", "file")
+# where each API reads a request's output cap, the field a proxy writes policyd's into first (Gemini's is
+# in its generation config, under either of its names)
+OUTPUT_CAP_FIELDS = {"chat_completions": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
+                     "responses": ("max_output_tokens",), "anthropic_messages": ("max_tokens",),
+                     "gemini_generate_content": ("generationConfig.maxOutputTokens",)}
 FILES_PER_REQUEST_MAX = 64  # file ids a request's input may refer to (each checked: whose it is)
 
 @dataclass(frozen=True)

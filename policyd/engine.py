@@ -38,6 +38,7 @@ from policyd.domain import (
     Decision,
     KeySummary,
     LimitState,
+    OUTPUT_CAP_FIELDS,
     Owner,
     PolicydError,
     RateLimit,
@@ -145,13 +146,8 @@ def _image_model_named(policy: Policy | None, shape: Shape) -> str:
 
 # endpoints whose output cap a proxy writes into the request (http_api.rewrite_body), which a plan with
 # fit_output_cap may lower to what the wallet or a limit can hold; tries: another limit may refuse the lower
-FITTED_ENDPOINTS = frozenset({"chat_completions", "completions", "responses", "anthropic_messages",
-                              "gemini_generate_content"})
+FITTED_ENDPOINTS = frozenset(OUTPUT_CAP_FIELDS)
 FIT_TRIES = 3
-# where each API reads a request's output cap: the param of a refusal that asks for a smaller one
-OUTPUT_CAP_PARAMS = {"chat_completions": "max_completion_tokens", "completions": "max_tokens",
-                     "responses": "max_output_tokens", "anthropic_messages": "max_tokens",
-                     "gemini_generate_content": "generationConfig.maxOutputTokens"}
 
 
 def _capped(request: AuthorizeInput, output_cap: int) -> AuthorizeInput:
@@ -729,7 +725,7 @@ class Engine:
                    f"{attempt.output_cap} output tokens); this API key's plan allows a single request at most "
                    f"{format_amount(plan.max_request_charge)} {currency}: ask for fewer output tokens, or send "
                    f"less input.")
-        return attempt, "request_too_costly", OUTPUT_CAP_PARAMS.get(request.endpoint, ""), message
+        return attempt, "request_too_costly", OUTPUT_CAP_FIELDS.get(request.endpoint, ("",))[0], message
 
     def _largest_output_cap(self, request: AuthorizeInput, owner: Owner, policy: Policy | None, plan: Plan,
                             reserve: _Plan, label: str, room: int, at: int, own_limits: tuple[Limit, ...],

@@ -49,8 +49,8 @@ from urllib.parse import parse_qsl, quote, unquote_plus
 
 from policyd import reasons
 from policyd.audio import wav_seconds
-from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX, Attribution,
-                            AuthorizeInput, KeySummary, RateLimit, Shape, tier_in_geo, trace_id_from)
+from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS,
+                            Attribution, AuthorizeInput, KeySummary, RateLimit, Shape, tier_in_geo, trace_id_from)
 from policyd.money import MONEY_UNITS, format_amount
 from policyd.multipart import MultipartError, MultipartForm
 
@@ -403,11 +403,9 @@ def _prompt_bytes(data: dict[str, Any]) -> int:
     return total
 
 
-# The output cap each API reads, by the fields it reads it from. A cap in a field the API does not read
-# bounds nothing: policyd writes its own where the API reads it. A chat completion may give two, and
-# OpenAI-compatible providers differ on which one wins: the larger is reserved.
-_OUTPUT_CAP_FIELDS = {"chat_completions": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
-                      "responses": ("max_output_tokens",), "anthropic_messages": ("max_tokens",)}
+# The output cap each API reads is in the fields domain.OUTPUT_CAP_FIELDS names. A cap in a field the API
+# does not read bounds nothing: policyd writes its own where the API reads it. A chat completion may give
+# two, and OpenAI-compatible providers differ on which one wins: the larger is reserved.
 _GEMINI_GENERATION_CONFIG = ("generationConfig", "generation_config")  # Gemini reads either name of a field
 _GEMINI_OUTPUT_CAP = ("maxOutputTokens", "max_output_tokens")
 
@@ -442,7 +440,7 @@ def _output_cap(endpoint: str, data: dict[str, Any], generation: dict[str, Any])
         cap = _gemini_count(given)
         return cap, "" if cap or given is None or given in (0, "0") else "generationConfig.maxOutputTokens"
     cap = 0
-    for name in _OUTPUT_CAP_FIELDS.get(endpoint, ()):
+    for name in OUTPUT_CAP_FIELDS.get(endpoint, ()):
         given = data.get(name)
         if given is not None and not _count(given):
             return 0, name
@@ -1102,7 +1100,7 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
         body["max_tokens"] = output_cap
         changed = True
     if output_cap and not client_gave_cap:
-        given = [name for name in _OUTPUT_CAP_FIELDS.get(endpoint, ()) if body.get(name) is not None]
+        given = [name for name in OUTPUT_CAP_FIELDS.get(endpoint, ()) if body.get(name) is not None]
         for name in given:  # a larger cap of the client's (a plan fitting the cap to the wallet): lowered there
             body[name] = output_cap
         if endpoint == "chat_completions" and output_cap_field == "max_tokens":  # the one field it reads

@@ -82,7 +82,7 @@ class Service:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _recovery: asyncio.Task[None] | None = None
-    _next_recovery: float = 0.0
+    _next_recovery_seconds: float = 0.0
 
     @classmethod
     async def build(cls, settings: Settings) -> "Service":
@@ -126,9 +126,9 @@ class Service:
         lost while this replica runs (Redis restarted without its data): rebuilt from SQL here, unless another
         replica is at it; tried again at most every RECOVERY_INTERVAL_SECONDS while they stay lost."""
         now = time.monotonic()
-        if self._recovery is not None and not self._recovery.done() or now < self._next_recovery:
+        if self._recovery is not None and not self._recovery.done() or now < self._next_recovery_seconds:
             return
-        self._next_recovery = now + RECOVERY_INTERVAL_SECONDS
+        self._next_recovery_seconds = now + RECOVERY_INTERVAL_SECONDS
         self._recovery = asyncio.create_task(self._recover())
 
     async def _recover(self) -> None:

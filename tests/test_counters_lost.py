@@ -92,7 +92,7 @@ async def test_a_rebuild_that_fails_leaves_the_gates_closed_and_is_tried_again(s
     await service._recovery  # tried at once, and failed the same way
     assert await service.counters.gates() == broken
     monkeypatch.setattr(service.admin, "_rewrite", rewrite)
-    service._next_recovery = 0.0  # the next try is due
+    service._next_recovery_seconds = 0.0  # the next try is due
     assert (await service.engine.authorize(ask(secret, request_id="retry"))).reason == "counters_unavailable"
     await _open(service)
     assert (await service.engine.authorize(ask(secret, request_id="after"))).decision == "allow"
