@@ -290,14 +290,18 @@ class Admin:
     # ------------------------------------------------------------------ wallets
     async def grant_credit(self, customer_id: str, amount: int, currency: str, source: str, grant_id: str = "",
                            note: str = "", expires_ms: int = 0, workspace_id: str = "") -> tuple[str, str, tuple[int, int]]:
-        """Credit a customer's wallet, or one workspace's wallet (for plans with wallet_scope: workspace)."""
+        """Credit a customer's wallet, or one workspace's wallet (for plans with wallet_scope: workspace). A
+        negative amount is a debit, an `adjustment` alone (a mistaken grant taken back, a chargeback): it may
+        take the balance below zero, and requests are then refused until credit comes."""
         if not customer_id or len(customer_id) > OWNER_ID_LENGTH_MAX or "/" in customer_id \
                 or len(workspace_id) > OWNER_ID_LENGTH_MAX or "/" in workspace_id:
             raise _invalid("invalid_request", "customer_id is required (and neither id may contain '/')")
         if source not in GRANT_SOURCES:
             raise _invalid("invalid_grant", f"source must be one of {', '.join(GRANT_SOURCES)}")
-        if amount <= 0 or amount > AMOUNT_MAX:
-            raise _invalid("invalid_amount", "a credit grant must be a positive amount of nanos, at most 2^53-1")
+        if amount == 0 or abs(amount) > AMOUNT_MAX:
+            raise _invalid("invalid_amount", "a credit grant is an amount of nanos other than 0, at most 2^53-1")
+        if amount < 0 and (source != "adjustment" or expires_ms):
+            raise _invalid("invalid_amount", "a debit (a negative amount) is an adjustment, and never expires")
         policy = self.book.current
         expected = policy.document.currency if policy else "USD"
         if currency and currency != expected:
@@ -319,7 +323,7 @@ class Admin:
         except Fenced:
             raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None
         if outcome == "too_large":
-            raise _invalid("invalid_amount", "the balance would exceed 2^53-1 nanos")
+            raise _invalid("invalid_amount", "the balance would pass 2^53-1 nanos either way")
         return grant_id, outcome, await self.counters.wallet(wallet)
 
     async def catch_up(self) -> None:

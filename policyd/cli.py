@@ -642,7 +642,8 @@ def parser() -> argparse.ArgumentParser:
     grant = client(credit_commands.add_parser("grant", help="add credit to a customer's wallet"))
     grant.add_argument("--customer", required=True)
     grant.add_argument("--workspace", default="", help="credit this workspace's own wallet (wallet_scope: workspace)")
-    grant.add_argument("--amount", required=True, help="decimal, e.g. 10.00")
+    grant.add_argument("--amount", required=True,
+                       help="decimal, e.g. 10.00; a debit (-5.00) with --source adjustment")
     grant.add_argument("--currency", default="")
     grant.add_argument("--source", default="purchase", choices=["purchase", "promo", "refund", "adjustment"])
     grant.add_argument("--grant-id", dest="grant_id", default="", help="idempotency key")

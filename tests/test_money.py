@@ -1616,3 +1616,28 @@ async def test_a_request_past_the_plans_max_request_charge_is_refused_or_fitted(
     await service.writer.drain()
     (record,) = [r for r in await service.admin.latest_usage("bounded", 10) if r.request_id == "dear"]
     assert (record.status, record.reason) == ("denied", "request_too_costly")
+
+
+async def test_an_adjustment_may_take_credit_back_and_only_an_adjustment(service: Service) -> None:
+    """A debit (a negative grant, source adjustment): a mistaken grant taken back, a chargeback. It may
+    take the balance below zero (requests then refused until credit comes), is applied once by its id,
+    and is in the ledger a rebuild reads."""
+    _, secret = await new_key(service, customer="debited")
+    await fund(service, "debited", "1")
+    await fund(service, "debited", "-0.25", grant_id="chargeback-1", source="adjustment")
+    await fund(service, "debited", "-0.25", grant_id="chargeback-1", source="adjustment")  # a retry: once
+    assert await service.counters.wallet("debited") == (parse_amount("0.75"), 0)
+    for wrong in ({"source": "purchase"}, {"source": "refund"}):
+        with pytest.raises(PolicydError) as refused:
+            await fund(service, "debited", "-0.10", **wrong)
+        assert refused.value.reason == "invalid_amount"
+    with pytest.raises(PolicydError):
+        await service.admin.grant_credit("debited", -1, "USD", "adjustment", expires_ms=2 * 10**12)
+    await fund(service, "debited", "-2", source="adjustment")  # more than it has: a debt
+    assert (await service.counters.wallet("debited"))[0] == parse_amount("-1.25")
+    assert (await service.engine.authorize(ask(secret, request_id="in-debt"))).reason == "insufficient_quota"
+    await service.writer.drain()
+    await service.counters.client.flushall()
+    await service.admin.rebuild()
+    assert (await service.counters.wallet("debited"))[0] == parse_amount("-1.25")
+    assert (await service.admin.audit()).ok

@@ -8,10 +8,10 @@
 -- KEYS[6] credit left        hash grant id -> nanos not yet consumed
 -- KEYS[7] credit deadlines   zset "<customer> <grant id>" -> expiry ms, of the partition (the sweeper's list)
 -- ARGV[1] grant id
--- ARGV[2] amount, nanos (0 < x < 2^53, checked by policyd with the resulting balance)
+-- ARGV[2] amount, nanos (0 < |x| < 2^53, checked by policyd; a negative one is a debit, never expiring)
 -- ARGV[3] now, unix ms
 -- ARGV[4] event payload (JSON made by policyd)
--- ARGV[5] balance ceiling, nanos (2^53 - 1): a grant may not take a balance past it
+-- ARGV[5] balance ceiling, nanos (2^53 - 1): a grant may not take a balance past it, nor a debit below its negative
 -- ARGV[6] expiry, unix ms ("0" = the credit never expires)
 -- ARGV[7] customer id
 -- Returns {"granted", balance} | {"exists", balance} | {"too_large", balance} | {"fenced", "0"}
@@ -25,7 +25,8 @@ local balance = tonumber(redis.call('HGET', KEYS[1], 'balance') or '0')
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {'exists', fmt(balance)}
 end
-if balance + tonumber(ARGV[2]) > tonumber(ARGV[5]) then
+local ceiling = tonumber(ARGV[5])
+if balance + tonumber(ARGV[2]) > ceiling or balance + tonumber(ARGV[2]) < -ceiling then
   return {'too_large', fmt(balance)}
 end
 local after = redis.call('HINCRBY', KEYS[1], 'balance', ARGV[2])
