@@ -185,6 +185,18 @@ def _unless_header(header: str, value: str, name: str, config: str, on_response:
 {config}"""
 
 
+# Instructions Envoy's router takes from a request it counts as internal (a client whose address, or whose
+# own x-forwarded-for, falls in an internal range: RFC 1918's where a config names none, in some Envoy
+# versions). From a client they would have one request reach the provider several times, each attempt billed
+# and one charged (x-envoy-retry-on with retriable status 200), or cut a reply short: removed at the route,
+# before the router reads them, whatever Envoy counts as internal.
+CLIENT_ROUTER_HEADERS = ("x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries",
+                         "x-envoy-retriable-status-codes", "x-envoy-retriable-header-names",
+                         "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-rq-per-try-timeout-ms",
+                         "x-envoy-hedge-on-per-try-timeout", "x-envoy-upstream-stream-duration-ms",
+                         "x-envoy-upstream-rq-timeout-alt-response", "x-envoy-expected-rq-timeout-ms")
+
+
 # A browser's cross-origin call: the headers it may send (the key as a bearer token, the provider APIs' own,
 # the SDKs' x-stainless-*, policyd's attribution headers: any, "*", with authorization named, as the Fetch
 # standard asks) and read (any: the request id, rate limits, retry-after). No cookies: a key is sent as a header.
@@ -374,9 +386,6 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: gateway
-          # every client is external: Envoy then drops the x-envoy-* instructions a client sends (retries,
-          # per-try timeouts), which would have one request reach the provider several times, billed each
-          internal_address_config: {{unix_sockets: false, cidr_ranges: []}}
           stream_idle_timeout: {route_timeout_seconds}s  # a reply not streamed may think as long as the route waits
           max_request_headers_kb: {REQUEST_HEADERS_KB_MAX}
           common_http_protocol_options: {{max_headers_count: {REQUEST_HEADERS_COUNT_MAX}}}
@@ -391,7 +400,8 @@ static_resources:
                 route:
                   cluster_header: {ROUTE_HEADER}
                   timeout: {route_timeout_seconds}s
-                request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}, {UNASKED_USAGE_HEADER}]  # policyd's own, not the provider's
+                # policyd's own headers, and the router's instructions no client may give (CLIENT_ROUTER_HEADERS)
+                request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}, {UNASKED_USAGE_HEADER}, {", ".join(CLIENT_ROUTER_HEADERS)}]
                 response_headers_to_remove: [{", ".join(PROVIDER_ACCOUNT_HEADERS)}, {UNASKED_USAGE_HEADER}]  # the operator's account; policyd's mark
           local_reply_config:
             mappers:

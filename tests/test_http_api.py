@@ -27,8 +27,12 @@ def test_shipped_envoy_configs_are_the_rendered_defaults() -> None:
     with pytest.raises(ValueError):
         render(shape="ext_authz")
     assert "failure_mode_allow: false" in render() and "failure_mode_allow: true" in render(failure_mode_allow=True)
-    # no client is internal: Envoy takes no x-envoy-* retry or timeout instruction from one (tests/test_gateway.py)
-    assert "internal_address_config: {unix_sockets: false, cidr_ranges: []}" in render()
+    # Envoy takes no retry or timeout instruction from a client (tests/test_gateway.py)
+    from policyd.gateway_config import CLIENT_ROUTER_HEADERS
+
+    removed = re.search(r"request_headers_to_remove: \[([^\]]*)\]", render()).group(1)
+    assert {"x-envoy-retry-on", "x-envoy-max-retries", "x-envoy-upstream-rq-per-try-timeout-ms"} <= set(
+        CLIENT_ROUTER_HEADERS) <= {name.strip() for name in removed.split(",")}
     # no web origin may call the gateway from a browser unless named (tests/test_gateway.py: one named)
     assert "cors" not in render() and "envoy.filters.http.cors" in render(cors_origins=("*",))
     for origin in ("app.example", "https://app.example/path", "https://a.example, https://b.example"):
