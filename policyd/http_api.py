@@ -1100,13 +1100,13 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
         body["max_tokens"] = output_cap
         changed = True
     if output_cap and not client_gave_cap:
-        given = [name for name in OUTPUT_CAP_FIELDS.get(endpoint, ()) if body.get(name) is not None]
-        for name in given:  # a larger cap of the client's (a plan fitting the cap to the wallet): lowered there
+        clients_caps = [name for name in OUTPUT_CAP_FIELDS.get(endpoint, ()) if body.get(name) is not None]
+        for name in clients_caps:  # a larger cap of the client's (a plan fitting the cap to the wallet): lowered
             body[name] = output_cap
         if endpoint == "chat_completions" and output_cap_field == "max_tokens":  # the one field it reads
             body.pop("max_completion_tokens", None)
             body["max_tokens"] = output_cap
-        elif endpoint == "chat_completions" and not given:
+        elif endpoint == "chat_completions" and not clients_caps:
             body[output_cap_field or "max_completion_tokens"] = output_cap
         elif endpoint == "completions":
             body["max_tokens"] = output_cap
