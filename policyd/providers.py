@@ -21,6 +21,13 @@ and shown; secrets are not):
         api_key_env: OPENAI_KEY_3
         organization: org-...      # sent as OpenAI-Organization / OpenAI-Project with this account's
         project: proj_...          # requests (a client's own are never sent: they name its account)
+      - name: vertex-1
+        provider: google           # Vertex AI (Gemini; provider anthropic for Claude on Vertex AI)
+        cluster: vertex
+        service_account_file: /secrets/vertex-sa.json   # or service_account_env: VERTEX_SA (the JSON)
+
+An account given a Google Cloud service account's key authenticates with OAuth access tokens minted from
+it (`Authorization: Bearer`), renewed before they lapse (policyd/google_oauth.py).
 
 Requests are spread across the accounts of a provider; an account that answered 429 or 5xx
 cools down (its retry-after, else COOLDOWN_SECONDS_DEFAULT) and the next requests use the next.
@@ -28,7 +35,9 @@ cools down (its retry-after, else COOLDOWN_SECONDS_DEFAULT) and the next request
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,6 +46,10 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from policyd.google_oauth import ServiceAccountError, ServiceAccountToken
+
+log = logging.getLogger("policyd.providers")
 
 COOLDOWN_SECONDS_DEFAULT = 30
 COOLDOWN_SECONDS_MAX = 600
@@ -57,6 +70,22 @@ class AccountConfig(BaseModel):
     provider_key_id: str = ""  # the provider's own id of this key (in its cost exports), for reconciliation
     organization: str = Field("", max_length=256)  # OpenAI's: the organization and project the key bills to
     project: str = Field("", max_length=256)
+    # a Google Cloud service account's key (Vertex AI): the account's credential is an access token minted from it
+    service_account_file: str = ""
+    service_account_env: str = ""
+
+
+def _service_account(path: str, config: AccountConfig) -> ServiceAccountToken | None:
+    if not (config.service_account_file or config.service_account_env):
+        return None
+    if config.api_key or config.api_key_env:
+        raise SystemExit(f"{path}: account {config.name!r} gives both an api_key and a service account")
+    try:
+        text = Path(config.service_account_file).read_text() if config.service_account_file \
+            else os.environ.get(config.service_account_env, "")
+        return ServiceAccountToken.from_json(text)
+    except (OSError, ServiceAccountError) as error:
+        raise SystemExit(f"{path}: account {config.name!r}: its service account key: {error}") from None
 
 
 class ProvidersFile(BaseModel):
@@ -76,10 +105,12 @@ class Account:
     provider_key_id: str = ""
     organization: str = ""
     project: str = ""
+    service_account: ServiceAccountToken | None = None  # its secret is the access token last minted from it
 
     def credential_header(self) -> tuple[str, str]:
         header = AUTH_HEADERS[self.auth]
-        return header, (f"Bearer {self.secret}" if header == "authorization" else self.secret)
+        secret = self.service_account.token if self.service_account is not None else self.secret
+        return header, (f"Bearer {secret}" if header == "authorization" else secret)
 
     def account_headers(self) -> list[tuple[str, str]]:
         """The OpenAI organization and project this account's requests bill to, where configured."""
@@ -108,14 +139,35 @@ class ProviderPool:
             raise SystemExit(f"{path}: {error}") from None
         accounts = []
         for config in data.accounts:
+            service_account = _service_account(path, config)
             secret = config.api_key or (os.environ.get(config.api_key_env, "") if config.api_key_env else "")
-            if not secret:
+            if not secret and service_account is None:
                 raise SystemExit(f"{path}: account {config.name!r} has no api_key (or {config.api_key_env} is unset)")
-            auth = config.auth or DEFAULT_AUTH.get(config.provider, "bearer")
+            auth = "bearer" if service_account is not None else \
+                config.auth or DEFAULT_AUTH.get(config.provider, "bearer")
             accounts.append(Account(config.name, config.provider, config.cluster or config.provider, auth, secret,
                                     provider_key_id=config.provider_key_id, organization=config.organization,
-                                    project=config.project))
+                                    project=config.project, service_account=service_account))
         return cls(accounts)
+
+    def minting(self) -> list[Account]:
+        """The accounts whose credential is an access token minted from a service account's key."""
+        return [a for accounts in self.accounts.values() for a in accounts if a.service_account is not None]
+
+    async def mint_due_tokens(self) -> None:
+        """A new access token for each account whose token lapses within REFRESH_BEFORE_SECONDS (or that has
+        none yet), minted on a thread. One that fails keeps the token it had (it may still be good) and is
+        tried again on the next pass; the error is logged without the key or the token."""
+        now = self.wall_ms() / 1000
+        for account in self.minting():
+            assert account.service_account is not None
+            if not account.service_account.due(now):
+                continue
+            try:
+                await asyncio.to_thread(account.service_account.mint, now)
+            except ServiceAccountError as error:
+                log.error("account %s: no access token minted from service account %s: %s", account.name,
+                          account.service_account.email, error)
 
     def named(self, provider: str, name: str) -> Account | None:
         """The provider's account of this name (where a stored response lives), else any (`pick`): an

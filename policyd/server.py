@@ -46,6 +46,7 @@ COOLDOWN_SHARE_SECONDS = 1.0  # how often a replica publishes and takes up provi
 
 
 RECOVERY_INTERVAL_SECONDS = 5.0
+TOKEN_CHECK_SECONDS = 30.0  # how often accounts minting access tokens are looked at (each renewed when due)
 
 
 async def _warn_of_eviction(client: Any) -> None:
@@ -118,6 +119,10 @@ class Service:
         if self.pool.accounts:
             self.tasks.append(asyncio.create_task(every(COOLDOWN_SHARE_SECONDS, self.stop, self.share_cooldowns,
                                                         "sharing provider cool-downs")))
+        if self.pool.minting():  # Vertex AI accounts: a token before the first request, the next before it lapses
+            await self.pool.mint_due_tokens()
+            self.tasks.append(asyncio.create_task(every(TOKEN_CHECK_SECONDS, self.stop, self.pool.mint_due_tokens,
+                                                        "minting provider access tokens")))
         if self.settings.writer_enabled:
             self._start_sql_loops()
 
