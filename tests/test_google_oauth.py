@@ -158,3 +158,63 @@ def test_a_service_account_key_that_cannot_sign_stops_the_start(tmp_path: Path) 
     providers.write_text(f"accounts:\n  - {{name: v, provider: google, api_key: k, service_account_file: {key_file}}}\n")
     with pytest.raises(SystemExit, match="both"):
         ProviderPool.load(str(providers))
+
+
+@pytest.mark.slow
+def test_a_vertex_call_through_the_gateway_carries_the_token_policyd_minted(vertex: Any, tmp_path: Path) -> None:
+    """The real parts: `policyd serve` mints the account's token at start, Envoy's ext_authz puts it on a
+    Vertex AI request for Gemini, the provider (here a mock that accepts that token alone) answers, and the
+    call is settled from its usage."""
+    import time
+    import urllib.request
+
+    import grpc
+
+    from policyd.gateway_config import Upstream, render
+    from policyd.mock_provider import MockProvider
+    from policyd_client.v1 import admin_pb2, admin_pb2_grpc
+    from tests.helpers import funded_key
+    from tests.processes import PolicydProcess
+    from tests.servers import free_port
+    from tests.test_gateway import FIXTURES, start_envoy
+
+    providers, endpoint = vertex
+    providers.write_text(providers.read_text().replace("cluster: vertex", "cluster: google"))
+    mock = MockProvider(api_keys=("ya29.mock-1",)).start()
+    policyd = PolicydProcess("", f"sqlite:///{tmp_path / 'policyd.db'}", policy=str(FIXTURES / "gateway_policy.yaml"),
+                             extra_env={"POLICYD_PROVIDERS_FILE": str(providers)}, cwd=str(tmp_path))
+    port = free_port()
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render(listen_port=port, policyd_port=policyd.port, admin_port=free_port(),
+                             upstreams=tuple(Upstream(name, "127.0.0.1", mock.port)
+                                             for name in ("openai", "anthropic", "google"))))
+    envoy = start_envoy(config, port, tmp_path / "envoy.log")
+    try:
+        assert len(endpoint.minted) == 1  # at start, before any request
+        with grpc.insecure_channel(policyd.address) as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            key = funded_key(admin, "vertex-customer", plan="google").secret
+            body = json.dumps({"contents": [{"role": "user", "parts": [{"text": "vertex, with a token"}]}],
+                               "generationConfig": {"maxOutputTokens": 8}}).encode()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/projects/acme/locations/us-central1/publishers/google/models/"
+                f"gemini-2.5-flash:generateContent", data=body, method="POST",
+                headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                assert reply.status == 200
+                request_id = reply.headers["x-policyd-request-id"]
+            (sent,) = [r for r in mock.received() if "vertex, with a token" in json.dumps(r["body"])]
+            assert sent["credentials"] == {"authorization": "Bearer ya29.mock-1"}
+            deadline = time.monotonic() + 10  # settled as the reply ends, a moment after the client has it
+            while True:
+                admin.Audit(admin_pb2.AuditRequest())
+                records = admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="vertex-customer", limit=5)).records
+                if [r.status for r in records] != ["reserved"] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert [(r.request_id, r.status, r.output_tokens) for r in records] == [(request_id, "settled", 8)]
+    finally:
+        envoy.terminate()
+        envoy.wait(timeout=10)
+        policyd.stop()
+        mock.stop()
