@@ -672,8 +672,8 @@ class Closing:
     settle    the provider's own usage (`interrupted` when the client left after the usage was reported);
     estimate  no final usage from the provider: input as the provider reported it (Anthropic does at the
               stream's start), else as estimated at Authorize; output from what was delivered, or, for a
-              reply the provider makes whole though its client left before it began (`output_as_held`),
-              the output cap held for it.
+              reply not streamed, which the provider makes whole, that its client left before it began or
+              that was cut on its way (`output_as_held`), the output cap held for it.
     """
 
     action: str  # release | settle | estimate
@@ -712,4 +712,8 @@ def closing(status: int, reader: ResponseReader, cut: bool, client_left: bool = 
         return Closing("settle", interrupted=not complete)
     reason = "stream_cut" if cut else "undecodable_reply" if reader.undecodable else \
         "malformed_response" if reader.malformed else "no_usage_reported"
-    return Closing("estimate", f"usage_estimated:{reason}", interrupted=cut)
+    # a reply not streamed is whole before its first byte leaves the provider, which bills all of it: cut on
+    # its way (a client that hangs up once the headers came), its output is charged as held, as for a client
+    # gone before it began, not as the few bytes that got through
+    return Closing("estimate", f"usage_estimated:{reason}", interrupted=cut,
+                   output_as_held=cut and not reader.stream)

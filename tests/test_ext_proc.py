@@ -184,8 +184,9 @@ async def test_an_older_gateway_configs_processing_filter_hands_streams_to_the_o
         await engine.finish()
         assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers"]
         assert replies[2].HasField("mode_override") is not stream  # a reply that is not a stream: its body, please
-    # the reply that is not a stream began, then its stream was cut (this one read it); the stream is the observer's
-    assert engine.closed == [("estimate", "r-False", 0, True, "usage_estimated:stream_cut")]
+    # the reply that is not a stream began, then its stream was cut (this one read it): made whole by the
+    # provider, it is charged its output as held; the stream is the observer's
+    assert engine.closed == [("estimate", "r-False", 0, True, "usage_estimated:stream_cut", "as held")]
     raw = exchange(stream=True).metadata(EXT_AUTHZ_NAMESPACE)
     del raw.fields["observed"]
     old = ep.ProcessingRequest(request_headers=headers())

@@ -201,7 +201,7 @@ def test_a_vertex_call_through_the_gateway_carries_the_token_policyd_minted(vert
                 f"gemini-2.5-flash:generateContent", data=body, method="POST",
                 headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
             with urllib.request.urlopen(request, timeout=20) as reply:
-                assert reply.status == 200
+                assert reply.status == 200 and json.loads(reply.read())["candidates"]
                 request_id = reply.headers["x-policyd-request-id"]
             (sent,) = [r for r in mock.received() if "vertex, with a token" in json.dumps(r["body"])]
             assert sent["credentials"] == {"authorization": "Bearer ya29.mock-1"}

@@ -836,6 +836,26 @@ def test_openai_requests_may_write_their_prompt_to_the_cache() -> None:
     assert write("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}) == ""
 
 
+def test_a_reply_not_streamed_cut_on_its_way_is_charged_its_output_as_held() -> None:
+    """A reply not streamed leaves the provider whole, billed whole: a client that hangs up once its headers
+    came (the body, and the usage in it, never read) is charged the output held for it, as a client gone
+    before the reply began, not the few bytes that got through. A stream cut is charged what it delivered."""
+    reply = json.dumps({"choices": [{"message": {"content": "x" * 400}}],
+                        "usage": {"prompt_tokens": 9, "completion_tokens": 100}}).encode()
+    cut = ResponseReader("chat_completions", stream=False)
+    cut.feed(reply[:40])
+    cut.finish()
+    end = closing(200, cut, cut=True)
+    assert (end.action, end.interrupted, end.output_as_held) == ("estimate", True, True)
+    whole = ResponseReader("chat_completions", stream=False)
+    whole.feed(reply)
+    whole.finish()
+    assert closing(200, whole, cut=False).action == "settle"
+    stream = ResponseReader("chat_completions", stream=True)
+    stream.feed(_sse({"choices": [{"delta": {"content": "x" * 40}}]}))
+    assert not closing(200, stream, cut=True).output_as_held
+
+
 def test_a_stream_cut_before_the_usage_of_its_whole_output_is_estimated_from_what_was_delivered() -> None:
     """Anthropic reports the input and one output token at the start, the output at the end: a cut in
     between is not charged one output token, and its input is the provider's, not an estimate."""
