@@ -11,6 +11,10 @@ Formats read:
   line_item "model, input|output|cached input", project_id);
 - OpenAI organization usage API JSON (completions results: input/output/cached tokens per model);
   compared on tokens, since it carries no amounts;
+- Anthropic's cost report JSON (`/v1/organizations/cost_report`: buckets with starting_at, results with
+  amount, a decimal string in cents, its currency and, grouped by description, its model); lines it gives
+  no model (web search, code execution, a report not grouped by description) make their day compared
+  whole, every model of it together, as the ledger holds a request's searches in its model's cost;
 - a generic CSV with a header: date, model, [key|project], [input_tokens, output_tokens | tokens],
   amount, [currency].
 Provider amounts are read from their text as decimals (never floats) and rounded to the nano by
@@ -108,8 +112,51 @@ def parse(content: bytes, currency: str) -> tuple[str, list[Line]]:
             data = json.loads(text, parse_float=Decimal)
         except ValueError as error:
             raise ReconcileError(f"the export is not valid JSON: {error}") from None
+        if _anthropic_report(data):
+            return "amount", _anthropic(data, currency)
         return _openai(data, currency)
     return "amount", _csv(text, currency)
+
+
+def _anthropic_report(data: Any) -> bool:
+    pages = data.get("data") if isinstance(data, dict) else None
+    return isinstance(pages, list) and bool(pages) and isinstance(pages[0], dict) and "starting_at" in pages[0]
+
+
+CENTS = Decimal(100)
+
+
+def _anthropic(data: dict[str, Any], currency: str) -> list[Line]:
+    """Anthropic's cost report: an amount in cents a line, per day (its bucket's UTC start) x model."""
+    lines: list[Line] = []
+    seen: set[tuple[Any, ...]] = set()
+    for bucket in data["data"]:
+        if not isinstance(bucket, dict) or not isinstance(bucket.get("results"), list) \
+                or not isinstance(bucket.get("starting_at"), str):
+            raise ReconcileError("each bucket needs starting_at and a results list")
+        try:
+            day = datetime.strptime(bucket["starting_at"][:10], "%Y-%m-%d").strftime("%Y-%m-%d")
+        except ValueError:
+            raise ReconcileError(f"a bucket's starting_at is not a date: {bucket['starting_at']!r}") from None
+        for result in bucket["results"]:
+            if not isinstance(result, dict) or not isinstance(result.get("amount"), (str, int, Decimal)):
+                raise ReconcileError("each result needs an amount (a decimal string in cents)")
+            if str(result.get("currency") or currency).upper() != currency.upper():
+                raise ReconcileError(f"the export is in {result.get('currency')}, the ledger in {currency}")
+            identity = (day, *(result.get(name) for name in ("model", "description", "cost_type", "token_type",
+                                                             "workspace_id", "service_tier", "context_window",
+                                                             "inference_geo")))
+            if identity in seen:
+                raise ReconcileError(f"duplicated line: {day} {result.get('description') or result.get('model')}")
+            seen.add(identity)
+            try:
+                nanos = parse_external_amount(Decimal(str(result["amount"])) / CENTS)
+            except (MoneyError, ArithmeticError, ValueError) as error:
+                raise ReconcileError(f"{day}: not an amount: {result['amount']!r} ({error})") from None
+            lines.append(Line(day, str(result.get("model") or ""), amount_nanos=nanos))
+            if len(lines) > LINES_MAX:
+                raise ReconcileError(f"more than {LINES_MAX} lines")
+    return lines
 
 
 def _openai(data: Any, currency: str) -> tuple[str, list[Line]]:
@@ -231,6 +278,11 @@ def reconcile(session: Session, provider: str, basis: str, lines: list[Line], mo
             totals = ledger_side.setdefault(key, [0, 0])
             totals[0] += int(cost or 0)
             totals[1] += int(tokens or 0)
+    # a day the export gives lines of no model (an Anthropic report's web searches, or one not broken down by
+    # model) is compared whole: the ledger holds a request's searches in its model's cost
+    whole_days = {key[0] for key in provider_side if key[1] == ""}
+    if whole_days:
+        provider_side, ledger_side = _by_day(provider_side, whole_days), _by_day(ledger_side, whole_days)
     result = Result(basis)
     for key in sorted(set(provider_side) | set(ledger_side)):
         p = provider_side.get(key)
@@ -246,3 +298,14 @@ def reconcile(session: Session, provider: str, basis: str, lines: list[Line], mo
         result.comparisons.append(Comparison(key[0], key[1], status, (p or [0, 0])[0], (l or [0, 0])[0],
                                              (p or [0, 0])[1], (l or [0, 0])[1], key[2] if by_key else ""))
     return result
+
+
+def _by_day(side: dict[tuple[str, ...], list[int]], days: set[str]) -> dict[tuple[str, ...], list[int]]:
+    """The totals of `days` folded into one line a day (model ""), every other line as it was."""
+    folded: dict[tuple[str, ...], list[int]] = {}
+    for key, (nanos, tokens) in side.items():
+        into = (key[0], "", *key[2:]) if key[0] in days else key
+        totals = folded.setdefault(into, [0, 0])
+        totals[0] += nanos
+        totals[1] += tokens
+    return folded

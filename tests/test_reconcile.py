@@ -170,3 +170,48 @@ async def test_images_of_the_image_generation_tool_reconcile_under_their_image_m
     result = await service.admin.reconcile("openai", export)
     assert result.ok and {(c.model, c.status, c.ledger_nanos) for c in result.comparisons} == {
         ("gpt-4o-mini", "matched", own), ("gpt-image-1", "matched", images)}
+
+
+async def test_anthropics_cost_report_in_cents_reconciles_per_model_and_whole_days(service: Service) -> None:
+    """Anthropic's cost report: amounts in cents (decimal strings), its dated model names; a day with lines
+    of no model (web searches, or a report not grouped by description) is compared whole."""
+    clock = [0]
+    service.engine.clock = lambda: clock[0]
+    _, secret = await new_key(service, customer="claude-user")
+    await fund(service, "claude-user", "50")
+    costs: dict[str, int] = {}
+    for day in (0, 1):
+        for i in range(2):
+            clock[0] = (DAY1 + day * DAY + 3600 + i) * 1000
+            rid = f"claude-{day}-{i}"
+            await service.engine.authorize(ask(secret, model="claude-sonnet-4", request_id=rid))
+            s = await service.engine.settle(usage(rid, input_tokens=1000 + i, output_tokens=77))
+            costs[f"2026-11-0{day + 1}"] = costs.get(f"2026-11-0{day + 1}", 0) + s.cost
+
+    def cents(nanos: int) -> str:
+        return str(Decimal(nanos) / Decimal(10**7))  # 1 cent = 10^7 nanos
+
+    first, second = costs["2026-11-01"], costs["2026-11-02"]
+    report = {"data": [
+        {"starting_at": "2026-11-01T00:00:00Z", "ending_at": "2026-11-02T00:00:00Z", "results": [
+            {"amount": cents(first - 3 * 10**7), "currency": "USD", "model": "claude-sonnet-4-20250514",
+             "cost_type": "tokens", "token_type": "uncached_input_tokens", "description": "Input"},
+            {"amount": cents(3 * 10**7), "currency": "USD", "model": "claude-sonnet-4-20250514",
+             "cost_type": "tokens", "token_type": "output_tokens", "description": "Output"}]},
+        {"starting_at": "2026-11-02T00:00:00Z", "ending_at": "2026-11-03T00:00:00Z", "results": [
+            {"amount": cents(second - 10**7), "currency": "USD", "model": "claude-sonnet-4-20250514",
+             "cost_type": "tokens", "token_type": "output_tokens", "description": "Output"},
+            {"amount": cents(10**7), "currency": "USD", "model": None, "cost_type": "web_search",
+             "description": "Web Search"}]}],
+        "has_more": False, "next_page": None}
+    result = await service.admin.reconcile("anthropic", json.dumps(report).encode())
+    assert {(c.day, c.model, c.status) for c in result.comparisons} == {
+        ("2026-11-01", "claude-sonnet-4", "matched"), ("2026-11-02", "", "matched")}
+    assert result.ok and result.totals()["provider_nanos"] == first + second
+    report["data"][0]["results"][1]["amount"] = cents(3 * 10**7 + 10**7)  # billed a cent more
+    result = await service.admin.reconcile("anthropic", json.dumps(report).encode())
+    assert {(c.day, c.status, c.difference_nanos) for c in result.comparisons if c.day == "2026-11-01"} == {
+        ("2026-11-01", "mismatched", 10**7)}
+    report["data"][0]["results"][0]["currency"] = "EUR"
+    with pytest.raises(PolicydError):
+        await service.admin.reconcile("anthropic", json.dumps(report).encode())
