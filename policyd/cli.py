@@ -666,7 +666,8 @@ def parser() -> argparse.ArgumentParser:
 
     recon = client(commands.add_parser("reconcile", help="a provider's cost export against the ledger"))
     recon.add_argument("--provider", required=True)
-    recon.add_argument("--file", required=True, help="OpenAI costs or usage JSON, or CSV (- for stdin)")
+    recon.add_argument("--file", required=True,
+                       help="OpenAI costs or usage JSON, Anthropic cost report JSON, or CSV (- for stdin)")
     recon.add_argument("--tolerance", default="0", help="an absolute difference within tolerance, e.g. 0.01")
     recon.add_argument("--tolerance-bps", dest="tolerance_bps", type=int, default=0,
                        help="or a relative one, in basis points of the ledger's figure")
