@@ -36,6 +36,11 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _config_value(reply: Any, name: str) -> str:
+    """One setting of a CONFIG GET reply (its keys bytes or text)."""
+    return _text(reply.get(name, reply.get(name.encode(), ""))) if isinstance(reply, dict) else ""
+
+
 REDIS_CONNECTIONS_MAX = 64
 REDIS_POOL_WAIT_SECONDS = 5.0
 
@@ -197,6 +202,16 @@ class Counters:
         """Each partition's gate: open, rebuilding, broken (a rebuild failed), or None (its counters lost)."""
         found = await asyncio.gather(*(self.client.get(redis_keys.gate(p)) for p in range(self.partitions)))
         return [_text(g) if g is not None else None for g in found]
+
+    async def eviction_policy(self) -> str:
+        """Redis's maxmemory-policy when it evicts keys once full (a maxmemory, any policy but noeviction);
+        "" when it never does, or will not say (managed Redis may refuse CONFIG)."""
+        try:
+            policy = _config_value(await self.client.config_get("maxmemory-policy"), "maxmemory-policy")
+            limit = _config_value(await self.client.config_get("maxmemory"), "maxmemory")
+        except Exception:
+            return ""
+        return policy if policy and policy != "noeviction" and limit not in ("", "0") else ""
 
     async def _decide(self, script: Any, keys: list[str], args: list[str]) -> Any:
         """Run one of the per-request scripts (authorize, settle, release)."""

@@ -7,7 +7,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -49,24 +48,13 @@ RECOVERY_INTERVAL_SECONDS = 5.0
 TOKEN_CHECK_SECONDS = 30.0  # how often accounts minting access tokens are looked at (each renewed when due)
 
 
-async def _warn_of_eviction(client: Any) -> None:
-    """Redis set to evict keys when full (any maxmemory-policy but noeviction, with a maxmemory) may drop a
-    quota's counter, which then starts again from nothing: a budget overshot. Said loudly at start."""
-    try:
-        policy = _config_value(await client.config_get("maxmemory-policy"), "maxmemory-policy")
-        limit = _config_value(await client.config_get("maxmemory"), "maxmemory")
-    except Exception:  # managed Redis may refuse CONFIG: nothing to say
-        return
-    if policy and policy != "noeviction" and limit not in ("", "0"):
+async def _warn_of_eviction(counters: Counters) -> None:
+    """Redis that evicts keys when full may drop a quota's counter, which then starts again from nothing: a
+    budget overshot. Said loudly at start."""
+    policy = await counters.eviction_policy()
+    if policy:
         log.error("Redis evicts keys when full (maxmemory-policy %s): a counter it evicts starts again from "
                   "nothing, and a budget can be overshot; set maxmemory-policy noeviction", policy)
-
-
-def _config_value(reply: Any, name: str) -> str:
-    if not isinstance(reply, dict):
-        return ""
-    value = reply.get(name, reply.get(name.encode(), ""))
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass
@@ -107,7 +95,7 @@ class Service:
         # died): rewritten from SQL before the first decision, unless another replica is at it
         await self.admin.recover(starting=True)
         self.counters.on_fenced = self._counters_fenced
-        await _warn_of_eviction(self.counters.client)
+        await _warn_of_eviction(self.counters)
         if self.settings.policy_file:
             text = Path(self.settings.policy_file).read_text()
             result = await self.admin.apply_policy(text, self.settings.policy_file)

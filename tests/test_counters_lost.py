@@ -175,22 +175,24 @@ async def test_a_redis_that_evicts_keys_is_named_at_start(caplog: pytest.LogCapt
     """An evicted counter starts again from nothing (a budget overshot): such a Redis is said loudly."""
     import redis.asyncio as aioredis
 
+    from policyd.counters import Counters
     from policyd.server import _warn_of_eviction
 
     redis = RedisServer()
     client = aioredis.Redis.from_url(redis.url)
+    counters = Counters(client, 1)
     try:
-        await _warn_of_eviction(client)
+        await _warn_of_eviction(counters)
         assert "evicts keys" not in caplog.text  # no maxmemory: nothing is evicted
         await client.config_set("maxmemory", "100mb")
         await client.config_set("maxmemory-policy", "noeviction")
-        await _warn_of_eviction(client)
+        await _warn_of_eviction(counters)
         assert "evicts keys" not in caplog.text
         await client.config_set("maxmemory-policy", "volatile-lru")  # a quota's window counter has a TTL
-        await _warn_of_eviction(client)
+        await _warn_of_eviction(counters)
         assert "evicts keys when full (maxmemory-policy volatile-lru)" in caplog.text
     finally:
-        await client.aclose()
+        await counters.aclose()
         redis.close()
 
 

@@ -25,8 +25,8 @@ local balance = tonumber(redis.call('HGET', KEYS[1], 'balance') or '0')
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {'exists', fmt(balance)}
 end
-local ceiling = tonumber(ARGV[5])
-if balance + tonumber(ARGV[2]) > ceiling or balance + tonumber(ARGV[2]) < -ceiling then
+local ceiling, would_be = tonumber(ARGV[5]), balance + tonumber(ARGV[2])
+if would_be > ceiling or would_be < -ceiling then
   return {'too_large', fmt(balance)}
 end
 local after = redis.call('HINCRBY', KEYS[1], 'balance', ARGV[2])
