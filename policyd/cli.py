@@ -36,14 +36,18 @@ def _serve(args: argparse.Namespace) -> int:
         return Supervisor(settings).run()
 
     async def main() -> None:
-        shutdown = asyncio.Event()
+        shutdown, stop_now = asyncio.Event(), asyncio.Event()
+
+        def signalled() -> None:  # the first signal: stop once the calls open have ended; a second: now
+            (stop_now if shutdown.is_set() else shutdown).set()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, shutdown.set)
+            loop.add_signal_handler(sig, signalled)
         if args.command == "writer":
             await work(settings, shutdown=shutdown)
         else:
-            await serve(settings, shutdown=shutdown)
+            await serve(settings, shutdown=shutdown, stop_now=stop_now)
 
     try:
         import uvloop

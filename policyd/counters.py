@@ -501,6 +501,11 @@ class Counters:
         raw = await self.client.hmget(redis_keys.wallet(self.partition_of(customer_id), customer_id), "balance", "reserved")
         return int(raw[0] or 0), int(raw[1] or 0)
 
+    async def postpone_deadline(self, partition: int, request_id: str, at_ms: int) -> None:
+        """Look at a reservation again at `at_ms` (the sweep's list alone: a closing that removed it since it
+        was read stays removed)."""
+        await self.client.zadd(redis_keys.deadlines(partition), {request_id: at_ms}, xx=True)
+
     async def due_everywhere(self, now_ms: int, count: int = 100) -> dict[int, tuple[list[tuple[str, str]], list[str]]]:
         """Per partition with anything due: (expiring credits past expiry, reservations past deadline).
         One round trip for every partition (a pipeline), so an idle sweep costs little."""

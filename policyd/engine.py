@@ -8,7 +8,8 @@
                 with the reservation's price table -> one atomic Lua step
                 (reservation -> charge, buckets adjusted, event)
     release:    find the reservation -> one atomic Lua step (holds returned, event)
-    expire:     the same as release, for reservations past their deadline
+    expire:     the same as release, for reservations past their deadline (charged as held instead, one
+                TTL later, when the request was sent on to the provider and nobody closed it: a proxy lost)
 
 Every outcome, allowed or denied, leaves an event in the owner's partition
 stream; the writer turns events into SQL records. Servicers only translate.
@@ -192,6 +193,9 @@ class Engine:
         self._closings: set[asyncio.Task[None]] = set()
         self._retrying: set[asyncio.Task[None]] = set()  # closings between two attempts (Redis unreachable)
         self._stopping = False
+        # set when the process stops without waiting any longer for the gateway's streams still open (its
+        # shutdown grace is over): their replies go on to clients unread, and are charged as held
+        self.abandoning_streams = False
 
     # ------------------------------------------------------------------ closings in the background
     def close_in_background(self, closing: Callable[[], Awaitable[Any]], request_id: str) -> None:
@@ -221,11 +225,11 @@ class Engine:
                 failure: BaseException = error
             except Exception as error:
                 if not unreachable(error):
-                    log.exception("closing %s failed; the reservation will expire", request_id)
+                    log.exception("closing %s failed; its deadline will close it", request_id)
                     return
                 failure = error
             if self._stopping or time.monotonic() + delay > deadline:
-                log.error("closing %s gave up with the counters unreachable (%s); the reservation will expire",
+                log.error("closing %s gave up with the counters unreachable (%s); its deadline will close it",
                           request_id, type(failure).__name__)
                 return
             metrics.close_retries.inc()
@@ -920,6 +924,9 @@ class Engine:
         if request.endpoint == "images":  # the images asked for: charged as held if the client leaves first
             fields["images"] = max(1, request.shape.image_count)
             extra += f',"images":{int(max(1, request.shape.image_count))}'
+        if request.charge_held_on_expiry:  # on its way to the provider: its deadline charges it (expire_due)
+            fields["charge_held_on_expiry"] = 1
+            extra += ',"charge_held_on_expiry":1'
         fields_json = (f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.likely_input_tokens)},'
                        f'"seconds_estimate":{int(attempt.likely_seconds)},'
                        f'"audio_tokens_estimate":{int(attempt.likely_audio_tokens)}{extra}}}')
@@ -1343,11 +1350,37 @@ class Engine:
             if reservation is None:
                 await self.counters.client.zrem(redis_keys.deadlines(partition), request_id)
                 continue
+            if reservation.state == "reserved" and reservation.fields.get("charge_held_on_expiry"):
+                if at < reservation.expires_ms + self.reservation_ttl_ms:
+                    # held one more TTL for a report still on its way (a replica making its settle again while
+                    # Redis was away gives up CLOSE_RETRY_SECONDS after the reply's end, before the deadline)
+                    await self.counters.postpone_deadline(partition, request_id,
+                                                          reservation.expires_ms + self.reservation_ttl_ms)
+                    continue
+                if await self._charge_unclosed(reservation):
+                    voided += 1
+                    continue
             outcome, _ = await self._void(reservation, "expired", "deadline")
             if outcome == "expired":
                 voided += 1
                 metrics.releases.labels("deadline").inc()
         return voided
+
+    async def _charge_unclosed(self, reservation: Reservation) -> bool:
+        """A request sent on to the provider whose end nobody reported by its deadline and one more TTL (the
+        replica reading its reply was lost, or the gateway's observer could not reach policyd): the provider
+        billed it, so it is charged as held (input as estimated, the whole output cap), marked end_unseen,
+        instead of released as free. False when it cannot be priced now (it is then expired as before)."""
+        log.warning("request %s reached its deadline unsettled; charged as held (usage_estimated:end_unseen)",
+                    reservation.request_id)
+        try:
+            settlement = await self.settle_estimated(reservation.request_id, 0, interrupted=True,
+                                                     error_class="usage_estimated:end_unseen", output_as_held=True)
+        except PolicydError as error:
+            log.error("request %s could not be charged at its deadline (%s); expired", reservation.request_id,
+                      error.reason)
+            return False
+        return settlement.outcome in ("settled", "settled_late", "exists")
 
     async def run_sweeper(self, stop: asyncio.Event, interval_ms: int) -> None:
         await every(interval_ms / 1000, stop, self.expire_due, "expiry sweep")

@@ -4,7 +4,9 @@ Two ext_proc filters call this service, each with a gRPC stream per HTTP request
 - the processing filter (synchronous): after ext_authz, only for a request whose body policy
   rewrites (served model, output cap, stream usage): its headers and body; in the ext_proc-alone
   shape, every request: its headers and body (the decision is made here) and the response headers
-  (the reply's request id and rate-limit headers);
+  (the reply's request id and rate-limit headers). Its stream ends (cleanly: Envoy goes on without it)
+  as soon as nothing is left for it to do, so that a replica stopping or lost while the reply passes
+  cannot fail the request (this filter fails closed);
 - the observer filter (Envoy's observability mode: Envoy sends, nothing is answered, nothing
   waits), wherever the deciding filter set the observer header: every allowed request, after
   ext_authz from its request headers on, in the ext_proc-alone shape from its response headers on.
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
 
 import grpc
@@ -151,6 +153,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         observer = first.HasField("protocol_config") and first.protocol_config.response_body_mode == NONE
         exchange: Exchange | None = None
         arrival: Arrival | None = None
+        decided = False  # by ext_authz (its metadata came) or here
         content_type = ""  # of a request ext_authz decided, for reading its body
         request = first
         try:
@@ -158,11 +161,13 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 kind = request.WhichOneof("request")
                 if kind == "request_headers":
                     exchange = Exchange.from_metadata(request)  # None: no ext_authz decided; this stream decides
+                    decided = exchange is not None
                     content_type = _headers(request.request_headers).get("content-type", "")
                     if exchange is None:
                         arrival = Arrival.of(request)
                     if arrival is not None and request.request_headers.end_of_stream:
                         exchange, reply = await self._decide(arrival, b"", kind, observer)
+                        decided = True
                         yield reply
                     elif exchange is not None and exchange.model_in_path_changes:  # ext_authz decided another model
                         path = exchange.upstream_path(_headers(request.request_headers).get(":path", ""))
@@ -173,6 +178,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 elif kind == "request_body":
                     if exchange is None and arrival is not None:
                         exchange, reply = await self._decide(arrival, request.request_body.body, kind, observer)
+                        decided = True
                         yield reply
                     else:
                         yield self._request_body(exchange, request.request_body, content_type)
@@ -205,6 +211,11 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     if exchange is not None and self._read_response(exchange, request):
                         exchange = None
                     yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+                if decided and exchange is None:
+                    # nothing left to do here (the observer reads the reply, or there is none to read): the
+                    # stream ends cleanly and Envoy goes on without it, so that this process stopping or
+                    # failing mid-reply cannot fail the request (this filter fails closed)
+                    return
                 request = await anext(messages, None)
         finally:
             if exchange is not None and not exchange.closed and not exchange.free:
@@ -224,7 +235,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     return
         finally:
             if not exchange.closed:
-                self._close(exchange, cut=True)
+                # a stream this process stops reading as it shuts down (its grace over) is no cut: Envoy goes on
+                # without an observer, the reply goes on to its client, and the provider bills all of it
+                self._close(exchange, cut=True, unread=self.engine.abandoning_streams)
 
     def _response_began(self, exchange: Exchange, message: Any) -> None:
         """The provider's answer, from the response headers. An account that answers 429 or 5xx cools
@@ -324,19 +337,24 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse(
             header_mutation=mutation, body_mutation=ep.BodyMutation(body=new_body))))
 
-    def _close(self, exchange: Exchange, cut: bool = False) -> None:
+    def _close(self, exchange: Exchange, cut: bool = False, unread: bool = False) -> None:
         """Settle or release in a task of its own: the reply to Envoy does not wait for it (the client
         gets its last bytes a Redis round trip sooner), and the end or cancellation of this stream
-        cannot interrupt it. Audits and shutdown wait for them (Engine.finish_closings)."""
+        cannot interrupt it. Audits and shutdown wait for them (Engine.finish_closings). `unread`: the
+        reply goes on to its client unread (this process stopped reading it as it shut down)."""
         if exchange.closed:
             return
         exchange.closed = True
-        self.engine.close_in_background(lambda: self._settle_or_release(exchange, cut), exchange.request_id)
+        if unread:
+            log.warning("request %s: its reply goes on unread as policyd stops; charged as held", exchange.request_id)
+        self.engine.close_in_background(lambda: self._settle_or_release(exchange, cut, unread), exchange.request_id)
 
-    async def _settle_or_release(self, exchange: Exchange, cut: bool) -> None:
+    async def _settle_or_release(self, exchange: Exchange, cut: bool, unread: bool = False) -> None:
         status = exchange.status
         reader = exchange.reader
         end = closing(status, reader, cut, gateway_timed_out=exchange.gateway_timed_out)
+        if unread and end.action == "estimate":  # what is left of it is not seen: the whole output cap, as held
+            end = replace(end, reason="usage_estimated:unread_at_shutdown", output_as_held=True)
         if end.action == "release":
             await self.engine.release(exchange.request_id, end.reason)
         elif end.action == "settle":

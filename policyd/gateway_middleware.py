@@ -99,6 +99,7 @@ class PolicydMiddleware:
                 call.api_key, call.endpoint, call.model, request_id=request_id, count_tokens=call.count_tokens,
                 stored_response_id=call.stored_response, previous_response_id=call.previous_response,
                 creates=call.creates, conversation_id=call.conversation, file_ids=list(call.files),
+                charge_held_on_expiry=True,  # this proxy sends it on to the provider, which bills it
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
                 **asdict(call.authorize_input().shape), **_attribution(call))
         except PolicydCallError as error:

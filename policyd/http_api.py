@@ -51,7 +51,7 @@ from policyd import reasons
 from policyd.audio import wav_seconds
 from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS,
                             Attribution, AuthorizeInput, KeySummary, RateLimit, Shape, tier_in_geo, trace_id_from)
-from policyd.money import MONEY_UNITS, format_amount
+from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount
 from policyd.multipart import MultipartError, MultipartForm
 
 # Anthropic accepts requests of up to 32 MB, OpenAI audio files of up to 25 MB (speech to text)
@@ -246,6 +246,7 @@ class HttpCall:
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, previous_response=self.previous_response,
             creates=self.creates, conversation=self.conversation, files=self.files,
+            charge_held_on_expiry=True,  # the gateway sends it on to the provider
         )
 
 
@@ -434,15 +435,17 @@ def _gemini_count(value: Any) -> int:
 
 def _output_cap(endpoint: str, data: dict[str, Any], generation: dict[str, Any]) -> tuple[int, str]:
     """(the largest output cap the request gives where its API reads one, 0 for none; the field of a cap the
-    API would refuse or read as none, "" when every cap given is a count). Gemini reads 0 as no cap."""
+    API would refuse or read as none, or past any count policyd holds (QUANTITY_MAX), "" when every cap given
+    is a count). Gemini reads 0 as no cap."""
     if endpoint == "gemini_generate_content":
         given = _gemini_field(generation, *_GEMINI_OUTPUT_CAP)
         cap = _gemini_count(given)
-        return cap, "" if cap or given is None or given in (0, "0") else "generationConfig.maxOutputTokens"
+        usable = cap <= QUANTITY_MAX and (cap or given is None or given in (0, "0"))
+        return (cap, "") if usable else (0, "generationConfig.maxOutputTokens")
     cap = 0
     for name in OUTPUT_CAP_FIELDS.get(endpoint, ()):
         given = data.get(name)
-        if given is not None and not _count(given):
+        if given is not None and not 0 < _count(given) <= QUANTITY_MAX:
             return 0, name
         cap = max(cap, _count(given))
     return cap, ""
@@ -772,7 +775,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "invalid_request", bad_config, "generationConfig")
     call.max_output_tokens, bad_cap = _output_cap(endpoint, data, generation)
     if bad_cap:
-        return _problem(call, "invalid_request", f"{bad_cap} must be a whole number of tokens, at least 1", bad_cap)
+        return _problem(call, "invalid_request", f"{bad_cap} must be a whole number of tokens, from 1 to {QUANTITY_MAX}",
+                        bad_cap)
     call.prompt_bytes = _prompt_bytes(data) + _hidden_prompt_bytes(endpoint, data)
     messages = data.get("messages") or data.get("contents") or data.get("input") or data.get("requests")
     call.message_count = len(messages) if isinstance(messages, list) else 1

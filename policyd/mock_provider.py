@@ -8,7 +8,8 @@ tool's partial images, response.completed with the usage); chat and legacy compl
 Scenarios, by the request header `x-mock-scenario`:
     ok (default) | rate_limited (429) | server_error (500) | stall (sleeps 30 s) |
     cut (a stream that stops mid-way without usage) | no_usage (a reply without usage) |
-    slow (a stream with 200 ms between events, for clients that hang up mid-way) |
+    slow (a stream with 200 ms between events, for clients that hang up mid-way) | very_slow (600 ms: a
+    stream that outlasts a few seconds) |
     error_midway (an Anthropic stream that ends with an error event and no message_delta) |
     gzip (a JSON reply, or a chat or text completion stream, compressed whatever the request accepts; a JSON
     reply is compressed anyway when the request accepts gzip, as providers do) |
@@ -43,6 +44,7 @@ STORED_CHAT_PATH = re.compile(r"/v1/chat/completions/(?P<id>chatcmpl-[^/]+)(?P<r
 CONVERSATION_PATH = re.compile(r"/v1/conversations(/(?P<id>[^/]+)(?P<items>/items(/(?P<item>[^/]+))?)?)?$")
 WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
 COMPLETION_TOKENS_MAX = len(WORDS)
+EVENT_GAP_SECONDS = {"slow": 0.2, "very_slow": 0.6}  # between a stream's events, by scenario (else 2 ms)
 
 
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
@@ -418,7 +420,7 @@ class MockProvider:
                             return
                         send("response.output_text.delta", output_index=index, item_id=item["id"], content_index=0,
                              delta=word, logprobs=[])
-                        time.sleep(0.2 if scenario == "slow" else 0.002)
+                        time.sleep(EVENT_GAP_SECONDS.get(scenario, 0.002))
                     send("response.output_text.done", output_index=index, item_id=item["id"], content_index=0,
                          text=part["text"], logprobs=[])
                     send("response.content_part.done", output_index=index, item_id=item["id"], content_index=0,
@@ -680,7 +682,7 @@ class MockProvider:
                 send(f"data: {json.dumps(chunk)}\n\n")
             except OSError:
                 return  # the client (Envoy) hung up
-            time.sleep(0.2 if scenario == "slow" else 0.002)
+            time.sleep(EVENT_GAP_SECONDS.get(scenario, 0.002))
         last = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
                 "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
         if legacy:

@@ -219,9 +219,10 @@ def _listen(server: grpc.aio.Server, address: str, settings: Settings, client_ca
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None,
-                shutdown: asyncio.Event | None = None) -> None:
-    """Serve until `shutdown` is set (SIGTERM/SIGINT in `policyd serve`), then stop in order:
-    health NOT_SERVING, in-flight calls finished (5 s grace), background tasks, a last drain."""
+                shutdown: asyncio.Event | None = None, stop_now: asyncio.Event | None = None) -> None:
+    """Serve until `shutdown` is set (SIGTERM/SIGINT in `policyd serve`), then stop in order: health
+    NOT_SERVING, in-flight calls and the gateway's streams finished (`_stop_serving`: up to the shutdown
+    grace, or until `stop_now`, a second signal), background tasks, a last drain."""
     service = await Service.build(settings)
     await service.start()
     separate_admin = bool(settings.admin_listen)
@@ -253,12 +254,31 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
         log.info("policyd stopping")
         for grpc_server, health_of, _ in servers:
             await health_of.enter_graceful_shutdown()
-        await asyncio.gather(*(grpc_server.stop(grace=5) for grpc_server, _, _ in servers))
+        await _stop_serving([grpc_server for grpc_server, _, _ in servers], service.engine,
+                            settings.shutdown_grace_seconds, stop_now or asyncio.Event())
         log.info("grpc servers stopped")
         if dashboard is not None:
             await dashboard.stop()
         await service.close()
         log.info("policyd stopped")
+
+
+async def _stop_serving(grpc_servers: list[grpc.aio.Server], engine: Engine, grace_seconds: int,
+                        stop_now: asyncio.Event) -> None:
+    """Take no new calls, and wait for those open to end: a gateway stream lasts as long as its reply
+    (minutes for a long generation), and one cut short here would be charged as what was delivered while
+    its client gets the rest. Past the grace (or at `stop_now`), the streams still open are let go unread
+    (Engine.abandoning_streams: each charged as held) and the rest cancelled."""
+    stopping = asyncio.ensure_future(asyncio.gather(*(s.stop(grace=grace_seconds + 5) for s in grpc_servers)))
+    told = asyncio.ensure_future(stop_now.wait())
+    await asyncio.wait({stopping, told}, timeout=grace_seconds, return_when=asyncio.FIRST_COMPLETED)
+    told.cancel()
+    if not stopping.done():
+        log.warning("calls still open %s; stopping without them",
+                    "at a second signal" if stop_now.is_set() else f"after the {grace_seconds} s grace")
+        engine.abandoning_streams = True
+        await asyncio.gather(*(s.stop(None) for s in grpc_servers))
+    await stopping
 
 
 async def work(settings: Settings, shutdown: asyncio.Event | None = None) -> None:

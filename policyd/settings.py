@@ -39,14 +39,19 @@ class Settings(BaseSettings):
     partitions: int = Field(16, ge=1, le=1024, description="event stream partitions (Redis Cluster hash slots)")
     reservation_ttl_seconds: int = Field(660, ge=1, description="unsettled reservations expire after this (longer than "
                                          "the gateway's 600 s route timeout: a reply that takes all of it is settled "
-                                         "before its hold lapses)")
+                                         "before its hold lapses); one the gateway sent on to the provider is held "
+                                         "as long again, then charged as held, not released")
+    shutdown_grace_seconds: int = Field(660, ge=0, description="on SIGTERM, how long `policyd serve` waits for calls and "
+                                        "the gateway's streams still open to end (it stops as soon as they have); "
+                                        "replies still passing then go on to their clients unread and are charged as "
+                                        "held. A second SIGTERM stops at once")
     failure_mode: Literal["closed", "open"] = Field(
         "closed", description="when Redis cannot be reached: deny (closed) or allow unreserved (open)"
     )
     writer_batch: int = Field(500, ge=1, le=10_000, description="events the writer moves to SQL per batch")
     writer_enabled: bool = Field(True, description="run the stream-to-SQL writer, and the loops that read SQL "
                                  "(anomalies, rollups, webhooks), in this process")
-    sweeper_interval_ms: int = Field(500, ge=10, description="how often expired reservations are voided")
+    sweeper_interval_ms: int = Field(500, ge=10, description="how often reservations past their deadline are closed")
     policy_refresh_ms: int = Field(500, ge=10, description="how often a replica checks for a newer policy")
     webhook_urls: str = Field("", description="comma-separated URLs that receive alerts (JSON, HMAC-signed)")
     webhook_secret: str = Field("", description="the HMAC-SHA256 key alerts are signed with (x-policyd-signature)")

@@ -28,7 +28,7 @@ from policyd.settings import Settings
 log = logging.getLogger("policyd.workers")
 
 RESTART_DELAY_SECONDS = 1.0
-STOP_TIMEOUT_SECONDS = 60.0  # a worker's grace (5 s), its closing settles and its last drain
+STOP_MARGIN_SECONDS = 60.0  # past a worker's shutdown grace: its closing settles and its last drain
 
 
 def check(settings: Settings) -> None:
@@ -117,7 +117,8 @@ class Supervisor:
                     if not self.stopping:
                         self._start(index)
             time.sleep(0.2)
-        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        stop_timeout = self.settings.shutdown_grace_seconds + STOP_MARGIN_SECONDS
+        deadline = time.monotonic() + stop_timeout
         code = 0
         for index, process in enumerate(self.workers):
             if process is None:
@@ -125,7 +126,7 @@ class Supervisor:
             try:
                 process.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                log.error("worker %d did not stop in %.0f s; killed", index, STOP_TIMEOUT_SECONDS)
+                log.error("worker %d did not stop in %.0f s; killed", index, stop_timeout)
                 process.kill()
                 process.wait()
             code = code or (process.returncode if process.returncode and process.returncode > 0 else 0)

@@ -19,8 +19,8 @@ def policyd_command() -> list[str]:
 
 class PolicydProcess:
     def __init__(self, redis_url: str, database_url: str, *, policy: str = "", extra_env: dict[str, str] | None = None,
-                 cwd: str | None = None) -> None:
-        self.port = free_port()
+                 cwd: str | None = None, port: int = 0) -> None:
+        self.port = port or free_port()  # a port of its own, or one a replica before it served on
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix="policyd-", suffix=".log")[1])
         env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}

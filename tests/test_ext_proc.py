@@ -31,6 +31,7 @@ class RecordingEngine:
     def __init__(self) -> None:
         self.closed: list[tuple[str, ...]] = []
         self.tasks: set[asyncio.Task] = set()
+        self.abandoning_streams = False
 
     def close_in_background(self, closing: Any, request_id: str) -> None:
         self.tasks.add(asyncio.ensure_future(closing()))
@@ -182,8 +183,11 @@ async def test_an_older_gateway_configs_processing_filter_hands_streams_to_the_o
         replies = await run(s, after_ext_authz(ep.ProcessingRequest(response_headers=headers("200")),
                                                metadata=metadata))
         await engine.finish()
+        if stream:  # the observer reads it: the processing filter's stream ends after the body, Envoy goes on
+            assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body"]
+            continue
         assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers"]
-        assert replies[2].HasField("mode_override") is not stream  # a reply that is not a stream: its body, please
+        assert replies[2].HasField("mode_override")  # a reply that is not a stream: its body, please
     # the reply that is not a stream began, then its stream was cut (this one read it): made whole by the
     # provider, it is charged its output as held; the stream is the observer's
     assert engine.closed == [("estimate", "r-False", 0, True, "usage_estimated:stream_cut", "as held")]
@@ -192,6 +196,20 @@ async def test_an_older_gateway_configs_processing_filter_hands_streams_to_the_o
     old = ep.ProcessingRequest(request_headers=headers())
     old.metadata_context.filter_metadata[EXT_AUTHZ_NAMESPACE].CopyFrom(raw)
     assert Exchange.from_metadata(old).observed  # a stream: the observer read it
+
+
+async def test_the_processing_filters_stream_ends_once_it_has_nothing_left_to_do() -> None:
+    """Ended cleanly, Envoy goes on without it (ext_proc's protocol), so the reply's fate no longer hangs on
+    the replica: this filter fails closed, and a stream it kept open to the reply's end failed the reply
+    when its replica stopped or was lost mid-way (tests/test_replica_stops.py)."""
+    s, engine, _ = servicer()
+    more = ep.ProcessingRequest(response_trailers=ep.HttpTrailers())  # answered only if the stream went on
+    replies = await run(s, after_ext_authz(more))  # ext_authz decided; the observer reads the reply
+    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body"]
+    replies = await run(s, ext_proc_shape(ep.ProcessingRequest(response_headers=headers("200")), more))
+    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers"]
+    await engine.finish()
+    assert engine.closed == []  # the observer's to close
 
 
 async def test_the_observer_learns_the_request_from_the_deciding_ext_proc_namespace() -> None:
@@ -212,6 +230,26 @@ async def test_a_response_cut_before_its_end_is_estimated_when_envoy_closes_the_
     await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")), body(sse(chunk, chunk)[:-14])))
     await engine.finish()
     assert engine.closed == [("estimate", "r-1", 4, True, "usage_estimated:stream_cut")]  # 16 bytes delivered
+
+
+async def test_a_reply_left_unread_as_policyd_stops_is_charged_as_held_not_as_cut() -> None:
+    """Past its shutdown grace a replica stops reading the streams still open; Envoy's observer goes on
+    without it and the reply reaches its client whole, so what was delivered so far is not what it costs."""
+    s, engine, _ = servicer()
+    engine.abandoning_streams = True
+    chunk = {"choices": [{"index": 0, "delta": {"content": "12345678"}}]}
+    await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")), body(sse(chunk, chunk)[:-14])))
+    await run(s, observed(ep.ProcessingRequest(request_headers=headers()), ex=exchange("r-2")))  # reply not begun
+    await run(s, observed(ep.ProcessingRequest(response_headers=headers("503")), ex=exchange("r-3")))  # it failed
+    # the provider's usage of the whole reply came before the end: exact, as for a cut after it
+    await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")),
+                          body(sse({"choices": [], "usage": USAGE})[:-14]), ex=exchange("r-4")))
+    await engine.finish()
+    assert sorted(engine.closed) == [
+        ("estimate", "r-1", 4, True, "usage_estimated:unread_at_shutdown", "as held"),
+        ("estimate", "r-2", 0, True, "usage_estimated:unread_at_shutdown", "as held"),
+        ("release", "r-3", "upstream_503"),
+        ("settle", "r-4", 11, 7, True)]
 
 
 async def test_an_upstream_error_is_released_and_cools_the_account_down_before_the_client_sees_it() -> None:

@@ -345,9 +345,12 @@ class DowngradingPolicy:
 
     def __init__(self) -> None:
         self.settled: list[tuple[str, dict[str, Any]]] = []
+        self.asked: list[dict[str, Any]] = []
 
-    async def authorize(self, api_key: str, endpoint: str, model: str, **_: Any) -> Any:
+    async def authorize(self, api_key: str, endpoint: str, model: str, **fields: Any) -> Any:
         from policyd_client import Decision
+
+        self.asked.append(fields)
 
         return Decision(allowed=True, decision="downgrade", reason="", message="", http_status=200, request_id="r-g",
                         served_model="gemini-2.5-flash", route="google", max_output_tokens=64, reserved_nanos=1,
@@ -392,6 +395,8 @@ async def test_the_middleware_sends_gemini_the_served_model_in_the_path_and_keep
     assert scope["query_string"] == b"alt=json"
     assert sent[0]["status"] == 200
     assert policy.settled and policy.settled[0][0] == "r-g" and policy.settled[0][1]["output_tokens"] == 1
+    # sent on to the provider: a reservation this gateway could not close (it crashed) is charged at its deadline
+    assert policy.asked[0]["charge_held_on_expiry"] is True
 
 
 async def test_a_proxy_that_fails_before_the_provider_answers_is_released_not_charged() -> None:

@@ -1170,10 +1170,14 @@ def test_the_output_cap_is_read_where_the_api_reads_it() -> None:
     assert call("/v1/responses", max_output_tokens=5).max_output_tokens == 5
     assert call("/v1/messages", max_output_tokens=5, max_completion_tokens=6).max_output_tokens == 0
     assert call("/v1/messages", max_tokens=5).max_output_tokens == 5
-    for bad in ("1000", 0, -1, 1.5, True, [5]):
+    for bad in ("1000", 0, -1, 1.5, True, [5], 10**12 + 1):  # past any count policyd holds: named as sent
         refused = call(chat, max_tokens=bad)
         assert (refused.problem, refused.problem_param) == ("invalid_request", "max_tokens"), bad
+    assert call(chat, max_tokens=10**12).problem == ""
     assert call("/v1/messages", max_tokens=0).problem == "invalid_request"
+    huge = parse_call("POST", "/v1beta/models/g:generateContent", {},
+                      json.dumps({"contents": [], "generationConfig": {"maxOutputTokens": 10**13}}).encode())
+    assert (huge.problem, huge.problem_param) == ("invalid_request", "generationConfig.maxOutputTokens")
 
 
 def test_gemini_reads_either_name_of_its_generation_config() -> None:

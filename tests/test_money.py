@@ -121,6 +121,45 @@ async def test_unsettled_reservation_expires_and_late_settle_still_charges(servi
     assert (await service.admin.audit()).ok
 
 
+async def test_a_request_sent_on_to_the_provider_that_nobody_closes_is_charged_as_held_after_its_deadline(
+        service: Service) -> None:
+    """A gateway's request (charge_held_on_expiry) whose end no replica saw (the one reading its reply was
+    lost): the provider billed it, so it is charged the hold instead of released as free; held one more
+    TTL past its deadline first, for a report still on its way (a settle made again once Redis is back)."""
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1")
+    clock = [service.engine.clock()]
+    service.engine.clock = lambda: clock[0]
+    ttl = service.engine.reservation_ttl_ms
+    held = {}
+    for request_id in ("lost", "late-report"):
+        sent_on = replace(ask(secret, model="gpt-4o", request_id=request_id, max_output_tokens=300),
+                          charge_held_on_expiry=True)
+        held[request_id] = (await service.engine.authorize(sent_on)).reserved
+    await service.engine.authorize(ask(secret, model="gpt-4o", request_id="not-sent", max_output_tokens=300))
+    clock[0] += ttl + 1
+    assert await service.engine.expire_due() == 1  # "not-sent" released; the two sent on still held
+    assert await service.counters.wallet("acme") == (USD, held["lost"] + held["late-report"])
+    late = await service.engine.settle(usage("late-report", input_tokens=120, output_tokens=40))
+    assert late.charge == (price_quantity(120, parse_amount("2.50")) + price_quantity(40, parse_amount("10.00"))) * 12 // 10
+    clock[0] += ttl
+    assert await service.engine.expire_due() == 1
+    price = service.book.current.model("gpt-4o")
+    estimate = input_estimate(400, 1, 0)
+    charge = (price_quantity(estimate, price.input) + price_quantity(300, price.output)) * 12 // 10  # pro: +20%
+    assert 0 < charge <= held["lost"]
+    assert await service.counters.wallet("acme") == (USD - charge - late.charge, 0)
+    with pytest.raises(PolicydError, match="already_settled"):
+        await service.engine.release("lost", "late")
+    await service.writer.drain()
+    lost, kept = service.store.usage_record("lost"), service.store.usage_record("not-sent")
+    assert (lost.status, lost.error_class, lost.charge_nanos) == ("settled", "usage_estimated:end_unseen", charge)
+    assert (lost.input_tokens, lost.output_tokens, lost.stream_interrupted) == (estimate, 300, True)
+    assert (kept.status, kept.charge_nanos) == ("expired", 0)
+    assert (service.store.usage_record("late-report").error_class, late.outcome) == ("", "settled")
+    assert (await service.admin.audit()).ok
+
+
 async def test_wallet_caps_spend_before_it_happens(service: Service) -> None:
     _, secret = await new_key(service)
     await fund(service, "acme", "0.001")

@@ -99,6 +99,7 @@ export interface AuthorizeInput {
   creates?: "" | "conversation" | "file"; // POST /v1/conversations, /v1/files: free, settled with the new id (settle extra providerResponseId)
   conversationId?: string;       // the conversation a Responses API request adds to
   fileIds?: string[];            // the files the request's input refers to by id
+  chargeHeldOnExpiry?: boolean;  // on its way to the provider: a reservation nobody closes is charged as held at its deadline
   attribution?: Omit<Attribution, "requestId">;
 }
 
@@ -218,6 +219,7 @@ export class PolicyClient {
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",
       creates: input.creates ?? "", conversationId: input.conversationId ?? "", fileIds: input.fileIds ?? [],
+      chargeHeldOnExpiry: input.chargeHeldOnExpiry ?? false,
     };
     const r = await this.call<AuthorizeRequest, AuthorizeResponse__Output>(
       this.stub.authorize.bind(this.stub), request, Boolean(input.requestId));
