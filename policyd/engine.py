@@ -1271,6 +1271,8 @@ class Engine:
                 reported.cache_write_1h_input_tokens, reported.audio_input_tokens)
         cap = int(reservation.record["max_output_tokens"]) * int(reservation.record.get("choices") or 1) \
             if reservation else 0
+        if interrupted and not output_as_held and reservation is not None:  # what it made and had not shown
+            output_tokens = max(output_tokens, await self._output_made_meanwhile(reservation))
         return await self.settle(UsageReport(
             request_id=request_id, input_tokens=input_tokens, cached_input_tokens=cached,
             cache_write_input_tokens=cache_writes, cache_write_1h_input_tokens=hour_writes,
@@ -1288,6 +1290,17 @@ class Engine:
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,
             provider_account=provider_account, provider_response_id=provider_response_id,
         ), reservation)
+
+    async def _output_made_meanwhile(self, reservation: Reservation) -> int:
+        """The output a model made between a request's authorization and now (its end) at the model's output
+        speed (output_tokens_per_second; 0 when the price table gives none): a reasoning model's thinking,
+        which it bills but does not show, in a reply that ended before the provider reported its usage."""
+        r = reservation.record
+        policy = await self.book.version(int(r["policy_version"]))
+        price = policy.model(r["served_model"]) if policy else None
+        if price is None or not price.output_tokens_per_second:
+            return 0
+        return max(self.clock() - int(r["created_ms"]), 0) * price.output_tokens_per_second // 1000
 
     async def _missing(self, request_id: str, action: str, detail: dict[str, Any]) -> PolicydError:
         record = await asyncio.to_thread(self.store.usage_record, request_id)

@@ -221,6 +221,11 @@ class ModelPrice(Prices):
     # the longest audio the model takes in one request, in seconds (0 = not given): bounds a strict plan's
     # reservation for speech to text in a compressed format, whose bytes alone bound it loosely
     max_audio_seconds: int = Field(0, ge=0, le=QUANTITY_MAX)
+    # how fast the model makes output, in tokens a second (0 = not given), for a reply that ends before
+    # the provider reported its usage (a stream cut, a client gone): a reasoning model thinks without
+    # showing anything and bills that thinking, so such a request is charged at least this many output
+    # tokens a second from its authorization to its end (at most its cap), not only the text it showed
+    output_tokens_per_second: int = Field(0, ge=0, le=1_000_000)
 
     @property
     def upstream(self) -> str:

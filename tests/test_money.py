@@ -1182,6 +1182,37 @@ async def test_a_long_prompt_is_reserved_and_charged_at_the_long_context_tier(se
     assert (await service.admin.audit()).ok
 
 
+async def test_a_reply_cut_while_the_model_thought_unseen_is_charged_the_output_its_speed_made(
+        service: Service) -> None:
+    """A reasoning model shows nothing while it thinks, and bills the thinking: with the model's output speed
+    in the price table, a stream cut (or left) before the provider reported its usage is charged at least
+    that speed times the seconds since its authorization (at most its cap); without it, what it showed."""
+    document = yaml.safe_load((await service.admin.book.version(1)).canonical)
+    document["price_table"]["models"]["gpt-4o"]["output_tokens_per_second"] = 40
+    await service.admin.apply_policy(yaml.safe_dump(document), "speeds.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    clock = [service.engine.clock()]
+    service.engine.clock = lambda: clock[0]
+    for request_id, model in (("thinking", "gpt-4o"), ("long-thought", "gpt-4o"), ("no-speed", "gpt-4o-mini"),
+                              ("whole", "gpt-4o")):
+        await service.engine.authorize(ask(secret, model=model, max_output_tokens=1000, request_id=request_id))
+    clock[0] += 7_500  # 7.5 s: 300 tokens at 40 a second
+    cut = {"interrupted": True, "error_class": "usage_estimated:stream_cut"}
+    assert (await service.engine.settle_estimated("thinking", 12, **cut)).charge == \
+        -(-(price_quantity(104, parse_amount("2.50")) + price_quantity(300, parse_amount("10.00"))) * 12 // 10)
+    clock[0] += 60_000
+    await service.engine.settle_estimated("long-thought", 12, **cut)
+    await service.engine.settle_estimated("no-speed", 12, **cut)
+    # a reply the provider ended without reporting usage was not cut: what it showed is all it made
+    await service.engine.settle_estimated("whole", 12, interrupted=False, error_class="usage_estimated:no_usage_reported")
+    await service.writer.drain()
+    outputs = {rid: service.store.usage_record(rid).output_tokens for rid in ("thinking", "long-thought", "no-speed",
+                                                                              "whole")}
+    assert outputs == {"thinking": 300, "long-thought": 1000, "no-speed": 12, "whole": 12}
+    assert (await service.admin.audit()).ok
+
+
 async def test_a_cut_stream_is_charged_the_input_the_provider_reported_and_the_output_delivered(service: Service) -> None:
     from policyd.usage_capture import Tokens
 
