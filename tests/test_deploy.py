@@ -31,6 +31,9 @@ def test_kubernetes_example_parses_and_wires_the_sidecar() -> None:
     assert containers["policyd"]["readinessProbe"]["grpc"]["port"] == 50051
     from policyd.settings import Settings
 
+    # the pod outlasts policyd's own wait for the replies still passing (else they are cut, then charged as held)
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > Settings.model_fields["shutdown_grace_seconds"].default
     for name in env:
         if name.startswith("POLICYD_"):
             assert name.removeprefix("POLICYD_").lower() in Settings.model_fields, name
