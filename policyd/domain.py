@@ -239,6 +239,7 @@ class UsageReport:
     stream_interrupted: bool = False
     provider_account: str = ""
     provider_response_id: str = ""  # the id of a response the provider stored (the Responses API's)
+    reply_model: str = ""  # the model the provider's reply names: priced as it when the table does and it differs
 
 
 @dataclass(frozen=True)

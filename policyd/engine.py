@@ -1098,6 +1098,8 @@ class Engine:
         served = report.served_model or r["served_model"]
         if policy is not None and served == policy.upstream_name(r["served_model"]):
             served = r["served_model"]  # the model authorized, by the name it was sent upstream with
+        if policy is not None and report.reply_model:  # the provider served another model it names: billed as it
+            served = policy.served_as(served, report.reply_model)
         price = (policy.model(served) if served else CONVERSATION_PRICE) if policy else None
         if policy is None or plan is None or price is None:
             raise await self._reject(report.request_id, reservation.partition, "unknown_model",
@@ -1289,6 +1291,7 @@ class Engine:
             **({name: getattr(reported, name) for name in IMAGE_GENERATION_USAGE} if reported is not None else {}),
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,
             provider_account=provider_account, provider_response_id=provider_response_id,
+            reply_model=reported.reply_model if reported is not None else "",
         ), reservation)
 
     async def _output_made_meanwhile(self, reservation: Reservation) -> int:

@@ -17,6 +17,9 @@ Scenarios, by the request header `x-mock-scenario`:
     reads, as a network may deliver them) | sized (a chat or text completion stream sent whole, with a
     content-length, as a server that buffers its events does)
 
+Header `x-mock-reply-model`: the model the reply names (a provider that served another model than it
+was sent: a server-side fallback, a router).
+
 Usage it reports: prompt tokens = ceil(UTF-8 bytes of the messages / 4), completion tokens =
 min(the request's output cap, 12). `GET /_mock/requests` lists what it received (for tests).
 """
@@ -239,6 +242,7 @@ class MockProvider:
         deployment = route.split("/openai/deployments/", 1)[1].split("/", 1)[0] if "/openai/deployments/" in route else ""
         vertex_anthropic = VERTEX_ANTHROPIC_PATH.search(route)  # Vertex AI's Claude: the model in the path
         model = deployment or (vertex_anthropic.group("model") if vertex_anthropic else body.get("model", ""))
+        model = h.headers.get("x-mock-reply-model") or model  # a provider that served another model than sent
         p_tokens = prompt_tokens(body)
         c_tokens = min(output_cap(body), COMPLETION_TOKENS_MAX)
         text = "".join(WORDS[:c_tokens])

@@ -167,7 +167,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                                 service_tier=request.service_tier, seconds=u.seconds,
                                 audio_input_tokens=u.audio_input_tokens, web_searches=u.web_searches,
                                 file_searches=u.file_searches, containers=u.containers,
-                                maps_groundings=u.maps_groundings,
+                                maps_groundings=u.maps_groundings, reply_model=request.reply_model,
                                 **{name: getattr(u, name) for name in IMAGE_GENERATION_USAGE})))
             return settle_response(s)
         report = UsageReport(
@@ -184,7 +184,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             error_class=request.error_class, latency_ms=request.latency_ms,
             stream_interrupted=request.stream_interrupted, provider_account=request.provider_account,
             provider_response_id=request.provider_response_id[:256],
-            service_tier=request.service_tier,
+            service_tier=request.service_tier, reply_model=request.reply_model,
         )
         return settle_response(await _call(context, lambda: self.engine.settle(report)))
 

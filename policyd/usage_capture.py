@@ -57,6 +57,7 @@ class Tokens:
     image_generation_cached_input_tokens: int = 0
     image_generation_image_input_tokens: int = 0  # of image_generation_input_tokens, uncached
     image_generation_output_tokens: int = 0
+    reply_model: str = ""  # the model the reply names (its "model", Gemini's modelVersion): the one that served it
     # what Anthropic's usage has said of its tier so far (a stream's events say it in parts): service_tier
     _tier: str = ""
     _fast: bool = False  # speed: fast
@@ -210,6 +211,11 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         seen.output_tokens = seen.audio_output_tokens = _n(usage.get("output_tokens"))
         return True
     response = _dict(data.get("response"))
+    if not seen.reply_model:  # the body's, a chunk's, the Responses API's response, Anthropic's message_start
+        named = data.get("model") or response.get("model") or _dict(data.get("message")).get("model") \
+            or data.get("modelVersion")
+        if isinstance(named, str):
+            seen.reply_model = named[:256]
     served_by = data.get("service_tier") or response.get("service_tier")  # chat's, the Responses API's
     if isinstance(served_by, str) and served_by:
         seen.service_tier = "" if served_by == "default" else served_by[:32]

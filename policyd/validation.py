@@ -138,5 +138,5 @@ def check_usage(report: UsageReport) -> None:
         raise Problem("invalid_usage", "image_generation_cached_input_tokens + image_generation_image_input_tokens "
                       "cannot exceed image_generation_input_tokens", "image_generation_cached_input_tokens")
     _text_field("service_tier", report.service_tier, SERVICE_TIER_LENGTH_MAX)
-    for name in ("served_model", "provider", "fallback_reason", "error_class", "provider_account"):
+    for name in ("served_model", "provider", "fallback_reason", "error_class", "provider_account", "reply_model"):
         _text_field(name, getattr(report, name), FIELD_LENGTH_MAX)

@@ -157,6 +157,28 @@ def test_non_streamed_chat_charges_the_provider_reported_usage(gateway: Gateway)
     assert key not in json.dumps(gateway.mock.received())  # the customer's key never reaches the provider
 
 
+def test_a_reply_from_another_model_than_sent_is_charged_as_the_model_that_served_it(gateway: Gateway) -> None:
+    """A provider that serves another model than it was sent (a server-side fallback, a router) bills that
+    one, and its reply names it: charged and recorded as it, streamed or not."""
+    client = gateway.client(gateway.customer("e2e-served-otherwise"))
+    served_otherwise = {"x-mock-reply-model": "gpt-4o"}
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "fall back"}], max_tokens=8,
+        extra_headers=served_otherwise)
+    completion = raw.parse()
+    assert completion.model == "gpt-4o"
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["requested_model"], record["served_model"]) == ("gpt-4o-mini", "gpt-4o")
+    assert record["charge_nanos"] == expected_charge("gpt-4o", completion.usage.prompt_tokens,
+                                                     completion.usage.completion_tokens)
+    headers, chunks = streamed(client, "fall back, streamed", extra_headers=served_otherwise,
+                               stream_options={"include_usage": True})
+    usage = [c.usage for c in chunks if c.usage][0]
+    record = gateway.record(headers["x-policyd-request-id"])
+    assert record["served_model"] == "gpt-4o"
+    assert record["charge_nanos"] == expected_charge("gpt-4o", usage.prompt_tokens, usage.completion_tokens)
+
+
 def test_legacy_text_completions_are_charged_streamed_or_not(gateway: Gateway) -> None:
     """/v1/completions (OpenAI's legacy API, and what many OpenAI-compatible servers speak)."""
     client = gateway.client(gateway.customer("e2e-legacy"))

@@ -550,6 +550,30 @@ def test_usage_from_chat_stream_in_odd_chunks() -> None:
     assert (reader.tokens.input_tokens, reader.tokens.cached_input_tokens, reader.tokens.output_tokens) == (11, 4, 3)
 
 
+def test_the_model_a_reply_names_is_read_from_each_apis_replies_and_streams() -> None:
+    """The model that served a reply, as the provider names it: a chat completion's or a chunk's `model`,
+    the Responses API's response, Anthropic's message (message_start in a stream), Gemini's modelVersion."""
+    def read(endpoint: str, stream: bool, *parts: bytes) -> str:
+        reader = ResponseReader(endpoint, stream=stream)
+        for part in parts:
+            reader.feed(part)
+        reader.finish()
+        return reader.tokens.reply_model
+
+    assert read("chat_completions", False, json.dumps({"model": "gpt-4o-2024-08-06", "choices": []}).encode()) \
+        == "gpt-4o-2024-08-06"
+    assert read("chat_completions", True, _sse({"model": "served-a", "choices": [{"delta": {"content": "x"}}]},
+                                               {"model": "served-b", "choices": []}, b"[DONE]")) == "served-a"
+    assert read("responses", True, _sse({"type": "response.created", "response": {"model": "o4-mini"}})) == "o4-mini"
+    assert read("anthropic_messages", True, b"event: message_start\n" + _sse({"type": "message_start", "message": {
+        "model": "claude-opus-4-1", "usage": {"input_tokens": 3, "output_tokens": 1}}})) == "claude-opus-4-1"
+    assert read("anthropic_messages", False, json.dumps({"model": "claude-sonnet-4", "usage": {}}).encode()) \
+        == "claude-sonnet-4"
+    assert read("gemini_generate_content", False, json.dumps({"modelVersion": "gemini-2.5-pro",
+                                                             "usageMetadata": {}}).encode()) == "gemini-2.5-pro"
+    assert read("chat_completions", False, json.dumps({"model": 7, "choices": []}).encode()) == ""  # no name
+
+
 def test_usage_groq_puts_under_x_groq_is_read() -> None:
     """Groq's OpenAI-compatible streams give their usage on the last chunk under `x_groq`: read there (a
     stream otherwise charged as an estimate), whatever the chunk's size."""
