@@ -537,6 +537,13 @@ def _gateway_config(args: argparse.Namespace) -> int:
                  upstreams=tuple(upstreams), failure_mode_allow=args.fail_open, shape=args.shape,
                  more_policyd=tuple(more), route_timeout_seconds=args.route_timeout,
                  cors_origins=tuple(args.cors_origin or ())), end="")
+    from policyd.gateway_config import STREAM_TIMEOUT_MARGIN_SECONDS
+    from policyd.settings import Settings
+
+    needed = args.route_timeout + STREAM_TIMEOUT_MARGIN_SECONDS
+    if needed > Settings.model_fields["reservation_ttl_seconds"].default:  # a reply still running at its deadline
+        print(f"policyd: a route timeout of {args.route_timeout} s needs POLICYD_RESERVATION_TTL_SECONDS of at least "
+              f"{needed} and POLICYD_SHUTDOWN_GRACE_SECONDS as long on every replica", file=sys.stderr)
     return 0
 
 

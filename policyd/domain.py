@@ -132,8 +132,8 @@ class AuthorizeInput:
     creates: str = ""  # a free call that makes something for the customer (CREATABLE): its id remembered from the reply
     files: tuple[str, ...] = ()  # the files (by id) the request's input refers to: the customer's own, or unknown
     conversation: str = ""  # the conversation a Responses API request adds to (its `conversation`)
-    # the request is on its way to the provider, which bills it: a reservation nobody closes is charged as
-    # held at its deadline instead of released (Engine.expire_due)
+    # the request is on its way to the provider, which bills it: a reservation nobody closes is held one TTL
+    # past its deadline and then charged as held instead of released (Engine.expire_due)
     charge_held_on_expiry: bool = False
 
 

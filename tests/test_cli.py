@@ -249,3 +249,14 @@ def test_scoped_admin_credentials_from_the_command_line(server: PolicydProcess) 
     gone = run(server, "keys", "list", *scoped)
     assert gone.returncode != 0 and "unauthenticated" in gone.stderr
     assert secret not in server.log() and secret[6:] not in server.log()
+
+
+def test_gateway_config_names_the_reservation_ttl_a_longer_route_timeout_needs() -> None:
+    """A reply may run as long as the route waits; a reservation whose deadline comes first is charged as
+    held there and its own usage refused, so a longer route timeout says what the replicas need."""
+    longer = subprocess.run([*policyd_command(), "gateway-config", "--route-timeout", "1200"], capture_output=True,
+                            text=True, timeout=60)
+    assert longer.returncode == 0 and "timeout: 1200s" in longer.stdout
+    assert "POLICYD_RESERVATION_TTL_SECONDS of at least 1260" in longer.stderr
+    default = subprocess.run([*policyd_command(), "gateway-config"], capture_output=True, text=True, timeout=60)
+    assert default.returncode == 0 and default.stderr == ""

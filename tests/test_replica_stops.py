@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 import openai
@@ -108,12 +108,9 @@ class SlowStream(threading.Thread):
         return self.usage
 
 
-@pytest.fixture(scope="module")
-def servers() -> Iterator[tuple[RedisServer, PostgresServer]]:
-    redis, postgres = RedisServer(), PostgresServer()
-    yield redis, postgres
-    redis.close()
-    postgres.close()
+@pytest.fixture
+def servers(redis_server: RedisServer, postgres_server: PostgresServer) -> tuple[RedisServer, PostgresServer]:
+    return redis_server, postgres_server
 
 
 def deployment(servers: tuple[RedisServer, PostgresServer], shape: str = SHAPES[0], **env: str) -> Deployment:
