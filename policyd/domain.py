@@ -135,6 +135,9 @@ class AuthorizeInput:
     # the request is on its way to the provider, which bills it: a reservation nobody closes is held one TTL
     # past its deadline and then charged as held instead of released (Engine.expire_due)
     charge_held_on_expiry: bool = False
+    # unique to the client's request (not to a proxy's retries of its Authorize): another request naming the
+    # same request id while this one is in flight is refused (request_in_progress)
+    call_token: str = ""
 
 
 @dataclass(frozen=True)

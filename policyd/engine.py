@@ -423,6 +423,10 @@ class Engine:
             if existing.state != "reserved":  # a retry is answered only while its reservation is open
                 return self._deny(common, "invalid_request",
                                   f"request_id was already used and is {existing.state}: use a new one", "request_id")
+            if request.call_token and existing.fields.get("call_token", "") != request.call_token:
+                # another client request reusing the id while the first is in flight: answered as a retry, it
+                # would reach the provider on the first one's reservation and never be charged
+                return self._deny(common, "request_in_progress", param="request_id")
             first = existing.record
             return Decision(
                 decision=first["decision"], reserved=existing.amount, max_output_tokens=first["max_output_tokens"],
@@ -927,6 +931,9 @@ class Engine:
         if request.charge_held_on_expiry:  # on its way to the provider: its deadline charges it (expire_due)
             fields["charge_held_on_expiry"] = 1
             extra += ',"charge_held_on_expiry":1'
+        if request.call_token:  # a retry of this Authorize carries it; another request reusing the id does not
+            fields["call_token"] = request.call_token
+            extra += f',"call_token":{compact_json.dumps(request.call_token)}'
         fields_json = (f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.likely_input_tokens)},'
                        f'"seconds_estimate":{int(attempt.likely_seconds)},'
                        f'"audio_tokens_estimate":{int(attempt.likely_audio_tokens)}{extra}}}')

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 from urllib.parse import parse_qsl, quote, unquote_plus
@@ -157,6 +158,8 @@ PROVIDER_ACCOUNT_HEADERS = (
 class HttpCall:
     """An HTTP request understood as a model call, or the reason it cannot be."""
 
+    # this request's own, whatever request id its client gave it (AuthorizeInput.call_token)
+    call_token: str = field(default_factory=lambda: secrets.token_hex(8))
     endpoint: str = ""
     models_listing: bool = False
     listing_shape: str = "openai"  # ... answered as the client's API lists models: openai | anthropic | gemini
@@ -247,6 +250,7 @@ class HttpCall:
             stored_response=self.stored_response, previous_response=self.previous_response,
             creates=self.creates, conversation=self.conversation, files=self.files,
             charge_held_on_expiry=True,  # the gateway sends it on to the provider
+            call_token=self.call_token,
         )
 
 

@@ -42,6 +42,7 @@ _REASONS = [
     Reason("no_policy", 503, "server_error"),
     Reason("unknown_plan", 403, "permission_error"),
     Reason("request_too_costly", 400, "invalid_request_error"),  # past the plan's max_request_charge
+    Reason("request_in_progress", 409, "invalid_request_error"),  # its request id names another request in flight
     Reason("insufficient_quota", 429, "insufficient_quota"),
     Reason("budget_exceeded", 429, "budget_exceeded"),
     Reason("rate_limit_exceeded", 429, "rate_limit_exceeded"),
@@ -90,6 +91,8 @@ MESSAGES = {
     "no_policy": "No policy has been applied yet.",
     "request_too_costly": "This request may cost more than this API key's plan allows a single request: ask for "
                           "fewer output tokens, or send less input.",
+    "request_in_progress": "Another request with this request id (x-policyd-request-id, idempotency-key or "
+                           "x-request-id) is still in progress: wait for it, or send this one with a new id.",
     "insufficient_quota": "You exceeded your current quota: the prepaid balance cannot cover this request.",
     "budget_exceeded": "A budget limit has been reached.",
     "rate_limit_exceeded": "A rate limit has been reached.",

@@ -179,6 +179,33 @@ def test_a_reply_from_another_model_than_sent_is_charged_as_the_model_that_serve
     assert record["charge_nanos"] == expected_charge("gpt-4o", usage.prompt_tokens, usage.completion_tokens)
 
 
+def test_a_request_id_reused_while_its_first_request_is_in_flight_is_refused(gateway: Gateway) -> None:
+    """Clients may name their requests (x-policyd-request-id, idempotency-key, x-request-id). A second one
+    sent with the id of one still in flight (a retry on a timeout, or on purpose) used to be answered as a
+    retry of the first: it reached the provider on the first one's hold and was never charged."""
+    client = gateway.client(gateway.customer("e2e-reused-id"))
+    request_id = f"reused-{gateway.shape}"
+
+    def stream_slowly() -> str:
+        with client.chat.completions.with_streaming_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "the first"}], stream=True,
+                stream_options={"include_usage": True}, max_tokens=8,
+                extra_headers={"x-mock-scenario": "slow", "idempotency-key": request_id}) as response:
+            return "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
+
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(stream_slowly)
+        time.sleep(0.5)  # its first words are on their way
+        with pytest.raises(openai.ConflictError) as refused:
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "the second"}],
+                                           max_tokens=8, extra_headers={"idempotency-key": request_id})
+        assert first.result(timeout=20)
+    assert refused.value.status_code == 409 and refused.value.code == "request_in_progress"
+    assert not [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "the second"]
+    record = gateway.record(request_id)
+    assert (record["status"], record["charge_nanos"] > 0) == ("settled", True)
+
+
 def test_legacy_text_completions_are_charged_streamed_or_not(gateway: Gateway) -> None:
     """/v1/completions (OpenAI's legacy API, and what many OpenAI-compatible servers speak)."""
     client = gateway.client(gateway.customer("e2e-legacy"))

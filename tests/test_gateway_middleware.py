@@ -397,6 +397,7 @@ async def test_the_middleware_sends_gemini_the_served_model_in_the_path_and_keep
     assert policy.settled and policy.settled[0][0] == "r-g" and policy.settled[0][1]["output_tokens"] == 1
     # sent on to the provider: a reservation this gateway could not close (it crashed) is charged at its deadline
     assert policy.asked[0]["charge_held_on_expiry"] is True
+    assert len(policy.asked[0]["call_token"]) == 32  # its own: another request reusing the client's id is refused
 
 
 async def test_a_proxy_that_fails_before_the_provider_answers_is_released_not_charged() -> None:

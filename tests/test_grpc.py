@@ -307,14 +307,15 @@ async def test_hosted_tools_over_the_native_api(channel: grpc.aio.Channel) -> No
     assert (record.containers, record.container_memory, record.charge.nanos) == (1, "1g", settled.charge.nanos)
 
 
-def test_charge_held_on_expiry_travels_from_the_client_to_the_decision() -> None:
+def test_charge_held_on_expiry_and_the_call_token_travel_from_the_client_to_the_decision() -> None:
     """A proxy of one's own asks that a reservation it could not close be charged at its deadline
     (AuthorizeRequest.charge_held_on_expiry); unasked, it is released there."""
     from policyd.servicers import authorize_input
     from policyd_client.client import _authorize_request
 
     asked = _authorize_request("pdk_x", "chat_completions", "gpt-4o-mini", "r-1", 10, 1, 5, False,
-                               charge_held_on_expiry=True)
+                               charge_held_on_expiry=True, call_token="t-1")
     unasked = _authorize_request("pdk_x", "chat_completions", "gpt-4o-mini", "r-2", 10, 1, 5, False)
     assert (asked.charge_held_on_expiry, unasked.charge_held_on_expiry) == (True, False)
     assert authorize_input(asked).charge_held_on_expiry and not authorize_input(unasked).charge_held_on_expiry
+    assert (authorize_input(asked).call_token, authorize_input(unasked).call_token) == ("t-1", "")

@@ -160,6 +160,27 @@ async def test_a_request_sent_on_to_the_provider_that_nobody_closes_is_charged_a
     assert (await service.admin.audit()).ok
 
 
+async def test_a_request_id_in_flight_answers_its_own_retries_but_refuses_another_request(service: Service) -> None:
+    """A proxy's request ids may come from its clients (idempotency-key): a second client request reusing one
+    while the first is in flight, answered as a retry, would reach the provider on the first one's hold and be
+    charged nothing. With the proxy's call token it is refused (409); the proxy's own retry (same token) and a
+    native caller without tokens are answered as retries, as before."""
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1")
+    first = await service.engine.authorize(replace(ask(secret, request_id="reused"), call_token="call-a"))
+    retried = await service.engine.authorize(replace(ask(secret, request_id="reused"), call_token="call-a"))
+    assert (first.decision, retried.decision, retried.reserved) == ("allow", "allow", first.reserved)
+    other = await service.engine.authorize(replace(ask(secret, request_id="reused"), call_token="call-b"))
+    assert (other.decision, other.reason, other.http_status, other.error_param) == (
+        "deny", "request_in_progress", 409, "request_id")
+    assert await service.counters.wallet("acme") == (USD, first.reserved)  # held once, for the first alone
+    native = await service.engine.authorize(ask(secret, request_id="native"))
+    assert (await service.engine.authorize(ask(secret, request_id="native"))).reserved == native.reserved
+    await service.engine.settle(usage("reused"))
+    settled = await service.engine.authorize(replace(ask(secret, request_id="reused"), call_token="call-c"))
+    assert (settled.decision, settled.reason) == ("deny", "invalid_request")  # used and settled: a new id, please
+
+
 async def test_wallet_caps_spend_before_it_happens(service: Service) -> None:
     _, secret = await new_key(service)
     await fund(service, "acme", "0.001")

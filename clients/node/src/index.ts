@@ -100,6 +100,7 @@ export interface AuthorizeInput {
   conversationId?: string;       // the conversation a Responses API request adds to
   fileIds?: string[];            // the files the request's input refers to by id
   chargeHeldOnExpiry?: boolean;  // on its way to the provider: a reservation nobody closes is charged as held at its deadline
+  callToken?: string;            // unique to the client's request when its id comes from the client: another reusing it meanwhile is refused
   attribution?: Omit<Attribution, "requestId">;
 }
 
@@ -219,7 +220,7 @@ export class PolicyClient {
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",
       creates: input.creates ?? "", conversationId: input.conversationId ?? "", fileIds: input.fileIds ?? [],
-      chargeHeldOnExpiry: input.chargeHeldOnExpiry ?? false,
+      chargeHeldOnExpiry: input.chargeHeldOnExpiry ?? false, callToken: input.callToken ?? "",
     };
     const r = await this.call<AuthorizeRequest, AuthorizeResponse__Output>(
       this.stub.authorize.bind(this.stub), request, Boolean(input.requestId));

@@ -131,7 +131,9 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     creates="conversation" or "file" (POST /v1/conversations, /v1/files: free, settled with the new id),
     conversation_id (the conversation a Responses API request adds to) and file_ids (the files its input
     refers to); charge_held_on_expiry=True for a request on its way to the provider (a reservation neither
-    settled nor released by its deadline is then charged as held, not released)."""
+    settled nor released by its deadline is then charged as held, not released), call_token (unique to the
+    client's request, when its request id comes from the client: another request reusing the id while this one
+    is in flight is refused)."""
     if endpoint not in ENDPOINTS and "problem" not in attribution and not attribution.get("stored_response_id"):
         raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
     tags = attribution.pop("tags", {})
@@ -145,6 +147,7 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     conversation_id = attribution.pop("conversation_id", "")
     file_ids = list(attribution.pop("file_ids", ()))
     charge_held_on_expiry = bool(attribution.pop("charge_held_on_expiry", False))
+    call_token = attribution.pop("call_token", "")
     shape = policy_pb2.RequestShape(prompt_bytes=prompt_bytes, message_count=message_count,
                                     max_output_tokens=max_output_tokens, stream=stream,
                                     input_tokens=attribution.pop("input_tokens", 0),
@@ -175,7 +178,7 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
         shape=shape, client=client, count_tokens=count_tokens, stored_response_id=stored_response_id,
         previous_response_id=previous_response_id, creates=creates, conversation_id=conversation_id,
-        file_ids=file_ids, charge_held_on_expiry=charge_held_on_expiry)
+        file_ids=file_ids, charge_held_on_expiry=charge_held_on_expiry, call_token=call_token)
     if problem is not None:
         code, message, param = problem
         request.problem.CopyFrom(types_pb2.OpenAIError(code=code, message=message, param=param))
