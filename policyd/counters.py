@@ -188,6 +188,7 @@ class Counters:
         self._grant = client.register_script(_load("grant"))
         self._key_state = client.register_script(_load("key_state"))
         self._expire_credit = client.register_script(_load("expire_credit"))
+        self._extend_hold = client.register_script(_load("extend_hold"))
         # the scripts every request runs go through one pipelined connection where redis-py's pool is not needed
         self._lane = ScriptLane.for_client(client)
         # told whenever a script finds its partition's gate closed (Service: a rebuild when the counters are lost)
@@ -501,10 +502,17 @@ class Counters:
         raw = await self.client.hmget(redis_keys.wallet(self.partition_of(customer_id), customer_id), "balance", "reserved")
         return int(raw[0] or 0), int(raw[1] or 0)
 
-    async def postpone_deadline(self, partition: int, request_id: str, at_ms: int) -> None:
-        """Look at a reservation again at `at_ms` (the sweep's list alone: a closing that removed it since it
-        was read stays removed)."""
-        await self.client.zadd(redis_keys.deadlines(partition), {request_id: at_ms}, xx=True)
+    async def extend_hold(self, reservation: Reservation, key_id: str, until_ms: int) -> str:
+        """Keep a reservation past its deadline until `until_ms` (extend_hold.lua), its key's concurrency slot
+        returned: extended | already | unknown."""
+        p = reservation.partition
+        reply = await self._decide(self._extend_hold, [
+            redis_keys.reservation(p, reservation.request_id), redis_keys.deadlines(p),
+            redis_keys.inflight(p, key_id), redis_keys.gate(p),
+        ], [reservation.request_id, str(until_ms)])
+        if _text(reply[0]) == "fenced":
+            raise self._fenced(p)
+        return _text(reply[0])
 
     async def due_everywhere(self, now_ms: int, count: int = 100) -> dict[int, tuple[list[tuple[str, str]], list[str]]]:
         """Per partition with anything due: (expiring credits past expiry, reservations past deadline).

@@ -1376,9 +1376,10 @@ class Engine:
             if reservation.state == "reserved" and reservation.fields.get("charge_held_on_expiry"):
                 if at < reservation.expires_ms + self.reservation_ttl_ms:
                     # held one more TTL for a report still on its way (a replica making its settle again while
-                    # Redis was away gives up CLOSE_RETRY_SECONDS after the reply's end, before the deadline)
-                    await self.counters.postpone_deadline(partition, request_id,
-                                                          reservation.expires_ms + self.reservation_ttl_ms)
+                    # Redis was away gives up CLOSE_RETRY_SECONDS after the reply's end, before the deadline);
+                    # the request itself has ended: its key's concurrency slot is returned now
+                    await self.counters.extend_hold(reservation, reservation.record["api_key_id"],
+                                                    reservation.expires_ms + self.reservation_ttl_ms)
                     continue
                 if await self._charge_unclosed(reservation):
                     voided += 1

@@ -125,21 +125,34 @@ async def test_a_request_sent_on_to_the_provider_that_nobody_closes_is_charged_a
         service: Service) -> None:
     """A gateway's request (charge_held_on_expiry) whose end no replica saw (the one reading its reply was
     lost): the provider billed it, so it is charged the hold instead of released as free; held one more
-    TTL past its deadline first, for a report still on its way (a settle made again once Redis is back)."""
-    _, secret = await new_key(service)
+    TTL past its deadline first, for a report still on its way (a settle made again once Redis is back), its
+    key's concurrency slot returned at the deadline (the request has ended by then)."""
+    from policyd import redis_keys
+
+    key_id, secret = await new_key(service)
     await fund(service, "acme", "1")
+
+    async def in_flight() -> int:
+        return int(await service.counters.client.get(redis_keys.inflight(service.counters.partition_of("acme"),
+                                                                          key_id)) or 0)
+
     clock = [service.engine.clock()]
     service.engine.clock = lambda: clock[0]
     ttl = service.engine.reservation_ttl_ms
     held = {}
-    for request_id in ("lost", "late-report"):
+    for request_id in ("lost", "late-report", "late-release"):
         sent_on = replace(ask(secret, model="gpt-4o", request_id=request_id, max_output_tokens=300),
                           charge_held_on_expiry=True)
         held[request_id] = (await service.engine.authorize(sent_on)).reserved
     await service.engine.authorize(ask(secret, model="gpt-4o", request_id="not-sent", max_output_tokens=300))
+    assert await in_flight() == 4
     clock[0] += ttl + 1
-    assert await service.engine.expire_due() == 1  # "not-sent" released; the two sent on still held
-    assert await service.counters.wallet("acme") == (USD, held["lost"] + held["late-report"])
+    assert await service.engine.expire_due() == 1  # "not-sent" released; the three sent on still held
+    assert await service.counters.wallet("acme") == (USD, sum(held.values()))
+    assert await in_flight() == 0  # their slots returned: a plan's concurrency cap counts them no more
+    assert await service.engine.expire_due() == 0 and await in_flight() == 0  # returned once
+    assert (await service.engine.release("late-release", "upstream_500")).outcome == "released"
+    assert await in_flight() == 0
     late = await service.engine.settle(usage("late-report", input_tokens=120, output_tokens=40))
     assert late.charge == (price_quantity(120, parse_amount("2.50")) + price_quantity(40, parse_amount("10.00"))) * 12 // 10
     clock[0] += ttl
@@ -149,6 +162,7 @@ async def test_a_request_sent_on_to_the_provider_that_nobody_closes_is_charged_a
     charge = (price_quantity(estimate, price.input) + price_quantity(300, price.output)) * 12 // 10  # pro: +20%
     assert 0 < charge <= held["lost"]
     assert await service.counters.wallet("acme") == (USD - charge - late.charge, 0)
+    assert await in_flight() == 0  # neither closing took a slot back a second time
     with pytest.raises(PolicydError, match="already_settled"):
         await service.engine.release("lost", "late")
     await service.writer.drain()

@@ -1,6 +1,6 @@
 -- release.lua: void a reservation (provider error, client gone) or expire it (nobody settled).
 --
--- KEYS[1] reservation hash   state = reserved|expired|settled|released
+-- KEYS[1] reservation hash   state = reserved|expired|settled|released; slot = returned (extend_hold.lua)
 -- KEYS[2] wallet hash        balance, reserved (nanos)
 -- KEYS[3] deadlines zset
 -- KEYS[4] in-flight counter  of the key
@@ -34,9 +34,12 @@ if target == 'expired' then
     return {'not_due'}
   end
 end
-local amount = redis.call('HGET', KEYS[1], 'amount')
+local held = redis.call('HMGET', KEYS[1], 'amount', 'slot')
+local amount = held[1]
 redis.call('HINCRBY', KEYS[2], 'reserved', negative(amount))
-redis.call('DECR', KEYS[4])
+if held[2] ~= 'returned' then  -- the key's concurrency slot, unless given back already past the deadline
+  redis.call('DECR', KEYS[4])
+end
 redis.call('ZREM', KEYS[3], ARGV[1])
 local bucket_count = tonumber(ARGV[6])
 for i = 1, bucket_count do

@@ -1,6 +1,6 @@
 -- settle.lua: turn a reservation into the actual charge, once.
 --
--- KEYS[1] reservation hash   state = reserved|expired|settled|released
+-- KEYS[1] reservation hash   state = reserved|expired|settled|released; slot = returned (extend_hold.lua)
 -- KEYS[2] wallet hash        balance, reserved (nanos)
 -- KEYS[3] deadlines zset
 -- KEYS[4] in-flight counter  of the key
@@ -45,12 +45,15 @@ if state == 'released' then
 end
 
 local was_reserved = state == 'reserved'
-local holds_wallet = redis.call('HGET', KEYS[1], 'wallet') == '1'
-local reserved_amount = redis.call('HGET', KEYS[1], 'amount')
+local held = redis.call('HMGET', KEYS[1], 'wallet', 'amount', 'slot')
+local holds_wallet = held[1] == '1'
+local reserved_amount = held[2]
 local before = redis.call('HGET', KEYS[2], 'balance') or '0'
 if was_reserved then
   redis.call('HINCRBY', KEYS[2], 'reserved', negative(reserved_amount))
-  redis.call('DECR', KEYS[4])
+  if held[3] ~= 'returned' then  -- the key's concurrency slot, unless given back already past the deadline
+    redis.call('DECR', KEYS[4])
+  end
   redis.call('ZREM', KEYS[3], ARGV[1])
 end
 local after = redis.call('HINCRBY', KEYS[2], 'balance', ARGV[5])

@@ -1,0 +1,28 @@
+-- extend_hold.lua: a reservation past its deadline that nobody closed, whose request was sent on to the
+-- provider: the request has surely ended (the gateway's route timeout is shorter than a reservation's
+-- TTL), but a settle may still be on its way (one made again after a Redis outage). Its hold stays until
+-- the new deadline; its key's concurrency slot, which no request uses any more, is returned now, once.
+--
+-- KEYS[1] reservation hash   state = reserved|expired|settled|released; slot = returned once given back
+-- KEYS[2] deadlines zset
+-- KEYS[3] in-flight counter  of the key
+-- KEYS[4] gate               "open" while the partition's counters are whole: else refuse
+-- ARGV[1] request_id
+-- ARGV[2] the new deadline, unix ms (the reservation's own `expires` stays: it says when it was due)
+-- Returns {"extended"} | {"already", state} | {"unknown"} | {"fenced"}
+
+if redis.call('GET', KEYS[4]) ~= 'open' then
+  return {'fenced'}
+end
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  return {'unknown'}
+end
+if state ~= 'reserved' then
+  return {'already', state}
+end
+if redis.call('HSETNX', KEYS[1], 'slot', 'returned') == 1 then
+  redis.call('DECR', KEYS[3])
+end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return {'extended'}
