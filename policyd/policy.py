@@ -494,21 +494,16 @@ class Policy:
         return price.upstream_model if price is not None and price.upstream_model else name
 
     def served_as(self, sent: str, reply_model: str) -> str:
-        """The table's name for the model a provider's reply names, when that is not `sent` (the model
-        authorized) and the table prices it for the same provider, as a model or as a model's
-        upstream_model: a provider that served another model bills that one. Else `sent` (a dated snapshot
-        of it, a name unknown, another provider's entry: an Azure deployment's reply naming OpenAI's model)."""
+        """The model a provider's reply names, when that is not `sent` (the model authorized, or the name it
+        went upstream with) and the table prices it by that name for the same provider: a provider that
+        served another model bills that one. Else `sent`: a name the table does not hold (the dated snapshot
+        an alias resolved to; a name that is only some entry's upstream_model, which other aliases may
+        resolve to as well), or another provider's entry (an Azure deployment's reply naming OpenAI's model)."""
         if not reply_model or reply_model == sent or reply_model == self.upstream_name(sent):
             return sent
-        named = reply_model if reply_model in self.document.price_table.models else \
-            self._by_upstream_name.get(reply_model, "")
-        price, sent_price = self.model(named), self.model(sent)
-        return named if price is not None and sent_price is not None and price.provider == sent_price.provider \
+        price, sent_price = self.model(reply_model), self.model(sent)
+        return reply_model if price is not None and sent_price is not None and price.provider == sent_price.provider \
             else sent
-
-    @functools.cached_property
-    def _by_upstream_name(self) -> dict[str, str]:
-        return {p.upstream_model: name for name, p in self.document.price_table.models.items() if p.upstream_model}
 
     def model_allowed(self, plan: Plan, model: str, scopes: tuple[str, ...] = ()) -> bool:
         price = self.model(model)

@@ -1252,7 +1252,8 @@ async def test_a_reply_from_another_model_than_the_one_sent_is_priced_as_the_mod
         service: Service) -> None:
     """A provider may serve another model than the one it was sent (a server-side fallback, a router) and
     bills that one: the reply names it, and the table prices it. A name the table does not know (a dated
-    snapshot of the model sent) leaves the model authorized; so does the model's own upstream name."""
+    snapshot of the model sent, even one another entry sends upstream) leaves the model authorized; so does
+    the model's own upstream name."""
     document = yaml.safe_load((await service.admin.book.version(1)).canonical)
     document["price_table"]["models"]["house-mini"] = {**document["price_table"]["models"]["gpt-4o-mini"],
                                                        "upstream_model": "gpt-4o-mini-2024-07-18"}
@@ -1260,13 +1261,17 @@ async def test_a_reply_from_another_model_than_the_one_sent_is_priced_as_the_mod
     _, secret = await new_key(service)
     await fund(service, "acme", "10")
     for request_id, model in (("fell-back", "gpt-4o-mini"), ("snapshot", "gpt-4o-mini"), ("house", "house-mini"),
-                              ("estimated", "gpt-4o-mini"), ("other-provider", "gpt-4o-mini")):
+                              ("estimated", "gpt-4o-mini"), ("other-provider", "gpt-4o-mini"),
+                              ("alias-resolved", "gpt-4o-mini")):
         await service.engine.authorize(ask(secret, model=model, max_output_tokens=100, request_id=request_id))
     gpt_4o = price_quantity(1000, parse_amount("2.50")) + price_quantity(50, parse_amount("10.00"))
     mini = price_quantity(1000, parse_amount("0.15")) + price_quantity(50, parse_amount("0.60"))
     assert (await service.engine.settle(usage("fell-back", 1000, 50, reply_model="gpt-4o"))).cost == gpt_4o
     assert (await service.engine.settle(usage("snapshot", 1000, 50, reply_model="gpt-4o-2024-08-06"))).cost == mini
     assert (await service.engine.settle(usage("house", 1000, 50, reply_model="gpt-4o-mini-2024-07-18"))).cost == mini
+    # the snapshot an alias resolved to, which another entry also sends upstream: the alias sent stays
+    assert (await service.engine.settle(usage("alias-resolved", 1000, 50, reply_model="gpt-4o-mini-2024-07-18"))).cost \
+        == mini
     # another provider's entry (an Azure deployment whose reply names OpenAI's model): not what billed it
     assert (await service.engine.settle(usage("other-provider", 1000, 50, reply_model="claude-sonnet-4"))).cost == mini
     from policyd.usage_capture import Tokens
@@ -1276,9 +1281,9 @@ async def test_a_reply_from_another_model_than_the_one_sent_is_priced_as_the_mod
     assert cut.cost == gpt_4o
     await service.writer.drain()
     served = {rid: service.store.usage_record(rid).served_model
-              for rid in ("fell-back", "snapshot", "house", "estimated", "other-provider")}
+              for rid in ("fell-back", "snapshot", "house", "estimated", "other-provider", "alias-resolved")}
     assert served == {"fell-back": "gpt-4o", "snapshot": "gpt-4o-mini", "house": "house-mini", "estimated": "gpt-4o",
-                      "other-provider": "gpt-4o-mini"}
+                      "other-provider": "gpt-4o-mini", "alias-resolved": "gpt-4o-mini"}
     assert (await service.admin.audit()).ok
 
 
