@@ -47,9 +47,11 @@ class Deployment(FundedCustomers):
             upstreams=(Upstream("openai", "127.0.0.1", self.mock.port),), shape=shape))
         self.envoy = start_envoy(tmp / "envoy.yaml", self.port, tmp / "envoy.log")
 
-    def start_replica(self, **env: str) -> PolicydProcess:
+    def start_replica(self) -> PolicydProcess:
         replica = PolicydProcess(self.redis_url, self.database, policy=str(FIXTURES / "gateway_policy.yaml"),
-                                 extra_env={**self.env, **env}, cwd=str(self.tmp), port=self.policyd_port)
+                                 extra_env=self.env, cwd=str(self.tmp), port=self.policyd_port)
+        if getattr(self, "channel", None) is not None:
+            self.channel.close()  # the replica before it's
         self.channel = grpc.insecure_channel(replica.address)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
         return replica
