@@ -187,6 +187,7 @@ def test_a_replica_killed_mid_stream_leaves_a_charge_at_the_deadline_not_free_us
         key = d.customer("lost-" + shape.replace("+", "-"))
         stream = SlowStream(d, key, ask_usage=False)  # so both shapes' processing filters see the request
         assert stream.began.wait(15)
+        time.sleep(0.3)  # mid-stream (the next word comes 0.6 s after the first): the processing stream has ended
         d.replica.kill()
         d.replica = d.start_replica()
         stream.whole()
