@@ -193,8 +193,10 @@ class Engine:
         self._closings: set[asyncio.Task[None]] = set()
         self._retrying: set[asyncio.Task[None]] = set()  # closings between two attempts (Redis unreachable)
         self._stopping = False
-        # set when the process stops without waiting any longer for the gateway's streams still open (its
-        # shutdown grace is over): their replies go on to clients unread, and are charged as held
+        # the gateway's ext_proc streams open in this process (a shutdown waits for them), and whether the
+        # process stops without waiting any longer for them (its shutdown grace over): their replies go on
+        # to clients unread, and are charged as held
+        self.gateway_streams = 0
         self.abandoning_streams = False
 
     # ------------------------------------------------------------------ closings in the background

@@ -136,15 +136,19 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         self.pool = pool
 
     async def Process(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        messages = requests.__aiter__()
-        first = await anext(messages, None)
-        if first is None:
-            return
-        if first.observability_mode:
-            await self._observe(first, messages)
-            return
-        async for reply in self._process(first, messages):
-            yield reply
+        self.engine.gateway_streams += 1  # a shutdown waits for it
+        try:
+            messages = requests.__aiter__()
+            first = await anext(messages, None)
+            if first is None:
+                return
+            if first.observability_mode:
+                await self._observe(first, messages)
+                return
+            async for reply in self._process(first, messages):
+                yield reply
+        finally:
+            self.engine.gateway_streams -= 1
 
     async def _process(self, first: Any, messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """The processing filter's stream: one reply to each message, Envoy waiting for it."""

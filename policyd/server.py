@@ -45,6 +45,7 @@ COOLDOWN_SHARE_SECONDS = 1.0  # how often a replica publishes and takes up provi
 
 
 RECOVERY_INTERVAL_SECONDS = 5.0
+CALLS_GRACE_SECONDS = 5.0  # at shutdown, for the calls still open that are no gateway stream
 TOKEN_CHECK_SECONDS = 30.0  # how often accounts minting access tokens are looked at (each renewed when due)
 
 
@@ -265,18 +266,25 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
 
 async def _stop_serving(grpc_servers: list[grpc.aio.Server], engine: Engine, grace_seconds: int,
                         stop_now: asyncio.Event) -> None:
-    """Take no new calls, and wait for those open to end: a gateway stream lasts as long as its reply
+    """Take no new calls, and wait for the gateway's streams open to end: one lasts as long as its reply
     (minutes for a long generation), and one cut short here would be charged as what was delivered while
-    its client gets the rest. Past the grace (or at `stop_now`), the streams still open are let go unread
-    (Engine.abandoning_streams: each charged as held) and the rest cancelled."""
-    stopping = asyncio.ensure_future(asyncio.gather(*(s.stop(grace=grace_seconds + 5) for s in grpc_servers)))
+    its client gets the rest. Past the grace (or at `stop_now`), those still open are let go unread
+    (Engine.abandoning_streams: each charged as held). Other calls get CALLS_GRACE_SECONDS more (a unary
+    call ends in moments; a health watch or a reflection stream never does), then are cancelled."""
+    stopping = asyncio.ensure_future(asyncio.gather(
+        *(s.stop(grace=grace_seconds + CALLS_GRACE_SECONDS) for s in grpc_servers)))
     told = asyncio.ensure_future(stop_now.wait())
-    await asyncio.wait({stopping, told}, timeout=grace_seconds, return_when=asyncio.FIRST_COMPLETED)
+    deadline = time.monotonic() + grace_seconds
+    while engine.gateway_streams and not told.done() and not stopping.done() and time.monotonic() < deadline:
+        await asyncio.wait({stopping, told}, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
+    if engine.gateway_streams and not stopping.done():
+        log.warning("%d gateway streams still open %s; stopping without them", engine.gateway_streams,
+                    "at a second signal" if told.done() else f"after the {grace_seconds} s grace")
+        engine.abandoning_streams = True
+    elif not told.done():
+        await asyncio.wait({stopping, told}, timeout=CALLS_GRACE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
     told.cancel()
     if not stopping.done():
-        log.warning("calls still open %s; stopping without them",
-                    "at a second signal" if stop_now.is_set() else f"after the {grace_seconds} s grace")
-        engine.abandoning_streams = True
         await asyncio.gather(*(s.stop(None) for s in grpc_servers))
     await stopping
 

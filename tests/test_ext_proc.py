@@ -32,6 +32,7 @@ class RecordingEngine:
         self.closed: list[tuple[str, ...]] = []
         self.tasks: set[asyncio.Task] = set()
         self.abandoning_streams = False
+        self.gateway_streams = 0
 
     def close_in_background(self, closing: Any, request_id: str) -> None:
         self.tasks.add(asyncio.ensure_future(closing()))
@@ -210,6 +211,7 @@ async def test_the_processing_filters_stream_ends_once_it_has_nothing_left_to_do
     assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers"]
     await engine.finish()
     assert engine.closed == []  # the observer's to close
+    assert engine.gateway_streams == 0  # counted while open, for a shutdown to wait for
 
 
 async def test_the_observer_learns_the_request_from_the_deciding_ext_proc_namespace() -> None:

@@ -21,6 +21,7 @@ import pytest
 
 from policyd.gateway_config import SHAPES, Upstream, render
 from policyd.mock_provider import COMPLETION_TOKENS_MAX, WORDS, MockProvider
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.helpers import FundedCustomers
 from tests.processes import PolicydProcess
@@ -128,16 +129,21 @@ def test_a_replica_told_to_stop_reads_the_streams_open_to_their_end_before_it_ex
         servers: tuple[RedisServer, PostgresServer]) -> None:
     """SIGTERM (a rolling deploy) while a 7 s stream passes: the replica takes no new calls but reads the
     stream to its end and settles it at the provider's usage, then exits (it once gave streams 5 s and
-    charged the rest as cut: the words delivered so far, while the client got them all)."""
+    charged the rest as cut: the words delivered so far, while the client got them all). A client watching
+    its health (a stream that never ends by itself) does not hold it up."""
     d = deployment(servers)
     try:
         key = d.customer("drained")
+        watching = health_pb2_grpc.HealthStub(d.channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watching).status == health_pb2.HealthCheckResponse.SERVING
         stream = SlowStream(d, key)
         assert stream.began.wait(15)
+        stopping = time.monotonic()
         d.replica.process.send_signal(signal.SIGTERM)
         usage = stream.whole()
         assert d.replica.process.wait(timeout=30) == 0
-        assert "calls still open" not in d.replica.log()
+        assert time.monotonic() - stopping < 20  # the stream's 7 s, then at most CALLS_GRACE_SECONDS for the watch
+        assert "still open" not in d.replica.log()
         d.replica = d.start_replica()
         record = d.record("drained")
         assert (record.status, record.error_class, record.stream_interrupted) == ("settled", "", False)
@@ -162,7 +168,7 @@ def test_a_stream_a_stopping_replica_can_wait_for_no_longer_is_charged_as_held(
         d.replica.process.send_signal(signal.SIGTERM)
         assert d.replica.process.wait(timeout=30) == 0
         assert time.monotonic() - stopping < 6  # it did not wait for the stream's end
-        assert "calls still open after the 1 s grace" in d.replica.log()
+        assert "1 gateway streams still open after the 1 s grace" in d.replica.log()
         stream.whole()  # Envoy went on without the replica: the client got all of it
         d.replica = d.start_replica()
         record = d.record("left-unread")
