@@ -41,10 +41,10 @@ class Settings(BaseSettings):
                                          "the gateway's 600 s route timeout: a reply that takes all of it is settled "
                                          "before its hold lapses); one the gateway sent on to the provider is held "
                                          "as long again, then charged as held, not released")
-    shutdown_grace_seconds: int = Field(660, ge=0, description="on SIGTERM, how long `policyd serve` waits for calls and "
-                                        "the gateway's streams still open to end (it stops as soon as they have); "
-                                        "replies still passing then go on to their clients unread and are charged as "
-                                        "held. A second SIGTERM stops at once")
+    shutdown_grace_seconds: int = Field(660, ge=0, description="on SIGTERM, how long `policyd serve` waits for the "
+                                        "gateway's streams still open to end (it stops as soon as they have, other "
+                                        "calls given 5 s more); replies still passing then go on to their clients "
+                                        "unread and are charged as held. A second SIGTERM stops at once")
     failure_mode: Literal["closed", "open"] = Field(
         "closed", description="when Redis cannot be reached: deny (closed) or allow unreserved (open)"
     )
