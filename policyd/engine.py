@@ -193,11 +193,6 @@ class Engine:
         self._closings: set[asyncio.Task[None]] = set()
         self._retrying: set[asyncio.Task[None]] = set()  # closings between two attempts (Redis unreachable)
         self._stopping = False
-        # the gateway's ext_proc streams open in this process (a shutdown waits for them), and whether the
-        # process stops without waiting any longer for them (its shutdown grace over): their replies go on
-        # to clients unread, and are charged as held
-        self.gateway_streams = 0
-        self.abandoning_streams = False
 
     # ------------------------------------------------------------------ closings in the background
     def close_in_background(self, closing: Callable[[], Awaitable[Any]], request_id: str) -> None:
@@ -1400,13 +1395,13 @@ class Engine:
         log.warning("request %s reached its deadline unsettled; charged as held (usage_estimated:end_unseen)",
                     reservation.request_id)
         try:
-            settlement = await self.settle_estimated(reservation.request_id, 0, interrupted=True,
+            await self.settle_estimated(reservation.request_id, 0, interrupted=True,
                                                      error_class="usage_estimated:end_unseen", output_as_held=True)
         except PolicydError as error:
             log.error("request %s could not be charged at its deadline (%s); expired", reservation.request_id,
                       error.reason)
             return False
-        return settlement.outcome in ("settled", "settled_late", "exists")
+        return True
 
     async def run_sweeper(self, stop: asyncio.Event, interval_ms: int) -> None:
         await every(interval_ms / 1000, stop, self.expire_due, "expiry sweep")

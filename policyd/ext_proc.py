@@ -134,9 +134,13 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
     def __init__(self, engine: Engine, pool: ProviderPool) -> None:
         self.engine = engine
         self.pool = pool
+        self.streams_open = 0  # a shutdown waits for them (server._stop_serving)
+        # set when the process stops without waiting any longer for them (its shutdown grace over): their
+        # replies go on to clients unread, and are charged as held
+        self.abandoning = False
 
     async def Process(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        self.engine.gateway_streams += 1  # a shutdown waits for it
+        self.streams_open += 1
         try:
             messages = requests.__aiter__()
             first = await anext(messages, None)
@@ -148,7 +152,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             async for reply in self._process(first, messages):
                 yield reply
         finally:
-            self.engine.gateway_streams -= 1
+            self.streams_open -= 1
 
     async def _process(self, first: Any, messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """The processing filter's stream: one reply to each message, Envoy waiting for it."""
@@ -241,7 +245,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             if not exchange.closed:
                 # a stream this process stops reading as it shuts down (its grace over) is no cut: Envoy goes on
                 # without an observer, the reply goes on to its client, and the provider bills all of it
-                self._close(exchange, cut=True, unread=self.engine.abandoning_streams)
+                self._close(exchange, cut=True, unread=self.abandoning)
 
     def _response_began(self, exchange: Exchange, message: Any) -> None:
         """The provider's answer, from the response headers. An account that answers 429 or 5xx cools

@@ -180,10 +180,11 @@ class Service:
         self.store.close()
 
 
-def make_grpc_server(service: Service, policy: bool = True, admin: bool = True
+def make_grpc_server(service: Service, policy: bool = True, admin: bool = True,
+                     gateway_streams: ExternalProcessorServicer | None = None
                      ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A gRPC server with the decision services (PolicyService, ext_authz, ext_proc), the AdminService,
-    or both; health checking and reflection on each."""
+    """A gRPC server with the decision services (PolicyService, ext_authz, ext_proc: `gateway_streams`, or
+    one of its own), the AdminService, or both; health checking and reflection on each."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX)])
     names = []
     if policy:
@@ -191,7 +192,7 @@ def make_grpc_server(service: Service, policy: bool = True, admin: bool = True
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(service.engine, service.pool),
                                                                    server)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-            ExternalProcessorServicer(service.engine, service.pool), server)
+            gateway_streams or ExternalProcessorServicer(service.engine, service.pool), server)
         names += [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
                   external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
                   external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name]
@@ -227,7 +228,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
     service = await Service.build(settings)
     await service.start()
     separate_admin = bool(settings.admin_listen)
-    server, health_servicer = make_grpc_server(service, admin=not separate_admin)
+    gateway_streams = ExternalProcessorServicer(service.engine, service.pool)
+    server, health_servicer = make_grpc_server(service, admin=not separate_admin, gateway_streams=gateway_streams)
     main_names = ("", "policyd.v1.PolicyService") + (() if separate_admin else ("policyd.v1.AdminService",))
     servers = [(server, health_servicer, main_names)]
     _listen(server, settings.listen, settings, settings.tls_client_ca_file)
@@ -255,7 +257,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
         log.info("policyd stopping")
         for grpc_server, health_of, _ in servers:
             await health_of.enter_graceful_shutdown()
-        await _stop_serving([grpc_server for grpc_server, _, _ in servers], service.engine,
+        await _stop_serving([grpc_server for grpc_server, _, _ in servers], gateway_streams,
                             settings.shutdown_grace_seconds, stop_now or asyncio.Event())
         log.info("grpc servers stopped")
         if dashboard is not None:
@@ -264,23 +266,23 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
         log.info("policyd stopped")
 
 
-async def _stop_serving(grpc_servers: list[grpc.aio.Server], engine: Engine, grace_seconds: int,
-                        stop_now: asyncio.Event) -> None:
+async def _stop_serving(grpc_servers: list[grpc.aio.Server], gateway_streams: ExternalProcessorServicer,
+                        grace_seconds: int, stop_now: asyncio.Event) -> None:
     """Take no new calls, and wait for the gateway's streams open to end: one lasts as long as its reply
     (minutes for a long generation), and one cut short here would be charged as what was delivered while
     its client gets the rest. Past the grace (or at `stop_now`), those still open are let go unread
-    (Engine.abandoning_streams: each charged as held). Other calls get CALLS_GRACE_SECONDS more (a unary
+    (ExternalProcessorServicer.abandoning: each charged as held). Other calls get CALLS_GRACE_SECONDS more (a unary
     call ends in moments; a health watch or a reflection stream never does), then are cancelled."""
     stopping = asyncio.ensure_future(asyncio.gather(
         *(s.stop(grace=grace_seconds + CALLS_GRACE_SECONDS) for s in grpc_servers)))
     told = asyncio.ensure_future(stop_now.wait())
     deadline = time.monotonic() + grace_seconds
-    while engine.gateway_streams and not told.done() and not stopping.done() and time.monotonic() < deadline:
+    while gateway_streams.streams_open and not told.done() and not stopping.done() and time.monotonic() < deadline:
         await asyncio.wait({stopping, told}, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
-    if engine.gateway_streams and not stopping.done():
-        log.warning("%d gateway streams still open %s; stopping without them", engine.gateway_streams,
+    if gateway_streams.streams_open and not stopping.done():
+        log.warning("%d gateway streams still open %s; stopping without them", gateway_streams.streams_open,
                     "at a second signal" if told.done() else f"after the {grace_seconds} s grace")
-        engine.abandoning_streams = True
+        gateway_streams.abandoning = True
     elif not told.done():
         await asyncio.wait({stopping, told}, timeout=CALLS_GRACE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
     told.cancel()

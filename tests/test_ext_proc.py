@@ -31,8 +31,6 @@ class RecordingEngine:
     def __init__(self) -> None:
         self.closed: list[tuple[str, ...]] = []
         self.tasks: set[asyncio.Task] = set()
-        self.abandoning_streams = False
-        self.gateway_streams = 0
 
     def close_in_background(self, closing: Any, request_id: str) -> None:
         self.tasks.add(asyncio.ensure_future(closing()))
@@ -211,7 +209,7 @@ async def test_the_processing_filters_stream_ends_once_it_has_nothing_left_to_do
     assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers"]
     await engine.finish()
     assert engine.closed == []  # the observer's to close
-    assert engine.gateway_streams == 0  # counted while open, for a shutdown to wait for
+    assert s.streams_open == 0  # counted while open, for a shutdown to wait for
 
 
 async def test_the_observer_learns_the_request_from_the_deciding_ext_proc_namespace() -> None:
@@ -238,7 +236,7 @@ async def test_a_reply_left_unread_as_policyd_stops_is_charged_as_held_not_as_cu
     """Past its shutdown grace a replica stops reading the streams still open; Envoy's observer goes on
     without it and the reply reaches its client whole, so what was delivered so far is not what it costs."""
     s, engine, _ = servicer()
-    engine.abandoning_streams = True
+    s.abandoning = True
     chunk = {"choices": [{"index": 0, "delta": {"content": "12345678"}}]}
     await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")), body(sse(chunk, chunk)[:-14])))
     await run(s, observed(ep.ProcessingRequest(request_headers=headers()), ex=exchange("r-2")))  # reply not begun
