@@ -54,6 +54,7 @@ from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, IMAGE
                             Attribution, AuthorizeInput, KeySummary, RateLimit, Shape, tier_in_geo, trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount
 from policyd.multipart import MultipartError, MultipartForm
+from policyd.validation import TAG_VALUE_LENGTH_MAX, TAGS_MAX
 
 # Anthropic accepts requests of up to 32 MB, OpenAI audio files of up to 25 MB (speech to text)
 REQUEST_BODY_BYTES_MAX = 32 * 1024 * 1024
@@ -137,7 +138,11 @@ ATTRIBUTION_HEADERS = {
     "x-environment": "environment",
 }
 REQUEST_ID_HEADER = "x-policyd-request-id"  # the request id policyd sends back with every reply
-REQUEST_ID_HEADERS = (REQUEST_ID_HEADER, "idempotency-key", "x-request-id")
+REQUEST_ID_HEADERS = (REQUEST_ID_HEADER, "idempotency-key")  # a client's name for its request: one request each
+# A tracing header, not a request's name: an application passes the id of the request it is serving on to every
+# call it makes for it (several model calls, an agent's loop), and Envoy makes one up where none came. Taken as
+# the request's id, every call after the first was refused as a reuse. Recorded as a tag of this name instead.
+CORRELATION_HEADER = "x-request-id"
 TAG_HEADER_PREFIX = "x-policyd-tag-"
 CUSTOMER_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")  # api-key: Azure OpenAI's
 # The OpenAI organization and project a request names (the openai SDK sends them from OPENAI_ORG_ID and
@@ -1001,6 +1006,9 @@ def _attribution(headers: dict[str, str]) -> Attribution:
             values["request_id"] = headers[header]
             break
     tags = {k[len(TAG_HEADER_PREFIX):]: v for k, v in headers.items() if k.startswith(TAG_HEADER_PREFIX)}
+    correlation = headers.get(CORRELATION_HEADER)
+    if correlation and CORRELATION_HEADER not in tags and len(tags) < TAGS_MAX:  # never a reason to refuse
+        tags[CORRELATION_HEADER] = correlation[:TAG_VALUE_LENGTH_MAX]
     if not values.get("trace_id") and values.get("traceparent"):
         values["trace_id"] = trace_id_from(values["traceparent"])
     return Attribution(tags=tags, **values)

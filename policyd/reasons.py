@@ -91,8 +91,8 @@ MESSAGES = {
     "no_policy": "No policy has been applied yet.",
     "request_too_costly": "This request may cost more than this API key's plan allows a single request: ask for "
                           "fewer output tokens, or send less input.",
-    "request_in_progress": "Another request with this request id (x-policyd-request-id, idempotency-key or "
-                           "x-request-id) is still in progress: wait for it, or send this one with a new id.",
+    "request_in_progress": "Another request with this request id (x-policyd-request-id or idempotency-key) "
+                           "is still in progress: wait for it, or send this one with a new id.",
     "insufficient_quota": "You exceeded your current quota: the prepaid balance cannot cover this request.",
     "budget_exceeded": "A budget limit has been reached.",
     "rate_limit_exceeded": "A rate limit has been reached.",

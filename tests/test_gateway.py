@@ -206,6 +206,34 @@ def test_a_request_id_reused_while_its_first_request_is_in_flight_is_refused(gat
     assert (record["status"], record["charge_nanos"] > 0) == ("settled", True)
 
 
+def test_calls_sharing_the_tracing_id_of_the_request_they_serve_are_each_served_and_charged(gateway: Gateway) -> None:
+    """Applications pass the x-request-id of the request they serve on to every call they make for it (an
+    agent's loop, several calls at once). It used to be taken as each call's own id: every call after the
+    first was refused (400, or 409 while the first ran)."""
+    key = gateway.customer("e2e-tracing-id")
+    trace = f"Root=1-5759e988-bd862e3fe1be;Sampled=1;shape={gateway.shape}"  # AWS's shape: not a request id's
+    client = gateway.client(key, default_headers={"x-request-id": trace})
+
+    def stream(text: str) -> tuple[str, str]:
+        with client.chat.completions.with_streaming_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": text}], stream=True, max_tokens=8,
+                stream_options={"include_usage": True}, extra_headers={"x-mock-scenario": "slow"}) as response:
+            return response.headers["x-policyd-request-id"], "".join(
+                c.choices[0].delta.content or "" for c in response.parse() if c.choices)
+
+    with ThreadPoolExecutor(2) as pool:
+        concurrent = list(pool.map(stream, ["at once 1", "at once 2"]))
+    one_after_another = [client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": f"then {i}"}]) for i in range(2)]
+    ids = [request_id for request_id, _ in concurrent] + [r.headers["x-policyd-request-id"] for r in one_after_another]
+    assert all(text for _, text in concurrent) and len(set(ids)) == 4 and trace not in ids
+    records = [gateway.record(request_id) for request_id in ids]
+    assert [(r["status"], r["charge_nanos"] > 0, json.loads(r["tags"])) for r in records] == [
+        ("settled", True, {"x-request-id": trace})] * 4
+    assert gateway.wallet_at_rest("e2e-tracing-id").balance_nanos == parse_amount("10") - sum(
+        r["charge_nanos"] for r in records)
+
+
 def test_legacy_text_completions_are_charged_streamed_or_not(gateway: Gateway) -> None:
     """/v1/completions (OpenAI's legacy API, and what many OpenAI-compatible servers speak)."""
     client = gateway.client(gateway.customer("e2e-legacy"))

@@ -16,6 +16,7 @@ from policyd.domain import IMAGE_SCALE_MAX
 from policyd.http_api import (CUSTOMER_KEY_HEADERS, image_scale, parse_call, reply_headers, rewrite_body, upstream_path,
                               without_query_key)
 from policyd.usage_capture import Closing, ResponseReader, closing
+from policyd.validation import TAGS_MAX, check_authorize
 from tests.conftest import ROOT
 
 
@@ -105,7 +106,10 @@ def test_shape_and_attribution() -> None:
     assert (call.model, call.max_output_tokens, call.stream, call.message_count) == ("gpt-4o", 77, True, 2)
     assert call.prompt_bytes == len("system".encode()) + len("be brief") + len("user") + len("héllo".encode())
     a = call.attribution
-    assert (a.feature, a.thread_id, a.request_id, a.tags, a.end_user_id) == ("chat", "t", "r1", {"team": "search"}, "u-9")
+    # x-request-id is a tracing header, passed on to every call an application makes for one request: a tag,
+    # never the request's id (which is policyd's own, or the client's x-policyd-request-id / idempotency-key)
+    assert (a.feature, a.thread_id, a.request_id, a.tags, a.end_user_id) == (
+        "chat", "t", "", {"team": "search", "x-request-id": "r1"}, "u-9")
     assert call.client_address == "1.2.3.4"
     for said, end_user in (({"safety_identifier": "hashed-7", "user": "u-9"}, "hashed-7"), ({"user": "u-9"}, "u-9"),
                            ({"metadata": {"user_id": "anthropic-3"}}, "anthropic-3"), ({"user": 5, "metadata": []}, "")):
@@ -117,6 +121,25 @@ def test_shape_and_attribution() -> None:
     gemini = parse_call("POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent", {},
                         b'{"contents": [], "generationConfig": {"maxOutputTokens": 9}}')
     assert (gemini.model, gemini.stream, gemini.max_output_tokens) == ("gemini-2.5-flash", True, 9)
+
+
+def test_a_request_is_named_by_its_own_headers_and_a_tracing_id_never_refuses_it() -> None:
+    body = b'{"model": "gpt-4o-mini", "messages": []}'
+
+    def attribution(headers: dict[str, str]) -> Any:
+        return parse_call("POST", "/v1/chat/completions", headers, body).attribution
+
+    both = attribution({"x-request-id": "trace-1", "idempotency-key": "idem-1"})
+    assert (both.request_id, both.tags) == ("idem-1", {"x-request-id": "trace-1"})
+    assert attribution({"x-policyd-request-id": "own-1", "idempotency-key": "idem-1"}).request_id == "own-1"
+    # a tracing id of any shape (AWS's, with ';'), or of any length, is kept as a tag within the tag's bounds
+    aws = attribution({"x-request-id": "Root=1-5759e988-bd862e3f;Sampled=1" + "x" * 300})
+    assert (aws.request_id, aws.tags["x-request-id"]) == ("", ("Root=1-5759e988-bd862e3f;Sampled=1" + "x" * 300)[:256])
+    check_authorize(parse_call("POST", "/v1/chat/completions", {"x-request-id": "a b;c" * 100}, body).authorize_input())
+    # a client's own tag of that name wins; a request at the most tags gets no more
+    assert attribution({"x-request-id": "t", "x-policyd-tag-x-request-id": "mine"}).tags == {"x-request-id": "mine"}
+    full = {f"x-policyd-tag-t{i}": "v" for i in range(TAGS_MAX)}
+    assert "x-request-id" not in attribution({**full, "x-request-id": "t"}).tags
 
 
 @pytest.mark.parametrize(
