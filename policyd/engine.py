@@ -58,7 +58,7 @@ from policyd.quotas import amount_for, bucket_states, cap_hold, hold_for, limit_
 from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
 from policyd.store import KeyRecord, Store
-from policyd.validation import Problem, check_authorize, check_usage
+from policyd.validation import REQUEST_ID_LENGTH_MAX, Problem, check_authorize, check_usage
 
 log = logging.getLogger("policyd.engine")
 
@@ -116,6 +116,19 @@ def now_ms() -> int:
 
 def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
+
+
+ATTEMPTS_MAX = 10  # a client's request id served again after failed attempts: <id>:attempt-2 ... this many
+_ATTEMPT_SUFFIX = ":attempt-"
+
+
+def next_attempt_id(request_id: str) -> str:
+    """The id a client's request is served under when its id names a request that failed (released, expired):
+    `<id>:attempt-2`, then -3...; "" past ATTEMPTS_MAX or the longest id a request may have."""
+    base, _, number = request_id.rpartition(_ATTEMPT_SUFFIX)
+    attempt = int(number) + 1 if base and number.isdigit() else 2
+    attempt_id = f"{base if attempt > 2 else request_id}{_ATTEMPT_SUFFIX}{attempt}"
+    return attempt_id if attempt <= ATTEMPTS_MAX and len(attempt_id) <= REQUEST_ID_LENGTH_MAX else ""
 
 
 FREE_ENDPOINTS = frozenset({"moderations"})  # free at the provider: admitted as token counts are
@@ -417,6 +430,15 @@ class Engine:
             existing = await self.counters.read_reservation(self.counters.partition_of(owner.customer_id), request_id)
             if not result.same_key or existing is None:
                 return self._deny(common, "invalid_request", "request_id was already used by another request", "request_id")
+            if (existing.state in ("released", "expired") and request.call_token
+                    and existing.fields.get("call_token", "") != request.call_token):
+                # a client trying its request again after the provider failed it, or after it gave up on it
+                # (an SDK's retry, keeping its Idempotency-Key): nothing was charged, so it is served anew,
+                # as an attempt of its own; refused, the client's retry would fail where it should succeed
+                attempt_id = next_attempt_id(request_id)
+                if attempt_id:
+                    return await self._authorize(
+                        replace(request, attribution=replace(a, request_id=attempt_id)), unavailable_providers)
             if existing.state != "reserved":  # a retry is answered only while its reservation is open
                 return self._deny(common, "invalid_request",
                                   f"request_id was already used and is {existing.state}: use a new one", "request_id")

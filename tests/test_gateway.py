@@ -206,6 +206,29 @@ def test_a_request_id_reused_while_its_first_request_is_in_flight_is_refused(gat
     assert (record["status"], record["charge_nanos"] > 0) == ("settled", True)
 
 
+def test_a_client_retrying_a_failed_request_under_its_idempotency_key_is_served(gateway: Gateway) -> None:
+    """A retry after the provider failed the request, keeping its Idempotency-Key (as SDKs retry), used to be
+    refused (400 'already used and is released'). It is served as an attempt of its own and charged once;
+    a retry of one that succeeded is still refused."""
+    client = gateway.client(gateway.customer("e2e-idempotent-retry"))
+    key = f"idem-{gateway.shape}"
+
+    def create(**headers: str) -> Any:
+        return client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "retried"}], max_tokens=8,
+            extra_headers={"idempotency-key": key, **headers})
+
+    with pytest.raises(openai.InternalServerError):
+        create(**{"x-mock-scenario": "server_error"})
+    served = create()
+    assert served.headers["x-policyd-request-id"] == f"{key}:attempt-2" and served.parse().choices
+    with pytest.raises(openai.BadRequestError, match="already used and is settled"):
+        create()
+    failed, retried = gateway.record(key), gateway.record(f"{key}:attempt-2")
+    assert (failed["status"], failed["charge_nanos"], retried["status"]) == ("released", 0, "settled")
+    assert gateway.wallet_at_rest("e2e-idempotent-retry").balance_nanos == parse_amount("10") - retried["charge_nanos"]
+
+
 def test_calls_sharing_the_tracing_id_of_the_request_they_serve_are_each_served_and_charged(gateway: Gateway) -> None:
     """Applications pass the x-request-id of the request they serve on to every call they make for it (an
     agent's loop, several calls at once). It used to be taken as each call's own id: every call after the

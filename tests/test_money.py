@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from policyd.domain import AuthorizeInput, PolicydError
+from policyd.engine import next_attempt_id
 from policyd.money import format_amount, parse_amount, price_quantity
 from policyd.pricing import input_estimate
 from policyd.server import Service
@@ -193,6 +194,44 @@ async def test_a_request_id_in_flight_answers_its_own_retries_but_refuses_anothe
     await service.engine.settle(usage("reused"))
     settled = await service.engine.authorize(replace(ask(secret, request_id="reused"), call_token="call-c"))
     assert (settled.decision, settled.reason) == ("deny", "invalid_request")  # used and settled: a new id, please
+
+
+async def test_a_client_request_tried_again_after_its_attempt_failed_is_served_as_a_new_attempt(
+        service: Service) -> None:
+    """A client retrying with its Idempotency-Key after the provider failed its request (released) used to be
+    refused, 400 'already used and is released': its retry failed where it should succeed. Each retry is now
+    served as an attempt of its own (<id>:attempt-N), charged once; a retry after one succeeded is refused."""
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1")
+    first = await service.engine.authorize(replace(ask(secret, request_id="idem-1"), call_token="call-a"))
+    await service.engine.release("idem-1", "upstream_500")
+    proxy_retry = await service.engine.authorize(replace(ask(secret, request_id="idem-1"), call_token="call-a"))
+    assert (proxy_retry.decision, proxy_retry.reason) == ("deny", "invalid_request")  # the same call: closed
+    second = await service.engine.authorize(replace(ask(secret, request_id="idem-1"), call_token="call-b"))
+    assert (first.request_id, second.decision, second.request_id) == ("idem-1", "allow", "idem-1:attempt-2")
+    assert await service.counters.wallet("acme") == (USD, second.reserved)
+    await service.engine.release("idem-1:attempt-2", "client_gone")
+    third = await service.engine.authorize(replace(ask(secret, request_id="idem-1"), call_token="call-c"))
+    assert (third.decision, third.request_id) == ("allow", "idem-1:attempt-3")
+    in_flight = await service.engine.authorize(replace(ask(secret, request_id="idem-1"), call_token="call-d"))
+    assert (in_flight.decision, in_flight.reason) == ("deny", "request_in_progress")  # attempt 3 runs
+    settled = await service.engine.settle(usage("idem-1:attempt-3"))
+    after = await service.engine.authorize(replace(ask(secret, request_id="idem-1"), call_token="call-e"))
+    assert (after.decision, after.reason) == ("deny", "invalid_request")  # it succeeded: never served twice
+    assert await service.counters.wallet("acme") == (USD - settled.charge, 0)
+    native = await service.engine.authorize(ask(secret, request_id="native-1"))  # a native caller's own ids
+    await service.engine.release(native.request_id, "upstream_500")
+    assert (await service.engine.authorize(ask(secret, request_id="native-1"))).reason == "invalid_request"
+    await service.writer.drain()
+    assert [service.store.usage_record(r).status for r in ("idem-1", "idem-1:attempt-2", "idem-1:attempt-3")] == [
+        "released", "released", "settled"]
+    assert (await service.admin.audit()).ok
+
+
+def test_attempt_ids_are_bounded() -> None:
+    assert [next_attempt_id(i) for i in ("a", "a:attempt-2", "a:attempt-9", "x:attempt-1", "b:attempt-")] == [
+        "a:attempt-2", "a:attempt-3", "a:attempt-10", "x:attempt-1:attempt-2", "b:attempt-:attempt-2"]
+    assert next_attempt_id("a:attempt-10") == "" and next_attempt_id("r" * 120) == ""
 
 
 async def test_wallet_caps_spend_before_it_happens(service: Service) -> None:
