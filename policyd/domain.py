@@ -99,6 +99,9 @@ class Shape:
     image_scale: int = 0
     maps_grounding: bool = False  # Gemini's googleMaps tool: a grounded prompt may be billed (per_maps_grounding)
     output_cap_fixed: bool = False  # no cap can be written into the request (a compaction): never fitted
+    # the field the client gave its output cap in, where not its API's first (a chat completion's max_tokens
+    # alone): what a refusal of the request's cost names, so the client is pointed at its own field
+    output_cap_param: str = ""
 
 
 CONTAINER_MEMORY_DEFAULT = "1g"  # OpenAI's, for a container that names no memory_limit

@@ -181,6 +181,7 @@ class HttpCall:
     stream: bool = False
     body: dict[str, Any] | MultipartForm | None = None  # JSON, or a speech-to-text request's form
     max_output_tokens: int = 0
+    output_cap_param: str = ""  # the field the client's cap is in, where not its API's first (Shape's)
     prompt_bytes: int = 0
     message_count: int = 0
     image_count: int = 0
@@ -250,7 +251,7 @@ class HttpCall:
                         image_generation_calls=self.image_generation_calls, partial_images=self.partial_images,
                         containers=self.containers, container_memory=self.container_memory,
                         image_scale=self.image_scale, maps_grounding=self.maps_grounding,
-                        output_cap_fixed=self.compaction),
+                        output_cap_fixed=self.compaction, output_cap_param=self.output_cap_param),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, previous_response=self.previous_response,
             creates=self.creates, conversation=self.conversation, files=self.files,
@@ -786,6 +787,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if bad_cap:
         return _problem(call, "invalid_request", f"{bad_cap} must be a whole number of tokens, from 1 to {QUANTITY_MAX}",
                         bad_cap)
+    if endpoint == "chat_completions" and data.get("max_completion_tokens") is None and data.get("max_tokens") is not None:
+        call.output_cap_param = "max_tokens"
     call.prompt_bytes = _prompt_bytes(data) + _hidden_prompt_bytes(endpoint, data)
     messages = data.get("messages") or data.get("contents") or data.get("input") or data.get("requests")
     call.message_count = len(messages) if isinstance(messages, list) else 1

@@ -1041,11 +1041,16 @@ def test_a_request_past_the_plans_max_request_charge_is_refused_before_the_provi
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "too dear"}],
                                        max_tokens=30_000)
     assert refused.value.code == "request_too_costly" and "0.002000000 USD" in refused.value.message
+    assert refused.value.param == "max_tokens"  # the client's own field, not the one policyd would write
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "too dear"}],
+                                       max_completion_tokens=30_000)
+    assert (refused.value.code, refused.value.param) == ("request_too_costly", "max_completion_tokens")
     assert "too dear" not in json.dumps(gateway.mock.received())
     reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "cheap"}],
                                            max_tokens=500)
     assert reply.choices[0].message.content
-    assert sorted(r.status for r in gateway.records("e2e-capped")) == ["denied", "settled"]
+    assert sorted(r.status for r in gateway.records("e2e-capped")) == ["denied", "denied", "settled"]
     assert gateway.wallet("e2e-capped").reserved_nanos == 0
 
 
