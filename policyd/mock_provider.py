@@ -6,7 +6,7 @@ The Responses API streams its own events (response.created, items added and done
 tool's partial images, response.completed with the usage); chat and legacy completions stream chunks.
 
 Scenarios, by the request header `x-mock-scenario`:
-    ok (default) | rate_limited (429) | server_error (500) | stall (sleeps 30 s) |
+    ok (default) | rate_limited (429) | server_error (500) | unavailable (503, retry-after 1 s) | stall (sleeps 30 s) |
     cut (a stream that stops mid-way without usage) | no_usage (a reply without usage) |
     slow (a stream with 200 ms between events, for clients that hang up mid-way) | very_slow (600 ms: a
     stream that outlasts a few seconds) |
@@ -224,6 +224,8 @@ class MockProvider:
                                            "message": "Project proj_Operator123 does not have access to model x"}})
         if scenario == "server_error":
             return h._json(500, {"error": {"type": "server_error", "message": "boom"}})
+        if scenario == "unavailable":  # overloaded for a moment: its account cools down for a second only
+            return h._json(503, {"error": {"type": "server_error", "message": "try again"}}, {"retry-after": "1"})
         if scenario == "stall":
             time.sleep(30)
         route = h.path.split("?")[0].rstrip("/")

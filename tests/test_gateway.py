@@ -219,7 +219,8 @@ def test_a_client_retrying_a_failed_request_under_its_idempotency_key_is_served(
             extra_headers={"idempotency-key": key, **headers})
 
     with pytest.raises(openai.InternalServerError):
-        create(**{"x-mock-scenario": "server_error"})
+        create(**{"x-mock-scenario": "unavailable"})
+    time.sleep(1.2)  # as its retry-after says (the account it met cools down that long: later tests see none)
     served = create()
     assert served.headers["x-policyd-request-id"] == f"{key}:attempt-2" and served.parse().choices
     with pytest.raises(openai.BadRequestError, match="already used and is settled"):
