@@ -28,7 +28,7 @@ from policyd.policy_book import PolicyBook
 from policyd import invoices, key_limits, metrics, quotas, reconcile, reports
 from policyd.quotas import remaining_ttl
 from policyd.store import Store, key_record
-from policyd.writer import Writer
+from policyd.writer import REFUND_PREFIX, Writer
 
 log = logging.getLogger("policyd.admin")
 
@@ -309,6 +309,8 @@ class Admin:
         if expires_ms < 0 or (expires_ms and expires_ms <= now_ms()):
             raise _invalid("invalid_grant", "a credit's expiry must be in the future (or 0: never)")
         grant_id = grant_id or "grant_" + secrets.token_hex(12)
+        if grant_id.startswith(REFUND_PREFIX):
+            raise _invalid("invalid_request", f"grant ids starting {REFUND_PREFIX} are refunds' (RefundUsage)")
         if any(c in grant_id for c in " \n\r\t{}"):
             raise _invalid("invalid_request", "grant_id must not contain spaces or braces")
         if len(grant_id) > 128:
@@ -325,6 +327,47 @@ class Admin:
         if outcome == "too_large":
             raise _invalid("invalid_amount", "the balance would pass 2^53-1 nanos either way")
         return grant_id, outcome, await self.counters.wallet(wallet)
+
+    async def refund_usage(self, request_id: str, amount: int = 0, note: str = "") -> tuple[int, str, tuple[int, int]]:
+        """Give back what a settled request was charged, all of it (`amount` 0) or a part, once: to its wallet
+        (a ledger grant `refund:<request id>`, source refund) and, in the same atomic step, to the money limits
+        it counted in whose windows are still running, so a customer a mistaken charge (a price set wrong, a
+        provider's fault) has blocked is served again at once. Its provider cost stands: cost, token and request
+        limits and the operator's caps keep counting it. Returns (the nanos refunded, the wallet id, the
+        wallet's balance and reserved)."""
+        if not request_id:
+            raise _invalid("invalid_request", "request_id is required")
+        await self.catch_up()
+        record = await asyncio.to_thread(self.store.usage_record, request_id)
+        if record is None:
+            raise PolicydError("NOT_FOUND", "unknown_request", f"no usage record {request_id}")
+        if record.status not in ("settled", "settled_late") or record.charge_nanos <= 0:
+            raise PolicydError("FAILED_PRECONDITION", "nothing_to_refund",
+                               f"{request_id} is {record.status} and charged {record.charge_nanos} nanos: nothing to refund")
+        if record.refunded_ms:
+            raise PolicydError("ALREADY_EXISTS", "already_refunded", f"{request_id} was refunded already")
+        amount = amount or record.charge_nanos
+        if not 0 < amount <= record.charge_nanos:
+            raise _invalid("invalid_amount", f"a refund is more than 0 and at most the request's charge, "
+                                             f"{record.charge_nanos} nanos")
+        partition = self.counters.partition_of(record.customer_id)
+        own = redis_keys.partition_prefix(partition)  # a customer's limits, not the operator's caps
+        returned = [(key, min(amount, int(held))) for key, unit, held in record.final_holds or []
+                    if unit == "money" and int(held) > 0 and key.startswith(own)]
+        wallet = record.wallet_id or record.customer_id
+        payload = json.dumps({"customer_id": record.customer_id, "wallet_id": wallet, "currency": record.currency,
+                              "source": "refund", "note": note[:1024], "refund_of": request_id})
+        try:
+            outcome, _ = await self.counters.grant(partition, wallet, REFUND_PREFIX + request_id, amount, now_ms(), payload,
+                                                   returned=returned)
+        except Fenced:
+            raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None
+        if outcome == "exists":
+            raise PolicydError("ALREADY_EXISTS", "already_refunded", f"{request_id} was refunded already")
+        if outcome == "too_large":
+            raise _invalid("invalid_amount", "the balance would pass 2^53-1 nanos")
+        await self.writer.drain()
+        return amount, wallet, await self.counters.wallet(wallet)
 
     async def catch_up(self) -> None:
         """What this process decided is in SQL: its settles still in flight finish, then every pending

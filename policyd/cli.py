@@ -421,6 +421,15 @@ def _usage(args: argparse.Namespace) -> int:
         response = stub.ListUsage(admin_pb2.ListUsageRequest(customer_id=args.customer, limit=args.limit), metadata=md)
         _print(args, response, _usage_table(list(response.records)))
         return 0
+    if args.usage_command == "refund":
+        nanos = _amount_argument(args.amount) if args.amount else 0
+        if nanos is None:
+            return EXIT_ERROR
+        refund = stub.RefundUsage(admin_pb2.RefundUsageRequest(
+            request_id=args.request_id, amount=types_pb2.Money(nanos=nanos), note=args.note), metadata=md)
+        _print(args, refund, f"refunded {format_amount(refund.refunded.nanos)} {refund.refunded.currency} of "
+                             f"{refund.request_id} ({refund.grant_id}): {_wallet_text(refund.wallet)}")
+        return 0
     since, until = _window(args)
     report = stub.UsageReport(admin_pb2.UsageReportRequest(
         group_by=[g for g in args.group_by.split(",") if g], since_unix_ms=since, until_unix_ms=until,
@@ -716,6 +725,11 @@ def parser() -> argparse.ArgumentParser:
     listing = client(usage_commands.add_parser("list", help="the latest usage records"))
     listing.add_argument("--customer", default="")
     listing.add_argument("--limit", type=int, default=20)
+    refund = client(usage_commands.add_parser(
+        "refund", help="give back what a settled request was charged: to its wallet and its money limits"))
+    refund.add_argument("request_id")
+    refund.add_argument("--amount", default="", help="a part of the charge (decimal); default: all of it")
+    refund.add_argument("--note", default="", help="why (kept in the ledger)")
     report = client(usage_commands.add_parser("report", help="usage grouped by any dimension over a window"))
     report.add_argument("--group-by", dest="group_by", default="customer",
                         help="comma-separated: customer, workspace, project, team, key, environment, feature, route, "

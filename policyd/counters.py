@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Sequence
 
 import redis.asyncio as aioredis
 
@@ -411,7 +411,8 @@ class Counters:
         return _text(reply[0]), _text(reply[1]) if len(reply) > 1 else ""
 
     async def grant(self, partition: int, customer_id: str, grant_id: str, amount: int, now_ms: int, payload: str,
-                    expires_ms: int = 0) -> tuple[str, int]:
+                    expires_ms: int = 0, returned: Sequence[tuple[str, int]] = ()) -> tuple[str, int]:
+        """Credit a wallet once per grant id; a refund's grant also gives back `returned` (bucket key, nanos)."""
         reply = await self._grant(
             keys=[
                 redis_keys.wallet(partition, customer_id),
@@ -421,8 +422,10 @@ class Counters:
                 redis_keys.expiring_credits(partition, customer_id),
                 redis_keys.credit_left(partition, customer_id),
                 redis_keys.credit_deadlines(partition),
+                *(key for key, _ in returned),
             ],
-            args=[grant_id, str(amount), str(now_ms), payload, str(AMOUNT_MAX), str(expires_ms), customer_id],
+            args=[grant_id, str(amount), str(now_ms), payload, str(AMOUNT_MAX), str(expires_ms), customer_id,
+                  str(len(returned)), *(str(nanos) for _, nanos in returned)],
         )
         if _text(reply[0]) == "fenced":
             raise self._fenced(partition)

@@ -146,6 +146,9 @@ class UsageRecordRow(Base):
     balance_after_nanos: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     final_holds: Mapped[list[Any]] = mapped_column(JSON, default=list)  # [[bucket key, unit, actual], ...]
     credit_source: Mapped[dict[str, int]] = mapped_column(JSON, default=dict, server_default="{}")  # expiring grant -> nanos paid
+    # what of the charge the operator gave back (RefundUsage: to the wallet, and to the money limits it counted in)
+    refunded_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    refunded_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     decision_latency_us: Mapped[int] = mapped_column(BigInteger, default=0)
     upstream_latency_ms: Mapped[int] = mapped_column(BigInteger, default=0)
     upstream_status: Mapped[int] = mapped_column(Integer, default=0)

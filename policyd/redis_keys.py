@@ -51,6 +51,11 @@ def _tag(partition: int) -> str:
     return f"{PREFIX}:{{p{partition}}}"
 
 
+def partition_prefix(partition: int) -> str:
+    """What every key of the partition starts with (an operator's cap's does not)."""
+    return _tag(partition) + ":"
+
+
 def key_state(partition: int, key_id: str) -> str:
     return f"{_tag(partition)}:key:{key_id}"
 
@@ -73,6 +78,9 @@ def inflight(partition: int, key_id: str) -> str:
 
 def bucket(partition: int, scope: str, scope_id: str, unit: str, window: str, start: int) -> str:
     return f"{_tag(partition)}:b:{scope}:{scope_id}:{unit}:{window}:{start}"
+
+
+CAPS_PREFIX = f"{PREFIX}:{{caps}}:"  # every key of the operator's caps
 
 
 def cap_bucket(name: str, unit: str, window: str, start: int) -> str:

@@ -30,6 +30,7 @@ from policyd.domain import (
 from policyd.engine import Engine
 from policyd.usage_capture import Tokens
 from policyd.reasons import failure
+from policyd.writer import REFUND_PREFIX
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
 
 log = logging.getLogger("policyd.grpc")
@@ -254,7 +255,8 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
         file_searches=r.file_searches or 0, image_input_tokens=r.image_input_tokens or 0,
         image_output_tokens=r.image_output_tokens or 0, containers=r.containers or 0,
         container_memory=r.container_memory or "", maps_groundings=r.maps_groundings or 0,
-        images=r.images or 0, seconds=r.seconds or 0,
+        images=r.images or 0, seconds=r.seconds or 0, refunded_nanos=r.refunded_nanos or 0,
+        refunded_unix_ms=r.refunded_ms or 0,
         image_model=r.image_model or "", **{name: getattr(r, name) or 0 for name in IMAGE_GENERATION_USAGE},
         service_tier=r.service_tier or "", provider_response_id=r.provider_response_id or "",
     )
@@ -383,6 +385,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             request.note, request.expires_unix_ms, request.workspace_id))
         return admin_pb2.GrantCreditResponse(grant_id=grant_id, exists=outcome == "exists", wallet=self._wallet(
             request.customer_id, request.workspace_id, balance, reserved))
+
+    async def RefundUsage(self, request: admin_pb2.RefundUsageRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._operator(context)
+        amount, wallet, (balance, reserved) = await _call(context, lambda: self.admin.refund_usage(
+            request.request_id, request.amount.nanos, request.note))
+        customer_id, _, workspace_id = wallet.partition("/")
+        currency = self.admin.book.current.document.currency if self.admin.book.current else ""
+        return admin_pb2.RefundUsageResponse(
+            request_id=request.request_id, refunded=_money(currency, amount), grant_id=REFUND_PREFIX + request.request_id,
+            wallet=self._wallet(customer_id, workspace_id, balance, reserved))
 
     def _wallet(self, customer_id: str, workspace_id: str, balance: int, reserved: int) -> admin_pb2.Wallet:
         current = self.admin.book.current

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from policyd import compact_json, key_limits
+from policyd import compact_json, key_limits, redis_keys
 from policyd.db import ApiKeyRow, EventRow, LedgerEntryRow, PolicyVersionRow, UsageRecordRow, make_engine
 from policyd.policy import Limit
 
@@ -291,10 +291,19 @@ class Store:
         seconds a 20,000 records, all of them spent holding the lock decisions need)."""
         held = "CASE WHEN status IN ('settled', 'settled_late') THEN final_holds ELSE holds END"
         where = "WHERE status NOT IN ('denied', 'released', 'expired') GROUP BY 1"
+        # a refund gave its amount back to the customer's money limits (not to the operator's caps)
+        def refunded(key: str, unit: str) -> str:
+            return f"refunded_nanos > 0 AND {unit} = 'money' AND {key} NOT LIKE '{redis_keys.CAPS_PREFIX}%'"
+
+        pg_key, pg_unit, pg_amount = "h.value ->> 0", "h.value ->> 1", "CAST(h.value ->> 2 AS numeric)"
+        lite_key, lite_unit = "json_extract(h.value, '$[0]')", "json_extract(h.value, '$[1]')"
+        lite_amount = "CAST(json_extract(h.value, '$[2]') AS INTEGER)"
         return self._summed(
-            postgresql=f"SELECT h.value ->> 0, SUM(CAST(h.value ->> 2 AS numeric)) FROM usage_records, "
+            postgresql=f"SELECT {pg_key}, SUM(CASE WHEN {refunded(pg_key, pg_unit)} THEN "
+                       f"GREATEST({pg_amount} - refunded_nanos, 0) ELSE {pg_amount} END) FROM usage_records, "
                        f"json_array_elements(CASE WHEN json_typeof({held}) = 'array' THEN {held} END) AS h {where}",
-            sqlite=f"SELECT json_extract(h.value, '$[0]'), SUM(CAST(json_extract(h.value, '$[2]') AS INTEGER)) "
+            sqlite=f"SELECT {lite_key}, SUM(CASE WHEN {refunded(lite_key, lite_unit)} THEN "
+                   f"MAX({lite_amount} - refunded_nanos, 0) ELSE {lite_amount} END) "
                    f"FROM usage_records, json_each(CASE WHEN json_type({held}) = 'array' THEN {held} END) AS h {where}")
 
     def _summed(self, postgresql: str, sqlite: str) -> dict[str, int]:

@@ -36,6 +36,7 @@ CLAIM_CHECK_SECONDS = 1.0  # how often a running writer looks for entries a dead
 
 # Events of one request may be applied in any order; a record's status only moves up this ladder.
 STATUS_RANK = {"": -1, "denied": 0, "reserved": 1, "released": 2, "expired": 2, "settled": 3, "settled_late": 3}
+REFUND_PREFIX = "refund:"  # the grant id of a request's refund: refund:<request id>
 
 
 _RECORD_COLUMNS = frozenset(c.name for c in UsageRecordRow.__table__.columns)
@@ -261,6 +262,8 @@ class Writer:
     def _apply(self, entries: list[Entry]) -> None:
         with self.store.session() as session, session.begin():
             request_ids = {f["rid"] for _, _, f in entries if f.get("type") in ("authorize", "settle", "release", "expire")}
+            request_ids |= {f["rid"].removeprefix(REFUND_PREFIX) for _, _, f in entries
+                            if f.get("type") == "grant" and f["rid"].startswith(REFUND_PREFIX)}
             records: dict[str, Record] = {}
             if request_ids:
                 table = UsageRecordRow.__table__
@@ -278,10 +281,14 @@ class Writer:
                     self._close(session, records, fields, "released" if kind == "release" else "expired")
                 elif kind == "grant":
                     data = compact_json.loads(fields["d"])
+                    refund_of = data.get("refund_of", "")
+                    if refund_of and refund_of in records:  # a request's charge given back: its record says so
+                        records[refund_of].refunded_nanos = int(fields["amount"])
+                        records[refund_of].refunded_ms = int(fields["at"])
                     ledger.append({
                         "entry_id": f"grant:{fields['rid']}", "customer_id": data["customer_id"],
                         "wallet_id": data.get("wallet_id") or data["customer_id"], "kind": "grant",
-                        "amount_nanos": int(fields["amount"]), "currency": data["currency"], "request_id": "",
+                        "amount_nanos": int(fields["amount"]), "currency": data["currency"], "request_id": refund_of,
                         "source": data["source"], "note": data.get("note", ""),
                         "balance_after_nanos": int(fields["balance_after"]), "created_ms": int(fields["at"]),
                         "expires_ms": int(fields.get("expires", "0") or 0),

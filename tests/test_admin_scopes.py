@@ -87,6 +87,7 @@ def cross_boundary_calls(w: World) -> dict[str, Any]:
         "GrantCredit": admin_pb2.GrantCreditRequest(customer_id="reseller", source="purchase",
                                                     amount=types_pb2.Money(currency="USD", nanos=10**9)),
         "GetWallet": admin_pb2.GetWalletRequest(customer_id="other"),
+        "RefundUsage": admin_pb2.RefundUsageRequest(request_id="other-request"),  # credit is the operator's
         "ListUsage": admin_pb2.ListUsageRequest(customer_id="other"),
         "UsageReport": admin_pb2.UsageReportRequest(group_by=["customer"], since_unix_ms=now - 86_400_000,
                                                     until_unix_ms=now + 1, customer_id="other"),

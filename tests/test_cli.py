@@ -219,6 +219,24 @@ def test_finance_commands(server: PolicydProcess, tmp_path: Path) -> None:
     assert unknown.returncode == 1 and "unknown customer" in unknown.stderr
 
 
+def test_a_charge_made_in_error_is_refunded_from_the_command_line(server: PolicydProcess) -> None:
+    run(server, "credit", "grant", "--customer", "wronged", "--amount", "5")
+    secret = json.loads(run(server, "keys", "create", "--customer", "wronged", "--plan", "pro", "--json").stdout)["secret"]
+    assert run(server, "authorize", "--key", secret, "--model", "gpt-4o", "--request-id", "wrong-1").returncode == 0
+    assert run(server, "settle", "wrong-1", "--input-tokens", "1000", "--output-tokens", "100").returncode == 0
+    refunded = run(server, "usage", "refund", "wrong-1", "--amount", "0.001", "--note", "priced twice")
+    assert refunded.returncode == 0, refunded.stderr
+    assert refunded.stdout.startswith("refunded 0.001000000 USD of wrong-1 (refund:wrong-1): wronged: balance "
+                                      "4.996800000 USD")  # 5 - 0.0042 + 0.001
+    again = run(server, "usage", "refund", "wrong-1")
+    assert again.returncode != 0 and "already_refunded" in again.stderr
+    listed = json.loads(run(server, "usage", "list", "--customer", "wronged", "--json").stdout)
+    (record,) = listed["records"]
+    assert (record["request_id"], record["refunded_nanos"]) == ("wrong-1", "1000000")
+    invoice = run(server, "invoice", "export", "--customer", "wronged", "--period", time.strftime("%Y-%m", time.gmtime()))
+    assert "credit,refund,1,,,1000000,0.01" in invoice.stdout  # listed apart, as every credit is
+
+
 def test_every_log_line_is_json_and_holds_no_secret(server: PolicydProcess) -> None:
     created = json.loads(run(server, "keys", "create", "--customer", "logs", "--plan", "pro", "--json").stdout)
     run(server, "authorize", "--key", created["secret"], "--model", "gpt-4o")

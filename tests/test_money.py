@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from policyd.db import LedgerEntryRow
 from policyd.domain import AuthorizeInput, PolicydError
 from policyd.engine import next_attempt_id
 from policyd.money import format_amount, parse_amount, price_quantity
@@ -232,6 +233,61 @@ def test_attempt_ids_are_bounded() -> None:
     assert [next_attempt_id(i) for i in ("a", "a:attempt-2", "a:attempt-9", "x:attempt-1", "b:attempt-")] == [
         "a:attempt-2", "a:attempt-3", "a:attempt-10", "x:attempt-1:attempt-2", "b:attempt-:attempt-2"]
     assert next_attempt_id("a:attempt-10") == "" and next_attempt_id("r" * 120) == ""
+
+
+async def test_a_refund_gives_a_charge_back_to_the_wallet_and_the_money_limits_it_counted_in(service: Service) -> None:
+    """A charge made in error (a price set wrong, a provider's fault) used to block a customer until its
+    window passed: a credit grant mended the wallet, never the budget the charge had filled. A refund gives
+    the charge back to both at once, once, and audit and rebuild agree with it."""
+    _, secret = await new_key(service, plan="free", customer="wronged")
+    await fund(service, "wronged", "10")
+    await service.engine.authorize(ask(secret, thread_id="t", request_id="dear", max_output_tokens=10))
+    # the free plan's thread-hour budget is 0.50: this one request fills it (its prices said so, wrongly)
+    dear = await service.engine.settle(usage("dear", input_tokens=4_000_000, output_tokens=10))
+    assert dear.charge > parse_amount("0.50")
+    blocked = await service.engine.authorize(ask(secret, thread_id="t", max_output_tokens=10))
+    assert (blocked.decision, blocked.reason) == ("deny", "budget_exceeded")
+    with pytest.raises(PolicydError, match="at most the request's charge"):
+        await service.admin.refund_usage("dear", dear.charge + 1)
+    part = parse_amount("0.10")
+    amount, wallet, (balance, _) = await service.admin.refund_usage("dear", part, note="the price was wrong")
+    assert (amount, wallet, balance) == (part, "wronged", 10 * USD - dear.charge + part)
+    still = await service.engine.authorize(ask(secret, thread_id="t", max_output_tokens=10))
+    assert still.decision == "deny"  # a part given back: the thread is still past its 0.50
+    with pytest.raises(PolicydError, match="refunded already"):
+        await service.admin.refund_usage("dear")
+    assert (await service.admin.audit()).ok
+
+    await service.engine.authorize(ask(secret, thread_id="u", request_id="dear-2", max_output_tokens=10))
+    dear_2 = await service.engine.settle(usage("dear-2", input_tokens=4_000_000, output_tokens=10))
+    assert (await service.engine.authorize(ask(secret, thread_id="u", max_output_tokens=10))).decision == "deny"
+    amount, _, (balance, _) = await service.admin.refund_usage("dear-2")  # the whole charge
+    assert (amount, balance) == (dear_2.charge, 10 * USD - dear.charge + part)
+    served = await service.engine.authorize(ask(secret, thread_id="u", max_output_tokens=10, request_id="after"))
+    assert served.decision == "allow"  # the thread's budget has its room back at once
+    await service.engine.settle(usage("after"))
+    await service.writer.drain()
+    record = service.store.usage_record("dear-2")
+    assert (record.status, record.charge_nanos, record.refunded_nanos) == ("settled", dear_2.charge, dear_2.charge)
+    assert record.refunded_ms > 0 and service.store.usage_record("dear").refunded_nanos == part
+    with service.store.session() as session:
+        refunds = {e.entry_id: (e.amount_nanos, e.source, e.request_id, e.note) for e in session.query(LedgerEntryRow)
+                   if e.entry_id.startswith("grant:refund:")}
+    assert refunds == {"grant:refund:dear": (part, "refund", "dear", "the price was wrong"),
+                       "grant:refund:dear-2": (dear_2.charge, "refund", "dear-2", "")}
+    assert (await service.admin.audit()).ok
+    await service.admin.rebuild()  # the counters from SQL: the refunds' room stays given back
+    assert (await service.admin.audit()).ok
+    assert (await service.engine.authorize(ask(secret, thread_id="u", max_output_tokens=10))).decision == "allow"
+    with pytest.raises(PolicydError, match="refunded already"):
+        await service.admin.refund_usage("dear-2")  # after a rebuild too
+    blocked_id = (await service.engine.authorize(ask(secret, thread_id="t", max_output_tokens=10))).request_id
+    for request_id, reason in ((blocked_id, "nothing_to_refund"), ("nobody", "unknown_request")):
+        with pytest.raises(PolicydError) as refused:
+            await service.admin.refund_usage(request_id)
+        assert refused.value.reason == reason
+    with pytest.raises(PolicydError, match="refunds'"):
+        await service.admin.grant_credit("wronged", USD, "USD", "refund", "refund:after")  # never made by hand
 
 
 async def test_wallet_caps_spend_before_it_happens(service: Service) -> None:

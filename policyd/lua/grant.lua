@@ -14,6 +14,8 @@
 -- ARGV[5] balance ceiling, nanos (2^53 - 1): a grant may not take a balance past it, nor a debit below its negative
 -- ARGV[6] expiry, unix ms ("0" = the credit never expires)
 -- ARGV[7] customer id
+-- ARGV[8] n: buckets a refund gives back (a request's charge returned to the money limits it counted in), then
+--         KEYS[8..7+n] those buckets and ARGV[9..8+n] what each gives back, nanos (a window passed: nothing)
 -- Returns {"granted", balance} | {"exists", balance} | {"too_large", balance} | {"fenced", "0"}
 
 local function fmt(n) return string.format('%d', n) end
@@ -32,6 +34,11 @@ end
 local after = redis.call('HINCRBY', KEYS[1], 'balance', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'reserved', '0')
 redis.call('SET', KEYS[2], '1')
+for i = 1, tonumber(ARGV[8] or '0') do
+  if redis.call('EXISTS', KEYS[7 + i]) == 1 then
+    redis.call('HINCRBY', KEYS[7 + i], 'used', '-' .. ARGV[8 + i])
+  end
+end
 if ARGV[6] ~= '0' then
   redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
   redis.call('HSET', KEYS[6], ARGV[1], ARGV[2])

@@ -291,6 +291,28 @@ class GrantCreditResponse(_message.Message):
     exists: bool
     def __init__(self, grant_id: _Optional[str] = ..., wallet: _Optional[_Union[Wallet, _Mapping]] = ..., exists: _Optional[bool] = ...) -> None: ...
 
+class RefundUsageRequest(_message.Message):
+    __slots__ = ("request_id", "amount", "note")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    amount: _types_pb2.Money
+    note: str
+    def __init__(self, request_id: _Optional[str] = ..., amount: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
+
+class RefundUsageResponse(_message.Message):
+    __slots__ = ("request_id", "refunded", "grant_id", "wallet")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REFUNDED_FIELD_NUMBER: _ClassVar[int]
+    GRANT_ID_FIELD_NUMBER: _ClassVar[int]
+    WALLET_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    refunded: _types_pb2.Money
+    grant_id: str
+    wallet: Wallet
+    def __init__(self, request_id: _Optional[str] = ..., refunded: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., grant_id: _Optional[str] = ..., wallet: _Optional[_Union[Wallet, _Mapping]] = ...) -> None: ...
+
 class GetWalletRequest(_message.Message):
     __slots__ = ("customer_id", "workspace_id")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -324,7 +346,7 @@ class ListUsageRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
-    __slots__ = ("request_id", "created_unix_ms", "owner", "feature", "thread_id", "end_user_id", "endpoint", "requested_model", "served_model", "decision", "reason", "status", "input_tokens", "cached_input_tokens", "output_tokens", "cost", "charge", "balance_after", "stream_interrupted", "error_class", "policy_version", "price_table_version", "trace_id", "traceparent", "agent_id", "tags", "balance_before", "provider_account", "cache_write_input_tokens", "cache_write_1h_input_tokens", "audio_input_tokens", "audio_output_tokens", "web_searches", "choices", "service_tier", "provider_response_id", "file_searches", "image_input_tokens", "image_model", "image_generation_calls", "image_generation_input_tokens", "image_generation_cached_input_tokens", "image_generation_image_input_tokens", "image_generation_output_tokens", "image_output_tokens", "containers", "container_memory", "maps_groundings", "images", "seconds")
+    __slots__ = ("request_id", "created_unix_ms", "owner", "feature", "thread_id", "end_user_id", "endpoint", "requested_model", "served_model", "decision", "reason", "status", "input_tokens", "cached_input_tokens", "output_tokens", "cost", "charge", "balance_after", "stream_interrupted", "error_class", "policy_version", "price_table_version", "trace_id", "traceparent", "agent_id", "tags", "balance_before", "provider_account", "cache_write_input_tokens", "cache_write_1h_input_tokens", "audio_input_tokens", "audio_output_tokens", "web_searches", "choices", "service_tier", "provider_response_id", "file_searches", "image_input_tokens", "image_model", "image_generation_calls", "image_generation_input_tokens", "image_generation_cached_input_tokens", "image_generation_image_input_tokens", "image_generation_output_tokens", "image_output_tokens", "containers", "container_memory", "maps_groundings", "images", "seconds", "refunded_nanos", "refunded_unix_ms")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -382,6 +404,8 @@ class UsageRecord(_message.Message):
     MAPS_GROUNDINGS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REFUNDED_NANOS_FIELD_NUMBER: _ClassVar[int]
+    REFUNDED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     created_unix_ms: int
     owner: _types_pb2.Owner
@@ -432,7 +456,9 @@ class UsageRecord(_message.Message):
     maps_groundings: int
     images: int
     seconds: int
-    def __init__(self, request_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., feature: _Optional[str] = ..., thread_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., status: _Optional[str] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., charge: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., balance_after: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., stream_interrupted: _Optional[bool] = ..., error_class: _Optional[str] = ..., policy_version: _Optional[int] = ..., price_table_version: _Optional[str] = ..., trace_id: _Optional[str] = ..., traceparent: _Optional[str] = ..., agent_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., balance_before: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., provider_account: _Optional[str] = ..., cache_write_input_tokens: _Optional[int] = ..., cache_write_1h_input_tokens: _Optional[int] = ..., audio_input_tokens: _Optional[int] = ..., audio_output_tokens: _Optional[int] = ..., web_searches: _Optional[int] = ..., choices: _Optional[int] = ..., service_tier: _Optional[str] = ..., provider_response_id: _Optional[str] = ..., file_searches: _Optional[int] = ..., image_input_tokens: _Optional[int] = ..., image_model: _Optional[str] = ..., image_generation_calls: _Optional[int] = ..., image_generation_input_tokens: _Optional[int] = ..., image_generation_cached_input_tokens: _Optional[int] = ..., image_generation_image_input_tokens: _Optional[int] = ..., image_generation_output_tokens: _Optional[int] = ..., image_output_tokens: _Optional[int] = ..., containers: _Optional[int] = ..., container_memory: _Optional[str] = ..., maps_groundings: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ...) -> None: ...
+    refunded_nanos: int
+    refunded_unix_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., feature: _Optional[str] = ..., thread_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., status: _Optional[str] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., charge: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., balance_after: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., stream_interrupted: _Optional[bool] = ..., error_class: _Optional[str] = ..., policy_version: _Optional[int] = ..., price_table_version: _Optional[str] = ..., trace_id: _Optional[str] = ..., traceparent: _Optional[str] = ..., agent_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., balance_before: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., provider_account: _Optional[str] = ..., cache_write_input_tokens: _Optional[int] = ..., cache_write_1h_input_tokens: _Optional[int] = ..., audio_input_tokens: _Optional[int] = ..., audio_output_tokens: _Optional[int] = ..., web_searches: _Optional[int] = ..., choices: _Optional[int] = ..., service_tier: _Optional[str] = ..., provider_response_id: _Optional[str] = ..., file_searches: _Optional[int] = ..., image_input_tokens: _Optional[int] = ..., image_model: _Optional[str] = ..., image_generation_calls: _Optional[int] = ..., image_generation_input_tokens: _Optional[int] = ..., image_generation_cached_input_tokens: _Optional[int] = ..., image_generation_image_input_tokens: _Optional[int] = ..., image_generation_output_tokens: _Optional[int] = ..., image_output_tokens: _Optional[int] = ..., containers: _Optional[int] = ..., container_memory: _Optional[str] = ..., maps_groundings: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ..., refunded_nanos: _Optional[int] = ..., refunded_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ListUsageResponse(_message.Message):
     __slots__ = ("records",)

@@ -113,6 +113,11 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.GetWalletRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.Wallet.FromString,
                 _registered_method=True)
+        self.RefundUsage = channel.unary_unary(
+                '/policyd.v1.AdminService/RefundUsage',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.RefundUsageRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.RefundUsageResponse.FromString,
+                _registered_method=True)
         self.ListUsage = channel.unary_unary(
                 '/policyd.v1.AdminService/ListUsage',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ListUsageRequest.SerializeToString,
@@ -281,6 +286,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RefundUsage(self, request, context):
+        """Give back what a settled request was charged (all, or a part), once: to its wallet and to the money
+        limits it counted in whose windows still run. Its provider cost stands (cost, token, request limits, caps).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListUsage(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -437,6 +450,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetWallet,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.GetWalletRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.Wallet.SerializeToString,
+            ),
+            'RefundUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefundUsage,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.RefundUsageRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.RefundUsageResponse.SerializeToString,
             ),
             'ListUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.ListUsage,
@@ -913,6 +931,33 @@ class AdminService:
             '/policyd.v1.AdminService/GetWallet',
             policyd_dot_v1_dot_admin__pb2.GetWalletRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.Wallet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefundUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/RefundUsage',
+            policyd_dot_v1_dot_admin__pb2.RefundUsageRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.RefundUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
