@@ -1,5 +1,6 @@
-"""Property tests: random interleavings of authorize / settle / release / expire / top-up keep
-balance = grants - settled charges, reserved = open reservations, to the nano; strict plans never
+"""Property tests: random interleavings of authorize / settle / release / expire / top-up / refund keep
+balance = grants - settled charges + refunds, reserved = open reservations, to the nano, and the limits
+as the records imply them (audit); strict plans never
 take a wallet below zero (n choices each reaching the output cap included, and input a request only
 refers to, bounded by the model's context window)."""
 
@@ -26,6 +27,7 @@ ops = st.lists(
         st.tuples(st.just("release"), st.integers(0, 40)),
         st.tuples(st.just("expire")),
         st.tuples(st.just("grant"), st.integers(1, 5_000_000)),
+        st.tuples(st.just("refund"), st.integers(0, 40), st.floats(0, 1)),
     ),
     min_size=1,
     max_size=40,
@@ -53,6 +55,9 @@ CONTEXT_WINDOW = 6_000  # below the largest prompts drawn: the window bounds som
 @given(operations=ops)
 # a small prompt that refers to a long conversation (previous_response_id), billed at the whole window
 @example(operations=[("grant", 100_000), ("authorize", 100, 100, 0, True), ("settle", 0, 1.0, 1.0)])
+# a refund of half a charge, then one of the same request refused; its thread's money limit given back
+@example(operations=[("grant", 5_000_000), ("authorize", 100, 100, 0, False), ("settle", 0, 1.0, 1.0),
+                     ("refund", 0, 0.5), ("refund", 0, 1.0), ("authorize", 50, 10, 0, False), ("expire",)])
 def test_wallet_invariant_under_random_interleavings(running, operations) -> None:
     loop, service = running
     loop.run_until_complete(_scenario(service, operations, f"cust{next(counter)}"))
@@ -64,6 +69,9 @@ async def _scenario(service: Service, operations: list, customer: str) -> None:
     key = await service.admin.create_key(label="p", customer_id=customer, environment="production", plan="free")
     grants = 0
     charges = 0
+    refunds = 0
+    charged: dict[str, int] = {}
+    refunded: set[str] = set()
     requests: list[tuple[str, int, int, int]] = []  # request id, reserved, input bound, output bound
     open_: dict[str, int] = {}
     state: dict[str, str] = {}
@@ -110,6 +118,7 @@ async def _scenario(service: Service, operations: list, customer: str) -> None:
             assert state[rid] in ("reserved", "expired")
             assert s.outcome == ("settled" if state[rid] == "reserved" else "settled_late")
             charges += s.charge
+            charged[rid] = s.charge
             open_.pop(rid, None)
             state[rid] = "settled"
             settled_with[rid] = tokens
@@ -119,15 +128,27 @@ async def _scenario(service: Service, operations: list, customer: str) -> None:
             for rid in list(open_):
                 state[rid] = "expired"
                 open_.pop(rid)
+        elif kind == "refund" and charged:
+            rid = sorted(charged)[op[1] % len(charged)]
+            part = max(1, int(charged[rid] * op[2])) if charged[rid] else 0
+            try:
+                amount, _, _ = await service.admin.refund_usage(rid, part)
+            except PolicydError as error:
+                assert (error.reason, rid in refunded or not charged[rid]) in (
+                    ("already_refunded", True), ("nothing_to_refund", True)), error.reason
+                continue
+            assert rid not in refunded and amount == part
+            refunded.add(rid)
+            refunds += amount
         elif kind == "grant":
             await service.admin.grant_credit(customer, op[1], "USD", "purchase")
             grants += op[1]
         balance, reserved = await service.counters.wallet(customer)
-        assert balance == grants - charges
+        assert balance == grants - charges + refunds
         assert reserved == sum(open_.values())
         assert balance - reserved >= 0  # strict plan: the reservation was an upper bound
     await service.writer.drain()
-    assert service.store.ledger_balances().get(customer, 0) == grants - charges
+    assert service.store.ledger_balances().get(customer, 0) == grants - charges + refunds
     audit = await service.admin.audit()
     assert audit.ok, audit.mismatches
 
