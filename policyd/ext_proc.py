@@ -57,7 +57,7 @@ from policyd.usage_capture import closing
 
 log = logging.getLogger("policyd.ext_proc")
 
-COOLDOWN_STATUSES = {429, 500, 502, 503, 504}
+COOLDOWN_STATUSES = {429, 500, 502, 503, 504, 529}  # 529: Anthropic's overloaded_error
 ATTRIBUTES_NAMESPACE = "envoy.filters.http.ext_proc"
 NONE = processing_mode_pb2.ProcessingMode.NONE
 # asked for at the headers of a reply the observer does not read: only a decision an older replica made

@@ -265,6 +265,11 @@ async def test_an_upstream_error_is_released_and_cools_the_account_down_before_t
                           ep.ProcessingRequest(response_headers=headers("503")), body(b'{"error": {}}', end=True)))
     await engine.finish()
     assert pool.cooling_providers() == {"openai"} and engine.closed == [("release", "r-1", "upstream_503")]
+    s, engine, pool = servicer()  # Anthropic's 529 (overloaded_error): its accounts cool, a plan's fallbacks serve
+    await run(s, observed(ep.ProcessingRequest(request_headers=headers()),
+                          ep.ProcessingRequest(response_headers=headers("529")), body(b'{"error": {}}', end=True)))
+    await engine.finish()
+    assert pool.cooling_providers() == {"openai"} and engine.closed == [("release", "r-1", "upstream_529")]
 
 
 async def test_a_reply_the_gateway_stopped_waiting_for_is_charged_as_held_and_cools_no_account() -> None:
