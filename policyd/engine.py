@@ -752,7 +752,8 @@ class Engine:
                    f"{attempt.output_cap} output tokens); this API key's plan allows a single request at most "
                    f"{format_amount(plan.max_request_charge)} {currency}: ask for fewer output tokens, or send "
                    f"less input.")
-        param = request.shape.output_cap_param or OUTPUT_CAP_FIELDS.get(request.endpoint, ("",))[0]
+        fields = OUTPUT_CAP_FIELDS.get(request.endpoint, ("",))  # the client's own, where it is one of them
+        param = request.shape.output_cap_param if request.shape.output_cap_param in fields else fields[0]
         return attempt, "request_too_costly", param, message
 
     def _largest_output_cap(self, request: AuthorizeInput, owner: Owner, policy: Policy | None, plan: Plan,

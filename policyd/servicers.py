@@ -98,6 +98,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             container_memory=s.container_memory or (CONTAINER_MEMORY_DEFAULT if s.containers else ""),
             image_scale=s.image_scale,
             maps_grounding=s.maps_grounding, output_cap_fixed=s.output_cap_fixed,
+            output_cap_param=s.output_cap_param,
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,

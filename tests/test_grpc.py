@@ -314,8 +314,10 @@ def test_charge_held_on_expiry_and_the_call_token_travel_from_the_client_to_the_
     from policyd_client.client import _authorize_request
 
     asked = _authorize_request("pdk_x", "chat_completions", "gpt-4o-mini", "r-1", 10, 1, 5, False,
-                               charge_held_on_expiry=True, call_token="t-1")
+                               charge_held_on_expiry=True, call_token="t-1", output_cap_param="max_tokens")
     unasked = _authorize_request("pdk_x", "chat_completions", "gpt-4o-mini", "r-2", 10, 1, 5, False)
+    assert (authorize_input(asked).shape.output_cap_param, authorize_input(unasked).shape.output_cap_param) == (
+        "max_tokens", "")  # the field a refusal of its cost names (the ASGI middleware sends every shape field)
     assert (asked.charge_held_on_expiry, unasked.charge_held_on_expiry) == (True, False)
     assert authorize_input(asked).charge_held_on_expiry and not authorize_input(unasked).charge_held_on_expiry
     assert (authorize_input(asked).call_token, authorize_input(unasked).call_token) == ("t-1", "")

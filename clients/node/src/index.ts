@@ -85,6 +85,7 @@ export interface AuthorizeInput {
   serviceTier?: string;     // the processing tier asked for (OpenAI's service_tier; Anthropic's "fast_mode", "us")
   serviceTierImplied?: boolean;  // serviceTier is the provider's own default (Anthropic's priority): never refused
   outputCapFixed?: boolean;  // no output cap can be written into the request (a compaction): never fitted
+  outputCapParam?: string;  // the field the client gave its cap in, where not its API's first: a refusal names it
   imageModel?: string;      // the Responses API's image_generation tool: the image model that prices its images
   imageModelDefault?: boolean;   // ... the tool names none: Decision.response.imageModel says the one to set
   imageGenerationCalls?: number; // ... its calls' bound (max_tool_calls)
@@ -216,6 +217,7 @@ export class PolicyClient {
         containers: input.containers ?? 0, containerMemory: input.containerMemory ?? "",
         imageScale: input.imageScale ?? 0, mapsGrounding: input.mapsGrounding ?? false,
         outputCapFixed: input.outputCapFixed ?? false,
+        outputCapParam: input.outputCapParam ?? "",
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",
