@@ -207,6 +207,7 @@ class UsageRollupRow(Base):
     image_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0022
     containers: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0023
     maps_groundings: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0025
+    refunded_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0026
 
 
 Index("ix_rollups_dimension_period_start", UsageRollupRow.dimension, UsageRollupRow.period, UsageRollupRow.start_ms)

@@ -235,6 +235,9 @@ def test_a_charge_made_in_error_is_refunded_from_the_command_line(server: Policy
     assert (record["request_id"], record["refunded_nanos"]) == ("wrong-1", "1000000")
     invoice = run(server, "invoice", "export", "--customer", "wronged", "--period", time.strftime("%Y-%m", time.gmtime()))
     assert "credit,refund,1,,,1000000,0.01" in invoice.stdout  # listed apart, as every credit is
+    report = json.loads(run(server, "usage", "report", "--customer", "wronged", "--format", "json").stdout)
+    (row,) = report["rows"]
+    assert (row["charge_nanos"], row["refunded_nanos"]) == (4_200_000, 1_000_000)  # charges gross, refunds beside
 
 
 def test_every_log_line_is_json_and_holds_no_secret(server: PolicydProcess) -> None:
