@@ -376,11 +376,22 @@ class Admin:
             await self.finish_closings()
         await self.writer.drain()
 
-    async def latest_usage(self, customer_id: str, limit: int) -> list[Any]:
-        """The newest usage records (after draining what is pending), newest first."""
+    async def list_usage(self, customer_id: str, limit: int, request_id: str = "", api_key_id: str = "",
+                         since_ms: int = 0, until_ms: int = 0, page_token: str = "") -> tuple[list[Any], str]:
+        """Usage records (after draining what is pending), newest first: a page of `limit` (at most
+        USAGE_LIST_MAX) past `page_token`, and the next page's token ("" when this page is the last)."""
         limit = 50 if limit <= 0 else min(limit, USAGE_LIST_MAX)
+        after = None
+        if page_token:
+            created, _, last = page_token.partition("/")
+            if not created.isdigit() or not last:
+                raise _invalid("invalid_request", "page_token is not one a listing gave")
+            after = (int(created), last)
         await self.catch_up()
-        return await asyncio.to_thread(self.store.latest_usage, customer_id, limit)
+        rows = await asyncio.to_thread(self.store.latest_usage, customer_id, limit + 1, request_id, api_key_id,
+                                       since_ms, until_ms, after)
+        last = rows[limit - 1] if len(rows) > limit else None  # one more was there: this page is not the last
+        return rows[:limit], f"{last.created_ms}/{last.request_id}" if last is not None else ""
 
     async def usage_report(self, group_by: list[str], since_ms: int, until_ms: int, bucket: str, customer_id: str,
                            compare_previous: bool) -> list[Any]:

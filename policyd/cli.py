@@ -417,9 +417,27 @@ def _usage(args: argparse.Namespace) -> int:
     from policyd.demo import _usage_table
 
     stub, md = _stub(args)
-    if args.usage_command == "list":
-        response = stub.ListUsage(admin_pb2.ListUsageRequest(customer_id=args.customer, limit=args.limit), metadata=md)
-        _print(args, response, _usage_table(list(response.records)))
+    if args.usage_command in ("list", "show"):
+        asked = admin_pb2.ListUsageRequest(
+            customer_id=args.customer, limit=args.limit if args.usage_command == "list" else 1,
+            request_id=args.request_id, api_key_id=getattr(args, "key", ""),
+            since_unix_ms=_moment(args.since) if getattr(args, "since", None) else 0,
+            until_unix_ms=_moment(args.until) if getattr(args, "until", None) else 0)
+        response = stub.ListUsage(asked, metadata=md)
+        records = list(response.records)
+        while getattr(args, "all", False) and response.next_page_token:  # every page, newest first
+            asked.page_token = response.next_page_token
+            response = stub.ListUsage(asked, metadata=md)
+            records += response.records
+        if args.usage_command == "show":
+            if not records:
+                print(f"error: no usage record {args.request_id}", file=sys.stderr)
+                return EXIT_ERROR
+            print(json.dumps(MessageToDict(records[0], preserving_proto_field_name=True), indent=2, sort_keys=True))
+            return 0
+        _print(args, admin_pb2.ListUsageResponse(records=records, next_page_token=response.next_page_token),
+               _usage_table(records) + ("\n(more: --all lists every page)" if response.next_page_token
+                                        else ""))
         return 0
     if args.usage_command == "refund":
         nanos = _amount_argument(args.amount) if args.amount else 0
@@ -724,7 +742,15 @@ def parser() -> argparse.ArgumentParser:
     usage_commands = usage.add_subparsers(dest="usage_command", required=True)
     listing = client(usage_commands.add_parser("list", help="the latest usage records"))
     listing.add_argument("--customer", default="")
-    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--limit", type=int, default=20, help="records a page (at most 1000)")
+    listing.add_argument("--request-id", dest="request_id", default="")
+    listing.add_argument("--key", default="", help="one key's records (its id)")
+    listing.add_argument("--since", help="records made at or after (ISO date or time, UTC)")
+    listing.add_argument("--until", help="records made before (ISO date or time, UTC)")
+    listing.add_argument("--all", action="store_true", help="every page, not the first alone")
+    show = client(usage_commands.add_parser("show", help="one request's record, every field (its x-policyd-request-id)"))
+    show.add_argument("request_id")
+    show.add_argument("--customer", default="")
     refund = client(usage_commands.add_parser(
         "refund", help="give back what a settled request was charged: to its wallet and its money limits"))
     refund.add_argument("request_id")

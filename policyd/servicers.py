@@ -412,10 +412,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def ListUsage(self, request: admin_pb2.ListUsageRequest, context: grpc.aio.ServicerContext) -> Any:
         customer_id = await self._own_customer(context, request.customer_id)
-        rows = await _call(context, lambda: self.admin.latest_usage(customer_id, request.limit))
+        rows, next_page = await _call(context, lambda: self.admin.list_usage(
+            customer_id, request.limit, request.request_id, request.api_key_id, request.since_unix_ms,
+            request.until_unix_ms, request.page_token))
         # up to USAGE_LIST_MAX messages: built on a thread, not on the loop the decisions wait for
-        return await asyncio.to_thread(
-            lambda: admin_pb2.ListUsageResponse(records=[usage_record_message(r) for r in rows]))
+        return await asyncio.to_thread(lambda: admin_pb2.ListUsageResponse(
+            records=[usage_record_message(r) for r in rows], next_page_token=next_page))
 
     async def UsageReport(self, request: admin_pb2.UsageReportRequest, context: grpc.aio.ServicerContext) -> Any:
         customer_id = await self._own_customer(context, request.customer_id)

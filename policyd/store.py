@@ -222,11 +222,25 @@ class Store:
         with self.session() as session:
             return session.get(UsageRecordRow, request_id)
 
-    def latest_usage(self, customer_id: str, limit: int) -> list[UsageRecordRow]:
+    def latest_usage(self, customer_id: str, limit: int, request_id: str = "", api_key_id: str = "",
+                     since_ms: int = 0, until_ms: int = 0, after: tuple[int, str] | None = None) -> list[UsageRecordRow]:
+        """Records newest first (then by request id), filtered; `after` (created ms, request id) starts the
+        page past that record (a keyset page: records written meanwhile neither shift nor repeat it)."""
+        r = UsageRecordRow
         with self.session() as session:
-            query = select(UsageRecordRow).order_by(UsageRecordRow.created_ms.desc(), UsageRecordRow.request_id).limit(limit)
+            query = select(r).order_by(r.created_ms.desc(), r.request_id).limit(limit)
             if customer_id:
-                query = query.where(UsageRecordRow.customer_id == customer_id)
+                query = query.where(r.customer_id == customer_id)
+            if request_id:
+                query = query.where(r.request_id == request_id)
+            if api_key_id:
+                query = query.where(r.api_key_id == api_key_id)
+            if since_ms:
+                query = query.where(r.created_ms >= since_ms)
+            if until_ms:
+                query = query.where(r.created_ms < until_ms)
+            if after is not None:
+                query = query.where(or_(r.created_ms < after[0], (r.created_ms == after[0]) & (r.request_id > after[1])))
             return list(session.scalars(query))
 
     def key_activity(self, key_id: str, day_start_ms: int, month_start_ms: int) -> dict[str, Any]:

@@ -235,6 +235,17 @@ def test_a_charge_made_in_error_is_refunded_from_the_command_line(server: Policy
     assert (record["request_id"], record["refunded_nanos"]) == ("wrong-1", "1000000")
     invoice = run(server, "invoice", "export", "--customer", "wronged", "--period", time.strftime("%Y-%m", time.gmtime()))
     assert "credit,refund,1,,,1000000,0.01" in invoice.stdout  # listed apart, as every credit is
+    shown = json.loads(run(server, "usage", "show", "wrong-1").stdout)  # one request's record, every field
+    assert (shown["request_id"], shown["refunded_nanos"], shown["charge"]["nanos"]) == ("wrong-1", "1000000", "4200000")
+    missing = run(server, "usage", "show", "wrong-9")
+    assert missing.returncode == 1 and "no usage record wrong-9" in missing.stderr
+    assert run(server, "authorize", "--key", secret, "--model", "gpt-4o", "--request-id", "wrong-2").returncode == 0
+    first_page = run(server, "usage", "list", "--customer", "wronged", "--limit", "1")
+    assert "wrong-2" in first_page.stdout and "wrong-1" not in first_page.stdout and "(more: --all lists every page)" in first_page.stdout
+    every = json.loads(run(server, "usage", "list", "--customer", "wronged", "--limit", "1", "--all", "--json").stdout)
+    assert [r["request_id"] for r in every["records"]] == ["wrong-2", "wrong-1"]
+    one = json.loads(run(server, "usage", "list", "--request-id", "wrong-1", "--json").stdout)
+    assert [r["request_id"] for r in one["records"]] == ["wrong-1"]
     report = json.loads(run(server, "usage", "report", "--customer", "wronged", "--format", "json").stdout)
     (row,) = report["rows"]
     assert (row["charge_nanos"], row["refunded_nanos"]) == (4_200_000, 1_000_000)  # charges gross, refunds beside

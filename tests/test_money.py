@@ -290,6 +290,38 @@ async def test_a_refund_gives_a_charge_back_to_the_wallet_and_the_money_limits_i
         await service.admin.grant_credit("wronged", USD, "USD", "refund", "refund:after")  # never made by hand
 
 
+async def test_usage_records_are_found_by_request_and_key_and_paged_through_whole(service: Service) -> None:
+    """A listing showed the newest 1,000 records and nothing else: a support question about one request (its
+    x-policyd-request-id), one key's records, or an export of a month could not be answered."""
+    key_a, secret_a = await new_key(service, customer="paged")
+    key_b, secret_b = await new_key(service, customer="paged")
+    await fund(service, "paged", "10")
+    clock = [service.engine.clock()]
+    service.engine.clock = lambda: clock[0]
+    for i in range(7):  # two at each moment: a page may end between records of one millisecond
+        clock[0] += 1000 * (i % 2)
+        await service.engine.authorize(ask(secret_a if i % 3 else secret_b, request_id=f"paged-{i}"))
+    expected = [r.request_id for r in (await service.admin.list_usage("paged", 100))[0]]
+    assert sorted(expected) == [f"paged-{i}" for i in range(7)]
+    pages, token = [], ""
+    while True:
+        rows, token = await service.admin.list_usage("paged", 3, page_token=token)
+        pages.append([r.request_id for r in rows])
+        if not token:
+            break
+    assert [len(p) for p in pages] == [3, 3, 1] and sum(pages, []) == expected  # whole, in order, once each
+    assert [r.request_id for r in (await service.admin.list_usage("", 10, request_id="paged-4"))[0]] == ["paged-4"]
+    assert (await service.admin.list_usage("someone-else", 10, request_id="paged-4"))[0] == []  # not theirs
+    by_b = [r.request_id for r in (await service.admin.list_usage("paged", 10, api_key_id=key_b))[0]]
+    assert sorted(by_b) == ["paged-0", "paged-3", "paged-6"]
+    first = service.store.usage_record("paged-0").created_ms
+    window = (await service.admin.list_usage("paged", 10, since_ms=first + 1000, until_ms=first + 2000))[0]
+    assert sorted(r.request_id for r in window) == ["paged-1", "paged-2"]
+    assert key_a != key_b
+    with pytest.raises(PolicydError, match="page_token"):
+        await service.admin.list_usage("paged", 3, page_token="nonsense")
+
+
 async def test_wallet_caps_spend_before_it_happens(service: Service) -> None:
     _, secret = await new_key(service)
     await fund(service, "acme", "0.001")
@@ -1853,7 +1885,7 @@ async def test_a_request_past_the_plans_max_request_charge_is_refused_or_fitted(
     assert fitted.decision == "allow" and 256 <= fitted.max_output_tokens < 32_000
     assert fitted.reserved <= parse_amount("0.01")
     await service.writer.drain()
-    (record,) = [r for r in await service.admin.latest_usage("bounded", 10) if r.request_id == "dear"]
+    (record,) = [r for r in (await service.admin.list_usage("bounded", 10))[0] if r.request_id == "dear"]
     assert (record.status, record.reason) == ("denied", "request_too_costly")
 
 

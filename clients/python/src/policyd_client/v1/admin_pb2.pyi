@@ -338,12 +338,22 @@ class Wallet(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., currency: _Optional[str] = ..., balance_nanos: _Optional[int] = ..., reserved_nanos: _Optional[int] = ..., available_nanos: _Optional[int] = ..., workspace_id: _Optional[str] = ...) -> None: ...
 
 class ListUsageRequest(_message.Message):
-    __slots__ = ("customer_id", "limit")
+    __slots__ = ("customer_id", "limit", "request_id", "api_key_id", "since_unix_ms", "until_unix_ms", "page_token")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     limit: int
-    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    request_id: str
+    api_key_id: str
+    since_unix_ms: int
+    until_unix_ms: int
+    page_token: str
+    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., request_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., since_unix_ms: _Optional[int] = ..., until_unix_ms: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
     __slots__ = ("request_id", "created_unix_ms", "owner", "feature", "thread_id", "end_user_id", "endpoint", "requested_model", "served_model", "decision", "reason", "status", "input_tokens", "cached_input_tokens", "output_tokens", "cost", "charge", "balance_after", "stream_interrupted", "error_class", "policy_version", "price_table_version", "trace_id", "traceparent", "agent_id", "tags", "balance_before", "provider_account", "cache_write_input_tokens", "cache_write_1h_input_tokens", "audio_input_tokens", "audio_output_tokens", "web_searches", "choices", "service_tier", "provider_response_id", "file_searches", "image_input_tokens", "image_model", "image_generation_calls", "image_generation_input_tokens", "image_generation_cached_input_tokens", "image_generation_image_input_tokens", "image_generation_output_tokens", "image_output_tokens", "containers", "container_memory", "maps_groundings", "images", "seconds", "refunded_nanos", "refunded_unix_ms")
@@ -461,10 +471,12 @@ class UsageRecord(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., feature: _Optional[str] = ..., thread_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., status: _Optional[str] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., charge: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., balance_after: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., stream_interrupted: _Optional[bool] = ..., error_class: _Optional[str] = ..., policy_version: _Optional[int] = ..., price_table_version: _Optional[str] = ..., trace_id: _Optional[str] = ..., traceparent: _Optional[str] = ..., agent_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., balance_before: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., provider_account: _Optional[str] = ..., cache_write_input_tokens: _Optional[int] = ..., cache_write_1h_input_tokens: _Optional[int] = ..., audio_input_tokens: _Optional[int] = ..., audio_output_tokens: _Optional[int] = ..., web_searches: _Optional[int] = ..., choices: _Optional[int] = ..., service_tier: _Optional[str] = ..., provider_response_id: _Optional[str] = ..., file_searches: _Optional[int] = ..., image_input_tokens: _Optional[int] = ..., image_model: _Optional[str] = ..., image_generation_calls: _Optional[int] = ..., image_generation_input_tokens: _Optional[int] = ..., image_generation_cached_input_tokens: _Optional[int] = ..., image_generation_image_input_tokens: _Optional[int] = ..., image_generation_output_tokens: _Optional[int] = ..., image_output_tokens: _Optional[int] = ..., containers: _Optional[int] = ..., container_memory: _Optional[str] = ..., maps_groundings: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ..., refunded_nanos: _Optional[int] = ..., refunded_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ListUsageResponse(_message.Message):
-    __slots__ = ("records",)
+    __slots__ = ("records", "next_page_token")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[UsageRecord]
-    def __init__(self, records: _Optional[_Iterable[_Union[UsageRecord, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, records: _Optional[_Iterable[_Union[UsageRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class UsageReportRequest(_message.Message):
     __slots__ = ("group_by", "since_unix_ms", "until_unix_ms", "bucket", "customer_id", "compare_previous")
