@@ -369,6 +369,19 @@ class Admin:
         await self.writer.drain()
         return amount, wallet, await self.counters.wallet(wallet)
 
+    async def record_action(self, action: str, by: str, customer_id: str = "", request_id: str = "",
+                            **detail: Any) -> None:
+        """An admin action done, for the record (ListEvents, kind admin_action): what, by whom (`operator`,
+        or a scoped credential's id), on whose. Never a secret: callers pass ids, amounts and names."""
+        await asyncio.to_thread(self.store.insert_event, {
+            "id": f"admin-{secrets.token_hex(12)}", "kind": "admin_action", "request_id": request_id,
+            "customer_id": customer_id, "created_ms": now_ms(), "detail": {"action": action, "by": by, **detail}})
+
+    async def list_events(self, kind: str, customer_id: str, since_ms: int, until_ms: int, limit: int) -> list[Any]:
+        limit = 50 if limit <= 0 else min(limit, USAGE_LIST_MAX)
+        await self.catch_up()
+        return await asyncio.to_thread(self.store.list_events, kind, customer_id, since_ms, until_ms, limit)
+
     async def catch_up(self) -> None:
         """What this process decided is in SQL: its settles still in flight finish, then every pending
         event is written (reports, listings, invoices, reconciliation and audits read after this)."""

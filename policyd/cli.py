@@ -333,6 +333,24 @@ def _wallet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _events(args: argparse.Namespace) -> int:
+    import time
+
+    stub, md = _stub(args)
+    since, until = _window(args)
+    response = stub.ListEvents(admin_pb2.ListEventsRequest(
+        kind=args.kind, customer_id=args.customer, since_unix_ms=since, until_unix_ms=until, limit=args.limit),
+        metadata=md)
+    lines = []
+    for e in response.events:
+        detail = json.loads(e.detail_json or "{}")
+        said = " ".join(f"{k}={v}" for k, v in sorted(detail.items()))
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.created_unix_ms / 1000))
+        lines.append(f"{when} {e.kind} {e.customer_id or '-'} {said}")
+    _print(args, response, "\n".join(lines) or "no events")
+    return 0
+
+
 def _caps(args: argparse.Namespace) -> int:
     import time
 
@@ -803,6 +821,15 @@ def parser() -> argparse.ArgumentParser:
         run=lambda args: print(settings_reference(), end="") or 0)
 
     client(commands.add_parser("caps", help="the operator's caps: what each holds this window")).set_defaults(run=_caps)
+    events = client(commands.add_parser(
+        "events", help="what happened beside the usage: admin actions (who did what), alerts, refused settles..."))
+    events.add_argument("--kind", default="", help="admin_action, alert, rejected, key_state, reconciliation")
+    events.add_argument("--customer", default="")
+    events.add_argument("--since", help="start (ISO date or time, UTC)")
+    events.add_argument("--until", help="end (ISO date or time, UTC; default now)")
+    events.add_argument("--last", default="7d", help="window length when --since is not given: 24h, 7d, 30d ...")
+    events.add_argument("--limit", type=int, default=50)
+    events.set_defaults(run=_events)
     client(commands.add_parser("audit", help="check Redis counters against the SQL ledger")).set_defaults(run=_audit)
     client(commands.add_parser("rebuild", help="rewrite every counter from SQL")).set_defaults(run=_rebuild)
     return root

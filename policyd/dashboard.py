@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable, MutableMapping
 from urllib.parse import parse_qs, quote, unquote
 
 from policyd import charts
-from policyd.admin import Admin, now_ms
+from policyd.admin import Admin
 from policyd.dashboard_data import (
     INCIDENT_DIMENSIONS,
     OVERVIEW_DIMENSIONS,
@@ -409,10 +409,8 @@ class Dashboard:
             return Response(403, self._page("Not allowed", "<p>The form expired; open the page again.</p>", viewer))
         await self.admin.set_state(key_id, "paused" if verb == "pause" else "active")
         client = (scope.get("client") or ("",))[0]
-        await asyncio.to_thread(self.admin.store.insert_event, {
-            "id": f"admin-{secrets.token_hex(12)}", "kind": "admin_action", "request_id": "",
-            "customer_id": row.customer_id, "created_ms": now_ms(),
-            "detail": {"action": f"key_{verb}", "key_id": key_id, "via": "dashboard", "client_address": str(client)}})
+        await self.admin.record_action(f"key_{verb}", "operator", customer_id=row.customer_id, key_id=key_id,
+                                       via="dashboard", client_address=str(client))
         log.info("dashboard: key %s %sd", key_id, verb)
         return redirect(f"/keys/{quote(key_id, safe='')}")
 

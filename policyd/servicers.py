@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -263,6 +264,28 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
     )
 
 
+Described = dict[str, Any]  # an admin action's record: customer_id, request_id, and what else it says
+
+
+def recorded(action: str, describe: Callable[[Any, Any], Described]) -> Callable[[Any], Any]:
+    """An AdminService call that changes something, recorded once it is done (ListEvents, admin_action): what
+    `describe(request, reply)` says of it (ids, names, amounts: never a secret), and who made it."""
+    def wrap(method: Any) -> Any:
+        async def call(self: "AdminServicer", request: Any, context: grpc.aio.ServicerContext) -> Any:
+            reply = await method(self, request, context)
+            principal = await self._principal(context)
+            await self.admin.record_action(action, principal.credential_id or "operator", via="grpc",
+                                           **describe(request, reply))
+            return reply
+        call.__name__ = method.__name__
+        return call
+    return wrap
+
+
+def _on_key(request: Any, reply: Any) -> Described:
+    return {"customer_id": reply.owner.customer_id, "key_id": reply.id}
+
+
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, admin: Admin, token: str = "") -> None:
         self.admin = admin
@@ -309,6 +332,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await _call(context, lambda: asyncio.to_thread(self.access.require_customer, principal, customer_id))
         return customer_id
 
+    @recorded("key_create", lambda q, r: {"customer_id": r.key.owner.customer_id, "key_id": r.key.id,
+                                          "plan": r.key.owner.plan})
     async def CreateKey(self, request: admin_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._for_customer(context, request.customer_id)
         created = await _call(context, lambda: self.admin.create_key(
@@ -331,43 +356,55 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetKey(self, request: admin_pb2.GetKeyRequest, context: grpc.aio.ServicerContext) -> Any:
         return api_key_message(await self._key(context, request.id))
 
+    @recorded("key_pause", _on_key)
     async def PauseKey(self, request: admin_pb2.KeyActionRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._key(context, request.id)
         return api_key_message(await _call(context, lambda: self.admin.set_state(request.id, "paused")))
 
+    @recorded("key_resume", _on_key)
     async def ResumeKey(self, request: admin_pb2.KeyActionRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._key(context, request.id)
         return api_key_message(await _call(context, lambda: self.admin.set_state(request.id, "active")))
 
+    @recorded("key_revoke", _on_key)
     async def RevokeKey(self, request: admin_pb2.KeyActionRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._key(context, request.id)
         return api_key_message(await _call(context, lambda: self.admin.set_state(request.id, "revoked")))
 
+    @recorded("key_expiry", lambda q, r: {**_on_key(q, r), "expires_unix_ms": q.expires_unix_ms})
     async def SetKeyExpiry(self, request: admin_pb2.SetKeyExpiryRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._key(context, request.id)
         return api_key_message(await _call(context, lambda: self.admin.set_expiry(request.id, request.expires_unix_ms)))
 
+    @recorded("key_limits", _on_key)
     async def SetKeyLimits(self, request: admin_pb2.SetKeyLimitsRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._key(context, request.id)
         return api_key_message(await _call(context, lambda: self.admin.set_limits(
             request.id, [key_limit(limit) for limit in request.limits])))
 
+    @recorded("key_scopes", lambda q, r: {**_on_key(q, r), "scopes": list(q.scopes)})
     async def SetKeyScopes(self, request: admin_pb2.SetKeyScopesRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._key(context, request.id)
         return api_key_message(await _call(context, lambda: self.admin.set_scopes(request.id, list(request.scopes))))
 
+    @recorded("plan_set", lambda q, r: {"customer_id": q.customer_id, "plan": q.plan, "key_id": q.key_id,
+                                        "keys": len(r.keys)})
     async def SetPlan(self, request: admin_pb2.SetPlanRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._operator(context)
         moved = await _call(context, lambda: self.admin.set_plan(request.plan, key_id=request.key_id,
                                                                  customer_id=request.customer_id))
         return admin_pb2.SetPlanResponse(keys=[api_key_message(row) for row in moved])
 
+    @recorded("key_rotate", lambda q, r: {"customer_id": r.key.owner.customer_id, "key_id": q.id,
+                                          "new_key_id": r.key.id})
     async def RotateKey(self, request: admin_pb2.RotateKeyRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._key(context, request.id)
         grace = request.grace_seconds if request.HasField("grace_seconds") else 86_400
         created = await _call(context, lambda: self.admin.rotate_key(request.id, grace))
         return admin_pb2.CreateKeyResponse(key=api_key_message(created.row), secret=created.secret)
 
+    @recorded("policy_apply", lambda q, r: {"version": r.version, "changed": r.changed, "source": q.source_name,
+                                            "dry_run": q.dry_run})
     async def ApplyPolicy(self, request: admin_pb2.ApplyPolicyRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._operator(context)
         result = await _call(context, lambda: self.admin.apply_policy(request.yaml, request.source_name, request.dry_run))
@@ -379,6 +416,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.GetPolicyResponse(version=current.version if current else 0,
                                            yaml=current.canonical if current else "")
 
+    @recorded("credit_grant", lambda q, r: {"customer_id": q.customer_id, "workspace_id": q.workspace_id,
+                                            "grant_id": r.grant_id, "amount_nanos": q.amount.nanos, "source": q.source,
+                                            "exists": r.exists})
     async def GrantCredit(self, request: admin_pb2.GrantCreditRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._operator(context)
         grant_id, outcome, (balance, reserved) = await _call(context, lambda: self.admin.grant_credit(
@@ -387,6 +427,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.GrantCreditResponse(grant_id=grant_id, exists=outcome == "exists", wallet=self._wallet(
             request.customer_id, request.workspace_id, balance, reserved))
 
+    @recorded("usage_refund", lambda q, r: {"customer_id": r.wallet.customer_id, "request_id": q.request_id,
+                                            "amount_nanos": r.refunded.nanos})
     async def RefundUsage(self, request: admin_pb2.RefundUsageRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._operator(context)
         amount, wallet, (balance, reserved) = await _call(context, lambda: self.admin.refund_usage(
@@ -444,6 +486,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return self._invoice(await _call(context, lambda: self.admin.invoice(
             request.customer_id, request.period, request.lines_by)))
 
+    @recorded("period_close", lambda q, r: {"customer_id": q.customer_id, "period": q.period,
+                                            "digest": r.digest})
     async def ClosePeriod(self, request: admin_pb2.InvoiceRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._operator(context)
         return self._invoice(await _call(context, lambda: self.admin.invoice(
@@ -486,16 +530,27 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                action=c.action, downgrade_to=c.downgrade_to)
             for c, used, ends in await _call(context, self.admin.caps)])
 
+    async def ListEvents(self, request: admin_pb2.ListEventsRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._operator(context)
+        rows = await _call(context, lambda: self.admin.list_events(
+            request.kind, request.customer_id, request.since_unix_ms, request.until_unix_ms, request.limit))
+        return admin_pb2.ListEventsResponse(events=[admin_pb2.Event(
+            id=e.id, kind=e.kind, customer_id=e.customer_id, request_id=e.request_id, created_unix_ms=e.created_ms,
+            detail_json=json.dumps(e.detail or {}, sort_keys=True)) for e in rows])
+
     async def Audit(self, request: admin_pb2.AuditRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._operator(context)
         result = await _call(context, self.admin.audit)
         return admin_pb2.AuditResponse(ok=result.ok, counters_checked=result.checked, mismatches=[
             admin_pb2.AuditMismatch(counter=c, redis_value=r, ledger_value=l) for c, r, l in result.mismatches])
 
+    @recorded("counters_rebuild", lambda q, r: {"counters_written": r.counters_written})
     async def Rebuild(self, request: admin_pb2.RebuildRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._operator(context)
         return admin_pb2.RebuildResponse(counters_written=await _call(context, self.admin.rebuild))
 
+    @recorded("credential_create", lambda q, r: {"customer_id": r.credential.customer_id,
+                                                      "credential_id": r.credential.id})
     async def CreateAdminCredential(self, request: admin_pb2.CreateAdminCredentialRequest,
                                     context: grpc.aio.ServicerContext) -> Any:
         principal = await self._principal(context)
@@ -509,12 +564,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         rows = await _call(context, lambda: asyncio.to_thread(self.access.credentials, principal, request.customer_id))
         return admin_pb2.ListAdminCredentialsResponse(credentials=[credential_message(r) for r in rows])
 
+    @recorded("credential_revoke", lambda q, r: {"customer_id": r.customer_id, "credential_id": r.id})
     async def RevokeAdminCredential(self, request: admin_pb2.RevokeAdminCredentialRequest,
                                     context: grpc.aio.ServicerContext) -> Any:
         principal = await self._principal(context)
         row = await _call(context, lambda: asyncio.to_thread(self.access.revoke_credential, principal, request.id))
         return credential_message(row)
 
+    @recorded("customer_link", lambda q, r: {"customer_id": q.customer_id, "parent_id": q.parent_id})
     async def LinkCustomer(self, request: admin_pb2.LinkCustomerRequest, context: grpc.aio.ServicerContext) -> Any:
         principal = await self._principal(context)
         await _call(context, lambda: asyncio.to_thread(self.access.link, principal, request.customer_id, request.parent_id))

@@ -172,6 +172,20 @@ class Store:
         with self.session() as session, session.begin():
             self.insert_ignore(session, EventRow, [event])
 
+    def list_events(self, kind: str, customer_id: str, since_ms: int, until_ms: int, limit: int) -> list[EventRow]:
+        """Events newest first, filtered."""
+        query = select(EventRow).order_by(EventRow.created_ms.desc(), EventRow.id).limit(limit)
+        if kind:
+            query = query.where(EventRow.kind == kind)
+        if customer_id:
+            query = query.where(EventRow.customer_id == customer_id)
+        if since_ms:
+            query = query.where(EventRow.created_ms >= since_ms)
+        if until_ms:
+            query = query.where(EventRow.created_ms < until_ms)
+        with self.session() as session:
+            return list(session.scalars(query))
+
     # keys
     def key_by_hash(self, secret_hash: str) -> ApiKeyRow | None:
         with self.session() as session:

@@ -96,6 +96,7 @@ def cross_boundary_calls(w: World) -> dict[str, Any]:
         "ClosePeriod": admin_pb2.InvoiceRequest(customer_id="reseller", period="2026-01"),
         "Reconcile": admin_pb2.ReconcileRequest(provider="openai", export=b"date,model,amount\n"),
         "ListCaps": admin_pb2.ListCapsRequest(),
+        "ListEvents": admin_pb2.ListEventsRequest(customer_id="other"),  # the operator's
         "Audit": admin_pb2.AuditRequest(),
         "Rebuild": admin_pb2.RebuildRequest(),
         "CreateAdminCredential": admin_pb2.CreateAdminCredentialRequest(customer_id="other"),

@@ -281,6 +281,19 @@ def test_scoped_admin_credentials_from_the_command_line(server: PolicydProcess) 
     gone = run(server, "keys", "list", *scoped)
     assert gone.returncode != 0 and "unauthenticated" in gone.stderr
     assert secret not in server.log() and secret[6:] not in server.log()
+    # who did what: every change recorded once done, by the operator or the credential that made it; the
+    # refused ones not at all; no secret in the record
+    events = json.loads(run(server, "events", "--kind", "admin_action", "--json").stdout)["events"]
+    actions = [(e["customer_id"], json.loads(e["detail_json"])) for e in reversed(events)]
+    assert [(c, d["action"], d["by"]) for c, d in actions] == [
+        ("shop", "credit_grant", "operator"), ("shop-eu", "customer_link", "operator"),
+        ("shop", "credential_create", "operator"), ("shop-eu", "key_create", made["credential"]["id"]),
+        ("shop", "credential_revoke", "operator")]
+    assert actions[0][1]["amount_nanos"] == 5_000_000_000 and actions[3][1]["key_id"].startswith("key_")
+    everything = run(server, "events", "--json").stdout
+    assert "pdk_live_" not in everything and "pdadm_" not in everything
+    text = run(server, "events", "--kind", "admin_action", "--customer", "shop-eu")
+    assert text.returncode == 0 and "customer_link" in text.stdout and "credit_grant" not in text.stdout
 
 
 def test_gateway_config_names_the_reservation_ttl_a_longer_route_timeout_needs() -> None:

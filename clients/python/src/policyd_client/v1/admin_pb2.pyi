@@ -313,6 +313,42 @@ class RefundUsageResponse(_message.Message):
     wallet: Wallet
     def __init__(self, request_id: _Optional[str] = ..., refunded: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., grant_id: _Optional[str] = ..., wallet: _Optional[_Union[Wallet, _Mapping]] = ...) -> None: ...
 
+class ListEventsRequest(_message.Message):
+    __slots__ = ("kind", "customer_id", "since_unix_ms", "until_unix_ms", "limit")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    customer_id: str
+    since_unix_ms: int
+    until_unix_ms: int
+    limit: int
+    def __init__(self, kind: _Optional[str] = ..., customer_id: _Optional[str] = ..., since_unix_ms: _Optional[int] = ..., until_unix_ms: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("id", "kind", "customer_id", "request_id", "created_unix_ms", "detail_json")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: str
+    customer_id: str
+    request_id: str
+    created_unix_ms: int
+    detail_json: str
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., customer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., detail_json: _Optional[str] = ...) -> None: ...
+
+class ListEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
 class GetWalletRequest(_message.Message):
     __slots__ = ("customer_id", "workspace_id")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -153,6 +153,11 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ListCapsRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.ListCapsResponse.FromString,
                 _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/policyd.v1.AdminService/ListEvents',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
         self.Audit = channel.unary_unary(
                 '/policyd.v1.AdminService/Audit',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.AuditRequest.SerializeToString,
@@ -337,6 +342,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEvents(self, request, context):
+        """What happened beside the usage records, newest first: every admin action (who: the operator or a scoped
+        credential; what; on whose), limits' alerts, settles refused, keys' state changes, reconciliations.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Audit(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -490,6 +503,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListCaps,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.ListCapsRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.ListCapsResponse.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.ListEventsRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.ListEventsResponse.SerializeToString,
             ),
             'Audit': grpc.unary_unary_rpc_method_handler(
                     servicer.Audit,
@@ -1147,6 +1165,33 @@ class AdminService:
             '/policyd.v1.AdminService/ListCaps',
             policyd_dot_v1_dot_admin__pb2.ListCapsRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.ListCapsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/ListEvents',
+            policyd_dot_v1_dot_admin__pb2.ListEventsRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.ListEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
