@@ -174,15 +174,9 @@ class Store:
 
     def list_events(self, kind: str, customer_id: str, since_ms: int, until_ms: int, limit: int) -> list[EventRow]:
         """Events newest first, filtered."""
-        query = select(EventRow).order_by(EventRow.created_ms.desc(), EventRow.id).limit(limit)
-        if kind:
-            query = query.where(EventRow.kind == kind)
-        if customer_id:
-            query = query.where(EventRow.customer_id == customer_id)
-        if since_ms:
-            query = query.where(EventRow.created_ms >= since_ms)
-        if until_ms:
-            query = query.where(EventRow.created_ms < until_ms)
+        e = EventRow
+        query = _narrowed(select(e).order_by(e.created_ms.desc(), e.id).limit(limit),
+                          ((e.kind, kind), (e.customer_id, customer_id)), e.created_ms, since_ms, until_ms)
         with self.session() as session:
             return list(session.scalars(query))
 
@@ -242,17 +236,9 @@ class Store:
         page past that record (a keyset page: records written meanwhile neither shift nor repeat it)."""
         r = UsageRecordRow
         with self.session() as session:
-            query = select(r).order_by(r.created_ms.desc(), r.request_id).limit(limit)
-            if customer_id:
-                query = query.where(r.customer_id == customer_id)
-            if request_id:
-                query = query.where(r.request_id == request_id)
-            if api_key_id:
-                query = query.where(r.api_key_id == api_key_id)
-            if since_ms:
-                query = query.where(r.created_ms >= since_ms)
-            if until_ms:
-                query = query.where(r.created_ms < until_ms)
+            query = _narrowed(select(r).order_by(r.created_ms.desc(), r.request_id).limit(limit),
+                              ((r.customer_id, customer_id), (r.request_id, request_id), (r.api_key_id, api_key_id)),
+                              r.created_ms, since_ms, until_ms)
             if after is not None:
                 query = query.where(or_(r.created_ms < after[0], (r.created_ms == after[0]) & (r.request_id > after[1])))
             return list(session.scalars(query))
@@ -371,3 +357,16 @@ class Store:
     def events(self, kind: str) -> list[EventRow]:
         with self.session() as session:
             return list(session.scalars(select(EventRow).where(EventRow.kind == kind).order_by(EventRow.created_ms)))
+
+
+def _narrowed(query: Any, equal: Iterable[tuple[Any, Any]], created: Any, since_ms: int, until_ms: int) -> Any:
+    """A listing's query narrowed to rows whose columns equal the values given (an empty value: any) and made
+    in [since_ms, until_ms) (0: unbounded)."""
+    for column, value in equal:
+        if value:
+            query = query.where(column == value)
+    if since_ms:
+        query = query.where(created >= since_ms)
+    if until_ms:
+        query = query.where(created < until_ms)
+    return query
