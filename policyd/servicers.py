@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from typing import Any, Awaitable, Callable, TypeVar
@@ -271,13 +272,16 @@ def recorded(action: str, describe: Callable[[Any, Any], Described]) -> Callable
     """An AdminService call that changes something, recorded once it is done (ListEvents, admin_action): what
     `describe(request, reply)` says of it (ids, names, amounts: never a secret), and who made it."""
     def wrap(method: Any) -> Any:
+        @functools.wraps(method)
         async def call(self: "AdminServicer", request: Any, context: grpc.aio.ServicerContext) -> Any:
             reply = await method(self, request, context)
             principal = await self._principal(context)
-            await self.admin.record_action(action, principal.credential_id or "operator", via="grpc",
-                                           **describe(request, reply))
+            try:
+                await self.admin.record_action(action, principal.credential_id or "operator", via="grpc",
+                                               **describe(request, reply))
+            except Exception:  # the change is made: its caller is told so, and the lost record is logged
+                log.exception("admin action %s done but not recorded", action)
             return reply
-        call.__name__ = method.__name__
         return call
     return wrap
 
