@@ -41,6 +41,7 @@ and its clients send the key as `api-key`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -54,7 +55,7 @@ from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, IMAGE
                             Attribution, AuthorizeInput, KeySummary, RateLimit, Shape, tier_in_geo, trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount
 from policyd.multipart import MultipartError, MultipartForm
-from policyd.validation import TAG_VALUE_LENGTH_MAX, TAGS_MAX
+from policyd.validation import REQUEST_ID_PATTERN, TAG_VALUE_LENGTH_MAX, TAGS_MAX
 
 # Anthropic accepts requests of up to 32 MB, OpenAI audio files of up to 25 MB (speech to text)
 REQUEST_BODY_BYTES_MAX = 32 * 1024 * 1024
@@ -138,7 +139,7 @@ ATTRIBUTION_HEADERS = {
     "x-environment": "environment",
 }
 REQUEST_ID_HEADER = "x-policyd-request-id"  # the request id policyd sends back with every reply
-REQUEST_ID_HEADERS = (REQUEST_ID_HEADER, "idempotency-key")  # a client's name for its request: one request each
+IDEMPOTENCY_HEADER = "idempotency-key"  # the other name a client may give its request (one request each)
 # A tracing header, not a request's name: an application passes the id of the request it is serving on to every
 # call it makes for it (several model calls, an agent's loop), and Envoy makes one up where none came. Taken as
 # the request's id, every call after the first was refused as a reuse. Recorded as a tag of this name instead.
@@ -1004,10 +1005,9 @@ def _attribution(headers: dict[str, str]) -> Attribution:
     for header, name in ATTRIBUTION_HEADERS.items():
         if header in headers and name not in values:
             values[name] = headers[header]
-    for header in REQUEST_ID_HEADERS:
-        if headers.get(header):
-            values["request_id"] = headers[header]
-            break
+    request_id = headers.get(REQUEST_ID_HEADER) or _idempotent_id(headers.get(IDEMPOTENCY_HEADER, ""))
+    if request_id:
+        values["request_id"] = request_id
     tags = {k[len(TAG_HEADER_PREFIX):]: v for k, v in headers.items() if k.startswith(TAG_HEADER_PREFIX)}
     correlation = headers.get(CORRELATION_HEADER)
     if correlation and CORRELATION_HEADER not in tags and len(tags) < TAGS_MAX:  # never a reason to refuse
@@ -1015,6 +1015,15 @@ def _attribution(headers: dict[str, str]) -> Attribution:
     if not values.get("trace_id") and values.get("traceparent"):
         values["trace_id"] = trace_id_from(values["traceparent"])
     return Attribution(tags=tags, **values)
+
+
+def _idempotent_id(key: str) -> str:
+    """The request id an Idempotency-Key names: the key itself where it is one (1-128 of [A-Za-z0-9._:/=+@-]),
+    else a digest of it: clients' keys are any text (Stripe's go to 255 characters), and a key meant to make
+    a retry safe must never be why a request is refused."""
+    if not key or REQUEST_ID_PATTERN.match(key):
+        return key
+    return "idem_" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
 def _problem(call: HttpCall, reason: str, message: str, param: str = "") -> HttpCall:

@@ -129,6 +129,12 @@ def test_a_request_is_named_by_its_own_headers_and_a_tracing_id_never_refuses_it
     def attribution(headers: dict[str, str]) -> Any:
         return parse_call("POST", "/v1/chat/completions", headers, body).attribution
 
+    # an Idempotency-Key of any text names its request too (a digest of it where it is not an id's shape)
+    long_key = "retry safely: " + "k" * 200
+    digested = attribution({"idempotency-key": long_key}).request_id
+    assert digested.startswith("idem_") and len(digested) == 45 and digested == attribution(
+        {"idempotency-key": long_key}).request_id != attribution({"idempotency-key": long_key + "!"}).request_id
+    check_authorize(parse_call("POST", "/v1/chat/completions", {"idempotency-key": long_key}, body).authorize_input())
     both = attribution({"x-request-id": "trace-1", "idempotency-key": "idem-1"})
     assert (both.request_id, both.tags) == ("idem-1", {"x-request-id": "trace-1"})
     assert attribution({"x-policyd-request-id": "own-1", "idempotency-key": "idem-1"}).request_id == "own-1"
