@@ -654,7 +654,8 @@ class Admin:
                 pipe = await batch.pipe(3)
                 pipe.hset(redis_keys.reservation(p, row.request_id), mapping={
                     "state": "reserved", "key": redis_keys.key_state(p, row.api_key_id), "amount": str(row.reserved_nanos),
-                    "wallet": "1", "expires": str(max(expires, at)), "r": json.dumps(fields, separators=(",", ":")),
+                    "wallet": "1", "expires": str(max(expires, at)), "created": str(row.created_ms),
+                    "r": json.dumps(fields, separators=(",", ":")),
                 })
                 pipe.zadd(redis_keys.deadlines(p), {row.request_id: max(expires, at)})
                 pipe.set(redis_keys.request_index(row.request_id), str(p), ex=REQUEST_INDEX_SECONDS)

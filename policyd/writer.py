@@ -37,6 +37,16 @@ CLAIM_CHECK_SECONDS = 1.0  # how often a running writer looks for entries a dead
 # Events of one request may be applied in any order; a record's status only moves up this ladder.
 STATUS_RANK = {"": -1, "denied": 0, "reserved": 1, "released": 2, "expired": 2, "settled": 3, "settled_late": 3}
 REFUND_PREFIX = "refund:"  # the grant id of a request's refund: refund:<request id>
+CLOSED = frozenset({"released", "expired", "settled", "settled_late"})
+
+
+def _created(fields: dict[str, str]) -> str:
+    """When the request an event is of was authorized (its reservation's `created`), "" when not said: an
+    allowed authorize is that moment; a settle, release or expiry carries it (older events do not)."""
+    kind = fields.get("type")
+    if kind == "authorize":
+        return fields.get("at", "") if fields.get("outcome") == "allow" else ""
+    return fields.get("created", "") if kind in ("settle", "release", "expire") else ""
 
 
 _RECORD_COLUMNS = frozenset(c.name for c in UsageRecordRow.__table__.columns)
@@ -265,14 +275,20 @@ class Writer:
             request_ids |= {f["rid"].removeprefix(REFUND_PREFIX) for _, _, f in entries
                             if f.get("type") == "grant" and f["rid"].startswith(REFUND_PREFIX)}
             records: dict[str, Record] = {}
+            table = UsageRecordRow.__table__
             if request_ids:
-                table = UsageRecordRow.__table__
                 for row in session.execute(select(table).where(table.c.request_id.in_(request_ids))):
+                    records[row.request_id] = Record(dict(row._mapping), new=False)
+            apart = self._reusing(entries, records)
+            if apart:
+                for row in session.execute(select(table).where(table.c.request_id.in_(set(apart.values())))):
                     records[row.request_id] = Record(dict(row._mapping), new=False)
             ledger: list[dict[str, Any]] = []
             events: list[dict[str, Any]] = []
             for partition, entry_id, fields in entries:
                 kind = fields.get("type", "")
+                if apart and (fields.get("rid", ""), _created(fields)) in apart:
+                    fields = {**fields, "rid": apart[fields["rid"], _created(fields)]}
                 if kind == "authorize":
                     self._authorize(session, records, fields)
                 elif kind == "settle":
@@ -324,6 +340,20 @@ class Writer:
             self.store.insert_ignore(session, EventRow, events)
 
     @staticmethod
+    def _reusing(entries: list[Entry], records: dict[str, Record]) -> dict[tuple[str, str], str]:
+        """(request id, created ms) -> the record of a request that reused the id of one closed long ago: Redis
+        answers retries by a closed reservation only RESULT_RETENTION_SECONDS, after which the id reserves
+        anew; recorded under the id as the record already holds it, its charge would overwrite the first's and
+        its ledger entry be dropped as already written. It is recorded apart, as `<id>@<created ms>`."""
+        apart: dict[tuple[str, str], str] = {}
+        for _, _, fields in entries:
+            created = _created(fields)
+            row = records.get(fields.get("rid", "")) if created else None
+            if row is not None and row.customer_id and row.status in CLOSED and str(row.created_ms) != created:
+                apart[fields["rid"], created] = f"{fields['rid']}@{created}"
+        return apart
+
+    @staticmethod
     def _row(session: Any, records: dict[str, Record], rid: str, at: int) -> Record:
         """The record of a request; a stub when an event of its arrives before its authorize event
         (several writers drain one stream: events of one request can be applied in any order)."""
@@ -343,7 +373,7 @@ class Writer:
             return  # a replay, or a denied retry of a request that was allowed: the allow stands
         if existing is not None and STATUS_RANK.get(existing.status, -1) >= STATUS_RANK["settled"]:
             return  # the settle event came first and carried the whole record
-        values = dict(data["record"])
+        values = {**data["record"], "request_id": rid}  # the id it is recorded under (see _reusing)
         if allowed:
             values["status"] = "reserved"
             values["reserved_nanos"] = int(fields["reserved"])
@@ -383,11 +413,12 @@ class Writer:
         rid = fields["rid"]
         record = records.get(rid)
         if record is None:  # the settle came first (or its authorize event was lost): it carries the record
-            record = Record(data["record"], new=True)
+            record = Record({**data["record"], "request_id": rid}, new=True)
             records[rid] = record
         elif record.status in ("", "released", "expired") and not record.customer_id:
             for name, value in data["record"].items():  # a stub: fill it from the record the settle carries
-                setattr(record, name, value)
+                if name != "request_id":
+                    setattr(record, name, value)
         for name, value in data["settlement"].items():
             setattr(record, name, value)
         record.status = "settled" if fields["outcome"] == "settled" else "settled_late"

@@ -322,6 +322,36 @@ async def test_usage_records_are_found_by_request_and_key_and_paged_through_whol
         await service.admin.list_usage("paged", 3, page_token="nonsense")
 
 
+async def test_a_request_id_reused_after_its_reservation_was_forgotten_is_recorded_apart(service: Service) -> None:
+    """Redis answers a retry by a closed reservation for RESULT_RETENTION_SECONDS; past it, a client reusing
+    the id (an idempotency key made from a prompt, a job's id run again next week) reserves anew. Recorded
+    under the id the record already held, the second charge overwrote the first in SQL and its ledger entry was
+    dropped as written: the wallet and the ledger parted (audit failed). It is recorded apart."""
+    from policyd import redis_keys
+
+    _, secret = await new_key(service, customer="weekly")
+    await fund(service, "weekly", "10")
+    await service.engine.authorize(ask(secret, request_id="job-7"))
+    first = await service.engine.settle(usage("job-7", input_tokens=100, output_tokens=50))
+    await service.writer.drain()
+    partition = service.counters.partition_of("weekly")
+    await service.counters.client.delete(redis_keys.reservation(partition, "job-7"), redis_keys.request_index("job-7"))
+    service.counters.forget("job-7")  # (as a week later: this process remembers no recent reservation of it)
+    clock = [service.engine.clock() + 8 * 86_400_000]  # a week and a day later
+    service.engine.clock = lambda: clock[0]
+    again = await service.engine.authorize(ask(secret, request_id="job-7"))
+    assert again.decision == "allow"
+    second = await service.engine.settle(usage("job-7", input_tokens=300, output_tokens=90))
+    assert second.outcome == "settled" and second.charge != first.charge
+    await service.writer.drain()
+    assert await service.counters.wallet("weekly") == (10 * USD - first.charge - second.charge, 0)
+    assert service.store.ledger_balances()["weekly"] == 10 * USD - first.charge - second.charge
+    kept, apart = service.store.usage_record("job-7"), service.store.usage_record(f"job-7@{clock[0]}")
+    assert (kept.charge_nanos, kept.input_tokens) == (first.charge, 100)
+    assert (apart.status, apart.charge_nanos, apart.input_tokens) == ("settled", second.charge, 300)
+    assert (await service.admin.audit()).ok
+
+
 async def test_wallet_caps_spend_before_it_happens(service: Service) -> None:
     _, secret = await new_key(service)
     await fund(service, "acme", "0.001")

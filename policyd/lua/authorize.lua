@@ -157,7 +157,7 @@ for i = 1, bucket_count do
 end
 redis.call('INCR', KEYS[5])
 redis.call('HSET', KEYS[3], 'state', 'reserved', 'key', KEYS[1], 'amount', ARGV[6],
-  'wallet', check_wallet and '1' or '0', 'expires', expires_ms, 'r', reservation_fields)
+  'wallet', check_wallet and '1' or '0', 'expires', expires_ms, 'created', ARGV[3], 'r', reservation_fields)
 redis.call('ZADD', KEYS[4], expires_ms, request_id)
 local shadow_labels = table.concat(shadow, '|')
 record('allow', '', shadow_labels, ARGV[6])

@@ -1,6 +1,8 @@
 -- release.lua: void a reservation (provider error, client gone) or expire it (nobody settled).
 --
--- KEYS[1] reservation hash   state = reserved|expired|settled|released; slot = returned (extend_hold.lua)
+-- KEYS[1] reservation hash   state = reserved|expired|settled|released; slot = returned (extend_hold.lua);
+--                            created = its authorization's ms, told to the writer (a later request reusing the
+--                            id, once this hash is gone, is recorded apart)
 -- KEYS[2] wallet hash        balance, reserved (nanos)
 -- KEYS[3] deadlines zset
 -- KEYS[4] in-flight counter  of the key
@@ -34,7 +36,7 @@ if target == 'expired' then
     return {'not_due'}
   end
 end
-local held = redis.call('HMGET', KEYS[1], 'amount', 'slot')
+local held = redis.call('HMGET', KEYS[1], 'amount', 'slot', 'created')
 local amount = held[1]
 redis.call('HINCRBY', KEYS[2], 'reserved', negative(amount))
 if held[2] ~= 'returned' then  -- the key's concurrency slot, unless given back already past the deadline
@@ -48,5 +50,5 @@ end
 redis.call('HSET', KEYS[1], 'state', target)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('XADD', KEYS[5], '*', 'type', target == 'expired' and 'expire' or 'release', 'rid', ARGV[1],
-  'at', ARGV[2], 'reason', ARGV[4], 'released', amount)
+  'at', ARGV[2], 'reason', ARGV[4], 'released', amount, 'created', held[3] or '')
 return {target, amount}

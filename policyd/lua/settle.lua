@@ -1,6 +1,7 @@
 -- settle.lua: turn a reservation into the actual charge, once.
 --
--- KEYS[1] reservation hash   state = reserved|expired|settled|released; slot = returned (extend_hold.lua)
+-- KEYS[1] reservation hash   state = reserved|expired|settled|released; slot = returned (extend_hold.lua);
+--                            created = its authorization's ms, told to the writer
 -- KEYS[2] wallet hash        balance, reserved (nanos)
 -- KEYS[3] deadlines zset
 -- KEYS[4] in-flight counter  of the key
@@ -45,7 +46,7 @@ if state == 'released' then
 end
 
 local was_reserved = state == 'reserved'
-local held = redis.call('HMGET', KEYS[1], 'wallet', 'amount', 'slot')
+local held = redis.call('HMGET', KEYS[1], 'wallet', 'amount', 'slot', 'created')
 local holds_wallet = held[1] == '1'
 local reserved_amount = held[2]
 local before = redis.call('HGET', KEYS[2], 'balance') or '0'
@@ -90,7 +91,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('XADD', KEYS[5], '*', 'type', 'settle', 'rid', ARGV[1], 'at', ARGV[2], 'outcome', outcome,
   'charge', ARGV[4], 'balance_before', before, 'balance_after', after_text,
   'released', was_reserved and reserved_amount or '0', 'wallet', holds_wallet and '1' or '0',
-  'credits', table.concat(consumed, ','), 'd', ARGV[7])
+  'credits', table.concat(consumed, ','), 'created', held[4] or '', 'd', ARGV[7])
 -- a prepaid wallet's balance taken below an alert amount by this charge (once a crossing: a grant re-arms it)
 local marks = ARGV[9 + bucket_count * 2]
 if holds_wallet and marks and marks ~= '' then
