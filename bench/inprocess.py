@@ -130,6 +130,7 @@ async def measure(pairs: int, concurrency: int, profile: bool) -> dict[str, floa
 
         await asyncio.gather(*(worker(n, 50, "warm") for n in range(8)))
         await service.writer.drain()
+        memory_before = (await service.counters.client.info("memory"))["used_memory"]
         each = max(pairs // concurrency, 1)
         profiler = cProfile.Profile() if profile else None
         decided = await _cpu_seconds(asyncio.gather(*(worker(n, each, "pair") for n in range(concurrency))), profiler)
@@ -144,10 +145,14 @@ async def measure(pairs: int, concurrency: int, profile: bool) -> dict[str, floa
         written = await _cpu_seconds(moving, profiler)
         _print_profile(profiler)
         done = each * concurrency
+        # what Redis keeps of each closed request once the writer has drained its events: its reservation
+        # (answering retries for RESULT_RETENTION_SECONDS) and its request index
+        kept = (await service.counters.client.info("memory"))["used_memory"] - memory_before
         await service.close()
         return {"pairs": done, "events_written": moving.result(),
                 "decision_cpu_us_a_pair": round(1e6 * decided / done, 1),
-                "writer_cpu_us_a_pair": round(1e6 * written / done, 1)}
+                "writer_cpu_us_a_pair": round(1e6 * written / done, 1),
+                "redis_bytes_kept_a_pair": round(kept / done)}
     finally:
         redis.close()
         postgres.close()
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     result = asyncio.run(measure(args.pairs, args.concurrency, args.profile))
     print(f"in-process, {result['pairs']} Authorize+Settle pairs ({args.concurrency} concurrent, real Redis and "
           f"PostgreSQL, {os.cpu_count()} cores): decision {result['decision_cpu_us_a_pair']} us of CPU a pair, "
-          f"writer {result['writer_cpu_us_a_pair']} us a pair ({result['events_written']} events)")
+          f"writer {result['writer_cpu_us_a_pair']} us a pair ({result['events_written']} events); Redis keeps "
+          f"{result['redis_bytes_kept_a_pair']} bytes a closed request")
     return result
 
 
