@@ -70,6 +70,11 @@ class AuditResult:
     mismatches: list[tuple[str, int, int]] = field(default_factory=list)
 
 
+def _page_size(limit: int) -> int:
+    """A listing's page: 50 rows unless asked, at most USAGE_LIST_MAX."""
+    return 50 if limit <= 0 else min(limit, USAGE_LIST_MAX)
+
+
 def _invalid(reason: str, message: str) -> PolicydError:
     return PolicydError("INVALID_ARGUMENT", reason, message)
 
@@ -351,9 +356,8 @@ class Admin:
             raise _invalid("invalid_amount", f"a refund is more than 0 and at most the request's charge, "
                                              f"{record.charge_nanos} nanos")
         partition = self.counters.partition_of(record.customer_id)
-        own = redis_keys.partition_prefix(partition)  # a customer's limits, not the operator's caps
-        returned = [(key, min(amount, int(held))) for key, unit, held in record.final_holds or []
-                    if unit == "money" and int(held) > 0 and key.startswith(own)]
+        returned = [(key, min(amount, int(held))) for key, unit, held in record.final_holds or []  # not the caps
+                    if unit == "money" and int(held) > 0 and not key.startswith(redis_keys.CAPS_PREFIX)]
         wallet = record.wallet_id or record.customer_id
         payload = json.dumps({"customer_id": record.customer_id, "wallet_id": wallet, "currency": record.currency,
                               "source": "refund", "note": note[:1024], "refund_of": request_id})
@@ -378,9 +382,9 @@ class Admin:
             "customer_id": customer_id, "created_ms": now_ms(), "detail": {"action": action, "by": by, **detail}})
 
     async def list_events(self, kind: str, customer_id: str, since_ms: int, until_ms: int, limit: int) -> list[Any]:
-        limit = 50 if limit <= 0 else min(limit, USAGE_LIST_MAX)
         await self.catch_up()
-        return await asyncio.to_thread(self.store.list_events, kind, customer_id, since_ms, until_ms, limit)
+        return await asyncio.to_thread(self.store.list_events, kind, customer_id, since_ms, until_ms,
+                                       _page_size(limit))
 
     async def catch_up(self) -> None:
         """What this process decided is in SQL: its settles still in flight finish, then every pending
@@ -393,7 +397,7 @@ class Admin:
                          since_ms: int = 0, until_ms: int = 0, page_token: str = "") -> tuple[list[Any], str]:
         """Usage records (after draining what is pending), newest first: a page of `limit` (at most
         USAGE_LIST_MAX) past `page_token`, and the next page's token ("" when this page is the last)."""
-        limit = 50 if limit <= 0 else min(limit, USAGE_LIST_MAX)
+        limit = _page_size(limit)
         after = None
         if page_token:
             created, _, last = page_token.partition("/")

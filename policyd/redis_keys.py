@@ -51,11 +51,6 @@ def _tag(partition: int) -> str:
     return f"{PREFIX}:{{p{partition}}}"
 
 
-def partition_prefix(partition: int) -> str:
-    """What every key of the partition starts with (an operator's cap's does not)."""
-    return _tag(partition) + ":"
-
-
 def key_state(partition: int, key_id: str) -> str:
     return f"{_tag(partition)}:key:{key_id}"
 
@@ -85,7 +80,7 @@ CAPS_PREFIX = f"{PREFIX}:{{caps}}:"  # every key of the operator's caps
 
 def cap_bucket(name: str, unit: str, window: str, start: int) -> str:
     """The bucket of an operator's cap: one for every customer, in no partition (a single Redis only)."""
-    return f"{PREFIX}:{{caps}}:b:cap:{name}:{unit}:{window}:{start}"
+    return f"{CAPS_PREFIX}b:cap:{name}:{unit}:{window}:{start}"
 
 
 def grant_marker(partition: int, grant_id: str) -> str:
