@@ -317,7 +317,8 @@ async def test_usage_records_are_found_by_request_and_key_and_paged_through_whol
     first = service.store.usage_record("paged-0").created_ms
     window = (await service.admin.list_usage("paged", 10, since_ms=first + 1000, until_ms=first + 2000))[0]
     assert sorted(r.request_id for r in window) == ["paged-1", "paged-2"]
-    assert key_a != key_b
+    by_a = [r.request_id for r in (await service.admin.list_usage("paged", 10, api_key_id=key_a))[0]]
+    assert sorted(by_a) == ["paged-1", "paged-2", "paged-4", "paged-5"]
     with pytest.raises(PolicydError, match="page_token"):
         await service.admin.list_usage("paged", 3, page_token="nonsense")
 
