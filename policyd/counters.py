@@ -284,8 +284,10 @@ class Counters:
         for b in buckets:
             args += b.args()
         if self.cluster:  # the request index lives in another slot: its own round trip
-            await self.client.set(redis_keys.request_index(request_id), str(partition), ex=REQUEST_INDEX_SECONDS,
-                                  nx=True)
+            index = redis_keys.request_index(request_id)
+            if not await self.client.set(index, str(partition), ex=REQUEST_INDEX_SECONDS, nx=True) \
+                    and _text(await self.client.get(index) or str(partition)) != str(partition):
+                return AuthorizeResult("exists", state="elsewhere", same_key=False)  # the id is another partition's request's
         else:  # one round trip: the script sets the index too
             keys.append(redis_keys.request_index(request_id))
             args += [str(partition), str(REQUEST_INDEX_SECONDS)]

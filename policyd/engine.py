@@ -131,6 +131,18 @@ def next_attempt_id(request_id: str) -> str:
     return attempt_id if attempt <= ATTEMPTS_MAX and len(attempt_id) <= REQUEST_ID_LENGTH_MAX else ""
 
 
+_KEY_OWNED_SEPARATOR = "/key:"
+
+
+def key_owned_id(request_id: str, key_id: str) -> str:
+    """The id a gateway client's request is served under when another key's request holds the id the client
+    named: `<id>/key:<key id>`, the same for each of its retries; "" when it is that already, or too long."""
+    owned_id = f"{request_id}{_KEY_OWNED_SEPARATOR}{key_id}"
+    if request_id.endswith(f"{_KEY_OWNED_SEPARATOR}{key_id}") or len(owned_id) > REQUEST_ID_LENGTH_MAX:
+        return ""
+    return owned_id
+
+
 FREE_ENDPOINTS = frozenset({"moderations"})  # free at the provider: admitted as token counts are
 STORED_RESPONSE_RECHECK_SECONDS = 0.5
 CONVERSATION_ID_PREFIX = "conv_"  # OpenAI's: a stored conversation, not a stored response
@@ -429,6 +441,14 @@ class Engine:
         if result.outcome == "exists":
             existing = await self.counters.read_reservation(self.counters.partition_of(owner.customer_id), request_id)
             if not result.same_key or existing is None:
+                owned_id = key_owned_id(request_id, key.id)
+                if request.call_token and owned_id:
+                    # a gateway client's own name for its request (its Idempotency-Key, its x-policyd-request-id)
+                    # that another key's request holds: each client names its requests in a space of its own,
+                    # so its request is served under its key's name for the id; refused, one customer's ids
+                    # would refuse another's requests
+                    return await self._authorize(
+                        replace(request, attribution=replace(a, request_id=owned_id)), unavailable_providers)
                 return self._deny(common, "invalid_request", "request_id was already used by another request", "request_id")
             if (existing.state in ("released", "expired") and request.call_token
                     and existing.fields.get("call_token", "") != request.call_token):

@@ -12,6 +12,16 @@ from pathlib import Path
 from tests.servers import free_port, wait_port
 
 
+_LOGS = tempfile.TemporaryDirectory(prefix="policyd-test-logs-")  # removed when the test run ends
+
+
+def log_file(prefix: str) -> Path:
+    """A new log file for a process a test starts, in the run's own log directory."""
+    handle, path = tempfile.mkstemp(prefix=prefix, suffix=".log", dir=_LOGS.name)
+    os.close(handle)
+    return Path(path)
+
+
 def policyd_command() -> list[str]:
     installed = Path(sys.executable).parent / "policyd"
     return [str(installed)] if installed.exists() else [sys.executable, "-m", "policyd.cli"]
@@ -22,14 +32,14 @@ class PolicydProcess:
                  cwd: str | None = None, port: int = 0) -> None:
         self.port = port or free_port()  # a port of its own, or one a replica before it served on
         self.address = f"127.0.0.1:{self.port}"
-        self.log_path = Path(tempfile.mkstemp(prefix="policyd-", suffix=".log")[1])
+        self.log_path = log_file("policyd-")
         env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
         env.update({"POLICYD_LISTEN": self.address, "POLICYD_REDIS_URL": redis_url,
                     "POLICYD_DATABASE_URL": database_url, "POLICYD_PARTITIONS": "4",
                     "POLICYD_SWEEPER_INTERVAL_MS": "100", **(extra_env or {})})
         args = [*policyd_command(), "serve"] + (["--policy", policy] if policy else [])
-        self.process = subprocess.Popen(args, env=env, cwd=cwd, stdout=self.log_path.open("wb"),
-                                        stderr=subprocess.STDOUT)
+        with self.log_path.open("wb") as log:  # the process writes to its own copy of the handle
+            self.process = subprocess.Popen(args, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_port(self.port, timeout=60)
         except TimeoutError:
@@ -88,12 +98,13 @@ class WriterProcess:
     def __init__(self, redis_url: str, database_url: str, extra_env: dict[str, str] | None = None) -> None:
         import time
 
-        self.log_path = Path(tempfile.mkstemp(prefix="policyd-writer-", suffix=".log")[1])
+        self.log_path = log_file("policyd-writer-")
         env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
         env.update({"POLICYD_REDIS_URL": redis_url, "POLICYD_DATABASE_URL": database_url, "POLICYD_PARTITIONS": "4",
                     **(extra_env or {})})
-        self.process = subprocess.Popen([*policyd_command(), "writer"], env=env, stdout=self.log_path.open("wb"),
-                                        stderr=subprocess.STDOUT)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen([*policyd_command(), "writer"], env=env, stdout=log,
+                                            stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while "policyd writer running" not in self.log():
             if self.process.poll() is not None or time.monotonic() > deadline:

@@ -39,6 +39,10 @@ async def test_the_whole_flow_on_a_cluster(cluster: RedisCluster, tmp_path: Path
             for i in range(4):
                 await service.engine.settle(usage(f"{c}-{i}"))
             await service.engine.release(f"{c}-4", "provider_error")
+        held_elsewhere = next(c for c in customers  # c0's request id, named by a customer of another partition
+                              if service.counters.partition_of(c) != service.counters.partition_of("c0"))
+        refused = await service.engine.authorize(ask(secrets[held_elsewhere], request_id="c0-0"))
+        assert (refused.decision, refused.reason) == ("deny", "invalid_request")
         key_id, secret = await new_key(service, customer="c0")
         await service.admin.set_state(key_id, "paused")
         assert (await service.engine.authorize(ask(secret))).reason == "key_paused"

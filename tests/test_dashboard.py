@@ -154,17 +154,19 @@ def browser() -> Iterator[Any]:
 
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     assert chromium and driver, "Debian's chromium and chromium-driver are required (scripts/system-deps.sh)"
+    profile = tempfile.mkdtemp(prefix="policyd-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tempfile.mkdtemp(prefix='policyd-chromium-')}", "--window-size=1280,1000"):
+                 f"--user-data-dir={profile}", "--window-size=1280,1000"):
         options.add_argument(flag)
     session = webdriver.Chrome(service=Service(executable_path=driver), options=options)
     session.set_page_load_timeout(30)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     yield session
     session.quit()
+    shutil.rmtree(profile, ignore_errors=True)
 
 
 def shot(browser: Any, name: str) -> None:

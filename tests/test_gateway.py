@@ -230,6 +230,28 @@ def test_a_client_retrying_a_failed_request_under_its_idempotency_key_is_served(
     assert gateway.wallet_at_rest("e2e-idempotent-retry").balance_nanos == parse_amount("10") - retried["charge_nanos"]
 
 
+def test_customers_naming_their_requests_alike_are_each_served_and_charged_their_own(gateway: Gateway) -> None:
+    """Idempotency keys are each client's own (an SDK's counter, a job's number): one customer's used to
+    refuse another's request named alike (400 'already used'), or, in another partition, both were held under
+    the one id and one settle charged one customer for the other's call. Each is now served under a name of
+    its own and charged to its own wallet."""
+    key = f"order-42-{gateway.shape}"
+    first, second = (f"e2e-alike-{n}-{gateway.shape}" for n in ("a", "b"))
+    replies = []
+    for customer, words in ((first, 4), (second, 40)):
+        client = gateway.client(gateway.customer(customer))
+        replies.append(client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "alike"}], max_tokens=words,
+            extra_headers={"idempotency-key": key}))
+    ids = [r.headers["x-policyd-request-id"] for r in replies]
+    assert ids[0] == key and ids[1].startswith(f"{key}/key:") and all(r.parse().choices for r in replies)
+    for customer, request_id, reply in zip((first, second), ids, replies):
+        record = gateway.record(request_id)
+        assert (record["customer_id"], record["status"]) == (customer, "settled")
+        assert record["output_tokens"] == reply.parse().usage.completion_tokens
+        assert gateway.wallet_at_rest(customer).balance_nanos == parse_amount("10") - record["charge_nanos"]
+
+
 def test_calls_sharing_the_tracing_id_of_the_request_they_serve_are_each_served_and_charged(gateway: Gateway) -> None:
     """Applications pass the x-request-id of the request they serve on to every call they make for it (an
     agent's loop, several calls at once). It used to be taken as each call's own id: every call after the

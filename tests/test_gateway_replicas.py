@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import shutil
 import tempfile
 import time
 import urllib.request
@@ -77,9 +78,11 @@ def replicas(request: pytest.FixtureRequest, shared: tuple[RedisServer, Postgres
     shape = request.param
     redis_client.Redis.from_url(redis.url).flushall()  # each shape on its own counters and database
     database = postgres.create_database("replicas_" + secrets.token_hex(6))
-    r = Replicas(Path(tempfile.mkdtemp(prefix="policyd-replicas-")), shape, redis, database)
+    tmp = Path(tempfile.mkdtemp(prefix="policyd-replicas-"))
+    r = Replicas(tmp, shape, redis, database)
     yield r
     r.close()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_a_request_decided_on_one_replica_is_settled_exactly_on_another(replicas: Replicas) -> None:

@@ -229,6 +229,54 @@ async def test_a_client_request_tried_again_after_its_attempt_failed_is_served_a
     assert (await service.admin.audit()).ok
 
 
+@pytest.mark.parametrize("same_partition", [True, False])
+async def test_a_request_id_names_one_request_across_customers(service: Service, same_partition: bool) -> None:
+    """Two customers naming a request alike ("job-1", an Idempotency-Key "1"): in different partitions, both
+    were reserved under the one id, and Settle, which finds a request by its id alone, closed whichever the
+    index named: one customer's usage charged to the other's wallet, the other's hold left to expire, and one
+    record of the two. A native caller's id held by another customer's request is now refused, wherever that
+    request's partition; a gateway client's (its own names, in a space of its own) is served under its key."""
+    first = "acme"
+    other = next(c for c in (f"other-{i}" for i in range(40))
+                 if (service.counters.partition_of(c) == service.counters.partition_of(first)) == same_partition)
+    await fund(service, first, "1")
+    await fund(service, other, "1")
+    _, first_secret = await new_key(service, first)
+    other_key, other_secret = await new_key(service, other)
+    held = await service.engine.authorize(ask(first_secret, request_id="job-1"))
+    refused = await service.engine.authorize(ask(other_secret, request_id="job-1", max_output_tokens=1000))
+    assert (held.decision, refused.decision, refused.reason, refused.error_param) == (
+        "allow", "deny", "invalid_request", "request_id")
+    assert await service.counters.wallet(other) == (USD, 0)  # nothing held for the refused request
+    settled = await service.engine.settle(usage("job-1", 1000, 1000))
+    assert await service.counters.wallet(first) == (USD - settled.charge, 0)
+    assert await service.counters.wallet(other) == (USD, 0)
+
+    # gateway clients' requests, each client naming its own "idem-1"
+    token = itertools.count()
+    mine = await service.engine.authorize(replace(ask(first_secret, request_id="idem-1"), call_token=f"c{next(token)}"))
+    theirs = await service.engine.authorize(replace(ask(other_secret, request_id="idem-1", max_output_tokens=1000),
+                                                    call_token="their-call"))
+    owned = f"idem-1/key:{other_key}"
+    assert (mine.request_id, theirs.decision, theirs.request_id) == ("idem-1", "allow", owned)
+    retried = await service.engine.authorize(replace(ask(other_secret, request_id="idem-1", max_output_tokens=1000),
+                                                     call_token="their-call"))  # the proxy's own retry
+    assert (retried.request_id, retried.reserved) == (owned, theirs.reserved)
+    theirs_settled = await service.engine.settle(usage(owned, 10, 900))
+    mine_settled = await service.engine.settle(usage("idem-1", 10, 20))
+    assert theirs_settled.charge != mine_settled.charge
+    assert await service.counters.wallet(first) == (USD - settled.charge - mine_settled.charge, 0)
+    assert await service.counters.wallet(other) == (USD - theirs_settled.charge, 0)
+    again = await service.engine.authorize(replace(ask(other_secret, request_id="idem-1"), call_token="later"))
+    assert (again.decision, again.reason) == ("deny", "invalid_request")  # theirs succeeded: never served twice
+    await service.writer.drain()
+    for request_id, customer, charge in (("job-1", first, settled.charge), ("idem-1", first, mine_settled.charge),
+                                         (owned, other, theirs_settled.charge)):
+        record = service.store.usage_record(request_id)
+        assert (record.customer_id, record.status, record.charge_nanos) == (customer, "settled", charge)
+    assert (await service.admin.audit()).ok
+
+
 def test_attempt_ids_are_bounded() -> None:
     assert [next_attempt_id(i) for i in ("a", "a:attempt-2", "a:attempt-9", "x:attempt-1", "b:attempt-")] == [
         "a:attempt-2", "a:attempt-3", "a:attempt-10", "x:attempt-1:attempt-2", "b:attempt-:attempt-2"]

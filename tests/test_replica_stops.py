@@ -8,6 +8,7 @@ free usage."""
 from __future__ import annotations
 
 import secrets
+import shutil
 import signal
 import tempfile
 import threading
@@ -67,6 +68,7 @@ class Deployment(FundedCustomers):
         self.envoy.wait(timeout=10)
         self.replica.stop()
         self.mock.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class SlowStream(threading.Thread):

@@ -35,7 +35,8 @@
 -- through string.format('%d'), never tostring (which rounds to 14 digits).
 -- Returns {"allow", reserved, shadow labels "a|b", each bucket's use after it "u1,u2,..."}
 --       | {"deny", reason, label[, the room the wallet or the limit had left: what it could still hold]}
---       | {"exists", state, "1" when the same key made it} | {"fenced"} | {"stale"}.
+--       | {"exists", state, "1" when the same key made it} (state "elsewhere": another partition's request holds
+--         the id) | {"fenced"} | {"stale"}.
 
 local function fmt(n) return string.format('%d', n) end
 
@@ -57,9 +58,15 @@ local function record(outcome, reason, label, extra)
     'outcome', outcome, 'reason', reason, 'label', label, 'reserved', extra, 'd', payload)
 end
 
+-- 0. a request id names one request in every partition: one another partition's request holds is not reserved
+-- again here (its Settle, found by the index, would close the other's reservation)
 local index_key = KEYS[8 + bucket_count]
 if index_key then
-  redis.call('SET', index_key, ARGV[13 + 6 * bucket_count], 'EX', ARGV[14 + 6 * bucket_count], 'NX')
+  local partition = ARGV[13 + 6 * bucket_count]
+  if not redis.call('SET', index_key, partition, 'EX', ARGV[14 + 6 * bucket_count], 'NX')
+      and redis.call('GET', index_key) ~= partition then
+    return {'exists', 'elsewhere', '0'}
+  end
 end
 
 if redis.call('GET', KEYS[7]) ~= 'open' then
