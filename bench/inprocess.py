@@ -146,7 +146,7 @@ async def measure(pairs: int, concurrency: int, profile: bool) -> dict[str, floa
         _print_profile(profiler)
         done = each * concurrency
         # what Redis keeps of each closed request once the writer has drained its events: its reservation
-        # (answering retries for RESULT_RETENTION_SECONDS) and its request index
+        # (answering retries for closed_request_retention_seconds, what answering them reads) and its request index
         kept = (await service.counters.client.info("memory"))["used_memory"] - memory_before
         await service.close()
         return {"pairs": done, "events_written": moving.result(),

@@ -17,7 +17,7 @@ from typing import Any
 
 from policyd import keys as key_secrets
 from policyd import redis_keys
-from policyd.counters import REQUEST_INDEX_SECONDS, STORED_RESPONSE_HOT_SECONDS, Counters, Fenced
+from policyd.counters import STORED_RESPONSE_HOT_SECONDS, Counters, Fenced
 from policyd.db import ApiKeyRow, PolicyVersionRow
 from policyd.directory import KeyDirectory
 from policyd.domain import PolicydError
@@ -662,7 +662,7 @@ class Admin:
                     "r": json.dumps(fields, separators=(",", ":")),
                 })
                 pipe.zadd(redis_keys.deadlines(p), {row.request_id: max(expires, at)})
-                pipe.set(redis_keys.request_index(row.request_id), str(p), ex=REQUEST_INDEX_SECONDS)
+                pipe.set(redis_keys.request_index(row.request_id), str(p), ex=self.counters.request_index_seconds)
                 written += 1
             for customer in set(balances) | set(reserved):
                 p = self.counters.partition_of(customer)

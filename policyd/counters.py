@@ -152,7 +152,10 @@ class SettleResult:
     balance_after: int = 0
 
 
-REQUEST_INDEX_SECONDS = 7 * 86400  # how long a request id can be found (settled late, retried)
+# how long a closed request's reservation answers retries of its Settle or Release and of its id, by default
+# (24 h, as long as idempotency keys commonly last; settings: closed_request_retention_seconds)
+RESULT_RETENTION_SECONDS = 86400
+REQUEST_INDEX_MARGIN_SECONDS = 3600
 STORED_RESPONSE_SECONDS = 30 * 86400  # how long the provider keeps a stored response (OpenAI: 30 days)
 # how long Redis holds whose a stored response is; older ones are found in their usage records (and held again)
 STORED_RESPONSE_HOT_SECONDS = 86400
@@ -176,10 +179,32 @@ class Reservation:
         return self.fields["record"]
 
 
+# What a closed reservation (settled, released) keeps of the facts stored at Authorize, for as long as it answers
+# retries: what the engine reads to answer a retried Settle (its fingerprint and its answer) or Release, and a
+# client naming the request again. The rest (attribution, tags, holds) is in SQL by then, sent with its events;
+# kept whole, it was most of the ~2 KB a closed request held in Redis for its whole retention.
+CLOSED_RECORD_FIELDS = ("request_id", "created_ms", "customer_id", "wallet_id", "api_key_id", "plan", "endpoint",
+                        "served_model", "policy_version", "price_table_version", "billing_mode", "currency",
+                        "max_output_tokens", "choices", "containers", "container_memory", "image_model")
+CLOSED_FIELDS = ("input_tokens_estimate", "seconds_estimate", "audio_tokens_estimate", "image_scale", "images",
+                 "call_token")
+
+
+def closed_facts(reservation: Reservation) -> str:
+    """The JSON a closed reservation keeps in place of its whole facts (CLOSED_RECORD_FIELDS, CLOSED_FIELDS)."""
+    record = {name: reservation.record[name] for name in CLOSED_RECORD_FIELDS if name in reservation.record}
+    kept = {name: reservation.fields[name] for name in CLOSED_FIELDS if name in reservation.fields}
+    return json.dumps({"record": {**record, "holds": []}, **kept}, separators=(",", ":"))
+
+
 class Counters:
-    def __init__(self, client: aioredis.Redis, partitions: int) -> None:
+    def __init__(self, client: aioredis.Redis, partitions: int, retention_seconds: int = RESULT_RETENTION_SECONDS,
+                 reservation_ttl_seconds: int = 660) -> None:
         self.client = client
         self.partitions = partitions
+        self.retention_seconds = retention_seconds
+        # a request id is found as long as its reservation is: open (its TTL, and a hold as long again), then closed
+        self.request_index_seconds = retention_seconds + 2 * reservation_ttl_seconds + REQUEST_INDEX_MARGIN_SECONDS
         self.cluster = type(client).__name__ == "RedisCluster"
         self._recent: OrderedDict[str, Reservation] = OrderedDict()
         self._authorize = client.register_script(_load("authorize"))
@@ -285,12 +310,12 @@ class Counters:
             args += b.args()
         if self.cluster:  # the request index lives in another slot: its own round trip
             index = redis_keys.request_index(request_id)
-            if not await self.client.set(index, str(partition), ex=REQUEST_INDEX_SECONDS, nx=True) \
+            if not await self.client.set(index, str(partition), ex=self.request_index_seconds, nx=True) \
                     and _text(await self.client.get(index) or str(partition)) != str(partition):
                 return AuthorizeResult("exists", state="elsewhere", same_key=False)  # the id is another partition's request's
         else:  # one round trip: the script sets the index too
             keys.append(redis_keys.request_index(request_id))
-            args += [str(partition), str(REQUEST_INDEX_SECONDS)]
+            args += [str(partition), str(self.request_index_seconds)]
         reply = await self._decide(self._authorize, keys, args)
         outcome = _text(reply[0])
         if outcome == "fenced":
@@ -351,7 +376,6 @@ class Counters:
         now_ms: int,
         fingerprint: str,
         charge: int,
-        retention_seconds: int,
         payload: str,
         bucket_deltas: list[tuple[str, int, int]],  # (key, delta while reserved, delta after expiry)
         balance_alerts: tuple[int, ...] = (),  # balances whose crossing downward is an alert (the plan's)
@@ -370,11 +394,11 @@ class Counters:
         ]
         args = [
             reservation.request_id, str(now_ms), fingerprint, str(charge), str(-charge),
-            str(retention_seconds), payload, str(len(bucket_deltas)),
+            str(self.retention_seconds), payload, str(len(bucket_deltas)),
         ]
         for _, while_reserved, after_expiry in bucket_deltas:
             args += [str(while_reserved), str(after_expiry)]
-        args += [",".join(str(amount) for amount in balance_alerts), customer_id]
+        args += [",".join(str(amount) for amount in balance_alerts), customer_id, closed_facts(reservation)]
         reply = await self._decide(self._settle, keys, args)
         outcome = _text(reply[0])
         if outcome == "fenced":
@@ -392,7 +416,6 @@ class Counters:
         now_ms: int,
         target: str,  # released | expired
         reason: str,
-        retention_seconds: int,
         bucket_releases: list[tuple[str, int]],  # (key, negative held amount)
     ) -> tuple[str, str]:
         p = reservation.partition
@@ -405,8 +428,10 @@ class Counters:
             redis_keys.gate(p),
             *[key for key, _ in bucket_releases],
         ]
-        args = [reservation.request_id, str(now_ms), target, reason, str(retention_seconds), str(len(bucket_releases))]
+        args = [reservation.request_id, str(now_ms), target, reason, str(self.retention_seconds),
+                str(len(bucket_releases))]
         args += [str(amount) for _, amount in bucket_releases]
+        args.append(closed_facts(reservation) if target == "released" else "")  # an expired one may still be settled
         reply = await self._decide(self._release, keys, args)
         if _text(reply[0]) == "fenced":
             raise self._fenced(p)

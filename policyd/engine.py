@@ -62,7 +62,6 @@ from policyd.validation import REQUEST_ID_LENGTH_MAX, Problem, check_authorize, 
 
 log = logging.getLogger("policyd.engine")
 
-RESULT_RETENTION_SECONDS = 7 * 86400  # settled/released reservations answer retries this long
 CLOSE_RETRY_SECONDS = 600  # a background settle or release is tried again this long while Redis is unreachable
 CLOSE_RETRY_DELAY_MAX_SECONDS = 5.0
 SWEEP_BATCH = 200
@@ -1217,8 +1216,7 @@ class Engine:
         try:
             result = await self.counters.settle(
                 reservation, customer_id=r["wallet_id"], key_id=r["api_key_id"], now_ms=self.clock(),
-                fingerprint=fingerprint, charge=charge, retention_seconds=RESULT_RETENTION_SECONDS,
-                payload=payload, bucket_deltas=deltas, balance_alerts=plan.balance_alerts,
+                fingerprint=fingerprint, charge=charge, payload=payload, bucket_deltas=deltas, balance_alerts=plan.balance_alerts,
             )
         except Fenced:
             raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None
@@ -1386,8 +1384,7 @@ class Engine:
         r = reservation.record
         outcome = await self.counters.release(
             reservation, customer_id=r["wallet_id"], key_id=r["api_key_id"], now_ms=self.clock(), target=target,
-            reason=reason, retention_seconds=RESULT_RETENTION_SECONDS,
-            bucket_releases=[(key, -held) for key, _, held in r["holds"]],
+            reason=reason, bucket_releases=[(key, -held) for key, _, held in r["holds"]],
         )
         if target == "released":  # an expired one stays settleable (late): keep its facts until then
             self.counters.forget(reservation.request_id)

@@ -78,7 +78,8 @@ class Service:
     async def build(cls, settings: Settings) -> "Service":
         await asyncio.to_thread(migrate, settings.database_url)
         store = Store(settings.database_url)
-        counters = Counters(connect(settings.redis_url), settings.partitions)
+        counters = Counters(connect(settings.redis_url), settings.partitions,
+                            settings.closed_request_retention_seconds, settings.reservation_ttl_seconds)
         book = PolicyBook(store, counters.client)
         directory = KeyDirectory(store)
         writer = Writer(counters.client, store, settings.partitions, settings.writer_batch)

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
                                          "the gateway's 600 s route timeout: a reply that takes all of it is settled "
                                          "before its hold lapses); one the gateway sent on to the provider is held "
                                          "as long again, then charged as held, not released")
+    closed_request_retention_seconds: int = Field(86400, ge=600, description="how long Redis keeps a closed request "
+                                                  "(settled, released) to answer retries of its Settle or Release and "
+                                                  "of its id (a client's idempotency key): 24 h, as long as "
+                                                  "idempotency keys commonly last; about 0.5 KB of Redis a request "
+                                                  "meanwhile. A request naming the id after it is a new request, "
+                                                  "recorded apart")
     shutdown_grace_seconds: int = Field(660, ge=0, description="on SIGTERM, how long `policyd serve` waits for the "
                                         "gateway's streams still open to end (it stops as soon as they have, other "
                                         "calls given 5 s more); replies still passing then go on to their clients "

@@ -342,7 +342,7 @@ class Writer:
     @staticmethod
     def _reusing(entries: list[Entry], records: dict[str, Record]) -> dict[tuple[str, str], str]:
         """(request id, created ms) -> the record of a request that reused the id of one closed long ago: Redis
-        answers retries by a closed reservation only RESULT_RETENTION_SECONDS, after which the id reserves
+        answers retries by a closed reservation only closed_request_retention_seconds, after which the id reserves
         anew; recorded under the id as the record already holds it, its charge would overwrite the first's and
         its ledger entry be dropped as already written. It is recorded apart, as `<id>@<created ms>`."""
         apart: dict[tuple[str, str], str] = {}

@@ -5,19 +5,22 @@ from __future__ import annotations
 import asyncio
 import calendar
 import itertools
+import json
 from dataclasses import replace
 from typing import Any
 
 import pytest
 import yaml
 
+from policyd import redis_keys
+from policyd.counters import CLOSED_FIELDS, CLOSED_RECORD_FIELDS
 from policyd.db import LedgerEntryRow
 from policyd.domain import AuthorizeInput, PolicydError
 from policyd.engine import next_attempt_id
 from policyd.money import format_amount, parse_amount, price_quantity
 from policyd.pricing import input_estimate
 from policyd.server import Service
-from tests.conftest import SAMPLE_POLICY
+from tests.conftest import SAMPLE_POLICY, make_settings
 from tests.helpers import ask, fund, new_key, usage
 
 _customers = itertools.count()
@@ -64,6 +67,86 @@ async def test_duplicate_settle_charges_once_and_conflict_is_rejected(service: S
     await service.writer.drain()
     assert [e.detail["reason"] for e in service.store.events("rejected")] == ["exists_with_different_usage"]
     assert (await service.admin.audit()).ok
+
+
+async def test_a_closed_reservation_keeps_only_what_answering_its_retries_reads(service: Service,
+                                                                              backend: dict[str, str]) -> None:
+    """Redis keeps a closed request's reservation to answer retries (a day: closed_request_retention_seconds); kept whole
+    (its attribution, tags and holds as JSON) it held ~2 KB a request for that long. Settled or released, it
+    keeps the facts a retry reads, and every retry is answered as before: the Settle's numbers, a conflict,
+    a Release, a settle after a release, a client's retry of its id."""
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    tags = {f"tag-{i}": "x" * 200 for i in range(8)}  # a client's tags: in SQL, never needed again in Redis
+    partition = service.counters.partition_of("acme")
+    client = service.counters.client
+    await service.engine.authorize(replace(ask(secret, request_id="kept", thread_id="t", feature="f", tags=tags,
+                                               max_output_tokens=300), call_token="call-1"))
+    key = redis_keys.reservation(partition, "kept")
+    open_bytes = await client.memory_usage(key) if backend["redis_url"] else 0
+    first = await service.engine.settle(usage("kept", 1000, 150, served_model="gpt-4o-mini"))
+    service.counters.forget("kept")  # a retry on another replica: the facts from Redis alone
+    stored = {k.decode(): v.decode() for k, v in (await client.hgetall(key)).items()}
+    assert set(stored) == {"state", "key", "amount", "expires", "created", "fingerprint", "balance_before",
+                           "balance_after", "r"}
+    facts = json.loads(stored["r"])
+    assert set(facts["record"]) <= set(CLOSED_RECORD_FIELDS) | {"holds"} and facts["record"]["holds"] == []
+    assert set(facts) <= {"record", *CLOSED_FIELDS} and facts["call_token"] == "call-1"
+    assert "tag-0" not in stored["r"] and len(stored["r"]) < 600
+    # kept a day (settings.closed_request_retention_seconds), found by its id as long
+    assert 86400 - 60 < await client.ttl(key) <= 86400
+    assert await client.ttl(redis_keys.request_index("kept")) > 86400 + 2 * 660
+    if backend["redis_url"]:  # what a closed request costs Redis for its retention
+        assert await client.memory_usage(key) < open_bytes / 3
+    again = await service.engine.settle(usage("kept", 1000, 150, served_model="gpt-4o-mini"))
+    same = await service.engine.settle(usage("kept", 1000, 150))  # the served model left out: the one authorized
+    for retried in (again, same):
+        assert retried.outcome == "exists"
+        assert (retried.charge, retried.cost, retried.balance_before, retried.balance_after, retried.served_model,
+                retried.currency, retried.price_table_version) == (
+            first.charge, first.cost, first.balance_before, first.balance_after, first.served_model,
+            first.currency, first.price_table_version)
+    with pytest.raises(PolicydError, match="already settled with other numbers"):
+        await service.engine.settle(usage("kept", 1000, 151))
+    with pytest.raises(PolicydError, match="settled; it cannot be released"):
+        await service.engine.release("kept", "late")
+    refused = await service.engine.authorize(replace(ask(secret, request_id="kept"), call_token="call-2"))
+    assert (refused.decision, refused.reason) == ("deny", "invalid_request")  # settled: never served twice
+
+    await service.engine.authorize(replace(ask(secret, request_id="failed", tags=tags), call_token="call-3"))
+    await service.engine.release("failed", "upstream_503")
+    service.counters.forget("failed")
+    assert "tag-0" not in (await client.hget(redis_keys.reservation(partition, "failed"), "r")).decode()
+    assert (await service.engine.release("failed", "again")).outcome == "already_released"
+    with pytest.raises(PolicydError, match="already_released"):
+        await service.engine.settle(usage("failed"))
+    retried = await service.engine.authorize(replace(ask(secret, request_id="failed"), call_token="call-4"))
+    assert (retried.decision, retried.request_id) == ("allow", "failed:attempt-2")
+    proxy_retry = await service.engine.authorize(replace(ask(secret, request_id="failed"), call_token="call-3"))
+    assert (proxy_retry.decision, proxy_retry.reason) == ("deny", "invalid_request")  # the same call: closed
+    assert await service.counters.wallet("acme") == (10 * USD - first.charge, retried.reserved)
+    await service.writer.drain()
+    record = service.store.usage_record("kept")
+    assert (record.tags, record.thread_id, record.charge_nanos) == (tags, "t", first.charge)
+    assert (await service.admin.audit()).ok
+
+
+async def test_an_operator_sets_how_long_closed_requests_answer_retries(backend: dict[str, str]) -> None:
+    svc = await Service.build(make_settings(backend, closed_request_retention_seconds=3600))
+    try:
+        await svc.start()
+        await svc.admin.apply_policy(SAMPLE_POLICY, "sample.yaml")
+        _, secret = await new_key(svc)
+        await fund(svc, "acme", "1")
+        for request_id in ("settled", "released"):
+            await svc.engine.authorize(ask(secret, request_id=request_id))
+        await svc.engine.settle(usage("settled"))
+        await svc.engine.release("released", "upstream_500")
+        partition = svc.counters.partition_of("acme")
+        for request_id in ("settled", "released"):
+            assert 3600 - 60 < await svc.counters.client.ttl(redis_keys.reservation(partition, request_id)) <= 3600
+    finally:
+        await svc.close()
 
 
 async def test_release_returns_the_hold(service: Service) -> None:
@@ -372,7 +455,7 @@ async def test_usage_records_are_found_by_request_and_key_and_paged_through_whol
 
 
 async def test_a_request_id_reused_after_its_reservation_was_forgotten_is_recorded_apart(service: Service) -> None:
-    """Redis answers a retry by a closed reservation for RESULT_RETENTION_SECONDS; past it, a client reusing
+    """Redis answers a retry by a closed reservation for a day (closed_request_retention_seconds); past it, a client reusing
     the id (an idempotency key made from a prompt, a job's id run again next week) reserves anew. Recorded
     under the id the record already held, the second charge overwrote the first in SQL and its ledger entry was
     dropped as written: the wallet and the ledger parted (audit failed). It is recorded apart."""
