@@ -181,8 +181,9 @@ class Reservation:
 
 # What a closed reservation (settled, released) keeps of the facts stored at Authorize, for as long as it answers
 # retries: what the engine reads to answer a retried Settle (its fingerprint and its answer) or Release, and a
-# client naming the request again. The rest (attribution, tags, holds) is in SQL by then, sent with its events;
-# kept whole, it was most of the ~2 KB a closed request held in Redis for its whole retention.
+# client naming the request again. The rest (attribution, tags, holds) is in SQL by then, sent with its events.
+# Each is a field of its own (`r.<name>` of the record, `f.<name>` beside it, its value as JSON), so Redis keeps
+# the hash as a listpack of a few hundred bytes; kept whole, as the JSON of field `r`, it took ~2 KB a request.
 CLOSED_RECORD_FIELDS = ("request_id", "created_ms", "customer_id", "wallet_id", "api_key_id", "plan", "endpoint",
                         "served_model", "policy_version", "price_table_version", "billing_mode", "currency",
                         "max_output_tokens", "choices", "containers", "container_memory", "image_model")
@@ -190,11 +191,30 @@ CLOSED_FIELDS = ("input_tokens_estimate", "seconds_estimate", "audio_tokens_esti
                  "call_token")
 
 
-def closed_facts(reservation: Reservation) -> str:
-    """The JSON a closed reservation keeps in place of its whole facts (CLOSED_RECORD_FIELDS, CLOSED_FIELDS)."""
-    record = {name: reservation.record[name] for name in CLOSED_RECORD_FIELDS if name in reservation.record}
-    kept = {name: reservation.fields[name] for name in CLOSED_FIELDS if name in reservation.fields}
-    return json.dumps({"record": {**record, "holds": []}, **kept}, separators=(",", ":"))
+def closed_facts(reservation: Reservation) -> list[str]:
+    """The fields a closed reservation keeps in place of its whole facts, as name, value, name, value..."""
+    pairs: list[str] = []
+    for prefix, source, names in (("r.", reservation.record, CLOSED_RECORD_FIELDS),
+                                  ("f.", reservation.fields, CLOSED_FIELDS)):
+        for name in names:
+            if name in source:
+                pairs += [prefix + name, json.dumps(source[name], separators=(",", ":"))]
+    return pairs
+
+
+def _facts(data: dict[str, str]) -> dict[str, Any]:
+    """The facts of a reservation as stored: whole in field `r` while it may still be settled, else those a
+    closed one keeps (closed_facts)."""
+    if "r" in data:
+        return json.loads(data["r"])
+    record: dict[str, Any] = {"holds": []}
+    fields: dict[str, Any] = {"record": record}
+    for name, value in data.items():
+        if name.startswith("r."):
+            record[name[2:]] = json.loads(value)
+        elif name.startswith("f."):
+            fields[name[2:]] = json.loads(value)
+    return fields
 
 
 class Counters:
@@ -364,7 +384,7 @@ class Counters:
             state=data["state"],
             amount=int(data["amount"]),
             expires_ms=int(data["expires"]),
-            fields=json.loads(data["r"]),
+            fields=_facts(data),
         )
 
     async def settle(
@@ -398,7 +418,7 @@ class Counters:
         ]
         for _, while_reserved, after_expiry in bucket_deltas:
             args += [str(while_reserved), str(after_expiry)]
-        args += [",".join(str(amount) for amount in balance_alerts), customer_id, closed_facts(reservation)]
+        args += [",".join(str(amount) for amount in balance_alerts), customer_id, *closed_facts(reservation)]
         reply = await self._decide(self._settle, keys, args)
         outcome = _text(reply[0])
         if outcome == "fenced":
@@ -431,7 +451,8 @@ class Counters:
         args = [reservation.request_id, str(now_ms), target, reason, str(self.retention_seconds),
                 str(len(bucket_releases))]
         args += [str(amount) for _, amount in bucket_releases]
-        args.append(closed_facts(reservation) if target == "released" else "")  # an expired one may still be settled
+        if target == "released":  # an expired one may still be settled (late): it keeps every fact
+            args += closed_facts(reservation)
         reply = await self._decide(self._release, keys, args)
         if _text(reply[0]) == "fenced":
             raise self._fenced(p)

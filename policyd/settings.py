@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     closed_request_retention_seconds: int = Field(86400, ge=600, description="how long Redis keeps a closed request "
                                                   "(settled, released) to answer retries of its Settle or Release and "
                                                   "of its id (a client's idempotency key): 24 h, as long as "
-                                                  "idempotency keys commonly last; about 0.5 KB of Redis a request "
+                                                  "idempotency keys commonly last; about 1 KB of Redis a request "
                                                   "meanwhile. A request naming the id after it is a new request, "
                                                   "recorded apart")
     shutdown_grace_seconds: int = Field(660, ge=0, description="on SIGTERM, how long `policyd serve` waits for the "

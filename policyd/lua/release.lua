@@ -15,9 +15,9 @@
 -- ARGV[4] reason (e.g. provider_error, client_disconnected, deadline)
 -- ARGV[5] result retention, seconds
 -- ARGV[6] n buckets, then 1 per bucket: the negative reserved amount
--- ARGV[7+n] released: the facts the reservation keeps in place of field "r" (JSON made by policyd: what
---           answering a retry reads), the hash written anew so Redis keeps it small; "" (expired: a late
---           settle still needs them all)
+-- ARGV[7+n..] released: the facts the reservation keeps in place of field "r", as field, value, ... (made by
+--           policyd: what answering a retry reads), the hash written anew of small fields so Redis keeps it as
+--           a listpack; none when expired (a late settle still needs them all)
 -- Returns {"released"|"expired", amount} | {"already", state} | {"unknown"} | {"not_due"} | {"fenced"}
 
 if redis.call('GET', KEYS[6]) ~= 'open' then
@@ -50,12 +50,11 @@ local bucket_count = tonumber(ARGV[6])
 for i = 1, bucket_count do
   redis.call('HINCRBY', KEYS[6 + i], 'used', ARGV[6 + i])
 end
-local facts = ARGV[7 + bucket_count]
-if facts ~= '' then  -- released: the hash written anew with the facts answering a retry reads, kept small
+if #ARGV > 6 + bucket_count then  -- released: written anew with the facts answering a retry reads, kept small
   local kept = redis.call('HMGET', KEYS[1], 'key', 'expires')
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1], 'key', kept[1], 'amount', amount, 'expires', kept[2], 'created', held[3] or '',
-    'r', facts)
+    unpack(ARGV, 7 + bucket_count))
 end
 redis.call('HSET', KEYS[1], 'state', target)
 redis.call('EXPIRE', KEYS[1], ARGV[5])

@@ -20,8 +20,9 @@
 -- ARGV[8] n buckets, then 2 per bucket: delta while reserved (actual - reserved), delta after expiry (actual)
 -- ARGV[9+2n]  balances whose crossing downward by this charge is an alert, nanos, "a,b" ("" = none)
 -- ARGV[10+2n] the wallet's id (a customer, or "<customer>/<workspace>")
--- ARGV[11+2n] the facts the settled reservation keeps in place of field "r" (JSON made by policyd: what
---             answering a retry reads); the hash is written anew, so Redis keeps it small for its retention
+-- ARGV[11+2n..] the facts the settled reservation keeps in place of field "r", as field, value, ... (made by
+--             policyd: what answering a retry reads); the hash is written anew of small fields, so Redis keeps
+--             it as a listpack for its retention
 -- Returns {"settled"|"settled_late", balance_before, balance_after}
 --       | {"exists", balance_before, balance_after} | {"conflict"} | {"released"} | {"unknown"} | {"fenced"}
 
@@ -91,7 +92,7 @@ local kept = redis.call('HMGET', KEYS[1], 'key', 'expires')
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'state', 'settled', 'key', kept[1], 'amount', reserved_amount, 'expires', kept[2],
   'created', held[4] or '', 'fingerprint', ARGV[3], 'balance_before', before, 'balance_after', after_text,
-  'r', ARGV[11 + bucket_count * 2])
+  unpack(ARGV, 11 + bucket_count * 2))
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('XADD', KEYS[5], '*', 'type', 'settle', 'rid', ARGV[1], 'at', ARGV[2], 'outcome', outcome,
   'charge', ARGV[4], 'balance_before', before, 'balance_after', after_text,
