@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import redis.asyncio as aioredis
 
-from policyd import redis_keys
+from policyd import compact_json, redis_keys
 from policyd.money import AMOUNT_MAX
 from policyd.script_lane import ScriptLane
 
@@ -198,7 +198,7 @@ def closed_facts(reservation: Reservation) -> list[str]:
                                   ("f.", reservation.fields, CLOSED_FIELDS)):
         for name in names:
             if name in source:
-                pairs += [prefix + name, json.dumps(source[name], separators=(",", ":"))]
+                pairs += [prefix + name, compact_json.dumps(source[name])]
     return pairs
 
 
@@ -211,9 +211,9 @@ def _facts(data: dict[str, str]) -> dict[str, Any]:
     fields: dict[str, Any] = {"record": record}
     for name, value in data.items():
         if name.startswith("r."):
-            record[name[2:]] = json.loads(value)
+            record[name[2:]] = compact_json.loads(value)
         elif name.startswith("f."):
-            fields[name[2:]] = json.loads(value)
+            fields[name[2:]] = compact_json.loads(value)
     return fields
 
 
