@@ -654,7 +654,7 @@ class Admin:
                 expires = row.created_ms + self.reservation_ttl_ms
                 record = {c: getattr(row, c) for c in _RECORD_COLUMNS}
                 record["wallet_id"] = record["wallet_id"] or row.customer_id
-                fields = {"record": record, "input_tokens_estimate": 0}
+                fields = {"record": record, "input_tokens_estimate": 0, **(row.reservation_facts or {})}
                 pipe = await batch.pipe(3)
                 pipe.hset(redis_keys.reservation(p, row.request_id), mapping={
                     "state": "reserved", "key": redis_keys.key_state(p, row.api_key_id), "amount": str(row.reserved_nanos),
@@ -754,4 +754,5 @@ _RECORD_COLUMNS = (
     "tags", "endpoint", "requested_model", "primary_model", "served_model", "provider", "upstream", "decision",
     "policy_version", "price_table_version", "billing_mode", "reservation_mode", "currency", "max_output_tokens", "choices",
     "holds", "decision_latency_us", "client_address", "user_agent", "fallback_reason",
+    "containers", "container_memory", "image_model",
 )

@@ -974,9 +974,12 @@ class Engine:
         if request.call_token:  # a retry of this Authorize carries it; another request reusing the id does not
             fields["call_token"] = request.call_token
             extra += f',"call_token":{compact_json.dumps(request.call_token)}'
-        fields_json = (f'{{"record":{record_json},"input_tokens_estimate":{int(attempt.likely_input_tokens)},'
-                       f'"seconds_estimate":{int(attempt.likely_seconds)},'
-                       f'"audio_tokens_estimate":{int(attempt.likely_audio_tokens)}{extra}}}')
+        facts_json = (f'{{"input_tokens_estimate":{int(attempt.likely_input_tokens)},'
+                      f'"seconds_estimate":{int(attempt.likely_seconds)},'
+                      f'"audio_tokens_estimate":{int(attempt.likely_audio_tokens)}{extra}}}')
+        fields_json = f'{{"record":{record_json},{facts_json[1:]}'
+        # the facts beside the record go to SQL with the event too: a rebuild of the counters restores them
+        payload = f'{payload[:-1]},"facts":{facts_json}}}'
         partition = self.counters.partition_of(owner.customer_id)
         try:
             result = await self.counters.authorize(

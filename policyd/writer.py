@@ -377,6 +377,7 @@ class Writer:
         if allowed:
             values["status"] = "reserved"
             values["reserved_nanos"] = int(fields["reserved"])
+            values["reservation_facts"] = data.get("facts")  # while it is open (see _closed)
             values["shadow_denials"] = [s for s in fields.get("label", "").split("|") if s]
         else:
             values["status"] = "denied"
@@ -396,6 +397,7 @@ class Writer:
             return
         if existing.status in ("released", "expired"):  # a stub made by the later release/expire event
             values.pop("status")
+            values.pop("reservation_facts", None)  # closed already
         for name, value in values.items():
             setattr(existing, name, value)
 
@@ -406,6 +408,13 @@ class Writer:
             row.status = status
             row.closed_ms = int(fields["at"])
             row.close_reason = fields.get("reason", "")
+            cls._closed(row)
+
+    @staticmethod
+    def _closed(row: Record) -> None:
+        """A record closed: the facts its open reservation kept for a rebuild are needed no more."""
+        if row.reservation_facts is not None:
+            row.reservation_facts = None
 
     @classmethod
     def _settle(cls, session: Any, records: dict[str, Record], fields: dict[str, str]) -> dict[str, Any]:
@@ -427,6 +436,7 @@ class Writer:
         record.balance_before_nanos = int(fields["balance_before"])
         record.balance_after_nanos = int(fields["balance_after"])
         record.closed_ms = int(fields["at"])
+        cls._closed(record)
         return {
             "entry_id": f"charge:{rid}", "customer_id": record.customer_id,
             "wallet_id": record.wallet_id or record.customer_id, "kind": "charge",

@@ -988,6 +988,56 @@ async def test_rebuild_restores_counters_after_redis_data_loss(service: Service)
     assert (await service.admin.audit()).ok
 
 
+async def test_a_rebuild_restores_what_open_reservations_are_settled_by(service: Service) -> None:
+    """Counters rebuilt from SQL (Redis lost its data) made an open reservation of its record alone: its
+    containers and image model, its input estimate, its call token and what its deadline does were gone.
+    Settled after the loss, a request was charged no container, its cut stream no input, a gateway's own
+    retry was refused as another request, and one sent to the provider that nobody closed was released free
+    at its deadline. Each request here has a twin closed before the loss: after it, each is charged alike."""
+    secret = await acme_with_prices(service, {"gpt-4o-mini": {"per_container": {"4g": "0.12"}}}, added=True)
+    clock = [service.engine.clock()]
+    service.engine.clock = lambda: clock[0]
+
+    def computing(request_id: str) -> AuthorizeInput:
+        plain = ask(secret, endpoint="responses", request_id=request_id)
+        return replace(plain, shape=replace(plain.shape, containers=2, container_memory="4g"))
+
+    def sent_on(request_id: str) -> AuthorizeInput:
+        return replace(ask(secret, model="gpt-4o", request_id=request_id, max_output_tokens=300),
+                       charge_held_on_expiry=True, call_token=f"call-{request_id}")
+
+    for twin in ("before", "after"):
+        await service.engine.authorize(computing(f"computing-{twin}"))
+        await service.engine.authorize(ask(secret, request_id=f"cut-{twin}", prompt_bytes=40_000))
+        await service.engine.authorize(sent_on(f"sent-{twin}"))
+    charges = {"computing-before": (await service.engine.settle(usage("computing-before", containers=2))).charge,
+               "cut-before": (await service.engine.settle_estimated(
+                   "cut-before", 20, interrupted=True, error_class="usage_estimated:stream_cut")).charge}
+    await service.writer.drain()
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    await service.admin.rebuild()
+    for request_id in ("computing-after", "cut-after", "sent-after"):  # closed by another replica, say
+        service.counters.forget(request_id)
+
+    assert (await service.engine.settle(usage("computing-after", containers=2))).charge == charges["computing-before"]
+    cut = await service.engine.settle_estimated("cut-after", 20, interrupted=True,
+                                                error_class="usage_estimated:stream_cut")
+    assert cut.charge == charges["cut-before"]
+    retried = await service.engine.authorize(sent_on("sent-after"))  # the gateway's own retry: answered
+    assert (retried.decision, retried.request_id) == ("allow", "sent-after")
+    clock[0] += 2 * service.engine.reservation_ttl_ms + 1  # its deadline, and the hold kept one TTL past it
+    for _ in range(3):
+        await service.engine.expire_due()
+    await service.writer.drain()
+    before, after = service.store.usage_record("sent-before"), service.store.usage_record("sent-after")
+    assert (after.status, after.error_class) == ("settled", "usage_estimated:end_unseen")
+    assert after.charge_nanos == before.charge_nanos > 0
+    assert service.store.usage_record("cut-after").input_tokens == service.store.usage_record("cut-before").input_tokens
+    assert service.store.usage_record("cut-after").reservation_facts is None  # closed: needed no more
+    assert (await service.admin.audit()).ok
+
+
 async def test_rebuild_restores_every_key_state_without_recording_changes(service: Service) -> None:
     paused_id, paused = await new_key(service, customer="acme")
     rotated_id, old_secret = await new_key(service, customer="acme")
