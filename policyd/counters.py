@@ -332,7 +332,8 @@ class Counters:
             index = redis_keys.request_index(request_id)
             if not await self.client.set(index, str(partition), ex=self.request_index_seconds, nx=True) \
                     and _text(await self.client.get(index) or str(partition)) != str(partition):
-                return AuthorizeResult("exists", state="elsewhere", same_key=False)  # the id is another partition's request's
+                # a request id names one request in every partition: this one is another partition's request's
+                return AuthorizeResult("exists", state="elsewhere", same_key=False)
         else:  # one round trip: the script sets the index too
             keys.append(redis_keys.request_index(request_id))
             args += [str(partition), str(self.request_index_seconds)]

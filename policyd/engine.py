@@ -1219,7 +1219,8 @@ class Engine:
         try:
             result = await self.counters.settle(
                 reservation, customer_id=r["wallet_id"], key_id=r["api_key_id"], now_ms=self.clock(),
-                fingerprint=fingerprint, charge=charge, payload=payload, bucket_deltas=deltas, balance_alerts=plan.balance_alerts,
+                fingerprint=fingerprint, charge=charge, payload=payload, bucket_deltas=deltas,
+                balance_alerts=plan.balance_alerts,
             )
         except Fenced:
             raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None

@@ -71,8 +71,8 @@ async def test_duplicate_settle_charges_once_and_conflict_is_rejected(service: S
 
 async def test_a_closed_reservation_keeps_only_what_answering_its_retries_reads(service: Service,
                                                                               backend: dict[str, str]) -> None:
-    """Redis keeps a closed request's reservation to answer retries (a day: closed_request_retention_seconds); kept whole
-    (its attribution, tags and holds as JSON) it held ~2 KB a request for that long. Settled or released, it
+    """Redis keeps a closed request's reservation to answer retries (a day: closed_request_retention_seconds);
+    kept whole (its attribution, tags and holds as JSON) it held ~2 KB a request for that long. Settled or released, it
     keeps the facts a retry reads, and every retry is answered as before: the Settle's numbers, a conflict,
     a Release, a settle after a release, a client's retry of its id."""
     _, secret = await new_key(service)
@@ -455,10 +455,10 @@ async def test_usage_records_are_found_by_request_and_key_and_paged_through_whol
 
 
 async def test_a_request_id_reused_after_its_reservation_was_forgotten_is_recorded_apart(service: Service) -> None:
-    """Redis answers a retry by a closed reservation for a day (closed_request_retention_seconds); past it, a client reusing
-    the id (an idempotency key made from a prompt, a job's id run again next week) reserves anew. Recorded
-    under the id the record already held, the second charge overwrote the first in SQL and its ledger entry was
-    dropped as written: the wallet and the ledger parted (audit failed). It is recorded apart."""
+    """Redis answers a retry by a closed reservation for a day (closed_request_retention_seconds); past it, a
+    client reusing the id (an idempotency key made from a prompt, a job's id run again next week) reserves anew.
+    Recorded under the id the record already held, the second charge overwrote the first in SQL and its ledger
+    entry was dropped as written: the wallet and the ledger parted (audit failed). It is recorded apart."""
     from policyd import redis_keys
 
     _, secret = await new_key(service, customer="weekly")
