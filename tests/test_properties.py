@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from dataclasses import replace
 from typing import Iterator
 
 import pytest
@@ -149,6 +150,89 @@ async def _scenario(service: Service, operations: list, customer: str) -> None:
         assert balance - reserved >= 0  # strict plan: the reservation was an upper bound
     await service.writer.drain()
     assert service.store.ledger_balances().get(customer, 0) == grants - charges + refunds
+    audit = await service.admin.audit()
+    assert audit.ok, audit.mismatches
+
+
+shared_ops = st.lists(
+    st.one_of(
+        # a customer (0 or 1) names a request "n0".."n2", as a gateway's client (its call token 0 or 1) or natively
+        st.tuples(st.just("authorize"), st.integers(0, 1), st.integers(0, 2), st.booleans(), st.integers(0, 1)),
+        st.tuples(st.just("settle"), st.integers(0, 20), st.integers(0, 300)),
+        st.tuples(st.just("release"), st.integers(0, 20)),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(operations=shared_ops)
+# the second customer names a request the first holds, natively and as a gateway's client, then both settle
+@example(operations=[("authorize", 0, 0, False, 0), ("authorize", 1, 0, False, 0), ("authorize", 1, 0, True, 0),
+                     ("settle", 0, 100), ("settle", 1, 200), ("settle", 1, 250)])
+def test_customers_naming_requests_alike_each_pay_their_own(running, operations) -> None:
+    """Two customers (in different partitions) naming their requests from one small set of names, in any
+    order: every request served belongs to one customer, every settle is charged to that customer's wallet,
+    each wallet's balance and holds are its own requests' to the nano, and SQL agrees."""
+    loop, service = running
+    loop.run_until_complete(_shared_names(service, operations, next(counter)))
+
+
+async def _shared_names(service: Service, operations: list, run: int) -> None:
+    names = [f"shared{run}-{i}" for i in range(40)]
+    first = names[0]
+    second = next(c for c in names if service.counters.partition_of(c) != service.counters.partition_of(first))
+    customers = (first, second)
+    keys = []
+    for customer in customers:
+        keys.append(await service.admin.create_key(label="p", customer_id=customer, environment="production",
+                                                   plan="pro"))
+        await service.admin.grant_credit(customer, 10**9, "USD", "purchase")
+    whose: dict[str, int] = {}  # request id served -> the customer it belongs to
+    served: list[str] = []
+    open_: dict[str, int] = {}
+    closed: set[str] = set()
+    charges = [0, 0]
+    for op in operations:
+        kind = op[0]
+        if kind == "authorize":
+            _, c, name, gateway, token = op
+            request = ask(keys[c].secret, request_id=f"r{run}-n{name}", max_output_tokens=50)
+            if gateway:
+                request = replace(request, call_token=f"{c}-{token}")
+            d = await service.engine.authorize(request)
+            if d.decision == "deny":
+                continue
+            assert whose.setdefault(d.request_id, c) == c  # never another customer's request
+            assert d.request_id not in closed  # a closed request is never served again
+            if d.request_id not in open_:
+                open_[d.request_id] = d.reserved
+                served.append(d.request_id)
+        elif served:
+            rid = served[op[1] % len(served)]
+            try:
+                if kind == "release":
+                    await service.engine.release(rid, "test")
+                else:
+                    s = await service.engine.settle(usage(rid, input_tokens=100, output_tokens=op[2] % 51))
+                    if s.outcome != "exists":
+                        charges[whose[rid]] += s.charge
+            except PolicydError:
+                pass
+            if rid in open_ and (kind == "release" or rid not in closed):
+                open_.pop(rid)
+                closed.add(rid)
+        for c, customer in enumerate(customers):
+            balance, reserved = await service.counters.wallet(customer)
+            assert balance == 10**9 - charges[c], (customer, balance, charges)
+            assert reserved == sum(amount for rid, amount in open_.items() if whose[rid] == c)
+    await service.writer.drain()
+    balances = service.store.ledger_balances()
+    for c, customer in enumerate(customers):
+        assert balances.get(customer, 0) == 10**9 - charges[c]
+    for rid, c in whose.items():
+        assert service.store.usage_record(rid).customer_id == customers[c]
     audit = await service.admin.audit()
     assert audit.ok, audit.mismatches
 
