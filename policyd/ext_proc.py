@@ -173,7 +173,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     content_type = _headers(request.request_headers).get("content-type", "")
                     if exchange is None:
                         arrival = Arrival.of(request)
-                    if arrival is not None and request.request_headers.end_of_stream:
+                    if arrival is not None and (request.request_headers.end_of_stream or  # no body, or one
+                                                http_api.streamed_upload(arrival.method, arrival.path)):  # unread
                         exchange, reply = await self._decide(arrival, b"", kind, observer)
                         decided = True
                         yield reply

@@ -24,7 +24,7 @@ from importlib import resources
 
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE
 from policyd.http_api import (CREDENTIAL_REFUSALS, PROVIDER_ACCOUNT_HEADERS, REQUEST_BODY_BYTES_MAX,
-                              REQUEST_HEADERS_BYTES_MAX, REQUEST_ID_HEADER, credentials_refused_reply)
+                              REQUEST_HEADERS_BYTES_MAX, REQUEST_ID_HEADER, UPLOAD_PATH_REGEX, credentials_refused_reply)
 from policyd.http_api import REQUEST_HEADERS_COUNT_MAX as HEADERS_COUNT_MAX
 from policyd.upstream import (GATEWAY_TIMEOUT_HEADER, OBSERVER_HEADER, REWRITE_HEADER, ROUTE_HEADER,
                               UNASKED_USAGE_HEADER)
@@ -89,6 +89,48 @@ def _cluster(u: Upstream) -> str:
         - endpoint:
             address:
               socket_address: {{address: {u.host}, port_value: {u.port}}}{tls}
+"""
+
+
+# a file uploaded (http_api.streamed_upload): its own route, so that its body streams to the provider
+UPLOAD_MATCH = f'{{safe_regex: {{regex: "{UPLOAD_PATH_REGEX}"}}, headers: [{{name: ":method", string_match: {{exact: POST}}}}]}}'
+
+
+def _route(match: str, route_timeout_seconds: int, filters: str = "") -> str:
+    return f"""\
+              - match: {match}
+                route:
+                  cluster_header: {ROUTE_HEADER}
+                  timeout: {route_timeout_seconds}s
+                # policyd's own headers, and the router's instructions no client may give (CLIENT_ROUTER_HEADERS)
+                request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}, {UNASKED_USAGE_HEADER}, {", ".join(CLIENT_ROUTER_HEADERS)}]
+                response_headers_to_remove: [{", ".join(PROVIDER_ACCOUNT_HEADERS)}, {UNASKED_USAGE_HEADER}]  # the operator's account; policyd's mark
+{filters}"""
+
+
+def _upload_filters(shape: str) -> str:
+    """An upload's route: the deciding filter sends policyd its headers alone, so that Envoy streams the body
+    to the provider instead of holding it whole (the file is never read: it is free, and its own up to the
+    provider's limit; held, a body past REQUEST_BODY_BYTES_MAX would be refused, 413)."""
+    if shape == "ext_proc":
+        return """\
+                typed_per_filter_config:
+                  envoy.filters.http.ext_proc:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
+                    overrides:
+                      processing_mode:
+                        request_header_mode: SEND
+                        response_header_mode: SEND
+                        request_body_mode: NONE
+                        response_body_mode: NONE
+                        request_trailer_mode: SKIP
+                        response_trailer_mode: SKIP
+"""
+    return """\
+                typed_per_filter_config:
+                  envoy.filters.http.ext_authz:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                    check_settings: {disable_request_body_buffering: true}
 """
 
 
@@ -396,14 +438,7 @@ static_resources:
               domains: ["*"]
               include_attempt_count_in_response: true{_cors_policy(cors_origins)}
               routes:
-              - match: {{prefix: "/"}}
-                route:
-                  cluster_header: {ROUTE_HEADER}
-                  timeout: {route_timeout_seconds}s
-                # policyd's own headers, and the router's instructions no client may give (CLIENT_ROUTER_HEADERS)
-                request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}, {UNASKED_USAGE_HEADER}, {", ".join(CLIENT_ROUTER_HEADERS)}]
-                response_headers_to_remove: [{", ".join(PROVIDER_ACCOUNT_HEADERS)}, {UNASKED_USAGE_HEADER}]  # the operator's account; policyd's mark
-          local_reply_config:
+{_route(UPLOAD_MATCH, route_timeout_seconds, _upload_filters(shape))}{_route('{prefix: "/"}', route_timeout_seconds)}          local_reply_config:
             mappers:
             - filter:  # the gateway gave up on the provider (its route or idle timeout), which goes on and bills
                 response_flag_filter: {{flags: [UT, SI]}}

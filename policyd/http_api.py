@@ -114,6 +114,8 @@ _CONVERSATION_METHODS = {"": ("GET", "POST", "DELETE"), "/items": ("GET", "POST"
 # OpenAI's files: one uploaded (POST, free; whose it is, remembered from the reply's id); one read, its
 # content downloaded, or deleted (free, for its own customer's keys alone); the account-wide list is not offered
 _FILES = re.compile(r"(^|/)(v1|openai)/files/?$")
+# ... the same path, as the gateway's route matches an upload (RE2, the whole path without its query)
+UPLOAD_PATH_REGEX = r"(.*/)?(v1|openai)/files/?"
 _FILE = re.compile(r"(^|/)(v1|openai)/files/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/content)?/?$")
 _FILE_METHODS = {"": ("GET", "DELETE"), "/content": ("GET",)}
 # a chat completion the provider stored (store: true): read, its metadata changed, deleted; its messages read
@@ -330,6 +332,14 @@ def endpoint_of(method: str, path: str) -> Endpoint:
         if method.upper() in _CONVERSATION_METHODS[rest]:
             return Endpoint("responses", count_tokens=True, stored_response=conversation.group("id"))
     return Endpoint()
+
+
+def streamed_upload(method: str, path: str) -> bool:
+    """A file uploaded (OpenAI's Files API, up to the provider's 512 MB): free, decided on its headers, its
+    body never read, so the gateway streams it to the provider instead of holding it (its route: Envoy
+    sends policyd no body, UPLOAD_PATH_REGEX); other bodies are decided on and capped at
+    REQUEST_BODY_BYTES_MAX."""
+    return method.upper() == "POST" and _FILES.search(path.split("?", 1)[0]) is not None
 
 
 QUERY_KEY = "key"  # Gemini's ?key=API_KEY: the customer's key when no header carries one

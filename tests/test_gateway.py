@@ -2102,6 +2102,28 @@ def test_files_are_reached_and_referred_to_by_their_own_customer_only(gateway: G
     assert mine.files.delete(uploaded.id).deleted
 
 
+def test_a_file_larger_than_any_request_body_policyd_reads_is_uploaded(gateway: Gateway) -> None:
+    """An upload is free and its body never read, but the gateway held it whole to decide on it and refused
+    one past 32 MiB (413): a batch's or a fine-tune's input file (OpenAI takes up to 512 MB) could not go
+    through. Its route now streams it to the provider, decided on its headers; other bodies stay capped."""
+    from policyd.http_api import REQUEST_BODY_BYTES_MAX
+
+    client = gateway.client(gateway.customer("e2e-big-file"))
+    content = b'{"custom_id": "0"}\n' * ((REQUEST_BODY_BYTES_MAX + 8 * 1024 * 1024) // 19)
+    raw = client.files.with_raw_response.create(file=("input.jsonl", content), purpose="batch")
+    uploaded = raw.parse()
+    assert uploaded.bytes == len(content) > REQUEST_BODY_BYTES_MAX
+    assert client.files.content(uploaded.id).read() == content  # the provider has it whole
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["charge_nanos"], record["provider_response_id"]) == ("settled", 0, uploaded.id)
+    with pytest.raises(openai.NotFoundError):  # still its customer's alone
+        gateway.client(gateway.customer("e2e-big-file-other")).files.retrieve(uploaded.id)
+    with pytest.raises(openai.APIStatusError) as refused:  # a body policyd reads is still capped
+        client.chat.completions.create(model="gpt-4o-mini", max_tokens=8,
+                                       messages=[{"role": "user", "content": "x" * (REQUEST_BODY_BYTES_MAX + 1)}])
+    assert refused.value.status_code == 413
+
+
 def test_stored_chat_completions_are_reached_by_their_own_customer_only(gateway: Gateway) -> None:
     """A chat completion sent with store: true is kept by the provider: its customer's keys read it, list its
     messages, change its metadata and delete it, free; another customer's key gets 404 response_not_found.
