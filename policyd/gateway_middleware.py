@@ -70,12 +70,14 @@ class PolicydMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        body, size, complete = await self._read_body(receive)
+        method, path, query = scope.get("method", "GET"), scope.get("path", "/"), scope.get("query_string", b"")
+        # a file uploaded goes on as the client sends it, never read (http_api.streamed_upload)
+        streamed = http_api.streamed_upload(method, path)
+        body, size, complete = (b"", 0, True) if streamed else await self._read_body(receive)
         if not complete:
             return  # the client left before sending its request: nothing was authorized
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         client = scope.get("client") or ("", 0)
-        method, path, query = scope.get("method", "GET"), scope.get("path", "/"), scope.get("query_string", b"")
         if query:
             path = f"{path}?{query.decode('latin-1')}"
         call = http_api.parse_call(method, path, headers, body, client_address=str(client[0]))
@@ -120,7 +122,7 @@ class PolicydMiddleware:
             body = body if renamed is None else http_api.encoded_body(renamed)
             await self.app(_upstream_scope(scope, call, decision, body), _replay(body, receive=receive), send)
             return
-        await self._forward(scope, receive, send, call, body, decision)
+        await self._forward(scope, receive, send, call, None if streamed else body, decision)
 
     async def _describe_key(self, call: http_api.HttpCall, send: Send) -> None:
         """GET /v1/key: what the key may still spend; GET /v1/models: the models it may use; as policyd
@@ -169,8 +171,9 @@ class PolicydMiddleware:
             await _respond(send, reasons.http_status(call.problem), http_api.error_body(
                 reasons.error_type(call.problem), call.problem, call.problem_message, call.problem_param))
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, call: http_api.HttpCall, body: bytes,
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, call: http_api.HttpCall, body: bytes | None,
                        decision: Decision) -> None:
+        """`body`: the request's, as read; None for an upload, which the proxy reads from the client itself."""
         rewritten = None if call.body is None else http_api.rewrite_body(  # a conversation or file made: no body read
             call.body, call.endpoint, decision.upstream_model, call.model, decision.max_output_tokens,
             call.keeps_its_cap_under(decision.max_output_tokens), call.stream, call.model_in_path,
@@ -224,10 +227,13 @@ class PolicydMiddleware:
 
         # the proxy does not read from the client once it has the body, so a client that hangs up is
         # watched for here: the proxy is cancelled (its upstream request with it) and what was delivered is charged
+        # (an upload's proxy reads the client itself, and meets its leaving there)
         disconnected = asyncio.Event()
         upstream_scope = _upstream_scope(scope, call, decision, body)
-        proxied = asyncio.ensure_future(self.app(upstream_scope, _replay(body, disconnected), metered_send))
-        watcher = asyncio.ensure_future(_watch_disconnect(receive, disconnected))
+        proxied = asyncio.ensure_future(self.app(upstream_scope, receive if body is None else
+                                                 _replay(body, disconnected), metered_send))
+        watcher = asyncio.ensure_future(
+            disconnected.wait() if body is None else _watch_disconnect(receive, disconnected))
         try:
             await asyncio.wait({proxied, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not proxied.done():
@@ -292,12 +298,15 @@ class _Exchange:
         self.closed = False
 
 
-def _upstream_scope(scope: Scope, call: http_api.HttpCall, decision: Decision, body: bytes) -> Scope:
+def _upstream_scope(scope: Scope, call: http_api.HttpCall, decision: Decision, body: bytes | None) -> Scope:
     """The request as the proxy gets it: without the customer's key (headers and query), with policyd's
-    headers, and the served model (as the provider names it) where the path names it."""
-    headers = [(k, v) for k, v in scope.get("headers", []) if k.decode("latin-1").lower() not in STRIPPED_HEADERS]
-    headers += [(b"content-length", str(len(body)).encode()),
-                (http_api.REQUEST_ID_HEADER.encode(), decision.request_id.encode()),
+    headers, and the served model (as the provider names it) where the path names it. `body` None: an
+    upload's, which goes on as the client sends it (its own length)."""
+    kept = STRIPPED_HEADERS if body is not None else STRIPPED_HEADERS - {"content-length"}
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.decode("latin-1").lower() not in kept]
+    if body is not None:
+        headers.append((b"content-length", str(len(body)).encode()))
+    headers += [(http_api.REQUEST_ID_HEADER.encode(), decision.request_id.encode()),
                 (b"x-policyd-served-model", decision.served_model.encode()),
                 (b"x-policyd-route", decision.route.encode()),
                 (b"accept-encoding", b"identity")]  # the reply as it is, its usage readable

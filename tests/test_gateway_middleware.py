@@ -22,6 +22,7 @@ import grpc
 import openai
 import pytest
 
+from policyd import http_api
 from policyd.mock_provider import MockProvider, prompt_tokens
 from policyd.money import parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
@@ -205,6 +206,20 @@ def test_a_key_in_the_query_is_read_and_never_reaches_the_provider(gateway: Exam
     assert sent["path"] == "/v1/chat/completions?trace=on" and key not in json.dumps(sent)
     record = gateway.record("mw-query-1")
     assert (record["status"], record["customer_id"]) == ("settled", "mw-query-key")
+
+
+def test_a_file_larger_than_any_request_body_policyd_reads_is_uploaded(gateway: ExampleGateway) -> None:
+    """An upload is free and never read: the middleware decides on its headers and the proxy streams it on
+    (it refused one past 32 MiB, 413, as it does a body it reads); its id stays its customer's."""
+    client = gateway.client(gateway.customer("mw-big-file"))
+    content = b"0123456789abcdef" * (2 * 1024 * 1024 + 1)  # 32 MiB and a bit
+    raw = client.files.with_raw_response.create(file=("input.jsonl", content), purpose="batch")
+    uploaded = raw.parse()
+    assert uploaded.bytes == len(content) > http_api.REQUEST_BODY_BYTES_MAX
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["charge_nanos"], record["provider_response_id"]) == ("settled", 0, uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        gateway.client(gateway.customer("mw-big-file-other")).files.retrieve(uploaded.id)
 
 
 def test_unusable_requests_get_clear_errors_a_record_and_move_no_money(gateway: ExampleGateway) -> None:
