@@ -97,7 +97,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         settled = not call.count_tokens
         exchange = Exchange.of(call, d, account="", observed=settled)
         exchange.free = not settled
-        rewrite = exchange.rewrite(call.body) is not None or exchange.model_in_path_changes
+        # the processing filter rewrites the body, or sends on decoded one the client compressed
+        rewrite = exchange.rewrite(call.body) is not None or exchange.model_in_path_changes or call.body_decoded
         upstream = upstream_request(d, self.pool, observed=settled, rewrite=rewrite,
                                     usage_unasked=call.usage_unasked)
         exchange.account = upstream.account

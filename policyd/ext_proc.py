@@ -162,7 +162,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         exchange: Exchange | None = None
         arrival: Arrival | None = None
         decided = False  # by ext_authz (its metadata came) or here
-        content_type = ""  # of a request ext_authz decided, for reading its body
+        content_type = coding = ""  # of a request ext_authz decided, for reading its body
         request = first
         try:
             while request is not None:
@@ -171,6 +171,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     exchange = Exchange.from_metadata(request)  # None: no ext_authz decided; this stream decides
                     decided = exchange is not None
                     content_type = _headers(request.request_headers).get("content-type", "")
+                    coding = _headers(request.request_headers).get("content-encoding", "").strip().lower()
                     if exchange is None:
                         arrival = Arrival.of(request)
                     if arrival is not None and (request.request_headers.end_of_stream or  # no body, or one
@@ -190,7 +191,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         decided = True
                         yield reply
                     else:
-                        yield self._request_body(exchange, request.request_body, content_type)
+                        yield self._request_body(exchange, request.request_body, content_type, coding)
                         if exchange is not None and (exchange.free or observer and exchange.observed):
                             exchange = None  # ext_authz decided: the observer filter reads the reply (open since
                             # the request headers), or a token count leaves nothing to read
@@ -319,11 +320,14 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if path != arrival.path:
             set_headers.append(_header(":path", path))
         new_body = exchange.rewritten(call.body)  # a token count's: its model alone, where the provider names it otherwise
+        if new_body is None and call.body_decoded:  # the client compressed it: it goes on decoded
+            new_body = http_api.encoded_body(call.body)
         if new_body is not None:
             set_headers.append(_header("content-length", str(len(new_body))))
+        decoded = ["content-encoding"] if call.body_decoded else []
         common = ep.CommonResponse(
             header_mutation=ep.HeaderMutation(set_headers=set_headers,
-                                              remove_headers=upstream.remove_headers + [REQUEST_ID_HEADER]),
+                                              remove_headers=upstream.remove_headers + [REQUEST_ID_HEADER, *decoded]),
             body_mutation=ep.BodyMutation(body=new_body) if new_body is not None else None,
             clear_route_cache=True)
         reply = _phase(kind, common)
@@ -332,17 +336,27 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         # a token count is free: on with the provider's credential, nothing to read or settle
         return (None if call.count_tokens else exchange), reply
 
-    def _request_body(self, exchange: Exchange | None, body: Any, content_type: str) -> Any:
+    def _request_body(self, exchange: Exchange | None, body: Any, content_type: str, coding: str = "") -> Any:
+        """`coding`: the request's Content-Encoding; a body the client compressed goes on decoded."""
         empty = ep.ProcessingResponse(request_body=ep.BodyResponse())
         if exchange is None:
             return empty
-        data = http_api.parsed_body(content_type, body.body)
+        raw = body.body
+        decoded = coding not in ("", "identity")
+        if decoded:
+            raw = http_api.decoded_body(coding, raw)
+            if isinstance(raw, tuple):
+                return empty  # ext_authz already refused bodies it cannot read
+        data = http_api.parsed_body(content_type, raw)
         if data is None:
             return empty  # ext_authz already refused bodies it cannot read
         new_body = exchange.rewritten(data)
+        if new_body is None and decoded:
+            new_body = http_api.encoded_body(data)
         if new_body is None:
             return empty
-        mutation = ep.HeaderMutation(set_headers=[_header("content-length", str(len(new_body)))])
+        mutation = ep.HeaderMutation(set_headers=[_header("content-length", str(len(new_body)))],
+                                     remove_headers=["content-encoding"] if decoded else [])
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse(
             header_mutation=mutation, body_mutation=ep.BodyMutation(body=new_body))))
 

@@ -119,7 +119,8 @@ class PolicydMiddleware:
             # nothing to rewrite but a model the provider names otherwise
             renamed = None if call.body is None else http_api.rewrite_body(
                 call.body, call.endpoint, decision.upstream_model, call.model, 0, True, False, call.model_in_path)
-            body = body if renamed is None else http_api.encoded_body(renamed)
+            if renamed is not None or call.body_decoded:  # rewritten, or decoded (a body the client compressed)
+                body = http_api.encoded_body(renamed if renamed is not None else call.body)
             await self.app(_upstream_scope(scope, call, decision, body), _replay(body, receive=receive), send)
             return
         await self._forward(scope, receive, send, call, None if streamed else body, decision)
@@ -180,6 +181,8 @@ class PolicydMiddleware:
             decision.max_tool_calls, decision.image_model, decision.output_cap_field)
         if rewritten is not None:
             body = http_api.encoded_body(rewritten)
+        elif call.body_decoded:  # the client compressed it: it goes on decoded
+            body = http_api.encoded_body(call.body)
         exchange = _Exchange(decision.request_id, decision.served_model,
                              ResponseReader(call.endpoint, call.stream, call.input_tokens, stored=call.stores_reply,
                                             output_cap=decision.max_output_tokens))
@@ -303,6 +306,8 @@ def _upstream_scope(scope: Scope, call: http_api.HttpCall, decision: Decision, b
     headers, and the served model (as the provider names it) where the path names it. `body` None: an
     upload's, which goes on as the client sends it (its own length)."""
     kept = STRIPPED_HEADERS if body is not None else STRIPPED_HEADERS - {"content-length"}
+    if call.body_decoded:  # a body the client compressed goes on decoded
+        kept = kept | {"content-encoding"}
     headers = [(k, v) for k, v in scope.get("headers", []) if k.decode("latin-1").lower() not in kept]
     if body is not None:
         headers.append((b"content-length", str(len(body)).encode()))

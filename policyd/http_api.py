@@ -45,6 +45,7 @@ import hashlib
 import json
 import re
 import secrets
+import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 from urllib.parse import parse_qsl, quote, unquote_plus
@@ -211,6 +212,7 @@ class HttpCall:
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     service_tier_implied: bool = False  # the provider's default tier (Anthropic's priority), not one asked for
     compaction: bool = False  # a Responses API compaction (POST /v1/responses/compact): it takes no output cap
+    body_decoded: bool = False  # the client compressed its body (Content-Encoding): read, and sent on, decoded
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
     problem: str = ""  # machine reason when the request is unusable
     problem_message: str = ""
@@ -764,6 +766,12 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "unknown_endpoint", "policyd does not offer Anthropic's Files API", "path")
     if call.creates:  # no model: its items, or its file, go to the provider as they are
         return call
+    coding = headers.get("content-encoding", "").strip().lower()
+    if coding not in ("", "identity") and body:
+        decoded = decoded_body(coding, body)
+        if isinstance(decoded, tuple):
+            return _problem(call, *decoded)
+        body, call.body_decoded = decoded, True
     if endpoint == "audio_transcriptions":
         return _speech_to_text(call, headers.get("content-type", ""), body, path_model)
     if endpoint == "images" and MultipartForm.boundary_of(headers.get("content-type", "")) is not None:
@@ -1181,6 +1189,30 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
             body["stream_options"] = {**options, "include_usage": True}
             changed = True
     return body if changed else None
+
+
+# codings a client may compress a request body in (zlib's window bits for each: gzip's header, or zlib's)
+CONTENT_CODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+
+
+def decoded_body(coding: str, body: bytes) -> bytes | tuple[str, str]:
+    """A request body the client compressed (its Content-Encoding), decoded, at most REQUEST_BODY_BYTES_MAX
+    bytes of it (a small body may hold a huge one); else (reason, message) of why it cannot be. The provider
+    gets it decoded: not every provider reads a compressed request."""
+    bits = CONTENT_CODINGS.get(coding)
+    if bits is None:
+        return ("unsupported_content_encoding", f"request bodies are read as sent or compressed with gzip or "
+                f"deflate, not {coding[:64]!r}: send it uncompressed")
+    try:
+        decoder = zlib.decompressobj(bits if coding != "deflate" or body[:1] == b"\x78" else -15)  # raw deflate too
+        decoded = decoder.decompress(body, REQUEST_BODY_BYTES_MAX + 1)
+    except zlib.error:
+        return "invalid_request", f"the request body is not valid {coding} data"
+    if len(decoded) > REQUEST_BODY_BYTES_MAX or decoder.unconsumed_tail:
+        return "request_too_large", f"the request body is larger than {REQUEST_BODY_BYTES_MAX} bytes decoded"
+    if not decoder.eof:
+        return "invalid_request", f"the request body's {coding} data ends early"
+    return decoded
 
 
 def parsed_body(content_type: str, body: bytes) -> dict[str, Any] | MultipartForm | None:

@@ -208,6 +208,7 @@ class MockProvider:
                                   "policyd_headers": sorted(k.lower() for k in h.headers if k.lower().startswith("x-policyd-")),
                                   "content_length": h.headers.get("content-length"), "bytes": len(raw),
                                   "accept_encoding": h.headers.get("accept-encoding", ""),
+                                  "content_encoding": h.headers.get("content-encoding", ""),
                                   "openai_account": {k: h.headers[k] for k in ("openai-organization", "openai-project")
                                                      if h.headers.get(k)}})
         if self.api_keys and auth.removeprefix("Bearer ") not in self.api_keys:

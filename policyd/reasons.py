@@ -35,6 +35,7 @@ _REASONS = [
     Reason("invalid_metadata", 400, "invalid_request_error"),
     Reason("request_too_large", 413, "invalid_request_error"),
     Reason("request_headers_too_large", 431, "invalid_request_error"),
+    Reason("unsupported_content_encoding", 415, "invalid_request_error"),  # a body compressed in a coding not read
     Reason("input_unbounded", 400, "invalid_request_error"),
     Reason("tool_not_priced", 400, "invalid_request_error"),  # a hosted tool the price table does not price
     Reason("service_tier_not_priced", 400, "invalid_request_error"),  # a processing tier the table does not price

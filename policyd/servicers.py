@@ -45,7 +45,8 @@ REASON_METADATA = "policyd-reason"
 DENIAL_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                  429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}  # a denial's HTTP status -> its gRPC status
 # what a proxy may report as AuthorizeRequest.problem: it found the HTTP request unusable
-PROXY_PROBLEMS = frozenset({"invalid_request", "request_too_large", "request_headers_too_large", "unknown_endpoint"})
+PROXY_PROBLEMS = frozenset({"invalid_request", "request_too_large", "request_headers_too_large", "unknown_endpoint",
+                            "unsupported_content_encoding"})
 
 
 async def _call(context: grpc.aio.ServicerContext, action: Callable[[], Awaitable[T]]) -> T:

@@ -453,6 +453,36 @@ def post(url: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str,
         return error.code, {k.lower(): v for k, v in error.headers.items()}, json.loads(error.read())
 
 
+def test_a_request_body_the_client_compressed_is_read_and_sent_on_decoded(gateway: Gateway) -> None:
+    """Some HTTP stacks compress a request body (Content-Encoding: gzip). policyd read it as bytes and refused
+    it (400 'not valid UTF-8'). It is decoded to be decided on and goes to the provider decoded (not every
+    provider reads a compressed request), charged as any other; a coding it does not read is refused
+    clearly (415), recorded, nothing spent."""
+    import gzip
+    import zlib
+
+    key = gateway.customer("e2e-compressed")
+    content = f"compressed-{gateway.shape}"
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}],
+                       "max_tokens": 8}).encode()
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    for coding, data in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        status, reply_headers, reply = post(f"{gateway.base_url}/chat/completions",
+                                            {**headers, "content-encoding": coding}, data)
+        assert status == 200, reply
+        record = gateway.record(reply_headers["x-policyd-request-id"])
+        assert record["charge_nanos"] == expected_charge("gpt-4o-mini", reply["usage"]["prompt_tokens"],
+                                                         reply["usage"]["completion_tokens"]) > 0
+    sent = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == content]
+    assert [r["content_encoding"] for r in sent] == ["", ""]  # decoded, and said so
+    status, _, reply = post(f"{gateway.base_url}/chat/completions", {**headers, "content-encoding": "br"}, body)
+    assert (status, reply["error"]["code"]) == (415, "unsupported_content_encoding")
+    denied = [r.reason for r in gateway.records("e2e-compressed") if r.status == "denied"]
+    assert denied == ["unsupported_content_encoding"]
+    assert gateway.wallet_at_rest("e2e-compressed").balance_nanos == \
+        parse_amount("10") - sum(r.charge.nanos for r in gateway.records("e2e-compressed"))
+
+
 def test_a_web_page_of_an_allowed_origin_calls_the_gateway_from_the_browser(gateway: Gateway) -> None:
     """A web app calling the gateway from its pages (the openai SDK's dangerouslyAllowBrowser, with a key of
     its user's): the browser's preflight, which carries no key, is answered by Envoy and never reaches policyd

@@ -222,6 +222,30 @@ def test_a_file_larger_than_any_request_body_policyd_reads_is_uploaded(gateway: 
         gateway.client(gateway.customer("mw-big-file-other")).files.retrieve(uploaded.id)
 
 
+def test_a_request_body_the_client_compressed_is_read_and_sent_on_decoded(gateway: ExampleGateway) -> None:
+    """A gzip- or deflate-compressed body is decoded to be decided on and goes on decoded, as through Envoy;
+    another coding is refused clearly (415), recorded."""
+    import gzip
+    import zlib
+
+    key = gateway.customer("mw-compressed")
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "mw compressed"}],
+                       "max_tokens": 8}).encode()
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    for n, (coding, data) in enumerate((("gzip", gzip.compress(body)), ("deflate", zlib.compress(body)))):
+        code, reply = post(f"{gateway.base_url}/chat/completions",
+                           {**headers, "content-encoding": coding, "x-policyd-request-id": f"mw-compressed-{n}"}, data)
+        assert code == 200, reply
+        record = gateway.record(f"mw-compressed-{n}")
+        assert record["charge_nanos"] == expected_charge("gpt-4o-mini", reply["usage"]["prompt_tokens"],
+                                                         reply["usage"]["completion_tokens"]) > 0
+    assert [r["content_encoding"] for r in gateway.received("mw compressed")] == ["", ""]
+    code, reply = post(f"{gateway.base_url}/chat/completions",
+                       {**headers, "content-encoding": "br", "x-policyd-request-id": "mw-compressed-br"}, body)
+    assert (code, reply["error"]["code"]) == (415, "unsupported_content_encoding")
+    assert gateway.record("mw-compressed-br")["reason"] == "unsupported_content_encoding"
+
+
 def test_unusable_requests_get_clear_errors_a_record_and_move_no_money(gateway: ExampleGateway) -> None:
     key = gateway.customer("mw-bad", credit="1")
     auth = {"authorization": f"Bearer {key}", "content-type": "application/json", "x-policyd-request-id": "mw-bad-1"}

@@ -252,6 +252,38 @@ def test_parse_never_raises_on_random_bytes(body: bytes, path: str) -> None:
     assert call.problem or call.model
 
 
+def test_a_compressed_body_is_read_decoded_and_a_bad_one_refused_clearly() -> None:
+    import gzip
+    import zlib
+
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    headers = {"authorization": "Bearer x", "content-type": "application/json"}
+
+    def parsed(coding: str, data: bytes) -> http_api.HttpCall:
+        return parse_call("POST", "/v1/chat/completions", {**headers, "content-encoding": coding}, data)
+
+    for coding, data in (("gzip", gzip.compress(body)), ("x-gzip", gzip.compress(body)), ("GZIP", gzip.compress(body)),
+                         ("deflate", zlib.compress(body)), ("deflate", zlib.compress(body)[2:-4]),  # raw deflate too
+                         ("identity", body)):
+        call = parsed(coding, data)
+        assert (call.problem, call.model, call.body_decoded) == ("", "gpt-4o-mini", coding != "identity"), coding
+    assert parsed("br", body).problem == "unsupported_content_encoding"
+    assert parsed("gzip", b"plain text").problem == "invalid_request"
+    assert "ends early" in parsed("gzip", gzip.compress(body)[:-12]).problem_message
+    bomb = gzip.compress(b'{"model": "' + b"m" * (http_api.REQUEST_BODY_BYTES_MAX + 1) + b'"}')
+    assert len(bomb) < 100_000 and parsed("gzip", bomb).problem == "request_too_large"  # held to the limit decoded
+    assert (parsed("gzip", b"").problem, parsed("gzip", b"").body_decoded) == ("invalid_request", False)  # no body
+    upload = parse_call("POST", "/v1/files", {**headers, "content-encoding": "br"}, b"\x00")
+    assert (upload.problem, upload.creates) == ("", "file")  # never read: on as the client sent it
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=2000), st.sampled_from(["gzip", "deflate", "br"]))
+def test_parse_never_raises_on_random_compressed_bytes(body: bytes, coding: str) -> None:
+    call = parse_call("POST", "/v1/chat/completions", {"authorization": "Bearer x", "content-encoding": coding}, body)
+    assert call.problem or call.model
+
+
 @pytest.mark.parametrize(("status", "retry_after", "should_retry"), [
     (429, 0, "false"),  # an empty wallet: waiting does not help
     (429, 86_400, "false"),  # a day's budget
