@@ -123,3 +123,53 @@ async def test_a_drain_under_steady_traffic_ends_with_everything_before_it_writt
     await service.writer.drain()
     assert {service.store.usage_record(rid).status for rid in done} == {"settled"}
     assert (await service.admin.audit()).ok
+
+
+async def test_customers_naming_one_request_id_at_once_each_get_at_most_one_request(service: Service) -> None:
+    """Three customers (two sharing a partition, one in another) send requests naming one id at once: as a
+    gateway's clients (each request a call of its own), each customer has exactly one served, under the id
+    or its key's name for it, the rest refused as in progress (409); natively, one request in all is
+    served. Every hold is in its own customer's wallet, every settle charged there."""
+    from dataclasses import replace
+
+    first = "acme"
+    same = next(c for c in (f"near-{i}" for i in range(60)) if c != first and
+                service.counters.partition_of(c) == service.counters.partition_of(first))
+    other = next(c for c in (f"far-{i}" for i in range(60))
+                 if service.counters.partition_of(c) != service.counters.partition_of(first))
+    customers = (first, same, other)
+    keys = {}
+    for customer in customers:
+        await fund(service, customer, "10")
+        keys[customer] = await new_key(service, customer)
+
+    def asking(customer: str, request_id: str, call: int | None) -> object:
+        request = ask(keys[customer][1], request_id=request_id, max_output_tokens=20)
+        return request if call is None else replace(request, call_token=f"{customer}-{call}")
+
+    work = [(c, "shared-1", n) for c in customers for n in range(8)] + [(c, "native-1", None) for c in customers]
+    decisions = await asyncio.gather(*(service.engine.authorize(asking(c, rid, n)) for c, rid, n in work))
+    served: dict[str, list[str]] = {c: [] for c in customers}
+    for (customer, request_id, call), d in zip(work, decisions):
+        if d.decision == "allow":
+            served[customer].append(d.request_id)
+        elif call is not None:
+            assert d.reason == "request_in_progress", d
+        else:
+            assert (d.reason, d.error_param) == ("invalid_request", "request_id"), d
+    natives = [rid for ids in served.values() for rid in ids if rid == "native-1"]
+    assert len(natives) == 1
+    for customer in customers:
+        gateway = [rid for rid in served[customer] if rid != "native-1"]
+        assert len(gateway) == 1 and gateway[0] in ("shared-1", f"shared-1/key:{keys[customer][0]}")
+    assert sum(rid == "shared-1" for ids in served.values() for rid in ids) == 1  # one customer holds the id
+    for customer in customers:
+        held = sum(d.reserved for (c, _, _), d in zip(work, decisions) if c == customer and d.decision == "allow")
+        assert await service.counters.wallet(customer) == (10 * 10**9, held)
+    charged = {c: 0 for c in customers}
+    for customer in customers:
+        for request_id in served[customer]:
+            charged[customer] += (await service.engine.settle(usage(request_id))).charge
+    for customer in customers:
+        assert await service.counters.wallet(customer) == (10 * 10**9 - charged[customer], 0)
+    assert (await service.admin.audit()).ok
