@@ -952,7 +952,6 @@ class Engine:
         limit_reasons = {label: limit_reason(limit) for label, (limit, _) in attempt.limits_by_label.items()}
         # the record is encoded once, for the event and for the reservation
         record_json = compact_json.dumps(record)
-        payload = f'{{"record":{record_json},"limit_reasons":{compact_json.dumps(limit_reasons)}}}'
         wallet = record["wallet_id"]
         fields = {"record": record, "input_tokens_estimate": attempt.likely_input_tokens,
                   "seconds_estimate": attempt.likely_seconds, "audio_tokens_estimate": attempt.likely_audio_tokens}
@@ -979,7 +978,8 @@ class Engine:
                       f'"audio_tokens_estimate":{int(attempt.likely_audio_tokens)}{extra}}}')
         fields_json = f'{{"record":{record_json},{facts_json[1:]}'
         # the facts beside the record go to SQL with the event too: a rebuild of the counters restores them
-        payload = f'{payload[:-1]},"facts":{facts_json}}}'
+        payload = (f'{{"record":{record_json},"limit_reasons":{compact_json.dumps(limit_reasons)},'
+                   f'"facts":{facts_json}}}')
         partition = self.counters.partition_of(owner.customer_id)
         try:
             result = await self.counters.authorize(

@@ -14,7 +14,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from policyd.domain import Decision
-from policyd.http_api import HttpCall, encoded_body, rewrite_body, upstream_path
+from policyd.http_api import HttpCall, body_sent, rewrite_body, upstream_path
 from policyd.multipart import MultipartForm
 from policyd.usage_capture import ResponseReader
 
@@ -93,10 +93,9 @@ class Exchange:
                             self.client_gave_cap, self.stream, self.model_in_path, self.tool_call_cap,
                             self.image_model, self.output_cap_field)
 
-    def rewritten(self, body: Any) -> bytes | None:
-        """`rewrite`, encoded for the provider."""
-        rewritten = self.rewrite(body)
-        return None if rewritten is None else encoded_body(rewritten)
+    def rewritten(self, body: Any, decoded: bool = False) -> bytes | None:
+        """`rewrite`, encoded for the provider (http_api.body_sent; `decoded`: a body the client compressed)."""
+        return body_sent(body, self.rewrite(body), decoded)
 
     def metadata(self, namespace: str, decision: str = "") -> struct_pb2.Struct:
         """Envoy dynamic metadata that `from_metadata` reads back in a later filter."""

@@ -83,8 +83,8 @@ class Arrival:
     client_address: str
 
     @classmethod
-    def of(cls, request: Any) -> "Arrival":
-        headers = _headers(request.request_headers)
+    def of(cls, request: Any, headers: dict[str, str]) -> "Arrival":
+        """`headers`: the request's (_headers of its request_headers)."""
         address = ""
         attributes = request.attributes.get(ATTRIBUTES_NAMESPACE)
         if attributes is not None and "source.address" in attributes.fields:
@@ -170,17 +170,18 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 if kind == "request_headers":
                     exchange = Exchange.from_metadata(request)  # None: no ext_authz decided; this stream decides
                     decided = exchange is not None
-                    content_type = _headers(request.request_headers).get("content-type", "")
-                    coding = _headers(request.request_headers).get("content-encoding", "").strip().lower()
+                    headers = _headers(request.request_headers)
+                    content_type = headers.get("content-type", "")
+                    coding = headers.get("content-encoding", "").strip().lower()
                     if exchange is None:
-                        arrival = Arrival.of(request)
+                        arrival = Arrival.of(request, headers)
                     if arrival is not None and (request.request_headers.end_of_stream or  # no body, or one
                                                 http_api.streamed_upload(arrival.method, arrival.path)):  # unread
                         exchange, reply = await self._decide(arrival, b"", kind, observer)
                         decided = True
                         yield reply
                     elif exchange is not None and exchange.model_in_path_changes:  # ext_authz decided another model
-                        path = exchange.upstream_path(_headers(request.request_headers).get(":path", ""))
+                        path = exchange.upstream_path(headers.get(":path", ""))
                         yield _phase(kind, ep.CommonResponse(header_mutation=ep.HeaderMutation(
                             set_headers=[_header(":path", path)])))
                     else:
@@ -319,9 +320,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         path = exchange.upstream_path(arrival.path)  # no customer key in the query; the served model where the path names it
         if path != arrival.path:
             set_headers.append(_header(":path", path))
-        new_body = exchange.rewritten(call.body)  # a token count's: its model alone, where the provider names it otherwise
-        if new_body is None and call.body_decoded:  # the client compressed it: it goes on decoded
-            new_body = http_api.encoded_body(call.body)
+        # a token count's: its model alone, where the provider names it otherwise; one compressed: decoded
+        new_body = exchange.rewritten(call.body, call.body_decoded)
         if new_body is not None:
             set_headers.append(_header("content-length", str(len(new_body))))
         decoded = ["content-encoding"] if call.body_decoded else []
@@ -350,9 +350,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         data = http_api.parsed_body(content_type, raw)
         if data is None:
             return empty  # ext_authz already refused bodies it cannot read
-        new_body = exchange.rewritten(data)
-        if new_body is None and decoded:
-            new_body = http_api.encoded_body(data)
+        new_body = exchange.rewritten(data, decoded)
         if new_body is None:
             return empty
         mutation = ep.HeaderMutation(set_headers=[_header("content-length", str(len(new_body)))],

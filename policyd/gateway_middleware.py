@@ -119,8 +119,7 @@ class PolicydMiddleware:
             # nothing to rewrite but a model the provider names otherwise
             renamed = None if call.body is None else http_api.rewrite_body(
                 call.body, call.endpoint, decision.upstream_model, call.model, 0, True, False, call.model_in_path)
-            if renamed is not None or call.body_decoded:  # rewritten, or decoded (a body the client compressed)
-                body = http_api.encoded_body(renamed if renamed is not None else call.body)
+            body = http_api.body_sent(call.body, renamed, call.body_decoded) or body
             await self.app(_upstream_scope(scope, call, decision, body), _replay(body, receive=receive), send)
             return
         await self._forward(scope, receive, send, call, None if streamed else body, decision)
@@ -179,10 +178,7 @@ class PolicydMiddleware:
             call.body, call.endpoint, decision.upstream_model, call.model, decision.max_output_tokens,
             call.keeps_its_cap_under(decision.max_output_tokens), call.stream, call.model_in_path,
             decision.max_tool_calls, decision.image_model, decision.output_cap_field)
-        if rewritten is not None:
-            body = http_api.encoded_body(rewritten)
-        elif call.body_decoded:  # the client compressed it: it goes on decoded
-            body = http_api.encoded_body(call.body)
+        body = http_api.body_sent(call.body, rewritten, call.body_decoded) or body
         exchange = _Exchange(decision.request_id, decision.served_model,
                              ResponseReader(call.endpoint, call.stream, call.input_tokens, stored=call.stores_reply,
                                             output_cap=decision.max_output_tokens))

@@ -1234,6 +1234,15 @@ def encoded_body(body: dict[str, Any] | MultipartForm) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def body_sent(body: Any, rewritten: dict[str, Any] | MultipartForm | None, decoded: bool) -> bytes | None:
+    """The bytes the provider gets in place of the client's: the body policy rewrote, else the client's own
+    decoded (one it compressed, HttpCall.body_decoded; its Content-Encoding then goes); None to send the
+    client's bytes as they are."""
+    if rewritten is not None:
+        return encoded_body(rewritten)
+    return encoded_body(body) if decoded else None
+
+
 def key_summary_body(summary: KeySummary) -> bytes:
     """GET /v1/key: what the key may still spend, money as exact decimal text of the policy's currency."""
     def amount(unit: str, value: int) -> int | str:
