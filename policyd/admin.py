@@ -17,8 +17,8 @@ from typing import Any
 
 from policyd import keys as key_secrets
 from policyd import redis_keys
-from policyd.counters import STORED_RESPONSE_HOT_SECONDS, Counters, Fenced
-from policyd.db import ApiKeyRow, PolicyVersionRow
+from policyd.counters import STORED_RESPONSE_HOT_SECONDS, ClosedRequest, Counters, Fenced, Reservation
+from policyd.db import ApiKeyRow, PolicyVersionRow, UsageRecordRow
 from policyd.directory import KeyDirectory
 from policyd.domain import PolicydError
 from policyd.money import AMOUNT_MAX
@@ -595,9 +595,37 @@ class Admin:
                 raise
             for gate in gates:
                 await client.set(gate, redis_keys.GATE_OPEN)
-            return written
+            # then, with decisions running again, the requests closed before the loss (its retries answered)
+            return written + await self._restore_closed()
         finally:
             await client.delete(redis_keys.REBUILD_LOCK)
+
+    async def _restore_closed(self) -> int:
+        """Closed reservations written back from their records, those closed last first, for what is left of
+        their retention (Counters.restore_closed). A settled one from before its fingerprint was kept is not
+        (a retried Settle would be refused as other numbers)."""
+        at = now_ms()
+        since = at - self.counters.retention_seconds * 1000
+        written, before = 0, None
+        while True:
+            rows = await asyncio.to_thread(self.store.closed_since, since, before, RESTORE_PAGE_RECORDS)
+            if not rows:
+                return written
+            before = (rows[-1].updated_ms, rows[-1].request_id)
+            closed = [self._closed_request(row) for row in rows
+                      if row.settle_fingerprint or row.status not in ("settled", "settled_late")]
+            written += await self.counters.restore_closed(closed, at)
+
+    def _closed_request(self, row: UsageRecordRow) -> ClosedRequest:
+        record = {c: getattr(row, c) for c in _RECORD_COLUMNS}
+        record["wallet_id"] = record["wallet_id"] or row.customer_id
+        fields = {"record": record, "input_tokens_estimate": 0, **(row.reservation_facts or {})}
+        p = self.counters.partition_of(row.customer_id)
+        state = "settled" if row.status in ("settled", "settled_late") else row.status
+        reservation = Reservation(row.request_id, p, state, row.reserved_nanos or 0,
+                                  row.created_ms + self.reservation_ttl_ms, fields)
+        return ClosedRequest(reservation, redis_keys.key_state(p, row.api_key_id), row.closed_ms or row.updated_ms,
+                             row.settle_fingerprint, row.balance_before_nanos or 0, row.balance_after_nanos or 0)
 
     async def recover(self, starting: bool = False) -> int | None:
         """Rebuild the counters when a partition's gate is gone (Redis lost them: restarted without
@@ -714,6 +742,7 @@ class Admin:
 
 
 REBUILD_PIPELINE_COMMANDS = 1000
+RESTORE_PAGE_RECORDS = 2000  # closed records read from SQL, and written back to Redis, at a time
 
 
 class _Batches:

@@ -217,6 +217,31 @@ def _facts(data: dict[str, str]) -> dict[str, Any]:
     return fields
 
 
+@dataclass(frozen=True)
+class ClosedRequest:
+    """A request closed before Redis lost its data, as its record in SQL tells it: its reservation (its facts
+    as SQL keeps them), when it closed, and for a settled one what its Settle answered."""
+
+    reservation: Reservation  # state settled, released or expired
+    key: str  # its key's state hash
+    closed_ms: int
+    fingerprint: str = ""
+    balance_before: int = 0
+    balance_after: int = 0
+
+    def hash_fields(self) -> list[str]:
+        """The reservation's hash as settle.lua or release.lua leaves it, as field, value, ..."""
+        r = self.reservation
+        common = ["key", self.key, "amount", str(r.amount), "expires", str(r.expires_ms),
+                  "created", str(r.record["created_ms"])]
+        if r.state == "expired":  # a late settle prices it by every fact, charges its holds
+            return ["state", "expired", "wallet", "1", *common, "r", compact_json.dumps(r.fields)]
+        if r.state == "settled":
+            common += ["fingerprint", self.fingerprint, "balance_before", str(self.balance_before),
+                       "balance_after", str(self.balance_after)]
+        return ["state", r.state, *common, *closed_facts(r)]
+
+
 class Counters:
     def __init__(self, client: aioredis.Redis, partitions: int, retention_seconds: int = RESULT_RETENTION_SECONDS,
                  reservation_ttl_seconds: int = 660) -> None:
@@ -234,6 +259,7 @@ class Counters:
         self._key_state = client.register_script(_load("key_state"))
         self._expire_credit = client.register_script(_load("expire_credit"))
         self._extend_hold = client.register_script(_load("extend_hold"))
+        self._restore_closed = client.register_script(_load("restore_closed"))
         # the scripts every request runs go through one pipelined connection where redis-py's pool is not needed
         self._lane = ScriptLane.for_client(client)
         # told whenever a script finds its partition's gate closed (Service: a rebuild when the counters are lost)
@@ -458,6 +484,33 @@ class Counters:
         if _text(reply[0]) == "fenced":
             raise self._fenced(p)
         return _text(reply[0]), _text(reply[1]) if len(reply) > 1 else ""
+
+    async def restore_closed(self, closed: Sequence[ClosedRequest], now_ms: int) -> int:
+        """Closed reservations written back after Redis lost its data, from their records (a rebuild), for what
+        is left of their retention: a retry of one (a client's id, a Settle, a Release) is answered as before
+        the loss, not served and charged again. Each only where its id is free: decisions run meanwhile, and a
+        request that named the id since keeps it. Returns the number written."""
+        live = [c for c in closed if c.closed_ms + self.retention_seconds * 1000 > now_ms]
+        if not live:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for c in live:  # the id first (where no request holds it now), then the reservation under it
+            index_ms = c.reservation.fields["record"]["created_ms"] + self.request_index_seconds * 1000
+            pipe.set(redis_keys.request_index(c.reservation.request_id), str(c.reservation.partition), nx=True,
+                     px=max(index_ms - now_ms, c.closed_ms + self.retention_seconds * 1000 - now_ms))
+        taken = await pipe.execute()
+        by_partition: dict[int, tuple[list[str], list[str]]] = {}
+        for c, free in zip(live, taken):
+            if free:
+                keys, args = by_partition.setdefault(c.reservation.partition, ([], []))
+                fields = c.hash_fields()
+                keys.append(redis_keys.reservation(c.reservation.partition, c.reservation.request_id))
+                args += [str((c.closed_ms + self.retention_seconds * 1000 - now_ms + 999) // 1000),
+                         str(len(fields) // 2), *fields]
+        written = 0
+        for keys, args in by_partition.values():  # one script a partition: its keys share its slot
+            written += int(await self._restore_closed(keys=keys, args=args))
+        return written
 
     async def grant(self, partition: int, customer_id: str, grant_id: str, amount: int, now_ms: int, payload: str,
                     expires_ms: int = 0, returned: Sequence[tuple[str, int]] = ()) -> tuple[str, int]:

@@ -149,9 +149,12 @@ class UsageRecordRow(Base):
     # what of the charge the operator gave back (RefundUsage: to the wallet, and to the money limits it counted in)
     refunded_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     refunded_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
-    # while open: what its reservation keeps beside the record (estimates, call token, what its deadline does),
-    # which a rebuild of the counters restores; cleared once it closes (migration 0027)
+    # what its reservation keeps beside the record (estimates, call token, what its deadline does), which a
+    # rebuild of the counters restores (migration 0027): all of them while it is open or expired (a late settle
+    # needs them), those a closed reservation keeps (counters.CLOSED_FIELDS) once settled or released
     reservation_facts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, default=None)
+    # the fingerprint of the numbers it was settled with: a retried Settle must bring the same (migration 0028)
+    settle_fingerprint: Mapped[str] = mapped_column(String(64), default="", server_default="")
     decision_latency_us: Mapped[int] = mapped_column(BigInteger, default=0)
     upstream_latency_ms: Mapped[int] = mapped_column(BigInteger, default=0)
     upstream_status: Mapped[int] = mapped_column(Integer, default=0)

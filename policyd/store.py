@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterable
 
-from sqlalchemy import JSON, Table, bindparam, case, func, insert, or_, select, text, update
+from sqlalchemy import JSON, Table, bindparam, case, func, insert, or_, select, text, tuple_, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
@@ -19,6 +19,7 @@ from policyd.db import ApiKeyRow, EventRow, LedgerEntryRow, PolicyVersionRow, Us
 from policyd.policy import Limit
 
 OPEN_STATUSES = ("reserved",)
+CLOSED_STATUSES = ("settled", "settled_late", "released", "expired")
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,17 @@ class Store:
     def open_reservations(self) -> list[UsageRecordRow]:
         with self.session() as session:
             return list(session.scalars(select(UsageRecordRow).where(UsageRecordRow.status.in_(OPEN_STATUSES))))
+
+    def closed_since(self, since_ms: int, before: tuple[int, str] | None, limit: int) -> list[UsageRecordRow]:
+        """Up to `limit` records closed (settled, released, expired) since since_ms, last written first,
+        those written before `before` (the last one of the previous page: updated ms, request id)."""
+        r = UsageRecordRow
+        query = select(r).where(r.status.in_(CLOSED_STATUSES), r.updated_ms >= since_ms, r.closed_ms >= since_ms)
+        if before is not None:
+            query = query.where(tuple_(r.updated_ms, r.request_id) < tuple_(*before))
+        query = query.order_by(r.updated_ms.desc(), r.request_id.desc()).limit(limit)
+        with self.session() as session:
+            return list(session.scalars(query))
 
     def stored_response(self, response_id: str) -> tuple[str, str, str, str, int, int] | None:
         """(customer, provider, served model, provider account, created ms, its input and output tokens) of

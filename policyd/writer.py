@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 
 from policyd import compact_json, metrics, redis_keys
 from policyd.reasons import MESSAGES
+from policyd.counters import CLOSED_FIELDS
 from policyd.db import EventRow, LedgerEntryRow, UsageRecordRow
 from policyd.store import Store
 
@@ -38,6 +39,16 @@ CLAIM_CHECK_SECONDS = 1.0  # how often a running writer looks for entries a dead
 STATUS_RANK = {"": -1, "denied": 0, "reserved": 1, "released": 2, "expired": 2, "settled": 3, "settled_late": 3}
 REFUND_PREFIX = "refund:"  # the grant id of a request's refund: refund:<request id>
 CLOSED = frozenset({"released", "expired", "settled", "settled_late"})
+
+
+def kept_facts(facts: dict[str, Any] | None, status: str) -> dict[str, Any] | None:
+    """Of the facts a reservation keeps beside its record (its estimates, call token, what its deadline does),
+    those a rebuild of the counters restores for a record of this status: all while it is open or expired (a
+    late settle prices by them), those a closed reservation keeps once settled or released (CLOSED_FIELDS:
+    what answering a retry reads), None when there are none."""
+    if facts is None or status in ("", "reserved", "expired"):
+        return facts
+    return {name: facts[name] for name in CLOSED_FIELDS if name in facts} or None
 
 
 def _created(fields: dict[str, str]) -> str:
@@ -372,12 +383,14 @@ class Writer:
         if existing is not None and existing.status != "denied" and (not allowed or existing.status == "reserved"):
             return  # a replay, or a denied retry of a request that was allowed: the allow stands
         if existing is not None and STATUS_RANK.get(existing.status, -1) >= STATUS_RANK["settled"]:
+            if allowed and existing.reservation_facts is None:  # the facts are what the settle event lacks
+                existing.reservation_facts = kept_facts(data.get("facts"), existing.status)
             return  # the settle event came first and carried the whole record
         values = {**data["record"], "request_id": rid}  # the id it is recorded under (see _reusing)
         if allowed:
             values["status"] = "reserved"
             values["reserved_nanos"] = int(fields["reserved"])
-            values["reservation_facts"] = data.get("facts")  # while it is open (see _closed)
+            values["reservation_facts"] = data.get("facts")  # all of them while it is open (see kept_facts)
             values["shadow_denials"] = [s for s in fields.get("label", "").split("|") if s]
         else:
             values["status"] = "denied"
@@ -397,7 +410,7 @@ class Writer:
             return
         if existing.status in ("released", "expired"):  # a stub made by the later release/expire event
             values.pop("status")
-            values.pop("reservation_facts", None)  # closed already
+            values["reservation_facts"] = kept_facts(values.get("reservation_facts"), existing.status)
         for name, value in values.items():
             setattr(existing, name, value)
 
@@ -412,9 +425,11 @@ class Writer:
 
     @staticmethod
     def _closed(row: Record) -> None:
-        """A record closed: the facts its open reservation kept for a rebuild are needed no more."""
+        """A record closed: of the facts its open reservation kept for a rebuild, those its closed one keeps."""
         if row.reservation_facts is not None:
-            row.reservation_facts = None
+            kept = kept_facts(row.reservation_facts, row.status)
+            if kept != row.reservation_facts:
+                row.reservation_facts = kept
 
     @classmethod
     def _settle(cls, session: Any, records: dict[str, Record], fields: dict[str, str]) -> dict[str, Any]:
@@ -436,6 +451,7 @@ class Writer:
         record.balance_before_nanos = int(fields["balance_before"])
         record.balance_after_nanos = int(fields["balance_after"])
         record.closed_ms = int(fields["at"])
+        record.settle_fingerprint = fields.get("fingerprint", "")  # from settle.lua, since migration 0028
         cls._closed(record)
         return {
             "entry_id": f"charge:{rid}", "customer_id": record.customer_id,

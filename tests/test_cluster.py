@@ -52,10 +52,16 @@ async def test_the_whole_flow_on_a_cluster(cluster: RedisCluster, tmp_path: Path
         before = {c: await service.counters.wallet(c) for c in customers}
         slots = {service.counters.client.keyslot(f"pd:{{p{p}}}:x") for p in range(8)}
         assert len(slots) == 8  # eight partitions, eight slots, spread over the masters
+        await service.writer.drain()  # the closed requests in SQL before the loss
         await service.counters.client.flushall(target_nodes="primaries")
         await service.admin.rebuild()
         assert {c: await service.counters.wallet(c) for c in customers} == before
         assert (await service.admin.audit()).ok
+        for c in customers:  # the closed requests too, each partition's in its own slot: retries answered
+            service.counters.forget(f"{c}-0")
+            assert (await service.engine.settle(usage(f"{c}-0"))).outcome == "exists"
+            assert (await service.engine.release(f"{c}-4", "provider_error")).outcome == "already_released"
+        assert {c: await service.counters.wallet(c) for c in customers} == before
     finally:
         await service.close()
 

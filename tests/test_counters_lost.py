@@ -165,6 +165,16 @@ def test_a_redis_restarted_without_its_data_under_a_running_policyd(postgres_ser
                 input_tokens=100, output_tokens=20)))
             wallet = admin.GetWallet(admin_pb2.GetWalletRequest(customer_id="lost"))
             assert 0 < wallet.balance_nanos < balance  # the balance before the loss, less the fifth's charge
+            while True:  # the requests closed before the loss are written back once decisions run: answered
+                try:
+                    retried = policy.Settle(policy_pb2.SettleRequest(request_id="before-0", usage=policy_pb2.Usage(
+                        input_tokens=100, output_tokens=20)))
+                    break
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.NOT_FOUND and time.monotonic() < deadline
+                    time.sleep(0.1)
+            assert retried.outcome == policy_pb2.EXISTS
+            assert admin.GetWallet(admin_pb2.GetWalletRequest(customer_id="lost")).balance_nanos == wallet.balance_nanos
             assert admin.Audit(admin_pb2.AuditRequest()).ok
     finally:
         serve.stop()

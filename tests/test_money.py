@@ -1034,7 +1034,79 @@ async def test_a_rebuild_restores_what_open_reservations_are_settled_by(service:
     assert (after.status, after.error_class) == ("settled", "usage_estimated:end_unseen")
     assert after.charge_nanos == before.charge_nanos > 0
     assert service.store.usage_record("cut-after").input_tokens == service.store.usage_record("cut-before").input_tokens
-    assert service.store.usage_record("cut-after").reservation_facts is None  # closed: needed no more
+    kept = service.store.usage_record("sent-after").reservation_facts  # closed: those answering a retry reads
+    assert kept["call_token"] == "call-sent-after" and "charge_held_on_expiry" not in kept
+    assert set(kept) <= set(CLOSED_FIELDS)
+    assert (await service.admin.audit()).ok
+
+
+async def test_a_rebuild_restores_the_requests_closed_before_the_loss(service: Service) -> None:
+    """Counters rebuilt from SQL (Redis lost its data) knew only open requests: every request closed before the
+    loss was new to Redis. A client's retry of a settled request (its Idempotency-Key) was served and charged
+    again, a retried Settle was unknown_request, a late settle of an expired one was lost (its usage never
+    charged), a client's retry of a released one took the first one's id. Each is answered after the loss as
+    before it: the closed reservations of the last retention are written back, each only where its id is free."""
+    secret = await acme_with_prices(service, {})
+    now = service.engine.clock()
+    clock = [now - service.counters.retention_seconds * 1000 - 60_000]
+    service.engine.clock = lambda: clock[0]
+
+    def gateway(request_id: str, token: str) -> AuthorizeInput:
+        return replace(ask(secret, request_id=request_id), call_token=token)
+
+    await service.engine.authorize(ask(secret, request_id="long-ago"))  # closed past the retention: not restored
+    await service.engine.settle(usage("long-ago"))
+    clock[0] = now
+    await service.engine.authorize(ask(secret, request_id="expired-before"))
+    await service.engine.authorize(ask(secret, request_id="expired-after"))
+    clock[0] += service.engine.reservation_ttl_ms + 1
+    assert await service.engine.expire_due() == 2
+    await service.engine.authorize(ask(secret, request_id="native"))
+    settled = await service.engine.settle(usage("native", 1200, 300))
+    await service.engine.authorize(gateway("idem-1", "call-a"))
+    await service.engine.settle(usage("idem-1"))
+    await service.engine.authorize(gateway("idem-2", "call-b"))
+    await service.engine.release("idem-2", "provider_error")
+    late_before = await service.engine.settle(usage("expired-before", 700, 40))
+    await service.writer.drain()
+    wallet = await service.counters.wallet("acme")
+    assert service.store.usage_record("native").settle_fingerprint
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    written = await service.admin.rebuild()
+    service.counters.forget("expired-after")  # closed by another replica, say
+    assert await service.counters.wallet("acme") == wallet
+
+    retried = await service.engine.settle(usage("native", 1200, 300))  # a retried Settle: its first answer
+    assert (retried.outcome, retried.charge, retried.balance_before, retried.balance_after) == \
+        ("exists", settled.charge, settled.balance_before, settled.balance_after)
+    with pytest.raises(PolicydError) as other:
+        await service.engine.settle(usage("native", 1200, 301))
+    assert other.value.reason == "exists_with_different_usage"
+    for request in (gateway("idem-1", "call-a"), gateway("idem-1", "call-z"), ask(secret, request_id="native")):
+        again = await service.engine.authorize(request)  # a client's retry of a settled request: not served again
+        assert (again.decision, again.reason) == ("deny", "invalid_request")
+    assert (await service.engine.release("idem-2", "client_disconnected")).outcome == "already_released"
+    with pytest.raises(PolicydError) as released:
+        await service.engine.settle(usage("idem-2"))
+    assert released.value.reason == "already_released"
+    anew = await service.engine.authorize(gateway("idem-2", "call-c"))  # the client trying a failed call again
+    assert (anew.decision, anew.request_id) == ("allow", next_attempt_id("idem-2"))
+    late = await service.engine.settle(usage("expired-after", 700, 40))  # a late settle: charged as before
+    assert (late.outcome, late.charge) == ("settled_late", late_before.charge)
+    old = await service.engine.authorize(ask(secret, request_id="long-ago"))
+    assert (old.decision, old.request_id) == ("allow", "long-ago")
+    assert written >= 5
+
+    # written only where the id is free: a request made since keeps it, and nothing is written twice
+    await service.engine.authorize(ask(secret, request_id="fresh"))
+    assert await service.admin._restore_closed() == 0
+    assert (await service.engine.settle(usage("fresh"))).outcome == "settled"
+    await service.engine.settle(usage(next_attempt_id("idem-2")))
+    await service.engine.settle(usage("long-ago"))
+    await service.writer.drain()
+    assert service.store.usage_record("native").charge_nanos == settled.charge
+    assert service.store.usage_record("expired-after").status == "settled_late"
     assert (await service.admin.audit()).ok
 
 

@@ -97,7 +97,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('XADD', KEYS[5], '*', 'type', 'settle', 'rid', ARGV[1], 'at', ARGV[2], 'outcome', outcome,
   'charge', ARGV[4], 'balance_before', before, 'balance_after', after_text,
   'released', was_reserved and reserved_amount or '0', 'wallet', holds_wallet and '1' or '0',
-  'credits', table.concat(consumed, ','), 'created', held[4] or '', 'd', ARGV[7])
+  'credits', table.concat(consumed, ','), 'created', held[4] or '', 'fingerprint', ARGV[3], 'd', ARGV[7])
 -- a prepaid wallet's balance taken below an alert amount by this charge (once a crossing: a grant re-arms it)
 local marks = ARGV[9 + bucket_count * 2]
 if holds_wallet and marks and marks ~= '' then
