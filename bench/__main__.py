@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from bench import admin_load, dashboard_volume, data_size, envoy_path, estimates, native, report_volume
+from bench import (admin_load, dashboard_volume, data_size, envoy_path, estimates, native, report_volume,
+                   restore_closed)
 
 
 def main() -> None:
@@ -28,6 +29,8 @@ def main() -> None:
     results.update(admin_load.main([]))
     print()
     results.update(data_size.main([]))
+    print()
+    results.update(restore_closed.main([]))
     print()
     results.update(report_volume.main(volume))
     print()

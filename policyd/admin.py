@@ -17,8 +17,9 @@ from typing import Any
 
 from policyd import keys as key_secrets
 from policyd import redis_keys
-from policyd.counters import STORED_RESPONSE_HOT_SECONDS, ClosedRequest, Counters, Fenced, Reservation
-from policyd.db import ApiKeyRow, PolicyVersionRow, UsageRecordRow
+from policyd.counters import (CLOSED_RECORD_FIELDS, STORED_RESPONSE_HOT_SECONDS, ClosedRequest, Counters, Fenced,
+                              Reservation)
+from policyd.db import ApiKeyRow, PolicyVersionRow
 from policyd.directory import KeyDirectory
 from policyd.domain import PolicydError
 from policyd.money import AMOUNT_MAX
@@ -111,6 +112,7 @@ class Admin:
         self.reservation_ttl_ms = reservation_ttl_seconds * 1000
         self.pool: Any = None  # the provider account pool, when the service has one (reconciliation per key)
         self.finish_closings: Any = None  # the engine's, when there is one: settles in flight come first
+        self.restoring: asyncio.Task[int] | None = None  # closed requests written back after a rebuild
         self.store = store
         self.counters = counters
         self.book = book
@@ -595,29 +597,51 @@ class Admin:
                 raise
             for gate in gates:
                 await client.set(gate, redis_keys.GATE_OPEN)
-            # then, with decisions running again, the requests closed before the loss (its retries answered)
-            return written + await self._restore_closed()
+            # then, with decisions running again, the requests closed before the loss (their retries answered)
+            if self.restoring is not None:
+                self.restoring.cancel()
+            self.restoring = asyncio.create_task(self._restore_closed())
+            return written
         finally:
             await client.delete(redis_keys.REBUILD_LOCK)
 
+    async def restored(self) -> int:
+        """Waits for the requests closed before the loss to be written back (after the last rebuild); how many."""
+        return await self.restoring if self.restoring is not None else 0
+
+    async def stop_restoring(self) -> None:
+        if self.restoring is not None and not self.restoring.done():
+            self.restoring.cancel()
+            await asyncio.wait([self.restoring])
+
     async def _restore_closed(self) -> int:
         """Closed reservations written back from their records, those closed last first, for what is left of
-        their retention (Counters.restore_closed). A settled one from before its fingerprint was kept is not
-        (a retried Settle would be refused as other numbers)."""
+        their retention (Counters.restore_closed); a page at a time, decisions running meanwhile. A settled one
+        from before its fingerprint was kept is not (a retried Settle would be refused as other numbers)."""
+        started = time.monotonic()
         at = now_ms()
         since = at - self.counters.retention_seconds * 1000
-        written, before = 0, None
-        while True:
-            rows = await asyncio.to_thread(self.store.closed_since, since, before, RESTORE_PAGE_RECORDS)
-            if not rows:
-                return written
-            before = (rows[-1].updated_ms, rows[-1].request_id)
-            closed = [self._closed_request(row) for row in rows
-                      if row.settle_fingerprint or row.status not in ("settled", "settled_late")]
-            written += await self.counters.restore_closed(closed, at)
+        written = 0
+        try:
+            for statuses, columns in ((("settled", "settled_late", "released"), _CLOSED_COLUMNS),
+                                      (("expired",), _EXPIRED_COLUMNS)):  # a late settle reads all of its record
+                before = None
+                while rows := await asyncio.to_thread(self.store.closed_since, since, before, RESTORE_PAGE_RECORDS,
+                                                      statuses, columns):
+                    before = (rows[-1].updated_ms, rows[-1].request_id)
+                    closed = [self._closed_request(row) for row in rows
+                              if row.settle_fingerprint or row.status == "released" or row.status == "expired"]
+                    written += await self.counters.restore_closed(closed, at)
+        except Exception:
+            log.exception("writing back the requests closed before the counters were lost failed after %d: "
+                          "retries of the others are new to Redis", written)
+            return written
+        log.info("requests closed before the counters were lost: %d written back in %.1f s", written,
+                 time.monotonic() - started)
+        return written
 
-    def _closed_request(self, row: UsageRecordRow) -> ClosedRequest:
-        record = {c: getattr(row, c) for c in _RECORD_COLUMNS}
+    def _closed_request(self, row: Any) -> ClosedRequest:
+        record = {c: getattr(row, c) for c in (_RECORD_COLUMNS if row.status == "expired" else CLOSED_RECORD_FIELDS)}
         record["wallet_id"] = record["wallet_id"] or row.customer_id
         fields = {"record": record, "input_tokens_estimate": 0, **(row.reservation_facts or {})}
         p = self.counters.partition_of(row.customer_id)
@@ -785,3 +809,8 @@ _RECORD_COLUMNS = (
     "holds", "decision_latency_us", "client_address", "user_agent", "fallback_reason",
     "containers", "container_memory", "image_model",
 )
+# what a closed reservation is written back from (Admin._restore_closed): a settled or released one keeps a few
+# facts (counters.CLOSED_RECORD_FIELDS), an expired one all of them
+_CLOSED_COLUMNS = (*CLOSED_RECORD_FIELDS, "status", "reserved_nanos", "reservation_facts", "closed_ms",
+                   "settle_fingerprint", "balance_before_nanos", "balance_after_nanos")
+_EXPIRED_COLUMNS = (*_RECORD_COLUMNS, *_CLOSED_COLUMNS)

@@ -166,6 +166,7 @@ class Service:
         self.stop.set()
         if self._recovery is not None and not self._recovery.done():
             await asyncio.wait([self._recovery], timeout=30)
+        await self.admin.stop_restoring()
         await self.engine.finish_closings(stopping=True)  # settles in flight, before the last drain
         for task in self.tasks:
             try:

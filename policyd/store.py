@@ -19,7 +19,6 @@ from policyd.db import ApiKeyRow, EventRow, LedgerEntryRow, PolicyVersionRow, Us
 from policyd.policy import Limit
 
 OPEN_STATUSES = ("reserved",)
-CLOSED_STATUSES = ("settled", "settled_late", "released", "expired")
 
 
 @dataclass(frozen=True)
@@ -278,16 +277,19 @@ class Store:
         with self.session() as session:
             return list(session.scalars(select(UsageRecordRow).where(UsageRecordRow.status.in_(OPEN_STATUSES))))
 
-    def closed_since(self, since_ms: int, before: tuple[int, str] | None, limit: int) -> list[UsageRecordRow]:
-        """Up to `limit` records closed (settled, released, expired) since since_ms, last written first,
-        those written before `before` (the last one of the previous page: updated ms, request id)."""
+    def closed_since(self, since_ms: int, before: tuple[int, str] | None, limit: int, statuses: Iterable[str],
+                     columns: Iterable[str]) -> list[Any]:
+        """These columns (and updated_ms) of up to `limit` records closed since since_ms with one of these
+        statuses, last written first, those written before `before` (the last one of the previous page:
+        updated ms, request id). Rows, not ORM objects: a day of records is read a page at a time."""
         r = UsageRecordRow
-        query = select(r).where(r.status.in_(CLOSED_STATUSES), r.updated_ms >= since_ms, r.closed_ms >= since_ms)
+        query = select(*(getattr(r, name) for name in {*columns, "updated_ms", "request_id", "status"})).where(
+            r.status.in_(tuple(statuses)), r.updated_ms >= since_ms, r.closed_ms >= since_ms)
         if before is not None:
             query = query.where(tuple_(r.updated_ms, r.request_id) < tuple_(*before))
         query = query.order_by(r.updated_ms.desc(), r.request_id.desc()).limit(limit)
         with self.session() as session:
-            return list(session.scalars(query))
+            return list(session.execute(query))
 
     def stored_response(self, response_id: str) -> tuple[str, str, str, str, int, int] | None:
         """(customer, provider, served model, provider account, created ms, its input and output tokens) of

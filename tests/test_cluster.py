@@ -57,6 +57,7 @@ async def test_the_whole_flow_on_a_cluster(cluster: RedisCluster, tmp_path: Path
         await service.admin.rebuild()
         assert {c: await service.counters.wallet(c) for c in customers} == before
         assert (await service.admin.audit()).ok
+        assert await service.admin.restored() == len(customers) * 5
         for c in customers:  # the closed requests too, each partition's in its own slot: retries answered
             service.counters.forget(f"{c}-0")
             assert (await service.engine.settle(usage(f"{c}-0"))).outcome == "exists"
