@@ -260,6 +260,7 @@ class Counters:
         self._expire_credit = client.register_script(_load("expire_credit"))
         self._extend_hold = client.register_script(_load("extend_hold"))
         self._restore_closed = client.register_script(_load("restore_closed"))
+        self._claim_polls = client.register_script(_load("claim_polls"))
         # the scripts every request runs go through one pipelined connection where redis-py's pool is not needed
         self._lane = ScriptLane.for_client(client)
         # told whenever a script finds its partition's gate closed (Service: a rebuild when the counters are lost)
@@ -607,17 +608,38 @@ class Counters:
         raw = await self.client.hmget(redis_keys.wallet(self.partition_of(customer_id), customer_id), "balance", "reserved")
         return int(raw[0] or 0), int(raw[1] or 0)
 
-    async def extend_hold(self, reservation: Reservation, key_id: str, until_ms: int) -> str:
+    async def extend_hold(self, reservation: Reservation, key_id: str, until_ms: int,
+                          poll: tuple[int, str] | None = None) -> str:
         """Keep a reservation past its deadline until `until_ms` (extend_hold.lua), its key's concurrency slot
-        returned: extended | already | unknown."""
+        returned: extended | already | unknown. `poll`: (when, what) to ask the provider for its background
+        response (Engine.poll_later)."""
         p = reservation.partition
-        reply = await self._decide(self._extend_hold, [
-            redis_keys.reservation(p, reservation.request_id), redis_keys.deadlines(p),
-            redis_keys.inflight(p, key_id), redis_keys.gate(p),
-        ], [reservation.request_id, str(until_ms)])
+        keys = [redis_keys.reservation(p, reservation.request_id), redis_keys.deadlines(p),
+                redis_keys.inflight(p, key_id), redis_keys.gate(p)]
+        args = [reservation.request_id, str(until_ms)]
+        if poll is not None:
+            keys.append(redis_keys.background_polls(p))
+            args += [str(poll[0]), poll[1]]
+        reply = await self._decide(self._extend_hold, keys, args)
         if _text(reply[0]) == "fenced":
             raise self._fenced(p)
         return _text(reply[0])
+
+    async def claim_polls(self, partition: int, now_ms: int, next_ms: int, count: int) -> list[tuple[str, str]]:
+        """The background responses due to be asked for in a partition, claimed until next_ms: (request id,
+        what to ask: its reservation's field `poll`, "" when the reservation is gone)."""
+        claimed = [_text(r) for r in await self._claim_polls(
+            keys=[redis_keys.background_polls(partition)], args=[str(now_ms), str(next_ms), str(count)])]
+        if not claimed:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for request_id in claimed:
+                pipe.hget(redis_keys.reservation(partition, request_id), "poll")
+            polls = await pipe.execute()
+        return [(request_id, _text(poll) if poll is not None else "") for request_id, poll in zip(claimed, polls)]
+
+    async def stop_polling(self, partition: int, request_id: str) -> None:
+        await self.client.zrem(redis_keys.background_polls(partition), request_id)
 
     async def due_everywhere(self, now_ms: int, count: int = 100) -> dict[int, tuple[list[tuple[str, str]], list[str]]]:
         """Per partition with anything due: (expiring credits past expiry, reservations past deadline).

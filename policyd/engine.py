@@ -217,6 +217,7 @@ class Engine:
         self._closings: set[asyncio.Task[None]] = set()
         self._retrying: set[asyncio.Task[None]] = set()  # closings between two attempts (Redis unreachable)
         self._stopping = False
+        self.background: Any = None  # the background responses it waits for (policyd/background.py), once built
 
     # ------------------------------------------------------------------ closings in the background
     def close_in_background(self, closing: Callable[[], Awaitable[Any]], request_id: str) -> None:
@@ -1236,7 +1237,7 @@ class Engine:
             raise await self._missing(report.request_id, "settle", asdict(report))
         context = report.input_tokens + report.output_tokens  # what answering on from here carries back as input
         if report.provider_response_id:
-            await self._remember_response(r["customer_id"], report.provider_response_id,
+            await self.remember_response(r["customer_id"], report.provider_response_id,
                                           report.provider or price.provider, price.upstream, report.provider_account,
                                           context)
         if reservation.fields.get("conversation") and result.outcome != "exists":
@@ -1247,7 +1248,7 @@ class Engine:
             price_table_version=r["price_table_version"], served_model=served,
         )
 
-    async def _remember_response(self, customer_id: str, response_id: str, provider: str, route: str,
+    async def remember_response(self, customer_id: str, response_id: str, provider: str, route: str,
                                  account: str, context_tokens: int = 0) -> None:
         """That the provider stored this response for this customer, on this account: its customer may read,
         delete or cancel it (admit_stored_response), no other may. The charge stands if this fails; the usage
@@ -1278,7 +1279,7 @@ class Engine:
         policy = self.book.current
         price = (policy.model(served) if served else CONVERSATION_PRICE) if policy else None
         route = price.upstream if price else ""
-        await self._remember_response(customer, response_id, provider, route, account, int(context or 0))
+        await self.remember_response(customer, response_id, provider, route, account, int(context or 0))
         return whose_of(customer, provider, route, account, int(context or 0))
 
     async def _grow_conversation(self, conversation: str, context_tokens: int) -> None:

@@ -45,6 +45,7 @@ class Exchange:
     image_model: str = ""  # the model set in an image_generation tool naming none (Decision.image_model)
     observed: bool = False  # the observer filter reads the response (else the processing filter does)
     free: bool = False  # a token count (free at the provider): its body may be rewritten; nothing to read or settle
+    background: bool = False  # a background response: charged once the provider says it ended (Closing poll)
     status: int = 0
     retry_after: int = 0
     attempts: int = 1  # upstream attempts Envoy made (x-envoy-attempt-count)
@@ -69,7 +70,7 @@ class Exchange:
                    client_gave_cap=call.keeps_its_cap_under(decision.max_output_tokens),
                    account=account, model_in_path=call.model_in_path, input_tokens=call.input_tokens,
                    observed=observed, stored=call.stores_reply, tool_call_cap=decision.max_tool_calls,
-                   image_model=decision.image_model)
+                   image_model=decision.image_model, background=call.background)
 
     @property
     def sent_model(self) -> str:
@@ -113,6 +114,8 @@ class Exchange:
             fields["free"] = True
         if self.stored:
             fields["stored"] = True
+        if self.background:
+            fields["background"] = True
         if self.tool_call_cap:
             fields["max_tool_calls"] = self.tool_call_cap
         if self.image_model:
@@ -160,6 +163,7 @@ class Exchange:
             "stream" in fields and fields["stream"].bool_value,
             stored="stored" in fields and fields["stored"].bool_value,
             free="free" in fields and fields["free"].bool_value,
+            background="background" in fields and fields["background"].bool_value,
             tool_call_cap=int(fields["max_tool_calls"].number_value) if "max_tool_calls" in fields else 0,
             image_model=text("image_model"),
         )

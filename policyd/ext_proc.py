@@ -373,10 +373,12 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
     async def _settle_or_release(self, exchange: Exchange, cut: bool, unread: bool = False) -> None:
         status = exchange.status
         reader = exchange.reader
-        end = closing(status, reader, cut, gateway_timed_out=exchange.gateway_timed_out)
+        end = closing(status, reader, cut, gateway_timed_out=exchange.gateway_timed_out, background=exchange.background)
         if unread and end.action == "estimate":  # what is left of it is not seen: the whole output cap, as held
             end = replace(end, reason="usage_estimated:unread_at_shutdown", output_as_held=True)
-        if end.action == "release":
+        if end.action == "poll":
+            await self.engine.background.poll_later(exchange.request_id, reader.response_id, exchange.account)
+        elif end.action == "release":
             await self.engine.release(exchange.request_id, end.reason)
         elif end.action == "settle":
             await self.engine.settle(UsageReport(

@@ -84,6 +84,10 @@ class PolicydMiddleware:
         if size > self.body_bytes_max:
             call.problem, call.problem_message, call.problem_param = (
                 "request_too_large", f"the request body is larger than {self.body_bytes_max} bytes", "")
+        elif call.background and not call.problem:  # its usage comes after its reply: the Envoy gateway follows it
+            call.problem, call.problem_message, call.problem_param = (
+                "invalid_request", "background responses are not supported by this gateway: their usage arrives "
+                "after the request; ask without background, or through the Envoy gateway", "background")
         if call.key_summary or call.models_listing:
             await self._describe_key(call, send)
             return

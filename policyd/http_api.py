@@ -210,6 +210,7 @@ class HttpCall:
     image_scale: int = 0  # how many of a model's most per image one image may bill (its size, a GIF's frames)
     maps_grounding: bool = False  # Gemini's googleMaps tool: a grounded prompt is billed apart
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
+    background: bool = False  # a Responses API background response: it goes on at the provider after its reply
     service_tier_implied: bool = False  # the provider's default tier (Anthropic's priority), not one asked for
     compaction: bool = False  # a Responses API compaction (POST /v1/responses/compact): it takes no output cap
     body_decoded: bool = False  # the client compressed its body (Content-Encoding): read, and sent on, decoded
@@ -837,10 +838,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "invalid_request", f"a streamed completion on Azure OpenAI needs api-version "
                         f"{AZURE_STREAM_USAGE_SINCE} or later (or the v1 API), which takes stream_options: its "
                         f"usage is what it is charged", "api-version")
-    if endpoint == "responses" and data.get("background") is True:  # billed later, as the client polls for it
-        return _problem(call, "invalid_request", "background responses are not supported here: their usage "
-                        "arrives after the request, where policyd cannot charge it; ask without background",
-                        "background")
+    # a background response: its usage comes after its reply, charged when policyd finds it ended (poll_later)
+    call.background = endpoint == "responses" and data.get("background") is True
     image_tools = [t for t in _tools(data) if t.get("type") == "image_generation"] if endpoint == "responses" else []
     if image_tools:  # its images are billed apart from the reply's usage, at the image model's prices
         if len(image_tools) > 1:

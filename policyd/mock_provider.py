@@ -17,6 +17,10 @@ Scenarios, by the request header `x-mock-scenario`:
     reads, as a network may deliver them) | sized (a chat or text completion stream sent whole, with a
     content-length, as a server that buffers its events does)
 
+Header `x-mock-background-polls`: a background response (background: true) is queued and then in progress
+for this many reads of it (default 2) before it is completed, with its usage; cancelled before that, it
+reports the input and half the output.
+
 Header `x-mock-reply-model`: the model the reply names (a provider that served another model than it
 was sent: a server-side fallback, a router).
 
@@ -108,6 +112,7 @@ class MockProvider:
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.stored: dict[str, tuple[dict[str, Any], Any]] = {}  # stored responses: id -> (reply, input)
+        self.background: dict[str, int] = {}  # background responses still running: id -> reads before it ends
         self.response_ids = itertools.count(1)
         self.conversations: dict[str, dict[str, Any]] = {}  # id -> {"metadata": ..., "items": [...]}
         self.files: dict[str, tuple[dict[str, Any], bytes]] = {}  # id -> (the file object, its content)
@@ -321,6 +326,8 @@ class MockProvider:
             if body.get("store") is not False:
                 with self.lock:
                     self.stored[reply["id"]] = (reply, body.get("input"))
+                    if body.get("background") is True:
+                        self.background[reply["id"]] = int(h.headers.get("x-mock-background-polls", "2"))
             named = body.get("conversation")
             named = named.get("id") if isinstance(named, dict) else named
             if named is not None:  # the exchange is added to the conversation
@@ -333,6 +340,8 @@ class MockProvider:
                         self._item({"type": "message", "role": "assistant", "content": text})]
             if body.get("stream"):
                 return self._responses_stream(h, reply, WORDS[:c_tokens], scenario)
+            if body.get("background") is True:
+                return h._json(200, self._unfinished(reply, "queued"))
             return h._json(200, reply)
         usage = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
         if "audio" in (body.get("modalities") or []):  # gpt-4o-audio: half the prompt heard, all but one token spoken
@@ -386,6 +395,12 @@ class MockProvider:
                 "input_tokens": 40, "input_tokens_details": {"image_tokens": 0, "text_tokens": 40},
                 "output_tokens": made, "total_tokens": 40 + made}}
         return reply
+
+    @staticmethod
+    def _unfinished(reply: dict[str, Any], status: str) -> dict[str, Any]:
+        """A background response not ended yet: no output, no usage."""
+        return {**{k: v for k, v in reply.items() if k != "tool_usage"}, "status": status, "output": [], "usage": None,
+                "background": True}
 
     def _responses_stream(self, h: Any, reply: dict[str, Any], words: list[str], scenario: str) -> None:
         """A Responses API stream, as OpenAI sends it: response.created, each output item added and done (the
@@ -532,6 +547,19 @@ class MockProvider:
             return h._json(404, {"error": {"type": "invalid_request_error", "code": None, "param": None,
                                            "message": f"Response with id '{response_id}' not found."}})
         reply, given = found
+        with self.lock:
+            running = self.background.get(response_id, 0)
+            if running and rest == "/cancel":  # ended now: the input, and half the output made so far
+                usage = reply.get("usage") or {}
+                made = usage.get("output_tokens", 0) // 2
+                reply = {**reply, "status": "cancelled", "usage": {
+                    "input_tokens": usage.get("input_tokens", 0), "output_tokens": made,
+                    "total_tokens": usage.get("input_tokens", 0) + made}}
+                self.stored[response_id], self.background[response_id] = (reply, given), 0
+                return h._json(200, reply)
+            if running and method == "GET" and not rest:
+                self.background[response_id] = running - 1
+                return h._json(200, self._unfinished(reply, "in_progress"))
         if method == "DELETE":
             return h._json(200, {"id": response_id, "object": "response", "deleted": True})
         if rest == "/input_items":

@@ -21,6 +21,7 @@ and shown; secrets are not):
         api_key_env: OPENAI_KEY_3
         organization: org-...      # sent as OpenAI-Organization / OpenAI-Project with this account's
         project: proj_...          # requests (a client's own are never sent: they name its account)
+        base_url: https://api.openai.com/v1   # where policyd asks for background responses (optional)
       - name: vertex-1
         provider: google           # Vertex AI (Gemini; provider anthropic for Claude on Vertex AI)
         cluster: vertex
@@ -73,6 +74,9 @@ class AccountConfig(BaseModel):
     # a Google Cloud service account's key (Vertex AI): the account's credential is an access token minted from it
     service_account_file: str = ""
     service_account_env: str = ""
+    # where policyd itself reaches this account's API, as an SDK's base_url ("https://api.openai.com/v1"): it
+    # asks there for the background responses it waits for (their usage comes after the request)
+    base_url: str = Field("", max_length=512, pattern=r"^(https?://\S+)?$")
 
 
 def _service_account(path: str, config: AccountConfig) -> ServiceAccountToken | None:
@@ -106,6 +110,7 @@ class Account:
     organization: str = ""
     project: str = ""
     service_account: ServiceAccountToken | None = None  # its secret is the access token last minted from it
+    base_url: str = ""  # where policyd asks for this account's background responses ("": it cannot)
 
     def credential_header(self) -> tuple[str, str]:
         header = AUTH_HEADERS[self.auth]
@@ -147,7 +152,8 @@ class ProviderPool:
                 config.auth or DEFAULT_AUTH.get(config.provider, "bearer")
             accounts.append(Account(config.name, config.provider, config.cluster or config.provider, auth, secret,
                                     provider_key_id=config.provider_key_id, organization=config.organization,
-                                    project=config.project, service_account=service_account))
+                                    project=config.project, service_account=service_account,
+                                    base_url=config.base_url.rstrip("/")))
         return cls(accounts)
 
     def minting(self) -> list[Account]:

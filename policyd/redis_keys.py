@@ -63,6 +63,11 @@ def reservation(partition: int, request_id: str) -> str:
     return f"{_tag(partition)}:resv:{request_id}"
 
 
+def background_polls(partition: int) -> str:
+    """zset request id -> when policyd next asks the provider for its background response (Engine.poll_later)"""
+    return f"{_tag(partition)}:polls"
+
+
 def deadlines(partition: int) -> str:
     return f"{_tag(partition)}:deadlines"
 

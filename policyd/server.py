@@ -19,6 +19,7 @@ from policyd.dashboard import serve_dashboard
 from policyd.admin import Admin
 from policyd.alerts import AlertDelivery
 from policyd.anomalies import AnomalyDetector
+from policyd.background import BackgroundResponses
 from policyd.money import parse_amount
 from policyd.counters import Counters, connect
 from policyd.db import migrate
@@ -87,6 +88,8 @@ class Service:
         admin = Admin(store, counters, book, directory, writer, settings.reservation_ttl_seconds)
         pool = ProviderPool.load(settings.providers_file)
         admin.pool = pool
+        engine.background = BackgroundResponses(engine, pool, settings.background_response_seconds,
+                                                settings.background_poll_seconds)
         admin.finish_closings = engine.finish_closings
         return cls(settings, store, counters, book, directory, writer, engine, admin, pool)
 
@@ -104,6 +107,9 @@ class Service:
             log.info("policy %s: version %d%s", self.settings.policy_file, result.version,
                      " (applied)" if result.changed else " (unchanged)")
         self.tasks.append(asyncio.create_task(self.engine.run_sweeper(self.stop, self.settings.sweeper_interval_ms)))
+        self.tasks.append(asyncio.create_task(every(self.settings.background_poll_seconds, self.stop,
+                                                    self.engine.background.poll_due,
+                                                    "asking providers for background responses")))
         self.tasks.append(asyncio.create_task(runtime.watch_loop_lag(self.stop)))
         self.tasks.append(asyncio.create_task(self.book.run(self.stop, self.settings.policy_refresh_ms)))
         if self.pool.accounts:

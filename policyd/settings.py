@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     writer_enabled: bool = Field(True, description="run the stream-to-SQL writer, and the loops that read SQL "
                                  "(anomalies, rollups, webhooks), in this process")
     sweeper_interval_ms: int = Field(500, ge=10, description="how often reservations past their deadline are closed")
+    background_response_seconds: int = Field(10800, ge=60, description="how long a background response (the "
+                                             "Responses API's background: true) is waited for: its hold stays while "
+                                             "policyd asks the provider for it, then it is charged as held")
+    background_poll_seconds: float = Field(5.0, gt=0, le=300, description="how often policyd asks the provider "
+                                           "for a background response it waits for (with the account's base_url)")
     policy_refresh_ms: int = Field(500, ge=10, description="how often a replica checks for a newer policy")
     webhook_urls: str = Field("", description="comma-separated URLs that receive alerts (JSON, HMAC-signed)")
     webhook_secret: str = Field("", description="the HMAC-SHA256 key alerts are signed with (x-policyd-signature)")

@@ -445,6 +445,7 @@ class ResponseReader:
         self._containers: set[str] = set()  # the hosted containers a stream's items ran code in
         self.images = 0  # images in an images reply (priced per image)
         self.response_id = ""  # the id of the response the provider stored (the Responses API's, a stored chat's)
+        self.response_status = ""  # a Responses API response's last status seen (queued, in_progress, completed...)
         self.stored = stored or endpoint == "responses"
         self.malformed = False
         self.finished = False  # the provider said the stream is complete ([DONE], message_stop, ...)
@@ -591,9 +592,19 @@ class ResponseReader:
         if isinstance(found, str) and 0 < len(found) <= 200:
             self.response_id = found
 
+    def _response_status(self, data: Any) -> None:
+        """A Responses API response's status: a whole reply's, or the one a stream's event carries."""
+        if self.endpoint != "responses" or not isinstance(data, dict):
+            return
+        response = data.get("response") if self.stream else data
+        status = response.get("status") if isinstance(response, dict) else None
+        if isinstance(status, str) and status:
+            self.response_status = status[:32]
+
     def _event(self, data: Any) -> None:
         """One event of a stream (an SSE data line, an object of a JSON-array stream)."""
         self._response_id(data)
+        self._response_status(data)
         if usage_from(self.endpoint, data, self.tokens):
             self.found_usage = self.found_usage or self.tokens.any
             if self.endpoint == "anthropic_messages":
@@ -655,6 +666,7 @@ class ResponseReader:
         if self.endpoint == "responses" and isinstance(data, dict) and data.get("object") in ("conversation", "file"):
             self.found_usage = True  # a conversation made, a file uploaded, cost nothing: the reply is all the usage
         self._response_id(data)
+        self._response_status(data)
         self.delivered_bytes = _reply_text(data)
         if self.endpoint == "images" and isinstance(data, dict) and isinstance(data.get("data"), list):
             self.images = len(data["data"])
@@ -679,21 +691,29 @@ class Closing:
     estimate  no final usage from the provider: input as the provider reported it (Anthropic does at the
               stream's start), else as estimated at Authorize; output from what was delivered, or, for a
               reply not streamed, which the provider makes whole, that its client left before it began or
-              that was cut on its way (`output_as_held`), the output cap held for it.
+              that was cut on its way (`output_as_held`), the output cap held for it;
+    poll      a background response (the Responses API's background: true) the provider has not finished:
+              it goes on at the provider whatever the client does, and is charged when policyd, asking the
+              provider for it, finds it ended (Engine.poll_later).
     """
 
-    action: str  # release | settle | estimate
+    action: str  # release | settle | estimate | poll
     reason: str = ""  # the release reason, or the estimate's error class
     interrupted: bool = False
     output_as_held: bool = False
 
 
+# a Responses API response's statuses once it has ended (queued and in_progress: not yet)
+ENDED_RESPONSE_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled"})
+
+
 def closing(status: int, reader: ResponseReader, cut: bool, client_left: bool = True,
-            gateway_timed_out: bool = False) -> Closing:
+            gateway_timed_out: bool = False, background: bool = False) -> Closing:
     """`status` is the provider's HTTP status (0: no answer), `cut` whether the response ended early,
     `client_left` whether no answer came because the client left (a proxy that failed before it reached
     the provider: released), `gateway_timed_out` whether the status is the gateway's own for giving up
-    on the provider (its route or idle timeout)."""
+    on the provider (its route or idle timeout), `background` whether the request asked for a background
+    response (it goes on at the provider after its reply, or its stream, ends)."""
     if status >= 400 and gateway_timed_out:
         # the provider has the request and goes on with it, as for a client gone: charged as held
         return Closing("estimate", "usage_estimated:gateway_timeout", interrupted=True,
@@ -708,6 +728,9 @@ def closing(status: int, reader: ResponseReader, cut: bool, client_left: bool = 
         # leaves (its input is charged), a reply not streamed is made whole all the same (OpenAI goes on
         # with it), so its output is charged as held, the most it could be: leaving early saves nothing
         return Closing("estimate", "usage_estimated:client_gone", interrupted=True, output_as_held=not reader.stream)
+    if background and reader.response_id and reader.response_status not in ENDED_RESPONSE_STATUSES:
+        # queued, or its stream cut before it ended: the provider goes on with it, and bills all of it
+        return Closing("poll", "background")
     # the provider's own usage is exact: when the response ended, when the client hung up only after the
     # provider's last event ([DONE], message_stop), or when a cut came after the usage of the whole output
     complete = not cut or reader.finished

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import grpc
+import httpx
 import urllib.error
 import urllib.request
 import openai
@@ -68,10 +69,12 @@ class Gateway(FundedCustomers):
         self.shape = shape
         self.mock = MockProvider(api_keys=PROVIDER_KEYS).start()
         providers = tmp / "providers.yaml"
-        providers.write_text(PROVIDERS)
+        base_url = f"base_url: 'http://127.0.0.1:{self.mock.port}/v1'"  # where policyd asks for background responses
+        providers.write_text(PROVIDERS.replace("cluster: openai,", f"cluster: openai, {base_url},"))
         self.database = tmp / "policyd.db"
         self.policyd = PolicydProcess("", f"sqlite:///{self.database}", policy=str(FIXTURES / "gateway_policy.yaml"),
-                                      extra_env={"POLICYD_PROVIDERS_FILE": str(providers)}, cwd=str(tmp))
+                                      extra_env={"POLICYD_PROVIDERS_FILE": str(providers),
+                                                 "POLICYD_BACKGROUND_POLL_SECONDS": "0.2"}, cwd=str(tmp))
         self.port = free_port()
         config = tmp / "envoy.yaml"
         config.write_text(render(listen_port=self.port, policyd_port=self.policyd.port, admin_port=free_port(),
@@ -1056,13 +1059,86 @@ def test_token_counts_are_free_but_need_a_key_that_may_use_the_model(gateway: Ga
     assert list(gateway.records("e2e-count-house")) == []
 
 
-def test_a_background_response_is_refused_before_the_provider(gateway: Gateway) -> None:
+def settled_record(gateway: Gateway, request_id: str, seconds: float = 15.0) -> dict[str, Any]:
+    """The request's record once settled (a background response's is open, held, until it ends)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        record = gateway.record(request_id, seconds)
+        if record["status"] in ("settled", "settled_late", "released"):
+            return record
+        assert time.monotonic() < deadline, record
+        time.sleep(0.1)
+
+
+def test_a_background_response_is_charged_when_it_ends(gateway: Gateway) -> None:
+    """A background response (background: true) is answered at once, queued, with no usage: the provider goes
+    on with it and bills it whole. It was refused (its usage could not be charged); it is served now, its
+    hold kept while it runs, and charged exactly what the provider reports once it ends, whether its client
+    polls for it or never comes back."""
     key = gateway.customer("e2e-background")
-    with pytest.raises(openai.BadRequestError) as refused:
-        gateway.client(key).responses.create(model="gpt-4o-mini", input="research in the background", background=True)
-    assert (refused.value.code, refused.value.param) == ("invalid_request", "background")
-    assert "research in the background" not in json.dumps(gateway.mock.received())
-    assert [r.reason for r in gateway.records("e2e-background")] == ["invalid_request"]
+    client = gateway.client(key)
+    raw = client.responses.with_raw_response.create(model="gpt-4o-mini", input="research in the background",
+                                                    background=True, extra_headers={"x-mock-background-polls": "3"})
+    queued = raw.parse()
+    request_id = raw.headers["x-policyd-request-id"]
+    assert (queued.status, queued.usage) == ("queued", None)
+    held = gateway.wallet("e2e-background")
+    assert held.reserved_nanos > 0  # held while it runs, whatever its reply said
+    while (polled := client.responses.retrieve(queued.id)).status != "completed":  # the client polls for it
+        assert polled.status in ("queued", "in_progress")
+        time.sleep(0.05)
+    record = settled_record(gateway, request_id)
+    assert (record["status"], record["error_class"], record["provider_response_id"]) == ("settled", "", queued.id)
+    assert (record["input_tokens"], record["output_tokens"]) == (polled.usage.input_tokens, polled.usage.output_tokens)
+    assert record["charge_nanos"] == expected_charge("gpt-4o-mini", polled.usage.input_tokens,
+                                                     polled.usage.output_tokens)
+    after = gateway.wallet("e2e-background")
+    assert (after.reserved_nanos, after.balance_nanos) == (0, held.balance_nanos - record["charge_nanos"])
+
+    # a client that never comes back: policyd asks the provider for it, with the account that made it
+    raw = client.responses.with_raw_response.create(model="gpt-4o-mini", input="nobody polls for this one",
+                                                    background=True, extra_headers={"x-mock-background-polls": "4"})
+    record = settled_record(gateway, raw.headers["x-policyd-request-id"])
+    completed = client.responses.retrieve(raw.parse().id)
+    assert completed.status == "completed" and record["status"] == "settled"
+    assert record["charge_nanos"] == expected_charge("gpt-4o-mini", completed.usage.input_tokens,
+                                                     completed.usage.output_tokens) > 0
+    asked = [r for r in gateway.mock.received() if r["path"].endswith(f"/responses/{raw.parse().id}")]
+    assert asked and all(r["authorization"].removeprefix("Bearer ") in PROVIDER_KEYS for r in asked)  # not its key
+
+    # cancelled while it runs: charged what the provider says it used
+    raw = client.responses.with_raw_response.create(model="gpt-4o-mini", input="cancel me in the background",
+                                                    background=True, extra_headers={"x-mock-background-polls": "1000"})
+    cancelled = client.responses.cancel(raw.parse().id)
+    record = settled_record(gateway, raw.headers["x-policyd-request-id"])
+    assert cancelled.status == "cancelled" and record["status"] == "settled"
+    assert (record["input_tokens"], record["output_tokens"]) == (cancelled.usage.input_tokens,
+                                                                 cancelled.usage.output_tokens)
+    assert gateway.wallet("e2e-background").reserved_nanos == 0
+    assert gateway.admin.Audit(admin_pb2.AuditRequest()).ok
+
+
+def test_a_background_stream_cut_is_charged_when_the_response_ends(gateway: Gateway) -> None:
+    """A background response streamed, its stream cut half-way: the provider goes on with it (that is what
+    background means), so it is charged all of it once it ends, not the half that was delivered."""
+    key = gateway.customer("e2e-background-stream")
+    client = gateway.client(key)
+    with client.responses.with_streaming_response.create(
+            model="gpt-4o-mini", input="stream it in the background", background=True, stream=True,
+            extra_headers={"x-mock-scenario": "cut", "x-mock-background-polls": "2"}) as response:
+        request_id = response.headers["x-policyd-request-id"]
+        events = []
+        with pytest.raises((openai.APIError, httpx.HTTPError)):
+            for event in response.parse():
+                events.append(event)
+    response_id = events[0].response.id
+    record = settled_record(gateway, request_id)
+    completed = client.responses.retrieve(response_id)
+    assert (record["status"], record["error_class"]) == ("settled", "")
+    assert (record["input_tokens"], record["output_tokens"]) == (completed.usage.input_tokens,
+                                                                 completed.usage.output_tokens)
+    assert record["charge_nanos"] == expected_charge("gpt-4o-mini", completed.usage.input_tokens,
+                                                     completed.usage.output_tokens)
 
 
 def test_a_request_the_provider_could_read_otherwise_is_refused_before_it(gateway: Gateway) -> None:

@@ -259,6 +259,11 @@ def test_unusable_requests_get_clear_errors_a_record_and_move_no_money(gateway: 
                        b'{"model": "gpt-4o-mini", "x": "' + b"a" * (33 * 1024 * 1024) + b'"}')
     assert (code, reply["error"]["code"]) == (413, "request_too_large")
     assert gateway.record("mw-bad-3")["reason"] == "request_too_large"
+    # a background response's usage comes after its reply, which a native integration does not follow
+    code, reply = post(f"{gateway.base_url}/responses", {**auth, "x-policyd-request-id": "mw-bad-4"},
+                       b'{"model": "gpt-4o-mini", "input": "later", "background": true}')
+    assert (code, reply["error"]["code"], reply["error"]["param"]) == (400, "invalid_request", "background")
+    assert gateway.record("mw-bad-4")["reason"] == "invalid_request"
     wallet = gateway.wallet("mw-bad")
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("1"), 0)
 

@@ -448,14 +448,38 @@ def test_input_a_request_only_refers_to_is_noticed(path: str, body: dict, unseen
     assert call.authorize_input().shape.unseen_input is unseen
 
 
-def test_a_background_response_is_refused_with_a_clear_error() -> None:
-    """A background response answers at once with no usage; its tokens are billed later, while the client
-    polls: it cannot be charged, so it is refused (and recorded), not undercharged."""
+def test_a_background_response_is_followed_until_it_ends() -> None:
+    """A background response answers at once, queued, with no usage; its tokens are billed as it goes on at
+    the provider. It was refused; now its reply (or its stream, cut before the response ended) leaves it to
+    policyd to ask the provider for it (Closing poll), where a request not in the background is estimated."""
     body = json.dumps({"model": "o3-deep-research", "input": "research", "background": True}).encode()
     call = parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, body)
-    assert (call.problem, call.problem_param) == ("invalid_request", "background")
+    assert not call.problem and call.background
     foreground = json.dumps({"model": "o3", "input": "x", "background": False}).encode()
-    assert not parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, foreground).problem
+    assert not parse_call("POST", "/v1/responses", {"authorization": "Bearer k"}, foreground).background
+
+    def read(stream: bool, *parts: dict[str, Any]) -> ResponseReader:
+        reader = ResponseReader("responses", stream)
+        for part in parts:
+            reader.feed(f"data: {json.dumps(part)}\n\n".encode() if stream else json.dumps(part).encode())
+        reader.finish()
+        return reader
+
+    queued = read(False, {"id": "resp_1", "object": "response", "status": "queued", "usage": None})
+    assert (queued.response_id, queued.response_status) == ("resp_1", "queued")
+    assert closing(200, queued, cut=False, background=True) == Closing("poll", "background")
+    assert closing(200, queued, cut=False).action == "estimate"  # not in the background: no usage reported
+    usage = {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}
+    done = read(False, {"id": "resp_1", "object": "response", "status": "completed", "usage": usage})
+    assert closing(200, done, cut=False, background=True).action == "settle"
+    started = {"type": "response.created", "response": {"id": "resp_2", "status": "in_progress"}}
+    cut = read(True, started, {"type": "response.output_text.delta", "delta": "half"})
+    assert closing(200, cut, cut=True, background=True) == Closing("poll", "background")
+    whole = read(True, started, {"type": "response.completed", "response": {"id": "resp_2", "status": "completed",
+                                                                             "usage": usage}})
+    assert closing(200, whole, cut=True, background=True).action == "settle"  # ended before the cut
+    assert closing(500, queued, cut=False, background=True).action == "release"  # the provider refused it
+    assert closing(0, read(False), cut=False, background=True).action == "estimate"  # no reply: no id to ask by
 
 
 def test_a_streamed_image_is_read_to_its_completed_event() -> None:

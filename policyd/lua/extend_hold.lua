@@ -9,6 +9,8 @@
 -- KEYS[4] gate               "open" while the partition's counters are whole: else refuse
 -- ARGV[1] request_id
 -- ARGV[2] the new deadline, unix ms (the reservation's own `expires` stays: it says when it was due)
+-- and, for a background response policyd asks the provider for until it ends (Engine.poll_later):
+-- KEYS[5] background polls zset    ARGV[3] when to ask first, unix ms    ARGV[4] what to ask (field `poll`)
 -- Returns {"extended"} | {"already", state} | {"unknown"} | {"fenced"}
 
 if redis.call('GET', KEYS[4]) ~= 'open' then
@@ -25,4 +27,8 @@ if redis.call('HSETNX', KEYS[1], 'slot', 'returned') == 1 then
   redis.call('DECR', KEYS[3])
 end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+if KEYS[5] then
+  redis.call('HSET', KEYS[1], 'poll', ARGV[4])
+  redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+end
 return {'extended'}

@@ -1,0 +1,144 @@
+"""Background responses (the Responses API's `background: true`): charged when they end, not when their
+reply does.
+
+Their reply comes at once, queued, with no usage; the provider goes on with the response whatever the client
+does (it may poll for it, stream it, cancel it, or never come back), and bills all of it. So when a request's
+reply (or its cut stream) leaves a background response unfinished, its reservation is kept, its hold standing,
+until the provider says it ended: policyd asks the provider for it (GET <base_url>/responses/<id>, with the
+account that made it) every `background_poll_seconds`, and settles it with the usage the provider reports, as
+any reply's (failed or cancelled with none: released). One replica asks at a time (claim_polls.lua). If it has
+not ended after `background_response_seconds`, or cannot be asked for (an account without a base_url, a
+response the provider no longer knows), it is charged as held at that deadline, as any request whose end
+nobody saw (Engine.expire_due), never released free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import TYPE_CHECKING
+
+from policyd.domain import PolicydError, UsageReport
+from policyd.providers import Account, ProviderPool
+from policyd.usage_capture import ENDED_RESPONSE_STATUSES, ResponseReader
+
+if TYPE_CHECKING:
+    from policyd.engine import Engine
+
+log = logging.getLogger("policyd.background")
+
+POLL_BATCH = 50  # background responses asked for at a time, a partition
+POLL_TIMEOUT_SECONDS = 10
+REPLY_BYTES_MAX = 32 * 1024 * 1024  # a response's JSON, as the gateway reads at most
+
+
+class BackgroundResponses:
+    def __init__(self, engine: Engine, pool: ProviderPool, wait_seconds: int, poll_seconds: float) -> None:
+        self.engine = engine
+        self.counters = engine.counters
+        self.pool = pool
+        self.wait_ms = wait_seconds * 1000
+        self.poll_ms = max(1, int(poll_seconds * 1000))
+
+    async def poll_later(self, request_id: str, response_id: str, account: str) -> None:
+        """A request whose background response the provider has not finished: its hold is kept (its key's
+        concurrency slot returned: the client's request has ended) until it ends, asked for from now on, at
+        most wait_seconds."""
+        reservation = await self.counters.find_reservation(request_id)
+        if reservation is None:
+            log.error("background response %s of request %s: no reservation to keep", response_id[:64], request_id)
+            return
+        record = reservation.record  # its customer may read and cancel it meanwhile, no other may
+        await self.engine.remember_response(record["customer_id"], response_id, record["provider"],
+                                            record["upstream"], account)
+        at = self.engine.clock()
+        outcome = await self.counters.extend_hold(reservation, reservation.record["api_key_id"], at + self.wait_ms,
+                                                  poll=(at + self.poll_ms, f"{account}\n{response_id}"))
+        if outcome != "extended":
+            log.warning("background response %s of request %s: its reservation is %s", response_id[:64],
+                        request_id, outcome)
+
+    async def poll_due(self) -> int:
+        """Ask the providers for the background responses due, in every partition; how many ended."""
+        ended = 0
+        at = self.engine.clock()
+        for partition in range(self.counters.partitions):
+            claimed = await self.counters.claim_polls(partition, at, at + self.poll_ms, POLL_BATCH)
+            for request_id, poll in claimed:
+                try:
+                    done = await self._ask(request_id, poll)
+                except Exception:
+                    log.exception("asking for the background response of request %s", request_id)
+                    continue  # asked again at its next turn
+                if done:
+                    await self.counters.stop_polling(partition, request_id)
+                    ended += 1
+        return ended
+
+    async def _ask(self, request_id: str, poll: str) -> bool:
+        """Whether the request is done with: its response ended and charged, or nothing left to ask for."""
+        account_name, _, response_id = poll.partition("\n")
+        if not response_id:
+            return True  # its reservation closed (settled, expired): nothing to ask for
+        account = self._account(account_name)
+        if account is None or not account.base_url:
+            log.warning("background response %s of request %s: account %r has no base_url to ask it at; "
+                        "charged as held at its deadline", response_id[:64], request_id, account_name)
+            return True
+        status, body = await asyncio.to_thread(_get, account, response_id)
+        if status == 404:  # deleted before it was charged (or never made): what it used cannot be known
+            await self._charge_as_held(request_id, "usage_estimated:background_gone", response_id, account_name)
+            return True
+        if status != 200:
+            return False  # asked again at its next turn (its deadline charges it as held at worst)
+        reader = ResponseReader("responses", stream=False, stored=True)
+        reader.feed(body)
+        reader.finish()
+        if reader.response_status not in ENDED_RESPONSE_STATUSES:
+            return False
+        try:
+            if reader.found_usage:
+                await self.engine.settle(UsageReport(
+                    request_id=request_id, **reader.tokens.fields(), upstream_status=200,
+                    provider_account=account_name, provider_response_id=response_id))
+            elif reader.response_status in ("failed", "cancelled"):  # ended before it used anything billed
+                await self.engine.release(request_id, f"background_{reader.response_status}")
+            else:
+                await self._charge_as_held(request_id, "usage_estimated:no_usage_reported", response_id, account_name)
+        except PolicydError as error:  # closed meanwhile (a deadline, an operator): nothing more to do
+            log.warning("background response %s of request %s: %s", response_id[:64], request_id, error.reason)
+        return True
+
+    async def _charge_as_held(self, request_id: str, reason: str, response_id: str, account: str) -> None:
+        try:
+            await self.engine.settle_estimated(request_id, 0, interrupted=True, error_class=reason,
+                                               provider_account=account, provider_response_id=response_id,
+                                               output_as_held=True)
+        except PolicydError as error:
+            log.warning("background response %s of request %s: %s", response_id[:64], request_id, error.reason)
+
+    def _account(self, name: str) -> Account | None:
+        for accounts in self.pool.accounts.values():
+            for account in accounts:
+                if account.name == name:
+                    return account
+        return None
+
+
+def _get(account: Account, response_id: str) -> tuple[int, bytes]:
+    """The provider's answer for a stored response: (HTTP status, body); status 0 when it could not be reached."""
+    header, value = account.credential_header()
+    request = urllib.request.Request(
+        f"{account.base_url}/responses/{urllib.parse.quote(response_id, safe='')}",
+        headers={header: value, **dict(account.account_headers()), "accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=POLL_TIMEOUT_SECONDS) as reply:
+            return reply.status, reply.read(REPLY_BYTES_MAX)
+    except urllib.error.HTTPError as error:
+        return error.code, b""
+    except (OSError, ValueError):
+        return 0, b""
+

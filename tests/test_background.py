@@ -1,0 +1,115 @@
+"""Background responses followed to their end (policyd/background.py), on both backends: asked for by one
+replica at a time, and never released free when they cannot be asked for. The gateway's side, through the
+real Envoy with the openai SDK, is in tests/test_gateway.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from dataclasses import replace
+
+from policyd import redis_keys
+from policyd.background import BackgroundResponses
+from policyd.mock_provider import MockProvider
+from policyd.providers import Account, ProviderPool
+from policyd.server import Service
+from tests.helpers import ask, fund, new_key
+
+PROVIDER_KEY = "sk-mock-background"
+
+
+def queued_at(provider: MockProvider, polls: int) -> dict:
+    """A background response made at the provider, as the gateway's request made it: its queued reply."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{provider.port}/v1/responses", method="POST",
+        data=json.dumps({"model": "gpt-4o-mini", "input": "a long piece of research", "background": True}).encode(),
+        headers={"authorization": f"Bearer {PROVIDER_KEY}", "content-type": "application/json",
+                 "x-mock-background-polls": str(polls)})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+def pool(base_url: str) -> ProviderPool:
+    return ProviderPool([Account("openai-bg", "openai", "openai", "bearer", PROVIDER_KEY, base_url=base_url)])
+
+
+async def test_one_replica_asks_at_a_time_and_the_end_is_charged_once(service: Service) -> None:
+    """Two replicas asking at once: each background response is asked for by one of them a turn, and
+    charged once, exactly what the provider reports at its end."""
+    provider = MockProvider(api_keys=(PROVIDER_KEY,)).start()
+    try:
+        _, secret = await new_key(service)
+        await fund(service, "acme", "5")
+        clock = [service.engine.clock()]
+        service.engine.clock = lambda: clock[0]
+        replicas = [BackgroundResponses(service.engine, pool(f"http://127.0.0.1:{provider.port}/v1"), 3600, 1.0)
+                    for _ in range(2)]
+        made = []
+        for i in range(3):
+            decision = await service.engine.authorize(replace(ask(secret, endpoint="responses", request_id=f"bg-{i}"),
+                                                              charge_held_on_expiry=True))
+            assert decision.decision == "allow"
+            made.append(queued_at(provider, polls=2))
+            await replicas[0].poll_later(f"bg-{i}", made[-1]["id"], "openai-bg")
+        held = await service.counters.wallet("acme")
+        assert held[1] > 0
+        ended = 0
+        for _ in range(5):
+            clock[0] += 1000
+            ended += sum(await asyncio.gather(*(r.poll_due() for r in replicas)))
+        assert ended == 3
+        await service.writer.drain()
+        for i, queued in enumerate(made):
+            asked = [r for r in provider.received() if r["path"] == f"/v1/responses/{queued['id']}"]
+            assert len(asked) == 3  # in progress twice, then ended: once a turn, whichever replica's turn
+            record = service.store.usage_record(f"bg-{i}")
+            usage = provider.stored[queued["id"]][0]["usage"]
+            assert (record.status, record.input_tokens, record.output_tokens) == \
+                ("settled", usage["input_tokens"], usage["output_tokens"])
+            assert record.provider_response_id == queued["id"]
+        balance, reserved = await service.counters.wallet("acme")
+        assert reserved == 0 and balance == held[0] - sum(
+            service.store.usage_record(f"bg-{i}").charge_nanos for i in range(3))
+        assert await service.counters.client.zcard(redis_keys.background_polls(0)) == 0
+        assert (await service.admin.audit()).ok
+    finally:
+        provider.stop()
+
+
+async def test_a_background_response_that_cannot_be_asked_for_is_charged_as_held(service: Service) -> None:
+    """An account without a base_url (or a response the provider no longer knows): what it used cannot be
+    learnt, and the provider bills it. Its hold stays past the request's own deadline, then it is charged as
+    held, never released free."""
+    provider = MockProvider(api_keys=(PROVIDER_KEY,)).start()
+    try:
+        _, secret = await new_key(service)
+        await fund(service, "acme", "5")
+        clock = [service.engine.clock()]
+        service.engine.clock = lambda: clock[0]
+        unreachable = BackgroundResponses(service.engine, pool(""), 3600, 1.0)
+        gone = BackgroundResponses(service.engine, pool(f"http://127.0.0.1:{provider.port}/v1"), 3600, 1.0)
+        for request_id, background in (("gone", gone), ("no-base-url", unreachable)):
+            decision = await service.engine.authorize(replace(ask(secret, endpoint="responses", request_id=request_id),
+                                                              charge_held_on_expiry=True))
+            await background.poll_later(request_id, "resp_unknown" if request_id == "gone" else
+                                        queued_at(provider, 2)["id"], "openai-bg")
+            clock[0] += 1000
+            assert await background.poll_due() == 1  # done with: charged, or nowhere to ask
+        await service.writer.drain()
+        assert service.store.usage_record("gone").error_class == "usage_estimated:background_gone"
+        assert service.store.usage_record("gone").charge_nanos == decision.reserved > 0  # as held
+        assert service.store.usage_record("no-base-url").status == "reserved"
+        clock[0] += 2 * service.engine.reservation_ttl_ms  # past the request's own deadline: still held
+        await service.engine.expire_due()
+        assert (await service.counters.wallet("acme"))[1] == decision.reserved
+        clock[0] += 3600 * 1000  # past the background deadline: charged as held
+        await service.engine.expire_due()
+        await service.writer.drain()
+        record = service.store.usage_record("no-base-url")
+        assert (record.status, record.error_class) == ("settled", "usage_estimated:end_unseen")
+        assert record.charge_nanos == decision.reserved
+        assert (await service.counters.wallet("acme"))[1] == 0
+        assert (await service.admin.audit()).ok
+    finally:
+        provider.stop()
