@@ -702,18 +702,26 @@ class Admin:
                 wallet = row.wallet_id or row.customer_id
                 reserved[wallet] = reserved.get(wallet, 0) + row.reserved_nanos
                 p = self.counters.partition_of(row.customer_id)
-                inflight[(p, row.api_key_id)] = inflight.get((p, row.api_key_id), 0) + 1
+                facts = dict(row.reservation_facts or {})
+                # a background response policyd asks the provider for (background.py): asked for on, held as
+                # long, its key's concurrency slot given back already
+                poll, poll_until = facts.pop("poll", ""), int(facts.pop("poll_until", 0) or 0)
+                if not poll:
+                    inflight[(p, row.api_key_id)] = inflight.get((p, row.api_key_id), 0) + 1
                 expires = row.created_ms + self.reservation_ttl_ms
                 record = {c: getattr(row, c) for c in _RECORD_COLUMNS}
                 record["wallet_id"] = record["wallet_id"] or row.customer_id
-                fields = {"record": record, "input_tokens_estimate": 0, **(row.reservation_facts or {})}
-                pipe = await batch.pipe(3)
+                fields = {"record": record, "input_tokens_estimate": 0, **facts}
+                pipe = await batch.pipe(5)
                 pipe.hset(redis_keys.reservation(p, row.request_id), mapping={
                     "state": "reserved", "key": redis_keys.key_state(p, row.api_key_id), "amount": str(row.reserved_nanos),
                     "wallet": "1", "expires": str(max(expires, at)), "created": str(row.created_ms),
                     "r": json.dumps(fields, separators=(",", ":")),
+                    **({"poll": poll, "slot": "returned"} if poll else {}),
                 })
-                pipe.zadd(redis_keys.deadlines(p), {row.request_id: max(expires, at)})
+                pipe.zadd(redis_keys.deadlines(p), {row.request_id: max(expires, poll_until, at)})
+                if poll:
+                    pipe.zadd(redis_keys.background_polls(p), {row.request_id: at})
                 pipe.set(redis_keys.request_index(row.request_id), str(p), ex=self.counters.request_index_seconds)
                 written += 1
             for customer in set(balances) | set(reserved):

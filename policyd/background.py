@@ -56,7 +56,7 @@ class BackgroundResponses:
                                             record["upstream"], account)
         at = self.engine.clock()
         outcome = await self.counters.extend_hold(reservation, reservation.record["api_key_id"], at + self.wait_ms,
-                                                  poll=(at + self.poll_ms, f"{account}\n{response_id}"))
+                                                  poll=(at + self.poll_ms, f"{account}\n{response_id}"), now_ms=at)
         if outcome != "extended":
             log.warning("background response %s of request %s: its reservation is %s", response_id[:64],
                         request_id, outcome)

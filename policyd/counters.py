@@ -609,7 +609,7 @@ class Counters:
         return int(raw[0] or 0), int(raw[1] or 0)
 
     async def extend_hold(self, reservation: Reservation, key_id: str, until_ms: int,
-                          poll: tuple[int, str] | None = None) -> str:
+                          poll: tuple[int, str] | None = None, now_ms: int = 0) -> str:
         """Keep a reservation past its deadline until `until_ms` (extend_hold.lua), its key's concurrency slot
         returned: extended | already | unknown. `poll`: (when, what) to ask the provider for its background
         response (Engine.poll_later)."""
@@ -618,8 +618,8 @@ class Counters:
                 redis_keys.inflight(p, key_id), redis_keys.gate(p)]
         args = [reservation.request_id, str(until_ms)]
         if poll is not None:
-            keys.append(redis_keys.background_polls(p))
-            args += [str(poll[0]), poll[1]]
+            keys += [redis_keys.background_polls(p), redis_keys.events(p)]
+            args += [str(poll[0]), poll[1], str(now_ms)]
         reply = await self._decide(self._extend_hold, keys, args)
         if _text(reply[0]) == "fenced":
             raise self._fenced(p)

@@ -282,7 +282,8 @@ class Writer:
 
     def _apply(self, entries: list[Entry]) -> None:
         with self.store.session() as session, session.begin():
-            request_ids = {f["rid"] for _, _, f in entries if f.get("type") in ("authorize", "settle", "release", "expire")}
+            request_ids = {f["rid"] for _, _, f in entries
+                           if f.get("type") in ("authorize", "settle", "release", "expire", "poll")}
             request_ids |= {f["rid"].removeprefix(REFUND_PREFIX) for _, _, f in entries
                             if f.get("type") == "grant" and f["rid"].startswith(REFUND_PREFIX)}
             records: dict[str, Record] = {}
@@ -306,6 +307,8 @@ class Writer:
                     ledger.append(self._settle(session, records, fields))
                 elif kind in ("release", "expire"):
                     self._close(session, records, fields, "released" if kind == "release" else "expired")
+                elif kind == "poll":
+                    self._poll(records, fields)
                 elif kind == "grant":
                     data = compact_json.loads(fields["d"])
                     refund_of = data.get("refund_of", "")
@@ -422,6 +425,16 @@ class Writer:
             row.closed_ms = int(fields["at"])
             row.close_reason = fields.get("reason", "")
             cls._closed(row)
+
+    @staticmethod
+    def _poll(records: dict[str, Record], fields: dict[str, str]) -> None:
+        """A background response policyd asks the provider for (background.py): kept with the open record's
+        facts, so a rebuild of the counters asks on, and holds it as long."""
+        row = records.get(fields["rid"])
+        if row is None or row.status != "reserved":
+            return  # closed already (or its authorize event not yet applied, by another writer: lost to a rebuild)
+        row.reservation_facts = {**(row.reservation_facts or {}), "poll": fields.get("poll", ""),
+                                 "poll_until": int(fields.get("until", "0") or 0)}
 
     @staticmethod
     def _closed(row: Record) -> None:

@@ -113,3 +113,45 @@ async def test_a_background_response_that_cannot_be_asked_for_is_charged_as_held
         assert (await service.admin.audit()).ok
     finally:
         provider.stop()
+
+
+async def test_a_background_response_is_asked_for_on_after_redis_lost_its_data(service: Service) -> None:
+    """Redis lost its data while a background response ran: the counters rebuilt from SQL ask the provider for
+    it on, hold it as long, and charge it exactly at its end (not as held at the request's own deadline); its
+    key's concurrency slot, given back when its reply ended, stays given back."""
+    provider = MockProvider(api_keys=(PROVIDER_KEY,)).start()
+    try:
+        key_id, secret = await new_key(service)
+        await fund(service, "acme", "5")
+        clock = [service.engine.clock()]
+        service.engine.clock = lambda: clock[0]
+        background = BackgroundResponses(service.engine, pool(f"http://127.0.0.1:{provider.port}/v1"), 3600, 1.0)
+        service.engine.background = background
+        await service.engine.authorize(replace(ask(secret, endpoint="responses", request_id="across"),
+                                               charge_held_on_expiry=True))
+        queued = queued_at(provider, polls=1)
+        await background.poll_later("across", queued["id"], "openai-bg")
+        await service.writer.drain()
+        wallet = await service.counters.wallet("acme")
+        await service.counters.client.flushall()
+        await service.writer.ensure_groups()
+        await service.admin.rebuild()
+        service.counters.forget("across")
+        assert await service.counters.wallet("acme") == wallet  # its hold restored
+        partition = service.counters.partition_of("acme")
+        assert int(await service.counters.client.get(redis_keys.inflight(partition, key_id)) or 0) == 0
+        clock[0] += 2 * service.engine.reservation_ttl_ms + 1  # past the request's own deadline, and one more TTL
+        await service.engine.expire_due()
+        assert (await service.counters.wallet("acme"))[1] == wallet[1]  # still held: it runs on at the provider
+        for _ in range(3):
+            clock[0] += 1000
+            await background.poll_due()
+        await service.writer.drain()
+        record = service.store.usage_record("across")
+        usage = provider.stored[queued["id"]][0]["usage"]
+        assert (record.status, record.error_class, record.input_tokens, record.output_tokens) == \
+            ("settled", "", usage["input_tokens"], usage["output_tokens"])
+        assert (await service.counters.wallet("acme"))[1] == 0
+        assert (await service.admin.audit()).ok
+    finally:
+        provider.stop()

@@ -9,8 +9,9 @@
 -- KEYS[4] gate               "open" while the partition's counters are whole: else refuse
 -- ARGV[1] request_id
 -- ARGV[2] the new deadline, unix ms (the reservation's own `expires` stays: it says when it was due)
--- and, for a background response policyd asks the provider for until it ends (Engine.poll_later):
+-- and, for a background response policyd asks the provider for until it ends (background.py):
 -- KEYS[5] background polls zset    ARGV[3] when to ask first, unix ms    ARGV[4] what to ask (field `poll`)
+-- KEYS[6] event stream             ARGV[5] now, unix ms (the writer keeps the poll in SQL, for a rebuild)
 -- Returns {"extended"} | {"already", state} | {"unknown"} | {"fenced"}
 
 if redis.call('GET', KEYS[4]) ~= 'open' then
@@ -30,5 +31,6 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 if KEYS[5] then
   redis.call('HSET', KEYS[1], 'poll', ARGV[4])
   redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+  redis.call('XADD', KEYS[6], '*', 'type', 'poll', 'rid', ARGV[1], 'at', ARGV[5], 'poll', ARGV[4], 'until', ARGV[2])
 end
 return {'extended'}
