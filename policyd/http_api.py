@@ -115,8 +115,14 @@ _CONVERSATION_METHODS = {"": ("GET", "POST", "DELETE"), "/items": ("GET", "POST"
 # OpenAI's files: one uploaded (POST, free; whose it is, remembered from the reply's id); one read, its
 # content downloaded, or deleted (free, for its own customer's keys alone); the account-wide list is not offered
 _FILES = re.compile(r"(^|/)(v1|openai)/files/?$")
-# ... the same path, as the gateway's route matches an upload (RE2, the whole path without its query)
-UPLOAD_PATH_REGEX = r"(.*/)?(v1|openai)/files/?"
+# OpenAI's Uploads API, for files past what one POST /v1/files takes (up to 8 GB, in parts of up to 64 MB): an
+# upload made (free, its id remembered as the customer's), its parts added and the upload cancelled (for its
+# own customer alone), and completed into a file (the file's id remembered as the customer's)
+_UPLOADS = re.compile(r"(^|/)(v1|openai)/uploads/?$")
+_UPLOAD = re.compile(r"(^|/)(v1|openai)/uploads/(?P<id>[A-Za-z0-9_.-]{1,200})/(?P<verb>parts|complete|cancel)/?$")
+# ... a file's body and an upload's part, as the gateway's route matches them (RE2, the whole path without its
+# query): their bodies stream to the provider, never read (streamed_upload)
+UPLOAD_PATH_REGEX = r"(.*/)?(v1|openai)/(files|uploads/[A-Za-z0-9_.-]+/parts)/?"
 _FILE = re.compile(r"(^|/)(v1|openai)/files/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/content)?/?$")
 _FILE_METHODS = {"": ("GET", "DELETE"), "/content": ("GET",)}
 # a chat completion the provider stored (store: true): read, its metadata changed, deleted; its messages read
@@ -278,6 +284,7 @@ class Endpoint:
     stored_response: str = ""  # the id of a stored response the request reads, deletes or cancels, or a conversation's
     creates: str = ""  # a conversation or a file made (CREATABLE)
     compaction: bool = False  # POST /v1/responses/compact: billed as a response, it takes no output cap
+    refers_to: str = ""  # the customer's own upload a file is made of (POST /v1/uploads/{id}/complete)
 
 
 def endpoint_of(method: str, path: str) -> Endpoint:
@@ -324,8 +331,13 @@ def endpoint_of(method: str, path: str) -> Endpoint:
         return Endpoint("chat_completions", count_tokens=True, stored_response=stored_chat.group("id"))
     if method.upper() == "POST" and _CONVERSATIONS.search(path):
         return Endpoint("responses", creates="conversation")
-    if method.upper() == "POST" and _FILES.search(path):
+    if method.upper() == "POST" and (_FILES.search(path) or _UPLOADS.search(path)):
         return Endpoint("responses", creates="file")
+    upload = _UPLOAD.search(path) if method.upper() == "POST" else None
+    if upload and upload.group("verb") == "complete":
+        return Endpoint("responses", creates="file", refers_to=upload.group("id"))
+    if upload:
+        return Endpoint("responses", count_tokens=True, stored_response=upload.group("id"))
     stored_file = _FILE.search(path)
     if stored_file and method.upper() in _FILE_METHODS[stored_file.group("rest") or ""]:
         return Endpoint("responses", count_tokens=True, stored_response=stored_file.group("id"))
@@ -338,11 +350,15 @@ def endpoint_of(method: str, path: str) -> Endpoint:
 
 
 def streamed_upload(method: str, path: str) -> bool:
-    """A file uploaded (OpenAI's Files API, up to the provider's 512 MB): free, decided on its headers, its
-    body never read, so the gateway streams it to the provider instead of holding it (its route: Envoy
-    sends policyd no body, UPLOAD_PATH_REGEX); other bodies are decided on and capped at
+    """A file uploaded (OpenAI's Files API, up to the provider's 512 MB; a part of an upload, up to 64 MB): free,
+    decided on its headers, its body never read, so the gateway streams it to the provider instead of holding
+    it (its route: Envoy sends policyd no body, UPLOAD_PATH_REGEX); other bodies are decided on and capped at
     REQUEST_BODY_BYTES_MAX."""
-    return method.upper() == "POST" and _FILES.search(path.split("?", 1)[0]) is not None
+    if method.upper() != "POST":
+        return False
+    path = path.split("?", 1)[0]
+    upload = _UPLOAD.search(path)
+    return _FILES.search(path) is not None or upload is not None and upload.group("verb") == "parts"
 
 
 QUERY_KEY = "key"  # Gemini's ?key=API_KEY: the customer's key when no header carries one
@@ -744,6 +760,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.stored_response = named.stored_response
     call.creates = named.creates
     call.compaction = named.compaction
+    if named.refers_to:  # the upload a file is made of: the customer's own, or not found
+        call.files = (named.refers_to,)
     call.attribution = _attribution(headers)
     forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
     call.client_address = forwarded or client_address

@@ -47,6 +47,7 @@ from policyd.multipart import MultipartError, MultipartForm
 
 STORED_RESPONSE_PATH = re.compile(r"/v1/responses/(?P<id>resp_[^/]+)(?P<rest>/input_items|/cancel)?$")
 FILE_PATH = re.compile(r"/v1/files(/(?P<id>[^/]+)(?P<content>/content)?)?$")
+UPLOAD_PATH = re.compile(r"/v1/uploads(/(?P<id>[^/]+)/(?P<verb>parts|complete|cancel))?$")
 STORED_CHAT_PATH = re.compile(r"/v1/chat/completions/(?P<id>chatcmpl-[^/]+)(?P<rest>/messages)?$")
 CONVERSATION_PATH = re.compile(r"/v1/conversations(/(?P<id>[^/]+)(?P<items>/items(/(?P<item>[^/]+))?)?)?$")
 WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
@@ -116,6 +117,7 @@ class MockProvider:
         self.response_ids = itertools.count(1)
         self.conversations: dict[str, dict[str, Any]] = {}  # id -> {"metadata": ..., "items": [...]}
         self.files: dict[str, tuple[dict[str, Any], bytes]] = {}  # id -> (the file object, its content)
+        self.uploads: dict[str, tuple[dict[str, Any], dict[str, bytes]]] = {}  # id -> (the upload, its parts by id)
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -196,7 +198,8 @@ class MockProvider:
             if boundary is not None:  # speech to text: the fields, and the audio apart
                 form = MultipartForm.parse(raw, boundary)
                 body = {p.name: p.content.decode("utf-8", "replace") for p in form.parts if p.filename is None}
-                audio = form.file("file").content if form.file("file") else b""
+                sent = form.file("file") or form.file("data")  # an audio file, a file uploaded; an upload's part
+                audio = sent.content if sent else b""
                 body["file_bytes"] = len(audio)
                 body["images_in"] = sum(1 for p in form.parts if p.filename is not None and p.name in ("image", "image[]"))
                 if "n" in body and body["n"].isdigit():
@@ -241,6 +244,9 @@ class MockProvider:
         conversation = CONVERSATION_PATH.search(route)
         if conversation:
             return self._conversation(h, body, conversation)
+        upload = UPLOAD_PATH.search(route)
+        if upload:
+            return self._upload(h, body, audio, upload.group("id"), upload.group("verb"))
         uploaded = FILE_PATH.search(route)
         if uploaded:
             return self._file(h, body, audio, uploaded.group("id"), bool(uploaded.group("content")))
@@ -517,6 +523,35 @@ class MockProvider:
         if download:
             return h._json(200, found[1], content_type="application/octet-stream")
         return h._json(200, found[0])
+
+    def _upload(self, h: Any, body: dict[str, Any], data: bytes, upload_id: str | None, verb: str | None) -> None:
+        """The Uploads API: an upload made, its parts added (a form's `data`), completed into a file of its
+        parts in the order given, or cancelled."""
+        with self.lock:
+            if upload_id is None:
+                upload_id = f"upload_mock{next(self.response_ids)}"
+                self.uploads[upload_id] = ({"id": upload_id, "object": "upload", "bytes": body.get("bytes", 0),
+                                            "created_at": 0, "expires_at": 3600, "filename": body.get("filename", ""),
+                                            "purpose": body.get("purpose", ""), "status": "pending", "file": None}, {})
+                return h._json(200, self.uploads[upload_id][0])
+            found = self.uploads.get(upload_id)
+            if found is None or found[0]["status"] != "pending":
+                return h._json(404, {"error": {"type": "invalid_request_error", "code": None, "param": None,
+                                               "message": f"No pending upload {upload_id}"}})
+            upload, parts = found
+            if verb == "parts":
+                part_id = f"part_mock{next(self.response_ids)}"
+                parts[part_id] = data
+                return h._json(200, {"id": part_id, "object": "upload.part", "created_at": 0, "upload_id": upload_id})
+            if verb == "cancel":
+                upload["status"] = "cancelled"
+                return h._json(200, upload)
+            content = b"".join(parts[part] for part in body.get("part_ids", []) if part in parts)
+            file_id = f"file-mock{next(self.response_ids)}"
+            self.files[file_id] = ({"id": file_id, "object": "file", "bytes": len(content), "created_at": 0,
+                                    "filename": upload["filename"], "purpose": upload["purpose"]}, content)
+            upload.update(status="completed", file=self.files[file_id][0])
+            return h._json(200, upload)
 
     def _stored_chat(self, h: Any, body: dict[str, Any], completion_id: str, rest: str) -> None:
         """Chat completions kept with store: true: read, their metadata changed, deleted, their messages listed."""

@@ -588,7 +588,8 @@ class ResponseReader:
             return
         response = data.get("response") if isinstance(data.get("response"), dict) else \
             data if not self.stream or self.endpoint != "responses" else {}
-        found = response.get("id")
+        made = response.get("file") if response.get("object") == "upload" else None
+        found = made.get("id") if isinstance(made, dict) else response.get("id")  # an upload completed: its file
         if isinstance(found, str) and 0 < len(found) <= 200:
             self.response_id = found
 
@@ -663,7 +664,8 @@ class ResponseReader:
                 self.malformed = True
                 return
         self.found_usage = usage_from(self.endpoint, data, self.tokens) and self.tokens.any
-        if self.endpoint == "responses" and isinstance(data, dict) and data.get("object") in ("conversation", "file"):
+        if self.endpoint == "responses" and isinstance(data, dict) and \
+                data.get("object") in ("conversation", "file", "upload"):
             self.found_usage = True  # a conversation made, a file uploaded, cost nothing: the reply is all the usage
         self._response_id(data)
         self._response_status(data)

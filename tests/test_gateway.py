@@ -2230,6 +2230,38 @@ def test_a_file_larger_than_any_request_body_policyd_reads_is_uploaded(gateway: 
     assert refused.value.status_code == 413
 
 
+def test_a_file_is_uploaded_in_parts_and_stays_its_customers(gateway: Gateway, tmp_path: Path) -> None:
+    """OpenAI's Uploads API (a file past what one POST /v1/files takes, in parts of up to 64 MB) was refused as
+    an unknown endpoint. It goes through now, free: the upload and the file made of it are its customer's
+    alone, each part streams to the provider (past the 32 MiB policyd reads of a body), decided on its headers."""
+    from policyd.http_api import REQUEST_BODY_BYTES_MAX
+
+    client = gateway.client(gateway.customer("e2e-upload"))
+    other = gateway.client(gateway.customer("e2e-upload-other"))
+    path = tmp_path / "input.jsonl"
+    content = b'{"custom_id": "1"}\n' * ((REQUEST_BODY_BYTES_MAX + 12 * 1024 * 1024) // 19)
+    path.write_bytes(content)
+    done = client.uploads.upload_file_chunked(file=path, mime_type="application/jsonl", purpose="batch",
+                                              part_size=REQUEST_BODY_BYTES_MAX + 8 * 1024 * 1024)  # two parts
+    assert (done.status, done.file.bytes) == ("completed", len(content))
+    assert client.files.content(done.file.id).read() == content  # the provider has it whole, in order
+    parts = [r for r in gateway.mock.received() if r["path"].startswith(f"/v1/uploads/{done.id}/parts")]
+    assert len(parts) == 2 and max(p["bytes"] for p in parts) > REQUEST_BODY_BYTES_MAX
+    for not_theirs in (lambda: other.files.retrieve(done.file.id),
+                       lambda: other.uploads.parts.create(done.id, data=b"theirs"),
+                       lambda: other.uploads.complete(done.id, part_ids=[]),
+                       lambda: other.uploads.cancel(done.id)):
+        with pytest.raises(openai.NotFoundError):
+            not_theirs()
+    assert len([r for r in gateway.mock.received() if done.id in r["path"]]) == 3  # only its own customer's
+    started = client.uploads.create(bytes=4, filename="small.jsonl", mime_type="application/jsonl", purpose="batch")
+    assert client.uploads.cancel(started.id).status == "cancelled"
+    records = gateway.records("e2e-upload")
+    assert records and all(r.status == "settled" and r.charge.nanos == 0 for r in records)
+    assert {r.provider_response_id for r in records} == {done.id, done.file.id, started.id}  # whose each is
+    assert [(r.status, r.charge.nanos) for r in gateway.records("e2e-upload-other")] == [("denied", 0)] * 4
+
+
 def test_stored_chat_completions_are_reached_by_their_own_customer_only(gateway: Gateway) -> None:
     """A chat completion sent with store: true is kept by the provider: its customer's keys read it, list its
     messages, change its metadata and delete it, free; another customer's key gets 404 response_not_found.

@@ -1657,3 +1657,37 @@ def test_anthropics_inference_geography_is_a_tier_of_its_own() -> None:
                          {"type": "message_delta", "usage": events[1]}))
         assert reader.tokens.service_tier == expected, events
         assert "_geo" not in reader.tokens.fields()
+
+
+@pytest.mark.parametrize("method,path,streamed", [
+    ("POST", "/v1/files", True), ("POST", "/openai/files?api-version=2025-04-01-preview", True),
+    ("POST", "/v1/uploads/upload_abc/parts", True), ("POST", "/openai/uploads/upload_abc/parts/", True),
+    ("POST", "/v1/uploads", False), ("POST", "/v1/uploads/upload_abc/complete", False),
+    ("POST", "/v1/uploads/upload_abc/cancel", False), ("GET", "/v1/uploads/upload_abc/parts", False),
+    ("POST", "/v1/chat/completions", False), ("POST", "/v1/files/file-1/content", False),
+])
+def test_the_gateways_upload_route_matches_what_policyd_streams(method: str, path: str, streamed: bool) -> None:
+    """A file's body and an upload's part stream to the provider, never read (policyd decides on their headers
+    alone): the gateway's route (UPLOAD_PATH_REGEX, the whole path without its query) and the processing
+    filter's test (streamed_upload) name the same requests."""
+    assert http_api.streamed_upload(method, path) is streamed
+    on_route = method == "POST" and re.fullmatch(http_api.UPLOAD_PATH_REGEX, path.split("?", 1)[0]) is not None
+    assert on_route is streamed
+
+
+def test_the_uploads_api_is_free_and_each_upload_is_its_customers() -> None:
+    """OpenAI's Uploads API: an upload made (free, remembered as the customer's), a part added or the upload
+    cancelled (its customer's alone), completed into a file (made of the customer's own upload)."""
+    auth = {"authorization": "Bearer k", "content-type": "application/json"}
+    made = parse_call("POST", "/v1/uploads", auth, b'{"bytes": 4, "filename": "a", "purpose": "batch"}')
+    assert (made.problem, made.creates) == ("", "file")
+    part = parse_call("POST", "/v1/uploads/upload_1/parts", auth, b"")
+    assert (part.problem, part.stored_response) == ("", "upload_1")
+    assert parse_call("POST", "/v1/uploads/upload_1/cancel", auth, b"").stored_response == "upload_1"
+    done = parse_call("POST", "/v1/uploads/upload_1/complete", auth, b'{"part_ids": ["part_1"]}')
+    assert (done.problem, done.creates, done.files) == ("", "file", ("upload_1",))
+    reader = ResponseReader("responses", False)
+    reader.feed(json.dumps({"id": "upload_1", "object": "upload", "status": "completed",
+                            "file": {"id": "file-9", "object": "file"}}).encode())
+    reader.finish()
+    assert (reader.found_usage, reader.response_id) == (True, "file-9")  # the file made is remembered
