@@ -146,13 +146,14 @@ FREE_ENDPOINTS = frozenset({"moderations"})  # free at the provider: admitted as
 STORED_RESPONSE_RECHECK_SECONDS = 0.5
 CONVERSATION_ID_PREFIX = "conv_"  # OpenAI's: a stored conversation, not a stored response
 FILE_ID_PREFIX = "file-"  # ... an uploaded file
+UPLOAD_ID_PREFIX = "upload_"  # ... a file being uploaded in parts (the Uploads API)
 
 
 def _not_found(stored_id: str) -> str:
     """The denial of a stored thing another customer made, named as the provider names what it does not know."""
     if stored_id.startswith(CONVERSATION_ID_PREFIX):
         return "conversation_not_found"
-    return "file_not_found" if stored_id.startswith(FILE_ID_PREFIX) else "response_not_found"
+    return "file_not_found" if stored_id.startswith((FILE_ID_PREFIX, UPLOAD_ID_PREFIX)) else "response_not_found"
 
 
 def _cap_field(price: ModelPrice | None) -> str:

@@ -2259,7 +2259,8 @@ def test_a_file_is_uploaded_in_parts_and_stays_its_customers(gateway: Gateway, t
     records = gateway.records("e2e-upload")
     assert records and all(r.status == "settled" and r.charge.nanos == 0 for r in records)
     assert {r.provider_response_id for r in records} == {done.id, done.file.id, started.id}  # whose each is
-    assert [(r.status, r.charge.nanos) for r in gateway.records("e2e-upload-other")] == [("denied", 0)] * 4
+    assert [(r.status, r.reason, r.charge.nanos) for r in gateway.records("e2e-upload-other")] == \
+        [("denied", "file_not_found", 0)] * 4  # as the provider names what it does not know
 
 
 def test_stored_chat_completions_are_reached_by_their_own_customer_only(gateway: Gateway) -> None:
