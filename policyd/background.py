@@ -21,6 +21,7 @@ import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING
 
+from policyd import metrics
 from policyd.domain import PolicydError, UsageReport
 from policyd.providers import Account, ProviderPool
 from policyd.usage_capture import ENDED_RESPONSE_STATUSES, ResponseReader
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("policyd.background")
 
-POLL_BATCH = 50  # background responses asked for at a time, a partition
+POLL_BATCH = 50  # background responses claimed a turn, a partition
+POLLS_AT_ONCE = 16  # ... asked for at once
 POLL_TIMEOUT_SECONDS = 10
 REPLY_BYTES_MAX = 32 * 1024 * 1024  # a response's JSON, as the gateway reads at most
 
@@ -62,43 +64,51 @@ class BackgroundResponses:
                         request_id, outcome)
 
     async def poll_due(self) -> int:
-        """Ask the providers for the background responses due, in every partition; how many ended."""
-        ended = 0
+        """Ask the providers for the background responses due, in every partition (POLLS_AT_ONCE at a time);
+        how many are done with (ended, or nothing left to ask)."""
         at = self.engine.clock()
-        for partition in range(self.counters.partitions):
-            claimed = await self.counters.claim_polls(partition, at, at + self.poll_ms, POLL_BATCH)
-            for request_id, poll in claimed:
+        claimed = [(partition, request_id, poll) for partition in range(self.counters.partitions)
+                   for request_id, poll in await self.counters.claim_polls(partition, at, at + self.poll_ms,
+                                                                           POLL_BATCH)]
+        bound = asyncio.Semaphore(POLLS_AT_ONCE)
+
+        async def one(partition: int, request_id: str, poll: str) -> bool:
+            async with bound:
                 try:
-                    done = await self._ask(request_id, poll)
+                    outcome = await self._ask(request_id, poll)
                 except Exception:
                     log.exception("asking for the background response of request %s", request_id)
-                    continue  # asked again at its next turn
-                if done:
-                    await self.counters.stop_polling(partition, request_id)
-                    ended += 1
-        return ended
+                    outcome = "failed"  # asked again at its next turn
+            metrics.background_polls.labels(outcome).inc()
+            if outcome in ("running", "failed"):
+                return False
+            await self.counters.stop_polling(partition, request_id)
+            return True
 
-    async def _ask(self, request_id: str, poll: str) -> bool:
-        """Whether the request is done with: its response ended and charged, or nothing left to ask for."""
+        return sum(await asyncio.gather(*(one(*c) for c in claimed)))
+
+    async def _ask(self, request_id: str, poll: str) -> str:
+        """What was found: running (asked again at its next turn), failed (the same), ended (charged or
+        released), gone (charged as held), unreachable (held to its deadline), closed (nothing to ask for)."""
         account_name, _, response_id = poll.partition("\n")
         if not response_id:
-            return True  # its reservation closed (settled, expired): nothing to ask for
+            return "closed"  # its reservation closed (settled, expired): nothing to ask for
         account = self._account(account_name)
         if account is None or not account.base_url:
             log.warning("background response %s of request %s: account %r has no base_url to ask it at; "
                         "charged as held at its deadline", response_id[:64], request_id, account_name)
-            return True
+            return "unreachable"
         status, body = await asyncio.to_thread(_get, account, response_id)
         if status == 404:  # deleted before it was charged (or never made): what it used cannot be known
             await self._charge_as_held(request_id, "usage_estimated:background_gone", response_id, account_name)
-            return True
+            return "gone"
         if status != 200:
-            return False  # asked again at its next turn (its deadline charges it as held at worst)
+            return "failed"  # asked again at its next turn (its deadline charges it as held at worst)
         reader = ResponseReader("responses", stream=False, stored=True)
         reader.feed(body)
         reader.finish()
         if reader.response_status not in ENDED_RESPONSE_STATUSES:
-            return False
+            return "running"
         try:
             if reader.found_usage:
                 await self.engine.settle(UsageReport(
@@ -110,7 +120,7 @@ class BackgroundResponses:
                 await self._charge_as_held(request_id, "usage_estimated:no_usage_reported", response_id, account_name)
         except PolicydError as error:  # closed meanwhile (a deadline, an operator): nothing more to do
             log.warning("background response %s of request %s: %s", response_id[:64], request_id, error.reason)
-        return True
+        return "ended"
 
     async def _charge_as_held(self, request_id: str, reason: str, response_id: str, account: str) -> None:
         try:

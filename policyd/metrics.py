@@ -30,6 +30,10 @@ counter_rebuilds = Counter("policyd_counter_rebuilds_total",
                            "Counters rewritten from SQL by this process: at start (an empty store, a new Redis) or "
                            "because Redis lost them while it ran (lost), and the rebuilds that failed",
                            ["trigger", "outcome"], registry=REGISTRY)
+background_polls = Counter("policyd_background_polls_total",
+                           "Background responses asked for at their provider, by what was found: running, ended "
+                           "(charged or released), gone (charged as held), unreachable (no base_url: held to its "
+                           "deadline), failed (asked again)", ["outcome"], registry=REGISTRY)
 close_retries = Counter("policyd_close_retries_total",
                         "Settles and releases made again because Redis could not be reached", registry=REGISTRY)
 

@@ -9,7 +9,7 @@ import json
 import urllib.request
 from dataclasses import replace
 
-from policyd import redis_keys
+from policyd import metrics, redis_keys
 from policyd.background import BackgroundResponses
 from policyd.mock_provider import MockProvider
 from policyd.providers import Account, ProviderPool
@@ -54,11 +54,16 @@ async def test_one_replica_asks_at_a_time_and_the_end_is_charged_once(service: S
             await replicas[0].poll_later(f"bg-{i}", made[-1]["id"], "openai-bg")
         held = await service.counters.wallet("acme")
         assert held[1] > 0
+        def polls(outcome: str) -> float:
+            return metrics.REGISTRY.get_sample_value("policyd_background_polls_total", {"outcome": outcome}) or 0
+
+        before = {outcome: polls(outcome) for outcome in ("running", "ended")}
         ended = 0
         for _ in range(5):
             clock[0] += 1000
             ended += sum(await asyncio.gather(*(r.poll_due() for r in replicas)))
         assert ended == 3
+        assert (polls("running") - before["running"], polls("ended") - before["ended"]) == (6, 3)
         await service.writer.drain()
         for i, queued in enumerate(made):
             asked = [r for r in provider.received() if r["path"] == f"/v1/responses/{queued['id']}"]
