@@ -612,7 +612,7 @@ class Counters:
                           poll: tuple[int, str] | None = None, now_ms: int = 0) -> str:
         """Keep a reservation past its deadline until `until_ms` (extend_hold.lua), its key's concurrency slot
         returned: extended | already | unknown. `poll`: (when, what) to ask the provider for its background
-        response (Engine.poll_later)."""
+        response (background.py)."""
         p = reservation.partition
         keys = [redis_keys.reservation(p, reservation.request_id), redis_keys.deadlines(p),
                 redis_keys.inflight(p, key_id), redis_keys.gate(p)]

@@ -856,7 +856,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "invalid_request", f"a streamed completion on Azure OpenAI needs api-version "
                         f"{AZURE_STREAM_USAGE_SINCE} or later (or the v1 API), which takes stream_options: its "
                         f"usage is what it is charged", "api-version")
-    # a background response: its usage comes after its reply, charged when policyd finds it ended (poll_later)
+    # a background response: its usage comes after its reply, charged when policyd finds it ended (background.py)
     call.background = endpoint == "responses" and data.get("background") is True
     image_tools = [t for t in _tools(data) if t.get("type") == "image_generation"] if endpoint == "responses" else []
     if image_tools:  # its images are billed apart from the reply's usage, at the image model's prices

@@ -64,7 +64,7 @@ def reservation(partition: int, request_id: str) -> str:
 
 
 def background_polls(partition: int) -> str:
-    """zset request id -> when policyd next asks the provider for its background response (Engine.poll_later)"""
+    """zset request id -> when policyd next asks the provider for its background response (policyd/background.py)"""
     return f"{_tag(partition)}:polls"
 
 

@@ -696,7 +696,7 @@ class Closing:
               that was cut on its way (`output_as_held`), the output cap held for it;
     poll      a background response (the Responses API's background: true) the provider has not finished:
               it goes on at the provider whatever the client does, and is charged when policyd, asking the
-              provider for it, finds it ended (Engine.poll_later).
+              provider for it, finds it ended (policyd/background.py).
     """
 
     action: str  # release | settle | estimate | poll
