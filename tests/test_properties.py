@@ -237,6 +237,90 @@ async def _shared_names(service: Service, operations: list, run: int) -> None:
     assert audit.ok, audit.mismatches
 
 
+loss_ops = st.lists(
+    st.one_of(
+        # a request named "n0".."n5", natively or as a gateway's client (its call token 0 or 1)
+        st.tuples(st.just("authorize"), st.integers(0, 5), st.booleans(), st.integers(0, 1)),
+        st.tuples(st.just("settle"), st.integers(0, 20), st.integers(0, 50)),
+        st.tuples(st.just("release"), st.integers(0, 20)),
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(operations=loss_ops)
+@example(operations=[("authorize", 0, True, 0), ("settle", 0, 10), ("authorize", 1, True, 1), ("release", 1)])
+def test_a_loss_of_the_counters_changes_no_answer_to_a_retry(running, operations) -> None:
+    """Any requests made, settled and released, then Redis loses its data and the counters are rebuilt from
+    SQL: every retry of a closed request (its Settle with the same numbers or others, its Release, its id
+    named again natively or by the gateway's own retry) is answered as before the loss, to the nano, and no
+    money moves."""
+    loop, service = running
+    loop.run_until_complete(_retries_across_a_loss(service, operations, next(counter)))
+
+
+async def _retries_across_a_loss(service: Service, operations: list, run: int) -> None:
+    customer = f"loss{run}"
+    key = await service.admin.create_key(label="p", customer_id=customer, environment="production", plan="pro")
+    await service.admin.grant_credit(customer, 10**9, "USD", "purchase")
+    served: list[tuple[str, str]] = []  # request id, the call token it was served with ("" natively)
+    numbers: dict[str, int] = {}  # request id -> the output tokens it was settled with
+    for op in operations:
+        if op[0] == "authorize":
+            _, name, gateway, token = op
+            request = ask(key.secret, request_id=f"r{run}-n{name}", max_output_tokens=50)
+            call_token = f"t{token}" if gateway else ""
+            decision = await service.engine.authorize(replace(request, call_token=call_token))
+            if decision.decision == "allow" and decision.request_id not in dict(served):
+                served.append((decision.request_id, call_token))
+        elif served:
+            rid = served[op[1] % len(served)][0]
+            try:
+                if op[0] == "settle":
+                    await service.engine.settle(usage(rid, input_tokens=100, output_tokens=op[2]))
+                    numbers.setdefault(rid, op[2])
+                else:
+                    await service.engine.release(rid, "test")
+            except PolicydError:
+                pass
+
+    async def answers() -> list[object]:
+        """What every retry of a closed request is answered (none of them changes anything)."""
+        found: list[object] = []
+        for rid, call_token in served:
+            reservation = await service.counters.find_reservation(rid)
+            if reservation is not None and reservation.state == "reserved":
+                continue
+            retries = [lambda: service.engine.settle(usage(rid, input_tokens=100, output_tokens=numbers.get(rid, 7))),
+                       lambda: service.engine.settle(usage(rid, input_tokens=100, output_tokens=51)),
+                       lambda: service.engine.release(rid, "test")]
+            for retry in retries:
+                try:
+                    found.append(await retry())
+                except PolicydError as error:
+                    found.append(error.reason)
+            for token in {"", call_token}:  # its id named again: natively, and as the gateway's own retry
+                d = await service.engine.authorize(replace(ask(key.secret, request_id=rid, max_output_tokens=50),
+                                                           call_token=token))
+                found.append((d.decision, d.reason, d.request_id))
+            service.counters.forget(rid)
+        return found
+
+    before = await answers()
+    wallet = await service.counters.wallet(customer)
+    await service.writer.drain()
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    await service.admin.rebuild()
+    await service.admin.restored()
+    assert await answers() == before
+    assert await service.counters.wallet(customer) == wallet
+    audit = await service.admin.audit()
+    assert audit.ok, audit.mismatches
+
+
 ZONES = ["", "UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe", "America/Santiago",
          "Pacific/Apia", "Asia/Tehran", "Pacific/Chatham"]
 
