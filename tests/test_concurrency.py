@@ -173,3 +173,54 @@ async def test_customers_naming_one_request_id_at_once_each_get_at_most_one_requ
     for customer in customers:
         assert await service.counters.wallet(customer) == (10 * 10**9 - charged[customer], 0)
     assert (await service.admin.audit()).ok
+
+
+async def test_requests_made_while_closed_ones_are_written_back_keep_what_they_hold(
+        service: Service, monkeypatch) -> None:
+    """After a loss of the counters the requests closed before it are written back while decisions run (a
+    page at a time here, so that they interleave): a request made meanwhile, under a fresh id or naming a
+    closed one not yet written back, keeps its reservation (never overwritten by a closed one) and is charged
+    once; every closed one written back answers its retries; wallet and limits agree with SQL."""
+    from dataclasses import replace
+
+    from policyd import admin as admin_module
+
+    monkeypatch.setattr(admin_module, "RESTORE_PAGE_RECORDS", 16)
+    _, secret = await new_key(service)
+    await fund(service, "acme", "1000")
+    closed = [f"closed-{i}" for i in range(320)]
+    for rid in closed:
+        await service.engine.authorize(replace(ask(secret, request_id=rid, prompt_bytes=10, max_output_tokens=5),
+                                               call_token=f"first-{rid}"))
+        await service.engine.settle(usage(rid, input_tokens=10, output_tokens=5))
+    await service.writer.drain()
+    balance_before, _ = await service.counters.wallet("acme")
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    await service.admin.rebuild()  # the closed ones are written back from here on, in the background
+    served: list[str] = []
+    charges: list[int] = []
+
+    async def client(n: int) -> None:
+        for i in range(40):  # a client's retry of a closed request (another call), or a new request
+            rid = closed[(n * 40 + i) % len(closed)] if i % 2 else f"fresh-{n}-{i}"
+            d = await service.engine.authorize(replace(ask(secret, request_id=rid, prompt_bytes=10, max_output_tokens=5),
+                                                       call_token=f"again-{rid}"))
+            if d.decision == "allow":
+                served.append(d.request_id)
+                settled = await service.engine.settle(usage(d.request_id, input_tokens=10, output_tokens=5))
+                assert settled.outcome == "settled"  # its own reservation, whatever was written back meanwhile
+                charges.append(settled.charge)
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(client(n) for n in range(8)))
+    restored = await service.admin.restored()
+    served_again = set(served) & set(closed)
+    assert restored == len(closed) - len(served_again)  # written back wherever its id was still free
+    assert len(served) == 160 + len(served_again)  # every fresh request, and no closed one once written back
+    for rid in set(closed) - served_again:  # the others answer their retries as before the loss
+        service.counters.forget(rid)
+        assert (await service.engine.settle(usage(rid, input_tokens=10, output_tokens=5))).outcome == "exists"
+    assert await service.counters.wallet("acme") == (balance_before - sum(charges), 0)
+    audit = await service.admin.audit()
+    assert audit.ok, audit.mismatches
