@@ -6,10 +6,11 @@ does (it may poll for it, stream it, cancel it, or never come back), and bills a
 reply (or its cut stream) leaves a background response unfinished, its reservation is kept, its hold standing,
 until the provider says it ended: policyd asks the provider for it (GET <base_url>/responses/<id>, with the
 account that made it) every `background_poll_seconds`, and settles it with the usage the provider reports, as
-any reply's (failed or cancelled with none: released). One replica asks at a time (claim_polls.lua). If it has
-not ended after `background_response_seconds`, or cannot be asked for (an account without a base_url, a
-response the provider no longer knows), it is charged as held at that deadline, as any request whose end
-nobody saw (Engine.expire_due), never released free.
+any reply's (failed or cancelled with none: released). One replica asks at a time (claim_polls.lua). A
+background request on an account without a base_url is refused before the provider (UNFOLLOWABLE). If it
+has not ended after `background_response_seconds`, or cannot be asked for (a response the provider no
+longer knows), it is charged as held at that deadline, as any request whose end nobody saw
+(Engine.expire_due), never released free.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ if TYPE_CHECKING:
     from policyd.engine import Engine
 
 log = logging.getLogger("policyd.background")
+
+# a background request whose provider account policyd cannot ask for it (no base_url): refused, released,
+# rather than held for hours and charged as held
+UNFOLLOWABLE = ("background responses need the provider account's base_url, where policyd asks for them until "
+                "they end (their usage comes after the request); ask without background")
+UNFOLLOWABLE_RELEASE = "background_unfollowable"
 
 POLL_BATCH = 50  # background responses claimed a turn, a partition
 POLLS_AT_ONCE = 16  # ... asked for at once

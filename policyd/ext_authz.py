@@ -18,7 +18,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
-from policyd import http_api
+from policyd import background, http_api
 from policyd.domain import Decision
 from policyd.engine import Engine
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, Exchange
@@ -88,6 +88,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         decision = await self.engine.authorize_for_proxy(call.authorize_input(), self.pool.cooling_providers())
         if not decision.allowed:
             return deny_decision(decision)
+        if call.background and not self.pool.follows(decision.provider, decision.account):
+            await self.engine.release(decision.request_id, background.UNFOLLOWABLE_RELEASE)
+            return denied(400, http_api.error_body("invalid_request_error", "invalid_request", background.UNFOLLOWABLE,
+                                                   "background"))
         return self._allow(call, decision)
 
     def _allow(self, call: http_api.HttpCall, d: Decision) -> Any:

@@ -46,7 +46,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 
-from policyd import http_api
+from policyd import background, http_api
 from policyd.domain import Decision, UsageReport
 from policyd.engine import Engine
 from policyd.exchange import EXT_PROC_NAMESPACE, Exchange
@@ -310,6 +310,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         decision = await self.engine.authorize_for_proxy(call.authorize_input(), self.pool.cooling_providers())
         if not decision.allowed:
             return None, immediate_denial(decision)
+        if call.background and not self.pool.follows(decision.provider, decision.account):
+            await self.engine.release(decision.request_id, background.UNFOLLOWABLE_RELEASE)
+            return None, immediate(400, http_api.error_body("invalid_request_error", "invalid_request",
+                                                            background.UNFOLLOWABLE, "background"))
         # the observer filter reads every reply (a token count's, free, is not read)
         upstream = upstream_request(decision, self.pool, observed=not call.count_tokens,
                                     usage_unasked=call.usage_unasked)

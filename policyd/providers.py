@@ -183,6 +183,12 @@ class ProviderPool:
                 return account
         return self.pick(provider)
 
+    def follows(self, provider: str, name: str = "") -> bool:
+        """Whether policyd can ask the provider for a background response a request makes on the account of
+        this name, or on whichever of the provider's accounts it is given: each has a base_url."""
+        accounts = [a for a in self.accounts.get(provider, ()) if not name or a.name == name]
+        return bool(accounts) and all(a.base_url for a in accounts)
+
     def pick(self, provider: str) -> Account | None:
         """The next account of the provider that is not cooling down (the least cooled one if all are)."""
         accounts = self.accounts.get(provider)

@@ -105,3 +105,38 @@ async def test_an_azure_account_sends_its_key_as_api_key_and_the_customers_never
     assert headers["x-policyd-rewrite"] == "yes"  # the path names gpt-4o: the processing filter rewrites it
     metadata = answer.dynamic_metadata.fields
     assert metadata["model_in_path"].bool_value and metadata["requested_model"].string_value == "gpt-4o"
+
+
+@pytest.mark.parametrize("base_url", ["", "https://provider.example/v1"])
+async def test_a_background_response_policyd_cannot_follow_is_refused_and_released(base_url: str) -> None:
+    """A background response is charged when policyd, asking its provider for it, finds it ended: on an account
+    without a base_url to ask at, it is refused before the provider (400, param background) and its hold
+    released, rather than held for hours and charged as held."""
+    from policyd.domain import Decision
+    from policyd.providers import Account
+
+    class Releasing:
+        released: list[tuple[str, str]] = []
+
+        async def authorize_for_proxy(self, request: Any, cooling: Any) -> Any:
+            return Decision("allow", "r-bg", requested_model=request.model, served_model="gpt-4o-mini",
+                            provider="openai", route="openai", max_output_tokens=64)
+
+        async def release(self, request_id: str, reason: str) -> None:
+            self.released.append((request_id, reason))
+
+    request = check_request()
+    http = request.attributes.request.http
+    http.path = "/v1/responses"
+    http.raw_body = b'{"model": "gpt-4o-mini", "input": "research", "background": true}'
+    engine = Releasing()
+    pool = ProviderPool([Account("openai-1", "openai", "openai", "bearer", "sk-1", base_url=base_url)])
+    answer = await AuthorizationServicer(engine, pool).Check(request, None)  # type: ignore[arg-type]
+    if base_url:
+        assert answer.HasField("ok_response") and engine.released == []
+        assert answer.dynamic_metadata.fields["background"].bool_value  # the reply's reader knows to follow it
+        return
+    assert answer.denied_response.status.code == 400
+    error = json.loads(answer.denied_response.body)["error"]
+    assert (error["code"], error["param"]) == ("invalid_request", "background") and "base_url" in error["message"]
+    assert engine.released == [("r-bg", "background_unfollowable")]

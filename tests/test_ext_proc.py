@@ -407,3 +407,24 @@ async def test_in_the_ext_proc_shape_the_served_model_and_no_customer_key_go_ups
     body = ep.ProcessingRequest(request_body=ep.HttpBody(body=b'{"contents": []}', end_of_stream=True))
     replies = await run(s, [first, body])
     assert paths_set(replies[1]) == ["/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"]
+
+
+@pytest.mark.parametrize("base_url", ["", "https://provider.example/v1"])
+async def test_in_the_ext_proc_shape_a_background_response_policyd_cannot_follow_is_refused(base_url: str) -> None:
+    """As in the two-filter shape (tests/test_ext_authz.py): refused, released, unless its account has a base_url."""
+    engine = RecordingEngine()
+    pool = ProviderPool([Account("openai-1", "openai", "openai", "bearer", "sk-1", base_url=base_url)])
+    s = ExternalProcessorServicer(engine, pool)  # type: ignore[arg-type]
+    messages = ext_proc_shape(stream=False)
+    messages[0].request_headers.headers.headers[1].raw_value = b"/v1/responses"
+    messages[1].request_body.body = b'{"model": "gpt-4o-mini", "input": "research", "background": true}'
+    replies = await run(s, messages)
+    await engine.finish()
+    if base_url:
+        assert replies[-1].WhichOneof("response") == "request_body"  # on to the provider
+        assert not [c for c in engine.closed if c[0] == "release"]
+        return
+    answer = replies[-1].immediate_response
+    error = json.loads(answer.body)["error"]
+    assert (answer.status.code, error["code"], error["param"]) == (400, "invalid_request", "background")
+    assert engine.closed == [("release", "r-1", "background_unfollowable")]
