@@ -8,9 +8,13 @@ import asyncio
 import json
 import urllib.request
 from dataclasses import replace
+from typing import Iterator
+
+import pytest
 
 from policyd import metrics, redis_keys
 from policyd.background import BackgroundResponses
+from policyd.domain import Decision
 from policyd.mock_provider import MockProvider
 from policyd.providers import Account, ProviderPool
 from policyd.server import Service
@@ -34,129 +38,129 @@ def pool(base_url: str) -> ProviderPool:
     return ProviderPool([Account("openai-bg", "openai", "openai", "bearer", PROVIDER_KEY, base_url=base_url)])
 
 
-async def test_one_replica_asks_at_a_time_and_the_end_is_charged_once(service: Service) -> None:
+@pytest.fixture
+def provider() -> Iterator[MockProvider]:
+    mock = MockProvider(api_keys=(PROVIDER_KEY,)).start()
+    yield mock
+    mock.stop()
+
+
+async def funded_key_on_a_clock(service: Service) -> tuple[str, str, list[int]]:
+    """A funded key of acme (its id, its secret), and the engine on a clock the test moves."""
+    key_id, secret = await new_key(service)
+    await fund(service, "acme", "5")
+    clock = [service.engine.clock()]
+    service.engine.clock = lambda: clock[0]
+    return key_id, secret, clock
+
+
+async def background_request(service: Service, secret: str, request_id: str) -> Decision:
+    """A Responses API request as the gateway authorizes it (sent on to the provider: its deadline charges it)."""
+    return await service.engine.authorize(replace(ask(secret, endpoint="responses", request_id=request_id),
+                                                  charge_held_on_expiry=True))
+
+
+async def test_one_replica_asks_at_a_time_and_the_end_is_charged_once(service: Service,
+                                                                       provider: MockProvider) -> None:
     """Two replicas asking at once: each background response is asked for by one of them a turn, and
     charged once, exactly what the provider reports at its end."""
-    provider = MockProvider(api_keys=(PROVIDER_KEY,)).start()
-    try:
-        _, secret = await new_key(service)
-        await fund(service, "acme", "5")
-        clock = [service.engine.clock()]
-        service.engine.clock = lambda: clock[0]
-        replicas = [BackgroundResponses(service.engine, pool(f"http://127.0.0.1:{provider.port}/v1"), 3600, 1.0)
-                    for _ in range(2)]
-        made = []
-        for i in range(3):
-            decision = await service.engine.authorize(replace(ask(secret, endpoint="responses", request_id=f"bg-{i}"),
-                                                              charge_held_on_expiry=True))
-            assert decision.decision == "allow"
-            made.append(queued_at(provider, polls=2))
-            await replicas[0].poll_later(f"bg-{i}", made[-1]["id"], "openai-bg")
-        held = await service.counters.wallet("acme")
-        assert held[1] > 0
-        def polls(outcome: str) -> float:
-            return metrics.REGISTRY.get_sample_value("policyd_background_polls_total", {"outcome": outcome}) or 0
+    _, secret, clock = await funded_key_on_a_clock(service)
+    replicas = [BackgroundResponses(service.engine, pool(f"http://127.0.0.1:{provider.port}/v1"), 3600, 1.0)
+                for _ in range(2)]
+    made = []
+    for i in range(3):
+        assert (await background_request(service, secret, f"bg-{i}")).decision == "allow"
+        made.append(queued_at(provider, polls=2))
+        await replicas[0].poll_later(f"bg-{i}", made[-1]["id"], "openai-bg")
+    held = await service.counters.wallet("acme")
+    assert held[1] > 0
+    def polls(outcome: str) -> float:
+        return metrics.REGISTRY.get_sample_value("policyd_background_polls_total", {"outcome": outcome}) or 0
 
-        before = {outcome: polls(outcome) for outcome in ("running", "ended")}
-        ended = 0
-        for _ in range(5):
-            clock[0] += 1000
-            ended += sum(await asyncio.gather(*(r.poll_due() for r in replicas)))
-        assert ended == 3
-        assert (polls("running") - before["running"], polls("ended") - before["ended"]) == (6, 3)
-        await service.writer.drain()
-        for i, queued in enumerate(made):
-            asked = [r for r in provider.received() if r["path"] == f"/v1/responses/{queued['id']}"]
-            assert len(asked) == 3  # in progress twice, then ended: once a turn, whichever replica's turn
-            record = service.store.usage_record(f"bg-{i}")
-            usage = provider.stored[queued["id"]][0]["usage"]
-            assert (record.status, record.input_tokens, record.output_tokens) == \
-                ("settled", usage["input_tokens"], usage["output_tokens"])
-            assert record.provider_response_id == queued["id"]
-        balance, reserved = await service.counters.wallet("acme")
-        assert reserved == 0 and balance == held[0] - sum(
-            service.store.usage_record(f"bg-{i}").charge_nanos for i in range(3))
-        assert await service.counters.client.zcard(redis_keys.background_polls(0)) == 0
-        assert (await service.admin.audit()).ok
-    finally:
-        provider.stop()
+    before = {outcome: polls(outcome) for outcome in ("running", "ended")}
+    ended = 0
+    for _ in range(5):
+        clock[0] += 1000
+        ended += sum(await asyncio.gather(*(r.poll_due() for r in replicas)))
+    assert ended == 3
+    assert (polls("running") - before["running"], polls("ended") - before["ended"]) == (6, 3)
+    await service.writer.drain()
+    for i, queued in enumerate(made):
+        asked = [r for r in provider.received() if r["path"] == f"/v1/responses/{queued['id']}"]
+        assert len(asked) == 3  # in progress twice, then ended: once a turn, whichever replica's turn
+        record = service.store.usage_record(f"bg-{i}")
+        usage = provider.stored[queued["id"]][0]["usage"]
+        assert (record.status, record.input_tokens, record.output_tokens) == \
+            ("settled", usage["input_tokens"], usage["output_tokens"])
+        assert record.provider_response_id == queued["id"]
+    balance, reserved = await service.counters.wallet("acme")
+    assert reserved == 0 and balance == held[0] - sum(
+        service.store.usage_record(f"bg-{i}").charge_nanos for i in range(3))
+    assert await service.counters.client.zcard(redis_keys.background_polls(0)) == 0
+    assert (await service.admin.audit()).ok
 
 
-async def test_a_background_response_that_cannot_be_asked_for_is_charged_as_held(service: Service) -> None:
+async def test_a_background_response_that_cannot_be_asked_for_is_charged_as_held(service: Service,
+                                                                                   provider: MockProvider) -> None:
     """An account without a base_url (or a response the provider no longer knows): what it used cannot be
     learnt, and the provider bills it. Its hold stays past the request's own deadline, then it is charged as
     held, never released free."""
-    provider = MockProvider(api_keys=(PROVIDER_KEY,)).start()
-    try:
-        _, secret = await new_key(service)
-        await fund(service, "acme", "5")
-        clock = [service.engine.clock()]
-        service.engine.clock = lambda: clock[0]
-        unreachable = BackgroundResponses(service.engine, pool(""), 3600, 1.0)
-        gone = BackgroundResponses(service.engine, pool(f"http://127.0.0.1:{provider.port}/v1"), 3600, 1.0)
-        for request_id, background in (("gone", gone), ("no-base-url", unreachable)):
-            decision = await service.engine.authorize(replace(ask(secret, endpoint="responses", request_id=request_id),
-                                                              charge_held_on_expiry=True))
-            await background.poll_later(request_id, "resp_unknown" if request_id == "gone" else
-                                        queued_at(provider, 2)["id"], "openai-bg")
-            clock[0] += 1000
-            assert await background.poll_due() == 1  # done with: charged, or nowhere to ask
-        await service.writer.drain()
-        assert service.store.usage_record("gone").error_class == "usage_estimated:background_gone"
-        assert service.store.usage_record("gone").charge_nanos == decision.reserved > 0  # as held
-        assert service.store.usage_record("no-base-url").status == "reserved"
-        clock[0] += 2 * service.engine.reservation_ttl_ms  # past the request's own deadline: still held
-        await service.engine.expire_due()
-        assert (await service.counters.wallet("acme"))[1] == decision.reserved
-        clock[0] += 3600 * 1000  # past the background deadline: charged as held
-        await service.engine.expire_due()
-        await service.writer.drain()
-        record = service.store.usage_record("no-base-url")
-        assert (record.status, record.error_class) == ("settled", "usage_estimated:end_unseen")
-        assert record.charge_nanos == decision.reserved
-        assert (await service.counters.wallet("acme"))[1] == 0
-        assert (await service.admin.audit()).ok
-    finally:
-        provider.stop()
+    _, secret, clock = await funded_key_on_a_clock(service)
+    unreachable = BackgroundResponses(service.engine, pool(""), 3600, 1.0)
+    gone = BackgroundResponses(service.engine, pool(f"http://127.0.0.1:{provider.port}/v1"), 3600, 1.0)
+    for request_id, background in (("gone", gone), ("no-base-url", unreachable)):
+        decision = await background_request(service, secret, request_id)
+        await background.poll_later(request_id, "resp_unknown" if request_id == "gone" else
+                                    queued_at(provider, 2)["id"], "openai-bg")
+        clock[0] += 1000
+        assert await background.poll_due() == 1  # done with: charged, or nowhere to ask
+    await service.writer.drain()
+    assert service.store.usage_record("gone").error_class == "usage_estimated:background_gone"
+    assert service.store.usage_record("gone").charge_nanos == decision.reserved > 0  # as held
+    assert service.store.usage_record("no-base-url").status == "reserved"
+    clock[0] += 2 * service.engine.reservation_ttl_ms  # past the request's own deadline: still held
+    await service.engine.expire_due()
+    assert (await service.counters.wallet("acme"))[1] == decision.reserved
+    clock[0] += 3600 * 1000  # past the background deadline: charged as held
+    await service.engine.expire_due()
+    await service.writer.drain()
+    record = service.store.usage_record("no-base-url")
+    assert (record.status, record.error_class) == ("settled", "usage_estimated:end_unseen")
+    assert record.charge_nanos == decision.reserved
+    assert (await service.counters.wallet("acme"))[1] == 0
+    assert (await service.admin.audit()).ok
 
 
-async def test_a_background_response_is_asked_for_on_after_redis_lost_its_data(service: Service) -> None:
+async def test_a_background_response_is_asked_for_on_after_redis_lost_its_data(service: Service,
+                                                                                provider: MockProvider) -> None:
     """Redis lost its data while a background response ran: the counters rebuilt from SQL ask the provider for
     it on, hold it as long, and charge it exactly at its end (not as held at the request's own deadline); its
     key's concurrency slot, given back when its reply ended, stays given back."""
-    provider = MockProvider(api_keys=(PROVIDER_KEY,)).start()
-    try:
-        key_id, secret = await new_key(service)
-        await fund(service, "acme", "5")
-        clock = [service.engine.clock()]
-        service.engine.clock = lambda: clock[0]
-        background = BackgroundResponses(service.engine, pool(f"http://127.0.0.1:{provider.port}/v1"), 3600, 1.0)
-        service.engine.background = background
-        await service.engine.authorize(replace(ask(secret, endpoint="responses", request_id="across"),
-                                               charge_held_on_expiry=True))
-        queued = queued_at(provider, polls=1)
-        await background.poll_later("across", queued["id"], "openai-bg")
-        await service.writer.drain()
-        wallet = await service.counters.wallet("acme")
-        await service.counters.client.flushall()
-        await service.writer.ensure_groups()
-        await service.admin.rebuild()
-        service.counters.forget("across")
-        assert await service.counters.wallet("acme") == wallet  # its hold restored
-        partition = service.counters.partition_of("acme")
-        assert int(await service.counters.client.get(redis_keys.inflight(partition, key_id)) or 0) == 0
-        clock[0] += 2 * service.engine.reservation_ttl_ms + 1  # past the request's own deadline, and one more TTL
-        await service.engine.expire_due()
-        assert (await service.counters.wallet("acme"))[1] == wallet[1]  # still held: it runs on at the provider
-        for _ in range(3):
-            clock[0] += 1000
-            await background.poll_due()
-        await service.writer.drain()
-        record = service.store.usage_record("across")
-        usage = provider.stored[queued["id"]][0]["usage"]
-        assert (record.status, record.error_class, record.input_tokens, record.output_tokens) == \
-            ("settled", "", usage["input_tokens"], usage["output_tokens"])
-        assert (await service.counters.wallet("acme"))[1] == 0
-        assert (await service.admin.audit()).ok
-    finally:
-        provider.stop()
+    key_id, secret, clock = await funded_key_on_a_clock(service)
+    background = BackgroundResponses(service.engine, pool(f"http://127.0.0.1:{provider.port}/v1"), 3600, 1.0)
+    service.engine.background = background
+    await background_request(service, secret, "across")
+    queued = queued_at(provider, polls=1)
+    await background.poll_later("across", queued["id"], "openai-bg")
+    await service.writer.drain()
+    wallet = await service.counters.wallet("acme")
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    await service.admin.rebuild()
+    service.counters.forget("across")
+    assert await service.counters.wallet("acme") == wallet  # its hold restored
+    partition = service.counters.partition_of("acme")
+    assert int(await service.counters.client.get(redis_keys.inflight(partition, key_id)) or 0) == 0
+    clock[0] += 2 * service.engine.reservation_ttl_ms + 1  # past the request's own deadline, and one more TTL
+    await service.engine.expire_due()
+    assert (await service.counters.wallet("acme"))[1] == wallet[1]  # still held: it runs on at the provider
+    for _ in range(3):
+        clock[0] += 1000
+        await background.poll_due()
+    await service.writer.drain()
+    record = service.store.usage_record("across")
+    usage = provider.stored[queued["id"]][0]["usage"]
+    assert (record.status, record.error_class, record.input_tokens, record.output_tokens) == \
+        ("settled", "", usage["input_tokens"], usage["output_tokens"])
+    assert (await service.counters.wallet("acme"))[1] == 0
+    assert (await service.admin.audit()).ok

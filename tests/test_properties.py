@@ -154,16 +154,16 @@ async def _scenario(service: Service, operations: list, customer: str) -> None:
     assert audit.ok, audit.mismatches
 
 
-shared_ops = st.lists(
-    st.one_of(
-        # a customer (0 or 1) names a request "n0".."n2", as a gateway's client (its call token 0 or 1) or natively
-        st.tuples(st.just("authorize"), st.integers(0, 1), st.integers(0, 2), st.booleans(), st.integers(0, 1)),
-        st.tuples(st.just("settle"), st.integers(0, 20), st.integers(0, 300)),
-        st.tuples(st.just("release"), st.integers(0, 20)),
-    ),
-    min_size=1,
-    max_size=30,
-)
+def request_ops(authorize: st.SearchStrategy, output_max: int, size_max: int) -> st.SearchStrategy:
+    """Operations on a few requests: authorize one (as drawn), settle one of those served (by its index, with
+    its output tokens), release one."""
+    return st.lists(st.one_of(authorize, st.tuples(st.just("settle"), st.integers(0, 20), st.integers(0, output_max)),
+                              st.tuples(st.just("release"), st.integers(0, 20))), min_size=1, max_size=size_max)
+
+
+# a customer (0 or 1) names a request "n0".."n2", as a gateway's client (its call token 0 or 1) or natively
+shared_ops = request_ops(st.tuples(st.just("authorize"), st.integers(0, 1), st.integers(0, 2), st.booleans(),
+                                   st.integers(0, 1)), output_max=300, size_max=30)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -237,16 +237,9 @@ async def _shared_names(service: Service, operations: list, run: int) -> None:
     assert audit.ok, audit.mismatches
 
 
-loss_ops = st.lists(
-    st.one_of(
-        # a request named "n0".."n5", natively or as a gateway's client (its call token 0 or 1)
-        st.tuples(st.just("authorize"), st.integers(0, 5), st.booleans(), st.integers(0, 1)),
-        st.tuples(st.just("settle"), st.integers(0, 20), st.integers(0, 50)),
-        st.tuples(st.just("release"), st.integers(0, 20)),
-    ),
-    min_size=1,
-    max_size=20,
-)
+# a request named "n0".."n5", natively or as a gateway's client (its call token 0 or 1)
+loss_ops = request_ops(st.tuples(st.just("authorize"), st.integers(0, 5), st.booleans(), st.integers(0, 1)),
+                       output_max=50, size_max=20)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
