@@ -712,7 +712,7 @@ class Admin:
                 record = {c: getattr(row, c) for c in _RECORD_COLUMNS}
                 record["wallet_id"] = record["wallet_id"] or row.customer_id
                 fields = {"record": record, "input_tokens_estimate": 0, **facts}
-                pipe = await batch.pipe(5)
+                pipe = await batch.pipe(6)
                 pipe.hset(redis_keys.reservation(p, row.request_id), mapping={
                     "state": "reserved", "key": redis_keys.key_state(p, row.api_key_id), "amount": str(row.reserved_nanos),
                     "wallet": "1", "expires": str(max(expires, at)), "created": str(row.created_ms),
@@ -722,6 +722,8 @@ class Admin:
                 pipe.zadd(redis_keys.deadlines(p), {row.request_id: max(expires, poll_until, at)})
                 if poll:
                     pipe.zadd(redis_keys.background_polls(p), {row.request_id: at})
+                    pipe.set(redis_keys.polled_response(p, poll.partition("\n")[2]), row.request_id,
+                             px=max(poll_until, at) - at + 60_000)
                 pipe.set(redis_keys.request_index(row.request_id), str(p), ex=self.counters.request_index_seconds)
                 written += 1
             for customer in set(balances) | set(reserved):

@@ -81,18 +81,33 @@ class BackgroundResponses:
 
         async def one(partition: int, request_id: str, poll: str) -> bool:
             async with bound:
-                try:
-                    outcome = await self._ask(request_id, poll)
-                except Exception:
-                    log.exception("asking for the background response of request %s", request_id)
-                    outcome = "failed"  # asked again at its next turn
-            metrics.background_polls.labels(outcome).inc()
-            if outcome in ("running", "failed"):
-                return False
-            await self.counters.stop_polling(partition, request_id)
-            return True
+                return await self._turn(partition, request_id, poll)
 
         return sum(await asyncio.gather(*(one(*c) for c in claimed)))
+
+    async def ask_now(self, customer_id: str, response_id: str) -> None:
+        """Its customer deletes a response: one policyd waits for is asked for first (while it is there), so that
+        one deleted the moment it ended is charged what it used, not as held (its next turn would find it gone)."""
+        partition = self.counters.partition_of(customer_id)
+        try:
+            polled = await self.counters.polled(partition, response_id)
+            if polled is not None:
+                await self._turn(partition, *polled)
+        except Exception:  # the client's call goes on; the response is asked for at its next turn
+            log.exception("asking for background response %s before its customer's call", response_id[:64])
+
+    async def _turn(self, partition: int, request_id: str, poll: str) -> bool:
+        """Ask for one background response; whether it is done with (then asked for no more)."""
+        try:
+            outcome = await self._ask(request_id, poll)
+        except Exception:
+            log.exception("asking for the background response of request %s", request_id)
+            outcome = "failed"  # asked again at its next turn
+        metrics.background_polls.labels(outcome).inc()
+        if outcome in ("running", "failed"):
+            return False
+        await self.counters.stop_polling(partition, request_id, poll.partition("\n")[2])
+        return True
 
     async def _ask(self, request_id: str, poll: str) -> str:
         """What was found: running (asked again at its next turn), failed (the same), ended (charged or

@@ -618,7 +618,9 @@ class Counters:
                 redis_keys.inflight(p, key_id), redis_keys.gate(p)]
         args = [reservation.request_id, str(until_ms)]
         if poll is not None:
-            keys += [redis_keys.background_polls(p), redis_keys.events(p)]
+            response_id = poll[1].partition("\n")[2]
+            keys += [redis_keys.background_polls(p), redis_keys.events(p),
+                     redis_keys.polled_response(p, response_id)]
             args += [str(poll[0]), poll[1], str(now_ms)]
         reply = await self._decide(self._extend_hold, keys, args)
         if _text(reply[0]) == "fenced":
@@ -638,8 +640,18 @@ class Counters:
             polls = await pipe.execute()
         return [(request_id, _text(poll) if poll is not None else "") for request_id, poll in zip(claimed, polls)]
 
-    async def stop_polling(self, partition: int, request_id: str) -> None:
+    async def stop_polling(self, partition: int, request_id: str, response_id: str = "") -> None:
         await self.client.zrem(redis_keys.background_polls(partition), request_id)
+        if response_id:
+            await self.client.delete(redis_keys.polled_response(partition, response_id))
+
+    async def polled(self, partition: int, response_id: str) -> tuple[str, str] | None:
+        """(request id, what to ask) of a background response policyd asks its provider for, else None."""
+        request_id = await self.client.get(redis_keys.polled_response(partition, response_id))
+        if request_id is None:
+            return None
+        poll = await self.client.hget(redis_keys.reservation(partition, _text(request_id)), "poll")
+        return _text(request_id), _text(poll) if poll is not None else ""
 
     async def due_everywhere(self, now_ms: int, count: int = 100) -> dict[int, tuple[list[tuple[str, str]], list[str]]]:
         """Per partition with anything due: (expiring credits past expiry, reservations past deadline).

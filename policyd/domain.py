@@ -131,6 +131,7 @@ class AuthorizeInput:
     user_agent: str = ""
     count_tokens: bool = False  # the request only counts tokens: free, nothing reserved (Engine.admit_token_count)
     stored_response: str = ""  # the request reads or deletes this stored response (free: Engine.admit_stored_response)
+    deletes_stored: bool = False  # ... deletes it (the gateway's DELETE): one policyd waits for is asked for first
     previous_response: str = ""  # the stored response a Responses API request continues (previous_response_id)
     creates: str = ""  # a free call that makes something for the customer (CREATABLE): its id remembered from the reply
     files: tuple[str, ...] = ()  # the files (by id) the request's input refers to: the customer's own, or unknown

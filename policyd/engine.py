@@ -556,6 +556,8 @@ class Engine:
                 whose = await self._whose(request.stored_response)
             customer, *where = (whose or "").split("\t")
             if customer == owner.customer_id:
+                if request.deletes_stored and self.background is not None:  # one policyd waits for: asked for
+                    await self.background.ask_now(customer, request.stored_response)  # first, while it is there
                 return "", "", tuple(where)
             return _not_found(request.stored_response), "", ()
 

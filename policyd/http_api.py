@@ -217,6 +217,7 @@ class HttpCall:
     maps_grounding: bool = False  # Gemini's googleMaps tool: a grounded prompt is billed apart
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     background: bool = False  # a Responses API background response: it goes on at the provider after its reply
+    deletes_stored: bool = False  # DELETE of the stored response (or conversation, file) it names
     service_tier_implied: bool = False  # the provider's default tier (Anthropic's priority), not one asked for
     compaction: bool = False  # a Responses API compaction (POST /v1/responses/compact): it takes no output cap
     body_decoded: bool = False  # the client compressed its body (Content-Encoding): read, and sent on, decoded
@@ -265,7 +266,8 @@ class HttpCall:
                         image_scale=self.image_scale, maps_grounding=self.maps_grounding,
                         output_cap_fixed=self.compaction, output_cap_param=self.output_cap_param),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
-            stored_response=self.stored_response, previous_response=self.previous_response,
+            stored_response=self.stored_response, deletes_stored=self.deletes_stored,
+            previous_response=self.previous_response,
             creates=self.creates, conversation=self.conversation, files=self.files,
             charge_held_on_expiry=True,  # the gateway sends it on to the provider
             call_token=self.call_token,
@@ -758,6 +760,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.model = path_model  # GET /v1/models/{model}: that one model
     call.key_summary = named.key_summary
     call.stored_response = named.stored_response
+    call.deletes_stored = bool(named.stored_response) and method.upper() == "DELETE"
     call.creates = named.creates
     call.compaction = named.compaction
     if named.refers_to:  # the upload a file is made of: the customer's own, or not found

@@ -68,6 +68,12 @@ def background_polls(partition: int) -> str:
     return f"{_tag(partition)}:polls"
 
 
+def polled_response(partition: int, response_id: str) -> str:
+    """the request whose background response this is, while policyd asks for it (its client reading or deleting
+    it has it asked for first: policyd/background.py)"""
+    return f"{_tag(partition)}:polled:{response_id}"
+
+
 def deadlines(partition: int) -> str:
     return f"{_tag(partition)}:deadlines"
 

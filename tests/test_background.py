@@ -164,3 +164,27 @@ async def test_a_background_response_is_asked_for_on_after_redis_lost_its_data(s
         ("settled", "", usage["input_tokens"], usage["output_tokens"])
     assert (await service.counters.wallet("acme"))[1] == 0
     assert (await service.admin.audit()).ok
+
+
+async def test_a_background_response_its_customer_deletes_is_asked_for_first(service: Service,
+                                                                             provider: MockProvider) -> None:
+    """A client that reads its background response once it ended and deletes it at once (before policyd's next
+    turn to ask for it) left it to be found gone, and charged as held. Its deletion has it asked for first:
+    charged exactly what it used."""
+    _, secret, clock = await funded_key_on_a_clock(service)
+    background = BackgroundResponses(service.engine, pool(f"http://127.0.0.1:{provider.port}/v1"), 3600, 1.0)
+    service.engine.background = background
+    await background_request(service, secret, "deleted")
+    queued = queued_at(provider, polls=0)  # ended at once
+    await background.poll_later("deleted", queued["id"], "openai-bg")
+    deletion = replace(ask(secret, endpoint="responses", request_id="delete-it"), model="",
+                       stored_response=queued["id"], deletes_stored=True)
+    assert (await service.engine.authorize(deletion)).decision == "allow"
+    usage = provider.stored.pop(queued["id"])[0]["usage"]  # the provider deletes it
+    clock[0] += 1000
+    assert await background.poll_due() == 0  # nothing left to ask for
+    await service.writer.drain()
+    record = service.store.usage_record("deleted")
+    assert (record.status, record.error_class, record.input_tokens, record.output_tokens) == \
+        ("settled", "", usage["input_tokens"], usage["output_tokens"])
+    assert (await service.counters.wallet("acme"))[1] == 0

@@ -1106,6 +1106,16 @@ def test_a_background_response_is_charged_when_it_ends(gateway: Gateway) -> None
     asked = [r for r in gateway.mock.received() if r["path"].endswith(f"/responses/{raw.parse().id}")]
     assert asked and all(r["authorization"].removeprefix("Bearer ") in PROVIDER_KEYS for r in asked)  # not its key
 
+    # read once it ended and deleted at once: asked for before the deletion, charged what it used
+    raw = client.responses.with_raw_response.create(model="gpt-4o-mini", input="read it and delete it",
+                                                    background=True, extra_headers={"x-mock-background-polls": "1"})
+    while (ended := client.responses.retrieve(raw.parse().id)).status != "completed":
+        time.sleep(0.02)
+    client.responses.delete(ended.id)
+    record = settled_record(gateway, raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["error_class"], record["output_tokens"]) == \
+        ("settled", "", ended.usage.output_tokens)
+
     # cancelled while it runs: charged what the provider says it used
     raw = client.responses.with_raw_response.create(model="gpt-4o-mini", input="cancel me in the background",
                                                     background=True, extra_headers={"x-mock-background-polls": "1000"})

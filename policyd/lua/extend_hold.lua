@@ -12,6 +12,7 @@
 -- and, for a background response policyd asks the provider for until it ends (background.py):
 -- KEYS[5] background polls zset    ARGV[3] when to ask first, unix ms    ARGV[4] what to ask (field `poll`)
 -- KEYS[6] event stream             ARGV[5] now, unix ms (the writer keeps the poll in SQL, for a rebuild)
+-- KEYS[7] polled response          the request's id under its response's, until the new deadline and a minute
 -- Returns {"extended"} | {"already", state} | {"unknown"} | {"fenced"}
 
 if redis.call('GET', KEYS[4]) ~= 'open' then
@@ -32,5 +33,6 @@ if KEYS[5] then
   redis.call('HSET', KEYS[1], 'poll', ARGV[4])
   redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
   redis.call('XADD', KEYS[6], '*', 'type', 'poll', 'rid', ARGV[1], 'at', ARGV[5], 'poll', ARGV[4], 'until', ARGV[2])
+  redis.call('SET', KEYS[7], ARGV[1], 'PX', tonumber(ARGV[2]) - tonumber(ARGV[5]) + 60000)
 end
 return {'extended'}
