@@ -53,22 +53,45 @@ class BackgroundResponses:
         self.poll_ms = max(1, int(poll_seconds * 1000))
 
     async def poll_later(self, request_id: str, response_id: str, account: str) -> None:
+        """The gateway's: a request whose background response the provider has not finished (Closing poll)."""
+        try:
+            await self.await_response(request_id, response_id, account)
+        except PolicydError as error:
+            log.error("background response %s of request %s: %s", response_id[:64], request_id, error.reason)
+
+    async def await_response(self, request_id: str, response_id: str, account: str) -> tuple[int, bool]:
         """A request whose background response the provider has not finished: its hold is kept (its key's
-        concurrency slot returned: the client's request has ended) until it ends, asked for from now on, at
-        most wait_seconds."""
+        concurrency slot returned: the client's request has ended) until it ends, at most wait_seconds, and
+        the response is its customer's. Asked for from now on when the account is one policyd can ask at
+        (followed); else its caller settles it. Returns (held until, unix ms; followed)."""
+        if not request_id or len(request_id) > 128:
+            raise await self.engine.reject("", None, "invalid_request", "request_id is required",
+                                           {"provider_response_id": response_id[:200]})
+        detail = {"provider_response_id": response_id}
         reservation = await self.counters.find_reservation(request_id)
         if reservation is None:
-            log.error("background response %s of request %s: no reservation to keep", response_id[:64], request_id)
-            return
-        record = reservation.record  # its customer may read and cancel it meanwhile, no other may
+            raise await self.engine.missing(request_id, "await", detail)
+        if reservation.state != "reserved":  # closed: what a closed one keeps names no provider
+            raise await self._closed(reservation.partition, request_id, reservation.state, detail)
+        record = reservation.record
+        followed = self.pool.follows(record["provider"], account) if account else False
+        at = self.engine.clock()
+        until = at + self.wait_ms
+        outcome = await self.counters.extend_hold(
+            reservation, record["api_key_id"], until, now_ms=at,
+            poll=(at + self.poll_ms, f"{account}\n{response_id}") if followed else None)
+        if outcome == "already":  # closed meanwhile
+            found = await self.counters.read_reservation(reservation.partition, request_id)
+            raise await self._closed(reservation.partition, request_id, found.state if found else "settled", detail)
+        if outcome != "extended":
+            raise await self.engine.missing(request_id, "await", detail)
         await self.engine.remember_response(record["customer_id"], response_id, record["provider"],
                                             record["upstream"], account)
-        at = self.engine.clock()
-        outcome = await self.counters.extend_hold(reservation, reservation.record["api_key_id"], at + self.wait_ms,
-                                                  poll=(at + self.poll_ms, f"{account}\n{response_id}"), now_ms=at)
-        if outcome != "extended":
-            log.warning("background response %s of request %s: its reservation is %s", response_id[:64],
-                        request_id, outcome)
+        return until, followed
+
+    async def _closed(self, partition: int, request_id: str, state: str, detail: dict[str, str]) -> PolicydError:
+        return await self.engine.reject(request_id, partition, f"already_{state}",
+                                        f"this request was {state}: its hold cannot be kept", detail)
 
     async def poll_due(self) -> int:
         """Ask the providers for the background responses due, in every partition (POLLS_AT_ONCE at a time);

@@ -1108,12 +1108,13 @@ class Engine:
             except Exception:
                 log.exception("could not record %s of %s", kind, request_id)
 
-    async def _reject(self, request_id: str, partition: int | None, reason: str, message: str,
+    async def reject(self, request_id: str, partition: int | None, reason: str, message: str,
                       detail: dict[str, Any]) -> PolicydError:
         status = {
             "invalid_usage": "INVALID_ARGUMENT", "invalid_request": "INVALID_ARGUMENT", "unknown_model": "INVALID_ARGUMENT",
             "unknown_request": "NOT_FOUND", "request_denied": "FAILED_PRECONDITION",
-            "already_released": "FAILED_PRECONDITION", "exists_with_different_usage": "ALREADY_EXISTS",
+            "already_released": "FAILED_PRECONDITION", "already_expired": "FAILED_PRECONDITION",
+            "exists_with_different_usage": "ALREADY_EXISTS",
             "currency_mismatch": "INVALID_ARGUMENT",
         }.get(reason, "INVALID_ARGUMENT")
         safe_id = request_id if request_id and len(request_id) <= 128 else ""
@@ -1140,10 +1141,10 @@ class Engine:
         try:
             check_usage(report)
         except Problem as problem:
-            raise await self._reject(report.request_id, None, problem.reason, problem.message, asdict(report))
+            raise await self.reject(report.request_id, None, problem.reason, problem.message, asdict(report))
         reservation = found or await self.counters.find_reservation(report.request_id)
         if reservation is None:
-            raise await self._missing(report.request_id, "settle", asdict(report))
+            raise await self.missing(report.request_id, "settle", asdict(report))
         r = reservation.record
         if r.get("endpoint") == "audio_speech":  # text to speech makes audio alone: every output token is audio
             report = replace(report, audio_output_tokens=report.output_tokens)
@@ -1156,7 +1157,7 @@ class Engine:
             served = policy.served_as(served, report.reply_model)
         price = (policy.model(served) if served else CONVERSATION_PRICE) if policy else None
         if policy is None or plan is None or price is None:
-            raise await self._reject(report.request_id, reservation.partition, "unknown_model",
+            raise await self.reject(report.request_id, reservation.partition, "unknown_model",
                                      f"model {served!r} is not in price table {r['price_table_version']!r}", asdict(report))
         if not price.prices_tier(report.service_tier):  # served on a tier the table does not price: at the
             # model's own prices, marked (a project's default tier, which no request names)
@@ -1231,13 +1232,13 @@ class Engine:
         if result.outcome in ("settled", "settled_late", "exists", "released"):
             self.counters.forget(report.request_id)
         if result.outcome == "conflict":
-            raise await self._reject(report.request_id, reservation.partition, "exists_with_different_usage",
+            raise await self.reject(report.request_id, reservation.partition, "exists_with_different_usage",
                                      "this request was already settled with other numbers", asdict(report))
         if result.outcome == "released":
-            raise await self._reject(report.request_id, reservation.partition, "already_released",
+            raise await self.reject(report.request_id, reservation.partition, "already_released",
                                      "this request was released; it cannot be settled", asdict(report))
         if result.outcome == "unknown":
-            raise await self._missing(report.request_id, "settle", asdict(report))
+            raise await self.missing(report.request_id, "settle", asdict(report))
         context = report.input_tokens + report.output_tokens  # what answering on from here carries back as input
         if report.provider_response_id:
             await self.remember_response(r["customer_id"], report.provider_response_id,
@@ -1359,21 +1360,21 @@ class Engine:
             return 0
         return max(self.clock() - int(r["created_ms"]), 0) * price.output_tokens_per_second // 1000
 
-    async def _missing(self, request_id: str, action: str, detail: dict[str, Any]) -> PolicydError:
+    async def missing(self, request_id: str, action: str, detail: dict[str, Any]) -> PolicydError:
         record = await asyncio.to_thread(self.store.usage_record, request_id)
         if record is not None and record.status == "denied":
-            return await self._reject(request_id, None, "request_denied",
+            return await self.reject(request_id, None, "request_denied",
                                       f"request {request_id} was denied; there is nothing to {action}", detail)
-        return await self._reject(request_id, None, "unknown_request",
+        return await self.reject(request_id, None, "unknown_request",
                                   f"no reservation for request {request_id}", detail)
 
     # ------------------------------------------------------------------ release and expiry
     async def release(self, request_id: str, reason: str) -> ReleaseResult:
         if not request_id or len(request_id) > 128:
-            raise await self._reject("", None, "invalid_request", "request_id is required", {"reason": reason[:256]})
+            raise await self.reject("", None, "invalid_request", "request_id is required", {"reason": reason[:256]})
         reservation = await self.counters.find_reservation(request_id)
         if reservation is None:
-            raise await self._missing(request_id, "release", {"reason": reason[:256]})
+            raise await self.missing(request_id, "release", {"reason": reason[:256]})
         try:
             outcome, detail = await self._void(reservation, "released", reason[:256] or "released")
         except Fenced:
@@ -1384,9 +1385,9 @@ class Engine:
         if outcome == "already" and detail in ("released", "expired"):
             return ReleaseResult(f"already_{detail}", request_id, 0)
         if outcome == "already" and detail == "settled":
-            raise await self._reject(request_id, reservation.partition, "already_settled",
+            raise await self.reject(request_id, reservation.partition, "already_settled",
                                      "this request was settled; it cannot be released", {"reason": reason[:256]})
-        raise await self._missing(request_id, "release", {"reason": reason[:256]})
+        raise await self.missing(request_id, "release", {"reason": reason[:256]})
 
     async def _void(self, reservation: Reservation, target: str, reason: str) -> tuple[str, str]:
         r = reservation.record

@@ -213,6 +213,20 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                                           released=_money(currency, r.released))
 
 
+    async def AwaitResponse(self, request: policy_pb2.AwaitResponseRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def kept() -> tuple[int, bool]:
+            response_id = request.provider_response_id
+            if not response_id or len(response_id) > 200 or len(request.provider_account) > 64:
+                raise PolicydError("INVALID_ARGUMENT", "invalid_request",
+                                   "provider_response_id (at most 200 characters) is required")
+            return await self.engine.background.await_response(request.request_id, response_id,
+                                                               request.provider_account)
+
+        until, followed = await _call(context, kept)
+        return policy_pb2.AwaitResponseResponse(request_id=request.request_id, held_until_unix_ms=until,
+                                                followed=followed)
+
+
 def key_summary_message(s: KeySummary) -> policy_pb2.KeySummary:
     return policy_pb2.KeySummary(
         key_id=s.key_id, customer_id=s.customer_id, plan=s.plan, has_wallet=s.balance is not None,

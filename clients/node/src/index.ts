@@ -25,6 +25,8 @@ import type { DescribeKeyRequest } from "./generated/policyd/v1/DescribeKeyReque
 import type { KeySummary__Output } from "./generated/policyd/v1/KeySummary";
 import type { ReleaseRequest } from "./generated/policyd/v1/ReleaseRequest";
 import type { ReleaseResponse__Output } from "./generated/policyd/v1/ReleaseResponse";
+import type { AwaitResponseRequest } from "./generated/policyd/v1/AwaitResponseRequest";
+import type { AwaitResponseResponse__Output } from "./generated/policyd/v1/AwaitResponseResponse";
 import type { SettleRequest } from "./generated/policyd/v1/SettleRequest";
 import type { SettleResponse__Output } from "./generated/policyd/v1/SettleResponse";
 
@@ -255,6 +257,16 @@ export class PolicyClient {
     const r = await this.call<ReleaseRequest, ReleaseResponse__Output>(
       this.stub.release.bind(this.stub), { requestId, reason }, true);
     return String(r.outcome).toLowerCase();
+  }
+
+  /** A background response (the Responses API's background: true) not ended when its reply did: its hold is
+   *  kept until it is settled, by policyd when it follows it (`followed`: providerAccount names an account of
+   *  policyd's providers file with a base_url), else by you when it ends. */
+  async awaitResponse(requestId: string, providerResponseId: string, providerAccount = ""):
+      Promise<{ heldUntilUnixMs: number; followed: boolean }> {
+    const r = await this.call<AwaitResponseRequest, AwaitResponseResponse__Output>(
+      this.stub.awaitResponse.bind(this.stub), { requestId, providerResponseId, providerAccount }, true);
+    return { heldUntilUnixMs: Number(r.heldUntilUnixMs), followed: r.followed };
   }
 
   /** What a key may still spend (its wallet and the current window of its limits) and the models it may use,

@@ -117,6 +117,23 @@ test("release returns the hold, once", async () => {
   }
 });
 
+test("a background response's hold is kept until the caller settles it", async () => {
+  const policy = new PolicyClient(address);
+  try {
+    const d = await policy.authorize({ apiKey, endpoint: "responses", model: "gpt-4o-mini", requestId: "node-bg" });
+    assert.equal(d.allowed, true);
+    const kept = await policy.awaitResponse("node-bg", "resp_node");
+    assert.equal(kept.followed, false);  // its account is the caller's own: the caller settles it
+    assert.ok(kept.heldUntilUnixMs > Date.now() + 600_000);
+    const s = await policy.settle("node-bg", { inputTokens: 20, outputTokens: 10 });
+    assert.equal(s.outcome, "settled");
+    await assert.rejects(policy.awaitResponse("node-bg", "resp_node"),
+      (e: unknown) => e instanceof PolicydCallError && e.reason === "already_settled");
+  } finally {
+    policy.close();
+  }
+});
+
 test("a key is described: its wallet and the current window of its limits", async () => {
   const policy = new PolicyClient(address);
   try {

@@ -262,6 +262,13 @@ class PolicyClient:
         return _released(self._call(self.stub.Release, policy_pb2.ReleaseRequest(request_id=request_id, reason=reason),
                                     idempotent=True))
 
+    def await_response(self, request_id: str, provider_response_id: str, provider_account: str = "") -> Any:
+        """A background response not ended when its reply did: its hold kept until it is settled (by policyd when
+        it follows it, a policy_pb2.AwaitResponseResponse's `followed`; else by you, when it ends)."""
+        return self._call(self.stub.AwaitResponse, policy_pb2.AwaitResponseRequest(
+            request_id=request_id, provider_response_id=provider_response_id, provider_account=provider_account),
+            idempotent=True)
+
     def describe_key(self, api_key: str) -> Any:
         """What a key may still spend (a policy_pb2.KeySummary), for answering the key's holder (GET /v1/key)."""
         return self._call(self.stub.DescribeKey, policy_pb2.DescribeKeyRequest(api_key=api_key), idempotent=True)
@@ -325,6 +332,12 @@ class AsyncPolicyClient:
         return _released(await self._call(self.stub.Release,
                                            policy_pb2.ReleaseRequest(request_id=request_id, reason=reason),
                                            idempotent=True))
+
+    async def await_response(self, request_id: str, provider_response_id: str, provider_account: str = "") -> Any:
+        """As PolicyClient.await_response."""
+        return await self._call(self.stub.AwaitResponse, policy_pb2.AwaitResponseRequest(
+            request_id=request_id, provider_response_id=provider_response_id, provider_account=provider_account),
+            idempotent=True)
 
     async def describe_key(self, api_key: str) -> Any:
         """What a key may still spend (a policy_pb2.KeySummary), for answering the key's holder (GET /v1/key)."""

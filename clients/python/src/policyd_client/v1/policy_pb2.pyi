@@ -368,3 +368,23 @@ class ReleaseResponse(_message.Message):
     request_id: str
     released: _types_pb2.Money
     def __init__(self, outcome: _Optional[_Union[ReleaseOutcome, str]] = ..., request_id: _Optional[str] = ..., released: _Optional[_Union[_types_pb2.Money, _Mapping]] = ...) -> None: ...
+
+class AwaitResponseRequest(_message.Message):
+    __slots__ = ("request_id", "provider_response_id", "provider_account")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    provider_response_id: str
+    provider_account: str
+    def __init__(self, request_id: _Optional[str] = ..., provider_response_id: _Optional[str] = ..., provider_account: _Optional[str] = ...) -> None: ...
+
+class AwaitResponseResponse(_message.Message):
+    __slots__ = ("request_id", "held_until_unix_ms", "followed")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HELD_UNTIL_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    held_until_unix_ms: int
+    followed: bool
+    def __init__(self, request_id: _Optional[str] = ..., held_until_unix_ms: _Optional[int] = ..., followed: _Optional[bool] = ...) -> None: ...

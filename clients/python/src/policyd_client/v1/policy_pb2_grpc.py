@@ -49,6 +49,11 @@ class PolicyServiceStub:
                 request_serializer=policyd_dot_v1_dot_policy__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_policy__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.AwaitResponse = channel.unary_unary(
+                '/policyd.v1.PolicyService/AwaitResponse',
+                request_serializer=policyd_dot_v1_dot_policy__pb2.AwaitResponseRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_policy__pb2.AwaitResponseResponse.FromString,
+                _registered_method=True)
         self.DescribeKey = channel.unary_unary(
                 '/policyd.v1.PolicyService/DescribeKey',
                 request_serializer=policyd_dot_v1_dot_policy__pb2.DescribeKeyRequest.SerializeToString,
@@ -73,6 +78,19 @@ class PolicyServiceServicer:
 
     def Release(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AwaitResponse(self, request, context):
+        """A background response (the Responses API's background: true) whose reply ended before the response did:
+        the provider goes on with it and bills all of it, its usage known only once it ends. Its hold is kept
+        past the request's deadline (at most the server's background_response_seconds, then it is charged as
+        held), its key's concurrency slot given back, and the response is its customer's to read, cancel and
+        delete. With provider_account naming an account of policyd's providers file that has a base_url, policyd
+        asks the provider for it until it ends and settles it itself (followed); otherwise the caller Settles it,
+        or Releases it, when it ends. unknown_request, already_settled, already_released as for Release.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -102,6 +120,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=policyd_dot_v1_dot_policy__pb2.ReleaseRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_policy__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'AwaitResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.AwaitResponse,
+                    request_deserializer=policyd_dot_v1_dot_policy__pb2.AwaitResponseRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_policy__pb2.AwaitResponseResponse.SerializeToString,
             ),
             'DescribeKey': grpc.unary_unary_rpc_method_handler(
                     servicer.DescribeKey,
@@ -190,6 +213,33 @@ class PolicyService:
             '/policyd.v1.PolicyService/Release',
             policyd_dot_v1_dot_policy__pb2.ReleaseRequest.SerializeToString,
             policyd_dot_v1_dot_policy__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AwaitResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.PolicyService/AwaitResponse',
+            policyd_dot_v1_dot_policy__pb2.AwaitResponseRequest.SerializeToString,
+            policyd_dot_v1_dot_policy__pb2.AwaitResponseResponse.FromString,
             options,
             channel_credentials,
             insecure,
