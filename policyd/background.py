@@ -10,7 +10,10 @@ any reply's (failed or cancelled with none: released). One replica asks at a tim
 background request on an account without a base_url is refused before the provider (UNFOLLOWABLE). If it
 has not ended after `background_response_seconds`, or cannot be asked for (a response the provider no
 longer knows), it is charged as held at that deadline, as any request whose end nobody saw
-(Engine.expire_due), never released free.
+(Engine.expire_due), never released free. Its customer deleting it has it asked for first (ask_now).
+
+The gateway's reader leaves such a response here (Closing poll); a native caller does (AwaitResponse), and
+settles it itself when policyd cannot follow it (its provider account is the caller's own).
 """
 
 from __future__ import annotations
