@@ -490,7 +490,8 @@ class Counters:
         """Closed reservations written back after Redis lost its data, from their records (a rebuild), for what
         is left of their retention: a retry of one (a client's id, a Settle, a Release) is answered as before
         the loss, not served and charged again. Each only where its id is free: decisions run meanwhile, and a
-        request that named the id since keeps it. Returns the number written."""
+        request that named the id since keeps it (one denied since, which holds no reservation, does not).
+        Returns the number written."""
         live = [c for c in closed if c.closed_ms + self.retention_seconds * 1000 > now_ms]
         if not live:
             return 0
@@ -500,9 +501,18 @@ class Counters:
             pipe.set(redis_keys.request_index(c.reservation.request_id), str(c.reservation.partition), nx=True,
                      px=max(index_ms - now_ms, c.closed_ms + self.retention_seconds * 1000 - now_ms))
         taken = await pipe.execute()
+        held = [c for c, ok in zip(live, taken) if not ok]
+        if held:  # an id indexed already: its own partition's (a request denied since, say), or another's
+            pipe = self.client.pipeline(transaction=False)
+            for c in held:
+                pipe.get(redis_keys.request_index(c.reservation.request_id))
+            ours = {c.reservation.request_id for c, partition in zip(held, await pipe.execute())
+                    if partition is not None and _text(partition) == str(c.reservation.partition)}
+        else:
+            ours = set()
         by_partition: dict[int, tuple[list[str], list[str]]] = {}
         for c, free in zip(live, taken):
-            if free:
+            if free or c.reservation.request_id in ours:  # the script writes it only where no request holds it
                 keys, args = by_partition.setdefault(c.reservation.partition, ([], []))
                 fields = c.hash_fields()
                 keys.append(redis_keys.reservation(c.reservation.partition, c.reservation.request_id))

@@ -1073,6 +1073,9 @@ async def test_a_rebuild_restores_the_requests_closed_before_the_loss(service: S
     assert service.store.usage_record("native").settle_fingerprint
     await service.counters.client.flushall()
     await service.writer.ensure_groups()
+    # a request denied since the loss named idem-1 (its id indexed, no reservation made): it is written back all
+    # the same; one that named it in another partition would keep it
+    await service.counters.client.set(redis_keys.request_index("idem-1"), str(service.counters.partition_of("acme")))
     await service.admin.rebuild()
     assert await service.admin.restored() == 5  # written back while decisions run; not the one long closed
     service.counters.forget("expired-after")  # closed by another replica, say
