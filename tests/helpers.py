@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 from policyd.domain import Attribution, AuthorizeInput, Shape, UsageReport
 from policyd.money import parse_amount
 from policyd.server import Service
+
+
+@asynccontextmanager
+async def grpc_channel(service: Service) -> AsyncIterator[Any]:
+    """The service's gRPC API on a free loopback port, and a channel to it, for as long as the block runs."""
+    import grpc
+
+    from policyd.server import make_grpc_server
+
+    server, health = make_grpc_server(service)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(grace=1)
 
 
 async def new_key(service: Service, customer: str = "acme", plan: str = "pro", environment: str = "production",

@@ -18,7 +18,7 @@ from policyd.domain import Decision
 from policyd.mock_provider import MockProvider
 from policyd.providers import Account, ProviderPool
 from policyd.server import Service
-from tests.helpers import ask, fund, new_key
+from tests.helpers import ask, fund, grpc_channel, new_key
 
 PROVIDER_KEY = "sk-mock-background"
 
@@ -197,56 +197,49 @@ async def test_a_native_caller_has_a_background_responses_hold_kept(service: Ser
     else the caller settles it when it ends, charged as any settle (not late)."""
     import grpc
 
-    from policyd.server import make_grpc_server
     from policyd_client.v1 import policy_pb2, policy_pb2_grpc, types_pb2
 
     _, secret, clock = await funded_key_on_a_clock(service)
     background = BackgroundResponses(service.engine, pool(f"http://127.0.0.1:{provider.port}/v1"), 3600, 1.0)
     service.engine.background = background
-    server, _ = make_grpc_server(service)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            policy = policy_pb2_grpc.PolicyServiceStub(channel)
+    async with grpc_channel(service) as channel:
+        policy = policy_pb2_grpc.PolicyServiceStub(channel)
 
-            async def authorize(request_id: str) -> None:
-                d = await policy.Authorize(policy_pb2.AuthorizeRequest(
-                    api_key=secret, endpoint=types_pb2.RESPONSES, model="gpt-4o-mini",
-                    attribution=types_pb2.Attribution(request_id=request_id),
-                    shape=policy_pb2.RequestShape(prompt_bytes=400, max_output_tokens=100)))
-                assert d.decision == policy_pb2.ALLOW
+        async def authorize(request_id: str) -> None:
+            d = await policy.Authorize(policy_pb2.AuthorizeRequest(
+                api_key=secret, endpoint=types_pb2.RESPONSES, model="gpt-4o-mini",
+                attribution=types_pb2.Attribution(request_id=request_id),
+                shape=policy_pb2.RequestShape(prompt_bytes=400, max_output_tokens=100)))
+            assert d.decision == policy_pb2.ALLOW
 
-            await authorize("followed")
-            queued = queued_at(provider, polls=1)
-            kept = await policy.AwaitResponse(policy_pb2.AwaitResponseRequest(
-                request_id="followed", provider_response_id=queued["id"], provider_account="openai-bg"))
-            assert kept.followed and kept.held_until_unix_ms == clock[0] + 3600 * 1000
-            await authorize("own")
-            kept = await policy.AwaitResponse(policy_pb2.AwaitResponseRequest(
-                request_id="own", provider_response_id="resp_elsewhere"))  # the caller's own account
-            assert not kept.followed
-            clock[0] += 2 * service.engine.reservation_ttl_ms + 1  # past their own deadlines: still held
-            await service.engine.expire_due()
-            for _ in range(3):
-                clock[0] += 1000
-                await background.poll_due()
-            settled = await policy.Settle(policy_pb2.SettleRequest(
-                request_id="own", usage=policy_pb2.Usage(input_tokens=100, output_tokens=40)))
-            assert settled.outcome == policy_pb2.SETTLED  # in time: its hold was still standing
-            for request, code, reason in (
-                    (policy_pb2.AwaitResponseRequest(request_id="own", provider_response_id="r"),
-                     grpc.StatusCode.INVALID_ARGUMENT, "already_settled"),
-                    (policy_pb2.AwaitResponseRequest(request_id="nobody", provider_response_id="r"),
-                     grpc.StatusCode.NOT_FOUND, "unknown_request"),
-                    (policy_pb2.AwaitResponseRequest(request_id="own"), grpc.StatusCode.INVALID_ARGUMENT,
-                     "invalid_request")):
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await policy.AwaitResponse(request)
-                assert refused.value.code() == code
-                assert dict(refused.value.trailing_metadata())["policyd-reason"] == reason
-    finally:
-        await server.stop(grace=1)
+        await authorize("followed")
+        queued = queued_at(provider, polls=1)
+        kept = await policy.AwaitResponse(policy_pb2.AwaitResponseRequest(
+            request_id="followed", provider_response_id=queued["id"], provider_account="openai-bg"))
+        assert kept.followed and kept.held_until_unix_ms == clock[0] + 3600 * 1000
+        await authorize("own")
+        kept = await policy.AwaitResponse(policy_pb2.AwaitResponseRequest(
+            request_id="own", provider_response_id="resp_elsewhere"))  # the caller's own account
+        assert not kept.followed
+        clock[0] += 2 * service.engine.reservation_ttl_ms + 1  # past their own deadlines: still held
+        await service.engine.expire_due()
+        for _ in range(3):
+            clock[0] += 1000
+            await background.poll_due()
+        settled = await policy.Settle(policy_pb2.SettleRequest(
+            request_id="own", usage=policy_pb2.Usage(input_tokens=100, output_tokens=40)))
+        assert settled.outcome == policy_pb2.SETTLED  # in time: its hold was still standing
+        for request, code, reason in (
+                (policy_pb2.AwaitResponseRequest(request_id="own", provider_response_id="r"),
+                 grpc.StatusCode.INVALID_ARGUMENT, "already_settled"),
+                (policy_pb2.AwaitResponseRequest(request_id="nobody", provider_response_id="r"),
+                 grpc.StatusCode.NOT_FOUND, "unknown_request"),
+                (policy_pb2.AwaitResponseRequest(request_id="own"), grpc.StatusCode.INVALID_ARGUMENT,
+                 "invalid_request")):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await policy.AwaitResponse(request)
+            assert refused.value.code() == code
+            assert dict(refused.value.trailing_metadata())["policyd-reason"] == reason
     await service.writer.drain()
     record = service.store.usage_record("followed")
     usage = provider.stored[queued["id"]][0]["usage"]

@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from policyd.server import Service, make_grpc_server
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
 from tests.conftest import SAMPLE_POLICY, make_settings
+from tests.helpers import grpc_channel
 
 TOKEN = "admin-secret-for-tests"
 
@@ -264,15 +265,11 @@ async def test_unexpected_errors_are_logged_and_answered_briefly(tmp_path, caplo
         raise fault
 
     service.admin.audit = failing_audit
-    server, _ = make_grpc_server(service)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        async with grpc_channel(service) as ch:
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await admin_pb2_grpc.AdminServiceStub(ch).Audit(admin_pb2.AuditRequest(), metadata=AUTH)
     finally:
-        await server.stop(grace=1)
         await service.close()
     assert error.value.code() == code
     assert error.value.details() == f"{reason}: {type(fault).__name__} (the details are in policyd's log)"
