@@ -703,10 +703,10 @@ class Admin:
                 reserved[wallet] = reserved.get(wallet, 0) + row.reserved_nanos
                 p = self.counters.partition_of(row.customer_id)
                 facts = dict(row.reservation_facts or {})
-                # a background response policyd asks the provider for (background.py): asked for on, held as
-                # long, its key's concurrency slot given back already
+                # a background response's (background.py): held as long, its key's concurrency slot given back
+                # already, and asked for on when policyd asks its provider for it
                 poll, poll_until = facts.pop("poll", ""), int(facts.pop("poll_until", 0) or 0)
-                if not poll:
+                if not poll_until:
                     inflight[(p, row.api_key_id)] = inflight.get((p, row.api_key_id), 0) + 1
                 expires = row.created_ms + self.reservation_ttl_ms
                 record = {c: getattr(row, c) for c in _RECORD_COLUMNS}
@@ -717,7 +717,7 @@ class Admin:
                     "state": "reserved", "key": redis_keys.key_state(p, row.api_key_id), "amount": str(row.reserved_nanos),
                     "wallet": "1", "expires": str(max(expires, at)), "created": str(row.created_ms),
                     "r": json.dumps(fields, separators=(",", ":")),
-                    **({"poll": poll, "slot": "returned"} if poll else {}),
+                    **({"slot": "returned"} if poll_until else {}), **({"poll": poll} if poll else {}),
                 })
                 pipe.zadd(redis_keys.deadlines(p), {row.request_id: max(expires, poll_until, at)})
                 if poll:

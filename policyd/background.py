@@ -81,7 +81,7 @@ class BackgroundResponses:
         at = self.engine.clock()
         until = at + self.wait_ms
         outcome = await self.counters.extend_hold(
-            reservation, record["api_key_id"], until, now_ms=at,
+            reservation, record["api_key_id"], until, now_ms=at, background=True,
             poll=(at + self.poll_ms, f"{account}\n{response_id}") if followed else None)
         if outcome == "already":  # closed meanwhile
             found = await self.counters.read_reservation(reservation.partition, request_id)

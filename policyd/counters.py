@@ -618,20 +618,21 @@ class Counters:
         raw = await self.client.hmget(redis_keys.wallet(self.partition_of(customer_id), customer_id), "balance", "reserved")
         return int(raw[0] or 0), int(raw[1] or 0)
 
-    async def extend_hold(self, reservation: Reservation, key_id: str, until_ms: int,
-                          poll: tuple[int, str] | None = None, now_ms: int = 0) -> str:
+    async def extend_hold(self, reservation: Reservation, key_id: str, until_ms: int, now_ms: int = 0,
+                          background: bool = False, poll: tuple[int, str] | None = None) -> str:
         """Keep a reservation past its deadline until `until_ms` (extend_hold.lua), its key's concurrency slot
-        returned: extended | already | unknown. `poll`: (when, what) to ask the provider for its background
-        response (background.py)."""
+        returned: extended | already | unknown. `background`: a background response's (background.py), the
+        new deadline kept in SQL; `poll`: (when, what) to ask its provider for it."""
         p = reservation.partition
         keys = [redis_keys.reservation(p, reservation.request_id), redis_keys.deadlines(p),
                 redis_keys.inflight(p, key_id), redis_keys.gate(p)]
         args = [reservation.request_id, str(until_ms)]
-        if poll is not None:
-            response_id = poll[1].partition("\n")[2]
-            keys += [redis_keys.background_polls(p), redis_keys.events(p),
-                     redis_keys.polled_response(p, response_id)]
-            args += [str(poll[0]), poll[1], str(now_ms)]
+        if background:
+            keys.append(redis_keys.events(p))
+            args.append(str(now_ms))
+        if background and poll is not None:
+            keys += [redis_keys.background_polls(p), redis_keys.polled_response(p, poll[1].partition("\n")[2])]
+            args += [str(poll[0]), poll[1]]
         reply = await self._decide(self._extend_hold, keys, args)
         if _text(reply[0]) == "fenced":
             raise self._fenced(p)

@@ -428,8 +428,9 @@ class Writer:
 
     @staticmethod
     def _poll(records: dict[str, Record], fields: dict[str, str]) -> None:
-        """A background response policyd asks the provider for (background.py): kept with the open record's
-        facts, so a rebuild of the counters asks on, and holds it as long."""
+        """A background response's hold kept past its request's deadline, and what policyd asks its provider
+        for ("" when the caller settles it: background.py): kept with the open record's facts, so a rebuild of
+        the counters holds it as long, and asks on."""
         row = records.get(fields["rid"])
         if row is None or row.status != "reserved":
             return  # closed already (or its authorize event not yet applied, by another writer: lost to a rebuild)

@@ -18,7 +18,7 @@ from policyd.domain import Decision
 from policyd.mock_provider import MockProvider
 from policyd.providers import Account, ProviderPool
 from policyd.server import Service
-from tests.helpers import ask, fund, grpc_channel, new_key
+from tests.helpers import ask, fund, grpc_channel, new_key, usage
 
 PROVIDER_KEY = "sk-mock-background"
 
@@ -136,33 +136,38 @@ async def test_a_background_response_is_asked_for_on_after_redis_lost_its_data(s
                                                                                 provider: MockProvider) -> None:
     """Redis lost its data while a background response ran: the counters rebuilt from SQL ask the provider for
     it on, hold it as long, and charge it exactly at its end (not as held at the request's own deadline); its
-    key's concurrency slot, given back when its reply ended, stays given back."""
+    key's concurrency slot, given back when its reply ended, stays given back. One a native caller settles
+    itself (AwaitResponse on its own account) is held as long too."""
     key_id, secret, clock = await funded_key_on_a_clock(service)
     background = BackgroundResponses(service.engine, pool(f"http://127.0.0.1:{provider.port}/v1"), 3600, 1.0)
     service.engine.background = background
     await background_request(service, secret, "across")
     queued = queued_at(provider, polls=1)
     await background.poll_later("across", queued["id"], "openai-bg")
+    await background_request(service, secret, "callers")
+    assert (await background.await_response("callers", "resp_callers", ""))[1] is False
     await service.writer.drain()
     wallet = await service.counters.wallet("acme")
     await service.counters.client.flushall()
     await service.writer.ensure_groups()
     await service.admin.rebuild()
     service.counters.forget("across")
-    assert await service.counters.wallet("acme") == wallet  # its hold restored
+    service.counters.forget("callers")
+    assert await service.counters.wallet("acme") == wallet  # the holds restored
     partition = service.counters.partition_of("acme")
     assert int(await service.counters.client.get(redis_keys.inflight(partition, key_id)) or 0) == 0
     clock[0] += 2 * service.engine.reservation_ttl_ms + 1  # past the request's own deadline, and one more TTL
     await service.engine.expire_due()
-    assert (await service.counters.wallet("acme"))[1] == wallet[1]  # still held: it runs on at the provider
+    assert (await service.counters.wallet("acme"))[1] == wallet[1]  # still held: they run on at the provider
     for _ in range(3):
         clock[0] += 1000
         await background.poll_due()
+    assert (await service.engine.settle(usage("callers", 300, 40))).outcome == "settled"  # in time, by its caller
     await service.writer.drain()
     record = service.store.usage_record("across")
-    usage = provider.stored[queued["id"]][0]["usage"]
+    used = provider.stored[queued["id"]][0]["usage"]
     assert (record.status, record.error_class, record.input_tokens, record.output_tokens) == \
-        ("settled", "", usage["input_tokens"], usage["output_tokens"])
+        ("settled", "", used["input_tokens"], used["output_tokens"])
     assert (await service.counters.wallet("acme"))[1] == 0
     assert (await service.admin.audit()).ok
 

@@ -9,9 +9,10 @@
 -- KEYS[4] gate               "open" while the partition's counters are whole: else refuse
 -- ARGV[1] request_id
 -- ARGV[2] the new deadline, unix ms (the reservation's own `expires` stays: it says when it was due)
--- and, for a background response policyd asks the provider for until it ends (background.py):
--- KEYS[5] background polls zset    ARGV[3] when to ask first, unix ms    ARGV[4] what to ask (field `poll`)
--- KEYS[6] event stream             ARGV[5] now, unix ms (the writer keeps the poll in SQL, for a rebuild)
+-- and, for a background response (background.py), its hold kept until the response ends:
+-- KEYS[5] event stream             ARGV[3] now, unix ms (the writer keeps the new deadline in SQL, for a rebuild)
+-- ... when policyd asks the provider for it:
+-- KEYS[6] background polls zset    ARGV[4] when to ask first, unix ms    ARGV[5] what to ask (field `poll`)
 -- KEYS[7] polled response          the request's id under its response's, until the new deadline and a minute
 -- Returns {"extended"} | {"already", state} | {"unknown"} | {"fenced"}
 
@@ -30,9 +31,13 @@ if redis.call('HSETNX', KEYS[1], 'slot', 'returned') == 1 then
 end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 if KEYS[5] then
-  redis.call('HSET', KEYS[1], 'poll', ARGV[4])
-  redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
-  redis.call('XADD', KEYS[6], '*', 'type', 'poll', 'rid', ARGV[1], 'at', ARGV[5], 'poll', ARGV[4], 'until', ARGV[2])
-  redis.call('SET', KEYS[7], ARGV[1], 'PX', tonumber(ARGV[2]) - tonumber(ARGV[5]) + 60000)
+  local poll = ''
+  if KEYS[6] then
+    poll = ARGV[5]
+    redis.call('HSET', KEYS[1], 'poll', poll)
+    redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1])
+    redis.call('SET', KEYS[7], ARGV[1], 'PX', tonumber(ARGV[2]) - tonumber(ARGV[3]) + 60000)
+  end
+  redis.call('XADD', KEYS[5], '*', 'type', 'poll', 'rid', ARGV[1], 'at', ARGV[3], 'poll', poll, 'until', ARGV[2])
 end
 return {'extended'}
