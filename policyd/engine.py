@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
 from policyd import compact_json, key_limits, metrics, reasons, redis_keys
@@ -59,6 +59,9 @@ from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
 from policyd.store import KeyRecord, Store
 from policyd.validation import REQUEST_ID_LENGTH_MAX, Problem, check_authorize, check_usage
+
+if TYPE_CHECKING:
+    from policyd.background import BackgroundResponses
 
 log = logging.getLogger("policyd.engine")
 
@@ -218,7 +221,7 @@ class Engine:
         self._closings: set[asyncio.Task[None]] = set()
         self._retrying: set[asyncio.Task[None]] = set()  # closings between two attempts (Redis unreachable)
         self._stopping = False
-        self.background: Any = None  # the background responses it waits for (policyd/background.py), once built
+        self.background: BackgroundResponses | None = None  # the background responses it waits for, once built
 
     # ------------------------------------------------------------------ closings in the background
     def close_in_background(self, closing: Callable[[], Awaitable[Any]], request_id: str) -> None:
