@@ -1,11 +1,13 @@
 """`policyd demo`: drive a running gateway (Envoy + policyd) with the official openai SDK.
 
-Two customers: allowed calls, a streamed call, a model refused by policy, a thread budget
-reached, a wallet drained to insufficient_quota, and the usage table policyd recorded.
+Two customers: allowed calls, a streamed call, a background response charged when it ended, a model
+refused by policy, a thread budget reached, a wallet drained to insufficient_quota, and the usage table
+policyd recorded.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from policyd.money import format_amount
@@ -19,6 +21,20 @@ def _usage_table(records: list[Any]) -> str:
                      f"{r.status:12} {r.input_tokens:>5} {r.output_tokens:>4} {format_amount(r.charge.nanos):>12} "
                      f"{r.reason}")
     return "\n".join(lines)
+
+
+def _settled(admin: Any, metadata: list[tuple[str, str]], request_id: str, seconds: float = 20.0) -> int:
+    """The charge of a request once settled (a background response's: once policyd found it ended)."""
+    from policyd_client.v1 import admin_pb2
+
+    deadline = time.monotonic() + seconds
+    while True:
+        records = admin.ListUsage(admin_pb2.ListUsageRequest(request_id=request_id, limit=1), metadata=metadata).records
+        if records and records[0].status in ("settled", "settled_late"):
+            return records[0].charge.nanos
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"request {request_id} was not settled in {seconds:.0f} s")
+        time.sleep(0.2)
 
 
 def run(base_url: str, key_a: str, key_b: str, admin: Any, metadata: list[tuple[str, str]]) -> int:
@@ -39,6 +55,16 @@ def run(base_url: str, key_a: str, key_b: str, admin: Any, metadata: list[tuple[
                                            messages=[{"role": "user", "content": "Stream something."}])
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     print(f"alice  gpt-4o-mini     streamed: {text!r} (usage captured from the stream)")
+
+    raw = alice.responses.with_raw_response.create(model="gpt-4o-mini", input="Research this in the background.",
+                                                   background=True)
+    queued = raw.parse()
+    while (polled := alice.responses.retrieve(queued.id)).status in ("queued", "in_progress"):
+        time.sleep(0.2)
+    charged = _settled(admin, metadata, raw.headers["x-policyd-request-id"])
+    print(f"alice  gpt-4o-mini     background: {queued.status}, then {polled.status} "
+          f"({polled.usage.input_tokens} in, {polled.usage.output_tokens} out; charged {format_amount(charged)} "
+          f"when it ended)")
 
     try:
         bob.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "premium please"}])

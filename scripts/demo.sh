@@ -15,7 +15,12 @@ STATE="$(cd "$STATE" && pwd)"
 export POLICYD_LISTEN="127.0.0.1:$GRPC_PORT"
 export POLICYD_SERVER="$POLICYD_LISTEN"
 export POLICYD_DATABASE_URL="${POLICYD_DATABASE_URL:-sqlite:///$STATE/policyd.db}"
-export POLICYD_PROVIDERS_FILE="${POLICYD_PROVIDERS_FILE:-scripts/demo-providers.yaml}"
+if [ -z "${POLICYD_PROVIDERS_FILE:-}" ]; then  # the demo's accounts, OpenAI's asked for background responses
+  sed "s#cluster: openai,#cluster: openai, base_url: 'http://127.0.0.1:$MOCK_PORT/v1',#" scripts/demo-providers.yaml \
+    >"$STATE/providers.yaml"
+  export POLICYD_PROVIDERS_FILE="$STATE/providers.yaml"
+fi
+export POLICYD_BACKGROUND_POLL_SECONDS="${POLICYD_BACKGROUND_POLL_SECONDS:-1}"
 
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }

@@ -30,6 +30,8 @@ def test_make_run_demo_end_to_end(tmp_path: Path) -> None:
     assert len(set(keys)) == 2
     assert "alice  gpt-4o          allowed:" in out
     assert "usage captured from the stream" in out
+    assert re.search(r"alice  gpt-4o-mini     background: queued, then completed \(\d+ in, \d+ out; charged "
+                     r"0\.\d+ when it ended\)", out)
     assert "bob    gpt-4o          refused: model_not_allowed (HTTP 403)" in out
     assert re.search(r"bob    gpt-4o-mini     after \d+ calls: insufficient_quota \(HTTP 429\)", out)
     assert "latest usage records" in out and out.rstrip().endswith("counters checked")
