@@ -136,13 +136,16 @@ class BackgroundResponses:
         return True
 
     async def _ask(self, request_id: str, poll: str) -> str:
-        """What was found: running (asked again at its next turn), failed (the same), ended (charged or
-        released), gone (charged as held), unreachable (held to its deadline), closed (nothing to ask for)."""
+        """What was found: running (asked again at its next turn), failed (the same; also an account not this
+        process's, left to one that has it), ended (charged or released), gone (charged as held), unreachable
+        (its account has no base_url now: held to its deadline), closed (nothing to ask for)."""
         account_name, _, response_id = poll.partition("\n")
         if not response_id:
             return "closed"  # its reservation closed (settled, expired): nothing to ask for
         account = self._account(account_name)
-        if account is None or not account.base_url:
+        if account is None:  # not one of this process's accounts: another process's turn will ask for it
+            return "failed"
+        if not account.base_url:  # its base_url since taken from the configuration
             log.warning("background response %s of request %s: account %r has no base_url to ask it at; "
                         "charged as held at its deadline", response_id[:64], request_id, account_name)
             return "unreachable"

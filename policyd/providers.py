@@ -189,6 +189,10 @@ class ProviderPool:
         accounts = [a for a in self.accounts.get(provider, ()) if not name or a.name == name]
         return bool(accounts) and all(a.base_url for a in accounts)
 
+    def follows_any(self) -> bool:
+        """Whether any account has a base_url: a process without one asks no provider for background responses."""
+        return any(a.base_url for accounts in self.accounts.values() for a in accounts)
+
     def pick(self, provider: str) -> Account | None:
         """The next account of the provider that is not cooling down (the least cooled one if all are)."""
         accounts = self.accounts.get(provider)

@@ -107,9 +107,10 @@ class Service:
             log.info("policy %s: version %d%s", self.settings.policy_file, result.version,
                      " (applied)" if result.changed else " (unchanged)")
         self.tasks.append(asyncio.create_task(self.engine.run_sweeper(self.stop, self.settings.sweeper_interval_ms)))
-        self.tasks.append(asyncio.create_task(every(self.settings.background_poll_seconds, self.stop,
-                                                    self.engine.background.poll_due,
-                                                    "asking providers for background responses")))
+        if self.pool.follows_any():  # a process that cannot ask (a writer without the accounts) leaves it to others
+            self.tasks.append(asyncio.create_task(every(self.settings.background_poll_seconds, self.stop,
+                                                        self.engine.background.poll_due,
+                                                        "asking providers for background responses")))
         self.tasks.append(asyncio.create_task(runtime.watch_loop_lag(self.stop)))
         self.tasks.append(asyncio.create_task(self.book.run(self.stop, self.settings.policy_refresh_ms)))
         if self.pool.accounts:

@@ -253,3 +253,23 @@ async def test_a_native_caller_has_a_background_responses_hold_kept(service: Ser
     assert service.store.usage_record("own").status == "settled"
     assert (await service.counters.wallet("acme"))[1] == 0
     assert (await service.admin.audit()).ok
+
+
+async def test_a_process_without_the_account_leaves_the_asking_to_one_with_it(service: Service,
+                                                                              provider: MockProvider) -> None:
+    """A `policyd writer` runs the background loops too, often without the provider accounts: one that claimed a
+    turn it cannot take (the account is not its own) leaves the response to the next turn, where a process
+    with the account asks for it; a process with no base_url at all does not ask for any."""
+    _, secret, clock = await funded_key_on_a_clock(service)
+    follower = BackgroundResponses(service.engine, pool(f"http://127.0.0.1:{provider.port}/v1"), 3600, 1.0)
+    writer = BackgroundResponses(service.engine, ProviderPool([]), 3600, 1.0)
+    assert follower.pool.follows_any() and not writer.pool.follows_any()  # Service.start runs the loop or not
+    await background_request(service, secret, "claimed")
+    queued = queued_at(provider, polls=0)
+    await follower.poll_later("claimed", queued["id"], "openai-bg")
+    clock[0] += 1000
+    assert await writer.poll_due() == 0  # its turn, not its account: left for the next
+    clock[0] += 1000
+    assert await follower.poll_due() == 1
+    await service.writer.drain()
+    assert service.store.usage_record("claimed").status == "settled"
