@@ -19,7 +19,12 @@ Per HTTP request, the same steps as the Envoy filters (ext_authz + ext_proc), ov
    a stream whose client did not ask for it, which policyd asked for and keeps from it (unasked_usage);
    at its end the call is settled with the provider's usage, released on an upstream error, or, when the
    client went away or the stream was cut, charged for what was delivered (`usage_estimated`). The
-   settlement runs shielded from the request's cancellation.
+   settlement runs shielded from the request's cancellation;
+5. a background response (the Responses API's `background: true`) not ended when its reply (or its cut
+   stream) did goes on at the provider: its hold is kept (policyd's AwaitResponse) and the middleware
+   follows it, asking the proxy for it (`GET .../responses/{id}`, every `background_poll_seconds`) until it
+   ends, then settles it with the usage reported. One the middleware stops following (it stopped, or
+   `background_seconds` passed) is charged as held at policyd's deadline, never released free.
 
 Token counts (free at the provider) are checked as model calls are (key, plan, model) and go to the
 proxy without the customer's key, with nothing reserved or settled. Other paths that are not model
@@ -40,7 +45,7 @@ from typing import Any, Awaitable, Callable, MutableMapping
 from policyd import http_api
 from policyd import reasons, unasked_usage
 from policyd.domain import KeySummary, LimitState, RateLimit
-from policyd.usage_capture import ResponseReader, closing
+from policyd.usage_capture import ENDED_RESPONSE_STATUSES, ResponseReader, closing
 from policyd_client import AsyncPolicyClient, Decision, PolicydCallError
 
 log = logging.getLogger("policyd.gateway")
@@ -59,12 +64,16 @@ STRIPPED_HEADERS = frozenset({*http_api.CUSTOMER_KEY_HEADERS, *http_api.ACCOUNT_
 
 class PolicydMiddleware:
     def __init__(self, app: ASGIApp, policy: AsyncPolicyClient, *, strict: bool = True,
-                 body_bytes_max: int = http_api.REQUEST_BODY_BYTES_MAX) -> None:
+                 body_bytes_max: int = http_api.REQUEST_BODY_BYTES_MAX, background_poll_seconds: float = 5.0,
+                 background_seconds: float = 3 * 3600) -> None:
         self.app = app
         self.policy = policy
         self.strict = strict
         self.body_bytes_max = body_bytes_max
+        self.background_poll_seconds = background_poll_seconds
+        self.background_seconds = background_seconds
         self._closing: set[asyncio.Task[None]] = set()
+        self._following: set[asyncio.Task[None]] = set()  # background responses asked for until they end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -84,10 +93,6 @@ class PolicydMiddleware:
         if size > self.body_bytes_max:
             call.problem, call.problem_message, call.problem_param = (
                 "request_too_large", f"the request body is larger than {self.body_bytes_max} bytes", "")
-        elif call.background and not call.problem:  # its usage comes after its reply: the Envoy gateway follows it
-            call.problem, call.problem_message, call.problem_param = (
-                "invalid_request", "background responses are not supported by this gateway: their usage arrives "
-                "after the request; ask without background, or through the Envoy gateway", "background")
         if call.key_summary or call.models_listing:
             await self._describe_key(call, send)
             return
@@ -186,6 +191,7 @@ class PolicydMiddleware:
         exchange = _Exchange(decision.request_id, decision.served_model,
                              ResponseReader(call.endpoint, call.stream, call.input_tokens, stored=call.stores_reply,
                                             output_cap=decision.max_output_tokens))
+        exchange.background = call.background
 
         refused = http_api.credentials_refused_reply()
         unasked: unasked_usage.UnaskedUsage | None = None  # the usage event, kept from a client that did not ask
@@ -232,7 +238,7 @@ class PolicydMiddleware:
         # watched for here: the proxy is cancelled (its upstream request with it) and what was delivered is charged
         # (an upload's proxy reads the client itself, and meets its leaving there)
         disconnected = asyncio.Event()
-        upstream_scope = _upstream_scope(scope, call, decision, body)
+        upstream_scope = exchange.upstream_scope = _upstream_scope(scope, call, decision, body)
         proxied = asyncio.ensure_future(self.app(upstream_scope, receive if body is None else
                                                  _replay(body, disconnected), metered_send))
         watcher = asyncio.ensure_future(
@@ -266,9 +272,14 @@ class PolicydMiddleware:
             return
         exchange.closed = True
         reader = exchange.reader
-        end = closing(exchange.status, reader, cut, client_left=exchange.client_left)
+        end = closing(exchange.status, reader, cut, client_left=exchange.client_left, background=exchange.background)
         try:
-            if end.action == "release":
+            if end.action == "poll":  # it goes on at the provider: held, and followed to its end
+                await self.policy.await_response(exchange.request_id, reader.response_id)
+                task = asyncio.create_task(self._follow(exchange, reader.response_id))
+                self._following.add(task)
+                task.add_done_callback(self._following.discard)
+            elif end.action == "release":
                 await self.policy.release(exchange.request_id, end.reason)
             elif end.action == "settle":
                 await self.policy.settle(
@@ -285,8 +296,47 @@ class PolicydMiddleware:
             # policyd refused or could not be reached: the reservation expires and is voided
             log.warning("closing %s: %s", exchange.request_id, error.reason)
 
+    async def _follow(self, exchange: "_Exchange", response_id: str) -> None:
+        """Ask the proxy for a background response until it ends, then settle it with the usage it reports
+        (failed or cancelled with none: released; gone: charged as held)."""
+        deadline = time.monotonic() + self.background_seconds
+        while time.monotonic() < deadline:
+            await asyncio.sleep(self.background_poll_seconds)
+            try:
+                status, body = await _asked(self.app, exchange.upstream_scope, response_id)
+            except Exception:
+                log.exception("asking for background response %s", response_id[:64])
+                continue
+            reader = ResponseReader("responses", False, stored=True)
+            reader.feed(body)
+            reader.finish()
+            if status == 200 and reader.response_status not in ENDED_RESPONSE_STATUSES or status not in (200, 404):
+                continue  # running, or not answered: asked again
+            try:
+                if status == 404:  # deleted before it ended: what it used cannot be known
+                    await self.policy.settle(exchange.request_id, usage_estimated=True, output_as_held=True,
+                                             error_class="usage_estimated:background_gone",
+                                             provider_response_id=response_id)
+                elif reader.found_usage:
+                    await self.policy.settle(exchange.request_id, **reader.tokens.fields(), upstream_status=200,
+                                             served_model=exchange.served_model, provider_response_id=response_id)
+                elif reader.response_status in ("failed", "cancelled"):
+                    await self.policy.release(exchange.request_id, f"background_{reader.response_status}")
+                else:
+                    await self.policy.settle(exchange.request_id, usage_estimated=True, output_as_held=True,
+                                             error_class="usage_estimated:no_usage_reported",
+                                             provider_response_id=response_id)
+            except PolicydCallError as error:
+                log.warning("background response %s of %s: %s", response_id[:64], exchange.request_id, error.reason)
+            return
+        log.warning("background response %s of %s not ended after %.0f s: policyd charges it as held",
+                    response_id[:64], exchange.request_id, self.background_seconds)
+
     async def aclose(self) -> None:
-        """Wait for settlements still running (call at shutdown)."""
+        """Wait for settlements still running (call at shutdown); stop following background responses (their
+        holds stand, charged as held at policyd's deadline)."""
+        for task in self._following:
+            task.cancel()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
@@ -296,9 +346,34 @@ class _Exchange:
         self.request_id = request_id
         self.served_model = served_model
         self.reader = reader
+        self.background = False  # a background response: followed after its reply (PolicydMiddleware._follow)
+        self.upstream_scope: Scope = {}
         self.client_left = True  # whether a reply that never began was left by its client (not the proxy's failure)
         self.status = 0
         self.closed = False
+
+
+async def _asked(app: ASGIApp, scope: Scope, response_id: str) -> tuple[int, bytes]:
+    """The proxy's answer (status, body) for GET of the response a request made, with that request's headers
+    (its credentials, if the proxy takes any from the client; never the customer's key) and query."""
+    path = f"{scope.get('path', '/').rstrip('/')}/{response_id}"
+    headers = [(k, v) for k, v in scope.get("headers", [])
+               if k.decode("latin-1").lower() not in ("content-length", "content-type", "content-encoding")]
+    asked = {**scope, "method": "GET", "path": path, "raw_path": path.encode("latin-1"), "headers": headers}
+    status, parts = 0, []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = int(message["status"])
+        elif message["type"] == "http.response.body":
+            parts.append(message.get("body", b""))
+
+    await app(asked, receive, send)
+    return status, b"".join(parts)
 
 
 def _upstream_scope(scope: Scope, call: http_api.HttpCall, decision: Decision, body: bytes | None) -> Scope:

@@ -43,7 +43,8 @@ class ExampleGateway(FundedCustomers):
                                       cwd=str(tmp))
         self.port = free_port()
         env = {**os.environ, "POLICYD_ADDRESS": self.policyd.address,
-               "UPSTREAM_BASE_URL": f"http://127.0.0.1:{self.mock.port}/v1", "UPSTREAM_API_KEY": PROVIDER_KEY}
+               "UPSTREAM_BASE_URL": f"http://127.0.0.1:{self.mock.port}/v1", "UPSTREAM_API_KEY": PROVIDER_KEY,
+               "BACKGROUND_POLL_SECONDS": "0.2"}
         self.log = tmp / "gateway.log"
         self.process = subprocess.Popen([sys.executable, str(ROOT / "examples" / "gateway" / "gateway.py"),
                                          "--port", str(self.port)], env=env, cwd=tmp,
@@ -259,13 +260,27 @@ def test_unusable_requests_get_clear_errors_a_record_and_move_no_money(gateway: 
                        b'{"model": "gpt-4o-mini", "x": "' + b"a" * (33 * 1024 * 1024) + b'"}')
     assert (code, reply["error"]["code"]) == (413, "request_too_large")
     assert gateway.record("mw-bad-3")["reason"] == "request_too_large"
-    # a background response's usage comes after its reply, which a native integration does not follow
-    code, reply = post(f"{gateway.base_url}/responses", {**auth, "x-policyd-request-id": "mw-bad-4"},
-                       b'{"model": "gpt-4o-mini", "input": "later", "background": true}')
-    assert (code, reply["error"]["code"], reply["error"]["param"]) == (400, "invalid_request", "background")
-    assert gateway.record("mw-bad-4")["reason"] == "invalid_request"
     wallet = gateway.wallet("mw-bad")
     assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("1"), 0)
+
+
+def test_a_background_response_is_followed_to_its_end_and_charged_what_it_used(gateway: ExampleGateway) -> None:
+    """A background response's reply comes queued, with no usage: the middleware keeps its hold (AwaitResponse)
+    and asks the proxy for it until it ends, whether its client polls or never comes back, then charges what
+    the provider reports."""
+    key = gateway.customer("mw-background")
+    client = gateway.client(key)
+    raw = client.responses.with_raw_response.create(model="gpt-4o-mini", input="research it in the background",
+                                                    background=True, extra_headers={"x-mock-background-polls": "3"})
+    queued = raw.parse()
+    assert (queued.status, queued.usage) == ("queued", None)
+    assert gateway.wallet("mw-background").reserved_nanos > 0  # held while it runs
+    record = gateway.record(raw.headers["x-policyd-request-id"], seconds=15)  # once it ended: never polled for
+    ended = client.responses.retrieve(queued.id)
+    assert ended.status == "completed"
+    assert (record["status"], record["error_class"], record["input_tokens"], record["output_tokens"]) == \
+        ("settled", "", ended.usage.input_tokens, ended.usage.output_tokens)
+    assert gateway.wallet("mw-background").reserved_nanos == 0
 
 
 def test_a_token_count_is_free_but_checked_over_the_native_api(gateway: ExampleGateway) -> None:

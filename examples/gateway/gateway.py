@@ -72,7 +72,8 @@ def upstream_proxy(base_url: str, api_key: str) -> Any:
 
 def build_app() -> PolicydMiddleware:
     proxy = upstream_proxy(os.environ["UPSTREAM_BASE_URL"], os.environ.get("UPSTREAM_API_KEY", ""))
-    return PolicydMiddleware(proxy, AsyncPolicyClient(os.environ.get("POLICYD_ADDRESS", "127.0.0.1:50051")))
+    return PolicydMiddleware(proxy, AsyncPolicyClient(os.environ.get("POLICYD_ADDRESS", "127.0.0.1:50051")),
+                             background_poll_seconds=float(os.environ.get("BACKGROUND_POLL_SECONDS", "5")))
 
 
 def main() -> None:
