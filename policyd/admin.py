@@ -641,9 +641,8 @@ class Admin:
         return written
 
     def _closed_request(self, row: Any) -> ClosedRequest:
-        record = {c: getattr(row, c) for c in (_RECORD_COLUMNS if row.status == "expired" else CLOSED_RECORD_FIELDS)}
-        record["wallet_id"] = record["wallet_id"] or row.customer_id
-        fields = {"record": record, "input_tokens_estimate": 0, **(row.reservation_facts or {})}
+        fields = _reservation_fields(row, _RECORD_COLUMNS if row.status == "expired" else CLOSED_RECORD_FIELDS,
+                                     row.reservation_facts or {})
         p = self.counters.partition_of(row.customer_id)
         state = "settled" if row.status in ("settled", "settled_late") else row.status
         reservation = Reservation(row.request_id, p, state, row.reserved_nanos or 0,
@@ -709,9 +708,7 @@ class Admin:
                 if not poll_until:
                     inflight[(p, row.api_key_id)] = inflight.get((p, row.api_key_id), 0) + 1
                 expires = row.created_ms + self.reservation_ttl_ms
-                record = {c: getattr(row, c) for c in _RECORD_COLUMNS}
-                record["wallet_id"] = record["wallet_id"] or row.customer_id
-                fields = {"record": record, "input_tokens_estimate": 0, **facts}
+                fields = _reservation_fields(row, _RECORD_COLUMNS, facts)
                 pipe = await batch.pipe(6)
                 pipe.hset(redis_keys.reservation(p, row.request_id), mapping={
                     "state": "reserved", "key": redis_keys.key_state(p, row.api_key_id), "amount": str(row.reserved_nanos),
@@ -773,6 +770,14 @@ class Admin:
         if self.book.current is not None:
             await self.counters.client.set(redis_keys.POLICY_VERSION, str(self.book.current.version))
         return written
+
+
+def _reservation_fields(row: Any, columns: tuple[str, ...], facts: dict[str, Any]) -> dict[str, Any]:
+    """A reservation's facts as a rebuild writes them back from its record: these columns of the record (its
+    wallet, the customer's when it names none), beside the facts SQL kept for it."""
+    record = {c: getattr(row, c) for c in columns}
+    record["wallet_id"] = record["wallet_id"] or row.customer_id
+    return {"record": record, "input_tokens_estimate": 0, **facts}
 
 
 REBUILD_PIPELINE_COMMANDS = 1000

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from policyd import metrics
 from policyd.domain import PolicydError, UsageReport
 from policyd.providers import Account, ProviderPool
-from policyd.usage_capture import ENDED_RESPONSE_STATUSES, ResponseReader
+from policyd.usage_capture import background_answer
 
 if TYPE_CHECKING:
     from policyd.engine import Engine
@@ -142,36 +142,29 @@ class BackgroundResponses:
         account_name, _, response_id = poll.partition("\n")
         if not response_id:
             return "closed"  # its reservation closed (settled, expired): nothing to ask for
-        account = self._account(account_name)
+        account = self.pool.account(account_name)
         if account is None:  # not one of this process's accounts: another process's turn will ask for it
             return "failed"
         if not account.base_url:  # its base_url since taken from the configuration
             log.warning("background response %s of request %s: account %r has no base_url to ask it at; "
                         "charged as held at its deadline", response_id[:64], request_id, account_name)
             return "unreachable"
-        status, body = await asyncio.to_thread(_get, account, response_id)
-        if status == 404:  # deleted before it was charged (or never made): what it used cannot be known
-            await self._charge_as_held(request_id, "usage_estimated:background_gone", response_id, account_name)
-            return "gone"
-        if status != 200:
-            return "failed"  # asked again at its next turn (its deadline charges it as held at worst)
-        reader = ResponseReader("responses", stream=False, stored=True)
-        reader.feed(body)
-        reader.finish()
-        if reader.response_status not in ENDED_RESPONSE_STATUSES:
-            return "running"
+        action, reader = background_answer(*await asyncio.to_thread(_get, account, response_id))
+        if action == "wait":
+            return "running" if reader.response_status else "failed"  # asked again at its next turn
         try:
-            if reader.found_usage:
+            if action == "settle":
                 await self.engine.settle(UsageReport(
                     request_id=request_id, **reader.tokens.fields(), upstream_status=200,
                     provider_account=account_name, provider_response_id=response_id))
-            elif reader.response_status in ("failed", "cancelled"):  # ended before it used anything billed
+            elif action == "release":  # ended before it used anything billed
                 await self.engine.release(request_id, f"background_{reader.response_status}")
-            else:
-                await self._charge_as_held(request_id, "usage_estimated:no_usage_reported", response_id, account_name)
+            else:  # gone (deleted before it was charged), or ended with no usage: what it used cannot be known
+                reason = "background_gone" if action == "gone" else "no_usage_reported"
+                await self._charge_as_held(request_id, f"usage_estimated:{reason}", response_id, account_name)
         except PolicydError as error:  # closed meanwhile (a deadline, an operator): nothing more to do
             log.warning("background response %s of request %s: %s", response_id[:64], request_id, error.reason)
-        return "ended"
+        return "gone" if action == "gone" else "ended"
 
     async def _charge_as_held(self, request_id: str, reason: str, response_id: str, account: str) -> None:
         try:
@@ -180,13 +173,6 @@ class BackgroundResponses:
                                                output_as_held=True)
         except PolicydError as error:
             log.warning("background response %s of request %s: %s", response_id[:64], request_id, error.reason)
-
-    def _account(self, name: str) -> Account | None:
-        for accounts in self.pool.accounts.values():
-            for account in accounts:
-                if account.name == name:
-                    return account
-        return None
 
 
 def _get(account: Account, response_id: str) -> tuple[int, bytes]:

@@ -45,7 +45,7 @@ from typing import Any, Awaitable, Callable, MutableMapping
 from policyd import http_api
 from policyd import reasons, unasked_usage
 from policyd.domain import KeySummary, LimitState, RateLimit
-from policyd.usage_capture import ENDED_RESPONSE_STATUSES, ResponseReader, closing
+from policyd.usage_capture import ResponseReader, background_answer, closing
 from policyd_client import AsyncPolicyClient, Decision, PolicydCallError
 
 log = logging.getLogger("policyd.gateway")
@@ -307,25 +307,19 @@ class PolicydMiddleware:
             except Exception:
                 log.exception("asking for background response %s", response_id[:64])
                 continue
-            reader = ResponseReader("responses", False, stored=True)
-            reader.feed(body)
-            reader.finish()
-            if status == 200 and reader.response_status not in ENDED_RESPONSE_STATUSES or status not in (200, 404):
+            action, reader = background_answer(status, body)
+            if action == "wait":
                 continue  # running, or not answered: asked again
             try:
-                if status == 404:  # deleted before it ended: what it used cannot be known
-                    await self.policy.settle(exchange.request_id, usage_estimated=True, output_as_held=True,
-                                             error_class="usage_estimated:background_gone",
-                                             provider_response_id=response_id)
-                elif reader.found_usage:
+                if action == "settle":
                     await self.policy.settle(exchange.request_id, **reader.tokens.fields(), upstream_status=200,
                                              served_model=exchange.served_model, provider_response_id=response_id)
-                elif reader.response_status in ("failed", "cancelled"):
+                elif action == "release":
                     await self.policy.release(exchange.request_id, f"background_{reader.response_status}")
-                else:
+                else:  # gone before it was charged, or ended with no usage: charged as held
+                    reason = "background_gone" if action == "gone" else "no_usage_reported"
                     await self.policy.settle(exchange.request_id, usage_estimated=True, output_as_held=True,
-                                             error_class="usage_estimated:no_usage_reported",
-                                             provider_response_id=response_id)
+                                             error_class=f"usage_estimated:{reason}", provider_response_id=response_id)
             except PolicydCallError as error:
                 log.warning("background response %s of %s: %s", response_id[:64], exchange.request_id, error.reason)
             return

@@ -183,6 +183,10 @@ class ProviderPool:
                 return account
         return self.pick(provider)
 
+    def account(self, name: str) -> Account | None:
+        """The account of this name, of whichever provider; None when the configuration has none."""
+        return next((a for accounts in self.accounts.values() for a in accounts if a.name == name), None)
+
     def follows(self, provider: str, name: str = "") -> bool:
         """Whether policyd can ask the provider for a background response a request makes on the account of
         this name, or on whichever of the provider's accounts it is given: each has a base_url."""

@@ -709,6 +709,23 @@ class Closing:
 ENDED_RESPONSE_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
 
+def background_answer(status: int, body: bytes) -> tuple[str, ResponseReader]:
+    """What the provider's answer (HTTP status, body) for a background response asked for says to do, and
+    the body read: wait (running, or no answer: ask again), held (gone, 404: what it used cannot be known;
+    ended with no usage reported: charged as held), settle (ended: its usage), release (failed or cancelled
+    before it used anything billed)."""
+    reader = ResponseReader("responses", stream=False, stored=True)
+    reader.feed(body)
+    reader.finish()
+    if status == 404:
+        return "gone", reader
+    if status != 200 or reader.response_status not in ENDED_RESPONSE_STATUSES:
+        return "wait", reader
+    if reader.found_usage:
+        return "settle", reader
+    return ("release" if reader.response_status in ("failed", "cancelled") else "held"), reader
+
+
 def closing(status: int, reader: ResponseReader, cut: bool, client_left: bool = True,
             gateway_timed_out: bool = False, background: bool = False) -> Closing:
     """`status` is the provider's HTTP status (0: no answer), `cut` whether the response ended early,
