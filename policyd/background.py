@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import TYPE_CHECKING
 
 from policyd import metrics
 from policyd.domain import PolicydError, UsageReport
-from policyd.providers import Account, ProviderPool
+from policyd.providers import ProviderPool
+from policyd.batches import BATCH_ID_PREFIX, BATCH_TIER, batch_answer
 from policyd.usage_capture import background_answer
 
 if TYPE_CHECKING:
@@ -55,16 +54,19 @@ class BackgroundResponses:
         self.wait_ms = wait_seconds * 1000
         self.poll_ms = max(1, int(poll_seconds * 1000))
 
-    async def poll_later(self, request_id: str, response_id: str, account: str) -> None:
-        """The gateway's: a request whose background response the provider has not finished (Closing poll)."""
+    async def poll_later(self, request_id: str, response_id: str, account: str, hold_seconds: int = 0) -> None:
+        """The gateway's: a request whose background response (or batch) the provider has not finished (Closing
+        poll); `hold_seconds`: how long it is held at most (0: wait_seconds)."""
         try:
-            await self.await_response(request_id, response_id, account)
+            await self.await_response(request_id, response_id, account, hold_seconds)
         except PolicydError as error:
             log.error("background response %s of request %s: %s", response_id[:64], request_id, error.reason)
 
-    async def await_response(self, request_id: str, response_id: str, account: str) -> tuple[int, bool]:
+    async def await_response(self, request_id: str, response_id: str, account: str,
+                             hold_seconds: int = 0) -> tuple[int, bool]:
         """A request whose background response the provider has not finished: its hold is kept (its key's
-        concurrency slot returned: the client's request has ended) until it ends, at most wait_seconds, and
+        concurrency slot returned: the client's request has ended) until it ends, at most wait_seconds (or
+        `hold_seconds`: a batch's completion window and a margin), and
         the response is its customer's. Asked for from now on when the account is one policyd can ask at
         (followed); else its caller settles it. Returns (held until, unix ms; followed)."""
         if not request_id or len(request_id) > 128:
@@ -79,7 +81,7 @@ class BackgroundResponses:
         record = reservation.record
         followed = self.pool.follows(record["provider"], account) if account else False
         at = self.engine.clock()
-        until = at + self.wait_ms
+        until = at + (hold_seconds * 1000 if hold_seconds > 0 else self.wait_ms)
         outcome = await self.counters.extend_hold(
             reservation, record["api_key_id"], until, now_ms=at, background=True,
             poll=(at + self.poll_ms, f"{account}\n{response_id}") if followed else None)
@@ -149,16 +151,25 @@ class BackgroundResponses:
             log.warning("background response %s of request %s: account %r has no base_url to ask it at; "
                         "charged as held at its deadline", response_id[:64], request_id, account_name)
             return "unreachable"
-        action, reader = background_answer(*await asyncio.to_thread(_get, account, response_id))
+        kind = "batches" if response_id.startswith(BATCH_ID_PREFIX) else "responses"
+        answer = await asyncio.to_thread(account.get, f"{kind}/{urllib.parse.quote(response_id, safe='')}",
+                                         REPLY_BYTES_MAX, POLL_TIMEOUT_SECONDS)
+        if kind == "batches":  # a batch: its usage is the whole batch's, at the batch tier
+            action, status, tokens = batch_answer(*answer)
+            report = UsageReport(request_id=request_id, **{**tokens.fields(), "service_tier": BATCH_TIER},
+                                 upstream_status=200, provider_account=account_name, provider_response_id=response_id)
+        else:
+            action, reader = background_answer(*answer)
+            status, report = reader.response_status, UsageReport(
+                request_id=request_id, **reader.tokens.fields(), upstream_status=200, provider_account=account_name,
+                provider_response_id=response_id)
         if action == "wait":
-            return "running" if reader.response_status else "failed"  # asked again at its next turn
+            return "running" if status else "failed"  # asked again at its next turn
         try:
             if action == "settle":
-                await self.engine.settle(UsageReport(
-                    request_id=request_id, **reader.tokens.fields(), upstream_status=200,
-                    provider_account=account_name, provider_response_id=response_id))
+                await self.engine.settle(report)
             elif action == "release":  # ended before it used anything billed
-                await self.engine.release(request_id, f"background_{reader.response_status}")
+                await self.engine.release(request_id, f"{'batch' if kind == 'batches' else 'background'}_{status}")
             else:  # gone (deleted before it was charged), or ended with no usage: what it used cannot be known
                 reason = "background_gone" if action == "gone" else "no_usage_reported"
                 await self._charge_as_held(request_id, f"usage_estimated:{reason}", response_id, account_name)
@@ -173,19 +184,4 @@ class BackgroundResponses:
                                                output_as_held=True)
         except PolicydError as error:
             log.warning("background response %s of request %s: %s", response_id[:64], request_id, error.reason)
-
-
-def _get(account: Account, response_id: str) -> tuple[int, bytes]:
-    """The provider's answer for a stored response: (HTTP status, body); status 0 when it could not be reached."""
-    header, value = account.credential_header()
-    request = urllib.request.Request(
-        f"{account.base_url}/responses/{urllib.parse.quote(response_id, safe='')}",
-        headers={header: value, **dict(account.account_headers()), "accept": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=POLL_TIMEOUT_SECONDS) as reply:
-            return reply.status, reply.read(REPLY_BYTES_MAX)
-    except urllib.error.HTTPError as error:
-        return error.code, b""
-    except (OSError, ValueError):
-        return 0, b""
 

@@ -142,6 +142,9 @@ class AuthorizeInput:
     # unique to the client's request (not to a proxy's retries of its Authorize): another request naming the
     # same request id while this one is in flight is refused (request_in_progress)
     call_token: str = ""
+    # a batch (OpenAI's Batch API): each of its requests as it would be sent alone, held at the sum of their
+    # worst cases (policyd/batches.py); `shape` is then what the checks of the whole batch read
+    batch: tuple[Shape, ...] = ()
 
 
 @dataclass(frozen=True)

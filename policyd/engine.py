@@ -23,7 +23,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
@@ -207,6 +207,32 @@ class _Plan:
         return cls(model, NO_PRICE, 0, 0, 0, [], {})
 
 
+@dataclass(frozen=True)
+class _Estimate:
+    """The most one request may bill, and what it likely bills (a batch's: the sum of its requests')."""
+
+    output_cap: int
+    input_tokens: int
+    likely_input_tokens: int
+    likely_seconds: int
+    likely_audio_tokens: int
+    tool_call_cap: int
+    quantities: Quantities
+    cost: int
+    charge: int
+
+    @classmethod
+    def total(cls, estimates: list["_Estimate"]) -> "_Estimate":
+        """A batch's: every quantity, cost and charge summed (its requests are one model's, on one tier)."""
+        counted = [f.name for f in fields(Quantities) if f.type in ("int", int)]
+        quantities = replace(estimates[0].quantities, **{name: sum(getattr(e.quantities, name) for e in estimates)
+                                                         for name in counted})
+        return cls(sum(e.output_cap for e in estimates), sum(e.input_tokens for e in estimates),
+                   sum(e.likely_input_tokens for e in estimates), sum(e.likely_seconds for e in estimates),
+                   sum(e.likely_audio_tokens for e in estimates), 0, quantities,
+                   sum(e.cost for e in estimates), sum(e.charge for e in estimates))
+
+
 class Engine:
     def __init__(self, counters: Counters, store: Store, book: PolicyBook, directory: KeyDirectory,
                  reservation_ttl_seconds: int = 600, failure_mode: str = "closed",
@@ -369,8 +395,9 @@ class Engine:
         if not preset and request.creates:  # a conversation or a file made: free, reserved at 0, settled with its id
             attempt = _Plan("", CONVERSATION_PRICE, 0, 0, 0, [], {})
         elif not preset and policy is not None and plan is not None:
-            model, fallback_reason = self._route_around(policy, plan, key.scopes, owner.environment, request.model,
-                                                        request.shape, unavailable_providers)
+            # a batch runs where its input file is, as the file names its model: never another model
+            model, fallback_reason = (request.model, "") if request.batch else self._route_around(
+                policy, plan, key.scopes, owner.environment, request.model, request.shape, unavailable_providers)
             attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="", own_limits=key.limits,
                                     prior_tokens=prior_tokens)
             attempt.fallback_reason = fallback_reason
@@ -390,7 +417,8 @@ class Engine:
             return STALE
         if result.outcome == "deny" and result.reason == "limit" and policy is not None and plan is not None:
             limit = reserve.limits_by_label.get(result.label, (None, 0))[0]
-            if limit is not None and limit.action == "downgrade" and request.attribution.feature not in plan.critical_features \
+            if limit is not None and limit.action == "downgrade" and not request.batch \
+                    and request.attribution.feature not in plan.critical_features \
                     and limit.downgrade_to != reserve.served_model \
                     and self._may_serve(policy, plan, key.scopes, key.environment, limit.downgrade_to, request.shape):
                 cheaper = self._attempt(request, owner, policy, plan, limit.downgrade_to, at, skip_label=limit.label,
@@ -412,7 +440,8 @@ class Engine:
         # (at least the plan's fit_output_cap_min), written into the request, instead of a refusal
         for _ in range(FIT_TRIES):
             if not (result.outcome == "deny" and result.room >= 0 and plan is not None and plan.fit_output_cap
-                    and request.endpoint in FITTED_ENDPOINTS and not request.shape.output_cap_fixed):
+                    and request.endpoint in FITTED_ENDPOINTS and not request.shape.output_cap_fixed
+                    and not request.batch):
                 break
             cap = self._largest_output_cap(request, owner, policy, plan, reserve, result.label, result.room, at,
                                            key.limits, prior_tokens)
@@ -765,7 +794,8 @@ class Engine:
         """A request whose hold passes the plan's max_request_charge: (the attempt, the denial, its param, its
         message). With fit_output_cap, held with the largest output cap within the bound; else refused, the
         message saying what it may cost and what the plan allows."""
-        if plan.fit_output_cap and request.endpoint in FITTED_ENDPOINTS and not request.shape.output_cap_fixed:
+        if plan.fit_output_cap and request.endpoint in FITTED_ENDPOINTS and not request.shape.output_cap_fixed \
+                and not request.batch:
             cap = self._largest_output_cap(request, owner, policy, plan, attempt, "wallet", plan.max_request_charge,
                                            at, own_limits, prior_tokens)
             if cap >= plan.fit_output_cap_min:
@@ -816,6 +846,38 @@ class Engine:
         model's context window for it)."""
         price = policy.model(model)
         assert price is not None, "the model was checked against the price table"
+        if request.batch:  # each of a batch's requests held as it would be alone, at the batch tier: their sum
+            estimate = _Estimate.total([self._estimate(replace(request, shape=line, batch=()), policy, plan, model,
+                                                       price, 0) for line in request.batch])
+        else:
+            estimate = self._estimate(request, policy, plan, model, price, prior_tokens)
+        quantities, cost, charge = estimate.quantities, estimate.cost, estimate.charge
+        partition = self.counters.partition_of(owner.customer_id)
+        a = request.attribution
+        buckets = scope_ids(owner.customer_id, owner.api_key_id, owner.workspace_id, owner.project_id, owner.team_id,
+                            a.feature, model, a.thread_id, a.end_user_id)
+        holds: list[BucketHold] = []
+        by_label: dict[str, tuple[Limit, int]] = {}
+        for limit in key_limits.effective(plan.limits, own_limits, policy.document.timezone):
+            scope_id = buckets[limit.scope]
+            if not scope_id or limit.label == skip_label:
+                continue  # a thread limit binds requests that name a thread
+            hold, window = hold_for(limit, partition, scope_id, at // 1000, charge, quantities, cost)
+            holds.append(hold)
+            by_label[limit.label] = (limit, window.end)
+        for cap in policy.caps_for(model):  # the operator's own, across every customer
+            if cap.label != skip_label:
+                hold, window = cap_hold(cap, at // 1000, charge, cost, quantities)
+                holds.append(hold)
+                by_label[cap.label] = (cap, window.end)
+        return _Plan(model, price, estimate.input_tokens, estimate.output_cap, charge, holds, by_label,
+                     likely_input_tokens=estimate.likely_input_tokens, likely_seconds=estimate.likely_seconds,
+                     likely_audio_tokens=estimate.likely_audio_tokens, tool_call_cap=estimate.tool_call_cap,
+                     skip_label=skip_label)
+
+    def _estimate(self, request: AuthorizeInput, policy: Policy, plan: Plan, model: str, price: ModelPrice,
+                  prior_tokens: int) -> "_Estimate":
+        """The most one request on `model` may bill (its quantities, cost and charge), and what it likely bills."""
         s = request.shape
         output_cap = s.max_output_tokens or price.default_max_output_tokens or plan.default_max_output_tokens
         if price.max_output_tokens:
@@ -889,27 +951,8 @@ class Engine:
                                        + s.partial_images * PARTIAL_IMAGE_OUTPUT_TOKENS), reserve=True)
             quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, \
                 charge + images_charge
-        partition = self.counters.partition_of(owner.customer_id)
-        a = request.attribution
-        buckets = scope_ids(owner.customer_id, owner.api_key_id, owner.workspace_id, owner.project_id, owner.team_id,
-                            a.feature, model, a.thread_id, a.end_user_id)
-        holds: list[BucketHold] = []
-        by_label: dict[str, tuple[Limit, int]] = {}
-        for limit in key_limits.effective(plan.limits, own_limits, policy.document.timezone):
-            scope_id = buckets[limit.scope]
-            if not scope_id or limit.label == skip_label:
-                continue  # a thread limit binds requests that name a thread
-            hold, window = hold_for(limit, partition, scope_id, at // 1000, charge, quantities, cost)
-            holds.append(hold)
-            by_label[limit.label] = (limit, window.end)
-        for cap in policy.caps_for(model):  # the operator's own, across every customer
-            if cap.label != skip_label:
-                hold, window = cap_hold(cap, at // 1000, charge, cost, quantities)
-                holds.append(hold)
-                by_label[cap.label] = (cap, window.end)
-        return _Plan(model, price, input_tokens, output_cap, charge, holds, by_label, likely_input_tokens=likely,
-                     likely_seconds=likely_seconds, likely_audio_tokens=likely_audio, tool_call_cap=tool_call_cap,
-                     skip_label=skip_label)
+        return _Estimate(output_cap, input_tokens, likely, likely_seconds, likely_audio, tool_call_cap, quantities,
+                         cost, charge)
 
     @staticmethod
     def _tokens_per_image(policy: Policy, plan: Plan, image_model: str) -> int:

@@ -16,7 +16,8 @@ from google.protobuf import struct_pb2
 from policyd.domain import Decision
 from policyd.http_api import HttpCall, body_sent, rewrite_body, upstream_path
 from policyd.multipart import MultipartForm
-from policyd.usage_capture import ResponseReader
+from policyd.batches import hold_seconds
+from policyd.usage_capture import BATCHES, ResponseReader
 
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where ext_authz's dynamic metadata lands
 EXT_PROC_NAMESPACE = "policyd"  # where the deciding ext_proc puts it (its receiving_namespaces)
@@ -46,6 +47,7 @@ class Exchange:
     observed: bool = False  # the observer filter reads the response (else the processing filter does)
     free: bool = False  # a token count (free at the provider): its body may be rewritten; nothing to read or settle
     background: bool = False  # a background response: charged once the provider says it ended (Closing poll)
+    batch_seconds: int = 0  # a batch made (endpoint "batches"): how long its hold is kept once the provider has it
     status: int = 0
     retry_after: int = 0
     attempts: int = 1  # upstream attempts Envoy made (x-envoy-attempt-count)
@@ -63,6 +65,12 @@ class Exchange:
     @classmethod
     def of(cls, call: HttpCall, decision: Decision, account: str, observed: bool) -> "Exchange":
         """The exchange an allowed request begins."""
+        if call.batch_file:  # a batch made: its reply is read as the batch it names, charged when it ends
+            return cls(request_id=decision.request_id, endpoint=BATCHES, stream=False,
+                       requested_model=decision.requested_model, served_model=decision.served_model,
+                       upstream_model=decision.upstream_model, output_cap=decision.max_output_tokens,
+                       client_gave_cap=True, account=account, observed=observed, stored=True,
+                       batch_seconds=hold_seconds(call.batch_seconds))
         return cls(request_id=decision.request_id, endpoint=call.endpoint, stream=call.stream,
                    requested_model=decision.requested_model, served_model=decision.served_model,
                    upstream_model=decision.upstream_model, usage_unasked=observed and call.usage_unasked,
@@ -116,6 +124,8 @@ class Exchange:
             fields["stored"] = True
         if self.background:
             fields["background"] = True
+        if self.batch_seconds:
+            fields["batch_seconds"] = self.batch_seconds
         if self.tool_call_cap:
             fields["max_tool_calls"] = self.tool_call_cap
         if self.image_model:
@@ -164,6 +174,7 @@ class Exchange:
             stored="stored" in fields and fields["stored"].bool_value,
             free="free" in fields and fields["free"].bool_value,
             background="background" in fields and fields["background"].bool_value,
+            batch_seconds=int(fields["batch_seconds"].number_value) if "batch_seconds" in fields else 0,
             tool_call_cap=int(fields["max_tool_calls"].number_value) if "max_tool_calls" in fields else 0,
             image_model=text("image_model"),
         )

@@ -19,6 +19,7 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from policyd import background, http_api
+from policyd.batches import Batches
 from policyd.domain import Decision
 from policyd.engine import Engine
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, Exchange
@@ -60,6 +61,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     def __init__(self, engine: Engine, pool: ProviderPool) -> None:
         self.engine = engine
         self.pool = pool
+        self.batches = Batches(engine, pool)
 
     async def Check(self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -85,7 +87,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             decision = await self.engine.deny_request(call.authorize_input(), call.problem, call.problem_message,
                                                       call.problem_param)
             return deny_decision(decision)
-        decision = await self.engine.authorize_for_proxy(call.authorize_input(), self.pool.cooling_providers())
+        if call.batch_file:  # a batch made: held at its input file's requests (policyd/batches.py)
+            decision = await self.batches.authorize(call)
+        else:
+            decision = await self.engine.authorize_for_proxy(call.authorize_input(), self.pool.cooling_providers())
         if not decision.allowed:
             return deny_decision(decision)
         if call.background and not self.pool.follows(decision.provider, decision.account):

@@ -47,6 +47,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 
 from policyd import background, http_api
+from policyd.batches import Batches
 from policyd.domain import Decision, UsageReport
 from policyd.engine import Engine
 from policyd.exchange import EXT_PROC_NAMESPACE, Exchange
@@ -134,6 +135,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
     def __init__(self, engine: Engine, pool: ProviderPool) -> None:
         self.engine = engine
         self.pool = pool
+        self.batches = Batches(engine, pool)
         self.streams_open = 0  # a shutdown waits for them (server._stop_serving)
         # set when the process stops without waiting any longer for them (its shutdown grace over): their
         # replies go on to clients unread, and are charged as held
@@ -307,7 +309,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if call.problem:
             return None, immediate_denial(await self.engine.deny_request(
                 call.authorize_input(), call.problem, call.problem_message, call.problem_param))
-        decision = await self.engine.authorize_for_proxy(call.authorize_input(), self.pool.cooling_providers())
+        if call.batch_file:  # a batch made: held at its input file's requests (policyd/batches.py)
+            decision = await self.batches.authorize(call)
+        else:
+            decision = await self.engine.authorize_for_proxy(call.authorize_input(), self.pool.cooling_providers())
         if not decision.allowed:
             return None, immediate_denial(decision)
         if call.background and not self.pool.follows(decision.provider, decision.account):
@@ -381,7 +386,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if unread and end.action == "estimate":  # what is left of it is not seen: the whole output cap, as held
             end = replace(end, reason="usage_estimated:unread_at_shutdown", output_as_held=True)
         if end.action == "poll":
-            await self.engine.background.poll_later(exchange.request_id, reader.response_id, exchange.account)
+            await self.engine.background.poll_later(exchange.request_id, reader.response_id, exchange.account,
+                                                    exchange.batch_seconds)
         elif end.action == "release":
             await self.engine.release(exchange.request_id, end.reason)
         elif end.action == "settle":

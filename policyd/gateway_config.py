@@ -24,7 +24,8 @@ from importlib import resources
 
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE
 from policyd.http_api import (CREDENTIAL_REFUSALS, PROVIDER_ACCOUNT_HEADERS, REQUEST_BODY_BYTES_MAX,
-                              REQUEST_HEADERS_BYTES_MAX, REQUEST_ID_HEADER, UPLOAD_PATH_REGEX, credentials_refused_reply)
+                              REQUEST_HEADERS_BYTES_MAX, REQUEST_ID_HEADER, UPLOAD_PATH_REGEX, BATCHES_PATH_REGEX,
+                              credentials_refused_reply)
 from policyd.http_api import REQUEST_HEADERS_COUNT_MAX as HEADERS_COUNT_MAX
 from policyd.upstream import (GATEWAY_TIMEOUT_HEADER, OBSERVER_HEADER, REWRITE_HEADER, ROUTE_HEADER,
                               UNASKED_USAGE_HEADER)
@@ -95,6 +96,11 @@ def _cluster(u: Upstream) -> str:
 # a file uploaded (http_api.streamed_upload): its own route, so that its body streams to the provider
 UPLOAD_MATCH = f'{{safe_regex: {{regex: "{UPLOAD_PATH_REGEX}"}}, headers: [{{name: ":method", string_match: {{exact: POST}}}}]}}'
 
+# a batch made (http_api.BATCHES_PATH_REGEX): its own route, so that ext_authz waits while policyd reads its input
+# file from the provider and holds its requests (policyd/batches.py), which a 2 s decision cannot
+BATCHES_MATCH = f'{{safe_regex: {{regex: "{BATCHES_PATH_REGEX}"}}, headers: [{{name: ":method", string_match: {{exact: POST}}}}]}}'
+BATCH_DECISION_SECONDS = 90
+
 
 def _route(match: str, route_timeout_seconds: int, filters: str = "") -> str:
     return f"""\
@@ -131,6 +137,22 @@ def _upload_filters(shape: str) -> str:
                   envoy.filters.http.ext_authz:
                     "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
                     check_settings: {disable_request_body_buffering: true}
+"""
+
+
+def _batch_filters(shape: str) -> str:
+    """A batch made's route: ext_authz waits BATCH_DECISION_SECONDS for its decision (the ext_proc shape's
+    decision waits its message_timeout)."""
+    if shape == "ext_proc":
+        return ""
+    return f"""\
+                typed_per_filter_config:
+                  envoy.filters.http.ext_authz:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                    check_settings:
+                      grpc_service:
+                        envoy_grpc: {{cluster_name: policyd}}
+                        timeout: {BATCH_DECISION_SECONDS}s
 """
 
 
@@ -438,7 +460,7 @@ static_resources:
               domains: ["*"]
               include_attempt_count_in_response: true{_cors_policy(cors_origins)}
               routes:
-{_route(UPLOAD_MATCH, route_timeout_seconds, _upload_filters(shape))}{_route('{prefix: "/"}', route_timeout_seconds)}          local_reply_config:
+{_route(UPLOAD_MATCH, route_timeout_seconds, _upload_filters(shape))}{_route(BATCHES_MATCH, route_timeout_seconds, _batch_filters(shape))}{_route('{prefix: "/"}', route_timeout_seconds)}          local_reply_config:
             mappers:
             - filter:  # the gateway gave up on the provider (its route or idle timeout), which goes on and bills
                 response_flag_filter: {{flags: [UT, SI]}}

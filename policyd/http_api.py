@@ -124,6 +124,13 @@ _UPLOAD = re.compile(r"(^|/)(v1|openai)/uploads/(?P<id>[A-Za-z0-9_.-]{1,200})/(?
 # query): their bodies stream to the provider, never read (streamed_upload)
 UPLOAD_PATH_REGEX = r"(.*/)?(v1|openai)/(files|uploads/[A-Za-z0-9_.-]+/parts)/?"
 _FILE = re.compile(r"(^|/)(v1|openai)/files/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/content)?/?$")
+# OpenAI's Batch API: a batch made (POST: held at its requests' worst cases, policyd/batches.py); one read or
+# cancelled (free, for its own customer's keys alone); the account-wide list is not offered
+_BATCHES = re.compile(r"(^|/)(v1|openai)/batches/?$")
+_BATCH = re.compile(r"(^|/)(v1|openai)/batches/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/cancel)?/?$")
+_BATCH_METHODS = {"": ("GET",), "/cancel": ("POST",)}
+# ... a batch made, as the gateway's route matches it (RE2, the whole path): decided on longer (its file is read)
+BATCHES_PATH_REGEX = r"(.*/)?(v1|openai)/batches/?"
 _FILE_METHODS = {"": ("GET", "DELETE"), "/content": ("GET",)}
 # a chat completion the provider stored (store: true): read, its metadata changed, deleted; its messages read
 _STORED_CHAT = re.compile(r"(^|/)v1/chat/completions/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/messages)?/?$")
@@ -218,6 +225,9 @@ class HttpCall:
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     background: bool = False  # a Responses API background response: it goes on at the provider after its reply
     deletes_stored: bool = False  # DELETE of the stored response (or conversation, file) it names
+    batch_file: str = ""  # POST /v1/batches: the input file of the batch made (its requests: policyd/batches.py)
+    batch_url: str = ""  # ... the endpoint its requests are for ("/v1/chat/completions")
+    batch_seconds: int = 0  # ... the time the provider has to run it (its completion_window)
     service_tier_implied: bool = False  # the provider's default tier (Anthropic's priority), not one asked for
     compaction: bool = False  # a Responses API compaction (POST /v1/responses/compact): it takes no output cap
     body_decoded: bool = False  # the client compressed its body (Content-Encoding): read, and sent on, decoded
@@ -287,6 +297,7 @@ class Endpoint:
     creates: str = ""  # a conversation or a file made (CREATABLE)
     compaction: bool = False  # POST /v1/responses/compact: billed as a response, it takes no output cap
     refers_to: str = ""  # the customer's own upload a file is made of (POST /v1/uploads/{id}/complete)
+    batch: bool = False  # POST /v1/batches: a batch made of the requests in a file (policyd/batches.py)
 
 
 def endpoint_of(method: str, path: str) -> Endpoint:
@@ -340,6 +351,11 @@ def endpoint_of(method: str, path: str) -> Endpoint:
         return Endpoint("responses", creates="file", refers_to=upload.group("id"))
     if upload:
         return Endpoint("responses", count_tokens=True, stored_response=upload.group("id"))
+    if method.upper() == "POST" and _BATCHES.search(path):
+        return Endpoint("responses", batch=True)  # the family its requests' file names (parse_call)
+    batch = _BATCH.search(path)
+    if batch and method.upper() in _BATCH_METHODS[batch.group("rest") or ""]:
+        return Endpoint("responses", count_tokens=True, stored_response=batch.group("id"))
     stored_file = _FILE.search(path)
     if stored_file and method.upper() in _FILE_METHODS[stored_file.group("rest") or ""]:
         return Endpoint("responses", count_tokens=True, stored_response=stored_file.group("id"))
@@ -816,6 +832,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if mistyped := _mistyped(data):
         return _problem(call, "invalid_request", f"{mistyped[0]} must be {mistyped[1]}", mistyped[0])
     call.body = data
+    if named.batch:
+        return _batch(call, data)
     model = path_model or data.get("model") or (MODERATION_MODEL_DEFAULT if endpoint == "moderations" else None)
     if not isinstance(model, str) or not model:
         return _problem(call, "invalid_request", "you must provide a model parameter", "model")
@@ -912,6 +930,31 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
             call.service_tier_implied = False
     if not call.attribution.end_user_id and (end_user := _end_user(data)):
         call.attribution = replace(call.attribution, end_user_id=end_user[:256])
+    return call
+
+
+# the endpoints a batch's requests may be for, as its `endpoint` names them: their family
+BATCH_ENDPOINTS = {"/v1/chat/completions": "chat_completions", "/v1/responses": "responses",
+                   "/v1/embeddings": "embeddings", "/v1/completions": "completions"}
+_COMPLETION_WINDOW = re.compile(r"^(?P<count>[1-9][0-9]{0,3})(?P<unit>[hd])$")  # OpenAI's "24h"; others' "7d"
+
+
+def _batch(call: HttpCall, data: dict[str, Any]) -> HttpCall:
+    """POST /v1/batches: which file, which endpoint, how long; its requests are read from the file
+    (policyd/batches.py), which names the model."""
+    file_id, url, window = data.get("input_file_id"), data.get("endpoint"), data.get("completion_window")
+    if not isinstance(file_id, str) or not 0 < len(file_id) <= 200:
+        return _problem(call, "invalid_request", "input_file_id must name the file of the batch's requests",
+                        "input_file_id")
+    if url not in BATCH_ENDPOINTS:
+        return _problem(call, "invalid_request", f"policyd holds batches of {', '.join(BATCH_ENDPOINTS)} requests",
+                        "endpoint")
+    length = _COMPLETION_WINDOW.match(window) if isinstance(window, str) else None
+    if length is None:
+        return _problem(call, "invalid_request", "completion_window must be a time such as 24h", "completion_window")
+    call.endpoint, call.batch_file, call.batch_url = BATCH_ENDPOINTS[url], file_id, url
+    call.batch_seconds = int(length.group("count")) * (3600 if length.group("unit") == "h" else 86400)
+    call.files = (file_id,)
     return call
 
 

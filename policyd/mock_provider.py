@@ -49,6 +49,7 @@ STORED_RESPONSE_PATH = re.compile(r"/v1/responses/(?P<id>resp_[^/]+)(?P<rest>/in
 FILE_PATH = re.compile(r"/v1/files(/(?P<id>[^/]+)(?P<content>/content)?)?$")
 UPLOAD_PATH = re.compile(r"/v1/uploads(/(?P<id>[^/]+)/(?P<verb>parts|complete|cancel))?$")
 STORED_CHAT_PATH = re.compile(r"/v1/chat/completions/(?P<id>chatcmpl-[^/]+)(?P<rest>/messages)?$")
+BATCH_PATH = re.compile(r"/v1/batches(/(?P<id>batch_[^/]+)(?P<cancel>/cancel)?)?$")
 CONVERSATION_PATH = re.compile(r"/v1/conversations(/(?P<id>[^/]+)(?P<items>/items(/(?P<item>[^/]+))?)?)?$")
 WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
 COMPLETION_TOKENS_MAX = len(WORDS)
@@ -118,6 +119,8 @@ class MockProvider:
         self.conversations: dict[str, dict[str, Any]] = {}  # id -> {"metadata": ..., "items": [...]}
         self.files: dict[str, tuple[dict[str, Any], bytes]] = {}  # id -> (the file object, its content)
         self.uploads: dict[str, tuple[dict[str, Any], dict[str, bytes]]] = {}  # id -> (the upload, its parts by id)
+        # batches: id -> (the batch, its usage when it ends, reads before it ends; None: it reports no usage)
+        self.batches: dict[str, tuple[dict[str, Any], dict[str, Any] | None, int]] = {}
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -130,7 +133,8 @@ class MockProvider:
                 if self.path == "/_mock/requests":
                     with provider.lock:
                         self._json(200, provider.requests)
-                elif any(part in self.path for part in ("/responses/", "/conversations/", "/chat/completions/", "/files/")):
+                elif any(part in self.path for part in ("/responses/", "/conversations/", "/chat/completions/", "/files/",
+                                                         "/batches/")):
                     provider.handle(self)
                 else:
                     self._json(404, {"error": {"type": "not_found", "message": "no such path"}})
@@ -244,6 +248,9 @@ class MockProvider:
         conversation = CONVERSATION_PATH.search(route)
         if conversation:
             return self._conversation(h, body, conversation)
+        batch = BATCH_PATH.search(route)
+        if batch:
+            return self._batch(h, body, batch.group("id"), bool(batch.group("cancel")))
         upload = UPLOAD_PATH.search(route)
         if upload:
             return self._upload(h, body, audio, upload.group("id"), upload.group("verb"))
@@ -552,6 +559,54 @@ class MockProvider:
                                     "filename": upload["filename"], "purpose": upload["purpose"]}, content)
             upload.update(status="completed", file=self.files[file_id][0])
             return h._json(200, upload)
+
+    def _batch(self, h: Any, body: dict[str, Any], batch_id: str | None, cancel: bool) -> None:
+        """The Batch API: a batch made of an uploaded file's requests (validating), read (in progress for
+        `x-mock-batch-polls` reads, 2 by default, then completed with its requests' usage, as the mock bills
+        each alone; `x-mock-batch-usage: none` at its making: ended with no usage reported, as older APIs), or
+        cancelled (its first half of requests billed)."""
+        with self.lock:
+            if batch_id is None:
+                found = self.files.get(str(body.get("input_file_id")))
+                if found is None:
+                    return h._json(404, {"error": {"type": "invalid_request_error", "code": None, "param": None,
+                                                   "message": "No such File object"}})
+                lines = [json.loads(line) for line in found[1].splitlines() if line.strip()]
+                usages = [(prompt_tokens(line["body"]), 0 if line["url"].endswith("/embeddings") else
+                           min(output_cap(line["body"]), COMPLETION_TOKENS_MAX)) for line in lines]
+                batch_id = f"batch_mock{next(self.response_ids)}"
+                batch = {"id": batch_id, "object": "batch", "endpoint": body.get("endpoint"), "errors": None,
+                         "input_file_id": body.get("input_file_id"), "completion_window": body.get("completion_window"),
+                         "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": 0,
+                         "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+                         "metadata": body.get("metadata"), "model": lines[0]["body"].get("model") if lines else None,
+                         "usage": None}
+                cancelled = usages[:len(usages) // 2]
+                self.batches[batch_id] = (batch, None if h.headers.get("x-mock-batch-usage") == "none" else {
+                    "all": self._batch_usage(usages), "cancelled": self._batch_usage(cancelled),
+                    "counts": (len(usages), len(cancelled))}, int(h.headers.get("x-mock-batch-polls", "2")))
+                return h._json(200, batch)
+            held = self.batches.get(batch_id)
+            if held is None:
+                return h._json(404, {"error": {"type": "invalid_request_error", "code": None, "param": None,
+                                               "message": f"No batch found with id '{batch_id}'."}})
+            batch, usage, reads = held
+            if batch["status"] in ("validating", "in_progress") and (cancel or reads <= 0):
+                ended = "cancelled" if cancel else "completed"
+                done = (usage or {}).get("counts", (0, 0))[1 if cancel else 0]
+                batch = {**batch, "status": ended, "request_counts": {
+                    "total": batch["request_counts"]["total"], "completed": done, "failed": 0},
+                    "usage": (usage or {}).get("cancelled" if cancel else "all")}
+            elif batch["status"] in ("validating", "in_progress"):
+                batch = {**batch, "status": "in_progress"}
+            self.batches[batch_id] = (batch, usage, reads - 1)
+            return h._json(200, batch)
+
+    @staticmethod
+    def _batch_usage(usages: list[tuple[int, int]]) -> dict[str, Any]:
+        inputs, outputs = sum(u[0] for u in usages), sum(u[1] for u in usages)
+        return {"input_tokens": inputs, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": outputs,
+                "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": inputs + outputs}
 
     def _stored_chat(self, h: Any, body: dict[str, Any], completion_id: str, rest: str) -> None:
         """Chat completions kept with store: true: read, their metadata changed, deleted, their messages listed."""

@@ -41,6 +41,8 @@ import itertools
 import logging
 import os
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -121,6 +123,20 @@ class Account:
         """The OpenAI organization and project this account's requests bill to, where configured."""
         named = (("openai-organization", self.organization), ("openai-project", self.project))
         return [(name, value) for name, value in named if value]
+
+    def get(self, path: str, bytes_max: int, timeout_seconds: float) -> tuple[int, bytes]:
+        """GET <base_url>/<path> with this account's credential (blocking: run it on a thread): the provider's
+        HTTP status and body (at most bytes_max + 1 bytes; none past a failure); status 0 when unreachable."""
+        header, value = self.credential_header()
+        request = urllib.request.Request(f"{self.base_url}/{path}", headers={
+            header: value, **dict(self.account_headers()), "accept": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_seconds) as reply:
+                return reply.status, reply.read(bytes_max + 1)
+        except urllib.error.HTTPError as error:
+            return error.code, b""
+        except (OSError, ValueError):
+            return 0, b""
 
 
 class ProviderPool:

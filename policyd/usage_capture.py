@@ -199,7 +199,7 @@ def _image_generation_usage(response: dict[str, Any], output: list[dict[str, Any
 
 def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     """Update `seen` from one JSON object (a whole body or one stream event); True if it held usage."""
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or endpoint == BATCHES:  # a batch made: its usage comes when it ends
         return False
     if endpoint == "audio_transcriptions":
         return _speech_to_text_usage(data, seen)
@@ -594,8 +594,8 @@ class ResponseReader:
             self.response_id = found
 
     def _response_status(self, data: Any) -> None:
-        """A Responses API response's status: a whole reply's, or the one a stream's event carries."""
-        if self.endpoint != "responses" or not isinstance(data, dict):
+        """A Responses API response's status: a whole reply's, or the one a stream's event carries (a batch's)."""
+        if self.endpoint not in ("responses", BATCHES) or not isinstance(data, dict):
             return
         response = data.get("response") if self.stream else data
         status = response.get("status") if isinstance(response, dict) else None
@@ -705,6 +705,7 @@ class Closing:
     output_as_held: bool = False
 
 
+BATCHES = "batches"  # what a proxy reads a batch made as (its reply: the batch, named; policyd/batches.py)
 # a Responses API response's statuses once it has ended (queued and in_progress: not yet)
 ENDED_RESPONSE_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
@@ -747,6 +748,11 @@ def closing(status: int, reader: ResponseReader, cut: bool, client_left: bool = 
         # leaves (its input is charged), a reply not streamed is made whole all the same (OpenAI goes on
         # with it), so its output is charged as held, the most it could be: leaving early saves nothing
         return Closing("estimate", "usage_estimated:client_gone", interrupted=True, output_as_held=not reader.stream)
+    if reader.endpoint == BATCHES and status == 200:
+        # a batch made (its reply names it, validating): charged when the provider says it ended; a reply that
+        # names none is charged as held, as any reply whose usage cannot be known (the batch may run)
+        return Closing("poll", "batch") if reader.response_id else \
+            Closing("estimate", "usage_estimated:no_batch_id", output_as_held=True)
     if background and reader.response_id and reader.response_status not in ENDED_RESPONSE_STATUSES:
         # queued, or its stream cut before it ended: the provider goes on with it, and bills all of it
         return Closing("poll", "background")

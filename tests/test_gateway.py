@@ -34,7 +34,8 @@ from tests.servers import free_port, wait_port
 FIXTURES = Path(__file__).parent / "fixtures"
 AZURE_API_VERSION = "2024-10-21"
 PROVIDER_KEYS = ("sk-mock-openai-1", "sk-mock-openai-2", "sk-mock-anthropic", "sk-mock-google")
-PRICE = {"gpt-4o": ("2.50", "10.00"), "gpt-4o-mini": ("0.15", "0.60"), "claude-sonnet-4": ("3.00", "15.00")}
+PRICE = {"gpt-4o": ("2.50", "10.00"), "gpt-4o-mini": ("0.15", "0.60"), "claude-sonnet-4": ("3.00", "15.00"),
+         "gpt-4o-mini@batch": ("0.075", "0.30")}  # gpt-4o-mini's batch tier
 
 
 def envoy_binary() -> str:
@@ -1149,6 +1150,109 @@ def test_a_background_stream_cut_is_charged_when_the_response_ends(gateway: Gate
                                                                  completed.usage.output_tokens)
     assert record["charge_nanos"] == expected_charge("gpt-4o-mini", completed.usage.input_tokens,
                                                      completed.usage.output_tokens)
+
+
+def batch_file(client: openai.OpenAI, model: str, caps: list[int], url: str = "/v1/chat/completions") -> str:
+    """A batch's input file, uploaded through the gateway: one chat request per output cap."""
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": url,
+              "body": {"model": model, "messages": [{"role": "user", "content": f"question {i} of the batch"}],
+                       "max_tokens": cap}} for i, cap in enumerate(caps)]
+    content = "\n".join(json.dumps(line) for line in lines).encode()
+    return client.files.create(file=("batch.jsonl", content), purpose="batch").id
+
+
+def test_a_batch_is_held_at_its_requests_worst_cases_and_charged_what_it_used(gateway: Gateway) -> None:
+    """OpenAI's Batch API (refused before): a batch is held, when it is made, at the sum of its requests'
+    worst cases at the batch tier's prices (policyd reads its input file from the provider), followed until
+    it ends, and charged exactly the usage the provider reports for it, at the batch prices; only its own
+    customer reads or cancels it."""
+    key = gateway.customer("e2e-batch")
+    client = gateway.client(key)
+    file_id = batch_file(client, "gpt-4o-mini", [400, 300, 300])
+    before = gateway.wallet("e2e-batch")
+    raw = client.batches.with_raw_response.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                                  completion_window="24h", extra_headers={"x-mock-batch-polls": "3"})
+    batch, request_id = raw.parse(), raw.headers["x-policyd-request-id"]
+    assert batch.status == "validating"
+    held = gateway.wallet("e2e-batch")
+    # every request's output cap (1,000 tokens in all) is held, at the batch tier's price, marked up, and input
+    assert held.reserved_nanos > expected_charge("gpt-4o-mini@batch", 0, 1_000)
+    assert held.reserved_nanos < expected_charge("gpt-4o-mini", 0, 1_000)  # at the batch prices, not the standard
+
+    # another customer's key reads and cancels nothing of it, and makes no batch of its file
+    other = gateway.client(gateway.customer("e2e-batch-other"))
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.cancel(batch.id)
+    with pytest.raises(openai.NotFoundError) as refused:
+        other.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert refused.value.code == "file_not_found"
+    assert [r for r in gateway.mock.received() if r["path"].endswith("/cancel")] == []
+
+    while (polled := client.batches.retrieve(batch.id)).status != "completed":  # its customer reads it
+        assert polled.status in ("validating", "in_progress")
+        time.sleep(0.05)
+    record = settled_record(gateway, request_id)
+    assert (record["status"], record["error_class"], record["provider_response_id"]) == ("settled", "", batch.id)
+    assert (record["input_tokens"], record["output_tokens"]) == (polled.usage.input_tokens, polled.usage.output_tokens)
+    assert record["charge_nanos"] == expected_charge("gpt-4o-mini@batch", polled.usage.input_tokens,
+                                                     polled.usage.output_tokens) > 0
+    after = gateway.wallet("e2e-batch")
+    assert (after.reserved_nanos, after.balance_nanos) == (0, before.balance_nanos - record["charge_nanos"])
+    asked = [r for r in gateway.mock.received() if r["path"].endswith((f"/batches/{batch.id}", f"/files/{file_id}/content"))]
+    assert asked and all(r["authorization"].removeprefix("Bearer ") in PROVIDER_KEYS for r in asked)  # not its key
+
+    # cancelled while it runs: charged what the provider says its requests used
+    raw = client.batches.with_raw_response.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                                  completion_window="24h", extra_headers={"x-mock-batch-polls": "1000"})
+    cancelled = client.batches.cancel(raw.parse().id)
+    record = settled_record(gateway, raw.headers["x-policyd-request-id"])
+    assert cancelled.status == "cancelled" and record["status"] == "settled"
+    assert (record["input_tokens"], record["output_tokens"]) == (cancelled.usage.input_tokens,
+                                                                 cancelled.usage.output_tokens)
+    # ended with no usage reported (an API from before batches reported it): charged as held, never free
+    raw = client.batches.with_raw_response.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                                  completion_window="24h", extra_headers={"x-mock-batch-usage": "none"})
+    record = settled_record(gateway, raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["error_class"]) == ("settled", "usage_estimated:no_usage_reported")
+    assert record["charge_nanos"] >= expected_charge("gpt-4o-mini@batch", 0, 1_000)
+    assert gateway.wallet("e2e-batch").reserved_nanos == 0
+    assert gateway.admin.Audit(admin_pb2.AuditRequest()).ok
+
+
+def batches_made(gateway: Gateway) -> int:
+    return len([r for r in gateway.mock.received() if r["path"].rstrip("/").endswith("/batches")])
+
+
+def test_a_batch_that_cannot_be_held_is_refused_before_the_provider(gateway: Gateway) -> None:
+    """A batch of a model whose batch tier is not priced, one past its customer's wallet, one of mixed models:
+    refused with the reason, recorded, nothing held, and the provider never asked to make it."""
+    key = gateway.customer("e2e-batch-refused", credit="0.0002")
+    client = gateway.client(key)
+    before, made = gateway.wallet("e2e-batch-refused"), batches_made(gateway)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.batches.create(input_file_id=batch_file(client, "gpt-4o", [10]), endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    assert (refused.value.code, refused.value.param) == ("service_tier_not_priced", "service_tier")
+    with pytest.raises(openai.RateLimitError) as refused:  # 3,000 tokens out at most: past the wallet
+        client.batches.create(input_file_id=batch_file(client, "gpt-4o-mini", [1_000] * 3),
+                              endpoint="/v1/chat/completions", completion_window="24h")
+    assert refused.value.code == "insufficient_quota"
+    mixed = client.files.create(file=("mixed.jsonl", "\n".join(json.dumps(
+        {"custom_id": m, "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": m, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}})
+        for m in ("gpt-4o-mini", "gpt-4o")).encode()), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.batches.create(input_file_id=mixed.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert refused.value.code == "invalid_request" and "line 2" in refused.value.message
+    with pytest.raises(openai.BadRequestError) as refused:  # its requests are for another endpoint
+        client.batches.create(input_file_id=mixed.id, endpoint="/v1/embeddings", completion_window="24h")
+    assert refused.value.code == "invalid_request"
+    assert batches_made(gateway) == made
+    assert [r.reason for r in gateway.records("e2e-batch-refused")].count("invalid_request") == 2
+    after = gateway.wallet("e2e-batch-refused")
+    assert (after.balance_nanos, after.reserved_nanos) == (before.balance_nanos, 0)
 
 
 def test_a_request_the_provider_could_read_otherwise_is_refused_before_it(gateway: Gateway) -> None:
