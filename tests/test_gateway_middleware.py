@@ -223,6 +223,16 @@ def test_a_file_larger_than_any_request_body_policyd_reads_is_uploaded(gateway: 
         gateway.client(gateway.customer("mw-big-file-other")).files.retrieve(uploaded.id)
 
 
+def test_a_batch_is_refused_clearly_and_recorded(gateway: ExampleGateway) -> None:
+    """The middleware does not hold batches (their input file is read where policyd's provider accounts are):
+    refused before the proxy, with a reason, recorded; the provider never makes it."""
+    client = gateway.client(gateway.customer("mw-batch"))
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.batches.create(input_file_id="file-abc", endpoint="/v1/chat/completions", completion_window="24h")
+    assert (refused.value.code, refused.value.param) == ("unknown_endpoint", "path")
+    assert [r.reason for r in gateway.records("mw-batch")] == ["unknown_endpoint"]
+
+
 def test_a_request_body_the_client_compressed_is_read_and_sent_on_decoded(gateway: ExampleGateway) -> None:
     """A gzip- or deflate-compressed body is decoded to be decided on and goes on decoded, as through Envoy;
     another coding is refused clearly (415), recorded."""

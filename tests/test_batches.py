@@ -1,0 +1,163 @@
+"""Batches (policyd/batches.py): a batch's input file read into the requests it holds, its hold the sum of those
+requests' own holds at the batch tier (a property), and what the provider's answer for a batch says. The
+gateway's side, through the real Envoy with the openai SDK, is in tests/test_gateway.py."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from dataclasses import replace
+from typing import Any, Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from policyd.batches import BATCH_TIER, batch_answer, batch_shape, read_requests, with_output_caps
+from policyd.domain import AuthorizeInput, Shape
+from policyd.server import Service
+from tests.conftest import SAMPLE_POLICY, make_settings
+from tests.helpers import ask, fund, new_key
+
+CHAT = "/v1/chat/completions"
+
+
+def line(body: dict[str, Any], url: str = CHAT, number: int = 0) -> bytes:
+    return json.dumps({"custom_id": f"r{number}", "method": "POST", "url": url, "body": body}).encode()
+
+
+def chat(model: str = "gpt-4o-mini", content: str = "hello", **more: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], **more}
+
+
+def test_a_files_requests_are_read_as_each_would_be_sent_alone_at_the_batch_tier() -> None:
+    content = b"\n".join([line(chat(max_tokens=40), number=0), b"", line(chat(content="x" * 900, n=2), number=1)])
+    found = read_requests(CHAT, content)
+    assert (found.problem, found.model) == ("", "gpt-4o-mini")
+    assert [(r.max_output_tokens, r.choices, r.service_tier) for r in found.requests] == \
+        [(40, 0, BATCH_TIER), (0, 2, BATCH_TIER)]
+    assert found.requests[1].prompt_bytes > found.requests[0].prompt_bytes >= len("hello")
+    # a request without its output cap is held at the model's most, none when the model has no most
+    assert [r.max_output_tokens for r in with_output_caps(found.requests, "chat_completions", 16_384) or ()] == \
+        [40, 16_384]
+    assert with_output_caps(found.requests, "chat_completions", 0) is None
+    assert with_output_caps(found.requests, "embeddings", 0) == found.requests  # no output to cap
+
+
+@pytest.mark.parametrize("content, said", [
+    (b"", "holds no requests"),
+    (b"not json", "line 1 of the input file is not JSON"),
+    (line(chat()) + b"\n" + line(chat(model="gpt-4o")), "line 2 of the input file: a batch's requests are all for one"),
+    (line(chat(), url="/v1/embeddings"), "every request of this batch is a POST to /v1/chat/completions"),
+    (line(chat(stream=True)), "neither streamed nor background"),
+    (line(chat(max_tokens="many")), "max_tokens must be"),
+    (line({"model": "gpt-4o-mini", "input": "x", "previous_response_id": "resp_1"}, url="/v1/responses"),
+     "do not continue stored responses"),
+    (line({"model": "gpt-4o-mini", "input": "x", "tools": [{"type": "web_search"}]}, url="/v1/responses"),
+     "give the request's hosted tools a bound"),
+])
+def test_a_file_whose_requests_cannot_be_held_says_which_line_and_why(content: bytes, said: str) -> None:
+    url = "/v1/responses" if b"/v1/responses" in content else CHAT
+    assert said in read_requests(url, content).problem
+
+
+def test_the_providers_answer_for_a_batch() -> None:
+    usage = {"input_tokens": 120, "input_tokens_details": {"cached_tokens": 20}, "output_tokens": 30,
+             "output_tokens_details": {"reasoning_tokens": 10}, "total_tokens": 150}
+
+    def answer(status: int, batch: Any) -> tuple[str, str, tuple[int, int, int]]:
+        action, state, seen = batch_answer(status, json.dumps(batch).encode())
+        return action, state, (seen.input_tokens, seen.cached_input_tokens, seen.output_tokens)
+
+    assert answer(200, {"status": "in_progress"})[:2] == ("wait", "in_progress")
+    assert answer(200, {"status": "finalizing", "usage": usage})[0] == "wait"
+    assert answer(503, {})[0] == "wait" and answer(200, "not a batch")[0] == "wait"
+    assert answer(404, {})[0] == "gone"
+    assert answer(200, {"status": "completed", "usage": usage}) == ("settle", "completed", (120, 20, 30))
+    assert answer(200, {"status": "expired", "usage": usage})[0] == "settle"  # what ran before it expired
+    assert answer(200, {"status": "failed", "usage": None})[0] == "release"  # failed validating: nothing ran
+    assert answer(200, {"status": "cancelled", "usage": {"input_tokens": 0, "output_tokens": 0}})[0] == "release"
+    assert answer(200, {"status": "completed"})[0] == "held"  # ended, its usage not reported: charged as held
+
+
+# gpt-4o-mini's batch tier
+BATCH_PRICED = SAMPLE_POLICY.replace('      output: "0.60"\n', '      output: "0.60"\n      service_tiers: '
+                                    '{batch: {input: "0.075", cached_input: "0.0375", output: "0.30"}}\n', 1)
+
+
+@pytest.fixture
+def running(backend: dict[str, str]) -> Iterator[tuple[asyncio.AbstractEventLoop, Service]]:
+    loop = asyncio.new_event_loop()
+    service = loop.run_until_complete(Service.build(make_settings(backend)))
+    loop.run_until_complete(service.start())
+    loop.run_until_complete(service.admin.apply_policy(BATCH_PRICED, "batch.yaml"))
+    yield loop, service
+    loop.run_until_complete(service.close())
+    loop.close()
+
+
+customers = itertools.count()
+requests = st.lists(st.tuples(st.integers(1, 20_000), st.integers(1, 4_000), st.integers(0, 3)), min_size=1, max_size=12)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(drawn=requests, plan=st.sampled_from(["free", "pro"]))
+def test_a_batch_holds_the_sum_of_its_requests_own_holds_at_the_batch_tier(
+        running: tuple[asyncio.AbstractEventLoop, Service], drawn: list[tuple[int, int, int]], plan: str) -> None:
+    """Whatever its requests (prompt sizes, output caps, choices) and the plan (strict or estimated, marked up
+    or at cost), a batch holds exactly what its requests would hold each sent alone on the batch tier: its
+    wallet, to the nano, and each of its limits' money buckets."""
+    loop, service = running
+
+    async def check() -> None:
+        customer = f"batch-{next(customers)}"
+        _, secret = await new_key(service, customer=customer, plan=plan)
+        await fund(service, customer, "1000")
+        alone = [ask(secret, prompt_bytes=size, max_output_tokens=cap, choices=n, service_tier=BATCH_TIER,
+                     request_id=f"{customer}-{i}", thread_id="t") for i, (size, cap, n) in enumerate(drawn)]
+        held_alone = 0
+        for request in alone:
+            decision = await service.engine.authorize(request)
+            assert decision.allowed, decision.reason
+            held_alone += decision.reserved
+        lines = tuple(request.shape for request in alone)
+        batch = replace(alone[0], shape=batch_shape(lines), batch=lines,
+                        attribution=replace(alone[0].attribution, request_id=f"{customer}-batch"))
+        decision = await service.engine.authorize(batch)
+        assert decision.allowed and decision.reserved == held_alone > 0
+        assert (decision.served_model, decision.decision) == ("gpt-4o-mini", "allow")
+        wallet = await service.counters.wallet(customer)
+        assert wallet[1] == 2 * held_alone  # the requests alone, and the batch
+
+    loop.run_until_complete(check())
+
+
+def test_a_batch_is_never_served_by_another_model(running: tuple[asyncio.AbstractEventLoop, Service]) -> None:
+    """Its file names the model, which the gateway cannot rewrite: a batch past a downgrading limit is refused,
+    not held on the cheaper model, and a model whose batch tier is not priced refuses it."""
+    loop, service = running
+
+    async def check() -> None:
+        _, secret = await new_key(service, customer="batch-downgrade", plan="pro")
+        await fund(service, "batch-downgrade", "1000")
+        lines = (Shape(prompt_bytes=100, message_count=1, max_output_tokens=10, service_tier=BATCH_TIER),)
+
+        def premium(request_id: str) -> AuthorizeInput:
+            return replace(ask(secret, model="gpt-4o", request_id=request_id), shape=batch_shape(lines), batch=lines)
+
+        refused = await service.engine.authorize(premium("unpriced-batch"))
+        assert (refused.allowed, refused.reason) == (False, "service_tier_not_priced")
+        # gpt-4o's batch tier priced, and the plan's day of premium models spent: a request alone is served by
+        # gpt-4o-mini (the limit's downgrade), a batch is refused
+        await service.admin.apply_policy(BATCH_PRICED.replace(
+            '      output: "10.00"\n', '      output: "10.00"\n      service_tiers: {batch: {input: "1.25", output: "5.00"}}\n', 1)
+            .replace('limit: "50.00", action: downgrade', 'limit: "0.000001", action: downgrade'), "downgrading.yaml")
+        alone = await service.engine.authorize(ask(secret, model="gpt-4o", request_id="premium-alone"))
+        assert (alone.decision, alone.served_model) == ("downgrade", "gpt-4o-mini")
+        refused = await service.engine.authorize(premium("premium-batch"))
+        assert (refused.allowed, refused.served_model) == (False, "gpt-4o")
+        assert refused.reason == "budget_exceeded"
+        assert (await service.counters.wallet("batch-downgrade"))[1] == alone.reserved  # the batch holds nothing
+
+    loop.run_until_complete(check())
