@@ -31,6 +31,9 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
                                           model are checked and nothing is reserved or charged
     POST .../v1/moderations               moderations (free too, the same way; the model defaults to
                                           omni-moderation-latest, as OpenAI's does)
+    POST .../v1/batches                   a batch of the requests in a file (held at their worst cases at the
+                                          batch tier, its file read from the provider: policyd/batches.py);
+                                          GET .../v1/batches/{id}, POST .../cancel: its own customer's alone
 
 Azure OpenAI's paths name the deployment (the model, as policyd's policy names it) in the path:
     POST .../openai/deployments/D/chat/completions | completions | embeddings | images/generations |

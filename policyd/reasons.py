@@ -30,6 +30,7 @@ _REASONS = [
     Reason("response_not_found", 404, "invalid_request_error"),  # a stored response of another customer, or none
     Reason("conversation_not_found", 404, "invalid_request_error"),  # ... a conversation
     Reason("file_not_found", 404, "invalid_request_error"),  # ... a file
+    Reason("batch_not_found", 404, "invalid_request_error"),  # ... a batch
     Reason("unknown_endpoint", 400, "invalid_request_error"),
     Reason("invalid_request", 400, "invalid_request_error"),
     Reason("invalid_metadata", 400, "invalid_request_error"),
@@ -88,6 +89,7 @@ MESSAGES = {
     "response_not_found": "No response with this id was made with this API key's account.",
     "conversation_not_found": "No conversation with this id was made with this API key's account.",
     "file_not_found": "No file with this id was uploaded with this API key's account.",
+    "batch_not_found": "No batch with this id was made with this API key's account.",
     "unknown_plan": "The plan of this API key is not in the active policy.",
     "no_policy": "No policy has been applied yet.",
     "request_too_costly": "This request may cost more than this API key's plan allows a single request: ask for "

@@ -1181,8 +1181,9 @@ def test_a_batch_is_held_at_its_requests_worst_cases_and_charged_what_it_used(ga
 
     # another customer's key reads and cancels nothing of it, and makes no batch of its file
     other = gateway.client(gateway.customer("e2e-batch-other"))
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as refused:
         other.batches.retrieve(batch.id)
+    assert refused.value.code == "batch_not_found"
     with pytest.raises(openai.NotFoundError):
         other.batches.cancel(batch.id)
     with pytest.raises(openai.NotFoundError) as refused:
