@@ -40,6 +40,9 @@ BATCH_ID_PREFIX = "batch_"
 INPUT_BYTES_MAX = 200 * 1024 * 1024  # OpenAI's: a batch's input file is up to 200 MB,
 INPUT_REQUESTS_MAX = 50_000  # ... of up to 50,000 requests
 READ_TIMEOUT_SECONDS = 60
+# how long the gateway waits for a batch's decision (its file read and its requests held), where others get
+# ext_authz's 2 s or ext_proc's 5 s message timeout: the batch route's ext_authz timeout, ext_proc's override
+DECISION_SECONDS = 90
 # a batch's hold is kept for its completion window and this much more: the provider ends one that ran out of
 # time (expired, billing what ran) within a while of its window
 HOLD_MARGIN_SECONDS = 2 * 3600

@@ -401,8 +401,12 @@ class Engine:
             # a batch runs where its input file is, as the file names its model: never another model
             model, fallback_reason = (request.model, "") if request.batch else self._route_around(
                 policy, plan, key.scopes, owner.environment, request.model, request.shape, unavailable_providers)
-            attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="", own_limits=key.limits,
-                                    prior_tokens=prior_tokens)
+            if request.batch:  # up to 50,000 requests to estimate: on a thread, so other decisions go on meanwhile
+                attempt = await asyncio.to_thread(self._attempt, request, owner, policy, plan, model, at, "",
+                                                  key.limits, prior_tokens)
+            else:
+                attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="", own_limits=key.limits,
+                                        prior_tokens=prior_tokens)
             attempt.fallback_reason = fallback_reason
             if plan.max_request_charge and attempt.charge > plan.max_request_charge:
                 attempt, preset, param, preset_message = self._within_request_charge(

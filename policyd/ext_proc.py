@@ -40,13 +40,14 @@ from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
 
 import grpc
+from google.protobuf import duration_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 
-from policyd import background, http_api
+from policyd import background, batches, http_api
 from policyd.batches import Batches
 from policyd.domain import Decision, UsageReport
 from policyd.engine import Engine
@@ -190,6 +191,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         yield _phase(kind)
                 elif kind == "request_body":
                     if exchange is None and arrival is not None:
+                        if http_api.batch_made(arrival.method, arrival.path):  # its file is read: Envoy waits longer
+                            yield ep.ProcessingResponse(override_message_timeout=duration_pb2.Duration(
+                                seconds=batches.DECISION_SECONDS))
                         exchange, reply = await self._decide(arrival, request.request_body.body, kind, observer)
                         decided = True
                         yield reply

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE
+from policyd.batches import DECISION_SECONDS
 from policyd.http_api import (CREDENTIAL_REFUSALS, PROVIDER_ACCOUNT_HEADERS, REQUEST_BODY_BYTES_MAX,
                               REQUEST_HEADERS_BYTES_MAX, REQUEST_ID_HEADER, UPLOAD_PATH_REGEX, BATCHES_PATH_REGEX,
                               credentials_refused_reply)
@@ -99,7 +100,6 @@ UPLOAD_MATCH = f'{{safe_regex: {{regex: "{UPLOAD_PATH_REGEX}"}}, headers: [{{nam
 # a batch made (http_api.BATCHES_PATH_REGEX): its own route, so that ext_authz waits while policyd reads its input
 # file from the provider and holds its requests (policyd/batches.py), which a 2 s decision cannot
 BATCHES_MATCH = f'{{safe_regex: {{regex: "{BATCHES_PATH_REGEX}"}}, headers: [{{name: ":method", string_match: {{exact: POST}}}}]}}'
-BATCH_DECISION_SECONDS = 90
 
 
 def _route(match: str, route_timeout_seconds: int, filters: str = "") -> str:
@@ -141,7 +141,7 @@ def _upload_filters(shape: str) -> str:
 
 
 def _batch_filters(shape: str) -> str:
-    """A batch made's route: ext_authz waits BATCH_DECISION_SECONDS for its decision (the ext_proc shape's
+    """A batch made's route: ext_authz waits DECISION_SECONDS for its decision (the ext_proc shape's
     decision waits its message_timeout)."""
     if shape == "ext_proc":
         return ""
@@ -152,7 +152,7 @@ def _batch_filters(shape: str) -> str:
                     check_settings:
                       grpc_service:
                         envoy_grpc: {{cluster_name: policyd}}
-                        timeout: {BATCH_DECISION_SECONDS}s
+                        timeout: {DECISION_SECONDS}s
 """
 
 
@@ -178,16 +178,20 @@ def _indented(text: str, spaces: int) -> str:
     return "".join(" " * spaces + line if line.strip() else line for line in text.splitlines(True))
 
 
-def _processing_config(fail_open: str, response_header_mode: str, more: str, stream_seconds: int) -> str:
+def _processing_config(fail_open: str, response_header_mode: str, more: str, stream_seconds: int,
+                       decides: bool = False) -> str:
     """The processing ext_proc filter's typed_config (not indented): the request headers and body,
-    answered; `more` its shape's own fields; `stream_seconds` the longest its stream lives (a request's)."""
+    answered; `more` its shape's own fields; `stream_seconds` the longest its stream lives (a request's).
+    Where it `decides` (the ext_proc shape), policyd extends one message's timeout for a batch's decision
+    (batches.DECISION_SECONDS: its input file is read)."""
+    max_message_timeout = f"\nmax_message_timeout: {DECISION_SECONDS}s" if decides else ""
     return f""""@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
 grpc_service:
   envoy_grpc: {{cluster_name: policyd}}
   timeout: {stream_seconds}s
 failure_mode_allow: {fail_open}
 status_on_error: {{code: ServiceUnavailable}}
-message_timeout: 5s
+message_timeout: 5s{max_message_timeout}
 processing_mode:
   request_header_mode: SEND
   response_header_mode: {response_header_mode}
@@ -206,7 +210,7 @@ request_attributes: [source.address]  # the client's address, for the decision m
 metadata_options:
   receiving_namespaces:
     untyped: [{EXT_PROC_NAMESPACE}]
-""", stream_seconds), 14)
+""", stream_seconds, decides=True), 14)
     # after ext_authz: only requests whose body policy rewrites (ext_authz sets the rewrite header): the
     # request headers (with ext_authz's decision in their metadata) and the body; the observer reads the
     # reply. (Sent the body alone, with the headers skipped, Envoy 1.40 lost bodies under load.)

@@ -99,7 +99,7 @@ class PolicydMiddleware:
         if not call.endpoint and not self.strict:
             await self.app(scope, _replay(body, receive=receive), send)
             return
-        if call.batch_file and not call.problem:  # its input file is read where policyd's provider accounts are
+        if http_api.batch_made(method, path):  # its input file is read where policyd's provider accounts are
             call.problem, call.problem_message, call.problem_param = (
                 "unknown_endpoint", "batches are held by policyd's Envoy gateway, which reads their input file; "
                 "this gateway does not offer them", "path")

@@ -370,6 +370,11 @@ def endpoint_of(method: str, path: str) -> Endpoint:
     return Endpoint()
 
 
+def batch_made(method: str, path: str) -> bool:
+    """POST /v1/batches: decided on longer than other requests (its input file is read: policyd/batches.py)."""
+    return method.upper() == "POST" and _BATCHES.search(path.split("?", 1)[0]) is not None
+
+
 def streamed_upload(method: str, path: str) -> bool:
     """A file uploaded (OpenAI's Files API, up to the provider's 512 MB; a part of an upload, up to 64 MB): free,
     decided on its headers, its body never read, so the gateway streams it to the provider instead of holding

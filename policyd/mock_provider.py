@@ -53,6 +53,7 @@ BATCH_PATH = re.compile(r"/v1/batches(/(?P<id>batch_[^/]+)(?P<cancel>/cancel)?)?
 CONVERSATION_PATH = re.compile(r"/v1/conversations(/(?P<id>[^/]+)(?P<items>/items(/(?P<item>[^/]+))?)?)?$")
 WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
 COMPLETION_TOKENS_MAX = len(WORDS)
+SLOW_FILE_SECONDS = 6
 EVENT_GAP_SECONDS = {"slow": 0.2, "very_slow": 0.6}  # between a stream's events, by scenario (else 2 ms)
 
 
@@ -204,6 +205,7 @@ class MockProvider:
                 body = {p.name: p.content.decode("utf-8", "replace") for p in form.parts if p.filename is None}
                 sent = form.file("file") or form.file("data")  # an audio file, a file uploaded; an upload's part
                 audio = sent.content if sent else b""
+                body["file_name"] = (sent.filename or "") if sent else ""
                 body["file_bytes"] = len(audio)
                 body["images_in"] = sum(1 for p in form.parts if p.filename is not None and p.name in ("image", "image[]"))
                 if "n" in body and body["n"].isdigit():
@@ -512,12 +514,14 @@ class MockProvider:
                                  "last_id": listed[-1]["id"] if listed else None})
 
     def _file(self, h: Any, form: dict[str, Any], content: bytes, file_id: str | None, download: bool) -> None:
-        """The Files API: uploaded (a form with its purpose and file), read, its content downloaded, deleted."""
+        """The Files API: uploaded (a form with its purpose and file), read, its content downloaded (a file named
+        slow... after SLOW_FILE_SECONDS), deleted."""
         with self.lock:
             if file_id is None:
                 file_id = f"file-mock{next(self.response_ids)}"
                 self.files[file_id] = ({"id": file_id, "object": "file", "bytes": len(content), "created_at": 0,
-                                        "filename": "upload", "purpose": form.get("purpose", "user_data")}, content)
+                                        "filename": form.get("file_name") or "upload",
+                                        "purpose": form.get("purpose", "user_data")}, content)
                 return h._json(200, self.files[file_id][0])
             found = self.files.get(file_id)
             if found is not None and h.command == "DELETE":
@@ -528,6 +532,8 @@ class MockProvider:
         if h.command == "DELETE":
             return h._json(200, {"id": file_id, "object": "file", "deleted": True})
         if download:
+            if found[0]["filename"].startswith("slow"):  # a large file, as slow to read as one
+                time.sleep(SLOW_FILE_SECONDS)
             return h._json(200, found[1], content_type="application/octet-stream")
         return h._json(200, found[0])
 

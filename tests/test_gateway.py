@@ -24,7 +24,7 @@ import pytest
 
 from policyd.gateway_config import SHAPES, Upstream, render
 from policyd.mock_provider import (ACCOUNT_HEADERS, AUDIO_BYTES_PER_CHARACTER, COMPLETION_TOKENS_MAX, GEMINI_IMAGE_TOKENS,
-                                   IMAGE_TOKENS, MockProvider, prompt_tokens)
+                                   IMAGE_TOKENS, SLOW_FILE_SECONDS, MockProvider, prompt_tokens)
 from policyd.money import format_amount, parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.helpers import FundedCustomers, leave_before_the_reply, streamed, wav
@@ -1152,13 +1152,15 @@ def test_a_background_stream_cut_is_charged_when_the_response_ends(gateway: Gate
                                                      completed.usage.output_tokens)
 
 
-def batch_file(client: openai.OpenAI, model: str, caps: list[int], url: str = "/v1/chat/completions") -> str:
-    """A batch's input file, uploaded through the gateway: one chat request per output cap."""
+def batch_file(client: openai.OpenAI, model: str, caps: list[int], url: str = "/v1/chat/completions",
+               name: str = "batch.jsonl") -> str:
+    """A batch's input file, uploaded through the gateway: one chat request per output cap (named slow...: the
+    mock provider takes SLOW_FILE_SECONDS to give it back)."""
     lines = [{"custom_id": f"r{i}", "method": "POST", "url": url,
               "body": {"model": model, "messages": [{"role": "user", "content": f"question {i} of the batch"}],
                        "max_tokens": cap}} for i, cap in enumerate(caps)]
     content = "\n".join(json.dumps(line) for line in lines).encode()
-    return client.files.create(file=("batch.jsonl", content), purpose="batch").id
+    return client.files.create(file=(name, content), purpose="batch").id
 
 
 def test_a_batch_is_held_at_its_requests_worst_cases_and_charged_what_it_used(gateway: Gateway) -> None:
@@ -1189,7 +1191,7 @@ def test_a_batch_is_held_at_its_requests_worst_cases_and_charged_what_it_used(ga
     with pytest.raises(openai.NotFoundError) as refused:
         other.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
     assert refused.value.code == "file_not_found"
-    assert [r for r in gateway.mock.received() if r["path"].endswith("/cancel")] == []
+    assert [r for r in gateway.mock.received() if r["path"].endswith(f"/batches/{batch.id}/cancel")] == []
 
     while (polled := client.batches.retrieve(batch.id)).status != "completed":  # its customer reads it
         assert polled.status in ("validating", "in_progress")
@@ -1220,6 +1222,17 @@ def test_a_batch_is_held_at_its_requests_worst_cases_and_charged_what_it_used(ga
     assert record["charge_nanos"] >= expected_charge("gpt-4o-mini@batch", 0, 1_000)
     assert gateway.wallet("e2e-batch").reserved_nanos == 0
     assert gateway.admin.Audit(admin_pb2.AuditRequest()).ok
+
+
+def test_a_batch_whose_file_is_slow_to_read_is_decided_all_the_same(gateway: Gateway) -> None:
+    """Reading a large input file takes longer than the gateway waits for other decisions (ext_authz's 2 s, the
+    ext_proc shape's 5 s message timeout): the batch route waits longer, and the batch is made and held."""
+    client = gateway.client(gateway.customer("e2e-batch-slow"))
+    file_id = batch_file(client, "gpt-4o-mini", [20], name="slow.jsonl")
+    started = time.monotonic()
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert time.monotonic() - started >= SLOW_FILE_SECONDS and batch.status == "validating"
+    assert gateway.wallet("e2e-batch-slow").reserved_nanos > 0
 
 
 def batches_made(gateway: Gateway) -> int:
