@@ -13,7 +13,8 @@ longer knows), it is charged as held at that deadline, as any request whose end 
 (Engine.expire_due), never released free. Its customer deleting it has it asked for first (ask_now).
 
 The gateway's reader leaves such a response here (Closing poll); a native caller does (AwaitResponse), and
-settles it itself when policyd cannot follow it (its provider account is the caller's own).
+settles it itself when policyd cannot follow it (its provider account is the caller's own). Batches are
+followed the same way (their ids: policyd/batches.py says what the provider's answer for one means).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 from policyd import metrics
 from policyd.domain import PolicydError, UsageReport
 from policyd.providers import ProviderPool
-from policyd.batches import BATCH_ID_PREFIX, BATCH_TIER, batch_answer
+from policyd.batches import BATCH_ID_PREFIXES, followed_batch
 from policyd.usage_capture import background_answer
 
 if TYPE_CHECKING:
@@ -151,14 +152,11 @@ class BackgroundResponses:
             log.warning("background response %s of request %s: account %r has no base_url to ask it at; "
                         "charged as held at its deadline", response_id[:64], request_id, account_name)
             return "unreachable"
-        kind = "batches" if response_id.startswith(BATCH_ID_PREFIX) else "responses"
-        answer = await asyncio.to_thread(account.get, f"{kind}/{urllib.parse.quote(response_id, safe='')}",
-                                         REPLY_BYTES_MAX, POLL_TIMEOUT_SECONDS)
-        if kind == "batches":  # a batch: its usage is the whole batch's, at the batch tier
-            action, status, tokens = batch_answer(*answer)
-            report = UsageReport(request_id=request_id, **{**tokens.fields(), "service_tier": BATCH_TIER},
-                                 upstream_status=200, provider_account=account_name, provider_response_id=response_id)
+        if response_id.startswith(BATCH_ID_PREFIXES):  # a batch: the whole batch's usage, at the batch tier
+            action, status, report = await followed_batch(account, response_id, request_id)
         else:
+            answer = await asyncio.to_thread(account.get, f"responses/{urllib.parse.quote(response_id, safe='')}",
+                                             REPLY_BYTES_MAX, POLL_TIMEOUT_SECONDS)
             action, reader = background_answer(*answer)
             status, report = reader.response_status, UsageReport(
                 request_id=request_id, **reader.tokens.fields(), upstream_status=200, provider_account=account_name,
@@ -169,7 +167,8 @@ class BackgroundResponses:
             if action == "settle":
                 await self.engine.settle(report)
             elif action == "release":  # ended before it used anything billed
-                await self.engine.release(request_id, f"{'batch' if kind == 'batches' else 'background'}_{status}")
+                kind = "batch" if response_id.startswith(BATCH_ID_PREFIXES) else "background"
+                await self.engine.release(request_id, f"{kind}_{status}")
             else:  # gone (deleted before it was charged), or ended with no usage: what it used cannot be known
                 reason = "background_gone" if action == "gone" else "no_usage_reported"
                 await self._charge_as_held(request_id, f"usage_estimated:{reason}", response_id, account_name)

@@ -22,12 +22,13 @@ import asyncio
 import json
 import logging
 import urllib.parse
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+import urllib.request
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
 from policyd import http_api
-from policyd.domain import FILES_PER_REQUEST_MAX, Decision, Shape
-from policyd.providers import ProviderPool
+from policyd.domain import FILES_PER_REQUEST_MAX, Decision, Shape, UsageReport
+from policyd.providers import Account, ProviderPool
 from policyd.usage_capture import Tokens, usage_from
 
 if TYPE_CHECKING:
@@ -38,8 +39,12 @@ log = logging.getLogger("policyd.batches")
 BATCH_TIER = "batch"  # the price table's service tier a batch's requests are priced at
 BATCH_ID_PREFIX = "batch_"
 INPUT_BYTES_MAX = 200 * 1024 * 1024  # OpenAI's: a batch's input file is up to 200 MB,
-INPUT_REQUESTS_MAX = 50_000  # ... of up to 50,000 requests
+INPUT_REQUESTS_MAX = 100_000  # ... of up to 50,000 requests (an Anthropic message batch: 100,000)
+MESSAGES_URL = "/v1/messages"  # an Anthropic message batch's requests
+MESSAGE_BATCH_ID_PREFIX = "msgbatch_"  # Anthropic's
+BATCH_ID_PREFIXES = (BATCH_ID_PREFIX, MESSAGE_BATCH_ID_PREFIX)
 READ_TIMEOUT_SECONDS = 60
+ANSWER_BYTES_MAX = 1024 * 1024  # a batch object
 # how long the gateway waits for a batch's decision (its file read and its requests held), where others get
 # ext_authz's 2 s or ext_proc's 5 s message timeout: the batch route's ext_authz timeout, ext_proc's override
 DECISION_SECONDS = 90
@@ -48,7 +53,7 @@ DECISION_SECONDS = 90
 HOLD_MARGIN_SECONDS = 2 * 3600
 # a batch's statuses once it has ended
 ENDED_BATCH_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
-UNREADABLE = ("batches need the provider account's base_url, where policyd reads the batch's input file to hold its "
+UNREADABLE = ("batches need the provider account's base_url, where policyd reads a batch's input file to hold its "
               "requests and asks for the batch until it ends")
 
 
@@ -64,11 +69,11 @@ class BatchInput:
 
 
 def read_requests(url: str, content: bytes) -> BatchInput:
-    """The requests of a batch's input file (JSON lines of custom_id, method, url, body), each understood as the
-    gateway understands the same request sent alone, priced at the batch tier."""
+    """The requests of a batch's input file (OpenAI's: JSON lines of custom_id, method, url, body), each
+    understood as the gateway understands the same request sent alone, priced at the batch tier."""
     if len(content) > INPUT_BYTES_MAX:
         return BatchInput(problem=f"a batch's input file is at most {INPUT_BYTES_MAX // (1024 * 1024)} MB")
-    model, requests, files = "", [], set()
+    bodies: list[tuple[str, Any]] = []
     for number, line in enumerate(content.splitlines(), 1):
         if not line.strip():
             continue
@@ -81,7 +86,32 @@ def read_requests(url: str, content: bytes) -> BatchInput:
             return BatchInput(problem=f"{where} is not a request (custom_id, method, url, body)")
         if item.get("method") != "POST" or item.get("url") != url:
             return BatchInput(problem=f"{where}: every request of this batch is a POST to {url}")
-        call = http_api.parse_call("POST", url, {"content-type": "application/json"}, json.dumps(item["body"]).encode())
+        bodies.append((where, item["body"]))
+    return _held(url, bodies, "the batch's input file holds no requests")
+
+
+def inline_requests(requests: Any) -> BatchInput:
+    """The requests of an Anthropic message batch, given in its body (requests: [{custom_id, params}]), each
+    understood as the same Messages API request sent alone, priced at the batch tier."""
+    if not isinstance(requests, list):
+        return BatchInput(problem="requests must be a list of {custom_id, params}", param="requests")
+    bodies: list[tuple[str, Any]] = []
+    for number, item in enumerate(requests):
+        where = f"requests[{number}]"
+        if not isinstance(item, dict) or not isinstance(item.get("params"), dict):
+            return BatchInput(problem=f"{where} is not a request (custom_id, params)", param="requests")
+        bodies.append((where, item["params"]))
+    return replace(_held(MESSAGES_URL, bodies, "requests holds no requests"), param="requests")
+
+
+def _held(url: str, bodies: list[tuple[str, Any]], none: str) -> BatchInput:
+    """A batch's requests (where each is, its body), each read as the gateway reads the same request alone: one
+    model, nothing the gateway would have to rewrite, at the batch tier."""
+    model, requests, files = "", [], set()
+    headers = {"content-type": "application/json", **({"anthropic-version": "2023-06-01"} if url == MESSAGES_URL
+                                                      else {})}
+    for where, body in bodies:
+        call = http_api.parse_call("POST", url, headers, json.dumps(body).encode())
         if call.problem:
             return BatchInput(problem=f"{where}: {call.problem_message}")
         if call.stream or call.background:
@@ -100,7 +130,7 @@ def read_requests(url: str, content: bytes) -> BatchInput:
         if len(requests) > INPUT_REQUESTS_MAX:
             return BatchInput(problem=f"a batch holds at most {INPUT_REQUESTS_MAX} requests")
     if not requests:
-        return BatchInput(problem="the batch's input file holds no requests")
+        return BatchInput(problem=none)
     if len(files) > FILES_PER_REQUEST_MAX:
         return BatchInput(problem=f"a batch's requests refer to at most {FILES_PER_REQUEST_MAX} files by id")
     return BatchInput(model, tuple(requests), tuple(sorted(files)))
@@ -126,27 +156,116 @@ def with_output_caps(requests: tuple[Shape, ...], endpoint: str, model_most: int
     return tuple(r if r.max_output_tokens else replace(r, max_output_tokens=model_most) for r in requests)
 
 
-def batch_answer(status: int, body: bytes) -> tuple[str, str, Tokens]:
-    """What the provider's answer (HTTP status, body) for a batch asked for says to do: (wait | gone | settle |
-    release | held, the batch's status, its usage). Ended with usage: settle; failed or cancelled before it used
-    anything: release; ended without usage reported: held (charged as held)."""
-    seen = Tokens()
+@dataclass(frozen=True)
+class BatchAnswer:
+    """What the provider's answer for a batch says to do:
+
+    wait         not ended (or no answer): asked again at its next turn;
+    gone         the provider no longer knows it (404): charged as held;
+    settle       ended, its usage reported (`tokens`): what ran, at the batch tier;
+    read_output  ended, its usage not reported (an API from before batches reported it): summed from the
+                 usage of each request in its output file (`output_file`);
+    release      ended before any request ran that is billed (failed validating, cancelled at once);
+    held         ended with no usage to be read: charged as held.
+    """
+
+    action: str
+    status: str = ""
+    tokens: Tokens = field(default_factory=Tokens)
+    output_path: str = ""  # where its requests' results are read (under the account's base_url)
+    endpoint: str = ""  # the family of its requests (BATCH_ENDPOINTS)
+
+
+def batch_answer(status: int, body: bytes) -> BatchAnswer:
+    """The provider's answer (HTTP status, body) for a batch asked for, read."""
     if status == 404:
-        return "gone", "", seen
+        return BatchAnswer("gone")
     try:
         batch = json.loads(body) if status == 200 else None
     except ValueError:
         batch = None
+    if isinstance(batch, dict) and batch.get("type") == "message_batch":
+        return _message_batch_answer(batch)
     state = batch.get("status") if isinstance(batch, dict) else None
-    if not isinstance(state, str) or state not in ENDED_BATCH_STATUSES:
-        return "wait", str(state or "")[:32], seen
-    assert isinstance(batch, dict)
+    if not isinstance(batch, dict) or not isinstance(state, str) or state not in ENDED_BATCH_STATUSES:
+        return BatchAnswer("wait", str(state or "")[:32])
+    seen = Tokens()
     usage = batch.get("usage")
-    if isinstance(usage, dict) and usage_from("responses", {"usage": usage}, seen) and seen.any:
-        return "settle", state, seen
-    if state in ("failed", "cancelled") or (isinstance(usage, dict) and not seen.any):
-        return "release", state, seen  # its usage says nothing ran that is billed
-    return "held", state, seen
+    if isinstance(usage, dict):
+        usage_from("responses", {"usage": usage}, seen)
+        return BatchAnswer("settle" if seen.any else "release", state, seen)  # zero: nothing billed ran
+    output = batch.get("output_file_id")
+    if isinstance(output, str) and output:
+        return BatchAnswer("read_output", state, output_path=f"files/{urllib.parse.quote(output[:200], safe='')}/content",
+                           endpoint=http_api.BATCH_ENDPOINTS.get(str(batch.get("endpoint")), ""))
+    counts = batch.get("request_counts")
+    ran = counts.get("completed") if isinstance(counts, dict) else None
+    if state in ("failed", "cancelled") or ran == 0:
+        return BatchAnswer("release", state)  # no output: no request ran
+    return BatchAnswer("held", state)
+
+
+async def followed_batch(account: Account, batch_id: str, request_id: str) -> tuple[str, str, UsageReport]:
+    """Ask the provider for a batch policyd follows (policyd/background.py): what to do (BatchAnswer's actions
+    but read_output, done here), its status, and the usage to settle it with."""
+    kind = "messages/batches" if batch_id.startswith(MESSAGE_BATCH_ID_PREFIX) else "batches"
+    batch = batch_answer(*await asyncio.to_thread(account.get, f"{kind}/{urllib.parse.quote(batch_id, safe='')}",
+                                                  ANSWER_BYTES_MAX, READ_TIMEOUT_SECONDS))
+    action, tokens = batch.action, batch.tokens
+    if action == "read_output":  # its usage not reported: its requests' own, from its output file
+        read = await asyncio.to_thread(output_usage, account, batch.output_path, batch.endpoint)
+        action, tokens = ("wait", tokens) if read is None else ("settle" if read.any else "release", read)
+    return action, batch.status, UsageReport(
+        request_id=request_id, **{**tokens.fields(), "service_tier": BATCH_TIER}, upstream_status=200,
+        provider_account=account.name, provider_response_id=batch_id)
+
+
+def _message_batch_answer(batch: dict[str, Any]) -> BatchAnswer:
+    """An Anthropic message batch: ended once its processing_status says so; its usage is its results' alone."""
+    state = batch.get("processing_status")
+    if state != "ended":
+        return BatchAnswer("wait", str(state or "")[:32])
+    counts = batch.get("request_counts")
+    if isinstance(counts, dict) and counts.get("succeeded") == 0:
+        return BatchAnswer("release", "ended")  # none of its requests ran to a result that is billed
+    batch_id = urllib.parse.quote(str(batch.get("id", ""))[:200], safe="")
+    return BatchAnswer("read_output", "ended", output_path=f"messages/batches/{batch_id}/results",
+                       endpoint="anthropic_messages")
+
+
+def _billed_reply(item: Any) -> Any:
+    """The reply of one line of a batch's results that is billed: an OpenAI request's response body (status 200),
+    an Anthropic request's message (succeeded); None for one that failed."""
+    if not isinstance(item, dict):
+        return None
+    response, result = item.get("response"), item.get("result")
+    if isinstance(response, dict) and response.get("status_code") == 200:
+        return response.get("body")
+    if isinstance(result, dict) and result.get("type") == "succeeded":
+        return result.get("message")
+    return None
+
+
+def output_usage(account: Account, path: str, endpoint: str) -> Tokens | None:
+    """The usage of a batch's requests, summed from its results (its output file, a line a request, each reply's
+    usage read as the same reply's alone); None when they could not be read (asked again later). Blocking: run
+    it on a thread; the results are read a line at a time."""
+    total = Tokens()
+    counted = [f.name for f in fields(Tokens) if f.type in ("int", int)]
+    try:
+        with urllib.request.urlopen(account.request(path), timeout=READ_TIMEOUT_SECONDS) as reply:
+            for line in reply:
+                try:
+                    item = json.loads(line) if line.strip() else None
+                except ValueError:
+                    continue
+                seen = Tokens()
+                if usage_from(endpoint, _billed_reply(item), seen):
+                    for name in counted:
+                        setattr(total, name, getattr(total, name) + getattr(seen, name))
+    except (OSError, ValueError):
+        return None
+    return total
 
 
 def hold_seconds(completion_window_seconds: int) -> int:
@@ -163,7 +282,10 @@ class Batches:
 
     async def authorize(self, call: http_api.HttpCall) -> Decision:
         """The decision for a batch made: its input file must be its customer's, on an account policyd can read
-        it at; its requests are held as one reservation, on that account."""
+        it at; its requests are held as one reservation, on that account. An Anthropic message batch's requests
+        are in its body: held, on an account policyd can ask for the batch at."""
+        if call.batch_inline is not None:
+            return await self._authorize_inline(call)
         request = call.authorize_input()
         where = await self.engine.admit_stored_response(replace(request, stored_response=call.batch_file,
                                                                 model="", files=()))
@@ -184,6 +306,25 @@ class Batches:
         found = await asyncio.to_thread(read_requests, call.batch_url, content)
         if found.problem:
             return await self._refuse(call, found.problem, found.param)
+        decision = await self._hold(call, found, (call.batch_file,))
+        if decision.allowed and decision.provider != where.provider:
+            await self.engine.release(decision.request_id, "batch_file_elsewhere")
+            return await self._refuse(call, f"the batch's input file is at {where.provider or 'another provider'}, "
+                                            f"not at {found.model}'s provider")
+        return replace(decision, account=where.account) if decision.allowed else decision
+
+    async def _authorize_inline(self, call: http_api.HttpCall) -> Decision:
+        found = await asyncio.to_thread(inline_requests, call.batch_inline)
+        if found.problem:
+            return await self._refuse(call, found.problem, found.param)
+        decision = await self._hold(call, found, call.authorize_input().files)
+        if decision.allowed and not self.pool.follows(decision.provider, decision.account):
+            await self.engine.release(decision.request_id, "batch_unfollowable")
+            return await self._refuse(call, UNREADABLE, "requests")
+        return decision
+
+    async def _hold(self, call: http_api.HttpCall, found: BatchInput, files: tuple[str, ...]) -> Decision:
+        """The decision on a batch's requests, each held at its output cap (the model's most when it gives none)."""
         policy = self.engine.book.current
         price = policy.model(found.model) if policy else None
         requests = with_output_caps(found.requests, call.endpoint, price.max_output_tokens if price else 0) \
@@ -191,15 +332,15 @@ class Batches:
         if requests is None:
             return await self._refuse(call, "each request of a batch of this model needs its output cap (max_tokens, "
                                             "max_completion_tokens, max_output_tokens): a batch's requests are not "
-                                            "rewritten, and the model has no most to hold", "input_file_id")
+                                            "rewritten, and the model has no most to hold", found.param)
         decision = await self.engine.authorize_for_proxy(replace(
-            request, model=found.model, shape=batch_shape(requests), batch=requests,
-            files=tuple(sorted({call.batch_file, *found.files}))))
-        if decision.allowed and decision.provider != where.provider:
-            await self.engine.release(decision.request_id, "batch_file_elsewhere")
-            return await self._refuse(call, f"the batch's input file is at {where.provider or 'another provider'}, "
-                                            f"not at {found.model}'s provider")
-        return replace(decision, account=where.account) if decision.allowed else decision
+            call.authorize_input(), model=found.model, shape=batch_shape(requests), batch=requests,
+            files=tuple(sorted({*files, *found.files}))))
+        if decision.allowed and decision.upstream_model != found.model:  # its requests cannot be renamed
+            await self.engine.release(decision.request_id, "batch_model_renamed")
+            return await self._refuse(call, f"{found.model} is named {decision.upstream_model} at its provider, and "
+                                            f"a batch's requests are not rewritten: name it so", found.param)
+        return decision
 
     async def _refuse(self, call: http_api.HttpCall, message: str, param: str = "input_file_id") -> Decision:
         return await self.engine.deny_request(call.authorize_input(), "invalid_request", message, param)

@@ -32,7 +32,7 @@ from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECON
                               Reservation, unreachable, whose_of)
 from policyd.directory import KeyDirectory
 from policyd.loops import every
-from policyd.batches import BATCH_ID_PREFIX
+from policyd.batches import BATCH_ID_PREFIXES
 from policyd.domain import (
     ANTHROPIC_FAST_MODE,
     IMAGE_GENERATION_USAGE,
@@ -157,7 +157,7 @@ def _not_found(stored_id: str) -> str:
     """The denial of a stored thing another customer made, named as the provider names what it does not know."""
     if stored_id.startswith(CONVERSATION_ID_PREFIX):
         return "conversation_not_found"
-    if stored_id.startswith(BATCH_ID_PREFIX):
+    if stored_id.startswith(BATCH_ID_PREFIXES):
         return "batch_not_found"
     return "file_not_found" if stored_id.startswith((FILE_ID_PREFIX, UPLOAD_ID_PREFIX)) else "response_not_found"
 

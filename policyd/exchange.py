@@ -65,7 +65,7 @@ class Exchange:
     @classmethod
     def of(cls, call: HttpCall, decision: Decision, account: str, observed: bool) -> "Exchange":
         """The exchange an allowed request begins."""
-        if call.batch_file:  # a batch made: its reply is read as the batch it names, charged when it ends
+        if call.batch:  # a batch made: its reply is read as the batch it names, charged when it ends
             return cls(request_id=decision.request_id, endpoint=BATCHES, stream=False,
                        requested_model=decision.requested_model, served_model=decision.served_model,
                        upstream_model=decision.upstream_model, output_cap=decision.max_output_tokens,

@@ -87,7 +87,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             decision = await self.engine.deny_request(call.authorize_input(), call.problem, call.problem_message,
                                                       call.problem_param)
             return deny_decision(decision)
-        if call.batch_file:  # a batch made: held at its input file's requests (policyd/batches.py)
+        if call.batch:  # a batch made: held at its requests' worst cases (policyd/batches.py)
             decision = await self.batches.authorize(call)
         else:
             decision = await self.engine.authorize_for_proxy(call.authorize_input(), self.pool.cooling_providers())

@@ -34,6 +34,8 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
     POST .../v1/batches                   a batch of the requests in a file (held at their worst cases at the
                                           batch tier, its file read from the provider: policyd/batches.py);
                                           GET .../v1/batches/{id}, POST .../cancel: its own customer's alone
+    POST .../v1/messages/batches          an Anthropic message batch, its requests in its body (the same);
+                                          GET | DELETE .../{id}, GET .../results, POST .../cancel: the same
 
 Azure OpenAI's paths name the deployment (the model, as policyd's policy names it) in the path:
     POST .../openai/deployments/D/chat/completions | completions | embeddings | images/generations |
@@ -132,8 +134,13 @@ _FILE = re.compile(r"(^|/)(v1|openai)/files/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<res
 _BATCHES = re.compile(r"(^|/)(v1|openai)/batches/?$")
 _BATCH = re.compile(r"(^|/)(v1|openai)/batches/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/cancel)?/?$")
 _BATCH_METHODS = {"": ("GET",), "/cancel": ("POST",)}
+# Anthropic's Message Batches API: a batch made of the requests in its body (POST), one read, its results
+# read, cancelled or deleted (free, for its own customer's keys alone); the account-wide list is not offered
+_MESSAGE_BATCHES = re.compile(r"(^|/)v1/messages/batches/?$")
+_MESSAGE_BATCH = re.compile(r"(^|/)v1/messages/batches/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/results|/cancel)?/?$")
+_MESSAGE_BATCH_METHODS = {"": ("GET", "DELETE"), "/results": ("GET",), "/cancel": ("POST",)}
 # ... a batch made, as the gateway's route matches it (RE2, the whole path): decided on longer (its file is read)
-BATCHES_PATH_REGEX = r"(.*/)?(v1|openai)/batches/?"
+BATCHES_PATH_REGEX = r"(.*/)?((v1|openai)/batches|v1/messages/batches)/?"
 _FILE_METHODS = {"": ("GET", "DELETE"), "/content": ("GET",)}
 # a chat completion the provider stored (store: true): read, its metadata changed, deleted; its messages read
 _STORED_CHAT = re.compile(r"(^|/)v1/chat/completions/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/messages)?/?$")
@@ -231,6 +238,7 @@ class HttpCall:
     batch_file: str = ""  # POST /v1/batches: the input file of the batch made (its requests: policyd/batches.py)
     batch_url: str = ""  # ... the endpoint its requests are for ("/v1/chat/completions")
     batch_seconds: int = 0  # ... the time the provider has to run it (its completion_window)
+    batch_inline: list[Any] | None = None  # an Anthropic message batch: its requests, given in its body
     service_tier_implied: bool = False  # the provider's default tier (Anthropic's priority), not one asked for
     compaction: bool = False  # a Responses API compaction (POST /v1/responses/compact): it takes no output cap
     body_decoded: bool = False  # the client compressed its body (Content-Encoding): read, and sent on, decoded
@@ -241,6 +249,11 @@ class HttpCall:
     attribution: Attribution = field(default_factory=Attribution)
     client_address: str = ""
     user_agent: str = ""
+
+    @property
+    def batch(self) -> bool:
+        """A batch made: of the requests in a file (OpenAI's), or in its body (Anthropic's); policyd/batches.py."""
+        return bool(self.batch_file) or self.batch_inline is not None
 
     @property
     def usage_unasked(self) -> bool:
@@ -356,6 +369,11 @@ def endpoint_of(method: str, path: str) -> Endpoint:
         return Endpoint("responses", count_tokens=True, stored_response=upload.group("id"))
     if method.upper() == "POST" and _BATCHES.search(path):
         return Endpoint("responses", batch=True)  # the family its requests' file names (parse_call)
+    if method.upper() == "POST" and _MESSAGE_BATCHES.search(path):
+        return Endpoint("anthropic_messages", batch=True)
+    message_batch = _MESSAGE_BATCH.search(path)
+    if message_batch and method.upper() in _MESSAGE_BATCH_METHODS[message_batch.group("rest") or ""]:
+        return Endpoint("anthropic_messages", count_tokens=True, stored_response=message_batch.group("id"))
     batch = _BATCH.search(path)
     if batch and method.upper() in _BATCH_METHODS[batch.group("rest") or ""]:
         return Endpoint("responses", count_tokens=True, stored_response=batch.group("id"))
@@ -371,8 +389,10 @@ def endpoint_of(method: str, path: str) -> Endpoint:
 
 
 def batch_made(method: str, path: str) -> bool:
-    """POST /v1/batches: decided on longer than other requests (its input file is read: policyd/batches.py)."""
-    return method.upper() == "POST" and _BATCHES.search(path.split("?", 1)[0]) is not None
+    """POST /v1/batches (decided on longer than other requests: its input file is read, policyd/batches.py),
+    or Anthropic's POST /v1/messages/batches."""
+    path = path.split("?", 1)[0]
+    return method.upper() == "POST" and (_BATCHES.search(path) or _MESSAGE_BATCHES.search(path)) is not None
 
 
 def streamed_upload(method: str, path: str) -> bool:
@@ -947,9 +967,17 @@ BATCH_ENDPOINTS = {"/v1/chat/completions": "chat_completions", "/v1/responses": 
 _COMPLETION_WINDOW = re.compile(r"^(?P<count>[1-9][0-9]{0,3})(?P<unit>[hd])$")  # OpenAI's "24h"; others' "7d"
 
 
+MESSAGE_BATCH_SECONDS = 24 * 3600  # an Anthropic message batch ends (expires) within a day
+
+
 def _batch(call: HttpCall, data: dict[str, Any]) -> HttpCall:
     """POST /v1/batches: which file, which endpoint, how long; its requests are read from the file
-    (policyd/batches.py), which names the model."""
+    (policyd/batches.py), which names the model. POST /v1/messages/batches: its requests, read there too."""
+    if call.endpoint == "anthropic_messages":
+        call.batch_inline, call.batch_seconds = data.get("requests"), MESSAGE_BATCH_SECONDS
+        if not isinstance(call.batch_inline, list):
+            return _problem(call, "invalid_request", "requests must be a list of {custom_id, params}", "requests")
+        return call
     file_id, url, window = data.get("input_file_id"), data.get("endpoint"), data.get("completion_window")
     if not isinstance(file_id, str) or not 0 < len(file_id) <= 200:
         return _problem(call, "invalid_request", "input_file_id must name the file of the batch's requests",

@@ -49,6 +49,7 @@ STORED_RESPONSE_PATH = re.compile(r"/v1/responses/(?P<id>resp_[^/]+)(?P<rest>/in
 FILE_PATH = re.compile(r"/v1/files(/(?P<id>[^/]+)(?P<content>/content)?)?$")
 UPLOAD_PATH = re.compile(r"/v1/uploads(/(?P<id>[^/]+)/(?P<verb>parts|complete|cancel))?$")
 STORED_CHAT_PATH = re.compile(r"/v1/chat/completions/(?P<id>chatcmpl-[^/]+)(?P<rest>/messages)?$")
+MESSAGE_BATCH_PATH = re.compile(r"/v1/messages/batches(/(?P<id>msgbatch_[^/]+)(?P<rest>/results|/cancel)?)?$")
 BATCH_PATH = re.compile(r"/v1/batches(/(?P<id>batch_[^/]+)(?P<cancel>/cancel)?)?$")
 CONVERSATION_PATH = re.compile(r"/v1/conversations(/(?P<id>[^/]+)(?P<items>/items(/(?P<item>[^/]+))?)?)?$")
 WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
@@ -250,6 +251,9 @@ class MockProvider:
         conversation = CONVERSATION_PATH.search(route)
         if conversation:
             return self._conversation(h, body, conversation)
+        message_batch = MESSAGE_BATCH_PATH.search(route)
+        if message_batch:
+            return self._message_batch(h, body, message_batch.group("id"), message_batch.group("rest") or "")
         batch = BATCH_PATH.search(route)
         if batch:
             return self._batch(h, body, batch.group("id"), bool(batch.group("cancel")))
@@ -588,10 +592,17 @@ class MockProvider:
                          "metadata": body.get("metadata"), "model": lines[0]["body"].get("model") if lines else None,
                          "usage": None}
                 cancelled = usages[:len(usages) // 2]
-                self.batches[batch_id] = (batch, None if h.headers.get("x-mock-batch-usage") == "none" else {
+                reported = h.headers.get("x-mock-batch-usage", "usage")
+                if reported == "none":  # its usage in an output file alone, as each request's reply
+                    output_id = f"file-mock{next(self.response_ids)}"
+                    self.files[output_id] = ({"id": output_id, "object": "file", "bytes": 0, "created_at": 0,
+                                              "filename": "batch_output.jsonl", "purpose": "batch_output"},
+                                             b"".join(self._batch_output(line, use) for line, use in zip(lines, usages)))
+                    batch["output_file_id_when_ended"] = output_id
+                self.batches[batch_id] = (batch, None if reported in ("none", "nothing") else {
                     "all": self._batch_usage(usages), "cancelled": self._batch_usage(cancelled),
                     "counts": (len(usages), len(cancelled))}, int(h.headers.get("x-mock-batch-polls", "2")))
-                return h._json(200, batch)
+                return h._json(200, {k: v for k, v in batch.items() if k != "output_file_id_when_ended"})
             held = self.batches.get(batch_id)
             if held is None:
                 return h._json(404, {"error": {"type": "invalid_request_error", "code": None, "param": None,
@@ -600,13 +611,78 @@ class MockProvider:
             if batch["status"] in ("validating", "in_progress") and (cancel or reads <= 0):
                 ended = "cancelled" if cancel else "completed"
                 done = (usage or {}).get("counts", (0, 0))[1 if cancel else 0]
+                done = done if usage else batch["request_counts"]["total"]
                 batch = {**batch, "status": ended, "request_counts": {
                     "total": batch["request_counts"]["total"], "completed": done, "failed": 0},
-                    "usage": (usage or {}).get("cancelled" if cancel else "all")}
+                    "usage": (usage or {}).get("cancelled" if cancel else "all"),
+                    "output_file_id": batch.get("output_file_id_when_ended")}
             elif batch["status"] in ("validating", "in_progress"):
                 batch = {**batch, "status": "in_progress"}
             self.batches[batch_id] = (batch, usage, reads - 1)
-            return h._json(200, batch)
+            return h._json(200, {k: v for k, v in batch.items() if k != "output_file_id_when_ended"})
+
+    def _message_batch(self, h: Any, body: dict[str, Any], batch_id: str | None, rest: str) -> None:
+        """Anthropic's Message Batches API: a batch of the requests in its body (in progress for `x-mock-batch-polls`
+        reads, 2 by default, then ended, every request succeeded), read, its results (each request's message,
+        with its usage, as the mock bills it alone), cancelled (its first half succeeded), deleted."""
+        with self.lock:
+            if batch_id is None:
+                requests = body.get("requests") or []
+                results = [(r.get("custom_id"), r["params"].get("model"), prompt_tokens(r["params"]),
+                            min(output_cap(r["params"]), COMPLETION_TOKENS_MAX)) for r in requests]
+                batch_id = f"msgbatch_mock{next(self.response_ids)}"
+                batch = {"id": batch_id, "type": "message_batch", "processing_status": "in_progress",
+                         "request_counts": {"processing": len(results), "succeeded": 0, "errored": 0, "canceled": 0,
+                                            "expired": 0},
+                         "ended_at": None, "created_at": "2026-12-06T00:00:00Z", "expires_at": "2026-12-07T00:00:00Z",
+                         "cancel_initiated_at": None, "results_url": None}
+                self.batches[batch_id] = (batch, {"results": results}, int(h.headers.get("x-mock-batch-polls", "2")))
+                return h._json(200, batch)
+            held = self.batches.get(batch_id)
+            if held is None:
+                return h._json(404, {"type": "error", "error": {"type": "not_found_error",
+                                                                "message": f"batch {batch_id} not found"}})
+            batch, kept, reads = held
+            results = kept["results"] if kept else []
+            if h.command == "DELETE":
+                del self.batches[batch_id]
+                return h._json(200, {"id": batch_id, "type": "message_batch_deleted"})
+            if batch["processing_status"] == "in_progress" and (rest == "/cancel" or (reads <= 0 and not rest)):
+                done = len(results) // 2 if rest == "/cancel" else len(results)
+                batch = {**batch, "processing_status": "ended", "ended_at": "2026-12-06T01:00:00Z",
+                         "request_counts": {"processing": 0, "succeeded": done, "errored": 0,
+                                            "canceled": len(results) - done, "expired": 0},
+                         "results_url": f"https://api.example/v1/messages/batches/{batch_id}/results"}
+                kept = {"results": results, "succeeded": done}
+            self.batches[batch_id] = (batch, kept, reads - 1)
+            if rest != "/results":
+                return h._json(200, batch)
+            if batch["processing_status"] != "ended":
+                return h._json(400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                                "message": "the batch has not ended"}})
+            succeeded = (kept or {}).get("succeeded", 0)
+            lines = []
+            for n, (custom_id, model, used_in, used_out) in enumerate(results):
+                message = {"id": f"msg_{custom_id}", "type": "message", "role": "assistant", "model": model,
+                           "content": [{"type": "text", "text": "".join(WORDS[:used_out])}], "stop_reason": "end_turn",
+                           "usage": {"input_tokens": used_in, "output_tokens": used_out}}
+                lines.append({"custom_id": custom_id, "result": {"type": "succeeded", "message": message}
+                              if n < succeeded else {"type": "canceled"}})
+            return h._json(200, b"".join(json.dumps(line).encode() + b"\n" for line in lines),
+                           content_type="application/binary")
+
+    @staticmethod
+    def _batch_output(line: dict[str, Any], used: tuple[int, int]) -> bytes:
+        """A request's line of a batch's output file: its reply, with its usage as the endpoint reports it."""
+        usage: dict[str, Any] = {"prompt_tokens": used[0], "completion_tokens": used[1],
+                                 "total_tokens": sum(used)} if not line["url"].endswith("/responses") else \
+            {"input_tokens": used[0], "output_tokens": used[1], "total_tokens": sum(used)}
+        if line["url"].endswith("/embeddings"):
+            usage = {"prompt_tokens": used[0], "total_tokens": used[0]}
+        return json.dumps({"id": f"batch_req_{line['custom_id']}", "custom_id": line["custom_id"], "error": None,
+                           "response": {"status_code": 200, "request_id": "req_mock",
+                                        "body": {"object": "chat.completion", "model": line["body"].get("model"),
+                                                 "usage": usage}}}).encode() + b"\n"
 
     @staticmethod
     def _batch_usage(usages: list[tuple[int, int]]) -> dict[str, Any]:

@@ -58,6 +58,7 @@ COOLDOWN_SECONDS_DEFAULT = 30
 COOLDOWN_SECONDS_MAX = 600
 AUTH_HEADERS = {"bearer": "authorization", "x-api-key": "x-api-key", "x-goog-api-key": "x-goog-api-key",
                 "api-key": "api-key"}  # api-key: Azure OpenAI's
+ANTHROPIC_VERSION = "2023-06-01"  # the API version policyd's own calls to Anthropic name (its clients name theirs)
 DEFAULT_AUTH = {"anthropic": "x-api-key", "google": "x-goog-api-key", "azure": "api-key"}
 
 
@@ -124,14 +125,18 @@ class Account:
         named = (("openai-organization", self.organization), ("openai-project", self.project))
         return [(name, value) for name, value in named if value]
 
+    def request(self, path: str) -> urllib.request.Request:
+        """A GET of <base_url>/<path> with this account's credential."""
+        header, value = self.credential_header()
+        version = {"anthropic-version": ANTHROPIC_VERSION} if self.provider == "anthropic" else {}
+        return urllib.request.Request(f"{self.base_url}/{path}", headers={
+            header: value, **dict(self.account_headers()), **version, "accept": "application/json"})
+
     def get(self, path: str, bytes_max: int, timeout_seconds: float) -> tuple[int, bytes]:
         """GET <base_url>/<path> with this account's credential (blocking: run it on a thread): the provider's
         HTTP status and body (at most bytes_max + 1 bytes; none past a failure); status 0 when unreachable."""
-        header, value = self.credential_header()
-        request = urllib.request.Request(f"{self.base_url}/{path}", headers={
-            header: value, **dict(self.account_headers()), "accept": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=timeout_seconds) as reply:
+            with urllib.request.urlopen(self.request(path), timeout=timeout_seconds) as reply:
                 return reply.status, reply.read(bytes_max + 1)
         except urllib.error.HTTPError as error:
             return error.code, b""

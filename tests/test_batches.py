@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policyd.batches import BATCH_TIER, batch_answer, batch_shape, read_requests, with_output_caps
+from policyd.batches import BATCH_TIER, batch_answer, batch_shape, inline_requests, read_requests, with_output_caps
 from policyd.domain import AuthorizeInput, Shape
 from policyd.server import Service
 from tests.conftest import SAMPLE_POLICY, make_settings
@@ -62,13 +62,40 @@ def test_a_file_whose_requests_cannot_be_held_says_which_line_and_why(content: b
     assert said in read_requests(url, content).problem
 
 
+def test_an_anthropic_message_batchs_requests_are_read_from_its_body() -> None:
+    params = {"model": "claude-sonnet-4", "max_tokens": 300, "messages": [{"role": "user", "content": "hi"}]}
+    found = inline_requests([{"custom_id": "a", "params": params}, {"custom_id": "b", "params": params}])
+    assert (found.problem, found.model, len(found.requests)) == ("", "claude-sonnet-4", 2)
+    # at the batch tier, not at the priority tier Anthropic serves a request sent alone at when it can
+    assert {(r.max_output_tokens, r.service_tier, r.service_tier_implied) for r in found.requests} == \
+        {(300, BATCH_TIER, False)}
+    refused = inline_requests([{"custom_id": "a", "params": {**params, "max_tokens": 0}}])
+    assert (refused.param, refused.problem.startswith("requests[0]: max_tokens")) == ("requests", True)
+    assert inline_requests([{"custom_id": "a"}]).problem == "requests[0] is not a request (custom_id, params)"
+    assert inline_requests([]).problem == "requests holds no requests"
+
+
+def test_the_providers_answer_for_an_anthropic_message_batch() -> None:
+    def answer(batch: dict[str, Any]) -> tuple[str, str]:
+        said = batch_answer(200, json.dumps({"type": "message_batch", "id": "msgbatch_1", **batch}).encode())
+        return said.action, said.output_path
+
+    assert answer({"processing_status": "in_progress"}) == ("wait", "")
+    assert answer({"processing_status": "canceling"}) == ("wait", "")
+    # ended: its usage is its results' (Anthropic reports none for the batch)
+    assert answer({"processing_status": "ended", "request_counts": {"succeeded": 2}}) == \
+        ("read_output", "messages/batches/msgbatch_1/results")
+    assert answer({"processing_status": "ended", "request_counts": {"succeeded": 0, "canceled": 3}})[0] == "release"
+
+
 def test_the_providers_answer_for_a_batch() -> None:
     usage = {"input_tokens": 120, "input_tokens_details": {"cached_tokens": 20}, "output_tokens": 30,
              "output_tokens_details": {"reasoning_tokens": 10}, "total_tokens": 150}
 
     def answer(status: int, batch: Any) -> tuple[str, str, tuple[int, int, int]]:
-        action, state, seen = batch_answer(status, json.dumps(batch).encode())
-        return action, state, (seen.input_tokens, seen.cached_input_tokens, seen.output_tokens)
+        said = batch_answer(status, json.dumps(batch).encode())
+        return said.action, said.status, (said.tokens.input_tokens, said.tokens.cached_input_tokens,
+                                          said.tokens.output_tokens)
 
     assert answer(200, {"status": "in_progress"})[:2] == ("wait", "in_progress")
     assert answer(200, {"status": "finalizing", "usage": usage})[0] == "wait"
@@ -78,7 +105,12 @@ def test_the_providers_answer_for_a_batch() -> None:
     assert answer(200, {"status": "expired", "usage": usage})[0] == "settle"  # what ran before it expired
     assert answer(200, {"status": "failed", "usage": None})[0] == "release"  # failed validating: nothing ran
     assert answer(200, {"status": "cancelled", "usage": {"input_tokens": 0, "output_tokens": 0}})[0] == "release"
-    assert answer(200, {"status": "completed"})[0] == "held"  # ended, its usage not reported: charged as held
+    # ended, its usage not reported: read from its output file, or charged as held when it has none
+    read = batch_answer(200, json.dumps({"status": "completed", "output_file_id": "file-out",
+                                         "endpoint": "/v1/embeddings"}).encode())
+    assert (read.action, read.output_path, read.endpoint) == ("read_output", "files/file-out/content", "embeddings")
+    assert answer(200, {"status": "completed", "request_counts": {"completed": 3}})[0] == "held"
+    assert answer(200, {"status": "completed", "request_counts": {"completed": 0}})[0] == "release"
 
 
 # gpt-4o-mini's batch tier

@@ -35,7 +35,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 AZURE_API_VERSION = "2024-10-21"
 PROVIDER_KEYS = ("sk-mock-openai-1", "sk-mock-openai-2", "sk-mock-anthropic", "sk-mock-google")
 PRICE = {"gpt-4o": ("2.50", "10.00"), "gpt-4o-mini": ("0.15", "0.60"), "claude-sonnet-4": ("3.00", "15.00"),
-         "gpt-4o-mini@batch": ("0.075", "0.30")}  # gpt-4o-mini's batch tier
+         "gpt-4o-mini@batch": ("0.075", "0.30"), "claude-sonnet-4@batch": ("1.50", "7.50")}  # batch tiers
 
 
 def envoy_binary() -> str:
@@ -71,7 +71,8 @@ class Gateway(FundedCustomers):
         self.mock = MockProvider(api_keys=PROVIDER_KEYS).start()
         providers = tmp / "providers.yaml"
         base_url = f"base_url: 'http://127.0.0.1:{self.mock.port}/v1'"  # where policyd asks for background responses
-        providers.write_text(PROVIDERS.replace("cluster: openai,", f"cluster: openai, {base_url},"))
+        providers.write_text(PROVIDERS.replace("cluster: openai,", f"cluster: openai, {base_url},")
+                             .replace("cluster: anthropic,", f"cluster: anthropic, {base_url},"))
         self.database = tmp / "policyd.db"
         self.policyd = PolicydProcess("", f"sqlite:///{self.database}", policy=str(FIXTURES / "gateway_policy.yaml"),
                                       extra_env={"POLICYD_PROVIDERS_FILE": str(providers),
@@ -1214,9 +1215,17 @@ def test_a_batch_is_held_at_its_requests_worst_cases_and_charged_what_it_used(ga
     assert cancelled.status == "cancelled" and record["status"] == "settled"
     assert (record["input_tokens"], record["output_tokens"]) == (cancelled.usage.input_tokens,
                                                                  cancelled.usage.output_tokens)
-    # ended with no usage reported (an API from before batches reported it): charged as held, never free
+    # ended with no usage reported (an API from before batches reported it): its requests' own, from its output
+    # file; with no output file either, charged as held, never free
     raw = client.batches.with_raw_response.create(input_file_id=file_id, endpoint="/v1/chat/completions",
                                                   completion_window="24h", extra_headers={"x-mock-batch-usage": "none"})
+    record = settled_record(gateway, raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["error_class"]) == ("settled", "")
+    assert (record["input_tokens"], record["output_tokens"]) == (polled.usage.input_tokens, polled.usage.output_tokens)
+    assert record["charge_nanos"] == expected_charge("gpt-4o-mini@batch", polled.usage.input_tokens,
+                                                     polled.usage.output_tokens)
+    raw = client.batches.with_raw_response.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                                  completion_window="24h", extra_headers={"x-mock-batch-usage": "nothing"})
     record = settled_record(gateway, raw.headers["x-policyd-request-id"])
     assert (record["status"], record["error_class"]) == ("settled", "usage_estimated:no_usage_reported")
     assert record["charge_nanos"] >= expected_charge("gpt-4o-mini@batch", 0, 1_000)
@@ -1233,6 +1242,67 @@ def test_a_batch_whose_file_is_slow_to_read_is_decided_all_the_same(gateway: Gat
     batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
     assert time.monotonic() - started >= SLOW_FILE_SECONDS and batch.status == "validating"
     assert gateway.wallet("e2e-batch-slow").reserved_nanos > 0
+
+
+def test_an_anthropic_message_batch_is_held_at_its_requests_worst_cases_and_charged_what_it_used(
+        gateway: Gateway) -> None:
+    """Anthropic's Message Batches API: its requests are in its body, held each at its max_tokens at the batch
+    tier's prices; Anthropic reports no usage for a batch, so once it ended policyd reads its results and
+    charges the usage of each request that succeeded (a cancelled batch: those that ran); only its own
+    customer reads, cancels or deletes it."""
+    root = f"http://127.0.0.1:{gateway.port}/v1"
+    key = gateway.customer("e2e-msgbatch")
+    headers = {"x-api-key": key, "content-type": "application/json", "anthropic-version": "2023-06-01"}
+    requests = [{"custom_id": f"q{i}", "params": {"model": "claude-sonnet-4", "max_tokens": 200, "messages": [
+        {"role": "user", "content": f"question {i} for Claude's batch"}]}} for i in range(3)]
+    before = gateway.wallet("e2e-msgbatch")
+    code, replied, batch = post(f"{root}/messages/batches", {**headers, "x-mock-batch-polls": "2"},
+                                json.dumps({"requests": requests}).encode())
+    assert (code, batch["type"], batch["processing_status"]) == (200, "message_batch", "in_progress")
+    held = gateway.wallet("e2e-msgbatch")
+    assert expected_charge("claude-sonnet-4@batch", 0, 600) < held.reserved_nanos < \
+        expected_charge("claude-sonnet-4", 0, 600) + expected_charge("claude-sonnet-4@batch", 1_000, 0)
+
+    other = {**headers, "x-api-key": gateway.customer("e2e-msgbatch-other")}
+    for path, method in (("", "GET"), ("/results", "GET"), ("/cancel", "POST"), ("", "DELETE")):
+        request = urllib.request.Request(f"{root}/messages/batches/{batch['id']}{path}", headers=other, method=method,
+                                         data=b"{}" if method == "POST" else None)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=20)
+        assert refused.value.code == 404 and json.loads(refused.value.read())["error"]["code"] == "batch_not_found"
+
+    def read(path: str) -> bytes:
+        request = urllib.request.Request(f"{root}/messages/batches/{batch['id']}{path}", headers=headers)
+        with urllib.request.urlopen(request, timeout=20) as reply:
+            return reply.read()
+
+    while json.loads(read(""))["processing_status"] != "ended":  # its customer reads it
+        time.sleep(0.05)
+    results = [json.loads(line)["result"] for line in read("/results").splitlines()]
+    used = [r["message"]["usage"] for r in results if r["type"] == "succeeded"]
+    assert len(used) == 3
+    record = settled_record(gateway, replied["x-policyd-request-id"])
+    inputs, outputs = sum(u["input_tokens"] for u in used), sum(u["output_tokens"] for u in used)
+    assert (record["status"], record["error_class"], record["provider_response_id"]) == ("settled", "", batch["id"])
+    assert (record["input_tokens"], record["output_tokens"]) == (inputs, outputs)
+    assert record["charge_nanos"] == expected_charge("claude-sonnet-4@batch", inputs, outputs) > 0
+    after = gateway.wallet("e2e-msgbatch")
+    assert (after.reserved_nanos, after.balance_nanos) == (0, before.balance_nanos - record["charge_nanos"])
+    asked = [r for r in gateway.mock.received() if f"/messages/batches/{batch['id']}" in r["path"]
+             and r["credentials"].get("x-api-key") == PROVIDER_KEYS[2]]
+    assert asked  # policyd's own asking, and its customer's reads, on the operator's credential
+
+    # cancelled while it runs: the requests that ran before, from its results
+    code, replied, batch = post(f"{root}/messages/batches", {**headers, "x-mock-batch-polls": "1000"},
+                                json.dumps({"requests": requests}).encode())
+    code, _, cancelled = post(f"{root}/messages/batches/{batch['id']}/cancel", headers, b"{}")
+    assert (code, cancelled["request_counts"]["succeeded"]) == (200, 1)
+    record = settled_record(gateway, replied["x-policyd-request-id"])
+    ran = [json.loads(line)["result"] for line in read("/results").splitlines()]
+    first = next(r["message"]["usage"] for r in ran if r["type"] == "succeeded")
+    assert (record["input_tokens"], record["output_tokens"]) == (first["input_tokens"], first["output_tokens"])
+    assert gateway.wallet("e2e-msgbatch").reserved_nanos == 0
+    assert gateway.admin.Audit(admin_pb2.AuditRequest()).ok
 
 
 def batches_made(gateway: Gateway) -> int:
