@@ -1,19 +1,20 @@
-"""OpenAI's Batch API: the requests of a file, run by the provider within its completion window, at the
-model's `batch` tier prices.
+"""Batches: many requests run by the provider within a window (a day), at the model's `batch` tier prices.
 
-A batch is made (POST /v1/batches) of a file its customer uploaded (purpose batch), which policyd never reads
-on its way (uploads stream by). So when a batch is made, policyd reads its input file from the provider
-account it was uploaded to (GET <base_url>/files/<id>/content) and holds the batch at the sum of its requests'
-worst cases, each held as it would be sent alone, at the model's `batch` tier prices (a table that does not
-price the tier refuses batches of the model: service_tier_not_priced). A batch's requests are all for one
-model (as OpenAI requires) and are never rewritten: each needs its output cap where the model has no most in
-the price table, and a bound on its search tools (max_tool_calls). The batch goes on to the account that has
-its file; the provider's reply names it, and from then on it is followed like a background response
-(policyd/background.py): policyd asks the provider for it (GET <base_url>/batches/<id>) until it ends, and
-settles it with the usage the provider reports for the whole batch (`usage`; ended with none, or gone: charged
-as held; failed before any request ran: released). Its hold is kept for its completion window and a margin
-(the provider bills what ran before a batch expired). Reading it (GET /v1/batches/<id>) and cancelling it are
-for its customer's keys alone; the account-wide list is not offered.
+OpenAI's (POST /v1/batches) are made of a file their customer uploaded (purpose batch), which policyd never
+reads on its way (uploads stream by). So when one is made, policyd reads its input file from the provider
+account it was uploaded to (GET <base_url>/files/<id>/content); Anthropic's (POST /v1/messages/batches) carry
+their requests in their body. A batch is held at the sum of its requests' worst cases, each held as it would
+be sent alone, at the model's `batch` tier prices (a table that does not price the tier refuses batches of
+the model: service_tier_not_priced). Its requests are all for one model and are never rewritten (nor
+downgraded): each needs its output cap where the model has no most in the price table, and a bound on its
+search tools. An OpenAI batch goes on to the account that has its file; the provider's reply names the batch,
+and from then on it is followed like a background response (policyd/background.py): policyd asks the provider
+for it until it ends and settles it with the usage the provider reports for the whole batch (`usage`), or,
+where it reports none (Anthropic's; an older API), the usage of each of its requests that ran, summed from
+its results (its output file). Gone, or ended with nothing to read: charged as held; ended before any request
+ran: released. Its hold is kept for its window and a margin (the provider bills what ran before a batch
+expired). Reading, cancelling or deleting it are for its customer's keys alone; the account-wide lists are
+not offered.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from policyd import http_api
 from policyd.domain import FILES_PER_REQUEST_MAX, Decision, Shape, UsageReport
-from policyd.providers import Account, ProviderPool
+from policyd.providers import ANTHROPIC_VERSION, Account, ProviderPool
 from policyd.usage_capture import Tokens, usage_from
 
 if TYPE_CHECKING:
@@ -108,8 +109,8 @@ def _held(url: str, bodies: list[tuple[str, Any]], none: str) -> BatchInput:
     """A batch's requests (where each is, its body), each read as the gateway reads the same request alone: one
     model, nothing the gateway would have to rewrite, at the batch tier."""
     model, requests, files = "", [], set()
-    headers = {"content-type": "application/json", **({"anthropic-version": "2023-06-01"} if url == MESSAGES_URL
-                                                      else {})}
+    headers = {"content-type": "application/json",
+               **({"anthropic-version": ANTHROPIC_VERSION} if url == MESSAGES_URL else {})}
     for where, body in bodies:
         call = http_api.parse_call("POST", url, headers, json.dumps(body).encode())
         if call.problem:
