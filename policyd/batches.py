@@ -112,7 +112,7 @@ def _held(url: str, bodies: list[tuple[str, Any]], none: str) -> BatchInput:
     headers = {"content-type": "application/json",
                **({"anthropic-version": ANTHROPIC_VERSION} if url == MESSAGES_URL else {})}
     for where, body in bodies:
-        call = http_api.parse_call("POST", url, headers, json.dumps(body).encode())
+        call = http_api.parse_call("POST", url, headers, json.dumps(body).encode(), call_token=where)
         if call.problem:
             return BatchInput(problem=f"{where}: {call.problem_message}")
         if call.stream or call.background:

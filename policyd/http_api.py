@@ -790,11 +790,15 @@ def _unseen_input(data: dict[str, Any]) -> bool:
     return _refers_to_input(content)
 
 
-def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, client_address: str = "") -> HttpCall:
-    """Understand one HTTP request. Never raises: problems are reported in `problem`."""
+def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, client_address: str = "",
+               call_token: str = "") -> HttpCall:
+    """Understand one HTTP request. Never raises: problems are reported in `problem`. `call_token`: the token
+    it is known by, where it is not one of its own (each drawn from os.urandom, which a thread reading a batch's
+    requests would call by the thousand, each call giving up the interpreter lock it then takes straight back,
+    so that the event loop waiting for that lock starves)."""
     headers = {k.lower(): v for k, v in headers.items()}
     call = HttpCall(api_key=customer_key(headers), client_address=client_address,
-                    user_agent=headers.get("user-agent", ""))
+                    user_agent=headers.get("user-agent", ""), **({"call_token": call_token} if call_token else {}))
     in_query = query_key(path)
     call.api_key, call.key_in_query = call.api_key or in_query or "", in_query is not None
     named = endpoint_of(method, path)
