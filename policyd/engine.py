@@ -1024,6 +1024,10 @@ class Engine:
         if request.endpoint == "images":  # the images asked for: charged as held if the client leaves first
             fields["images"] = max(1, request.shape.image_count)
             extra += f',"images":{int(max(1, request.shape.image_count))}'
+        if request.shape.service_tier and not request.shape.service_tier_implied:
+            # the tier it asked for (flex, priority, a batch's): charged at it when no usage says otherwise
+            fields["service_tier"] = request.shape.service_tier
+            extra += f',"service_tier":{compact_json.dumps(request.shape.service_tier)}'
         if request.charge_held_on_expiry:  # on its way to the provider: its deadline charges it (expire_due)
             fields["charge_held_on_expiry"] = 1
             extra += ',"charge_held_on_expiry":1'
@@ -1386,7 +1390,9 @@ class Engine:
         return await self.settle(UsageReport(
             request_id=request_id, input_tokens=input_tokens, cached_input_tokens=cached,
             cache_write_input_tokens=cache_writes, cache_write_1h_input_tokens=hour_writes,
-            service_tier=reported.service_tier if reported is not None else "", seconds=seconds,
+            # the tier that served it as reported, else the one it was held at (asked for)
+            service_tier=(reported.service_tier if reported is not None else "") or
+            (str(reservation.fields.get("service_tier") or "") if reservation else ""), seconds=seconds,
             audio_input_tokens=min(audio_tokens, input_tokens),
             output_tokens=cap if output_as_held else min(output_tokens, cap) if cap else output_tokens,
             images=int(reservation.fields.get("images") or 0) if output_as_held and reservation else 0,

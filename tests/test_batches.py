@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import urllib.request
 from dataclasses import replace
 from typing import Any, Iterator
 
@@ -193,3 +194,75 @@ def test_a_batch_is_never_served_by_another_model(running: tuple[asyncio.Abstrac
         assert (await service.counters.wallet("batch-downgrade"))[1] == alone.reserved  # the batch holds nothing
 
     loop.run_until_complete(check())
+
+
+async def test_a_batch_is_followed_on_after_redis_lost_its_data_and_charged_at_its_end(service: Service) -> None:
+    """Redis lost its data while a batch ran: the counters rebuilt from SQL hold it as long (its window and a
+    margin, past the request's own deadline), ask the provider for it on, and charge its results' usage at the
+    batch tier once it ended. A batch that never ends is charged as held at its deadline, never released."""
+    from policyd.background import BackgroundResponses
+    from policyd.batches import hold_seconds
+    from policyd.mock_provider import MockProvider
+    from policyd.money import parse_amount, price_quantity
+    from policyd.providers import Account, ProviderPool
+
+    await service.admin.apply_policy(SAMPLE_POLICY.replace('      output: "15.00"\n', '      output: "15.00"\n'
+                                     '      service_tiers: {batch: {input: "1.50", output: "7.50"}}\n', 1), "b.yaml")
+    provider = MockProvider(api_keys=("sk-mock-batch",)).start()
+    try:
+        accounts = ProviderPool([Account("anthropic-b", "anthropic", "anthropic", "x-api-key", "sk-mock-batch",
+                                         base_url=f"http://127.0.0.1:{provider.port}/v1")])
+        background = BackgroundResponses(service.engine, accounts, 3600, 1.0)
+        service.engine.background = background
+        _, secret = await new_key(service)
+        await fund(service, "acme", "50")
+        clock = [service.engine.clock()]
+        service.engine.clock = lambda: clock[0]
+        params = {"model": "claude-sonnet-4", "max_tokens": 300, "messages": [{"role": "user", "content": "hi"}]}
+        found = inline_requests([{"custom_id": f"q{i}", "params": params} for i in range(4)])
+        made = {}
+        for request_id, polls in (("batch-across", 1), ("batch-never", 10_000)):
+            held = await service.engine.authorize(replace(
+                ask(secret, model="claude-sonnet-4", endpoint="anthropic_messages", request_id=request_id),
+                shape=batch_shape(found.requests), batch=found.requests, charge_held_on_expiry=True))
+            assert held.allowed, held.reason
+            batch = json.loads(urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{provider.port}/v1/messages/batches", method="POST",
+                data=json.dumps({"requests": [{"custom_id": f"q{i}", "params": params} for i in range(4)]}).encode(),
+                headers={"x-api-key": "sk-mock-batch", "content-type": "application/json",
+                         "x-mock-batch-polls": str(polls)}), timeout=10).read())
+            made[request_id] = (batch["id"], held.reserved)
+            await background.poll_later(request_id, batch["id"], "anthropic-b", hold_seconds(86_400))
+        await service.writer.drain()
+        wallet = await service.counters.wallet("acme")
+        await service.counters.client.flushall()
+        await service.writer.ensure_groups()
+        await service.admin.rebuild()
+        for request_id in made:
+            service.counters.forget(request_id)
+        assert await service.counters.wallet("acme") == wallet  # both held again
+        clock[0] += 2 * service.engine.reservation_ttl_ms + 1  # past the requests' own deadline, and one more TTL
+        await service.engine.expire_due()
+        assert (await service.counters.wallet("acme"))[1] == wallet[1]  # still held: they run on at the provider
+        for _ in range(3):
+            clock[0] += 1000
+            await background.poll_due()
+        await service.writer.drain()
+        record = service.store.usage_record("batch-across")
+        used = [r[2:] for r in provider.batches[made["batch-across"][0]][1]["results"]]
+        inputs, outputs = sum(u[0] for u in used), sum(u[1] for u in used)
+        cost = price_quantity(inputs, parse_amount("1.50")) + price_quantity(outputs, parse_amount("7.50"))
+        assert (record.status, record.error_class, record.input_tokens, record.output_tokens) == \
+            ("settled", "", inputs, outputs)
+        assert record.charge_nanos == -(-cost * 12_000 // 10_000)  # the pro plan's 20% markup, rounded up
+        # the one that never ends: held to its window and margin, then charged as held
+        clock[0] += hold_seconds(86_400) * 1000
+        await service.engine.expire_due()
+        await service.writer.drain()
+        never = service.store.usage_record("batch-never")
+        assert (never.status, never.charge_nanos) == ("settled", made["batch-never"][1])
+        assert never.error_class.startswith("usage_estimated")
+        assert (await service.counters.wallet("acme"))[1] == 0
+        assert (await service.admin.audit()).ok
+    finally:
+        provider.stop()

@@ -1787,6 +1787,23 @@ async def test_a_service_tier_is_reserved_and_charged_at_its_prices(service: Ser
     assert service.store.usage_record("default").service_tier == ""
 
 
+async def test_a_request_charged_as_held_is_charged_at_the_tier_it_asked_for(service: Service) -> None:
+    """A flex request whose client left before its reply (charged as held: the provider bills it) is charged
+    at the flex prices it was held at, not at the model's standard prices (twice as dear: more than it held,
+    and more than the provider's invoice says)."""
+    secret = await mini_priced_with(service, 'service_tiers: {flex: {input: "0.075", output: "0.30"}}')
+    held = await service.engine.authorize(ask(secret, request_id="flex-gone", service_tier="flex"))
+    reservation = await service.counters.find_reservation("flex-gone")
+    assert reservation is not None
+    estimate, cap = int(reservation.fields["input_tokens_estimate"]), int(reservation.record["max_output_tokens"])
+    s = await service.engine.settle_estimated("flex-gone", 0, interrupted=True,
+                                              error_class="usage_estimated:client_gone", output_as_held=True)
+    assert s.charge == price_quantity(estimate, parse_amount("0.075")) + price_quantity(cap, parse_amount("0.30"))
+    assert 0 < s.charge <= held.reserved
+    await service.writer.drain()
+    assert service.store.usage_record("flex-gone").service_tier == "flex"
+
+
 async def test_a_tier_asked_for_must_be_priced_and_goes_by_either_name(service: Service) -> None:
     """OpenAI's "fast" tier is its "priority" (renamed): priced by either name. A tier the model's prices do
     not name is refused before anything is held (charged at the standard prices it would be undercharged,
