@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
 from policyd import compact_json, key_limits, metrics, reasons, redis_keys
+from policyd.batches import BATCH_ID_PREFIXES
 from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECONDS, BucketHold, Counters, Fenced,
                               Reservation, unreachable, whose_of)
 from policyd.directory import KeyDirectory
 from policyd.loops import every
-from policyd.batches import BATCH_ID_PREFIXES
 from policyd.domain import (
     ANTHROPIC_FAST_MODE,
     IMAGE_GENERATION_USAGE,

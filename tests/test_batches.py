@@ -266,3 +266,39 @@ async def test_a_batch_is_followed_on_after_redis_lost_its_data_and_charged_at_i
         assert (await service.admin.audit()).ok
     finally:
         provider.stop()
+
+
+async def test_a_batch_on_an_account_policyd_cannot_ask_at_is_refused_and_holds_nothing(service: Service) -> None:
+    """Without the account's base_url policyd can neither read a batch's input file nor ask for the batch until
+    it ends: refused before the provider (recorded), nothing held, rather than held for a day and charged as
+    held; a file its customer did not upload is not found."""
+    from policyd import http_api
+    from policyd.batches import UNREADABLE, Batches
+    from policyd.providers import Account, ProviderPool
+
+    await service.admin.apply_policy(BATCH_PRICED.replace('      output: "15.00"\n', '      output: "15.00"\n'
+                                     '      service_tiers: {batch: {input: "1.50", output: "7.50"}}\n', 1), "b.yaml")
+    _, secret = await new_key(service, customer="no-base-url")
+    await fund(service, "no-base-url", "50")
+    await service.engine.remember_response("no-base-url", "file-theirs", "openai", "openai", "openai-plain")
+    batches = Batches(service.engine, ProviderPool([
+        Account("openai-plain", "openai", "openai", "bearer", "sk-x"),
+        Account("anthropic-plain", "anthropic", "anthropic", "x-api-key", "sk-y")]))
+
+    def made(path: str, body: dict[str, Any], headers: dict[str, str]) -> http_api.HttpCall:
+        return http_api.parse_call("POST", path, {"content-type": "application/json", **headers},
+                                   json.dumps(body).encode())
+
+    openai_batch = {"input_file_id": "file-theirs", "endpoint": CHAT, "completion_window": "24h"}
+    refused = await batches.authorize(made("/v1/batches", openai_batch, {"authorization": f"Bearer {secret}"}))
+    assert (refused.allowed, refused.reason, refused.message) == (False, "invalid_request", UNREADABLE)
+    refused = await batches.authorize(made("/v1/batches", {**openai_batch, "input_file_id": "file-another"},
+                                           {"authorization": f"Bearer {secret}"}))
+    assert (refused.allowed, refused.reason) == (False, "file_not_found")
+    params = {"model": "claude-sonnet-4", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+    refused = await batches.authorize(made("/v1/messages/batches", {"requests": [{"custom_id": "a", "params": params}]},
+                                           {"x-api-key": secret, "anthropic-version": "2023-06-01"}))
+    assert (refused.allowed, refused.reason, refused.message) == (False, "invalid_request", UNREADABLE)
+    assert (await service.counters.wallet("no-base-url"))[1] == 0  # the Anthropic batch's hold released
+    await service.writer.drain()
+    assert [r.reason for r in service.store.latest_usage("no-base-url", 10)].count("invalid_request") == 2

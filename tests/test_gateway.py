@@ -1072,6 +1072,16 @@ def settled_record(gateway: Gateway, request_id: str, seconds: float = 15.0) -> 
         time.sleep(0.1)
 
 
+def charged_as_reported(gateway: Gateway, request_id: str, response_id: str, used: Any, priced_as: str) -> dict[str, Any]:
+    """The request's record once settled: exactly the usage the provider reported (`used`: its input_tokens and
+    output_tokens) for the response (or batch) it names, at `priced_as`'s prices (PRICE)."""
+    record = settled_record(gateway, request_id)
+    assert (record["status"], record["error_class"], record["provider_response_id"]) == ("settled", "", response_id)
+    assert (record["input_tokens"], record["output_tokens"]) == (used.input_tokens, used.output_tokens)
+    assert record["charge_nanos"] == expected_charge(priced_as, used.input_tokens, used.output_tokens) > 0
+    return record
+
+
 def test_a_background_response_is_charged_when_it_ends(gateway: Gateway) -> None:
     """A background response (background: true) is answered at once, queued, with no usage: the provider goes
     on with it and bills it whole. It was refused (its usage could not be charged); it is served now, its
@@ -1089,11 +1099,7 @@ def test_a_background_response_is_charged_when_it_ends(gateway: Gateway) -> None
     while (polled := client.responses.retrieve(queued.id)).status != "completed":  # the client polls for it
         assert polled.status in ("queued", "in_progress")
         time.sleep(0.05)
-    record = settled_record(gateway, request_id)
-    assert (record["status"], record["error_class"], record["provider_response_id"]) == ("settled", "", queued.id)
-    assert (record["input_tokens"], record["output_tokens"]) == (polled.usage.input_tokens, polled.usage.output_tokens)
-    assert record["charge_nanos"] == expected_charge("gpt-4o-mini", polled.usage.input_tokens,
-                                                     polled.usage.output_tokens)
+    record = charged_as_reported(gateway, request_id, queued.id, polled.usage, "gpt-4o-mini")
     after = gateway.wallet("e2e-background")
     assert (after.reserved_nanos, after.balance_nanos) == (0, held.balance_nanos - record["charge_nanos"])
 
@@ -1197,11 +1203,7 @@ def test_a_batch_is_held_at_its_requests_worst_cases_and_charged_what_it_used(ga
     while (polled := client.batches.retrieve(batch.id)).status != "completed":  # its customer reads it
         assert polled.status in ("validating", "in_progress")
         time.sleep(0.05)
-    record = settled_record(gateway, request_id)
-    assert (record["status"], record["error_class"], record["provider_response_id"]) == ("settled", "", batch.id)
-    assert (record["input_tokens"], record["output_tokens"]) == (polled.usage.input_tokens, polled.usage.output_tokens)
-    assert record["charge_nanos"] == expected_charge("gpt-4o-mini@batch", polled.usage.input_tokens,
-                                                     polled.usage.output_tokens) > 0
+    record = charged_as_reported(gateway, request_id, batch.id, polled.usage, "gpt-4o-mini@batch")
     after = gateway.wallet("e2e-batch")
     assert (after.reserved_nanos, after.balance_nanos) == (0, before.balance_nanos - record["charge_nanos"])
     asked = [r for r in gateway.mock.received() if r["path"].endswith((f"/batches/{batch.id}", f"/files/{file_id}/content"))]
