@@ -203,6 +203,7 @@ class _Plan:
     likely_audio_tokens: int = 0  # ... and its audio tokens, of likely_input_tokens (a model billing those)
     tool_call_cap: int = 0  # the bound the request is to carry for its unbounded search tools (0: none)
     skip_label: str = ""  # the limit a downgrade was made for, which the cheaper model's attempt leaves out
+    request_charge: int = 0  # the most one request of it may be charged (a batch's dearest; else `charge`)
 
     @classmethod
     def empty(cls, model: str) -> "_Plan":
@@ -223,6 +224,7 @@ class _Estimate:
     quantities: Quantities
     cost: int
     charge: int
+    request_charge: int = 0  # the most one of its requests may be charged (0: `charge`, it is one request)
 
     @classmethod
     def total(cls, estimates: list["_Estimate"]) -> "_Estimate":
@@ -233,7 +235,8 @@ class _Estimate:
         return cls(sum(e.output_cap for e in estimates), sum(e.input_tokens for e in estimates),
                    sum(e.likely_input_tokens for e in estimates), sum(e.likely_seconds for e in estimates),
                    sum(e.likely_audio_tokens for e in estimates), 0, quantities,
-                   sum(e.cost for e in estimates), sum(e.charge for e in estimates))
+                   sum(e.cost for e in estimates), sum(e.charge for e in estimates),
+                   max(e.charge for e in estimates))
 
 
 class Engine:
@@ -408,7 +411,7 @@ class Engine:
                 attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="", own_limits=key.limits,
                                         prior_tokens=prior_tokens)
             attempt.fallback_reason = fallback_reason
-            if plan.max_request_charge and attempt.charge > plan.max_request_charge:
+            if plan.max_request_charge and attempt.request_charge > plan.max_request_charge:  # a batch's: each
                 attempt, preset, param, preset_message = self._within_request_charge(
                     request, owner, policy, plan, attempt, at, key.limits, prior_tokens)
         reserve = attempt or _Plan.empty(request.model)
@@ -811,6 +814,11 @@ class Engine:
                 fitted.fallback_reason = attempt.fallback_reason
                 return fitted, "", "", ""
         currency = policy.document.currency
+        if request.batch:
+            message = (f"A request of this batch may cost up to {format_amount(attempt.request_charge)} {currency}; "
+                       f"this API key's plan allows a single request at most {format_amount(plan.max_request_charge)} "
+                       f"{currency}: ask for fewer output tokens, or send less input, in each.")
+            return attempt, "request_too_costly", "input_file_id" if request.files else "requests", message
         message = (f"This request may cost up to {format_amount(attempt.charge)} {currency} (its input and up to "
                    f"{attempt.output_cap} output tokens); this API key's plan allows a single request at most "
                    f"{format_amount(plan.max_request_charge)} {currency}: ask for fewer output tokens, or send "
@@ -880,7 +888,7 @@ class Engine:
         return _Plan(model, price, estimate.input_tokens, estimate.output_cap, charge, holds, by_label,
                      likely_input_tokens=estimate.likely_input_tokens, likely_seconds=estimate.likely_seconds,
                      likely_audio_tokens=estimate.likely_audio_tokens, tool_call_cap=estimate.tool_call_cap,
-                     skip_label=skip_label)
+                     skip_label=skip_label, request_charge=estimate.request_charge or charge)
 
     def _estimate(self, request: AuthorizeInput, policy: Policy, plan: Plan, model: str, price: ModelPrice,
                   prior_tokens: int) -> "_Estimate":

@@ -123,6 +123,7 @@ class MockProvider:
         self.uploads: dict[str, tuple[dict[str, Any], dict[str, bytes]]] = {}  # id -> (the upload, its parts by id)
         # batches: id -> (the batch, its usage when it ends, reads before it ends; None: it reports no usage)
         self.batches: dict[str, tuple[dict[str, Any], dict[str, Any] | None, int]] = {}
+        self.batch_outputs: dict[str, str] = {}  # batch id -> the output file it names once it ends
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -598,11 +599,11 @@ class MockProvider:
                     self.files[output_id] = ({"id": output_id, "object": "file", "bytes": 0, "created_at": 0,
                                               "filename": "batch_output.jsonl", "purpose": "batch_output"},
                                              b"".join(self._batch_output(line, use) for line, use in zip(lines, usages)))
-                    batch["output_file_id_when_ended"] = output_id
+                    self.batch_outputs[batch_id] = output_id
                 self.batches[batch_id] = (batch, None if reported in ("none", "nothing") else {
                     "all": self._batch_usage(usages), "cancelled": self._batch_usage(cancelled),
                     "counts": (len(usages), len(cancelled))}, int(h.headers.get("x-mock-batch-polls", "2")))
-                return h._json(200, {k: v for k, v in batch.items() if k != "output_file_id_when_ended"})
+                return h._json(200, batch)
             held = self.batches.get(batch_id)
             if held is None:
                 return h._json(404, {"error": {"type": "invalid_request_error", "code": None, "param": None,
@@ -615,11 +616,11 @@ class MockProvider:
                 batch = {**batch, "status": ended, "request_counts": {
                     "total": batch["request_counts"]["total"], "completed": done, "failed": 0},
                     "usage": (usage or {}).get("cancelled" if cancel else "all"),
-                    "output_file_id": batch.get("output_file_id_when_ended")}
+                    "output_file_id": self.batch_outputs.get(batch_id)}
             elif batch["status"] in ("validating", "in_progress"):
                 batch = {**batch, "status": "in_progress"}
             self.batches[batch_id] = (batch, usage, reads - 1)
-            return h._json(200, {k: v for k, v in batch.items() if k != "output_file_id_when_ended"})
+            return h._json(200, batch)
 
     def _message_batch(self, h: Any, body: dict[str, Any], batch_id: str | None, rest: str) -> None:
         """Anthropic's Message Batches API: a batch of the requests in its body (in progress for `x-mock-batch-polls`

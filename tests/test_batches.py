@@ -302,3 +302,32 @@ async def test_a_batch_on_an_account_policyd_cannot_ask_at_is_refused_and_holds_
     assert (await service.counters.wallet("no-base-url"))[1] == 0  # the Anthropic batch's hold released
     await service.writer.drain()
     assert [r.reason for r in service.store.latest_usage("no-base-url", 10)].count("invalid_request") == 2
+
+
+def test_a_plans_most_for_one_request_binds_each_request_of_a_batch(
+        running: tuple[asyncio.AbstractEventLoop, Service]) -> None:
+    """max_request_charge is the most a single request may cost: each of a batch's requests is bound by it,
+    not the batch's sum (a batch of many cheap requests is held; one with a request past it is refused)."""
+    loop, service = running
+
+    async def check() -> None:
+        await service.admin.apply_policy(BATCH_PRICED.replace("    markup_bps: 2000\n",
+                                                              '    markup_bps: 2000\n    max_request_charge: "0.0005"\n',
+                                                              1), "capped.yaml")
+        _, secret = await new_key(service, customer="batch-capped", plan="pro")
+        await fund(service, "batch-capped", "100")
+        cheap = tuple(Shape(prompt_bytes=400, message_count=1, max_output_tokens=1_000, service_tier=BATCH_TIER)
+                      for _ in range(20))
+
+        def batch(request_id: str, requests: tuple[Shape, ...]) -> AuthorizeInput:
+            return replace(ask(secret, request_id=request_id), shape=batch_shape(requests), batch=requests)
+
+        alone = await service.engine.authorize(replace(ask(secret, request_id="one"), shape=cheap[0]))
+        held = await service.engine.authorize(batch("many-cheap", cheap))
+        assert alone.allowed and held.allowed and held.reserved == 20 * alone.reserved > 500_000  # past it, summed
+        dear = cheap[:3] + (replace(cheap[0], max_output_tokens=3_000),)
+        refused = await service.engine.authorize(batch("one-dear", dear))
+        assert (refused.allowed, refused.reason) == (False, "request_too_costly")
+        assert "A request of this batch may cost up to" in refused.message
+
+    loop.run_until_complete(check())
