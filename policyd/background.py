@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 from policyd import metrics
 from policyd.domain import PolicydError, UsageReport
-from policyd.providers import ProviderPool
 from policyd.batches import BATCH_ID_PREFIXES, followed_batch
+from policyd.providers import ProviderPool
 from policyd.usage_capture import background_answer
 
 if TYPE_CHECKING:
@@ -152,7 +152,8 @@ class BackgroundResponses:
             log.warning("background response %s of request %s: account %r has no base_url to ask it at; "
                         "charged as held at its deadline", response_id[:64], request_id, account_name)
             return "unreachable"
-        if response_id.startswith(BATCH_ID_PREFIXES):  # a batch: the whole batch's usage, at the batch tier
+        batch = response_id.startswith(BATCH_ID_PREFIXES)
+        if batch:  # the whole batch's usage, at the batch tier
             action, status, report = await followed_batch(account, response_id, request_id)
         else:
             answer = await asyncio.to_thread(account.get, f"responses/{urllib.parse.quote(response_id, safe='')}",
@@ -167,8 +168,7 @@ class BackgroundResponses:
             if action == "settle":
                 await self.engine.settle(report)
             elif action == "release":  # ended before it used anything billed
-                kind = "batch" if response_id.startswith(BATCH_ID_PREFIXES) else "background"
-                await self.engine.release(request_id, f"{kind}_{status}")
+                await self.engine.release(request_id, f"{'batch' if batch else 'background'}_{status}")
             else:  # gone (deleted before it was charged), or ended with no usage: what it used cannot be known
                 reason = "background_gone" if action == "gone" else "no_usage_reported"
                 await self._charge_as_held(request_id, f"usage_estimated:{reason}", response_id, account_name)

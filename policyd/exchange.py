@@ -13,10 +13,10 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
+from policyd.batches import hold_seconds
 from policyd.domain import Decision
 from policyd.http_api import HttpCall, body_sent, rewrite_body, upstream_path
 from policyd.multipart import MultipartForm
-from policyd.batches import hold_seconds
 from policyd.usage_capture import BATCHES, ResponseReader
 
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where ext_authz's dynamic metadata lands

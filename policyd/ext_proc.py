@@ -40,12 +40,12 @@ from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
 
 import grpc
-from google.protobuf import duration_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import duration_pb2
 
 from policyd import background, batches, http_api
 from policyd.batches import Batches

@@ -140,12 +140,12 @@ def _upload_filters(shape: str) -> str:
 """
 
 
-def _batch_filters(shape: str) -> str:
-    """A batch made's route: ext_authz waits DECISION_SECONDS for its decision (the ext_proc shape's
-    decision waits its message_timeout)."""
+def _batch_route(shape: str, route_timeout_seconds: int) -> str:
+    """A batch made's route, where ext_authz waits DECISION_SECONDS for its decision (the ext_proc shape needs
+    none: policyd extends the message's timeout there)."""
     if shape == "ext_proc":
         return ""
-    return f"""\
+    return _route(BATCHES_MATCH, route_timeout_seconds, f"""\
                 typed_per_filter_config:
                   envoy.filters.http.ext_authz:
                     "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
@@ -153,7 +153,7 @@ def _batch_filters(shape: str) -> str:
                       grpc_service:
                         envoy_grpc: {{cluster_name: policyd}}
                         timeout: {DECISION_SECONDS}s
-"""
+""")
 
 
 def _ext_authz_filter(fail_open: str, body_bytes_max: int) -> str:
@@ -464,7 +464,7 @@ static_resources:
               domains: ["*"]
               include_attempt_count_in_response: true{_cors_policy(cors_origins)}
               routes:
-{_route(UPLOAD_MATCH, route_timeout_seconds, _upload_filters(shape))}{_route(BATCHES_MATCH, route_timeout_seconds, _batch_filters(shape))}{_route('{prefix: "/"}', route_timeout_seconds)}          local_reply_config:
+{_route(UPLOAD_MATCH, route_timeout_seconds, _upload_filters(shape))}{_batch_route(shape, route_timeout_seconds)}{_route('{prefix: "/"}', route_timeout_seconds)}          local_reply_config:
             mappers:
             - filter:  # the gateway gave up on the provider (its route or idle timeout), which goes on and bills
                 response_flag_filter: {{flags: [UT, SI]}}

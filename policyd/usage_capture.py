@@ -199,7 +199,7 @@ def _image_generation_usage(response: dict[str, Any], output: list[dict[str, Any
 
 def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     """Update `seen` from one JSON object (a whole body or one stream event); True if it held usage."""
-    if not isinstance(data, dict) or endpoint == BATCHES:  # a batch made: its usage comes when it ends
+    if not isinstance(data, dict):
         return False
     if endpoint == "audio_transcriptions":
         return _speech_to_text_usage(data, seen)
@@ -594,8 +594,8 @@ class ResponseReader:
             self.response_id = found
 
     def _response_status(self, data: Any) -> None:
-        """A Responses API response's status: a whole reply's, or the one a stream's event carries (a batch's)."""
-        if self.endpoint not in ("responses", BATCHES) or not isinstance(data, dict):
+        """A Responses API response's status: a whole reply's, or the one a stream's event carries."""
+        if self.endpoint != "responses" or not isinstance(data, dict):
             return
         response = data.get("response") if self.stream else data
         status = response.get("status") if isinstance(response, dict) else None
