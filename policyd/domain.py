@@ -17,6 +17,7 @@ ENDPOINTS = (
     "audio_speech",
     "audio_transcriptions",
     "moderations",
+    "bedrock_converse",
 )
 
 
@@ -53,7 +54,9 @@ CREATABLE = ("conversation", "file")
 # in its generation config, under either of its names)
 OUTPUT_CAP_FIELDS = {"chat_completions": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
                      "responses": ("max_output_tokens",), "anthropic_messages": ("max_tokens",),
-                     "gemini_generate_content": ("generationConfig.maxOutputTokens",)}
+                     "gemini_generate_content": ("generationConfig.maxOutputTokens",),
+                     "bedrock_converse": ("inferenceConfig.maxTokens",)}
+BEDROCK_LATENCY_OPTIMIZED = "latency_optimized"  # the tier of Bedrock's performanceConfig.latency: optimized
 FILES_PER_REQUEST_MAX = 64  # file ids a request's input may refer to (each checked: whose it is)
 
 @dataclass(frozen=True)

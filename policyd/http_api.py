@@ -37,6 +37,15 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
     POST .../v1/messages/batches          an Anthropic message batch, its requests in its body (the same);
                                           GET | DELETE .../{id}, GET .../results, POST .../cancel: the same
 
+Amazon Bedrock's runtime API names the model (its id, an inference profile's, an ARN; URL-encoded) in the path:
+    POST .../model/M/converse | converse-stream    bedrock_converse (Converse's bodies and usage; its stream in
+                                          AWS's event stream encoding, policyd/event_stream.py)
+    POST .../model/M/invoke | invoke-with-response-stream
+                                          anthropic_messages: InvokeModel of Anthropic's models (Anthropic's
+                                          bodies, `anthropic_version`, and usage; the stream's events each in one
+                                          event stream message); other models' own bodies are not read
+    POST .../model/M/count-tokens         a token count (free)
+
 Azure OpenAI's paths name the deployment (the model, as policyd's policy names it) in the path:
     POST .../openai/deployments/D/chat/completions | completions | embeddings | images/generations |
                                   audio/speech | audio/transcriptions | audio/translations
@@ -53,12 +62,12 @@ import secrets
 import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
-from urllib.parse import parse_qsl, quote, unquote_plus
+from urllib.parse import parse_qsl, quote, unquote, unquote_plus
 
 from policyd import reasons
 from policyd.audio import wav_seconds
-from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS,
-                            Attribution, AuthorizeInput, KeySummary, RateLimit, Shape, tier_in_geo, trace_id_from)
+from policyd.domain import (ANTHROPIC_FAST_MODE, BEDROCK_LATENCY_OPTIMIZED, CONTAINER_MEMORY_DEFAULT,
+                            IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS, Attribution, AuthorizeInput, KeySummary, RateLimit, Shape, tier_in_geo, trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount
 from policyd.multipart import MultipartError, MultipartForm
 from policyd.validation import REQUEST_ID_PATTERN, TAG_VALUE_LENGTH_MAX, TAGS_MAX
@@ -107,6 +116,10 @@ _AZURE_OPERATIONS = {"chat/completions": "chat_completions", "completions": "com
 _AZURE = re.compile(r"(^|/)openai/deployments/(?P<model>[^/]+)/(?P<operation>chat/completions|completions|embeddings"
                     r"|images/generations|images/edits|audio/speech|audio/transcriptions|audio/translations)/?$")
 _AZURE_RESPONSES = re.compile(r"(^|/)openai/responses/?$")
+_BEDROCK = re.compile(r"(^|/)model/(?P<model>[^/]+)/(?P<verb>converse|converse-stream|invoke|invoke-with-response-stream"
+                      r"|count-tokens)/?$")
+# Bedrock's own tiers a request may ask for (Converse's serviceTier.type; InvokeModel's header); "default" is none
+BEDROCK_TIER_HEADER = "x-amzn-bedrock-service-tier"
 _COMPACTION = re.compile(r"(^|/)v1/responses/compact/?$")  # the Responses API compacting a conversation
 # a response the provider stored: read (GET), deleted (DELETE), its input items (GET), cancelled (POST)
 _STORED_RESPONSE_METHODS = {"": ("GET", "DELETE"), "/input_items": ("GET",), "/cancel": ("POST",)}
@@ -314,6 +327,8 @@ class Endpoint:
     compaction: bool = False  # POST /v1/responses/compact: billed as a response, it takes no output cap
     refers_to: str = ""  # the customer's own upload a file is made of (POST /v1/uploads/{id}/complete)
     batch: bool = False  # POST /v1/batches: a batch made of the requests in a file (policyd/batches.py)
+    stream: bool = False  # the path asks for a stream (Bedrock's converse-stream, invoke-with-response-stream)
+    bedrock_invoke: bool = False  # Bedrock's InvokeModel: the body is the model's own API's (Anthropic's alone read)
 
 
 def endpoint_of(method: str, path: str) -> Endpoint:
@@ -328,6 +343,12 @@ def endpoint_of(method: str, path: str) -> Endpoint:
     azure = _AZURE.search(path)  # first: a deployment may be named like a path segment ("v1")
     if azure:
         return Endpoint(_AZURE_OPERATIONS[azure.group("operation")], azure.group("model"))
+    bedrock = _BEDROCK.search(path) if method.upper() == "POST" else None
+    if bedrock:
+        verb, model = bedrock.group("verb"), unquote(bedrock.group("model"))
+        if verb.startswith("invoke"):
+            return Endpoint("anthropic_messages", model, stream=verb.endswith("stream"), bedrock_invoke=True)
+        return Endpoint("bedrock_converse", model, stream=verb.endswith("stream"), count_tokens=verb == "count-tokens")
     for pattern, name in _PATHS:
         if pattern.search(path):
             return Endpoint(name)
@@ -437,7 +458,7 @@ def upstream_path(path: str, upstream_model: str, requested_model: str) -> str:
     if not upstream_model or upstream_model == requested_model:
         return path
     base, sep, query = path.partition("?")
-    named = _GEMINI.search(base) or _VERTEX.search(base) or _AZURE.search(base)
+    named = _GEMINI.search(base) or _VERTEX.search(base) or _AZURE.search(base) or _BEDROCK.search(base)
     if named is None:
         return path
     segment = quote(upstream_model, safe="@-._~")  # one path segment, whatever the name holds
@@ -468,7 +489,10 @@ def _text_bytes(value: Any, depth: int = 0) -> int:
 # input is counted apart, as unseen), and the caller's own labels. Every other field is prompt.
 _NOT_PROMPT_FIELDS = frozenset({"model", "stream", "stream_options", "metadata", "user", "safety_identifier",
                                 "prompt_cache_key", "previous_response_id", "conversation", "cachedContent",
-                                "cached_content", "labels", "include", "logit_bias", "service_tier", "store"})
+                                "cached_content", "labels", "include", "logit_bias", "service_tier", "store",
+                                # Bedrock's: Converse's settings and labels, InvokeModel's API version
+                                "inferenceConfig", "performanceConfig", "serviceTier", "requestMetadata",
+                                "additionalModelResponseFieldPaths", "guardrailConfig", "anthropic_version"})
 # Fields that hold the prompt's text (messages, instructions, input): the bytes of their strings, as the
 # strict bound is proven for (tests/test_estimates.py). Any other object or list (tool definitions,
 # legacy functions, a response schema, a prediction, a tool config) is billed as the provider renders
@@ -523,6 +547,11 @@ def _output_cap(endpoint: str, data: dict[str, Any], generation: dict[str, Any])
     """(the largest output cap the request gives where its API reads one, 0 for none; the field of a cap the
     API would refuse or read as none, or past any count policyd holds (QUANTITY_MAX), "" when every cap given
     is a count). Gemini reads 0 as no cap."""
+    if endpoint == "bedrock_converse":
+        given = _dict_of(data, "inferenceConfig").get("maxTokens")
+        if given is not None and not 0 < _count(given) <= QUANTITY_MAX:
+            return 0, "inferenceConfig.maxTokens"
+        return _count(given), ""
     if endpoint == "gemini_generate_content":
         given = _gemini_field(generation, *_GEMINI_OUTPUT_CAP)
         cap = _gemini_count(given)
@@ -535,6 +564,11 @@ def _output_cap(endpoint: str, data: dict[str, Any], generation: dict[str, Any])
             return 0, name
         cap = max(cap, _count(given))
     return cap, ""
+
+
+def _dict_of(data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name)
+    return value if isinstance(value, dict) else {}
 
 
 def _depth(value: Any, depth: int = 0) -> int:
@@ -739,6 +773,7 @@ _SERVER_TOOL_KEYS = (*_GOOGLE_SEARCH_KEYS, *_GOOGLE_MAPS_KEYS, "urlContext", "ur
 # page, a plain image: a few hundred bytes, a thousand tokens and more): its bytes bound nothing.
 _MEDIA_BILLED_BY_CONTENT = ("image/", "application/pdf", "video/")
 _MEDIA_BLOCKS = ("image", "document")  # Anthropic's content blocks of such media, whatever their source
+_CONVERSE_MEDIA = ("image", "document", "video", "audio")  # Bedrock Converse's content blocks of media
 
 
 def _billed_by_content(media_type: Any) -> bool:
@@ -761,6 +796,8 @@ def _refers_to_input(value: Any, depth: int = 0) -> bool:
         if name == "annotations":  # citations of an earlier reply the client sends back: not input by reference
             continue
         if name in _REFERENCE_KEYS and item:
+            return True
+        if name in _CONVERSE_MEDIA and isinstance(item, dict) and isinstance(item.get("source"), dict):
             return True
         if name in ("url", "image_url") and isinstance(item, str) and \
                 (not item.startswith("data:") or _billed_by_content(item[5:])):
@@ -870,10 +907,16 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if not isinstance(model, str) or not model:
         return _problem(call, "invalid_request", "you must provide a model parameter", "model")
     call.model, call.model_in_path = model, bool(path_model)
-    call.stream = data.get("stream") is True or path.split("?", 1)[0].endswith(":streamGenerateContent")
+    call.stream = data.get("stream") is True or path.split("?", 1)[0].endswith(":streamGenerateContent") or named.stream
+    if named.bedrock_invoke and not named.count_tokens and not isinstance(data.get("anthropic_version"), str):
+        return _problem(call, "invalid_request", "policyd reads Bedrock's InvokeModel for Anthropic's models (a body "
+                        "with anthropic_version); call other models with Converse", "anthropic_version")
     generation, bad_config = _generation_config(data) if endpoint == "gemini_generate_content" else ({}, "")
     if bad_config:
         return _problem(call, "invalid_request", bad_config, "generationConfig")
+    for name in ("inferenceConfig", "serviceTier") if endpoint == "bedrock_converse" else ():
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            return _problem(call, "invalid_request", f"{name} must be an object", name)
     call.max_output_tokens, bad_cap = _output_cap(endpoint, data, generation)
     if bad_cap:
         return _problem(call, "invalid_request", f"{bad_cap} must be a whole number of tokens, from 1 to {QUANTITY_MAX}",
@@ -943,6 +986,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.unseen_input = not call.count_tokens and _unseen_input(data)
     call.files = _file_ids(data) if '"file_id"' in text else ()
     call.cache_write = _cache_write(data) if '"cache_control"' in text else ""
+    if endpoint == "bedrock_converse" and '"cachePoint"' in text:  # Converse's cache checkpoints: written to it
+        call.cache_write = _cache_point_write(data)
     if endpoint in ("chat_completions", "responses"):  # OpenAI writes the prompt to its cache unasked
         call.cache_write = call.cache_write or _openai_cache_write(data)
     call.stores_reply = endpoint == "chat_completions" and data.get("store") is True
@@ -950,7 +995,19 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.audio_output = isinstance(modalities, list) and "audio" in modalities
     tier = data.get("service_tier")
     call.service_tier = tier[:32] if isinstance(tier, str) and tier not in ("auto", "default") else ""
-    if endpoint == "anthropic_messages":  # Anthropic serves at its priority tier when it can unless told not to
+    if named.bedrock_invoke or endpoint == "bedrock_converse":  # Bedrock's tiers: flex, priority, reserved
+        asked = headers.get(BEDROCK_TIER_HEADER, "") if named.bedrock_invoke else \
+            _dict_of(data, "serviceTier").get("type", "")
+        call.service_tier = asked.strip()[:32] if isinstance(asked, str) and asked.strip() != "default" else ""
+        if named.bedrock_invoke and call.service_tier:  # its reply says its tier in a header policyd does not read
+            return _problem(call, "invalid_request", "policyd charges a Bedrock tier a reply names: ask for one "
+                            "with Converse (serviceTier), whose reply names it", BEDROCK_TIER_HEADER)
+        if _dict_of(data, "performanceConfig").get("latency") == "optimized":  # latency-optimized: priced apart
+            if call.service_tier:
+                return _problem(call, "invalid_request", "a request asks for one Bedrock tier: serviceTier or "
+                                "latency-optimized inference", "performanceConfig")
+            call.service_tier = BEDROCK_LATENCY_OPTIMIZED
+    elif endpoint == "anthropic_messages":  # Anthropic serves at its priority tier when it can unless told not to
         call.service_tier = "" if tier == "standard_only" else "priority"
         call.service_tier_implied = True
         if data.get("speed") == "fast":  # fast mode: its own, dearer prices
@@ -1007,6 +1064,8 @@ ANTHROPIC_BUILT_IN_TOOL_BYTES = 3_000
 
 
 def _hidden_prompt_bytes(endpoint: str, data: dict[str, Any]) -> int:
+    if endpoint == "bedrock_converse":  # the model's own tool-use prompt (Anthropic's, on Bedrock too)
+        return ANTHROPIC_TOOL_USE_PROMPT_BYTES if _dict_of(data, "toolConfig").get("tools") else 0
     tools = data.get("tools")
     if endpoint != "anthropic_messages" or not isinstance(tools, list) or not tools:
         return 0
@@ -1029,6 +1088,23 @@ def _file_ids(data: Any) -> tuple[str, ...]:
         elif isinstance(node, list):
             stack.extend(v for v in node if isinstance(v, (dict, list)))
     return tuple(found)
+
+
+def _cache_point_write(data: Any) -> str:
+    """The longest cache a Converse body's checkpoints ({"cachePoint": {"type": "default", "ttl": "1h"}}) ask
+    its input to be written to: 5m | 1h."""
+    longest = ""
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            point = node.get("cachePoint")
+            if isinstance(point, dict):
+                longest = "1h" if point.get("ttl") == "1h" or longest == "1h" else "5m"
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return longest
 
 
 def _cache_write(data: Any) -> str:
@@ -1269,8 +1345,9 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
             generation = {k: v for k, v in given.items() if k not in _GEMINI_OUTPUT_CAP}
             generation["maxOutputTokens"] = output_cap
             body[key] = generation
-        changed = changed or endpoint in ("chat_completions", "completions", "responses", "anthropic_messages",
-                                          "gemini_generate_content")
+        elif endpoint == "bedrock_converse":
+            body["inferenceConfig"] = {**_dict_of(body, "inferenceConfig"), "maxTokens": output_cap}
+        changed = changed or endpoint in OUTPUT_CAP_FIELDS
     if tool_call_cap and endpoint == "responses" and not _count(body.get("max_tool_calls")):
         body["max_tool_calls"] = tool_call_cap
         changed = True

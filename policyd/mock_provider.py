@@ -1,6 +1,7 @@
-"""A small OpenAI/Anthropic/Gemini-compatible provider for demos and tests: it answers chat completions,
+"""A small OpenAI/Anthropic/Gemini/Bedrock-compatible provider for demos and tests: it answers chat completions,
 responses, embeddings, legacy completions, speech, Anthropic messages, Gemini's generateContent (and its
-streams, SSE or a JSON array) and token counts with deterministic usage, streams SSE, and can fail.
+streams, SSE or a JSON array), Bedrock's Converse and InvokeModel (their streams in AWS's event stream
+encoding) and token counts with deterministic usage, streams SSE, and can fail.
 
 The Responses API streams its own events (response.created, items added and done, text deltas, an image
 tool's partial images, response.completed with the usage); chat and legacy completions stream chunks.
@@ -13,7 +14,7 @@ Scenarios, by the request header `x-mock-scenario`:
     error_midway (an Anthropic stream that ends with an error event and no message_delta) |
     gzip (a JSON reply, or a chat or text completion stream, compressed whatever the request accepts; a JSON
     reply is compressed anyway when the request accepts gzip, as providers do) |
-    fragmented (a chat or text completion stream written a few bytes at a time: its events split across
+    fragmented (a chat or text completion stream, or a Bedrock one, written a few bytes at a time: its events split across
     reads, as a network may deliver them) | sized (a chat or text completion stream sent whole, with a
     content-length, as a server that buffers its events does)
 
@@ -38,10 +39,12 @@ import re
 import sys
 import threading
 import time
+import urllib.parse
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from policyd import event_stream
 from policyd.audio import wav_seconds
 from policyd.multipart import MultipartError, MultipartForm
 
@@ -65,10 +68,14 @@ ACCOUNT_HEADERS = {"openai-organization": "org-operator", "x-ratelimit-remaining
 IMAGE_TOKENS = {"low": 272, "medium": 1056, "high": 4160}  # a square image's output tokens, by quality
 GEMINI_IMAGE_TOKENS = 1290  # a 1024x1024 image out of Gemini's image models
 GEMINI_PATH = re.compile(r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent)$")
+BEDROCK_PATH = re.compile(r"/model/(?P<model>[^/]+)/(?P<verb>converse|converse-stream|invoke|invoke-with-response-stream"
+                          r"|count-tokens)$")
 VERTEX_ANTHROPIC_PATH = re.compile(r"/publishers/anthropic/models/(?P<model>[^/:]+):(rawPredict|streamRawPredict)$")
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:
+    counted = body.get("input") if isinstance(body.get("input"), dict) else {}  # Bedrock's count-tokens
+    body = counted.get("converse") or body
     text = json.dumps(body.get("messages") or body.get("input") or body.get("prompt") or body.get("contents") or "",
                       ensure_ascii=False)
     return -(-len(text.encode()) // 4)
@@ -76,8 +83,9 @@ def prompt_tokens(body: dict[str, Any]) -> int:
 
 def output_cap(body: dict[str, Any]) -> int:
     generation = body.get("generationConfig") if isinstance(body.get("generationConfig"), dict) else {}
+    inference = body.get("inferenceConfig") if isinstance(body.get("inferenceConfig"), dict) else {}  # Bedrock's
     for value in (body.get("max_completion_tokens"), body.get("max_tokens"), body.get("max_output_tokens"),
-                  generation.get("maxOutputTokens")):
+                  generation.get("maxOutputTokens"), inference.get("maxTokens")):
         if isinstance(value, int) and value > 0:
             return value
     return COMPLETION_TOKENS_MAX
@@ -269,11 +277,19 @@ class MockProvider:
             return self._stored_chat(h, body, stored_chat.group("id"), stored_chat.group("rest") or "")
         deployment = route.split("/openai/deployments/", 1)[1].split("/", 1)[0] if "/openai/deployments/" in route else ""
         vertex_anthropic = VERTEX_ANTHROPIC_PATH.search(route)  # Vertex AI's Claude: the model in the path
-        model = deployment or (vertex_anthropic.group("model") if vertex_anthropic else body.get("model", ""))
+        bedrock = BEDROCK_PATH.search(route)  # Amazon Bedrock: the model in the path (URL-encoded)
+        model = deployment or (vertex_anthropic.group("model") if vertex_anthropic else
+                               urllib.parse.unquote(bedrock.group("model")) if bedrock else body.get("model", ""))
         model = h.headers.get("x-mock-reply-model") or model  # a provider that served another model than sent
         p_tokens = prompt_tokens(body)
         c_tokens = min(output_cap(body), COMPLETION_TOKENS_MAX)
         text = "".join(WORDS[:c_tokens])
+        if bedrock and bedrock.group("verb") == "count-tokens":
+            return h._json(200, {"inputTokens": p_tokens})
+        if bedrock and bedrock.group("verb").startswith("converse"):
+            return self._converse(h, body, p_tokens, c_tokens, text, bedrock.group("verb") == "converse-stream", scenario)
+        if bedrock and bedrock.group("verb") == "invoke-with-response-stream":
+            return self._stream(h, body, model, p_tokens, c_tokens, scenario, anthropic=True, bedrock=True)
         if route.endswith(("/audio/transcriptions", "/audio/translations")):
             return self._speech_to_text(h, body, model, audio, text)
         if route.endswith("/audio/speech"):
@@ -299,7 +315,7 @@ class MockProvider:
                                 sse="alt=sse" in h.path, searches=2 if grounded else 0,
                                 maps=any(isinstance(t, dict) and ("googleMaps" in t or "google_maps" in t)
                                          for t in body.get("tools") or []))
-        anthropic = route.endswith("/v1/messages") or vertex_anthropic is not None
+        anthropic = route.endswith("/v1/messages") or vertex_anthropic is not None or bedrock is not None
         legacy = route.endswith("/completions") and not route.endswith("/chat/completions")  # text completions
         if route.endswith(("/images/generations", "/images/edits", "/images/variations")):
             # per image; gpt-image models report tokens too (an edit's input images: 323 tokens each)
@@ -825,8 +841,71 @@ class MockProvider:
             h.wfile.write(b"1\r\n]\r\n")
         h.wfile.write(b"0\r\n\r\n")
 
+    def _converse(self, h: Any, body: dict[str, Any], p_tokens: int, c_tokens: int, text: str, stream: bool,
+                  scenario: str) -> None:
+        """Bedrock's Converse: its usage counts apart what a cache checkpoint wrote (half the prompt); its
+        stream is event stream messages, the usage in the last (metadata), and the tier that served it."""
+        usage = {"inputTokens": p_tokens, "outputTokens": c_tokens, "totalTokens": p_tokens + c_tokens}
+        if "cachePoint" in json.dumps(body.get("system")):
+            written = p_tokens // 2
+            usage.update(inputTokens=p_tokens - written, cacheWriteInputTokens=written, cacheReadInputTokens=0)
+        asked = body.get("serviceTier") if isinstance(body.get("serviceTier"), dict) else {}
+        served = {"serviceTier": {"type": asked.get("type") or "default"},
+                  "performanceConfig": body.get("performanceConfig") or {"latency": "standard"}}
+        if not stream:
+            return h._json(200, {"output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+                                 "stopReason": "end_turn", "metrics": {"latencyMs": 1}, **served,
+                                 **({} if scenario == "no_usage" else {"usage": usage})})
+        h.send_response(200)
+        h.send_header("content-type", "application/vnd.amazon.eventstream")
+        h.send_header("transfer-encoding", "chunked")
+        h.end_headers()
+        events: list[tuple[str, dict[str, Any]]] = [("messageStart", {"role": "assistant"})]
+        events += [("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": word}}) for word in WORDS[:c_tokens]]
+        events += [("contentBlockStop", {"contentBlockIndex": 0}), ("messageStop", {"stopReason": "end_turn"})]
+        if scenario != "no_usage":
+            events.append(("metadata", {"usage": usage, "metrics": {"latencyMs": 1}, **served}))
+        for i, (kind, payload) in enumerate(events):
+            if scenario == "cut" and i == len(events) // 2:
+                h.close_connection = True
+                return
+            self._send_message(h, kind, payload, scenario)
+        h.wfile.write(b"0\r\n\r\n")
+
+    @staticmethod
+    def _send_message(h: Any, kind: str, payload: dict[str, Any], scenario: str) -> None:
+        """One event stream message, as Bedrock sends each event (padded with `p`), in one HTTP chunk, or a
+        few bytes at a time (scenario fragmented)."""
+        encoded = event_stream.encode({":event-type": kind, ":content-type": "application/json",
+                                       ":message-type": "event"}, json.dumps({**payload, "p": "abcdefgh"}).encode())
+        size = 5 if scenario == "fragmented" else len(encoded)
+        for at in range(0, len(encoded), size):
+            piece = encoded[at:at + size]
+            h.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            h.wfile.flush()
+        time.sleep(EVENT_GAP_SECONDS.get(scenario, 0.002))
+
     def _stream(self, h: Any, body: dict[str, Any], model: str, p_tokens: int, c_tokens: int, scenario: str,
-                anthropic: bool, legacy: bool = False) -> None:
+                anthropic: bool, legacy: bool = False, bedrock: bool = False) -> None:
+        if bedrock:  # InvokeModelWithResponseStream: each of Anthropic's events in a message of its own, in base64
+            h.send_response(200)
+            h.send_header("content-type", "application/vnd.amazon.eventstream")
+            h.send_header("transfer-encoding", "chunked")
+            h.end_headers()
+            events = [{"type": "message_start", "message": {"id": "msg_mock", "model": model, "usage": {
+                "input_tokens": p_tokens, "output_tokens": 0}}}]
+            events += [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}
+                       for word in WORDS[:c_tokens]]
+            events += [{"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": c_tokens}},
+                       {"type": "message_stop", "amazon-bedrock-invocationMetrics": {
+                           "inputTokenCount": p_tokens, "outputTokenCount": c_tokens}}]
+            for i, event in enumerate(events):
+                if scenario == "cut" and i == len(events) // 2:
+                    h.close_connection = True
+                    return
+                self._send_message(h, "chunk", {"bytes": base64.b64encode(json.dumps(event).encode()).decode()}, scenario)
+            h.wfile.write(b"0\r\n\r\n")
+            return
         # scenario gzip: a chat or text completion stream compressed whatever the request accepts
         compressor = zlib.compressobj(wbits=31) if scenario == "gzip" and not anthropic else None
         # scenario sized: a chat or text completion stream sent whole, with its content-length (a server that

@@ -16,6 +16,10 @@ and shown; secrets are not):
         provider: azure            # Azure OpenAI: the key goes as `api-key` (or set auth: bearer, ...)
         cluster: azure-east
         api_key_env: AZURE_KEY_EAST
+      - name: bedrock-us
+        provider: bedrock          # Amazon Bedrock: a Bedrock API key, sent as Authorization: Bearer
+        cluster: bedrock-us        # bedrock-runtime.us-east-1.amazonaws.com
+        api_key_env: BEDROCK_API_KEY
       - name: openai-research
         provider: openai
         api_key_env: OPENAI_KEY_3

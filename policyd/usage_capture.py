@@ -8,13 +8,16 @@ estimate, marked as such).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import zlib
 from dataclasses import asdict, dataclass
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
-from policyd.domain import ANTHROPIC_FAST_MODE, tier_in_geo
+from policyd import event_stream
+from policyd.domain import ANTHROPIC_FAST_MODE, BEDROCK_LATENCY_OPTIMIZED, tier_in_geo
 from policyd.json_fields import ObjectFields
 from policyd.pricing import speech_audio_tokens_likely
 
@@ -256,6 +259,25 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         tools = _dict(usage.get("server_tool_use"))
         seen.web_searches = max(seen.web_searches, _n(tools.get("web_search_requests")))
         return True
+    if endpoint == "bedrock_converse":  # a whole reply, or a stream's metadata event ({"metadata": {...}})
+        event = _dict(data.get("metadata")) or data
+        tier = _dict(event.get("serviceTier")).get("type")
+        if isinstance(tier, str) and tier:
+            seen.service_tier = "" if tier == "default" else tier[:32]
+        if _dict(event.get("performanceConfig")).get("latency") == "optimized":
+            seen.service_tier = BEDROCK_LATENCY_OPTIMIZED
+        usage = event.get("usage")
+        if not isinstance(usage, dict):
+            return False
+        # its input counts neither what was read from the cache nor what was written to it
+        read, written = _n(usage.get("cacheReadInputTokens")), _n(usage.get("cacheWriteInputTokens"))
+        seen.input_tokens = _n(usage.get("inputTokens")) + read + written
+        seen.cached_input_tokens, seen.cache_write_input_tokens = read, written
+        kept_long = sum(_n(d.get("inputTokens")) for d in _list(usage.get("cacheDetails"))
+                        if isinstance(d, dict) and d.get("ttl") == "1h")
+        seen.cache_write_1h_input_tokens = min(kept_long, written)
+        seen.output_tokens = _n(usage.get("outputTokens"))
+        return True
     if endpoint == "gemini_generate_content":
         seen.web_searches = max(seen.web_searches, _grounding_searches(data))
         seen.maps_groundings = max(seen.maps_groundings, _maps_grounded(data))
@@ -358,6 +380,14 @@ def _gemini_generated(candidate: dict[str, Any]) -> list[Any]:
     return [p.get("text") for p in parts] + [_json_text(p.get("functionCall")) for p in parts]
 
 
+def _converse_generated(block: dict[str, Any]) -> list[Any]:
+    """A Converse content block (or a stream's delta): text, reasoning, a tool call's input (whole or in parts)."""
+    reasoning = _dict(block.get("reasoningContent"))
+    tool = _dict(block.get("toolUse")).get("input")
+    return [block.get("text"), _dict(reasoning.get("reasoningText")).get("text"), reasoning.get("text"),
+            tool if isinstance(tool, str) else _json_text(tool)]
+
+
 def _delivered_text(endpoint: str, data: Any) -> int:
     """Bytes of what the model generated in one stream event, of every kind the provider bills as output
     (text, reasoning shown, refusals, tool calls' arguments), for estimating a cut stream."""
@@ -377,6 +407,8 @@ def _delivered_text(endpoint: str, data: Any) -> int:
     for candidate in _list(data.get("candidates")):
         if isinstance(candidate, dict):
             texts += _gemini_generated(candidate)
+    if isinstance(data.get("contentBlockDelta"), dict):  # Bedrock's ConverseStream
+        texts += _converse_generated(_dict(data["contentBlockDelta"].get("delta")))
     return _bytes(texts)
 
 
@@ -402,6 +434,9 @@ def _reply_text(data: Any) -> int:
     for candidate in _list(data.get("candidates")):  # gemini
         if isinstance(candidate, dict):
             texts += _gemini_generated(candidate)
+    for block in _list(_dict(_dict(data.get("output")).get("message")).get("content")):  # Bedrock's Converse
+        if isinstance(block, dict):
+            texts += _converse_generated(block)
     return _bytes(texts)
 
 
@@ -451,6 +486,8 @@ class ResponseReader:
         self.finished = False  # the provider said the stream is complete ([DONE], message_stop, ...)
         # Gemini's stream without alt=sse is one JSON array whose objects arrive one by one, not SSE
         self._array: bool | None = None  # decided by the stream's first byte
+        # Bedrock's streams are in AWS's event stream encoding, whose first byte (of a length) is 0
+        self._messages: event_stream.Decoder | None = None
         self._buffer = bytearray()
         self._large: ObjectFields | None = None  # a reply, or a stream's event, too large to hold: read as it passes
         self._decoder: Any = None  # a zlib decompressor, for a reply in gzip or deflate
@@ -497,6 +534,9 @@ class ResponseReader:
             else:
                 self._buffer += chunk
             return
+        if self._messages is not None or (self._array is None and not self._buffer and chunk[:1] == b"\x00"):
+            self._event_stream(chunk)
+            return
         if self._large is not None and self._array:  # an object of a JSON-array stream too large to hold
             self._large.feed(chunk)
             if self._large.rest is None and not self._large.broken:
@@ -530,6 +570,33 @@ class ResponseReader:
             line = bytes(self._buffer[:newline]).rstrip(b"\r")
             del self._buffer[: newline + 1]
             self._line(line)
+
+    def _event_stream(self, chunk: bytes) -> None:
+        """Bedrock's messages, each one event: ConverseStream's (read as {event type: payload}), or one of the
+        model's own API's events (InvokeModelWithResponseStream's `chunk`: Anthropic's, base64 in `bytes`)."""
+        if self._messages is None:
+            self._messages = event_stream.Decoder()
+        if self.malformed:
+            return
+        try:
+            messages = self._messages.feed(chunk)
+        except event_stream.EventStreamError:
+            self.malformed = True
+            return
+        for message in messages:
+            if message.headers.get(":message-type") != "event":  # the provider's error, mid-stream: no usage in it
+                continue
+            kind = message.headers.get(":event-type", "")
+            try:
+                data = json.loads(message.payload)
+                if kind == "chunk":
+                    data = json.loads(base64.b64decode(_dict(data).get("bytes", ""), validate=True))
+            except (ValueError, RecursionError, binascii.Error):
+                self.malformed = True
+                continue
+            self._event(data if kind == "chunk" else {kind: data})
+            if kind == "metadata":  # ConverseStream's last event, after messageStop: the usage
+                self.finished = True
 
     def _large_event_ended(self) -> None:
         large, self._large = self._large, None

@@ -3,6 +3,8 @@ and the official openai SDK as the client."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import re
 import shutil
@@ -18,13 +20,15 @@ from typing import Any, Iterator
 import grpc
 import httpx
 import urllib.error
+import urllib.parse
 import urllib.request
 import openai
 import pytest
 
+from policyd import event_stream
 from policyd.gateway_config import SHAPES, Upstream, render
 from policyd.mock_provider import (ACCOUNT_HEADERS, AUDIO_BYTES_PER_CHARACTER, COMPLETION_TOKENS_MAX, GEMINI_IMAGE_TOKENS,
-                                   IMAGE_TOKENS, SLOW_FILE_SECONDS, MockProvider, prompt_tokens)
+                                   IMAGE_TOKENS, SLOW_FILE_SECONDS, WORDS, MockProvider, prompt_tokens)
 from policyd.money import format_amount, parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.helpers import FundedCustomers, leave_before_the_reply, streamed, wav
@@ -32,10 +36,14 @@ from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
 
 FIXTURES = Path(__file__).parent / "fixtures"
+BEDROCK_SONNET = "us.anthropic.claude-sonnet-4-20250514-v1:0"  # Amazon Bedrock's, by an inference profile's id
+BEDROCK_HAIKU = "us.anthropic.claude-3-5-haiku-20241022-v1:0"
 AZURE_API_VERSION = "2024-10-21"
-PROVIDER_KEYS = ("sk-mock-openai-1", "sk-mock-openai-2", "sk-mock-anthropic", "sk-mock-google")
+PROVIDER_KEYS = ("sk-mock-openai-1", "sk-mock-openai-2", "sk-mock-anthropic", "sk-mock-google", "bedrock-api-key-mock")
 PRICE = {"gpt-4o": ("2.50", "10.00"), "gpt-4o-mini": ("0.15", "0.60"), "claude-sonnet-4": ("3.00", "15.00"),
-         "gpt-4o-mini@batch": ("0.075", "0.30"), "claude-sonnet-4@batch": ("1.50", "7.50")}  # batch tiers
+         "gpt-4o-mini@batch": ("0.075", "0.30"), "claude-sonnet-4@batch": ("1.50", "7.50"),  # batch tiers
+         BEDROCK_SONNET: ("3.00", "15.00"), f"{BEDROCK_SONNET}@flex": ("1.50", "7.50"),
+         f"{BEDROCK_SONNET}@latency_optimized": ("3.60", "18.00"), BEDROCK_HAIKU: ("0.80", "4.00")}
 
 
 def envoy_binary() -> str:
@@ -50,7 +58,8 @@ PROVIDERS = ("accounts:\n"
              "      organization: org-operator, project: proj_operator}\n"
              f"  - {{name: openai-2, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[1]}}}\n"
              f"  - {{name: anthropic-1, provider: anthropic, cluster: anthropic, api_key: {PROVIDER_KEYS[2]}}}\n"
-             f"  - {{name: google-1, provider: google, cluster: google, api_key: {PROVIDER_KEYS[3]}}}\n")
+             f"  - {{name: google-1, provider: google, cluster: google, api_key: {PROVIDER_KEYS[3]}}}\n"
+             f"  - {{name: bedrock-1, provider: bedrock, cluster: bedrock, api_key: {PROVIDER_KEYS[4]}}}\n")
 
 
 def start_envoy(config: Path, port: int, log: Path) -> subprocess.Popen:
@@ -82,7 +91,8 @@ class Gateway(FundedCustomers):
         config.write_text(render(listen_port=self.port, policyd_port=self.policyd.port, admin_port=free_port(),
                                  upstreams=(Upstream("openai", "127.0.0.1", self.mock.port),
                                             Upstream("anthropic", "127.0.0.1", self.mock.port),
-                                            Upstream("google", "127.0.0.1", self.mock.port)), shape=shape,
+                                            Upstream("google", "127.0.0.1", self.mock.port),
+                                            Upstream("bedrock", "127.0.0.1", self.mock.port)), shape=shape,
                                  cors_origins=(APP_ORIGIN,)))
         self.envoy_log = tmp / "envoy.log"
         self.envoy = start_envoy(config, self.port, self.envoy_log)
@@ -926,6 +936,142 @@ def test_vertex_ais_gemini_and_claude_are_metered_as_their_own_apis(gateway: Gat
     assert len(sent) == 4 and all(PROVIDER_KEYS[2] in json.dumps(r["credentials"]) or
                                   PROVIDER_KEYS[3] in json.dumps(r["credentials"]) for r in sent)
     assert all(google not in json.dumps(r) and claude not in json.dumps(r) for r in sent)
+
+
+def bedrock_client(gateway: Gateway, key: str) -> Any:
+    """boto3's Bedrock runtime client on the gateway, the customer's key sent as a Bedrock API key is
+    (`Authorization: Bearer`). boto3 sends AWS_BEARER_TOKEN_BEDROCK's key over HTTPS alone, and the test's
+    gateway listens in plain HTTP: the client signs nothing and the header is set as boto3 would set it."""
+    import boto3
+    import botocore
+
+    client = boto3.client("bedrock-runtime", region_name="us-east-1", endpoint_url=f"http://127.0.0.1:{gateway.port}",
+                          config=botocore.config.Config(retries={"max_attempts": 1}, read_timeout=20,
+                                                        signature_version=botocore.UNSIGNED))
+    client.meta.events.register("before-send.bedrock-runtime.*",
+                                lambda request, **_: request.headers.__setitem__("Authorization", f"Bearer {key}"))
+    return contextlib.closing(client)
+
+
+def bedrock_request_id(reply: dict[str, Any]) -> str:
+    return reply["ResponseMetadata"]["HTTPHeaders"]["x-policyd-request-id"]
+
+
+def sent_with_text(gateway: Gateway, text: str) -> list[dict[str, Any]]:
+    return [r for r in gateway.mock.received() if text in json.dumps(r["body"])]
+
+
+def test_bedrock_is_charged_exactly_through_converse_and_invoke_streamed_or_not(gateway: Gateway) -> None:
+    """Amazon Bedrock's runtime API with boto3 (its Converse, ConverseStream, InvokeModel and
+    InvokeModelWithResponseStream; its streams in AWS's event stream encoding, which boto3 checks message by
+    message): each charged exactly the usage Bedrock reports, on the operator's Bedrock API key alone."""
+    key = gateway.customer("e2e-bedrock", plan="bedrock")
+    said = [{"role": "user", "content": [{"text": "bedrock, exactly"}]}]
+    with bedrock_client(gateway, key) as bedrock:
+        reply = bedrock.converse(modelId=BEDROCK_SONNET, messages=said, inferenceConfig={"maxTokens": 8})
+        assert reply["output"]["message"]["content"][0]["text"] == "".join(WORDS[:8])
+        used = reply["usage"]
+        record = gateway.record(bedrock_request_id(reply))
+        assert (record["status"], record["error_class"], record["served_model"], record["input_tokens"],
+                record["output_tokens"]) == ("settled", "", BEDROCK_SONNET, used["inputTokens"], 8)
+        assert record["charge_nanos"] == expected_charge(BEDROCK_SONNET, used["inputTokens"], 8) > 0
+
+        streamed = bedrock.converse_stream(modelId=BEDROCK_SONNET, messages=said, inferenceConfig={"maxTokens": 6})
+        events = list(streamed["stream"])
+        assert "".join(e["contentBlockDelta"]["delta"]["text"] for e in events if "contentBlockDelta" in e) == \
+            "".join(WORDS[:6])
+        used = next(e["metadata"]["usage"] for e in events if "metadata" in e)
+        record = gateway.record(bedrock_request_id(streamed))
+        assert (record["status"], record["error_class"], record["output_tokens"], record["stream_interrupted"]) == (
+            "settled", "", 6, 0)
+        assert record["charge_nanos"] == expected_charge(BEDROCK_SONNET, used["inputTokens"], 6)
+
+        body = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 7,
+                           "messages": [{"role": "user", "content": "invoke me on bedrock"}]})
+        invoked = bedrock.invoke_model(modelId=BEDROCK_SONNET, body=body)
+        message = json.loads(invoked["body"].read())
+        record = gateway.record(bedrock_request_id(invoked))
+        assert (record["status"], record["output_tokens"], record["charge_nanos"]) == ("settled", 7, expected_charge(
+            BEDROCK_SONNET, message["usage"]["input_tokens"], 7))
+
+        streamed = bedrock.invoke_model_with_response_stream(modelId=BEDROCK_SONNET, body=body)
+        events = [json.loads(part["chunk"]["bytes"]) for part in streamed["body"]]
+        used_in = next(e["message"]["usage"]["input_tokens"] for e in events if e["type"] == "message_start")
+        record = gateway.record(bedrock_request_id(streamed))
+        assert (record["status"], record["error_class"], record["output_tokens"], record["charge_nanos"]) == (
+            "settled", "", 7, expected_charge(BEDROCK_SONNET, used_in, 7))
+    sent = [r for r in gateway.mock.received() if r["path"].startswith("/model/")]
+    assert len(sent) == 4 and all(r["credentials"] == {"authorization": f"Bearer {PROVIDER_KEYS[4]}"} for r in sent)
+    assert key not in json.dumps(sent)
+
+
+def test_bedrock_requests_reach_it_capped_at_their_tier_and_downgraded_in_the_path(gateway: Gateway) -> None:
+    """A Converse request giving no maxTokens gets policyd's cap in its inferenceConfig (its own settings kept);
+    a tier asked for (serviceTier, latency-optimized inference) is charged at its prices; a downgrade names the
+    cheaper model in the path; an empty wallet is refused before Bedrock."""
+    import botocore.exceptions
+
+    key = gateway.customer("e2e-bedrock-tiers", plan="bedrock")
+    with bedrock_client(gateway, key) as bedrock:
+        reply = bedrock.converse(modelId=BEDROCK_SONNET, inferenceConfig={"temperature": 0.5},
+                                 messages=[{"role": "user", "content": [{"text": "no cap given on bedrock"}]}])
+        config = sent_with_text(gateway, "no cap given on bedrock")[-1]["body"]["inferenceConfig"]
+        assert config["temperature"] == 0.5 and config["maxTokens"] > 0
+        record = gateway.record(bedrock_request_id(reply))
+        assert record["charge_nanos"] == expected_charge(BEDROCK_SONNET, reply["usage"]["inputTokens"],
+                                                         reply["usage"]["outputTokens"])
+        for tier, asked in (("flex", {"serviceTier": {"type": "flex"}}),
+                            ("latency_optimized", {"performanceConfig": {"latency": "optimized"}})):
+            reply = bedrock.converse(modelId=BEDROCK_SONNET, inferenceConfig={"maxTokens": 5}, **asked,
+                                     messages=[{"role": "user", "content": [{"text": f"tier {tier}"}]}])
+            record = gateway.record(bedrock_request_id(reply))
+            used = reply["usage"]["inputTokens"]
+            assert record["charge_nanos"] == expected_charge(f"{BEDROCK_SONNET}@{tier}", used, 5) != \
+                expected_charge(BEDROCK_SONNET, used, 5), tier
+    thrifty = gateway.customer("e2e-bedrock-thrifty", plan="bedrock-thrifty")
+    with bedrock_client(gateway, thrifty) as bedrock:
+        reply = bedrock.converse(modelId=BEDROCK_SONNET, inferenceConfig={"maxTokens": 5},
+                                 messages=[{"role": "user", "content": [{"text": "downgrade me on bedrock"}]}])
+    assert sent_with_text(gateway, "downgrade me on bedrock")[-1]["path"] == \
+        f"/model/{urllib.parse.quote(BEDROCK_HAIKU, safe='')}/converse"
+    record = gateway.record(bedrock_request_id(reply))
+    assert (record["decision"], record["requested_model"], record["served_model"]) == (
+        "downgrade", BEDROCK_SONNET, BEDROCK_HAIKU)
+    assert record["charge_nanos"] == expected_charge(BEDROCK_HAIKU, reply["usage"]["inputTokens"], 5)
+    broke = gateway.customer("e2e-bedrock-broke", plan="bedrock", credit="")
+    with bedrock_client(gateway, broke) as bedrock, pytest.raises(botocore.exceptions.ClientError) as refused:
+        bedrock.converse(modelId=BEDROCK_SONNET, messages=[{"role": "user", "content": [{"text": "no money, bedrock"}]}])
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 429
+    assert not sent_with_text(gateway, "no money, bedrock")
+
+
+def test_a_bedrock_stream_is_read_in_any_pieces_and_charged_when_cut(gateway: Gateway) -> None:
+    """A ConverseStream whose messages arrive a few bytes at a time is charged its usage exactly; one cut
+    midway (no metadata event) is charged for what it delivered."""
+    key = gateway.customer("e2e-bedrock-cut", plan="bedrock")
+    path = f"/model/{urllib.parse.quote(BEDROCK_SONNET, safe='')}/converse-stream"
+    body = {"messages": [{"role": "user", "content": [{"text": "cut me on bedrock"}]}], "inferenceConfig": {"maxTokens": 12}}
+
+    def request(scenario: str, request_id: str) -> urllib.request.Request:
+        return urllib.request.Request(f"http://127.0.0.1:{gateway.port}{path}", data=json.dumps(body).encode(),
+                                      method="POST", headers={"authorization": f"Bearer {key}", "x-mock-scenario": scenario,
+                                                              "content-type": "application/json",
+                                                              "x-policyd-request-id": request_id})
+
+    with urllib.request.urlopen(request("fragmented", "e2e-bedrock-pieces-1"), timeout=20) as reply:
+        whole = reply.read()
+    used = [m for m in event_stream.Decoder().feed(whole) if m.headers[":event-type"] == "metadata"]
+    used_in = json.loads(used[0].payload)["usage"]["inputTokens"]
+    record = gateway.record("e2e-bedrock-pieces-1")
+    assert (record["status"], record["error_class"], record["output_tokens"], record["charge_nanos"]) == (
+        "settled", "", 12, expected_charge(BEDROCK_SONNET, used_in, 12))
+    with pytest.raises((http.client.IncompleteRead, OSError)):
+        with urllib.request.urlopen(request("cut", "e2e-bedrock-cut-1"), timeout=20) as reply:
+            reply.read()
+    record = gateway.record("e2e-bedrock-cut-1")
+    assert record["status"] == "settled" and record["stream_interrupted"]
+    assert record["error_class"].startswith("usage_estimated") and 0 < record["output_tokens"] < 12
+    assert record["charge_nanos"] == expected_charge(BEDROCK_SONNET, record["input_tokens"], record["output_tokens"])
 
 
 def test_geminis_openai_compatible_api_is_metered_as_openais(gateway: Gateway) -> None:

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +23,7 @@ import grpc
 import openai
 import pytest
 
-from policyd import http_api
+from policyd import event_stream, http_api
 from policyd.mock_provider import MockProvider, prompt_tokens
 from policyd.money import parse_amount, price_quantity
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
@@ -194,6 +195,29 @@ def test_a_cap_fitted_to_the_wallet_goes_to_the_provider_lowered(gateway: Exampl
     assert record["status"] == "settled" and 64 <= record["max_output_tokens"] < 30_000
     (sent,) = gateway.received("fit me, middleware")
     assert sent["body"]["max_tokens"] == record["max_output_tokens"] and "max_completion_tokens" not in sent["body"]
+
+
+def test_a_bedrock_stream_is_charged_its_usage_and_capped_where_converse_reads_it(gateway: ExampleGateway) -> None:
+    """Bedrock's ConverseStream through the middleware: its event stream messages, arriving a few bytes at a
+    time, pass as sent and its usage is charged exactly; the cap the client left out is set in inferenceConfig."""
+    key = gateway.customer("mw-bedrock", plan="bedrock")
+    model = "us.anthropic.claude-sonnet-4-20250514-v1:0"
+    body = {"messages": [{"role": "user", "content": [{"text": "middleware on bedrock"}]}]}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{gateway.port}/model/{urllib.parse.quote(model, safe='')}/converse-stream",
+        data=json.dumps(body).encode(), method="POST",
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json", "x-mock-scenario": "fragmented"})
+    with urllib.request.urlopen(request, timeout=20) as reply:
+        request_id, whole = reply.headers["x-policyd-request-id"], reply.read()
+    messages = event_stream.Decoder().feed(whole)
+    (used,) = [json.loads(m.payload)["usage"] for m in messages if m.headers[":event-type"] == "metadata"]
+    record = gateway.record(request_id)
+    assert (record["status"], record["error_class"], record["input_tokens"], record["output_tokens"]) == (
+        "settled", "", used["inputTokens"], used["outputTokens"])
+    assert record["charge_nanos"] == expected_charge(model, used["inputTokens"], used["outputTokens"]) > 0
+    (sent,) = [r for r in gateway.mock.received() if "middleware on bedrock" in json.dumps(r["body"])]
+    assert sent["body"]["inferenceConfig"] == {"maxTokens": record["max_output_tokens"]} and sent["authorization"] == \
+        f"Bearer {PROVIDER_KEY}"
 
 
 def test_a_key_in_the_query_is_read_and_never_reaches_the_provider(gateway: ExampleGateway) -> None:

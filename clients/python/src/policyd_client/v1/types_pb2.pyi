@@ -20,6 +20,7 @@ class EndpointFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIO_SPEECH: _ClassVar[EndpointFamily]
     AUDIO_TRANSCRIPTIONS: _ClassVar[EndpointFamily]
     MODERATIONS: _ClassVar[EndpointFamily]
+    BEDROCK_CONVERSE: _ClassVar[EndpointFamily]
 ENDPOINT_FAMILY_UNSPECIFIED: EndpointFamily
 CHAT_COMPLETIONS: EndpointFamily
 RESPONSES: EndpointFamily
@@ -31,6 +32,7 @@ COMPLETIONS: EndpointFamily
 AUDIO_SPEECH: EndpointFamily
 AUDIO_TRANSCRIPTIONS: EndpointFamily
 MODERATIONS: EndpointFamily
+BEDROCK_CONVERSE: EndpointFamily
 
 class Money(_message.Message):
     __slots__ = ("currency", "nanos")
