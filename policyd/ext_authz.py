@@ -39,12 +39,25 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 def denied(status: int, body: bytes, retry_after: int = 0) -> Any:
     """A reply Envoy sends itself, without calling the upstream (a denial, or an answer policyd owns)."""
-    headers = [_header(k, v) for k, v in http_api.reply_headers(status, retry_after)]
+    return _denied(status, dict(http_api.reply_headers(status, retry_after)), body)
+
+
+def _denied(status: int, headers: dict[str, str], body: bytes) -> Any:
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
         denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=status), headers=headers, body=body.decode()),
+            status=http_status_pb2.HttpStatus(code=status), headers=[_header(k, v) for k, v in headers.items()],
+            body=body.decode()),
     )
+
+
+def for_clients_of(path: str, response: Any) -> Any:
+    """policyd's own reply as the client of that path reads it: a Bedrock client, in AWS's error shape."""
+    if not response.HasField("denied_response") or not http_api.aws_client_path(path):
+        return response
+    reply = response.denied_response
+    return _denied(*http_api.for_aws_clients(reply.status.code, {h.header.key: h.header.value for h in reply.headers},
+                                             reply.body.encode()))
 
 
 def deny_decision(d: Decision) -> Any:
@@ -65,10 +78,11 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
 
     async def Check(self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await self._check(request)
+            response = await self._check(request)
         except Exception as error:  # answered as the OpenAI error a client reads, not as an empty 503
             log.exception("check failed")
-            return denied_by_failure(error)
+            response = denied_by_failure(error)
+        return for_clients_of(request.attributes.request.http.path, response)
 
     async def _check(self, request: external_auth_pb2.CheckRequest) -> Any:
         http = request.attributes.request.http

@@ -109,10 +109,23 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 def immediate(status: int, body: bytes, retry_after: int = 0, details: str = "") -> Any:
     """A reply Envoy sends itself, without calling the upstream."""
-    headers = [_header(k, v) for k, v in http_api.reply_headers(status, retry_after)]
+    return _immediate(status, dict(http_api.reply_headers(status, retry_after)), body, details)
+
+
+def _immediate(status: int, headers: dict[str, str], body: bytes, details: str) -> Any:
     return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
-        status=http_status_pb2.HttpStatus(code=status), headers=ep.HeaderMutation(set_headers=headers), body=body,
+        status=http_status_pb2.HttpStatus(code=status),
+        headers=ep.HeaderMutation(set_headers=[_header(k, v) for k, v in headers.items()]), body=body,
         details=details[:64]))
+
+
+def for_clients_of(path: str, reply: Any) -> Any:
+    """policyd's own reply as the client of that path reads it: a Bedrock client, in AWS's error shape."""
+    if not reply.HasField("immediate_response") or not http_api.aws_client_path(path):
+        return reply
+    answer = reply.immediate_response
+    headers = {h.header.key: h.header.raw_value.decode() for h in answer.headers.set_headers}
+    return _immediate(*http_api.for_aws_clients(answer.status.code, headers, answer.body), answer.details)
 
 
 def immediate_denial(d: Decision) -> Any:
@@ -295,10 +308,11 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
     async def _decide(self, arrival: Arrival, body: bytes, kind: str, observer: bool) -> tuple[Exchange | None, Any]:
         """The ext_proc-only shape: authorize here, and either send the request on or answer it."""
         try:
-            return await self._decision(arrival, body, kind, observer)
+            exchange, reply = await self._decision(arrival, body, kind, observer)
         except Exception as error:  # answered as the OpenAI error a client reads, not as an empty 503
             log.exception("decision failed")
-            return None, immediate_failure(error)
+            exchange, reply = None, immediate_failure(error)
+        return exchange, for_clients_of(arrival.path, reply)
 
     async def _decision(self, arrival: Arrival, body: bytes, kind: str, observer: bool) -> tuple[Exchange | None, Any]:
         call = http_api.parse_call(arrival.method, arrival.path, arrival.headers, body, arrival.client_address)

@@ -90,6 +90,7 @@ class PolicydMiddleware:
         if query:
             path = f"{path}?{query.decode('latin-1')}"
         call = http_api.parse_call(method, path, headers, body, client_address=str(client[0]))
+        aws = http_api.aws_client_path(path)  # a Bedrock client: policyd's own replies in AWS's error shape too
         if size > self.body_bytes_max:
             call.problem, call.problem_message, call.problem_param = (
                 "request_too_large", f"the request body is larger than {self.body_bytes_max} bytes", "")
@@ -104,7 +105,7 @@ class PolicydMiddleware:
                 "unknown_endpoint", "batches are held by policyd's Envoy gateway, which reads their input file; "
                 "this gateway does not offer them", "path")
         if call.problem:
-            await self._refuse_unusable(call, send)
+            await self._refuse_unusable(call, send, aws)
             return
         request_id = call.attribution.request_id or f"gw-{uuid.uuid4().hex}"
         try:
@@ -122,11 +123,11 @@ class PolicydMiddleware:
             log.error("authorize failed (%s): refusing the request", error.reason)
             await _respond(send, 503, http_api.error_body("server_error", "policy_unavailable",
                                                           "the spend policy service is unavailable; retry later"),
-                           retry_after=1)
+                           retry_after=1, aws=aws)
             return
         if not decision.allowed:
             await _respond(send, decision.http_status, decision.error_body(), decision.retry_after_seconds,
-                           request_id=decision.request_id)
+                           request_id=decision.request_id, aws=aws)
             return
         if call.count_tokens:  # free: on to the proxy without the customer's key; nothing to read or settle, and
             # nothing to rewrite but a model the provider names otherwise
@@ -172,17 +173,17 @@ class PolicydMiddleware:
             if not message.get("more_body", False):
                 return b"".join(chunks), size, True
 
-    async def _refuse_unusable(self, call: http_api.HttpCall, send: Send) -> None:
+    async def _refuse_unusable(self, call: http_api.HttpCall, send: Send, aws: bool) -> None:
         """Answer a request no policy could make sense of; policyd records the denial."""
         try:
             decision = await self.policy.authorize(
                 call.api_key, call.endpoint, call.model[:256], request_id=call.attribution.request_id,
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
                 problem=(call.problem, call.problem_message, call.problem_param), **_attribution(call))
-            await _respond(send, decision.http_status, decision.error_body(), request_id=decision.request_id)
+            await _respond(send, decision.http_status, decision.error_body(), request_id=decision.request_id, aws=aws)
         except PolicydCallError:
             await _respond(send, reasons.http_status(call.problem), http_api.error_body(
-                reasons.error_type(call.problem), call.problem, call.problem_message, call.problem_param))
+                reasons.error_type(call.problem), call.problem, call.problem_message, call.problem_param), aws=aws)
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, call: http_api.HttpCall, body: bytes | None,
                        decision: Decision) -> None:
@@ -429,8 +430,13 @@ async def _watch_disconnect(receive: Receive, disconnected: asyncio.Event) -> No
     disconnected.set()
 
 
-async def _respond(send: Send, status: int, body: bytes, retry_after: int = 0, request_id: str = "") -> None:
-    headers = [(k.encode(), v.encode()) for k, v in http_api.reply_headers(status, retry_after)]
+async def _respond(send: Send, status: int, body: bytes, retry_after: int = 0, request_id: str = "",
+                   aws: bool = False) -> None:
+    """policyd's own reply; `aws`: to a Bedrock client, in AWS's error shape too."""
+    named = dict(http_api.reply_headers(status, retry_after))
+    if aws:
+        status, named, body = http_api.for_aws_clients(status, named, body)
+    headers = [(k.encode(), v.encode()) for k, v in named.items()]
     headers.append((b"content-length", str(len(body)).encode()))
     if request_id:
         headers.append((http_api.REQUEST_ID_HEADER.encode(), request_id.encode()))

@@ -1286,6 +1286,38 @@ def failure_reply(error: Exception) -> tuple[int, bytes, str]:
     return reasons.http_status(reason), error_body(reasons.error_type(reason), reason, reasons.MESSAGES[reason]), reason
 
 
+# AWS's errors as Bedrock's clients read them (boto3, the AWS SDKs): the error's name in a header, its text in the
+# body's "message". policyd's own replies to a Bedrock path carry both, beside its error object.
+AWS_ERROR_HEADER = "x-amzn-errortype"
+AWS_ERROR_NAMES = {400: "ValidationException", 401: "UnrecognizedClientException", 403: "AccessDeniedException",
+                   404: "ResourceNotFoundException", 409: "ConflictException", 413: "ValidationException",
+                   415: "ValidationException", 429: "ThrottlingException", 503: "ServiceUnavailableException"}
+AWS_QUOTA_SPENT = "ServiceQuotaExceededException"
+
+
+def aws_client_path(path: str) -> bool:
+    """A path of Bedrock's runtime API, whose clients read errors in AWS's shape."""
+    return _BEDROCK.search(path.split("?", 1)[0]) is not None
+
+
+def for_aws_clients(status: int, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+    """A reply policyd gives itself, as a Bedrock client reads it. The AWS SDKs retry every 429 (boto3 up to four
+    more times, each one denied and recorded again): a 429 no short wait cures (x-should-retry: false: an empty
+    wallet, a day's budget) is a 400 ServiceQuotaExceededException, as Bedrock answers a quota spent."""
+    try:
+        error = json.loads(body) if status >= 400 else None
+        message = error["error"]["message"] if error is not None else None
+    except (ValueError, TypeError, KeyError):
+        error = None
+    if error is None:  # not an error policyd made
+        return status, headers, body
+    if status == 429 and headers.get("x-should-retry") == "false":
+        status, name = 400, AWS_QUOTA_SPENT
+    else:
+        name = AWS_ERROR_NAMES.get(status, "ValidationException" if status < 500 else "InternalServerException")
+    return status, {**headers, AWS_ERROR_HEADER: name}, json.dumps({"message": message, **error}).encode()
+
+
 def error_body(error_type: str, code: str, message: str, param: str = "") -> bytes:
     """The OpenAI error shape, which the openai SDKs turn into their exception classes."""
     return json.dumps({"error": {"type": error_type, "code": code, "message": message,

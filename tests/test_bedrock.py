@@ -204,3 +204,21 @@ def test_an_invoke_stream_is_read_as_the_anthropic_events_it_carries() -> None:
     assert reader.delivered_bytes == len("hi there")
     garbled = message("chunk", {"bytes": "not base64!"})
     assert read("anthropic_messages", True, garbled).malformed
+
+
+def test_policyds_own_errors_reach_bedrock_clients_in_awss_shape_too() -> None:
+    from policyd.http_api import aws_client_path, error_body, for_aws_clients, reply_headers
+
+    assert aws_client_path(f"/model/{SONNET_IN_PATH}/converse-stream") and not aws_client_path("/v1/chat/completions")
+    body = error_body("rate_limit_error", "rate_limited", "slow down: 3 requests a minute")
+    status, headers, sent = for_aws_clients(429, dict(reply_headers(429, 20)), body)
+    assert (status, headers["x-amzn-errortype"], headers["retry-after"]) == (429, "ThrottlingException", "20")
+    assert json.loads(sent) == {"message": "slow down: 3 requests a minute", **json.loads(body)}  # OpenAI's error kept
+    spent = for_aws_clients(429, dict(reply_headers(429, 0)), error_body("insufficient_quota", "insufficient_quota", "x"))
+    assert (spent[0], spent[1]["x-amzn-errortype"]) == (400, "ServiceQuotaExceededException")  # never retried
+    for status, name in ((400, "ValidationException"), (401, "UnrecognizedClientException"),
+                         (403, "AccessDeniedException"), (404, "ResourceNotFoundException"),
+                         (500, "InternalServerException"), (503, "ServiceUnavailableException")):
+        assert for_aws_clients(status, {}, error_body("t", "c", "m"))[1]["x-amzn-errortype"] == name
+    assert for_aws_clients(200, {}, b'{"ok": 1}') == (200, {}, b'{"ok": 1}')  # not an error
+    assert for_aws_clients(502, {}, b"upstream connect error") == (502, {}, b"upstream connect error")

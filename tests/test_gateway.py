@@ -938,7 +938,7 @@ def test_vertex_ais_gemini_and_claude_are_metered_as_their_own_apis(gateway: Gat
     assert all(google not in json.dumps(r) and claude not in json.dumps(r) for r in sent)
 
 
-def bedrock_client(gateway: Gateway, key: str) -> Any:
+def bedrock_client(gateway: Gateway, key: str, attempts: int = 1) -> Any:
     """boto3's Bedrock runtime client on the gateway, the customer's key sent as a Bedrock API key is
     (`Authorization: Bearer`). boto3 sends AWS_BEARER_TOKEN_BEDROCK's key over HTTPS alone, and the test's
     gateway listens in plain HTTP: the client signs nothing and the header is set as boto3 would set it."""
@@ -946,7 +946,7 @@ def bedrock_client(gateway: Gateway, key: str) -> Any:
     import botocore
 
     client = boto3.client("bedrock-runtime", region_name="us-east-1", endpoint_url=f"http://127.0.0.1:{gateway.port}",
-                          config=botocore.config.Config(retries={"max_attempts": 1}, read_timeout=20,
+                          config=botocore.config.Config(retries={"max_attempts": attempts}, read_timeout=20,
                                                         signature_version=botocore.UNSIGNED))
     client.meta.events.register("before-send.bedrock-runtime.*",
                                 lambda request, **_: request.headers.__setitem__("Authorization", f"Bearer {key}"))
@@ -1008,9 +1008,7 @@ def test_bedrock_is_charged_exactly_through_converse_and_invoke_streamed_or_not(
 def test_bedrock_requests_reach_it_capped_at_their_tier_and_downgraded_in_the_path(gateway: Gateway) -> None:
     """A Converse request giving no maxTokens gets policyd's cap in its inferenceConfig (its own settings kept);
     a tier asked for (serviceTier, latency-optimized inference) is charged at its prices; a downgrade names the
-    cheaper model in the path; an empty wallet is refused before Bedrock."""
-    import botocore.exceptions
-
+    cheaper model in the path."""
     key = gateway.customer("e2e-bedrock-tiers", plan="bedrock")
     with bedrock_client(gateway, key) as bedrock:
         reply = bedrock.converse(modelId=BEDROCK_SONNET, inferenceConfig={"temperature": 0.5},
@@ -1038,11 +1036,29 @@ def test_bedrock_requests_reach_it_capped_at_their_tier_and_downgraded_in_the_pa
     assert (record["decision"], record["requested_model"], record["served_model"]) == (
         "downgrade", BEDROCK_SONNET, BEDROCK_HAIKU)
     assert record["charge_nanos"] == expected_charge(BEDROCK_HAIKU, reply["usage"]["inputTokens"], 5)
+
+def test_bedrock_clients_read_policyds_refusals_as_aws_errors(gateway: Gateway) -> None:
+    """boto3 reads an error's name from x-amzn-errortype and its text from the body's message. An empty wallet
+    is a quota spent (400 ServiceQuotaExceededException), not a 429, which boto3 would send four more times, each
+    refused and recorded; a model the plan does not allow is AccessDeniedException; a body policyd cannot hold
+    a ValidationException. None reaches Bedrock."""
+    import botocore.exceptions
+
+    said = [{"role": "user", "content": [{"text": "refused on bedrock"}]}]
     broke = gateway.customer("e2e-bedrock-broke", plan="bedrock", credit="")
-    with bedrock_client(gateway, broke) as bedrock, pytest.raises(botocore.exceptions.ClientError) as refused:
-        bedrock.converse(modelId=BEDROCK_SONNET, messages=[{"role": "user", "content": [{"text": "no money, bedrock"}]}])
-    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 429
-    assert not sent_with_text(gateway, "no money, bedrock")
+    with bedrock_client(gateway, broke, attempts=5) as bedrock, pytest.raises(botocore.exceptions.ClientError) as spent:
+        bedrock.converse(modelId=BEDROCK_SONNET, messages=said)
+    error = spent.value.response
+    assert (error["ResponseMetadata"]["HTTPStatusCode"], error["Error"]["Code"]) == (400, "ServiceQuotaExceededException")
+    assert error["Error"]["Message"] and [r.reason for r in gateway.records("e2e-bedrock-broke")] == ["insufficient_quota"]
+    with bedrock_client(gateway, gateway.customer("e2e-bedrock-not-allowed", plan="free")) as bedrock:
+        with pytest.raises(bedrock.exceptions.AccessDeniedException) as not_allowed:
+            bedrock.converse(modelId=BEDROCK_SONNET, messages=said)
+        assert not_allowed.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+        with pytest.raises(bedrock.exceptions.ValidationException) as unread:
+            bedrock.invoke_model(modelId=BEDROCK_SONNET, body=json.dumps({"inputText": "refused on bedrock"}))
+        assert "anthropic_version" in unread.value.response["Error"]["Message"]
+    assert not sent_with_text(gateway, "refused on bedrock")
 
 
 def test_a_bedrock_stream_is_read_in_any_pieces_and_charged_when_cut(gateway: Gateway) -> None:
