@@ -88,7 +88,8 @@ def read_requests(url: str, content: bytes) -> BatchInput:
         if item.get("method") != "POST" or item.get("url") != url:
             return BatchInput(problem=f"{where}: every request of this batch is a POST to {url}")
         bodies.append((where, item["body"]))
-    return _held(url, bodies, "the batch's input file holds no requests")
+    path = url if url.startswith("/v1/") else f"/v1{url}"  # Azure OpenAI names its requests' endpoints without /v1
+    return _held(path, bodies, "the batch's input file holds no requests")
 
 
 def inline_requests(requests: Any) -> BatchInput:

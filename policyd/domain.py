@@ -137,6 +137,7 @@ class AuthorizeInput:
     deletes_stored: bool = False  # ... deletes it (the gateway's DELETE): one policyd waits for is asked for first
     previous_response: str = ""  # the stored response a Responses API request continues (previous_response_id)
     creates: str = ""  # a free call that makes something for the customer (CREATABLE): its id remembered from the reply
+    creates_at: str = ""  # ... at this provider ("": openai; azure: an Azure OpenAI client's file or conversation)
     files: tuple[str, ...] = ()  # the files (by id) the request's input refers to: the customer's own, or unknown
     conversation: str = ""  # the conversation a Responses API request adds to (its `conversation`)
     # the request is on its way to the provider, which bills it: a reservation nobody closes is held one TTL

@@ -84,6 +84,12 @@ NO_PRICE = ModelPrice.model_construct(provider="", route="", tier="", input=0, c
                                       per_image=0, per_request=0, per_second=0)
 # what making a conversation (OpenAI's POST /v1/conversations) costs, and where it goes: nothing, OpenAI
 CONVERSATION_PRICE = NO_PRICE.model_copy(update={"provider": "openai"})
+AZURE_CREATED_PRICE = NO_PRICE.model_copy(update={"provider": "azure"})  # an Azure OpenAI client's file, conversation
+
+
+def _created_at(provider: Any) -> ModelPrice:
+    """The price (nothing) of a file or conversation made, at the provider it was made at (OpenAI unless named)."""
+    return AZURE_CREATED_PRICE if provider == "azure" else CONVERSATION_PRICE
 
 
 # the decision of a key read under terms (plan, scopes, own limits) the operator has since changed: made again
@@ -399,7 +405,7 @@ class Engine:
                 preset, param = "file_not_found", "file_id"
                 break
         if not preset and request.creates:  # a conversation or a file made: free, reserved at 0, settled with its id
-            attempt = _Plan("", CONVERSATION_PRICE, 0, 0, 0, [], {})
+            attempt = _Plan("", _created_at(request.creates_at), 0, 0, 0, [], {})
         elif not preset and policy is not None and plan is not None:
             # a batch runs where its input file is, as the file names its model: never another model
             model, fallback_reason = (request.model, "") if request.batch else self._route_around(
@@ -1220,7 +1226,7 @@ class Engine:
             served = r["served_model"]  # the model authorized, by the name it was sent upstream with
         if policy is not None and report.reply_model:  # the provider served another model it names: billed as it
             served = policy.served_as(served, report.reply_model)
-        price = (policy.model(served) if served else CONVERSATION_PRICE) if policy else None
+        price = (policy.model(served) if served else _created_at(r.get("provider"))) if policy else None
         if policy is None or plan is None or price is None:
             raise await self.reject(report.request_id, reservation.partition, "unknown_model",
                                      f"model {served!r} is not in price table {r['price_table_version']!r}", asdict(report))
@@ -1346,7 +1352,7 @@ class Engine:
                 created_ms < self.clock() - STORED_RESPONSE_SECONDS * 1000:
             return None  # a stored response lives 30 days at the provider; a conversation or a file until deleted
         policy = self.book.current
-        price = (policy.model(served) if served else CONVERSATION_PRICE) if policy else None
+        price = (policy.model(served) if served else _created_at(provider)) if policy else None
         route = price.upstream if price else ""
         await self.remember_response(customer, response_id, provider, route, account, int(context or 0))
         return whose_of(customer, provider, route, account, int(context or 0))

@@ -116,6 +116,7 @@ _AZURE_OPERATIONS = {"chat/completions": "chat_completions", "completions": "com
 _AZURE = re.compile(r"(^|/)openai/deployments/(?P<model>[^/]+)/(?P<operation>chat/completions|completions|embeddings"
                     r"|images/generations|images/edits|audio/speech|audio/transcriptions|audio/translations)/?$")
 _AZURE_RESPONSES = re.compile(r"(^|/)openai/responses/?$")
+_AZURE_DATED = re.compile(r"(^|/)openai/(?!v1/)[a-z]")  # Azure OpenAI's dated API (/openai/files, not /openai/v1/...)
 _BEDROCK = re.compile(r"(^|/)model/(?P<model>[^/]+)/(?P<verb>converse|converse-stream|invoke|invoke-with-response-stream"
                       r"|count-tokens)/?$")
 # Bedrock's own tiers a request may ask for (Converse's serviceTier.type; InvokeModel's header); "default" is none
@@ -216,6 +217,7 @@ class HttpCall:
     stored_response: str = ""  # ... or a stored response read, deleted or cancelled (free too), or a conversation
     previous_response: str = ""  # the stored response a Responses API request continues
     creates: str = ""  # POST /v1/conversations, /v1/files: free, settled with the new id (CREATABLE)
+    creates_at: str = ""  # ... at Azure OpenAI ("azure") for its clients, else at OpenAI ("")
     files: tuple[str, ...] = ()  # the files (by id) the input refers to
     conversation: str = ""  # the conversation a Responses API request adds to
     stream: bool = False
@@ -307,7 +309,7 @@ class HttpCall:
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, deletes_stored=self.deletes_stored,
             previous_response=self.previous_response,
-            creates=self.creates, conversation=self.conversation, files=self.files,
+            creates=self.creates, creates_at=self.creates_at, conversation=self.conversation, files=self.files,
             charge_held_on_expiry=True,  # the gateway sends it on to the provider
             call_token=self.call_token,
         )
@@ -847,6 +849,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.stored_response = named.stored_response
     call.deletes_stored = bool(named.stored_response) and method.upper() == "DELETE"
     call.creates = named.creates
+    # Azure OpenAI's clients: its dated API's paths (/openai/files?api-version=...), or its key header
+    call.creates_at = "azure" if named.creates and ("api-key" in headers or _AZURE_DATED.search(path)) else ""
     call.compaction = named.compaction
     if named.refers_to:  # the upload a file is made of: the customer's own, or not found
         call.files = (named.refers_to,)
@@ -1024,7 +1028,10 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
 
 # the endpoints a batch's requests may be for, as its `endpoint` names them: their family
 BATCH_ENDPOINTS = {"/v1/chat/completions": "chat_completions", "/v1/responses": "responses",
-                   "/v1/embeddings": "embeddings", "/v1/completions": "completions"}
+                   "/v1/embeddings": "embeddings", "/v1/completions": "completions",
+                   # as Azure OpenAI's batches name them
+                   "/chat/completions": "chat_completions", "/responses": "responses", "/embeddings": "embeddings",
+                   "/completions": "completions"}
 _COMPLETION_WINDOW = re.compile(r"^(?P<count>[1-9][0-9]{0,3})(?P<unit>[hd])$")  # OpenAI's "24h"; others' "7d"
 
 

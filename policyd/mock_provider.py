@@ -49,11 +49,11 @@ from policyd.audio import wav_seconds
 from policyd.multipart import MultipartError, MultipartForm
 
 STORED_RESPONSE_PATH = re.compile(r"/v1/responses/(?P<id>resp_[^/]+)(?P<rest>/input_items|/cancel)?$")
-FILE_PATH = re.compile(r"/v1/files(/(?P<id>[^/]+)(?P<content>/content)?)?$")
+FILE_PATH = re.compile(r"/(v1|openai)/files(/(?P<id>[^/]+)(?P<content>/content)?)?$")
 UPLOAD_PATH = re.compile(r"/v1/uploads(/(?P<id>[^/]+)/(?P<verb>parts|complete|cancel))?$")
 STORED_CHAT_PATH = re.compile(r"/v1/chat/completions/(?P<id>chatcmpl-[^/]+)(?P<rest>/messages)?$")
 MESSAGE_BATCH_PATH = re.compile(r"/v1/messages/batches(/(?P<id>msgbatch_[^/]+)(?P<rest>/results|/cancel)?)?$")
-BATCH_PATH = re.compile(r"/v1/batches(/(?P<id>batch_[^/]+)(?P<cancel>/cancel)?)?$")
+BATCH_PATH = re.compile(r"/(v1|openai)/batches(/(?P<id>batch_[^/]+)(?P<cancel>/cancel)?)?$")
 CONVERSATION_PATH = re.compile(r"/v1/conversations(/(?P<id>[^/]+)(?P<items>/items(/(?P<item>[^/]+))?)?)?$")
 WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
 COMPLETION_TOKENS_MAX = len(WORDS)
@@ -68,6 +68,7 @@ ACCOUNT_HEADERS = {"openai-organization": "org-operator", "x-ratelimit-remaining
 IMAGE_TOKENS = {"low": 272, "medium": 1056, "high": 4160}  # a square image's output tokens, by quality
 GEMINI_IMAGE_TOKENS = 1290  # a 1024x1024 image out of Gemini's image models
 GEMINI_PATH = re.compile(r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent)$")
+AZURE_DATED_PATH = re.compile(r"/openai/(?!v1/)")  # Azure OpenAI's dated API: every request names its api-version
 BEDROCK_PATH = re.compile(r"/model/(?P<model>[^/]+)/(?P<verb>converse|converse-stream|invoke|invoke-with-response-stream"
                           r"|count-tokens)$")
 VERTEX_ANTHROPIC_PATH = re.compile(r"/publishers/anthropic/models/(?P<model>[^/:]+):(rawPredict|streamRawPredict)$")
@@ -254,6 +255,8 @@ class MockProvider:
         if scenario == "stall":
             time.sleep(30)
         route = h.path.split("?")[0].rstrip("/")
+        if AZURE_DATED_PATH.match(route) and "api-version=" not in h.path.partition("?")[2]:
+            return h._json(404, {"error": {"code": "404", "message": "Resource not found"}})  # Azure's answer
         stored = STORED_RESPONSE_PATH.search(route)
         if stored:
             return self._stored_response(h, stored.group("id"), stored.group("rest") or "", h.command)

@@ -81,8 +81,9 @@ class AccountConfig(BaseModel):
     # a Google Cloud service account's key (Vertex AI): the account's credential is an access token minted from it
     service_account_file: str = ""
     service_account_env: str = ""
-    # where policyd itself reaches this account's API, as an SDK's base_url ("https://api.openai.com/v1"): it
-    # asks there for the background responses it waits for (their usage comes after the request)
+    # where policyd itself reaches this account's API, as an SDK's base_url ("https://api.openai.com/v1"; Azure
+    # OpenAI's dated API with its version, "https://R.openai.azure.com/openai?api-version=2024-10-21"): it asks
+    # there for the background responses and batches it waits for, and reads batches' files
     base_url: str = Field("", max_length=512, pattern=r"^(https?://\S+)?$")
 
 
@@ -130,10 +131,13 @@ class Account:
         return [(name, value) for name, value in named if value]
 
     def request(self, path: str) -> urllib.request.Request:
-        """A GET of <base_url>/<path> with this account's credential."""
+        """A GET of <base_url>/<path> with this account's credential; a query the base_url gives (Azure OpenAI's
+        dated API: `https://R.openai.azure.com/openai?api-version=2024-10-21`) goes after the path."""
         header, value = self.credential_header()
         version = {"anthropic-version": ANTHROPIC_VERSION} if self.provider == "anthropic" else {}
-        return urllib.request.Request(f"{self.base_url}/{path}", headers={
+        base, _, query = self.base_url.partition("?")
+        url = f"{base.rstrip('/')}/{path}" + (f"{'&' if '?' in path else '?'}{query}" if query else "")
+        return urllib.request.Request(url, headers={
             header: value, **dict(self.account_headers()), **version, "accept": "application/json"})
 
     def get(self, path: str, bytes_max: int, timeout_seconds: float) -> tuple[int, bytes]:

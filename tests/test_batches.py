@@ -331,3 +331,30 @@ def test_a_plans_most_for_one_request_binds_each_request_of_a_batch(
         assert "A request of this batch may cost up to" in refused.message
 
     loop.run_until_complete(check())
+
+
+def test_policyds_own_calls_carry_the_query_an_accounts_base_url_gives() -> None:
+    """Azure OpenAI's dated API answers nothing without its api-version: an account's base_url gives it, and
+    policyd's own reads (a batch's file, the batch, a background response) carry it after their path."""
+    from policyd.http_api import parse_call
+    from policyd.providers import Account
+
+    azure = Account("azure-1", "azure", "azure", "api-key", "k",
+                    base_url="https://r.openai.azure.com/openai?api-version=2024-10-21")
+    assert azure.request("files/file-1/content").full_url == \
+        "https://r.openai.azure.com/openai/files/file-1/content?api-version=2024-10-21"
+    assert azure.request("batches/b?x=1").full_url == "https://r.openai.azure.com/openai/batches/b?x=1&api-version=2024-10-21"
+    assert azure.request("files/f").get_header("Api-key") == "k"
+    plain = Account("openai-1", "openai", "openai", "bearer", "k", base_url="https://api.openai.com/v1")
+    assert plain.request("batches/b").full_url == "https://api.openai.com/v1/batches/b"
+    # Azure OpenAI's clients' files are made on its accounts: its dated paths, or its key header
+    for path, headers in (("/openai/files?api-version=2024-10-21", {"authorization": "Bearer k"}),
+                          ("/openai/v1/files", {"api-key": "k"})):
+        assert parse_call("POST", path, {"content-type": "multipart/form-data", **headers}, b"").creates_at == "azure"
+    assert parse_call("POST", "/v1/files", {"authorization": "Bearer k"}, b"").creates_at == ""
+    assert parse_call("POST", "/openai/v1/files", {"authorization": "Bearer k"}, b"").creates_at == ""
+    # an Azure batch names its requests' endpoint without /v1, and so does each of its lines
+    line = {"custom_id": "a", "method": "POST", "url": "/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}}
+    found = read_requests("/chat/completions", json.dumps(line).encode())
+    assert (found.problem, found.model, len(found.requests)) == ("", "gpt-4o-mini", 1)

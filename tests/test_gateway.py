@@ -39,11 +39,13 @@ FIXTURES = Path(__file__).parent / "fixtures"
 BEDROCK_SONNET = "us.anthropic.claude-sonnet-4-20250514-v1:0"  # Amazon Bedrock's, by an inference profile's id
 BEDROCK_HAIKU = "us.anthropic.claude-3-5-haiku-20241022-v1:0"
 AZURE_API_VERSION = "2024-10-21"
-PROVIDER_KEYS = ("sk-mock-openai-1", "sk-mock-openai-2", "sk-mock-anthropic", "sk-mock-google", "bedrock-api-key-mock")
+PROVIDER_KEYS = ("sk-mock-openai-1", "sk-mock-openai-2", "sk-mock-anthropic", "sk-mock-google", "bedrock-api-key-mock",
+                 "azure-key-mock")
 PRICE = {"gpt-4o": ("2.50", "10.00"), "gpt-4o-mini": ("0.15", "0.60"), "claude-sonnet-4": ("3.00", "15.00"),
          "gpt-4o-mini@batch": ("0.075", "0.30"), "claude-sonnet-4@batch": ("1.50", "7.50"),  # batch tiers
          BEDROCK_SONNET: ("3.00", "15.00"), f"{BEDROCK_SONNET}@flex": ("1.50", "7.50"),
-         f"{BEDROCK_SONNET}@latency_optimized": ("3.60", "18.00"), BEDROCK_HAIKU: ("0.80", "4.00")}
+         f"{BEDROCK_SONNET}@latency_optimized": ("3.60", "18.00"), BEDROCK_HAIKU: ("0.80", "4.00"),
+         "azure-4o-mini@batch": ("0.075", "0.30")}
 
 
 def envoy_binary() -> str:
@@ -59,7 +61,8 @@ PROVIDERS = ("accounts:\n"
              f"  - {{name: openai-2, provider: openai, cluster: openai, api_key: {PROVIDER_KEYS[1]}}}\n"
              f"  - {{name: anthropic-1, provider: anthropic, cluster: anthropic, api_key: {PROVIDER_KEYS[2]}}}\n"
              f"  - {{name: google-1, provider: google, cluster: google, api_key: {PROVIDER_KEYS[3]}}}\n"
-             f"  - {{name: bedrock-1, provider: bedrock, cluster: bedrock, api_key: {PROVIDER_KEYS[4]}}}\n")
+             f"  - {{name: bedrock-1, provider: bedrock, cluster: bedrock, api_key: {PROVIDER_KEYS[4]}}}\n"
+             f"  - {{name: azure-1, provider: azure, cluster: azure, api_key: {PROVIDER_KEYS[5]}, BASE_URL}}\n")
 
 
 def start_envoy(config: Path, port: int, log: Path) -> subprocess.Popen:
@@ -81,7 +84,10 @@ class Gateway(FundedCustomers):
         providers = tmp / "providers.yaml"
         base_url = f"base_url: 'http://127.0.0.1:{self.mock.port}/v1'"  # where policyd asks for background responses
         providers.write_text(PROVIDERS.replace("cluster: openai,", f"cluster: openai, {base_url},")
-                             .replace("cluster: anthropic,", f"cluster: anthropic, {base_url},"))
+                             .replace("cluster: anthropic,", f"cluster: anthropic, {base_url},")
+                             # Azure OpenAI's dated API, whose every request names its version
+                             .replace("BASE_URL", f"base_url: 'http://127.0.0.1:{self.mock.port}/openai"
+                                                  f"?api-version={AZURE_API_VERSION}'"))
         self.database = tmp / "policyd.db"
         self.policyd = PolicydProcess("", f"sqlite:///{self.database}", policy=str(FIXTURES / "gateway_policy.yaml"),
                                       extra_env={"POLICYD_PROVIDERS_FILE": str(providers),
@@ -92,7 +98,8 @@ class Gateway(FundedCustomers):
                                  upstreams=(Upstream("openai", "127.0.0.1", self.mock.port),
                                             Upstream("anthropic", "127.0.0.1", self.mock.port),
                                             Upstream("google", "127.0.0.1", self.mock.port),
-                                            Upstream("bedrock", "127.0.0.1", self.mock.port)), shape=shape,
+                                            Upstream("bedrock", "127.0.0.1", self.mock.port),
+                                            Upstream("azure", "127.0.0.1", self.mock.port)), shape=shape,
                                  cors_origins=(APP_ORIGIN,)))
         self.envoy_log = tmp / "envoy.log"
         self.envoy = start_envoy(config, self.port, self.envoy_log)
@@ -1395,6 +1402,29 @@ def test_a_batch_is_held_at_its_requests_worst_cases_and_charged_what_it_used(ga
     assert record["charge_nanos"] >= expected_charge("gpt-4o-mini@batch", 0, 1_000)
     assert gateway.wallet("e2e-batch").reserved_nanos == 0
     assert gateway.admin.Audit(admin_pb2.AuditRequest()).ok
+
+
+def test_an_azure_openai_batch_is_held_and_charged_through_azures_own_api(gateway: Gateway) -> None:
+    """Azure OpenAI's dated API, whose every request names its version (?api-version=...): a file its client
+    uploads is kept on the Azure account, a batch of it (Azure's endpoint names, /chat/completions) is held at the
+    batch tier, policyd reads its file and follows it there with the version its account's base_url gives, and
+    charges what it used."""
+    key = gateway.customer("e2e-azure-batch", plan="azure")
+    client = gateway.azure_client(key)
+    file_id = batch_file(client, "azure-4o-mini", [50, 60], url="/chat/completions")
+    raw = client.batches.with_raw_response.create(input_file_id=file_id, endpoint="/chat/completions",
+                                                  completion_window="24h")
+    batch, request_id = raw.parse(), raw.headers["x-policyd-request-id"]
+    assert gateway.wallet("e2e-azure-batch").reserved_nanos > expected_charge("azure-4o-mini@batch", 0, 110)
+    while (polled := client.batches.retrieve(batch.id)).status != "completed":
+        assert polled.status in ("validating", "in_progress")
+        time.sleep(0.05)
+    charged_as_reported(gateway, request_id, batch.id, polled.usage, "azure-4o-mini@batch")
+    sent = [r for r in gateway.mock.received() if file_id in r["path"] or batch.id in r["path"]
+            or r["path"].startswith("/openai/files") or r["path"].startswith("/openai/batches")]
+    read = [r for r in sent if r["path"].startswith(f"/openai/files/{file_id}/content")]
+    assert read and all(f"api-version={AZURE_API_VERSION}" in r["path"] for r in sent)  # policyd's own reads too
+    assert all(r["credentials"] == {"api-key": PROVIDER_KEYS[5]} for r in sent)  # on the Azure account alone
 
 
 def test_a_batch_whose_file_is_slow_to_read_is_decided_all_the_same(gateway: Gateway) -> None:
