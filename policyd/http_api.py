@@ -34,6 +34,7 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
     POST .../v1/batches                   a batch of the requests in a file (held at their worst cases at the
                                           batch tier, its file read from the provider: policyd/batches.py);
                                           GET .../v1/batches/{id}, POST .../cancel: its own customer's alone
+    POST .../endpoints/openapi/chat/completions | embeddings   Vertex AI's OpenAI-compatible API: OpenAI's
     POST .../v1/messages/batches          an Anthropic message batch, its requests in its body (the same);
                                           GET | DELETE .../{id}, GET .../results, POST .../cancel: the same
 
@@ -91,6 +92,9 @@ _PATHS = [
     (re.compile(r"(^|/)v1beta/openai/chat/completions/?$"), "chat_completions"),
     (re.compile(r"(^|/)v1beta/openai/embeddings/?$"), "embeddings"),
     (re.compile(r"(^|/)v1beta/openai/images/generations/?$"), "images"),
+    # Vertex AI's OpenAI-compatible API (base_url .../v1/projects/P/locations/L/endpoints/openapi): OpenAI's too
+    (re.compile(r"(^|/)endpoints/openapi/chat/completions/?$"), "chat_completions"),
+    (re.compile(r"(^|/)endpoints/openapi/embeddings/?$"), "embeddings"),
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent"
                      r"|countTokens|embedContent|batchEmbedContents)$")

@@ -62,7 +62,7 @@ PROVIDERS = ("accounts:\n"
              f"  - {{name: anthropic-1, provider: anthropic, cluster: anthropic, api_key: {PROVIDER_KEYS[2]}}}\n"
              f"  - {{name: google-1, provider: google, cluster: google, api_key: {PROVIDER_KEYS[3]}}}\n"
              f"  - {{name: bedrock-1, provider: bedrock, cluster: bedrock, api_key: {PROVIDER_KEYS[4]}}}\n"
-             f"  - {{name: azure-1, provider: azure, cluster: azure, api_key: {PROVIDER_KEYS[5]}, BASE_URL}}\n")
+             f"  - {{name: azure-1, provider: azure, cluster: azure, api_key: {PROVIDER_KEYS[5]}}}\n")
 
 
 def start_envoy(config: Path, port: int, log: Path) -> subprocess.Popen:
@@ -86,8 +86,8 @@ class Gateway(FundedCustomers):
         providers.write_text(PROVIDERS.replace("cluster: openai,", f"cluster: openai, {base_url},")
                              .replace("cluster: anthropic,", f"cluster: anthropic, {base_url},")
                              # Azure OpenAI's dated API, whose every request names its version
-                             .replace("BASE_URL", f"base_url: 'http://127.0.0.1:{self.mock.port}/openai"
-                                                  f"?api-version={AZURE_API_VERSION}'"))
+                             .replace("cluster: azure,", f"cluster: azure, base_url: 'http://127.0.0.1:{self.mock.port}"
+                                                         f"/openai?api-version={AZURE_API_VERSION}',"))
         self.database = tmp / "policyd.db"
         self.policyd = PolicydProcess("", f"sqlite:///{self.database}", policy=str(FIXTURES / "gateway_policy.yaml"),
                                       extra_env={"POLICYD_PROVIDERS_FILE": str(providers),
@@ -1120,6 +1120,19 @@ def test_geminis_openai_compatible_api_is_metered_as_openais(gateway: Gateway) -
     sent = [r for r in gateway.mock.received() if r["path"].startswith("/v1beta/openai/chat/completions")]
     assert len(sent) == 2 and sent[-1]["body"]["stream_options"] == {"include_usage": True}
     assert sent[-1]["credentials"] == {"x-goog-api-key": PROVIDER_KEYS[3]}
+    # Vertex AI's OpenAI-compatible endpoint (another gateway charged nothing there): the same
+    vertex = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1/projects/acme/locations/us-central1/"
+                                    f"endpoints/openapi", max_retries=0, timeout=20, api_key=client.api_key)
+    with vertex.chat.completions.with_streaming_response.create(
+            model="gemini-2.5-flash", messages=[{"role": "user", "content": "vertex, as openai"}], max_tokens=6,
+            stream=True) as response:
+        request_id, chunks = response.headers["x-policyd-request-id"], list(response.parse())
+    assert all(c.choices for c in chunks)  # the usage policyd asked for is kept from a client that did not
+    record = gateway.record(request_id)
+    (sent,) = [r for r in gateway.mock.received() if r["path"].endswith("/endpoints/openapi/chat/completions")]
+    assert (record["status"], record["error_class"], record["output_tokens"]) == ("settled", "", 6)
+    assert record["charge_nanos"] == price_quantity(prompt_tokens(sent["body"]), parse_amount("0.30")) + \
+        price_quantity(6, parse_amount("2.50"))
 
 
 def test_geminis_grounding_with_google_search_is_charged_as_google_bills_it(gateway: Gateway) -> None:
