@@ -50,6 +50,7 @@ class Attribution:
 # what a free call may make for a customer, whose it then is: OpenAI's conversations (POST /v1/conversations)
 # and files (POST /v1/files)
 CREATABLE = ("conversation", "file")
+CREATED_AT = ("openai", "azure")  # ... the providers it may be made at (AuthorizeInput.creates_at; "" = openai)
 # where each API reads a request's output cap, the field a proxy writes policyd's into first (Gemini's is
 # in its generation config, under either of its names)
 OUTPUT_CAP_FIELDS = {"chat_completions": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),

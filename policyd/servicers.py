@@ -107,7 +107,8 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
         user_agent=request.client.user_agent,
         count_tokens=request.count_tokens,
         stored_response=request.stored_response_id[:256], previous_response=request.previous_response_id[:256],
-        creates=request.creates if request.creates in CREATABLE else "", conversation=request.conversation_id[:256],
+        creates=request.creates if request.creates in CREATABLE else "", creates_at=request.creates_at[:16],
+        conversation=request.conversation_id[:256],
         files=tuple(f[:256] for f in request.file_ids[:FILES_PER_REQUEST_MAX]),
         charge_held_on_expiry=request.charge_held_on_expiry, call_token=request.call_token[:64],
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from policyd.domain import CREATABLE, ENDPOINTS, FILES_PER_REQUEST_MAX, IMAGE_SCALE_MAX, AuthorizeInput, UsageReport
+from policyd.domain import CREATABLE, CREATED_AT, ENDPOINTS, FILES_PER_REQUEST_MAX, IMAGE_SCALE_MAX, AuthorizeInput, UsageReport
 from policyd.money import QUANTITY_MAX
 from policyd.policy import CONTAINER_MEMORY_LENGTH_MAX
 
@@ -80,6 +80,8 @@ def check_authorize(request: AuthorizeInput) -> None:
     if request.creates:  # names no model
         if request.creates not in CREATABLE:
             raise Problem("invalid_request", f"creates is one of {', '.join(CREATABLE)}", "creates")
+        if request.creates_at and request.creates_at not in CREATED_AT:
+            raise Problem("invalid_request", f"creates_at is one of {', '.join(CREATED_AT)}", "creates_at")
         return
     if not request.model:
         raise Problem("invalid_request", "model is required", "model")

@@ -1214,6 +1214,29 @@ async def test_whose_an_older_stored_response_is_comes_from_its_record(service: 
         service.engine.clock = real_clock
 
 
+async def test_a_file_made_at_azure_is_found_there_after_a_rebuild(service: Service) -> None:
+    """An Azure OpenAI client's file is made on an Azure account (creates_at), and reached there, not at
+    OpenAI's, before and after a rebuild (whose batches read it there); a provider no file is made at is refused."""
+    _, mine = await new_key(service, customer="acme")
+    making = replace(ask(mine, request_id="file-at-azure", endpoint="responses", model=""), creates="file",
+                     creates_at="azure")
+    made = await service.engine.authorize(making)
+    assert (made.decision, made.reserved, made.provider) == ("allow", 0, "azure")
+    await service.engine.settle(usage("file-at-azure", input_tokens=0, output_tokens=0,
+                                      provider_response_id="file-az1", provider_account="azure-east"))
+    await service.writer.drain()
+    for rebuilt in (False, True):
+        if rebuilt:
+            await service.counters.client.flushall()
+            await service.writer.ensure_groups()
+            await service.admin.rebuild()
+        read = await service.engine.authorize(replace(ask(mine, endpoint="responses"), stored_response="file-az1"))
+        assert (read.decision, read.provider, read.account) == ("allow", "azure", "azure-east"), rebuilt
+    elsewhere = await service.engine.authorize(replace(ask(mine, request_id="file-at-x", endpoint="responses", model=""),
+                                                       creates="file", creates_at="bedrock"))
+    assert (elsewhere.reason, elsewhere.error_param) == ("invalid_request", "creates_at")
+
+
 async def test_a_conversation_is_made_free_and_stays_its_customers_after_a_rebuild(service: Service) -> None:
     """Making a conversation reserves and charges nothing (an empty wallet may), and is settled with the
     conversation's id: only its customer may reach it or add to it, before and after a rebuild."""
