@@ -349,15 +349,15 @@ def endpoint_of(method: str, path: str) -> Endpoint:
     azure = _AZURE.search(path)  # first: a deployment may be named like a path segment ("v1")
     if azure:
         return Endpoint(_AZURE_OPERATIONS[azure.group("operation")], azure.group("model"))
-    bedrock = _BEDROCK.search(path) if method.upper() == "POST" else None
+    for pattern, name in _PATHS:
+        if pattern.search(path):
+            return Endpoint(name)
+    bedrock = _BEDROCK.search(path) if "model/" in path and method.upper() == "POST" else None
     if bedrock:
         verb, model = bedrock.group("verb"), unquote(bedrock.group("model"))
         if verb.startswith("invoke"):
             return Endpoint("anthropic_messages", model, stream=verb.endswith("stream"), bedrock_invoke=True)
         return Endpoint("bedrock_converse", model, stream=verb.endswith("stream"), count_tokens=verb == "count-tokens")
-    for pattern, name in _PATHS:
-        if pattern.search(path):
-            return Endpoint(name)
     if method.upper() == "POST" and _COMPACTION.search(path):
         return Endpoint("responses", compaction=True)
     for pattern, name in _TOKEN_COUNTS:
