@@ -995,7 +995,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.files = _file_ids(data) if '"file_id"' in text else ()
     call.cache_write = _cache_write(data) if '"cache_control"' in text else ""
     if endpoint == "bedrock_converse" and '"cachePoint"' in text:  # Converse's cache checkpoints: written to it
-        call.cache_write = _cache_point_write(data)
+        call.cache_write = _cache_write(data, "cachePoint")
     if endpoint in ("chat_completions", "responses"):  # OpenAI writes the prompt to its cache unasked
         call.cache_write = call.cache_write or _openai_cache_write(data)
     call.stores_reply = endpoint == "chat_completions" and data.get("store") is True
@@ -1101,33 +1101,17 @@ def _file_ids(data: Any) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _cache_point_write(data: Any) -> str:
-    """The longest cache a Converse body's checkpoints ({"cachePoint": {"type": "default", "ttl": "1h"}}) ask
-    its input to be written to: 5m | 1h."""
-    longest = ""
-    stack = [data]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            point = node.get("cachePoint")
-            if isinstance(point, dict):
-                longest = "1h" if point.get("ttl") == "1h" or longest == "1h" else "5m"
-            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
-        elif isinstance(node, list):
-            stack.extend(v for v in node if isinstance(v, (dict, list)))
-    return longest
-
-
-def _cache_write(data: Any) -> str:
+def _cache_write(data: Any, marker_name: str = "cache_control") -> str:
     """The longest cache a body asks the provider to write its input to: Anthropic's `cache_control`
     ({"type": "ephemeral"}, five minutes, or with "ttl": "1h"), on its system, tools, messages or content
-    blocks, or at its top (automatic caching); OpenAI-compatible gateways pass it on in chat messages."""
+    blocks, or at its top (automatic caching); OpenAI-compatible gateways pass it on in chat messages.
+    Bedrock's Converse marks it with checkpoints (`marker_name` "cachePoint": {"type": "default", "ttl": "1h"})."""
     longest = ""
     stack = [data]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            marker = node.get("cache_control")
+            marker = node.get(marker_name)
             if isinstance(marker, dict):
                 longest = "1h" if marker.get("ttl") == "1h" else longest or "5m"
             stack.extend(v for v in node.values() if isinstance(v, (dict, list)))

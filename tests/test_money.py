@@ -7,7 +7,7 @@ import calendar
 import itertools
 import json
 from dataclasses import replace
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
 import yaml
@@ -1214,6 +1214,16 @@ async def test_whose_an_older_stored_response_is_comes_from_its_record(service: 
         service.engine.clock = real_clock
 
 
+async def before_and_after_a_rebuild(service: Service) -> AsyncIterator[bool]:
+    """False once what was written is in SQL; then True, once Redis lost everything and policyd rebuilt it."""
+    await service.writer.drain()
+    yield False
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    await service.admin.rebuild()
+    yield True
+
+
 async def test_a_file_made_at_azure_is_found_there_after_a_rebuild(service: Service) -> None:
     """An Azure OpenAI client's file is made on an Azure account (creates_at), and reached there, not at
     OpenAI's, before and after a rebuild (whose batches read it there); a provider no file is made at is refused."""
@@ -1224,12 +1234,7 @@ async def test_a_file_made_at_azure_is_found_there_after_a_rebuild(service: Serv
     assert (made.decision, made.reserved, made.provider) == ("allow", 0, "azure")
     await service.engine.settle(usage("file-at-azure", input_tokens=0, output_tokens=0,
                                       provider_response_id="file-az1", provider_account="azure-east"))
-    await service.writer.drain()
-    for rebuilt in (False, True):
-        if rebuilt:
-            await service.counters.client.flushall()
-            await service.writer.ensure_groups()
-            await service.admin.rebuild()
+    async for rebuilt in before_and_after_a_rebuild(service):
         read = await service.engine.authorize(replace(ask(mine, endpoint="responses"), stored_response="file-az1"))
         assert (read.decision, read.provider, read.account) == ("allow", "azure", "azure-east"), rebuilt
     elsewhere = await service.engine.authorize(replace(ask(mine, request_id="file-at-x", endpoint="responses", model=""),
@@ -1256,12 +1261,7 @@ async def test_a_conversation_is_made_free_and_stays_its_customers_after_a_rebui
     def adding(secret: str) -> AuthorizeInput:
         return replace(ask(secret, endpoint="responses"), conversation="conv_kept")
 
-    await service.writer.drain()
-    for rebuilt in (False, True):
-        if rebuilt:
-            await service.counters.client.flushall()
-            await service.writer.ensure_groups()
-            await service.admin.rebuild()
+    async for _ in before_and_after_a_rebuild(service):
         read = await service.engine.authorize(reaching(mine))
         assert (read.decision, read.provider, read.route, read.account) == ("allow", "openai", "openai", "second")
         assert (await service.engine.authorize(reaching(theirs))).reason == "conversation_not_found"
