@@ -275,6 +275,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         headers = _headers(message)
         exchange.status = int(headers.get(":status", "0") or 0)
         exchange.reader.encoded_as(headers.get("content-encoding", ""))
+        exchange.reader.served_on(headers.get(http_api.BEDROCK_TIER_HEADER, ""),
+                                  headers.get(http_api.BEDROCK_LATENCY_HEADER, ""))
         exchange.gateway_timed_out = headers.get(GATEWAY_TIMEOUT_HEADER) == "yes"
         retry = headers.get("retry-after", "")
         exchange.retry_after = int(retry) if retry.isdigit() else 0

@@ -208,6 +208,8 @@ class PolicydMiddleware:
                 response_headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                                     for k, v in message.get("headers", [])}
                 exchange.reader.encoded_as(response_headers.get("content-encoding", ""))
+                exchange.reader.served_on(response_headers.get(http_api.BEDROCK_TIER_HEADER, ""),
+                                          response_headers.get(http_api.BEDROCK_LATENCY_HEADER, ""))
                 if call.usage_unasked and unasked_usage.applies(response_headers.get("content-type", ""),
                                                                 response_headers.get("content-encoding", "")):
                     unasked = unasked_usage.UnaskedUsage()

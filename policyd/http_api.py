@@ -125,6 +125,7 @@ _BEDROCK = re.compile(r"(^|/)model/(?P<model>[^/]+)/(?P<verb>converse|converse-s
                       r"|count-tokens)/?$")
 # Bedrock's own tiers a request may ask for (Converse's serviceTier.type; InvokeModel's header); "default" is none
 BEDROCK_TIER_HEADER = "x-amzn-bedrock-service-tier"
+BEDROCK_LATENCY_HEADER = "x-amzn-bedrock-performanceconfig-latency"  # InvokeModel's performanceConfig
 _COMPACTION = re.compile(r"(^|/)v1/responses/compact/?$")  # the Responses API compacting a conversation
 # a response the provider stored: read (GET), deleted (DELETE), its input items (GET), cancelled (POST)
 _STORED_RESPONSE_METHODS = {"": ("GET", "DELETE"), "/input_items": ("GET",), "/cancel": ("POST",)}
@@ -1005,12 +1006,11 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.service_tier = tier[:32] if isinstance(tier, str) and tier not in ("auto", "default") else ""
     if named.bedrock_invoke or endpoint == "bedrock_converse":  # Bedrock's tiers: flex, priority, reserved
         asked = headers.get(BEDROCK_TIER_HEADER, "") if named.bedrock_invoke else \
-            _dict_of(data, "serviceTier").get("type", "")
+            _dict_of(data, "serviceTier").get("type", "")  # InvokeModel's in a header, as its reply's
         call.service_tier = asked.strip()[:32] if isinstance(asked, str) and asked.strip() != "default" else ""
-        if named.bedrock_invoke and call.service_tier:  # its reply says its tier in a header policyd does not read
-            return _problem(call, "invalid_request", "policyd charges a Bedrock tier a reply names: ask for one "
-                            "with Converse (serviceTier), whose reply names it", BEDROCK_TIER_HEADER)
-        if _dict_of(data, "performanceConfig").get("latency") == "optimized":  # latency-optimized: priced apart
+        latency = headers.get(BEDROCK_LATENCY_HEADER, "") if named.bedrock_invoke else \
+            _dict_of(data, "performanceConfig").get("latency")
+        if latency == "optimized":  # latency-optimized inference: priced apart
             if call.service_tier:
                 return _problem(call, "invalid_request", "a request asks for one Bedrock tier: serviceTier or "
                                 "latency-optimized inference", "performanceConfig")

@@ -92,6 +92,13 @@ def output_cap(body: dict[str, Any]) -> int:
     return COMPLETION_TOKENS_MAX
 
 
+def bedrock_tier(headers: Any) -> dict[str, str]:
+    """The tier Bedrock says an InvokeModel reply ran at (in its headers, as the request asked it)."""
+    return {"x-amzn-bedrock-service-tier": headers.get("x-amzn-bedrock-service-tier") or "default",
+            "x-amzn-bedrock-performanceconfig-latency":
+                headers.get("x-amzn-bedrock-performanceconfig-latency") or "standard"}
+
+
 class _Server(ThreadingHTTPServer):
     request_queue_size = 1024  # a gateway may open hundreds of connections at once
 
@@ -352,7 +359,8 @@ class MockProvider:
             usage.update(anthropic_speed_and_geo(body))
             return h._json(200, {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
                                  "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
-                                 **({} if scenario == "no_usage" else {"usage": usage})})
+                                 **({} if scenario == "no_usage" else {"usage": usage})},
+                           bedrock_tier(h.headers) if bedrock else None)
         if route.endswith("/responses/compact"):  # the conversation compacted into one encrypted item
             return h._json(200, {"id": f"resp_mock{next(self.response_ids)}", "object": "response.compaction",
                                  "created_at": 0, "output": [{"type": "compaction", "id": "cmp_mock",
@@ -892,6 +900,8 @@ class MockProvider:
                 anthropic: bool, legacy: bool = False, bedrock: bool = False) -> None:
         if bedrock:  # InvokeModelWithResponseStream: each of Anthropic's events in a message of its own, in base64
             h.send_response(200)
+            for name, value in bedrock_tier(h.headers).items():
+                h.send_header(name, value)
             h.send_header("content-type", "application/vnd.amazon.eventstream")
             h.send_header("transfer-encoding", "chunked")
             h.end_headers()

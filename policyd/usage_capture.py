@@ -504,6 +504,13 @@ class ResponseReader:
         else:
             self.undecodable = True
 
+    def served_on(self, tier: str, latency: str = "") -> None:
+        """The tier a reply's headers say served it, where its body names none (Bedrock's InvokeModel:
+        x-amzn-bedrock-service-tier, x-amzn-bedrock-performanceconfig-latency)."""
+        tier = BEDROCK_LATENCY_OPTIMIZED if latency.strip() == "optimized" else tier.strip()[:32]
+        if tier:
+            self.tokens._tier = self.tokens.service_tier = "" if tier in ("default", "standard") else tier
+
     def feed(self, chunk: bytes) -> None:
         if not chunk or self._unread:
             return

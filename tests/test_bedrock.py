@@ -97,10 +97,6 @@ def test_bedrock_bodies_policyd_cannot_hold_are_refused_before_the_provider() ->
     assert converse({"messages": [], "serviceTier": "flex"}).problem_param == "serviceTier"
     assert converse({"messages": [], "serviceTier": {"type": "flex"},
                      "performanceConfig": {"latency": "optimized"}}).problem_param == "performanceConfig"
-    # InvokeModel's tier is a header, and so is the one its reply names, which policyd does not read
-    tiered = converse({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5, "messages": []}, "invoke",
-                      {"X-Amzn-Bedrock-Service-Tier": "priority"})
-    assert (tiered.problem, tiered.problem_param) == ("invalid_request", "x-amzn-bedrock-service-tier")
 
 
 def test_converse_requests_are_read_for_what_the_provider_bills() -> None:
@@ -109,6 +105,10 @@ def test_converse_requests_are_read_for_what_the_provider_bills() -> None:
     assert converse({"messages": [], "serviceTier": {"type": "flex"}}).service_tier == "flex"
     assert converse({"messages": [], "serviceTier": {"type": "default"}}).service_tier == ""
     assert converse({"messages": [], "performanceConfig": {"latency": "optimized"}}).service_tier == "latency_optimized"
+    invoked = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5, "messages": []}  # InvokeModel's: headers
+    assert converse(invoked, "invoke", {"X-Amzn-Bedrock-Service-Tier": "priority"}).service_tier == "priority"
+    assert converse(invoked, "invoke", {"X-Amzn-Bedrock-PerformanceConfig-Latency": "optimized"}).service_tier == \
+        "latency_optimized"
     for media in ({"image": {"format": "png", "source": {"bytes": "iVBORw0KGgo="}}},
                   {"document": {"format": "pdf", "name": "a", "source": {"s3Location": {"uri": "s3://b/a.pdf"}}}},
                   {"video": {"format": "mp4", "source": {"bytes": "AAAA"}}}):
@@ -202,6 +202,15 @@ def test_an_invoke_stream_is_read_as_the_anthropic_events_it_carries() -> None:
     assert (reader.found_usage, reader.output_final, reader.finished) == (True, True, True)
     assert (reader.tokens.input_tokens, reader.tokens.cached_input_tokens, reader.tokens.output_tokens) == (30, 5, 9)
     assert reader.delivered_bytes == len("hi there")
+    # the tier its reply's headers say served it (InvokeModel's; Anthropic's usage on Bedrock names none)
+    for headers, tier in ((("flex", "standard"), "flex"), (("default", "optimized"), "latency_optimized"),
+                          (("default", "standard"), "")):
+        reader = ResponseReader("anthropic_messages", True)
+        reader.served_on(*headers)
+        for event in events:
+            reader.feed(chunk(event))
+        reader.finish()
+        assert reader.tokens.service_tier == tier, headers
     garbled = message("chunk", {"bytes": "not base64!"})
     assert read("anthropic_messages", True, garbled).malformed
 

@@ -1007,9 +1007,22 @@ def test_bedrock_is_charged_exactly_through_converse_and_invoke_streamed_or_not(
         record = gateway.record(bedrock_request_id(streamed))
         assert (record["status"], record["error_class"], record["output_tokens"], record["charge_nanos"]) == (
             "settled", "", 7, expected_charge(BEDROCK_SONNET, used_in, 7))
+        # InvokeModel's tiers are headers, the request's and its reply's: charged at the one the reply names
+        flex = bedrock.invoke_model(modelId=BEDROCK_SONNET, body=body, serviceTier="flex")
+        used_in = json.loads(flex["body"].read())["usage"]["input_tokens"]
+        assert gateway.record(bedrock_request_id(flex))["charge_nanos"] == \
+            expected_charge(f"{BEDROCK_SONNET}@flex", used_in, 7)
+        fast = bedrock.invoke_model_with_response_stream(modelId=BEDROCK_SONNET, body=body,
+                                                         performanceConfigLatency="optimized")
+        assert [json.loads(part["chunk"]["bytes"])["type"] for part in fast["body"]][-1] == "message_stop"
+        assert gateway.record(bedrock_request_id(fast))["charge_nanos"] == \
+            expected_charge(f"{BEDROCK_SONNET}@latency_optimized", used_in, 7)
+        counted = bedrock.count_tokens(modelId=BEDROCK_SONNET, input={"converse": {"messages": said}})
+        assert counted["inputTokens"] > 0  # free: nothing held, charged or recorded
     sent = [r for r in gateway.mock.received() if r["path"].startswith("/model/")]
-    assert len(sent) == 4 and all(r["credentials"] == {"authorization": f"Bearer {PROVIDER_KEYS[4]}"} for r in sent)
+    assert len(sent) == 7 and all(r["credentials"] == {"authorization": f"Bearer {PROVIDER_KEYS[4]}"} for r in sent)
     assert key not in json.dumps(sent)
+    assert len(gateway.records("e2e-bedrock")) == 6 and gateway.wallet_at_rest("e2e-bedrock").reserved_nanos == 0
 
 
 def test_bedrock_requests_reach_it_capped_at_their_tier_and_downgraded_in_the_path(gateway: Gateway) -> None:
