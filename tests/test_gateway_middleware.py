@@ -218,6 +218,15 @@ def test_a_bedrock_stream_is_charged_its_usage_and_capped_where_converse_reads_i
     (sent,) = [r for r in gateway.mock.received() if "middleware on bedrock" in json.dumps(r["body"])]
     assert sent["body"]["inferenceConfig"] == {"maxTokens": record["max_output_tokens"]} and sent["authorization"] == \
         f"Bearer {PROVIDER_KEY}"
+    # refused, a Bedrock client reads AWS's error: an empty wallet is a quota spent, never a 429 to retry
+    broke = gateway.customer("mw-bedrock-broke", plan="bedrock", credit="")
+    refused = urllib.request.Request(request.full_url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"authorization": f"Bearer {broke}", "content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as spent:
+        urllib.request.urlopen(refused, timeout=20)
+    assert (spent.value.code, spent.value.headers["x-amzn-errortype"]) == (400, "ServiceQuotaExceededException")
+    answer = json.loads(spent.value.read())
+    assert answer["message"] == answer["error"]["message"] and answer["error"]["code"] == "insufficient_quota"
 
 
 def test_a_key_in_the_query_is_read_and_never_reaches_the_provider(gateway: ExampleGateway) -> None:
