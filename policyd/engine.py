@@ -35,6 +35,7 @@ from policyd.directory import KeyDirectory
 from policyd.loops import every
 from policyd.domain import (
     ANTHROPIC_FAST_MODE,
+    CREATED_AT,
     IMAGE_GENERATION_USAGE,
     AuthorizeInput,
     Decision,
@@ -84,12 +85,13 @@ NO_PRICE = ModelPrice.model_construct(provider="", route="", tier="", input=0, c
                                       per_image=0, per_request=0, per_second=0)
 # what making a conversation (OpenAI's POST /v1/conversations) costs, and where it goes: nothing, OpenAI
 CONVERSATION_PRICE = NO_PRICE.model_copy(update={"provider": "openai"})
-AZURE_CREATED_PRICE = NO_PRICE.model_copy(update={"provider": "azure"})  # an Azure OpenAI client's file, conversation
+# ... at each provider one may be made at (an Azure OpenAI client's file, conversation: at Azure's)
+CREATED_PRICES = {provider: NO_PRICE.model_copy(update={"provider": provider}) for provider in CREATED_AT}
 
 
 def _created_at(provider: Any) -> ModelPrice:
     """The price (nothing) of a file or conversation made, at the provider it was made at (OpenAI unless named)."""
-    return AZURE_CREATED_PRICE if provider == "azure" else CONVERSATION_PRICE
+    return CREATED_PRICES.get(provider, CONVERSATION_PRICE)
 
 
 # the decision of a key read under terms (plan, scopes, own limits) the operator has since changed: made again
