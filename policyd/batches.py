@@ -43,9 +43,14 @@ INPUT_BYTES_MAX = 200 * 1024 * 1024  # OpenAI's: a batch's input file is up to 2
 INPUT_REQUESTS_MAX = 100_000  # ... of up to 50,000 requests (an Anthropic message batch: 100,000)
 MESSAGES_URL = "/v1/messages"  # an Anthropic message batch's requests
 MESSAGE_BATCH_ID_PREFIX = "msgbatch_"  # Anthropic's
-BATCH_ID_PREFIXES = (BATCH_ID_PREFIX, MESSAGE_BATCH_ID_PREFIX)
+GEMINI_BATCH_ID_PREFIX = "batches/"  # Gemini's: a batch's name
+BATCH_ID_PREFIXES = (BATCH_ID_PREFIX, MESSAGE_BATCH_ID_PREFIX, GEMINI_BATCH_ID_PREFIX)
 READ_TIMEOUT_SECONDS = 60
 ANSWER_BYTES_MAX = 1024 * 1024  # a batch object
+GEMINI_ANSWER_BYTES_MAX = 64 * 1024 * 1024  # ... a Gemini batch's, whose requests' replies it holds inline
+# a Gemini batch's states once it has ended (its metadata.state)
+ENDED_GEMINI_STATES = frozenset({"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED",
+                                 "BATCH_STATE_EXPIRED"})
 # how long the gateway waits for a batch's decision (its file read and its requests held), where others get
 # ext_authz's 2 s or ext_proc's 5 s message timeout: the batch route's ext_authz timeout, ext_proc's override
 DECISION_SECONDS = 90
@@ -92,18 +97,23 @@ def read_requests(url: str, content: bytes) -> BatchInput:
     return _held(path, bodies, "the batch's input file holds no requests")
 
 
-def inline_requests(requests: Any) -> BatchInput:
-    """The requests of an Anthropic message batch, given in its body (requests: [{custom_id, params}]), each
-    understood as the same Messages API request sent alone, priced at the batch tier."""
+def inline_requests(requests: Any, endpoint: str = "anthropic_messages", model: str = "") -> BatchInput:
+    """The requests of a batch given in its body, each understood as the same request sent alone, priced at the
+    batch tier: an Anthropic message batch's (requests: [{custom_id, params}]), or a Gemini batch's of `model`
+    (batch.inputConfig.requests.requests: [{request, metadata}])."""
+    gemini = endpoint == "gemini_generate_content"
+    param, body, shape = ("batch.inputConfig", "request", "{request, metadata}") if gemini else \
+        ("requests", "params", "{custom_id, params}")
     if not isinstance(requests, list):
-        return BatchInput(problem="requests must be a list of {custom_id, params}", param="requests")
+        return BatchInput(problem=f"requests must be a list of {shape}", param=param)
     bodies: list[tuple[str, Any]] = []
     for number, item in enumerate(requests):
         where = f"requests[{number}]"
-        if not isinstance(item, dict) or not isinstance(item.get("params"), dict):
-            return BatchInput(problem=f"{where} is not a request (custom_id, params)", param="requests")
-        bodies.append((where, item["params"]))
-    return replace(_held(MESSAGES_URL, bodies, "requests holds no requests"), param="requests")
+        if not isinstance(item, dict) or not isinstance(item.get(body), dict):
+            return BatchInput(problem=f"{where} is not a request ({shape[1:-1]})", param=param)
+        bodies.append((where, item[body]))
+    url = f"/v1beta/models/{urllib.parse.quote(model, safe='')}:generateContent" if gemini else MESSAGES_URL
+    return replace(_held(url, bodies, "requests holds no requests"), param=param)
 
 
 def _held(url: str, bodies: list[tuple[str, Any]], none: str) -> BatchInput:
@@ -188,6 +198,8 @@ def batch_answer(status: int, body: bytes) -> BatchAnswer:
         batch = None
     if isinstance(batch, dict) and batch.get("type") == "message_batch":
         return _message_batch_answer(batch)
+    if isinstance(batch, dict) and str(batch.get("name", "")).startswith(GEMINI_BATCH_ID_PREFIX):
+        return _gemini_batch_answer(batch)
     state = batch.get("status") if isinstance(batch, dict) else None
     if not isinstance(batch, dict) or not isinstance(state, str) or state not in ENDED_BATCH_STATUSES:
         return BatchAnswer("wait", str(state or "")[:32])
@@ -210,9 +222,13 @@ def batch_answer(status: int, body: bytes) -> BatchAnswer:
 async def followed_batch(account: Account, batch_id: str, request_id: str) -> tuple[str, str, UsageReport]:
     """Ask the provider for a batch policyd follows (policyd/background.py): what to do (BatchAnswer's actions
     but read_output, done here), its status, and the usage to settle it with."""
-    kind = "messages/batches" if batch_id.startswith(MESSAGE_BATCH_ID_PREFIX) else "batches"
-    batch = batch_answer(*await asyncio.to_thread(account.get, f"{kind}/{urllib.parse.quote(batch_id, safe='')}",
-                                                  ANSWER_BYTES_MAX, READ_TIMEOUT_SECONDS))
+    if batch_id.startswith(GEMINI_BATCH_ID_PREFIX):  # its name is its path
+        path, most = f"batches/{urllib.parse.quote(batch_id[len(GEMINI_BATCH_ID_PREFIX):], safe='')}", \
+            GEMINI_ANSWER_BYTES_MAX
+    else:
+        kind = "messages/batches" if batch_id.startswith(MESSAGE_BATCH_ID_PREFIX) else "batches"
+        path, most = f"{kind}/{urllib.parse.quote(batch_id, safe='')}", ANSWER_BYTES_MAX
+    batch = batch_answer(*await asyncio.to_thread(account.get, path, most, READ_TIMEOUT_SECONDS))
     action, tokens = batch.action, batch.tokens
     if action == "read_output":  # its usage not reported: its requests' own, from its output file
         read = await asyncio.to_thread(output_usage, account, batch.output_path, batch.endpoint)
@@ -235,6 +251,32 @@ def _message_batch_answer(batch: dict[str, Any]) -> BatchAnswer:
                        endpoint="anthropic_messages")
 
 
+def _gemini_batch_answer(batch: dict[str, Any]) -> BatchAnswer:
+    """A Gemini batch: ended once its metadata's state says so; its usage is its inlined replies' (each
+    request's usageMetadata, the ones that failed billing nothing)."""
+    metadata = batch.get("metadata") if isinstance(batch.get("metadata"), dict) else {}
+    state = metadata.get("state")
+    if state not in ENDED_GEMINI_STATES:
+        return BatchAnswer("wait", str(state or "")[:32])
+    output = metadata.get("output") if isinstance(metadata.get("output"), dict) else {}
+    inlined = output.get("inlinedResponses") if isinstance(output.get("inlinedResponses"), dict) else {}
+    replies = inlined.get("inlinedResponses")
+    if not isinstance(replies, list):  # no replies: none ran (failed), or none to read
+        return BatchAnswer("release" if state == "BATCH_STATE_FAILED" else "held", state)
+    total = Tokens()
+    for item in replies:
+        seen = Tokens()
+        if isinstance(item, dict) and usage_from("gemini_generate_content", item.get("response"), seen):
+            _add(total, seen)
+    return BatchAnswer("settle" if total.any else "release", state, total)
+
+
+def _add(total: Tokens, seen: Tokens) -> None:
+    """Adds a reply's counts to a batch's."""
+    for name in COUNTED:
+        setattr(total, name, getattr(total, name) + getattr(seen, name))
+
+
 def _billed_reply(item: Any) -> Any:
     """The reply of one line of a batch's results that is billed: an OpenAI request's response body (status 200),
     an Anthropic request's message (succeeded); None for one that failed."""
@@ -253,7 +295,6 @@ def output_usage(account: Account, path: str, endpoint: str) -> Tokens | None:
     usage read as the same reply's alone); None when they could not be read (asked again later). Blocking: run
     it on a thread; the results are read a line at a time."""
     total = Tokens()
-    counted = [f.name for f in fields(Tokens) if f.type in ("int", int)]
     try:
         with urllib.request.urlopen(account.request(path), timeout=READ_TIMEOUT_SECONDS) as reply:
             for line in reply:
@@ -263,11 +304,13 @@ def output_usage(account: Account, path: str, endpoint: str) -> Tokens | None:
                     continue
                 seen = Tokens()
                 if usage_from(endpoint, _billed_reply(item), seen):
-                    for name in counted:
-                        setattr(total, name, getattr(total, name) + getattr(seen, name))
+                    _add(total, seen)
     except (OSError, ValueError):
         return None
     return total
+
+
+COUNTED = [f.name for f in fields(Tokens) if f.type in ("int", int)]  # a Tokens' counts, which a batch sums
 
 
 def hold_seconds(completion_window_seconds: int) -> int:
@@ -316,7 +359,7 @@ class Batches:
         return replace(decision, account=where.account) if decision.allowed else decision
 
     async def _authorize_inline(self, call: http_api.HttpCall) -> Decision:
-        found = await asyncio.to_thread(inline_requests, call.batch_inline)
+        found = await asyncio.to_thread(inline_requests, call.batch_inline, call.endpoint, call.model)
         if found.problem:
             return await self._refuse(call, found.problem, found.param)
         decision = await self._hold(call, found, call.authorize_input().files)

@@ -35,6 +35,8 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
                                           batch tier, its file read from the provider: policyd/batches.py);
                                           GET .../v1/batches/{id}, POST .../cancel: its own customer's alone
     POST .../endpoints/openapi/chat/completions | embeddings   Vertex AI's OpenAI-compatible API: OpenAI's
+    POST .../v1beta/models/M:batchGenerateContent   a Gemini batch, its requests inline (the same);
+                                          GET | DELETE .../v1beta/batches/{id}, POST ...:cancel: the same
     POST .../v1/messages/batches          an Anthropic message batch, its requests in its body (the same);
                                           GET | DELETE .../{id}, GET .../results, POST .../cancel: the same
 
@@ -97,7 +99,11 @@ _PATHS = [
     (re.compile(r"(^|/)endpoints/openapi/embeddings/?$"), "embeddings"),
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent"
-                     r"|countTokens|embedContent|batchEmbedContents)$")
+                     r"|countTokens|embedContent|batchEmbedContents|batchGenerateContent)$")
+# Gemini's batch mode: a batch made (models/M:batchGenerateContent, its requests inline); one read, cancelled or
+# deleted (free, for its own customer's keys alone); its id is its name, "batches/<id>"
+_GEMINI_BATCH = re.compile(r"(^|/)v1(beta)?/batches/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>:cancel)?$")
+_GEMINI_BATCH_METHODS = {"": ("GET", "DELETE"), ":cancel": ("POST",)}
 # Vertex AI: Google's and Anthropic's models under a project's location, the model in the path; Gemini's
 # bodies and usage, or Anthropic's (rawPredict, streamRawPredict)
 _VERTEX = re.compile(r"(^|/)v1(beta1)?/projects/[^/]+/locations/[^/]+/publishers/(?P<publisher>google|anthropic)"
@@ -159,7 +165,7 @@ _MESSAGE_BATCHES = re.compile(r"(^|/)v1/messages/batches/?$")
 _MESSAGE_BATCH = re.compile(r"(^|/)v1/messages/batches/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/results|/cancel)?/?$")
 _MESSAGE_BATCH_METHODS = {"": ("GET", "DELETE"), "/results": ("GET",), "/cancel": ("POST",)}
 # ... a batch made, as the gateway's route matches it (RE2, the whole path): decided on longer (its file is read)
-BATCHES_PATH_REGEX = r"(.*/)?((v1|openai)/batches|v1/messages/batches)/?"
+BATCHES_PATH_REGEX = r"(.*/)?((v1|openai)/batches|v1/messages/batches|v1(beta)?/models/[^/:]+:batchGenerateContent)/?"
 _FILE_METHODS = {"": ("GET", "DELETE"), "/content": ("GET",)}
 # a chat completion the provider stored (store: true): read, its metadata changed, deleted; its messages read
 _STORED_CHAT = re.compile(r"(^|/)v1/chat/completions/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/messages)?/?$")
@@ -375,6 +381,8 @@ def endpoint_of(method: str, path: str) -> Endpoint:
     if gemini:
         if gemini.group("verb") in ("embedContent", "batchEmbedContents"):
             return Endpoint("embeddings", gemini.group("model"))
+        if gemini.group("verb") == "batchGenerateContent":
+            return Endpoint("gemini_generate_content", gemini.group("model"), batch=method.upper() == "POST")
         return Endpoint("gemini_generate_content", gemini.group("model"),
                         count_tokens=gemini.group("verb") == "countTokens")
     if _AZURE_RESPONSES.search(path):
@@ -399,6 +407,9 @@ def endpoint_of(method: str, path: str) -> Endpoint:
         return Endpoint("responses", batch=True)  # the family its requests' file names (parse_call)
     if method.upper() == "POST" and _MESSAGE_BATCHES.search(path):
         return Endpoint("anthropic_messages", batch=True)
+    gemini_batch = _GEMINI_BATCH.search(path)
+    if gemini_batch and method.upper() in _GEMINI_BATCH_METHODS[gemini_batch.group("rest") or ""]:
+        return Endpoint("gemini_generate_content", count_tokens=True, stored_response=f"batches/{gemini_batch.group('id')}")
     message_batch = _MESSAGE_BATCH.search(path)
     if message_batch and method.upper() in _MESSAGE_BATCH_METHODS[message_batch.group("rest") or ""]:
         return Endpoint("anthropic_messages", count_tokens=True, stored_response=message_batch.group("id"))
@@ -420,7 +431,9 @@ def batch_made(method: str, path: str) -> bool:
     """POST /v1/batches (decided on longer than other requests: its input file is read, policyd/batches.py),
     or Anthropic's POST /v1/messages/batches."""
     path = path.split("?", 1)[0]
-    return method.upper() == "POST" and (_BATCHES.search(path) or _MESSAGE_BATCHES.search(path)) is not None
+    gemini = _GEMINI.search(path)
+    return method.upper() == "POST" and (_BATCHES.search(path) or _MESSAGE_BATCHES.search(path) or
+                                         gemini is not None and gemini.group("verb") == "batchGenerateContent")
 
 
 def streamed_upload(method: str, path: str) -> bool:
@@ -911,6 +924,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "invalid_request", f"{mistyped[0]} must be {mistyped[1]}", mistyped[0])
     call.body = data
     if named.batch:
+        call.model = path_model  # Gemini's: the model its requests are all for
         return _batch(call, data)
     model = path_model or data.get("model") or (MODERATION_MODEL_DEFAULT if endpoint == "moderations" else None)
     if not isinstance(model, str) or not model:
@@ -1040,6 +1054,7 @@ _COMPLETION_WINDOW = re.compile(r"^(?P<count>[1-9][0-9]{0,3})(?P<unit>[hd])$")  
 
 
 MESSAGE_BATCH_SECONDS = 24 * 3600  # an Anthropic message batch ends (expires) within a day
+GEMINI_BATCH_SECONDS = 48 * 3600  # a Gemini batch not done within two days expires
 
 
 def _batch(call: HttpCall, data: dict[str, Any]) -> HttpCall:
@@ -1049,6 +1064,16 @@ def _batch(call: HttpCall, data: dict[str, Any]) -> HttpCall:
         call.batch_inline, call.batch_seconds = data.get("requests"), MESSAGE_BATCH_SECONDS
         if not isinstance(call.batch_inline, list):
             return _problem(call, "invalid_request", "requests must be a list of {custom_id, params}", "requests")
+        return call
+    if call.endpoint == "gemini_generate_content":  # its requests inline: batch.inputConfig.requests.requests
+        config = _dict_of(_dict_of(data, "batch"), "inputConfig")
+        call.batch_inline, call.batch_seconds = _dict_of(config, "requests").get("requests"), GEMINI_BATCH_SECONDS
+        if config.get("fileName") is not None:
+            return _problem(call, "invalid_request", "policyd does not offer Gemini's File API: give a batch's requests "
+                            "inline (inputConfig.requests)", "batch.inputConfig")
+        if not isinstance(call.batch_inline, list):
+            return _problem(call, "invalid_request", "batch.inputConfig.requests.requests must be a list of "
+                            "{request, metadata}", "batch.inputConfig")
         return call
     file_id, url, window = data.get("input_file_id"), data.get("endpoint"), data.get("completion_window")
     if not isinstance(file_id, str) or not 0 < len(file_id) <= 200:

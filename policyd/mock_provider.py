@@ -68,6 +68,8 @@ ACCOUNT_HEADERS = {"openai-organization": "org-operator", "x-ratelimit-remaining
 IMAGE_TOKENS = {"low": 272, "medium": 1056, "high": 4160}  # a square image's output tokens, by quality
 GEMINI_IMAGE_TOKENS = 1290  # a 1024x1024 image out of Gemini's image models
 GEMINI_PATH = re.compile(r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent)$")
+GEMINI_BATCH_PATH = re.compile(r"/v1beta/batches/(?P<id>[^/:]+)(?P<cancel>:cancel)?$")
+GEMINI_BATCH_MADE_PATH = re.compile(r"/models/(?P<model>[^/:]+):batchGenerateContent$")
 AZURE_DATED_PATH = re.compile(r"/openai/(?!v1/)")  # Azure OpenAI's dated API: every request names its api-version
 BEDROCK_PATH = re.compile(r"/model/(?P<model>[^/]+)/(?P<verb>converse|converse-stream|invoke|invoke-with-response-stream"
                           r"|count-tokens)$")
@@ -270,6 +272,12 @@ class MockProvider:
         conversation = CONVERSATION_PATH.search(route)
         if conversation:
             return self._conversation(h, body, conversation)
+        gemini_batch = GEMINI_BATCH_PATH.search(route)
+        gemini_batch_made = GEMINI_BATCH_MADE_PATH.search(route)
+        if gemini_batch or gemini_batch_made:
+            return self._gemini_batch(h, body, gemini_batch.group("id") if gemini_batch else None,
+                                      bool(gemini_batch and gemini_batch.group("cancel")),
+                                      gemini_batch_made.group("model") if gemini_batch_made else "")
         message_batch = MESSAGE_BATCH_PATH.search(route)
         if message_batch:
             return self._message_batch(h, body, message_batch.group("id"), message_batch.group("rest") or "")
@@ -647,6 +655,45 @@ class MockProvider:
             elif batch["status"] in ("validating", "in_progress"):
                 batch = {**batch, "status": "in_progress"}
             self.batches[batch_id] = (batch, usage, reads - 1)
+            return h._json(200, batch)
+
+    def _gemini_batch(self, h: Any, body: dict[str, Any], batch_id: str | None, cancel: bool, model: str) -> None:
+        """Gemini's batch mode: a batch of the requests inline in its body (pending, then running for
+        `x-mock-batch-polls` reads, 2 by default, then succeeded with each request's reply and its usage, as the
+        mock bills it alone), read, cancelled (its first half's replies), deleted."""
+        with self.lock:
+            if batch_id is None:
+                config = ((body.get("batch") or {}).get("inputConfig") or {}).get("requests") or {}
+                requests = [item["request"] for item in config.get("requests") or []]
+                used = [(prompt_tokens(r), min(output_cap(r), COMPLETION_TOKENS_MAX)) for r in requests]
+                batch_id = f"mock{next(self.response_ids)}"
+                batch = {"name": f"batches/{batch_id}", "metadata": {
+                    "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
+                    "model": f"models/{model}", "displayName": (body.get("batch") or {}).get("displayName", ""),
+                    "state": "BATCH_STATE_PENDING", "batchStats": {"requestCount": str(len(used))}}}
+                self.batches[batch_id] = (batch, {"used": used}, int(h.headers.get("x-mock-batch-polls", "2")))
+                return h._json(200, batch)
+            held = self.batches.get(batch_id)
+            if held is None:
+                return h._json(404, {"error": {"code": 404, "message": "Batch not found.", "status": "NOT_FOUND"}})
+            batch, kept, reads = held
+            if h.command == "DELETE":
+                del self.batches[batch_id]
+                return h._json(200, {})
+            state = batch["metadata"]["state"]
+            if state in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING") and (cancel or reads <= 0):
+                ran = kept["used"][:len(kept["used"]) // 2] if cancel else kept["used"]
+                replies = [{"response": {"candidates": [{"content": {"parts": [{"text": "".join(WORDS[:out])}],
+                                                                     "role": "model"}, "finishReason": "STOP"}],
+                                         "usageMetadata": {"promptTokenCount": used_in, "candidatesTokenCount": out,
+                                                           "totalTokenCount": used_in + out}}}
+                           for used_in, out in ran]
+                batch = {**batch, "done": True, "metadata": {
+                    **batch["metadata"], "state": "BATCH_STATE_CANCELLED" if cancel else "BATCH_STATE_SUCCEEDED",
+                    "output": {"inlinedResponses": {"inlinedResponses": replies}}}}
+            elif state == "BATCH_STATE_PENDING":
+                batch = {**batch, "metadata": {**batch["metadata"], "state": "BATCH_STATE_RUNNING"}}
+            self.batches[batch_id] = (batch, kept, reads - 1)
             return h._json(200, batch)
 
     def _message_batch(self, h: Any, body: dict[str, Any], batch_id: str | None, rest: str) -> None:

@@ -664,6 +664,8 @@ class ResponseReader:
             data if not self.stream or self.endpoint != "responses" else {}
         made = response.get("file") if response.get("object") == "upload" else None
         found = made.get("id") if isinstance(made, dict) else response.get("id")  # an upload completed: its file
+        if found is None and self.endpoint == BATCHES:  # a Gemini batch is named ("batches/...") instead
+            found = response.get("name")
         if isinstance(found, str) and 0 < len(found) <= 200:
             self.response_id = found
 

@@ -21,7 +21,8 @@ TOOL_CALLS_MAX = 10_000  # the most hosted tool calls a request may allow (max_t
 PARTIAL_IMAGES_MAX = 16  # partial images a streamed image_generation call may send (OpenAI takes 0-3)
 REQUEST_ID_PATTERN = re.compile(rf"^[A-Za-z0-9._:/=+@-]{{1,{REQUEST_ID_LENGTH_MAX}}}$")
 STORED_RESPONSE_ID_LENGTH_MAX = 200
-STORED_RESPONSE_ID_PATTERN = re.compile(rf"^[A-Za-z0-9_.-]{{1,{STORED_RESPONSE_ID_LENGTH_MAX}}}$")
+# an id from a URL path (a Gemini batch's is its name: batches/<id>)
+STORED_RESPONSE_ID_PATTERN = re.compile(rf"^(batches/)?[A-Za-z0-9_.-]{{1,{STORED_RESPONSE_ID_LENGTH_MAX}}}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NOT_UTF8 = re.compile("[\ufffd\ud800-\udfff]")  # a replacement character, or a lone surrogate
 

@@ -358,3 +358,46 @@ def test_policyds_own_calls_carry_the_query_an_accounts_base_url_gives() -> None
             "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}}
     found = read_requests("/chat/completions", json.dumps(line).encode())
     assert (found.problem, found.model, len(found.requests)) == ("", "gpt-4o-mini", 1)
+
+
+def test_a_gemini_batch_is_read_and_its_end_charged_from_its_replies() -> None:
+    """Gemini's batch mode: its inline requests held each as the same request alone, at the batch tier; its
+    answer ended once its state says so, charged its replies' usage (failed ones billing nothing)."""
+    from policyd.batches import BATCH_ID_PREFIXES, batch_answer
+    from policyd.http_api import batch_made, parse_call
+
+    path = "/v1beta/models/gemini-2.5-flash:batchGenerateContent"
+    requests = [{"request": {"contents": [{"role": "user", "parts": [{"text": "x" * 40}]}],
+                             "generationConfig": {"maxOutputTokens": cap}}, "metadata": {"key": str(cap)}}
+                for cap in (10, 20)]
+    call = parse_call("POST", path, {"x-goog-api-key": "k"}, json.dumps(
+        {"batch": {"displayName": "d", "inputConfig": {"requests": {"requests": requests}}}}).encode())
+    assert (call.problem, call.batch, call.model, call.batch_seconds, batch_made("POST", path)) == (
+        "", True, "gemini-2.5-flash", 48 * 3600, True)
+    found = inline_requests(call.batch_inline, call.endpoint, call.model)
+    assert (found.problem, found.model) == ("", "gemini-2.5-flash")
+    assert [(r.max_output_tokens, r.service_tier) for r in found.requests] == [(10, BATCH_TIER), (20, BATCH_TIER)]
+    assert inline_requests([{"metadata": {}}], call.endpoint, call.model).problem  # no request in it
+    from_file = parse_call("POST", path, {"x-goog-api-key": "k"},
+                           b'{"batch": {"inputConfig": {"fileName": "files/a"}}}')
+    assert (from_file.problem, from_file.problem_param) == ("invalid_request", "batch.inputConfig")
+    read = parse_call("GET", "/v1beta/batches/abc", {"x-goog-api-key": "k"}, b"")
+    assert (read.stored_response, read.endpoint) == ("batches/abc", "gemini_generate_content")
+    assert "batches/abc".startswith(BATCH_ID_PREFIXES)
+
+    def answer(state: str, replies: list[Any] | None = None) -> Any:
+        metadata: dict[str, Any] = {"state": state}
+        if replies is not None:
+            metadata["output"] = {"inlinedResponses": {"inlinedResponses": replies}}
+        return batch_answer(200, json.dumps({"name": "batches/abc", "metadata": metadata}).encode())
+
+    def reply(used_in: int, used_out: int) -> dict[str, Any]:
+        return {"response": {"usageMetadata": {"promptTokenCount": used_in, "candidatesTokenCount": used_out}}}
+
+    assert answer("BATCH_STATE_RUNNING").action == "wait"
+    done = answer("BATCH_STATE_SUCCEEDED", [reply(10, 3), {"error": {"code": 400}}, reply(7, 2)])
+    assert (done.action, done.tokens.input_tokens, done.tokens.output_tokens) == ("settle", 17, 5)
+    assert answer("BATCH_STATE_CANCELLED", [reply(4, 1)]).tokens.output_tokens == 1
+    assert answer("BATCH_STATE_FAILED").action == "release"  # nothing ran
+    assert answer("BATCH_STATE_SUCCEEDED", [{"error": {"code": 500}}]).action == "release"  # none billed
+    assert answer("BATCH_STATE_EXPIRED").action == "held"  # ended with no replies to read

@@ -45,7 +45,7 @@ PRICE = {"gpt-4o": ("2.50", "10.00"), "gpt-4o-mini": ("0.15", "0.60"), "claude-s
          "gpt-4o-mini@batch": ("0.075", "0.30"), "claude-sonnet-4@batch": ("1.50", "7.50"),  # batch tiers
          BEDROCK_SONNET: ("3.00", "15.00"), f"{BEDROCK_SONNET}@flex": ("1.50", "7.50"),
          f"{BEDROCK_SONNET}@latency_optimized": ("3.60", "18.00"), BEDROCK_HAIKU: ("0.80", "4.00"),
-         "azure-4o-mini@batch": ("0.075", "0.30")}
+         "azure-4o-mini@batch": ("0.075", "0.30"), "gemini-2.5-flash@batch": ("0.15", "1.25")}
 
 
 def envoy_binary() -> str:
@@ -85,6 +85,8 @@ class Gateway(FundedCustomers):
         base_url = f"base_url: 'http://127.0.0.1:{self.mock.port}/v1'"  # where policyd asks for background responses
         providers.write_text(PROVIDERS.replace("cluster: openai,", f"cluster: openai, {base_url},")
                              .replace("cluster: anthropic,", f"cluster: anthropic, {base_url},")
+                             .replace("cluster: google,", f"cluster: google, base_url: 'http://127.0.0.1:{self.mock.port}"
+                                                          f"/v1beta',")
                              # Azure OpenAI's dated API, whose every request names its version
                              .replace("cluster: azure,", f"cluster: azure, base_url: 'http://127.0.0.1:{self.mock.port}"
                                                          f"/openai?api-version={AZURE_API_VERSION}',"))
@@ -1523,6 +1525,63 @@ def test_an_anthropic_message_batch_is_held_at_its_requests_worst_cases_and_char
     assert (record["input_tokens"], record["output_tokens"]) == (first["input_tokens"], first["output_tokens"])
     assert gateway.wallet("e2e-msgbatch").reserved_nanos == 0
     assert gateway.admin.Audit(admin_pb2.AuditRequest()).ok
+
+
+def test_a_gemini_batch_is_held_at_its_requests_worst_cases_and_charged_what_it_used(gateway: Gateway) -> None:
+    """Gemini's batch mode (models/M:batchGenerateContent, its requests inline): held at the sum of its requests'
+    worst cases at the batch tier, followed until it ends and charged its replies' usage at the batch prices;
+    read, cancelled and deleted by its own customer alone; a batch of a file (Gemini's File API) refused."""
+    key = gateway.customer("e2e-gemini-batch", plan="google")
+    root = f"http://127.0.0.1:{gateway.port}/v1beta"
+
+    def call(method: str, path: str, body: Any = None, who: str = key) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(f"{root}/{path}", method=method, headers={
+            "x-goog-api-key": who, "content-type": "application/json"},
+            data=None if body is None else json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                return reply.status, {**json.loads(reply.read() or b"{}"), "_id": reply.headers["x-policyd-request-id"]}
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def batch(caps: list[int]) -> dict[str, Any]:
+        return {"batch": {"displayName": "e2e", "inputConfig": {"requests": {"requests": [
+            {"request": {"contents": [{"role": "user", "parts": [{"text": f"gemini batch question {i}"}]}],
+                         "generationConfig": {"maxOutputTokens": cap}}, "metadata": {"key": f"r{i}"}}
+            for i, cap in enumerate(caps)]}}}}
+
+    before = gateway.wallet("e2e-gemini-batch")
+    status, made = call("POST", "models/gemini-2.5-flash:batchGenerateContent", batch([400, 600]))
+    assert status == 200 and made["name"].startswith("batches/")
+    held = gateway.wallet("e2e-gemini-batch").reserved_nanos
+    assert expected_charge("gemini-2.5-flash@batch", 0, 1_000, markup_bps=0) < held < \
+        price_quantity(1_000, parse_amount("2.50"))  # every cap, at the batch prices, not the standard
+    other = gateway.customer("e2e-gemini-batch-other", plan="google")
+    for method, path in (("GET", made["name"]), ("POST", f"{made['name']}:cancel"), ("DELETE", made["name"])):
+        status, refused = call(method, path, {} if method == "POST" else None, who=other)
+        assert (status, refused["error"]["code"]) == (404, "batch_not_found"), method
+    while (polled := call("GET", made["name"])[1])["metadata"]["state"] != "BATCH_STATE_SUCCEEDED":
+        assert polled["metadata"]["state"] in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING")
+        time.sleep(0.05)
+    replies = polled["metadata"]["output"]["inlinedResponses"]["inlinedResponses"]
+    used_in = sum(r["response"]["usageMetadata"]["promptTokenCount"] for r in replies)
+    used_out = sum(r["response"]["usageMetadata"]["candidatesTokenCount"] for r in replies)
+    record = settled_record(gateway, made["_id"])
+    assert (record["status"], record["provider_response_id"], record["input_tokens"], record["output_tokens"]) == (
+        "settled", made["name"], used_in, used_out)
+    assert record["charge_nanos"] == price_quantity(used_in, parse_amount("0.15")) + \
+        price_quantity(used_out, parse_amount("1.25")) > 0
+    assert gateway.wallet_at_rest("e2e-gemini-batch").balance_nanos == before.balance_nanos - record["charge_nanos"]
+    status, cancelled = call("POST", "models/gemini-2.5-flash:batchGenerateContent", batch([5, 5, 5, 5]))
+    assert call("POST", f"{cancelled['name']}:cancel", {})[0] == 200
+    record = settled_record(gateway, cancelled["_id"])
+    assert (record["status"], record["output_tokens"]) == ("settled", 10)  # what ran: the first two requests
+    assert call("DELETE", cancelled["name"])[0] == 200
+    status, refused = call("POST", "models/gemini-2.5-flash:batchGenerateContent",
+                           {"batch": {"displayName": "file", "inputConfig": {"fileName": "files/abc"}}})
+    assert (status, refused["error"]["param"]) == (400, "batch.inputConfig")
+    sent = [r for r in gateway.mock.received() if "batch" in r["path"].lower()]
+    assert sent and all(r["credentials"] == {"x-goog-api-key": PROVIDER_KEYS[3]} for r in sent)
 
 
 def batches_made(gateway: Gateway) -> int:
