@@ -102,7 +102,7 @@ _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generate
                      r"|countTokens|embedContent|batchEmbedContents|batchGenerateContent)$")
 # Gemini's batch mode: a batch made (models/M:batchGenerateContent, its requests inline); one read, cancelled or
 # deleted (free, for its own customer's keys alone); its id is its name, "batches/<id>"
-_GEMINI_BATCH = re.compile(r"(^|/)v1(beta)?/batches/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>:cancel)?$")
+_GEMINI_BATCH = re.compile(r"(^|/)v1beta/batches/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>:cancel)?$")
 _GEMINI_BATCH_METHODS = {"": ("GET", "DELETE"), ":cancel": ("POST",)}
 # Vertex AI: Google's and Anthropic's models under a project's location, the model in the path; Gemini's
 # bodies and usage, or Anthropic's (rawPredict, streamRawPredict)
@@ -165,7 +165,7 @@ _MESSAGE_BATCHES = re.compile(r"(^|/)v1/messages/batches/?$")
 _MESSAGE_BATCH = re.compile(r"(^|/)v1/messages/batches/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/results|/cancel)?/?$")
 _MESSAGE_BATCH_METHODS = {"": ("GET", "DELETE"), "/results": ("GET",), "/cancel": ("POST",)}
 # ... a batch made, as the gateway's route matches it (RE2, the whole path): decided on longer (its file is read)
-BATCHES_PATH_REGEX = r"(.*/)?((v1|openai)/batches|v1/messages/batches|v1(beta)?/models/[^/:]+:batchGenerateContent)/?"
+BATCHES_PATH_REGEX = r"(.*/)?((v1|openai)/batches|v1/messages/batches|v1beta/models/[^/:]+:batchGenerateContent)/?"
 _FILE_METHODS = {"": ("GET", "DELETE"), "/content": ("GET",)}
 # a chat completion the provider stored (store: true): read, its metadata changed, deleted; its messages read
 _STORED_CHAT = re.compile(r"(^|/)v1/chat/completions/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/messages)?/?$")

@@ -401,3 +401,5 @@ def test_a_gemini_batch_is_read_and_its_end_charged_from_its_replies() -> None:
     assert answer("BATCH_STATE_FAILED").action == "release"  # nothing ran
     assert answer("BATCH_STATE_SUCCEEDED", [{"error": {"code": 500}}]).action == "release"  # none billed
     assert answer("BATCH_STATE_EXPIRED").action == "held"  # ended with no replies to read
+    openai_batch = parse_call("GET", "/v1/batches/batch_abc", {"authorization": "Bearer k"}, b"")
+    assert (openai_batch.stored_response, openai_batch.endpoint) == ("batch_abc", "responses")  # OpenAI's, still
