@@ -429,7 +429,7 @@ def endpoint_of(method: str, path: str) -> Endpoint:
 
 def batch_made(method: str, path: str) -> bool:
     """POST /v1/batches (decided on longer than other requests: its input file is read, policyd/batches.py),
-    or Anthropic's POST /v1/messages/batches."""
+    Anthropic's POST /v1/messages/batches, or Gemini's POST /v1beta/models/M:batchGenerateContent."""
     path = path.split("?", 1)[0]
     gemini = _GEMINI.search(path)
     return method.upper() == "POST" and (_BATCHES.search(path) or _MESSAGE_BATCHES.search(path) or
