@@ -114,7 +114,8 @@ class PolicydMiddleware:
             decision = await self.policy.authorize(
                 call.api_key, call.endpoint, call.model, request_id=request_id, count_tokens=call.count_tokens,
                 stored_response_id=call.stored_response, previous_response_id=call.previous_response,
-                creates=call.creates, conversation_id=call.conversation, file_ids=list(call.files),
+                creates=call.creates, creates_at=call.creates_at, conversation_id=call.conversation,
+                file_ids=list(call.files),
                 charge_held_on_expiry=True,  # this proxy sends it on to the provider, which bills it
                 call_token=uuid.uuid4().hex,  # the client's id may be reused by another of its requests meanwhile
                 client_address=call.client_address, user_agent=call.user_agent[:1024],

@@ -46,6 +46,9 @@ def test_sync_client_flow(served) -> None:
         assert json.loads(denied.error_body())["error"]["code"] == "model_not_allowed"
         with pytest.raises(ValueError):
             policy.authorize(secret, "telepathy", "gpt-4o")
+        # a file an Azure OpenAI client uploads is made on the operator's Azure account
+        made = policy.authorize(secret, "responses", "", request_id="c-file", creates="file", creates_at="azure")
+        assert (made.allowed, made.reserved_nanos, made.route) == (True, 0, "azure")
 
 
 async def test_async_client_flow(served) -> None:

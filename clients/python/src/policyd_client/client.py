@@ -130,6 +130,7 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     to settle), stored_response_id (a stored response read, deleted or cancelled: free, its customer's
     keys only), previous_response_id (the stored response a Responses API request continues),
     creates="conversation" or "file" (POST /v1/conversations, /v1/files: free, settled with the new id),
+    creates_at ("azure" for an Azure OpenAI client's, made on the operator's Azure account; else OpenAI's),
     conversation_id (the conversation a Responses API request adds to) and file_ids (the files its input
     refers to); charge_held_on_expiry=True for a request on its way to the provider (a reservation neither
     settled nor released by its deadline is then charged as held, not released), call_token (unique to the
@@ -145,6 +146,7 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     stored_response_id = attribution.pop("stored_response_id", "")
     previous_response_id = attribution.pop("previous_response_id", "")
     creates = attribution.pop("creates", "")
+    creates_at = attribution.pop("creates_at", "")
     conversation_id = attribution.pop("conversation_id", "")
     file_ids = list(attribution.pop("file_ids", ()))
     charge_held_on_expiry = bool(attribution.pop("charge_held_on_expiry", False))
@@ -179,7 +181,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
         shape=shape, client=client, count_tokens=count_tokens, stored_response_id=stored_response_id,
-        previous_response_id=previous_response_id, creates=creates, conversation_id=conversation_id,
+        previous_response_id=previous_response_id, creates=creates, creates_at=creates_at,
+        conversation_id=conversation_id,
         file_ids=file_ids, charge_held_on_expiry=charge_held_on_expiry, call_token=call_token)
     if problem is not None:
         code, message, param = problem
