@@ -58,6 +58,15 @@ OUTPUT_CAP_FIELDS = {"chat_completions": ("max_completion_tokens", "max_tokens")
                      "gemini_generate_content": ("generationConfig.maxOutputTokens",),
                      "bedrock_converse": ("inferenceConfig.maxTokens",)}
 BEDROCK_LATENCY_OPTIMIZED = "latency_optimized"  # the tier of Bedrock's performanceConfig.latency: optimized
+
+
+def bedrock_tier(service_tier: object, latency: object = "") -> str:
+    """The price table's tier of a Bedrock request or reply, as its body or headers name it: its service tier
+    (flex, priority, reserved; default is none), or BEDROCK_LATENCY_OPTIMIZED where its latency is optimized."""
+    if latency == "optimized":
+        return BEDROCK_LATENCY_OPTIMIZED
+    tier = service_tier.strip()[:32] if isinstance(service_tier, str) else ""
+    return "" if tier in ("default", "standard") else tier
 FILES_PER_REQUEST_MAX = 64  # file ids a request's input may refer to (each checked: whose it is)
 
 @dataclass(frozen=True)

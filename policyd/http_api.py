@@ -69,8 +69,9 @@ from urllib.parse import parse_qsl, quote, unquote, unquote_plus
 
 from policyd import reasons
 from policyd.audio import wav_seconds
-from policyd.domain import (ANTHROPIC_FAST_MODE, BEDROCK_LATENCY_OPTIMIZED, CONTAINER_MEMORY_DEFAULT,
-                            IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS, Attribution, AuthorizeInput, KeySummary, RateLimit, Shape, tier_in_geo, trace_id_from)
+from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS,
+                            Attribution, AuthorizeInput, KeySummary, RateLimit, Shape, bedrock_tier, tier_in_geo,
+                            trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount
 from policyd.multipart import MultipartError, MultipartForm
 from policyd.validation import REQUEST_ID_PATTERN, TAG_VALUE_LENGTH_MAX, TAGS_MAX
@@ -1019,16 +1020,13 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     tier = data.get("service_tier")
     call.service_tier = tier[:32] if isinstance(tier, str) and tier not in ("auto", "default") else ""
     if named.bedrock_invoke or endpoint == "bedrock_converse":  # Bedrock's tiers: flex, priority, reserved
-        asked = headers.get(BEDROCK_TIER_HEADER, "") if named.bedrock_invoke else \
-            _dict_of(data, "serviceTier").get("type", "")  # InvokeModel's in a header, as its reply's
-        call.service_tier = asked.strip()[:32] if isinstance(asked, str) and asked.strip() != "default" else ""
-        latency = headers.get(BEDROCK_LATENCY_HEADER, "") if named.bedrock_invoke else \
-            _dict_of(data, "performanceConfig").get("latency")
-        if latency == "optimized":  # latency-optimized inference: priced apart
-            if call.service_tier:
-                return _problem(call, "invalid_request", "a request asks for one Bedrock tier: serviceTier or "
-                                "latency-optimized inference", "performanceConfig")
-            call.service_tier = BEDROCK_LATENCY_OPTIMIZED
+        asked, latency = (headers.get(BEDROCK_TIER_HEADER, ""), headers.get(BEDROCK_LATENCY_HEADER, "")) \
+            if named.bedrock_invoke else (_dict_of(data, "serviceTier").get("type"),  # InvokeModel's in headers
+                                          _dict_of(data, "performanceConfig").get("latency"))
+        if latency == "optimized" and bedrock_tier(asked):  # latency-optimized inference is a tier of its own
+            return _problem(call, "invalid_request", "a request asks for one Bedrock tier: serviceTier or "
+                            "latency-optimized inference", "performanceConfig")
+        call.service_tier = bedrock_tier(asked, latency)
     elif endpoint == "anthropic_messages":  # Anthropic serves at its priority tier when it can unless told not to
         call.service_tier = "" if tier == "standard_only" else "priority"
         call.service_tier_implied = True

@@ -914,10 +914,7 @@ class MockProvider:
             return h._json(200, {"output": {"message": {"role": "assistant", "content": [{"text": text}]}},
                                  "stopReason": "end_turn", "metrics": {"latencyMs": 1}, **served,
                                  **({} if scenario == "no_usage" else {"usage": usage})})
-        h.send_response(200)
-        h.send_header("content-type", "application/vnd.amazon.eventstream")
-        h.send_header("transfer-encoding", "chunked")
-        h.end_headers()
+        self._start_event_stream(h)
         events: list[tuple[str, dict[str, Any]]] = [("messageStart", {"role": "assistant"})]
         events += [("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": word}}) for word in WORDS[:c_tokens]]
         events += [("contentBlockStop", {"contentBlockIndex": 0}), ("messageStop", {"stopReason": "end_turn"})]
@@ -929,6 +926,16 @@ class MockProvider:
                 return
             self._send_message(h, kind, payload, scenario)
         h.wfile.write(b"0\r\n\r\n")
+
+    @staticmethod
+    def _start_event_stream(h: Any, headers: dict[str, str] | None = None) -> None:
+        """A Bedrock stream's reply headers: AWS's event stream encoding, in chunks."""
+        h.send_response(200)
+        for name, value in (headers or {}).items():
+            h.send_header(name, value)
+        h.send_header("content-type", "application/vnd.amazon.eventstream")
+        h.send_header("transfer-encoding", "chunked")
+        h.end_headers()
 
     @staticmethod
     def _send_message(h: Any, kind: str, payload: dict[str, Any], scenario: str) -> None:
@@ -946,12 +953,7 @@ class MockProvider:
     def _stream(self, h: Any, body: dict[str, Any], model: str, p_tokens: int, c_tokens: int, scenario: str,
                 anthropic: bool, legacy: bool = False, bedrock: bool = False) -> None:
         if bedrock:  # InvokeModelWithResponseStream: each of Anthropic's events in a message of its own, in base64
-            h.send_response(200)
-            for name, value in bedrock_tier(h.headers).items():
-                h.send_header(name, value)
-            h.send_header("content-type", "application/vnd.amazon.eventstream")
-            h.send_header("transfer-encoding", "chunked")
-            h.end_headers()
+            self._start_event_stream(h, bedrock_tier(h.headers))
             events = [{"type": "message_start", "message": {"id": "msg_mock", "model": model, "usage": {
                 "input_tokens": p_tokens, "output_tokens": 0}}}]
             events += [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}

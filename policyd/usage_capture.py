@@ -9,7 +9,6 @@ estimate, marked as such).
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import zlib
 from dataclasses import asdict, dataclass
@@ -17,7 +16,7 @@ from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
 from policyd import event_stream
-from policyd.domain import ANTHROPIC_FAST_MODE, BEDROCK_LATENCY_OPTIMIZED, tier_in_geo
+from policyd.domain import ANTHROPIC_FAST_MODE, bedrock_tier, tier_in_geo
 from policyd.json_fields import ObjectFields
 from policyd.pricing import speech_audio_tokens_likely
 
@@ -261,11 +260,9 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         return True
     if endpoint == "bedrock_converse":  # a whole reply, or a stream's metadata event ({"metadata": {...}})
         event = _dict(data.get("metadata")) or data
-        tier = _dict(event.get("serviceTier")).get("type")
-        if isinstance(tier, str) and tier:
-            seen.service_tier = "" if tier == "default" else tier[:32]
-        if _dict(event.get("performanceConfig")).get("latency") == "optimized":
-            seen.service_tier = BEDROCK_LATENCY_OPTIMIZED
+        tier, latency = _dict(event.get("serviceTier")).get("type"), _dict(event.get("performanceConfig")).get("latency")
+        if tier or latency:  # the tier that served it
+            seen.service_tier = bedrock_tier(tier, latency)
         usage = event.get("usage")
         if not isinstance(usage, dict):
             return False
@@ -507,9 +504,8 @@ class ResponseReader:
     def served_on(self, tier: str, latency: str = "") -> None:
         """The tier a reply's headers say served it, where its body names none (Bedrock's InvokeModel:
         x-amzn-bedrock-service-tier, x-amzn-bedrock-performanceconfig-latency)."""
-        tier = BEDROCK_LATENCY_OPTIMIZED if latency.strip() == "optimized" else tier.strip()[:32]
-        if tier:
-            self.tokens._tier = self.tokens.service_tier = "" if tier in ("default", "standard") else tier
+        if tier.strip() or latency.strip():
+            self.tokens._tier = self.tokens.service_tier = bedrock_tier(tier, latency.strip())
 
     def feed(self, chunk: bytes) -> None:
         if not chunk or self._unread:
@@ -598,7 +594,7 @@ class ResponseReader:
                 data = json.loads(message.payload)
                 if kind == "chunk":
                     data = json.loads(base64.b64decode(_dict(data).get("bytes", ""), validate=True))
-            except (ValueError, RecursionError, binascii.Error):
+            except (ValueError, RecursionError):  # binascii.Error is a ValueError
                 self.malformed = True
                 continue
             self._event(data if kind == "chunk" else {kind: data})
