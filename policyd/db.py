@@ -122,6 +122,7 @@ class UsageRecordRow(Base):
     containers: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     container_memory: Mapped[str] = mapped_column(String(16), default="", server_default="")
     maps_groundings: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0025
+    search_units: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # a rerank's (migration 0029)
     # the Responses API's image_generation tool (migration 0021): the image model that priced its images, its usage
     image_model: Mapped[str] = mapped_column(NAME, default="", server_default="")
     image_generation_calls: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -213,6 +214,7 @@ class UsageRollupRow(Base):
     image_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0022
     containers: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0023
     maps_groundings: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0025
+    search_units: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # a rerank's (migration 0029)
     refunded_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0026
 
 

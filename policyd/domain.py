@@ -18,6 +18,7 @@ ENDPOINTS = (
     "audio_transcriptions",
     "moderations",
     "bedrock_converse",
+    "rerank",
 )
 
 
@@ -115,6 +116,11 @@ class Shape:
     # the field the client gave its output cap in, where not its API's first (a chat completion's max_tokens
     # alone): what a refusal of the request's cost names, so the client is pointed at its own field
     output_cap_param: str = ""
+    # a rerank: the documents to rank, their bytes together, and the most tokens the provider reads of each
+    # (Cohere's max_tokens_per_doc; 0 = no bound): a model priced per search unit is held at the most they may be
+    documents: int = 0
+    document_bytes: int = 0
+    document_tokens_max: int = 0
 
 
 CONTAINER_MEMORY_DEFAULT = "1g"  # OpenAI's, for a container that names no memory_limit
@@ -244,6 +250,7 @@ class UsageReport:
     image_output_tokens: int = 0  # the part of output_tokens that was images, where priced apart (Gemini's image models)
     containers: int = 0  # hosted containers the response ran code in (code_interpreter, shell), priced each
     maps_groundings: int = 0  # prompts grounded with Google Maps (Gemini's googleMaps tool), priced each
+    search_units: int = 0  # a rerank's search units (Cohere's billed_units), priced each (per_search_unit)
     cache_write_1h_input_tokens: int = 0  # the part of cache_write_input_tokens of the long write (1h; OpenAI's 12h)
     service_tier: str = ""  # the provider's processing tier that served it (its own token prices)
     # the image_generation tool's own usage (the Responses API's tool_usage.image_gen), priced at the

@@ -55,7 +55,8 @@ from policyd.policy import Cap, Limit, ModelPrice, Plan, Policy
 from policyd.policy_book import PolicyBook
 from policyd.pricing import (AUDIO_TOKENS_PER_SECOND, PARTIAL_IMAGE_OUTPUT_TOKENS, Quantities, audio_seconds,
                              audio_seconds_likely, billing_of, charge_of, cost_of, estimate_input_tokens,
-                             image_generation_quantities, input_estimate)
+                             image_generation_quantities, input_estimate, rerank_search_units,
+                             rerank_search_units_likely)
 from policyd.quotas import amount_for, bucket_states, cap_hold, hold_for, limit_reason, scope_ids
 from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
@@ -76,7 +77,7 @@ TOOL_BOUND_ENDPOINTS = frozenset({"responses", "anthropic_messages"})
 # older writer still writes every other record and a retried Settle fingerprints as an older replica did
 LATER_USAGE_FIELDS = ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens",
                       "service_tier", "file_searches", "image_input_tokens", *IMAGE_GENERATION_USAGE,
-                      "image_output_tokens", "containers", "maps_groundings")
+                      "image_output_tokens", "containers", "maps_groundings", "search_units")
 
 
 
@@ -212,6 +213,8 @@ class _Plan:
     tool_call_cap: int = 0  # the bound the request is to carry for its unbounded search tools (0: none)
     skip_label: str = ""  # the limit a downgrade was made for, which the cheaper model's attempt leaves out
     request_charge: int = 0  # the most one request of it may be charged (a batch's dearest; else `charge`)
+    search_units: int = 0  # a rerank's search units held (a model priced per search unit) ...
+    likely_search_units: int = 0  # ... and the fewest it bills: what a settle without the provider's count charges
 
     @classmethod
     def empty(cls, model: str) -> "_Plan":
@@ -233,6 +236,7 @@ class _Estimate:
     cost: int
     charge: int
     request_charge: int = 0  # the most one of its requests may be charged (0: `charge`, it is one request)
+    likely_search_units: int = 0  # a rerank's fewest search units (of quantities.search_units held)
 
     @classmethod
     def total(cls, estimates: list["_Estimate"]) -> "_Estimate":
@@ -896,7 +900,8 @@ class Engine:
         return _Plan(model, price, estimate.input_tokens, estimate.output_cap, charge, holds, by_label,
                      likely_input_tokens=estimate.likely_input_tokens, likely_seconds=estimate.likely_seconds,
                      likely_audio_tokens=estimate.likely_audio_tokens, tool_call_cap=estimate.tool_call_cap,
-                     skip_label=skip_label, request_charge=estimate.request_charge or charge)
+                     skip_label=skip_label, request_charge=estimate.request_charge or charge,
+                     search_units=estimate.quantities.search_units, likely_search_units=estimate.likely_search_units)
 
     def _estimate(self, request: AuthorizeInput, policy: Policy, plan: Plan, model: str, price: ModelPrice,
                   prior_tokens: int) -> "_Estimate":
@@ -914,6 +919,7 @@ class Engine:
         seconds, likely_seconds, audio_tokens, likely_audio = s.seconds, s.seconds, 0, 0
         speech_output = 0  # audio tokens out of text to speech billed by tokens: every one up to the cap
         image_input = 0  # input tokens an edit's images may be (every one, when they are priced dearer)
+        search_units = likely_search_units = 0  # a rerank's, where its model prices them
         if request.endpoint == "audio_speech" and price.prices_output:  # its text's tokens in, not characters
             text_bytes = s.prompt_bytes or s.input_tokens  # a native caller may send the characters alone
             input_tokens = estimate_input_tokens(plan, text_bytes, 1, 0, price.context_window)
@@ -921,6 +927,12 @@ class Engine:
             speech_output = output_cap
         elif request.endpoint in ("embeddings", "audio_speech"):  # no output tokens to cap
             output_cap = 0
+        elif request.endpoint == "rerank":  # scores out, no output tokens; billed by search units or by tokens
+            output_cap = 0
+            if price.per_search_unit:
+                search_units = rerank_search_units(s.documents, s.document_bytes, s.document_tokens_max,
+                                                   price.context_window)
+                likely_search_units = rerank_search_units_likely(s.documents)
         elif request.endpoint == "images":  # no cap to give either: each image bills up to the model's most
             output_cap = (price.output_tokens_per_image or output_cap) * (s.image_count or 1) * max(1, s.image_scale)
             if s.unseen_input and price.image_input_price > price.input:  # input images, at their dearer price
@@ -952,6 +964,7 @@ class Engine:
             image_output_tokens=output_cap * max(1, s.choices) if not spoken and not speech_output
             and price.image_output_price > price.output else 0,
             containers=s.containers, container_memory=s.container_memory, maps_groundings=int(s.maps_grounding),
+            search_units=search_units,
         )
         cost = cost_of(price, quantities)
         # the whole prompt may be written to the cache, at the write price: reserved so if dearer (OpenAI's
@@ -975,7 +988,7 @@ class Engine:
             quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, \
                 charge + images_charge
         return _Estimate(output_cap, input_tokens, likely, likely_seconds, likely_audio, tool_call_cap, quantities,
-                         cost, charge)
+                         cost, charge, likely_search_units=likely_search_units)
 
     @staticmethod
     def _tokens_per_image(policy: Policy, plan: Plan, image_model: str) -> int:
@@ -1040,6 +1053,9 @@ class Engine:
         if request.endpoint == "images":  # the images asked for: charged as held if the client leaves first
             fields["images"] = max(1, request.shape.image_count)
             extra += f',"images":{int(max(1, request.shape.image_count))}'
+        if attempt.search_units:  # a rerank's search units: as held if the client leaves first, else the fewest
+            fields["search_units"], fields["search_units_likely"] = attempt.search_units, attempt.likely_search_units
+            extra += f',"search_units":{int(attempt.search_units)},"search_units_likely":{int(attempt.likely_search_units)}'
         if request.shape.service_tier and not request.shape.service_tier_implied:
             # the tier it asked for (flex, priority, a batch's): charged at it when no usage says otherwise
             fields["service_tier"] = request.shape.service_tier
@@ -1238,6 +1254,10 @@ class Engine:
         # containers: those the request asked the provider to make, at most (one it only reused is no new one)
         if report.containers and report.containers > int(r.get("containers") or 0):
             report = replace(report, containers=int(r.get("containers") or 0))
+        if not report.search_units and reservation.fields.get("search_units_likely"):
+            # a rerank on a model priced per search unit, its count not reported (Bedrock's rerankers give none):
+            # the fewest its documents bill, a search unit a hundred
+            report = replace(report, search_units=int(reservation.fields["search_units_likely"]))
         quantities = Quantities(
             input_tokens=report.input_tokens, cached_input_tokens=report.cached_input_tokens,
             cache_write_input_tokens=report.cache_write_input_tokens,
@@ -1247,7 +1267,7 @@ class Engine:
             cache_write_1h_input_tokens=report.cache_write_1h_input_tokens, service_tier=report.service_tier,
             image_input_tokens=report.image_input_tokens, image_output_tokens=report.image_output_tokens,
             containers=report.containers, container_memory=r.get("container_memory") or "",
-            maps_groundings=report.maps_groundings,
+            maps_groundings=report.maps_groundings, search_units=report.search_units,
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
@@ -1417,6 +1437,9 @@ class Engine:
             file_searches=reported.file_searches if reported is not None else 0,
             containers=reported.containers if reported is not None else 0,  # made before the end: billed
             maps_groundings=reported.maps_groundings if reported is not None else 0,
+            # a rerank's search units as reported, else as held when the reply was not seen (settle: the fewest)
+            search_units=reported.search_units if reported is not None and reported.search_units else
+            int(reservation.fields.get("search_units") or 0) if output_as_held and reservation else 0,
             # the images the image_generation tool made before the end: its usage when reported, else its calls
             **({name: getattr(reported, name) for name in IMAGE_GENERATION_USAGE} if reported is not None else {}),
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,

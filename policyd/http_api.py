@@ -31,6 +31,8 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
                                           model are checked and nothing is reserved or charged
     POST .../v1/moderations               moderations (free too, the same way; the model defaults to
                                           omni-moderation-latest, as OpenAI's does)
+    POST .../v1/rerank | .../v2/rerank    rerank (Cohere's, Jina's, Voyage's, OpenAI-compatible servers'): a query
+                                          and documents; billed in search units or in tokens (pricing.py)
     POST .../v1/batches                   a batch of the requests in a file (held at their worst cases at the
                                           batch tier, its file read from the provider: policyd/batches.py);
                                           GET .../v1/batches/{id}, POST .../cancel: its own customer's alone
@@ -98,6 +100,8 @@ _PATHS = [
     # Vertex AI's OpenAI-compatible API (base_url .../v1/projects/P/locations/L/endpoints/openapi): OpenAI's too
     (re.compile(r"(^|/)endpoints/openapi/chat/completions/?$"), "chat_completions"),
     (re.compile(r"(^|/)endpoints/openapi/embeddings/?$"), "embeddings"),
+    # rerankers' (Cohere's v1 and v2, Jina's, Voyage's, OpenAI-compatible servers'): a query and documents
+    (re.compile(r"(^|/)v[12]/rerank/?$"), "rerank"),
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent"
                      r"|countTokens|embedContent|batchEmbedContents|batchGenerateContent)$")
@@ -259,6 +263,9 @@ class HttpCall:
     container_memory: str = ""  # ... the largest memory limit they ask for
     image_scale: int = 0  # how many of a model's most per image one image may bill (its size, a GIF's frames)
     maps_grounding: bool = False  # Gemini's googleMaps tool: a grounded prompt is billed apart
+    documents: int = 0  # a rerank's documents ...
+    document_bytes: int = 0  # ... their bytes together ...
+    document_tokens_max: int = 0  # ... and the most tokens the provider reads of each (0: no bound)
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     background: bool = False  # a Responses API background response: it goes on at the provider after its reply
     deletes_stored: bool = False  # DELETE of the stored response (or conversation, file) it names
@@ -317,7 +324,9 @@ class HttpCall:
                         image_generation_calls=self.image_generation_calls, partial_images=self.partial_images,
                         containers=self.containers, container_memory=self.container_memory,
                         image_scale=self.image_scale, maps_grounding=self.maps_grounding,
-                        output_cap_fixed=self.compaction, output_cap_param=self.output_cap_param),
+                        output_cap_fixed=self.compaction, output_cap_param=self.output_cap_param,
+                        documents=self.documents, document_bytes=self.document_bytes,
+                        document_tokens_max=self.document_tokens_max),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, deletes_stored=self.deletes_stored,
             previous_response=self.previous_response,
@@ -960,6 +969,9 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.input_tokens = _token_ids(data.get("prompt"))
     elif endpoint == "embeddings":
         call.input_tokens = _token_ids(data.get("input"))
+    elif endpoint == "rerank":
+        if problem := _rerank(call, data, path):
+            return _problem(call, "invalid_request", *problem)
     elif endpoint == "audio_speech":  # billed by the characters of the text: known before the call, exactly
         text = data.get("input")
         if not isinstance(text, str) or not text:
@@ -1007,7 +1019,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.file_searches = _search_bound(endpoint, data, "file_search")
     call.unbounded_web_search_tools = _unbounded_search_tools(endpoint, data)
     call.unbounded_file_search = _unbounded_search_tools(endpoint, data, "file_search") > 0
-    call.unseen_input = not call.count_tokens and _unseen_input(data)
+    call.unseen_input = not call.count_tokens and (call.unseen_input or _unseen_input(data))
     call.files = _file_ids(data) if '"file_id"' in text else ()
     call.cache_write = _cache_write(data) if '"cache_control"' in text else ""
     if endpoint == "bedrock_converse" and '"cachePoint"' in text:  # Converse's cache checkpoints: written to it
@@ -1040,6 +1052,39 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if not call.attribution.end_user_id and (end_user := _end_user(data)):
         call.attribution = replace(call.attribution, end_user_id=end_user[:256])
     return call
+
+
+# Cohere's v2 API reads at most this many tokens of each document unless told (max_tokens_per_doc)
+RERANK_V2_DOCUMENT_TOKENS_DEFAULT = 4096
+
+
+def _rerank(call: HttpCall, data: dict[str, Any], path: str) -> tuple[str, str] | None:
+    """A rerank's query and documents (texts, or objects: Cohere's v1 fields, Jina's {"text": ...}): its
+    input is the query once a document and the documents, as rerankers count the tokens they bill; a
+    document that is an image (Jina's {"image": url}) is input the body does not bound. The problem, if any,
+    as (message, param)."""
+    query, documents = data.get("query"), data.get("documents")
+    if not isinstance(query, str) or not query:
+        return "query must be the text to rank the documents by", "query"
+    if not isinstance(documents, list) or not documents:
+        return "documents must be a list of the texts to rank", "documents"
+    document_bytes = 0
+    for document in documents:
+        if isinstance(document, str):
+            document_bytes += len(document.encode())
+        elif isinstance(document, dict):
+            document_bytes += len(json.dumps(document, ensure_ascii=False).encode())  # its fields' text, at most
+            call.unseen_input = call.unseen_input or "image" in document
+        else:
+            return "each document must be a text or an object", "documents"
+    cap = data.get("max_tokens_per_doc")
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or not 1 <= cap <= QUANTITY_MAX):
+        return f"max_tokens_per_doc must be a whole number of tokens, from 1 to {QUANTITY_MAX}", "max_tokens_per_doc"
+    call.documents, call.document_bytes = len(documents), document_bytes
+    call.document_tokens_max = cap or (RERANK_V2_DOCUMENT_TOKENS_DEFAULT if "/v2/rerank" in path else 0)
+    call.prompt_bytes = len(query.encode()) * len(documents) + document_bytes
+    call.message_count = len(documents)
+    return None
 
 
 # the endpoints a batch's requests may be for, as its `endpoint` names them: their family

@@ -1,7 +1,8 @@
 """A small OpenAI/Anthropic/Gemini/Bedrock-compatible provider for demos and tests: it answers chat completions,
 responses, embeddings, legacy completions, speech, Anthropic messages, Gemini's generateContent (and its
 streams, SSE or a JSON array), Bedrock's Converse and InvokeModel (their streams in AWS's event stream
-encoding) and token counts with deterministic usage, streams SSE, and can fail.
+encoding), rerankers (Cohere's, billed in search units; Jina's and Voyage's, in tokens) and token counts
+with deterministic usage, streams SSE, and can fail.
 
 The Responses API streams its own events (response.created, items added and done, text deltas, an image
 tool's partial images, response.completed with the usage); chat and legacy completions stream chunks.
@@ -74,6 +75,9 @@ AZURE_DATED_PATH = re.compile(r"/openai/(?!v1/)")  # Azure OpenAI's dated API: e
 BEDROCK_PATH = re.compile(r"/model/(?P<model>[^/]+)/(?P<verb>converse|converse-stream|invoke|invoke-with-response-stream"
                           r"|count-tokens)$")
 VERTEX_ANTHROPIC_PATH = re.compile(r"/publishers/anthropic/models/(?P<model>[^/:]+):(rawPredict|streamRawPredict)$")
+
+
+RERANK_CONTEXT_TOKENS = 4096  # a Cohere reranker's (rerank-v3.5): its chunks, the query's tokens less
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:
@@ -312,6 +316,9 @@ class MockProvider:
             return self._speech_to_text(h, body, model, audio, text)
         if route.endswith("/audio/speech"):
             return self._speech(h, body)
+        if route.endswith(("/v1/rerank", "/v2/rerank")):
+            return self._rerank(h, body, model, cohere=route.endswith("/v2/rerank") or model.startswith("rerank-"),
+                                usage=scenario != "no_usage")
         if route.endswith("/v1/moderations"):  # free
             return h._json(200, {"id": "modr-mock", "model": model or "omni-moderation-latest",
                                  "results": [{"flagged": False, "categories": {}, "category_scores": {}}]})
@@ -840,6 +847,33 @@ class MockProvider:
             return h._json(200, {"text": transcript, "usage": usage})
         events = [{"type": "transcript.text.delta", "delta": word} for word in words]
         _send_events(h, [*events, {"type": "transcript.text.done", "text": transcript, "usage": usage}])
+
+    @staticmethod
+    def _rerank(h: Any, body: dict[str, Any], model: str, cohere: bool, usage: bool) -> None:
+        """A rerank: Cohere's reply (billed in search units: a query with up to 100 document chunks, a chunk
+        RERANK_CONTEXT_TOKENS less the query's tokens, each document read up to max_tokens_per_doc, 4096 by
+        default on v2), or Jina's and Voyage's (the tokens read: the query once a document, and the documents).
+        A token is 4 bytes here."""
+        documents = body.get("documents") if isinstance(body.get("documents"), list) else []
+        texts = [d if isinstance(d, str) else json.dumps(d) for d in documents]
+        query = -(-len(str(body.get("query", "")).encode()) // 4)
+        tokens = [-(-len(t.encode()) // 4) for t in texts]
+        ranked = sorted(range(len(texts)), key=lambda i: (-len(texts[i]), i))
+        results = [{"index": i, "relevance_score": round(1 / (rank + 1), 6)} for rank, i in enumerate(ranked)]
+        if isinstance(body.get("top_n"), int):
+            results = results[:body["top_n"]]
+        if not cohere:
+            reply: dict[str, Any] = {"model": model, "results": results}
+            if usage:
+                reply["usage"] = {"total_tokens": query * len(texts) + sum(tokens)}
+            return h._json(200, reply)
+        cap = body.get("max_tokens_per_doc") if isinstance(body.get("max_tokens_per_doc"), int) else 4096
+        chunk = max(RERANK_CONTEXT_TOKENS - query - 4, 1)
+        chunks = sum(max(1, -(-min(t, cap) // chunk)) for t in tokens)
+        reply = {"id": "rerank-mock", "results": results, "meta": {"api_version": {"version": "2"}}}
+        if usage:
+            reply["meta"]["billed_units"] = {"search_units": -(-chunks // 100)}
+        return h._json(200, reply)
 
     def _speech(self, h: Any, body: dict[str, Any]) -> None:
         """Text to speech: "audio", a few bytes a character; with stream_format sse (gpt-4o-mini-tts), the

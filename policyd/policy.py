@@ -53,8 +53,8 @@ def _nanos(value: Any) -> int:
 
 
 _AMOUNTS = ("input", "cached_input", "cache_write_input", "cache_write_1h_input", "output", "per_image", "per_request",
-            "per_second", "per_web_search", "per_file_search", "per_maps_grounding", "audio_input", "audio_output",
-            "image_input", "image_output")  # the prices written as amounts
+            "per_second", "per_web_search", "per_file_search", "per_maps_grounding", "per_search_unit", "audio_input",
+            "audio_output", "image_input", "image_output")  # the prices written as amounts
 
 
 # Processing tiers (OpenAI's service_tier, Anthropic's, and Anthropic's fast mode, `speed: "fast"`): the
@@ -82,6 +82,7 @@ class Prices(_Strict):
     web_search_unit: Literal["search", "request"] = "search"
     per_file_search: int = 0  # a file search the provider runs (the Responses API's file_search tool call)
     per_maps_grounding: int = 0  # a prompt grounded with Google Maps (Gemini's googleMaps tool): unpriced = refused
+    per_search_unit: int = 0  # a rerank's search unit: a query with up to 100 document chunks (Cohere's, Bedrock's)
     audio_input: int | None = None  # per 1M audio input tokens (gpt-4o-audio, realtime); None = as input
     audio_output: int | None = None  # per 1M audio output tokens; None = as output
     image_input: int | None = None  # per 1M image input tokens (gpt-image-1's edits); None = as input

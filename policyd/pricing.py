@@ -7,6 +7,7 @@ cost   = what the provider bills us: tokens x price per 1M (input, cached input,
          + web searches x per_web_search (the provider's server-side search tool)
          + containers x per_container[memory limit] (code interpreter and shell containers)
          + prompts grounded with Google Maps x per_maps_grounding
+         + a rerank's search units x per_search_unit
          + the image_generation tool's tokens at its image model's token prices (its own cost_of)
 charge = what the customer pays: for "standard" plans, the plan's own price_list for the model
          when it has one, else cost x (10000 + markup_bps) / 10000 (a negative markup is a
@@ -48,6 +49,7 @@ class Quantities:
     image_output_tokens: int = 0  # of output_tokens (Gemini's image models: images out at their own price)
     containers: int = 0  # hosted containers the provider made (code_interpreter, shell), at per_container[memory]
     maps_groundings: int = 0  # prompts grounded with Google Maps (Gemini), at per_maps_grounding
+    search_units: int = 0  # a rerank's search units, at per_search_unit
     container_memory: str = ""
     # tokens of a hosted tool priced at another model's prices (the image_generation tool's, at its image
     # model's: image_generation_cost): counted in token limits, not priced here
@@ -79,6 +81,7 @@ def cost_of(price: Prices, q: Quantities) -> int:
         + q.file_searches * price.per_file_search
         + (q.containers * price.per_container.get(q.container_memory, 0) if q.containers else 0)
         + q.maps_groundings * price.per_maps_grounding
+        + q.search_units * price.per_search_unit
     )
 
 
@@ -133,6 +136,31 @@ def input_estimate(prompt_bytes: int, message_count: int, reported_tokens: int) 
         return reported_tokens
     bytes_tokens = -(-prompt_bytes // ESTIMATE_BYTES_PER_TOKEN)
     return bytes_tokens + ESTIMATE_TOKENS_PER_MESSAGE * max(message_count, 1)
+
+
+# Rerank. Cohere's and Bedrock's rerankers bill search units: a query with up to 100 document chunks. A document
+# longer than a chunk is split, each chunk counted: a chunk holds the model's context window less the query,
+# which the provider truncates to at most half of it, so at least half the window of a document's tokens.
+DOCUMENTS_PER_SEARCH_UNIT = 100
+
+
+def rerank_search_units(documents: int, document_bytes: int, document_tokens_max: int, context_window: int) -> int:
+    """The most search units a rerank may bill: each document a chunk, and one more for every half of the
+    context window of its bytes (a token is at least a byte), at most as many as `document_tokens_max` (the
+    tokens the provider reads of each) fill; a model with no context window given: a chunk a document."""
+    chunks = documents
+    half = context_window // 2
+    if half > 0:
+        chunks = documents + document_bytes // half
+        if document_tokens_max:
+            chunks = min(chunks, documents * -(-document_tokens_max // half))
+    return max(1, -(-chunks // DOCUMENTS_PER_SEARCH_UNIT))
+
+
+def rerank_search_units_likely(documents: int) -> int:
+    """The fewest search units a rerank bills (each document one chunk): what one charged without the
+    provider's count is charged."""
+    return max(1, -(-documents // DOCUMENTS_PER_SEARCH_UNIT))
 
 
 # Speech to text. A provider bills the audio's seconds (whisper-1: per_second) or its audio tokens

@@ -50,6 +50,7 @@ class Tokens:
     image_output_tokens: int = 0  # of output_tokens (Gemini's images out)
     containers: int = 0  # hosted containers the response ran code in (code_interpreter_call, shell_call items)
     maps_groundings: int = 0  # a Gemini reply grounded with Google Maps (its groundingChunks' maps): billed once
+    search_units: int = 0  # a rerank's search units (Cohere's meta.billed_units)
     cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens (Anthropic's hour, OpenAI's 12 hours)
     service_tier: str = ""  # the processing tier that served it, as the provider says (OpenAI's service_tier)
     seconds: int = 0  # audio seconds billed (speech to text priced by the second)
@@ -67,7 +68,7 @@ class Tokens:
 
     @property
     def any(self) -> bool:
-        return bool(self.input_tokens or self.output_tokens or self.seconds)
+        return bool(self.input_tokens or self.output_tokens or self.seconds or self.search_units)
 
     def fields(self) -> dict[str, Any]:
         """The usage as UsageReport and the native API's Settle name it (the same names, one to one)."""
@@ -218,6 +219,8 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
             or data.get("modelVersion")
         if isinstance(named, str):
             seen.reply_model = named[:256]
+    if endpoint == "rerank":
+        return _rerank_usage(data, seen)
     served_by = data.get("service_tier") or response.get("service_tier")  # chat's, the Responses API's
     if isinstance(served_by, str) and served_by:
         seen.service_tier = "" if served_by == "default" else served_by[:32]
@@ -337,6 +340,18 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     seen.output_tokens = _billed_output(usage, "prompt_tokens", "completion_tokens")
     seen.audio_output_tokens = min(_n(out_details.get("audio_tokens")), seen.output_tokens)
     return True
+
+
+def _rerank_usage(data: dict[str, Any], seen: Tokens) -> bool:
+    """A rerank's usage: Cohere's billed units (search units; tokens where a model bills those), or the
+    tokens read, as Jina, Voyage and OpenAI-compatible servers (vLLM, Together) report them: the query
+    once a document, and the documents."""
+    meta = _dict(data.get("meta"))
+    billed, usage = _dict(meta.get("billed_units")), _dict(data.get("usage"))
+    seen.search_units = _n(billed.get("search_units"))
+    seen.input_tokens = (_n(usage.get("prompt_tokens")) or _n(usage.get("total_tokens")) or _n(billed.get("input_tokens"))
+                         or _n(billed.get("total_tokens")) or _n(_dict(meta.get("tokens")).get("input_tokens")))
+    return bool(seen.search_units or seen.input_tokens)
 
 
 def _billed_output(usage: dict[str, Any], input_name: str, output_name: str) -> int:

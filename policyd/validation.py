@@ -91,7 +91,7 @@ def check_authorize(request: AuthorizeInput) -> None:
     _text_field("service_tier", request.shape.service_tier, SERVICE_TIER_LENGTH_MAX)
     s = request.shape
     for name in ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds",
-                 "choices", "web_searches", "file_searches"):
+                 "choices", "web_searches", "file_searches", "documents", "document_bytes", "document_tokens_max"):
         value = getattr(s, name)
         if value < 0 or value > QUANTITY_MAX:
             raise Problem("invalid_request", f"{name} must be between 0 and {QUANTITY_MAX}", name)
@@ -120,7 +120,7 @@ def check_usage(report: UsageReport) -> None:
     for name in ("input_tokens", "cached_input_tokens", "cache_write_input_tokens", "output_tokens", "images", "seconds",
                  "requests", "retries", "latency_ms", "web_searches", "audio_input_tokens", "audio_output_tokens",
                  "cache_write_1h_input_tokens", "file_searches", "image_input_tokens", "image_output_tokens",
-                 "containers", "maps_groundings", "image_generation_calls",
+                 "containers", "maps_groundings", "search_units", "image_generation_calls",
                  "image_generation_input_tokens", "image_generation_cached_input_tokens",
                  "image_generation_image_input_tokens", "image_generation_output_tokens"):
         value = getattr(report, name)

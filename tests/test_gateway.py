@@ -40,7 +40,7 @@ BEDROCK_SONNET = "us.anthropic.claude-sonnet-4-20250514-v1:0"  # Amazon Bedrock'
 BEDROCK_HAIKU = "us.anthropic.claude-3-5-haiku-20241022-v1:0"
 AZURE_API_VERSION = "2024-10-21"
 PROVIDER_KEYS = ("sk-mock-openai-1", "sk-mock-openai-2", "sk-mock-anthropic", "sk-mock-google", "bedrock-api-key-mock",
-                 "azure-key-mock")
+                 "azure-key-mock", "cohere-key-mock", "jina-key-mock")
 PRICE = {"gpt-4o": ("2.50", "10.00"), "gpt-4o-mini": ("0.15", "0.60"), "claude-sonnet-4": ("3.00", "15.00"),
          "gpt-4o-mini@batch": ("0.075", "0.30"), "claude-sonnet-4@batch": ("1.50", "7.50"),  # batch tiers
          BEDROCK_SONNET: ("3.00", "15.00"), f"{BEDROCK_SONNET}@flex": ("1.50", "7.50"),
@@ -62,7 +62,9 @@ PROVIDERS = ("accounts:\n"
              f"  - {{name: anthropic-1, provider: anthropic, cluster: anthropic, api_key: {PROVIDER_KEYS[2]}}}\n"
              f"  - {{name: google-1, provider: google, cluster: google, api_key: {PROVIDER_KEYS[3]}}}\n"
              f"  - {{name: bedrock-1, provider: bedrock, cluster: bedrock, api_key: {PROVIDER_KEYS[4]}}}\n"
-             f"  - {{name: azure-1, provider: azure, cluster: azure, api_key: {PROVIDER_KEYS[5]}}}\n")
+             f"  - {{name: azure-1, provider: azure, cluster: azure, api_key: {PROVIDER_KEYS[5]}}}\n"
+             f"  - {{name: cohere-1, provider: cohere, cluster: cohere, api_key: {PROVIDER_KEYS[6]}}}\n"
+             f"  - {{name: jina-1, provider: jina, cluster: jina, api_key: {PROVIDER_KEYS[7]}}}\n")
 
 
 def start_envoy(config: Path, port: int, log: Path) -> subprocess.Popen:
@@ -101,7 +103,9 @@ class Gateway(FundedCustomers):
                                             Upstream("anthropic", "127.0.0.1", self.mock.port),
                                             Upstream("google", "127.0.0.1", self.mock.port),
                                             Upstream("bedrock", "127.0.0.1", self.mock.port),
-                                            Upstream("azure", "127.0.0.1", self.mock.port)), shape=shape,
+                                            Upstream("azure", "127.0.0.1", self.mock.port),
+                                            Upstream("cohere", "127.0.0.1", self.mock.port),
+                                            Upstream("jina", "127.0.0.1", self.mock.port)), shape=shape,
                                  cors_origins=(APP_ORIGIN,)))
         self.envoy_log = tmp / "envoy.log"
         self.envoy = start_envoy(config, self.port, self.envoy_log)
@@ -2824,3 +2828,57 @@ def test_gemini_embeddings_are_charged_as_estimated_from_their_text(gateway: Gat
         assert (record["endpoint"], record["status"], record["input_tokens"]) == ("embeddings", "settled", tokens)
         assert record["error_class"].startswith("usage_estimated")
         assert record["charge_nanos"] == price_quantity(tokens, parse_amount("0.15"))
+
+
+def test_reranks_are_charged_as_each_reranker_bills_them(gateway: Gateway) -> None:
+    """Rerankers bill in their own units, and gateways that read a reply's `usage` alone logged their reranks at
+    nothing. Cohere's bills search units (a query with up to 100 document chunks; a long document is split
+    into chunks of its context): held at the most the documents may be, charged the reply's billed_units.
+    Jina's bills the tokens it reads (the query once a document, and the documents): charged its usage. Each
+    goes to its own provider's account; a rerank with no query is refused before anything is held."""
+    url = f"http://127.0.0.1:{gateway.port}"
+    key = gateway.customer("e2e-rerank", plan="search")
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    documents = [f"ledger {i}: " + "entries balanced " * (i % 5) for i in range(98)] + ["x" * 40_000] * 2
+    body = {"model": "rerank-v3.5", "query": "which ledger balances?", "documents": documents, "top_n": 3}
+    code, answer_headers, reply = post(url + "/v2/rerank", headers, json.dumps(body).encode())
+    # 98 short documents and two of 10,000 tokens, each read up to 4,096 (v2's default) in 2 chunks: 102 chunks,
+    # 2 units (a hundred documents alone would be one)
+    assert (code, len(reply["results"]), reply["meta"]["billed_units"]["search_units"]) == (200, 3, 2)
+    record = gateway.record(answer_headers["x-policyd-request-id"])
+    cost = 2 * parse_amount("0.002")
+    assert (record["status"], record["error_class"], record["endpoint"], record["search_units"], record["cost_nanos"],
+            record["charge_nanos"]) == ("settled", "", "rerank", 2, cost, cost * 12 // 10)
+    assert record["reserved_nanos"] >= cost * 12 // 10
+    assert record["provider_account"] == "cohere-1"
+    sent = [r for r in gateway.mock.received() if r["path"] == "/v2/rerank"][-1]
+    assert sent["authorization"] == f"Bearer {PROVIDER_KEYS[6]}"
+
+    jina = {"model": "jina-reranker-v2-base-multilingual", "query": "ledger", "documents": ["a ledger", "a sail"]}
+    code, answer_headers, reply = post(url + "/v1/rerank", headers, json.dumps(jina).encode())
+    tokens = reply["usage"]["total_tokens"]
+    assert (code, tokens) == (200, 2 * 2 + 2 + 2)  # the query (2 tokens) once a document, and each document's 2
+    record = gateway.record(answer_headers["x-policyd-request-id"])
+    cost = price_quantity(tokens, parse_amount("0.018"))
+    assert (record["status"], record["input_tokens"], record["output_tokens"], record["search_units"],
+            record["cost_nanos"], record["provider_account"]) == ("settled", tokens, 0, 0, cost, "jina-1")
+
+    code, _, reply = post(url + "/v2/rerank", headers, json.dumps({"model": "rerank-v3.5", "documents": ["a"]}).encode())
+    assert (code, reply["error"]["code"], reply["error"]["param"]) == (400, "invalid_request", "query")
+
+
+def test_a_rerank_whose_reply_counts_nothing_is_charged_the_fewest_search_units(gateway: Gateway) -> None:
+    """A reranker reply without its count (Bedrock's rerankers give none; a server that leaves it out) is
+    charged the fewest search units its documents bill, a unit a hundred, never nothing; under a strict plan
+    the hold covers the most they may be, its long documents split into chunks."""
+    url = f"http://127.0.0.1:{gateway.port}"
+    key = gateway.customer("e2e-rerank-uncounted", plan="search-strict")
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json", "x-mock-scenario": "no_usage"}
+    body = {"model": "rerank-v3.5", "query": "q", "documents": ["short"] * 60 + ["y" * 100_000] * 2}
+    code, answer_headers, reply = post(url + "/v2/rerank", headers, json.dumps(body).encode())
+    assert code == 200 and "billed_units" not in reply["meta"]
+    record = gateway.record(answer_headers["x-policyd-request-id"])
+    assert (record["status"], record["search_units"], record["cost_nanos"]) == ("settled", 1, parse_amount("0.002"))
+    # held: the most chunks there may be: 62 documents, each read up to 4,096 tokens (v2's max_tokens_per_doc) in
+    # chunks of at least half the 4,096-token context, 2 apiece: 124 chunks, 2 units
+    assert record["reserved_nanos"] == 2 * parse_amount("0.002")

@@ -318,3 +318,36 @@ def test_charge_held_on_expiry_and_the_call_token_travel_from_the_client_to_the_
     assert (asked.charge_held_on_expiry, unasked.charge_held_on_expiry) == (True, False)
     assert authorize_input(asked).charge_held_on_expiry and not authorize_input(unasked).charge_held_on_expiry
     assert (authorize_input(asked).call_token, authorize_input(unasked).call_token) == ("t-1", "")
+
+
+async def test_a_rerank_over_the_native_api(channel: grpc.aio.Channel) -> None:
+    """RERANK: a model priced per search unit is held at the most its documents may be (RequestShape.documents,
+    document_bytes, document_tokens_max, chunks of half the model's context), charged Usage.search_units,
+    and, reported none, the fewest its documents bill; recorded in UsageRecord.search_units."""
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    policy = policy_pb2_grpc.PolicyServiceStub(channel)
+    priced = SAMPLE_POLICY.replace("  models:\n", "  models:\n    rerank-v3.5:\n      provider: cohere\n"
+                                   "      tier: low-cost\n      per_search_unit: \"0.002\"\n"
+                                   "      context_window: 4096\n", 1)
+    secret = await funded_key(admin, "rr", priced)
+
+    async def ask(request_id: str, documents: int, document_bytes: int, tokens_max: int = 0) -> policy_pb2.AuthorizeResponse:
+        return await policy.Authorize(policy_pb2.AuthorizeRequest(
+            api_key=secret, endpoint=types_pb2.RERANK, model="rerank-v3.5",
+            attribution=types_pb2.Attribution(request_id=request_id),
+            shape=policy_pb2.RequestShape(prompt_bytes=document_bytes, message_count=documents, documents=documents,
+                                          document_bytes=document_bytes, document_tokens_max=tokens_max)))
+
+    unit, held = 2_000_000, 2_000_000 * 12 // 10  # a search unit's cost, and its charge on plan pro (20% markup)
+    short, long, capped = await ask("rr-1", 100, 2_000), await ask("rr-2", 100, 2_000 + 400_000), \
+        await ask("rr-3", 100, 2_000 + 400_000, tokens_max=4096)
+    assert (short.decision, short.max_output_tokens) == (policy_pb2.ALLOW, 0)
+    assert short.reserved.nanos == held  # 100 documents of a chunk each: one search unit
+    assert long.reserved.nanos == 3 * held  # 100 + 402,000 // 2,048 = 296 chunks at most
+    assert capped.reserved.nanos == 2 * held  # each read up to 4,096 tokens: 2 chunks apiece, 200
+    charged = await policy.Settle(policy_pb2.SettleRequest(request_id="rr-2", usage=policy_pb2.Usage(search_units=2)))
+    uncounted = await policy.Settle(policy_pb2.SettleRequest(request_id="rr-3", usage=policy_pb2.Usage()))
+    assert (charged.cost.nanos, uncounted.cost.nanos) == (2 * unit, unit)
+    usage = await admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="rr", limit=10), metadata=AUTH)
+    units = {r.request_id: r.search_units for r in usage.records}
+    assert (units["rr-2"], units["rr-3"]) == (2, 1)

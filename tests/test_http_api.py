@@ -1691,3 +1691,48 @@ def test_the_uploads_api_is_free_and_each_upload_is_its_customers() -> None:
                             "file": {"id": "file-9", "object": "file"}}).encode())
     reader.finish()
     assert (reader.found_usage, reader.response_id) == (True, "file-9")  # the file made is remembered
+
+
+def test_a_rerank_is_read_as_rerankers_bill_it() -> None:
+    """A rerank (Cohere's v1 and v2, Jina's, Voyage's): its documents, their bytes (an object's fields at most),
+    the tokens read of each (v2: max_tokens_per_doc, 4096 unless told), and its input as rerankers count the
+    tokens they bill (the query once a document, and the documents); no output cap. An image document is input
+    the body does not bound; a rerank without its query or documents is refused, param named."""
+    def call(path: str, **body: Any) -> Any:
+        return parse_call("POST", path, {"authorization": "Bearer k"}, json.dumps(body).encode())
+
+    documents = ["a ledger", {"text": "a sail", "title": "boats"}]
+    v2 = call("/v2/rerank", model="rerank-v3.5", query="ledger", documents=documents, top_n=1)
+    as_object = len(json.dumps(documents[1]).encode())
+    assert (v2.problem, v2.endpoint, v2.model, v2.documents, v2.document_tokens_max, v2.max_output_tokens) == (
+        "", "rerank", "rerank-v3.5", 2, 4096, 0)
+    assert (v2.document_bytes, v2.prompt_bytes, v2.unseen_input) == (8 + as_object, 6 * 2 + 8 + as_object, False)
+    assert call("/v1/rerank", model="jina", query="q", documents=["a"], max_tokens_per_doc=512).document_tokens_max == 512
+    assert call("/v1/rerank", model="voyage", query="q", documents=["a"]).document_tokens_max == 0
+    assert call("/v1/rerank", model="jina-m0", query="q", documents=[{"image": "https://example.com/a.png"}]).unseen_input
+    shape = call("/v2/rerank", model="rerank-v3.5", query="q", documents=["a", "bc"]).authorize_input().shape
+    assert (shape.documents, shape.document_bytes, shape.document_tokens_max) == (2, 3, 4096)
+    for body, param in (({"documents": ["a"]}, "query"), ({"query": "q", "documents": []}, "documents"),
+                        ({"query": "q", "documents": [7]}, "documents"),
+                        ({"query": "q", "documents": ["a"], "max_tokens_per_doc": 0}, "max_tokens_per_doc")):
+        refused = call("/v2/rerank", model="rerank-v3.5", **body)
+        assert (refused.problem, refused.problem_param) == ("invalid_request", param), body
+
+
+@pytest.mark.parametrize("reply, units, tokens", [
+    ({"id": "r", "results": [], "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 3}}}, 3, 0),
+    ({"model": "jina", "results": [], "usage": {"total_tokens": 42}}, 0, 42),  # Jina's, Voyage's
+    ({"id": "r", "results": [], "usage": {"prompt_tokens": 40, "total_tokens": 40}}, 0, 40),  # vLLM's, Together's
+    ({"results": [], "meta": {"billed_units": {"total_tokens": 7}}}, 0, 7),  # a compatible server's billed tokens
+])
+def test_a_reranks_usage_is_read_in_its_providers_units(reply: dict, units: int, tokens: int) -> None:
+    reader = ResponseReader("rerank", stream=False)
+    reader.feed(json.dumps(reply).encode())
+    reader.finish()
+    assert (reader.found_usage, reader.tokens.search_units, reader.tokens.input_tokens,
+            reader.estimated_output_tokens()) == (True, units, tokens, 0)
+    assert closing(200, reader, cut=False).action == "settle"
+    uncounted = ResponseReader("rerank", stream=False)
+    uncounted.feed(json.dumps({"results": [{"index": 0, "relevance_score": 0.9}], "meta": {}}).encode())
+    uncounted.finish()
+    assert (uncounted.found_usage, closing(200, uncounted, cut=False).action) == (False, "estimate")

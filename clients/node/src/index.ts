@@ -34,7 +34,7 @@ export type { ProtoGrpcType } from "./generated/policy";
 
 export const ENDPOINTS = [
   "chat_completions", "responses", "embeddings", "images", "anthropic_messages", "gemini_generate_content",
-  "completions", "audio_speech", "audio_transcriptions", "moderations",
+  "completions", "audio_speech", "audio_transcriptions", "moderations", "bedrock_converse", "rerank",
 ] as const;
 export type Endpoint = (typeof ENDPOINTS)[number];
 
@@ -96,6 +96,9 @@ export interface AuthorizeInput {
   containerMemory?: string; // ... the largest memory limit asked ("1g" when none)
   imageScale?: number;      // how many of an image model's most per image one image may bill (size, GIF frames)
   mapsGrounding?: boolean;  // Gemini's googleMaps tool: a grounded prompt billed apart
+  documents?: number;       // a rerank: its documents, ...
+  documentBytes?: number;   // ... their bytes together, ...
+  documentTokensMax?: number;  // ... and the most tokens the provider reads of each (Cohere's max_tokens_per_doc)
   countTokens?: boolean;    // a free token count (count_tokens, input_tokens, countTokens): nothing reserved or to settle
   storedResponseId?: string;     // a stored response (or conversation) read, changed or deleted: free, its customer's keys only
   previousResponseId?: string;   // the stored response a Responses API request continues
@@ -140,6 +143,7 @@ export interface UsageInput {
   cacheWriteInputTokens?: number;
   images?: number;
   seconds?: number;
+  searchUnits?: number;     // a rerank's search units (Cohere's meta.billed_units.search_units)
 }
 
 export interface Settled {
@@ -220,6 +224,8 @@ export class PolicyClient {
         imageScale: input.imageScale ?? 0, mapsGrounding: input.mapsGrounding ?? false,
         outputCapFixed: input.outputCapFixed ?? false,
         outputCapParam: input.outputCapParam ?? "",
+        documents: input.documents ?? 0, documentBytes: input.documentBytes ?? 0,
+        documentTokensMax: input.documentTokensMax ?? 0,
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",

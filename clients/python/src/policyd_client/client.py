@@ -125,6 +125,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     service_tier_implied (service_tier is the provider's default, Anthropic's priority: never refused),
     output_cap_fixed (no output cap can be written into the request, a compaction: never fitted),
     output_cap_param (the field the client gave its cap in, where not its API's first: a refusal names it),
+    documents, document_bytes and document_tokens_max (a rerank: its documents, their bytes, the most tokens
+    the provider reads of each),
     client_address, user_agent,
     problem=(code, message, param), count_tokens=True (a free token count: nothing reserved, nothing
     to settle), stored_response_id (a stored response read, deleted or cancelled: free, its customer's
@@ -176,7 +178,10 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     image_model_default=bool(attribution.pop("image_model_default", False)),
                                     service_tier_implied=bool(attribution.pop("service_tier_implied", False)),
                                     output_cap_fixed=bool(attribution.pop("output_cap_fixed", False)),
-                                    output_cap_param=attribution.pop("output_cap_param", ""))
+                                    output_cap_param=attribution.pop("output_cap_param", ""),
+                                    documents=attribution.pop("documents", 0),
+                                    document_bytes=attribution.pop("document_bytes", 0),
+                                    document_tokens_max=attribution.pop("document_tokens_max", 0))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),

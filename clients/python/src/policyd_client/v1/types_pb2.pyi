@@ -21,6 +21,7 @@ class EndpointFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIO_TRANSCRIPTIONS: _ClassVar[EndpointFamily]
     MODERATIONS: _ClassVar[EndpointFamily]
     BEDROCK_CONVERSE: _ClassVar[EndpointFamily]
+    RERANK: _ClassVar[EndpointFamily]
 ENDPOINT_FAMILY_UNSPECIFIED: EndpointFamily
 CHAT_COMPLETIONS: EndpointFamily
 RESPONSES: EndpointFamily
@@ -33,6 +34,7 @@ AUDIO_SPEECH: EndpointFamily
 AUDIO_TRANSCRIPTIONS: EndpointFamily
 MODERATIONS: EndpointFamily
 BEDROCK_CONVERSE: EndpointFamily
+RERANK: EndpointFamily
 
 class Money(_message.Message):
     __slots__ = ("currency", "nanos")
