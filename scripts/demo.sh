@@ -29,11 +29,11 @@ trap cleanup EXIT INT TERM
 policyd serve --policy policyd/samples/policy.yaml >"$STATE/policyd.log" 2>&1 &
 pids+=($!)
 policyd mock-provider --port "$MOCK_PORT" --api-key mock-provider-key-1 --api-key mock-provider-key-2 \
-  --api-key mock-provider-key-3 --api-key mock-provider-key-4 >"$STATE/mock.log" 2>&1 &
+  --api-key mock-provider-key-3 --api-key mock-provider-key-4 --api-key mock-provider-key-5 >"$STATE/mock.log" 2>&1 &
 pids+=($!)
 policyd gateway-config --listen-port "$GATEWAY_PORT" --admin-port "$ADMIN_PORT" --policyd "127.0.0.1:$GRPC_PORT" \
   --cluster "openai=127.0.0.1:$MOCK_PORT" --cluster "anthropic=127.0.0.1:$MOCK_PORT" \
-  --cluster "google=127.0.0.1:$MOCK_PORT" >"$STATE/envoy.yaml"
+  --cluster "google=127.0.0.1:$MOCK_PORT" --cluster "cohere=127.0.0.1:$MOCK_PORT" >"$STATE/envoy.yaml"
 envoy -c "$STATE/envoy.yaml" --log-level warn --base-id "$GATEWAY_PORT" >"$STATE/envoy.log" 2>&1 &
 pids+=($!)
 policyd health --wait 30 >/dev/null

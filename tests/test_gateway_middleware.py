@@ -229,6 +229,23 @@ def test_a_bedrock_stream_is_charged_its_usage_and_capped_where_converse_reads_i
     assert answer["message"] == answer["error"]["message"] and answer["error"]["code"] == "insufficient_quota"
 
 
+def test_a_rerank_is_charged_its_search_units_through_the_middleware(gateway: ExampleGateway) -> None:
+    """A Cohere rerank through the middleware: charged the search units its reply bills (a long document split
+    in chunks makes a second unit of a hundred documents), at the model's per_search_unit."""
+    key = gateway.customer("mw-rerank", plan="search")
+    body = {"model": "rerank-v3.5", "query": "which ledger?", "documents": ["a ledger"] * 99 + ["z" * 40_000]}
+    request = urllib.request.Request(f"http://127.0.0.1:{gateway.port}/v2/rerank", data=json.dumps(body).encode(),
+                                     method="POST", headers={"authorization": f"Bearer {key}",
+                                                             "content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=20) as reply:
+        request_id, answer = reply.headers["x-policyd-request-id"], json.loads(reply.read())
+    assert answer["meta"]["billed_units"]["search_units"] == 2  # 99 chunks and the long one's 2
+    record = gateway.record(request_id)
+    cost = 2 * parse_amount("0.002")
+    assert (record["status"], record["error_class"], record["search_units"], record["cost_nanos"],
+            record["charge_nanos"]) == ("settled", "", 2, cost, cost * 12 // 10)
+
+
 def test_a_key_in_the_query_is_read_and_never_reaches_the_provider(gateway: ExampleGateway) -> None:
     key = gateway.customer("mw-query-key")
     body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "mw query key"}],
