@@ -139,21 +139,28 @@ def input_estimate(prompt_bytes: int, message_count: int, reported_tokens: int) 
 
 
 # Rerank. Cohere's and Bedrock's rerankers bill search units: a query with up to 100 document chunks. A document
-# longer than a chunk is split, each chunk counted: a chunk holds the model's context window less the query,
-# which the provider truncates to at most half of it, so at least half the window of a document's tokens.
+# longer than a chunk is split, each chunk counted: a chunk holds the model's context window less the query
+# (which the provider truncates to at most half of it) and a few tokens of its own (Cohere's four), so at least
+# half the window, less RERANK_CHUNK_RESERVED_TOKENS, of a document's tokens.
 DOCUMENTS_PER_SEARCH_UNIT = 100
+RERANK_CHUNK_RESERVED_TOKENS = 8
+
+
+def rerank_chunks_most(documents: int, document_bytes: int, document_tokens_max: int, context_window: int) -> int:
+    """The most chunks a rerank's documents may be split into: each document a chunk, and one more for every
+    chunk's least room (half the context window, less the reserved tokens) of its bytes (a token is at least a
+    byte), at most as many as `document_tokens_max` (the tokens the provider reads of each) fill; a model with
+    no context window given: a chunk a document."""
+    room = context_window // 2 - RERANK_CHUNK_RESERVED_TOKENS
+    if room <= 0:
+        return documents
+    chunks = documents + document_bytes // room
+    return min(chunks, documents * -(-document_tokens_max // room)) if document_tokens_max else chunks
 
 
 def rerank_search_units(documents: int, document_bytes: int, document_tokens_max: int, context_window: int) -> int:
-    """The most search units a rerank may bill: each document a chunk, and one more for every half of the
-    context window of its bytes (a token is at least a byte), at most as many as `document_tokens_max` (the
-    tokens the provider reads of each) fill; a model with no context window given: a chunk a document."""
-    chunks = documents
-    half = context_window // 2
-    if half > 0:
-        chunks = documents + document_bytes // half
-        if document_tokens_max:
-            chunks = min(chunks, documents * -(-document_tokens_max // half))
+    """The most search units a rerank may bill: its most chunks, a unit a hundred."""
+    chunks = rerank_chunks_most(documents, document_bytes, document_tokens_max, context_window)
     return max(1, -(-chunks // DOCUMENTS_PER_SEARCH_UNIT))
 
 

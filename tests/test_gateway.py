@@ -2879,6 +2879,6 @@ def test_a_rerank_whose_reply_counts_nothing_is_charged_the_fewest_search_units(
     assert code == 200 and "billed_units" not in reply["meta"]
     record = gateway.record(answer_headers["x-policyd-request-id"])
     assert (record["status"], record["search_units"], record["cost_nanos"]) == ("settled", 1, parse_amount("0.002"))
-    # held: the most chunks there may be: 62 documents, each read up to 4,096 tokens (v2's max_tokens_per_doc) in
-    # chunks of at least half the 4,096-token context, 2 apiece: 124 chunks, 2 units
+    # held: the most chunks there may be: 62 documents, and one more for every 2,040 of their 200,300 bytes (a
+    # chunk's least room: half the 4,096-token context, less 8 tokens of its own): 160 chunks, 2 units
     assert record["reserved_nanos"] == 2 * parse_amount("0.002")

@@ -340,11 +340,12 @@ async def test_a_rerank_over_the_native_api(channel: grpc.aio.Channel) -> None:
 
     unit, held = 2_000_000, 2_000_000 * 12 // 10  # a search unit's cost, and its charge on plan pro (20% markup)
     short, long, capped = await ask("rr-1", 100, 2_000), await ask("rr-2", 100, 2_000 + 400_000), \
-        await ask("rr-3", 100, 2_000 + 400_000, tokens_max=4096)
+        await ask("rr-3", 100, 2_000 + 400_000, tokens_max=4000)
     assert (short.decision, short.max_output_tokens) == (policy_pb2.ALLOW, 0)
     assert short.reserved.nanos == held  # 100 documents of a chunk each: one search unit
-    assert long.reserved.nanos == 3 * held  # 100 + 402,000 // 2,048 = 296 chunks at most
-    assert capped.reserved.nanos == 2 * held  # each read up to 4,096 tokens: 2 chunks apiece, 200
+    # chunks of at least 2,040 tokens (half the context, less 8 of the chunk's own): 100 + 402,000 // 2,040 = 297
+    assert long.reserved.nanos == 3 * held
+    assert capped.reserved.nanos == 2 * held  # each read up to 4,000 tokens: 2 chunks apiece, 200
     charged = await policy.Settle(policy_pb2.SettleRequest(request_id="rr-2", usage=policy_pb2.Usage(search_units=2)))
     uncounted = await policy.Settle(policy_pb2.SettleRequest(request_id="rr-3", usage=policy_pb2.Usage()))
     assert (charged.cost.nanos, uncounted.cost.nanos) == (2 * unit, unit)

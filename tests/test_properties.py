@@ -346,3 +346,30 @@ def test_calendar_windows_tile_time_in_every_time_zone(instant: int, window: str
     else:
         assert (start.year, start.month) == (now.year, now.month) and (before.year, before.month) != (start.year, start.month)
     assert remaining_ttl(f"pd:{{p0}}:b:customer:c:money:{spec}:{w.start}", instant) is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(documents=st.lists(st.integers(0, 60_000), min_size=1, max_size=400),
+       query_tokens=st.integers(1, 2_000), context=st.sampled_from([512, 4096, 32_768]),
+       tokens_max=st.one_of(st.just(0), st.integers(1, 40_000)), bytes_a_token=st.integers(1, 6))
+def test_a_reranks_hold_covers_the_search_units_any_chunking_bills(documents: list[int], query_tokens: int,
+                                                                  context: int, tokens_max: int,
+                                                                  bytes_a_token: int) -> None:
+    """Whatever a document's bytes a token (at least one), a query of up to half the context, and the tokens
+    read of each document (all of them, or `tokens_max`), the search units a reranker that splits documents
+    into chunks of its context less the query bills are never more than policyd holds; and never fewer
+    than the fewest it charges a reply that counts none."""
+    from policyd.pricing import (DOCUMENTS_PER_SEARCH_UNIT, rerank_chunks_most, rerank_search_units,
+                                 rerank_search_units_likely)
+
+    query_tokens = min(query_tokens, context // 2)
+    room = context - query_tokens - 4  # the document's tokens a chunk holds beside the query and 4 of Cohere's own
+    chunks = 0
+    for size in documents:
+        tokens = -(-size // bytes_a_token)
+        read = min(tokens, tokens_max) if tokens_max else tokens
+        chunks += max(1, -(-read // room))
+    billed = -(-chunks // DOCUMENTS_PER_SEARCH_UNIT)
+    assert chunks <= rerank_chunks_most(len(documents), sum(documents), tokens_max, context)
+    assert rerank_search_units_likely(len(documents)) <= billed <= rerank_search_units(len(documents), sum(documents),
+                                                                                       tokens_max, context)
