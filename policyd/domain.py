@@ -204,6 +204,7 @@ class Decision:
     upstream_model: str = ""  # the served model as the provider names it (its upstream_model, else its name)
     # where a chat completion's output cap goes for the served model's provider ("" = max_completion_tokens)
     output_cap_field: str = ""
+    stream_usage_reported: bool = False  # the provider reports a stream's usage unasked, and refuses stream_options
     provider: str = ""
     route: str = ""
     policy_version: int = 0

@@ -171,6 +171,11 @@ def _not_found(stored_id: str) -> str:
     return "file_not_found" if stored_id.startswith((FILE_ID_PREFIX, UPLOAD_ID_PREFIX)) else "response_not_found"
 
 
+def _stream_usage_reported(price: ModelPrice | None) -> bool:
+    """Decision.stream_usage_reported: the model's provider reports a stream's usage unasked (stream_usage)."""
+    return price is not None and price.stream_usage == "reported"
+
+
 def _cap_field(price: ModelPrice | None) -> str:
     """Decision.output_cap_field: "" for OpenAI's max_completion_tokens, else the field the provider reads."""
     return "" if price is None or price.output_cap_field == "max_completion_tokens" else price.output_cap_field
@@ -487,7 +492,7 @@ class Engine:
         common = dict(
             request_id=request_id, owner=owner, requested_model=request.model, served_model=reserve.served_model,
             upstream_model=reserve.price.upstream_model or reserve.served_model,  # the price at hand: no lookup
-            output_cap_field=_cap_field(reserve.price),
+            output_cap_field=_cap_field(reserve.price), stream_usage_reported=_stream_usage_reported(reserve.price),
             provider=reserve.price.provider, route=reserve.price.upstream,
             policy_version=policy.version if policy else 0,
             price_table_version=policy.document.price_table.version if policy else "",
@@ -529,6 +534,8 @@ class Engine:
                 **{**common, "served_model": first["served_model"], "provider": first["provider"],
                    "upstream_model": policy.upstream_name(first["served_model"]) if policy else first["served_model"],
                    "output_cap_field": _cap_field(policy.model(first["served_model"]) if policy else None),
+                   "stream_usage_reported": _stream_usage_reported(policy.model(first["served_model"]) if policy
+                                                                   else None),
                    "route": first["upstream"], "policy_version": first["policy_version"],
                    "price_table_version": first["price_table_version"]},
             )

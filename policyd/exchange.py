@@ -39,6 +39,7 @@ class Exchange:
     upstream_model: str = ""  # the served model as the provider names it ("" = served_model)
     usage_unasked: bool = False  # a stream whose usage event the gateway keeps from its client (unasked_usage)
     output_cap_field: str = ""  # where a chat completion's cap goes ("" = max_completion_tokens; Decision's)
+    stream_usage_reported: bool = False  # the provider reports a stream's usage unasked (Decision's)
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment)
     input_tokens: int = 0  # the request's own count of its input (token ids; text to speech's characters)
     stored: bool = False  # the provider keeps the reply (a chat completion's store: true): its id is remembered
@@ -73,8 +74,10 @@ class Exchange:
                        batch_seconds=hold_seconds(call.batch_seconds))
         return cls(request_id=decision.request_id, endpoint=call.endpoint, stream=call.stream,
                    requested_model=decision.requested_model, served_model=decision.served_model,
-                   upstream_model=decision.upstream_model, usage_unasked=observed and call.usage_unasked,
-                   output_cap_field=decision.output_cap_field, output_cap=decision.max_output_tokens,
+                   upstream_model=decision.upstream_model,
+                   usage_unasked=observed and call.usage_unasked and not decision.stream_usage_reported,
+                   output_cap_field=decision.output_cap_field, stream_usage_reported=decision.stream_usage_reported,
+                   output_cap=decision.max_output_tokens,
                    client_gave_cap=call.keeps_its_cap_under(decision.max_output_tokens),
                    account=account, model_in_path=call.model_in_path, input_tokens=call.input_tokens,
                    observed=observed, stored=call.stores_reply, tool_call_cap=decision.max_tool_calls,
@@ -100,7 +103,7 @@ class Exchange:
             return None
         return rewrite_body(body, self.endpoint, self.sent_model, self.requested_model, self.output_cap,
                             self.client_gave_cap, self.stream, self.model_in_path, self.tool_call_cap,
-                            self.image_model, self.output_cap_field)
+                            self.image_model, self.output_cap_field, self.stream_usage_reported)
 
     def rewritten(self, body: Any, decoded: bool = False) -> bytes | None:
         """`rewrite`, encoded for the provider (http_api.body_sent; `decoded`: a body the client compressed)."""
@@ -118,6 +121,8 @@ class Exchange:
             fields["upstream_model"] = self.upstream_model
         if self.output_cap_field:
             fields["output_cap_field"] = self.output_cap_field
+        if self.stream_usage_reported:
+            fields["stream_usage_reported"] = True
         if self.free:
             fields["free"] = True
         if self.stored:
@@ -161,6 +166,7 @@ class Exchange:
             stream="stream" in fields and fields["stream"].bool_value,
             requested_model=text("requested_model"), served_model=text("served_model"),
             upstream_model=text("upstream_model"), output_cap_field=text("output_cap_field"),
+            stream_usage_reported="stream_usage_reported" in fields and fields["stream_usage_reported"].bool_value,
             output_cap=int(fields["max_output_tokens"].number_value) if "max_output_tokens" in fields else 0,
             client_gave_cap="client_gave_cap" in fields and fields["client_gave_cap"].bool_value,
             account=text("account"),

@@ -123,7 +123,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         # the processing filter rewrites the body, or sends on decoded one the client compressed
         rewrite = exchange.rewrite(call.body) is not None or exchange.model_in_path_changes or call.body_decoded
         upstream = upstream_request(d, self.pool, observed=settled, rewrite=rewrite,
-                                    usage_unasked=call.usage_unasked)
+                                    usage_unasked=exchange.usage_unasked)
         exchange.account = upstream.account
         headers = [_header(k, v) for k, v in upstream.set_headers]
         return external_auth_pb2.CheckResponse(

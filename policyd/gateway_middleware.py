@@ -192,7 +192,7 @@ class PolicydMiddleware:
         rewritten = None if call.body is None else http_api.rewrite_body(  # a conversation or file made: no body read
             call.body, call.endpoint, decision.upstream_model, call.model, decision.max_output_tokens,
             call.keeps_its_cap_under(decision.max_output_tokens), call.stream, call.model_in_path,
-            decision.max_tool_calls, decision.image_model, decision.output_cap_field)
+            decision.max_tool_calls, decision.image_model, decision.output_cap_field, decision.stream_usage_reported)
         body = http_api.body_sent(call.body, rewritten, call.body_decoded) or body
         exchange = _Exchange(decision.request_id, decision.served_model,
                              ResponseReader(call.endpoint, call.stream, call.input_tokens, stored=call.stores_reply,
@@ -211,7 +211,7 @@ class PolicydMiddleware:
                 exchange.reader.encoded_as(response_headers.get("content-encoding", ""))
                 exchange.reader.served_on(response_headers.get(http_api.BEDROCK_TIER_HEADER, ""),
                                           response_headers.get(http_api.BEDROCK_LATENCY_HEADER, ""))
-                if call.usage_unasked and unasked_usage.applies(response_headers.get("content-type", ""),
+                if call.usage_unasked and not decision.stream_usage_reported and unasked_usage.applies(response_headers.get("content-type", ""),
                                                                 response_headers.get("content-encoding", "")):
                     unasked = unasked_usage.UnaskedUsage()
                     message = {**message, "headers": [(k, v) for k, v in message.get("headers", [])

@@ -14,6 +14,7 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
     POST .../v1beta/models/M:embedContent | :batchEmbedContents        embeddings (Gemini reports no usage
                                           for them: charged as estimated from the text)
     POST .../v1/completions               completions (legacy text completions)
+    POST .../v1/fim/completions           completions too (Mistral's fill-in-the-middle: a prompt and a suffix)
     POST .../v1/audio/speech              audio_speech (text to speech: billed by the characters of `input`,
                                           or, a model priced for output, by tokens: `stream_format: sse`
                                           replies end with their usage, audio bytes are estimated)
@@ -91,6 +92,7 @@ _PATHS = [
     (re.compile(r"(^|/)v1/images/(generations|edits|variations)/?$"), "images"),
     (re.compile(r"(^|/)v1/messages/?$"), "anthropic_messages"),
     (re.compile(r"(^|/)v1/completions/?$"), "completions"),
+    (re.compile(r"(^|/)v1/fim/completions/?$"), "completions"),  # Mistral's fill-in-the-middle (Codestral)
     (re.compile(r"(^|/)v1/audio/speech/?$"), "audio_speech"),
     (re.compile(r"(^|/)v1/audio/(transcriptions|translations)/?$"), "audio_transcriptions"),
     # Gemini's OpenAI-compatible API (the openai SDK with base_url .../v1beta/openai/): OpenAI's bodies and usage
@@ -1390,7 +1392,8 @@ def error_body(error_type: str, code: str, message: str, param: str = "") -> byt
 def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstream_model: str, requested_model: str,
                  output_cap: int, client_gave_cap: bool, stream: bool,
                  model_in_path: bool = False, tool_call_cap: int = 0,
-                 image_model: str = "", output_cap_field: str = "") -> dict[str, Any] | MultipartForm | None:
+                 image_model: str = "", output_cap_field: str = "",
+                 stream_usage_reported: bool = False) -> dict[str, Any] | MultipartForm | None:
     """The request body policy requires, or None when it stays as it is.
 
     - the served model as the provider names it (`upstream_model`), where it is not the model the request
@@ -1403,7 +1406,9 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
       max_tool_calls, max_uses of each Anthropic web search tool without one;
     - the image model the image_generation tool is to name (`image_model`: the plan's default for a tool
       naming none, or the tool's own as the provider names it);
-    - stream_options.include_usage for streamed chat and text completions, so usage is always reported.
+    - stream_options.include_usage for streamed chat and text completions, so usage is always reported;
+      or, where the provider reports it unasked and refuses stream_options (`stream_usage_reported`,
+      Mistral's), no stream_options at all: the client's are taken out.
 
     A speech-to-text form changes only by its model."""
     renamed = bool(upstream_model) and upstream_model != requested_model and not model_in_path
@@ -1458,7 +1463,11 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
         if tools != body["tools"]:
             body["tools"] = tools
             changed = True
-    if stream and endpoint in STREAM_USAGE_ENDPOINTS:
+    if stream and endpoint in STREAM_USAGE_ENDPOINTS and stream_usage_reported:
+        if "stream_options" in body:  # refused by such a provider (422), and its usage comes all the same
+            del body["stream_options"]
+            changed = True
+    elif stream and endpoint in STREAM_USAGE_ENDPOINTS:
         options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
         if options.get("include_usage") is not True:
             body["stream_options"] = {**options, "include_usage": True}

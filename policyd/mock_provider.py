@@ -19,6 +19,9 @@ Scenarios, by the request header `x-mock-scenario`:
     reads, as a network may deliver them) | sized (a chat or text completion stream sent whole, with a
     content-length, as a server that buffers its events does)
 
+Models named mistral* or codestral* answer as Mistral's API does: a request naming stream_options or
+max_completion_tokens is refused (422, extra_forbidden), and a stream's last chunk carries its usage unasked.
+
 Header `x-mock-background-polls`: a background response (background: true) is queued and then in progress
 for this many reads of it (default 2) before it is completed, with its usage; cancelled before that, it
 reports the input and half the output.
@@ -75,6 +78,11 @@ AZURE_DATED_PATH = re.compile(r"/openai/(?!v1/)")  # Azure OpenAI's dated API: e
 BEDROCK_PATH = re.compile(r"/model/(?P<model>[^/]+)/(?P<verb>converse|converse-stream|invoke|invoke-with-response-stream"
                           r"|count-tokens)$")
 VERTEX_ANTHROPIC_PATH = re.compile(r"/publishers/anthropic/models/(?P<model>[^/:]+):(rawPredict|streamRawPredict)$")
+
+
+def mistral(model: Any) -> bool:
+    """A model of Mistral's API: it refuses fields it does not know, and a stream reports its usage unasked."""
+    return str(model).startswith(("mistral", "codestral"))
 
 
 RERANK_CONTEXT_TOKENS = 4096  # a Cohere reranker's (rerank-v3.5): its chunks, the query's tokens less
@@ -341,7 +349,8 @@ class MockProvider:
                                 maps=any(isinstance(t, dict) and ("googleMaps" in t or "google_maps" in t)
                                          for t in body.get("tools") or []))
         anthropic = route.endswith("/v1/messages") or vertex_anthropic is not None or bedrock is not None
-        legacy = route.endswith("/completions") and not route.endswith("/chat/completions")  # text completions
+        # text completions (Mistral's fill-in-the-middle answers as a chat completion does)
+        legacy = route.endswith("/completions") and not route.endswith(("/chat/completions", "/fim/completions"))
         if route.endswith(("/images/generations", "/images/edits", "/images/variations")):
             # per image; gpt-image models report tokens too (an edit's input images: 323 tokens each)
             n = body.get("n") if isinstance(body.get("n"), int) and body["n"] > 0 else 1
@@ -360,6 +369,12 @@ class MockProvider:
             return h._json(200, {"object": "list", "model": model,
                                  "data": [{"object": "embedding", "index": i, "embedding": vector} for i in range(len(inputs))],
                                  "usage": {"prompt_tokens": p_tokens, "total_tokens": p_tokens}})
+        # Mistral's API refuses fields it does not know (422), stream_options and max_completion_tokens among them
+        extra = [name for name in ("stream_options", "max_completion_tokens") if name in body] if mistral(model) else []
+        if extra:
+            return h._json(422, {"object": "error", "message": {"detail": [
+                {"type": "extra_forbidden", "loc": ["body", extra[0]], "msg": "Extra inputs are not permitted"}]},
+                "type": "invalid_request_error", "param": None, "code": None})
         searches = sum(1 for tool in body.get("tools") or [] if str(tool.get("type", "")).startswith("web_search"))
         if body.get("stream") and not route.endswith("/responses"):
             return self._stream(h, body, model, p_tokens, c_tokens, scenario, anthropic, legacy)
@@ -1071,6 +1086,9 @@ class MockProvider:
         if legacy:
             last = {"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": model,
                     "choices": [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}]}
+        usage = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
+        if mistral(model) and scenario != "no_usage":  # Mistral's streams end with their usage, unasked
+            last["usage"] = usage
         send(f"data: {json.dumps(last)}\n\n")
         options = body.get("stream_options") or {}
         if options.get("include_usage") and scenario != "no_usage":

@@ -207,6 +207,10 @@ class ModelPrice(Prices):
     # max_tokens for OpenAI-compatible providers that read only it (Mistral, DeepSeek, Together, Ollama, ...):
     # a cap in a field the provider ignores bounds nothing, and the reservation would not hold
     output_cap_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+    # how a stream's usage comes from the model's provider: "asked" (OpenAI's: only with
+    # stream_options.include_usage, which policyd then sets), or "reported" (Mistral's: always, in the last
+    # chunk, and the provider refuses stream_options: policyd sets none and takes the client's out)
+    stream_usage: Literal["asked", "reported"] = "asked"
     # the most input tokens one request can carry (0 = not given): bounds a strict plan's reservation,
     # and is the bound of input a request only refers to (a previous response, a file, an image URL)
     context_window: int = Field(0, ge=0, le=QUANTITY_MAX)

@@ -40,7 +40,7 @@ BEDROCK_SONNET = "us.anthropic.claude-sonnet-4-20250514-v1:0"  # Amazon Bedrock'
 BEDROCK_HAIKU = "us.anthropic.claude-3-5-haiku-20241022-v1:0"
 AZURE_API_VERSION = "2024-10-21"
 PROVIDER_KEYS = ("sk-mock-openai-1", "sk-mock-openai-2", "sk-mock-anthropic", "sk-mock-google", "bedrock-api-key-mock",
-                 "azure-key-mock", "cohere-key-mock", "jina-key-mock")
+                 "azure-key-mock", "cohere-key-mock", "jina-key-mock", "mistral-key-mock")
 PRICE = {"gpt-4o": ("2.50", "10.00"), "gpt-4o-mini": ("0.15", "0.60"), "claude-sonnet-4": ("3.00", "15.00"),
          "gpt-4o-mini@batch": ("0.075", "0.30"), "claude-sonnet-4@batch": ("1.50", "7.50"),  # batch tiers
          BEDROCK_SONNET: ("3.00", "15.00"), f"{BEDROCK_SONNET}@flex": ("1.50", "7.50"),
@@ -64,7 +64,8 @@ PROVIDERS = ("accounts:\n"
              f"  - {{name: bedrock-1, provider: bedrock, cluster: bedrock, api_key: {PROVIDER_KEYS[4]}}}\n"
              f"  - {{name: azure-1, provider: azure, cluster: azure, api_key: {PROVIDER_KEYS[5]}}}\n"
              f"  - {{name: cohere-1, provider: cohere, cluster: cohere, api_key: {PROVIDER_KEYS[6]}}}\n"
-             f"  - {{name: jina-1, provider: jina, cluster: jina, api_key: {PROVIDER_KEYS[7]}}}\n")
+             f"  - {{name: jina-1, provider: jina, cluster: jina, api_key: {PROVIDER_KEYS[7]}}}\n"
+             f"  - {{name: mistral-1, provider: mistral, cluster: mistral, api_key: {PROVIDER_KEYS[8]}}}\n")
 
 
 def start_envoy(config: Path, port: int, log: Path) -> subprocess.Popen:
@@ -105,7 +106,8 @@ class Gateway(FundedCustomers):
                                             Upstream("bedrock", "127.0.0.1", self.mock.port),
                                             Upstream("azure", "127.0.0.1", self.mock.port),
                                             Upstream("cohere", "127.0.0.1", self.mock.port),
-                                            Upstream("jina", "127.0.0.1", self.mock.port)), shape=shape,
+                                            Upstream("jina", "127.0.0.1", self.mock.port),
+                                            Upstream("mistral", "127.0.0.1", self.mock.port)), shape=shape,
                                  cors_origins=(APP_ORIGIN,)))
         self.envoy_log = tmp / "envoy.log"
         self.envoy = start_envoy(config, self.port, self.envoy_log)
@@ -2882,3 +2884,44 @@ def test_a_rerank_whose_reply_counts_nothing_is_charged_the_fewest_search_units(
     # held: the most chunks there may be: 62 documents, and one more for every 2,040 of their 200,300 bytes (a
     # chunk's least room: half the 4,096-token context, less 8 tokens of its own): 160 chunks, 2 units
     assert record["reserved_nanos"] == 2 * parse_amount("0.002")
+
+
+def test_mistral_streams_are_charged_without_the_stream_options_mistral_refuses(gateway: Gateway) -> None:
+    """Mistral's API refuses fields it does not know (422 extra_forbidden), stream_options among them, and
+    reports a stream's usage unasked, in its last chunk. Gateways that add stream_options.include_usage to
+    every stream broke every streamed Mistral call. A model priced with stream_usage: reported goes without
+    them (a client's own taken out), is charged the usage its last chunk carries, which reaches the client as
+    Mistral sent it; Codestral's fill-in-the-middle (/v1/fim/completions) likewise."""
+    key = gateway.customer("e2e-mistral", plan="mistral")
+    client = gateway.client(key)
+    for asked in (None, {"include_usage": True}):
+        extra = {"stream_options": asked} if asked else {}
+        with client.chat.completions.with_streaming_response.create(
+                model="mistral-small-latest", messages=[{"role": "user", "content": f"mistral, {bool(asked)}"}],
+                max_completion_tokens=9, stream=True, **extra) as raw:
+            request_id = raw.headers["x-policyd-request-id"]
+            chunks = list(raw.parse())
+        (usage,) = [c.usage for c in chunks if c.usage]  # the last chunk's, as Mistral sends it
+        record = gateway.record(request_id)
+        assert (record["status"], record["error_class"], record["input_tokens"], record["output_tokens"]) == (
+            "settled", "", usage.prompt_tokens, usage.completion_tokens), asked
+        cost = price_quantity(usage.prompt_tokens, parse_amount("0.10")) + \
+            price_quantity(usage.completion_tokens, parse_amount("0.30"))
+        assert record["cost_nanos"] == cost
+        (sent,) = [r for r in gateway.mock.received() if f"mistral, {bool(asked)}" in json.dumps(r["body"])]
+        assert "stream_options" not in sent["body"] and sent["body"]["max_tokens"] == 9
+        assert "max_completion_tokens" not in sent["body"] and sent["authorization"] == f"Bearer {PROVIDER_KEYS[8]}"
+    body = {"model": "codestral-latest", "prompt": "def ledger(", "suffix": "    return total", "max_tokens": 7,
+            "stream": True, "stream_options": {"include_usage": True}}
+    request = urllib.request.Request(f"http://127.0.0.1:{gateway.port}/v1/fim/completions",
+                                     data=json.dumps(body).encode(), method="POST",
+                                     headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=20) as reply:
+        request_id, events = reply.headers["x-policyd-request-id"], reply.read().decode()
+    (usage,) = [json.loads(line[6:])["usage"] for line in events.splitlines()
+                if line.startswith("data: {") and '"usage"' in line]
+    record = gateway.record(request_id)
+    assert (record["status"], record["endpoint"], record["input_tokens"], record["output_tokens"]) == (
+        "settled", "completions", usage["prompt_tokens"], usage["completion_tokens"])
+    assert record["cost_nanos"] == price_quantity(usage["prompt_tokens"], parse_amount("0.30")) + \
+        price_quantity(usage["completion_tokens"], parse_amount("0.90"))

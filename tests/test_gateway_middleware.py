@@ -246,6 +246,23 @@ def test_a_rerank_is_charged_its_search_units_through_the_middleware(gateway: Ex
             record["charge_nanos"]) == ("settled", "", 2, cost, cost * 12 // 10)
 
 
+def test_a_mistral_stream_goes_without_stream_options_and_keeps_its_usage(gateway: ExampleGateway) -> None:
+    """Mistral refuses stream_options (422) and reports a stream's usage unasked: through the middleware a
+    model priced stream_usage: reported goes without them, is charged its last chunk's usage, and the client
+    gets that chunk whole."""
+    key = gateway.customer("mw-mistral", plan="mistral")
+    with gateway.client(key).chat.completions.with_streaming_response.create(
+            model="mistral-small-latest", messages=[{"role": "user", "content": "mw mistral"}], max_tokens=6,
+            stream=True) as raw:
+        request_id, chunks = raw.headers["x-policyd-request-id"], list(raw.parse())
+    (usage,) = [c.usage for c in chunks if c.usage]
+    record = gateway.record(request_id)
+    assert (record["status"], record["error_class"], record["input_tokens"], record["output_tokens"]) == (
+        "settled", "", usage.prompt_tokens, usage.completion_tokens)
+    (sent,) = gateway.received("mw mistral")
+    assert "stream_options" not in sent["body"] and sent["body"]["max_tokens"] == 6
+
+
 def test_a_key_in_the_query_is_read_and_never_reaches_the_provider(gateway: ExampleGateway) -> None:
     key = gateway.customer("mw-query-key")
     body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "mw query key"}],

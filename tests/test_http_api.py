@@ -1736,3 +1736,20 @@ def test_a_reranks_usage_is_read_in_its_providers_units(reply: dict, units: int,
     uncounted.feed(json.dumps({"results": [{"index": 0, "relevance_score": 0.9}], "meta": {}}).encode())
     uncounted.finish()
     assert (uncounted.found_usage, closing(200, uncounted, cut=False).action) == (False, "estimate")
+
+
+def test_a_stream_of_a_provider_that_reports_its_usage_unasked_goes_without_stream_options() -> None:
+    """Mistral's API refuses stream_options (422) and reports a stream's usage unasked: a model priced
+    stream_usage: reported is sent without them, the client's taken out; OpenAI's get include_usage set."""
+    for endpoint, body in (("chat_completions", {"model": "m", "messages": [], "stream": True}),
+                           ("completions", {"model": "m", "prompt": "def f(", "suffix": "", "stream": True})):
+        asked = rewrite_body(body, endpoint, "m", "m", 0, True, True)
+        assert asked is not None and asked["stream_options"] == {"include_usage": True}
+        assert rewrite_body(body, endpoint, "m", "m", 0, True, True, stream_usage_reported=True) is None
+        client_asked = {**body, "stream_options": {"include_usage": True}}
+        sent = rewrite_body(client_asked, endpoint, "m", "m", 0, True, True, stream_usage_reported=True)
+        assert sent is not None and "stream_options" not in sent and sent["model"] == "m"
+    fim = parse_call("POST", "/v1/fim/completions", {"authorization": "Bearer k"},
+                     json.dumps({"model": "codestral-latest", "prompt": "def f(", "suffix": "return 1",
+                                 "max_tokens": 5}).encode())
+    assert (fim.problem, fim.endpoint, fim.max_output_tokens, fim.prompt_bytes) == ("", "completions", 5, 14)

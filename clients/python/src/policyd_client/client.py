@@ -94,6 +94,12 @@ class Decision:
         return str(self.response.output_cap_field or "max_completion_tokens") if self.response is not None \
             else "max_completion_tokens"
 
+    @property
+    def stream_usage_reported(self) -> bool:
+        """The served model's provider reports a stream's usage unasked and refuses stream_options (Mistral's):
+        send a streamed completion without them, where OpenAI's needs stream_options.include_usage."""
+        return bool(self.response.stream_usage_reported) if self.response is not None else False
+
     def error_body(self) -> bytes:
         e = self.response.error
         return json.dumps({"error": {"type": e.type, "code": e.code, "message": e.message,
