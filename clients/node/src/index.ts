@@ -124,6 +124,9 @@ export interface Decision {
   /** Where a chat completion's output cap goes for the served model's provider: "max_completion_tokens"
    *  (OpenAI's), or "max_tokens" for providers that read only it. */
   outputCapField: string;
+  /** The provider reports a stream's usage unasked and refuses stream_options (Mistral's): send a streamed
+   *  completion without them, where OpenAI's needs stream_options.include_usage. */
+  streamUsageReported: boolean;
   route: string;
   maxOutputTokens: number;
   /** > 0: the bound of the request's unbounded search tools the reservation covers: set it in the request
@@ -238,7 +241,7 @@ export class PolicyClient {
     return {
       allowed: decision !== "deny", decision, reason: r.reason, message: r.message, httpStatus: r.httpStatus,
       requestId: r.requestId, servedModel: r.servedModel, upstreamModel: r.upstreamModel || r.servedModel,
-      outputCapField: r.outputCapField || "max_completion_tokens",
+      outputCapField: r.outputCapField || "max_completion_tokens", streamUsageReported: r.streamUsageReported ?? false,
       route: r.route,
       maxOutputTokens: Number(r.maxOutputTokens), maxToolCalls: Number(r.maxToolCalls ?? 0), reservedNanos: BigInt(r.reserved?.nanos ?? "0"),
       retryAfterSeconds: Number(r.retryAfterSeconds), response: r,
