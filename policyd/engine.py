@@ -51,7 +51,7 @@ from policyd.domain import (
     UsageReport,
 )
 from policyd.money import format_amount
-from policyd.policy import Cap, Limit, ModelPrice, Plan, Policy
+from policyd.policy import Cap, Limit, ModelPrice, Plan, Policy, is_model_pattern
 from policyd.policy_book import PolicyBook
 from policyd.pricing import (AUDIO_TOKENS_PER_SECOND, PARTIAL_IMAGE_OUTPUT_TOKENS, Quantities, audio_seconds,
                              audio_seconds_likely, billing_of, charge_of, cost_of, estimate_input_tokens,
@@ -726,7 +726,8 @@ class Engine:
         """(model, provider) of every model a key of this plan, scopes and environment may use."""
         return [
             (name, price.provider) for name, price in sorted(policy.document.price_table.models.items())
-            if policy.model_allowed(plan, name, scopes) and policy.tier_allowed_in(plan, environment, name)
+            if not is_model_pattern(name)  # a pattern is no model a client can name
+            and policy.model_allowed(plan, name, scopes) and policy.tier_allowed_in(plan, environment, name)
         ]
 
     def _policy_denial(self, request: AuthorizeInput, scopes: tuple[str, ...], owner: Owner, policy: Policy,

@@ -14,7 +14,7 @@ import fnmatch
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -237,9 +237,23 @@ class ModelPrice(Prices):
         return self.route or self.provider
 
 
+def is_model_pattern(name: str) -> bool:
+    """A price table entry that prices every model its glob matches ("ft:gpt-4o-mini-2024-07-18:*": every
+    fine-tune of a base model, whose names a provider makes as customers train them)."""
+    return any(c in name for c in "*?[")
+
+
 class PriceTable(_Strict):
     version: str = Field(min_length=1, max_length=64)
     models: dict[str, ModelPrice] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _patterns(self) -> "PriceTable":
+        for name, price in self.models.items():
+            if is_model_pattern(name) and price.upstream_model:
+                raise ValueError(f"model {name!r}: a pattern prices many models, each sent by its own name: it takes "
+                                 "no upstream_model")
+        return self
 
 
 @functools.lru_cache(maxsize=256)
@@ -437,6 +451,12 @@ class PolicyDocument(_Strict):
     @model_validator(mode="after")
     def _references(self) -> "PolicyDocument":
         for name, plan in self.plans.items():
+            named = [limit.downgrade_to for limit in plan.limits if limit.downgrade_to] + \
+                [m for model, alternatives in plan.fallbacks.items() for m in (model, *alternatives)] + \
+                list(plan.price_list) + ([plan.image_generation_model] if plan.image_generation_model else [])
+            for model in named:
+                if is_model_pattern(model):
+                    raise ValueError(f"plan {name!r}: {model!r} is a pattern: name a model of the price table")
             if plan.extends and plan.extends not in self.plans:
                 raise ValueError(f"plan {name!r} extends unknown plan {plan.extends!r}")
             for limit in plan.limits:
@@ -464,9 +484,12 @@ class PolicyDocument(_Strict):
                 raise ValueError(f"cap {cap.name!r}: another cap or a plan's limit has that name; give each its own")
             if not any(cap.covers(m, price) for m, price in self.price_table.models.items()):
                 raise ValueError(f"cap {cap.name!r}: its provider and models match nothing in the price table")
-            if cap.downgrade_to and cap.downgrade_to not in self.price_table.models:
+            if cap.downgrade_to and (cap.downgrade_to not in self.price_table.models or is_model_pattern(cap.downgrade_to)):
                 raise ValueError(f"cap {cap.name!r}: downgrade_to {cap.downgrade_to!r} is not in the price table")
         return self
+
+
+MATCHED_NAMES_MAX = 10_000  # model names a policy remembers the pattern entry of (others are matched anew)
 
 
 def _matches(patterns: tuple[str, ...], model: str, tier: str) -> bool:
@@ -482,6 +505,14 @@ class Policy:
     version: int
     document: PolicyDocument
     canonical: str
+    # the pattern entry each model name not in the table resolved to ("" = none), up to MATCHED_NAMES_MAX names
+    _matched: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @functools.cached_property
+    def _patterns(self) -> tuple[str, ...]:
+        """The price table's pattern entries, the most specific first (the most characters not wildcards)."""
+        names = [name for name in self.document.price_table.models if is_model_pattern(name)]
+        return tuple(sorted(names, key=lambda n: (-sum(c not in "*?[]" for c in n), n)))
 
     @property
     def digest(self) -> str:
@@ -491,7 +522,22 @@ class Policy:
         return self.document.plans.get(name)
 
     def model(self, name: str) -> ModelPrice | None:
-        return self.document.price_table.models.get(name)
+        """The price of a model: its own entry, else the most specific pattern entry matching its name (a
+        pattern itself names no model)."""
+        models = self.document.price_table.models
+        price = models.get(name)
+        if not self._patterns:
+            return price
+        if is_model_pattern(name):
+            return None
+        if price is not None:
+            return price
+        pattern = self._matched.get(name)
+        if pattern is None:
+            pattern = next((p for p in self._patterns if fnmatch.fnmatchcase(name, p)), "")
+            if len(self._matched) < MATCHED_NAMES_MAX:
+                self._matched[name] = pattern
+        return models[pattern] if pattern else None
 
     def upstream_name(self, name: str) -> str:
         """The name a request for this model carries to the provider: its `upstream_model`, else its own."""

@@ -2925,3 +2925,20 @@ def test_mistral_streams_are_charged_without_the_stream_options_mistral_refuses(
         "settled", "completions", usage["prompt_tokens"], usage["completion_tokens"])
     assert record["cost_nanos"] == price_quantity(usage["prompt_tokens"], parse_amount("0.30")) + \
         price_quantity(usage["completion_tokens"], parse_amount("0.90"))
+
+
+def test_a_fine_tuned_model_is_priced_by_the_pattern_of_its_base(gateway: Gateway) -> None:
+    """A fine-tune's name is made by its provider as it is trained: one price table entry,
+    "ft:gpt-4o-mini-2024-07-18:*", prices every fine-tune of that base, so a new one is served and charged at
+    once, by its own name."""
+    key = gateway.customer("e2e-fine-tune")
+    tuned = "ft:gpt-4o-mini-2024-07-18:acme:ledger:AbC123"
+    raw = gateway.client(key).chat.completions.with_raw_response.create(
+        model=tuned, messages=[{"role": "user", "content": "tuned"}], max_tokens=5)
+    completion = raw.parse()
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    cost = price_quantity(completion.usage.prompt_tokens, parse_amount("0.30")) + \
+        price_quantity(completion.usage.completion_tokens, parse_amount("1.20"))
+    assert (record["status"], record["served_model"], record["cost_nanos"]) == ("settled", tuned, cost)
+    listed = [m.id for m in gateway.client(key).models.list()]
+    assert "gpt-4o-mini" in listed and not [m for m in listed if "*" in m]  # a pattern is no model to list

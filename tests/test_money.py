@@ -2239,3 +2239,34 @@ async def test_an_adjustment_may_take_credit_back_and_only_an_adjustment(service
     await service.admin.rebuild()
     assert (await service.counters.wallet("debited"))[0] == parse_amount("-1.25")
     assert (await service.admin.audit()).ok
+
+
+async def test_a_pattern_entry_prices_every_model_it_matches(service: Service) -> None:
+    """A provider makes a fine-tune's name as its customer trains it ("ft:gpt-4o-mini-2024-07-18:acme::x1"):
+    gateways refused it, or logged it at nothing, until someone priced that exact name. A price table entry
+    named by a glob prices every model it matches, the most specific pattern first; the record keeps the
+    model's own name, a pattern names no model a client may call, and lists of models leave patterns out."""
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    models = doc["price_table"]["models"]
+    models["ft:gpt-4o-mini-2024-07-18:*"] = {"provider": "openai", "tier": "low-cost", "input": "0.30", "output": "1.20"}
+    models["ft:*"] = {"provider": "openai", "tier": "premium", "input": "3.75", "output": "15.00"}
+    await service.admin.apply_policy(yaml.safe_dump(doc), "fine-tunes.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "10")
+    tuned, other = "ft:gpt-4o-mini-2024-07-18:acme::x1", "ft:gpt-4.1-2025-04-14:acme::y2"
+    for request_id, model, prices in (("ft-1", tuned, ("0.30", "1.20")), ("ft-2", other, ("3.75", "15.00"))):
+        allowed = await service.engine.authorize(ask(secret, model=model, request_id=request_id))
+        assert (allowed.decision, allowed.served_model, allowed.upstream_model) == ("allow", model, model)
+        settled = await service.engine.settle(usage(request_id))
+        assert settled.cost == price_quantity(100, parse_amount(prices[0])) + price_quantity(50, parse_amount(prices[1]))
+    for name in ("ft:*", "ft:gpt-4o-mini-2024-07-18:*"):  # a pattern is no model's name
+        refused = await service.engine.authorize(ask(secret, model=name, request_id=f"pattern-{len(name)}"))
+        assert (refused.decision, refused.reason) == ("deny", "unknown_model")
+    listed, _ = await service.engine.models_for(secret)
+    assert [m for m, _ in listed if m.startswith("ft:")] == []
+    await service.writer.drain()
+    assert service.store.usage_record("ft-1").served_model == tuned
+    doc["plans"]["pro"]["fallbacks"] = {"gpt-4o": ["ft:*"]}
+    with pytest.raises(PolicydError) as refused_policy:
+        await service.admin.apply_policy(yaml.safe_dump(doc), "fallback-to-a-pattern.yaml")
+    assert "pattern" in str(refused_policy.value)

@@ -25,6 +25,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "policies"
         ("unknown_downgrade.yaml", "downgrade_to 'gpt-3' is not in the price table"),
         ("unknown_image_generation_model.yaml", "image_generation_model 'gpt-image-9' is not in the price table"),
         ("unknown_model_pattern.yaml", "model 'claude-*' matches nothing"),
+        ("pattern_upstream_model.yaml", "a pattern prices many models, each sent by its own name: it takes no upstream_model"),
         ("negative_price.yaml", "negative_price.yaml:5: price_table.models.gpt-4o.input: a price or amount must not be negative"),
         ("bad_environment.yaml", "bad_environment.yaml:9: plans.pro.environments: unknown environment 'prod'"),
         ("unknown_time_zone.yaml", "unknown_time_zone.yaml:10: plans.pro.limits.0: unknown time zone 'Europe/Pariss'"),
