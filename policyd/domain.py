@@ -121,6 +121,9 @@ class Shape:
     documents: int = 0
     document_bytes: int = 0
     document_tokens_max: int = 0
+    # the least output cap the provider accepts for the request (Anthropic's max_tokens must pass its extended
+    # thinking's budget_tokens): a cap fitted to the wallet is never below it (0 = none)
+    least_output_cap: int = 0
 
 
 CONTAINER_MEMORY_DEFAULT = "1g"  # OpenAI's, for a container that names no memory_limit

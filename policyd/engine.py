@@ -196,6 +196,12 @@ FITTED_ENDPOINTS = frozenset(OUTPUT_CAP_FIELDS)
 FIT_TRIES = 3
 
 
+def _least_fitted_cap(plan: Plan, request: AuthorizeInput) -> int:
+    """The least output cap a plan fits a request to: the plan's fit_output_cap_min, or what the provider
+    accepts when more (a Claude request's past its thinking budget: a smaller cap would be refused, 400)."""
+    return max(plan.fit_output_cap_min, request.shape.least_output_cap)
+
+
 def _capped(request: AuthorizeInput, output_cap: int) -> AuthorizeInput:
     return replace(request, shape=replace(request.shape, max_output_tokens=output_cap))
 
@@ -472,7 +478,7 @@ class Engine:
                 break
             cap = self._largest_output_cap(request, owner, policy, plan, reserve, result.label, result.room, at,
                                            key.limits, prior_tokens)
-            if cap < plan.fit_output_cap_min:
+            if cap < _least_fitted_cap(plan, request):
                 break
             fitted = self._attempt(_capped(request, cap), owner, policy, plan, reserve.served_model, at,
                                    skip_label=reserve.skip_label, own_limits=key.limits, prior_tokens=prior_tokens)
@@ -828,7 +834,7 @@ class Engine:
                 and not request.batch:
             cap = self._largest_output_cap(request, owner, policy, plan, attempt, "wallet", plan.max_request_charge,
                                            at, own_limits, prior_tokens)
-            if cap >= plan.fit_output_cap_min:
+            if cap >= _least_fitted_cap(plan, request):
                 fitted = self._attempt(_capped(request, cap), owner, policy, plan, attempt.served_model, at,
                                        skip_label=attempt.skip_label, own_limits=own_limits, prior_tokens=prior_tokens)
                 fitted.fallback_reason = attempt.fallback_reason
@@ -861,7 +867,7 @@ class Engine:
                 return attempt.charge
             return next((h.amount for h in attempt.holds if h.label == label), room + 1)
 
-        low, high = plan.fit_output_cap_min, reserve.output_cap - 1
+        low, high = _least_fitted_cap(plan, request), reserve.output_cap - 1
         if high < low or held(low) > room:
             return 0
         while low < high:  # held(low) fits; the hold grows with the cap

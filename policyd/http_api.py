@@ -268,6 +268,7 @@ class HttpCall:
     documents: int = 0  # a rerank's documents ...
     document_bytes: int = 0  # ... their bytes together ...
     document_tokens_max: int = 0  # ... and the most tokens the provider reads of each (0: no bound)
+    least_output_cap: int = 0  # the least cap the provider accepts (Anthropic's past its thinking budget_tokens)
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     background: bool = False  # a Responses API background response: it goes on at the provider after its reply
     deletes_stored: bool = False  # DELETE of the stored response (or conversation, file) it names
@@ -328,7 +329,7 @@ class HttpCall:
                         image_scale=self.image_scale, maps_grounding=self.maps_grounding,
                         output_cap_fixed=self.compaction, output_cap_param=self.output_cap_param,
                         documents=self.documents, document_bytes=self.document_bytes,
-                        document_tokens_max=self.document_tokens_max),
+                        document_tokens_max=self.document_tokens_max, least_output_cap=self.least_output_cap),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, deletes_stored=self.deletes_stored,
             previous_response=self.previous_response,
@@ -1028,6 +1029,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.cache_write = _cache_write(data, "cachePoint")
     if endpoint in ("chat_completions", "responses"):  # OpenAI writes the prompt to its cache unasked
         call.cache_write = call.cache_write or _openai_cache_write(data)
+    if budget := _thinking_budget(endpoint, data):  # max_tokens must pass it: a fitted cap never goes below
+        call.least_output_cap = budget + 1
     call.stores_reply = endpoint == "chat_completions" and data.get("store") is True
     modalities = data.get("modalities")
     call.audio_output = isinstance(modalities, list) and "audio" in modalities
@@ -1054,6 +1057,21 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if not call.attribution.end_user_id and (end_user := _end_user(data)):
         call.attribution = replace(call.attribution, end_user_id=end_user[:256])
     return call
+
+
+def _thinking_budget(endpoint: str, data: dict[str, Any]) -> int:
+    """The extended thinking budget (budget_tokens) of a Claude request, whose max_tokens must pass it:
+    Anthropic's `thinking`, and Bedrock Converse's in additionalModelRequestFields (`thinking`, or Claude 3.7's
+    `reasoning_config`); 0 when it thinks without one (adaptive) or not at all."""
+    if endpoint == "bedrock_converse":
+        fields = _dict_of(data, "additionalModelRequestFields")
+        thinking = fields.get("thinking") or fields.get("reasoning_config")
+    elif endpoint == "anthropic_messages":
+        thinking = data.get("thinking")
+    else:
+        return 0
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) and thinking.get("type") == "enabled" else 0
+    return budget if isinstance(budget, int) and not isinstance(budget, bool) and 0 < budget <= QUANTITY_MAX else 0
 
 
 # Cohere's v2 API reads at most this many tokens of each document unless told (max_tokens_per_doc)

@@ -102,7 +102,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             image_scale=s.image_scale,
             maps_grounding=s.maps_grounding, output_cap_fixed=s.output_cap_fixed,
             output_cap_param=s.output_cap_param, documents=s.documents, document_bytes=s.document_bytes,
-            document_tokens_max=s.document_tokens_max,
+            document_tokens_max=s.document_tokens_max, least_output_cap=s.least_output_cap,
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,

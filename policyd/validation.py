@@ -91,7 +91,8 @@ def check_authorize(request: AuthorizeInput) -> None:
     _text_field("service_tier", request.shape.service_tier, SERVICE_TIER_LENGTH_MAX)
     s = request.shape
     for name in ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds",
-                 "choices", "web_searches", "file_searches", "documents", "document_bytes", "document_tokens_max"):
+                 "choices", "web_searches", "file_searches", "documents", "document_bytes", "document_tokens_max",
+                 "least_output_cap"):
         value = getattr(s, name)
         if value < 0 or value > QUANTITY_MAX:
             raise Problem("invalid_request", f"{name} must be between 0 and {QUANTITY_MAX}", name)

@@ -1753,3 +1753,16 @@ def test_a_stream_of_a_provider_that_reports_its_usage_unasked_goes_without_stre
                      json.dumps({"model": "codestral-latest", "prompt": "def f(", "suffix": "return 1",
                                  "max_tokens": 5}).encode())
     assert (fim.problem, fim.endpoint, fim.max_output_tokens, fim.prompt_bytes) == ("", "completions", 5, 14)
+
+
+def test_a_thinking_claudes_least_output_cap_is_past_its_budget() -> None:
+    """Anthropic's max_tokens must pass the thinking budget: the least cap a plan may fit the request to."""
+    def least(path: str, **body: Any) -> int:
+        return parse_call("POST", path, {"x-api-key": "k", "anthropic-version": "2023-06-01"},
+                          json.dumps({"model": "m", "max_tokens": 20_000, "messages": [], **body}).encode()).least_output_cap
+
+    assert least("/v1/messages", thinking={"type": "enabled", "budget_tokens": 10_000}) == 10_001
+    assert least("/v1/messages", thinking={"type": "adaptive"}) == least("/v1/messages") == 0
+    assert least("/model/m/converse", additionalModelRequestFields={
+        "reasoning_config": {"type": "enabled", "budget_tokens": 2_048}}) == 2_049
+    assert least("/v1/chat/completions", thinking={"type": "enabled", "budget_tokens": 5}) == 0

@@ -2270,3 +2270,28 @@ async def test_a_pattern_entry_prices_every_model_it_matches(service: Service) -
     with pytest.raises(PolicydError) as refused_policy:
         await service.admin.apply_policy(yaml.safe_dump(doc), "fallback-to-a-pattern.yaml")
     assert "pattern" in str(refused_policy.value)
+
+
+async def test_a_fitted_cap_never_goes_below_what_a_thinking_claude_accepts(service: Service) -> None:
+    """Anthropic refuses a max_tokens not past the request's extended thinking budget (400): a cap fitted to
+    the wallet below it would be a refusal from the provider instead of policyd's own. A wallet that can
+    hold a cap past the budget is fitted to one; one that cannot is refused, insufficient_quota, nothing held."""
+    await _fitting_policy(service)
+    _, rich = await new_key(service, customer="rich-thinker", plan="fitting")
+    await fund(service, "rich-thinker", "100")
+
+    def thinking(secret: str, request_id: str, budget: int, cap: int = 32_000) -> AuthorizeInput:
+        request = ask(secret, model="claude-sonnet-4", endpoint="anthropic_messages", request_id=request_id,
+                      max_output_tokens=cap)
+        return replace(request, shape=replace(request.shape, least_output_cap=budget + 1 if budget else 0))
+
+    held = await service.engine.authorize(thinking(rich, "at-budget", 0, cap=8_001))
+    await service.engine.release("at-budget", "test")
+    _, agent = await new_key(service, customer="thinker", plan="fitting")
+    await fund(service, "thinker", format_amount(held.reserved))  # holds a cap of 8,001 at most
+    fitted = await service.engine.authorize(thinking(agent, "small-budget", 4_000))
+    assert fitted.decision == "allow" and 4_001 <= fitted.max_output_tokens <= 8_001
+    await service.engine.release("small-budget", "test")
+    refused = await service.engine.authorize(thinking(agent, "large-budget", 10_000))
+    assert (refused.decision, refused.reason) == ("deny", "insufficient_quota")
+    assert await service.counters.wallet("thinker") == (held.reserved, 0)

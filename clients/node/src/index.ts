@@ -99,6 +99,7 @@ export interface AuthorizeInput {
   documents?: number;       // a rerank: its documents, ...
   documentBytes?: number;   // ... their bytes together, ...
   documentTokensMax?: number;  // ... and the most tokens the provider reads of each (Cohere's max_tokens_per_doc)
+  leastOutputCap?: number;  // the least cap the provider accepts (Anthropic's max_tokens past thinking.budget_tokens)
   countTokens?: boolean;    // a free token count (count_tokens, input_tokens, countTokens): nothing reserved or to settle
   storedResponseId?: string;     // a stored response (or conversation) read, changed or deleted: free, its customer's keys only
   previousResponseId?: string;   // the stored response a Responses API request continues
@@ -228,7 +229,7 @@ export class PolicyClient {
         outputCapFixed: input.outputCapFixed ?? false,
         outputCapParam: input.outputCapParam ?? "",
         documents: input.documents ?? 0, documentBytes: input.documentBytes ?? 0,
-        documentTokensMax: input.documentTokensMax ?? 0,
+        documentTokensMax: input.documentTokensMax ?? 0, leastOutputCap: input.leastOutputCap ?? 0,
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",

@@ -132,7 +132,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     output_cap_fixed (no output cap can be written into the request, a compaction: never fitted),
     output_cap_param (the field the client gave its cap in, where not its API's first: a refusal names it),
     documents, document_bytes and document_tokens_max (a rerank: its documents, their bytes, the most tokens
-    the provider reads of each),
+    the provider reads of each), least_output_cap (the least cap the provider accepts: Anthropic's max_tokens
+    past its thinking budget_tokens; a fitted cap is never below it),
     client_address, user_agent,
     problem=(code, message, param), count_tokens=True (a free token count: nothing reserved, nothing
     to settle), stored_response_id (a stored response read, deleted or cancelled: free, its customer's
@@ -187,7 +188,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     output_cap_param=attribution.pop("output_cap_param", ""),
                                     documents=attribution.pop("documents", 0),
                                     document_bytes=attribution.pop("document_bytes", 0),
-                                    document_tokens_max=attribution.pop("document_tokens_max", 0))
+                                    document_tokens_max=attribution.pop("document_tokens_max", 0),
+                                    least_output_cap=attribution.pop("least_output_cap", 0))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),

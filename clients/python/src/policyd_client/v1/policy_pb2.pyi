@@ -94,7 +94,7 @@ class LimitState(_message.Message):
     def __init__(self, name: _Optional[str] = ..., scope: _Optional[str] = ..., window: _Optional[str] = ..., unit: _Optional[str] = ..., limit: _Optional[int] = ..., used: _Optional[int] = ..., resets_unix: _Optional[int] = ...) -> None: ...
 
 class RequestShape(_message.Message):
-    __slots__ = ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds", "stream", "choices", "web_searches", "service_tier", "unseen_input", "audio_bytes", "cache_write", "audio_output", "file_searches", "unbounded_web_search_tools", "unbounded_file_search", "image_model", "image_generation_calls", "partial_images", "containers", "container_memory", "image_scale", "maps_grounding", "image_model_default", "service_tier_implied", "output_cap_fixed", "output_cap_param", "documents", "document_bytes", "document_tokens_max")
+    __slots__ = ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds", "stream", "choices", "web_searches", "service_tier", "unseen_input", "audio_bytes", "cache_write", "audio_output", "file_searches", "unbounded_web_search_tools", "unbounded_file_search", "image_model", "image_generation_calls", "partial_images", "containers", "container_memory", "image_scale", "maps_grounding", "image_model_default", "service_tier_implied", "output_cap_fixed", "output_cap_param", "documents", "document_bytes", "document_tokens_max", "least_output_cap")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class RequestShape(_message.Message):
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_TOKENS_MAX_FIELD_NUMBER: _ClassVar[int]
+    LEAST_OUTPUT_CAP_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     prompt_bytes: int
     message_count: int
@@ -157,7 +158,8 @@ class RequestShape(_message.Message):
     documents: int
     document_bytes: int
     document_tokens_max: int
-    def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ..., choices: _Optional[int] = ..., web_searches: _Optional[int] = ..., service_tier: _Optional[str] = ..., unseen_input: _Optional[bool] = ..., audio_bytes: _Optional[int] = ..., cache_write: _Optional[str] = ..., audio_output: _Optional[bool] = ..., file_searches: _Optional[int] = ..., unbounded_web_search_tools: _Optional[int] = ..., unbounded_file_search: _Optional[bool] = ..., image_model: _Optional[str] = ..., image_generation_calls: _Optional[int] = ..., partial_images: _Optional[int] = ..., containers: _Optional[int] = ..., container_memory: _Optional[str] = ..., image_scale: _Optional[int] = ..., maps_grounding: _Optional[bool] = ..., image_model_default: _Optional[bool] = ..., service_tier_implied: _Optional[bool] = ..., output_cap_fixed: _Optional[bool] = ..., output_cap_param: _Optional[str] = ..., documents: _Optional[int] = ..., document_bytes: _Optional[int] = ..., document_tokens_max: _Optional[int] = ...) -> None: ...
+    least_output_cap: int
+    def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ..., choices: _Optional[int] = ..., web_searches: _Optional[int] = ..., service_tier: _Optional[str] = ..., unseen_input: _Optional[bool] = ..., audio_bytes: _Optional[int] = ..., cache_write: _Optional[str] = ..., audio_output: _Optional[bool] = ..., file_searches: _Optional[int] = ..., unbounded_web_search_tools: _Optional[int] = ..., unbounded_file_search: _Optional[bool] = ..., image_model: _Optional[str] = ..., image_generation_calls: _Optional[int] = ..., partial_images: _Optional[int] = ..., containers: _Optional[int] = ..., container_memory: _Optional[str] = ..., image_scale: _Optional[int] = ..., maps_grounding: _Optional[bool] = ..., image_model_default: _Optional[bool] = ..., service_tier_implied: _Optional[bool] = ..., output_cap_fixed: _Optional[bool] = ..., output_cap_param: _Optional[str] = ..., documents: _Optional[int] = ..., document_bytes: _Optional[int] = ..., document_tokens_max: _Optional[int] = ..., least_output_cap: _Optional[int] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("api_key", "endpoint", "model", "attribution", "shape", "client", "problem", "count_tokens", "stored_response_id", "previous_response_id", "creates", "conversation_id", "file_ids", "charge_held_on_expiry", "call_token", "creates_at")
