@@ -507,12 +507,16 @@ class Policy:
     canonical: str
     # the pattern entry each model name not in the table resolved to ("" = none), up to MATCHED_NAMES_MAX names
     _matched: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # the price table's pattern entries, the most specific first (the most characters not wildcards)
+    _patterns: tuple[str, ...] = field(default=(), init=False, compare=False, repr=False)
 
-    @functools.cached_property
-    def _patterns(self) -> tuple[str, ...]:
-        """The price table's pattern entries, the most specific first (the most characters not wildcards)."""
-        names = [name for name in self.document.price_table.models if is_model_pattern(name)]
-        return tuple(sorted(names, key=lambda n: (-sum(c not in "*?[]" for c in n), n)))
+    def __post_init__(self) -> None:
+        models = self.document.price_table.models
+        patterns = sorted((name for name in models if is_model_pattern(name)),
+                          key=lambda n: (-sum(c not in "*?[]" for c in n), n))
+        object.__setattr__(self, "_patterns", tuple(patterns))
+        if not patterns:  # every model is its own entry or none: `model` is the table's lookup (the hot path's)
+            object.__setattr__(self, "model", models.get)
 
     @property
     def digest(self) -> str:
@@ -526,8 +530,6 @@ class Policy:
         pattern itself names no model)."""
         models = self.document.price_table.models
         price = models.get(name)
-        if not self._patterns:
-            return price
         if is_model_pattern(name):
             return None
         if price is not None:
