@@ -1069,7 +1069,8 @@ class Engine:
             extra += f',"images":{int(max(1, request.shape.image_count))}'
         if attempt.search_units:  # a rerank's search units: as held if the client leaves first, else the fewest
             fields["search_units"], fields["search_units_likely"] = attempt.search_units, attempt.likely_search_units
-            extra += f',"search_units":{int(attempt.search_units)},"search_units_likely":{int(attempt.likely_search_units)}'
+            extra += (f',"search_units":{int(attempt.search_units)},'
+                      f'"search_units_likely":{int(attempt.likely_search_units)}')
         if request.shape.service_tier and not request.shape.service_tier_implied:
             # the tier it asked for (flex, priority, a batch's): charged at it when no usage says otherwise
             fields["service_tier"] = request.shape.service_tier

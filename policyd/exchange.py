@@ -75,7 +75,7 @@ class Exchange:
         return cls(request_id=decision.request_id, endpoint=call.endpoint, stream=call.stream,
                    requested_model=decision.requested_model, served_model=decision.served_model,
                    upstream_model=decision.upstream_model,
-                   usage_unasked=observed and call.usage_unasked and not decision.stream_usage_reported,
+                   usage_unasked=observed and call.usage_kept_from_client(decision.stream_usage_reported),
                    output_cap_field=decision.output_cap_field, stream_usage_reported=decision.stream_usage_reported,
                    output_cap=decision.max_output_tokens,
                    client_gave_cap=call.keeps_its_cap_under(decision.max_output_tokens),

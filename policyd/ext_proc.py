@@ -341,7 +341,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                                                             background.UNFOLLOWABLE, "background"))
         # the observer filter reads every reply (a token count's, free, is not read)
         upstream = upstream_request(decision, self.pool, observed=not call.count_tokens,
-                                    usage_unasked=call.usage_unasked and not decision.stream_usage_reported)
+                                    usage_unasked=call.usage_kept_from_client(decision.stream_usage_reported))
         exchange = Exchange.of(call, decision, upstream.account, observed=observer)
         exchange.reply_headers = ((REQUEST_ID_HEADER, decision.request_id),
                                   *http_api.rate_limit_headers(decision.rate_limits, int(time.time() * 1000)))

@@ -211,8 +211,8 @@ class PolicydMiddleware:
                 exchange.reader.encoded_as(response_headers.get("content-encoding", ""))
                 exchange.reader.served_on(response_headers.get(http_api.BEDROCK_TIER_HEADER, ""),
                                           response_headers.get(http_api.BEDROCK_LATENCY_HEADER, ""))
-                if call.usage_unasked and not decision.stream_usage_reported and unasked_usage.applies(response_headers.get("content-type", ""),
-                                                                response_headers.get("content-encoding", "")):
+                if call.usage_kept_from_client(decision.stream_usage_reported) and unasked_usage.applies(
+                        response_headers.get("content-type", ""), response_headers.get("content-encoding", "")):
                     unasked = unasked_usage.UnaskedUsage()
                     message = {**message, "headers": [(k, v) for k, v in message.get("headers", [])
                                                       if k.decode("latin-1").lower() != "content-length"]}

@@ -301,6 +301,11 @@ class HttpCall:
         options = self.body.get("stream_options")
         return not (isinstance(options, dict) and options.get("include_usage") is True)
 
+    def usage_kept_from_client(self, stream_usage_reported: bool) -> bool:
+        """`usage_unasked`, where policyd is the one that asks: not of a provider that reports a stream's usage
+        unasked (Decision.stream_usage_reported), whose usage reaches the client as it would without policyd."""
+        return self.usage_unasked and not stream_usage_reported
+
     @property
     def keeps_its_cap(self) -> bool:
         """No output cap is written into the request: it gives one, or takes none (a compaction, whose

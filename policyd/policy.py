@@ -484,8 +484,11 @@ class PolicyDocument(_Strict):
                 raise ValueError(f"cap {cap.name!r}: another cap or a plan's limit has that name; give each its own")
             if not any(cap.covers(m, price) for m, price in self.price_table.models.items()):
                 raise ValueError(f"cap {cap.name!r}: its provider and models match nothing in the price table")
-            if cap.downgrade_to and (cap.downgrade_to not in self.price_table.models or is_model_pattern(cap.downgrade_to)):
+            if cap.downgrade_to and cap.downgrade_to not in self.price_table.models:
                 raise ValueError(f"cap {cap.name!r}: downgrade_to {cap.downgrade_to!r} is not in the price table")
+            if cap.downgrade_to and is_model_pattern(cap.downgrade_to):
+                raise ValueError(f"cap {cap.name!r}: {cap.downgrade_to!r} is a pattern: name a model of the price "
+                                 "table")
         return self
 
 

@@ -349,8 +349,9 @@ def _rerank_usage(data: dict[str, Any], seen: Tokens) -> bool:
     meta = _dict(data.get("meta"))
     billed, usage = _dict(meta.get("billed_units")), _dict(data.get("usage"))
     seen.search_units = _n(billed.get("search_units"))
-    seen.input_tokens = (_n(usage.get("prompt_tokens")) or _n(usage.get("total_tokens")) or _n(billed.get("input_tokens"))
-                         or _n(billed.get("total_tokens")) or _n(_dict(meta.get("tokens")).get("input_tokens")))
+    seen.input_tokens = (_n(usage.get("prompt_tokens")) or _n(usage.get("total_tokens"))
+                         or _n(billed.get("input_tokens")) or _n(billed.get("total_tokens"))
+                         or _n(_dict(meta.get("tokens")).get("input_tokens")))
     return bool(seen.search_units or seen.input_tokens)
 
 
