@@ -14,7 +14,8 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
     POST .../v1beta/models/M:embedContent | :batchEmbedContents        embeddings (Gemini reports no usage
                                           for them: charged as estimated from the text)
     POST .../v1/completions               completions (legacy text completions)
-    POST .../v1/fim/completions           completions too (Mistral's fill-in-the-middle: a prompt and a suffix)
+    POST .../v1/fim/completions           completions too (Mistral's fill-in-the-middle: a prompt and a suffix;
+                                          DeepSeek's, .../beta/completions, and its .../beta/chat/completions)
     POST .../v1/audio/speech              audio_speech (text to speech: billed by the characters of `input`,
                                           or, a model priced for output, by tokens: `stream_format: sse`
                                           replies end with their usage, audio bytes are estimated)
@@ -104,6 +105,10 @@ _PATHS = [
     (re.compile(r"(^|/)endpoints/openapi/embeddings/?$"), "embeddings"),
     # rerankers' (Cohere's v1 and v2, Jina's, Voyage's, OpenAI-compatible servers'): a query and documents
     (re.compile(r"(^|/)v[12]/rerank/?$"), "rerank"),
+    # DeepSeek's beta API (base_url .../beta): its fill-in-the-middle, a text completion with a suffix, and its
+    # chat prefix completion
+    (re.compile(r"(^|/)beta/completions/?$"), "completions"),
+    (re.compile(r"(^|/)beta/chat/completions/?$"), "chat_completions"),
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent"
                      r"|countTokens|embedContent|batchEmbedContents|batchGenerateContent)$")

@@ -1766,3 +1766,18 @@ def test_a_thinking_claudes_least_output_cap_is_past_its_budget() -> None:
     assert least("/model/m/converse", additionalModelRequestFields={
         "reasoning_config": {"type": "enabled", "budget_tokens": 2_048}}) == 2_049
     assert least("/v1/chat/completions", thinking={"type": "enabled", "budget_tokens": 5}) == 0
+
+
+@pytest.mark.parametrize("path, endpoint", [
+    ("/beta/completions", "completions"),  # DeepSeek's fill-in-the-middle (base_url https://api.deepseek.com/beta)
+    ("/beta/chat/completions", "chat_completions"),  # ... and its chat prefix completion
+    ("/v1/fim/completions", "completions"),  # Mistral's (Codestral)
+])
+def test_fill_in_the_middle_paths_are_read_as_completions(path: str, endpoint: str) -> None:
+    """Code assistants complete code between a prompt and a suffix on providers' own paths: refused before as
+    unknown endpoints; read as the completions they are, their cap and their input (the suffix too) bounded."""
+    body = {"model": "deepseek-chat", "prompt": "def f(", "suffix": "    return x", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "def", "prefix": True}]}
+    call = parse_call("POST", path, {"authorization": "Bearer k"}, json.dumps(body).encode())
+    assert (call.problem, call.endpoint, call.max_output_tokens) == ("", endpoint, 64)
+    assert call.prompt_bytes >= len("def f(") + len("    return x")
