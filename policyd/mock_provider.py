@@ -366,9 +366,12 @@ class MockProvider:
             inputs = body.get("input") if isinstance(body.get("input"), list) and body["input"] else [""]
             size = body["dimensions"] if isinstance(body.get("dimensions"), int) and 0 < body["dimensions"] <= 4096 else 2
             vector = [round(0.0123456789 * (i % 80), 10) for i in range(size)]
+            # Voyage's usage gives its total_tokens alone
+            used = {"total_tokens": p_tokens} if str(model).startswith("voyage") else \
+                {"prompt_tokens": p_tokens, "total_tokens": p_tokens}
             return h._json(200, {"object": "list", "model": model,
                                  "data": [{"object": "embedding", "index": i, "embedding": vector} for i in range(len(inputs))],
-                                 "usage": {"prompt_tokens": p_tokens, "total_tokens": p_tokens}})
+                                 "usage": used})
         # Mistral's API refuses fields it does not know (422), stream_options and max_completion_tokens among them
         extra = [name for name in ("stream_options", "max_completion_tokens") if name in body] if mistral(model) else []
         if extra:

@@ -325,6 +325,9 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         _image_generation_usage(data, output, seen)
         seen.containers = max(seen.containers, len(_containers_used(output)))
         return True
+    if endpoint == "embeddings":  # input alone: Voyage's usage, and other servers', gives only its total_tokens
+        seen.input_tokens = _n(usage.get("prompt_tokens")) or _n(usage.get("total_tokens"))
+        return True
     details = _dict(usage.get("prompt_tokens_details"))
     out_details = usage.get("completion_tokens_details") if isinstance(usage.get("completion_tokens_details"), dict) \
         else {}

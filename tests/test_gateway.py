@@ -2942,3 +2942,18 @@ def test_a_fine_tuned_model_is_priced_by_the_pattern_of_its_base(gateway: Gatewa
     assert (record["status"], record["served_model"], record["cost_nanos"]) == ("settled", tuned, cost)
     listed = [m.id for m in gateway.client(key).models.list()]
     assert "gpt-4o-mini" in listed and not [m for m in listed if "*" in m]  # a pattern is no model to list
+
+
+def test_embeddings_whose_usage_gives_only_a_total_are_charged_their_input(gateway: Gateway) -> None:
+    """Voyage's embeddings (and other OpenAI-compatible servers') report `usage: {total_tokens}` alone: read as
+    OpenAI's, it was no input and that many output tokens, and an embedding model priced for input alone was
+    charged nothing. The total is the input an embedding bills."""
+    key = gateway.customer("e2e-voyage", plan="search")
+    raw = gateway.client(key).embeddings.with_raw_response.create(model="voyage-3.5", input=["a ledger", "a sail"])
+    reply = raw.parse()
+    assert reply.usage.prompt_tokens is None or reply.usage.prompt_tokens == 0  # the total alone
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    tokens = reply.usage.total_tokens
+    assert (record["status"], record["error_class"], record["input_tokens"], record["output_tokens"]) == (
+        "settled", "", tokens, 0)
+    assert record["cost_nanos"] == price_quantity(tokens, parse_amount("0.06")) > 0
