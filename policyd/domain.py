@@ -19,6 +19,7 @@ ENDPOINTS = (
     "moderations",
     "bedrock_converse",
     "rerank",
+    "cohere_chat",
 )
 
 
@@ -57,7 +58,7 @@ CREATED_AT = ("openai", "azure")  # ... the providers it may be made at (Authori
 OUTPUT_CAP_FIELDS = {"chat_completions": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
                      "responses": ("max_output_tokens",), "anthropic_messages": ("max_tokens",),
                      "gemini_generate_content": ("generationConfig.maxOutputTokens",),
-                     "bedrock_converse": ("inferenceConfig.maxTokens",)}
+                     "bedrock_converse": ("inferenceConfig.maxTokens",), "cohere_chat": ("max_tokens",)}
 BEDROCK_LATENCY_OPTIMIZED = "latency_optimized"  # the tier of Bedrock's performanceConfig.latency: optimized
 
 

@@ -33,6 +33,8 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
                                           model are checked and nothing is reserved or charged
     POST .../v1/moderations               moderations (free too, the same way; the model defaults to
                                           omni-moderation-latest, as OpenAI's does)
+    POST .../v2/chat                      cohere_chat (Cohere's chat: its cap in max_tokens, its usage billed_units)
+    POST .../v1/embed | .../v2/embed      embeddings (Cohere's: its usage in meta.billed_units)
     POST .../v1/rerank | .../v2/rerank    rerank (Cohere's, Jina's, Voyage's, OpenAI-compatible servers'): a query
                                           and documents; billed in search units or in tokens (pricing.py)
     POST .../v1/batches                   a batch of the requests in a file (held at their worst cases at the
@@ -105,6 +107,9 @@ _PATHS = [
     (re.compile(r"(^|/)endpoints/openapi/embeddings/?$"), "embeddings"),
     # rerankers' (Cohere's v1 and v2, Jina's, Voyage's, OpenAI-compatible servers'): a query and documents
     (re.compile(r"(^|/)v[12]/rerank/?$"), "rerank"),
+    # Cohere's own API (v2; its OpenAI-compatible one, /compatibility/v1/..., is OpenAI's above)
+    (re.compile(r"(^|/)v2/chat/?$"), "cohere_chat"),
+    (re.compile(r"(^|/)v[12]/embed/?$"), "embeddings"),
     # DeepSeek's beta API (base_url .../beta): its fill-in-the-middle, a text completion with a suffix, and its
     # chat prefix completion
     (re.compile(r"(^|/)beta/completions/?$"), "completions"),
@@ -1465,7 +1470,7 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
             body["max_tokens"] = output_cap
         elif endpoint == "responses":
             body["max_output_tokens"] = output_cap
-        elif endpoint == "anthropic_messages":
+        elif endpoint in ("anthropic_messages", "cohere_chat"):
             body["max_tokens"] = output_cap
         elif endpoint == "gemini_generate_content":  # in the config the body gives, under the name it uses
             key = next((k for k in _GEMINI_GENERATION_CONFIG if isinstance(body.get(k), dict)), "generationConfig")

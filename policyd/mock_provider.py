@@ -324,6 +324,13 @@ class MockProvider:
             return self._speech_to_text(h, body, model, audio, text)
         if route.endswith("/audio/speech"):
             return self._speech(h, body)
+        if route.endswith("/v2/chat"):
+            return self._cohere_chat(h, body, p_tokens, c_tokens, scenario)
+        if route.endswith(("/v1/embed", "/v2/embed")):  # Cohere's: its usage in meta.billed_units
+            texts = body.get("texts") if isinstance(body.get("texts"), list) else []
+            billed = sum(-(-len(str(t).encode()) // 4) for t in texts)
+            return h._json(200, {"id": "embed-mock", "embeddings": {"float": [[0.1, 0.2] for _ in texts]},
+                                 "texts": texts, "meta": {"billed_units": {"input_tokens": billed}}})
         if route.endswith(("/v1/rerank", "/v2/rerank")):
             return self._rerank(h, body, model, cohere=route.endswith("/v2/rerank") or model.startswith("rerank-"),
                                 usage=scenario != "no_usage")
@@ -865,6 +872,37 @@ class MockProvider:
             return h._json(200, {"text": transcript, "usage": usage})
         events = [{"type": "transcript.text.delta", "delta": word} for word in words]
         _send_events(h, [*events, {"type": "transcript.text.done", "text": transcript, "usage": usage}])
+
+    @staticmethod
+    def _cohere_chat(h: Any, body: dict[str, Any], p_tokens: int, c_tokens: int, scenario: str) -> None:
+        """Cohere's chat (v2): its reply, or its stream's events (message-start, content-delta ..., message-end
+        with the usage: what it bills, billed_units, and what it counted, tokens, which holds its own tokens
+        too). Scenario cut: the stream stops mid-way, no message-end."""
+        words = WORDS[:c_tokens]
+        usage = {"billed_units": {"input_tokens": p_tokens, "output_tokens": c_tokens},
+                 "tokens": {"input_tokens": p_tokens + 64, "output_tokens": c_tokens}}
+        if not body.get("stream"):
+            return h._json(200, {"id": "cohere-mock", "finish_reason": "COMPLETE", "message": {
+                "role": "assistant", "content": [{"type": "text", "text": "".join(words)}]}, "usage": usage})
+        events: list[dict[str, Any]] = [{"type": "message-start", "id": "cohere-mock"}]
+        events += [{"type": "content-delta", "index": 0, "delta": {"message": {"content": {"text": w}}}}
+                   for w in words]
+        if scenario == "cut":
+            events = events[:len(events) // 2]
+        else:
+            events.append({"type": "message-end", "delta": {"finish_reason": "COMPLETE", "usage": usage}})
+        h.send_response(200)
+        h.send_header("content-type", "text/event-stream")
+        h.send_header("transfer-encoding", "chunked")
+        h.end_headers()
+        for event in events:
+            chunk = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+            h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            time.sleep(EVENT_GAP_SECONDS.get(scenario, 0.002))
+        if scenario == "cut":
+            h.close_connection = True
+            return
+        h.wfile.write(b"0\r\n\r\n")
 
     @staticmethod
     def _rerank(h: Any, body: dict[str, Any], model: str, cohere: bool, usage: bool) -> None:

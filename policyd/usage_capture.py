@@ -30,7 +30,7 @@ _USAGE_FIELDS = [("usage",), ("usageMetadata",), ("service_tier",), ("type",), (
 _USAGE_ITEMS = [("output",), ("response", "output")]
 # the event that ends a stream, where the provider names one: a client gone after it got everything
 _LAST_EVENTS = frozenset({"response.completed", "message_stop", "transcript.text.done", "speech.audio.done",
-                          "image_generation.completed", "image_edit.completed"})
+                          "image_generation.completed", "image_edit.completed", "message-end"})
 SSE_LINE_BYTES_MAX = 1024 * 1024  # an SSE line, or an object of a JSON-array stream
 _DECODER = json.JSONDecoder()
 ESTIMATE_BYTES_PER_TOKEN = 4
@@ -221,6 +221,13 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
             seen.reply_model = named[:256]
     if endpoint == "rerank":
         return _rerank_usage(data, seen)
+    if endpoint == "cohere_chat":  # what Cohere bills (billed_units), else what it counted; a stream's at its end
+        usage = _dict(data.get("usage")) or _dict(_dict(data.get("delta")).get("usage"))
+        counted = _dict(usage.get("billed_units")) or _dict(usage.get("tokens"))
+        if not counted:
+            return False
+        seen.input_tokens, seen.output_tokens = _n(counted.get("input_tokens")), _n(counted.get("output_tokens"))
+        return True
     served_by = data.get("service_tier") or response.get("service_tier")  # chat's, the Responses API's
     if isinstance(served_by, str) and served_by:
         seen.service_tier = "" if served_by == "default" else served_by[:32]
@@ -301,6 +308,11 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     usage = data.get("usage")
     if not isinstance(usage, dict) and endpoint in ("chat_completions", "completions"):
         usage = _dict(data.get("x_groq")).get("usage")  # Groq's streams put it there (its OpenAI-compatible API)
+    if not isinstance(usage, dict) and endpoint == "embeddings":  # Cohere's embed: the tokens it bills, in its meta
+        usage = _dict(_dict(data.get("meta")).get("billed_units")) or None
+        if usage is not None:
+            seen.input_tokens = _n(usage.get("input_tokens"))
+            return True
     if not isinstance(usage, dict):
         return False
     if endpoint == "images":  # token-priced image models (gpt-image-1): text and images in, image tokens out
@@ -425,7 +437,20 @@ def _delivered_text(endpoint: str, data: Any) -> int:
             texts += _gemini_generated(candidate)
     if isinstance(data.get("contentBlockDelta"), dict):  # Bedrock's ConverseStream
         texts += _converse_generated(_dict(data["contentBlockDelta"].get("delta")))
+    if endpoint == "cohere_chat" and isinstance(delta, dict):  # Cohere's content-delta, tool-call-delta
+        texts += _cohere_generated(_dict(delta.get("message")))
     return _bytes(texts)
+
+
+def _cohere_generated(message: dict[str, Any]) -> list[Any]:
+    """What Cohere's chat generated in a message, or a stream event's delta of one: text, tool calls' arguments,
+    its tool plan."""
+    content = message.get("content")
+    parts = content if isinstance(content, list) else [content]
+    calls = message.get("tool_calls")
+    calls = calls if isinstance(calls, list) else [calls]
+    return [_dict(p).get("text") for p in parts] + [_dict(_dict(c).get("function")).get("arguments") for c in calls] \
+        + [message.get("tool_plan")]
 
 
 def _reply_text(data: Any) -> int:
@@ -453,6 +478,8 @@ def _reply_text(data: Any) -> int:
     for block in _list(_dict(_dict(data.get("output")).get("message")).get("content")):  # Bedrock's Converse
         if isinstance(block, dict):
             texts += _converse_generated(block)
+    if "finish_reason" in data and isinstance(data.get("message"), dict):  # Cohere's chat
+        texts += _cohere_generated(data["message"])
     return _bytes(texts)
 
 

@@ -2957,3 +2957,46 @@ def test_embeddings_whose_usage_gives_only_a_total_are_charged_their_input(gatew
     assert (record["status"], record["error_class"], record["input_tokens"], record["output_tokens"]) == (
         "settled", "", tokens, 0)
     assert record["cost_nanos"] == price_quantity(tokens, parse_amount("0.06")) > 0
+
+
+def test_coheres_own_chat_and_embed_are_charged_what_cohere_bills(gateway: Gateway) -> None:
+    """Cohere's own API (its SDK's /v2/chat and /v2/embed; were unknown_endpoint): a chat's usage counts its own
+    tokens (`tokens`) beside what it bills (`billed_units`): charged what it bills, in its reply or its stream's
+    message-end event; a cap the client left out set in max_tokens; a stream cut before its end charged from
+    what it delivered; an embed charged its meta's billed input tokens."""
+    url, key = f"http://127.0.0.1:{gateway.port}", gateway.customer("e2e-cohere", plan="search")
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    chat = {"model": "command-a-03-2025", "messages": [{"role": "user", "content": "cohere, exactly"}]}
+    code, answer_headers, reply = post(url + "/v2/chat", headers, json.dumps(chat).encode())
+    billed = reply["usage"]["billed_units"]
+    record = gateway.record(answer_headers["x-policyd-request-id"])
+    assert (code, record["status"], record["error_class"], record["input_tokens"], record["output_tokens"]) == (
+        200, "settled", "", billed["input_tokens"], billed["output_tokens"])
+    assert record["cost_nanos"] == price_quantity(billed["input_tokens"], parse_amount("2.50")) + \
+        price_quantity(billed["output_tokens"], parse_amount("10.00"))
+    (sent,) = [r for r in gateway.mock.received() if r["path"] == "/v2/chat" and not r["body"].get("stream")]
+    assert sent["body"]["max_tokens"] == record["max_output_tokens"] > 0 and "stream_options" not in sent["body"]
+    for scenario in ("ok", "cut"):
+        request = urllib.request.Request(url + "/v2/chat", data=json.dumps({**chat, "stream": True, "max_tokens": 10})
+                                         .encode(), method="POST", headers={**headers, "x-mock-scenario": scenario})
+        with urllib.request.urlopen(request, timeout=20) as answer:
+            request_id = answer.headers["x-policyd-request-id"]
+            try:
+                events = answer.read().decode()
+            except http.client.IncompleteRead as cut:  # the provider's stream stopped mid-way
+                events = cut.partial.decode()
+        record = gateway.record(request_id)
+        if scenario == "ok":
+            (end,) = [json.loads(line[6:]) for line in events.splitlines() if '"message-end"' in line and
+                      line.startswith("data: ")]
+            assert (record["status"], record["error_class"], record["output_tokens"]) == (
+                "settled", "", end["delta"]["usage"]["billed_units"]["output_tokens"])
+        else:
+            assert record["status"] == "settled" and record["error_class"].startswith("usage_estimated")
+            assert 0 < record["output_tokens"] < 10
+    code, answer_headers, reply = post(url + "/v2/embed", headers, json.dumps(
+        {"model": "embed-v4.0", "texts": ["a ledger", "a sail"], "input_type": "search_document"}).encode())
+    record = gateway.record(answer_headers["x-policyd-request-id"])
+    tokens = reply["meta"]["billed_units"]["input_tokens"]
+    assert (code, record["status"], record["error_class"], record["input_tokens"], record["cost_nanos"]) == (
+        200, "settled", "", tokens, price_quantity(tokens, parse_amount("0.12")))

@@ -22,6 +22,7 @@ class EndpointFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODERATIONS: _ClassVar[EndpointFamily]
     BEDROCK_CONVERSE: _ClassVar[EndpointFamily]
     RERANK: _ClassVar[EndpointFamily]
+    COHERE_CHAT: _ClassVar[EndpointFamily]
 ENDPOINT_FAMILY_UNSPECIFIED: EndpointFamily
 CHAT_COMPLETIONS: EndpointFamily
 RESPONSES: EndpointFamily
@@ -35,6 +36,7 @@ AUDIO_TRANSCRIPTIONS: EndpointFamily
 MODERATIONS: EndpointFamily
 BEDROCK_CONVERSE: EndpointFamily
 RERANK: EndpointFamily
+COHERE_CHAT: EndpointFamily
 
 class Money(_message.Message):
     __slots__ = ("currency", "nanos")
