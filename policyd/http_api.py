@@ -116,7 +116,7 @@ _PATHS = [
     (re.compile(r"(^|/)beta/chat/completions/?$"), "chat_completions"),
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent"
-                     r"|countTokens|embedContent|batchEmbedContents|batchGenerateContent)$")
+                     r"|countTokens|embedContent|batchEmbedContents|batchGenerateContent|predict)$")
 # Gemini's batch mode: a batch made (models/M:batchGenerateContent, its requests inline); one read, cancelled or
 # deleted (free, for its own customer's keys alone); its id is its name, "batches/<id>"
 _GEMINI_BATCH = re.compile(r"(^|/)v1beta/batches/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>:cancel)?$")
@@ -125,8 +125,8 @@ _GEMINI_BATCH_METHODS = {"": ("GET", "DELETE"), ":cancel": ("POST",)}
 # bodies and usage, or Anthropic's (rawPredict, streamRawPredict)
 _VERTEX = re.compile(r"(^|/)v1(beta1)?/projects/[^/]+/locations/[^/]+/publishers/(?P<publisher>google|anthropic)"
                      r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent|countTokens"
-                     r"|rawPredict|streamRawPredict)$")
-_VERTEX_VERBS = {"google": ("generateContent", "streamGenerateContent", "countTokens"),
+                     r"|rawPredict|streamRawPredict|predict)$")
+_VERTEX_VERBS = {"google": ("generateContent", "streamGenerateContent", "countTokens", "predict"),
                  "anthropic": ("rawPredict", "streamRawPredict")}
 _TOKEN_COUNTS = [  # and other calls free at the provider
     (re.compile(r"(^|/)v1/messages/count_tokens/?$"), "anthropic_messages"),
@@ -403,10 +403,14 @@ def endpoint_of(method: str, path: str) -> Endpoint:
         publisher, verb = vertex.group("publisher"), vertex.group("verb")
         if verb not in _VERTEX_VERBS[publisher]:
             return Endpoint()
+        if verb == "predict":
+            return _imagen(vertex.group("model"))
         family = "gemini_generate_content" if publisher == "google" else "anthropic_messages"
         return Endpoint(family, vertex.group("model"), count_tokens=verb == "countTokens")
     gemini = _GEMINI.search(path)
     if gemini:
+        if gemini.group("verb") == "predict":
+            return _imagen(gemini.group("model"))
         if gemini.group("verb") in ("embedContent", "batchEmbedContents"):
             return Endpoint("embeddings", gemini.group("model"))
         if gemini.group("verb") == "batchGenerateContent":
@@ -977,7 +981,13 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.prompt_bytes = _prompt_bytes(data) + _hidden_prompt_bytes(endpoint, data)
     messages = data.get("messages") or data.get("contents") or data.get("input") or data.get("requests")
     call.message_count = len(messages) if isinstance(messages, list) else 1
-    if endpoint == "images":
+    if endpoint == "images" and path.split("?", 1)[0].endswith(":predict"):  # Imagen's: sampleCount, 4 unless told
+        count = _dict_of(data, "parameters").get("sampleCount")
+        call.image_count = _count(count) or IMAGEN_IMAGES_DEFAULT
+        if count is not None and not _count(count):
+            return _problem(call, "invalid_request", "parameters.sampleCount must be a whole number, at least 1",
+                            "parameters")
+    elif endpoint == "images":
         call.image_count = _count(data.get("n")) or 1
         call.image_scale = image_scale(data.get("size"), data.get("output_format"), data.get("frame_count"))
     elif endpoint == "chat_completions":  # n choices, each up to the output cap: all of them are billed
@@ -1072,6 +1082,15 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if not call.attribution.end_user_id and (end_user := _end_user(data)):
         call.attribution = replace(call.attribution, end_user_id=end_user[:256])
     return call
+
+
+IMAGEN_IMAGES_DEFAULT = 4  # the images Imagen makes when the request names no sampleCount
+
+
+def _imagen(model: str) -> Endpoint:
+    """`:predict` of Gemini's and Vertex AI's APIs: Imagen's image generation (images, priced per image); the
+    other models it serves (Vertex AI's older embeddings) are not read."""
+    return Endpoint("images", model) if model.startswith("imagen") else Endpoint()
 
 
 def _thinking_budget(endpoint: str, data: dict[str, Any]) -> int:

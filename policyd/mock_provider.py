@@ -343,6 +343,12 @@ class MockProvider:
             return h._json(200, {"object": "response.input_tokens", "input_tokens": p_tokens})
         if route.endswith(":countTokens"):
             return h._json(200, {"totalTokens": p_tokens})
+        if route.endswith(":predict"):  # Imagen's: sampleCount images (4 unless told); scenario filtered: one withheld
+            count = (body.get("parameters") or {}).get("sampleCount") or 4
+            images: list[dict[str, Any]] = [{"mimeType": "image/png", "bytesBase64Encoded": "iVBORw0KGgo="}] * count
+            if scenario == "filtered":
+                images = [*images[1:], {"raiFilteredReason": "withheld by the mock's safety filter"}]
+            return h._json(200, {"predictions": images})
         if route.endswith(":embedContent"):  # Gemini's embeddings: no usage in the reply
             return h._json(200, {"embedding": {"values": [0.1, 0.2]}})
         if route.endswith(":batchEmbedContents"):

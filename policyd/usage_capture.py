@@ -791,6 +791,10 @@ class ResponseReader:
         if self.endpoint == "images" and isinstance(data, dict) and isinstance(data.get("data"), list):
             self.images = len(data["data"])
             self.found_usage = True
+        elif self.endpoint == "images" and isinstance(data, dict) and isinstance(data.get("predictions"), list):
+            # Imagen's: the images it made (one its safety filter withheld, named by raiFilteredReason, is not billed)
+            self.images = sum(1 for p in data["predictions"] if isinstance(p, dict) and "bytesBase64Encoded" in p)
+            self.found_usage = True
         self.finished = True
 
     def estimated_output_tokens(self) -> int:

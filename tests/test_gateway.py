@@ -3000,3 +3000,23 @@ def test_coheres_own_chat_and_embed_are_charged_what_cohere_bills(gateway: Gatew
     tokens = reply["meta"]["billed_units"]["input_tokens"]
     assert (code, record["status"], record["error_class"], record["input_tokens"], record["cost_nanos"]) == (
         200, "settled", "", tokens, price_quantity(tokens, parse_amount("0.12")))
+
+
+def test_imagen_is_charged_the_images_it_made(gateway: Gateway) -> None:
+    """Imagen's :predict (Gemini's API; were unknown_endpoint) makes parameters.sampleCount images, 4 unless told:
+    held at that many, charged per image it made; one its safety filter withheld (raiFilteredReason) is not
+    billed, nor charged."""
+    key = gateway.customer("e2e-imagen", plan="google")
+    for parameters, scenario, made in (({"sampleCount": 2}, "ok", 2), ({}, "ok", 4), ({"sampleCount": 3}, "filtered", 2)):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{gateway.port}/v1beta/models/imagen-4.0-generate-001:predict", method="POST",
+            data=json.dumps({"instances": [{"prompt": "a ledger at dawn"}], "parameters": parameters}).encode(),
+            headers={"x-goog-api-key": key, "content-type": "application/json", "x-mock-scenario": scenario})
+        with urllib.request.urlopen(request, timeout=20) as reply:
+            request_id, answer = reply.headers["x-policyd-request-id"], json.loads(reply.read())
+        assert sum("bytesBase64Encoded" in p for p in answer["predictions"]) == made
+        record = gateway.record(request_id)
+        asked = parameters.get("sampleCount", 4)
+        assert (record["status"], record["error_class"], record["images"], record["cost_nanos"]) == (
+            "settled", "", made, made * parse_amount("0.04")), parameters
+        assert record["reserved_nanos"] == asked * parse_amount("0.04")

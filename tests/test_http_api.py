@@ -1781,3 +1781,19 @@ def test_fill_in_the_middle_paths_are_read_as_completions(path: str, endpoint: s
     call = parse_call("POST", path, {"authorization": "Bearer k"}, json.dumps(body).encode())
     assert (call.problem, call.endpoint, call.max_output_tokens) == ("", endpoint, 64)
     assert call.prompt_bytes >= len("def f(") + len("    return x")
+
+
+def test_imagens_predict_is_read_as_images_and_other_predicts_are_not() -> None:
+    """Gemini's and Vertex AI's :predict of Imagen: images, as many as parameters.sampleCount (4 unless told);
+    a :predict of another model (Vertex AI's older embeddings) is not read; a sampleCount of no images refused."""
+    def call(path: str, **parameters: Any) -> Any:
+        return parse_call("POST", path, {"x-goog-api-key": "k"},
+                          json.dumps({"instances": [{"prompt": "a ledger"}], "parameters": parameters}).encode())
+
+    vertex = "/v1/projects/p/locations/us-central1/publishers/google/models/{}:predict"
+    gemini = call("/v1beta/models/imagen-4.0-generate-001:predict", sampleCount=2)
+    assert (gemini.problem, gemini.endpoint, gemini.model, gemini.image_count) == ("", "images", "imagen-4.0-generate-001", 2)
+    assert call(vertex.format("imagen-4.0-fast-generate-001")).image_count == 4
+    assert call(vertex.format("text-embedding-005")).problem == "unknown_endpoint"
+    refused = call("/v1beta/models/imagen-4.0-generate-001:predict", sampleCount=0)
+    assert (refused.problem, refused.problem_param) == ("invalid_request", "parameters")
