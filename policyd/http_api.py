@@ -1,7 +1,10 @@
 """The provider HTTP APIs as a proxy sees them: which endpoint, which key, which model, how big,
 and the rewrites and error bodies policyd needs. Shared by the Envoy filters and gateways.
 
-Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
+Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too; OpenAI's chat and text completions,
+embeddings, images and audio are read under any prefix, or none, as OpenAI-compatible providers serve them:
+Perplexity's /chat/completions, Azure AI Foundry's /models/..., GitHub Models' /inference/..., Gemini's
+/v1beta/openai/..., DeepSeek's /beta/...):
     POST .../v1/chat/completions          chat_completions
     POST .../v1/responses                 responses
     POST .../v1/embeddings                embeddings
@@ -15,7 +18,7 @@ Known paths (the prefix before /v1 is ignored, so /openai/v1/... works too):
                                           for them: charged as estimated from the text)
     POST .../v1/completions               completions (legacy text completions)
     POST .../v1/fim/completions           completions too (Mistral's fill-in-the-middle: a prompt and a suffix;
-                                          DeepSeek's, .../beta/completions, and its .../beta/chat/completions)
+                                          DeepSeek's, .../beta/completions)
     POST .../v1/audio/speech              audio_speech (text to speech: billed by the characters of `input`,
                                           or, a model priced for output, by tokens: `stream_format: sse`
                                           replies end with their usage, audio bytes are estimated)
@@ -88,32 +91,25 @@ REQUEST_HEADERS_BYTES_MAX = 32 * 1024  # names and values, all headers together
 REQUEST_HEADERS_COUNT_MAX = 100
 JSON_DEPTH_MAX = 64
 
+# OpenAI's API and the OpenAI-compatible ones read under whatever prefix a provider serves them at: OpenAI's /v1,
+# none (Perplexity's /chat/completions, DeepSeek's), Gemini's /v1beta/openai, Vertex AI's .../endpoints/openapi,
+# Azure AI Foundry's /models, GitHub Models' /inference, Zhipu's /api/paas/v4, DeepSeek's /beta (its
+# fill-in-the-middle a text completion with a suffix, its chat prefix completion), Mistral's /v1/fim (Codestral's
+# fill-in-the-middle); the Responses API and Anthropic's Messages under /v1, as every provider serves them
 _PATHS = [
-    (re.compile(r"(^|/)v1/chat/completions/?$"), "chat_completions"),
+    (re.compile(r"(^|/)chat/completions/?$"), "chat_completions"),
     (re.compile(r"(^|/)v1/responses/?$"), "responses"),
-    (re.compile(r"(^|/)v1/embeddings/?$"), "embeddings"),
-    (re.compile(r"(^|/)v1/images/(generations|edits|variations)/?$"), "images"),
+    (re.compile(r"(^|/)embeddings/?$"), "embeddings"),
+    (re.compile(r"(^|/)images/(generations|edits|variations)/?$"), "images"),
     (re.compile(r"(^|/)v1/messages/?$"), "anthropic_messages"),
-    (re.compile(r"(^|/)v1/completions/?$"), "completions"),
-    (re.compile(r"(^|/)v1/fim/completions/?$"), "completions"),  # Mistral's fill-in-the-middle (Codestral)
-    (re.compile(r"(^|/)v1/audio/speech/?$"), "audio_speech"),
-    (re.compile(r"(^|/)v1/audio/(transcriptions|translations)/?$"), "audio_transcriptions"),
-    # Gemini's OpenAI-compatible API (the openai SDK with base_url .../v1beta/openai/): OpenAI's bodies and usage
-    (re.compile(r"(^|/)v1beta/openai/chat/completions/?$"), "chat_completions"),
-    (re.compile(r"(^|/)v1beta/openai/embeddings/?$"), "embeddings"),
-    (re.compile(r"(^|/)v1beta/openai/images/generations/?$"), "images"),
-    # Vertex AI's OpenAI-compatible API (base_url .../v1/projects/P/locations/L/endpoints/openapi): OpenAI's too
-    (re.compile(r"(^|/)endpoints/openapi/chat/completions/?$"), "chat_completions"),
-    (re.compile(r"(^|/)endpoints/openapi/embeddings/?$"), "embeddings"),
+    (re.compile(r"(^|/)completions/?$"), "completions"),
+    (re.compile(r"(^|/)audio/speech/?$"), "audio_speech"),
+    (re.compile(r"(^|/)audio/(transcriptions|translations)/?$"), "audio_transcriptions"),
     # rerankers' (Cohere's v1 and v2, Jina's, Voyage's, OpenAI-compatible servers'): a query and documents
     (re.compile(r"(^|/)v[12]/rerank/?$"), "rerank"),
     # Cohere's own API (v2; its OpenAI-compatible one, /compatibility/v1/..., is OpenAI's above)
     (re.compile(r"(^|/)v2/chat/?$"), "cohere_chat"),
     (re.compile(r"(^|/)v[12]/embed/?$"), "embeddings"),
-    # DeepSeek's beta API (base_url .../beta): its fill-in-the-middle, a text completion with a suffix, and its
-    # chat prefix completion
-    (re.compile(r"(^|/)beta/completions/?$"), "completions"),
-    (re.compile(r"(^|/)beta/chat/completions/?$"), "chat_completions"),
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent"
                      r"|countTokens|embedContent|batchEmbedContents|batchGenerateContent|predict)$")

@@ -3020,3 +3020,18 @@ def test_imagen_is_charged_the_images_it_made(gateway: Gateway) -> None:
         assert (record["status"], record["error_class"], record["images"], record["cost_nanos"]) == (
             "settled", "", made, made * parse_amount("0.04")), parameters
         assert record["reserved_nanos"] == asked * parse_amount("0.04")
+
+
+def test_a_provider_whose_api_has_no_v1_is_reached_by_its_own_path(gateway: Gateway) -> None:
+    """OpenAI-compatible providers whose API has no /v1 (Perplexity's /chat/completions; Azure AI Foundry's
+    /models/...): their clients' requests were refused as unknown endpoints. They are read as OpenAI's, go to
+    the provider by the path sent, and are charged their usage."""
+    key = gateway.customer("e2e-no-v1")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}", api_key=key, max_retries=0, timeout=20)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "no v1 here"}], max_tokens=6)
+    completion = raw.parse()
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["input_tokens"], record["output_tokens"]) == (
+        "settled", completion.usage.prompt_tokens, completion.usage.completion_tokens)
+    assert [r["path"] for r in gateway.mock.received() if "no v1 here" in json.dumps(r["body"])] == ["/chat/completions"]

@@ -1797,3 +1797,22 @@ def test_imagens_predict_is_read_as_images_and_other_predicts_are_not() -> None:
     assert call(vertex.format("text-embedding-005")).problem == "unknown_endpoint"
     refused = call("/v1beta/models/imagen-4.0-generate-001:predict", sampleCount=0)
     assert (refused.problem, refused.problem_param) == ("invalid_request", "parameters")
+
+
+@pytest.mark.parametrize("path, endpoint", [
+    ("/chat/completions", "chat_completions"),  # Perplexity's, DeepSeek's (base_url with no /v1)
+    ("/models/chat/completions", "chat_completions"),  # Azure AI Foundry's model inference API
+    ("/inference/chat/completions", "chat_completions"),  # GitHub Models'
+    ("/api/paas/v4/chat/completions", "chat_completions"),  # Zhipu's
+    ("/models/embeddings", "embeddings"),
+    ("/embeddings", "embeddings"),
+    ("/completions", "completions"),
+    ("/images/generations", "images"),
+    ("/audio/speech", "audio_speech"),
+])
+def test_openai_compatible_apis_are_read_under_any_prefix(path: str, endpoint: str) -> None:
+    """OpenAI-compatible providers serve OpenAI's API under prefixes of their own, or none: a client of
+    Perplexity's (base_url https://api.perplexity.ai, no /v1) was refused unknown_endpoint."""
+    body = {"model": "m", "messages": [], "input": "hello", "prompt": "p"}
+    call = parse_call("POST", path, {"authorization": "Bearer k"}, json.dumps(body).encode())
+    assert (call.problem, call.endpoint) == ("", endpoint)
