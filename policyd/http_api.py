@@ -183,8 +183,8 @@ _FILE_METHODS = {"": ("GET", "DELETE"), "/content": ("GET",)}
 # a chat completion the provider stored (store: true): read, its metadata changed, deleted; its messages read
 _STORED_CHAT = re.compile(r"(^|/)v1/chat/completions/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/messages)?/?$")
 _STORED_CHAT_METHODS = {"": ("GET", "POST", "DELETE"), "/messages": ("GET",)}
-_MODELS = re.compile(r"(^|/)v1(beta)?/models/?$")
-_MODEL = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[A-Za-z0-9_.@-]{1,200})/?$")  # one model: GET (retrieve)
+_MODELS = re.compile(r"(^|/)models/?$")  # under any prefix, as OpenAI's API is read (Gemini's /v1beta too)
+_MODEL = re.compile(r"(^|/)models/(?P<model>[A-Za-z0-9_.@-]{1,200})/?$")  # one model: GET (retrieve)
 _KEY_SUMMARY = re.compile(r"(^|/)v1/key/?$")
 
 # header -> attribution field

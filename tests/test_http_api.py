@@ -1816,3 +1816,7 @@ def test_openai_compatible_apis_are_read_under_any_prefix(path: str, endpoint: s
     body = {"model": "m", "messages": [], "input": "hello", "prompt": "p"}
     call = parse_call("POST", path, {"authorization": "Bearer k"}, json.dumps(body).encode())
     assert (call.problem, call.endpoint) == ("", endpoint)
+    prefix = path.rsplit("/", 2)[0] if path.count("/") > 2 else ""
+    listing = parse_call("GET", f"{prefix}/models", {"authorization": "Bearer k"}, b"")
+    one = parse_call("GET", f"{prefix}/models/gpt-4o-mini", {"authorization": "Bearer k"}, b"")
+    assert (listing.models_listing, one.models_listing, one.model) == (True, True, "gpt-4o-mini")
