@@ -349,6 +349,11 @@ async def test_a_rerank_over_the_native_api(channel: grpc.aio.Channel) -> None:
     charged = await policy.Settle(policy_pb2.SettleRequest(request_id="rr-2", usage=policy_pb2.Usage(search_units=2)))
     uncounted = await policy.Settle(policy_pb2.SettleRequest(request_id="rr-3", usage=policy_pb2.Usage()))
     assert (charged.cost.nanos, uncounted.cost.nanos) == (2 * unit, unit)
+    # its client gone before the reply began: the provider ranks them all the same, charged as held
+    gone = await ask("rr-4", 100, 2_000 + 400_000)
+    left = await policy.Settle(policy_pb2.SettleRequest(request_id="rr-4", usage=policy_pb2.Usage(),
+                                                        usage_estimated=True, output_as_held=True))
+    assert (left.cost.nanos, left.charge.nanos) == (3 * unit, gone.reserved.nanos)
     usage = await admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="rr", limit=10), metadata=AUTH)
     units = {r.request_id: r.search_units for r in usage.records}
-    assert (units["rr-2"], units["rr-3"]) == (2, 1)
+    assert (units["rr-2"], units["rr-3"], units["rr-4"]) == (2, 1, 3)
