@@ -34,6 +34,10 @@ background_polls = Counter("policyd_background_polls_total",
                            "Background responses asked for at their provider, by what was found: running, ended "
                            "(charged or released), gone (charged as held), unreachable (no base_url: held to its "
                            "deadline), failed (asked again)", ["outcome"], registry=REGISTRY)
+# read when scraped (serve sets its function: the ext_proc servicer's count), nothing on the request path
+gateway_streams_open = Gauge("policyd_gateway_streams_open",
+                             "The gateway's ext_proc streams open (a replica told to stop waits for them to end, up "
+                             "to its shutdown grace)", registry=REGISTRY)
 close_retries = Counter("policyd_close_retries_total",
                         "Settles and releases made again because Redis could not be reached", registry=REGISTRY)
 

@@ -238,6 +238,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
     await service.start()
     separate_admin = bool(settings.admin_listen)
     gateway_streams = ExternalProcessorServicer(service.engine, service.pool)
+    metrics.gateway_streams_open.set_function(lambda: gateway_streams.streams_open)
     server, health_servicer = make_grpc_server(service, admin=not separate_admin, gateway_streams=gateway_streams)
     main_names = ("", "policyd.v1.PolicyService") + (() if separate_admin else ("policyd.v1.AdminService",))
     servers = [(server, health_servicer, main_names)]

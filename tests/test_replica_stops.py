@@ -7,14 +7,16 @@ free usage."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import shutil
 import signal
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 import openai
@@ -157,15 +159,34 @@ def test_a_replica_told_to_stop_reads_the_streams_open_to_their_end_before_it_ex
         d.close()
 
 
+def gateway_streams_open(metrics_port: int) -> float:
+    """What a replica's /metrics says of the gateway's streams open to it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        found = re.search(r"^policyd_gateway_streams_open ([0-9.]+)$", reply.read().decode(), re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_a_stream_a_stopping_replica_can_wait_for_no_longer_is_charged_as_held(
         servers: tuple[RedisServer, PostgresServer]) -> None:
     """Past the shutdown grace (1 s here) the replica stops reading; the client still gets the whole
     reply, so the request is charged its output cap, not the words read before the replica left."""
-    d = deployment(servers, POLICYD_SHUTDOWN_GRACE_SECONDS="1")
+    metrics_port = free_port()
+    d = deployment(servers, POLICYD_SHUTDOWN_GRACE_SECONDS="1", POLICYD_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
     try:
         key = d.customer("left-unread")
         stream = SlowStream(d, key)
         assert stream.began.wait(15)
+        # the observer's stream is open at the replica (Envoy opens it beside the reply it passes on, not before)
+        assert wait_for(lambda: gateway_streams_open(metrics_port) >= 1, 10)
         stopping = time.monotonic()
         d.replica.process.send_signal(signal.SIGTERM)
         assert d.replica.process.wait(timeout=30) == 0
