@@ -135,13 +135,15 @@ def test_a_replica_told_to_stop_reads_the_streams_open_to_their_end_before_it_ex
     stream to its end and settles it at the provider's usage, then exits (it once gave streams 5 s and
     charged the rest as cut: the words delivered so far, while the client got them all). A client watching
     its health (a stream that never ends by itself) does not hold it up."""
-    d = deployment(servers)
+    metrics_port = free_port()
+    d = deployment(servers, POLICYD_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
     try:
         key = d.customer("drained")
         watching = health_pb2_grpc.HealthStub(d.channel).Watch(health_pb2.HealthCheckRequest())
         assert next(watching).status == health_pb2.HealthCheckResponse.SERVING
         stream = SlowStream(d, key)
         assert stream.began.wait(15)
+        assert wait_for(lambda: gateway_streams_open(metrics_port) >= 1, 10)  # the observer's, at the replica
         stopping = time.monotonic()
         d.replica.process.send_signal(signal.SIGTERM)
         usage = stream.whole()
