@@ -401,6 +401,8 @@ def endpoint_of(method: str, path: str) -> Endpoint:
             return Endpoint()
         if verb == "predict":
             return _imagen(vertex.group("model"))
+        if publisher == "anthropic" and vertex.group("model") == "count-tokens":  # Claude's token count on Vertex
+            return Endpoint("anthropic_messages", count_tokens=True)  # the model in its body
         family = "gemini_generate_content" if publisher == "google" else "anthropic_messages"
         return Endpoint(family, vertex.group("model"), count_tokens=verb == "countTokens")
     gemini = _GEMINI.search(path)

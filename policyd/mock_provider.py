@@ -343,7 +343,8 @@ class MockProvider:
         if route.endswith("/v1/moderations"):  # free
             return h._json(200, {"id": "modr-mock", "model": model or "omni-moderation-latest",
                                  "results": [{"flagged": False, "categories": {}, "category_scores": {}}]})
-        if route.endswith("/v1/messages/count_tokens"):  # token counts: what each provider answers
+        if route.endswith(("/v1/messages/count_tokens", "/models/count-tokens:rawPredict")):  # token counts: what
+            # each provider answers (Anthropic's, and Claude's on Vertex AI)
             return h._json(200, {"input_tokens": p_tokens})
         if route.endswith("/v1/responses/input_tokens"):
             return h._json(200, {"object": "response.input_tokens", "input_tokens": p_tokens})

@@ -951,6 +951,12 @@ def test_vertex_ais_gemini_and_claude_are_metered_as_their_own_apis(gateway: Gat
     assert len(sent) == 4 and all(PROVIDER_KEYS[2] in json.dumps(r["credentials"]) or
                                   PROVIDER_KEYS[3] in json.dumps(r["credentials"]) for r in sent)
     assert all(google not in json.dumps(r) and claude not in json.dumps(r) for r in sent)
+    # Claude's token count on Vertex (the model in its body): free, nothing held or recorded
+    before = (len(gateway.records("e2e-vertex-claude")), gateway.wallet("e2e-vertex-claude").balance_nanos)
+    _, counted = post(claude, "anthropic/models/count-tokens:rawPredict",
+                      {"model": "claude-sonnet-4", "messages": message["messages"]})
+    assert json.loads(counted)["input_tokens"] > 0
+    assert (len(gateway.records("e2e-vertex-claude")), gateway.wallet("e2e-vertex-claude").balance_nanos) == before
 
 
 def bedrock_client(gateway: Gateway, key: str, attempts: int = 1) -> Any:

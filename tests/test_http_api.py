@@ -1820,3 +1820,13 @@ def test_openai_compatible_apis_are_read_under_any_prefix(path: str, endpoint: s
     listing = parse_call("GET", f"{prefix}/models", {"authorization": "Bearer k"}, b"")
     one = parse_call("GET", f"{prefix}/models/gpt-4o-mini", {"authorization": "Bearer k"}, b"")
     assert (listing.models_listing, one.models_listing, one.model) == (True, True, "gpt-4o-mini")
+
+
+def test_claudes_token_count_on_vertex_is_free_and_names_its_model_in_the_body() -> None:
+    """Vertex AI counts Claude's tokens at .../publishers/anthropic/models/count-tokens:rawPredict, the model in
+    the body: read as the model "count-tokens", it was refused unknown_model (or, were it priced, charged)."""
+    call = parse_call("POST", "/v1/projects/p/locations/us-east5/publishers/anthropic/models/count-tokens:rawPredict",
+                      {"authorization": "Bearer k"}, json.dumps({"model": "claude-sonnet-4@20250514", "messages": [
+                          {"role": "user", "content": "hi"}]}).encode())
+    assert (call.problem, call.endpoint, call.model, call.count_tokens, call.model_in_path) == (
+        "", "anthropic_messages", "claude-sonnet-4@20250514", True, False)
