@@ -122,10 +122,10 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def _send_events(h: Any, events: list[dict[str, Any]], named: bool = False, gap: float = 0.0,
+def _send_events(h: Any, events: list[dict[str, Any]], named: bool = False, gap_seconds: float = 0.0,
                  cut: bool = False) -> None:
     """A 200 of server-sent events, one chunk an event (OpenAI's audio endpoints stream so); `named`: each with
-    an `event:` line of its type (Cohere's), `gap` seconds apart; `cut`: the connection drops after the last."""
+    an `event:` line of its type (Cohere's), `gap_seconds` apart; `cut`: the connection drops after the last."""
     h.send_response(200)
     h.send_header("content-type", "text/event-stream")
     h.send_header("transfer-encoding", "chunked")
@@ -133,7 +133,7 @@ def _send_events(h: Any, events: list[dict[str, Any]], named: bool = False, gap:
     for event in events:
         chunk = (f"event: {event['type']}\n" if named else "") + f"data: {json.dumps(event)}\n\n"
         h.wfile.write(f"{len(chunk.encode()):x}\r\n".encode() + chunk.encode() + b"\r\n")
-        time.sleep(gap)
+        time.sleep(gap_seconds)
     if cut:
         h.close_connection = True
         return
@@ -904,7 +904,8 @@ class MockProvider:
             events = events[:len(events) // 2]
         else:
             events.append({"type": "message-end", "delta": {"finish_reason": "COMPLETE", "usage": usage}})
-        _send_events(h, events, named=True, gap=EVENT_GAP_SECONDS.get(scenario, 0.002), cut=scenario == "cut")
+        _send_events(h, events, named=True, gap_seconds=EVENT_GAP_SECONDS.get(scenario, 0.002),
+                     cut=scenario == "cut")
 
     @staticmethod
     def _rerank(h: Any, body: dict[str, Any], model: str, cohere: bool, usage: bool) -> None:
