@@ -366,6 +366,7 @@ class Endpoint:
     batch: bool = False  # POST /v1/batches: a batch made of the requests in a file (policyd/batches.py)
     stream: bool = False  # the path asks for a stream (Bedrock's converse-stream, invoke-with-response-stream)
     bedrock_invoke: bool = False  # Bedrock's InvokeModel: the body is the model's own API's (Anthropic's alone read)
+    imagen: bool = False  # Imagen's :predict: its images asked in parameters.sampleCount
 
 
 def endpoint_of(method: str, path: str) -> Endpoint:
@@ -979,7 +980,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.prompt_bytes = _prompt_bytes(data) + _hidden_prompt_bytes(endpoint, data)
     messages = data.get("messages") or data.get("contents") or data.get("input") or data.get("requests")
     call.message_count = len(messages) if isinstance(messages, list) else 1
-    if endpoint == "images" and path.split("?", 1)[0].endswith(":predict"):  # Imagen's: sampleCount, 4 unless told
+    if named.imagen:  # its parameters' sampleCount, 4 unless told
         count = _dict_of(data, "parameters").get("sampleCount")
         call.image_count = _count(count) or IMAGEN_IMAGES_DEFAULT
         if count is not None and not _count(count):
@@ -1088,7 +1089,7 @@ IMAGEN_IMAGES_DEFAULT = 4  # the images Imagen makes when the request names no s
 def _imagen(model: str) -> Endpoint:
     """`:predict` of Gemini's and Vertex AI's APIs: Imagen's image generation (images, priced per image); the
     other models it serves (Vertex AI's older embeddings) are not read."""
-    return Endpoint("images", model) if model.startswith("imagen") else Endpoint()
+    return Endpoint("images", model, imagen=True) if model.startswith("imagen") else Endpoint()
 
 
 def _thinking_budget(endpoint: str, data: dict[str, Any]) -> int:

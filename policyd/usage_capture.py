@@ -308,11 +308,10 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     usage = data.get("usage")
     if not isinstance(usage, dict) and endpoint in ("chat_completions", "completions"):
         usage = _dict(data.get("x_groq")).get("usage")  # Groq's streams put it there (its OpenAI-compatible API)
-    if not isinstance(usage, dict) and endpoint == "embeddings":  # Cohere's embed: the tokens it bills, in its meta
-        usage = _dict(_dict(data.get("meta")).get("billed_units")) or None
-        if usage is not None:
-            seen.input_tokens = _n(usage.get("input_tokens"))
-            return True
+    billed = _dict(_dict(data.get("meta")).get("billed_units")) if endpoint == "embeddings" else {}
+    if not isinstance(usage, dict) and billed:  # Cohere's embed: the tokens it bills, in its meta
+        seen.input_tokens = _n(billed.get("input_tokens"))
+        return True
     if not isinstance(usage, dict):
         return False
     if endpoint == "images":  # token-priced image models (gpt-image-1): text and images in, image tokens out
