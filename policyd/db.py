@@ -123,6 +123,10 @@ class UsageRecordRow(Base):
     container_memory: Mapped[str] = mapped_column(String(16), default="", server_default="")
     maps_groundings: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0025
     search_units: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # a rerank's (migration 0029)
+    # the search context size its fee was charged at (per_search_context), and the output tokens of reasoning
+    # billed at its own price (Perplexity's; migration 0030)
+    search_context_size: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    reasoning_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # the Responses API's image_generation tool (migration 0021): the image model that priced its images, its usage
     image_model: Mapped[str] = mapped_column(NAME, default="", server_default="")
     image_generation_calls: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -215,6 +219,7 @@ class UsageRollupRow(Base):
     containers: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0023
     maps_groundings: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0025
     search_units: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # a rerank's (migration 0029)
+    reasoning_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0030
     refunded_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0026
 
 

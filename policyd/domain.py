@@ -125,8 +125,12 @@ class Shape:
     # the least output cap the provider accepts for the request (Anthropic's max_tokens must pass its extended
     # thinking's budget_tokens): a cap fitted to the wallet is never below it (0 = none)
     least_output_cap: int = 0
+    # the search context size the request asks its web search for (web_search_options.search_context_size:
+    # Perplexity's, OpenAI's search models'): a model priced per_search_context is held at its fee
+    search_context_size: str = ""
 
 
+SEARCH_CONTEXT_LENGTH_MAX = 16  # a search context size's name (Perplexity's and OpenAI's: low, medium, high)
 CONTAINER_MEMORY_DEFAULT = "1g"  # OpenAI's, for a container that names no memory_limit
 # the processing tier of Anthropic's fast mode (`speed: "fast"`, and a usage's `speed: "fast"`), as the
 # price table names it in a model's service_tiers
@@ -256,6 +260,10 @@ class UsageReport:
     containers: int = 0  # hosted containers the response ran code in (code_interpreter, shell), priced each
     maps_groundings: int = 0  # prompts grounded with Google Maps (Gemini's googleMaps tool), priced each
     search_units: int = 0  # a rerank's search units (Cohere's billed_units), priced each (per_search_unit)
+    # the search context size its web search ran with (Perplexity's usage.search_context_size): a fee by it
+    # (per_search_context); "" = as the request asked, else the price table's default
+    search_context_size: str = ""
+    reasoning_output_tokens: int = 0  # the part of output_tokens that was reasoning billed apart (Perplexity's)
     cache_write_1h_input_tokens: int = 0  # the part of cache_write_input_tokens of the long write (1h; OpenAI's 12h)
     service_tier: str = ""  # the provider's processing tier that served it (its own token prices)
     # the image_generation tool's own usage (the Responses API's tool_usage.image_gen), priced at the

@@ -77,7 +77,8 @@ TOOL_BOUND_ENDPOINTS = frozenset({"responses", "anthropic_messages"})
 # older writer still writes every other record and a retried Settle fingerprints as an older replica did
 LATER_USAGE_FIELDS = ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens",
                       "service_tier", "file_searches", "image_input_tokens", *IMAGE_GENERATION_USAGE,
-                      "image_output_tokens", "containers", "maps_groundings", "search_units")
+                      "image_output_tokens", "containers", "maps_groundings", "search_units", "search_context_size",
+                      "reasoning_output_tokens")
 
 
 
@@ -963,12 +964,20 @@ class Engine:
         # then carries where it can (Gemini's search takes no bound)
         searches_bound = plan.default_max_tool_calls if s.unbounded_web_search_tools or s.unbounded_file_search else 0
         tool_call_cap = searches_bound if request.endpoint in TOOL_BOUND_ENDPOINTS else 0
+        # a chat model that searches as it will (Perplexity's Sonar Deep Research) is held for the searches its
+        # price table entry says; its reasoning, billed beside its output at a price of its own, takes no bound
+        # from the request either: held at the output cap
+        chat_searches = price.searches_held if request.endpoint == "chat_completions" else 0
+        reasoning = output_cap * max(1, s.choices) \
+            if request.endpoint == "chat_completions" and price.reasoning_output is not None else 0
         spoken = s.audio_output and price.audio_output_price > price.output
         quantities = Quantities(
             input_tokens=input_tokens,
-            output_tokens=output_cap * max(1, s.choices),  # every choice may reach the cap, and all are billed
+            # every choice may reach the cap, and all are billed
+            output_tokens=output_cap * max(1, s.choices) + reasoning, reasoning_output_tokens=reasoning,
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
-            seconds=seconds, web_searches=s.web_searches + s.unbounded_web_search_tools * searches_bound,
+            seconds=seconds, web_searches=s.web_searches + s.unbounded_web_search_tools * searches_bound
+            + chat_searches, search_context_size=s.search_context_size,
             file_searches=s.file_searches + (searches_bound if s.unbounded_file_search else 0), service_tier=s.service_tier,
             audio_input_tokens=audio_tokens,
             # a spoken reply: every output token may be audio, at its own price (when the dearer)
@@ -1071,6 +1080,9 @@ class Engine:
             fields["search_units"], fields["search_units_likely"] = attempt.search_units, attempt.likely_search_units
             extra += (f',"search_units":{int(attempt.search_units)},'
                       f'"search_units_likely":{int(attempt.likely_search_units)}')
+        if request.shape.search_context_size:  # the size it asked its search for: charged at it when none reported
+            fields["search_context_size"] = request.shape.search_context_size
+            extra += f',"search_context_size":{compact_json.dumps(request.shape.search_context_size)}'
         if request.shape.service_tier and not request.shape.service_tier_implied:
             # the tier it asked for (flex, priority, a batch's): charged at it when no usage says otherwise
             fields["service_tier"] = request.shape.service_tier
@@ -1273,6 +1285,9 @@ class Engine:
             # a rerank on a model priced per search unit, its count not reported (Bedrock's rerankers give none):
             # the fewest its documents bill, a search unit a hundred
             report = replace(report, search_units=int(reservation.fields["search_units_likely"]))
+        if price.per_search_context:  # its search's context size as reported, else as asked, else the default
+            report = replace(report, search_context_size=report.search_context_size or str(
+                reservation.fields.get("search_context_size") or "") or price.search_context_default)
         quantities = Quantities(
             input_tokens=report.input_tokens, cached_input_tokens=report.cached_input_tokens,
             cache_write_input_tokens=report.cache_write_input_tokens,
@@ -1283,6 +1298,7 @@ class Engine:
             image_input_tokens=report.image_input_tokens, image_output_tokens=report.image_output_tokens,
             containers=report.containers, container_memory=r.get("container_memory") or "",
             maps_groundings=report.maps_groundings, search_units=report.search_units,
+            search_context_size=report.search_context_size, reasoning_output_tokens=report.reasoning_output_tokens,
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
@@ -1438,6 +1454,7 @@ class Engine:
             if reservation else 0
         if interrupted and not output_as_held and reservation is not None:  # what it made and had not shown
             output_tokens = max(output_tokens, await self._output_made_meanwhile(reservation))
+        output = cap if output_as_held else min(output_tokens, cap) if cap else output_tokens
         return await self.settle(UsageReport(
             request_id=request_id, input_tokens=input_tokens, cached_input_tokens=cached,
             cache_write_input_tokens=cache_writes, cache_write_1h_input_tokens=hour_writes,
@@ -1445,7 +1462,7 @@ class Engine:
             service_tier=(reported.service_tier if reported is not None else "") or
             (str(reservation.fields.get("service_tier") or "") if reservation else ""), seconds=seconds,
             audio_input_tokens=min(audio_tokens, input_tokens),
-            output_tokens=cap if output_as_held else min(output_tokens, cap) if cap else output_tokens,
+            output_tokens=output,
             images=int(reservation.fields.get("images") or 0) if output_as_held and reservation else 0,
             # the provider's tool calls it reported before the end (searches it ran are billed, cut or not)
             web_searches=reported.web_searches if reported is not None else 0,
@@ -1455,6 +1472,9 @@ class Engine:
             # a rerank's search units as reported, else as held when the reply was not seen (settle: the fewest)
             search_units=reported.search_units if reported is not None and reported.search_units else
             int(reservation.fields.get("search_units") or 0) if output_as_held and reservation else 0,
+            # the search context its search ran with (as held when not reported: _settle), reasoning as reported
+            search_context_size=reported.search_context_size if reported is not None else "",
+            reasoning_output_tokens=min(reported.reasoning_output_tokens, output) if reported is not None else 0,
             # the images the image_generation tool made before the end: its usage when reported, else its calls
             **({name: getattr(reported, name) for name in IMAGE_GENERATION_USAGE} if reported is not None else {}),
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,

@@ -79,8 +79,8 @@ from urllib.parse import parse_qsl, quote, unquote, unquote_plus
 from policyd import reasons
 from policyd.audio import wav_seconds
 from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS,
-                            Attribution, AuthorizeInput, KeySummary, RateLimit, Shape, bedrock_tier, tier_in_geo,
-                            trace_id_from)
+                            SEARCH_CONTEXT_LENGTH_MAX, Attribution, AuthorizeInput, KeySummary, RateLimit, Shape,
+                            bedrock_tier, tier_in_geo, trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount
 from policyd.multipart import MultipartError, MultipartForm
 from policyd.validation import REQUEST_ID_PATTERN, TAG_VALUE_LENGTH_MAX, TAGS_MAX
@@ -275,6 +275,7 @@ class HttpCall:
     document_bytes: int = 0  # ... their bytes together ...
     document_tokens_max: int = 0  # ... and the most tokens the provider reads of each (0: no bound)
     least_output_cap: int = 0  # the least cap the provider accepts (Anthropic's past its thinking budget_tokens)
+    search_context_size: str = ""  # web_search_options.search_context_size (Perplexity's, OpenAI's search models)
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     background: bool = False  # a Responses API background response: it goes on at the provider after its reply
     deletes_stored: bool = False  # DELETE of the stored response (or conversation, file) it names
@@ -340,7 +341,8 @@ class HttpCall:
                         image_scale=self.image_scale, maps_grounding=self.maps_grounding,
                         output_cap_fixed=self.compaction, output_cap_param=self.output_cap_param,
                         documents=self.documents, document_bytes=self.document_bytes,
-                        document_tokens_max=self.document_tokens_max, least_output_cap=self.least_output_cap),
+                        document_tokens_max=self.document_tokens_max, least_output_cap=self.least_output_cap,
+                        search_context_size=self.search_context_size),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, deletes_stored=self.deletes_stored,
             previous_response=self.previous_response,
@@ -1056,6 +1058,9 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if budget := _thinking_budget(endpoint, data):  # max_tokens must pass it: a fitted cap never goes below
         call.least_output_cap = budget + 1
     call.stores_reply = endpoint == "chat_completions" and data.get("store") is True
+    if endpoint == "chat_completions" and '"search_context_size"' in text:  # a fee by it, where priced
+        size = _dict_of(data, "web_search_options").get("search_context_size")
+        call.search_context_size = size.strip().lower()[:SEARCH_CONTEXT_LENGTH_MAX] if isinstance(size, str) else ""
     modalities = data.get("modalities")
     call.audio_output = isinstance(modalities, list) and "audio" in modalities
     tier = data.get("service_tier")

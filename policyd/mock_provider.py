@@ -21,6 +21,9 @@ Scenarios, by the request header `x-mock-scenario`:
 
 Models named mistral* or codestral* answer as Mistral's API does: a request naming stream_options or
 max_completion_tokens is refused (422, extra_forbidden), and a stream's last chunk carries its usage unasked.
+Models named sonar* answer as Perplexity's API does: their usage (a stream's last chunk, unasked) says the
+search context size of their request fee and its cost in dollars; sonar-deep-research's also the sources' tokens
+it read (citation_tokens), its searches (num_search_queries) and its reasoning_tokens, beside the completion.
 
 Header `x-mock-background-polls`: a background response (background: true) is queued and then in progress
 for this many reads of it (default 2) before it is completed, with its usage; cancelled before that, it
@@ -78,6 +81,32 @@ AZURE_DATED_PATH = re.compile(r"/openai/(?!v1/)")  # Azure OpenAI's dated API: e
 BEDROCK_PATH = re.compile(r"/model/(?P<model>[^/]+)/(?P<verb>converse|converse-stream|invoke|invoke-with-response-stream"
                           r"|count-tokens)$")
 VERTEX_ANTHROPIC_PATH = re.compile(r"/publishers/anthropic/models/(?P<model>[^/:]+):(rawPredict|streamRawPredict)$")
+
+
+def perplexity(model: Any) -> bool:
+    """A model of Perplexity's API (Sonar): its usage says its search's context size, the fee it cost and, for Deep
+    Research, the sources' tokens it read, the searches it ran and its reasoning, beside its completion_tokens."""
+    return str(model).startswith("sonar")
+
+
+PERPLEXITY_FEES = {"low": "0.005", "medium": "0.008", "high": "0.012"}  # sonar's request fee, by search context
+DEEP_RESEARCH_SEARCHES = 7  # searches a Sonar Deep Research reply ran
+DEEP_RESEARCH_REASONING_TOKENS = 40  # ... its reasoning, billed beside its completion tokens
+
+
+def perplexity_usage(body: dict[str, Any], model: str, p_tokens: int, c_tokens: int) -> dict[str, Any]:
+    """Perplexity's usage of a reply: Deep Research reads three tokens of sources a prompt token; its cost object
+    in dollars as its API gives it (JSON numbers, which a gateway must not price from)."""
+    options = body.get("web_search_options") if isinstance(body.get("web_search_options"), dict) else {}
+    size = options.get("search_context_size") if options.get("search_context_size") in PERPLEXITY_FEES else "low"
+    usage: dict[str, Any] = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens,
+                             "total_tokens": p_tokens + c_tokens, "search_context_size": size}
+    if "deep-research" in model:
+        usage.update(citation_tokens=3 * p_tokens, num_search_queries=DEEP_RESEARCH_SEARCHES,
+                     reasoning_tokens=DEEP_RESEARCH_REASONING_TOKENS)
+    usage["cost"] = {"input_tokens_cost": round(p_tokens * 1e-6, 6), "output_tokens_cost": round(c_tokens * 1e-6, 6),
+                     "request_cost": float(PERPLEXITY_FEES[size]), "total_cost": 0.1}
+    return usage
 
 
 def mistral(model: Any) -> bool:
@@ -444,6 +473,8 @@ class MockProvider:
                 return h._json(200, self._unfinished(reply, "queued"))
             return h._json(200, reply)
         usage = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
+        if perplexity(model):
+            usage = perplexity_usage(body, model, p_tokens, c_tokens)
         if "audio" in (body.get("modalities") or []):  # gpt-4o-audio: half the prompt heard, all but one token spoken
             usage["prompt_tokens_details"] = {"cached_tokens": 0, "audio_tokens": p_tokens // 2}
             usage["completion_tokens_details"] = {"audio_tokens": max(c_tokens - 1, 0)}
@@ -1133,9 +1164,11 @@ class MockProvider:
         usage = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
         if mistral(model) and scenario != "no_usage":  # Mistral's streams end with their usage, unasked
             last["usage"] = usage
+        if perplexity(model) and scenario != "no_usage":  # Perplexity's too, whatever stream_options say
+            last["usage"] = perplexity_usage(body, model, p_tokens, c_tokens)
         send(f"data: {json.dumps(last)}\n\n")
         options = body.get("stream_options") or {}
-        if options.get("include_usage") and scenario != "no_usage":
+        if options.get("include_usage") and scenario != "no_usage" and not perplexity(model):
             usage = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
                      "usage": {"prompt_tokens": p_tokens, "completion_tokens": c_tokens,
                                "total_tokens": p_tokens + c_tokens}}

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
-from policyd.domain import ENDPOINTS
+from policyd.domain import ENDPOINTS, SEARCH_CONTEXT_LENGTH_MAX
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, MoneyError, format_amount, parse_amount
 
 ENVIRONMENTS = ("development", "staging", "production", "batch", "evaluation", "customer-facing")
@@ -54,7 +54,7 @@ def _nanos(value: Any) -> int:
 
 _AMOUNTS = ("input", "cached_input", "cache_write_input", "cache_write_1h_input", "output", "per_image", "per_request",
             "per_second", "per_web_search", "per_file_search", "per_maps_grounding", "per_search_unit", "audio_input",
-            "audio_output", "image_input", "image_output")  # the prices written as amounts
+            "audio_output", "image_input", "image_output", "reasoning_output")  # the prices written as amounts
 
 
 # Processing tiers (OpenAI's service_tier, Anthropic's, and Anthropic's fast mode, `speed: "fast"`): the
@@ -87,6 +87,14 @@ class Prices(_Strict):
     audio_output: int | None = None  # per 1M audio output tokens; None = as output
     image_input: int | None = None  # per 1M image input tokens (gpt-image-1's edits); None = as input
     image_output: int | None = None  # per 1M image output tokens (Gemini's image models); None = as output
+    # per 1M tokens of reasoning a provider bills beside the output, at a price of its own (Perplexity's
+    # usage.reasoning_tokens, Sonar Deep Research's: in neither completion_tokens nor total_tokens); None = as output
+    reasoning_output: int | None = None
+    # A fee a request by the search context size its web search ran with (Perplexity's Sonar models, whose
+    # usage says search_context_size; OpenAI's search models): {"low": "0.005", "medium": "0.008", "high":
+    # "0.012"}; a request naming none pays `search_context_default`'s, one naming a size not priced the dearest
+    per_search_context: dict[str, int] = Field({}, max_length=8)
+    search_context_default: str = Field("", max_length=SEARCH_CONTEXT_LENGTH_MAX)
     # a hosted container the provider creates for the request, by its memory limit (OpenAI's code_interpreter
     # and shell tools: {"1g": "0.03", "4g": "0.12", ...}); a request asking for an unpriced one is refused
     per_container: dict[str, int] = Field({}, max_length=16)
@@ -103,6 +111,10 @@ class Prices(_Strict):
             raise ValueError("long_context and long_context_above (input tokens) go together")
         if self.long_context is not None and self.long_context.long_context is not None:
             raise ValueError("a long_context tier has no tier of its own")
+        if bool(self.per_search_context) != bool(self.search_context_default) or (
+                self.per_search_context and self.search_context_default not in self.per_search_context):
+            raise ValueError("per_search_context needs search_context_default, one of its sizes (what a request "
+                             "naming none is billed)")
         for name, tier in self.service_tiers.items():
             if tier.service_tiers or not 0 < len(name) <= 32:
                 raise ValueError(f"service tier {name!r}: a name of 1-32 characters, with no tiers of its own")
@@ -152,6 +164,31 @@ class Prices(_Strict):
     def _render_containers(self, value: dict[str, int]) -> dict[str, str]:
         return {memory: format_amount(amount) for memory, amount in value.items()}
 
+    @field_validator("per_search_context", mode="before")
+    @classmethod
+    def _search_context_fees(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        for size in value:
+            if not isinstance(size, str) or size != size.strip().lower() or \
+                    not 0 < len(size) <= SEARCH_CONTEXT_LENGTH_MAX:
+                raise ValueError(f"per_search_context: a size of 1-{SEARCH_CONTEXT_LENGTH_MAX} lowercase characters, "
+                                 "like low")
+        return {size: _nanos(amount) for size, amount in value.items()}
+
+    @field_serializer("per_search_context")
+    def _render_search_context_fees(self, value: dict[str, int]) -> dict[str, str]:
+        return {size: format_amount(amount) for size, amount in value.items()}
+
+    def search_context_fee(self, size: str) -> int:
+        """The fee of a request whose web search ran with this search context size: its price; the default
+        size's for a request naming none; the dearest for a size the table does not price (never less than
+        the provider may bill)."""
+        fees = self.per_search_context
+        if not fees:
+            return 0
+        return fees.get(size or self.search_context_default, max(fees.values()))
+
     @property
     def cached_input_price(self) -> int:
         return self.input if self.cached_input is None else self.cached_input
@@ -179,6 +216,10 @@ class Prices(_Strict):
     @property
     def image_output_price(self) -> int:
         return self.output if self.image_output is None else self.image_output
+
+    @property
+    def reasoning_output_price(self) -> int:
+        return self.output if self.reasoning_output is None else self.reasoning_output
 
     @property
     def prices_cache_writes(self) -> bool:
@@ -231,6 +272,9 @@ class ModelPrice(Prices):
     # showing anything and bills that thinking, so such a request is charged at least this many output
     # tokens a second from its authorization to its end (at most its cap), not only the text it showed
     output_tokens_per_second: int = Field(0, ge=0, le=1_000_000)
+    # the web searches a chat completion on the model is held for, the model searching as it will, bounded by no
+    # request field (Perplexity's Sonar Deep Research: tens a request, billed per_web_search each); 0 = none
+    searches_held: int = Field(0, ge=0, le=10_000)
 
     @property
     def upstream(self) -> str:

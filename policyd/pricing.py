@@ -51,6 +51,9 @@ class Quantities:
     maps_groundings: int = 0  # prompts grounded with Google Maps (Gemini), at per_maps_grounding
     search_units: int = 0  # a rerank's search units, at per_search_unit
     container_memory: str = ""
+    # the search context size a request's web search ran with: a fee each request by it (per_search_context)
+    search_context_size: str = ""
+    reasoning_output_tokens: int = 0  # of output_tokens: reasoning billed at its own price (Perplexity's)
     # tokens of a hosted tool priced at another model's prices (the image_generation tool's, at its image
     # model's: image_generation_cost): counted in token limits, not priced here
     tool_tokens: int = 0
@@ -71,7 +74,9 @@ def cost_of(price: Prices, q: Quantities) -> int:
         + price_quantity(q.cached_input_tokens, tokens.cached_input_price)
         + price_quantity(q.cache_write_input_tokens - q.cache_write_1h_input_tokens, tokens.cache_write_input_price)
         + price_quantity(q.cache_write_1h_input_tokens, tokens.cache_write_1h_input_price)
-        + price_quantity(q.output_tokens - q.audio_output_tokens - q.image_output_tokens, tokens.output)
+        + price_quantity(q.output_tokens - q.audio_output_tokens - q.image_output_tokens - q.reasoning_output_tokens,
+                         tokens.output)
+        + price_quantity(q.reasoning_output_tokens, tokens.reasoning_output_price)
         + price_quantity(q.audio_output_tokens, tokens.audio_output_price)
         + price_quantity(q.image_output_tokens, tokens.image_output_price)
         + q.images * price.per_image
@@ -82,6 +87,7 @@ def cost_of(price: Prices, q: Quantities) -> int:
         + (q.containers * price.per_container.get(q.container_memory, 0) if q.containers else 0)
         + q.maps_groundings * price.per_maps_grounding
         + q.search_units * price.per_search_unit
+        + (q.requests * price.search_context_fee(q.search_context_size) if price.per_search_context else 0)
     )
 
 

@@ -103,6 +103,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             maps_grounding=s.maps_grounding, output_cap_fixed=s.output_cap_fixed,
             output_cap_param=s.output_cap_param, documents=s.documents, document_bytes=s.document_bytes,
             document_tokens_max=s.document_tokens_max, least_output_cap=s.least_output_cap,
+            search_context_size=s.search_context_size.strip().lower(),
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,
@@ -176,7 +177,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                                 audio_input_tokens=u.audio_input_tokens, web_searches=u.web_searches,
                                 file_searches=u.file_searches, containers=u.containers,
                                 maps_groundings=u.maps_groundings, search_units=u.search_units,
-                                reply_model=request.reply_model,
+                                search_context_size=u.search_context_size.strip().lower(),
+                                reasoning_output_tokens=u.reasoning_output_tokens, reply_model=request.reply_model,
                                 **{name: getattr(u, name) for name in IMAGE_GENERATION_USAGE})))
             return settle_response(s)
         report = UsageReport(
@@ -187,6 +189,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             audio_output_tokens=u.audio_output_tokens, cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
             image_input_tokens=u.image_input_tokens, image_output_tokens=u.image_output_tokens, containers=u.containers,
             maps_groundings=u.maps_groundings, search_units=u.search_units,
+            search_context_size=u.search_context_size.strip().lower(), reasoning_output_tokens=u.reasoning_output_tokens,
             **{name: getattr(u, name) for name in IMAGE_GENERATION_USAGE},
             served_model=request.served_model, provider=request.provider, retries=request.retries,
             fallback_reason=request.fallback_reason, upstream_status=request.upstream_status,
@@ -277,7 +280,8 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
         file_searches=r.file_searches or 0, image_input_tokens=r.image_input_tokens or 0,
         image_output_tokens=r.image_output_tokens or 0, containers=r.containers or 0,
         container_memory=r.container_memory or "", maps_groundings=r.maps_groundings or 0,
-        search_units=r.search_units or 0,
+        search_units=r.search_units or 0, search_context_size=r.search_context_size or "",
+        reasoning_output_tokens=r.reasoning_output_tokens or 0,
         images=r.images or 0, seconds=r.seconds or 0, refunded_nanos=r.refunded_nanos or 0,
         refunded_unix_ms=r.refunded_ms or 0,
         image_model=r.image_model or "", **{name: getattr(r, name) or 0 for name in IMAGE_GENERATION_USAGE},

@@ -16,7 +16,7 @@ from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
 from policyd import event_stream
-from policyd.domain import ANTHROPIC_FAST_MODE, bedrock_tier, tier_in_geo
+from policyd.domain import ANTHROPIC_FAST_MODE, SEARCH_CONTEXT_LENGTH_MAX, bedrock_tier, tier_in_geo
 from policyd.json_fields import ObjectFields
 from policyd.pricing import speech_audio_tokens_likely
 
@@ -51,6 +51,8 @@ class Tokens:
     containers: int = 0  # hosted containers the response ran code in (code_interpreter_call, shell_call items)
     maps_groundings: int = 0  # a Gemini reply grounded with Google Maps (its groundingChunks' maps): billed once
     search_units: int = 0  # a rerank's search units (Cohere's meta.billed_units)
+    search_context_size: str = ""  # the search context its web search ran with (Perplexity's: a fee by its size)
+    reasoning_output_tokens: int = 0  # of output_tokens: reasoning billed beside the output (Perplexity's)
     cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens (Anthropic's hour, OpenAI's 12 hours)
     service_tier: str = ""  # the processing tier that served it, as the provider says (OpenAI's service_tier)
     seconds: int = 0  # audio seconds billed (speech to text priced by the second)
@@ -342,7 +344,9 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     details = _dict(usage.get("prompt_tokens_details"))
     out_details = usage.get("completion_tokens_details") if isinstance(usage.get("completion_tokens_details"), dict) \
         else {}
-    seen.input_tokens = _n(usage.get("prompt_tokens"))
+    # Perplexity's sources read for the answer (citation_tokens: Sonar Deep Research's) are input it bills, in
+    # neither prompt_tokens nor total_tokens
+    seen.input_tokens = _n(usage.get("prompt_tokens")) + _n(usage.get("citation_tokens"))
     # cached input as OpenAI reports it, or as OpenAI-compatible providers do: DeepSeek's cache hits,
     # Moonshot's cached_tokens beside the prompt's
     cached = _n(details.get("cached_tokens")) or _n(usage.get("prompt_cache_hit_tokens")) or _n(usage.get("cached_tokens"))
@@ -353,7 +357,23 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
                                   seen.input_tokens - seen.cached_input_tokens - seen.cache_write_input_tokens)
     seen.output_tokens = _billed_output(usage, "prompt_tokens", "completion_tokens")
     seen.audio_output_tokens = min(_n(out_details.get("audio_tokens")), seen.output_tokens)
+    _search_usage(usage, seen)
     return True
+
+
+def _search_usage(usage: dict[str, Any], seen: Tokens) -> None:
+    """What Perplexity's chat usage says beside OpenAI's: the search context size its search ran with (a fee
+    each request by it), the searches it ran (Sonar Deep Research's num_search_queries, billed each), and its
+    reasoning_tokens, billed at their own price, in neither completion_tokens nor total_tokens (where a total
+    holds them, they are in the output already). Read the same from every chunk of a stream that repeats them."""
+    size = usage.get("search_context_size")
+    if isinstance(size, str) and size.strip():
+        seen.search_context_size = size.strip().lower()[:SEARCH_CONTEXT_LENGTH_MAX]
+    seen.web_searches = max(seen.web_searches, _n(usage.get("num_search_queries")))
+    reasoning = _n(usage.get("reasoning_tokens"))
+    if reasoning:
+        seen.output_tokens = max(seen.output_tokens, _n(usage.get("completion_tokens")) + reasoning)
+        seen.reasoning_output_tokens = min(reasoning, seen.output_tokens - seen.audio_output_tokens)
 
 
 def _rerank_usage(data: dict[str, Any], seen: Tokens) -> bool:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from policyd.domain import CREATABLE, CREATED_AT, ENDPOINTS, FILES_PER_REQUEST_MAX, IMAGE_SCALE_MAX, AuthorizeInput, UsageReport
+from policyd.domain import (CREATABLE, CREATED_AT, ENDPOINTS, FILES_PER_REQUEST_MAX, IMAGE_SCALE_MAX,
+                            SEARCH_CONTEXT_LENGTH_MAX, AuthorizeInput, UsageReport)
 from policyd.money import QUANTITY_MAX
 from policyd.policy import CONTAINER_MEMORY_LENGTH_MAX
 
@@ -110,6 +111,7 @@ def check_authorize(request: AuthorizeInput) -> None:
     if not 0 <= s.containers <= SEARCH_TOOLS_MAX:
         raise Problem("invalid_request", f"containers must be between 0 and {SEARCH_TOOLS_MAX}", "containers")
     _text_field("container_memory", s.container_memory, CONTAINER_MEMORY_LENGTH_MAX)
+    _text_field("search_context_size", s.search_context_size, SEARCH_CONTEXT_LENGTH_MAX)
     if (s.image_generation_calls or s.partial_images) and not (s.image_model or s.image_model_default):
         raise Problem("invalid_request", "image_generation_calls and partial_images need the image_model that makes "
                       "the images", "image_model")
@@ -121,7 +123,7 @@ def check_usage(report: UsageReport) -> None:
     for name in ("input_tokens", "cached_input_tokens", "cache_write_input_tokens", "output_tokens", "images", "seconds",
                  "requests", "retries", "latency_ms", "web_searches", "audio_input_tokens", "audio_output_tokens",
                  "cache_write_1h_input_tokens", "file_searches", "image_input_tokens", "image_output_tokens",
-                 "containers", "maps_groundings", "search_units", "image_generation_calls",
+                 "containers", "maps_groundings", "search_units", "reasoning_output_tokens", "image_generation_calls",
                  "image_generation_input_tokens", "image_generation_cached_input_tokens",
                  "image_generation_image_input_tokens", "image_generation_output_tokens"):
         value = getattr(report, name)
@@ -134,13 +136,14 @@ def check_usage(report: UsageReport) -> None:
     if report.cache_write_1h_input_tokens > report.cache_write_input_tokens:
         raise Problem("invalid_usage", "cache_write_1h_input_tokens cannot exceed cache_write_input_tokens",
                       "cache_write_1h_input_tokens")
-    if report.audio_output_tokens + report.image_output_tokens > report.output_tokens:
-        raise Problem("invalid_usage", "audio_output_tokens + image_output_tokens cannot exceed output_tokens",
-                      "audio_output_tokens")
+    if report.audio_output_tokens + report.image_output_tokens + report.reasoning_output_tokens > report.output_tokens:
+        raise Problem("invalid_usage", "audio_output_tokens + image_output_tokens + reasoning_output_tokens cannot "
+                      "exceed output_tokens", "audio_output_tokens")
     if report.image_generation_cached_input_tokens + report.image_generation_image_input_tokens > \
             report.image_generation_input_tokens:
         raise Problem("invalid_usage", "image_generation_cached_input_tokens + image_generation_image_input_tokens "
                       "cannot exceed image_generation_input_tokens", "image_generation_cached_input_tokens")
     _text_field("service_tier", report.service_tier, SERVICE_TIER_LENGTH_MAX)
+    _text_field("search_context_size", report.search_context_size, SEARCH_CONTEXT_LENGTH_MAX)
     for name in ("served_model", "provider", "fallback_reason", "error_class", "provider_account", "reply_model"):
         _text_field(name, getattr(report, name), FIELD_LENGTH_MAX)

@@ -40,7 +40,7 @@ BEDROCK_SONNET = "us.anthropic.claude-sonnet-4-20250514-v1:0"  # Amazon Bedrock'
 BEDROCK_HAIKU = "us.anthropic.claude-3-5-haiku-20241022-v1:0"
 AZURE_API_VERSION = "2024-10-21"
 PROVIDER_KEYS = ("sk-mock-openai-1", "sk-mock-openai-2", "sk-mock-anthropic", "sk-mock-google", "bedrock-api-key-mock",
-                 "azure-key-mock", "cohere-key-mock", "jina-key-mock", "mistral-key-mock")
+                 "azure-key-mock", "cohere-key-mock", "jina-key-mock", "mistral-key-mock", "perplexity-key-mock")
 PRICE = {"gpt-4o": ("2.50", "10.00"), "gpt-4o-mini": ("0.15", "0.60"), "claude-sonnet-4": ("3.00", "15.00"),
          "gpt-4o-mini@batch": ("0.075", "0.30"), "claude-sonnet-4@batch": ("1.50", "7.50"),  # batch tiers
          BEDROCK_SONNET: ("3.00", "15.00"), f"{BEDROCK_SONNET}@flex": ("1.50", "7.50"),
@@ -65,7 +65,8 @@ PROVIDERS = ("accounts:\n"
              f"  - {{name: azure-1, provider: azure, cluster: azure, api_key: {PROVIDER_KEYS[5]}}}\n"
              f"  - {{name: cohere-1, provider: cohere, cluster: cohere, api_key: {PROVIDER_KEYS[6]}}}\n"
              f"  - {{name: jina-1, provider: jina, cluster: jina, api_key: {PROVIDER_KEYS[7]}}}\n"
-             f"  - {{name: mistral-1, provider: mistral, cluster: mistral, api_key: {PROVIDER_KEYS[8]}}}\n")
+             f"  - {{name: mistral-1, provider: mistral, cluster: mistral, api_key: {PROVIDER_KEYS[8]}}}\n"
+             f"  - {{name: perplexity-1, provider: perplexity, cluster: perplexity, api_key: {PROVIDER_KEYS[9]}}}\n")
 
 
 def start_envoy(config: Path, port: int, log: Path) -> subprocess.Popen:
@@ -107,7 +108,8 @@ class Gateway(FundedCustomers):
                                             Upstream("azure", "127.0.0.1", self.mock.port),
                                             Upstream("cohere", "127.0.0.1", self.mock.port),
                                             Upstream("jina", "127.0.0.1", self.mock.port),
-                                            Upstream("mistral", "127.0.0.1", self.mock.port)), shape=shape,
+                                            Upstream("mistral", "127.0.0.1", self.mock.port),
+                                            Upstream("perplexity", "127.0.0.1", self.mock.port)), shape=shape,
                                  cors_origins=(APP_ORIGIN,)))
         self.envoy_log = tmp / "envoy.log"
         self.envoy = start_envoy(config, self.port, self.envoy_log)
@@ -2931,6 +2933,57 @@ def test_mistral_streams_are_charged_without_the_stream_options_mistral_refuses(
         "settled", "completions", usage["prompt_tokens"], usage["completion_tokens"])
     assert record["cost_nanos"] == price_quantity(usage["prompt_tokens"], parse_amount("0.30")) + \
         price_quantity(usage["completion_tokens"], parse_amount("0.90"))
+
+
+def test_perplexity_is_charged_its_search_fee_and_deep_research_its_sources_searches_and_reasoning(
+        gateway: Gateway) -> None:
+    """Gateways charged Perplexity's Sonar its tokens alone, undercharging it by nearly all of its cost: each request
+    pays a fee by its search's context size (low, medium, high), which the reply's usage names; Sonar Deep
+    Research also bills the sources it read (citation_tokens, at the input price), each search it ran
+    (num_search_queries) and its reasoning_tokens at a price of their own, none of them in its completion_tokens
+    or total_tokens. Through Envoy with the openai SDK at Perplexity's paths (no /v1): each is charged exactly what
+    its usage bills, and held no less first; a stream's usage comes unasked in its last chunk."""
+    key = gateway.customer("e2e-perplexity", plan="perplexity")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}", api_key=key, max_retries=0, timeout=20)
+    one = parse_amount("1.00")
+    raw = client.chat.completions.with_raw_response.create(
+        model="sonar", messages=[{"role": "user", "content": "perplexity, high"}], max_tokens=9,
+        extra_body={"web_search_options": {"search_context_size": "high"}})
+    usage = json.loads(raw.text)["usage"]
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["search_context_size"], record["input_tokens"], record["output_tokens"]) == (
+        "settled", "high", usage["prompt_tokens"], usage["completion_tokens"])
+    assert record["cost_nanos"] == price_quantity(usage["prompt_tokens"], one) + \
+        price_quantity(usage["completion_tokens"], one) + parse_amount("0.012")
+    assert record["reserved_nanos"] >= record["cost_nanos"]
+
+    with client.chat.completions.with_streaming_response.create(
+            model="sonar", messages=[{"role": "user", "content": "perplexity, streamed"}], max_tokens=9, stream=True,
+            stream_options={"include_usage": True}) as streamed:
+        request_id = streamed.headers["x-policyd-request-id"]
+        chunks = list(streamed.parse())
+    (usage,) = [c.usage for c in chunks if c.usage]  # the last chunk's, as Perplexity sends it
+    record = gateway.record(request_id)
+    assert (record["status"], record["error_class"], record["search_context_size"]) == ("settled", "", "low")
+    assert record["cost_nanos"] == price_quantity(usage.prompt_tokens, one) + \
+        price_quantity(usage.completion_tokens, one) + parse_amount("0.005")  # no size asked: Perplexity's default
+    (sent,) = [r for r in gateway.mock.received() if "perplexity, streamed" in json.dumps(r["body"])]
+    assert "stream_options" not in sent["body"] and sent["body"]["max_tokens"] == 9
+    assert sent["path"] == "/chat/completions" and sent["authorization"] == f"Bearer {PROVIDER_KEYS[9]}"
+
+    raw = client.chat.completions.with_raw_response.create(
+        model="sonar-deep-research", messages=[{"role": "user", "content": "perplexity, deep"}], max_tokens=9)
+    usage = json.loads(raw.text)["usage"]
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    sources, searches, reasoning = usage["citation_tokens"], usage["num_search_queries"], usage["reasoning_tokens"]
+    assert (sources, searches, reasoning) > (0, 0, 0)
+    assert (record["status"], record["input_tokens"], record["output_tokens"], record["reasoning_output_tokens"],
+            record["web_searches"]) == ("settled", usage["prompt_tokens"] + sources,
+                                        usage["completion_tokens"] + reasoning, reasoning, searches)
+    assert record["cost_nanos"] == price_quantity(usage["prompt_tokens"] + sources, parse_amount("2.00")) + \
+        price_quantity(usage["completion_tokens"], parse_amount("8.00")) + \
+        price_quantity(reasoning, parse_amount("3.00")) + searches * parse_amount("0.005")
+    assert record["reserved_nanos"] >= max(30 * parse_amount("0.005"), record["cost_nanos"])  # 30 searches held
 
 
 def test_a_fine_tuned_model_is_priced_by_the_pattern_of_its_base(gateway: Gateway) -> None:

@@ -357,3 +357,61 @@ async def test_a_rerank_over_the_native_api(channel: grpc.aio.Channel) -> None:
     usage = await admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="rr", limit=10), metadata=AUTH)
     units = {r.request_id: r.search_units for r in usage.records}
     assert (units["rr-2"], units["rr-3"], units["rr-4"]) == (2, 1, 3)
+
+
+async def test_a_search_context_fee_and_reasoning_billed_apart_over_the_native_api(channel: grpc.aio.Channel) -> None:
+    """Perplexity's Sonar bills each request a fee by its search's context size (per_search_context): held at
+    the size asked (RequestShape.search_context_size; the table's default when none, its dearest for one it does
+    not price), charged at the size the reply reports (Usage.search_context_size), else as asked. Sonar Deep
+    Research bills its reasoning beside its output at a price of its own (Usage.reasoning_output_tokens, part of
+    output_tokens) and searches it is held for (searches_held). Both recorded in UsageRecord."""
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    policy = policy_pb2_grpc.PolicyServiceStub(channel)
+    priced = SAMPLE_POLICY.replace("  models:\n", "  models:\n"
+                                   "    sonar:\n      provider: perplexity\n      tier: low-cost\n"
+                                   "      input: \"1.00\"\n      output: \"1.00\"\n"
+                                   "      per_search_context: {low: \"0.005\", medium: \"0.008\", high: \"0.012\"}\n"
+                                   "      search_context_default: low\n"
+                                   "    sonar-deep-research:\n      provider: perplexity\n      tier: low-cost\n"
+                                   "      input: \"2.00\"\n      output: \"8.00\"\n      reasoning_output: \"3.00\"\n"
+                                   "      per_web_search: \"0.005\"\n      searches_held: 30\n", 1)
+    secret = await funded_key(admin, "px", priced)
+
+    async def ask(request_id: str, model: str = "sonar", size: str = "") -> policy_pb2.AuthorizeResponse:
+        return await policy.Authorize(policy_pb2.AuthorizeRequest(
+            api_key=secret, endpoint=types_pb2.CHAT_COMPLETIONS, model=model,
+            attribution=types_pb2.Attribution(request_id=request_id),
+            shape=policy_pb2.RequestShape(input_tokens=1_000, max_output_tokens=1_000, search_context_size=size)))
+
+    markup = 12  # plan pro's charge: the cost and 20%
+    tokens = 2 * 1_000 * 1_000  # 1,000 tokens in and out at $1.00 per million, in nanos
+    fees = {"low": 5_000_000, "medium": 8_000_000, "high": 12_000_000}
+    held = {size or "default": (await ask(f"px-{size or 'default'}", size=size)).reserved.nanos
+            for size in ("", "medium", "HIGH", "ultra")}
+    assert held == {"default": (tokens + fees["low"]) * markup // 10, "medium": (tokens + fees["medium"]) * markup // 10,
+                    "HIGH": (tokens + fees["high"]) * markup // 10, "ultra": (tokens + fees["high"]) * markup // 10}
+    reported = await policy.Settle(policy_pb2.SettleRequest(request_id="px-medium", usage=policy_pb2.Usage(
+        input_tokens=100, output_tokens=50, search_context_size="low")))
+    as_asked = await policy.Settle(policy_pb2.SettleRequest(request_id="px-HIGH", usage=policy_pb2.Usage(
+        input_tokens=100, output_tokens=50)))
+    as_default = await policy.Settle(policy_pb2.SettleRequest(request_id="px-default", usage=policy_pb2.Usage(
+        input_tokens=100, output_tokens=50)))
+    assert (reported.cost.nanos, as_asked.cost.nanos, as_default.cost.nanos) == (
+        150_000 + fees["low"], 150_000 + fees["high"], 150_000 + fees["low"])
+
+    deep = await ask("px-deep", model="sonar-deep-research")
+    # 1,000 in at $2, 1,000 out at $8 and as much reasoning at $3, 30 searches at $0.005
+    assert deep.reserved.nanos == (2_000_000 + 8_000_000 + 3_000_000 + 30 * 5_000_000) * markup // 10
+    settled = await policy.Settle(policy_pb2.SettleRequest(request_id="px-deep", usage=policy_pb2.Usage(
+        input_tokens=400, output_tokens=1_050, reasoning_output_tokens=1_000, web_searches=7)))
+    assert settled.cost.nanos == 400 * 2_000 + 50 * 8_000 + 1_000 * 3_000 + 7 * 5_000_000
+    too_much = policy.Settle(policy_pb2.SettleRequest(request_id="px-ultra", usage=policy_pb2.Usage(
+        output_tokens=10, reasoning_output_tokens=11)))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await too_much
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    usage = await admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="px", limit=10), metadata=AUTH)
+    records = {r.request_id: r for r in usage.records}
+    assert [records[r].search_context_size for r in ("px-medium", "px-HIGH", "px-default", "px-deep")] == \
+        ["low", "high", "low", ""]
+    assert (records["px-deep"].reasoning_output_tokens, records["px-deep"].web_searches) == (1_000, 7)

@@ -707,6 +707,34 @@ def test_usage_from_anthropic_stream_and_bodies() -> None:
     assert (embeddings.tokens.input_tokens, embeddings.found_usage) == (8, True)
 
 
+def test_perplexitys_usage_names_its_search_context_sources_searches_and_reasoning() -> None:
+    """Perplexity's chat usage (its API's, Sonar Deep Research's): prompt 19 + completion 7,163 = total 7,182;
+    the sources it read (citation_tokens), its searches and its reasoning_tokens are beside them, each billed.
+    Read alike from a reply, a stream's last chunk, and a stream repeating its usage in every chunk; a server
+    whose total holds the reasoning already is not charged it twice; its cost object (dollars) is not read."""
+    deep = {"prompt_tokens": 19, "completion_tokens": 7163, "total_tokens": 7182, "citation_tokens": 9422,
+            "num_search_queries": 18, "reasoning_tokens": 73997, "search_context_size": "Low",
+            "cost": {"request_cost": 0.0, "total_cost": 0.92}}
+    sonar = {"prompt_tokens": 9, "completion_tokens": 255, "total_tokens": 264, "search_context_size": "high",
+             "cost": {"input_tokens_cost": 0.0, "output_tokens_cost": 0.0, "request_cost": 0.012, "total_cost": 0.012}}
+    counted = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 45, "reasoning_tokens": 30}
+    expected = {id(deep): (19 + 9422, 7163 + 73997, 73997, 18, "low"), id(sonar): (9, 255, 0, 0, "high"),
+                id(counted): (10, 35, 30, 0, "")}
+    for usage in (deep, sonar, counted):
+        whole = ResponseReader("chat_completions", stream=False)
+        whole.feed(json.dumps({"choices": [{"message": {"content": "ok"}}], "usage": usage}).encode())
+        last = ResponseReader("chat_completions", stream=True)
+        last.feed(_sse({"choices": [{"delta": {"content": "ok"}}]},
+                       {"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": usage}))
+        repeated = ResponseReader("chat_completions", stream=True)
+        repeated.feed(_sse(*({"choices": [{"delta": {"content": "ok"}}], "usage": usage} for _ in range(3))))
+        for reader in (whole, last, repeated):
+            reader.finish()
+            t = reader.tokens
+            assert (t.input_tokens, t.output_tokens, t.reasoning_output_tokens, t.web_searches,
+                    t.search_context_size) == expected[id(usage)], usage
+
+
 def test_reasoning_reported_beside_the_output_is_charged_as_output() -> None:
     """xAI (and OpenAI-compatible servers following it) report reasoning outside completion_tokens, in the
     total: prompt 10,120 + completion 1,499 + reasoning 2,809 = 14,428. OpenAI counts it inside."""

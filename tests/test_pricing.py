@@ -228,3 +228,25 @@ def test_containers_are_priced_by_their_memory() -> None:
     with pytest.raises(PolicyError):
         parse_policy(SAMPLE_POLICY.replace('      output: "0.60"', '      output: "0.60"\n'
                                            '      per_container: {1g: "-0.03"}', 1))
+
+
+def test_a_search_context_fee_and_reasoning_at_its_own_price() -> None:
+    """per_search_context: a fee a request by its search's context size; the default's for none named, the
+    dearest for a size not priced; it needs a default among its sizes. reasoning_output: the reasoning part of
+    the output at its own price (None: as output)."""
+    yaml = SAMPLE_POLICY.replace("  models:\n", "  models:\n    sonar:\n      provider: perplexity\n"
+                                 "      input: \"1.00\"\n      output: \"1.00\"\n      reasoning_output: \"3.00\"\n"
+                                 "      per_search_context: {low: \"0.005\", medium: \"0.008\", high: \"0.012\"}\n"
+                                 "      search_context_default: medium\n", 1)
+    price = parse_policy(yaml).price_table.models["sonar"]
+    fees = {size: cost_of(price, Quantities(search_context_size=size)) for size in ("", "low", "high", "ultra")}
+    assert fees == {"": 8_000_000, "low": 5_000_000, "high": 12_000_000, "ultra": 12_000_000}
+    assert cost_of(price, Quantities(output_tokens=1_000_000, reasoning_output_tokens=400_000, requests=0)) == \
+        600 * 1_000_000 + 400 * 3_000_000
+    for good, bad in (("      search_context_default: medium\n", ""), ("default: medium", "default: huge"),
+                      ("{low: ", "{Low: ")):
+        with pytest.raises(PolicyError, match="search_context_default|lowercase"):
+            parse_policy(yaml.replace(good, bad, 1))
+    plain = parse_policy(SAMPLE_POLICY).price_table.models["gpt-4o-mini"]
+    assert cost_of(plain, Quantities(search_context_size="high")) == \
+        cost_of(plain, Quantities())  # a model without the fee pays none, whatever the size

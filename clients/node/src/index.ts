@@ -101,6 +101,7 @@ export interface AuthorizeInput {
   documentBytes?: number;   // ... their bytes together, ...
   documentTokensMax?: number;  // ... and the most tokens the provider reads of each (Cohere's max_tokens_per_doc)
   leastOutputCap?: number;  // the least cap the provider accepts (Anthropic's max_tokens past thinking.budget_tokens)
+  searchContextSize?: string;  // web_search_options.search_context_size (Perplexity's, OpenAI's search models): a fee by it
   countTokens?: boolean;    // a free token count (count_tokens, input_tokens, countTokens): nothing reserved or to settle
   storedResponseId?: string;     // a stored response (or conversation) read, changed or deleted: free, its customer's keys only
   previousResponseId?: string;   // the stored response a Responses API request continues
@@ -149,6 +150,9 @@ export interface UsageInput {
   images?: number;
   seconds?: number;
   searchUnits?: number;     // a rerank's search units (Cohere's meta.billed_units.search_units)
+  searchContextSize?: string;  // the search context its web search ran with (Perplexity's usage.search_context_size)
+  webSearches?: number;     // web searches the provider ran (Perplexity's num_search_queries), per_web_search each
+  reasoningOutputTokens?: number;  // of outputTokens: reasoning billed at its own price (Perplexity's reasoning_tokens)
 }
 
 export interface Settled {
@@ -231,6 +235,7 @@ export class PolicyClient {
         outputCapParam: input.outputCapParam ?? "",
         documents: input.documents ?? 0, documentBytes: input.documentBytes ?? 0,
         documentTokensMax: input.documentTokensMax ?? 0, leastOutputCap: input.leastOutputCap ?? 0,
+        searchContextSize: input.searchContextSize ?? "",
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",

@@ -133,7 +133,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     output_cap_param (the field the client gave its cap in, where not its API's first: a refusal names it),
     documents, document_bytes and document_tokens_max (a rerank: its documents, their bytes, the most tokens
     the provider reads of each), least_output_cap (the least cap the provider accepts: Anthropic's max_tokens
-    past its thinking budget_tokens; a fitted cap is never below it),
+    past its thinking budget_tokens; a fitted cap is never below it), search_context_size (the size a chat
+    completion asks its web search for, web_search_options.search_context_size: a fee by it where priced),
     client_address, user_agent,
     problem=(code, message, param), count_tokens=True (a free token count: nothing reserved, nothing
     to settle), stored_response_id (a stored response read, deleted or cancelled: free, its customer's
@@ -189,7 +190,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     documents=attribution.pop("documents", 0),
                                     document_bytes=attribution.pop("document_bytes", 0),
                                     document_tokens_max=attribution.pop("document_tokens_max", 0),
-                                    least_output_cap=attribution.pop("least_output_cap", 0))
+                                    least_output_cap=attribution.pop("least_output_cap", 0),
+                                    search_context_size=attribution.pop("search_context_size", ""))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
