@@ -12,6 +12,10 @@ has not ended after `background_response_seconds`, or cannot be asked for (a res
 longer knows), it is charged as held at that deadline, as any request whose end nobody saw
 (Engine.expire_due), never released free. Its customer deleting it has it asked for first (ask_now).
 
+Perplexity's async chat completions (a job made of a chat completion, its answer and usage when the job is asked
+for: a background chat completion) are followed the same way, at `async/chat/completions/<id>` (COMPLETED: its
+answer's usage; FAILED: released).
+
 The gateway's reader leaves such a response here (Closing poll); a native caller does (AwaitResponse), and
 settles it itself when policyd cannot follow it (its provider account is the caller's own). Batches are
 followed the same way (their ids: policyd/batches.py says what the provider's answer for one means).
@@ -21,14 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import urllib.parse
 from typing import TYPE_CHECKING
 
 from policyd import metrics
 from policyd.domain import PolicydError, UsageReport
 from policyd.batches import BATCH_ID_PREFIXES, followed_batch
 from policyd.providers import ProviderPool
-from policyd.usage_capture import background_answer
+from policyd.usage_capture import background_answer, followed_path
 
 if TYPE_CHECKING:
     from policyd.engine import Engine
@@ -156,9 +159,13 @@ class BackgroundResponses:
         if batch:  # the whole batch's usage, at the batch tier
             action, status, report = await followed_batch(account, response_id, request_id)
         else:
-            answer = await asyncio.to_thread(account.get, f"responses/{urllib.parse.quote(response_id, safe='')}",
+            reservation = await self.counters.find_reservation(request_id)
+            if reservation is None or reservation.state != "reserved":
+                return "closed"  # settled or expired meanwhile: nothing to ask for
+            endpoint = str(reservation.record.get("endpoint") or "responses")  # or an async chat job (Perplexity's)
+            answer = await asyncio.to_thread(account.get, followed_path(endpoint, response_id),
                                              REPLY_BYTES_MAX, POLL_TIMEOUT_SECONDS)
-            action, reader = background_answer(*answer)
+            action, reader = background_answer(*answer, endpoint)
             status, report = reader.response_status, UsageReport(
                 request_id=request_id, **reader.tokens.fields(), upstream_status=200, provider_account=account_name,
                 provider_response_id=response_id)

@@ -20,9 +20,10 @@ Per HTTP request, the same steps as the Envoy filters (ext_authz + ext_proc), ov
    at its end the call is settled with the provider's usage, released on an upstream error, or, when the
    client went away or the stream was cut, charged for what was delivered (`usage_estimated`). The
    settlement runs shielded from the request's cancellation;
-5. a background response (the Responses API's `background: true`) not ended when its reply (or its cut
-   stream) did goes on at the provider: its hold is kept (policyd's AwaitResponse) and the middleware
-   follows it, asking the proxy for it (`GET .../responses/{id}`, every `background_poll_seconds`) until it
+5. a background response (the Responses API's `background: true`, or Perplexity's async chat completion, a
+   job) not ended when its reply (or its cut stream) did goes on at the provider: its hold is kept (policyd's
+   AwaitResponse) and the middleware follows it, asking the proxy for it (`GET .../responses/{id}`, or
+   `.../async/chat/completions/{id}`, every `background_poll_seconds`) until it
    ends, then settles it with the usage reported. One the middleware stops following (it stopped, or
    `background_seconds` passed) is charged as held at policyd's deadline, never released free.
 
@@ -315,7 +316,7 @@ class PolicydMiddleware:
             except Exception:
                 log.exception("asking for background response %s", response_id[:64])
                 continue
-            action, reader = background_answer(status, body)
+            action, reader = background_answer(status, body, exchange.reader.endpoint)
             if action == "wait":
                 continue  # running, or not answered: asked again
             try:

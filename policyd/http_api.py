@@ -181,6 +181,11 @@ _MESSAGE_BATCH_METHODS = {"": ("GET", "DELETE"), "/results": ("GET",), "/cancel"
 BATCHES_PATH_REGEX = r"(.*/)?((v1|openai)/batches|v1/messages/batches|v1beta/models/[^/:]+:batchGenerateContent)/?"
 _FILE_METHODS = {"": ("GET", "DELETE"), "/content": ("GET",)}
 # a chat completion the provider stored (store: true): read, its metadata changed, deleted; its messages read
+# Perplexity's async chat completions (Sonar Deep Research's long runs): a job made of the chat completion under its
+# body's "request", whose answer comes later, when the job is asked for (GET of it, free, for its own customer's keys
+# alone; the account-wide list is not offered): held until the provider says it ended (policyd/background.py)
+_ASYNC_CHAT = re.compile(r"(^|/)(async/chat/completions|v1/async/sonar)/?$")
+_ASYNC_CHAT_JOB = re.compile(r"(^|/)(async/chat/completions|v1/async/sonar)/(?P<id>[A-Za-z0-9_.-]{1,200})/?$")
 _STORED_CHAT = re.compile(r"(^|/)v1/chat/completions/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/messages)?/?$")
 _STORED_CHAT_METHODS = {"": ("GET", "POST", "DELETE"), "/messages": ("GET",)}
 _MODELS = re.compile(r"(^|/)models/?$")  # under any prefix, as OpenAI's API is read (Gemini's /v1beta too)
@@ -369,6 +374,7 @@ class Endpoint:
     stream: bool = False  # the path asks for a stream (Bedrock's converse-stream, invoke-with-response-stream)
     bedrock_invoke: bool = False  # Bedrock's InvokeModel: the body is the model's own API's (Anthropic's alone read)
     imagen: bool = False  # Imagen's :predict: its images asked in parameters.sampleCount
+    async_chat: bool = False  # Perplexity's async chat completion: a job, its chat completion under "request"
 
 
 def endpoint_of(method: str, path: str) -> Endpoint:
@@ -380,6 +386,14 @@ def endpoint_of(method: str, path: str) -> Endpoint:
         return Endpoint(model=one.group("model"), models_listing=True)
     if method.upper() == "GET" and _KEY_SUMMARY.search(path):
         return Endpoint(key_summary=True)
+    if "async/" in path:  # Perplexity's async chat: before its chat completions' own pattern
+        if method.upper() == "POST" and _ASYNC_CHAT.search(path):
+            return Endpoint("chat_completions", async_chat=True)
+        job = _ASYNC_CHAT_JOB.search(path) if method.upper() == "GET" else None
+        if job:
+            return Endpoint("chat_completions", count_tokens=True, stored_response=job.group("id"))
+        if _ASYNC_CHAT.search(path):  # the account's every job, every customer's: not offered
+            return Endpoint()
     azure = _AZURE.search(path)  # first: a deployment may be named like a path segment ("v1")
     if azure:
         return Endpoint(_AZURE_OPERATIONS[azure.group("operation")], azure.group("model"))
@@ -956,6 +970,14 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if mistyped := _mistyped(data):
         return _problem(call, "invalid_request", f"{mistyped[0]} must be {mistyped[1]}", mistyped[0])
     call.body = data
+    if named.async_chat:  # the chat completion is the body's "request"; the job's answer comes when asked for
+        data = data.get("request")
+        if not isinstance(data, dict):
+            return _problem(call, "invalid_request", "an async chat completion's request must be the chat completion "
+                            "to run, an object", "request")
+        if mistyped := _mistyped(data):
+            return _problem(call, "invalid_request", f"request.{mistyped[0]} must be {mistyped[1]}",
+                            f"request.{mistyped[0]}")
     if named.batch:
         call.model = path_model  # Gemini's: the model its requests are all for
         return _batch(call, data)
@@ -963,7 +985,9 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if not isinstance(model, str) or not model:
         return _problem(call, "invalid_request", "you must provide a model parameter", "model")
     call.model, call.model_in_path = model, bool(path_model)
-    call.stream = data.get("stream") is True or path.split("?", 1)[0].endswith(":streamGenerateContent") or named.stream
+    # (a job's reply is the job, whatever its request says)
+    call.stream = not named.async_chat and (data.get("stream") is True or named.stream
+                                            or path.split("?", 1)[0].endswith(":streamGenerateContent"))
     if named.bedrock_invoke and not named.count_tokens and not isinstance(data.get("anthropic_version"), str):
         return _problem(call, "invalid_request", "policyd reads Bedrock's InvokeModel for Anthropic's models (a body "
                         "with anthropic_version); call other models with Converse", "anthropic_version")
@@ -1018,7 +1042,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
                         f"{AZURE_STREAM_USAGE_SINCE} or later (or the v1 API), which takes stream_options: its "
                         f"usage is what it is charged", "api-version")
     # a background response: its usage comes after its reply, charged when policyd finds it ended (background.py)
-    call.background = endpoint == "responses" and data.get("background") is True
+    call.background = endpoint == "responses" and data.get("background") is True or named.async_chat
     image_tools = [t for t in _tools(data) if t.get("type") == "image_generation"] if endpoint == "responses" else []
     if image_tools:  # its images are billed apart from the reply's usage, at the image model's prices
         if len(image_tools) > 1:
@@ -1057,7 +1081,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.cache_write = call.cache_write or _openai_cache_write(data)
     if budget := _thinking_budget(endpoint, data):  # max_tokens must pass it: a fitted cap never goes below
         call.least_output_cap = budget + 1
-    call.stores_reply = endpoint == "chat_completions" and data.get("store") is True
+    # a stored chat completion, or an async chat's job (Perplexity's): its reply's id is read
+    call.stores_reply = endpoint == "chat_completions" and (data.get("store") is True or named.async_chat)
     if endpoint == "chat_completions" and '"search_context_size"' in text:  # a fee by it, where priced
         size = _dict_of(data, "web_search_options").get("search_context_size")
         call.search_context_size = size.strip().lower()[:SEARCH_CONTEXT_LENGTH_MAX] if isinstance(size, str) else ""
@@ -1445,6 +1470,11 @@ def error_body(error_type: str, code: str, message: str, param: str = "") -> byt
                                  "param": param or None}}).encode()
 
 
+def _async_chat_job(body: dict[str, Any]) -> bool:
+    """A body of Perplexity's async chat completions: the chat completion to run is its "request"."""
+    return isinstance(body.get("request"), dict) and "messages" not in body
+
+
 def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstream_model: str, requested_model: str,
                  output_cap: int, client_gave_cap: bool, stream: bool,
                  model_in_path: bool = False, tool_call_cap: int = 0,
@@ -1466,7 +1496,12 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
       or, where the provider reports it unasked and refuses stream_options (`stream_usage_reported`,
       Mistral's), no stream_options at all: the client's are taken out.
 
-    A speech-to-text form changes only by its model."""
+    A speech-to-text form changes only by its model; an async chat completion's job (Perplexity's), its request."""
+    if endpoint == "chat_completions" and isinstance(call_body, dict) and _async_chat_job(call_body):
+        inner = rewrite_body(call_body["request"], endpoint, upstream_model, requested_model, output_cap,
+                             client_gave_cap, False, model_in_path, tool_call_cap, image_model, output_cap_field,
+                             stream_usage_reported)
+        return None if inner is None else {**call_body, "request": inner}
     renamed = bool(upstream_model) and upstream_model != requested_model and not model_in_path
     if isinstance(call_body, MultipartForm):
         return call_body.with_field("model", upstream_model) if renamed else None

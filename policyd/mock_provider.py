@@ -24,6 +24,8 @@ max_completion_tokens is refused (422, extra_forbidden), and a stream's last chu
 Models named sonar* answer as Perplexity's API does: their usage (a stream's last chunk, unasked) says the
 search context size of their request fee and its cost in dollars; sonar-deep-research's also the sources' tokens
 it read (citation_tokens), its searches (num_search_queries) and its reasoning_tokens, beside the completion.
+Perplexity's async chat completions (/async/chat/completions, /v1/async/sonar): a job made, its answer when
+asked for once it has completed (header `x-mock-background-polls`, as for background responses).
 
 Header `x-mock-background-polls`: a background response (background: true) is queued and then in progress
 for this many reads of it (default 2) before it is completed, with its usage; cancelled before that, it
@@ -61,6 +63,7 @@ UPLOAD_PATH = re.compile(r"/v1/uploads(/(?P<id>[^/]+)/(?P<verb>parts|complete|ca
 STORED_CHAT_PATH = re.compile(r"/v1/chat/completions/(?P<id>chatcmpl-[^/]+)(?P<rest>/messages)?$")
 MESSAGE_BATCH_PATH = re.compile(r"/v1/messages/batches(/(?P<id>msgbatch_[^/]+)(?P<rest>/results|/cancel)?)?$")
 BATCH_PATH = re.compile(r"/(v1|openai)/batches(/(?P<id>batch_[^/]+)(?P<cancel>/cancel)?)?$")
+ASYNC_CHAT_PATH = re.compile(r"/(async/chat/completions|v1/async/sonar)(/(?P<id>[^/]+))?$")  # Perplexity's jobs
 CONVERSATION_PATH = re.compile(r"/v1/conversations(/(?P<id>[^/]+)(?P<items>/items(/(?P<item>[^/]+))?)?)?$")
 WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
 COMPLETION_TOKENS_MAX = len(WORDS)
@@ -182,6 +185,8 @@ class MockProvider:
         self.lock = threading.Lock()
         self.stored: dict[str, tuple[dict[str, Any], Any]] = {}  # stored responses: id -> (reply, input)
         self.background: dict[str, int] = {}  # background responses still running: id -> reads before it ends
+        # Perplexity's async chat jobs: id -> (the job, its answer, reads before it ends, whether it fails)
+        self.jobs: dict[str, tuple[dict[str, Any], dict[str, Any], int, bool]] = {}
         self.response_ids = itertools.count(1)
         self.conversations: dict[str, dict[str, Any]] = {}  # id -> {"metadata": ..., "items": [...]}
         self.files: dict[str, tuple[dict[str, Any], bytes]] = {}  # id -> (the file object, its content)
@@ -202,7 +207,7 @@ class MockProvider:
                     with provider.lock:
                         self._json(200, provider.requests)
                 elif any(part in self.path for part in ("/responses/", "/conversations/", "/chat/completions/", "/files/",
-                                                         "/batches/")):
+                                                         "/batches/", "/async/sonar/")):
                     provider.handle(self)
                 else:
                     self._json(404, {"error": {"type": "not_found", "message": "no such path"}})
@@ -313,6 +318,9 @@ class MockProvider:
         route = h.path.split("?")[0].rstrip("/")
         if AZURE_DATED_PATH.match(route) and "api-version=" not in h.path.partition("?")[2]:
             return h._json(404, {"error": {"code": "404", "message": "Resource not found"}})  # Azure's answer
+        job = ASYNC_CHAT_PATH.search(route)
+        if job:
+            return self._async_chat(h, body, job.group("id"))
         stored = STORED_RESPONSE_PATH.search(route)
         if stored:
             return self._stored_response(h, stored.group("id"), stored.group("rest") or "", h.command)
@@ -859,6 +867,39 @@ class MockProvider:
             return h._json(200, {"object": "list", "has_more": False, "data": [
                 {"id": f"{completion_id}-{i}", **m} for i, m in enumerate(messages or [])]})
         return h._json(200, reply)
+
+    def _async_chat(self, h: Any, body: dict[str, Any], job_id: str | None) -> None:
+        """Perplexity's async chat completions: a job made (POST, its chat completion under "request": CREATED),
+        then asked for (GET): IN_PROGRESS for `x-mock-background-polls` reads (default 2), then COMPLETED with the
+        chat completion and its usage; one made with scenario job_failed FAILED, with none."""
+        if job_id is None:
+            request = body.get("request") if isinstance(body.get("request"), dict) else None
+            if request is None or not request.get("messages"):
+                return h._json(422, {"detail": [{"type": "missing", "loc": ["body", "request"], "msg": "Field required"}]})
+            model = str(request.get("model"))
+            job = {"id": f"job-mock-{next(self.response_ids)}", "model": model, "created_at": 1, "started_at": None,
+                   "completed_at": None, "failed_at": None, "response": None, "error_message": None, "status": "CREATED"}
+            p_tokens, c_tokens = prompt_tokens(request), min(output_cap(request), COMPLETION_TOKENS_MAX)
+            answer = {"id": f"chatcmpl-{job['id']}", "model": model, "created": 2, "object": "chat.completion",
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(WORDS[:c_tokens])},
+                                   "finish_reason": "stop"}],
+                      "usage": perplexity_usage(request, model, p_tokens, c_tokens)}
+            with self.lock:
+                self.jobs[job["id"]] = (job, answer, int(h.headers.get("x-mock-background-polls", "2")),
+                                        h.headers.get("x-mock-scenario") == "job_failed")
+            return h._json(200, job)
+        with self.lock:
+            found = self.jobs.get(job_id)
+            if found is not None:
+                job, answer, running, fails = found
+                self.jobs[job_id] = (job, answer, max(running - 1, 0), fails)
+        if found is None:
+            return h._json(404, {"detail": "Request not found"})
+        if running:
+            return h._json(200, {**job, "status": "IN_PROGRESS", "started_at": 2})
+        if fails:
+            return h._json(200, {**job, "status": "FAILED", "failed_at": 3, "error_message": "the research failed"})
+        return h._json(200, {**job, "status": "COMPLETED", "started_at": 2, "completed_at": 3, "response": answer})
 
     def _stored_response(self, h: Any, response_id: str, rest: str, method: str) -> None:
         """The Responses API's stored responses: read, deleted, their input items, cancelled."""

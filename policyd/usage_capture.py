@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import urllib.parse
 import zlib
 from dataclasses import asdict, dataclass
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
@@ -851,11 +852,26 @@ BATCHES = "batches"  # what a proxy reads a batch made as (its reply: the batch,
 ENDED_RESPONSE_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
 
-def background_answer(status: int, body: bytes) -> tuple[str, ResponseReader]:
+# an async chat job's statuses once it has ended (Perplexity's; CREATED and IN_PROGRESS: not yet)
+ENDED_JOB_STATUSES = frozenset({"COMPLETED", "FAILED"})
+
+
+def followed_path(endpoint: str, response_id: str) -> str:
+    """Where a background response is asked for, under its provider's base_url: the Responses API's
+    `responses/<id>`; an async chat completion's job (a background chat completion: Perplexity's),
+    `async/chat/completions/<id>`."""
+    quoted = urllib.parse.quote(response_id, safe="")
+    return f"async/chat/completions/{quoted}" if endpoint == "chat_completions" else f"responses/{quoted}"
+
+
+def background_answer(status: int, body: bytes, endpoint: str = "responses") -> tuple[str, ResponseReader]:
     """What the provider's answer (HTTP status, body) for a background response asked for says to do, and
     the body read: wait (running, or no answer: ask again), held (gone, 404: what it used cannot be known;
     ended with no usage reported: charged as held), settle (ended: its usage), release (failed or cancelled
-    before it used anything billed)."""
+    before it used anything billed). `endpoint` chat_completions: an async chat completion's job (Perplexity's),
+    whose chat completion, once COMPLETED, is its `response`."""
+    if endpoint == "chat_completions":
+        return _job_answer(status, body)
     reader = ResponseReader("responses", stream=False, stored=True)
     reader.feed(body)
     reader.finish()
@@ -866,6 +882,29 @@ def background_answer(status: int, body: bytes) -> tuple[str, ResponseReader]:
     if reader.found_usage:
         return "settle", reader
     return ("release" if reader.response_status in ("failed", "cancelled") else "held"), reader
+
+
+def _job_answer(status: int, body: bytes) -> tuple[str, ResponseReader]:
+    """An async chat completion's job, as background_answer reads it: its chat completion read once it is
+    COMPLETED; FAILED, released (the job billed nothing, or its failure is the provider's)."""
+    reader = ResponseReader("chat_completions", stream=False)
+    try:
+        job = json.loads(body) if status == 200 else None
+    except (ValueError, RecursionError):
+        job = None
+    job = job if isinstance(job, dict) else {}
+    state = job.get("status") if isinstance(job.get("status"), str) else ""
+    reader.response_status = state.lower()[:32]
+    if isinstance(job.get("response"), dict):
+        reader.feed(json.dumps(job["response"]).encode())
+    reader.finish()
+    if status == 404:
+        return "gone", reader
+    if status != 200 or state not in ENDED_JOB_STATUSES:
+        return "wait", reader
+    if reader.found_usage:
+        return "settle", reader
+    return ("release" if state == "FAILED" else "held"), reader
 
 
 def closing(status: int, reader: ResponseReader, cut: bool, client_left: bool = True,

@@ -89,6 +89,9 @@ class Gateway(FundedCustomers):
         base_url = f"base_url: 'http://127.0.0.1:{self.mock.port}/v1'"  # where policyd asks for background responses
         providers.write_text(PROVIDERS.replace("cluster: openai,", f"cluster: openai, {base_url},")
                              .replace("cluster: anthropic,", f"cluster: anthropic, {base_url},")
+                             # Perplexity's API, whose async chat jobs policyd asks for (no /v1)
+                             .replace("cluster: perplexity,", f"cluster: perplexity, base_url: "
+                                                              f"'http://127.0.0.1:{self.mock.port}',")
                              .replace("cluster: google,", f"cluster: google, base_url: 'http://127.0.0.1:{self.mock.port}"
                                                           f"/v1beta',")
                              # Azure OpenAI's dated API, whose every request names its version
@@ -2984,6 +2987,62 @@ def test_perplexity_is_charged_its_search_fee_and_deep_research_its_sources_sear
         price_quantity(usage["completion_tokens"], parse_amount("8.00")) + \
         price_quantity(reasoning, parse_amount("3.00")) + searches * parse_amount("0.005")
     assert record["reserved_nanos"] >= max(30 * parse_amount("0.005"), record["cost_nanos"])  # 30 searches held
+
+
+def test_perplexitys_async_deep_research_is_held_until_its_job_ends_and_charged_its_answer(gateway: Gateway) -> None:
+    """Perplexity's async chat completions run Sonar Deep Research for minutes: POST /async/chat/completions
+    makes a job of the chat completion under "request" and answers at once, CREATED, with no usage; the job's
+    answer, and what it bills, comes when the job is asked for. It was refused (its body's model under
+    "request"), and GET of a job unknown: now the job is held while it runs, charged exactly its answer's usage
+    once policyd, asking Perplexity with the account that made it, finds it COMPLETED (released if it FAILED),
+    and read by its own customer's keys alone; the account's list of every customer's jobs is not offered."""
+    key, other = gateway.customer("e2e-perplexity-async", plan="perplexity"), gateway.customer("e2e-perplexity-other",
+                                                                                                 plan="perplexity")
+
+    def call(method: str, path: str, who: str, body: dict[str, Any] | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], str]:
+        request = urllib.request.Request(f"http://127.0.0.1:{gateway.port}{path}", method=method,
+                                         data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"authorization": f"Bearer {who}", "content-type": "application/json",
+                                                  **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                return reply.status, json.loads(reply.read()), reply.headers.get("x-policyd-request-id", "")
+        except urllib.error.HTTPError as refused:
+            return refused.code, json.loads(refused.read()), ""
+
+    job = {"request": {"model": "sonar-deep-research", "max_tokens": 9,
+                       "messages": [{"role": "user", "content": "deep research, asynchronously"}]}}
+    status, made, request_id = call("POST", "/async/chat/completions", key, job, {"x-mock-background-polls": "3"})
+    assert (status, made["status"], made["response"]) == (200, "CREATED", None) and request_id
+    assert gateway.wallet("e2e-perplexity-async").reserved_nanos > 0  # held while it runs
+    (sent,) = [r for r in gateway.mock.received() if r["body"].get("request", {}).get("messages") == job["request"]["messages"]]
+    assert sent["body"]["request"]["max_tokens"] == 9 and sent["authorization"] == f"Bearer {PROVIDER_KEYS[9]}"
+    assert call("GET", f"/async/chat/completions/{made['id']}", other)[0] == 404  # another customer's job
+    status, refused, _ = call("GET", "/async/chat/completions", key)  # every customer's jobs: not offered
+    assert (status, refused["error"]["code"]) == (400, "unknown_endpoint")
+    record = gateway.record(request_id, seconds=20)
+    status, answered, _ = call("GET", f"/async/chat/completions/{made['id']}", key)  # its own customer reads it
+    assert (status, answered["status"]) == (200, "COMPLETED")
+    usage = answered["response"]["usage"]
+    assert (record["status"], record["error_class"], record["input_tokens"], record["output_tokens"],
+            record["reasoning_output_tokens"], record["web_searches"], record["provider_response_id"]) == (
+        "settled", "", usage["prompt_tokens"] + usage["citation_tokens"],
+        usage["completion_tokens"] + usage["reasoning_tokens"], usage["reasoning_tokens"],
+        usage["num_search_queries"], made["id"])
+    assert record["cost_nanos"] == price_quantity(usage["prompt_tokens"] + usage["citation_tokens"],
+                                                  parse_amount("2.00")) + \
+        price_quantity(usage["completion_tokens"], parse_amount("8.00")) + \
+        price_quantity(usage["reasoning_tokens"], parse_amount("3.00")) + \
+        usage["num_search_queries"] * parse_amount("0.005")
+    assert [r for r in gateway.mock.received() if r["path"] == f"/async/chat/completions/{made['id']}"
+            and r["authorization"] == f"Bearer {PROVIDER_KEYS[9]}"]  # asked for with the account that made it
+
+    status, made, request_id = call("POST", "/v1/async/sonar", key, job, {"x-mock-scenario": "job_failed"})
+    assert (status, made["status"]) == (200, "CREATED")
+    record = gateway.record(request_id, seconds=20)
+    assert (record["status"], record["close_reason"], record["charge_nanos"]) == ("released", "background_failed", 0)
+    assert gateway.wallet("e2e-perplexity-async").reserved_nanos == 0
 
 
 def test_a_fine_tuned_model_is_priced_by_the_pattern_of_its_base(gateway: Gateway) -> None:

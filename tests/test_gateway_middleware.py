@@ -360,6 +360,27 @@ def test_a_background_response_is_followed_to_its_end_and_charged_what_it_used(g
     assert gateway.wallet("mw-background").reserved_nanos == 0
 
 
+def test_an_async_chat_job_is_followed_to_its_end_and_charged_its_answer(gateway: ExampleGateway) -> None:
+    """Perplexity's async chat completion (/v1/async/sonar): a job answered at once, CREATED, its chat completion
+    under "request". The middleware keeps its hold and asks the proxy for the job until it is COMPLETED, then
+    charges its answer's usage: the sources read as input, the searches, the reasoning at its own price."""
+    key = gateway.customer("mw-async", plan="perplexity")
+    body = {"request": {"model": "sonar-deep-research", "max_tokens": 9,
+                        "messages": [{"role": "user", "content": "mw async research"}]}}
+    code, made = post(f"{gateway.base_url}/async/sonar", {"authorization": f"Bearer {key}",
+                      "content-type": "application/json", "x-mock-background-polls": "2"}, json.dumps(body).encode())
+    assert (code, made["status"]) == (200, "CREATED")
+    assert gateway.wallet("mw-async").reserved_nanos > 0  # held while it runs
+    (record,) = [r for r in gateway.records("mw-async")]
+    record = gateway.record(record.request_id, seconds=15)
+    usage = gateway.mock.jobs[made["id"]][1]["usage"]
+    assert (record["status"], record["error_class"], record["input_tokens"], record["output_tokens"],
+            record["reasoning_output_tokens"], record["web_searches"]) == (
+        "settled", "", usage["prompt_tokens"] + usage["citation_tokens"],
+        usage["completion_tokens"] + usage["reasoning_tokens"], usage["reasoning_tokens"], usage["num_search_queries"])
+    assert gateway.wallet("mw-async").reserved_nanos == 0
+
+
 def test_a_token_count_is_free_but_checked_over_the_native_api(gateway: ExampleGateway) -> None:
     """The middleware asks policyd over gRPC (AuthorizeRequest.count_tokens): a key that may use the
     model counts with an empty wallet, nothing reserved or recorded; a key that may not never reaches the provider."""

@@ -15,7 +15,7 @@ from policyd import http_api
 from policyd.domain import IMAGE_SCALE_MAX
 from policyd.http_api import (CUSTOMER_KEY_HEADERS, image_scale, parse_call, reply_headers, rewrite_body, upstream_path,
                               without_query_key)
-from policyd.usage_capture import Closing, ResponseReader, closing
+from policyd.usage_capture import Closing, ResponseReader, background_answer, closing, followed_path
 from policyd.validation import TAGS_MAX, check_authorize
 from tests.conftest import ROOT
 
@@ -733,6 +733,46 @@ def test_perplexitys_usage_names_its_search_context_sources_searches_and_reasoni
             t = reader.tokens
             assert (t.input_tokens, t.output_tokens, t.reasoning_output_tokens, t.web_searches,
                     t.search_context_size) == expected[id(usage)], usage
+
+
+def test_perplexitys_async_chat_is_a_chat_completion_run_as_a_job() -> None:
+    """POST /async/chat/completions (and /v1/async/sonar): the chat completion under "request", a background
+    chat completion (its reply, the job, is read for its id, never as a stream); its cap and model rewritten
+    inside "request"; GET of a job a free read of its own customer's; the account's list not offered; the
+    job's answer read as the chat completion it holds once COMPLETED."""
+    job = {"request": {"model": "sonar-deep-research", "stream": True,
+                       "messages": [{"role": "user", "content": "research"}]}}
+    for path in ("/async/chat/completions", "/v1/async/sonar/"):
+        call = parse_call("POST", path, {"authorization": "Bearer pdk_x"}, json.dumps(job).encode())
+        assert (call.endpoint, call.model, call.background, call.stream, call.stores_reply, call.problem) == (
+            "chat_completions", "sonar-deep-research", True, False, True, ""), path
+    rewritten = rewrite_body(call.body, "chat_completions", "sonar-deep-research", "sonar-deep-research", 300, False,
+                             False, output_cap_field="max_tokens", stream_usage_reported=True)
+    assert rewritten == {"request": {**job["request"], "max_tokens": 300}}
+    for bad in ({"request": "research"}, {"request": {"messages": []}}):
+        refused = parse_call("POST", "/async/chat/completions", {}, json.dumps(bad).encode())
+        assert refused.problem == "invalid_request"
+    read = parse_call("GET", "/async/chat/completions/job-1", {"authorization": "Bearer pdk_x"}, b"")
+    assert (read.endpoint, read.stored_response, read.count_tokens) == ("chat_completions", "job-1", True)
+    assert parse_call("GET", "/async/chat/completions", {}, b"").problem == "unknown_endpoint"
+    reader = ResponseReader("chat_completions", stream=False, stored=True)
+    reader.feed(json.dumps({"id": "job-1", "model": "sonar-deep-research", "status": "CREATED", "response": None}).encode())
+    reader.finish()
+    assert closing(200, reader, False, background=True) == Closing("poll", "background")
+    assert followed_path("chat_completions", "job 1") == "async/chat/completions/job%201"
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "citation_tokens": 30,
+             "num_search_queries": 3, "reasoning_tokens": 20}
+    answers = {"IN_PROGRESS": None, "COMPLETED": {"object": "chat.completion", "usage": usage,
+                                                  "choices": [{"message": {"content": "found"}}]}, "FAILED": None}
+    seen = {state: background_answer(200, json.dumps({"id": "job-1", "status": state, "response": answer}).encode(),
+                                     "chat_completions") for state, answer in answers.items()}
+    assert {state: action for state, (action, _) in seen.items()} == {
+        "IN_PROGRESS": "wait", "COMPLETED": "settle", "FAILED": "release"}
+    tokens = seen["COMPLETED"][1].tokens
+    assert (tokens.input_tokens, tokens.output_tokens, tokens.reasoning_output_tokens, tokens.web_searches) == (
+        40, 25, 20, 3)
+    assert background_answer(404, b'{"detail": "Request not found"}', "chat_completions")[0] == "gone"
+    assert background_answer(200, b"not json", "chat_completions")[0] == "wait"
 
 
 def test_reasoning_reported_beside_the_output_is_charged_as_output() -> None:
