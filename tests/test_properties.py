@@ -373,3 +373,67 @@ def test_a_reranks_hold_covers_the_search_units_any_chunking_bills(documents: li
     assert chunks <= rerank_chunks_most(len(documents), sum(documents), tokens_max, context)
     assert rerank_search_units_likely(len(documents)) <= billed <= rerank_search_units(len(documents), sum(documents),
                                                                                        tokens_max, context)
+
+
+SEARCH_FEES = {"low": 5_000_000, "medium": 8_000_000, "high": 12_000_000}  # nanos; the default medium
+
+
+@pytest.fixture
+def searching(backend: dict[str, str]) -> Iterator[tuple[asyncio.AbstractEventLoop, Service]]:
+    """A service whose price table has Perplexity's kind of models: a search context fee (its default not the
+    cheapest), and reasoning billed beside the output with searches the model runs as it will."""
+    loop = asyncio.new_event_loop()
+    service = loop.run_until_complete(Service.build(make_settings(backend)))
+    loop.run_until_complete(service.start())
+    policy = SAMPLE_POLICY.replace("limit: 20}", "limit: 100000}").replace("  models:\n", (
+        "  models:\n    sonar:\n      provider: perplexity\n      tier: low-cost\n      input: \"1.00\"\n"
+        "      output: \"1.00\"\n      per_search_context: {low: \"0.005\", medium: \"0.008\", high: \"0.012\"}\n"
+        "      search_context_default: medium\n"
+        "    sonar-deep-research:\n      provider: perplexity\n      tier: low-cost\n      input: \"2.00\"\n"
+        "      output: \"8.00\"\n      reasoning_output: \"3.00\"\n      per_web_search: \"0.005\"\n"
+        "      searches_held: 20\n"), 1)
+    loop.run_until_complete(service.admin.apply_policy(policy, "p.yaml"))
+    yield loop, service
+    loop.run_until_complete(service.close())
+    loop.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(asked=st.sampled_from(["", "low", "medium", "high", "ultra"]), data=st.data(),
+       input_tokens=st.integers(1, 5_000), cap=st.integers(1, 2_000), deep=st.booleans())
+def test_a_search_fee_and_unbounded_searches_and_reasoning_are_never_held_short(
+        searching, asked: str, data: st.DataObject, input_tokens: int, cap: int, deep: bool) -> None:
+    """Whatever size a request asks its search for (none, one priced, one not priced), the size the provider
+    then runs it at (the one asked when priced; its default, which the table names, when none; any other-
+    wise) is never dearer than what policyd held, and is what it charges; a deep research's output, reasoning
+    (each up to the cap) and searches (up to those its model is held for) the same."""
+    loop, service = searching
+    customer = f"search{next(counter)}"
+    if asked in SEARCH_FEES:
+        ran = data.draw(st.sampled_from([asked, ""]))
+    elif asked == "":
+        ran = data.draw(st.sampled_from(["medium", ""]))
+    else:
+        ran = data.draw(st.sampled_from([*SEARCH_FEES, ""]))
+    output = data.draw(st.integers(0, cap))
+    reasoning = data.draw(st.integers(0, cap)) if deep else 0
+    searches = data.draw(st.integers(0, 20)) if deep else 0
+
+    async def run() -> None:
+        await service.admin.grant_credit(customer, 10**12, "USD", "purchase")
+        key = await service.admin.create_key(label="p", customer_id=customer, environment="production", plan="free")
+        request = ask(key.secret, model="sonar-deep-research" if deep else "sonar", request_id=f"{customer}-1",
+                      input_tokens=input_tokens, max_output_tokens=cap)
+        held = await service.engine.authorize(replace(request, shape=replace(request.shape,
+                                                                             search_context_size=asked)))
+        assert held.decision == "allow", held
+        settled = await service.engine.settle(usage(held.request_id, input_tokens=input_tokens,
+                                                    output_tokens=output + reasoning, reasoning_output_tokens=reasoning,
+                                                    web_searches=searches, search_context_size=ran))
+        assert settled.charge <= held.reserved
+        if not deep:
+            fee = SEARCH_FEES[ran or (asked if asked in SEARCH_FEES else "medium") if ran or asked != "ultra"
+                              else "high"]
+            assert settled.cost == input_tokens * 1_000 + output * 1_000 + fee
+
+    loop.run_until_complete(run())
