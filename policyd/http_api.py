@@ -747,7 +747,9 @@ def _tools(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _search_tools(data: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    return [t for t in _tools(data) if str(t.get("type", "")).startswith(kind)]
+    """The request's search tools of a kind; web searches are also xAI's searches of X (x_search), billed alike."""
+    kinds = (kind, "x_search") if kind == "web_search" else (kind,)
+    return [t for t in _tools(data) if str(t.get("type", "")).startswith(kinds)]
 
 
 # An image model's output_tokens_per_image is the most one image of the standard sizes bills (up to
@@ -829,7 +831,8 @@ def _azure_without_stream_usage(path: str) -> bool:
 _STORED_CONTEXT = ("previous_response_id", "conversation", "cachedContent", "cached_content", "mcp_servers",
                    "web_search_options")
 _REFERENCE_KEYS = ("file_id", "file_uri", "fileUri", "file_url")
-_SERVER_TOOL_TYPES = ("web_search", "file_search", "mcp", "code_interpreter", "web_fetch", "code_execution")
+_SERVER_TOOL_TYPES = ("web_search", "file_search", "mcp", "code_interpreter", "web_fetch", "code_execution",
+                      "x_search")
 _GOOGLE_SEARCH_KEYS = ("googleSearch", "google_search", "googleSearchRetrieval", "google_search_retrieval")
 _GOOGLE_MAPS_KEYS = ("googleMaps", "google_maps")
 _SERVER_TOOL_KEYS = (*_GOOGLE_SEARCH_KEYS, *_GOOGLE_MAPS_KEYS, "urlContext", "url_context", "codeExecution",

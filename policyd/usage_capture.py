@@ -177,13 +177,25 @@ def _containers_used(items: list[Any]) -> set[str]:
 
 def _billable_searches(response: dict[str, Any], output: list[dict[str, Any]]) -> int:
     """The Responses API's billed web searches: its `tool_usage.web_search.num_requests` when it reports
-    it, else its web_search_call items that searched (opening a page or finding in one is not billed)."""
+    it, xAI's server-side searches (of the web and of X) when its usage counts them, else its web_search_call
+    items that searched (opening a page or finding in one is not billed)."""
+    if (xai := _xai_searches(_dict(response.get("usage")))) is not None:
+        return xai
     tool_usage = _dict(response.get("tool_usage"))
     web_search = tool_usage.get("web_search") if isinstance(tool_usage.get("web_search"), dict) else None
     if web_search is not None and "num_requests" in web_search:
         return _n(web_search.get("num_requests"))
     return sum(1 for item in output if item.get("type") == "web_search_call"
                and _dict(item.get("action")).get("type", "search") == "search")
+
+
+def _xai_searches(usage: dict[str, Any]) -> int | None:
+    """The searches xAI's server-side tools ran, as its usage counts them (server_side_tool_usage_details: its
+    web_search and x_search tools' calls, billed each); None where a usage counts none."""
+    details = usage.get("server_side_tool_usage_details")
+    if not isinstance(details, dict):
+        return None
+    return _n(details.get("web_search_calls")) + _n(details.get("x_search_calls"))
 
 
 def _image_generation_usage(response: dict[str, Any], output: list[dict[str, Any]], seen: Tokens) -> None:
@@ -364,13 +376,14 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
 
 def _search_usage(usage: dict[str, Any], seen: Tokens) -> None:
     """What Perplexity's chat usage says beside OpenAI's: the search context size its search ran with (a fee
-    each request by it), the searches it ran (Sonar Deep Research's num_search_queries, billed each), and its
+    each request by it), the searches it ran (Sonar Deep Research's num_search_queries, xAI's server-side
+    tools' calls: billed each), and its
     reasoning_tokens, billed at their own price, in neither completion_tokens nor total_tokens (where a total
     holds them, they are in the output already). Read the same from every chunk of a stream that repeats them."""
     size = usage.get("search_context_size")
     if isinstance(size, str) and size.strip():
         seen.search_context_size = size.strip().lower()[:SEARCH_CONTEXT_LENGTH_MAX]
-    seen.web_searches = max(seen.web_searches, _n(usage.get("num_search_queries")))
+    seen.web_searches = max(seen.web_searches, _n(usage.get("num_search_queries")), _xai_searches(usage) or 0)
     reasoning = _n(usage.get("reasoning_tokens"))
     if reasoning:
         seen.output_tokens = max(seen.output_tokens, _n(usage.get("completion_tokens")) + reasoning)

@@ -775,6 +775,33 @@ def test_perplexitys_async_chat_is_a_chat_completion_run_as_a_job() -> None:
     assert background_answer(200, b"not json", "chat_completions")[0] == "wait"
 
 
+def test_xais_server_side_searches_are_counted_as_its_usage_counts_them() -> None:
+    """xAI's Agent Tools (its Responses API's web_search and x_search tools) bill each search; its usage counts
+    them (server_side_tool_usage_details), its output items do not show searches of X. An x_search tool is a
+    search tool: left unbounded, bounded at the plan's default like a web search tool, and its results are input
+    the body does not carry."""
+    usage = {"input_tokens": 3834, "output_tokens": 467, "total_tokens": 4301, "cost_in_usd_ticks": 127344000,
+             "server_side_tool_usage_details": {"web_search_calls": 1, "x_search_calls": 2}}
+    whole = ResponseReader("responses", stream=False)
+    whole.feed(json.dumps({"id": "resp_x", "status": "completed", "output": [
+        {"type": "web_search_call", "status": "completed", "action": {"type": "search"}}], "usage": usage}).encode())
+    streamed = ResponseReader("responses", stream=True)
+    streamed.feed(_sse({"type": "response.completed", "response": {"id": "resp_x", "status": "completed",
+                                                                    "output": [], "usage": usage}}))
+    chat = ResponseReader("chat_completions", stream=False)
+    chat.feed(json.dumps({"choices": [{"message": {"content": "ok"}}], "usage": {
+        "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+        "server_side_tool_usage_details": {"web_search_calls": 2, "x_search_calls": 1}}}).encode())
+    for reader in (whole, streamed, chat):
+        reader.finish()
+        assert reader.tokens.web_searches == 3
+    body = {"model": "grok-4", "input": "what is new on X?", "tools": [{"type": "x_search"}]}
+    call = parse_call("POST", "/v1/responses", {}, json.dumps(body).encode())
+    assert (call.unbounded_web_search_tools, call.unseen_input) == (1, True)
+    bounded = parse_call("POST", "/v1/responses", {}, json.dumps({**body, "max_tool_calls": 4}).encode())
+    assert (bounded.unbounded_web_search_tools, bounded.web_searches) == (0, 4)
+
+
 def test_reasoning_reported_beside_the_output_is_charged_as_output() -> None:
     """xAI (and OpenAI-compatible servers following it) report reasoning outside completion_tokens, in the
     total: prompt 10,120 + completion 1,499 + reasoning 2,809 = 14,428. OpenAI counts it inside."""
