@@ -875,10 +875,12 @@ class MockProvider:
         if job_id is None:
             request = body.get("request") if isinstance(body.get("request"), dict) else None
             if request is None or not request.get("messages"):
-                return h._json(422, {"detail": [{"type": "missing", "loc": ["body", "request"], "msg": "Field required"}]})
+                return h._json(422, {"detail": [{"type": "missing", "loc": ["body", "request"],
+                                                  "msg": "Field required"}]})
             model = str(request.get("model"))
             job = {"id": f"job-mock-{next(self.response_ids)}", "model": model, "created_at": 1, "started_at": None,
-                   "completed_at": None, "failed_at": None, "response": None, "error_message": None, "status": "CREATED"}
+                   "completed_at": None, "failed_at": None, "response": None, "error_message": None,
+                   "status": "CREATED"}
             p_tokens, c_tokens = prompt_tokens(request), min(output_cap(request), COMPLETION_TOKENS_MAX)
             answer = {"id": f"chatcmpl-{job['id']}", "model": model, "created": 2, "object": "chat.completion",
                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(WORDS[:c_tokens])},

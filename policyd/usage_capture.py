@@ -370,16 +370,16 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
                                   seen.input_tokens - seen.cached_input_tokens - seen.cache_write_input_tokens)
     seen.output_tokens = _billed_output(usage, "prompt_tokens", "completion_tokens")
     seen.audio_output_tokens = min(_n(out_details.get("audio_tokens")), seen.output_tokens)
-    _search_usage(usage, seen)
+    _search_and_reasoning_usage(usage, seen)
     return True
 
 
-def _search_usage(usage: dict[str, Any], seen: Tokens) -> None:
-    """What Perplexity's chat usage says beside OpenAI's: the search context size its search ran with (a fee
-    each request by it), the searches it ran (Sonar Deep Research's num_search_queries, xAI's server-side
-    tools' calls: billed each), and its
-    reasoning_tokens, billed at their own price, in neither completion_tokens nor total_tokens (where a total
-    holds them, they are in the output already). Read the same from every chunk of a stream that repeats them."""
+def _search_and_reasoning_usage(usage: dict[str, Any], seen: Tokens) -> None:
+    """What a chat usage says beside OpenAI's fields: the search context size the search ran with (Perplexity's:
+    a fee each request by it), the searches run (Sonar Deep Research's num_search_queries, xAI's server-side
+    tools' calls: billed each), and Perplexity's reasoning_tokens, billed at their own price, in neither
+    completion_tokens nor total_tokens (where a total holds them, they are in the output already). Read the
+    same from every chunk of a stream that repeats them."""
     size = usage.get("search_context_size")
     if isinstance(size, str) and size.strip():
         seen.search_context_size = size.strip().lower()[:SEARCH_CONTEXT_LENGTH_MAX]
