@@ -746,10 +746,16 @@ def _tools(data: dict[str, Any]) -> list[dict[str, Any]]:
     return [t for t in listed if isinstance(t, dict)] if isinstance(listed, list) else []
 
 
+_SEARCH_TOOL_KINDS = {"web_search": ("web_search", "x_search")}  # xAI's searches of X are billed as web searches
+
+
 def _search_tools(data: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     """The request's search tools of a kind; web searches are also xAI's searches of X (x_search), billed alike."""
-    kinds = (kind, "x_search") if kind == "web_search" else (kind,)
-    return [t for t in _tools(data) if str(t.get("type", "")).startswith(kinds)]
+    tools = _tools(data)
+    if not tools:
+        return tools
+    kinds = _SEARCH_TOOL_KINDS.get(kind, (kind,))
+    return [t for t in tools if str(t.get("type", "")).startswith(kinds)]
 
 
 # An image model's output_tokens_per_image is the most one image of the standard sizes bills (up to
@@ -1086,8 +1092,9 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.least_output_cap = budget + 1
     # a stored chat completion, or an async chat's job (Perplexity's): its reply's id is read
     call.stores_reply = endpoint == "chat_completions" and (data.get("store") is True or named.async_chat)
-    if endpoint == "chat_completions" and '"search_context_size"' in text:  # a fee by it, where priced
-        size = _dict_of(data, "web_search_options").get("search_context_size")
+    options = data.get("web_search_options") if endpoint == "chat_completions" else None
+    if isinstance(options, dict):  # a fee by its search context size, where priced
+        size = options.get("search_context_size")
         call.search_context_size = size.strip().lower()[:SEARCH_CONTEXT_LENGTH_MAX] if isinstance(size, str) else ""
     modalities = data.get("modalities")
     call.audio_output = isinstance(modalities, list) and "audio" in modalities

@@ -64,31 +64,47 @@ class Quantities:
 
 
 def cost_of(price: Prices, q: Quantities) -> int:
+    """What the quantities cost at the price, each quantity priced by THE rounding rule (money.price_quantity);
+    quantities of none cost nothing and are passed over (most requests have a few of the kinds)."""
+    tokens = price.for_input(q.input_tokens, q.service_tier)  # a service or long-context tier prices every token
+    cost = 0
     text_input = (q.input_tokens - q.cached_input_tokens - q.cache_write_input_tokens - q.audio_input_tokens
                   - q.image_input_tokens)
-    tokens = price.for_input(q.input_tokens, q.service_tier)  # a service or long-context tier prices every token
-    return (
-        price_quantity(text_input, tokens.input)
-        + price_quantity(q.audio_input_tokens, tokens.audio_input_price)
-        + price_quantity(q.image_input_tokens, tokens.image_input_price)
-        + price_quantity(q.cached_input_tokens, tokens.cached_input_price)
-        + price_quantity(q.cache_write_input_tokens - q.cache_write_1h_input_tokens, tokens.cache_write_input_price)
-        + price_quantity(q.cache_write_1h_input_tokens, tokens.cache_write_1h_input_price)
-        + price_quantity(q.output_tokens - q.audio_output_tokens - q.image_output_tokens - q.reasoning_output_tokens,
-                         tokens.output)
-        + price_quantity(q.reasoning_output_tokens, tokens.reasoning_output_price)
-        + price_quantity(q.audio_output_tokens, tokens.audio_output_price)
-        + price_quantity(q.image_output_tokens, tokens.image_output_price)
-        + q.images * price.per_image
-        + q.seconds * price.per_second
-        + q.requests * price.per_request
-        + (min(q.web_searches, 1) if price.web_search_unit == "request" else q.web_searches) * price.per_web_search
-        + q.file_searches * price.per_file_search
-        + (q.containers * price.per_container.get(q.container_memory, 0) if q.containers else 0)
-        + q.maps_groundings * price.per_maps_grounding
-        + q.search_units * price.per_search_unit
-        + (q.requests * price.search_context_fee(q.search_context_size) if price.per_search_context else 0)
-    )
+    if text_input:
+        cost += price_quantity(text_input, tokens.input)
+    if q.audio_input_tokens:
+        cost += price_quantity(q.audio_input_tokens, tokens.audio_input_price)
+    if q.image_input_tokens:
+        cost += price_quantity(q.image_input_tokens, tokens.image_input_price)
+    if q.cached_input_tokens:
+        cost += price_quantity(q.cached_input_tokens, tokens.cached_input_price)
+    if q.cache_write_input_tokens:
+        cost += price_quantity(q.cache_write_input_tokens - q.cache_write_1h_input_tokens,
+                               tokens.cache_write_input_price) \
+            + price_quantity(q.cache_write_1h_input_tokens, tokens.cache_write_1h_input_price)
+    text_output = q.output_tokens - q.audio_output_tokens - q.image_output_tokens - q.reasoning_output_tokens
+    if text_output:
+        cost += price_quantity(text_output, tokens.output)
+    if q.reasoning_output_tokens:
+        cost += price_quantity(q.reasoning_output_tokens, tokens.reasoning_output_price)
+    if q.audio_output_tokens:
+        cost += price_quantity(q.audio_output_tokens, tokens.audio_output_price)
+    if q.image_output_tokens:
+        cost += price_quantity(q.image_output_tokens, tokens.image_output_price)
+    cost += q.images * price.per_image + q.seconds * price.per_second + q.requests * price.per_request
+    if q.web_searches:
+        cost += (min(q.web_searches, 1) if price.web_search_unit == "request" else q.web_searches) * price.per_web_search
+    if q.file_searches:
+        cost += q.file_searches * price.per_file_search
+    if q.containers:
+        cost += q.containers * price.per_container.get(q.container_memory, 0)
+    if q.maps_groundings:
+        cost += q.maps_groundings * price.per_maps_grounding
+    if q.search_units:
+        cost += q.search_units * price.per_search_unit
+    if price.per_search_context:
+        cost += q.requests * price.search_context_fee(q.search_context_size)
+    return cost
 
 
 # The image_generation tool (the Responses API's): each partial image a streamed call sends is billed as
