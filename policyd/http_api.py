@@ -121,8 +121,8 @@ _GEMINI_BATCH_METHODS = {"": ("GET", "DELETE"), ":cancel": ("POST",)}
 # bodies and usage, or Anthropic's (rawPredict, streamRawPredict)
 _VERTEX = re.compile(r"(^|/)v1(beta1)?/projects/[^/]+/locations/[^/]+/publishers/(?P<publisher>google|anthropic)"
                      r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent|countTokens"
-                     r"|rawPredict|streamRawPredict|predict)$")
-_VERTEX_VERBS = {"google": ("generateContent", "streamGenerateContent", "countTokens", "predict"),
+                     r"|rawPredict|streamRawPredict|predict|embedContent)$")
+_VERTEX_VERBS = {"google": ("generateContent", "streamGenerateContent", "countTokens", "predict", "embedContent"),
                  "anthropic": ("rawPredict", "streamRawPredict")}
 _TOKEN_COUNTS = [  # and other calls free at the provider
     (re.compile(r"(^|/)v1/messages/count_tokens/?$"), "anthropic_messages"),
@@ -418,6 +418,8 @@ def endpoint_of(method: str, path: str) -> Endpoint:
             return Endpoint()
         if verb == "predict":
             return _imagen(vertex.group("model"))
+        if verb == "embedContent":  # Vertex AI's Gemini embeddings (their usage in usageMetadata)
+            return Endpoint("embeddings", vertex.group("model"))
         if publisher == "anthropic" and vertex.group("model") == "count-tokens":  # Claude's token count on Vertex
             return Endpoint("anthropic_messages", count_tokens=True)  # the model in its body
         family = "gemini_generate_content" if publisher == "google" else "anthropic_messages"

@@ -393,8 +393,11 @@ class MockProvider:
             if scenario == "filtered":
                 images = [*images[1:], {"raiFilteredReason": "withheld by the mock's safety filter"}]
             return h._json(200, {"predictions": images})
-        if route.endswith(":embedContent"):  # Gemini's embeddings: no usage in the reply
-            return h._json(200, {"embedding": {"values": [0.1, 0.2]}})
+        if route.endswith(":embedContent"):  # Gemini's embeddings: no usage in the reply; Vertex AI's report it
+            counted = -(-len(json.dumps(body.get("content") or "").encode()) // 5)  # not policyd's estimate
+            vertex_usage = {"usageMetadata": {"promptTokenCount": counted, "totalTokenCount": counted}} \
+                if "/publishers/google/" in route else {}
+            return h._json(200, {"embedding": {"values": [0.1, 0.2]}, **vertex_usage})
         if route.endswith(":batchEmbedContents"):
             return h._json(200, {"embeddings": [{"values": [0.1, 0.2]} for _ in body.get("requests") or [{}]]})
         gemini = GEMINI_PATH.search(route)

@@ -323,6 +323,9 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     usage = data.get("usage")
     if not isinstance(usage, dict) and endpoint in ("chat_completions", "completions"):
         usage = _dict(data.get("x_groq")).get("usage")  # Groq's streams put it there (its OpenAI-compatible API)
+    if endpoint == "embeddings" and isinstance(data.get("usageMetadata"), dict):  # Vertex AI's Gemini embeddings
+        seen.input_tokens = _n(data["usageMetadata"].get("promptTokenCount"))
+        return True
     billed = _dict(_dict(data.get("meta")).get("billed_units")) if endpoint == "embeddings" else {}
     if not isinstance(usage, dict) and billed:  # Cohere's embed: the tokens it bills, in its meta
         seen.input_tokens = _n(billed.get("input_tokens"))

@@ -2826,7 +2826,8 @@ def test_conversations_are_reached_by_their_own_customer_only(gateway: Gateway) 
 
 def test_gemini_embeddings_are_charged_as_estimated_from_their_text(gateway: Gateway) -> None:
     """Gemini's embedContent and batchEmbedContents report no usage: each is charged the input estimated
-    from its text (marked usage_estimated), never passed unmetered."""
+    from its text (marked usage_estimated), never passed unmetered. Vertex AI's embedContent reports its
+    usageMetadata: charged that."""
     root = f"http://127.0.0.1:{gateway.port}/v1beta/models/gemini-embedding-001"
     key = gateway.customer("e2e-gemini-embed", plan="google")
     text = "a ledger line " * 40  # 560 bytes: 140 tokens estimated, and 4 for the one message
@@ -2841,6 +2842,17 @@ def test_gemini_embeddings_are_charged_as_estimated_from_their_text(gateway: Gat
         assert (record["endpoint"], record["status"], record["input_tokens"]) == ("embeddings", "settled", tokens)
         assert record["error_class"].startswith("usage_estimated")
         assert record["charge_nanos"] == price_quantity(tokens, parse_amount("0.15"))
+    # Vertex AI's embedContent reports the tokens it bills: charged exactly those (it was unknown_endpoint)
+    vertex = f"http://127.0.0.1:{gateway.port}/v1/projects/acme/locations/us-central1/publishers/google/models/"
+    body = {"content": {"parts": [{"text": text}]}}
+    code, headers, reply = post(f"{vertex}gemini-embedding-001:embedContent",
+                                {"authorization": f"Bearer {key}", "content-type": "application/json"},
+                                json.dumps(body).encode())
+    assert code == 200 and reply["usageMetadata"]["promptTokenCount"] != 144, reply
+    record = gateway.record(headers["x-policyd-request-id"])
+    assert (record["endpoint"], record["status"], record["error_class"], record["input_tokens"]) == (
+        "embeddings", "settled", "", reply["usageMetadata"]["promptTokenCount"])
+    assert record["charge_nanos"] == price_quantity(reply["usageMetadata"]["promptTokenCount"], parse_amount("0.15"))
 
 
 def test_reranks_are_charged_as_each_reranker_bills_them(gateway: Gateway) -> None:

@@ -802,6 +802,20 @@ def test_xais_server_side_searches_are_counted_as_its_usage_counts_them() -> Non
     assert (bounded.unbounded_web_search_tools, bounded.web_searches) == (0, 4)
 
 
+def test_vertex_ais_gemini_embeddings_are_read_with_their_usage() -> None:
+    """Vertex AI's embedContent (its path under a project's location) is an embedding whose reply counts the
+    tokens it bills (usageMetadata); the Gemini API's counts none (estimated from its text)."""
+    path = "/v1/projects/acme/locations/us-central1/publishers/google/models/gemini-embedding-001:embedContent"
+    call = parse_call("POST", path, {}, json.dumps({"content": {"parts": [{"text": "a ledger line"}]}}).encode())
+    assert (call.endpoint, call.model, call.problem) == ("embeddings", "gemini-embedding-001", "")
+    vertex, gemini = ResponseReader("embeddings", stream=False), ResponseReader("embeddings", stream=False)
+    vertex.feed(b'{"embedding": {"values": [0.1]}, "usageMetadata": {"promptTokenCount": 7, "totalTokenCount": 7}}')
+    gemini.feed(b'{"embedding": {"values": [0.1]}}')
+    for reader in (vertex, gemini):
+        reader.finish()
+    assert (vertex.tokens.input_tokens, vertex.found_usage, gemini.found_usage) == (7, True, False)
+
+
 def test_reasoning_reported_beside_the_output_is_charged_as_output() -> None:
     """xAI (and OpenAI-compatible servers following it) report reasoning outside completion_tokens, in the
     total: prompt 10,120 + completion 1,499 + reasoning 2,809 = 14,428. OpenAI counts it inside."""
