@@ -42,7 +42,15 @@ log = logging.getLogger("policyd.background")
 # rather than held for hours and charged as held
 UNFOLLOWABLE = ("background responses need the provider account's base_url, where policyd asks for them until "
                 "they end (their usage comes after the request); ask without background")
+UNFOLLOWABLE_JOB = ("async chat completions need the provider account's base_url, where policyd asks for the job "
+                    "until it ends (its usage comes after the request); call chat/completions instead")
 UNFOLLOWABLE_RELEASE = "background_unfollowable"
+
+
+def unfollowable(endpoint: str) -> tuple[str, str]:
+    """The refusal (message, param) of a background request whose account policyd cannot ask for it at: a
+    Responses API background response's, or an async chat completion's (Perplexity's job; its body's request)."""
+    return (UNFOLLOWABLE_JOB, "request") if endpoint == "chat_completions" else (UNFOLLOWABLE, "background")
 
 POLL_BATCH = 50  # background responses claimed a turn, a partition
 POLLS_AT_ONCE = 16  # ... asked for at once

@@ -109,8 +109,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             return deny_decision(decision)
         if call.background and not self.pool.follows(decision.provider, decision.account):
             await self.engine.release(decision.request_id, background.UNFOLLOWABLE_RELEASE)
-            return denied(400, http_api.error_body("invalid_request_error", "invalid_request", background.UNFOLLOWABLE,
-                                                   "background"))
+            return denied(400, http_api.error_body("invalid_request_error", "invalid_request",
+                                                   *background.unfollowable(call.endpoint)))
         return self._allow(call, decision)
 
     def _allow(self, call: http_api.HttpCall, d: Decision) -> Any:

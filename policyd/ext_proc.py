@@ -338,7 +338,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if call.background and not self.pool.follows(decision.provider, decision.account):
             await self.engine.release(decision.request_id, background.UNFOLLOWABLE_RELEASE)
             return None, immediate(400, http_api.error_body("invalid_request_error", "invalid_request",
-                                                            background.UNFOLLOWABLE, "background"))
+                                                            *background.unfollowable(call.endpoint)))
         # the observer filter reads every reply (a token count's, free, is not read)
         upstream = upstream_request(decision, self.pool, observed=not call.count_tokens,
                                     usage_unasked=call.usage_kept_from_client(decision.stream_usage_reported))

@@ -107,11 +107,18 @@ async def test_an_azure_account_sends_its_key_as_api_key_and_the_customers_never
     assert metadata["model_in_path"].bool_value and metadata["requested_model"].string_value == "gpt-4o"
 
 
+JOBS = {"background": ("/v1/responses", b'{"model": "gpt-4o-mini", "input": "research", "background": true}'),
+        "request": ("/async/chat/completions",  # Perplexity's async chat completion: a job
+                    b'{"request": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "research"}]}}')}
+
+
+@pytest.mark.parametrize("param", JOBS)
 @pytest.mark.parametrize("base_url", ["", "https://provider.example/v1"])
-async def test_a_background_response_policyd_cannot_follow_is_refused_and_released(base_url: str) -> None:
-    """A background response is charged when policyd, asking its provider for it, finds it ended: on an account
-    without a base_url to ask at, it is refused before the provider (400, param background) and its hold
-    released, rather than held for hours and charged as held."""
+async def test_a_background_response_policyd_cannot_follow_is_refused_and_released(base_url: str, param: str) -> None:
+    """A background response (or an async chat completion's job) is charged when policyd, asking its provider
+    for it, finds it ended: on an account without a base_url to ask at, it is refused before the provider (400,
+    param background, or request for a job) and its hold released, rather than held for hours and charged as
+    held."""
     from policyd.domain import Decision
     from policyd.providers import Account
 
@@ -127,9 +134,9 @@ async def test_a_background_response_policyd_cannot_follow_is_refused_and_releas
 
     request = check_request()
     http = request.attributes.request.http
-    http.path = "/v1/responses"
-    http.raw_body = b'{"model": "gpt-4o-mini", "input": "research", "background": true}'
+    http.path, http.raw_body = JOBS[param]
     engine = Releasing()
+    engine.released = []
     pool = ProviderPool([Account("openai-1", "openai", "openai", "bearer", "sk-1", base_url=base_url)])
     answer = await AuthorizationServicer(engine, pool).Check(request, None)  # type: ignore[arg-type]
     if base_url:
@@ -138,5 +145,5 @@ async def test_a_background_response_policyd_cannot_follow_is_refused_and_releas
         return
     assert answer.denied_response.status.code == 400
     error = json.loads(answer.denied_response.body)["error"]
-    assert (error["code"], error["param"]) == ("invalid_request", "background") and "base_url" in error["message"]
+    assert (error["code"], error["param"]) == ("invalid_request", param) and "base_url" in error["message"]
     assert engine.released == [("r-bg", "background_unfollowable")]
