@@ -38,6 +38,18 @@ class PolicyError(ValueError):
 CONTAINER_MEMORY_LENGTH_MAX = 16
 
 
+def _named_amounts(value: Any, what: str, length_max: int, example: str, lowercase: bool = False) -> Any:
+    """Amounts by name (a container's memory limit, a search context size), each name 1-`length_max`
+    characters (lowercase where told), each amount in nanos."""
+    if not isinstance(value, dict):
+        return value
+    for name in value:
+        if not isinstance(name, str) or not 0 < len(name) <= length_max or (
+                lowercase and name != name.strip().lower()):
+            raise ValueError(f"{what} of 1-{length_max}{' lowercase' if lowercase else ''} characters, like {example}")
+    return {name: _nanos(amount) for name, amount in value.items()}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -153,32 +165,16 @@ class Prices(_Strict):
     @field_validator("per_container", mode="before")
     @classmethod
     def _container_prices(cls, value: Any) -> Any:
-        if not isinstance(value, dict):
-            return value
-        for memory in value:
-            if not isinstance(memory, str) or not 0 < len(memory) <= CONTAINER_MEMORY_LENGTH_MAX:
-                raise ValueError(f"per_container: a memory limit of 1-{CONTAINER_MEMORY_LENGTH_MAX} characters, like 1g")
-        return {memory: _nanos(amount) for memory, amount in value.items()}
-
-    @field_serializer("per_container")
-    def _render_containers(self, value: dict[str, int]) -> dict[str, str]:
-        return {memory: format_amount(amount) for memory, amount in value.items()}
+        return _named_amounts(value, "per_container: a memory limit", CONTAINER_MEMORY_LENGTH_MAX, "1g")
 
     @field_validator("per_search_context", mode="before")
     @classmethod
     def _search_context_fees(cls, value: Any) -> Any:
-        if not isinstance(value, dict):
-            return value
-        for size in value:
-            if not isinstance(size, str) or size != size.strip().lower() or \
-                    not 0 < len(size) <= SEARCH_CONTEXT_LENGTH_MAX:
-                raise ValueError(f"per_search_context: a size of 1-{SEARCH_CONTEXT_LENGTH_MAX} lowercase characters, "
-                                 "like low")
-        return {size: _nanos(amount) for size, amount in value.items()}
+        return _named_amounts(value, "per_search_context: a size", SEARCH_CONTEXT_LENGTH_MAX, "low", lowercase=True)
 
-    @field_serializer("per_search_context")
-    def _render_search_context_fees(self, value: dict[str, int]) -> dict[str, str]:
-        return {size: format_amount(amount) for size, amount in value.items()}
+    @field_serializer("per_container", "per_search_context")
+    def _render_named_amounts(self, value: dict[str, int]) -> dict[str, str]:
+        return {name: format_amount(amount) for name, amount in value.items()}
 
     def search_context_fee(self, size: str) -> int:
         """The fee of a request whose web search ran with this search context size: its price; the default
