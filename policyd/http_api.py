@@ -180,12 +180,12 @@ _MESSAGE_BATCH_METHODS = {"": ("GET", "DELETE"), "/results": ("GET",), "/cancel"
 # ... a batch made, as the gateway's route matches it (RE2, the whole path): decided on longer (its file is read)
 BATCHES_PATH_REGEX = r"(.*/)?((v1|openai)/batches|v1/messages/batches|v1beta/models/[^/:]+:batchGenerateContent)/?"
 _FILE_METHODS = {"": ("GET", "DELETE"), "/content": ("GET",)}
-# a chat completion the provider stored (store: true): read, its metadata changed, deleted; its messages read
 # Perplexity's async chat completions (Sonar Deep Research's long runs): a job made of the chat completion under its
 # body's "request", whose answer comes later, when the job is asked for (GET of it, free, for its own customer's keys
 # alone; the account-wide list is not offered): held until the provider says it ended (policyd/background.py)
 _ASYNC_CHAT = re.compile(r"(^|/)(async/chat/completions|v1/async/sonar)/?$")
 _ASYNC_CHAT_JOB = re.compile(r"(^|/)(async/chat/completions|v1/async/sonar)/(?P<id>[A-Za-z0-9_.-]{1,200})/?$")
+# a chat completion the provider stored (store: true): read, its metadata changed, deleted; its messages read
 _STORED_CHAT = re.compile(r"(^|/)v1/chat/completions/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/messages)?/?$")
 _STORED_CHAT_METHODS = {"": ("GET", "POST", "DELETE"), "/messages": ("GET",)}
 _MODELS = re.compile(r"(^|/)models/?$")  # under any prefix, as OpenAI's API is read (Gemini's /v1beta too)
@@ -1053,7 +1053,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
                         f"{AZURE_STREAM_USAGE_SINCE} or later (or the v1 API), which takes stream_options: its "
                         f"usage is what it is charged", "api-version")
     # a background response: its usage comes after its reply, charged when policyd finds it ended (background.py)
-    call.background = endpoint == "responses" and data.get("background") is True or named.async_chat
+    # (or an async chat completion's job: Perplexity's)
+    call.background = (endpoint == "responses" and data.get("background") is True) or named.async_chat
     image_tools = [t for t in _tools(data) if t.get("type") == "image_generation"] if endpoint == "responses" else []
     if image_tools:  # its images are billed apart from the reply's usage, at the image model's prices
         if len(image_tools) > 1:
