@@ -360,6 +360,21 @@ def test_a_background_response_is_followed_to_its_end_and_charged_what_it_used(g
     assert gateway.wallet("mw-background").reserved_nanos == 0
 
 
+def test_a_search_context_fee_is_charged_through_the_middleware(gateway: ExampleGateway) -> None:
+    """Perplexity's Sonar: the size its request asks its search for reaches policyd (held at its fee), and the
+    size its reply's usage names is charged."""
+    key = gateway.customer("mw-sonar", plan="perplexity")
+    raw = gateway.client(key).chat.completions.with_raw_response.create(
+        model="sonar", messages=[{"role": "user", "content": "mw sonar"}], max_tokens=8,
+        extra_body={"web_search_options": {"search_context_size": "medium"}})
+    usage = json.loads(raw.text)["usage"]
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["search_context_size"]) == ("settled", "medium")
+    assert record["cost_nanos"] == price_quantity(usage["prompt_tokens"] + usage["completion_tokens"],
+                                                  parse_amount("1.00")) + parse_amount("0.008")
+    assert record["reserved_nanos"] >= record["cost_nanos"]
+
+
 def test_an_async_chat_job_is_followed_to_its_end_and_charged_its_answer(gateway: ExampleGateway) -> None:
     """Perplexity's async chat completion (/v1/async/sonar): a job answered at once, CREATED, its chat completion
     under "request". The middleware keeps its hold and asks the proxy for the job until it is COMPLETED, then
