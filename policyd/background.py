@@ -47,9 +47,16 @@ UNFOLLOWABLE_JOB = ("async chat completions need the provider account's base_url
 UNFOLLOWABLE_RELEASE = "background_unfollowable"
 
 
+UNFOLLOWABLE_OPERATION = ("videos need the provider account's base_url, where policyd asks for their operation "
+                          "until it is done (their seconds are billed when it is)")
+
+
 def unfollowable(endpoint: str) -> tuple[str, str]:
     """The refusal (message, param) of a background request whose account policyd cannot ask for it at: a
-    Responses API background response's, or an async chat completion's (Perplexity's job; its body's request)."""
+    Responses API background response's, an async chat completion's (Perplexity's job; its body's request), a
+    Veo operation's."""
+    if endpoint == "videos":
+        return UNFOLLOWABLE_OPERATION, "model"
     return (UNFOLLOWABLE_JOB, "request") if endpoint == "chat_completions" else (UNFOLLOWABLE, "background")
 
 POLL_BATCH = 50  # background responses claimed a turn, a partition
@@ -175,8 +182,9 @@ class BackgroundResponses:
                                              REPLY_BYTES_MAX, POLL_TIMEOUT_SECONDS)
             action, reader = background_answer(*answer, endpoint)
             status, report = reader.response_status, UsageReport(
-                request_id=request_id, **reader.tokens.fields(), upstream_status=200, provider_account=account_name,
-                provider_response_id=response_id)
+                request_id=request_id, **reader.tokens.fields(), images=reader.images, upstream_status=200,
+                provider_account=account_name, provider_response_id=response_id,
+                provider_file_ids=tuple(reader.files))  # a Veo operation's videos, its customer's
         if action == "wait":
             return "running" if status else "failed"  # asked again at its next turn
         try:

@@ -188,7 +188,7 @@ CLOSED_RECORD_FIELDS = ("request_id", "created_ms", "customer_id", "wallet_id", 
                         "served_model", "policy_version", "price_table_version", "billing_mode", "currency",
                         "max_output_tokens", "choices", "containers", "container_memory", "image_model")
 CLOSED_FIELDS = ("input_tokens_estimate", "seconds_estimate", "audio_tokens_estimate", "image_scale", "images",
-                 "call_token", "search_units", "search_units_likely")
+                 "call_token", "search_units", "search_units_likely", "video_seconds")
 
 
 def closed_facts(reservation: Reservation) -> list[str]:

@@ -20,6 +20,7 @@ ENDPOINTS = (
     "bedrock_converse",
     "rerank",
     "cohere_chat",
+    "videos",
 )
 
 
@@ -283,6 +284,7 @@ class UsageReport:
     stream_interrupted: bool = False
     provider_account: str = ""
     provider_response_id: str = ""  # the id of a response the provider stored (the Responses API's)
+    provider_file_ids: tuple[str, ...] = ()  # files the reply made at the provider (a Veo operation's videos)
     reply_model: str = ""  # the model the provider's reply names: priced as it when the table does and it differs
 
 

@@ -624,8 +624,10 @@ class Engine:
                 whose = await self._whose(request.stored_response)
             customer, *where = (whose or "").split("\t")
             if customer == owner.customer_id:
-                if request.deletes_stored and self.background is not None:  # one policyd waits for: asked for
-                    await self.background.ask_now(customer, request.stored_response)  # first, while it is there
+                # one policyd waits for: asked for first, while it is there; a Veo operation read, so that one done
+                # is charged and its videos made its customer's before the client downloads them
+                if (request.deletes_stored or request.endpoint == "videos") and self.background is not None:
+                    await self.background.ask_now(customer, request.stored_response)
                 return "", "", tuple(where)
             return _not_found(request.stored_response), "", ()
 
@@ -952,6 +954,9 @@ class Engine:
             output_cap = (price.output_tokens_per_image or output_cap) * (s.image_count or 1) * max(1, s.image_scale)
             if s.unseen_input and price.image_input_price > price.input:  # input images, at their dearer price
                 image_input = input_tokens
+        elif request.endpoint == "videos":  # Veo's: its videos' seconds, each as long as asked; no output tokens
+            output_cap = 0
+            seconds = likely_seconds = s.seconds * max(1, s.image_count)
         elif request.endpoint == "audio_transcriptions":  # the audio's seconds, or its audio tokens, and text out
             seconds = audio_seconds(plan, s.seconds, s.audio_bytes, price.max_audio_seconds)
             likely_seconds = audio_seconds_likely(s.seconds, s.audio_bytes)
@@ -1073,6 +1078,9 @@ class Engine:
         if request.shape.image_model and request.shape.image_scale > 1:  # an image at Settle with no usage: as held
             fields["image_scale"] = request.shape.image_scale
             extra += f',"image_scale":{int(request.shape.image_scale)}'
+        if request.endpoint == "videos":  # each video's seconds: the videos its operation made are charged so
+            fields["video_seconds"] = request.shape.seconds
+            extra += f',"video_seconds":{int(request.shape.seconds)}'
         if request.endpoint == "images":  # the images asked for: charged as held if the client leaves first
             fields["images"] = max(1, request.shape.image_count)
             extra += f',"images":{int(max(1, request.shape.image_count))}'
@@ -1285,6 +1293,9 @@ class Engine:
             # a rerank on a model priced per search unit, its count not reported (Bedrock's rerankers give none):
             # the fewest its documents bill, a search unit a hundred
             report = replace(report, search_units=int(reservation.fields["search_units_likely"]))
+        if r.get("endpoint") == "videos" and report.images and not report.seconds:
+            # the videos its operation made (Veo's), each as long as asked: their seconds are what is billed
+            report = replace(report, seconds=report.images * int(reservation.fields.get("video_seconds") or 0))
         if price.per_search_context:  # its search's context size as reported, else as asked, else the default
             report = replace(report, search_context_size=report.search_context_size or str(
                 reservation.fields.get("search_context_size") or "") or price.search_context_default)
@@ -1368,6 +1379,9 @@ class Engine:
             await self.remember_response(r["customer_id"], report.provider_response_id,
                                           report.provider or price.provider, price.upstream, report.provider_account,
                                           context)
+        for file_id in report.provider_file_ids:  # a Veo operation's videos: downloaded by its customer alone
+            await self.remember_response(r["customer_id"], file_id, report.provider or price.provider, price.upstream,
+                                         report.provider_account)
         if reservation.fields.get("conversation") and result.outcome != "exists":
             await self._grow_conversation(str(reservation.fields["conversation"]), context)
         return Settlement(

@@ -312,7 +312,7 @@ class PolicydMiddleware:
         while time.monotonic() < deadline:
             await asyncio.sleep(self.background_poll_seconds)
             try:
-                status, body = await _asked(self.app, exchange.upstream_scope, response_id)
+                status, body = await _asked(self.app, exchange.upstream_scope, response_id, exchange.reader.endpoint)
             except Exception:
                 log.exception("asking for background response %s", response_id[:64])
                 continue
@@ -320,9 +320,11 @@ class PolicydMiddleware:
             if action == "wait":
                 continue  # running, or not answered: asked again
             try:
-                if action == "settle":
+                if action == "settle":  # (a Veo operation's: its videos, and the files they are downloaded by)
                     await self.policy.settle(exchange.request_id, **reader.tokens.fields(), upstream_status=200,
-                                             served_model=exchange.served_model, provider_response_id=response_id)
+                                             served_model=exchange.served_model, provider_response_id=response_id,
+                                             **({"images": reader.images, "provider_file_ids": reader.files}
+                                                if reader.files or reader.images else {}))
                 elif action == "release":
                     await self.policy.release(exchange.request_id, f"background_{reader.response_status}")
                 else:  # gone before it was charged, or ended with no usage: charged as held
@@ -356,10 +358,13 @@ class _Exchange:
         self.closed = False
 
 
-async def _asked(app: ASGIApp, scope: Scope, response_id: str) -> tuple[int, bytes]:
+async def _asked(app: ASGIApp, scope: Scope, response_id: str, endpoint: str = "") -> tuple[int, bytes]:
     """The proxy's answer (status, body) for GET of the response a request made, with that request's headers
-    (its credentials, if the proxy takes any from the client; never the customer's key) and query."""
-    path = f"{scope.get('path', '/').rstrip('/')}/{response_id}"
+    (its credentials, if the proxy takes any from the client; never the customer's key) and query. A Veo
+    operation is read by its name, beside the models/ of the path that made it."""
+    made = scope.get("path", "/")
+    path = made[:made.rfind("models/")] + response_id if endpoint == "videos" and "models/" in made else \
+        f"{made.rstrip('/')}/{response_id}"
     headers = [(k, v) for k, v in scope.get("headers", [])
                if k.decode("latin-1").lower() not in ("content-length", "content-type", "content-encoding")]
     asked = {**scope, "method": "GET", "path": path, "raw_path": path.encode("latin-1"), "headers": headers}

@@ -112,7 +112,16 @@ _PATHS = [
     (re.compile(r"(^|/)v[12]/embed/?$"), "embeddings"),
 ]
 _GEMINI = re.compile(r"(^|/)v1(beta)?/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent"
-                     r"|countTokens|embedContent|batchEmbedContents|batchGenerateContent|predict)$")
+                     r"|countTokens|embedContent|batchEmbedContents|batchGenerateContent|predict"
+                     r"|predictLongRunning)$")
+# Veo's video generation (Gemini's API): an operation made (models/M:predictLongRunning), then read (GET of its
+# name, free, for its own customer's keys alone) until it is done; its videos downloaded from the File API
+# (GET files/F:download, free, for the customer whose operation made them)
+_GEMINI_OPERATION = re.compile(r"(^|/)v1beta/(?P<name>models/[^/:]+/operations/[A-Za-z0-9_.-]{1,200})/?$")
+_GEMINI_FILE_DOWNLOAD = re.compile(r"(^|/)v1beta/files/(?P<id>[A-Za-z0-9_.-]{1,200}):download$")
+VIDEO_SECONDS_DEFAULT = 8  # Veo's, for a request that names no durationSeconds
+VIDEO_SECONDS_MAX = 60
+VIDEOS_MAX = 4
 # Gemini's batch mode: a batch made (models/M:batchGenerateContent, its requests inline); one read, cancelled or
 # deleted (free, for its own customer's keys alone); its id is its name, "batches/<id>"
 _GEMINI_BATCH = re.compile(r"(^|/)v1beta/batches/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>:cancel)?$")
@@ -428,12 +437,21 @@ def endpoint_of(method: str, path: str) -> Endpoint:
     if gemini:
         if gemini.group("verb") == "predict":
             return _imagen(gemini.group("model"))
+        if gemini.group("verb") == "predictLongRunning":
+            return Endpoint("videos", gemini.group("model"))
         if gemini.group("verb") in ("embedContent", "batchEmbedContents"):
             return Endpoint("embeddings", gemini.group("model"))
         if gemini.group("verb") == "batchGenerateContent":
             return Endpoint("gemini_generate_content", gemini.group("model"), batch=method.upper() == "POST")
         return Endpoint("gemini_generate_content", gemini.group("model"),
                         count_tokens=gemini.group("verb") == "countTokens")
+    if method.upper() == "GET" and "v1beta/" in path:  # a Veo operation read, or its video downloaded
+        operation = _GEMINI_OPERATION.search(path)
+        if operation:
+            return Endpoint("videos", count_tokens=True, stored_response=operation.group("name"))
+        download = _GEMINI_FILE_DOWNLOAD.search(path)
+        if download:
+            return Endpoint("videos", count_tokens=True, stored_response=download.group("id"))
     if _AZURE_RESPONSES.search(path):
         return Endpoint("responses")
     stored = _STORED_RESPONSE.search(path)
@@ -1023,6 +1041,9 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         if count is not None and not _count(count):
             return _problem(call, "invalid_request", "parameters.sampleCount must be a whole number, at least 1",
                             "parameters")
+    elif endpoint == "videos":  # Veo's: sampleCount videos (1 unless told) of durationSeconds (8 unless told)
+        if problem := _videos(call, data):
+            return _problem(call, "invalid_request", *problem)
     elif endpoint == "images":
         call.image_count = _count(data.get("n")) or 1
         call.image_scale = image_scale(data.get("size"), data.get("output_format"), data.get("frame_count"))
@@ -1053,8 +1074,9 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
                         f"{AZURE_STREAM_USAGE_SINCE} or later (or the v1 API), which takes stream_options: its "
                         f"usage is what it is charged", "api-version")
     # a background response: its usage comes after its reply, charged when policyd finds it ended (background.py)
-    # (or an async chat completion's job: Perplexity's)
-    call.background = (endpoint == "responses" and data.get("background") is True) or named.async_chat
+    # (or an async chat completion's job: Perplexity's; Veo's operation, whose videos come when it is done)
+    call.background = (endpoint == "responses" and data.get("background") is True) or named.async_chat \
+        or endpoint == "videos"
     image_tools = [t for t in _tools(data) if t.get("type") == "image_generation"] if endpoint == "responses" else []
     if image_tools:  # its images are billed apart from the reply's usage, at the image model's prices
         if len(image_tools) > 1:
@@ -1093,8 +1115,9 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.cache_write = call.cache_write or _openai_cache_write(data)
     if budget := _thinking_budget(endpoint, data):  # max_tokens must pass it: a fitted cap never goes below
         call.least_output_cap = budget + 1
-    # a stored chat completion, or an async chat's job (Perplexity's): its reply's id is read
-    call.stores_reply = endpoint == "chat_completions" and (data.get("store") is True or named.async_chat)
+    # a stored chat completion, an async chat's job (Perplexity's), Veo's operation: its reply's id (name) is read
+    call.stores_reply = (endpoint == "chat_completions" and (data.get("store") is True or named.async_chat)) \
+        or endpoint == "videos"
     options = data.get("web_search_options") if endpoint == "chat_completions" else None
     if isinstance(options, dict):  # a fee by its search context size, where priced
         size = options.get("search_context_size")
@@ -1127,6 +1150,24 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
 
 
 IMAGEN_IMAGES_DEFAULT = 4  # the images Imagen makes when the request names no sampleCount
+
+
+def _videos(call: HttpCall, data: dict[str, Any]) -> tuple[str, str] | None:
+    """A Veo request's videos (`image_count`) and each one's seconds (`seconds`), from its parameters; the
+    refusal (message, param) of a count or a duration Veo would refuse."""
+    parameters = _dict_of(data, "parameters")
+    count = parameters.get("sampleCount", parameters.get("numberOfVideos"))
+    call.image_count = _count(count) if count is not None else 1
+    if not 0 < call.image_count <= VIDEOS_MAX:
+        return f"parameters.sampleCount must be a whole number from 1 to {VIDEOS_MAX}", "parameters"
+    seconds = parameters.get("durationSeconds")
+    if isinstance(seconds, str) and seconds.strip().isdigit():  # a number, or its digits
+        seconds = int(seconds)
+    call.seconds = VIDEO_SECONDS_DEFAULT if seconds is None else _count(seconds)
+    if not 0 < call.seconds <= VIDEO_SECONDS_MAX:
+        return f"parameters.durationSeconds must be a whole number of seconds from 1 to {VIDEO_SECONDS_MAX}", \
+            "parameters"
+    return None
 
 
 def _imagen(model: str) -> Endpoint:

@@ -25,7 +25,8 @@ Models named sonar* answer as Perplexity's API does: their usage (a stream's las
 search context size of their request fee and its cost in dollars; sonar-deep-research's also the sources' tokens
 it read (citation_tokens), its searches (num_search_queries) and its reasoning_tokens, beside the completion.
 Perplexity's async chat completions (/async/chat/completions, /v1/async/sonar): a job made, its answer when
-asked for once it has completed (header `x-mock-background-polls`, as for background responses).
+asked for once it has completed (header `x-mock-background-polls`, as for background responses). Veo's
+operations (models/M:predictLongRunning) likewise, their videos downloaded from files/F:download.
 
 Header `x-mock-background-polls`: a background response (background: true) is queued and then in progress
 for this many reads of it (default 2) before it is completed, with its usage; cancelled before that, it
@@ -63,6 +64,9 @@ UPLOAD_PATH = re.compile(r"/v1/uploads(/(?P<id>[^/]+)/(?P<verb>parts|complete|ca
 STORED_CHAT_PATH = re.compile(r"/v1/chat/completions/(?P<id>chatcmpl-[^/]+)(?P<rest>/messages)?$")
 MESSAGE_BATCH_PATH = re.compile(r"/v1/messages/batches(/(?P<id>msgbatch_[^/]+)(?P<rest>/results|/cancel)?)?$")
 BATCH_PATH = re.compile(r"/(v1|openai)/batches(/(?P<id>batch_[^/]+)(?P<cancel>/cancel)?)?$")
+VEO_PATH = re.compile(r"/models/(?P<model>[^/:]+)(:predictLongRunning|/operations/(?P<op>[^/]+))$")  # Veo's
+VEO_FILE_PATH = re.compile(r"/v1beta/files/(?P<id>[^/:]+):download$")
+VIDEO_BYTES = b"\x00\x00\x00\x18ftypmp42 a mock video"
 ASYNC_CHAT_PATH = re.compile(r"/(async/chat/completions|v1/async/sonar)(/(?P<id>[^/]+))?$")  # Perplexity's jobs
 CONVERSATION_PATH = re.compile(r"/v1/conversations(/(?P<id>[^/]+)(?P<items>/items(/(?P<item>[^/]+))?)?)?$")
 WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
@@ -185,6 +189,7 @@ class MockProvider:
         self.lock = threading.Lock()
         self.stored: dict[str, tuple[dict[str, Any], Any]] = {}  # stored responses: id -> (reply, input)
         self.background: dict[str, int] = {}  # background responses still running: id -> reads before it ends
+        self.operations: dict[str, tuple[dict[str, Any], int]] = {}  # Veo's: name -> (done, reads before)
         # Perplexity's async chat jobs: id -> (the job, its answer, reads before it ends, whether it fails)
         self.jobs: dict[str, tuple[dict[str, Any], dict[str, Any], int, bool]] = {}
         self.response_ids = itertools.count(1)
@@ -207,7 +212,7 @@ class MockProvider:
                     with provider.lock:
                         self._json(200, provider.requests)
                 elif any(part in self.path for part in ("/responses/", "/conversations/", "/chat/completions/", "/files/",
-                                                         "/batches/", "/async/sonar/")):
+                                                         "/batches/", "/async/sonar/", "/operations/", ":download")):
                     provider.handle(self)
                 else:
                     self._json(404, {"error": {"type": "not_found", "message": "no such path"}})
@@ -321,6 +326,15 @@ class MockProvider:
         job = ASYNC_CHAT_PATH.search(route)
         if job:
             return self._async_chat(h, body, job.group("id"))
+        veo = VEO_PATH.search(route)
+        if veo:
+            return self._veo(h, body, veo.group("model"), veo.group("op"), scenario)
+        veo_file = VEO_FILE_PATH.search(route)
+        if veo_file:
+            known = any(veo_file.group("id") in json.dumps(op[0]) for op in self.operations.values())
+            if not known:
+                return h._json(404, {"error": {"code": 404, "message": "File not found.", "status": "NOT_FOUND"}})
+            return h._json(200, VIDEO_BYTES, content_type="video/mp4")
         stored = STORED_RESPONSE_PATH.search(route)
         if stored:
             return self._stored_response(h, stored.group("id"), stored.group("rest") or "", h.command)
@@ -870,6 +884,39 @@ class MockProvider:
             return h._json(200, {"object": "list", "has_more": False, "data": [
                 {"id": f"{completion_id}-{i}", **m} for i, m in enumerate(messages or [])]})
         return h._json(200, reply)
+
+    def _veo(self, h: Any, body: dict[str, Any], model: str, op: str | None, scenario: str) -> None:
+        """Veo's video generation (Gemini's API): an operation made (POST models/M:predictLongRunning), not done
+        for `x-mock-background-polls` reads of it (default 2), then done with parameters.sampleCount videos (1
+        unless told), each downloaded from the File API; scenario filtered: one withheld by the safety filter,
+        job_failed: done with an error."""
+        if op is None:
+            parameters = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+            count = parameters.get("sampleCount") or 1
+            name = f"models/{model}/operations/op-mock-{next(self.response_ids)}"
+            made = name.rsplit("/", 1)[1]
+            samples = [{"video": {"uri": f"http://127.0.0.1:{self.port}/v1beta/files/vid-{made}-{i}:download?alt=media"}}
+                       for i in range(count)]
+            done: dict[str, Any] = {"name": name, "done": True, "response": {
+                "@type": "type.googleapis.com/google.ai.generativelanguage.v1beta.PredictLongRunningResponse",
+                "generateVideoResponse": {"generatedSamples": samples}}}
+            if scenario == "filtered":
+                done["response"]["generateVideoResponse"] = {"generatedSamples": samples[1:],
+                                                             "raiMediaFilteredCount": 1,
+                                                             "raiMediaFilteredReasons": ["withheld by the mock"]}
+            if scenario == "job_failed":
+                done = {"name": name, "done": True, "error": {"code": 13, "message": "the video could not be made"}}
+            with self.lock:
+                self.operations[name] = (done, int(h.headers.get("x-mock-background-polls", "2")))
+            return h._json(200, {"name": name})
+        name = f"models/{model}/operations/{op}"
+        with self.lock:
+            found = self.operations.get(name)
+            if found is not None:
+                self.operations[name] = (found[0], max(found[1] - 1, 0))
+        if found is None:
+            return h._json(404, {"error": {"code": 404, "message": "Operation not found.", "status": "NOT_FOUND"}})
+        return h._json(200, {"name": name} if found[1] else found[0])
 
     def _async_chat(self, h: Any, body: dict[str, Any], job_id: str | None) -> None:
         """Perplexity's async chat completions: a job made (POST, its chat completion under "request": CREATED),

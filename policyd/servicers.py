@@ -198,6 +198,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             stream_interrupted=request.stream_interrupted, provider_account=request.provider_account,
             provider_response_id=request.provider_response_id[:256],
             service_tier=request.service_tier, reply_model=request.reply_model,
+            provider_file_ids=tuple(request.provider_file_ids),
         )
         return settle_response(await _call(context, lambda: self.engine.settle(report)))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import urllib.parse
 import zlib
 from dataclasses import asdict, dataclass
@@ -557,7 +558,8 @@ class ResponseReader:
             self.found_usage = self.output_final = True
         self.delivered_bytes = 0
         self._containers: set[str] = set()  # the hosted containers a stream's items ran code in
-        self.images = 0  # images in an images reply (priced per image)
+        self.images = 0  # images in an images reply (priced per image); videos a Veo operation made
+        self.files: list[str] = []  # the File API ids a Veo operation's videos are downloaded by
         self.response_id = ""  # the id of the response the provider stored (the Responses API's, a stored chat's)
         self.response_status = ""  # a Responses API response's last status seen (queued, in_progress, completed...)
         self.stored = stored or endpoint == "responses"
@@ -742,7 +744,7 @@ class ResponseReader:
             data if not self.stream or self.endpoint != "responses" else {}
         made = response.get("file") if response.get("object") == "upload" else None
         found = made.get("id") if isinstance(made, dict) else response.get("id")  # an upload completed: its file
-        if found is None and self.endpoint == BATCHES:  # a Gemini batch is named ("batches/...") instead
+        if found is None and self.endpoint in (BATCHES, "videos"):  # a Gemini batch, a Veo operation: named instead
             found = response.get("name")
         if isinstance(found, str) and 0 < len(found) <= 200:
             self.response_id = found
@@ -875,7 +877,9 @@ ENDED_JOB_STATUSES = frozenset({"COMPLETED", "FAILED"})
 def followed_path(endpoint: str, response_id: str) -> str:
     """Where a background response is asked for, under its provider's base_url: the Responses API's
     `responses/<id>`; an async chat completion's job (a background chat completion: Perplexity's),
-    `async/chat/completions/<id>`."""
+    `async/chat/completions/<id>`; a Veo operation, its name (`models/<model>/operations/<id>`)."""
+    if endpoint == "videos":
+        return urllib.parse.quote(response_id, safe="/")
     quoted = urllib.parse.quote(response_id, safe="")
     return f"async/chat/completions/{quoted}" if endpoint == "chat_completions" else f"responses/{quoted}"
 
@@ -888,6 +892,8 @@ def background_answer(status: int, body: bytes, endpoint: str = "responses") -> 
     whose chat completion, once COMPLETED, is its `response`."""
     if endpoint == "chat_completions":
         return _job_answer(status, body)
+    if endpoint == "videos":
+        return _operation_answer(status, body)
     reader = ResponseReader("responses", stream=False, stored=True)
     reader.feed(body)
     reader.finish()
@@ -921,6 +927,37 @@ def _job_answer(status: int, body: bytes) -> tuple[str, ResponseReader]:
     if reader.found_usage:
         return "settle", reader
     return ("release" if state == "FAILED" else "held"), reader
+
+
+_FILE_ID = re.compile(r"/files/(?P<id>[A-Za-z0-9_.-]{1,200})(:download)?(\?|$)")  # a video's, in its uri
+
+
+def _operation_answer(status: int, body: bytes) -> tuple[str, ResponseReader]:
+    """A Veo operation (Gemini's), as background_answer reads it: done with its videos (`images`: those made,
+    billed by their seconds; `files`: the File API's ids they are downloaded by), done with an error, or every
+    video withheld by its safety filter (nothing billed: released), or not done yet."""
+    reader = ResponseReader("videos", stream=False)
+    try:
+        operation = json.loads(body) if status == 200 else None
+    except (ValueError, RecursionError):
+        operation = None
+    operation = operation if isinstance(operation, dict) else {}
+    if status == 404:
+        return "gone", reader
+    if status != 200 or operation.get("done") is not True:
+        reader.response_status = "running" if status == 200 else ""
+        return "wait", reader
+    if operation.get("error") is not None:
+        reader.response_status = "failed"
+        return "release", reader
+    made = _dict(_dict(operation.get("response")).get("generateVideoResponse")).get("generatedSamples")
+    videos = [_dict(_dict(sample).get("video")) for sample in _list(made)]
+    videos = [video for video in videos if video]
+    reader.images = len(videos)
+    reader.files = [found.group("id") for video in videos if isinstance(video.get("uri"), str)
+                    and (found := _FILE_ID.search(video["uri"]))]
+    reader.response_status = "completed" if videos else "filtered"
+    return ("settle" if videos else "release"), reader
 
 
 def closing(status: int, reader: ResponseReader, cut: bool, client_left: bool = True,

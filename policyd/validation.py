@@ -22,8 +22,11 @@ TOOL_CALLS_MAX = 10_000  # the most hosted tool calls a request may allow (max_t
 PARTIAL_IMAGES_MAX = 16  # partial images a streamed image_generation call may send (OpenAI takes 0-3)
 REQUEST_ID_PATTERN = re.compile(rf"^[A-Za-z0-9._:/=+@-]{{1,{REQUEST_ID_LENGTH_MAX}}}$")
 STORED_RESPONSE_ID_LENGTH_MAX = 200
+PROVIDER_FILES_MAX = 16  # files one reply made at the provider (a Veo operation's videos: 4 at most)
 # an id from a URL path (a Gemini batch's is its name: batches/<id>)
-STORED_RESPONSE_ID_PATTERN = re.compile(rf"^(batches/)?[A-Za-z0-9_.-]{{1,{STORED_RESPONSE_ID_LENGTH_MAX}}}$")
+# (a Gemini batch's name, "batches/<id>"; a Veo operation's, "models/<model>/operations/<id>")
+STORED_RESPONSE_ID_PATTERN = re.compile(rf"^(batches/|models/[A-Za-z0-9_.-]{{1,128}}/operations/)?"
+                                        rf"[A-Za-z0-9_.-]{{1,{STORED_RESPONSE_ID_LENGTH_MAX}}}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NOT_UTF8 = re.compile("[\ufffd\ud800-\udfff]")  # a replacement character, or a lone surrogate
 
@@ -145,5 +148,9 @@ def check_usage(report: UsageReport) -> None:
                       "cannot exceed image_generation_input_tokens", "image_generation_cached_input_tokens")
     _text_field("service_tier", report.service_tier, SERVICE_TIER_LENGTH_MAX)
     _text_field("search_context_size", report.search_context_size, SEARCH_CONTEXT_LENGTH_MAX)
+    if len(report.provider_file_ids) > PROVIDER_FILES_MAX or not all(
+            STORED_RESPONSE_ID_PATTERN.match(f) for f in report.provider_file_ids):
+        raise Problem("invalid_usage", f"provider_file_ids are at most {PROVIDER_FILES_MAX} ids of 1-200 characters of "
+                      "[A-Za-z0-9_.-]", "provider_file_ids")
     for name in ("served_model", "provider", "fallback_reason", "error_class", "provider_account", "reply_model"):
         _text_field(name, getattr(report, name), FIELD_LENGTH_MAX)

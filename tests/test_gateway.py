@@ -3057,6 +3057,65 @@ def test_perplexitys_async_deep_research_is_held_until_its_job_ends_and_charged_
     assert gateway.wallet("e2e-perplexity-async").reserved_nanos == 0
 
 
+def test_veos_videos_are_held_while_made_and_charged_the_seconds_made(gateway: Gateway) -> None:
+    """Veo (Gemini's models/M:predictLongRunning) bills each second of video it makes, dollars a video: its reply
+    is an operation, its videos come when it is done, downloaded from the File API. It was unknown_endpoint; it
+    is held at its videos' seconds while the operation runs, charged the seconds of the videos made once policyd
+    (asking Google for the operation) or its client (reading it through the gateway) finds it done, not a video
+    the safety filter withheld, nothing when it failed; the operation and its videos are read by its own
+    customer's keys alone."""
+    key, other = gateway.customer("e2e-veo", plan="google", credit="50"), gateway.customer("e2e-veo-other",
+                                                                                         plan="google")
+    root = f"http://127.0.0.1:{gateway.port}/v1beta"
+    body = {"instances": [{"prompt": "a ledger balancing itself"}], "parameters": {"durationSeconds": 6, "sampleCount": 2}}
+
+    def get(path: str, who: str) -> tuple[int, bytes]:
+        request = urllib.request.Request(f"{root}/{path}", headers={"x-goog-api-key": who})
+        try:
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                return reply.status, reply.read()
+        except urllib.error.HTTPError as refused:
+            return refused.code, refused.read()
+
+    def make(scenario: str = "ok", polls: str = "2") -> tuple[str, str]:
+        code, headers, made = post(f"{root}/models/veo-3.0-generate-001:predictLongRunning",
+                                   {"x-goog-api-key": key, "content-type": "application/json",
+                                    "x-mock-scenario": scenario, "x-mock-background-polls": polls},
+                                   json.dumps(body).encode())
+        assert code == 200 and made["name"].startswith("models/veo-3.0-generate-001/operations/"), made
+        return made["name"], headers["x-policyd-request-id"]
+
+    name, request_id = make(polls="1000")  # held while it runs
+    assert gateway.wallet("e2e-veo").reserved_nanos >= 12 * parse_amount("0.40")
+    assert get(name, other)[0] == 404  # another customer's operation
+    code, running = get(name, key)
+    assert (code, json.loads(running).get("done")) == (200, None)
+
+    name, request_id = make()
+    while True:  # its client reads it through the gateway until it is done
+        code, answer = get(name, key)
+        operation = json.loads(answer)
+        if operation.get("done"):
+            break
+        time.sleep(0.05)
+    record = gateway.record(request_id)
+    assert (record["status"], record["endpoint"], record["error_class"], record["images"], record["seconds"],
+            record["cost_nanos"]) == ("settled", "videos", "", 2, 12, 12 * parse_amount("0.40"))
+    video = operation["response"]["generateVideoResponse"]["generatedSamples"][0]["video"]["uri"]
+    path = "files/" + video.split("/files/", 1)[1]
+    code, downloaded = get(path, key)
+    assert code == 200 and downloaded.startswith(b"\x00\x00\x00\x18ftyp")
+    assert get(path, other)[0] == 404  # another customer's video
+
+    name, request_id = make("filtered")
+    record = gateway.record(request_id, seconds=15)  # nobody reads it: policyd asks Google for it
+    assert (record["status"], record["images"], record["seconds"], record["cost_nanos"]) == (
+        "settled", 1, 6, 6 * parse_amount("0.40"))
+    name, request_id = make("job_failed")
+    record = gateway.record(request_id, seconds=15)
+    assert (record["status"], record["close_reason"], record["charge_nanos"]) == ("released", "background_failed", 0)
+
+
 def test_a_fine_tuned_model_is_priced_by_the_pattern_of_its_base(gateway: Gateway) -> None:
     """A fine-tune's name is made by its provider as it is trained: one price table entry,
     "ft:gpt-4o-mini-2024-07-18:*", prices every fine-tune of that base, so a new one is served and charged at

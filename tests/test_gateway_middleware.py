@@ -396,6 +396,34 @@ def test_an_async_chat_job_is_followed_to_its_end_and_charged_its_answer(gateway
     assert gateway.wallet("mw-async").reserved_nanos == 0
 
 
+def test_a_veo_operation_is_followed_and_its_videos_are_its_customers(gateway: ExampleGateway) -> None:
+    """Veo's video generation (models/M:predictLongRunning): the middleware keeps the operation's hold and asks
+    the proxy for it until it is done, charges the seconds of the videos it made and passes their files to
+    policyd, so that its customer, and no other, downloads them through the middleware."""
+    key, other = gateway.customer("mw-veo", plan="google", credit="20"), gateway.customer("mw-veo-other",
+                                                                                        plan="google")
+    root = f"http://127.0.0.1:{gateway.port}/v1beta"
+    body = {"instances": [{"prompt": "mw veo"}], "parameters": {"durationSeconds": 4}}
+    code, made = post(f"{root}/models/veo-3.0-generate-001:predictLongRunning",
+                      {"x-goog-api-key": key, "content-type": "application/json", "x-mock-background-polls": "1"},
+                      json.dumps(body).encode())
+    assert code == 200 and made["name"].startswith("models/veo-3.0-generate-001/operations/"), made
+    (record,) = list(gateway.records("mw-veo"))
+    record = gateway.record(record.request_id, seconds=15)
+    assert (record["status"], record["images"], record["seconds"], record["cost_nanos"]) == (
+        "settled", 1, 4, 4 * parse_amount("0.40"))
+    done = gateway.mock.operations[made["name"]][0]
+    path = "files/" + done["response"]["generateVideoResponse"]["generatedSamples"][0]["video"]["uri"].split(
+        "/files/", 1)[1]
+    for who, status in ((key, 200), (other, 404)):
+        request = urllib.request.Request(f"{root}/{path}", headers={"x-goog-api-key": who})
+        try:
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                assert (reply.status, reply.read()[4:8]) == (status, b"ftyp")
+        except urllib.error.HTTPError as refused:
+            assert refused.code == status
+
+
 def test_a_token_count_is_free_but_checked_over_the_native_api(gateway: ExampleGateway) -> None:
     """The middleware asks policyd over gRPC (AuthorizeRequest.count_tokens): a key that may use the
     model counts with an empty wallet, nothing reserved or recorded; a key that may not never reaches the provider."""

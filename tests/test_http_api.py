@@ -816,6 +816,44 @@ def test_vertex_ais_gemini_embeddings_are_read_with_their_usage() -> None:
     assert (vertex.tokens.input_tokens, vertex.found_usage, gemini.found_usage) == (7, True, False)
 
 
+def test_veos_video_generation_is_an_operation_billed_by_the_seconds_it_makes() -> None:
+    """Gemini's models/M:predictLongRunning (Veo): videos (sampleCount, 1 unless told) of durationSeconds (8
+    unless told), a background call whose reply names its operation; the operation and its videos' downloads
+    are free reads of their own customer's; the operation's answer: running, done with its videos (their files
+    read), done with an error, or every video withheld."""
+    path = "/v1beta/models/veo-3.0-generate-001:predictLongRunning"
+    for parameters, videos, seconds in (({}, 1, 8), ({"durationSeconds": "6", "sampleCount": 2}, 2, 6),
+                                        ({"numberOfVideos": 3, "durationSeconds": 4}, 3, 4)):
+        call = parse_call("POST", path, {}, json.dumps({"instances": [{"prompt": "a ledger"}],
+                                                        "parameters": parameters}).encode())
+        assert (call.endpoint, call.model, call.image_count, call.seconds, call.background, call.stores_reply,
+                call.problem) == ("videos", "veo-3.0-generate-001", videos, seconds, True, True, ""), parameters
+    for bad in ({"sampleCount": 0}, {"sampleCount": 9}, {"durationSeconds": 0}, {"durationSeconds": "long"}):
+        assert parse_call("POST", path, {}, json.dumps({"parameters": bad, "instances": []}).encode()).problem == \
+            "invalid_request", bad
+    name = "models/veo-3.0-generate-001/operations/op-1"
+    for read, stored in ((f"/v1beta/{name}", name), ("/v1beta/files/vid-1:download?alt=media", "vid-1")):
+        call = parse_call("GET", read, {}, b"")
+        assert (call.endpoint, call.stored_response, call.count_tokens, call.problem) == ("videos", stored, True, "")
+    reader = ResponseReader("videos", stream=False, stored=True)
+    reader.feed(json.dumps({"name": name}).encode())
+    reader.finish()
+    assert reader.response_id == name and closing(200, reader, False, background=True) == Closing("poll", "background")
+    assert followed_path("videos", name) == name
+    uri = "https://generativelanguage.googleapis.com/v1beta/files/{}:download?alt=media"
+    samples = [{"video": {"uri": uri.format("a1")}}, {"video": {"uri": uri.format("b2")}}]
+    answers = {"running": {"name": name}, "done": {"name": name, "done": True, "response": {
+                   "generateVideoResponse": {"generatedSamples": samples}}},
+               "failed": {"name": name, "done": True, "error": {"code": 13, "message": "no"}},
+               "withheld": {"name": name, "done": True, "response": {
+                   "generateVideoResponse": {"raiMediaFilteredCount": 2}}}}
+    seen = {k: background_answer(200, json.dumps(v).encode(), "videos") for k, v in answers.items()}
+    assert {k: action for k, (action, _) in seen.items()} == {
+        "running": "wait", "done": "settle", "failed": "release", "withheld": "release"}
+    assert (seen["done"][1].images, seen["done"][1].files) == (2, ["a1", "b2"])
+    assert background_answer(404, b"{}", "videos")[0] == "gone"
+
+
 def test_reasoning_reported_beside_the_output_is_charged_as_output() -> None:
     """xAI (and OpenAI-compatible servers following it) report reasoning outside completion_tokens, in the
     total: prompt 10,120 + completion 1,499 + reasoning 2,809 = 14,428. OpenAI counts it inside."""

@@ -35,7 +35,7 @@ export type { ProtoGrpcType } from "./generated/policy";
 export const ENDPOINTS = [
   "chat_completions", "responses", "embeddings", "images", "anthropic_messages", "gemini_generate_content",
   "completions", "audio_speech", "audio_transcriptions", "moderations", "bedrock_converse", "rerank",
-  "cohere_chat",
+  "cohere_chat", "videos",
 ] as const;
 export type Endpoint = (typeof ENDPOINTS)[number];
 

@@ -316,7 +316,7 @@ class Usage(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ..., requests: _Optional[int] = ..., cache_write_input_tokens: _Optional[int] = ..., web_searches: _Optional[int] = ..., audio_input_tokens: _Optional[int] = ..., audio_output_tokens: _Optional[int] = ..., cache_write_1h_input_tokens: _Optional[int] = ..., file_searches: _Optional[int] = ..., image_input_tokens: _Optional[int] = ..., image_generation_calls: _Optional[int] = ..., image_generation_input_tokens: _Optional[int] = ..., image_generation_cached_input_tokens: _Optional[int] = ..., image_generation_image_input_tokens: _Optional[int] = ..., image_generation_output_tokens: _Optional[int] = ..., image_output_tokens: _Optional[int] = ..., containers: _Optional[int] = ..., maps_groundings: _Optional[int] = ..., search_units: _Optional[int] = ..., search_context_size: _Optional[str] = ..., reasoning_output_tokens: _Optional[int] = ...) -> None: ...
 
 class SettleRequest(_message.Message):
-    __slots__ = ("request_id", "usage", "served_model", "provider", "retries", "fallback_reason", "upstream_status", "error_class", "latency_ms", "stream_interrupted", "provider_account", "usage_estimated", "service_tier", "provider_response_id", "output_as_held", "reply_model")
+    __slots__ = ("request_id", "usage", "served_model", "provider", "retries", "fallback_reason", "upstream_status", "error_class", "latency_ms", "stream_interrupted", "provider_account", "usage_estimated", "service_tier", "provider_response_id", "output_as_held", "reply_model", "provider_file_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     SERVED_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -333,6 +333,7 @@ class SettleRequest(_message.Message):
     PROVIDER_RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_AS_HELD_FIELD_NUMBER: _ClassVar[int]
     REPLY_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FILE_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     usage: Usage
     served_model: str
@@ -349,7 +350,8 @@ class SettleRequest(_message.Message):
     provider_response_id: str
     output_as_held: bool
     reply_model: str
-    def __init__(self, request_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., served_model: _Optional[str] = ..., provider: _Optional[str] = ..., retries: _Optional[int] = ..., fallback_reason: _Optional[str] = ..., upstream_status: _Optional[int] = ..., error_class: _Optional[str] = ..., latency_ms: _Optional[int] = ..., stream_interrupted: _Optional[bool] = ..., provider_account: _Optional[str] = ..., usage_estimated: _Optional[bool] = ..., service_tier: _Optional[str] = ..., provider_response_id: _Optional[str] = ..., output_as_held: _Optional[bool] = ..., reply_model: _Optional[str] = ...) -> None: ...
+    provider_file_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., served_model: _Optional[str] = ..., provider: _Optional[str] = ..., retries: _Optional[int] = ..., fallback_reason: _Optional[str] = ..., upstream_status: _Optional[int] = ..., error_class: _Optional[str] = ..., latency_ms: _Optional[int] = ..., stream_interrupted: _Optional[bool] = ..., provider_account: _Optional[str] = ..., usage_estimated: _Optional[bool] = ..., service_tier: _Optional[str] = ..., provider_response_id: _Optional[str] = ..., output_as_held: _Optional[bool] = ..., reply_model: _Optional[str] = ..., provider_file_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SettleResponse(_message.Message):
     __slots__ = ("outcome", "request_id", "cost", "charge", "balance_before", "balance_after", "price_table_version", "served_model")

@@ -23,6 +23,7 @@ class EndpointFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BEDROCK_CONVERSE: _ClassVar[EndpointFamily]
     RERANK: _ClassVar[EndpointFamily]
     COHERE_CHAT: _ClassVar[EndpointFamily]
+    VIDEOS: _ClassVar[EndpointFamily]
 ENDPOINT_FAMILY_UNSPECIFIED: EndpointFamily
 CHAT_COMPLETIONS: EndpointFamily
 RESPONSES: EndpointFamily
@@ -37,6 +38,7 @@ MODERATIONS: EndpointFamily
 BEDROCK_CONVERSE: EndpointFamily
 RERANK: EndpointFamily
 COHERE_CHAT: EndpointFamily
+VIDEOS: EndpointFamily
 
 class Money(_message.Message):
     __slots__ = ("currency", "nanos")
