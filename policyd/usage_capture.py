@@ -906,15 +906,22 @@ def background_answer(status: int, body: bytes, endpoint: str = "responses") -> 
     return ("release" if reader.response_status in ("failed", "cancelled") else "held"), reader
 
 
+def _answered_object(status: int, body: bytes) -> dict[str, Any]:
+    """A provider's 200 answer as the JSON object it is; {} for another status or a body that is none."""
+    if status != 200:
+        return {}
+    try:
+        found = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def _job_answer(status: int, body: bytes) -> tuple[str, ResponseReader]:
     """An async chat completion's job, as background_answer reads it: its chat completion read once it is
     COMPLETED; FAILED, released (the job billed nothing, or its failure is the provider's)."""
     reader = ResponseReader("chat_completions", stream=False)
-    try:
-        job = json.loads(body) if status == 200 else None
-    except (ValueError, RecursionError):
-        job = None
-    job = job if isinstance(job, dict) else {}
+    job = _answered_object(status, body)
     state = job.get("status") if isinstance(job.get("status"), str) else ""
     reader.response_status = state.lower()[:32]
     if isinstance(job.get("response"), dict):
@@ -937,11 +944,7 @@ def _operation_answer(status: int, body: bytes) -> tuple[str, ResponseReader]:
     billed by their seconds; `files`: the File API's ids they are downloaded by), done with an error, or every
     video withheld by its safety filter (nothing billed: released), or not done yet."""
     reader = ResponseReader("videos", stream=False)
-    try:
-        operation = json.loads(body) if status == 200 else None
-    except (ValueError, RecursionError):
-        operation = None
-    operation = operation if isinstance(operation, dict) else {}
+    operation = _answered_object(status, body)
     if status == 404:
         return "gone", reader
     if status != 200 or operation.get("done") is not True:
