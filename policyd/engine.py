@@ -18,6 +18,7 @@ stream; the writer turns events into SQL records. Servicers only translate.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("policyd.engine")
 
+ASK_FIRST_SECONDS = 1.0  # how long a Veo operation's read waits for policyd's own asking (ext_authz waits 2 s)
 CLOSE_RETRY_SECONDS = 600  # a background settle or release is tried again this long while Redis is unreachable
 CLOSE_RETRY_DELAY_MAX_SECONDS = 5.0
 SWEEP_BATCH = 200
@@ -278,6 +280,7 @@ class Engine:
         self._retrying: set[asyncio.Task[None]] = set()  # closings between two attempts (Redis unreachable)
         self._stopping = False
         self.background: BackgroundResponses | None = None  # the background responses it waits for, once built
+        self._asking: set[asyncio.Future[None]] = set()  # Veo operations asked for on their reads, still asking
 
     # ------------------------------------------------------------------ closings in the background
     def close_in_background(self, closing: Callable[[], Awaitable[Any]], request_id: str) -> None:
@@ -624,10 +627,17 @@ class Engine:
                 whose = await self._whose(request.stored_response)
             customer, *where = (whose or "").split("\t")
             if customer == owner.customer_id:
-                # one policyd waits for: asked for first, while it is there; a Veo operation read, so that one done
-                # is charged and its videos made its customer's before the client downloads them
-                if (request.deletes_stored or request.endpoint == "videos") and self.background is not None:
+                # one policyd waits for: asked for first, while it is there
+                if request.deletes_stored and self.background is not None:
                     await self.background.ask_now(customer, request.stored_response)
+                # a Veo operation read: asked for first, so that one done is charged and its videos made its
+                # customer's before the client downloads them (the read waits for it a moment; the asking goes on)
+                elif request.endpoint == "videos" and self.background is not None:
+                    asking = asyncio.ensure_future(self.background.ask_now(customer, request.stored_response))
+                    self._asking.add(asking)
+                    asking.add_done_callback(self._asking.discard)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(asking), ASK_FIRST_SECONDS)
                 return "", "", tuple(where)
             return _not_found(request.stored_response), "", ()
 
