@@ -329,12 +329,12 @@ class Engine:
             delay = min(delay * 2, CLOSE_RETRY_DELAY_MAX_SECONDS)
 
     async def finish_closings(self, stopping: bool = False) -> None:
-        """Wait for the background closings being made (before an audit or a report); ones waiting to be
-        made again while Redis is unreachable are not waited for, except at shutdown (`stopping`), where
-        each makes one last attempt."""
+        """Wait for the background closings being made (before an audit or a report), and the Veo operations
+        being asked for on their reads (which may settle them); ones waiting to be made again while Redis is
+        unreachable are not waited for, except at shutdown (`stopping`), where each makes one last attempt."""
         self._stopping = self._stopping or stopping
-        while self._closings or (stopping and self._retrying):
-            waiting = self._closings | self._retrying if stopping else self._closings
+        while self._closings or self._asking or (stopping and self._retrying):
+            waiting = self._closings | self._asking | (self._retrying if stopping else set())
             await asyncio.wait(waiting, timeout=0.05)
 
     # ------------------------------------------------------------------ authorize
