@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import grpc
 import httpx
+import yaml
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -1882,9 +1883,12 @@ def test_models_are_listed_as_each_clients_api_lists_them(gateway: Gateway) -> N
     assert [(m["type"], m["id"]) for m in anthropic["data"]] == [("model", "claude-sonnet-4")]
     assert (anthropic["has_more"], anthropic["first_id"], anthropic["last_id"]) == (False, "claude-sonnet-4", "claude-sonnet-4")
     google = gateway.customer("e2e-models-google", plan="google")
+    priced = yaml.safe_load((FIXTURES / "gateway_policy.yaml").read_text())["price_table"]["models"]
+    gemini_tier = [name for name, price in priced.items() if price.get("tier") == "gemini"]
+    assert "gemini-2.5-pro" in gemini_tier
     for path, headers in (("/v1beta/models", {"x-goog-api-key": google}), (f"/v1beta/models?key={google}", {})):
         names = [m["name"] for m in listed(path, headers)["models"]]
-        assert "models/gemini-2.5-pro" in names and all(n.startswith(("models/gemini", "models/imagen")) for n in names)
+        assert names == sorted(f"models/{m}" for m in gemini_tier)  # the plan's models (tier gemini), each once
     assert [m["id"] for m in listed("/v1/models", {"authorization": f"Bearer {google}"})["data"]] == \
         [n.removeprefix("models/") for n in names]  # the same models, in OpenAI's list
     with pytest.raises(urllib.error.HTTPError) as refused:
