@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from policyd.domain import Attribution, AuthorizeInput, PolicydError, Shape, UsageReport
 from policyd.http_api import encoded_body, rewrite_body
 from policyd.server import Service
-from policyd.usage_capture import ResponseReader, closing
+from policyd.usage_capture import ResponseReader, background_answer, closing
+from policyd.validation import STORED_RESPONSE_ID_PATTERN
 from tests.conftest import SAMPLE_POLICY, make_settings
 
 text = st.one_of(st.text(max_size=40), st.text(min_size=250, max_size=600),
@@ -104,10 +105,13 @@ _REPLY_KEYS = ["type", "usage", "response", "output", "item", "tool_usage", "ima
                "prompt_tokens_details", "completion_tokens_details", "data", "duration", "id", "service_tier",
                "cache_read_input_tokens", "cache_creation_input_tokens", "cache_creation", "webSearchQueries",
                "promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "cachedContentTokenCount",
-               "total_tokens", "reasoning_tokens"]
+               "total_tokens", "reasoning_tokens", "citation_tokens", "num_search_queries", "search_context_size",
+               "server_side_tool_usage_details", "web_search_calls", "x_search_calls", "usageMetadata", "done", "error",
+               "generateVideoResponse", "generatedSamples", "video", "uri", "name", "response"]
 _REPLY_WORDS = st.sampled_from(["IMAGE", "AUDIO", "image_generation_call", "code_interpreter_call", "shell_call",
                                 "response.completed", "response.output_item.added", "web_search_call", "search",
-                                "message_delta", "message_start", "response.image_generation_call.completed"])
+                                "message_delta", "message_start", "response.image_generation_call.completed",
+                                "COMPLETED", "FAILED", "low", "HIGH", "https://g.example/v1beta/files/f-1:download"])
 _replies = st.recursive(st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.text(max_size=6) | _REPLY_WORDS,
                         lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_REPLY_KEYS), inner,
                                                                                     max_size=6), max_leaves=30)
@@ -129,10 +133,24 @@ def test_any_reply_is_read_without_failing_and_its_parts_fit(endpoint: str, repl
     t = reader.tokens
     assert t.cached_input_tokens + t.cache_write_input_tokens + t.audio_input_tokens + t.image_input_tokens \
         <= t.input_tokens
-    assert t.audio_output_tokens + t.image_output_tokens <= t.output_tokens
+    assert t.audio_output_tokens + t.image_output_tokens + t.reasoning_output_tokens <= t.output_tokens
     assert t.cache_write_1h_input_tokens <= t.cache_write_input_tokens
+    assert len(t.search_context_size) <= 16
     assert t.image_generation_cached_input_tokens + t.image_generation_image_input_tokens \
         <= t.image_generation_input_tokens
+
+
+@settings(max_examples=1500, deadline=None)
+@given(endpoint=st.sampled_from(["responses", "chat_completions", "videos"]), status=st.sampled_from([200, 404, 500]),
+       answer=_replies)
+def test_any_answer_for_a_followed_response_is_read_without_failing(endpoint: str, status: int, answer: object) -> None:
+    """Whatever a provider answers for a background response, an async chat job or a Veo operation policyd
+    follows: read without failing, one of the actions the poller knows, and the files it names ones a Settle
+    takes (provider_file_ids)."""
+    action, reader = background_answer(status, json.dumps(answer).encode(), endpoint)
+    assert action in ("wait", "settle", "release", "held", "gone")
+    assert reader.images >= 0 and all(STORED_RESPONSE_ID_PATTERN.match(f) for f in reader.files)
+    assert action != "settle" or status == 200
 
 
 @settings(max_examples=500, deadline=None)
