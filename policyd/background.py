@@ -178,8 +178,8 @@ class BackgroundResponses:
             if reservation is None or reservation.state != "reserved":
                 return "closed"  # settled or expired meanwhile: nothing to ask for
             endpoint = str(reservation.record.get("endpoint") or "responses")  # or an async chat job (Perplexity's)
-            answer = await asyncio.to_thread(account.get, followed_path(endpoint, response_id),
-                                             REPLY_BYTES_MAX, POLL_TIMEOUT_SECONDS)
+            path, body = followed_path(endpoint, response_id)
+            answer = await asyncio.to_thread(account.get, path, REPLY_BYTES_MAX, POLL_TIMEOUT_SECONDS, body)
             action, reader = background_answer(*answer, endpoint)
             status, report = reader.response_status, UsageReport(
                 request_id=request_id, **reader.tokens.fields(), images=reader.images, upstream_status=200,

@@ -37,6 +37,7 @@ GET /v1/key are answered from policyd's DescribeKey: the models the key may use,
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -361,17 +362,26 @@ class _Exchange:
 async def _asked(app: ASGIApp, scope: Scope, response_id: str, endpoint: str = "") -> tuple[int, bytes]:
     """The proxy's answer (status, body) for GET of the response a request made, with that request's headers
     (its credentials, if the proxy takes any from the client; never the customer's key) and query. A Veo
-    operation is read by its name, beside the models/ of the path that made it."""
+    operation is read by its name, beside the models/ of the path that made it; on Vertex AI by a POST of its
+    name to its model's :fetchPredictOperation."""
     made = scope.get("path", "/")
-    path = made[:made.rfind("models/")] + response_id if endpoint == "videos" and "models/" in made else \
-        f"{made.rstrip('/')}/{response_id}"
+    method, body = "GET", b""
+    if endpoint == "videos" and response_id.startswith("projects/") and made.endswith(":predictLongRunning"):
+        path, method = made.removesuffix(":predictLongRunning") + ":fetchPredictOperation", "POST"
+        body = json.dumps({"operationName": response_id}).encode()
+    elif endpoint == "videos" and "models/" in made:
+        path = made[:made.rfind("models/")] + response_id
+    else:
+        path = f"{made.rstrip('/')}/{response_id}"
     headers = [(k, v) for k, v in scope.get("headers", [])
                if k.decode("latin-1").lower() not in ("content-length", "content-type", "content-encoding")]
-    asked = {**scope, "method": "GET", "path": path, "raw_path": path.encode("latin-1"), "headers": headers}
+    if body:
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    asked = {**scope, "method": method, "path": path, "raw_path": path.encode("latin-1"), "headers": headers}
     status, parts = 0, []
 
     async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: Message) -> None:
         nonlocal status

@@ -83,7 +83,7 @@ from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, IMAGE
                             bedrock_tier, tier_in_geo, trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount
 from policyd.multipart import MultipartError, MultipartForm
-from policyd.validation import REQUEST_ID_PATTERN, TAG_VALUE_LENGTH_MAX, TAGS_MAX
+from policyd.validation import REQUEST_ID_PATTERN, STORED_RESPONSE_ID_PATTERN, TAG_VALUE_LENGTH_MAX, TAGS_MAX
 
 # Anthropic accepts requests of up to 32 MB, OpenAI audio files of up to 25 MB (speech to text)
 REQUEST_BODY_BYTES_MAX = 32 * 1024 * 1024
@@ -130,8 +130,9 @@ _GEMINI_BATCH_METHODS = {"": ("GET", "DELETE"), ":cancel": ("POST",)}
 # bodies and usage, or Anthropic's (rawPredict, streamRawPredict)
 _VERTEX = re.compile(r"(^|/)v1(beta1)?/projects/[^/]+/locations/[^/]+/publishers/(?P<publisher>google|anthropic)"
                      r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent|countTokens"
-                     r"|rawPredict|streamRawPredict|predict|embedContent)$")
-_VERTEX_VERBS = {"google": ("generateContent", "streamGenerateContent", "countTokens", "predict", "embedContent"),
+                     r"|rawPredict|streamRawPredict|predict|embedContent|predictLongRunning|fetchPredictOperation)$")
+_VERTEX_VERBS = {"google": ("generateContent", "streamGenerateContent", "countTokens", "predict", "embedContent",
+                            "predictLongRunning", "fetchPredictOperation"),
                  "anthropic": ("rawPredict", "streamRawPredict")}
 _TOKEN_COUNTS = [  # and other calls free at the provider
     (re.compile(r"(^|/)v1/messages/count_tokens/?$"), "anthropic_messages"),
@@ -384,6 +385,7 @@ class Endpoint:
     bedrock_invoke: bool = False  # Bedrock's InvokeModel: the body is the model's own API's (Anthropic's alone read)
     imagen: bool = False  # Imagen's :predict: its images asked in parameters.sampleCount
     async_chat: bool = False  # Perplexity's async chat completion: a job, its chat completion under "request"
+    operation_in_body: bool = False  # Vertex AI's fetchPredictOperation: the operation read is named in the body
 
 
 def endpoint_of(method: str, path: str) -> Endpoint:
@@ -429,6 +431,10 @@ def endpoint_of(method: str, path: str) -> Endpoint:
             return _imagen(vertex.group("model"))
         if verb == "embedContent":  # Vertex AI's Gemini embeddings (their usage in usageMetadata)
             return Endpoint("embeddings", vertex.group("model"))
+        if verb == "predictLongRunning":  # Vertex AI's Veo
+            return Endpoint("videos", vertex.group("model"))
+        if verb == "fetchPredictOperation":  # a Veo operation read (its name in the body): free, its customer's
+            return Endpoint("videos", vertex.group("model"), count_tokens=True, operation_in_body=True)
         if publisher == "anthropic" and vertex.group("model") == "count-tokens":  # Claude's token count on Vertex
             return Endpoint("anthropic_messages", count_tokens=True)  # the model in its body
         family = "gemini_generate_content" if publisher == "google" else "anthropic_messages"
@@ -999,6 +1005,12 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if mistyped := _mistyped(data):
         return _problem(call, "invalid_request", f"{mistyped[0]} must be {mistyped[1]}", mistyped[0])
     call.body = data
+    if named.operation_in_body:  # a Vertex AI operation read (Veo's): its name is the stored response read
+        name = data.get("operationName")
+        if not isinstance(name, str) or not STORED_RESPONSE_ID_PATTERN.match(name):
+            return _problem(call, "invalid_request", "operationName must name the operation to read", "operationName")
+        call.stored_response = name
+        return call
     if named.async_chat:  # the chat completion is the body's "request"; the job's answer comes when asked for
         data = data.get("request")
         if not isinstance(data, dict):

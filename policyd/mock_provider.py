@@ -64,7 +64,9 @@ UPLOAD_PATH = re.compile(r"/v1/uploads(/(?P<id>[^/]+)/(?P<verb>parts|complete|ca
 STORED_CHAT_PATH = re.compile(r"/v1/chat/completions/(?P<id>chatcmpl-[^/]+)(?P<rest>/messages)?$")
 MESSAGE_BATCH_PATH = re.compile(r"/v1/messages/batches(/(?P<id>msgbatch_[^/]+)(?P<rest>/results|/cancel)?)?$")
 BATCH_PATH = re.compile(r"/(v1|openai)/batches(/(?P<id>batch_[^/]+)(?P<cancel>/cancel)?)?$")
-VEO_PATH = re.compile(r"/models/(?P<model>[^/:]+)(:predictLongRunning|/operations/(?P<op>[^/]+))$")  # Veo's
+VEO_PATH = re.compile(r"/models/(?P<model>[^/:]+)(?P<verb>:predictLongRunning|:fetchPredictOperation"
+                      r"|/operations/(?P<op>[^/]+))$")  # Veo's (Gemini's; Vertex AI's, under a project's location)
+VERTEX_LOCATION = re.compile(r"projects/[^/]+/locations/[^/]+/publishers/google/")
 VEO_FILE_PATH = re.compile(r"/v1beta/files/(?P<id>[^/:]+):download$")
 VIDEO_BYTES = b"\x00\x00\x00\x18ftypmp42 a mock video"
 ASYNC_CHAT_PATH = re.compile(r"/(async/chat/completions|v1/async/sonar)(/(?P<id>[^/]+))?$")  # Perplexity's jobs
@@ -328,7 +330,12 @@ class MockProvider:
             return self._async_chat(h, body, job.group("id"))
         veo = VEO_PATH.search(route)
         if veo:
-            return self._veo(h, body, veo.group("model"), veo.group("op"), scenario)
+            location = VERTEX_LOCATION.search(route)
+            vertex = location.group(0) if location else ""
+            if veo.group("verb") == ":fetchPredictOperation":  # Vertex AI's read of an operation: its name in the body
+                return self._veo(h, body, veo.group("model"), str(body.get("operationName", "")).rsplit("/", 1)[-1],
+                                 scenario, vertex)
+            return self._veo(h, body, veo.group("model"), veo.group("op"), scenario, vertex)
         veo_file = VEO_FILE_PATH.search(route)
         if veo_file:
             known = any(veo_file.group("id") in json.dumps(op[0]) for op in self.operations.values())
@@ -885,15 +892,17 @@ class MockProvider:
                 {"id": f"{completion_id}-{i}", **m} for i, m in enumerate(messages or [])]})
         return h._json(200, reply)
 
-    def _veo(self, h: Any, body: dict[str, Any], model: str, op: str | None, scenario: str) -> None:
+    def _veo(self, h: Any, body: dict[str, Any], model: str, op: str | None, scenario: str, vertex: str = "") -> None:
         """Veo's video generation (Gemini's API): an operation made (POST models/M:predictLongRunning), not done
         for `x-mock-background-polls` reads of it (default 2), then done with parameters.sampleCount videos (1
         unless told), each downloaded from the File API; scenario filtered: one withheld by the safety filter,
-        job_failed: done with an error."""
+        job_failed: done with an error. On Vertex AI (`vertex`: the project's location, publisher google) the
+        operation's name starts with it, it is read by POST :fetchPredictOperation, and its videos are in Cloud
+        Storage."""
         if op is None:
             parameters = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
             count = parameters.get("sampleCount") or 1
-            name = f"models/{model}/operations/op-mock-{next(self.response_ids)}"
+            name = f"{vertex}models/{model}/operations/op-mock-{next(self.response_ids)}"
             made = name.rsplit("/", 1)[1]
             samples = [{"video": {"uri": f"http://127.0.0.1:{self.port}/v1beta/files/vid-{made}-{i}:download?alt=media"}}
                        for i in range(count)]
@@ -904,12 +913,18 @@ class MockProvider:
                 done["response"]["generateVideoResponse"] = {"generatedSamples": samples[1:],
                                                              "raiMediaFilteredCount": 1,
                                                              "raiMediaFilteredReasons": ["withheld by the mock"]}
+            if vertex:  # Vertex AI's answer: the videos in Cloud Storage
+                kept = len(done["response"]["generateVideoResponse"]["generatedSamples"])
+                done["response"] = {"@type": "type.googleapis.com/cloud.ai.large_models.vision.GenerateVideoResponse",
+                                    "raiMediaFilteredCount": count - kept,
+                                    "videos": [{"gcsUri": f"gs://mock-bucket/{made}-{i}.mp4", "mimeType": "video/mp4"}
+                                               for i in range(kept)]}
             if scenario == "job_failed":
                 done = {"name": name, "done": True, "error": {"code": 13, "message": "the video could not be made"}}
             with self.lock:
                 self.operations[name] = (done, int(h.headers.get("x-mock-background-polls", "2")))
             return h._json(200, {"name": name})
-        name = f"models/{model}/operations/{op}"
+        name = f"{vertex}models/{model}/operations/{op}"
         with self.lock:
             found = self.operations.get(name)
             if found is not None:

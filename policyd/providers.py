@@ -130,21 +130,24 @@ class Account:
         named = (("openai-organization", self.organization), ("openai-project", self.project))
         return [(name, value) for name, value in named if value]
 
-    def request(self, path: str) -> urllib.request.Request:
-        """A GET of <base_url>/<path> with this account's credential; a query the base_url gives (Azure OpenAI's
-        dated API: `https://R.openai.azure.com/openai?api-version=2024-10-21`) goes after the path."""
+    def request(self, path: str, body: bytes | None = None) -> urllib.request.Request:
+        """A GET of <base_url>/<path> with this account's credential (a POST of the JSON `body`, where given); a
+        query the base_url gives (Azure OpenAI's dated API: `https://R.openai.azure.com/openai?api-version=
+        2024-10-21`) goes after the path."""
         header, value = self.credential_header()
         version = {"anthropic-version": ANTHROPIC_VERSION} if self.provider == "anthropic" else {}
+        posted = {"content-type": "application/json"} if body is not None else {}
         base, _, query = self.base_url.partition("?")
         url = f"{base.rstrip('/')}/{path}" + (f"{'&' if '?' in path else '?'}{query}" if query else "")
-        return urllib.request.Request(url, headers={
-            header: value, **dict(self.account_headers()), **version, "accept": "application/json"})
+        return urllib.request.Request(url, data=body, headers={
+            header: value, **dict(self.account_headers()), **version, "accept": "application/json", **posted})
 
-    def get(self, path: str, bytes_max: int, timeout_seconds: float) -> tuple[int, bytes]:
-        """GET <base_url>/<path> with this account's credential (blocking: run it on a thread): the provider's
+    def get(self, path: str, bytes_max: int, timeout_seconds: float, body: bytes | None = None) -> tuple[int, bytes]:
+        """GET <base_url>/<path> with this account's credential (a POST of `body`, where given: a read the
+        provider takes as one, Vertex AI's fetchPredictOperation) (blocking: run it on a thread): the provider's
         HTTP status and body (at most bytes_max + 1 bytes; none past a failure); status 0 when unreachable."""
         try:
-            with urllib.request.urlopen(self.request(path), timeout=timeout_seconds) as reply:
+            with urllib.request.urlopen(self.request(path, body), timeout=timeout_seconds) as reply:
                 return reply.status, reply.read(bytes_max + 1)
         except urllib.error.HTTPError as error:
             return error.code, b""

@@ -874,14 +874,20 @@ ENDED_RESPONSE_STATUSES = frozenset({"completed", "incomplete", "failed", "cance
 ENDED_JOB_STATUSES = frozenset({"COMPLETED", "FAILED"})
 
 
-def followed_path(endpoint: str, response_id: str) -> str:
-    """Where a background response is asked for, under its provider's base_url: the Responses API's
-    `responses/<id>`; an async chat completion's job (a background chat completion: Perplexity's),
-    `async/chat/completions/<id>`; a Veo operation, its name (`models/<model>/operations/<id>`)."""
+def followed_path(endpoint: str, response_id: str) -> tuple[str, bytes | None]:
+    """Where a background response is asked for, under its provider's base_url, and the body of a read the
+    provider takes as a POST: the Responses API's `responses/<id>`; an async chat completion's job (a
+    background chat completion: Perplexity's), `async/chat/completions/<id>`; a Veo operation, its name
+    (Gemini's `models/<model>/operations/<id>`), or on Vertex AI its model's `:fetchPredictOperation`, the
+    operation named in the body."""
+    if endpoint == "videos" and response_id.startswith("projects/"):
+        model = response_id.split("/operations/", 1)[0]
+        return f"{urllib.parse.quote(model, safe='/')}:fetchPredictOperation", \
+            json.dumps({"operationName": response_id}).encode()
     if endpoint == "videos":
-        return urllib.parse.quote(response_id, safe="/")
+        return urllib.parse.quote(response_id, safe="/"), None
     quoted = urllib.parse.quote(response_id, safe="")
-    return f"async/chat/completions/{quoted}" if endpoint == "chat_completions" else f"responses/{quoted}"
+    return (f"async/chat/completions/{quoted}" if endpoint == "chat_completions" else f"responses/{quoted}"), None
 
 
 def background_answer(status: int, body: bytes, endpoint: str = "responses") -> tuple[str, ResponseReader]:
@@ -940,9 +946,10 @@ _FILE_ID = re.compile(r"/files/(?P<id>[A-Za-z0-9_.-]{1,200})(:download)?(\?|$)")
 
 
 def _operation_answer(status: int, body: bytes) -> tuple[str, ResponseReader]:
-    """A Veo operation (Gemini's), as background_answer reads it: done with its videos (`images`: those made,
-    billed by their seconds; `files`: the File API's ids they are downloaded by), done with an error, or every
-    video withheld by its safety filter (nothing billed: released), or not done yet."""
+    """A Veo operation (Gemini's, Vertex AI's), as background_answer reads it: done with its videos (`images`:
+    those made, billed by their seconds; `files`: the File API's ids Gemini's are downloaded by; Vertex AI's are
+    in the caller's Cloud Storage, or inline), done with an error, or every video withheld by its safety filter
+    (nothing billed: released), or not done yet."""
     reader = ResponseReader("videos", stream=False)
     operation = _answered_object(status, body)
     if status == 404:
@@ -953,8 +960,10 @@ def _operation_answer(status: int, body: bytes) -> tuple[str, ResponseReader]:
     if operation.get("error") is not None:
         reader.response_status = "failed"
         return "release", reader
-    made = _dict(_dict(operation.get("response")).get("generateVideoResponse")).get("generatedSamples")
-    videos = [_dict(_dict(sample).get("video")) for sample in _list(made)]
+    response = _dict(operation.get("response"))
+    made = _dict(response.get("generateVideoResponse")).get("generatedSamples")
+    videos = [_dict(_dict(sample).get("video")) for sample in _list(made)] + \
+        [_dict(video) for video in _list(response.get("videos"))]  # Vertex AI's: in GCS, or inline
     videos = [video for video in videos if video]
     reader.images = len(videos)
     reader.files = [found.group("id") for video in videos if isinstance(video.get("uri"), str)

@@ -24,9 +24,11 @@ REQUEST_ID_PATTERN = re.compile(rf"^[A-Za-z0-9._:/=+@-]{{1,{REQUEST_ID_LENGTH_MA
 STORED_RESPONSE_ID_LENGTH_MAX = 200
 PROVIDER_FILES_MAX = 16  # files one reply made at the provider (a Veo operation's videos: 4 at most)
 # an id from a URL path (a Gemini batch's is its name: batches/<id>)
-# (a Gemini batch's name, "batches/<id>"; a Veo operation's, "models/<model>/operations/<id>")
-STORED_RESPONSE_ID_PATTERN = re.compile(rf"^(batches/|models/[A-Za-z0-9_.-]{{1,128}}/operations/)?"
-                                        rf"[A-Za-z0-9_.-]{{1,{STORED_RESPONSE_ID_LENGTH_MAX}}}$")
+# (a Gemini batch's name, "batches/<id>"; a Veo operation's, "models/<model>/operations/<id>", on Vertex AI
+# "projects/<p>/locations/<l>/publishers/google/models/<model>/operations/<id>")
+STORED_RESPONSE_ID_PATTERN = re.compile(
+    r"^(batches/|(projects/[A-Za-z0-9_.-]{1,64}/locations/[A-Za-z0-9_.-]{1,64}/publishers/google/)?"
+    rf"models/[A-Za-z0-9_.-]{{1,128}}/operations/)?[A-Za-z0-9_.-]{{1,{STORED_RESPONSE_ID_LENGTH_MAX}}}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NOT_UTF8 = re.compile("[\ufffd\ud800-\udfff]")  # a replacement character, or a lone surrogate
 

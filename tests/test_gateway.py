@@ -3120,6 +3120,38 @@ def test_veos_videos_are_held_while_made_and_charged_the_seconds_made(gateway: G
     assert (record["status"], record["close_reason"], record["charge_nanos"]) == ("released", "background_failed", 0)
 
 
+def test_veo_on_vertex_ai_is_held_while_made_and_charged_the_seconds_made(gateway: Gateway) -> None:
+    """Vertex AI's Veo: its operation named under the project's location, read by a POST of its name to the
+    model's :fetchPredictOperation, its videos written to Cloud Storage. Held while it runs, charged the seconds of
+    the videos made once policyd (asking Vertex AI) or its client (reading it through the gateway) finds it done,
+    not a video the safety filter withheld; read by its own customer's keys alone."""
+    key, other = gateway.customer("e2e-veo-vertex", plan="google", credit="50"), gateway.customer(
+        "e2e-veo-vertex-other", plan="google")
+    model = f"http://127.0.0.1:{gateway.port}/v1/projects/acme/locations/us-central1/publishers/google/models/" \
+            "veo-3.0-generate-001"
+    body = {"instances": [{"prompt": "a ledger on Vertex"}], "parameters": {"durationSeconds": 4, "sampleCount": 2}}
+
+    def call(verb: str, payload: dict[str, Any], who: str, scenario: str = "ok") -> tuple[int, dict[str, str], Any]:
+        return post(f"{model}:{verb}", {"authorization": f"Bearer {who}", "content-type": "application/json",
+                                        "x-mock-scenario": scenario, "x-mock-background-polls": "2"},
+                    json.dumps(payload).encode())
+
+    code, headers, made = call("predictLongRunning", body, key)
+    assert code == 200 and made["name"].startswith("projects/acme/locations/us-central1/publishers/google/models/"
+                                                   "veo-3.0-generate-001/operations/"), made
+    assert call("fetchPredictOperation", {"operationName": made["name"]}, other)[0] == 404  # another customer's
+    while not (read := call("fetchPredictOperation", {"operationName": made["name"]}, key))[2].get("done"):
+        assert read[0] == 200, read
+        time.sleep(0.05)
+    assert [v["gcsUri"] for v in read[2]["response"]["videos"]] and read[2]["response"]["raiMediaFilteredCount"] == 0
+    record = gateway.record(headers["x-policyd-request-id"])
+    assert (record["status"], record["endpoint"], record["images"], record["seconds"], record["cost_nanos"]) == (
+        "settled", "videos", 2, 8, 8 * parse_amount("0.40"))
+    code, headers, made = call("predictLongRunning", body, key, "filtered")
+    record = gateway.record(headers["x-policyd-request-id"], seconds=15)  # nobody reads it: policyd asks Vertex AI
+    assert (record["status"], record["images"], record["seconds"]) == ("settled", 1, 4)
+
+
 def test_a_fine_tuned_model_is_priced_by_the_pattern_of_its_base(gateway: Gateway) -> None:
     """A fine-tune's name is made by its provider as it is trained: one price table entry,
     "ft:gpt-4o-mini-2024-07-18:*", prices every fine-tune of that base, so a new one is served and charged at

@@ -759,7 +759,7 @@ def test_perplexitys_async_chat_is_a_chat_completion_run_as_a_job() -> None:
     reader.feed(json.dumps({"id": "job-1", "model": "sonar-deep-research", "status": "CREATED", "response": None}).encode())
     reader.finish()
     assert closing(200, reader, False, background=True) == Closing("poll", "background")
-    assert followed_path("chat_completions", "job 1") == "async/chat/completions/job%201"
+    assert followed_path("chat_completions", "job 1") == ("async/chat/completions/job%201", None)
     usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "citation_tokens": 30,
              "num_search_queries": 3, "reasoning_tokens": 20}
     answers = {"IN_PROGRESS": None, "COMPLETED": {"object": "chat.completion", "usage": usage,
@@ -839,7 +839,11 @@ def test_veos_video_generation_is_an_operation_billed_by_the_seconds_it_makes() 
     reader.feed(json.dumps({"name": name}).encode())
     reader.finish()
     assert reader.response_id == name and closing(200, reader, False, background=True) == Closing("poll", "background")
-    assert followed_path("videos", name) == name
+    assert followed_path("videos", name) == (name, None)
+    on_vertex = "projects/acme/locations/us-central1/publishers/google/models/veo-3.0-generate-001/operations/op-1"
+    assert followed_path("videos", on_vertex) == (
+        "projects/acme/locations/us-central1/publishers/google/models/veo-3.0-generate-001:fetchPredictOperation",
+        json.dumps({"operationName": on_vertex}).encode())
     uri = "https://generativelanguage.googleapis.com/v1beta/files/{}:download?alt=media"
     samples = [{"video": {"uri": uri.format("a1")}}, {"video": {"uri": uri.format("b2")}}]
     answers = {"running": {"name": name}, "done": {"name": name, "done": True, "response": {
