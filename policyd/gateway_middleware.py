@@ -37,7 +37,6 @@ GET /v1/key are answered from policyd's DescribeKey: the models the key may use,
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -47,7 +46,7 @@ from typing import Any, Awaitable, Callable, MutableMapping
 from policyd import http_api
 from policyd import reasons, unasked_usage
 from policyd.domain import KeySummary, LimitState, RateLimit
-from policyd.usage_capture import ResponseReader, background_answer, closing
+from policyd.usage_capture import ResponseReader, background_answer, closing, vertex_operation_read
 from policyd_client import AsyncPolicyClient, Decision, PolicydCallError
 
 log = logging.getLogger("policyd.gateway")
@@ -366,9 +365,9 @@ async def _asked(app: ASGIApp, scope: Scope, response_id: str, endpoint: str = "
     name to its model's :fetchPredictOperation."""
     made = scope.get("path", "/")
     method, body = "GET", b""
-    if endpoint == "videos" and response_id.startswith("projects/") and made.endswith(":predictLongRunning"):
-        path, method = made.removesuffix(":predictLongRunning") + ":fetchPredictOperation", "POST"
-        body = json.dumps({"operationName": response_id}).encode()
+    if endpoint == "videos" and response_id.startswith("projects/") and "projects/" in made:
+        read, body = vertex_operation_read(response_id)
+        path, method = made[:made.find("projects/")] + read, "POST"
     elif endpoint == "videos" and "models/" in made:
         path = made[:made.rfind("models/")] + response_id
     else:

@@ -874,6 +874,13 @@ ENDED_RESPONSE_STATUSES = frozenset({"completed", "incomplete", "failed", "cance
 ENDED_JOB_STATUSES = frozenset({"COMPLETED", "FAILED"})
 
 
+def vertex_operation_read(name: str) -> tuple[str, bytes]:
+    """How a Vertex AI operation (Veo's, `projects/.../models/<model>/operations/<id>`) is read: a POST of its
+    name to its model's `:fetchPredictOperation` (the path from `projects/` on, and the body)."""
+    model = name.split("/operations/", 1)[0]
+    return f"{urllib.parse.quote(model, safe='/')}:fetchPredictOperation", json.dumps({"operationName": name}).encode()
+
+
 def followed_path(endpoint: str, response_id: str) -> tuple[str, bytes | None]:
     """Where a background response is asked for, under its provider's base_url, and the body of a read the
     provider takes as a POST: the Responses API's `responses/<id>`; an async chat completion's job (a
@@ -881,9 +888,7 @@ def followed_path(endpoint: str, response_id: str) -> tuple[str, bytes | None]:
     (Gemini's `models/<model>/operations/<id>`), or on Vertex AI its model's `:fetchPredictOperation`, the
     operation named in the body."""
     if endpoint == "videos" and response_id.startswith("projects/"):
-        model = response_id.split("/operations/", 1)[0]
-        return f"{urllib.parse.quote(model, safe='/')}:fetchPredictOperation", \
-            json.dumps({"operationName": response_id}).encode()
+        return vertex_operation_read(response_id)
     if endpoint == "videos":
         return urllib.parse.quote(response_id, safe="/"), None
     quoted = urllib.parse.quote(response_id, safe="")
