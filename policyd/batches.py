@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from policyd import http_api
-from policyd.domain import FILES_PER_REQUEST_MAX, Decision, Shape, UsageReport
+from policyd.domain import CACHED_CONTENT_PREFIX, FILES_PER_REQUEST_MAX, Decision, Shape, UsageReport
 from policyd.providers import ANTHROPIC_VERSION, Account, ProviderPool
 from policyd.usage_capture import Tokens, usage_from
 
@@ -128,7 +128,9 @@ def _held(url: str, bodies: list[tuple[str, Any]], none: str) -> BatchInput:
             return BatchInput(problem=f"{where}: {call.problem_message}")
         if call.stream or call.background:
             return BatchInput(problem=f"{where}: a batch's requests are neither streamed nor background responses")
-        if call.previous_response or call.conversation:
+        # (a Gemini request's explicit cache, cachedContent, is input unseen, as it was before policyd knew caches)
+        if (call.previous_response and not call.previous_response.startswith(CACHED_CONTENT_PREFIX)) or \
+                call.conversation:
             return BatchInput(problem=f"{where}: a batch's requests do not continue stored responses or conversations")
         if call.unbounded_web_search_tools or call.unbounded_file_search or call.image_model_default or \
                 (call.image_model and not call.image_generation_calls):

@@ -26,10 +26,12 @@ def _load(name: str) -> str:
     return resources.files("policyd").joinpath("lua", f"{name}.lua").read_text()
 
 
-def whose_of(customer_id: str, provider: str, route: str, account: str, context_tokens: int = 0) -> str:
+def whose_of(customer_id: str, provider: str, route: str, account: str, context_tokens: int = 0, model: str = "",
+             kept_seconds: int = 0) -> str:
     """A stored response's owner, where it lives, and the tokens a request that continues it carries as input
-    unseen (its input and output: all of it goes back to the model), as its key holds them."""
-    return "\t".join((customer_id, provider, route, account, str(context_tokens)))
+    unseen (its input and output: all of it goes back to the model), as its key holds them; an explicit cache's
+    also its model and the seconds of its life charged so far (from its making)."""
+    return "\t".join((customer_id, provider, route, account, str(context_tokens), model, str(kept_seconds)))
 
 
 def _text(value: Any) -> str:
@@ -188,7 +190,8 @@ CLOSED_RECORD_FIELDS = ("request_id", "created_ms", "customer_id", "wallet_id", 
                         "served_model", "policy_version", "price_table_version", "billing_mode", "currency",
                         "max_output_tokens", "choices", "containers", "container_memory", "image_model")
 CLOSED_FIELDS = ("input_tokens_estimate", "seconds_estimate", "audio_tokens_estimate", "image_scale", "images",
-                 "call_token", "search_units", "search_units_likely", "video_seconds")
+                 "call_token", "search_units", "search_units_likely", "video_seconds", "cache_tokens",
+                 "cache_kept_seconds")
 
 
 def closed_facts(reservation: Reservation) -> list[str]:
@@ -578,12 +581,25 @@ class Counters:
         return _text(status)
 
     async def remember_response(self, response_id: str, customer_id: str, provider: str, route: str, account: str,
-                                seconds: int, context_tokens: int = 0) -> None:
-        """That the provider stored this response (or conversation) for this customer, on this provider, route
-        and account, holding `context_tokens`. The first to make it keeps it: an id is the provider's, never
-        made twice."""
+                                seconds: int, context_tokens: int = 0, model: str = "", kept_seconds: int = 0) -> None:
+        """That the provider stored this response (or conversation, or explicit cache: its `model`, and the
+        seconds of its life charged) for this customer, on this provider, route and account, holding
+        `context_tokens`. The first to make it keeps it: an id is the provider's, never made twice."""
         await self.client.set(redis_keys.stored_response(response_id),
-                              whose_of(customer_id, provider, route, account, context_tokens), ex=seconds, nx=True)
+                              whose_of(customer_id, provider, route, account, context_tokens, model, kept_seconds),
+                              ex=seconds, nx=True)
+
+    async def cache_kept(self, name: str, kept_seconds: int, seconds: int) -> None:
+        """An explicit cache's life charged now runs `kept_seconds` from its making (or what was charged before,
+        where longer), remembered `seconds` more."""
+        key = redis_keys.stored_response(name)
+        whose = await self.client.get(key)
+        if whose is None:
+            return
+        fields = [*_text(whose).split("\t"), "", "", "", "", "", "", ""][:7]
+        before = int(fields[6]) if fields[6].isdigit() else 0
+        fields[6] = str(max(before, kept_seconds))
+        await self.client.set(key, "\t".join(fields), xx=True, ex=seconds)
 
     @staticmethod
     def queue_stored_response(pipe: Any, response_id: str, customer_id: str, provider: str, route: str, account: str,

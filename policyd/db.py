@@ -127,6 +127,8 @@ class UsageRecordRow(Base):
     # billed at its own price (Perplexity's; migration 0030)
     search_context_size: Mapped[str] = mapped_column(String(16), default="", server_default="")
     reasoning_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # an explicit cache's tokens x the seconds it is kept, charged at cache_storage (migration 0031)
+    cache_storage_token_seconds: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # the Responses API's image_generation tool (migration 0021): the image model that priced its images, its usage
     image_model: Mapped[str] = mapped_column(NAME, default="", server_default="")
     image_generation_calls: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -220,6 +222,7 @@ class UsageRollupRow(Base):
     maps_groundings: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0025
     search_units: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # a rerank's (migration 0029)
     reasoning_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0030
+    cache_storage_token_seconds: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # 0031
     refunded_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # migration 0026
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from dataclasses import dataclass, field
+from typing import Any
 
 ENDPOINTS = (
     "chat_completions",
@@ -21,6 +22,7 @@ ENDPOINTS = (
     "rerank",
     "cohere_chat",
     "videos",
+    "cached_contents",
 )
 
 
@@ -52,6 +54,18 @@ class Attribution:
 
 # what a free call may make for a customer, whose it then is: OpenAI's conversations (POST /v1/conversations)
 # and files (POST /v1/files)
+# an explicit cache's name as policyd knows it (Gemini's cachedContents/<id>; Vertex AI's, under its project and
+# location, is known by the same last two parts)
+CACHED_CONTENT_PREFIX = "cachedContents/"
+_CACHED_CONTENT_NAME = re.compile(r"(^|/)cachedContents/(?P<id>[A-Za-z0-9_.-]{1,200})$")
+
+
+def cached_content_name(named: Any) -> str:
+    """An explicit cache's name as policyd knows it ("cachedContents/<id>"), from the Gemini API's name or Vertex
+    AI's ("projects/P/locations/L/cachedContents/<id>"); "" when it names none."""
+    found = _CACHED_CONTENT_NAME.search(named) if isinstance(named, str) else None
+    return CACHED_CONTENT_PREFIX + found["id"] if found else ""
+
 CREATABLE = ("conversation", "file")
 CREATED_AT = ("openai", "azure")  # ... the providers it may be made at (AuthorizeInput.creates_at; "" = openai)
 # where each API reads a request's output cap, the field a proxy writes policyd's into first (Gemini's is
@@ -174,6 +188,14 @@ class AuthorizeInput:
     # a batch (OpenAI's Batch API): each of its requests as it would be sent alone, held at the sum of their
     # worst cases (policyd/batches.py); `shape` is then what the checks of the whole batch read
     batch: tuple[Shape, ...] = ()
+    # an explicit cache's time to live changed (endpoint cached_contents, previous_response its name): its
+    # tokens, and the seconds of its life charged so far, as policyd remembers them (Engine._cache_update)
+    cache_tokens: int = 0
+    cache_kept_seconds: int = 0
+
+    @property
+    def cache_update(self) -> bool:
+        return self.endpoint == "cached_contents" and bool(self.previous_response)
 
 
 @dataclass(frozen=True)
@@ -265,6 +287,8 @@ class UsageReport:
     # (per_search_context); "" = as the request asked, else the price table's default
     search_context_size: str = ""
     reasoning_output_tokens: int = 0  # the part of output_tokens that was reasoning billed apart (Perplexity's)
+    # an explicit cache's tokens x the seconds it is set to live (Gemini's cachedContents), at cache_storage
+    cache_storage_token_seconds: int = 0
     cache_write_1h_input_tokens: int = 0  # the part of cache_write_input_tokens of the long write (1h; OpenAI's 12h)
     service_tier: str = ""  # the provider's processing tier that served it (its own token prices)
     # the image_generation tool's own usage (the Responses API's tool_usage.image_gen), priced at the

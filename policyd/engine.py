@@ -35,6 +35,7 @@ from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECON
 from policyd.directory import KeyDirectory
 from policyd.loops import every
 from policyd.domain import (
+    CACHED_CONTENT_PREFIX,
     ANTHROPIC_FAST_MODE,
     CREATED_AT,
     IMAGE_GENERATION_USAGE,
@@ -62,7 +63,7 @@ from policyd.quotas import amount_for, bucket_states, cap_hold, hold_for, limit_
 from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
 from policyd.store import KeyRecord, Store
-from policyd.validation import REQUEST_ID_LENGTH_MAX, Problem, check_authorize, check_usage
+from policyd.validation import MODEL_NAME_LENGTH_MAX, REQUEST_ID_LENGTH_MAX, Problem, check_authorize, check_usage
 
 if TYPE_CHECKING:
     from policyd.background import BackgroundResponses
@@ -80,7 +81,7 @@ TOOL_BOUND_ENDPOINTS = frozenset({"responses", "anthropic_messages"})
 LATER_USAGE_FIELDS = ("web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens",
                       "service_tier", "file_searches", "image_input_tokens", *IMAGE_GENERATION_USAGE,
                       "image_output_tokens", "containers", "maps_groundings", "search_units", "search_context_size",
-                      "reasoning_output_tokens")
+                      "reasoning_output_tokens", "cache_storage_token_seconds")
 
 
 
@@ -171,6 +172,8 @@ def _not_found(stored_id: str) -> str:
         return "conversation_not_found"
     if stored_id.startswith(BATCH_ID_PREFIXES):
         return "batch_not_found"
+    if stored_id.startswith(CACHED_CONTENT_PREFIX):
+        return "cached_content_not_found"
     return "file_not_found" if stored_id.startswith((FILE_ID_PREFIX, UPLOAD_ID_PREFIX)) else "response_not_found"
 
 
@@ -197,6 +200,33 @@ def _image_model_named(policy: Policy | None, shape: Shape) -> str:
 # fit_output_cap may lower to what the wallet or a limit can hold; tries: another limit may refuse the lower
 FITTED_ENDPOINTS = frozenset(OUTPUT_CAP_FIELDS)
 FIT_TRIES = 3
+
+
+def _cache_storage(report: UsageReport, reservation: Reservation) -> tuple[UsageReport, tuple[int, int]]:
+    """An explicit cache's usage as charged, and (its tokens, its life in seconds from its making). Made: its
+    tokens written (input) and kept for the life its reply gives (Usage.cache_storage_token_seconds: its
+    tokens x that life), else as long as it was asked to live. Its time to live changed (a PATCH, held with the
+    life charged before): none written, its tokens kept past that life; a reply not read, as held."""
+    tokens, fields = report.input_tokens, reservation.fields
+    lifetime = report.cache_storage_token_seconds // tokens if tokens else 0
+    if "cache_kept_seconds" in fields:
+        if not tokens:  # its reply not read: its tokens, the time it was asked to live more (Settle estimated)
+            return report, (0, 0)
+        kept = int(fields["cache_kept_seconds"] or 0)
+        return replace(report, input_tokens=0, cached_input_tokens=0, cache_write_input_tokens=0,
+                       cache_write_1h_input_tokens=0, audio_input_tokens=0, image_input_tokens=0,
+                       cache_storage_token_seconds=tokens * max(0, lifetime - kept)), (tokens, lifetime)
+    if tokens and not report.cache_storage_token_seconds:  # a reply that gave no times: as long as asked
+        lifetime = int(fields.get("seconds_estimate") or 0)
+        report = replace(report, cache_storage_token_seconds=tokens * lifetime)
+    return report, (tokens, lifetime)
+
+
+def _bound_to_model(request: AuthorizeInput) -> bool:
+    """A request no other model may serve (no fallback, no downgrade): a batch, whose requests' file names
+    its model; an explicit cache made (Gemini's), which serves its model alone; a request that uses one."""
+    return bool(request.batch) or request.endpoint == "cached_contents" or \
+        request.previous_response.startswith(CACHED_CONTENT_PREFIX)
 
 
 def _least_fitted_cap(plan: Plan, request: AuthorizeInput) -> int:
@@ -343,6 +373,8 @@ class Engine:
             return await self.admit_stored_response(request)
         if request.count_tokens or request.endpoint in FREE_ENDPOINTS:
             return await self.admit_token_count(request)
+        if request.cache_update:
+            request = await self._cache_update(request)
         started = time.perf_counter()
         decision = await self._authorize(request, unavailable_providers)
         if decision is STALE:  # the operator changed the key's terms since this process read it
@@ -377,6 +409,18 @@ class Engine:
             request_id = decision.request_id
             self.close_in_background(lambda: self.release(request_id, "client_gone"), request_id)
 
+    async def _cache_update(self, request: AuthorizeInput) -> AuthorizeInput:
+        """A change of an explicit cache's time to live (Gemini's PATCH cachedContents/<id>) names no model: the
+        cache's, its tokens and the seconds of its life charged so far, as policyd remembered them when it was
+        made (whose it is is checked with the key's: a cache it does not know, or another customer's, is
+        refused, cached_content_not_found)."""
+        whose = await self._whose(request.previous_response)
+        fields = [*(whose or "").split("\t"), "", "", "", "", "", "", ""][:7]
+        tokens, model, kept = fields[4], fields[5], fields[6]
+        return replace(request, model=model[:MODEL_NAME_LENGTH_MAX],
+                       cache_tokens=int(tokens) if tokens.isdigit() else 0,
+                       cache_kept_seconds=int(kept) if kept.isdigit() else 0)
+
     async def _authorize(self, request: AuthorizeInput, unavailable_providers: frozenset[str]) -> Decision:
         started = time.perf_counter_ns()
         at = self.clock()
@@ -407,17 +451,22 @@ class Engine:
             preset = "no_policy"
         elif plan is None:
             preset = "unknown_plan"
+        elif request.cache_update and not request.model:  # a cache policyd never made
+            preset, param = "cached_content_not_found", "name"
         else:
             preset, param = self._policy_denial(request, key.scopes, owner, policy, plan)
         prior_tokens = 0  # input a continuation carries unseen: the previous response's, or the conversation's
+        cache_account = ""  # the provider account an explicit cache the request uses was made on: served there
         for stored, reason, name in ((request.previous_response, "response_not_found", "previous_response_id"),
                                      (request.conversation, "conversation_not_found", "conversation")):
             if stored and not preset:
-                context = await self._context_of(owner.customer_id, stored)
-                if context is None:
-                    preset, param = reason, name
+                found = await self._context_of(owner.customer_id, stored)
+                if found is None:  # (a Gemini request's explicit cache is another customer's: cachedContent)
+                    preset, param = (_not_found(stored), "cachedContent") if stored.startswith(CACHED_CONTENT_PREFIX) \
+                        else (reason, name)
                 else:
-                    prior_tokens += context
+                    prior_tokens += found[0]
+                    cache_account = found[1] if stored.startswith(CACHED_CONTENT_PREFIX) else cache_account
 
         # 4. estimate and buckets (only when the policy allows the request)
         attempt = None
@@ -429,7 +478,7 @@ class Engine:
             attempt = _Plan("", _created_at(request.creates_at), 0, 0, 0, [], {})
         elif not preset and policy is not None and plan is not None:
             # a batch runs where its input file is, as the file names its model: never another model
-            model, fallback_reason = (request.model, "") if request.batch else self._route_around(
+            model, fallback_reason = (request.model, "") if _bound_to_model(request) else self._route_around(
                 policy, plan, key.scopes, owner.environment, request.model, request.shape, unavailable_providers)
             if request.batch:  # up to 50,000 requests to estimate: on a thread, so other decisions go on meanwhile
                 attempt = await asyncio.to_thread(self._attempt, request, owner, policy, plan, model, at, "",
@@ -454,7 +503,7 @@ class Engine:
             return STALE
         if result.outcome == "deny" and result.reason == "limit" and policy is not None and plan is not None:
             limit = reserve.limits_by_label.get(result.label, (None, 0))[0]
-            if limit is not None and limit.action == "downgrade" and not request.batch \
+            if limit is not None and limit.action == "downgrade" and not _bound_to_model(request) \
                     and request.attribution.feature not in plan.critical_features \
                     and limit.downgrade_to != reserve.served_model \
                     and self._may_serve(policy, plan, key.scopes, key.environment, limit.downgrade_to, request.shape):
@@ -503,7 +552,7 @@ class Engine:
             request_id=request_id, owner=owner, requested_model=request.model, served_model=reserve.served_model,
             upstream_model=reserve.price.upstream_model or reserve.served_model,  # the price at hand: no lookup
             output_cap_field=_cap_field(reserve.price), stream_usage_reported=_stream_usage_reported(reserve.price),
-            provider=reserve.price.provider, route=reserve.price.upstream,
+            provider=reserve.price.provider, route=reserve.price.upstream, account=cache_account,
             policy_version=policy.version if policy else 0,
             price_table_version=policy.document.price_table.version if policy else "",
             currency=policy.document.currency if policy else "",
@@ -967,6 +1016,10 @@ class Engine:
         elif request.endpoint == "videos":  # Veo's: its videos' seconds, each as long as asked; no output tokens
             output_cap = 0
             seconds = likely_seconds = s.seconds * max(1, s.image_count)
+        elif request.endpoint == "cached_contents":  # an explicit cache: its input written, kept as long as asked
+            output_cap = seconds = 0  # (likely_seconds: the time it is to live, for a Settle without its reply)
+            if request.cache_update:  # its time to live changed: none written, its tokens kept up to that long more
+                input_tokens = likely = 0
         elif request.endpoint == "audio_transcriptions":  # the audio's seconds, or its audio tokens, and text out
             seconds = audio_seconds(plan, s.seconds, s.audio_bytes, price.max_audio_seconds)
             likely_seconds = audio_seconds_likely(s.seconds, s.audio_bytes)
@@ -1003,6 +1056,8 @@ class Engine:
             and price.image_output_price > price.output else 0,
             containers=s.containers, container_memory=s.container_memory, maps_groundings=int(s.maps_grounding),
             search_units=search_units,
+            cache_storage_token_seconds=(request.cache_tokens if request.cache_update else input_tokens) * s.seconds
+            if request.endpoint == "cached_contents" else 0,
         )
         cost = cost_of(price, quantities)
         # the whole prompt may be written to the cache, at the write price: reserved so if dearer (OpenAI's
@@ -1091,6 +1146,9 @@ class Engine:
         if request.endpoint == "videos":  # each video's seconds: the videos its operation made are charged so
             fields["video_seconds"] = request.shape.seconds
             extra += f',"video_seconds":{int(request.shape.seconds)}'
+        if request.cache_update:  # a cache's time to live changed: charged past the life charged before
+            fields["cache_tokens"], fields["cache_kept_seconds"] = request.cache_tokens, request.cache_kept_seconds
+            extra += f',"cache_tokens":{int(request.cache_tokens)},"cache_kept_seconds":{int(request.cache_kept_seconds)}'
         if request.endpoint == "images":  # the images asked for: charged as held if the client leaves first
             fields["images"] = max(1, request.shape.image_count)
             extra += f',"images":{int(max(1, request.shape.image_count))}'
@@ -1306,6 +1364,9 @@ class Engine:
         if r.get("endpoint") == "videos" and report.images and not report.seconds:
             # the videos its operation made (Veo's), each as long as asked: their seconds are what is billed
             report = replace(report, seconds=report.images * int(reservation.fields.get("video_seconds") or 0))
+        cache = (0, 0)  # an explicit cache made or kept longer: its tokens, and its life from its making
+        if r.get("endpoint") == "cached_contents":
+            report, cache = _cache_storage(report, reservation)
         if price.per_search_context:  # its search's context size as reported, else as asked, else the default
             report = replace(report, search_context_size=report.search_context_size or str(
                 reservation.fields.get("search_context_size") or "") or price.search_context_default)
@@ -1320,6 +1381,7 @@ class Engine:
             containers=report.containers, container_memory=r.get("container_memory") or "",
             maps_groundings=report.maps_groundings, search_units=report.search_units,
             search_context_size=report.search_context_size, reasoning_output_tokens=report.reasoning_output_tokens,
+            cache_storage_token_seconds=report.cache_storage_token_seconds,
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
@@ -1385,7 +1447,10 @@ class Engine:
         if result.outcome == "unknown":
             raise await self.missing(report.request_id, "settle", asdict(report))
         context = report.input_tokens + report.output_tokens  # what answering on from here carries back as input
-        if report.provider_response_id:
+        if report.provider_response_id and r.get("endpoint") == "cached_contents":
+            await self._remember_cache(r["customer_id"], report, price, served, *cache,
+                                       update="cache_kept_seconds" in reservation.fields)
+        elif report.provider_response_id:
             await self.remember_response(r["customer_id"], report.provider_response_id,
                                           report.provider or price.provider, price.upstream, report.provider_account,
                                           context)
@@ -1401,15 +1466,31 @@ class Engine:
         )
 
     async def remember_response(self, customer_id: str, response_id: str, provider: str, route: str,
-                                 account: str, context_tokens: int = 0) -> None:
+                                 account: str, context_tokens: int = 0, model: str = "", kept_seconds: int = 0) -> None:
         """That the provider stored this response for this customer, on this account: its customer may read,
         delete or cancel it (admit_stored_response), no other may. The charge stands if this fails; the usage
-        record keeps the id, from which a rebuild remembers it again."""
+        record keeps the id, from which a rebuild remembers it again. An explicit cache's (its `model`, and the
+        seconds of its life charged) is remembered for its life, and a day more."""
         try:
             await self.counters.remember_response(response_id, customer_id, provider, route, account,
-                                                  STORED_RESPONSE_HOT_SECONDS, context_tokens)
+                                                  STORED_RESPONSE_HOT_SECONDS + kept_seconds, context_tokens, model,
+                                                  kept_seconds)
         except Exception:
             log.exception("could not remember stored response %s of %s", response_id[:64], customer_id)
+
+    async def _remember_cache(self, customer_id: str, report: UsageReport, price: ModelPrice, served: str, tokens: int,
+                              lifetime: int, update: bool) -> None:
+        """An explicit cache made (its customer's alone to read, use, change and delete; its model, its tokens
+        and the life charged remembered), or its time to live changed (the life charged now)."""
+        try:
+            if update:
+                await self.counters.cache_kept(report.provider_response_id, lifetime,
+                                               STORED_RESPONSE_HOT_SECONDS + lifetime)
+            else:
+                await self.remember_response(customer_id, report.provider_response_id, report.provider or price.provider,
+                                             price.upstream, report.provider_account, tokens, served, lifetime)
+        except Exception:
+            log.exception("could not remember cached content %s of %s", report.provider_response_id[:64], customer_id)
 
     async def _whose(self, response_id: str) -> str | None:
         """Whose a stored response (a conversation, a kept chat completion) is and where, as remember_response
@@ -1424,15 +1505,18 @@ class Engine:
         if found is None:
             await self.counters.note_unknown(response_id)
             return None
-        customer, provider, served, account, created_ms, context = found
-        if not response_id.startswith((CONVERSATION_ID_PREFIX, FILE_ID_PREFIX)) and \
+        customer, provider, served, account, created_ms, context, stored = found
+        if not response_id.startswith((CONVERSATION_ID_PREFIX, FILE_ID_PREFIX, CACHED_CONTENT_PREFIX)) and \
                 created_ms < self.clock() - STORED_RESPONSE_SECONDS * 1000:
             return None  # a stored response lives 30 days at the provider; a conversation or a file until deleted
         policy = self.book.current
         price = (policy.model(served) if served else _created_at(provider)) if policy else None
         route = price.upstream if price else ""
-        await self.remember_response(customer, response_id, provider, route, account, int(context or 0))
-        return whose_of(customer, provider, route, account, int(context or 0))
+        model, kept = "", 0
+        if response_id.startswith(CACHED_CONTENT_PREFIX):  # its life charged when it was made (changes: not seen)
+            model, kept = served, (stored or 0) // max(1, int(context or 0))
+        await self.remember_response(customer, response_id, provider, route, account, int(context or 0), model, kept)
+        return whose_of(customer, provider, route, account, int(context or 0), model, kept)
 
     async def _grow_conversation(self, conversation: str, context_tokens: int) -> None:
         """A conversation answered in holds what the answer's input and output were: the next answer carries it."""
@@ -1441,18 +1525,19 @@ class Engine:
         except Exception:
             log.exception("could not note the size of conversation %s", conversation[:64])
 
-    async def _context_of(self, customer_id: str, response_id: str) -> int | None:
+    async def _context_of(self, customer_id: str, response_id: str) -> tuple[int, str] | None:
         """The tokens a customer's request that continues this stored response (or answers in this
-        conversation) carries as input unseen, as policyd last settled it; None when another customer made
-        it (the request is refused). One policyd does not know of (made before it remembered them, or
-        just now and not yet settled) is the provider's to find or not: 0."""
+        conversation, or uses this explicit cache) carries as input unseen, as policyd last settled it, and the
+        provider account it is on; None when another customer made it (the request is refused). One policyd
+        does not know of (made before it remembered them, or just now and not yet settled) is the provider's to
+        find or not: (0, "")."""
         whose = await self._whose(response_id)
         if whose is None:
-            return 0
+            return 0, ""
         customer, *rest = whose.split("\t")
         if customer != customer_id:
             return None
-        return int(rest[3]) if len(rest) > 3 and rest[3].isdigit() else 0
+        return (int(rest[3]) if len(rest) > 3 and rest[3].isdigit() else 0), rest[2] if len(rest) > 2 else ""
 
     async def settle_estimated(self, request_id: str, output_tokens: int, *, interrupted: bool, error_class: str,
                                upstream_status: int = 0, provider: str = "", provider_account: str = "",
@@ -1479,6 +1564,9 @@ class Engine:
         if interrupted and not output_as_held and reservation is not None:  # what it made and had not shown
             output_tokens = max(output_tokens, await self._output_made_meanwhile(reservation))
         output = cap if output_as_held else min(output_tokens, cap) if cap else output_tokens
+        stored = 0  # an explicit cache whose reply was not read: its tokens kept as long as it was asked to live
+        if reservation is not None and reservation.record.get("endpoint") == "cached_contents":
+            stored, seconds = (int(reservation.fields.get("cache_tokens") or 0) or input_tokens) * seconds, 0
         return await self.settle(UsageReport(
             request_id=request_id, input_tokens=input_tokens, cached_input_tokens=cached,
             cache_write_input_tokens=cache_writes, cache_write_1h_input_tokens=hour_writes,
@@ -1499,6 +1587,7 @@ class Engine:
             # the search context its search ran with (as held when not reported: _settle), reasoning as reported
             search_context_size=reported.search_context_size if reported is not None else "",
             reasoning_output_tokens=min(reported.reasoning_output_tokens, output) if reported is not None else 0,
+            cache_storage_token_seconds=stored,
             # the images the image_generation tool made before the end: its usage when reported, else its calls
             **({name: getattr(reported, name) for name in IMAGE_GENERATION_USAGE} if reported is not None else {}),
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,

@@ -71,6 +71,7 @@ import hashlib
 import json
 import re
 import secrets
+import time
 import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
@@ -78,11 +79,12 @@ from urllib.parse import parse_qsl, quote, unquote, unquote_plus
 
 from policyd import reasons
 from policyd.audio import wav_seconds
-from policyd.domain import (ANTHROPIC_FAST_MODE, CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS,
-                            SEARCH_CONTEXT_LENGTH_MAX, Attribution, AuthorizeInput, KeySummary, RateLimit, Shape,
-                            bedrock_tier, tier_in_geo, trace_id_from)
+from policyd.domain import (ANTHROPIC_FAST_MODE, CACHED_CONTENT_PREFIX, CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX,
+                            OUTPUT_CAP_FIELDS, SEARCH_CONTEXT_LENGTH_MAX, Attribution, AuthorizeInput, KeySummary, RateLimit, Shape,
+                            bedrock_tier, cached_content_name, tier_in_geo, trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount
 from policyd.multipart import MultipartError, MultipartForm
+from policyd.protobuf_json import duration_ms, timestamp_ms
 from policyd.validation import REQUEST_ID_PATTERN, STORED_RESPONSE_ID_PATTERN, TAG_VALUE_LENGTH_MAX, TAGS_MAX
 
 # Anthropic accepts requests of up to 32 MB, OpenAI audio files of up to 25 MB (speech to text)
@@ -122,6 +124,15 @@ _GEMINI_FILE_DOWNLOAD = re.compile(r"(^|/)v1beta/files/(?P<id>[A-Za-z0-9_.-]{1,2
 VIDEO_SECONDS_DEFAULT = 8  # Veo's, for a request that names no durationSeconds
 VIDEO_SECONDS_MAX = 60
 VIDEOS_MAX = 4
+# Gemini's explicit context caches (the Gemini API's cachedContents; Vertex AI's under a project's location): one
+# made (POST: its tokens written, at input, and kept for the time it is set to live, at cache_storage); one read
+# or deleted (free, for its own customer's keys alone, as requests that use it: cachedContent); the account's list
+# of every customer's not offered. Known by "cachedContents/<id>" (Vertex AI's full name ends so).
+_CACHED_CONTENTS = re.compile(r"(^|/)v1(alpha|beta|beta1)?/(projects/[^/]+/locations/[^/]+/)?cachedContents/?$")
+_CACHED_CONTENT = re.compile(r"(^|/)v1(alpha|beta|beta1)?/(projects/[^/]+/locations/[^/]+/)?cachedContents/"
+                             r"(?P<id>[A-Za-z0-9_.-]{1,200})/?$")
+CACHE_SECONDS_DEFAULT = 3600  # the time to live of a cache whose request sets none (Google's)
+CACHE_SECONDS_MAX = 366 * 86400  # the longest policyd holds one for (Google sets no bound)
 # Gemini's batch mode: a batch made (models/M:batchGenerateContent, its requests inline); one read, cancelled or
 # deleted (free, for its own customer's keys alone); its id is its name, "batches/<id>"
 _GEMINI_BATCH = re.compile(r"(^|/)v1beta/batches/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>:cancel)?$")
@@ -386,6 +397,7 @@ class Endpoint:
     imagen: bool = False  # Imagen's :predict: its images asked in parameters.sampleCount
     async_chat: bool = False  # Perplexity's async chat completion: a job, its chat completion under "request"
     operation_in_body: bool = False  # Vertex AI's fetchPredictOperation: the operation read is named in the body
+    cache_update: bool = False  # an explicit cache's time to live changed (PATCH cachedContents/<id>)
 
 
 def endpoint_of(method: str, path: str) -> Endpoint:
@@ -451,6 +463,15 @@ def endpoint_of(method: str, path: str) -> Endpoint:
             return Endpoint("gemini_generate_content", gemini.group("model"), batch=method.upper() == "POST")
         return Endpoint("gemini_generate_content", gemini.group("model"),
                         count_tokens=gemini.group("verb") == "countTokens")
+    if "cachedContents" in path:  # an explicit cache (Gemini's)
+        if method.upper() == "POST" and _CACHED_CONTENTS.search(path):
+            return Endpoint("cached_contents")
+        one = _CACHED_CONTENT.search(path)
+        if one and method.upper() in ("GET", "DELETE"):
+            return Endpoint("cached_contents", count_tokens=True, stored_response=CACHED_CONTENT_PREFIX + one["id"])
+        if one and method.upper() == "PATCH":
+            return Endpoint("cached_contents", stored_response=CACHED_CONTENT_PREFIX + one["id"], cache_update=True)
+        return Endpoint()  # the account's list: every customer's
     if method.upper() == "GET" and "v1beta/" in path:  # a Veo operation read, or its video downloaded
         operation = _GEMINI_OPERATION.search(path)
         if operation:
@@ -585,7 +606,10 @@ _NOT_PROMPT_FIELDS = frozenset({"model", "stream", "stream_options", "metadata",
                                 "cached_content", "labels", "include", "logit_bias", "service_tier", "store",
                                 # Bedrock's: Converse's settings and labels, InvokeModel's API version
                                 "inferenceConfig", "performanceConfig", "serviceTier", "requestMetadata",
-                                "additionalModelResponseFieldPaths", "guardrailConfig", "anthropic_version"})
+                                "additionalModelResponseFieldPaths", "guardrailConfig", "anthropic_version",
+                                # an explicit cache's: its time to live, its name for people, its key
+                                "ttl", "expireTime", "expire_time", "displayName", "display_name", "kmsKeyName",
+                                "kms_key_name"})
 # Fields that hold the prompt's text (messages, instructions, input): the bytes of their strings, as the
 # strict bound is proven for (tests/test_estimates.py). Any other object or list (tool definitions,
 # legacy functions, a response schema, a prediction, a tool config) is billed as the provider renders
@@ -946,7 +970,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if listing:
         call.model = path_model  # GET /v1/models/{model}: that one model
     call.key_summary = named.key_summary
-    call.stored_response = named.stored_response
+    call.stored_response = "" if named.cache_update else named.stored_response
     call.deletes_stored = bool(named.stored_response) and method.upper() == "DELETE"
     call.creates = named.creates
     # Azure OpenAI's clients: its dated API's paths (/openai/files?api-version=...), or its key header
@@ -1005,6 +1029,11 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if mistyped := _mistyped(data):
         return _problem(call, "invalid_request", f"{mistyped[0]} must be {mistyped[1]}", mistyped[0])
     call.body = data
+    if named.cache_update:  # an explicit cache's time to live changed: its model and tokens are policyd's to find
+        call.previous_response, call.stores_reply = named.stored_response, True
+        if problem := _cache_lifetime(call, data, made=False):
+            return _problem(call, "invalid_request", *problem)
+        return call
     if named.operation_in_body:  # a Vertex AI operation read (Veo's): its name is the stored response read
         name = data.get("operationName")
         if not isinstance(name, str) or not STORED_RESPONSE_ID_PATTERN.match(name):
@@ -1025,6 +1054,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     model = path_model or data.get("model") or (MODERATION_MODEL_DEFAULT if endpoint == "moderations" else None)
     if not isinstance(model, str) or not model:
         return _problem(call, "invalid_request", "you must provide a model parameter", "model")
+    if endpoint == "cached_contents":  # "models/M", or Vertex AI's ".../publishers/google/models/M"
+        model = _cached_model(model)
     call.model, call.model_in_path = model, bool(path_model)
     # (a job's reply is the job, whatever its request says)
     call.stream = not named.async_chat and (data.get("stream") is True or named.stream
@@ -1055,6 +1086,9 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
                             "parameters")
     elif endpoint == "videos":  # Veo's: sampleCount videos (1 unless told) of durationSeconds (8 unless told)
         if problem := _videos(call, data):
+            return _problem(call, "invalid_request", *problem)
+    elif endpoint == "cached_contents":  # kept for its ttl, or until its expireTime (an hour unless told)
+        if problem := _cache_lifetime(call, data):
             return _problem(call, "invalid_request", *problem)
     elif endpoint == "images":
         call.image_count = _count(data.get("n")) or 1
@@ -1107,6 +1141,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.containers, call.container_memory = _new_containers(_tools(data))
     if endpoint == "responses" and isinstance(data.get("previous_response_id"), str):
         call.previous_response = data["previous_response_id"][:256]
+    if endpoint == "gemini_generate_content":  # an explicit cache it uses: its customer's alone, on its account
+        call.previous_response = cached_content_name(data.get("cachedContent", data.get("cached_content")))
     conversation = data.get("conversation") if endpoint == "responses" else None
     if isinstance(conversation, dict):  # {"id": "conv_..."}
         conversation = conversation.get("id")
@@ -1129,7 +1165,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.least_output_cap = budget + 1
     # a stored chat completion, an async chat's job (Perplexity's), Veo's operation: its reply's id (name) is read
     call.stores_reply = (endpoint == "chat_completions" and (data.get("store") is True or named.async_chat)) \
-        or endpoint == "videos"
+        or endpoint in ("videos", "cached_contents")
     options = data.get("web_search_options") if endpoint == "chat_completions" else None
     if isinstance(options, dict):  # a fee by its search context size, where priced
         size = options.get("search_context_size")
@@ -1162,6 +1198,40 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
 
 
 IMAGEN_IMAGES_DEFAULT = 4  # the images Imagen makes when the request names no sampleCount
+
+
+def _cached_model(named: str) -> str:
+    """The model an explicit cache is made for, as its body names it: "models/M", Vertex AI's
+    "projects/P/locations/L/publishers/google/models/M", or "M"."""
+    return named.rsplit("/models/", 1)[-1].removeprefix("models/")
+
+
+def _cache_lifetime(call: HttpCall, data: dict[str, Any], made: bool = True,
+                    now_ms: int | None = None) -> tuple[str, str] | None:
+    """The seconds an explicit cache is asked to live from now (`seconds`, rounded up): its ttl, or until its
+    expireTime; one `made` that gives neither, CACHE_SECONDS_DEFAULT (a change that gives neither changes
+    nothing: 0). The refusal (message, param) of one Google would refuse, or longer than policyd holds one for."""
+    ttl, expire = data.get("ttl"), data.get("expireTime", data.get("expire_time"))
+    if ttl is not None and expire is not None:
+        return "a cache's lifetime is given once: ttl or expireTime", "ttl"
+    if ttl is not None:
+        lives_ms = duration_ms(ttl)
+        if lives_ms is None:
+            return 'ttl must be a duration in seconds, like "3600s"', "ttl"
+    elif expire is not None:
+        until = timestamp_ms(expire)
+        if until is None:
+            return 'expireTime must be a time in RFC 3339, like "2026-12-06T10:00:00Z"', "expireTime"
+        lives_ms = until - (now_ms if now_ms is not None else int(time.time() * 1000))
+    elif made:
+        lives_ms = CACHE_SECONDS_DEFAULT * 1000
+    else:
+        return None
+    if not 0 < lives_ms <= CACHE_SECONDS_MAX * 1000:
+        return (f"a cache lives from 1 second to {CACHE_SECONDS_MAX // 86400} days through policyd",
+                "ttl" if ttl is not None else "expireTime")
+    call.seconds = -(-lives_ms // 1000)
+    return None
 
 
 def _videos(call: HttpCall, data: dict[str, Any]) -> tuple[str, str] | None:
@@ -1573,7 +1643,12 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
         return call_body.with_field("model", upstream_model) if renamed else None
     body = dict(call_body)
     changed = False
-    if renamed and endpoint != "gemini_generate_content":
+    if renamed and endpoint == "cached_contents":  # "models/M" (or Vertex AI's path to it): its M renamed
+        given = body.get("model")
+        if isinstance(given, str) and given.endswith(requested_model):
+            body["model"] = given[:len(given) - len(requested_model)] + upstream_model
+            changed = True
+    elif renamed and endpoint != "gemini_generate_content":
         body["model"] = upstream_model
         changed = True
     if output_cap and endpoint == "chat_completions" and output_cap_field == "max_tokens" and client_gave_cap \

@@ -27,6 +27,10 @@ it read (citation_tokens), its searches (num_search_queries) and its reasoning_t
 Perplexity's async chat completions (/async/chat/completions, /v1/async/sonar): a job made, its answer when
 asked for once it has completed (header `x-mock-background-polls`, as for background responses). Veo's
 operations (models/M:predictLongRunning) likewise, their videos downloaded from files/F:download.
+Gemini's explicit caches (cachedContents, the Gemini API's and Vertex AI's): made (their tokens counted as a
+prompt's, usageMetadata.totalTokenCount; kept for their ttl or until their expireTime, an hour unless told),
+read, their time to live changed (PATCH), deleted; a generateContent naming one (cachedContent) has its tokens
+in its prompt, as cachedContentTokenCount; one naming a cache it does not know is refused (403, as Google does).
 
 Header `x-mock-background-polls`: a background response (background: true) is queued and then in progress
 for this many reads of it (default 2) before it is completed, with its usage; cancelled before that, it
@@ -42,6 +46,7 @@ min(the request's output cap, 12). `GET /_mock/requests` lists what it received 
 from __future__ import annotations
 
 import base64
+import calendar
 import gzip
 import itertools
 import json
@@ -69,6 +74,8 @@ VEO_PATH = re.compile(r"/models/(?P<model>[^/:]+)(?P<verb>:predictLongRunning|:f
 VERTEX_LOCATION = re.compile(r"projects/[^/]+/locations/[^/]+/publishers/google/")
 VEO_FILE_PATH = re.compile(r"/v1beta/files/(?P<id>[^/:]+):download$")
 VIDEO_BYTES = b"\x00\x00\x00\x18ftypmp42 a mock video"
+CACHED_CONTENTS_PATH = re.compile(r"/v1(beta|beta1)?/(?P<at>projects/[^/]+/locations/[^/]+/)?cachedContents"
+                                  r"(/(?P<id>[^/]+))?$")  # Gemini's explicit caches (Vertex AI's: under a location)
 ASYNC_CHAT_PATH = re.compile(r"/(async/chat/completions|v1/async/sonar)(/(?P<id>[^/]+))?$")  # Perplexity's jobs
 CONVERSATION_PATH = re.compile(r"/v1/conversations(/(?P<id>[^/]+)(?P<items>/items(/(?P<item>[^/]+))?)?)?$")
 WORDS = ["policyd", " keeps", " every", " cent", " of", " spend", " exact", " and", " on", " time", ".", " Done"]
@@ -83,6 +90,7 @@ ACCOUNT_HEADERS = {"openai-organization": "org-operator", "x-ratelimit-remaining
                    "anthropic-ratelimit-tokens-remaining": "123456", "x-request-id": "req_mock"}
 IMAGE_TOKENS = {"low": 272, "medium": 1056, "high": 4160}  # a square image's output tokens, by quality
 GEMINI_IMAGE_TOKENS = 1290  # a 1024x1024 image out of Gemini's image models
+GEMINI_CACHE_TOKENS_MIN = 256  # the fewest an explicit cache holds (Google's are 1,024 to 4,096: smaller for tests)
 GEMINI_PATH = re.compile(r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent)$")
 GEMINI_BATCH_PATH = re.compile(r"/v1beta/batches/(?P<id>[^/:]+)(?P<cancel>:cancel)?$")
 GEMINI_BATCH_MADE_PATH = re.compile(r"/models/(?P<model>[^/:]+):batchGenerateContent$")
@@ -192,6 +200,7 @@ class MockProvider:
         self.stored: dict[str, tuple[dict[str, Any], Any]] = {}  # stored responses: id -> (reply, input)
         self.background: dict[str, int] = {}  # background responses still running: id -> reads before it ends
         self.operations: dict[str, tuple[dict[str, Any], int]] = {}  # Veo's: name -> (done, reads before)
+        self.caches: dict[str, dict[str, Any]] = {}  # Gemini's explicit caches: id -> the CachedContent
         # Perplexity's async chat jobs: id -> (the job, its answer, reads before it ends, whether it fails)
         self.jobs: dict[str, tuple[dict[str, Any], dict[str, Any], int, bool]] = {}
         self.response_ids = itertools.count(1)
@@ -214,12 +223,16 @@ class MockProvider:
                     with provider.lock:
                         self._json(200, provider.requests)
                 elif any(part in self.path for part in ("/responses/", "/conversations/", "/chat/completions/", "/files/",
-                                                         "/batches/", "/async/sonar/", "/operations/", ":download")):
+                                                         "/batches/", "/async/sonar/", "/operations/", ":download",
+                                                         "/cachedContents/")):
                     provider.handle(self)
                 else:
                     self._json(404, {"error": {"type": "not_found", "message": "no such path"}})
 
             def do_DELETE(self) -> None:
+                provider.handle(self)
+
+            def do_PATCH(self) -> None:
                 provider.handle(self)
 
             def do_POST(self) -> None:
@@ -325,6 +338,9 @@ class MockProvider:
         route = h.path.split("?")[0].rstrip("/")
         if AZURE_DATED_PATH.match(route) and "api-version=" not in h.path.partition("?")[2]:
             return h._json(404, {"error": {"code": "404", "message": "Resource not found"}})  # Azure's answer
+        cached = CACHED_CONTENTS_PATH.search(route)
+        if cached:
+            return self._cached_content(h, body, cached.group("id"), cached.group("at") or "")
         job = ASYNC_CHAT_PATH.search(route)
         if job:
             return self._async_chat(h, body, job.group("id"))
@@ -422,6 +438,13 @@ class MockProvider:
         if route.endswith(":batchEmbedContents"):
             return h._json(200, {"embeddings": [{"values": [0.1, 0.2]} for _ in body.get("requests") or [{}]]})
         gemini = GEMINI_PATH.search(route)
+        if gemini and body.get("cachedContent"):  # an explicit cache's tokens are the prompt's first
+            cache = self.caches.get(str(body["cachedContent"]).rsplit("/", 1)[-1])
+            if cache is None:
+                return h._json(403, {"error": {"code": 403, "status": "PERMISSION_DENIED",
+                                               "message": "CachedContent not found (or permission denied)"}})
+            return self._gemini(h, gemini.group("model"), p_tokens, c_tokens, text, gemini.group("verb"),
+                                sse="alt=sse" in h.path, cached=cache["usageMetadata"]["totalTokenCount"])
         if gemini:
             grounded = any(isinstance(t, dict) and ("googleSearch" in t or "google_search" in t)
                            for t in body.get("tools") or [])
@@ -1087,11 +1110,58 @@ class MockProvider:
                   for at in range(0, len(audio), 64)]
         _send_events(h, [*events, {"type": "speech.audio.done", "usage": usage}])
 
+    def _cached_content(self, h: Any, body: dict[str, Any], cache_id: str | None, location: str) -> None:
+        """Gemini's explicit caches: POST makes one (its tokens counted as a prompt's: its contents and system
+        instruction), GET reads one, PATCH changes its time to live (ttl from now, or expireTime), DELETE deletes
+        it; the list is not offered here."""
+        now = time.time()
+
+        def stamp(at: float) -> str:
+            return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at * 1000) % 1000:03d}Z"
+
+        def expiry(given: dict[str, Any], default: float | None) -> float | None:
+            if isinstance(given.get("ttl"), str):
+                return now + float(given["ttl"].rstrip("s"))
+            if isinstance(given.get("expireTime"), str):
+                at = time.strptime(given["expireTime"][:19], "%Y-%m-%dT%H:%M:%S")
+                return calendar.timegm(at)
+            return default
+
+        if cache_id is None and h.command == "POST":
+            model = str(body.get("model", ""))
+            tokens = -(-len(json.dumps([body.get("contents"), body.get("systemInstruction")],
+                                       ensure_ascii=False).encode()) // 4)
+            if tokens < GEMINI_CACHE_TOKENS_MIN:
+                return h._json(400, {"error": {"code": 400, "status": "INVALID_ARGUMENT", "message":
+                                               f"Cached content is too small. total_token_count={tokens}, "
+                                               f"min_total_token_count={GEMINI_CACHE_TOKENS_MIN}"}})
+            made = f"cache-mock-{next(self.response_ids)}"
+            cache = {"name": f"{location}cachedContents/{made}", "model": model, "displayName": body.get("displayName", ""),
+                     "createTime": stamp(now), "updateTime": stamp(now), "expireTime": stamp(expiry(body, now + 3600) or now),
+                     "usageMetadata": {"totalTokenCount": tokens}}
+            with self.lock:
+                self.caches[made] = cache
+            return h._json(200, cache)
+        with self.lock:
+            cache = self.caches.get(cache_id or "")
+            if cache is not None and h.command == "PATCH":
+                cache["expireTime"] = stamp(expiry(body, None) or now)
+                cache["updateTime"] = stamp(now)
+            if cache is not None and h.command == "DELETE":
+                del self.caches[cache_id or ""]
+                return h._json(200, {})
+        if cache is None:
+            return h._json(403 if cache_id else 404, {"error": {"code": 403, "status": "PERMISSION_DENIED",
+                                                                "message": "CachedContent not found (or permission denied)"}})
+        return h._json(200, cache)
+
     def _gemini(self, h: Any, model: str, p_tokens: int, c_tokens: int, text: str, verb: str, sse: bool,
-                searches: int = 0, maps: bool = False) -> None:
+                searches: int = 0, maps: bool = False, cached: int = 0) -> None:
         """Gemini's generateContent, and its stream: SSE with alt=sse, else one JSON array sent an object at
         a time; usageMetadata in every object, the counts so far. `searches`: grounding with Google Search
-        ran that many queries (groundingMetadata in the last object)."""
+        ran that many queries (groundingMetadata in the last object); `cached`: the tokens of the explicit cache
+        it used, part of its prompt (cachedContentTokenCount)."""
+        p_tokens += cached
         grounding = {"groundingMetadata": {"webSearchQueries": [f"query {i + 1}" for i in range(searches)],
                                            "groundingChunks": [{"web": {"uri": "https://example.com/a"}}]}} \
             if searches else {}
@@ -1103,7 +1173,8 @@ class MockProvider:
             return {"candidates": [{"content": {"role": "model", "parts": [{"text": part}]},
                                     **({"finishReason": "STOP", **grounding} if last else {})}],
                     "usageMetadata": {"promptTokenCount": p_tokens, "candidatesTokenCount": done,
-                                      "totalTokenCount": p_tokens + done}, "modelVersion": model}
+                                      "totalTokenCount": p_tokens + done,
+                                      **({"cachedContentTokenCount": cached} if cached else {})}, "modelVersion": model}
 
         if verb == "generateContent":
             whole = reply(text, c_tokens, True)

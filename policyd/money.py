@@ -21,8 +21,11 @@ from decimal import Decimal, InvalidOperation
 
 NANOS_PER_UNIT = 1_000_000_000
 PRICE_QUANTITY = 1_000_000  # prices are per million tokens (or per million of any counted unit)
+# ... and per million token-hours of explicit cache storage (Gemini's cachedContents), counted in token-seconds
+PRICE_TOKEN_SECONDS = PRICE_QUANTITY * 3600
 AMOUNT_MAX = 2**53 - 1
 QUANTITY_MAX = 10**12  # tokens, images, seconds in one request: far beyond any real one
+TOKEN_SECONDS_MAX = 10**15  # an explicit cache's tokens x its seconds: a million tokens kept 31 years
 MONEY_UNITS = ("money", "cost")  # limit units counted in the currency: what customers are charged, what providers bill
 
 
@@ -36,11 +39,12 @@ def ceil_div(numerator: int, denominator: int) -> int:
     return -((-numerator) // denominator)
 
 
-def price_quantity(quantity: int, price_nanos_per_million: int) -> int:
-    """The cost of `quantity` units at a price per million units: THE rounding rule."""
+def price_quantity(quantity: int, price_nanos_per_million: int, per: int = PRICE_QUANTITY) -> int:
+    """The cost of `quantity` units at a price per million units (`per`: PRICE_TOKEN_SECONDS for token-seconds at
+    a price per million token-hours): THE rounding rule."""
     if quantity < 0 or price_nanos_per_million < 0:
         raise MoneyError("quantity and price must not be negative")
-    return ceil_div(quantity * price_nanos_per_million, PRICE_QUANTITY)
+    return ceil_div(quantity * price_nanos_per_million, per)
 
 
 def apply_basis_points(amount: int, basis_points: int) -> int:

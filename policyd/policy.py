@@ -64,9 +64,10 @@ def _nanos(value: Any) -> int:
     return nanos
 
 
+# the prices written as amounts
 _AMOUNTS = ("input", "cached_input", "cache_write_input", "cache_write_1h_input", "output", "per_image", "per_request",
             "per_second", "per_web_search", "per_file_search", "per_maps_grounding", "per_search_unit", "audio_input",
-            "audio_output", "image_input", "image_output", "reasoning_output")  # the prices written as amounts
+            "audio_output", "image_input", "image_output", "reasoning_output", "cache_storage")
 
 
 # Processing tiers (OpenAI's service_tier, Anthropic's, and Anthropic's fast mode, `speed: "fast"`): the
@@ -102,6 +103,9 @@ class Prices(_Strict):
     # per 1M tokens of reasoning a provider bills beside the output, at a price of its own (Perplexity's
     # usage.reasoning_tokens, Sonar Deep Research's: in neither completion_tokens nor total_tokens); None = as output
     reasoning_output: int | None = None
+    # per 1M token-hours an explicit cache is kept (Gemini's cachedContents: its tokens for the time it is set
+    # to live, beside its tokens written at `input`)
+    cache_storage: int = 0
     # A fee a request by the search context size its web search ran with (Perplexity's Sonar models, whose
     # usage says search_context_size; OpenAI's search models): {"low": "0.005", "medium": "0.008", "high":
     # "0.012"}; a request naming none pays `search_context_default`'s, one naming a size not priced the dearest

@@ -8,6 +8,7 @@ cost   = what the provider bills us: tokens x price per 1M (input, cached input,
          + containers x per_container[memory limit] (code interpreter and shell containers)
          + prompts grounded with Google Maps x per_maps_grounding
          + a rerank's search units x per_search_unit
+         + an explicit cache's token-seconds stored x cache_storage (per 1M token-hours: Gemini's cachedContents)
          + the image_generation tool's tokens at its image model's token prices (its own cost_of)
 charge = what the customer pays: for "standard" plans, the plan's own price_list for the model
          when it has one, else cost x (10000 + markup_bps) / 10000 (a negative markup is a
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policyd.money import apply_basis_points, price_quantity
+from policyd.money import PRICE_TOKEN_SECONDS, apply_basis_points, price_quantity
 from policyd.policy import Plan, Prices
 
 # Strict reservations bound input tokens by bytes: a byte-level BPE token is at least one byte,
@@ -54,6 +55,8 @@ class Quantities:
     # the search context size a request's web search ran with: a fee each request by it (per_search_context)
     search_context_size: str = ""
     reasoning_output_tokens: int = 0  # of output_tokens: reasoning billed at its own price (Perplexity's)
+    # an explicit cache's tokens x the seconds it is kept (Gemini's cachedContents), at cache_storage
+    cache_storage_token_seconds: int = 0
     # tokens of a hosted tool priced at another model's prices (the image_generation tool's, at its image
     # model's: image_generation_cost): counted in token limits, not priced here
     tool_tokens: int = 0
@@ -104,6 +107,8 @@ def cost_of(price: Prices, q: Quantities) -> int:
         cost += q.search_units * price.per_search_unit
     if price.per_search_context:
         cost += q.requests * price.search_context_fee(q.search_context_size)
+    if q.cache_storage_token_seconds:
+        cost += price_quantity(q.cache_storage_token_seconds, price.cache_storage, PRICE_TOKEN_SECONDS)
     return cost
 
 

@@ -33,12 +33,13 @@ BUCKET_MS = {"hour": 3_600_000, "day": 86_400_000, "month": 86_400_000}
 # images; audio seconds; web and file searches; image input tokens, part of input_tokens; the image_generation
 # tool's calls and tokens, billed at its image model's prices; image output tokens, part of output_tokens;
 # hosted containers; prompts grounded with Google Maps; a rerank's search units; reasoning billed apart, part of
-# output_tokens)
+# output_tokens; explicit caches' token-seconds kept)
 USAGE_FIGURES = ("cache_write_input_tokens", "cache_write_1h_input_tokens", "audio_input_tokens",
                  "audio_output_tokens", "images", "seconds", "web_searches", "file_searches", "image_input_tokens",
                  "image_generation_calls", "image_generation_input_tokens", "image_generation_cached_input_tokens",
                  "image_generation_image_input_tokens", "image_generation_output_tokens", "image_output_tokens",
-                 "containers", "maps_groundings", "search_units", "reasoning_output_tokens", "refunded_nanos")
+                 "containers", "maps_groundings", "search_units", "reasoning_output_tokens", "cache_storage_token_seconds",
+                 "refunded_nanos")
 FIGURES = ("requests", "allowed", "denied", "downgraded", "failed", "input_tokens", "cached_input_tokens",
            "output_tokens", "cost_nanos", "charge_nanos", "retries", "fallbacks", *USAGE_FIGURES)
 CHARGED = ("settled", "settled_late")

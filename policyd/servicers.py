@@ -179,6 +179,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                                 maps_groundings=u.maps_groundings, search_units=u.search_units,
                                 search_context_size=u.search_context_size.strip().lower(),
                                 reasoning_output_tokens=u.reasoning_output_tokens, reply_model=request.reply_model,
+                                cache_storage_token_seconds=u.cache_storage_token_seconds,
                                 **{name: getattr(u, name) for name in IMAGE_GENERATION_USAGE})))
             return settle_response(s)
         report = UsageReport(
@@ -190,7 +191,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             image_input_tokens=u.image_input_tokens, image_output_tokens=u.image_output_tokens, containers=u.containers,
             maps_groundings=u.maps_groundings, search_units=u.search_units,
             search_context_size=u.search_context_size.strip().lower(),
-            reasoning_output_tokens=u.reasoning_output_tokens,
+            reasoning_output_tokens=u.reasoning_output_tokens, cache_storage_token_seconds=u.cache_storage_token_seconds,
             **{name: getattr(u, name) for name in IMAGE_GENERATION_USAGE},
             served_model=request.served_model, provider=request.provider, retries=request.retries,
             fallback_reason=request.fallback_reason, upstream_status=request.upstream_status,
@@ -284,6 +285,7 @@ def usage_record_message(r: Any) -> admin_pb2.UsageRecord:
         container_memory=r.container_memory or "", maps_groundings=r.maps_groundings or 0,
         search_units=r.search_units or 0, search_context_size=r.search_context_size or "",
         reasoning_output_tokens=r.reasoning_output_tokens or 0,
+        cache_storage_token_seconds=r.cache_storage_token_seconds or 0,
         images=r.images or 0, seconds=r.seconds or 0, refunded_nanos=r.refunded_nanos or 0,
         refunded_unix_ms=r.refunded_ms or 0,
         image_model=r.image_model or "", **{name: getattr(r, name) or 0 for name in IMAGE_GENERATION_USAGE},

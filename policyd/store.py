@@ -291,13 +291,15 @@ class Store:
         with self.session() as session:
             return list(session.execute(query))
 
-    def stored_response(self, response_id: str) -> tuple[str, str, str, str, int, int] | None:
-        """(customer, provider, served model, provider account, created ms, its input and output tokens) of
-        the request whose reply the provider stored under this id (a response, a conversation, a kept chat
-        completion), or None."""
+    def stored_response(self, response_id: str) -> tuple[str, str, str, str, int, int, int] | None:
+        """(customer, provider, served model, provider account, created ms, its input and output tokens, the
+        token-seconds of cache storage it was charged) of the request whose reply the provider stored under this
+        id (a response, a conversation, a kept chat completion, an explicit cache: the one that made it), or
+        None."""
         r = UsageRecordRow
         query = select(r.customer_id, r.provider, r.served_model, r.provider_account, r.created_ms,
-                       r.input_tokens + r.output_tokens).where(r.provider_response_id == response_id).limit(1)
+                       r.input_tokens + r.output_tokens, r.cache_storage_token_seconds).where(
+            r.provider_response_id == response_id).order_by(r.created_ms).limit(1)
         with self.session() as session:
             row = session.execute(query).first()
         return None if row is None else tuple(row)  # type: ignore[return-value]

@@ -18,8 +18,10 @@ from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
 from policyd import event_stream
-from policyd.domain import ANTHROPIC_FAST_MODE, SEARCH_CONTEXT_LENGTH_MAX, bedrock_tier, tier_in_geo
+from policyd.domain import (ANTHROPIC_FAST_MODE, SEARCH_CONTEXT_LENGTH_MAX, bedrock_tier, cached_content_name,
+                            tier_in_geo)
 from policyd.json_fields import ObjectFields
+from policyd.protobuf_json import timestamp_ms
 from policyd.pricing import speech_audio_tokens_likely
 
 RESPONSE_BUFFER_BYTES_MAX = 4 * 1024 * 1024  # a non-streamed body is buffered up to this; past it, read as it passes
@@ -55,6 +57,7 @@ class Tokens:
     search_units: int = 0  # a rerank's search units (Cohere's meta.billed_units)
     search_context_size: str = ""  # the search context its web search ran with (Perplexity's: a fee by its size)
     reasoning_output_tokens: int = 0  # of output_tokens: reasoning billed beside the output (Perplexity's)
+    cache_storage_token_seconds: int = 0  # an explicit cache's tokens x the seconds it lives (Gemini's)
     cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens (Anthropic's hour, OpenAI's 12 hours)
     service_tier: str = ""  # the processing tier that served it, as the provider says (OpenAI's service_tier)
     seconds: int = 0  # audio seconds billed (speech to text priced by the second)
@@ -229,6 +232,8 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         seen.input_tokens = _n(usage.get("input_tokens"))
         seen.output_tokens = seen.audio_output_tokens = _n(usage.get("output_tokens"))
         return True
+    if endpoint == "cached_contents":
+        return _cached_content_usage(data, seen)
     response = _dict(data.get("response"))
     if not seen.reply_model:  # the body's, a chunk's, the Responses API's response, Anthropic's message_start
         named = data.get("model") or response.get("model") or _dict(data.get("message")).get("model") \
@@ -392,6 +397,20 @@ def _search_and_reasoning_usage(usage: dict[str, Any], seen: Tokens) -> None:
     if reasoning:
         seen.output_tokens = max(seen.output_tokens, _n(usage.get("completion_tokens")) + reasoning)
         seen.reasoning_output_tokens = min(reasoning, seen.output_tokens - seen.audio_output_tokens)
+
+
+def _cached_content_usage(data: dict[str, Any], seen: Tokens) -> bool:
+    """An explicit cache made, or its time to live changed (Gemini's CachedContent): its tokens
+    (usageMetadata.totalTokenCount, written as input when made) kept from its making (createTime) to its expiry
+    (expireTime), in whole seconds rounded up."""
+    usage = data.get("usageMetadata")
+    if not isinstance(usage, dict):
+        return False
+    seen.input_tokens = _n(usage.get("totalTokenCount"))
+    made, ends = timestamp_ms(data.get("createTime")), timestamp_ms(data.get("expireTime"))
+    if made is not None and ends is not None and ends > made:
+        seen.cache_storage_token_seconds = seen.input_tokens * -(-(ends - made) // 1000)
+    return True
 
 
 def _rerank_usage(data: dict[str, Any], seen: Tokens) -> bool:
@@ -746,6 +765,8 @@ class ResponseReader:
         found = made.get("id") if isinstance(made, dict) else response.get("id")  # an upload completed: its file
         if found is None and self.endpoint in (BATCHES, "videos"):  # a Gemini batch, a Veo operation: named instead
             found = response.get("name")
+        if self.endpoint == "cached_contents":  # an explicit cache: "cachedContents/<id>" (Vertex AI's ends so)
+            found = cached_content_name(response.get("name")) or None
         if isinstance(found, str) and 0 < len(found) <= 200:
             self.response_id = found
 

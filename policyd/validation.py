@@ -6,7 +6,7 @@ import re
 
 from policyd.domain import (CREATABLE, CREATED_AT, ENDPOINTS, FILES_PER_REQUEST_MAX, IMAGE_SCALE_MAX,
                             SEARCH_CONTEXT_LENGTH_MAX, AuthorizeInput, UsageReport)
-from policyd.money import QUANTITY_MAX
+from policyd.money import QUANTITY_MAX, TOKEN_SECONDS_MAX
 from policyd.policy import CONTAINER_MEMORY_LENGTH_MAX
 
 REQUEST_ID_LENGTH_MAX = 128
@@ -24,10 +24,10 @@ REQUEST_ID_PATTERN = re.compile(rf"^[A-Za-z0-9._:/=+@-]{{1,{REQUEST_ID_LENGTH_MA
 STORED_RESPONSE_ID_LENGTH_MAX = 200
 PROVIDER_FILES_MAX = 16  # files one reply made at the provider (a Veo operation's videos: 4 at most)
 # an id from a URL path (a Gemini batch's is its name: batches/<id>)
-# (a Gemini batch's name, "batches/<id>"; a Veo operation's, "models/<model>/operations/<id>", on Vertex AI
-# "projects/<p>/locations/<l>/publishers/google/models/<model>/operations/<id>")
+# (a Gemini batch's name, "batches/<id>"; an explicit cache's, "cachedContents/<id>"; a Veo operation's,
+# "models/<model>/operations/<id>", on Vertex AI "projects/<p>/locations/<l>/publishers/google/models/<model>/operations/<id>")
 STORED_RESPONSE_ID_PATTERN = re.compile(
-    r"^(batches/|(projects/[A-Za-z0-9_.-]{1,64}/locations/[A-Za-z0-9_.-]{1,64}/publishers/google/)?"
+    r"^(batches/|cachedContents/|(projects/[A-Za-z0-9_.-]{1,64}/locations/[A-Za-z0-9_.-]{1,64}/publishers/google/)?"
     rf"models/[A-Za-z0-9_.-]{{1,128}}/operations/)?[A-Za-z0-9_.-]{{1,{STORED_RESPONSE_ID_LENGTH_MAX}}}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NOT_UTF8 = re.compile("[\ufffd\ud800-\udfff]")  # a replacement character, or a lone surrogate
@@ -90,7 +90,7 @@ def check_authorize(request: AuthorizeInput) -> None:
         if request.creates_at and request.creates_at not in CREATED_AT:
             raise Problem("invalid_request", f"creates_at is one of {', '.join(CREATED_AT)}", "creates_at")
         return
-    if not request.model:
+    if not request.model and not request.cache_update:  # (a cache's model is policyd's to find: Engine)
         raise Problem("invalid_request", "model is required", "model")
     _text_field("previous_response_id", request.previous_response, STORED_RESPONSE_ID_LENGTH_MAX)
     _text_field("model", request.model, MODEL_NAME_LENGTH_MAX)
@@ -134,6 +134,9 @@ def check_usage(report: UsageReport) -> None:
         value = getattr(report, name)
         if value < 0 or value > QUANTITY_MAX:
             raise Problem("invalid_usage", f"{name} must be between 0 and {QUANTITY_MAX}", name)
+    if not 0 <= report.cache_storage_token_seconds <= TOKEN_SECONDS_MAX:
+        raise Problem("invalid_usage", f"cache_storage_token_seconds must be between 0 and {TOKEN_SECONDS_MAX}",
+                      "cache_storage_token_seconds")
     if report.cached_input_tokens + report.cache_write_input_tokens + report.audio_input_tokens + \
             report.image_input_tokens > report.input_tokens:
         raise Problem("invalid_usage", "cached_input_tokens + cache_write_input_tokens + audio_input_tokens + "

@@ -30,7 +30,8 @@ from policyd import event_stream
 from policyd.gateway_config import SHAPES, Upstream, render
 from policyd.mock_provider import (ACCOUNT_HEADERS, AUDIO_BYTES_PER_CHARACTER, COMPLETION_TOKENS_MAX, GEMINI_IMAGE_TOKENS,
                                    IMAGE_TOKENS, SLOW_FILE_SECONDS, WORDS, MockProvider, prompt_tokens)
-from policyd.money import format_amount, parse_amount, price_quantity
+from policyd.money import PRICE_TOKEN_SECONDS, format_amount, parse_amount, price_quantity
+from policyd.protobuf_json import timestamp_ms
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.helpers import FundedCustomers, leave_before_the_reply, streamed, wav
 from tests.processes import PolicydProcess
@@ -3150,6 +3151,89 @@ def test_veo_on_vertex_ai_is_held_while_made_and_charged_the_seconds_made(gatewa
     code, headers, made = call("predictLongRunning", body, key, "filtered")
     record = gateway.record(headers["x-policyd-request-id"], seconds=15)  # nobody reads it: policyd asks Vertex AI
     assert (record["status"], record["images"], record["seconds"]) == ("settled", 1, 4)
+
+
+def test_geminis_explicit_caches_are_charged_their_tokens_and_the_time_they_are_kept(gateway: Gateway) -> None:
+    """Gemini's explicit context caches (cachedContents) bill their tokens written, at the input price, and every
+    token-hour they are kept, from their making to their expiry. They were unknown_endpoint. Made through the
+    gateway, a cache is held at its input's tokens for the time it is asked to live and charged what its reply
+    says (its tokens, kept from createTime to expireTime); its time to live made longer (PATCH) is charged the
+    time added alone; it is read, used, changed and deleted by its own customer's keys alone (404 to another's),
+    and a request using it is charged its tokens at the cached price. The Gemini API's and Vertex AI's."""
+    key, other = gateway.customer("e2e-cache", plan="google", credit="50"), gateway.customer("e2e-cache-other",
+                                                                                           plan="google")
+    gemini = f"http://127.0.0.1:{gateway.port}/v1beta"
+    vertex = f"http://127.0.0.1:{gateway.port}/v1/projects/acme/locations/us-central1"
+    input_price, cached_price, output_price, storage_price = (parse_amount(p) for p in ("0.30", "0.03", "2.50", "1.00"))
+
+    def call(method: str, url: str, who: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, str], Any]:
+        request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
+                                         headers={"x-goog-api-key": who, "content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return reply.status, {k.lower(): v for k, v in reply.headers.items()}, json.loads(reply.read() or b"{}")
+        except urllib.error.HTTPError as refused:
+            return refused.code, {k.lower(): v for k, v in refused.headers.items()}, json.loads(refused.read() or b"{}")
+
+    def lifetime(cache: dict[str, Any]) -> int:
+        """Its seconds from its making to its expiry, as its reply gives them (rounded up)."""
+        return -(-(timestamp_ms(cache["expireTime"]) - timestamp_ms(cache["createTime"])) // 1000)
+
+    document = {"model": "models/gemini-2.5-flash", "ttl": "600s", "displayName": "the ledger rules",
+                "contents": [{"role": "user", "parts": [{"text": "Every entry has a debit and a credit. " * 60}]}]}
+    code, headers, made = call("POST", f"{gemini}/cachedContents", key, document)
+    assert code == 200 and made["name"].startswith("cachedContents/"), made
+    tokens, kept = made["usageMetadata"]["totalTokenCount"], lifetime(made)
+    record = gateway.record(headers["x-policyd-request-id"])
+    assert (record["status"], record["endpoint"], record["input_tokens"], record["cache_storage_token_seconds"],
+            record["cost_nanos"]) == ("settled", "cached_contents", tokens, tokens * kept,
+                                      price_quantity(tokens, input_price)
+                                      + price_quantity(tokens * kept, storage_price, PRICE_TOKEN_SECONDS))
+    assert 600 <= kept <= 601
+
+    assert call("GET", f"{gemini}/{made['name']}", other)[0] == 404  # another customer's cache
+    assert call("GET", f"{gemini}/{made['name']}", key)[:1] == (200,)
+    question = {"cachedContent": made["name"], "contents": [{"role": "user", "parts": [{"text": "Does it balance?"}]}]}
+    code, _, refused = call("POST", f"{gemini}/models/gemini-2.5-flash:generateContent", other, question)
+    assert code == 404 and "cached content" in json.dumps(refused).lower(), refused
+    code, headers, answer = call("POST", f"{gemini}/models/gemini-2.5-flash:generateContent", key, question)
+    assert code == 200 and answer["usageMetadata"]["cachedContentTokenCount"] == tokens, answer
+    usage, record = answer["usageMetadata"], gateway.record(headers["x-policyd-request-id"])
+    assert (record["input_tokens"], record["cached_input_tokens"], record["cost_nanos"]) == (
+        usage["promptTokenCount"], tokens, price_quantity(usage["promptTokenCount"] - tokens, input_price)
+        + price_quantity(tokens, cached_price) + price_quantity(usage["candidatesTokenCount"], output_price))
+
+    assert call("PATCH", f"{gemini}/{made['name']}", other, {"ttl": "7200s"})[0] == 404
+    code, headers, changed = call("PATCH", f"{gemini}/{made['name']}", key, {"ttl": "1200s"})
+    assert code == 200 and lifetime(changed) > kept, changed
+    record = gateway.record(headers["x-policyd-request-id"])
+    added = tokens * (lifetime(changed) - kept)  # the time it was kept past what it was charged
+    assert (record["status"], record["input_tokens"], record["cache_storage_token_seconds"], record["cost_nanos"]) == (
+        "settled", 0, added, price_quantity(added, storage_price, PRICE_TOKEN_SECONDS))
+    assert call("DELETE", f"{gemini}/{made['name']}", other)[0] == 404
+    assert call("DELETE", f"{gemini}/{made['name']}", key)[0] == 200
+
+    too_small = dict(document, contents=[{"role": "user", "parts": [{"text": "too short to cache"}]}])
+    code, headers, _ = call("POST", f"{gemini}/cachedContents", key, too_small)  # refused by Google: nothing charged
+    record = gateway.record(headers["x-policyd-request-id"])
+    assert (code, record["status"], record["charge_nanos"]) == (400, "released", 0)
+
+    on_vertex = dict(document, model="projects/acme/locations/us-central1/publishers/google/models/gemini-2.5-flash",
+                     ttl=None, expireTime=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 900)))
+    del on_vertex["ttl"]
+    code, headers, made = call("POST", f"{vertex}/cachedContents", key, on_vertex)
+    assert code == 200 and made["name"].startswith("projects/acme/locations/us-central1/cachedContents/"), made
+    record = gateway.record(headers["x-policyd-request-id"])
+    tokens, kept = made["usageMetadata"]["totalTokenCount"], lifetime(made)
+    assert (record["endpoint"], record["cache_storage_token_seconds"]) == ("cached_contents", tokens * kept)
+    assert 895 <= kept <= 901
+    assert call("GET", f"{vertex}/cachedContents/{made['name'].rsplit('/', 1)[1]}", other)[0] == 404
+    used = dict(question, cachedContent=made["name"])
+    generate = f"{vertex}/publishers/google/models/gemini-2.5-flash:generateContent"
+    assert call("POST", generate, other, used)[0] == 404
+    code, headers, answer = call("POST", generate, key, used)
+    assert code == 200 and gateway.record(headers["x-policyd-request-id"])["cached_input_tokens"] == tokens
+    assert call("GET", f"{gemini}/cachedContents", key)[0] == 400  # the account's list: every customer's
 
 
 def test_a_fine_tuned_model_is_priced_by_the_pattern_of_its_base(gateway: Gateway) -> None:

@@ -415,3 +415,60 @@ async def test_a_search_context_fee_and_reasoning_billed_apart_over_the_native_a
     assert [records[r].search_context_size for r in ("px-medium", "px-HIGH", "px-default", "px-deep")] == \
         ["low", "high", "low", ""]
     assert (records["px-deep"].reasoning_output_tokens, records["px-deep"].web_searches) == (1_000, 7)
+
+
+async def test_an_explicit_cache_made_and_kept_longer_over_the_native_api(channel: grpc.aio.Channel) -> None:
+    """Gemini's explicit caches (endpoint CACHED_CONTENTS): one made is held at its input's tokens written and kept
+    for the seconds it is asked to live (RequestShape.seconds), charged its tokens (Usage.input_tokens) and the
+    token-seconds its reply says it lives (Usage.cache_storage_token_seconds; as asked when it gives none). Its time
+    to live made longer names the cache (previous_response_id) and no model: the cache's, held at its tokens for
+    the seconds asked, charged the time past what was charged before, no tokens written again; another customer's
+    cache, or one policyd never made, is not found."""
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    policy = policy_pb2_grpc.PolicyServiceStub(channel)
+    priced = SAMPLE_POLICY.replace("  models:\n", "  models:\n"  # 1 nano a token-second: $3.60 per 1M token-hours
+                                   "    gemini-cache:\n      provider: google\n      tier: low-cost\n"
+                                   "      input: \"1.00\"\n      output: \"4.00\"\n      cache_storage: \"3.60\"\n", 1)
+    secret = await funded_key(admin, "cacher", priced)
+    other = await funded_key(admin, "cacher-other", priced)
+
+    async def ask(request_id: str, seconds: int, model: str = "gemini-cache", cache: str = "",
+                  key: str = secret) -> policy_pb2.AuthorizeResponse:
+        return await policy.Authorize(policy_pb2.AuthorizeRequest(
+            api_key=key, endpoint=types_pb2.CACHED_CONTENTS, model=model, previous_response_id=cache,
+            attribution=types_pb2.Attribution(request_id=request_id),
+            shape=policy_pb2.RequestShape(input_tokens=1_000 if not cache else 0, seconds=seconds)))
+
+    markup = 12  # plan pro's charge: the cost and 20%
+    made = await ask("cache-made", 600)
+    assert (made.decision, made.reserved.nanos) == (policy_pb2.ALLOW, (1_000 * 1_000 + 1_000 * 600) * markup // 10)
+    settled = await policy.Settle(policy_pb2.SettleRequest(
+        request_id="cache-made", provider_response_id="cachedContents/c-9",
+        usage=policy_pb2.Usage(input_tokens=1_000, cache_storage_token_seconds=1_000 * 601)))
+    assert settled.cost.nanos == 1_000 * 1_000 + 1_000 * 601
+    untimed = await ask("cache-untimed", 300)
+    assert untimed.decision == policy_pb2.ALLOW
+    settled = await policy.Settle(policy_pb2.SettleRequest(request_id="cache-untimed",
+                                                           usage=policy_pb2.Usage(input_tokens=500)))
+    assert settled.cost.nanos == 500 * 1_000 + 500 * 300  # its reply gave no times: kept as long as asked
+
+    longer = await ask("cache-longer", 1_200, model="", cache="cachedContents/c-9")
+    assert (longer.decision, longer.served_model, longer.reserved.nanos) == (
+        policy_pb2.ALLOW, "gemini-cache", 1_000 * 1_200 * markup // 10)
+    settled = await policy.Settle(policy_pb2.SettleRequest(
+        request_id="cache-longer", provider_response_id="cachedContents/c-9",
+        usage=policy_pb2.Usage(input_tokens=1_000, cache_storage_token_seconds=1_000 * 1_500)))
+    assert settled.cost.nanos == 1_000 * (1_500 - 601)  # the time added alone; its tokens were written before
+    again = await ask("cache-again", 60, model="", cache="cachedContents/c-9")
+    settled = await policy.Settle(policy_pb2.SettleRequest(
+        request_id="cache-again", usage=policy_pb2.Usage(input_tokens=1_000, cache_storage_token_seconds=1_000 * 1_400)))
+    assert (again.decision, settled.cost.nanos) == (policy_pb2.ALLOW, 0)  # shortened: no time added
+    for cache, key in (("cachedContents/c-9", other), ("cachedContents/never-made", secret)):
+        refused = await ask(f"cache-refused-{key[-4:]}", 60, model="", cache=cache, key=key)
+        assert (refused.decision, refused.reason) == (policy_pb2.DENY, "cached_content_not_found"), cache
+    usage = await admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="cacher", limit=10), metadata=AUTH)
+    records = {r.request_id: r for r in usage.records}
+    assert [(records[r].input_tokens, records[r].cache_storage_token_seconds) for r in
+            ("cache-made", "cache-untimed", "cache-longer", "cache-again")] == [
+        (1_000, 601_000), (500, 150_000), (0, 899_000), (0, 0)]
+    assert records["cache-longer"].endpoint == "cached_contents"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import pytest
@@ -814,6 +815,61 @@ def test_vertex_ais_gemini_embeddings_are_read_with_their_usage() -> None:
     for reader in (vertex, gemini):
         reader.finish()
     assert (vertex.tokens.input_tokens, vertex.found_usage, gemini.found_usage) == (7, True, False)
+
+
+def test_geminis_explicit_caches_are_made_for_a_time_read_and_changed_by_name() -> None:
+    """cachedContents (the Gemini API's; Vertex AI's under a project's location): one made names its model as
+    "models/M" (or Vertex AI's path to it) and lives for its ttl, until its expireTime, or an hour; read and
+    deleted by name (free, its customer's alone); its time to live changed (PATCH: its model is the cache's, the
+    seconds asked from now); the account's list is every customer's (not offered); a generateContent naming one
+    uses it (its customer's alone). Its reply gives its tokens, kept from its making to its expiry."""
+    made = {"model": "models/gemini-2.5-flash", "contents": [{"role": "user", "parts": [{"text": "the rules"}]}]}
+    for path, model, lives, seconds in (
+            ("/v1beta/cachedContents", "models/gemini-2.5-flash", {"ttl": "300s"}, 300),
+            ("/v1beta/cachedContents", "gemini-2.5-flash", {"ttl": "0.25s"}, 1),
+            ("/v1beta/cachedContents", "models/gemini-2.5-flash", {}, 3600),
+            ("/v1/projects/acme/locations/us-central1/cachedContents",
+             "projects/acme/locations/us-central1/publishers/google/models/gemini-2.5-flash",
+             {"expireTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 7200))}, 7200)):
+        call = parse_call("POST", path, {}, json.dumps(dict(made, model=model, **lives)).encode())
+        assert (call.endpoint, call.model, call.stores_reply, call.problem, call.max_output_tokens) == (
+            "cached_contents", "gemini-2.5-flash", True, "", 0), path
+        assert seconds - 1 <= call.seconds <= seconds, (lives, call.seconds)
+        assert call.prompt_bytes < len(json.dumps(made)), "its ttl and model are not prompt"
+    for bad, param in (({"ttl": "300"}, "ttl"), ({"ttl": "-5s"}, "ttl"), ({"ttl": f"{400 * 86400}s"}, "ttl"),
+                       ({"expireTime": "tomorrow"}, "expireTime"), ({"expireTime": "2001-01-01T00:00:00Z"}, "expireTime"),
+                       ({"ttl": "60s", "expireTime": "2099-01-01T00:00:00Z"}, "ttl")):
+        call = parse_call("POST", "/v1beta/cachedContents", {}, json.dumps(dict(made, **bad)).encode())
+        assert (call.problem, call.problem_param) == ("invalid_request", param), bad
+    for method in ("GET", "DELETE"):
+        for path in ("/v1beta/cachedContents/c-1", "/v1/projects/acme/locations/us-central1/cachedContents/c-1"):
+            call = parse_call(method, path, {}, b"")
+            assert (call.endpoint, call.stored_response, call.count_tokens, call.problem) == (
+                "cached_contents", "cachedContents/c-1", True, ""), (method, path)
+    changed = parse_call("PATCH", "/v1beta/cachedContents/c-1?updateMask=ttl", {}, b'{"ttl": "7200s"}')
+    assert (changed.endpoint, changed.model, changed.previous_response, changed.stored_response, changed.seconds,
+            changed.count_tokens, changed.problem) == ("cached_contents", "", "cachedContents/c-1", "", 7200, False, "")
+    assert check_authorize(changed.authorize_input()) is None  # its model is the cache's: found by policyd
+    assert parse_call("PATCH", "/v1beta/cachedContents/c-1", {}, b"{}").seconds == 0  # nothing asked: nothing held
+    assert parse_call("GET", "/v1beta/cachedContents", {}, b"").problem == "unknown_endpoint"
+    for named in ("cachedContents/c-1", "projects/acme/locations/us-central1/cachedContents/c-1"):
+        uses = parse_call("POST", "/v1beta/models/gemini-2.5-flash:generateContent", {},
+                          json.dumps({"cachedContent": named, "contents": []}).encode())
+        assert (uses.previous_response, uses.unseen_input) == ("cachedContents/c-1", True)
+    downgraded = rewrite_body({**made, "model": "projects/a/locations/l/publishers/google/models/gemini-2.5-flash"},
+                              "cached_contents", "gemini-2.5-flash-001", "gemini-2.5-flash", 0, False, False)
+    assert downgraded is not None and downgraded["model"] == \
+        "projects/a/locations/l/publishers/google/models/gemini-2.5-flash-001"
+    assert rewrite_body({"ttl": "60s"}, "cached_contents", "gemini-2.5-flash-001", "gemini-2.5-flash", 0, False,
+                        False) is None  # a change of its time to live names no model to rewrite
+    for name in ("cachedContents/c-1", "projects/123/locations/us-central1/cachedContents/c-1"):
+        reader = ResponseReader("cached_contents", stream=False, stored=True)
+        reader.feed(json.dumps({"name": name, "model": "models/gemini-2.5-flash",
+                                "createTime": "2026-12-06T10:00:00.250Z", "expireTime": "2026-12-06T10:10:00.500Z",
+                                "usageMetadata": {"totalTokenCount": 4096}}).encode())
+        reader.finish()
+        assert (reader.response_id, reader.tokens.input_tokens, reader.tokens.cache_storage_token_seconds) == (
+            "cachedContents/c-1", 4096, 4096 * 601)  # 600.25 s, rounded up
 
 
 def test_veos_video_generation_is_an_operation_billed_by_the_seconds_it_makes() -> None:

@@ -250,3 +250,18 @@ def test_a_search_context_fee_and_reasoning_at_its_own_price() -> None:
     plain = parse_policy(SAMPLE_POLICY).price_table.models["gpt-4o-mini"]
     assert cost_of(plain, Quantities(search_context_size="high")) == \
         cost_of(plain, Quantities())  # a model without the fee pays none, whatever the size
+
+
+@given(st.integers(0, 10**15), st.integers(0, 10**11))
+def test_an_explicit_caches_storage_is_priced_per_token_hour_by_the_one_rounding_rule(token_seconds: int,
+                                                                                     price: int) -> None:
+    """cache_storage is per 1M token-hours; a cache's storage comes in token-seconds: priced exactly, rounded up
+    once (a millionth of a token-hour's price never lost to rounding each hour or each second apart)."""
+    yaml = SAMPLE_POLICY.replace("  models:\n", "  models:\n    cached:\n      provider: google\n"
+                                 f"      input: \"1.00\"\n      cache_storage: \"{format_amount(price)}\"\n", 1)
+    model = parse_policy(yaml).price_table.models["cached"]
+    stored = cost_of(model, Quantities(cache_storage_token_seconds=token_seconds, requests=0))
+    assert stored == -(-token_seconds * price // (1_000_000 * 3600))
+    assert stored * 1_000_000 * 3600 >= token_seconds * price > (stored - 1) * 1_000_000 * 3600 or stored == 0
+    assert cost_of(model, Quantities(input_tokens=1_000, cache_storage_token_seconds=token_seconds, requests=0)) == \
+        1_000 * 1_000 + stored  # its tokens written at input, beside

@@ -35,7 +35,7 @@ export type { ProtoGrpcType } from "./generated/policy";
 export const ENDPOINTS = [
   "chat_completions", "responses", "embeddings", "images", "anthropic_messages", "gemini_generate_content",
   "completions", "audio_speech", "audio_transcriptions", "moderations", "bedrock_converse", "rerank",
-  "cohere_chat", "videos",
+  "cohere_chat", "videos", "cached_contents",
 ] as const;
 export type Endpoint = (typeof ENDPOINTS)[number];
 
@@ -153,6 +153,7 @@ export interface UsageInput {
   searchContextSize?: string;  // the search context its web search ran with (Perplexity's usage.search_context_size)
   webSearches?: number;     // web searches the provider ran (Perplexity's num_search_queries), per_web_search each
   reasoningOutputTokens?: number;  // of outputTokens: reasoning billed at its own price (Perplexity's reasoning_tokens)
+  cacheStorageTokenSeconds?: number;  // an explicit cache's tokens x the seconds it lives (Gemini's cachedContents)
 }
 
 export interface Settled {

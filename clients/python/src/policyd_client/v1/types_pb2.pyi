@@ -24,6 +24,7 @@ class EndpointFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RERANK: _ClassVar[EndpointFamily]
     COHERE_CHAT: _ClassVar[EndpointFamily]
     VIDEOS: _ClassVar[EndpointFamily]
+    CACHED_CONTENTS: _ClassVar[EndpointFamily]
 ENDPOINT_FAMILY_UNSPECIFIED: EndpointFamily
 CHAT_COMPLETIONS: EndpointFamily
 RESPONSES: EndpointFamily
@@ -39,6 +40,7 @@ BEDROCK_CONVERSE: EndpointFamily
 RERANK: EndpointFamily
 COHERE_CHAT: EndpointFamily
 VIDEOS: EndpointFamily
+CACHED_CONTENTS: EndpointFamily
 
 class Money(_message.Message):
     __slots__ = ("currency", "nanos")
