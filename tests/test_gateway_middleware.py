@@ -25,7 +25,8 @@ import pytest
 
 from policyd import event_stream, http_api
 from policyd.mock_provider import MockProvider, prompt_tokens
-from policyd.money import parse_amount, price_quantity
+from policyd.money import PRICE_TOKEN_SECONDS, parse_amount, price_quantity
+from policyd.protobuf_json import timestamp_ms
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import ROOT
 from tests.helpers import FundedCustomers, leave_before_the_reply, streamed, wav
@@ -422,6 +423,50 @@ def test_a_veo_operation_is_followed_and_its_videos_are_its_customers(gateway: E
                 assert (reply.status, reply.read()[4:8]) == (status, b"ftyp")
         except urllib.error.HTTPError as refused:
             assert refused.code == status
+
+
+def test_an_explicit_cache_is_charged_its_tokens_and_life_and_is_its_customers(gateway: ExampleGateway) -> None:
+    """Gemini's explicit caches through the middleware: one made is charged its tokens written and the token-seconds
+    it is set to live, as its reply says; its time to live made longer, the time added; it is read and used by its
+    own customer's keys alone."""
+    key, other = gateway.customer("mw-cache", plan="google", credit="20"), gateway.customer("mw-cache-other",
+                                                                                          plan="google")
+    root = f"http://127.0.0.1:{gateway.port}/v1beta"
+
+    def call(method: str, path: str, who: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        request = urllib.request.Request(f"{root}/{path}", method=method,
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"x-goog-api-key": who, "content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                return reply.status, json.loads(reply.read() or b"{}")
+        except urllib.error.HTTPError as refused:
+            return refused.code, json.loads(refused.read() or b"{}")
+
+    def life(cache: dict[str, Any]) -> int:
+        return -(-(timestamp_ms(cache["expireTime"]) - timestamp_ms(cache["createTime"])) // 1000)
+
+    code, made = call("POST", "cachedContents", key, {"model": "models/gemini-2.5-flash", "ttl": "300s", "contents": [
+        {"role": "user", "parts": [{"text": "A ledger's rules, cached through the middleware. " * 40}]}]})
+    assert code == 200, made
+    tokens = made["usageMetadata"]["totalTokenCount"]
+    (record,) = list(gateway.records("mw-cache"))
+    record = gateway.record(record.request_id)
+    assert (record["endpoint"], record["input_tokens"], record["cache_storage_token_seconds"], record["cost_nanos"]) == (
+        "cached_contents", tokens, tokens * life(made), price_quantity(tokens, parse_amount("0.30"))
+        + price_quantity(tokens * life(made), parse_amount("1.00"), PRICE_TOKEN_SECONDS))
+    assert call("GET", made["name"], other)[0] == 404
+    question = {"cachedContent": made["name"], "contents": [{"role": "user", "parts": [{"text": "Balanced?"}]}]}
+    assert call("POST", "models/gemini-2.5-flash:generateContent", other, question)[0] == 404
+    code, answer = call("POST", "models/gemini-2.5-flash:generateContent", key, question)
+    assert code == 200 and answer["usageMetadata"]["cachedContentTokenCount"] == tokens
+    code, changed = call("PATCH", made["name"], key, {"ttl": "900s"})
+    assert code == 200
+    records = {r.request_id: gateway.record(r.request_id) for r in gateway.records("mw-cache")}
+    (longer,) = [r for r in records.values() if r["endpoint"] == "cached_contents" and not r["input_tokens"]]
+    assert longer["cache_storage_token_seconds"] == tokens * (life(changed) - life(made)) > 0
+    (used,) = [r for r in records.values() if r["endpoint"] == "gemini_generate_content"]
+    assert used["cached_input_tokens"] == tokens
 
 
 def test_a_token_count_is_free_but_checked_over_the_native_api(gateway: ExampleGateway) -> None:
