@@ -437,3 +437,56 @@ def test_a_search_fee_and_unbounded_searches_and_reasoning_are_never_held_short(
             assert settled.cost == input_tokens * 1_000 + output * 1_000 + fee
 
     loop.run_until_complete(run())
+
+
+@pytest.fixture
+def caching(backend: dict[str, str]) -> Iterator[tuple[asyncio.AbstractEventLoop, Service]]:
+    """A service whose strict plan may make explicit caches of a model kept at 1 nano a token-second ($3.60 per
+    1M token-hours) and written at 1,000 nanos a token ($1.00 per 1M)."""
+    loop = asyncio.new_event_loop()
+    service = loop.run_until_complete(Service.build(make_settings(backend)))
+    loop.run_until_complete(service.start())
+    policy = SAMPLE_POLICY.replace("limit: 20}", "limit: 100000}").replace(
+        "endpoints: [chat_completions, responses, embeddings]", "endpoints: [chat_completions, cached_contents]", 1
+    ).replace("  models:\n", "  models:\n    gemini-cache:\n      provider: google\n      tier: low-cost\n"
+              "      input: \"1.00\"\n      output: \"4.00\"\n      cache_storage: \"3.60\"\n", 1)
+    loop.run_until_complete(service.admin.apply_policy(policy, "p.yaml"))
+    yield loop, service
+    loop.run_until_complete(service.close())
+    loop.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt_bytes=st.integers(1, 20_000), ttl=st.integers(1, 366 * 86400), data=st.data())
+def test_an_explicit_caches_charge_never_passes_its_hold(caching, prompt_bytes: int, ttl: int,
+                                                         data: st.DataObject) -> None:
+    """A cache made on a strict plan, whatever its tokens (a token is at least a byte) and the time it is asked to
+    live, is charged its tokens and that time, never more than held; its time to live then changed, at any moment
+    of its life and by any time asked from then, is charged the time past its life charged before (none when
+    shortened), never more than held."""
+    loop, service = caching
+    customer = f"cache{next(counter)}"
+    tokens = data.draw(st.integers(1, prompt_bytes))
+    elapsed, asked = data.draw(st.integers(0, ttl)), data.draw(st.integers(1, 366 * 86400))
+
+    async def run() -> None:
+        await service.admin.grant_credit(customer, 10**15, "USD", "purchase")
+        key = await service.admin.create_key(label="p", customer_id=customer, environment="production", plan="free")
+        made = ask(key.secret, model="gemini-cache", endpoint="cached_contents", request_id=f"{customer}-made",
+                   prompt_bytes=prompt_bytes, max_output_tokens=0)
+        held = await service.engine.authorize(replace(made, shape=replace(made.shape, seconds=ttl)))
+        assert held.decision == "allow", held
+        settled = await service.engine.settle(usage(held.request_id, input_tokens=tokens, output_tokens=0,
+                                                    cache_storage_token_seconds=tokens * ttl,
+                                                    provider_response_id=f"cachedContents/{customer}"))
+        assert settled.cost == tokens * 1_000 + tokens * ttl and settled.charge <= held.reserved
+        longer = replace(made, model="", previous_response=f"cachedContents/{customer}",
+                         attribution=replace(made.attribution, request_id=f"{customer}-longer"),
+                         shape=replace(made.shape, prompt_bytes=0, seconds=asked))
+        held = await service.engine.authorize(longer)
+        assert (held.decision, held.served_model) == ("allow", "gemini-cache"), held
+        settled = await service.engine.settle(usage(held.request_id, input_tokens=tokens, output_tokens=0,
+                                                    cache_storage_token_seconds=tokens * (elapsed + asked)))
+        assert settled.cost == tokens * max(0, elapsed + asked - ttl) and settled.charge <= held.reserved
+
+    loop.run_until_complete(run())
