@@ -1148,7 +1148,8 @@ class Engine:
             extra += f',"video_seconds":{int(request.shape.seconds)}'
         if request.cache_update:  # a cache's time to live changed: charged past the life charged before
             fields["cache_tokens"], fields["cache_kept_seconds"] = request.cache_tokens, request.cache_kept_seconds
-            extra += f',"cache_tokens":{int(request.cache_tokens)},"cache_kept_seconds":{int(request.cache_kept_seconds)}'
+            extra += (f',"cache_tokens":{int(request.cache_tokens)},'
+                      f'"cache_kept_seconds":{int(request.cache_kept_seconds)}')
         if request.endpoint == "images":  # the images asked for: charged as held if the client leaves first
             fields["images"] = max(1, request.shape.image_count)
             extra += f',"images":{int(max(1, request.shape.image_count))}'
@@ -1487,8 +1488,9 @@ class Engine:
                 await self.counters.cache_kept(report.provider_response_id, lifetime,
                                                STORED_RESPONSE_HOT_SECONDS + lifetime)
             else:
-                await self.remember_response(customer_id, report.provider_response_id, report.provider or price.provider,
-                                             price.upstream, report.provider_account, tokens, served, lifetime)
+                await self.remember_response(customer_id, report.provider_response_id,
+                                             report.provider or price.provider, price.upstream, report.provider_account,
+                                             tokens, served, lifetime)
         except Exception:
             log.exception("could not remember cached content %s of %s", report.provider_response_id[:64], customer_id)
 

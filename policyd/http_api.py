@@ -80,8 +80,8 @@ from urllib.parse import parse_qsl, quote, unquote, unquote_plus
 from policyd import reasons
 from policyd.audio import wav_seconds
 from policyd.domain import (ANTHROPIC_FAST_MODE, CACHED_CONTENT_PREFIX, CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX,
-                            OUTPUT_CAP_FIELDS, SEARCH_CONTEXT_LENGTH_MAX, Attribution, AuthorizeInput, KeySummary, RateLimit, Shape,
-                            bedrock_tier, cached_content_name, tier_in_geo, trace_id_from)
+                            OUTPUT_CAP_FIELDS, SEARCH_CONTEXT_LENGTH_MAX, Attribution, AuthorizeInput, KeySummary,
+                            RateLimit, Shape, bedrock_tier, cached_content_name, tier_in_geo, trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount
 from policyd.multipart import MultipartError, MultipartForm
 from policyd.protobuf_json import duration_ms, timestamp_ms

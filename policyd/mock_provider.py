@@ -90,6 +90,7 @@ ACCOUNT_HEADERS = {"openai-organization": "org-operator", "x-ratelimit-remaining
                    "anthropic-ratelimit-tokens-remaining": "123456", "x-request-id": "req_mock"}
 IMAGE_TOKENS = {"low": 272, "medium": 1056, "high": 4160}  # a square image's output tokens, by quality
 GEMINI_IMAGE_TOKENS = 1290  # a 1024x1024 image out of Gemini's image models
+CACHE_NOT_FOUND = "CachedContent not found (or permission denied)"  # Google's answer for another's, or none
 GEMINI_CACHE_TOKENS_MIN = 256  # the fewest an explicit cache holds (Google's are 1,024 to 4,096: smaller for tests)
 GEMINI_PATH = re.compile(r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent)$")
 GEMINI_BATCH_PATH = re.compile(r"/v1beta/batches/(?P<id>[^/:]+)(?P<cancel>:cancel)?$")
@@ -441,8 +442,7 @@ class MockProvider:
         if gemini and body.get("cachedContent"):  # an explicit cache's tokens are the prompt's first
             cache = self.caches.get(str(body["cachedContent"]).rsplit("/", 1)[-1])
             if cache is None:
-                return h._json(403, {"error": {"code": 403, "status": "PERMISSION_DENIED",
-                                               "message": "CachedContent not found (or permission denied)"}})
+                return h._json(403, {"error": {"code": 403, "status": "PERMISSION_DENIED", "message": CACHE_NOT_FOUND}})
             return self._gemini(h, gemini.group("model"), p_tokens, c_tokens, text, gemini.group("verb"),
                                 sse="alt=sse" in h.path, cached=cache["usageMetadata"]["totalTokenCount"])
         if gemini:
@@ -1136,9 +1136,9 @@ class MockProvider:
                                                f"Cached content is too small. total_token_count={tokens}, "
                                                f"min_total_token_count={GEMINI_CACHE_TOKENS_MIN}"}})
             made = f"cache-mock-{next(self.response_ids)}"
-            cache = {"name": f"{location}cachedContents/{made}", "model": model, "displayName": body.get("displayName", ""),
-                     "createTime": stamp(now), "updateTime": stamp(now), "expireTime": stamp(expiry(body, now + 3600) or now),
-                     "usageMetadata": {"totalTokenCount": tokens}}
+            cache = {"name": f"{location}cachedContents/{made}", "model": model,
+                     "displayName": body.get("displayName", ""), "createTime": stamp(now), "updateTime": stamp(now),
+                     "expireTime": stamp(expiry(body, now + 3600) or now), "usageMetadata": {"totalTokenCount": tokens}}
             with self.lock:
                 self.caches[made] = cache
             return h._json(200, cache)
@@ -1152,7 +1152,7 @@ class MockProvider:
                 return h._json(200, {})
         if cache is None:
             return h._json(403 if cache_id else 404, {"error": {"code": 403, "status": "PERMISSION_DENIED",
-                                                                "message": "CachedContent not found (or permission denied)"}})
+                                                                "message": CACHE_NOT_FOUND}})
         return h._json(200, cache)
 
     def _gemini(self, h: Any, model: str, p_tokens: int, c_tokens: int, text: str, verb: str, sse: bool,

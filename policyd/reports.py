@@ -38,8 +38,8 @@ USAGE_FIGURES = ("cache_write_input_tokens", "cache_write_1h_input_tokens", "aud
                  "audio_output_tokens", "images", "seconds", "web_searches", "file_searches", "image_input_tokens",
                  "image_generation_calls", "image_generation_input_tokens", "image_generation_cached_input_tokens",
                  "image_generation_image_input_tokens", "image_generation_output_tokens", "image_output_tokens",
-                 "containers", "maps_groundings", "search_units", "reasoning_output_tokens", "cache_storage_token_seconds",
-                 "refunded_nanos")
+                 "containers", "maps_groundings", "search_units", "reasoning_output_tokens",
+                 "cache_storage_token_seconds", "refunded_nanos")
 FIGURES = ("requests", "allowed", "denied", "downgraded", "failed", "input_tokens", "cached_input_tokens",
            "output_tokens", "cost_nanos", "charge_nanos", "retries", "fallbacks", *USAGE_FIGURES)
 CHARGED = ("settled", "settled_late")

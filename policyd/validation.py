@@ -25,7 +25,8 @@ STORED_RESPONSE_ID_LENGTH_MAX = 200
 PROVIDER_FILES_MAX = 16  # files one reply made at the provider (a Veo operation's videos: 4 at most)
 # an id from a URL path (a Gemini batch's is its name: batches/<id>)
 # (a Gemini batch's name, "batches/<id>"; an explicit cache's, "cachedContents/<id>"; a Veo operation's,
-# "models/<model>/operations/<id>", on Vertex AI "projects/<p>/locations/<l>/publishers/google/models/<model>/operations/<id>")
+# "models/<model>/operations/<id>", on Vertex AI
+# "projects/<p>/locations/<l>/publishers/google/models/<model>/operations/<id>")
 STORED_RESPONSE_ID_PATTERN = re.compile(
     r"^(batches/|cachedContents/|(projects/[A-Za-z0-9_.-]{1,64}/locations/[A-Za-z0-9_.-]{1,64}/publishers/google/)?"
     rf"models/[A-Za-z0-9_.-]{{1,128}}/operations/)?[A-Za-z0-9_.-]{{1,{STORED_RESPONSE_ID_LENGTH_MAX}}}$")

@@ -452,9 +452,10 @@ def test_an_explicit_cache_is_charged_its_tokens_and_life_and_is_its_customers(g
     tokens = made["usageMetadata"]["totalTokenCount"]
     (record,) = list(gateway.records("mw-cache"))
     record = gateway.record(record.request_id)
-    assert (record["endpoint"], record["input_tokens"], record["cache_storage_token_seconds"], record["cost_nanos"]) == (
-        "cached_contents", tokens, tokens * life(made), price_quantity(tokens, parse_amount("0.30"))
-        + price_quantity(tokens * life(made), parse_amount("1.00"), PRICE_TOKEN_SECONDS))
+    assert (record["endpoint"], record["input_tokens"], record["cache_storage_token_seconds"],
+            record["cost_nanos"]) == ("cached_contents", tokens, tokens * life(made),
+                                      price_quantity(tokens, parse_amount("0.30"))
+                                      + price_quantity(tokens * life(made), parse_amount("1.00"), PRICE_TOKEN_SECONDS))
     assert call("GET", made["name"], other)[0] == 404
     question = {"cachedContent": made["name"], "contents": [{"role": "user", "parts": [{"text": "Balanced?"}]}]}
     assert call("POST", "models/gemini-2.5-flash:generateContent", other, question)[0] == 404

@@ -461,7 +461,8 @@ async def test_an_explicit_cache_made_and_kept_longer_over_the_native_api(channe
     assert settled.cost.nanos == 1_000 * (1_500 - 601)  # the time added alone; its tokens were written before
     again = await ask("cache-again", 60, model="", cache="cachedContents/c-9")
     settled = await policy.Settle(policy_pb2.SettleRequest(
-        request_id="cache-again", usage=policy_pb2.Usage(input_tokens=1_000, cache_storage_token_seconds=1_000 * 1_400)))
+        request_id="cache-again",
+        usage=policy_pb2.Usage(input_tokens=1_000, cache_storage_token_seconds=1_000 * 1_400)))
     assert (again.decision, settled.cost.nanos) == (policy_pb2.ALLOW, 0)  # shortened: no time added
     for cache, key in (("cachedContents/c-9", other), ("cachedContents/never-made", secret)):
         refused = await ask(f"cache-refused-{key[-4:]}", 60, model="", cache=cache, key=key)

@@ -837,7 +837,8 @@ def test_geminis_explicit_caches_are_made_for_a_time_read_and_changed_by_name() 
         assert seconds - 1 <= call.seconds <= seconds, (lives, call.seconds)
         assert call.prompt_bytes < len(json.dumps(made)), "its ttl and model are not prompt"
     for bad, param in (({"ttl": "300"}, "ttl"), ({"ttl": "-5s"}, "ttl"), ({"ttl": f"{400 * 86400}s"}, "ttl"),
-                       ({"expireTime": "tomorrow"}, "expireTime"), ({"expireTime": "2001-01-01T00:00:00Z"}, "expireTime"),
+                       ({"expireTime": "tomorrow"}, "expireTime"),
+                       ({"expireTime": "2001-01-01T00:00:00Z"}, "expireTime"),
                        ({"ttl": "60s", "expireTime": "2099-01-01T00:00:00Z"}, "ttl")):
         call = parse_call("POST", "/v1beta/cachedContents", {}, json.dumps(dict(made, **bad)).encode())
         assert (call.problem, call.problem_param) == ("invalid_request", param), bad
