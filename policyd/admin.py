@@ -21,7 +21,7 @@ from policyd.counters import (CLOSED_RECORD_FIELDS, STORED_RESPONSE_HOT_SECONDS,
                               Reservation)
 from policyd.db import ApiKeyRow, PolicyVersionRow
 from policyd.directory import KeyDirectory
-from policyd.domain import PolicydError
+from policyd.domain import CACHED_CONTENT_PREFIX, PolicydError
 from policyd.money import AMOUNT_MAX
 from policyd.policy import ENVIRONMENTS, Cap, Policy, PolicyError, canonical_text, diff, parse_policy
 from policyd.pricing import Quantities
@@ -751,10 +751,15 @@ class Admin:
                 price = CONVERSATION_PRICE if not served else \
                     self.book.current.model(served) if self.book.current is not None else None
                 seconds = (created_ms + kept_ms - at) // 1000
+                model, life = "", 0  # an explicit cache's model, and the longest life it was charged
+                if response_id.startswith(CACHED_CONTENT_PREFIX):
+                    charged = await asyncio.to_thread(self.store.cache_storage_charged, response_id)
+                    model, life = served, charged // max(1, int(context or 0))
+                    seconds += life
                 if seconds > 0:
                     self.counters.queue_stored_response(await batch.pipe(), response_id, customer, provider,
                                                         price.upstream if price else "", account, seconds,
-                                                        int(context or 0))
+                                                        int(context or 0), model, life)
                     written += 1
             now_s = at // 1000
             for key, total in (await asyncio.to_thread(self.store.held_by_bucket)).items():

@@ -35,8 +35,8 @@ from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECON
 from policyd.directory import KeyDirectory
 from policyd.loops import every
 from policyd.domain import (
-    CACHED_CONTENT_PREFIX,
     ANTHROPIC_FAST_MODE,
+    CACHED_CONTENT_PREFIX,
     CREATED_AT,
     IMAGE_GENERATION_USAGE,
     AuthorizeInput,
@@ -1507,7 +1507,7 @@ class Engine:
         if found is None:
             await self.counters.note_unknown(response_id)
             return None
-        customer, provider, served, account, created_ms, context, stored = found
+        customer, provider, served, account, created_ms, context = found
         if not response_id.startswith((CONVERSATION_ID_PREFIX, FILE_ID_PREFIX, CACHED_CONTENT_PREFIX)) and \
                 created_ms < self.clock() - STORED_RESPONSE_SECONDS * 1000:
             return None  # a stored response lives 30 days at the provider; a conversation or a file until deleted
@@ -1515,8 +1515,9 @@ class Engine:
         price = (policy.model(served) if served else _created_at(provider)) if policy else None
         route = price.upstream if price else ""
         model, kept = "", 0
-        if response_id.startswith(CACHED_CONTENT_PREFIX):  # its life charged when it was made (changes: not seen)
-            model, kept = served, (stored or 0) // max(1, int(context or 0))
+        if response_id.startswith(CACHED_CONTENT_PREFIX):  # its model, and the longest life it was charged
+            charged = await asyncio.to_thread(self.store.cache_storage_charged, response_id)
+            model, kept = served, charged // max(1, int(context or 0))
         await self.remember_response(customer, response_id, provider, route, account, int(context or 0), model, kept)
         return whose_of(customer, provider, route, account, int(context or 0), model, kept)
 

@@ -291,26 +291,36 @@ class Store:
         with self.session() as session:
             return list(session.execute(query))
 
-    def stored_response(self, response_id: str) -> tuple[str, str, str, str, int, int, int] | None:
-        """(customer, provider, served model, provider account, created ms, its input and output tokens, the
-        token-seconds of cache storage it was charged) of the request whose reply the provider stored under this
-        id (a response, a conversation, a kept chat completion, an explicit cache: the one that made it), or
-        None."""
+    def stored_response(self, response_id: str) -> tuple[str, str, str, str, int, int] | None:
+        """(customer, provider, served model, provider account, created ms, its input and output tokens) of
+        the request whose reply the provider stored under this id (a response, a conversation, a kept chat
+        completion, an explicit cache: the first, which made it), or None."""
         r = UsageRecordRow
         query = select(r.customer_id, r.provider, r.served_model, r.provider_account, r.created_ms,
-                       r.input_tokens + r.output_tokens, r.cache_storage_token_seconds).where(
+                       r.input_tokens + r.output_tokens).where(
             r.provider_response_id == response_id).order_by(r.created_ms).limit(1)
         with self.session() as session:
             row = session.execute(query).first()
         return None if row is None else tuple(row)  # type: ignore[return-value]
 
+    def cache_storage_charged(self, name: str) -> int:
+        """The token-seconds of storage charged for an explicit cache: its making's and every change of its time
+        to live's (its tokens x the longest life charged)."""
+        r = UsageRecordRow
+        query = select(func.coalesce(func.sum(r.cache_storage_token_seconds), 0)).where(
+            r.provider_response_id == name, r.status.in_(("settled", "settled_late")))
+        with self.session() as session:
+            return int(session.execute(query).scalar() or 0)
+
     def stored_responses(self, since_ms: int) -> list[tuple[str, str, str, str, str, int, int]]:
         """(provider response id, customer, provider, served model, provider account, created ms, its input
-        and output tokens) of each response the provider stored for a request made since since_ms."""
+        and output tokens) of each response the provider stored for a request made since since_ms, the first
+        made first (an explicit cache's making, before the changes of its time to live)."""
         r = UsageRecordRow
         query = select(r.provider_response_id, r.customer_id, r.provider, r.served_model, r.provider_account,
                        r.created_ms, r.input_tokens + r.output_tokens).where(r.provider_response_id != "",
-                                                                             r.created_ms >= since_ms)
+                                                                             r.created_ms >= since_ms
+                                                                             ).order_by(r.created_ms)
         with self.session() as session:
             return [tuple(row) for row in session.execute(query)]
 

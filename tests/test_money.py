@@ -2295,3 +2295,59 @@ async def test_a_fitted_cap_never_goes_below_what_a_thinking_claude_accepts(serv
     refused = await service.engine.authorize(thinking(agent, "large-budget", 10_000))
     assert (refused.decision, refused.reason) == ("deny", "insufficient_quota")
     assert await service.counters.wallet("thinker") == (held.reserved, 0)
+
+
+async def test_an_explicit_cache_is_known_from_its_records_and_never_served_by_another_model(service: Service) -> None:
+    """Whose an explicit cache is, its model and the life it was charged are in Redis while it lives; once Redis
+    has forgotten it (or after a rebuild of the counters) they come from its records: its making's model and
+    tokens, and the longest life charged over its making and every change of its time to live, so a change is
+    still charged the time added alone. A cache serves its own model: a limit that downgrades refuses a request
+    using one (or making one) rather than send it to another model, which Google would refuse."""
+    cached = SAMPLE_POLICY.replace("  models:\n", "  models:\n    gemini-cache:\n      provider: google\n"
+                                   "      tier: premium\n      input: \"1.00\"\n      output: \"4.00\"\n"
+                                   "      cache_storage: \"3.60\"\n", 1)  # 1 nano a token-second
+    await service.admin.apply_policy(cached, "cached.yaml")
+    _, mine = await new_key(service, customer="acme")
+    await fund(service, "acme", "50")
+    made = ask(mine, model="gemini-cache", endpoint="cached_contents", request_id="made", max_output_tokens=0)
+    held = await service.engine.authorize(replace(made, shape=replace(made.shape, seconds=600)))
+    assert held.decision == "allow", held
+    await service.engine.settle(usage("made", input_tokens=1_000, output_tokens=0, provider_account="second",
+                                      cache_storage_token_seconds=1_000 * 600, provider_response_id="cachedContents/k"))
+
+    async def longer(request_id: str, life: int) -> int:
+        """A change of its time to live, its reply saying it now lives `life` seconds from its making: the cost."""
+        asked = replace(made, model="", previous_response="cachedContents/k",
+                        attribution=replace(made.attribution, request_id=request_id),
+                        shape=replace(made.shape, prompt_bytes=0, seconds=3_600))
+        decision = await service.engine.authorize(asked)
+        assert (decision.decision, decision.served_model) == ("allow", "gemini-cache"), decision
+        settled = await service.engine.settle(usage(request_id, input_tokens=1_000, output_tokens=0,
+                                                    cache_storage_token_seconds=1_000 * life,
+                                                    provider_response_id="cachedContents/k"))
+        return settled.cost
+
+    assert await longer("longer-1", 900) == 1_000 * 300
+    await service.writer.drain()
+    await service.counters.client.delete(redis_keys.stored_response("cachedContents/k"))  # forgotten
+    assert await longer("longer-2", 1_000) == 1_000 * 100  # its life charged (900 s) found in its records
+    await service.writer.drain()
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    await service.admin.rebuild()
+    assert await longer("longer-3", 1_200) == 1_000 * 200
+    using = replace(ask(mine, model="gemini-cache", endpoint="gemini_generate_content", request_id="uses"),
+                    previous_response="cachedContents/k")
+    assert (await service.engine.authorize(using)).account == "second"  # served where it was made
+
+    await service.admin.apply_policy(cached.replace('limit: "50.00", action: downgrade', 'limit: "0.000001", '
+                                                    'action: downgrade', 1), "tight.yaml")
+    plain = await service.engine.authorize(ask(mine, model="gemini-cache", endpoint="gemini_generate_content",
+                                               request_id="plain"))
+    assert (plain.decision, plain.served_model) == ("downgrade", "gpt-4o-mini")  # the limit downgrades
+    refused = await service.engine.authorize(replace(using, attribution=replace(using.attribution,
+                                                                                request_id="uses-tight")))
+    assert (refused.decision, refused.served_model) == ("deny", "gemini-cache"), refused
+    another = await service.engine.authorize(replace(made, attribution=replace(made.attribution,
+                                                                               request_id="made-tight")))
+    assert another.decision == "deny", another
