@@ -204,8 +204,8 @@ FIT_TRIES = 3
 
 def _cache_storage(report: UsageReport, reservation: Reservation) -> tuple[UsageReport, tuple[int, int]]:
     """An explicit cache's usage as charged, and (its tokens, its life in seconds from its making). Made: its
-    tokens written (input) and kept for the life its reply gives (Usage.cache_storage_token_seconds: its
-    tokens x that life), else as long as it was asked to live. Its time to live changed (a PATCH, held with the
+    tokens written (input, at the write price) and kept for the life its reply gives
+    (Usage.cache_storage_token_seconds: its tokens x that life), else as long as it was asked to live. Its time to live changed (a PATCH, held with the
     life charged before): none written, its tokens kept past that life; a reply not read, as held."""
     tokens, fields = report.input_tokens, reservation.fields
     lifetime = report.cache_storage_token_seconds // tokens if tokens else 0
@@ -219,7 +219,8 @@ def _cache_storage(report: UsageReport, reservation: Reservation) -> tuple[Usage
     if tokens and not report.cache_storage_token_seconds:  # a reply that gave no times: as long as asked
         lifetime = int(fields.get("seconds_estimate") or 0)
         report = replace(report, cache_storage_token_seconds=tokens * lifetime)
-    return report, (tokens, lifetime)
+    written = tokens - report.cached_input_tokens - report.audio_input_tokens - report.image_input_tokens
+    return replace(report, cache_write_input_tokens=max(0, written), cache_write_1h_input_tokens=0), (tokens, lifetime)
 
 
 def _bound_to_model(request: AuthorizeInput) -> bool:
@@ -1058,6 +1059,7 @@ class Engine:
             search_units=search_units,
             cache_storage_token_seconds=(request.cache_tokens if request.cache_update else input_tokens) * s.seconds
             if request.endpoint == "cached_contents" else 0,
+            cache_write_input_tokens=input_tokens if request.endpoint == "cached_contents" else 0,  # all of a cache's
         )
         cost = cost_of(price, quantities)
         # the whole prompt may be written to the cache, at the write price: reserved so if dearer (OpenAI's

@@ -428,7 +428,10 @@ async def test_an_explicit_cache_made_and_kept_longer_over_the_native_api(channe
     policy = policy_pb2_grpc.PolicyServiceStub(channel)
     priced = SAMPLE_POLICY.replace("  models:\n", "  models:\n"  # 1 nano a token-second: $3.60 per 1M token-hours
                                    "    gemini-cache:\n      provider: google\n      tier: low-cost\n"
-                                   "      input: \"1.00\"\n      output: \"4.00\"\n      cache_storage: \"3.60\"\n", 1)
+                                   "      input: \"1.00\"\n      output: \"4.00\"\n      cache_storage: \"3.60\"\n"
+                                   "    gemini-cache-written:\n      provider: google\n      tier: low-cost\n"
+                                   "      input: \"1.00\"\n      cache_write_input: \"0.25\"\n"
+                                   "      cache_storage: \"3.60\"\n", 1)
     secret = await funded_key(admin, "cacher", priced)
     other = await funded_key(admin, "cacher-other", priced)
 
@@ -451,6 +454,11 @@ async def test_an_explicit_cache_made_and_kept_longer_over_the_native_api(channe
     settled = await policy.Settle(policy_pb2.SettleRequest(request_id="cache-untimed",
                                                            usage=policy_pb2.Usage(input_tokens=500)))
     assert settled.cost.nanos == 500 * 1_000 + 500 * 300  # its reply gave no times: kept as long as asked
+    written = await ask("cache-written", 60, model="gemini-cache-written")  # its tokens written at the write price
+    assert written.reserved.nanos == (1_000 * 250 + 1_000 * 60) * markup // 10
+    settled = await policy.Settle(policy_pb2.SettleRequest(request_id="cache-written", usage=policy_pb2.Usage(
+        input_tokens=800, cache_storage_token_seconds=800 * 60)))
+    assert settled.cost.nanos == 800 * 250 + 800 * 60
 
     longer = await ask("cache-longer", 1_200, model="", cache="cachedContents/c-9")
     assert (longer.decision, longer.served_model, longer.reserved.nanos) == (
