@@ -908,6 +908,12 @@ class Engine:
                        f"this API key's plan allows a single request at most {format_amount(plan.max_request_charge)} "
                        f"{currency}: ask for fewer output tokens, or send less input, in each.")
             return attempt, "request_too_costly", "input_file_id" if request.files else "requests", message
+        if request.endpoint == "cached_contents":  # its tokens, kept for as long as it asks to live
+            message = (f"This cache may cost up to {format_amount(attempt.charge)} {currency} (its tokens kept for "
+                       f"{request.shape.seconds} seconds); this API key's plan allows a single request at most "
+                       f"{format_amount(plan.max_request_charge)} {currency}: ask for a shorter time to live, or "
+                       f"cache less.")
+            return attempt, "request_too_costly", "ttl", message
         message = (f"This request may cost up to {format_amount(attempt.charge)} {currency} (its input and up to "
                    f"{attempt.output_cap} output tokens); this API key's plan allows a single request at most "
                    f"{format_amount(plan.max_request_charge)} {currency}: ask for fewer output tokens, or send "

@@ -2351,3 +2351,13 @@ async def test_an_explicit_cache_is_known_from_its_records_and_never_served_by_a
     another = await service.engine.authorize(replace(made, attribution=replace(made.attribution,
                                                                                request_id="made-tight")))
     assert another.decision == "deny", another
+
+    await service.admin.apply_policy(cached.replace("    markup_bps: 2000\n", "    markup_bps: 2000\n"
+                                                    "    max_request_charge: \"0.01\"\n", 1), "bounded.yaml")
+    year = await service.engine.authorize(replace(made, attribution=replace(made.attribution, request_id="year"),
+                                                  shape=replace(made.shape, seconds=365 * 86400)))
+    assert (year.decision, year.reason, year.error_param) == ("deny", "request_too_costly", "ttl"), year
+    assert "shorter time to live" in year.message
+    hour = await service.engine.authorize(replace(made, attribution=replace(made.attribution, request_id="hour"),
+                                                  shape=replace(made.shape, seconds=3600)))
+    assert hour.decision == "allow", hour
