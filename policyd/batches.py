@@ -128,9 +128,8 @@ def _held(url: str, bodies: list[tuple[str, Any]], none: str) -> BatchInput:
             return BatchInput(problem=f"{where}: {call.problem_message}")
         if call.stream or call.background:
             return BatchInput(problem=f"{where}: a batch's requests are neither streamed nor background responses")
-        # (a Gemini request's explicit cache, cachedContent, is input unseen, as it was before policyd knew caches)
-        if (call.previous_response and not call.previous_response.startswith(CACHED_CONTENT_PREFIX)) or \
-                call.conversation:
+        cache = call.previous_response if call.previous_response.startswith(CACHED_CONTENT_PREFIX) else ""
+        if (call.previous_response and not cache) or call.conversation:
             return BatchInput(problem=f"{where}: a batch's requests do not continue stored responses or conversations")
         if call.unbounded_web_search_tools or call.unbounded_file_search or call.image_model_default or \
                 (call.image_model and not call.image_generation_calls):
@@ -140,6 +139,8 @@ def _held(url: str, bodies: list[tuple[str, Any]], none: str) -> BatchInput:
             return BatchInput(problem=f"{where}: a batch's requests are all for one model ({model})")
         model = call.model
         files.update(call.files)
+        if cache:  # a Gemini request's explicit cache: its customer's alone, as the files its input names
+            files.add(cache)
         requests.append(replace(call.authorize_input().shape, service_tier=BATCH_TIER, service_tier_implied=False))
         if len(requests) > INPUT_REQUESTS_MAX:
             return BatchInput(problem=f"a batch holds at most {INPUT_REQUESTS_MAX} requests")

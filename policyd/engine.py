@@ -472,8 +472,9 @@ class Engine:
         # 4. estimate and buckets (only when the policy allows the request)
         attempt = None
         for file_id in request.files if not preset else ():  # the files its input refers to: not another's
-            if await self._context_of(owner.customer_id, file_id) is None:
-                preset, param = "file_not_found", "file_id"
+            if await self._context_of(owner.customer_id, file_id) is None:  # (a batch's requests' caches too)
+                preset, param = ("cached_content_not_found", "cachedContent") \
+                    if file_id.startswith(CACHED_CONTENT_PREFIX) else ("file_not_found", "file_id")
                 break
         if not preset and request.creates:  # a conversation or a file made: free, reserved at 0, settled with its id
             attempt = _Plan("", _created_at(request.creates_at), 0, 0, 0, [], {})

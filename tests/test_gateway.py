@@ -3203,6 +3203,16 @@ def test_geminis_explicit_caches_are_charged_their_tokens_and_the_time_they_are_
         usage["promptTokenCount"], tokens, price_quantity(usage["promptTokenCount"] - tokens, input_price)
         + price_quantity(tokens, cached_price) + price_quantity(usage["candidatesTokenCount"], output_price))
 
+    def batch_using(cache: str) -> dict[str, Any]:
+        return {"batch": {"displayName": "cached", "inputConfig": {"requests": {"requests": [
+            {"request": {"cachedContent": cache, "contents": [{"role": "user", "parts": [{"text": "Balanced?"}]}],
+                         "generationConfig": {"maxOutputTokens": 8}}, "metadata": {"key": "r0"}}]}}}}
+
+    batches = f"{gemini}/models/gemini-2.5-flash:batchGenerateContent"
+    code, _, refused = call("POST", batches, other, batch_using(made["name"]))  # a batch's request names it too
+    assert (code, refused["error"]["code"]) == (404, "cached_content_not_found"), refused
+    code, _, batch = call("POST", batches, key, batch_using(made["name"]))
+    assert code == 200 and batch["name"].startswith("batches/"), batch
     assert call("PATCH", f"{gemini}/{made['name']}", other, {"ttl": "7200s"})[0] == 404
     code, headers, changed = call("PATCH", f"{gemini}/{made['name']}", key, {"ttl": "1200s"})
     assert code == 200 and lifetime(changed) > kept, changed
