@@ -161,6 +161,8 @@ REQUEST_INDEX_MARGIN_SECONDS = 3600
 STORED_RESPONSE_SECONDS = 30 * 86400  # how long the provider keeps a stored response (OpenAI: 30 days)
 # how long Redis holds whose a stored response is; older ones are found in their usage records (and held again)
 STORED_RESPONSE_HOT_SECONDS = 86400
+UPLOAD_BEGINNING_SECONDS = 3600  # a Gemini upload's beginning, until its reply is read
+UPLOAD_SECONDS = 7 * 86400  # a Gemini upload, its bytes sent within (Google keeps an upload session a week)
 UNKNOWN_STORED_SECONDS = 60  # an id no record names is not looked for in SQL again for this long
 RECENT_RESERVATIONS_MAX = 20_000  # open reservations this process made whose facts it keeps (a few KB each)
 
@@ -617,6 +619,21 @@ class Counters:
             customer_id, provider, route, account, *_ = (*_text(whose).split("\t"), "", "", "")
             await self.client.set(key, whose_of(customer_id, provider, route, account, context_tokens), xx=True,
                                   keepttl=True)
+
+    async def upload_beginning(self, request_id: str, secret_hash: str) -> None:
+        """A Gemini upload begun with this key secret (its hash), its upload id not yet known (its reply's)."""
+        await self.client.set(redis_keys.upload_began(request_id), secret_hash, ex=UPLOAD_BEGINNING_SECONDS)
+
+    async def upload_begun(self, request_id: str, upload: str) -> None:
+        """The upload a request began (its reply named it): its bytes are sent as the key it was begun with."""
+        secret_hash = await self.client.get(redis_keys.upload_began(request_id))
+        if secret_hash is not None:
+            await self.client.set(redis_keys.gemini_upload(upload), secret_hash, ex=UPLOAD_SECONDS)
+
+    async def upload_key(self, upload: str) -> str | None:
+        """The key secret (its hash) a Gemini upload was begun with, None when policyd knows no such upload."""
+        found = await self.client.get(redis_keys.gemini_upload(upload))
+        return None if found is None else _text(found)
 
     async def known_unknown(self, response_id: str) -> bool:
         """Whether this id was looked for in SQL a moment ago and not found."""

@@ -54,6 +54,18 @@ class Attribution:
 
 # what a free call may make for a customer, whose it then is: OpenAI's conversations (POST /v1/conversations)
 # and files (POST /v1/files)
+# a Gemini upload as policyd knows it (http_api.gemini_upload_key: "gu-" and a digest of its upload id); its bytes
+# may come with no key (Google's SDK sends none: the upload id stands for the customer who began it)
+GEMINI_UPLOAD_PREFIX = "gu-"
+
+
+def gemini_upload_named(request: "AuthorizeInput") -> str:
+    """The Gemini upload whose bytes a request sends (its one file, a "gu-" name), "" for any other request."""
+    upload = request.files[0] if request.creates == "file" and request.creates_at == "google" and \
+        len(request.files) == 1 else ""
+    return upload if upload.startswith(GEMINI_UPLOAD_PREFIX) else ""
+
+
 # an explicit cache's name as policyd knows it (Gemini's cachedContents/<id>; Vertex AI's, under its project and
 # location, is known by the same last two parts)
 CACHED_CONTENT_PREFIX = "cachedContents/"
@@ -67,7 +79,7 @@ def cached_content_name(named: Any) -> str:
     return CACHED_CONTENT_PREFIX + found["id"] if found else ""
 
 CREATABLE = ("conversation", "file")
-CREATED_AT = ("openai", "azure")  # ... the providers it may be made at (AuthorizeInput.creates_at; "" = openai)
+CREATED_AT = ("openai", "azure", "google")  # ... the providers it may be made at (AuthorizeInput.creates_at; "" = openai)
 # where each API reads a request's output cap, the field a proxy writes policyd's into first (Gemini's is
 # in its generation config, under either of its names)
 OUTPUT_CAP_FIELDS = {"chat_completions": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),

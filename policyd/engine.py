@@ -38,6 +38,7 @@ from policyd.domain import (
     ANTHROPIC_FAST_MODE,
     CACHED_CONTENT_PREFIX,
     CREATED_AT,
+    GEMINI_UPLOAD_PREFIX,
     IMAGE_GENERATION_USAGE,
     AuthorizeInput,
     Decision,
@@ -51,6 +52,7 @@ from policyd.domain import (
     Settlement,
     Shape,
     UsageReport,
+    gemini_upload_named,
 )
 from policyd.money import format_amount
 from policyd.policy import Cap, Limit, ModelPrice, Plan, Policy, is_model_pattern
@@ -457,7 +459,9 @@ class Engine:
         else:
             preset, param = self._policy_denial(request, key.scopes, owner, policy, plan)
         prior_tokens = 0  # input a continuation carries unseen: the previous response's, or the conversation's
-        cache_account = ""  # the provider account an explicit cache the request uses was made on: served there
+        # the provider account an explicit cache the request uses was made on (or a Gemini upload it sends the
+        # bytes of was begun on): served there
+        served_on = ""
         for stored, reason, name in ((request.previous_response, "response_not_found", "previous_response_id"),
                                      (request.conversation, "conversation_not_found", "conversation")):
             if stored and not preset:
@@ -467,15 +471,18 @@ class Engine:
                         else (reason, name)
                 else:
                     prior_tokens += found[0]
-                    cache_account = found[1] if stored.startswith(CACHED_CONTENT_PREFIX) else cache_account
+                    served_on = found[1] if stored.startswith(CACHED_CONTENT_PREFIX) else served_on
 
         # 4. estimate and buckets (only when the policy allows the request)
         attempt = None
         for file_id in request.files if not preset else ():  # the files its input refers to: not another's
-            if await self._context_of(owner.customer_id, file_id) is None:  # (a batch's requests' caches too)
+            found = await self._context_of(owner.customer_id, file_id)
+            if found is None:  # (a batch's requests' caches too)
                 preset, param = ("cached_content_not_found", "cachedContent") \
                     if file_id.startswith(CACHED_CONTENT_PREFIX) else ("file_not_found", "file_id")
                 break
+            if file_id.startswith(GEMINI_UPLOAD_PREFIX):
+                served_on = found[1]
         if not preset and request.creates:  # a conversation or a file made: free, reserved at 0, settled with its id
             attempt = _Plan("", _created_at(request.creates_at), 0, 0, 0, [], {})
         elif not preset and policy is not None and plan is not None:
@@ -503,6 +510,9 @@ class Engine:
         if result.outcome == "stale":
             self.directory.forget(secret_hash)  # read it again from SQL, where the change was made first
             return STALE
+        if result.outcome == "allow" and request.creates == "file" and request.creates_at == "google" \
+                and not request.files:
+            await self.counters.upload_beginning(request_id, secret_hash)  # a Gemini upload begun: its bytes, keyless
         if result.outcome == "deny" and result.reason == "limit" and policy is not None and plan is not None:
             limit = reserve.limits_by_label.get(result.label, (None, 0))[0]
             if limit is not None and limit.action == "downgrade" and not _bound_to_model(request) \
@@ -554,7 +564,7 @@ class Engine:
             request_id=request_id, owner=owner, requested_model=request.model, served_model=reserve.served_model,
             upstream_model=reserve.price.upstream_model or reserve.served_model,  # the price at hand: no lookup
             output_cap_field=_cap_field(reserve.price), stream_usage_reported=_stream_usage_reported(reserve.price),
-            provider=reserve.price.provider, route=reserve.price.upstream, account=cache_account,
+            provider=reserve.price.provider, route=reserve.price.upstream, account=served_on,
             policy_version=policy.version if policy else 0,
             price_table_version=policy.document.price_table.version if policy else "",
             currency=policy.document.currency if policy else "",
@@ -628,6 +638,13 @@ class Engine:
                 base["request_id"] = new_request_id()
             return await self._deny_unowned(request, at, started, base, problem.reason, problem.message, problem.param)
         if not request.api_key:
+            upload = gemini_upload_named(request)  # a Gemini upload's bytes (sent with no key): as its beginner's
+            began_with = await self.counters.upload_key(upload) if upload else None
+            if upload and began_with is None:  # its beginning's reply may still be settling
+                await asyncio.sleep(STORED_RESPONSE_RECHECK_SECONDS)
+                began_with = await self.counters.upload_key(upload)
+            if began_with:
+                return began_with
             return await self._deny_unowned(request, at, started, base, "missing_api_key")
         if not key_secrets.is_well_formed(request.api_key):
             return await self._deny_unowned(request, at, started, base, "malformed_api_key")
@@ -1464,6 +1481,8 @@ class Engine:
             await self.remember_response(r["customer_id"], report.provider_response_id,
                                           report.provider or price.provider, price.upstream, report.provider_account,
                                           context)
+            if report.provider_response_id.startswith(GEMINI_UPLOAD_PREFIX):  # its bytes come keyless: as its key's
+                await self.counters.upload_begun(report.request_id, report.provider_response_id)
         for file_id in report.provider_file_ids:  # a Veo operation's videos: downloaded by its customer alone
             await self.remember_response(r["customer_id"], file_id, report.provider or price.provider, price.upstream,
                                          report.provider_account)

@@ -282,6 +282,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         exchange.retry_after = int(retry) if retry.isdigit() else 0
         attempts = headers.get("x-envoy-attempt-count", "1")
         exchange.attempts = min(int(attempts), 100) if attempts.isdigit() and attempts != "0" else 1
+        if exchange.stored and exchange.endpoint == "gemini_generate_content":  # a Gemini upload begun: its id
+            exchange.reader.response_id = http_api.gemini_upload_begun(headers) or exchange.reader.response_id
         # (a reply the gateway stopped waiting for says nothing of the account)
         if exchange.status in COOLDOWN_STATUSES and exchange.account and not exchange.gateway_timed_out:
             self.pool.cool_down(exchange.account, exchange.retry_after or 30)

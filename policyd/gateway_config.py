@@ -222,10 +222,12 @@ metadata_options:
 """, stream_seconds), 18))
 
 
-def _unless_header(header: str, value: str, name: str, config: str, on_response: bool = False) -> str:
+def _unless_header(header: str, value: str, name: str, config: str, on_response: bool = False,
+                   value_match: str = "") -> str:
     """`config` (an http filter's typed_config, indented for extension_config) run only for requests whose
-    `header` is `value`: Envoy skips the filter for the rest (a matcher on request headers; on the response's
-    headers with `on_response`, for a filter that acts on the response alone)."""
+    `header` is `value` (or matches `value_match`, a StringMatcher): Envoy skips the filter for the rest (a
+    matcher on request headers; on the response's headers with `on_response`, for a filter that acts on the
+    response alone)."""
     input_type = "HttpResponseHeaderMatchInput" if on_response else "HttpRequestHeaderMatchInput"
     return f"""          - name: {name}
             typed_config:
@@ -241,7 +243,7 @@ def _unless_header(header: str, value: str, name: str, config: str, on_response:
                             typed_config:
                               "@type": type.googleapis.com/envoy.type.matcher.v3.{input_type}
                               header_name: {header}
-                          value_match: {{exact: "{value}"}}
+                          value_match: {value_match or f'{{exact: "{value}"}}'}
                     on_match:
                       action:
                         name: skip
@@ -401,6 +403,24 @@ default_source_code:
                           on_response=shape == "ext_proc")
 
 
+# a Gemini upload begun, or its bytes sent (http_api's _GEMINI_UPLOAD: a path holding this)
+GEMINI_UPLOAD_PATH_MATCH = '{contains: "upload/v1beta/files"}'
+
+
+def _gemini_upload_url_filter() -> str:
+    """Envoy's Lua filter that makes the URL a Gemini upload's bytes go to (its beginning's reply names Google's
+    host) the gateway's own, where the client reached it (gateway_lua/gemini_upload_url.lua); Envoy skips it for
+    every other path."""
+    source = resources.files("policyd").joinpath("gateway_lua", "gemini_upload_url.lua").read_text()
+    config = f"""\
+"@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+default_source_code:
+  inline_string: |
+{_indented(source, 4)}"""
+    return _unless_header(":path", "", "policyd.gemini_upload_url", _indented(config, 18),
+                          value_match=GEMINI_UPLOAD_PATH_MATCH)
+
+
 def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_host: str = "127.0.0.1",
            policyd_port: int = 50051, admin_port: int = 9901, upstreams: tuple[Upstream, ...] = DEFAULT_UPSTREAMS,
            failure_mode_allow: bool = False, body_bytes_max: int = REQUEST_BODY_BYTES_MAX,
@@ -430,7 +450,7 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
     clusters = "".join(_cluster(u) for u in upstreams)
     filters = _cors_filter(cors_origins) + _credentials_refused_filter(shape) + \
         (_ext_authz_filter(fail_open, body_bytes_max) if shape != "ext_proc" else "") + \
-        _unasked_usage_filter(shape) + _ext_proc_filter(fail_open, shape, stream_seconds) + \
+        _unasked_usage_filter(shape) + _gemini_upload_url_filter() + _ext_proc_filter(fail_open, shape, stream_seconds) + \
         _observer_filter(shape, stream_seconds)
     # ext_proc buffers the body it decides on within the connection's buffer limit (past it: 413)
     buffer_limit = f"\n    per_connection_buffer_limit_bytes: {body_bytes_max}" if shape == "ext_proc" else ""

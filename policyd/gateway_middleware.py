@@ -218,6 +218,11 @@ class PolicydMiddleware:
                     message = {**message, "headers": [(k, v) for k, v in message.get("headers", [])
                                                       if k.decode("latin-1").lower() != "content-length"]}
                 kept = [(k, v) for k, v in message.get("headers", []) if k.decode("latin-1").lower() not in ACCOUNT_HEADERS]
+                upload = http_api.gemini_upload_begun(response_headers) if call.creates_at == "google" else ""
+                if upload:  # a Gemini upload begun: its id remembered, the URL of its bytes made the middleware's own
+                    exchange.reader.response_id = upload
+                    kept = [(k, _own_upload_url(scope, v) if k.lower() == http_api.GEMINI_UPLOAD_URL_HEADER.encode()
+                             else v) for k, v in kept]
                 if exchange.status in http_api.CREDENTIAL_REFUSALS:  # the operator's credentials, not the customer's
                     kept = [(k.encode(), v.encode()) for k, v in refused[1]]
                     kept.append((b"content-length", str(len(refused[2])).encode()))
@@ -356,6 +361,16 @@ class _Exchange:
         self.client_left = True  # whether a reply that never began was left by its client (not the proxy's failure)
         self.status = 0
         self.closed = False
+
+
+def _own_upload_url(scope: Scope, provider_url: bytes) -> bytes:
+    """A Gemini upload's URL (the provider's reply names its own host) at the scheme and host the client
+    reached the middleware at."""
+    host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"host"), "")
+    if not host:
+        return provider_url
+    origin = f"{scope.get('scheme', 'http')}://{host}"
+    return http_api.gemini_upload_url(provider_url.decode("latin-1"), origin).encode("latin-1")
 
 
 async def _asked(app: ASGIApp, scope: Scope, response_id: str, endpoint: str = "") -> tuple[int, bytes]:

@@ -75,11 +75,12 @@ import time
 import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
-from urllib.parse import parse_qsl, quote, unquote, unquote_plus
+from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit
 
 from policyd import reasons
 from policyd.audio import wav_seconds
-from policyd.domain import (ANTHROPIC_FAST_MODE, CACHED_CONTENT_PREFIX, CONTAINER_MEMORY_DEFAULT, IMAGE_SCALE_MAX,
+from policyd.domain import (ANTHROPIC_FAST_MODE, CACHED_CONTENT_PREFIX, CONTAINER_MEMORY_DEFAULT, GEMINI_UPLOAD_PREFIX,
+                            IMAGE_SCALE_MAX,
                             OUTPUT_CAP_FIELDS, SEARCH_CONTEXT_LENGTH_MAX, Attribution, AuthorizeInput, KeySummary,
                             RateLimit, Shape, bedrock_tier, cached_content_name, tier_in_geo, trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount
@@ -184,9 +185,19 @@ _FILES = re.compile(r"(^|/)(v1|openai)/files/?$")
 # own customer alone), and completed into a file (the file's id remembered as the customer's)
 _UPLOADS = re.compile(r"(^|/)(v1|openai)/uploads/?$")
 _UPLOAD = re.compile(r"(^|/)(v1|openai)/uploads/(?P<id>[A-Za-z0-9_.-]{1,200})/(?P<verb>parts|complete|cancel)/?$")
+# Gemini's File API (its resumable uploads): an upload begun (POST upload/v1beta/files, free: its upload id,
+# which the reply's x-goog-upload-url names, remembered as the customer's, and that URL made the gateway's own);
+# its bytes sent there (free; Google's SDK sends them with no key: the upload id is what stands for the customer
+# who began it); the file the last part's reply names remembered as the customer's; a file read or deleted
+# (GET/DELETE v1beta/files/<id>: free, its customer's alone), and named in a request's fileData (its customer's
+# alone); the account's list of files is not offered
+_GEMINI_UPLOAD = re.compile(r"(^|/)upload/v1beta/files/?$")
+_GEMINI_FILE = re.compile(r"(^|/)v1beta/files/(?P<id>[A-Za-z0-9_.-]{1,200})/?$")
+_GEMINI_FILE_URI = re.compile(r'"file_?[uU]ri"\s*:\s*"(?:[^"]*/v1beta/)?files/(?P<id>[A-Za-z0-9_.-]{1,200})"')
+GEMINI_UPLOAD_URL_HEADER = "x-goog-upload-url"
 # ... a file's body and an upload's part, as the gateway's route matches them (RE2, the whole path without its
-# query): their bodies stream to the provider, never read (streamed_upload)
-UPLOAD_PATH_REGEX = r"(.*/)?(v1|openai)/(files|uploads/[A-Za-z0-9_.-]+/parts)/?"
+# query): their bodies stream to the provider, never read (streamed_upload); Gemini's uploads too
+UPLOAD_PATH_REGEX = r"(.*/)?((v1|openai)/(files|uploads/[A-Za-z0-9_.-]+/parts)|upload/v1beta/files)/?"
 _FILE = re.compile(r"(^|/)(v1|openai)/files/(?P<id>[A-Za-z0-9_.-]{1,200})(?P<rest>/content)?/?$")
 # OpenAI's Batch API: a batch made (POST: held at its requests' worst cases, policyd/batches.py); one read or
 # cancelled (free, for its own customer's keys alone); the account-wide list is not offered
@@ -472,6 +483,12 @@ def endpoint_of(method: str, path: str) -> Endpoint:
         if one and method.upper() == "PATCH":
             return Endpoint("cached_contents", stored_response=CACHED_CONTENT_PREFIX + one["id"], cache_update=True)
         return Endpoint()  # the account's list: every customer's
+    if "files" in path and "v1beta/" in path:  # Gemini's File API
+        if method.upper() == "POST" and _GEMINI_UPLOAD.search(path):
+            return Endpoint("gemini_generate_content", creates="file")
+        one = _GEMINI_FILE.search(path)
+        if one and method.upper() in ("GET", "DELETE"):
+            return Endpoint("gemini_generate_content", count_tokens=True, stored_response=one["id"])
     if method.upper() == "GET" and "v1beta/" in path:  # a Veo operation read, or its video downloaded
         operation = _GEMINI_OPERATION.search(path)
         if operation:
@@ -539,7 +556,8 @@ def streamed_upload(method: str, path: str) -> bool:
         return False
     path = path.split("?", 1)[0]
     upload = _UPLOAD.search(path)
-    return _FILES.search(path) is not None or upload is not None and upload.group("verb") == "parts"
+    return _FILES.search(path) is not None or upload is not None and upload.group("verb") == "parts" or \
+        _GEMINI_UPLOAD.search(path) is not None
 
 
 QUERY_KEY = "key"  # Gemini's ?key=API_KEY: the customer's key when no header carries one
@@ -975,6 +993,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.creates = named.creates
     # Azure OpenAI's clients: its dated API's paths (/openai/files?api-version=...), or its key header
     call.creates_at = "azure" if named.creates and ("api-key" in headers or _AZURE_DATED.search(path)) else ""
+    if named.creates and endpoint == "gemini_generate_content":  # a Gemini upload: begun, or its bytes sent
+        _gemini_upload(call, path)
     call.compaction = named.compaction
     if named.refers_to:  # the upload a file is made of: the customer's own, or not found
         call.files = (named.refers_to,)
@@ -1156,6 +1176,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.unbounded_file_search = _unbounded_search_tools(endpoint, data, "file_search") > 0
     call.unseen_input = not call.count_tokens and (call.unseen_input or _unseen_input(data))
     call.files = _file_ids(data) if '"file_id"' in text else ()
+    if endpoint == "gemini_generate_content" and ("ileUri" in text or "ile_uri" in text):  # Gemini's files named
+        call.files = (*call.files, *dict.fromkeys(m["id"] for m in _GEMINI_FILE_URI.finditer(text)))
     call.cache_write = _cache_write(data) if '"cache_control"' in text else ""
     if endpoint == "bedrock_converse" and '"cachePoint"' in text:  # Converse's cache checkpoints: written to it
         call.cache_write = _cache_write(data, "cachePoint")
@@ -1198,6 +1220,39 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
 
 
 IMAGEN_IMAGES_DEFAULT = 4  # the images Imagen makes when the request names no sampleCount
+
+
+def gemini_upload_key(upload_id: str) -> str:
+    """The name policyd knows a Gemini upload by (its upload id may be longer than an id policyd keeps)."""
+    return GEMINI_UPLOAD_PREFIX + hashlib.sha256(upload_id.encode()).hexdigest()[:48]
+
+
+def gemini_upload_id(url: str) -> str:
+    """The upload id a Gemini upload URL names (its query's upload_id), "" when none."""
+    return next((v for k, v in parse_qsl(url.partition("?")[2]) if k == "upload_id"), "")
+
+
+def _gemini_upload(call: HttpCall, path: str) -> None:
+    """A Gemini upload, made at Google and its reply stored: begun (its reply names the upload), or its bytes
+    sent to an upload the customer began (its id in the path's query)."""
+    call.creates_at, call.stores_reply = "google", True
+    upload_id = gemini_upload_id(path)
+    if upload_id:
+        call.files = (gemini_upload_key(upload_id),)
+
+
+def gemini_upload_begun(headers: dict[str, str]) -> str:
+    """The upload a Gemini upload's beginning made, as policyd knows it (its reply's x-goog-upload-url names
+    its upload id), "" for any other reply."""
+    upload_id = gemini_upload_id(headers.get(GEMINI_UPLOAD_URL_HEADER, ""))
+    return gemini_upload_key(upload_id) if upload_id else ""
+
+
+def gemini_upload_url(provider_url: str, origin: str) -> str:
+    """A Gemini upload URL (the provider's) as the gateway's own: its path and query at `origin` (the scheme
+    and host the client reached the gateway at; Envoy's gateway_lua/gemini_upload_url.lua does the same)."""
+    split = urlsplit(provider_url)
+    return f"{origin}{split.path}" + (f"?{split.query}" if split.query else "")
 
 
 def _cached_model(named: str) -> str:

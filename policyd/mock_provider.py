@@ -74,6 +74,8 @@ VEO_PATH = re.compile(r"/models/(?P<model>[^/:]+)(?P<verb>:predictLongRunning|:f
 VERTEX_LOCATION = re.compile(r"projects/[^/]+/locations/[^/]+/publishers/google/")
 VEO_FILE_PATH = re.compile(r"/v1beta/files/(?P<id>[^/:]+):download$")
 VIDEO_BYTES = b"\x00\x00\x00\x18ftypmp42 a mock video"
+GEMINI_UPLOAD_PATH = re.compile(r"/upload/v1beta/files$")  # Gemini's File API: resumable uploads
+GEMINI_FILE_PATH = re.compile(r"/v1beta/files/(?P<id>[^/:]+)$")
 CACHED_CONTENTS_PATH = re.compile(r"/v1(beta|beta1)?/(?P<at>projects/[^/]+/locations/[^/]+/)?cachedContents"
                                   r"(/(?P<id>[^/]+))?$")  # Gemini's explicit caches (Vertex AI's: under a location)
 ASYNC_CHAT_PATH = re.compile(r"/(async/chat/completions|v1/async/sonar)(/(?P<id>[^/]+))?$")  # Perplexity's jobs
@@ -202,6 +204,8 @@ class MockProvider:
         self.background: dict[str, int] = {}  # background responses still running: id -> reads before it ends
         self.operations: dict[str, tuple[dict[str, Any], int]] = {}  # Veo's: name -> (done, reads before)
         self.caches: dict[str, dict[str, Any]] = {}  # Gemini's explicit caches: id -> the CachedContent
+        self.uploads_begun: dict[str, tuple[dict[str, Any], bytes]] = {}  # Gemini's: upload id -> (file, bytes so far)
+        self.gemini_files: dict[str, dict[str, Any]] = {}  # Gemini's files: id -> the File
         # Perplexity's async chat jobs: id -> (the job, its answer, reads before it ends, whether it fails)
         self.jobs: dict[str, tuple[dict[str, Any], dict[str, Any], int, bool]] = {}
         self.response_ids = itertools.count(1)
@@ -290,6 +294,8 @@ class MockProvider:
 
     def handle(self, h: Any) -> None:
         raw = h.read_body()
+        if GEMINI_UPLOAD_PATH.search(h.path.split("?")[0]):  # its bytes are no JSON
+            return self._gemini_upload(h, raw)
         audio = b""
         boundary = MultipartForm.boundary_of(h.headers.get("content-type", ""))
         try:
@@ -339,6 +345,16 @@ class MockProvider:
         route = h.path.split("?")[0].rstrip("/")
         if AZURE_DATED_PATH.match(route) and "api-version=" not in h.path.partition("?")[2]:
             return h._json(404, {"error": {"code": "404", "message": "Resource not found"}})  # Azure's answer
+        gemini_file = GEMINI_FILE_PATH.search(route)
+        if gemini_file:
+            with self.lock:
+                found = self.gemini_files.get(gemini_file.group("id"))
+                if found is not None and h.command == "DELETE":
+                    del self.gemini_files[gemini_file.group("id")]
+            if found is None:
+                return h._json(403, {"error": {"code": 403, "status": "PERMISSION_DENIED",
+                                               "message": "You do not have permission to access the File or it may not exist."}})
+            return h._json(200, {} if h.command == "DELETE" else found)
         cached = CACHED_CONTENTS_PATH.search(route)
         if cached:
             return self._cached_content(h, body, cached.group("id"), cached.group("at") or "")
@@ -1109,6 +1125,41 @@ class MockProvider:
         events = [{"type": "speech.audio.delta", "audio": base64.b64encode(audio[at:at + 64]).decode()}
                   for at in range(0, len(audio), 64)]
         _send_events(h, [*events, {"type": "speech.audio.done", "usage": usage}])
+
+    def _gemini_upload(self, h: Any, raw: bytes) -> None:
+        """Gemini's resumable upload: begun (its reply's x-goog-upload-url, this server's, names the upload), then
+        its bytes in parts ("upload"), the last also "finalize": its reply, the file made. An upload the server did
+        not begin is not found."""
+        command = h.headers.get("x-goog-upload-command", "").replace(" ", "").split(",")
+        upload_id = dict(urllib.parse.parse_qsl(h.path.partition("?")[2])).get("upload_id", "")
+        with self.lock:
+            self.requests.append({"path": h.path, "body": {"upload_command": command, "bytes": len(raw)},
+                                  "authorization": next((h.headers[k] for k in CREDENTIAL_HEADERS if h.headers.get(k)),
+                                                        ""), "scenario": "ok"})
+        if "start" in command:
+            made = f"upload-mock-{next(self.response_ids)}-" + "x" * 120  # Google's upload ids are long
+            meta = json.loads(raw or b"{}").get("file") or {}
+            with self.lock:
+                self.uploads_begun[made] = ({"displayName": meta.get("displayName", meta.get("display_name", "")),
+                                             "mimeType": h.headers.get("x-goog-upload-header-content-type", "")}, b"")
+            return h._json(200, b"", {"x-goog-upload-url": f"http://127.0.0.1:{self.port}/upload/v1beta/files"
+                                                           f"?upload_id={made}&upload_protocol=resumable",
+                                      "x-goog-upload-status": "active"})
+        with self.lock:
+            begun = self.uploads_begun.get(upload_id)
+            if begun is not None:
+                begun = self.uploads_begun[upload_id] = (begun[0], begun[1] + raw)
+        if begun is None:
+            return h._json(404, {"error": {"code": 404, "status": "NOT_FOUND", "message": "upload not found"}})
+        if "finalize" not in command:
+            return h._json(200, b"", {"x-goog-upload-status": "active"})
+        file_id = f"file-mock-{next(self.response_ids)}"
+        made_file = {"name": f"files/{file_id}", **begun[0], "sizeBytes": str(len(begun[1])), "state": "ACTIVE",
+                     "uri": f"http://127.0.0.1:{self.port}/v1beta/files/{file_id}"}
+        with self.lock:
+            self.gemini_files[file_id] = made_file
+            del self.uploads_begun[upload_id]
+        return h._json(200, {"file": made_file}, {"x-goog-upload-status": "final"})
 
     def _cached_content(self, h: Any, body: dict[str, Any], cache_id: str | None, location: str) -> None:
         """Gemini's explicit caches: POST makes one (its tokens counted as a prompt's: its contents and system

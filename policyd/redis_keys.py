@@ -115,6 +115,17 @@ def stored_response(response_id: str) -> str:
     return f"{PREFIX}:resp:{response_id}"
 
 
+def upload_began(request_id: str) -> str:
+    """The key secret (its hash) a Gemini upload was begun with, until its reply names the upload."""
+    return f"{PREFIX}:upload-began:{request_id}"
+
+
+def gemini_upload(upload: str) -> str:
+    """The key secret (its hash) a Gemini upload (its "gu-" name) was begun with: its bytes, which come with no
+    key, are sent as that key's."""
+    return f"{PREFIX}:upload:{upload}"
+
+
 def unknown_stored(response_id: str) -> str:
     """An id no usage record names, looked for a moment ago: not looked for in SQL again meanwhile."""
     return f"{PREFIX}:resp-unknown:{response_id}"

@@ -767,6 +767,9 @@ class ResponseReader:
             found = response.get("name")
         if self.endpoint == "cached_contents":  # an explicit cache: "cachedContents/<id>" (Vertex AI's ends so)
             found = cached_content_name(response.get("name")) or None
+        if self.endpoint == "gemini_generate_content" and isinstance(response.get("file"), dict):
+            named = response["file"].get("name")  # a Gemini file uploaded: "files/<id>", known by its id
+            found = named.removeprefix("files/") if isinstance(named, str) else None
         if isinstance(found, str) and 0 < len(found) <= 200:
             self.response_id = found
 

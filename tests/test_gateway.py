@@ -3246,6 +3246,65 @@ def test_geminis_explicit_caches_are_charged_their_tokens_and_the_time_they_are_
     assert call("GET", f"{gemini}/cachedContents", key)[0] == 400  # the account's list: every customer's
 
 
+def test_geminis_file_uploads_go_through_the_gateway_and_their_files_are_their_customers(gateway: Gateway) -> None:
+    """Gemini's File API, as Google's SDK uses it: an upload begun (POST upload/v1beta/files, the customer's key),
+    whose reply names the URL its bytes go to (x-goog-upload-url), then its bytes sent there in parts, with no key
+    (the upload id stands for the customer), the last part's reply the file. It was refused (unknown_endpoint). The
+    URL is made the gateway's own, its bytes reach Google with the operator's credential, and the file is its
+    customer's alone: read, deleted and named in a request's fileData by its keys, 404 to another customer's; an
+    upload policyd never began is refused without a key; the account's list is not offered."""
+    key, other = gateway.customer("e2e-upload", plan="google"), gateway.customer("e2e-upload-other", plan="google")
+    gateway_root = f"http://127.0.0.1:{gateway.port}"
+
+    def call(method: str, url: str, headers: dict[str, str], body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+        request = urllib.request.Request(url, method=method, data=body, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return reply.status, {k.lower(): v for k, v in reply.headers.items()}, reply.read()
+        except urllib.error.HTTPError as refused:
+            return refused.code, {k.lower(): v for k, v in refused.headers.items()}, refused.read()
+
+    content = b"%PDF-1.4 a ledger's rules, uploaded in two parts " * 40
+    code, headers, _ = call("POST", f"{gateway_root}/upload/v1beta/files", {
+        "x-goog-api-key": key, "content-type": "application/json", "x-goog-upload-protocol": "resumable",
+        "x-goog-upload-command": "start", "x-goog-upload-header-content-length": str(len(content)),
+        "x-goog-upload-header-content-type": "application/pdf"}, json.dumps({"file": {"displayName": "rules"}}).encode())
+    assert code == 200 and headers["x-goog-upload-status"] == "active", headers
+    upload_url = headers["x-goog-upload-url"]
+    assert upload_url.startswith(f"{gateway_root}/upload/v1beta/files?upload_id="), upload_url  # the gateway's own
+    middle = len(content) // 2
+    code, headers, _ = call("POST", upload_url, {"x-goog-upload-command": "upload", "x-goog-upload-offset": "0"},
+                            content[:middle])  # no key: as Google's SDK sends an upload's bytes
+    assert (code, headers["x-goog-upload-status"]) == (200, "active")
+    code, headers, made = call("POST", upload_url, {"x-goog-upload-command": "upload, finalize",
+                                                    "x-goog-upload-offset": str(middle)}, content[middle:])
+    assert (code, headers["x-goog-upload-status"]) == (200, "final"), made
+    made_file = json.loads(made)["file"]
+    assert made_file["sizeBytes"] == str(len(content)) and made_file["name"].startswith("files/")
+    sent = [r for r in gateway.mock.received() if r["path"].startswith("/upload/v1beta/files")]
+    assert len(sent) == 3 and all(r["authorization"] in PROVIDER_KEYS for r in sent)  # the operator's credential
+
+    assert call("GET", f"{gateway_root}/v1beta/{made_file['name']}", {"x-goog-api-key": other})[0] == 404
+    code, _, read = call("GET", f"{gateway_root}/v1beta/{made_file['name']}", {"x-goog-api-key": key})
+    assert code == 200 and json.loads(read)["name"] == made_file["name"]
+    question = {"contents": [{"role": "user", "parts": [{"fileData": {"mimeType": "application/pdf",
+                                                                      "fileUri": made_file["uri"]}},
+                                                         {"text": "What do the rules say?"}]}]}
+    generate = f"{gateway_root}/v1beta/models/gemini-2.5-flash:generateContent"
+    code, _, refused = call("POST", generate, {"x-goog-api-key": other, "content-type": "application/json"},
+                            json.dumps(question).encode())
+    assert (code, json.loads(refused)["error"]["code"]) == (404, "file_not_found")
+    code, headers, _ = call("POST", generate, {"x-goog-api-key": key, "content-type": "application/json"},
+                            json.dumps(question).encode())
+    assert code == 200 and gateway.record(headers["x-policyd-request-id"])["status"] == "settled"
+    stranger = upload_url.replace("upload_id=", "upload_id=not-begun-")
+    assert call("POST", stranger, {"x-goog-upload-command": "upload, finalize", "x-goog-upload-offset": "0"},
+                b"bytes")[0] == 401  # an upload policyd never began: no key stands for it
+    assert call("GET", f"{gateway_root}/v1beta/files", {"x-goog-api-key": key})[0] == 400  # every customer's
+    assert call("DELETE", f"{gateway_root}/v1beta/{made_file['name']}", {"x-goog-api-key": other})[0] == 404
+    assert call("DELETE", f"{gateway_root}/v1beta/{made_file['name']}", {"x-goog-api-key": key})[0] == 200
+
+
 def test_a_fine_tuned_model_is_priced_by_the_pattern_of_its_base(gateway: Gateway) -> None:
     """A fine-tune's name is made by its provider as it is trained: one price table entry,
     "ft:gpt-4o-mini-2024-07-18:*", prices every fine-tune of that base, so a new one is served and charged at

@@ -470,6 +470,36 @@ def test_an_explicit_cache_is_charged_its_tokens_and_life_and_is_its_customers(g
     assert used["cached_input_tokens"] == tokens
 
 
+def test_a_gemini_upload_goes_through_the_middleware_and_its_file_is_its_customers(gateway: ExampleGateway) -> None:
+    """Gemini's File API through the middleware: the URL an upload's bytes go to is made the middleware's own,
+    its bytes (sent with no key, as Google's SDK sends them) go on as the customer's who began it, and the file
+    made is that customer's alone."""
+    key, other = gateway.customer("mw-upload", plan="google"), gateway.customer("mw-upload-other", plan="google")
+    root = f"http://127.0.0.1:{gateway.port}"
+
+    def call(method: str, url: str, headers: dict[str, str], body: bytes | None = None) -> tuple[int, dict[str, str],
+                                                                                             bytes]:
+        request = urllib.request.Request(url, method=method, data=body, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                return reply.status, {k.lower(): v for k, v in reply.headers.items()}, reply.read()
+        except urllib.error.HTTPError as refused:
+            return refused.code, {k.lower(): v for k, v in refused.headers.items()}, refused.read()
+
+    content = b"a ledger's rules, uploaded through the middleware " * 20
+    code, headers, _ = call("POST", f"{root}/upload/v1beta/files", {
+        "x-goog-api-key": key, "content-type": "application/json", "x-goog-upload-protocol": "resumable",
+        "x-goog-upload-command": "start", "x-goog-upload-header-content-length": str(len(content))},
+        json.dumps({"file": {"displayName": "mw rules"}}).encode())
+    assert code == 200 and headers["x-goog-upload-url"].startswith(f"{root}/upload/v1beta/files?upload_id="), headers
+    code, headers, made = call("POST", headers["x-goog-upload-url"], {"x-goog-upload-command": "upload, finalize",
+                                                                     "x-goog-upload-offset": "0"}, content)
+    assert (code, headers.get("x-goog-upload-status")) == (200, "final"), made
+    name = json.loads(made)["file"]["name"]
+    assert call("GET", f"{root}/v1beta/{name}", {"x-goog-api-key": other})[0] == 404
+    assert call("GET", f"{root}/v1beta/{name}", {"x-goog-api-key": key})[0] == 200
+
+
 def test_a_token_count_is_free_but_checked_over_the_native_api(gateway: ExampleGateway) -> None:
     """The middleware asks policyd over gRPC (AuthorizeRequest.count_tokens): a key that may use the
     model counts with an empty wallet, nothing reserved or recorded; a key that may not never reaches the provider."""

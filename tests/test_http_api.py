@@ -873,6 +873,40 @@ def test_geminis_explicit_caches_are_made_for_a_time_read_and_changed_by_name() 
             "cachedContents/c-1", 4096, 4096 * 601)  # 600.25 s, rounded up
 
 
+def test_geminis_file_uploads_are_made_at_google_and_their_files_named_by_id() -> None:
+    """Gemini's File API: an upload begun (POST upload/v1beta/files) is a file made at Google, its reply stored
+    (its upload id in x-goog-upload-url); its bytes (the same path, its upload id in the query) name that upload,
+    policyd's name for it a digest of the id; both stream on unread; a file is read and deleted by its id (free);
+    the account's list is refused; a request naming files in its fileData names them by id (a Cloud Storage URI
+    or a video's URL is no file of Google's File API)."""
+    begun = parse_call("POST", "/upload/v1beta/files", {"x-goog-api-key": "k", "x-goog-upload-command": "start"},
+                       b'{"file": {"displayName": "rules"}}')
+    assert (begun.endpoint, begun.creates, begun.creates_at, begun.stores_reply, begun.files, begun.problem) == (
+        "gemini_generate_content", "file", "google", True, (), "")
+    upload_id = "AHxI1nP-" + "x" * 200  # Google's upload ids are longer than the ids policyd keeps
+    sent = parse_call("POST", f"/upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable",
+                      {"x-goog-upload-command": "upload, finalize"}, b"")
+    assert (sent.api_key, sent.creates_at, sent.files) == ("", "google", (http_api.gemini_upload_key(upload_id),))
+    assert check_authorize(sent.authorize_input()) is None and len(sent.files[0]) <= 200
+    assert http_api.streamed_upload("POST", "/upload/v1beta/files?upload_id=u") and \
+        http_api.streamed_upload("POST", "/upload/v1beta/files")
+    url = f"https://generativelanguage.googleapis.com/upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable"
+    assert http_api.gemini_upload_begun({"x-goog-upload-url": url}) == sent.files[0]
+    assert http_api.gemini_upload_begun({}) == ""
+    assert http_api.gemini_upload_url(url, "http://gateway:8080") == \
+        f"http://gateway:8080/upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable"
+    for method in ("GET", "DELETE"):
+        read = parse_call(method, "/v1beta/files/abc-123", {}, b"")
+        assert (read.endpoint, read.stored_response, read.count_tokens) == ("gemini_generate_content", "abc-123", True)
+    assert parse_call("GET", "/v1beta/files", {}, b"").problem == "unknown_endpoint"
+    parts = [{"fileData": {"fileUri": "https://generativelanguage.googleapis.com/v1beta/files/abc-123"}},
+             {"file_data": {"file_uri": "files/def-456"}}, {"fileData": {"fileUri": "gs://bucket/files/ghi"}},
+             {"fileData": {"fileUri": "https://www.youtube.com/watch?v=files/x"}}, {"text": "compare them"}]
+    asking = parse_call("POST", "/v1beta/models/gemini-2.5-flash:generateContent", {},
+                        json.dumps({"contents": [{"role": "user", "parts": parts}]}).encode())
+    assert (asking.files, asking.unseen_input) == (("abc-123", "def-456"), True)
+
+
 def test_veos_video_generation_is_an_operation_billed_by_the_seconds_it_makes() -> None:
     """Gemini's models/M:predictLongRunning (Veo): videos (sampleCount, 1 unless told) of durationSeconds (8
     unless told), a background call whose reply names its operation; the operation and its videos' downloads

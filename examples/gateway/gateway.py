@@ -26,9 +26,11 @@ HOP_BY_HOP = {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"con
 
 
 def upstream_proxy(base_url: str, api_key: str) -> Any:
-    """A minimal ASGI reverse proxy: /v1/<rest> -> <base_url>/<rest>, streamed both ways."""
+    """A minimal ASGI reverse proxy: /v1/<rest> -> <base_url>/<rest> (other paths at its host), streamed both
+    ways."""
     client = httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0))
     base = base_url.rstrip("/")
+    origin = "/".join(base.split("/", 3)[:3])  # its scheme and host
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -46,10 +48,11 @@ def upstream_proxy(base_url: str, api_key: str) -> Any:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        path = scope["path"].split("/v1", 1)[-1]
+        path = scope["path"]  # /v1<rest> at the base URL; any other path (Gemini's upload/...) at its host
+        url = f"{base}{path[3:]}" if path.startswith("/v1") else f"{origin}{path}"
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
         headers.append((b"authorization", f"Bearer {api_key}".encode()))
-        request = client.build_request(scope["method"], f"{base}{path}", headers=headers, content=body,
+        request = client.build_request(scope["method"], url, headers=headers, content=body,
                                        params=scope.get("query_string", b"").decode())
         try:
             response = await client.send(request, stream=True)
