@@ -393,14 +393,19 @@ def _unasked_usage_filter(shape: str) -> str:
     comes after this filter, the processing filter puts it on the response headers, and the script takes it
     off (a Lua filter run for every response cost Envoy about 0.1 ms of CPU a request). What a client (or a
     provider, on its reply) sent under that name is dropped first, so the mark alone decides."""
-    source = resources.files("policyd").joinpath("gateway_lua", "unasked_usage.lua").read_text()
+    return _unless_header(UNASKED_USAGE_HEADER, "strip", "policyd.unasked_usage", _lua_config("unasked_usage.lua"),
+                          on_response=shape == "ext_proc")
+
+
+def _lua_config(script: str) -> str:
+    """Envoy's Lua filter's typed_config running a script of gateway_lua/ (indented for _unless_header)."""
+    source = resources.files("policyd").joinpath("gateway_lua", script).read_text()
     config = f"""\
 "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
 default_source_code:
   inline_string: |
 {_indented(source, 4)}"""
-    return _unless_header(UNASKED_USAGE_HEADER, "strip", "policyd.unasked_usage", _indented(config, 18),
-                          on_response=shape == "ext_proc")
+    return _indented(config, 18)
 
 
 # a Gemini upload begun, or its bytes sent (http_api's _GEMINI_UPLOAD: a path holding this)
@@ -411,13 +416,7 @@ def _gemini_upload_url_filter() -> str:
     """Envoy's Lua filter that makes the URL a Gemini upload's bytes go to (its beginning's reply names Google's
     host) the gateway's own, where the client reached it (gateway_lua/gemini_upload_url.lua); Envoy skips it for
     every other path."""
-    source = resources.files("policyd").joinpath("gateway_lua", "gemini_upload_url.lua").read_text()
-    config = f"""\
-"@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
-default_source_code:
-  inline_string: |
-{_indented(source, 4)}"""
-    return _unless_header(":path", "", "policyd.gemini_upload_url", _indented(config, 18),
+    return _unless_header(":path", "", "policyd.gemini_upload_url", _lua_config("gemini_upload_url.lua"),
                           value_match=GEMINI_UPLOAD_PATH_MATCH)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -130,3 +132,14 @@ def wav(seconds: int, rate: int = 8000) -> bytes:
     data = bytes(2 * rate * seconds)
     return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE" + b"fmt "
             + struct.pack("<IHHIIHH", 16, 1, 1, rate, 2 * rate, 2, 16) + b"data" + struct.pack("<I", len(data)) + data)
+
+
+def http_request(method: str, url: str, headers: dict[str, str], body: bytes | None = None,
+                 timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request as a client sends it: its status, headers (lower-cased names) and body, refused or not."""
+    request = urllib.request.Request(url, method=method, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, {k.lower(): v for k, v in reply.headers.items()}, reply.read()
+    except urllib.error.HTTPError as refused:
+        return refused.code, {k.lower(): v for k, v in refused.headers.items()}, refused.read()

@@ -33,7 +33,7 @@ from policyd.mock_provider import (ACCOUNT_HEADERS, AUDIO_BYTES_PER_CHARACTER, C
 from policyd.money import PRICE_TOKEN_SECONDS, format_amount, parse_amount, price_quantity
 from policyd.protobuf_json import timestamp_ms
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
-from tests.helpers import FundedCustomers, leave_before_the_reply, streamed, wav
+from tests.helpers import FundedCustomers, http_request, leave_before_the_reply, streamed, wav
 from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
 
@@ -3256,14 +3256,7 @@ def test_geminis_file_uploads_go_through_the_gateway_and_their_files_are_their_c
     key, other = gateway.customer("e2e-upload", plan="google"), gateway.customer("e2e-upload-other", plan="google")
     gateway_root = f"http://127.0.0.1:{gateway.port}"
 
-    def call(method: str, url: str, headers: dict[str, str], body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
-        request = urllib.request.Request(url, method=method, data=body, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as reply:
-                return reply.status, {k.lower(): v for k, v in reply.headers.items()}, reply.read()
-        except urllib.error.HTTPError as refused:
-            return refused.code, {k.lower(): v for k, v in refused.headers.items()}, refused.read()
-
+    call = http_request
     content = b"%PDF-1.4 a ledger's rules, uploaded in two parts " * 40
     code, headers, _ = call("POST", f"{gateway_root}/upload/v1beta/files", {
         "x-goog-api-key": key, "content-type": "application/json", "x-goog-upload-protocol": "resumable",

@@ -29,7 +29,7 @@ from policyd.money import PRICE_TOKEN_SECONDS, parse_amount, price_quantity
 from policyd.protobuf_json import timestamp_ms
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import ROOT
-from tests.helpers import FundedCustomers, leave_before_the_reply, streamed, wav
+from tests.helpers import FundedCustomers, http_request, leave_before_the_reply, streamed, wav
 from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
 from tests.test_gateway import FIXTURES, expected_charge, key_summary
@@ -477,15 +477,7 @@ def test_a_gemini_upload_goes_through_the_middleware_and_its_file_is_its_custome
     key, other = gateway.customer("mw-upload", plan="google"), gateway.customer("mw-upload-other", plan="google")
     root = f"http://127.0.0.1:{gateway.port}"
 
-    def call(method: str, url: str, headers: dict[str, str], body: bytes | None = None) -> tuple[int, dict[str, str],
-                                                                                             bytes]:
-        request = urllib.request.Request(url, method=method, data=body, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=20) as reply:
-                return reply.status, {k.lower(): v for k, v in reply.headers.items()}, reply.read()
-        except urllib.error.HTTPError as refused:
-            return refused.code, {k.lower(): v for k, v in refused.headers.items()}, refused.read()
-
+    call = http_request
     content = b"a ledger's rules, uploaded through the middleware " * 20
     code, headers, _ = call("POST", f"{root}/upload/v1beta/files", {
         "x-goog-api-key": key, "content-type": "application/json", "x-goog-upload-protocol": "resumable",
