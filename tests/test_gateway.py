@@ -33,7 +33,7 @@ from policyd.mock_provider import (ACCOUNT_HEADERS, AUDIO_BYTES_PER_CHARACTER, C
 from policyd.money import PRICE_TOKEN_SECONDS, format_amount, parse_amount, price_quantity
 from policyd.protobuf_json import timestamp_ms
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
-from tests.helpers import FundedCustomers, http_request, leave_before_the_reply, streamed, wav
+from tests.helpers import FundedCustomers, begin_gemini_upload, http_request, leave_before_the_reply, streamed, wav
 from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
 
@@ -3258,10 +3258,7 @@ def test_geminis_file_uploads_go_through_the_gateway_and_their_files_are_their_c
 
     call = http_request
     content = b"%PDF-1.4 a ledger's rules, uploaded in two parts " * 40
-    code, headers, _ = call("POST", f"{gateway_root}/upload/v1beta/files", {
-        "x-goog-api-key": key, "content-type": "application/json", "x-goog-upload-protocol": "resumable",
-        "x-goog-upload-command": "start", "x-goog-upload-header-content-length": str(len(content)),
-        "x-goog-upload-header-content-type": "application/pdf"}, json.dumps({"file": {"displayName": "rules"}}).encode())
+    code, headers, _ = begin_gemini_upload(gateway_root, key, len(content), "rules")
     assert code == 200 and headers["x-goog-upload-status"] == "active", headers
     upload_url = headers["x-goog-upload-url"]
     assert upload_url.startswith(f"{gateway_root}/upload/v1beta/files?upload_id="), upload_url  # the gateway's own

@@ -29,7 +29,7 @@ from policyd.money import PRICE_TOKEN_SECONDS, parse_amount, price_quantity
 from policyd.protobuf_json import timestamp_ms
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import ROOT
-from tests.helpers import FundedCustomers, http_request, leave_before_the_reply, streamed, wav
+from tests.helpers import FundedCustomers, begin_gemini_upload, http_request, leave_before_the_reply, streamed, wav
 from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
 from tests.test_gateway import FIXTURES, expected_charge, key_summary
@@ -479,10 +479,7 @@ def test_a_gemini_upload_goes_through_the_middleware_and_its_file_is_its_custome
 
     call = http_request
     content = b"a ledger's rules, uploaded through the middleware " * 20
-    code, headers, _ = call("POST", f"{root}/upload/v1beta/files", {
-        "x-goog-api-key": key, "content-type": "application/json", "x-goog-upload-protocol": "resumable",
-        "x-goog-upload-command": "start", "x-goog-upload-header-content-length": str(len(content))},
-        json.dumps({"file": {"displayName": "mw rules"}}).encode())
+    code, headers, _ = begin_gemini_upload(root, key, len(content), "mw rules")
     assert code == 200 and headers["x-goog-upload-url"].startswith(f"{root}/upload/v1beta/files?upload_id="), headers
     code, headers, made = call("POST", headers["x-goog-upload-url"], {"x-goog-upload-command": "upload, finalize",
                                                                      "x-goog-upload-offset": "0"}, content)
