@@ -608,7 +608,8 @@ class Counters:
                               seconds: int, context_tokens: int = 0, model: str = "", kept_seconds: int = 0) -> None:
         """The same as remember_response, queued on a pipeline (a rebuild's)."""
         pipe.set(redis_keys.stored_response(response_id),
-                 whose_of(customer_id, provider, route, account, context_tokens, model, kept_seconds), ex=seconds, nx=True)
+                 whose_of(customer_id, provider, route, account, context_tokens, model, kept_seconds),
+                 ex=seconds, nx=True)
 
     async def grow_context(self, response_id: str, context_tokens: int) -> None:
         """A conversation answered in now holds `context_tokens` (the last answer's input and output); its

@@ -207,8 +207,9 @@ FIT_TRIES = 3
 def _cache_storage(report: UsageReport, reservation: Reservation) -> tuple[UsageReport, tuple[int, int]]:
     """An explicit cache's usage as charged, and (its tokens, its life in seconds from its making). Made: its
     tokens written (input, at the write price) and kept for the life its reply gives
-    (Usage.cache_storage_token_seconds: its tokens x that life), else as long as it was asked to live. Its time to live changed (a PATCH, held with the
-    life charged before): none written, its tokens kept past that life; a reply not read, as held."""
+    (Usage.cache_storage_token_seconds: its tokens x that life), else as long as it was asked to live. Its
+    time to live changed (a PATCH, held with the life charged before): none written, its tokens kept past that
+    life; a reply not read, as held."""
     tokens, fields = report.input_tokens, reservation.fields
     lifetime = report.cache_storage_token_seconds // tokens if tokens else 0
     if "cache_kept_seconds" in fields:

@@ -449,7 +449,8 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
     clusters = "".join(_cluster(u) for u in upstreams)
     filters = _cors_filter(cors_origins) + _credentials_refused_filter(shape) + \
         (_ext_authz_filter(fail_open, body_bytes_max) if shape != "ext_proc" else "") + \
-        _unasked_usage_filter(shape) + _gemini_upload_url_filter() + _ext_proc_filter(fail_open, shape, stream_seconds) + \
+        _unasked_usage_filter(shape) + _gemini_upload_url_filter() + \
+        _ext_proc_filter(fail_open, shape, stream_seconds) + \
         _observer_filter(shape, stream_seconds)
     # ext_proc buffers the body it decides on within the connection's buffer limit (past it: 413)
     buffer_limit = f"\n    per_connection_buffer_limit_bytes: {body_bytes_max}" if shape == "ext_proc" else ""

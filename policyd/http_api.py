@@ -80,9 +80,9 @@ from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit
 from policyd import reasons
 from policyd.audio import wav_seconds
 from policyd.domain import (ANTHROPIC_FAST_MODE, CACHED_CONTENT_PREFIX, CONTAINER_MEMORY_DEFAULT, GEMINI_UPLOAD_PREFIX,
-                            IMAGE_SCALE_MAX,
-                            OUTPUT_CAP_FIELDS, SEARCH_CONTEXT_LENGTH_MAX, Attribution, AuthorizeInput, KeySummary,
-                            RateLimit, Shape, bedrock_tier, cached_content_name, tier_in_geo, trace_id_from)
+                            IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS, SEARCH_CONTEXT_LENGTH_MAX, Attribution, AuthorizeInput,
+                            KeySummary, RateLimit, Shape, bedrock_tier, cached_content_name, tier_in_geo,
+                            trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount
 from policyd.multipart import MultipartError, MultipartForm
 from policyd.protobuf_json import duration_ms, timestamp_ms
@@ -1261,8 +1261,7 @@ def _cached_model(named: str) -> str:
     return named.rsplit("/models/", 1)[-1].removeprefix("models/")
 
 
-def _cache_lifetime(call: HttpCall, data: dict[str, Any], made: bool = True,
-                    now_ms: int | None = None) -> tuple[str, str] | None:
+def _cache_lifetime(call: HttpCall, data: dict[str, Any], made: bool = True) -> tuple[str, str] | None:
     """The seconds an explicit cache is asked to live from now (`seconds`, rounded up): its ttl, or until its
     expireTime; one `made` that gives neither, CACHE_SECONDS_DEFAULT (a change that gives neither changes
     nothing: 0). The refusal (message, param) of one Google would refuse, or longer than policyd holds one for."""
@@ -1277,7 +1276,7 @@ def _cache_lifetime(call: HttpCall, data: dict[str, Any], made: bool = True,
         until = timestamp_ms(expire)
         if until is None:
             return 'expireTime must be a time in RFC 3339, like "2026-12-06T10:00:00Z"', "expireTime"
-        lives_ms = until - (now_ms if now_ms is not None else int(time.time() * 1000))
+        lives_ms = until - int(time.time() * 1000)
     elif made:
         lives_ms = CACHE_SECONDS_DEFAULT * 1000
     else:

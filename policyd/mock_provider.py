@@ -352,8 +352,8 @@ class MockProvider:
                 if found is not None and h.command == "DELETE":
                     del self.gemini_files[gemini_file.group("id")]
             if found is None:
-                return h._json(403, {"error": {"code": 403, "status": "PERMISSION_DENIED",
-                                               "message": "You do not have permission to access the File or it may not exist."}})
+                return h._json(403, {"error": {"code": 403, "status": "PERMISSION_DENIED", "message":
+                                               "You do not have permission to access the File or it may not exist."}})
             return h._json(200, {} if h.command == "DELETE" else found)
         cached = CACHED_CONTENTS_PATH.search(route)
         if cached:
@@ -1170,7 +1170,7 @@ class MockProvider:
         def stamp(at: float) -> str:
             return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at * 1000) % 1000:03d}Z"
 
-        def expiry(given: dict[str, Any], default: float | None) -> float | None:
+        def expiry_seconds(given: dict[str, Any], default: float | None) -> float | None:
             if isinstance(given.get("ttl"), str):
                 return now + float(given["ttl"].rstrip("s"))
             if isinstance(given.get("expireTime"), str):
@@ -1189,14 +1189,15 @@ class MockProvider:
             made = f"cache-mock-{next(self.response_ids)}"
             cache = {"name": f"{location}cachedContents/{made}", "model": model,
                      "displayName": body.get("displayName", ""), "createTime": stamp(now), "updateTime": stamp(now),
-                     "expireTime": stamp(expiry(body, now + 3600) or now), "usageMetadata": {"totalTokenCount": tokens}}
+                     "expireTime": stamp(expiry_seconds(body, now + 3600) or now),
+                     "usageMetadata": {"totalTokenCount": tokens}}
             with self.lock:
                 self.caches[made] = cache
             return h._json(200, cache)
         with self.lock:
             cache = self.caches.get(cache_id or "")
             if cache is not None and h.command == "PATCH":
-                cache["expireTime"] = stamp(expiry(body, None) or now)
+                cache["expireTime"] = stamp(expiry_seconds(body, None) or now)
                 cache["updateTime"] = stamp(now)
             if cache is not None and h.command == "DELETE":
                 del self.caches[cache_id or ""]

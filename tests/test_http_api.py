@@ -890,7 +890,8 @@ def test_geminis_file_uploads_are_made_at_google_and_their_files_named_by_id() -
     assert check_authorize(sent.authorize_input()) is None and len(sent.files[0]) <= 200
     assert http_api.streamed_upload("POST", "/upload/v1beta/files?upload_id=u") and \
         http_api.streamed_upload("POST", "/upload/v1beta/files")
-    url = f"https://generativelanguage.googleapis.com/upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable"
+    url = f"https://generativelanguage.googleapis.com/upload/v1beta/files?upload_id={upload_id}" \
+          "&upload_protocol=resumable"
     assert http_api.gemini_upload_begun({"x-goog-upload-url": url}) == sent.files[0]
     assert http_api.gemini_upload_begun({}) == ""
     assert http_api.gemini_upload_url(url, "http://gateway:8080") == \
