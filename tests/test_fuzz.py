@@ -107,11 +107,14 @@ _REPLY_KEYS = ["type", "usage", "response", "output", "item", "tool_usage", "ima
                "promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "cachedContentTokenCount",
                "total_tokens", "reasoning_tokens", "citation_tokens", "num_search_queries", "search_context_size",
                "server_side_tool_usage_details", "web_search_calls", "x_search_calls", "usageMetadata", "done", "error",
-               "generateVideoResponse", "generatedSamples", "video", "uri", "name", "response"]
+               "generateVideoResponse", "generatedSamples", "video", "uri", "name", "response", "createTime",
+               "expireTime", "totalTokenCount", "file"]
 _REPLY_WORDS = st.sampled_from(["IMAGE", "AUDIO", "image_generation_call", "code_interpreter_call", "shell_call",
                                 "response.completed", "response.output_item.added", "web_search_call", "search",
                                 "message_delta", "message_start", "response.image_generation_call.completed",
-                                "COMPLETED", "FAILED", "low", "HIGH", "https://g.example/v1beta/files/f-1:download"])
+                                "COMPLETED", "FAILED", "low", "HIGH", "https://g.example/v1beta/files/f-1:download",
+                                "2026-12-06T10:00:00Z", "2026-12-06T10:10:00.5Z", "1999-01-01T00:00:00+02:00",
+                                "cachedContents/c-1", "projects/p/locations/l/cachedContents/c-2", "files/f-2"])
 _replies = st.recursive(st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.text(max_size=6) | _REPLY_WORDS,
                         lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_REPLY_KEYS), inner,
                                                                                     max_size=6), max_leaves=30)
@@ -119,12 +122,12 @@ _replies = st.recursive(st.none() | st.booleans() | st.integers(-(10**12), 10**1
 
 @settings(max_examples=3000, deadline=None)
 @given(endpoint=st.sampled_from(["responses", "gemini_generate_content", "chat_completions", "anthropic_messages",
-                                 "images", "completions", "embeddings", "audio_transcriptions"]),
+                                 "images", "completions", "embeddings", "audio_transcriptions", "cached_contents"]),
        reply=_replies, stream=st.booleans())
 def test_any_reply_is_read_without_failing_and_its_parts_fit(endpoint: str, reply: object, stream: bool) -> None:
     """Whatever a provider sends back (the fields' names right, their values anything): the reader never
     fails, and the parts of the usage it reads fit in their wholes, as Settle requires of them."""
-    reader = ResponseReader(endpoint, stream)
+    reader = ResponseReader(endpoint, stream, stored=endpoint in ("gemini_generate_content", "cached_contents"))
     raw = json.dumps(reply).encode()
     reader.feed(b"data: " + raw + b"\n\n" if stream else raw)
     reader.finish()
@@ -136,6 +139,7 @@ def test_any_reply_is_read_without_failing_and_its_parts_fit(endpoint: str, repl
     assert t.audio_output_tokens + t.image_output_tokens + t.reasoning_output_tokens <= t.output_tokens
     assert t.cache_write_1h_input_tokens <= t.cache_write_input_tokens
     assert len(t.search_context_size) <= 16
+    assert 0 <= t.cache_storage_token_seconds and len(reader.response_id) <= 200  # a cache's, a Gemini file's
     assert t.image_generation_cached_input_tokens + t.image_generation_image_input_tokens \
         <= t.image_generation_input_tokens
 

@@ -2361,3 +2361,26 @@ async def test_an_explicit_cache_is_known_from_its_records_and_never_served_by_a
     hour = await service.engine.authorize(replace(made, attribution=replace(made.attribution, request_id="hour"),
                                                   shape=replace(made.shape, seconds=3600)))
     assert hour.decision == "allow", hour
+
+
+async def test_a_gemini_uploads_bytes_come_without_a_key_as_the_key_that_began_it(service: Service) -> None:
+    """Google's SDK sends an upload's bytes with no key: the upload (policyd's name for its id, from its
+    beginning's reply) stands for the key that began it, as that key's state is (a key revoked meanwhile: refused);
+    an upload policyd never began has no key (missing_api_key); another customer's key naming it is refused."""
+    key_id, mine = await new_key(service, customer="acme")
+    _, theirs = await new_key(service, customer="rival")
+
+    def upload(secret: str, request_id: str, named: str = "") -> AuthorizeInput:
+        return AuthorizeInput(api_key=secret, endpoint="gemini_generate_content", model="", creates="file",
+                              creates_at="google", files=(named,) if named else (),
+                              attribution=replace(ask(secret).attribution, request_id=request_id))
+
+    begun = await service.engine.authorize(upload(mine, "begun"))
+    assert (begun.decision, begun.provider) == ("allow", "google"), begun
+    await service.engine.settle(usage("begun", input_tokens=0, output_tokens=0, provider_response_id="gu-abc"))
+    part = await service.engine.authorize(upload("", "part-1", "gu-abc"))
+    assert (part.decision, part.owner.customer_id, part.provider) == ("allow", "acme", "google"), part
+    assert (await service.engine.authorize(upload(theirs, "part-theirs", "gu-abc"))).reason == "file_not_found"
+    assert (await service.engine.authorize(upload("", "part-stranger", "gu-never"))).reason == "missing_api_key"
+    await service.admin.set_state(key_id, "revoked")
+    assert (await service.engine.authorize(upload("", "part-2", "gu-abc"))).reason == "key_revoked"
