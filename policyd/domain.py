@@ -79,8 +79,9 @@ def cached_content_name(named: Any) -> str:
     return CACHED_CONTENT_PREFIX + found["id"] if found else ""
 
 CREATABLE = ("conversation", "file")
-# ... the providers it may be made at (AuthorizeInput.creates_at; "" = openai; google: a Gemini upload)
-CREATED_AT = ("openai", "azure", "google")
+# ... the providers it may be made at (AuthorizeInput.creates_at; "" = openai; google: a Gemini upload; anthropic: a
+# file of Anthropic's Files API)
+CREATED_AT = ("openai", "azure", "google", "anthropic")
 # where each API reads a request's output cap, the field a proxy writes policyd's into first (Gemini's is
 # in its generation config, under either of its names)
 OUTPUT_CAP_FIELDS = {"chat_completions": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),

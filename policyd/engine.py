@@ -164,7 +164,7 @@ def key_owned_id(request_id: str, key_id: str) -> str:
 FREE_ENDPOINTS = frozenset({"moderations"})  # free at the provider: admitted as token counts are
 STORED_RESPONSE_RECHECK_SECONDS = 0.5
 CONVERSATION_ID_PREFIX = "conv_"  # OpenAI's: a stored conversation, not a stored response
-FILE_ID_PREFIX = "file-"  # ... an uploaded file
+FILE_ID_PREFIXES = ("file-", "file_")  # ... an uploaded file (OpenAI's; Anthropic's)
 UPLOAD_ID_PREFIX = "upload_"  # ... a file being uploaded in parts (the Uploads API)
 
 
@@ -176,7 +176,7 @@ def _not_found(stored_id: str) -> str:
         return "batch_not_found"
     if stored_id.startswith(CACHED_CONTENT_PREFIX):
         return "cached_content_not_found"
-    return "file_not_found" if stored_id.startswith((FILE_ID_PREFIX, UPLOAD_ID_PREFIX)) else "response_not_found"
+    return "file_not_found" if stored_id.startswith((*FILE_ID_PREFIXES, UPLOAD_ID_PREFIX)) else "response_not_found"
 
 
 def _stream_usage_reported(price: ModelPrice | None) -> bool:
@@ -1537,7 +1537,7 @@ class Engine:
             await self.counters.note_unknown(response_id)
             return None
         customer, provider, served, account, created_ms, context = found
-        if not response_id.startswith((CONVERSATION_ID_PREFIX, FILE_ID_PREFIX, CACHED_CONTENT_PREFIX)) and \
+        if not response_id.startswith((CONVERSATION_ID_PREFIX, *FILE_ID_PREFIXES, CACHED_CONTENT_PREFIX)) and \
                 created_ms < self.clock() - STORED_RESPONSE_SECONDS * 1000:
             return None  # a stored response lives 30 days at the provider; a conversation or a file until deleted
         policy = self.book.current

@@ -995,6 +995,10 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.creates_at = "azure" if named.creates and ("api-key" in headers or _AZURE_DATED.search(path)) else ""
     if named.creates and endpoint == "gemini_generate_content":  # a Gemini upload: begun, or its bytes sent
         _gemini_upload(call, path)
+    elif endpoint == "responses" and "anthropic-version" in headers and (
+            named.creates == "file" or _FILE.search(path.split("?", 1)[0])):  # Anthropic's Files API: its family's
+        endpoint = call.endpoint = "anthropic_messages"
+        call.creates_at, call.stores_reply = ("anthropic", True) if named.creates else ("", False)
     call.compaction = named.compaction
     if named.refers_to:  # the upload a file is made of: the customer's own, or not found
         call.files = (named.refers_to,)
@@ -1017,8 +1021,6 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _problem(call, "unknown_endpoint", f"policyd does not know the endpoint {method} {path[:200]}", "path")
     if len(body) > REQUEST_BODY_BYTES_MAX:
         return _problem(call, "request_too_large", f"the request body is larger than {REQUEST_BODY_BYTES_MAX} bytes")
-    if call.creates == "file" and "anthropic-version" in headers:  # Anthropic's Files API: not offered
-        return _problem(call, "unknown_endpoint", "policyd does not offer Anthropic's Files API", "path")
     if call.creates:  # no model: its items, or its file, go to the provider as they are
         return call
     coding = headers.get("content-encoding", "").strip().lower()

@@ -703,10 +703,14 @@ class MockProvider:
     def _file(self, h: Any, form: dict[str, Any], content: bytes, file_id: str | None, download: bool) -> None:
         """The Files API: uploaded (a form with its purpose and file), read, its content downloaded (a file named
         slow... after SLOW_FILE_SECONDS), deleted."""
+        anthropic = bool(h.headers.get("anthropic-version"))  # Anthropic's Files API: its ids and shape
         with self.lock:
             if file_id is None:
-                file_id = f"file-mock{next(self.response_ids)}"
-                self.files[file_id] = ({"id": file_id, "object": "file", "bytes": len(content), "created_at": 0,
+                file_id = f"file_mock{next(self.response_ids)}" if anthropic else f"file-mock{next(self.response_ids)}"
+                self.files[file_id] = ({"id": file_id, "type": "file", "size_bytes": len(content),
+                                        "filename": form.get("file_name") or "upload", "downloadable": False}
+                                       if anthropic else
+                                       {"id": file_id, "object": "file", "bytes": len(content), "created_at": 0,
                                         "filename": form.get("file_name") or "upload",
                                         "purpose": form.get("purpose", "user_data")}, content)
                 return h._json(200, self.files[file_id][0])

@@ -3295,6 +3295,38 @@ def test_geminis_file_uploads_go_through_the_gateway_and_their_files_are_their_c
     assert call("DELETE", f"{gateway_root}/v1beta/{made_file['name']}", {"x-goog-api-key": key})[0] == 200
 
 
+def test_anthropics_files_go_through_the_gateway_and_are_their_customers(gateway: Gateway) -> None:
+    """Anthropic's Files API (POST /v1/files with anthropic-version, its beta header; was refused): a file uploaded
+    (free, its body streamed on unread) is made at Anthropic with the operator's key, and is its customer's alone:
+    read, deleted and named in a message's document block by its keys, 404 file_not_found to another's."""
+    key, other = gateway.customer("e2e-claude-files"), gateway.customer("e2e-claude-files-other")
+    root = f"http://127.0.0.1:{gateway.port}"
+    anthropic = {"anthropic-version": "2023-06-01", "anthropic-beta": "files-api-2025-04-14"}
+    boundary = "policyd-test-boundary"
+    form = (f"--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"rules.txt\"\r\n"
+            f"content-type: text/plain\r\n\r\nEvery entry has a debit and a credit.\r\n--{boundary}--\r\n").encode()
+    code, _, made = http_request("POST", f"{root}/v1/files", {
+        "x-api-key": key, "content-type": f"multipart/form-data; boundary={boundary}", **anthropic}, form)
+    made_file = json.loads(made)
+    assert code == 200 and made_file["id"].startswith("file_") and made_file["type"] == "file", made
+    (sent,) = [r for r in gateway.mock.received() if r["path"] == "/v1/files" and r["body"].get("file_name") == "rules.txt"]
+    assert sent["credentials"].get("x-api-key") == "sk-mock-anthropic"  # the operator's Anthropic key
+    assert http_request("GET", f"{root}/v1/files/{made_file['id']}", {"x-api-key": other, **anthropic})[0] == 404
+    assert http_request("GET", f"{root}/v1/files/{made_file['id']}", {"x-api-key": key, **anthropic})[0] == 200
+    message = {"model": "claude-sonnet-4", "max_tokens": 32, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "file", "file_id": made_file["id"]}},
+        {"type": "text", "text": "Does every entry balance?"}]}]}
+    headers = {"content-type": "application/json", **anthropic}
+    code, _, refused = http_request("POST", f"{root}/v1/messages", {"x-api-key": other, **headers},
+                                    json.dumps(message).encode())
+    assert (code, json.loads(refused)["error"]["code"]) == (404, "file_not_found"), refused
+    code, replied, _ = http_request("POST", f"{root}/v1/messages", {"x-api-key": key, **headers},
+                                    json.dumps(message).encode())
+    assert code == 200 and gateway.record(replied["x-policyd-request-id"])["status"] == "settled"
+    assert http_request("DELETE", f"{root}/v1/files/{made_file['id']}", {"x-api-key": other, **anthropic})[0] == 404
+    assert http_request("DELETE", f"{root}/v1/files/{made_file['id']}", {"x-api-key": key, **anthropic})[0] == 200
+
+
 def test_a_fine_tuned_model_is_priced_by_the_pattern_of_its_base(gateway: Gateway) -> None:
     """A fine-tune's name is made by its provider as it is trained: one price table entry,
     "ft:gpt-4o-mini-2024-07-18:*", prices every fine-tune of that base, so a new one is served and charged at

@@ -1592,8 +1592,15 @@ def test_files_are_named_by_path_and_method_and_their_ids_read_from_requests() -
                                           ("POST", "/v1/files/file-1", "", ""), ("GET", "/v1/files", "", "")):
         named = http_api.endpoint_of(method, path)
         assert (named.stored_response, named.creates) == (stored, creates), (method, path)
+    # Anthropic's Files API: the same paths, its family's (anthropic_messages), made at Anthropic
     anthropic = http_api.parse_call("POST", "/v1/files", {"anthropic-version": "2023-06-01"}, b"x")
-    assert anthropic.problem == "unknown_endpoint"  # Anthropic's Files API is not offered
+    assert (anthropic.problem, anthropic.endpoint, anthropic.creates, anthropic.creates_at) == (
+        "", "anthropic_messages", "file", "anthropic")
+    for method in ("GET", "DELETE"):
+        read = http_api.parse_call(method, "/v1/files/file_011", {"anthropic-version": "2023-06-01"}, b"")
+        assert (read.endpoint, read.stored_response, read.creates_at) == ("anthropic_messages", "file_011", "")
+    assert http_api.parse_call("GET", "/v1/files", {"anthropic-version": "2023-06-01"}, b"").problem == \
+        "unknown_endpoint"  # the account's list: every customer's
     body = {"model": "m", "input": [{"role": "user", "content": [
         {"type": "input_file", "file_id": "file-a"}, {"type": "input_image", "file_id": "file-b"},
         {"type": "input_file", "file_id": "file-a"}]}]}
