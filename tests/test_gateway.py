@@ -3309,7 +3309,8 @@ def test_anthropics_files_go_through_the_gateway_and_are_their_customers(gateway
         "x-api-key": key, "content-type": f"multipart/form-data; boundary={boundary}", **anthropic}, form)
     made_file = json.loads(made)
     assert code == 200 and made_file["id"].startswith("file_") and made_file["type"] == "file", made
-    (sent,) = [r for r in gateway.mock.received() if r["path"] == "/v1/files" and r["body"].get("file_name") == "rules.txt"]
+    (sent,) = [r for r in gateway.mock.received()
+               if r["path"] == "/v1/files" and r["body"].get("file_name") == "rules.txt"]
     assert sent["credentials"].get("x-api-key") == "sk-mock-anthropic"  # the operator's Anthropic key
     assert http_request("GET", f"{root}/v1/files/{made_file['id']}", {"x-api-key": other, **anthropic})[0] == 404
     assert http_request("GET", f"{root}/v1/files/{made_file['id']}", {"x-api-key": key, **anthropic})[0] == 200
