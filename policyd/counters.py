@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import redis.asyncio as aioredis
 
@@ -32,6 +32,24 @@ def whose_of(customer_id: str, provider: str, route: str, account: str, context_
     unseen (its input and output: all of it goes back to the model), as its key holds them; an explicit cache's
     also its model and the seconds of its life charged so far (from its making)."""
     return "\t".join((customer_id, provider, route, account, str(context_tokens), model, str(kept_seconds)))
+
+
+class Whose(NamedTuple):
+    """A stored response's key as whose_of wrote it (fields an older key lacks: empty, 0)."""
+
+    customer_id: str
+    provider: str
+    route: str
+    account: str
+    context_tokens: int
+    model: str
+    kept_seconds: int
+
+    @classmethod
+    def read(cls, text: str) -> "Whose":
+        customer, provider, route, account, context, model, kept = [*text.split("\t"), "", "", "", "", "", ""][:7]
+        return cls(customer, provider, route, account, int(context) if context.isdigit() else 0, model,
+                   int(kept) if kept.isdigit() else 0)
 
 
 def _text(value: Any) -> str:
@@ -598,10 +616,9 @@ class Counters:
         whose = await self.client.get(key)
         if whose is None:
             return
-        fields = [*_text(whose).split("\t"), "", "", "", "", "", "", ""][:7]
-        before = int(fields[6]) if fields[6].isdigit() else 0
-        fields[6] = str(max(before, kept_seconds))
-        await self.client.set(key, "\t".join(fields), xx=True, ex=seconds)
+        found = Whose.read(_text(whose))
+        await self.client.set(key, whose_of(*found._replace(kept_seconds=max(found.kept_seconds, kept_seconds))),
+                              xx=True, ex=seconds)
 
     @staticmethod
     def queue_stored_response(pipe: Any, response_id: str, customer_id: str, provider: str, route: str, account: str,
@@ -617,9 +634,8 @@ class Counters:
         key = redis_keys.stored_response(response_id)
         whose = await self.client.get(key)
         if whose is not None:
-            customer_id, provider, route, account, *_ = (*_text(whose).split("\t"), "", "", "")
-            await self.client.set(key, whose_of(customer_id, provider, route, account, context_tokens), xx=True,
-                                  keepttl=True)
+            found = Whose.read(_text(whose))
+            await self.client.set(key, whose_of(*found[:4], context_tokens), xx=True, keepttl=True)
 
     async def upload_beginning(self, request_id: str, secret_hash: str) -> None:
         """A Gemini upload begun with this key secret (its hash), its upload id not yet known (its reply's)."""

@@ -31,7 +31,7 @@ from policyd import keys as key_secrets
 from policyd import compact_json, key_limits, metrics, reasons, redis_keys
 from policyd.batches import BATCH_ID_PREFIXES
 from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECONDS, BucketHold, Counters, Fenced,
-                              Reservation, unreachable, whose_of)
+                              Reservation, Whose, unreachable, whose_of)
 from policyd.directory import KeyDirectory
 from policyd.loops import every
 from policyd.domain import (
@@ -418,12 +418,9 @@ class Engine:
         cache's, its tokens and the seconds of its life charged so far, as policyd remembered them when it was
         made (whose it is is checked with the key's: a cache it does not know, or another customer's, is
         refused, cached_content_not_found)."""
-        whose = await self._whose(request.previous_response)
-        fields = [*(whose or "").split("\t"), "", "", "", "", "", "", ""][:7]
-        tokens, model, kept = fields[4], fields[5], fields[6]
-        return replace(request, model=model[:MODEL_NAME_LENGTH_MAX],
-                       cache_tokens=int(tokens) if tokens.isdigit() else 0,
-                       cache_kept_seconds=int(kept) if kept.isdigit() else 0)
+        cache = Whose.read(await self._whose(request.previous_response) or "")
+        return replace(request, model=cache.model[:MODEL_NAME_LENGTH_MAX], cache_tokens=cache.context_tokens,
+                       cache_kept_seconds=cache.kept_seconds)
 
     async def _authorize(self, request: AuthorizeInput, unavailable_providers: frozenset[str]) -> Decision:
         started = time.perf_counter_ns()
@@ -694,7 +691,8 @@ class Engine:
             if whose is None:
                 await asyncio.sleep(STORED_RESPONSE_RECHECK_SECONDS)
                 whose = await self._whose(request.stored_response)
-            customer, *where = (whose or "").split("\t")
+            found = Whose.read(whose or "")
+            customer = found.customer_id
             if customer == owner.customer_id:
                 # one policyd waits for: asked for first, while it is there
                 if request.deletes_stored and self.background is not None:
@@ -707,7 +705,7 @@ class Engine:
                     asking.add_done_callback(self._asking.discard)
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(asyncio.shield(asking), ASK_FIRST_SECONDS)
-                return "", "", tuple(where)
+                return "", "", (found.provider, found.route, found.account)
             return _not_found(request.stored_response), "", ()
 
         return await self._admit_free(request, check, "stored_response")
@@ -1566,10 +1564,8 @@ class Engine:
         whose = await self._whose(response_id)
         if whose is None:
             return 0, ""
-        customer, *rest = whose.split("\t")
-        if customer != customer_id:
-            return None
-        return (int(rest[3]) if len(rest) > 3 and rest[3].isdigit() else 0), rest[2] if len(rest) > 2 else ""
+        found = Whose.read(whose)
+        return None if found.customer_id != customer_id else (found.context_tokens, found.account)
 
     async def settle_estimated(self, request_id: str, output_tokens: int, *, interrupted: bool, error_class: str,
                                upstream_status: int = 0, provider: str = "", provider_account: str = "",
