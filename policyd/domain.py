@@ -381,3 +381,32 @@ class KeySummary:
     reserved: int
     limits: tuple[LimitState, ...]
     models: tuple[tuple[str, str], ...] = ()  # (model, provider) pairs the key may use
+
+
+@dataclass(frozen=True)
+class RequestSummary:
+    """One request as its customer may see it (policyd/request_lookup.py): money in nanos of `currency`."""
+
+    request_id: str
+    created_ms: int
+    status: str  # in_progress | settled | released | expired | denied | unmetered
+    decision: str
+    reason: str
+    message: str
+    endpoint: str
+    requested_model: str
+    served_model: str
+    api_key_id: str
+    currency: str
+    charge: int
+    held: int
+    refunded: int
+    balance_after: int | None  # None: no prepaid wallet paid it (postpaid, or not charged yet)
+    usage: dict[str, Any]  # Settle's Usage fields, as charged
+    usage_estimated: bool
+    error_class: str
+    feature: str
+    thread_id: str
+    end_user_id: str
+    agent_id: str
+    tags: dict[str, str]

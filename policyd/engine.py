@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
-from policyd import compact_json, key_limits, metrics, reasons, redis_keys
+from policyd import compact_json, key_limits, metrics, reasons, redis_keys, request_lookup
 from policyd.batches import BATCH_ID_PREFIXES
 from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECONDS, BucketHold, Counters, Fenced,
                               Reservation, Whose, unreachable, whose_of)
@@ -49,6 +49,7 @@ from policyd.domain import (
     PolicydError,
     RateLimit,
     ReleaseResult,
+    RequestSummary,
     Settlement,
     Shape,
     UsageReport,
@@ -775,6 +776,24 @@ class Engine:
         return KeySummary(key.id, key.customer_id, key.plan, policy.document.currency,
                           None if plan.wallet == "none" else balance, reserved, states,
                           tuple(self.models_allowed(policy, plan, key.scopes, key.environment))), None
+
+    async def describe_request(self, api_key: str, request_id: str,
+                               wait_ms: int = 0) -> tuple[RequestSummary | None, Decision | None]:
+        """One request of the key's customer (GET /v1/requests/{id}, for the key's own holder): what it was
+        charged and used, waited for up to `wait_ms` while in progress (policyd/request_lookup.py); another
+        customer's, or none, is request_not_found (404), as if it did not exist."""
+        found = await self._key_asking(api_key)
+        if isinstance(found, Decision):
+            return None, found
+        key = found[0]
+        summary = None
+        if 0 < len(request_id) <= request_lookup.REQUEST_ID_LENGTH_MAX and request_id.isprintable():
+            summary = await request_lookup.find(self.store, self.counters, key.customer_id, request_id, wait_ms)
+        if summary is None:
+            return None, self._deny({"request_id": request_id[:request_lookup.REQUEST_ID_LENGTH_MAX],
+                                     "requested_model": "", "served_model": "", "owner": Owner()},
+                                    "request_not_found")
+        return summary, None
 
     async def _key_asking(self, api_key: str) -> tuple[KeyRecord, Policy, Plan] | Decision:
         """The key of a request about the key itself (not a model call), or the denial it gets."""

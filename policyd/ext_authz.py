@@ -97,6 +97,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         if call.key_summary:
             summary, denial = await self.engine.key_summary(call.api_key)
             return deny_decision(denial) if summary is None else denied(200, http_api.key_summary_body(summary))
+        if call.request_lookup and not call.problem:
+            request, denial = await self.engine.describe_request(call.api_key, call.request_lookup,
+                                                                 call.lookup_wait_ms)
+            return deny_decision(denial) if request is None else denied(200, http_api.request_summary_body(request))
         if call.problem:
             decision = await self.engine.deny_request(call.authorize_input(), call.problem, call.problem_message,
                                                       call.problem_param)

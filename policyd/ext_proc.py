@@ -47,7 +47,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import duration_pb2
 
-from policyd import background, batches, http_api
+from policyd import background, batches, http_api, request_lookup
 from policyd.batches import Batches
 from policyd.domain import Decision, UsageReport
 from policyd.engine import Engine
@@ -193,6 +193,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         arrival = Arrival.of(request, headers)
                     if arrival is not None and (request.request_headers.end_of_stream or  # no body, or one
                                                 http_api.streamed_upload(arrival.method, arrival.path)):  # unread
+                        if http_api.request_lookup_asked(arrival.method, arrival.path):  # it may wait for a request
+                            yield ep.ProcessingResponse(override_message_timeout=duration_pb2.Duration(
+                                seconds=request_lookup.DECISION_SECONDS))
                         exchange, reply = await self._decide(arrival, b"", kind, observer)
                         decided = True
                         yield reply
@@ -328,6 +331,11 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if call.key_summary:
             summary, denial = await self.engine.key_summary(call.api_key)
             return None, immediate_denial(denial) if summary is None else immediate(200, http_api.key_summary_body(summary))
+        if call.request_lookup and not call.problem:
+            request, denial = await self.engine.describe_request(call.api_key, call.request_lookup,
+                                                                 call.lookup_wait_ms)
+            return None, immediate_denial(denial) if request is None else \
+                immediate(200, http_api.request_summary_body(request))
         if call.problem:
             return None, immediate_denial(await self.engine.deny_request(
                 call.authorize_input(), call.problem, call.problem_message, call.problem_param))

@@ -24,9 +24,10 @@ from importlib import resources
 
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE
 from policyd.batches import DECISION_SECONDS
+from policyd import request_lookup
 from policyd.http_api import (CREDENTIAL_REFUSALS, PROVIDER_ACCOUNT_HEADERS, REQUEST_BODY_BYTES_MAX,
                               REQUEST_HEADERS_BYTES_MAX, REQUEST_ID_HEADER, UPLOAD_PATH_REGEX, BATCHES_PATH_REGEX,
-                              credentials_refused_reply)
+                              REQUEST_LOOKUP_PATH_REGEX, credentials_refused_reply)
 from policyd.http_api import REQUEST_HEADERS_COUNT_MAX as HEADERS_COUNT_MAX
 from policyd.upstream import (GATEWAY_TIMEOUT_HEADER, OBSERVER_HEADER, REWRITE_HEADER, ROUTE_HEADER,
                               UNASKED_USAGE_HEADER)
@@ -101,6 +102,10 @@ UPLOAD_MATCH = f'{{safe_regex: {{regex: "{UPLOAD_PATH_REGEX}"}}, headers: [{{nam
 # file from the provider and holds its requests (policyd/batches.py), which a 2 s decision cannot
 BATCHES_MATCH = f'{{safe_regex: {{regex: "{BATCHES_PATH_REGEX}"}}, headers: [{{name: ":method", string_match: {{exact: POST}}}}]}}'
 
+# a request asked about (GET /v1/requests/{id}): its own route, so that ext_authz waits while policyd waits for the
+# request to close (policyd/request_lookup.py)
+REQUEST_LOOKUP_MATCH = f'{{safe_regex: {{regex: "{REQUEST_LOOKUP_PATH_REGEX}"}}, headers: [{{name: ":method", string_match: {{exact: GET}}}}]}}'
+
 
 def _route(match: str, route_timeout_seconds: int, filters: str = "") -> str:
     return f"""\
@@ -140,19 +145,19 @@ def _upload_filters(shape: str) -> str:
 """
 
 
-def _batch_route(shape: str, route_timeout_seconds: int) -> str:
-    """A batch made's route, where ext_authz waits DECISION_SECONDS for its decision (the ext_proc shape needs
-    none: policyd extends the message's timeout there)."""
+def _slow_decision_route(shape: str, match: str, decision_seconds: int, route_timeout_seconds: int) -> str:
+    """The route of requests whose decision takes longer than others', where ext_authz waits `decision_seconds`
+    for it (the ext_proc shape needs none: policyd extends the message's timeout there)."""
     if shape == "ext_proc":
         return ""
-    return _route(BATCHES_MATCH, route_timeout_seconds, f"""\
+    return _route(match, route_timeout_seconds, f"""\
                 typed_per_filter_config:
                   envoy.filters.http.ext_authz:
                     "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
                     check_settings:
                       grpc_service:
                         envoy_grpc: {{cluster_name: policyd}}
-                        timeout: {DECISION_SECONDS}s
+                        timeout: {decision_seconds}s
 """)
 
 
@@ -454,6 +459,10 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
         _observer_filter(shape, stream_seconds)
     # ext_proc buffers the body it decides on within the connection's buffer limit (past it: 413)
     buffer_limit = f"\n    per_connection_buffer_limit_bytes: {body_bytes_max}" if shape == "ext_proc" else ""
+    routes = _route(UPLOAD_MATCH, route_timeout_seconds, _upload_filters(shape)) + \
+        _slow_decision_route(shape, BATCHES_MATCH, DECISION_SECONDS, route_timeout_seconds) + \
+        _slow_decision_route(shape, REQUEST_LOOKUP_MATCH, request_lookup.DECISION_SECONDS, route_timeout_seconds) + \
+        _route('{prefix: "/"}', route_timeout_seconds)
     title = ("ext_authz decides and reserves, ext_proc rewrites, policyd.observer settles"
              if shape != "ext_proc" else "ext_proc decides, reserves and rewrites, policyd.observer settles")
     return f"""# Envoy as a policyd gateway: {title}.
@@ -484,7 +493,7 @@ static_resources:
               domains: ["*"]
               include_attempt_count_in_response: true{_cors_policy(cors_origins)}
               routes:
-{_route(UPLOAD_MATCH, route_timeout_seconds, _upload_filters(shape))}{_batch_route(shape, route_timeout_seconds)}{_route('{prefix: "/"}', route_timeout_seconds)}          local_reply_config:
+{routes}          local_reply_config:
             mappers:
             - filter:  # the gateway gave up on the provider (its route or idle timeout), which goes on and bills
                 response_flag_filter: {{flags: [UT, SI]}}

@@ -43,9 +43,9 @@ import uuid
 from dataclasses import asdict
 from typing import Any, Awaitable, Callable, MutableMapping
 
-from policyd import http_api
+from policyd import http_api, request_lookup
 from policyd import reasons, unasked_usage
-from policyd.domain import KeySummary, LimitState, RateLimit
+from policyd.domain import KeySummary, LimitState, RateLimit, RequestSummary
 from policyd.usage_capture import ResponseReader, background_answer, closing, vertex_operation_read
 from policyd_client import AsyncPolicyClient, Decision, PolicydCallError
 
@@ -98,6 +98,9 @@ class PolicydMiddleware:
         if call.key_summary or call.models_listing:
             await self._describe_key(call, send)
             return
+        if call.request_lookup and not call.problem:
+            await self._describe_request(call, send)
+            return
         if not call.endpoint and not self.strict:
             await self.app(scope, _replay(body, receive=receive), send)
             return
@@ -139,6 +142,26 @@ class PolicydMiddleware:
             await self.app(_upstream_scope(scope, call, decision, body), _replay(body, receive=receive), send)
             return
         await self._forward(scope, receive, send, call, None if streamed else body, decision)
+
+    async def _describe_request(self, call: http_api.HttpCall, send: Send) -> None:
+        """GET /v1/requests/{id}: one request of the key's customer, as policyd tells it."""
+        try:
+            message = await self.policy.describe_request(call.api_key, call.request_lookup, call.lookup_wait_ms)
+        except PolicydCallError as error:
+            await _respond(send, reasons.http_status(error.reason), http_api.error_body(
+                reasons.error_type(error.reason), error.reason, reasons.MESSAGES.get(error.reason, error.reason)))
+            return
+        await _respond(send, 200, http_api.request_summary_body(RequestSummary(
+            request_id=message.request_id, created_ms=message.created_unix_ms, status=message.status,
+            decision=message.decision, reason=message.reason, message=message.message, endpoint=message.endpoint,
+            requested_model=message.requested_model, served_model=message.served_model,
+            api_key_id=message.api_key_id, currency=message.charge.currency, charge=message.charge.nanos,
+            held=message.held.nanos, refunded=message.refunded.nanos,
+            balance_after=message.balance_after.nanos if message.has_balance else None,
+            usage={name: getattr(message.usage, name) for name in (*request_lookup.USAGE_FIELDS, "requests")},
+            usage_estimated=message.usage_estimated, error_class=message.error_class, feature=message.feature,
+            thread_id=message.thread_id, end_user_id=message.end_user_id, agent_id=message.agent_id,
+            tags=dict(message.tags))))
 
     async def _describe_key(self, call: http_api.HttpCall, send: Send) -> None:
         """GET /v1/key: what the key may still spend; GET /v1/models: the models it may use; as policyd

@@ -28,6 +28,9 @@ Perplexity's /chat/completions, Azure AI Foundry's /models/..., GitHub Models' /
                                           seconds, other formats' size bounds them)
     GET  .../v1/models                    the models the key may use (answered by policyd)
     GET  .../v1/key                       what the key may still spend: its wallet, its limits (answered by policyd)
+    GET  .../v1/requests/{id}[?wait=N]    one request of the key's customer: its charge, usage and state (answered
+                                          by policyd: policyd/request_lookup.py; one in progress waited for up
+                                          to N seconds, 5 unless told, at most 20, to close)
     GET | DELETE .../v1/responses/{id}, GET .../input_items, POST .../cancel
                                           a response the provider stored, free: only its own customer's
                                           keys reach it, on the account that stored it
@@ -77,11 +80,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit
 
-from policyd import reasons
+from policyd import reasons, request_lookup
 from policyd.audio import wav_seconds
 from policyd.domain import (ANTHROPIC_FAST_MODE, CACHED_CONTENT_PREFIX, CONTAINER_MEMORY_DEFAULT, GEMINI_UPLOAD_PREFIX,
                             IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS, SEARCH_CONTEXT_LENGTH_MAX, Attribution, AuthorizeInput,
-                            KeySummary, RateLimit, Shape, bedrock_tier, cached_content_name, tier_in_geo,
+                            KeySummary, RateLimit, RequestSummary, Shape, bedrock_tier, cached_content_name, tier_in_geo,
                             trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount
 from policyd.multipart import MultipartError, MultipartForm
@@ -223,6 +226,10 @@ _STORED_CHAT_METHODS = {"": ("GET", "POST", "DELETE"), "/messages": ("GET",)}
 _MODELS = re.compile(r"(^|/)models/?$")  # under any prefix, as OpenAI's API is read (Gemini's /v1beta too)
 _MODEL = re.compile(r"(^|/)models/(?P<model>[A-Za-z0-9_.@-]{1,200})/?$")  # one model: GET (retrieve)
 _KEY_SUMMARY = re.compile(r"(^|/)v1/key/?$")
+# a request asked about: its id may hold "/" (an id another key's request held first, `<id>/key:<key id>`)
+REQUEST_LOOKUP_PATH_REGEX = r"(.*/)?v1/requests/.+"  # Envoy's route (RE2, matching the path without its query)
+_REQUEST_LOOKUP = re.compile(r"(^|/)v1/requests/(?P<id>[^?]+?)/?$")
+REQUEST_LOOKUP_WAIT_SECONDS = 5  # how long GET /v1/requests/{id} waits for one in progress unless told (`wait`)
 
 # header -> attribution field
 ATTRIBUTION_HEADERS = {
@@ -271,6 +278,8 @@ class HttpCall:
     models_listing: bool = False
     listing_shape: str = "openai"  # ... answered as the client's API lists models: openai | anthropic | gemini
     key_summary: bool = False  # GET /v1/key: answered by policyd
+    request_lookup: str = ""  # GET /v1/requests/{id}: the id of the request asked about (answered by policyd)
+    lookup_wait_ms: int = 0  # ... how long to wait for it to close
     api_key: str = ""
     model: str = ""
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment): a downgrade rewrites it
@@ -397,6 +406,7 @@ class Endpoint:
     model: str = ""  # the model the path names (Gemini, an Azure deployment), else ""
     models_listing: bool = False
     key_summary: bool = False
+    request_lookup: str = ""
     count_tokens: bool = False
     stored_response: str = ""  # the id of a stored response the request reads, deletes or cancels, or a conversation's
     creates: str = ""  # a conversation or a file made (CREATABLE)
@@ -420,6 +430,9 @@ def endpoint_of(method: str, path: str) -> Endpoint:
         return Endpoint(model=one.group("model"), models_listing=True)
     if method.upper() == "GET" and _KEY_SUMMARY.search(path):
         return Endpoint(key_summary=True)
+    lookup = _REQUEST_LOOKUP.search(path) if method.upper() == "GET" and "requests/" in path else None
+    if lookup:
+        return Endpoint(request_lookup=unquote(lookup.group("id")))
     if "async/" in path:  # Perplexity's async chat: before its chat completions' own pattern
         if method.upper() == "POST" and _ASYNC_CHAT.search(path):
             return Endpoint("chat_completions", async_chat=True)
@@ -536,6 +549,11 @@ def endpoint_of(method: str, path: str) -> Endpoint:
         if method.upper() in _CONVERSATION_METHODS[rest]:
             return Endpoint("responses", count_tokens=True, stored_response=conversation.group("id"))
     return Endpoint()
+
+
+def request_lookup_asked(method: str, path: str) -> bool:
+    """GET /v1/requests/{id}: answered by policyd after waiting for the request to close (request_lookup)."""
+    return method.upper() == "GET" and _REQUEST_LOOKUP.search(path.split("?", 1)[0]) is not None
 
 
 def batch_made(method: str, path: str) -> bool:
@@ -1015,6 +1033,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
             else "openai"
     if listing or call.key_summary:
         return call
+    if named.request_lookup:
+        return _request_lookup(call, named.request_lookup, path)
     if call.stored_response:  # no body to read: the id is in the path
         return call
     if not endpoint:
@@ -1561,6 +1581,18 @@ def _idempotent_id(key: str) -> str:
     return "idem_" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
+def _request_lookup(call: HttpCall, request_id: str, path: str) -> HttpCall:
+    """GET /v1/requests/{id}: the request asked about, and how long to wait for it to close (`wait`, seconds)."""
+    call.request_lookup, call.lookup_wait_ms = request_id, REQUEST_LOOKUP_WAIT_SECONDS * 1000
+    for name, value in parse_qsl(path.partition("?")[2], keep_blank_values=True):
+        if name == "wait":
+            if not value.isdigit() or int(value) * 1000 > request_lookup.WAIT_MS_MAX:
+                return _problem(call, "invalid_request", f"wait must be a whole number of seconds from 0 to "
+                                f"{request_lookup.WAIT_MS_MAX // 1000}", "wait")
+            call.lookup_wait_ms = int(value) * 1000
+    return call
+
+
 def _problem(call: HttpCall, reason: str, message: str, param: str = "") -> HttpCall:
     call.problem, call.problem_message, call.problem_param = reason, message, param
     return call
@@ -1830,6 +1862,25 @@ def key_summary_body(summary: KeySummary) -> bytes:
                     "limit": amount(s.unit, s.limit), "used": amount(s.unit, s.used),
                     "remaining": amount(s.unit, max(s.limit - s.used, 0)), "resets_at": s.resets_unix or None}
                    for s in summary.limits],
+    }).encode()
+
+
+def request_summary_body(summary: RequestSummary) -> bytes:
+    """GET /v1/requests/{id}: one request as its customer may see it, money as exact decimal text of the policy's
+    currency; its usage's figures that are not zero (its input and output tokens always)."""
+    usage = {name: value for name, value in summary.usage.items()
+             if value or name in ("input_tokens", "cached_input_tokens", "output_tokens")}
+    return json.dumps({
+        "object": "request", "id": summary.request_id, "created": summary.created_ms // 1000,
+        "status": summary.status, "decision": summary.decision, "reason": summary.reason or None,
+        "message": summary.message or None, "endpoint": summary.endpoint, "model": summary.requested_model,
+        "served_model": summary.served_model, "key": summary.api_key_id, "currency": summary.currency,
+        "charge": format_amount(summary.charge), "held": format_amount(summary.held),
+        "refunded": format_amount(summary.refunded),
+        "balance_after": None if summary.balance_after is None else format_amount(summary.balance_after),
+        "usage": usage, "usage_estimated": summary.usage_estimated, "error_class": summary.error_class or None,
+        "feature": summary.feature or None, "thread_id": summary.thread_id or None,
+        "end_user_id": summary.end_user_id or None, "agent_id": summary.agent_id or None, "tags": summary.tags,
     }).encode()
 
 

@@ -32,6 +32,7 @@ _REASONS = [
     Reason("file_not_found", 404, "invalid_request_error"),  # ... a file
     Reason("batch_not_found", 404, "invalid_request_error"),  # ... a batch
     Reason("cached_content_not_found", 404, "invalid_request_error"),  # ... an explicit cache (Gemini's)
+    Reason("request_not_found", 404, "invalid_request_error"),  # a request of another customer's, or none
     Reason("unknown_endpoint", 400, "invalid_request_error"),
     Reason("invalid_request", 400, "invalid_request_error"),
     Reason("invalid_metadata", 400, "invalid_request_error"),
@@ -92,6 +93,7 @@ MESSAGES = {
     "file_not_found": "No file with this id was uploaded with this API key's account.",
     "batch_not_found": "No batch with this id was made with this API key's account.",
     "cached_content_not_found": "No cached content with this name was made with this API key's account.",
+    "request_not_found": "No request with this id was made with this API key's account.",
     "unknown_plan": "The plan of this API key is not in the active policy.",
     "no_policy": "No policy has been applied yet.",
     "request_too_costly": "This request may cost more than this API key's plan allows a single request: ask for "

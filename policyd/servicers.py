@@ -24,6 +24,7 @@ from policyd.domain import (
     Decision,
     KeySummary,
     PolicydError,
+    RequestSummary,
     Settlement,
     Shape,
     UsageReport,
@@ -215,6 +216,18 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
         return key_summary_message(await _call(context, described))
 
+    async def DescribeRequest(self, request: policy_pb2.DescribeRequestRequest,
+                              context: grpc.aio.ServicerContext) -> Any:
+        async def described() -> RequestSummary:
+            summary, denial = await self.engine.describe_request(request.api_key, request.request_id, request.wait_ms)
+            if summary is None:
+                assert denial is not None
+                raise PolicydError(DENIAL_STATUS.get(denial.http_status, "FAILED_PRECONDITION"), denial.reason,
+                                   denial.message)
+            return summary
+
+        return request_summary_message(await _call(context, described))
+
     async def Release(self, request: policy_pb2.ReleaseRequest, context: grpc.aio.ServicerContext) -> Any:
         r = await _call(context, lambda: self.engine.release(request.request_id, request.reason))
         outcome = {"released": policy_pb2.RELEASED, "already_released": policy_pb2.ALREADY_RELEASED,
@@ -246,6 +259,18 @@ def key_summary_message(s: KeySummary) -> policy_pb2.KeySummary:
                                       limit=limit.limit, used=limit.used, resets_unix=limit.resets_unix)
                 for limit in s.limits],
         models=[policy_pb2.KeyModel(id=model, owned_by=owner) for model, owner in s.models],
+    )
+
+
+def request_summary_message(s: RequestSummary) -> policy_pb2.RequestSummary:
+    return policy_pb2.RequestSummary(
+        request_id=s.request_id, created_unix_ms=s.created_ms, status=s.status, decision=s.decision,
+        reason=s.reason, message=s.message, endpoint=s.endpoint, requested_model=s.requested_model,
+        served_model=s.served_model, api_key_id=s.api_key_id, charge=_money(s.currency, s.charge),
+        held=_money(s.currency, s.held), refunded=_money(s.currency, s.refunded),
+        has_balance=s.balance_after is not None, balance_after=_money(s.currency, s.balance_after or 0),
+        usage=policy_pb2.Usage(**s.usage), usage_estimated=s.usage_estimated, error_class=s.error_class,
+        feature=s.feature, thread_id=s.thread_id, end_user_id=s.end_user_id, agent_id=s.agent_id, tags=s.tags,
     )
 
 

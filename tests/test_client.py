@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 
 import grpc
@@ -85,6 +87,47 @@ async def test_a_key_is_described_over_the_native_api(served) -> None:
         assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.UNAUTHENTICATED, "invalid_api_key")
     with PolicyClient(process.address) as sync_policy:
         assert sync_policy.describe_key(secret).key_id == before.key_id
+
+
+async def test_a_request_is_described_over_the_native_api(served) -> None:
+    """DescribeRequest: one request of the key's customer, for a proxy that answers GET /v1/requests/{id} itself:
+    in progress while held, waited for while its Settle lands, then exactly what Settle charged; a denial with
+    its reason; another customer's request not found."""
+    process, secret = served
+    with grpc.insecure_channel(process.address) as channel:
+        stranger = admin_pb2_grpc.AdminServiceStub(channel).CreateKey(admin_pb2.CreateKeyRequest(
+            customer_id="cl-stranger", plan="free", environment="production")).secret
+    async with AsyncPolicyClient(process.address) as policy:
+        held = await policy.authorize(secret, "chat_completions", "gpt-4o-mini", request_id="asked-1", prompt_bytes=80,
+                                      feature="f")
+        running = await policy.describe_request(secret, "asked-1")
+        assert (running.status, running.held.nanos, running.charge.nanos, running.has_balance) == (
+            "in_progress", held.reserved_nanos, 0, False)
+        started = time.monotonic()
+        waiting = asyncio.create_task(policy.describe_request(secret, "asked-1", wait_ms=10_000))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # it waits for the request to close
+        settled = await policy.settle("asked-1", input_tokens=30, output_tokens=10)
+        asked = await waiting
+        assert time.monotonic() - started < 5  # answered once the Settle landed, not at the end of its wait
+        assert (asked.status, asked.charge.nanos, asked.has_balance, asked.balance_after.nanos) == (
+            "settled", settled.charge_nanos, True, settled.balance_after_nanos)
+        assert (asked.usage.input_tokens, asked.usage.output_tokens, asked.feature, asked.requested_model) == (
+            30, 10, "f", "gpt-4o-mini")
+        await policy.authorize(secret, "chat_completions", "gpt-4o-mini", request_id="asked-failed", prompt_bytes=80)
+        await policy.release("asked-failed", "upstream_503")
+        failed = await policy.describe_request(secret, "asked-failed", wait_ms=3000)
+        assert (failed.status, failed.charge.nanos, failed.held.nanos > 0) == ("released", 0, True)
+        assert not (await policy.authorize(secret, "chat_completions", "gpt-4o", request_id="asked-denied")).allowed
+        refused = await policy.describe_request(secret, "asked-denied", wait_ms=3000)  # its record comes a moment after
+        assert (refused.status, refused.decision, refused.reason, refused.charge.nanos) == (
+            "denied", "deny", "model_not_allowed", 0)
+        for api_key, request_id in ((stranger, "asked-1"), (secret, "never-made")):
+            with pytest.raises(PolicydCallError) as unknown:
+                await policy.describe_request(api_key, request_id)
+            assert (unknown.value.code, unknown.value.reason) == (grpc.StatusCode.NOT_FOUND, "request_not_found")
+    with PolicyClient(process.address) as sync_policy:
+        assert sync_policy.describe_request(secret, "asked-1").charge.nanos == settled.charge_nanos
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:

@@ -1930,14 +1930,19 @@ def test_replies_carry_the_keys_own_rate_limits(gateway: Gateway) -> None:
     assert not any(h.startswith("x-ratelimit-") for h in unlimited.headers)  # no limits, no headers
 
 
-def key_summary(base_url: str, api_key: str) -> tuple[int, dict[str, Any]]:
-    """GET /v1/key with a key: the status and the JSON answer."""
-    request = urllib.request.Request(f"{base_url}/key", headers={"authorization": f"Bearer {api_key}"})
+def asked_with(url: str, api_key: str) -> tuple[int, dict[str, Any]]:
+    """GET of one of policyd's own answers with a key: the status and the JSON answer."""
+    request = urllib.request.Request(url, headers={"authorization": f"Bearer {api_key}"})
     try:
-        with urllib.request.urlopen(request, timeout=20) as reply:
+        with urllib.request.urlopen(request, timeout=40) as reply:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+def key_summary(base_url: str, api_key: str) -> tuple[int, dict[str, Any]]:
+    """GET /v1/key with a key: the status and the JSON answer."""
+    return asked_with(f"{base_url}/key", api_key)
 
 
 def test_a_key_asks_what_it_may_still_spend(gateway: Gateway) -> None:
@@ -1964,6 +1969,66 @@ def test_a_key_asks_what_it_may_still_spend(gateway: Gateway) -> None:
     code, error = key_summary(gateway.base_url, "pdk_live_" + "Q" * 40)
     assert (code, error["error"]["code"]) == (401, "invalid_api_key")
     assert "/v1/key" not in json.dumps([r["path"] for r in gateway.mock.received()])  # policyd answered it
+
+
+def test_a_customer_asks_what_its_request_was_charged(gateway: Gateway) -> None:
+    """GET /v1/requests/{id} (its x-policyd-request-id), answered by policyd for any key of the request's customer:
+    its charge and usage exactly as recorded, the wallet after it, where it stands (a stream still running is
+    in progress, holding its reservation, and the answer waits for it to close when asked to); never what it
+    cost the operator; another customer's request is not found, as if it did not exist."""
+    customer = f"e2e-asks-{gateway.shape}"
+    key, other_key = gateway.customer(customer), gateway.customer(customer, credit="")
+    client = gateway.client(key)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "what did this cost"}], max_tokens=8,
+        extra_headers={"x-feature": "pricing-page", "x-thread-id": "t-7"})
+    completion, request_id = raw.parse(), raw.headers["x-policyd-request-id"]
+    code, asked = asked_with(f"{gateway.base_url}/requests/{request_id}", other_key)  # at once: it waits to close
+    record = gateway.record(request_id)
+    assert code == 200 and (asked["object"], asked["id"], asked["status"], asked["decision"]) == (
+        "request", request_id, "settled", "allow")
+    assert asked["charge"] == format_amount(record["charge_nanos"]) and record["charge_nanos"] > 0
+    assert asked["balance_after"] == format_amount(record["balance_after_nanos"])
+    assert (asked["usage"]["input_tokens"], asked["usage"]["output_tokens"]) == (
+        completion.usage.prompt_tokens, completion.usage.completion_tokens)
+    assert (asked["model"], asked["served_model"], asked["currency"], asked["usage_estimated"]) == (
+        "gpt-4o-mini", "gpt-4o-mini", "USD", False)
+    assert (asked["feature"], asked["thread_id"], asked["key"]) == ("pricing-page", "t-7", record["api_key_id"])
+    assert not {"cost", "provider_account", "provider", "customer"} & set(asked)  # the operator's own
+
+    def stream_slowly() -> str:  # twelve words, 600 ms apart
+        with client.chat.completions.with_streaming_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "slow and charged"}], stream=True,
+                max_tokens=20, extra_headers={"x-mock-scenario": "very_slow"}) as response:
+            streaming.append(response.headers["x-policyd-request-id"])
+            return "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
+
+    streaming: list[str] = []
+    with ThreadPoolExecutor(1) as pool:
+        streamed_text = pool.submit(stream_slowly)
+        while not streaming:
+            time.sleep(0.05)
+        code, running = asked_with(f"{gateway.base_url}/requests/{streaming[0]}?wait=0", key)
+        assert code == 200 and (running["status"], running["charge"]) == ("in_progress", "0.000000000")
+        assert parse_amount(running["held"]) > 0 and running["balance_after"] is None
+        asked_at = time.monotonic()  # Envoy waits past its usual decision timeouts (2 s; ext_proc's 5 s) for it
+        code, still = asked_with(f"{gateway.base_url}/requests/{streaming[0]}?wait=6", key)
+        assert (code, still["status"], time.monotonic() - asked_at >= 5.9) == (200, "in_progress", True)
+        code, closed = asked_with(f"{gateway.base_url}/requests/{streaming[0]}?wait=20", key)  # waits for its end
+        assert streamed_text.result(timeout=20)
+    record = gateway.record(streaming[0])
+    assert code == 200 and closed["status"] == "settled" and closed["charge"] == format_amount(record["charge_nanos"])
+    assert closed["usage"]["output_tokens"] == record["output_tokens"] > 0
+
+    stranger = gateway.customer(f"e2e-asks-stranger-{gateway.shape}")
+    for url, api_key, status, reason in (
+            (f"{gateway.base_url}/requests/{request_id}?wait=0", stranger, 404, "request_not_found"),
+            (f"{gateway.base_url}/requests/req_never_made?wait=0", key, 404, "request_not_found"),
+            (f"{gateway.base_url}/requests/{request_id}?wait=soon", key, 400, "invalid_request"),
+            (f"{gateway.base_url}/requests/{request_id}", "pdk_live_" + "Q" * 40, 401, "invalid_api_key")):
+        code, error = asked_with(url, api_key)
+        assert (code, error["error"]["code"]) == (status, reason), url
+    assert "/requests/" not in json.dumps([r["path"] for r in gateway.mock.received()])  # policyd answered them
 
 
 def test_downgrade_reaches_the_cheaper_model_with_the_body_rewritten(gateway: Gateway) -> None:

@@ -25,14 +25,14 @@ import pytest
 
 from policyd import event_stream, http_api
 from policyd.mock_provider import MockProvider, prompt_tokens
-from policyd.money import PRICE_TOKEN_SECONDS, parse_amount, price_quantity
+from policyd.money import PRICE_TOKEN_SECONDS, format_amount, parse_amount, price_quantity
 from policyd.protobuf_json import timestamp_ms
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import ROOT
 from tests.helpers import FundedCustomers, begin_gemini_upload, http_request, leave_before_the_reply, streamed, wav
 from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
-from tests.test_gateway import FIXTURES, expected_charge, key_summary
+from tests.test_gateway import FIXTURES, asked_with, expected_charge, key_summary
 
 PROVIDER_KEY = "sk-mock-gateway-example"
 
@@ -526,6 +526,24 @@ def test_a_key_asks_what_it_may_still_spend(gateway: ExampleGateway) -> None:
     code, error = key_summary(gateway.base_url, "pdk_live_" + "Q" * 40)
     assert (code, error["error"]["code"]) == (401, "invalid_api_key")
     assert "/v1/key" not in json.dumps([r["path"] for r in gateway.mock.received()])
+
+
+def test_a_customer_asks_what_its_request_was_charged(gateway: ExampleGateway) -> None:
+    """GET /v1/requests/{id}, answered from policyd's DescribeRequest: the charge and usage as recorded, for the
+    request's own customer alone."""
+    key = gateway.customer("mw-asks")
+    raw = gateway.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "mw what did this cost"}], max_tokens=8)
+    completion, request_id = raw.parse(), raw.headers["x-policyd-request-id"]
+    code, asked = asked_with(f"{gateway.base_url}/requests/{urllib.parse.quote(request_id, safe='')}", key)
+    record = gateway.record(request_id)
+    assert code == 200 and (asked["id"], asked["status"], asked["charge"]) == (
+        request_id, "settled", format_amount(record["charge_nanos"]))
+    assert (asked["usage"]["input_tokens"], asked["usage"]["output_tokens"]) == (
+        completion.usage.prompt_tokens, completion.usage.completion_tokens)
+    code, error = asked_with(f"{gateway.base_url}/requests/{request_id}", gateway.customer("mw-asks-stranger"))
+    assert (code, error["error"]["code"]) == (404, "request_not_found")
+    assert "/requests/" not in json.dumps([r["path"] for r in gateway.mock.received()])
 
 
 def test_what_a_provider_says_of_the_operators_account_never_reaches_the_client(gateway: ExampleGateway) -> None:

@@ -2080,3 +2080,21 @@ def test_claudes_token_count_on_vertex_is_free_and_names_its_model_in_the_body()
                           {"role": "user", "content": "hi"}]}).encode())
     assert (call.problem, call.endpoint, call.model, call.count_tokens, call.model_in_path) == (
         "", "anthropic_messages", "claude-sonnet-4@20250514", True, False)
+
+
+@pytest.mark.parametrize("path, request_id, wait_ms, problem", [
+    ("/v1/requests/req_0a1b", "req_0a1b", http_api.REQUEST_LOOKUP_WAIT_SECONDS * 1000, ""),
+    ("/v1/requests/req_0a1b/?wait=0", "req_0a1b", 0, ""),
+    ("/openai/v1/requests/order-7%2Fkey%3Akey_9?wait=20", "order-7/key:key_9", 20_000, ""),  # another key's id first
+    ("/v1/requests/order-7/key:key_9:attempt-2", "order-7/key:key_9:attempt-2", 5000, ""),  # its slashes unescaped
+    ("/v1/requests/req_0a1b?wait=21", "req_0a1b", 5000, "invalid_request"),  # past the longest wait
+    ("/v1/requests/req_0a1b?wait=1.5", "req_0a1b", 5000, "invalid_request"),
+])
+def test_a_request_asked_about_is_named_by_its_path(path: str, request_id: str, wait_ms: int, problem: str) -> None:
+    """GET /v1/requests/{id}[?wait=N]: the id as the request's x-policyd-request-id gave it, escaped or not; the
+    wait in whole seconds up to request_lookup.WAIT_MS_MAX; Envoy's route for it matches the same paths."""
+    call = parse_call("GET", path, {"authorization": "Bearer k"}, b"")
+    assert (call.request_lookup, call.lookup_wait_ms, call.problem, call.endpoint) == (request_id, wait_ms, problem, "")
+    assert http_api.request_lookup_asked("GET", path) and not http_api.request_lookup_asked("POST", path)
+    assert re.fullmatch(http_api.REQUEST_LOOKUP_PATH_REGEX, path.split("?", 1)[0])
+    assert parse_call("GET", "/v1/requests/", {"authorization": "Bearer k"}, b"").request_lookup == ""

@@ -1,5 +1,6 @@
 /**
- * policyd's TypeScript/Node client: the PolicyService (Authorize, Settle, Release, DescribeKey) with deadlines,
+ * policyd's TypeScript/Node client: the PolicyService (Authorize, Settle, Release, DescribeKey, DescribeRequest)
+ * with deadlines,
  * retries only where a call is idempotent, and typed errors.
  *
  *   const policy = new PolicyClient("127.0.0.1:50051");
@@ -23,6 +24,8 @@ import type { Attribution } from "./generated/policyd/v1/Attribution";
 import type { PolicyServiceClient } from "./generated/policyd/v1/PolicyService";
 import type { DescribeKeyRequest } from "./generated/policyd/v1/DescribeKeyRequest";
 import type { KeySummary__Output } from "./generated/policyd/v1/KeySummary";
+import type { DescribeRequestRequest } from "./generated/policyd/v1/DescribeRequestRequest";
+import type { RequestSummary__Output } from "./generated/policyd/v1/RequestSummary";
 import type { ReleaseRequest } from "./generated/policyd/v1/ReleaseRequest";
 import type { ReleaseResponse__Output } from "./generated/policyd/v1/ReleaseResponse";
 import type { AwaitResponseRequest } from "./generated/policyd/v1/AwaitResponseRequest";
@@ -187,6 +190,25 @@ export interface KeySummary {
   models: { id: string; ownedBy: string }[];  // the models the key may use (for answering GET /v1/models)
 }
 
+/** One request of the key's customer, as its holder may see it (GET /v1/requests/{id}): never its cost. */
+export interface RequestSummary {
+  requestId: string;
+  createdUnixMs: number;
+  status: "in_progress" | "settled" | "released" | "expired" | "denied" | "unmetered";
+  decision: string;
+  reason: string;
+  endpoint: string;
+  requestedModel: string;
+  servedModel: string;
+  currency: string;
+  chargeNanos: bigint;
+  heldNanos: bigint;
+  refundedNanos: bigint;
+  balanceAfterNanos: bigint | null;   // null: no prepaid wallet paid it (postpaid, or not charged yet)
+  usageEstimated: boolean;
+  response: RequestSummary__Output;  // every field, the usage included
+}
+
 export interface ClientOptions {
   credentials?: grpc.ChannelCredentials;
   deadlineMs?: number;
@@ -301,12 +323,28 @@ export class PolicyClient {
     };
   }
 
-  private async call<Req, Res>(method: Unary<Req, Res>, request: Req, idempotent: boolean): Promise<Res> {
+  /** One request of the key's customer (its charge, usage and status), for answering GET /v1/requests/{id};
+   *  one in progress is waited for up to waitMs (at most 20,000) to close. */
+  async describeRequest(apiKey: string, requestId: string, waitMs = 0): Promise<RequestSummary> {
+    const r = await this.call<DescribeRequestRequest, RequestSummary__Output>(
+      this.stub.describeRequest.bind(this.stub), { apiKey, requestId, waitMs }, true, waitMs);
+    return {
+      requestId: r.requestId, createdUnixMs: Number(r.createdUnixMs), status: r.status as RequestSummary["status"],
+      decision: r.decision, reason: r.reason, endpoint: r.endpoint, requestedModel: r.requestedModel,
+      servedModel: r.servedModel, currency: r.charge?.currency ?? "", chargeNanos: BigInt(r.charge?.nanos ?? "0"),
+      heldNanos: BigInt(r.held?.nanos ?? "0"), refundedNanos: BigInt(r.refunded?.nanos ?? "0"),
+      balanceAfterNanos: r.hasBalance ? BigInt(r.balanceAfter?.nanos ?? "0") : null,
+      usageEstimated: r.usageEstimated, response: r,
+    };
+  }
+
+  private async call<Req, Res>(method: Unary<Req, Res>, request: Req, idempotent: boolean,
+                               waitsMs = 0): Promise<Res> {
     const attempts = idempotent ? this.retries + 1 : 1;
     for (let attempt = 1; ; attempt++) {
       try {
         return await new Promise<Res>((resolve, reject) => {
-          method(request, { deadline: new Date(Date.now() + this.deadlineMs) }, (error, response) =>
+          method(request, { deadline: new Date(Date.now() + this.deadlineMs + waitsMs) }, (error, response) =>
             error ? reject(error) : resolve(response as Res));
         });
       } catch (caught) {

@@ -152,6 +152,29 @@ test("a key is described: its wallet and the current window of its limits", asyn
   }
 });
 
+test("a request is described: in progress while held, then what it was charged", async () => {
+  const policy = new PolicyClient(address);
+  try {
+    const held = await policy.authorize({ apiKey, endpoint: "chat_completions", model: "gpt-4o-mini",
+                                          requestId: "node-asked", promptBytes: 80 });
+    const running = await policy.describeRequest(apiKey, "node-asked");
+    assert.equal(running.status, "in_progress");
+    assert.equal(running.heldNanos, held.reservedNanos);
+    assert.equal(running.balanceAfterNanos, null);
+    const waiting = policy.describeRequest(apiKey, "node-asked", 10000);  // waits for the request to close
+    const settled = await policy.settle("node-asked", { inputTokens: 20, outputTokens: 5 });
+    const asked = await waiting;
+    assert.equal(asked.status, "settled");
+    assert.equal(asked.chargeNanos, settled.chargeNanos);
+    assert.equal(asked.balanceAfterNanos, settled.balanceAfterNanos);
+    assert.equal(Number(asked.response.usage?.outputTokens), 5);
+    await assert.rejects(policy.describeRequest(apiKey, "node-never-made"),
+      (e: unknown) => e instanceof PolicydCallError && e.code === grpc.status.NOT_FOUND && e.reason === "request_not_found");
+  } finally {
+    policy.close();
+  }
+});
+
 test("an unreachable server is a clear error", async () => {
   const policy = new PolicyClient("127.0.0.1:1", { deadlineMs: 500, retries: 1 });
   try {

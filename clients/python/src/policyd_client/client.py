@@ -255,10 +255,10 @@ class PolicyClient:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method: Any, request: Any, idempotent: bool) -> Any:
+    def _call(self, method: Any, request: Any, idempotent: bool, waits: float = 0) -> Any:
         for attempt in range(self.retries + 1 if idempotent else 1):
             try:
-                return method(request, timeout=self.deadline)
+                return method(request, timeout=self.deadline + waits)
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= (self.retries if idempotent else 0):
                     raise _error(error) from None
@@ -290,6 +290,12 @@ class PolicyClient:
     def describe_key(self, api_key: str) -> Any:
         """What a key may still spend (a policy_pb2.KeySummary), for answering the key's holder (GET /v1/key)."""
         return self._call(self.stub.DescribeKey, policy_pb2.DescribeKeyRequest(api_key=api_key), idempotent=True)
+
+    def describe_request(self, api_key: str, request_id: str, wait_ms: int = 0) -> Any:
+        """One request of the key's customer (a policy_pb2.RequestSummary: its charge, usage and status), for
+        answering the key's holder (GET /v1/requests/{id}); one in progress waited for up to wait_ms to close."""
+        return self._call(self.stub.DescribeRequest, policy_pb2.DescribeRequestRequest(
+            api_key=api_key, request_id=request_id, wait_ms=wait_ms), idempotent=True, waits=wait_ms / 1000)
 
 
 class AsyncPolicyClient:
@@ -324,10 +330,10 @@ class AsyncPolicyClient:
             await self.channel.close()
             self.channel, self._stub = None, None
 
-    async def _call(self, method: Any, request: Any, idempotent: bool) -> Any:
+    async def _call(self, method: Any, request: Any, idempotent: bool, waits: float = 0) -> Any:
         for attempt in range(self.retries + 1 if idempotent else 1):
             try:
-                return await method(request, timeout=self.deadline)
+                return await method(request, timeout=self.deadline + waits)
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= (self.retries if idempotent else 0):
                     raise _error(error) from None
@@ -360,3 +366,8 @@ class AsyncPolicyClient:
     async def describe_key(self, api_key: str) -> Any:
         """What a key may still spend (a policy_pb2.KeySummary), for answering the key's holder (GET /v1/key)."""
         return await self._call(self.stub.DescribeKey, policy_pb2.DescribeKeyRequest(api_key=api_key), idempotent=True)
+
+    async def describe_request(self, api_key: str, request_id: str, wait_ms: int = 0) -> Any:
+        """As PolicyClient.describe_request."""
+        return await self._call(self.stub.DescribeRequest, policy_pb2.DescribeRequestRequest(
+            api_key=api_key, request_id=request_id, wait_ms=wait_ms), idempotent=True, waits=wait_ms / 1000)

@@ -41,6 +41,73 @@ RELEASED: ReleaseOutcome
 ALREADY_RELEASED: ReleaseOutcome
 ALREADY_EXPIRED: ReleaseOutcome
 
+class DescribeRequestRequest(_message.Message):
+    __slots__ = ("api_key", "request_id", "wait_ms")
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    api_key: str
+    request_id: str
+    wait_ms: int
+    def __init__(self, api_key: _Optional[str] = ..., request_id: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+
+class RequestSummary(_message.Message):
+    __slots__ = ("request_id", "created_unix_ms", "status", "decision", "reason", "message", "endpoint", "requested_model", "served_model", "api_key_id", "charge", "held", "refunded", "has_balance", "balance_after", "usage", "usage_estimated", "error_class", "feature", "thread_id", "end_user_id", "agent_id", "tags")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    CHARGE_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    REFUNDED_FIELD_NUMBER: _ClassVar[int]
+    HAS_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_ESTIMATED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CLASS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    THREAD_ID_FIELD_NUMBER: _ClassVar[int]
+    END_USER_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    created_unix_ms: int
+    status: str
+    decision: str
+    reason: str
+    message: str
+    endpoint: str
+    requested_model: str
+    served_model: str
+    api_key_id: str
+    charge: _types_pb2.Money
+    held: _types_pb2.Money
+    refunded: _types_pb2.Money
+    has_balance: bool
+    balance_after: _types_pb2.Money
+    usage: Usage
+    usage_estimated: bool
+    error_class: str
+    feature: str
+    thread_id: str
+    end_user_id: str
+    agent_id: str
+    tags: _containers.ScalarMap[str, str]
+    def __init__(self, request_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., status: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., endpoint: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., api_key_id: _Optional[str] = ..., charge: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., held: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., refunded: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., has_balance: _Optional[bool] = ..., balance_after: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., usage_estimated: _Optional[bool] = ..., error_class: _Optional[str] = ..., feature: _Optional[str] = ..., thread_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class DescribeKeyRequest(_message.Message):
     __slots__ = ("api_key",)
     API_KEY_FIELD_NUMBER: _ClassVar[int]

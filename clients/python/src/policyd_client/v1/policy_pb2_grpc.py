@@ -59,6 +59,11 @@ class PolicyServiceStub:
                 request_serializer=policyd_dot_v1_dot_policy__pb2.DescribeKeyRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_policy__pb2.KeySummary.FromString,
                 _registered_method=True)
+        self.DescribeRequest = channel.unary_unary(
+                '/policyd.v1.PolicyService/DescribeRequest',
+                request_serializer=policyd_dot_v1_dot_policy__pb2.DescribeRequestRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_policy__pb2.RequestSummary.FromString,
+                _registered_method=True)
 
 
 class PolicyServiceServicer:
@@ -103,6 +108,16 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeRequest(self, request, context):
+        """One request of the key's customer, for a proxy to answer the key's holder (GET /v1/requests/{id}): what
+        it was charged, its usage and where it stands, never what it cost the operator. One still in progress
+        is waited for up to wait_ms (at most 20,000) to close. A request of another customer, or none, is
+        refused as not found (request_not_found, NOT_FOUND); a key that cannot be used as Authorize refuses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +145,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.DescribeKey,
                     request_deserializer=policyd_dot_v1_dot_policy__pb2.DescribeKeyRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_policy__pb2.KeySummary.SerializeToString,
+            ),
+            'DescribeRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeRequest,
+                    request_deserializer=policyd_dot_v1_dot_policy__pb2.DescribeRequestRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_policy__pb2.RequestSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +287,33 @@ class PolicyService:
             '/policyd.v1.PolicyService/DescribeKey',
             policyd_dot_v1_dot_policy__pb2.DescribeKeyRequest.SerializeToString,
             policyd_dot_v1_dot_policy__pb2.KeySummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.PolicyService/DescribeRequest',
+            policyd_dot_v1_dot_policy__pb2.DescribeRequestRequest.SerializeToString,
+            policyd_dot_v1_dot_policy__pb2.RequestSummary.FromString,
             options,
             channel_credentials,
             insecure,
