@@ -28,6 +28,9 @@ WAIT_MS_MAX = 20_000  # the longest a caller may wait for a request to close
 DECISION_SECONDS = WAIT_MS_MAX // 1000 + 5  # how long Envoy waits for policyd's answer to a lookup
 POLL_SECONDS = 0.1
 RECORD_LAG_SECONDS = 1.0
+# lookups one process lets wait at once (each reads SQL every POLL_SECONDS): past it a lookup answers at once
+WAITING_MAX = 100
+_waiting = 0
 
 # the record's status -> the request's, as its customer reads it
 STATUSES = {"reserved": "in_progress", "settled": "settled", "settled_late": "settled", "released": "released",
@@ -84,9 +87,19 @@ async def _reservation(counters: Counters, request_id: str) -> Any:
 async def find(store: Store, counters: Counters, customer_id: str, request_id: str,
                wait_ms: int) -> RequestSummary | None:
     """The request of this customer with this id (None: none, or another customer's), waiting up to `wait_ms`
-    (at most WAIT_MS_MAX) for one in progress to close."""
+    (at most WAIT_MS_MAX; none while WAITING_MAX others wait) for one in progress to close."""
+    global _waiting
     started = time.monotonic()
-    deadline = started + min(max(wait_ms, 0), WAIT_MS_MAX) / 1000
+    deadline = started + (min(max(wait_ms, 0), WAIT_MS_MAX) / 1000 if _waiting < WAITING_MAX else 0)
+    _waiting += 1
+    try:
+        return await _looked_for(store, counters, customer_id, request_id, started, deadline)
+    finally:
+        _waiting -= 1
+
+
+async def _looked_for(store: Store, counters: Counters, customer_id: str, request_id: str, started: float,
+                      deadline: float) -> RequestSummary | None:
     lag_ends = min(deadline, started + RECORD_LAG_SECONDS)
     while True:
         row = await asyncio.to_thread(store.usage_record, request_id)

@@ -3,6 +3,7 @@ in Redis while the record is on its way; SQL alone when Redis cannot be reached.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,19 @@ async def test_a_request_whose_record_is_on_its_way_is_read_from_its_reservation
     store.insert_records([_record(request_id="r-9", status="released", charge_nanos=0, balance_after_nanos=None)])
     found = await request_lookup.find(store, counters, "acme", "r-9", wait_ms=0)  # type: ignore[arg-type]
     assert found is not None and (found.status, found.charge, found.held) == ("released", 0, 900)
+
+
+async def test_a_lookup_waits_no_longer_once_too_many_others_wait(tmp_path: Path, monkeypatch) -> None:
+    """Each waiting lookup reads SQL every POLL_SECONDS: past WAITING_MAX waiting in one process, a lookup answers
+    at once with where the request stands."""
+    held = Reservation(request_id="r-5", partition=0, state="held", amount=77, expires_ms=0,
+                       fields={"record": _record(request_id="r-5")})
+    store = _store(tmp_path)
+    monkeypatch.setattr(request_lookup, "WAITING_MAX", 0)
+    started = time.monotonic()
+    found = await request_lookup.find(store, _Counters(held), "acme", "r-5", wait_ms=5000)  # type: ignore[arg-type]
+    assert found is not None and found.status == "in_progress" and time.monotonic() - started < 1
+    monkeypatch.setattr(request_lookup, "WAITING_MAX", 100)
+    started = time.monotonic()
+    await request_lookup.find(store, _Counters(held), "acme", "r-5", wait_ms=500)  # type: ignore[arg-type]
+    assert time.monotonic() - started >= 0.5 and request_lookup._waiting == 0
