@@ -206,6 +206,10 @@ class AuthorizeInput:
     # tokens, and the seconds of its life charged so far, as policyd remembers them (Engine._cache_update)
     cache_tokens: int = 0
     cache_kept_seconds: int = 0
+    # a budget its caller sets on its thread (nanos; 0: none), in this currency ("": the policy's): a limit of the
+    # thread's total charge beside the plan's (key_limits.with_thread_budget)
+    thread_budget: int = 0
+    thread_budget_currency: str = ""
 
     @property
     def cache_update(self) -> bool:

@@ -457,6 +457,9 @@ class Engine:
             preset, param = "cached_content_not_found", "name"
         else:
             preset, param = self._policy_denial(request, key.scopes, owner, policy, plan)
+            if not preset and request.thread_budget_currency not in ("", policy.document.currency):
+                preset, param = "invalid_request", "thread_budget"
+                preset_message = f"a thread budget is in this policy's currency, {policy.document.currency}"
         prior_tokens = 0  # input a continuation carries unseen: the previous response's, or the conversation's
         # the provider account an explicit cache the request uses was made on (or a Gemini upload it sends the
         # bytes of was begun on): served there
@@ -1004,7 +1007,9 @@ class Engine:
                             a.feature, model, a.thread_id, a.end_user_id)
         holds: list[BucketHold] = []
         by_label: dict[str, tuple[Limit, int]] = {}
-        for limit in key_limits.effective(plan.limits, own_limits, policy.document.timezone):
+        for limit in key_limits.with_thread_budget(key_limits.effective(plan.limits, own_limits,
+                                                                        policy.document.timezone),
+                                                   request.thread_budget):
             scope_id = buckets[limit.scope]
             if not scope_id or limit.label == skip_label:
                 continue  # a thread limit binds requests that name a thread

@@ -86,7 +86,7 @@ from policyd.domain import (ANTHROPIC_FAST_MODE, CACHED_CONTENT_PREFIX, CONTAINE
                             IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS, SEARCH_CONTEXT_LENGTH_MAX, Attribution, AuthorizeInput,
                             KeySummary, RateLimit, RequestSummary, Shape, bedrock_tier, cached_content_name, tier_in_geo,
                             trace_id_from)
-from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount
+from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount, parse_amount
 from policyd.multipart import MultipartError, MultipartForm
 from policyd.protobuf_json import duration_ms, timestamp_ms
 from policyd.validation import REQUEST_ID_PATTERN, STORED_RESPONSE_ID_PATTERN, TAG_VALUE_LENGTH_MAX, TAGS_MAX
@@ -229,6 +229,8 @@ _KEY_SUMMARY = re.compile(r"(^|/)v1/key/?$")
 # a request asked about: its id may hold "/" (an id another key's request held first, `<id>/key:<key id>`)
 REQUEST_LOOKUP_PATH_REGEX = r"(.*/)?v1/requests/.+"  # Envoy's route (RE2, matching the path without its query)
 _REQUEST_LOOKUP = re.compile(r"(^|/)v1/requests/(?P<id>[^?]+?)/?$")
+# a budget the caller sets on its thread (x-thread-id): the most its requests together may be charged
+THREAD_BUDGET_HEADER = "x-policyd-thread-budget"
 REQUEST_LOOKUP_WAIT_SECONDS = 5  # how long GET /v1/requests/{id} waits for one in progress unless told (`wait`)
 
 # header -> attribution field
@@ -322,6 +324,7 @@ class HttpCall:
     document_tokens_max: int = 0  # ... and the most tokens the provider reads of each (0: no bound)
     least_output_cap: int = 0  # the least cap the provider accepts (Anthropic's past its thinking budget_tokens)
     search_context_size: str = ""  # web_search_options.search_context_size (Perplexity's, OpenAI's search models)
+    thread_budget: int = 0  # x-policyd-thread-budget: its caller's budget of the thread's total charge (nanos)
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     background: bool = False  # a Responses API background response: it goes on at the provider after its reply
     deletes_stored: bool = False  # DELETE of the stored response (or conversation, file) it names
@@ -394,7 +397,7 @@ class HttpCall:
             previous_response=self.previous_response,
             creates=self.creates, creates_at=self.creates_at, conversation=self.conversation, files=self.files,
             charge_held_on_expiry=True,  # the gateway sends it on to the provider
-            call_token=self.call_token,
+            call_token=self.call_token, thread_budget=self.thread_budget,
         )
 
 
@@ -1027,6 +1030,19 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
             sum(len(k) + len(v) for k, v in headers.items()) > REQUEST_HEADERS_BYTES_MAX:
         return _problem(call, "request_headers_too_large", f"the request headers are larger than "
                         f"{REQUEST_HEADERS_BYTES_MAX // 1024} KiB or more than {REQUEST_HEADERS_COUNT_MAX} headers")
+    if THREAD_BUDGET_HEADER in headers and not (listing or call.key_summary or named.request_lookup):
+        budget = headers[THREAD_BUDGET_HEADER]
+        try:
+            nanos = parse_amount(budget)
+        except ValueError:
+            nanos = 0
+        if nanos <= 0:
+            return _problem(call, "invalid_request", f"{THREAD_BUDGET_HEADER} is an amount of money more than 0, "
+                            f"such as 5.00, not {budget[:40]!r}", THREAD_BUDGET_HEADER)
+        call.thread_budget = nanos
+        if not call.attribution.thread_id:
+            return _problem(call, "invalid_request", f"{THREAD_BUDGET_HEADER} needs the thread it binds "
+                            "(x-thread-id)", THREAD_BUDGET_HEADER)
     if listing:
         call.listing_shape = "anthropic" if "anthropic-version" in headers else \
             "gemini" if "/v1beta/" in path.split("?", 1)[0] or "x-goog-api-key" in headers or call.key_in_query \

@@ -1,4 +1,5 @@
-"""A key's own limits: the budgets and rate limits an operator gives one key, beside its plan's.
+"""A key's own limits: the budgets and rate limits an operator gives one key, beside its plan's; and a request's
+thread budget, which its caller sets (with_thread_budget).
 
 Stored with the key as `{window, unit, limit, timezone}` (money in nanos of the policy's currency)
 and part of its terms (store.key_terms), so a change binds every replica from the next decision.
@@ -17,6 +18,7 @@ from policyd.money import MONEY_UNITS, format_amount
 from policyd.policy import Limit
 
 KEY_LIMITS_MAX = 8
+THREAD_BUDGET = "thread-budget"  # the name of a caller's budget of its thread (AuthorizeInput.thread_budget)
 WINDOWS = ("minute", "hour", "day", "month", "total")
 UNITS = ("money", "tokens", "requests")
 
@@ -69,3 +71,16 @@ def effective(plan_limits: tuple[Limit, ...], own: tuple[Limit, ...], zone: str)
     kept = tuple(limit for limit in plan_limits
                  if limit.scope != "key" or (limit.unit, limit.window, limit.timezone) not in taken)
     return kept + own
+
+
+
+def with_thread_budget(limits: tuple[Limit, ...], budget: int) -> tuple[Limit, ...]:
+    """The limits with a caller's budget of its thread's total charge (`budget` nanos, 0: none), beside the plan's.
+    It counts in a bucket of its own (scope "thread_budget": the thread's, quotas.scope_ids), so that a plan's
+    limits of the thread stand as they are, each counting once: the caller may tighten what its plan allows a
+    thread, never loosen it. Made here, not read from a policy (no plan may name its scope)."""
+    if not budget:
+        return limits
+    own = Limit.model_construct(name=THREAD_BUDGET, scope="thread_budget", window="total", unit="money",
+                                limit=budget, timezone="", action="block", downgrade_to="", thresholds=())
+    return (*limits, own)

@@ -40,7 +40,8 @@ def scope_ids(customer_id: str, key_id: str, workspace_id: str = "", project_id:
 
     return {"key": key_id, "customer": customer_id, "workspace": within(workspace_id), "project": within(project_id),
             "team": within(team_id), "feature": within(feature), "model": within(model),
-            "thread": within(thread_id), "end_user": within(end_user_id)}
+            "thread": within(thread_id), "end_user": within(end_user_id),
+            "thread_budget": within(thread_id)}  # a caller's budget of its thread (key_limits.with_thread_budget)
 
 
 async def bucket_states(counters: "Counters", limits: tuple[Limit, ...], ids: dict[str, str], at_ms: int

@@ -6,7 +6,7 @@ import re
 
 from policyd.domain import (CREATABLE, CREATED_AT, ENDPOINTS, FILES_PER_REQUEST_MAX, IMAGE_SCALE_MAX,
                             SEARCH_CONTEXT_LENGTH_MAX, AuthorizeInput, UsageReport)
-from policyd.money import QUANTITY_MAX, TOKEN_SECONDS_MAX
+from policyd.money import AMOUNT_MAX, QUANTITY_MAX, TOKEN_SECONDS_MAX
 from policyd.policy import CONTAINER_MEMORY_LENGTH_MAX
 
 REQUEST_ID_LENGTH_MAX = 128
@@ -72,6 +72,13 @@ def check_authorize(request: AuthorizeInput) -> None:
         _text_field(f"tag {key}", value, TAG_VALUE_LENGTH_MAX)
     _text_field("user_agent", request.user_agent, USER_AGENT_LENGTH_MAX)
     _text_field("client address", request.client_address, FIELD_LENGTH_MAX)
+    if request.thread_budget or request.thread_budget_currency:
+        if not 0 < request.thread_budget <= AMOUNT_MAX:
+            raise Problem("invalid_request", "thread_budget must be more than 0", "thread_budget")
+        if not a.thread_id:
+            raise Problem("invalid_request", "a thread budget needs the thread it binds (thread_id, x-thread-id)",
+                          "thread_budget")
+        _text_field("thread_budget currency", request.thread_budget_currency, 8)
     if request.endpoint not in ENDPOINTS:
         raise Problem("unknown_endpoint", "unknown or missing endpoint family", "endpoint")
     if request.stored_response:  # a stored response's id, from a URL path: names no model

@@ -328,6 +328,44 @@ async def test_a_key_with_limits_of_its_own(service: Service) -> None:
     assert service.store.usage_record("own-day").reason == "budget_exceeded"
 
 
+async def test_a_threads_budget_set_by_its_caller(service: Service) -> None:
+    """AuthorizeInput.thread_budget: the thread's requests that name it hold their worst case in the thread's one
+    total, beside the wallet and the plan's limits; a request that would take it past the budget is refused
+    (budget_exceeded); a settled request counts its charge; another thread is not bound; the audit agrees; a
+    budget in another currency, or with no thread, is refused (invalid_request)."""
+    from dataclasses import replace
+
+    from policyd.domain import PolicydError
+    from tests.helpers import usage
+
+    _, secret = await new_key(service, customer="runner")
+    await fund(service, "runner", "10")
+
+    def step(request_id: str, budget: int, thread: str = "run-1", currency: str = "") -> object:
+        return replace(ask(secret, request_id=request_id, thread_id=thread, prompt_bytes=40, max_output_tokens=20),
+                       thread_budget=budget, thread_budget_currency=currency)
+
+    first = await service.engine.authorize(step("tb-1", 10**9))
+    assert first.decision == "allow"
+    budget = 2 * first.reserved + first.reserved // 2  # two holds fit, a third does not
+    second = await service.engine.authorize(step("tb-2", budget))
+    third = await service.engine.authorize(step("tb-3", budget))
+    assert (second.decision, third.decision, third.reason, third.http_status) == ("allow", "deny", "budget_exceeded", 429)
+    assert third.message.endswith("(thread-budget)")
+    assert (await service.engine.authorize(step("tb-other", budget, thread="run-2"))).decision == "allow"
+    settled = await service.engine.settle(usage("tb-1", input_tokens=5, output_tokens=2))  # charged less than held
+    fourth = await service.engine.authorize(step("tb-4", budget))
+    assert fourth.decision == "allow" and settled.charge < first.reserved  # the room the settle gave back
+    for bad in (step("tb-eur", budget, currency="EUR"), step("tb-nothread", budget, thread="")):
+        refused = await service.engine.authorize(bad)
+        assert (refused.reason, refused.error_param) == ("invalid_request", "thread_budget"), refused
+    with pytest.raises(PolicydError):  # nothing to settle: refused before any hold
+        await service.engine.settle(usage("tb-eur"))
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+    assert service.store.usage_record("tb-3").reason == "budget_exceeded"
+
+
 async def test_a_keys_models_narrow_and_widen_back_from_the_next_decision(service: Service) -> None:
     from policyd import keys as key_secrets
     from policyd.domain import PolicydError

@@ -2031,6 +2031,49 @@ def test_a_customer_asks_what_its_request_was_charged(gateway: Gateway) -> None:
     assert "/requests/" not in json.dumps([r["path"] for r in gateway.mock.received()])  # policyd answered them
 
 
+def test_a_threads_budget_set_by_its_caller_is_never_overshot_by_its_concurrent_requests(gateway: Gateway) -> None:
+    """x-policyd-thread-budget with x-thread-id: an agent run's requests together may be charged at most the budget
+    its caller sets, however many run at once (each holds its worst case in the thread's one total, atomically
+    with the wallet); past it a request is refused before the provider (429 budget_exceeded); another thread of
+    the same key is not bound by it; a budget with no thread, or not an amount, is refused (400)."""
+    customer = f"e2e-run-budget-{gateway.shape}"
+    client = gateway.client(gateway.customer(customer, plan="strict"))
+    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one step of the run"}], "max_tokens": 8}
+    probe = client.chat.completions.with_raw_response.create(**ask, extra_headers={"x-thread-id": "probe"})
+    held = gateway.record(probe.headers["x-policyd-request-id"])["reserved_nanos"]
+    budget = 3 * held + held // 2  # three holds fit, a fourth does not
+    run = {"x-thread-id": "run-1", "x-policyd-thread-budget": format_amount(budget)}
+
+    def step(n: int) -> str:
+        try:
+            return client.chat.completions.with_raw_response.create(
+                **ask, extra_headers={**run, "x-policyd-request-id": f"run-1-{gateway.shape}-{n}"}
+            ).headers["x-policyd-request-id"]
+        except openai.RateLimitError as refused:
+            assert refused.code == "budget_exceeded" and "thread-budget" in refused.message
+            assert refused.response.headers["x-should-retry"] == "false"  # waiting cures nothing
+            return ""
+
+    with ThreadPoolExecutor(12) as pool:  # all at once: the holds, not the charges, are what admit them
+        admitted = [request_id for request_id in pool.map(step, range(12)) if request_id]
+    for n in range(100, 140):  # and one after another, until the budget refuses the next
+        if not (request_id := step(n)):
+            break
+        admitted.append(request_id)
+    charged = sum(gateway.record(request_id)["charge_nanos"] for request_id in admitted)
+    refused = [r for r in gateway.records(customer) if r.thread_id == "run-1" and r.reason == "budget_exceeded"]
+    assert 3 <= len(admitted) and refused and 0 < charged <= budget
+    sent = [r for r in gateway.mock.received() if r["body"].get("messages") == ask["messages"]]
+    assert len(sent) == len(admitted) + 1  # the probe and the admitted alone reached the provider
+    assert client.chat.completions.create(**ask, extra_headers={"x-thread-id": "run-2"}).choices  # another thread
+    for headers, problem in (({"x-policyd-thread-budget": "5.00"}, "needs the thread"),
+                             ({"x-thread-id": "run-3", "x-policyd-thread-budget": "five"}, "an amount of money")):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(**ask, extra_headers=headers)
+        assert bad.value.code == "invalid_request" and problem in bad.value.message
+        assert bad.value.param == "x-policyd-thread-budget"
+
+
 def test_downgrade_reaches_the_cheaper_model_with_the_body_rewritten(gateway: Gateway) -> None:
     key = gateway.customer("e2e-thrifty", plan="thrifty")
     raw = gateway.client(key).chat.completions.with_raw_response.create(

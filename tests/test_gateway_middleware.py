@@ -528,6 +528,20 @@ def test_a_key_asks_what_it_may_still_spend(gateway: ExampleGateway) -> None:
     assert "/v1/key" not in json.dumps([r["path"] for r in gateway.mock.received()])
 
 
+def test_a_threads_budget_reaches_policyd_over_the_native_api(gateway: ExampleGateway) -> None:
+    """x-policyd-thread-budget goes to policyd as AuthorizeRequest.thread_budget: the request that would pass it
+    is refused before the provider; one within it is served."""
+    client = gateway.client(gateway.customer("mw-run"))
+    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "mw run step"}], "max_tokens": 8}
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(**ask, extra_headers={"x-thread-id": "mw-run-1",
+                                                             "x-policyd-thread-budget": "0.000000001"})
+    assert refused.value.code == "budget_exceeded" and "thread-budget" in refused.value.message
+    assert not [r for r in gateway.mock.received() if r["body"].get("messages") == ask["messages"]]
+    assert client.chat.completions.create(**ask, extra_headers={"x-thread-id": "mw-run-1",
+                                                                "x-policyd-thread-budget": "1.00"}).choices
+
+
 def test_a_customer_asks_what_its_request_was_charged(gateway: ExampleGateway) -> None:
     """GET /v1/requests/{id}, answered from policyd's DescribeRequest: the charge and usage as recorded, for the
     request's own customer alone."""

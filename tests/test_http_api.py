@@ -2098,3 +2098,23 @@ def test_a_request_asked_about_is_named_by_its_path(path: str, request_id: str, 
     assert http_api.request_lookup_asked("GET", path) and not http_api.request_lookup_asked("POST", path)
     assert re.fullmatch(http_api.REQUEST_LOOKUP_PATH_REGEX, path.split("?", 1)[0])
     assert parse_call("GET", "/v1/requests/", {"authorization": "Bearer k"}, b"").request_lookup == ""
+
+
+@pytest.mark.parametrize("headers, budget, problem", [
+    ({"x-thread-id": "run-7", "x-policyd-thread-budget": "2.50"}, 2_500_000_000, ""),
+    ({"x-thread-id": "run-7", "x-policyd-thread-budget": " 0.000000001 "}, 1, ""),
+    ({"x-thread-id": "run-7", "x-policyd-thread-budget": "0"}, 0, "an amount of money more than 0"),
+    ({"x-thread-id": "run-7", "x-policyd-thread-budget": "-1"}, 0, "an amount of money more than 0"),
+    ({"x-thread-id": "run-7", "x-policyd-thread-budget": "1e400"}, 0, "an amount of money more than 0"),
+    ({"x-thread-id": "run-7", "x-policyd-thread-budget": "0.0000000001"}, 0, "an amount of money more than 0"),
+    ({"x-policyd-thread-budget": "5"}, 5_000_000_000, "needs the thread it binds"),
+])
+def test_a_threads_budget_is_read_from_its_header(headers: dict, budget: int, problem: str) -> None:
+    """x-policyd-thread-budget: an exact amount of the policy's currency, for the thread x-thread-id names; anything
+    else is refused before any hold (400, its param the header)."""
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    call = parse_call("POST", "/v1/chat/completions", {"authorization": "Bearer k", **headers}, body)
+    assert (call.thread_budget, problem in call.problem_message) == (budget, True), call.problem_message
+    assert call.problem == ("invalid_request" if problem else "") and call.authorize_input().thread_budget == budget
+    if problem:
+        assert call.problem_param == "x-policyd-thread-budget"

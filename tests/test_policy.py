@@ -115,3 +115,4 @@ async def _flush(url: str) -> None:
     client = aioredis.Redis.from_url(url)
     await client.flushall()
     await client.aclose()
+

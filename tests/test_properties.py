@@ -490,3 +490,58 @@ def test_an_explicit_caches_charge_never_passes_its_hold(caching, prompt_bytes: 
         assert settled.cost == tokens * max(0, elapsed + asked - ttl) and settled.charge <= held.reserved
 
     loop.run_until_complete(run())
+
+
+thread_budget_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("authorize"), st.integers(0, 4_000), st.integers(1, 400)),
+        st.tuples(st.just("settle"), st.integers(0, 30), st.floats(0, 1), st.floats(0, 1)),
+        st.tuples(st.just("release"), st.integers(0, 30)),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(budget=st.integers(1, 2_000_000), operations=thread_budget_ops)
+def test_a_threads_budget_is_never_overshot(running, budget: int, operations) -> None:
+    """A caller's thread budget (AuthorizeInput.thread_budget) on a strict plan: whatever requests of the thread
+    are held, settled within their bounds or released, in any order, what the thread's requests were charged and
+    what they still hold never passes the budget, and the counters agree with the records (audit)."""
+    loop, service = running
+    loop.run_until_complete(_thread_budget_scenario(service, budget, operations, f"run{next(counter)}"))
+
+
+async def _thread_budget_scenario(service: Service, budget: int, operations: list, customer: str) -> None:
+    key = await service.admin.create_key(label="p", customer_id=customer, environment="production", plan="free")
+    await service.admin.grant_credit(customer, 10**12, "USD", "purchase", "")
+    held: dict[str, tuple[int, int, int]] = {}  # open request id -> its hold, input bound, output bound
+    opened: list[str] = []
+    charged = 0
+    for n, op in enumerate(operations):
+        if op[0] == "authorize":
+            rid = f"{customer}-{n}"
+            d = await service.engine.authorize(replace(
+                ask(key.secret, request_id=rid, prompt_bytes=op[1], max_output_tokens=op[2], thread_id="run"),
+                thread_budget=budget))
+            if d.decision != "deny":
+                held[rid] = (d.reserved, min(op[1] + 24, CONTEXT_WINDOW), d.max_output_tokens)
+                opened.append(rid)
+            else:
+                assert d.reason == "budget_exceeded" and d.message.endswith("(thread-budget)"), d
+        elif opened:
+            rid = opened[op[1] % len(opened)]
+            if rid not in held:
+                continue
+            hold, input_bound, output_bound = held.pop(rid)
+            if op[0] == "release":
+                await service.engine.release(rid, "test")
+            else:  # within the strict bound
+                s = await service.engine.settle(usage(rid, input_tokens=int(input_bound * op[2]),
+                                                      output_tokens=int(output_bound * op[3])))
+                assert s.charge <= hold
+                charged += s.charge
+        assert charged + sum(hold for hold, _, _ in held.values()) <= budget
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok

@@ -113,6 +113,7 @@ export interface AuthorizeInput {
   fileIds?: string[];            // the files the request's input refers to by id
   chargeHeldOnExpiry?: boolean;  // on its way to the provider: a reservation nobody closes is charged as held at its deadline
   callToken?: string;            // unique to the client's request when its id comes from the client: another reusing it meanwhile is refused
+  threadBudgetNanos?: bigint;    // a budget on attribution.threadId's total charge: a request whose hold would pass it is refused
   attribution?: Omit<Attribution, "requestId">;
 }
 
@@ -264,6 +265,7 @@ export class PolicyClient {
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",
       creates: input.creates ?? "", conversationId: input.conversationId ?? "", fileIds: input.fileIds ?? [],
       chargeHeldOnExpiry: input.chargeHeldOnExpiry ?? false, callToken: input.callToken ?? "",
+      threadBudget: { nanos: String(input.threadBudgetNanos ?? 0n) },
     };
     const r = await this.call<AuthorizeRequest, AuthorizeResponse__Output>(
       this.stub.authorize.bind(this.stub), request, Boolean(input.requestId));

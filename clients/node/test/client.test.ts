@@ -84,6 +84,22 @@ test("deny paths answer with the HTTP status and an OpenAI-style error body", as
   }
 });
 
+test("a thread's budget refuses the request that would pass it", async () => {
+  const policy = new PolicyClient(address);
+  try {
+    const input = { apiKey, endpoint: "chat_completions" as const, model: "gpt-4o-mini", promptBytes: 80,
+                    attribution: { threadId: "node-run" } };
+    const first = await policy.authorize({ ...input, requestId: "node-run-1", threadBudgetNanos: 10_000_000n });
+    assert.equal(first.allowed, true);
+    const tight = await policy.authorize({ ...input, requestId: "node-run-2", threadBudgetNanos: first.reservedNanos });
+    assert.equal(tight.allowed, false);  // the first one's hold already takes the whole budget
+    assert.equal(tight.reason, "budget_exceeded");
+    await policy.release("node-run-1");
+  } finally {
+    policy.close();
+  }
+});
+
 test("a search tool given no bound is bounded at the plan's default, and reserved so", async () => {
   const policy = new PolicyClient(address);
   try {
