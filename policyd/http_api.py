@@ -1602,7 +1602,7 @@ def _request_lookup(call: HttpCall, request_id: str, path: str) -> HttpCall:
     call.request_lookup, call.lookup_wait_ms = request_id, REQUEST_LOOKUP_WAIT_SECONDS * 1000
     for name, value in parse_qsl(path.partition("?")[2], keep_blank_values=True):
         if name == "wait":
-            if not value.isdigit() or int(value) * 1000 > request_lookup.WAIT_MS_MAX:
+            if not re.fullmatch(r"[0-9]{1,3}", value) or int(value) * 1000 > request_lookup.WAIT_MS_MAX:
                 return _problem(call, "invalid_request", f"wait must be a whole number of seconds from 0 to "
                                 f"{request_lookup.WAIT_MS_MAX // 1000}", "wait")
             call.lookup_wait_ms = int(value) * 1000

@@ -73,7 +73,6 @@ def effective(plan_limits: tuple[Limit, ...], own: tuple[Limit, ...], zone: str)
     return kept + own
 
 
-
 def with_thread_budget(limits: tuple[Limit, ...], budget: int) -> tuple[Limit, ...]:
     """The limits with a caller's budget of its thread's total charge (`budget` nanos, 0: none), beside the plan's.
     It counts in a bucket of its own (scope "thread_budget": the thread's, quotas.scope_ids), so that a plan's

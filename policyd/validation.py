@@ -74,7 +74,8 @@ def check_authorize(request: AuthorizeInput) -> None:
     _text_field("client address", request.client_address, FIELD_LENGTH_MAX)
     if request.thread_budget or request.thread_budget_currency:
         if not 0 < request.thread_budget <= AMOUNT_MAX:
-            raise Problem("invalid_request", "thread_budget must be more than 0", "thread_budget")
+            raise Problem("invalid_request", f"thread_budget must be more than 0 and at most {AMOUNT_MAX} nanos",
+                          "thread_budget")
         if not a.thread_id:
             raise Problem("invalid_request", "a thread budget needs the thread it binds (thread_id, x-thread-id)",
                           "thread_budget")

@@ -2089,6 +2089,7 @@ def test_claudes_token_count_on_vertex_is_free_and_names_its_model_in_the_body()
     ("/v1/requests/order-7/key:key_9:attempt-2", "order-7/key:key_9:attempt-2", 5000, ""),  # its slashes unescaped
     ("/v1/requests/req_0a1b?wait=21", "req_0a1b", 5000, "invalid_request"),  # past the longest wait
     ("/v1/requests/req_0a1b?wait=1.5", "req_0a1b", 5000, "invalid_request"),
+    ("/v1/requests/req_0a1b?wait=%C2%B2", "req_0a1b", 5000, "invalid_request"),  # a digit int() does not read
 ])
 def test_a_request_asked_about_is_named_by_its_path(path: str, request_id: str, wait_ms: int, problem: str) -> None:
     """GET /v1/requests/{id}[?wait=N]: the id as the request's x-policyd-request-id gave it, escaped or not; the
