@@ -149,8 +149,7 @@ class PolicydMiddleware:
         try:
             message = await self.policy.describe_request(call.api_key, call.request_lookup, call.lookup_wait_ms)
         except PolicydCallError as error:
-            await _respond(send, reasons.http_status(error.reason), http_api.error_body(
-                reasons.error_type(error.reason), error.reason, reasons.MESSAGES.get(error.reason, error.reason)))
+            await _refused_by_policyd(send, error)
             return
         await _respond(send, 200, http_api.request_summary_body(RequestSummary(
             request_id=message.request_id, created_ms=message.created_unix_ms, status=message.status,
@@ -170,8 +169,7 @@ class PolicydMiddleware:
         try:
             message = await self.policy.describe_key(call.api_key)
         except PolicydCallError as error:
-            await _respond(send, reasons.http_status(error.reason), http_api.error_body(
-                reasons.error_type(error.reason), error.reason, reasons.MESSAGES.get(error.reason, error.reason)))
+            await _refused_by_policyd(send, error)
             return
         if call.models_listing:
             await _respond(send, *http_api.models_reply([(m.id, m.owned_by) for m in message.models],
@@ -485,6 +483,13 @@ async def _watch_disconnect(receive: Receive, disconnected: asyncio.Event) -> No
     while (await receive())["type"] != "http.disconnect":
         pass
     disconnected.set()
+
+
+async def _refused_by_policyd(send: Send, error: PolicydCallError) -> None:
+    """A question about the key (GET /v1/key, /v1/models, /v1/requests/{id}) policyd refused: its reason as the
+    OpenAI-style error its HTTP status carries."""
+    await _respond(send, reasons.http_status(error.reason), http_api.error_body(
+        reasons.error_type(error.reason), error.reason, reasons.MESSAGES.get(error.reason, error.reason)))
 
 
 async def _respond(send: Send, status: int, body: bytes, retry_after: int = 0, request_id: str = "",
