@@ -2245,6 +2245,60 @@ def test_concurrent_streams_never_overspend_a_strict_wallet(gateway: Gateway) ->
     assert charged == parse_amount("0.0005") - wallet.balance_nanos
 
 
+def test_a_crowd_of_every_kind_of_ending_leaves_the_wallet_exact(gateway: Gateway) -> None:
+    """Sixty requests at once on a strict wallet too small for all of them, each ending its own way: a reply
+    whole, a stream read to its end, a stream its client hangs up on after two chunks, a stream the provider
+    cuts, a reply with no usage, a client gone before its reply began. Once they have all ended: nothing is
+    held, every request admitted has its one closed record and every other its denial, what the records
+    charged is exactly what left the wallet (never below zero), the ones cut or left are charged too, and the
+    counters agree with the ledger (audit)."""
+    customer, credit = f"e2e-mixed-{gateway.shape}", "0.002"
+    key = gateway.customer(customer, plan="strict", credit=credit)
+    client = gateway.client(key)
+    kinds = ("whole", "streamed", "hung_up", "cut", "no_usage", "left")
+
+    def one(n: int) -> tuple[str, str]:
+        kind, request_id = kinds[n % len(kinds)], f"mixed-{gateway.shape}-{n}"
+        ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"mixed {n} " + "y" * 300}],
+               "max_tokens": 12}
+        headers = {"x-policyd-request-id": request_id}
+        try:
+            if kind == "left":
+                leave_before_the_reply(gateway.base_url, key, request_id)
+            elif kind in ("whole", "no_usage"):
+                client.chat.completions.create(**ask, extra_headers={
+                    **headers, **({"x-mock-scenario": "no_usage"} if kind == "no_usage" else {})})
+            else:
+                scenario = {"hung_up": "slow", "cut": "cut"}.get(kind, "ok")
+                with client.chat.completions.with_streaming_response.create(
+                        **ask, stream=True, extra_headers={**headers, "x-mock-scenario": scenario}) as response:
+                    for i, _ in enumerate(response.parse()):
+                        if kind == "hung_up" and i == 2:
+                            break  # the client hangs up: the rest is never read
+        except openai.RateLimitError as refused:
+            assert refused.code == "insufficient_quota"
+            return kind, ""
+        except (openai.APIError, httpx.HTTPError):
+            assert kind == "cut"  # the provider's cut reaches the client as a broken stream
+        return kind, request_id
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        outcomes = list(pool.map(one, range(60)))
+    admitted = [(kind, request_id) for kind, request_id in outcomes if request_id]
+    assert admitted and len(admitted) < len(outcomes)  # the wallet ran out on the way
+    records = {request_id: gateway.record(request_id, seconds=20) for _, request_id in admitted}
+    assert {r["status"] for r in records.values()} <= {"settled", "settled_late"}, records
+    for kind, request_id in admitted:
+        if kind in ("hung_up", "cut", "left", "no_usage"):
+            assert records[request_id]["charge_nanos"] > 0, (kind, records[request_id])
+    wallet = gateway.wallet_at_rest(customer)
+    assert gateway.admin.Audit(admin_pb2.AuditRequest()).ok
+    assert wallet.reserved_nanos == 0 and wallet.balance_nanos >= 0
+    assert sum(r["charge_nanos"] for r in records.values()) == parse_amount(credit) - wallet.balance_nanos
+    denied = [r for r in gateway.records(customer) if r.decision == "deny"]
+    assert len(denied) == len(outcomes) - len(admitted) and {r.reason for r in denied} == {"insufficient_quota"}
+
+
 def test_bodies_are_rewritten_for_every_request_of_a_crowd(gateway: Gateway) -> None:
     """Many streamed requests at once, each needing its body rewritten (include_usage, the output cap):
     every one is served and charged from the usage the provider reported, which it only sends when
