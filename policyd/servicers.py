@@ -208,24 +208,14 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     async def DescribeKey(self, request: policy_pb2.DescribeKeyRequest, context: grpc.aio.ServicerContext) -> Any:
         async def described() -> KeySummary:
-            summary, denial = await self.engine.key_summary(request.api_key)
-            if summary is None:
-                assert denial is not None
-                raise PolicydError(DENIAL_STATUS.get(denial.http_status, "FAILED_PRECONDITION"), denial.reason,
-                                   denial.message)
-            return summary
+            return _answered(await self.engine.key_summary(request.api_key))
 
         return key_summary_message(await _call(context, described))
 
     async def DescribeRequest(self, request: policy_pb2.DescribeRequestRequest,
                               context: grpc.aio.ServicerContext) -> Any:
         async def described() -> RequestSummary:
-            summary, denial = await self.engine.describe_request(request.api_key, request.request_id, request.wait_ms)
-            if summary is None:
-                assert denial is not None
-                raise PolicydError(DENIAL_STATUS.get(denial.http_status, "FAILED_PRECONDITION"), denial.reason,
-                                   denial.message)
-            return summary
+            return _answered(await self.engine.describe_request(request.api_key, request.request_id, request.wait_ms))
 
         return request_summary_message(await _call(context, described))
 
@@ -250,6 +240,16 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         until, followed = await _call(context, kept)
         return policy_pb2.AwaitResponseResponse(request_id=request.request_id, held_until_unix_ms=until,
                                                 followed=followed)
+
+
+def _answered(found: tuple[Any, Decision | None]) -> Any:
+    """An answer about a key (what it may spend, one of its requests), or the refusal it got, raised with the
+    gRPC status of its HTTP status."""
+    answer, denial = found
+    if answer is None:
+        assert denial is not None
+        raise PolicydError(DENIAL_STATUS.get(denial.http_status, "FAILED_PRECONDITION"), denial.reason, denial.message)
+    return answer
 
 
 def key_summary_message(s: KeySummary) -> policy_pb2.KeySummary:
