@@ -60,9 +60,13 @@ def for_clients_of(path: str, response: Any) -> Any:
                                              reply.body.encode()))
 
 
-def deny_decision(d: Decision) -> Any:
+def deny_decision(d: Decision, recorded: bool = False) -> Any:
+    """A denial as Envoy answers it; one `recorded` (a model call's) names its request, as an allowed one does."""
     body = http_api.error_body(d.error_type, d.reason, d.message, d.error_param)
-    return denied(d.http_status, body, d.retry_after_seconds)
+    headers = dict(http_api.reply_headers(d.http_status, d.retry_after_seconds))
+    if recorded and d.request_id:
+        headers[http_api.REQUEST_ID_HEADER] = d.request_id
+    return _denied(d.http_status, headers, body)
 
 
 def denied_by_failure(error: Exception) -> Any:
@@ -104,13 +108,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         if call.problem:
             decision = await self.engine.deny_request(call.authorize_input(), call.problem, call.problem_message,
                                                       call.problem_param)
-            return deny_decision(decision)
+            return deny_decision(decision, recorded=True)
         if call.batch:  # a batch made: held at its requests' worst cases (policyd/batches.py)
             decision = await self.batches.authorize(call)
         else:
             decision = await self.engine.authorize_for_proxy(call.authorize_input(), self.pool.cooling_providers())
         if not decision.allowed:
-            return deny_decision(decision)
+            return deny_decision(decision, recorded=True)
         if call.background and not self.pool.follows(decision.provider, decision.account):
             await self.engine.release(decision.request_id, background.UNFOLLOWABLE_RELEASE)
             return denied(400, http_api.error_body("invalid_request_error", "invalid_request",

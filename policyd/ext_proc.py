@@ -128,9 +128,13 @@ def for_clients_of(path: str, reply: Any) -> Any:
     return _immediate(*http_api.for_aws_clients(answer.status.code, headers, answer.body), answer.details)
 
 
-def immediate_denial(d: Decision) -> Any:
+def immediate_denial(d: Decision, recorded: bool = False) -> Any:
+    """A denial as Envoy answers it; one `recorded` (a model call's) names its request, as an allowed one does."""
     body = http_api.error_body(d.error_type, d.reason, d.message, d.error_param)
-    return immediate(d.http_status, body, d.retry_after_seconds, f"policyd_{d.reason}")
+    headers = dict(http_api.reply_headers(d.http_status, d.retry_after_seconds))
+    if recorded and d.request_id:
+        headers[http_api.REQUEST_ID_HEADER] = d.request_id
+    return _immediate(d.http_status, headers, body, f"policyd_{d.reason}")
 
 
 def immediate_failure(error: Exception) -> Any:
@@ -338,13 +342,13 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 immediate(200, http_api.request_summary_body(request))
         if call.problem:
             return None, immediate_denial(await self.engine.deny_request(
-                call.authorize_input(), call.problem, call.problem_message, call.problem_param))
+                call.authorize_input(), call.problem, call.problem_message, call.problem_param), recorded=True)
         if call.batch:  # a batch made: held at its requests' worst cases (policyd/batches.py)
             decision = await self.batches.authorize(call)
         else:
             decision = await self.engine.authorize_for_proxy(call.authorize_input(), self.pool.cooling_providers())
         if not decision.allowed:
-            return None, immediate_denial(decision)
+            return None, immediate_denial(decision, recorded=True)
         if call.background and not self.pool.follows(decision.provider, decision.account):
             await self.engine.release(decision.request_id, background.UNFOLLOWABLE_RELEASE)
             return None, immediate(400, http_api.error_body("invalid_request_error", "invalid_request",

@@ -2052,8 +2052,10 @@ def test_a_threads_budget_set_by_its_caller_is_never_overshot_by_its_concurrent_
         except openai.RateLimitError as refused:
             assert refused.code == "budget_exceeded" and "thread-budget" in refused.message
             assert refused.response.headers["x-should-retry"] == "false"  # waiting cures nothing
+            refusals.append(refused.response.headers["x-policyd-request-id"])  # a denial names its request too
             return ""
 
+    refusals: list[str] = []
     with ThreadPoolExecutor(12) as pool:  # all at once: the holds, not the charges, are what admit them
         admitted = [request_id for request_id in pool.map(step, range(12)) if request_id]
     for n in range(100, 140):  # and one after another, until the budget refuses the next
@@ -2063,6 +2065,9 @@ def test_a_threads_budget_set_by_its_caller_is_never_overshot_by_its_concurrent_
     charged = sum(gateway.record(request_id)["charge_nanos"] for request_id in admitted)
     refused = [r for r in gateway.records(customer) if r.thread_id == "run-1" and r.reason == "budget_exceeded"]
     assert 3 <= len(admitted) and refused and 0 < charged <= budget
+    code, looked_up = asked_with(f"{gateway.base_url}/requests/{refusals[-1]}", gateway.customer(customer, credit=""))
+    assert (code, looked_up["status"], looked_up["reason"], looked_up["charge"]) == (
+        200, "denied", "budget_exceeded", "0.000000000")
     sent = [r for r in gateway.mock.received() if r["body"].get("messages") == ask["messages"]]
     assert len(sent) == len(admitted) + 1  # the probe and the admitted alone reached the provider
     assert client.chat.completions.create(**ask, extra_headers={"x-thread-id": "run-2"}).choices  # another thread
