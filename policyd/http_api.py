@@ -1620,9 +1620,14 @@ RETRY_WORTH_WAITING_SECONDS = 60  # the openai SDKs wait out a retry-after of up
 def rate_limit_headers(rate_limits: Iterable[RateLimit], now_ms: int) -> list[tuple[str, str]]:
     """OpenAI's rate-limit headers of a reply, from the key's own limits (the provider's, which describe the
     operator's account, never reach the client): x-ratelimit-limit-, -remaining- and -reset-requests and
-    -tokens, the reset as OpenAI writes it ("1m30s", "250ms"; none for a total that never resets)."""
+    -tokens, the reset as OpenAI writes it ("1m30s", "250ms"; none for a total that never resets); and a thread
+    budget's x-policyd-thread-budget-limit and -remaining (exact decimal text)."""
     headers = []
     for r in rate_limits:
+        if r.unit == "thread_budget":  # a caller's budget of its thread: what it leaves once this request is held
+            headers += [(f"{THREAD_BUDGET_HEADER}-limit", format_amount(r.limit)),
+                        (f"{THREAD_BUDGET_HEADER}-remaining", format_amount(r.remaining))]
+            continue
         headers += [(f"x-ratelimit-limit-{r.unit}", str(r.limit)), (f"x-ratelimit-remaining-{r.unit}", str(r.remaining))]
         if r.resets_ms:
             headers.append((f"x-ratelimit-reset-{r.unit}", _duration(max(r.resets_ms - now_ms, 0))))

@@ -351,6 +351,8 @@ async def test_a_threads_budget_set_by_its_caller(service: Service) -> None:
     second = await service.engine.authorize(step("tb-2", budget))
     third = await service.engine.authorize(step("tb-3", budget))
     assert (second.decision, third.decision, third.reason, third.http_status) == ("allow", "deny", "budget_exceeded", 429)
+    (left,) = [r for r in second.rate_limits if r.unit == "thread_budget"]  # what the budget leaves once it is held
+    assert (left.limit, left.remaining, left.resets_ms) == (budget, budget - first.reserved - second.reserved, 0)
     assert third.message.endswith("(thread-budget)")
     assert (await service.engine.authorize(step("tb-other", budget, thread="run-2"))).decision == "allow"
     settled = await service.engine.settle(usage("tb-1", input_tokens=5, output_tokens=2))  # charged less than held

@@ -2071,6 +2071,11 @@ def test_a_threads_budget_set_by_its_caller_is_never_overshot_by_its_concurrent_
     sent = [r for r in gateway.mock.received() if r["body"].get("messages") == ask["messages"]]
     assert len(sent) == len(admitted) + 1  # the probe and the admitted alone reached the provider
     assert client.chat.completions.create(**ask, extra_headers={"x-thread-id": "run-2"}).choices  # another thread
+    budgeted = client.chat.completions.with_raw_response.create(**ask, extra_headers={
+        "x-thread-id": "run-3", "x-policyd-thread-budget": "0.01"})  # what it leaves once this one is held
+    held_here = gateway.record(budgeted.headers["x-policyd-request-id"])["reserved_nanos"]
+    assert (budgeted.headers["x-policyd-thread-budget-limit"], budgeted.headers["x-policyd-thread-budget-remaining"]) \
+        == ("0.010000000", format_amount(parse_amount("0.01") - held_here))
     for headers, problem in (({"x-policyd-thread-budget": "5.00"}, "needs the thread"),
                              ({"x-thread-id": "run-3", "x-policyd-thread-budget": "five"}, "an amount of money")):
         with pytest.raises(openai.BadRequestError) as bad:

@@ -538,8 +538,10 @@ def test_a_threads_budget_reaches_policyd_over_the_native_api(gateway: ExampleGa
                                                              "x-policyd-thread-budget": "0.000000001"})
     assert refused.value.code == "budget_exceeded" and "thread-budget" in refused.value.message
     assert not [r for r in gateway.mock.received() if r["body"].get("messages") == ask["messages"]]
-    assert client.chat.completions.create(**ask, extra_headers={"x-thread-id": "mw-run-1",
-                                                                "x-policyd-thread-budget": "1.00"}).choices
+    served = client.chat.completions.with_raw_response.create(**ask, extra_headers={
+        "x-thread-id": "mw-run-1", "x-policyd-thread-budget": "1.00"})
+    assert served.parse().choices and served.headers["x-policyd-thread-budget-limit"] == "1.000000000"
+    assert 0 < parse_amount(served.headers["x-policyd-thread-budget-remaining"]) < parse_amount("1.00")
 
 
 def test_a_customer_asks_what_its_request_was_charged(gateway: ExampleGateway) -> None:
