@@ -366,6 +366,12 @@ async def test_a_threads_budget_set_by_its_caller(service: Service) -> None:
     await service.writer.drain()
     assert (await service.admin.audit()).ok
     assert service.store.usage_record("tb-3").reason == "budget_exceeded"
+    # Redis loses its data: the rebuild from the records gives the thread's total back, so the budget still binds
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    await service.admin.rebuild()
+    assert (await service.admin.audit()).ok
+    assert (await service.engine.authorize(step("tb-5", budget))).reason == "budget_exceeded"
 
 
 async def test_a_keys_models_narrow_and_widen_back_from_the_next_decision(service: Service) -> None:
