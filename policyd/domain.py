@@ -210,6 +210,10 @@ class AuthorizeInput:
     # thread's total charge beside the plan's (key_limits.with_thread_budget)
     thread_budget: int = 0
     thread_budget_currency: str = ""
+    # the most this request may hold, as its caller bounds it (nanos; 0: none), beside the plan's
+    # max_request_charge (the lower binds); in this currency ("": the policy's)
+    max_charge: int = 0
+    max_charge_currency: str = ""
 
     @property
     def cache_update(self) -> bool:

@@ -129,6 +129,13 @@ def _rate_limits(attempt: "_Plan", used: tuple[int, ...]) -> tuple[RateLimit, ..
     return tuple(tightest.values())
 
 
+def _request_charge_bound(plan: Plan, request: AuthorizeInput) -> int:
+    """The most one request may hold (nanos; 0: no bound): the plan's max_request_charge, or the lower bound its
+    caller set on this request (AuthorizeInput.max_charge)."""
+    bounds = [bound for bound in (plan.max_request_charge, request.max_charge) if bound]
+    return min(bounds) if bounds else 0
+
+
 def _owner_of(key: KeyRecord) -> Owner:
     return Owner(key.customer_id, key.workspace_id, key.project_id, key.team_id, key.id, key.environment, key.plan)
 
@@ -461,9 +468,11 @@ class Engine:
             preset, param = "cached_content_not_found", "name"
         else:
             preset, param = self._policy_denial(request, key.scopes, owner, policy, plan)
-            if not preset and request.thread_budget_currency not in ("", policy.document.currency):
-                preset, param = "invalid_request", "thread_budget"
-                preset_message = f"a thread budget is in this policy's currency, {policy.document.currency}"
+            for amount, currency in (("thread_budget", request.thread_budget_currency),
+                                     ("max_charge", request.max_charge_currency)):
+                if not preset and currency not in ("", policy.document.currency):
+                    preset, param = "invalid_request", amount
+                    preset_message = f"{amount} is in this policy's currency, {policy.document.currency}"
         prior_tokens = 0  # input a continuation carries unseen: the previous response's, or the conversation's
         # the provider account an explicit cache the request uses was made on (or a Gemini upload it sends the
         # bytes of was begun on): served there
@@ -502,9 +511,10 @@ class Engine:
                 attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="", own_limits=key.limits,
                                         prior_tokens=prior_tokens)
             attempt.fallback_reason = fallback_reason
-            if plan.max_request_charge and attempt.request_charge > plan.max_request_charge:  # a batch's: each
+            bound = _request_charge_bound(plan, request)
+            if bound and attempt.request_charge > bound:  # a batch's: each
                 attempt, preset, param, preset_message = self._within_request_charge(
-                    request, owner, policy, plan, attempt, at, key.limits, prior_tokens)
+                    request, owner, policy, plan, attempt, at, key.limits, prior_tokens, bound)
         reserve = attempt or _Plan.empty(request.model)
 
         # 5. the atomic step; a downgrade limit may turn a deny into a second attempt on a cheaper model
@@ -932,13 +942,14 @@ class Engine:
 
     def _within_request_charge(self, request: AuthorizeInput, owner: Owner, policy: Policy, plan: Plan,
                                attempt: _Plan, at: int, own_limits: tuple[Limit, ...],
-                               prior_tokens: int) -> tuple[_Plan, str, str, str]:
-        """A request whose hold passes the plan's max_request_charge: (the attempt, the denial, its param, its
-        message). With fit_output_cap, held with the largest output cap within the bound; else refused, the
-        message saying what it may cost and what the plan allows."""
+                               prior_tokens: int, bound: int) -> tuple[_Plan, str, str, str]:
+        """A request whose hold passes the most one request may hold (`bound`: the plan's max_request_charge, or
+        the lower one its caller set): (the attempt, the denial, its param, its message). With fit_output_cap,
+        held with the largest output cap within the bound; else refused, the message saying what it may cost
+        and what is allowed."""
         if plan.fit_output_cap and request.endpoint in FITTED_ENDPOINTS and not request.shape.output_cap_fixed \
                 and not request.batch:
-            cap = self._largest_output_cap(request, owner, policy, plan, attempt, "wallet", plan.max_request_charge,
+            cap = self._largest_output_cap(request, owner, policy, plan, attempt, "wallet", bound,
                                            at, own_limits, prior_tokens)
             if cap >= _least_fitted_cap(plan, request):
                 fitted = self._attempt(_capped(request, cap), owner, policy, plan, attempt.served_model, at,
@@ -946,21 +957,20 @@ class Engine:
                 fitted.fallback_reason = attempt.fallback_reason
                 return fitted, "", "", ""
         currency = policy.document.currency
+        allowed = (f"this API key's plan allows a single request at most {format_amount(bound)} {currency}"
+                   if bound == plan.max_request_charge else
+                   f"its caller allows it at most {format_amount(bound)} {currency} (x-policyd-max-charge)")
         if request.batch:
             message = (f"A request of this batch may cost up to {format_amount(attempt.request_charge)} {currency}; "
-                       f"this API key's plan allows a single request at most {format_amount(plan.max_request_charge)} "
-                       f"{currency}: ask for fewer output tokens, or send less input, in each.")
+                       f"{allowed}: ask for fewer output tokens, or send less input, in each.")
             return attempt, "request_too_costly", "input_file_id" if request.files else "requests", message
         if request.endpoint == "cached_contents":  # its tokens, kept for as long as it asks to live
             message = (f"This cache may cost up to {format_amount(attempt.charge)} {currency} (its tokens kept for "
-                       f"{request.shape.seconds} seconds); this API key's plan allows a single request at most "
-                       f"{format_amount(plan.max_request_charge)} {currency}: ask for a shorter time to live, or "
-                       f"cache less.")
+                       f"{request.shape.seconds} seconds); {allowed}: ask for a shorter time to live, or cache less.")
             return attempt, "request_too_costly", "ttl", message
         message = (f"This request may cost up to {format_amount(attempt.charge)} {currency} (its input and up to "
-                   f"{attempt.output_cap} output tokens); this API key's plan allows a single request at most "
-                   f"{format_amount(plan.max_request_charge)} {currency}: ask for fewer output tokens, or send "
-                   f"less input.")
+                   f"{attempt.output_cap} output tokens); {allowed}: ask for fewer output tokens, or send less "
+                   f"input.")
         fields = OUTPUT_CAP_FIELDS.get(request.endpoint, ("",))  # the client's own, where it is one of them
         param = request.shape.output_cap_param if request.shape.output_cap_param in fields else fields[0]
         return attempt, "request_too_costly", param, message

@@ -122,7 +122,7 @@ class PolicydMiddleware:
                 file_ids=list(call.files),
                 charge_held_on_expiry=True,  # this proxy sends it on to the provider, which bills it
                 call_token=uuid.uuid4().hex,  # the client's id may be reused by another of its requests meanwhile
-                thread_budget_nanos=call.thread_budget,
+                thread_budget_nanos=call.thread_budget, max_charge_nanos=call.max_charge,
                 client_address=call.client_address, user_agent=call.user_agent[:1024],
                 **asdict(call.authorize_input().shape), **_attribution(call))
         except PolicydCallError as error:

@@ -231,6 +231,8 @@ REQUEST_LOOKUP_PATH_REGEX = r"(.*/)?v1/requests/.+"  # Envoy's route (RE2, match
 _REQUEST_LOOKUP = re.compile(r"(^|/)v1/requests/(?P<id>[^?]+?)/?$")
 # a budget the caller sets on its thread (x-thread-id): the most its requests together may be charged
 THREAD_BUDGET_HEADER = "x-policyd-thread-budget"
+# the most one request may hold, as its caller bounds it (beside its plan's max_request_charge)
+MAX_CHARGE_HEADER = "x-policyd-max-charge"
 REQUEST_LOOKUP_WAIT_SECONDS = 5  # how long GET /v1/requests/{id} waits for one in progress unless told (`wait`)
 
 # header -> attribution field
@@ -325,6 +327,7 @@ class HttpCall:
     least_output_cap: int = 0  # the least cap the provider accepts (Anthropic's past its thinking budget_tokens)
     search_context_size: str = ""  # web_search_options.search_context_size (Perplexity's, OpenAI's search models)
     thread_budget: int = 0  # x-policyd-thread-budget: its caller's budget of the thread's total charge (nanos)
+    max_charge: int = 0  # x-policyd-max-charge: the most its caller lets this request hold (nanos)
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
     background: bool = False  # a Responses API background response: it goes on at the provider after its reply
     deletes_stored: bool = False  # DELETE of the stored response (or conversation, file) it names
@@ -397,7 +400,7 @@ class HttpCall:
             previous_response=self.previous_response,
             creates=self.creates, creates_at=self.creates_at, conversation=self.conversation, files=self.files,
             charge_held_on_expiry=True,  # the gateway sends it on to the provider
-            call_token=self.call_token, thread_budget=self.thread_budget,
+            call_token=self.call_token, thread_budget=self.thread_budget, max_charge=self.max_charge,
         )
 
 
@@ -1030,17 +1033,18 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
             sum(len(k) + len(v) for k, v in headers.items()) > REQUEST_HEADERS_BYTES_MAX:
         return _problem(call, "request_headers_too_large", f"the request headers are larger than "
                         f"{REQUEST_HEADERS_BYTES_MAX // 1024} KiB or more than {REQUEST_HEADERS_COUNT_MAX} headers")
-    if THREAD_BUDGET_HEADER in headers and not (listing or call.key_summary or named.request_lookup):
-        budget = headers[THREAD_BUDGET_HEADER]
-        try:
-            nanos = parse_amount(budget)
-        except ValueError:
-            nanos = 0
-        if nanos <= 0:
-            return _problem(call, "invalid_request", f"{THREAD_BUDGET_HEADER} is an amount of money more than 0, "
-                            f"such as 5.00, not {budget[:40]!r}", THREAD_BUDGET_HEADER)
-        call.thread_budget = nanos
-        if not call.attribution.thread_id:
+    if not (listing or call.key_summary or named.request_lookup):
+        for header, bound in ((THREAD_BUDGET_HEADER, "thread_budget"), (MAX_CHARGE_HEADER, "max_charge")):
+            if header in headers:  # a bound its caller sets: on its thread, on this request
+                try:
+                    nanos = parse_amount(headers[header])
+                except ValueError:
+                    nanos = 0
+                if nanos <= 0:
+                    return _problem(call, "invalid_request", f"{header} is an amount of money more than 0, such as "
+                                    f"5.00, not {headers[header][:40]!r}", header)
+                setattr(call, bound, nanos)
+        if call.thread_budget and not call.attribution.thread_id:
             return _problem(call, "invalid_request", f"{THREAD_BUDGET_HEADER} needs the thread it binds "
                             "(x-thread-id)", THREAD_BUDGET_HEADER)
     if listing:

@@ -115,6 +115,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
         files=tuple(f[:256] for f in request.file_ids[:FILES_PER_REQUEST_MAX]),
         charge_held_on_expiry=request.charge_held_on_expiry, call_token=request.call_token[:64],
         thread_budget=request.thread_budget.nanos, thread_budget_currency=request.thread_budget.currency[:8],
+        max_charge=request.max_charge.nanos, max_charge_currency=request.max_charge.currency[:8],
     )
 
 

@@ -80,6 +80,11 @@ def check_authorize(request: AuthorizeInput) -> None:
             raise Problem("invalid_request", "a thread budget needs the thread it binds (thread_id, x-thread-id)",
                           "thread_budget")
         _text_field("thread_budget currency", request.thread_budget_currency, 8)
+    if request.max_charge or request.max_charge_currency:
+        if not 0 < request.max_charge <= AMOUNT_MAX:
+            raise Problem("invalid_request", f"max_charge must be more than 0 and at most {AMOUNT_MAX} nanos",
+                          "max_charge")
+        _text_field("max_charge currency", request.max_charge_currency, 8)
     if request.endpoint not in ENDPOINTS:
         raise Problem("unknown_endpoint", "unknown or missing endpoint family", "endpoint")
     if request.stored_response:  # a stored response's id, from a URL path: names no model

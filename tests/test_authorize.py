@@ -374,6 +374,30 @@ async def test_a_threads_budget_set_by_its_caller(service: Service) -> None:
     assert (await service.engine.authorize(step("tb-5", budget))).reason == "budget_exceeded"
 
 
+async def test_a_caller_bounds_what_one_request_may_hold(service: Service) -> None:
+    """AuthorizeInput.max_charge: a request whose hold passes it is refused (request_too_costly) and recorded,
+    nothing held; one within it is held as ever; in another currency, or not more than 0: invalid_request."""
+    from dataclasses import replace
+
+    _, secret = await new_key(service, customer="bounded")
+    await fund(service, "bounded", "10")
+    plain = await service.engine.authorize(ask(secret, request_id="mc-plain", max_output_tokens=2000))
+    assert plain.decision == "allow"
+    over = await service.engine.authorize(replace(ask(secret, request_id="mc-over", max_output_tokens=2000),
+                                                  max_charge=plain.reserved - 1))
+    assert (over.reason, over.http_status, over.error_param) == ("request_too_costly", 400, "max_completion_tokens")
+    within = await service.engine.authorize(replace(ask(secret, request_id="mc-within", max_output_tokens=2000),
+                                                    max_charge=plain.reserved))
+    assert within.decision == "allow" and within.reserved == plain.reserved
+    for bad, param in ((replace(ask(secret, request_id="mc-eur"), max_charge=10**9, max_charge_currency="EUR"),
+                        "max_charge"), (replace(ask(secret, request_id="mc-neg"), max_charge=-1), "max_charge")):
+        refused = await service.engine.authorize(bad)
+        assert (refused.reason, refused.error_param) == ("invalid_request", param), refused
+    await service.writer.drain()
+    assert service.store.usage_record("mc-over").reason == "request_too_costly"
+    assert (await service.counters.wallet("bounded"))[1] == plain.reserved + within.reserved
+
+
 async def test_a_keys_models_narrow_and_widen_back_from_the_next_decision(service: Service) -> None:
     from policyd import keys as key_secrets
     from policyd.domain import PolicydError

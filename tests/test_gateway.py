@@ -1680,6 +1680,38 @@ def test_a_request_past_the_plans_max_request_charge_is_refused_before_the_provi
     assert gateway.wallet("e2e-capped").reserved_nanos == 0
 
 
+def test_a_caller_bounds_what_one_request_may_hold(gateway: Gateway) -> None:
+    """x-policyd-max-charge: the most one request may hold, as its caller bounds it: a request whose worst case
+    passes it is refused before the provider (400 request_too_costly, the message naming the caller's bound and
+    its param the request's cap), one within it is served; on a plan that fits output caps it is served the
+    largest cap within it instead; a plan's own lower max_request_charge still binds; not an amount: 400."""
+    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "bounded by its caller"}]}
+    client = gateway.client(gateway.customer(f"e2e-max-charge-{gateway.shape}"))
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**ask, max_tokens=30_000, extra_headers={"x-policyd-max-charge": "0.001"})
+    assert (refused.value.code, refused.value.param) == ("request_too_costly", "max_tokens")
+    assert "its caller allows it at most 0.001000000 USD" in refused.value.message
+    assert not [r for r in gateway.mock.received() if r["body"].get("messages") == ask["messages"]]
+    served = client.chat.completions.with_raw_response.create(**ask, max_tokens=50,
+                                                              extra_headers={"x-policyd-max-charge": "0.001"})
+    assert gateway.record(served.headers["x-policyd-request-id"])["reserved_nanos"] <= parse_amount("0.001")
+
+    fitting = gateway.client(gateway.customer(f"e2e-max-charge-fit-{gateway.shape}", plan="fitting"))
+    fitted = fitting.chat.completions.with_raw_response.create(**ask, max_tokens=30_000,
+                                                               extra_headers={"x-policyd-max-charge": "0.001"})
+    record = gateway.record(fitted.headers["x-policyd-request-id"])
+    assert 64 <= record["max_output_tokens"] < 30_000 and record["reserved_nanos"] <= parse_amount("0.001")
+
+    capped = gateway.client(gateway.customer(f"e2e-max-charge-capped-{gateway.shape}", plan="capped"))
+    with pytest.raises(openai.BadRequestError) as refused:  # the plan's 0.002 is lower than the caller's 5.00
+        capped.chat.completions.create(**ask, max_tokens=30_000, extra_headers={"x-policyd-max-charge": "5.00"})
+    assert refused.value.code == "request_too_costly" and "plan allows a single request at most 0.002" in \
+        refused.value.message
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**ask, extra_headers={"x-policyd-max-charge": "a lot"})
+    assert (refused.value.code, refused.value.param) == ("invalid_request", "x-policyd-max-charge")
+
+
 def test_a_wallet_that_cannot_hold_the_whole_output_cap_is_served_the_cap_it_can(gateway: Gateway) -> None:
     """A plan with fit_output_cap: a coding agent's 30,000 output tokens, which the wallet cannot hold, go to
     the provider lowered to the cap it can (in the field the client gave, max_tokens or

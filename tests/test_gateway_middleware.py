@@ -529,14 +529,17 @@ def test_a_key_asks_what_it_may_still_spend(gateway: ExampleGateway) -> None:
 
 
 def test_a_threads_budget_reaches_policyd_over_the_native_api(gateway: ExampleGateway) -> None:
-    """x-policyd-thread-budget goes to policyd as AuthorizeRequest.thread_budget: the request that would pass it
-    is refused before the provider; one within it is served."""
+    """x-policyd-thread-budget goes to policyd as AuthorizeRequest.thread_budget, x-policyd-max-charge as max_charge:
+    the request that would pass either is refused before the provider; one within them is served."""
     client = gateway.client(gateway.customer("mw-run"))
     ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "mw run step"}], "max_tokens": 8}
     with pytest.raises(openai.RateLimitError) as refused:
         client.chat.completions.create(**ask, extra_headers={"x-thread-id": "mw-run-1",
                                                              "x-policyd-thread-budget": "0.000000001"})
     assert refused.value.code == "budget_exceeded" and "thread-budget" in refused.value.message
+    with pytest.raises(openai.BadRequestError) as dear:  # and a bound on the one request (AuthorizeRequest.max_charge)
+        client.chat.completions.create(**ask, extra_headers={"x-policyd-max-charge": "0.000000001"})
+    assert dear.value.code == "request_too_costly" and "its caller allows it at most" in dear.value.message
     assert not [r for r in gateway.mock.received() if r["body"].get("messages") == ask["messages"]]
     served = client.chat.completions.with_raw_response.create(**ask, extra_headers={
         "x-thread-id": "mw-run-1", "x-policyd-thread-budget": "1.00"})

@@ -2119,3 +2119,16 @@ def test_a_threads_budget_is_read_from_its_header(headers: dict, budget: int, pr
     assert call.problem == ("invalid_request" if problem else "") and call.authorize_input().thread_budget == budget
     if problem:
         assert call.problem_param == "x-policyd-thread-budget"
+
+
+
+def test_a_requests_own_bound_is_read_from_its_header() -> None:
+    """x-policyd-max-charge: an exact amount of the policy's currency (no thread needed); anything else is refused
+    before any hold (400, its param the header)."""
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    call = parse_call("POST", "/v1/chat/completions", {"authorization": "Bearer k", "x-policyd-max-charge": "0.25"}, body)
+    assert (call.problem, call.max_charge, call.authorize_input().max_charge) == ("", 250_000_000, 250_000_000)
+    for bad in ("0", "-0.5", "cheap", "0.0000000001"):
+        call = parse_call("POST", "/v1/chat/completions", {"authorization": "Bearer k", "x-policyd-max-charge": bad},
+                          body)
+        assert (call.problem, call.problem_param, call.max_charge) == ("invalid_request", "x-policyd-max-charge", 0)

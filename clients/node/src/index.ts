@@ -114,6 +114,7 @@ export interface AuthorizeInput {
   chargeHeldOnExpiry?: boolean;  // on its way to the provider: a reservation nobody closes is charged as held at its deadline
   callToken?: string;            // unique to the client's request when its id comes from the client: another reusing it meanwhile is refused
   threadBudgetNanos?: bigint;    // a budget on attribution.threadId's total charge: a request whose hold would pass it is refused
+  maxChargeNanos?: bigint;       // the most this one request may hold (beside the plan's max_request_charge)
   attribution?: Omit<Attribution, "requestId">;
 }
 
@@ -266,6 +267,7 @@ export class PolicyClient {
       creates: input.creates ?? "", conversationId: input.conversationId ?? "", fileIds: input.fileIds ?? [],
       chargeHeldOnExpiry: input.chargeHeldOnExpiry ?? false, callToken: input.callToken ?? "",
       threadBudget: { nanos: String(input.threadBudgetNanos ?? 0n) },
+      maxCharge: { nanos: String(input.maxChargeNanos ?? 0n) },
     };
     const r = await this.call<AuthorizeRequest, AuthorizeResponse__Output>(
       this.stub.authorize.bind(this.stub), request, Boolean(input.requestId));

@@ -84,7 +84,7 @@ test("deny paths answer with the HTTP status and an OpenAI-style error body", as
   }
 });
 
-test("a thread's budget refuses the request that would pass it", async () => {
+test("a thread's budget, and a request's own bound, refuse the request that would pass them", async () => {
   const policy = new PolicyClient(address);
   try {
     const input = { apiKey, endpoint: "chat_completions" as const, model: "gpt-4o-mini", promptBytes: 80,
@@ -95,6 +95,9 @@ test("a thread's budget refuses the request that would pass it", async () => {
     assert.equal(tight.allowed, false);  // the first one's hold already takes the whole budget
     assert.equal(tight.reason, "budget_exceeded");
     await policy.release("node-run-1");
+    const dear = await policy.authorize({ ...input, requestId: "node-dear", maxChargeNanos: 1n });  // one nano
+    assert.equal(dear.allowed, false);
+    assert.equal(dear.reason, "request_too_costly");
   } finally {
     policy.close();
   }

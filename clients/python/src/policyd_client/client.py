@@ -146,7 +146,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     settled nor released by its deadline is then charged as held, not released), call_token (unique to the
     client's request, when its request id comes from the client: another request reusing the id while this one
     is in flight is refused), thread_budget_nanos (a budget the caller sets on its thread_id's total charge: a
-    request whose hold would pass it is refused, budget_exceeded)."""
+    request whose hold would pass it is refused, budget_exceeded), max_charge_nanos (the most this one request may
+    hold, beside the plan's max_request_charge: past it, request_too_costly)."""
     if endpoint not in ENDPOINTS and "problem" not in attribution and not attribution.get("stored_response_id"):
         raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
     tags = attribution.pop("tags", {})
@@ -163,6 +164,7 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
     charge_held_on_expiry = bool(attribution.pop("charge_held_on_expiry", False))
     call_token = attribution.pop("call_token", "")
     thread_budget = types_pb2.Money(nanos=attribution.pop("thread_budget_nanos", 0))
+    max_charge = types_pb2.Money(nanos=attribution.pop("max_charge_nanos", 0))
     shape = policy_pb2.RequestShape(prompt_bytes=prompt_bytes, message_count=message_count,
                                     max_output_tokens=max_output_tokens, stream=stream,
                                     input_tokens=attribution.pop("input_tokens", 0),
@@ -201,7 +203,7 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
         previous_response_id=previous_response_id, creates=creates, creates_at=creates_at,
         conversation_id=conversation_id,
         file_ids=file_ids, charge_held_on_expiry=charge_held_on_expiry, call_token=call_token,
-        thread_budget=thread_budget)
+        thread_budget=thread_budget, max_charge=max_charge)
     if problem is not None:
         code, message, param = problem
         request.problem.CopyFrom(types_pb2.OpenAIError(code=code, message=message, param=param))

@@ -231,7 +231,7 @@ class RequestShape(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ..., choices: _Optional[int] = ..., web_searches: _Optional[int] = ..., service_tier: _Optional[str] = ..., unseen_input: _Optional[bool] = ..., audio_bytes: _Optional[int] = ..., cache_write: _Optional[str] = ..., audio_output: _Optional[bool] = ..., file_searches: _Optional[int] = ..., unbounded_web_search_tools: _Optional[int] = ..., unbounded_file_search: _Optional[bool] = ..., image_model: _Optional[str] = ..., image_generation_calls: _Optional[int] = ..., partial_images: _Optional[int] = ..., containers: _Optional[int] = ..., container_memory: _Optional[str] = ..., image_scale: _Optional[int] = ..., maps_grounding: _Optional[bool] = ..., image_model_default: _Optional[bool] = ..., service_tier_implied: _Optional[bool] = ..., output_cap_fixed: _Optional[bool] = ..., output_cap_param: _Optional[str] = ..., documents: _Optional[int] = ..., document_bytes: _Optional[int] = ..., document_tokens_max: _Optional[int] = ..., least_output_cap: _Optional[int] = ..., search_context_size: _Optional[str] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
-    __slots__ = ("api_key", "endpoint", "model", "attribution", "shape", "client", "problem", "count_tokens", "stored_response_id", "previous_response_id", "creates", "conversation_id", "file_ids", "charge_held_on_expiry", "call_token", "creates_at", "thread_budget")
+    __slots__ = ("api_key", "endpoint", "model", "attribution", "shape", "client", "problem", "count_tokens", "stored_response_id", "previous_response_id", "creates", "conversation_id", "file_ids", "charge_held_on_expiry", "call_token", "creates_at", "thread_budget", "max_charge")
     API_KEY_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +249,7 @@ class AuthorizeRequest(_message.Message):
     CALL_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CREATES_AT_FIELD_NUMBER: _ClassVar[int]
     THREAD_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHARGE_FIELD_NUMBER: _ClassVar[int]
     api_key: str
     endpoint: _types_pb2.EndpointFamily
     model: str
@@ -266,7 +267,8 @@ class AuthorizeRequest(_message.Message):
     call_token: str
     creates_at: str
     thread_budget: _types_pb2.Money
-    def __init__(self, api_key: _Optional[str] = ..., endpoint: _Optional[_Union[_types_pb2.EndpointFamily, str]] = ..., model: _Optional[str] = ..., attribution: _Optional[_Union[_types_pb2.Attribution, _Mapping]] = ..., shape: _Optional[_Union[RequestShape, _Mapping]] = ..., client: _Optional[_Union[_types_pb2.ClientInfo, _Mapping]] = ..., problem: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ..., count_tokens: _Optional[bool] = ..., stored_response_id: _Optional[str] = ..., previous_response_id: _Optional[str] = ..., creates: _Optional[str] = ..., conversation_id: _Optional[str] = ..., file_ids: _Optional[_Iterable[str]] = ..., charge_held_on_expiry: _Optional[bool] = ..., call_token: _Optional[str] = ..., creates_at: _Optional[str] = ..., thread_budget: _Optional[_Union[_types_pb2.Money, _Mapping]] = ...) -> None: ...
+    max_charge: _types_pb2.Money
+    def __init__(self, api_key: _Optional[str] = ..., endpoint: _Optional[_Union[_types_pb2.EndpointFamily, str]] = ..., model: _Optional[str] = ..., attribution: _Optional[_Union[_types_pb2.Attribution, _Mapping]] = ..., shape: _Optional[_Union[RequestShape, _Mapping]] = ..., client: _Optional[_Union[_types_pb2.ClientInfo, _Mapping]] = ..., problem: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ..., count_tokens: _Optional[bool] = ..., stored_response_id: _Optional[str] = ..., previous_response_id: _Optional[str] = ..., creates: _Optional[str] = ..., conversation_id: _Optional[str] = ..., file_ids: _Optional[_Iterable[str]] = ..., charge_held_on_expiry: _Optional[bool] = ..., call_token: _Optional[str] = ..., creates_at: _Optional[str] = ..., thread_budget: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., max_charge: _Optional[_Union[_types_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
     __slots__ = ("decision", "reason", "message", "http_status", "error", "retry_after_seconds", "owner", "request_id", "requested_model", "served_model", "provider", "route", "policy_version", "price_table_version", "reserved", "max_output_tokens", "reservation_expires_unix_ms", "shadow_denials", "rate_limits", "max_tool_calls", "image_model", "upstream_model", "output_cap_field", "stream_usage_reported")
