@@ -132,8 +132,9 @@ def _rate_limits(attempt: "_Plan", used: tuple[int, ...]) -> tuple[RateLimit, ..
 def _request_charge_bound(plan: Plan, request: AuthorizeInput) -> int:
     """The most one request may hold (nanos; 0: no bound): the plan's max_request_charge, or the lower bound its
     caller set on this request (AuthorizeInput.max_charge)."""
-    bounds = [bound for bound in (plan.max_request_charge, request.max_charge) if bound]
-    return min(bounds) if bounds else 0
+    if not request.max_charge:
+        return plan.max_request_charge
+    return min(plan.max_request_charge, request.max_charge) if plan.max_request_charge else request.max_charge
 
 
 def _owner_of(key: KeyRecord) -> Owner:
