@@ -469,11 +469,12 @@ class Engine:
             preset, param = "cached_content_not_found", "name"
         else:
             preset, param = self._policy_denial(request, key.scopes, owner, policy, plan)
-            for amount, currency in (("thread_budget", request.thread_budget_currency),
-                                     ("max_charge", request.max_charge_currency)):
-                if not preset and currency not in ("", policy.document.currency):
-                    preset, param = "invalid_request", amount
-                    preset_message = f"{amount} is in this policy's currency, {policy.document.currency}"
+            if request.thread_budget_currency or request.max_charge_currency:  # amounts its caller set
+                for amount, currency in (("thread_budget", request.thread_budget_currency),
+                                         ("max_charge", request.max_charge_currency)):
+                    if not preset and currency not in ("", policy.document.currency):
+                        preset, param = "invalid_request", amount
+                        preset_message = f"{amount} is in this policy's currency, {policy.document.currency}"
         prior_tokens = 0  # input a continuation carries unseen: the previous response's, or the conversation's
         # the provider account an explicit cache the request uses was made on (or a Gemini upload it sends the
         # bytes of was begun on): served there
