@@ -19,7 +19,7 @@ from policyd import keys as key_secrets
 from policyd import redis_keys
 from policyd.counters import (CLOSED_RECORD_FIELDS, STORED_RESPONSE_HOT_SECONDS, ClosedRequest, Counters, Fenced,
                               Reservation)
-from policyd.db import ApiKeyRow, PolicyVersionRow
+from policyd.db import ApiKeyRow, OwnerLimitsRow, PolicyVersionRow
 from policyd.directory import KeyDirectory
 from policyd.domain import CACHED_CONTENT_PREFIX, PolicydError
 from policyd.money import AMOUNT_MAX
@@ -99,6 +99,34 @@ def _key_limits(limits: list[dict[str, Any]]) -> list[dict[str, Any]]:
         raise _invalid("invalid_limit", str(error)) from None
 
 
+def _owner(customer_id: str, workspace_id: str = "", project_id: str = "", team_id: str = "") -> tuple[str, str]:
+    """(scope, owner id) of the owner a call names: a workspace, project or team of the customer, or the
+    customer itself when none is named."""
+    if not customer_id:
+        raise _invalid("invalid_request", "customer_id is required")
+    _check_owner_ids(customer_id=customer_id, workspace_id=workspace_id, project_id=project_id, team_id=team_id)
+    named = [(scope, owner_id) for scope, owner_id in (("workspace", workspace_id), ("project", project_id),
+                                                       ("team", team_id)) if owner_id]
+    if len(named) > 1:
+        raise _invalid("invalid_request", "name one of workspace_id, project_id and team_id (or none: the customer)")
+    return named[0] if named else ("customer", "")
+
+
+def _check_owner_ids(**ids: str) -> None:
+    for name, value in ids.items():
+        if len(value) > OWNER_ID_LENGTH_MAX or any(c in value for c in "{}/\x00\n\r\t "):
+            raise _invalid("invalid_request",
+                           f"{name} must be at most {OWNER_ID_LENGTH_MAX} characters without spaces, '/' or braces")
+
+
+def _owner_limits_of(key: ApiKeyRow, given: list[OwnerLimitsRow]) -> list[dict[str, Any]]:
+    """The limits of a key's owners (`given`: its customer's), as the key carries them: its customer's, and its
+    workspace's, project's and team's where it has one."""
+    ids = {"customer": "", "workspace": key.workspace_id, "project": key.project_id, "team": key.team_id}
+    return [entry for row in given if row.scope == "customer" or (ids[row.scope] and ids[row.scope] == row.owner_id)
+            for entry in row.limits]
+
+
 def _secrets_of(row: ApiKeyRow, at: int) -> list[tuple[str, int]]:
     valid = [(row.secret_hash, 0)]
     if row.previous_secret_hash and row.previous_expires_ms > at:
@@ -130,11 +158,7 @@ class Admin:
             raise _invalid("invalid_request", "customer_id is required")
         _check_expiry(expires_ms)
         own_limits = _key_limits(limits or [])
-        for name, value in (("customer_id", customer_id), ("workspace_id", workspace_id),
-                            ("project_id", project_id), ("team_id", team_id)):
-            if len(value) > OWNER_ID_LENGTH_MAX or any(c in value for c in "{}/\x00\n\r\t "):
-                raise _invalid("invalid_request",
-                               f"{name} must be at most {OWNER_ID_LENGTH_MAX} characters without spaces, '/' or braces")
+        _check_owner_ids(customer_id=customer_id, workspace_id=workspace_id, project_id=project_id, team_id=team_id)
         if len(label) > LABEL_LENGTH_MAX:
             raise _invalid("invalid_request", f"label must be at most {LABEL_LENGTH_MAX} characters")
         if environment not in ENVIRONMENTS:
@@ -149,8 +173,15 @@ class Admin:
             environment=environment, plan=plan, scopes=_key_scopes(scopes or []), status="active", created_ms=at,
             rotated_ms=0, status_changed_ms=at, expires_ms=expires_ms, limits=own_limits,
         )
+        row.owner_limits = _owner_limits_of(row, await asyncio.to_thread(self.store.owner_limits, customer_id))
         await asyncio.to_thread(self.store.save_key, row)
         await self._publish_key(row)
+        # an owner's limits changed meanwhile: read again once the key is in SQL (set_owner_limits lists the keys
+        # once its own row is), so that one of the two calls sees the other
+        bound = _owner_limits_of(row, await asyncio.to_thread(self.store.owner_limits, customer_id))
+        if bound != row.owner_limits:
+            row.owner_limits = bound
+            await self._save_and_publish(row)
         self.directory.remember(row.secret_hash, key_record(row))
         return KeyCreation(row, secret)
 
@@ -218,6 +249,40 @@ class Admin:
     async def _save_and_publish(self, row: ApiKeyRow) -> None:
         await asyncio.to_thread(self.store.save_key, row)  # SQL first: a replica that sees new terms reads them here
         await self._publish_key(row)
+
+    async def set_owner_limits(self, limits: list[dict[str, Any]], customer_id: str, workspace_id: str = "",
+                               project_id: str = "", team_id: str = "") -> tuple[OwnerLimitsRow, int]:
+        """Give an owner (a customer, or one of its workspaces, projects or teams) its limits, the whole set (none:
+        its plans' alone): each binds every key of the owner, those made later too, in place of a plan's limit of
+        the same scope and bucket (key_limits.py), from the next decision on every replica. The row, and how many
+        keys changed. A limit that lowers a count already past it refuses the owner's next requests in that
+        window."""
+        scope, owner_id = _owner(customer_id, workspace_id, project_id, team_id)
+        try:
+            checked = key_limits.checked(limits, scope)
+        except ValueError as error:
+            raise _invalid("invalid_limit", str(error)) from None
+        row = OwnerLimitsRow(customer_id=customer_id, scope=scope, owner_id=owner_id, limits=checked,
+                             updated_ms=now_ms())
+        await asyncio.to_thread(self.store.save_owner_limits, row)
+        changed: set[str] = set()
+        given = await asyncio.to_thread(self.store.owner_limits, customer_id)  # keys made from now on read these
+        while True:  # until no other change of the customer's owners came meanwhile (each ends on the last state)
+            for key in await self.list_keys(customer_id):
+                bound = _owner_limits_of(key, given)
+                if key.status != "revoked" and bound != (key.owner_limits or []):
+                    key.owner_limits = bound
+                    await self._save_and_publish(key)
+                    changed.add(key.id)
+            now_given = await asyncio.to_thread(self.store.owner_limits, customer_id)
+            if [(r.scope, r.owner_id, r.limits) for r in now_given] == [(r.scope, r.owner_id, r.limits) for r in given]:
+                return row, len(changed)
+            given = now_given
+
+    async def owner_limits(self, customer_id: str) -> list[OwnerLimitsRow]:
+        """The limits given a customer and its workspaces, projects and teams."""
+        _owner(customer_id)
+        return await asyncio.to_thread(self.store.owner_limits, customer_id)
 
     async def set_plan(self, plan: str, *, key_id: str = "", customer_id: str = "") -> list[ApiKeyRow]:
         """Move a key, or every key of a customer, to another plan of the active policy (an upgrade, a
@@ -491,7 +556,7 @@ class Admin:
 
             models = [f"{m} via {policy.model(m).upstream}"  # type: ignore[union-attr]
                       for m, _ in Engine.models_allowed(policy, plan, tuple(row.scopes or ()), row.environment)]
-            limits = key_limits.effective(plan.limits, key_limits.as_limits(row.limits), policy.document.timezone)
+            limits = key_limits.effective(plan.limits, key_record(row).limits, policy.document.timezone)
             ids = quotas.scope_ids(row.customer_id, row.id, row.workspace_id, row.project_id, row.team_id)
             for state in await quotas.bucket_states(self.counters, limits, ids, at):
                 limit = state["limit"]

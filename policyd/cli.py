@@ -135,6 +135,8 @@ def _key_line(key: admin_pb2.ApiKey) -> str:
     o = key.owner
     ends = f"  (ends {_utc(key.expires_unix_ms)})" if key.expires_unix_ms else ""
     own = f"  (own limits: {', '.join(_limit_text(limit) for limit in key.limits)})" if key.limits else ""
+    if key.owner_limits:
+        own += f"  (its owners': {', '.join(_limit_text(limit) for limit in key.owner_limits)})"
     models = f"  (models: {', '.join(key.scopes)})" if key.scopes else ""
     return (f"{key.id}  {key.prefix}…  {state:8} {o.customer_id:20} {o.environment:16} {o.plan:16} {key.label}"
             f"{ends}{models}{own}")
@@ -142,7 +144,8 @@ def _key_line(key: admin_pb2.ApiKey) -> str:
 
 def _limit_text(limit: admin_pb2.KeyLimit) -> str:
     value = format_amount(limit.limit) if limit.unit in MONEY_UNITS else str(limit.limit)
-    return f"{value} {limit.unit} a {limit.window}" + (f" ({limit.timezone})" if limit.timezone else "")
+    whose = f"{limit.scope}: " if limit.scope else ""
+    return f"{whose}{value} {limit.unit} a {limit.window}" + (f" ({limit.timezone})" if limit.timezone else "")
 
 
 def _key_limit(text: str) -> admin_pb2.KeyLimit:
@@ -348,6 +351,25 @@ def _events(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.created_unix_ms / 1000))
         lines.append(f"{when} {e.kind} {e.customer_id or '-'} {said}")
     _print(args, response, "\n".join(lines) or "no events")
+    return 0
+
+
+def _owner_limits_line(owner: admin_pb2.OwnerLimits) -> str:
+    whose = owner.customer_id + (f" {owner.scope} {owner.owner_id}" if owner.owner_id else "")
+    limits = ", ".join(_limit_text(limit) for limit in owner.limits) or "none (its plans' alone)"
+    return f"{whose}: {limits}"
+
+
+def _limits(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    if args.limits_command == "set":
+        response = stub.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(
+            customer_id=args.customer, workspace_id=args.workspace, project_id=args.project, team_id=args.team,
+            limits=args.limit or []), metadata=md)
+        _print(args, response, f"{_owner_limits_line(response)} ({response.keys_changed} keys changed)")
+    else:
+        listing = stub.ListOwnerLimits(admin_pb2.ListOwnerLimitsRequest(customer_id=args.customer), metadata=md)
+        _print(args, listing, "\n".join(_owner_limits_line(o) for o in listing.owners) or "no limits of its own")
     return 0
 
 
@@ -678,6 +700,24 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--grace-seconds", type=int, default=None,
                            help="how long the old secret keeps working (default 86400)")
     keys.set_defaults(run=_keys)
+
+    limits = commands.add_parser("limits", help="the limits of a customer, or of one of its workspaces, projects or teams")
+    limit_commands = limits.add_subparsers(dest="limits_command", required=True)
+    owner = client(limit_commands.add_parser(
+        "set", help="set an owner's limits, binding every key of it (the whole set; --none: its plans' alone)"))
+    owner.add_argument("--customer", required=True)
+    one_of = owner.add_mutually_exclusive_group()
+    one_of.add_argument("--workspace", default="", help="this workspace of the customer's, not the whole customer")
+    one_of.add_argument("--project", default="", help="this project of the customer's")
+    one_of.add_argument("--team", default="", help="this team of the customer's")
+    given = owner.add_mutually_exclusive_group(required=True)
+    given.add_argument("--limit", action="append", type=_key_limit,
+                       help="WINDOW[@ZONE]:UNIT:VALUE (month:money:500.00); in place of its plans' limit of the same "
+                            "scope, unit and window; repeatable")
+    given.add_argument("--none", action="store_true", help="no limits of its own")
+    client(limit_commands.add_parser("list", help="a customer's limits and its owners'")).add_argument(
+        "--customer", default="")
+    limits.set_defaults(run=_limits)
 
     creds = commands.add_parser("admin-credentials", help="admin credentials scoped to a customer and its sub-customers")
     cred_commands = creds.add_subparsers(dest="credentials_command", required=True)

@@ -44,6 +44,8 @@ class ApiKeyRow(Base):
     scopes: Mapped[list[str]] = mapped_column(JSON, default=list)
     # the key's own limits ({window, unit, limit, timezone}; money in nanos): key_limits.py
     limits: Mapped[list[dict] | None] = mapped_column(JSON, default=list, nullable=True)
+    # its owners' limits (each with its scope: customer, workspace, project, team), copied from owner_limits
+    owner_limits: Mapped[list[dict] | None] = mapped_column(JSON, default=list, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_ms: Mapped[int] = mapped_column(BigInteger)
     rotated_ms: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -251,6 +253,19 @@ class CustomerParentRow(Base):
     customer_id: Mapped[str] = mapped_column(ID, primary_key=True)
     parent_id: Mapped[str] = mapped_column(ID, index=True)
     created_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class OwnerLimitsRow(Base):
+    """The limits an operator gives an owner: a customer (owner_id empty), or one of its workspaces, projects or
+    teams; each of the owner's keys carries a copy (ApiKeyRow.owner_limits), kept in step by Admin."""
+
+    __tablename__ = "owner_limits"
+
+    customer_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16), primary_key=True)  # customer, workspace, project, team
+    owner_id: Mapped[str] = mapped_column(ID, primary_key=True, default="")
+    limits: Mapped[list[dict]] = mapped_column(JSON, default=list)  # as key_limits.checked stores them
+    updated_ms: Mapped[int] = mapped_column(BigInteger)
 
 
 class RollupCursorRow(Base):

@@ -1,11 +1,15 @@
-"""A key's own limits: the budgets and rate limits an operator gives one key, beside its plan's; and a request's
+"""A key's own limits: the budgets and rate limits an operator gives one key, beside its plan's; an owner's: those
+it gives a customer, or one of its workspaces, projects or teams, binding every key of theirs; and a request's
 thread budget, which its caller sets (with_thread_budget).
 
-Stored with the key as `{window, unit, limit, timezone}` (money in nanos of the policy's currency)
-and part of its terms (store.key_terms), so a change binds every replica from the next decision.
-A key limit counts in the key's bucket of its unit and window: where the plan has a limit of the
-key scope in the same bucket, the key's replaces it (an override: "this key may spend 20 a month,
-not the plan's 100"); any other binds beside the plan's.
+Stored with the key as `{window, unit, limit, timezone}` (money in nanos of the policy's currency; an owner's
+with its `scope`, copied onto each of the owner's keys: Admin.set_owner_limits) and part of its terms
+(store.key_terms), so a change binds every replica from the next decision. A limit counts in its scope's
+bucket of its unit and window (the key's, the customer's, ...): where the plan has a limit of the same scope
+in the same bucket, the key's or owner's replaces it (an override: "this key may spend 20 a month, not the
+plan's 100"; "this customer 500, not 1,000"); any other binds beside the plan's. A bucket counts from the
+first request that names it: one a plan already counts in holds the window's use so far; a new one starts
+at the limit's making, as a limit a policy adds does.
 """
 
 from __future__ import annotations
@@ -21,36 +25,40 @@ KEY_LIMITS_MAX = 8
 THREAD_BUDGET = "thread-budget"  # the name of a caller's budget of its thread (AuthorizeInput.thread_budget)
 WINDOWS = ("minute", "hour", "day", "month", "total")
 UNITS = ("money", "tokens", "requests")
+OWNER_SCOPES = ("customer", "workspace", "project", "team")  # whose limits an operator sets beside a key's own
 
 
-def checked(limits: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The limits as a key stores them, in one order; ValueError says what is wrong."""
+def checked(limits: Iterable[Mapping[str, Any]], scope: str = "key") -> list[dict[str, Any]]:
+    """The limits as a key (or an owner of `scope`) stores them, in one order; ValueError says what is wrong."""
     stored: dict[tuple[str, str, str], dict[str, Any]] = {}
+    whose = "a key" if scope == "key" else f"a {scope}"
     for given in limits:
         window, unit = str(given.get("window", "")), str(given.get("unit", ""))
         limit, zone = given.get("limit"), str(given.get("timezone", "") or "")
         if window not in WINDOWS:
-            raise ValueError(f"a key limit's window is one of {', '.join(WINDOWS)}, not {window!r}")
+            raise ValueError(f"{whose} limit's window is one of {', '.join(WINDOWS)}, not {window!r}")
         if unit not in UNITS:
-            raise ValueError(f"a key limit's unit is one of {', '.join(UNITS)}, not {unit!r}")
+            raise ValueError(f"{whose} limit's unit is one of {', '.join(UNITS)}, not {unit!r}")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ValueError("a key limit is a whole number, at least 0 (money in nanos)")
+            raise ValueError(f"{whose} limit is a whole number, at least 0 (money in nanos)")
         entry = {"window": window, "unit": unit, "limit": limit, "timezone": zone}
+        if scope != "key":
+            entry["scope"] = scope
         try:
             _limit(entry)
         except ValidationError as error:
-            raise ValueError(f"key limit {window}/{unit}: {error.errors()[0]['msg']}") from None
+            raise ValueError(f"{scope} limit {window}/{unit}: {error.errors()[0]['msg']}") from None
         if (window, unit, zone) in stored:
-            raise ValueError(f"two key limits of {unit} per {window}")
+            raise ValueError(f"two {scope} limits of {unit} per {window}")
         stored[(window, unit, zone)] = entry
     if len(stored) > KEY_LIMITS_MAX:
-        raise ValueError(f"a key has at most {KEY_LIMITS_MAX} limits of its own")
+        raise ValueError(f"{whose} has at most {KEY_LIMITS_MAX} limits of its own")
     return [stored[k] for k in sorted(stored)]
 
 
 def _limit(entry: Mapping[str, Any]) -> Limit:
-    value = entry["limit"]
-    return Limit(name=f"key-{entry['unit']}-{entry['window']}", scope="key", window=entry["window"],
+    value, scope = entry["limit"], entry.get("scope", "key")
+    return Limit(name=f"{scope}-{entry['unit']}-{entry['window']}", scope=scope, window=entry["window"],
                  unit=entry["unit"], limit=format_amount(value) if entry["unit"] in MONEY_UNITS else value,
                  timezone=entry.get("timezone", ""))
 
@@ -60,16 +68,16 @@ def as_limits(stored: Iterable[Mapping[str, Any]] | None) -> tuple[Limit, ...]:
 
 
 def effective(plan_limits: tuple[Limit, ...], own: tuple[Limit, ...], zone: str) -> tuple[Limit, ...]:
-    """The limits a request on this key counts against: the plan's, with the key's own in place of the
-    plan's key-scope limits of the same bucket. `zone`: the policy's time zone, for the key's day and
+    """The limits a request on this key counts against: the plan's, with the key's own (and its owners') in
+    place of the plan's limits of the same scope and bucket. `zone`: the policy's time zone, for day and
     month limits that name none."""
     if not own:
         return plan_limits
     own = tuple(limit.model_copy(update={"timezone": zone}) if zone and not limit.timezone
                 and limit.window in ("day", "month") else limit for limit in own)
-    taken = {(limit.unit, limit.window, limit.timezone) for limit in own}
+    taken = {(limit.scope, limit.unit, limit.window, limit.timezone) for limit in own}
     kept = tuple(limit for limit in plan_limits
-                 if limit.scope != "key" or (limit.unit, limit.window, limit.timezone) not in taken)
+                 if (limit.scope, limit.unit, limit.window, limit.timezone) not in taken)
     return kept + own
 
 

@@ -11,8 +11,8 @@ from typing import Any, Awaitable, Callable, TypeVar
 import grpc
 
 from policyd.admin import Admin
-from policyd.admin_access import AdminAccess, Principal
-from policyd.db import AdminCredentialRow, ApiKeyRow
+from policyd.admin_access import AdminAccess, Principal, out_of_scope
+from policyd.db import AdminCredentialRow, ApiKeyRow, OwnerLimitsRow
 from policyd.domain import (
     CONTAINER_MEMORY_DEFAULT,
     CREATABLE,
@@ -285,7 +285,14 @@ def api_key_message(row: ApiKeyRow) -> admin_pb2.ApiKey:
         rotated_unix_ms=row.rotated_ms, previous_secret_expires_unix_ms=row.previous_expires_ms,
         expires_unix_ms=row.expires_ms or 0,
         limits=[admin_pb2.KeyLimit(**limit) for limit in row.limits or ()],
+        owner_limits=[admin_pb2.KeyLimit(**limit) for limit in row.owner_limits or ()],
     )
+
+
+def owner_limits_message(row: OwnerLimitsRow, keys_changed: int = 0) -> admin_pb2.OwnerLimits:
+    return admin_pb2.OwnerLimits(customer_id=row.customer_id, scope=row.scope, owner_id=row.owner_id,
+                                 limits=[admin_pb2.KeyLimit(**limit) for limit in row.limits],
+                                 updated_unix_ms=row.updated_ms, keys_changed=keys_changed)
 
 
 def key_limit(message: admin_pb2.KeyLimit) -> dict[str, Any]:
@@ -340,6 +347,12 @@ def recorded(action: str, describe: Callable[[Any, Any], Described]) -> Callable
             return reply
         return call
     return wrap
+
+
+async def _own_limits_refused() -> None:
+    """A scoped credential gives limits to its sub-customers (and their workspaces, projects and teams), never to
+    its own customer, whose plan the operator chose: it would loosen them."""
+    raise out_of_scope("a scoped admin credential sets the limits of its sub-customers, not its own customer's")
 
 
 def _on_key(request: Any, reply: Any) -> Described:
@@ -446,6 +459,22 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def SetKeyScopes(self, request: admin_pb2.SetKeyScopesRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._key(context, request.id)
         return api_key_message(await _call(context, lambda: self.admin.set_scopes(request.id, list(request.scopes))))
+
+    @recorded("owner_limits", lambda q, r: {"customer_id": q.customer_id, "scope": r.scope, "owner_id": r.owner_id,
+                                            "keys": r.keys_changed})
+    async def SetOwnerLimits(self, request: admin_pb2.SetOwnerLimitsRequest, context: grpc.aio.ServicerContext) -> Any:
+        principal = await self._for_customer(context, request.customer_id)
+        if not principal.operator and request.customer_id == principal.customer_id:
+            await _call(context, _own_limits_refused)
+        row, changed = await _call(context, lambda: self.admin.set_owner_limits(
+            [key_limit(limit) for limit in request.limits], request.customer_id, request.workspace_id,
+            request.project_id, request.team_id))
+        return owner_limits_message(row, changed)
+
+    async def ListOwnerLimits(self, request: admin_pb2.ListOwnerLimitsRequest, context: grpc.aio.ServicerContext) -> Any:
+        customer_id = await self._own_customer(context, request.customer_id)
+        rows = await _call(context, lambda: self.admin.owner_limits(customer_id))
+        return admin_pb2.ListOwnerLimitsResponse(owners=[owner_limits_message(row) for row in rows])
 
     @recorded("plan_set", lambda q, r: {"customer_id": q.customer_id, "plan": q.plan, "key_id": q.key_id,
                                         "keys": len(r.keys)})

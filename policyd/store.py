@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterable
 
-from sqlalchemy import JSON, Table, bindparam, case, func, insert, or_, select, text, tuple_, update
+from sqlalchemy import JSON, Table, bindparam, case, delete, func, insert, or_, select, text, tuple_, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from policyd import compact_json, key_limits, redis_keys
-from policyd.db import ApiKeyRow, EventRow, LedgerEntryRow, PolicyVersionRow, UsageRecordRow, make_engine
+from policyd.db import ApiKeyRow, EventRow, LedgerEntryRow, OwnerLimitsRow, PolicyVersionRow, UsageRecordRow, make_engine
 from policyd.policy import Limit
 
 OPEN_STATUSES = ("reserved",)
@@ -35,7 +35,8 @@ class KeyRecord:
     environment: str
     plan: str
     scopes: tuple[str, ...] = field(default=())
-    stored_limits: tuple[dict[str, Any], ...] = field(default=())  # its own limits, as stored (key_limits.py)
+    # its own limits and its owners', as stored (key_limits.py)
+    stored_limits: tuple[dict[str, Any], ...] = field(default=())
 
     @cached_property
     def terms(self) -> str:
@@ -47,7 +48,7 @@ class KeyRecord:
 
 
 def key_terms(plan: str, scopes: Iterable[str], limits: Iterable[dict[str, Any]] | None = ()) -> str:
-    """The fingerprint of what a key may do: its plan, scopes and own limits."""
+    """The fingerprint of what a key may do: its plan, scopes and own limits (its owners' among them)."""
     described = json.dumps([plan, sorted(scopes), list(limits or ())], sort_keys=True)
     return hashlib.sha256(described.encode()).hexdigest()[:16]
 
@@ -114,7 +115,7 @@ def key_record(row: ApiKeyRow) -> KeyRecord:
         environment=row.environment,
         plan=row.plan,
         scopes=tuple(row.scopes or ()),
-        stored_limits=tuple(row.limits or ()),
+        stored_limits=tuple(row.limits or ()) + tuple(row.owner_limits or ()),
     )
 
 
@@ -204,6 +205,22 @@ class Store:
         with self.session() as session, session.begin():
             merged = session.merge(row)
         return merged
+
+    def owner_limits(self, customer_id: str) -> list[OwnerLimitsRow]:
+        """The limits given a customer and its workspaces, projects and teams."""
+        with self.session() as session:
+            return list(session.scalars(select(OwnerLimitsRow).where(OwnerLimitsRow.customer_id == customer_id)
+                                        .order_by(OwnerLimitsRow.scope, OwnerLimitsRow.owner_id)))
+
+    def save_owner_limits(self, row: OwnerLimitsRow) -> None:
+        """An owner's limits (none: its row goes)."""
+        with self.session() as session, session.begin():
+            if row.limits:
+                session.merge(row)
+            else:
+                session.execute(delete(OwnerLimitsRow).where(
+                    OwnerLimitsRow.customer_id == row.customer_id, OwnerLimitsRow.scope == row.scope,
+                    OwnerLimitsRow.owner_id == row.owner_id))
 
     def plans_in_use(self) -> dict[str, int]:
         with self.session() as session:

@@ -82,6 +82,9 @@ def cross_boundary_calls(w: World) -> dict[str, Any]:
         "SetKeyLimits": admin_pb2.SetKeyLimitsRequest(id=other_key, limits=[admin_pb2.KeyLimit(
             window="day", unit="money", limit=1)]),
         "SetKeyScopes": admin_pb2.SetKeyScopesRequest(id=other_key, scopes=["gpt-4o-mini"]),
+        "SetOwnerLimits": admin_pb2.SetOwnerLimitsRequest(customer_id="other", limits=[admin_pb2.KeyLimit(
+            window="day", unit="money", limit=1)]),
+        "ListOwnerLimits": admin_pb2.ListOwnerLimitsRequest(customer_id="other"),
         "ApplyPolicy": admin_pb2.ApplyPolicyRequest(yaml=SAMPLE_POLICY),
         "GetPolicy": admin_pb2.GetPolicyRequest(),
         "GrantCredit": admin_pb2.GrantCreditRequest(customer_id="reseller", source="purchase",
@@ -122,7 +125,8 @@ async def test_every_admin_call_across_the_boundary_is_refused(world: World) -> 
                                   (grpc.StatusCode.NOT_FOUND, "unknown_credential")), (method, code, reason)
         assert "other" not in (refused.value.details() or "").replace("'other'", "") or method in (
             "CreateKey", "ListKeys", "GetWallet", "ListUsage", "UsageReport", "ExportInvoice",
-            "CreateAdminCredential", "ListAdminCredentials", "LinkCustomer")  # only the name the caller gave
+            "CreateAdminCredential", "ListAdminCredentials", "LinkCustomer", "SetOwnerLimits",
+            "ListOwnerLimits")  # only the name the caller gave
     # a key of another customer is reported exactly like a key that does not exist
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await w.admin.GetKey(admin_pb2.GetKeyRequest(id="key_0000000000000000"), metadata=w.reseller)
@@ -164,6 +168,23 @@ async def test_a_reseller_manages_itself_and_its_sub_customers(world: World) -> 
                             metadata=w.reseller)
     creds = await w.admin.ListAdminCredentials(admin_pb2.ListAdminCredentialsRequest(), metadata=w.reseller)
     assert {c.customer_id for c in creds.credentials} == {"reseller", "sub1"}
+    # it gives its sub-customers limits (their keys bound), never its own customer, whose plan the operator chose
+    budget = admin_pb2.KeyLimit(window="minute", unit="requests", limit=1)
+    given = await w.admin.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(customer_id="sub1", limits=[budget]),
+                                         metadata=w.reseller)
+    assert (given.scope, given.keys_changed) == ("customer", 2)
+    bound = [await w.policy.Authorize(policy_pb2.AuthorizeRequest(
+        api_key=w.keys["sub1"].secret, endpoint=types_pb2.CHAT_COMPLETIONS, model="gpt-4o-mini")) for _ in range(2)]
+    assert [d.reason for d in bound] == ["", "rate_limit_exceeded"]
+    listed = await w.admin.ListOwnerLimits(admin_pb2.ListOwnerLimitsRequest(customer_id="sub1"), metadata=w.sub)
+    budget.scope = "customer"
+    assert [(o.customer_id, list(o.limits)) for o in listed.owners] == [("sub1", [budget])]
+    for whose, credential in (("reseller", w.reseller), ("sub1", w.sub)):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await w.admin.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(customer_id=whose, limits=[]),
+                                         metadata=credential)
+        assert (refused.value.code(), dict(refused.value.trailing_metadata())["policyd-reason"]) == \
+            (grpc.StatusCode.PERMISSION_DENIED, "out_of_scope")
     assert all(not c.prefix.endswith(c.id) and len(c.prefix) == 10 for c in creds.credentials)
 
     # the sub-customer cannot reach up to its reseller

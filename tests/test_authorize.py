@@ -328,6 +328,78 @@ async def test_a_key_with_limits_of_its_own(service: Service) -> None:
     assert service.store.usage_record("own-day").reason == "budget_exceeded"
 
 
+async def test_an_owners_limits_bind_every_key_of_theirs(service: Service) -> None:
+    """Admin.set_owner_limits: a customer's limits bind its every key together, one made later too, and a replica
+    still holding a key's old terms; a workspace's bind its keys alone; another customer is not bound; an owner's
+    limit of a plan's bucket replaces the plan's (the pro plan's customer day budget, which would downgrade: now
+    refused), keeping what the bucket counted; none: the plans' alone again; bad calls are refused."""
+    from policyd import keys as key_secrets
+    from policyd.domain import PolicydError
+
+    first_id, first = await new_key(service, plan="free", customer="owned")
+    _, second = await new_key(service, plan="free", customer="owned")
+    await new_key(service, plan="free", customer="owned", workspace_id="w1")
+    _, stranger = await new_key(service, plan="free", customer="stranger")
+    for customer in ("owned", "stranger"):
+        await fund(service, customer, "10")
+    held = await service.engine.directory.resolve(key_secrets.hash_secret(second))  # another replica's copy
+
+    row, changed = await service.admin.set_owner_limits([{"window": "minute", "unit": "requests", "limit": 3}], "owned")
+    assert (row.scope, row.owner_id, changed) == ("customer", "", 3)
+    service.engine.directory.remember(key_secrets.hash_secret(second), held)
+    _, later = await new_key(service, plan="free", customer="owned")
+    decisions = [await service.engine.authorize(ask(secret, prompt_bytes=10, max_output_tokens=5))
+                 for secret in (first, second, first, later, second)]
+    assert [d.decision for d in decisions] == ["allow", "allow", "allow", "deny", "deny"]
+    assert (decisions[3].reason, decisions[3].message.endswith("(customer-requests-minute)")) == \
+        ("rate_limit_exceeded", True)
+    assert all([(await service.engine.authorize(ask(stranger, prompt_bytes=10, max_output_tokens=5))).decision
+                == "allow" for _ in range(4)])
+    assert (await service.admin.get_key(first_id)).owner_limits == [
+        {"window": "minute", "unit": "requests", "limit": 3, "timezone": "", "scope": "customer"}]
+    review = await service.admin.review_key(first_id)
+    assert {(b["label"], b["used"]) for b in review["buckets"]} >= {("customer-requests-minute", 3)}
+
+    _, in_w2 = await new_key(service, plan="free", customer="split", workspace_id="w2")
+    _, in_w3 = await new_key(service, plan="free", customer="split", workspace_id="w3")
+    await fund(service, "split", "10")
+    await service.admin.set_owner_limits([{"window": "day", "unit": "money", "limit": 1}], "split", workspace_id="w2")
+    refused = await service.engine.authorize(ask(in_w2, prompt_bytes=10, max_output_tokens=5, request_id="w2-day"))
+    assert (refused.reason, refused.message.endswith("(workspace-money-day)")) == ("budget_exceeded", True)
+    assert (await service.engine.authorize(ask(in_w3, prompt_bytes=10, max_output_tokens=5))).decision == "allow"
+
+    _, pro = await new_key(service, plan="pro", customer="premium")
+    await fund(service, "premium", "10")
+    spent = await service.engine.authorize(ask(pro, model="gpt-4o", prompt_bytes=10, max_output_tokens=5))
+    assert spent.decision == "allow"  # counted in the plan's customer day bucket (premium-day)
+    await service.admin.set_owner_limits([{"window": "day", "unit": "money", "limit": spent.reserved + 1}],
+                                         "premium")
+    over = await service.engine.authorize(ask(pro, model="gpt-4o", prompt_bytes=10, max_output_tokens=5))
+    assert (over.decision, over.reason, over.message.endswith("(customer-money-day)")) == \
+        ("deny", "budget_exceeded", True)  # the plan's would have downgraded; the bucket kept what it counted
+
+    await service.admin.set_owner_limits([], "owned")
+    assert await service.admin.owner_limits("owned") == []
+    assert (await service.admin.get_key(first_id)).owner_limits == []
+    assert (await service.engine.authorize(ask(later, prompt_bytes=10, max_output_tokens=5))).decision == "allow"
+    listed = await service.admin.owner_limits("split")
+    assert [(r.scope, r.owner_id, r.limits[0]["limit"]) for r in listed] == [("workspace", "w2", 1)]
+
+    for limits, owner, reason in (([], {"customer_id": ""}, "invalid_request"),
+                                  ([], {"customer_id": "owned", "workspace_id": "w", "team_id": "t"}, "invalid_request"),
+                                  ([], {"customer_id": "owned", "team_id": "a b"}, "invalid_request"),
+                                  ([{"window": "week", "unit": "money", "limit": 1}], {"customer_id": "owned"},
+                                   "invalid_limit"),
+                                  ([{"window": "day", "unit": "money", "limit": -1}], {"customer_id": "owned"},
+                                   "invalid_limit")):
+        with pytest.raises(PolicydError) as error:
+            await service.admin.set_owner_limits(limits, **owner)
+        assert error.value.reason == reason
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+    assert service.store.usage_record("w2-day").reason == "budget_exceeded"
+
+
 async def test_a_threads_budget_set_by_its_caller(service: Service) -> None:
     """AuthorizeInput.thread_budget: the thread's requests that name it hold their worst case in the thread's one
     total, beside the wallet and the plan's limits; a request that would take it past the budget is refused

@@ -129,6 +129,27 @@ def test_keys_with_limits_of_their_own(server: PolicydProcess) -> None:
     assert wrong.returncode != 0 and "WINDOW:UNIT:VALUE" in wrong.stderr
 
 
+def test_an_owners_limits_from_the_command_line(server: PolicydProcess) -> None:
+    keys = [json.loads(run(server, "keys", "create", "--customer", "tenant", "--plan", "pro", "--json").stdout)
+            for _ in range(2)]
+    run(server, "credit", "grant", "--customer", "tenant", "--amount", "5")
+    given = run(server, "limits", "set", "--customer", "tenant", "--limit", "month:money:0.000001")
+    assert given.returncode == 0 and "tenant: customer: 0.000001000 money a month (2 keys changed)" in given.stdout
+    for key in keys:  # each of its keys bound
+        refused = run(server, "authorize", "--key", key["secret"], "--model", "gpt-4o-mini")
+        assert refused.returncode == 2 and "budget_exceeded" in refused.stdout and "customer-money-month" in refused.stdout
+    assert "(its owners': customer: 0.000001000 money a month)" in run(server, "keys", "list", "--customer",
+                                                                       "tenant").stdout
+    team = run(server, "limits", "set", "--customer", "tenant", "--team", "t1", "--limit", "minute:requests:5")
+    assert team.returncode == 0 and "tenant team t1: team: 5 requests a minute (0 keys changed)" in team.stdout
+    listed = run(server, "limits", "list", "--customer", "tenant").stdout
+    assert "tenant: customer: 0.000001000 money a month" in listed and "tenant team t1" in listed
+    assert run(server, "limits", "set", "--customer", "tenant", "--none").returncode == 0
+    assert run(server, "authorize", "--key", keys[0]["secret"], "--model", "gpt-4o-mini").returncode == 0
+    both = run(server, "limits", "set", "--customer", "tenant", "--team", "t", "--project", "p", "--none")
+    assert both.returncode != 0 and "not allowed with" in both.stderr
+
+
 def test_caps_from_the_command_line(server: PolicydProcess, tmp_path: Path) -> None:
     """An operator caps OpenAI's daily bill across every customer, sees what the cap holds, and a request
     that would cross it is refused, naming the cap."""

@@ -113,6 +113,29 @@ async def test_one_rebuild_at_a_time(service: Service) -> None:
     assert await service.admin.recover() is None  # whole again: nothing to do
 
 
+async def test_an_owners_limit_binds_as_before_once_its_counters_are_rebuilt(service: Service) -> None:
+    """A customer's own limit (SetOwnerLimits) counts its keys' requests in the customer's bucket: rebuilt from the
+    records after a loss, it binds its keys together where it did."""
+    secrets = [(await service.admin.create_key(label="t", customer_id="owned", environment="production",
+                                               plan="pro")).secret for _ in range(2)]
+    await fund(service, "owned", "1")
+    await service.admin.set_owner_limits(MONTH_REQUESTS, "owned")
+    for i in range(4):
+        assert (await service.engine.authorize(ask(secrets[i % 2], request_id=f"owned-{i}"))).decision == "allow"
+        await service.engine.settle(usage(f"owned-{i}"))
+    await service.admin.catch_up()
+    await service.counters.client.flushall()
+    assert (await service.engine.authorize(ask(secrets[0], request_id="owned-during"))).reason == "counters_unavailable"
+    await _open(service)
+    await service._recovery
+    assert (await service.engine.authorize(ask(secrets[1], request_id="owned-fifth"))).decision == "allow"
+    sixth = await service.engine.authorize(ask(secrets[0], request_id="owned-sixth"))
+    assert (sixth.decision, sixth.reason, sixth.message.endswith("(customer-requests-month)")) == \
+        ("deny", "rate_limit_exceeded", True)
+    await service.engine.settle(usage("owned-fifth"))
+    assert (await service.admin.audit()).ok
+
+
 @pytest.mark.slow
 def test_a_redis_restarted_without_its_data_under_a_running_policyd(postgres_server) -> None:
     """The real thing: redis-server stopped and started again on its port with nothing saved, under a

@@ -2116,6 +2116,54 @@ def test_a_threads_budget_set_by_its_caller_is_never_overshot_by_its_concurrent_
         assert bad.value.param == "x-policyd-thread-budget"
 
 
+def test_a_customers_budget_set_by_its_operator_binds_all_its_keys_at_once(gateway: Gateway) -> None:
+    """SetOwnerLimits: a budget the operator gives a customer binds every key of the customer together, however
+    many requests run at once on however many keys (each holds its worst case in the customer's one bucket,
+    atomically with the wallet), and a key made afterwards; past it a request is refused before the provider (429
+    budget_exceeded, naming the customer's limit); another customer is not bound; none: the plan's alone again."""
+    customer = f"e2e-owner-budget-{gateway.shape}"
+    keys = [gateway.customer(customer, plan="strict")] + [gateway.customer(customer, plan="strict", credit="")
+                                                          for _ in range(2)]
+    clients = [gateway.client(key) for key in keys]
+    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one of the customer's calls"}],
+           "max_tokens": 8}
+    probe = clients[0].chat.completions.with_raw_response.create(**ask)
+    held = gateway.record(probe.headers["x-policyd-request-id"])["reserved_nanos"]
+    budget = 3 * held + held // 2  # three holds fit, a fourth does not
+    given = gateway.admin.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(
+        customer_id=customer, limits=[admin_pb2.KeyLimit(window="day", unit="money", limit=budget)]))
+    assert (given.scope, given.keys_changed) == ("customer", 3)
+
+    def call(n: int) -> str:
+        try:
+            return clients[n % 3].chat.completions.with_raw_response.create(
+                **ask, extra_headers={"x-policyd-request-id": f"owner-{gateway.shape}-{n}"}
+            ).headers["x-policyd-request-id"]
+        except openai.RateLimitError as refused:
+            assert refused.code == "budget_exceeded" and "(customer-money-day)" in refused.message
+            return ""
+
+    with ThreadPoolExecutor(12) as pool:  # all at once, across the three keys
+        admitted = [request_id for request_id in pool.map(call, range(12)) if request_id]
+    for n in range(100, 140):  # and one after another, until the budget refuses the next
+        if not (request_id := call(n)):
+            break
+        admitted.append(request_id)
+    charged = sum(gateway.record(request_id)["charge_nanos"] for request_id in admitted)
+    refused = [r for r in gateway.records(customer) if r.reason == "budget_exceeded"]
+    assert 3 <= len(admitted) and refused and 0 < charged <= budget
+    assert len({gateway.record(request_id)["api_key_id"] for request_id in admitted}) >= 2  # one budget, many keys
+    sent = [r for r in gateway.mock.received() if r["body"].get("messages") == ask["messages"]]
+    assert len(sent) == len(admitted) + 1  # the probe and the admitted alone reached the provider
+    later = gateway.client(gateway.customer(customer, plan="strict", credit=""))
+    with pytest.raises(openai.RateLimitError) as spent:  # a key made afterwards is bound as well
+        later.chat.completions.create(**ask)
+    assert spent.value.code == "budget_exceeded"
+    assert gateway.client(gateway.customer(f"{customer}-other", plan="strict")).chat.completions.create(**ask).choices
+    gateway.admin.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(customer_id=customer))
+    assert later.chat.completions.create(**ask).choices  # the plan's limits alone again
+
+
 def test_downgrade_reaches_the_cheaper_model_with_the_body_rewritten(gateway: Gateway) -> None:
     key = gateway.customer("e2e-thrifty", plan="thrifty")
     raw = gateway.client(key).chat.completions.with_raw_response.create(

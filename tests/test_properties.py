@@ -510,26 +510,41 @@ def test_a_threads_budget_is_never_overshot(running, budget: int, operations) ->
     are held, settled within their bounds or released, in any order, what the thread's requests were charged and
     what they still hold never passes the budget, and the counters agree with the records (audit)."""
     loop, service = running
-    loop.run_until_complete(_thread_budget_scenario(service, budget, operations, f"run{next(counter)}"))
+    loop.run_until_complete(_budget_scenario(service, budget, operations, f"run{next(counter)}", "thread"))
 
 
-async def _thread_budget_scenario(service: Service, budget: int, operations: list, customer: str) -> None:
-    key = await service.admin.create_key(label="p", customer_id=customer, environment="production", plan="free")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(budget=st.integers(1, 2_000_000), operations=thread_budget_ops)
+def test_a_customers_own_budget_is_never_overshot_by_its_keys(running, budget: int, operations) -> None:
+    """A customer's own budget (Admin.set_owner_limits) on a strict plan, its requests spread over three keys:
+    whatever is held, settled within its bounds or released, in any order, what the customer was charged and
+    still holds never passes the budget, and the counters agree with the records (audit)."""
+    loop, service = running
+    loop.run_until_complete(_budget_scenario(service, budget, operations, f"owner{next(counter)}", "customer"))
+
+
+async def _budget_scenario(service: Service, budget: int, operations: list, customer: str, whose: str) -> None:
+    """`whose`: the budget is the thread's (its caller's) or the customer's (set by the operator)."""
+    secrets = [(await service.admin.create_key(label="p", customer_id=customer, environment="production",
+                                               plan="free")).secret for _ in range(1 if whose == "thread" else 3)]
     await service.admin.grant_credit(customer, 10**12, "USD", "purchase", "")
+    if whose == "customer":
+        await service.admin.set_owner_limits([{"window": "total", "unit": "money", "limit": budget}], customer)
     held: dict[str, tuple[int, int, int]] = {}  # open request id -> its hold, input bound, output bound
     opened: list[str] = []
     charged = 0
     for n, op in enumerate(operations):
         if op[0] == "authorize":
             rid = f"{customer}-{n}"
-            d = await service.engine.authorize(replace(
-                ask(key.secret, request_id=rid, prompt_bytes=op[1], max_output_tokens=op[2], thread_id="run"),
-                thread_budget=budget))
+            asked = ask(secrets[n % len(secrets)], request_id=rid, prompt_bytes=op[1], max_output_tokens=op[2],
+                        thread_id="run")
+            d = await service.engine.authorize(replace(asked, thread_budget=budget) if whose == "thread" else asked)
             if d.decision != "deny":
                 held[rid] = (d.reserved, min(op[1] + 24, CONTEXT_WINDOW), d.max_output_tokens)
                 opened.append(rid)
             else:
-                assert d.reason == "budget_exceeded" and d.message.endswith("(thread-budget)"), d
+                label = "(thread-budget)" if whose == "thread" else "(customer-money-total)"
+                assert d.reason == "budget_exceeded" and d.message.endswith(label), d
         elif opened:
             rid = opened[op[1] % len(opened)]
             if rid not in held:

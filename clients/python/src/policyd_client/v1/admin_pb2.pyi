@@ -86,7 +86,7 @@ class LinkCustomerResponse(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., parent_id: _Optional[str] = ...) -> None: ...
 
 class ApiKey(_message.Message):
-    __slots__ = ("id", "label", "prefix", "owner", "state", "scopes", "created_unix_ms", "rotated_unix_ms", "previous_secret_expires_unix_ms", "expires_unix_ms", "limits")
+    __slots__ = ("id", "label", "prefix", "owner", "state", "scopes", "created_unix_ms", "rotated_unix_ms", "previous_secret_expires_unix_ms", "expires_unix_ms", "limits", "owner_limits")
     ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class ApiKey(_message.Message):
     PREVIOUS_SECRET_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_LIMITS_FIELD_NUMBER: _ClassVar[int]
     id: str
     label: str
     prefix: str
@@ -109,19 +110,64 @@ class ApiKey(_message.Message):
     previous_secret_expires_unix_ms: int
     expires_unix_ms: int
     limits: _containers.RepeatedCompositeFieldContainer[KeyLimit]
-    def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., prefix: _Optional[str] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., state: _Optional[_Union[KeyState, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., created_unix_ms: _Optional[int] = ..., rotated_unix_ms: _Optional[int] = ..., previous_secret_expires_unix_ms: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ...) -> None: ...
+    owner_limits: _containers.RepeatedCompositeFieldContainer[KeyLimit]
+    def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., prefix: _Optional[str] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., state: _Optional[_Union[KeyState, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., created_unix_ms: _Optional[int] = ..., rotated_unix_ms: _Optional[int] = ..., previous_secret_expires_unix_ms: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ..., owner_limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ...) -> None: ...
 
 class KeyLimit(_message.Message):
-    __slots__ = ("window", "unit", "limit", "timezone")
+    __slots__ = ("window", "unit", "limit", "timezone", "scope")
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     UNIT_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     TIMEZONE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
     window: str
     unit: str
     limit: int
     timezone: str
-    def __init__(self, window: _Optional[str] = ..., unit: _Optional[str] = ..., limit: _Optional[int] = ..., timezone: _Optional[str] = ...) -> None: ...
+    scope: str
+    def __init__(self, window: _Optional[str] = ..., unit: _Optional[str] = ..., limit: _Optional[int] = ..., timezone: _Optional[str] = ..., scope: _Optional[str] = ...) -> None: ...
+
+class SetOwnerLimitsRequest(_message.Message):
+    __slots__ = ("customer_id", "workspace_id", "project_id", "team_id", "limits")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    TEAM_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    workspace_id: str
+    project_id: str
+    team_id: str
+    limits: _containers.RepeatedCompositeFieldContainer[KeyLimit]
+    def __init__(self, customer_id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., project_id: _Optional[str] = ..., team_id: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ...) -> None: ...
+
+class OwnerLimits(_message.Message):
+    __slots__ = ("customer_id", "scope", "owner_id", "limits", "updated_unix_ms", "keys_changed")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    scope: str
+    owner_id: str
+    limits: _containers.RepeatedCompositeFieldContainer[KeyLimit]
+    updated_unix_ms: int
+    keys_changed: int
+    def __init__(self, customer_id: _Optional[str] = ..., scope: _Optional[str] = ..., owner_id: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ..., updated_unix_ms: _Optional[int] = ..., keys_changed: _Optional[int] = ...) -> None: ...
+
+class ListOwnerLimitsRequest(_message.Message):
+    __slots__ = ("customer_id",)
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
+
+class ListOwnerLimitsResponse(_message.Message):
+    __slots__ = ("owners",)
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
+    owners: _containers.RepeatedCompositeFieldContainer[OwnerLimits]
+    def __init__(self, owners: _Optional[_Iterable[_Union[OwnerLimits, _Mapping]]] = ...) -> None: ...
 
 class SetKeyScopesRequest(_message.Message):
     __slots__ = ("id", "scopes")

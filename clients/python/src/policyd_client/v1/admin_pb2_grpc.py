@@ -93,6 +93,16 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.SetKeyScopesRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.ApiKey.FromString,
                 _registered_method=True)
+        self.SetOwnerLimits = channel.unary_unary(
+                '/policyd.v1.AdminService/SetOwnerLimits',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.SetOwnerLimitsRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.OwnerLimits.FromString,
+                _registered_method=True)
+        self.ListOwnerLimits = channel.unary_unary(
+                '/policyd.v1.AdminService/ListOwnerLimits',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsResponse.FromString,
+                _registered_method=True)
         self.ApplyPolicy = channel.unary_unary(
                 '/policyd.v1.AdminService/ApplyPolicy',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ApplyPolicyRequest.SerializeToString,
@@ -262,6 +272,21 @@ class AdminServiceServicer:
 
     def SetKeyScopes(self, request, context):
         """The models a key may use, within its plan (globs or tier:NAME; none = the plan's), from the next decision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetOwnerLimits(self, request, context):
+        """An owner's limits (a customer's, or one of its workspaces', projects' or teams'): budgets and rate limits
+        binding every key of the owner, those made later too, from the next decision on every replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOwnerLimits(self, request, context):
+        """a customer's and its owners'
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -443,6 +468,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.SetKeyScopes,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.SetKeyScopesRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.ApiKey.SerializeToString,
+            ),
+            'SetOwnerLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOwnerLimits,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.SetOwnerLimitsRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.OwnerLimits.SerializeToString,
+            ),
+            'ListOwnerLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOwnerLimits,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsResponse.SerializeToString,
             ),
             'ApplyPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyPolicy,
@@ -841,6 +876,60 @@ class AdminService:
             '/policyd.v1.AdminService/SetKeyScopes',
             policyd_dot_v1_dot_admin__pb2.SetKeyScopesRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOwnerLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/SetOwnerLimits',
+            policyd_dot_v1_dot_admin__pb2.SetOwnerLimitsRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.OwnerLimits.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOwnerLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/ListOwnerLimits',
+            policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,
