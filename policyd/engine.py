@@ -814,6 +814,20 @@ class Engine:
                                     "request_not_found")
         return summary, None
 
+    async def list_requests(self, api_key: str, limit: int, after: str = ""
+                            ) -> tuple[tuple[list[RequestSummary], bool] | None, Decision | None]:
+        """The key's customer's requests, newest first (GET /v1/requests, for the key's own holder): a page of at
+        most `limit`, past the request `after`, and whether more follow; an `after` that is not one of the
+        customer's requests is request_not_found (404)."""
+        found = await self._key_asking(api_key)
+        if isinstance(found, Decision):
+            return None, found
+        page = await request_lookup.recent(self.store, found[0].customer_id, limit, after)
+        if page is None:
+            return None, self._deny({"request_id": after[:request_lookup.REQUEST_ID_LENGTH_MAX], "requested_model": "",
+                                     "served_model": "", "owner": Owner()}, "request_not_found", param="after")
+        return page, None
+
     async def _key_asking(self, api_key: str) -> tuple[KeyRecord, Policy, Plan] | Decision:
         """The key of a request about the key itself (not a model call), or the denial it gets."""
         base = {"request_id": new_request_id(), "requested_model": "", "served_model": "", "owner": Owner()}

@@ -105,6 +105,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             request, denial = await self.engine.describe_request(call.api_key, call.request_lookup,
                                                                  call.lookup_wait_ms)
             return deny_decision(denial) if request is None else denied(200, http_api.request_summary_body(request))
+        if call.request_listing and not call.problem:
+            page, denial = await self.engine.list_requests(call.api_key, call.listing_limit, call.listing_after)
+            return deny_decision(denial) if page is None else denied(200, http_api.request_list_body(*page))
         if call.problem:
             decision = await self.engine.deny_request(call.authorize_input(), call.problem, call.problem_message,
                                                       call.problem_param)

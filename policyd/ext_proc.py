@@ -340,6 +340,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                                                                  call.lookup_wait_ms)
             return None, immediate_denial(denial) if request is None else \
                 immediate(200, http_api.request_summary_body(request))
+        if call.request_listing and not call.problem:
+            page, denial = await self.engine.list_requests(call.api_key, call.listing_limit, call.listing_after)
+            return None, immediate_denial(denial) if page is None else immediate(200, http_api.request_list_body(*page))
         if call.problem:
             return None, immediate_denial(await self.engine.deny_request(
                 call.authorize_input(), call.problem, call.problem_message, call.problem_param), recorded=True)

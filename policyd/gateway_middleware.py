@@ -101,6 +101,9 @@ class PolicydMiddleware:
         if call.request_lookup and not call.problem:
             await self._describe_request(call, send)
             return
+        if call.request_listing and not call.problem:
+            await self._list_requests(call, send)
+            return
         if not call.endpoint and not self.strict:
             await self.app(scope, _replay(body, receive=receive), send)
             return
@@ -151,17 +154,17 @@ class PolicydMiddleware:
         except PolicydCallError as error:
             await _refused_by_policyd(send, error)
             return
-        await _respond(send, 200, http_api.request_summary_body(RequestSummary(
-            request_id=message.request_id, created_ms=message.created_unix_ms, status=message.status,
-            decision=message.decision, reason=message.reason, message=message.message, endpoint=message.endpoint,
-            requested_model=message.requested_model, served_model=message.served_model,
-            api_key_id=message.api_key_id, currency=message.charge.currency, charge=message.charge.nanos,
-            held=message.held.nanos, refunded=message.refunded.nanos,
-            balance_after=message.balance_after.nanos if message.has_balance else None,
-            usage={name: getattr(message.usage, name) for name in (*request_lookup.USAGE_FIELDS, "requests")},
-            usage_estimated=message.usage_estimated, error_class=message.error_class, feature=message.feature,
-            thread_id=message.thread_id, end_user_id=message.end_user_id, agent_id=message.agent_id,
-            tags=dict(message.tags))))
+        await _respond(send, 200, http_api.request_summary_body(_request_summary(message)))
+
+    async def _list_requests(self, call: http_api.HttpCall, send: Send) -> None:
+        """GET /v1/requests: the key's customer's requests, newest first, as policyd tells them."""
+        try:
+            page = await self.policy.list_requests(call.api_key, call.listing_limit, call.listing_after)
+        except PolicydCallError as error:
+            await _refused_by_policyd(send, error)
+            return
+        await _respond(send, 200, http_api.request_list_body([_request_summary(m) for m in page.requests],
+                                                             page.has_more))
 
     async def _describe_key(self, call: http_api.HttpCall, send: Send) -> None:
         """GET /v1/key: what the key may still spend; GET /v1/models: the models it may use; as policyd
@@ -485,8 +488,24 @@ async def _watch_disconnect(receive: Receive, disconnected: asyncio.Event) -> No
     disconnected.set()
 
 
+
+def _request_summary(message: Any) -> RequestSummary:
+    """A policy_pb2.RequestSummary, as the HTTP API's body is made of it."""
+    return RequestSummary(
+        request_id=message.request_id, created_ms=message.created_unix_ms, status=message.status,
+        decision=message.decision, reason=message.reason, message=message.message, endpoint=message.endpoint,
+        requested_model=message.requested_model, served_model=message.served_model,
+        api_key_id=message.api_key_id, currency=message.charge.currency, charge=message.charge.nanos,
+        held=message.held.nanos, refunded=message.refunded.nanos,
+        balance_after=message.balance_after.nanos if message.has_balance else None,
+        usage={name: getattr(message.usage, name) for name in (*request_lookup.USAGE_FIELDS, "requests")},
+        usage_estimated=message.usage_estimated, error_class=message.error_class, feature=message.feature,
+        thread_id=message.thread_id, end_user_id=message.end_user_id, agent_id=message.agent_id,
+        tags=dict(message.tags))
+
+
 async def _refused_by_policyd(send: Send, error: PolicydCallError) -> None:
-    """A question about the key (GET /v1/key, /v1/models, /v1/requests/{id}) policyd refused: its reason as the
+    """A question about the key (GET /v1/key, /v1/models, /v1/requests[/{id}]) policyd refused: its reason as the
     OpenAI-style error its HTTP status carries."""
     await _respond(send, reasons.http_status(error.reason), http_api.error_body(
         reasons.error_type(error.reason), error.reason, reasons.MESSAGES.get(error.reason, error.reason)))

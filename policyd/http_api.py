@@ -31,6 +31,10 @@ Perplexity's /chat/completions, Azure AI Foundry's /models/..., GitHub Models' /
     GET  .../v1/requests/{id}[?wait=N]    one request of the key's customer: its charge, usage and state (answered
                                           by policyd: policyd/request_lookup.py; one in progress waited for up
                                           to N seconds, 5 unless told, at most 20, to close)
+    GET  .../v1/requests[?limit=N&after=ID]
+                                          the key's customer's requests, newest first, each as above (answered by
+                                          policyd: N of them, 20 unless told, at most 100; after: the last id of
+                                          the page before)
     GET | DELETE .../v1/responses/{id}, GET .../input_items, POST .../cancel
                                           a response the provider stored, free: only its own customer's
                                           keys reach it, on the account that stored it
@@ -229,6 +233,7 @@ _KEY_SUMMARY = re.compile(r"(^|/)v1/key/?$")
 # a request asked about: its id may hold "/" (an id another key's request held first, `<id>/key:<key id>`)
 REQUEST_LOOKUP_PATH_REGEX = r"(.*/)?v1/requests/.+"  # Envoy's route (RE2, matching the path without its query)
 _REQUEST_LOOKUP = re.compile(r"(^|/)v1/requests/(?P<id>[^?]+?)/?$")
+_REQUEST_LISTING = re.compile(r"(^|/)v1/requests/?$")
 # a budget the caller sets on its thread (x-thread-id): the most its requests together may be charged
 THREAD_BUDGET_HEADER = "x-policyd-thread-budget"
 # the most one request may hold, as its caller bounds it (beside its plan's max_request_charge)
@@ -284,6 +289,9 @@ class HttpCall:
     key_summary: bool = False  # GET /v1/key: answered by policyd
     request_lookup: str = ""  # GET /v1/requests/{id}: the id of the request asked about (answered by policyd)
     lookup_wait_ms: int = 0  # ... how long to wait for it to close
+    request_listing: bool = False  # GET /v1/requests: the key's customer's requests (answered by policyd)
+    listing_limit: int = 0  # ... how many, newest first
+    listing_after: str = ""  # ... after this request (the last of the page before)
     api_key: str = ""
     model: str = ""
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment): a downgrade rewrites it
@@ -413,6 +421,7 @@ class Endpoint:
     models_listing: bool = False
     key_summary: bool = False
     request_lookup: str = ""
+    request_listing: bool = False
     count_tokens: bool = False
     stored_response: str = ""  # the id of a stored response the request reads, deletes or cancels, or a conversation's
     creates: str = ""  # a conversation or a file made (CREATABLE)
@@ -439,6 +448,8 @@ def endpoint_of(method: str, path: str) -> Endpoint:
     lookup = _REQUEST_LOOKUP.search(path) if method.upper() == "GET" and "requests/" in path else None
     if lookup:
         return Endpoint(request_lookup=unquote(lookup.group("id")))
+    if method.upper() == "GET" and _REQUEST_LISTING.search(path):
+        return Endpoint(request_listing=True)
     if "async/" in path:  # Perplexity's async chat: before its chat completions' own pattern
         if method.upper() == "POST" and _ASYNC_CHAT.search(path):
             return Endpoint("chat_completions", async_chat=True)
@@ -1033,7 +1044,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
             sum(len(k) + len(v) for k, v in headers.items()) > REQUEST_HEADERS_BYTES_MAX:
         return _problem(call, "request_headers_too_large", f"the request headers are larger than "
                         f"{REQUEST_HEADERS_BYTES_MAX // 1024} KiB or more than {REQUEST_HEADERS_COUNT_MAX} headers")
-    if not (listing or call.key_summary or named.request_lookup):
+    if not (listing or call.key_summary or named.request_lookup or named.request_listing):
         for header, bound in ((THREAD_BUDGET_HEADER, "thread_budget"), (MAX_CHARGE_HEADER, "max_charge")):
             if header in headers:  # a bound its caller sets: on its thread, on this request
                 try:
@@ -1055,6 +1066,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return call
     if named.request_lookup:
         return _request_lookup(call, named.request_lookup, path)
+    if named.request_listing:
+        return _request_listing(call, path)
     if call.stored_response:  # no body to read: the id is in the path
         return call
     if not endpoint:
@@ -1613,6 +1626,23 @@ def _request_lookup(call: HttpCall, request_id: str, path: str) -> HttpCall:
     return call
 
 
+def _request_listing(call: HttpCall, path: str) -> HttpCall:
+    """GET /v1/requests: how many of the customer's requests (`limit`), after which (`after`)."""
+    call.request_listing, call.listing_limit = True, request_lookup.LISTING_DEFAULT
+    for name, value in parse_qsl(path.partition("?")[2], keep_blank_values=True):
+        if name == "limit":
+            if not re.fullmatch(r"[0-9]{1,3}", value) or not 1 <= int(value) <= request_lookup.LISTING_MAX:
+                return _problem(call, "invalid_request",
+                                f"limit must be a whole number from 1 to {request_lookup.LISTING_MAX}", "limit")
+            call.listing_limit = int(value)
+        elif name == "after":
+            if not 0 < len(value) <= request_lookup.REQUEST_ID_LENGTH_MAX or not value.isprintable():
+                return _problem(call, "invalid_request", "after must be the id of a request the page before "
+                                "listed", "after")
+            call.listing_after = value
+    return call
+
+
 def _problem(call: HttpCall, reason: str, message: str, param: str = "") -> HttpCall:
     call.problem, call.problem_message, call.problem_param = reason, message, param
     return call
@@ -1893,9 +1923,21 @@ def key_summary_body(summary: KeySummary) -> bytes:
 def request_summary_body(summary: RequestSummary) -> bytes:
     """GET /v1/requests/{id}: one request as its customer may see it, money as exact decimal text of the policy's
     currency; its usage's figures that are not zero (its input and output tokens always)."""
+    return json.dumps(_request_summary(summary)).encode()
+
+
+def request_list_body(summaries: list[RequestSummary], has_more: bool) -> bytes:
+    """GET /v1/requests: a page of the customer's requests, newest first, each as GET /v1/requests/{id} shows
+    it; listed as OpenAI's lists are (`has_more`; `last_id`, the next page's `after`)."""
+    return json.dumps({"object": "list", "data": [_request_summary(s) for s in summaries],
+                       "first_id": summaries[0].request_id if summaries else None,
+                       "last_id": summaries[-1].request_id if summaries else None, "has_more": has_more}).encode()
+
+
+def _request_summary(summary: RequestSummary) -> dict[str, Any]:
     usage = {name: value for name, value in summary.usage.items()
              if value or name in ("input_tokens", "cached_input_tokens", "output_tokens")}
-    return json.dumps({
+    return {
         "object": "request", "id": summary.request_id, "created": summary.created_ms // 1000,
         "status": summary.status, "decision": summary.decision, "reason": summary.reason or None,
         "message": summary.message or None, "endpoint": summary.endpoint, "model": summary.requested_model,
@@ -1906,7 +1948,7 @@ def request_summary_body(summary: RequestSummary) -> bytes:
         "usage": usage, "usage_estimated": summary.usage_estimated, "error_class": summary.error_class or None,
         "feature": summary.feature or None, "thread_id": summary.thread_id or None,
         "end_user_id": summary.end_user_id or None, "agent_id": summary.agent_id or None, "tags": summary.tags,
-    }).encode()
+    }
 
 
 def models_reply(models: list[tuple[str, str]], shape: str = "openai", model: str = "") -> tuple[int, bytes]:

@@ -1,6 +1,7 @@
 """One request as its customer may see it (GET /v1/requests/{id}, DescribeRequest): what it was charged, what it
 used and where it stands, read from its usage record in SQL, or from its reservation in Redis while the writer
-has not yet written the record. Never what it cost the operator, nor the provider account that served it.
+has not yet written the record. Never what it cost the operator, nor the provider account that served it. And the
+customer's requests, newest first, a page at a time (GET /v1/requests, ListRequests), from their records.
 
 A request still in progress (held, its reply not yet settled; or settled a moment ago, its record not yet
 updated) is looked at again every POLL_SECONDS until it closes or the wait asked for runs out; an id found
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 REQUEST_ID_LENGTH_MAX = 256  # a client's id (128) with what policyd adds to it (its key's, an attempt's number)
 WAIT_MS_MAX = 20_000  # the longest a caller may wait for a request to close
 DECISION_SECONDS = WAIT_MS_MAX // 1000 + 5  # how long Envoy waits for policyd's answer to a lookup
+LISTING_DEFAULT = 20  # the requests a page of a listing holds unless told
+LISTING_MAX = 100  # the most requests one page of a listing holds
 POLL_SECONDS = 0.1
 RECORD_LAG_SECONDS = 1.0
 # lookups one process lets wait at once (each reads SQL every POLL_SECONDS): past it a lookup answers at once
@@ -116,3 +119,18 @@ async def _looked_for(store: Store, counters: Counters, customer_id: str, reques
             if time.monotonic() >= (deadline if reservation is not None else lag_ends):
                 return None if reservation is None else summary_of(reservation.record, held=reservation.amount)
         await asyncio.sleep(POLL_SECONDS)
+
+
+async def recent(store: Store, customer_id: str, limit: int, after: str = "") -> tuple[list[RequestSummary], bool] | None:
+    """A page of the customer's requests from their records, newest first: at most `limit` (LISTING_MAX), past the
+    request `after` (the last of the page before), and whether more follow; None when `after` is not one of the
+    customer's requests. A request whose record the writer has not yet written is not in it yet."""
+    anchor = None
+    if after:
+        row = await asyncio.to_thread(store.usage_record, after)
+        if row is None or row.customer_id != customer_id:
+            return None
+        anchor = (row.created_ms, row.request_id)
+    limit = min(max(limit, 1), LISTING_MAX)
+    rows = await asyncio.to_thread(store.latest_usage, customer_id, limit + 1, after=anchor)
+    return [summary_of(row) for row in rows[:limit]], len(rows) > limit

@@ -30,6 +30,7 @@ from policyd.domain import (
     UsageReport,
     trace_id_from,
 )
+from policyd import request_lookup
 from policyd.engine import Engine
 from policyd.usage_capture import Tokens
 from policyd.reasons import failure
@@ -219,6 +220,20 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             return _answered(await self.engine.describe_request(request.api_key, request.request_id, request.wait_ms))
 
         return request_summary_message(await _call(context, described))
+
+    async def ListRequests(self, request: policy_pb2.ListRequestsRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def listed() -> tuple[list[RequestSummary], bool]:
+            if not 0 <= request.limit <= request_lookup.LISTING_MAX or \
+                    len(request.after) > request_lookup.REQUEST_ID_LENGTH_MAX:
+                raise PolicydError("INVALID_ARGUMENT", "invalid_request", f"limit is at most "
+                                   f"{request_lookup.LISTING_MAX}, after at most "
+                                   f"{request_lookup.REQUEST_ID_LENGTH_MAX} characters")
+            return _answered(await self.engine.list_requests(request.api_key, request.limit or
+                                                             request_lookup.LISTING_DEFAULT, request.after))
+
+        summaries, has_more = await _call(context, listed)
+        return policy_pb2.ListRequestsResponse(requests=[request_summary_message(s) for s in summaries],
+                                               has_more=has_more)
 
     async def Release(self, request: policy_pb2.ReleaseRequest, context: grpc.aio.ServicerContext) -> Any:
         r = await _call(context, lambda: self.engine.release(request.request_id, request.reason))

@@ -128,6 +128,19 @@ async def test_a_request_is_described_over_the_native_api(served) -> None:
             assert (unknown.value.code, unknown.value.reason) == (grpc.StatusCode.NOT_FOUND, "request_not_found")
     with PolicyClient(process.address) as sync_policy:
         assert sync_policy.describe_request(secret, "asked-1").charge.nanos == settled.charge_nanos
+        # ListRequests: the customer's requests newest first, a page at a time, from their records
+        listed = sync_policy.list_requests(secret, limit=2)
+        assert [r.request_id for r in listed.requests] == ["asked-denied", "asked-failed"] and listed.has_more
+        rest = sync_policy.list_requests(secret, after="asked-failed")
+        assert [r.request_id for r in rest.requests][:1] == ["asked-1"]
+        assert rest.requests[0].charge.nanos == settled.charge_nanos
+        for api_key, after, code, reason in ((stranger, "asked-1", grpc.StatusCode.NOT_FOUND, "request_not_found"),
+                                             (secret, "x" * 300, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request")):
+            with pytest.raises(PolicydCallError) as refused:
+                sync_policy.list_requests(api_key, after=after)
+            assert (refused.value.code, refused.value.reason) == (code, reason)
+    async with AsyncPolicyClient(process.address) as policy:
+        assert [r.request_id for r in (await policy.list_requests(secret, limit=1)).requests] == ["asked-denied"]
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:

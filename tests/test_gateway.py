@@ -2063,6 +2063,44 @@ def test_a_customer_asks_what_its_request_was_charged(gateway: Gateway) -> None:
     assert "/requests/" not in json.dumps([r["path"] for r in gateway.mock.received()])  # policyd answered them
 
 
+def test_a_customer_lists_its_requests_newest_first(gateway: Gateway) -> None:
+    """GET /v1/requests (the openai SDK's client.get), answered by policyd for any key of the customer: its
+    requests newest first, each with its charge as recorded, a page at a time (limit; after: the page before's
+    last_id); never another customer's; a cursor not the customer's is not found, a bad limit refused."""
+    customer = f"e2e-lists-{gateway.shape}"
+    key, other_key = gateway.customer(customer), gateway.customer(customer, credit="")
+    client = gateway.client(key)
+    made = []
+    for n, model in enumerate(("gpt-4o-mini", "gpt-4o", "gpt-4o-mini")):
+        made.append(client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": f"listed {n}"}], max_tokens=5,
+            extra_headers={"x-policyd-request-id": f"listed-{gateway.shape}-{n}"}).headers["x-policyd-request-id"])
+        time.sleep(0.005)  # each in a later millisecond: the newest first
+    stranger = gateway.client(gateway.customer(f"e2e-lists-stranger-{gateway.shape}"))
+    stranger.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "not theirs"}],
+                                     max_tokens=5)
+    gateway.records(customer)  # written
+    first = gateway.client(other_key).get("/requests?limit=2", cast_to=object)
+    assert [r["id"] for r in first["data"]] == made[:0:-1] and (first["has_more"], first["last_id"]) == (True, made[1])
+    rest = client.get("/requests", cast_to=object, options={"params": {"limit": 2, "after": first["last_id"]}})
+    assert [r["id"] for r in rest["data"]] == [made[0]] and rest["has_more"] is False
+    for listed in first["data"] + rest["data"]:
+        record = gateway.record(listed["id"])
+        assert (listed["object"], listed["status"], listed["charge"]) == (
+            "request", "settled", format_amount(record["charge_nanos"])) and record["charge_nanos"] > 0
+    whole = client.get("/requests", cast_to=object)  # 20 unless told
+    assert [r["id"] for r in whole["data"]] == made[::-1]
+    theirs = stranger.get("/requests", cast_to=object)["data"]
+    assert len(theirs) == 1 and theirs[0]["id"] not in made
+    with pytest.raises(openai.NotFoundError) as foreign:
+        stranger.get("/requests", cast_to=object, options={"params": {"after": made[0]}})
+    assert foreign.value.code == "request_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.get("/requests?limit=1000", cast_to=object)
+    assert (bad.value.code, bad.value.param) == ("invalid_request", "limit")
+    assert not [r for r in gateway.mock.received() if r["path"].rstrip("/").endswith("/requests")]  # policyd answered
+
+
 def test_a_threads_budget_set_by_its_caller_is_never_overshot_by_its_concurrent_requests(gateway: Gateway) -> None:
     """x-policyd-thread-budget with x-thread-id: an agent run's requests together may be charged at most the budget
     its caller sets, however many run at once (each holds its worst case in the thread's one total, atomically

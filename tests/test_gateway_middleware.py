@@ -563,6 +563,12 @@ def test_a_customer_asks_what_its_request_was_charged(gateway: ExampleGateway) -
     code, error = asked_with(f"{gateway.base_url}/requests/{request_id}", gateway.customer("mw-asks-stranger"))
     assert (code, error["error"]["code"]) == (404, "request_not_found")
     assert "/requests/" not in json.dumps([r["path"] for r in gateway.mock.received()])
+    code, listed = asked_with(f"{gateway.base_url}/requests?limit=1", key)  # GET /v1/requests: ListRequests
+    assert code == 200 and [(r["id"], r["charge"]) for r in listed["data"]] == [
+        (request_id, format_amount(record["charge_nanos"]))] and listed["has_more"] is False
+    code, error = asked_with(f"{gateway.base_url}/requests?after=never-made", key)
+    assert (code, error["error"]["code"]) == (404, "request_not_found")
+    assert not [r for r in gateway.mock.received() if r["path"].rstrip("/").endswith("/requests")]
 
 
 def test_what_a_provider_says_of_the_operators_account_never_reaches_the_client(gateway: ExampleGateway) -> None:

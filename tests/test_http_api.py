@@ -2101,6 +2101,23 @@ def test_a_request_asked_about_is_named_by_its_path(path: str, request_id: str, 
     assert parse_call("GET", "/v1/requests/", {"authorization": "Bearer k"}, b"").request_lookup == ""
 
 
+@pytest.mark.parametrize("path, limit, after, problem", [
+    ("/v1/requests", 20, "", ""),
+    ("/v1/requests/?limit=100", 100, "", ""),
+    ("/openai/v1/requests?limit=5&after=order-7%2Fkey%3Akey_9", 5, "order-7/key:key_9", ""),
+    ("/v1/requests?limit=0", 20, "", "invalid_request"),
+    ("/v1/requests?limit=101", 20, "", "invalid_request"),
+    ("/v1/requests?limit=%C2%B2", 20, "", "invalid_request"),  # a digit int() does not read
+    ("/v1/requests?after=", 20, "", "invalid_request"),
+])
+def test_a_customers_requests_are_listed_by_their_path(path: str, limit: int, after: str, problem: str) -> None:
+    """GET /v1/requests[?limit=N&after=ID]: a page of the customer's requests (answered by policyd, no model call)."""
+    call = parse_call("GET", path, {"authorization": "Bearer k"}, b"")
+    assert (call.request_listing, call.listing_limit, call.listing_after, call.problem, call.endpoint,
+            call.request_lookup) == (True, limit, after, problem, "", "")
+    assert not parse_call("POST", path, {"authorization": "Bearer k"}, b"{}").request_listing
+
+
 @pytest.mark.parametrize("headers, budget, problem", [
     ({"x-thread-id": "run-7", "x-policyd-thread-budget": "2.50"}, 2_500_000_000, ""),
     ({"x-thread-id": "run-7", "x-policyd-thread-budget": " 0.000000001 "}, 1, ""),

@@ -87,3 +87,22 @@ async def test_a_lookup_waits_no_longer_once_too_many_others_wait(tmp_path: Path
     started = time.monotonic()
     await request_lookup.find(store, _Counters(held), "acme", "r-5", wait_ms=500)  # type: ignore[arg-type]
     assert time.monotonic() - started >= 0.5 and request_lookup._waiting == 0
+
+
+async def test_a_customers_requests_are_listed_newest_first_a_page_at_a_time(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.insert_records([_record(request_id=f"r-{n}", created_ms=1_700_000_000_000 + n // 2) for n in range(5)]
+                         + [_record(request_id="theirs", customer_id="globex", created_ms=1_800_000_000_000)])
+    pages, after = [], ""
+    while True:  # two a page: r-4, then r-2 and r-3 (one millisecond: by id), r-0 and r-1
+        page = await request_lookup.recent(store, "acme", 2, after)
+        assert page is not None
+        pages.append([s.request_id for s in page[0]])
+        if not page[1]:
+            break
+        after = page[0][-1].request_id
+    assert pages == [["r-4", "r-2"], ["r-3", "r-0"], ["r-1"]]
+    whole, more = await request_lookup.recent(store, "acme", 500)  # at most LISTING_MAX
+    assert len(whole) == 5 and not more and whole[0].charge == 345 and "theirs" not in {s.request_id for s in whole}
+    assert await request_lookup.recent(store, "acme", 2, "theirs") is None  # another customer's: not a cursor
+    assert await request_lookup.recent(store, "acme", 2, "never-made") is None

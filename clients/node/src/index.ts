@@ -1,5 +1,6 @@
 /**
- * policyd's TypeScript/Node client: the PolicyService (Authorize, Settle, Release, DescribeKey, DescribeRequest)
+ * policyd's TypeScript/Node client: the PolicyService (Authorize, Settle, Release, DescribeKey, DescribeRequest,
+ * ListRequests)
  * with deadlines,
  * retries only where a call is idempotent, and typed errors.
  *
@@ -26,6 +27,8 @@ import type { DescribeKeyRequest } from "./generated/policyd/v1/DescribeKeyReque
 import type { KeySummary__Output } from "./generated/policyd/v1/KeySummary";
 import type { DescribeRequestRequest } from "./generated/policyd/v1/DescribeRequestRequest";
 import type { RequestSummary__Output } from "./generated/policyd/v1/RequestSummary";
+import type { ListRequestsRequest } from "./generated/policyd/v1/ListRequestsRequest";
+import type { ListRequestsResponse__Output } from "./generated/policyd/v1/ListRequestsResponse";
 import type { ReleaseRequest } from "./generated/policyd/v1/ReleaseRequest";
 import type { ReleaseResponse__Output } from "./generated/policyd/v1/ReleaseResponse";
 import type { AwaitResponseRequest } from "./generated/policyd/v1/AwaitResponseRequest";
@@ -211,6 +214,17 @@ export interface RequestSummary {
   response: RequestSummary__Output;  // every field, the usage included
 }
 
+function summaryOf(r: RequestSummary__Output): RequestSummary {
+  return {
+    requestId: r.requestId, createdUnixMs: Number(r.createdUnixMs), status: r.status as RequestSummary["status"],
+    decision: r.decision, reason: r.reason, endpoint: r.endpoint, requestedModel: r.requestedModel,
+    servedModel: r.servedModel, currency: r.charge?.currency ?? "", chargeNanos: BigInt(r.charge?.nanos ?? "0"),
+    heldNanos: BigInt(r.held?.nanos ?? "0"), refundedNanos: BigInt(r.refunded?.nanos ?? "0"),
+    balanceAfterNanos: r.hasBalance ? BigInt(r.balanceAfter?.nanos ?? "0") : null,
+    usageEstimated: r.usageEstimated, response: r,
+  };
+}
+
 export interface ClientOptions {
   credentials?: grpc.ChannelCredentials;
   deadlineMs?: number;
@@ -332,14 +346,15 @@ export class PolicyClient {
   async describeRequest(apiKey: string, requestId: string, waitMs = 0): Promise<RequestSummary> {
     const r = await this.call<DescribeRequestRequest, RequestSummary__Output>(
       this.stub.describeRequest.bind(this.stub), { apiKey, requestId, waitMs }, true, waitMs);
-    return {
-      requestId: r.requestId, createdUnixMs: Number(r.createdUnixMs), status: r.status as RequestSummary["status"],
-      decision: r.decision, reason: r.reason, endpoint: r.endpoint, requestedModel: r.requestedModel,
-      servedModel: r.servedModel, currency: r.charge?.currency ?? "", chargeNanos: BigInt(r.charge?.nanos ?? "0"),
-      heldNanos: BigInt(r.held?.nanos ?? "0"), refundedNanos: BigInt(r.refunded?.nanos ?? "0"),
-      balanceAfterNanos: r.hasBalance ? BigInt(r.balanceAfter?.nanos ?? "0") : null,
-      usageEstimated: r.usageEstimated, response: r,
-    };
+    return summaryOf(r);
+  }
+
+  /** The key's customer's requests, newest first, for answering GET /v1/requests: `limit` (1-100, 0: 20) of them
+   *  past the request `after` (the last of the page before); `hasMore`: another page follows. */
+  async listRequests(apiKey: string, limit = 0, after = ""): Promise<{ requests: RequestSummary[]; hasMore: boolean }> {
+    const r = await this.call<ListRequestsRequest, ListRequestsResponse__Output>(
+      this.stub.listRequests.bind(this.stub), { apiKey, limit, after }, true);
+    return { requests: r.requests.map(summaryOf), hasMore: r.hasMore };
   }
 
   private async call<Req, Res>(method: Unary<Req, Res>, request: Req, idempotent: boolean,

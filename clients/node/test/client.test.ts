@@ -189,6 +189,21 @@ test("a request is described: in progress while held, then what it was charged",
     assert.equal(Number(asked.response.usage?.outputTokens), 5);
     await assert.rejects(policy.describeRequest(apiKey, "node-never-made"),
       (e: unknown) => e instanceof PolicydCallError && e.code === grpc.status.NOT_FOUND && e.reason === "request_not_found");
+    await new Promise((resolve) => setTimeout(resolve, 5));  // a later millisecond: listed first
+    await policy.authorize({ apiKey, endpoint: "chat_completions", model: "gpt-4o-mini", requestId: "node-newer",
+                             promptBytes: 80 });
+    let listed = await policy.listRequests(apiKey, 1);
+    for (let tries = 0; listed.requests[0]?.requestId !== "node-newer" && tries < 50; tries++) {  // being written
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      listed = await policy.listRequests(apiKey, 1);
+    }
+    assert.equal(listed.requests[0].requestId, "node-newer");  // newest first
+    assert.equal(listed.hasMore, true);
+    const older = await policy.listRequests(apiKey, 1, "node-newer");  // the next page
+    assert.equal(older.requests[0].requestId, "node-asked");
+    assert.equal(older.requests[0].chargeNanos, settled.chargeNanos);
+    await assert.rejects(policy.listRequests(apiKey, 1, "node-never-made"),
+      (e: unknown) => e instanceof PolicydCallError && e.code === grpc.status.NOT_FOUND && e.reason === "request_not_found");
   } finally {
     policy.close();
   }

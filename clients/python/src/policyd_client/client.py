@@ -302,6 +302,13 @@ class PolicyClient:
         return self._call(self.stub.DescribeRequest, policy_pb2.DescribeRequestRequest(
             api_key=api_key, request_id=request_id, wait_ms=wait_ms), idempotent=True, waits=wait_ms / 1000)
 
+    def list_requests(self, api_key: str, limit: int = 0, after: str = "") -> Any:
+        """The key's customer's requests, newest first (a policy_pb2.ListRequestsResponse: `requests`, each a
+        RequestSummary, and `has_more`), for answering the key's holder (GET /v1/requests); `limit` (1-100, 0: 20)
+        of them past the request `after` (the last of the page before)."""
+        return self._call(self.stub.ListRequests, policy_pb2.ListRequestsRequest(api_key=api_key, limit=limit,
+                                                                                 after=after), idempotent=True)
+
 
 class AsyncPolicyClient:
     """The channel is opened on first use, in the event loop that uses it (so the client can be built
@@ -376,3 +383,8 @@ class AsyncPolicyClient:
         """As PolicyClient.describe_request."""
         return await self._call(self.stub.DescribeRequest, policy_pb2.DescribeRequestRequest(
             api_key=api_key, request_id=request_id, wait_ms=wait_ms), idempotent=True, waits=wait_ms / 1000)
+
+    async def list_requests(self, api_key: str, limit: int = 0, after: str = "") -> Any:
+        """As PolicyClient.list_requests."""
+        return await self._call(self.stub.ListRequests, policy_pb2.ListRequestsRequest(
+            api_key=api_key, limit=limit, after=after), idempotent=True)

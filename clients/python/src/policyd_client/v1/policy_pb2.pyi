@@ -41,6 +41,24 @@ RELEASED: ReleaseOutcome
 ALREADY_RELEASED: ReleaseOutcome
 ALREADY_EXPIRED: ReleaseOutcome
 
+class ListRequestsRequest(_message.Message):
+    __slots__ = ("api_key", "limit", "after")
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    api_key: str
+    limit: int
+    after: str
+    def __init__(self, api_key: _Optional[str] = ..., limit: _Optional[int] = ..., after: _Optional[str] = ...) -> None: ...
+
+class ListRequestsResponse(_message.Message):
+    __slots__ = ("requests", "has_more")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    HAS_MORE_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RequestSummary]
+    has_more: bool
+    def __init__(self, requests: _Optional[_Iterable[_Union[RequestSummary, _Mapping]]] = ..., has_more: _Optional[bool] = ...) -> None: ...
+
 class DescribeRequestRequest(_message.Message):
     __slots__ = ("api_key", "request_id", "wait_ms")
     API_KEY_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class PolicyServiceStub:
                 request_serializer=policyd_dot_v1_dot_policy__pb2.DescribeRequestRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_policy__pb2.RequestSummary.FromString,
                 _registered_method=True)
+        self.ListRequests = channel.unary_unary(
+                '/policyd.v1.PolicyService/ListRequests',
+                request_serializer=policyd_dot_v1_dot_policy__pb2.ListRequestsRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_policy__pb2.ListRequestsResponse.FromString,
+                _registered_method=True)
 
 
 class PolicyServiceServicer:
@@ -118,6 +123,16 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRequests(self, request, context):
+        """The key's customer's requests, newest first, a page at a time, for a proxy to answer the key's holder
+        (GET /v1/requests): each as DescribeRequest tells it, from the records written so far. A page of `limit`
+        (1-100; 0: 20) past the request `after` (the last of the page before: its `last_id`); one that is not the
+        customer's is refused as not found (request_not_found); a key that cannot be used as Authorize refuses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +165,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.DescribeRequest,
                     request_deserializer=policyd_dot_v1_dot_policy__pb2.DescribeRequestRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_policy__pb2.RequestSummary.SerializeToString,
+            ),
+            'ListRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRequests,
+                    request_deserializer=policyd_dot_v1_dot_policy__pb2.ListRequestsRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_policy__pb2.ListRequestsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +334,33 @@ class PolicyService:
             '/policyd.v1.PolicyService/DescribeRequest',
             policyd_dot_v1_dot_policy__pb2.DescribeRequestRequest.SerializeToString,
             policyd_dot_v1_dot_policy__pb2.RequestSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.PolicyService/ListRequests',
+            policyd_dot_v1_dot_policy__pb2.ListRequestsRequest.SerializeToString,
+            policyd_dot_v1_dot_policy__pb2.ListRequestsResponse.FromString,
             options,
             channel_credentials,
             insecure,
