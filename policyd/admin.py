@@ -284,6 +284,15 @@ class Admin:
         _owner(customer_id)
         return await asyncio.to_thread(self.store.owner_limits, customer_id)
 
+    async def owner_limit_states(self, row: OwnerLimitsRow) -> list[dict[str, Any]]:
+        """The current window of each of an owner's limits: the Limit, what its bucket holds (`used`) and when the
+        window ends (`ends`, unix s; 0 for total), as a key's review shows its own."""
+        policy = self.book.current
+        limits = key_limits.effective((), key_limits.as_limits(row.limits), policy.document.timezone if policy else "")
+        named = {} if row.scope == "customer" else {f"{row.scope}_id": row.owner_id}
+        ids = quotas.scope_ids(row.customer_id, "", **named)
+        return await quotas.bucket_states(self.counters, limits, ids, now_ms())
+
     async def set_plan(self, plan: str, *, key_id: str = "", customer_id: str = "") -> list[ApiKeyRow]:
         """Move a key, or every key of a customer, to another plan of the active policy (an upgrade, a
         downgrade): the keys moved. Every replica decides under the new plan from the next request (the

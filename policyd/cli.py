@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -357,7 +358,14 @@ def _events(args: argparse.Namespace) -> int:
 def _owner_limits_line(owner: admin_pb2.OwnerLimits) -> str:
     whose = owner.customer_id + (f" {owner.scope} {owner.owner_id}" if owner.owner_id else "")
     limits = ", ".join(_limit_text(limit) for limit in owner.limits) or "none (its plans' alone)"
-    return f"{whose}: {limits}"
+    used = [f"{_quantity(c.unit, c.used)} of {_quantity(c.unit, c.limit)} {c.unit} this {c.window}"
+            + (time.strftime(" until %Y-%m-%d %H:%M UTC", time.gmtime(c.resets_unix)) if c.resets_unix else "")
+            for c in owner.current]
+    return f"{whose}: {limits}" + (f"\n    used: {'; '.join(used)}" if used else "")
+
+
+def _quantity(unit: str, amount: int) -> str:
+    return format_amount(amount) if unit in MONEY_UNITS else str(amount)
 
 
 def _limits(args: argparse.Namespace) -> int:

@@ -304,10 +304,15 @@ def api_key_message(row: ApiKeyRow) -> admin_pb2.ApiKey:
     )
 
 
-def owner_limits_message(row: OwnerLimitsRow, keys_changed: int = 0) -> admin_pb2.OwnerLimits:
-    return admin_pb2.OwnerLimits(customer_id=row.customer_id, scope=row.scope, owner_id=row.owner_id,
-                                 limits=[admin_pb2.KeyLimit(**limit) for limit in row.limits],
-                                 updated_unix_ms=row.updated_ms, keys_changed=keys_changed)
+def owner_limits_message(row: OwnerLimitsRow, keys_changed: int = 0,
+                         states: list[dict[str, Any]] = ()) -> admin_pb2.OwnerLimits:  # type: ignore[assignment]
+    return admin_pb2.OwnerLimits(
+        customer_id=row.customer_id, scope=row.scope, owner_id=row.owner_id,
+        limits=[admin_pb2.KeyLimit(**limit) for limit in row.limits], updated_unix_ms=row.updated_ms,
+        keys_changed=keys_changed,
+        current=[policy_pb2.LimitState(name=s["limit"].label, scope=s["limit"].scope, window=s["limit"].window,
+                                       unit=s["limit"].unit, limit=s["limit"].limit, used=s["used"],
+                                       resets_unix=s["ends"]) for s in states])
 
 
 def key_limit(message: admin_pb2.KeyLimit) -> dict[str, Any]:
@@ -489,7 +494,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListOwnerLimits(self, request: admin_pb2.ListOwnerLimitsRequest, context: grpc.aio.ServicerContext) -> Any:
         customer_id = await self._own_customer(context, request.customer_id)
         rows = await _call(context, lambda: self.admin.owner_limits(customer_id))
-        return admin_pb2.ListOwnerLimitsResponse(owners=[owner_limits_message(row) for row in rows])
+        return admin_pb2.ListOwnerLimitsResponse(owners=[
+            owner_limits_message(row, states=await _call(context, lambda: self.admin.owner_limit_states(row)))
+            for row in rows])
 
     @recorded("plan_set", lambda q, r: {"customer_id": q.customer_id, "plan": q.plan, "key_id": q.key_id,
                                         "keys": len(r.keys)})

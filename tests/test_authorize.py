@@ -384,6 +384,11 @@ async def test_an_owners_limits_bind_every_key_of_theirs(service: Service) -> No
     assert (await service.engine.authorize(ask(later, prompt_bytes=10, max_output_tokens=5))).decision == "allow"
     listed = await service.admin.owner_limits("split")
     assert [(r.scope, r.owner_id, r.limits[0]["limit"]) for r in listed] == [("workspace", "w2", 1)]
+    allowed_in_w3 = (await service.admin.owner_limit_states(listed[0]))[0]
+    assert (allowed_in_w3["limit"].label, allowed_in_w3["used"], allowed_in_w3["ends"] > 0) == (
+        "workspace-money-day", 0, True)  # w2's bucket: w3's request is not in it, w2's was refused
+    premium = (await service.admin.owner_limit_states((await service.admin.owner_limits("premium"))[0]))[0]
+    assert premium["used"] == spent.reserved  # the bucket the plan's limit counted in
 
     for limits, owner, reason in (([], {"customer_id": ""}, "invalid_request"),
                                   ([], {"customer_id": "owned", "workspace_id": "w", "team_id": "t"}, "invalid_request"),

@@ -144,6 +144,8 @@ def test_an_owners_limits_from_the_command_line(server: PolicydProcess) -> None:
     assert team.returncode == 0 and "tenant team t1: team: 5 requests a minute (0 keys changed)" in team.stdout
     listed = run(server, "limits", "list", "--customer", "tenant").stdout
     assert "tenant: customer: 0.000001000 money a month" in listed and "tenant team t1" in listed
+    assert "used: 0.000000000 of 0.000001000 money this month until " in listed  # refused requests hold nothing
+    assert "used: 0 of 5 requests this minute until " in listed
     assert run(server, "limits", "set", "--customer", "tenant", "--none").returncode == 0
     assert run(server, "authorize", "--key", keys[0]["secret"], "--model", "gpt-4o-mini").returncode == 0
     both = run(server, "limits", "set", "--customer", "tenant", "--team", "t", "--project", "p", "--none")

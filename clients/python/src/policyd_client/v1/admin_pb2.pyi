@@ -1,3 +1,4 @@
+from policyd_client.v1 import policy_pb2 as _policy_pb2
 from policyd_client.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -142,20 +143,22 @@ class SetOwnerLimitsRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., project_id: _Optional[str] = ..., team_id: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ...) -> None: ...
 
 class OwnerLimits(_message.Message):
-    __slots__ = ("customer_id", "scope", "owner_id", "limits", "updated_unix_ms", "keys_changed")
+    __slots__ = ("customer_id", "scope", "owner_id", "limits", "updated_unix_ms", "keys_changed", "current")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     OWNER_ID_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     KEYS_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     scope: str
     owner_id: str
     limits: _containers.RepeatedCompositeFieldContainer[KeyLimit]
     updated_unix_ms: int
     keys_changed: int
-    def __init__(self, customer_id: _Optional[str] = ..., scope: _Optional[str] = ..., owner_id: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ..., updated_unix_ms: _Optional[int] = ..., keys_changed: _Optional[int] = ...) -> None: ...
+    current: _containers.RepeatedCompositeFieldContainer[_policy_pb2.LimitState]
+    def __init__(self, customer_id: _Optional[str] = ..., scope: _Optional[str] = ..., owner_id: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ..., updated_unix_ms: _Optional[int] = ..., keys_changed: _Optional[int] = ..., current: _Optional[_Iterable[_Union[_policy_pb2.LimitState, _Mapping]]] = ...) -> None: ...
 
 class ListOwnerLimitsRequest(_message.Message):
     __slots__ = ("customer_id",)
