@@ -284,6 +284,7 @@ class Counters:
         self._extend_hold = client.register_script(_load("extend_hold"))
         self._restore_closed = client.register_script(_load("restore_closed"))
         self._claim_polls = client.register_script(_load("claim_polls"))
+        self._end_claim = client.register_script(_load("end_claim"))
         # the scripts every request runs go through one pipelined connection where redis-py's pool is not needed
         self._lane = ScriptLane.for_client(client)
         # told whenever a script finds its partition's gate closed (Service: a rebuild when the counters are lost)
@@ -619,6 +620,15 @@ class Counters:
         found = Whose.read(_text(whose))
         await self.client.set(key, whose_of(*found._replace(kept_seconds=max(found.kept_seconds, kept_seconds))),
                               xx=True, ex=seconds)
+
+    async def claim_cache_change(self, name: str, request_id: str, seconds: int) -> bool:
+        """That this request changes an explicit cache's time to live, for `seconds` at most (its hold's life):
+        False while another request does."""
+        return bool(await self.client.set(redis_keys.cache_change(name), request_id, nx=True, ex=max(1, seconds)))
+
+    async def end_cache_change(self, name: str, request_id: str) -> None:
+        """The request's change of the cache ended (settled or released): the next may begin."""
+        await self._end_claim(keys=[redis_keys.cache_change(name)], args=[request_id])
 
     @staticmethod
     def queue_stored_response(pipe: Any, response_id: str, customer_id: str, provider: str, route: str, account: str,

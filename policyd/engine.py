@@ -215,6 +215,7 @@ def _image_model_named(policy: Policy | None, shape: Shape) -> str:
 # fit_output_cap may lower to what the wallet or a limit can hold; tries: another limit may refuse the lower
 FITTED_ENDPOINTS = frozenset(OUTPUT_CAP_FIELDS)
 FIT_TRIES = 3
+CACHE_CHANGE_MARGIN_SECONDS = 60  # a cache change's claim outlives its hold this long (its expiry settles it)
 
 
 def _cache_storage(report: UsageReport, reservation: Reservation) -> tuple[UsageReport, tuple[int, int]]:
@@ -400,6 +401,8 @@ class Engine:
                 decision = self._deny({"request_id": request.attribution.request_id or new_request_id(),
                                        "requested_model": request.model, "served_model": request.model,
                                        "owner": Owner()}, "unavailable", retry_after=1)
+        if request.cache_update and decision.allowed and decision.reservation_expires_ms:
+            decision = await self._one_cache_change(request, decision)
         metrics.authorize_seconds.observe(time.perf_counter() - started)
         metrics.decisions.labels(decision.decision, decision.reason or "ok").inc()
         if decision.reason == "counters_unavailable" or decision.reason == "counters_unavailable_fail_open":
@@ -434,6 +437,27 @@ class Engine:
         cache = Whose.read(await self._whose(request.previous_response) or "")
         return replace(request, model=cache.model[:MODEL_NAME_LENGTH_MAX], cache_tokens=cache.context_tokens,
                        cache_kept_seconds=cache.kept_seconds)
+
+    async def _one_cache_change(self, request: AuthorizeInput, decision: Decision) -> Decision:
+        """A change of an explicit cache's time to live is charged the time past the life charged before it: two at
+        once would each be charged from the same life. So one runs at a time (claimed for its hold's life at
+        most): another asked meanwhile is refused, its hold given back (409 request_in_progress), until the first
+        is settled or released."""
+        seconds = (decision.reservation_expires_ms - self.clock()) // 1000 + CACHE_CHANGE_MARGIN_SECONDS
+        if await self.counters.claim_cache_change(request.previous_response, decision.request_id, seconds):
+            return decision
+        await self.release(decision.request_id, "cache_change_in_progress")
+        return self._deny({"request_id": decision.request_id, "requested_model": decision.requested_model,
+                           "served_model": decision.served_model, "owner": decision.owner}, "request_in_progress",
+                          "Another change of this cache's time to live is in progress: retry once it has ended.")
+
+    async def _end_cache_change(self, reservation: Reservation) -> None:
+        """A change of an explicit cache's time to live ended (its life charged now remembered): the next may run.
+        The claim runs out on its own if this fails."""
+        try:
+            await self.counters.end_cache_change(str(reservation.fields["cache_name"]), reservation.request_id)
+        except Exception:
+            log.exception("could not end the change of cached content %s", str(reservation.fields["cache_name"])[:64])
 
     async def _authorize(self, request: AuthorizeInput, unavailable_providers: frozenset[str]) -> Decision:
         started = time.perf_counter_ns()
@@ -1227,8 +1251,10 @@ class Engine:
             extra += f',"video_seconds":{int(request.shape.seconds)}'
         if request.cache_update:  # a cache's time to live changed: charged past the life charged before
             fields["cache_tokens"], fields["cache_kept_seconds"] = request.cache_tokens, request.cache_kept_seconds
+            fields["cache_name"] = request.previous_response
             extra += (f',"cache_tokens":{int(request.cache_tokens)},'
-                      f'"cache_kept_seconds":{int(request.cache_kept_seconds)}')
+                      f'"cache_kept_seconds":{int(request.cache_kept_seconds)},'
+                      f'"cache_name":{compact_json.dumps(request.previous_response)}')
         if request.endpoint == "images":  # the images asked for: charged as held if the client leaves first
             fields["images"] = max(1, request.shape.image_count)
             extra += f',"images":{int(max(1, request.shape.image_count))}'
@@ -1530,6 +1556,8 @@ class Engine:
         if report.provider_response_id and r.get("endpoint") == "cached_contents":
             await self._remember_cache(r["customer_id"], report, price, served, *cache,
                                        update="cache_kept_seconds" in reservation.fields)
+        if reservation.fields.get("cache_name") and result.outcome != "exists":  # after its life is remembered
+            await self._end_cache_change(reservation)
         elif report.provider_response_id:
             await self.remember_response(r["customer_id"], report.provider_response_id,
                                           report.provider or price.provider, price.upstream, report.provider_account,
@@ -1709,6 +1737,8 @@ class Engine:
             raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None
         if outcome == "released":
             metrics.releases.labels(metrics.release_reason(reason)).inc()
+            if reservation.fields.get("cache_name"):
+                await self._end_cache_change(reservation)
             return ReleaseResult("released", request_id, reservation.amount)
         if outcome == "already" and detail in ("released", "expired"):
             return ReleaseResult(f"already_{detail}", request_id, 0)

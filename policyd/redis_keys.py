@@ -115,6 +115,12 @@ def stored_response(response_id: str) -> str:
     return f"{PREFIX}:resp:{response_id}"
 
 
+def cache_change(name: str) -> str:
+    """The request changing an explicit cache's time to live (Gemini's PATCH cachedContents/<id>), while it runs:
+    one at a time, so each is charged the time past what the one before it was."""
+    return f"{PREFIX}:cache_change:{name}"
+
+
 def upload_began(request_id: str) -> str:
     """The key secret (its hash) a Gemini upload was begun with, until its reply names the upload."""
     return f"{PREFIX}:upload-began:{request_id}"

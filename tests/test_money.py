@@ -2315,17 +2315,23 @@ async def test_an_explicit_cache_is_known_from_its_records_and_never_served_by_a
     await service.engine.settle(usage("made", input_tokens=1_000, output_tokens=0, provider_account="second",
                                       cache_storage_token_seconds=1_000 * 600, provider_response_id="cachedContents/k"))
 
-    async def longer(request_id: str, life: int) -> int:
-        """A change of its time to live, its reply saying it now lives `life` seconds from its making: the cost."""
-        asked = replace(made, model="", previous_response="cachedContents/k",
-                        attribution=replace(made.attribution, request_id=request_id),
-                        shape=replace(made.shape, prompt_bytes=0, seconds=3_600))
-        decision = await service.engine.authorize(asked)
-        assert (decision.decision, decision.served_model) == ("allow", "gemini-cache"), decision
+    def change(request_id: str) -> AuthorizeInput:
+        """A change of its time to live (PATCH cachedContents/k)."""
+        return replace(made, model="", previous_response="cachedContents/k",
+                       attribution=replace(made.attribution, request_id=request_id),
+                       shape=replace(made.shape, prompt_bytes=0, seconds=3_600))
+
+    async def changed(request_id: str, life: int) -> int:
+        """Its change settled, its reply saying it now lives `life` seconds from its making: the cost."""
         settled = await service.engine.settle(usage(request_id, input_tokens=1_000, output_tokens=0,
                                                     cache_storage_token_seconds=1_000 * life,
                                                     provider_response_id="cachedContents/k"))
         return settled.cost
+
+    async def longer(request_id: str, life: int) -> int:
+        decision = await service.engine.authorize(change(request_id))
+        assert (decision.decision, decision.served_model) == ("allow", "gemini-cache"), decision
+        return await changed(request_id, life)
 
     assert await longer("longer-1", 900) == 1_000 * 300
     await service.writer.drain()
@@ -2336,6 +2342,18 @@ async def test_an_explicit_cache_is_known_from_its_records_and_never_served_by_a
     await service.writer.ensure_groups()
     await service.admin.rebuild()
     assert await longer("longer-3", 1_200) == 1_000 * 200
+    # two changes at once would each be charged from the same life: one runs at a time, the other refused (its
+    # hold given back) until the first ends; then it is charged the time past the first's alone
+    first = await service.engine.authorize(change("together-1"))
+    second = await service.engine.authorize(change("together-2"))
+    assert (first.decision, second.decision, second.reason, second.http_status) == (
+        "allow", "deny", "request_in_progress", 409), second
+    assert (await service.counters.wallet("acme"))[1] == first.reserved  # the second's hold given back
+    assert await changed("together-1", 1_500) == 1_000 * 300
+    assert await longer("together-3", 1_800) == 1_000 * 300  # past the first's 1,500 s, not 1,200
+    assert (await service.engine.authorize(change("dropped"))).decision == "allow"
+    await service.engine.release("dropped", "upstream_503")  # a change that failed ends too
+    assert await longer("after-dropped", 1_900) == 1_000 * 100
     using = replace(ask(mine, model="gemini-cache", endpoint="gemini_generate_content", request_id="uses"),
                     previous_response="cachedContents/k")
     assert (await service.engine.authorize(using)).account == "second"  # served where it was made
