@@ -27,7 +27,7 @@ from policyd.policy import ENVIRONMENTS, Cap, Policy, PolicyError, canonical_tex
 from policyd.pricing import Quantities
 from policyd.policy_book import PolicyBook
 from policyd import invoices, key_limits, metrics, quotas, reconcile, reports
-from policyd.quotas import remaining_ttl
+from policyd.quotas import idles_out, remaining_ttl
 from policyd.store import Store, key_record
 from policyd.writer import REFUND_PREFIX, Writer
 
@@ -624,7 +624,10 @@ class Admin:
         for key, expected in sorted(buckets.items()):
             if remaining_ttl(key, now_s) is None:
                 continue  # a window that has passed
-            value = int(await self.counters.client.hget(key, "used") or 0)
+            used = await self.counters.client.hget(key, "used")
+            if used is None and idles_out(key):
+                continue  # a thread's budget forgotten once idle
+            value = int(used or 0)
             if value != expected:
                 mismatches.append((key, value, expected))
         credits = await asyncio.to_thread(self._credits_left)

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 
 WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
 BUCKET_TTL_MARGIN_SECONDS = 3600
+# a caller's budget of its thread (an agent's run) is kept this long after the thread's last request, then
+# forgotten (a run taken up again after that starts its budget anew): each thread would otherwise keep its
+# counter for good, and an agent platform makes millions of runs
+THREAD_BUDGET_IDLE_SECONDS = 30 * 86400
+_THREAD_BUDGET_BUCKET = ":b:thread_budget:"
 LIMIT_REASONS = {"money": "budget_exceeded", "cost": "budget_exceeded", "tokens": "rate_limit_exceeded",
                  "requests": "rate_limit_exceeded"}
 
@@ -131,14 +136,25 @@ def cap_hold(cap: Cap, now_s: int, charge: int, cost: int, q: Quantities) -> tup
 
 
 def _hold(limit: Limit, key: str, window: Window, now_s: int, amount: int) -> BucketHold:
+    """A negative ttl_seconds: a life renewed by every hold (a thread's budget), not set once."""
     ttl = 0 if window.end == 0 else window.end - now_s + BUCKET_TTL_MARGIN_SECONDS
+    if limit.scope == "thread_budget":
+        ttl = -THREAD_BUDGET_IDLE_SECONDS
     thresholds = tuple((pct, ceil_div(limit.limit * pct, 100)) for pct in limit.thresholds)
     return BucketHold(key=key, label=limit.label, unit=limit.unit, amount=amount, limit=limit.limit,
                       mode="shadow" if limit.action == "shadow" else "block", ttl_seconds=ttl, thresholds=thresholds)
 
 
+def idles_out(bucket_key: str) -> bool:
+    """A bucket forgotten once idle (a thread's budget): its absence is no loss."""
+    return _THREAD_BUDGET_BUCKET in bucket_key
+
+
 def remaining_ttl(bucket_key: str, now_s: int) -> int | None:
-    """Seconds a bucket key should live from now, 0 for "total", None once its window has passed."""
+    """Seconds a bucket key should live from now, 0 for "total", None once its window has passed (a thread's
+    budget, written again after a loss: its idle time, from now)."""
+    if idles_out(bucket_key):
+        return THREAD_BUDGET_IDLE_SECONDS
     _, window, start = bucket_key.rsplit(":", 2)
     if window == "total":
         return 0

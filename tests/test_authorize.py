@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from policyd.server import Service
@@ -449,6 +451,23 @@ async def test_a_threads_budget_set_by_its_caller(service: Service) -> None:
     await service.admin.rebuild()
     assert (await service.admin.audit()).ok
     assert (await service.engine.authorize(step("tb-5", budget))).reason == "budget_exceeded"
+    # kept THREAD_BUDGET_IDLE_SECONDS after the thread's last request (each renews it), then forgotten: the audit
+    # passes over it, and the run taken up again starts its budget anew
+    from policyd.quotas import THREAD_BUDGET_IDLE_SECONDS
+
+    def bucket(thread: str) -> Any:
+        return service.counters.client.scan_iter(match=f"*:b:thread_budget:runner/{thread}:*")
+
+    (other,) = [key async for key in bucket("run-2")]
+    await service.counters.client.expire(other, 5)
+    assert (await service.engine.authorize(step("tb-6", budget, thread="run-2"))).decision == "allow"
+    assert THREAD_BUDGET_IDLE_SECONDS - 5 < await service.counters.client.ttl(other) <= THREAD_BUDGET_IDLE_SECONDS
+    (spent,) = [key async for key in bucket("run-1")]
+    assert 0 < await service.counters.client.ttl(spent) <= THREAD_BUDGET_IDLE_SECONDS  # written again so too
+    await service.counters.client.delete(spent)  # its idle time ran out
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+    assert (await service.engine.authorize(step("tb-7", budget))).decision == "allow"
 
 
 async def test_a_caller_bounds_what_one_request_may_hold(service: Service) -> None:

@@ -27,7 +27,7 @@
 --          holds another (the operator changed them), nothing is done and {"stale"} is returned, so
 --          policyd reads the key again and decides anew
 -- ARGV[12] n buckets, then 6 per bucket:
---          amount, limit, mode (block|shadow), ttl seconds (0 = none), thresholds ("pct:amount,..."), label
+--          amount, limit, mode (block|shadow), ttl seconds (0 = none; negative: renewed by every hold), thresholds ("pct:amount,..."), label
 -- ARGV[13+6n] the partition (with KEYS[8+n]); ARGV[14+6n] the index's lifetime, seconds
 --
 -- Numbers: every amount is an integer below 2^53, so Lua doubles hold them exactly;
@@ -152,7 +152,9 @@ for i = 1, bucket_count do
   local used = redis.call('HINCRBY', key, 'used', ARGV[base + 1])
   used_after[i] = fmt(used)
   local ttl = tonumber(ARGV[base + 4])
-  if ttl > 0 and redis.call('TTL', key) < 0 then
+  if ttl < 0 then  -- a life every hold renews (a thread's budget, forgotten once idle)
+    redis.call('EXPIRE', key, -ttl)
+  elseif ttl > 0 and redis.call('TTL', key) < 0 then
     redis.call('EXPIRE', key, ttl)
   end
   for pct, threshold in string.gmatch(ARGV[base + 5], '(%d+):(%d+)') do
