@@ -832,10 +832,9 @@ class Engine:
         summary = None
         if 0 < len(request_id) <= request_lookup.REQUEST_ID_LENGTH_MAX and request_id.isprintable():
             summary = await request_lookup.find(self.store, self.counters, key.customer_id, request_id, wait_ms)
-        if summary is None:
-            return None, self._deny({"request_id": request_id[:request_lookup.REQUEST_ID_LENGTH_MAX],
-                                     "requested_model": "", "served_model": "", "owner": Owner()},
-                                    "request_not_found")
+        if summary is None:  # a question that found nothing, not recorded (it would be among the customer's requests)
+            return None, self._deny({"request_id": new_request_id(), "requested_model": "", "served_model": "",
+                                     "owner": _owner_of(key)}, "request_not_found")
         return summary, None
 
     async def list_requests(self, api_key: str, limit: int, after: str = ""
@@ -848,27 +847,31 @@ class Engine:
             return None, found
         page = await request_lookup.recent(self.store, found[0].customer_id, limit, after)
         if page is None:
-            return None, self._deny({"request_id": after[:request_lookup.REQUEST_ID_LENGTH_MAX], "requested_model": "",
-                                     "served_model": "", "owner": Owner()}, "request_not_found", param="after")
+            return None, self._deny({"request_id": new_request_id(), "requested_model": "", "served_model": "",
+                                     "owner": _owner_of(found[0])}, "request_not_found", param="after")
         return page, None
 
     async def _key_asking(self, api_key: str) -> tuple[KeyRecord, Policy, Plan] | Decision:
-        """The key of a request about the key itself (not a model call), or the denial it gets."""
-        base = {"request_id": new_request_id(), "requested_model": "", "served_model": "", "owner": Owner()}
+        """The key of a request about the key itself (not a model call), or the denial it gets (recorded)."""
         if not api_key:
-            return self._deny(base, "missing_api_key")
+            return await self._question_refused(api_key, "missing_api_key")
         if not key_secrets.is_well_formed(api_key):
-            return self._deny(base, "malformed_api_key")
+            return await self._question_refused(api_key, "malformed_api_key")
         key, status = await self._key_in_force(key_secrets.hash_secret(api_key), self.clock())
         if key is None:
-            return self._deny(base, "invalid_api_key")
+            return await self._question_refused(api_key, "invalid_api_key")
         if status in KEY_STATE_DENIALS:
-            return self._deny(base, KEY_STATE_DENIALS[status])
+            return await self._question_refused(api_key, KEY_STATE_DENIALS[status])
         policy = self.book.current
         plan = policy.plan(key.plan) if policy else None
         if policy is None or plan is None:
-            return self._deny(base, "unknown_plan" if policy else "no_policy")
+            return await self._question_refused(api_key, "unknown_plan" if policy else "no_policy")
         return key, policy, plan
+
+    async def _question_refused(self, api_key: str, reason: str) -> Decision:
+        """A question about a key (GET /v1/key, /v1/models, /v1/requests...) refused for its key: recorded as every
+        refusal is, as the key's owner's where the key is one (a paused key's), so that keys tried in vain show."""
+        return await self.deny_request(AuthorizeInput(api_key=api_key, endpoint="", model=""), reason, "")
 
     async def _key_in_force(self, secret_hash: str, at: int) -> tuple[KeyRecord | None, str]:
         """The key a secret opens, under its current terms, and its state (counters.key_status; "unavailable"

@@ -407,6 +407,29 @@ async def test_an_owners_limits_bind_every_key_of_theirs(service: Service) -> No
     assert service.store.usage_record("w2-day").reason == "budget_exceeded"
 
 
+async def test_questions_about_a_key_refused_for_their_key_are_recorded(service: Service) -> None:
+    """GET /v1/key, /v1/models, /v1/requests[/{id}] with a key that cannot be used: refused as a model call would
+    be, and recorded as every refusal is (a paused key's as its customer's), nothing moved; a question that
+    found nothing (request_not_found) is not a refusal of the key and leaves no record among the customer's."""
+    key_id, secret = await new_key(service, customer="asker")
+    await fund(service, "asker", "1")
+    await service.admin.set_state(key_id, "paused")
+    refusals = [(await service.engine.key_summary(secret))[1],
+                (await service.engine.models_for("pdk_live_" + "Q" * 40))[1],
+                (await service.engine.describe_request("", "req_1"))[1],
+                (await service.engine.list_requests("not-a-key", 5))[1]]
+    assert [d.reason for d in refusals] == ["key_paused", "invalid_api_key", "missing_api_key", "malformed_api_key"]
+    await service.admin.set_state(key_id, "active")
+    assert (await service.engine.describe_request(secret, "never-made"))[1].reason == "request_not_found"
+    assert (await service.engine.list_requests(secret, 5, "never-made"))[1].error_param == "after"
+    await service.writer.drain()
+    for denial in refusals:
+        row = service.store.usage_record(denial.request_id)
+        assert (row.decision, row.reason, row.charge_nanos, row.endpoint) == ("deny", denial.reason, 0, "")
+    assert [r.reason for r in service.store.latest_usage("asker", 10)] == ["key_paused"]
+    assert await service.counters.wallet("asker") == (1_000_000_000, 0)
+
+
 async def test_a_threads_budget_set_by_its_caller(service: Service) -> None:
     """AuthorizeInput.thread_budget: the thread's requests that name it hold their worst case in the thread's one
     total, beside the wallet and the plan's limits; a request that would take it past the budget is refused
