@@ -146,19 +146,24 @@ def _key_line(key: admin_pb2.ApiKey) -> str:
 def _limit_text(limit: admin_pb2.KeyLimit) -> str:
     value = format_amount(limit.limit) if limit.unit in MONEY_UNITS else str(limit.limit)
     whose = f"{limit.scope}: " if limit.scope else ""
-    return f"{whose}{value} {limit.unit} a {limit.window}" + (f" ({limit.timezone})" if limit.timezone else "")
+    alerts = f" (alerts at {', '.join(f'{p}%' for p in limit.thresholds)})" if limit.thresholds else ""
+    return f"{whose}{value} {limit.unit} a {limit.window}" + (f" ({limit.timezone})" if limit.timezone else "") + alerts
 
 
 def _key_limit(text: str) -> admin_pb2.KeyLimit:
-    """WINDOW[@ZONE]:UNIT:VALUE, e.g. month:money:20.00, minute:requests:60, day@Asia/Tokyo:tokens:100000."""
+    """WINDOW[@ZONE]:UNIT:VALUE[:ALERTS], e.g. month:money:20.00, minute:requests:60, day@Asia/Tokyo:tokens:100000,
+    month:money:500.00:75,90 (alerts at 75% and 90% of it)."""
     window, _, rest = text.partition(":")
-    unit, _, value = rest.partition(":")
+    unit, _, rest = rest.partition(":")
+    value, _, alerts = rest.partition(":")
     window, _, zone = window.partition("@")
     try:
         limit = parse_amount(value) if unit in MONEY_UNITS else int(value)
+        thresholds = [int(p) for p in alerts.split(",")] if alerts else []
     except (MoneyError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r}: WINDOW:UNIT:VALUE, e.g. month:money:20.00") from None
-    return admin_pb2.KeyLimit(window=window, unit=unit, limit=limit, timezone=zone)
+        raise argparse.ArgumentTypeError(f"{text!r}: WINDOW:UNIT:VALUE[:ALERTS], e.g. month:money:20.00 or "
+                                         "month:money:500.00:75,90") from None
+    return admin_pb2.KeyLimit(window=window, unit=unit, limit=limit, timezone=zone, thresholds=thresholds)
 
 
 def _utc(ms: int) -> str:

@@ -22,6 +22,7 @@ from policyd.money import MONEY_UNITS, format_amount
 from policyd.policy import Limit
 
 KEY_LIMITS_MAX = 8
+ALERTS_MAX = 4  # the percentages of one limit that raise an alert
 THREAD_BUDGET = "thread-budget"  # the name of a caller's budget of its thread (AuthorizeInput.thread_budget)
 WINDOWS = ("minute", "hour", "day", "month", "total")
 UNITS = ("money", "tokens", "requests")
@@ -41,7 +42,13 @@ def checked(limits: Iterable[Mapping[str, Any]], scope: str = "key") -> list[dic
             raise ValueError(f"{whose} limit's unit is one of {', '.join(UNITS)}, not {unit!r}")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"{whose} limit is a whole number, at least 0 (money in nanos)")
-        entry = {"window": window, "unit": unit, "limit": limit, "timezone": zone}
+        entry: dict[str, Any] = {"window": window, "unit": unit, "limit": limit, "timezone": zone}
+        alerts = list(given.get("thresholds") or ())
+        if alerts:  # none given: a plan limit's (50 and 80)
+            if len(alerts) > ALERTS_MAX or any(isinstance(p, bool) or not isinstance(p, int) or not 0 < p <= 100
+                                               for p in alerts):
+                raise ValueError(f"{whose} limit's alerts are at most {ALERTS_MAX} percentages from 1 to 100")
+            entry["thresholds"] = sorted(set(alerts))
         if scope != "key":
             entry["scope"] = scope
         try:
@@ -58,9 +65,10 @@ def checked(limits: Iterable[Mapping[str, Any]], scope: str = "key") -> list[dic
 
 def _limit(entry: Mapping[str, Any]) -> Limit:
     value, scope = entry["limit"], entry.get("scope", "key")
+    alerts = {"thresholds": tuple(entry["thresholds"])} if entry.get("thresholds") else {}
     return Limit(name=f"{scope}-{entry['unit']}-{entry['window']}", scope=scope, window=entry["window"],
                  unit=entry["unit"], limit=format_amount(value) if entry["unit"] in MONEY_UNITS else value,
-                 timezone=entry.get("timezone", ""))
+                 timezone=entry.get("timezone", ""), **alerts)
 
 
 def as_limits(stored: Iterable[Mapping[str, Any]] | None) -> tuple[Limit, ...]:

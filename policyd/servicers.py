@@ -316,7 +316,8 @@ def owner_limits_message(row: OwnerLimitsRow, keys_changed: int = 0,
 
 
 def key_limit(message: admin_pb2.KeyLimit) -> dict[str, Any]:
-    return {"window": message.window, "unit": message.unit, "limit": message.limit, "timezone": message.timezone}
+    return {"window": message.window, "unit": message.unit, "limit": message.limit, "timezone": message.timezone,
+            "thresholds": list(message.thresholds)}
 
 
 def usage_record_message(r: Any) -> admin_pb2.UsageRecord:

@@ -8,6 +8,8 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
 from policyd.alerts import AlertDelivery, deliveries
 from policyd.server import Service
 from tests.helpers import ask, fund, new_key
@@ -155,3 +157,26 @@ async def test_a_prepaid_wallet_taken_below_an_alert_amount_is_an_alert_once_a_c
     bodies = [json.loads(body) for _, body, _ in receiver.received]
     assert sorted(b["below"] for b in bodies if b.get("label") == "low-balance") == sorted(
         a["below"] for a in crossed)
+
+
+async def test_an_owners_and_a_keys_limits_alert_at_the_percentages_given(service: Service) -> None:
+    """A limit given through the admin API (a customer's, a key's) alerts once a window at the percentages it
+    names (none named: 50 and 80, as a plan limit does); bad ones are refused."""
+    from policyd.domain import PolicydError
+
+    key_id, secret = await new_key(service, plan="free", customer="watched")
+    await fund(service, "watched", "10")
+    await service.admin.set_owner_limits([{"window": "minute", "unit": "requests", "limit": 10, "thresholds": [30]}],
+                                         "watched")
+    await service.admin.set_limits(key_id, [{"window": "hour", "unit": "requests", "limit": 100}])
+    for _ in range(6):
+        assert (await service.engine.authorize(ask(secret, prompt_bytes=10, max_output_tokens=10))).decision == "allow"
+    await service.writer.drain()
+    alerts = [(e.detail["label"], e.detail["percent"]) for e in service.store.events("alert") if "label" in e.detail]
+    assert sorted(alerts) == [("customer-requests-minute", "30")]  # the key's 100 an hour: 6% used, none
+    assert (await service.admin.owner_limits("watched"))[0].limits[0]["thresholds"] == [30]
+    for bad in ([0], [101], [10, 20, 30, 40, 50], ["half"]):
+        with pytest.raises(PolicydError) as refused:
+            await service.admin.set_owner_limits([{"window": "day", "unit": "money", "limit": 1, "thresholds": bad}],
+                                                 "watched")
+        assert refused.value.reason == "invalid_limit"

@@ -140,8 +140,9 @@ def test_an_owners_limits_from_the_command_line(server: PolicydProcess) -> None:
         assert refused.returncode == 2 and "budget_exceeded" in refused.stdout and "customer-money-month" in refused.stdout
     assert "(its owners': customer: 0.000001000 money a month)" in run(server, "keys", "list", "--customer",
                                                                        "tenant").stdout
-    team = run(server, "limits", "set", "--customer", "tenant", "--team", "t1", "--limit", "minute:requests:5")
-    assert team.returncode == 0 and "tenant team t1: team: 5 requests a minute (0 keys changed)" in team.stdout
+    team = run(server, "limits", "set", "--customer", "tenant", "--team", "t1", "--limit", "minute:requests:5:60,90")
+    assert team.returncode == 0 and "tenant team t1: team: 5 requests a minute (alerts at 60%, 90%) (0 keys changed)" \
+        in team.stdout
     listed = run(server, "limits", "list", "--customer", "tenant").stdout
     assert "tenant: customer: 0.000001000 money a month" in listed and "tenant team t1" in listed
     assert "used: 0.000000000 of 0.000001000 money this month until " in listed  # refused requests hold nothing
