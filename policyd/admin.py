@@ -279,9 +279,10 @@ class Admin:
                 return row, len(changed)
             given = now_given
 
-    async def owner_limits(self, customer_id: str) -> list[OwnerLimitsRow]:
-        """The limits given a customer and its workspaces, projects and teams."""
-        _owner(customer_id)
+    async def owner_limits(self, customer_id: str = "") -> list[OwnerLimitsRow]:
+        """The limits given a customer and its workspaces, projects and teams (every customer's: "")."""
+        if customer_id:
+            _owner(customer_id)
         return await asyncio.to_thread(self.store.owner_limits, customer_id)
 
     async def owner_limit_states(self, row: OwnerLimitsRow) -> list[dict[str, Any]]:

@@ -728,8 +728,9 @@ def parser() -> argparse.ArgumentParser:
                        help="WINDOW[@ZONE]:UNIT:VALUE (month:money:500.00); in place of its plans' limit of the same "
                             "scope, unit and window; repeatable")
     given.add_argument("--none", action="store_true", help="no limits of its own")
-    client(limit_commands.add_parser("list", help="a customer's limits and its owners'")).add_argument(
-        "--customer", default="")
+    listing = client(limit_commands.add_parser(
+        "list", help="a customer's limits and its owners', with their use (every customer's without --customer)"))
+    listing.add_argument("--customer", default="")
     limits.set_defaults(run=_limits)
 
     creds = commands.add_parser("admin-credentials", help="admin credentials scoped to a customer and its sub-customers")

@@ -206,11 +206,12 @@ class Store:
             merged = session.merge(row)
         return merged
 
-    def owner_limits(self, customer_id: str) -> list[OwnerLimitsRow]:
-        """The limits given a customer and its workspaces, projects and teams."""
+    def owner_limits(self, customer_id: str = "") -> list[OwnerLimitsRow]:
+        """The limits given a customer and its workspaces, projects and teams (every customer's: "")."""
+        r = OwnerLimitsRow
         with self.session() as session:
-            return list(session.scalars(select(OwnerLimitsRow).where(OwnerLimitsRow.customer_id == customer_id)
-                                        .order_by(OwnerLimitsRow.scope, OwnerLimitsRow.owner_id)))
+            query = select(r).order_by(r.customer_id, r.scope, r.owner_id)
+            return list(session.scalars(query.where(r.customer_id == customer_id) if customer_id else query))
 
     def save_owner_limits(self, row: OwnerLimitsRow) -> None:
         """An owner's limits (none: its row goes)."""

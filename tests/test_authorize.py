@@ -386,6 +386,8 @@ async def test_an_owners_limits_bind_every_key_of_theirs(service: Service) -> No
     assert (await service.engine.authorize(ask(later, prompt_bytes=10, max_output_tokens=5))).decision == "allow"
     listed = await service.admin.owner_limits("split")
     assert [(r.scope, r.owner_id, r.limits[0]["limit"]) for r in listed] == [("workspace", "w2", 1)]
+    assert [(r.customer_id, r.scope) for r in await service.admin.owner_limits()] == [
+        ("premium", "customer"), ("split", "workspace")]  # every customer's ("owned" has none now)
     allowed_in_w3 = (await service.admin.owner_limit_states(listed[0]))[0]
     assert (allowed_in_w3["limit"].label, allowed_in_w3["used"], allowed_in_w3["ends"] > 0) == (
         "workspace-money-day", 0, True)  # w2's bucket: w3's request is not in it, w2's was refused
