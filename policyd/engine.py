@@ -1559,8 +1559,6 @@ class Engine:
         if report.provider_response_id and r.get("endpoint") == "cached_contents":
             await self._remember_cache(r["customer_id"], report, price, served, *cache,
                                        update="cache_kept_seconds" in reservation.fields)
-        if reservation.fields.get("cache_name") and result.outcome != "exists":  # after its life is remembered
-            await self._end_cache_change(reservation)
         elif report.provider_response_id:
             await self.remember_response(r["customer_id"], report.provider_response_id,
                                           report.provider or price.provider, price.upstream, report.provider_account,
@@ -1572,6 +1570,8 @@ class Engine:
                                          report.provider_account)
         if reservation.fields.get("conversation") and result.outcome != "exists":
             await self._grow_conversation(str(reservation.fields["conversation"]), context)
+        if reservation.fields.get("cache_name") and result.outcome != "exists":  # after its life is remembered
+            await self._end_cache_change(reservation)
         return Settlement(
             outcome=result.outcome, request_id=report.request_id, cost=cost, charge=charge,
             balance_before=result.balance_before, balance_after=result.balance_after, currency=r["currency"],

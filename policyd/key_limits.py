@@ -26,7 +26,6 @@ ALERTS_MAX = 4  # the percentages of one limit that raise an alert
 THREAD_BUDGET = "thread-budget"  # the name of a caller's budget of its thread (AuthorizeInput.thread_budget)
 WINDOWS = ("minute", "hour", "day", "month", "total")
 UNITS = ("money", "tokens", "requests")
-OWNER_SCOPES = ("customer", "workspace", "project", "team")  # whose limits an operator sets beside a key's own
 
 
 def checked(limits: Iterable[Mapping[str, Any]], scope: str = "key") -> list[dict[str, Any]]:
