@@ -6,7 +6,7 @@ import asyncio
 import functools
 import json
 import logging
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import grpc
 
@@ -305,7 +305,7 @@ def api_key_message(row: ApiKeyRow) -> admin_pb2.ApiKey:
 
 
 def owner_limits_message(row: OwnerLimitsRow, keys_changed: int = 0,
-                         states: list[dict[str, Any]] = ()) -> admin_pb2.OwnerLimits:  # type: ignore[assignment]
+                         states: Sequence[dict[str, Any]] = ()) -> admin_pb2.OwnerLimits:
     return admin_pb2.OwnerLimits(
         customer_id=row.customer_id, scope=row.scope, owner_id=row.owner_id,
         limits=[admin_pb2.KeyLimit(**limit) for limit in row.limits], updated_unix_ms=row.updated_ms,
