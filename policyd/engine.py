@@ -391,7 +391,8 @@ class Engine:
             return await self.admit_stored_response(request)
         if request.count_tokens or request.endpoint in FREE_ENDPOINTS:
             return await self.admit_token_count(request)
-        if request.cache_update:
+        cache_update = request.cache_update
+        if cache_update:
             request = await self._cache_update(request)
         started = time.perf_counter()
         decision = await self._authorize(request, unavailable_providers)
@@ -401,7 +402,7 @@ class Engine:
                 decision = self._deny({"request_id": request.attribution.request_id or new_request_id(),
                                        "requested_model": request.model, "served_model": request.model,
                                        "owner": Owner()}, "unavailable", retry_after=1)
-        if request.cache_update and decision.allowed and decision.reservation_expires_ms:
+        if cache_update and decision.allowed and decision.reservation_expires_ms:
             decision = await self._one_cache_change(request, decision)
         metrics.authorize_seconds.observe(time.perf_counter() - started)
         metrics.decisions.labels(decision.decision, decision.reason or "ok").inc()
