@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
-from policyd import compact_json, key_limits, metrics, reasons, redis_keys, request_lookup
+from policyd import compact_json, key_limits, metrics, own_usage, reasons, redis_keys, request_lookup
 from policyd.batches import BATCH_ID_PREFIXES
 from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECONDS, BucketHold, Counters, Fenced,
                               Reservation, Whose, unreachable, whose_of)
@@ -851,6 +851,17 @@ class Engine:
             return None, self._deny({"request_id": new_request_id(), "requested_model": "", "served_model": "",
                                      "owner": _owner_of(found[0])}, "request_not_found", param="after")
         return page, None
+
+    async def usage_summary(self, api_key: str, group_by: list[str], since_ms: int, until_ms: int, bucket: str = ""
+                            ) -> tuple[tuple[list[own_usage.UsageRow], bool, str] | None, Decision | None]:
+        """The key's customer's usage summed over a window, grouped (GET /v1/usage, for the key's own holder): its
+        rows, whether more were left out, and the currency of their charges (policyd/own_usage.py)."""
+        found = await self._key_asking(api_key)
+        if isinstance(found, Decision):
+            return None, found
+        key, policy, _ = found
+        rows, truncated = await own_usage.summary(self.store, key.customer_id, group_by, since_ms, until_ms, bucket)
+        return (rows, truncated, policy.document.currency), None
 
     async def _key_asking(self, api_key: str) -> tuple[KeyRecord, Policy, Plan] | Decision:
         """The key of a request about the key itself (not a model call), or the denial it gets (recorded)."""

@@ -343,6 +343,11 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         if call.request_listing and not call.problem:
             page, denial = await self.engine.list_requests(call.api_key, call.listing_limit, call.listing_after)
             return None, immediate_denial(denial) if page is None else immediate(200, http_api.request_list_body(*page))
+        if call.usage_summary and not call.problem:
+            summed, denial = await self.engine.usage_summary(call.api_key, list(call.usage_group_by),
+                                                             call.usage_since_ms, call.usage_until_ms, call.usage_bucket)
+            return None, immediate_denial(denial) if summed is None else \
+                immediate(200, http_api.usage_summary_body(*summed, call))
         if call.problem:
             return None, immediate_denial(await self.engine.deny_request(
                 call.authorize_input(), call.problem, call.problem_message, call.problem_param), recorded=True)

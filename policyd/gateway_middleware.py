@@ -43,7 +43,7 @@ import uuid
 from dataclasses import asdict
 from typing import Any, Awaitable, Callable, MutableMapping
 
-from policyd import http_api, request_lookup
+from policyd import http_api, own_usage, request_lookup
 from policyd import reasons, unasked_usage
 from policyd.domain import KeySummary, LimitState, RateLimit, RequestSummary
 from policyd.usage_capture import ResponseReader, background_answer, closing, vertex_operation_read
@@ -103,6 +103,9 @@ class PolicydMiddleware:
             return
         if call.request_listing and not call.problem:
             await self._list_requests(call, send)
+            return
+        if call.usage_summary and not call.problem:
+            await self._summarize_usage(call, send)
             return
         if not call.endpoint and not self.strict:
             await self.app(scope, _replay(body, receive=receive), send)
@@ -165,6 +168,18 @@ class PolicydMiddleware:
             return
         await _respond(send, 200, http_api.request_list_body([_request_summary(m) for m in page.requests],
                                                              page.has_more))
+
+    async def _summarize_usage(self, call: http_api.HttpCall, send: Send) -> None:
+        """GET /v1/usage: the key's customer's usage summed, as policyd tells it."""
+        try:
+            summed = await self.policy.usage_summary(call.api_key, call.usage_group_by, call.usage_bucket,
+                                                     call.usage_since_ms // 1000, call.usage_until_ms // 1000)
+        except PolicydCallError as error:
+            await _refused_by_policyd(send, error)
+            return
+        rows = [own_usage.UsageRow(dict(g.group), g.bucket, {name: getattr(g, name) for name in own_usage.COUNTS},
+                                   g.charge.nanos, g.refunded.nanos, dict(g.usage)) for g in summed.groups]
+        await _respond(send, 200, http_api.usage_summary_body(rows, summed.truncated, summed.currency, call))
 
     async def _describe_key(self, call: http_api.HttpCall, send: Send) -> None:
         """GET /v1/key: what the key may still spend; GET /v1/models: the models it may use; as policyd
@@ -505,7 +520,7 @@ def _request_summary(message: Any) -> RequestSummary:
 
 
 async def _refused_by_policyd(send: Send, error: PolicydCallError) -> None:
-    """A question about the key (GET /v1/key, /v1/models, /v1/requests[/{id}]) policyd refused: its reason as the
+    """A question about the key (GET /v1/key, /v1/models, /v1/requests[/{id}], /v1/usage) policyd refused: its reason as the
     OpenAI-style error its HTTP status carries."""
     await _respond(send, reasons.http_status(error.reason), http_api.error_body(
         reasons.error_type(error.reason), error.reason, reasons.MESSAGES.get(error.reason, error.reason)))

@@ -31,6 +31,10 @@ Perplexity's /chat/completions, Azure AI Foundry's /models/..., GitHub Models' /
     GET  .../v1/requests/{id}[?wait=N]    one request of the key's customer: its charge, usage and state (answered
                                           by policyd: policyd/request_lookup.py; one in progress waited for up
                                           to N seconds, 5 unless told, at most 20, to close)
+    GET  .../v1/usage[?group_by=model,feature&bucket=day&since=S&until=U]
+                                          the key's customer's usage summed over a window (the last 30 days
+                                          unless told; unix seconds), grouped as asked: requests, tokens and
+                                          charges, never costs (answered by policyd: policyd/own_usage.py)
     GET  .../v1/requests[?limit=N&after=ID]
                                           the key's customer's requests, newest first, each as above (answered by
                                           policyd: N of them, 20 unless told, at most 100; after: the last id of
@@ -84,7 +88,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit
 
-from policyd import reasons, request_lookup
+from policyd import own_usage, reasons, request_lookup
 from policyd.audio import wav_seconds
 from policyd.domain import (ANTHROPIC_FAST_MODE, CACHED_CONTENT_PREFIX, CONTAINER_MEMORY_DEFAULT, GEMINI_UPLOAD_PREFIX,
                             IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS, SEARCH_CONTEXT_LENGTH_MAX, Attribution, AuthorizeInput,
@@ -234,6 +238,7 @@ _KEY_SUMMARY = re.compile(r"(^|/)v1/key/?$")
 REQUEST_LOOKUP_PATH_REGEX = r"(.*/)?v1/requests/.+"  # Envoy's route (RE2, matching the path without its query)
 _REQUEST_LOOKUP = re.compile(r"(^|/)v1/requests/(?P<id>[^?]+?)/?$")
 _REQUEST_LISTING = re.compile(r"(^|/)v1/requests/?$")
+_USAGE_SUMMARY = re.compile(r"(^|/)v1/usage/?$")
 # a budget the caller sets on its thread (x-thread-id): the most its requests together may be charged
 THREAD_BUDGET_HEADER = "x-policyd-thread-budget"
 # the most one request may hold, as its caller bounds it (beside its plan's max_request_charge)
@@ -292,6 +297,11 @@ class HttpCall:
     request_listing: bool = False  # GET /v1/requests: the key's customer's requests (answered by policyd)
     listing_limit: int = 0  # ... how many, newest first
     listing_after: str = ""  # ... after this request (the last of the page before)
+    usage_summary: bool = False  # GET /v1/usage: the key's customer's usage, summed (answered by policyd)
+    usage_group_by: tuple[str, ...] = ()  # ... grouped by these (own_usage.DIMENSIONS)
+    usage_bucket: str = ""  # ... and by hour, day or month
+    usage_since_ms: int = 0  # ... over [since, until)
+    usage_until_ms: int = 0
     api_key: str = ""
     model: str = ""
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment): a downgrade rewrites it
@@ -422,6 +432,7 @@ class Endpoint:
     key_summary: bool = False
     request_lookup: str = ""
     request_listing: bool = False
+    usage_summary: bool = False
     count_tokens: bool = False
     stored_response: str = ""  # the id of a stored response the request reads, deletes or cancels, or a conversation's
     creates: str = ""  # a conversation or a file made (CREATABLE)
@@ -450,6 +461,8 @@ def endpoint_of(method: str, path: str) -> Endpoint:
         return Endpoint(request_lookup=unquote(lookup.group("id")))
     if method.upper() == "GET" and _REQUEST_LISTING.search(path):
         return Endpoint(request_listing=True)
+    if method.upper() == "GET" and _USAGE_SUMMARY.search(path):
+        return Endpoint(usage_summary=True)
     if "async/" in path:  # Perplexity's async chat: before its chat completions' own pattern
         if method.upper() == "POST" and _ASYNC_CHAT.search(path):
             return Endpoint("chat_completions", async_chat=True)
@@ -1044,7 +1057,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
             sum(len(k) + len(v) for k, v in headers.items()) > REQUEST_HEADERS_BYTES_MAX:
         return _problem(call, "request_headers_too_large", f"the request headers are larger than "
                         f"{REQUEST_HEADERS_BYTES_MAX // 1024} KiB or more than {REQUEST_HEADERS_COUNT_MAX} headers")
-    if not (listing or call.key_summary or named.request_lookup or named.request_listing):
+    if not (listing or call.key_summary or named.request_lookup or named.request_listing or named.usage_summary):
         for header, bound in ((THREAD_BUDGET_HEADER, "thread_budget"), (MAX_CHARGE_HEADER, "max_charge")):
             if header in headers:  # a bound its caller sets: on its thread, on this request
                 try:
@@ -1068,6 +1081,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         return _request_lookup(call, named.request_lookup, path)
     if named.request_listing:
         return _request_listing(call, path)
+    if named.usage_summary:
+        return _usage_summary(call, path)
     if call.stored_response:  # no body to read: the id is in the path
         return call
     if not endpoint:
@@ -1643,6 +1658,30 @@ def _request_listing(call: HttpCall, path: str) -> HttpCall:
     return call
 
 
+def _usage_summary(call: HttpCall, path: str) -> HttpCall:
+    """GET /v1/usage: how to group the customer's usage (`group_by`, `bucket`) and over which window (`since`,
+    `until`: unix seconds; the last 30 days unless told)."""
+    call.usage_summary = True
+    until_ms = (int(time.time()) + 1) * 1000  # now, the current second's requests in
+    since_ms = -1
+    for name, value in parse_qsl(path.partition("?")[2], keep_blank_values=True):
+        if name == "group_by":
+            call.usage_group_by += tuple(d.strip() for d in value.split(",") if d.strip())
+        elif name == "bucket":
+            call.usage_bucket = value
+        elif name in ("since", "until"):
+            if not re.fullmatch(r"[0-9]{1,12}", value):
+                return _problem(call, "invalid_request", f"{name} must be a time in unix seconds", name)
+            if name == "since":
+                since_ms = int(value) * 1000
+            else:
+                until_ms = int(value) * 1000
+    call.usage_until_ms = until_ms
+    call.usage_since_ms = since_ms if since_ms >= 0 else max(until_ms - own_usage.WINDOW_MS_DEFAULT, 0)
+    wrong = own_usage.problem(list(call.usage_group_by), call.usage_since_ms, until_ms, call.usage_bucket)
+    return _problem(call, "invalid_request", *wrong) if wrong else call
+
+
 def _problem(call: HttpCall, reason: str, message: str, param: str = "") -> HttpCall:
     call.problem, call.problem_message, call.problem_param = reason, message, param
     return call
@@ -1932,6 +1971,18 @@ def request_list_body(summaries: list[RequestSummary], has_more: bool) -> bytes:
     return json.dumps({"object": "list", "data": [_request_summary(s) for s in summaries],
                        "first_id": summaries[0].request_id if summaries else None,
                        "last_id": summaries[-1].request_id if summaries else None, "has_more": has_more}).encode()
+
+
+def usage_summary_body(rows: list[own_usage.UsageRow], truncated: bool, currency: str, call: HttpCall) -> bytes:
+    """GET /v1/usage: the customer's usage summed over the window, a row a group (and bucket), money as exact
+    decimal text of the policy's currency."""
+    return json.dumps({
+        "object": "usage", "currency": currency, "since": call.usage_since_ms // 1000,
+        "until": call.usage_until_ms // 1000, "group_by": list(call.usage_group_by),
+        "bucket": call.usage_bucket or None, "truncated": truncated,
+        "data": [{"group": r.group, "bucket": r.bucket or None, **r.counts, "charge": format_amount(r.charge),
+                  "refunded": format_amount(r.refunded), "usage": r.usage} for r in rows],
+    }).encode()
 
 
 def _request_summary(summary: RequestSummary) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import logging
+import time
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import grpc
@@ -30,7 +31,7 @@ from policyd.domain import (
     UsageReport,
     trace_id_from,
 )
-from policyd import request_lookup
+from policyd import own_usage, request_lookup
 from policyd.engine import Engine
 from policyd.usage_capture import Tokens
 from policyd.reasons import failure
@@ -234,6 +235,24 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         summaries, has_more = await _call(context, listed)
         return policy_pb2.ListRequestsResponse(requests=[request_summary_message(s) for s in summaries],
                                                has_more=has_more)
+
+    async def SummarizeUsage(self, request: policy_pb2.UsageSummaryRequest,
+                             context: grpc.aio.ServicerContext) -> Any:
+        until_ms = (request.until_unix or int(time.time()) + 1) * 1000  # now, the current second's requests in
+        since_ms = request.since_unix * 1000 if request.since_unix else max(until_ms - own_usage.WINDOW_MS_DEFAULT, 0)
+        group_by, bucket = list(request.group_by), request.bucket
+
+        async def summed() -> tuple[list[own_usage.UsageRow], bool, str]:
+            wrong = own_usage.problem(group_by, since_ms, until_ms, bucket)
+            if wrong:
+                raise PolicydError("INVALID_ARGUMENT", "invalid_request", wrong[0])
+            return _answered(await self.engine.usage_summary(request.api_key, group_by, since_ms, until_ms, bucket))
+
+        rows, truncated, currency = await _call(context, summed)
+        return policy_pb2.UsageSummary(
+            currency=currency, since_unix=since_ms // 1000, until_unix=until_ms // 1000, truncated=truncated,
+            groups=[policy_pb2.UsageGroup(group=r.group, bucket=r.bucket, **r.counts, charge=_money(currency, r.charge),
+                                          refunded=_money(currency, r.refunded), usage=r.usage) for r in rows])
 
     async def Release(self, request: policy_pb2.ReleaseRequest, context: grpc.aio.ServicerContext) -> Any:
         r = await _call(context, lambda: self.engine.release(request.request_id, request.reason))

@@ -141,6 +141,14 @@ async def test_a_request_is_described_over_the_native_api(served) -> None:
             assert (refused.value.code, refused.value.reason) == (code, reason)
     async with AsyncPolicyClient(process.address) as policy:
         assert [r.request_id for r in (await policy.list_requests(secret, limit=1)).requests] == ["asked-denied"]
+        # SummarizeUsage: the customer's usage summed as asked, the settled charge in it, never the operator's cost
+        summed = await policy.usage_summary(secret, group_by=["model", "decision"])
+        mini = {tuple(sorted(g.group.items())): g for g in summed.groups}[(("decision", "allow"),
+                                                                           ("model", "gpt-4o-mini"))]
+        assert mini.charge.nanos >= settled.charge_nanos and mini.requests >= 2 and summed.currency == "USD"
+        with pytest.raises(PolicydCallError) as refused:
+            await policy.usage_summary(secret, group_by=["provider"])
+        assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid_request")
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:

@@ -2101,6 +2101,43 @@ def test_a_customer_lists_its_requests_newest_first(gateway: Gateway) -> None:
     assert not [r for r in gateway.mock.received() if r["path"].rstrip("/").endswith("/requests")]  # policyd answered
 
 
+def test_a_customer_sums_its_usage_by_model_thread_and_day(gateway: Gateway) -> None:
+    """GET /v1/usage (the openai SDK's client.get), answered by policyd for any key of the customer: its usage over
+    the last 30 days summed as it asks (by model, by thread: what an agent's run cost; by day), each group's charge
+    the sum of its records' exactly, never what it cost the operator; another customer's not in it; a dimension it
+    may not group by, or a bad window, refused (400)."""
+    customer = f"e2e-sums-{gateway.shape}"
+    key, other_key = gateway.customer(customer), gateway.customer(customer, credit="")
+    client = gateway.client(key)
+    for n, (model, thread) in enumerate((("gpt-4o-mini", "run-1"), ("gpt-4o", "run-1"), ("gpt-4o-mini", "run-2"))):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": f"summed {n}"}],
+                                       max_tokens=5, extra_headers={"x-thread-id": thread})
+    gateway.client(gateway.customer(f"e2e-sums-stranger-{gateway.shape}")).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "not theirs"}], max_tokens=5)
+    records = gateway.records(customer)  # written
+
+    def charged(**where: str) -> str:
+        return format_amount(sum(r.charge.nanos for r in records if all(getattr(r, f) == v for f, v in where.items())))
+
+    by_model = gateway.client(other_key).get("/usage", cast_to=object, options={"params": {"group_by": "model"}})
+    assert (by_model["object"], by_model["currency"], by_model["truncated"]) == ("usage", "USD", False)
+    assert {row["group"]["model"]: (row["requests"], row["charge"]) for row in by_model["data"]} == {
+        "gpt-4o-mini": (2, charged(served_model="gpt-4o-mini")), "gpt-4o": (1, charged(served_model="gpt-4o"))}
+    assert not {"cost", "cost_nanos", "fallbacks", "provider"} & set(by_model["data"][0])  # the operator's own
+    by_run = client.get("/usage", cast_to=object, options={"params": {"group_by": "thread", "bucket": "day"}})
+    run = {row["group"]["thread"]: row for row in by_run["data"]}
+    assert run["run-1"]["charge"] == charged(thread_id="run-1") and run["run-1"]["requests"] == 2
+    assert run["run-1"]["bucket"] == time.strftime("%Y-%m-%d", time.gmtime()) and run["run-1"]["output_tokens"] > 0
+    whole = client.get("/usage", cast_to=object)
+    assert [(row["group"], row["requests"], row["charge"]) for row in whole["data"]] == [({}, 3, charged())]
+    for params, param in (({"group_by": "provider"}, "group_by"), ({"bucket": "week"}, "bucket"),
+                          ({"since": "soon"}, "since"), ({"since": "2000000000", "until": "1000000000"}, "since")):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.get("/usage", cast_to=object, options={"params": params})
+        assert (bad.value.code, bad.value.param) == ("invalid_request", param)
+    assert not [r for r in gateway.mock.received() if r["path"].rstrip("/").endswith("/usage")]  # policyd answered
+
+
 def test_a_threads_budget_set_by_its_caller_is_never_overshot_by_its_concurrent_requests(gateway: Gateway) -> None:
     """x-policyd-thread-budget with x-thread-id: an agent run's requests together may be charged at most the budget
     its caller sets, however many run at once (each holds its worst case in the thread's one total, atomically

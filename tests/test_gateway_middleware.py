@@ -568,6 +568,11 @@ def test_a_customer_asks_what_its_request_was_charged(gateway: ExampleGateway) -
         (request_id, format_amount(record["charge_nanos"]))] and listed["has_more"] is False
     code, error = asked_with(f"{gateway.base_url}/requests?after=never-made", key)
     assert (code, error["error"]["code"]) == (404, "request_not_found")
+    code, summed = asked_with(f"{gateway.base_url}/usage?group_by=model", key)  # GET /v1/usage: SummarizeUsage
+    assert code == 200 and [(r["group"], r["requests"], r["charge"]) for r in summed["data"]] == [
+        ({"model": "gpt-4o-mini"}, 1, format_amount(record["charge_nanos"]))]
+    code, error = asked_with(f"{gateway.base_url}/usage?group_by=provider", key)
+    assert (code, error["error"]["code"], error["error"]["param"]) == (400, "invalid_request", "group_by")
     assert not [r for r in gateway.mock.received() if r["path"].rstrip("/").endswith("/requests")]
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policyd.gateway_config import render
-from policyd import http_api
+from policyd import http_api, own_usage
 from policyd.domain import IMAGE_SCALE_MAX
 from policyd.http_api import (CUSTOMER_KEY_HEADERS, image_scale, parse_call, reply_headers, rewrite_body, upstream_path,
                               without_query_key)
@@ -2116,6 +2116,35 @@ def test_a_customers_requests_are_listed_by_their_path(path: str, limit: int, af
     assert (call.request_listing, call.listing_limit, call.listing_after, call.problem, call.endpoint,
             call.request_lookup) == (True, limit, after, problem, "", "")
     assert not parse_call("POST", path, {"authorization": "Bearer k"}, b"{}").request_listing
+
+
+@pytest.mark.parametrize("path, group_by, bucket, window, problem", [
+    ("/v1/usage", (), "", (None, None), ""),
+    ("/openai/v1/usage?group_by=model,thread&bucket=day&since=1790000000&until=1790086400", ("model", "thread"), "day",
+     (1_790_000_000_000, 1_790_086_400_000), ""),
+    ("/v1/usage?group_by=model&group_by=feature", ("model", "feature"), "", (None, None), ""),
+    ("/v1/usage?group_by=provider", ("provider",), "", (None, None), "group_by"),  # the operator's own
+    ("/v1/usage?group_by=model,model", ("model", "model"), "", (None, None), "group_by"),
+    ("/v1/usage?group_by=a,b,c,d", ("a", "b", "c", "d"), "", (None, None), "group_by"),
+    ("/v1/usage?bucket=week", (), "week", (None, None), "bucket"),
+    ("/v1/usage?since=1.5", (), "", (None, None), "since"),
+    ("/v1/usage?since=1790086400&until=1790000000", (), "", (1_790_086_400_000, 1_790_000_000_000), "since"),
+    ("/v1/usage?since=1700000000&until=1790000000", (), "", (1_700_000_000_000, 1_790_000_000_000), "since"),
+])
+def test_a_customers_usage_is_summed_as_its_path_asks(path: str, group_by: tuple[str, ...], bucket: str,
+                                                      window: tuple[int | None, int | None], problem: str) -> None:
+    """GET /v1/usage[?group_by=...&bucket=...&since=S&until=U]: grouped by the customer's own dimensions, over the
+    last 30 days unless told (unix seconds; at most 400 days); answered by policyd (no model call)."""
+    call = parse_call("GET", path, {"authorization": "Bearer k"}, b"")
+    assert (call.usage_summary, call.usage_group_by, call.usage_bucket, call.problem_param, call.endpoint) == (
+        True, group_by, bucket, problem, "")
+    assert bool(call.problem) == bool(problem)
+    since, until = window
+    if until is None and not problem:  # now, and 30 days before it
+        assert abs(call.usage_until_ms - time.time() * 1000) < 2_000
+        assert call.usage_until_ms - call.usage_since_ms == own_usage.WINDOW_MS_DEFAULT
+    elif not problem:
+        assert (call.usage_since_ms, call.usage_until_ms) == (since, until)
 
 
 @pytest.mark.parametrize("headers, budget, problem", [

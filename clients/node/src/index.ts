@@ -1,6 +1,6 @@
 /**
  * policyd's TypeScript/Node client: the PolicyService (Authorize, Settle, Release, DescribeKey, DescribeRequest,
- * ListRequests)
+ * ListRequests, SummarizeUsage)
  * with deadlines,
  * retries only where a call is idempotent, and typed errors.
  *
@@ -29,6 +29,8 @@ import type { DescribeRequestRequest } from "./generated/policyd/v1/DescribeRequ
 import type { RequestSummary__Output } from "./generated/policyd/v1/RequestSummary";
 import type { ListRequestsRequest } from "./generated/policyd/v1/ListRequestsRequest";
 import type { ListRequestsResponse__Output } from "./generated/policyd/v1/ListRequestsResponse";
+import type { UsageSummaryRequest } from "./generated/policyd/v1/UsageSummaryRequest";
+import type { UsageSummary__Output } from "./generated/policyd/v1/UsageSummary";
 import type { ReleaseRequest } from "./generated/policyd/v1/ReleaseRequest";
 import type { ReleaseResponse__Output } from "./generated/policyd/v1/ReleaseResponse";
 import type { AwaitResponseRequest } from "./generated/policyd/v1/AwaitResponseRequest";
@@ -355,6 +357,16 @@ export class PolicyClient {
     const r = await this.call<ListRequestsRequest, ListRequestsResponse__Output>(
       this.stub.listRequests.bind(this.stub), { apiKey, limit, after }, true);
     return { requests: r.requests.map(summaryOf), hasMore: r.hasMore };
+  }
+
+  /** The key's customer's usage summed over a window (the last 30 days unless told), for answering GET /v1/usage:
+   *  grouped by up to 3 dimensions (model, feature, thread, key, ...), by hour, day or month if `bucket`. Each
+   *  group's counts and tokens, and its charge in nanos; never what it cost the operator. */
+  async usageSummary(apiKey: string, options: { groupBy?: string[]; bucket?: string; sinceUnix?: number;
+                                                untilUnix?: number } = {}): Promise<UsageSummary__Output> {
+    return this.call<UsageSummaryRequest, UsageSummary__Output>(this.stub.summarizeUsage.bind(this.stub), {
+      apiKey, groupBy: options.groupBy ?? [], bucket: options.bucket ?? "", sinceUnix: options.sinceUnix ?? 0,
+      untilUnix: options.untilUnix ?? 0 }, true);
   }
 
   private async call<Req, Res>(method: Unary<Req, Res>, request: Req, idempotent: boolean,

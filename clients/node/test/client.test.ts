@@ -204,6 +204,12 @@ test("a request is described: in progress while held, then what it was charged",
     assert.equal(older.requests[0].chargeNanos, settled.chargeNanos);
     await assert.rejects(policy.listRequests(apiKey, 1, "node-never-made"),
       (e: unknown) => e instanceof PolicydCallError && e.code === grpc.status.NOT_FOUND && e.reason === "request_not_found");
+    const summed = await policy.usageSummary(apiKey, { groupBy: ["model"] });  // the last 30 days, by model
+    const mini = summed.groups.find((g) => g.group["model"] === "gpt-4o-mini");
+    assert.ok(mini && BigInt(mini.charge?.nanos ?? "0") >= settled.chargeNanos && Number(mini.requests) >= 2);
+    assert.equal(summed.currency, "USD");
+    await assert.rejects(policy.usageSummary(apiKey, { groupBy: ["provider"] }),
+      (e: unknown) => e instanceof PolicydCallError && e.code === grpc.status.INVALID_ARGUMENT);
   } finally {
     policy.close();
   }

@@ -309,6 +309,15 @@ class PolicyClient:
         return self._call(self.stub.ListRequests, policy_pb2.ListRequestsRequest(api_key=api_key, limit=limit,
                                                                                  after=after), idempotent=True)
 
+    def usage_summary(self, api_key: str, group_by: tuple[str, ...] | list[str] = (), bucket: str = "",
+                      since_unix: int = 0, until_unix: int = 0) -> Any:
+        """The key's customer's usage summed over a window (a policy_pb2.UsageSummary: its `groups`, each with its
+        counts, tokens and charge), for answering the key's holder (GET /v1/usage); grouped by up to 3 dimensions
+        (model, feature, thread, key, ...), by hour, day or month if `bucket`; the last 30 days unless told."""
+        return self._call(self.stub.SummarizeUsage, policy_pb2.UsageSummaryRequest(
+            api_key=api_key, group_by=list(group_by), bucket=bucket, since_unix=since_unix, until_unix=until_unix),
+            idempotent=True)
+
 
 class AsyncPolicyClient:
     """The channel is opened on first use, in the event loop that uses it (so the client can be built
@@ -388,3 +397,10 @@ class AsyncPolicyClient:
         """As PolicyClient.list_requests."""
         return await self._call(self.stub.ListRequests, policy_pb2.ListRequestsRequest(
             api_key=api_key, limit=limit, after=after), idempotent=True)
+
+    async def usage_summary(self, api_key: str, group_by: tuple[str, ...] | list[str] = (), bucket: str = "",
+                            since_unix: int = 0, until_unix: int = 0) -> Any:
+        """As PolicyClient.usage_summary."""
+        return await self._call(self.stub.SummarizeUsage, policy_pb2.UsageSummaryRequest(
+            api_key=api_key, group_by=list(group_by), bucket=bucket, since_unix=since_unix, until_unix=until_unix),
+            idempotent=True)

@@ -41,6 +41,80 @@ RELEASED: ReleaseOutcome
 ALREADY_RELEASED: ReleaseOutcome
 ALREADY_EXPIRED: ReleaseOutcome
 
+class UsageSummaryRequest(_message.Message):
+    __slots__ = ("api_key", "group_by", "bucket", "since_unix", "until_unix")
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_FIELD_NUMBER: _ClassVar[int]
+    api_key: str
+    group_by: _containers.RepeatedScalarFieldContainer[str]
+    bucket: str
+    since_unix: int
+    until_unix: int
+    def __init__(self, api_key: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., bucket: _Optional[str] = ..., since_unix: _Optional[int] = ..., until_unix: _Optional[int] = ...) -> None: ...
+
+class UsageSummary(_message.Message):
+    __slots__ = ("currency", "since_unix", "until_unix", "groups", "truncated")
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    currency: str
+    since_unix: int
+    until_unix: int
+    groups: _containers.RepeatedCompositeFieldContainer[UsageGroup]
+    truncated: bool
+    def __init__(self, currency: _Optional[str] = ..., since_unix: _Optional[int] = ..., until_unix: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[UsageGroup, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class UsageGroup(_message.Message):
+    __slots__ = ("group", "bucket", "requests", "allowed", "denied", "downgraded", "failed", "retries", "input_tokens", "cached_input_tokens", "output_tokens", "charge", "refunded", "usage")
+    class GroupEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class UsageEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    DENIED_FIELD_NUMBER: _ClassVar[int]
+    DOWNGRADED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHARGE_FIELD_NUMBER: _ClassVar[int]
+    REFUNDED_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    group: _containers.ScalarMap[str, str]
+    bucket: str
+    requests: int
+    allowed: int
+    denied: int
+    downgraded: int
+    failed: int
+    retries: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    charge: _types_pb2.Money
+    refunded: _types_pb2.Money
+    usage: _containers.ScalarMap[str, int]
+    def __init__(self, group: _Optional[_Mapping[str, str]] = ..., bucket: _Optional[str] = ..., requests: _Optional[int] = ..., allowed: _Optional[int] = ..., denied: _Optional[int] = ..., downgraded: _Optional[int] = ..., failed: _Optional[int] = ..., retries: _Optional[int] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., charge: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., refunded: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., usage: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class ListRequestsRequest(_message.Message):
     __slots__ = ("api_key", "limit", "after")
     API_KEY_FIELD_NUMBER: _ClassVar[int]

@@ -69,6 +69,11 @@ class PolicyServiceStub:
                 request_serializer=policyd_dot_v1_dot_policy__pb2.ListRequestsRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_policy__pb2.ListRequestsResponse.FromString,
                 _registered_method=True)
+        self.SummarizeUsage = channel.unary_unary(
+                '/policyd.v1.PolicyService/SummarizeUsage',
+                request_serializer=policyd_dot_v1_dot_policy__pb2.UsageSummaryRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_policy__pb2.UsageSummary.FromString,
+                _registered_method=True)
 
 
 class PolicyServiceServicer:
@@ -133,6 +138,16 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SummarizeUsage(self, request, context):
+        """The key's customer's usage summed over a window, grouped as asked, for a proxy to answer the key's holder
+        (GET /v1/usage): requests, tokens and charges, never what they cost the operator. A group_by, bucket or
+        window out of bounds is refused (INVALID_ARGUMENT, invalid_request); a key that cannot be used as Authorize
+        refuses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +185,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.ListRequests,
                     request_deserializer=policyd_dot_v1_dot_policy__pb2.ListRequestsRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_policy__pb2.ListRequestsResponse.SerializeToString,
+            ),
+            'SummarizeUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SummarizeUsage,
+                    request_deserializer=policyd_dot_v1_dot_policy__pb2.UsageSummaryRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_policy__pb2.UsageSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +381,33 @@ class PolicyService:
             '/policyd.v1.PolicyService/ListRequests',
             policyd_dot_v1_dot_policy__pb2.ListRequestsRequest.SerializeToString,
             policyd_dot_v1_dot_policy__pb2.ListRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SummarizeUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.PolicyService/SummarizeUsage',
+            policyd_dot_v1_dot_policy__pb2.UsageSummaryRequest.SerializeToString,
+            policyd_dot_v1_dot_policy__pb2.UsageSummary.FromString,
             options,
             channel_credentials,
             insecure,

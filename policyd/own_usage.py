@@ -1,0 +1,67 @@
+"""What a customer may see of its own usage, summed (GET /v1/usage, SummarizeUsage): its requests and what they
+were charged over a window, grouped as it asks (by model, feature, thread, key, ...; by hour, day or month), from
+its usage records. What its requests cost the operator, and the provider accounts that served them, are never in
+it: a customer's figures are its charges, tokens and counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the HTTP API reads this module's bounds without loading SQL's
+    from policyd.store import Store
+
+# the dimensions a customer may group by: its own (its customer, the operator's routes and providers are not)
+DIMENSIONS = ("workspace", "project", "team", "key", "environment", "feature", "thread", "end_user", "model",
+              "requested_model", "decision", "status", "reason")
+BUCKETS = ("hour", "day", "month")
+# the figures a customer sees: counts and tokens, its charges (never the operator's cost, nor its fallbacks)
+COUNTS = ("requests", "allowed", "denied", "downgraded", "failed", "retries", "input_tokens", "cached_input_tokens",
+          "output_tokens")
+MONEY = ("charge_nanos", "refunded_nanos")
+OPERATORS = ("cost_nanos", "fallbacks")  # what its requests cost the operator, and its providers' fallbacks
+GROUP_BY_MAX = 3
+WINDOW_MS_DEFAULT = 30 * 86_400_000  # the window summed unless told: the last 30 days
+WINDOW_MS_MAX = 400 * 86_400_000
+ROWS_MAX = 1000  # the groups one answer holds (the largest charges first within a bucket); past it: truncated
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    group: dict[str, str]
+    bucket: str  # "" when not bucketed; else the hour, day or month (2026-12-06, 2026-12-06T14:00Z, 2026-12)
+    counts: dict[str, int]
+    charge: int  # nanos of the policy's currency
+    refunded: int
+    usage: dict[str, int]  # every other figure it was billed by that is not zero
+
+
+async def summary(store: Store, customer_id: str, group_by: list[str], since_ms: int, until_ms: int,
+                  bucket: str = "") -> tuple[list[UsageRow], bool]:
+    """The customer's usage over [since_ms, until_ms), grouped; and whether more groups were left out
+    (ROWS_MAX). `group_by`, `bucket`, the window: checked by the caller (http_api, the servicer)."""
+    from policyd import reports
+
+    def run() -> list[reports.ReportRow]:
+        with store.session() as session:
+            return reports.usage_report(session, group_by, since_ms, until_ms, bucket, customer_id)
+
+    rows = await asyncio.to_thread(run)
+    shown_apart = (*COUNTS, *MONEY, *OPERATORS)
+    return [UsageRow(dict(r.group), r.bucket, {name: r.figures[name] for name in COUNTS}, r.figures["charge_nanos"],
+                     r.figures["refunded_nanos"], {n: v for n, v in r.figures.items() if v and n not in shown_apart})
+            for r in rows[:ROWS_MAX]], len(rows) > ROWS_MAX
+
+
+def problem(group_by: list[str], since_ms: int, until_ms: int, bucket: str) -> tuple[str, str] | None:
+    """What is wrong with a summary asked for (its message, and the parameter), None when nothing is."""
+    unknown = [d for d in group_by if d not in DIMENSIONS]
+    if unknown or len(group_by) > GROUP_BY_MAX or len(set(group_by)) < len(group_by):
+        return (f"group_by is up to {GROUP_BY_MAX} of {', '.join(DIMENSIONS)}, each once", "group_by")
+    if bucket and bucket not in BUCKETS:
+        return (f"bucket is one of {', '.join(BUCKETS)}", "bucket")
+    if not 0 <= since_ms < until_ms or until_ms - since_ms > WINDOW_MS_MAX:
+        return (f"since must be before until, at most {WINDOW_MS_MAX // 86_400_000} days apart", "since")
+    return None
