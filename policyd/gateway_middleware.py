@@ -98,14 +98,21 @@ class PolicydMiddleware:
         if call.key_summary or call.models_listing:
             await self._describe_key(call, send)
             return
-        if call.request_lookup and not call.problem:
-            await self._describe_request(call, send)
+        if call.request_lookup and not call.problem:  # GET /v1/requests/{id}
+            await _answered_by_policyd(send, self.policy.describe_request(
+                call.api_key, call.request_lookup, call.lookup_wait_ms),
+                lambda found: http_api.request_summary_body(_request_summary(found)))
             return
-        if call.request_listing and not call.problem:
-            await self._list_requests(call, send)
+        if call.request_listing and not call.problem:  # GET /v1/requests
+            await _answered_by_policyd(send, self.policy.list_requests(
+                call.api_key, call.listing_limit, call.listing_after),
+                lambda page: http_api.request_list_body([_request_summary(m) for m in page.requests], page.has_more))
             return
-        if call.usage_summary and not call.problem:
-            await self._summarize_usage(call, send)
+        if call.usage_summary and not call.problem:  # GET /v1/usage
+            await _answered_by_policyd(send, self.policy.usage_summary(
+                call.api_key, call.usage_group_by, call.usage_bucket, call.usage_since_ms // 1000,
+                call.usage_until_ms // 1000),
+                lambda summed: http_api.usage_summary_body(_usage_rows(summed), summed.truncated, summed.currency, call))
             return
         if not call.endpoint and not self.strict:
             await self.app(scope, _replay(body, receive=receive), send)
@@ -149,37 +156,6 @@ class PolicydMiddleware:
             await self.app(_upstream_scope(scope, call, decision, body), _replay(body, receive=receive), send)
             return
         await self._forward(scope, receive, send, call, None if streamed else body, decision)
-
-    async def _describe_request(self, call: http_api.HttpCall, send: Send) -> None:
-        """GET /v1/requests/{id}: one request of the key's customer, as policyd tells it."""
-        try:
-            message = await self.policy.describe_request(call.api_key, call.request_lookup, call.lookup_wait_ms)
-        except PolicydCallError as error:
-            await _refused_by_policyd(send, error)
-            return
-        await _respond(send, 200, http_api.request_summary_body(_request_summary(message)))
-
-    async def _list_requests(self, call: http_api.HttpCall, send: Send) -> None:
-        """GET /v1/requests: the key's customer's requests, newest first, as policyd tells them."""
-        try:
-            page = await self.policy.list_requests(call.api_key, call.listing_limit, call.listing_after)
-        except PolicydCallError as error:
-            await _refused_by_policyd(send, error)
-            return
-        await _respond(send, 200, http_api.request_list_body([_request_summary(m) for m in page.requests],
-                                                             page.has_more))
-
-    async def _summarize_usage(self, call: http_api.HttpCall, send: Send) -> None:
-        """GET /v1/usage: the key's customer's usage summed, as policyd tells it."""
-        try:
-            summed = await self.policy.usage_summary(call.api_key, call.usage_group_by, call.usage_bucket,
-                                                     call.usage_since_ms // 1000, call.usage_until_ms // 1000)
-        except PolicydCallError as error:
-            await _refused_by_policyd(send, error)
-            return
-        rows = [own_usage.UsageRow(dict(g.group), g.bucket, {name: getattr(g, name) for name in own_usage.COUNTS},
-                                   g.charge.nanos, g.refunded.nanos, dict(g.usage)) for g in summed.groups]
-        await _respond(send, 200, http_api.usage_summary_body(rows, summed.truncated, summed.currency, call))
 
     async def _describe_key(self, call: http_api.HttpCall, send: Send) -> None:
         """GET /v1/key: what the key may still spend; GET /v1/models: the models it may use; as policyd
@@ -502,6 +478,23 @@ async def _watch_disconnect(receive: Receive, disconnected: asyncio.Event) -> No
         pass
     disconnected.set()
 
+
+
+async def _answered_by_policyd(send: Send, asking: Awaitable[Any], body: Callable[[Any], bytes]) -> None:
+    """A question about the key policyd answers (GET /v1/requests[/{id}], /v1/usage): its answer's body, or its
+    refusal."""
+    try:
+        answer = await asking
+    except PolicydCallError as error:
+        await _refused_by_policyd(send, error)
+        return
+    await _respond(send, 200, body(answer))
+
+
+def _usage_rows(summed: Any) -> list[own_usage.UsageRow]:
+    """A policy_pb2.UsageSummary's groups, as the HTTP API's body is made of them."""
+    return [own_usage.UsageRow(dict(g.group), g.bucket, {name: getattr(g, name) for name in own_usage.COUNTS},
+                               g.charge.nanos, g.refunded.nanos, dict(g.usage)) for g in summed.groups]
 
 
 def _request_summary(message: Any) -> RequestSummary:

@@ -2138,6 +2138,18 @@ def test_a_customer_sums_its_usage_by_model_thread_and_day(gateway: Gateway) -> 
     assert not [r for r in gateway.mock.received() if r["path"].rstrip("/").endswith("/usage")]  # policyd answered
 
 
+def at_once_then_one_by_one(call: Any) -> list[str]:
+    """The ids of the requests a budget admits of twelve sent at once (the holds, not the charges, are what admit
+    them), then of those sent one after another until it refuses one; `call(n)` sends the n-th ("": refused)."""
+    with ThreadPoolExecutor(12) as pool:
+        admitted = [request_id for request_id in pool.map(call, range(12)) if request_id]
+    for n in range(100, 140):
+        if not (request_id := call(n)):
+            break
+        admitted.append(request_id)
+    return admitted
+
+
 def test_a_threads_budget_set_by_its_caller_is_never_overshot_by_its_concurrent_requests(gateway: Gateway) -> None:
     """x-policyd-thread-budget with x-thread-id: an agent run's requests together may be charged at most the budget
     its caller sets, however many run at once (each holds its worst case in the thread's one total, atomically
@@ -2163,12 +2175,7 @@ def test_a_threads_budget_set_by_its_caller_is_never_overshot_by_its_concurrent_
             return ""
 
     refusals: list[str] = []
-    with ThreadPoolExecutor(12) as pool:  # all at once: the holds, not the charges, are what admit them
-        admitted = [request_id for request_id in pool.map(step, range(12)) if request_id]
-    for n in range(100, 140):  # and one after another, until the budget refuses the next
-        if not (request_id := step(n)):
-            break
-        admitted.append(request_id)
+    admitted = at_once_then_one_by_one(step)
     charged = sum(gateway.record(request_id)["charge_nanos"] for request_id in admitted)
     refused = [r for r in gateway.records(customer) if r.thread_id == "run-1" and r.reason == "budget_exceeded"]
     assert 3 <= len(admitted) and refused and 0 < charged <= budget
@@ -2218,12 +2225,7 @@ def test_a_customers_budget_set_by_its_operator_binds_all_its_keys_at_once(gatew
             assert refused.code == "budget_exceeded" and "(customer-money-day)" in refused.message
             return ""
 
-    with ThreadPoolExecutor(12) as pool:  # all at once, across the three keys
-        admitted = [request_id for request_id in pool.map(call, range(12)) if request_id]
-    for n in range(100, 140):  # and one after another, until the budget refuses the next
-        if not (request_id := call(n)):
-            break
-        admitted.append(request_id)
+    admitted = at_once_then_one_by_one(call)  # across the three keys
     charged = sum(gateway.record(request_id)["charge_nanos"] for request_id in admitted)
     refused = [r for r in gateway.records(customer) if r.reason == "budget_exceeded"]
     assert 3 <= len(admitted) and refused and 0 < charged <= budget
