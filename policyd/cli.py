@@ -360,9 +360,10 @@ def _events(args: argparse.Namespace) -> int:
     return 0
 
 
-def _owner_limits_line(owner: admin_pb2.OwnerLimits) -> str:
+def _owner_limits_line(owner: admin_pb2.OwnerLimits, changed: str = "") -> str:
+    """An owner's limits; `changed`: what a change did, after them; then what each holds in its current window."""
     whose = owner.customer_id + (f" {owner.scope} {owner.owner_id}" if owner.owner_id else "")
-    limits = ", ".join(_limit_text(limit) for limit in owner.limits) or "none (its plans' alone)"
+    limits = (", ".join(_limit_text(limit) for limit in owner.limits) or "none (its plans' alone)") + changed
     used = [f"{_quantity(c.unit, c.used)} of {_quantity(c.unit, c.limit)} {c.unit} this {c.window}"
             + (time.strftime(" until %Y-%m-%d %H:%M UTC", time.gmtime(c.resets_unix)) if c.resets_unix else "")
             for c in owner.current]
@@ -379,7 +380,7 @@ def _limits(args: argparse.Namespace) -> int:
         response = stub.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(
             customer_id=args.customer, workspace_id=args.workspace, project_id=args.project, team_id=args.team,
             limits=args.limit or []), metadata=md)
-        _print(args, response, f"{_owner_limits_line(response)} ({response.keys_changed} keys changed)")
+        _print(args, response, _owner_limits_line(response, f" ({response.keys_changed} keys changed)"))
     else:
         listing = stub.ListOwnerLimits(admin_pb2.ListOwnerLimitsRequest(customer_id=args.customer), metadata=md)
         _print(args, listing, "\n".join(_owner_limits_line(o) for o in listing.owners) or "no limits of its own")

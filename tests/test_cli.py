@@ -135,6 +135,7 @@ def test_an_owners_limits_from_the_command_line(server: PolicydProcess) -> None:
     run(server, "credit", "grant", "--customer", "tenant", "--amount", "5")
     given = run(server, "limits", "set", "--customer", "tenant", "--limit", "month:money:0.000001")
     assert given.returncode == 0 and "tenant: customer: 0.000001000 money a month (2 keys changed)" in given.stdout
+    assert "used: 0.000000000 of 0.000001000 money this month until " in given.stdout  # what it holds already
     for key in keys:  # each of its keys bound
         refused = run(server, "authorize", "--key", key["secret"], "--model", "gpt-4o-mini")
         assert refused.returncode == 2 and "budget_exceeded" in refused.stdout and "customer-money-month" in refused.stdout
