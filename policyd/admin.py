@@ -264,6 +264,7 @@ class Admin:
             raise _invalid("invalid_limit", str(error)) from None
         row = OwnerLimitsRow(customer_id=customer_id, scope=scope, owner_id=owner_id, limits=checked,
                              updated_ms=now_ms())
+        row.seeds = await self._seeded(row)
         await asyncio.to_thread(self.store.save_owner_limits, row)
         changed: set[str] = set()
         given = await asyncio.to_thread(self.store.owner_limits, customer_id)  # keys made from now on read these
@@ -278,6 +279,52 @@ class Admin:
             if [(r.scope, r.owner_id, r.limits) for r in now_given] == [(r.scope, r.owner_id, r.limits) for r in given]:
                 return row, len(changed)
             given = now_given
+
+    async def _seeded(self, row: OwnerLimitsRow) -> dict[str, int]:
+        """What the owner had used before its limits were made, in the buckets of their current windows that no
+        request has counted in yet (no plan limit of theirs): written into each bucket (money and requests; tokens
+        count from the limit's making), so a budget set mid-month counts the month's spend; kept with the limits
+        (`seeds`) for the audit and a rebuild, whose records name no such bucket. Seeds of buckets no limit keeps
+        are taken back out of them."""
+        at = now_ms()
+        before = {(r.scope, r.owner_id): r for r in await asyncio.to_thread(self.store.owner_limits, row.customer_id)}
+        old = before.get((row.scope, row.owner_id))
+        seeds = {key: amount for key, amount in ((old.seeds or {}) if old else {}).items()
+                 if remaining_ttl(key, at // 1000) is not None}
+        policy = self.book.current
+        named = {} if row.scope == "customer" else {f"{row.scope}_id": row.owner_id}
+        scope_id = quotas.scope_ids(row.customer_id, "", **named)[row.scope]
+        partition = self.counters.partition_of(row.customer_id)
+        kept: dict[str, int] = {}
+        caught_up = False
+        for limit in key_limits.effective((), key_limits.as_limits(row.limits), policy.document.timezone if policy else ""):
+            hold, window = quotas.hold_for(limit, partition, scope_id, at // 1000, 0, Quantities())
+            if hold.key in seeds:
+                kept[hold.key] = seeds.pop(hold.key)
+                continue
+            if limit.unit not in ("money", "requests") or await self.counters.client.exists(hold.key):
+                continue  # a bucket already counting: the window's use is in it
+            if not caught_up:
+                await self.catch_up()
+                caught_up = True
+            used = await asyncio.to_thread(self.store.used_before, row.customer_id, row.scope, row.owner_id,
+                                           limit.unit, window.start * 1000, at + 1)
+            if used and await self.counters.client.hsetnx(hold.key, "used", str(used)):  # none counted meanwhile
+                if hold.ttl_seconds > 0:
+                    await self.counters.client.expire(hold.key, hold.ttl_seconds)
+                kept[hold.key] = used
+        for key, amount in seeds.items():  # a limit taken off: its bucket holds what its records imply again
+            await self.counters.client.hincrby(key, "used", -amount)
+        return kept
+
+    async def _held_by_bucket(self) -> dict[str, int]:
+        """Bucket key -> what it should hold: what the records imply, and what owners had used before their limits
+        were made (their seeds)."""
+        held = await asyncio.to_thread(self.store.held_by_bucket)
+        for row in await asyncio.to_thread(self.store.owner_limits):
+            for key, amount in (row.seeds or {}).items():
+                held[key] = held.get(key, 0) + amount
+        return held
 
     async def owner_limits(self, customer_id: str = "") -> list[OwnerLimitsRow]:
         """The limits given a customer and its workspaces, projects and teams (every customer's: "")."""
@@ -620,7 +667,7 @@ class Admin:
                 mismatches.append((f"wallet:{customer}:balance", balance, balances.get(customer, 0)))
             if held != reserved.get(customer, 0):
                 mismatches.append((f"wallet:{customer}:reserved", held, reserved.get(customer, 0)))
-        buckets = await asyncio.to_thread(self.store.held_by_bucket)
+        buckets = await self._held_by_bucket()
         now_s = now_ms() // 1000
         for key, expected in sorted(buckets.items()):
             if remaining_ttl(key, now_s) is None:
@@ -840,7 +887,7 @@ class Admin:
                                                         int(context or 0), model, life)
                     written += 1
             now_s = at // 1000
-            for key, total in (await asyncio.to_thread(self.store.held_by_bucket)).items():
+            for key, total in (await self._held_by_bucket()).items():
                 ttl = remaining_ttl(key, now_s)
                 if ttl is None:
                     continue

@@ -266,6 +266,9 @@ class OwnerLimitsRow(Base):
     owner_id: Mapped[str] = mapped_column(ID, primary_key=True, default="")
     limits: Mapped[list[dict]] = mapped_column(JSON, default=list)  # as key_limits.checked stores them
     updated_ms: Mapped[int] = mapped_column(BigInteger)
+    # bucket key -> what the owner had used in that bucket's window before the limit was made (its requests then
+    # named no such bucket): written into the bucket, and added to what the records imply by the audit and a rebuild
+    seeds: Mapped[dict[str, int] | None] = mapped_column(JSON, default=dict, nullable=True)
 
 
 class RollupCursorRow(Base):

@@ -213,6 +213,22 @@ class Store:
             query = select(r).order_by(r.customer_id, r.scope, r.owner_id)
             return list(session.scalars(query.where(r.customer_id == customer_id) if customer_id else query))
 
+    def used_before(self, customer_id: str, scope: str, owner_id: str, unit: str, since_ms: int, until_ms: int) -> int:
+        """What an owner's requests in [since_ms, until_ms) hold in a bucket of `unit` (money: their charges less
+        refunds, or their holds while open; requests: how many are settled or open), as a bucket counting them all
+        would: released, expired and denied ones hold nothing."""
+        r = UsageRecordRow
+        held = {"money": case((r.status.in_(("settled", "settled_late")), r.charge_nanos - r.refunded_nanos),
+                              (r.status == "reserved", r.reserved_nanos), else_=0),
+                "requests": case((r.status.in_(("settled", "settled_late", "reserved")), 1), else_=0)}[unit]
+        query = select(func.sum(held)).where(r.customer_id == customer_id, r.created_ms >= since_ms,
+                                             r.created_ms < until_ms, r.decision != "deny")
+        if scope != "customer":
+            query = query.where({"workspace": r.workspace_id, "project": r.project_id, "team": r.team_id}[scope]
+                                == owner_id)
+        with self.session() as session:
+            return max(int(session.execute(query).scalar() or 0), 0)
+
     def save_owner_limits(self, row: OwnerLimitsRow) -> None:
         """An owner's limits (none: its row goes)."""
         with self.session() as session, session.begin():

@@ -409,6 +409,51 @@ async def test_an_owners_limits_bind_every_key_of_theirs(service: Service) -> No
     assert service.store.usage_record("w2-day").reason == "budget_exceeded"
 
 
+async def test_an_owners_budget_set_mid_window_counts_what_was_used_before_it(service: Service) -> None:
+    """An owner's money or request limit whose bucket no plan counted in yet starts from what the owner had used in
+    its window before (settled charges less refunds, open holds; requests settled or open), not from nothing: a
+    budget set mid-month counts the month's spend. The audit and a rebuild agree (the seed is kept with the
+    limit); taken off, the bucket holds what its records imply again."""
+    from tests.helpers import usage
+
+    _, first = await new_key(service, plan="free", customer="midmonth")
+    _, second = await new_key(service, plan="free", customer="midmonth")
+    await fund(service, "midmonth", "10")
+    spent = 0
+    for n, secret in enumerate((first, second, first)):
+        assert (await service.engine.authorize(ask(secret, request_id=f"mid-{n}"))).decision == "allow"
+        spent += (await service.engine.settle(usage(f"mid-{n}"))).charge
+    released = await service.engine.authorize(ask(first, request_id="mid-released"))
+    await service.engine.release("mid-released", "upstream_503")  # holds nothing
+    held = await service.engine.authorize(ask(second, request_id="mid-open"))  # open: holds its worst case
+    await service.engine.authorize(ask("pdk_live_" + "Q" * 40))  # denied: nothing
+    budget = spent + held.reserved + held.reserved + held.reserved // 2  # one more hold fits, a second does not
+    row, _ = await service.admin.set_owner_limits([{"window": "month", "unit": "money", "limit": budget},
+                                                   {"window": "day", "unit": "requests", "limit": 6}], "midmonth")
+    assert sorted(row.seeds.values()) == [4, spent + held.reserved] and released.reserved > 0
+    states = {s["limit"].unit: s["used"] for s in await service.admin.owner_limit_states(row)}
+    assert states == {"money": spent + held.reserved, "requests": 4}
+    assert (await service.engine.authorize(ask(first, request_id="mid-next"))).decision == "allow"
+    refused = await service.engine.authorize(ask(first, request_id="mid-over"))
+    assert (refused.reason, refused.message.endswith("(customer-money-month)")) == ("budget_exceeded", True)
+    await service.engine.settle(usage("mid-open"))
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    await service.admin.rebuild()
+    assert (await service.admin.audit()).ok
+    again = {s["limit"].unit: s["used"] for s in await service.admin.owner_limit_states(row)}
+    assert again["money"] > spent and again["requests"] == 5  # the seed and the requests after it
+    assert (await service.engine.authorize(ask(second, request_id="mid-after"))).reason == "budget_exceeded"
+    await service.admin.set_owner_limits([], "midmonth")  # taken off: the bucket holds what its records imply
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+    (bucket,) = [k async for k in service.counters.client.scan_iter(match="*:b:customer:midmonth:money:month*")]
+    bucket = bucket.decode() if isinstance(bucket, bytes) else bucket
+    assert int(await service.counters.client.hget(bucket, "used")) == service.store.held_by_bucket()[bucket] > 0
+
+
 async def test_questions_about_a_key_refused_for_their_key_are_recorded(service: Service) -> None:
     """GET /v1/key, /v1/models, /v1/requests[/{id}] with a key that cannot be used: refused as a model call would
     be, and recorded as every refusal is (a paused key's as its customer's), nothing moved; a question that
