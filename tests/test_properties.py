@@ -560,3 +560,64 @@ async def _budget_scenario(service: Service, budget: int, operations: list, cust
         assert charged + sum(hold for hold, _, _ in held.values()) <= budget
     await service.writer.drain()
     assert (await service.admin.audit()).ok
+
+
+owner_history = st.lists(st.tuples(st.sampled_from(("settle", "release", "open", "refund", "denied")),
+                                   st.integers(1, 2_000), st.integers(1, 200)), max_size=8)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(before=owner_history, after=owner_history)
+def test_an_owners_limit_set_mid_window_starts_from_what_was_used_and_the_audit_agrees(running, before,
+                                                                                       after) -> None:
+    """Whatever an owner did in the window before its money and request limits were made (requests settled, some
+    refunded in part, released, left open, denied), the limits start from exactly what a bucket counting them all
+    would hold (charges less refunds and open holds; requests settled or open); with more requests after, a
+    rebuild, and the limits taken off, the counters always agree with the records (audit)."""
+    loop, service = running
+    loop.run_until_complete(_owner_seed_scenario(service, before, after, f"seeded{next(counter)}"))
+
+
+async def _owner_seed_scenario(service: Service, before: list, after: list, customer: str) -> None:
+    secret = (await service.admin.create_key(label="p", customer_id=customer, environment="production",
+                                             plan="free")).secret
+    await service.admin.grant_credit(customer, 10**12, "USD", "purchase", "")
+
+    async def run(history: list, tag: str) -> tuple[int, int]:
+        """The requests of a history: what a bucket counting them all holds (money, requests)."""
+        money = requests = 0
+        for n, (kind, prompt, output) in enumerate(history):
+            rid = f"{customer}-{tag}-{n}"
+            asked = ask(secret if kind != "denied" else "pdk_live_" + "Q" * 40, request_id=rid, prompt_bytes=prompt,
+                        max_output_tokens=output)
+            d = await service.engine.authorize(asked)
+            if d.decision == "deny":
+                continue
+            if kind == "release":
+                await service.engine.release(rid, "upstream_503")
+            elif kind == "open":
+                money, requests = money + d.reserved, requests + 1
+            else:
+                settled = await service.engine.settle(usage(rid, input_tokens=prompt // 8, output_tokens=output // 2))
+                charge = settled.charge
+                refunded = 0
+                if kind == "refund" and charge > 1:  # a part of it given back
+                    refunded = (await service.admin.refund_usage(rid, charge // 2, "test"))[0]
+                money, requests = money + charge - refunded, requests + 1
+        return money, requests
+
+    money, requests = await run(before, "before")
+    row, _ = await service.admin.set_owner_limits([{"window": "month", "unit": "money", "limit": 10**12},
+                                                   {"window": "day", "unit": "requests", "limit": 10**6}], customer)
+    used = {s["limit"].unit: s["used"] for s in await service.admin.owner_limit_states(row)}
+    assert used == {"money": money, "requests": requests}
+    await run(after, "after")
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    await service.admin.rebuild()
+    assert (await service.admin.audit()).ok
+    await service.admin.set_owner_limits([], customer)
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
