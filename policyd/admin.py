@@ -287,18 +287,16 @@ class Admin:
         (`seeds`) for the audit and a rebuild, whose records name no such bucket. Seeds of buckets no limit keeps
         are taken back out of them."""
         at = now_ms()
-        before = {(r.scope, r.owner_id): r for r in await asyncio.to_thread(self.store.owner_limits, row.customer_id)}
-        old = before.get((row.scope, row.owner_id))
+        old = next((r for r in await asyncio.to_thread(self.store.owner_limits, row.customer_id)
+                    if (r.scope, r.owner_id) == (row.scope, row.owner_id)), None)
         seeds = {key: amount for key, amount in ((old.seeds or {}) if old else {}).items()
                  if remaining_ttl(key, at // 1000) is not None}
-        policy = self.book.current
-        named = {} if row.scope == "customer" else {f"{row.scope}_id": row.owner_id}
-        scope_id = quotas.scope_ids(row.customer_id, "", **named)[row.scope]
+        limits, ids = self._owner_buckets(row)
         partition = self.counters.partition_of(row.customer_id)
         kept: dict[str, int] = {}
         caught_up = False
-        for limit in key_limits.effective((), key_limits.as_limits(row.limits), policy.document.timezone if policy else ""):
-            hold, window = quotas.hold_for(limit, partition, scope_id, at // 1000, 0, Quantities())
+        for limit in limits:
+            hold, window = quotas.hold_for(limit, partition, ids[row.scope], at // 1000, 0, Quantities())
             if hold.key in seeds:
                 kept[hold.key] = seeds.pop(hold.key)
                 continue
@@ -335,11 +333,16 @@ class Admin:
     async def owner_limit_states(self, row: OwnerLimitsRow) -> list[dict[str, Any]]:
         """The current window of each of an owner's limits: the Limit, what its bucket holds (`used`) and when the
         window ends (`ends`, unix s; 0 for total), as a key's review shows its own."""
+        limits, ids = self._owner_buckets(row)
+        return await quotas.bucket_states(self.counters, limits, ids, now_ms())
+
+    def _owner_buckets(self, row: OwnerLimitsRow) -> tuple[tuple[Any, ...], dict[str, str]]:
+        """An owner's limits as its keys' decisions count them (the policy's time zone where they name none), and
+        the bucket ids of its scope (quotas.scope_ids)."""
         policy = self.book.current
         limits = key_limits.effective((), key_limits.as_limits(row.limits), policy.document.timezone if policy else "")
         named = {} if row.scope == "customer" else {f"{row.scope}_id": row.owner_id}
-        ids = quotas.scope_ids(row.customer_id, "", **named)
-        return await quotas.bucket_states(self.counters, limits, ids, now_ms())
+        return limits, quotas.scope_ids(row.customer_id, "", **named)
 
     async def set_plan(self, plan: str, *, key_id: str = "", customer_id: str = "") -> list[ApiKeyRow]:
         """Move a key, or every key of a customer, to another plan of the active policy (an upgrade, a
