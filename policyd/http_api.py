@@ -1662,8 +1662,8 @@ def _usage_summary(call: HttpCall, path: str) -> HttpCall:
     """GET /v1/usage: how to group the customer's usage (`group_by`, `bucket`) and over which window (`since`,
     `until`: unix seconds; the last 30 days unless told)."""
     call.usage_summary = True
-    until_ms = (int(time.time()) + 1) * 1000  # now, the current second's requests in
-    since_ms = -1
+    since_ms: int | None = None
+    until_ms: int | None = None
     for name, value in parse_qsl(path.partition("?")[2], keep_blank_values=True):
         if name == "group_by":
             call.usage_group_by += tuple(d.strip() for d in value.split(",") if d.strip())
@@ -1676,9 +1676,8 @@ def _usage_summary(call: HttpCall, path: str) -> HttpCall:
                 since_ms = int(value) * 1000
             else:
                 until_ms = int(value) * 1000
-    call.usage_until_ms = until_ms
-    call.usage_since_ms = since_ms if since_ms >= 0 else max(until_ms - own_usage.WINDOW_MS_DEFAULT, 0)
-    wrong = own_usage.problem(list(call.usage_group_by), call.usage_since_ms, until_ms, call.usage_bucket)
+    call.usage_since_ms, call.usage_until_ms = own_usage.window(since_ms, until_ms)
+    wrong = own_usage.problem(list(call.usage_group_by), call.usage_since_ms, call.usage_until_ms, call.usage_bucket)
     return _problem(call, "invalid_request", *wrong) if wrong else call
 
 

@@ -7,6 +7,7 @@ it: a customer's figures are its charges, tokens and counts.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,13 @@ async def summary(store: Store, customer_id: str, group_by: list[str], since_ms:
     return [UsageRow(dict(r.group), r.bucket, {name: r.figures[name] for name in COUNTS}, r.figures["charge_nanos"],
                      r.figures["refunded_nanos"], {n: v for n, v in r.figures.items() if v and n not in shown_apart})
             for r in rows[:ROWS_MAX]], len(rows) > ROWS_MAX
+
+
+def window(since_ms: int | None, until_ms: int | None) -> tuple[int, int]:
+    """The window summed, [since, until) in unix ms: until now (the end of the current second, its requests in)
+    unless told, since WINDOW_MS_DEFAULT before until unless told."""
+    until = (int(time.time()) + 1) * 1000 if until_ms is None else until_ms
+    return (max(until - WINDOW_MS_DEFAULT, 0) if since_ms is None else since_ms), until
 
 
 def problem(group_by: list[str], since_ms: int, until_ms: int, bucket: str) -> tuple[str, str] | None:

@@ -6,7 +6,6 @@ import asyncio
 import functools
 import json
 import logging
-import time
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import grpc
@@ -238,8 +237,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     async def SummarizeUsage(self, request: policy_pb2.UsageSummaryRequest,
                              context: grpc.aio.ServicerContext) -> Any:
-        until_ms = (request.until_unix or int(time.time()) + 1) * 1000  # now, the current second's requests in
-        since_ms = request.since_unix * 1000 if request.since_unix else max(until_ms - own_usage.WINDOW_MS_DEFAULT, 0)
+        since_ms, until_ms = own_usage.window(request.since_unix * 1000 or None, request.until_unix * 1000 or None)
         group_by, bucket = list(request.group_by), request.bucket
 
         async def summed() -> tuple[list[own_usage.UsageRow], bool, str]:

@@ -50,6 +50,13 @@ def leave_before_the_reply(base_url: str, key: str, request_id: str, stream: boo
                                            "x-mock-scenario": "stall", "x-policyd-request-id": request_id})
 
 
+async def counters_lost_and_rebuilt(service: Service) -> None:
+    """Redis loses its data (flushed), its stream groups are made again, and the counters are rebuilt from SQL."""
+    await service.counters.client.flushall()
+    await service.writer.ensure_groups()
+    await service.admin.rebuild()
+
+
 async def fund(service: Service, customer: str, amount: str, grant_id: str = "", source: str = "purchase") -> None:
     await service.admin.grant_credit(customer, parse_amount(amount), "USD", source, grant_id)
 

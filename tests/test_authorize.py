@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from policyd.server import Service
-from tests.helpers import ask, fund, new_key
+from tests.helpers import ask, counters_lost_and_rebuilt, fund, new_key
 
 
 async def record(service: Service, request_id: str):
@@ -87,9 +87,7 @@ async def test_a_key_ends_when_it_expires_until_given_a_later_end(service: Servi
     # the rotated secret ends with the key; a rebuild of Redis from SQL keeps the end
     await service.admin.rotate_key(key_id, grace_seconds=0)
     await service.writer.drain()
-    await service.counters.client.flushall()
-    await service.writer.ensure_groups()
-    await service.admin.rebuild()
+    await counters_lost_and_rebuilt(service)
     rotated = await service.admin.get_key(key_id)
     assert rotated.expires_ms == start + 60_000
     # a later end brings it back; 0 means it never ends
@@ -439,9 +437,7 @@ async def test_an_owners_budget_set_mid_window_counts_what_was_used_before_it(se
     await service.engine.settle(usage("mid-open"))
     await service.writer.drain()
     assert (await service.admin.audit()).ok
-    await service.counters.client.flushall()
-    await service.writer.ensure_groups()
-    await service.admin.rebuild()
+    await counters_lost_and_rebuilt(service)
     assert (await service.admin.audit()).ok
     again = {s["limit"].unit: s["used"] for s in await service.admin.owner_limit_states(row)}
     assert again["money"] > spent and again["requests"] == 5  # the seed and the requests after it
@@ -516,9 +512,7 @@ async def test_a_threads_budget_set_by_its_caller(service: Service) -> None:
     assert (await service.admin.audit()).ok
     assert service.store.usage_record("tb-3").reason == "budget_exceeded"
     # Redis loses its data: the rebuild from the records gives the thread's total back, so the budget still binds
-    await service.counters.client.flushall()
-    await service.writer.ensure_groups()
-    await service.admin.rebuild()
+    await counters_lost_and_rebuilt(service)
     assert (await service.admin.audit()).ok
     assert (await service.engine.authorize(step("tb-5", budget))).reason == "budget_exceeded"
     # kept THREAD_BUDGET_IDLE_SECONDS after the thread's last request (each renews it), then forgotten: the audit

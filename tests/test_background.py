@@ -18,7 +18,7 @@ from policyd.domain import Decision
 from policyd.mock_provider import MockProvider
 from policyd.providers import Account, ProviderPool
 from policyd.server import Service
-from tests.helpers import ask, fund, grpc_channel, new_key, usage
+from tests.helpers import ask, counters_lost_and_rebuilt, fund, grpc_channel, new_key, usage
 
 PROVIDER_KEY = "sk-mock-background"
 
@@ -148,9 +148,7 @@ async def test_a_background_response_is_asked_for_on_after_redis_lost_its_data(s
     assert (await background.await_response("callers", "resp_callers", ""))[1] is False
     await service.writer.drain()
     wallet = await service.counters.wallet("acme")
-    await service.counters.client.flushall()
-    await service.writer.ensure_groups()
-    await service.admin.rebuild()
+    await counters_lost_and_rebuilt(service)
     service.counters.forget("across")
     service.counters.forget("callers")
     assert await service.counters.wallet("acme") == wallet  # the holds restored

@@ -19,7 +19,7 @@ from policyd.batches import BATCH_TIER, batch_answer, batch_shape, inline_reques
 from policyd.domain import AuthorizeInput, Shape
 from policyd.server import Service
 from tests.conftest import SAMPLE_POLICY, make_settings
-from tests.helpers import ask, fund, new_key
+from tests.helpers import ask, counters_lost_and_rebuilt, fund, new_key
 
 CHAT = "/v1/chat/completions"
 
@@ -235,9 +235,7 @@ async def test_a_batch_is_followed_on_after_redis_lost_its_data_and_charged_at_i
             await background.poll_later(request_id, batch["id"], "anthropic-b", hold_seconds(86_400))
         await service.writer.drain()
         wallet = await service.counters.wallet("acme")
-        await service.counters.client.flushall()
-        await service.writer.ensure_groups()
-        await service.admin.rebuild()
+        await counters_lost_and_rebuilt(service)
         for request_id in made:
             service.counters.forget(request_id)
         assert await service.counters.wallet("acme") == wallet  # both held again

@@ -11,7 +11,7 @@ import pytest
 from policyd.domain import PolicydError
 from policyd.money import parse_amount, price_quantity
 from policyd.server import Service
-from tests.helpers import ask, fund, new_key, usage
+from tests.helpers import ask, counters_lost_and_rebuilt, fund, new_key, usage
 
 _customers = itertools.count()
 
@@ -107,9 +107,7 @@ async def test_rebuild_restores_a_cap_from_the_records(service: Service) -> None
     await service.engine.authorize(ask(bob, request_id="done"))
     await service.engine.settle(usage("done"))
     before = await used(service, "open", "openai-day")
-    await service.counters.client.flushall()
-    await service.writer.ensure_groups()
-    await service.admin.rebuild()
+    await counters_lost_and_rebuilt(service)
     assert await used(service, "open", "openai-day") == before
     assert (await service.engine.authorize(ask(bob, request_id="over"))).reason == "budget_exceeded"
     assert (await service.admin.audit()).ok

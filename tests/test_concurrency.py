@@ -7,7 +7,7 @@ import json
 
 from policyd import redis_keys
 from policyd.server import Service
-from tests.helpers import ask, fund, new_key, usage
+from tests.helpers import ask, counters_lost_and_rebuilt, fund, new_key, usage
 
 
 def _text(value: object) -> str:
@@ -195,9 +195,7 @@ async def test_requests_made_while_closed_ones_are_written_back_keep_what_they_h
         await service.engine.settle(usage(rid, input_tokens=10, output_tokens=5))
     await service.writer.drain()
     balance_before, _ = await service.counters.wallet("acme")
-    await service.counters.client.flushall()
-    await service.writer.ensure_groups()
-    await service.admin.rebuild()  # the closed ones are written back from here on, in the background
+    await counters_lost_and_rebuilt(service)  # the closed ones are written back from here on, in the background
     served: list[str] = []
     denied: list[tuple[str, str]] = []
     charges: list[int] = []

@@ -21,7 +21,7 @@ from policyd.money import format_amount, parse_amount, price_quantity
 from policyd.pricing import input_estimate
 from policyd.server import Service
 from tests.conftest import SAMPLE_POLICY, make_settings
-from tests.helpers import ask, fund, new_key, usage
+from tests.helpers import ask, counters_lost_and_rebuilt, fund, new_key, usage
 
 _customers = itertools.count()
 
@@ -1014,9 +1014,7 @@ async def test_a_rebuild_restores_what_open_reservations_are_settled_by(service:
                "cut-before": (await service.engine.settle_estimated(
                    "cut-before", 20, interrupted=True, error_class="usage_estimated:stream_cut")).charge}
     await service.writer.drain()
-    await service.counters.client.flushall()
-    await service.writer.ensure_groups()
-    await service.admin.rebuild()
+    await counters_lost_and_rebuilt(service)
     for request_id in ("computing-after", "cut-after", "sent-after"):  # closed by another replica, say
         service.counters.forget(request_id)
 
@@ -1123,9 +1121,7 @@ async def test_rebuild_restores_every_key_state_without_recording_changes(servic
     new_secret = (await service.admin.rotate_key(rotated_id, grace_seconds=3600)).secret
     await service.writer.drain()
     changes = len(service.store.events("key_state"))
-    await service.counters.client.flushall()
-    await service.writer.ensure_groups()
-    await service.admin.rebuild()
+    await counters_lost_and_rebuilt(service)
     decided = {name: (await service.engine.authorize(ask(secret))).reason or "allowed" for name, secret in (
         ("paused", paused), ("revoked", revoked), ("old secret in its grace", old_secret), ("new secret", new_secret))}
     assert decided == {"paused": "key_paused", "revoked": "key_revoked", "old secret in its grace": "allowed",
@@ -1154,9 +1150,7 @@ async def test_rebuild_remembers_whose_each_stored_response_is(service: Service)
         return replace(ask(secret, endpoint="responses"), stored_response="resp_kept")
 
     before = await service.engine.authorize(reading(mine))
-    await service.counters.client.flushall()
-    await service.writer.ensure_groups()
-    await service.admin.rebuild()
+    await counters_lost_and_rebuilt(service)
     read = await service.engine.authorize(reading(mine))
     assert (read.decision, read.account, read.provider) == ("allow", "second", "openai")
     assert (read.provider, read.route, read.account) == (before.provider, before.route, before.account)
@@ -1218,9 +1212,7 @@ async def before_and_after_a_rebuild(service: Service) -> AsyncIterator[bool]:
     """False once what was written is in SQL; then True, once Redis lost everything and policyd rebuilt it."""
     await service.writer.drain()
     yield False
-    await service.counters.client.flushall()
-    await service.writer.ensure_groups()
-    await service.admin.rebuild()
+    await counters_lost_and_rebuilt(service)
     yield True
 
 
@@ -2338,9 +2330,7 @@ async def test_an_explicit_cache_is_known_from_its_records_and_never_served_by_a
     await service.counters.client.delete(redis_keys.stored_response("cachedContents/k"))  # forgotten
     assert await longer("longer-2", 1_000) == 1_000 * 100  # its life charged (900 s) found in its records
     await service.writer.drain()
-    await service.counters.client.flushall()
-    await service.writer.ensure_groups()
-    await service.admin.rebuild()
+    await counters_lost_and_rebuilt(service)
     assert await longer("longer-3", 1_200) == 1_000 * 200
     # two changes at once would each be charged from the same life: one runs at a time, the other refused (its
     # hold given back) until the first ends; then it is charged the time past the first's alone

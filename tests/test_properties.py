@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from policyd.domain import PolicydError
 from policyd.server import Service
 from tests.conftest import SAMPLE_POLICY, make_settings
-from tests.helpers import ask, usage
+from tests.helpers import ask, counters_lost_and_rebuilt, usage
 
 ops = st.lists(
     st.one_of(
@@ -304,9 +304,7 @@ async def _retries_across_a_loss(service: Service, operations: list, run: int) -
     before = await answers()
     wallet = await service.counters.wallet(customer)
     await service.writer.drain()
-    await service.counters.client.flushall()
-    await service.writer.ensure_groups()
-    await service.admin.rebuild()
+    await counters_lost_and_rebuilt(service)
     await service.admin.restored()
     assert await answers() == before
     assert await service.counters.wallet(customer) == wallet
@@ -614,9 +612,7 @@ async def _owner_seed_scenario(service: Service, before: list, after: list, cust
     await run(after, "after")
     await service.writer.drain()
     assert (await service.admin.audit()).ok
-    await service.counters.client.flushall()
-    await service.writer.ensure_groups()
-    await service.admin.rebuild()
+    await counters_lost_and_rebuilt(service)
     assert (await service.admin.audit()).ok
     await service.admin.set_owner_limits([], customer)
     await service.writer.drain()
