@@ -17,16 +17,16 @@ from typing import Any
 
 from policyd import keys as key_secrets
 from policyd import redis_keys
-from policyd.counters import (CLOSED_RECORD_FIELDS, STORED_RESPONSE_HOT_SECONDS, ClosedRequest, Counters, Fenced,
-                              Reservation)
-from policyd.db import ApiKeyRow, OwnerLimitsRow, PolicyVersionRow
+from policyd.counters import (CLOSED_RECORD_FIELDS, STORED_RESPONSE_HOT_SECONDS, BucketHold, ClosedRequest, Counters,
+                              Fenced, Reservation)
+from policyd.db import ApiKeyRow, LimitResetRow, OwnerLimitsRow, PolicyVersionRow
 from policyd.directory import KeyDirectory
 from policyd.domain import CACHED_CONTENT_PREFIX, PolicydError
 from policyd.money import AMOUNT_MAX
 from policyd.policy import ENVIRONMENTS, Cap, Policy, PolicyError, canonical_text, diff, parse_policy
 from policyd.pricing import Quantities
 from policyd.policy_book import PolicyBook
-from policyd import invoices, key_limits, metrics, quotas, reconcile, reports
+from policyd import invoices, key_limits, limit_resets, metrics, quotas, reconcile, reports
 from policyd.quotas import idles_out, remaining_ttl
 from policyd.store import Store, key_record
 from policyd.writer import REFUND_PREFIX, Writer
@@ -317,11 +317,13 @@ class Admin:
 
     async def _held_by_bucket(self) -> dict[str, int]:
         """Bucket key -> what it should hold: what the records imply, and what owners had used before their limits
-        were made (their seeds)."""
+        were made (their seeds), less what resets forgave (limit_resets.py)."""
         held = await asyncio.to_thread(self.store.held_by_bucket)
         for row in await asyncio.to_thread(self.store.owner_limits):
             for key, amount in (row.seeds or {}).items():
                 held[key] = held.get(key, 0) + amount
+        for key, amount in (await asyncio.to_thread(self.store.reset_by_bucket)).items():
+            held[key] = held.get(key, 0) - amount
         return held
 
     async def owner_limits(self, customer_id: str = "") -> list[OwnerLimitsRow]:
@@ -343,6 +345,86 @@ class Admin:
         limits = key_limits.effective((), key_limits.as_limits(row.limits), policy.document.timezone if policy else "")
         named = {} if row.scope == "customer" else {f"{row.scope}_id": row.owner_id}
         return limits, quotas.scope_ids(row.customer_id, "", **named)
+
+    async def reset_limits(self, customer_id: str = "", *, unit: str = "", window: str = "", name: str = "",
+                           reason: str = "", **named: str) -> tuple[limit_resets.Target, list[limit_resets.Reset]]:
+        """Forgive what the current window of each limit binding an owner (limit_resets.py) has counted of its
+        settled requests: it is served again at once; requests in flight keep their holds. `named`: at most one
+        of key_id, workspace_id, project_id, team_id, end_user_id, feature, model, thread_id (none: the
+        customer); `unit`, `window`, `name` narrow it. Each reset is kept for the audit and a rebuild. The owner
+        reset (a key's customer found), and each limit's reset."""
+        try:
+            target = limit_resets.target(customer_id, **named)
+        except ValueError as error:
+            raise _invalid("invalid_request", str(error)) from None
+        _check_owner_ids(**{name: value for name, value in {"customer_id": customer_id, **named}.items()
+                            if name in ("customer_id", "workspace_id", "project_id", "team_id")})
+        if any(len(value) > limit_resets.NAMED_ID_LENGTH_MAX for value in named.values()):
+            raise _invalid("invalid_request", f"an id is at most {limit_resets.NAMED_ID_LENGTH_MAX} characters")
+        if len(reason) > limit_resets.REASON_LENGTH_MAX:
+            raise _invalid("invalid_request", f"a reason is at most {limit_resets.REASON_LENGTH_MAX} characters")
+        if target.scope == "key":
+            key = await self.get_key(target.owner_id)
+            if customer_id and key.customer_id != customer_id:
+                raise PolicydError("NOT_FOUND", "unknown_key", f"no key {target.owner_id!r}")
+            target = limit_resets.Target(key.customer_id, "key", key.id)
+        at = now_ms()
+        found = self._limits_binding(target, await self.list_keys(target.customer_id), unit, window, name, at)
+        if not found:
+            raise PolicydError("NOT_FOUND", "limit_not_found",
+                               f"no limit binds {target.scope} {target.owner_id or target.customer_id!r} "
+                               "in the policy in force" + (" as narrowed" if unit or window or name else ""))
+        await self.catch_up()  # what was settled before `at` is in SQL
+        seeded = {key: row for row in await asyncio.to_thread(self.store.owner_limits, target.customer_id)
+                  for key in (row.seeds or {})}
+        earlier = await asyncio.to_thread(self.store.reset_by_bucket, target.customer_id)
+        partition = self.counters.partition_of(target.customer_id)
+        done: list[limit_resets.Reset] = []
+        for bucket, (limit, hold, current) in found.items():
+            settled = await asyncio.to_thread(self.store.settled_in_bucket, target.customer_id, bucket,
+                                              current.start * 1000 - limit_resets.WINDOW_START_MARGIN_MS, at)
+            owner = seeded.get(bucket)
+            seed = (owner.seeds or {}).get(bucket, 0) if owner else 0
+            owed = max(settled - earlier.get(bucket, 0) + seed, 0)
+            try:
+                outcome = await self.counters.reset_limit(partition, bucket, owed, hold.thresholds)
+            except Fenced:
+                raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None
+            taken, used = outcome or (0, 0)
+            if taken:
+                # what the owner used before its limit was made is forgiven out of its seed; the rest, the records'
+                seed_taken = min(seed, taken)
+                row = LimitResetRow(id="reset_" + secrets.token_hex(12), customer_id=target.customer_id,
+                                    bucket_key=bucket, label=limit.label, unit=limit.unit, amount=taken - seed_taken,
+                                    reason=reason, created_ms=at)
+                if owner is not None and seed_taken:
+                    owner.seeds = {**(owner.seeds or {}), bucket: seed - seed_taken}
+                try:
+                    await asyncio.to_thread(self.store.save_limit_reset, row, owner if seed_taken else None)
+                except Exception:  # not kept: the bucket counts it again, as the records imply
+                    await self.counters.reset_limit(partition, bucket, -taken)
+                    raise
+            done.append(limit_resets.Reset(limit, used + taken, taken, used, current.end))
+        return target, done
+
+    def _limits_binding(self, target: limit_resets.Target, keys: list[ApiKeyRow], unit: str, window: str, name: str,
+                        at: int) -> dict[str, tuple[Any, BucketHold, quotas.Window]]:
+        """Bucket key -> (limit, its hold, its current window) of each limit of the policy in force that binds
+        the target's requests in its own bucket, narrowed by unit, window and name."""
+        policy = self.book.current
+        found: dict[str, tuple[Any, BucketHold, quotas.Window]] = {}
+        if policy is None:
+            return found
+        partition, owner = self.counters.partition_of(target.customer_id), target.bucket_id()
+        for key in keys:
+            plan = policy.plan(key.plan)
+            if plan is None or not target.binds(key):
+                continue
+            for limit in key_limits.effective(plan.limits, key_record(key).limits, policy.document.timezone):
+                if limit.scope == target.scope and limit_resets.matches(limit, unit, window, name):
+                    hold, current = quotas.hold_for(limit, partition, owner, at // 1000, 0, Quantities())
+                    found.setdefault(hold.key, (limit, hold, current))
+        return found
 
     async def set_plan(self, plan: str, *, key_id: str = "", customer_id: str = "") -> list[ApiKeyRow]:
         """Move a key, or every key of a customer, to another plan of the active policy (an upgrade, a
@@ -485,6 +567,8 @@ class Admin:
         partition = self.counters.partition_of(record.customer_id)
         returned = [(key, min(amount, int(held))) for key, unit, held in record.final_holds or []  # not the caps
                     if unit == "money" and int(held) > 0 and not key.startswith(redis_keys.CAPS_PREFIX)]
+        # a limit a reset forgave this charge already gets nothing back again: the reset's row takes it in
+        returned, forgiven = await asyncio.to_thread(self.store.forgiven_by_resets, returned, record.closed_ms)
         wallet = record.wallet_id or record.customer_id
         payload = json.dumps({"customer_id": record.customer_id, "wallet_id": wallet, "currency": record.currency,
                               "source": "refund", "note": note[:1024], "refund_of": request_id})
@@ -498,6 +582,7 @@ class Admin:
         if outcome == "too_large":
             raise _invalid("invalid_amount", "the balance would pass 2^53-1 nanos")
         await self.writer.drain()
+        await asyncio.to_thread(self.store.take_into_resets, forgiven)
         return amount, wallet, await self.counters.wallet(wallet)
 
     async def record_action(self, action: str, by: str, customer_id: str = "", request_id: str = "",

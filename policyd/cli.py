@@ -381,6 +381,17 @@ def _limits(args: argparse.Namespace) -> int:
             customer_id=args.customer, workspace_id=args.workspace, project_id=args.project, team_id=args.team,
             limits=args.limit or []), metadata=md)
         _print(args, response, _owner_limits_line(response, f" ({response.keys_changed} keys changed)"))
+    elif args.limits_command == "reset":
+        reset = stub.ResetLimits(admin_pb2.ResetLimitsRequest(
+            customer_id=args.customer, key_id=args.key, workspace_id=args.workspace, project_id=args.project,
+            team_id=args.team, end_user_id=args.end_user, feature=args.feature, model=args.model,
+            thread_id=args.thread, unit=args.unit, window=args.window, name=args.name, reason=args.reason),
+            metadata=md)
+        whose = reset.customer_id + (f" {reset.scope} {reset.owner_id}" if reset.owner_id else "")
+        _print(args, reset, f"{whose}: " + "; ".join(
+            f"{r.limit.name}: {_quantity(r.limit.unit, r.forgiven)} forgiven, "
+            f"{_quantity(r.limit.unit, r.limit.used)} of {_quantity(r.limit.unit, r.limit.limit)} {r.limit.unit} "
+            f"held this {r.limit.window}" for r in reset.limits))
     else:
         listing = stub.ListOwnerLimits(admin_pb2.ListOwnerLimitsRequest(customer_id=args.customer), metadata=md)
         _print(args, listing, "\n".join(_owner_limits_line(o) for o in listing.owners) or "no limits of its own")
@@ -732,6 +743,22 @@ def parser() -> argparse.ArgumentParser:
     listing = client(limit_commands.add_parser(
         "list", help="a customer's limits and its owners', with their use (every customer's without --customer)"))
     listing.add_argument("--customer", default="")
+    reset = client(limit_commands.add_parser(
+        "reset", help="forgive what the current window of an owner's limits counted of its settled requests "
+                      "(requests in flight keep their holds; no money moves)"))
+    reset.add_argument("--customer", default="", help="the customer (with --key: may be left out)")
+    one_of = reset.add_mutually_exclusive_group()
+    one_of.add_argument("--key", default="", help="this key's limits, not the customer's")
+    for flag, what in (("--workspace", "workspace"), ("--project", "project"), ("--team", "team"),
+                       ("--end-user", "end user"), ("--feature", "feature"), ("--model", "model"),
+                       ("--thread", "thread")):
+        one_of.add_argument(flag, default="", help=f"this {what} of the customer's, not the whole customer")
+    reset.add_argument("--unit", default="", choices=["", "money", "cost", "tokens", "requests"],
+                       help="only the limits of this unit")
+    reset.add_argument("--window", default="", choices=["", "minute", "hour", "day", "month", "total"],
+                       help="only the limits of this window")
+    reset.add_argument("--name", default="", help="only the limit of this name (as refusals name it)")
+    reset.add_argument("--reason", default="", help="kept with the reset")
     limits.set_defaults(run=_limits)
 
     creds = commands.add_parser("admin-credentials", help="admin credentials scoped to a customer and its sub-customers")

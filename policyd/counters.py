@@ -285,6 +285,7 @@ class Counters:
         self._restore_closed = client.register_script(_load("restore_closed"))
         self._claim_polls = client.register_script(_load("claim_polls"))
         self._end_claim = client.register_script(_load("end_claim"))
+        self._reset_limit = client.register_script(_load("reset_limit"))
         # the scripts every request runs go through one pipelined connection where redis-py's pool is not needed
         self._lane = ScriptLane.for_client(client)
         # told whenever a script finds its partition's gate closed (Service: a rebuild when the counters are lost)
@@ -629,6 +630,20 @@ class Counters:
     async def end_cache_change(self, name: str, request_id: str) -> None:
         """The request's change of the cache ended (settled or released): the next may begin."""
         await self._end_claim(keys=[redis_keys.cache_change(name)], args=[request_id])
+
+    async def reset_limit(self, partition: int, bucket_key: str, amount: int,
+                          thresholds: Sequence[tuple[int, int]] = ()) -> tuple[int, int] | None:
+        """Take `amount` (at most what it holds) out of a limit's bucket, arming again the alerts of the thresholds
+        (percent, amount) its count is now below: (taken, what it holds after), or None when the bucket holds
+        nothing in this window (absent)."""
+        reply = await self._reset_limit(keys=[bucket_key, redis_keys.gate(partition)],
+                                        args=[str(amount), ",".join(f"{pct}:{at}" for pct, at in thresholds)])
+        outcome = _text(reply[0])
+        if outcome == "fenced":
+            raise self._fenced(partition)
+        if outcome == "absent":
+            return None
+        return int(reply[1]), int(reply[2])
 
     @staticmethod
     def queue_stored_response(pipe: Any, response_id: str, customer_id: str, provider: str, route: str, account: str,

@@ -271,6 +271,22 @@ class OwnerLimitsRow(Base):
     seeds: Mapped[dict[str, int] | None] = mapped_column(JSON, default=dict, nullable=True)
 
 
+class LimitResetRow(Base):
+    """A limit's current window forgiven by an operator (Admin.reset_limits): what its bucket had counted of settled
+    requests, taken out of it; the audit and a rebuild take it out of what the records imply too."""
+
+    __tablename__ = "limit_resets"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(ID, index=True)
+    bucket_key: Mapped[str] = mapped_column(String(512), index=True)
+    label: Mapped[str] = mapped_column(NAME, default="")  # the limit's name
+    unit: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[int] = mapped_column(BigInteger)  # units of the bucket taken out (money: nanos)
+    reason: Mapped[str] = mapped_column(String(512), default="")
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+
+
 class RollupCursorRow(Base):
     """How far the rollups have read: records written (updated_ms) before `written_ms` are summed."""
 

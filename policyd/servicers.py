@@ -13,6 +13,7 @@ import grpc
 from policyd.admin import Admin
 from policyd.admin_access import AdminAccess, Principal, out_of_scope
 from policyd.db import AdminCredentialRow, ApiKeyRow, OwnerLimitsRow
+from policyd.policy import Limit
 from policyd.domain import (
     CONTAINER_MEMORY_DEFAULT,
     CREATABLE,
@@ -30,7 +31,7 @@ from policyd.domain import (
     UsageReport,
     trace_id_from,
 )
-from policyd import own_usage, request_lookup
+from policyd import limit_resets, own_usage, request_lookup
 from policyd.engine import Engine
 from policyd.usage_capture import Tokens
 from policyd.reasons import failure
@@ -327,9 +328,13 @@ def owner_limits_message(row: OwnerLimitsRow, keys_changed: int = 0,
         customer_id=row.customer_id, scope=row.scope, owner_id=row.owner_id,
         limits=[admin_pb2.KeyLimit(**limit) for limit in row.limits], updated_unix_ms=row.updated_ms,
         keys_changed=keys_changed,
-        current=[policy_pb2.LimitState(name=s["limit"].label, scope=s["limit"].scope, window=s["limit"].window,
-                                       unit=s["limit"].unit, limit=s["limit"].limit, used=s["used"],
-                                       resets_unix=s["ends"]) for s in states])
+        current=[limit_state(s["limit"], s["used"], s["ends"]) for s in states])
+
+
+def limit_state(limit: Limit, used: int, ends: int) -> policy_pb2.LimitState:
+    """A limit's current window: what it holds, when it ends (unix s, 0 for total)."""
+    return policy_pb2.LimitState(name=limit.label, scope=limit.scope, window=limit.window, unit=limit.unit,
+                                 limit=limit.limit, used=used, resets_unix=ends)
 
 
 def key_limit(message: admin_pb2.KeyLimit) -> dict[str, Any]:
@@ -387,10 +392,12 @@ def recorded(action: str, describe: Callable[[Any, Any], Described]) -> Callable
     return wrap
 
 
-async def _own_limits_refused() -> None:
-    """A scoped credential gives limits to its sub-customers (and their workspaces, projects and teams), never to
-    its own customer, whose plan the operator chose: it would loosen them."""
-    raise out_of_scope("a scoped admin credential sets the limits of its sub-customers, not its own customer's")
+def _own_limits_refused(doing: str) -> Callable[[], Any]:
+    """A scoped credential gives limits to its sub-customers (and their workspaces, projects and teams), and resets
+    them, never its own customer's, whose plan the operator chose: it would loosen them."""
+    async def refuse() -> None:
+        raise out_of_scope(f"a scoped admin credential {doing} the limits of its sub-customers, not its own customer's")
+    return refuse
 
 
 def _on_key(request: Any, reply: Any) -> Described:
@@ -503,7 +510,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def SetOwnerLimits(self, request: admin_pb2.SetOwnerLimitsRequest, context: grpc.aio.ServicerContext) -> Any:
         principal = await self._for_customer(context, request.customer_id)
         if not principal.operator and request.customer_id == principal.customer_id:
-            await _call(context, _own_limits_refused)
+            await _call(context, _own_limits_refused("sets"))
         row, changed = await _call(context, lambda: self.admin.set_owner_limits(
             [key_limit(limit) for limit in request.limits], request.customer_id, request.workspace_id,
             request.project_id, request.team_id))
@@ -515,6 +522,25 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ListOwnerLimitsResponse(owners=[
             owner_limits_message(row, states=await _call(context, lambda: self.admin.owner_limit_states(row)))
             for row in rows])
+
+    @recorded("limit_reset", lambda q, r: {"customer_id": r.customer_id, "scope": r.scope, "owner_id": r.owner_id,
+                                           "limits": [m.limit.name for m in r.limits],
+                                           "forgiven": [m.forgiven for m in r.limits], "reason": q.reason})
+    async def ResetLimits(self, request: admin_pb2.ResetLimitsRequest, context: grpc.aio.ServicerContext) -> Any:
+        customer_id = request.customer_id
+        if request.key_id:
+            customer_id = (await self._key(context, request.key_id)).customer_id
+        principal = await self._for_customer(context, customer_id)
+        if not principal.operator and customer_id == principal.customer_id:
+            await _call(context, _own_limits_refused("resets"))
+        named = {field: getattr(request, field) for _, field in limit_resets.NAMED_SCOPES}
+        target, resets = await _call(context, lambda: self.admin.reset_limits(
+            request.customer_id, unit=request.unit, window=request.window, name=request.name, reason=request.reason,
+            **named))
+        return admin_pb2.ResetLimitsResponse(
+            customer_id=target.customer_id, scope=target.scope, owner_id=target.owner_id,
+            limits=[admin_pb2.LimitReset(limit=limit_state(r.limit, r.used, r.ends), before=r.before,
+                                         forgiven=r.forgiven) for r in resets])
 
     @recorded("plan_set", lambda q, r: {"customer_id": q.customer_id, "plan": q.plan, "key_id": q.key_id,
                                         "keys": len(r.keys)})

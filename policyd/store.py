@@ -15,7 +15,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from policyd import compact_json, key_limits, redis_keys
-from policyd.db import ApiKeyRow, EventRow, LedgerEntryRow, OwnerLimitsRow, PolicyVersionRow, UsageRecordRow, make_engine
+from policyd.db import (ApiKeyRow, EventRow, LedgerEntryRow, LimitResetRow, OwnerLimitsRow, PolicyVersionRow,
+                        UsageRecordRow, make_engine)
 from policyd.policy import Limit
 
 OPEN_STATUSES = ("reserved",)
@@ -363,8 +364,19 @@ class Store:
         reserved; released, expired and denied ones nothing. Summed by SQL from each record's
         [[bucket key, unit, amount], ...] (read into Python, the holds of every record cost the audit
         seconds a 20,000 records, all of them spent holding the lock decisions need)."""
-        held = "CASE WHEN status IN ('settled', 'settled_late') THEN final_holds ELSE holds END"
-        where = "WHERE status NOT IN ('denied', 'released', 'expired') GROUP BY 1"
+        return self._bucket_sums("CASE WHEN status IN ('settled', 'settled_late') THEN final_holds ELSE holds END",
+                                 "status NOT IN ('denied', 'released', 'expired')")
+
+    def settled_in_bucket(self, customer_id: str, bucket_key: str, since_ms: int, until_ms: int) -> int:
+        """What a customer's requests authorized since `since_ms` and settled by `until_ms` put in one bucket
+        (money: their charges less refunds), as held_by_bucket sums it; open ones left out."""
+        return self._bucket_sums("final_holds", "status IN ('settled', 'settled_late') AND customer_id = :customer "
+                                 "AND created_ms >= :since AND closed_ms <= :until", bucket_key,
+                                 customer=customer_id, since=since_ms, until=until_ms).get(bucket_key, 0)
+
+    def _bucket_sums(self, held: str, where: str, bucket_key: str = "", **params: Any) -> dict[str, int]:
+        """Bucket key -> the amounts the `held` column's [[bucket key, unit, amount], ...] of the records `where`
+        selects put in it (of one bucket alone, when named)."""
         # a refund gave its amount back to the customer's money limits (not to the operator's caps)
         def refunded(key: str, unit: str) -> str:
             return f"refunded_nanos > 0 AND {unit} = 'money' AND {key} NOT LIKE '{redis_keys.CAPS_PREFIX}%'"
@@ -372,19 +384,79 @@ class Store:
         pg_key, pg_unit, pg_amount = "h.value ->> 0", "h.value ->> 1", "CAST(h.value ->> 2 AS numeric)"
         lite_key, lite_unit = "json_extract(h.value, '$[0]')", "json_extract(h.value, '$[1]')"
         lite_amount = "CAST(json_extract(h.value, '$[2]') AS INTEGER)"
+        pg_where, lite_where = f"WHERE {where}", f"WHERE {where}"
+        if bucket_key:
+            pg_where, lite_where = f"{pg_where} AND {pg_key} = :bucket", f"{lite_where} AND {lite_key} = :bucket"
+            params["bucket"] = bucket_key
         return self._summed(
             postgresql=f"SELECT {pg_key}, SUM(CASE WHEN {refunded(pg_key, pg_unit)} THEN "
                        f"GREATEST({pg_amount} - refunded_nanos, 0) ELSE {pg_amount} END) FROM usage_records, "
-                       f"json_array_elements(CASE WHEN json_typeof({held}) = 'array' THEN {held} END) AS h {where}",
+                       f"json_array_elements(CASE WHEN json_typeof({held}) = 'array' THEN {held} END) AS h "
+                       f"{pg_where} GROUP BY 1",
             sqlite=f"SELECT {lite_key}, SUM(CASE WHEN {refunded(lite_key, lite_unit)} THEN "
                    f"MAX({lite_amount} - refunded_nanos, 0) ELSE {lite_amount} END) "
-                   f"FROM usage_records, json_each(CASE WHEN json_type({held}) = 'array' THEN {held} END) AS h {where}")
+                   f"FROM usage_records, json_each(CASE WHEN json_type({held}) = 'array' THEN {held} END) AS h "
+                   f"{lite_where} GROUP BY 1", **params)
 
-    def _summed(self, postgresql: str, sqlite: str) -> dict[str, int]:
+    def _summed(self, postgresql: str, sqlite: str, **params: Any) -> dict[str, int]:
         """The rows (key, integer total) of the query in this database's dialect, as a dict."""
         query = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         with self.session() as session:
-            return {str(key): int(total) for key, total in session.execute(text(query)) if key is not None}
+            return {str(key): int(total) for key, total in session.execute(text(query), params) if key is not None}
+
+    def save_limit_reset(self, row: LimitResetRow, seeded: OwnerLimitsRow | None = None) -> None:
+        """A reset, and the owner's limits whose seed it forgave (part of), in one transaction."""
+        with self.session() as session, session.begin():
+            session.add(row)
+            if seeded is not None:
+                session.execute(update(OwnerLimitsRow).where(
+                    OwnerLimitsRow.customer_id == seeded.customer_id, OwnerLimitsRow.scope == seeded.scope,
+                    OwnerLimitsRow.owner_id == seeded.owner_id).values(seeds=seeded.seeds))
+
+    def limit_resets(self, customer_id: str = "") -> list[LimitResetRow]:
+        """The resets of a customer's limits (every customer's: ""), oldest first."""
+        r = LimitResetRow
+        with self.session() as session:
+            query = select(r).order_by(r.created_ms, r.id)
+            return list(session.scalars(query.where(r.customer_id == customer_id) if customer_id else query))
+
+    def forgiven_by_resets(self, returned: list[tuple[str, int]], closed_ms: int
+                           ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """A refund's (bucket key, nanos) split in two: what goes back to its buckets, and (reset id, nanos) of
+        what resets made once the request had settled forgave already (each taking in at most what it took)."""
+        r = LimitResetRow
+        back: list[tuple[str, int]] = []
+        forgiven: list[tuple[str, int]] = []
+        with self.session() as session:
+            for key, nanos in returned:
+                for reset_id, amount in session.execute(
+                        select(r.id, r.amount).where(r.bucket_key == key, r.created_ms >= closed_ms, r.amount > 0)
+                        .order_by(r.created_ms, r.id)):
+                    share = min(nanos, int(amount))
+                    forgiven.append((reset_id, share))
+                    nanos -= share
+                    if not nanos:
+                        break
+                if nanos:
+                    back.append((key, nanos))
+        return back, forgiven
+
+    def take_into_resets(self, forgiven: list[tuple[str, int]]) -> None:
+        """Resets whose forgiven amounts a refund gave back to the customer: each now forgave that much less."""
+        if not forgiven:
+            return
+        with self.session() as session, session.begin():
+            for reset_id, nanos in forgiven:
+                session.execute(update(LimitResetRow).where(LimitResetRow.id == reset_id)
+                                .values(amount=LimitResetRow.amount - nanos))
+
+    def reset_by_bucket(self, customer_id: str = "") -> dict[str, int]:
+        """Bucket key -> what resets took out of it (a customer's buckets alone, when named)."""
+        r = LimitResetRow
+        query = select(r.bucket_key, func.sum(r.amount)).group_by(r.bucket_key)
+        with self.session() as session:
+            return {key: int(total) for key, total in session.execute(
+                query.where(r.customer_id == customer_id) if customer_id else query)}
 
     def open_expiring_grants(self) -> list[tuple[str, str, int, int]]:
         """(grant id, wallet id, amount, expires ms) of expiring grants not expired yet."""

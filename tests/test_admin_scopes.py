@@ -85,6 +85,7 @@ def cross_boundary_calls(w: World) -> dict[str, Any]:
         "SetOwnerLimits": admin_pb2.SetOwnerLimitsRequest(customer_id="other", limits=[admin_pb2.KeyLimit(
             window="day", unit="money", limit=1)]),
         "ListOwnerLimits": admin_pb2.ListOwnerLimitsRequest(customer_id="other"),
+        "ResetLimits": admin_pb2.ResetLimitsRequest(key_id=other_key),
         "ApplyPolicy": admin_pb2.ApplyPolicyRequest(yaml=SAMPLE_POLICY),
         "GetPolicy": admin_pb2.GetPolicyRequest(),
         "GrantCredit": admin_pb2.GrantCreditRequest(customer_id="reseller", source="purchase",
@@ -179,12 +180,23 @@ async def test_a_reseller_manages_itself_and_its_sub_customers(world: World) -> 
     listed = await w.admin.ListOwnerLimits(admin_pb2.ListOwnerLimitsRequest(customer_id="sub1"), metadata=w.sub)
     budget.scope = "customer"
     assert [(o.customer_id, list(o.limits)) for o in listed.owners] == [("sub1", [budget])]
+    # and resets their limits' windows (the sub-customer served again), never its own customer's
+    await w.policy.Settle(policy_pb2.SettleRequest(request_id=bound[0].request_id, usage=policy_pb2.Usage(
+        input_tokens=10, output_tokens=5)))
+    reset = await w.admin.ResetLimits(admin_pb2.ResetLimitsRequest(customer_id="sub1", window="minute"),
+                                      metadata=w.reseller)
+    assert [(r.limit.name, r.forgiven, r.limit.used) for r in reset.limits] == [("customer-requests-minute", 1, 0)]
+    assert (await w.policy.Authorize(policy_pb2.AuthorizeRequest(
+        api_key=w.keys["sub1"].secret, endpoint=types_pb2.CHAT_COMPLETIONS, model="gpt-4o-mini"))).decision == \
+        policy_pb2.ALLOW
     for whose, credential in (("reseller", w.reseller), ("sub1", w.sub)):
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await w.admin.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(customer_id=whose, limits=[]),
-                                         metadata=credential)
-        assert (refused.value.code(), dict(refused.value.trailing_metadata())["policyd-reason"]) == \
-            (grpc.StatusCode.PERMISSION_DENIED, "out_of_scope")
+        for call, request in (("SetOwnerLimits", admin_pb2.SetOwnerLimitsRequest(customer_id=whose, limits=[])),
+                              ("ResetLimits", admin_pb2.ResetLimitsRequest(customer_id=whose)),
+                              ("ResetLimits", admin_pb2.ResetLimitsRequest(key_id=w.keys[whose].key.id))):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await getattr(w.admin, call)(request, metadata=credential)
+            assert (refused.value.code(), dict(refused.value.trailing_metadata())["policyd-reason"]) == \
+                (grpc.StatusCode.PERMISSION_DENIED, "out_of_scope"), (call, whose)
     assert all(not c.prefix.endswith(c.id) and len(c.prefix) == 10 for c in creds.credentials)
 
     # the sub-customer cannot reach up to its reseller

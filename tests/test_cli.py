@@ -154,6 +154,29 @@ def test_an_owners_limits_from_the_command_line(server: PolicydProcess) -> None:
     assert both.returncode != 0 and "not allowed with" in both.stderr
 
 
+def test_a_limits_window_reset_from_the_command_line(server: PolicydProcess) -> None:
+    """A key stopped by its day's request limit is served again once the operator resets it, the reset recorded
+    with its reason; a reset that names no limit binding the owner is refused."""
+    created = json.loads(run(server, "keys", "create", "--customer", "support", "--plan", "pro",
+                             "--limit", "day:requests:1", "--json").stdout)
+    run(server, "credit", "grant", "--customer", "support", "--amount", "5")
+    secret, key_id = created["secret"], created["key"]["id"]
+    assert run(server, "authorize", "--key", secret, "--model", "gpt-4o-mini", "--request-id", "once").returncode == 0
+    assert run(server, "settle", "once", "--input-tokens", "10", "--output-tokens", "5").returncode == 0
+    refused = run(server, "authorize", "--key", secret, "--model", "gpt-4o-mini")
+    assert refused.returncode == 2 and "key-requests-day" in refused.stdout
+    reset = run(server, "limits", "reset", "--key", key_id, "--window", "day", "--reason", "ticket 7")
+    assert reset.returncode == 0, reset.stderr
+    assert f"support key {key_id}: key-requests-day: 1 forgiven, 0 of 1 requests held this day" in reset.stdout
+    assert run(server, "authorize", "--key", secret, "--model", "gpt-4o-mini").returncode == 0
+    events = json.loads(run(server, "events", "--kind", "admin_action", "--json").stdout)["events"]
+    (done,) = [json.loads(e["detail_json"]) for e in events if json.loads(e["detail_json"])["action"] == "limit_reset"]
+    assert (done["scope"], done["owner_id"], done["limits"], done["forgiven"], done["reason"]) == (
+        "key", key_id, ["key-requests-day"], [1], "ticket 7")
+    none = run(server, "limits", "reset", "--customer", "support", "--end-user", "alice")
+    assert none.returncode != 0 and "limit_not_found" in none.stderr
+
+
 def test_caps_from_the_command_line(server: PolicydProcess, tmp_path: Path) -> None:
     """An operator caps OpenAI's daily bill across every customer, sees what the cap holds, and a request
     that would cross it is refused, naming the cap."""

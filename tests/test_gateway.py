@@ -2216,10 +2216,12 @@ def test_a_customers_budget_set_by_its_operator_binds_all_its_keys_at_once(gatew
         customer_id=customer, limits=[admin_pb2.KeyLimit(window="day", unit="money", limit=budget)]))
     assert (given.scope, given.keys_changed) == ("customer", 3)
 
+    rounds = ["first"]
+
     def call(n: int) -> str:
         try:
             return clients[n % 3].chat.completions.with_raw_response.create(
-                **ask, extra_headers={"x-policyd-request-id": f"owner-{gateway.shape}-{n}"}
+                **ask, extra_headers={"x-policyd-request-id": f"owner-{gateway.shape}-{rounds[-1]}-{n}"}
             ).headers["x-policyd-request-id"]
         except openai.RateLimitError as refused:
             assert refused.code == "budget_exceeded" and "(customer-money-day)" in refused.message
@@ -2237,6 +2239,17 @@ def test_a_customers_budget_set_by_its_operator_binds_all_its_keys_at_once(gatew
         later.chat.completions.create(**ask)
     assert spent.value.code == "budget_exceeded"
     assert gateway.client(gateway.customer(f"{customer}-other", plan="strict")).chat.completions.create(**ask).choices
+    # the operator forgives the day's count (ResetLimits): the customer is served again at once, the budget as it was
+    reset = gateway.admin.ResetLimits(admin_pb2.ResetLimitsRequest(customer_id=customer, name="customer-money-day",
+                                                                   reason="a runaway loop, refunded apart"))
+    before = gateway.record(probe.headers["x-policyd-request-id"])["charge_nanos"]  # its seed: used before the limit
+    assert [(r.limit.name, r.before, r.forgiven, r.limit.used) for r in reset.limits] == [
+        ("customer-money-day", charged + before, charged + before, 0)]
+    assert later.chat.completions.create(**ask).choices
+    rounds.append("after-reset")
+    again = at_once_then_one_by_one(call)  # bound again by the same budget
+    assert 2 <= len(again) and sum(gateway.record(request_id)["charge_nanos"] for request_id in again) <= budget
+    assert gateway.admin.Audit(admin_pb2.AuditRequest()).ok
     gateway.admin.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(customer_id=customer))
     assert later.chat.completions.create(**ask).choices  # the plan's limits alone again
 

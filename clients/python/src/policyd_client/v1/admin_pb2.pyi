@@ -174,6 +174,58 @@ class ListOwnerLimitsResponse(_message.Message):
     owners: _containers.RepeatedCompositeFieldContainer[OwnerLimits]
     def __init__(self, owners: _Optional[_Iterable[_Union[OwnerLimits, _Mapping]]] = ...) -> None: ...
 
+class ResetLimitsRequest(_message.Message):
+    __slots__ = ("customer_id", "key_id", "workspace_id", "project_id", "team_id", "end_user_id", "feature", "model", "thread_id", "unit", "window", "name", "reason")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    TEAM_ID_FIELD_NUMBER: _ClassVar[int]
+    END_USER_ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    THREAD_ID_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    key_id: str
+    workspace_id: str
+    project_id: str
+    team_id: str
+    end_user_id: str
+    feature: str
+    model: str
+    thread_id: str
+    unit: str
+    window: str
+    name: str
+    reason: str
+    def __init__(self, customer_id: _Optional[str] = ..., key_id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., project_id: _Optional[str] = ..., team_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., feature: _Optional[str] = ..., model: _Optional[str] = ..., thread_id: _Optional[str] = ..., unit: _Optional[str] = ..., window: _Optional[str] = ..., name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class LimitReset(_message.Message):
+    __slots__ = ("limit", "before", "forgiven")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    FORGIVEN_FIELD_NUMBER: _ClassVar[int]
+    limit: _policy_pb2.LimitState
+    before: int
+    forgiven: int
+    def __init__(self, limit: _Optional[_Union[_policy_pb2.LimitState, _Mapping]] = ..., before: _Optional[int] = ..., forgiven: _Optional[int] = ...) -> None: ...
+
+class ResetLimitsResponse(_message.Message):
+    __slots__ = ("limits", "customer_id", "scope", "owner_id")
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    limits: _containers.RepeatedCompositeFieldContainer[LimitReset]
+    customer_id: str
+    scope: str
+    owner_id: str
+    def __init__(self, limits: _Optional[_Iterable[_Union[LimitReset, _Mapping]]] = ..., customer_id: _Optional[str] = ..., scope: _Optional[str] = ..., owner_id: _Optional[str] = ...) -> None: ...
+
 class SetKeyScopesRequest(_message.Message):
     __slots__ = ("id", "scopes")
     ID_FIELD_NUMBER: _ClassVar[int]

@@ -103,6 +103,11 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsResponse.FromString,
                 _registered_method=True)
+        self.ResetLimits = channel.unary_unary(
+                '/policyd.v1.AdminService/ResetLimits',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.ResetLimitsRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.ResetLimitsResponse.FromString,
+                _registered_method=True)
         self.ApplyPolicy = channel.unary_unary(
                 '/policyd.v1.AdminService/ApplyPolicy',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ApplyPolicyRequest.SerializeToString,
@@ -287,6 +292,14 @@ class AdminServiceServicer:
 
     def ListOwnerLimits(self, request, context):
         """a customer's and its owners'
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetLimits(self, request, context):
+        """Forgive what the current window of each limit binding an owner has counted of its settled requests: served
+        again at once, nothing else loosened; kept for the audit and a rebuild. No money moves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -478,6 +491,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListOwnerLimits,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsResponse.SerializeToString,
+            ),
+            'ResetLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetLimits,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.ResetLimitsRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.ResetLimitsResponse.SerializeToString,
             ),
             'ApplyPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyPolicy,
@@ -930,6 +948,33 @@ class AdminService:
             '/policyd.v1.AdminService/ListOwnerLimits',
             policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/ResetLimits',
+            policyd_dot_v1_dot_admin__pb2.ResetLimitsRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.ResetLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

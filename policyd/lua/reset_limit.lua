@@ -1,0 +1,30 @@
+-- reset_limit.lua: forgive what a limit's bucket counted in its current window (an operator's reset).
+--
+-- KEYS[1] bucket hash   used (units of the bucket), a<pct> = alerted
+-- KEYS[2] gate          "open" while the partition's counters are whole: else refuse
+-- ARGV[1] the amount to take out (what the bucket's settled requests put in it): at most what it holds; negative:
+--         given back
+-- ARGV[2] the limit's alert thresholds, "pct:amount,...": those no longer reached alert again at their next crossing
+-- Returns {"reset", taken, used after} | {"absent"} (nothing counted in this window) | {"fenced"}
+
+if redis.call('GET', KEYS[2]) ~= 'open' then
+  return {'fenced'}
+end
+local used = redis.call('HGET', KEYS[1], 'used')
+if not used then
+  return {'absent'}
+end
+local taken = tonumber(ARGV[1])
+if taken > 0 then  -- a negative amount gives back what a reset took (its record could not be kept)
+  taken = math.min(taken, tonumber(used))
+end
+local after = tonumber(used)
+if taken ~= 0 then
+  after = redis.call('HINCRBY', KEYS[1], 'used', string.format('%d', -taken))
+end
+for pct, threshold in string.gmatch(ARGV[2], '(%d+):(%d+)') do
+  if after < tonumber(threshold) then
+    redis.call('HDEL', KEYS[1], 'a' .. pct)
+  end
+end
+return {'reset', string.format('%d', taken), string.format('%d', after)}
