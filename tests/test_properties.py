@@ -1,4 +1,4 @@
-"""Property tests: random interleavings of authorize / settle / release / expire / top-up / refund keep
+"""Property tests: random interleavings of authorize / settle / release / expire / top-up / refund / limit reset keep
 balance = grants - settled charges + refunds, reserved = open reservations, to the nano, and the limits
 as the records imply them (audit); strict plans never
 take a wallet below zero (n choices each reaching the output cap included, and input a request only
@@ -616,4 +616,74 @@ async def _owner_seed_scenario(service: Service, before: list, after: list, cust
     assert (await service.admin.audit()).ok
     await service.admin.set_owner_limits([], customer)
     await service.writer.drain()
+    assert (await service.admin.audit()).ok
+
+
+reset_ops = st.lists(st.one_of(
+    st.tuples(st.just("authorize"), st.integers(1, 4_000), st.integers(1, 400)),
+    st.tuples(st.just("settle"), st.integers(0, 30), st.floats(0, 1), st.floats(0, 1)),
+    st.tuples(st.just("release"), st.integers(0, 30)),
+    st.tuples(st.just("refund"), st.integers(0, 30), st.floats(0.01, 1)),
+    st.tuples(st.just("reset"), st.sampled_from(("", "money", "requests"))),
+), min_size=1, max_size=30)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(operations=reset_ops)
+# a refund of a forgiven request, then a reset again; one of a request settled after the reset
+@example(operations=[("authorize", 100, 100), ("settle", 0, 1.0, 1.0), ("authorize", 100, 100), ("reset", ""),
+                     ("refund", 0, 0.5), ("settle", 1, 1.0, 0.5), ("refund", 1, 1.0), ("reset", "money")])
+def test_resets_forgive_each_settled_request_once_and_the_audit_agrees(running, operations) -> None:
+    """Requests held, settled, released and refunded (in part) in any order, with resets of the customer's money
+    and request limits among them: each bucket holds exactly the open requests' holds and what settled requests
+    not yet forgiven put in it (a refund of a forgiven request giving nothing back again), never below zero; the
+    counters agree with the records (audit), before and after a rebuild."""
+    loop, service = running
+    loop.run_until_complete(_reset_scenario(service, operations, f"reset{next(counter)}"))
+
+
+async def _reset_scenario(service: Service, operations: list, customer: str) -> None:
+    secret = (await service.admin.create_key(label="p", customer_id=customer, environment="production",
+                                             plan="free")).secret
+    await service.admin.grant_credit(customer, 10**12, "USD", "purchase", "")
+    row, _ = await service.admin.set_owner_limits([{"window": "month", "unit": "money", "limit": 10**12},
+                                                   {"window": "day", "unit": "requests", "limit": 10**6}], customer)
+    # request id -> {unit: what it puts in that bucket now}, its state, and the units whose reset forgave it
+    requests: dict[str, dict] = {}
+    for n, op in enumerate(operations):
+        ids = list(requests)
+        if op[0] == "authorize":
+            rid = f"{customer}-{n}"
+            d = await service.engine.authorize(ask(secret, request_id=rid, prompt_bytes=op[1], max_output_tokens=op[2]))
+            assert d.decision == "allow", d
+            requests[rid] = {"money": d.reserved, "requests": 1, "state": "open", "forgiven": set(), "charge": 0}
+        elif op[0] == "reset":
+            _, done = await service.admin.reset_limits(customer, unit=op[1])
+            for unit in ("money", "requests") if not op[1] else (op[1],):
+                forgiven = [r for r in requests.values() if r["state"] == "settled" and unit not in r["forgiven"]]
+                assert [d.forgiven for d in done if d.limit.unit == unit] == [sum(r[unit] for r in forgiven)]
+                for r in forgiven:
+                    r["forgiven"].add(unit)
+        elif ids:
+            rid = ids[op[1] % len(ids)]
+            r = requests[rid]
+            if op[0] == "release" and r["state"] == "open":
+                await service.engine.release(rid, "test")
+                r.update(state="released", money=0, requests=0)
+            elif op[0] == "settle" and r["state"] == "open":
+                settled = await service.engine.settle(usage(rid, input_tokens=int(2_000 * op[2]),
+                                                            output_tokens=int(400 * op[3])))
+                r.update(state="settled", money=settled.charge, charge=settled.charge)
+            elif op[0] == "refund" and r["state"] == "settled" and r["charge"] > 1 and "refunded" not in r:
+                amount = max(int(r["charge"] * op[2]), 1)
+                await service.admin.refund_usage(rid, amount, "test")
+                r["refunded"] = amount
+                if "money" not in r["forgiven"]:  # a forgiven one: its limit gets nothing back again
+                    r["money"] -= min(amount, r["money"])
+        states = {s["limit"].unit: s["used"] for s in await service.admin.owner_limit_states(row)}
+        for unit in ("money", "requests"):
+            assert states[unit] == sum(r[unit] for r in requests.values() if unit not in r["forgiven"]) >= 0, op
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+    await counters_lost_and_rebuilt(service)
     assert (await service.admin.audit()).ok
