@@ -92,9 +92,10 @@ def _key_scopes(scopes: list[str]) -> list[str]:
     return list(dict.fromkeys(scopes))
 
 
-def _key_limits(limits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _key_limits(limits: list[dict[str, Any]], policy: Policy | None, scope: str = "key") -> list[dict[str, Any]]:
+    """A key's (or an owner's) limits as stored; a limit on some models must name models of the policy in force."""
     try:
-        return key_limits.checked(limits)
+        return key_limits.checked(limits, scope, policy.document.names_a_model if policy else None)
     except ValueError as error:
         raise _invalid("invalid_limit", str(error)) from None
 
@@ -157,7 +158,7 @@ class Admin:
         if not customer_id:
             raise _invalid("invalid_request", "customer_id is required")
         _check_expiry(expires_ms)
-        own_limits = _key_limits(limits or [])
+        own_limits = _key_limits(limits or [], self.book.current)
         _check_owner_ids(customer_id=customer_id, workspace_id=workspace_id, project_id=project_id, team_id=team_id)
         if len(label) > LABEL_LENGTH_MAX:
             raise _invalid("invalid_request", f"label must be at most {LABEL_LENGTH_MAX} characters")
@@ -225,7 +226,7 @@ class Admin:
     async def set_limits(self, key_id: str, limits: list[dict[str, Any]]) -> ApiKeyRow:
         """Give a key its own limits (none: the plan's alone); they bind from the next decision on every
         replica. A limit that lowers a count already past it refuses the key's next requests in that window."""
-        return await self._change_key(key_id, limits=_key_limits(limits))
+        return await self._change_key(key_id, limits=_key_limits(limits, self.book.current))
 
     async def set_scopes(self, key_id: str, scopes: list[str]) -> ApiKeyRow:
         """Narrow (or widen back, within its plan) the models a key may use: globs or tier:NAME, none = the
@@ -258,10 +259,7 @@ class Admin:
         keys changed. A limit that lowers a count already past it refuses the owner's next requests in that
         window."""
         scope, owner_id = _owner(customer_id, workspace_id, project_id, team_id)
-        try:
-            checked = key_limits.checked(limits, scope)
-        except ValueError as error:
-            raise _invalid("invalid_limit", str(error)) from None
+        checked = _key_limits(limits, self.book.current, scope)
         row = OwnerLimitsRow(customer_id=customer_id, scope=scope, owner_id=owner_id, limits=checked,
                              updated_ms=now_ms())
         row.seeds = await self._seeded(row)
@@ -300,8 +298,8 @@ class Admin:
             if hold.key in seeds:
                 kept[hold.key] = seeds.pop(hold.key)
                 continue
-            if limit.unit not in ("money", "requests") or await self.counters.client.exists(hold.key):
-                continue  # a bucket already counting: the window's use is in it
+            if limit.unit not in ("money", "requests") or limit.models or await self.counters.client.exists(hold.key):
+                continue  # a bucket already counting: the window's use is in it; one on some models, from its making
             if not caught_up:
                 await self.catch_up()
                 caught_up = True

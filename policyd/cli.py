@@ -147,13 +147,18 @@ def _limit_text(limit: admin_pb2.KeyLimit) -> str:
     value = format_amount(limit.limit) if limit.unit in MONEY_UNITS else str(limit.limit)
     whose = f"{limit.scope}: " if limit.scope else ""
     alerts = f" (alerts at {', '.join(f'{p}%' for p in limit.thresholds)})" if limit.thresholds else ""
-    return f"{whose}{value} {limit.unit} a {limit.window}" + (f" ({limit.timezone})" if limit.timezone else "") + alerts
+    on = f" on {', '.join(limit.models)}" if limit.models else ""
+    return f"{whose}{value} {limit.unit} a {limit.window}{on}" + (f" ({limit.timezone})" if limit.timezone else "") \
+        + alerts
 
 
 def _key_limit(text: str) -> admin_pb2.KeyLimit:
-    """WINDOW[@ZONE]:UNIT:VALUE[:ALERTS], e.g. month:money:20.00, minute:requests:60, day@Asia/Tokyo:tokens:100000,
-    month:money:500.00:75,90 (alerts at 75% and 90% of it)."""
-    window, _, rest = text.partition(":")
+    """WINDOW[@ZONE]:UNIT:VALUE[:ALERTS][ on MODELS], e.g. month:money:20.00, minute:requests:60,
+    day@Asia/Tokyo:tokens:100000, month:money:500.00:75,90 (alerts at 75% and 90% of it), day:money:5.00 on
+    gpt-4o,tier:premium (only requests served on those models count)."""
+    text, _, on = text.partition(" on ")
+    models = [m.strip() for m in on.split(",") if m.strip()]
+    window, _, rest = text.strip().partition(":")
     unit, _, rest = rest.partition(":")
     value, _, alerts = rest.partition(":")
     window, _, zone = window.partition("@")
@@ -163,7 +168,8 @@ def _key_limit(text: str) -> admin_pb2.KeyLimit:
     except (MoneyError, ValueError):
         raise argparse.ArgumentTypeError(f"{text!r}: WINDOW:UNIT:VALUE[:ALERTS], e.g. month:money:20.00 or "
                                          "month:money:500.00:75,90") from None
-    return admin_pb2.KeyLimit(window=window, unit=unit, limit=limit, timezone=zone, thresholds=thresholds)
+    return admin_pb2.KeyLimit(window=window, unit=unit, limit=limit, timezone=zone, thresholds=thresholds,
+                              models=models)
 
 
 def _utc(ms: int) -> str:
@@ -172,8 +178,9 @@ def _utc(ms: int) -> str:
     return datetime.fromtimestamp(ms // 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-KEY_LIMIT_HELP = ("a limit of this key's own, WINDOW[@ZONE]:UNIT:VALUE (month:money:20.00, minute:requests:60); "
-                  "in place of the plan's key limit of the same unit and window; repeatable")
+KEY_LIMIT_HELP = ("a limit of this key's own, WINDOW[@ZONE]:UNIT:VALUE[ on MODELS] (month:money:20.00, "
+                  "minute:requests:60, 'day:money:5.00 on gpt-4o,tier:premium'); in place of the plan's key limit of "
+                  "the same unit and window (and models); repeatable")
 
 
 def _expiry_arguments(parser: argparse.ArgumentParser, never: bool = False) -> None:
@@ -737,8 +744,9 @@ def parser() -> argparse.ArgumentParser:
     one_of.add_argument("--team", default="", help="this team of the customer's")
     given = owner.add_mutually_exclusive_group(required=True)
     given.add_argument("--limit", action="append", type=_key_limit,
-                       help="WINDOW[@ZONE]:UNIT:VALUE (month:money:500.00); in place of its plans' limit of the same "
-                            "scope, unit and window; repeatable")
+                       help="WINDOW[@ZONE]:UNIT:VALUE[ on MODELS] (month:money:500.00, 'day:money:50.00 on "
+                            "tier:premium'); in place of its plans' limit of the same scope, unit and window (and "
+                            "models); repeatable")
     given.add_argument("--none", action="store_true", help="no limits of its own")
     listing = client(limit_commands.add_parser(
         "list", help="a customer's limits and its owners', with their use (every customer's without --customer)"))

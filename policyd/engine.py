@@ -1080,8 +1080,8 @@ class Engine:
                                                                         policy.document.timezone),
                                                    request.thread_budget):
             scope_id = buckets[limit.scope]
-            if not scope_id or limit.label == skip_label:
-                continue  # a thread limit binds requests that name a thread
+            if not scope_id or limit.label == skip_label or not limit.binds(model, price.tier):
+                continue  # a thread limit binds requests that name a thread; one on some models, those served on them
             hold, window = hold_for(limit, partition, scope_id, at // 1000, charge, quantities, cost)
             holds.append(hold)
             by_label[limit.label] = (limit, window.end)

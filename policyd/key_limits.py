@@ -15,7 +15,7 @@ limit a policy adds does.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from pydantic import ValidationError
 
@@ -24,14 +24,18 @@ from policyd.policy import Limit
 
 KEY_LIMITS_MAX = 8
 ALERTS_MAX = 4  # the percentages of one limit that raise an alert
+MODELS_MAX = 4  # the model patterns one key's or owner's limit names
+MODEL_PATTERN_LENGTH_MAX = 64
 THREAD_BUDGET = "thread-budget"  # the name of a caller's budget of its thread (AuthorizeInput.thread_budget)
 WINDOWS = ("minute", "hour", "day", "month", "total")
 UNITS = ("money", "tokens", "requests")
 
 
-def checked(limits: Iterable[Mapping[str, Any]], scope: str = "key") -> list[dict[str, Any]]:
-    """The limits as a key (or an owner of `scope`) stores them, in one order; ValueError says what is wrong."""
-    stored: dict[tuple[str, str, str], dict[str, Any]] = {}
+def checked(limits: Iterable[Mapping[str, Any]], scope: str = "key",
+            names_a_model: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+    """The limits as a key (or an owner of `scope`) stores them, in one order; ValueError says what is wrong.
+    `names_a_model`: whether a limit's model pattern names a model of the price table in force."""
+    stored: dict[tuple[str, str, str, tuple[str, ...]], dict[str, Any]] = {}
     whose = "a key" if scope == "key" else f"a {scope}"
     for given in limits:
         window, unit = str(given.get("window", "")), str(given.get("unit", ""))
@@ -49,15 +53,27 @@ def checked(limits: Iterable[Mapping[str, Any]], scope: str = "key") -> list[dic
                                                for p in alerts):
                 raise ValueError(f"{whose} limit's alerts are at most {ALERTS_MAX} percentages from 1 to 100")
             entry["thresholds"] = sorted(set(alerts))
+        models = given.get("models") or ()
+        if models:  # only the requests served on these models count
+            if isinstance(models, str) or len(models) > MODELS_MAX or any(
+                    not isinstance(m, str) or not m.strip() or len(m) > MODEL_PATTERN_LENGTH_MAX or "," in m
+                    for m in models):
+                raise ValueError(f"{whose} limit names at most {MODELS_MAX} models (names, globs or tier:NAME), each "
+                                 f"at most {MODEL_PATTERN_LENGTH_MAX} characters without commas")
+            entry["models"] = sorted({m.strip() for m in models})
+            unknown = [m for m in entry["models"] if names_a_model is not None and not names_a_model(m)]
+            if unknown:
+                raise ValueError(f"{whose} limit's model {unknown[0]!r} matches nothing in the price table")
         if scope != "key":
             entry["scope"] = scope
         try:
             _limit(entry)
         except ValidationError as error:
             raise ValueError(f"{scope} limit {window}/{unit}: {error.errors()[0]['msg']}") from None
-        if (window, unit, zone) in stored:
-            raise ValueError(f"two {scope} limits of {unit} per {window}")
-        stored[(window, unit, zone)] = entry
+        bucket = (window, unit, zone, tuple(entry.get("models", ())))
+        if bucket in stored:
+            raise ValueError(f"two {scope} limits of {unit} per {window}" + (" on the same models" * bool(bucket[3])))
+        stored[bucket] = entry
     if len(stored) > KEY_LIMITS_MAX:
         raise ValueError(f"{whose} has at most {KEY_LIMITS_MAX} limits of its own")
     return [stored[k] for k in sorted(stored)]
@@ -66,9 +82,11 @@ def checked(limits: Iterable[Mapping[str, Any]], scope: str = "key") -> list[dic
 def _limit(entry: Mapping[str, Any]) -> Limit:
     value, scope = entry["limit"], entry.get("scope", "key")
     alerts = {"thresholds": tuple(entry["thresholds"])} if entry.get("thresholds") else {}
-    return Limit(name=f"{scope}-{entry['unit']}-{entry['window']}", scope=scope, window=entry["window"],
+    models = tuple(entry.get("models") or ())
+    on = f"[{','.join(models)}]" if models else ""  # key-money-day[gpt-4o,tier:premium]: its own name and bucket
+    return Limit(name=f"{scope}-{entry['unit']}-{entry['window']}{on}", scope=scope, window=entry["window"],
                  unit=entry["unit"], limit=format_amount(value) if entry["unit"] in MONEY_UNITS else value,
-                 timezone=entry.get("timezone", ""), **alerts)
+                 timezone=entry.get("timezone", ""), models=models, **alerts)
 
 
 def as_limits(stored: Iterable[Mapping[str, Any]] | None) -> tuple[Limit, ...]:
@@ -83,9 +101,11 @@ def effective(plan_limits: tuple[Limit, ...], own: tuple[Limit, ...], zone: str)
         return plan_limits
     own = tuple(limit.model_copy(update={"timezone": zone}) if zone and not limit.timezone
                 and limit.window in ("day", "month") else limit for limit in own)
-    taken = {(limit.scope, limit.unit, limit.window, limit.timezone) for limit in own}
-    kept = tuple(limit for limit in plan_limits
-                 if (limit.scope, limit.unit, limit.window, limit.timezone) not in taken)
+    def bucket(limit: Limit) -> tuple[Any, ...]:
+        return limit.scope, limit.unit, limit.window, limit.timezone, tuple(sorted(set(limit.models)))
+
+    taken = {bucket(limit) for limit in own}
+    kept = tuple(limit for limit in plan_limits if bucket(limit) not in taken)
     return kept + own
 
 

@@ -28,6 +28,8 @@ ENVIRONMENTS = ("development", "staging", "production", "batch", "evaluation", "
 ENDPOINT_NAMES = ENDPOINTS
 POLICY_BYTES_MAX = 1_000_000
 LIMITS_PER_PLAN_MAX = 32
+LIMIT_MODELS_MAX = 8  # the model patterns one limit names
+LIMIT_NAME_LENGTH_MAX = 320
 BALANCE_ALERTS_MAX = 8
 
 
@@ -316,7 +318,8 @@ def _time_zone_name(value: str) -> str:
 
 
 class Limit(_Strict):
-    name: str = Field("", max_length=64)
+    # a key's or owner's limit on some models is named for them (key_limits._limit): longer than a plan's need be
+    name: str = Field("", max_length=LIMIT_NAME_LENGTH_MAX)
     # each counted within one customer: a limit of a plan binds each of its customers apart
     scope: Literal["key", "customer", "workspace", "project", "team", "feature", "model", "thread", "end_user"]
     window: Literal["minute", "hour", "day", "month", "total"]
@@ -328,6 +331,13 @@ class Limit(_Strict):
     action: Literal["block", "downgrade", "shadow"] = "block"
     downgrade_to: str = ""
     thresholds: tuple[int, ...] = (50, 80)  # percent; an alert event once per crossing
+    # only requests served on these models count: exact names, globs or tiers ("tier:premium"); () = every request.
+    # A limit on some models counts in a bucket of its own (quotas.hold_for), beside the scope's other limits.
+    models: tuple[str, ...] = Field((), max_length=LIMIT_MODELS_MAX)
+
+    def binds(self, model: str, tier: str) -> bool:
+        """Whether a request served on this model counts against the limit."""
+        return not self.models or _matches(self.models, model, tier)
 
     @model_validator(mode="before")
     @classmethod
@@ -372,12 +382,10 @@ class Cap(Limit):
 
     scope: Literal["all"] = "all"
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    provider: str = Field("", max_length=64)  # the requests served by this provider ("" = any)
-    models: tuple[str, ...] = ()  # ... on these models: exact names, globs or tiers ("tier:premium"); () = any
+    provider: str = Field("", max_length=64)  # the requests served by this provider ("" = any), on its `models`
 
     def covers(self, model: str, price: "ModelPrice") -> bool:
-        return (not self.provider or price.provider == self.provider) and \
-            (not self.models or _matches(self.models, model, price.tier))
+        return (not self.provider or price.provider == self.provider) and self.binds(model, price.tier)
 
 
 class Plan(_Strict):
@@ -492,6 +500,12 @@ class PolicyDocument(_Strict):
                  else plan for name, plan in data["plans"].items()}
         return {**data, "plans": plans, **({"caps": localised(data["caps"])} if "caps" in data else {})}
 
+    def names_a_model(self, pattern: str) -> bool:
+        """Whether a model pattern (an exact name, a glob, a tier) names a model of the price table."""
+        if pattern.startswith("tier:"):
+            return any(price.tier == pattern[5:] for price in self.price_table.models.values())
+        return any(fnmatch.fnmatchcase(m, pattern) for m in self.price_table.models)
+
     @model_validator(mode="after")
     def _references(self) -> "PolicyDocument":
         for name, plan in self.plans.items():
@@ -506,6 +520,10 @@ class PolicyDocument(_Strict):
             for limit in plan.limits:
                 if limit.downgrade_to and limit.downgrade_to not in self.price_table.models:
                     raise ValueError(f"plan {name!r}: downgrade_to {limit.downgrade_to!r} is not in the price table")
+                for pattern in limit.models:
+                    if not self.names_a_model(pattern):
+                        raise ValueError(f"plan {name!r}: limit {limit.label!r}: model {pattern!r} matches nothing in "
+                                         "the price table")
             for model, alternatives in plan.fallbacks.items():
                 for name_ in (model, *alternatives):
                     if name_ not in self.price_table.models:
@@ -517,9 +535,7 @@ class PolicyDocument(_Strict):
                 raise ValueError(f"plan {name!r}: image_generation_model {plan.image_generation_model!r} is not in "
                                  "the price table")
             for pattern in plan.models:
-                if not pattern.startswith("tier:") and not any(
-                    fnmatch.fnmatchcase(m, pattern) for m in self.price_table.models
-                ):
+                if not pattern.startswith("tier:") and not self.names_a_model(pattern):
                     raise ValueError(f"plan {name!r}: model {pattern!r} matches nothing in the price table")
         names = [cap.name for cap in self.caps]
         plan_labels = {limit.label for plan in self.plans.values() for limit in plan.limits}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import calendar
+import functools
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from datetime import date, datetime, timedelta, timezone
@@ -123,8 +125,17 @@ def hold_for(limit: Limit, partition: int, scope_id: str, now_s: int, charge: in
     """The hold of a request in its bucket of a plan's (or a key's own) limit, in its customer's partition."""
     spec = window_spec(limit)
     window = window_of(spec, now_s)
-    key = redis_keys.bucket(partition, limit.scope, _escape(scope_id), limit.unit, spec, window.start)
+    bucket_id = _escape(scope_id)
+    if limit.models:  # counted apart from the scope's limits on every model (no escaped id holds a ':')
+        bucket_id += f":m={models_tag(limit.models)}"
+    key = redis_keys.bucket(partition, limit.scope, bucket_id, limit.unit, spec, window.start)
     return _hold(limit, key, window, now_s, amount_for(limit.unit, charge, cost, q)), window
+
+
+@functools.lru_cache(maxsize=4096)
+def models_tag(models: tuple[str, ...]) -> str:
+    """The bucket of a limit on some models, named by what they are, in whichever order given."""
+    return hashlib.sha256("\n".join(sorted(set(models))).encode()).hexdigest()[:16]
 
 
 def cap_hold(cap: Cap, now_s: int, charge: int, cost: int, q: Quantities) -> tuple[BucketHold, Window]:

@@ -339,7 +339,7 @@ def limit_state(limit: Limit, used: int, ends: int) -> policy_pb2.LimitState:
 
 def key_limit(message: admin_pb2.KeyLimit) -> dict[str, Any]:
     return {"window": message.window, "unit": message.unit, "limit": message.limit, "timezone": message.timezone,
-            "thresholds": list(message.thresholds)}
+            "thresholds": list(message.thresholds), "models": list(message.models)}
 
 
 def usage_record_message(r: Any) -> admin_pb2.UsageRecord:

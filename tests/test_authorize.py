@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -326,6 +327,81 @@ async def test_a_key_with_limits_of_its_own(service: Service) -> None:
     await service.writer.drain()
     assert (await service.admin.audit()).ok
     assert service.store.usage_record("own-day").reason == "budget_exceeded"
+
+
+async def test_a_limit_on_some_models_binds_the_requests_served_on_them_alone(service: Service) -> None:
+    """A key's limit on some models (KeyLimit.models) counts the requests served on them in a bucket of its own:
+    past it those are refused, naming it, while the key's other models are served; however many are held at once
+    on a strict plan, charged and held never pass it. A plan's limit on a tier downgrades its requests once spent,
+    and the cheaper model's requests do not count in it. An owner's limit on a model starts from its making. Models
+    the price table does not know are refused; the audit and a rebuild agree."""
+    import yaml
+
+    from policyd.domain import PolicydError
+    from tests.conftest import SAMPLE_POLICY
+    from tests.helpers import usage
+
+    key_id, secret = await new_key(service, customer="per-model")
+    await fund(service, "per-model", "10")
+    probe = await service.engine.authorize(ask(secret, model="gpt-4o", request_id="probe", max_output_tokens=50))
+    await service.engine.release("probe", "test")
+    budget = 3 * probe.reserved + probe.reserved // 2  # three holds fit, a fourth does not
+    row = await service.admin.set_limits(key_id, [{"window": "day", "unit": "money", "limit": budget,
+                                                   "models": ["gpt-4o", "gpt-4o"]}])
+    assert row.limits == [{"window": "day", "unit": "money", "limit": budget, "timezone": "", "models": ["gpt-4o"]}]
+    held = await asyncio.gather(*(service.engine.authorize(ask(secret, model="gpt-4o", request_id=f"m-{n}",
+                                                               max_output_tokens=50)) for n in range(8)))
+    allowed = [d for d in held if d.decision == "allow"]
+    refused = [d for d in held if d.decision == "deny"]
+    assert len(allowed) == 3 and sum(d.reserved for d in allowed) <= budget
+    assert {(d.reason, d.message.endswith("(key-money-day[gpt-4o])")) for d in refused} == {("budget_exceeded", True)}
+    for n in range(4):  # the key's other models are not bound by it
+        assert (await service.engine.authorize(ask(secret, model="gpt-4o-mini", request_id=f"mini-{n}",
+                                                   max_output_tokens=50))).decision == "allow"
+    review = await service.admin.review_key(key_id)
+    assert [(b["label"], b["used"]) for b in review["buckets"] if b["label"].startswith("key-money")] == [
+        ("key-money-day[gpt-4o]", sum(d.reserved for d in allowed))]
+
+    _, owned = await new_key(service, customer="owner-model")
+    await fund(service, "owner-model", "10")
+    assert (await service.engine.authorize(ask(owned, model="gpt-4o", request_id="own-before"))).decision == "allow"
+    await service.engine.settle(usage("own-before"))
+    given, _ = await service.admin.set_owner_limits([{"window": "month", "unit": "money", "limit": 10**9,
+                                                      "models": ["gpt-4o"]}], "owner-model")
+    assert given.seeds == {} and [s["used"] for s in await service.admin.owner_limit_states(given)] == [0]
+
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["plans"]["pro"]["limits"].append({"name": "premium-only-day", "scope": "customer", "window": "day",
+                                          "unit": "money", "limit": "0.000001", "models": ["tier:premium"],
+                                          "action": "downgrade", "downgrade_to": "gpt-4o-mini"})
+    await service.admin.apply_policy(yaml.safe_dump(doc), "per-model.yaml")
+    _, other = await new_key(service, customer="per-tier")
+    await fund(service, "per-tier", "10")
+    downgraded = await service.engine.authorize(ask(other, model="claude-sonnet-4", request_id="tier-1"))
+    assert (downgraded.decision, downgraded.served_model) == ("downgrade", "gpt-4o-mini")
+    await service.engine.settle(usage("tier-1"))
+    premium = [k async for k in service.counters.client.scan_iter(match="*:b:customer:per-tier:m=*")]
+    assert [int(await service.counters.client.hget(k, "used") or 0) for k in premium] in ([], [0])  # mini's not in it
+
+    for bad in ([{"window": "day", "unit": "money", "limit": 1, "models": ["gpt-5-nowhere"]}],
+                [{"window": "day", "unit": "money", "limit": 1, "models": ["a", "b", "c", "d", "e"]}],
+                [{"window": "day", "unit": "money", "limit": 1, "models": "gpt-4o"}],
+                [{"window": "day", "unit": "money", "limit": 1, "models": ["gpt-4o"]},
+                 {"window": "day", "unit": "money", "limit": 2, "models": ["gpt-4o"]}]):
+        with pytest.raises(PolicydError) as error:
+            await service.admin.set_limits(key_id, bad)
+        assert error.value.reason == "invalid_limit", bad
+    doc["plans"]["pro"]["limits"][-1]["models"] = ["tier:nowhere"]
+    with pytest.raises(PolicydError) as error:
+        await service.admin.apply_policy(yaml.safe_dump(doc), "bad.yaml")
+    assert error.value.reason == "invalid_policy" and "matches nothing" in str(error.value)
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+    await counters_lost_and_rebuilt(service)
+    assert (await service.admin.audit()).ok
+    rebuilt = await service.admin.review_key(key_id)  # the bucket rebuilt from the records, as it was
+    assert [(b["label"], b["used"]) for b in rebuilt["buckets"] if b["label"].startswith("key-money")] == [
+        ("key-money-day[gpt-4o]", sum(d.reserved for d in allowed))]
 
 
 async def test_an_owners_limits_bind_every_key_of_theirs(service: Service) -> None:

@@ -127,6 +127,13 @@ def test_keys_with_limits_of_their_own(server: PolicydProcess) -> None:
     assert run(server, "authorize", "--key", created["secret"], "--model", "gpt-4o-mini").returncode == 0
     wrong = run(server, "keys", "limits", created["key"]["id"], "--limit", "month:money:lots")
     assert wrong.returncode != 0 and "WINDOW:UNIT:VALUE" in wrong.stderr
+    on_one = run(server, "keys", "limits", created["key"]["id"], "--limit", "day:money:0.000001 on gpt-4o, tier:nope")
+    assert on_one.returncode != 0 and "invalid_limit" in on_one.stderr and "'tier:nope'" in on_one.stderr
+    on_one = run(server, "keys", "limits", created["key"]["id"], "--limit", "day:money:0.000001 on gpt-4o")
+    assert on_one.returncode == 0 and "(own limits: 0.000001000 money a day on gpt-4o)" in on_one.stdout
+    refused = run(server, "authorize", "--key", created["secret"], "--model", "gpt-4o")
+    assert refused.returncode == 2 and "key-money-day[gpt-4o]" in refused.stdout
+    assert run(server, "authorize", "--key", created["secret"], "--model", "gpt-4o-mini").returncode == 0
 
 
 def test_an_owners_limits_from_the_command_line(server: PolicydProcess) -> None:

@@ -2254,6 +2254,42 @@ def test_a_customers_budget_set_by_its_operator_binds_all_its_keys_at_once(gatew
     assert later.chat.completions.create(**ask).choices  # the plan's limits alone again
 
 
+def test_a_keys_budget_on_some_models_binds_their_requests_alone(gateway: Gateway) -> None:
+    """A key's own limit on some models (KeyLimit.models, here a glob of fine-tunes): however many of their requests
+    run at once, what the key is charged on them never passes the budget, and past it they are refused before the
+    provider (429 budget_exceeded, naming the limit); its requests on other models are served."""
+    customer = f"e2e-model-budget-{gateway.shape}"
+    client = gateway.client(gateway.customer(customer, plan="strict"))
+    tuned = "ft:gpt-4o-mini-2024-07-18:acme:support:Ab12"
+    ask = {"model": tuned, "messages": [{"role": "user", "content": "one call on the fine-tune"}], "max_tokens": 8}
+    probe = client.chat.completions.with_raw_response.create(**ask)
+    held = gateway.record(probe.headers["x-policyd-request-id"])["reserved_nanos"]
+    budget = 3 * held + held // 2  # three holds fit, a fourth does not
+    created = gateway.admin.CreateKey(admin_pb2.CreateKeyRequest(
+        customer_id=customer, plan="strict", environment="production", limits=[admin_pb2.KeyLimit(
+            window="day", unit="money", limit=budget, models=["ft:gpt-4o-mini-2024-07-18:*"])]))
+    assert list(created.key.limits[0].models) == ["ft:gpt-4o-mini-2024-07-18:*"]
+    bound = gateway.client(created.secret)
+
+    def call(n: int) -> str:
+        try:
+            return bound.chat.completions.with_raw_response.create(
+                **ask, extra_headers={"x-policyd-request-id": f"model-budget-{gateway.shape}-{n}"}
+            ).headers["x-policyd-request-id"]
+        except openai.RateLimitError as refused:
+            assert refused.code == "budget_exceeded" and "(key-money-day[ft:gpt-4o-mini-2024-07-18:*])" in \
+                refused.message
+            return ""
+
+    admitted = at_once_then_one_by_one(call)
+    charged = sum(gateway.record(request_id)["charge_nanos"] for request_id in admitted)
+    assert 3 <= len(admitted) and 0 < charged <= budget
+    sent = [r for r in gateway.mock.received() if r["body"].get("messages") == ask["messages"]]
+    assert len(sent) == len(admitted) + 1  # the probe and the admitted alone reached the provider
+    for _ in range(3):  # the key's other models are not bound by it
+        assert bound.chat.completions.create(**{**ask, "model": "gpt-4o-mini"}).choices
+
+
 def test_downgrade_reaches_the_cheaper_model_with_the_body_rewritten(gateway: Gateway) -> None:
     key = gateway.customer("e2e-thrifty", plan="thrifty")
     raw = gateway.client(key).chat.completions.with_raw_response.create(
