@@ -732,6 +732,10 @@ def canonical_text(document: PolicyDocument) -> str:
     data = json.loads(document.model_dump_json())
     if not data["caps"]:  # as policies without caps always read: their versions' digests stay the same
         del data["caps"]
+    for plan in data["plans"].values():  # so too plans' limits on every model, as they read before limits had models
+        for limit in plan["limits"]:
+            if not limit["models"]:
+                del limit["models"]
     return yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
 
 

@@ -60,6 +60,18 @@ def test_canonical_text_round_trips() -> None:
     assert document.plans["internal-staging"].limits == document.plans["pro"].limits
 
 
+def test_a_policy_reads_as_before_unless_its_limits_name_models() -> None:
+    """The canonical text a version's digest is taken of: a limit on every model reads as it did before limits
+    could name models (the same policy, the same version); one on some models names them, and round-trips."""
+    text = canonical_text(parse_policy(SAMPLE_POLICY))
+    assert "models: []" not in text and "key-rpm" in text
+    on_premium = SAMPLE_POLICY.replace("window: day, unit: money, limit: \"50.00\",",
+                                       "window: day, unit: money, limit: \"50.00\", models: [\"tier:premium\"],")
+    document = parse_policy(on_premium)
+    assert document.plans["pro"].limits[-1].models == ("tier:premium",)
+    assert parse_policy(canonical_text(document)) == document and "- tier:premium" in canonical_text(document)
+
+
 async def test_apply_versions_dry_run_and_atomicity(service: Service) -> None:
     assert service.book.current.version == 1
     unchanged = await service.admin.apply_policy(SAMPLE_POLICY, "same.yaml")
