@@ -1,11 +1,12 @@
 """Alert delivery to webhooks: at least once, signed, retried with backoff, deduplicated by id.
 
-Alerts are event rows (kind "alert": a soft threshold crossed, once per crossing per window,
-decided atomically in the authorize script). For every alert and every configured URL a delivery
-row is made; due deliveries are POSTed as JSON
+Alerts are event rows (kind "alert": a soft threshold crossed, once per crossing per window, and the first
+request a limit refused in its window, at percent 100 with `reached`; decided atomically in the authorize
+script, each naming whose request it was). For every alert and every configured URL a delivery row is made;
+due deliveries are POSTed as JSON
 
-    {"id": "<event id>", "kind": "alert", "created_ms": ..., "customer_id": ..., "label": "premium-day",
-     "percent": "80", "used": "...", "limit": "...", "bucket": "...", "request_id": "..."}
+    {"id": "<event id>", "kind": "alert", "created_ms": ..., "customer_id": ..., "api_key_id": ..., "label":
+     "premium-day", "percent": "80", "used": "...", "limit": "...", "bucket": "...", "request_id": "..."}
 
 with `x-policyd-event-id` (receivers deduplicate on it) and `x-policyd-signature:
 sha256=<hex HMAC-SHA256 of the body with POLICYD_WEBHOOK_SECRET>`. A failed attempt is retried

@@ -31,6 +31,9 @@ from policyd.db import EventRow, LedgerEntryRow, UsageRecordRow
 from policyd.store import Store
 
 log = logging.getLogger("policyd.writer")
+# what an alert says of the request that crossed (or reached) a limit: whose it was
+ALERT_OWNER_FIELDS = ("customer_id", "workspace_id", "project_id", "team_id", "api_key_id", "environment", "plan",
+                      "feature", "thread_id", "end_user_id", "served_model")
 
 DRAIN_CONFLICT_RETRIES = 20
 CLAIM_CHECK_SECONDS = 1.0  # how often a running writer looks for entries a dead consumer left pending
@@ -333,7 +336,10 @@ class Writer:
                     })
                 elif kind in ("alert", "rejected", "key_state"):
                     detail = {k: v for k, v in fields.items() if k not in ("type", "rid", "at", "d")}
-                    if "d" in fields:
+                    if "d" in fields and kind == "alert":  # whose request crossed the limit (its decision's record)
+                        made = compact_json.loads(fields["d"]).get("record", {})
+                        detail.update({name: made[name] for name in ALERT_OWNER_FIELDS if made.get(name)})
+                    elif "d" in fields:
                         detail.update(compact_json.loads(fields["d"]))
                     events.append({
                         "id": f"{partition}-{entry_id}", "kind": kind, "request_id": fields.get("rid", ""),

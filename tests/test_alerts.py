@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from policyd.alerts import AlertDelivery, deliveries
+from policyd.alerts import AlertDelivery, deliveries, payload
 from policyd.server import Service
-from tests.helpers import ask, fund, new_key
+from tests.helpers import ask, fund, new_key, usage
 
 
 class Receiver:
@@ -180,3 +180,32 @@ async def test_an_owners_and_a_keys_limits_alert_at_the_percentages_given(servic
             await service.admin.set_owner_limits([{"window": "day", "unit": "money", "limit": 1, "thresholds": bad}],
                                                  "watched")
         assert refused.value.reason == "invalid_limit"
+
+
+async def test_a_limit_refusing_requests_alerts_once_a_window_naming_whose_they_were(service: Service) -> None:
+    """The first request a limit refuses in its window is an alert (percent 100, `reached`), however many are
+    refused after it; every limit alert names the customer and key whose request crossed it; a reset of the
+    limit arms it again."""
+    key_id, secret = await new_key(service, plan="free", customer="blocked")
+    await fund(service, "blocked", "10")
+    await service.admin.set_limits(key_id, [{"window": "day", "unit": "requests", "limit": 2, "thresholds": [50]}])
+    decisions = [await service.engine.authorize(ask(secret, prompt_bytes=10, max_output_tokens=10))
+                 for _ in range(6)]
+    assert [d.decision for d in decisions] == ["allow", "allow", "deny", "deny", "deny", "deny"]
+    await service.writer.drain()
+    alerts = [e for e in service.store.events("alert") if e.detail.get("label") == "key-requests-day"]
+    assert [(e.detail["percent"], e.detail.get("reached")) for e in alerts] == [("50", None), ("100", "1")]
+    assert {(e.customer_id, e.detail["api_key_id"]) for e in alerts} == {("blocked", key_id)}
+    assert alerts[1].request_id == decisions[2].request_id  # the first refused
+    body = json.loads(payload(alerts[1]))
+    assert (body["customer_id"], body["reached"], body["used"], body["limit"]) == ("blocked", "1", "2", "2")
+    await service.admin.reset_limits(key_id=key_id, window="day")  # nothing was settled: it holds its 2 still
+    assert (await service.engine.authorize(ask(secret, request_id="still"))).decision == "deny"
+    for d in decisions[:2]:
+        await service.engine.settle(usage(d.request_id))
+    await service.admin.reset_limits(key_id=key_id, window="day")
+    assert [(await service.engine.authorize(ask(secret, prompt_bytes=10, max_output_tokens=10))).decision
+            for _ in range(3)] == ["allow", "allow", "deny"]
+    await service.writer.drain()
+    alerts = [e for e in service.store.events("alert") if e.detail.get("label") == "key-requests-day"]
+    assert [e.detail["percent"] for e in alerts] == ["50", "100", "50", "100"]  # armed again by the reset

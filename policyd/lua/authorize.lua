@@ -9,7 +9,8 @@
 -- KEYS[5] in-flight counter  of the key
 -- KEYS[6] event stream       of the partition
 -- KEYS[7] gate               "open" while the partition's counters are whole: else refuse
--- KEYS[8..7+n] bucket hashes used (units of the bucket), a<pct> = alerted
+-- KEYS[8..7+n] bucket hashes used (units of the bucket), a<pct> = alerted, reached = a request refused at the limit
+--          (alerted once a window)
 -- KEYS[8+n] (standalone Redis only) the request index, request_id -> partition, which a Settle sent
 --          to another process reads; in a Redis Cluster it lives in another slot and is set apart
 -- ARGV[1]  request_id
@@ -137,6 +138,17 @@ for i = 1, bucket_count do
     if ARGV[base + 3] == 'shadow' then
       shadow[#shadow + 1] = label
     else
+      local key = KEYS[7 + i]
+      if redis.call('HSETNX', key, 'reached', '1') == 1 then  -- the first refusal of its window: an alert, once
+        local ttl = tonumber(ARGV[base + 4])
+        if ttl < 0 then
+          redis.call('EXPIRE', key, -ttl)
+        elseif ttl > 0 and redis.call('TTL', key) < 0 then
+          redis.call('EXPIRE', key, ttl)
+        end
+        redis.call('XADD', KEYS[6], '*', 'type', 'alert', 'rid', request_id, 'at', ARGV[3], 'label', label,
+          'bucket', key, 'percent', '100', 'reached', '1', 'used', fmt(used), 'limit', ARGV[base + 2], 'd', payload)
+      end
       record('deny', 'limit', label, '0')
       return {'deny', 'limit', label, fmt(math.max(limit - used, 0))}
     end
@@ -160,7 +172,8 @@ for i = 1, bucket_count do
   for pct, threshold in string.gmatch(ARGV[base + 5], '(%d+):(%d+)') do
     if used >= tonumber(threshold) and redis.call('HSETNX', key, 'a' .. pct, '1') == 1 then
       redis.call('XADD', KEYS[6], '*', 'type', 'alert', 'rid', request_id, 'at', ARGV[3],
-        'label', ARGV[base + 6], 'bucket', key, 'percent', pct, 'used', fmt(used), 'limit', ARGV[base + 2])
+        'label', ARGV[base + 6], 'bucket', key, 'percent', pct, 'used', fmt(used), 'limit', ARGV[base + 2],
+        'd', payload)
     end
   end
 end

@@ -1,6 +1,6 @@
 -- reset_limit.lua: forgive what a limit's bucket counted in its current window (an operator's reset).
 --
--- KEYS[1] bucket hash   used (units of the bucket), a<pct> = alerted
+-- KEYS[1] bucket hash   used (units of the bucket), a<pct> = alerted, reached = refused at the limit (alerted)
 -- KEYS[2] gate          "open" while the partition's counters are whole: else refuse
 -- ARGV[1] the amount to take out (what the bucket's settled requests put in it): at most what it holds; negative:
 --         given back
@@ -21,6 +21,9 @@ end
 local after = tonumber(used)
 if taken ~= 0 then
   after = redis.call('HINCRBY', KEYS[1], 'used', string.format('%d', -taken))
+end
+if taken > 0 then  -- room again: the next refusal at the limit alerts again
+  redis.call('HDEL', KEYS[1], 'reached')
 end
 for pct, threshold in string.gmatch(ARGV[2], '(%d+):(%d+)') do
   if after < tonumber(threshold) then
