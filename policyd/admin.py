@@ -621,13 +621,17 @@ class Admin:
         return rows[:limit], f"{last.created_ms}/{last.request_id}" if last is not None else ""
 
     async def usage_report(self, group_by: list[str], since_ms: int, until_ms: int, bucket: str, customer_id: str,
-                           compare_previous: bool) -> list[Any]:
+                           compare_previous: bool, zone_name: str = "") -> list[Any]:
+        """`zone_name`: whose hours, days and months the buckets are ("": the policy's time zone, whose days its
+        limits count; "UTC")."""
         await self.catch_up()
+        policy = self.book.current
+        zone_name = zone_name or (policy.document.timezone if policy else "")
 
         def run() -> list[Any]:
             with self.store.session() as session:
                 return reports.usage_report(session, group_by, since_ms, until_ms, bucket, customer_id,
-                                            compare_previous)
+                                            compare_previous, zone_name)
 
         try:
             return await asyncio.to_thread(run)

@@ -523,7 +523,8 @@ def _usage(args: argparse.Namespace) -> int:
     since, until = _window(args)
     report = stub.UsageReport(admin_pb2.UsageReportRequest(
         group_by=[g for g in args.group_by.split(",") if g], since_unix_ms=since, until_unix_ms=until,
-        bucket=args.bucket, customer_id=args.customer, compare_previous=args.top_movers), metadata=md)
+        bucket=args.bucket, customer_id=args.customer, compare_previous=args.top_movers, timezone=args.timezone),
+        metadata=md)
     rows = [{**dict(r.group), **({"bucket": r.bucket} if r.bucket else {}), **dict(r.figures)} for r in report.rows]
     fmt = "json" if args.json else args.format
     print(render_report(rows, [g for g in args.group_by.split(",") if g], fmt, report.currency), end="")
@@ -567,21 +568,28 @@ def render_report(rows: list[dict[str, Any]], group_by: list[str], fmt: str, cur
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def _moment(text: str) -> int:
+def _moment(text: str, zone_name: str = "") -> int:
+    """An ISO 8601 date or time: in UTC, or in `zone_name` (an IANA time zone), unless it says otherwise."""
     from datetime import datetime, timezone
+    from zoneinfo import ZoneInfo
 
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        try:
+            zone = ZoneInfo(zone_name) if zone_name and zone_name != "UTC" else timezone.utc
+        except (ValueError, KeyError):  # ZoneInfoNotFoundError is a KeyError
+            raise SystemExit(f"policyd: unknown time zone {zone_name!r} (an IANA name such as 'Europe/Paris')")
+        moment = moment.replace(tzinfo=zone)
     return int(moment.timestamp()) * 1000
 
 
 def _window(args: argparse.Namespace) -> tuple[int, int]:
     import time
 
-    until = _moment(args.until) if args.until else int(time.time() * 1000)
+    zone = getattr(args, "timezone", "") or ""
+    until = _moment(args.until, zone) if args.until else int(time.time() * 1000)
     if args.since:
-        return _moment(args.since), until
+        return _moment(args.since, zone), until
     return until - _duration_ms(args.last), until
 
 
@@ -868,10 +876,13 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--group-by", dest="group_by", default="customer",
                         help="comma-separated: customer, workspace, project, team, key, environment, feature, route, "
                              "thread, end_user, model, requested_model, provider, decision, status, reason")
-    report.add_argument("--since", help="start (ISO date or time, UTC)")
-    report.add_argument("--until", help="end (ISO date or time, UTC; default now)")
+    report.add_argument("--since", help="start (ISO date or time, UTC or --timezone's)")
+    report.add_argument("--until", help="end (ISO date or time, UTC or --timezone's; default now)")
     report.add_argument("--last", default="7d", help="window length when --since is not given: 24h, 7d, 30d ...")
     report.add_argument("--bucket", default="", choices=["", "hour", "day", "month"])
+    report.add_argument("--timezone", default="", help="the IANA time zone whose hours, days and months the "
+                        "buckets are, and in which --since and --until are read (default: buckets of the policy's "
+                        "time zone; UTC)")
     report.add_argument("--customer", default="")
     report.add_argument("--top-movers", dest="top_movers", action="store_true",
                         help="compare each group with the window before: what caused the spike")

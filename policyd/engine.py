@@ -860,7 +860,8 @@ class Engine:
         if isinstance(found, Decision):
             return None, found
         key, policy, _ = found
-        rows, truncated = await own_usage.summary(self.store, key.customer_id, group_by, since_ms, until_ms, bucket)
+        rows, truncated = await own_usage.summary(self.store, key.customer_id, group_by, since_ms, until_ms, bucket,
+                                                  policy.document.timezone)
         return (rows, truncated, policy.document.currency), None
 
     async def _key_asking(self, api_key: str) -> tuple[KeyRecord, Policy, Plan] | Decision:

@@ -32,7 +32,8 @@ ROWS_MAX = 1000  # the groups one answer holds (the largest charges first within
 @dataclass(frozen=True)
 class UsageRow:
     group: dict[str, str]
-    bucket: str  # "" when not bucketed; else the hour, day or month (2026-12-06, 2026-12-06T14:00Z, 2026-12)
+    bucket: str  # "" when not bucketed; else the hour, day or month (2026-12-06, 2026-12-06T14:00Z, 2026-12; an hour of
+    # a policy's time zone with its offset, 2026-12-06T09:00-05:00)
     counts: dict[str, int]
     charge: int  # nanos of the policy's currency
     refunded: int
@@ -40,14 +41,16 @@ class UsageRow:
 
 
 async def summary(store: Store, customer_id: str, group_by: list[str], since_ms: int, until_ms: int,
-                  bucket: str = "") -> tuple[list[UsageRow], bool]:
+                  bucket: str = "", zone_name: str = "") -> tuple[list[UsageRow], bool]:
     """The customer's usage over [since_ms, until_ms), grouped; and whether more groups were left out
-    (ROWS_MAX). `group_by`, `bucket`, the window: checked by the caller (http_api, the servicer)."""
+    (ROWS_MAX). `group_by`, `bucket`, the window: checked by the caller (http_api, the servicer). Buckets are the
+    hours, days and months of `zone_name` (the policy's time zone, whose days its limits count: "" for UTC)."""
     from policyd import reports
 
     def run() -> list[reports.ReportRow]:
         with store.session() as session:
-            return reports.usage_report(session, group_by, since_ms, until_ms, bucket, customer_id)
+            return reports.usage_report(session, group_by, since_ms, until_ms, bucket, customer_id,
+                                        zone_name=zone_name)
 
     rows = await asyncio.to_thread(run)
     shown_apart = (*COUNTS, *MONEY, *OPERATORS)

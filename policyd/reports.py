@@ -1,7 +1,9 @@
 """Usage reports: who spent what, on which feature, model or thread, over a window.
 
 Grouped in SQL (one GROUP BY over usage_records, bucketed by hour or day with integer division of
-the timestamp, which PostgreSQL and SQLite compute alike); months are made of days in Python.
+the timestamp, which PostgreSQL and SQLite compute alike); months are made of days in Python. Buckets are
+UTC's, or a time zone's: the window is cut where the zone's clocks change, and each part bucketed by its
+timestamps shifted by the zone's offset then.
 Figures are integers: counts, tokens and nanos.
 """
 
@@ -11,12 +13,14 @@ import calendar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from policyd.db import UsageRecordRow
 from policyd.money import ceil_div
+from policyd.policy import time_zone
 
 DIMENSIONS = {
     "customer": UsageRecordRow.customer_id, "workspace": UsageRecordRow.workspace_id,
@@ -67,13 +71,45 @@ class ReportRow:
         return ceil_div(self.figures["cost_nanos"], successes) if successes > 0 else 0
 
 
-def bucket_label(bucket: str, start_ms: int) -> str:
-    moment = datetime.fromtimestamp(start_ms / 1000, tz=timezone.utc)  # a timestamp, not money
+def bucket_label(bucket: str, start_ms: int, zone: ZoneInfo | None = None) -> str:
+    """A bucket's name: its start, in UTC or in a time zone (an hour's with its offset from UTC)."""
+    moment = datetime.fromtimestamp(start_ms / 1000, tz=zone or timezone.utc)  # a timestamp, not money
     if bucket == "hour":
-        return moment.strftime("%Y-%m-%dT%H:00Z")
+        return moment.strftime("%Y-%m-%dT%H:00") + ("Z" if zone is None else moment.strftime("%z")[:3] + ":" +
+                                                    moment.strftime("%z")[3:])
     if bucket == "day":
         return moment.strftime("%Y-%m-%d")
     return moment.strftime("%Y-%m")
+
+
+def offset_spans(since_ms: int, until_ms: int, zone: ZoneInfo | None) -> list[tuple[int, int, int]]:
+    """[since, until) cut where the zone's offset from UTC changes (its clocks change): (start, end, offset ms)
+    of each part, in which local hours, days and months start at UTC times shifted by the offset alone."""
+    def offset(ms: int) -> int:
+        moment = datetime.fromtimestamp(ms / 1000, tz=zone)
+        return int(moment.utcoffset().total_seconds() * 1000)  # type: ignore[union-attr]
+
+    if zone is None:
+        return [(since_ms, until_ms, 0)]
+    spans, start, current = [], since_ms, offset(since_ms)
+    probe = since_ms
+    while probe < until_ms:
+        step_end = min(probe + 86_400_000, until_ms)
+        if offset(step_end - 1) != current:  # a change within the day: found to the millisecond
+            low, high = probe, step_end - 1
+            while low < high:
+                middle = (low + high) // 2
+                if offset(middle) == current:
+                    low = middle + 1
+                else:
+                    high = middle
+            spans.append((start, low, current))
+            start, current = low, offset(low)
+            probe = low
+            continue
+        probe = step_end
+    spans.append((start, until_ms, current))
+    return spans
 
 
 def figure_columns() -> list[Any]:
@@ -98,13 +134,22 @@ def figure_columns() -> list[Any]:
 
 
 def _query(session: Session, group_by: list[str], since_ms: int, until_ms: int, bucket: str,
-           customer_id: str) -> dict[tuple[tuple[str, ...], str], dict[str, int]]:
+           customer_id: str, zone: ZoneInfo | None = None) -> dict[tuple[tuple[str, ...], str], dict[str, int]]:
+    """Each group's figures (and bucket's: hours, days and months of the zone, UTC's without one), one query a
+    span of the window in which the zone's offset from UTC holds."""
+    out: dict[tuple[tuple[str, ...], str], dict[str, int]] = {}
+    for start, end, offset in offset_spans(since_ms, until_ms, zone) if bucket else [(since_ms, until_ms, 0)]:
+        _query_span(session, group_by, start, end, bucket, customer_id, offset, zone, out)
+    return out
+
+
+def _query_span(session: Session, group_by: list[str], since_ms: int, until_ms: int, bucket: str, customer_id: str,
+                offset: int, zone: ZoneInfo | None, out: dict[tuple[tuple[str, ...], str], dict[str, int]]) -> None:
     r = UsageRecordRow
     columns = [DIMENSIONS[d].label(d) for d in group_by]
-    bucket_column = None
-    if bucket:
-        bucket_column = (r.created_ms - r.created_ms % BUCKET_MS[bucket]).label("bucket")
-        columns.append(bucket_column)
+    if bucket:  # local time is UTC shifted by the offset: buckets of it, given back as UTC instants
+        local = r.created_ms + offset
+        columns.append((local - local % BUCKET_MS[bucket] - offset).label("bucket"))
     figures = figure_columns()
     query = select(*columns, *figures).where(r.created_ms >= since_ms, r.created_ms < until_ms)
     if customer_id:
@@ -112,15 +157,13 @@ def _query(session: Session, group_by: list[str], since_ms: int, until_ms: int, 
     groups = [c for c in columns]
     if groups:
         query = query.group_by(*groups)
-    out: dict[tuple[tuple[str, ...], str], dict[str, int]] = {}
     for row in session.execute(query.limit(GROUPS_MAX * 31)):
         data = row._mapping
         key = tuple(str(data[d] or "") for d in group_by)
-        label = bucket_label(bucket, int(data["bucket"])) if bucket else ""
+        label = bucket_label(bucket, int(data["bucket"]), zone) if bucket else ""
         target = out.setdefault((key, label), dict.fromkeys(FIGURES, 0))
         for name in FIGURES:
             target[name] += int(data[name] or 0)
-    return out
 
 
 def top_groups(session: Session, dimension: str, since_ms: int, until_ms: int, order_by: str, limit: int,
@@ -140,7 +183,12 @@ def top_groups(session: Session, dimension: str, since_ms: int, until_ms: int, o
 
 
 def usage_report(session: Session, group_by: list[str], since_ms: int, until_ms: int, bucket: str = "",
-                 customer_id: str = "", compare_previous: bool = False) -> list[ReportRow]:
+                 customer_id: str = "", compare_previous: bool = False, zone_name: str = "") -> list[ReportRow]:
+    """`zone_name`: the IANA time zone whose hours, days and months the buckets are ("" or UTC: UTC's)."""
+    try:
+        zone = time_zone(zone_name) if zone_name and zone_name != "UTC" else None
+    except ValueError as error:
+        raise ReportError(str(error)) from None
     unknown = [d for d in group_by if d not in DIMENSIONS]
     if unknown:
         raise ReportError(f"unknown dimension {unknown[0]!r} (known: {', '.join(DIMENSIONS)})")
@@ -150,7 +198,7 @@ def usage_report(session: Session, group_by: list[str], since_ms: int, until_ms:
         raise ReportError("the window is empty: until must be after since")
     if compare_previous and bucket:
         raise ReportError("top movers compare whole windows: leave the bucket out")
-    current = _query(session, group_by, since_ms, until_ms, bucket, customer_id)
+    current = _query(session, group_by, since_ms, until_ms, bucket, customer_id, zone)
     previous = _query(session, group_by, 2 * since_ms - until_ms, since_ms, "", customer_id) if compare_previous else {}
     rows = [ReportRow(dict(zip(group_by, key)), label, figures, previous.get((key, ""), {}))
             for (key, label), figures in current.items()]

@@ -622,7 +622,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
         rows = await _call(context, lambda: self.admin.usage_report(
             list(request.group_by), request.since_unix_ms, request.until_unix_ms, request.bucket, customer_id,
-            request.compare_previous))
+            request.compare_previous, request.timezone))
         current = self.admin.book.current
 
         def reply() -> admin_pb2.UsageReportResponse:  # as many rows as groups and buckets: on a thread

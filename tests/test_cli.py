@@ -68,6 +68,14 @@ def test_a_new_users_tour(server: PolicydProcess, tmp_path: Path) -> None:
     assert report.returncode == 0
     assert report.stdout.splitlines()[0].startswith("customer,model,requests,allowed,denied")
     assert "demo,gpt-4o,5,4,1" in report.stdout
+    import datetime
+
+    today = datetime.datetime.now(datetime.timezone(datetime.timedelta(hours=14))).date()  # Kiribati's, ahead of all
+    zoned = run(server, "usage", "report", "--bucket", "day", "--timezone", "Pacific/Kiritimati", "--since",
+                str(today), "--format", "csv")  # since its midnight: every request of the tour, on its today
+    assert zoned.returncode == 0 and f"demo,{today},5,4,1" in zoned.stdout, zoned.stdout
+    unknown = run(server, "usage", "report", "--bucket", "day", "--timezone", "Mars/Olympus_Mons", "--since", "2026-11-01")
+    assert unknown.returncode != 0 and "unknown time zone" in unknown.stderr
 
     assert run(server, "keys", "revoke", key_id).returncode == 0
     revoked = run(server, "authorize", "--key", rotated["secret"], "--model", "gpt-4o")

@@ -153,3 +153,50 @@ async def test_reports_sum_what_providers_bill_apart_for_charged_requests_only(s
     assert int(parsed[0]["web_searches"]) == 4 and int(parsed[0]["cache_write_input_tokens"]) == 600
     table = render_report([row_dict(r) for r in rows], ["feature"], "table", "USD")
     assert "file_searches" in table.splitlines()[0] and "images" not in table.splitlines()[0]
+
+
+async def test_buckets_are_the_hours_days_and_months_of_a_time_zone(service: Service) -> None:
+    """Reports bucket by the hours, days and months of a time zone (the policy's by default, as its limits count
+    days; or one asked for; UTC to opt out), across the night its clocks change (New York's 1 a.m. twice, told
+    apart by their offsets) and in a zone half an hour off UTC's hours; a customer's own summary too."""
+    import yaml
+
+    from tests.conftest import SAMPLE_POLICY
+
+    clock = [0]
+    service.engine.clock = lambda: clock[0]
+    _, secret = await new_key(service, customer="zoned")
+    await fund(service, "zoned", "10")
+    hour = 3_600_000
+    for n, at in enumerate((T0 + 3 * hour + hour // 2,  # 2026-10-31 23:30 in New York (EDT)
+                            T0 + 5 * hour + hour // 2,  # 2026-11-01 01:30 EDT
+                            T0 + 6 * hour + hour // 2,  # 2026-11-01 01:30 EST: the clocks went back at 06:00Z
+                            T0 + 18 * hour + 3 * hour // 4,  # 2026-11-01 13:45 EST; 2026-11-02 00:15 in Kolkata
+                            T0 + DAY + 4 * hour + hour // 2,  # 2026-11-01 23:30 EST
+                            T0 + DAY + 5 * hour + hour // 2)):  # 2026-11-02 00:30 EST
+        clock[0] = at
+        assert (await service.engine.authorize(ask(secret, request_id=f"z{n}"))).decision == "allow"
+        await service.engine.settle(usage(f"z{n}"))
+
+    async def buckets(bucket: str, zone: str = "") -> dict[str, int]:
+        rows = await service.admin.usage_report([], T0 - DAY, T0 + 3 * DAY, bucket, "zoned", False, zone)
+        return {r.bucket: r.figures["requests"] for r in rows}
+
+    assert await buckets("day") == {"2026-11-01": 4, "2026-11-02": 2}  # UTC's: the policy names no zone
+    assert await buckets("day", "America/New_York") == {"2026-10-31": 1, "2026-11-01": 4, "2026-11-02": 1}
+    assert await buckets("day", "Asia/Kolkata") == {"2026-11-01": 3, "2026-11-02": 3}
+    assert await buckets("month", "America/New_York") == {"2026-10": 1, "2026-11": 5}
+    new_york_hours = await buckets("hour", "America/New_York")
+    assert (new_york_hours["2026-11-01T01:00-04:00"], new_york_hours["2026-11-01T01:00-05:00"]) == (1, 1)
+    assert (await buckets("hour", "Asia/Kolkata"))["2026-11-02T00:00+05:30"] == 1
+    with pytest.raises(PolicydError) as refused:
+        await buckets("day", "Mars/Olympus_Mons")
+    assert refused.value.reason == "invalid_report"
+
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["timezone"] = "America/New_York"
+    await service.admin.apply_policy(yaml.safe_dump(doc), "zoned.yaml")
+    assert await buckets("day") == {"2026-10-31": 1, "2026-11-01": 4, "2026-11-02": 1}  # the policy's days
+    assert await buckets("day", "UTC") == {"2026-11-01": 4, "2026-11-02": 2}
+    (rows, _, _), _ = await service.engine.usage_summary(secret, [], T0 - DAY, T0 + 3 * DAY, "day")
+    assert {r.bucket: r.counts["requests"] for r in rows} == {"2026-10-31": 1, "2026-11-01": 4, "2026-11-02": 1}

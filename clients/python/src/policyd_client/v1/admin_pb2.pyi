@@ -628,20 +628,22 @@ class ListUsageResponse(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[UsageRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class UsageReportRequest(_message.Message):
-    __slots__ = ("group_by", "since_unix_ms", "until_unix_ms", "bucket", "customer_id", "compare_previous")
+    __slots__ = ("group_by", "since_unix_ms", "until_unix_ms", "bucket", "customer_id", "compare_previous", "timezone")
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
     SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     UNTIL_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     BUCKET_FIELD_NUMBER: _ClassVar[int]
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     COMPARE_PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    TIMEZONE_FIELD_NUMBER: _ClassVar[int]
     group_by: _containers.RepeatedScalarFieldContainer[str]
     since_unix_ms: int
     until_unix_ms: int
     bucket: str
     customer_id: str
     compare_previous: bool
-    def __init__(self, group_by: _Optional[_Iterable[str]] = ..., since_unix_ms: _Optional[int] = ..., until_unix_ms: _Optional[int] = ..., bucket: _Optional[str] = ..., customer_id: _Optional[str] = ..., compare_previous: _Optional[bool] = ...) -> None: ...
+    timezone: str
+    def __init__(self, group_by: _Optional[_Iterable[str]] = ..., since_unix_ms: _Optional[int] = ..., until_unix_ms: _Optional[int] = ..., bucket: _Optional[str] = ..., customer_id: _Optional[str] = ..., compare_previous: _Optional[bool] = ..., timezone: _Optional[str] = ...) -> None: ...
 
 class UsageReportRow(_message.Message):
     __slots__ = ("group", "bucket", "figures")
