@@ -372,6 +372,19 @@ class Admin:
             raise PolicydError("NOT_FOUND", "limit_not_found",
                                f"no limit binds {target.scope} {target.owner_id or target.customer_id!r} "
                                "in the policy in force" + (" as narrowed" if unit or window or name else ""))
+        claim, holder = redis_keys.limit_reset(target.customer_id), secrets.token_hex(8)
+        if not await self.counters.claim(claim, holder, limit_resets.CLAIM_SECONDS):
+            raise PolicydError("ABORTED", "reset_in_progress", f"another reset of {target.customer_id!r}'s limits "
+                                                               "is being made; try again once it is done")
+        try:
+            return target, await self._reset(target, found, reason, at)
+        finally:
+            await self.counters.end_claim(claim, holder)
+
+    async def _reset(self, target: limit_resets.Target, found: dict[str, tuple[Any, BucketHold, quotas.Window]],
+                     reason: str, at: int) -> list[limit_resets.Reset]:
+        """Each bucket found reset (under the customer's claim): what its settled requests by `at` and its seed
+        put in it, less what earlier resets took, taken out; kept in SQL."""
         await self.catch_up()  # what was settled before `at` is in SQL
         seeded = {key: row for row in await asyncio.to_thread(self.store.owner_limits, target.customer_id)
                   for key in (row.seeds or {})}
@@ -403,7 +416,7 @@ class Admin:
                     await self.counters.reset_limit(partition, bucket, -taken)
                     raise
             done.append(limit_resets.Reset(limit, used + taken, taken, used, current.end))
-        return target, done
+        return done
 
     def _limits_binding(self, target: limit_resets.Target, keys: list[ApiKeyRow], unit: str, window: str, name: str,
                         at: int) -> dict[str, tuple[Any, BucketHold, quotas.Window]]:

@@ -625,11 +625,19 @@ class Counters:
     async def claim_cache_change(self, name: str, request_id: str, seconds: int) -> bool:
         """That this request changes an explicit cache's time to live, for `seconds` at most (its hold's life):
         False while another request does."""
-        return bool(await self.client.set(redis_keys.cache_change(name), request_id, nx=True, ex=max(1, seconds)))
+        return await self.claim(redis_keys.cache_change(name), request_id, seconds)
 
     async def end_cache_change(self, name: str, request_id: str) -> None:
         """The request's change of the cache ended (settled or released): the next may begin."""
-        await self._end_claim(keys=[redis_keys.cache_change(name)], args=[request_id])
+        await self.end_claim(redis_keys.cache_change(name), request_id)
+
+    async def claim(self, key: str, holder: str, seconds: int) -> bool:
+        """That `holder` alone does what `key` names, for `seconds` at most: False while another does."""
+        return bool(await self.client.set(key, holder, nx=True, ex=max(1, seconds)))
+
+    async def end_claim(self, key: str, holder: str) -> None:
+        """The holder is done: the next may begin (a claim that ran out and was taken by another stays the other's)."""
+        await self._end_claim(keys=[key], args=[holder])
 
     async def reset_limit(self, partition: int, bucket_key: str, amount: int,
                           thresholds: Sequence[tuple[int, int]] = ()) -> tuple[int, int] | None:

@@ -14,7 +14,8 @@ are armed again. Charges, the wallet and the records are unchanged: a reset forg
 Each reset is kept in SQL (`limit_resets`: the bucket, what was taken, the moment whose settled requests it
 forgave, why), so the audit and a rebuild take it out of what the records imply as the bucket did; a later refund
 of a request a reset forgave gives that limit nothing back a second time (the reset's row takes the refund in
-instead: Admin.refund_usage).
+instead: Admin.refund_usage). One reset of a customer's limits runs at a time (a claim in Redis): two at once
+would each forgive the same requests, the second taking the holds of requests in flight.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from policyd.policy import Limit
 NAMED_SCOPES = (("key", "key_id"), ("workspace", "workspace_id"), ("project", "project_id"), ("team", "team_id"),
                 ("end_user", "end_user_id"), ("feature", "feature"), ("model", "model"), ("thread", "thread_id"))
 REASON_LENGTH_MAX = 512
+CLAIM_SECONDS = 120  # one reset of a customer's limits at a time: the claim lasts at most this, should its maker die
 NAMED_ID_LENGTH_MAX = 256  # an end user's, feature's, model's or thread's id, as requests name them
 # records are read from this long before their bucket's window began (a replica's clock ahead of another's): the
 # bucket key they name decides

@@ -115,6 +115,12 @@ def stored_response(response_id: str) -> str:
     return f"{PREFIX}:resp:{response_id}"
 
 
+def limit_reset(customer_id: str) -> str:
+    """The operator's reset of a customer's limits, while it runs: one at a time, so none forgives what another
+    forgave already."""
+    return f"{PREFIX}:limit_reset:{customer_id}"
+
+
 def cache_change(name: str) -> str:
     """The request changing an explicit cache's time to live (Gemini's PATCH cachedContents/<id>), while it runs:
     one at a time, so each is charged the time past what the one before it was."""

@@ -86,12 +86,14 @@ async def test_a_reset_forgives_what_the_window_counted_of_settled_requests(serv
     await counters_lost_and_rebuilt(service)
     assert (await service.admin.audit()).ok and await _used(service, bucket) == 0
 
-    while (await service.engine.authorize(ask(first, request_id=f"t-{n}"))).decision == "allow":
-        await service.engine.settle(usage(f"t-{n}", input_tokens=100, output_tokens=40))
+    while (refused := await service.engine.authorize(ask(first, request_id=f"t-{n}"))).decision == "allow":
+        await service.engine.settle(usage(f"t-{n}", input_tokens=1000, output_tokens=400))
         n += 1
+    assert refused.message.endswith("(customer-money-month)")
     await service.writer.drain()
     crossings = [e for e in service.store.events("alert") if e.detail.get("label") == "customer-money-month"]
-    assert [e.detail["percent"] for e in crossings] == ["50", "50"]  # once before the reset, once after
+    # crossed, then reached (refusing), before the resets; both again after them
+    assert [e.detail["percent"] for e in crossings] == ["50", "100", "50", "100"]
 
 
 async def test_a_reset_names_its_owner_and_may_be_narrowed(service: Service) -> None:
@@ -200,4 +202,26 @@ async def test_resets_amid_concurrent_requests_keep_the_counts_whole(service: Se
     _, last = await service.admin.reset_limits("busy")
     assert [r.used for r in last] == [0, 0]  # nothing in flight: everything settled was forgiven, once
     await counters_lost_and_rebuilt(service)
+    assert (await service.admin.audit()).ok
+
+
+async def test_two_resets_at_once_never_forgive_the_same_requests(service: Service) -> None:
+    """Two resets of one customer's limits at once: one is made, the other refused (ABORTED reset_in_progress:
+    it would forgive the same requests again, taking the holds of those in flight); once it is done the next may
+    be made, and forgives nothing again."""
+    _, secret = await new_key(service, plan="free", customer="twice")
+    await fund(service, "twice", "10")
+    await service.admin.set_owner_limits([{"window": "month", "unit": "money", "limit": 10**9}], "twice")
+    assert (await service.engine.authorize(ask(secret, request_id="done"))).decision == "allow"
+    charged = (await service.engine.settle(usage("done"))).charge
+    held = (await service.engine.authorize(ask(secret, request_id="in-flight"))).reserved
+    both = await asyncio.gather(service.admin.reset_limits("twice"), service.admin.reset_limits("twice"),
+                                return_exceptions=True)
+    refused = [r for r in both if isinstance(r, PolicydError)]
+    made = [r for r in both if not isinstance(r, BaseException)]
+    assert [(e.status, e.reason) for e in refused] == [("ABORTED", "reset_in_progress")]
+    assert [[(r.forgiven, r.used) for r in resets] for _, resets in made] == [[(charged, held)]]
+    _, (again,) = await service.admin.reset_limits("twice")
+    assert (again.forgiven, again.used) == (0, held)  # the in-flight request's hold stays
+    await service.writer.drain()
     assert (await service.admin.audit()).ok
