@@ -852,16 +852,18 @@ class Engine:
                                      "owner": _owner_of(found[0])}, "request_not_found", param="after")
         return page, None
 
-    async def usage_summary(self, api_key: str, group_by: list[str], since_ms: int, until_ms: int, bucket: str = ""
+    async def usage_summary(self, api_key: str, group_by: list[str], since_ms: int, until_ms: int, bucket: str = "",
+                            zone_name: str = ""
                             ) -> tuple[tuple[list[own_usage.UsageRow], bool, str] | None, Decision | None]:
         """The key's customer's usage summed over a window, grouped (GET /v1/usage, for the key's own holder): its
-        rows, whether more were left out, and the currency of their charges (policyd/own_usage.py)."""
+        rows, whether more were left out, and the currency of their charges (policyd/own_usage.py). Buckets are
+        `zone_name`'s hours, days and months (the policy's time zone unless named)."""
         found = await self._key_asking(api_key)
         if isinstance(found, Decision):
             return None, found
         key, policy, _ = found
         rows, truncated = await own_usage.summary(self.store, key.customer_id, group_by, since_ms, until_ms, bucket,
-                                                  policy.document.timezone)
+                                                  zone_name or policy.document.timezone)
         return (rows, truncated, policy.document.currency), None
 
     async def _key_asking(self, api_key: str) -> tuple[KeyRecord, Policy, Plan] | Decision:

@@ -110,7 +110,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             return deny_decision(denial) if page is None else denied(200, http_api.request_list_body(*page))
         if call.usage_summary and not call.problem:
             summed, denial = await self.engine.usage_summary(call.api_key, list(call.usage_group_by),
-                                                             call.usage_since_ms, call.usage_until_ms, call.usage_bucket)
+                                                             call.usage_since_ms, call.usage_until_ms, call.usage_bucket,
+                                                             call.usage_timezone)
             return deny_decision(denial) if summed is None else denied(200, http_api.usage_summary_body(*summed, call))
         if call.problem:
             decision = await self.engine.deny_request(call.authorize_input(), call.problem, call.problem_message,

@@ -345,7 +345,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             return None, immediate_denial(denial) if page is None else immediate(200, http_api.request_list_body(*page))
         if call.usage_summary and not call.problem:
             summed, denial = await self.engine.usage_summary(call.api_key, list(call.usage_group_by),
-                                                             call.usage_since_ms, call.usage_until_ms, call.usage_bucket)
+                                                             call.usage_since_ms, call.usage_until_ms, call.usage_bucket,
+                                                             call.usage_timezone)
             return None, immediate_denial(denial) if summed is None else \
                 immediate(200, http_api.usage_summary_body(*summed, call))
         if call.problem:

@@ -111,7 +111,7 @@ class PolicydMiddleware:
         if call.usage_summary and not call.problem:  # GET /v1/usage
             await _answered_by_policyd(send, self.policy.usage_summary(
                 call.api_key, call.usage_group_by, call.usage_bucket, call.usage_since_ms // 1000,
-                call.usage_until_ms // 1000),
+                call.usage_until_ms // 1000, call.usage_timezone),
                 lambda summed: http_api.usage_summary_body(_usage_rows(summed), summed.truncated, summed.currency, call))
             return
         if not call.endpoint and not self.strict:

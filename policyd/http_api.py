@@ -31,7 +31,7 @@ Perplexity's /chat/completions, Azure AI Foundry's /models/..., GitHub Models' /
     GET  .../v1/requests/{id}[?wait=N]    one request of the key's customer: its charge, usage and state (answered
                                           by policyd: policyd/request_lookup.py; one in progress waited for up
                                           to N seconds, 5 unless told, at most 20, to close)
-    GET  .../v1/usage[?group_by=model,feature&bucket=day&since=S&until=U]
+    GET  .../v1/usage[?group_by=model,feature&bucket=day&timezone=Z&since=S&until=U]
                                           the key's customer's usage summed over a window (the last 30 days
                                           unless told; unix seconds), grouped as asked: requests, tokens and
                                           charges, never costs (answered by policyd: policyd/own_usage.py)
@@ -302,6 +302,7 @@ class HttpCall:
     usage_bucket: str = ""  # ... and by hour, day or month
     usage_since_ms: int = 0  # ... over [since, until)
     usage_until_ms: int = 0
+    usage_timezone: str = ""  # ... in buckets of this time zone's hours, days and months ("": the policy's)
     api_key: str = ""
     model: str = ""
     model_in_path: bool = False  # the path names the model (Gemini, an Azure deployment): a downgrade rewrites it
@@ -1659,8 +1660,8 @@ def _request_listing(call: HttpCall, path: str) -> HttpCall:
 
 
 def _usage_summary(call: HttpCall, path: str) -> HttpCall:
-    """GET /v1/usage: how to group the customer's usage (`group_by`, `bucket`) and over which window (`since`,
-    `until`: unix seconds; the last 30 days unless told)."""
+    """GET /v1/usage: how to group the customer's usage (`group_by`, `bucket` in `timezone`: the policy's unless
+    told) and over which window (`since`, `until`: unix seconds; the last 30 days unless told)."""
     call.usage_summary = True
     since_ms: int | None = None
     until_ms: int | None = None
@@ -1669,6 +1670,8 @@ def _usage_summary(call: HttpCall, path: str) -> HttpCall:
             call.usage_group_by += tuple(d.strip() for d in value.split(",") if d.strip())
         elif name == "bucket":
             call.usage_bucket = value
+        elif name == "timezone":
+            call.usage_timezone = value
         elif name in ("since", "until"):
             if not re.fullmatch(r"[0-9]{1,12}", value):
                 return _problem(call, "invalid_request", f"{name} must be a time in unix seconds", name)
@@ -1677,7 +1680,8 @@ def _usage_summary(call: HttpCall, path: str) -> HttpCall:
             else:
                 until_ms = int(value) * 1000
     call.usage_since_ms, call.usage_until_ms = own_usage.window(since_ms, until_ms)
-    wrong = own_usage.problem(list(call.usage_group_by), call.usage_since_ms, call.usage_until_ms, call.usage_bucket)
+    wrong = own_usage.problem(list(call.usage_group_by), call.usage_since_ms, call.usage_until_ms, call.usage_bucket,
+                              call.usage_timezone)
     return _problem(call, "invalid_request", *wrong) if wrong else call
 
 
@@ -1978,7 +1982,7 @@ def usage_summary_body(rows: list[own_usage.UsageRow], truncated: bool, currency
     return json.dumps({
         "object": "usage", "currency": currency, "since": call.usage_since_ms // 1000,
         "until": call.usage_until_ms // 1000, "group_by": list(call.usage_group_by),
-        "bucket": call.usage_bucket or None, "truncated": truncated,
+        "bucket": call.usage_bucket or None, "timezone": call.usage_timezone or None, "truncated": truncated,
         "data": [{"group": r.group, "bucket": r.bucket or None, **r.counts, "charge": format_amount(r.charge),
                   "refunded": format_amount(r.refunded), "usage": r.usage} for r in rows],
     }).encode()

@@ -10,6 +10,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
 
 if TYPE_CHECKING:  # the HTTP API reads this module's bounds without loading SQL's
     from policyd.store import Store
@@ -66,7 +67,8 @@ def window(since_ms: int | None, until_ms: int | None) -> tuple[int, int]:
     return (max(until - WINDOW_MS_DEFAULT, 0) if since_ms is None else since_ms), until
 
 
-def problem(group_by: list[str], since_ms: int, until_ms: int, bucket: str) -> tuple[str, str] | None:
+def problem(group_by: list[str], since_ms: int, until_ms: int, bucket: str, zone_name: str = ""
+            ) -> tuple[str, str] | None:
     """What is wrong with a summary asked for (its message, and the parameter), None when nothing is."""
     unknown = [d for d in group_by if d not in DIMENSIONS]
     if unknown or len(group_by) > GROUP_BY_MAX or len(set(group_by)) < len(group_by):
@@ -75,4 +77,9 @@ def problem(group_by: list[str], since_ms: int, until_ms: int, bucket: str) -> t
         return (f"bucket is one of {', '.join(BUCKETS)}", "bucket")
     if not 0 <= since_ms < until_ms or until_ms - since_ms > WINDOW_MS_MAX:
         return (f"since must be before until, at most {WINDOW_MS_MAX // 86_400_000} days apart", "since")
+    if zone_name and zone_name != "UTC":
+        try:
+            ZoneInfo(zone_name)
+        except (ValueError, KeyError):  # ZoneInfoNotFoundError is a KeyError
+            return (f"timezone is an IANA time zone such as Europe/Paris, not {zone_name[:64]!r}", "timezone")
     return None

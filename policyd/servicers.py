@@ -239,13 +239,14 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     async def SummarizeUsage(self, request: policy_pb2.UsageSummaryRequest,
                              context: grpc.aio.ServicerContext) -> Any:
         since_ms, until_ms = own_usage.window(request.since_unix * 1000 or None, request.until_unix * 1000 or None)
-        group_by, bucket = list(request.group_by), request.bucket
+        group_by, bucket, zone = list(request.group_by), request.bucket, request.timezone
 
         async def summed() -> tuple[list[own_usage.UsageRow], bool, str]:
-            wrong = own_usage.problem(group_by, since_ms, until_ms, bucket)
+            wrong = own_usage.problem(group_by, since_ms, until_ms, bucket, zone)
             if wrong:
                 raise PolicydError("INVALID_ARGUMENT", "invalid_request", wrong[0])
-            return _answered(await self.engine.usage_summary(request.api_key, group_by, since_ms, until_ms, bucket))
+            return _answered(await self.engine.usage_summary(request.api_key, group_by, since_ms, until_ms, bucket,
+                                                             zone))
 
         rows, truncated, currency = await _call(context, summed)
         return policy_pb2.UsageSummary(

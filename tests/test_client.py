@@ -149,6 +149,13 @@ async def test_a_request_is_described_over_the_native_api(served) -> None:
         with pytest.raises(PolicydCallError) as refused:
             await policy.usage_summary(secret, group_by=["provider"])
         assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid_request")
+        # by the days of a time zone asked for: the same requests, their day as it is there
+        by_day = await policy.usage_summary(secret, bucket="day", timezone="Pacific/Kiritimati")
+        today = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 14 * 3600))
+        assert {g.bucket for g in by_day.groups} == {today} and sum(g.requests for g in by_day.groups) >= 2
+        with pytest.raises(PolicydCallError) as refused:
+            await policy.usage_summary(secret, bucket="day", timezone="Mars/Olympus_Mons")
+        assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid_request")
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:

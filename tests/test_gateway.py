@@ -2130,8 +2130,14 @@ def test_a_customer_sums_its_usage_by_model_thread_and_day(gateway: Gateway) -> 
     assert run["run-1"]["bucket"] == time.strftime("%Y-%m-%d", time.gmtime()) and run["run-1"]["output_tokens"] > 0
     whole = client.get("/usage", cast_to=object)
     assert [(row["group"], row["requests"], row["charge"]) for row in whole["data"]] == [({}, 3, charged())]
+    kiribati = client.get("/usage", cast_to=object, options={"params": {"bucket": "day",
+                                                                         "timezone": "Pacific/Kiritimati"}})
+    assert kiribati["timezone"] == "Pacific/Kiritimati" and [(row["bucket"], row["requests"]) for row in
+                                                            kiribati["data"]] == [
+        (time.strftime("%Y-%m-%d", time.gmtime(time.time() + 14 * 3600)), 3)]  # its day, 14 hours ahead of UTC
     for params, param in (({"group_by": "provider"}, "group_by"), ({"bucket": "week"}, "bucket"),
-                          ({"since": "soon"}, "since"), ({"since": "2000000000", "until": "1000000000"}, "since")):
+                          ({"since": "soon"}, "since"), ({"since": "2000000000", "until": "1000000000"}, "since"),
+                          ({"bucket": "day", "timezone": "Mars/Olympus_Mons"}, "timezone")):
         with pytest.raises(openai.BadRequestError) as bad:
             client.get("/usage", cast_to=object, options={"params": params})
         assert (bad.value.code, bad.value.param) == ("invalid_request", param)

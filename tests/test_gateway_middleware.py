@@ -573,6 +573,9 @@ def test_a_customer_asks_what_its_request_was_charged(gateway: ExampleGateway) -
         ({"model": "gpt-4o-mini"}, 1, format_amount(record["charge_nanos"]))]
     code, error = asked_with(f"{gateway.base_url}/usage?group_by=provider", key)
     assert (code, error["error"]["code"], error["error"]["param"]) == (400, "invalid_request", "group_by")
+    code, by_day = asked_with(f"{gateway.base_url}/usage?bucket=day&timezone=Pacific/Kiritimati", key)
+    assert code == 200 and [r["bucket"] for r in by_day["data"]] == [
+        time.strftime("%Y-%m-%d", time.gmtime(time.time() + 14 * 3600))]  # the day there, 14 hours ahead of UTC
     assert not [r for r in gateway.mock.received() if r["path"].rstrip("/").endswith("/requests")]
 
 

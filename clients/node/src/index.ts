@@ -360,13 +360,15 @@ export class PolicyClient {
   }
 
   /** The key's customer's usage summed over a window (the last 30 days unless told), for answering GET /v1/usage:
-   *  grouped by up to 3 dimensions (model, feature, thread, key, ...), by hour, day or month if `bucket`. Each
-   *  group's counts and tokens, and its charge in nanos; never what it cost the operator. */
+   *  grouped by up to 3 dimensions (model, feature, thread, key, ...), by hour, day or month if `bucket` (of
+   *  `timezone`, an IANA name: the policy's unless told). Each group's counts and tokens, and its charge in
+   *  nanos; never what it cost the operator. */
   async usageSummary(apiKey: string, options: { groupBy?: string[]; bucket?: string; sinceUnix?: number;
-                                                untilUnix?: number } = {}): Promise<UsageSummary__Output> {
+                                                untilUnix?: number; timezone?: string } = {}
+  ): Promise<UsageSummary__Output> {
     return this.call<UsageSummaryRequest, UsageSummary__Output>(this.stub.summarizeUsage.bind(this.stub), {
       apiKey, groupBy: options.groupBy ?? [], bucket: options.bucket ?? "", sinceUnix: options.sinceUnix ?? 0,
-      untilUnix: options.untilUnix ?? 0 }, true);
+      untilUnix: options.untilUnix ?? 0, timezone: options.timezone ?? "" }, true);
   }
 
   private async call<Req, Res>(method: Unary<Req, Res>, request: Req, idempotent: boolean,

@@ -210,6 +210,11 @@ test("a request is described: in progress while held, then what it was charged",
     assert.equal(summed.currency, "USD");
     await assert.rejects(policy.usageSummary(apiKey, { groupBy: ["provider"] }),
       (e: unknown) => e instanceof PolicydCallError && e.code === grpc.status.INVALID_ARGUMENT);
+    const today = new Date(Date.now() + 14 * 3600_000).toISOString().slice(0, 10);  // Kiribati's day
+    const byDay = await policy.usageSummary(apiKey, { bucket: "day", timezone: "Pacific/Kiritimati" });
+    assert.deepEqual([...new Set(byDay.groups.map((g) => g.bucket))], [today]);
+    await assert.rejects(policy.usageSummary(apiKey, { bucket: "day", timezone: "Mars/Olympus_Mons" }),
+      (e: unknown) => e instanceof PolicydCallError && e.code === grpc.status.INVALID_ARGUMENT);
   } finally {
     policy.close();
   }

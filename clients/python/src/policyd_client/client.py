@@ -310,13 +310,14 @@ class PolicyClient:
                                                                                  after=after), idempotent=True)
 
     def usage_summary(self, api_key: str, group_by: tuple[str, ...] | list[str] = (), bucket: str = "",
-                      since_unix: int = 0, until_unix: int = 0) -> Any:
+                      since_unix: int = 0, until_unix: int = 0, timezone: str = "") -> Any:
         """The key's customer's usage summed over a window (a policy_pb2.UsageSummary: its `groups`, each with its
         counts, tokens and charge), for answering the key's holder (GET /v1/usage); grouped by up to 3 dimensions
-        (model, feature, thread, key, ...), by hour, day or month if `bucket`; the last 30 days unless told."""
+        (model, feature, thread, key, ...), by hour, day or month if `bucket` (of `timezone`, an IANA name: the
+        policy's unless told); the last 30 days unless told."""
         return self._call(self.stub.SummarizeUsage, policy_pb2.UsageSummaryRequest(
-            api_key=api_key, group_by=list(group_by), bucket=bucket, since_unix=since_unix, until_unix=until_unix),
-            idempotent=True)
+            api_key=api_key, group_by=list(group_by), bucket=bucket, since_unix=since_unix, until_unix=until_unix,
+            timezone=timezone), idempotent=True)
 
 
 class AsyncPolicyClient:
@@ -399,8 +400,8 @@ class AsyncPolicyClient:
             api_key=api_key, limit=limit, after=after), idempotent=True)
 
     async def usage_summary(self, api_key: str, group_by: tuple[str, ...] | list[str] = (), bucket: str = "",
-                            since_unix: int = 0, until_unix: int = 0) -> Any:
+                            since_unix: int = 0, until_unix: int = 0, timezone: str = "") -> Any:
         """As PolicyClient.usage_summary."""
         return await self._call(self.stub.SummarizeUsage, policy_pb2.UsageSummaryRequest(
-            api_key=api_key, group_by=list(group_by), bucket=bucket, since_unix=since_unix, until_unix=until_unix),
-            idempotent=True)
+            api_key=api_key, group_by=list(group_by), bucket=bucket, since_unix=since_unix, until_unix=until_unix,
+            timezone=timezone), idempotent=True)

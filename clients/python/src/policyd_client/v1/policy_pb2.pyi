@@ -42,18 +42,20 @@ ALREADY_RELEASED: ReleaseOutcome
 ALREADY_EXPIRED: ReleaseOutcome
 
 class UsageSummaryRequest(_message.Message):
-    __slots__ = ("api_key", "group_by", "bucket", "since_unix", "until_unix")
+    __slots__ = ("api_key", "group_by", "bucket", "since_unix", "until_unix", "timezone")
     API_KEY_FIELD_NUMBER: _ClassVar[int]
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
     BUCKET_FIELD_NUMBER: _ClassVar[int]
     SINCE_UNIX_FIELD_NUMBER: _ClassVar[int]
     UNTIL_UNIX_FIELD_NUMBER: _ClassVar[int]
+    TIMEZONE_FIELD_NUMBER: _ClassVar[int]
     api_key: str
     group_by: _containers.RepeatedScalarFieldContainer[str]
     bucket: str
     since_unix: int
     until_unix: int
-    def __init__(self, api_key: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., bucket: _Optional[str] = ..., since_unix: _Optional[int] = ..., until_unix: _Optional[int] = ...) -> None: ...
+    timezone: str
+    def __init__(self, api_key: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., bucket: _Optional[str] = ..., since_unix: _Optional[int] = ..., until_unix: _Optional[int] = ..., timezone: _Optional[str] = ...) -> None: ...
 
 class UsageSummary(_message.Message):
     __slots__ = ("currency", "since_unix", "until_unix", "groups", "truncated")
