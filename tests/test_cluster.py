@@ -46,6 +46,9 @@ async def test_the_whole_flow_on_a_cluster(cluster: RedisCluster, tmp_path: Path
         key_id, secret = await new_key(service, customer="c0")
         await service.admin.set_state(key_id, "paused")
         assert (await service.engine.authorize(ask(secret))).reason == "key_paused"
+        for c in customers:  # each customer's thread limit reset, in its own partition's slot
+            _, (reset,) = await service.admin.reset_limits(c, thread_id="t")
+            assert (reset.limit.label, reset.forgiven > 0, reset.used) == ("thread-hour", True, 0)
         audit = await service.admin.audit()
         assert audit.ok, audit.mismatches
         assert len(service.store.ledger_balances()) == len(customers)
