@@ -8,6 +8,7 @@ on any replica, because the authorize script reads the key's state.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
@@ -42,6 +43,7 @@ REBUILD_SECONDS_MAX = 600  # a rebuild that dies holds its partitions' gates and
 KEY_SCOPES_MAX = 32
 SCOPE_LENGTH_MAX = 128
 OWNER_ID_LENGTH_MAX = 128
+END_USERS_WITH_LIMITS_MAX = 10_000  # a customer's end users with limits of their own (each replica reads them all)
 
 
 def now_ms() -> int:
@@ -100,16 +102,20 @@ def _key_limits(limits: list[dict[str, Any]], policy: Policy | None, scope: str 
         raise _invalid("invalid_limit", str(error)) from None
 
 
-def _owner(customer_id: str, workspace_id: str = "", project_id: str = "", team_id: str = "") -> tuple[str, str]:
-    """(scope, owner id) of the owner a call names: a workspace, project or team of the customer, or the
+def _owner(customer_id: str, workspace_id: str = "", project_id: str = "", team_id: str = "",
+           end_user_id: str = "") -> tuple[str, str]:
+    """(scope, owner id) of the owner a call names: a workspace, project, team or end user of the customer, or the
     customer itself when none is named."""
     if not customer_id:
         raise _invalid("invalid_request", "customer_id is required")
     _check_owner_ids(customer_id=customer_id, workspace_id=workspace_id, project_id=project_id, team_id=team_id)
+    if len(end_user_id) > OWNER_ID_LENGTH_MAX or not end_user_id.isprintable():
+        raise _invalid("invalid_request", f"end_user_id must be at most {OWNER_ID_LENGTH_MAX} printable characters")
     named = [(scope, owner_id) for scope, owner_id in (("workspace", workspace_id), ("project", project_id),
-                                                       ("team", team_id)) if owner_id]
+                                                       ("team", team_id), ("end_user", end_user_id)) if owner_id]
     if len(named) > 1:
-        raise _invalid("invalid_request", "name one of workspace_id, project_id and team_id (or none: the customer)")
+        raise _invalid("invalid_request", "name one of workspace_id, project_id, team_id and end_user_id (or none: "
+                                          "the customer)")
     return named[0] if named else ("customer", "")
 
 
@@ -120,12 +126,19 @@ def _check_owner_ids(**ids: str) -> None:
                            f"{name} must be at most {OWNER_ID_LENGTH_MAX} characters without spaces, '/' or braces")
 
 
-def _owner_limits_of(key: ApiKeyRow, given: list[OwnerLimitsRow]) -> list[dict[str, Any]]:
-    """The limits of a key's owners (`given`: its customer's), as the key carries them: its customer's, and its
-    workspace's, project's and team's where it has one."""
+def _bound_to_owners(key: ApiKeyRow, given: list[OwnerLimitsRow]) -> bool:
+    """The key made to carry its owners' limits (`given`: its customer's): its customer's, and its workspace's,
+    project's and team's where it has one; and the fingerprint of its customer's end users' (read by the
+    decision of a request naming one: too many to carry). Whether that changed it."""
     ids = {"customer": "", "workspace": key.workspace_id, "project": key.project_id, "team": key.team_id}
-    return [entry for row in given if row.scope == "customer" or (ids[row.scope] and ids[row.scope] == row.owner_id)
-            for entry in row.limits]
+    limits = [entry for row in given if row.scope == "customer" or (ids.get(row.scope) and ids[row.scope] ==
+                                                                     row.owner_id) for entry in row.limits]
+    end_users = [(row.owner_id, row.limits) for row in given if row.scope == "end_user"]
+    digest = hashlib.sha256(json.dumps(end_users, sort_keys=True).encode()).hexdigest()[:16] if end_users else ""
+    if limits == (key.owner_limits or []) and digest == (key.end_user_limits or ""):
+        return False
+    key.owner_limits, key.end_user_limits = limits, digest
+    return True
 
 
 def _secrets_of(row: ApiKeyRow, at: int) -> list[tuple[str, int]]:
@@ -174,14 +187,12 @@ class Admin:
             environment=environment, plan=plan, scopes=_key_scopes(scopes or []), status="active", created_ms=at,
             rotated_ms=0, status_changed_ms=at, expires_ms=expires_ms, limits=own_limits,
         )
-        row.owner_limits = _owner_limits_of(row, await asyncio.to_thread(self.store.owner_limits, customer_id))
+        _bound_to_owners(row, await asyncio.to_thread(self.store.owner_limits, customer_id))
         await asyncio.to_thread(self.store.save_key, row)
         await self._publish_key(row)
         # an owner's limits changed meanwhile: read again once the key is in SQL (set_owner_limits lists the keys
         # once its own row is), so that one of the two calls sees the other
-        bound = _owner_limits_of(row, await asyncio.to_thread(self.store.owner_limits, customer_id))
-        if bound != row.owner_limits:
-            row.owner_limits = bound
+        if _bound_to_owners(row, await asyncio.to_thread(self.store.owner_limits, customer_id)):
             await self._save_and_publish(row)
         self.directory.remember(row.secret_hash, key_record(row))
         return KeyCreation(row, secret)
@@ -252,13 +263,19 @@ class Admin:
         await self._publish_key(row)
 
     async def set_owner_limits(self, limits: list[dict[str, Any]], customer_id: str, workspace_id: str = "",
-                               project_id: str = "", team_id: str = "") -> tuple[OwnerLimitsRow, int]:
-        """Give an owner (a customer, or one of its workspaces, projects or teams) its limits, the whole set (none:
-        its plans' alone): each binds every key of the owner, those made later too, in place of a plan's limit of
-        the same scope and bucket (key_limits.py), from the next decision on every replica. The row, and how many
-        keys changed. A limit that lowers a count already past it refuses the owner's next requests in that
-        window."""
-        scope, owner_id = _owner(customer_id, workspace_id, project_id, team_id)
+                               project_id: str = "", team_id: str = "", end_user_id: str = ""
+                               ) -> tuple[OwnerLimitsRow, int]:
+        """Give an owner (a customer, or one of its workspaces, projects, teams or end users) its limits, the whole
+        set (none: its plans' alone): each binds every key of the owner, those made later too (an end user's: the
+        requests of any key of its customer that name it), in place of a plan's limit of the same scope and bucket
+        (key_limits.py), from the next decision on every replica. The row, and how many keys changed. A limit that
+        lowers a count already past it refuses the owner's next requests in that window."""
+        scope, owner_id = _owner(customer_id, workspace_id, project_id, team_id, end_user_id)
+        if scope == "end_user" and limits and len([r for r in await asyncio.to_thread(
+                self.store.owner_limits, customer_id) if r.scope == "end_user" and r.owner_id != owner_id]) \
+                >= END_USERS_WITH_LIMITS_MAX:
+            raise _invalid("invalid_request", f"a customer's end users with limits of their own are at most "
+                                              f"{END_USERS_WITH_LIMITS_MAX}: use a plan's end_user limit for all")
         checked = _key_limits(limits, self.book.current, scope)
         row = OwnerLimitsRow(customer_id=customer_id, scope=scope, owner_id=owner_id, limits=checked,
                              updated_ms=now_ms())
@@ -268,9 +285,7 @@ class Admin:
         given = await asyncio.to_thread(self.store.owner_limits, customer_id)  # keys made from now on read these
         while True:  # until no other change of the customer's owners came meanwhile (each ends on the last state)
             for key in await self.list_keys(customer_id):
-                bound = _owner_limits_of(key, given)
-                if key.status != "revoked" and bound != (key.owner_limits or []):
-                    key.owner_limits = bound
+                if key.status != "revoked" and _bound_to_owners(key, given):
                     await self._save_and_publish(key)
                     changed.add(key.id)
             now_given = await asyncio.to_thread(self.store.owner_limits, customer_id)
@@ -367,7 +382,10 @@ class Admin:
                 raise PolicydError("NOT_FOUND", "unknown_key", f"no key {target.owner_id!r}")
             target = limit_resets.Target(key.customer_id, "key", key.id)
         at = now_ms()
-        found = self._limits_binding(target, await self.list_keys(target.customer_id), unit, window, name, at)
+        own = next((key_limits.as_limits(row.limits) for row in await asyncio.to_thread(
+            self.store.owner_limits, target.customer_id) if (row.scope, row.owner_id) == ("end_user", target.owner_id)
+            and target.scope == "end_user"), ())
+        found = self._limits_binding(target, await self.list_keys(target.customer_id), own, unit, window, name, at)
         if not found:
             raise PolicydError("NOT_FOUND", "limit_not_found",
                                f"no limit binds {target.scope} {target.owner_id or target.customer_id!r} "
@@ -418,10 +436,11 @@ class Admin:
             done.append(limit_resets.Reset(limit, used + taken, taken, used, current.end))
         return done
 
-    def _limits_binding(self, target: limit_resets.Target, keys: list[ApiKeyRow], unit: str, window: str, name: str,
-                        at: int) -> dict[str, tuple[Any, BucketHold, quotas.Window]]:
+    def _limits_binding(self, target: limit_resets.Target, keys: list[ApiKeyRow], own: tuple[Any, ...], unit: str,
+                        window: str, name: str, at: int) -> dict[str, tuple[Any, BucketHold, quotas.Window]]:
         """Bucket key -> (limit, its hold, its current window) of each limit of the policy in force that binds
-        the target's requests in its own bucket, narrowed by unit, window and name."""
+        the target's requests in its own bucket, narrowed by unit, window and name. `own`: an end user's own
+        limits, beside its keys' (Engine._own_limits)."""
         policy = self.book.current
         found: dict[str, tuple[Any, BucketHold, quotas.Window]] = {}
         if policy is None:
@@ -431,7 +450,7 @@ class Admin:
             plan = policy.plan(key.plan)
             if plan is None or not target.binds(key):
                 continue
-            for limit in key_limits.effective(plan.limits, key_record(key).limits, policy.document.timezone):
+            for limit in key_limits.effective(plan.limits, key_record(key).limits + own, policy.document.timezone):
                 if limit.scope == target.scope and limit_resets.matches(limit, unit, window, name):
                     hold, current = quotas.hold_for(limit, partition, owner, at // 1000, 0, Quantities())
                     found.setdefault(hold.key, (limit, hold, current))

@@ -386,7 +386,7 @@ def _limits(args: argparse.Namespace) -> int:
     if args.limits_command == "set":
         response = stub.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(
             customer_id=args.customer, workspace_id=args.workspace, project_id=args.project, team_id=args.team,
-            limits=args.limit or []), metadata=md)
+            end_user_id=args.end_user, limits=args.limit or []), metadata=md)
         _print(args, response, _owner_limits_line(response, f" ({response.keys_changed} keys changed)"))
     elif args.limits_command == "reset":
         reset = stub.ResetLimits(admin_pb2.ResetLimitsRequest(
@@ -460,7 +460,8 @@ def _authorize(args: argparse.Namespace) -> int:
         api_key=args.key, endpoint=types_pb2.EndpointFamily.Value(args.endpoint.upper()), model=args.model,
         shape=policy_pb2.RequestShape(prompt_bytes=len(args.prompt.encode()), message_count=1,
                                       max_output_tokens=args.max_tokens),
-        attribution=types_pb2.Attribution(request_id=args.request_id, feature=args.feature, thread_id=args.thread),
+        attribution=types_pb2.Attribution(request_id=args.request_id, feature=args.feature, thread_id=args.thread,
+                                          end_user_id=args.end_user),
     )
     response = stub.Authorize(request)
     decision = policy_pb2.Decision.Name(response.decision).lower()
@@ -741,7 +742,7 @@ def parser() -> argparse.ArgumentParser:
                            help="how long the old secret keeps working (default 86400)")
     keys.set_defaults(run=_keys)
 
-    limits = commands.add_parser("limits", help="the limits of a customer, or of one of its workspaces, projects or teams")
+    limits = commands.add_parser("limits", help="the limits of a customer, or of one of its workspaces, projects, teams or end users")
     limit_commands = limits.add_subparsers(dest="limits_command", required=True)
     owner = client(limit_commands.add_parser(
         "set", help="set an owner's limits, binding every key of it (the whole set; --none: its plans' alone)"))
@@ -750,6 +751,8 @@ def parser() -> argparse.ArgumentParser:
     one_of.add_argument("--workspace", default="", help="this workspace of the customer's, not the whole customer")
     one_of.add_argument("--project", default="", help="this project of the customer's")
     one_of.add_argument("--team", default="", help="this team of the customer's")
+    one_of.add_argument("--end-user", default="", help="this end user of the customer's (as requests name it: "
+                        "x-end-user-id, the body's user): the requests naming it, of any of its keys")
     given = owner.add_mutually_exclusive_group(required=True)
     given.add_argument("--limit", action="append", type=_key_limit,
                        help="WINDOW[@ZONE]:UNIT:VALUE[ on MODELS] (month:money:500.00, 'day:money:50.00 on "
@@ -845,6 +848,7 @@ def parser() -> argparse.ArgumentParser:
     authorize.add_argument("--request-id", dest="request_id", default="")
     authorize.add_argument("--feature", default="")
     authorize.add_argument("--thread", default="")
+    authorize.add_argument("--end-user", dest="end_user", default="")
     authorize.set_defaults(run=_authorize)
 
     settle = client(commands.add_parser("settle", help="settle a request with its actual usage (for trying things)"))

@@ -46,6 +46,9 @@ class ApiKeyRow(Base):
     limits: Mapped[list[dict] | None] = mapped_column(JSON, default=list, nullable=True)
     # its owners' limits (each with its scope: customer, workspace, project, team), copied from owner_limits
     owner_limits: Mapped[list[dict] | None] = mapped_column(JSON, default=list, nullable=True)
+    # the fingerprint of its customer's end users' own limits (owner_limits rows of scope end_user), "" for none:
+    # part of its terms, so every replica reads them again when they change (Engine._end_user_limits)
+    end_user_limits: Mapped[str | None] = mapped_column(String(16), default="", nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_ms: Mapped[int] = mapped_column(BigInteger)
     rotated_ms: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -257,12 +260,13 @@ class CustomerParentRow(Base):
 
 class OwnerLimitsRow(Base):
     """The limits an operator gives an owner: a customer (owner_id empty), or one of its workspaces, projects or
-    teams; each of the owner's keys carries a copy (ApiKeyRow.owner_limits), kept in step by Admin."""
+    teams; each of the owner's keys carries a copy (ApiKeyRow.owner_limits), kept in step by Admin. Or one of its
+    end users (scope end_user): read by the decision of a request naming it (its keys carry their fingerprint)."""
 
     __tablename__ = "owner_limits"
 
     customer_id: Mapped[str] = mapped_column(ID, primary_key=True)
-    scope: Mapped[str] = mapped_column(String(16), primary_key=True)  # customer, workspace, project, team
+    scope: Mapped[str] = mapped_column(String(16), primary_key=True)  # customer, workspace, project, team, end_user
     owner_id: Mapped[str] = mapped_column(ID, primary_key=True, default="")
     limits: Mapped[list[dict]] = mapped_column(JSON, default=list)  # as key_limits.checked stores them
     updated_ms: Mapped[int] = mapped_column(BigInteger)

@@ -77,6 +77,7 @@ ASK_FIRST_SECONDS = 1.0  # how long a Veo operation's read waits for policyd's o
 CLOSE_RETRY_SECONDS = 600  # a background settle or release is tried again this long while Redis is unreachable
 CLOSE_RETRY_DELAY_MAX_SECONDS = 5.0
 SWEEP_BATCH = 200
+END_USER_LIMITS_CACHED_MAX = 1024  # customers whose end users' own limits a replica keeps read
 # where a request carries a bound of its search tools for policyd to set (Gemini's takes none: reserved only)
 TOOL_BOUND_ENDPOINTS = frozenset({"responses", "anthropic_messages"})
 # usage fields newer than the first records: in a settlement, and its fingerprint, only when set, so that an
@@ -327,6 +328,8 @@ class Engine:
         self._closings: set[asyncio.Task[None]] = set()
         self._retrying: set[asyncio.Task[None]] = set()  # closings between two attempts (Redis unreachable)
         self._stopping = False
+        # (customer, fingerprint) -> end user -> its own limits (_own_limits), oldest first
+        self._end_user_limits: dict[tuple[str, str], dict[str, tuple[Limit, ...]]] = {}
         self.background: BackgroundResponses | None = None  # the background responses it waits for, once built
         self._asking: set[asyncio.Future[None]] = set()  # Veo operations asked for on their reads, still asking
 
@@ -516,6 +519,7 @@ class Engine:
                     served_on = found[1] if stored.startswith(CACHED_CONTENT_PREFIX) else served_on
 
         # 4. estimate and buckets (only when the policy allows the request)
+        own_limits = await self._own_limits(key, request.attribution.end_user_id)
         attempt = None
         for file_id in request.files if not preset else ():  # the files its input refers to: not another's
             found = await self._context_of(owner.customer_id, file_id)
@@ -533,15 +537,15 @@ class Engine:
                 policy, plan, key.scopes, owner.environment, request.model, request.shape, unavailable_providers)
             if request.batch:  # up to 50,000 requests to estimate: on a thread, so other decisions go on meanwhile
                 attempt = await asyncio.to_thread(self._attempt, request, owner, policy, plan, model, at, "",
-                                                  key.limits, prior_tokens)
+                                                  own_limits, prior_tokens)
             else:
-                attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="", own_limits=key.limits,
+                attempt = self._attempt(request, owner, policy, plan, model, at, skip_label="", own_limits=own_limits,
                                         prior_tokens=prior_tokens)
             attempt.fallback_reason = fallback_reason
             bound = _request_charge_bound(plan, request)
             if bound and attempt.request_charge > bound:  # a batch's: each
                 attempt, preset, param, preset_message = self._within_request_charge(
-                    request, owner, policy, plan, attempt, at, key.limits, prior_tokens, bound)
+                    request, owner, policy, plan, attempt, at, own_limits, prior_tokens, bound)
         reserve = attempt or _Plan.empty(request.model)
 
         # 5. the atomic step; a downgrade limit may turn a deny into a second attempt on a cheaper model
@@ -563,7 +567,7 @@ class Engine:
                     and limit.downgrade_to != reserve.served_model \
                     and self._may_serve(policy, plan, key.scopes, key.environment, limit.downgrade_to, request.shape):
                 cheaper = self._attempt(request, owner, policy, plan, limit.downgrade_to, at, skip_label=limit.label,
-                                        own_limits=key.limits, prior_tokens=prior_tokens)
+                                        own_limits=own_limits, prior_tokens=prior_tokens)
                 cheaper.fallback_reason = f"downgraded:{limit.label}"
                 retry = await self._reserve(request, request_id, secret_hash, key.terms, owner, policy, plan, cheaper, "",
                                             at, started, decision="downgrade")
@@ -585,11 +589,11 @@ class Engine:
                     and not request.batch):
                 break
             cap = self._largest_output_cap(request, owner, policy, plan, reserve, result.label, result.room, at,
-                                           key.limits, prior_tokens)
+                                           own_limits, prior_tokens)
             if cap < _least_fitted_cap(plan, request):
                 break
             fitted = self._attempt(_capped(request, cap), owner, policy, plan, reserve.served_model, at,
-                                   skip_label=reserve.skip_label, own_limits=key.limits, prior_tokens=prior_tokens)
+                                   skip_label=reserve.skip_label, own_limits=own_limits, prior_tokens=prior_tokens)
             fitted.fallback_reason = reserve.fallback_reason
             if fitted.fallback_reason.startswith("downgraded:"):  # the cheaper model a limit left, fitted
                 decision_kind = "downgrade"
@@ -865,6 +869,22 @@ class Engine:
         rows, truncated = await own_usage.summary(self.store, key.customer_id, group_by, since_ms, until_ms, bucket,
                                                   zone_name or policy.document.timezone)
         return (rows, truncated, policy.document.currency), None
+
+    async def _own_limits(self, key: KeyRecord, end_user: str) -> tuple[Limit, ...]:
+        """The key's own limits and its owners', with the end user's that a request names where its customer's end
+        users have limits of their own: read from SQL once a change on each replica (the fingerprint its key
+        carries, part of its terms, tells a change), not once a request."""
+        if not key.end_user_limits or not end_user:
+            return key.limits
+        cached = (key.customer_id, key.end_user_limits)
+        by_end_user = self._end_user_limits.get(cached)
+        if by_end_user is None:
+            rows = await asyncio.to_thread(self.store.owner_limits, key.customer_id)
+            by_end_user = {row.owner_id: key_limits.as_limits(row.limits) for row in rows if row.scope == "end_user"}
+            while len(self._end_user_limits) >= END_USER_LIMITS_CACHED_MAX:
+                self._end_user_limits.pop(next(iter(self._end_user_limits)))
+            self._end_user_limits[cached] = by_end_user
+        return key.limits + by_end_user.get(end_user, ())
 
     async def _key_asking(self, api_key: str) -> tuple[KeyRecord, Policy, Plan] | Decision:
         """The key of a request about the key itself (not a model call), or the denial it gets (recorded)."""

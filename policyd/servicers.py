@@ -514,7 +514,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await _call(context, _own_limits_refused("sets"))
         row, changed = await _call(context, lambda: self.admin.set_owner_limits(
             [key_limit(limit) for limit in request.limits], request.customer_id, request.workspace_id,
-            request.project_id, request.team_id))
+            request.project_id, request.team_id, request.end_user_id))
         return owner_limits_message(row, changed, await _call(context, lambda: self.admin.owner_limit_states(row)))
 
     async def ListOwnerLimits(self, request: admin_pb2.ListOwnerLimitsRequest, context: grpc.aio.ServicerContext) -> Any:

@@ -38,19 +38,24 @@ class KeyRecord:
     scopes: tuple[str, ...] = field(default=())
     # its own limits and its owners', as stored (key_limits.py)
     stored_limits: tuple[dict[str, Any], ...] = field(default=())
+    # the fingerprint of its customer's end users' own limits ("": none), read when a request names its end user
+    end_user_limits: str = ""
 
     @cached_property
     def terms(self) -> str:
-        return key_terms(self.plan, self.scopes, self.stored_limits)
+        return key_terms(self.plan, self.scopes, self.stored_limits, self.end_user_limits)
 
     @cached_property
     def limits(self) -> tuple[Limit, ...]:
         return key_limits.as_limits(self.stored_limits)
 
 
-def key_terms(plan: str, scopes: Iterable[str], limits: Iterable[dict[str, Any]] | None = ()) -> str:
-    """The fingerprint of what a key may do: its plan, scopes and own limits (its owners' among them)."""
-    described = json.dumps([plan, sorted(scopes), list(limits or ())], sort_keys=True)
+def key_terms(plan: str, scopes: Iterable[str], limits: Iterable[dict[str, Any]] | None = (),
+              end_user_limits: str = "") -> str:
+    """The fingerprint of what a key may do: its plan, scopes and own limits (its owners' among them), and its
+    customer's end users' (a key of a customer whose end users have none reads as it did before they could)."""
+    described = json.dumps([plan, sorted(scopes), list(limits or ())] + ([end_user_limits] if end_user_limits else []),
+                           sort_keys=True)
     return hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
@@ -117,6 +122,7 @@ def key_record(row: ApiKeyRow) -> KeyRecord:
         plan=row.plan,
         scopes=tuple(row.scopes or ()),
         stored_limits=tuple(row.limits or ()) + tuple(row.owner_limits or ()),
+        end_user_limits=row.end_user_limits or "",
     )
 
 
@@ -225,8 +231,8 @@ class Store:
         query = select(func.sum(held)).where(r.customer_id == customer_id, r.created_ms >= since_ms,
                                              r.created_ms < until_ms, r.decision != "deny")
         if scope != "customer":
-            query = query.where({"workspace": r.workspace_id, "project": r.project_id, "team": r.team_id}[scope]
-                                == owner_id)
+            query = query.where({"workspace": r.workspace_id, "project": r.project_id, "team": r.team_id,
+                                 "end_user": r.end_user_id}[scope] == owner_id)
         with self.session() as session:
             return max(int(session.execute(query).scalar() or 0), 0)
 

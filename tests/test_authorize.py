@@ -404,6 +404,69 @@ async def test_a_limit_on_some_models_binds_the_requests_served_on_them_alone(se
         ("key-money-day[gpt-4o]", sum(d.reserved for d in allowed))]
 
 
+async def test_an_end_users_own_limits_bind_the_requests_naming_it(service: Service) -> None:
+    """Admin.set_owner_limits for one end user of a customer: the requests naming it, of any of the customer's
+    keys (one made later, one a replica still holds the old terms of), count in its bucket against its own limit,
+    in place of the plan's end_user limit of that bucket, which binds the customer's other end users as before;
+    past it they are refused, naming it; a reset forgives it; taken off, the plan's binds again."""
+    import yaml
+
+    from policyd import keys as key_secrets
+    from policyd.domain import PolicydError
+    from tests.conftest import SAMPLE_POLICY
+    from tests.helpers import usage
+
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["plans"]["free"]["limits"].append({"name": "end-user-day", "scope": "end_user", "window": "day",
+                                           "unit": "requests", "limit": 3})
+    await service.admin.apply_policy(yaml.safe_dump(doc), "end-users.yaml")
+    _, first = await new_key(service, plan="free", customer="app")
+    _, second = await new_key(service, plan="free", customer="app")
+    await fund(service, "app", "10")
+    held = await service.engine.directory.resolve(key_secrets.hash_secret(second))  # another replica's copy
+    row, changed = await service.admin.set_owner_limits([{"window": "day", "unit": "requests", "limit": 2}], "app",
+                                                        end_user_id="alice@example.com")
+    assert (row.scope, row.owner_id, changed) == ("end_user", "alice@example.com", 2)
+    service.engine.directory.remember(key_secrets.hash_secret(second), held)
+    _, later = await new_key(service, plan="free", customer="app")
+
+    async def asked(secret: str, end_user: str, n: int) -> Any:
+        return await service.engine.authorize(ask(secret, request_id=f"{end_user}-{n}", end_user_id=end_user,
+                                                  prompt_bytes=10, max_output_tokens=5))
+
+    alice = [await asked(secret, "alice@example.com", n) for n, secret in enumerate((first, second, later))]
+    assert [d.decision for d in alice] == ["allow", "allow", "deny"]
+    assert (alice[2].reason, alice[2].message.endswith("(end_user-requests-day)")) == ("rate_limit_exceeded", True)
+    carol = [await asked(secret, "carol", n) for n, secret in enumerate((first, second, later, first))]
+    assert [d.decision for d in carol] == ["allow", "allow", "allow", "deny"]  # the plan's 3, as before
+    assert carol[3].message.endswith("(end-user-day)")
+    assert all([(await service.engine.authorize(ask(first, prompt_bytes=10, max_output_tokens=5))).decision
+                == "allow" for _ in range(4)])  # naming no end user: not bound by either
+    listed = {(r.scope, r.owner_id): r for r in await service.admin.owner_limits("app")}
+    state = (await service.admin.owner_limit_states(listed[("end_user", "alice@example.com")]))[0]
+    assert (state["limit"].label, state["used"]) == ("end_user-requests-day", 2)
+
+    for d in alice[:2]:
+        await service.engine.settle(usage(d.request_id))
+    _, (reset,) = await service.admin.reset_limits("app", end_user_id="alice@example.com")
+    assert (reset.limit.label, reset.forgiven, reset.used) == ("end_user-requests-day", 2, 0)
+    assert (await asked(first, "alice@example.com", 10)).decision == "allow"
+    await service.admin.set_owner_limits([], "app", end_user_id="alice@example.com")
+    assert (await service.admin.get_key((await service.admin.list_keys("app"))[0].id)).end_user_limits == ""
+    assert [(await asked(first, "alice@example.com", n)).decision for n in (11, 12, 13)] == [
+        "allow", "allow", "deny"]  # the plan's 3 a day again: her bucket kept what it counted (1 since the reset)
+
+    for owner in ({"end_user_id": "x" * 129}, {"end_user_id": "bad\nid"},
+                  {"end_user_id": "alice", "team_id": "t"}):
+        with pytest.raises(PolicydError) as error:
+            await service.admin.set_owner_limits([{"window": "day", "unit": "requests", "limit": 1}], "app", **owner)
+        assert error.value.reason == "invalid_request", owner
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+    await counters_lost_and_rebuilt(service)
+    assert (await service.admin.audit()).ok
+
+
 async def test_an_owners_limits_bind_every_key_of_theirs(service: Service) -> None:
     """Admin.set_owner_limits: a customer's limits bind its every key together, one made later too, and a replica
     still holding a key's old terms; a workspace's bind its keys alone; another customer is not bound; an owner's

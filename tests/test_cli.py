@@ -167,6 +167,13 @@ def test_an_owners_limits_from_the_command_line(server: PolicydProcess) -> None:
     assert run(server, "authorize", "--key", keys[0]["secret"], "--model", "gpt-4o-mini").returncode == 0
     both = run(server, "limits", "set", "--customer", "tenant", "--team", "t", "--project", "p", "--none")
     assert both.returncode != 0 and "not allowed with" in both.stderr
+    alice = run(server, "limits", "set", "--customer", "tenant", "--end-user", "alice", "--limit", "day:requests:1")
+    assert alice.returncode == 0 and "tenant end_user alice: end_user: 1 requests a day (2 keys changed)" in alice.stdout
+    asked = [run(server, "authorize", "--key", keys[0]["secret"], "--model", "gpt-4o-mini", "--end-user", "alice")
+             for _ in range(2)]
+    assert [a.returncode for a in asked] == [0, 2] and "end_user-requests-day" in asked[1].stdout
+    assert run(server, "authorize", "--key", keys[1]["secret"], "--model", "gpt-4o-mini", "--end-user",
+               "bob").returncode == 0
 
 
 def test_a_limits_window_reset_from_the_command_line(server: PolicydProcess) -> None:

@@ -20,7 +20,8 @@ class CountingStore:
         if secret_hash not in self.known:
             return None
         return SimpleNamespace(id=f"key_{secret_hash}", customer_id="c", workspace_id="", project_id="", team_id="",
-                               environment="production", plan="pro", scopes=[], limits=[], owner_limits=[])
+                               environment="production", plan="pro", scopes=[], limits=[], owner_limits=[],
+                               end_user_limits="")
 
 
 async def test_a_full_cache_forgets_its_oldest_tenth_not_everything(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2296,6 +2296,41 @@ def test_a_keys_budget_on_some_models_binds_their_requests_alone(gateway: Gatewa
         assert bound.chat.completions.create(**{**ask, "model": "gpt-4o-mini"}).choices
 
 
+def test_an_end_users_own_budget_binds_its_requests_from_every_key(gateway: Gateway) -> None:
+    """SetOwnerLimits for one end user (as the openai SDK names it: the body's `user`): however many of its requests
+    run at once on two keys of its customer, what they are charged never passes its budget, and past it they are
+    refused before the provider (429, naming its limit); the customer's other end users are served."""
+    customer = f"e2e-end-user-{gateway.shape}"
+    clients = [gateway.client(gateway.customer(customer, plan="strict")),
+               gateway.client(gateway.customer(customer, plan="strict", credit=""))]
+    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "one of alice's calls"}], "max_tokens": 8}
+    probe = clients[0].chat.completions.with_raw_response.create(**ask, user="probe")
+    held = gateway.record(probe.headers["x-policyd-request-id"])["reserved_nanos"]
+    budget = 3 * held + held // 2  # three holds fit, a fourth does not
+    given = gateway.admin.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(
+        customer_id=customer, end_user_id="alice", limits=[admin_pb2.KeyLimit(window="day", unit="money",
+                                                                              limit=budget)]))
+    assert (given.scope, given.owner_id, given.keys_changed) == ("end_user", "alice", 2)
+
+    def call(n: int) -> str:
+        try:
+            return clients[n % 2].chat.completions.with_raw_response.create(
+                **ask, user="alice", extra_headers={"x-policyd-request-id": f"alice-{gateway.shape}-{n}"}
+            ).headers["x-policyd-request-id"]
+        except openai.RateLimitError as refused:
+            assert refused.code == "budget_exceeded" and "(end_user-money-day)" in refused.message
+            return ""
+
+    admitted = at_once_then_one_by_one(call)
+    charged = sum(gateway.record(request_id)["charge_nanos"] for request_id in admitted)
+    assert 3 <= len(admitted) and 0 < charged <= budget
+    assert {gateway.record(request_id)["end_user_id"] for request_id in admitted} == {"alice"}
+    sent = [r for r in gateway.mock.received() if r["body"].get("messages") == ask["messages"]]
+    assert len(sent) == len(admitted) + 1  # the probe and the admitted alone reached the provider
+    for client in clients:  # another end user of the customer is not bound by it
+        assert client.chat.completions.create(**ask, user="bob").choices
+
+
 def test_downgrade_reaches_the_cheaper_model_with_the_body_rewritten(gateway: Gateway) -> None:
     key = gateway.customer("e2e-thrifty", plan="thrifty")
     raw = gateway.client(key).chat.completions.with_raw_response.create(

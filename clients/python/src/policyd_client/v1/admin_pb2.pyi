@@ -133,18 +133,20 @@ class KeyLimit(_message.Message):
     def __init__(self, window: _Optional[str] = ..., unit: _Optional[str] = ..., limit: _Optional[int] = ..., timezone: _Optional[str] = ..., scope: _Optional[str] = ..., thresholds: _Optional[_Iterable[int]] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SetOwnerLimitsRequest(_message.Message):
-    __slots__ = ("customer_id", "workspace_id", "project_id", "team_id", "limits")
+    __slots__ = ("customer_id", "workspace_id", "project_id", "team_id", "limits", "end_user_id")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     TEAM_ID_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    END_USER_ID_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     workspace_id: str
     project_id: str
     team_id: str
     limits: _containers.RepeatedCompositeFieldContainer[KeyLimit]
-    def __init__(self, customer_id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., project_id: _Optional[str] = ..., team_id: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ...) -> None: ...
+    end_user_id: str
+    def __init__(self, customer_id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., project_id: _Optional[str] = ..., team_id: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ..., end_user_id: _Optional[str] = ...) -> None: ...
 
 class OwnerLimits(_message.Message):
     __slots__ = ("customer_id", "scope", "owner_id", "limits", "updated_unix_ms", "keys_changed", "current")
