@@ -101,6 +101,7 @@ def effective(plan_limits: tuple[Limit, ...], own: tuple[Limit, ...], zone: str)
         return plan_limits
     own = tuple(limit.model_copy(update={"timezone": zone}) if zone and not limit.timezone
                 and limit.window in ("day", "month") else limit for limit in own)
+
     def bucket(limit: Limit) -> tuple[Any, ...]:
         return limit.scope, limit.unit, limit.window, limit.timezone, tuple(sorted(set(limit.models)))
 

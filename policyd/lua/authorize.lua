@@ -54,6 +54,15 @@ local preset_denial = ARGV[10]
 local terms = ARGV[11]
 local bucket_count = tonumber(ARGV[12])
 
+-- a bucket's life: renewed by every hold (negative ttl: a thread's budget, forgotten once idle), else set once
+local function keep(key, ttl)
+  if ttl < 0 then
+    redis.call('EXPIRE', key, -ttl)
+  elseif ttl > 0 and redis.call('TTL', key) < 0 then
+    redis.call('EXPIRE', key, ttl)
+  end
+end
+
 local function record(outcome, reason, label, extra)
   redis.call('XADD', KEYS[6], '*', 'type', 'authorize', 'rid', request_id, 'at', ARGV[3],
     'outcome', outcome, 'reason', reason, 'label', label, 'reserved', extra, 'd', payload)
@@ -140,12 +149,7 @@ for i = 1, bucket_count do
     else
       local key = KEYS[7 + i]
       if redis.call('HSETNX', key, 'reached', '1') == 1 then  -- the first refusal of its window: an alert, once
-        local ttl = tonumber(ARGV[base + 4])
-        if ttl < 0 then
-          redis.call('EXPIRE', key, -ttl)
-        elseif ttl > 0 and redis.call('TTL', key) < 0 then
-          redis.call('EXPIRE', key, ttl)
-        end
+        keep(key, tonumber(ARGV[base + 4]))
         redis.call('XADD', KEYS[6], '*', 'type', 'alert', 'rid', request_id, 'at', ARGV[3], 'label', label,
           'bucket', key, 'percent', '100', 'reached', '1', 'used', fmt(used), 'limit', ARGV[base + 2], 'd', payload)
       end
@@ -163,12 +167,7 @@ for i = 1, bucket_count do
   local key = KEYS[7 + i]
   local used = redis.call('HINCRBY', key, 'used', ARGV[base + 1])
   used_after[i] = fmt(used)
-  local ttl = tonumber(ARGV[base + 4])
-  if ttl < 0 then  -- a life every hold renews (a thread's budget, forgotten once idle)
-    redis.call('EXPIRE', key, -ttl)
-  elseif ttl > 0 and redis.call('TTL', key) < 0 then
-    redis.call('EXPIRE', key, ttl)
-  end
+  keep(key, tonumber(ARGV[base + 4]))
   for pct, threshold in string.gmatch(ARGV[base + 5], '(%d+):(%d+)') do
     if used >= tonumber(threshold) and redis.call('HSETNX', key, 'a' .. pct, '1') == 1 then
       redis.call('XADD', KEYS[6], '*', 'type', 'alert', 'rid', request_id, 'at', ARGV[3],
