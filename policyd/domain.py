@@ -235,7 +235,7 @@ class Owner:
 class RateLimit:
     """What the tightest of a request's limits of one unit leaves once the request is held there."""
 
-    unit: str  # requests | tokens | thread_budget (a caller's budget of its thread, in nanos)
+    unit: str  # requests | tokens | money (a budget, in nanos) | thread_budget (a caller's budget of its thread, in nanos)
     limit: int
     remaining: int
     resets_ms: int  # when its window ends (0: a total, never)

@@ -112,17 +112,18 @@ KEY_STATE_DENIALS = {"invalid": "invalid_api_key", "paused": "key_paused", "revo
 
 
 def _rate_limits(attempt: "_Plan", used: tuple[int, ...]) -> tuple[RateLimit, ...]:
-    """The tightest request limit and token limit a request was held in, with what each leaves, for the
-    rate-limit headers its client reads, and what its thread's budget leaves (unit "thread_budget", nanos) when
-    its caller set one. Blocking limits of the customer's own alone: a shadow limit refuses nothing, and an
-    operator's cap is the operator's business."""
+    """The tightest request limit, token limit and money limit (a budget) a request was held in, with what each
+    leaves, for the rate-limit and budget headers its client reads, and what its thread's budget leaves (unit
+    "thread_budget", nanos) when its caller set one. Blocking limits of the customer's own alone: a shadow limit
+    refuses nothing, and an operator's cap is the operator's business."""
     tightest: dict[str, RateLimit] = {}
     for hold, after in zip(attempt.holds, used):
         if hold.label == key_limits.THREAD_BUDGET:
             tightest["thread_budget"] = RateLimit("thread_budget", hold.limit, max(hold.limit - after, 0), 0)
             continue
         limit, ends = attempt.limits_by_label.get(hold.label, (None, 0))
-        if hold.mode != "block" or hold.unit not in ("requests", "tokens") or limit is None or isinstance(limit, Cap):
+        if hold.mode != "block" or hold.unit not in ("requests", "tokens", "money") or limit is None \
+                or isinstance(limit, Cap):
             continue
         remaining = max(hold.limit - after, 0)
         if hold.unit not in tightest or remaining < tightest[hold.unit].remaining:

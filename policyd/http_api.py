@@ -241,6 +241,7 @@ _REQUEST_LISTING = re.compile(r"(^|/)v1/requests/?$")
 _USAGE_SUMMARY = re.compile(r"(^|/)v1/usage/?$")
 # a budget the caller sets on its thread (x-thread-id): the most its requests together may be charged
 THREAD_BUDGET_HEADER = "x-policyd-thread-budget"
+BUDGET_HEADER = "x-policyd-budget"  # -limit, -remaining, -reset: the tightest of a request's budgets
 # the most one request may hold, as its caller bounds it (beside its plan's max_request_charge)
 MAX_CHARGE_HEADER = "x-policyd-max-charge"
 REQUEST_LOOKUP_WAIT_SECONDS = 5  # how long GET /v1/requests/{id} waits for one in progress unless told (`wait`)
@@ -1696,13 +1697,20 @@ RETRY_WORTH_WAITING_SECONDS = 60  # the openai SDKs wait out a retry-after of up
 def rate_limit_headers(rate_limits: Iterable[RateLimit], now_ms: int) -> list[tuple[str, str]]:
     """OpenAI's rate-limit headers of a reply, from the key's own limits (the provider's, which describe the
     operator's account, never reach the client): x-ratelimit-limit-, -remaining- and -reset-requests and
-    -tokens, the reset as OpenAI writes it ("1m30s", "250ms"; none for a total that never resets); and a thread
-    budget's x-policyd-thread-budget-limit and -remaining (exact decimal text)."""
+    -tokens, the reset as OpenAI writes it ("1m30s", "250ms"; none for a total that never resets); the tightest
+    budget's x-policyd-budget-limit, -remaining and -reset, and a thread budget's x-policyd-thread-budget-limit and
+    -remaining (money as exact decimal text)."""
     headers = []
     for r in rate_limits:
         if r.unit == "thread_budget":  # a caller's budget of its thread: what it leaves once this request is held
             headers += [(f"{THREAD_BUDGET_HEADER}-limit", format_amount(r.limit)),
                         (f"{THREAD_BUDGET_HEADER}-remaining", format_amount(r.remaining))]
+            continue
+        if r.unit == "money":  # the tightest of its budgets: what may still be charged there once this one is held
+            headers += [(f"{BUDGET_HEADER}-limit", format_amount(r.limit)),
+                        (f"{BUDGET_HEADER}-remaining", format_amount(r.remaining))]
+            if r.resets_ms:
+                headers.append((f"{BUDGET_HEADER}-reset", _duration(max(r.resets_ms - now_ms, 0))))
             continue
         headers += [(f"x-ratelimit-limit-{r.unit}", str(r.limit)), (f"x-ratelimit-remaining-{r.unit}", str(r.remaining))]
         if r.resets_ms:

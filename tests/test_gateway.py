@@ -1960,6 +1960,11 @@ def test_replies_carry_the_keys_own_rate_limits(gateway: Gateway) -> None:
     unlimited = gateway.client(gateway.customer("e2e-unpaced")).chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
     assert not any(h.startswith("x-ratelimit-") for h in unlimited.headers)  # no limits, no headers
+    # its plan's day budget (premium-day, 1000.00): what it leaves once this request is held, and when it resets
+    held = gateway.record(unlimited.headers["x-policyd-request-id"])["reserved_nanos"]
+    assert (unlimited.headers["x-policyd-budget-limit"], unlimited.headers["x-policyd-budget-remaining"]) == (
+        "1000.000000000", format_amount(parse_amount("1000") - held))
+    assert re.fullmatch(r"(\d+h)?(\d+m)?\d+s", unlimited.headers["x-policyd-budget-reset"])
 
 
 def asked_with(url: str, api_key: str) -> tuple[int, dict[str, Any]]:
