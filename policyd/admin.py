@@ -126,15 +126,19 @@ def _check_owner_ids(**ids: str) -> None:
                            f"{name} must be at most {OWNER_ID_LENGTH_MAX} characters without spaces, '/' or braces")
 
 
-def _bound_to_owners(key: ApiKeyRow, given: list[OwnerLimitsRow]) -> bool:
+def _end_users_digest(given: list[OwnerLimitsRow]) -> str:
+    """The fingerprint of a customer's end users' own limits (`given`: its owners' rows), "" for none."""
+    end_users = [(row.owner_id, row.limits) for row in given if row.scope == "end_user"]
+    return hashlib.sha256(json.dumps(end_users, sort_keys=True).encode()).hexdigest()[:16] if end_users else ""
+
+
+def _bound_to_owners(key: ApiKeyRow, given: list[OwnerLimitsRow], digest: str) -> bool:
     """The key made to carry its owners' limits (`given`: its customer's): its customer's, and its workspace's,
-    project's and team's where it has one; and the fingerprint of its customer's end users' (read by the
-    decision of a request naming one: too many to carry). Whether that changed it."""
+    project's and team's where it has one; and `digest`, the fingerprint of its customer's end users' (read by
+    the decision of a request naming one: too many to carry). Whether that changed it."""
     ids = {"customer": "", "workspace": key.workspace_id, "project": key.project_id, "team": key.team_id}
     limits = [entry for row in given if row.scope == "customer" or (ids.get(row.scope) and ids[row.scope] ==
                                                                      row.owner_id) for entry in row.limits]
-    end_users = [(row.owner_id, row.limits) for row in given if row.scope == "end_user"]
-    digest = hashlib.sha256(json.dumps(end_users, sort_keys=True).encode()).hexdigest()[:16] if end_users else ""
     if limits == (key.owner_limits or []) and digest == (key.end_user_limits or ""):
         return False
     key.owner_limits, key.end_user_limits = limits, digest
@@ -187,12 +191,14 @@ class Admin:
             environment=environment, plan=plan, scopes=_key_scopes(scopes or []), status="active", created_ms=at,
             rotated_ms=0, status_changed_ms=at, expires_ms=expires_ms, limits=own_limits,
         )
-        _bound_to_owners(row, await asyncio.to_thread(self.store.owner_limits, customer_id))
+        given = await asyncio.to_thread(self.store.owner_limits, customer_id)
+        _bound_to_owners(row, given, _end_users_digest(given))
         await asyncio.to_thread(self.store.save_key, row)
         await self._publish_key(row)
         # an owner's limits changed meanwhile: read again once the key is in SQL (set_owner_limits lists the keys
         # once its own row is), so that one of the two calls sees the other
-        if _bound_to_owners(row, await asyncio.to_thread(self.store.owner_limits, customer_id)):
+        given = await asyncio.to_thread(self.store.owner_limits, customer_id)
+        if _bound_to_owners(row, given, _end_users_digest(given)):
             await self._save_and_publish(row)
         self.directory.remember(row.secret_hash, key_record(row))
         return KeyCreation(row, secret)
@@ -284,8 +290,9 @@ class Admin:
         changed: set[str] = set()
         given = await asyncio.to_thread(self.store.owner_limits, customer_id)  # keys made from now on read these
         while True:  # until no other change of the customer's owners came meanwhile (each ends on the last state)
+            digest = _end_users_digest(given)
             for key in await self.list_keys(customer_id):
-                if key.status != "revoked" and _bound_to_owners(key, given):
+                if key.status != "revoked" and _bound_to_owners(key, given, digest):
                     await self._save_and_publish(key)
                     changed.add(key.id)
             now_given = await asyncio.to_thread(self.store.owner_limits, customer_id)
