@@ -29,7 +29,7 @@ from policyd.pricing import Quantities
 from policyd.policy_book import PolicyBook
 from policyd import invoices, key_limits, limit_resets, metrics, quotas, reconcile, reports
 from policyd.quotas import idles_out, remaining_ttl
-from policyd.store import Store, key_record
+from policyd.store import OWNER_ID_LENGTH_MAX, Store, key_record
 from policyd.writer import REFUND_PREFIX, Writer
 
 log = logging.getLogger("policyd.admin")
@@ -42,7 +42,6 @@ USAGE_LIST_MAX = 1000
 REBUILD_SECONDS_MAX = 600  # a rebuild that dies holds its partitions' gates and its lock this long at most
 KEY_SCOPES_MAX = 32
 SCOPE_LENGTH_MAX = 128
-OWNER_ID_LENGTH_MAX = 128
 END_USERS_WITH_LIMITS_MAX = 10_000  # a customer's end users with limits of their own (each replica reads them all)
 
 

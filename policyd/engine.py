@@ -77,7 +77,7 @@ ASK_FIRST_SECONDS = 1.0  # how long a Veo operation's read waits for policyd's o
 CLOSE_RETRY_SECONDS = 600  # a background settle or release is tried again this long while Redis is unreachable
 CLOSE_RETRY_DELAY_MAX_SECONDS = 5.0
 SWEEP_BATCH = 200
-END_USER_LIMITS_CACHED_MAX = 1024  # customers whose end users' own limits a replica keeps read
+END_USER_LIMITS_CACHED_MAX = 100_000  # end users whose own limits (or none) a replica keeps read
 # where a request carries a bound of its search tools for policyd to set (Gemini's takes none: reserved only)
 TOOL_BOUND_ENDPOINTS = frozenset({"responses", "anthropic_messages"})
 # usage fields newer than the first records: in a settlement, and its fingerprint, only when set, so that an
@@ -329,8 +329,8 @@ class Engine:
         self._closings: set[asyncio.Task[None]] = set()
         self._retrying: set[asyncio.Task[None]] = set()  # closings between two attempts (Redis unreachable)
         self._stopping = False
-        # (customer, fingerprint) -> end user -> its own limits (_own_limits), oldest first
-        self._end_user_limits: dict[tuple[str, str], dict[str, tuple[Limit, ...]]] = {}
+        # (customer, fingerprint of its end users' limits, end user) -> its own limits (_own_limits), oldest first
+        self._end_user_limits: dict[tuple[str, str, str], tuple[Limit, ...]] = {}
         self.background: BackgroundResponses | None = None  # the background responses it waits for, once built
         self._asking: set[asyncio.Future[None]] = set()  # Veo operations asked for on their reads, still asking
 
@@ -874,18 +874,19 @@ class Engine:
     async def _own_limits(self, key: KeyRecord, end_user: str) -> tuple[Limit, ...]:
         """The key's own limits and its owners', with the end user's that a request names where its customer's end
         users have limits of their own: read from SQL once a change on each replica (the fingerprint its key
-        carries, part of its terms, tells a change), not once a request."""
+        carries, part of its terms, tells a change), not once a request; an end user without: remembered too."""
         if not key.end_user_limits or not end_user:
             return key.limits
-        cached = (key.customer_id, key.end_user_limits)
-        by_end_user = self._end_user_limits.get(cached)
-        if by_end_user is None:
-            rows = await asyncio.to_thread(self.store.owner_limits, key.customer_id)
-            by_end_user = {row.owner_id: key_limits.as_limits(row.limits) for row in rows if row.scope == "end_user"}
-            while len(self._end_user_limits) >= END_USER_LIMITS_CACHED_MAX:
-                self._end_user_limits.pop(next(iter(self._end_user_limits)))
-            self._end_user_limits[cached] = by_end_user
-        return key.limits + by_end_user.get(end_user, ())
+        cached = (key.customer_id, key.end_user_limits, end_user)
+        own = self._end_user_limits.get(cached)
+        if own is None:
+            row = await asyncio.to_thread(self.store.owner_limits_of, key.customer_id, "end_user", end_user)
+            own = key_limits.as_limits(row.limits) if row is not None else ()
+            if len(self._end_user_limits) >= END_USER_LIMITS_CACHED_MAX:  # the oldest tenth forgotten
+                for stale in list(self._end_user_limits)[:END_USER_LIMITS_CACHED_MAX // 10]:
+                    del self._end_user_limits[stale]
+            self._end_user_limits[cached] = own
+        return key.limits + own
 
     async def _key_asking(self, api_key: str) -> tuple[KeyRecord, Policy, Plan] | Decision:
         """The key of a request about the key itself (not a model call), or the denial it gets (recorded)."""

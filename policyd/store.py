@@ -20,6 +20,7 @@ from policyd.db import (ApiKeyRow, EventRow, LedgerEntryRow, LimitResetRow, Owne
 from policyd.policy import Limit
 
 OPEN_STATUSES = ("reserved",)
+OWNER_ID_LENGTH_MAX = 128  # owner_limits.owner_id
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,13 @@ class Store:
         with self.session() as session:
             query = select(r).order_by(r.customer_id, r.scope, r.owner_id)
             return list(session.scalars(query.where(r.customer_id == customer_id) if customer_id else query))
+
+    def owner_limits_of(self, customer_id: str, scope: str, owner_id: str) -> OwnerLimitsRow | None:
+        """One owner's limits (an end user's, read by a decision naming it), or None."""
+        if len(owner_id) > OWNER_ID_LENGTH_MAX:  # longer than any owner's: none has limits of its own
+            return None
+        with self.session() as session:
+            return session.get(OwnerLimitsRow, (customer_id, scope, owner_id))
 
     def used_before(self, customer_id: str, scope: str, owner_id: str, unit: str, since_ms: int, until_ms: int) -> int:
         """What an owner's requests in [since_ms, until_ms) hold in a bucket of `unit` (money: their charges less
