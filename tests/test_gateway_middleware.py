@@ -869,6 +869,11 @@ def test_replies_carry_the_keys_own_rate_limits(gateway: ExampleGateway) -> None
         remaining.append(raw.headers["x-ratelimit-remaining-requests"])
         assert raw.headers["x-ratelimit-limit-requests"] == "3" and raw.headers["x-ratelimit-reset-requests"]
     assert remaining == ["2", "1"]
+    budgeted = gateway.client(gateway.customer("mw-budgeted")).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=8)  # pro: premium-day
+    held = gateway.record(budgeted.headers["x-policyd-request-id"])["reserved_nanos"]
+    assert (budgeted.headers["x-policyd-budget-limit"], budgeted.headers["x-policyd-budget-remaining"]) == (
+        "1000.000000000", format_amount(parse_amount("1000") - held)) and budgeted.headers["x-policyd-budget-reset"]
 
 
 def test_stored_chat_completions_are_reached_by_their_own_customer_only(gateway: ExampleGateway) -> None:
