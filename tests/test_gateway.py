@@ -15,7 +15,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 import httpx
@@ -2161,6 +2161,21 @@ def at_once_then_one_by_one(call: Any) -> list[str]:
     return admitted
 
 
+def admitted_or_refused(send: Callable[[int, str], Any], label: str) -> Callable[[int], str]:
+    """A `call(n)` for at_once_then_one_by_one: `send(n, request_id)` sends the n-th request (its raw response is
+    returned) under a request id made of `label` and n; "" when a budget refused it (429 budget_exceeded naming
+    `label`, the limit)."""
+    prefix = re.sub(r"[^A-Za-z0-9._:/=+@-]", "-", label)  # as a request id may be written
+
+    def call(n: int) -> str:
+        try:
+            return send(n, f"{prefix}-{n}").headers["x-policyd-request-id"]
+        except openai.RateLimitError as refused:
+            assert refused.code == "budget_exceeded" and f"({label})" in refused.message, refused.message
+            return ""
+    return call
+
+
 def test_a_threads_budget_set_by_its_caller_is_never_overshot_by_its_concurrent_requests(gateway: Gateway) -> None:
     """x-policyd-thread-budget with x-thread-id: an agent run's requests together may be charged at most the budget
     its caller sets, however many run at once (each holds its worst case in the thread's one total, atomically
@@ -2228,16 +2243,9 @@ def test_a_customers_budget_set_by_its_operator_binds_all_its_keys_at_once(gatew
     assert (given.scope, given.keys_changed) == ("customer", 3)
 
     rounds = ["first"]
-
-    def call(n: int) -> str:
-        try:
-            return clients[n % 3].chat.completions.with_raw_response.create(
-                **ask, extra_headers={"x-policyd-request-id": f"owner-{gateway.shape}-{rounds[-1]}-{n}"}
-            ).headers["x-policyd-request-id"]
-        except openai.RateLimitError as refused:
-            assert refused.code == "budget_exceeded" and "(customer-money-day)" in refused.message
-            return ""
-
+    call = admitted_or_refused(lambda n, request_id: clients[n % 3].chat.completions.with_raw_response.create(
+        **ask, extra_headers={"x-policyd-request-id": f"{gateway.shape}-{rounds[-1]}-{request_id}"}),
+        "customer-money-day")
     admitted = at_once_then_one_by_one(call)  # across the three keys
     charged = sum(gateway.record(request_id)["charge_nanos"] for request_id in admitted)
     refused = [r for r in gateway.records(customer) if r.reason == "budget_exceeded"]
@@ -2282,17 +2290,10 @@ def test_a_keys_budget_on_some_models_binds_their_requests_alone(gateway: Gatewa
     assert list(created.key.limits[0].models) == ["ft:gpt-4o-mini-2024-07-18:*"]
     bound = gateway.client(created.secret)
 
-    def call(n: int) -> str:
-        try:
-            return bound.chat.completions.with_raw_response.create(
-                **ask, extra_headers={"x-policyd-request-id": f"model-budget-{gateway.shape}-{n}"}
-            ).headers["x-policyd-request-id"]
-        except openai.RateLimitError as refused:
-            assert refused.code == "budget_exceeded" and "(key-money-day[ft:gpt-4o-mini-2024-07-18:*])" in \
-                refused.message
-            return ""
-
-    admitted = at_once_then_one_by_one(call)
+    admitted = at_once_then_one_by_one(admitted_or_refused(
+        lambda n, request_id: bound.chat.completions.with_raw_response.create(
+            **ask, extra_headers={"x-policyd-request-id": f"{gateway.shape}-{request_id}"}),
+        "key-money-day[ft:gpt-4o-mini-2024-07-18:*]"))
     charged = sum(gateway.record(request_id)["charge_nanos"] for request_id in admitted)
     assert 3 <= len(admitted) and 0 < charged <= budget
     sent = [r for r in gateway.mock.received() if r["body"].get("messages") == ask["messages"]]
@@ -2317,16 +2318,10 @@ def test_an_end_users_own_budget_binds_its_requests_from_every_key(gateway: Gate
                                                                               limit=budget)]))
     assert (given.scope, given.owner_id, given.keys_changed) == ("end_user", "alice", 2)
 
-    def call(n: int) -> str:
-        try:
-            return clients[n % 2].chat.completions.with_raw_response.create(
-                **ask, user="alice", extra_headers={"x-policyd-request-id": f"alice-{gateway.shape}-{n}"}
-            ).headers["x-policyd-request-id"]
-        except openai.RateLimitError as refused:
-            assert refused.code == "budget_exceeded" and "(end_user-money-day)" in refused.message
-            return ""
-
-    admitted = at_once_then_one_by_one(call)
+    admitted = at_once_then_one_by_one(admitted_or_refused(
+        lambda n, request_id: clients[n % 2].chat.completions.with_raw_response.create(
+            **ask, user="alice", extra_headers={"x-policyd-request-id": f"{gateway.shape}-{request_id}"}),
+        "end_user-money-day"))
     charged = sum(gateway.record(request_id)["charge_nanos"] for request_id in admitted)
     assert 3 <= len(admitted) and 0 < charged <= budget
     assert {gateway.record(request_id)["end_user_id"] for request_id in admitted} == {"alice"}
