@@ -873,8 +873,8 @@ class Engine:
 
     async def _own_limits(self, key: KeyRecord, end_user: str) -> tuple[Limit, ...]:
         """The key's own limits and its owners', with the end user's that a request names where its customer's end
-        users have limits of their own: read from SQL once a change on each replica (the fingerprint its key
-        carries, part of its terms, tells a change), not once a request; an end user without: remembered too."""
+        users have limits of their own: read from SQL the first time a request names it after a change (the
+        fingerprint its key carries, part of its terms, tells a change), then remembered, "none" too."""
         if not key.end_user_limits or not end_user:
             return key.limits
         cached = (key.customer_id, key.end_user_limits, end_user)

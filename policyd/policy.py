@@ -382,7 +382,8 @@ class Cap(Limit):
 
     scope: Literal["all"] = "all"
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    provider: str = Field("", max_length=64)  # the requests served by this provider ("" = any), on its `models`
+    provider: str = Field("", max_length=64)  # the requests served by this provider ("" = any)
+    models: tuple[str, ...] = ()  # ... on these models: exact names, globs or tiers ("tier:premium"); () = any
 
     def covers(self, model: str, price: "ModelPrice") -> bool:
         return (not self.provider or price.provider == self.provider) and self.binds(model, price.tier)
