@@ -75,8 +75,7 @@ def bucket_label(bucket: str, start_ms: int, zone: ZoneInfo | None = None) -> st
     """A bucket's name: its start, in UTC or in a time zone (an hour's with its offset from UTC)."""
     moment = datetime.fromtimestamp(start_ms / 1000, tz=zone or timezone.utc)  # a timestamp, not money
     if bucket == "hour":
-        return moment.strftime("%Y-%m-%dT%H:00") + ("Z" if zone is None else moment.strftime("%z")[:3] + ":" +
-                                                    moment.strftime("%z")[3:])
+        return moment.strftime("%Y-%m-%dT%H:00Z") if zone is None else moment.isoformat(timespec="minutes")
     if bucket == "day":
         return moment.strftime("%Y-%m-%d")
     return moment.strftime("%Y-%m")
