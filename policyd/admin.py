@@ -96,9 +96,12 @@ def _key_scopes(scopes: list[str]) -> list[str]:
 def _key_limits(limits: list[dict[str, Any]], policy: Policy | None, scope: str = "key") -> list[dict[str, Any]]:
     """A key's (or an owner's) limits as stored; a limit on some models must name models of the policy in force."""
     try:
-        return key_limits.checked(limits, scope, policy.document.names_a_model if policy else None)
+        checked = key_limits.checked(limits, scope, policy.document.names_a_model if policy else None)
     except ValueError as error:
         raise _invalid("invalid_limit", str(error)) from None
+    if any(0 < entry.get("until_unix_ms", 0) <= now_ms() for entry in checked):
+        raise _invalid("invalid_limit", "a limit's until_unix_ms is a time to come (none: for good)")
+    return checked
 
 
 def _owner(customer_id: str, workspace_id: str = "", project_id: str = "", team_id: str = "",
@@ -361,7 +364,8 @@ class Admin:
         """An owner's limits as its keys' decisions count them (the policy's time zone where they name none), and
         the bucket ids of its scope (quotas.scope_ids)."""
         policy = self.book.current
-        limits = key_limits.effective((), key_limits.as_limits(row.limits), policy.document.timezone if policy else "")
+        limits = key_limits.effective((), key_limits.as_limits(row.limits), policy.document.timezone if policy else "",
+                                      now_ms())
         named = {} if row.scope == "customer" else {f"{row.scope}_id": row.owner_id}
         return limits, quotas.scope_ids(row.customer_id, "", **named)
 
@@ -456,7 +460,7 @@ class Admin:
             plan = policy.plan(key.plan)
             if plan is None or not target.binds(key):
                 continue
-            for limit in key_limits.effective(plan.limits, key_record(key).limits + own, policy.document.timezone):
+            for limit in key_limits.effective(plan.limits, key_record(key).limits + own, policy.document.timezone, at):
                 if limit.scope == target.scope and limit_resets.matches(limit, unit, window, name):
                     hold, current = quotas.hold_for(limit, partition, owner, at // 1000, 0, Quantities())
                     found.setdefault(hold.key, (limit, hold, current))
@@ -741,7 +745,7 @@ class Admin:
 
             models = [f"{m} via {policy.model(m).upstream}"  # type: ignore[union-attr]
                       for m, _ in Engine.models_allowed(policy, plan, tuple(row.scopes or ()), row.environment)]
-            limits = key_limits.effective(plan.limits, key_record(row).limits, policy.document.timezone)
+            limits = key_limits.effective(plan.limits, key_record(row).limits, policy.document.timezone, at)
             ids = quotas.scope_ids(row.customer_id, row.id, row.workspace_id, row.project_id, row.team_id)
             for state in await quotas.bucket_states(self.counters, limits, ids, at):
                 limit = state["limit"]

@@ -148,14 +148,23 @@ def _limit_text(limit: admin_pb2.KeyLimit) -> str:
     whose = f"{limit.scope}: " if limit.scope else ""
     alerts = f" (alerts at {', '.join(f'{p}%' for p in limit.thresholds)})" if limit.thresholds else ""
     on = f" on {', '.join(limit.models)}" if limit.models else ""
+    until = time.strftime(" until %Y-%m-%d %H:%M UTC", time.gmtime(limit.until_unix_ms / 1000)) \
+        if limit.until_unix_ms else ""
     return f"{whose}{value} {limit.unit} a {limit.window}{on}" + (f" ({limit.timezone})" if limit.timezone else "") \
-        + alerts
+        + alerts + until
 
 
 def _key_limit(text: str) -> admin_pb2.KeyLimit:
-    """WINDOW[@ZONE]:UNIT:VALUE[:ALERTS][ on MODELS], e.g. month:money:20.00, minute:requests:60,
+    """WINDOW[@ZONE]:UNIT:VALUE[:ALERTS][ on MODELS][ until WHEN], e.g. month:money:20.00, minute:requests:60,
     day@Asia/Tokyo:tokens:100000, month:money:500.00:75,90 (alerts at 75% and 90% of it), day:money:5.00 on
-    gpt-4o,tier:premium (only requests served on those models count)."""
+    gpt-4o,tier:premium (only requests served on those models count), month:money:100.00 until 2027-01-01 (binds
+    until then, ISO 8601, UTC unless it says otherwise; then the plan's limit again)."""
+    text, _, until_text = text.partition(" until ")
+    try:
+        until = _moment(until_text.strip()) if until_text.strip() else 0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: until takes an ISO 8601 date or time, not "
+                                         f"{until_text.strip()!r}") from None
     text, _, on = text.partition(" on ")
     models = [m.strip() for m in on.split(",") if m.strip()]
     window, _, rest = text.strip().partition(":")
@@ -169,7 +178,7 @@ def _key_limit(text: str) -> admin_pb2.KeyLimit:
         raise argparse.ArgumentTypeError(f"{text!r}: WINDOW:UNIT:VALUE[:ALERTS], e.g. month:money:20.00 or "
                                          "month:money:500.00:75,90") from None
     return admin_pb2.KeyLimit(window=window, unit=unit, limit=limit, timezone=zone, thresholds=thresholds,
-                              models=models)
+                              models=models, until_unix_ms=until)
 
 
 def _utc(ms: int) -> str:

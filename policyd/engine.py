@@ -816,7 +816,7 @@ class Engine:
         wallet_id = redis_keys.wallet_id(key.customer_id, key.workspace_id) \
             if plan.wallet_scope == "workspace" else key.customer_id
         balance, reserved = await self.counters.wallet(wallet_id)
-        limits = key_limits.effective(plan.limits, key.limits, policy.document.timezone)
+        limits = key_limits.effective(plan.limits, key.limits, policy.document.timezone, self.clock())
         ids = scope_ids(key.customer_id, key.id, key.workspace_id, key.project_id, key.team_id)
         states = tuple(LimitState(s["limit"].label, s["limit"].scope, s["limit"].window, s["limit"].unit,
                                   s["limit"].limit, s["used"], s["ends"])
@@ -1102,7 +1102,7 @@ class Engine:
         holds: list[BucketHold] = []
         by_label: dict[str, tuple[Limit, int]] = {}
         for limit in key_limits.with_thread_budget(key_limits.effective(plan.limits, own_limits,
-                                                                        policy.document.timezone),
+                                                                        policy.document.timezone, at),
                                                    request.thread_budget):
             scope_id = buckets[limit.scope]
             if not scope_id or limit.label == skip_label or not limit.binds(model, price.tier):

@@ -64,6 +64,11 @@ def checked(limits: Iterable[Mapping[str, Any]], scope: str = "key",
             unknown = [m for m in entry["models"] if names_a_model is not None and not names_a_model(m)]
             if unknown:
                 raise ValueError(f"{whose} limit's model {unknown[0]!r} matches nothing in the price table")
+        until = given.get("until_unix_ms") or 0
+        if until:  # binds until then, then the plan's limit of its bucket again
+            if isinstance(until, bool) or not isinstance(until, int) or until < 0:
+                raise ValueError(f"{whose} limit's until_unix_ms is a time in unix milliseconds")
+            entry["until_unix_ms"] = until
         if scope != "key":
             entry["scope"] = scope
         try:
@@ -86,17 +91,21 @@ def _limit(entry: Mapping[str, Any]) -> Limit:
     on = f"[{','.join(models)}]" if models else ""  # key-money-day[gpt-4o,tier:premium]: its own name and bucket
     return Limit(name=f"{scope}-{entry['unit']}-{entry['window']}{on}", scope=scope, window=entry["window"],
                  unit=entry["unit"], limit=format_amount(value) if entry["unit"] in MONEY_UNITS else value,
-                 timezone=entry.get("timezone", ""), models=models, **alerts)
+                 timezone=entry.get("timezone", ""), models=models, until_unix_ms=entry.get("until_unix_ms", 0),
+                 **alerts)
 
 
 def as_limits(stored: Iterable[Mapping[str, Any]] | None) -> tuple[Limit, ...]:
     return tuple(_limit(entry) for entry in stored or ())
 
 
-def effective(plan_limits: tuple[Limit, ...], own: tuple[Limit, ...], zone: str) -> tuple[Limit, ...]:
-    """The limits a request on this key counts against: the plan's, with the key's own (and its owners') in
-    place of the plan's limits of the same scope and bucket. `zone`: the policy's time zone, for day and
-    month limits that name none."""
+def effective(plan_limits: tuple[Limit, ...], own: tuple[Limit, ...], zone: str, at_ms: int) -> tuple[Limit, ...]:
+    """The limits a request on this key counts against at `at_ms`: the plan's, with the key's own (and its owners')
+    in place of the plan's limits of the same scope and bucket. `zone`: the policy's time zone, for day and
+    month limits that name none. A key's or owner's limit past its `until_unix_ms` binds no more: the plan's of its
+    bucket binds again."""
+    if own:
+        own = tuple(limit for limit in own if not limit.until_unix_ms or at_ms < limit.until_unix_ms)
     if not own:
         return plan_limits
     own = tuple(limit.model_copy(update={"timezone": zone}) if zone and not limit.timezone

@@ -334,6 +334,9 @@ class Limit(_Strict):
     # only requests served on these models count: exact names, globs or tiers ("tier:premium"); () = every request.
     # A limit on some models counts in a bucket of its own (quotas.hold_for), beside the scope's other limits.
     models: tuple[str, ...] = Field((), max_length=LIMIT_MODELS_MAX)
+    # a key's or owner's: binds until then (unix ms; 0: for good), a budget raised for a while, then the plan's again
+    # (key_limits.effective)
+    until_unix_ms: int = Field(0, ge=0)
 
     def binds(self, model: str, tier: str) -> bool:
         """Whether a request served on this model counts against the limit."""
@@ -521,6 +524,9 @@ class PolicyDocument(_Strict):
             for limit in plan.limits:
                 if limit.downgrade_to and limit.downgrade_to not in self.price_table.models:
                     raise ValueError(f"plan {name!r}: downgrade_to {limit.downgrade_to!r} is not in the price table")
+                if limit.until_unix_ms:
+                    raise ValueError(f"plan {name!r}: limit {limit.label!r}: until_unix_ms is for a key's or an "
+                                     "owner's limit (SetKeyLimits, SetOwnerLimits)")
                 for pattern in limit.models:
                     if not self.names_a_model(pattern):
                         raise ValueError(f"plan {name!r}: limit {limit.label!r}: model {pattern!r} matches nothing in "
@@ -733,10 +739,11 @@ def canonical_text(document: PolicyDocument) -> str:
     data = json.loads(document.model_dump_json())
     if not data["caps"]:  # as policies without caps always read: their versions' digests stay the same
         del data["caps"]
-    for plan in data["plans"].values():  # so too plans' limits on every model, as they read before limits had models
+    for plan in data["plans"].values():  # so too plans' limits on every model and for good, as they read before
         for limit in plan["limits"]:
-            if not limit["models"]:
-                del limit["models"]
+            for name in ("models", "until_unix_ms"):
+                if not limit[name]:
+                    del limit[name]
     return yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
 
 

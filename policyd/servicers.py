@@ -340,7 +340,8 @@ def limit_state(limit: Limit, used: int, ends: int) -> policy_pb2.LimitState:
 
 def key_limit(message: admin_pb2.KeyLimit) -> dict[str, Any]:
     return {"window": message.window, "unit": message.unit, "limit": message.limit, "timezone": message.timezone,
-            "thresholds": list(message.thresholds), "models": list(message.models)}
+            "thresholds": list(message.thresholds), "models": list(message.models),
+            "until_unix_ms": message.until_unix_ms}
 
 
 def usage_record_message(r: Any) -> admin_pb2.UsageRecord:

@@ -467,6 +467,44 @@ async def test_an_end_users_own_limits_bind_the_requests_naming_it(service: Serv
     assert (await service.admin.audit()).ok
 
 
+async def test_a_limit_given_for_a_while_binds_until_then_and_the_plans_again_after(service: Service) -> None:
+    """A key's or an owner's limit with until_unix_ms binds until then (here a tiny budget: refused), then no more:
+    the plan's limits of its bucket bind again; one already past is refused when given, as is one in a plan."""
+    import time
+
+    import yaml
+
+    from policyd.domain import PolicydError
+    from tests.conftest import SAMPLE_POLICY
+
+    now = int(time.time() * 1000)
+    key_id, secret = await new_key(service, customer="for-a-while")
+    await fund(service, "for-a-while", "10")
+    row = await service.admin.set_limits(key_id, [{"window": "month", "unit": "money", "limit": 1,
+                                                   "until_unix_ms": now + 60_000}])
+    assert row.limits[0]["until_unix_ms"] == now + 60_000
+    _, other = await new_key(service, customer="owned-a-while")
+    await fund(service, "owned-a-while", "10")
+    await service.admin.set_owner_limits([{"window": "day", "unit": "requests", "limit": 0,
+                                           "until_unix_ms": now + 60_000}], "owned-a-while")
+    service.engine.clock = lambda: now + 1_000
+    refused = await service.engine.authorize(ask(secret, request_id="while-1"))
+    assert (refused.reason, refused.message.endswith("(key-money-month)")) == ("budget_exceeded", True)
+    assert (await service.engine.authorize(ask(other, request_id="while-2"))).reason == "rate_limit_exceeded"
+    service.engine.clock = lambda: now + 61_000  # past it: the plan's limits alone
+    assert (await service.engine.authorize(ask(secret, request_id="after-1"))).decision == "allow"
+    assert (await service.engine.authorize(ask(other, request_id="after-2"))).decision == "allow"
+    with pytest.raises(PolicydError) as error:
+        await service.admin.set_limits(key_id, [{"window": "month", "unit": "money", "limit": 1,
+                                                 "until_unix_ms": now - 1}])
+    assert error.value.reason == "invalid_limit"
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["plans"]["pro"]["limits"][0]["until_unix_ms"] = now + 60_000
+    with pytest.raises(PolicydError) as error:
+        await service.admin.apply_policy(yaml.safe_dump(doc), "until.yaml")
+    assert error.value.reason == "invalid_policy" and "until_unix_ms" in str(error.value)
+
+
 async def test_an_owners_limits_bind_every_key_of_theirs(service: Service) -> None:
     """Admin.set_owner_limits: a customer's limits bind its every key together, one made later too, and a replica
     still holding a key's old terms; a workspace's bind its keys alone; another customer is not bound; an owner's

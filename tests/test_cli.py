@@ -141,6 +141,10 @@ def test_keys_with_limits_of_their_own(server: PolicydProcess) -> None:
     assert on_one.returncode == 0 and "(own limits: 0.000001000 money a day on gpt-4o)" in on_one.stdout
     refused = run(server, "authorize", "--key", created["secret"], "--model", "gpt-4o")
     assert refused.returncode == 2 and "key-money-day[gpt-4o]" in refused.stdout
+    for_a_while = run(server, "keys", "limits", created["key"]["id"], "--limit", "month:money:9.00 until 2099-01-01")
+    assert for_a_while.returncode == 0 and "9.000000000 money a month until 2099-01-01 00:00 UTC" in for_a_while.stdout
+    past = run(server, "keys", "limits", created["key"]["id"], "--limit", "month:money:9.00 until 2001-01-01")
+    assert past.returncode != 0 and "invalid_limit" in past.stderr
     assert run(server, "authorize", "--key", created["secret"], "--model", "gpt-4o-mini").returncode == 0
 
 

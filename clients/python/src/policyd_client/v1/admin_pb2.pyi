@@ -115,7 +115,7 @@ class ApiKey(_message.Message):
     def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., prefix: _Optional[str] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., state: _Optional[_Union[KeyState, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., created_unix_ms: _Optional[int] = ..., rotated_unix_ms: _Optional[int] = ..., previous_secret_expires_unix_ms: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ..., owner_limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ...) -> None: ...
 
 class KeyLimit(_message.Message):
-    __slots__ = ("window", "unit", "limit", "timezone", "scope", "thresholds", "models")
+    __slots__ = ("window", "unit", "limit", "timezone", "scope", "thresholds", "models", "until_unix_ms")
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     UNIT_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class KeyLimit(_message.Message):
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     window: str
     unit: str
     limit: int
@@ -130,7 +131,8 @@ class KeyLimit(_message.Message):
     scope: str
     thresholds: _containers.RepeatedScalarFieldContainer[int]
     models: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, window: _Optional[str] = ..., unit: _Optional[str] = ..., limit: _Optional[int] = ..., timezone: _Optional[str] = ..., scope: _Optional[str] = ..., thresholds: _Optional[_Iterable[int]] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
+    until_unix_ms: int
+    def __init__(self, window: _Optional[str] = ..., unit: _Optional[str] = ..., limit: _Optional[int] = ..., timezone: _Optional[str] = ..., scope: _Optional[str] = ..., thresholds: _Optional[_Iterable[int]] = ..., models: _Optional[_Iterable[str]] = ..., until_unix_ms: _Optional[int] = ...) -> None: ...
 
 class SetOwnerLimitsRequest(_message.Message):
     __slots__ = ("customer_id", "workspace_id", "project_id", "team_id", "limits", "end_user_id")
