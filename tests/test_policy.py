@@ -61,10 +61,11 @@ def test_canonical_text_round_trips() -> None:
 
 
 def test_a_policy_reads_as_before_unless_its_limits_name_models() -> None:
-    """The canonical text a version's digest is taken of: a limit on every model reads as it did before limits
-    could name models (the same policy, the same version); one on some models names them, and round-trips."""
+    """The canonical text a version's digest is taken of: a limit on every model, for good, reads as it did before
+    limits could name models or an end (the same policy, the same version); one on some models names them, and
+    round-trips."""
     text = canonical_text(parse_policy(SAMPLE_POLICY))
-    assert "models: []" not in text and "key-rpm" in text
+    assert "models: []" not in text and "until_unix_ms" not in text and "key-rpm" in text
     on_premium = SAMPLE_POLICY.replace("window: day, unit: money, limit: \"50.00\",",
                                        "window: day, unit: money, limit: \"50.00\", models: [\"tier:premium\"],")
     document = parse_policy(on_premium)
