@@ -392,9 +392,9 @@ class Admin:
                 raise PolicydError("NOT_FOUND", "unknown_key", f"no key {target.owner_id!r}")
             target = limit_resets.Target(key.customer_id, "key", key.id)
         at = now_ms()
-        own = next((key_limits.as_limits(row.limits) for row in await asyncio.to_thread(
-            self.store.owner_limits, target.customer_id) if (row.scope, row.owner_id) == ("end_user", target.owner_id)
-            and target.scope == "end_user"), ())
+        own_row = await asyncio.to_thread(self.store.owner_limits_of, target.customer_id, "end_user",
+                                          target.owner_id) if target.scope == "end_user" else None
+        own = key_limits.as_limits(own_row.limits) if own_row is not None else ()
         found = self._limits_binding(target, await self.list_keys(target.customer_id), own, unit, window, name, at)
         if not found:
             raise PolicydError("NOT_FOUND", "limit_not_found",
@@ -450,7 +450,7 @@ class Admin:
                         window: str, name: str, at: int) -> dict[str, tuple[Any, BucketHold, quotas.Window]]:
         """Bucket key -> (limit, its hold, its current window) of each limit of the policy in force that binds
         the target's requests in its own bucket, narrowed by unit, window and name. `own`: an end user's own
-        limits, beside its keys' (Engine._own_limits)."""
+        limits, beside its keys' (Engine._with_end_user_limits)."""
         policy = self.book.current
         found: dict[str, tuple[Any, BucketHold, quotas.Window]] = {}
         if policy is None:

@@ -329,7 +329,7 @@ class Engine:
         self._closings: set[asyncio.Task[None]] = set()
         self._retrying: set[asyncio.Task[None]] = set()  # closings between two attempts (Redis unreachable)
         self._stopping = False
-        # (customer, fingerprint of its end users' limits, end user) -> its own limits (_own_limits), oldest first
+        # (customer, fingerprint of its end users' limits, end user) -> its own limits (_with_end_user_limits), oldest first
         self._end_user_limits: dict[tuple[str, str, str], tuple[Limit, ...]] = {}
         self.background: BackgroundResponses | None = None  # the background responses it waits for, once built
         self._asking: set[asyncio.Future[None]] = set()  # Veo operations asked for on their reads, still asking
@@ -520,7 +520,8 @@ class Engine:
                     served_on = found[1] if stored.startswith(CACHED_CONTENT_PREFIX) else served_on
 
         # 4. estimate and buckets (only when the policy allows the request)
-        own_limits = await self._own_limits(key, request.attribution.end_user_id)
+        own_limits = await self._with_end_user_limits(key, request.attribution.end_user_id) \
+            if key.end_user_limits and request.attribution.end_user_id else key.limits
         attempt = None
         for file_id in request.files if not preset else ():  # the files its input refers to: not another's
             found = await self._context_of(owner.customer_id, file_id)
@@ -871,12 +872,11 @@ class Engine:
                                                   zone_name or policy.document.timezone)
         return (rows, truncated, policy.document.currency), None
 
-    async def _own_limits(self, key: KeyRecord, end_user: str) -> tuple[Limit, ...]:
-        """The key's own limits and its owners', with the end user's that a request names where its customer's end
-        users have limits of their own: read from SQL the first time a request names it after a change (the
-        fingerprint its key carries, part of its terms, tells a change), then remembered, "none" too."""
-        if not key.end_user_limits or not end_user:
-            return key.limits
+    async def _with_end_user_limits(self, key: KeyRecord, end_user: str) -> tuple[Limit, ...]:
+        """The key's own limits and its owners', with those of the end user a request names, where its customer's
+        end users have limits of their own (a key without: its `limits` alone, no call here): read from SQL the
+        first time a request names it after a change (the fingerprint its key carries, part of its terms, tells a
+        change), then remembered, "none" too."""
         cached = (key.customer_id, key.end_user_limits, end_user)
         own = self._end_user_limits.get(cached)
         if own is None:
