@@ -170,7 +170,8 @@ async def test_a_reseller_manages_itself_and_its_sub_customers(world: World) -> 
     creds = await w.admin.ListAdminCredentials(admin_pb2.ListAdminCredentialsRequest(), metadata=w.reseller)
     assert {c.customer_id for c in creds.credentials} == {"reseller", "sub1"}
     # it gives its sub-customers limits (their keys bound), never its own customer, whose plan the operator chose
-    budget = admin_pb2.KeyLimit(window="minute", unit="requests", limit=1)
+    # (a day's: a minute's window could end between two requests of a loaded machine)
+    budget = admin_pb2.KeyLimit(window="day", unit="requests", limit=1)
     given = await w.admin.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(customer_id="sub1", limits=[budget]),
                                          metadata=w.reseller)
     assert (given.scope, given.keys_changed) == ("customer", 2)
@@ -183,9 +184,10 @@ async def test_a_reseller_manages_itself_and_its_sub_customers(world: World) -> 
     # and resets their limits' windows (the sub-customer served again), never its own customer's
     await w.policy.Settle(policy_pb2.SettleRequest(request_id=bound[0].request_id, usage=policy_pb2.Usage(
         input_tokens=10, output_tokens=5)))
-    reset = await w.admin.ResetLimits(admin_pb2.ResetLimitsRequest(customer_id="sub1", window="minute"),
+    reset = await w.admin.ResetLimits(admin_pb2.ResetLimitsRequest(customer_id="sub1", window="day",
+                                                                 name="customer-requests-day"),
                                       metadata=w.reseller)
-    assert [(r.limit.name, r.forgiven, r.limit.used) for r in reset.limits] == [("customer-requests-minute", 1, 0)]
+    assert [(r.limit.name, r.forgiven, r.limit.used) for r in reset.limits] == [("customer-requests-day", 1, 0)]
     assert (await w.policy.Authorize(policy_pb2.AuthorizeRequest(
         api_key=w.keys["sub1"].secret, endpoint=types_pb2.CHAT_COMPLETIONS, model="gpt-4o-mini"))).decision == \
         policy_pb2.ALLOW

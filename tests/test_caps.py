@@ -136,7 +136,7 @@ async def test_rate_limit_figures_name_the_customers_own_limits_not_the_operator
     limits:
       - {name: key-hour, scope: key, window: hour, unit: requests, limit: 5}
       - {name: customer-hour, scope: customer, window: hour, unit: requests, limit: 4}
-      - {name: watch, scope: key, window: minute, unit: requests, limit: 1, action: shadow}
+      - {name: watch, scope: key, window: hour, unit: requests, limit: 1, action: shadow}
       - {name: key-day-tokens, scope: key, window: day, unit: tokens, limit: 10000}
 """), "caps.yaml")
     _, secret = await new_key(service, customer="paced", plan="pro")
