@@ -18,7 +18,7 @@ from typing import Any
 
 from policyd import keys as key_secrets
 from policyd import redis_keys
-from policyd.counters import (CLOSED_RECORD_FIELDS, STORED_RESPONSE_HOT_SECONDS, BucketHold, ClosedRequest, Counters,
+from policyd.counters import (CLOSED_RECORD_FIELDS, STORED_RESPONSE_HOT_SECONDS, ClosedRequest, Counters,
                               Fenced, Reservation)
 from policyd.db import ApiKeyRow, LimitResetRow, OwnerLimitsRow, PolicyVersionRow
 from policyd.directory import KeyDirectory
@@ -70,6 +70,17 @@ class AuditResult:
     ok: bool
     checked: int
     mismatches: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+@dataclass
+class _BucketBinding:
+    """A bucket a reset may find: its current window, the limits counting in it (a reset of one is theirs too,
+    one counter), whether one of them is named, and the alerts of each (quotas.alert_fields)."""
+
+    window: quotas.Window
+    limits: list[Any] = field(default_factory=list)
+    alerts: dict[str, int] = field(default_factory=dict)
+    named: bool = False
 
 
 def _page_size(limit: int) -> int:
@@ -409,8 +420,8 @@ class Admin:
         finally:
             await self.counters.end_claim(claim, holder)
 
-    async def _reset(self, target: limit_resets.Target, found: dict[str, tuple[Any, BucketHold, quotas.Window]],
-                     reason: str, at: int) -> list[limit_resets.Reset]:
+    async def _reset(self, target: limit_resets.Target, found: dict[str, "_BucketBinding"], reason: str, at: int
+                     ) -> list[limit_resets.Reset]:
         """Each bucket found reset (under the customer's claim): what its settled requests by `at` and its seed
         put in it, less what earlier resets took, taken out; kept in SQL."""
         await self.catch_up()  # what was settled before `at` is in SQL
@@ -419,14 +430,15 @@ class Admin:
         earlier = await asyncio.to_thread(self.store.reset_by_bucket, target.customer_id)
         partition = self.counters.partition_of(target.customer_id)
         done: list[limit_resets.Reset] = []
-        for bucket, (limit, hold, current) in found.items():
+        for bucket, binding in found.items():
+            limit, current = binding.limits[0], binding.window
             settled = await asyncio.to_thread(self.store.settled_in_bucket, target.customer_id, bucket,
                                               current.start * 1000 - limit_resets.WINDOW_START_MARGIN_MS, at)
             owner = seeded.get(bucket)
             seed = (owner.seeds or {}).get(bucket, 0) if owner else 0
             owed = max(settled - earlier.get(bucket, 0) + seed, 0)
             try:
-                outcome = await self.counters.reset_limit(partition, bucket, owed, hold.thresholds)
+                outcome = await self.counters.reset_limit(partition, bucket, owed, binding.alerts)
             except Fenced:
                 raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None
             taken, used = outcome or (0, 0)
@@ -443,16 +455,17 @@ class Admin:
                 except Exception:  # not kept: the bucket counts it again, as the records imply
                     await self.counters.reset_limit(partition, bucket, -taken)
                     raise
-            done.append(limit_resets.Reset(limit, used + taken, taken, used, current.end))
+            done += [limit_resets.Reset(each, used + taken, taken, used, current.end) for each in binding.limits]
         return done
 
     def _limits_binding(self, target: limit_resets.Target, keys: list[ApiKeyRow], own: tuple[Any, ...], unit: str,
-                        window: str, name: str, at: int) -> dict[str, tuple[Any, BucketHold, quotas.Window]]:
-        """Bucket key -> (limit, its hold, its current window) of each limit of the policy in force that binds
-        the target's requests in its own bucket, narrowed by unit, window and name. `own`: an end user's own
-        limits, beside its keys' (Engine._with_end_user_limits)."""
+                        window: str, name: str, at: int) -> dict[str, "_BucketBinding"]:
+        """Bucket key -> the limits of the policy in force that bind the target's requests in that bucket of
+        its own, of each bucket where one does as narrowed by unit, window and name (two limits of a plan may
+        count in one bucket: a reset of one is the other's too). `own`: an end user's own limits, beside its
+        keys' (Engine._with_end_user_limits)."""
         policy = self.book.current
-        found: dict[str, tuple[Any, BucketHold, quotas.Window]] = {}
+        found: dict[str, _BucketBinding] = {}
         if policy is None:
             return found
         partition, owner = self.counters.partition_of(target.customer_id), target.bucket_id()
@@ -461,10 +474,15 @@ class Admin:
             if plan is None or not target.binds(key):
                 continue
             for limit in key_limits.effective(plan.limits, key_record(key).limits + own, policy.document.timezone, at):
-                if limit.scope == target.scope and limit_resets.matches(limit, unit, window, name):
-                    hold, current = quotas.hold_for(limit, partition, owner, at // 1000, 0, Quantities())
-                    found.setdefault(hold.key, (limit, hold, current))
-        return found
+                if limit.scope != target.scope:
+                    continue
+                hold, current = quotas.hold_for(limit, partition, owner, at // 1000, 0, Quantities())
+                binding = found.setdefault(hold.key, _BucketBinding(current))
+                binding.alerts.update(quotas.alert_fields(hold))
+                binding.named = binding.named or limit_resets.matches(limit, unit, window, name)
+                if limit not in binding.limits:
+                    binding.limits.append(limit)
+        return {bucket: binding for bucket, binding in found.items() if binding.named}
 
     async def set_plan(self, plan: str, *, key_id: str = "", customer_id: str = "") -> list[ApiKeyRow]:
         """Move a key, or every key of a customer, to another plan of the active policy (an upgrade, a

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import redis.asyncio as aioredis
 
@@ -640,12 +640,12 @@ class Counters:
         await self._end_claim(keys=[key], args=[holder])
 
     async def reset_limit(self, partition: int, bucket_key: str, amount: int,
-                          thresholds: Sequence[tuple[int, int]] = ()) -> tuple[int, int] | None:
-        """Take `amount` (at most what it holds) out of a limit's bucket, arming again the alerts of the thresholds
-        (percent, amount) its count is now below: (taken, what it holds after), or None when the bucket holds
-        nothing in this window (absent)."""
-        reply = await self._reset_limit(keys=[bucket_key, redis_keys.gate(partition)],
-                                        args=[str(amount), ",".join(f"{pct}:{at}" for pct, at in thresholds)])
+                          alerts: Mapping[str, int] | None = None) -> tuple[int, int] | None:
+        """Take `amount` (at most what it holds) out of a limit's bucket, arming again the alerts (field -> the
+        amount that crosses it: quotas.alert_fields) its count is now below: (taken, what it holds after), or None
+        when the bucket holds nothing in this window (absent)."""
+        pairs = [str(v) for field, at in (alerts or {}).items() for v in (field, at)]
+        reply = await self._reset_limit(keys=[bucket_key, redis_keys.gate(partition)], args=[str(amount), *pairs])
         outcome = _text(reply[0])
         if outcome == "fenced":
             raise self._fenced(partition)

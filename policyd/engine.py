@@ -111,6 +111,18 @@ KEY_STATE_DENIALS = {"invalid": "invalid_api_key", "paused": "key_paused", "revo
                      "expired": "key_expired", "unavailable": "unavailable"}
 
 
+def _buckets_held(holds: list[BucketHold]) -> list[list[Any]]:
+    """[bucket key, unit, amount] of each bucket a request is counted in, once however many of its limits count
+    there (a shadow limit beside a blocking one, a downgrade before a block): what its settle, release, refund,
+    the audit and a rebuild take the bucket's count from."""
+    if len(holds) < 2:
+        return [[h.key, h.unit, h.amount] for h in holds]
+    held: dict[str, list[Any]] = {}
+    for h in holds:
+        held.setdefault(h.key, [h.key, h.unit, h.amount])
+    return list(held.values())
+
+
 def _rate_limits(attempt: "_Plan", used: tuple[int, ...]) -> tuple[RateLimit, ...]:
     """The tightest request limit, token limit and money limit (a budget) a request was held in, with what each
     leaves, for the rate-limit and budget headers its client reads, and what its thread's budget leaves (unit
@@ -1366,7 +1378,7 @@ class Engine:
             "reservation_mode": plan.reservation if plan else "",
             "currency": policy.document.currency if policy else "",
             "max_output_tokens": attempt.output_cap,
-            "holds": [[h.key, h.unit, h.amount] for h in attempt.holds],
+            "holds": _buckets_held(attempt.holds),
             "decision_latency_us": (time.perf_counter_ns() - started) // 1000,
             "client_address": request.client_address, "user_agent": request.user_agent,
         }

@@ -156,6 +156,13 @@ def _hold(limit: Limit, key: str, window: Window, now_s: int, amount: int) -> Bu
                       mode="shadow" if limit.action == "shadow" else "block", ttl_seconds=ttl, thresholds=thresholds)
 
 
+def alert_fields(hold: BucketHold) -> dict[str, int]:
+    """The fields of a hold's bucket that say its limit alerted at each threshold, and the amount that crosses
+    it (authorize.lua sets them, reset_limit.lua clears them): a limit's own, since two limits may count in one
+    bucket."""
+    return {f"a{pct}:{hold.label}": amount for pct, amount in hold.thresholds}
+
+
 def idles_out(bucket_key: str) -> bool:
     """A bucket forgotten once idle (a thread's budget): its absence is no loss."""
     return _THREAD_BUDGET_BUCKET in bucket_key

@@ -209,3 +209,54 @@ async def test_a_limit_refusing_requests_alerts_once_a_window_naming_whose_they_
     await service.writer.drain()
     alerts = [e for e in service.store.events("alert") if e.detail.get("label") == "key-requests-day"]
     assert [e.detail["percent"] for e in alerts] == ["50", "100", "50", "100"]  # armed again by the reset
+
+
+async def test_limits_of_one_bucket_each_count_a_request_once_and_alert_at_their_own_percentages(
+        service: Service) -> None:
+    """A plan's request limit with a shadow limit of the same bucket beside it (what an operator tries before
+    tightening), and a customer's day budget beside the downgrade limit of its bucket: a request counts once in
+    the bucket, whichever limits count there; each limit refuses (or notes) at its own limit and alerts at its own
+    percentages; a reset of one is the other's too (one counter), listed for both, each armed again."""
+    from tests.conftest import SAMPLE_POLICY
+
+    free_rpm = "      - {name: key-rpm, scope: key, window: minute, unit: requests, limit: 20}"
+    premium_day = "      - {name: premium-day, scope: customer,"
+    await service.admin.apply_policy(SAMPLE_POLICY.replace(free_rpm, (
+        "      - {name: key-total, scope: key, window: total, unit: requests, limit: 4, thresholds: [50]}\n"
+        "      - {name: key-total-watch, scope: key, window: total, unit: requests, limit: 2, thresholds: [50],"
+        " action: shadow}"), 1).replace(premium_day, (
+            '      - {name: customer-day, scope: customer, window: day, unit: money, limit: "60.00"}\n' + premium_day)),
+        "shared.yaml")
+    key_id, secret = await new_key(service, plan="free", customer="shared")
+    await fund(service, "shared", "10")
+    decisions = [await service.engine.authorize(ask(secret, prompt_bytes=10, max_output_tokens=10)) for _ in range(6)]
+    assert [(d.decision, d.shadow_denials) for d in decisions] == [
+        ("allow", ()), ("allow", ()), ("allow", ("key-total-watch",)), ("allow", ("key-total-watch",)),
+        ("deny", ()), ("deny", ())]
+    assert [r.remaining for d in decisions[:4] for r in d.rate_limits if r.unit == "requests"] == [3, 2, 1, 0]
+    await service.writer.drain()
+    alerts = [(e.detail["label"], e.detail["percent"]) for e in service.store.events("alert")
+              if e.detail.get("label", "").startswith("key-total")]
+    assert alerts == [("key-total-watch", "50"), ("key-total", "50"), ("key-total", "100")]
+    for d in decisions[:4]:
+        await service.engine.settle(usage(d.request_id))
+    _, resets = await service.admin.reset_limits(key_id=key_id, name="key-total")
+    assert sorted((r.limit.label, r.forgiven, r.used) for r in resets) == [("key-total", 4, 0),
+                                                                          ("key-total-watch", 4, 0)]
+    assert [(await service.engine.authorize(ask(secret, prompt_bytes=10, max_output_tokens=10))).decision
+            for _ in range(5)] == ["allow"] * 4 + ["deny"]
+    await service.writer.drain()
+    alerts = [(e.detail["label"], e.detail["percent"]) for e in service.store.events("alert")
+              if e.detail.get("label", "").startswith("key-total")]
+    assert alerts[3:] == [("key-total-watch", "50"), ("key-total", "50"), ("key-total", "100")]  # armed again
+
+    _, pro = await new_key(service, plan="pro", customer="shared-pro")
+    await fund(service, "shared-pro", "10")
+    premium = await service.engine.authorize(ask(pro, model="gpt-4o", request_id="premium"))
+    assert (premium.decision, premium.served_model) == ("allow", "gpt-4o")
+    (bucket,) = [k async for k in service.counters.client.scan_iter(match="*:b:customer:shared-pro:money:day*")]
+    assert int(await service.counters.client.hget(bucket, "used")) == premium.reserved  # once, not a limit's each
+    settled = await service.engine.settle(usage("premium", input_tokens=100, output_tokens=40))
+    assert int(await service.counters.client.hget(bucket, "used")) == settled.charge
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok

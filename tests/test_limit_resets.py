@@ -44,7 +44,7 @@ async def test_a_reset_forgives_what_the_window_counted_of_settled_requests(serv
     assert (decision.reason, decision.message.endswith("(customer-money-month)")) == ("budget_exceeded", True)
     bucket = await _bucket(service, "*:b:customer:stopped:money:month*")
     assert await _used(service, bucket) == sum(charged) + open_hold
-    assert await service.counters.client.hget(bucket, "a50") is not None  # alerted once this window
+    assert await service.counters.client.hget(bucket, "a50:customer-money-month") is not None  # alerted once
 
     target, resets = await service.admin.reset_limits("stopped", unit="money", reason="runaway loop, ticket 42")
     assert (target.customer_id, target.scope, target.owner_id) == ("stopped", "customer", "")
@@ -54,7 +54,7 @@ async def test_a_reset_forgives_what_the_window_counted_of_settled_requests(serv
     assert reset.ends > 0
     assert await _used(service, bucket) == open_hold
     assert open_hold < 500_000 < sum(charged)
-    assert await service.counters.client.hget(bucket, "a50") is None  # below 50% again: armed again
+    assert await service.counters.client.hget(bucket, "a50:customer-money-month") is None  # below 50%: armed again
     (row,) = service.store.limit_resets("stopped")
     assert (row.bucket_key, row.amount, row.unit, row.reason) == (bucket, sum(charged), "money",
                                                                     "runaway loop, ticket 42")

@@ -687,3 +687,78 @@ async def _reset_scenario(service: Service, operations: list, customer: str) -> 
     assert (await service.admin.audit()).ok
     await counters_lost_and_rebuilt(service)
     assert (await service.admin.audit()).ok
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(budget=st.integers(1, 2_000_000), requests_limit=st.integers(1, 12), operations=thread_budget_ops)
+def test_limits_sharing_a_bucket_count_each_request_once(running, budget: int, requests_limit: int,
+                                                         operations) -> None:
+    """A plan's budget and request limit, each with a shadow limit of the same bucket beside it (what an operator
+    tries before tightening): whatever requests are held, settled within their bounds or released, each bucket
+    holds exactly the open requests' holds and what settled ones were charged (a request counted once, not once
+    a limit), so the budget and the request limit admit all they allow and never more; the audit agrees."""
+    loop, service = running
+    loop.run_until_complete(_shared_bucket_scenario(service, budget, requests_limit, operations,
+                                                    f"shared{next(counter)}"))
+
+
+async def _shared_bucket_scenario(service: Service, budget: int, requests_limit: int, operations: list,
+                                  customer: str) -> None:
+    from policyd import quotas
+    from policyd.money import format_amount
+    from policyd.pricing import Quantities
+
+    plan_limits = "\n".join(f"      - {{{limit}}}" for limit in (
+        f'name: key-budget, scope: key, window: total, unit: money, limit: "{format_amount(budget)}"',
+        f'name: key-budget-watch, scope: key, window: total, unit: money, limit: "{format_amount(budget // 3)}", '
+        'action: shadow',
+        f"name: key-requests, scope: key, window: total, unit: requests, limit: {requests_limit}",
+        "name: key-requests-watch, scope: key, window: total, unit: requests, limit: 1, action: shadow"))
+    free_rpm = "      - {name: key-rpm, scope: key, window: minute, unit: requests, limit: 20}"
+    await service.admin.apply_policy(SAMPLE_POLICY.replace(free_rpm, plan_limits, 1), f"{customer}.yaml")
+    key = await service.admin.create_key(label="p", customer_id=customer, environment="production", plan="free")
+    await service.admin.grant_credit(customer, 10**12, "USD", "purchase", "")
+    policy = service.book.current
+    assert policy is not None
+    buckets = {}
+    for limit in policy.plan("free").limits:
+        if limit.scope == "key":
+            hold, _ = quotas.hold_for(limit, service.counters.partition_of(customer), key.row.id, 0, 0, Quantities())
+            buckets[limit.unit] = hold.key
+    assert len(buckets) == 2  # a limit and its watch: one bucket
+    held: dict[str, tuple[int, int, int]] = {}  # open request id -> its hold, input bound, output bound
+    opened: list[str] = []
+    charged = counted = 0
+    for n, op in enumerate(operations):
+        if op[0] == "authorize":
+            rid = f"{customer}-{n}"
+            d = await service.engine.authorize(ask(key.secret, request_id=rid, prompt_bytes=op[1],
+                                                   max_output_tokens=op[2]))
+            if d.decision != "deny":
+                held[rid] = (d.reserved, min(op[1] + 24, CONTEXT_WINDOW), d.max_output_tokens)
+                opened.append(rid)
+            else:  # with room for a request, the budget refused it; without, either may (the budget is first)
+                refusals = {("budget_exceeded", "(key-budget)")}
+                if counted + len(held) >= requests_limit:
+                    refusals.add(("rate_limit_exceeded", "(key-requests)"))
+                assert (d.reason, d.message[d.message.rfind("("):]) in refusals, d
+        elif opened:
+            rid = opened[op[1] % len(opened)]
+            if rid not in held:
+                continue
+            hold, input_bound, output_bound = held.pop(rid)
+            if op[0] == "release":
+                await service.engine.release(rid, "test")
+            else:  # within the strict bound
+                s = await service.engine.settle(usage(rid, input_tokens=int(input_bound * op[2]),
+                                                      output_tokens=int(output_bound * op[3])))
+                charged += s.charge
+                counted += 1
+        used = {unit: int(await service.counters.client.hget(bucket, "used") or 0) for unit, bucket in buckets.items()}
+        assert used == {"money": charged + sum(hold for hold, _, _ in held.values()), "requests": counted + len(held)}
+        assert used["money"] <= budget and used["requests"] <= requests_limit
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+    await counters_lost_and_rebuilt(service)
+    assert {unit: int(await service.counters.client.hget(bucket, "used") or 0) for unit, bucket in buckets.items()} \
+        == {"money": charged + sum(hold for hold, _, _ in held.values()), "requests": counted + len(held)}

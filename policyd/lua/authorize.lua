@@ -9,8 +9,10 @@
 -- KEYS[5] in-flight counter  of the key
 -- KEYS[6] event stream       of the partition
 -- KEYS[7] gate               "open" while the partition's counters are whole: else refuse
--- KEYS[8..7+n] bucket hashes used (units of the bucket), a<pct> = alerted, reached = a request refused at the limit
---          (alerted once a window)
+-- KEYS[8..7+n] bucket hashes used (units of the bucket), a<pct>:<label> = that limit alerted, reached:<label> = a
+--          request refused at that limit (alerted once a window). Two limits of a plan may count in one bucket (a
+--          block limit and a shadow one beside it, a downgrade before a block): its key is given once for each,
+--          each checks its own limit, and the request is counted in it once.
 -- KEYS[8+n] (standalone Redis only) the request index, request_id -> partition, which a Settle sent
 --          to another process reads; in a Redis Cluster it lives in another slot and is set apart
 -- ARGV[1]  request_id
@@ -148,7 +150,7 @@ for i = 1, bucket_count do
       shadow[#shadow + 1] = label
     else
       local key = KEYS[7 + i]
-      if redis.call('HSETNX', key, 'reached', '1') == 1 then  -- the first refusal of its window: an alert, once
+      if redis.call('HSETNX', key, 'reached:' .. label, '1') == 1 then  -- the first refusal of its window: an alert
         keep(key, tonumber(ARGV[base + 4]))
         redis.call('XADD', KEYS[6], '*', 'type', 'alert', 'rid', request_id, 'at', ARGV[3], 'label', label,
           'bucket', key, 'percent', '100', 'reached', '1', 'used', fmt(used), 'limit', ARGV[base + 2], 'd', payload)
@@ -162,14 +164,19 @@ end
 -- Past this point nothing can deny: reserve everywhere.
 redis.call('HINCRBY', KEYS[2], 'reserved', ARGV[6])
 local used_after = {}
+local counted = {}  -- bucket key -> its use once this request is counted in it (once, whichever its limits)
 for i = 1, bucket_count do
   local base = 12 + (i - 1) * 6
   local key = KEYS[7 + i]
-  local used = redis.call('HINCRBY', key, 'used', ARGV[base + 1])
+  local used = counted[key]
+  if not used then
+    used = redis.call('HINCRBY', key, 'used', ARGV[base + 1])
+    counted[key] = used
+    keep(key, tonumber(ARGV[base + 4]))
+  end
   used_after[i] = fmt(used)
-  keep(key, tonumber(ARGV[base + 4]))
   for pct, threshold in string.gmatch(ARGV[base + 5], '(%d+):(%d+)') do
-    if used >= tonumber(threshold) and redis.call('HSETNX', key, 'a' .. pct, '1') == 1 then
+    if used >= tonumber(threshold) and redis.call('HSETNX', key, 'a' .. pct .. ':' .. ARGV[base + 6], '1') == 1 then
       redis.call('XADD', KEYS[6], '*', 'type', 'alert', 'rid', request_id, 'at', ARGV[3],
         'label', ARGV[base + 6], 'bucket', key, 'percent', pct, 'used', fmt(used), 'limit', ARGV[base + 2],
         'd', payload)

@@ -1,10 +1,12 @@
 -- reset_limit.lua: forgive what a limit's bucket counted in its current window (an operator's reset).
 --
--- KEYS[1] bucket hash   used (units of the bucket), a<pct> = alerted, reached = refused at the limit (alerted)
+-- KEYS[1] bucket hash   used (units of the bucket), a<pct>:<label> = that limit alerted, reached:<label> = refused
+--                       at that limit (alerted); authorize.lua
 -- KEYS[2] gate          "open" while the partition's counters are whole: else refuse
 -- ARGV[1] the amount to take out (what the bucket's settled requests put in it): at most what it holds; negative:
 --         given back
--- ARGV[2] the limit's alert thresholds, "pct:amount,...": those no longer reached alert again at their next crossing
+-- ARGV[2..] pairs of an alert's field and the amount that crosses it, of each limit counting in the bucket: those
+--         no longer reached alert again at their next crossing
 -- Returns {"reset", taken, used after} | {"absent"} (nothing counted in this window) | {"fenced"}
 
 if redis.call('GET', KEYS[2]) ~= 'open' then
@@ -22,12 +24,16 @@ local after = tonumber(used)
 if taken ~= 0 then
   after = redis.call('HINCRBY', KEYS[1], 'used', string.format('%d', -taken))
 end
-if taken > 0 then  -- room again: the next refusal at the limit alerts again
-  redis.call('HDEL', KEYS[1], 'reached')
+if taken > 0 then  -- room again: the next refusal at each of its limits alerts again
+  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if string.sub(field, 1, 8) == 'reached:' then
+      redis.call('HDEL', KEYS[1], field)
+    end
+  end
 end
-for pct, threshold in string.gmatch(ARGV[2], '(%d+):(%d+)') do
-  if after < tonumber(threshold) then
-    redis.call('HDEL', KEYS[1], 'a' .. pct)
+for i = 2, #ARGV - 1, 2 do
+  if after < tonumber(ARGV[i + 1]) then
+    redis.call('HDEL', KEYS[1], ARGV[i])
   end
 end
 return {'reset', string.format('%d', taken), string.format('%d', after)}
