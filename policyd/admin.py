@@ -75,12 +75,12 @@ class AuditResult:
 @dataclass
 class _BucketBinding:
     """A bucket a reset may find: its current window, the limits counting in it (a reset of one is theirs too,
-    one counter), whether one of them is named, and the alerts of each (quotas.alert_fields)."""
+    one counter), those of them a reset names, and the alerts of each (quotas.alert_fields)."""
 
     window: quotas.Window
     limits: list[Any] = field(default_factory=list)
     alerts: dict[str, int] = field(default_factory=dict)
-    named: bool = False
+    named: list[Any] = field(default_factory=list)
 
 
 def _page_size(limit: int) -> int:
@@ -431,7 +431,7 @@ class Admin:
         partition = self.counters.partition_of(target.customer_id)
         done: list[limit_resets.Reset] = []
         for bucket, binding in found.items():
-            limit, current = binding.limits[0], binding.window
+            limit, current = binding.named[0], binding.window
             settled = await asyncio.to_thread(self.store.settled_in_bucket, target.customer_id, bucket,
                                               current.start * 1000 - limit_resets.WINDOW_START_MARGIN_MS, at)
             owner = seeded.get(bucket)
@@ -479,9 +479,10 @@ class Admin:
                 hold, current = quotas.hold_for(limit, partition, owner, at // 1000, 0, Quantities())
                 binding = found.setdefault(hold.key, _BucketBinding(current))
                 binding.alerts.update(quotas.alert_fields(hold))
-                binding.named = binding.named or limit_resets.matches(limit, unit, window, name)
                 if limit not in binding.limits:
                     binding.limits.append(limit)
+                    if limit_resets.matches(limit, unit, window, name):
+                        binding.named.append(limit)
         return {bucket: binding for bucket, binding in found.items() if binding.named}
 
     async def set_plan(self, plan: str, *, key_id: str = "", customer_id: str = "") -> list[ApiKeyRow]:
