@@ -260,10 +260,11 @@ def test_a_client_retrying_a_failed_request_under_its_idempotency_key_is_served(
     time.sleep(1.2)  # as its retry-after says (the account it met cools down that long: later tests see none)
     served = create()
     assert served.headers["x-policyd-request-id"] == f"{key}:attempt-2" and served.parse().choices
-    with pytest.raises(openai.BadRequestError, match="already used and is settled"):
-        create()
+    # settled a moment after the client has its reply (until then a retry is refused as in progress, 409)
     failed, retried = gateway.record(key), gateway.record(f"{key}:attempt-2")
     assert (failed["status"], failed["charge_nanos"], retried["status"]) == ("released", 0, "settled")
+    with pytest.raises(openai.BadRequestError, match="already used and is settled"):
+        create()
     assert gateway.wallet_at_rest("e2e-idempotent-retry").balance_nanos == parse_amount("10") - retried["charge_nanos"]
 
 
