@@ -8,6 +8,7 @@ on any replica, because the authorize script reads the key's state.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
@@ -113,6 +114,9 @@ def _key_limits(limits: list[dict[str, Any]], policy: Policy | None, scope: str 
     if any(0 < entry.get("until_unix_ms", 0) <= now_ms() for entry in checked):
         raise _invalid("invalid_limit", "a limit's until_unix_ms is a time to come (none: for good)")
     return checked
+
+
+OWNER_SCOPES = ("customer", "workspace", "project", "team", "end_user")  # the owners given limits of their own
 
 
 def _owner(customer_id: str, workspace_id: str = "", project_id: str = "", team_id: str = "",
@@ -364,6 +368,35 @@ class Admin:
         if customer_id:
             _owner(customer_id)
         return await asyncio.to_thread(self.store.owner_limits, customer_id)
+
+    async def owner_limits_page(self, customer_id: str = "", scope: str = "", owner_id: str = "", limit: int = 0,
+                                page_token: str = "") -> tuple[list[OwnerLimitsRow], str]:
+        """Owners with limits of their own (every customer's: ""; of one scope; the one owner named), by customer,
+        scope and owner id: a page of `limit` (default 50, at most USAGE_LIST_MAX) past `page_token`, and the next
+        page's token ("" when this page is the last)."""
+        if customer_id:
+            _owner(customer_id)
+        if scope not in ("", *OWNER_SCOPES):
+            raise _invalid("invalid_request", f"scope is one of {', '.join(OWNER_SCOPES)}, not {scope!r}")
+        if owner_id and scope in ("", "customer"):
+            raise _invalid("invalid_request", "owner_id names an owner of a scope: give the scope (end_user, team, ...)")
+        if len(owner_id) > OWNER_ID_LENGTH_MAX:
+            return [], ""  # longer than any owner's: none has limits of its own
+        after = None
+        if page_token:
+            try:
+                after = tuple(json.loads(base64.urlsafe_b64decode(page_token.encode())))
+            except (ValueError, TypeError, RecursionError):
+                after = None
+            if after is None or len(after) != 3 or not all(isinstance(part, str) for part in after):
+                raise _invalid("invalid_request", "page_token is not one a listing gave")
+        count = _page_size(limit)
+        rows = await asyncio.to_thread(self.store.owner_limits_page, customer_id, scope, owner_id, after, count + 1)
+        if len(rows) <= count:
+            return rows, ""
+        last = rows[count - 1]  # one more was there: this page is not the last
+        token = json.dumps([last.customer_id, last.scope, last.owner_id], separators=(",", ":"))
+        return rows[:count], base64.urlsafe_b64encode(token.encode()).decode()
 
     async def owner_limit_states(self, row: OwnerLimitsRow) -> list[dict[str, Any]]:
         """The current window of each of an owner's limits: the Limit, what its bucket holds (`used`) and when the

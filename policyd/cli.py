@@ -409,8 +409,21 @@ def _limits(args: argparse.Namespace) -> int:
             f"{_quantity(r.limit.unit, r.limit.used)} of {_quantity(r.limit.unit, r.limit.limit)} {r.limit.unit} "
             f"held this {r.limit.window}" for r in reset.limits))
     else:
-        listing = stub.ListOwnerLimits(admin_pb2.ListOwnerLimitsRequest(customer_id=args.customer), metadata=md)
-        _print(args, listing, "\n".join(_owner_limits_line(o) for o in listing.owners) or "no limits of its own")
+        named = [(scope, owner) for scope, owner in (("workspace", args.workspace), ("project", args.project),
+                                                     ("team", args.team), ("end_user", args.end_user)) if owner]
+        scope, owner_id = named[0] if named else (args.scope, "")
+        asked = admin_pb2.ListOwnerLimitsRequest(customer_id=args.customer, scope=scope, owner_id=owner_id,
+                                                 limit=args.limit)
+        listing = stub.ListOwnerLimits(asked, metadata=md)
+        owners = list(listing.owners)
+        while args.all and listing.next_page_token:
+            asked.page_token = listing.next_page_token
+            listing = stub.ListOwnerLimits(asked, metadata=md)
+            owners += listing.owners
+        _print(args, admin_pb2.ListOwnerLimitsResponse(owners=owners, next_page_token=listing.next_page_token),
+               "\n".join(_owner_limits_line(o) for o in owners) or "no limits of its own")
+        if listing.next_page_token and not args.json:
+            print("(more: --all lists every page)")
     return 0
 
 
@@ -771,6 +784,14 @@ def parser() -> argparse.ArgumentParser:
     listing = client(limit_commands.add_parser(
         "list", help="a customer's limits and its owners', with their use (every customer's without --customer)"))
     listing.add_argument("--customer", default="")
+    scope_of = listing.add_mutually_exclusive_group()
+    scope_of.add_argument("--scope", default="", choices=["", "customer", "workspace", "project", "team", "end_user"],
+                          help="only the owners of this scope")
+    for flag, what in (("--workspace", "workspace"), ("--project", "project"), ("--team", "team"),
+                       ("--end-user", "end user")):
+        scope_of.add_argument(flag, default="", help=f"only this {what}'s")
+    listing.add_argument("--limit", type=int, default=50, help="owners a page (at most 1000)")
+    listing.add_argument("--all", action="store_true", help="every page")
     reset = client(limit_commands.add_parser(
         "reset", help="forgive what the current window of an owner's limits counted of its settled requests "
                       "(requests in flight keep their holds; no money moves)"))

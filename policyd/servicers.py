@@ -520,10 +520,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def ListOwnerLimits(self, request: admin_pb2.ListOwnerLimitsRequest, context: grpc.aio.ServicerContext) -> Any:
         customer_id = await self._own_customer(context, request.customer_id)
-        rows = await _call(context, lambda: self.admin.owner_limits(customer_id))
+        rows, next_page = await _call(context, lambda: self.admin.owner_limits_page(
+            customer_id, request.scope, request.owner_id, request.limit, request.page_token))
         return admin_pb2.ListOwnerLimitsResponse(owners=[
             owner_limits_message(row, states=await _call(context, lambda: self.admin.owner_limit_states(row)))
-            for row in rows])
+            for row in rows], next_page_token=next_page)
 
     @recorded("limit_reset", lambda q, r: {"customer_id": r.customer_id, "scope": r.scope, "owner_id": r.owner_id,
                                            "limits": [m.limit.name for m in r.limits],

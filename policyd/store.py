@@ -221,6 +221,20 @@ class Store:
             query = select(r).order_by(r.customer_id, r.scope, r.owner_id)
             return list(session.scalars(query.where(r.customer_id == customer_id) if customer_id else query))
 
+    def owner_limits_page(self, customer_id: str, scope: str, owner_id: str, after: tuple[str, str, str] | None,
+                          count: int) -> list[OwnerLimitsRow]:
+        """Up to `count` owners with limits of their own, by customer, scope and owner id, past `after` (one such
+        triple): every customer's (""), of every scope (""), or the one owner named."""
+        r = OwnerLimitsRow
+        query = select(r).order_by(r.customer_id, r.scope, r.owner_id).limit(count)
+        for column, value in ((r.customer_id, customer_id), (r.scope, scope), (r.owner_id, owner_id)):
+            if value:
+                query = query.where(column == value)
+        if after is not None:
+            query = query.where(tuple_(r.customer_id, r.scope, r.owner_id) > tuple_(*after))
+        with self.session() as session:
+            return list(session.scalars(query))
+
     def owner_limits_of(self, customer_id: str, scope: str, owner_id: str) -> OwnerLimitsRow | None:
         """One owner's limits (an end user's, read by a decision naming it), or None."""
         if len(owner_id) > OWNER_ID_LENGTH_MAX:  # longer than any owner's: none has limits of its own

@@ -467,6 +467,47 @@ async def test_an_end_users_own_limits_bind_the_requests_naming_it(service: Serv
     assert (await service.admin.audit()).ok
 
 
+async def test_owners_with_limits_of_their_own_are_listed_a_page_at_a_time(service: Service) -> None:
+    """A customer may give thousands of its end users limits of their own: ListOwnerLimits pages them (every
+    owner once, in order, whatever the page size), narrowed to a customer, a scope or one owner; a page token
+    that no listing gave, an unknown scope and an owner named without its scope are refused."""
+    from policyd.domain import PolicydError
+
+    day = [{"window": "day", "unit": "requests", "limit": 5}]
+    await new_key(service, plan="free", customer="many")
+    await new_key(service, plan="free", customer="other")
+    await service.admin.set_owner_limits(day, "many")
+    await service.admin.set_owner_limits(day, "many", team_id="red")
+    users = [f"user-{n:02d}" for n in range(11)]
+    for user in reversed(users):
+        await service.admin.set_owner_limits(day, "many", end_user_id=user)
+    await service.admin.set_owner_limits(day, "other", end_user_id="user-00")
+    every = [("many", "customer", "")] + [("many", "end_user", u) for u in users] + [("many", "team", "red"),
+                                                                                     ("other", "end_user", "user-00")]
+
+    async def pages(size: int, **narrowed: str) -> tuple[list[tuple[str, str, str]], int]:
+        listed, token, count = [], "", 0
+        while True:
+            rows, token = await service.admin.owner_limits_page(limit=size, page_token=token, **narrowed)
+            assert len(rows) <= size and (rows or not token)
+            listed += [(r.customer_id, r.scope, r.owner_id) for r in rows]
+            count += 1
+            if not token:
+                return listed, count
+
+    for size in (1, 3, 14, 1000):
+        assert await pages(size) == (every, -(-len(every) // size))  # a full last page says it is the last
+    assert (await pages(4, customer_id="many", scope="end_user"))[0] == [e for e in every[1:12]]
+    assert (await pages(50, scope="end_user", owner_id="user-00"))[0] == [every[1], every[-1]]
+    assert (await pages(50, customer_id="many", scope="end_user", owner_id="user-07"))[0] == [every[8]]
+    assert (await pages(50, customer_id="many", scope="end_user", owner_id="x" * 300))[0] == []
+    for bad in ({"page_token": "not-a-token"}, {"page_token": "WzFd"}, {"scope": "galaxy"},
+                {"owner_id": "user-00"}, {"scope": "customer", "owner_id": "many"}):
+        with pytest.raises(PolicydError) as refused:
+            await service.admin.owner_limits_page(**bad)
+        assert refused.value.reason == "invalid_request", bad
+
+
 async def test_a_limit_given_for_a_while_binds_until_then_and_the_plans_again_after(service: Service) -> None:
     """A key's or an owner's limit with until_unix_ms binds until then (here a tiny budget: refused), then no more:
     the plan's limits of its bucket bind again; one already past is refused when given, as is one in a plan."""

@@ -178,6 +178,14 @@ def test_an_owners_limits_from_the_command_line(server: PolicydProcess) -> None:
     assert [a.returncode for a in asked] == [0, 2] and "end_user-requests-day" in asked[1].stdout
     assert run(server, "authorize", "--key", keys[1]["secret"], "--model", "gpt-4o-mini", "--end-user",
                "bob").returncode == 0
+    assert run(server, "limits", "set", "--customer", "tenant", "--end-user", "bob", "--limit",
+               "day:requests:9").returncode == 0
+    hers = run(server, "limits", "list", "--customer", "tenant", "--end-user", "alice").stdout
+    assert hers.startswith("tenant end_user alice: end_user: 1 requests a day") and "bob" not in hers
+    first = run(server, "limits", "list", "--customer", "tenant", "--scope", "end_user", "--limit", "1").stdout
+    assert "tenant end_user alice" in first and "bob" not in first and "(more: --all lists every page)" in first
+    both = run(server, "limits", "list", "--customer", "tenant", "--scope", "end_user", "--limit", "1", "--all")
+    assert "tenant end_user alice" in both.stdout and "tenant end_user bob" in both.stdout and "more" not in both.stdout
 
 
 def test_a_limits_window_reset_from_the_command_line(server: PolicydProcess) -> None:

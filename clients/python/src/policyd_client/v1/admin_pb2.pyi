@@ -169,16 +169,26 @@ class OwnerLimits(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., scope: _Optional[str] = ..., owner_id: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ..., updated_unix_ms: _Optional[int] = ..., keys_changed: _Optional[int] = ..., current: _Optional[_Iterable[_Union[_policy_pb2.LimitState, _Mapping]]] = ...) -> None: ...
 
 class ListOwnerLimitsRequest(_message.Message):
-    __slots__ = ("customer_id",)
+    __slots__ = ("customer_id", "limit", "page_token", "scope", "owner_id")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
-    def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
+    limit: int
+    page_token: str
+    scope: str
+    owner_id: str
+    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ..., scope: _Optional[str] = ..., owner_id: _Optional[str] = ...) -> None: ...
 
 class ListOwnerLimitsResponse(_message.Message):
-    __slots__ = ("owners",)
+    __slots__ = ("owners", "next_page_token")
     OWNERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     owners: _containers.RepeatedCompositeFieldContainer[OwnerLimits]
-    def __init__(self, owners: _Optional[_Iterable[_Union[OwnerLimits, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, owners: _Optional[_Iterable[_Union[OwnerLimits, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ResetLimitsRequest(_message.Message):
     __slots__ = ("customer_id", "key_id", "workspace_id", "project_id", "team_id", "end_user_id", "feature", "model", "thread_id", "unit", "window", "name", "reason")
