@@ -762,3 +762,108 @@ async def _shared_bucket_scenario(service: Service, budget: int, requests_limit:
     await counters_lost_and_rebuilt(service)
     assert {unit: int(await service.counters.client.hget(bucket, "used") or 0) for unit, bucket in buckets.items()} \
         == {"money": charged + sum(hold for hold, _, _ in held.values()), "requests": counted + len(held)}
+
+
+LIMIT_SCOPES = ("key", "customer", "team", "end_user", "feature", "thread", "model")
+LIMIT_MODELS = ((), ("gpt-4o",), ("tier:low-cost",))
+PROPERTY_MODELS = ("gpt-4o-mini", "gpt-4o", "gemini-2.5-flash")
+plan_limits = st.lists(st.tuples(st.sampled_from(LIMIT_SCOPES), st.sampled_from(("money", "requests")),
+                                 st.sampled_from(("block", "block", "shadow")), st.sampled_from(LIMIT_MODELS),
+                                 st.integers(1, 40)), min_size=1, max_size=7)
+attributed_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("authorize"), st.integers(0, 1), st.integers(0, 2), st.integers(0, 2), st.integers(0, 1),
+                  st.integers(0, 1), st.integers(0, 2_000), st.integers(1, 400)),
+        st.tuples(st.just("settle"), st.integers(0, 30), st.floats(0, 1), st.floats(0, 1)),
+        st.tuples(st.just("release"), st.integers(0, 30)),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(limits=plan_limits, operations=attributed_ops)
+# a blocking limit and a shadow one of a bucket, and one of the same scope on some models beside them
+@example(limits=[("key", "requests", "block", (), 3), ("key", "requests", "shadow", (), 1),
+                 ("key", "requests", "block", ("gpt-4o",), 1)],
+         operations=[("authorize", 0, 1, 0, 0, 0, 100, 10)] * 3 + [("settle", 0, 1.0, 1.0)])
+def test_every_limit_of_a_plan_counts_exactly_the_requests_it_binds(running, limits, operations) -> None:
+    """A plan with any mix of limits (a key's, the customer's, a team's, an end user's, a feature's, a thread's, a
+    model's; money and requests; blocking and shadow; on every model or on some), requests of two keys naming
+    any of those owners on any model, held, settled within their bounds or released in any order: each limit's
+    bucket holds exactly what the requests it binds hold or were charged (each counted once, however many limits
+    share the bucket, and in no bucket of a limit that does not bind it), a blocking limit is never passed (a
+    strict plan), and the audit agrees."""
+    loop, service = running
+    loop.run_until_complete(_attributed_scenario(service, limits, operations, f"mix{next(counter)}"))
+
+
+async def _attributed_scenario(service: Service, drawn: list, operations: list, customer: str) -> None:
+    import yaml
+
+    from policyd import quotas
+    from policyd.pricing import Quantities
+
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["plans"]["mixed"] = {
+        "models": ["tier:low-cost", "tier:premium"], "endpoints": ["chat_completions"], "reservation": "strict",
+        "default_max_output_tokens": 400,
+        "limits": [{"name": f"l{n}-{scope}-{unit}", "scope": scope, "window": "total", "unit": unit,
+                    "limit": f"0.{value * 1_000_000:09d}" if unit == "money" else value, "action": action,
+                    **({"models": list(models)} if models else {})}
+                   for n, (scope, unit, action, models, value) in enumerate(drawn)]}
+    await service.admin.apply_policy(yaml.safe_dump(doc), f"{customer}.yaml")
+    policy = service.book.current
+    assert policy is not None
+    plan = policy.plan("mixed")
+    keys = [await service.admin.create_key(label="p", customer_id=customer, environment="production", plan="mixed",
+                                           team_id=team) for team in ("red", "blue")]
+    await service.admin.grant_credit(customer, 10**12, "USD", "purchase", "")
+    partition = service.counters.partition_of(customer)
+    # request id -> (the scope ids its buckets are named by, the model it was served on, what it holds or was charged)
+    counted: dict[str, tuple[dict[str, str], str, int]] = {}
+    bounds: dict[str, tuple[int, int]] = {}
+    for n, op in enumerate(operations):
+        if op[0] == "authorize":
+            _, which, model, end_user, feature, thread, prompt, output = op
+            rid = f"{customer}-{n}"
+            attribution = {"end_user_id": ("", "alice", "bob")[end_user], "feature": ("", "search")[feature],
+                           "thread_id": ("", "run-1")[thread]}
+            d = await service.engine.authorize(ask(keys[which].secret, model=PROPERTY_MODELS[model], request_id=rid,
+                                                   prompt_bytes=prompt, max_output_tokens=output, **attribution))
+            if d.decision == "allow":
+                ids = quotas.scope_ids(customer, keys[which].row.id, team_id=keys[which].row.team_id,
+                                       feature=attribution["feature"], model=d.served_model,
+                                       thread_id=attribution["thread_id"], end_user_id=attribution["end_user_id"])
+                counted[rid] = (ids, d.served_model, d.reserved)
+                bounds[rid] = (min(prompt + 24, 10**6), d.max_output_tokens)
+            else:
+                assert d.reason in ("budget_exceeded", "rate_limit_exceeded"), d
+        elif counted:
+            rid = sorted(bounds)[op[1] % len(bounds)] if bounds else None
+            if rid is None:
+                continue
+            input_bound, output_bound = bounds.pop(rid)
+            ids, model, hold = counted[rid]
+            if op[0] == "release":
+                await service.engine.release(rid, "test")
+                del counted[rid]
+            else:
+                s = await service.engine.settle(usage(rid, input_tokens=int(input_bound * op[2]),
+                                                      output_tokens=int(output_bound * op[3])))
+                assert s.charge <= hold
+                counted[rid] = (ids, model, s.charge)
+        buckets: dict[str, int] = {}
+        for limit in plan.limits:
+            for scope_id in {ids[limit.scope] for ids, _, _ in counted.values() if ids[limit.scope]}:
+                key = quotas.hold_for(limit, partition, scope_id, 0, 0, Quantities())[0].key
+                in_bucket = sum((amount if limit.unit == "money" else 1) for ids, model, amount in counted.values()
+                                if ids[limit.scope] == scope_id and limit.binds(model, policy.model(model).tier))
+                used = int(await service.counters.client.hget(key, "used") or 0)
+                assert used == in_bucket, (limit.label, scope_id, op)
+                assert buckets.setdefault(key, used) == used
+                if limit.action == "block":
+                    assert used <= limit.limit, (limit.label, scope_id)
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
