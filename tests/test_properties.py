@@ -768,8 +768,8 @@ LIMIT_SCOPES = ("key", "customer", "team", "end_user", "feature", "thread", "mod
 LIMIT_MODELS = ((), ("gpt-4o",), ("tier:low-cost",))
 PROPERTY_MODELS = ("gpt-4o-mini", "gpt-4o", "gemini-2.5-flash")
 plan_limits = st.lists(st.tuples(st.sampled_from(LIMIT_SCOPES), st.sampled_from(("money", "requests")),
-                                 st.sampled_from(("block", "block", "shadow")), st.sampled_from(LIMIT_MODELS),
-                                 st.integers(1, 40)), min_size=1, max_size=7)
+                                 st.sampled_from(("block", "block", "shadow", "downgrade")), st.sampled_from(LIMIT_MODELS),
+                                 st.integers(1, 12)), min_size=1, max_size=7)
 attributed_ops = st.lists(
     st.one_of(
         st.tuples(st.just("authorize"), st.integers(0, 1), st.integers(0, 2), st.integers(0, 2), st.integers(0, 1),
@@ -782,19 +782,25 @@ attributed_ops = st.lists(
 )
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(limits=plan_limits, operations=attributed_ops)
 # a blocking limit and a shadow one of a bucket, and one of the same scope on some models beside them
 @example(limits=[("key", "requests", "block", (), 3), ("key", "requests", "shadow", (), 1),
                  ("key", "requests", "block", ("gpt-4o",), 1)],
          operations=[("authorize", 0, 1, 0, 0, 0, 100, 10)] * 3 + [("settle", 0, 1.0, 1.0)])
+# a customer's budget downgrading premium requests, beside a blocking one of its bucket; a team's on some models
+@example(limits=[("customer", "money", "downgrade", (), 4), ("customer", "money", "block", (), 9),
+                 ("team", "requests", "block", ("tier:low-cost",), 2)],
+         operations=[("authorize", n % 2, 1, 0, 0, 0, 1_500, 300) for n in range(5)] + [("release", 1)]
+         + [("authorize", 0, 1, 0, 0, 0, 1_500, 300)])
 def test_every_limit_of_a_plan_counts_exactly_the_requests_it_binds(running, limits, operations) -> None:
     """A plan with any mix of limits (a key's, the customer's, a team's, an end user's, a feature's, a thread's, a
-    model's; money and requests; blocking and shadow; on every model or on some), requests of two keys naming
-    any of those owners on any model, held, settled within their bounds or released in any order: each limit's
-    bucket holds exactly what the requests it binds hold or were charged (each counted once, however many limits
-    share the bucket, and in no bucket of a limit that does not bind it), a blocking limit is never passed (a
-    strict plan), and the audit agrees."""
+    model's; money and requests; blocking, shadow and one downgrading to a cheaper model; on every model or on
+    some), requests of two keys naming any of those owners on any model, held, settled within their bounds or
+    released in any order: each limit's bucket holds exactly what the requests it binds hold or were charged
+    (each counted once, however many limits share the bucket; in no bucket of a limit that does not bind it; a
+    request it downgraded not in its), a blocking or downgrading limit is never passed (a strict plan), and the
+    audit agrees."""
     loop, service = running
     loop.run_until_complete(_attributed_scenario(service, limits, operations, f"mix{next(counter)}"))
 
@@ -806,12 +812,16 @@ async def _attributed_scenario(service: Service, drawn: list, operations: list, 
     from policyd.pricing import Quantities
 
     doc = yaml.safe_load(SAMPLE_POLICY)
+    downgrading = [n for n, limit in enumerate(drawn) if limit[2] == "downgrade"][:1]  # one, whose label it tells
+    drawn = [(scope, unit, "block" if action == "downgrade" and n not in downgrading else action, models, value)
+             for n, (scope, unit, action, models, value) in enumerate(drawn)]
     doc["plans"]["mixed"] = {
         "models": ["tier:low-cost", "tier:premium"], "endpoints": ["chat_completions"], "reservation": "strict",
         "default_max_output_tokens": 400,
         "limits": [{"name": f"l{n}-{scope}-{unit}", "scope": scope, "window": "total", "unit": unit,
                     "limit": f"0.{value * 1_000_000:09d}" if unit == "money" else value, "action": action,
-                    **({"models": list(models)} if models else {})}
+                    **({"models": list(models)} if models else {}),
+                    **({"downgrade_to": "gpt-4o-mini"} if action == "downgrade" else {})}
                    for n, (scope, unit, action, models, value) in enumerate(drawn)]}
     await service.admin.apply_policy(yaml.safe_dump(doc), f"{customer}.yaml")
     policy = service.book.current
@@ -823,6 +833,7 @@ async def _attributed_scenario(service: Service, drawn: list, operations: list, 
     partition = service.counters.partition_of(customer)
     # request id -> (the scope ids its buckets are named by, the model it was served on, what it holds or was charged)
     counted: dict[str, tuple[dict[str, str], str, int]] = {}
+    downgraded: set[str] = set()  # served on the cheaper model by the downgrading limit, which counts them not
     bounds: dict[str, tuple[int, int]] = {}
     for n, op in enumerate(operations):
         if op[0] == "authorize":
@@ -832,7 +843,10 @@ async def _attributed_scenario(service: Service, drawn: list, operations: list, 
                            "thread_id": ("", "run-1")[thread]}
             d = await service.engine.authorize(ask(keys[which].secret, model=PROPERTY_MODELS[model], request_id=rid,
                                                    prompt_bytes=prompt, max_output_tokens=output, **attribution))
-            if d.decision == "allow":
+            if d.decision != "deny":
+                if d.decision == "downgrade":
+                    downgraded.add(rid)
+                    assert d.served_model == "gpt-4o-mini" and downgrading, d
                 ids = quotas.scope_ids(customer, keys[which].row.id, team_id=keys[which].row.team_id,
                                        feature=attribution["feature"], model=d.served_model,
                                        thread_id=attribution["thread_id"], end_user_id=attribution["end_user_id"])
@@ -854,16 +868,32 @@ async def _attributed_scenario(service: Service, drawn: list, operations: list, 
                                                       output_tokens=int(output_bound * op[3])))
                 assert s.charge <= hold
                 counted[rid] = (ids, model, s.charge)
-        buckets: dict[str, int] = {}
+        # each bucket: what the requests any of its limits binds put in it, each once (a request its downgrading
+        # limit served on the cheaper model counts there only through another limit of that bucket)
+        expected: dict[str, int] = {}
+        limits_of: dict[str, int] = {}
+        for rid, (ids, model, amount) in counted.items():
+            counted_in = set()
+            for limit in plan.limits:
+                if not ids[limit.scope] or not limit.binds(model, policy.model(model).tier) \
+                        or (limit.action == "downgrade" and rid in downgraded):
+                    continue
+                key = quotas.hold_for(limit, partition, ids[limit.scope], 0, 0, Quantities())[0].key
+                if key not in counted_in:
+                    counted_in.add(key)
+                    expected[key] = expected.get(key, 0) + (amount if limit.unit == "money" else 1)
         for limit in plan.limits:
             for scope_id in {ids[limit.scope] for ids, _, _ in counted.values() if ids[limit.scope]}:
                 key = quotas.hold_for(limit, partition, scope_id, 0, 0, Quantities())[0].key
-                in_bucket = sum((amount if limit.unit == "money" else 1) for ids, model, amount in counted.values()
-                                if ids[limit.scope] == scope_id and limit.binds(model, policy.model(model).tier))
+                limits_of[key] = limits_of.get(key, 0) + 1
+        for limit in plan.limits:
+            for scope_id in {ids[limit.scope] for ids, _, _ in counted.values() if ids[limit.scope]}:
+                key = quotas.hold_for(limit, partition, scope_id, 0, 0, Quantities())[0].key
                 used = int(await service.counters.client.hget(key, "used") or 0)
-                assert used == in_bucket, (limit.label, scope_id, op)
-                assert buckets.setdefault(key, used) == used
-                if limit.action == "block":
+                assert used == expected.get(key, 0), (limit.label, scope_id, op)
+                # never passed: a blocking limit; a downgrading one counting alone (beside another, the requests
+                # it downgraded count there through the other)
+                if limit.action == "block" or limit.action == "downgrade" and limits_of[key] == 1:
                     assert used <= limit.limit, (limit.label, scope_id)
     await service.writer.drain()
     assert (await service.admin.audit()).ok
