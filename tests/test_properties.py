@@ -782,30 +782,44 @@ attributed_ops = st.lists(
 )
 
 
+own_limit = st.one_of(st.none(), st.tuples(st.sampled_from(("money", "requests")), st.integers(1, 12)))
+owners_limit = st.one_of(st.none(), st.tuples(st.sampled_from(("customer", "team", "end_user")),
+                                              st.sampled_from(("money", "requests")), st.integers(1, 12)))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(limits=plan_limits, operations=attributed_ops)
+@given(limits=plan_limits, operations=attributed_ops, keys_own=own_limit, owners=owners_limit)
 # a blocking limit and a shadow one of a bucket, and one of the same scope on some models beside them
 @example(limits=[("key", "requests", "block", (), 3), ("key", "requests", "shadow", (), 1),
                  ("key", "requests", "block", ("gpt-4o",), 1)],
-         operations=[("authorize", 0, 1, 0, 0, 0, 100, 10)] * 3 + [("settle", 0, 1.0, 1.0)])
+         operations=[("authorize", 0, 1, 0, 0, 0, 100, 10)] * 3 + [("settle", 0, 1.0, 1.0)], keys_own=None,
+         owners=None)
 # a customer's budget downgrading premium requests, beside a blocking one of its bucket; a team's on some models
 @example(limits=[("customer", "money", "downgrade", (), 4), ("customer", "money", "block", (), 9),
                  ("team", "requests", "block", ("tier:low-cost",), 2)],
          operations=[("authorize", n % 2, 1, 0, 0, 0, 1_500, 300) for n in range(5)] + [("release", 1)]
-         + [("authorize", 0, 1, 0, 0, 0, 1_500, 300)])
-def test_every_limit_of_a_plan_counts_exactly_the_requests_it_binds(running, limits, operations) -> None:
+         + [("authorize", 0, 1, 0, 0, 0, 1_500, 300)], keys_own=None, owners=None)
+# an end user's own request limit in place of the plan's for her; a key's own budget in place of its plan's
+@example(limits=[("end_user", "requests", "block", (), 5), ("key", "money", "block", (), 12)],
+         operations=[("authorize", n % 2, 0, 1, 0, 0, 500, 100) for n in range(6)], keys_own=("money", 1),
+         owners=("end_user", "requests", 2))
+def test_every_limit_of_a_plan_counts_exactly_the_requests_it_binds(running, limits, operations, keys_own,
+                                                                    owners) -> None:
     """A plan with any mix of limits (a key's, the customer's, a team's, an end user's, a feature's, a thread's, a
     model's; money and requests; blocking, shadow and one downgrading to a cheaper model; on every model or on
     some), requests of two keys naming any of those owners on any model, held, settled within their bounds or
     released in any order: each limit's bucket holds exactly what the requests it binds hold or were charged
     (each counted once, however many limits share the bucket; in no bucket of a limit that does not bind it; a
     request it downgraded not in its), a blocking or downgrading limit is never passed (a strict plan), and the
-    audit agrees."""
+    audit agrees; so too with a key's own limit and an owner's (its customer's, a team's, an end user's) in place
+    of the plan's of their buckets."""
     loop, service = running
-    loop.run_until_complete(_attributed_scenario(service, limits, operations, f"mix{next(counter)}"))
+    loop.run_until_complete(_attributed_scenario(service, limits, operations, f"mix{next(counter)}", keys_own,
+                                                 owners))
 
 
-async def _attributed_scenario(service: Service, drawn: list, operations: list, customer: str) -> None:
+async def _attributed_scenario(service: Service, drawn: list, operations: list, customer: str, keys_own: tuple | None,
+                               owners: tuple | None) -> None:
     import yaml
 
     from policyd import quotas
@@ -830,9 +844,30 @@ async def _attributed_scenario(service: Service, drawn: list, operations: list, 
     keys = [await service.admin.create_key(label="p", customer_id=customer, environment="production", plan="mixed",
                                            team_id=team) for team in ("red", "blue")]
     await service.admin.grant_credit(customer, 10**12, "USD", "purchase", "")
+    if keys_own is not None:
+        await service.admin.set_limits(keys[0].row.id, [{"window": "total", "unit": keys_own[0], "limit": keys_own[1] * (
+            1_000_000 if keys_own[0] == "money" else 1)}])
+    if owners is not None:
+        scope, unit, value = owners
+        named = {"team": {"team_id": "red"}, "end_user": {"end_user_id": "alice"}}.get(scope, {})
+        await service.admin.set_owner_limits([{"window": "total", "unit": unit, "limit": value * (
+            1_000_000 if unit == "money" else 1)}], customer, **named)
+    from policyd import key_limits
+    from policyd.store import key_record
+    alices = service.store.owner_limits_of(customer, "end_user", "alice")
+
+    def limits_of(which: int, end_user: str) -> tuple:
+        """The limits a request counts against: the plan's, with the key's own and its owners' (and the end
+        user's) in place of those of their buckets."""
+        own = key_record(service.store.key(keys[which].row.id)).limits
+        if end_user == "alice" and alices is not None:
+            own += key_limits.as_limits(alices.limits)
+        return key_limits.effective(plan.limits, own, policy.document.timezone, service.engine.clock())
+
     partition = service.counters.partition_of(customer)
     # request id -> (the scope ids its buckets are named by, the model it was served on, what it holds or was charged)
     counted: dict[str, tuple[dict[str, str], str, int]] = {}
+    bound_by: dict[str, tuple] = {}  # request id -> the limits it counted against
     downgraded: set[str] = set()  # served on the cheaper model by the downgrading limit, which counts them not
     bounds: dict[str, tuple[int, int]] = {}
     for n, op in enumerate(operations):
@@ -851,6 +886,7 @@ async def _attributed_scenario(service: Service, drawn: list, operations: list, 
                                        feature=attribution["feature"], model=d.served_model,
                                        thread_id=attribution["thread_id"], end_user_id=attribution["end_user_id"])
                 counted[rid] = (ids, d.served_model, d.reserved)
+                bound_by[rid] = limits_of(which, attribution["end_user_id"])
                 bounds[rid] = (min(prompt + 24, 10**6), d.max_output_tokens)
             else:
                 assert d.reason in ("budget_exceeded", "rate_limit_exceeded"), d
@@ -871,10 +907,10 @@ async def _attributed_scenario(service: Service, drawn: list, operations: list, 
         # each bucket: what the requests any of its limits binds put in it, each once (a request its downgrading
         # limit served on the cheaper model counts there only through another limit of that bucket)
         expected: dict[str, int] = {}
-        limits_of: dict[str, int] = {}
+        sharing: dict[str, int] = {}
         for rid, (ids, model, amount) in counted.items():
             counted_in = set()
-            for limit in plan.limits:
+            for limit in bound_by[rid]:
                 if not ids[limit.scope] or not limit.binds(model, policy.model(model).tier) \
                         or (limit.action == "downgrade" and rid in downgraded):
                     continue
@@ -882,18 +918,19 @@ async def _attributed_scenario(service: Service, drawn: list, operations: list, 
                 if key not in counted_in:
                     counted_in.add(key)
                     expected[key] = expected.get(key, 0) + (amount if limit.unit == "money" else 1)
-        for limit in plan.limits:
-            for scope_id in {ids[limit.scope] for ids, _, _ in counted.values() if ids[limit.scope]}:
-                key = quotas.hold_for(limit, partition, scope_id, 0, 0, Quantities())[0].key
-                limits_of[key] = limits_of.get(key, 0) + 1
-        for limit in plan.limits:
-            for scope_id in {ids[limit.scope] for ids, _, _ in counted.values() if ids[limit.scope]}:
-                key = quotas.hold_for(limit, partition, scope_id, 0, 0, Quantities())[0].key
-                used = int(await service.counters.client.hget(key, "used") or 0)
-                assert used == expected.get(key, 0), (limit.label, scope_id, op)
-                # never passed: a blocking limit; a downgrading one counting alone (beside another, the requests
-                # it downgraded count there through the other)
-                if limit.action == "block" or limit.action == "downgrade" and limits_of[key] == 1:
-                    assert used <= limit.limit, (limit.label, scope_id)
+        # each limit a request counted against, in the bucket of that request's owner
+        pairs = {(limit, ids[limit.scope]) for rid, (ids, _, _) in counted.items() for limit in bound_by[rid]
+                 if ids[limit.scope]}
+        keyed = {(limit, scope_id): quotas.hold_for(limit, partition, scope_id, 0, 0, Quantities())[0].key
+                 for limit, scope_id in pairs}
+        for key in keyed.values():
+            sharing[key] = sharing.get(key, 0) + 1
+        for (limit, scope_id), key in keyed.items():
+            used = int(await service.counters.client.hget(key, "used") or 0)
+            assert used == expected.get(key, 0), (limit.label, scope_id, op)
+            # never passed: a blocking limit; a downgrading one counting alone (beside another, the requests it
+            # downgraded count there through the other)
+            if limit.action == "block" or limit.action == "downgrade" and sharing[key] == 1:
+                assert used <= limit.limit, (limit.label, scope_id)
     await service.writer.drain()
     assert (await service.admin.audit()).ok
