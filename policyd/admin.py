@@ -116,6 +116,7 @@ def _key_limits(limits: list[dict[str, Any]], policy: Policy | None, scope: str 
     return checked
 
 
+KEYS_PAGE_MAX = 1000  # keys a ListKeys page (also its default: a customer's keys, as before, in one page)
 OWNER_SCOPES = ("customer", "workspace", "project", "team", "end_user")  # the owners given limits of their own
 
 
@@ -242,6 +243,21 @@ class Admin:
 
     async def list_keys(self, customer_id: str = "") -> list[ApiKeyRow]:
         return await asyncio.to_thread(self.store.keys, customer_id)
+
+    async def keys_page(self, customer_ids: set[str] | None, limit: int = 0, page_token: str = ""
+                        ) -> tuple[list[ApiKeyRow], str]:
+        """Keys of these customers (None: every customer's), oldest first: a page of `limit` (default and at most
+        KEYS_PAGE_MAX) past `page_token`, and the next page's token ("" when this page is the last)."""
+        count = KEYS_PAGE_MAX if limit <= 0 else min(limit, KEYS_PAGE_MAX)
+        after = None
+        if page_token:
+            created, _, last = page_token.partition("/")
+            if not created.isdigit() or not last:
+                raise _invalid("invalid_request", "page_token is not one a listing gave")
+            after = (int(created), last)
+        rows = await asyncio.to_thread(self.store.keys_page, customer_ids, after, count + 1)
+        last_row = rows[count - 1] if len(rows) > count else None  # one more was there: this page is not the last
+        return rows[:count], f"{last_row.created_ms}/{last_row.id}" if last_row is not None else ""
 
     async def set_state(self, key_id: str, status: str) -> ApiKeyRow:
         row = await self.get_key(key_id)

@@ -209,8 +209,17 @@ def _keys(args: argparse.Namespace) -> int:
             test=args.test, expires_unix_ms=_expiry_ms(args), limits=args.limit or []), metadata=md)
         _print(args, response, f"{_key_line(response.key)}\nsecret (shown once, store it now): {response.secret}")
     elif args.keys_command == "list":
-        response = stub.ListKeys(admin_pb2.ListKeysRequest(customer_id=args.customer), metadata=md)
-        _print(args, response, "\n".join(_key_line(k) for k in response.keys) or "no keys")
+        asked = admin_pb2.ListKeysRequest(customer_id=args.customer, limit=args.limit)
+        response = stub.ListKeys(asked, metadata=md)
+        keys = list(response.keys)
+        while args.all and response.next_page_token:  # every page, oldest first
+            asked.page_token = response.next_page_token
+            response = stub.ListKeys(asked, metadata=md)
+            keys += response.keys
+        _print(args, admin_pb2.ListKeysResponse(keys=keys, next_page_token=response.next_page_token),
+               "\n".join(_key_line(k) for k in keys) or "no keys")
+        if response.next_page_token and not args.json:
+            print("(more: --all lists every page)")
     elif args.keys_command == "show":
         review = stub.ReviewKey(admin_pb2.GetKeyRequest(id=args.id), metadata=md)
         _print(args, review, _review_text(review))
@@ -740,6 +749,8 @@ def parser() -> argparse.ArgumentParser:
     _expiry_arguments(expire, never=True)
     listing = client(key_commands.add_parser("list", help="list keys (never their secrets)"))
     listing.add_argument("--customer", default="")
+    listing.add_argument("--limit", type=int, default=0, help="keys a page (default and at most 1000)")
+    listing.add_argument("--all", action="store_true", help="every page")
     own = client(key_commands.add_parser("limits", help="set a key's own limits (the whole set; --none: the plan's alone)"))
     own.add_argument("id")
     given = own.add_mutually_exclusive_group(required=True)

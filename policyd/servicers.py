@@ -465,13 +465,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def ListKeys(self, request: admin_pb2.ListKeysRequest, context: grpc.aio.ServicerContext) -> Any:
         principal = await self._principal(context)
+        customers: set[str] | None = None  # the operator's: every customer's
         if request.customer_id:
             await _call(context, lambda: asyncio.to_thread(self.access.require_customer, principal, request.customer_id))
-        rows = await _call(context, lambda: self.admin.list_keys(request.customer_id))
-        if not principal.operator and not request.customer_id:
-            scope = await asyncio.to_thread(self.access.customers_in_scope, principal)
-            rows = [r for r in rows if r.customer_id in scope]
-        return admin_pb2.ListKeysResponse(keys=[api_key_message(r) for r in rows])
+            customers = {request.customer_id}
+        elif not principal.operator:
+            customers = await asyncio.to_thread(self.access.customers_in_scope, principal)
+        rows, next_page = await _call(context, lambda: self.admin.keys_page(customers, request.limit,
+                                                                             request.page_token))
+        return admin_pb2.ListKeysResponse(keys=[api_key_message(r) for r in rows], next_page_token=next_page)
 
     async def GetKey(self, request: admin_pb2.GetKeyRequest, context: grpc.aio.ServicerContext) -> Any:
         return api_key_message(await self._key(context, request.id))

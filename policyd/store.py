@@ -209,6 +209,19 @@ class Store:
                 query = query.where(ApiKeyRow.customer_id == customer_id)
             return list(session.scalars(query))
 
+    def keys_page(self, customer_ids: Iterable[str] | None, after: tuple[int, str] | None, count: int
+                  ) -> list[ApiKeyRow]:
+        """Up to `count` keys, oldest first, of these customers (None: every customer's), past `after` (a key's
+        created_ms and id)."""
+        k = ApiKeyRow
+        query = select(k).order_by(k.created_ms, k.id).limit(count)
+        if customer_ids is not None:
+            query = query.where(k.customer_id.in_(sorted(customer_ids)))
+        if after is not None:
+            query = query.where(tuple_(k.created_ms, k.id) > tuple_(*after))
+        with self.session() as session:
+            return list(session.scalars(query))
+
     def save_key(self, row: ApiKeyRow) -> ApiKeyRow:
         with self.session() as session, session.begin():
             merged = session.merge(row)

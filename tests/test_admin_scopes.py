@@ -218,3 +218,39 @@ async def test_a_reseller_manages_itself_and_its_sub_customers(world: World) -> 
         with pytest.raises(grpc.aio.AioRpcError) as bad:
             await w.admin.ListKeys(admin_pb2.ListKeysRequest(), metadata=bearer(token))
         assert bad.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_keys_are_listed_a_page_at_a_time_within_the_callers_scope(world: World) -> None:
+    """ListKeys pages keys oldest first (a deployment may hold a million): every key once whatever the page size,
+    a scoped credential's pages holding its customers' alone (read so, not filtered from every customer's); a
+    page token no listing gave is refused."""
+    w = world
+    for n in range(4):
+        for customer in ("sub1", "other"):
+            await w.admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id=customer, plan="pro",
+                                                               environment="production", label=f"k{n}"),
+                                    metadata=OPERATOR)
+
+    async def every(size: int, credential: Any, customer_id: str = "") -> tuple[list[str], int]:
+        asked = admin_pb2.ListKeysRequest(customer_id=customer_id, limit=size)
+        ids, pages = [], 0
+        while True:
+            page = await w.admin.ListKeys(asked, metadata=credential)
+            assert len(page.keys) <= size
+            ids += [(k.owner.customer_id, k.id) for k in page.keys]
+            pages += 1
+            if not page.next_page_token:
+                return ids, pages
+            asked.page_token = page.next_page_token
+
+    everything, _ = await every(1000, OPERATOR)
+    assert len(everything) == 11 and len(set(everything)) == 11
+    for size in (1, 2, 5, 11):
+        assert await every(size, OPERATOR) == (everything, -(-11 // size))
+    theirs = [k for k in everything if k[0] in ("reseller", "sub1")]
+    assert await every(2, w.reseller) == (theirs, 3)  # reseller's 1 and sub1's 5
+    assert await every(3, w.reseller, "sub1") == ([k for k in everything if k[0] == "sub1"], 2)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await w.admin.ListKeys(admin_pb2.ListKeysRequest(page_token="not-one"), metadata=OPERATOR)
+    assert (refused.value.code(), dict(refused.value.trailing_metadata())["policyd-reason"]) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "invalid_request")

@@ -37,6 +37,11 @@ def test_a_new_users_tour(server: PolicydProcess, tmp_path: Path) -> None:
 
     listed = run(server, "keys", "list", "--json")
     assert key_id in listed.stdout and secret not in listed.stdout
+    second = json.loads(run(server, "keys", "create", "--customer", "demo", "--plan", "pro", "--json").stdout)
+    first_page = run(server, "keys", "list", "--customer", "demo", "--limit", "1").stdout
+    assert key_id in first_page and second["key"]["id"] not in first_page and "(more: --all" in first_page
+    every = run(server, "keys", "list", "--customer", "demo", "--limit", "1", "--all").stdout
+    assert key_id in every and second["key"]["id"] in every and "(more" not in every
 
     allowed = run(server, "authorize", "--key", secret, "--model", "gpt-4o", "--max-tokens", "200",
                   "--request-id", "tour-1")
