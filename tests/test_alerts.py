@@ -260,3 +260,25 @@ async def test_limits_of_one_bucket_each_count_a_request_once_and_alert_at_their
     assert int(await service.counters.client.hget(bucket, "used")) == settled.charge
     await service.writer.drain()
     assert (await service.admin.audit()).ok
+
+
+async def test_limits_of_one_bucket_hold_at_the_blocking_figure_under_concurrent_requests(service: Service) -> None:
+    """Twenty requests at once against a key's limit of 5 with a shadow limit of 2 in its bucket: exactly 5 are
+    served (not 2 or 3, as counting each request once a limit would give), the bucket holds 5."""
+    import asyncio
+
+    from tests.conftest import SAMPLE_POLICY
+
+    free_rpm = "      - {name: key-rpm, scope: key, window: minute, unit: requests, limit: 20}"
+    await service.admin.apply_policy(SAMPLE_POLICY.replace(free_rpm, (
+        "      - {name: key-total, scope: key, window: total, unit: requests, limit: 5}\n"
+        "      - {name: key-total-watch, scope: key, window: total, unit: requests, limit: 2, action: shadow}"), 1),
+        "shared-at-once.yaml")
+    _, secret = await new_key(service, plan="free", customer="at-once")
+    await fund(service, "at-once", "10")
+    decisions = await asyncio.gather(*(service.engine.authorize(ask(secret, prompt_bytes=10, max_output_tokens=10))
+                                       for _ in range(20)))
+    assert sorted(d.decision for d in decisions) == ["allow"] * 5 + ["deny"] * 15
+    assert sum(bool(d.shadow_denials) for d in decisions) == 3  # the 3rd to 5th served: over the watch's 2
+    (bucket,) = [k async for k in service.counters.client.scan_iter(match="*:b:key:*:requests:total:*")]
+    assert int(await service.counters.client.hget(bucket, "used")) == 5
