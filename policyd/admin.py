@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from policyd import keys as key_secrets
 from policyd import redis_keys
@@ -82,6 +82,22 @@ class _BucketBinding:
     limits: list[Any] = field(default_factory=list)
     alerts: dict[str, int] = field(default_factory=dict)
     named: list[Any] = field(default_factory=list)
+
+
+def _after(page_token: str) -> tuple[int, str] | None:
+    """Where a page a token of a listing by time and id ("<ms>/<id>") names starts: after that row."""
+    if not page_token:
+        return None
+    created, _, last = page_token.partition("/")
+    if not created.isdigit() or not last:
+        raise _invalid("invalid_request", "page_token is not one a listing gave")
+    return int(created), last
+
+
+def _page(rows: list[Any], count: int, token: Callable[[Any], str]) -> tuple[list[Any], str]:
+    """A page of `count` of `rows` (read one more than that), and the token of the page after it: made of its last
+    row, "" when no row was left past it."""
+    return (rows[:count], token(rows[count - 1])) if len(rows) > count else (rows, "")
 
 
 def _page_size(limit: int) -> int:
@@ -249,15 +265,8 @@ class Admin:
         """Keys of these customers (None: every customer's), oldest first: a page of `limit` (default and at most
         KEYS_PAGE_MAX) past `page_token`, and the next page's token ("" when this page is the last)."""
         count = KEYS_PAGE_MAX if limit <= 0 else min(limit, KEYS_PAGE_MAX)
-        after = None
-        if page_token:
-            created, _, last = page_token.partition("/")
-            if not created.isdigit() or not last:
-                raise _invalid("invalid_request", "page_token is not one a listing gave")
-            after = (int(created), last)
-        rows = await asyncio.to_thread(self.store.keys_page, customer_ids, after, count + 1)
-        last_row = rows[count - 1] if len(rows) > count else None  # one more was there: this page is not the last
-        return rows[:count], f"{last_row.created_ms}/{last_row.id}" if last_row is not None else ""
+        rows = await asyncio.to_thread(self.store.keys_page, customer_ids, _after(page_token), count + 1)
+        return _page(rows, count, lambda last: f"{last.created_ms}/{last.id}")
 
     async def set_state(self, key_id: str, status: str) -> ApiKeyRow:
         row = await self.get_key(key_id)
@@ -408,11 +417,8 @@ class Admin:
                 raise _invalid("invalid_request", "page_token is not one a listing gave")
         count = _page_size(limit)
         rows = await asyncio.to_thread(self.store.owner_limits_page, customer_id, scope, owner_id, after, count + 1)
-        if len(rows) <= count:
-            return rows, ""
-        last = rows[count - 1]  # one more was there: this page is not the last
-        token = json.dumps([last.customer_id, last.scope, last.owner_id], separators=(",", ":"))
-        return rows[:count], base64.urlsafe_b64encode(token.encode()).decode()
+        return _page(rows, count, lambda last: base64.urlsafe_b64encode(json.dumps(
+            [last.customer_id, last.scope, last.owner_id], separators=(",", ":")).encode()).decode())
 
     async def owner_limit_states(self, row: OwnerLimitsRow) -> list[dict[str, Any]]:
         """The current window of each of an owner's limits: the Limit, what its bucket holds (`used`) and when the
@@ -718,17 +724,11 @@ class Admin:
         """Usage records (after draining what is pending), newest first: a page of `limit` (at most
         USAGE_LIST_MAX) past `page_token`, and the next page's token ("" when this page is the last)."""
         limit = _page_size(limit)
-        after = None
-        if page_token:
-            created, _, last = page_token.partition("/")
-            if not created.isdigit() or not last:
-                raise _invalid("invalid_request", "page_token is not one a listing gave")
-            after = (int(created), last)
+        after = _after(page_token)
         await self.catch_up()
         rows = await asyncio.to_thread(self.store.latest_usage, customer_id, limit + 1, request_id, api_key_id,
                                        since_ms, until_ms, after)
-        last = rows[limit - 1] if len(rows) > limit else None  # one more was there: this page is not the last
-        return rows[:limit], f"{last.created_ms}/{last.request_id}" if last is not None else ""
+        return _page(rows, limit, lambda last: f"{last.created_ms}/{last.request_id}")
 
     async def usage_report(self, group_by: list[str], since_ms: int, until_ms: int, bucket: str, customer_id: str,
                            compare_previous: bool, zone_name: str = "") -> list[Any]:

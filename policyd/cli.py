@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -127,6 +127,22 @@ def _print(args: argparse.Namespace, message: Any, text: str) -> None:
         print(text)
 
 
+def _pages(args: argparse.Namespace, call: Callable[[Any], Any], asked: Any, field: str) -> tuple[list[Any], str]:
+    """The items (`field`) of a listing's first page, or of every page with --all, and the next page's token."""
+    response = call(asked)
+    items = list(getattr(response, field))
+    while getattr(args, "all", False) and response.next_page_token:
+        asked.page_token = response.next_page_token
+        response = call(asked)
+        items += getattr(response, field)
+    return items, response.next_page_token
+
+
+def _more(args: argparse.Namespace, next_page_token: str) -> None:
+    if next_page_token and not args.json:
+        print("(more: --all lists every page)")
+
+
 def _key_line(key: admin_pb2.ApiKey) -> str:
     import time
 
@@ -209,17 +225,11 @@ def _keys(args: argparse.Namespace) -> int:
             test=args.test, expires_unix_ms=_expiry_ms(args), limits=args.limit or []), metadata=md)
         _print(args, response, f"{_key_line(response.key)}\nsecret (shown once, store it now): {response.secret}")
     elif args.keys_command == "list":
-        asked = admin_pb2.ListKeysRequest(customer_id=args.customer, limit=args.limit)
-        response = stub.ListKeys(asked, metadata=md)
-        keys = list(response.keys)
-        while args.all and response.next_page_token:  # every page, oldest first
-            asked.page_token = response.next_page_token
-            response = stub.ListKeys(asked, metadata=md)
-            keys += response.keys
-        _print(args, admin_pb2.ListKeysResponse(keys=keys, next_page_token=response.next_page_token),
+        keys, more = _pages(args, lambda asked: stub.ListKeys(asked, metadata=md),
+                            admin_pb2.ListKeysRequest(customer_id=args.customer, limit=args.limit), "keys")
+        _print(args, admin_pb2.ListKeysResponse(keys=keys, next_page_token=more),
                "\n".join(_key_line(k) for k in keys) or "no keys")
-        if response.next_page_token and not args.json:
-            print("(more: --all lists every page)")
+        _more(args, more)
     elif args.keys_command == "show":
         review = stub.ReviewKey(admin_pb2.GetKeyRequest(id=args.id), metadata=md)
         _print(args, review, _review_text(review))
@@ -421,18 +431,12 @@ def _limits(args: argparse.Namespace) -> int:
         named = [(scope, owner) for scope, owner in (("workspace", args.workspace), ("project", args.project),
                                                      ("team", args.team), ("end_user", args.end_user)) if owner]
         scope, owner_id = named[0] if named else (args.scope, "")
-        asked = admin_pb2.ListOwnerLimitsRequest(customer_id=args.customer, scope=scope, owner_id=owner_id,
-                                                 limit=args.limit)
-        listing = stub.ListOwnerLimits(asked, metadata=md)
-        owners = list(listing.owners)
-        while args.all and listing.next_page_token:
-            asked.page_token = listing.next_page_token
-            listing = stub.ListOwnerLimits(asked, metadata=md)
-            owners += listing.owners
-        _print(args, admin_pb2.ListOwnerLimitsResponse(owners=owners, next_page_token=listing.next_page_token),
+        owners, more = _pages(args, lambda asked: stub.ListOwnerLimits(asked, metadata=md),
+                              admin_pb2.ListOwnerLimitsRequest(customer_id=args.customer, scope=scope,
+                                                               owner_id=owner_id, limit=args.limit), "owners")
+        _print(args, admin_pb2.ListOwnerLimitsResponse(owners=owners, next_page_token=more),
                "\n".join(_owner_limits_line(o) for o in owners) or "no limits of its own")
-        if listing.next_page_token and not args.json:
-            print("(more: --all lists every page)")
+        _more(args, more)
     return 0
 
 
@@ -527,21 +531,15 @@ def _usage(args: argparse.Namespace) -> int:
             request_id=args.request_id, api_key_id=getattr(args, "key", ""),
             since_unix_ms=_moment(args.since) if getattr(args, "since", None) else 0,
             until_unix_ms=_moment(args.until) if getattr(args, "until", None) else 0)
-        response = stub.ListUsage(asked, metadata=md)
-        records = list(response.records)
-        while getattr(args, "all", False) and response.next_page_token:  # every page, newest first
-            asked.page_token = response.next_page_token
-            response = stub.ListUsage(asked, metadata=md)
-            records += response.records
+        records, more = _pages(args, lambda asked: stub.ListUsage(asked, metadata=md), asked, "records")
         if args.usage_command == "show":
             if not records:
                 print(f"error: no usage record {args.request_id}", file=sys.stderr)
                 return EXIT_ERROR
             print(json.dumps(MessageToDict(records[0], preserving_proto_field_name=True), indent=2, sort_keys=True))
             return 0
-        _print(args, admin_pb2.ListUsageResponse(records=records, next_page_token=response.next_page_token),
-               _usage_table(records) + ("\n(more: --all lists every page)" if response.next_page_token
-                                        else ""))
+        _print(args, admin_pb2.ListUsageResponse(records=records, next_page_token=more), _usage_table(records))
+        _more(args, more)
         return 0
     if args.usage_command == "refund":
         nanos = _amount_argument(args.amount) if args.amount else 0

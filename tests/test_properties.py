@@ -521,6 +521,20 @@ def test_a_customers_own_budget_is_never_overshot_by_its_keys(running, budget: i
     loop.run_until_complete(_budget_scenario(service, budget, operations, f"owner{next(counter)}", "customer"))
 
 
+async def _close(service: Service, rid: str, op: tuple, held: dict[str, tuple[int, int, int]]) -> int | None:
+    """Release an open request (op "release"), or settle it within its strict bounds (op "settle": the drawn
+    parts of its input and output bounds), taking it out of `held`: its charge, never past its hold (None:
+    released)."""
+    hold, input_bound, output_bound = held.pop(rid)
+    if op[0] == "release":
+        await service.engine.release(rid, "test")
+        return None
+    s = await service.engine.settle(usage(rid, input_tokens=int(input_bound * op[2]),
+                                          output_tokens=int(output_bound * op[3])))
+    assert s.charge <= hold
+    return s.charge
+
+
 async def _budget_scenario(service: Service, budget: int, operations: list, customer: str, whose: str) -> None:
     """`whose`: the budget is the thread's (its caller's) or the customer's (set by the operator)."""
     secrets = [(await service.admin.create_key(label="p", customer_id=customer, environment="production",
@@ -543,18 +557,8 @@ async def _budget_scenario(service: Service, budget: int, operations: list, cust
             else:
                 label = "(thread-budget)" if whose == "thread" else "(customer-money-total)"
                 assert d.reason == "budget_exceeded" and d.message.endswith(label), d
-        elif opened:
-            rid = opened[op[1] % len(opened)]
-            if rid not in held:
-                continue
-            hold, input_bound, output_bound = held.pop(rid)
-            if op[0] == "release":
-                await service.engine.release(rid, "test")
-            else:  # within the strict bound
-                s = await service.engine.settle(usage(rid, input_tokens=int(input_bound * op[2]),
-                                                      output_tokens=int(output_bound * op[3])))
-                assert s.charge <= hold
-                charged += s.charge
+        elif opened and opened[op[1] % len(opened)] in held:
+            charged += await _close(service, opened[op[1] % len(opened)], op, held) or 0
         assert charged + sum(hold for hold, _, _ in held.values()) <= budget
     await service.writer.drain()
     assert (await service.admin.audit()).ok
@@ -742,18 +746,10 @@ async def _shared_bucket_scenario(service: Service, budget: int, requests_limit:
                 if counted + len(held) >= requests_limit:
                     refusals.add(("rate_limit_exceeded", "(key-requests)"))
                 assert (d.reason, d.message[d.message.rfind("("):]) in refusals, d
-        elif opened:
-            rid = opened[op[1] % len(opened)]
-            if rid not in held:
-                continue
-            hold, input_bound, output_bound = held.pop(rid)
-            if op[0] == "release":
-                await service.engine.release(rid, "test")
-            else:  # within the strict bound
-                s = await service.engine.settle(usage(rid, input_tokens=int(input_bound * op[2]),
-                                                      output_tokens=int(output_bound * op[3])))
-                charged += s.charge
-                counted += 1
+        elif opened and opened[op[1] % len(opened)] in held:
+            charge = await _close(service, opened[op[1] % len(opened)], op, held)
+            if charge is not None:
+                charged, counted = charged + charge, counted + 1
         used = {unit: int(await service.counters.client.hget(bucket, "used") or 0) for unit, bucket in buckets.items()}
         assert used == {"money": charged + sum(hold for hold, _, _ in held.values()), "requests": counted + len(held)}
         assert used["money"] <= budget and used["requests"] <= requests_limit
