@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import replace
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -781,26 +781,35 @@ attributed_ops = st.lists(
 own_limit = st.one_of(st.none(), st.tuples(st.sampled_from(("money", "requests")), st.integers(1, 12)))
 owners_limit = st.one_of(st.none(), st.tuples(st.sampled_from(("customer", "team", "end_user")),
                                               st.sampled_from(("money", "requests")), st.integers(1, 12)))
+operator_caps = st.lists(st.tuples(st.sampled_from(("", "openai", "google")), st.sampled_from(LIMIT_MODELS),
+                                   st.sampled_from(("money", "requests")),
+                                   st.sampled_from(("block", "shadow", "downgrade")), st.integers(1, 12))
+                         .filter(lambda cap: (cap[0], cap[1]) != ("google", ("gpt-4o",))),  # covering nothing: refused
+                         max_size=2)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(limits=plan_limits, operations=attributed_ops, keys_own=own_limit, owners=owners_limit)
+@given(limits=plan_limits, operations=attributed_ops, keys_own=own_limit, owners=owners_limit, caps=operator_caps)
 # a blocking limit and a shadow one of a bucket, and one of the same scope on some models beside them
 @example(limits=[("key", "requests", "block", (), 3), ("key", "requests", "shadow", (), 1),
                  ("key", "requests", "block", ("gpt-4o",), 1)],
          operations=[("authorize", 0, 1, 0, 0, 0, 100, 10)] * 3 + [("settle", 0, 1.0, 1.0)], keys_own=None,
-         owners=None)
+         owners=None, caps=[])
 # a customer's budget downgrading premium requests, beside a blocking one of its bucket; a team's on some models
 @example(limits=[("customer", "money", "downgrade", (), 4), ("customer", "money", "block", (), 9),
                  ("team", "requests", "block", ("tier:low-cost",), 2)],
          operations=[("authorize", n % 2, 1, 0, 0, 0, 1_500, 300) for n in range(5)] + [("release", 1)]
-         + [("authorize", 0, 1, 0, 0, 0, 1_500, 300)], keys_own=None, owners=None)
+         + [("authorize", 0, 1, 0, 0, 0, 1_500, 300)], keys_own=None, owners=None, caps=[])
 # an end user's own request limit in place of the plan's for her; a key's own budget in place of its plan's
 @example(limits=[("end_user", "requests", "block", (), 5), ("key", "money", "block", (), 12)],
          operations=[("authorize", n % 2, 0, 1, 0, 0, 500, 100) for n in range(6)], keys_own=("money", 1),
-         owners=("end_user", "requests", 2))
+         owners=("end_user", "requests", 2), caps=[])
+# the operator's cap on openai's premium requests downgrading them, and a shadow one on every request beside it
+@example(limits=[("key", "requests", "block", (), 12)],
+         operations=[("authorize", n % 2, n % 3, 0, 0, 0, 1_000, 200) for n in range(8)], keys_own=None, owners=None,
+         caps=[("openai", ("gpt-4o",), "requests", "downgrade", 2), ("", (), "money", "shadow", 1)])
 def test_every_limit_of_a_plan_counts_exactly_the_requests_it_binds(running, limits, operations, keys_own,
-                                                                    owners) -> None:
+                                                                    owners, caps) -> None:
     """A plan with any mix of limits (a key's, the customer's, a team's, an end user's, a feature's, a thread's, a
     model's; money and requests; blocking, shadow and one downgrading to a cheaper model; on every model or on
     some), requests of two keys naming any of those owners on any model, held, settled within their bounds or
@@ -808,23 +817,33 @@ def test_every_limit_of_a_plan_counts_exactly_the_requests_it_binds(running, lim
     (each counted once, however many limits share the bucket; in no bucket of a limit that does not bind it; a
     request it downgraded not in its), a blocking or downgrading limit is never passed (a strict plan), and the
     audit agrees; so too with a key's own limit and an owner's (its customer's, a team's, an end user's) in place
-    of the plan's of their buckets."""
+    of the plan's of their buckets, and with the operator's caps (on a provider, on some models; blocking, shadow
+    or downgrading) beside them."""
     loop, service = running
     loop.run_until_complete(_attributed_scenario(service, limits, operations, f"mix{next(counter)}", keys_own,
-                                                 owners))
+                                                 owners, caps))
 
 
 async def _attributed_scenario(service: Service, drawn: list, operations: list, customer: str, keys_own: tuple | None,
-                               owners: tuple | None) -> None:
+                               owners: tuple | None, drawn_caps: list) -> None:
     import yaml
 
     from policyd import quotas
+    from policyd.policy import Cap
     from policyd.pricing import Quantities
 
     doc = yaml.safe_load(SAMPLE_POLICY)
-    downgrading = [n for n, limit in enumerate(drawn) if limit[2] == "downgrade"][:1]  # one, whose label it tells
+    # one limit or cap downgrades (the first drawn so), whose label a downgraded request's attempt leaves out
+    downgrading = [n for n, limit in enumerate(drawn) if limit[2] == "downgrade"][:1]
     drawn = [(scope, unit, "block" if action == "downgrade" and n not in downgrading else action, models, value)
              for n, (scope, unit, action, models, value) in enumerate(drawn)]
+    cap_downgrading = [] if downgrading else [n for n, cap in enumerate(drawn_caps) if cap[3] == "downgrade"][:1]
+    doc["caps"] = [{"name": f"{customer}-cap{n}", **({"provider": provider} if provider else {}),
+                    **({"models": list(models)} if models else {}), "window": "total", "unit": unit,
+                    "limit": f"0.{value * 1_000_000:09d}" if unit == "money" else value,
+                    "action": "block" if action == "downgrade" and n not in cap_downgrading else action,
+                    **({"downgrade_to": "gpt-4o-mini"} if action == "downgrade" and n in cap_downgrading else {})}
+                   for n, (provider, models, unit, action, value) in enumerate(drawn_caps)]
     doc["plans"]["mixed"] = {
         "models": ["tier:low-cost", "tier:premium"], "endpoints": ["chat_completions"], "reservation": "strict",
         "default_max_output_tokens": 400,
@@ -861,6 +880,18 @@ async def _attributed_scenario(service: Service, drawn: list, operations: list, 
         return key_limits.effective(plan.limits, own, policy.document.timezone, service.engine.clock())
 
     partition = service.counters.partition_of(customer)
+
+    def bucket_of(limit: Any, ids: dict[str, str]) -> str | None:
+        """The bucket a limit counts a request of these owners in (None: the request has none of its scope)."""
+        if isinstance(limit, Cap):
+            return quotas.cap_hold(limit, 0, 0, 0, Quantities())[0].key
+        return quotas.hold_for(limit, partition, ids[limit.scope], 0, 0, Quantities())[0].key if ids[limit.scope] \
+            else None
+
+    def binds(limit: Any, model: str) -> bool:
+        price = policy.model(model)
+        return limit.covers(model, price) if isinstance(limit, Cap) else limit.binds(model, price.tier)
+
     # request id -> (the scope ids its buckets are named by, the model it was served on, what it holds or was charged)
     counted: dict[str, tuple[dict[str, str], str, int]] = {}
     bound_by: dict[str, tuple] = {}  # request id -> the limits it counted against
@@ -877,12 +908,12 @@ async def _attributed_scenario(service: Service, drawn: list, operations: list, 
             if d.decision != "deny":
                 if d.decision == "downgrade":
                     downgraded.add(rid)
-                    assert d.served_model == "gpt-4o-mini" and downgrading, d
+                    assert d.served_model == "gpt-4o-mini" and (downgrading or cap_downgrading), d
                 ids = quotas.scope_ids(customer, keys[which].row.id, team_id=keys[which].row.team_id,
                                        feature=attribution["feature"], model=d.served_model,
                                        thread_id=attribution["thread_id"], end_user_id=attribution["end_user_id"])
                 counted[rid] = (ids, d.served_model, d.reserved)
-                bound_by[rid] = limits_of(which, attribution["end_user_id"])
+                bound_by[rid] = (*limits_of(which, attribution["end_user_id"]), *policy.caps_for(d.served_model))
                 bounds[rid] = (min(prompt + 24, 10**6), d.max_output_tokens)
             else:
                 assert d.reason in ("budget_exceeded", "rate_limit_exceeded"), d
@@ -900,33 +931,30 @@ async def _attributed_scenario(service: Service, drawn: list, operations: list, 
                                                       output_tokens=int(output_bound * op[3])))
                 assert s.charge <= hold
                 counted[rid] = (ids, model, s.charge)
-        # each bucket: what the requests any of its limits binds put in it, each once (a request its downgrading
-        # limit served on the cheaper model counts there only through another limit of that bucket)
+        # each bucket: what the requests any of its limits (or caps) binds put in it, each once (a request its
+        # downgrading limit served on the cheaper model counts there only through another limit of that bucket)
         expected: dict[str, int] = {}
-        sharing: dict[str, int] = {}
         for rid, (ids, model, amount) in counted.items():
             counted_in = set()
             for limit in bound_by[rid]:
-                if not ids[limit.scope] or not limit.binds(model, policy.model(model).tier) \
-                        or (limit.action == "downgrade" and rid in downgraded):
+                key = bucket_of(limit, ids)
+                if key is None or not binds(limit, model) or (limit.action == "downgrade" and rid in downgraded):
                     continue
-                key = quotas.hold_for(limit, partition, ids[limit.scope], 0, 0, Quantities())[0].key
                 if key not in counted_in:
                     counted_in.add(key)
                     expected[key] = expected.get(key, 0) + (amount if limit.unit == "money" else 1)
-        # each limit a request counted against, in the bucket of that request's owner
-        pairs = {(limit, ids[limit.scope]) for rid, (ids, _, _) in counted.items() for limit in bound_by[rid]
-                 if ids[limit.scope]}
-        keyed = {(limit, scope_id): quotas.hold_for(limit, partition, scope_id, 0, 0, Quantities())[0].key
-                 for limit, scope_id in pairs}
-        for key in keyed.values():
+        # each limit a request counted against, in the bucket of that request's owner (a cap's: its one)
+        keyed = {(limit, key) for rid, (ids, _, _) in counted.items() for limit in bound_by[rid]
+                 if (key := bucket_of(limit, ids)) is not None}
+        sharing: dict[str, int] = {}
+        for _, key in keyed:
             sharing[key] = sharing.get(key, 0) + 1
-        for (limit, scope_id), key in keyed.items():
+        for limit, key in keyed:
             used = int(await service.counters.client.hget(key, "used") or 0)
-            assert used == expected.get(key, 0), (limit.label, scope_id, op)
+            assert used == expected.get(key, 0), (limit.label, key, op)
             # never passed: a blocking limit; a downgrading one counting alone (beside another, the requests it
             # downgraded count there through the other)
             if limit.action == "block" or limit.action == "downgrade" and sharing[key] == 1:
-                assert used <= limit.limit, (limit.label, scope_id)
+                assert used <= limit.limit, (limit.label, key)
     await service.writer.drain()
     assert (await service.admin.audit()).ok
