@@ -40,6 +40,8 @@ ROTATION_GRACE_SECONDS_DEFAULT = 86_400
 ROTATION_GRACE_SECONDS_MAX = 30 * 86_400
 LABEL_LENGTH_MAX = 256
 USAGE_LIST_MAX = 1000
+KEYS_PAGE_MAX = 1000  # keys a ListKeys page (also its default: a customer's keys, as before, in one page)
+OWNER_SCOPES = ("customer", "workspace", "project", "team", "end_user")  # the owners given limits of their own
 REBUILD_SECONDS_MAX = 600  # a rebuild that dies holds its partitions' gates and its lock this long at most
 KEY_SCOPES_MAX = 32
 SCOPE_LENGTH_MAX = 128
@@ -94,6 +96,19 @@ def _after(page_token: str) -> tuple[int, str] | None:
     return int(created), last
 
 
+def _owner_after(page_token: str) -> tuple[str, str, str] | None:
+    """Where a page of owners a token names starts: after that owner (its customer, scope and id)."""
+    if not page_token:
+        return None
+    try:
+        after = json.loads(base64.urlsafe_b64decode(page_token.encode()))
+    except (ValueError, RecursionError):  # not base64, not UTF-8, not JSON
+        after = None
+    if not (isinstance(after, list) and len(after) == 3 and all(isinstance(part, str) for part in after)):
+        raise _invalid("invalid_request", "page_token is not one a listing gave")
+    return after[0], after[1], after[2]
+
+
 def _page(rows: list[Any], count: int, token: Callable[[Any], str]) -> tuple[list[Any], str]:
     """A page of `count` of `rows` (read one more than that), and the token of the page after it: made of its last
     row, "" when no row was left past it."""
@@ -130,10 +145,6 @@ def _key_limits(limits: list[dict[str, Any]], policy: Policy | None, scope: str 
     if any(0 < entry.get("until_unix_ms", 0) <= now_ms() for entry in checked):
         raise _invalid("invalid_limit", "a limit's until_unix_ms is a time to come (none: for good)")
     return checked
-
-
-KEYS_PAGE_MAX = 1000  # keys a ListKeys page (also its default: a customer's keys, as before, in one page)
-OWNER_SCOPES = ("customer", "workspace", "project", "team", "end_user")  # the owners given limits of their own
 
 
 def _owner(customer_id: str, workspace_id: str = "", project_id: str = "", team_id: str = "",
@@ -407,16 +418,9 @@ class Admin:
             raise _invalid("invalid_request", "owner_id names an owner of a scope: give the scope (end_user, team, ...)")
         if len(owner_id) > OWNER_ID_LENGTH_MAX:
             return [], ""  # longer than any owner's: none has limits of its own
-        after = None
-        if page_token:
-            try:
-                after = tuple(json.loads(base64.urlsafe_b64decode(page_token.encode())))
-            except (ValueError, TypeError, RecursionError):
-                after = None
-            if after is None or len(after) != 3 or not all(isinstance(part, str) for part in after):
-                raise _invalid("invalid_request", "page_token is not one a listing gave")
         count = _page_size(limit)
-        rows = await asyncio.to_thread(self.store.owner_limits_page, customer_id, scope, owner_id, after, count + 1)
+        rows = await asyncio.to_thread(self.store.owner_limits_page, customer_id, scope, owner_id,
+                                       _owner_after(page_token), count + 1)
         return _page(rows, count, lambda last: base64.urlsafe_b64encode(json.dumps(
             [last.customer_id, last.scope, last.owner_id], separators=(",", ":")).encode()).decode())
 
