@@ -115,8 +115,6 @@ def _buckets_held(holds: list[BucketHold]) -> list[list[Any]]:
     """[bucket key, unit, amount] of each bucket a request is counted in, once however many of its limits count
     there (a shadow limit beside a blocking one, a downgrade before a block): what its settle, release, refund,
     the audit and a rebuild take the bucket's count from."""
-    if len(holds) < 2:
-        return [[h.key, h.unit, h.amount] for h in holds]
     held: dict[str, list[Any]] = {}
     for h in holds:
         held.setdefault(h.key, [h.key, h.unit, h.amount])
