@@ -2392,3 +2392,39 @@ async def test_a_gemini_uploads_bytes_come_without_a_key_as_the_key_that_began_i
     assert (await service.engine.authorize(upload("", "part-stranger", "gu-never"))).reason == "missing_api_key"
     await service.admin.set_state(key_id, "revoked")
     assert (await service.engine.authorize(upload("", "part-2", "gu-abc"))).reason == "key_revoked"
+
+
+async def test_a_request_that_holds_nothing_is_not_refused_by_a_wallet_or_budget_already_past(service: Service) -> None:
+    """A model priced at 0 (a self-hosted one) spends nothing: an overdrawn wallet (an estimating plan settled above
+    its hold) or a money limit already past its figure (lowered below what it counts) refuses paid requests, not
+    it (as a budget just reached never did). Its request still counts in a request limit, which still binds it;
+    nothing is charged or held."""
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["price_table"]["models"]["local-llama"] = {"provider": "openai", "tier": "low-cost", "input": "0",
+                                                   "output": "0"}
+    await service.admin.apply_policy(yaml.safe_dump(doc), "free-model.yaml")
+    key_id, secret = await new_key(service, plan="pro", customer="overdrawn")
+    await fund(service, "overdrawn", "0.001")
+    held = await service.engine.authorize(ask(secret, model="gpt-4o", prompt_bytes=10, max_output_tokens=10,
+                                              request_id="over"))
+    settled = await service.engine.settle(usage("over", input_tokens=100_000, output_tokens=50_000))
+    assert held.reserved < settled.charge and (await service.counters.wallet("overdrawn"))[0] < 0  # overdrawn
+
+    async def asked(model: str, n: int) -> Any:
+        return await service.engine.authorize(ask(secret, model=model, prompt_bytes=10, max_output_tokens=10,
+                                                  request_id=f"{model}-{n}"))
+
+    paid, free = await asked("gpt-4o-mini", 1), await asked("local-llama", 1)
+    assert (paid.decision, paid.reason, free.decision, free.reserved) == ("deny", "insufficient_quota", "allow", 0)
+    assert (await service.engine.settle(usage(free.request_id, input_tokens=40, output_tokens=30))).charge == 0
+    await fund(service, "overdrawn", "5")
+    await service.admin.set_limits(key_id, [{"window": "day", "unit": "money", "limit": 1},
+                                            {"window": "day", "unit": "requests", "limit": 4}])
+    paid, free = await asked("gpt-4o-mini", 2), await asked("local-llama", 2)
+    assert (paid.decision, paid.reason, paid.message.endswith("(key-money-day)")) == ("deny", "budget_exceeded", True)
+    assert (free.decision, free.reserved) == ("allow", 0)
+    assert [(await asked("local-llama", n)).reason for n in (3, 4, 5, 6)] == ["", "", "", "rate_limit_exceeded"]
+    balance, reserved = await service.counters.wallet("overdrawn")
+    assert reserved == 0 and balance == parse_amount("5.001") - settled.charge
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok

@@ -127,8 +127,8 @@ if concurrency_cap > 0 then
   end
 end
 
--- 4. wallet
-if check_wallet then
+-- 4. wallet: a request that holds nothing (a model priced at 0, a promo) spends nothing, whatever the wallet holds
+if check_wallet and amount > 0 then
   local wallet = redis.call('HMGET', KEYS[2], 'balance', 'reserved')
   local available = tonumber(wallet[1] or '0') - tonumber(wallet[2] or '0')
   if available < amount then
@@ -137,14 +137,16 @@ if check_wallet then
   end
 end
 
--- 5. buckets: every hard limit must have room; shadow limits only note that they would deny
+-- 5. buckets: every hard limit must have room; shadow limits only note that they would deny. A request that puts
+-- nothing in a bucket (a free model's in a money limit's) takes no room there: a limit already past (lowered below
+-- its count, passed by a settle above its estimate) refuses it no more than one just reached
 local shadow = {}
 for i = 1, bucket_count do
   local base = 12 + (i - 1) * 6
   local bucket_amount = tonumber(ARGV[base + 1])
   local limit = tonumber(ARGV[base + 2])
   local used = tonumber(redis.call('HGET', KEYS[7 + i], 'used') or '0')
-  if used + bucket_amount > limit then
+  if bucket_amount > 0 and used + bucket_amount > limit then
     local label = ARGV[base + 6]
     if ARGV[base + 3] == 'shadow' then
       shadow[#shadow + 1] = label
