@@ -2274,6 +2274,32 @@ def test_a_customers_budget_set_by_its_operator_binds_all_its_keys_at_once(gatew
     assert later.chat.completions.create(**ask).choices  # the plan's limits alone again
 
 
+def test_a_model_priced_at_zero_is_served_past_a_spent_budget(gateway: Gateway) -> None:
+    """A model the operator runs itself, priced at 0, spends nothing: a customer whose day budget was lowered below
+    what it spent that day is refused its paid requests (429 budget_exceeded, before the provider) and served the
+    free model, streamed or not, charged 0."""
+    customer = f"e2e-free-model-{gateway.shape}"
+    client = gateway.client(gateway.customer(customer, plan="house"))
+    ask = {"messages": [{"role": "user", "content": "paid, then free"}], "max_tokens": 8}
+    paid = client.chat.completions.with_raw_response.create(model="house-fast", **ask)
+    assert gateway.record(paid.headers["x-policyd-request-id"])["charge_nanos"] > 0
+    gateway.admin.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(
+        customer_id=customer, limits=[admin_pb2.KeyLimit(window="day", unit="money", limit=1)]))  # below its spend
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="house-fast", **ask)
+    assert refused.value.code == "budget_exceeded"
+    free = client.chat.completions.with_raw_response.create(model="house-free", **ask)
+    headers, chunks = streamed(client, "free, streamed", model="house-free", stream_options={"include_usage": True})
+    assert free.parse().choices and any(c.usage for c in chunks)
+    for request_id in (free.headers["x-policyd-request-id"], headers["x-policyd-request-id"]):
+        record = gateway.record(request_id)
+        assert (record["status"], record["served_model"], record["charge_nanos"], record["reserved_nanos"]) == (
+            "settled", "house-free", 0, 0)
+        assert record["output_tokens"] > 0
+    assert gateway.admin.Audit(admin_pb2.AuditRequest()).ok
+    gateway.admin.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(customer_id=customer))
+
+
 def test_a_keys_budget_on_some_models_binds_their_requests_alone(gateway: Gateway) -> None:
     """A key's own limit on some models (KeyLimit.models, here a glob of fine-tunes): however many of their requests
     run at once, what the key is charged on them never passes the budget, and past it they are refused before the
