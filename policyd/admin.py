@@ -416,8 +416,6 @@ class Admin:
             raise _invalid("invalid_request", f"scope is one of {', '.join(OWNER_SCOPES)}, not {scope!r}")
         if owner_id and scope in ("", "customer"):
             raise _invalid("invalid_request", "owner_id names an owner of a scope: give the scope (end_user, team, ...)")
-        if len(owner_id) > OWNER_ID_LENGTH_MAX:
-            return [], ""  # longer than any owner's: none has limits of its own
         count = _page_size(limit)
         rows = await asyncio.to_thread(self.store.owner_limits_page, customer_id, scope, owner_id,
                                        _owner_after(page_token), count + 1)
