@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 from policyd import keys as key_secrets
@@ -45,7 +45,6 @@ OWNER_SCOPES = ("customer", "workspace", "project", "team", "end_user")  # the o
 REBUILD_SECONDS_MAX = 600  # a rebuild that dies holds its partitions' gates and its lock this long at most
 KEY_SCOPES_MAX = 32
 SCOPE_LENGTH_MAX = 128
-END_USERS_WITH_LIMITS_MAX = 10_000  # a customer's end users with limits of their own (each replica reads them all)
 
 
 def now_ms() -> int:
@@ -171,22 +170,17 @@ def _check_owner_ids(**ids: str) -> None:
                            f"{name} must be at most {OWNER_ID_LENGTH_MAX} characters without spaces, '/' or braces")
 
 
-def _end_users_digest(given: list[OwnerLimitsRow]) -> str:
-    """The fingerprint of a customer's end users' own limits (`given`: its owners' rows), "" for none."""
-    end_users = [(row.owner_id, row.limits) for row in given if row.scope == "end_user"]
-    return hashlib.sha256(json.dumps(end_users, sort_keys=True).encode()).hexdigest()[:16] if end_users else ""
-
-
-def _bound_to_owners(key: ApiKeyRow, given: list[OwnerLimitsRow], digest: str) -> bool:
-    """The key made to carry its owners' limits (`given`: its customer's): its customer's, and its workspace's,
-    project's and team's where it has one; and `digest`, the fingerprint of its customer's end users' (read by
-    the decision of a request naming one: too many to carry). Whether that changed it."""
+def _bound_to_owners(key: ApiKeyRow, given: list[OwnerLimitsRow], end_users: str) -> bool:
+    """The key made to carry its owners' limits (`given`: its customer's, store.keys_owner_limits): its
+    customer's, and its workspace's, project's and team's where it has one; and `end_users`, "1" when some end
+    users of its customer have limits of their own (read by the decision of a request naming one: too many to
+    carry). Whether that changed it."""
     ids = {"customer": "", "workspace": key.workspace_id, "project": key.project_id, "team": key.team_id}
     limits = [entry for row in given if row.scope == "customer" or (ids.get(row.scope) and ids[row.scope] ==
                                                                      row.owner_id) for entry in row.limits]
-    if limits == (key.owner_limits or []) and digest == (key.end_user_limits or ""):
+    if limits == (key.owner_limits or []) and end_users == (key.end_user_limits or ""):
         return False
-    key.owner_limits, key.end_user_limits = limits, digest
+    key.owner_limits, key.end_user_limits = limits, end_users
     return True
 
 
@@ -236,14 +230,12 @@ class Admin:
             environment=environment, plan=plan, scopes=_key_scopes(scopes or []), status="active", created_ms=at,
             rotated_ms=0, status_changed_ms=at, expires_ms=expires_ms, limits=own_limits,
         )
-        given = await asyncio.to_thread(self.store.owner_limits, customer_id)
-        _bound_to_owners(row, given, _end_users_digest(given))
+        _bound_to_owners(row, *await self._owners_of_keys(customer_id))
         await asyncio.to_thread(self.store.save_key, row)
         await self._publish_key(row)
         # an owner's limits changed meanwhile: read again once the key is in SQL (set_owner_limits lists the keys
         # once its own row is), so that one of the two calls sees the other
-        given = await asyncio.to_thread(self.store.owner_limits, customer_id)
-        if _bound_to_owners(row, given, _end_users_digest(given)):
+        if _bound_to_owners(row, *await self._owners_of_keys(customer_id)):
             await self._save_and_publish(row)
         self.directory.remember(row.secret_hash, key_record(row))
         return KeyCreation(row, secret)
@@ -330,28 +322,51 @@ class Admin:
         (key_limits.py), from the next decision on every replica. The row, and how many keys changed. A limit that
         lowers a count already past it refuses the owner's next requests in that window."""
         scope, owner_id = _owner(customer_id, workspace_id, project_id, team_id, end_user_id)
-        if scope == "end_user" and limits and len([r for r in await asyncio.to_thread(
-                self.store.owner_limits, customer_id) if r.scope == "end_user" and r.owner_id != owner_id]) \
-                >= END_USERS_WITH_LIMITS_MAX:
-            raise _invalid("invalid_request", f"a customer's end users with limits of their own are at most "
-                                              f"{END_USERS_WITH_LIMITS_MAX}: use a plan's end_user limit for all")
         checked = _key_limits(limits, self.book.current, scope)
         row = OwnerLimitsRow(customer_id=customer_id, scope=scope, owner_id=owner_id, limits=checked,
                              updated_ms=now_ms())
         row.seeds = await self._seeded(row)
         await asyncio.to_thread(self.store.save_owner_limits, row)
+        if scope == "end_user":  # its stamp first: a key that starts reading end users' finds it
+            await self._publish_end_user(customer_id, owner_id)
         changed: set[str] = set()
-        given = await asyncio.to_thread(self.store.owner_limits, customer_id)  # keys made from now on read these
+        # keys made from now on read these
+        given, end_users = await self._owners_of_keys(customer_id)
         while True:  # until no other change of the customer's owners came meanwhile (each ends on the last state)
-            digest = _end_users_digest(given)
-            for key in await self.list_keys(customer_id):
-                if key.status != "revoked" and _bound_to_owners(key, given, digest):
+            keys = await self.list_keys(customer_id) if scope != "end_user" else \
+                await asyncio.to_thread(self.store.keys_to_flag, customer_id, end_users)  # the rest have it
+            for key in keys:
+                if key.status != "revoked" and _bound_to_owners(key, given, end_users):
                     await self._save_and_publish(key)
                     changed.add(key.id)
-            now_given = await asyncio.to_thread(self.store.owner_limits, customer_id)
-            if [(r.scope, r.owner_id, r.limits) for r in now_given] == [(r.scope, r.owner_id, r.limits) for r in given]:
+            now_given, now_end_users = await self._owners_of_keys(customer_id)
+            if [(r.scope, r.owner_id, r.limits) for r in now_given] == [(r.scope, r.owner_id, r.limits)
+                                                                        for r in given] and now_end_users == end_users:
                 return row, len(changed)
-            given = now_given
+            given, end_users = now_given, now_end_users
+
+    async def _owners_of_keys(self, customer_id: str) -> tuple[list[OwnerLimitsRow], str]:
+        """What a customer's keys carry of its owners' limits (_bound_to_owners): its owners' rows but its end
+        users', and "1" when some of its end users have limits of their own."""
+        given = await asyncio.to_thread(self.store.keys_owner_limits, customer_id)
+        return given, "1" if await asyncio.to_thread(self.store.end_users_with_limits, customer_id, at_most=1) else ""
+
+    async def _publish_end_user(self, customer_id: str, end_user_id: str) -> None:
+        """The stamp of an end user's own limits as SQL holds them, into Redis, where the authorize script checks a
+        decision's (none: none there); written again until SQL holds what was written (two changes at once
+        end on the last)."""
+        terms = redis_keys.end_user_terms(self.counters.partition_of(customer_id), customer_id)
+        read = partial(self.store.owner_limits_of, customer_id, "end_user", end_user_id)
+        stamp = key_limits.end_user_stamp(getattr(await asyncio.to_thread(read), "limits", None))
+        while True:
+            if stamp:
+                await self.counters.client.hset(terms, end_user_id, stamp)
+            else:
+                await self.counters.client.hdel(terms, end_user_id)
+            now = key_limits.end_user_stamp(getattr(await asyncio.to_thread(read), "limits", None))
+            if now == stamp:
+                return
+            stamp = now
 
     async def _seeded(self, row: OwnerLimitsRow) -> dict[str, int]:
         """What the owner had used before its limits were made, in the buckets of their current windows that no
@@ -360,8 +375,7 @@ class Admin:
         (`seeds`) for the audit and a rebuild, whose records name no such bucket. Seeds of buckets no limit keeps
         are taken back out of them."""
         at = now_ms()
-        old = next((r for r in await asyncio.to_thread(self.store.owner_limits, row.customer_id)
-                    if (r.scope, r.owner_id) == (row.scope, row.owner_id)), None)
+        old = await asyncio.to_thread(self.store.owner_limits_of, row.customer_id, row.scope, row.owner_id)
         seeds = {key: amount for key, amount in ((old.seeds or {}) if old else {}).items()
                  if remaining_ttl(key, at // 1000) is not None}
         limits, ids = self._owner_buckets(row)
@@ -1020,6 +1034,15 @@ class Admin:
                 self.counters.queue_key_state(await batch.pipe(2), row.customer_id, row.id, row.status,
                                               _secrets_of(row, at), row.expires_ms, key_record(row).terms)
                 written += 1
+            after = None  # the stamps of end users' own limits, which a replica may have remembered older ones of
+            while rows := await asyncio.to_thread(self.store.owner_limits_page, "", "end_user", "", after,
+                                                  RESTORE_PAGE_RECORDS):
+                after = (rows[-1].customer_id, rows[-1].scope, rows[-1].owner_id)
+                for owner in rows:
+                    (await batch.pipe()).hset(
+                        redis_keys.end_user_terms(self.counters.partition_of(owner.customer_id), owner.customer_id),
+                        owner.owner_id, key_limits.end_user_stamp(owner.limits))
+                    written += 1
             balances = await asyncio.to_thread(self.store.ledger_balances)
             open_rows = await asyncio.to_thread(self.store.open_reservations)
             reserved: dict[str, int] = {}

@@ -153,9 +153,17 @@ class BucketHold:
 
 
 @dataclass(frozen=True)
+class EndUserTerms:
+    """The end user a decision looked up the own limits of, and the stamp of those it decided under."""
+    customer_id: str
+    end_user_id: str
+    stamp: str  # key_limits.end_user_stamp: "" for none
+
+
+@dataclass(frozen=True)
 class AuthorizeResult:
-    outcome: str  # allow | deny | exists | stale (the key's terms changed since it was read)
-    reason: str = ""
+    outcome: str  # allow | deny | exists | stale (the key's terms changed since it was read, or the end user's)
+    reason: str = ""  # stale: key | end_user
     label: str = ""
     reserved: int = 0
     shadow: tuple[str, ...] = ()
@@ -363,7 +371,10 @@ class Counters:
         preset_denial: str,
         terms: str,
         buckets: list[BucketHold],
+        end_user: EndUserTerms | None = None,
     ) -> AuthorizeResult:
+        """`customer_id`: the wallet's id (a customer's, or "<customer>/<workspace>"); `end_user`: the end user
+        whose own limits the decision was made under, checked against their stamp in Redis."""
         keys = [
             redis_keys.key_state(partition, key_id),
             redis_keys.wallet(partition, customer_id),
@@ -372,11 +383,13 @@ class Counters:
             redis_keys.inflight(partition, key_id),
             redis_keys.events(partition),
             redis_keys.gate(partition),
+            redis_keys.end_user_terms(partition, end_user.customer_id if end_user else customer_id.split("/", 1)[0]),
             *[b.key for b in buckets],
         ]
         args: list[str] = [
             request_id, secret_hash, str(now_ms), str(expires_ms), "1" if check_wallet else "0",
-            str(amount), str(concurrency_cap), payload, reservation_fields, preset_denial, terms, str(len(buckets)),
+            str(amount), str(concurrency_cap), payload, reservation_fields, preset_denial, terms,
+            end_user.end_user_id if end_user else "", end_user.stamp if end_user else "", str(len(buckets)),
         ]
         for b in buckets:
             args += b.args()
@@ -402,7 +415,7 @@ class Counters:
             return AuthorizeResult("deny", reason=_text(reply[1]), label=_text(reply[2]),
                                    room=int(reply[3]) if len(reply) > 3 else -1)
         if outcome == "stale":
-            return AuthorizeResult("stale")
+            return AuthorizeResult("stale", reason=_text(reply[1]) if len(reply) > 1 else "key")
         return AuthorizeResult("exists", state=_text(reply[1]), same_key=_text(reply[2]) == "1")
 
     def remember(self, reservation: Reservation) -> None:

@@ -46,8 +46,10 @@ class ApiKeyRow(Base):
     limits: Mapped[list[dict] | None] = mapped_column(JSON, default=list, nullable=True)
     # its owners' limits (each with its scope: customer, workspace, project, team), copied from owner_limits
     owner_limits: Mapped[list[dict] | None] = mapped_column(JSON, default=list, nullable=True)
-    # the fingerprint of its customer's end users' own limits (owner_limits rows of scope end_user), "" for none:
-    # part of its terms, so every replica reads them again when they change (Engine._end_user_limits)
+    # "1" when some end users of its customer have limits of their own (owner_limits rows of scope end_user), ""
+    # for none (earlier, a fingerprint of them all: as "1"): part of its terms, so every replica starts or stops
+    # reading an end user's a request names (Engine._with_end_user_limits); a change of one end user's binds
+    # through its stamp in Redis (redis_keys.end_user_terms), the key unchanged
     end_user_limits: Mapped[str | None] = mapped_column(String(16), default="", nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_ms: Mapped[int] = mapped_column(BigInteger)

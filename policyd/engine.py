@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from policyd import keys as key_secrets
 from policyd import compact_json, key_limits, metrics, own_usage, reasons, redis_keys, request_lookup
 from policyd.batches import BATCH_ID_PREFIXES
-from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECONDS, BucketHold, Counters, Fenced,
-                              Reservation, Whose, unreachable, whose_of)
+from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECONDS, BucketHold, Counters, EndUserTerms,
+                              Fenced, Reservation, Whose, unreachable, whose_of)
 from policyd.directory import KeyDirectory
 from policyd.loops import every
 from policyd.domain import (
@@ -339,8 +339,8 @@ class Engine:
         self._closings: set[asyncio.Task[None]] = set()
         self._retrying: set[asyncio.Task[None]] = set()  # closings between two attempts (Redis unreachable)
         self._stopping = False
-        # (customer, fingerprint of its end users' limits, end user) -> its own limits (_with_end_user_limits), oldest first
-        self._end_user_limits: dict[tuple[str, str, str], tuple[Limit, ...]] = {}
+        # (customer, end user) -> its own limits and their stamp (_with_end_user_limits), oldest first
+        self._end_user_limits: dict[tuple[str, str], tuple[tuple[Limit, ...], str]] = {}
         self.background: BackgroundResponses | None = None  # the background responses it waits for, once built
         self._asking: set[asyncio.Future[None]] = set()  # Veo operations asked for on their reads, still asking
 
@@ -530,8 +530,9 @@ class Engine:
                     served_on = found[1] if stored.startswith(CACHED_CONTENT_PREFIX) else served_on
 
         # 4. estimate and buckets (only when the policy allows the request)
-        own_limits = await self._with_end_user_limits(key, request.attribution.end_user_id) \
-            if key.end_user_limits and request.attribution.end_user_id else key.limits
+        own_limits, end_user = key.limits, None
+        if key.end_user_limits and request.attribution.end_user_id:
+            own_limits, end_user = await self._with_end_user_limits(key, request.attribution.end_user_id)
         attempt = None
         for file_id in request.files if not preset else ():  # the files its input refers to: not another's
             found = await self._context_of(owner.customer_id, file_id)
@@ -563,12 +564,11 @@ class Engine:
         # 5. the atomic step; a downgrade limit may turn a deny into a second attempt on a cheaper model
         decision_kind = "allow"
         result = await self._reserve(request, request_id, secret_hash, key.terms, owner, policy, plan, reserve, preset,
-                                     at, started)
+                                     at, started, end_user=end_user)
         if result is None:
             return await self._counters_down(request, request_id, base, owner, policy, plan, reserve, at, started)
         if result.outcome == "stale":
-            self.directory.forget(secret_hash)  # read it again from SQL, where the change was made first
-            return STALE
+            return self._stale(result, secret_hash, end_user)
         if result.outcome == "allow" and request.creates == "file" and request.creates_at == "google" \
                 and not request.files:
             await self.counters.upload_beginning(request_id, secret_hash)  # a Gemini upload begun: its bytes, keyless
@@ -582,12 +582,11 @@ class Engine:
                                         own_limits=own_limits, prior_tokens=prior_tokens)
                 cheaper.fallback_reason = f"downgraded:{limit.label}"
                 retry = await self._reserve(request, request_id, secret_hash, key.terms, owner, policy, plan, cheaper, "",
-                                            at, started, decision="downgrade")
+                                            at, started, decision="downgrade", end_user=end_user)
                 if retry is None:
                     return await self._counters_down(request, request_id, base, owner, policy, plan, reserve, at, started)
                 if retry.outcome == "stale":
-                    self.directory.forget(secret_hash)
-                    return STALE
+                    return self._stale(retry, secret_hash, end_user)
                 if retry.outcome == "allow":
                     reserve, result, decision_kind = cheaper, retry, "downgrade"
                 elif retry.outcome == "deny" and retry.reason == "limit":
@@ -610,12 +609,11 @@ class Engine:
             if fitted.fallback_reason.startswith("downgraded:"):  # the cheaper model a limit left, fitted
                 decision_kind = "downgrade"
             retry = await self._reserve(request, request_id, secret_hash, key.terms, owner, policy, plan, fitted, "",
-                                        at, started, decision=decision_kind)
+                                        at, started, decision=decision_kind, end_user=end_user)
             if retry is None:
                 return await self._counters_down(request, request_id, base, owner, policy, plan, reserve, at, started)
             if retry.outcome == "stale":
-                self.directory.forget(secret_hash)
-                return STALE
+                return self._stale(retry, secret_hash, end_user)
             reserve, result = fitted, retry
 
         # 6. the decision
@@ -882,21 +880,30 @@ class Engine:
                                                   zone_name or policy.document.timezone)
         return (rows, truncated, policy.document.currency), None
 
-    async def _with_end_user_limits(self, key: KeyRecord, end_user: str) -> tuple[Limit, ...]:
+    async def _with_end_user_limits(self, key: KeyRecord, end_user: str) -> tuple[tuple[Limit, ...], EndUserTerms]:
         """The key's own limits and its owners', with those of the end user a request names, where its customer's
-        end users have limits of their own (a key without: its `limits` alone, no call here): read from SQL the
-        first time a request names it after a change (the fingerprint its key carries, part of its terms, tells a
-        change), then remembered, "none" too."""
-        cached = (key.customer_id, key.end_user_limits, end_user)
-        own = self._end_user_limits.get(cached)
-        if own is None:
+        end users have limits of their own (a key without: its `limits` alone, no call here), and the terms the
+        authorize script checks them by: read from SQL the first time a request names the end user, then
+        remembered, "none" too, until the script finds their stamp changed (`_stale`)."""
+        cached = (key.customer_id, end_user)
+        found = self._end_user_limits.get(cached)
+        if found is None:
             row = await asyncio.to_thread(self.store.owner_limits_of, key.customer_id, "end_user", end_user)
-            own = key_limits.as_limits(row.limits) if row is not None else ()
+            found = (key_limits.as_limits(row.limits), key_limits.end_user_stamp(row.limits)) if row else ((), "")
             if len(self._end_user_limits) >= END_USER_LIMITS_CACHED_MAX:  # the oldest tenth forgotten
                 for stale in list(self._end_user_limits)[:END_USER_LIMITS_CACHED_MAX // 10]:
                     del self._end_user_limits[stale]
-            self._end_user_limits[cached] = own
-        return key.limits + own
+            self._end_user_limits[cached] = found
+        return key.limits + found[0], EndUserTerms(key.customer_id, end_user, found[1])
+
+    def _stale(self, result: Any, secret_hash: str, end_user: EndUserTerms | None) -> Decision:
+        """The operator changed the key's terms, or the end user's own limits, since this process read them: read
+        again from SQL (where the change was made first), and the request decided anew (`authorize`)."""
+        if result.reason == "end_user" and end_user is not None:
+            self._end_user_limits.pop((end_user.customer_id, end_user.end_user_id), None)
+        else:
+            self.directory.forget(secret_hash)
+        return STALE
 
     async def _key_asking(self, api_key: str) -> tuple[KeyRecord, Policy, Plan] | Decision:
         """The key of a request about the key itself (not a model call), or the denial it gets (recorded)."""
@@ -1279,7 +1286,7 @@ class Engine:
 
     async def _reserve(self, request: AuthorizeInput, request_id: str, secret_hash: str, terms: str, owner: Owner,
                        policy: Policy | None, plan: Plan | None, attempt: _Plan, preset: str, at: int,
-                       started: int, decision: str = "allow") -> Any:
+                       started: int, decision: str = "allow", end_user: EndUserTerms | None = None) -> Any:
         record = self._record(request, request_id, owner, policy, plan, attempt, at, started, decision)
         limit_reasons = {label: limit_reason(limit) for label, (limit, _) in attempt.limits_by_label.items()}
         # the record is encoded once, for the event and for the reservation
@@ -1341,7 +1348,7 @@ class Engine:
                 check_wallet=plan is not None and plan.wallet == "required",
                 amount=attempt.charge, concurrency_cap=plan.concurrency if plan else 0,
                 payload=payload, reservation_fields=fields_json,
-                preset_denial=preset, terms=terms, buckets=attempt.holds,
+                preset_denial=preset, terms=terms, buckets=attempt.holds, end_user=end_user,
             )
             if result.outcome == "allow":
                 self.counters.remember(Reservation(request_id, partition, "reserved", result.reserved,

@@ -15,6 +15,8 @@ limit a policy adds does.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Callable, Iterable, Mapping
 
 from pydantic import ValidationError
@@ -93,6 +95,12 @@ def _limit(entry: Mapping[str, Any]) -> Limit:
                  unit=entry["unit"], limit=format_amount(value) if entry["unit"] in MONEY_UNITS else value,
                  timezone=entry.get("timezone", ""), models=models, until_unix_ms=entry.get("until_unix_ms", 0),
                  **alerts)
+
+
+def end_user_stamp(stored: list[dict[str, Any]] | None) -> str:
+    """The stamp of an end user's own limits as stored (its owner_limits row's), "" for none: what the authorize
+    script compares with the one of the customer's end users' terms in Redis (redis_keys.end_user_terms)."""
+    return hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()[:16] if stored else ""
 
 
 def as_limits(stored: Iterable[Mapping[str, Any]] | None) -> tuple[Limit, ...]:

@@ -59,6 +59,13 @@ def wallet(partition: int, customer_id: str) -> str:
     return f"{_tag(partition)}:wallet:{customer_id}"
 
 
+def end_user_terms(partition: int, customer_id: str) -> str:
+    """hash end user id -> the stamp of that end user's own limits (key_limits.end_user_stamp), for a customer's
+    end users with limits of their own; none there: none. The authorize script compares the stamp a decision was
+    made under with it (a change of one end user's limits binds every replica from its next decision)."""
+    return f"{_tag(partition)}:end_users:{customer_id}"
+
+
 def reservation(partition: int, request_id: str) -> str:
     return f"{_tag(partition)}:resv:{request_id}"
 

@@ -234,6 +234,30 @@ class Store:
             query = select(r).order_by(r.customer_id, r.scope, r.owner_id)
             return list(session.scalars(query.where(r.customer_id == customer_id) if customer_id else query))
 
+    def keys_owner_limits(self, customer_id: str) -> list[OwnerLimitsRow]:
+        """The limits its keys carry of a customer's owners: the customer's, its workspaces', projects' and
+        teams' (not its end users', which a decision reads one at a time)."""
+        r = OwnerLimitsRow
+        with self.session() as session:
+            return list(session.scalars(select(r).where(r.customer_id == customer_id, r.scope != "end_user")
+                                        .order_by(r.scope, r.owner_id)))
+
+    def end_users_with_limits(self, customer_id: str, *, at_most: int = 0) -> int:
+        """How many of a customer's end users have limits of their own (counted up to `at_most`, when given)."""
+        r = OwnerLimitsRow
+        query = select(r.owner_id).where(r.customer_id == customer_id, r.scope == "end_user")
+        with self.session() as session:
+            return session.execute(select(func.count()).select_from(
+                (query.limit(at_most) if at_most else query).subquery())).scalar_one()
+
+    def keys_to_flag(self, customer_id: str, flag: str) -> list[ApiKeyRow]:
+        """A customer's keys, revoked ones aside, whose end_user_limits is not `flag` (Admin._flag_end_users)."""
+        k = ApiKeyRow
+        with self.session() as session:
+            return list(session.scalars(select(k).where(
+                k.customer_id == customer_id, k.status != "revoked",
+                func.coalesce(k.end_user_limits, "") != flag).order_by(k.created_ms, k.id)))
+
     def owner_limits_page(self, customer_id: str, scope: str, owner_id: str, after: tuple[str, str, str] | None,
                           count: int) -> list[OwnerLimitsRow]:
         """Up to `count` owners with limits of their own, by customer, scope and owner id, past `after` (one such

@@ -467,6 +467,93 @@ async def test_an_end_users_own_limits_bind_the_requests_naming_it(service: Serv
     assert (await service.admin.audit()).ok
 
 
+async def test_a_change_of_one_end_users_limits_binds_at_the_next_decision_and_changes_no_key(
+        service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An end user's own limits are checked by their stamp in Redis: a change of one end user's binds at the next
+    decision naming it, on a replica that remembered the older ones too, without changing any key (but the first
+    end user's and the last's, which start and stop their customer's keys reading end users') or making a replica
+    read another end user's again; no change reads all of a customer's owners' rows (a customer may have any
+    number of end users with limits of their own); several changes at once end with the last in SQL binding; the
+    stamps are rebuilt with the counters, so a replica's remembered ones are checked as before."""
+    import yaml
+
+    from policyd import key_limits, redis_keys
+    from policyd.db import OwnerLimitsRow
+    from tests.conftest import SAMPLE_POLICY
+
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["plans"]["free"]["limits"] = [{"name": "end-user-day", "scope": "end_user", "window": "day",
+                                       "unit": "requests", "limit": 5}]  # the key's per-minute limit aside
+    await service.admin.apply_policy(yaml.safe_dump(doc), "end-users.yaml")
+    _, first = await new_key(service, plan="free", customer="app")
+    _, second = await new_key(service, plan="free", customer="app")
+    await fund(service, "app", "10")
+
+    reads: list[str] = []
+    one_owner, every_customers_owners = service.store.owner_limits_of, service.store.owner_limits
+
+    def every_owner(customer_id: str = "") -> list[OwnerLimitsRow]:
+        assert not customer_id, "all of a customer's owners' rows read"
+        return every_customers_owners()  # a rebuild's, and the audit's
+
+    def counted(customer_id: str, scope: str, owner_id: str) -> OwnerLimitsRow | None:
+        reads.append(owner_id)
+        return one_owner(customer_id, scope, owner_id)
+
+    monkeypatch.setattr(service.store, "owner_limits", every_owner)
+    monkeypatch.setattr(service.store, "owner_limits_of", counted)
+    engine, admin = service.engine, service.admin
+    n = iter(range(1000))
+
+    async def asked(end_user: str, secret: str = first) -> str:
+        decision = await engine.authorize(ask(secret, request_id=f"{end_user}-{next(n)}", end_user_id=end_user,
+                                              prompt_bytes=10, max_output_tokens=5))
+        return decision.decision if decision.decision == "allow" else decision.reason
+
+    def limit(count: int) -> list[dict[str, object]]:
+        return [{"window": "day", "unit": "requests", "limit": count}]
+
+    assert (await admin.set_owner_limits(limit(3), "app", end_user_id="alice"))[1] == 2  # the first: keys read them
+    assert [await asked("alice"), await asked("alice", second)] == ["allow", "allow"]
+    for user in ("bob", "carol", "dave"):
+        assert (await admin.set_owner_limits(limit(1), "app", end_user_id=user))[1] == 0  # no key changed
+    reads.clear()
+    assert [await asked("bob"), await asked("bob"), await asked("alice")] == ["allow", "rate_limit_exceeded", "allow"]
+    assert reads.count("alice") == 0  # remembered: bob's, carol's and dave's made no replica read hers again
+    assert reads.count("bob") == 1
+    assert await asked("alice") == "rate_limit_exceeded"  # 3 a day: her own, not the plan's 5
+
+    # lowered, then raised: this replica remembered 3; each change binds its next decision
+    assert (await admin.set_owner_limits(limit(2), "app", end_user_id="bob"))[1] == 0
+    assert await asked("bob") == "allow"
+    assert (await admin.set_owner_limits(limit(4), "app", end_user_id="alice"))[1] == 0
+    assert [await asked("alice", second), await asked("alice")] == ["allow", "rate_limit_exceeded"]
+    assert (await admin.set_owner_limits([], "app", end_user_id="alice"))[1] == 0  # others still have some
+    assert [await asked("alice"), await asked("alice")] == ["allow", "rate_limit_exceeded"]  # the plan's 5: 4 used
+    assert await asked("erin") == "allow"  # none of her own: the plan's
+
+    # several changes of one end user at once: the stamp in Redis is the one of what SQL holds, which binds
+    await asyncio.gather(*(admin.set_owner_limits(limit(count), "app", end_user_id="carol") for count in (7, 8, 9)))
+    held = one_owner("app", "end_user", "carol")
+    terms = redis_keys.end_user_terms(service.counters.partition_of("app"), "app")
+    assert (await service.counters.client.hget(terms, "carol")).decode() == key_limits.end_user_stamp(held.limits)
+    assert [await asked("carol") for _ in range(held.limits[0]["limit"])].count("allow") == held.limits[0]["limit"]
+    assert await asked("carol") == "rate_limit_exceeded"
+
+    # the counters lost: rebuilt, stamps with them; this replica's remembered ones still bind, and are still checked
+    await service.writer.drain()
+    await counters_lost_and_rebuilt(service)
+    assert [await asked("bob"), await asked("dave")] == ["rate_limit_exceeded", "allow"]
+    assert (await admin.set_owner_limits(limit(3), "app", end_user_id="bob"))[1] == 0
+    assert [await asked("bob"), await asked("bob")] == ["allow", "rate_limit_exceeded"]
+    for user in ("bob", "carol", "dave"):  # the last: the keys stop reading end users'
+        changed = (await admin.set_owner_limits([], "app", end_user_id=user))[1]
+    assert changed == 2 and await service.counters.client.hlen(terms) == 0
+    assert [await asked("erin") for _ in range(5)].count("allow") == 4  # the plan's 5: one asked before
+    await service.writer.drain()
+    assert (await admin.audit()).ok
+
+
 async def test_owners_with_limits_of_their_own_are_listed_a_page_at_a_time(service: Service) -> None:
     """A customer may give thousands of its end users limits of their own: ListOwnerLimits pages them (every
     owner once, in order, whatever the page size), narrowed to a customer, a scope or one owner; a page token

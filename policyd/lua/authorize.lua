@@ -9,11 +9,12 @@
 -- KEYS[5] in-flight counter  of the key
 -- KEYS[6] event stream       of the partition
 -- KEYS[7] gate               "open" while the partition's counters are whole: else refuse
--- KEYS[8..7+n] bucket hashes used (units of the bucket), a<pct>:<label> = that limit alerted, reached:<label> = a
+-- KEYS[8]  the customer's end users' terms: end user id -> the stamp of its own limits (none there: none)
+-- KEYS[9..8+n] bucket hashes used (units of the bucket), a<pct>:<label> = that limit alerted, reached:<label> = a
 --          request refused at that limit (alerted once a window). Two limits of a plan may count in one bucket (a
 --          block limit and a shadow one beside it, a downgrade before a block): its key is given once for each,
 --          each checks its own limit, and the request is counted in it once.
--- KEYS[8+n] (standalone Redis only) the request index, request_id -> partition, which a Settle sent
+-- KEYS[9+n] (standalone Redis only) the request index, request_id -> partition, which a Settle sent
 --          to another process reads; in a Redis Cluster it lives in another slot and is set apart
 -- ARGV[1]  request_id
 -- ARGV[2]  secret sha256 (hex)
@@ -29,9 +30,12 @@
 -- ARGV[11] the fingerprint of the key's plan, scopes and own limits the decision was made under: when the key state
 --          holds another (the operator changed them), nothing is done and {"stale"} is returned, so
 --          policyd reads the key again and decides anew
--- ARGV[12] n buckets, then 6 per bucket:
+-- ARGV[12] the end user whose own limits the decision was made under ("" = none looked up), ARGV[13] their stamp
+--          ("" = it had none): when KEYS[8] holds another for it (the operator changed them), nothing is done and
+--          {"stale", "end_user"} is returned, so policyd reads them again and decides anew
+-- ARGV[14] n buckets, then 6 per bucket:
 --          amount, limit, mode (block|shadow), ttl seconds (0 = none; negative: renewed by every hold), thresholds ("pct:amount,..."), label
--- ARGV[13+6n] the partition (with KEYS[8+n]); ARGV[14+6n] the index's lifetime, seconds
+-- ARGV[15+6n] the partition (with KEYS[9+n]); ARGV[16+6n] the index's lifetime, seconds
 --
 -- Numbers: every amount is an integer below 2^53, so Lua doubles hold them exactly;
 -- mutations use HINCRBY/INCRBY with the ARGV strings; numbers become strings only
@@ -39,7 +43,7 @@
 -- Returns {"allow", reserved, shadow labels "a|b", each bucket's use after it "u1,u2,..."}
 --       | {"deny", reason, label[, the room the wallet or the limit had left: what it could still hold]}
 --       | {"exists", state, "1" when the same key made it} (state "elsewhere": another partition's request holds
---         the id) | {"fenced"} | {"stale"}.
+--         the id) | {"fenced"} | {"stale"} | {"stale", "end_user"}.
 
 local function fmt(n) return string.format('%d', n) end
 
@@ -54,7 +58,9 @@ local payload = ARGV[8]
 local reservation_fields = ARGV[9]
 local preset_denial = ARGV[10]
 local terms = ARGV[11]
-local bucket_count = tonumber(ARGV[12])
+local end_user = ARGV[12]
+local end_user_stamp = ARGV[13]
+local bucket_count = tonumber(ARGV[14])
 
 -- a bucket's life: renewed by every hold (negative ttl: a thread's budget, forgotten once idle), else set once
 local function keep(key, ttl)
@@ -72,10 +78,10 @@ end
 
 -- 0. a request id names one request in every partition: one another partition's request holds is not reserved
 -- again here (its Settle, found by the index, would close the other's reservation)
-local index_key = KEYS[8 + bucket_count]
+local index_key = KEYS[9 + bucket_count]
 if index_key then
-  local partition = ARGV[13 + 6 * bucket_count]
-  if not redis.call('SET', index_key, partition, 'EX', ARGV[14 + 6 * bucket_count], 'NX')
+  local partition = ARGV[15 + 6 * bucket_count]
+  if not redis.call('SET', index_key, partition, 'EX', ARGV[16 + 6 * bucket_count], 'NX')
       and redis.call('GET', index_key) ~= partition then
     return {'exists', 'elsewhere', '0'}
   end
@@ -110,6 +116,9 @@ end
 if not deny_reason and key_terms and key_terms ~= '' and key_terms ~= terms then
   return {'stale'}
 end
+if not deny_reason and end_user ~= '' and (redis.call('HGET', KEYS[8], end_user) or '') ~= end_user_stamp then
+  return {'stale', 'end_user'}
+end
 if not deny_reason and preset_denial ~= '' then
   deny_reason = preset_denial
 end
@@ -142,16 +151,16 @@ end
 -- its count, passed by a settle above its estimate) refuses it no more than one just reached
 local shadow = {}
 for i = 1, bucket_count do
-  local base = 12 + (i - 1) * 6
+  local base = 14 + (i - 1) * 6
   local bucket_amount = tonumber(ARGV[base + 1])
   local limit = tonumber(ARGV[base + 2])
-  local used = tonumber(redis.call('HGET', KEYS[7 + i], 'used') or '0')
+  local used = tonumber(redis.call('HGET', KEYS[8 + i], 'used') or '0')
   if bucket_amount > 0 and used + bucket_amount > limit then
     local label = ARGV[base + 6]
     if ARGV[base + 3] == 'shadow' then
       shadow[#shadow + 1] = label
     else
-      local key = KEYS[7 + i]
+      local key = KEYS[8 + i]
       if redis.call('HSETNX', key, 'reached:' .. label, '1') == 1 then  -- the first refusal of its window: an alert
         keep(key, tonumber(ARGV[base + 4]))
         redis.call('XADD', KEYS[6], '*', 'type', 'alert', 'rid', request_id, 'at', ARGV[3], 'label', label,
@@ -168,8 +177,8 @@ redis.call('HINCRBY', KEYS[2], 'reserved', ARGV[6])
 local used_after = {}
 local counted = {}  -- bucket key -> its use once this request is counted in it (once, whichever its limits)
 for i = 1, bucket_count do
-  local base = 12 + (i - 1) * 6
-  local key = KEYS[7 + i]
+  local base = 14 + (i - 1) * 6
+  local key = KEYS[8 + i]
   local used = counted[key]
   if not used then
     used = redis.call('HINCRBY', key, 'used', ARGV[base + 1])
