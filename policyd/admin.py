@@ -496,8 +496,10 @@ class Admin:
         """Each bucket found reset (under the customer's claim): what its settled requests by `at` and its seed
         put in it, less what earlier resets took, taken out; kept in SQL."""
         await self.catch_up()  # what was settled before `at` is in SQL
-        seeded = {key: row for row in await asyncio.to_thread(self.store.owner_limits, target.customer_id)
-                  for key in (row.seeds or {})}
+        # what the owner had used before its limits were made is kept with them (its buckets' seeds: _seeded)
+        own_row = await asyncio.to_thread(self.store.owner_limits_of, target.customer_id, target.scope,
+                                          target.owner_id) if target.scope in OWNER_SCOPES else None
+        seeded = {key: own_row for key in (own_row.seeds or {})} if own_row is not None else {}
         earlier = await asyncio.to_thread(self.store.reset_by_bucket, target.customer_id)
         partition = self.counters.partition_of(target.customer_id)
         done: list[limit_resets.Reset] = []

@@ -480,6 +480,7 @@ async def test_a_change_of_one_end_users_limits_binds_at_the_next_decision_and_c
     from policyd import key_limits, redis_keys
     from policyd.db import OwnerLimitsRow
     from tests.conftest import SAMPLE_POLICY
+    from tests.helpers import usage
 
     doc = yaml.safe_load(SAMPLE_POLICY)
     doc["plans"]["free"]["limits"] = [{"name": "end-user-day", "scope": "end_user", "window": "day",
@@ -504,10 +505,12 @@ async def test_a_change_of_one_end_users_limits_binds_at_the_next_decision_and_c
     monkeypatch.setattr(service.store, "owner_limits_of", counted)
     engine, admin = service.engine, service.admin
     n = iter(range(1000))
+    allowed: list[str] = []
 
     async def asked(end_user: str, secret: str = first) -> str:
         decision = await engine.authorize(ask(secret, request_id=f"{end_user}-{next(n)}", end_user_id=end_user,
                                               prompt_bytes=10, max_output_tokens=5))
+        allowed.extend([decision.request_id] if decision.decision == "allow" else [])
         return decision.decision if decision.decision == "allow" else decision.reason
 
     def limit(count: int) -> list[dict[str, object]]:
@@ -546,6 +549,11 @@ async def test_a_change_of_one_end_users_limits_binds_at_the_next_decision_and_c
     assert [await asked("bob"), await asked("dave")] == ["rate_limit_exceeded", "allow"]
     assert (await admin.set_owner_limits(limit(3), "app", end_user_id="bob"))[1] == 0
     assert [await asked("bob"), await asked("bob")] == ["allow", "rate_limit_exceeded"]
+    for request_id in allowed:
+        await engine.settle(usage(request_id))
+    _, (reset,) = await admin.reset_limits("app", end_user_id="bob", reason="ticket 7")  # of his alone
+    assert (reset.limit.label, reset.forgiven) == ("end_user-requests-day", 3)
+    assert [await asked("bob"), await asked("bob", second)] == ["allow", "allow"]
     for user in ("bob", "carol", "dave"):  # the last: the keys stop reading end users'
         changed = (await admin.set_owner_limits([], "app", end_user_id=user))[1]
     assert changed == 2 and await service.counters.client.hlen(terms) == 0
