@@ -131,6 +131,41 @@ def test_a_plan_change_binds_every_replica_at_the_next_request(replicas: Replica
     assert sorted((r.owner.plan, r.decision) for r in records) == [("free", "deny")] * 8 + [("pro", "allow")] * 8
 
 
+def test_an_end_users_limit_changed_on_one_replica_binds_both_at_the_next_request(replicas: Replicas) -> None:
+    """Both replicas remember an end user's own limit (a day's requests, as the openai SDK's `user` names it); the
+    operator lowers it on one of them, changing no key: every next request naming her, whichever replica decides
+    it, is bound by the new figure; another end user given a limit meanwhile changes nothing for her."""
+    key = replicas.customer("many-users")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{replicas.port}/v1", api_key=key, max_retries=0, timeout=20)
+
+    def limit(count: int, end_user: str = "ann") -> admin_pb2.OwnerLimits:
+        return replicas.admin.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(
+            customer_id="many-users", end_user_id=end_user,
+            limits=[admin_pb2.KeyLimit(window="day", unit="requests", limit=count)]))
+
+    def asked(i: int) -> str:
+        try:
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"ann {i}"}],
+                                           max_tokens=4, user="ann")
+            return "served"
+        except openai.RateLimitError as error:
+            assert "(end_user-requests-day)" in str(error)
+            return "refused"
+
+    assert limit(100).keys_changed == 1  # her customer's first end user with limits of her own: its key reads them
+    before = replicas.streams_per_replica()
+    assert [asked(i) for i in range(8)] == ["served"] * 8
+    assert min(after - was for after, was in zip(replicas.streams_per_replica(), before)) >= 2  # both remember hers
+    assert limit(5, "bo").keys_changed == 0
+    assert limit(10).keys_changed == 0
+    before = replicas.streams_per_replica()
+    assert [asked(i) for i in range(8, 14)] == ["served"] * 2 + ["refused"] * 4
+    assert min(after - was for after, was in zip(replicas.streams_per_replica(), before)) >= 2  # both decided some
+    sent = [r for r in replicas.mock.received() if str(r["body"].get("messages", [{}])[0].get("content", "")
+                                                       ).startswith("ann ")]
+    assert len(sent) == 10  # the refused never reached the provider
+
+
 def test_an_account_that_answered_429_through_one_replica_is_skipped_by_all(replicas: Replicas) -> None:
     key = replicas.customer("cooled")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{replicas.port}/v1", api_key=key, max_retries=0, timeout=20)
