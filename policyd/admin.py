@@ -14,7 +14,6 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable
 
 from policyd import keys as key_secrets
@@ -349,21 +348,25 @@ class Admin:
         """What a customer's keys carry of its owners' limits (_bound_to_owners): its owners' rows but its end
         users', and "1" when some of its end users have limits of their own."""
         given = await asyncio.to_thread(self.store.keys_owner_limits, customer_id)
-        return given, "1" if await asyncio.to_thread(self.store.end_users_with_limits, customer_id, at_most=1) else ""
+        return given, "1" if await asyncio.to_thread(self.store.has_end_user_limits, customer_id) else ""
 
     async def _publish_end_user(self, customer_id: str, end_user_id: str) -> None:
         """The stamp of an end user's own limits as SQL holds them, into Redis, where the authorize script checks a
         decision's (none: none there); written again until SQL holds what was written (two changes at once
         end on the last)."""
         terms = redis_keys.end_user_terms(self.counters.partition_of(customer_id), customer_id)
-        read = partial(self.store.owner_limits_of, customer_id, "end_user", end_user_id)
-        stamp = key_limits.end_user_stamp(getattr(await asyncio.to_thread(read), "limits", None))
+
+        async def in_sql() -> str:
+            row = await asyncio.to_thread(self.store.owner_limits_of, customer_id, "end_user", end_user_id)
+            return key_limits.end_user_stamp(row.limits if row is not None else None)
+
+        stamp = await in_sql()
         while True:
             if stamp:
                 await self.counters.client.hset(terms, end_user_id, stamp)
             else:
                 await self.counters.client.hdel(terms, end_user_id)
-            now = key_limits.end_user_stamp(getattr(await asyncio.to_thread(read), "limits", None))
+            now = await in_sql()
             if now == stamp:
                 return
             stamp = now

@@ -374,7 +374,8 @@ class Counters:
         end_user: EndUserTerms | None = None,
     ) -> AuthorizeResult:
         """`customer_id`: the wallet's id (a customer's, or "<customer>/<workspace>"); `end_user`: the end user
-        whose own limits the decision was made under, checked against their stamp in Redis."""
+        whose own limits the decision was made under, checked against their stamp in Redis (none: the script
+        reads no end users' terms, given a name in the partition all the same)."""
         keys = [
             redis_keys.key_state(partition, key_id),
             redis_keys.wallet(partition, customer_id),
@@ -383,7 +384,7 @@ class Counters:
             redis_keys.inflight(partition, key_id),
             redis_keys.events(partition),
             redis_keys.gate(partition),
-            redis_keys.end_user_terms(partition, end_user.customer_id if end_user else customer_id.split("/", 1)[0]),
+            redis_keys.end_user_terms(partition, end_user.customer_id if end_user else ""),
             *[b.key for b in buckets],
         ]
         args: list[str] = [

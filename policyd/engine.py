@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from policyd import keys as key_secrets
 from policyd import compact_json, key_limits, metrics, own_usage, reasons, redis_keys, request_lookup
 from policyd.batches import BATCH_ID_PREFIXES
-from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECONDS, BucketHold, Counters, EndUserTerms,
-                              Fenced, Reservation, Whose, unreachable, whose_of)
+from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECONDS, AuthorizeResult, BucketHold,
+                              Counters, EndUserTerms, Fenced, Reservation, Whose, unreachable, whose_of)
 from policyd.directory import KeyDirectory
 from policyd.loops import every
 from policyd.domain import (
@@ -896,7 +896,7 @@ class Engine:
             self._end_user_limits[cached] = found
         return key.limits + found[0], EndUserTerms(key.customer_id, end_user, found[1])
 
-    def _stale(self, result: Any, secret_hash: str, end_user: EndUserTerms | None) -> Decision:
+    def _stale(self, result: AuthorizeResult, secret_hash: str, end_user: EndUserTerms | None) -> Decision:
         """The operator changed the key's terms, or the end user's own limits, since this process read them: read
         again from SQL (where the change was made first), and the request decided anew (`authorize`)."""
         if result.reason == "end_user" and end_user is not None:

@@ -242,16 +242,15 @@ class Store:
             return list(session.scalars(select(r).where(r.customer_id == customer_id, r.scope != "end_user")
                                         .order_by(r.scope, r.owner_id)))
 
-    def end_users_with_limits(self, customer_id: str, *, at_most: int = 0) -> int:
-        """How many of a customer's end users have limits of their own (counted up to `at_most`, when given)."""
+    def has_end_user_limits(self, customer_id: str) -> bool:
+        """Whether some end users of the customer have limits of their own."""
         r = OwnerLimitsRow
-        query = select(r.owner_id).where(r.customer_id == customer_id, r.scope == "end_user")
         with self.session() as session:
-            return session.execute(select(func.count()).select_from(
-                (query.limit(at_most) if at_most else query).subquery())).scalar_one()
+            return session.execute(select(r.owner_id).where(r.customer_id == customer_id, r.scope == "end_user")
+                                   .limit(1)).first() is not None
 
     def keys_to_flag(self, customer_id: str, flag: str) -> list[ApiKeyRow]:
-        """A customer's keys, revoked ones aside, whose end_user_limits is not `flag` (Admin._flag_end_users)."""
+        """A customer's keys, revoked ones aside, whose end_user_limits is not `flag` (Admin.set_owner_limits)."""
         k = ApiKeyRow
         with self.session() as session:
             return list(session.scalars(select(k).where(
