@@ -66,7 +66,8 @@ from policyd.quotas import amount_for, bucket_states, cap_hold, hold_for, limit_
 from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
 from policyd.store import KeyRecord, Store
-from policyd.validation import MODEL_NAME_LENGTH_MAX, REQUEST_ID_LENGTH_MAX, Problem, check_authorize, check_usage
+from policyd.validation import (MODEL_NAME_LENGTH_MAX, REQUEST_ID_LENGTH_MAX, Problem, check_authorize, check_end_user,
+                                check_usage)
 
 if TYPE_CHECKING:
     from policyd.background import BackgroundResponses
@@ -815,9 +816,17 @@ class Engine:
         key, policy, plan = found
         return self.models_allowed(policy, plan, key.scopes, key.environment), None
 
-    async def key_summary(self, api_key: str) -> tuple[KeySummary | None, Decision | None]:
+    async def key_summary(self, api_key: str, end_user_id: str = "") -> tuple[KeySummary | None, Decision | None]:
         """What a key may still spend (GET /v1/key, for the key's own holder): its wallet, the current
-        window of every limit that binds all its requests, with what is used, and the models it may use."""
+        window of every limit that binds all its requests, with what is used, and the models it may use; and,
+        for an end user of its customer it names (x-end-user-id), every limit binding that end user's requests
+        (the plan's end_user limits, or the end user's own in their place)."""
+        if end_user_id:
+            try:
+                check_end_user(end_user_id)
+            except Problem as problem:
+                return None, await self.deny_request(AuthorizeInput(api_key=api_key, endpoint="", model=""),
+                                                     problem.reason, problem.message, problem.param)
         found = await self._key_asking(api_key)
         if isinstance(found, Decision):
             return None, found
@@ -825,8 +834,11 @@ class Engine:
         wallet_id = redis_keys.wallet_id(key.customer_id, key.workspace_id) \
             if plan.wallet_scope == "workspace" else key.customer_id
         balance, reserved = await self.counters.wallet(wallet_id)
-        limits = key_limits.effective(plan.limits, key.limits, policy.document.timezone, self.clock())
-        ids = scope_ids(key.customer_id, key.id, key.workspace_id, key.project_id, key.team_id)
+        own = await self._end_user_limits_in_force(key, end_user_id) if end_user_id and key.end_user_limits \
+            else key.limits
+        limits = key_limits.effective(plan.limits, own, policy.document.timezone, self.clock())
+        ids = scope_ids(key.customer_id, key.id, key.workspace_id, key.project_id, key.team_id,
+                        end_user_id=end_user_id)
         states = tuple(LimitState(s["limit"].label, s["limit"].scope, s["limit"].window, s["limit"].unit,
                                   s["limit"].limit, s["used"], s["ends"])
                        for s in await bucket_states(self.counters, limits, ids, self.clock())
@@ -895,6 +907,15 @@ class Engine:
                     del self._end_user_limits[stale]
             self._end_user_limits[cached] = found
         return key.limits + found[0], EndUserTerms(key.customer_id, end_user, found[1])
+
+    async def _end_user_limits_in_force(self, key: KeyRecord, end_user: str) -> tuple[Limit, ...]:
+        """As `_with_end_user_limits`, for a question outside the authorize script: the remembered ones checked
+        against their stamp in Redis, read again when it changed."""
+        own, terms = await self._with_end_user_limits(key, end_user)
+        if await self.counters.end_user_stamp(key.customer_id, end_user) != terms.stamp:
+            self._end_user_limits.pop((key.customer_id, end_user), None)
+            own, _ = await self._with_end_user_limits(key, end_user)
+        return own
 
     def _stale(self, result: AuthorizeResult, secret_hash: str, end_user: EndUserTerms | None) -> Decision:
         """The operator changed the key's terms, or the end user's own limits, since this process read them: read

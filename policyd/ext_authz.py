@@ -99,7 +99,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 return deny_decision(denial)
             return denied(*http_api.models_reply(models, call.listing_shape, call.model))  # Envoy answers it itself
         if call.key_summary:
-            summary, denial = await self.engine.key_summary(call.api_key)
+            summary, denial = await self.engine.key_summary(call.api_key, call.attribution.end_user_id)
             return deny_decision(denial) if summary is None else denied(200, http_api.key_summary_body(summary))
         if call.request_lookup and not call.problem:
             request, denial = await self.engine.describe_request(call.api_key, call.request_lookup,

@@ -333,7 +333,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 return None, immediate_denial(denial)
             return None, immediate(*http_api.models_reply(models, call.listing_shape, call.model))
         if call.key_summary:
-            summary, denial = await self.engine.key_summary(call.api_key)
+            summary, denial = await self.engine.key_summary(call.api_key, call.attribution.end_user_id)
             return None, immediate_denial(denial) if summary is None else immediate(200, http_api.key_summary_body(summary))
         if call.request_lookup and not call.problem:
             request, denial = await self.engine.describe_request(call.api_key, call.request_lookup,

@@ -161,7 +161,7 @@ class PolicydMiddleware:
         """GET /v1/key: what the key may still spend; GET /v1/models: the models it may use; as policyd
         tells them (the provider's own list would show models the key may not use)."""
         try:
-            message = await self.policy.describe_key(call.api_key)
+            message = await self.policy.describe_key(call.api_key, call.attribution.end_user_id)
         except PolicydCallError as error:
             await _refused_by_policyd(send, error)
             return

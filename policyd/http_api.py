@@ -27,7 +27,8 @@ Perplexity's /chat/completions, Azure AI Foundry's /models/..., GitHub Models' /
                                           the audio's seconds or audio tokens; a WAV file's header gives its
                                           seconds, other formats' size bounds them)
     GET  .../v1/models                    the models the key may use (answered by policyd)
-    GET  .../v1/key                       what the key may still spend: its wallet, its limits (answered by policyd)
+    GET  .../v1/key                       what the key may still spend: its wallet, its limits, and those of an
+                                          end user x-end-user-id names (answered by policyd)
     GET  .../v1/requests/{id}[?wait=N]    one request of the key's customer: its charge, usage and state (answered
                                           by policyd: policyd/request_lookup.py; one in progress waited for up
                                           to N seconds, 5 unless told, at most 20, to close)

@@ -54,8 +54,9 @@ def scope_ids(customer_id: str, key_id: str, workspace_id: str = "", project_id:
 async def bucket_states(counters: "Counters", limits: tuple[Limit, ...], ids: dict[str, str], at_ms: int
                         ) -> list[dict[str, Any]]:
     """The current window of each limit that binds a key's every request (its key, customer, workspace,
-    project and team buckets, `ids` from scope_ids): used so far, and when the window ends (unix s, 0 for
-    total). Per-thread, per-feature, per-model and per-user buckets are many, one a request: left out."""
+    project and team buckets, `ids` from scope_ids), and an end user's where `ids` names one: used so far, and
+    when the window ends (unix s, 0 for total). Per-thread, per-feature and per-model buckets are many, one a
+    request: left out."""
     partition = counters.partition_of(ids["customer"])
     states: list[dict[str, Any]] = []
     for limit in limits:

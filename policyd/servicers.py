@@ -211,7 +211,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     async def DescribeKey(self, request: policy_pb2.DescribeKeyRequest, context: grpc.aio.ServicerContext) -> Any:
         async def described() -> KeySummary:
-            return _answered(await self.engine.key_summary(request.api_key))
+            return _answered(await self.engine.key_summary(request.api_key, request.end_user_id))
 
         return key_summary_message(await _call(context, described))
 

@@ -58,6 +58,11 @@ def _text_field(name: str, value: str, length_max: int) -> None:
         raise Problem("invalid_metadata", f"{name} is not valid UTF-8", name)
 
 
+def check_end_user(end_user_id: str) -> None:
+    """Raise Problem for an end user id no request could name (a question about one: GET /v1/key)."""
+    _text_field("end_user_id", end_user_id, FIELD_LENGTH_MAX)
+
+
 def check_authorize(request: AuthorizeInput) -> None:
     """Raise Problem for input that no policy could make sense of."""
     a = request.attribution

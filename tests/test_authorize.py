@@ -562,6 +562,51 @@ async def test_a_change_of_one_end_users_limits_binds_at_the_next_decision_and_c
     assert (await admin.audit()).ok
 
 
+async def test_a_key_asks_what_an_end_user_of_its_customer_may_still_spend(service: Service) -> None:
+    """GET /v1/key naming an end user (x-end-user-id; DescribeKey's end_user_id): the limits binding that end
+    user's requests are listed beside the key's, with what the end user used: the plan's end_user limits, or its
+    own in their place, as a replica that remembered older ones has them checked against their stamp; an end user
+    id no request could name is refused (invalid_metadata), nothing moved."""
+    import yaml
+
+    from tests.conftest import SAMPLE_POLICY
+
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["plans"]["free"]["limits"].append({"name": "end-user-day", "scope": "end_user", "window": "day",
+                                           "unit": "requests", "limit": 5})
+    await service.admin.apply_policy(yaml.safe_dump(doc), "end-users.yaml")
+    _, secret = await new_key(service, plan="free", customer="shop")
+    await fund(service, "shop", "10")
+
+    async def states(end_user: str = "") -> dict[str, tuple[str, int, int]]:
+        summary, denial = await service.engine.key_summary(secret, end_user)
+        assert denial is None, denial
+        return {s.name: (s.scope, s.limit, s.used) for s in summary.limits}
+
+    for n in range(2):
+        assert (await service.engine.authorize(ask(secret, request_id=f"carol-{n}", end_user_id="carol",
+                                                   prompt_bytes=10, max_output_tokens=5))).decision == "allow"
+    assert "end-user-day" not in await states()  # naming none: the key's limits alone
+    assert (await states("carol"))["end-user-day"] == ("end_user", 5, 2)
+    assert (await states("dan"))["end-user-day"] == ("end_user", 5, 0)
+    assert (await states("carol"))["key-rpm"] == ("key", 20, 2)  # the key's own, as before
+
+    await service.admin.set_owner_limits([{"window": "day", "unit": "requests", "limit": 3}], "shop",
+                                         end_user_id="carol")  # in place of the plan's, its bucket the same
+    listed = await states("carol")
+    assert (listed["end_user-requests-day"], "end-user-day" in listed) == (("end_user", 3, 2), False)
+    assert (await states("dan"))["end-user-day"] == ("end_user", 5, 0)
+    await service.admin.set_owner_limits([{"window": "day", "unit": "requests", "limit": 4}], "shop",
+                                         end_user_id="carol")  # this replica remembered 3
+    assert (await states("carol"))["end_user-requests-day"] == ("end_user", 4, 2)
+
+    wallet = await service.counters.wallet("shop")
+    for bad in ("x" * 300, "bad\nid"):
+        summary, denial = await service.engine.key_summary(secret, bad)
+        assert (summary, denial.reason, denial.error_param) == (None, "invalid_metadata", "end_user_id")
+    assert await service.counters.wallet("shop") == wallet
+
+
 async def test_owners_with_limits_of_their_own_are_listed_a_page_at_a_time(service: Service) -> None:
     """A customer may give thousands of its end users limits of their own: ListOwnerLimits pages them (every
     owner once, in order, whatever the page size), narrowed to a customer, a scope or one owner; a page token

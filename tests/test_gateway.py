@@ -1968,9 +1968,9 @@ def test_replies_carry_the_keys_own_rate_limits(gateway: Gateway) -> None:
     assert re.fullmatch(r"(\d+h)?(\d+m)?\d+s", unlimited.headers["x-policyd-budget-reset"])
 
 
-def asked_with(url: str, api_key: str) -> tuple[int, dict[str, Any]]:
+def asked_with(url: str, api_key: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     """GET of one of policyd's own answers with a key: the status and the JSON answer."""
-    request = urllib.request.Request(url, headers={"authorization": f"Bearer {api_key}"})
+    request = urllib.request.Request(url, headers={"authorization": f"Bearer {api_key}", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=40) as reply:
             return reply.status, json.loads(reply.read())
@@ -1978,9 +1978,30 @@ def asked_with(url: str, api_key: str) -> tuple[int, dict[str, Any]]:
         return error.code, json.loads(error.read())
 
 
-def key_summary(base_url: str, api_key: str) -> tuple[int, dict[str, Any]]:
-    """GET /v1/key with a key: the status and the JSON answer."""
-    return asked_with(f"{base_url}/key", api_key)
+def key_summary(base_url: str, api_key: str, end_user: str = "") -> tuple[int, dict[str, Any]]:
+    """GET /v1/key with a key (naming an end user of its customer: x-end-user-id): the status and the JSON answer."""
+    return asked_with(f"{base_url}/key", api_key, {"x-end-user-id": end_user} if end_user else None)
+
+
+def an_end_users_budget_as_its_key_asks(gateway: Any, customer: str) -> None:
+    """GET /v1/key naming an end user given a day's budget of its own: that budget, with what its request (the
+    openai SDK's `user`) was charged; naming none, or another end user, not listed."""
+    key = gateway.customer(customer)
+    gateway.admin.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(
+        customer_id=customer, end_user_id="ann",
+        limits=[admin_pb2.KeyLimit(window="day", unit="money", limit=parse_amount("1"))]))
+    raw = gateway.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "ann spends a little"}], max_tokens=4, user="ann")
+    gateway.wallet_at_rest(customer)  # settled: its bucket holds its charge, not its hold
+    charged = gateway.record(raw.headers["x-policyd-request-id"])["charge_nanos"]
+    code, answer = key_summary(gateway.base_url, key, "ann")
+    (hers,) = [limit for limit in answer["limits"] if limit["scope"] == "end_user"]
+    assert code == 200 and (hers["name"], hers["limit"], hers["used"], hers["remaining"]) == (
+        "end_user-money-day", "1.000000000", format_amount(charged), format_amount(parse_amount("1") - charged))
+    assert charged > 0 and hers["resets_at"] > time.time()
+    for asked in ("", "bo"):
+        assert not [limit for limit in key_summary(gateway.base_url, key, asked)[1]["limits"]
+                    if limit["name"] == "end_user-money-day"]
 
 
 def test_a_key_asks_what_it_may_still_spend(gateway: Gateway) -> None:
@@ -2007,6 +2028,10 @@ def test_a_key_asks_what_it_may_still_spend(gateway: Gateway) -> None:
     code, error = key_summary(gateway.base_url, "pdk_live_" + "Q" * 40)
     assert (code, error["error"]["code"]) == (401, "invalid_api_key")
     assert "/v1/key" not in json.dumps([r["path"] for r in gateway.mock.received()])  # policyd answered it
+
+
+def test_a_key_asks_what_an_end_user_of_its_customer_may_still_spend(gateway: Gateway) -> None:
+    an_end_users_budget_as_its_key_asks(gateway, f"e2e-end-user-summary-{gateway.shape}")
 
 
 def test_a_customer_asks_what_its_request_was_charged(gateway: Gateway) -> None:

@@ -32,7 +32,7 @@ from tests.conftest import ROOT
 from tests.helpers import FundedCustomers, begin_gemini_upload, http_request, leave_before_the_reply, streamed, wav
 from tests.processes import PolicydProcess
 from tests.servers import free_port, wait_port
-from tests.test_gateway import FIXTURES, asked_with, expected_charge, key_summary
+from tests.test_gateway import FIXTURES, an_end_users_budget_as_its_key_asks, asked_with, expected_charge, key_summary
 
 PROVIDER_KEY = "sk-mock-gateway-example"
 
@@ -526,6 +526,7 @@ def test_a_key_asks_what_it_may_still_spend(gateway: ExampleGateway) -> None:
     code, error = key_summary(gateway.base_url, "pdk_live_" + "Q" * 40)
     assert (code, error["error"]["code"]) == (401, "invalid_api_key")
     assert "/v1/key" not in json.dumps([r["path"] for r in gateway.mock.received()])
+    an_end_users_budget_as_its_key_asks(gateway, "mw-end-user-summary")  # DescribeKey's end_user_id
 
 
 def test_a_threads_budget_reaches_policyd_over_the_native_api(gateway: ExampleGateway) -> None:

@@ -329,10 +329,10 @@ export class PolicyClient {
   }
 
   /** What a key may still spend (its wallet and the current window of its limits) and the models it may use,
-   *  for answering GET /v1/key and GET /v1/models. */
-  async describeKey(apiKey: string): Promise<KeySummary> {
+   *  for answering GET /v1/key and GET /v1/models; with an end user of its customer, that end user's limits too. */
+  async describeKey(apiKey: string, endUserId = ""): Promise<KeySummary> {
     const r = await this.call<DescribeKeyRequest, KeySummary__Output>(
-      this.stub.describeKey.bind(this.stub), { apiKey }, true);
+      this.stub.describeKey.bind(this.stub), { apiKey, endUserId }, true);
     return {
       keyId: r.keyId, customerId: r.customerId, plan: r.plan, hasWallet: r.hasWallet,
       currency: r.balance?.currency ?? "", balanceNanos: BigInt(r.balance?.nanos ?? "0"),

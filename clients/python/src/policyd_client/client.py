@@ -292,9 +292,12 @@ class PolicyClient:
             request_id=request_id, provider_response_id=provider_response_id, provider_account=provider_account),
             idempotent=True)
 
-    def describe_key(self, api_key: str) -> Any:
-        """What a key may still spend (a policy_pb2.KeySummary), for answering the key's holder (GET /v1/key)."""
-        return self._call(self.stub.DescribeKey, policy_pb2.DescribeKeyRequest(api_key=api_key), idempotent=True)
+    def describe_key(self, api_key: str, end_user_id: str = "") -> Any:
+        """What a key may still spend (a policy_pb2.KeySummary), for answering the key's holder (GET /v1/key); with
+        an end user of its customer, that end user's limits too."""
+        return self._call(self.stub.DescribeKey, policy_pb2.DescribeKeyRequest(api_key=api_key,
+                                                                                end_user_id=end_user_id),
+                          idempotent=True)
 
     def describe_request(self, api_key: str, request_id: str, wait_ms: int = 0) -> Any:
         """One request of the key's customer (a policy_pb2.RequestSummary: its charge, usage and status), for
@@ -385,9 +388,11 @@ class AsyncPolicyClient:
             request_id=request_id, provider_response_id=provider_response_id, provider_account=provider_account),
             idempotent=True)
 
-    async def describe_key(self, api_key: str) -> Any:
-        """What a key may still spend (a policy_pb2.KeySummary), for answering the key's holder (GET /v1/key)."""
-        return await self._call(self.stub.DescribeKey, policy_pb2.DescribeKeyRequest(api_key=api_key), idempotent=True)
+    async def describe_key(self, api_key: str, end_user_id: str = "") -> Any:
+        """As PolicyClient.describe_key."""
+        return await self._call(self.stub.DescribeKey, policy_pb2.DescribeKeyRequest(api_key=api_key,
+                                                                                      end_user_id=end_user_id),
+                                idempotent=True)
 
     async def describe_request(self, api_key: str, request_id: str, wait_ms: int = 0) -> Any:
         """As PolicyClient.describe_request."""

@@ -203,10 +203,12 @@ class RequestSummary(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., status: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., endpoint: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., api_key_id: _Optional[str] = ..., charge: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., held: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., refunded: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., has_balance: _Optional[bool] = ..., balance_after: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., usage_estimated: _Optional[bool] = ..., error_class: _Optional[str] = ..., feature: _Optional[str] = ..., thread_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DescribeKeyRequest(_message.Message):
-    __slots__ = ("api_key",)
+    __slots__ = ("api_key", "end_user_id")
     API_KEY_FIELD_NUMBER: _ClassVar[int]
+    END_USER_ID_FIELD_NUMBER: _ClassVar[int]
     api_key: str
-    def __init__(self, api_key: _Optional[str] = ...) -> None: ...
+    end_user_id: str
+    def __init__(self, api_key: _Optional[str] = ..., end_user_id: _Optional[str] = ...) -> None: ...
 
 class KeySummary(_message.Message):
     __slots__ = ("key_id", "customer_id", "plan", "has_wallet", "balance", "reserved", "limits", "models")
