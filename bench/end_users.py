@@ -2,7 +2,10 @@
 its customer gives more of them limits, and what a decision naming one costs beside a decision naming none. In
 process, against a throwaway redis-server and PostgreSQL on loopback.
 
-    python -m bench.end_users [--end-users 2000] [--keys 20] [--pairs 4000]
+    python -m bench.end_users [--end-users 2000] [--keys 20] [--pairs 4000] [--records 0]
+
+With --records N, N records of the customer's end users made today are in SQL first: a limit given an end user
+mid-day starts from that end user's (Admin._seeded).
     PYTHONPATH=/path/to/other/checkout python -m bench.end_users ...   # the same, for another commit
 """
 
@@ -16,11 +19,12 @@ import time
 from typing import Any
 
 from bench.inprocess import _cpu_seconds
+from bench.report_volume import generate
 
 DAY = [{"window": "day", "unit": "requests", "limit": 1_000_000}]
 
 
-async def measure(end_users: int, keys: int, pairs: int) -> dict[str, Any]:
+async def measure(end_users: int, keys: int, pairs: int, records: int = 0) -> dict[str, Any]:
     from policyd.server import Service
     from policyd.settings import Settings
     from tests.helpers import ask, usage
@@ -28,7 +32,8 @@ async def measure(end_users: int, keys: int, pairs: int) -> dict[str, Any]:
 
     redis, postgres = RedisServer(), PostgresServer()
     try:
-        settings = Settings(redis_url=redis.url, database_url=postgres.create_database("end_users"),
+        database = postgres.create_database("end_users")
+        settings = Settings(redis_url=redis.url, database_url=database,
                             policy_file=os.path.join(os.path.dirname(__file__), "policy.yaml"), partitions=16,
                             writer_enabled=False)
         service = await Service.build(settings)
@@ -36,6 +41,11 @@ async def measure(end_users: int, keys: int, pairs: int) -> dict[str, Any]:
         await service.admin.grant_credit("bench", 10**15, "USD", "purchase")
         made = [await service.admin.create_key(label="bench", customer_id="bench", environment="production",
                                                plan="bench") for _ in range(keys)]
+        if records:
+            now_ms = int(time.time() * 1000)
+            since = max(now_ms - now_ms % 86_400_000, now_ms - 3_600_000)  # today's, UTC's day as the limit's
+            generate(database, records, customer="bench", end_users=end_users, start_ms=since,
+                     span_ms=max(now_ms - since, 1))
         took = []  # seconds each change took, in the order made
         for n in range(end_users):
             started = time.perf_counter()
@@ -58,7 +68,7 @@ async def measure(end_users: int, keys: int, pairs: int) -> dict[str, Any]:
 
         await asyncio.gather(*(worker(n, end_users // 8 + 1, True, "warm") for n in range(8)))  # each end user read once
         each = max(pairs // 16, 1)
-        results = {"end_users": end_users, "keys": keys,
+        results = {"end_users": end_users, "keys": keys, "records": records,
                    "change_first_tenth_ms": round(1e3 * statistics.median(took[:tenth]), 2),
                    "change_last_tenth_ms": round(1e3 * statistics.median(took[-tenth:]), 2),
                    "change_of_the_first_ms": round(1e3 * changed, 2)}
@@ -77,9 +87,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--end-users", type=int, default=2000)
     parser.add_argument("--keys", type=int, default=20)
     parser.add_argument("--pairs", type=int, default=4000)
+    parser.add_argument("--records", type=int, default=0, help="the customer's records made today, in SQL first")
     args = parser.parse_args(argv)
-    results = asyncio.run(measure(args.end_users, args.keys, args.pairs))
-    print(f"{results['end_users']} end users with limits of their own, {results['keys']} keys of their customer "
+    results = asyncio.run(measure(args.end_users, args.keys, args.pairs, args.records))
+    print(f"{results['end_users']} end users with limits of their own, {results['keys']} keys of their customer, "
+          f"{results['records']} records of theirs today "
           f"(real Redis and PostgreSQL, {os.cpu_count()} cores): a change of one end user's took "
           f"{results['change_first_tenth_ms']} ms (median, the first tenth) and {results['change_last_tenth_ms']} ms "
           f"(the last tenth), {results['change_of_the_first_ms']} ms for the first's again; Authorize+Settle "

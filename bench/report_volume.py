@@ -26,7 +26,10 @@ START_MS = 1_790_812_800_000  # 2026-10-01
 SPAN_MS = 61 * 86_400_000
 
 
-def generate(url: str, records: int, seed: int = 11) -> None:
+def generate(url: str, records: int, seed: int = 11, *, customer: str = "", end_users: int = 0,
+             start_ms: int = START_MS, span_ms: int = SPAN_MS) -> None:
+    """N records by COPY, in time order over [start_ms, start_ms + span_ms): of CUSTOMERS customers, or of one
+    (`customer`); naming one of `end_users` end users each ("user-0000042"), when given."""
     import psycopg
 
     rng = random.Random(seed)
@@ -37,7 +40,7 @@ def generate(url: str, records: int, seed: int = 11) -> None:
 
     given = ("request_id", "created_ms", "customer_id", "api_key_id", "feature", "thread_id", "served_model",
              "requested_model", "provider", "decision", "status", "input_tokens", "output_tokens", "cost_nanos",
-             "charge_nanos")
+             "charge_nanos", "end_user_id")
     rest = []
     for column in UsageRecordRow.__table__.columns:
         if column.name in given:
@@ -61,14 +64,15 @@ def generate(url: str, records: int, seed: int = 11) -> None:
             chunk = min(200_000, records - done)
             buffer = io.StringIO()
             for i in range(done, done + chunk):
-                customer = f"cust{rng.randrange(CUSTOMERS)}"
+                owner = customer or f"cust{rng.randrange(CUSTOMERS)}"
                 cost = rng.randrange(1_000, 5_000_000)
                 # records arrive in time order (the writer appends them as decisions happen), a minute of jitter
-                created = START_MS + (i * SPAN_MS) // records + rng.randrange(60_000)
+                created = start_ms + (i * span_ms) // records + rng.randrange(min(60_000, span_ms))
                 buffer.write("\t".join(map(str, (
-                    f"r{i}", created, customer, f"key_{customer}", rng.choice(FEATURES),
+                    f"r{seed}-{i}", created, owner, f"key_{owner}", rng.choice(FEATURES),
                     f"t{rng.randrange(100000)}", rng.choice(MODELS), rng.choice(MODELS), "openai", "allow", "settled",
-                    rng.randrange(10, 5000), rng.randrange(1, 2000), cost, cost * 12 // 10))) + "\t" + tail + "\n")
+                    rng.randrange(10, 5000), rng.randrange(1, 2000), cost, cost * 12 // 10,
+                    f"user-{rng.randrange(end_users):07d}" if end_users else ""))) + "\t" + tail + "\n")
             buffer.seek(0)
             with cursor.copy(f"COPY usage_records ({', '.join(columns)}) FROM STDIN") as copy:
                 copy.write(buffer.read())

@@ -78,7 +78,7 @@ class UsageRecordRow(Base):
     created_ms: Mapped[int] = mapped_column(BigInteger, index=True)
     trace_id: Mapped[str] = mapped_column(ID, default="")
     traceparent: Mapped[str] = mapped_column(NAME, default="")
-    customer_id: Mapped[str] = mapped_column(ID, default="", index=True)
+    customer_id: Mapped[str] = mapped_column(ID, default="")  # indexed first in ix_usage_customer_created
     workspace_id: Mapped[str] = mapped_column(ID, default="")
     project_id: Mapped[str] = mapped_column(ID, default="")
     team_id: Mapped[str] = mapped_column(ID, default="")
@@ -184,6 +184,10 @@ class UsageRecordRow(Base):
 
 
 Index("ix_usage_customer_created", UsageRecordRow.customer_id, UsageRecordRow.created_ms)
+# an end user's records in a window (what its limit set mid-window starts from: store.used_before), not its
+# customer's all
+Index("ix_usage_customer_end_user_created", UsageRecordRow.customer_id, UsageRecordRow.end_user_id,
+      UsageRecordRow.created_ms)
 
 
 class UsageRollupRow(Base):

@@ -127,6 +127,21 @@ def key_record(row: ApiKeyRow) -> KeyRecord:
     )
 
 
+def used_before_query(customer_id: str, scope: str, owner_id: str, unit: str, since_ms: int, until_ms: int) -> Any:
+    """The sum Store.used_before reads: an owner's records in the window by their customer's index on (customer,
+    created), or an end user's by (customer, end user, created)."""
+    r = UsageRecordRow
+    held = {"money": case((r.status.in_(("settled", "settled_late")), r.charge_nanos - r.refunded_nanos),
+                          (r.status == "reserved", r.reserved_nanos), else_=0),
+            "requests": case((r.status.in_(("settled", "settled_late", "reserved")), 1), else_=0)}[unit]
+    query = select(func.sum(held)).where(r.customer_id == customer_id, r.created_ms >= since_ms,
+                                         r.created_ms < until_ms, r.decision != "deny")
+    if scope != "customer":
+        query = query.where({"workspace": r.workspace_id, "project": r.project_id, "team": r.team_id,
+                             "end_user": r.end_user_id}[scope] == owner_id)
+    return query
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -282,17 +297,9 @@ class Store:
         """What an owner's requests in [since_ms, until_ms) hold in a bucket of `unit` (money: their charges less
         refunds, or their holds while open; requests: how many are settled or open), as a bucket counting them all
         would: released, expired and denied ones hold nothing."""
-        r = UsageRecordRow
-        held = {"money": case((r.status.in_(("settled", "settled_late")), r.charge_nanos - r.refunded_nanos),
-                              (r.status == "reserved", r.reserved_nanos), else_=0),
-                "requests": case((r.status.in_(("settled", "settled_late", "reserved")), 1), else_=0)}[unit]
-        query = select(func.sum(held)).where(r.customer_id == customer_id, r.created_ms >= since_ms,
-                                             r.created_ms < until_ms, r.decision != "deny")
-        if scope != "customer":
-            query = query.where({"workspace": r.workspace_id, "project": r.project_id, "team": r.team_id,
-                                 "end_user": r.end_user_id}[scope] == owner_id)
         with self.session() as session:
-            return max(int(session.execute(query).scalar() or 0), 0)
+            return max(int(session.execute(used_before_query(customer_id, scope, owner_id, unit, since_ms, until_ms))
+                           .scalar() or 0), 0)
 
     def save_owner_limits(self, row: OwnerLimitsRow) -> None:
         """An owner's limits (none: its row goes)."""

@@ -80,3 +80,39 @@ def test_rows_inserted_ignoring_existing_ones_read_back_whole_and_skip_repeats(p
             assert session.get(EventRow, "0-3") is None
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_an_end_users_records_in_a_window_are_read_by_its_own_index(postgres_server, tmp_path, database) -> None:
+    """What an end user's limit set mid-window starts from (Store.used_before) is read through the index on
+    (customer, end user, created): the end user's records, not a scan of its customer's in the window; the sums are
+    the records'."""
+    from sqlalchemy import text
+
+    from policyd.store import used_before_query
+
+    url = postgres_server.create_database("store_end_users") if database == "postgresql" else \
+        f"sqlite:///{tmp_path / 'store.db'}"
+    migrate(url)
+    store = Store(url)
+    try:
+        rows = [{"request_id": f"r{n}", "created_ms": 1_000 + n, "decision": "allow", "status": "settled",
+                 "customer_id": "shop" if n % 10 else "other", "end_user_id": f"user-{n % 200}",
+                 "charge_nanos": 7} for n in range(4000)]
+        with store.session() as session, session.begin():
+            store.insert_new(session, UsageRecordRow, rows)
+        with store.session() as session:
+            if database == "postgresql":
+                session.execute(text("ANALYZE usage_records"))
+
+            def plan(scope: str, owner: str) -> str:
+                query = used_before_query("shop", scope, owner, "money", 0, 10_000)
+                compiled = query.compile(session.get_bind(), compile_kwargs={"literal_binds": True})
+                explain = "EXPLAIN" if database == "postgresql" else "EXPLAIN QUERY PLAN"
+                return " ".join(str(line) for line in session.execute(text(f"{explain} {compiled}")))
+
+            assert "ix_usage_customer_end_user_created" in plan("end_user", "user-3")
+        assert store.used_before("shop", "end_user", "user-3", "money", 0, 10_000) == 7 * 20
+        assert store.used_before("shop", "customer", "", "requests", 0, 10_000) == 3600
+    finally:
+        store.close()
