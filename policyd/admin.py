@@ -322,10 +322,30 @@ class Admin:
         lowers a count already past it refuses the owner's next requests in that window."""
         scope, owner_id = _owner(customer_id, workspace_id, project_id, team_id, end_user_id)
         checked = _key_limits(limits, self.book.current, scope)
+        old = await asyncio.to_thread(self.store.owner_limits_of, customer_id, scope, owner_id)
         row = OwnerLimitsRow(customer_id=customer_id, scope=scope, owner_id=owner_id, limits=checked,
-                             updated_ms=now_ms())
-        row.seeds = await self._seeded(row)
+                             updated_ms=now_ms(), paused=bool(old and old.paused))  # a paused end user stays so
+        row.seeds = await self._seeded(row, old)
         await asyncio.to_thread(self.store.save_owner_limits, row)
+        return row, await self._owner_changed(customer_id, scope, owner_id)
+
+    async def set_end_user_paused(self, customer_id: str, end_user_id: str, paused: bool
+                                  ) -> tuple[OwnerLimitsRow, int]:
+        """Pause one of a customer's end users: the requests naming it, of any key of the customer, are refused
+        (end_user_paused, 403) from the next decision on every replica, its own limits kept; or resume it. The
+        row, and how many keys changed (a customer's first end user with a row of its own, or its last)."""
+        scope, owner_id = _owner(customer_id, end_user_id=end_user_id)
+        if scope != "end_user":
+            raise _invalid("invalid_request", "end_user_id is required")
+        row = await asyncio.to_thread(self.store.owner_limits_of, customer_id, scope, owner_id) or OwnerLimitsRow(
+            customer_id=customer_id, scope=scope, owner_id=owner_id, limits=[], seeds={})
+        row.paused, row.updated_ms = paused, now_ms()
+        await asyncio.to_thread(self.store.save_owner_limits, row)
+        return row, await self._owner_changed(customer_id, scope, owner_id)
+
+    async def _owner_changed(self, customer_id: str, scope: str, owner_id: str) -> int:
+        """After an owner's row changed in SQL: an end user's stamp into Redis, and every key of the customer made
+        to carry its owners' limits as they now stand (_bound_to_owners); how many keys changed."""
         if scope == "end_user":  # its stamp first: a key that starts reading end users' finds it
             await self._publish_end_user(customer_id, owner_id)
         changed: set[str] = set()
@@ -341,12 +361,12 @@ class Admin:
             now_given, now_end_users = await self._owners_of_keys(customer_id)
             if [(r.scope, r.owner_id, r.limits) for r in now_given] == [(r.scope, r.owner_id, r.limits)
                                                                         for r in given] and now_end_users == end_users:
-                return row, len(changed)
+                return len(changed)
             given, end_users = now_given, now_end_users
 
     async def _owners_of_keys(self, customer_id: str) -> tuple[list[OwnerLimitsRow], str]:
         """What a customer's keys carry of its owners' limits (_bound_to_owners): its owners' rows but its end
-        users', and "1" when some of its end users have limits of their own."""
+        users', and "1" when some of its end users have limits of their own (or are paused)."""
         given = await asyncio.to_thread(self.store.keys_owner_limits, customer_id)
         return given, "1" if await asyncio.to_thread(self.store.has_end_user_limits, customer_id) else ""
 
@@ -358,7 +378,7 @@ class Admin:
 
         async def in_sql() -> str:
             row = await asyncio.to_thread(self.store.owner_limits_of, customer_id, "end_user", end_user_id)
-            return key_limits.end_user_stamp(row.limits if row is not None else None)
+            return key_limits.end_user_stamp(row.limits, row.paused) if row is not None else ""
 
         stamp = await in_sql()
         while True:
@@ -371,14 +391,13 @@ class Admin:
                 return
             stamp = now
 
-    async def _seeded(self, row: OwnerLimitsRow) -> dict[str, int]:
+    async def _seeded(self, row: OwnerLimitsRow, old: OwnerLimitsRow | None) -> dict[str, int]:
         """What the owner had used before its limits were made, in the buckets of their current windows that no
         request has counted in yet (no plan limit of theirs): written into each bucket (money and requests; tokens
         count from the limit's making), so a budget set mid-month counts the month's spend; kept with the limits
         (`seeds`) for the audit and a rebuild, whose records name no such bucket. Seeds of buckets no limit keeps
-        are taken back out of them."""
+        are taken back out of them. `old`: the owner's row before."""
         at = now_ms()
-        old = await asyncio.to_thread(self.store.owner_limits_of, row.customer_id, row.scope, row.owner_id)
         seeds = {key: amount for key, amount in ((old.seeds or {}) if old else {}).items()
                  if remaining_ttl(key, at // 1000) is not None}
         limits, ids = self._owner_buckets(row)
@@ -1046,7 +1065,7 @@ class Admin:
                 for owner in rows:
                     (await batch.pipe()).hset(
                         redis_keys.end_user_terms(self.counters.partition_of(owner.customer_id), owner.customer_id),
-                        owner.owner_id, key_limits.end_user_stamp(owner.limits))
+                        owner.owner_id, key_limits.end_user_stamp(owner.limits, owner.paused))
                     written += 1
             balances = await asyncio.to_thread(self.store.ledger_balances)
             open_rows = await asyncio.to_thread(self.store.open_reservations)

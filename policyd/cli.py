@@ -398,7 +398,8 @@ def _events(args: argparse.Namespace) -> int:
 def _owner_limits_line(owner: admin_pb2.OwnerLimits, changed: str = "") -> str:
     """An owner's limits; `changed`: what a change did, after them; then what each holds in its current window."""
     whose = owner.customer_id + (f" {owner.scope} {owner.owner_id}" if owner.owner_id else "")
-    limits = (", ".join(_limit_text(limit) for limit in owner.limits) or "none (its plans' alone)") + changed
+    limits = (", ".join(_limit_text(limit) for limit in owner.limits) or "none (its plans' alone)") + \
+        (" (paused: its requests refused)" if owner.paused else "") + changed
     used = [f"{_quantity(c.unit, c.used)} of {_quantity(c.unit, c.limit)} {c.unit} this {c.window}"
             + (time.strftime(" until %Y-%m-%d %H:%M UTC", time.gmtime(c.resets_unix)) if c.resets_unix else "")
             for c in owner.current]
@@ -415,6 +416,10 @@ def _limits(args: argparse.Namespace) -> int:
         response = stub.SetOwnerLimits(admin_pb2.SetOwnerLimitsRequest(
             customer_id=args.customer, workspace_id=args.workspace, project_id=args.project, team_id=args.team,
             end_user_id=args.end_user, limits=args.limit or []), metadata=md)
+        _print(args, response, _owner_limits_line(response, f" ({response.keys_changed} keys changed)"))
+    elif args.limits_command in ("pause", "resume"):
+        response = stub.SetEndUserPaused(admin_pb2.SetEndUserPausedRequest(
+            customer_id=args.customer, end_user_id=args.end_user, paused=args.limits_command == "pause"), metadata=md)
         _print(args, response, _owner_limits_line(response, f" ({response.keys_changed} keys changed)"))
     elif args.limits_command == "reset":
         reset = stub.ResetLimits(admin_pb2.ResetLimitsRequest(
@@ -790,6 +795,12 @@ def parser() -> argparse.ArgumentParser:
                             "tier:premium'); in place of its plans' limit of the same scope, unit and window (and "
                             "models); repeatable")
     given.add_argument("--none", action="store_true", help="no limits of its own")
+    for command, what in (("pause", "pause an end user of a customer: the requests naming it, of any of its keys, "
+                                    "are refused (end_user_paused) until resumed; its limits kept"),
+                          ("resume", "resume an end user paused")):
+        paused = client(limit_commands.add_parser(command, help=what))
+        paused.add_argument("--customer", required=True)
+        paused.add_argument("--end-user", required=True, help="as requests name it: x-end-user-id, the body's user")
     listing = client(limit_commands.add_parser(
         "list", help="a customer's limits and its owners', with their use (every customer's without --customer)"))
     listing.add_argument("--customer", default="")

@@ -158,6 +158,7 @@ class EndUserTerms:
     customer_id: str
     end_user_id: str
     stamp: str  # key_limits.end_user_stamp: "" for none
+    paused: bool = False  # its requests refused (end_user_paused)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, String, Text, create_engine, event
+from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, String, Text, create_engine, event, false
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -267,7 +267,8 @@ class CustomerParentRow(Base):
 class OwnerLimitsRow(Base):
     """The limits an operator gives an owner: a customer (owner_id empty), or one of its workspaces, projects or
     teams; each of the owner's keys carries a copy (ApiKeyRow.owner_limits), kept in step by Admin. Or one of its
-    end users (scope end_user): read by the decision of a request naming it (its keys carry their fingerprint)."""
+    end users (scope end_user): read by the decision of a request naming it, checked by its stamp in Redis
+    (redis_keys.end_user_terms); an end user may be paused, its limits kept."""
 
     __tablename__ = "owner_limits"
 
@@ -279,6 +280,8 @@ class OwnerLimitsRow(Base):
     # bucket key -> what the owner had used in that bucket's window before the limit was made (its requests then
     # named no such bucket): written into the bucket, and added to what the records imply by the audit and a rebuild
     seeds: Mapped[dict[str, int] | None] = mapped_column(JSON, default=dict, nullable=True)
+    # an end user's: its requests refused (end_user_paused) until resumed (Admin.set_end_user_paused)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class LimitResetRow(Base):

@@ -340,8 +340,8 @@ class Engine:
         self._closings: set[asyncio.Task[None]] = set()
         self._retrying: set[asyncio.Task[None]] = set()  # closings between two attempts (Redis unreachable)
         self._stopping = False
-        # (customer, end user) -> its own limits and their stamp (_with_end_user_limits), oldest first
-        self._end_user_limits: dict[tuple[str, str], tuple[tuple[Limit, ...], str]] = {}
+        # (customer, end user) -> its own limits and their terms (_with_end_user_limits), oldest first
+        self._end_user_limits: dict[tuple[str, str], tuple[tuple[Limit, ...], EndUserTerms]] = {}
         self.background: BackgroundResponses | None = None  # the background responses it waits for, once built
         self._asking: set[asyncio.Future[None]] = set()  # Veo operations asked for on their reads, still asking
 
@@ -534,6 +534,8 @@ class Engine:
         own_limits, end_user = key.limits, None
         if key.end_user_limits and request.attribution.end_user_id:
             own_limits, end_user = await self._with_end_user_limits(key, request.attribution.end_user_id)
+            if end_user.paused and not preset:  # refused in the atomic step, once its terms are known current
+                preset, param = "end_user_paused", "user"
         attempt = None
         for file_id in request.files if not preset else ():  # the files its input refers to: not another's
             found = await self._context_of(owner.customer_id, file_id)
@@ -901,12 +903,14 @@ class Engine:
         found = self._end_user_limits.get(cached)
         if found is None:
             row = await asyncio.to_thread(self.store.owner_limits_of, key.customer_id, "end_user", end_user)
-            found = (key_limits.as_limits(row.limits), key_limits.end_user_stamp(row.limits)) if row else ((), "")
+            found = (key_limits.as_limits(row.limits), EndUserTerms(
+                key.customer_id, end_user, key_limits.end_user_stamp(row.limits, row.paused), row.paused)) if row \
+                else ((), EndUserTerms(key.customer_id, end_user, ""))
             if len(self._end_user_limits) >= END_USER_LIMITS_CACHED_MAX:  # the oldest tenth forgotten
                 for stale in list(self._end_user_limits)[:END_USER_LIMITS_CACHED_MAX // 10]:
                     del self._end_user_limits[stale]
             self._end_user_limits[cached] = found
-        return key.limits + found[0], EndUserTerms(key.customer_id, end_user, found[1])
+        return key.limits + found[0], found[1]
 
     async def _end_user_limits_in_force(self, key: KeyRecord, end_user: str) -> tuple[Limit, ...]:
         """As `_with_end_user_limits`, for a question outside the authorize script: the remembered ones checked

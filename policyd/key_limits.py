@@ -97,10 +97,14 @@ def _limit(entry: Mapping[str, Any]) -> Limit:
                  **alerts)
 
 
-def end_user_stamp(stored: list[dict[str, Any]] | None) -> str:
-    """The stamp of an end user's own limits as stored (its owner_limits row's), "" for none: what the authorize
-    script compares with the one of the customer's end users' terms in Redis (redis_keys.end_user_terms)."""
-    return hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()[:16] if stored else ""
+def end_user_stamp(stored: list[dict[str, Any]] | None, paused: bool = False) -> str:
+    """The stamp of an end user's own limits as stored (its owner_limits row's), and whether it is paused; "" for
+    neither: what the authorize script compares with the one of the customer's end users' terms in Redis
+    (redis_keys.end_user_terms)."""
+    if not stored and not paused:
+        return ""
+    return hashlib.sha256(json.dumps([stored or [], "paused"] if paused else stored, sort_keys=True).encode()
+                          ).hexdigest()[:16]
 
 
 def as_limits(stored: Iterable[Mapping[str, Any]] | None) -> tuple[Limit, ...]:

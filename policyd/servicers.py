@@ -328,7 +328,7 @@ def owner_limits_message(row: OwnerLimitsRow, keys_changed: int = 0,
     return admin_pb2.OwnerLimits(
         customer_id=row.customer_id, scope=row.scope, owner_id=row.owner_id,
         limits=[admin_pb2.KeyLimit(**limit) for limit in row.limits], updated_unix_ms=row.updated_ms,
-        keys_changed=keys_changed,
+        keys_changed=keys_changed, paused=bool(row.paused),
         current=[limit_state(s["limit"], s["used"], s["ends"]) for s in states])
 
 
@@ -395,10 +395,11 @@ def recorded(action: str, describe: Callable[[Any, Any], Described]) -> Callable
 
 
 def _own_limits_refused(doing: str) -> Callable[[], Any]:
-    """A scoped credential gives limits to its sub-customers (and their workspaces, projects and teams), and resets
-    them, never its own customer's, whose plan the operator chose: it would loosen them."""
+    """A scoped credential gives limits to its sub-customers (and their workspaces, projects, teams and end users),
+    resets them and pauses their end users, never its own customer's, whose plan the operator chose: it would
+    loosen them."""
     async def refuse() -> None:
-        raise out_of_scope(f"a scoped admin credential {doing} the limits of its sub-customers, not its own customer's")
+        raise out_of_scope(f"a scoped admin credential {doing} of its sub-customers, not its own customer's")
     return refuse
 
 
@@ -514,10 +515,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def SetOwnerLimits(self, request: admin_pb2.SetOwnerLimitsRequest, context: grpc.aio.ServicerContext) -> Any:
         principal = await self._for_customer(context, request.customer_id)
         if not principal.operator and request.customer_id == principal.customer_id:
-            await _call(context, _own_limits_refused("sets"))
+            await _call(context, _own_limits_refused("sets the limits"))
         row, changed = await _call(context, lambda: self.admin.set_owner_limits(
             [key_limit(limit) for limit in request.limits], request.customer_id, request.workspace_id,
             request.project_id, request.team_id, request.end_user_id))
+        return owner_limits_message(row, changed, await _call(context, lambda: self.admin.owner_limit_states(row)))
+
+    @recorded("end_user_paused", lambda q, r: {"customer_id": q.customer_id, "end_user_id": r.owner_id,
+                                               "paused": r.paused, "keys": r.keys_changed})
+    async def SetEndUserPaused(self, request: admin_pb2.SetEndUserPausedRequest,
+                               context: grpc.aio.ServicerContext) -> Any:
+        principal = await self._for_customer(context, request.customer_id)
+        if not principal.operator and request.customer_id == principal.customer_id:
+            await _call(context, _own_limits_refused("pauses and resumes the end users"))
+        row, changed = await _call(context, lambda: self.admin.set_end_user_paused(
+            request.customer_id, request.end_user_id, request.paused))
         return owner_limits_message(row, changed, await _call(context, lambda: self.admin.owner_limit_states(row)))
 
     async def ListOwnerLimits(self, request: admin_pb2.ListOwnerLimitsRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -537,7 +549,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             customer_id = (await self._key(context, request.key_id)).customer_id
         principal = await self._for_customer(context, customer_id)
         if not principal.operator and customer_id == principal.customer_id:
-            await _call(context, _own_limits_refused("resets"))
+            await _call(context, _own_limits_refused("resets the limits"))
         named = {field: getattr(request, field) for _, field in limit_resets.NAMED_SCOPES}
         target, resets = await _call(context, lambda: self.admin.reset_limits(
             request.customer_id, unit=request.unit, window=request.window, name=request.name, reason=request.reason,

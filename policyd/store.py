@@ -302,9 +302,9 @@ class Store:
                            .scalar() or 0), 0)
 
     def save_owner_limits(self, row: OwnerLimitsRow) -> None:
-        """An owner's limits (none: its row goes)."""
+        """An owner's limits (none, and not paused: its row goes)."""
         with self.session() as session, session.begin():
-            if row.limits:
+            if row.limits or row.paused:
                 session.merge(row)
             else:
                 session.execute(delete(OwnerLimitsRow).where(

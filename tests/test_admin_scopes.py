@@ -85,6 +85,7 @@ def cross_boundary_calls(w: World) -> dict[str, Any]:
         "SetOwnerLimits": admin_pb2.SetOwnerLimitsRequest(customer_id="other", limits=[admin_pb2.KeyLimit(
             window="day", unit="money", limit=1)]),
         "ListOwnerLimits": admin_pb2.ListOwnerLimitsRequest(customer_id="other"),
+        "SetEndUserPaused": admin_pb2.SetEndUserPausedRequest(customer_id="other", end_user_id="eve", paused=False),
         "ResetLimits": admin_pb2.ResetLimitsRequest(key_id=other_key),
         "ApplyPolicy": admin_pb2.ApplyPolicyRequest(yaml=SAMPLE_POLICY),
         "GetPolicy": admin_pb2.GetPolicyRequest(),
@@ -127,7 +128,7 @@ async def test_every_admin_call_across_the_boundary_is_refused(world: World) -> 
         assert "other" not in (refused.value.details() or "").replace("'other'", "") or method in (
             "CreateKey", "ListKeys", "GetWallet", "ListUsage", "UsageReport", "ExportInvoice",
             "CreateAdminCredential", "ListAdminCredentials", "LinkCustomer", "SetOwnerLimits",
-            "ListOwnerLimits")  # only the name the caller gave
+            "ListOwnerLimits", "SetEndUserPaused")  # only the name the caller gave
     # a key of another customer is reported exactly like a key that does not exist
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await w.admin.GetKey(admin_pb2.GetKeyRequest(id="key_0000000000000000"), metadata=w.reseller)
@@ -193,6 +194,8 @@ async def test_a_reseller_manages_itself_and_its_sub_customers(world: World) -> 
         policy_pb2.ALLOW
     for whose, credential in (("reseller", w.reseller), ("sub1", w.sub)):
         for call, request in (("SetOwnerLimits", admin_pb2.SetOwnerLimitsRequest(customer_id=whose, limits=[])),
+                              ("SetEndUserPaused", admin_pb2.SetEndUserPausedRequest(customer_id=whose,
+                                                                                     end_user_id="eve")),
                               ("ResetLimits", admin_pb2.ResetLimitsRequest(customer_id=whose)),
                               ("ResetLimits", admin_pb2.ResetLimitsRequest(key_id=w.keys[whose].key.id))):
             with pytest.raises(grpc.aio.AioRpcError) as refused:

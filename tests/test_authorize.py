@@ -562,6 +562,68 @@ async def test_a_change_of_one_end_users_limits_binds_at_the_next_decision_and_c
     assert (await admin.audit()).ok
 
 
+async def test_an_end_user_paused_is_refused_from_every_key_until_resumed(service: Service) -> None:
+    """Admin.set_end_user_paused: the requests naming a paused end user, of any key of its customer, are refused
+    (end_user_paused, 403, param user; recorded, nothing held) from the next decision, on a replica that remembered
+    it unpaused too; its other end users are served; its own limits are kept (and may change) while paused and bind
+    once resumed; an end user with no limits paused and resumed leaves no row; a pause outlives the counters' loss."""
+    import yaml
+
+    from policyd.domain import PolicydError
+    from tests.conftest import SAMPLE_POLICY
+
+    doc = yaml.safe_load(SAMPLE_POLICY)
+    doc["plans"]["free"]["limits"] = [{"name": "end-user-day", "scope": "end_user", "window": "day",
+                                       "unit": "requests", "limit": 5}]
+    await service.admin.apply_policy(yaml.safe_dump(doc), "end-users.yaml")
+    _, first = await new_key(service, plan="free", customer="app")
+    _, second = await new_key(service, plan="free", customer="app")
+    await fund(service, "app", "10")
+    admin, n = service.admin, iter(range(1000))
+
+    async def asked(end_user: str, secret: str = first) -> Any:
+        return await service.engine.authorize(ask(secret, request_id=f"{end_user}-{next(n)}", end_user_id=end_user,
+                                                  prompt_bytes=10, max_output_tokens=5))
+
+    def limit(count: int) -> list[dict[str, object]]:
+        return [{"window": "day", "unit": "requests", "limit": count}]
+
+    assert (await admin.set_owner_limits(limit(3), "app", end_user_id="alice"))[1] == 2
+    assert [(await asked(user)).decision for user in ("alice", "dave")] == ["allow", "allow"]  # both remembered
+    row, changed = await admin.set_end_user_paused("app", "alice", True)
+    assert (row.paused, row.limits[0]["limit"], changed) == (True, 3, 0)  # her limits kept
+    refused = [await asked("alice"), await asked("alice", second)]
+    assert {(d.decision, d.reason, d.http_status, d.error_param) for d in refused} == {
+        ("deny", "end_user_paused", 403, "user")}
+    assert (await asked("bob")).decision == "allow"
+    assert (await admin.set_owner_limits(limit(4), "app", end_user_id="alice"))[1] == 0  # a change of her limits
+    assert (await asked("alice")).reason == "end_user_paused"  # ... leaves her paused
+    listed = {r.owner_id: r for r in await admin.owner_limits("app")}
+    assert (listed["alice"].paused, listed["alice"].limits[0]["limit"]) == (True, 4)
+    await admin.set_end_user_paused("app", "alice", False)
+    assert [(await asked("alice")).decision for _ in range(4)] == ["allow", "allow", "allow", "deny"]  # her 4
+
+    _, solo = await new_key(service, plan="free", customer="solo")
+    await fund(service, "solo", "1")
+    assert (await admin.set_end_user_paused("solo", "carol", True))[1] == 1  # the first: its key reads end users'
+    assert (await asked("carol", solo)).reason == "end_user_paused"
+    assert (await admin.set_end_user_paused("solo", "carol", False))[1] == 1  # no row left: its key reads none
+    assert await admin.owner_limits("solo") == [] and (await asked("carol", solo)).decision == "allow"
+
+    await admin.set_end_user_paused("app", "dave", True)  # this replica remembered him unpaused
+    await service.writer.drain()
+    await counters_lost_and_rebuilt(service)
+    assert (await asked("dave")).reason == "end_user_paused"
+    with pytest.raises(PolicydError) as error:
+        await admin.set_end_user_paused("app", "", True)
+    assert error.value.reason == "invalid_request"
+    await service.writer.drain()
+    denied = [service.store.usage_record(d.request_id) for d in refused]
+    assert {(r.decision, r.reason, r.reserved_nanos, r.charge_nanos, r.end_user_id) for r in denied} == {
+        ("deny", "end_user_paused", 0, 0, "alice")}
+    assert (await admin.audit()).ok
+
+
 async def test_a_key_asks_what_an_end_user_of_its_customer_may_still_spend(service: Service) -> None:
     """GET /v1/key naming an end user (x-end-user-id; DescribeKey's end_user_id): the limits binding that end
     user's requests are listed beside the key's, with what the end user used: the plan's end_user limits, or its

@@ -191,6 +191,15 @@ def test_an_owners_limits_from_the_command_line(server: PolicydProcess) -> None:
     assert "tenant end_user alice" in first and "bob" not in first and "(more: --all lists every page)" in first
     both = run(server, "limits", "list", "--customer", "tenant", "--scope", "end_user", "--limit", "1", "--all")
     assert "tenant end_user alice" in both.stdout and "tenant end_user bob" in both.stdout and "more" not in both.stdout
+    paused = run(server, "limits", "pause", "--customer", "tenant", "--end-user", "bob")
+    assert paused.returncode == 0 and "tenant end_user bob: end_user: 9 requests a day (paused: its requests " \
+        "refused) (0 keys changed)" in paused.stdout
+    refused = run(server, "authorize", "--key", keys[1]["secret"], "--model", "gpt-4o-mini", "--end-user", "bob")
+    assert refused.returncode == 2 and "end_user_paused" in refused.stdout
+    resumed = run(server, "limits", "resume", "--customer", "tenant", "--end-user", "bob")
+    assert resumed.returncode == 0 and "(paused" not in resumed.stdout
+    assert run(server, "authorize", "--key", keys[1]["secret"], "--model", "gpt-4o-mini", "--end-user",
+               "bob").returncode == 0
 
 
 def test_a_limits_window_reset_from_the_command_line(server: PolicydProcess) -> None:

@@ -2354,6 +2354,31 @@ def test_a_keys_budget_on_some_models_binds_their_requests_alone(gateway: Gatewa
         assert bound.chat.completions.create(**{**ask, "model": "gpt-4o-mini"}).choices
 
 
+def test_an_end_user_paused_by_the_operator_is_refused_before_the_provider(gateway: Gateway) -> None:
+    """SetEndUserPaused: the openai SDK's requests naming a paused end user (`user`, or x-end-user-id), streamed or
+    not, of any key of its customer, are refused 403 end_user_paused before the provider, nothing charged; the
+    customer's other end users are served; resumed, it is served again."""
+    customer = f"e2e-paused-{gateway.shape}"
+    clients = [gateway.client(gateway.customer(customer)), gateway.client(gateway.customer(customer, credit=""))]
+    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"mallory asks {gateway.shape}"}],
+           "max_tokens": 4}
+    paused = gateway.admin.SetEndUserPaused(admin_pb2.SetEndUserPausedRequest(
+        customer_id=customer, end_user_id="mallory", paused=True))
+    assert (paused.scope, paused.owner_id, paused.paused, paused.keys_changed) == ("end_user", "mallory", True, 2)
+    for client, named in ((clients[0], {"user": "mallory"}), (clients[1], {"extra_headers": {"x-end-user-id":
+                                                                                             "mallory"}})):
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            client.chat.completions.create(**ask, **named)
+        assert refused.value.code == "end_user_paused"
+        with pytest.raises(openai.PermissionDeniedError):
+            list(client.chat.completions.create(**ask, **named, stream=True))
+    assert clients[0].chat.completions.create(**ask, user="trent").choices
+    assert sum(r["body"].get("messages") == ask["messages"] for r in gateway.mock.received()) == 1  # trent's alone
+    assert gateway.wallet_at_rest(customer).reserved_nanos == 0
+    gateway.admin.SetEndUserPaused(admin_pb2.SetEndUserPausedRequest(customer_id=customer, end_user_id="mallory"))
+    assert clients[1].chat.completions.create(**ask, user="mallory").choices
+
+
 def test_an_end_users_own_budget_binds_its_requests_from_every_key(gateway: Gateway) -> None:
     """SetOwnerLimits for one end user (as the openai SDK names it: the body's `user`): however many of its requests
     run at once on two keys of its customer, what they are charged never passes its budget, and past it they are

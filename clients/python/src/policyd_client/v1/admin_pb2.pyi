@@ -151,7 +151,7 @@ class SetOwnerLimitsRequest(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., project_id: _Optional[str] = ..., team_id: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ..., end_user_id: _Optional[str] = ...) -> None: ...
 
 class OwnerLimits(_message.Message):
-    __slots__ = ("customer_id", "scope", "owner_id", "limits", "updated_unix_ms", "keys_changed", "current")
+    __slots__ = ("customer_id", "scope", "owner_id", "limits", "updated_unix_ms", "keys_changed", "current", "paused")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     OWNER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,7 @@ class OwnerLimits(_message.Message):
     UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     KEYS_CHANGED_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     scope: str
     owner_id: str
@@ -166,7 +167,18 @@ class OwnerLimits(_message.Message):
     updated_unix_ms: int
     keys_changed: int
     current: _containers.RepeatedCompositeFieldContainer[_policy_pb2.LimitState]
-    def __init__(self, customer_id: _Optional[str] = ..., scope: _Optional[str] = ..., owner_id: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ..., updated_unix_ms: _Optional[int] = ..., keys_changed: _Optional[int] = ..., current: _Optional[_Iterable[_Union[_policy_pb2.LimitState, _Mapping]]] = ...) -> None: ...
+    paused: bool
+    def __init__(self, customer_id: _Optional[str] = ..., scope: _Optional[str] = ..., owner_id: _Optional[str] = ..., limits: _Optional[_Iterable[_Union[KeyLimit, _Mapping]]] = ..., updated_unix_ms: _Optional[int] = ..., keys_changed: _Optional[int] = ..., current: _Optional[_Iterable[_Union[_policy_pb2.LimitState, _Mapping]]] = ..., paused: _Optional[bool] = ...) -> None: ...
+
+class SetEndUserPausedRequest(_message.Message):
+    __slots__ = ("customer_id", "end_user_id", "paused")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    END_USER_ID_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    end_user_id: str
+    paused: bool
+    def __init__(self, customer_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., paused: _Optional[bool] = ...) -> None: ...
 
 class ListOwnerLimitsRequest(_message.Message):
     __slots__ = ("customer_id", "limit", "page_token", "scope", "owner_id")

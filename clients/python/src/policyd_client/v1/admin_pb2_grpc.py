@@ -103,6 +103,11 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsResponse.FromString,
                 _registered_method=True)
+        self.SetEndUserPaused = channel.unary_unary(
+                '/policyd.v1.AdminService/SetEndUserPaused',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.SetEndUserPausedRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.OwnerLimits.FromString,
+                _registered_method=True)
         self.ResetLimits = channel.unary_unary(
                 '/policyd.v1.AdminService/ResetLimits',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ResetLimitsRequest.SerializeToString,
@@ -292,6 +297,14 @@ class AdminServiceServicer:
 
     def ListOwnerLimits(self, request, context):
         """a customer's and its owners'
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetEndUserPaused(self, request, context):
+        """Pause one of a customer's end users (the requests naming it, of any of the customer's keys, are refused with
+        end_user_paused, 403, from the next decision on every replica; its own limits kept), or resume it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -491,6 +504,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListOwnerLimits,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsResponse.SerializeToString,
+            ),
+            'SetEndUserPaused': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetEndUserPaused,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.SetEndUserPausedRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.OwnerLimits.SerializeToString,
             ),
             'ResetLimits': grpc.unary_unary_rpc_method_handler(
                     servicer.ResetLimits,
@@ -948,6 +966,33 @@ class AdminService:
             '/policyd.v1.AdminService/ListOwnerLimits',
             policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.ListOwnerLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetEndUserPaused(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/SetEndUserPaused',
+            policyd_dot_v1_dot_admin__pb2.SetEndUserPausedRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.OwnerLimits.FromString,
             options,
             channel_credentials,
             insecure,
