@@ -378,7 +378,7 @@ class Admin:
 
         async def in_sql() -> str:
             row = await asyncio.to_thread(self.store.owner_limits_of, customer_id, "end_user", end_user_id)
-            return key_limits.end_user_stamp(row.limits, row.paused) if row is not None else ""
+            return key_limits.end_user_stamp(row)
 
         stamp = await in_sql()
         while True:
@@ -1065,7 +1065,7 @@ class Admin:
                 for owner in rows:
                     (await batch.pipe()).hset(
                         redis_keys.end_user_terms(self.counters.partition_of(owner.customer_id), owner.customer_id),
-                        owner.owner_id, key_limits.end_user_stamp(owner.limits, owner.paused))
+                        owner.owner_id, key_limits.end_user_stamp(owner))
                     written += 1
             balances = await asyncio.to_thread(self.store.ledger_balances)
             open_rows = await asyncio.to_thread(self.store.open_reservations)

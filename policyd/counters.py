@@ -420,7 +420,7 @@ class Counters:
             return AuthorizeResult("stale", reason=_text(reply[1]) if len(reply) > 1 else "key")
         return AuthorizeResult("exists", state=_text(reply[1]), same_key=_text(reply[2]) == "1")
 
-    async def end_user_stamp(self, customer_id: str, end_user_id: str) -> str:
+    async def stored_end_user_stamp(self, customer_id: str, end_user_id: str) -> str:
         """The stamp of an end user's own limits in Redis ("" for none), as the authorize script reads it."""
         partition = self.partition_of(customer_id)
         return _text(await self.client.hget(redis_keys.end_user_terms(partition, customer_id), end_user_id) or b"")

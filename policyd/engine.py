@@ -903,9 +903,8 @@ class Engine:
         found = self._end_user_limits.get(cached)
         if found is None:
             row = await asyncio.to_thread(self.store.owner_limits_of, key.customer_id, "end_user", end_user)
-            found = (key_limits.as_limits(row.limits), EndUserTerms(
-                key.customer_id, end_user, key_limits.end_user_stamp(row.limits, row.paused), row.paused)) if row \
-                else ((), EndUserTerms(key.customer_id, end_user, ""))
+            found = (key_limits.as_limits(row.limits if row else ()),
+                     EndUserTerms(key.customer_id, end_user, key_limits.end_user_stamp(row), bool(row and row.paused)))
             if len(self._end_user_limits) >= END_USER_LIMITS_CACHED_MAX:  # the oldest tenth forgotten
                 for stale in list(self._end_user_limits)[:END_USER_LIMITS_CACHED_MAX // 10]:
                     del self._end_user_limits[stale]
@@ -916,7 +915,7 @@ class Engine:
         """As `_with_end_user_limits`, for a question outside the authorize script: the remembered ones checked
         against their stamp in Redis, read again when it changed."""
         own, terms = await self._with_end_user_limits(key, end_user)
-        if await self.counters.end_user_stamp(key.customer_id, end_user) != terms.stamp:
+        if await self.counters.stored_end_user_stamp(key.customer_id, end_user) != terms.stamp:
             self._end_user_limits.pop((key.customer_id, end_user), None)
             own, _ = await self._with_end_user_limits(key, end_user)
         return own

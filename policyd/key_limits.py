@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from pydantic import ValidationError
 
 from policyd.money import MONEY_UNITS, format_amount
 from policyd.policy import Limit
+
+if TYPE_CHECKING:
+    from policyd.db import OwnerLimitsRow
 
 KEY_LIMITS_MAX = 8
 ALERTS_MAX = 4  # the percentages of one limit that raise an alert
@@ -97,14 +100,14 @@ def _limit(entry: Mapping[str, Any]) -> Limit:
                  **alerts)
 
 
-def end_user_stamp(stored: list[dict[str, Any]] | None, paused: bool = False) -> str:
-    """The stamp of an end user's own limits as stored (its owner_limits row's), and whether it is paused; "" for
-    neither: what the authorize script compares with the one of the customer's end users' terms in Redis
+def end_user_stamp(row: OwnerLimitsRow | None) -> str:
+    """The stamp of an end user's owner_limits row (its own limits, and whether it is paused), "" for none: what
+    the authorize script compares with the one of the customer's end users' terms in Redis
     (redis_keys.end_user_terms)."""
-    if not stored and not paused:
+    if row is None or (not row.limits and not row.paused):
         return ""
-    return hashlib.sha256(json.dumps([stored or [], "paused"] if paused else stored, sort_keys=True).encode()
-                          ).hexdigest()[:16]
+    stored = [row.limits or [], "paused"] if row.paused else row.limits
+    return hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def as_limits(stored: Iterable[Mapping[str, Any]] | None) -> tuple[Limit, ...]:

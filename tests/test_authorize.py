@@ -539,7 +539,7 @@ async def test_a_change_of_one_end_users_limits_binds_at_the_next_decision_and_c
     await asyncio.gather(*(admin.set_owner_limits(limit(count), "app", end_user_id="carol") for count in (7, 8, 9)))
     held = one_owner("app", "end_user", "carol")
     terms = redis_keys.end_user_terms(service.counters.partition_of("app"), "app")
-    assert (await service.counters.client.hget(terms, "carol")).decode() == key_limits.end_user_stamp(held.limits)
+    assert (await service.counters.client.hget(terms, "carol")).decode() == key_limits.end_user_stamp(held)
     assert [await asked("carol") for _ in range(held.limits[0]["limit"])].count("allow") == held.limits[0]["limit"]
     assert await asked("carol") == "rate_limit_exceeded"
 
