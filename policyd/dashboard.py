@@ -580,12 +580,18 @@ class _Server:
             def install_signal_handlers(self) -> None:
                 pass
 
-        self.server = Quiet(uvicorn.Config(app, host=host or "127.0.0.1", port=int(port), log_level="warning",
-                                           access_log=False, lifespan="off"))
+        config = uvicorn.Config(app, host=host or "127.0.0.1", port=int(port), log_level="warning", access_log=False,
+                                lifespan="off")
+        try:  # bound here, so an address taken is a clear error (uvicorn's own bind exits the process)
+            self.socket = config.bind_socket()
+        except SystemExit:
+            raise SystemExit(f"cannot serve the dashboard on {listen}: the address is taken, or not one of this "
+                             "machine's") from None
+        self.server = Quiet(config)
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.task = asyncio.create_task(self.server.serve())
+        self.task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
         while not self.server.started:
             if self.task.done():
                 self.task.result()  # raises the reason it could not start

@@ -55,4 +55,7 @@ def serve(listen: str) -> None:
     if not listen:
         return
     host, _, port = listen.rpartition(":")
-    start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)
+    try:
+        start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)
+    except OSError as error:
+        raise SystemExit(f"cannot serve /metrics on {listen}: {error.strerror}") from None

@@ -74,6 +74,7 @@ class Service:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _recovery: asyncio.Task[None] | None = None
     _next_recovery_seconds: float = 0.0
+    _started: bool = False
 
     @classmethod
     async def build(cls, settings: Settings) -> "Service":
@@ -94,6 +95,7 @@ class Service:
         return cls(settings, store, counters, book, directory, writer, engine, admin, pool)
 
     async def start(self) -> None:
+        self._started = True
         await self.writer.ensure_groups()
         await self.book.load_latest()
         # counters not known whole (the embedded store at start, a Redis that lost its data, a rebuild that
@@ -170,7 +172,13 @@ class Service:
             self.tasks.append(asyncio.create_task(delivery.run(self.stop, self.settings.webhook_interval_ms)))
 
     async def close(self) -> None:
+        """Stop in order: background tasks, the closings in flight, a last drain to SQL; then the connections
+        (all there is to close of a service built and never started)."""
         self.stop.set()
+        if not self._started:
+            await self.counters.aclose()
+            self.store.close()
+            return
         if self._recovery is not None and not self._recovery.done():
             await asyncio.wait([self._recovery], timeout=30)
         await self.admin.stop_restoring()
@@ -217,16 +225,20 @@ def make_grpc_server(service: Service, policy: bool = True, admin: bool = True,
 
 
 def _listen(server: grpc.aio.Server, address: str, settings: Settings, client_ca_file: str) -> None:
-    if settings.tls_cert_file:
-        key = Path(settings.tls_key_file).read_bytes()
-        cert = Path(settings.tls_cert_file).read_bytes()
-        ca = Path(client_ca_file).read_bytes() if client_ca_file else None
-        credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if settings.tls_cert_file:
+            key = Path(settings.tls_key_file).read_bytes()
+            cert = Path(settings.tls_cert_file).read_bytes()
+            ca = Path(client_ca_file).read_bytes() if client_ca_file else None
+            credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                                      require_client_auth=ca is not None)
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind to address"
+        port = 0
     if port == 0:
-        raise SystemExit(f"cannot listen on {address}")
+        raise SystemExit(f"cannot listen on {address}: the address is taken, or not one of this machine's")
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None,
@@ -235,33 +247,39 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
     NOT_SERVING, in-flight calls and the gateway's streams finished (`_stop_serving`: up to the shutdown
     grace, or until `stop_now`, a second signal), background tasks, a last drain."""
     service = await Service.build(settings)
-    await service.start()
     separate_admin = bool(settings.admin_listen)
     gateway_streams = ExternalProcessorServicer(service.engine, service.pool)
     metrics.gateway_streams_open.set_function(lambda: gateway_streams.streams_open)
     server, health_servicer = make_grpc_server(service, admin=not separate_admin, gateway_streams=gateway_streams)
     main_names = ("", "policyd.v1.PolicyService") + (() if separate_admin else ("policyd.v1.AdminService",))
     servers = [(server, health_servicer, main_names)]
-    _listen(server, settings.listen, settings, settings.tls_client_ca_file)
-    if separate_admin:
-        admin_server, admin_health = make_grpc_server(service, policy=False)
-        _listen(admin_server, settings.admin_listen, settings,
-                settings.admin_tls_client_ca_file or settings.tls_client_ca_file)
-        servers.append((admin_server, admin_health, ("", "policyd.v1.AdminService")))
-    metrics.serve(settings.metrics_listen)
-    dashboard = await serve_dashboard(service.admin, settings.dashboard_listen, settings.admin_token,
-                                      settings.dashboard_viewer_token)
-    for grpc_server, health_of, names in servers:
-        await grpc_server.start()
-        for name in names:
-            await health_of.set(name, health_pb2.HealthCheckResponse.SERVING)
-    runtime.settle_in()
-    log.info("policyd serving on %s (redis: %s, database: %s)", settings.listen,
-             "embedded" if not settings.redis_url else "external", settings.database_url.split("://")[0])
-    if ready is not None:
-        ready.set()
+    try:  # the addresses bound before anything runs: one taken ends the process at once, nothing started; a start
+        # that fails stops what it started
+        _listen(server, settings.listen, settings, settings.tls_client_ca_file)
+        if separate_admin:
+            admin_server, admin_health = make_grpc_server(service, policy=False)
+            _listen(admin_server, settings.admin_listen, settings,
+                    settings.admin_tls_client_ca_file or settings.tls_client_ca_file)
+            servers.append((admin_server, admin_health, ("", "policyd.v1.AdminService")))
+        await service.start()
+    except BaseException:
+        await service.close()
+        raise
+    dashboard = None
     shutdown = shutdown or asyncio.Event()
-    try:
+    try:  # from here, whatever ends serving (a signal, an address taken, an error) stops the service in order
+        metrics.serve(settings.metrics_listen)
+        dashboard = await serve_dashboard(service.admin, settings.dashboard_listen, settings.admin_token,
+                                          settings.dashboard_viewer_token)
+        for grpc_server, health_of, names in servers:
+            await grpc_server.start()
+            for name in names:
+                await health_of.set(name, health_pb2.HealthCheckResponse.SERVING)
+        runtime.settle_in()
+        log.info("policyd serving on %s (redis: %s, database: %s)", settings.listen,
+                 "embedded" if not settings.redis_url else "external", settings.database_url.split("://")[0])
+        if ready is not None:
+            ready.set()
         await shutdown.wait()
     finally:
         log.info("policyd stopping")

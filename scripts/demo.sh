@@ -23,7 +23,15 @@ fi
 export POLICYD_BACKGROUND_POLL_SECONDS="${POLICYD_BACKGROUND_POLL_SECONDS:-1}"
 
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() {  # SIGTERM, then SIGKILL for whatever has not stopped in 20 s
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for _ in $(seq 1 200); do
+    alive=0; for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break; sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
 trap cleanup EXIT INT TERM
 
 policyd serve --policy policyd/samples/policy.yaml >"$STATE/policyd.log" 2>&1 &
@@ -36,7 +44,14 @@ policyd gateway-config --listen-port "$GATEWAY_PORT" --admin-port "$ADMIN_PORT" 
   --cluster "google=127.0.0.1:$MOCK_PORT" --cluster "cohere=127.0.0.1:$MOCK_PORT" >"$STATE/envoy.yaml"
 envoy -c "$STATE/envoy.yaml" --log-level warn --base-id "$GATEWAY_PORT" >"$STATE/envoy.log" 2>&1 &
 pids+=($!)
-policyd health --wait 30 >/dev/null
+for attempt in $(seq 1 30); do  # up to a minute; at once if policyd has exited (an address taken, a bad setting)
+  policyd health --wait 2 >/dev/null 2>&1 && break
+  if [ "$attempt" = 30 ] || ! kill -0 "${pids[0]}" 2>/dev/null; then
+    echo "policyd did not start; the end of $STATE/policyd.log:" >&2
+    tail -n 20 "$STATE/policyd.log" >&2
+    exit 1
+  fi
+done
 
 policyd credit grant --customer alice --amount 10.00 --grant-id demo-alice-welcome >/dev/null
 policyd credit grant --customer bob --amount 0.001 --source promo --grant-id demo-bob-trial >/dev/null

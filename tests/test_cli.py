@@ -288,6 +288,31 @@ def test_embedded_store_rebuilds_counters_from_sqlite_at_start(tmp_path: Path) -
         second.stop()
 
 
+@pytest.mark.parametrize("setting, says", [
+    ("POLICYD_LISTEN", "cannot listen on"), ("POLICYD_ADMIN_LISTEN", "cannot listen on"),
+    ("POLICYD_METRICS_LISTEN", "cannot serve /metrics on"), ("POLICYD_DASHBOARD_LISTEN", "cannot serve the dashboard on"),
+])
+def test_serve_whose_address_is_taken_ends_at_once_saying_why(tmp_path: Path, setting: str, says: str) -> None:
+    """An address taken by another process: `policyd serve` exits non-zero with the address named, instead of
+    running on without listening (started background loops once kept the process alive, deaf even to SIGTERM)."""
+    import os
+    import socket
+
+    from tests.servers import free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
+        env.update(POLICYD_LISTEN=f"127.0.0.1:{free_port()}", POLICYD_DATABASE_URL=f"sqlite:///{tmp_path}/p.db")
+        env[setting] = address
+        done = subprocess.run([*policyd_command(), "serve", "--policy", SAMPLE], env=env, cwd=str(tmp_path),
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0, done.stderr
+    assert f"{says} {address}" in done.stderr, done.stderr[-2000:]
+
+
 def test_finance_commands(server: PolicydProcess, tmp_path: Path) -> None:
     run(server, "credit", "grant", "--customer", "fin", "--amount", "5")
     secret = json.loads(run(server, "keys", "create", "--customer", "fin", "--plan", "pro", "--json").stdout)["secret"]

@@ -5,26 +5,35 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.conftest import ROOT
-from tests.servers import free_port
+from tests.servers import free_ports
 
 
 def test_make_run_demo_end_to_end(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
+    grpc_port, gateway_port, mock_port, envoy_admin_port = free_ports(4)
     env.update({
         "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
         "POLICYD_DEMO_ONCE": "1", "POLICYD_DEMO_DIR": str(tmp_path / "demo"),
-        "POLICYD_GRPC_PORT": str(free_port()), "POLICYD_GATEWAY_PORT": str(free_port()),
-        "POLICYD_MOCK_PORT": str(free_port()), "POLICYD_ENVOY_ADMIN_PORT": str(free_port()),
+        "POLICYD_GRPC_PORT": str(grpc_port), "POLICYD_GATEWAY_PORT": str(gateway_port),
+        "POLICYD_MOCK_PORT": str(mock_port), "POLICYD_ENVOY_ADMIN_PORT": str(envoy_admin_port),
     })
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
-    out = result.stdout
-    assert result.returncode == 0, out + result.stderr
+    demo = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = demo.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(demo.pid, signal.SIGKILL)
+        stdout, stderr = demo.communicate()
+    logs = "".join(f"\n--- {log.name}:\n{log.read_text(errors='replace')[-4000:]}"
+                   for log in sorted((tmp_path / "demo").glob("*.log")))
+    out = stdout
+    assert demo.returncode == 0, out + stderr + logs
     assert re.search(r"base URL:  http://127\.0\.0\.1:\d+/v1", out)
     keys = re.findall(r"pdk_live_[A-Za-z0-9]{40}", out)
     assert len(set(keys)) == 2
