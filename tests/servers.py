@@ -14,22 +14,19 @@ import time
 from pathlib import Path
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` different free ports (free_port called twice may give the same one)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
+    """A free port never handed out before in this test run: two asked for at once (a test's policyd and its
+    Envoy) are never the same, nor one a process started earlier may still hold."""
+    while True:
+        with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:

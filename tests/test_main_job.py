@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 from tests.conftest import ROOT
-from tests.servers import free_ports
+from tests.servers import free_port
 
 
 def test_make_run_demo_end_to_end(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
-    grpc_port, gateway_port, mock_port, envoy_admin_port = free_ports(4)
+    grpc_port, gateway_port, mock_port, envoy_admin_port = (free_port() for _ in range(4))
     env.update({
         "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
         "POLICYD_DEMO_ONCE": "1", "POLICYD_DEMO_DIR": str(tmp_path / "demo"),
