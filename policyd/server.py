@@ -327,12 +327,12 @@ async def work(settings: Settings, shutdown: asyncio.Event | None = None) -> Non
         raise SystemExit("policyd writer needs a shared Redis (POLICYD_REDIS_URL): the embedded store lives "
                          "inside one serve process, which writes its own records")
     service = await Service.build(settings)
-    await service.start()
-    metrics.serve(settings.metrics_listen)
-    runtime.settle_in()
-    log.info("policyd writer running (database: %s)", settings.database_url.split("://")[0])
     shutdown = shutdown or asyncio.Event()
-    try:
+    try:  # whatever ends it (a signal, the /metrics address taken, a start that failed) stops it in order
+        await service.start()
+        metrics.serve(settings.metrics_listen)
+        runtime.settle_in()
+        log.info("policyd writer running (database: %s)", settings.database_url.split("://")[0])
         await shutdown.wait()
     finally:
         log.info("policyd writer stopping")

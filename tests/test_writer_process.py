@@ -73,3 +73,26 @@ def test_a_separate_writer_process_writes_every_decision_once(redis_server, post
         writer.stop()
         serve.stop()
     assert "Traceback" not in writer.log()
+
+
+def test_a_writer_whose_metrics_address_is_taken_exits_saying_why(redis_server, tmp_path) -> None:
+    """Started, then unable to serve /metrics: it stops what it started and exits naming the address (its
+    loops once kept it running, deaf even to SIGTERM)."""
+    import os
+    import socket
+    import subprocess
+
+    from tests.processes import policyd_command
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
+        env.update(POLICYD_REDIS_URL=redis_server.url.rsplit("/", 1)[0] + "/9",  # a database no other test uses
+                   POLICYD_DATABASE_URL=f"sqlite:///{tmp_path}/w.db", POLICYD_METRICS_LISTEN=address)
+        done = subprocess.run([*policyd_command(), "writer"], env=env, cwd=str(tmp_path), capture_output=True,
+                              text=True, timeout=60)
+    assert done.returncode != 0, done.stderr
+    assert f"cannot serve /metrics on {address}" in done.stderr, done.stderr[-2000:]
+    assert "policyd writer stopped" in done.stderr
