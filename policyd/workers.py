@@ -28,6 +28,8 @@ from policyd.settings import Settings
 log = logging.getLogger("policyd.workers")
 
 RESTART_DELAY_SECONDS = 1.0
+FAILED_STARTS_MAX = 5  # a worker that exits this many times in a row within STARTUP_SECONDS of its start: given up
+STARTUP_SECONDS = 30.0
 STOP_MARGIN_SECONDS = 60.0  # past a worker's shutdown grace: its closing settles and its last drain
 
 
@@ -76,6 +78,7 @@ class Supervisor:
         self.settings = settings
         self.command = command or [sys.executable, "-m", "policyd.cli", "serve"]
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * settings.workers
+        self.started_at = [0.0] * settings.workers
         self.stopping = False
 
     def _start(self, index: int) -> subprocess.Popen[bytes]:
@@ -85,6 +88,7 @@ class Supervisor:
         env.update(worker_environment(self.settings, index))
         process = subprocess.Popen(self.command, env=env)
         self.workers[index] = process
+        self.started_at[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, process.pid)
         return process
 
@@ -95,6 +99,8 @@ class Supervisor:
                 process.send_signal(signal.SIGTERM)
 
     def run(self) -> int:
+        if _listening(self.settings.listen):  # the workers would share it with whatever holds it (SO_REUSEPORT)
+            raise SystemExit(f"cannot listen on {self.settings.listen}: something already listens there")
         signal.signal(signal.SIGTERM, self._stop_all)
         signal.signal(signal.SIGINT, self._stop_all)
         first = self._start(0)
@@ -108,9 +114,19 @@ class Supervisor:
         for index in range(1, len(self.workers)):
             if not self.stopping:
                 self._start(index)
+        failed_starts = [0] * len(self.workers)  # exits in a row, each within STARTUP_SECONDS of its start
+        code = 0
         while not self.stopping:
             for index, process in enumerate(self.workers):
                 if process is not None and process.poll() is not None and not self.stopping:
+                    quick = time.monotonic() - self.started_at[index] < STARTUP_SECONDS
+                    failed_starts[index] = failed_starts[index] + 1 if quick else 0
+                    if failed_starts[index] >= FAILED_STARTS_MAX:  # it cannot start (a setting, an address taken)
+                        log.error("worker %d exited with %s %d times in a row at its start; stopping", index,
+                                  process.returncode, failed_starts[index])
+                        code = process.returncode or 1
+                        self._stop_all()
+                        break
                     log.error("worker %d (pid %d) exited with %s; restarting it", index, process.pid,
                               process.returncode)
                     time.sleep(RESTART_DELAY_SECONDS)
@@ -119,7 +135,6 @@ class Supervisor:
             time.sleep(0.2)
         stop_timeout = self.settings.shutdown_grace_seconds + STOP_MARGIN_SECONDS
         deadline = time.monotonic() + stop_timeout
-        code = 0
         for index, process in enumerate(self.workers):
             if process is None:
                 continue

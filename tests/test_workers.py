@@ -136,3 +136,56 @@ def test_serve_with_workers_on_the_embedded_store_exits_with_the_reason(tmp_path
     env.update(POLICYD_WORKERS="2", POLICYD_DATABASE_URL=f"sqlite:///{tmp_path}/p.db")
     done = subprocess.run([*policyd_command(), "serve"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "shared Redis" in done.stderr
+
+
+def _serve_with_workers(env_settings: dict[str, str], tmp_path) -> "subprocess.CompletedProcess[str]":
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
+    env.update(POLICYD_WORKERS="2", POLICYD_DATABASE_URL=f"sqlite:///{tmp_path}/p.db", **env_settings)
+    return subprocess.run([*policyd_command(), "serve"], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_serve_with_workers_on_an_address_already_taken_exits_saying_why(tmp_path) -> None:
+    """Its workers would share the port with whatever holds it (SO_REUSEPORT): refused before any starts."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        done = _serve_with_workers({"POLICYD_LISTEN": address, "POLICYD_REDIS_URL": "redis://127.0.0.1:1/0"}, tmp_path)
+    assert done.returncode != 0
+    assert f"cannot listen on {address}: something already listens there" in done.stderr, done.stderr[-2000:]
+    assert "worker 0 started" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_start_stops_the_supervisor_instead_of_restarting_for_ever(redis_server, tmp_path) -> None:
+    """Worker 1's /metrics port (the metrics port + 1) is taken: it exits at every start; after
+    FAILED_STARTS_MAX starts in a row the supervisor stops worker 0 and exits non-zero."""
+    import socket
+
+    from policyd.workers import FAILED_STARTS_MAX
+    from tests.servers import free_port
+
+    while True:  # a port taken, the one below it free (worker 0's)
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        worker_1_metrics = taken.getsockname()[1]
+        try:
+            with socket.socket() as below:
+                below.bind(("127.0.0.1", worker_1_metrics - 1))
+            break
+        except OSError:
+            taken.close()
+    with taken:
+        taken.listen()
+        done = _serve_with_workers({
+            "POLICYD_LISTEN": f"127.0.0.1:{free_port()}", "POLICYD_METRICS_LISTEN": f"127.0.0.1:{worker_1_metrics - 1}",
+            "POLICYD_REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/9"}, tmp_path)  # a database no other test uses
+    assert done.returncode != 0, done.stderr[-3000:]
+    assert done.stderr.count(f"cannot serve /metrics on 127.0.0.1:{worker_1_metrics}") == FAILED_STARTS_MAX
+    assert f"worker 1 exited with 1 {FAILED_STARTS_MAX} times in a row at its start; stopping" in done.stderr
+    assert "policyd stopped" in done.stderr and "policyd workers stopped" in done.stderr
