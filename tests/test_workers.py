@@ -4,7 +4,9 @@ that dies is replaced, and SIGTERM stops them all gracefully."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -138,10 +140,7 @@ def test_serve_with_workers_on_the_embedded_store_exits_with_the_reason(tmp_path
     assert done.returncode != 0 and "shared Redis" in done.stderr
 
 
-def _serve_with_workers(env_settings: dict[str, str], tmp_path) -> "subprocess.CompletedProcess[str]":
-    import os
-    import subprocess
-
+def _serve_with_workers(env_settings: dict[str, str], tmp_path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
     env.update(POLICYD_WORKERS="2", POLICYD_DATABASE_URL=f"sqlite:///{tmp_path}/p.db", **env_settings)
     return subprocess.run([*policyd_command(), "serve"], env=env, capture_output=True, text=True, timeout=120)
