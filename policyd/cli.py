@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import os
+import logging
 import signal
 import sys
 import time
@@ -53,9 +54,14 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvloop
 
-        uvloop.run(main())
+        run = uvloop.run
     except ImportError:
-        asyncio.run(main())
+        run = asyncio.run
+    try:
+        run(main())
+    except Exception:  # logged as every line is (JSON, its traceback a field), not printed raw
+        logging.getLogger("policyd").exception("policyd %s ended on an error", args.command)
+        return EXIT_ERROR
     return 0
 
 

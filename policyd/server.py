@@ -95,8 +95,8 @@ class Service:
         return cls(settings, store, counters, book, directory, writer, engine, admin, pool)
 
     async def start(self) -> None:
+        await self.writer.ensure_groups()  # the first call to Redis: one that cannot reach it has nothing to stop
         self._started = True
-        await self.writer.ensure_groups()
         await self.book.load_latest()
         # counters not known whole (the embedded store at start, a Redis that lost its data, a rebuild that
         # died): rewritten from SQL before the first decision, unless another replica is at it

@@ -313,6 +313,24 @@ def test_serve_whose_address_is_taken_ends_at_once_saying_why(tmp_path: Path, se
     assert f"{says} {address}" in done.stderr, done.stderr[-2000:]
 
 
+def test_serve_that_cannot_reach_redis_exits_with_the_error_logged_as_json(tmp_path: Path) -> None:
+    """Redis refusing connections at start: `policyd serve` exits non-zero at once, the error one JSON log line
+    with its traceback a field (not printed raw), and no drain tried of a service that never started."""
+    import os
+
+    from tests.servers import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
+    env.update(POLICYD_LISTEN=f"127.0.0.1:{free_port()}", POLICYD_REDIS_URL="redis://127.0.0.1:1/0",
+               POLICYD_DATABASE_URL=f"sqlite:///{tmp_path}/p.db")
+    done = subprocess.run([*policyd_command(), "serve"], env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]  # every line JSON
+    (error,) = [line for line in lines if line["level"] == "ERROR"]
+    assert error["message"] == "policyd serve ended on an error" and "127.0.0.1:1" in error["exception"]
+
+
 def test_finance_commands(server: PolicydProcess, tmp_path: Path) -> None:
     run(server, "credit", "grant", "--customer", "fin", "--amount", "5")
     secret = json.loads(run(server, "keys", "create", "--customer", "fin", "--plan", "pro", "--json").stdout)["secret"]
