@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 from policyd import keys as key_secrets
 from policyd import redis_keys
@@ -42,6 +43,8 @@ USAGE_LIST_MAX = 1000
 KEYS_PAGE_MAX = 1000  # keys a ListKeys page (also its default: a customer's keys, as before, in one page)
 OWNER_SCOPES = ("customer", "workspace", "project", "team", "end_user")  # the owners given limits of their own
 REBUILD_SECONDS_MAX = 600  # a rebuild that dies holds its partitions' gates and its lock this long at most
+OWNER_CHANGE_SECONDS = 120  # one change of an owner's row at a time: its claim lasts at most this, should its maker die
+OWNER_CHANGE_WAIT_SECONDS = 60  # a change waits this long for another of the same owner's to end
 KEY_SCOPES_MAX = 32
 SCOPE_LENGTH_MAX = 128
 
@@ -322,11 +325,12 @@ class Admin:
         lowers a count already past it refuses the owner's next requests in that window."""
         scope, owner_id = _owner(customer_id, workspace_id, project_id, team_id, end_user_id)
         checked = _key_limits(limits, self.book.current, scope)
-        old = await asyncio.to_thread(self.store.owner_limits_of, customer_id, scope, owner_id)
-        row = OwnerLimitsRow(customer_id=customer_id, scope=scope, owner_id=owner_id, limits=checked,
-                             updated_ms=now_ms(), paused=bool(old and old.paused))  # a paused end user stays so
-        row.seeds = await self._seeded(row, old)
-        await asyncio.to_thread(self.store.save_owner_limits, row)
+        async with self._owner_claimed(customer_id, scope, owner_id):
+            old = await asyncio.to_thread(self.store.owner_limits_of, customer_id, scope, owner_id)
+            row = OwnerLimitsRow(customer_id=customer_id, scope=scope, owner_id=owner_id, limits=checked,
+                                 updated_ms=now_ms(), paused=bool(old and old.paused))  # a paused end user stays so
+            row.seeds = await self._seeded(row, old)
+            await asyncio.to_thread(self.store.save_owner_limits, row)
         return row, await self._owner_changed(customer_id, scope, owner_id)
 
     async def set_end_user_paused(self, customer_id: str, end_user_id: str, paused: bool
@@ -337,11 +341,31 @@ class Admin:
         scope, owner_id = _owner(customer_id, end_user_id=end_user_id)
         if scope != "end_user":
             raise _invalid("invalid_request", "end_user_id is required")
-        row = await asyncio.to_thread(self.store.owner_limits_of, customer_id, scope, owner_id) or OwnerLimitsRow(
-            customer_id=customer_id, scope=scope, owner_id=owner_id, limits=[], seeds={})
-        row.paused, row.updated_ms = paused, now_ms()
-        await asyncio.to_thread(self.store.save_owner_limits, row)
+        async with self._owner_claimed(customer_id, scope, owner_id):
+            row = await asyncio.to_thread(self.store.owner_limits_of, customer_id, scope, owner_id) or \
+                OwnerLimitsRow(customer_id=customer_id, scope=scope, owner_id=owner_id, limits=[], seeds={})
+            row.paused, row.updated_ms = paused, now_ms()
+            await asyncio.to_thread(self.store.save_owner_limits, row)
         return row, await self._owner_changed(customer_id, scope, owner_id)
+
+    @contextlib.asynccontextmanager
+    async def _owner_claimed(self, customer_id: str, scope: str, owner_id: str) -> AsyncIterator[None]:
+        """One change of an owner's row at a time, across replicas: its limits (and their seeds), an end user's
+        pause and a reset's seeds are each read, changed and written whole, so two at once would lose one (a pause
+        undone by a limit change made beside it). Waits for another's to end (OWNER_CHANGE_WAIT_SECONDS at most:
+        ABORTED owner_change_in_progress)."""
+        claim, holder = redis_keys.owner_change(customer_id, scope, owner_id), secrets.token_hex(8)
+        deadline = time.monotonic() + OWNER_CHANGE_WAIT_SECONDS
+        while not await self.counters.claim(claim, holder, OWNER_CHANGE_SECONDS):
+            if time.monotonic() > deadline:
+                raise PolicydError("ABORTED", "owner_change_in_progress",
+                                   f"another change of {scope} {owner_id or customer_id!r}'s limits is being made; "
+                                   "try again once it is done")
+            await asyncio.sleep(0.01)
+        try:
+            yield
+        finally:
+            await self.counters.end_claim(claim, holder)
 
     async def _owner_changed(self, customer_id: str, scope: str, owner_id: str) -> int:
         """After an owner's row changed in SQL: an end user's stamp into Redis, and every key of the customer made
@@ -509,7 +533,10 @@ class Admin:
             raise PolicydError("ABORTED", "reset_in_progress", f"another reset of {target.customer_id!r}'s limits "
                                                                "is being made; try again once it is done")
         try:
-            return target, await self._reset(target, found, reason, at)
+            if target.scope not in OWNER_SCOPES:  # a key's: no owner's row
+                return target, await self._reset(target, found, reason, at)
+            async with self._owner_claimed(target.customer_id, target.scope, target.owner_id):  # its seeds
+                return target, await self._reset(target, found, reason, at)
         finally:
             await self.counters.end_claim(claim, holder)
 

@@ -128,6 +128,12 @@ def limit_reset(customer_id: str) -> str:
     return f"{PREFIX}:limit_reset:{customer_id}"
 
 
+def owner_change(customer_id: str, scope: str, owner_id: str) -> str:
+    """A change of one owner's row of limits while it runs (its limits, an end user's pause, a reset's seeds): one
+    at a time, so none writes the row over another's change."""
+    return f"{PREFIX}:owner_change:{scope}:{len(customer_id)}:{customer_id}:{owner_id}"
+
+
 def cache_change(name: str) -> str:
     """The request changing an explicit cache's time to live (Gemini's PATCH cachedContents/<id>), while it runs:
     one at a time, so each is charged the time past what the one before it was."""

@@ -4,6 +4,8 @@ kept, the audit and a rebuild in agreement, refunds not giving back twice, alert
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 import pytest
 
@@ -164,6 +166,39 @@ async def test_a_reset_forgives_what_an_owner_used_before_its_limit_was_made(ser
     await service.admin.set_owner_limits([], "seeded")
     assert await _used(service, bucket) == 0
     assert (await service.admin.audit()).ok
+
+
+async def test_changes_of_one_owners_row_made_at_once_lose_none(service: Service, monkeypatch) -> None:
+    """An owner's row is read, changed and written whole by a change of its limits, a pause and a reset (its
+    seeds): made at once, on one replica or several, each waits for the other (a claim in Redis), so none is
+    written over. Rounds of a pause beside a change of the end user's limits end paused with the last limits; rounds
+    of a reset beside a change of the customer's limits keep the seed the reset forgave, so the audit agrees."""
+    _, secret = await new_key(service, plan="free", customer="racing")
+    await fund(service, "racing", "10")
+    admin = service.admin
+    for n in range(8):
+        limits = [{"window": "day", "unit": "requests", "limit": 10 + n}]
+        await asyncio.gather(admin.set_end_user_paused("racing", "eve", n % 2 == 0),
+                             admin.set_owner_limits(limits, "racing", end_user_id="eve"))
+        (row,) = [r for r in await admin.owner_limits("racing") if r.owner_id == "eve"]
+        assert (row.paused, row.limits[0]["limit"]) == (n % 2 == 0, 10 + n), n
+
+    saving = service.store.save_owner_limits
+
+    def slowly(row: Any) -> None:  # a change of the limits saved late, as on a busy database: a reset made meanwhile
+        time.sleep(0.2)
+        saving(row)
+
+    monkeypatch.setattr(service.store, "save_owner_limits", slowly)
+    for window in ("month", "day", "hour"):  # a bucket no request counted in yet, each
+        assert (await service.engine.authorize(ask(secret, request_id=f"used-{window}"))).decision == "allow"
+        await service.engine.settle(usage(f"used-{window}"))
+        budget = [{"window": window, "unit": "money", "limit": 10**9}]
+        row, _ = await admin.set_owner_limits(budget, "racing")
+        assert sum(row.seeds.values()) > 0  # what it had used, its seed
+        await asyncio.gather(admin.reset_limits("racing", unit="money"), admin.set_owner_limits(budget, "racing"))
+        await service.writer.drain()
+        assert (await admin.audit()).ok, window
 
 
 async def test_resets_amid_concurrent_requests_keep_the_counts_whole(service: Service) -> None:
