@@ -247,27 +247,27 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
     NOT_SERVING, in-flight calls and the gateway's streams finished (`_stop_serving`: up to the shutdown
     grace, or until `stop_now`, a second signal), background tasks, a last drain."""
     service = await Service.build(settings)
+    try:
+        await service.start()
+    except BaseException:  # a start that fails stops what it started (its loops would keep the process running)
+        await service.close()
+        raise
     separate_admin = bool(settings.admin_listen)
     gateway_streams = ExternalProcessorServicer(service.engine, service.pool)
     metrics.gateway_streams_open.set_function(lambda: gateway_streams.streams_open)
     server, health_servicer = make_grpc_server(service, admin=not separate_admin, gateway_streams=gateway_streams)
     main_names = ("", "policyd.v1.PolicyService") + (() if separate_admin else ("policyd.v1.AdminService",))
     servers = [(server, health_servicer, main_names)]
-    try:  # the addresses bound before anything runs: one taken ends the process at once, nothing started; a start
-        # that fails stops what it started
+    dashboard = None
+    shutdown = shutdown or asyncio.Event()
+    try:  # from here, whatever ends serving (a signal, an address taken, an error) stops the service in order
+        # bound once the service is ready (a gateway connecting earlier is refused, and tries another replica)
         _listen(server, settings.listen, settings, settings.tls_client_ca_file)
         if separate_admin:
             admin_server, admin_health = make_grpc_server(service, policy=False)
             _listen(admin_server, settings.admin_listen, settings,
                     settings.admin_tls_client_ca_file or settings.tls_client_ca_file)
             servers.append((admin_server, admin_health, ("", "policyd.v1.AdminService")))
-        await service.start()
-    except BaseException:
-        await service.close()
-        raise
-    dashboard = None
-    shutdown = shutdown or asyncio.Event()
-    try:  # from here, whatever ends serving (a signal, an address taken, an error) stops the service in order
         metrics.serve(settings.metrics_listen)
         dashboard = await serve_dashboard(service.admin, settings.dashboard_listen, settings.admin_token,
                                           settings.dashboard_viewer_token)
