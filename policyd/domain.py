@@ -389,6 +389,8 @@ class KeySummary:
     reserved: int
     limits: tuple[LimitState, ...]
     models: tuple[tuple[str, str], ...] = ()  # (model, provider) pairs the key may use
+    end_user_id: str = ""  # the end user asked about ("": none)
+    end_user_paused: bool = False  # that end user paused by the operator: its requests refused (end_user_paused)
 
 
 @dataclass(frozen=True)

@@ -836,8 +836,8 @@ class Engine:
         wallet_id = redis_keys.wallet_id(key.customer_id, key.workspace_id) \
             if plan.wallet_scope == "workspace" else key.customer_id
         balance, reserved = await self.counters.wallet(wallet_id)
-        own = await self._end_user_limits_in_force(key, end_user_id) if end_user_id and key.end_user_limits \
-            else key.limits
+        own, end_user = await self._end_user_limits_in_force(key, end_user_id) if end_user_id and key.end_user_limits \
+            else (key.limits, None)
         limits = key_limits.effective(plan.limits, own, policy.document.timezone, self.clock())
         ids = scope_ids(key.customer_id, key.id, key.workspace_id, key.project_id, key.team_id,
                         end_user_id=end_user_id)
@@ -847,7 +847,8 @@ class Engine:
                        if s["limit"].action != "shadow")
         return KeySummary(key.id, key.customer_id, key.plan, policy.document.currency,
                           None if plan.wallet == "none" else balance, reserved, states,
-                          tuple(self.models_allowed(policy, plan, key.scopes, key.environment))), None
+                          tuple(self.models_allowed(policy, plan, key.scopes, key.environment)),
+                          end_user_id, bool(end_user and end_user.paused)), None
 
     async def describe_request(self, api_key: str, request_id: str,
                                wait_ms: int = 0) -> tuple[RequestSummary | None, Decision | None]:
@@ -911,14 +912,15 @@ class Engine:
             self._end_user_limits[cached] = found
         return key.limits + found[0], found[1]
 
-    async def _end_user_limits_in_force(self, key: KeyRecord, end_user: str) -> tuple[Limit, ...]:
+    async def _end_user_limits_in_force(self, key: KeyRecord, end_user: str
+                                        ) -> tuple[tuple[Limit, ...], EndUserTerms]:
         """As `_with_end_user_limits`, for a question outside the authorize script: the remembered ones checked
         against their stamp in Redis, read again when it changed."""
         own, terms = await self._with_end_user_limits(key, end_user)
         if await self.counters.stored_end_user_stamp(key.customer_id, end_user) != terms.stamp:
             self._end_user_limits.pop((key.customer_id, end_user), None)
-            own, _ = await self._with_end_user_limits(key, end_user)
-        return own
+            own, terms = await self._with_end_user_limits(key, end_user)
+        return own, terms
 
     def _stale(self, result: AuthorizeResult, secret_hash: str, end_user: EndUserTerms | None) -> Decision:
         """The operator changed the key's terms, or the end user's own limits, since this process read them: read

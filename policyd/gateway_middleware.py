@@ -174,7 +174,8 @@ class PolicydMiddleware:
             currency=message.balance.currency, balance=message.balance.nanos if message.has_wallet else None,
             reserved=message.reserved.nanos,
             limits=tuple(LimitState(s.name, s.scope, s.window, s.unit, s.limit, s.used, s.resets_unix)
-                         for s in message.limits))))
+                         for s in message.limits),
+            end_user_id=message.end_user_id, end_user_paused=message.end_user_paused)))
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, int, bool]:
         """(the body, its size, whether it arrived whole); past body_bytes_max only the size is kept."""

@@ -1954,7 +1954,8 @@ def body_sent(body: Any, rewritten: dict[str, Any] | MultipartForm | None, decod
 
 
 def key_summary_body(summary: KeySummary) -> bytes:
-    """GET /v1/key: what the key may still spend, money as exact decimal text of the policy's currency."""
+    """GET /v1/key: what the key may still spend, money as exact decimal text of the policy's currency; with an end
+    user named (x-end-user-id), `end_user`: its id and whether the operator paused it (its requests refused)."""
     def amount(unit: str, value: int) -> int | str:
         return format_amount(value) if unit in MONEY_UNITS else value
 
@@ -1968,6 +1969,7 @@ def key_summary_body(summary: KeySummary) -> bytes:
                     "limit": amount(s.unit, s.limit), "used": amount(s.unit, s.used),
                     "remaining": amount(s.unit, max(s.limit - s.used, 0)), "resets_at": s.resets_unix or None}
                    for s in summary.limits],
+        **({"end_user": {"id": summary.end_user_id, "paused": summary.end_user_paused}} if summary.end_user_id else {}),
     }).encode()
 
 

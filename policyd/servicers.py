@@ -295,6 +295,7 @@ def key_summary_message(s: KeySummary) -> policy_pb2.KeySummary:
                                       limit=limit.limit, used=limit.used, resets_unix=limit.resets_unix)
                 for limit in s.limits],
         models=[policy_pb2.KeyModel(id=model, owned_by=owner) for model, owner in s.models],
+        end_user_id=s.end_user_id, end_user_paused=s.end_user_paused,
     )
 
 

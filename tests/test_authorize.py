@@ -566,7 +566,8 @@ async def test_an_end_user_paused_is_refused_from_every_key_until_resumed(servic
     """Admin.set_end_user_paused: the requests naming a paused end user, of any key of its customer, are refused
     (end_user_paused, 403, param user; recorded, nothing held) from the next decision, on a replica that remembered
     it unpaused too; its other end users are served; its own limits are kept (and may change) while paused and bind
-    once resumed; an end user with no limits paused and resumed leaves no row; a pause outlives the counters' loss."""
+    once resumed; an end user with no limits paused and resumed leaves no row; a pause outlives the counters' loss.
+    The key's holder asking of the end user (GET /v1/key with x-end-user-id) is told it is paused, and when resumed."""
     import yaml
 
     from policyd.domain import PolicydError
@@ -596,11 +597,20 @@ async def test_an_end_user_paused_is_refused_from_every_key_until_resumed(servic
     assert {(d.decision, d.reason, d.http_status, d.error_param) for d in refused} == {
         ("deny", "end_user_paused", 403, "user")}
     assert (await asked("bob")).decision == "allow"
+
+    async def paused_as_the_key_asks(end_user: str) -> tuple[str, bool]:  # GET /v1/key with x-end-user-id
+        summary, denial = await service.engine.key_summary(second, end_user)
+        assert denial is None
+        return summary.end_user_id, summary.end_user_paused
+
+    assert [await paused_as_the_key_asks(user) for user in ("alice", "bob")] == [("alice", True), ("bob", False)]
+    assert (await service.engine.key_summary(second))[0].end_user_id == ""
     assert (await admin.set_owner_limits(limit(4), "app", end_user_id="alice"))[1] == 0  # a change of her limits
     assert (await asked("alice")).reason == "end_user_paused"  # ... leaves her paused
     listed = {r.owner_id: r for r in await admin.owner_limits("app")}
     assert (listed["alice"].paused, listed["alice"].limits[0]["limit"]) == (True, 4)
     await admin.set_end_user_paused("app", "alice", False)
+    assert await paused_as_the_key_asks("alice") == ("alice", False)  # resumed, on a replica that remembered her paused
     assert [(await asked("alice")).decision for _ in range(4)] == ["allow", "allow", "allow", "deny"]  # her 4
 
     _, solo = await new_key(service, plan="free", customer="solo")

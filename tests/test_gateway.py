@@ -1999,9 +1999,11 @@ def an_end_users_budget_as_its_key_asks(gateway: Any, customer: str) -> None:
     assert code == 200 and (hers["name"], hers["limit"], hers["used"], hers["remaining"]) == (
         "end_user-money-day", "1.000000000", format_amount(charged), format_amount(parse_amount("1") - charged))
     assert charged > 0 and hers["resets_at"] > time.time()
+    assert answer["end_user"] == {"id": "ann", "paused": False}
     for asked in ("", "bo"):
-        assert not [limit for limit in key_summary(gateway.base_url, key, asked)[1]["limits"]
-                    if limit["name"] == "end_user-money-day"]
+        other = key_summary(gateway.base_url, key, asked)[1]
+        assert not [limit for limit in other["limits"] if limit["name"] == "end_user-money-day"]
+        assert other.get("end_user") == ({"id": "bo", "paused": False} if asked else None)
 
 
 def test_a_key_asks_what_it_may_still_spend(gateway: Gateway) -> None:
@@ -2359,7 +2361,8 @@ def test_an_end_user_paused_by_the_operator_is_refused_before_the_provider(gatew
     not, of any key of its customer, are refused 403 end_user_paused before the provider, nothing charged; the
     customer's other end users are served; resumed, it is served again."""
     customer = f"e2e-paused-{gateway.shape}"
-    clients = [gateway.client(gateway.customer(customer)), gateway.client(gateway.customer(customer, credit=""))]
+    keys = [gateway.customer(customer), gateway.customer(customer, credit="")]
+    clients = [gateway.client(key) for key in keys]
     ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"mallory asks {gateway.shape}"}],
            "max_tokens": 4}
     paused = gateway.admin.SetEndUserPaused(admin_pb2.SetEndUserPausedRequest(
@@ -2375,7 +2378,11 @@ def test_an_end_user_paused_by_the_operator_is_refused_before_the_provider(gatew
     assert clients[0].chat.completions.create(**ask, user="trent").choices
     assert sum(r["body"].get("messages") == ask["messages"] for r in gateway.mock.received()) == 1  # trent's alone
     assert gateway.wallet_at_rest(customer).reserved_nanos == 0
+    told = [key_summary(gateway.base_url, keys[1], user) for user in ("mallory", "trent")]  # GET /v1/key, as an app asks
+    assert [(code, answer["end_user"]) for code, answer in told] == [
+        (200, {"id": "mallory", "paused": True}), (200, {"id": "trent", "paused": False})]
     gateway.admin.SetEndUserPaused(admin_pb2.SetEndUserPausedRequest(customer_id=customer, end_user_id="mallory"))
+    assert key_summary(gateway.base_url, keys[0], "mallory")[1]["end_user"] == {"id": "mallory", "paused": False}
     assert clients[1].chat.completions.create(**ask, user="mallory").choices
 
 

@@ -195,6 +195,8 @@ export interface KeySummary {
   reservedNanos: bigint;    // held for requests in flight
   limits: LimitState[];
   models: { id: string; ownedBy: string }[];  // the models the key may use (for answering GET /v1/models)
+  endUserId: string;        // the end user asked about ("": none)
+  endUserPaused: boolean;   // that end user paused by the operator: its requests refused (end_user_paused)
 }
 
 /** One request of the key's customer, as its holder may see it (GET /v1/requests/{id}): never its cost. */
@@ -340,6 +342,7 @@ export class PolicyClient {
       limits: r.limits.map((l) => ({ name: l.name, scope: l.scope, window: l.window, unit: l.unit,
                                     limit: BigInt(l.limit), used: BigInt(l.used), resetsUnix: Number(l.resetsUnix) })),
       models: r.models.map((m) => ({ id: m.id, ownedBy: m.ownedBy })),
+      endUserId: r.endUserId, endUserPaused: r.endUserPaused,
     };
   }
 

@@ -164,6 +164,9 @@ test("a key is described: its wallet and the current window of its limits", asyn
     assert.ok(rpm && rpm.unit === "requests" && rpm.limit === 20n && rpm.resetsUnix > 0);
     assert.ok(summary.models.some((m) => m.id === "gpt-4o-mini" && m.ownedBy === "openai"));
     assert.ok(!summary.models.some((m) => m.id === "gpt-4o"));  // premium: not the free plan's
+    assert.equal(summary.endUserId, "");
+    const named = await policy.describeKey(apiKey, "node-user");
+    assert.deepEqual([named.endUserId, named.endUserPaused], ["node-user", false]);
     await assert.rejects(policy.describeKey("pdk_live_" + "Q".repeat(40)),
       (e: unknown) => e instanceof PolicydCallError && e.code === grpc.status.UNAUTHENTICATED && e.reason === "invalid_api_key");
   } finally {

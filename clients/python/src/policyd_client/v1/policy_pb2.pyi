@@ -211,7 +211,7 @@ class DescribeKeyRequest(_message.Message):
     def __init__(self, api_key: _Optional[str] = ..., end_user_id: _Optional[str] = ...) -> None: ...
 
 class KeySummary(_message.Message):
-    __slots__ = ("key_id", "customer_id", "plan", "has_wallet", "balance", "reserved", "limits", "models")
+    __slots__ = ("key_id", "customer_id", "plan", "has_wallet", "balance", "reserved", "limits", "models", "end_user_id", "end_user_paused")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,8 @@ class KeySummary(_message.Message):
     RESERVED_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    END_USER_ID_FIELD_NUMBER: _ClassVar[int]
+    END_USER_PAUSED_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     customer_id: str
     plan: str
@@ -228,7 +230,9 @@ class KeySummary(_message.Message):
     reserved: _types_pb2.Money
     limits: _containers.RepeatedCompositeFieldContainer[LimitState]
     models: _containers.RepeatedCompositeFieldContainer[KeyModel]
-    def __init__(self, key_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., has_wallet: _Optional[bool] = ..., balance: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., reserved: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[LimitState, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[KeyModel, _Mapping]]] = ...) -> None: ...
+    end_user_id: str
+    end_user_paused: bool
+    def __init__(self, key_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., has_wallet: _Optional[bool] = ..., balance: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., reserved: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., limits: _Optional[_Iterable[_Union[LimitState, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[KeyModel, _Mapping]]] = ..., end_user_id: _Optional[str] = ..., end_user_paused: _Optional[bool] = ...) -> None: ...
 
 class KeyModel(_message.Message):
     __slots__ = ("id", "owned_by")
