@@ -289,8 +289,21 @@ class Admin:
 
     async def set_limits(self, key_id: str, limits: list[dict[str, Any]]) -> ApiKeyRow:
         """Give a key its own limits (none: the plan's alone); they bind from the next decision on every
-        replica. A limit that lowers a count already past it refuses the key's next requests in that window."""
-        return await self._change_key(key_id, limits=_key_limits(limits, self.book.current))
+        replica. A limit that lowers a count already past it refuses the key's next requests in that window. A
+        money or request limit whose bucket nothing counted in yet starts from what the key had used in its window
+        (its seed, as an owner's: `_seeded`)."""
+        checked = _key_limits(limits, self.book.current)
+        customer_id = (await self._usable_key(key_id)).customer_id
+        async with self._owner_claimed(customer_id, "key", key_id):
+            row = await self._usable_key(key_id)
+            row.limits = checked
+            policy = self.book.current
+            own = key_limits.effective((), key_limits.as_limits(checked), policy.document.timezone if policy else "",
+                                       now_ms())
+            row.seeds = await self._seeded(customer_id, "key", key_id, own,
+                                           quotas.scope_ids(customer_id, key_id)["key"], row.seeds) or None
+            await self._save_and_publish(row)
+        return row
 
     async def set_scopes(self, key_id: str, scopes: list[str]) -> ApiKeyRow:
         """Narrow (or widen back, within its plan) the models a key may use: globs or tier:NAME, none = the
@@ -329,7 +342,8 @@ class Admin:
             old = await asyncio.to_thread(self.store.owner_limits_of, customer_id, scope, owner_id)
             row = OwnerLimitsRow(customer_id=customer_id, scope=scope, owner_id=owner_id, limits=checked,
                                  updated_ms=now_ms(), paused=bool(old and old.paused))  # a paused end user stays so
-            row.seeds = await self._seeded(row, old)
+            limits, ids = self._owner_buckets(row)
+            row.seeds = await self._seeded(customer_id, scope, owner_id, limits, ids[scope], old.seeds if old else None)
             await asyncio.to_thread(self.store.save_owner_limits, row)
         return row, await self._owner_changed(customer_id, scope, owner_id)
 
@@ -415,21 +429,21 @@ class Admin:
                 return
             stamp = now
 
-    async def _seeded(self, row: OwnerLimitsRow, old: OwnerLimitsRow | None) -> dict[str, int]:
-        """What the owner had used before its limits were made, in the buckets of their current windows that no
-        request has counted in yet (no plan limit of theirs): written into each bucket (money and requests; tokens
-        count from the limit's making), so a budget set mid-month counts the month's spend; kept with the limits
-        (`seeds`) for the audit and a rebuild, whose records name no such bucket. Seeds of buckets no limit keeps
-        are taken back out of them. `old`: the owner's row before."""
+    async def _seeded(self, customer_id: str, scope: str, owner_id: str, limits: tuple[Any, ...], scope_id: str,
+                      old_seeds: dict[str, int] | None) -> dict[str, int]:
+        """What the owner (a key, or a customer, workspace, project, team or end user of it) had used before its
+        limits were made, in the buckets of their current windows that no request has counted in yet (no plan limit
+        of theirs): written into each bucket (money and requests; tokens count from the limit's making), so a
+        budget set mid-month counts the month's spend; kept with the limits (`seeds`) for the audit and a rebuild,
+        whose records name no such bucket. Seeds of buckets no limit keeps are taken back out of them. `limits`:
+        its own, as its requests count them; `scope_id`: its buckets' id (quotas.scope_ids); `old_seeds`: before."""
         at = now_ms()
-        seeds = {key: amount for key, amount in ((old.seeds or {}) if old else {}).items()
-                 if remaining_ttl(key, at // 1000) is not None}
-        limits, ids = self._owner_buckets(row)
-        partition = self.counters.partition_of(row.customer_id)
+        seeds = {key: amount for key, amount in (old_seeds or {}).items() if remaining_ttl(key, at // 1000) is not None}
+        partition = self.counters.partition_of(customer_id)
         kept: dict[str, int] = {}
         caught_up = False
         for limit in limits:
-            hold, window = quotas.hold_for(limit, partition, ids[row.scope], at // 1000, 0, Quantities())
+            hold, window = quotas.hold_for(limit, partition, scope_id, at // 1000, 0, Quantities())
             if hold.key in seeds:
                 kept[hold.key] = seeds.pop(hold.key)
                 continue
@@ -438,8 +452,8 @@ class Admin:
             if not caught_up:
                 await self.catch_up()
                 caught_up = True
-            used = await asyncio.to_thread(self.store.used_before, row.customer_id, row.scope, row.owner_id,
-                                           limit.unit, window.start * 1000, at + 1)
+            used = await asyncio.to_thread(self.store.used_before, customer_id, scope, owner_id, limit.unit,
+                                           window.start * 1000, at + 1)
             if used and await self.counters.client.hsetnx(hold.key, "used", str(used)):  # none counted meanwhile
                 if hold.ttl_seconds > 0:
                     await self.counters.client.expire(hold.key, hold.ttl_seconds)
@@ -449,11 +463,12 @@ class Admin:
         return kept
 
     async def _held_by_bucket(self) -> dict[str, int]:
-        """Bucket key -> what it should hold: what the records imply, and what owners had used before their limits
-        were made (their seeds), less what resets forgave (limit_resets.py)."""
+        """Bucket key -> what it should hold: what the records imply, and what owners and keys had used before their
+        limits were made (their seeds), less what resets forgave (limit_resets.py)."""
         held = await asyncio.to_thread(self.store.held_by_bucket)
-        for row in await asyncio.to_thread(self.store.owner_limits):
-            for key, amount in (row.seeds or {}).items():
+        seeds = [row.seeds or {} for row in await asyncio.to_thread(self.store.owner_limits)]
+        for seeded in seeds + await asyncio.to_thread(self.store.key_seeds):
+            for key, amount in seeded.items():
                 held[key] = held.get(key, 0) + amount
         for key, amount in (await asyncio.to_thread(self.store.reset_by_bucket)).items():
             held[key] = held.get(key, 0) - amount
@@ -533,7 +548,7 @@ class Admin:
             raise PolicydError("ABORTED", "reset_in_progress", f"another reset of {target.customer_id!r}'s limits "
                                                                "is being made; try again once it is done")
         try:
-            if target.scope not in OWNER_SCOPES:  # a key's: no owner's row
+            if target.scope not in (*OWNER_SCOPES, "key"):  # a feature's, a model's, a thread's: no seeds
                 return target, await self._reset(target, found, reason, at)
             async with self._owner_claimed(target.customer_id, target.scope, target.owner_id):  # its seeds
                 return target, await self._reset(target, found, reason, at)
@@ -545,9 +560,13 @@ class Admin:
         """Each bucket found reset (under the customer's claim): what its settled requests by `at` and its seed
         put in it, less what earlier resets took, taken out; kept in SQL."""
         await self.catch_up()  # what was settled before `at` is in SQL
-        # what the owner had used before its limits were made is kept with them (its buckets' seeds: _seeded)
-        own_row = await asyncio.to_thread(self.store.owner_limits_of, target.customer_id, target.scope,
-                                          target.owner_id) if target.scope in OWNER_SCOPES else None
+        # what the owner (or the key) had used before its limits were made is kept with them (its seeds: _seeded)
+        own_row: OwnerLimitsRow | ApiKeyRow | None = None
+        if target.scope in OWNER_SCOPES:
+            own_row = await asyncio.to_thread(self.store.owner_limits_of, target.customer_id, target.scope,
+                                              target.owner_id)
+        elif target.scope == "key":
+            own_row = await asyncio.to_thread(self.store.key, target.owner_id)
         seeded = {key: own_row for key in (own_row.seeds or {})} if own_row is not None else {}
         earlier = await asyncio.to_thread(self.store.reset_by_bucket, target.customer_id)
         partition = self.counters.partition_of(target.customer_id)

@@ -51,6 +51,9 @@ class ApiKeyRow(Base):
     # reading an end user's a request names (Engine._with_end_user_limits); a change of one end user's binds
     # through its stamp in Redis (redis_keys.end_user_terms), the key unchanged
     end_user_limits: Mapped[str | None] = mapped_column(String(16), default="", nullable=True)
+    # bucket key -> what the key had used in that bucket's window before its own limit was made (no request named
+    # the bucket then), as an owner's seeds (OwnerLimitsRow.seeds); None: none
+    seeds: Mapped[dict[str, int] | None] = mapped_column(JSON(none_as_null=True), default=None, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_ms: Mapped[int] = mapped_column(BigInteger)
     rotated_ms: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -138,7 +138,7 @@ def used_before_query(customer_id: str, scope: str, owner_id: str, unit: str, si
                                          r.created_ms < until_ms, r.decision != "deny")
     if scope != "customer":
         query = query.where({"workspace": r.workspace_id, "project": r.project_id, "team": r.team_id,
-                             "end_user": r.end_user_id}[scope] == owner_id)
+                             "end_user": r.end_user_id, "key": r.api_key_id}[scope] == owner_id)
     return query
 
 
@@ -475,14 +475,22 @@ class Store:
         with self.session() as session:
             return {str(key): int(total) for key, total in session.execute(text(query), params) if key is not None}
 
-    def save_limit_reset(self, row: LimitResetRow, seeded: OwnerLimitsRow | None = None) -> None:
-        """A reset, and the owner's limits whose seed it forgave (part of), in one transaction."""
+    def save_limit_reset(self, row: LimitResetRow, seeded: OwnerLimitsRow | ApiKeyRow | None = None) -> None:
+        """A reset, and the owner's limits (or the key) whose seed it forgave (part of), in one transaction."""
         with self.session() as session, session.begin():
             session.add(row)
-            if seeded is not None:
+            if isinstance(seeded, ApiKeyRow):
+                session.execute(update(ApiKeyRow).where(ApiKeyRow.id == seeded.id).values(seeds=seeded.seeds))
+            elif seeded is not None:
                 session.execute(update(OwnerLimitsRow).where(
                     OwnerLimitsRow.customer_id == seeded.customer_id, OwnerLimitsRow.scope == seeded.scope,
                     OwnerLimitsRow.owner_id == seeded.owner_id).values(seeds=seeded.seeds))
+
+    def key_seeds(self) -> list[dict[str, int]]:
+        """The seeds of every key that has some (ApiKeyRow.seeds)."""
+        with self.session() as session:
+            return [seeds for seeds in session.scalars(select(ApiKeyRow.seeds).where(ApiKeyRow.seeds.is_not(None)))
+                    if seeds]
 
     def limit_resets(self, customer_id: str = "") -> list[LimitResetRow]:
         """The resets of a customer's limits (every customer's: ""), oldest first."""

@@ -168,6 +168,44 @@ async def test_a_reset_forgives_what_an_owner_used_before_its_limit_was_made(ser
     assert (await service.admin.audit()).ok
 
 
+async def test_a_keys_own_limit_set_mid_window_counts_what_the_key_used_before_it(service: Service) -> None:
+    """A key's own limit whose bucket nothing counted in yet starts from what the key had used in its window (its
+    seed, kept on the key), as an owner's does: a budget set mid-month counts the month's spend, so a key past it
+    is refused at once; another key of the customer is not counted; the audit and a rebuild agree; a reset forgives
+    the seed too; the limit taken off leaves its bucket at what its records imply."""
+    key_id, secret = await new_key(service, plan="free", customer="keyseed")
+    _, sibling = await new_key(service, plan="free", customer="keyseed")
+    await fund(service, "keyseed", "10")
+    charged = held = 0
+    for n in range(2):
+        decision = await service.engine.authorize(ask(secret, request_id=f"ks-{n}"))
+        assert decision.decision == "allow"
+        held = decision.reserved  # a request's hold
+        charged += (await service.engine.settle(usage(f"ks-{n}"))).charge
+    assert (await service.engine.authorize(ask(sibling, request_id="ks-sibling"))).decision == "allow"
+    await service.engine.settle(usage("ks-sibling"))
+    budget = [{"window": "month", "unit": "money", "limit": charged + held // 2}]  # room for half a hold more
+    row = await service.admin.set_limits(key_id, budget)
+    (bucket,) = row.seeds
+    assert row.seeds[bucket] == charged and await _used(service, bucket) == charged  # its own two, not the sibling's
+    refused = await service.engine.authorize(ask(secret, request_id="ks-past"))
+    assert (refused.decision, refused.reason) == ("deny", "budget_exceeded")
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+    await counters_lost_and_rebuilt(service)
+    assert await _used(service, bucket) == charged and (await service.admin.audit()).ok
+    _, (reset,) = await service.admin.reset_limits(key_id=key_id, unit="money", window="month")
+    assert (reset.forgiven, reset.used) == (charged, 0)
+    assert (await service.admin.get_key(key_id)).seeds == {bucket: 0}  # forgiven out of the seed
+    assert (await service.engine.authorize(ask(secret, request_id="ks-after"))).decision == "allow"
+    after = (await service.engine.settle(usage("ks-after"))).charge
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+    assert (await service.admin.set_limits(key_id, [])).seeds is None
+    assert await _used(service, bucket) == after  # what its records imply, less the reset
+    assert (await service.admin.audit()).ok
+
+
 async def test_changes_of_one_owners_row_made_at_once_lose_none(service: Service, monkeypatch) -> None:
     """An owner's row is read, changed and written whole by a change of its limits, a pause and a reset (its
     seeds): made at once, on one replica or several, each waits for the other (a claim in Redis), so none is

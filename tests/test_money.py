@@ -2418,8 +2418,8 @@ async def test_a_request_that_holds_nothing_is_not_refused_by_a_wallet_or_budget
     assert (paid.decision, paid.reason, free.decision, free.reserved) == ("deny", "insufficient_quota", "allow", 0)
     assert (await service.engine.settle(usage(free.request_id, input_tokens=40, output_tokens=30))).charge == 0
     await fund(service, "overdrawn", "5")
-    await service.admin.set_limits(key_id, [{"window": "day", "unit": "money", "limit": 1},
-                                            {"window": "day", "unit": "requests", "limit": 4}])
+    await service.admin.set_limits(key_id, [{"window": "day", "unit": "money", "limit": 1},  # counting the day's
+                                            {"window": "day", "unit": "requests", "limit": 6}])  # 2 served before
     paid, free = await asked("gpt-4o-mini", 2), await asked("local-llama", 2)
     assert (paid.decision, paid.reason, paid.message.endswith("(key-money-day)")) == ("deny", "budget_exceeded", True)
     assert (free.decision, free.reserved) == ("allow", 0)
