@@ -274,12 +274,12 @@ class Admin:
         return _page(rows, count, lambda last: f"{last.created_ms}/{last.id}")
 
     async def set_state(self, key_id: str, status: str) -> ApiKeyRow:
-        row = await self.get_key(key_id)
-        if row.status == "revoked" and status != "revoked":
-            raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be used again")
-        row.status = status
-        row.status_changed_ms = now_ms()
-        await self._save_and_publish(row)
+        async with self._key_claimed(key_id) as row:
+            if row.status == "revoked" and status != "revoked":
+                raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be used again")
+            row.status = status
+            row.status_changed_ms = now_ms()
+            await self._save_and_publish(row)
         return row
 
     async def set_expiry(self, key_id: str, expires_ms: int) -> ApiKeyRow:
@@ -293,15 +293,13 @@ class Admin:
         money or request limit whose bucket nothing counted in yet starts from what the key had used in its window
         (its seed, as an owner's: `_seeded`)."""
         checked = _key_limits(limits, self.book.current)
-        customer_id = (await self._usable_key(key_id)).customer_id
-        async with self._owner_claimed(customer_id, "key", key_id):
-            row = await self._usable_key(key_id)
+        async with self._key_claimed(key_id, usable=True) as row:
             row.limits = checked
             policy = self.book.current
             own = key_limits.effective((), key_limits.as_limits(checked), policy.document.timezone if policy else "",
                                        now_ms())
-            row.seeds = await self._seeded(customer_id, "key", key_id, own,
-                                           quotas.scope_ids(customer_id, key_id)["key"], row.seeds) or None
+            row.seeds = await self._seeded(row.customer_id, "key", key_id, own,
+                                           quotas.scope_ids(row.customer_id, key_id)["key"], row.seeds) or None
             await self._save_and_publish(row)
         return row
 
@@ -312,11 +310,23 @@ class Admin:
 
     async def _change_key(self, key_id: str, **fields: Any) -> ApiKeyRow:
         """Change a key that is not revoked, and publish its new state (and terms) to every replica."""
-        row = await self._usable_key(key_id)
-        for name, value in fields.items():
-            setattr(row, name, value)
-        await self._save_and_publish(row)
+        async with self._key_claimed(key_id, usable=True) as row:
+            for name, value in fields.items():
+                setattr(row, name, value)
+            await self._save_and_publish(row)
         return row
+
+    @contextlib.asynccontextmanager
+    async def _key_claimed(self, key_id: str, usable: bool = False) -> AsyncIterator[ApiKeyRow]:
+        """The key as SQL holds it, read under its claim (the owner claim of scope key: `_owner_claimed`), for a
+        change to be written and published whole before another's begins: each change of a key (its state, limits
+        and their seeds, plan, scopes, expiry, secret, its owners' limits it carries) reads, changes and writes its
+        row whole, and publishes the terms it wrote, so two at once could lose one, or leave Redis with the terms
+        of the one SQL does not hold (its requests then refused as stale until its next change). `usable`: a
+        revoked key refused (key_revoked)."""
+        customer_id = (await self.get_key(key_id)).customer_id
+        async with self._owner_claimed(customer_id, "key", key_id):
+            yield await (self._usable_key(key_id) if usable else self.get_key(key_id))
 
     async def _usable_key(self, key_id: str) -> ApiKeyRow:
         row = await self.get_key(key_id)
@@ -392,10 +402,13 @@ class Admin:
         while True:  # until no other change of the customer's owners came meanwhile (each ends on the last state)
             keys = await self.list_keys(customer_id) if scope != "end_user" else \
                 await asyncio.to_thread(self.store.keys_to_flag, customer_id, end_users)  # the rest have it
-            for key in keys:
-                if key.status != "revoked" and _bound_to_owners(key, given, end_users):
-                    await self._save_and_publish(key)
-                    changed.add(key.id)
+            for listed in keys:
+                if listed.status == "revoked" or not _bound_to_owners(listed, given, end_users):
+                    continue
+                async with self._key_claimed(listed.id) as key:  # as SQL holds it now (a change of it may be made)
+                    if key.status != "revoked" and _bound_to_owners(key, given, end_users):
+                        await self._save_and_publish(key)
+                        changed.add(key.id)
             now_given, now_end_users = await self._owners_of_keys(customer_id)
             if [(r.scope, r.owner_id, r.limits) for r in now_given] == [(r.scope, r.owner_id, r.limits)
                                                                         for r in given] and now_end_users == end_users:
@@ -641,29 +654,29 @@ class Admin:
             if not rows:
                 raise PolicydError("NOT_FOUND", "unknown_customer", f"customer {customer_id!r} has no keys")
         moved = []
-        for row in rows:
-            if row.status == "revoked" or row.plan == plan:
-                continue
-            row.plan = plan
-            await self._save_and_publish(row)
+        for listed in rows:
+            async with self._key_claimed(listed.id) as row:
+                if row.status == "revoked" or row.plan == plan:
+                    continue
+                row.plan = plan
+                await self._save_and_publish(row)
             moved.append(row)
         return moved
 
     async def rotate_key(self, key_id: str, grace_seconds: int = ROTATION_GRACE_SECONDS_DEFAULT) -> KeyCreation:
         if not 0 <= grace_seconds <= ROTATION_GRACE_SECONDS_MAX:
             raise _invalid("invalid_request", f"grace_seconds must be between 0 and {ROTATION_GRACE_SECONDS_MAX}")
-        row = await self.get_key(key_id)
-        if row.status == "revoked":
-            raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be rotated")
-        secret = key_secrets.new_secret(test=row.prefix.startswith("pdk_test_"))
-        at = now_ms()
-        row.previous_secret_hash = row.secret_hash if grace_seconds > 0 else None
-        row.previous_expires_ms = at + grace_seconds * 1000 if grace_seconds > 0 else 0
-        row.secret_hash = key_secrets.hash_secret(secret)
-        row.prefix = key_secrets.display_prefix(secret)
-        row.rotated_ms = at
-        await asyncio.to_thread(self.store.save_key, row)
-        await self._publish_key(row)
+        async with self._key_claimed(key_id) as row:
+            if row.status == "revoked":
+                raise PolicydError("FAILED_PRECONDITION", "key_revoked", "a revoked key cannot be rotated")
+            secret = key_secrets.new_secret(test=row.prefix.startswith("pdk_test_"))
+            at = now_ms()
+            row.previous_secret_hash = row.secret_hash if grace_seconds > 0 else None
+            row.previous_expires_ms = at + grace_seconds * 1000 if grace_seconds > 0 else 0
+            row.secret_hash = key_secrets.hash_secret(secret)
+            row.prefix = key_secrets.display_prefix(secret)
+            row.rotated_ms = at
+            await self._save_and_publish(row)
         self.directory.remember(row.secret_hash, key_record(row))
         return KeyCreation(row, secret)
 

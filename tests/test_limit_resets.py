@@ -210,7 +210,8 @@ async def test_changes_of_one_owners_row_made_at_once_lose_none(service: Service
     """An owner's row is read, changed and written whole by a change of its limits, a pause and a reset (its
     seeds): made at once, on one replica or several, each waits for the other (a claim in Redis), so none is
     written over. Rounds of a pause beside a change of the end user's limits end paused with the last limits; rounds
-    of a reset beside a change of the customer's limits keep the seed the reset forgave, so the audit agrees."""
+    of a reset beside a change of the customer's limits keep the seed the reset forgave, so the audit agrees. So for a
+    key: its own limits, its state and its customer's limits (which it carries) changed at once all stand."""
     _, secret = await new_key(service, plan="free", customer="racing")
     await fund(service, "racing", "10")
     admin = service.admin
@@ -220,6 +221,18 @@ async def test_changes_of_one_owners_row_made_at_once_lose_none(service: Service
                              admin.set_owner_limits(limits, "racing", end_user_id="eve"))
         (row,) = [r for r in await admin.owner_limits("racing") if r.owner_id == "eve"]
         assert (row.paused, row.limits[0]["limit"]) == (n % 2 == 0, 10 + n), n
+
+    key_id, _ = await new_key(service, plan="free", customer="racing")
+    for n in range(6):  # a key's own limits, its state and its customer's limits (which every key carries) at once
+        state = "paused" if n % 2 else "active"
+        await asyncio.gather(admin.set_limits(key_id, [{"window": "day", "unit": "requests", "limit": 20 + n}]),
+                             admin.set_state(key_id, state),
+                             admin.set_owner_limits([{"window": "day", "unit": "requests", "limit": 1000 + n}],
+                                                    "racing"))
+        key = await admin.get_key(key_id)
+        assert (key.status, key.limits[0]["limit"], key.owner_limits[0]["limit"]) == (state, 20 + n, 1000 + n), n
+    await admin.set_state(key_id, "active")
+    assert (await service.engine.authorize(ask(secret, request_id="racing-after"))).decision == "allow"
 
     saving = service.store.save_owner_limits
 
