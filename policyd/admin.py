@@ -374,17 +374,17 @@ class Admin:
 
     @contextlib.asynccontextmanager
     async def _owner_claimed(self, customer_id: str, scope: str, owner_id: str) -> AsyncIterator[None]:
-        """One change of an owner's row at a time, across replicas: its limits (and their seeds), an end user's
-        pause and a reset's seeds are each read, changed and written whole, so two at once would lose one (a pause
-        undone by a limit change made beside it). Waits for another's to end (OWNER_CHANGE_WAIT_SECONDS at most:
-        ABORTED owner_change_in_progress)."""
+        """One change of an owner's row (or of a key's: scope "key", `_key_claimed`) at a time, across replicas: its
+        limits (and their seeds), an end user's pause and a reset's seeds are each read, changed and written whole,
+        so two at once would lose one (a pause undone by a limit change made beside it). Waits for another's to end
+        (OWNER_CHANGE_WAIT_SECONDS at most: ABORTED owner_change_in_progress)."""
         claim, holder = redis_keys.owner_change(customer_id, scope, owner_id), secrets.token_hex(8)
         deadline = time.monotonic() + OWNER_CHANGE_WAIT_SECONDS
         while not await self.counters.claim(claim, holder, OWNER_CHANGE_SECONDS):
             if time.monotonic() > deadline:
                 raise PolicydError("ABORTED", "owner_change_in_progress",
-                                   f"another change of {scope} {owner_id or customer_id!r}'s limits is being made; "
-                                   "try again once it is done")
+                                   f"another change of {scope} {owner_id or customer_id!r} is being made; try again "
+                                   "once it is done")
             await asyncio.sleep(0.01)
         try:
             yield
