@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -247,11 +248,16 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
     NOT_SERVING, in-flight calls and the gateway's streams finished (`_stop_serving`: up to the shutdown
     grace, or until `stop_now`, a second signal), background tasks, a last drain."""
     service = await Service.build(settings)
+    shutdown, stop_now = shutdown or asyncio.Event(), stop_now or asyncio.Event()
     try:
-        await service.start()
+        started = await _start(service, shutdown, stop_now)
     except BaseException:  # a start that fails stops what it started (its loops would keep the process running)
         await service.close()
         raise
+    if not started or shutdown.is_set():  # told to stop while it started: it never listens
+        await service.close()
+        log.info("policyd stopped before it served")
+        return
     separate_admin = bool(settings.admin_listen)
     gateway_streams = ExternalProcessorServicer(service.engine, service.pool)
     metrics.gateway_streams_open.set_function(lambda: gateway_streams.streams_open)
@@ -259,7 +265,6 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
     main_names = ("", "policyd.v1.PolicyService") + (() if separate_admin else ("policyd.v1.AdminService",))
     servers = [(server, health_servicer, main_names)]
     dashboard = None
-    shutdown = shutdown or asyncio.Event()
     try:  # from here, whatever ends serving (a signal, an address taken, an error) stops the service in order
         # bound once the service is ready (a gateway connecting earlier is refused, and tries another replica)
         _listen(server, settings.listen, settings, settings.tls_client_ca_file)
@@ -286,12 +291,38 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
         for grpc_server, health_of, _ in servers:
             await health_of.enter_graceful_shutdown()
         await _stop_serving([grpc_server for grpc_server, _, _ in servers], gateway_streams,
-                            settings.shutdown_grace_seconds, stop_now or asyncio.Event())
+                            settings.shutdown_grace_seconds, stop_now)
         log.info("grpc servers stopped")
         if dashboard is not None:
             await dashboard.stop()
         await service.close()
         log.info("policyd stopped")
+
+
+async def _start(service: Service, shutdown: asyncio.Event, stop_now: asyncio.Event) -> bool:
+    """Service.start, told apart from a signal meanwhile (a start may take minutes: counters rebuilt from SQL):
+    the first is said at once and heeded when the start is done (a rebuild left half made would close every
+    replica's counters until another rebuilt them), the second (`stop_now`) cancels the start. Whether it started."""
+    starting = asyncio.ensure_future(service.start())
+    for told in (shutdown, stop_now):
+        heard = asyncio.ensure_future(told.wait())
+        try:
+            await asyncio.wait({starting, heard}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            starting.cancel()
+            raise
+        finally:
+            heard.cancel()
+        if starting.done():
+            starting.result()  # raises what failed it
+            return True
+        if told is shutdown:
+            log.info("policyd told to stop while it starts: it stops once started (a second signal: now)")
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
+    log.info("policyd told again to stop: its start cancelled")
+    return False
 
 
 async def _stop_serving(grpc_servers: list[grpc.aio.Server], gateway_streams: ExternalProcessorServicer,

@@ -331,6 +331,42 @@ def test_serve_that_cannot_reach_redis_exits_with_the_error_logged_as_json(tmp_p
     assert error["message"] == "policyd serve ended on an error" and "127.0.0.1:1" in error["exception"]
 
 
+def test_serve_told_to_stop_while_it_starts_says_so_and_a_second_signal_stops_it_now(tmp_path: Path) -> None:
+    """A start may take long (counters rebuilt from SQL; here a Redis that accepts and never answers): a first
+    SIGTERM (Ctrl-C) is said at once and heeded once the start is done, a second cancels the start; it exits 0
+    without ever listening, and not by waiting for the start to fail (before: both signals went unheeded)."""
+    import os
+    import signal
+    import socket
+
+    from tests.servers import free_port
+
+    with socket.socket() as silent:  # a Redis that takes connections and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(60)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
+        port = free_port()
+        env.update(POLICYD_LISTEN=f"127.0.0.1:{port}", POLICYD_REDIS_URL=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+                   POLICYD_DATABASE_URL=f"sqlite:///{tmp_path}/p.db")
+        serve = subprocess.Popen([*policyd_command(), "serve"], env=env, cwd=str(tmp_path), stderr=subprocess.PIPE,
+                                 text=True)
+        connection, _ = silent.accept()  # it is starting: its first call to Redis waits
+        with connection:
+            serve.send_signal(signal.SIGTERM)
+            said = serve.stderr.readline()
+            while "told to stop while it starts" not in said:
+                assert said, "the first signal was not said"
+                said = serve.stderr.readline()
+            serve.send_signal(signal.SIGTERM)
+            rest = serve.communicate(timeout=60)[1]
+    assert serve.returncode == 0, rest[-2000:]
+    assert "its start cancelled" in rest and "policyd stopped before it served" in rest
+    assert "ended on an error" not in rest
+    with socket.socket() as probe:  # it never listened
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
 def test_finance_commands(server: PolicydProcess, tmp_path: Path) -> None:
     run(server, "credit", "grant", "--customer", "fin", "--amount", "5")
     secret = json.loads(run(server, "keys", "create", "--customer", "fin", "--plan", "pro", "--json").stdout)["secret"]
