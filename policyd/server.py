@@ -244,9 +244,10 @@ def _listen(server: grpc.aio.Server, address: str, settings: Settings, client_ca
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None,
                 shutdown: asyncio.Event | None = None, stop_now: asyncio.Event | None = None) -> None:
-    """Serve until `shutdown` is set (SIGTERM/SIGINT in `policyd serve`), then stop in order: health
-    NOT_SERVING, in-flight calls and the gateway's streams finished (`_stop_serving`: up to the shutdown
-    grace, or until `stop_now`, a second signal), background tasks, a last drain."""
+    """Start the service (told to stop meanwhile: `_start`), bind its addresses and serve until `shutdown` is set
+    (SIGTERM/SIGINT in `policyd serve`), then stop in order: health NOT_SERVING, in-flight calls and the gateway's
+    streams finished (`_stop_serving`: up to the shutdown grace, or until `stop_now`, a second signal), background
+    tasks, a last drain."""
     service = await Service.build(settings)
     shutdown, stop_now = shutdown or asyncio.Event(), stop_now or asyncio.Event()
     try:
