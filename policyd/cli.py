@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import logging
+import os
 import signal
 import sys
 import time

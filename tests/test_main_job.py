@@ -16,12 +16,11 @@ from tests.servers import free_port
 
 def test_make_run_demo_end_to_end(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
-    grpc_port, gateway_port, mock_port, envoy_admin_port = (free_port() for _ in range(4))
     env.update({
         "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
         "POLICYD_DEMO_ONCE": "1", "POLICYD_DEMO_DIR": str(tmp_path / "demo"),
-        "POLICYD_GRPC_PORT": str(grpc_port), "POLICYD_GATEWAY_PORT": str(gateway_port),
-        "POLICYD_MOCK_PORT": str(mock_port), "POLICYD_ENVOY_ADMIN_PORT": str(envoy_admin_port),
+        "POLICYD_GRPC_PORT": str(free_port()), "POLICYD_GATEWAY_PORT": str(free_port()),
+        "POLICYD_MOCK_PORT": str(free_port()), "POLICYD_ENVOY_ADMIN_PORT": str(free_port()),
     })
     demo = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -33,7 +32,7 @@ def test_make_run_demo_end_to_end(tmp_path: Path) -> None:
     logs = "".join(f"\n--- {log.name}:\n{log.read_text(errors='replace')[-4000:]}"
                    for log in sorted((tmp_path / "demo").glob("*.log")))
     out = stdout
-    assert demo.returncode == 0, out + stderr + logs
+    assert demo.returncode == 0, out + stderr + logs  # the logs say why policyd, Envoy or the mock did not serve
     assert re.search(r"base URL:  http://127\.0\.0\.1:\d+/v1", out)
     keys = re.findall(r"pdk_live_[A-Za-z0-9]{40}", out)
     assert len(set(keys)) == 2
