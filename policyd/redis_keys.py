@@ -129,8 +129,8 @@ def limit_reset(customer_id: str) -> str:
 
 
 def owner_change(customer_id: str, scope: str, owner_id: str) -> str:
-    """A change of one owner's row of limits while it runs (its limits, an end user's pause, a reset's seeds): one
-    at a time, so none writes the row over another's change."""
+    """A change of one owner's row of limits while it runs (its limits, an end user's pause, a reset's seeds), or of
+    one key's (scope "key": any change of the key): one at a time, so none writes the row over another's change."""
     return f"{PREFIX}:owner_change:{scope}:{len(customer_id)}:{customer_id}:{owner_id}"
 
 
