@@ -76,8 +76,8 @@ def test_a_separate_writer_process_writes_every_decision_once(redis_server, post
 
 
 def test_a_writer_whose_metrics_address_is_taken_exits_saying_why(redis_server, tmp_path) -> None:
-    """Started, then unable to serve /metrics: it stops what it started and exits naming the address (its
-    loops once kept it running, deaf even to SIGTERM)."""
+    """Started, then unable to serve /metrics: it stops what it started, in order (its last drain; before, its loops
+    were left to the event loop's shutdown), and exits naming the address."""
     import os
     import socket
     import subprocess
