@@ -295,10 +295,7 @@ class Admin:
         checked = _key_limits(limits, self.book.current)
         async with self._key_claimed(key_id, usable=True) as row:
             row.limits = checked
-            policy = self.book.current
-            own = key_limits.effective((), key_limits.as_limits(checked), policy.document.timezone if policy else "",
-                                       now_ms())
-            row.seeds = await self._seeded(row.customer_id, "key", key_id, own,
+            row.seeds = await self._seeded(row.customer_id, "key", key_id, self._as_counted(checked),
                                            quotas.scope_ids(row.customer_id, key_id)["key"], row.seeds) or None
             await self._save_and_publish(row)
         return row
@@ -519,11 +516,15 @@ class Admin:
     def _owner_buckets(self, row: OwnerLimitsRow) -> tuple[tuple[Any, ...], dict[str, str]]:
         """An owner's limits as its keys' decisions count them (the policy's time zone where they name none), and
         the bucket ids of its scope (quotas.scope_ids)."""
-        policy = self.book.current
-        limits = key_limits.effective((), key_limits.as_limits(row.limits), policy.document.timezone if policy else "",
-                                      now_ms())
         named = {} if row.scope == "customer" else {f"{row.scope}_id": row.owner_id}
-        return limits, quotas.scope_ids(row.customer_id, "", **named)
+        return self._as_counted(row.limits), quotas.scope_ids(row.customer_id, "", **named)
+
+    def _as_counted(self, stored: list[dict[str, Any]] | None) -> tuple[Any, ...]:
+        """A key's or an owner's own limits (as key_limits.checked stores them) as its requests count them now: the
+        policy's time zone where they name none, those past their `until` gone."""
+        policy = self.book.current
+        return key_limits.effective((), key_limits.as_limits(stored), policy.document.timezone if policy else "",
+                                    now_ms())
 
     async def reset_limits(self, customer_id: str = "", *, unit: str = "", window: str = "", name: str = "",
                            reason: str = "", **named: str) -> tuple[limit_resets.Target, list[limit_resets.Reset]]:

@@ -3,6 +3,7 @@ started on 127.0.0.1 on free ports in temp dirs, and stopped by the tests."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -12,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 
 _HANDED_OUT: set[int] = set()
@@ -27,6 +29,16 @@ def free_port() -> int:
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+
+
+@contextlib.contextmanager
+def taken_address() -> Iterator[tuple[socket.socket, str]]:
+    """A socket listening on a free loopback port, and its address: an address another process holds (or a server
+    that takes connections and never answers)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken, f"127.0.0.1:{taken.getsockname()[1]}"
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:

@@ -296,14 +296,10 @@ def test_serve_whose_address_is_taken_ends_at_once_saying_why(tmp_path: Path, se
     """An address taken by another process: `policyd serve` exits non-zero with the address named, instead of
     running on without listening (started background loops once kept the process alive, deaf even to SIGTERM)."""
     import os
-    import socket
 
-    from tests.servers import free_port
+    from tests.servers import free_port, taken_address
 
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        address = f"127.0.0.1:{taken.getsockname()[1]}"
+    with taken_address() as (_, address):
         env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
         env.update(POLICYD_LISTEN=f"127.0.0.1:{free_port()}", POLICYD_DATABASE_URL=f"sqlite:///{tmp_path}/p.db")
         env[setting] = address
@@ -339,15 +335,13 @@ def test_serve_told_to_stop_while_it_starts_says_so_and_a_second_signal_stops_it
     import signal
     import socket
 
-    from tests.servers import free_port
+    from tests.servers import free_port, taken_address
 
-    with socket.socket() as silent:  # a Redis that takes connections and never answers
-        silent.bind(("127.0.0.1", 0))
-        silent.listen()
+    with taken_address() as (silent, redis_address):  # a Redis that takes connections and never answers
         silent.settimeout(60)
         env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
         port = free_port()
-        env.update(POLICYD_LISTEN=f"127.0.0.1:{port}", POLICYD_REDIS_URL=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+        env.update(POLICYD_LISTEN=f"127.0.0.1:{port}", POLICYD_REDIS_URL=f"redis://{redis_address}/0",
                    POLICYD_DATABASE_URL=f"sqlite:///{tmp_path}/p.db")
         serve = subprocess.Popen([*policyd_command(), "serve"], env=env, cwd=str(tmp_path), stderr=subprocess.PIPE,
                                  text=True)

@@ -148,12 +148,9 @@ def _serve_with_workers(env_settings: dict[str, str], tmp_path) -> subprocess.Co
 
 def test_serve_with_workers_on_an_address_already_taken_exits_saying_why(tmp_path) -> None:
     """Its workers would share the port with whatever holds it (SO_REUSEPORT): refused before any starts."""
-    import socket
+    from tests.servers import taken_address
 
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        address = f"127.0.0.1:{taken.getsockname()[1]}"
+    with taken_address() as (_, address):
         done = _serve_with_workers({"POLICYD_LISTEN": address, "POLICYD_REDIS_URL": "redis://127.0.0.1:1/0"}, tmp_path)
     assert done.returncode != 0
     assert f"cannot listen on {address}: something already listens there" in done.stderr, done.stderr[-2000:]

@@ -79,15 +79,12 @@ def test_a_writer_whose_metrics_address_is_taken_exits_saying_why(redis_server, 
     """Started, then unable to serve /metrics: it stops what it started, in order (its last drain; before, its loops
     were left to the event loop's shutdown), and exits naming the address."""
     import os
-    import socket
     import subprocess
 
     from tests.processes import policyd_command
+    from tests.servers import taken_address
 
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        address = f"127.0.0.1:{taken.getsockname()[1]}"
+    with taken_address() as (_, address):
         env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
         env.update(POLICYD_REDIS_URL=redis_server.url.rsplit("/", 1)[0] + "/9",  # a database no other test uses
                    POLICYD_DATABASE_URL=f"sqlite:///{tmp_path}/w.db", POLICYD_METRICS_LISTEN=address)
