@@ -888,7 +888,10 @@ class Admin:
                 return reconcile.reconcile(session, provider, basis, lines, models, tolerance_nanos, tolerance_bps,
                                            accounts)
 
-        result = await asyncio.to_thread(run)
+        try:
+            result = await asyncio.to_thread(run)
+        except reconcile.ReconcileError as error:  # days whose records retention deleted
+            raise _invalid("invalid_export", str(error)) from None
         await asyncio.to_thread(self.store.insert_event, {
             "id": f"reconcile-{secrets.token_hex(8)}", "kind": "reconciliation", "request_id": "",
             "customer_id": "", "created_ms": now_ms(),

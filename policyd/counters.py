@@ -754,6 +754,16 @@ class Counters:
             polls = await pipe.execute()
         return [(request_id, _text(poll) if poll is not None else "") for request_id, poll in zip(claimed, polls)]
 
+    async def existing(self, keys: list[str]) -> set[str]:
+        """Those of these keys Redis holds (one round trip)."""
+        if not keys:
+            return set()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.exists(key)
+            found = await pipe.execute()
+        return {key for key, there in zip(keys, found) if there}
+
     async def stop_polling(self, partition: int, request_id: str, response_id: str = "") -> None:
         await self.client.zrem(redis_keys.background_polls(partition), request_id)
         if response_id:

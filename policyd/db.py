@@ -303,6 +303,11 @@ class LimitResetRow(Base):
     created_ms: Mapped[int] = mapped_column(BigInteger)
 
 
+# the rollup_cursor row whose written_ms is the retention's horizon: usage records created before it were deleted
+# (policyd/retention.py), and the rollups' hours before it are never summed again
+PRUNED_CURSOR = "retention"
+
+
 class RollupCursorRow(Base):
     """How far the rollups have read: records written (updated_ms) before `written_ms` are summed."""
 
@@ -310,6 +315,18 @@ class RollupCursorRow(Base):
 
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     written_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class PrunedSumRow(Base):
+    """What deleted usage records still count for (policyd/retention.py), added to what the kept ones do: their
+    holds in a bucket whose window is still running (`bucket`: a lifetime budget's), the credit they consumed of an
+    expiring grant (`credit`)."""
+
+    __tablename__ = "pruned_sums"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # bucket | credit
+    key: Mapped[str] = mapped_column(String(512), primary_key=True)  # the bucket key | the grant id
+    amount: Mapped[int] = mapped_column(BigInteger)  # the bucket's unit (money: nanos) | nanos
 
 
 class LedgerEntryRow(Base):

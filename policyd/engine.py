@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
 from policyd import compact_json, key_limits, metrics, own_usage, reasons, redis_keys, request_lookup
+from policyd.reports import ReportError
 from policyd.batches import BATCH_ID_PREFIXES
 from policyd.counters import (STORED_RESPONSE_HOT_SECONDS, STORED_RESPONSE_SECONDS, AuthorizeResult, BucketHold,
                               Counters, EndUserTerms, Fenced, Reservation, Whose, unreachable, whose_of)
@@ -891,8 +892,12 @@ class Engine:
         if isinstance(found, Decision):
             return None, found
         key, policy, _ = found
-        rows, truncated = await own_usage.summary(self.store, key.customer_id, group_by, since_ms, until_ms, bucket,
-                                                  zone_name or policy.document.timezone)
+        try:
+            rows, truncated = await own_usage.summary(self.store, key.customer_id, group_by, since_ms, until_ms,
+                                                      bucket, zone_name or policy.document.timezone)
+        except ReportError as error:  # a window that begins before the records kept (record retention)
+            return None, self._deny({"request_id": new_request_id(), "requested_model": "", "served_model": "",
+                                     "owner": _owner_of(key)}, "invalid_request", str(error), param="since")
         return (rows, truncated, policy.document.currency), None
 
     async def _with_end_user_limits(self, key: KeyRecord, end_user: str) -> tuple[tuple[Limit, ...], EndUserTerms]:

@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 
 from policyd.db import UsageRecordRow
 from policyd.money import MoneyError, parse_external_amount
+from policyd.reports import ReportError, require_kept
 
 FILE_BYTES_MAX = 50 * 1024 * 1024
 LINES_MAX = 1_000_000
@@ -262,6 +263,10 @@ def reconcile(session: Session, provider: str, basis: str, lines: list[Line], mo
     if days:
         start = int(datetime.strptime(days[0], "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp()) * 1000
         end = int(datetime.strptime(days[-1], "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp()) * 1000 + DAY_MS
+        try:
+            require_kept(session, start)  # days whose records retention deleted would all read as missing
+        except ReportError as error:
+            raise ReconcileError(str(error)) from None
         day_start = (r.created_ms - r.created_ms % DAY_MS).label("day")
         charged = (r.provider == provider, r.status.in_(("settled", "settled_late")), r.created_ms >= start,
                    r.created_ms < end)

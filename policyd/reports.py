@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from policyd.db import UsageRecordRow
+from policyd.db import PRUNED_CURSOR, RollupCursorRow, UsageRecordRow
 from policyd.money import ceil_div
 from policyd.policy import time_zone
 
@@ -197,6 +197,7 @@ def usage_report(session: Session, group_by: list[str], since_ms: int, until_ms:
         raise ReportError("the window is empty: until must be after since")
     if compare_previous and bucket:
         raise ReportError("top movers compare whole windows: leave the bucket out")
+    require_kept(session, 2 * since_ms - until_ms if compare_previous else since_ms)
     current = _query(session, group_by, since_ms, until_ms, bucket, customer_id, zone)
     previous = _query(session, group_by, 2 * since_ms - until_ms, since_ms, "", customer_id) if compare_previous else {}
     rows = [ReportRow(dict(zip(group_by, key)), label, figures, previous.get((key, ""), {}))
@@ -206,6 +207,21 @@ def usage_report(session: Session, group_by: list[str], since_ms: int, until_ms:
     else:
         rows.sort(key=lambda r: (r.bucket, -r.figures["charge_nanos"], list(r.group.values())))
     return rows[:GROUPS_MAX]
+
+
+def pruned_before(session: Session) -> int:
+    """Usage records created before this (unix ms) were deleted (record retention); 0: none were."""
+    cursor = session.get(RollupCursorRow, PRUNED_CURSOR)
+    return cursor.written_ms if cursor is not None else 0
+
+
+def require_kept(session: Session, since_ms: int) -> None:
+    """A window read from usage records must begin where they are kept (ReportError naming it)."""
+    horizon = pruned_before(session)
+    if since_ms < horizon:
+        first = datetime.fromtimestamp(horizon / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+        raise ReportError(f"usage records before {first} were deleted (record retention): ask from {first} on; "
+                          "the dashboard's hourly and daily sums cover earlier windows")
 
 
 def month_bounds(period: str) -> tuple[int, int]:

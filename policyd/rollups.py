@@ -7,8 +7,8 @@ those hours from the records, then their days from the hours. The figures are th
 `policyd.reports` computes (`reports.figure_columns`), so a rollup and a report agree to the nano.
 
 The dashboard runs a pass before it reads (after draining the writer), so what it shows is exact
-as of that moment; a background loop keeps the rollups warm. Passes from several replicas are
-serialized by a PostgreSQL advisory lock (SQLite serializes writers itself).
+as of that moment; a background loop keeps the rollups warm. Passes (of several replicas, and record retention's)
+run one at a time (`serialized`).
 """
 
 from __future__ import annotations
@@ -47,21 +47,31 @@ def _ranges(hours: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def serialized(session: Session) -> None:
+    """The rest of this transaction runs alone among the passes that change the rollups or the records they sum
+    (rollups, retention): under a PostgreSQL advisory lock; on SQLite, holding the write lock from its first
+    statement (reads take none: two passes would read the same cursor, then both write)."""
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK})
+    else:
+        session.execute(text("UPDATE rollup_cursor SET written_ms = written_ms WHERE name = ''"))
+
+
 def refresh(store: Store) -> int:
     """One pass; the number of hours rebuilt."""
     started = time.time_ns() // 1_000_000
     r = UsageRecordRow
-    figures = [c.name for c in UsageRollupRow.__table__.columns if c.name not in ("period", "start_ms", "dimension", "value")]
+    figures = _figure_names()
     with store.session() as session, session.begin():
-        if session.bind is not None and session.bind.dialect.name == "postgresql":
-            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK})
+        serialized(session)
         cursor = session.get(RollupCursorRow, CURSOR)
         since = (cursor.written_ms - WRITE_LAG_MS) if cursor is not None and cursor.written_ms > 0 else None
         hour_of = r.created_ms - r.created_ms % HOUR_MS
         query = select(hour_of).distinct()
         if since is not None:
             query = query.where(r.updated_ms >= since)
-        hours = sorted(int(h) for h in session.scalars(query))
+        pruned = reports.pruned_before(session)  # hours whose records retention deleted stay as they were summed
+        hours = sorted(h for h in (int(h) for h in session.scalars(query)) if h >= pruned)
         for start, end in _ranges(hours):
             _rebuild_hours(session, start, end, figures)
         for day in sorted({h - h % DAY_MS for h in hours}):
@@ -71,6 +81,17 @@ def refresh(store: Store) -> int:
         else:
             cursor.written_ms = started
     return len(hours)
+
+
+def rebuild_hour(session: Session, hour: int) -> None:
+    """Sum one hour (and its day) again from its records, in the caller's transaction (retention's, before it
+    deletes them)."""
+    _rebuild_hours(session, hour, hour + HOUR_MS, _figure_names())
+    _rebuild_day(session, hour - hour % DAY_MS, _figure_names())
+
+
+def _figure_names() -> list[str]:
+    return [c.name for c in UsageRollupRow.__table__.columns if c.name not in ("period", "start_ms", "dimension", "value")]
 
 
 def _rebuild_hours(session: Session, start: int, end: int, figures: list[str]) -> None:

@@ -15,7 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from policyd import metrics, redis_keys, rollups, runtime
+from policyd import metrics, redis_keys, retention, rollups, runtime
 from policyd.dashboard import serve_dashboard
 from policyd.admin import Admin
 from policyd.alerts import AlertDelivery
@@ -159,7 +159,7 @@ class Service:
         self.pool.adopt(shared)
 
     def _start_sql_loops(self) -> None:
-        """The writer and the loops that read SQL (anomalies, rollups, webhooks) run where the writer runs:
+        """The writer and the loops that read SQL (anomalies, rollups, webhooks, retention) run where the writer runs:
         in `policyd writer`, or in a serve process that writes its own records (POLICYD_WRITER_ENABLED)."""
         self.tasks.append(asyncio.create_task(self.writer.run(self.stop)))
         detector = AnomalyDetector(
@@ -167,6 +167,9 @@ class Service:
             parse_amount(self.settings.anomaly_spend_min), self.settings.anomaly_thread_requests)
         self.tasks.append(asyncio.create_task(detector.run(self.stop)))
         self.tasks.append(asyncio.create_task(rollups.run(self.store, self.stop, self.settings.rollup_interval_ms)))
+        if self.settings.record_retention_days:
+            self.tasks.append(asyncio.create_task(retention.run(
+                self.store, self.settings.record_retention_days, self.stop, self.counters.existing, self.engine.clock)))
         urls = [u.strip() for u in self.settings.webhook_urls.split(",") if u.strip()]
         if urls:
             delivery = AlertDelivery(self.store, urls, self.settings.webhook_secret)

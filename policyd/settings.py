@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# the fewest days records may be kept (policyd/retention.py): a month's limits count from them until it ends, and
+# its invoice is closed from them
+RETENTION_DAYS_MIN = 35
 
 
 class Settings(BaseSettings):
@@ -74,10 +78,23 @@ class Settings(BaseSettings):
     metrics_listen: str = Field("", description="Prometheus /metrics address (host:port, e.g. 127.0.0.1:9464); empty = off")
     rollup_interval_ms: int = Field(30_000, ge=100, description="how often usage rollups (the dashboard's sums) are "
                                                               "brought up to date in the background")
+    record_retention_days: int = Field(0, description="delete usage records, events and delivered alerts older "
+                                                            "than this many days, an hour's at a time, without "
+                                                            "changing a budget, rollup or invoice "
+                                                            "(policyd/retention.py); 0 = keep them all; else at "
+                                                            "least 35 (a month's window and its invoice's close)")
     dashboard_listen: str = Field("", description="web dashboard address (host:port, e.g. 127.0.0.1:8090); empty = off. "
                                                   "Login with the admin token (admin rights) or the viewer token")
     dashboard_viewer_token: str = Field("", description="token that opens the dashboard read-only (with admin_token set)")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR (JSON lines on stderr; secrets never logged)")
+
+    @field_validator("record_retention_days")
+    @classmethod
+    def _retention_covers_a_month(cls, days: int) -> int:
+        if days < 0 or 0 < days < RETENTION_DAYS_MIN:
+            raise ValueError(f"keep records at least {RETENTION_DAYS_MIN} days (0: all of them): a month's limits "
+                             f"and its invoice are counted from them")
+        return days
 
 
 def reference() -> str:

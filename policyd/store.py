@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from policyd import compact_json, key_limits, redis_keys
 from policyd.db import (ApiKeyRow, EventRow, LedgerEntryRow, LimitResetRow, OwnerLimitsRow, PolicyVersionRow,
-                        UsageRecordRow, make_engine)
+                        PrunedSumRow, UsageRecordRow, make_engine)
 from policyd.policy import Limit
 
 OPEN_STATUSES = ("reserved",)
@@ -435,17 +435,36 @@ class Store:
         reserved; released, expired and denied ones nothing. Summed by SQL from each record's
         [[bucket key, unit, amount], ...] (read into Python, the holds of every record cost the audit
         seconds a 20,000 records, all of them spent holding the lock decisions need)."""
-        return self._bucket_sums("CASE WHEN status IN ('settled', 'settled_late') THEN final_holds ELSE holds END",
+        held = self._bucket_sums("CASE WHEN status IN ('settled', 'settled_late') THEN final_holds ELSE holds END",
                                  "status NOT IN ('denied', 'released', 'expired')")
+        for key, amount in self.pruned_sums("bucket").items():  # deleted records' (retention.py)
+            held[key] = held.get(key, 0) + amount
+        return held
 
     def settled_in_bucket(self, customer_id: str, bucket_key: str, since_ms: int, until_ms: int) -> int:
         """What a customer's requests authorized since `since_ms` and settled by `until_ms` put in one bucket
         (money: their charges less refunds), as held_by_bucket sums it; open ones left out."""
-        return self._bucket_sums("final_holds", "status IN ('settled', 'settled_late') AND customer_id = :customer "
+        kept = self._bucket_sums("final_holds", "status IN ('settled', 'settled_late') AND customer_id = :customer "
                                  "AND created_ms >= :since AND closed_ms <= :until", bucket_key,
                                  customer=customer_id, since=since_ms, until=until_ms).get(bucket_key, 0)
+        # deleted records were settled long before, in the bucket's window (retention.py keeps a running one's)
+        return kept + self.pruned_sums("bucket", bucket_key).get(bucket_key, 0)
 
-    def _bucket_sums(self, held: str, where: str, bucket_key: str = "", **params: Any) -> dict[str, int]:
+    def pruned_sums(self, kind: str, key: str = "") -> dict[str, int]:
+        """What deleted usage records still count for (retention.py): bucket key -> holds (`bucket`), expiring
+        grant id -> nanos consumed (`credit`); of one key alone, when named."""
+        query = select(PrunedSumRow.key, PrunedSumRow.amount).where(PrunedSumRow.kind == kind)
+        if key:
+            query = query.where(PrunedSumRow.key == key)
+        with self.session() as session:
+            return {str(k): int(amount) for k, amount in session.execute(query)}
+
+    def bucket_sums_where(self, where: str, session: Session | None = None, **params: Any) -> dict[str, int]:
+        """Bucket key -> what the settled records `where` selects (SQL) put in it, as held_by_bucket sums them."""
+        return self._bucket_sums("final_holds", where, session=session, **params)
+
+    def _bucket_sums(self, held: str, where: str, bucket_key: str = "", session: Session | None = None,
+                     **params: Any) -> dict[str, int]:
         """Bucket key -> the amounts the `held` column's [[bucket key, unit, amount], ...] of the records `where`
         selects put in it (of one bucket alone, when named)."""
         # a refund gave its amount back to the customer's money limits (not to the operator's caps)
@@ -467,13 +486,16 @@ class Store:
             sqlite=f"SELECT {lite_key}, SUM(CASE WHEN {refunded(lite_key, lite_unit)} THEN "
                    f"MAX({lite_amount} - refunded_nanos, 0) ELSE {lite_amount} END) "
                    f"FROM usage_records, json_each(CASE WHEN json_type({held}) = 'array' THEN {held} END) AS h "
-                   f"{lite_where} GROUP BY 1", **params)
+                   f"{lite_where} GROUP BY 1", session=session, **params)
 
-    def _summed(self, postgresql: str, sqlite: str, **params: Any) -> dict[str, int]:
-        """The rows (key, integer total) of the query in this database's dialect, as a dict."""
+    def _summed(self, postgresql: str, sqlite: str, session: Session | None = None, **params: Any) -> dict[str, int]:
+        """The rows (key, integer total) of the query in this database's dialect, as a dict (read in `session`,
+        when given)."""
         query = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-        with self.session() as session:
+        if session is not None:
             return {str(key): int(total) for key, total in session.execute(text(query), params) if key is not None}
+        with self.session() as own:
+            return {str(key): int(total) for key, total in own.execute(text(query), params) if key is not None}
 
     def save_limit_reset(self, row: LimitResetRow, seeded: OwnerLimitsRow | ApiKeyRow | None = None) -> None:
         """A reset, and the owner's limits (or the key) whose seed it forgave (part of), in one transaction."""
@@ -551,12 +573,20 @@ class Store:
     def credit_consumed(self) -> dict[str, int]:
         """Expiring grant id -> nanos of it that settled charges consumed: summed by SQL from each settled
         record's {grant id: nanos} (read into Python, every settled record's cost the audit seconds)."""
-        where = "WHERE status IN ('settled', 'settled_late') GROUP BY 1"
+        consumed = self.credit_sums_where("status IN ('settled', 'settled_late')")
+        for grant_id, amount in self.pruned_sums("credit").items():  # deleted records' (retention.py)
+            consumed[grant_id] = consumed.get(grant_id, 0) + amount
+        return consumed
+
+    def credit_sums_where(self, where: str, session: Session | None = None, **params: Any) -> dict[str, int]:
+        """Expiring grant id -> nanos of it the records `where` selects (SQL) consumed."""
+        where = f"WHERE {where} GROUP BY 1"
         return self._summed(
             postgresql="SELECT c.key, SUM(CAST(c.value AS numeric)) FROM usage_records, json_each_text(CASE WHEN "
                        f"json_typeof(credit_source) = 'object' THEN credit_source END) AS c {where}",
             sqlite="SELECT c.key, SUM(CAST(c.value AS INTEGER)) FROM usage_records, json_each(CASE WHEN "
-                   f"json_type(credit_source) = 'object' THEN credit_source END) AS c {where}")
+                   f"json_type(credit_source) = 'object' THEN credit_source END) AS c {where}", session=session,
+            **params)
 
     def grant_ids(self) -> list[tuple[str, str]]:
         with self.session() as session:
