@@ -97,10 +97,12 @@ async def prune(store: Store, days: int, now_ms: int, threads_alive: ThreadsAliv
         target, done.held_back = _target(session, days, now_ms)
         done.horizon_ms = start = horizon(session)
     r = UsageRecordRow
+    finished = False  # nothing deletable is left before the target
     while done.hours < HOURS_PER_PASS:
         with store.session() as session:
             first = session.scalar(select(func.min(r.created_ms)).where(*_deletable(r, start, target)))
         if first is None:
+            finished = True
             break
         hour = _hour(int(first))
         alive = await threads_alive(await asyncio.to_thread(_thread_buckets, store, hour))
@@ -111,16 +113,13 @@ async def prune(store: Store, days: int, now_ms: int, threads_alive: ThreadsAliv
             break
         start = done.horizon_ms = hour + HOUR_MS
         done.hours += 1
-    else:
-        first = None  # hours left for the next pass
-    if first is None:  # nothing deletable left before the target: the horizon moves there
+    if finished:  # the horizon moves to the target (past hours of kept records alone)
         await asyncio.to_thread(_advance, store, target, done)
     await asyncio.to_thread(_prune_events, store, now_ms - days * DAY_MS, done)
     return done
 
 
 def _advance(store: Store, target: int, done: Pruned) -> None:
-    """Nothing deletable is left before `target`: the horizon moves there (hours with kept records alone)."""
     with store.session() as session, session.begin():
         rollups.serialized(session)
         _set_horizon(session, target)
@@ -154,7 +153,8 @@ def _prune_hour(store: Store, hour: int, threads_alive: set[str], now_ms: int, d
     with store.session() as session, session.begin():
         rollups.serialized(session)
         if session.bind is not None and session.bind.dialect.name == "postgresql":  # no change under the sums
-            session.execute(select(r.request_id).where(*_deletable(r, hour, end)).with_for_update())
+            locked = select(r.request_id).where(*_deletable(r, hour, end)).with_for_update().subquery()
+            session.execute(select(func.count()).select_from(locked))
         rollups.rebuild_hour(session, hour)  # summed as they are at their deletion, and never again
         done.periods_closed += _close_months(session, hour, end, now_ms)
         now_s = now_ms // 1000
@@ -258,10 +258,13 @@ def _prune_events(store: Store, before_ms: int, done: Pruned) -> None:
 async def run(store: Store, days: int, stop: asyncio.Event, threads_alive: ThreadsAlive, clock: Callable[[], int]
               ) -> None:
     async def one_pass() -> None:
-        done = await prune(store, days, clock(), threads_alive)
-        if done.records or done.events or done.deliveries or done.held_back:
-            log.info("retention: %d usage records, %d events and %d deliveries deleted; records kept from %d%s",
-                     done.records, done.events, done.deliveries, done.horizon_ms,
-                     f" ({done.held_back})" if done.held_back else "")
+        while not stop.is_set():  # a backlog (retention just turned on) is deleted HOURS_PER_PASS hours a time
+            done = await prune(store, days, clock(), threads_alive)
+            if done.records or done.events or done.deliveries or done.held_back:
+                log.info("retention: %d usage records, %d events and %d deliveries deleted; records kept from %d%s",
+                         done.records, done.events, done.deliveries, done.horizon_ms,
+                         f" ({done.held_back})" if done.held_back else "")
+            if done.hours < HOURS_PER_PASS:
+                return
 
     await every(PASS_SECONDS, stop, one_pass, "record retention pass")

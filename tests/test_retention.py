@@ -165,6 +165,26 @@ async def test_an_open_request_older_than_the_retention_keeps_its_hour_and_those
     assert service.store.usage_record("open") is not None and service.store.usage_record("after") is not None
 
 
+async def test_a_backlog_goes_a_few_hours_a_pass_the_horizon_after_the_last_hour_deleted(
+        service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retention, "HOURS_PER_PASS", 2)
+    now = _now()
+    old = now - 40 * DAY - now % HOUR
+    with service.store.session() as session, session.begin():
+        session.add_all([UsageRecordRow(request_id=f"h{n}", created_ms=old + n * HOUR, decision="allow",
+                                        status="released", customer_id="acme", updated_ms=old)
+                         for n in range(5)])
+    horizons = []
+    for _ in range(3):
+        done = await retention.prune(service.store, RETENTION_DAYS_MIN, now, service.counters.existing)
+        horizons.append((done.hours, done.horizon_ms))
+        with service.store.session() as session:
+            assert retention.horizon(session) == done.horizon_ms
+    target = now - RETENTION_DAYS_MIN * DAY - (now - RETENTION_DAYS_MIN * DAY) % HOUR
+    assert horizons == [(2, old + 2 * HOUR), (2, old + 4 * HOUR), (1, target)]
+    assert all(service.store.usage_record(f"h{n}") is None for n in range(5))
+
+
 def test_retention_is_off_or_covers_a_month() -> None:
     assert Settings(record_retention_days=0).record_retention_days == 0
     assert Settings(record_retention_days=RETENTION_DAYS_MIN).record_retention_days == RETENTION_DAYS_MIN
