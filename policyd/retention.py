@@ -1,5 +1,5 @@
-"""Record retention: usage records, events and delivered alerts older than `record_retention_days` are deleted, an
-hour of records at a time, and no figure policyd answers changes.
+"""Record retention: usage records, alert and rejected-call events and delivered alerts older than
+`record_retention_days` are deleted, an hour of records at a time, and no figure policyd answers changes.
 
 What a deleted record still counts for is kept, in the transaction that deletes it:
 - its holds in buckets whose window still runs (a lifetime budget's; a thread's budget Redis still holds) and the
@@ -52,6 +52,9 @@ ROWS_PER_STATEMENT = 10_000  # events and deliveries deleted a statement at a ti
 # the provider keeps these until their owner deletes them: the record that made one says whose it is
 KEPT_ID_PREFIXES = ("conv_", "file-", "file_", CACHED_CONTENT_PREFIX)
 SETTLED = ("settled", "settled_late")
+# the events a request may make (one a request, at most): those deleted. Kept: admin actions (the audit trail),
+# key state changes, reconciliations, and events the writer could not apply (unwritable, unknown: for the operator)
+PRUNED_EVENT_KINDS = ("alert", "rejected")
 # which Redis buckets of threads' budgets still exist (a thread still spending): bucket keys -> those that do
 ThreadsAlive = Callable[[list[str]], Awaitable[set[str]]]
 
@@ -230,13 +233,14 @@ def _carry(session: Session, kind: str, sums: dict[str, int], done: Pruned) -> N
 
 
 def _prune_events(store: Store, before_ms: int, done: Pruned) -> None:
-    """Events (alerts, rejected calls) made before `before_ms` whose alert is not waiting for a delivery, and the
+    """Alerts and rejected calls made before `before_ms` (an alert not while it waits for a delivery), and the
     deliveries made before it."""
     e, d = EventRow, AlertDeliveryRow
     while True:
         with store.session() as session, session.begin():
             waiting = select(d.event_id).where(d.delivered_ms == 0)
-            ids = select(e.id).where(e.created_ms < before_ms, e.id.not_in(waiting)).limit(ROWS_PER_STATEMENT)
+            ids = select(e.id).where(e.kind.in_(PRUNED_EVENT_KINDS), e.created_ms < before_ms,
+                                     e.id.not_in(waiting)).limit(ROWS_PER_STATEMENT)
             deleted = session.execute(delete(e).where(e.id.in_(ids.scalar_subquery())).execution_options(
                 synchronize_session=False)).rowcount or 0
         done.events += deleted

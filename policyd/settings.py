@@ -78,11 +78,11 @@ class Settings(BaseSettings):
     metrics_listen: str = Field("", description="Prometheus /metrics address (host:port, e.g. 127.0.0.1:9464); empty = off")
     rollup_interval_ms: int = Field(30_000, ge=100, description="how often usage rollups (the dashboard's sums) are "
                                                               "brought up to date in the background")
-    record_retention_days: int = Field(0, description="delete usage records, events and delivered alerts older "
-                                                            "than this many days, an hour's at a time, without "
-                                                            "changing a budget, rollup or invoice "
-                                                            "(policyd/retention.py); 0 = keep them all; else at "
-                                                            "least 35 (a month's window and its invoice's close)")
+    record_retention_days: int = Field(0, description="delete usage records, alerts, rejected calls and alert "
+                                                       "deliveries older than this many days, an hour's at a time, "
+                                                       "without changing a budget, rollup or invoice "
+                                                       "(policyd/retention.py); 0 = keep them all; else at least 35 "
+                                                       "(a month's window and its invoice's close)")
     dashboard_listen: str = Field("", description="web dashboard address (host:port, e.g. 127.0.0.1:8090); empty = off. "
                                                   "Login with the admin token (admin rights) or the viewer token")
     dashboard_viewer_token: str = Field("", description="token that opens the dashboard read-only (with admin_token set)")

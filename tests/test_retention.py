@@ -75,10 +75,12 @@ async def test_old_records_go_and_budgets_credit_invoices_and_rollups_stay_as_th
     charged += (await service.engine.settle(usage("new-0"))).charge
     clock[0] = now
     await service.writer.drain()
-    # an alert of long ago delivered, one still waiting for its webhook, and a recent one
+    # an alert of long ago delivered, one still waiting for its webhook, a recent one; an admin action of long ago
     with service.store.session() as session, session.begin():
         session.add_all([EventRow(id=f"e-{n}", kind="alert", customer_id="acme", created_ms=at, detail={})
-                         for n, at in (("delivered", old), ("waiting", old), ("recent", now - DAY))])
+                         for n, at in (("delivered", old), ("waiting", old), ("recent", now - DAY))]
+                        + [EventRow(id=f"e-{kind}", kind=kind, created_ms=old, detail={})  # kept whatever their age
+                           for kind in ("admin_action", "unwritable", "reconciliation", "key_state")])
         session.add_all([AlertDeliveryRow(event_id="e-delivered", url="http://127.0.0.1:9/", delivered_ms=old + 1),
                          AlertDeliveryRow(event_id="e-waiting", url="http://127.0.0.1:9/", delivered_ms=0)])
     # the idle thread's budget Redis forgot (30 days without a request); the other thread still spends
@@ -105,7 +107,8 @@ async def test_old_records_go_and_budgets_credit_invoices_and_rollups_stay_as_th
     assert service.store.usage_record("old-conversation") is not None  # whose conversation it is, kept
     assert service.store.usage_record("new-0") is not None
     with service.store.session() as session:
-        assert {e.id for e in session.query(EventRow) if e.id.startswith("e-")} == {"e-waiting", "e-recent"}
+        assert {e.id for e in session.query(EventRow) if e.id.startswith("e-")} == {
+            "e-waiting", "e-recent", "e-admin_action", "e-unwritable", "e-reconciliation", "e-key_state"}
         assert [d.event_id for d in session.query(AlertDeliveryRow)] == ["e-waiting"]
     # the month's invoices, both ways, exported as they were (closed from the records before they went)
     for by, text in invoices.items():
