@@ -206,7 +206,10 @@ def make_grpc_server(service: Service, policy: bool = True, admin: bool = True,
                      ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A gRPC server with the decision services (PolicyService, ext_authz, ext_proc: `gateway_streams`, or
     one of its own), the AdminService, or both; health checking and reflection on each."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX)])
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
+                                      # gRPC shares an address by default: a second process would take half the
+                                      # connections of the first, unseen (unless shared on purpose: workers)
+                                      ("grpc.so_reuseport", int(service.settings.listen_shared))])
     names = []
     if policy:
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(service.engine), server)

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
                                                      "a shared Redis needed): about one a core. Worker 0 alone applies "
                                                      "policy_file and runs the writer and the dashboard; worker i serves "
                                                      "metrics on the metrics port + i")
+    listen_shared: bool = Field(False, description="let other processes listen on `listen` and `admin_listen` too "
+                                                   "(SO_REUSEPORT: each connection goes to one of them), as "
+                                                   "POLICYD_WORKERS' workers do; false: a second process started on "
+                                                   "the address exits, saying so, instead of sharing it unseen")
     admin_listen: str = Field("", description="serve the AdminService on this address only (host:port), apart from "
                                                "the decision services; empty = on `listen` with them")
     admin_tls_client_ca_file: str = Field("", description="PEM CA the AdminService listener requires client "

@@ -2,8 +2,9 @@
 core at a time, so a machine with more cores serves more decisions with more processes.
 
 Each worker is a replica like any other (counters in the shared Redis, policy and keys refreshed from
-SQL and invalidated across replicas), listening on the same address: gRPC servers set SO_REUSEPORT
-on Linux, and the kernel spreads new connections across the processes bound to it. A connection
+SQL and invalidated across replicas), listening on the same address: the workers' gRPC servers set SO_REUSEPORT
+on Linux (POLICYD_LISTEN_SHARED, which a single `policyd serve` leaves off), and the kernel spreads new connections
+across the processes bound to it. A connection
 stays with its worker, so a client needs several connections for its calls to spread (Envoy opens one
 per worker thread; a gRPC client, one a channel).
 
@@ -48,7 +49,7 @@ def check(settings: Settings) -> None:
 def worker_environment(settings: Settings, index: int) -> dict[str, str]:
     """The settings of worker `index` as POLICYD_* variables (a worker reads nothing else)."""
     values: dict[str, Any] = settings.model_dump()
-    values["workers"] = 1
+    values.update(workers=1, listen_shared=True)
     if index > 0:
         values.update(policy_file="", writer_enabled=False, dashboard_listen="")
         if settings.metrics_listen:

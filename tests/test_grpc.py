@@ -481,3 +481,33 @@ async def test_an_explicit_cache_made_and_kept_longer_over_the_native_api(channe
             ("cache-made", "cache-untimed", "cache-longer", "cache-again")] == [
         (1_000, 601_000), (500, 150_000), (0, 899_000), (0, 0)]
     assert records["cache-longer"].endpoint == "cached_contents"
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_a_second_server_on_a_policyd_address_is_refused_unless_it_is_shared(tmp_path, shared: bool) -> None:
+    """gRPC lets servers share an address (SO_REUSEPORT) by default: a second `policyd serve` started on the
+    address of a running one would take some of its connections, unseen. policyd's servers do not share it (a
+    second one exits naming it), unless told to (POLICYD_LISTEN_SHARED, as the workers are)."""
+    from policyd.server import _listen
+    from tests.servers import free_port
+
+    settings = make_settings({"redis_url": "", "database_url": f"sqlite:///{tmp_path / 'p.db'}"},
+                             listen_shared=shared)
+    service = await Service.build(settings)
+    await service.start()
+    address = f"127.0.0.1:{free_port()}"
+    first, _ = make_grpc_server(service)
+    _listen(first, address, settings, "")
+    await first.start()
+    second, _ = make_grpc_server(service)
+    try:
+        if shared:
+            _listen(second, address, settings, "")
+            await second.start()
+        else:
+            with pytest.raises(SystemExit, match=f"cannot listen on {address}: the address is taken"):
+                _listen(second, address, settings, "")
+    finally:
+        await second.stop(grace=0)
+        await first.stop(grace=0)
+        await service.close()
