@@ -7,7 +7,7 @@ line**, by the project's one rule (up). Credits (grants by source, expiries) and
 
 Closing a period stores its export and digest; a closed period is exported from that snapshot.
 Charges that reach the ledger for a closed period afterwards (a writer that caught up late) are
-never edited into it: they appear in the next open period as adjustment lines.
+never edited into it: they appear as adjustment lines of the period they reached the ledger in (that one alone).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def build(session: Session, customer_id: str, period: str, group_by: str = "mode
     lines = sorted(_charge_lines(session, customer_id, start, end, column), key=lambda x: x["item"])
     for line in lines:
         line["amount"] = _cents(to_invoice_unit(line["charge_nanos"]))
-    adjustments = _late_entries(session, customer_id, start, column)
+    adjustments = _late_entries(session, customer_id, start, end, column)
     for line in adjustments:
         line["amount"] = _cents(to_invoice_unit(line["charge_nanos"]))
     l = LedgerEntryRow
@@ -115,8 +115,10 @@ def build(session: Session, customer_id: str, period: str, group_by: str = "mode
     return Invoice(customer_id, period, group_by, json.dumps(document, sort_keys=True, indent=2) + "\n")
 
 
-def _late_entries(session: Session, customer_id: str, before_ms: int, column: Any) -> list[dict[str, Any]]:
-    """Charges that reached the ledger for an earlier, closed period after it was closed."""
+def _late_entries(session: Session, customer_id: str, before_ms: int, until_ms: int, column: Any
+                  ) -> list[dict[str, Any]]:
+    """Charges for an earlier, closed period that reached the ledger after it was closed, in this period ([before_ms,
+    until_ms)): each is an adjustment of the one period it reached the ledger in, never of the ones after it too."""
     out: list[dict[str, Any]] = []
     l, r = LedgerEntryRow, UsageRecordRow
     closes = session.scalars(select(PeriodCloseRow).where(PeriodCloseRow.customer_id == customer_id)).all()
@@ -130,7 +132,7 @@ def _late_entries(session: Session, customer_id: str, before_ms: int, column: An
         query = (select(column, func.count(), func.sum(-l.amount_nanos))
                  .join(r, r.request_id == l.request_id)
                  .where(l.customer_id == customer_id, l.kind == "charge", l.created_ms >= start, l.created_ms < end,
-                        l.recorded_ms > closed_ms)
+                        l.recorded_ms > closed_ms, l.recorded_ms >= before_ms, l.recorded_ms < until_ms)
                  .group_by(column))
         for item, n, charge in session.execute(query):
             out.append({"item": f"late usage of {period}: {item or '(none)'}", "requests": int(n),

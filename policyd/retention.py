@@ -5,9 +5,9 @@ What a deleted record still counts for is kept, in the transaction that deletes 
 - its holds in buckets whose window still runs (a lifetime budget's; a thread's budget Redis still holds) and the
   credit it consumed of each expiring grant: added to `pruned_sums`, which Store.held_by_bucket, settled_in_bucket
   and credit_consumed add to the kept records' sums, so the audit, a rebuild and a reset read what they read before;
-- its customer's invoice months (those its charges reached the ledger in) are closed first, lines by model and by
-  feature (invoices.py), so each is exported as it was; a charge for one that reaches the ledger later is an
-  adjustment of the next, as for any closed month;
+- its customer's invoice months (those its charges are dated in, and those they reached the ledger in: a charge
+  that reached it after its month was closed is an adjustment there) are closed first, lines by model and by feature
+  (invoices.py), so each is exported as it was (a month not ended yet holds the deletion back until it ends);
 - its hour of the rollups: summed again from the records as they are when they go, and never again after
   (rollups.refresh leaves the hours before the horizon), so the dashboard's history stays whole.
 
@@ -176,17 +176,22 @@ def _prune_hour(store: Store, hour: int, threads_alive: set[str], now_ms: int, d
 
 
 def _close_months(session: Session, hour: int, end: int, now_ms: int) -> int:
-    """Close, both ways, every month the hour's charges reached a customer's ledger in that is not closed yet
-    (invoices.InvoiceError: one has not ended)."""
+    """Close, both ways, every month the hour's charges are dated in or reached a customer's ledger in that is not
+    closed yet (invoices.InvoiceError: one has not ended)."""
     r, l = UsageRecordRow, LedgerEntryRow
     months: set[tuple[str, str]] = set()
+    # the months its charges are dated in, and those they reached the ledger in (a late one is an adjustment there)
     charged = (select(l.customer_id, func.min(l.created_ms), func.max(l.created_ms))
                .join(r, r.request_id == l.request_id)
                .where(r.created_ms >= hour, r.created_ms < end, l.kind == "charge").group_by(l.customer_id))
+    recorded = (select(l.customer_id, func.min(l.recorded_ms), func.max(l.recorded_ms))
+                .join(r, r.request_id == l.request_id)
+                .where(r.created_ms >= hour, r.created_ms < end, l.kind == "charge", l.recorded_ms > 0)
+                .group_by(l.customer_id))
     promo = (select(r.customer_id, func.min(r.closed_ms), func.max(r.closed_ms))
              .where(r.created_ms >= hour, r.created_ms < end, r.billing_mode == "promo", r.status.in_(SETTLED))
              .group_by(r.customer_id))
-    for customer, first, last in [*session.execute(charged), *session.execute(promo)]:
+    for customer, first, last in [*session.execute(charged), *session.execute(recorded), *session.execute(promo)]:
         if session.scalar(select(l.entry_id).where(l.customer_id == customer).limit(1)) is None:
             continue  # no ledger: nothing to invoice
         months.update((customer, period) for period in _months(int(first), int(last)))

@@ -86,6 +86,11 @@ async def test_closed_period_is_frozen_and_late_charges_move_to_the_next(service
     adjustment = current["adjustments_from_closed_periods"]
     assert [(a["item"], a["charge_nanos"]) for a in adjustment] == [("late usage of 2026-10: gpt-4o", late.charge)]
     assert sum(charges.values()) > 0
+    # an adjustment of the period it reached the ledger in alone: the next one does not bill it again
+    year, month = (int(p) for p in this_month().split("-"))
+    following = f"{year + month // 12:04d}-{month % 12 + 1:02d}"
+    assert (await service.admin.invoice("acme", following)).data()["adjustments_from_closed_periods"] == []
+    assert (await service.admin.invoice("acme", "2026-11")).data()["adjustments_from_closed_periods"] == []
 
 
 async def test_bad_invoice_requests(service: Service) -> None:
