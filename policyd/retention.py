@@ -8,6 +8,8 @@ What a deleted record still counts for is kept, in the transaction that deletes 
 - its customer's invoice months (those its charges are dated in, and those they reached the ledger in: a charge
   that reached it after its month was closed is an adjustment there) are closed first, lines by model and by feature
   (invoices.py), so each is exported as it was (a month not ended yet holds the deletion back until it ends);
+- what a key's review counts of it (its requests, denials by reason and failures, when it was last used):
+  added to `pruned_sums` too (Store.key_activity), so a key idle since before the horizon is not "never used";
 - its hour of the rollups: summed again from the records as they are when they go, and never again after
   (rollups.refresh leaves the hours before the horizon), so the dashboard's history stays whole.
 
@@ -31,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy import case, delete, func, select, tuple_
 from sqlalchemy.orm import Session
 
 from policyd import invoices, metrics, reports, rollups
@@ -168,6 +170,7 @@ def _prune_hour(store: Store, hour: int, threads_alive: set[str], now_ms: int, d
             _hour_clause(), session=session, hour=hour, end=end).items() if amount}
         _carry(session, "bucket", buckets, done)
         _carry(session, "credit", credits, done)
+        _carry_key_activity(session, hour, end, done)
         deleted = session.execute(delete(r).where(*_deletable(r, hour, end)).execution_options(
             synchronize_session=False))
         done.records += deleted.rowcount or 0
@@ -217,8 +220,30 @@ def _months(first_ms: int, last_ms: int) -> list[str]:
     return out
 
 
-def _carry(session: Session, kind: str, sums: dict[str, int], done: Pruned) -> None:
-    """Add these sums to pruned_sums."""
+def _carry_key_activity(session: Session, hour: int, end: int, done: Pruned) -> None:
+    """What a key's review counts of the hour's records (Store.key_activity): its requests, denials (by reason) and
+    failures, and when it was last used."""
+    r = UsageRecordRow
+    deletable = [*_deletable(r, hour, end), r.api_key_id != ""]
+    counts: dict[str, dict[str, int]] = {kind: {} for kind in ("key_requests", "key_denials", "key_errors")}
+    last: dict[str, int] = {}
+    for key_id, requests, latest, denials, errors in session.execute(
+            select(r.api_key_id, func.count(), func.max(r.created_ms),
+                   func.sum(case((r.decision == "deny", 1), else_=0)),
+                   func.sum(case((r.status.in_(("released", "expired")), 1), else_=0)))
+            .where(*deletable).group_by(r.api_key_id)):
+        counts["key_requests"][key_id], last[key_id] = int(requests), int(latest)
+        counts["key_denials"][key_id], counts["key_errors"][key_id] = int(denials or 0), int(errors or 0)
+    reasons = {f"{key_id} {reason}": int(n) for key_id, reason, n in session.execute(
+        select(r.api_key_id, r.reason, func.count()).where(*deletable, r.decision == "deny")
+        .group_by(r.api_key_id, r.reason))}
+    for kind, sums in [*counts.items(), ("key_deny_reason", reasons)]:
+        _carry(session, kind, {key: n for key, n in sums.items() if n}, done)
+    _carry(session, "key_last_used", last, done, latest=True)
+
+
+def _carry(session: Session, kind: str, sums: dict[str, int], done: Pruned, latest: bool = False) -> None:
+    """Add these sums to pruned_sums (`latest`: keep the greater of the two instead)."""
     if not sums:
         return
     p = PrunedSumRow
@@ -229,8 +254,8 @@ def _carry(session: Session, kind: str, sums: dict[str, int], done: Pruned) -> N
             select(p.key, p.amount).where(p.kind == kind, p.key.in_(chunk)))}
         for key in chunk:
             if key in existing:
-                session.execute(p.__table__.update().where(p.kind == kind, p.key == key)
-                                .values(amount=existing[key] + sums[key]))
+                amount = max(existing[key], sums[key]) if latest else existing[key] + sums[key]
+                session.execute(p.__table__.update().where(p.kind == kind, p.key == key).values(amount=amount))
             else:
                 session.add(PrunedSumRow(kind=kind, key=key, amount=sums[key]))
         session.flush()

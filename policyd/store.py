@@ -362,9 +362,22 @@ class Store:
             ).where(r.api_key_id == key_id)).one()
             reasons = dict(session.execute(select(r.reason, func.count()).where(
                 r.api_key_id == key_id, r.decision == "deny").group_by(r.reason)).all())
+            # what deleted records counted (retention.py)
+            pruned = {(kind, key): int(amount) for kind, key, amount in session.execute(
+                select(PrunedSumRow.kind, PrunedSumRow.key, PrunedSumRow.amount).where(
+                    PrunedSumRow.kind.in_(("key_requests", "key_last_used", "key_denials", "key_errors",
+                                           "key_deny_reason")),
+                    or_(PrunedSumRow.key == key_id, PrunedSumRow.key.startswith(f"{key_id} ", autoescape=True))))}
         requests, last, denials, errors, today, month = totals
-        return {"requests": int(requests or 0), "last_used_ms": int(last or 0), "denials": int(denials or 0),
-                "errors": int(errors or 0), "spend_today": int(today or 0), "spend_month": int(month or 0),
+        for (kind, key), amount in pruned.items():
+            if kind == "key_deny_reason":
+                reason = key.removeprefix(f"{key_id} ")
+                reasons[reason] = int(reasons.get(reason, 0)) + amount
+        return {"requests": int(requests or 0) + pruned.get(("key_requests", key_id), 0),
+                "last_used_ms": max(int(last or 0), pruned.get(("key_last_used", key_id), 0)),
+                "denials": int(denials or 0) + pruned.get(("key_denials", key_id), 0),
+                "errors": int(errors or 0) + pruned.get(("key_errors", key_id), 0),
+                "spend_today": int(today or 0), "spend_month": int(month or 0),
                 "denials_by_reason": {k: int(v) for k, v in reasons.items()}}
 
     def ledger_balances(self) -> dict[str, int]:

@@ -52,7 +52,8 @@ async def test_old_records_go_and_budgets_credit_invoices_and_rollups_stay_as_th
     old = now - 50 * DAY - now % HOUR  # an hour of a month long ended
     clock = [old]
     service.engine.clock = lambda: clock[0]
-    _, secret = await new_key(service)
+    key_id, secret = await new_key(service)
+    idle_key, idle_secret = await new_key(service)  # used before the horizon alone
     await fund(service, "acme", "20")
     await service.admin.grant_credit("acme", parse_amount("0.05"), "USD", "promo", "trial", expires_ms=now + 30 * DAY)
     budget = parse_amount("0.50")
@@ -66,6 +67,9 @@ async def test_old_records_go_and_budgets_credit_invoices_and_rollups_stay_as_th
         assert d.decision == "allow", d
         charged += (await service.engine.settle(usage(f"old-{i}", input_tokens=2000 * (i + 1)))).charge
     clock[0] = old + 10 * 60_000
+    assert (await service.engine.authorize(ask(secret, model="no-such-model", request_id="old-denied"))).decision == "deny"
+    await service.engine.authorize(ask(idle_secret, request_id="old-idle"))
+    charged += (await service.engine.settle(usage("old-idle"))).charge
     await service.engine.authorize(ask(secret, request_id="old-released"))
     await service.engine.release("old-released", "upstream_error")
     await service.engine.authorize(ask(secret, request_id="old-conversation", endpoint="responses"))
@@ -99,13 +103,18 @@ async def test_old_records_go_and_budgets_credit_invoices_and_rollups_stay_as_th
     credit = await service.counters.client.hget(redis_keys.credit_left(service.counters.partition_of("acme"), "acme"),
                                                 "trial")
     assert (await service.admin.audit()).ok
+    activity = ("requests", "last_used_ms", "denials", "errors", "denials_by_reason")
+    reviews = {k: {f: (await service.admin.review_key(k))[f] for f in activity} for k in (key_id, idle_key)}
+    assert reviews[idle_key]["last_used_ms"] == old + 10 * 60_000 and reviews[key_id]["denials"] == 1
 
     done = await retention.prune(service.store, RETENTION_DAYS_MIN, now, service.counters.existing)
 
-    assert done.records == 7 and done.horizon_ms == now - RETENTION_DAYS_MIN * DAY - (now - RETENTION_DAYS_MIN * DAY) % HOUR
+    assert done.records == 9 and done.horizon_ms == now - RETENTION_DAYS_MIN * DAY - (now - RETENTION_DAYS_MIN * DAY) % HOUR
     assert done.events == 1 and done.deliveries == 1 and done.periods_closed >= 2
     assert all(service.store.usage_record(f"old-{i}") is None for i in range(6))
-    assert service.store.usage_record("old-released") is None
+    assert service.store.usage_record("old-released") is None and service.store.usage_record("old-idle") is None
+    # a key's review counts what it did before the horizon still: an idle key is not "never used"
+    assert {k: {f: (await service.admin.review_key(k))[f] for f in activity} for k in (key_id, idle_key)} == reviews
     assert service.store.usage_record("old-conversation") is not None  # whose conversation it is, kept
     assert service.store.usage_record("new-0") is not None
     with service.store.session() as session:
@@ -235,6 +244,8 @@ def _fill(store: Any, records: list) -> None:
             session.add(UsageRecordRow(
                 request_id=f"r{n}", created_ms=at, updated_ms=at + HOUR, closed_ms=at + HOUR,
                 decision="deny" if status == "denied" else "allow", status=status, customer_id=customer,
+                api_key_id=("k1", "k2", "")[n % 3], reason=("budget_exceeded", "unknown_model")[n % 2]
+                if status == "denied" else "",
                 feature=("chat", "search")[n % 2], served_model=("m1", "m2")[n % 3 % 2], billing_mode=mode,
                 holds=final, final_holds=final if settled else [], charge_nanos=charge if settled else 0,
                 refunded_nanos=charge * refund // 100 if settled else 0, cost_nanos=charge,
@@ -269,6 +280,7 @@ def _figures(store: Any, months: list[tuple[str, str]]) -> dict[str, Any]:
         return {
             "held": {k: v for k, v in store.held_by_bucket().items() if _live(k) and v},  # none: 0
             "credit": {k: v for k, v in store.credit_consumed().items() if v},
+            "keys": {k: store.key_activity(k, NOW - NOW % DAY, 1_796_083_200_000) for k in ("k1", "k2")},  # Dec 1
             "invoices": {(c, p, by): invoices.build(session, c, p, by).text for c, p in months for by in ("model", "feature")},
             "rollups": sorted((r.period, r.start_ms, r.dimension, r.value, r.charge_nanos, r.requests, r.cost_nanos)
                               for r in session.query(UsageRollupRow)),
@@ -289,7 +301,8 @@ def migrated(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def test_deleting_records_changes_no_sum_kept_of_them(migrated: Any, records: list, days: int,
                                                       closed_early: bool) -> None:
     """Whatever records there are, deleting those older than the retention changes no bucket's sum (those whose
-    window still runs; a thread's Redis still holds), no expiring grant's consumption, no invoice (their months
+    window still runs; a thread's Redis still holds), no expiring grant's consumption, no key's review (its
+    requests, denials by reason, failures, last use), no invoice (their months
     closed first: those their charges are dated in and those late ones reached the ledger in; one not ended holds
     the deletion back), no rollup; and deletes exactly the closed records made before the horizon, save those that
     made a conversation."""
