@@ -33,7 +33,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import case, delete, func, select, tuple_
+from sqlalchemy import case, delete, func, literal, select, tuple_
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from policyd import invoices, metrics, reports, rollups
@@ -112,6 +114,7 @@ async def prune(store: Store, days: int, now_ms: int, threads_alive: ThreadsAliv
         hour = _hour(int(first))
         alive = await threads_alive(await asyncio.to_thread(_thread_buckets, store, hour))
         try:
+            done.periods_closed += await asyncio.to_thread(_close_months, store, hour, now_ms)
             await asyncio.to_thread(_prune_hour, store, hour, alive, now_ms, done)
         except invoices.InvoiceError as error:  # a month not ended, to close: nothing of the hour deleted
             done.held_back = str(error)
@@ -161,7 +164,9 @@ def _prune_hour(store: Store, hour: int, threads_alive: set[str], now_ms: int, d
             locked = select(r.request_id).where(*_deletable(r, hour, end)).with_for_update().subquery()
             session.execute(select(func.count()).select_from(locked))
         rollups.rebuild_hour(session, hour)  # summed as they are at their deletion, and never again
-        done.periods_closed += _close_months(session, hour, end, now_ms)
+        for customer, period in sorted({(c, p) for c, p, _ in _months_to_close(session, hour, end)}):  # a race
+            done.periods_closed += _close(session, _months_to_close_of(session, customer, period), customer, period,
+                                          now_ms)
         now_s = now_ms // 1000
         buckets = {key: amount for key, amount in store.bucket_sums_where(
             _hour_clause(), session=session, hour=hour, end=end).items()
@@ -178,35 +183,58 @@ def _prune_hour(store: Store, hour: int, threads_alive: set[str], now_ms: int, d
     metrics.rows_pruned.labels("usage_records").inc(deleted.rowcount or 0)
 
 
-def _close_months(session: Session, hour: int, end: int, now_ms: int) -> int:
-    """Close, both ways, every month the hour's charges are dated in or reached a customer's ledger in that is not
-    closed yet (invoices.InvoiceError: one has not ended)."""
+def _months_to_close(session: Session, hour: int, end: int) -> set[tuple[str, str, str]]:
+    """(customer, month, lines by) of every invoice not closed yet of a month the hour's charges are dated in, or
+    reached its customer's ledger in (a late one is an adjustment there)."""
     r, l = UsageRecordRow, LedgerEntryRow
+    its_charge = l.entry_id == literal("charge:") + r.request_id  # the ledger's key: no scan of it
+    in_hour = (r.created_ms >= hour, r.created_ms < end)
+    charged = (select(l.customer_id, func.min(l.created_ms), func.max(l.created_ms),
+                      func.min(func.nullif(l.recorded_ms, 0)), func.max(l.recorded_ms))
+               .join(r, its_charge).where(*in_hour).group_by(l.customer_id))
     months: set[tuple[str, str]] = set()
-    # the months its charges are dated in, and those they reached the ledger in (a late one is an adjustment there)
-    charged = (select(l.customer_id, func.min(l.created_ms), func.max(l.created_ms))
-               .join(r, r.request_id == l.request_id)
-               .where(r.created_ms >= hour, r.created_ms < end, l.kind == "charge").group_by(l.customer_id))
-    recorded = (select(l.customer_id, func.min(l.recorded_ms), func.max(l.recorded_ms))
-                .join(r, r.request_id == l.request_id)
-                .where(r.created_ms >= hour, r.created_ms < end, l.kind == "charge", l.recorded_ms > 0)
-                .group_by(l.customer_id))
-    promo = (select(r.customer_id, func.min(r.closed_ms), func.max(r.closed_ms))
-             .where(r.created_ms >= hour, r.created_ms < end, r.billing_mode == "promo", r.status.in_(SETTLED))
-             .group_by(r.customer_id))
-    for customer, first, last in [*session.execute(charged), *session.execute(recorded), *session.execute(promo)]:
-        if session.scalar(select(l.entry_id).where(l.customer_id == customer).limit(1)) is None:
-            continue  # no ledger: nothing to invoice
+    for customer, first, last, first_recorded, last_recorded in session.execute(charged):
         months.update((customer, period) for period in _months(int(first), int(last)))
+        if first_recorded is not None:
+            months.update((customer, period) for period in _months(int(first_recorded), int(last_recorded)))
+    promo = (select(r.customer_id, func.min(r.closed_ms), func.max(r.closed_ms))
+             .where(*in_hour, r.billing_mode == "promo", r.status.in_(SETTLED)).group_by(r.customer_id))
+    for customer, first, last in session.execute(promo):
+        if session.scalar(select(l.entry_id).where(l.customer_id == customer).limit(1)) is not None:  # invoiced
+            months.update((customer, period) for period in _months(int(first), int(last)))
+    if not months:
+        return set()
+    p = PeriodCloseRow
+    closed = {(c, period, by) for c, period, by in session.execute(select(p.customer_id, p.period, p.lines_by).where(
+        p.period.in_({period for _, period in months}), p.customer_id.in_({c for c, _ in months})))}
+    return {(c, period, by) for c, period in months for by in invoices.GROUPINGS} - closed
+
+
+def _close_months(store: Store, hour: int, now_ms: int) -> int:
+    """Close the invoices the hour's deletion needs closed, a customer's month a transaction (building 1,000
+    customers' invoices takes a while: not under the lock an hour's deletion holds)."""
+    with store.session() as session:
+        due = _months_to_close(session, hour, hour + HOUR_MS)
     closed = 0
-    for customer, period in sorted(months):
-        for lines_by in invoices.GROUPINGS:
-            if session.get(PeriodCloseRow, (customer, period, lines_by)) is None:
-                invoices.close(session, invoices.build(session, customer, period, lines_by), now_ms)
-                closed += 1
-    if closed:
-        session.flush()
+    for customer, period in sorted({(c, p) for c, p, _ in due}):
+        with store.session() as session, session.begin():
+            rollups.serialized(session)  # another replica's pass closes none of them meanwhile
+            closed += _close(session, {d for d in _months_to_close_of(session, customer, period)
+                                       if (customer, period, d) in due}, customer, period, now_ms)
     return closed
+
+
+def _months_to_close_of(session: Session, customer: str, period: str) -> set[str]:
+    p = PeriodCloseRow
+    done = set(session.scalars(select(p.lines_by).where(p.customer_id == customer, p.period == period)))
+    return set(invoices.GROUPINGS) - done
+
+
+def _close(session: Session, groupings: set[str], customer: str, period: str, now_ms: int) -> int:
+    for lines_by in sorted(groupings):
+        invoices.close(session, invoices.build(session, customer, period, lines_by), now_ms)
+    session.flush()
+    return len(groupings)
 
 
 def _months(first_ms: int, last_ms: int) -> list[str]:
@@ -243,23 +271,17 @@ def _carry_key_activity(session: Session, hour: int, end: int, done: Pruned) -> 
 
 
 def _carry(session: Session, kind: str, sums: dict[str, int], done: Pruned, latest: bool = False) -> None:
-    """Add these sums to pruned_sums (`latest`: keep the greater of the two instead)."""
+    """Add these sums to pruned_sums (`latest`: keep the greater of the two instead): one upsert, run for every key."""
     if not sums:
         return
-    p = PrunedSumRow
-    keys = sorted(sums)
-    for i in range(0, len(keys), 1000):
-        chunk = keys[i:i + 1000]
-        existing = {key: amount for key, amount in session.execute(
-            select(p.key, p.amount).where(p.kind == kind, p.key.in_(chunk)))}
-        for key in chunk:
-            if key in existing:
-                amount = max(existing[key], sums[key]) if latest else existing[key] + sums[key]
-                session.execute(p.__table__.update().where(p.kind == kind, p.key == key).values(amount=amount))
-            else:
-                session.add(PrunedSumRow(kind=kind, key=key, amount=sums[key]))
-        session.flush()
-    done.carried[kind] = done.carried.get(kind, 0) + len(keys)
+    table = PrunedSumRow.__table__
+    postgresql = session.bind is not None and session.bind.dialect.name == "postgresql"
+    statement = (postgresql_insert if postgresql else sqlite_insert)(table)
+    old, new = table.c.amount, statement.excluded.amount
+    combined = (func.greatest(old, new) if postgresql else func.max(old, new)) if latest else old + new
+    session.execute(statement.on_conflict_do_update(index_elements=["kind", "key"], set_={"amount": combined}),
+                    [{"kind": kind, "key": key, "amount": amount} for key, amount in sorted(sums.items())])
+    done.carried[kind] = done.carried.get(kind, 0) + len(sums)
 
 
 def _prune_events(store: Store, before_ms: int, done: Pruned) -> None:
