@@ -17,10 +17,9 @@ import json
 import statistics
 import time
 
-from bench.report_volume import generate
+from bench.report_volume import database, generate
 from policyd import rollups
 from policyd.dashboard_data import DashboardData
-from policyd.db import migrate
 from policyd.server import Service
 from policyd.settings import Settings
 
@@ -53,15 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--database-url", default="")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args(argv)
-    server = None
-    url = args.database_url
-    if not url:
-        from tests.servers import PostgresServer
-
-        server = PostgresServer()
-        url = server.create_database("dashboard")
-    try:
-        migrate(url)
+    with database(args.database_url, "dashboard") as url:
         if args.records:
             generate(url, args.records)
         from policyd.store import Store
@@ -83,9 +74,6 @@ def main(argv: list[str] | None = None) -> dict:
               f"incidents 7 days {result['incidents_7d_ms']} ms")
         print(json.dumps(result))
         return {"dashboard_volume": result}
-    finally:
-        if server is not None:
-            server.close()
 
 
 if __name__ == "__main__":

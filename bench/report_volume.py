@@ -14,6 +14,8 @@ import json
 import random
 import statistics
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 from policyd.db import migrate
 from policyd.reports import month_bounds, usage_report
@@ -24,6 +26,24 @@ FEATURES = ["chat", "search", "summarize", "agent", "embed"]
 MODELS = ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4", "gemini-2.5-flash"]
 START_MS = 1_790_812_800_000  # 2026-10-01
 SPAN_MS = 61 * 86_400_000
+
+
+@contextmanager
+def database(url: str, name: str) -> Iterator[str]:
+    """The database a volume run uses: the one named (`--database-url`), or one of a throwaway PostgreSQL (Debian's
+    package) on loopback, stopped after; migrated."""
+    server = None
+    if not url:
+        from tests.servers import PostgresServer
+
+        server = PostgresServer()
+        url = server.create_database(name)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        if server is not None:
+            server.close()
 
 
 def generate(url: str, records: int, seed: int = 11, *, customer: str = "", end_users: int = 0,
@@ -99,15 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--database-url", default="")
     args = parser.parse_args(argv)
-    server = None
-    url = args.database_url
-    if not url:
-        from tests.servers import PostgresServer
-
-        server = PostgresServer()
-        url = server.create_database("volume")
-    try:
-        migrate(url)
+    with database(args.database_url, "volume") as url:
         started = time.perf_counter()
         generate(url, args.records)
         loaded = time.perf_counter() - started
@@ -117,9 +129,6 @@ def main(argv: list[str] | None = None) -> dict:
               f"loaded in {result['load_seconds']} s)")
         print(json.dumps(result))
         return {"report_volume": result}
-    finally:
-        if server is not None:
-            server.close()
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ import time
 
 from sqlalchemy import text
 
-from bench.report_volume import SPAN_MS, START_MS, generate
+from bench.report_volume import SPAN_MS, START_MS, database, generate
 from policyd import retention
-from policyd.db import migrate
 from policyd.store import Store
 
 DAY_MS = 86_400_000
@@ -86,15 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--database-url", default="")
     args = parser.parse_args(argv)
-    server = None
-    url = args.database_url
-    if not url:
-        from tests.servers import PostgresServer
-
-        server = PostgresServer()
-        url = server.create_database("retention")
-    try:
-        migrate(url)
+    with database(args.database_url, "retention") as url:
         generate(url, args.records)
         _prepare(url)
         result = {"records": args.records, **run(url)}
@@ -105,9 +96,6 @@ def main(argv: list[str] | None = None) -> dict:
               f"after: {result['key_review_ms']} ms")
         print(json.dumps(result))
         return {"retention_volume": result}
-    finally:
-        if server is not None:
-            server.close()
 
 
 if __name__ == "__main__":
