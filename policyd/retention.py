@@ -165,7 +165,7 @@ def _prune_hour(store: Store, hour: int, threads_alive: set[str], now_ms: int, d
             session.execute(select(func.count()).select_from(locked))
         rollups.rebuild_hour(session, hour)  # summed as they are at their deletion, and never again
         for customer, period in sorted({(c, p) for c, p, _ in _months_to_close(session, hour, end)}):  # a race
-            done.periods_closed += _close(session, _months_to_close_of(session, customer, period), customer, period,
+            done.periods_closed += _close(session, _groupings_open(session, customer, period), customer, period,
                                           now_ms)
         now_s = now_ms // 1000
         buckets = {key: amount for key, amount in store.bucket_sums_where(
@@ -219,12 +219,13 @@ def _close_months(store: Store, hour: int, now_ms: int) -> int:
     for customer, period in sorted({(c, p) for c, p, _ in due}):
         with store.session() as session, session.begin():
             rollups.serialized(session)  # another replica's pass closes none of them meanwhile
-            closed += _close(session, {d for d in _months_to_close_of(session, customer, period)
+            closed += _close(session, {d for d in _groupings_open(session, customer, period)
                                        if (customer, period, d) in due}, customer, period, now_ms)
     return closed
 
 
-def _months_to_close_of(session: Session, customer: str, period: str) -> set[str]:
+def _groupings_open(session: Session, customer: str, period: str) -> set[str]:
+    """The ways (lines by model, by feature) a customer's invoice of a month is not closed yet."""
     p = PeriodCloseRow
     done = set(session.scalars(select(p.lines_by).where(p.customer_id == customer, p.period == period)))
     return set(invoices.GROUPINGS) - done
