@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import case, delete, func, literal, select, tuple_
+from sqlalchemy import delete, func, literal, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -44,7 +44,7 @@ from policyd.db import (PRUNED_CURSOR, AlertDeliveryRow, EventRow, LedgerEntryRo
 from policyd.domain import CACHED_CONTENT_PREFIX
 from policyd.loops import every
 from policyd.quotas import idles_out, remaining_ttl
-from policyd.store import OPEN_STATUSES, Store
+from policyd.store import OPEN_STATUSES, Store, key_activity_columns
 
 log = logging.getLogger("policyd.retention")
 
@@ -257,10 +257,7 @@ def _carry_key_activity(session: Session, hour: int, end: int, done: Pruned) -> 
     counts: dict[str, dict[str, int]] = {kind: {} for kind in ("key_requests", "key_denials", "key_errors")}
     last: dict[str, int] = {}
     for key_id, requests, latest, denials, errors in session.execute(
-            select(r.api_key_id, func.count(), func.max(r.created_ms),
-                   func.sum(case((r.decision == "deny", 1), else_=0)),
-                   func.sum(case((r.status.in_(("released", "expired")), 1), else_=0)))
-            .where(*deletable).group_by(r.api_key_id)):
+            select(r.api_key_id, *key_activity_columns()).where(*deletable).group_by(r.api_key_id)):
         counts["key_requests"][key_id], last[key_id] = int(requests), int(latest)
         counts["key_denials"][key_id], counts["key_errors"][key_id] = int(denials or 0), int(errors or 0)
     reasons = {f"{key_id} {reason}": int(n) for key_id, reason, n in session.execute(

@@ -142,6 +142,18 @@ def used_before_query(customer_id: str, scope: str, owner_id: str, unit: str, si
     return query
 
 
+# what deleted records count in a key's review, kept in pruned_sums (retention.py): its requests, when it was last
+# used, its denials, failures, and denials by reason ("<key id> <reason>")
+KEY_ACTIVITY_KINDS = ("key_requests", "key_last_used", "key_denials", "key_errors", "key_deny_reason")
+
+
+def key_activity_columns() -> list[Any]:
+    """What a key's review counts of its records: requests, the last one's time, denials, failures."""
+    r = UsageRecordRow
+    return [func.count(), func.max(r.created_ms), func.sum(case((r.decision == "deny", 1), else_=0)),
+            func.sum(case((r.status.in_(("released", "expired")), 1), else_=0))]
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -354,9 +366,7 @@ class Store:
         charged = r.status.in_(("settled", "settled_late"))
         with self.session() as session:
             totals = session.execute(select(
-                func.count(), func.max(r.created_ms),
-                func.sum(case((r.decision == "deny", 1), else_=0)),
-                func.sum(case((r.status.in_(("released", "expired")), 1), else_=0)),
+                *key_activity_columns(),
                 func.sum(case((charged & (r.created_ms >= day_start_ms), r.charge_nanos), else_=0)),
                 func.sum(case((charged & (r.created_ms >= month_start_ms), r.charge_nanos), else_=0)),
             ).where(r.api_key_id == key_id)).one()
@@ -365,8 +375,7 @@ class Store:
             # what deleted records counted (retention.py)
             pruned = {(kind, key): int(amount) for kind, key, amount in session.execute(
                 select(PrunedSumRow.kind, PrunedSumRow.key, PrunedSumRow.amount).where(
-                    PrunedSumRow.kind.in_(("key_requests", "key_last_used", "key_denials", "key_errors",
-                                           "key_deny_reason")),
+                    PrunedSumRow.kind.in_(KEY_ACTIVITY_KINDS),
                     or_(PrunedSumRow.key == key_id, PrunedSumRow.key.startswith(f"{key_id} ", autoescape=True))))}
         requests, last, denials, errors, today, month = totals
         for (kind, key), amount in pruned.items():
