@@ -28,7 +28,7 @@ from policyd.money import AMOUNT_MAX
 from policyd.policy import ENVIRONMENTS, Cap, Policy, PolicyError, canonical_text, diff, parse_policy
 from policyd.pricing import Quantities
 from policyd.policy_book import PolicyBook
-from policyd import invoices, key_limits, limit_resets, metrics, quotas, reconcile, reports
+from policyd import bucket_seeds, invoices, key_limits, limit_resets, metrics, quotas, reconcile, reports
 from policyd.quotas import idles_out, remaining_ttl
 from policyd.store import OWNER_ID_LENGTH_MAX, Store, key_record
 from policyd.writer import REFUND_PREFIX, Writer
@@ -200,6 +200,8 @@ class Admin:
         self.pool: Any = None  # the provider account pool, when the service has one (reconciliation per key)
         self.finish_closings: Any = None  # the engine's, when there is one: settles in flight come first
         self.restoring: asyncio.Task[int] | None = None  # closed requests written back after a rebuild
+        self.seeding: set[asyncio.Task[None]] = set()  # the second passes of bucket_seeds.py still to come
+        self.policy_refresh_ms = 500  # how often another replica takes a new policy (Settings.policy_refresh_ms)
         self.store = store
         self.counters = counters
         self.book = book
@@ -443,13 +445,15 @@ class Admin:
                       old_seeds: dict[str, int] | None) -> dict[str, int]:
         """What the owner (a key, or a customer, workspace, project, team or end user of it) had used before its
         limits were made, in the buckets of their current windows that no request has counted in yet (no plan limit
-        of theirs): written into each bucket (money and requests; tokens count from the limit's making), so a
-        budget set mid-month counts the month's spend; kept with the limits (`seeds`) for the audit and a rebuild,
-        whose records name no such bucket. Seeds of buckets no limit keeps are taken back out of them. `limits`:
-        its own, as its requests count them; `scope_id`: its buckets' id (quotas.scope_ids); `old_seeds`: before."""
-        at = now_ms()
+        of theirs): written into each bucket (as a plan's limit a policy adds: bucket_seeds.py; a limit on some
+        models, what was served on them), so a budget set mid-month counts the month's spend; kept with the limits
+        (`seeds`) for the audit and a rebuild, whose records name no such bucket. Seeds of buckets no limit keeps
+        are taken back out of them. `limits`: its own, as its requests count them; `scope_id`: its buckets' id
+        (quotas.scope_ids); `old_seeds`: before."""
+        at, policy = now_ms(), self.book.current
         seeds = {key: amount for key, amount in (old_seeds or {}).items() if remaining_ttl(key, at // 1000) is not None}
         partition = self.counters.partition_of(customer_id)
+        owner = owner_id or customer_id  # the records' column of the scope holds the customer's id
         kept: dict[str, int] = {}
         caught_up = False
         for limit in limits:
@@ -457,29 +461,31 @@ class Admin:
             if hold.key in seeds:
                 kept[hold.key] = seeds.pop(hold.key)
                 continue
-            if limit.unit not in ("money", "requests") or limit.models or await self.counters.client.exists(hold.key):
-                continue  # a bucket already counting: the window's use is in it; one on some models, from its making
+            if policy is None or await self.counters.client.exists(hold.key):
+                continue  # a bucket already counting: the window's use is in it
             if not caught_up:
                 await self.catch_up()
                 caught_up = True
-            used = await asyncio.to_thread(self.store.used_before, customer_id, scope, owner_id, limit.unit,
-                                           window.start * 1000, at + 1)
-            if used and await self.counters.client.hsetnx(hold.key, "used", str(used)):  # none counted meanwhile
-                if hold.ttl_seconds > 0:
-                    await self.counters.client.expire(hold.key, hold.ttl_seconds)
-                kept[hold.key] = used
+            seeding = bucket_seeds.Seeding(limit, policy, window, at, customer_id=customer_id, owner_id=owner)
+            used = (await bucket_seeds.use(self.store, seeding, window.start * 1000, at + 1)).get(
+                (customer_id, owner), 0)
+            if used and await self.counters.seed_bucket(hold.key, used, hold.ttl_seconds, partition) is not None:
+                kept[hold.key] = used  # none counted meanwhile
         for key, amount in seeds.items():  # a limit taken off: its bucket holds what its records imply again
             await self.counters.client.hincrby(key, "used", -amount)
         return kept
 
     async def _held_by_bucket(self) -> dict[str, int]:
         """Bucket key -> what it should hold: what the records imply, and what owners and keys had used before their
-        limits were made (their seeds), less what resets forgave (limit_resets.py)."""
+        limits were made (their seeds), and requests before a plan's limit or a cap began to bind (bucket_seeds.py),
+        less what resets forgave (limit_resets.py)."""
         held = await asyncio.to_thread(self.store.held_by_bucket)
         seeds = [row.seeds or {} for row in await asyncio.to_thread(self.store.owner_limits)]
         for seeded in seeds + await asyncio.to_thread(self.store.key_seeds):
             for key, amount in seeded.items():
                 held[key] = held.get(key, 0) + amount
+        for key, amount in (await asyncio.to_thread(self.store.bucket_seeds)).items():  # limits new mid-window
+            held[key] = held.get(key, 0) + amount
         for key, amount in (await asyncio.to_thread(self.store.reset_by_bucket)).items():
             held[key] = held.get(key, 0) - amount
         return held
@@ -583,6 +589,8 @@ class Admin:
             own_row = await asyncio.to_thread(self.store.key, target.owner_id)
         seeded = {key: own_row for key in (own_row.seeds or {})} if own_row is not None else {}
         earlier = await asyncio.to_thread(self.store.reset_by_bucket, target.customer_id)
+        # ... and what a plan's limit new mid-window counted from (bucket_seeds.py): forgiven as the records' part
+        begun = await asyncio.to_thread(self.store.bucket_seeds)
         partition = self.counters.partition_of(target.customer_id)
         done: list[limit_resets.Reset] = []
         for bucket, binding in found.items():
@@ -591,7 +599,7 @@ class Admin:
                                               current.start * 1000 - limit_resets.WINDOW_START_MARGIN_MS, at)
             owner = seeded.get(bucket)
             seed = (owner.seeds or {}).get(bucket, 0) if owner else 0
-            owed = max(settled - earlier.get(bucket, 0) + seed, 0)
+            owed = max(settled - earlier.get(bucket, 0) + seed + begun.get(bucket, 0), 0)
             try:
                 outcome = await self.counters.reset_limit(partition, bucket, owed, binding.alerts)
             except Fenced:
@@ -659,8 +667,14 @@ class Admin:
             async with self._key_claimed(listed.id) as row:
                 if row.status == "revoked" or row.plan == plan:
                     continue
+                policy, old_plan = self.book.current, row.plan
+                # its new plan's limits its old one lacked count what it and its owners used in their windows
+                seedings = await self._seed(bucket_seeds.key_move_seedings(policy, row, old_plan, plan, now_ms())) \
+                    if policy is not None else []
                 row.plan = plan
                 await self._save_and_publish(row)
+                if seedings:  # ... and what it decided under its old plan while it moved (no more from now)
+                    self._seed_later(bucket_seeds.moved_key_stragglers(seedings, row.id, old_plan), 0)
             moved.append(row)
         return moved
 
@@ -711,9 +725,46 @@ class Admin:
             if "UNIQUE" in str(error).upper() or "duplicate" in str(error).lower():
                 raise PolicydError("ABORTED", "policy_conflict", "another policy was applied at the same time; try again") from None
             raise
-        self.book.install(Policy(version, document, canonical))
+        applied = Policy(version, document, canonical)
+        seedings = await self._seed(bucket_seeds.policy_seedings(current, applied, now_ms()))
+        self.book.install(applied)
         await self.counters.client.set(redis_keys.POLICY_VERSION, str(version))
+        if seedings:  # what replicas not yet on it decide meanwhile, once each has taken it
+            self._seed_later(seedings, (2 * self.policy_refresh_ms + bucket_seeds.STRAGGLER_MARGIN_MS) / 1000)
         return ApplyResult(version, True, changes)
+
+    async def _seed(self, seedings: list[bucket_seeds.Seeding], cutoff_ms: int = 0) -> list[bucket_seeds.Seeding]:
+        """The first pass of bucket_seeds.py over the records decided before the cutoff (by default a few seconds
+        before now: they are all in SQL once caught up). Seeds not given (Redis or SQL failing) are logged: those
+        limits count from their making, as before."""
+        if not seedings:
+            return []
+        try:
+            await self.catch_up()
+            await bucket_seeds.seed(self.counters, self.store, seedings, cutoff_ms or self._seed_cutoff(seedings))
+        except Exception:
+            log.exception("the limits that bind from now on count from now: their use before could not be seeded")
+            return []
+        return seedings
+
+    @staticmethod
+    def _seed_cutoff(seedings: list[bucket_seeds.Seeding]) -> int:
+        return seedings[0].at_ms - bucket_seeds.CUTOFF_MARGIN_MS
+
+    def _seed_later(self, seedings: list[bucket_seeds.Seeding], delay_s: float) -> None:
+        """The second pass of bucket_seeds.py, after `delay_s` (tracked: `seeding`, awaited by tests, cancelled at
+        stop)."""
+        async def later() -> None:
+            await asyncio.sleep(delay_s)
+            try:
+                await self.catch_up()
+                await bucket_seeds.stragglers(self.counters, self.store, seedings, self._seed_cutoff(seedings))
+            except Exception:
+                log.exception("the requests decided without a new limit while it was taken up are not in its count")
+
+        task = asyncio.create_task(later())
+        self.seeding.add(task)
+        task.add_done_callback(self.seeding.discard)
 
     # ------------------------------------------------------------------ wallets
     async def grant_credit(self, customer_id: str, amount: int, currency: str, source: str, grant_id: str = "",
@@ -1041,6 +1092,13 @@ class Admin:
         if self.restoring is not None and not self.restoring.done():
             self.restoring.cancel()
             await asyncio.wait([self.restoring])
+
+    async def stop_seeding(self) -> None:
+        """Second passes still to come are not made (the requests they would add are left out of their limits)."""
+        for task in list(self.seeding):
+            task.cancel()
+        if self.seeding:
+            await asyncio.wait(list(self.seeding))
 
     async def _restore_closed(self) -> int:
         """Closed reservations written back from their records, those closed last first, for what is left of

@@ -295,6 +295,7 @@ class Counters:
         self._claim_polls = client.register_script(_load("claim_polls"))
         self._end_claim = client.register_script(_load("end_claim"))
         self._reset_limit = client.register_script(_load("reset_limit"))
+        self._seed_bucket = client.register_script(_load("seed_bucket"))
         # the scripts every request runs go through one pipelined connection where redis-py's pool is not needed
         self._lane = ScriptLane.for_client(client)
         # told whenever a script finds its partition's gate closed (Service: a rebuild when the counters are lost)
@@ -672,6 +673,19 @@ class Counters:
         if outcome == "absent":
             return None
         return int(reply[1]), int(reply[2])
+
+    async def seed_bucket(self, bucket_key: str, amount: int, ttl_seconds: int, partition: int | None,
+                          only_new: bool = True) -> int | None:
+        """Start a limit's bucket from the use before the limit bound (bucket_seeds.py): what it holds after, or
+        None when it counts already (`only_new`: its window's use is in it). `partition`: the customer's, whose
+        gate must be open (None: a cap's bucket, no partition's); `ttl_seconds`: its life once made (0: for good)."""
+        keys = [bucket_key] if partition is None else [bucket_key, redis_keys.gate(partition)]
+        reply = await self._seed_bucket(keys=keys, args=["new" if only_new else "add", str(amount),
+                                                          str(max(ttl_seconds, 0))])
+        outcome = _text(reply[0])
+        if outcome == "fenced":
+            raise self._fenced(partition or 0)
+        return None if outcome == "counting" else int(reply[1])
 
     @staticmethod
     def queue_stored_response(pipe: Any, response_id: str, customer_id: str, provider: str, route: str, account: str,

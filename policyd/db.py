@@ -329,6 +329,18 @@ class PrunedSumRow(Base):
     amount: Mapped[int] = mapped_column(BigInteger)  # the bucket's unit (money: nanos) | nanos
 
 
+class BucketSeedRow(Base):
+    """What a limit's bucket counted from when the limit began to bind mid-window: the use before it of the
+    requests it binds (policyd/bucket_seeds.py: a policy's new plan limit or cap, a key moved to a plan that has
+    one), added to what the records hold in it for the audit and a rebuild (their holds never name it)."""
+
+    __tablename__ = "bucket_seeds"
+
+    bucket_key: Mapped[str] = mapped_column(String(512), primary_key=True)
+    amount: Mapped[int] = mapped_column(BigInteger)  # the bucket's unit (money and cost: nanos)
+    made_ms: Mapped[int] = mapped_column(BigInteger)
+
+
 class LedgerEntryRow(Base):
     """An append-only wallet movement: + for grants, - for charges."""
 

@@ -8,9 +8,8 @@ with its `scope`, copied onto each of the owner's keys: Admin.set_owner_limits) 
 bucket of its unit and window (the key's, the customer's, ...): where the plan has a limit of the same scope
 in the same bucket, the key's or owner's replaces it (an override: "this key may spend 20 a month, not the
 plan's 100"; "this customer 500, not 1,000"); any other binds beside the plan's. A bucket a plan already
-counts in holds the window's use so far; an owner's money or request limit whose bucket nothing counted in yet
-starts from what the owner had used in its window before (Admin._seeded); any other counts from its making, as a
-limit a policy adds does.
+counts in holds the window's use so far; a key's or owner's limit whose bucket nothing counted in yet starts from
+what it had used in its window before (Admin._seeded), as a limit a policy adds does (bucket_seeds.py).
 """
 
 from __future__ import annotations

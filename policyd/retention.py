@@ -34,8 +34,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import delete, func, literal, select, tuple_
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from policyd import invoices, metrics, reports, rollups
@@ -44,7 +42,7 @@ from policyd.db import (PRUNED_CURSOR, AlertDeliveryRow, EventRow, LedgerEntryRo
 from policyd.domain import CACHED_CONTENT_PREFIX
 from policyd.loops import every
 from policyd.quotas import idles_out, remaining_ttl
-from policyd.store import OPEN_STATUSES, Store, key_activity_columns
+from policyd.store import OPEN_STATUSES, Store, add_sums, key_activity_columns
 
 log = logging.getLogger("policyd.retention")
 
@@ -272,13 +270,8 @@ def _carry(session: Session, kind: str, sums: dict[str, int], done: Pruned, late
     """Add these sums to pruned_sums (`latest`: keep the greater of the two instead): one upsert, run for every key."""
     if not sums:
         return
-    table = PrunedSumRow.__table__
-    postgresql = session.bind is not None and session.bind.dialect.name == "postgresql"
-    statement = (postgresql_insert if postgresql else sqlite_insert)(table)
-    old, new = table.c.amount, statement.excluded.amount
-    combined = (func.greatest(old, new) if postgresql else func.max(old, new)) if latest else old + new
-    session.execute(statement.on_conflict_do_update(index_elements=["kind", "key"], set_={"amount": combined}),
-                    [{"kind": kind, "key": key, "amount": amount} for key, amount in sorted(sums.items())])
+    add_sums(session, PrunedSumRow.__table__, ["kind", "key"],
+             [{"kind": kind, "key": key, "amount": amount} for key, amount in sorted(sums.items())], latest)
     done.carried[kind] = done.carried.get(kind, 0) + len(sums)
 
 

@@ -88,6 +88,7 @@ class Service:
         writer = Writer(counters.client, store, settings.partitions, settings.writer_batch)
         engine = Engine(counters, store, book, directory, settings.reservation_ttl_seconds, settings.failure_mode)
         admin = Admin(store, counters, book, directory, writer, settings.reservation_ttl_seconds)
+        admin.policy_refresh_ms = settings.policy_refresh_ms
         pool = ProviderPool.load(settings.providers_file)
         admin.pool = pool
         engine.background = BackgroundResponses(engine, pool, settings.background_response_seconds,
@@ -186,6 +187,7 @@ class Service:
         if self._recovery is not None and not self._recovery.done():
             await asyncio.wait([self._recovery], timeout=30)
         await self.admin.stop_restoring()
+        await self.admin.stop_seeding()
         await self.engine.finish_closings(stopping=True)  # settles in flight, before the last drain
         for task in self.tasks:
             try:

@@ -8,15 +8,17 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterable
 
-from sqlalchemy import JSON, Table, bindparam, case, delete, func, insert, or_, select, text, tuple_, update
+from sqlalchemy import (JSON, Table, bindparam, case, delete, func, insert, literal, or_, select, text, tuple_,
+                        update)
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from policyd import compact_json, key_limits, redis_keys
 from policyd.db import (ApiKeyRow, EventRow, LedgerEntryRow, LimitResetRow, OwnerLimitsRow, PolicyVersionRow,
-                        PrunedSumRow, UsageRecordRow, make_engine)
+                        PrunedSumRow, UsageRecordRow, BucketSeedRow, make_engine)
 from policyd.policy import Limit
 
 OPEN_STATUSES = ("reserved",)
@@ -101,6 +103,17 @@ def _copy(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
         cursor.close()
 
 
+def add_sums(session: Session, table: Table, index: list[str], rows: list[dict[str, Any]], latest: bool = False
+             ) -> None:
+    """Insert rows of an `amount` by their key columns (`index`), adding the amount to that of a row there
+    (`latest`: keeping the greater of the two instead): one upsert, run for every row."""
+    postgresql = session.bind is not None and session.bind.dialect.name == "postgresql"
+    statement = (postgresql_insert if postgresql else sqlite.insert)(table)
+    old, new = table.c.amount, statement.excluded.amount
+    combined = (func.greatest(old, new) if postgresql else func.max(old, new)) if latest else old + new
+    session.execute(statement.on_conflict_do_update(index_elements=index, set_={"amount": combined}), rows)
+
+
 def _insert_ignore_postgresql(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
     """Insert a batch in one statement, skipping rows whose key exists: the rows go as one JSON array that
     PostgreSQL turns into the table's row type (an executemany costs a round trip of the driver's
@@ -127,19 +140,63 @@ def key_record(row: ApiKeyRow) -> KeyRecord:
     )
 
 
-def used_before_query(customer_id: str, scope: str, owner_id: str, unit: str, since_ms: int, until_ms: int) -> Any:
-    """The sum Store.used_before reads: an owner's records in the window by their customer's index on (customer,
-    created), or an end user's by (customer, end user, created)."""
+SETTLED = ("settled", "settled_late")
+
+
+def held_in_unit(unit: str) -> Any:
+    """What a record holds in a bucket of `unit` counting it from its authorization, as SQL sums it: a settled one
+    its charge less refunds (money), its provider cost (cost), its tokens (tokens: input, output and the image
+    tool's, as Quantities.tokens counts them), 1 (requests); an open one its hold (money and cost: its reserved
+    charge, the larger; tokens: none known until it settles), 1; released, expired and denied ones nothing."""
     r = UsageRecordRow
-    held = {"money": case((r.status.in_(("settled", "settled_late")), r.charge_nanos - r.refunded_nanos),
-                          (r.status == "reserved", r.reserved_nanos), else_=0),
-            "requests": case((r.status.in_(("settled", "settled_late", "reserved")), 1), else_=0)}[unit]
-    query = select(func.sum(held)).where(r.customer_id == customer_id, r.created_ms >= since_ms,
-                                         r.created_ms < until_ms, r.decision != "deny")
-    if scope != "customer":
-        query = query.where({"workspace": r.workspace_id, "project": r.project_id, "team": r.team_id,
-                             "end_user": r.end_user_id, "key": r.api_key_id}[scope] == owner_id)
-    return query
+    settled = {"money": r.charge_nanos - r.refunded_nanos, "cost": r.cost_nanos, "requests": 1,
+               "tokens": r.input_tokens + r.output_tokens + r.image_generation_input_tokens
+               + r.image_generation_output_tokens}[unit]
+    open_hold = {"money": r.reserved_nanos, "cost": r.reserved_nanos, "requests": 1, "tokens": 0}[unit]
+    return case((r.status.in_(SETTLED), settled), (r.status == "reserved", open_hold), else_=0)
+
+
+# the record column naming the bucket of each limit scope (quotas.scope_ids: all but key and customer within the
+# customer)
+SCOPE_COLUMNS = {"key": "api_key_id", "customer": "customer_id", "workspace": "workspace_id",
+                 "project": "project_id", "team": "team_id", "feature": "feature", "model": "served_model",
+                 "thread": "thread_id", "end_user": "end_user_id"}
+
+
+def use_in_window_query(scope: str, unit: str, since_ms: int, until_ms: int, *, plans: Iterable[str] = (),
+                        key_id: str = "", only_key_id: str = "", customer_id: str = "", owner_id: str = "",
+                        before_version: int = 0, by_request: bool = False) -> Any:
+    """(customer, the scope's id of it: SCOPE_COLUMNS, the model served, its provider, what those requests in
+    [since_ms, until_ms) hold in a bucket of `unit`: held_in_unit): of the requests decided under these plans, or
+    by this key (either: both given), by this key alone (`only_key_id`), of one customer and one owner of the scope
+    (given: read by the customer's index on (customer, created), an end user's by (customer, end user, created)),
+    decided under a policy older than `before_version` (given). Scope "all": every customer's (a cap's), customer
+    and owner "". What a limit that begins to bind mid-window starts from (bucket_seeds.py). `by_request`: a row a
+    request, each with the buckets it held in (its holds) last."""
+    r = UsageRecordRow
+    named = getattr(r, SCOPE_COLUMNS[scope]) if scope != "all" else None
+    groups = [r.customer_id, named] if named is not None else [literal(""), literal("")]
+    held = held_in_unit(unit)
+    query = select(*groups, r.served_model, r.provider, *((held, r.holds) if by_request else (func.sum(held),))) \
+        .where(r.created_ms >= since_ms, r.created_ms < until_ms, r.decision != "deny")
+    plans = tuple(plans)
+    if plans and key_id:
+        query = query.where(or_(r.plan.in_(plans), r.api_key_id == key_id))
+    elif plans:
+        query = query.where(r.plan.in_(plans))
+    elif key_id:
+        query = query.where(r.api_key_id == key_id)
+    if only_key_id:
+        query = query.where(r.api_key_id == only_key_id)
+    if customer_id:
+        query = query.where(r.customer_id == customer_id)
+    if named is not None:
+        query = query.where(named == owner_id) if owner_id else query.where(named != "")
+    if before_version:
+        query = query.where(r.policy_version < before_version)
+    if by_request:
+        return query
+    return query.group_by(*(groups if named is not None else []), r.served_model, r.provider)
 
 
 # what deleted records count in a key's review, kept in pruned_sums (retention.py): its requests, when it was last
@@ -305,13 +362,42 @@ class Store:
         with self.session() as session:
             return session.get(OwnerLimitsRow, (customer_id, scope, owner_id))
 
-    def used_before(self, customer_id: str, scope: str, owner_id: str, unit: str, since_ms: int, until_ms: int) -> int:
-        """What an owner's requests in [since_ms, until_ms) hold in a bucket of `unit` (money: their charges less
-        refunds, or their holds while open; requests: how many are settled or open), as a bucket counting them all
-        would: released, expired and denied ones hold nothing."""
+    def use_in_window(self, scope: str, unit: str, since_ms: int, until_ms: int, **narrowed: Any
+                      ) -> dict[tuple[str, str, str, str], int]:
+        """(customer, owner, model served, provider) -> what those requests in [since_ms, until_ms) hold in a bucket
+        of `unit` (use_in_window_query)."""
         with self.session() as session:
-            return max(int(session.execute(used_before_query(customer_id, scope, owner_id, unit, since_ms, until_ms))
-                           .scalar() or 0), 0)
+            return {(str(row[0]), str(row[1]), str(row[2]), str(row[3])): int(row[4])
+                    for row in session.execute(use_in_window_query(scope, unit, since_ms, until_ms, **narrowed))
+                    if row[4]}
+
+    def use_by_request(self, scope: str, unit: str, since_ms: int, until_ms: int, **narrowed: Any
+                       ) -> list[tuple[str, str, str, str, int, set[str]]]:
+        """Each request use_in_window would sum: (customer, owner, model served, provider, what it holds in a bucket
+        of `unit`, the bucket keys it held in)."""
+        with self.session() as session:
+            return [(str(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4]),
+                     {hold[0] for hold in row[5] or ()})
+                    for row in session.execute(use_in_window_query(scope, unit, since_ms, until_ms, by_request=True,
+                                                                   **narrowed)) if row[4]]
+
+    def bucket_seeds(self) -> dict[str, int]:
+        """Bucket key -> what it counted from when its limit began to bind mid-window (bucket_seeds.py)."""
+        with self.session() as session:
+            return {key: int(amount) for key, amount in session.execute(
+                select(BucketSeedRow.bucket_key, BucketSeedRow.amount))}
+
+    def add_bucket_seeds(self, seeds: dict[str, int], at_ms: int, ended: Iterable[str] = ()) -> None:
+        """Add to the seeds of these buckets (made where none), and take those of `ended` windows out, in one
+        transaction."""
+        with self.session() as session, session.begin():
+            ended = list(ended)
+            if ended:
+                session.execute(delete(BucketSeedRow).where(BucketSeedRow.bucket_key.in_(ended)))
+            if seeds:
+                add_sums(session, BucketSeedRow.__table__, ["bucket_key"],
+                         [{"bucket_key": key, "amount": amount, "made_ms": at_ms}
+                          for key, amount in sorted(seeds.items())])
 
     def save_owner_limits(self, row: OwnerLimitsRow) -> None:
         """An owner's limits (none, and not paused: its row goes)."""

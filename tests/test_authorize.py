@@ -333,8 +333,8 @@ async def test_a_limit_on_some_models_binds_the_requests_served_on_them_alone(se
     """A key's limit on some models (KeyLimit.models) counts the requests served on them in a bucket of its own:
     past it those are refused, naming it, while the key's other models are served; however many are held at once
     on a strict plan, charged and held never pass it. A plan's limit on a tier downgrades its requests once spent,
-    and the cheaper model's requests do not count in it. An owner's limit on a model starts from its making. Models
-    the price table does not know are refused; the audit and a rebuild agree."""
+    and the cheaper model's requests do not count in it. An owner's limit on a model set mid-month starts from what
+    was served on it that month. Models the price table does not know are refused; the audit and a rebuild agree."""
     import yaml
 
     from policyd.domain import PolicydError
@@ -365,10 +365,13 @@ async def test_a_limit_on_some_models_binds_the_requests_served_on_them_alone(se
     _, owned = await new_key(service, customer="owner-model")
     await fund(service, "owner-model", "10")
     assert (await service.engine.authorize(ask(owned, model="gpt-4o", request_id="own-before"))).decision == "allow"
-    await service.engine.settle(usage("own-before"))
+    before = (await service.engine.settle(usage("own-before"))).charge
+    assert (await service.engine.authorize(ask(owned, request_id="own-mini"))).decision == "allow"
+    await service.engine.settle(usage("own-mini"))  # served on another model: not counted
     given, _ = await service.admin.set_owner_limits([{"window": "month", "unit": "money", "limit": 10**9,
                                                       "models": ["gpt-4o"]}], "owner-model")
-    assert given.seeds == {} and [s["used"] for s in await service.admin.owner_limit_states(given)] == [0]
+    # set mid-month, it starts from what was served on its models this month (its seed)
+    assert list(given.seeds.values()) == [before] == [s["used"] for s in await service.admin.owner_limit_states(given)]
 
     doc = yaml.safe_load(SAMPLE_POLICY)
     doc["plans"]["pro"]["limits"].append({"name": "premium-only-day", "scope": "customer", "window": "day",

@@ -84,12 +84,12 @@ def test_rows_inserted_ignoring_existing_ones_read_back_whole_and_skip_repeats(p
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_an_end_users_records_in_a_window_are_read_by_its_own_index(postgres_server, tmp_path, database) -> None:
-    """What an end user's limit set mid-window starts from (Store.used_before) is read through the index on
+    """What an end user's limit set mid-window starts from (Store.use_in_window) is read through the index on
     (customer, end user, created): the end user's records, not a scan of its customer's in the window; the sums are
     the records'."""
     from sqlalchemy import text
 
-    from policyd.store import used_before_query
+    from policyd.store import use_in_window_query
 
     url = postgres_server.create_database("store_end_users") if database == "postgresql" else \
         f"sqlite:///{tmp_path / 'store.db'}"
@@ -106,13 +106,15 @@ def test_an_end_users_records_in_a_window_are_read_by_its_own_index(postgres_ser
                 session.execute(text("ANALYZE usage_records"))
 
             def plan(scope: str, owner: str) -> str:
-                query = used_before_query("shop", scope, owner, "money", 0, 10_000)
+                query = use_in_window_query(scope, "money", 0, 10_000, customer_id="shop", owner_id=owner)
                 compiled = query.compile(session.get_bind(), compile_kwargs={"literal_binds": True})
                 explain = "EXPLAIN" if database == "postgresql" else "EXPLAIN QUERY PLAN"
                 return " ".join(str(line) for line in session.execute(text(f"{explain} {compiled}")))
 
             assert "ix_usage_customer_end_user_created" in plan("end_user", "user-3")
-        assert store.used_before("shop", "end_user", "user-3", "money", 0, 10_000) == 7 * 20
-        assert store.used_before("shop", "customer", "", "requests", 0, 10_000) == 3600
+        assert store.use_in_window("end_user", "money", 0, 10_000, customer_id="shop", owner_id="user-3") == \
+            {("shop", "user-3", "", ""): 7 * 20}
+        assert store.use_in_window("customer", "requests", 0, 10_000, customer_id="shop", owner_id="shop") == \
+            {("shop", "shop", "", ""): 3600}
     finally:
         store.close()

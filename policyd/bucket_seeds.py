@@ -1,0 +1,239 @@
+"""Bucket seeds: a limit that begins to bind while its window runs counts the use before it.
+
+A limit counts in a bucket (quotas.hold_for, cap_hold) that each request adds to as it is decided. One that began
+to bind mid-window would count from nothing: a monthly budget of 100 that a new policy gives a plan on the 20th
+would let a customer that had spent 150 this month spend 100 more; a daily cap of the operator's added at noon
+would count the afternoon alone. So each of its buckets starts from what the requests it binds had put in it in
+the window so far, summed from their records (Store.use_in_window, store.held_in_unit: settled charges less
+refunds, costs, tokens, requests; open requests' holds): its seed, kept in SQL (`bucket_seeds`) and added to what
+the records hold by the audit, a rebuild and a reset (the records' own holds never name the bucket).
+
+When: a policy applied (`policy_applied`: each plan's limit and each cap whose bucket the policy before it did not
+count in: a new limit, or one of another window, unit, scope or models), and a key moved to another plan
+(`key_moved`: the new plan's limits of the key and of its customer, workspace, project and team that the old plan
+did not have). A key's or an owner's own limit seeds its buckets itself (Admin._seeded), kept with the limit.
+
+Once each: the first pass runs before the limit binds anywhere (before the policy is announced, before the key's
+new terms are published), over the records decided before it (`cutoff`); a bucket already counting (a limit of
+the same bucket bound before: an owner's own, another plan's) holds its window's use already and is left alone.
+The second pass (`stragglers`) adds what was decided after the cutoff without the limit (on a replica that had not
+yet taken the new policy: within its refresh interval; by the key under its old plan while it moved), once no
+replica decides so any more. A process stopped between the two leaves those few requests out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from policyd import quotas
+from policyd.policy import Cap, Limit, Policy
+from policyd.pricing import Quantities
+from policyd.quotas import Window, remaining_ttl
+
+if TYPE_CHECKING:
+    from policyd.counters import Counters
+    from policyd.db import ApiKeyRow
+    from policyd.store import Store
+
+KEY_MOVE_SCOPES = ("key", "customer", "workspace", "project", "team")  # a moved key's buckets of its own and owners'
+STRAGGLER_MARGIN_MS = 2000  # past the policy refresh interval, before the second pass
+CUTOFF_MARGIN_MS = 5000  # the first pass reads the records decided this long before it (all in SQL once caught up)
+UNBOUNDED_MS = 2 ** 62
+
+
+@dataclass
+class Seeding:
+    """The seeding of one limit's buckets: the records that count in them, and what each was given."""
+
+    limit: Limit  # a plan's limit, or a cap
+    policy: Policy  # the policy it binds under: the tiers of the models it names
+    window: Window  # the one running at the first pass (its buckets')
+    at_ms: int  # the first pass's moment
+    plans: tuple[str, ...] = ()  # records decided under these plans ...
+    key_id: str = ""  # ... or by this key
+    only_key_id: str = ""  # by this key alone
+    customer_id: str = ""  # of this customer and owner alone (a key moved)
+    owner_id: str = ""
+    before_version: int = 0  # records decided under an older policy (a policy applied)
+    seeded: dict[str, int] = field(default_factory=dict)  # bucket key -> what it was given
+    counting: set[str] = field(default_factory=set)  # buckets found counting at the first pass: left alone
+
+    @property
+    def at_s(self) -> int:
+        return self.at_ms // 1000
+
+    def binds(self, model: str, provider: str) -> bool:
+        """Whether a request served on this model by this provider counts in the limit's buckets."""
+        price = self.policy.model(model)
+        tier = price.tier if price is not None else ""
+        if isinstance(self.limit, Cap):
+            return (not self.limit.provider or provider == self.limit.provider) and self.limit.binds(model, tier)
+        return self.limit.binds(model, tier)
+
+    def bucket(self, counters: Counters, customer_id: str, owner: str) -> tuple[str, int | None]:
+        """The bucket key of the limit's window for this customer and owner (its scope's id), and its partition
+        (None: a cap's, no partition's)."""
+        if isinstance(self.limit, Cap):
+            return quotas.cap_hold(self.limit, self.at_s, 0, 0, Quantities())[0].key, None
+        partition = counters.partition_of(customer_id)
+        named = {_ID_ARGUMENTS[self.limit.scope]: owner} if self.limit.scope in _ID_ARGUMENTS else {}
+        scope_id = quotas.scope_ids(customer_id, owner if self.limit.scope == "key" else "", **named)[self.limit.scope]
+        return quotas.hold_for(self.limit, partition, scope_id, self.at_s, 0, Quantities())[0].key, partition
+
+
+# quotas.scope_ids' argument naming each scope's id within its customer
+_ID_ARGUMENTS = {"workspace": "workspace_id", "project": "project_id", "team": "team_id", "feature": "feature",
+                 "model": "model", "thread": "thread_id", "end_user": "end_user_id"}
+
+
+def shape(limit: Limit) -> tuple[object, ...]:
+    """What names a limit's buckets, whatever its amount, action, name or alerts: two limits of one shape count in
+    the same buckets (a cap's: its name)."""
+    if isinstance(limit, Cap):
+        return "cap", limit.name, limit.unit, quotas.window_spec(limit)
+    return limit.scope, limit.unit, quotas.window_spec(limit), tuple(sorted(set(limit.models)))
+
+
+def _plan_shapes(policy: Policy, plan: str) -> set[tuple[object, ...]]:
+    found = policy.plan(plan)
+    return {shape(limit) for limit in found.limits} if found is not None else set()
+
+
+def policy_seedings(old: Policy | None, new: Policy, at_ms: int) -> list[Seeding]:
+    """The limits of `new` whose buckets `old` did not count in: each plan's (its records those of the plans that
+    bind it now, decided under an older policy) and each cap (every customer's)."""
+    if old is None:  # nothing was decided under no policy
+        return []
+    at_s, found = at_ms // 1000, {}
+    for name in sorted(new.document.plans):
+        before = _plan_shapes(old, name)
+        for limit in new.document.plans[name].limits:
+            if shape(limit) not in before and shape(limit) not in found:
+                found[shape(limit)] = limit
+    seedings = [Seeding(limit, new, quotas.window_of(quotas.window_spec(limit), at_s), at_ms,
+                        plans=tuple(sorted(n for n in new.document.plans if key in _plan_shapes(new, n))),
+                        before_version=new.version)
+                for key, limit in found.items()]
+    caps_before = {shape(cap) for cap in old.document.caps}
+    seedings += [Seeding(cap, new, quotas.window_of(quotas.window_spec(cap), at_s), at_ms, before_version=new.version)
+                 for cap in new.document.caps if shape(cap) not in caps_before]
+    return seedings
+
+
+def key_move_seedings(policy: Policy, key: ApiKeyRow, old_plan: str, new_plan: str, at_ms: int) -> list[Seeding]:
+    """The limits of the key's new plan, of the key and its owners, whose buckets its old plan did not count its
+    requests in: each over the records of the owner decided under a plan that binds it, and the key's own."""
+    at_s, before = at_ms // 1000, _plan_shapes(policy, old_plan)
+    plan = policy.plan(new_plan)
+    ids = quotas.scope_ids(key.customer_id, key.id, key.workspace_id, key.project_id, key.team_id)
+    owners = {"key": key.id, "customer": key.customer_id, "workspace": key.workspace_id,
+              "project": key.project_id, "team": key.team_id}
+    seedings, seen = [], set()
+    for limit in plan.limits if plan is not None else ():
+        if limit.scope not in KEY_MOVE_SCOPES or not ids[limit.scope] or shape(limit) in before | seen:
+            continue
+        seen.add(shape(limit))
+        plans = tuple(sorted(n for n in policy.document.plans if shape(limit) in _plan_shapes(policy, n)))
+        seedings.append(Seeding(limit, policy, quotas.window_of(quotas.window_spec(limit), at_s), at_ms, plans=plans,
+                                key_id=key.id, customer_id=key.customer_id, owner_id=owners[limit.scope]))
+    return seedings
+
+
+async def seed(counters: Counters, store: Store, seedings: list[Seeding], cutoff_ms: int) -> int:
+    """The first pass: each limit's buckets not yet counting given what the records decided before `cutoff_ms`
+    put in them in their window; kept in SQL. How many buckets were seeded."""
+    return await _run(counters, store, seedings, 0, cutoff_ms, only_new=True)
+
+
+async def stragglers(counters: Counters, store: Store, seedings: list[Seeding], cutoff_ms: int) -> int:
+    """The second pass: what the records decided from `cutoff_ms` on without the limit put in its window, added
+    to the buckets the first pass did not find counting. How many buckets were added to."""
+    return await _run(counters, store, seedings, cutoff_ms, 0, only_new=False)
+
+
+def moved_key_stragglers(seedings: list[Seeding], key_id: str, old_plan: str) -> list[Seeding]:
+    """The seedings of a moved key's buckets over its own records decided under its old plan (key_move_seedings):
+    its requests decided while it moved, for the second pass."""
+    return [replace(seeding, plans=(old_plan,), key_id="", only_key_id=key_id) for seeding in seedings]
+
+
+async def _run(counters: Counters, store: Store, seedings: list[Seeding], since_ms: int, until_ms: int,
+               only_new: bool) -> int:
+    """Seed each limit's buckets with what its records decided in [since_ms, until_ms) (0: no bound) of its
+    window put in them; kept in SQL. How many buckets were given some."""
+    added: dict[str, int] = {}
+    partitions: dict[str, int | None] = {}
+    now_s = int(time.time())
+    try:
+        for seeding in seedings:
+            since = max(seeding.window.start * 1000, since_ms)
+            until = min([bound for bound in (until_ms, seeding.window.end * 1000) if bound] or [UNBOUNDED_MS])
+            if until <= since:
+                continue
+            sums = await use(store, seeding, since, until) if only_new else \
+                await _not_counted(counters, store, seeding, since, until)
+            for (customer, owner), amount in sums.items():
+                key, partition = seeding.bucket(counters, customer, owner)
+                ttl = remaining_ttl(key, now_s)
+                if key in seeding.counting or ttl is None:
+                    continue
+                if await counters.seed_bucket(key, amount, ttl, partition, only_new) is None:
+                    seeding.counting.add(key)  # a limit of this bucket bound before: its use is in it
+                    continue
+                added[key] = added.get(key, 0) + amount
+                partitions[key] = partition
+                seeding.seeded[key] = seeding.seeded.get(key, 0) + amount
+    finally:
+        if added:
+            await _keep(counters, store, added, partitions, now_s)
+    return len(added)
+
+
+async def use(store: Store, seeding: Seeding, since_ms: int, until_ms: int) -> dict[tuple[str, str], int]:
+    """(customer, owner) -> what the records the seeding counts put in its bucket in [since_ms, until_ms)."""
+    scope = "all" if isinstance(seeding.limit, Cap) else seeding.limit.scope
+    use = await asyncio.to_thread(store.use_in_window, scope, seeding.limit.unit, since_ms, until_ms,
+                                  **_narrowing(seeding))
+    sums: dict[tuple[str, str], int] = {}
+    for (customer, owner, model, provider), amount in use.items():
+        if seeding.binds(model, provider):
+            sums[(customer, owner)] = sums.get((customer, owner), 0) + amount
+    return {owner: amount for owner, amount in sorted(sums.items()) if amount > 0}
+
+
+async def _not_counted(counters: Counters, store: Store, seeding: Seeding, since_ms: int, until_ms: int
+                       ) -> dict[tuple[str, str], int]:
+    """(customer, owner) -> what the records the seeding counts put in its bucket in [since_ms, until_ms), of those
+    that did not count in it themselves (a limit of its bucket bound them: their holds name it): the second pass,
+    a few seconds of requests, read one by one."""
+    scope = "all" if isinstance(seeding.limit, Cap) else seeding.limit.scope
+    requests = await asyncio.to_thread(store.use_by_request, scope, seeding.limit.unit, since_ms, until_ms,
+                                       **_narrowing(seeding))
+    sums: dict[tuple[str, str], int] = {}
+    for customer, owner, model, provider, amount, held_in in requests:
+        if seeding.binds(model, provider) and seeding.bucket(counters, customer, owner)[0] not in held_in:
+            sums[(customer, owner)] = sums.get((customer, owner), 0) + amount
+    return {owner: amount for owner, amount in sorted(sums.items()) if amount > 0}
+
+
+def _narrowing(seeding: Seeding) -> dict[str, object]:
+    """The records a seeding counts, as Store.use_in_window narrows them."""
+    return {"plans": seeding.plans, "key_id": seeding.key_id, "only_key_id": seeding.only_key_id,
+            "customer_id": seeding.customer_id, "owner_id": seeding.owner_id,
+            "before_version": seeding.before_version}
+
+
+async def _keep(counters: Counters, store: Store, added: dict[str, int], partitions: dict[str, int | None],
+                now_s: int) -> None:
+    """The seeds given, kept in SQL (and those of windows that have passed taken out); not kept, taken back out of
+    their buckets (they count from the limit's making, as before)."""
+    try:
+        ended = [key for key in await asyncio.to_thread(store.bucket_seeds) if remaining_ttl(key, now_s) is None]
+        await asyncio.to_thread(store.add_bucket_seeds, added, now_s * 1000, ended)
+    except Exception:
+        for key, amount in added.items():
+            await counters.seed_bucket(key, -amount, 0, partitions[key], only_new=False)
+        raise
