@@ -45,6 +45,7 @@ OWNER_SCOPES = ("customer", "workspace", "project", "team", "end_user")  # the o
 REBUILD_SECONDS_MAX = 600  # a rebuild that dies holds its partitions' gates and its lock this long at most
 OWNER_CHANGE_SECONDS = 120  # one change of an owner's row at a time: its claim lasts at most this, should its maker die
 OWNER_CHANGE_WAIT_SECONDS = 60  # a change waits this long for another of the same owner's to end
+POLICY_APPLY_SECONDS = 600  # one policy applied at a time (its new limits seeded: a month's records read)
 KEY_SCOPES_MAX = 32
 SCOPE_LENGTH_MAX = 128
 
@@ -238,9 +239,11 @@ class Admin:
         await asyncio.to_thread(self.store.save_key, row)
         await self._publish_key(row)
         # an owner's limits changed meanwhile: read again once the key is in SQL (set_owner_limits lists the keys
-        # once its own row is), so that one of the two calls sees the other
-        if _bound_to_owners(row, *await self._owners_of_keys(customer_id)):
-            await self._save_and_publish(row)
+        # once its own row is), so that one of the two calls sees the other; under the key's claim, as any change
+        # of it (one made meanwhile is not written over)
+        async with self._key_claimed(row.id) as row:
+            if _bound_to_owners(row, *await self._owners_of_keys(customer_id)):
+                await self._save_and_publish(row)
         self.directory.remember(row.secret_hash, key_record(row))
         return KeyCreation(row, secret)
 
@@ -711,27 +714,50 @@ class Admin:
             raise _invalid("invalid_policy", f"{source_name}: plans used by keys are missing: "
                                              + ", ".join(f"{p} ({in_use[p]} keys)" for p in missing))
         canonical = canonical_text(document)
-        current = self.book.current
-        old = current.canonical if current else ""
-        changes = diff(old, canonical)
-        if not changes or dry_run:
-            return ApplyResult(current.version if current else 0, bool(changes) and False, changes)
-        version = (current.version if current else 0) + 1
-        row = PolicyVersionRow(version=version, digest=Policy(version, document, canonical).digest, canonical=canonical,
-                               source=text, source_name=source_name, applied_ms=now_ms())
-        try:
-            await asyncio.to_thread(self.store.add_policy, row)
-        except Exception as error:
-            if "UNIQUE" in str(error).upper() or "duplicate" in str(error).lower():
-                raise PolicydError("ABORTED", "policy_conflict", "another policy was applied at the same time; try again") from None
-            raise
-        applied = Policy(version, document, canonical)
-        seedings = await self._seed(bucket_seeds.policy_seedings(current, applied, now_ms()))
-        self.book.install(applied)
-        await self.counters.client.set(redis_keys.POLICY_VERSION, str(version))
+        if dry_run:
+            current = self.book.current
+            return ApplyResult(current.version if current else 0, False, diff(current.canonical if current else "",
+                                                                              canonical))
+        async with self._policy_claimed():  # one at a time: its new limits' seeds read once (bucket_seeds.py)
+            await self.book.load_latest()  # one applied meanwhile, on another replica
+            current = self.book.current
+            changes = diff(current.canonical if current else "", canonical)
+            if not changes:
+                return ApplyResult(current.version if current else 0, False, changes)
+            version = (current.version if current else 0) + 1
+            applied = Policy(version, document, canonical)
+            # its limits new mid-window start from the use before them, seeded before it can bind anywhere (a
+            # replica starting meanwhile reads the latest policy from SQL)
+            seedings = await self._seed(bucket_seeds.policy_seedings(current, applied, now_ms()))
+            row = PolicyVersionRow(version=version, digest=applied.digest, canonical=canonical, source=text,
+                                   source_name=source_name, applied_ms=now_ms())
+            try:
+                await asyncio.to_thread(self.store.add_policy, row)
+            except Exception as error:
+                if "UNIQUE" in str(error).upper() or "duplicate" in str(error).lower():
+                    raise PolicydError("ABORTED", "policy_conflict",
+                                       "another policy was applied at the same time; try again") from None
+                raise
+            self.book.install(applied)
+            await self.counters.client.set(redis_keys.POLICY_VERSION, str(version))
         if seedings:  # what replicas not yet on it decide meanwhile, once each has taken it
-            self._seed_later(seedings, (2 * self.policy_refresh_ms + bucket_seeds.STRAGGLER_MARGIN_MS) / 1000)
+            self._seed_later(seedings, bucket_seeds.second_pass_delay_s(self.policy_refresh_ms))
         return ApplyResult(version, True, changes)
+
+    @contextlib.asynccontextmanager
+    async def _policy_claimed(self) -> AsyncIterator[None]:
+        """One policy applied at a time, across replicas (a claim in Redis, waited for up to POLICY_APPLY_SECONDS:
+        ABORTED policy_apply_in_progress): two at once would each seed the limits new in it."""
+        holder, deadline = secrets.token_hex(8), time.monotonic() + POLICY_APPLY_SECONDS
+        while not await self.counters.claim(redis_keys.POLICY_APPLY, holder, POLICY_APPLY_SECONDS):
+            if time.monotonic() > deadline:
+                raise PolicydError("ABORTED", "policy_apply_in_progress",
+                                   "another policy is being applied; try again once it is done")
+            await asyncio.sleep(0.05)
+        try:
+            yield
+        finally:
+            await self.counters.end_claim(redis_keys.POLICY_APPLY, holder)
 
     async def _seed(self, seedings: list[bucket_seeds.Seeding], cutoff_ms: int = 0) -> list[bucket_seeds.Seeding]:
         """The first pass of bucket_seeds.py over the records decided before the cutoff (by default a few seconds

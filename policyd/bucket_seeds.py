@@ -8,24 +8,27 @@ the window so far, summed from their records (Store.use_in_window, store.held_in
 refunds, costs, tokens, requests; open requests' holds): its seed, kept in SQL (`bucket_seeds`) and added to what
 the records hold by the audit, a rebuild and a reset (the records' own holds never name the bucket).
 
-When: a policy applied (`policy_applied`: each plan's limit and each cap whose bucket the policy before it did not
+When: a policy applied (`policy_seedings`: each plan's limit and each cap whose bucket the policy before it did not
 count in: a new limit, or one of another window, unit, scope or models), and a key moved to another plan
-(`key_moved`: the new plan's limits of the key and of its customer, workspace, project and team that the old plan
-did not have). A key's or an owner's own limit seeds its buckets itself (Admin._seeded), kept with the limit.
+(`key_move_seedings`: the new plan's limits of the key and of its customer, workspace, project and team that the
+old plan did not have). A key's or an owner's own limit seeds its buckets itself (Admin._seeded), kept with it.
 
-Once each: the first pass runs before the limit binds anywhere (before the policy is announced, before the key's
-new terms are published), over the records decided before it (`cutoff`); a bucket already counting (a limit of
-the same bucket bound before: an owner's own, another plan's) holds its window's use already and is left alone.
-The second pass (`stragglers`) adds what was decided after the cutoff without the limit (on a replica that had not
-yet taken the new policy: within its refresh interval; by the key under its old plan while it moved), once no
-replica decides so any more. A process stopped between the two leaves those few requests out.
+Each request once: a bucket counts the requests it held (their records' holds name it), and its seed what the
+requests of its window the limit binds put in it that it did not hold. The first pass runs before the limit binds
+anywhere (before the policy is announced, before the key's new terms are published), over the records decided before
+it (`cutoff`, a few seconds back: all in SQL once caught up): summed, for a bucket nothing counts in yet; one by one
+(those whose holds do not name it), for a bucket a limit of it already counts in (an owner's own limit of the same
+bucket, another plan's, the same limit taken off and given again). The second pass (`stragglers`) adds, one by one,
+what was decided after the cutoff without the limit (on a replica that had not yet taken the new policy: within its
+refresh interval; by the key under its old plan while it moved), once no replica decides so any more. A process
+stopped between the two leaves those few requests out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from policyd import quotas
@@ -58,8 +61,6 @@ class Seeding:
     customer_id: str = ""  # of this customer and owner alone (a key moved)
     owner_id: str = ""
     before_version: int = 0  # records decided under an older policy (a policy applied)
-    seeded: dict[str, int] = field(default_factory=dict)  # bucket key -> what it was given
-    counting: set[str] = field(default_factory=set)  # buckets found counting at the first pass: left alone
 
     @property
     def at_s(self) -> int:
@@ -143,15 +144,20 @@ def key_move_seedings(policy: Policy, key: ApiKeyRow, old_plan: str, new_plan: s
 
 
 async def seed(counters: Counters, store: Store, seedings: list[Seeding], cutoff_ms: int) -> int:
-    """The first pass: each limit's buckets not yet counting given what the records decided before `cutoff_ms`
-    put in them in their window; kept in SQL. How many buckets were seeded."""
-    return await _run(counters, store, seedings, 0, cutoff_ms, only_new=True)
+    """The first pass: each limit's buckets given what the records decided before `cutoff_ms` put in its window
+    (those it did not count itself); kept in SQL. How many buckets were given some."""
+    return await _run(counters, store, seedings, 0, cutoff_ms, first=True)
 
 
 async def stragglers(counters: Counters, store: Store, seedings: list[Seeding], cutoff_ms: int) -> int:
     """The second pass: what the records decided from `cutoff_ms` on without the limit put in its window, added
-    to the buckets the first pass did not find counting. How many buckets were added to."""
-    return await _run(counters, store, seedings, cutoff_ms, 0, only_new=False)
+    to its buckets. How many buckets were added to."""
+    return await _run(counters, store, seedings, cutoff_ms, 0, first=False)
+
+
+def second_pass_delay_s(policy_refresh_ms: int) -> float:
+    """How long after a policy is applied every replica has taken it (each checks every `policy_refresh_ms`)."""
+    return (2 * policy_refresh_ms + STRAGGLER_MARGIN_MS) / 1000
 
 
 def moved_key_stragglers(seedings: list[Seeding], key_id: str, old_plan: str) -> list[Seeding]:
@@ -161,9 +167,9 @@ def moved_key_stragglers(seedings: list[Seeding], key_id: str, old_plan: str) ->
 
 
 async def _run(counters: Counters, store: Store, seedings: list[Seeding], since_ms: int, until_ms: int,
-               only_new: bool) -> int:
-    """Seed each limit's buckets with what its records decided in [since_ms, until_ms) (0: no bound) of its
-    window put in them; kept in SQL. How many buckets were given some."""
+               first: bool) -> int:
+    """Seed each limit's buckets with what the records decided in [since_ms, until_ms) (0: no bound) of its window
+    put in them and they did not count; kept in SQL. How many buckets were given some."""
     added: dict[str, int] = {}
     partitions: dict[str, int | None] = {}
     now_s = int(time.time())
@@ -173,19 +179,25 @@ async def _run(counters: Counters, store: Store, seedings: list[Seeding], since_
             until = min([bound for bound in (until_ms, seeding.window.end * 1000) if bound] or [UNBOUNDED_MS])
             if until <= since:
                 continue
-            sums = await use(store, seeding, since, until) if only_new else \
+            sums = await use(store, seeding, since, until) if first else \
                 await _not_counted(counters, store, seeding, since, until)
             for (customer, owner), amount in sums.items():
                 key, partition = seeding.bucket(counters, customer, owner)
                 ttl = remaining_ttl(key, now_s)
-                if key in seeding.counting or ttl is None:
+                if ttl is None:
                     continue
-                if await counters.seed_bucket(key, amount, ttl, partition, only_new) is None:
-                    seeding.counting.add(key)  # a limit of this bucket bound before: its use is in it
-                    continue
+                if first and await counters.seed_bucket(key, amount, ttl, partition) is None:
+                    # a limit of this bucket counts already: the requests it did not hold, one by one
+                    amount = (await _not_counted(counters, store, replace(seeding, customer_id=customer,
+                                                                          owner_id=owner), since, until)).get(
+                        (customer, owner), 0)
+                    if not amount:
+                        continue
+                    await counters.seed_bucket(key, amount, ttl, partition, only_new=False)
+                elif not first:
+                    await counters.seed_bucket(key, amount, ttl, partition, only_new=False)
                 added[key] = added.get(key, 0) + amount
                 partitions[key] = partition
-                seeding.seeded[key] = seeding.seeded.get(key, 0) + amount
     finally:
         if added:
             await _keep(counters, store, added, partitions, now_s)
@@ -207,8 +219,8 @@ async def use(store: Store, seeding: Seeding, since_ms: int, until_ms: int) -> d
 async def _not_counted(counters: Counters, store: Store, seeding: Seeding, since_ms: int, until_ms: int
                        ) -> dict[tuple[str, str], int]:
     """(customer, owner) -> what the records the seeding counts put in its bucket in [since_ms, until_ms), of those
-    that did not count in it themselves (a limit of its bucket bound them: their holds name it): the second pass,
-    a few seconds of requests, read one by one."""
+    that did not count in it themselves (a limit of its bucket bound them: their holds name it), read one by one:
+    the second pass's few seconds of requests, or an owner's window whose bucket a limit already counts in."""
     scope = "all" if isinstance(seeding.limit, Cap) else seeding.limit.scope
     requests = await asyncio.to_thread(store.use_by_request, scope, seeding.limit.unit, since_ms, until_ms,
                                        **_narrowing(seeding))

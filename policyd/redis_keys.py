@@ -128,6 +128,9 @@ def limit_reset(customer_id: str) -> str:
     return f"{PREFIX}:limit_reset:{customer_id}"
 
 
+POLICY_APPLY = f"{PREFIX}:policy_apply"  # a policy being applied: one at a time (Admin._policy_claimed)
+
+
 def owner_change(customer_id: str, scope: str, owner_id: str) -> str:
     """A change of one owner's row of limits while it runs (its limits, an end user's pause, a reset's seeds), or of
     one key's (scope "key": any change of the key): one at a time, so none writes the row over another's change."""

@@ -60,6 +60,14 @@ def policy(open_month: str = "", key_day: str = "100.00", cap: bool = False) -> 
         .replace("KEY_DAY", key_day).replace("CAPS\n", NEW_CAP if cap else "")
 
 
+@pytest.fixture(autouse=True)
+def _second_pass_soon(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One replica's tests: the second pass at once, not after the replicas' refresh interval (the test of a
+    lagging replica keeps it)."""
+    if "replica" not in request.node.name:
+        monkeypatch.setattr(bucket_seeds, "second_pass_delay_s", lambda refresh_ms: 0.02)
+
+
 async def seeded(service: Service) -> None:
     """The second passes of bucket_seeds.py made (the requests decided in the seconds before a change)."""
     while service.admin.seeding:
@@ -118,15 +126,20 @@ async def test_a_limit_a_new_policy_gives_a_plan_mid_window_counts_what_its_requ
     some models, a day's tokens) and adds a cap (a provider's cost a day): each bucket starts from what the
     requests it binds had put in it (settled charges, open holds; requests settled or open; tokens settled; the
     cap's provider's costs, every customer's), not from nothing; so a customer already past the new budget is
-    refused at once. A bucket a limit already counted in (a customer's own limit of the same bucket) is left as
-    it was. The audit and a rebuild agree (the seeds are kept in SQL); a reset forgives the seed."""
+    refused at once. A bucket a limit already counted in holds what it counted and gets the requests it did not: a
+    customer's own limit of the same bucket (all of them), another plan's of the same bucket (those of its keys).
+    The same policy applied twice at once (two replicas starting with it) seeds once. The audit and a rebuild agree (the seeds are kept in SQL); a reset forgives the seed."""
     monkeypatch.setattr(bucket_seeds, "CUTOFF_MARGIN_MS", margin)
     await service.admin.apply_policy(policy(), "seeds.yaml")
     early_key, early = await new_key(service, customer="early", plan="open")
     _, other = await new_key(service, customer="other", plan="open")
     _, owned = await new_key(service, customer="owned", plan="open")
-    for customer in ("early", "other", "owned"):
+    _, mixed_metered = await new_key(service, customer="mixed", plan="metered")
+    _, mixed_open = await new_key(service, customer="mixed", plan="open")
+    for customer in ("early", "other", "owned", "mixed"):
         await fund(service, customer, "50")
+    mixed = [await spend(service, mixed_metered, "mixed-metered", ["gpt-4o"]),
+             await spend(service, mixed_open, "mixed-open", ["gpt-4o-mini", "gpt-4o"])]
     first = await spend(service, early, "early", ["gpt-4o-mini", "gpt-4o", "gpt-4o-mini", "claude-sonnet"])
     second = await spend(service, other, "other", ["claude-sonnet"])
     row, _ = await service.admin.set_owner_limits([{"window": "month", "unit": "money", "limit": 10**12}], "owned")
@@ -141,10 +154,13 @@ async def test_a_limit_a_new_policy_gives_a_plan_mid_window_counts_what_its_requ
             return 0
         return {"settled": record.cost_nanos, "reserved": record.reserved_nanos}.get(record.status, 0)
 
-    cost_openai = sum(openai_cost(r) for c in ("early", "other", "owned") for r in service.store.latest_usage(c, 50))
+    cost_openai = sum(openai_cost(r) for c in ("early", "other", "owned", "mixed")
+                      for r in service.store.latest_usage(c, 50))
 
     early_money = sum(first["money"].values())
-    await service.admin.apply_policy(policy(open_month=f"0.{early_money:09d}", cap=True), "seeds.yaml")
+    given = policy(open_month=f"0.{early_money:09d}", cap=True)  # applied twice at once (two replicas starting)
+    results = await asyncio.gather(*(service.admin.apply_policy(given, "seeds.yaml") for _ in range(2)))
+    assert sorted(result.changed for result in results) == [False, True]  # one after the other: seeded once
     await seeded(service)
     assert await used(service, bucket(service, "open-month", "early")) == early_money
     assert await used(service, bucket(service, "open-month", "other")) == sum(second["money"].values())
@@ -154,6 +170,9 @@ async def test_a_limit_a_new_policy_gives_a_plan_mid_window_counts_what_its_requ
     assert await used(service, bucket(service, "open-tokens-day", "early")) == sum(first["tokens"].values())
     assert await used(service, bucket(service, "openai-day", "")) == cost_openai > 0
     assert await used(service, owned_month) == owned_before  # its own limit counted in it already
+    # counted already by the plan that had the limit; the other plan's requests added to it, each once
+    assert await used(service, bucket(service, "open-month", "mixed")) == \
+        sum(sum(spent["money"].values()) for spent in mixed)
     refused = await service.engine.authorize(ask(early, request_id="early-past"))
     assert (refused.reason, refused.message.endswith("(open-month)")) == ("budget_exceeded", True)
     assert (await service.engine.authorize(ask(other, request_id="other-after"))).decision == "allow"
