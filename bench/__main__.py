@@ -3,7 +3,7 @@
     python -m bench [--litellm] [--records N]
 
 --litellm adds the LiteLLM proxy as a peer on the Envoy path (installed into a virtualenv of its own,
-for the benchmark only); --records sizes the report, dashboard and retention volume runs."""
+for the benchmark only); --records sizes the report, dashboard, retention and seeding volume runs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from bench import (admin_load, dashboard_volume, data_size, envoy_path, estimates, native, report_volume,
-                   restore_closed, retention_volume)
+                   restore_closed, retention_volume, seeding_volume)
 
 
 def main() -> None:
@@ -37,6 +37,8 @@ def main() -> None:
     results.update(dashboard_volume.main(volume))
     print()
     results.update(retention_volume.main(volume))
+    print()
+    results.update(seeding_volume.main(volume))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2))

@@ -1,5 +1,5 @@
-"""Seeding at volume: N usage records in PostgreSQL over two months (the report_volume set: 1,000 customers), then a
-policy that gives their plan a month's budget of each customer (and a day's on some models) mid-month: how long
+"""Seeding at volume: N usage records in PostgreSQL this month so far (the report_volume set: 1,000 customers), then a
+policy that gives their plan a month's budget of each customer (and a day's on some models) now: how long
 the first pass of bucket_seeds.py takes (the month's records summed by customer, each customer's bucket seeded in
 Redis, the seeds kept in SQL: the time ApplyPolicy waits on it), and the second pass (the last seconds' records,
 read one by one).
@@ -19,8 +19,8 @@ import time
 
 from sqlalchemy import text
 
-from bench.report_volume import SPAN_MS, START_MS, database, generate
-from policyd import bucket_seeds, redis_keys
+from bench.report_volume import database, generate
+from policyd import bucket_seeds, quotas, redis_keys
 from policyd.policy import Policy, canonical_text, parse_policy
 from policyd.store import Store
 
@@ -83,13 +83,15 @@ def main(argv: list[str] | None = None) -> dict:
     redis_server = RedisServer()
     try:
         with database(args.database_url, "seeding") as url:
-            generate(url, args.records)
+            now_ms = int(time.time() * 1000)
+            month_start = quotas.window_of("month", now_ms // 1000).start * 1000
+            generate(url, args.records, start_ms=month_start, span_ms=now_ms - month_start - 120_000)
             store = Store(url)
             with store.session() as session, session.begin():
                 session.execute(text("UPDATE usage_records SET plan = 'pro', policy_version = 1"))
                 session.execute(text("ANALYZE usage_records"))
             store.close()
-            at_ms = START_MS + SPAN_MS - 3_600_000  # the second month's last hour: a month of records before it
+            at_ms = int(time.time() * 1000)  # this month's records, all of them before it (the seeds' windows run)
             result = {"records": args.records, **asyncio.run(_run(url, redis_server.url, at_ms))}
     finally:
         redis_server.close()

@@ -1014,6 +1014,44 @@ class Admin:
             states.append((cap, int(await self.counters.client.hget(hold.key, "used") or 0), window.end))
         return states
 
+    async def reset_cap(self, name: str, reason: str = "") -> tuple[Cap, int, int, int, int]:
+        """Forgive what one of the operator's caps counted of its settled requests in its current window (and what
+        it was seeded with, bucket_seeds.py), less what earlier resets took: served again at once; requests in
+        flight keep their holds. Kept (limit_resets, customer ""), so the audit and a rebuild take it out as the
+        counter did. (the cap, what it held before, what was taken, what it holds now, when its window ends)."""
+        policy = self.book.current
+        cap = next((c for c in policy.document.caps if c.name == name), None) if policy is not None else None
+        if cap is None:
+            raise PolicydError("NOT_FOUND", "unknown_cap", f"no cap {name!r} in the policy in force")
+        if len(reason) > limit_resets.REASON_LENGTH_MAX:
+            raise _invalid("invalid_request", f"a reason is at most {limit_resets.REASON_LENGTH_MAX} characters")
+        claim, holder = redis_keys.cap_reset(name), secrets.token_hex(8)
+        if not await self.counters.claim(claim, holder, limit_resets.CLAIM_SECONDS):
+            raise PolicydError("ABORTED", "reset_in_progress", f"another reset of cap {name!r} is being made; try "
+                                                               "again once it is done")
+        try:
+            await self.catch_up()  # what was settled before `at` is in SQL
+            at = now_ms()
+            hold, window = quotas.cap_hold(cap, at // 1000, 0, 0, Quantities())
+            settled = await asyncio.to_thread(self.store.settled_in_bucket, "", hold.key,
+                                              window.start * 1000 - limit_resets.WINDOW_START_MARGIN_MS, at)
+            earlier = (await asyncio.to_thread(self.store.reset_by_bucket)).get(hold.key, 0)
+            seed = (await asyncio.to_thread(self.store.bucket_seeds)).get(hold.key, 0)
+            outcome = await self.counters.reset_limit(None, hold.key, max(settled - earlier + seed, 0),
+                                                      quotas.alert_fields(hold))
+            taken, used = outcome or (0, 0)
+            if taken:
+                row = LimitResetRow(id="reset_" + secrets.token_hex(12), customer_id="", bucket_key=hold.key,
+                                    label=cap.name, unit=cap.unit, amount=taken, reason=reason, created_ms=at)
+                try:
+                    await asyncio.to_thread(self.store.save_limit_reset, row)
+                except Exception:  # not kept: the cap counts it again, as the records imply
+                    await self.counters.reset_limit(None, hold.key, -taken)
+                    raise
+            return cap, used + taken, taken, used, window.end
+        finally:
+            await self.counters.end_claim(claim, holder)
+
     # ------------------------------------------------------------------ audit and rebuild
     async def audit(self) -> AuditResult:
         """Redis counters against what the SQL ledger implies (after catching up).

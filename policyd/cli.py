@@ -452,19 +452,25 @@ def _limits(args: argparse.Namespace) -> int:
 
 
 def _caps(args: argparse.Namespace) -> int:
+    stub, md = _stub(args)
+    if args.caps_command == "reset":
+        reset = stub.ResetCap(admin_pb2.ResetCapRequest(name=args.name, reason=args.reason), metadata=md)
+        _print(args, reset, f"{_quantity(reset.cap.unit, reset.forgiven)} forgiven; " + _cap_line(reset.cap))
+        return 0
+    response = stub.ListCaps(admin_pb2.ListCapsRequest(), metadata=md)
+    _print(args, response, "\n".join(_cap_line(c) for c in response.caps) or "no caps in the policy in force")
+    return 0
+
+
+def _cap_line(c: Any) -> str:
+    """A cap's current window, as `policyd caps` shows it."""
     import time
 
-    stub, md = _stub(args)
-    response = stub.ListCaps(admin_pb2.ListCapsRequest(), metadata=md)
-    lines = []
-    for c in response.caps:
-        used, limit = (format_amount(c.used), format_amount(c.limit)) if c.unit in MONEY_UNITS else (c.used, c.limit)
-        covers = " ".join(filter(None, (c.provider, ",".join(c.models)))) or "every request"
-        ends = time.strftime(" until %Y-%m-%d %H:%M UTC", time.gmtime(c.resets_unix)) if c.resets_unix else ""
-        action = f", then {c.action}" + (f" to {c.downgrade_to}" if c.downgrade_to else "") if c.action != "block" else ""
-        lines.append(f"{c.name}: {used} of {limit} {c.unit} this {c.window}{ends} ({covers}{action})")
-    _print(args, response, "\n".join(lines) or "no caps in the policy in force")
-    return 0
+    used, limit = (format_amount(c.used), format_amount(c.limit)) if c.unit in MONEY_UNITS else (c.used, c.limit)
+    covers = " ".join(filter(None, (c.provider, ",".join(c.models)))) or "every request"
+    ends = time.strftime(" until %Y-%m-%d %H:%M UTC", time.gmtime(c.resets_unix)) if c.resets_unix else ""
+    action = f", then {c.action}" + (f" to {c.downgrade_to}" if c.downgrade_to else "") if c.action != "block" else ""
+    return f"{c.name}: {used} of {limit} {c.unit} this {c.window}{ends} ({covers}{action})"
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -981,7 +987,14 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("config-reference", help="print the configuration reference (Markdown)").set_defaults(
         run=lambda args: print(settings_reference(), end="") or 0)
 
-    client(commands.add_parser("caps", help="the operator's caps: what each holds this window")).set_defaults(run=_caps)
+    caps = client(commands.add_parser("caps", help="the operator's caps: what each holds this window"))
+    caps_commands = caps.add_subparsers(dest="caps_command")
+    cap_reset = client(caps_commands.add_parser(
+        "reset", help="forgive what a cap counted of its settled requests this window (requests in flight keep "
+                      "their holds; no money moves)"))
+    cap_reset.add_argument("name", help="the cap, by its name in the policy")
+    cap_reset.add_argument("--reason", default="", help="kept with the reset")
+    caps.set_defaults(run=_caps)
     events = client(commands.add_parser(
         "events", help="what happened beside the usage: admin actions (who did what), alerts, refused settles..."))
     events.add_argument("--kind", default="", help="admin_action, alert, rejected, key_state, reconciliation")

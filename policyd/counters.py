@@ -660,16 +660,18 @@ class Counters:
         """The holder is done: the next may begin (a claim that ran out and was taken by another stays the other's)."""
         await self._end_claim(keys=[key], args=[holder])
 
-    async def reset_limit(self, partition: int, bucket_key: str, amount: int,
+    async def reset_limit(self, partition: int | None, bucket_key: str, amount: int,
                           alerts: Mapping[str, int] | None = None) -> tuple[int, int] | None:
         """Take `amount` (at most what it holds) out of a limit's bucket, arming again the alerts (field -> the
         amount that crosses it: quotas.alert_fields) its count is now below: (taken, what it holds after), or None
-        when the bucket holds nothing in this window (absent)."""
+        when the bucket holds nothing in this window (absent). `partition`: the customer's, whose gate must be open
+        (None: a cap's bucket, no partition's)."""
         pairs = [str(v) for field, at in (alerts or {}).items() for v in (field, at)]
-        reply = await self._reset_limit(keys=[bucket_key, redis_keys.gate(partition)], args=[str(amount), *pairs])
+        keys = [bucket_key] if partition is None else [bucket_key, redis_keys.gate(partition)]
+        reply = await self._reset_limit(keys=keys, args=[str(amount), *pairs])
         outcome = _text(reply[0])
         if outcome == "fenced":
-            raise self._fenced(partition)
+            raise self._fenced(partition or 0)
         if outcome == "absent":
             return None
         return int(reply[1]), int(reply[2])

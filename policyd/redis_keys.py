@@ -131,6 +131,11 @@ def limit_reset(customer_id: str) -> str:
 POLICY_APPLY = f"{PREFIX}:policy_apply"  # a policy being applied: one at a time (Admin._policy_claimed)
 
 
+def cap_reset(name: str) -> str:
+    """The operator's reset of one of its caps, while it runs: one at a time."""
+    return f"{PREFIX}:cap_reset:{name}"
+
+
 def owner_change(customer_id: str, scope: str, owner_id: str) -> str:
     """A change of one owner's row of limits while it runs (its limits, an end user's pause, a reset's seeds), or of
     one key's (scope "key": any change of the key): one at a time, so none writes the row over another's change."""

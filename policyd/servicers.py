@@ -395,6 +395,13 @@ def recorded(action: str, describe: Callable[[Any, Any], Described]) -> Callable
     return wrap
 
 
+def cap_state(cap: Any, used: int, ends: int) -> Any:
+    """One of the operator's caps as the AdminService shows it: what its current window holds, when it ends."""
+    return admin_pb2.CapState(name=cap.name, provider=cap.provider, models=list(cap.models), window=cap.window,
+                              timezone=cap.timezone, unit=cap.unit, limit=cap.limit, used=used, resets_unix=ends,
+                              action=cap.action, downgrade_to=cap.downgrade_to)
+
+
 def _own_limits_refused(doing: str) -> Callable[[], Any]:
     """A scoped credential gives limits to its sub-customers (and their workspaces, projects, teams and end users),
     resets them and pauses their end users, never its own customer's, whose plan the operator chose: it would
@@ -698,10 +705,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         await self._operator(context)
         current = self.admin.book.current
         return admin_pb2.ListCapsResponse(currency=current.document.currency if current else "", caps=[
-            admin_pb2.CapState(name=c.name, provider=c.provider, models=list(c.models), window=c.window,
-                               timezone=c.timezone, unit=c.unit, limit=c.limit, used=used, resets_unix=ends,
-                               action=c.action, downgrade_to=c.downgrade_to)
-            for c, used, ends in await _call(context, self.admin.caps)])
+            cap_state(c, used, ends) for c, used, ends in await _call(context, self.admin.caps)])
+
+    @recorded("cap_reset", lambda q, r: {"cap": r.cap.name, "forgiven": r.forgiven, "reason": q.reason})
+    async def ResetCap(self, request: admin_pb2.ResetCapRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._operator(context)
+        c, before, forgiven, used, ends = await _call(context, lambda: self.admin.reset_cap(request.name,
+                                                                                           request.reason))
+        return admin_pb2.ResetCapResponse(cap=cap_state(c, used, ends), before=before, forgiven=forgiven)
 
     async def ListEvents(self, request: admin_pb2.ListEventsRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._operator(context)

@@ -143,13 +143,15 @@ def key_record(row: ApiKeyRow) -> KeyRecord:
 SETTLED = ("settled", "settled_late")
 
 
-def held_in_unit(unit: str) -> Any:
+def held_in_unit(unit: str, refunds_count: bool = True) -> Any:
     """What a record holds in a bucket of `unit` counting it from its authorization, as SQL sums it: a settled one
-    its charge less refunds (money), its provider cost (cost), its tokens (tokens: input, output and the image
-    tool's, as Quantities.tokens counts them), 1 (requests); an open one its hold (money and cost: its reserved
-    charge, the larger; tokens: none known until it settles), 1; released, expired and denied ones nothing."""
+    its charge less refunds (money; `refunds_count` false: a cap's, which a refund gives nothing back), its provider
+    cost (cost), its tokens (tokens: input, output and the image tool's, as Quantities.tokens counts them), 1
+    (requests); an open one its hold (money and cost: its reserved charge, the larger; tokens: none known until it
+    settles), 1; released, expired and denied ones nothing."""
     r = UsageRecordRow
-    settled = {"money": r.charge_nanos - r.refunded_nanos, "cost": r.cost_nanos, "requests": 1,
+    settled = {"money": r.charge_nanos - r.refunded_nanos if refunds_count else r.charge_nanos, "cost": r.cost_nanos,
+               "requests": 1,
                "tokens": r.input_tokens + r.output_tokens + r.image_generation_input_tokens
                + r.image_generation_output_tokens}[unit]
     open_hold = {"money": r.reserved_nanos, "cost": r.reserved_nanos, "requests": 1, "tokens": 0}[unit]
@@ -176,7 +178,7 @@ def use_in_window_query(scope: str, unit: str, since_ms: int, until_ms: int, *, 
     r = UsageRecordRow
     named = getattr(r, SCOPE_COLUMNS[scope]) if scope != "all" else None
     groups = [r.customer_id, named] if named is not None else [literal(""), literal("")]
-    held = held_in_unit(unit)
+    held = held_in_unit(unit, refunds_count=named is not None)  # a refund gives a cap nothing back
     query = select(*groups, r.served_model, r.provider, *((held, r.holds) if by_request else (func.sum(held),))) \
         .where(r.created_ms >= since_ms, r.created_ms < until_ms, r.decision != "deny")
     plans = tuple(plans)
@@ -552,8 +554,9 @@ class Store:
     def settled_in_bucket(self, customer_id: str, bucket_key: str, since_ms: int, until_ms: int) -> int:
         """What a customer's requests authorized since `since_ms` and settled by `until_ms` put in one bucket
         (money: their charges less refunds), as held_by_bucket sums it; open ones left out."""
-        kept = self._bucket_sums("final_holds", "status IN ('settled', 'settled_late') AND customer_id = :customer "
-                                 "AND created_ms >= :since AND closed_ms <= :until", bucket_key,
+        whose = "customer_id = :customer AND " if customer_id else ""  # "": every customer's (a cap's)
+        kept = self._bucket_sums("final_holds", f"status IN ('settled', 'settled_late') AND {whose}"
+                                 "created_ms >= :since AND closed_ms <= :until", bucket_key,
                                  customer=customer_id, since=since_ms, until=until_ms).get(bucket_key, 0)
         # deleted records were settled long before, in the bucket's window (retention.py keeps a running one's)
         return kept + self.pruned_sums("bucket", bucket_key).get(bucket_key, 0)

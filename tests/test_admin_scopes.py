@@ -101,6 +101,7 @@ def cross_boundary_calls(w: World) -> dict[str, Any]:
         "ClosePeriod": admin_pb2.InvoiceRequest(customer_id="reseller", period="2026-01"),
         "Reconcile": admin_pb2.ReconcileRequest(provider="openai", export=b"date,model,amount\n"),
         "ListCaps": admin_pb2.ListCapsRequest(),
+        "ResetCap": admin_pb2.ResetCapRequest(name="openai-day"),  # the operator's caps bind every customer
         "ListEvents": admin_pb2.ListEventsRequest(customer_id="other"),  # the operator's
         "Audit": admin_pb2.AuditRequest(),
         "Rebuild": admin_pb2.RebuildRequest(),

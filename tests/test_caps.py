@@ -113,6 +113,40 @@ async def test_rebuild_restores_a_cap_from_the_records(service: Service) -> None
     assert (await service.admin.audit()).ok
 
 
+async def test_an_operator_resets_a_cap_and_its_customers_are_served_again(service: Service) -> None:
+    """A cap reached (the operator checked the provider's bill, stopped a runaway): ResetCap forgives what its
+    settled requests counted this window, every customer's; a request in flight keeps its hold and settles into
+    the window; the next requests are served, up to the same cap; a second reset forgives what settled since. Kept
+    in SQL: the audit agrees and a rebuild writes the cap as the reset left it. An unknown cap is refused."""
+    alice, bob = await capped(service, openai_day=ESTIMATE_COST * 5 // 2)
+    for n, secret in enumerate((alice, bob)):
+        assert (await service.engine.authorize(ask(secret, request_id=f"r{n}"))).decision == "allow"
+        await service.engine.settle(usage(f"r{n}"))
+    await service.writer.drain()
+    settled = sum(service.store.usage_record(f"r{n}").cost_nanos for n in range(2))
+    flight = await service.engine.authorize(ask(alice, request_id="in-flight"))
+    assert flight.decision == "allow"
+    assert (await service.engine.authorize(ask(bob, request_id="refused"))).reason == "budget_exceeded"
+    before = await used(service, "in-flight", "openai-day")
+    cap, held, forgiven, after, ends = await service.admin.reset_cap("openai-day", "runaway stopped, ticket 9")
+    assert (cap.name, held, forgiven, after) == ("openai-day", before, settled, ESTIMATE_COST) and ends > 0
+    assert (await service.engine.authorize(ask(bob, request_id="served"))).decision == "allow"
+    await service.engine.settle(usage("in-flight"))
+    await service.engine.settle(usage("served"))
+    await service.writer.drain()
+    assert (await service.admin.audit()).ok
+    kept = await used(service, "served", "openai-day")
+    await counters_lost_and_rebuilt(service)
+    assert await used(service, "served", "openai-day") == kept
+    assert (await service.admin.audit()).ok
+    again = await service.admin.reset_cap("openai-day")
+    assert again[2] == sum(service.store.usage_record(r).cost_nanos for r in ("in-flight", "served")) and again[3] == 0
+    assert (await service.admin.audit()).ok
+    with pytest.raises(PolicydError) as unknown:
+        await service.admin.reset_cap("nobody-day")
+    assert unknown.value.reason == "unknown_cap"
+
+
 @pytest.mark.parametrize("caps, message", [
     ('[{name: x, provider: nobody, window: day, unit: cost, limit: "1"}]', "match nothing"),
     ('[{name: x, window: day, unit: cost, limit: "1"}, {name: x, window: hour, unit: requests, limit: 1}]',

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -246,6 +247,15 @@ def test_caps_from_the_command_line(server: PolicydProcess, tmp_path: Path) -> N
     assert run(server, "apply", "-f", str(capped)).returncode == 0
     refused = run(server, "authorize", "--key", secret, "--model", "gpt-4o-mini")
     assert refused.returncode == 2 and "budget_exceeded" in refused.stdout and "openai-day" in refused.stdout
+    # the operator forgives what the cap counted of settled requests (those above are in flight: they keep theirs)
+    reset = run(server, "caps", "reset", "openai-day", "--reason", "bill checked")
+    assert reset.returncode == 0, reset.stderr
+    assert re.match(r"0\.\d{9} forgiven; openai-day: 0\.\d{9} of 0\.\d{9} cost this day until ", reset.stdout)
+    events = json.loads(run(server, "events", "--kind", "admin_action", "--json").stdout)["events"]
+    assert [json.loads(e["detail_json"])["reason"] for e in events
+            if json.loads(e["detail_json"])["action"] == "cap_reset"] == ["bill checked"]
+    unknown = run(server, "caps", "reset", "nobody")
+    assert unknown.returncode != 0 and "unknown_cap" in unknown.stderr
 
 
 def test_apply_dry_run_and_errors(server: PolicydProcess, tmp_path: Path) -> None:

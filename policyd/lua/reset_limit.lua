@@ -2,14 +2,15 @@
 --
 -- KEYS[1] bucket hash   used (units of the bucket), a<pct>:<label> = that limit alerted, reached:<label> = refused
 --                       at that limit (alerted); authorize.lua
--- KEYS[2] gate          "open" while the partition's counters are whole: else refuse
+-- KEYS[2] gate          "open" while the partition's counters are whole: else refuse (none for a cap's bucket,
+--                       which is no partition's)
 -- ARGV[1] the amount to take out (what the bucket's settled requests put in it): at most what it holds; negative:
 --         given back
 -- ARGV[2..] pairs of an alert's field and the amount that crosses it, of each limit counting in the bucket: those
 --         no longer reached alert again at their next crossing
 -- Returns {"reset", taken, used after} | {"absent"} (nothing counted in this window) | {"fenced"}
 
-if redis.call('GET', KEYS[2]) ~= 'open' then
+if KEYS[2] and redis.call('GET', KEYS[2]) ~= 'open' then
   return {'fenced'}
 end
 local used = redis.call('HGET', KEYS[1], 'used')

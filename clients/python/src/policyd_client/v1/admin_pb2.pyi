@@ -873,6 +873,24 @@ class ListCapsResponse(_message.Message):
     caps: _containers.RepeatedCompositeFieldContainer[CapState]
     def __init__(self, currency: _Optional[str] = ..., caps: _Optional[_Iterable[_Union[CapState, _Mapping]]] = ...) -> None: ...
 
+class ResetCapRequest(_message.Message):
+    __slots__ = ("name", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ResetCapResponse(_message.Message):
+    __slots__ = ("cap", "before", "forgiven")
+    CAP_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    FORGIVEN_FIELD_NUMBER: _ClassVar[int]
+    cap: CapState
+    before: int
+    forgiven: int
+    def __init__(self, cap: _Optional[_Union[CapState, _Mapping]] = ..., before: _Optional[int] = ..., forgiven: _Optional[int] = ...) -> None: ...
+
 class AuditRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

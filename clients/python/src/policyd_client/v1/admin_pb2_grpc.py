@@ -173,6 +173,11 @@ class AdminServiceStub:
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ListCapsRequest.SerializeToString,
                 response_deserializer=policyd_dot_v1_dot_admin__pb2.ListCapsResponse.FromString,
                 _registered_method=True)
+        self.ResetCap = channel.unary_unary(
+                '/policyd.v1.AdminService/ResetCap',
+                request_serializer=policyd_dot_v1_dot_admin__pb2.ResetCapRequest.SerializeToString,
+                response_deserializer=policyd_dot_v1_dot_admin__pb2.ResetCapResponse.FromString,
+                _registered_method=True)
         self.ListEvents = channel.unary_unary(
                 '/policyd.v1.AdminService/ListEvents',
                 request_serializer=policyd_dot_v1_dot_admin__pb2.ListEventsRequest.SerializeToString,
@@ -393,6 +398,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetCap(self, request, context):
+        """Forgive what one of the operator's caps counted of its settled requests in its current window (a runaway
+        stopped, the provider's bill checked): served again at once; requests in flight keep their holds; kept for the
+        audit and a rebuild. No money moves. Operator only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListEvents(self, request, context):
         """What happened beside the usage records, newest first: every admin action (who: the operator or a scoped
         credential; what; on whose), limits' alerts, settles refused, keys' state changes, reconciliations.
@@ -574,6 +588,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListCaps,
                     request_deserializer=policyd_dot_v1_dot_admin__pb2.ListCapsRequest.FromString,
                     response_serializer=policyd_dot_v1_dot_admin__pb2.ListCapsResponse.SerializeToString,
+            ),
+            'ResetCap': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetCap,
+                    request_deserializer=policyd_dot_v1_dot_admin__pb2.ResetCapRequest.FromString,
+                    response_serializer=policyd_dot_v1_dot_admin__pb2.ResetCapResponse.SerializeToString,
             ),
             'ListEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEvents,
@@ -1344,6 +1363,33 @@ class AdminService:
             '/policyd.v1.AdminService/ListCaps',
             policyd_dot_v1_dot_admin__pb2.ListCapsRequest.SerializeToString,
             policyd_dot_v1_dot_admin__pb2.ListCapsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetCap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyd.v1.AdminService/ResetCap',
+            policyd_dot_v1_dot_admin__pb2.ResetCapRequest.SerializeToString,
+            policyd_dot_v1_dot_admin__pb2.ResetCapResponse.FromString,
             options,
             channel_credentials,
             insecure,
