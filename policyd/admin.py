@@ -41,6 +41,7 @@ ROTATION_GRACE_SECONDS_MAX = 30 * 86_400
 LABEL_LENGTH_MAX = 256
 USAGE_LIST_MAX = 1000
 KEYS_PAGE_MAX = 1000  # keys a ListKeys page (also its default: a customer's keys, as before, in one page)
+CREDENTIALS_PAGE_MAX = 1000  # admin credentials a ListAdminCredentials page (and its default)
 OWNER_SCOPES = ("customer", "workspace", "project", "team", "end_user")  # the owners given limits of their own
 REBUILD_SECONDS_MAX = 600  # a rebuild that dies holds its partitions' gates and its lock this long at most
 OWNER_CHANGE_SECONDS = 120  # one change of an owner's row at a time: its claim lasts at most this, should its maker die
@@ -88,7 +89,7 @@ class _BucketBinding:
     named: list[Any] = field(default_factory=list)
 
 
-def _after(page_token: str) -> tuple[int, str] | None:
+def page_after(page_token: str) -> tuple[int, str] | None:
     """Where a page a token of a listing by time and id ("<ms>/<id>") names starts: after that row."""
     if not page_token:
         return None
@@ -111,7 +112,7 @@ def _owner_after(page_token: str) -> tuple[str, str, str] | None:
     return after[0], after[1], after[2]
 
 
-def _page(rows: list[Any], count: int, token: Callable[[Any], str]) -> tuple[list[Any], str]:
+def page_of(rows: list[Any], count: int, token: Callable[[Any], str]) -> tuple[list[Any], str]:
     """A page of `count` of `rows` (read one more than that), and the token of the page after it: made of its last
     row, "" when no row was left past it."""
     return (rows[:count], token(rows[count - 1])) if len(rows) > count else (rows, "")
@@ -275,8 +276,8 @@ class Admin:
         """Keys of these customers (None: every customer's), oldest first: a page of `limit` (default and at most
         KEYS_PAGE_MAX) past `page_token`, and the next page's token ("" when this page is the last)."""
         count = KEYS_PAGE_MAX if limit <= 0 else min(limit, KEYS_PAGE_MAX)
-        rows = await asyncio.to_thread(self.store.keys_page, customer_ids, _after(page_token), count + 1)
-        return _page(rows, count, lambda last: f"{last.created_ms}/{last.id}")
+        rows = await asyncio.to_thread(self.store.keys_page, customer_ids, page_after(page_token), count + 1)
+        return page_of(rows, count, lambda last: f"{last.created_ms}/{last.id}")
 
     async def set_state(self, key_id: str, status: str) -> ApiKeyRow:
         async with self._key_claimed(key_id) as row:
@@ -513,7 +514,7 @@ class Admin:
         count = _page_size(limit)
         rows = await asyncio.to_thread(self.store.owner_limits_page, customer_id, scope, owner_id,
                                        _owner_after(page_token), count + 1)
-        return _page(rows, count, lambda last: base64.urlsafe_b64encode(json.dumps(
+        return page_of(rows, count, lambda last: base64.urlsafe_b64encode(json.dumps(
             [last.customer_id, last.scope, last.owner_id], separators=(",", ":")).encode()).decode())
 
     async def owner_limit_states(self, row: OwnerLimitsRow) -> list[dict[str, Any]]:
@@ -901,11 +902,11 @@ class Admin:
         """Usage records (after draining what is pending), newest first: a page of `limit` (at most
         USAGE_LIST_MAX) past `page_token`, and the next page's token ("" when this page is the last)."""
         limit = _page_size(limit)
-        after = _after(page_token)
+        after = page_after(page_token)
         await self.catch_up()
         rows = await asyncio.to_thread(self.store.latest_usage, customer_id, limit + 1, request_id, api_key_id,
                                        since_ms, until_ms, after)
-        return _page(rows, limit, lambda last: f"{last.created_ms}/{last.request_id}")
+        return page_of(rows, limit, lambda last: f"{last.created_ms}/{last.request_id}")
 
     async def usage_report(self, group_by: list[str], since_ms: int, until_ms: int, bucket: str, customer_id: str,
                            compare_previous: bool, zone_name: str = "") -> list[Any]:

@@ -20,7 +20,7 @@ import string
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 
 from policyd.db import AdminCredentialRow, ApiKeyRow, CustomerParentRow, LedgerEntryRow
 from policyd.domain import PolicydError
@@ -134,17 +134,23 @@ class AdminAccess:
             session.add(row)
         return row, secret
 
-    def credentials(self, principal: Principal, customer_id: str) -> list[AdminCredentialRow]:
+    def credentials(self, principal: Principal, customer_id: str, after: tuple[int, str] | None = None,
+                    count: int = 0) -> list[AdminCredentialRow]:
+        """The credentials the principal may see (of one customer, when named), oldest first: `count` of them (0:
+        all) past `after` (a credential's created_ms and id)."""
         if customer_id:
             self.require_customer(principal, customer_id)
             customers = {customer_id}
         else:
             customers = set() if principal.operator else self.customers_in_scope(principal)
+        c = AdminCredentialRow
         with self.store.session() as session:
-            query = select(AdminCredentialRow).order_by(AdminCredentialRow.created_ms, AdminCredentialRow.id)
+            query = select(c).order_by(c.created_ms, c.id)
             if customers:
-                query = query.where(AdminCredentialRow.customer_id.in_(customers))
-            return list(session.scalars(query))
+                query = query.where(c.customer_id.in_(customers))
+            if after is not None:
+                query = query.where(tuple_(c.created_ms, c.id) > tuple_(*after))
+            return list(session.scalars(query.limit(count) if count else query))
 
     def revoke_credential(self, principal: Principal, credential_id: str) -> AdminCredentialRow:
         with self.store.session() as session, session.begin():

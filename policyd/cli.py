@@ -107,11 +107,13 @@ def _admin_credentials(args: argparse.Namespace) -> int:
         _print(args, made, f"{made.credential.id} for customer {made.credential.customer_id}\n"
                            f"secret (shown once, keep it safe): {made.secret}")
     elif args.credentials_command == "list":
-        listed = stub.ListAdminCredentials(admin_pb2.ListAdminCredentialsRequest(customer_id=args.customer),
-                                           metadata=metadata)
-        _print(args, listed, "\n".join(
+        credentials, more = _pages(args, lambda asked: stub.ListAdminCredentials(asked, metadata=metadata),
+                                   admin_pb2.ListAdminCredentialsRequest(customer_id=args.customer, limit=args.limit),
+                                   "credentials")
+        _print(args, admin_pb2.ListAdminCredentialsResponse(credentials=credentials, next_page_token=more), "\n".join(
             f"{c.id}  {c.customer_id}  {c.prefix}…  {'revoked' if c.revoked_unix_ms else 'active'}  {c.label}"
-            for c in listed.credentials) or "no admin credentials")
+            for c in credentials) or "no admin credentials")
+        _more(args, more)
     else:
         revoked = stub.RevokeAdminCredential(admin_pb2.RevokeAdminCredentialRequest(id=args.id), metadata=metadata)
         _print(args, revoked, f"{revoked.id} revoked")
@@ -847,7 +849,10 @@ def parser() -> argparse.ArgumentParser:
     cred_create = client(cred_commands.add_parser("create", help="create one; its secret is shown once"))
     cred_create.add_argument("--customer", required=True)
     cred_create.add_argument("--label", default="")
-    client(cred_commands.add_parser("list", help="list them (never their secrets)")).add_argument("--customer", default="")
+    cred_list = client(cred_commands.add_parser("list", help="list them (never their secrets)"))
+    cred_list.add_argument("--customer", default="")
+    cred_list.add_argument("--limit", type=int, default=0, help="credentials a page (default and at most 1000)")
+    cred_list.add_argument("--all", action="store_true", help="every page")
     client(cred_commands.add_parser("revoke", help="revoke one at once")).add_argument("id")
     creds.set_defaults(run=_admin_credentials)
 

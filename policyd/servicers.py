@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import grpc
 
-from policyd.admin import Admin
+from policyd.admin import CREDENTIALS_PAGE_MAX, Admin, page_after, page_of
 from policyd.admin_access import AdminAccess, Principal, out_of_scope
 from policyd.db import AdminCredentialRow, ApiKeyRow, OwnerLimitsRow
 from policyd.policy import Limit
@@ -745,8 +745,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListAdminCredentials(self, request: admin_pb2.ListAdminCredentialsRequest,
                                    context: grpc.aio.ServicerContext) -> Any:
         principal = await self._principal(context)
-        rows = await _call(context, lambda: asyncio.to_thread(self.access.credentials, principal, request.customer_id))
-        return admin_pb2.ListAdminCredentialsResponse(credentials=[credential_message(r) for r in rows])
+        count = CREDENTIALS_PAGE_MAX if request.limit <= 0 else min(request.limit, CREDENTIALS_PAGE_MAX)
+        rows = await _call(context, lambda: asyncio.to_thread(
+            self.access.credentials, principal, request.customer_id, page_after(request.page_token), count + 1))
+        rows, next_page = page_of(rows, count, lambda last: f"{last.created_ms}/{last.id}")
+        return admin_pb2.ListAdminCredentialsResponse(credentials=[credential_message(r) for r in rows],
+                                                      next_page_token=next_page)
 
     @recorded("credential_revoke", lambda q, r: {"customer_id": r.customer_id, "credential_id": r.id})
     async def RevokeAdminCredential(self, request: admin_pb2.RevokeAdminCredentialRequest,

@@ -258,3 +258,30 @@ async def test_keys_are_listed_a_page_at_a_time_within_the_callers_scope(world: 
         await w.admin.ListKeys(admin_pb2.ListKeysRequest(page_token="not-one"), metadata=OPERATOR)
     assert (refused.value.code(), dict(refused.value.trailing_metadata())["policyd-reason"]) == (
         grpc.StatusCode.INVALID_ARGUMENT, "invalid_request")
+
+
+async def test_admin_credentials_are_listed_a_page_at_a_time(world: World) -> None:
+    """ListAdminCredentials pages (oldest first; limit and page_token): every credential the caller may see once,
+    a scoped credential's pages holding its own customers' alone; a token no listing gave is refused."""
+    w = world
+    for n in range(3):
+        await w.admin.CreateAdminCredential(admin_pb2.CreateAdminCredentialRequest(customer_id="sub1", label=f"c{n}"),
+                                            metadata=OPERATOR)
+    everything = (await w.admin.ListAdminCredentials(admin_pb2.ListAdminCredentialsRequest(),
+                                                     metadata=OPERATOR)).credentials
+    assert len(everything) == 6
+    for caller in (OPERATOR, w.reseller):
+        seen, token, pages = [], "", 0
+        while True:
+            page = await w.admin.ListAdminCredentials(
+                admin_pb2.ListAdminCredentialsRequest(limit=2, page_token=token), metadata=caller)
+            assert len(page.credentials) <= 2
+            seen, token, pages = seen + [c.id for c in page.credentials], page.next_page_token, pages + 1
+            if not token:
+                break
+        expected = [c.id for c in everything if caller is OPERATOR or c.customer_id in ("reseller", "sub1")]
+        assert seen == expected and pages == (len(expected) + 1) // 2
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await w.admin.ListAdminCredentials(admin_pb2.ListAdminCredentialsRequest(page_token="nope"),
+                                           metadata=OPERATOR)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -51,6 +51,7 @@ NEW_LIMITS = """\
 NEW_CAP = """\
 caps:
   - {name: openai-day, provider: openai, window: day, unit: cost, limit: "1000.00"}
+  - {name: all-money-day, window: day, unit: money, limit: "1000.00"}
 """
 
 
@@ -128,7 +129,9 @@ async def test_a_limit_a_new_policy_gives_a_plan_mid_window_counts_what_its_requ
     cap's provider's costs, every customer's), not from nothing; so a customer already past the new budget is
     refused at once. A bucket a limit already counted in holds what it counted and gets the requests it did not: a
     customer's own limit of the same bucket (all of them), another plan's of the same bucket (those of its keys).
-    The same policy applied twice at once (two replicas starting with it) seeds once. The audit and a rebuild agree (the seeds are kept in SQL); a reset forgives the seed."""
+    The same policy applied twice at once (two replicas starting with it) seeds once. A refund counts in the
+    customer's budget, not in the operator's money cap. The audit and a rebuild agree (the seeds are kept in SQL); a
+    reset forgives the seed."""
     monkeypatch.setattr(bucket_seeds, "CUTOFF_MARGIN_MS", margin)
     await service.admin.apply_policy(policy(), "seeds.yaml")
     early_key, early = await new_key(service, customer="early", plan="open")
@@ -142,6 +145,9 @@ async def test_a_limit_a_new_policy_gives_a_plan_mid_window_counts_what_its_requ
              await spend(service, mixed_open, "mixed-open", ["gpt-4o-mini", "gpt-4o"])]
     first = await spend(service, early, "early", ["gpt-4o-mini", "gpt-4o", "gpt-4o-mini", "claude-sonnet"])
     second = await spend(service, other, "other", ["claude-sonnet"])
+    # half of one charge refunded: given back to the customer's money limits, not to the operator's caps
+    refunded = (await service.admin.refund_usage(first["ids"][0], first["money"]["gpt-4o-mini"] // 4, "test"))[0]
+    assert refunded > 0
     row, _ = await service.admin.set_owner_limits([{"window": "month", "unit": "money", "limit": 10**12}], "owned")
     await spend(service, owned, "owned", ["gpt-4o-mini"])
     await service.writer.drain()
@@ -154,10 +160,17 @@ async def test_a_limit_a_new_policy_gives_a_plan_mid_window_counts_what_its_requ
             return 0
         return {"settled": record.cost_nanos, "reserved": record.reserved_nanos}.get(record.status, 0)
 
-    cost_openai = sum(openai_cost(r) for c in ("early", "other", "owned", "mixed")
-                      for r in service.store.latest_usage(c, 50))
+    def charged(record: Any) -> int:
+        """What a record puts in a money cap: a settled one its charge (a refund gives none back), an open one its
+        hold."""
+        if record.decision == "deny":
+            return 0
+        return {"settled": record.charge_nanos, "reserved": record.reserved_nanos}.get(record.status, 0)
 
-    early_money = sum(first["money"].values())
+    everyone = [r for c in ("early", "other", "owned", "mixed") for r in service.store.latest_usage(c, 50)]
+    cost_openai, money_all = sum(openai_cost(r) for r in everyone), sum(charged(r) for r in everyone)
+
+    early_money = sum(first["money"].values()) - refunded
     given = policy(open_month=f"0.{early_money:09d}", cap=True)  # applied twice at once (two replicas starting)
     results = await asyncio.gather(*(service.admin.apply_policy(given, "seeds.yaml") for _ in range(2)))
     assert sorted(result.changed for result in results) == [False, True]  # one after the other: seeded once
@@ -169,6 +182,7 @@ async def test_a_limit_a_new_policy_gives_a_plan_mid_window_counts_what_its_requ
         first["money"]["gpt-4o"] + first["money"]["claude-sonnet"]
     assert await used(service, bucket(service, "open-tokens-day", "early")) == sum(first["tokens"].values())
     assert await used(service, bucket(service, "openai-day", "")) == cost_openai > 0
+    assert await used(service, bucket(service, "all-money-day", "")) == money_all > early_money
     assert await used(service, owned_month) == owned_before  # its own limit counted in it already
     # counted already by the plan that had the limit; the other plan's requests added to it, each once
     assert await used(service, bucket(service, "open-month", "mixed")) == \

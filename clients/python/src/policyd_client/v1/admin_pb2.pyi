@@ -53,16 +53,22 @@ class CreateAdminCredentialResponse(_message.Message):
     def __init__(self, credential: _Optional[_Union[AdminCredential, _Mapping]] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class ListAdminCredentialsRequest(_message.Message):
-    __slots__ = ("customer_id",)
+    __slots__ = ("customer_id", "limit", "page_token")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
-    def __init__(self, customer_id: _Optional[str] = ...) -> None: ...
+    limit: int
+    page_token: str
+    def __init__(self, customer_id: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListAdminCredentialsResponse(_message.Message):
-    __slots__ = ("credentials",)
+    __slots__ = ("credentials", "next_page_token")
     CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     credentials: _containers.RepeatedCompositeFieldContainer[AdminCredential]
-    def __init__(self, credentials: _Optional[_Iterable[_Union[AdminCredential, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, credentials: _Optional[_Iterable[_Union[AdminCredential, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class RevokeAdminCredentialRequest(_message.Message):
     __slots__ = ("id",)
