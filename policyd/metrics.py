@@ -19,7 +19,7 @@ charged_nanos = Counter("policyd_charged_nanos_total", "Charges settled, in nano
 releases = Counter("policyd_releases_total", "Reservations voided", ["reason"], registry=REGISTRY)
 rejections = Counter("policyd_rejections_total", "Settle/Release calls refused", ["reason"], registry=REGISTRY)
 events_written = Counter("policyd_writer_events_total", "Events the writer moved to SQL", registry=REGISTRY)
-rows_pruned = Counter("policyd_rows_pruned_total", "Rows deleted by record retention (records, events, deliveries)",
+rows_pruned = Counter("policyd_rows_pruned_total", "Rows deleted by record retention (records, events, deliveries, hourly rollups)",
                      ["table"], registry=REGISTRY)
 writer_errors = Counter("policyd_writer_errors_total", "Writer batches that failed (retried)", registry=REGISTRY)
 counter_errors = Counter("policyd_counter_errors_total", "Calls that could not reach Redis", registry=REGISTRY)

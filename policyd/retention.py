@@ -11,7 +11,9 @@ What a deleted record still counts for is kept, in the transaction that deletes 
 - what a key's review counts of it (its requests, denials by reason and failures, when it was last used):
   added to `pruned_sums` too (Store.key_activity), so a key idle since before the horizon is not "never used";
 - its hour of the rollups: summed again from the records as they are when they go, and never again after
-  (rollups.refresh leaves the hours before the horizon), so the dashboard's history stays whole.
+  (rollups.refresh leaves the hours before the horizon), so the dashboard's history stays whole; once its day is
+  wholly before the horizon, that day's hourly rows go too (its day's row, summed from them, stays), so the rollups
+  stop growing with every hour.
 
 Kept whatever their age: open records (the horizon stays before the oldest one's hour), and those that made an
 object the provider keeps until it is deleted (a conversation, a file, an explicit cache), whose owner later
@@ -68,6 +70,7 @@ class Pruned:
     deliveries: int = 0
     hours: int = 0
     periods_closed: int = 0
+    rollup_hours: int = 0  # hourly rollup rows of days wholly before the horizon (their days kept)
     horizon_ms: int = 0  # records created before it are gone
     held_back: str = ""  # why the horizon stayed short of the retention's, if it did
     carried: dict[str, int] = field(default_factory=dict)  # kind -> keys added to pruned_sums
@@ -121,8 +124,20 @@ async def prune(store: Store, days: int, now_ms: int, threads_alive: ThreadsAliv
         done.hours += 1
     if finished:  # the horizon moves to the target (past hours of kept records alone)
         await asyncio.to_thread(_advance, store, target, done)
+    await asyncio.to_thread(_drop_rollup_hours, store, done)
     await asyncio.to_thread(_prune_events, store, now_ms - days * DAY_MS, done)
     return done
+
+
+def _drop_rollup_hours(store: Store, done: Pruned) -> None:
+    """The hourly rollups of the days wholly before the horizon: their days were summed from them, whole, when
+    their last hour's records went, and are never summed again; nothing reads an hour that old (the dashboard's
+    hours are the last two days'). Their days stay."""
+    with store.session() as session, session.begin():
+        rollups.serialized(session)
+        before = horizon(session)
+        done.rollup_hours = rollups.drop_hours(session, before - before % DAY_MS)
+    metrics.rows_pruned.labels("usage_rollups").inc(done.rollup_hours)
 
 
 def _advance(store: Store, target: int, done: Pruned) -> None:

@@ -90,6 +90,13 @@ def rebuild_hour(session: Session, hour: int) -> None:
     _rebuild_day(session, hour - hour % DAY_MS, _figure_names())
 
 
+def drop_hours(session: Session, before_ms: int) -> int:
+    """Delete the hourly rows before `before_ms` (a day's start; retention's, of days it froze): how many."""
+    rollup = UsageRollupRow.__table__
+    return session.execute(delete(rollup).where(rollup.c.period == "hour", rollup.c.start_ms < before_ms)
+                           ).rowcount or 0
+
+
 def _figure_names() -> list[str]:
     return [c.name for c in UsageRollupRow.__table__.columns if c.name not in ("period", "start_ms", "dimension", "value")]
 

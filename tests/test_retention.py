@@ -35,9 +35,9 @@ def _now() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _rollups(service: Service, since: int, until: int) -> dict[str, dict]:
+def _rollups(service: Service, since: int, until: int, period: str = "day") -> dict[str, dict]:
     with service.store.session() as session:
-        return {d: {r.group[d]: r.figures for r in rollups.top(session, d, "hour", since, until, "charge_nanos")}
+        return {d: {r.group[d]: r.figures for r in rollups.top(session, d, period, since, until, "charge_nanos")}
                 for d in rollups.DIMENSIONS}
 
 
@@ -98,6 +98,7 @@ async def test_old_records_go_and_budgets_credit_invoices_and_rollups_stay_as_th
     invoices = {by: (await service.admin.invoice("acme", period, by)).text for by in ("model", "feature")}
     await rollups_refreshed(service)
     before_rollups = _rollups(service, old - DAY, now + DAY)
+    assert _rollups(service, old - DAY, old + DAY, "hour") == _rollups(service, old - DAY, old + DAY)
     bucket, used = await _lifetime_bucket(service)
     assert used == charged
     credit = await service.counters.client.hget(redis_keys.credit_left(service.counters.partition_of("acme"), "acme"),
@@ -125,8 +126,11 @@ async def test_old_records_go_and_budgets_credit_invoices_and_rollups_stay_as_th
     for by, text in invoices.items():
         invoice = await service.admin.invoice("acme", period, by)
         assert invoice.closed and invoice.text == text
-    # the dashboard's sums, even once the kept record of a deleted hour is written again
+    # the dashboard's sums, even once the kept record of a deleted hour is written again; the hourly rows of the days
+    # wholly before the horizon gone, their days' kept
     assert _rollups(service, old - DAY, now + DAY) == before_rollups
+    assert done.rollup_hours > 0 and _rollups(service, old - DAY, old + DAY, "hour") == {
+        d: {} for d in rollups.DIMENSIONS}
     with service.store.session() as session, session.begin():
         session.query(UsageRecordRow).filter_by(request_id="old-conversation").update({"updated_ms": _now()})
     await rollups_refreshed(service)
@@ -324,7 +328,12 @@ def test_deleting_records_changes_no_sum_kept_of_them(migrated: Any, records: li
 
         before = _figures(store, months)
         done = asyncio.run(retention.prune(store, days, NOW, alive))
-        assert _figures(store, months) == before
+        after = _figures(store, months)
+        # the hourly rollups of the days wholly before the horizon go (their days' rows stay, unchanged)
+        cut = done.horizon_ms - done.horizon_ms % DAY
+        assert not [row for row in after["rollups"] if row[0] == "hour" and row[1] < cut]
+        before["rollups"] = [row for row in before["rollups"] if row[0] == "day" or row[1] >= cut]
+        assert after == before
         with store.session() as session:
             kept = {rid for (rid,) in session.query(UsageRecordRow.request_id)}
             closed = {(c, p) for c, p in session.query(PeriodCloseRow.customer_id, PeriodCloseRow.period)}
