@@ -10,8 +10,8 @@ the records hold by the audit, a rebuild and a reset (the records' own holds nev
 
 When: a policy applied (`policy_seedings`: each plan's limit and each cap whose bucket the policy before it did not
 count in: a new limit, or one of another window, unit, scope or models), and a key moved to another plan
-(`key_move_seedings`: the new plan's limits of the key and of its customer, workspace, project and team that the
-old plan did not have). A key's or an owner's own limit seeds its buckets itself (Admin._seeded), kept with it.
+(`key_move_seedings`: the new plan's limits its old plan did not have, of the key, its customer, workspace,
+project and team, and of the end users, threads, features and models its requests named). A key's or an owner's own limit seeds its buckets itself (Admin._seeded), kept with it.
 
 Each request once: a bucket counts the requests it held (their records' holds name it), and its seed what the
 requests of its window the limit binds put in it that it did not hold. The first pass runs before the limit binds
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from policyd.db import ApiKeyRow
     from policyd.store import Store
 
-KEY_MOVE_SCOPES = ("key", "customer", "workspace", "project", "team")  # a moved key's buckets of its own and owners'
 STRAGGLER_MARGIN_MS = 2000  # past the policy refresh interval, before the second pass
 CUTOFF_MARGIN_MS = 5000  # the first pass reads the records decided this long before it (all in SQL once caught up)
 UNBOUNDED_MS = 2 ** 62
@@ -129,17 +128,17 @@ def key_move_seedings(policy: Policy, key: ApiKeyRow, old_plan: str, new_plan: s
     requests in: each over the records of the owner decided under a plan that binds it, and the key's own."""
     at_s, before = at_ms // 1000, _plan_shapes(policy, old_plan)
     plan = policy.plan(new_plan)
-    ids = quotas.scope_ids(key.customer_id, key.id, key.workspace_id, key.project_id, key.team_id)
     owners = {"key": key.id, "customer": key.customer_id, "workspace": key.workspace_id,
               "project": key.project_id, "team": key.team_id}
     seedings, seen = [], set()
     for limit in plan.limits if plan is not None else ():
-        if limit.scope not in KEY_MOVE_SCOPES or not ids[limit.scope] or shape(limit) in before | seen:
-            continue
+        if (limit.scope in owners and not owners[limit.scope]) or shape(limit) in before | seen:
+            continue  # an owner the key has none of; a limit its old plan counted it in
         seen.add(shape(limit))
         plans = tuple(sorted(n for n in policy.document.plans if shape(limit) in _plan_shapes(policy, n)))
+        # a request's own scopes (its end user's, thread's, feature's, model's): each of the customer's named
         seedings.append(Seeding(limit, policy, quotas.window_of(quotas.window_spec(limit), at_s), at_ms, plans=plans,
-                                key_id=key.id, customer_id=key.customer_id, owner_id=owners[limit.scope]))
+                                key_id=key.id, customer_id=key.customer_id, owner_id=owners.get(limit.scope, "")))
     return seedings
 
 
@@ -207,10 +206,10 @@ async def _run(counters: Counters, store: Store, seedings: list[Seeding], since_
 async def use(store: Store, seeding: Seeding, since_ms: int, until_ms: int) -> dict[tuple[str, str], int]:
     """(customer, owner) -> what the records the seeding counts put in its bucket in [since_ms, until_ms)."""
     scope = "all" if isinstance(seeding.limit, Cap) else seeding.limit.scope
-    use = await asyncio.to_thread(store.use_in_window, scope, seeding.limit.unit, since_ms, until_ms,
-                                  **_narrowing(seeding))
+    summed = await asyncio.to_thread(store.use_in_window, scope, seeding.limit.unit, since_ms, until_ms,
+                                     **_narrowing(seeding))
     sums: dict[tuple[str, str], int] = {}
-    for (customer, owner, model, provider), amount in use.items():
+    for (customer, owner, model, provider), amount in summed.items():
         if seeding.binds(model, provider):
             sums[(customer, owner)] = sums.get((customer, owner), 0) + amount
     return {owner: amount for owner, amount in sorted(sums.items()) if amount > 0}

@@ -38,6 +38,7 @@ OPEN_LIMITS
     limits:
       - {name: metered-key-day, scope: key, window: day, unit: money, limit: "KEY_DAY"}
       - {name: metered-month, scope: customer, window: month, unit: money, limit: "1000.00"}
+      - {name: metered-user-day, scope: end_user, window: day, unit: requests, limit: 1000}
 CAPS
 """
 
@@ -75,8 +76,8 @@ async def seeded(service: Service) -> None:
         await asyncio.gather(*service.admin.seeding)
 
 
-def bucket(service: Service, name: str, customer: str, key_id: str = "") -> str:
-    """The bucket key of the current policy's limit (or cap) `name` for this customer (and key)."""
+def bucket(service: Service, name: str, customer: str, key_id: str = "", **named: str) -> str:
+    """The bucket key of the current policy's limit (or cap) `name` for this customer (and key, or end user...)."""
     policy_ = service.book.current
     assert policy_ is not None
     at = service.engine.clock() // 1000
@@ -85,7 +86,7 @@ def bucket(service: Service, name: str, customer: str, key_id: str = "") -> str:
             return quotas.cap_hold(cap, at, 0, 0, Quantities())[0].key
     limit: Limit = next(limit for plan in policy_.document.plans.values() for limit in plan.limits
                         if limit.name == name)
-    ids = quotas.scope_ids(customer, key_id)
+    ids = quotas.scope_ids(customer, key_id, **named)
     return quotas.hold_for(limit, service.counters.partition_of(customer), ids[limit.scope], at, 0,
                            Quantities())[0].key
 
@@ -211,8 +212,9 @@ async def test_a_limit_a_new_policy_gives_a_plan_mid_window_counts_what_its_requ
 async def test_a_key_moved_to_a_plan_with_limits_its_old_one_lacked_counts_what_it_used_before(
         service: Service, margin: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A key moved mid-window to a plan whose limits its old plan did not have: its key's and its customer's new
-    buckets start from what it (and the customer's keys under a plan binding them) used in their windows; the
-    customer's keys left on the old plan are not counted; past the key's budget, it is refused at once."""
+    buckets, and those of the end users its requests named, start from what it (and the customer's keys under a
+    plan binding them) used in their windows; the customer's keys left on the old plan are not counted; past the
+    key's budget, it is refused at once."""
     monkeypatch.setattr(bucket_seeds, "CUTOFF_MARGIN_MS", margin)
     await service.admin.apply_policy(policy(), "seeds.yaml")
     moved_id, moved = await new_key(service, customer="mover", plan="open")
@@ -220,12 +222,18 @@ async def test_a_key_moved_to_a_plan_with_limits_its_old_one_lacked_counts_what_
     await fund(service, "mover", "50")
     spent = await spend(service, moved, "moved", ["gpt-4o", "gpt-4o-mini"])
     await spend(service, stays, "stays", ["gpt-4o"])
-    money = sum(spent["money"].values())
+    charged = {}
+    for secret, rid in ((moved, "moved-alice"), (stays, "stays-alice")):  # requests naming an end user
+        assert (await service.engine.authorize(ask(secret, request_id=rid, end_user_id="alice"))).decision == "allow"
+        charged[rid] = (await service.engine.settle(usage(rid))).charge
+    money = sum(spent["money"].values()) + charged["moved-alice"]
     await service.admin.apply_policy(policy(key_day=f"0.{money:09d}"), "seeds.yaml")
     await service.admin.set_plan("metered", key_id=moved_id)
     await seeded(service)
     assert await used(service, bucket(service, "metered-key-day", "mover", moved_id)) == money
     assert await used(service, bucket(service, "metered-month", "mover")) == money
+    # the end user's bucket: the moved key's request naming her (the one of the key left on the old plan not)
+    assert await used(service, bucket(service, "metered-user-day", "mover", end_user_id="alice")) == 1
     refused = await service.engine.authorize(ask(moved, request_id="moved-past"))
     assert (refused.reason, refused.message.endswith("(metered-key-day)")) == ("budget_exceeded", True)
     assert (await service.engine.authorize(ask(stays, request_id="stays-after"))).decision == "allow"
