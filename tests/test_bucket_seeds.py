@@ -64,9 +64,9 @@ def policy(open_month: str = "", key_day: str = "100.00", cap: bool = False) -> 
 
 @pytest.fixture(autouse=True)
 def _second_pass_soon(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One replica's tests: the second pass at once, not after the replicas' refresh interval (the test of a
-    lagging replica keeps it)."""
-    if "replica" not in request.node.name:
+    """One replica's tests: the second pass at once, not after the replicas' refresh interval (the tests of a
+    lagging replica and of requests decided during the apply keep it)."""
+    if not any(name in request.node.name for name in ("replica", "while_a_policy")):
         monkeypatch.setattr(bucket_seeds, "second_pass_delay_s", lambda refresh_ms: 0.02)
 
 
@@ -412,4 +412,41 @@ async def _oracle_scenario(service: Service, before: list, after: list, customer
     assert (await service.admin.audit()).ok
     await counters_lost_and_rebuilt(service)
     await compare()
+    assert (await service.admin.audit()).ok
+
+
+async def test_requests_decided_while_a_policy_is_applied_are_counted_once(service: Service) -> None:
+    """Requests authorized and settled without pause, on several tasks, while a policy gives their plan new limits
+    (the seeds read from the records, the first pass more than 5 s back, the second after): each new bucket holds
+    every request once, as a limit of the same window counting from its start does (requests exactly; money at
+    least as much, and no more than the holds of the requests still open when the first pass read them, which it
+    counts whole)."""
+    await service.admin.apply_policy(oracle_policy(False), "oracle.yaml")
+    key_id, secret = await new_key(service, customer="busy", plan="open")
+    await fund(service, "busy", "1000")
+    stop, served, counter = asyncio.Event(), [], itertools.count()
+
+    async def traffic() -> None:
+        while not stop.is_set():
+            rid = f"busy-{next(counter)}"
+            decision = await service.engine.authorize(ask(secret, request_id=rid))
+            if decision.decision != "deny":
+                await service.engine.settle(usage(rid))
+                served.append(decision.reserved)
+            await asyncio.sleep(0.005)
+
+    tasks = [asyncio.create_task(traffic()) for _ in range(4)]
+    await asyncio.sleep(bucket_seeds.CUTOFF_MARGIN_MS / 1000 + 2)  # requests before the first pass's cutoff, and after
+    assert (await service.admin.apply_policy(oracle_policy(True), "oracle.yaml")).changed
+    await asyncio.sleep(1)
+    stop.set()
+    await asyncio.gather(*tasks)
+    await seeded(service)
+    await service.writer.drain()
+    start = {unit: await used(service, bucket(service, f"from-start-{unit}", "busy", key_id if unit == "requests" else ""))
+             for unit in ("money", "requests")}
+    begun = {unit: await used(service, bucket(service, f"begun-{unit}", "busy", key_id if unit == "requests" else ""))
+             for unit in ("money", "requests")}
+    assert begun["requests"] == start["requests"] == len(served) > 100
+    assert start["money"] <= begun["money"] <= start["money"] + 4 * max(served)
     assert (await service.admin.audit()).ok
