@@ -66,6 +66,8 @@ class ApplyResult:
     version: int
     changed: bool
     diff: str
+    limits_begun: int = 0  # plan limits and caps whose buckets the policy before did not count in (bucket_seeds.py)
+    buckets_seeded: int = 0  # ... of those, the buckets the first pass started from the use before them
 
 
 AUDIT_ROUNDS = 3  # comparisons a difference must survive to be reported (see Admin.audit)
@@ -673,8 +675,8 @@ class Admin:
                     continue
                 policy, old_plan = self.book.current, row.plan
                 # its new plan's limits its old one lacked count what it and its owners used in their windows
-                seedings = await self._seed(bucket_seeds.key_move_seedings(policy, row, old_plan, plan, now_ms())) \
-                    if policy is not None else []
+                seedings, _ = await self._seed(bucket_seeds.key_move_seedings(policy, row, old_plan, plan,
+                                                                             now_ms())) if policy is not None else ([], 0)
                 row.plan = plan
                 await self._save_and_publish(row)
                 if seedings:  # ... and what it decided under its old plan while it moved (no more from now)
@@ -715,10 +717,12 @@ class Admin:
             raise _invalid("invalid_policy", f"{source_name}: plans used by keys are missing: "
                                              + ", ".join(f"{p} ({in_use[p]} keys)" for p in missing))
         canonical = canonical_text(document)
-        if dry_run:
+        if dry_run:  # what it would change, and how many of its limits would begin mid-window
             current = self.book.current
+            begun = bucket_seeds.policy_seedings(current, Policy((current.version if current else 0) + 1, document,
+                                                                 canonical), now_ms())
             return ApplyResult(current.version if current else 0, False, diff(current.canonical if current else "",
-                                                                              canonical))
+                                                                              canonical), len(begun))
         async with self._policy_claimed():  # one at a time: its new limits' seeds read once (bucket_seeds.py)
             await self.book.load_latest()  # one applied meanwhile, on another replica
             current = self.book.current
@@ -729,7 +733,7 @@ class Admin:
             applied = Policy(version, document, canonical)
             # its limits new mid-window start from the use before them, seeded before it can bind anywhere (a
             # replica starting meanwhile reads the latest policy from SQL)
-            seedings = await self._seed(bucket_seeds.policy_seedings(current, applied, now_ms()))
+            seedings, seeded = await self._seed(bucket_seeds.policy_seedings(current, applied, now_ms()))
             row = PolicyVersionRow(version=version, digest=applied.digest, canonical=canonical, source=text,
                                    source_name=source_name, applied_ms=now_ms())
             try:
@@ -743,7 +747,7 @@ class Admin:
             await self.counters.client.set(redis_keys.POLICY_VERSION, str(version))
         if seedings:  # what replicas not yet on it decide meanwhile, once each has taken it
             self._seed_later(seedings, bucket_seeds.second_pass_delay_s(self.policy_refresh_ms))
-        return ApplyResult(version, True, changes)
+        return ApplyResult(version, True, changes, len(seedings), seeded)
 
     @contextlib.asynccontextmanager
     async def _policy_claimed(self) -> AsyncIterator[None]:
@@ -760,19 +764,21 @@ class Admin:
         finally:
             await self.counters.end_claim(redis_keys.POLICY_APPLY, holder)
 
-    async def _seed(self, seedings: list[bucket_seeds.Seeding], cutoff_ms: int = 0) -> list[bucket_seeds.Seeding]:
+    async def _seed(self, seedings: list[bucket_seeds.Seeding], cutoff_ms: int = 0
+                    ) -> tuple[list[bucket_seeds.Seeding], int]:
         """The first pass of bucket_seeds.py over the records decided before the cutoff (by default a few seconds
-        before now: they are all in SQL once caught up). Seeds not given (Redis or SQL failing) are logged: those
-        limits count from their making, as before."""
+        before now: they are all in SQL once caught up): the seedings made, and how many buckets they gave some.
+        Seeds not given (Redis or SQL failing) are logged: those limits count from their making, as before."""
         if not seedings:
-            return []
+            return [], 0
         try:
             await self.catch_up()
-            await bucket_seeds.seed(self.counters, self.store, seedings, cutoff_ms or self._seed_cutoff(seedings))
+            seeded = await bucket_seeds.seed(self.counters, self.store, seedings,
+                                             cutoff_ms or self._seed_cutoff(seedings))
         except Exception:
             log.exception("the limits that bind from now on count from now: their use before could not be seeded")
-            return []
-        return seedings
+            return [], 0
+        return seedings, seeded
 
     @staticmethod
     def _seed_cutoff(seedings: list[bucket_seeds.Seeding]) -> int:

@@ -338,10 +338,14 @@ def _apply(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
     response = stub.ApplyPolicy(admin_pb2.ApplyPolicyRequest(yaml=text, source_name=args.file, dry_run=args.dry_run),
                                 metadata=md)
+    begun = f"\n{response.limits_begun} limits begin mid-window: each starts from what its requests used in its " \
+            "window so far" if response.limits_begun else ""
     if args.dry_run:
-        _print(args, response, (response.diff or "no changes") + f"\n(dry run: active version stays {response.version})")
+        _print(args, response, (response.diff or "no changes") + begun +
+               f"\n(dry run: active version stays {response.version})")
     elif response.changed:
-        _print(args, response, f"{response.diff}\napplied: policy version {response.version}")
+        _print(args, response, f"{response.diff}{begun}" + (f" ({response.buckets_seeded} buckets)" if begun else "")
+               + f"\napplied: policy version {response.version}")
     else:
         _print(args, response, f"no changes: policy version {response.version} stays active")
     return 0

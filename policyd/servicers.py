@@ -588,7 +588,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ApplyPolicy(self, request: admin_pb2.ApplyPolicyRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._operator(context)
         result = await _call(context, lambda: self.admin.apply_policy(request.yaml, request.source_name, request.dry_run))
-        return admin_pb2.ApplyPolicyResponse(version=result.version, changed=result.changed, diff=result.diff)
+        return admin_pb2.ApplyPolicyResponse(version=result.version, changed=result.changed, diff=result.diff,
+                                             limits_begun=result.limits_begun, buckets_seeded=result.buckets_seeded)
 
     async def GetPolicy(self, request: admin_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._operator(context)

@@ -173,8 +173,12 @@ async def test_a_limit_a_new_policy_gives_a_plan_mid_window_counts_what_its_requ
 
     early_money = sum(first["money"].values()) - refunded
     given = policy(open_month=f"0.{early_money:09d}", cap=True)  # applied twice at once (two replicas starting)
+    assert (await service.admin.apply_policy(given, "seeds.yaml", dry_run=True)).limits_begun == 6  # 4 limits, 2 caps
     results = await asyncio.gather(*(service.admin.apply_policy(given, "seeds.yaml") for _ in range(2)))
     assert sorted(result.changed for result in results) == [False, True]  # one after the other: seeded once
+    applied = next(result for result in results if result.changed)
+    # the first pass reads what was decided more than `margin` before: all of it, or none (the second pass's)
+    assert applied.limits_begun == 6 and (applied.buckets_seeded > 0) == (margin == 0)
     await seeded(service)
     assert await used(service, bucket(service, "open-month", "early")) == early_money
     assert await used(service, bucket(service, "open-month", "other")) == sum(second["money"].values())

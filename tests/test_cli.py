@@ -234,7 +234,8 @@ def test_caps_from_the_command_line(server: PolicydProcess, tmp_path: Path) -> N
     capped.write_text(Path(SAMPLE).read_text() + '\ncaps:\n  - {name: openai-day, provider: openai, window: day, '
                                                   'unit: cost, limit: "LIMIT"}\n')
     capped.write_text(capped.read_text().replace("LIMIT", "1.00"))
-    assert run(server, "apply", "-f", str(capped)).returncode == 0
+    applied = run(server, "apply", "-f", str(capped))
+    assert applied.returncode == 0 and "1 limits begin mid-window" in applied.stdout
     for customer in ("one", "two"):
         secret = json.loads(run(server, "keys", "create", "--customer", customer, "--plan", "pro", "--json").stdout)["secret"]
         run(server, "credit", "grant", "--customer", customer, "--amount", "5")

@@ -385,14 +385,18 @@ class ApplyPolicyRequest(_message.Message):
     def __init__(self, yaml: _Optional[str] = ..., source_name: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class ApplyPolicyResponse(_message.Message):
-    __slots__ = ("version", "changed", "diff")
+    __slots__ = ("version", "changed", "diff", "limits_begun", "buckets_seeded")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHANGED_FIELD_NUMBER: _ClassVar[int]
     DIFF_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_BEGUN_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_SEEDED_FIELD_NUMBER: _ClassVar[int]
     version: int
     changed: bool
     diff: str
-    def __init__(self, version: _Optional[int] = ..., changed: _Optional[bool] = ..., diff: _Optional[str] = ...) -> None: ...
+    limits_begun: int
+    buckets_seeded: int
+    def __init__(self, version: _Optional[int] = ..., changed: _Optional[bool] = ..., diff: _Optional[str] = ..., limits_begun: _Optional[int] = ..., buckets_seeded: _Optional[int] = ...) -> None: ...
 
 class GetPolicyRequest(_message.Message):
     __slots__ = ()
