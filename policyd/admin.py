@@ -733,7 +733,8 @@ class Admin:
             applied = Policy(version, document, canonical)
             # its limits new mid-window start from the use before them, seeded before it can bind anywhere (a
             # replica starting meanwhile reads the latest policy from SQL)
-            seedings, seeded = await self._seed(bucket_seeds.policy_seedings(current, applied, now_ms()))
+            begun = bucket_seeds.policy_seedings(current, applied, now_ms())
+            seedings, seeded = await self._seed(begun)
             row = PolicyVersionRow(version=version, digest=applied.digest, canonical=canonical, source=text,
                                    source_name=source_name, applied_ms=now_ms())
             try:
@@ -747,7 +748,7 @@ class Admin:
             await self.counters.client.set(redis_keys.POLICY_VERSION, str(version))
         if seedings:  # what replicas not yet on it decide meanwhile, once each has taken it
             self._seed_later(seedings, bucket_seeds.second_pass_delay_s(self.policy_refresh_ms))
-        return ApplyResult(version, True, changes, len(seedings), seeded)
+        return ApplyResult(version, True, changes, len(begun), seeded)
 
     @contextlib.asynccontextmanager
     async def _policy_claimed(self) -> AsyncIterator[None]:
