@@ -605,9 +605,11 @@ class Admin:
                                               current.start * 1000 - limit_resets.WINDOW_START_MARGIN_MS, at)
             owner = seeded.get(bucket)
             seed = (owner.seeds or {}).get(bucket, 0) if owner else 0
-            owed = max(settled - earlier.get(bucket, 0) + seed + begun.get(bucket, 0), 0)
+            # what it started from: a seed (use before its limit) is forgiven; a carry (rollover.py) stays
+            started = begun.get(bucket, 0)
+            owed = max(settled - earlier.get(bucket, 0) + seed + max(started, 0), 0)
             try:
-                outcome = await self.counters.reset_limit(partition, bucket, owed, binding.alerts)
+                outcome = await self.counters.reset_limit(partition, bucket, owed, binding.alerts, min(started, 0))
             except Fenced:
                 raise PolicydError("UNAVAILABLE", "rebuilding", "counters are being rebuilt; retry shortly") from None
             taken, used = outcome or (0, 0)

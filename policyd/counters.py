@@ -661,14 +661,14 @@ class Counters:
         await self._end_claim(keys=[key], args=[holder])
 
     async def reset_limit(self, partition: int | None, bucket_key: str, amount: int,
-                          alerts: Mapping[str, int] | None = None) -> tuple[int, int] | None:
+                          alerts: Mapping[str, int] | None = None, floor: int = 0) -> tuple[int, int] | None:
         """Take `amount` (at most what it holds) out of a limit's bucket, arming again the alerts (field -> the
         amount that crosses it: quotas.alert_fields) its count is now below: (taken, what it holds after), or None
         when the bucket holds nothing in this window (absent). `partition`: the customer's, whose gate must be open
-        (None: a cap's bucket, no partition's)."""
+        (None: a cap's bucket, no partition's); `floor`: the least it may hold after (below zero: a carry)."""
         pairs = [str(v) for field, at in (alerts or {}).items() for v in (field, at)]
         keys = [bucket_key] if partition is None else [bucket_key, redis_keys.gate(partition)]
-        reply = await self._reset_limit(keys=keys, args=[str(amount), *pairs])
+        reply = await self._reset_limit(keys=keys, args=[str(amount), str(min(floor, 0)), *pairs])
         outcome = _text(reply[0])
         if outcome == "fenced":
             raise self._fenced(partition or 0)

@@ -337,6 +337,10 @@ class Limit(_Strict):
     # a key's or owner's: binds until then (unix ms; 0: for good), a budget raised for a while, then the plan's again
     # (key_limits.effective)
     until_unix_ms: int = Field(0, ge=0)
+    # a plan's: what a window leaves unused is carried into the next (its bucket starts below zero: rollover.py), at
+    # most `rollover_max` (0: one window's limit), so a team that spends 60 of 100 this month may spend 140 the next
+    rollover: bool = False
+    rollover_max: int = 0
 
     def binds(self, model: str, tier: str) -> bool:
         """Whether a request served on this model counts against the limit."""
@@ -347,10 +351,13 @@ class Limit(_Strict):
     def _limit_value(cls, data: Any) -> Any:
         if isinstance(data, dict) and "limit" in data:
             data = dict(data)
-            if data.get("unit") in MONEY_UNITS:
-                data["limit"] = _nanos(data["limit"])
-            elif isinstance(data["limit"], bool) or not isinstance(data["limit"], int):
-                raise ValueError("limit must be a whole number for tokens and requests")
+            for name in ("limit", "rollover_max"):
+                if name not in data:
+                    continue
+                if data.get("unit") in MONEY_UNITS:
+                    data[name] = _nanos(data[name])
+                elif isinstance(data[name], bool) or not isinstance(data[name], int):
+                    raise ValueError(f"{name} must be a whole number for tokens and requests")
         return data
 
     @model_validator(mode="after")
@@ -366,10 +373,14 @@ class Limit(_Strict):
                 raise ValueError("thresholds are percentages between 1 and 100")
         if self.timezone and self.window not in ("day", "month"):
             raise ValueError("timezone is for day and month windows")
+        if self.rollover and self.window not in ("hour", "day", "month"):
+            raise ValueError("rollover carries what an hour, a day or a month leaves unused into the next")
+        if self.rollover_max and not self.rollover or self.rollover_max < 0:
+            raise ValueError("rollover_max bounds what rollover carries (0: one window's limit)")
         _time_zone_name(self.timezone)
         return self
 
-    @field_serializer("limit")
+    @field_serializer("limit", "rollover_max")
     def _render(self, value: int) -> int | str:
         return format_amount(value) if self.unit in MONEY_UNITS else value
 
@@ -390,6 +401,12 @@ class Cap(Limit):
 
     def covers(self, model: str, price: "ModelPrice") -> bool:
         return (not self.provider or price.provider == self.provider) and self.binds(model, price.tier)
+
+    @model_validator(mode="after")
+    def _no_rollover(self) -> "Cap":
+        if self.rollover:
+            raise ValueError("a cap carries nothing over (rollover is a plan's limits')")
+        return self
 
 
 class Plan(_Strict):
@@ -744,6 +761,9 @@ def canonical_text(document: PolicyDocument) -> str:
             for name in ("models", "until_unix_ms"):
                 if not limit[name]:
                     del limit[name]
+    for limit in [limit for plan in data["plans"].values() for limit in plan["limits"]] + data.get("caps", []):
+        if not limit["rollover"]:  # ... and limits carrying nothing over
+            del limit["rollover"], limit["rollover_max"]
     return yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
 
 

@@ -15,7 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from policyd import metrics, redis_keys, retention, rollups, runtime
+from policyd import metrics, redis_keys, retention, rollover, rollups, runtime
 from policyd.dashboard import serve_dashboard
 from policyd.admin import Admin
 from policyd.alerts import AlertDelivery
@@ -168,6 +168,8 @@ class Service:
             parse_amount(self.settings.anomaly_spend_min), self.settings.anomaly_thread_requests)
         self.tasks.append(asyncio.create_task(detector.run(self.stop)))
         self.tasks.append(asyncio.create_task(rollups.run(self.store, self.stop, self.settings.rollup_interval_ms)))
+        self.tasks.append(asyncio.create_task(every(rollover.PASS_SECONDS, self.stop, lambda: rollover.carry(
+            self.store, self.counters, self.book.current), "rollover")))
         if self.settings.record_retention_days:
             self.tasks.append(asyncio.create_task(retention.run(
                 self.store, self.settings.record_retention_days, self.stop, self.counters.existing, self.engine.clock)))

@@ -551,6 +551,13 @@ class Store:
             held[key] = held.get(key, 0) + amount
         return held
 
+    def held_in_window(self, since_ms: int, until_ms: int, session: Session | None = None) -> dict[str, int]:
+        """Bucket key -> what the records authorized in [since_ms, until_ms) hold in it, as held_by_bucket sums
+        them (a window's buckets: rollover.py); read in `session`, when given."""
+        return self._bucket_sums("CASE WHEN status IN ('settled', 'settled_late') THEN final_holds ELSE holds END",
+                                 "status NOT IN ('denied', 'released', 'expired') AND created_ms >= :since "
+                                 "AND created_ms < :until", session=session, since=since_ms, until=until_ms)
+
     def settled_in_bucket(self, customer_id: str, bucket_key: str, since_ms: int, until_ms: int) -> int:
         """What a customer's requests authorized since `since_ms` and settled by `until_ms` put in one bucket
         (money: their charges less refunds), as held_by_bucket sums it; open ones left out."""

@@ -4,9 +4,10 @@
 --                       at that limit (alerted); authorize.lua
 -- KEYS[2] gate          "open" while the partition's counters are whole: else refuse (none for a cap's bucket,
 --                       which is no partition's)
--- ARGV[1] the amount to take out (what the bucket's settled requests put in it): at most what it holds; negative:
---         given back
--- ARGV[2..] pairs of an alert's field and the amount that crosses it, of each limit counting in the bucket: those
+-- ARGV[1] the amount to take out (what the bucket's settled requests put in it): at most what it holds above
+--         ARGV[2]; negative: given back
+-- ARGV[2] the least it may hold after: 0, or below zero by what a previous window left unused (rollover.py)
+-- ARGV[3..] pairs of an alert's field and the amount that crosses it, of each limit counting in the bucket: those
 --         no longer reached alert again at their next crossing
 -- Returns {"reset", taken, used after} | {"absent"} (nothing counted in this window) | {"fenced"}
 
@@ -19,7 +20,7 @@ if not used then
 end
 local taken = tonumber(ARGV[1])
 if taken > 0 then  -- a negative amount gives back what a reset took (its record could not be kept)
-  taken = math.min(taken, tonumber(used))
+  taken = math.max(math.min(taken, tonumber(used) - tonumber(ARGV[2])), 0)
 end
 local after = tonumber(used)
 if taken ~= 0 then
@@ -32,7 +33,7 @@ if taken > 0 then  -- room again: the next refusal at each of its limits alerts 
     end
   end
 end
-for i = 2, #ARGV - 1, 2 do
+for i = 3, #ARGV - 1, 2 do
   if after < tonumber(ARGV[i + 1]) then
     redis.call('HDEL', KEYS[1], ARGV[i])
   end
