@@ -78,7 +78,7 @@ def _planned(store: Store, limit: Limit, plans: tuple[str, ...], partitions: int
     spec = quotas.window_spec(limit)
     current = quotas.window_of(spec, at_ms // 1000)
     previous = quotas.window_of(spec, current.start - 1)
-    name = CURSOR_PREFIX + hashlib.sha256(repr(bucket_seeds.shape(limit)).encode()).hexdigest()[:24]
+    name = CURSOR_PREFIX + hashlib.sha256(repr(bucket_seeds.shape(limit)).encode()).hexdigest()[:20]  # 32 at most
     if at_ms < current.start * 1000 + SETTLED_AFTER_MS:
         return {}
     with store.session() as session:  # made already (most passes): no lock taken
