@@ -51,6 +51,11 @@ def _tag(partition: int) -> str:
     return f"{PREFIX}:{{p{partition}}}"
 
 
+def partition_in(key: str) -> int:
+    """The partition a key of one is in (its hash tag: "pd:{p3}:..." is partition 3's)."""
+    return int(key.split(":", 2)[1].removeprefix("{p").removesuffix("}"))
+
+
 def key_state(partition: int, key_id: str) -> str:
     return f"{_tag(partition)}:key:{key_id}"
 

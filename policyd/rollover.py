@@ -65,9 +65,8 @@ async def carry(store: Store, counters: Counters, policy: Policy | None, at_ms: 
     for limit, plans in limits_of(policy):
         carries = await asyncio.to_thread(_planned, store, limit, plans, counters.partitions, at_ms)
         for key, amount in carries.items():
-            partition = int(key.split(":", 2)[1].strip("{}p"))
-            await counters.seed_bucket(key, -amount, remaining_ttl(key, at_ms // 1000) or 0, partition,
-                                       only_new=False)
+            await counters.seed_bucket(key, -amount, remaining_ttl(key, at_ms // 1000) or 0,
+                                       redis_keys.partition_in(key), only_new=False)
         given += len(carries)
     return given
 
