@@ -486,14 +486,8 @@ class Admin:
         limits were made (their seeds), and requests before a plan's limit or a cap began to bind (bucket_seeds.py),
         less what resets forgave (limit_resets.py)."""
         held = await asyncio.to_thread(self.store.held_by_bucket)
-        seeds = [row.seeds or {} for row in await asyncio.to_thread(self.store.owner_limits)]
-        for seeded in seeds + await asyncio.to_thread(self.store.key_seeds):
-            for key, amount in seeded.items():
-                held[key] = held.get(key, 0) + amount
-        for key, amount in (await asyncio.to_thread(self.store.bucket_seeds)).items():  # limits new mid-window
+        for key, amount in (await asyncio.to_thread(self.store.held_beside_records)).items():
             held[key] = held.get(key, 0) + amount
-        for key, amount in (await asyncio.to_thread(self.store.reset_by_bucket)).items():
-            held[key] = held.get(key, 0) - amount
         return held
 
     async def owner_limits(self, customer_id: str = "") -> list[OwnerLimitsRow]:

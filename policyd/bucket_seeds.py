@@ -65,6 +65,11 @@ class Seeding:
     def at_s(self) -> int:
         return self.at_ms // 1000
 
+    @property
+    def scope(self) -> str:
+        """The records' column its buckets are named by (store.SCOPE_COLUMNS); "all" for a cap's one bucket."""
+        return "all" if isinstance(self.limit, Cap) else self.limit.scope
+
     def binds(self, model: str, provider: str) -> bool:
         """Whether a request served on this model by this provider counts in the limit's buckets."""
         price = self.policy.model(model)
@@ -205,8 +210,7 @@ async def _run(counters: Counters, store: Store, seedings: list[Seeding], since_
 
 async def use(store: Store, seeding: Seeding, since_ms: int, until_ms: int) -> dict[tuple[str, str], int]:
     """(customer, owner) -> what the records the seeding counts put in its bucket in [since_ms, until_ms)."""
-    scope = "all" if isinstance(seeding.limit, Cap) else seeding.limit.scope
-    summed = await asyncio.to_thread(store.use_in_window, scope, seeding.limit.unit, since_ms, until_ms,
+    summed = await asyncio.to_thread(store.use_in_window, seeding.scope, seeding.limit.unit, since_ms, until_ms,
                                      **_narrowing(seeding))
     sums: dict[tuple[str, str], int] = {}
     for (customer, owner, model, provider), amount in summed.items():
@@ -220,8 +224,7 @@ async def _not_counted(counters: Counters, store: Store, seeding: Seeding, since
     """(customer, owner) -> what the records the seeding counts put in its bucket in [since_ms, until_ms), of those
     that did not count in it themselves (a limit of its bucket bound them: their holds name it), read one by one:
     the second pass's few seconds of requests, or an owner's window whose bucket a limit already counts in."""
-    scope = "all" if isinstance(seeding.limit, Cap) else seeding.limit.scope
-    requests = await asyncio.to_thread(store.use_by_request, scope, seeding.limit.unit, since_ms, until_ms,
+    requests = await asyncio.to_thread(store.use_by_request, seeding.scope, seeding.limit.unit, since_ms, until_ms,
                                        **_narrowing(seeding))
     sums: dict[tuple[str, str], int] = {}
     for customer, owner, model, provider, amount, held_in in requests:

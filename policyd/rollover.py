@@ -150,22 +150,10 @@ def _same_limit(head: str, limit: Limit) -> bool:
 
 def _used(store: Store, session: Session, since_ms: int, until_ms: int) -> dict[str, int]:
     """Bucket key -> what the buckets of the window [since_ms, until_ms) hold, as the audit reads them: their
-    records' holds, their seeds (owners', keys', limits' begun mid-window, carries), less their resets."""
-    from sqlalchemy import func, select
-
-    from policyd.db import ApiKeyRow, LimitResetRow, OwnerLimitsRow
-
+    records' holds, and what they hold beside (seeds, carries, less resets: Store.held_beside_records)."""
     held = store.held_in_window(since_ms, until_ms, session)
     start = f":{since_ms // 1000}"
-    seeds = [seeds or {} for seeds in session.scalars(select(OwnerLimitsRow.seeds))]
-    seeds += [seeds or {} for seeds in session.scalars(select(ApiKeyRow.seeds).where(ApiKeyRow.seeds.is_not(None)))]
-    seeds.append({key: amount for key, amount in session.execute(
-        select(BucketSeedRow.bucket_key, BucketSeedRow.amount).where(BucketSeedRow.bucket_key.endswith(start)))})
-    for seeded in seeds:
-        for key, amount in seeded.items():
-            if key.endswith(start):
-                held[key] = held.get(key, 0) + int(amount)
-    for key, amount in session.execute(select(LimitResetRow.bucket_key, func.sum(LimitResetRow.amount)).where(
-            LimitResetRow.bucket_key.endswith(start)).group_by(LimitResetRow.bucket_key)):
-        held[key] = held.get(key, 0) - int(amount)
+    for key, amount in store.held_beside_records(session).items():
+        if key.endswith(start):
+            held[key] = held.get(key, 0) + amount
     return held

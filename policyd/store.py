@@ -389,6 +389,25 @@ class Store:
             return {key: int(amount) for key, amount in session.execute(
                 select(BucketSeedRow.bucket_key, BucketSeedRow.amount))}
 
+    def held_beside_records(self, session: Session | None = None) -> dict[str, int]:
+        """Bucket key -> what a bucket holds beside its records' holds (held_by_bucket): what owners and keys had used
+        before their limits were made (their seeds), what limits begun mid-window started from and what rollover
+        carried (bucket_seeds), less what resets took (limit_resets.py). Read in `session`, when given."""
+        if session is None:
+            with self.session() as own:
+                return self.held_beside_records(own)
+        held: dict[str, int] = {}
+        seeded = [seeds or {} for seeds in session.scalars(select(OwnerLimitsRow.seeds))]
+        seeded += [seeds or {} for seeds in session.scalars(select(ApiKeyRow.seeds).where(ApiKeyRow.seeds.is_not(None)))]
+        seeded.append(dict(session.execute(select(BucketSeedRow.bucket_key, BucketSeedRow.amount)).all()))
+        for seeds in seeded:
+            for key, amount in seeds.items():
+                held[key] = held.get(key, 0) + int(amount)
+        for key, amount in session.execute(select(LimitResetRow.bucket_key, func.sum(LimitResetRow.amount))
+                                           .group_by(LimitResetRow.bucket_key)):
+            held[key] = held.get(key, 0) - int(amount)
+        return held
+
     def add_bucket_seeds(self, seeds: dict[str, int], at_ms: int, ended: Iterable[str] = ()) -> None:
         """Add to the seeds of these buckets (made where none), and take those of `ended` windows out, in one
         transaction."""
@@ -625,12 +644,6 @@ class Store:
                 session.execute(update(OwnerLimitsRow).where(
                     OwnerLimitsRow.customer_id == seeded.customer_id, OwnerLimitsRow.scope == seeded.scope,
                     OwnerLimitsRow.owner_id == seeded.owner_id).values(seeds=seeded.seeds))
-
-    def key_seeds(self) -> list[dict[str, int]]:
-        """The seeds of every key that has some (ApiKeyRow.seeds)."""
-        with self.session() as session:
-            return [seeds for seeds in session.scalars(select(ApiKeyRow.seeds).where(ApiKeyRow.seeds.is_not(None)))
-                    if seeds]
 
     def limit_resets(self, customer_id: str = "") -> list[LimitResetRow]:
         """The resets of a customer's limits (every customer's: ""), oldest first."""
