@@ -137,6 +137,8 @@ def _held(url: str, bodies: list[tuple[str, Any]], none: str) -> BatchInput:
                                       f"and the image_generation tool's model): a batch's requests are not rewritten")
         if model and call.model != model:
             return BatchInput(problem=f"{where}: a batch's requests are all for one model ({model})")
+        if call.fallback_models or call.advisor_model:  # other models run beside it (not offered in batches)
+            return BatchInput(problem=f"{where}: a batch's requests name no other model (fallbacks, an advisor tool)")
         model = call.model
         files.update(call.files)
         if cache:  # a Gemini request's explicit cache: its customer's alone, as the files its input names

@@ -148,6 +148,11 @@ class UsageRecordRow(Base):
     image_generation_output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # ... and what they cost (part of cost_nanos): reconciled under the image model, as providers bill it (0024)
     image_generation_cost_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # the parts of its cost other models than the served one ran (an Anthropic reply's usage.iterations: an
+    # advisor's calls, a server-side fallback's declined attempts): model -> [cost nanos, tokens], reconciled
+    # under each, as the provider bills them (migration 0041)
+    other_models: Mapped[dict[str, list[int]]] = mapped_column(JSON, default=dict, server_default="{}")
+    other_models_cost_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # their sum
     cache_write_1h_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of cache writes
     service_tier: Mapped[str] = mapped_column(String(32), default="", server_default="")  # the provider's, priced apart
     # the id of the response the provider stored for it (the Responses API's): only its customer may reach it

@@ -138,6 +138,14 @@ class Shape:
     # container, a shell tool in a "container_auto" environment): how many, and the largest memory limit
     containers: int = 0
     container_memory: str = ""
+    # other models the provider may run for it, and bill (RequestShape): Anthropic's server-side fallbacks,
+    # each held for the whole request again; its advisor tool's model, held for advisor_calls calls (0: none
+    # given, the plan's default_max_tool_calls, set as the tool's max_uses) each reading the input and the output
+    # cap and writing up to advisor_max_tokens (0: the advisor model's output cap)
+    fallback_models: tuple[str, ...] = ()
+    advisor_model: str = ""
+    advisor_calls: int = 0
+    advisor_max_tokens: int = 0
     # how many of a model's most per image (output_tokens_per_image) one image may bill: its area over the
     # standard sizes' largest (1536x1024), times a GIF's frames; 0 = 1 (images, the image_generation tool)
     image_scale: int = 0
@@ -286,6 +294,28 @@ IMAGE_GENERATION_USAGE = ("image_generation_calls", "image_generation_input_toke
                           "image_generation_image_input_tokens", "image_generation_output_tokens")
 
 
+FALLBACK_MODELS_MAX = 3  # Anthropic's server-side fallbacks a request may name
+
+# the token fields a UsagePart holds, which a report with parts has as their sums
+PART_TOKEN_FIELDS = ("input_tokens", "cached_input_tokens", "cache_write_input_tokens", "cache_write_1h_input_tokens",
+                     "output_tokens")
+USAGE_PARTS_MAX = 64
+
+
+@dataclass(frozen=True)
+class UsagePart:
+    """One part of a reply the provider bills by itself: Anthropic's usage.iterations entry (a sampling, a
+    compaction, an advisor tool's call, a server-side fallback's attempt), at the prices of the model that ran
+    it ("": the model served) and a long-context tier by its own input."""
+    kind: str = ""
+    model: str = ""
+    input_tokens: int = 0  # all of its input, cached included
+    cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
+    cache_write_1h_input_tokens: int = 0
+    output_tokens: int = 0
+
+
 @dataclass(frozen=True)
 class UsageReport:
     request_id: str
@@ -332,6 +362,7 @@ class UsageReport:
     provider_response_id: str = ""  # the id of a response the provider stored (the Responses API's)
     provider_file_ids: tuple[str, ...] = ()  # files the reply made at the provider (a Veo operation's videos)
     reply_model: str = ""  # the model the provider's reply names: priced as it when the table does and it differs
+    parts: tuple[UsagePart, ...] = ()  # the parts it bills by themselves (their sums are the token fields)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, astuple, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
@@ -46,6 +46,7 @@ from policyd.domain import (
     KeySummary,
     LimitState,
     OUTPUT_CAP_FIELDS,
+    PART_TOKEN_FIELDS,
     Owner,
     PolicydError,
     RateLimit,
@@ -1018,6 +1019,14 @@ class Engine:
         if image_model and not (policy.model_allowed(plan, image_model, scopes)
                                 and policy.tier_allowed_in(plan, owner.environment, image_model)):
             return "model_not_allowed", "tools"
+        # other models the provider may run for it, and bill (a server-side fallback, an advisor): the key's too
+        others = [(m, "fallbacks") for m in request.shape.fallback_models] + \
+            ([(request.shape.advisor_model, "tools")] if request.shape.advisor_model else [])
+        for other, param in others:
+            if policy.model(other) is None:
+                return "unknown_model", param
+            if not (policy.model_allowed(plan, other, scopes) and policy.tier_allowed_in(plan, owner.environment, other)):
+                return "model_not_allowed", param
         return "", ""
 
     @staticmethod
@@ -1271,8 +1280,68 @@ class Engine:
                                        + s.partial_images * PARTIAL_IMAGE_OUTPUT_TOKENS), reserve=True)
             quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, \
                 charge + images_charge
+        if s.fallback_models or s.advisor_model:  # other models' work the provider may bill beside it
+            others, others_cost, others_charge, calls = self._other_models_held(policy, plan, billing, s, input_tokens,
+                                                                              output_cap)
+            if s.advisor_model and not s.advisor_calls and request.endpoint in TOOL_BOUND_ENDPOINTS:
+                tool_call_cap = max(tool_call_cap, calls)
+            quantities, cost, charge = replace(quantities, tool_tokens=quantities.tool_tokens + others), \
+                cost + others_cost, charge + others_charge
         return _Estimate(output_cap, input_tokens, likely, likely_seconds, likely_audio, tool_call_cap, quantities,
                          cost, charge, likely_search_units=likely_search_units)
+
+    @staticmethod
+    def _other_models_held(policy: Policy, plan: Plan, billing: str, s: Shape, input_tokens: int,
+                           output_cap: int) -> tuple[int, int, int, int]:
+        """What other models the provider may run for a request hold (their tokens, cost, charge, and the advisor's
+        calls held): each server-side fallback the whole request again (its input and output cap), at its
+        prices; each advisor call the conversation so far (the input and the output cap) and its own output, at
+        the advisor's prices, for the calls the tool allows (none given: the plan's default_max_tool_calls)."""
+        held: list[tuple[str, Quantities]] = [(m, Quantities(input_tokens=input_tokens, output_tokens=output_cap,
+                                                             requests=0)) for m in s.fallback_models]
+        calls = 0
+        if s.advisor_model:
+            price = policy.model(s.advisor_model)
+            assert price is not None, "the advisor model was checked against the price table"
+            calls = s.advisor_calls or plan.default_max_tool_calls
+            advice = s.advisor_max_tokens or price.max_output_tokens or price.default_max_output_tokens \
+                or plan.default_max_output_tokens
+            held.append((s.advisor_model, Quantities(input_tokens=calls * (input_tokens + output_cap),
+                                                     output_tokens=calls * advice, requests=0)))
+        tokens = cost = charge = 0
+        for model, q in held:
+            price = policy.model(model)
+            assert price is not None, "the model was checked against the price table"
+            model_cost = cost_of(price, q)
+            tokens, cost, charge = tokens + q.tokens, cost + model_cost, charge + charge_of(plan, model, q, model_cost,
+                                                                                            billing)
+        return tokens, cost, charge, calls
+
+    @staticmethod
+    def _parts_priced(policy: Policy, plan: Plan, served: str, price: ModelPrice, report: UsageReport,
+                      quantities: Quantities, billing: str) -> tuple[int, int, dict[str, list[int]], bool]:
+        """A report's parts (usage.iterations), each priced by itself at the model that ran it (a long-context
+        tier by its own input), beside the rest of the request (its searches, its fee) at the served model's:
+        the cost, the charge, the other models' [cost, tokens] (billed by the provider under each), and whether
+        the table priced every part's model."""
+        rest = replace(quantities, **{name: 0 for name in PART_TOKEN_FIELDS})
+        cost = cost_of(price, rest)
+        charge = charge_of(plan, served, rest, cost, billing)
+        others: dict[str, list[int]] = {}
+        every_priced = True
+        for part in report.parts:
+            model, priced = policy.part_model(served, part.model)
+            every_priced = every_priced and priced
+            part_price = policy.model(model) if model != served else price
+            assert part_price is not None, "part_model names a model the table prices"
+            q = Quantities(**{name: getattr(part, name) for name in PART_TOKEN_FIELDS}, requests=0,
+                           service_tier=report.service_tier)
+            part_cost = cost_of(part_price, q)
+            cost, charge = cost + part_cost, charge + charge_of(plan, model, q, part_cost, billing)
+            if model != served:
+                figures = others.setdefault(model, [0, 0])
+                figures[0], figures[1] = figures[0] + part_cost, figures[1] + part.input_tokens + part.output_tokens
+        return cost, charge, others, every_priced
 
     @staticmethod
     def _tokens_per_image(policy: Policy, plan: Plan, image_model: str) -> int:
@@ -1528,6 +1597,8 @@ class Engine:
             check_usage(report)
         except Problem as problem:
             raise await self.reject(report.request_id, None, problem.reason, problem.message, asdict(report))
+        if report.parts:  # its tokens are its parts' sums
+            report = replace(report, **{name: sum(getattr(p, name) for p in report.parts) for name in PART_TOKEN_FIELDS})
         reservation = found or await self.counters.find_reservation(report.request_id)
         if reservation is None:
             raise await self.missing(report.request_id, "settle", asdict(report))
@@ -1579,6 +1650,12 @@ class Engine:
         )
         cost = cost_of(price, quantities)
         charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
+        other_models: dict[str, list[int]] = {}
+        if report.parts:  # each part at its own model's prices, the rest (searches, a request's fee) at the served's
+            cost, charge, other_models, priced = self._parts_priced(policy, plan, served, price, report, quantities,
+                                                                    r["billing_mode"])
+            if not priced:  # a part of a model the table does not price for its provider: at the served model's
+                report = replace(report, error_class=report.error_class or "part_model_unpriced")
         images_cost = 0
         if report.image_generation_calls or report.image_generation_input_tokens or report.image_generation_output_tokens:
             report, images, images_cost, images_charge = self._images_made(
@@ -1590,6 +1667,8 @@ class Engine:
         later = [getattr(report, name) for name in LATER_USAGE_FIELDS]
         if any(later):  # only then: a retried Settle fingerprints the same on a replica from before these fields
             numbers += later
+        if report.parts:
+            numbers.append([list(astuple(part)) for part in report.parts])
         fingerprint = hashlib.sha256(json.dumps(numbers).encode()).hexdigest()[:32]
         deltas = []
         final_holds = []
@@ -1610,6 +1689,8 @@ class Engine:
         }
         if report.fallback_reason:  # the proxy's own fallback; otherwise the one decided at Authorize stays
             settlement["fallback_reason"] = report.fallback_reason
+        elif any(part.kind == "fallback_message" for part in report.parts):  # the provider's (Anthropic's)
+            settlement["fallback_reason"] = "provider_fallback"
         if report.provider_response_id:  # not a usage number: outside the fingerprint
             settlement["provider_response_id"] = report.provider_response_id
         for name, value in zip(LATER_USAGE_FIELDS, later):
@@ -1619,6 +1700,9 @@ class Engine:
             settlement["containers"] = report.containers
         if images_cost:  # part of the cost, billed by the provider under the image model (reconciliation)
             settlement["image_generation_cost_nanos"] = images_cost
+        if other_models:  # ... and the parts other models ran: billed by the provider under each
+            settlement["other_models"] = other_models
+            settlement["other_models_cost_nanos"] = sum(figures[0] for figures in other_models.values())
         record_json = reservation.record_json or compact_json.dumps(r)
         payload = (f'{{"record":{record_json},"settlement":{compact_json.dumps(settlement)},'
                    f'"currency":{compact_json.dumps(r["currency"])}}}')

@@ -92,8 +92,8 @@ from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit
 from policyd import own_usage, reasons, request_lookup
 from policyd.audio import wav_seconds
 from policyd.domain import (ANTHROPIC_FAST_MODE, CACHED_CONTENT_PREFIX, CONTAINER_MEMORY_DEFAULT, GEMINI_UPLOAD_PREFIX,
-                            IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS, SEARCH_CONTEXT_LENGTH_MAX, Attribution, AuthorizeInput,
-                            KeySummary, RateLimit, RequestSummary, Shape, bedrock_tier, cached_content_name, tier_in_geo,
+                            FALLBACK_MODELS_MAX, IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS, SEARCH_CONTEXT_LENGTH_MAX,
+                            Attribution, AuthorizeInput, KeySummary, RateLimit, RequestSummary, Shape, bedrock_tier, cached_content_name, tier_in_geo,
                             trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount, parse_amount
 from policyd.multipart import MultipartError, MultipartForm
@@ -338,6 +338,11 @@ class HttpCall:
     image_model_default: bool = False  # the tool names none: the plan's is set in it (Decision.image_model)
     image_generation_calls: int = 0  # the most calls the request allows (max_tool_calls; 0: no bound given)
     partial_images: int = 0  # partial images each streamed image_generation call sends
+    # other models Anthropic may run for it, and bill: its server-side fallbacks, its advisor tool's (Shape's)
+    fallback_models: tuple[str, ...] = ()
+    advisor_model: str = ""
+    advisor_calls: int = 0
+    advisor_max_tokens: int = 0
     containers: int = 0  # hosted containers the request may have the provider make (code_interpreter, shell)
     container_memory: str = ""  # ... the largest memory limit they ask for
     image_scale: int = 0  # how many of a model's most per image one image may bill (its size, a GIF's frames)
@@ -415,7 +420,9 @@ class HttpCall:
                         output_cap_fixed=self.compaction, output_cap_param=self.output_cap_param,
                         documents=self.documents, document_bytes=self.document_bytes,
                         document_tokens_max=self.document_tokens_max, least_output_cap=self.least_output_cap,
-                        search_context_size=self.search_context_size),
+                        search_context_size=self.search_context_size, fallback_models=self.fallback_models,
+                        advisor_model=self.advisor_model, advisor_calls=self.advisor_calls,
+                        advisor_max_tokens=self.advisor_max_tokens),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, deletes_stored=self.deletes_stored,
             previous_response=self.previous_response,
@@ -923,6 +930,26 @@ def _unbounded_web_search(tool: dict[str, Any]) -> bool:
     return str(tool.get("type", "")).startswith("web_search") and not _count(tool.get("max_uses"))
 
 
+def _other_models(call: HttpCall, data: dict[str, Any]) -> tuple[str, str] | None:
+    """Other models Anthropic may run for a message, and bill beside it: its server-side fallbacks
+    (`fallbacks`: [{"model": ...}], up to three) and its advisor tool's (a tool of type advisor_*: its
+    `model`, `max_uses`, `max_tokens`). The problem, if any, as (message, param)."""
+    fallbacks = data.get("fallbacks")
+    if fallbacks is not None:
+        if not isinstance(fallbacks, list) or len(fallbacks) > FALLBACK_MODELS_MAX or not all(
+                isinstance(f, dict) and isinstance(f.get("model"), str) and f["model"] for f in fallbacks):
+            return f"fallbacks must be a list of up to {FALLBACK_MODELS_MAX} {{\"model\": ...}}", "fallbacks"
+        call.fallback_models = tuple(f["model"][:256] for f in fallbacks)
+    advisors = [t for t in _tools(data) if str(t.get("type", "")).startswith("advisor")]
+    if len(advisors) > 1 or (advisors and not (isinstance(advisors[0].get("model"), str) and advisors[0]["model"])):
+        return "an advisor tool names its model, and a request has one", "tools"
+    if advisors:
+        call.advisor_model = advisors[0]["model"][:256]
+        call.advisor_calls, call.advisor_max_tokens = _count(advisors[0].get("max_uses")), \
+            _count(advisors[0].get("max_tokens"))
+    return None
+
+
 def _unbounded_search_tools(endpoint: str, data: dict[str, Any], kind: str = "web_search") -> int:
     """Search tools of a kind the provider runs that the request gives no bound for: on Anthropic's API each
     web search tool without `max_uses`; on the Responses API, 1 when such a tool is given without
@@ -1247,6 +1274,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.file_searches = _search_bound(endpoint, data, "file_search")
     call.unbounded_web_search_tools = _unbounded_search_tools(endpoint, data)
     call.unbounded_file_search = _unbounded_search_tools(endpoint, data, "file_search") > 0
+    if endpoint == "anthropic_messages" and (problem := _other_models(call, data)):
+        return _problem(call, "invalid_request", *problem)
     call.unseen_input = not call.count_tokens and (call.unseen_input or _unseen_input(data))
     call.files = _file_ids(data) if '"file_id"' in text else ()
     if endpoint == "gemini_generate_content" and ("ileUri" in text or "ile_uri" in text):  # Gemini's files named
@@ -1884,7 +1913,8 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
             body["tools"] = tools
             changed = True
     if tool_call_cap and endpoint == "anthropic_messages" and isinstance(body.get("tools"), list):
-        tools = [dict(t, max_uses=tool_call_cap) if isinstance(t, dict) and _unbounded_web_search(t) else t
+        tools = [dict(t, max_uses=tool_call_cap) if isinstance(t, dict) and (_unbounded_web_search(t) or (
+            str(t.get("type", "")).startswith("advisor") and not _count(t.get("max_uses")))) else t
                  for t in body["tools"]]
         if tools != body["tools"]:
             body["tools"] = tools

@@ -189,6 +189,33 @@ def _send_events(h: Any, events: list[dict[str, Any]], named: bool = False, gap_
     h.wfile.write(b"0\r\n\r\n")
 
 
+def anthropic_turn(body: dict[str, Any], model: str, p_tokens: int, c_tokens: int) -> tuple[str, str, int, list[Any]]:
+    """How Anthropic ends a message: (the model that wrote it, its stop_reason, the output tokens its top-level
+    usage counts, its usage.iterations or []). A prompt saying "refuse this" is refused before any output;
+    with `fallbacks` (a server-side fallback), one saying "decline" is declined by the model asked (after
+    half its output: "decline midway") and written by the first fallback; a request whose context_management
+    compacts (a compact_* edit) is compacted first, the compaction's tokens in its iterations alone."""
+    prompt = json.dumps(body.get("messages"))
+    fallbacks = [f.get("model") for f in body.get("fallbacks") or [] if isinstance(f, dict) and f.get("model")]
+    if "refuse this" in prompt:
+        return model, "refusal", 0, []
+    if fallbacks and "decline" in prompt:
+        declined = c_tokens // 2 if "decline midway" in prompt else 0
+        return fallbacks[0], "end_turn", c_tokens, [
+            {"type": "message", "model": model, "input_tokens": p_tokens, "output_tokens": declined,
+             "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+            {"type": "fallback_message", "model": fallbacks[0], "input_tokens": p_tokens, "output_tokens": c_tokens,
+             "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}]
+    edits = (body.get("context_management") or {}).get("edits") or []
+    if any(isinstance(e, dict) and str(e.get("type", "")).startswith("compact") for e in edits):
+        return model, "end_turn", c_tokens, [
+            {"type": "compaction", "input_tokens": 2 * p_tokens, "output_tokens": 50, "cache_read_input_tokens": 0,
+             "cache_creation_input_tokens": 0},
+            {"type": "message", "input_tokens": p_tokens, "output_tokens": c_tokens, "cache_read_input_tokens": 0,
+             "cache_creation_input_tokens": 0}]
+    return model, "end_turn", c_tokens, []
+
+
 def anthropic_speed_and_geo(body: dict[str, Any]) -> dict[str, str]:
     """What Anthropic's usage says of a message's speed and geography (fast mode, US-only inference)."""
     return {"speed": "fast" if body.get("speed") == "fast" else "standard",
@@ -502,7 +529,9 @@ class MockProvider:
         if body.get("stream") and not route.endswith("/responses"):
             return self._stream(h, body, model, p_tokens, c_tokens, scenario, anthropic, legacy)
         if anthropic:
-            usage = {"input_tokens": p_tokens, "output_tokens": c_tokens}
+            model, stop, c_tokens, iterations = anthropic_turn(body, model, p_tokens, c_tokens)
+            text = "".join(WORDS[:c_tokens])
+            usage = {"input_tokens": p_tokens, "output_tokens": c_tokens, **({"iterations": iterations} if iterations else {})}
             if "\"ttl\": \"1h\"" in json.dumps(body.get("system")):  # half the prompt written to an hour's cache
                 written = p_tokens // 2
                 usage.update(input_tokens=p_tokens - written, cache_creation_input_tokens=written,
@@ -511,7 +540,7 @@ class MockProvider:
                 usage["server_tool_use"] = {"web_search_requests": searches}
             usage.update(anthropic_speed_and_geo(body))
             return h._json(200, {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
-                                 "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                                 "content": [{"type": "text", "text": text}] if text else [], "stop_reason": stop,
                                  **({} if scenario == "no_usage" else {"usage": usage})},
                            bedrock_tier(h.headers) if bedrock else None)
         if route.endswith("/responses/compact"):  # the conversation compacted into one encrypted item
@@ -1358,8 +1387,10 @@ class MockProvider:
 
         words = WORDS[:c_tokens]
         if anthropic:
+            _, stop, c_tokens, iterations = anthropic_turn(body, model, p_tokens, c_tokens)
+            words = WORDS[:c_tokens]
             send("event: message_start\ndata: " + json.dumps({"type": "message_start", "message": {
-                "id": "msg_mock", "model": model, "usage": {"input_tokens": p_tokens, "output_tokens": 0,
+                "id": "msg_mock", "model": model, "usage": {"input_tokens": p_tokens, "output_tokens": 1,
                                                             **anthropic_speed_and_geo(body)}}}) + "\n\n")
             for i, word in enumerate(words):
                 if scenario == "cut" and i == len(words) // 2:
@@ -1372,8 +1403,8 @@ class MockProvider:
                     return
                 send("event: content_block_delta\ndata: " + json.dumps({"type": "content_block_delta", "index": 0,
                      "delta": {"type": "text_delta", "text": word}}) + "\n\n")
-            send("event: message_delta\ndata: " + json.dumps({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
-                 "usage": {"output_tokens": c_tokens}}) + "\n\n")
+            send("event: message_delta\ndata: " + json.dumps({"type": "message_delta", "delta": {"stop_reason": stop},
+                 "usage": {"output_tokens": c_tokens, **({"iterations": iterations} if iterations else {})}}) + "\n\n")
             send("event: message_stop\ndata: {\"type\": \"message_stop\"}\n\n")
             h.wfile.write(b"0\r\n\r\n")
             return

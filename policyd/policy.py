@@ -645,6 +645,27 @@ class Policy:
         return reply_model if price is not None and sent_price is not None and price.provider == sent_price.provider \
             else sent
 
+    def part_model(self, served: str, name: str) -> tuple[str, bool]:
+        """The model a part of a reply ran on (an Anthropic usage.iterations entry names it) as the table prices
+        it, and whether it does: `served` for none, the served model, its upstream name or a dated snapshot of
+        either; a model the table holds for the same provider, by its name, as its upstream name, or as a
+        dated snapshot of either (the longest such name); else `served`, False (priced at its prices)."""
+        upstream = self.upstream_name(served)
+        if not name or name in (served, upstream) or name.startswith((served + "-", upstream + "-")):
+            return served, True
+        served_price = self.model(served)
+        provider = served_price.provider if served_price is not None else ""
+        matches = [(name == known, len(known), known == model, model)
+                   for model, price in self.document.price_table.models.items()
+                   if price.provider == provider and not is_model_pattern(model)
+                   for known in {model, price.upstream_model} - {""} if name == known or name.startswith(known + "-")]
+        if matches:  # its exact name first, then the longest; an entry's own name before an upstream name
+            return max(matches, key=lambda m: (m[0], m[1], m[2], m[3]))[3], True
+        pattern_price = self.model(name)  # a pattern entry's
+        if pattern_price is not None and pattern_price.provider == provider:
+            return name, True
+        return served, False
+
     def model_allowed(self, plan: Plan, model: str, scopes: tuple[str, ...] = ()) -> bool:
         price = self.model(model)
         tier = price.tier if price else ""

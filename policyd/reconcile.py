@@ -271,14 +271,22 @@ def reconcile(session: Session, provider: str, basis: str, lines: list[Line], mo
         charged = (r.provider == provider, r.status.in_(("settled", "settled_late")), r.created_ms >= start,
                    r.created_ms < end)
         query = (select(day_start, r.served_model, r.provider_account,
-                        func.sum(r.cost_nanos - r.image_generation_cost_nanos), func.sum(r.input_tokens + r.output_tokens))
+                        func.sum(r.cost_nanos - r.image_generation_cost_nanos - r.other_models_cost_nanos),
+                        func.sum(r.input_tokens + r.output_tokens))
                  .where(*charged).group_by(day_start, r.served_model, r.provider_account))
         # the images an image_generation tool made: billed under the image model, apart from the model's tokens
         images = (select(day_start, r.image_model, r.provider_account, func.sum(r.image_generation_cost_nanos),
                          func.sum(r.image_generation_input_tokens + r.image_generation_output_tokens))
                   .where(*charged, r.image_generation_cost_nanos > 0)
                   .group_by(day_start, r.image_model, r.provider_account))
-        for day_ms, model, account, cost, tokens in [*session.execute(query), *session.execute(images)]:
+        # the parts other models ran (an advisor's calls, a fallback's declined attempts): billed under each
+        others = (select(day_start, r.served_model, r.provider_account, r.other_models)
+                  .where(*charged, r.other_models_cost_nanos > 0))
+        lines = [*session.execute(query), *session.execute(images)]
+        for day_ms, served, account, parts in session.execute(others):
+            for model, (cost, tokens) in (parts or {}).items():
+                lines += [(day_ms, model, account, cost, tokens), (day_ms, served, account, 0, -tokens)]
+        for day_ms, model, account, cost, tokens in lines:
             key = (_day(int(day_ms) // 1000), model) + ((account or "",) if by_key else ())
             totals = ledger_side.setdefault(key, [0, 0])
             totals[0] += int(cost or 0)

@@ -18,16 +18,19 @@ from policyd.domain import (
     CONTAINER_MEMORY_DEFAULT,
     CREATABLE,
     ENDPOINTS,
+    FALLBACK_MODELS_MAX,
     FILES_PER_REQUEST_MAX,
     IMAGE_GENERATION_USAGE,
     Attribution,
     AuthorizeInput,
     Decision,
     KeySummary,
+    PART_TOKEN_FIELDS,
     PolicydError,
     RequestSummary,
     Settlement,
     Shape,
+    UsagePart,
     UsageReport,
     trace_id_from,
 )
@@ -107,6 +110,8 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             output_cap_param=s.output_cap_param, documents=s.documents, document_bytes=s.document_bytes,
             document_tokens_max=s.document_tokens_max, least_output_cap=s.least_output_cap,
             search_context_size=s.search_context_size.strip().lower(),
+            fallback_models=tuple(m[:256] for m in s.fallback_models[:FALLBACK_MODELS_MAX + 1]),
+            advisor_model=s.advisor_model[:256], advisor_calls=s.advisor_calls, advisor_max_tokens=s.advisor_max_tokens,
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,
@@ -206,6 +211,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             provider_response_id=request.provider_response_id[:256],
             service_tier=request.service_tier, reply_model=request.reply_model,
             provider_file_ids=tuple(request.provider_file_ids),
+            parts=tuple(UsagePart(p.kind, p.model, *(getattr(p, name) for name in PART_TOKEN_FIELDS)) for p in u.parts),
         )
         return settle_response(await _call(context, lambda: self.engine.settle(report)))
 

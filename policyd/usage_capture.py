@@ -13,13 +13,13 @@ import json
 import re
 import urllib.parse
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields as dataclass_fields
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
 from policyd import event_stream
-from policyd.domain import (ANTHROPIC_FAST_MODE, SEARCH_CONTEXT_LENGTH_MAX, bedrock_tier, cached_content_name,
-                            tier_in_geo)
+from policyd.domain import (ANTHROPIC_FAST_MODE, SEARCH_CONTEXT_LENGTH_MAX, USAGE_PARTS_MAX, UsagePart, bedrock_tier,
+                            cached_content_name, tier_in_geo)
 from policyd.json_fields import ObjectFields
 from policyd.protobuf_json import timestamp_ms
 from policyd.pricing import speech_audio_tokens_likely
@@ -28,7 +28,7 @@ RESPONSE_BUFFER_BYTES_MAX = 4 * 1024 * 1024  # a non-streamed body is buffered u
 # the fields of a non-streamed reply, or of a stream event, that usage is read from, when it is too large
 # to hold: OpenAI's, Anthropic's and Gemini's usage, the tier that served it, the Responses API's output
 # items (its web searches); an event's type, the response or message it carries
-_USAGE_FIELDS = [("usage",), ("usageMetadata",), ("service_tier",), ("type",), ("response", "usage"),
+_USAGE_FIELDS = [("usage",), ("usageMetadata",), ("service_tier",), ("type",), ("stop_reason",), ("response", "usage"),
                  ("response", "service_tier"), ("message", "usage"), ("id",), ("response", "id"), ("tool_usage",),
                  ("response", "tool_usage"), ("x_groq", "usage")]
 _USAGE_ITEMS = [("output",), ("response", "output")]
@@ -68,18 +68,24 @@ class Tokens:
     image_generation_image_input_tokens: int = 0  # of image_generation_input_tokens, uncached
     image_generation_output_tokens: int = 0
     reply_model: str = ""  # the model the reply names (its "model", Gemini's modelVersion): the one that served it
+    # the parts it bills by themselves (Anthropic's usage.iterations): the token fields above are their sums
+    parts: tuple[UsagePart, ...] = ()
     # what Anthropic's usage has said of its tier so far (a stream's events say it in parts): service_tier
     _tier: str = ""
     _fast: bool = False  # speed: fast
     _geo: str = ""  # inference_geo
+    _stop: str = ""  # Anthropic's stop_reason, as its reply or its stream's message_delta gives it
+    # Anthropic's refusal before any output (stop_reason "refusal", nothing written): billed nothing, whatever
+    # its input was
+    _refused: bool = False
 
     @property
     def any(self) -> bool:
-        return bool(self.input_tokens or self.output_tokens or self.seconds or self.search_units)
+        return bool(self.input_tokens or self.output_tokens or self.seconds or self.search_units or self._refused)
 
     def fields(self) -> dict[str, Any]:
         """The usage as UsageReport and the native API's Settle name it (the same names, one to one)."""
-        return {name: value for name, value in asdict(self).items() if not name.startswith("_")}
+        return {f.name: getattr(self, f.name) for f in dataclass_fields(self) if not f.name.startswith("_")}
 
 
 def _list(value: Any) -> list[Any]:
@@ -284,10 +290,23 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
                 else seen.cache_write_1h_input_tokens
             seen.cache_write_1h_input_tokens = min(long_writes, seen.cache_write_input_tokens)
             seen.input_tokens = uncached + seen.cached_input_tokens + seen.cache_write_input_tokens
-        if "output_tokens" in usage:
-            seen.output_tokens = max(seen.output_tokens, _n(usage.get("output_tokens")))  # cumulative in deltas
+        if "output_tokens" in usage:  # cumulative in deltas; a message_delta's is the whole output's (message_start
+            # counts 1 before anything is written: a refusal before any output ends with 0)
+            seen.output_tokens = _n(usage.get("output_tokens")) if data.get("type") == "message_delta" \
+                else max(seen.output_tokens, _n(usage.get("output_tokens")))
         tools = _dict(usage.get("server_tool_use"))
         seen.web_searches = max(seen.web_searches, _n(tools.get("web_search_requests")))
+        stop = message.get("stop_reason") or _dict(data.get("delta")).get("stop_reason")
+        if isinstance(stop, str) and stop:
+            seen._stop = stop
+        iterations = usage.get("iterations")
+        if isinstance(iterations, list) and any(isinstance(entry, dict) for entry in iterations):
+            _anthropic_parts(iterations, seen)
+        # a refusal before any output is billed nothing (with a server-side fallback: every attempt declined so)
+        seen._refused = seen._stop == "refusal" and not seen.output_tokens
+        if seen._refused:
+            seen.input_tokens = seen.cached_input_tokens = seen.cache_write_input_tokens = 0
+            seen.cache_write_1h_input_tokens, seen.parts = 0, ()
         return True
     if endpoint == "bedrock_converse":  # a whole reply, or a stream's metadata event ({"metadata": {...}})
         event = _dict(data.get("metadata")) or data
@@ -381,6 +400,37 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     seen.audio_output_tokens = min(_n(out_details.get("audio_tokens")), seen.output_tokens)
     _search_and_reasoning_usage(usage, seen)
     return True
+
+
+def _anthropic_parts(iterations: list[Any], seen: Tokens) -> None:
+    """Anthropic's usage.iterations: what it bills, each sampling by itself at the prices of the model that
+    ran it. The top-level counts leave some of them out (a compaction's; an advisor tool's calls, run by the
+    advisor's model; a server-side fallback's declined attempts, each billed at its own model's prices when
+    it wrote anything: one declined before any output is not billed), so the request's tokens are the
+    iterations' sums."""
+    entries = [e for e in iterations if isinstance(e, dict)][:USAGE_PARTS_MAX]
+    fell_back = any(e.get("type") == "fallback_message" for e in entries)
+    parts = []
+    for entry in entries:
+        kind = entry.get("type") if isinstance(entry.get("type"), str) else ""
+        if kind == "message" and not _n(entry.get("output_tokens")) and (fell_back or seen._stop == "refusal"):
+            continue  # an attempt declined before it wrote anything
+        read, written = _n(entry.get("cache_read_input_tokens")), _n(entry.get("cache_creation_input_tokens"))
+        split = entry.get("cache_creation")
+        long_writes = min(_n(split.get("ephemeral_1h_input_tokens")), written) if isinstance(split, dict) else 0
+        model = entry.get("model") if isinstance(entry.get("model"), str) else ""
+        parts.append(UsagePart(kind=kind[:32], model=model[:256], input_tokens=_n(entry.get("input_tokens")) + read + written,
+                               cached_input_tokens=read, cache_write_input_tokens=written,
+                               cache_write_1h_input_tokens=long_writes, output_tokens=_n(entry.get("output_tokens"))))
+    seen.parts = tuple(parts)
+    served = [p.model for p in parts if p.kind == "fallback_message" and p.model]
+    if served:  # the model that wrote the reply (a stream's message_start names the one asked for)
+        seen.reply_model = served[-1]
+    seen.input_tokens = sum(p.input_tokens for p in parts)
+    seen.cached_input_tokens = sum(p.cached_input_tokens for p in parts)
+    seen.cache_write_input_tokens = sum(p.cache_write_input_tokens for p in parts)
+    seen.cache_write_1h_input_tokens = sum(p.cache_write_1h_input_tokens for p in parts)
+    seen.output_tokens = sum(p.output_tokens for p in parts)
 
 
 def _search_and_reasoning_usage(usage: dict[str, Any], seen: Tokens) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 from policyd.domain import (CREATABLE, CREATED_AT, ENDPOINTS, FILES_PER_REQUEST_MAX, IMAGE_SCALE_MAX,
-                            SEARCH_CONTEXT_LENGTH_MAX, AuthorizeInput, UsageReport)
+                            FALLBACK_MODELS_MAX, PART_TOKEN_FIELDS, SEARCH_CONTEXT_LENGTH_MAX, USAGE_PARTS_MAX,
+                            AuthorizeInput, UsageReport)
 from policyd.money import AMOUNT_MAX, QUANTITY_MAX, TOKEN_SECONDS_MAX
 from policyd.policy import CONTAINER_MEMORY_LENGTH_MAX
 
@@ -136,6 +137,14 @@ def check_authorize(request: AuthorizeInput) -> None:
         raise Problem("invalid_request", f"containers must be between 0 and {SEARCH_TOOLS_MAX}", "containers")
     _text_field("container_memory", s.container_memory, CONTAINER_MEMORY_LENGTH_MAX)
     _text_field("search_context_size", s.search_context_size, SEARCH_CONTEXT_LENGTH_MAX)
+    if len(s.fallback_models) > FALLBACK_MODELS_MAX or not all(s.fallback_models):
+        raise Problem("invalid_request", f"fallbacks name at most {FALLBACK_MODELS_MAX} models", "fallbacks")
+    for name in s.fallback_models:
+        _text_field("fallbacks", name, MODEL_NAME_LENGTH_MAX)
+    _text_field("advisor_model", s.advisor_model, MODEL_NAME_LENGTH_MAX)
+    if not 0 <= s.advisor_calls <= TOOL_CALLS_MAX or not 0 <= s.advisor_max_tokens <= QUANTITY_MAX:
+        raise Problem("invalid_request", f"advisor_calls must be between 0 and {TOOL_CALLS_MAX}, advisor_max_tokens "
+                      f"between 0 and {QUANTITY_MAX}", "tools")
     if (s.image_generation_calls or s.partial_images) and not (s.image_model or s.image_model_default):
         raise Problem("invalid_request", "image_generation_calls and partial_images need the image_model that makes "
                       "the images", "image_model")
@@ -178,3 +187,31 @@ def check_usage(report: UsageReport) -> None:
                       "[A-Za-z0-9_.-]", "provider_file_ids")
     for name in ("served_model", "provider", "fallback_reason", "error_class", "provider_account", "reply_model"):
         _text_field(name, getattr(report, name), FIELD_LENGTH_MAX)
+    if report.parts:
+        _check_parts(report)
+
+
+def _check_parts(report: UsageReport) -> None:
+    """A report's parts (UsagePart): each a part's tokens, the report's token fields 0 or their sums, and no
+    tokens of its that parts do not hold (audio, images, reasoning priced apart)."""
+    if len(report.parts) > USAGE_PARTS_MAX:
+        raise Problem("invalid_usage", f"parts are at most {USAGE_PARTS_MAX}", "parts")
+    for part in report.parts:
+        for name in PART_TOKEN_FIELDS:
+            if not 0 <= getattr(part, name) <= QUANTITY_MAX:
+                raise Problem("invalid_usage", f"a part's {name} must be between 0 and {QUANTITY_MAX}", "parts")
+        if part.cached_input_tokens + part.cache_write_input_tokens > part.input_tokens \
+                or part.cache_write_1h_input_tokens > part.cache_write_input_tokens:
+            raise Problem("invalid_usage", "a part's cached_input_tokens + cache_write_input_tokens cannot exceed its "
+                          "input_tokens, nor its cache_write_1h_input_tokens its cache_write_input_tokens", "parts")
+        _text_field("parts", part.model, MODEL_NAME_LENGTH_MAX)
+        _text_field("parts", part.kind, FIELD_LENGTH_MAX)
+    for name in PART_TOKEN_FIELDS:
+        given = getattr(report, name)
+        if given and given != sum(getattr(part, name) for part in report.parts):
+            raise Problem("invalid_usage", f"{name} must be 0 or the sum of the parts' (a report with parts has "
+                          "their tokens)", name)
+    for name in ("audio_input_tokens", "audio_output_tokens", "image_input_tokens", "image_output_tokens",
+                 "reasoning_output_tokens"):
+        if getattr(report, name):
+            raise Problem("invalid_usage", f"{name} cannot be given with parts (a part holds text tokens)", name)

@@ -73,6 +73,10 @@ def test_an_anthropic_message_batchs_requests_are_read_from_its_body() -> None:
     refused = inline_requests([{"custom_id": "a", "params": {**params, "max_tokens": 0}}])
     assert (refused.param, refused.problem.startswith("requests[0]: max_tokens")) == ("requests", True)
     assert inline_requests([{"custom_id": "a"}]).problem == "requests[0] is not a request (custom_id, params)"
+    # one naming other models the provider would run beside it (held for alone, not in a batch's hold)
+    for other in ({"fallbacks": [{"model": "claude-opus-4-8"}]},
+                  {"tools": [{"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-4-8", "max_uses": 1}]}):
+        assert "name no other model" in inline_requests([{"custom_id": "a", "params": {**params, **other}}]).problem
     assert inline_requests([]).problem == "requests holds no requests"
 
 

@@ -2685,6 +2685,71 @@ def test_anthropic_messages_are_charged_from_their_usage(gateway: Gateway) -> No
     assert code == 401 and error["error"]["code"] == "invalid_api_key"
 
 
+def test_anthropics_iterations_and_refusals_are_charged_as_anthropic_bills_them(gateway: Gateway) -> None:
+    """Through Envoy, whole and streamed: a server-side fallback's declined attempt that wrote something is
+    charged at its own model's prices and the reply at the fallback's (the record names the model that wrote
+    it); a compaction's tokens, which the top-level usage leaves out, are charged; a refusal before any
+    output is charged nothing."""
+    key = gateway.customer("e2e-claude5", plan="house")
+
+    def sent(text: str, stream: bool, **extra: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        body = {"model": "claude-fable-5", "max_tokens": 40, "messages": [{"role": "user", "content": text}], **extra}
+        if not stream:
+            code, headers, reply = anthropic_post(gateway, key, body)
+            assert code == 200, reply
+            return gateway.record(headers["x-policyd-request-id"]), reply["usage"]
+        request = urllib.request.Request(f"{gateway.base_url}/messages", method="POST", data=json.dumps(
+            {**body, "stream": True}).encode(), headers={"x-api-key": key, "content-type": "application/json",
+                                                         "anthropic-version": "2023-06-01"})
+        with urllib.request.urlopen(request, timeout=30) as streamed:
+            request_id, events = streamed.headers["x-policyd-request-id"], streamed.read().decode()
+        return gateway.record(request_id), json.loads(
+            [line for line in events.splitlines() if '"message_delta"' in line][0][5:])["usage"]
+
+    def at(model: str, part: dict[str, Any]) -> int:
+        price_in, price_out = {"claude-fable-5": ("10.00", "50.00"), "claude-opus-4-8": ("5.00", "25.00")}[model]
+        return price_quantity(part["input_tokens"], parse_amount(price_in)) + \
+            price_quantity(part["output_tokens"], parse_amount(price_out))
+
+    for stream in (False, True):
+        fallbacks = {"fallbacks": [{"model": "claude-opus-4-8"}]}
+        record, usage = sent(f"please decline midway {stream}", stream, **fallbacks)
+        declined, wrote = usage["iterations"]
+        assert declined["output_tokens"] > 0 and record["served_model"] == "claude-opus-4-8"
+        assert record["cost_nanos"] == record["charge_nanos"] == at("claude-fable-5", declined) + at("claude-opus-4-8", wrote)
+        assert record["output_tokens"] == declined["output_tokens"] + wrote["output_tokens"]
+        record, usage = sent(f"please decline {stream}", stream, **fallbacks)  # declined before any output
+        assert record["cost_nanos"] == at("claude-opus-4-8", usage["iterations"][1])
+        record, usage = sent(f"a long talk {stream}", stream,
+                             context_management={"edits": [{"type": "compact_20260112"}]})
+        compaction, reply = usage["iterations"]
+        assert record["input_tokens"] == compaction["input_tokens"] + reply["input_tokens"] > usage.get(
+            "input_tokens", reply["input_tokens"])
+        assert record["cost_nanos"] == at("claude-fable-5", compaction) + at("claude-fable-5", reply)
+        record, _ = sent(f"refuse this {stream}", stream)
+        assert (record["status"], record["cost_nanos"], record["input_tokens"], record["error_class"]) == (
+            "settled", 0, 0, ""), record
+    # the models named beside it are the key's to use too, and held for: a plan without them is refused them
+    pro = gateway.customer("e2e-claude5-pro")
+    for extra, param in (({"fallbacks": [{"model": "claude-opus-4-8"}]}, "fallbacks"),
+                         ({"tools": [{"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-4-8"}]},
+                          "tools")):
+        code, _, error = anthropic_post(gateway, pro, {"model": "claude-sonnet-4", "max_tokens": 20, **extra,
+                                                       "messages": [{"role": "user", "content": f"not mine {param}"}]})
+        assert (code, error["error"]["code"], error["error"]["param"]) == (403, "model_not_allowed", param), error
+        assert f"not mine {param}" not in json.dumps(gateway.mock.received())
+    code, _, error = anthropic_post(gateway, key, {"model": "claude-fable-5", "max_tokens": 20, "fallbacks": "opus",
+                                                   "messages": [{"role": "user", "content": "malformed"}]})
+    assert (code, error["error"]["param"]) == (400, "fallbacks")
+    # an advisor given no max_uses is sent the plan's bound
+    code, headers, reply = anthropic_post(gateway, key, {
+        "model": "claude-fable-5", "max_tokens": 20, "messages": [{"role": "user", "content": "advise me"}],
+        "tools": [{"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-4-8"}]})
+    assert code == 200, reply
+    upstream = [r for r in gateway.mock.received() if "advise me" in json.dumps(r["body"])][-1]["body"]
+    assert upstream["tools"][0]["max_uses"] == 10  # the plan's default_max_tool_calls
+
+
 def test_anthropics_fast_mode_is_charged_at_its_prices_and_an_unpriced_geography_refused(gateway: Gateway) -> None:
     """speed: fast (fast mode, 6x): held and charged at the table's fast_mode prices, whole or streamed, as
     the usage's speed says; US-only inference the table does not price is refused before the provider."""

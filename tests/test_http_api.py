@@ -1254,6 +1254,145 @@ def test_anthropics_input_counted_again_at_the_end_replaces_the_start_count() ->
                 t.output_tokens) == (*expected, 510), delta_usage
 
 
+def _anthropic_read(body: dict[str, Any], stream: bool = False, piece: int = 0) -> ResponseReader:
+    """An Anthropic reply read whole, or as a stream of message_start, a delta, message_delta (its usage, its
+    stop_reason) and message_stop, in pieces of `piece` bytes."""
+    reader = ResponseReader("anthropic_messages", stream=stream)
+    if stream:
+        usage = body["usage"]
+        start = {"input_tokens": usage.get("input_tokens", 0), "output_tokens": 1}
+        data = b"event: message_start\n" + _sse(
+            {"type": "message_start", "message": {"model": body.get("asked", body["model"]), "usage": start}},
+            {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "abcd"}},
+            {"type": "message_delta", "delta": {"stop_reason": body["stop_reason"]}, "usage": usage},
+            {"type": "message_stop"})
+    else:
+        data = json.dumps(body).encode()
+    for i in range(0, len(data), piece or len(data)):
+        reader.feed(data[i:i + (piece or len(data))])
+    reader.finish()
+    return reader
+
+
+def _tokens(reader: ResponseReader) -> tuple[int, int, int, int, int]:
+    t = reader.tokens
+    return t.input_tokens, t.cached_input_tokens, t.cache_write_input_tokens, t.cache_write_1h_input_tokens, \
+        t.output_tokens
+
+
+def test_anthropics_iterations_are_what_it_bills_each_at_the_model_that_ran_it() -> None:
+    """Anthropic's usage.iterations, whole or streamed (its final message_delta's): a compaction's tokens, which
+    the top-level counts leave out, are billed; an advisor's calls and a server-side fallback's declined
+    attempt that wrote something are billed at their own models' prices (parts naming them); an attempt
+    declined before it wrote anything is not billed; the model that wrote the reply is the fallback's."""
+    compacted = {"model": "claude-sonnet-4", "stop_reason": "end_turn", "usage": {
+        "input_tokens": 23000, "output_tokens": 1000, "iterations": [
+            {"type": "compaction", "input_tokens": 180000, "output_tokens": 3500, "cache_read_input_tokens": 0,
+             "cache_creation_input_tokens": 0},
+            {"type": "message", "input_tokens": 23000, "output_tokens": 1000, "cache_read_input_tokens": 0,
+             "cache_creation_input_tokens": 0}]}}
+    fell_back = {"model": "claude-opus-4-8", "asked": "claude-fable-5", "stop_reason": "end_turn", "usage": {
+        "input_tokens": 2, "output_tokens": 13658, "cache_read_input_tokens": 79214, "cache_creation_input_tokens": 0,
+        "iterations": [
+            {"type": "message", "model": "claude-fable-5", "input_tokens": 2, "output_tokens": 0,
+             "cache_read_input_tokens": 70000, "cache_creation_input_tokens": 0},
+            {"type": "message", "model": "claude-fable-5", "input_tokens": 2, "output_tokens": 578,
+             "cache_read_input_tokens": 72769, "cache_creation_input_tokens": 10421,
+             "cache_creation": {"ephemeral_5m_input_tokens": 10421, "ephemeral_1h_input_tokens": 0}},
+            {"type": "fallback_message", "model": "claude-opus-4-8", "input_tokens": 2, "output_tokens": 13658,
+             "cache_read_input_tokens": 79214, "cache_creation_input_tokens": 0}]}}
+    advised = {"model": "claude-sonnet-4", "stop_reason": "end_turn", "usage": {
+        "input_tokens": 1200, "output_tokens": 300, "cache_creation_input_tokens": 500,
+        "cache_creation": {"ephemeral_1h_input_tokens": 500}, "iterations": [
+            {"type": "message", "model": "claude-sonnet-4", "input_tokens": 500, "output_tokens": 100,
+             "cache_read_input_tokens": 0, "cache_creation_input_tokens": 500,
+             "cache_creation": {"ephemeral_1h_input_tokens": 500}},
+            {"type": "advisor_message", "model": "claude-opus-4-8", "input_tokens": 900, "output_tokens": 250,
+             "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+            {"type": "message", "model": "claude-sonnet-4", "input_tokens": 700, "output_tokens": 200,
+             "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}]}}
+    for stream, piece in ((False, 0), (True, 0), (True, 13)):
+        reader = _anthropic_read(compacted, stream, piece)
+        assert _tokens(reader) == (203000, 0, 0, 0, 4500) and reader.found_usage
+        assert [(p.kind, p.model, p.input_tokens, p.output_tokens) for p in reader.tokens.parts] == [
+            ("compaction", "", 180000, 3500), ("message", "", 23000, 1000)]
+        assert closing(200, reader, cut=False).action == "settle"
+        reader = _anthropic_read(fell_back, stream, piece)
+        assert [(p.kind, p.model, p.input_tokens, p.cached_input_tokens, p.cache_write_input_tokens, p.output_tokens)
+                for p in reader.tokens.parts] == [("message", "claude-fable-5", 83192, 72769, 10421, 578),
+                                                  ("fallback_message", "claude-opus-4-8", 79216, 79214, 0, 13658)]
+        assert _tokens(reader) == (83192 + 79216, 72769 + 79214, 10421, 0, 578 + 13658)
+        assert reader.tokens.reply_model == "claude-opus-4-8"
+        reader = _anthropic_read(advised, stream, piece)
+        assert [(p.model, p.cache_write_1h_input_tokens) for p in reader.tokens.parts] == [
+            ("claude-sonnet-4", 500), ("claude-opus-4-8", 0), ("claude-sonnet-4", 0)]
+        assert _tokens(reader) == (2600, 0, 500, 500, 550)
+    # a reply too large to hold is read as it passes: its usage, iterations and stop_reason all the same
+    large = {**fell_back, "content": [{"type": "text", "text": "x" * (5 * 1024 * 1024)}]}
+    assert _tokens(_anthropic_read(large, piece=65536)) == (83192 + 79216, 72769 + 79214, 10421, 0, 578 + 13658)
+    # no iterations: the top-level counts, no parts
+    plain = _anthropic_read({"model": "claude-sonnet-4", "stop_reason": "end_turn",
+                             "usage": {"input_tokens": 12, "output_tokens": 3}})
+    assert (_tokens(plain), plain.tokens.parts) == ((12, 0, 0, 0, 3), ())
+
+
+_COUNT = st.one_of(st.integers(min_value=-5, max_value=10**7), st.none(), st.text(max_size=3), st.floats(0, 10))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.fixed_dictionaries({
+    "type": st.sampled_from(["message", "compaction", "advisor_message", "fallback_message", "other", 7]),
+    "model": st.one_of(st.sampled_from(["", "claude-fable-5", "claude-opus-4-8"]), st.none(), st.integers()),
+    "input_tokens": _COUNT, "output_tokens": _COUNT, "cache_read_input_tokens": _COUNT,
+    "cache_creation_input_tokens": _COUNT,
+    "cache_creation": st.one_of(st.none(), st.fixed_dictionaries({"ephemeral_1h_input_tokens": _COUNT}))}),
+    max_size=8), st.sampled_from(["end_turn", "refusal", "max_tokens"]))
+def test_whatever_iterations_anthropic_sends_the_usage_read_is_one_a_settle_takes(
+        iterations: list[dict[str, Any]], stop: str) -> None:
+    """Any usage.iterations (counts missing, negative, of the wrong type): the parts read are billed parts a
+    Settle accepts (cached and written within each part's input, an hour's writes within its writes), the
+    request's tokens their sums, and a reply that wrote nothing and was refused is billed nothing."""
+    from policyd.domain import UsageReport
+    from policyd.validation import check_usage
+
+    reader = _anthropic_read({"model": "claude-sonnet-4", "stop_reason": stop, "usage": {
+        "input_tokens": 3, "output_tokens": 2, "iterations": iterations}})
+    t = reader.tokens
+    check_usage(UsageReport(request_id="r", **{name: getattr(t, name) for name in (
+        "input_tokens", "cached_input_tokens", "cache_write_input_tokens", "cache_write_1h_input_tokens",
+        "output_tokens")}, parts=t.parts))
+    if iterations:  # the top-level counts stand only without them
+        assert t.input_tokens == sum(p.input_tokens for p in t.parts)
+        assert t.output_tokens == sum(p.output_tokens for p in t.parts)
+    else:
+        assert (t.input_tokens, t.output_tokens, t.parts) == (3, 2, ())
+    assert all(p.output_tokens or p.kind != "message" or stop != "refusal" for p in t.parts)
+    if stop == "refusal" and not t.output_tokens:
+        assert (t.input_tokens, t.parts, reader.found_usage) == (0, (), True)
+
+
+def test_an_anthropic_refusal_before_any_output_is_billed_nothing() -> None:
+    """stop_reason "refusal" with nothing written (Claude's safety classifiers declined the request): Anthropic
+    bills nothing, whatever its input; settled at zero (not estimated from the input). A refusal after some
+    output is billed as reported, and a server-side fallback whose every attempt declined before writing
+    anything is billed nothing either."""
+    refused = {"model": "claude-fable-5", "content": [], "stop_reason": "refusal",
+               "stop_details": {"type": "refusal", "category": "cyber"},
+               "usage": {"input_tokens": 412, "output_tokens": 0, "cache_read_input_tokens": 3000}}
+    for stream, piece in ((False, 0), (True, 0), (True, 9)):
+        reader = _anthropic_read(refused, stream, piece)
+        assert _tokens(reader) == (0, 0, 0, 0, 0) and reader.found_usage
+        assert closing(200, reader, cut=False).action == "settle"
+        late = _anthropic_read({**refused, "usage": {"input_tokens": 412, "output_tokens": 37}}, stream, piece)
+        assert _tokens(late) == (412, 0, 0, 0, 37)
+        chain = _anthropic_read({**refused, "usage": {"input_tokens": 412, "output_tokens": 0, "iterations": [
+            {"type": "message", "model": "claude-fable-5", "input_tokens": 412, "output_tokens": 0,
+             "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+            {"type": "message", "model": "claude-opus-4-8", "input_tokens": 412, "output_tokens": 0,
+             "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}]}}, stream, piece)
+        assert _tokens(chain) == (0, 0, 0, 0, 0) and chain.tokens.parts == () and chain.found_usage
+
+
 def test_text_to_speech_counts_the_characters_and_reads_no_audio() -> None:
     body = json.dumps({"model": "tts-1", "voice": "alloy", "input": "héllo wörld"}).encode()
     call = parse_call("POST", "/v1/audio/speech", {"authorization": "Bearer k"}, body)

@@ -17,7 +17,7 @@ from policyd.counters import CLOSED_FIELDS, CLOSED_RECORD_FIELDS
 from policyd.db import LedgerEntryRow
 from policyd.domain import AuthorizeInput, PolicydError
 from policyd.engine import next_attempt_id
-from policyd.money import format_amount, parse_amount, price_quantity
+from policyd.money import apply_basis_points, format_amount, parse_amount, price_quantity
 from policyd.pricing import input_estimate
 from policyd.server import Service
 from tests.conftest import SAMPLE_POLICY, make_settings
@@ -1714,6 +1714,128 @@ async def test_a_reply_from_another_model_than_the_one_sent_is_priced_as_the_mod
     assert served == {"fell-back": "gpt-4o", "snapshot": "gpt-4o-mini", "house": "house-mini", "estimated": "gpt-4o",
                       "other-provider": "gpt-4o-mini", "alias-resolved": "gpt-4o-mini"}
     assert (await service.admin.audit()).ok
+
+
+async def test_a_replys_parts_are_priced_each_at_the_model_that_ran_it(service: Service) -> None:
+    """A reply holding several models' work (Anthropic's usage.iterations: a server-side fallback's declined
+    attempt, an advisor's calls, a compaction) bills each part at its own model's prices, a long-context
+    tier by the part's own input; the record holds the parts' sums, the model that wrote the reply, and the
+    other models' costs, which reconciliation sets under each. A part naming a dated snapshot is its model's;
+    one naming a model the table does not price is at the served model's, marked. Parts that do not add up
+    to the token fields given, or hold what parts cannot, are refused and move no money; a retried Settle
+    with the same parts is charged once."""
+    from policyd.domain import UsagePart
+
+    document = yaml.safe_load((await service.admin.book.version(1)).canonical)
+    models = document["price_table"]["models"]
+    models["claude-fable-5"] = {"provider": "anthropic", "tier": "premium", "input": "10.00", "cached_input": "1.00",
+                                "cache_write_input": "12.50", "output": "50.00"}
+    models["claude-opus-4-8"] = {"provider": "anthropic", "tier": "premium", "input": "5.00", "cached_input": "0.50",
+                                 "cache_write_input": "6.25", "output": "25.00", "long_context_above": 200000,
+                                 "long_context": {"input": "10.00", "cached_input": "1.00",
+                                                  "cache_write_input": "12.50", "output": "37.50"}}
+    await service.admin.apply_policy(yaml.safe_dump(document), "fable.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "100")
+    for rid in ("fell-back", "compacted", "unpriced", "bad-sum", "bad-audio", "bad-part"):
+        model = "claude-fable-5" if rid == "fell-back" else "claude-opus-4-8"
+        await service.engine.authorize(ask(secret, model=model, max_output_tokens=20000, request_id=rid,
+                                           endpoint="anthropic_messages"))
+    declined = UsagePart("message", "claude-fable-5-20260601", 83192, 72769, 10421, 0, 578)
+    served = UsagePart("fallback_message", "claude-opus-4-8", 79216, 79214, 0, 0, 13658)
+    fable = price_quantity(2, parse_amount("10.00")) + price_quantity(72769, parse_amount("1.00")) \
+        + price_quantity(10421, parse_amount("12.50")) + price_quantity(578, parse_amount("50.00"))
+    opus = price_quantity(2, parse_amount("5.00")) + price_quantity(79214, parse_amount("0.50")) \
+        + price_quantity(13658, parse_amount("25.00"))
+    settled = await service.engine.settle(usage("fell-back", 0, 0, reply_model="claude-opus-4-8",
+                                                parts=(declined, served)))
+    assert (settled.cost, settled.served_model) == (fable + opus, "claude-opus-4-8")
+    assert settled.charge == apply_basis_points(fable, 12_000) + apply_basis_points(opus, 12_000)  # part by part
+    again = await service.engine.settle(usage("fell-back", 0, 0, reply_model="claude-opus-4-8", parts=(declined, served)))
+    assert (again.outcome, again.charge) == ("exists", settled.charge)
+    # a compaction (no model: the served one's) past the long-context threshold, its reply's part below it
+    compaction, reply = UsagePart("compaction", "", 210000, 0, 0, 0, 3500), UsagePart("message", "", 23000, 0, 0, 0, 1000)
+    compacted = await service.engine.settle(usage("compacted", 233000, 4500, parts=(compaction, reply)))
+    assert compacted.cost == price_quantity(210000, parse_amount("10.00")) + price_quantity(3500, parse_amount("37.50")) \
+        + price_quantity(23000, parse_amount("5.00")) + price_quantity(1000, parse_amount("25.00"))
+    odd = await service.engine.settle(usage("unpriced", 0, 0, parts=(UsagePart("advisor_message", "claude-mystery-9",
+                                                                               100, 0, 0, 0, 10),)))
+    assert odd.cost == price_quantity(100, parse_amount("5.00")) + price_quantity(10, parse_amount("25.00"))
+    balance = await service.counters.wallet("acme")
+    for rid, report, field in (
+            ("bad-sum", usage("bad-sum", 5, 0, parts=(UsagePart("message", "", 4, 0, 0, 0, 0),)), "input_tokens"),
+            ("bad-audio", usage("bad-audio", 0, 0, audio_input_tokens=1, parts=(reply,)), "audio_input_tokens"),
+            ("bad-part", usage("bad-part", 0, 0, parts=(UsagePart("message", "", 4, 5, 0, 0, 0),)), "parts")):
+        with pytest.raises(PolicydError) as refused:
+            await service.engine.settle(report)
+        assert (refused.value.reason, field in str(refused.value) or field == "parts") == ("invalid_usage", True), rid
+    assert await service.counters.wallet("acme") == balance  # refused: no money moved
+    await service.writer.drain()
+    record = service.store.usage_record("fell-back")
+    assert (record.served_model, record.input_tokens, record.cached_input_tokens, record.cache_write_input_tokens,
+            record.output_tokens, record.cost_nanos) == ("claude-opus-4-8", 162408, 151983, 10421, 14236, fable + opus)
+    assert (record.other_models, record.other_models_cost_nanos) == ({"claude-fable-5": [fable, 83192 + 578]}, fable)
+    assert (record.fallback_reason, service.store.usage_record("compacted").fallback_reason) == ("provider_fallback", "")
+    assert service.store.usage_record("unpriced").error_class == "part_model_unpriced"
+    assert service.store.usage_record("compacted").error_class == ""
+    assert (await service.admin.audit()).ok
+    # reconciled per model: the declined attempt under the model that ran it, as the provider bills it
+    day = __import__("time").strftime("%Y-%m-%d", __import__("time").gmtime(record.created_ms // 1000))
+    export = "\n".join(["date,model,amount", f"{day},claude-fable-5,{format_amount(fable)}",
+                        f"{day},claude-opus-4-8,{format_amount(opus + compacted.cost + odd.cost)}"])
+    result = await service.admin.reconcile("anthropic", export.encode())
+    assert {(c.model, c.status) for c in result.comparisons} == {("claude-fable-5", "matched"),
+                                                                  ("claude-opus-4-8", "matched")}, result.comparisons
+
+
+async def test_other_models_a_request_names_must_be_allowed_and_are_held_for(service: Service) -> None:
+    """Anthropic's server-side fallbacks and its advisor tool name other models the provider runs and bills:
+    each must be one the key may use (else refused, naming the field, nothing held), and the hold covers them
+    (each fallback the whole request again; each advisor call the conversation and its advice, for the calls
+    its max_uses allows, the plan's default_max_tool_calls set in the tool when it gives none)."""
+    from policyd.domain import Shape
+
+    document = yaml.safe_load((await service.admin.book.version(1)).canonical)
+    document["price_table"]["models"]["claude-opus-4-8"] = {"provider": "anthropic", "tier": "premium", "input": "5.00",
+                                                            "output": "25.00", "max_output_tokens": 32000}
+    document["price_table"]["models"]["claude-haiku-4-5"] = {"provider": "anthropic", "tier": "low-cost",
+                                                             "input": "1.00", "output": "5.00"}
+    await service.admin.apply_policy(yaml.safe_dump(document), "others.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "100")
+
+    def asked(rid: str, **shape: Any) -> AuthorizeInput:
+        request = ask(secret, model="claude-haiku-4-5", request_id=rid, endpoint="anthropic_messages",
+                      input_tokens=1000, max_output_tokens=200)
+        return replace(request, shape=replace(request.shape, **shape))
+
+    alone = await service.engine.authorize(asked("alone"))
+    one = price_quantity(1000, parse_amount("1.00")) + price_quantity(200, parse_amount("5.00"))
+    assert alone.reserved == apply_basis_points(one, 12_000)
+    fell = await service.engine.authorize(asked("fallback", fallback_models=("claude-opus-4-8",)))
+    opus = price_quantity(1000, parse_amount("5.00")) + price_quantity(200, parse_amount("25.00"))
+    assert fell.reserved == apply_basis_points(one, 12_000) + apply_basis_points(opus, 12_000)
+    advised = await service.engine.authorize(asked("advisor", advisor_model="claude-opus-4-8", advisor_calls=2,
+                                                   advisor_max_tokens=700))
+    advice = price_quantity(2 * 1200, parse_amount("5.00")) + price_quantity(2 * 700, parse_amount("25.00"))
+    assert advised.reserved == apply_basis_points(one, 12_000) + apply_basis_points(advice, 12_000)
+    unbounded = await service.engine.authorize(asked("advisor-unbounded", advisor_model="claude-opus-4-8"))
+    calls = 10  # the plan's default_max_tool_calls, set in the tool as its max_uses
+    advice = price_quantity(calls * 1200, parse_amount("5.00")) + price_quantity(calls * 32000, parse_amount("25.00"))
+    assert (unbounded.reserved, unbounded.max_tool_calls) == (apply_basis_points(one, 12_000)
+                                                              + apply_basis_points(advice, 12_000), calls)
+    # a key of a plan without the premium tier may not have them run for it
+    _, low = await new_key(service, customer="thrifty", plan="free")
+    await fund(service, "thrifty", "100")
+    for rid, shape, param in (("free-fallback", {"fallback_models": ("claude-opus-4-8",)}, "fallbacks"),
+                              ("free-advisor", {"advisor_model": "claude-opus-4-8"}, "tools")):
+        request = ask(low, model="gpt-4o-mini", request_id=rid, input_tokens=10)  # (the free plan's endpoint)
+        denied = await service.engine.authorize(replace(request, shape=replace(request.shape, **shape)))
+        assert (denied.decision, denied.reason, denied.error_param, denied.reserved) == (
+            "deny", "model_not_allowed", param, 0)
+    unknown = await service.engine.authorize(asked("unknown", fallback_models=("claude-mystery-9",)))
+    assert (unknown.decision, unknown.reason, unknown.error_param) == ("deny", "unknown_model", "fallbacks")
+    assert Shape().fallback_models == ()
 
 
 async def test_a_cut_stream_is_charged_the_input_the_provider_reported_and_the_output_delivered(service: Service) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
@@ -195,7 +195,11 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     document_bytes=attribution.pop("document_bytes", 0),
                                     document_tokens_max=attribution.pop("document_tokens_max", 0),
                                     least_output_cap=attribution.pop("least_output_cap", 0),
-                                    search_context_size=attribution.pop("search_context_size", ""))
+                                    search_context_size=attribution.pop("search_context_size", ""),
+                                    fallback_models=list(attribution.pop("fallback_models", ())),
+                                    advisor_model=attribution.pop("advisor_model", ""),
+                                    advisor_calls=attribution.pop("advisor_calls", 0),
+                                    advisor_max_tokens=attribution.pop("advisor_max_tokens", 0))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
@@ -218,6 +222,9 @@ def _settle_request(request_id: str, input_tokens: int, output_tokens: int, cach
     """`extra` holds further Usage fields (images, cache_write_input_tokens, ...) and SettleRequest fields
     (served_model, upstream_status, stream_interrupted, usage_estimated, ...)."""
     usage = {name: extra.pop(name) for name in list(extra) if name in _USAGE_FIELDS}
+    if usage.get("parts"):  # UsagePart messages, or their fields (a dict, a dataclass)
+        usage["parts"] = [p if isinstance(p, policy_pb2.UsagePart) else policy_pb2.UsagePart(
+            **(p if isinstance(p, dict) else asdict(p))) for p in usage["parts"]]
     return policy_pb2.SettleRequest(request_id=request_id, usage=policy_pb2.Usage(
         input_tokens=input_tokens, output_tokens=output_tokens, cached_input_tokens=cached_input_tokens, **usage),
         **extra)

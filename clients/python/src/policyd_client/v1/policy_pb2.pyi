@@ -261,7 +261,7 @@ class LimitState(_message.Message):
     def __init__(self, name: _Optional[str] = ..., scope: _Optional[str] = ..., window: _Optional[str] = ..., unit: _Optional[str] = ..., limit: _Optional[int] = ..., used: _Optional[int] = ..., resets_unix: _Optional[int] = ...) -> None: ...
 
 class RequestShape(_message.Message):
-    __slots__ = ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds", "stream", "choices", "web_searches", "service_tier", "unseen_input", "audio_bytes", "cache_write", "audio_output", "file_searches", "unbounded_web_search_tools", "unbounded_file_search", "image_model", "image_generation_calls", "partial_images", "containers", "container_memory", "image_scale", "maps_grounding", "image_model_default", "service_tier_implied", "output_cap_fixed", "output_cap_param", "documents", "document_bytes", "document_tokens_max", "least_output_cap", "search_context_size")
+    __slots__ = ("input_tokens", "prompt_bytes", "message_count", "max_output_tokens", "image_count", "seconds", "stream", "choices", "web_searches", "service_tier", "unseen_input", "audio_bytes", "cache_write", "audio_output", "file_searches", "unbounded_web_search_tools", "unbounded_file_search", "image_model", "image_generation_calls", "partial_images", "containers", "container_memory", "image_scale", "maps_grounding", "image_model_default", "service_tier_implied", "output_cap_fixed", "output_cap_param", "documents", "document_bytes", "document_tokens_max", "least_output_cap", "search_context_size", "fallback_models", "advisor_model", "advisor_calls", "advisor_max_tokens")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +295,10 @@ class RequestShape(_message.Message):
     DOCUMENT_TOKENS_MAX_FIELD_NUMBER: _ClassVar[int]
     LEAST_OUTPUT_CAP_FIELD_NUMBER: _ClassVar[int]
     SEARCH_CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_MODELS_FIELD_NUMBER: _ClassVar[int]
+    ADVISOR_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADVISOR_CALLS_FIELD_NUMBER: _ClassVar[int]
+    ADVISOR_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     prompt_bytes: int
     message_count: int
@@ -328,7 +332,11 @@ class RequestShape(_message.Message):
     document_tokens_max: int
     least_output_cap: int
     search_context_size: str
-    def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ..., choices: _Optional[int] = ..., web_searches: _Optional[int] = ..., service_tier: _Optional[str] = ..., unseen_input: _Optional[bool] = ..., audio_bytes: _Optional[int] = ..., cache_write: _Optional[str] = ..., audio_output: _Optional[bool] = ..., file_searches: _Optional[int] = ..., unbounded_web_search_tools: _Optional[int] = ..., unbounded_file_search: _Optional[bool] = ..., image_model: _Optional[str] = ..., image_generation_calls: _Optional[int] = ..., partial_images: _Optional[int] = ..., containers: _Optional[int] = ..., container_memory: _Optional[str] = ..., image_scale: _Optional[int] = ..., maps_grounding: _Optional[bool] = ..., image_model_default: _Optional[bool] = ..., service_tier_implied: _Optional[bool] = ..., output_cap_fixed: _Optional[bool] = ..., output_cap_param: _Optional[str] = ..., documents: _Optional[int] = ..., document_bytes: _Optional[int] = ..., document_tokens_max: _Optional[int] = ..., least_output_cap: _Optional[int] = ..., search_context_size: _Optional[str] = ...) -> None: ...
+    fallback_models: _containers.RepeatedScalarFieldContainer[str]
+    advisor_model: str
+    advisor_calls: int
+    advisor_max_tokens: int
+    def __init__(self, input_tokens: _Optional[int] = ..., prompt_bytes: _Optional[int] = ..., message_count: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., image_count: _Optional[int] = ..., seconds: _Optional[int] = ..., stream: _Optional[bool] = ..., choices: _Optional[int] = ..., web_searches: _Optional[int] = ..., service_tier: _Optional[str] = ..., unseen_input: _Optional[bool] = ..., audio_bytes: _Optional[int] = ..., cache_write: _Optional[str] = ..., audio_output: _Optional[bool] = ..., file_searches: _Optional[int] = ..., unbounded_web_search_tools: _Optional[int] = ..., unbounded_file_search: _Optional[bool] = ..., image_model: _Optional[str] = ..., image_generation_calls: _Optional[int] = ..., partial_images: _Optional[int] = ..., containers: _Optional[int] = ..., container_memory: _Optional[str] = ..., image_scale: _Optional[int] = ..., maps_grounding: _Optional[bool] = ..., image_model_default: _Optional[bool] = ..., service_tier_implied: _Optional[bool] = ..., output_cap_fixed: _Optional[bool] = ..., output_cap_param: _Optional[str] = ..., documents: _Optional[int] = ..., document_bytes: _Optional[int] = ..., document_tokens_max: _Optional[int] = ..., least_output_cap: _Optional[int] = ..., search_context_size: _Optional[str] = ..., fallback_models: _Optional[_Iterable[str]] = ..., advisor_model: _Optional[str] = ..., advisor_calls: _Optional[int] = ..., advisor_max_tokens: _Optional[int] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("api_key", "endpoint", "model", "attribution", "shape", "client", "problem", "count_tokens", "stored_response_id", "previous_response_id", "creates", "conversation_id", "file_ids", "charge_held_on_expiry", "call_token", "creates_at", "thread_budget", "max_charge")
@@ -435,7 +443,7 @@ class RateLimit(_message.Message):
     def __init__(self, unit: _Optional[str] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., resets_unix_ms: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("input_tokens", "cached_input_tokens", "output_tokens", "images", "seconds", "requests", "cache_write_input_tokens", "web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens", "file_searches", "image_input_tokens", "image_generation_calls", "image_generation_input_tokens", "image_generation_cached_input_tokens", "image_generation_image_input_tokens", "image_generation_output_tokens", "image_output_tokens", "containers", "maps_groundings", "search_units", "search_context_size", "reasoning_output_tokens", "cache_storage_token_seconds")
+    __slots__ = ("input_tokens", "cached_input_tokens", "output_tokens", "images", "seconds", "requests", "cache_write_input_tokens", "web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens", "file_searches", "image_input_tokens", "image_generation_calls", "image_generation_input_tokens", "image_generation_cached_input_tokens", "image_generation_image_input_tokens", "image_generation_output_tokens", "image_output_tokens", "containers", "maps_groundings", "search_units", "search_context_size", "reasoning_output_tokens", "cache_storage_token_seconds", "parts")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -461,6 +469,7 @@ class Usage(_message.Message):
     SEARCH_CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
     REASONING_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHE_STORAGE_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
@@ -486,7 +495,26 @@ class Usage(_message.Message):
     search_context_size: str
     reasoning_output_tokens: int
     cache_storage_token_seconds: int
-    def __init__(self, input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ..., requests: _Optional[int] = ..., cache_write_input_tokens: _Optional[int] = ..., web_searches: _Optional[int] = ..., audio_input_tokens: _Optional[int] = ..., audio_output_tokens: _Optional[int] = ..., cache_write_1h_input_tokens: _Optional[int] = ..., file_searches: _Optional[int] = ..., image_input_tokens: _Optional[int] = ..., image_generation_calls: _Optional[int] = ..., image_generation_input_tokens: _Optional[int] = ..., image_generation_cached_input_tokens: _Optional[int] = ..., image_generation_image_input_tokens: _Optional[int] = ..., image_generation_output_tokens: _Optional[int] = ..., image_output_tokens: _Optional[int] = ..., containers: _Optional[int] = ..., maps_groundings: _Optional[int] = ..., search_units: _Optional[int] = ..., search_context_size: _Optional[str] = ..., reasoning_output_tokens: _Optional[int] = ..., cache_storage_token_seconds: _Optional[int] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[UsagePart]
+    def __init__(self, input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ..., requests: _Optional[int] = ..., cache_write_input_tokens: _Optional[int] = ..., web_searches: _Optional[int] = ..., audio_input_tokens: _Optional[int] = ..., audio_output_tokens: _Optional[int] = ..., cache_write_1h_input_tokens: _Optional[int] = ..., file_searches: _Optional[int] = ..., image_input_tokens: _Optional[int] = ..., image_generation_calls: _Optional[int] = ..., image_generation_input_tokens: _Optional[int] = ..., image_generation_cached_input_tokens: _Optional[int] = ..., image_generation_image_input_tokens: _Optional[int] = ..., image_generation_output_tokens: _Optional[int] = ..., image_output_tokens: _Optional[int] = ..., containers: _Optional[int] = ..., maps_groundings: _Optional[int] = ..., search_units: _Optional[int] = ..., search_context_size: _Optional[str] = ..., reasoning_output_tokens: _Optional[int] = ..., cache_storage_token_seconds: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[UsagePart, _Mapping]]] = ...) -> None: ...
+
+class UsagePart(_message.Message):
+    __slots__ = ("kind", "model", "input_tokens", "cached_input_tokens", "cache_write_input_tokens", "cache_write_1h_input_tokens", "output_tokens")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_WRITE_1H_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    model: str
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_input_tokens: int
+    cache_write_1h_input_tokens: int
+    output_tokens: int
+    def __init__(self, kind: _Optional[str] = ..., model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., cache_write_input_tokens: _Optional[int] = ..., cache_write_1h_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
 
 class SettleRequest(_message.Message):
     __slots__ = ("request_id", "usage", "served_model", "provider", "retries", "fallback_reason", "upstream_status", "error_class", "latency_ms", "stream_interrupted", "provider_account", "usage_estimated", "service_tier", "provider_response_id", "output_as_held", "reply_model", "provider_file_ids")
