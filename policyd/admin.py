@@ -536,8 +536,8 @@ class Admin:
                            reason: str = "", **named: str) -> tuple[limit_resets.Target, list[limit_resets.Reset]]:
         """Forgive what the current window of each limit binding an owner (limit_resets.py) has counted of its
         settled requests: it is served again at once; requests in flight keep their holds. `named`: at most one
-        of key_id, workspace_id, project_id, team_id, end_user_id, feature, model, thread_id (none: the
-        customer); `unit`, `window`, `name` narrow it. Each reset is kept for the audit and a rebuild. The owner
+        of key_id, workspace_id, project_id, team_id, end_user_id, feature, model, thread_id, tag ("<tag>=<value>";
+        none: the customer); `unit`, `window`, `name` narrow it. Each reset is kept for the audit and a rebuild. The owner
         reset (a key's customer found), and each limit's reset."""
         try:
             target = limit_resets.target(customer_id, **named)
@@ -633,13 +633,14 @@ class Admin:
         found: dict[str, _BucketBinding] = {}
         if policy is None:
             return found
-        partition, owner = self.counters.partition_of(target.customer_id), target.bucket_id()
+        partition = self.counters.partition_of(target.customer_id)
         for key in keys:
             plan = policy.plan(key.plan)
             if plan is None or not target.binds(key):
                 continue
             for limit in key_limits.effective(plan.limits, key_record(key).limits + own, policy.document.timezone, at):
-                if limit.scope != target.scope:
+                owner = target.bucket_id(limit) if limit.scope == target.scope else ""
+                if not owner:
                     continue
                 hold, current = quotas.hold_for(limit, partition, owner, at // 1000, 0, Quantities())
                 binding = found.setdefault(hold.key, _BucketBinding(current))

@@ -68,7 +68,8 @@ class Seeding:
     @property
     def scope(self) -> str:
         """The records' column its buckets are named by (store.SCOPE_COLUMNS); "all" for a cap's one bucket."""
-        return "all" if isinstance(self.limit, Cap) else self.limit.scope
+        return "all" if isinstance(self.limit, Cap) else quotas.TAG_SCOPE + self.limit.tag \
+            if self.limit.scope == "tag" else self.limit.scope
 
     def binds(self, model: str, provider: str) -> bool:
         """Whether a request served on this model by this provider counts in the limit's buckets."""
@@ -79,13 +80,18 @@ class Seeding:
         return self.limit.binds(model, tier)
 
     def bucket(self, counters: Counters, customer_id: str, owner: str) -> tuple[str, int | None]:
-        """The bucket key of the limit's window for this customer and owner (its scope's id), and its partition
-        (None: a cap's, no partition's)."""
+        """The bucket key of the limit's window for this customer and owner (its scope's id; a tag's value), and its
+        partition (None: a cap's, no partition's); "" for an owner the limit does not bind (a value of its tag it
+        does not list)."""
         if isinstance(self.limit, Cap):
             return quotas.cap_hold(self.limit, self.at_s, 0, 0, Quantities())[0].key, None
         partition = counters.partition_of(customer_id)
         named = {_ID_ARGUMENTS[self.limit.scope]: owner} if self.limit.scope in _ID_ARGUMENTS else {}
-        scope_id = quotas.scope_ids(customer_id, owner if self.limit.scope == "key" else "", **named)[self.limit.scope]
+        ids = quotas.scope_ids(customer_id, owner if self.limit.scope == "key" else "", **named,
+                               tags={self.limit.tag: owner} if self.limit.scope == "tag" else None)
+        scope_id = quotas.limit_scope_id(self.limit, ids)
+        if not scope_id:
+            return "", partition
         return quotas.hold_for(self.limit, partition, scope_id, self.at_s, 0, Quantities())[0].key, partition
 
 
@@ -99,7 +105,8 @@ def shape(limit: Limit) -> tuple[object, ...]:
     the same buckets (a cap's: its name)."""
     if isinstance(limit, Cap):
         return "cap", limit.name, limit.unit, quotas.window_spec(limit)
-    return limit.scope, limit.unit, quotas.window_spec(limit), tuple(sorted(set(limit.models)))
+    return limit.scope, limit.unit, quotas.window_spec(limit), tuple(sorted(set(limit.models))), limit.tag, \
+        tuple(sorted(set(limit.tag_values)))
 
 
 def _plan_shapes(policy: Policy, plan: str) -> set[tuple[object, ...]]:
@@ -187,7 +194,7 @@ async def _run(counters: Counters, store: Store, seedings: list[Seeding], since_
                 await _not_counted(counters, store, seeding, since, until)
             for (customer, owner), amount in sums.items():
                 key, partition = seeding.bucket(counters, customer, owner)
-                ttl = remaining_ttl(key, now_s)
+                ttl = remaining_ttl(key, now_s) if key else None
                 if ttl is None:
                     continue
                 if first and await counters.seed_bucket(key, amount, ttl, partition) is None:
@@ -228,7 +235,8 @@ async def _not_counted(counters: Counters, store: Store, seeding: Seeding, since
                                        **_narrowing(seeding))
     sums: dict[tuple[str, str], int] = {}
     for customer, owner, model, provider, amount, held_in in requests:
-        if seeding.binds(model, provider) and seeding.bucket(counters, customer, owner)[0] not in held_in:
+        bucket = seeding.bucket(counters, customer, owner)[0]
+        if bucket and seeding.binds(model, provider) and bucket not in held_in:
             sums[(customer, owner)] = sums.get((customer, owner), 0) + amount
     return {owner: amount for owner, amount in sorted(sums.items()) if amount > 0}
 

@@ -437,7 +437,8 @@ def _limits(args: argparse.Namespace) -> int:
         reset = stub.ResetLimits(admin_pb2.ResetLimitsRequest(
             customer_id=args.customer, key_id=args.key, workspace_id=args.workspace, project_id=args.project,
             team_id=args.team, end_user_id=args.end_user, feature=args.feature, model=args.model,
-            thread_id=args.thread, unit=args.unit, window=args.window, name=args.name, reason=args.reason),
+            thread_id=args.thread, tag=args.tag, unit=args.unit, window=args.window, name=args.name,
+            reason=args.reason),
             metadata=md)
         whose = reset.customer_id + (f" {reset.scope} {reset.owner_id}" if reset.owner_id else "")
         _print(args, reset, f"{whose}: " + "; ".join(
@@ -840,6 +841,8 @@ def parser() -> argparse.ArgumentParser:
                        ("--end-user", "end user"), ("--feature", "feature"), ("--model", "model"),
                        ("--thread", "thread")):
         one_of.add_argument(flag, default="", help=f"this {what} of the customer's, not the whole customer")
+    one_of.add_argument("--tag", default="", metavar="TAG=VALUE",
+                        help="this value of a tag limits of scope tag count apart, not the whole customer")
     reset.add_argument("--unit", default="", choices=["", "money", "cost", "tokens", "requests"],
                        help="only the limits of this unit")
     reset.add_argument("--window", default="", choices=["", "minute", "hour", "day", "month", "total"],

@@ -64,7 +64,7 @@ from policyd.pricing import (AUDIO_TOKENS_PER_SECOND, PARTIAL_IMAGE_OUTPUT_TOKEN
                              audio_seconds_likely, billing_of, charge_of, cost_of, estimate_input_tokens,
                              image_generation_quantities, input_estimate, rerank_search_units,
                              rerank_search_units_likely)
-from policyd.quotas import amount_for, bucket_states, cap_hold, hold_for, limit_reason, scope_ids
+from policyd.quotas import amount_for, bucket_states, cap_hold, hold_for, limit_reason, limit_scope_id, scope_ids
 from policyd.usage_capture import Tokens
 from policyd.reasons import MESSAGES
 from policyd.store import KeyRecord, Store
@@ -1155,13 +1155,13 @@ class Engine:
         partition = self.counters.partition_of(owner.customer_id)
         a = request.attribution
         buckets = scope_ids(owner.customer_id, owner.api_key_id, owner.workspace_id, owner.project_id, owner.team_id,
-                            a.feature, model, a.thread_id, a.end_user_id)
+                            a.feature, model, a.thread_id, a.end_user_id, a.tags)
         holds: list[BucketHold] = []
         by_label: dict[str, tuple[Limit, int]] = {}
         for limit in key_limits.with_thread_budget(key_limits.effective(plan.limits, own_limits,
                                                                         policy.document.timezone, at),
                                                    request.thread_budget):
-            scope_id = buckets[limit.scope]
+            scope_id = buckets[limit.scope] if limit.scope != "tag" else limit_scope_id(limit, buckets)
             if not scope_id or limit.label == skip_label or not limit.binds(model, price.tier):
                 continue  # a thread limit binds requests that name a thread; one on some models, those served on them
             hold, window = hold_for(limit, partition, scope_id, at // 1000, charge, quantities, cost)

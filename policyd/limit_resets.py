@@ -20,6 +20,7 @@ would each forgive the same requests, the second taking the holds of requests in
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from policyd import quotas
@@ -28,7 +29,8 @@ from policyd.policy import Limit
 
 # an owner scope a reset may name (the field of its call), in the order a call's fields are read
 NAMED_SCOPES = (("key", "key_id"), ("workspace", "workspace_id"), ("project", "project_id"), ("team", "team_id"),
-                ("end_user", "end_user_id"), ("feature", "feature"), ("model", "model"), ("thread", "thread_id"))
+                ("end_user", "end_user_id"), ("feature", "feature"), ("model", "model"), ("thread", "thread_id"),
+                ("tag", "tag"))
 REASON_LENGTH_MAX = 512
 CLAIM_SECONDS = 120  # one reset of a customer's limits at a time: the claim lasts at most this, should its maker die
 NAMED_ID_LENGTH_MAX = 256  # an end user's, feature's, model's or thread's id, as requests name them
@@ -54,8 +56,12 @@ class Target:
         own = {"key": key.id, "workspace": key.workspace_id, "project": key.project_id, "team": key.team_id}
         return self.scope not in own or own[self.scope] == self.owner_id
 
-    def bucket_id(self) -> str:
-        """The id its buckets are counted under (quotas.scope_ids)."""
+    def bucket_id(self, limit: Limit) -> str:
+        """The id a limit of its scope counts its requests under (quotas.scope_ids); "" for one that does not bind
+        them (a tag's limit of another tag, or of values not its)."""
+        if self.scope == "tag":
+            tag, _, value = self.owner_id.partition("=")
+            return quotas.limit_scope_id(limit, quotas.scope_ids(self.customer_id, "", tags={tag: value}))
         named = {dict(NAMED_SCOPES)[self.scope]: self.owner_id} if self.scope != "customer" else {}
         return quotas.scope_ids(**{"customer_id": self.customer_id, "key_id": "", **named})[self.scope]
 
@@ -70,6 +76,8 @@ def target(customer_id: str, **named: str) -> Target:
     scope, owner_id = given[0] if given else ("customer", "")
     if not customer_id and scope != "key":
         raise ValueError("customer_id is required (or a key_id)")
+    if scope == "tag" and not re.match(r"^[A-Za-z0-9_.-]+=.", owner_id):
+        raise ValueError("tag names a tag and its value: <tag>=<value>")
     return Target(customer_id, scope, owner_id)
 
 

@@ -7,6 +7,7 @@ it: a customer's figures are its charges, tokens and counts.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,7 +16,9 @@ from zoneinfo import ZoneInfo
 if TYPE_CHECKING:  # the HTTP API reads this module's bounds without loading SQL's
     from policyd.store import Store
 
-# the dimensions a customer may group by: its own (its customer, the operator's routes and providers are not)
+# the dimensions a customer may group by: its own (its customer, the operator's routes and providers are not), and
+# the values of one of its requests' tags ("tag:product")
+TAG_DIMENSION = re.compile(r"^tag:[A-Za-z0-9_.-]{1,64}$")
 DIMENSIONS = ("workspace", "project", "team", "key", "environment", "feature", "thread", "end_user", "model",
               "requested_model", "decision", "status", "reason")
 BUCKETS = ("hour", "day", "month")
@@ -70,9 +73,9 @@ def window(since_ms: int | None, until_ms: int | None) -> tuple[int, int]:
 def problem(group_by: list[str], since_ms: int, until_ms: int, bucket: str, zone_name: str = ""
             ) -> tuple[str, str] | None:
     """What is wrong with a summary asked for (its message, and the parameter), None when nothing is."""
-    unknown = [d for d in group_by if d not in DIMENSIONS]
+    unknown = [d for d in group_by if d not in DIMENSIONS and not TAG_DIMENSION.match(d)]
     if unknown or len(group_by) > GROUP_BY_MAX or len(set(group_by)) < len(group_by):
-        return (f"group_by is up to {GROUP_BY_MAX} of {', '.join(DIMENSIONS)}, each once", "group_by")
+        return (f"group_by is up to {GROUP_BY_MAX} of {', '.join(DIMENSIONS)}, tag:<name>, each once", "group_by")
     if bucket and bucket not in BUCKETS:
         return (f"bucket is one of {', '.join(BUCKETS)}", "bucket")
     if not 0 <= since_ms < until_ms or until_ms - since_ms > WINDOW_MS_MAX:

@@ -29,6 +29,8 @@ ENDPOINT_NAMES = ENDPOINTS
 POLICY_BYTES_MAX = 1_000_000
 LIMITS_PER_PLAN_MAX = 32
 LIMIT_MODELS_MAX = 8  # the model patterns one limit names
+LIMIT_TAG_LENGTH_MAX = 64  # the name of the tag a limit of scope tag counts by
+LIMIT_TAG_VALUES_MAX = 64  # ... and the values it binds
 LIMIT_NAME_LENGTH_MAX = 320
 BALANCE_ALERTS_MAX = 8
 
@@ -321,7 +323,12 @@ class Limit(_Strict):
     # a key's or owner's limit on some models is named for them (key_limits._limit): longer than a plan's need be
     name: str = Field("", max_length=LIMIT_NAME_LENGTH_MAX)
     # each counted within one customer: a limit of a plan binds each of its customers apart
-    scope: Literal["key", "customer", "workspace", "project", "team", "feature", "model", "thread", "end_user"]
+    scope: Literal["key", "customer", "workspace", "project", "team", "feature", "model", "thread", "end_user", "tag"]
+    # scope tag: the request tag (x-policyd-tag-<name>, Attribution.tags) each value of which counts apart (a cost
+    # center, a product, a tenant of the customer's own), and the values it binds (() = every value); a request
+    # without that tag, or with a value not listed, is not bound
+    tag: str = Field("", max_length=LIMIT_TAG_LENGTH_MAX, pattern=r"^[A-Za-z0-9_.-]*$")
+    tag_values: tuple[str, ...] = Field((), max_length=LIMIT_TAG_VALUES_MAX)
     window: Literal["minute", "hour", "day", "month", "total"]
     # days and months from local midnight in this IANA time zone ("" = UTC); the policy's `timezone` by default
     timezone: str = Field("", max_length=64)
@@ -377,6 +384,10 @@ class Limit(_Strict):
             raise ValueError("rollover carries what an hour, a day or a month leaves unused into the next")
         if self.rollover_max and not self.rollover or self.rollover_max < 0:
             raise ValueError("rollover_max bounds what rollover carries (0: one window's limit)")
+        if (self.scope == "tag") != bool(self.tag):
+            raise ValueError("scope tag names its tag (tag: <name>), and only it does")
+        if self.tag_values and not self.tag or not all(0 < len(v) <= 256 for v in self.tag_values):
+            raise ValueError("tag_values are values of the limit's tag (1-256 characters each)")
         _time_zone_name(self.timezone)
         return self
 
@@ -386,7 +397,7 @@ class Limit(_Strict):
 
     @property
     def label(self) -> str:
-        return self.name or f"{self.scope}:{self.unit}:{self.window}"
+        return self.name or f"{self.scope}:{self.tag + ':' if self.tag else ''}{self.unit}:{self.window}"
 
 
 class Cap(Limit):
@@ -779,12 +790,15 @@ def canonical_text(document: PolicyDocument) -> str:
         del data["caps"]
     for plan in data["plans"].values():  # so too plans' limits on every model and for good, as they read before
         for limit in plan["limits"]:
-            for name in ("models", "until_unix_ms"):
+            for name in ("models", "until_unix_ms", "tag", "tag_values"):
                 if not limit[name]:
                     del limit[name]
     for limit in [limit for plan in data["plans"].values() for limit in plan["limits"]] + data.get("caps", []):
         if not limit["rollover"]:  # ... and limits carrying nothing over
             del limit["rollover"], limit["rollover_max"]
+        for name in ("tag", "tag_values"):  # ... and limits of no tag (a cap's)
+            if name in limit and not limit[name]:
+                del limit[name]
     return yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
 
 

@@ -6,7 +6,7 @@ import calendar
 import functools
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
@@ -36,19 +36,39 @@ class Window:
     end: int  # unix seconds (0 for "total": never)
 
 
+TAG_SCOPE = "tag:"  # scope_ids' entry of a request's tag: "tag:<name>" -> its value
+
+
 def scope_ids(customer_id: str, key_id: str, workspace_id: str = "", project_id: str = "", team_id: str = "",
-              feature: str = "", model: str = "", thread_id: str = "", end_user_id: str = "") -> dict[str, str]:
+              feature: str = "", model: str = "", thread_id: str = "", end_user_id: str = "",
+              tags: Mapping[str, str] | None = None) -> dict[str, str]:
     """The bucket each limit scope counts a request in. Keys and customers are unique; every other scope
     is named within its customer, so two customers' "default" workspaces, threads "t1" or end users
     "alice" never share a bucket (they would whenever both customers hash to one partition). An empty
-    id: the request has none of that scope, and the limit does not bind it."""
+    id: the request has none of that scope, and the limit does not bind it. A request's tags are given as
+    they are ("tag:<name>" -> value): a limit of scope tag names its bucket from one (limit_scope_id)."""
     def within(name: str) -> str:
         return f"{customer_id}/{name}" if name else ""
 
-    return {"key": key_id, "customer": customer_id, "workspace": within(workspace_id), "project": within(project_id),
-            "team": within(team_id), "feature": within(feature), "model": within(model),
-            "thread": within(thread_id), "end_user": within(end_user_id),
-            "thread_budget": within(thread_id)}  # a caller's budget of its thread (key_limits.with_thread_budget)
+    ids = {"key": key_id, "customer": customer_id, "workspace": within(workspace_id), "project": within(project_id),
+           "team": within(team_id), "feature": within(feature), "model": within(model),
+           "thread": within(thread_id), "end_user": within(end_user_id),
+           "thread_budget": within(thread_id)}  # a caller's budget of its thread (key_limits.with_thread_budget)
+    for name, value in (tags or {}).items():
+        ids[TAG_SCOPE + name] = value
+    return ids
+
+
+def limit_scope_id(limit: Limit, ids: Mapping[str, str]) -> str:
+    """The id of the bucket a limit counts a request in, of its scope_ids; "" when the limit does not bind it (it
+    has none of the scope; a limit of scope tag: not that tag, or a value it does not list). A tag's bucket is its
+    value's within the customer: "<customer>/<tag>=<value>"."""
+    if limit.scope != "tag":
+        return ids.get(limit.scope, "")
+    value = ids.get(TAG_SCOPE + limit.tag, "")
+    if not value or (limit.tag_values and value not in limit.tag_values):
+        return ""
+    return f"{ids['customer']}/{limit.tag}={value}"
 
 
 async def bucket_states(counters: "Counters", limits: tuple[Limit, ...], ids: dict[str, str], at_ms: int
@@ -60,9 +80,10 @@ async def bucket_states(counters: "Counters", limits: tuple[Limit, ...], ids: di
     partition = counters.partition_of(ids["customer"])
     states: list[dict[str, Any]] = []
     for limit in limits:
-        if not ids[limit.scope]:
+        scope_id = limit_scope_id(limit, ids)
+        if not scope_id:
             continue
-        hold, window = hold_for(limit, partition, ids[limit.scope], at_ms // 1000, 0, Quantities())
+        hold, window = hold_for(limit, partition, scope_id, at_ms // 1000, 0, Quantities())
         states.append({"limit": limit, "used": int(await counters.client.hget(hold.key, "used") or 0),
                        "ends": window.end})
     return states
@@ -104,6 +125,11 @@ def window_of(window: str, now_s: int) -> Window:
 
 def _escape(scope_id: str) -> str:
     return scope_id.replace("%", "%25").replace(":", "%3A")
+
+
+def unescape(bucket_id: str) -> str:
+    """A scope id as it was before a bucket key escaped it."""
+    return bucket_id.replace("%3A", ":").replace("%25", "%")
 
 
 def amount_for(unit: str, charge: int, cost: int, q: Quantities) -> int:

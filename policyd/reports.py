@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from policyd.db import PRUNED_CURSOR, RollupCursorRow, UsageRecordRow
 from policyd.money import ceil_div
+from policyd.own_usage import TAG_DIMENSION  # a request tag's values ("tag:product")
 from policyd.policy import time_zone
 
 DIMENSIONS = {
@@ -31,6 +32,19 @@ DIMENSIONS = {
     "provider": UsageRecordRow.provider, "decision": UsageRecordRow.decision, "status": UsageRecordRow.status,
     "reason": UsageRecordRow.reason,
 }
+
+
+def known_dimension(name: str) -> bool:
+    return name in DIMENSIONS or bool(TAG_DIMENSION.match(name))
+
+
+def dimension_column(name: str) -> Any:
+    """The records' column a dimension groups by: a tag's is the value of that tag of each request (none: "")."""
+    if name in DIMENSIONS:
+        return DIMENSIONS[name]
+    return func.coalesce(UsageRecordRow.tags[name[len("tag:"):]].as_string(), "")
+
+
 BUCKET_MS = {"hour": 3_600_000, "day": 86_400_000, "month": 86_400_000}
 # what else a provider bills apart, summed over charged records like the tokens: each line of a provider's
 # invoice has its figure (cache writes of either TTL, of which 1h; audio tokens, part of input/output_tokens;
@@ -145,7 +159,7 @@ def _query(session: Session, group_by: list[str], since_ms: int, until_ms: int, 
 def _query_span(session: Session, group_by: list[str], since_ms: int, until_ms: int, bucket: str, customer_id: str,
                 offset: int, zone: ZoneInfo | None, out: dict[tuple[tuple[str, ...], str], dict[str, int]]) -> None:
     r = UsageRecordRow
-    columns = [DIMENSIONS[d].label(d) for d in group_by]
+    columns = [dimension_column(d).label(d) for d in group_by]
     if bucket:  # local time is UTC shifted by the offset: buckets of it, given back as UTC instants
         local = r.created_ms + offset
         columns.append((local - local % BUCKET_MS[bucket] - offset).label("bucket"))
@@ -169,14 +183,15 @@ def top_groups(session: Session, dimension: str, since_ms: int, until_ms: int, o
                only: list[str] | None = None) -> list[ReportRow]:
     """The `limit` groups of one dimension with the biggest `order_by` figure, sorted and limited in SQL
     (for dimensions with too many values to bring them all back, such as threads)."""
-    column = DIMENSIONS[dimension].label(dimension)
+    named = dimension_column(dimension)
+    column = named.label(dimension)
     figures = figure_columns()
     ordering = next(f for f in figures if f.name == order_by)
     query = (select(column, *figures).where(UsageRecordRow.created_ms >= since_ms, UsageRecordRow.created_ms < until_ms,
-                                            DIMENSIONS[dimension] != "")
+                                            named != "")
              .group_by(column).order_by(ordering.desc(), column).limit(limit))
     if only is not None:
-        query = query.where(DIMENSIONS[dimension].in_(only))
+        query = query.where(named.in_(only))
     return [ReportRow({dimension: str(row._mapping[dimension])}, "",
                       {name: int(row._mapping[name] or 0) for name in FIGURES}) for row in session.execute(query)]
 
@@ -188,9 +203,9 @@ def usage_report(session: Session, group_by: list[str], since_ms: int, until_ms:
         zone = time_zone(zone_name) if zone_name and zone_name != "UTC" else None
     except ValueError as error:
         raise ReportError(str(error)) from None
-    unknown = [d for d in group_by if d not in DIMENSIONS]
+    unknown = [d for d in group_by if not known_dimension(d)]
     if unknown:
-        raise ReportError(f"unknown dimension {unknown[0]!r} (known: {', '.join(DIMENSIONS)})")
+        raise ReportError(f"unknown dimension {unknown[0]!r} (known: {', '.join(DIMENSIONS)}, tag:<name>)")
     if bucket not in ("", "hour", "day", "month"):
         raise ReportError("bucket must be hour, day or month")
     if until_ms <= since_ms:

@@ -173,10 +173,11 @@ def use_in_window_query(scope: str, unit: str, since_ms: int, until_ms: int, *, 
     by this key (either: both given), by this key alone (`only_key_id`), of one customer and one owner of the scope
     (given: read by the customer's index on (customer, created), an end user's by (customer, end user, created)),
     decided under a policy older than `before_version` (given). Scope "all": every customer's (a cap's), customer
-    and owner "". What a limit that begins to bind mid-window starts from (bucket_seeds.py). `by_request`: a row a
+    and owner ""; scope "tag:<name>": the value of that tag of each request that has it. What a limit that begins to bind mid-window starts from (bucket_seeds.py). `by_request`: a row a
     request, each with the buckets it held in (its holds) last."""
     r = UsageRecordRow
-    named = getattr(r, SCOPE_COLUMNS[scope]) if scope != "all" else None
+    named = None if scope == "all" else getattr(r, SCOPE_COLUMNS[scope]) if not scope.startswith("tag:") \
+        else r.tags[scope[len("tag:"):]].as_string()  # a tag's limit: its value (none: NULL, never equal to "")
     groups = [r.customer_id, named] if named is not None else [literal(""), literal("")]
     held = held_in_unit(unit, refunds_count=named is not None)  # a refund gives a cap nothing back
     query = select(*groups, r.served_model, r.provider, *((held, r.holds) if by_request else (func.sum(held),))) \

@@ -1968,6 +1968,26 @@ def test_replies_carry_the_keys_own_rate_limits(gateway: Gateway) -> None:
     assert re.fullmatch(r"(\d+h)?(\d+m)?\d+s", unlimited.headers["x-policyd-budget-reset"])
 
 
+def test_a_tags_limit_counts_each_of_its_values_apart(gateway: Gateway) -> None:
+    """A limit of scope tag: each value of the request's x-policyd-tag-product counts apart (two requests an hour
+    here); the value past it is refused (429 rate_limit_exceeded), another value and an untagged request are not,
+    and the records keep the tag."""
+    client = gateway.client(gateway.customer("e2e-tagged", plan="tagged"))
+
+    def ask(product: str | None) -> Any:
+        return client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "tagged"}], max_tokens=8,
+            extra_headers={"x-policyd-tag-product": product} if product else {})
+
+    served = [ask("search") for _ in range(2)]
+    assert json.loads(gateway.record(served[0].headers["x-policyd-request-id"])["tags"])["product"] == "search"
+    with pytest.raises(openai.RateLimitError) as refused:
+        ask("search")
+    assert refused.value.code == "rate_limit_exceeded" and "product-hourly" in str(refused.value)
+    for other in ("chat", None):
+        assert ask(other).parse().choices, other
+
+
 def asked_with(url: str, api_key: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     """GET of one of policyd's own answers with a key: the status and the JSON answer."""
     request = urllib.request.Request(url, headers={"authorization": f"Bearer {api_key}", **(headers or {})})

@@ -209,7 +209,7 @@ class ListOwnerLimitsResponse(_message.Message):
     def __init__(self, owners: _Optional[_Iterable[_Union[OwnerLimits, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ResetLimitsRequest(_message.Message):
-    __slots__ = ("customer_id", "key_id", "workspace_id", "project_id", "team_id", "end_user_id", "feature", "model", "thread_id", "unit", "window", "name", "reason")
+    __slots__ = ("customer_id", "key_id", "workspace_id", "project_id", "team_id", "end_user_id", "feature", "model", "thread_id", "unit", "window", "name", "reason", "tag")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +223,7 @@ class ResetLimitsRequest(_message.Message):
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     key_id: str
     workspace_id: str
@@ -236,7 +237,8 @@ class ResetLimitsRequest(_message.Message):
     window: str
     name: str
     reason: str
-    def __init__(self, customer_id: _Optional[str] = ..., key_id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., project_id: _Optional[str] = ..., team_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., feature: _Optional[str] = ..., model: _Optional[str] = ..., thread_id: _Optional[str] = ..., unit: _Optional[str] = ..., window: _Optional[str] = ..., name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    tag: str
+    def __init__(self, customer_id: _Optional[str] = ..., key_id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., project_id: _Optional[str] = ..., team_id: _Optional[str] = ..., end_user_id: _Optional[str] = ..., feature: _Optional[str] = ..., model: _Optional[str] = ..., thread_id: _Optional[str] = ..., unit: _Optional[str] = ..., window: _Optional[str] = ..., name: _Optional[str] = ..., reason: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
 
 class LimitReset(_message.Message):
     __slots__ = ("limit", "before", "forgiven")
