@@ -979,6 +979,29 @@ def test_anthropic_messages_are_served_over_the_native_api(gateway: ExampleGatew
         "settled", "claude-sonnet-4", reply["usage"]["output_tokens"])
 
 
+def test_a_replys_parts_and_the_models_named_beside_it_go_over_the_native_api(gateway: ExampleGateway) -> None:
+    """Over the native API (Usage.parts, RequestShape.fallback_models): a server-side fallback's declined attempt
+    is charged at its own model and the reply at the fallback's; a key may not name a fallback its plan lacks."""
+    key = gateway.customer("mw-claude5", plan="house")
+    body = {"model": "claude-fable-5", "max_tokens": 16, "fallbacks": [{"model": "claude-opus-4-8"}],
+            "messages": [{"role": "user", "content": "mw please decline midway"}]}
+    headers = {"x-api-key": key, "content-type": "application/json", "anthropic-version": "2023-06-01"}
+    code, reply = post(f"{gateway.base_url}/messages", headers, json.dumps(body).encode())
+    assert code == 200, reply
+    declined, wrote = reply["usage"]["iterations"]
+    (listed,) = gateway.records("mw-claude5")
+    record = gateway.record(listed.request_id)
+    fable = price_quantity(declined["input_tokens"], parse_amount("10.00")) + \
+        price_quantity(declined["output_tokens"], parse_amount("50.00"))
+    opus = price_quantity(wrote["input_tokens"], parse_amount("5.00")) + \
+        price_quantity(wrote["output_tokens"], parse_amount("25.00"))
+    assert (record["served_model"], record["cost_nanos"], record["fallback_reason"]) == (
+        "claude-opus-4-8", fable + opus, "provider_fallback")
+    code, refused = post(f"{gateway.base_url}/messages", {**headers, "x-api-key": gateway.customer("mw-claude5-pro")},
+                         json.dumps({**body, "model": "claude-sonnet-4"}).encode())
+    assert (code, refused["error"]["code"], refused["error"]["param"]) == (403, "model_not_allowed", "fallbacks")
+
+
 def test_a_token_count_names_the_model_as_the_provider_does(gateway: ExampleGateway) -> None:
     counted = {"model": "house-claude", "messages": [{"role": "user", "content": "mw count house"}]}
     code, reply = post(f"{gateway.base_url}/messages/count_tokens", {
