@@ -1019,13 +1019,21 @@ class Engine:
         if image_model and not (policy.model_allowed(plan, image_model, scopes)
                                 and policy.tier_allowed_in(plan, owner.environment, image_model)):
             return "model_not_allowed", "tools"
-        # other models the provider may run for it, and bill (a server-side fallback, an advisor): the key's too
-        others = [(m, "fallbacks") for m in request.shape.fallback_models] + \
-            ([(request.shape.advisor_model, "tools")] if request.shape.advisor_model else [])
+        if request.shape.fallback_models or request.shape.advisor_model:
+            return self._other_models_refusal(policy, plan, scopes, owner.environment, request.shape)
+        return "", ""
+
+    @staticmethod
+    def _other_models_refusal(policy: Policy, plan: Plan, scopes: tuple[str, ...], environment: str,
+                              shape: Shape) -> tuple[str, str]:
+        """Other models the provider may run for a request, and bill (a server-side fallback, an advisor): the key's
+        to use too, as its own model is; the refusal (reason, param) of the first that is not."""
+        others = [(m, "fallbacks") for m in shape.fallback_models] + \
+            ([(shape.advisor_model, "tools")] if shape.advisor_model else [])
         for other, param in others:
             if policy.model(other) is None:
                 return "unknown_model", param
-            if not (policy.model_allowed(plan, other, scopes) and policy.tier_allowed_in(plan, owner.environment, other)):
+            if not (policy.model_allowed(plan, other, scopes) and policy.tier_allowed_in(plan, environment, other)):
                 return "model_not_allowed", param
         return "", ""
 
