@@ -536,9 +536,9 @@ class Admin:
                            reason: str = "", **named: str) -> tuple[limit_resets.Target, list[limit_resets.Reset]]:
         """Forgive what the current window of each limit binding an owner (limit_resets.py) has counted of its
         settled requests: it is served again at once; requests in flight keep their holds. `named`: at most one
-        of key_id, workspace_id, project_id, team_id, end_user_id, feature, model, thread_id, tag ("<tag>=<value>";
-        none: the customer); `unit`, `window`, `name` narrow it. Each reset is kept for the audit and a rebuild. The owner
-        reset (a key's customer found), and each limit's reset."""
+        of key_id, workspace_id, project_id, team_id, end_user_id, feature, model, thread_id, tag
+        ("<tag>=<value>"; none: the customer); `unit`, `window`, `name` narrow it. Each reset is kept for the audit
+        and a rebuild. The owner reset (a key's customer found), and each limit's reset."""
         try:
             target = limit_resets.target(customer_id, **named)
         except ValueError as error:

@@ -1606,7 +1606,8 @@ class Engine:
         except Problem as problem:
             raise await self.reject(report.request_id, None, problem.reason, problem.message, asdict(report))
         if report.parts:  # its tokens are its parts' sums
-            report = replace(report, **{name: sum(getattr(p, name) for p in report.parts) for name in PART_TOKEN_FIELDS})
+            report = replace(report, **{name: sum(getattr(part, name) for part in report.parts)
+                                        for name in PART_TOKEN_FIELDS})
         reservation = found or await self.counters.find_reservation(report.request_id)
         if reservation is None:
             raise await self.missing(report.request_id, "settle", asdict(report))

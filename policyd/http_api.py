@@ -93,8 +93,8 @@ from policyd import own_usage, reasons, request_lookup
 from policyd.audio import wav_seconds
 from policyd.domain import (ANTHROPIC_FAST_MODE, CACHED_CONTENT_PREFIX, CONTAINER_MEMORY_DEFAULT, GEMINI_UPLOAD_PREFIX,
                             FALLBACK_MODELS_MAX, IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS, SEARCH_CONTEXT_LENGTH_MAX,
-                            Attribution, AuthorizeInput, KeySummary, RateLimit, RequestSummary, Shape, bedrock_tier, cached_content_name, tier_in_geo,
-                            trace_id_from)
+                            Attribution, AuthorizeInput, KeySummary, RateLimit, RequestSummary, Shape, bedrock_tier,
+                            cached_content_name, tier_in_geo, trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount, parse_amount
 from policyd.multipart import MultipartError, MultipartForm
 from policyd.protobuf_json import duration_ms, timestamp_ms

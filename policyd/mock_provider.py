@@ -531,7 +531,8 @@ class MockProvider:
         if anthropic:
             model, stop, c_tokens, iterations = anthropic_turn(body, model, p_tokens, c_tokens)
             text = "".join(WORDS[:c_tokens])
-            usage = {"input_tokens": p_tokens, "output_tokens": c_tokens, **({"iterations": iterations} if iterations else {})}
+            usage = {"input_tokens": p_tokens, "output_tokens": c_tokens,
+                     **({"iterations": iterations} if iterations else {})}
             if "\"ttl\": \"1h\"" in json.dumps(body.get("system")):  # half the prompt written to an hour's cache
                 written = p_tokens // 2
                 usage.update(input_tokens=p_tokens - written, cache_creation_input_tokens=written,

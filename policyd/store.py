@@ -173,8 +173,9 @@ def use_in_window_query(scope: str, unit: str, since_ms: int, until_ms: int, *, 
     by this key (either: both given), by this key alone (`only_key_id`), of one customer and one owner of the scope
     (given: read by the customer's index on (customer, created), an end user's by (customer, end user, created)),
     decided under a policy older than `before_version` (given). Scope "all": every customer's (a cap's), customer
-    and owner ""; scope "tag:<name>": the value of that tag of each request that has it. What a limit that begins to bind mid-window starts from (bucket_seeds.py). `by_request`: a row a
-    request, each with the buckets it held in (its holds) last."""
+    and owner ""; scope "tag:<name>": the value of that tag of each request that has it. What a limit that begins to
+    bind mid-window starts from (bucket_seeds.py). `by_request`: a row a request, each with the buckets it held in
+    (its holds) last."""
     r = UsageRecordRow
     named = None if scope == "all" else getattr(r, SCOPE_COLUMNS[scope]) if not scope.startswith("tag:") \
         else r.tags[scope[len("tag:"):]].as_string()  # a tag's limit: its value (none: NULL, never equal to "")

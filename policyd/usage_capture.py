@@ -419,9 +419,10 @@ def _anthropic_parts(iterations: list[Any], seen: Tokens) -> None:
         split = entry.get("cache_creation")
         long_writes = min(_n(split.get("ephemeral_1h_input_tokens")), written) if isinstance(split, dict) else 0
         model = entry.get("model") if isinstance(entry.get("model"), str) else ""
-        parts.append(UsagePart(kind=kind[:32], model=model[:256], input_tokens=_n(entry.get("input_tokens")) + read + written,
-                               cached_input_tokens=read, cache_write_input_tokens=written,
-                               cache_write_1h_input_tokens=long_writes, output_tokens=_n(entry.get("output_tokens"))))
+        parts.append(UsagePart(kind=kind[:32], model=model[:256],
+                               input_tokens=_n(entry.get("input_tokens")) + read + written, cached_input_tokens=read,
+                               cache_write_input_tokens=written, cache_write_1h_input_tokens=long_writes,
+                               output_tokens=_n(entry.get("output_tokens"))))
     seen.parts = tuple(parts)
     served = [p.model for p in parts if p.kind == "fallback_message" and p.model]
     if served:  # the model that wrote the reply (a stream's message_start names the one asked for)
