@@ -8,6 +8,8 @@ from dataclasses import replace
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policyd import bucket_seeds, quotas
 from policyd.policy import Limit, PolicyError, canonical_text, parse_policy
@@ -176,3 +178,28 @@ def test_rollover_carries_a_tag_limits_buckets_alone() -> None:
     assert rollover._same_limit(head(product, "x"), product) and not rollover._same_limit(head(product, "x"), center)
     assert rollover._same_limit(head(center, "x"), center) and not rollover._same_limit(head(center, "x"), product)
     assert rollover._same_limit(head(some, "a:b"), some) and not rollover._same_limit(head(product, "x"), some)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40),
+       st.from_regex(r"[A-Za-z0-9_.-]{1,12}", fullmatch=True), st.from_regex(r"[A-Za-z0-9_.-]{1,12}", fullmatch=True))
+def test_any_tag_value_names_one_bucket_of_its_own(value: str, other: str, tag: str, other_tag: str) -> None:
+    """Whatever a tag's value holds (':', '%', '/', '='), it names one bucket of its customer's, which rollover reads
+    back as of its limit and value; another value or another tag's never the same."""
+    from policyd import rollover
+
+    limit = Limit(name="t", scope="tag", tag=tag, window="day", unit="money", limit="1")
+    listed = Limit(name="l", scope="tag", tag=tag, tag_values=(value,), window="day", unit="money", limit="1")
+
+    def key(limit: Limit, tag: str, value: str) -> str:
+        scope_id = quotas.limit_scope_id(limit, quotas.scope_ids("acme", "", tags={tag: value}))
+        return quotas.hold_for(limit, 1, scope_id, 86400, 0, Quantities())[0].key if scope_id else ""
+
+    mine = key(limit, tag, value)
+    assert mine and rollover._same_limit(mine.rsplit(":", 3)[0], limit)
+    assert rollover._same_limit(key(listed, tag, value).rsplit(":", 3)[0], listed)
+    if other != value:
+        assert key(limit, tag, other) != mine and key(listed, tag, other) == ""
+        assert not rollover._same_limit(key(limit, tag, other).rsplit(":", 3)[0], listed)
+    if other_tag != tag:
+        assert key(limit, other_tag, value) == ""  # a request without the limit's tag is not bound
