@@ -205,6 +205,9 @@ class Admin:
         self.finish_closings: Any = None  # the engine's, when there is one: settles in flight come first
         self.restoring: asyncio.Task[int] | None = None  # closed requests written back after a rebuild
         self.seeding: set[asyncio.Task[None]] = set()  # the second passes of bucket_seeds.py still to come
+        # a pass of bucket_seeds.py (its seeds added to Redis, then kept in SQL) and an audit's comparison, one at a
+        # time: a comparison between the two steps would report the seed as a difference
+        self.seeding_now = asyncio.Lock()
         self.policy_refresh_ms = 500  # how often another replica takes a new policy (Settings.policy_refresh_ms)
         self.store = store
         self.counters = counters
@@ -771,8 +774,9 @@ class Admin:
             return [], 0
         try:
             await self.catch_up()
-            seeded = await bucket_seeds.seed(self.counters, self.store, seedings,
-                                             cutoff_ms or self._seed_cutoff(seedings))
+            async with self.seeding_now:
+                seeded = await bucket_seeds.seed(self.counters, self.store, seedings,
+                                                 cutoff_ms or self._seed_cutoff(seedings))
         except Exception:
             log.exception("the limits that bind from now on count from now: their use before could not be seeded")
             return [], 0
@@ -789,7 +793,8 @@ class Admin:
             await asyncio.sleep(delay_s)
             try:
                 await self.catch_up()
-                await bucket_seeds.stragglers(self.counters, self.store, seedings, self._seed_cutoff(seedings))
+                async with self.seeding_now:
+                    await bucket_seeds.stragglers(self.counters, self.store, seedings, self._seed_cutoff(seedings))
             except Exception:
                 log.exception("the requests decided without a new limit while it was taken up are not in its count")
 
@@ -1064,11 +1069,13 @@ class Admin:
         Under traffic a request may close between the ledger's read and the counters' (its event not
         yet in SQL): a passing difference. Only differences still there after AUDIT_ROUNDS catch-ups
         are mismatches; a counter that is truly off stays off."""
-        result = await self._compare()
+        async with self.seeding_now:  # not halfway through a pass of bucket_seeds.py (on this replica)
+            result = await self._compare()
         for _ in range(AUDIT_ROUNDS - 1):
             if result.ok:
                 break
-            again = await self._compare()
+            async with self.seeding_now:
+                again = await self._compare()
             persisting = {name for name, _, _ in result.mismatches}
             result = AuditResult(not any(m[0] in persisting for m in again.mismatches), again.checked,
                                  [m for m in again.mismatches if m[0] in persisting])
