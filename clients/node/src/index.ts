@@ -110,6 +110,10 @@ export interface AuthorizeInput {
   documentTokensMax?: number;  // ... and the most tokens the provider reads of each (Cohere's max_tokens_per_doc)
   leastOutputCap?: number;  // the least cap the provider accepts (Anthropic's max_tokens past thinking.budget_tokens)
   searchContextSize?: string;  // web_search_options.search_context_size (Perplexity's, OpenAI's search models): a fee by it
+  fallbackModels?: string[];   // models the provider may fall back to and bill (Anthropic's fallbacks): the key's too, held
+  advisorModel?: string;       // an advisor tool's model (Anthropic's advisor_*): the key's too, held for its calls
+  advisorCalls?: number;       // ... at most this many (its max_uses; 0: the plan's bound, set it as maxToolCalls says)
+  advisorMaxTokens?: number;   // ... each writing at most this (its max_tokens; 0: the advisor model's cap)
   countTokens?: boolean;    // a free token count (count_tokens, input_tokens, countTokens): nothing reserved or to settle
   storedResponseId?: string;     // a stored response (or conversation) read, changed or deleted: free, its customer's keys only
   previousResponseId?: string;   // the stored response a Responses API request continues
@@ -164,6 +168,19 @@ export interface UsageInput {
   webSearches?: number;     // web searches the provider ran (Perplexity's num_search_queries), per_web_search each
   reasoningOutputTokens?: number;  // of outputTokens: reasoning billed at its own price (Perplexity's reasoning_tokens)
   cacheStorageTokenSeconds?: number;  // an explicit cache's tokens x the seconds it lives (Gemini's cachedContents)
+  /** The parts a reply bills by themselves, each at the model that ran it (Anthropic's usage.iterations): the
+   *  token fields above are then 0 or their sums. */
+  parts?: UsagePartInput[];
+}
+
+export interface UsagePartInput {
+  kind?: string;            // message, compaction, advisor_message, fallback_message
+  model?: string;           // the model that ran it ("": the model served)
+  inputTokens?: number;     // all its input, cached included
+  cachedInputTokens?: number;
+  cacheWriteInputTokens?: number;
+  cacheWrite_1hInputTokens?: number;
+  outputTokens?: number;
 }
 
 export interface Settled {
@@ -279,6 +296,8 @@ export class PolicyClient {
         documents: input.documents ?? 0, documentBytes: input.documentBytes ?? 0,
         documentTokensMax: input.documentTokensMax ?? 0, leastOutputCap: input.leastOutputCap ?? 0,
         searchContextSize: input.searchContextSize ?? "",
+        fallbackModels: input.fallbackModels ?? [], advisorModel: input.advisorModel ?? "",
+        advisorCalls: input.advisorCalls ?? 0, advisorMaxTokens: input.advisorMaxTokens ?? 0,
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",

@@ -223,6 +223,29 @@ test("a request is described: in progress while held, then what it was charged",
   }
 });
 
+test("a reply's parts are settled each at its model; a fallback the key may not use is refused", async () => {
+  const policy = new PolicyClient(address);
+  try {
+    const refused = await policy.authorize({ apiKey, endpoint: "chat_completions", model: "gpt-4o-mini",
+                                             fallbackModels: ["gpt-4o"] });  // not the free plan's
+    assert.equal(refused.reason, "model_not_allowed");
+    assert.equal(JSON.parse(refused.errorBody()).error.param, "fallbacks");
+    const d = await policy.authorize({ apiKey, endpoint: "chat_completions", model: "gpt-4o-mini", requestId: "node-parts",
+                                       promptBytes: 400 });
+    assert.equal(d.allowed, true);
+    const parts = [{ kind: "compaction", inputTokens: 300, outputTokens: 20 }, { kind: "message", inputTokens: 100, outputTokens: 40 }];
+    await assert.rejects(policy.settle("node-parts", { inputTokens: 100, outputTokens: 40, parts }),  // not their sums
+      (e: unknown) => e instanceof PolicydCallError && e.reason === "invalid_usage");
+    const s = await policy.settle("node-parts", { parts });
+    const whole = await policy.settle("node-parts", { inputTokens: 400, outputTokens: 60, parts });  // the sums: the same
+    assert.equal(s.outcome, "settled");
+    assert.equal(whole.outcome, "exists");
+    assert.ok(s.chargeNanos > 0n);
+  } finally {
+    policy.close();
+  }
+});
+
 test("an unreachable server is a clear error", async () => {
   const policy = new PolicyClient("127.0.0.1:1", { deadlineMs: 500, retries: 1 });
   try {
