@@ -33,7 +33,7 @@ from policyd.store import Store
 log = logging.getLogger("policyd.writer")
 # what an alert says of the request that crossed (or reached) a limit: whose it was
 ALERT_OWNER_FIELDS = ("customer_id", "workspace_id", "project_id", "team_id", "api_key_id", "environment", "plan",
-                      "feature", "thread_id", "end_user_id", "served_model")
+                      "feature", "thread_id", "end_user_id", "served_model", "tags")
 
 DRAIN_CONFLICT_RETRIES = 20
 CLAIM_CHECK_SECONDS = 1.0  # how often a running writer looks for entries a dead consumer left pending

@@ -80,6 +80,10 @@ async def test_each_value_of_a_tag_counts_apart_and_its_requests_are_refused_pas
             break
         spent += (await service.engine.settle(usage(f"search-{n}", 1000, 200))).charge
     assert (decision.reason, decision.message.count("product-day")) == ("budget_exceeded", 1), decision.message
+    await service.writer.drain()  # its alerts name the tag's value whose requests crossed it
+    alerts = [e.detail for e in service.store.events("alert") if e.detail.get("label") == "product-day"]
+    assert alerts and {a["tags"]["product"] for a in alerts} == {"search"}
+    assert "100" in {a["percent"] for a in alerts}  # the first refused, at least
     assert await used(service, bucket(service, "product-day", "acme", "search")) == spent
     # another value, no tag, another tag only, another customer's same value: served
     for rid, secret_, tags in (("chat-1", secret, {"product": "chat"}), ("untagged-1", secret, {}),
