@@ -1657,14 +1657,15 @@ class Engine:
             search_context_size=report.search_context_size, reasoning_output_tokens=report.reasoning_output_tokens,
             cache_storage_token_seconds=report.cache_storage_token_seconds,
         )
-        cost = cost_of(price, quantities)
-        charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
         other_models: dict[str, list[int]] = {}
         if report.parts:  # each part at its own model's prices, the rest (searches, a request's fee) at the served's
             cost, charge, other_models, priced = self._parts_priced(policy, plan, served, price, report, quantities,
                                                                     r["billing_mode"])
             if not priced:  # a part of a model the table does not price for its provider: at the served model's
                 report = replace(report, error_class=report.error_class or "part_model_unpriced")
+        else:
+            cost = cost_of(price, quantities)
+            charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
         images_cost = 0
         if report.image_generation_calls or report.image_generation_input_tokens or report.image_generation_output_tokens:
             report, images, images_cost, images_charge = self._images_made(
