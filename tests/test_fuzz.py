@@ -36,7 +36,11 @@ def requests(draw, secret: str):
                     image_model=draw(st.one_of(st.sampled_from(["", "gpt-image-1"]), text)),
                     image_generation_calls=draw(numbers), partial_images=draw(numbers), image_scale=draw(numbers),
                     containers=draw(numbers), container_memory=draw(st.one_of(st.just("1g"), text)),
-                    maps_grounding=draw(st.booleans())),
+                    maps_grounding=draw(st.booleans()),
+                    # other models the provider may run for it: fallbacks, an advisor, its calls and output
+                    fallback_models=tuple(draw(st.lists(st.one_of(st.just("gpt-4o"), text), max_size=5))),
+                    advisor_model=draw(st.one_of(st.sampled_from(["", "gpt-4o"]), text)),
+                    advisor_calls=draw(numbers), advisor_max_tokens=draw(numbers)),
         client_address=draw(text), user_agent=draw(text),
     )
 
@@ -108,13 +112,14 @@ _REPLY_KEYS = ["type", "usage", "response", "output", "item", "tool_usage", "ima
                "total_tokens", "reasoning_tokens", "citation_tokens", "num_search_queries", "search_context_size",
                "server_side_tool_usage_details", "web_search_calls", "x_search_calls", "usageMetadata", "done", "error",
                "generateVideoResponse", "generatedSamples", "video", "uri", "name", "response", "createTime",
-               "expireTime", "totalTokenCount", "file"]
+               "expireTime", "totalTokenCount", "file", "iterations", "type", "model", "stop_reason"]
 _REPLY_WORDS = st.sampled_from(["IMAGE", "AUDIO", "image_generation_call", "code_interpreter_call", "shell_call",
                                 "response.completed", "response.output_item.added", "web_search_call", "search",
                                 "message_delta", "message_start", "response.image_generation_call.completed",
                                 "COMPLETED", "FAILED", "low", "HIGH", "https://g.example/v1beta/files/f-1:download",
                                 "2026-12-06T10:00:00Z", "2026-12-06T10:10:00.5Z", "1999-01-01T00:00:00+02:00",
-                                "cachedContents/c-1", "projects/p/locations/l/cachedContents/c-2", "files/f-2"])
+                                "cachedContents/c-1", "projects/p/locations/l/cachedContents/c-2", "files/f-2",
+                                "compaction", "message", "fallback_message", "advisor_message", "refusal"])
 _replies = st.recursive(st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.text(max_size=6) | _REPLY_WORDS,
                         lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_REPLY_KEYS), inner,
                                                                                     max_size=6), max_leaves=30)
@@ -142,6 +147,10 @@ def test_any_reply_is_read_without_failing_and_its_parts_fit(endpoint: str, repl
     assert 0 <= t.cache_storage_token_seconds and len(reader.response_id) <= 200  # a cache's, a Gemini file's
     assert t.image_generation_cached_input_tokens + t.image_generation_image_input_tokens \
         <= t.image_generation_input_tokens
+    if t.parts:  # Anthropic's iterations: the usage is their sums, each part's own fitting in it
+        assert (t.input_tokens, t.output_tokens) == (sum(p.input_tokens for p in t.parts),
+                                                     sum(p.output_tokens for p in t.parts))
+        assert all(p.cached_input_tokens + p.cache_write_input_tokens <= p.input_tokens for p in t.parts)
 
 
 @settings(max_examples=1500, deadline=None)
