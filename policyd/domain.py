@@ -283,6 +283,10 @@ class Decision:
     # an image model the request is to name in its image_generation tool, as the provider names it (the plan's,
     # for a tool naming none; or the tool's own, when the price table knows it by another name)
     image_model: str = ""
+    # the models the request is to name in its fallbacks and its advisor tool, as the provider names them, where the
+    # price table knows one by another name (else none: sent as they are)
+    fallback_models: tuple[str, ...] = ()
+    advisor_model: str = ""
 
     @property
     def allowed(self) -> bool:

@@ -226,6 +226,20 @@ def _image_model_named(policy: Policy | None, shape: Shape) -> str:
     return upstream if shape.image_model_default or upstream != shape.image_model else ""
 
 
+def _other_models_named(policy: Policy | None, shape: Shape) -> dict[str, Any]:
+    """The names the request's fallbacks and advisor tool are to send their models by (Decision.fallback_models,
+    advisor_model), where the price table knows one by another name than the provider's; {} when none."""
+    if policy is None or not (shape.fallback_models or shape.advisor_model):
+        return {}
+    named: dict[str, Any] = {}
+    upstream = tuple(policy.upstream_name(m) for m in shape.fallback_models)
+    if upstream != shape.fallback_models:
+        named["fallback_models"] = upstream
+    if shape.advisor_model and policy.upstream_name(shape.advisor_model) != shape.advisor_model:
+        named["advisor_model"] = policy.upstream_name(shape.advisor_model)
+    return named
+
+
 # endpoints whose output cap a proxy writes into the request (http_api.rewrite_body), which a plan with
 # fit_output_cap may lower to what the wallet or a limit can hold; tries: another limit may refuse the lower
 FITTED_ENDPOINTS = frozenset(OUTPUT_CAP_FIELDS)
@@ -663,7 +677,7 @@ class Engine:
             return Decision(
                 decision=first["decision"], reserved=existing.amount, max_output_tokens=first["max_output_tokens"],
                 reservation_expires_ms=existing.expires_ms, max_tool_calls=int(existing.fields.get("max_tool_calls", 0)),
-                image_model=_image_model_named(policy, request.shape),
+                image_model=_image_model_named(policy, request.shape), **_other_models_named(policy, request.shape),
                 **{**common, "served_model": first["served_model"], "provider": first["provider"],
                    "upstream_model": policy.upstream_name(first["served_model"]) if policy else first["served_model"],
                    "output_cap_field": _cap_field(policy.model(first["served_model"]) if policy else None),
@@ -687,7 +701,8 @@ class Engine:
             reservation_expires_ms=at + self.reservation_ttl_ms, shadow_denials=result.shadow,
             rate_limits=_rate_limits(reserve, result.used),
             max_tool_calls=reserve.tool_call_cap,
-            image_model=_image_model_named(policy, request.shape), **common,
+            image_model=_image_model_named(policy, request.shape), **_other_models_named(policy, request.shape),
+            **common,
         )
 
     async def _screen(self, request: AuthorizeInput, at: int, started: int, base: dict[str, str]) -> Decision | str:
@@ -1621,6 +1636,10 @@ class Engine:
             served = r["served_model"]  # the model authorized, by the name it was sent upstream with
         if policy is not None and report.reply_model:  # the provider served another model it names: billed as it
             served = policy.served_as(served, report.reply_model)
+        fell_back = [part.model for part in report.parts if part.kind == "fallback_message" and part.model]
+        if policy is not None and fell_back:  # a server-side fallback wrote it: that model, by whichever name it has
+            model, priced = policy.part_model(served, fell_back[-1])
+            served = model if priced else served
         price = (policy.model(served) if served else _created_at(r.get("provider"))) if policy else None
         if policy is None or plan is None or price is None:
             raise await self.reject(report.request_id, reservation.partition, "unknown_model",

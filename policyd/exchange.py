@@ -45,6 +45,9 @@ class Exchange:
     stored: bool = False  # the provider keeps the reply (a chat completion's store: true): its id is remembered
     tool_call_cap: int = 0  # the bound set for the request's unbounded search tools (Decision.max_tool_calls)
     image_model: str = ""  # the model set in an image_generation tool naming none (Decision.image_model)
+    # the models set in Anthropic's fallbacks and advisor tool, as the provider names them (Decision's)
+    fallback_models: tuple[str, ...] = ()
+    advisor_model: str = ""
     observed: bool = False  # the observer filter reads the response (else the processing filter does)
     free: bool = False  # a token count (free at the provider): its body may be rewritten; nothing to read or settle
     background: bool = False  # a background response: charged once the provider says it ended (Closing poll)
@@ -81,7 +84,8 @@ class Exchange:
                    client_gave_cap=call.keeps_its_cap_under(decision.max_output_tokens),
                    account=account, model_in_path=call.model_in_path, input_tokens=call.input_tokens,
                    observed=observed, stored=call.stores_reply, tool_call_cap=decision.max_tool_calls,
-                   image_model=decision.image_model, background=call.background)
+                   image_model=decision.image_model, background=call.background,
+                   fallback_models=decision.fallback_models, advisor_model=decision.advisor_model)
 
     @property
     def sent_model(self) -> str:
@@ -103,7 +107,8 @@ class Exchange:
             return None
         return rewrite_body(body, self.endpoint, self.sent_model, self.requested_model, self.output_cap,
                             self.client_gave_cap, self.stream, self.model_in_path, self.tool_call_cap,
-                            self.image_model, self.output_cap_field, self.stream_usage_reported)
+                            self.image_model, self.output_cap_field, self.stream_usage_reported,
+                            self.fallback_models, self.advisor_model)
 
     def rewritten(self, body: Any, decoded: bool = False) -> bytes | None:
         """`rewrite`, encoded for the provider (http_api.body_sent; `decoded`: a body the client compressed)."""
@@ -135,6 +140,10 @@ class Exchange:
             fields["max_tool_calls"] = self.tool_call_cap
         if self.image_model:
             fields["image_model"] = self.image_model
+        if self.fallback_models:
+            fields["fallback_models"] = list(self.fallback_models)
+        if self.advisor_model:
+            fields["advisor_model"] = self.advisor_model
         if decision:
             fields["decision"] = decision
         out = struct_pb2.Struct()
@@ -182,5 +191,7 @@ class Exchange:
             background="background" in fields and fields["background"].bool_value,
             batch_seconds=int(fields["batch_seconds"].number_value) if "batch_seconds" in fields else 0,
             tool_call_cap=int(fields["max_tool_calls"].number_value) if "max_tool_calls" in fields else 0,
-            image_model=text("image_model"),
+            image_model=text("image_model"), advisor_model=text("advisor_model"),
+            fallback_models=tuple(v.string_value for v in fields["fallback_models"].list_value.values)
+            if "fallback_models" in fields else (),
         )

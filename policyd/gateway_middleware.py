@@ -210,7 +210,8 @@ class PolicydMiddleware:
         rewritten = None if call.body is None else http_api.rewrite_body(  # a conversation or file made: no body read
             call.body, call.endpoint, decision.upstream_model, call.model, decision.max_output_tokens,
             call.keeps_its_cap_under(decision.max_output_tokens), call.stream, call.model_in_path,
-            decision.max_tool_calls, decision.image_model, decision.output_cap_field, decision.stream_usage_reported)
+            decision.max_tool_calls, decision.image_model, decision.output_cap_field, decision.stream_usage_reported,
+            decision.fallback_models, decision.advisor_model)
         body = http_api.body_sent(call.body, rewritten, call.body_decoded) or body
         exchange = _Exchange(decision.request_id, decision.served_model,
                              ResponseReader(call.endpoint, call.stream, call.input_tokens, stored=call.stores_reply,

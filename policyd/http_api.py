@@ -1838,7 +1838,8 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
                  output_cap: int, client_gave_cap: bool, stream: bool,
                  model_in_path: bool = False, tool_call_cap: int = 0,
                  image_model: str = "", output_cap_field: str = "",
-                 stream_usage_reported: bool = False) -> dict[str, Any] | MultipartForm | None:
+                 stream_usage_reported: bool = False, fallback_models: tuple[str, ...] = (),
+                 advisor_model: str = "") -> dict[str, Any] | MultipartForm | None:
     """The request body policy requires, or None when it stays as it is.
 
     - the served model as the provider names it (`upstream_model`), where it is not the model the request
@@ -1850,7 +1851,8 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
     - the reserved bound of search tools the client left unbounded (`tool_call_cap`): the Responses API's
       max_tool_calls, max_uses of each Anthropic web search tool without one;
     - the image model the image_generation tool is to name (`image_model`: the plan's default for a tool
-      naming none, or the tool's own as the provider names it);
+      naming none, or the tool's own as the provider names it); the models Anthropic's `fallbacks` and advisor
+      tool are to name (`fallback_models`, `advisor_model`), as the provider names them;
     - stream_options.include_usage for streamed chat and text completions, so usage is always reported;
       or, where the provider reports it unasked and refuses stream_options (`stream_usage_reported`,
       Mistral's), no stream_options at all: the client's are taken out.
@@ -1912,6 +1914,15 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
         if tools != body["tools"]:
             body["tools"] = tools
             changed = True
+    if fallback_models and endpoint == "anthropic_messages" and isinstance(body.get("fallbacks"), list) and \
+            len(body["fallbacks"]) == len(fallback_models):  # each, in order, as the provider names it
+        body["fallbacks"] = [dict(f, model=model) if isinstance(f, dict) else f
+                             for f, model in zip(body["fallbacks"], fallback_models)]
+        changed = True
+    if advisor_model and endpoint == "anthropic_messages" and isinstance(body.get("tools"), list):
+        body["tools"] = [dict(t, model=advisor_model) if isinstance(t, dict) and
+                         str(t.get("type", "")).startswith("advisor") else t for t in body["tools"]]
+        changed = True
     if tool_call_cap and endpoint == "anthropic_messages" and isinstance(body.get("tools"), list):
         tools = [dict(t, max_uses=tool_call_cap) if isinstance(t, dict) and (_unbounded_web_search(t) or (
             str(t.get("type", "")).startswith("advisor") and not _count(t.get("max_uses")))) else t

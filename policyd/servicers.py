@@ -149,6 +149,7 @@ def authorize_response(d: Decision) -> policy_pb2.AuthorizeResponse:
         price_table_version=d.price_table_version, reserved=_money(d.currency, d.reserved),
         max_output_tokens=d.max_output_tokens, reservation_expires_unix_ms=d.reservation_expires_ms,
         shadow_denials=list(d.shadow_denials), max_tool_calls=d.max_tool_calls, image_model=d.image_model,
+        fallback_models=list(d.fallback_models), advisor_model=d.advisor_model,
         upstream_model=d.upstream_model, output_cap_field=d.output_cap_field or "max_completion_tokens",
         stream_usage_reported=d.stream_usage_reported,
         rate_limits=[policy_pb2.RateLimit(unit=r.unit, limit=r.limit, remaining=r.remaining, resets_unix_ms=r.resets_ms)

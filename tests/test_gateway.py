@@ -2761,6 +2761,20 @@ def test_anthropics_iterations_and_refusals_are_charged_as_anthropic_bills_them(
     code, _, error = anthropic_post(gateway, key, {"model": "claude-fable-5", "max_tokens": 20, "fallbacks": "opus",
                                                    "messages": [{"role": "user", "content": "malformed"}]})
     assert (code, error["error"]["param"]) == (400, "fallbacks")
+    # the models named beside it go upstream as the provider names them (a table's alias, as the model is sent)
+    code, headers, reply = anthropic_post(gateway, key, {
+        "model": "claude-fable-5", "max_tokens": 20, "fallbacks": [{"model": "house-claude"}],
+        "tools": [{"type": "advisor_20260301", "name": "advisor", "model": "house-claude", "max_uses": 1}],
+        "messages": [{"role": "user", "content": "aliased please decline midway"}]})
+    assert code == 200, reply
+    upstream = [r for r in gateway.mock.received() if "aliased please" in json.dumps(r["body"])][-1]["body"]
+    assert (upstream["fallbacks"], upstream["tools"][0]["model"]) == (
+        [{"model": "claude-sonnet-4-20250514"}], "claude-sonnet-4-20250514")
+    record = gateway.record(headers["x-policyd-request-id"])
+    declined, wrote = reply["usage"]["iterations"]
+    assert record["served_model"] == "house-claude"  # the alias whose upstream name wrote the reply
+    assert record["cost_nanos"] == at("claude-fable-5", declined) + price_quantity(
+        wrote["input_tokens"], parse_amount("3.00")) + price_quantity(wrote["output_tokens"], parse_amount("15.00"))
     # an advisor given no max_uses is sent the plan's bound
     code, headers, reply = anthropic_post(gateway, key, {
         "model": "claude-fable-5", "max_tokens": 20, "messages": [{"role": "user", "content": "advise me"}],

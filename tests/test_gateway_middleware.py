@@ -997,6 +997,12 @@ def test_a_replys_parts_and_the_models_named_beside_it_go_over_the_native_api(ga
         price_quantity(wrote["output_tokens"], parse_amount("25.00"))
     assert (record["served_model"], record["cost_nanos"], record["fallback_reason"]) == (
         "claude-opus-4-8", fable + opus, "provider_fallback")
+    aliased = {**body, "fallbacks": [{"model": "house-claude"}],
+               "messages": [{"role": "user", "content": "mw aliased please decline midway"}]}
+    code, reply = post(f"{gateway.base_url}/messages", headers, json.dumps(aliased).encode())
+    assert code == 200, reply
+    (sent,) = gateway.received("mw aliased please decline midway")  # as the provider names it (AuthorizeResponse's)
+    assert sent["body"]["fallbacks"] == [{"model": "claude-sonnet-4-20250514"}]
     code, refused = post(f"{gateway.base_url}/messages", {**headers, "x-api-key": gateway.customer("mw-claude5-pro")},
                          json.dumps({**body, "model": "claude-sonnet-4"}).encode())
     assert (code, refused["error"]["code"], refused["error"]["param"]) == (403, "model_not_allowed", "fallbacks")

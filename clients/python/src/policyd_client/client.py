@@ -81,6 +81,17 @@ class Decision:
         return str(self.response.image_model) if self.response is not None else ""
 
     @property
+    def fallback_models(self) -> tuple[str, ...]:
+        """Set: the models the proxy must name in the request's server-side fallbacks (Anthropic's `fallbacks`, in
+        order), as the provider names them, where the price table knows one by another name."""
+        return tuple(self.response.fallback_models) if self.response is not None else ()
+
+    @property
+    def advisor_model(self) -> str:
+        """Set: the model the proxy must name in the request's advisor tool, as the provider names it."""
+        return str(self.response.advisor_model) if self.response is not None else ""
+
+    @property
     def upstream_model(self) -> str:
         """The served model as the provider names it: what the proxy sends upstream (in the body, or the
         path where the path names the model) when it differs from the model the request names."""

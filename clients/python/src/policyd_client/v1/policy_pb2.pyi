@@ -379,7 +379,7 @@ class AuthorizeRequest(_message.Message):
     def __init__(self, api_key: _Optional[str] = ..., endpoint: _Optional[_Union[_types_pb2.EndpointFamily, str]] = ..., model: _Optional[str] = ..., attribution: _Optional[_Union[_types_pb2.Attribution, _Mapping]] = ..., shape: _Optional[_Union[RequestShape, _Mapping]] = ..., client: _Optional[_Union[_types_pb2.ClientInfo, _Mapping]] = ..., problem: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ..., count_tokens: _Optional[bool] = ..., stored_response_id: _Optional[str] = ..., previous_response_id: _Optional[str] = ..., creates: _Optional[str] = ..., conversation_id: _Optional[str] = ..., file_ids: _Optional[_Iterable[str]] = ..., charge_held_on_expiry: _Optional[bool] = ..., call_token: _Optional[str] = ..., creates_at: _Optional[str] = ..., thread_budget: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., max_charge: _Optional[_Union[_types_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
-    __slots__ = ("decision", "reason", "message", "http_status", "error", "retry_after_seconds", "owner", "request_id", "requested_model", "served_model", "provider", "route", "policy_version", "price_table_version", "reserved", "max_output_tokens", "reservation_expires_unix_ms", "shadow_denials", "rate_limits", "max_tool_calls", "image_model", "upstream_model", "output_cap_field", "stream_usage_reported")
+    __slots__ = ("decision", "reason", "message", "http_status", "error", "retry_after_seconds", "owner", "request_id", "requested_model", "served_model", "provider", "route", "policy_version", "price_table_version", "reserved", "max_output_tokens", "reservation_expires_unix_ms", "shadow_denials", "rate_limits", "max_tool_calls", "image_model", "upstream_model", "output_cap_field", "stream_usage_reported", "fallback_models", "advisor_model")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -404,6 +404,8 @@ class AuthorizeResponse(_message.Message):
     UPSTREAM_MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_CAP_FIELD_FIELD_NUMBER: _ClassVar[int]
     STREAM_USAGE_REPORTED_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_MODELS_FIELD_NUMBER: _ClassVar[int]
+    ADVISOR_MODEL_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     reason: str
     message: str
@@ -428,7 +430,9 @@ class AuthorizeResponse(_message.Message):
     upstream_model: str
     output_cap_field: str
     stream_usage_reported: bool
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., http_status: _Optional[int] = ..., error: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ..., retry_after_seconds: _Optional[int] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., request_id: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., provider: _Optional[str] = ..., route: _Optional[str] = ..., policy_version: _Optional[int] = ..., price_table_version: _Optional[str] = ..., reserved: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., max_output_tokens: _Optional[int] = ..., reservation_expires_unix_ms: _Optional[int] = ..., shadow_denials: _Optional[_Iterable[str]] = ..., rate_limits: _Optional[_Iterable[_Union[RateLimit, _Mapping]]] = ..., max_tool_calls: _Optional[int] = ..., image_model: _Optional[str] = ..., upstream_model: _Optional[str] = ..., output_cap_field: _Optional[str] = ..., stream_usage_reported: _Optional[bool] = ...) -> None: ...
+    fallback_models: _containers.RepeatedScalarFieldContainer[str]
+    advisor_model: str
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., http_status: _Optional[int] = ..., error: _Optional[_Union[_types_pb2.OpenAIError, _Mapping]] = ..., retry_after_seconds: _Optional[int] = ..., owner: _Optional[_Union[_types_pb2.Owner, _Mapping]] = ..., request_id: _Optional[str] = ..., requested_model: _Optional[str] = ..., served_model: _Optional[str] = ..., provider: _Optional[str] = ..., route: _Optional[str] = ..., policy_version: _Optional[int] = ..., price_table_version: _Optional[str] = ..., reserved: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., max_output_tokens: _Optional[int] = ..., reservation_expires_unix_ms: _Optional[int] = ..., shadow_denials: _Optional[_Iterable[str]] = ..., rate_limits: _Optional[_Iterable[_Union[RateLimit, _Mapping]]] = ..., max_tool_calls: _Optional[int] = ..., image_model: _Optional[str] = ..., upstream_model: _Optional[str] = ..., output_cap_field: _Optional[str] = ..., stream_usage_reported: _Optional[bool] = ..., fallback_models: _Optional[_Iterable[str]] = ..., advisor_model: _Optional[str] = ...) -> None: ...
 
 class RateLimit(_message.Message):
     __slots__ = ("unit", "limit", "remaining", "resets_unix_ms")
