@@ -68,8 +68,7 @@ class Seeding:
     @property
     def scope(self) -> str:
         """The records' column its buckets are named by (store.SCOPE_COLUMNS); "all" for a cap's one bucket."""
-        return "all" if isinstance(self.limit, Cap) else quotas.TAG_SCOPE + self.limit.tag \
-            if self.limit.scope == "tag" else self.limit.scope
+        return "all" if isinstance(self.limit, Cap) else self.limit.scope_key
 
     def binds(self, model: str, provider: str) -> bool:
         """Whether a request served on this model by this provider counts in the limit's buckets."""

@@ -930,6 +930,11 @@ def _unbounded_web_search(tool: dict[str, Any]) -> bool:
     return str(tool.get("type", "")).startswith("web_search") and not _count(tool.get("max_uses"))
 
 
+def _advisor(tool: Any) -> bool:
+    """An Anthropic advisor tool (advisor_20260301: another model the request's model consults)."""
+    return isinstance(tool, dict) and str(tool.get("type", "")).startswith("advisor")
+
+
 def _other_models(call: HttpCall, data: dict[str, Any]) -> tuple[str, str] | None:
     """Other models Anthropic may run for a message, and bill beside it: its server-side fallbacks
     (`fallbacks`: [{"model": ...}], up to three) and its advisor tool's (a tool of type advisor_*: its
@@ -940,7 +945,7 @@ def _other_models(call: HttpCall, data: dict[str, Any]) -> tuple[str, str] | Non
                 isinstance(f, dict) and isinstance(f.get("model"), str) and f["model"] for f in fallbacks):
             return f"fallbacks must be a list of up to {FALLBACK_MODELS_MAX} {{\"model\": ...}}", "fallbacks"
         call.fallback_models = tuple(f["model"][:256] for f in fallbacks)
-    advisors = [t for t in _tools(data) if str(t.get("type", "")).startswith("advisor")]
+    advisors = [t for t in _tools(data) if _advisor(t)]
     if len(advisors) > 1 or (advisors and not (isinstance(advisors[0].get("model"), str) and advisors[0]["model"])):
         return "an advisor tool names its model, and a request has one", "tools"
     if advisors:
@@ -1920,13 +1925,11 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
                              for f, model in zip(body["fallbacks"], fallback_models)]
         changed = True
     if advisor_model and endpoint == "anthropic_messages" and isinstance(body.get("tools"), list):
-        body["tools"] = [dict(t, model=advisor_model) if isinstance(t, dict) and
-                         str(t.get("type", "")).startswith("advisor") else t for t in body["tools"]]
+        body["tools"] = [dict(t, model=advisor_model) if _advisor(t) else t for t in body["tools"]]
         changed = True
     if tool_call_cap and endpoint == "anthropic_messages" and isinstance(body.get("tools"), list):
         tools = [dict(t, max_uses=tool_call_cap) if isinstance(t, dict) and (_unbounded_web_search(t) or (
-            str(t.get("type", "")).startswith("advisor") and not _count(t.get("max_uses")))) else t
-                 for t in body["tools"]]
+            _advisor(t) and not _count(t.get("max_uses")))) else t for t in body["tools"]]
         if tools != body["tools"]:
             body["tools"] = tools
             changed = True

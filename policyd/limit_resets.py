@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from policyd import quotas
 from policyd.db import ApiKeyRow
-from policyd.policy import Limit
+from policyd.policy import TAG_NAME_PATTERN, Limit
 
 # an owner scope a reset may name (the field of its call), in the order a call's fields are read
 NAMED_SCOPES = (("key", "key_id"), ("workspace", "workspace_id"), ("project", "project_id"), ("team", "team_id"),
@@ -76,7 +76,7 @@ def target(customer_id: str, **named: str) -> Target:
     scope, owner_id = given[0] if given else ("customer", "")
     if not customer_id and scope != "key":
         raise ValueError("customer_id is required (or a key_id)")
-    if scope == "tag" and not re.match(r"^[A-Za-z0-9_.-]+=.", owner_id):
+    if scope == "tag" and not re.match(rf"^{TAG_NAME_PATTERN}=.", owner_id):
         raise ValueError("tag names a tag and its value: <tag>=<value>")
     return Target(customer_id, scope, owner_id)
 

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
+from policyd.policy import TAG_NAME_PATTERN, TAG_SCOPE_PREFIX
+
 if TYPE_CHECKING:  # the HTTP API reads this module's bounds without loading SQL's
     from policyd.store import Store
 
 # the dimensions a customer may group by: its own (its customer, the operator's routes and providers are not), and
 # the values of one of its requests' tags ("tag:product")
-TAG_DIMENSION = re.compile(r"^tag:[A-Za-z0-9_.-]{1,64}$")
+TAG_DIMENSION = re.compile(rf"^{TAG_SCOPE_PREFIX}{TAG_NAME_PATTERN}$")
 DIMENSIONS = ("workspace", "project", "team", "key", "environment", "feature", "thread", "end_user", "model",
               "requested_model", "decision", "status", "reason")
 BUCKETS = ("hour", "day", "month")

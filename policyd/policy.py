@@ -29,8 +29,10 @@ ENDPOINT_NAMES = ENDPOINTS
 POLICY_BYTES_MAX = 1_000_000
 LIMITS_PER_PLAN_MAX = 32
 LIMIT_MODELS_MAX = 8  # the model patterns one limit names
-LIMIT_TAG_LENGTH_MAX = 64  # the name of the tag a limit of scope tag counts by
-LIMIT_TAG_VALUES_MAX = 64  # ... and the values it binds
+# a request tag's name, as a limit of scope tag, a report's dimension (tag:<name>) and a reset name it
+TAG_NAME_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
+TAG_SCOPE_PREFIX = "tag:"  # a tag limit's scope key, "tag:<name>" (Limit.scope_key): its ids' entry, its records' value
+LIMIT_TAG_VALUES_MAX = 64  # the values of its tag a limit of scope tag binds
 LIMIT_NAME_LENGTH_MAX = 320
 BALANCE_ALERTS_MAX = 8
 
@@ -327,7 +329,7 @@ class Limit(_Strict):
     # scope tag: the request tag (x-policyd-tag-<name>, Attribution.tags) each value of which counts apart (a cost
     # center, a product, a tenant of the customer's own), and the values it binds (() = every value); a request
     # without that tag, or with a value not listed, is not bound
-    tag: str = Field("", max_length=LIMIT_TAG_LENGTH_MAX, pattern=r"^[A-Za-z0-9_.-]*$")
+    tag: str = Field("", pattern=rf"^(?:{TAG_NAME_PATTERN})?$")
     tag_values: tuple[str, ...] = Field((), max_length=LIMIT_TAG_VALUES_MAX)
     window: Literal["minute", "hour", "day", "month", "total"]
     # days and months from local midnight in this IANA time zone ("" = UTC); the policy's `timezone` by default
@@ -397,7 +399,12 @@ class Limit(_Strict):
 
     @property
     def label(self) -> str:
-        return self.name or f"{self.scope}:{self.tag + ':' if self.tag else ''}{self.unit}:{self.window}"
+        return self.name or f"{self.scope_key}:{self.unit}:{self.window}"
+
+    @property
+    def scope_key(self) -> str:
+        """What names its scope's buckets: the scope, a tag limit's "tag:<name>" (quotas.scope_ids' entries)."""
+        return TAG_SCOPE_PREFIX + self.tag if self.scope == "tag" else self.scope
 
 
 class Cap(Limit):

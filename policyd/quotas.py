@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 from policyd import redis_keys
 from policyd.counters import BucketHold
 from policyd.money import ceil_div
-from policyd.policy import Cap, Limit, time_zone
+from policyd.policy import TAG_SCOPE_PREFIX, Cap, Limit, time_zone
 from policyd.pricing import Quantities
 
 if TYPE_CHECKING:
@@ -36,9 +36,6 @@ class Window:
     end: int  # unix seconds (0 for "total": never)
 
 
-TAG_SCOPE = "tag:"  # scope_ids' entry of a request's tag: "tag:<name>" -> its value
-
-
 def scope_ids(customer_id: str, key_id: str, workspace_id: str = "", project_id: str = "", team_id: str = "",
               feature: str = "", model: str = "", thread_id: str = "", end_user_id: str = "",
               tags: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -55,7 +52,7 @@ def scope_ids(customer_id: str, key_id: str, workspace_id: str = "", project_id:
            "thread": within(thread_id), "end_user": within(end_user_id),
            "thread_budget": within(thread_id)}  # a caller's budget of its thread (key_limits.with_thread_budget)
     for name, value in (tags or {}).items():
-        ids[TAG_SCOPE + name] = value
+        ids[TAG_SCOPE_PREFIX + name] = value
     return ids
 
 
@@ -65,10 +62,17 @@ def limit_scope_id(limit: Limit, ids: Mapping[str, str]) -> str:
     value's within the customer: "<customer>/<tag>=<value>"."""
     if limit.scope != "tag":
         return ids.get(limit.scope, "")
-    value = ids.get(TAG_SCOPE + limit.tag, "")
+    value = ids.get(limit.scope_key, "")
     if not value or (limit.tag_values and value not in limit.tag_values):
         return ""
     return f"{ids['customer']}/{limit.tag}={value}"
+
+
+def tag_of_bucket(bucket_id: str) -> tuple[str, str]:
+    """The tag and value a tag limit's bucket counts (the id of its bucket key, as limit_scope_id named it)."""
+    named = unescape(bucket_id.split(":m=", 1)[0]).partition("/")[2]
+    tag, _, value = named.partition("=")
+    return tag, value
 
 
 async def bucket_states(counters: "Counters", limits: tuple[Limit, ...], ids: dict[str, str], at_ms: int

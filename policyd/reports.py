@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from policyd.db import PRUNED_CURSOR, RollupCursorRow, UsageRecordRow
 from policyd.money import ceil_div
 from policyd.own_usage import TAG_DIMENSION  # a request tag's values ("tag:product")
-from policyd.policy import time_zone
+from policyd.policy import TAG_SCOPE_PREFIX, time_zone
 
 DIMENSIONS = {
     "customer": UsageRecordRow.customer_id, "workspace": UsageRecordRow.workspace_id,
@@ -42,7 +42,7 @@ def dimension_column(name: str) -> Any:
     """The records' column a dimension groups by: a tag's is the value of that tag of each request (none: "")."""
     if name in DIMENSIONS:
         return DIMENSIONS[name]
-    return func.coalesce(UsageRecordRow.tags[name[len("tag:"):]].as_string(), "")
+    return func.coalesce(UsageRecordRow.tags[name[len(TAG_SCOPE_PREFIX):]].as_string(), "")
 
 
 BUCKET_MS = {"hour": 3_600_000, "day": 86_400_000, "month": 86_400_000}

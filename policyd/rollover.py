@@ -144,10 +144,9 @@ def _same_limit(head: str, limit: Limit) -> bool:
     parts = head.split(":", 4)
     if len(parts) != 5 or parts[2] != "b" or parts[3] != limit.scope:
         return False
-    if limit.scope == "tag":  # "<customer>/<tag>=<value>": of its tag, a value it binds
-        value = parts[4].split(":m=", 1)[0].partition("/")[2]
-        name, _, value = value.partition("=")
-        if name != limit.tag or (limit.tag_values and quotas.unescape(value) not in limit.tag_values):
+    if limit.scope == "tag":  # of its tag, a value it binds
+        tag, value = quotas.tag_of_bucket(parts[4])
+        if tag != limit.tag or (limit.tag_values and value not in limit.tag_values):
             return False
     tag = f":m={quotas.models_tag(limit.models)}" if limit.models else ""
     return parts[4].endswith(tag) if tag else ":m=" not in parts[4]

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from policyd import compact_json, key_limits, redis_keys
 from policyd.db import (ApiKeyRow, EventRow, LedgerEntryRow, LimitResetRow, OwnerLimitsRow, PolicyVersionRow,
                         PrunedSumRow, UsageRecordRow, BucketSeedRow, make_engine)
-from policyd.policy import Limit
+from policyd.policy import TAG_SCOPE_PREFIX, Limit
 
 OPEN_STATUSES = ("reserved",)
 OWNER_ID_LENGTH_MAX = 128  # owner_limits.owner_id
@@ -165,6 +165,14 @@ SCOPE_COLUMNS = {"key": "api_key_id", "customer": "customer_id", "workspace": "w
                  "thread": "thread_id", "end_user": "end_user_id"}
 
 
+def scope_column(scope: str) -> Any:
+    """The records' column a limit scope's buckets are named by (SCOPE_COLUMNS); a tag limit's ("tag:<name>"), the
+    value of that tag in each record's tags (NULL where it has none, never equal to "")."""
+    if scope.startswith(TAG_SCOPE_PREFIX):
+        return UsageRecordRow.tags[scope[len(TAG_SCOPE_PREFIX):]].as_string()
+    return getattr(UsageRecordRow, SCOPE_COLUMNS[scope])
+
+
 def use_in_window_query(scope: str, unit: str, since_ms: int, until_ms: int, *, plans: Iterable[str] = (),
                         key_id: str = "", only_key_id: str = "", customer_id: str = "", owner_id: str = "",
                         before_version: int = 0, by_request: bool = False) -> Any:
@@ -177,8 +185,7 @@ def use_in_window_query(scope: str, unit: str, since_ms: int, until_ms: int, *, 
     bind mid-window starts from (bucket_seeds.py). `by_request`: a row a request, each with the buckets it held in
     (its holds) last."""
     r = UsageRecordRow
-    named = None if scope == "all" else getattr(r, SCOPE_COLUMNS[scope]) if not scope.startswith("tag:") \
-        else r.tags[scope[len("tag:"):]].as_string()  # a tag's limit: its value (none: NULL, never equal to "")
+    named = scope_column(scope) if scope != "all" else None
     groups = [r.customer_id, named] if named is not None else [literal(""), literal("")]
     held = held_in_unit(unit, refunds_count=named is not None)  # a refund gives a cap nothing back
     query = select(*groups, r.served_model, r.provider, *((held, r.holds) if by_request else (func.sum(held),))) \
