@@ -146,6 +146,9 @@ class Shape:
     advisor_model: str = ""
     advisor_calls: int = 0
     advisor_max_tokens: int = 0
+    # the fallbacks are a router's (OpenRouter's `models`): tried in turn until one serves, and the model that
+    # served alone is billed; so the hold is the dearest of the request on each, not their sum
+    fallbacks_routed: bool = False
     # how many of a model's most per image (output_tokens_per_image) one image may bill: its area over the
     # standard sizes' largest (1536x1024), times a GIF's frames; 0 = 1 (images, the image_generation tool)
     image_scale: int = 0
@@ -299,6 +302,7 @@ IMAGE_GENERATION_USAGE = ("image_generation_calls", "image_generation_input_toke
 
 
 FALLBACK_MODELS_MAX = 3  # Anthropic's server-side fallbacks a request may name
+ROUTED_FALLBACKS_MAX = 10  # a router's fallback models (`models`) a request may name: policyd's bound
 
 # the token fields a UsagePart holds, which a report with parts has as their sums
 PART_TOKEN_FIELDS = ("input_tokens", "cached_input_tokens", "cache_write_input_tokens", "cache_write_1h_input_tokens",

@@ -1043,7 +1043,7 @@ class Engine:
                               shape: Shape) -> tuple[str, str]:
         """Other models the provider may run for a request, and bill (a server-side fallback, an advisor): the key's
         to use too, as its own model is; the refusal (reason, param) of the first that is not."""
-        others = [(m, "fallbacks") for m in shape.fallback_models] + \
+        others = [(m, "models" if shape.fallbacks_routed else "fallbacks") for m in shape.fallback_models] + \
             ([(shape.advisor_model, "tools")] if shape.advisor_model else [])
         for other, param in others:
             if policy.model(other) is None:
@@ -1303,6 +1303,11 @@ class Engine:
                                        + s.partial_images * PARTIAL_IMAGE_OUTPUT_TOKENS), reserve=True)
             quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, \
                 charge + images_charge
+        if s.fallbacks_routed and s.fallback_models:  # a router's: the one that serves is billed, held as the dearest
+            return self._dearest_routed(request, policy, plan, prior_tokens, s.max_output_tokens or output_cap,
+                                        _Estimate(output_cap, input_tokens, likely, likely_seconds, likely_audio,
+                                                  tool_call_cap, quantities, cost, charge,
+                                                  likely_search_units=likely_search_units))
         if s.fallback_models or s.advisor_model:  # other models' work the provider may bill beside it
             others, others_cost, others_charge, calls = self._other_models_held(policy, plan, billing, s, input_tokens,
                                                                               output_cap)
@@ -1312,6 +1317,25 @@ class Engine:
                 cost + others_cost, charge + others_charge
         return _Estimate(output_cap, input_tokens, likely, likely_seconds, likely_audio, tool_call_cap, quantities,
                          cost, charge, likely_search_units=likely_search_units)
+
+    def _dearest_routed(self, request: AuthorizeInput, policy: Policy, plan: Plan, prior_tokens: int, cap: int,
+                        own: "_Estimate") -> "_Estimate":
+        """A request with a router's fallbacks (OpenRouter's `models`) as the hold of the dearest of it on each model:
+        the router bills the one that serves alone. Each fallback is the whole request on that model, its output cap
+        the one sent (`cap`: the client's, or the one the proxy writes) within the model's max_output_tokens; the
+        output cap and the likely figures stay the model's own."""
+        alone = replace(request, shape=replace(request.shape, fallback_models=(), fallbacks_routed=False,
+                                               max_output_tokens=cap))
+        dearest = own
+        for model in request.shape.fallback_models:
+            price = policy.model(model)
+            assert price is not None, "the fallback was checked against the price table"
+            other = self._estimate(alone, policy, plan, model, price, prior_tokens)
+            extra_tokens = max(0, other.quantities.tokens - dearest.quantities.tokens)
+            dearest = replace(dearest, cost=max(dearest.cost, other.cost), charge=max(dearest.charge, other.charge),
+                              quantities=replace(dearest.quantities,
+                                                 tool_tokens=dearest.quantities.tool_tokens + extra_tokens))
+        return dearest
 
     @staticmethod
     def _other_models_held(policy: Policy, plan: Plan, billing: str, s: Shape, input_tokens: int,

@@ -92,7 +92,8 @@ from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit
 from policyd import own_usage, reasons, request_lookup
 from policyd.audio import wav_seconds
 from policyd.domain import (ANTHROPIC_FAST_MODE, CACHED_CONTENT_PREFIX, CONTAINER_MEMORY_DEFAULT, GEMINI_UPLOAD_PREFIX,
-                            FALLBACK_MODELS_MAX, IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS, SEARCH_CONTEXT_LENGTH_MAX,
+                            FALLBACK_MODELS_MAX, IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS, ROUTED_FALLBACKS_MAX,
+                            SEARCH_CONTEXT_LENGTH_MAX,
                             Attribution, AuthorizeInput, KeySummary, RateLimit, RequestSummary, Shape, bedrock_tier,
                             cached_content_name, tier_in_geo, trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount, parse_amount
@@ -338,8 +339,10 @@ class HttpCall:
     image_model_default: bool = False  # the tool names none: the plan's is set in it (Decision.image_model)
     image_generation_calls: int = 0  # the most calls the request allows (max_tool_calls; 0: no bound given)
     partial_images: int = 0  # partial images each streamed image_generation call sends
-    # other models Anthropic may run for it, and bill: its server-side fallbacks, its advisor tool's (Shape's)
+    # other models the provider may run for it, and bill: Anthropic's server-side fallbacks and its advisor tool's,
+    # or a router's fallbacks (`models`: fallbacks_routed, the one that serves alone billed) (Shape's)
     fallback_models: tuple[str, ...] = ()
+    fallbacks_routed: bool = False
     advisor_model: str = ""
     advisor_calls: int = 0
     advisor_max_tokens: int = 0
@@ -422,7 +425,7 @@ class HttpCall:
                         document_tokens_max=self.document_tokens_max, least_output_cap=self.least_output_cap,
                         search_context_size=self.search_context_size, fallback_models=self.fallback_models,
                         advisor_model=self.advisor_model, advisor_calls=self.advisor_calls,
-                        advisor_max_tokens=self.advisor_max_tokens),
+                        advisor_max_tokens=self.advisor_max_tokens, fallbacks_routed=self.fallbacks_routed),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, deletes_stored=self.deletes_stored,
             previous_response=self.previous_response,
@@ -955,6 +958,31 @@ def _other_models(call: HttpCall, data: dict[str, Any]) -> tuple[str, str] | Non
     return None
 
 
+# endpoints where a router (OpenRouter, and gateways of its kind) reads `models`, the fallbacks it tries in turn
+ROUTED_ENDPOINTS = frozenset({"chat_completions", "completions", "responses"})
+
+
+def _routed_models(call: HttpCall, data: dict[str, Any]) -> tuple[str, str] | None:
+    """A router's fallback models (OpenRouter's `models`: tried in turn until one serves, the one that served
+    alone billed), besides the request's `model` (the list's first when it names none): up to
+    ROUTED_FALLBACKS_MAX, the model itself and repeats once. The problem, if any, as (message, param)."""
+    models = data["models"]
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        return "models must be a list of model names", "models"
+    others = _routed_fallbacks(data)
+    if len(others) > ROUTED_FALLBACKS_MAX:
+        return f"models names at most {ROUTED_FALLBACKS_MAX} models besides the request's own", "models"
+    call.fallback_models, call.fallbacks_routed = others, bool(others)
+    return None
+
+
+def _routed_fallbacks(data: dict[str, Any]) -> tuple[str, ...]:
+    """A router's list of models (a list of names) as the fallbacks besides the request's model, in order."""
+    models, model = data["models"], data.get("model")
+    primary = model if isinstance(model, str) and model else models[0] if models and isinstance(models[0], str) else ""
+    return tuple(dict.fromkeys(m[:256] for m in models if isinstance(m, str) and m and m != primary))
+
+
 def _unbounded_search_tools(endpoint: str, data: dict[str, Any], kind: str = "web_search") -> int:
     """Search tools of a kind the provider runs that the request gives no bound for: on Anthropic's API each
     web search tool without `max_uses`; on the Responses API, 1 when such a tool is given without
@@ -1176,7 +1204,11 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if named.batch:
         call.model = path_model  # Gemini's: the model its requests are all for
         return _batch(call, data)
-    model = path_model or data.get("model") or (MODERATION_MODEL_DEFAULT if endpoint == "moderations" else None)
+    routed = endpoint in ROUTED_ENDPOINTS and "models" in data
+    if routed and (problem := _routed_models(call, data)):
+        return _problem(call, "invalid_request", *problem)
+    model = path_model or data.get("model") or (MODERATION_MODEL_DEFAULT if endpoint == "moderations" else None) \
+        or (data["models"][0] if routed and data["models"] else None)  # a router's list: its first when none
     if not isinstance(model, str) or not model:
         return _problem(call, "invalid_request", "you must provide a model parameter", "model")
     if endpoint == "cached_contents":  # "models/M", or Vertex AI's ".../publishers/google/models/M"
@@ -1857,7 +1889,8 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
       max_tool_calls, max_uses of each Anthropic web search tool without one;
     - the image model the image_generation tool is to name (`image_model`: the plan's default for a tool
       naming none, or the tool's own as the provider names it); the models Anthropic's `fallbacks` and advisor
-      tool are to name (`fallback_models`, `advisor_model`), as the provider names them;
+      tool are to name (`fallback_models`, `advisor_model`), as the provider names them, and so a router's
+      `models` (the request's own model in it as it is sent);
     - stream_options.include_usage for streamed chat and text completions, so usage is always reported;
       or, where the provider reports it unasked and refuses stream_options (`stream_usage_reported`,
       Mistral's), no stream_options at all: the client's are taken out.
@@ -1923,6 +1956,12 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
             len(body["fallbacks"]) == len(fallback_models):  # each, in order, as the provider names it
         body["fallbacks"] = [dict(f, model=model) if isinstance(f, dict) else f
                              for f, model in zip(body["fallbacks"], fallback_models)]
+        changed = True
+    if endpoint in ROUTED_ENDPOINTS and isinstance(body.get("models"), list) and (renamed or fallback_models):
+        # a router's list, each as the provider names it, the model asked for as it is sent (a downgrade's too)
+        names = dict(zip(_routed_fallbacks(call_body), fallback_models)) | ({requested_model: upstream_model}
+                                                                            if renamed else {})
+        body["models"] = [names.get(m, m) if isinstance(m, str) else m for m in body["models"]]
         changed = True
     if advisor_model and endpoint == "anthropic_messages" and isinstance(body.get("tools"), list):
         body["tools"] = [dict(t, model=advisor_model) if _advisor(t) else t for t in body["tools"]]

@@ -37,7 +37,8 @@ for this many reads of it (default 2) before it is completed, with its usage; ca
 reports the input and half the output.
 
 Header `x-mock-reply-model`: the model the reply names (a provider that served another model than it
-was sent: a server-side fallback, a router).
+was sent: a server-side fallback, a router). A chat completion or response with a router's `models` whose
+prompt says "fall through" is answered by the first of them other than its `model` (OpenRouter's fallbacks).
 
 Usage it reports: prompt tokens = ceil(UTF-8 bytes of the messages / 4), completion tokens =
 min(the request's output cap, 12). `GET /_mock/requests` lists what it received (for tests).
@@ -435,6 +436,9 @@ class MockProvider:
         model = deployment or (vertex_anthropic.group("model") if vertex_anthropic else
                                urllib.parse.unquote(bedrock.group("model")) if bedrock else body.get("model", ""))
         model = h.headers.get("x-mock-reply-model") or model  # a provider that served another model than sent
+        routed = [m for m in body.get("models") or [] if isinstance(m, str) and m != model]
+        if routed and "fall through" in json.dumps(body.get("messages", body.get("input"))):
+            model = routed[0]  # a router's: the model asked for failed, its first fallback served (and is billed)
         p_tokens = prompt_tokens(body)
         c_tokens = min(output_cap(body), COMPLETION_TOKENS_MAX)
         text = "".join(WORDS[:c_tokens])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from policyd.domain import (CREATABLE, CREATED_AT, ENDPOINTS, FILES_PER_REQUEST_MAX, IMAGE_SCALE_MAX,
-                            FALLBACK_MODELS_MAX, PART_TOKEN_FIELDS, SEARCH_CONTEXT_LENGTH_MAX, USAGE_PARTS_MAX,
-                            AuthorizeInput, UsageReport)
+                            FALLBACK_MODELS_MAX, PART_TOKEN_FIELDS, ROUTED_FALLBACKS_MAX, SEARCH_CONTEXT_LENGTH_MAX,
+                            USAGE_PARTS_MAX, AuthorizeInput, UsageReport)
 from policyd.money import AMOUNT_MAX, QUANTITY_MAX, TOKEN_SECONDS_MAX
 from policyd.policy import CONTAINER_MEMORY_LENGTH_MAX
 
@@ -137,8 +137,9 @@ def check_authorize(request: AuthorizeInput) -> None:
         raise Problem("invalid_request", f"containers must be between 0 and {SEARCH_TOOLS_MAX}", "containers")
     _text_field("container_memory", s.container_memory, CONTAINER_MEMORY_LENGTH_MAX)
     _text_field("search_context_size", s.search_context_size, SEARCH_CONTEXT_LENGTH_MAX)
-    if len(s.fallback_models) > FALLBACK_MODELS_MAX or not all(s.fallback_models):
-        raise Problem("invalid_request", f"fallbacks name at most {FALLBACK_MODELS_MAX} models", "fallbacks")
+    most = ROUTED_FALLBACKS_MAX if s.fallbacks_routed else FALLBACK_MODELS_MAX
+    if len(s.fallback_models) > most or not all(s.fallback_models):
+        raise Problem("invalid_request", f"fallbacks name at most {most} models", "fallbacks")
     for name in s.fallback_models:
         _text_field("fallbacks", name, MODEL_NAME_LENGTH_MAX)
     _text_field("advisor_model", s.advisor_model, MODEL_NAME_LENGTH_MAX)

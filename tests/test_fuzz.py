@@ -38,7 +38,8 @@ def requests(draw, secret: str):
                     containers=draw(numbers), container_memory=draw(st.one_of(st.just("1g"), text)),
                     maps_grounding=draw(st.booleans()),
                     # other models the provider may run for it: fallbacks, an advisor, its calls and output
-                    fallback_models=tuple(draw(st.lists(st.one_of(st.just("gpt-4o"), text), max_size=5))),
+                    fallback_models=tuple(draw(st.lists(st.one_of(st.just("gpt-4o"), text), max_size=12))),
+                    fallbacks_routed=draw(st.booleans()),
                     advisor_model=draw(st.one_of(st.sampled_from(["", "gpt-4o"]), text)),
                     advisor_calls=draw(numbers), advisor_max_tokens=draw(numbers)),
         client_address=draw(text), user_agent=draw(text),
@@ -188,7 +189,7 @@ def test_any_reply_in_any_coding_is_read_without_failing(coding: str, body: byte
 _BODY_KEYS = ["model", "tools", "max_uses", "type", "max_tool_calls", "max_output_tokens", "max_tokens",
               "max_completion_tokens", "generationConfig", "maxOutputTokens", "stream", "stream_options",
               "include_usage", "messages", "input", "contents", "generation_config", "max_output_tokens",
-              "candidateCount", "candidate_count"]
+              "candidateCount", "candidate_count", "models", "fallbacks"]
 _bodies = st.dictionaries(st.sampled_from(_BODY_KEYS), st.recursive(
     st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=5)
     | st.sampled_from(["web_search_20250305", "web_search", "image_generation"]),
@@ -200,12 +201,14 @@ _bodies = st.dictionaries(st.sampled_from(_BODY_KEYS), st.recursive(
 @given(body=_bodies, endpoint=st.sampled_from(["chat_completions", "completions", "responses", "anthropic_messages",
                                                "gemini_generate_content", "embeddings"]),
        served=st.sampled_from(["m", "cheaper"]), cap=st.integers(0, 1000), gave=st.booleans(), stream=st.booleans(),
-       tool_cap=st.integers(0, 20))
+       tool_cap=st.integers(0, 20), others=st.lists(st.text(max_size=5), max_size=3))
 def test_any_body_is_rewritten_without_failing(body: dict, endpoint: str, served: str, cap: int, gave: bool,
-                                               stream: bool, tool_cap: int) -> None:
+                                               stream: bool, tool_cap: int, others: list[str]) -> None:
     """What policy writes into a request (the served model, the output cap, the tools' bound, usage in a
-    stream) never fails on a body of odd values: the reservation is not left behind a failed rewrite."""
-    rewritten = rewrite_body(body, endpoint, served, "m", cap, gave, stream, False, tool_cap)
+    stream, the other models it names) never fails on a body of odd values: the reservation is not left behind
+    a failed rewrite."""
+    rewritten = rewrite_body(body, endpoint, served, "m", cap, gave, stream, False, tool_cap,
+                             fallback_models=tuple(others))
     if rewritten is not None:
         sent = json.loads(encoded_body(rewritten))
         downgraded = served != "m" and endpoint != "gemini_generate_content"  # Gemini's model is in its path

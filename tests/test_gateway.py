@@ -216,6 +216,53 @@ def test_a_reply_from_another_model_than_sent_is_charged_as_the_model_that_serve
     assert record["charge_nanos"] == expected_charge("gpt-4o", usage.prompt_tokens, usage.completion_tokens)
 
 
+def test_a_routers_fallback_models_are_the_keys_held_as_the_dearest_and_charged_as_the_one_that_served(
+        gateway: Gateway) -> None:
+    """A router's fallbacks (OpenRouter's `models`, sent with the openai SDK's extra_body): a model the key may not
+    use is refused before the provider is called; the hold is the dearest of them; the reply of the fallback that
+    served is charged as it; a table's alias in the list goes upstream as the provider names it."""
+    key = gateway.customer("e2e-routed")
+    client = gateway.client(key)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "fall through"}], max_tokens=8,
+        extra_body={"models": ["gpt-4o-mini", "gpt-4o"]})
+    completion = raw.parse()
+    assert completion.model == "gpt-4o"  # the model asked for failed: its fallback served
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["requested_model"], record["served_model"]) == ("gpt-4o-mini", "gpt-4o")
+    assert record["charge_nanos"] == expected_charge("gpt-4o", completion.usage.prompt_tokens,
+                                                     completion.usage.completion_tokens)
+    assert record["reserved_nanos"] >= expected_charge("gpt-4o", completion.usage.prompt_tokens, 8)  # the dearest
+    headers, chunks = streamed(client, "fall through, streamed", max_tokens=8, extra_body={"models": ["gpt-4o"]},
+                               stream_options={"include_usage": True})
+    usage = [c.usage for c in chunks if c.usage][0]
+    record = gateway.record(headers["x-policyd-request-id"])
+    assert record["served_model"] == "gpt-4o" and {c.model for c in chunks} == {"gpt-4o"}
+    assert record["charge_nanos"] == expected_charge("gpt-4o", usage.prompt_tokens, usage.completion_tokens)
+    # a plan without the premium tier may not name it as a fallback, nor as the list's first without a model
+    free = gateway.customer("e2e-routed-free", plan="free")
+    for rid, extra in (("listed", {"models": ["gpt-4o"]}), ("first", {"models": ["gpt-4o", "gpt-4o-mini"]})):
+        body = {"messages": [{"role": "user", "content": f"not mine {rid}"}], "max_tokens": 8, **extra}
+        if rid == "listed":
+            body["model"] = "gpt-4o-mini"
+        code, _, error = post(f"{gateway.base_url}/chat/completions", {"authorization": f"Bearer {free}",
+                                                                        "content-type": "application/json"},
+                              json.dumps(body).encode())
+        assert (code, error["error"]["code"], error["error"]["param"]) == (
+            403, "model_not_allowed", "models" if rid == "listed" else "model"), error
+        assert f"not mine {rid}" not in json.dumps(gateway.mock.received())
+    with pytest.raises(openai.BadRequestError) as malformed:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "malformed"}],
+                                       max_tokens=8, extra_body={"models": "gpt-4o"})
+    assert malformed.value.body["param"] == "models"
+    # a table's alias in the list is sent as the provider names it
+    house = gateway.client(gateway.customer("e2e-routed-house", plan="house"))
+    house.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "routed alias"}],
+                                  max_tokens=8, extra_body={"models": ["gpt-4o", "house-fast"]})
+    (upstream,) = [r["body"] for r in gateway.mock.received() if "routed alias" in json.dumps(r["body"])]
+    assert upstream["models"] == ["gpt-4o", "gpt-4o-mini-2024-07-18"]
+
+
 def test_a_request_id_reused_while_its_first_request_is_in_flight_is_refused(gateway: Gateway) -> None:
     """Clients may name their requests (x-policyd-request-id, idempotency-key, x-request-id). A second one
     sent with the id of one still in flight (a retry on a timeout, or on purpose) used to be answered as a

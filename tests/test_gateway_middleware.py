@@ -1006,6 +1006,22 @@ def test_a_replys_parts_and_the_models_named_beside_it_go_over_the_native_api(ga
     code, refused = post(f"{gateway.base_url}/messages", {**headers, "x-api-key": gateway.customer("mw-claude5-pro")},
                          json.dumps({**body, "model": "claude-sonnet-4"}).encode())
     assert (code, refused["error"]["code"], refused["error"]["param"]) == (403, "model_not_allowed", "fallbacks")
+    # a router's fallbacks (`models`, RequestShape.fallbacks_routed): the one that served charged, the dearest held
+    routed = {"model": "gpt-4o-mini", "max_tokens": 8, "models": ["gpt-4o"],
+              "messages": [{"role": "user", "content": "mw fall through"}]}
+    chat = {"content-type": "application/json", "authorization": f"Bearer {gateway.customer('mw-routed')}"}
+    code, reply = post(f"{gateway.base_url}/chat/completions", chat, json.dumps(routed).encode())
+    assert (code, reply["model"]) == (200, "gpt-4o"), reply
+    (listed,) = gateway.records("mw-routed")
+    record = gateway.record(listed.request_id)
+    usage = reply["usage"]
+    held = price_quantity(usage["prompt_tokens"], parse_amount("2.50")) + price_quantity(8, parse_amount("10.00"))
+    assert (record["served_model"], record["cost_nanos"]) == ("gpt-4o", price_quantity(
+        usage["prompt_tokens"], parse_amount("2.50")) + price_quantity(usage["completion_tokens"], parse_amount("10.00")))
+    assert record["reserved_nanos"] >= held  # gpt-4o's hold, not gpt-4o-mini's
+    code, refused = post(f"{gateway.base_url}/chat/completions", {
+        **chat, "authorization": f"Bearer {gateway.customer('mw-routed-free', plan='free')}"}, json.dumps(routed).encode())
+    assert (code, refused["error"]["code"], refused["error"]["param"]) == (403, "model_not_allowed", "models")
 
 
 def test_a_token_count_names_the_model_as_the_provider_does(gateway: ExampleGateway) -> None:

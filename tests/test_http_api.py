@@ -124,6 +124,38 @@ def test_shape_and_attribution() -> None:
     assert (gemini.model, gemini.stream, gemini.max_output_tokens) == ("gemini-2.5-flash", True, 9)
 
 
+def test_a_routers_models_are_read_as_its_fallbacks_and_sent_as_the_provider_names_them() -> None:
+    """OpenRouter's `models` (and gateways of its kind) on chat and text completions and responses: the fallbacks
+    besides the request's model, in order, each once; the list's first is the model when the request names none."""
+    def parsed(path: str, **body: Any) -> http_api.HttpCall:
+        return parse_call("POST", path, {}, json.dumps({"messages": [], "input": "hi", "prompt": "hi",
+                                                        **body}).encode())
+
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+        call = parsed(path, model="a/cheap", models=["a/cheap", "b/dear", "c/other", "b/dear"])
+        assert (call.model, call.fallback_models, call.fallbacks_routed, call.problem) == (
+            "a/cheap", ("b/dear", "c/other"), True, ""), path
+        assert call.authorize_input().shape.fallbacks_routed
+        first = parsed(path, models=["b/dear", "a/cheap"])
+        assert (first.model, first.fallback_models) == ("b/dear", ("a/cheap",))
+    assert parsed("/v1/chat/completions", model="a/cheap", models=[]).fallback_models == ()
+    assert not parsed("/v1/chat/completions", model="a/cheap", models=["a/cheap"]).fallbacks_routed
+    for models in ("b/dear", ["b/dear", 7], [""], {"b": 1}, [f"m/{n}" for n in range(11)]):
+        refused = parsed("/v1/chat/completions", model="a/cheap", models=models)
+        assert (refused.problem, refused.problem_param) == ("invalid_request", "models"), models
+    assert parsed("/v1/chat/completions", models=[]).problem_param == "model"  # no model at all
+    # elsewhere `models` is no router's list: not read
+    assert parse_call("POST", "/v1/embeddings", {}, json.dumps(
+        {"model": "e", "input": "x", "models": "anything"}).encode()).fallback_models == ()
+    # sent with each as the provider names it; the model asked for (served otherwise: a downgrade) as it is sent
+    body = {"model": "house", "models": ["house", "alias", "plain"], "messages": []}
+    rewritten = rewrite_body(body, "chat_completions", "cheap-2024", "house", 0, True, False,
+                             fallback_models=("alias-upstream", "plain"))
+    assert rewritten["models"] == ["cheap-2024", "alias-upstream", "plain"] and rewritten["model"] == "cheap-2024"
+    assert rewrite_body({"models": ["house", "plain"], "messages": []}, "chat_completions", "house", "house", 0, True,
+                        False) is None
+
+
 def test_a_request_is_named_by_its_own_headers_and_a_tracing_id_never_refuses_it() -> None:
     body = b'{"model": "gpt-4o-mini", "messages": []}'
 

@@ -1838,6 +1838,76 @@ async def test_other_models_a_request_names_must_be_allowed_and_are_held_for(ser
     assert Shape().fallback_models == ()
 
 
+async def test_a_routers_fallbacks_are_the_keys_and_the_dearest_of_them_is_held(service: Service) -> None:
+    """A router's fallbacks (OpenRouter's `models`): tried in turn until one serves, the one that served alone
+    billed. Each must be one the key may use (else refused, naming `models`, nothing held); the hold is the whole
+    request on the dearest of them (its output cap within that model's max_output_tokens), not their sum; a
+    fallback that served is charged at its prices."""
+    from policyd.domain import Shape
+
+    document = yaml.safe_load((await service.admin.book.version(1)).canonical)
+    models = document["price_table"]["models"]
+    models["openai/gpt-4o-mini"] = {"provider": "openrouter", "tier": "low-cost", "input": "0.15", "output": "0.60"}
+    models["anthropic/claude-opus-4"] = {"provider": "openrouter", "tier": "premium", "input": "15.00",
+                                         "output": "75.00", "max_output_tokens": 32000}
+    models["google/gemini-flash"] = {"provider": "openrouter", "tier": "low-cost", "input": "0.10", "output": "0.40"}
+    await service.admin.apply_policy(yaml.safe_dump(document), "routed.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "100")
+
+    def asked(rid: str, cap: int = 200, **shape: Any) -> AuthorizeInput:
+        request = ask(secret, model="openai/gpt-4o-mini", request_id=rid, input_tokens=1000, max_output_tokens=cap)
+        return replace(request, shape=replace(request.shape, **shape))
+
+    def at(input_price: str, output_price: str, output_tokens: int = 200) -> int:
+        return apply_basis_points(price_quantity(1000, parse_amount(input_price))
+                                  + price_quantity(output_tokens, parse_amount(output_price)), 12_000)  # pro: +20%
+
+    alone = await service.engine.authorize(asked("alone"))
+    assert alone.reserved == at("0.15", "0.60")
+    cheaper = await service.engine.authorize(asked("cheaper", fallback_models=("google/gemini-flash",),
+                                                   fallbacks_routed=True))
+    assert cheaper.reserved == at("0.15", "0.60")  # the model asked for is the dearest: held as alone
+    dearest = await service.engine.authorize(asked("dearest", fallback_models=(
+        "google/gemini-flash", "anthropic/claude-opus-4"), fallbacks_routed=True))
+    assert dearest.reserved == at("15.00", "75.00")  # not the sum of the three
+    summed = await service.engine.authorize(asked("summed", fallback_models=(
+        "google/gemini-flash", "anthropic/claude-opus-4")))  # Anthropic's kind: each declined attempt may bill
+    assert summed.reserved > dearest.reserved
+    big = await service.engine.authorize(asked("big-cap", cap=100_000, fallback_models=("anthropic/claude-opus-4",),
+                                               fallbacks_routed=True))
+    assert big.reserved == at("15.00", "75.00", 32_000)  # the fallback writes at most its own max_output_tokens
+    # the one that served is charged at its prices; one that did not, at the model asked for's
+    served = await service.engine.settle(usage("dearest", 1000, 150, reply_model="anthropic/claude-opus-4"))
+    assert served.cost == price_quantity(1000, parse_amount("15.00")) + price_quantity(150, parse_amount("75.00"))
+    kept = await service.engine.settle(usage("cheaper", 1000, 150, reply_model="openai/gpt-4o-mini"))
+    assert kept.cost == price_quantity(1000, parse_amount("0.15")) + price_quantity(150, parse_amount("0.60"))
+    await service.writer.drain()
+    assert service.store.usage_record("dearest").served_model == "anthropic/claude-opus-4"
+    # a key of a plan without the premium tier may not have them served to it; a model the table lacks is unknown
+    _, low = await new_key(service, customer="thrifty", plan="free")
+    await fund(service, "thrifty", "100")
+    request = ask(low, model="openai/gpt-4o-mini", request_id="free-routed", input_tokens=10)
+    denied = await service.engine.authorize(replace(request, shape=replace(
+        request.shape, fallback_models=("anthropic/claude-opus-4",), fallbacks_routed=True)))
+    assert (denied.decision, denied.reason, denied.error_param, denied.reserved) == (
+        "deny", "model_not_allowed", "models", 0)
+    unknown = await service.engine.authorize(asked("unknown", fallback_models=("mystery/model-9",),
+                                                   fallbacks_routed=True))
+    assert (unknown.decision, unknown.reason, unknown.error_param) == ("deny", "unknown_model", "models")
+    # a router may be given ten; Anthropic's fallbacks are three at most
+    many = ("google/gemini-flash",) * 11
+    ten = await service.engine.authorize(asked("ten", fallback_models=many[:10], fallbacks_routed=True))
+    assert (ten.decision, ten.reserved) == ("allow", at("0.15", "0.60"))
+    for rid, shape, most in (("eleven", {"fallback_models": many, "fallbacks_routed": True}, 10),
+                             ("four", {"fallback_models": many[:4]}, 3)):
+        refused = await service.engine.authorize(asked(rid, **shape))
+        assert (refused.decision, refused.reason, refused.error_param, refused.reserved) == (
+            "deny", "invalid_request", "fallbacks", 0)
+        assert f"at most {most}" in refused.message
+    assert Shape().fallbacks_routed is False
+
+
 async def test_a_cut_stream_is_charged_the_input_the_provider_reported_and_the_output_delivered(service: Service) -> None:
     from policyd.usage_capture import Tokens
 

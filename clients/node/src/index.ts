@@ -111,6 +111,7 @@ export interface AuthorizeInput {
   leastOutputCap?: number;  // the least cap the provider accepts (Anthropic's max_tokens past thinking.budget_tokens)
   searchContextSize?: string;  // web_search_options.search_context_size (Perplexity's, OpenAI's search models): a fee by it
   fallbackModels?: string[];   // models the provider may fall back to and bill (Anthropic's fallbacks): the key's too, held
+  fallbacksRouted?: boolean;   // ... a router's (OpenRouter's models): the one serving alone billed, the dearest held
   advisorModel?: string;       // an advisor tool's model (Anthropic's advisor_*): the key's too, held for its calls
   advisorCalls?: number;       // ... at most this many (its max_uses; 0: the plan's bound, set it as maxToolCalls says)
   advisorMaxTokens?: number;   // ... each writing at most this (its max_tokens; 0: the advisor model's cap)
@@ -298,6 +299,7 @@ export class PolicyClient {
         searchContextSize: input.searchContextSize ?? "",
         fallbackModels: input.fallbackModels ?? [], advisorModel: input.advisorModel ?? "",
         advisorCalls: input.advisorCalls ?? 0, advisorMaxTokens: input.advisorMaxTokens ?? 0,
+        fallbacksRouted: input.fallbacksRouted ?? false,
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",
