@@ -24,7 +24,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import asdict, astuple, dataclass, fields, replace
+from dataclasses import asdict, astuple, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from policyd import keys as key_secrets
@@ -114,13 +114,16 @@ KEY_STATE_DENIALS = {"invalid": "invalid_api_key", "paused": "key_paused", "revo
                      "expired": "key_expired", "unavailable": "unavailable"}
 
 
-def _buckets_held(holds: list[BucketHold]) -> list[list[Any]]:
+def _buckets_held(holds: list[BucketHold], counts_only: dict[str, tuple[str, ...]] | None = None) -> list[list[Any]]:
     """[bucket key, unit, amount] of each bucket a request is counted in, once however many of its limits count
     there (a shadow limit beside a blocking one, a downgrade before a block): what its settle, release, refund,
-    the audit and a rebuild take the bucket's count from."""
+    the audit and a rebuild take the bucket's count from. A bucket counting the request only if some of the models
+    that may serve it does (`counts_only`: a limit on a fallback's model) names them, fourth: its settle counts
+    nothing there when another served it."""
     held: dict[str, list[Any]] = {}
     for h in holds:
-        held.setdefault(h.key, [h.key, h.unit, h.amount])
+        held.setdefault(h.key, [h.key, h.unit, h.amount, *([list(counts_only[h.key])] if counts_only and h.key
+                                                            in counts_only else [])])
     return list(held.values())
 
 
@@ -306,6 +309,9 @@ class _Plan:
     request_charge: int = 0  # the most one request of it may be charged (a batch's dearest; else `charge`)
     search_units: int = 0  # a rerank's search units held (a model priced per search unit) ...
     likely_search_units: int = 0  # ... and the fewest it bills: what a settle without the provider's count charges
+    # bucket key -> the models whose serving the request counts there, of those that may serve it (a fallback's
+    # limit: only if it serves), where not all of them; {} for a request only its own model serves
+    counts_only: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, model: str) -> "_Plan":
@@ -1177,25 +1183,44 @@ class Engine:
         quantities, cost, charge = estimate.quantities, estimate.cost, estimate.charge
         partition = self.counters.partition_of(owner.customer_id)
         a = request.attribution
-        buckets = scope_ids(owner.customer_id, owner.api_key_id, owner.workspace_id, owner.project_id, owner.team_id,
-                            a.feature, model, a.thread_id, a.end_user_id, a.tags)
+        limits = key_limits.with_thread_budget(key_limits.effective(plan.limits, own_limits, policy.document.timezone,
+                                                                    at), request.thread_budget)
         holds: list[BucketHold] = []
         by_label: dict[str, tuple[Limit, int]] = {}
-        for limit in key_limits.with_thread_budget(key_limits.effective(plan.limits, own_limits,
-                                                                        policy.document.timezone, at),
-                                                   request.thread_budget):
-            scope_id = buckets[limit.scope] if limit.scope != "tag" else limit_scope_id(limit, buckets)
-            if not scope_id or limit.label == skip_label or not limit.binds(model, price.tier):
-                continue  # a thread limit binds requests that name a thread; one on some models, those served on them
-            hold, window = hold_for(limit, partition, scope_id, at // 1000, charge, quantities, cost)
-            holds.append(hold)
-            by_label[limit.label] = (limit, window.end)
-        for cap in policy.caps_for(model):  # the operator's own, across every customer
-            if cap.label != skip_label:
-                hold, window = cap_hold(cap, at // 1000, charge, cost, quantities)
-                holds.append(hold)
-                by_label[cap.label] = (cap, window.end)
+        # the models that may serve it (its own; a fallback the provider may run): a limit or cap on any of them holds
+        served_by = (model, *request.shape.fallback_models) if request.shape.fallback_models else (model,)
+        bound: dict[tuple[str, str], set[str]] = {}  # (bucket key, label) -> the models of served_by it counts
+        for serving in served_by:
+            serving_price = price if serving == model else policy.model(serving)
+            assert serving_price is not None, "the model was checked against the price table"
+            buckets = scope_ids(owner.customer_id, owner.api_key_id, owner.workspace_id, owner.project_id,
+                                owner.team_id, a.feature, serving, a.thread_id, a.end_user_id, a.tags)
+            found: list[tuple[BucketHold, Limit | Cap, int]] = []
+            for limit in limits:
+                scope_id = buckets[limit.scope] if limit.scope != "tag" else limit_scope_id(limit, buckets)
+                if not scope_id or limit.label == skip_label or not limit.binds(serving, serving_price.tier):
+                    continue  # a thread limit binds requests that name a thread; one on some models, those served on them
+                hold, window = hold_for(limit, partition, scope_id, at // 1000, charge, quantities, cost)
+                found.append((hold, limit, window.end))
+            for cap in policy.caps_for(serving):  # the operator's own, across every customer
+                if cap.label != skip_label:
+                    hold, window = cap_hold(cap, at // 1000, charge, cost, quantities)
+                    found.append((hold, cap, window.end))
+            for hold, bounding, end in found:
+                models = bound.setdefault((hold.key, bounding.label), set())
+                if not models:
+                    holds.append(hold)
+                    by_label[bounding.label] = (bounding, end)
+                models.add(serving)
+        counts_only: dict[str, tuple[str, ...]] = {}
+        if len(served_by) > 1:  # a bucket counts a request its limits count (two limits may share one)
+            by_key: dict[str, set[str]] = {}
+            for (key, _), models in bound.items():
+                by_key.setdefault(key, set()).update(models)
+            counts_only = {key: tuple(m for m in served_by if m in models) for key, models in by_key.items()
+                           if len(models) < len(served_by)}
         return _Plan(model, price, estimate.input_tokens, estimate.output_cap, charge, holds, by_label,
+                     counts_only=counts_only,
                      likely_input_tokens=estimate.likely_input_tokens, likely_seconds=estimate.likely_seconds,
                      likely_audio_tokens=estimate.likely_audio_tokens, tool_call_cap=estimate.tool_call_cap,
                      skip_label=skip_label, request_charge=estimate.request_charge or charge,
@@ -1530,7 +1555,7 @@ class Engine:
             "reservation_mode": plan.reservation if plan else "",
             "currency": policy.document.currency if policy else "",
             "max_output_tokens": attempt.output_cap,
-            "holds": _buckets_held(attempt.holds),
+            "holds": _buckets_held(attempt.holds, attempt.counts_only),
             "decision_latency_us": (time.perf_counter_ns() - started) // 1000,
             "client_address": request.client_address, "user_agent": request.user_agent,
         }
@@ -1725,8 +1750,8 @@ class Engine:
         fingerprint = hashlib.sha256(json.dumps(numbers).encode()).hexdigest()[:32]
         deltas = []
         final_holds = []
-        for key, unit, held in r["holds"]:
-            actual = amount_for(unit, charge, cost, quantities)
+        for key, unit, held, *only in r["holds"]:  # a bucket counting only some models' serving: nothing for another's
+            actual = amount_for(unit, charge, cost, quantities) if not only or served in only[0] else 0
             deltas.append((key, actual - held, actual))
             final_holds.append([key, unit, actual])
         settlement = {
@@ -1976,7 +2001,7 @@ class Engine:
         r = reservation.record
         outcome = await self.counters.release(
             reservation, customer_id=r["wallet_id"], key_id=r["api_key_id"], now_ms=self.clock(), target=target,
-            reason=reason, bucket_releases=[(key, -held) for key, _, held in r["holds"]],
+            reason=reason, bucket_releases=[(key, -held) for key, _, held, *_ in r["holds"]],
         )
         if target == "released":  # an expired one stays settleable (late): keep its facts until then
             self.counters.forget(reservation.request_id)

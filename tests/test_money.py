@@ -1908,6 +1908,64 @@ async def test_a_routers_fallbacks_are_the_keys_and_the_dearest_of_them_is_held(
     assert Shape().fallbacks_routed is False
 
 
+async def test_a_limit_on_a_fallbacks_model_holds_and_counts_the_request_only_if_that_model_serves(
+        service: Service) -> None:
+    """A request naming fallbacks may be served by any of them: a limit or cap on one of their models (a budget on
+    the premium tier, a model's own bucket) holds it too, refusing it when it has no room, and counts it at settle
+    only when that model served it (nothing when another did); a release gives every hold back."""
+    document = yaml.safe_load((await service.admin.book.version(1)).canonical)
+    document["plans"]["pro"]["limits"] += [
+        {"name": "premium-budget", "scope": "customer", "models": ["tier:premium"], "window": "day", "unit": "money",
+         "limit": "0.30"},
+        {"name": "model-requests", "scope": "model", "window": "day", "unit": "requests", "limit": 1000}]
+    await service.admin.apply_policy(yaml.safe_dump(document), "fallback-limits.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "100")
+
+    def asked(rid: str, cap: int = 200, **shape: Any) -> AuthorizeInput:
+        request = ask(secret, model="gpt-4o-mini", request_id=rid, input_tokens=1000, max_output_tokens=cap)
+        return replace(request, shape=replace(request.shape, **shape))
+
+    async def used(key: str) -> int:
+        return int(await service.counters.client.hget(key, "used") or 0)
+
+    routed = {"fallback_models": ("gpt-4o",), "fallbacks_routed": True}
+    for rid, served in (("mini-served", "gpt-4o-mini"), ("fallback-served", "gpt-4o")):
+        assert (await service.engine.authorize(asked(rid, **routed))).decision == "allow"
+        await service.writer.drain()
+        holds = {hold[0]: hold[3] if len(hold) > 3 else None for hold in service.store.usage_record(rid).holds}
+        only = {tuple(models) for models in holds.values() if models}
+        assert only == {("gpt-4o",), ("gpt-4o-mini",)}, holds  # the premium budget's and each model's bucket
+        premium = next(key for key, models in holds.items() if models == ["gpt-4o"] and ":money:" in key)
+        dear_model = next(key for key, models in holds.items() if models == ["gpt-4o"] and ":requests:" in key)
+        cheap_model = next(key for key, models in holds.items() if models == ["gpt-4o-mini"])
+        before = {key: await used(key) for key in (premium, dear_model, cheap_model)}
+        settled = await service.engine.settle(usage(rid, 1000, 100, reply_model=served))
+        after = {key: await used(key) for key in (premium, dear_model, cheap_model)}
+        await service.writer.drain()
+        final = {key: amount for key, _, amount in service.store.usage_record(rid).final_holds}
+        if served == "gpt-4o":
+            assert (final[premium], final[dear_model], final[cheap_model]) == (settled.charge, 1, 0)
+        else:
+            assert (final[premium], final[dear_model], final[cheap_model]) == (0, 0, 1)
+        for key in (premium, dear_model, cheap_model):  # the counter moved from the hold to what it counts
+            assert after[key] - before[key] == final[key] - next(
+                h[2] for h in service.store.usage_record(rid).holds if h[0] == key), key
+    assert (await service.admin.audit()).ok
+    # no room in the premium budget for what the fallback may write: refused, though the model asked for has room
+    big = await service.engine.authorize(asked("big", cap=30_000, **routed))
+    assert (big.decision, big.reason, big.reserved) == ("deny", "budget_exceeded", 0) and "premium-budget" in big.message
+    assert (await service.engine.authorize(asked("big-alone", cap=30_000))).decision == "allow"
+    # a release gives back every hold, the fallbacks' too
+    await service.engine.authorize(asked("released", **routed))
+    await service.writer.drain()
+    held = service.store.usage_record("released").holds
+    counts = {h[0]: await used(h[0]) for h in held}
+    await service.engine.release("released", "provider_error")
+    assert [await used(key) for key, *_ in held] == [counts[key] - amount for key, _, amount, *_ in held]
+    assert (await service.admin.audit()).ok
+
+
 async def test_a_cut_stream_is_charged_the_input_the_provider_reported_and_the_output_delivered(service: Service) -> None:
     from policyd.usage_capture import Tokens
 
