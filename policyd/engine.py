@@ -1188,7 +1188,8 @@ class Engine:
         holds: list[BucketHold] = []
         by_label: dict[str, tuple[Limit, int]] = {}
         # the models that may serve it (its own; a fallback the provider may run): a limit or cap on any of them holds
-        served_by = (model, *request.shape.fallback_models) if request.shape.fallback_models else (model,)
+        served_by = tuple(dict.fromkeys((model, *request.shape.fallback_models))) if request.shape.fallback_models \
+            else (model,)
         bound: dict[tuple[str, str], set[str]] = {}  # (bucket key, label) -> the models of served_by it counts
         for serving in served_by:
             serving_price = price if serving == model else policy.model(serving)

@@ -768,9 +768,12 @@ plan_limits = st.lists(st.tuples(st.sampled_from(LIMIT_SCOPES), st.sampled_from(
                                  st.integers(1, 12)), min_size=1, max_size=7)
 attributed_ops = st.lists(
     st.one_of(
+        # ..., and a fallback the provider may serve it on instead (0: none; else PROPERTY_MODELS[n - 1]; a router's
+        # or Anthropic's kind)
         st.tuples(st.just("authorize"), st.integers(0, 1), st.integers(0, 2), st.integers(0, 2), st.integers(0, 1),
-                  st.integers(0, 1), st.integers(0, 2_000), st.integers(1, 400)),
-        st.tuples(st.just("settle"), st.integers(0, 30), st.floats(0, 1), st.floats(0, 1)),
+                  st.integers(0, 1), st.integers(0, 2_000), st.integers(1, 400), st.integers(0, 3), st.booleans()),
+        # ..., and which of the models that may serve it did
+        st.tuples(st.just("settle"), st.integers(0, 30), st.floats(0, 1), st.floats(0, 1), st.integers(0, 1)),
         st.tuples(st.just("release"), st.integers(0, 30)),
     ),
     min_size=1,
@@ -907,28 +910,37 @@ async def _attributed_scenario(service: Service, drawn: list, operations: list, 
         price = policy.model(model)
         return limit.covers(model, price) if isinstance(limit, Cap) else limit.binds(model, price.tier)
 
-    # request id -> (the scope ids its buckets are named by, the model it was served on, what it holds or was charged)
-    counted: dict[str, tuple[dict[str, str], str, int]] = {}
+    # request id -> (the scope ids its buckets are named by, of each model that may serve it; the model that served
+    # it, "" while open; what it holds or was charged)
+    counted: dict[str, tuple[dict[str, dict[str, str]], str, int]] = {}
     bound_by: dict[str, tuple] = {}  # request id -> the limits it counted against
     downgraded: set[str] = set()  # served on the cheaper model by the downgrading limit, which counts them not
     bounds: dict[str, tuple[int, int]] = {}
     for n, op in enumerate(operations):
         if op[0] == "authorize":
-            _, which, model, end_user, feature, thread, prompt, output = op
+            _, which, model, end_user, feature, thread, prompt, output, *other = op
+            fallback, routed = other or (0, False)
+            # a fallback of the same provider (a reply naming another's is priced as the model asked for)
+            fallbacks = (PROPERTY_MODELS[fallback - 1],) if fallback and policy.model(
+                PROPERTY_MODELS[fallback - 1]).provider == policy.model(PROPERTY_MODELS[model]).provider else ()
             rid = f"{customer}-{n}"
             attribution = {"end_user_id": ("", "alice", "bob")[end_user], "feature": ("", "search")[feature],
                            "thread_id": ("", "run-1")[thread]}
-            d = await service.engine.authorize(ask(keys[which].secret, model=PROPERTY_MODELS[model], request_id=rid,
-                                                   prompt_bytes=prompt, max_output_tokens=output, **attribution))
+            asked = ask(keys[which].secret, model=PROPERTY_MODELS[model], request_id=rid, prompt_bytes=prompt,
+                        max_output_tokens=output, **attribution)
+            d = await service.engine.authorize(replace(asked, shape=replace(
+                asked.shape, fallback_models=fallbacks, fallbacks_routed=routed)))
             if d.decision != "deny":
                 if d.decision == "downgrade":
                     downgraded.add(rid)
                     assert d.served_model == "gpt-4o-mini" and (downgrading or cap_downgrading), d
-                ids = quotas.scope_ids(customer, keys[which].row.id, team_id=keys[which].row.team_id,
-                                       feature=attribution["feature"], model=d.served_model,
-                                       thread_id=attribution["thread_id"], end_user_id=attribution["end_user_id"])
-                counted[rid] = (ids, d.served_model, d.reserved)
-                bound_by[rid] = (*limits_of(which, attribution["end_user_id"]), *policy.caps_for(d.served_model))
+                serving = tuple(dict.fromkeys((d.served_model, *fallbacks)))
+                ids = {m: quotas.scope_ids(customer, keys[which].row.id, team_id=keys[which].row.team_id,
+                                           feature=attribution["feature"], model=m, thread_id=attribution["thread_id"],
+                                           end_user_id=attribution["end_user_id"]) for m in serving}
+                counted[rid] = (ids, "", d.reserved)
+                bound_by[rid] = (*limits_of(which, attribution["end_user_id"]),
+                                 *dict.fromkeys(cap for m in serving for cap in policy.caps_for(m)))
                 bounds[rid] = (min(prompt + 24, 10**6), d.max_output_tokens)
             else:
                 assert d.reason in ("budget_exceeded", "rate_limit_exceeded"), d
@@ -937,30 +949,33 @@ async def _attributed_scenario(service: Service, drawn: list, operations: list, 
             if rid is None:
                 continue
             input_bound, output_bound = bounds.pop(rid)
-            ids, model, hold = counted[rid]
+            ids, _, hold = counted[rid]
             if op[0] == "release":
                 await service.engine.release(rid, "test")
                 del counted[rid]
             else:
+                served = list(ids)[(op[4] if len(op) > 4 else 0) % len(ids)]  # the first: the model authorized
                 s = await service.engine.settle(usage(rid, input_tokens=int(input_bound * op[2]),
-                                                      output_tokens=int(output_bound * op[3])))
+                                                      output_tokens=int(output_bound * op[3]), reply_model=served))
                 assert s.charge <= hold
-                counted[rid] = (ids, model, s.charge)
+                counted[rid] = (ids, served, s.charge)
         # each bucket: what the requests any of its limits (or caps) binds put in it, each once (a request its
         # downgrading limit served on the cheaper model counts there only through another limit of that bucket)
+        # (an open request: of each model that may serve it; a settled one: of the model that served it alone)
         expected: dict[str, int] = {}
-        for rid, (ids, model, amount) in counted.items():
+        for rid, (ids, served, amount) in counted.items():
             counted_in = set()
             for limit in bound_by[rid]:
-                key = bucket_of(limit, ids)
-                if key is None or not binds(limit, model) or (limit.action == "downgrade" and rid in downgraded):
-                    continue
-                if key not in counted_in:
-                    counted_in.add(key)
-                    expected[key] = expected.get(key, 0) + (amount if limit.unit == "money" else 1)
+                for model in (served,) if served else ids:
+                    key = bucket_of(limit, ids[model])
+                    if key is None or not binds(limit, model) or (limit.action == "downgrade" and rid in downgraded):
+                        continue
+                    if key not in counted_in:
+                        counted_in.add(key)
+                        expected[key] = expected.get(key, 0) + (amount if limit.unit == "money" else 1)
         # each limit a request counted against, in the bucket of that request's owner (a cap's: its one)
         keyed = {(limit, key) for rid, (ids, _, _) in counted.items() for limit in bound_by[rid]
-                 if (key := bucket_of(limit, ids)) is not None}
+                 for model_ids in ids.values() if (key := bucket_of(limit, model_ids)) is not None}
         sharing: dict[str, int] = {}
         for _, key in keyed:
             sharing[key] = sharing.get(key, 0) + 1
