@@ -1684,9 +1684,12 @@ class Engine:
         served = report.served_model or r["served_model"]
         if policy is not None and served == policy.upstream_name(r["served_model"]):
             served = r["served_model"]  # the model authorized, by the name it was sent upstream with
+        asked = served
         if policy is not None and report.reply_model:  # the provider served another model it names: billed as it
             served = policy.served_as(served, report.reply_model)
         fell_back = [part.model for part in report.parts if part.kind == "fallback_message" and part.model]
+        # the provider served another model than it was sent: a router's fallback, Anthropic's server-side one
+        provider_fell_back = served != asked or any(part.kind == "fallback_message" for part in report.parts)
         if policy is not None and fell_back:  # a server-side fallback wrote it: that model, by whichever name it has
             model, priced = policy.part_model(served, fell_back[-1])
             served = model if priced else served
@@ -1768,7 +1771,7 @@ class Engine:
         }
         if report.fallback_reason:  # the proxy's own fallback; otherwise the one decided at Authorize stays
             settlement["fallback_reason"] = report.fallback_reason
-        elif any(part.kind == "fallback_message" for part in report.parts):  # the provider's (Anthropic's)
+        elif provider_fell_back:  # the provider's: it served another model than it was sent, and says so
             settlement["fallback_reason"] = "provider_fallback"
         if report.provider_response_id:  # not a usage number: outside the fingerprint
             settlement["provider_response_id"] = report.provider_response_id

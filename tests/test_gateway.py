@@ -229,7 +229,8 @@ def test_a_routers_fallback_models_are_the_keys_held_as_the_dearest_and_charged_
     completion = raw.parse()
     assert completion.model == "gpt-4o"  # the model asked for failed: its fallback served
     record = gateway.record(raw.headers["x-policyd-request-id"])
-    assert (record["requested_model"], record["served_model"]) == ("gpt-4o-mini", "gpt-4o")
+    assert (record["requested_model"], record["served_model"], record["fallback_reason"]) == (
+        "gpt-4o-mini", "gpt-4o", "provider_fallback")
     assert record["charge_nanos"] == expected_charge("gpt-4o", completion.usage.prompt_tokens,
                                                      completion.usage.completion_tokens)
     assert record["reserved_nanos"] >= expected_charge("gpt-4o", completion.usage.prompt_tokens, 8)  # the dearest

@@ -1883,7 +1883,8 @@ async def test_a_routers_fallbacks_are_the_keys_and_the_dearest_of_them_is_held(
     kept = await service.engine.settle(usage("cheaper", 1000, 150, reply_model="openai/gpt-4o-mini"))
     assert kept.cost == price_quantity(1000, parse_amount("0.15")) + price_quantity(150, parse_amount("0.60"))
     await service.writer.drain()
-    assert service.store.usage_record("dearest").served_model == "anthropic/claude-opus-4"
+    assert (service.store.usage_record("dearest").served_model, service.store.usage_record("dearest").fallback_reason,
+            service.store.usage_record("cheaper").fallback_reason) == ("anthropic/claude-opus-4", "provider_fallback", "")
     # a key of a plan without the premium tier may not have them served to it; a model the table lacks is unknown
     _, low = await new_key(service, customer="thrifty", plan="free")
     await fund(service, "thrifty", "100")
