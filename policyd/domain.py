@@ -371,6 +371,10 @@ class UsageReport:
     provider_file_ids: tuple[str, ...] = ()  # files the reply made at the provider (a Veo operation's videos)
     reply_model: str = ""  # the model the provider's reply names: priced as it when the table does and it differs
     parts: tuple[UsagePart, ...] = ()  # the parts it bills by themselves (their sums are the token fields)
+    # what the provider's reply says it charged (OpenRouter's usage.cost), nanos; None: nothing said. The request's
+    # cost on a model priced reported_cost
+    reported_cost: int | None = None
+    reported_cost_currency: str = ""  # the currency a native caller gave it in ("": the request's)
 
 
 @dataclass(frozen=True)

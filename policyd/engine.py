@@ -1694,6 +1694,10 @@ class Engine:
             model, priced = policy.part_model(served, fell_back[-1])
             served = model if priced else served
         price = (policy.model(served) if served else _created_at(r.get("provider"))) if policy else None
+        if report.reported_cost_currency and report.reported_cost_currency != r.get("currency"):
+            raise await self.reject(report.request_id, reservation.partition, "invalid_usage",
+                                    f"reported_cost is in {report.reported_cost_currency[:8]!r}, the request's "
+                                    f"money in {r.get('currency')!r}", asdict(report))
         if policy is None or plan is None or price is None:
             raise await self.reject(report.request_id, reservation.partition, "unknown_model",
                                      f"model {served!r} is not in price table {r['price_table_version']!r}", asdict(report))
@@ -1744,6 +1748,12 @@ class Engine:
                 policy, plan, r, report, int(reservation.fields.get("image_scale") or 1))
             quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, \
                 charge + images_charge
+        if price.reported_cost:  # what the provider says it charged (a router's routes are priced apart) is the cost
+            if report.reported_cost is not None:
+                cost = report.reported_cost
+                charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
+            else:  # none said (a stream cut before its usage): its tokens at the table's prices, marked
+                report = replace(report, error_class=report.error_class or "cost_not_reported")
         numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
                    report.seconds, report.requests or 1, served, report.cache_write_input_tokens]
         later = [getattr(report, name) for name in LATER_USAGE_FIELDS]
@@ -1751,6 +1761,8 @@ class Engine:
             numbers += later
         if report.parts:
             numbers.append([list(astuple(part)) for part in report.parts])
+        if report.reported_cost is not None:
+            numbers.append(["reported_cost", report.reported_cost])
         fingerprint = hashlib.sha256(json.dumps(numbers).encode()).hexdigest()[:32]
         deltas = []
         final_holds = []
@@ -1957,6 +1969,7 @@ class Engine:
             provider=provider, stream_interrupted=interrupted, error_class=error_class, upstream_status=upstream_status,
             provider_account=provider_account, provider_response_id=provider_response_id,
             reply_model=reported.reply_model if reported is not None else "",
+            reported_cost=reported.reported_cost if reported is not None else None,
         ), reservation)
 
     async def _output_made_meanwhile(self, reservation: Reservation) -> int:

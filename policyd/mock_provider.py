@@ -39,6 +39,8 @@ reports the input and half the output.
 Header `x-mock-reply-model`: the model the reply names (a provider that served another model than it
 was sent: a server-side fallback, a router). A chat completion or response with a router's `models` whose
 prompt says "fall through" is answered by the first of them other than its `model` (OpenRouter's fallbacks).
+Models named router/* answer as OpenRouter does: their usage says the cost charged (usage.cost, 13 decimal places;
+header `x-mock-byok`: the fee alone, the provider's charge in cost_details.upstream_inference_cost).
 
 Usage it reports: prompt tokens = ceil(UTF-8 bytes of the messages / 4), completion tokens =
 min(the request's output cap, 12). `GET /_mock/requests` lists what it received (for tests).
@@ -128,6 +130,19 @@ def perplexity_usage(body: dict[str, Any], model: str, p_tokens: int, c_tokens: 
     usage["cost"] = {"input_tokens_cost": round(p_tokens * 1e-6, 6), "output_tokens_cost": round(c_tokens * 1e-6, 6),
                      "request_cost": float(PERPLEXITY_FEES[size]), "total_cost": 0.1}
     return usage
+
+
+def router_cost(model: str, usage: dict[str, Any], byok: bool) -> dict[str, Any]:
+    """A router's usage (OpenRouter's, for models named router/*): beside its tokens, the cost in dollars it
+    charged, a decimal of 13 places (the route's own prices, which no price table holds); with the customer's own
+    provider key (BYOK), its fee alone, the provider's charge in cost_details.upstream_inference_cost."""
+    if not model.startswith("router/"):
+        return usage
+    charged = usage.get("prompt_tokens", 0) * 12_345_678 + usage.get("completion_tokens", 0) * 45_678_912
+    if not byok:
+        return {**usage, "cost": float(f"0.{charged:013d}"), "is_byok": False}
+    return {**usage, "cost": float(f"0.{charged // 20:013d}"), "is_byok": True,
+            "cost_details": {"upstream_inference_cost": float(f"0.{charged:013d}")}}
 
 
 def mistral(model: Any) -> bool:
@@ -578,6 +593,7 @@ class MockProvider:
                 return h._json(200, self._unfinished(reply, "queued"))
             return h._json(200, reply)
         usage = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
+        usage = router_cost(model, usage, bool(h.headers.get("x-mock-byok")))
         if perplexity(model):
             usage = perplexity_usage(body, model, p_tokens, c_tokens)
         if "audio" in (body.get("modalities") or []):  # gpt-4o-audio: half the prompt heard, all but one token spoken
@@ -1440,9 +1456,9 @@ class MockProvider:
         send(f"data: {json.dumps(last)}\n\n")
         options = body.get("stream_options") or {}
         if options.get("include_usage") and scenario != "no_usage" and not perplexity(model):
+            counted = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
             usage = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
-                     "usage": {"prompt_tokens": p_tokens, "completion_tokens": c_tokens,
-                               "total_tokens": p_tokens + c_tokens}}
+                     "usage": router_cost(model, counted, bool(h.headers.get("x-mock-byok")))}
             send(f"data: {json.dumps(usage)}\n\n")
         send("data: [DONE]\n\n")
         if sized is not None:

@@ -254,6 +254,10 @@ class ModelPrice(Prices):
     # max_tokens for OpenAI-compatible providers that read only it (Mistral, DeepSeek, Together, Ollama, ...):
     # a cap in a field the provider ignores bounds nothing, and the reservation would not hold
     output_cap_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+    # the provider reports what it charged for each request in its reply (a router's: OpenRouter's usage.cost, whose
+    # routes to one model are priced apart): that is the request's cost, not its tokens at these prices, which
+    # bound its hold (give the dearest route's) and price a reply that reports none (marked cost_not_reported)
+    reported_cost: bool = False
     # how a stream's usage comes from the model's provider: "asked" (OpenAI's: only with
     # stream_options.include_usage, which policyd then sets), or "reported" (Mistral's: always, in the last
     # chunk, and the provider refuses stream_options: policyd sets none and takes the client's out)

@@ -192,6 +192,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                                 search_context_size=u.search_context_size.strip().lower(),
                                 reasoning_output_tokens=u.reasoning_output_tokens, reply_model=request.reply_model,
                                 cache_storage_token_seconds=u.cache_storage_token_seconds,
+                                reported_cost=u.reported_cost.nanos if u.HasField("reported_cost") else None,
                                 **{name: getattr(u, name) for name in IMAGE_GENERATION_USAGE})))
             return settle_response(s)
         report = UsageReport(
@@ -213,6 +214,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             provider_response_id=request.provider_response_id[:256],
             service_tier=request.service_tier, reply_model=request.reply_model,
             provider_file_ids=tuple(request.provider_file_ids),
+            reported_cost=u.reported_cost.nanos if u.HasField("reported_cost") else None,
+            reported_cost_currency=u.reported_cost.currency[:16],
             parts=tuple(UsagePart(p.kind, p.model, *(getattr(p, name) for name in PART_TOKEN_FIELDS)) for p in u.parts),
         )
         return settle_response(await _call(context, lambda: self.engine.settle(report)))

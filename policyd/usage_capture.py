@@ -21,6 +21,7 @@ from policyd import event_stream
 from policyd.domain import (ANTHROPIC_FAST_MODE, SEARCH_CONTEXT_LENGTH_MAX, USAGE_PARTS_MAX, UsagePart, bedrock_tier,
                             cached_content_name, tier_in_geo)
 from policyd.json_fields import ObjectFields
+from policyd.money import MoneyError, parse_external_amount
 from policyd.protobuf_json import timestamp_ms
 from policyd.pricing import speech_audio_tokens_likely
 
@@ -70,6 +71,7 @@ class Tokens:
     reply_model: str = ""  # the model the reply names (its "model", Gemini's modelVersion): the one that served it
     # the parts it bills by themselves (Anthropic's usage.iterations): the token fields above are their sums
     parts: tuple[UsagePart, ...] = ()
+    reported_cost: int | None = None  # what the reply says was charged, nanos (OpenRouter's usage.cost)
     # what Anthropic's usage has said of its tier so far (a stream's events say it in parts): service_tier
     _tier: str = ""
     _fast: bool = False  # speed: fast
@@ -225,6 +227,31 @@ def _image_generation_usage(response: dict[str, Any], output: list[dict[str, Any
     seen.image_generation_output_tokens = _n(usage.get("output_tokens"))
 
 
+def _dollars(value: Any) -> int | None:
+    """An amount a reply states in dollars (a JSON number, or a decimal string), as nanos rounded up by money's one
+    rule; None for anything else, or a negative amount. A number is read as the shortest decimal that is it (the
+    digits written, for any amount of up to 15 significant digits): never through binary fractions."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        nanos = parse_external_amount(repr(value) if isinstance(value, float) else value)
+    except MoneyError:
+        return None
+    return nanos if nanos >= 0 else None
+
+
+def _reported_cost(usage: dict[str, Any], seen: Tokens) -> None:
+    """What a router's usage says was charged (OpenRouter's usage accounting: `cost`, and with the customer's
+    own provider key, `is_byok`, the provider's charge beside its fee in cost_details.upstream_inference_cost)."""
+    if "cost" not in usage:
+        return
+    cost = _dollars(usage["cost"])
+    upstream = _dollars(_dict(usage.get("cost_details")).get("upstream_inference_cost")) \
+        if usage.get("is_byok") is True else 0
+    if cost is not None and upstream is not None:
+        seen.reported_cost = cost + upstream
+
+
 def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
     """Update `seen` from one JSON object (a whole body or one stream event); True if it held usage."""
     if not isinstance(data, dict):
@@ -294,6 +321,7 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
             # counts 1 before anything is written: a refusal before any output ends with 0)
             seen.output_tokens = _n(usage.get("output_tokens")) if data.get("type") == "message_delta" \
                 else max(seen.output_tokens, _n(usage.get("output_tokens")))
+        _reported_cost(usage, seen)
         tools = _dict(usage.get("server_tool_use"))
         seen.web_searches = max(seen.web_searches, _n(tools.get("web_search_requests")))
         stop = message.get("stop_reason") or _dict(data.get("delta")).get("stop_reason")
@@ -357,6 +385,7 @@ def usage_from(endpoint: str, data: Any, seen: Tokens) -> bool:
         return True
     if not isinstance(usage, dict):
         return False
+    _reported_cost(usage, seen)
     if endpoint == "images":  # token-priced image models (gpt-image-1): text and images in, image tokens out
         details = _dict(usage.get("input_tokens_details"))
         seen.input_tokens = _n(usage.get("input_tokens"))

@@ -163,6 +163,8 @@ def check_usage(report: UsageReport) -> None:
         value = getattr(report, name)
         if value < 0 or value > QUANTITY_MAX:
             raise Problem("invalid_usage", f"{name} must be between 0 and {QUANTITY_MAX}", name)
+    if report.reported_cost is not None and not 0 <= report.reported_cost <= AMOUNT_MAX:
+        raise Problem("invalid_usage", f"reported_cost must be between 0 and {AMOUNT_MAX} nanos", "reported_cost")
     if not 0 <= report.cache_storage_token_seconds <= TOKEN_SECONDS_MAX:
         raise Problem("invalid_usage", f"cache_storage_token_seconds must be between 0 and {TOKEN_SECONDS_MAX}",
                       "cache_storage_token_seconds")

@@ -43,6 +43,10 @@ def test_sync_client_flow(served) -> None:
         with pytest.raises(PolicydCallError) as refused:
             policy.settle("c-1", input_tokens=31, output_tokens=10)
         assert refused.value.reason == "exists_with_different_usage"
+        with pytest.raises(PolicydCallError) as said_otherwise:  # what the provider said it charged travels (nanos)
+            policy.settle("c-1", input_tokens=30, output_tokens=10, reported_cost=5)
+        assert said_otherwise.value.reason == "exists_with_different_usage"
+        assert policy.settle("c-1", input_tokens=30, output_tokens=10, reported_cost=None).outcome == "exists"
         denied = policy.authorize(secret, "chat_completions", "gpt-4o")
         assert not denied.allowed and denied.http_status == 403
         assert json.loads(denied.error_body())["error"]["code"] == "model_not_allowed"

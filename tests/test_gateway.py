@@ -264,6 +264,35 @@ def test_a_routers_fallback_models_are_the_keys_held_as_the_dearest_and_charged_
     assert upstream["models"] == ["gpt-4o", "gpt-4o-mini-2024-07-18"]
 
 
+def test_a_routers_model_costs_what_its_reply_says_was_charged(gateway: Gateway) -> None:
+    """A router's routes to one model are priced apart, so its reply says what it charged (OpenRouter's usage.cost):
+    a model priced reported_cost costs that to the nano, streamed or not, with the customer's own provider key
+    the provider's charge beside the router's fee; not its tokens at the table's prices."""
+    client = gateway.client(gateway.customer("e2e-router-cost", plan="routed"))
+
+    def charged(prompt: int, completion: int, byok: bool = False) -> int:  # the mock's route, in 1e-13 dollars
+        route = prompt * 12_345_678 + completion * 45_678_912
+        return -(-(route // 20) // 10_000) - (-route // 10_000) if byok else -(-route // 10_000)
+
+    for byok in (False, True):
+        headers = {"x-mock-byok": "1"} if byok else {}
+        raw = client.chat.completions.with_raw_response.create(
+            model="router/open-model", messages=[{"role": "user", "content": f"what does it cost {byok}"}],
+            max_tokens=8, extra_headers=headers)
+        completion = raw.parse()
+        record = gateway.record(raw.headers["x-policyd-request-id"])
+        cost = charged(completion.usage.prompt_tokens, completion.usage.completion_tokens, byok)
+        assert (record["cost_nanos"], record["charge_nanos"], record["error_class"]) == (
+            cost, -(-cost * 11_000 // 10_000), "")
+        assert record["cost_nanos"] != price_quantity(completion.usage.prompt_tokens, parse_amount("2.00")) + \
+            price_quantity(completion.usage.completion_tokens, parse_amount("8.00"))  # not the table's prices
+        replied, chunks = streamed(client, f"what does it cost, streamed {byok}", model="router/open-model",
+                                   max_tokens=8, extra_headers=headers, stream_options={"include_usage": True})
+        usage = [c.usage for c in chunks if c.usage][0]
+        record = gateway.record(replied["x-policyd-request-id"])
+        assert record["cost_nanos"] == charged(usage.prompt_tokens, usage.completion_tokens, byok)
+
+
 def test_a_request_id_reused_while_its_first_request_is_in_flight_is_refused(gateway: Gateway) -> None:
     """Clients may name their requests (x-policyd-request-id, idempotency-key, x-request-id). A second one
     sent with the id of one still in flight (a retry on a timeout, or on purpose) used to be answered as a

@@ -511,3 +511,37 @@ async def test_a_second_server_on_a_policyd_address_is_refused_unless_it_is_shar
         await second.stop(grace=0)
         await first.stop(grace=0)
         await service.close()
+
+
+async def test_a_native_proxy_settles_what_the_provider_said_it_charged(channel: grpc.aio.Channel) -> None:
+    """Usage.reported_cost (OpenRouter's usage.cost): the cost of a model priced reported_cost, in the request's
+    currency; in another, refused (invalid_usage) with nothing moved."""
+    import yaml
+
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    policy = policy_pb2_grpc.PolicyServiceStub(channel)
+    document = yaml.safe_load(SAMPLE_POLICY)
+    document["price_table"]["models"]["router/open-model"] = {"provider": "openrouter", "tier": "low-cost",
+                                                              "input": "2.00", "output": "8.00", "reported_cost": True}
+    await admin.ApplyPolicy(admin_pb2.ApplyPolicyRequest(yaml=yaml.safe_dump(document), source_name="r.yaml"),
+                            metadata=AUTH)
+    await admin.GrantCredit(admin_pb2.GrantCreditRequest(customer_id="acme", source="purchase",
+                                                         amount=types_pb2.Money(currency="USD", nanos=10**9)),
+                            metadata=AUTH)
+    created = await admin.CreateKey(admin_pb2.CreateKeyRequest(customer_id="acme", plan="pro", environment="production",
+                                                               label="k"), metadata=AUTH)
+    for rid in ("rc-1", "rc-2"):
+        await policy.Authorize(policy_pb2.AuthorizeRequest(
+            api_key=created.secret, endpoint=types_pb2.CHAT_COMPLETIONS, model="router/open-model",
+            attribution=types_pb2.Attribution(request_id=rid), shape=policy_pb2.RequestShape(input_tokens=100,
+                                                                                          max_output_tokens=10)))
+    settled = await policy.Settle(policy_pb2.SettleRequest(request_id="rc-1", usage=policy_pb2.Usage(
+        input_tokens=100, output_tokens=10, reported_cost=types_pb2.Money(currency="USD", nanos=4_321))))
+    assert (settled.cost.nanos, settled.charge.nanos) == (4_321, -(-4_321 * 12_000 // 10_000))
+    with pytest.raises(grpc.aio.AioRpcError) as other_currency:
+        await policy.Settle(policy_pb2.SettleRequest(request_id="rc-2", usage=policy_pb2.Usage(
+            input_tokens=100, output_tokens=10, reported_cost=types_pb2.Money(currency="EUR", nanos=4_321))))
+    assert other_currency.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(other_currency.value.trailing_metadata())["policyd-reason"] == "invalid_usage"
+    wallet = await admin.GetWallet(admin_pb2.GetWalletRequest(customer_id="acme"), metadata=AUTH)
+    assert wallet.balance_nanos == 10**9 - settled.charge.nanos  # rc-2 still held, nothing charged for it

@@ -156,6 +156,41 @@ def test_a_routers_models_are_read_as_its_fallbacks_and_sent_as_the_provider_nam
                         False) is None
 
 
+def test_what_a_routers_reply_says_was_charged_is_read_to_the_nano() -> None:
+    """OpenRouter's usage accounting: usage.cost in dollars (a JSON number of many decimals, read as the digits
+    written, rounded up to the nano); with the customer's own provider key (is_byok) the provider's charge beside
+    the fee (cost_details.upstream_inference_cost); anything else there is read as nothing said."""
+    def read(endpoint: str, stream: bool, *parts: str) -> ResponseReader:
+        reader = ResponseReader(endpoint, stream)
+        for part in parts:
+            reader.feed(f"data: {part}\n\n".encode() if stream else part.encode())
+        reader.finish()
+        return reader
+
+    usage = '"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20'
+    whole = read("chat_completions", False, '{"model": "m", "choices": [], "usage": {%s, "cost": 0.0000513579432}}'
+                 % usage)
+    assert (whole.tokens.input_tokens, whole.tokens.reported_cost) == (12, 51_358)  # 51,357.9432 nanos, up
+    streamed = read("chat_completions", True, '{"model": "m", "choices": [{"delta": {"content": "hi"}}]}',
+                    '{"model": "m", "choices": [], "usage": {%s, "cost": 1.5e-05}}' % usage)
+    assert streamed.tokens.reported_cost == 15_000
+    byok = read("chat_completions", False, '{"usage": {%s, "cost": 2.5e-06, "is_byok": true, '
+                '"cost_details": {"upstream_inference_cost": 5e-05}}}' % usage)
+    assert byok.tokens.reported_cost == 2_500 + 50_000
+    not_byok = read("chat_completions", False, '{"usage": {%s, "cost": 2.5e-06, "is_byok": false, '
+                    '"cost_details": {"upstream_inference_cost": 5e-05}}}' % usage)
+    assert not_byok.tokens.reported_cost == 2_500
+    responses = read("responses", False, '{"usage": {"input_tokens": 3, "output_tokens": 4, "cost": "0.000001"}}')
+    assert responses.tokens.reported_cost == 1_000
+    messages = read("anthropic_messages", False, '{"type": "message", "usage": {"input_tokens": 3, "output_tokens": 4,'
+                    ' "cost": 0}}')
+    assert messages.tokens.reported_cost == 0  # a free route: said, and nothing
+    for odd in ('"x"', "-0.1", "true", "null", "[1]", "1e400", '"NaN"'):
+        nothing = read("chat_completions", False, '{"usage": {%s, "cost": %s}}' % (usage, odd))
+        assert (nothing.tokens.reported_cost, nothing.tokens.input_tokens) == (None, 12), odd
+    assert read("chat_completions", False, '{"usage": {%s}}' % usage).tokens.reported_cost is None
+
+
 def test_a_request_is_named_by_its_own_headers_and_a_tracing_id_never_refuses_it() -> None:
     body = b'{"model": "gpt-4o-mini", "messages": []}'
 

@@ -1967,6 +1967,47 @@ async def test_a_limit_on_a_fallbacks_model_holds_and_counts_the_request_only_if
     assert (await service.admin.audit()).ok
 
 
+async def test_a_model_priced_as_its_provider_reports_costs_what_the_reply_says_was_charged(service: Service) -> None:
+    """A router prices one model's routes apart (OpenRouter's providers of one open model, at up to several times
+    each other's prices): its reply says what it charged (usage.cost), and a model priced `reported_cost` costs
+    that, not its tokens at the table's prices (which bound the hold); a reply saying nothing is priced at the
+    table's, marked; a free route costs nothing; another model ignores what a reply says."""
+    document = yaml.safe_load((await service.admin.book.version(1)).canonical)
+    document["price_table"]["models"]["router/open-model"] = {
+        "provider": "openrouter", "tier": "low-cost", "input": "2.00", "output": "8.00", "reported_cost": True}
+    await service.admin.apply_policy(yaml.safe_dump(document), "reported.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "100")
+    table = price_quantity(1000, parse_amount("2.00")) + price_quantity(100, parse_amount("8.00"))
+    for rid in ("said", "unsaid", "free", "other", "retried"):
+        model = "gpt-4o-mini" if rid == "other" else "router/open-model"
+        held = await service.engine.authorize(ask(secret, model=model, request_id=rid, input_tokens=1000,
+                                                  max_output_tokens=100))
+        assert held.decision == "allow"
+    said = await service.engine.settle(usage("said", 1000, 100, reported_cost=1_234_567))
+    assert (said.cost, said.charge) == (1_234_567, apply_basis_points(1_234_567, 12_000)) and said.cost != table
+    unsaid = await service.engine.settle(usage("unsaid", 1000, 100))
+    assert (unsaid.cost, unsaid.charge) == (table, apply_basis_points(table, 12_000))
+    assert (await service.engine.settle(usage("free", 1000, 100, reported_cost=0))).charge == 0
+    other = await service.engine.settle(usage("other", 1000, 100, reported_cost=1))
+    assert other.cost == price_quantity(1000, parse_amount("0.15")) + price_quantity(100, parse_amount("0.60"))
+    await service.engine.settle(usage("retried", 1000, 100, reported_cost=500))
+    assert (await service.engine.settle(usage("retried", 1000, 100, reported_cost=500))).outcome == "exists"
+    with pytest.raises(PolicydError) as changed:  # the same request said to have cost otherwise: not charged twice
+        await service.engine.settle(usage("retried", 1000, 100, reported_cost=501))
+    assert changed.value.reason == "exists_with_different_usage"
+    await service.writer.drain()
+    assert (service.store.usage_record("said").cost_nanos, service.store.usage_record("said").error_class,
+            service.store.usage_record("unsaid").error_class) == (1_234_567, "", "cost_not_reported")
+    # a negative cost is refused, nothing moved
+    await service.engine.authorize(ask(secret, model="router/open-model", request_id="negative", input_tokens=10))
+    before = await service.counters.wallet("acme")
+    with pytest.raises(PolicydError) as negative:
+        await service.engine.settle(usage("negative", 10, 1, reported_cost=-5))
+    assert negative.value.reason == "invalid_usage" and await service.counters.wallet("acme") == before
+    assert (await service.admin.audit()).ok
+
+
 async def test_a_cut_stream_is_charged_the_input_the_provider_reported_and_the_output_delivered(service: Service) -> None:
     from policyd.usage_capture import Tokens
 

@@ -172,6 +172,9 @@ export interface UsageInput {
   /** The parts a reply bills by themselves, each at the model that ran it (Anthropic's usage.iterations): the
    *  token fields above are then 0 or their sums. */
   parts?: UsagePartInput[];
+  /** What the provider's reply says it charged (OpenRouter's usage.cost), in nanos: the cost of a model priced
+   *  reported_cost. Left out: nothing said. */
+  reportedCostNanos?: bigint;
 }
 
 export interface UsagePartInput {
@@ -324,8 +327,11 @@ export class PolicyClient {
   }
 
   async settle(requestId: string, usage: UsageInput, extra: Omit<SettleRequest, "requestId" | "usage"> = {}): Promise<Settled> {
+    const { reportedCostNanos, ...counted } = usage;
+    const sent = reportedCostNanos === undefined ? counted
+      : { ...counted, reportedCost: { nanos: String(reportedCostNanos) } };
     const r = await this.call<SettleRequest, SettleResponse__Output>(
-      this.stub.settle.bind(this.stub), { requestId, usage, ...extra }, true);
+      this.stub.settle.bind(this.stub), { requestId, usage: sent, ...extra }, true);
     return {
       outcome: r.outcome.toLowerCase() as Settled["outcome"],
       costNanos: BigInt(r.cost?.nanos ?? "0"), chargeNanos: BigInt(r.charge?.nanos ?? "0"),

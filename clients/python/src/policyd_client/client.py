@@ -231,9 +231,12 @@ _USAGE_FIELDS = frozenset(policy_pb2.Usage.DESCRIPTOR.fields_by_name)
 
 def _settle_request(request_id: str, input_tokens: int, output_tokens: int, cached_input_tokens: int,
                     **extra: Any) -> Any:
-    """`extra` holds further Usage fields (images, cache_write_input_tokens, ...) and SettleRequest fields
-    (served_model, upstream_status, stream_interrupted, usage_estimated, ...)."""
+    """`extra` holds further Usage fields (images, cache_write_input_tokens, reported_cost in nanos, ...) and
+    SettleRequest fields (served_model, upstream_status, stream_interrupted, usage_estimated, ...)."""
     usage = {name: extra.pop(name) for name in list(extra) if name in _USAGE_FIELDS}
+    reported = usage.pop("reported_cost", None)  # what the provider said it charged, nanos (None: nothing said)
+    if reported is not None:
+        usage["reported_cost"] = reported if isinstance(reported, types_pb2.Money) else types_pb2.Money(nanos=reported)
     if usage.get("parts"):  # UsagePart messages, or their fields (a dict, a dataclass)
         usage["parts"] = [p if isinstance(p, policy_pb2.UsagePart) else policy_pb2.UsagePart(
             **(p if isinstance(p, dict) else asdict(p))) for p in usage["parts"]]

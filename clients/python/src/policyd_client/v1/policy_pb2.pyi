@@ -449,7 +449,7 @@ class RateLimit(_message.Message):
     def __init__(self, unit: _Optional[str] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., resets_unix_ms: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("input_tokens", "cached_input_tokens", "output_tokens", "images", "seconds", "requests", "cache_write_input_tokens", "web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens", "file_searches", "image_input_tokens", "image_generation_calls", "image_generation_input_tokens", "image_generation_cached_input_tokens", "image_generation_image_input_tokens", "image_generation_output_tokens", "image_output_tokens", "containers", "maps_groundings", "search_units", "search_context_size", "reasoning_output_tokens", "cache_storage_token_seconds", "parts")
+    __slots__ = ("input_tokens", "cached_input_tokens", "output_tokens", "images", "seconds", "requests", "cache_write_input_tokens", "web_searches", "audio_input_tokens", "audio_output_tokens", "cache_write_1h_input_tokens", "file_searches", "image_input_tokens", "image_generation_calls", "image_generation_input_tokens", "image_generation_cached_input_tokens", "image_generation_image_input_tokens", "image_generation_output_tokens", "image_output_tokens", "containers", "maps_groundings", "search_units", "search_context_size", "reasoning_output_tokens", "cache_storage_token_seconds", "parts", "reported_cost")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -476,6 +476,7 @@ class Usage(_message.Message):
     REASONING_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHE_STORAGE_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PARTS_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_COST_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
@@ -502,7 +503,8 @@ class Usage(_message.Message):
     reasoning_output_tokens: int
     cache_storage_token_seconds: int
     parts: _containers.RepeatedCompositeFieldContainer[UsagePart]
-    def __init__(self, input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ..., requests: _Optional[int] = ..., cache_write_input_tokens: _Optional[int] = ..., web_searches: _Optional[int] = ..., audio_input_tokens: _Optional[int] = ..., audio_output_tokens: _Optional[int] = ..., cache_write_1h_input_tokens: _Optional[int] = ..., file_searches: _Optional[int] = ..., image_input_tokens: _Optional[int] = ..., image_generation_calls: _Optional[int] = ..., image_generation_input_tokens: _Optional[int] = ..., image_generation_cached_input_tokens: _Optional[int] = ..., image_generation_image_input_tokens: _Optional[int] = ..., image_generation_output_tokens: _Optional[int] = ..., image_output_tokens: _Optional[int] = ..., containers: _Optional[int] = ..., maps_groundings: _Optional[int] = ..., search_units: _Optional[int] = ..., search_context_size: _Optional[str] = ..., reasoning_output_tokens: _Optional[int] = ..., cache_storage_token_seconds: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[UsagePart, _Mapping]]] = ...) -> None: ...
+    reported_cost: _types_pb2.Money
+    def __init__(self, input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., images: _Optional[int] = ..., seconds: _Optional[int] = ..., requests: _Optional[int] = ..., cache_write_input_tokens: _Optional[int] = ..., web_searches: _Optional[int] = ..., audio_input_tokens: _Optional[int] = ..., audio_output_tokens: _Optional[int] = ..., cache_write_1h_input_tokens: _Optional[int] = ..., file_searches: _Optional[int] = ..., image_input_tokens: _Optional[int] = ..., image_generation_calls: _Optional[int] = ..., image_generation_input_tokens: _Optional[int] = ..., image_generation_cached_input_tokens: _Optional[int] = ..., image_generation_image_input_tokens: _Optional[int] = ..., image_generation_output_tokens: _Optional[int] = ..., image_output_tokens: _Optional[int] = ..., containers: _Optional[int] = ..., maps_groundings: _Optional[int] = ..., search_units: _Optional[int] = ..., search_context_size: _Optional[str] = ..., reasoning_output_tokens: _Optional[int] = ..., cache_storage_token_seconds: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[UsagePart, _Mapping]]] = ..., reported_cost: _Optional[_Union[_types_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class UsagePart(_message.Message):
     __slots__ = ("kind", "model", "input_tokens", "cached_input_tokens", "cache_write_input_tokens", "cache_write_1h_input_tokens", "output_tokens")
