@@ -38,6 +38,7 @@ from policyd.loops import every
 from policyd.domain import (
     ANTHROPIC_FAST_MODE,
     CACHED_CONTENT_PREFIX,
+    Attribution,
     CREATED_AT,
     GEMINI_UPLOAD_PREFIX,
     IMAGE_GENERATION_USAGE,
@@ -1186,36 +1187,28 @@ class Engine:
         limits = key_limits.with_thread_budget(key_limits.effective(plan.limits, own_limits, policy.document.timezone,
                                                                     at), request.thread_budget)
         holds: list[BucketHold] = []
-        by_label: dict[str, tuple[Limit, int]] = {}
-        # the models that may serve it (its own; a fallback the provider may run): a limit or cap on any of them holds
-        served_by = tuple(dict.fromkeys((model, *request.shape.fallback_models))) if request.shape.fallback_models \
-            else (model,)
-        bound: dict[tuple[str, str], set[str]] = {}  # (bucket key, label) -> the models of served_by it counts
-        for serving in served_by:
-            serving_price = price if serving == model else policy.model(serving)
-            assert serving_price is not None, "the model was checked against the price table"
-            buckets = scope_ids(owner.customer_id, owner.api_key_id, owner.workspace_id, owner.project_id,
-                                owner.team_id, a.feature, serving, a.thread_id, a.end_user_id, a.tags)
-            found: list[tuple[BucketHold, Limit | Cap, int]] = []
-            for limit in limits:
-                scope_id = buckets[limit.scope] if limit.scope != "tag" else limit_scope_id(limit, buckets)
-                if not scope_id or limit.label == skip_label or not limit.binds(serving, serving_price.tier):
-                    continue  # a thread limit binds requests that name a thread; one on some models, those served on them
-                hold, window = hold_for(limit, partition, scope_id, at // 1000, charge, quantities, cost)
-                found.append((hold, limit, window.end))
-            for cap in policy.caps_for(serving):  # the operator's own, across every customer
-                if cap.label != skip_label:
-                    hold, window = cap_hold(cap, at // 1000, charge, cost, quantities)
-                    found.append((hold, cap, window.end))
-            for hold, bounding, end in found:
-                models = bound.setdefault((hold.key, bounding.label), set())
-                if not models:
-                    holds.append(hold)
-                    by_label[bounding.label] = (bounding, end)
-                models.add(serving)
+        by_label: dict[str, tuple[Limit | Cap, int]] = {}
         counts_only: dict[str, tuple[str, ...]] = {}
-        if len(served_by) > 1:  # a bucket counts a request its limits count (two limits may share one)
-            by_key: dict[str, set[str]] = {}
+        if not request.shape.fallback_models:
+            for hold, bounding, window_end in self._bounding(policy, owner, a, partition, limits, model, price,
+                                                              skip_label, at, charge, quantities, cost):
+                holds.append(hold)
+                by_label[bounding.label] = (bounding, window_end)
+        else:  # the models that may serve it (a fallback the provider may run): a limit or cap on any of them holds
+            served_by = tuple(dict.fromkeys((model, *request.shape.fallback_models)))
+            bound: dict[tuple[str, str], set[str]] = {}  # (bucket key, label) -> the models of served_by it counts
+            for serving in served_by:
+                serving_price = price if serving == model else policy.model(serving)
+                assert serving_price is not None, "the model was checked against the price table"
+                for hold, bounding, window_end in self._bounding(policy, owner, a, partition, limits, serving,
+                                                                  serving_price, skip_label, at, charge, quantities,
+                                                                  cost):
+                    models = bound.setdefault((hold.key, bounding.label), set())
+                    if not models:
+                        holds.append(hold)
+                        by_label[bounding.label] = (bounding, window_end)
+                    models.add(serving)
+            by_key: dict[str, set[str]] = {}  # a bucket counts a request its limits count (two limits may share one)
             for (key, _), models in bound.items():
                 by_key.setdefault(key, set()).update(models)
             counts_only = {key: tuple(m for m in served_by if m in models) for key, models in by_key.items()
@@ -1226,6 +1219,27 @@ class Engine:
                      likely_audio_tokens=estimate.likely_audio_tokens, tool_call_cap=estimate.tool_call_cap,
                      skip_label=skip_label, request_charge=estimate.request_charge or charge,
                      search_units=estimate.quantities.search_units, likely_search_units=estimate.likely_search_units)
+
+    @staticmethod
+    def _bounding(policy: Policy, owner: Owner, a: Attribution, partition: int, limits: tuple[Limit, ...], model: str,
+                  price: ModelPrice, skip_label: str, at: int, charge: int, quantities: Quantities, cost: int
+                  ) -> list[tuple[BucketHold, Limit | Cap, int]]:
+        """The holds a request served on `model` takes: each limit binding it and each of the operator's caps on the
+        model (but the one a downgrade was made for), with the limit and its window's end."""
+        buckets = scope_ids(owner.customer_id, owner.api_key_id, owner.workspace_id, owner.project_id, owner.team_id,
+                            a.feature, model, a.thread_id, a.end_user_id, a.tags)
+        found = []
+        for limit in limits:
+            scope_id = buckets[limit.scope] if limit.scope != "tag" else limit_scope_id(limit, buckets)
+            if not scope_id or limit.label == skip_label or not limit.binds(model, price.tier):
+                continue  # a thread limit binds requests that name a thread; one on some models, those served on them
+            hold, window = hold_for(limit, partition, scope_id, at // 1000, charge, quantities, cost)
+            found.append((hold, limit, window.end))
+        for cap in policy.caps_for(model):  # the operator's own, across every customer
+            if cap.label != skip_label:
+                hold, window = cap_hold(cap, at // 1000, charge, cost, quantities)
+                found.append((hold, cap, window.end))
+        return found
 
     def _estimate(self, request: AuthorizeInput, policy: Policy, plan: Plan, model: str, price: ModelPrice,
                   prior_tokens: int) -> "_Estimate":
