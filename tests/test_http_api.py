@@ -320,6 +320,26 @@ def test_parse_never_raises_on_random_bytes(body: bytes, path: str) -> None:
     assert call.problem or call.model
 
 
+_JSON_KEYS = ["model", "models", "fallbacks", "messages", "input", "tools", "type", "max_tokens", "max_output_tokens",
+              "stream", "n", "previous_response_id", "conversation", "prompt", "max_uses", "content", "role"]
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**13), 10**13) | st.floats(allow_nan=False) | st.text(max_size=6)
+    | st.sampled_from(["gpt-4o", "advisor_20260301", "web_search", "image_generation"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_JSON_KEYS), inner, max_size=5),
+    max_leaves=25)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(_JSON_KEYS), _json_values, max_size=7),
+       st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses", "/v1/embeddings"]))
+def test_parse_never_raises_on_any_json_body(body: dict, path: str) -> None:
+    """Any JSON object of the fields policyd reads (a model list, fallbacks, tools, caps of any type) is read or
+    refused clearly, never fails; a model read is a name."""
+    call = parse_call("POST", path, {"authorization": "Bearer x"}, json.dumps(body).encode())
+    assert call.problem or (isinstance(call.model, str) and call.model)
+    assert all(isinstance(m, str) and m for m in call.fallback_models)
+
+
 def test_a_compressed_body_is_read_decoded_and_a_bad_one_refused_clearly() -> None:
     import gzip
     import zlib
