@@ -6,6 +6,7 @@ import json
 import urllib.error
 import urllib.request
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, AsyncIterator
 
 from policyd.domain import Attribution, AuthorizeInput, Shape, UsageReport
@@ -72,6 +73,11 @@ def ask(secret: str, model: str = "gpt-4o-mini", request_id: str = "", endpoint:
                     web_searches=web_searches, service_tier=service_tier, unseen_input=unseen_input,
                     input_tokens=input_tokens, service_tier_implied=service_tier_implied),
     )
+
+
+def reshaped(request: AuthorizeInput, **shape: Any) -> AuthorizeInput:
+    """The request with these fields of its shape (fallbacks, an advisor, ...) changed."""
+    return replace(request, shape=replace(request.shape, **shape))
 
 
 def streamed(client: Any, content: str, model: str = "gpt-4o-mini", **kwargs: Any) -> tuple[Any, list[Any]]:

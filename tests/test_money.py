@@ -21,7 +21,7 @@ from policyd.money import apply_basis_points, format_amount, parse_amount, price
 from policyd.pricing import input_estimate
 from policyd.server import Service
 from tests.conftest import SAMPLE_POLICY, make_settings
-from tests.helpers import ask, counters_lost_and_rebuilt, fund, new_key, usage
+from tests.helpers import ask, counters_lost_and_rebuilt, fund, new_key, reshaped, usage
 
 _customers = itertools.count()
 
@@ -1805,9 +1805,8 @@ async def test_other_models_a_request_names_must_be_allowed_and_are_held_for(ser
     await fund(service, "acme", "100")
 
     def asked(rid: str, **shape: Any) -> AuthorizeInput:
-        request = ask(secret, model="claude-haiku-4-5", request_id=rid, endpoint="anthropic_messages",
-                      input_tokens=1000, max_output_tokens=200)
-        return replace(request, shape=replace(request.shape, **shape))
+        return reshaped(ask(secret, model="claude-haiku-4-5", request_id=rid, endpoint="anthropic_messages",
+                            input_tokens=1000, max_output_tokens=200), **shape)
 
     alone = await service.engine.authorize(asked("alone"))
     one = price_quantity(1000, parse_amount("1.00")) + price_quantity(200, parse_amount("5.00"))
@@ -1856,8 +1855,8 @@ async def test_a_routers_fallbacks_are_the_keys_and_the_dearest_of_them_is_held(
     await fund(service, "acme", "100")
 
     def asked(rid: str, cap: int = 200, **shape: Any) -> AuthorizeInput:
-        request = ask(secret, model="openai/gpt-4o-mini", request_id=rid, input_tokens=1000, max_output_tokens=cap)
-        return replace(request, shape=replace(request.shape, **shape))
+        return reshaped(ask(secret, model="openai/gpt-4o-mini", request_id=rid, input_tokens=1000,
+                            max_output_tokens=cap), **shape)
 
     def at(input_price: str, output_price: str, output_tokens: int = 200) -> int:
         return apply_basis_points(price_quantity(1000, parse_amount(input_price))
@@ -1924,8 +1923,8 @@ async def test_a_limit_on_a_fallbacks_model_holds_and_counts_the_request_only_if
     await fund(service, "acme", "100")
 
     def asked(rid: str, cap: int = 200, **shape: Any) -> AuthorizeInput:
-        request = ask(secret, model="gpt-4o-mini", request_id=rid, input_tokens=1000, max_output_tokens=cap)
-        return replace(request, shape=replace(request.shape, **shape))
+        return reshaped(ask(secret, model="gpt-4o-mini", request_id=rid, input_tokens=1000, max_output_tokens=cap),
+                        **shape)
 
     async def used(key: str) -> int:
         return int(await service.counters.client.hget(key, "used") or 0)
