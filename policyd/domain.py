@@ -115,6 +115,10 @@ class Shape:
     # the tier is the provider's default, not asked for (Anthropic serves at priority when it can): held at
     # its prices where the table has them, never refused for want of them
     service_tier_implied: bool = False
+    # the geography the request runs in by its endpoint, which its reply does not say (Vertex AI's regional and
+    # multi-region endpoints for Claude: REGIONAL_GEO): held and charged at the tier of it (tier_in_geo) where the
+    # model prices one, else as it is, never refused
+    geo: str = ""
     unseen_input: bool = False  # input the request only refers to (a previous response, a file, an image URL...)
     audio_bytes: int = 0  # the audio sent, when its seconds are not known (speech to text)
     # the longest cache the input may be written to: the short write, "5m" (Anthropic's cache_control,
@@ -176,6 +180,9 @@ CONTAINER_MEMORY_DEFAULT = "1g"  # OpenAI's, for a container that names no memor
 # price table names it in a model's service_tiers
 ANTHROPIC_FAST_MODE = "fast_mode"
 IMAGE_SCALE_MAX = 10_000  # the largest image_scale (a request's is held at most so: the provider refuses past it)
+
+
+REGIONAL_GEO = "regional"  # Vertex AI's endpoints of a region or multi-region (not `global`): Claude's dearer there
 
 
 def tier_in_geo(tier: str, inference_geo: str) -> str:

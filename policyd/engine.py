@@ -48,6 +48,7 @@ from policyd.domain import (
     LimitState,
     OUTPUT_CAP_FIELDS,
     PART_TOKEN_FIELDS,
+    tier_in_geo,
     Owner,
     PolicydError,
     RateLimit,
@@ -228,6 +229,15 @@ def _image_model_named(policy: Policy | None, shape: Shape) -> str:
         return ""
     upstream = policy.upstream_name(shape.image_model) if policy else shape.image_model
     return upstream if shape.image_model_default or upstream != shape.image_model else ""
+
+
+def held_tier(price: ModelPrice, tier: str, geo: str) -> str:
+    """The tier a request on `tier` is priced at in the geography its endpoint runs it in (Shape.geo, which its
+    reply does not say): the model's tier of that geography where it prices one, else `tier` as it is."""
+    if not geo:
+        return tier
+    in_geo = tier_in_geo(tier, geo)
+    return in_geo if price.tier_prices(in_geo) is not None else tier
 
 
 def _other_models_named(policy: Policy | None, shape: Shape) -> dict[str, Any]:
@@ -1301,6 +1311,7 @@ class Engine:
         reasoning = output_cap * max(1, s.choices) \
             if request.endpoint == "chat_completions" and price.reasoning_output is not None else 0
         spoken = s.audio_output and price.audio_output_price > price.output
+        tier = held_tier(price, s.service_tier, s.geo)
         quantities = Quantities(
             input_tokens=input_tokens,
             # every choice may reach the cap, and all are billed
@@ -1308,7 +1319,7 @@ class Engine:
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
             seconds=seconds, web_searches=s.web_searches + s.unbounded_web_search_tools * searches_bound
             + chat_searches, search_context_size=s.search_context_size,
-            file_searches=s.file_searches + (searches_bound if s.unbounded_file_search else 0), service_tier=s.service_tier,
+            file_searches=s.file_searches + (searches_bound if s.unbounded_file_search else 0), service_tier=tier,
             audio_input_tokens=audio_tokens,
             # a spoken reply: every output token may be audio, at its own price (when the dearer)
             audio_output_tokens=output_cap * max(1, s.choices) if spoken else speech_output,
@@ -1509,6 +1520,9 @@ class Engine:
         if request.shape.search_context_size:  # the size it asked its search for: charged at it when none reported
             fields["search_context_size"] = request.shape.search_context_size
             extra += f',"search_context_size":{compact_json.dumps(request.shape.search_context_size)}'
+        if request.shape.geo:  # the geography its endpoint runs it in (Vertex AI's regions): charged at its prices
+            fields["geo"] = request.shape.geo
+            extra += f',"geo":{compact_json.dumps(request.shape.geo)}'
         if request.shape.service_tier and not request.shape.service_tier_implied:
             # the tier it asked for (flex, priority, a batch's): charged at it when no usage says otherwise
             fields["service_tier"] = request.shape.service_tier
@@ -1715,6 +1729,8 @@ class Engine:
         if policy is None or plan is None or price is None:
             raise await self.reject(report.request_id, reservation.partition, "unknown_model",
                                      f"model {served!r} is not in price table {r['price_table_version']!r}", asdict(report))
+        if geo := reservation.fields.get("geo"):  # the geography its endpoint ran it in, which its reply does not say
+            report = replace(report, service_tier=held_tier(price, report.service_tier, str(geo)))
         if not price.prices_tier(report.service_tier):  # served on a tier the table does not price: at the
             # model's own prices, marked (a project's default tier, which no request names)
             report = replace(report, error_class=report.error_class or "service_tier_unpriced")

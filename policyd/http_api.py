@@ -95,7 +95,7 @@ from policyd.domain import (ANTHROPIC_FAST_MODE, CACHED_CONTENT_PREFIX, CONTAINE
                             FALLBACK_MODELS_MAX, IMAGE_SCALE_MAX, OUTPUT_CAP_FIELDS, ROUTED_FALLBACKS_MAX,
                             SEARCH_CONTEXT_LENGTH_MAX,
                             Attribution, AuthorizeInput, KeySummary, RateLimit, RequestSummary, Shape, bedrock_tier,
-                            cached_content_name, tier_in_geo, trace_id_from)
+                            REGIONAL_GEO, cached_content_name, tier_in_geo, trace_id_from)
 from policyd.money import MONEY_UNITS, QUANTITY_MAX, format_amount, parse_amount
 from policyd.multipart import MultipartError, MultipartForm
 from policyd.protobuf_json import duration_ms, timestamp_ms
@@ -153,8 +153,8 @@ _GEMINI_BATCH = re.compile(r"(^|/)v1beta/batches/(?P<id>[A-Za-z0-9_.-]{1,200})(?
 _GEMINI_BATCH_METHODS = {"": ("GET", "DELETE"), ":cancel": ("POST",)}
 # Vertex AI: Google's and Anthropic's models under a project's location, the model in the path; Gemini's
 # bodies and usage, or Anthropic's (rawPredict, streamRawPredict)
-_VERTEX = re.compile(r"(^|/)v1(beta1)?/projects/[^/]+/locations/[^/]+/publishers/(?P<publisher>google|anthropic)"
-                     r"/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent|countTokens"
+_VERTEX = re.compile(r"(^|/)v1(beta1)?/projects/[^/]+/locations/(?P<location>[^/]+)"
+                     r"/publishers/(?P<publisher>google|anthropic)/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent|countTokens"
                      r"|rawPredict|streamRawPredict|predict|embedContent|predictLongRunning|fetchPredictOperation)$")
 _VERTEX_VERBS = {"google": ("generateContent", "streamGenerateContent", "countTokens", "predict", "embedContent",
                             "predictLongRunning", "fetchPredictOperation"),
@@ -365,6 +365,7 @@ class HttpCall:
     batch_seconds: int = 0  # ... the time the provider has to run it (its completion_window)
     batch_inline: list[Any] | None = None  # an Anthropic message batch: its requests, given in its body
     service_tier_implied: bool = False  # the provider's default tier (Anthropic's priority), not one asked for
+    geo: str = ""  # the geography the path runs it in (Vertex AI's regional endpoints), priced apart (Shape's)
     compaction: bool = False  # a Responses API compaction (POST /v1/responses/compact): it takes no output cap
     body_decoded: bool = False  # the client compressed its body (Content-Encoding): read, and sent on, decoded
     key_in_query: bool = False  # the query holds a `key` (Gemini's ?key=): never sent upstream
@@ -411,7 +412,7 @@ class HttpCall:
             shape=Shape(prompt_bytes=self.prompt_bytes, message_count=self.message_count,
                         max_output_tokens=self.max_output_tokens, image_count=self.image_count, stream=self.stream,
                         choices=self.choices, input_tokens=self.input_tokens, web_searches=self.web_searches,
-                        service_tier=self.service_tier, service_tier_implied=self.service_tier_implied,
+                        service_tier=self.service_tier, service_tier_implied=self.service_tier_implied, geo=self.geo,
                         unseen_input=self.unseen_input, seconds=self.seconds,
                         audio_bytes=self.audio_bytes, cache_write=self.cache_write, audio_output=self.audio_output,
                         file_searches=self.file_searches, unbounded_web_search_tools=self.unbounded_web_search_tools,
@@ -458,6 +459,7 @@ class Endpoint:
     async_chat: bool = False  # Perplexity's async chat completion: a job, its chat completion under "request"
     operation_in_body: bool = False  # Vertex AI's fetchPredictOperation: the operation read is named in the body
     cache_update: bool = False  # an explicit cache's time to live changed (PATCH cachedContents/<id>)
+    geo: str = ""  # the geography the path runs the request in, priced apart (Shape.geo)
 
 
 def endpoint_of(method: str, path: str) -> Endpoint:
@@ -516,8 +518,10 @@ def endpoint_of(method: str, path: str) -> Endpoint:
             return Endpoint("videos", vertex.group("model"), count_tokens=True, operation_in_body=True)
         if publisher == "anthropic" and vertex.group("model") == "count-tokens":  # Claude's token count on Vertex
             return Endpoint("anthropic_messages", count_tokens=True)  # the model in its body
-        family = "gemini_generate_content" if publisher == "google" else "anthropic_messages"
-        return Endpoint(family, vertex.group("model"), count_tokens=verb == "countTokens")
+        if publisher == "anthropic":  # Claude at a region's endpoint (or a multi-region's), not the global one
+            return Endpoint("anthropic_messages", vertex.group("model"),
+                            geo=REGIONAL_GEO if vertex.group("location") != "global" else "")
+        return Endpoint("gemini_generate_content", vertex.group("model"), count_tokens=verb == "countTokens")
     gemini = _GEMINI.search(path)
     if gemini:
         if gemini.group("verb") == "predict":
@@ -1353,6 +1357,10 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
             fast = call.service_tier == ANTHROPIC_FAST_MODE
             call.service_tier = tier_in_geo(ANTHROPIC_FAST_MODE if fast else "", geo)
             call.service_tier_implied = False
+        elif named.geo:  # Vertex AI's endpoint of a region: its prices (where the model has them), the reply silent
+            call.geo = named.geo
+            if call.service_tier_implied:  # (Anthropic's priority tier is none of Vertex AI's)
+                call.service_tier, call.service_tier_implied = "", False
     if not call.attribution.end_user_id and (end_user := _end_user(data)):
         call.attribution = replace(call.attribution, end_user_id=end_user[:256])
     return call

@@ -112,7 +112,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             search_context_size=s.search_context_size.strip().lower(),
             fallback_models=tuple(m[:256] for m in s.fallback_models[:ROUTED_FALLBACKS_MAX + 1]),
             advisor_model=s.advisor_model[:256], advisor_calls=s.advisor_calls, advisor_max_tokens=s.advisor_max_tokens,
-            fallbacks_routed=s.fallbacks_routed,
+            fallbacks_routed=s.fallbacks_routed, geo=s.geo.strip().lower()[:16],
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,

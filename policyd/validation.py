@@ -137,6 +137,7 @@ def check_authorize(request: AuthorizeInput) -> None:
         raise Problem("invalid_request", f"containers must be between 0 and {SEARCH_TOOLS_MAX}", "containers")
     _text_field("container_memory", s.container_memory, CONTAINER_MEMORY_LENGTH_MAX)
     _text_field("search_context_size", s.search_context_size, SEARCH_CONTEXT_LENGTH_MAX)
+    _text_field("geo", s.geo, SEARCH_CONTEXT_LENGTH_MAX)
     most = ROUTED_FALLBACKS_MAX if s.fallbacks_routed else FALLBACK_MODELS_MAX
     if len(s.fallback_models) > most or not all(s.fallback_models):
         raise Problem("invalid_request", f"fallbacks name at most {most} models", "fallbacks")

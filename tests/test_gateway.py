@@ -1044,6 +1044,27 @@ def test_vertex_ais_gemini_and_claude_are_metered_as_their_own_apis(gateway: Gat
     assert (len(gateway.records("e2e-vertex-claude")), gateway.wallet("e2e-vertex-claude").balance_nanos) == before
 
 
+def test_claude_at_a_vertex_regions_endpoint_is_charged_that_regions_prices(gateway: Gateway) -> None:
+    """Claude Sonnet 4.5 and later cost more at a Vertex AI region's endpoint than at the global one, and the
+    reply does not say where it ran: charged as the path says, streamed or not."""
+    key = gateway.customer("e2e-vertex-regional", plan="house")
+    message = {"anthropic_version": "vertex-2023-10-16", "max_tokens": 12,
+               "messages": [{"role": "user", "content": "where did this run"}]}
+    for location, (price_in, price_out) in (("us-east5", ("3.30", "16.50")), ("global", ("3.00", "15.00"))):
+        for verb, stream in ((":rawPredict", False), (":streamRawPredict", True)):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{gateway.port}/v1/projects/acme/locations/{location}/publishers/anthropic/models/"
+                f"claude-sonnet-4-5{verb}", data=json.dumps({**message, "stream": stream}).encode(), method="POST",
+                headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+            with urllib.request.urlopen(request, timeout=20) as reply:
+                request_id = reply.headers["x-policyd-request-id"]
+                reply.read()
+            record = gateway.record(request_id)
+            assert (record["status"], record["error_class"]) == ("settled", ""), record
+            assert record["cost_nanos"] == price_quantity(record["input_tokens"], parse_amount(price_in)) + \
+                price_quantity(record["output_tokens"], parse_amount(price_out)), (location, verb)
+
+
 def bedrock_client(gateway: Gateway, key: str, attempts: int = 1) -> Any:
     """boto3's Bedrock runtime client on the gateway, the customer's key sent as a Bedrock API key is
     (`Authorization: Bearer`). boto3 sends AWS_BEARER_TOKEN_BEDROCK's key over HTTPS alone, and the test's

@@ -191,6 +191,24 @@ def test_what_a_routers_reply_says_was_charged_is_read_to_the_nano() -> None:
     assert read("chat_completions", False, '{"usage": {%s}}' % usage).tokens.reported_cost is None
 
 
+def test_claude_at_a_vertex_regions_endpoint_runs_in_that_geography() -> None:
+    """Vertex AI's Claude at a region's or multi-region's endpoint (not the global one) is dearer for the newer models,
+    and its reply does not say where it ran: the path says it (Shape.geo). Anthropic's priority tier is none of
+    Vertex AI's; Gemini's endpoints are priced alike."""
+    body = json.dumps({"anthropic_version": "vertex-2023-10-16", "max_tokens": 5, "messages": []}).encode()
+    for location, geo in (("us-east5", "regional"), ("europe-west1", "regional"), ("us", "regional"), ("global", "")):
+        call = parse_call("POST", f"/v1/projects/p/locations/{location}/publishers/anthropic/models/"
+                          f"claude-sonnet-4-5@20250929:rawPredict", {}, body)
+        assert (call.problem, call.geo, call.authorize_input().shape.geo) == ("", geo, geo), location
+        if geo:
+            assert (call.service_tier, call.service_tier_implied) == ("", False)
+    gemini = parse_call("POST", "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash:"
+                        "generateContent", {}, b'{"contents": []}')
+    assert (gemini.problem, gemini.geo) == ("", "")
+    direct = parse_call("POST", "/v1/messages", {}, b'{"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []}')
+    assert (direct.geo, direct.service_tier) == ("", "priority")  # Anthropic's own API: its tier, no path geography
+
+
 def test_a_request_is_named_by_its_own_headers_and_a_tracing_id_never_refuses_it() -> None:
     body = b'{"model": "gpt-4o-mini", "messages": []}'
 

@@ -2007,6 +2007,36 @@ async def test_a_model_priced_as_its_provider_reports_costs_what_the_reply_says_
     assert (await service.admin.audit()).ok
 
 
+async def test_a_request_at_a_regions_endpoint_is_held_and_charged_at_that_geographys_prices(service: Service) -> None:
+    """Claude at a Vertex AI region's endpoint costs more than at the global one (the newer models), and the reply
+    does not say where it ran: a request whose endpoint is a region's (Shape.geo) is held and charged at the
+    model's `regional` tier where it has one, else at its prices as they are (never refused, nothing marked)."""
+    document = yaml.safe_load((await service.admin.book.version(1)).canonical)
+    document["price_table"]["models"]["claude-sonnet-4-5"] = {
+        "provider": "anthropic", "tier": "premium", "input": "3.00", "output": "15.00",
+        "service_tiers": {"regional": {"input": "3.30", "output": "16.50"}}}
+    await service.admin.apply_policy(yaml.safe_dump(document), "regional.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "100")
+
+    def at(input_price: str, output_price: str, output_tokens: int) -> int:
+        return price_quantity(1000, parse_amount(input_price)) + price_quantity(output_tokens, parse_amount(output_price))
+
+    for rid, model, geo in (("regional", "claude-sonnet-4-5", "regional"), ("global", "claude-sonnet-4-5", ""),
+                            ("older", "claude-sonnet-4", "regional")):
+        held = await service.engine.authorize(reshaped(ask(secret, model=model, request_id=rid,
+                                                           endpoint="anthropic_messages", input_tokens=1000,
+                                                           max_output_tokens=200), geo=geo))
+        assert held.decision == "allow", held
+        expected = at("3.30", "16.50", 200) if rid == "regional" else at("3.00", "15.00", 200)
+        assert held.reserved == apply_basis_points(expected, 12_000), rid
+        settled = await service.engine.settle(usage(rid, 1000, 150))  # the reply says no geography
+        assert settled.cost == (at("3.30", "16.50", 150) if rid == "regional" else at("3.00", "15.00", 150)), rid
+    await service.writer.drain()
+    assert {rid: service.store.usage_record(rid).error_class for rid in ("regional", "global", "older")} == {
+        "regional": "", "global": "", "older": ""}
+
+
 async def test_a_cut_stream_is_charged_the_input_the_provider_reported_and_the_output_delivered(service: Service) -> None:
     from policyd.usage_capture import Tokens
 

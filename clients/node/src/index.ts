@@ -112,6 +112,7 @@ export interface AuthorizeInput {
   searchContextSize?: string;  // web_search_options.search_context_size (Perplexity's, OpenAI's search models): a fee by it
   fallbackModels?: string[];   // models the provider may fall back to and bill (Anthropic's fallbacks): the key's too, held
   fallbacksRouted?: boolean;   // ... a router's (OpenRouter's models): the one serving alone billed, the dearest held
+  geo?: string;             // where its endpoint runs it, unsaid by the reply ("regional": Vertex AI's regions)
   advisorModel?: string;       // an advisor tool's model (Anthropic's advisor_*): the key's too, held for its calls
   advisorCalls?: number;       // ... at most this many (its max_uses; 0: the plan's bound, set it as maxToolCalls says)
   advisorMaxTokens?: number;   // ... each writing at most this (its max_tokens; 0: the advisor model's cap)
@@ -302,7 +303,7 @@ export class PolicyClient {
         searchContextSize: input.searchContextSize ?? "",
         fallbackModels: input.fallbackModels ?? [], advisorModel: input.advisorModel ?? "",
         advisorCalls: input.advisorCalls ?? 0, advisorMaxTokens: input.advisorMaxTokens ?? 0,
-        fallbacksRouted: input.fallbacksRouted ?? false,
+        fallbacksRouted: input.fallbacksRouted ?? false, geo: input.geo ?? "",
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",

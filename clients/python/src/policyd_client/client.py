@@ -211,7 +211,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     advisor_model=attribution.pop("advisor_model", ""),
                                     advisor_calls=attribution.pop("advisor_calls", 0),
                                     advisor_max_tokens=attribution.pop("advisor_max_tokens", 0),
-                                    fallbacks_routed=bool(attribution.pop("fallbacks_routed", False)))
+                                    fallbacks_routed=bool(attribution.pop("fallbacks_routed", False)),
+                                    geo=attribution.pop("geo", ""))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
