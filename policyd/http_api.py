@@ -154,7 +154,8 @@ _GEMINI_BATCH_METHODS = {"": ("GET", "DELETE"), ":cancel": ("POST",)}
 # Vertex AI: Google's and Anthropic's models under a project's location, the model in the path; Gemini's
 # bodies and usage, or Anthropic's (rawPredict, streamRawPredict)
 _VERTEX = re.compile(r"(^|/)v1(beta1)?/projects/[^/]+/locations/(?P<location>[^/]+)"
-                     r"/publishers/(?P<publisher>google|anthropic)/models/(?P<model>[^/:]+):(?P<verb>generateContent|streamGenerateContent|countTokens"
+                     r"/publishers/(?P<publisher>google|anthropic)/models/(?P<model>[^/:]+)"
+                     r":(?P<verb>generateContent|streamGenerateContent|countTokens"
                      r"|rawPredict|streamRawPredict|predict|embedContent|predictLongRunning|fetchPredictOperation)$")
 _VERTEX_VERBS = {"google": ("generateContent", "streamGenerateContent", "countTokens", "predict", "embedContent",
                             "predictLongRunning", "fetchPredictOperation"),

@@ -2020,7 +2020,8 @@ async def test_a_request_at_a_regions_endpoint_is_held_and_charged_at_that_geogr
     await fund(service, "acme", "100")
 
     def at(input_price: str, output_price: str, output_tokens: int) -> int:
-        return price_quantity(1000, parse_amount(input_price)) + price_quantity(output_tokens, parse_amount(output_price))
+        return price_quantity(1000, parse_amount(input_price)) + \
+            price_quantity(output_tokens, parse_amount(output_price))
 
     for rid, model, geo in (("regional", "claude-sonnet-4-5", "regional"), ("global", "claude-sonnet-4-5", ""),
                             ("older", "claude-sonnet-4", "regional")):
