@@ -1948,7 +1948,7 @@ class Engine:
     async def settle_estimated(self, request_id: str, output_tokens: int, *, interrupted: bool, error_class: str,
                                upstream_status: int = 0, provider: str = "", provider_account: str = "",
                                reported: Tokens | None = None, provider_response_id: str = "",
-                               output_as_held: bool = False) -> Settlement:
+                               output_as_held: bool = False, reported_cost_currency: str = "") -> Settlement:
         """Charge a request whose provider reported no usage of its whole output (a cut stream, a
         disconnect, a reply without usage): output as counted from what was delivered (at most the
         reserved cap of every choice; all of it, `output_as_held`, for a reply the provider makes whole
@@ -2000,6 +2000,7 @@ class Engine:
             provider_account=provider_account, provider_response_id=provider_response_id,
             reply_model=reported.reply_model if reported is not None else "",
             reported_cost=reported.reported_cost if reported is not None else None,
+            reported_cost_currency=reported_cost_currency,
         ), reservation)
 
     async def _output_made_meanwhile(self, reservation: Reservation) -> int:

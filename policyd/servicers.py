@@ -183,6 +183,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 error_class=request.error_class or "usage_estimated", upstream_status=request.upstream_status,
                 provider=request.provider, provider_account=request.provider_account,
                 provider_response_id=request.provider_response_id[:256], output_as_held=request.output_as_held,
+                reported_cost_currency=u.reported_cost.currency[:16],
                 reported=Tokens(u.input_tokens, u.cached_input_tokens, u.cache_write_input_tokens,
                                 cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
                                 service_tier=request.service_tier, seconds=u.seconds,

@@ -543,5 +543,9 @@ async def test_a_native_proxy_settles_what_the_provider_said_it_charged(channel:
             input_tokens=100, output_tokens=10, reported_cost=types_pb2.Money(currency="EUR", nanos=4_321))))
     assert other_currency.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(other_currency.value.trailing_metadata())["policyd-reason"] == "invalid_usage"
+    with pytest.raises(grpc.aio.AioRpcError) as estimated_other:  # so too for a settle of estimated usage
+        await policy.Settle(policy_pb2.SettleRequest(request_id="rc-2", usage_estimated=True, usage=policy_pb2.Usage(
+            output_tokens=10, reported_cost=types_pb2.Money(currency="EUR", nanos=4_321))))
+    assert dict(estimated_other.value.trailing_metadata())["policyd-reason"] == "invalid_usage"
     wallet = await admin.GetWallet(admin_pb2.GetWalletRequest(customer_id="acme"), metadata=AUTH)
     assert wallet.balance_nanos == 10**9 - settled.charge.nanos  # rc-2 still held, nothing charged for it
