@@ -231,6 +231,12 @@ def _image_model_named(policy: Policy | None, shape: Shape) -> str:
     return upstream if shape.image_model_default or upstream != shape.image_model else ""
 
 
+def _reports_cost(policy: Policy, model: str) -> bool:
+    """Whether the model is priced at what its provider's replies say was charged (ModelPrice.reported_cost)."""
+    price = policy.model(model)
+    return price is not None and price.reported_cost
+
+
 def held_tier(price: ModelPrice, tier: str, geo: str) -> str:
     """The tier a request on `tier` is priced at in the geography its endpoint runs it in (Shape.geo, which its
     reply does not say): the model's tier of that geography where it prices one, else `tier` as it is."""
@@ -1778,7 +1784,9 @@ class Engine:
                 policy, plan, r, report, int(reservation.fields.get("image_scale") or 1))
             quantities, cost, charge = replace(quantities, tool_tokens=images.tokens), cost + images_cost, \
                 charge + images_charge
-        if price.reported_cost:  # what the provider says it charged (a router's routes are priced apart) is the cost
+        # what the provider says it charged is the cost of a model priced so (a router's routes are priced apart),
+        # served on it or sent as it (openrouter/auto's pick of another model of the table)
+        if price.reported_cost or (served != r["served_model"] and _reports_cost(policy, r["served_model"])):
             if report.reported_cost is not None:
                 cost = report.reported_cost
                 charge = charge_of(plan, served, quantities, cost, r["billing_mode"])

@@ -1974,6 +1974,10 @@ async def test_a_model_priced_as_its_provider_reports_costs_what_the_reply_says_
     document = yaml.safe_load((await service.admin.book.version(1)).canonical)
     document["price_table"]["models"]["router/open-model"] = {
         "provider": "openrouter", "tier": "low-cost", "input": "2.00", "output": "8.00", "reported_cost": True}
+    document["price_table"]["models"]["router/auto"] = {  # the router's own pick: reported, whatever it picks
+        "provider": "openrouter", "tier": "low-cost", "input": "10.00", "output": "40.00", "reported_cost": True}
+    document["price_table"]["models"]["router/listed"] = {"provider": "openrouter", "tier": "low-cost",
+                                                          "input": "1.00", "output": "1.00"}
     await service.admin.apply_policy(yaml.safe_dump(document), "reported.yaml")
     _, secret = await new_key(service)
     await fund(service, "acme", "100")
@@ -1995,6 +1999,11 @@ async def test_a_model_priced_as_its_provider_reports_costs_what_the_reply_says_
     with pytest.raises(PolicydError) as changed:  # the same request said to have cost otherwise: not charged twice
         await service.engine.settle(usage("retried", 1000, 100, reported_cost=501))
     assert changed.value.reason == "exists_with_different_usage"
+    # the router's pick of another model of the table (openrouter/auto's), priced by what the reply says
+    await service.engine.authorize(ask(secret, model="router/auto", request_id="picked", input_tokens=1000,
+                                       max_output_tokens=100))
+    picked = await service.engine.settle(usage("picked", 1000, 100, reported_cost=7_777, reply_model="router/listed"))
+    assert (picked.cost, picked.served_model) == (7_777, "router/listed")
     await service.writer.drain()
     assert (service.store.usage_record("said").cost_nanos, service.store.usage_record("said").error_class,
             service.store.usage_record("unsaid").error_class) == (1_234_567, "", "cost_not_reported")
