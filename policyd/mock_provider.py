@@ -451,7 +451,9 @@ class MockProvider:
         model = deployment or (vertex_anthropic.group("model") if vertex_anthropic else
                                urllib.parse.unquote(bedrock.group("model")) if bedrock else body.get("model", ""))
         model = h.headers.get("x-mock-reply-model") or model  # a provider that served another model than sent
-        routed = [m for m in body.get("models") or [] if isinstance(m, str) and m != model]
+        listed = [m for m in body.get("models") or [] if isinstance(m, str) and m]
+        model = model or (listed[0] if listed else "")  # a router's list: its first is the model when none is named
+        routed = [m for m in listed if m != model]
         if routed and "fall through" in json.dumps(body.get("messages", body.get("input"))):
             model = routed[0]  # a router's: the model asked for failed, its first fallback served (and is billed)
         p_tokens = prompt_tokens(body)

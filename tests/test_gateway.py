@@ -234,6 +234,10 @@ def test_a_routers_fallback_models_are_the_keys_held_as_the_dearest_and_charged_
     assert record["charge_nanos"] == expected_charge("gpt-4o", completion.usage.prompt_tokens,
                                                      completion.usage.completion_tokens)
     assert record["reserved_nanos"] >= expected_charge("gpt-4o", completion.usage.prompt_tokens, 8)  # the dearest
+    listed = client.chat.completions.create(  # no model: the list's first is, and its second the fallback
+        model=openai.NOT_GIVEN, messages=[{"role": "user", "content": "fall through, listed"}], max_tokens=8,
+        extra_body={"models": ["gpt-4o-mini", "gpt-4o"]})
+    assert listed.model == "gpt-4o"
     headers, chunks = streamed(client, "fall through, streamed", max_tokens=8, extra_body={"models": ["gpt-4o"]},
                                stream_options={"include_usage": True})
     usage = [c.usage for c in chunks if c.usage][0]
