@@ -296,6 +296,18 @@ def _bound_to_model(request: AuthorizeInput) -> bool:
         request.previous_response.startswith(CACHED_CONTENT_PREFIX)
 
 
+def _fallbacks_bound(policy: Policy, limit: Limit | Cap, request: AuthorizeInput) -> bool:
+    """Whether a downgrading limit binds a fallback the request names (other than the cheaper model): the cheaper
+    model would go with that fallback still named, which the provider may serve past the limit; so the limit
+    refuses the request instead."""
+    for model in request.shape.fallback_models:
+        price = policy.model(model) if model != limit.downgrade_to else None
+        if price is not None and (limit.covers(model, price) if isinstance(limit, Cap) else
+                                  limit.binds(model, price.tier)):
+            return True
+    return False
+
+
 def _least_fitted_cap(plan: Plan, request: AuthorizeInput) -> int:
     """The least output cap a plan fits a request to: the plan's fit_output_cap_min, or what the provider
     accepts when more (a Claude request's past its thinking budget: a smaller cap would be refused, 400)."""
@@ -617,6 +629,7 @@ class Engine:
         if result.outcome == "deny" and result.reason == "limit" and policy is not None and plan is not None:
             limit = reserve.limits_by_label.get(result.label, (None, 0))[0]
             if limit is not None and limit.action == "downgrade" and not _bound_to_model(request) \
+                    and not _fallbacks_bound(policy, limit, request) \
                     and request.attribution.feature not in plan.critical_features \
                     and limit.downgrade_to != reserve.served_model \
                     and self._may_serve(policy, plan, key.scopes, key.environment, limit.downgrade_to, request.shape):

@@ -1963,6 +1963,20 @@ async def test_a_limit_on_a_fallbacks_model_holds_and_counts_the_request_only_if
     counts = {h[0]: await used(h[0]) for h in held}
     await service.engine.release("released", "provider_error")
     assert [await used(key) for key, *_ in held] == [counts[key] - amount for key, _, amount, *_ in held]
+    # a downgrading limit on the premium tier with no room: the request asked of a premium model goes on the cheaper
+    # one, unless it names a premium fallback the provider could still serve past the limit: then it is refused
+    document["plans"]["pro"]["limits"] += [
+        {"name": "premium-tight", "scope": "customer", "models": ["tier:premium"], "window": "day", "unit": "money",
+         "limit": "0.000001", "action": "downgrade", "downgrade_to": "gpt-4o-mini"}]
+    await service.admin.apply_policy(yaml.safe_dump(document), "fallback-limits-2.yaml")
+    premium = ask(secret, model="gpt-4o", request_id="premium-alone", input_tokens=100, max_output_tokens=10)
+    assert (await service.engine.authorize(premium)).decision == "downgrade"
+    for rid, fallbacks, decision in (("premium-fallback", ("claude-sonnet-4",), "deny"),
+                                     ("cheap-fallback", ("gpt-4o-mini",), "downgrade")):
+        d = await service.engine.authorize(reshaped(replace(premium, attribution=replace(
+            premium.attribution, request_id=rid)), fallback_models=fallbacks, fallbacks_routed=True))
+        assert d.decision == decision, (rid, d)
+        assert d.decision == "downgrade" or (d.reason, d.reserved) == ("budget_exceeded", 0)
     assert (await service.admin.audit()).ok
 
 
