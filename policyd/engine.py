@@ -301,9 +301,10 @@ def _fallbacks_bound(policy: Policy, limit: Limit | Cap, request: AuthorizeInput
     model would go with that fallback still named, which the provider may serve past the limit; so the limit
     refuses the request instead."""
     for model in request.shape.fallback_models:
-        price = policy.model(model) if model != limit.downgrade_to else None
-        if price is not None and (limit.covers(model, price) if isinstance(limit, Cap) else
-                                  limit.binds(model, price.tier)):
+        price = policy.model(model)
+        if model == limit.downgrade_to or price is None:
+            continue
+        if limit.covers(model, price) if isinstance(limit, Cap) else limit.binds(model, price.tier):
             return True
     return False
 

@@ -74,6 +74,11 @@ async def _call(context: grpc.aio.ServicerContext, action: Callable[[], Awaitabl
         raise  # unreachable: abort raises
 
 
+def _reported_cost(usage: policy_pb2.Usage) -> int | None:
+    """What the provider said it charged (Usage.reported_cost), nanos; None when the caller says nothing."""
+    return usage.reported_cost.nanos if usage.HasField("reported_cost") else None
+
+
 def _money(currency: str, nanos: int) -> types_pb2.Money:
     return types_pb2.Money(currency=currency, nanos=nanos)
 
@@ -193,7 +198,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                                 search_context_size=u.search_context_size.strip().lower(),
                                 reasoning_output_tokens=u.reasoning_output_tokens, reply_model=request.reply_model,
                                 cache_storage_token_seconds=u.cache_storage_token_seconds,
-                                reported_cost=u.reported_cost.nanos if u.HasField("reported_cost") else None,
+                                reported_cost=_reported_cost(u),
                                 **{name: getattr(u, name) for name in IMAGE_GENERATION_USAGE})))
             return settle_response(s)
         report = UsageReport(
@@ -215,7 +220,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             provider_response_id=request.provider_response_id[:256],
             service_tier=request.service_tier, reply_model=request.reply_model,
             provider_file_ids=tuple(request.provider_file_ids),
-            reported_cost=u.reported_cost.nanos if u.HasField("reported_cost") else None,
+            reported_cost=_reported_cost(u),
             reported_cost_currency=u.reported_cost.currency[:16],
             parts=tuple(UsagePart(p.kind, p.model, *(getattr(p, name) for name in PART_TOKEN_FIELDS)) for p in u.parts),
         )
