@@ -172,6 +172,13 @@ class Shape:
     # the search context size the request asks its web search for (web_search_options.search_context_size:
     # Perplexity's, OpenAI's search models'): a model priced per_search_context is held at its fee
     search_context_size: str = ""
+    # a router's web search (OpenRouter's web plugin, one search; its web_search server tool, as many as the model
+    # makes): the most results the request allows (its Exa engine bills each, per_web_result; its native engines
+    # each search, held as many as results in web_searches), and for a server tool given no max_total_results the
+    # results each of its searches returns: the plan's default_max_tool_calls searches held, and their results set
+    # in the request as its bound (Decision.max_tool_calls times it)
+    web_results: int = 0
+    web_results_per_search: int = 0
 
 
 SEARCH_CONTEXT_LENGTH_MAX = 16  # a search context size's name (Perplexity's and OpenAI's: low, medium, high)

@@ -1101,10 +1101,13 @@ class Engine:
     @staticmethod
     def _tools_priced(policy: Policy, model: str, shape: Shape) -> bool:
         """Whether the model prices the hosted tools the request may have the provider bill apart: the
-        containers it may make, grounding with Google Maps."""
+        containers it may make, grounding with Google Maps, a router's web search (its cost the router's to say:
+        a model priced as reported, its entry's per_web_result or per_web_search bounding the hold)."""
         price = policy.model(model)
         return (not shape.containers or bool(price and shape.container_memory in price.per_container)) \
-            and (not shape.maps_grounding or bool(price and price.per_maps_grounding))
+            and (not shape.maps_grounding or bool(price and price.per_maps_grounding)) \
+            and (not (shape.web_results or shape.web_results_per_search) or bool(
+                price and price.reported_cost and (price.per_web_result or price.per_web_search)))
 
     @staticmethod
     def _tier_priced(policy: Policy, model: str, shape: Shape) -> bool:
@@ -1322,8 +1325,12 @@ class Engine:
                 likely += likely_audio
         # search tools the request leaves unbounded: each reserved at the plan's default, which the request
         # then carries where it can (Gemini's search takes no bound)
-        searches_bound = plan.default_max_tool_calls if s.unbounded_web_search_tools or s.unbounded_file_search else 0
-        tool_call_cap = searches_bound if request.endpoint in TOOL_BOUND_ENDPOINTS else 0
+        searches_bound = plan.default_max_tool_calls \
+            if s.unbounded_web_search_tools or s.unbounded_file_search or s.web_results_per_search else 0
+        tool_call_cap = searches_bound if request.endpoint in TOOL_BOUND_ENDPOINTS or s.web_results_per_search else 0
+        # a router's web search: its results, and as many searches (each returns one at least), where the request
+        # bounds them; its server tool given no bound, the plan's searches of its results each (set in the request)
+        router_results = s.web_results + searches_bound * s.web_results_per_search
         # a chat model that searches as it will (Perplexity's Sonar Deep Research) is held for the searches its
         # price table entry says; its reasoning, billed beside its output at a price of its own, takes no bound
         # from the request either: held at the output cap
@@ -1338,7 +1345,8 @@ class Engine:
             output_tokens=output_cap * max(1, s.choices) + reasoning, reasoning_output_tokens=reasoning,
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
             seconds=seconds, web_searches=s.web_searches + s.unbounded_web_search_tools * searches_bound
-            + chat_searches, search_context_size=s.search_context_size,
+            + chat_searches + (router_results - s.web_results), web_results=router_results,
+            search_context_size=s.search_context_size,
             file_searches=s.file_searches + (searches_bound if s.unbounded_file_search else 0), service_tier=tier,
             audio_input_tokens=audio_tokens,
             # a spoken reply: every output token may be audio, at its own price (when the dearer)
@@ -1537,6 +1545,10 @@ class Engine:
             fields["search_units"], fields["search_units_likely"] = attempt.search_units, attempt.likely_search_units
             extra += (f',"search_units":{int(attempt.search_units)},'
                       f'"search_units_likely":{int(attempt.likely_search_units)}')
+        web_results = request.shape.web_results + attempt.tool_call_cap * request.shape.web_results_per_search
+        if web_results:  # a router's web search results: charged as held when the router says no cost
+            fields["web_results"] = web_results
+            extra += f',"web_results":{int(web_results)}'
         if request.shape.search_context_size:  # the size it asked its search for: charged at it when none reported
             fields["search_context_size"] = request.shape.search_context_size
             extra += f',"search_context_size":{compact_json.dumps(request.shape.search_context_size)}'
@@ -1804,8 +1816,13 @@ class Engine:
             if report.reported_cost is not None:
                 cost = report.reported_cost
                 charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
-            else:  # none said (a stream cut before its usage): its tokens at the table's prices, marked
+            else:  # none said (a stream cut before its usage): its tokens at the table's prices, marked, and a
+                # router's web search results as held (its web plugin returns as many as it asks for)
                 report = replace(report, error_class=report.error_class or "cost_not_reported")
+                if held_results := int(reservation.fields.get("web_results") or 0):
+                    quantities = replace(quantities, web_results=held_results)
+                    cost += held_results * price.per_web_result
+                    charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
         numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
                    report.seconds, report.requests or 1, served, report.cache_write_input_tokens]
         later = [getattr(report, name) for name in LATER_USAGE_FIELDS]

@@ -356,6 +356,8 @@ class HttpCall:
     document_tokens_max: int = 0  # ... and the most tokens the provider reads of each (0: no bound)
     least_output_cap: int = 0  # the least cap the provider accepts (Anthropic's past its thinking budget_tokens)
     search_context_size: str = ""  # web_search_options.search_context_size (Perplexity's, OpenAI's search models)
+    web_results: int = 0  # the most results a router's web search may return, where the request bounds them ...
+    web_results_per_search: int = 0  # ... its server tool given no bound: each search's (policyd sets the total)
     thread_budget: int = 0  # x-policyd-thread-budget: its caller's budget of the thread's total charge (nanos)
     max_charge: int = 0  # x-policyd-max-charge: the most its caller lets this request hold (nanos)
     stores_reply: bool = False  # a chat completion the provider keeps (store: true): read and deleted by its id
@@ -427,7 +429,8 @@ class HttpCall:
                         document_tokens_max=self.document_tokens_max, least_output_cap=self.least_output_cap,
                         search_context_size=self.search_context_size, fallback_models=self.fallback_models,
                         advisor_model=self.advisor_model, advisor_calls=self.advisor_calls,
-                        advisor_max_tokens=self.advisor_max_tokens, fallbacks_routed=self.fallbacks_routed),
+                        advisor_max_tokens=self.advisor_max_tokens, fallbacks_routed=self.fallbacks_routed,
+                        web_results=self.web_results, web_results_per_search=self.web_results_per_search),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, deletes_stored=self.deletes_stored,
             previous_response=self.previous_response,
@@ -988,6 +991,60 @@ def _routed_fallbacks(data: dict[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(m[:256] for m in models if isinstance(m, str) and m and m != primary))
 
 
+# A router's web search (OpenRouter's): its web plugin (`plugins: [{"id": "web", "max_results": n}]`, or a model
+# slug ending ":online") runs one search of up to n results, ROUTER_WEB_RESULTS_DEFAULT unless told; its web_search
+# server tool (`{"type": "openrouter:web_search", "parameters": {"max_results": n, "max_total_results": t}}`) as many
+# as the model makes, n results each, t in all. Its Exa engine bills each result, its native engines each search.
+ROUTER_WEB_RESULTS_DEFAULT = 5
+ROUTER_WEB_RESULTS_MAX = 1_000  # a bound past it is refused: no search returns so many, and it would hold them all
+ROUTER_WEB_SEARCH_TOOL = "openrouter:web_search"
+ROUTER_ONLINE_SUFFIX = ":online"
+# a router's server tools that bill nothing (OpenRouter's clock); any other of its tools (`openrouter:*`: its web
+# fetch, image generation, and the tools running other models, fusion, advisor, subagent) bills what no request
+# field bounds, and is refused
+ROUTER_FREE_TOOLS = frozenset({"openrouter:datetime"})
+
+
+def _router_web_search(call: HttpCall, data: dict[str, Any]) -> tuple[str, str, str] | None:
+    """A router's web search, its results bounded (Shape.web_results) and as many searches (each returns one at
+    least; its native engines bill per search), or for a server tool given no max_total_results its results a
+    search (Shape.web_results_per_search: policyd holds the plan's searches and sets their total). The refusal,
+    if any, as (reason, message, param): a malformed bound, or a router's tool that bills what policyd cannot bound."""
+    plugins = data.get("plugins")
+    if plugins is not None and not (isinstance(plugins, list) and all(
+            isinstance(p, dict) and isinstance(p.get("id"), str) for p in plugins)):
+        return "invalid_request", 'plugins must be a list of {"id": ...}', "plugins"
+    web = [p for p in plugins or () if p["id"] == "web"]
+    if web or call.model.endswith(ROUTER_ONLINE_SUFFIX):  # one search, however many ask for it
+        asked = [p["max_results"] for p in web if p.get("max_results") is not None]
+        if not all(0 < _count(n) <= ROUTER_WEB_RESULTS_MAX for n in asked):
+            return "invalid_request", f"the web plugin's max_results must be from 1 to {ROUTER_WEB_RESULTS_MAX}", \
+                "plugins"
+        call.web_searches += 1
+        call.web_results += max((_count(n) for n in asked), default=ROUTER_WEB_RESULTS_DEFAULT)
+    routers = [t for t in _tools(data) if str(t.get("type", "")).startswith("openrouter:")
+               and t["type"] not in ROUTER_FREE_TOOLS]
+    unbounded = [str(t["type"])[:64] for t in routers if t["type"] != ROUTER_WEB_SEARCH_TOOL]
+    if unbounded:
+        return "tool_not_priced", f"policyd cannot bound what the router bills for its {unbounded[0]} tool", "tools"
+    if len(routers) > 1:
+        return "invalid_request", f"a request gives one {ROUTER_WEB_SEARCH_TOOL} tool", "tools"
+    if routers:
+        parameters = routers[0].get("parameters", {})
+        bounds = (parameters.get("max_results"), parameters.get("max_total_results")) \
+            if isinstance(parameters, dict) else ("", "")
+        if not all(n is None or 0 < _count(n) <= ROUTER_WEB_RESULTS_MAX for n in bounds):
+            return "invalid_request", f"the {ROUTER_WEB_SEARCH_TOOL} tool's parameters are an object, its " \
+                f"max_results and max_total_results from 1 to {ROUTER_WEB_RESULTS_MAX}", "tools"
+        each, total = _count(bounds[0]) or ROUTER_WEB_RESULTS_DEFAULT, _count(bounds[1])
+        if total:
+            call.web_searches, call.web_results = call.web_searches + total, call.web_results + total
+        else:
+            call.web_results_per_search = each
+    call.unseen_input = call.unseen_input or bool(call.web_results or call.web_results_per_search)  # results read in
+    return None
+
+
 def _unbounded_search_tools(endpoint: str, data: dict[str, Any], kind: str = "web_search") -> int:
     """Search tools of a kind the provider runs that the request gives no bound for: on Anthropic's API each
     web search tool without `max_uses`; on the Responses API, 1 when such a tool is given without
@@ -1318,6 +1375,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.unbounded_file_search = _unbounded_search_tools(endpoint, data, "file_search") > 0
     if endpoint == "anthropic_messages" and (problem := _other_models(call, data)):
         return _problem(call, "invalid_request", *problem)
+    if endpoint in ROUTED_ENDPOINTS and (refusal := _router_web_search(call, data)):
+        return _problem(call, *refusal)
     call.unseen_input = not call.count_tokens and (call.unseen_input or _unseen_input(data))
     call.files = _file_ids(data) if '"file_id"' in text else ()
     if endpoint == "gemini_generate_content" and ("ileUri" in text or "ile_uri" in text):  # Gemini's files named
@@ -1972,6 +2031,11 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
                                                                             if renamed else {})
         body["models"] = [names.get(m, m) if isinstance(m, str) else m for m in body["models"]]
         changed = True
+    if tool_call_cap and endpoint in ROUTED_ENDPOINTS and isinstance(body.get("tools"), list):
+        tools = [_router_search_bounded(t, tool_call_cap) for t in body["tools"]]
+        if tools != body["tools"]:
+            body["tools"] = tools
+            changed = True
     if advisor_model and endpoint == "anthropic_messages" and isinstance(body.get("tools"), list):
         body["tools"] = [dict(t, model=advisor_model) if _advisor(t) else t for t in body["tools"]]
         changed = True
@@ -1991,6 +2055,18 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
             body["stream_options"] = {**options, "include_usage": True}
             changed = True
     return body if changed else None
+
+
+def _router_search_bounded(tool: Any, searches: int) -> Any:
+    """A router's web_search server tool given no max_total_results, given the results of `searches` searches (the
+    plan's bound, as held); any other tool as it is."""
+    if not isinstance(tool, dict) or tool.get("type") != ROUTER_WEB_SEARCH_TOOL:
+        return tool
+    parameters = tool.get("parameters") if isinstance(tool.get("parameters"), dict) else {}
+    if _count(parameters.get("max_total_results")):
+        return tool
+    each = _count(parameters.get("max_results")) or ROUTER_WEB_RESULTS_DEFAULT
+    return dict(tool, parameters={**parameters, "max_total_results": searches * each})
 
 
 # codings a client may compress a request body in (zlib's window bits for each: gzip's header, or zlib's)

@@ -40,7 +40,9 @@ Header `x-mock-reply-model`: the model the reply names (a provider that served a
 was sent: a server-side fallback, a router). A chat completion or response with a router's `models` whose
 prompt says "fall through" is answered by the first of them other than its `model` (OpenRouter's fallbacks).
 Models named router/* answer as OpenRouter does: their usage says the cost charged (usage.cost, 13 decimal places;
-header `x-mock-byok`: the fee alone, the provider's charge in cost_details.upstream_inference_cost).
+header `x-mock-byok`: the fee alone, the provider's charge in cost_details.upstream_inference_cost), with $0.004 a
+result of its web search: its web plugin's (or an ":online" slug's) max_results (5 unless told), its web_search
+server tool's two searches of max_results each (5 unless told) within max_total_results.
 
 Usage it reports: prompt tokens = ceil(UTF-8 bytes of the messages / 4), completion tokens =
 min(the request's output cap, 12). `GET /_mock/requests` lists what it received (for tests).
@@ -132,13 +134,34 @@ def perplexity_usage(body: dict[str, Any], model: str, p_tokens: int, c_tokens: 
     return usage
 
 
-def router_cost(model: str, usage: dict[str, Any], byok: bool) -> dict[str, Any]:
+ROUTER_WEB_RESULT_COST = 40_000_000_000  # a router's web search result (Exa's engine, $0.004), in 1e-13 dollars
+ROUTER_TOOL_SEARCHES = 2  # the searches a model makes with a router's web_search server tool
+
+
+def router_web_results(body: dict[str, Any], model: str) -> int:
+    """The results a router's web search returned: its web plugin's (or an ":online" slug's) max_results, 5 unless
+    told; its web_search server tool's searches of max_results each (5 unless told), within its max_total_results."""
+    plugins = [p for p in body.get("plugins") or [] if isinstance(p, dict) and p.get("id") == "web"]
+    results = 0
+    if plugins or model.endswith(":online"):
+        results += max([int(p["max_results"]) for p in plugins if p.get("max_results")] or [5])
+    for tool in body.get("tools") or []:
+        if isinstance(tool, dict) and tool.get("type") == "openrouter:web_search":
+            parameters = tool.get("parameters") or {}
+            found = ROUTER_TOOL_SEARCHES * int(parameters.get("max_results") or 5)
+            results += min(found, int(parameters.get("max_total_results") or found))
+    return results
+
+
+def router_cost(model: str, usage: dict[str, Any], byok: bool, body: dict[str, Any] | None = None) -> dict[str, Any]:
     """A router's usage (OpenRouter's, for models named router/*): beside its tokens, the cost in dollars it
-    charged, a decimal of 13 places (the route's own prices, which no price table holds); with the customer's own
-    provider key (BYOK), its fee alone, the provider's charge in cost_details.upstream_inference_cost."""
+    charged, a decimal of 13 places (the route's own prices, which no price table holds), its web search's results
+    too; with the customer's own provider key (BYOK), its fee alone, the provider's charge in
+    cost_details.upstream_inference_cost."""
     if not model.startswith("router/"):
         return usage
-    charged = usage.get("prompt_tokens", 0) * 12_345_678 + usage.get("completion_tokens", 0) * 45_678_912
+    charged = usage.get("prompt_tokens", 0) * 12_345_678 + usage.get("completion_tokens", 0) * 45_678_912 \
+        + router_web_results(body or {}, model) * ROUTER_WEB_RESULT_COST
     if not byok:
         return {**usage, "cost": float(f"0.{charged:013d}"), "is_byok": False}
     return {**usage, "cost": float(f"0.{charged // 20:013d}"), "is_byok": True,
@@ -595,7 +618,7 @@ class MockProvider:
                 return h._json(200, self._unfinished(reply, "queued"))
             return h._json(200, reply)
         usage = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
-        usage = router_cost(model, usage, bool(h.headers.get("x-mock-byok")))
+        usage = router_cost(model, usage, bool(h.headers.get("x-mock-byok")), body)
         if perplexity(model):
             usage = perplexity_usage(body, model, p_tokens, c_tokens)
         if "audio" in (body.get("modalities") or []):  # gpt-4o-audio: half the prompt heard, all but one token spoken
@@ -1460,7 +1483,7 @@ class MockProvider:
         if options.get("include_usage") and scenario != "no_usage" and not perplexity(model):
             counted = {"prompt_tokens": p_tokens, "completion_tokens": c_tokens, "total_tokens": p_tokens + c_tokens}
             usage = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
-                     "usage": router_cost(model, counted, bool(h.headers.get("x-mock-byok")))}
+                     "usage": router_cost(model, counted, bool(h.headers.get("x-mock-byok")), body)}
             send(f"data: {json.dumps(usage)}\n\n")
         send("data: [DONE]\n\n")
         if sized is not None:

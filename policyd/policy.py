@@ -72,8 +72,9 @@ def _nanos(value: Any) -> int:
 
 # the prices written as amounts
 _AMOUNTS = ("input", "cached_input", "cache_write_input", "cache_write_1h_input", "output", "per_image", "per_request",
-            "per_second", "per_web_search", "per_file_search", "per_maps_grounding", "per_search_unit", "audio_input",
-            "audio_output", "image_input", "image_output", "reasoning_output", "cache_storage")
+            "per_second", "per_web_search", "per_web_result", "per_file_search", "per_maps_grounding",
+            "per_search_unit", "audio_input", "audio_output", "image_input", "image_output", "reasoning_output",
+            "cache_storage")
 
 
 # Processing tiers (OpenAI's service_tier, Anthropic's, and Anthropic's fast mode, `speed: "fast"`): the
@@ -99,6 +100,9 @@ class Prices(_Strict):
     # what per_web_search is charged for: each search ("search"), or a request that searched at all, once
     # ("request": Gemini 2.x's grounding with Google Search, billed per grounded prompt)
     web_search_unit: Literal["search", "request"] = "search"
+    # a result of a router's web search (OpenRouter's web plugin and web_search server tool, Exa's engine: billed
+    # per result; its native engines per search, per_web_search): bounds the hold of a model priced as reported
+    per_web_result: int = 0
     per_file_search: int = 0  # a file search the provider runs (the Responses API's file_search tool call)
     per_maps_grounding: int = 0  # a prompt grounded with Google Maps (Gemini's googleMaps tool): unpriced = refused
     per_search_unit: int = 0  # a rerank's search unit: a query with up to 100 document chunks (Cohere's, Bedrock's)

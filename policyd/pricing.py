@@ -5,6 +5,7 @@ cost   = what the provider bills us: tokens x price per 1M (input, cached input,
          every token at the long-context tier's prices when the input passes its threshold)
          + images x per_image + seconds x per_second + requests x per_request
          + web searches x per_web_search (the provider's server-side search tool)
+         + a router's web search results x per_web_result (OpenRouter's: its Exa engine bills per result)
          + containers x per_container[memory limit] (code interpreter and shell containers)
          + prompts grounded with Google Maps x per_maps_grounding
          + a rerank's search units x per_search_unit
@@ -41,6 +42,7 @@ class Quantities:
     seconds: int = 0
     requests: int = 1
     web_searches: int = 0
+    web_results: int = 0  # results of a router's web search, at per_web_result
     file_searches: int = 0
     cache_write_1h_input_tokens: int = 0  # of cache_write_input_tokens
     service_tier: str = ""  # the provider's processing tier (its own token prices when the table has them)
@@ -97,6 +99,8 @@ def cost_of(price: Prices, q: Quantities) -> int:
     cost += q.images * price.per_image + q.seconds * price.per_second + q.requests * price.per_request
     if q.web_searches:
         cost += (min(q.web_searches, 1) if price.web_search_unit == "request" else q.web_searches) * price.per_web_search
+    if q.web_results:
+        cost += q.web_results * price.per_web_result
     if q.file_searches:
         cost += q.file_searches * price.per_file_search
     if q.containers:

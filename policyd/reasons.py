@@ -87,7 +87,8 @@ MESSAGES = {
                             "billed at that model's prices, and this key's plan gives none by default.",
     "tool_not_priced": "The model's price table does not price a hosted tool this request may use (a code "
                        "interpreter or shell container: per_container; grounding with Google Maps: "
-                       "per_maps_grounding).",
+                       "per_maps_grounding; a router's web search: reported_cost with per_web_result or "
+                       "per_web_search), or a router's tool billing what policyd cannot bound.",
     "service_tier_not_priced": "The model's price table does not price the processing tier this request asks "
                                "for (service_tier, or Anthropic's speed: fast); ask for the standard tier.",
     "response_not_found": "No response with this id was made with this API key's account.",

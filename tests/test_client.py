@@ -47,6 +47,10 @@ def test_sync_client_flow(served) -> None:
             policy.settle("c-1", input_tokens=30, output_tokens=10, reported_cost=5)
         assert said_otherwise.value.reason == "exists_with_different_usage"
         assert policy.settle("c-1", input_tokens=30, output_tokens=10, reported_cost=None).outcome == "exists"
+        # a router's web search travels: a model whose cost is not the router's to say refuses it
+        for shape in ({"web_results": 5, "web_searches": 1}, {"web_results_per_search": 5}):
+            searched = policy.authorize(secret, "chat_completions", "gpt-4o-mini", prompt_bytes=100, **shape)
+            assert (searched.allowed, searched.reason) == (False, "tool_not_priced"), shape
         denied = policy.authorize(secret, "chat_completions", "gpt-4o")
         assert not denied.allowed and denied.http_status == 403
         assert json.loads(denied.error_body())["error"]["code"] == "model_not_allowed"

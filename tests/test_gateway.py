@@ -297,6 +297,44 @@ def test_a_routers_model_costs_what_its_reply_says_was_charged(gateway: Gateway)
         assert record["cost_nanos"] == charged(usage.prompt_tokens, usage.completion_tokens, byok)
 
 
+def test_a_routers_web_search_is_held_at_its_results_and_charged_what_the_router_says(gateway: Gateway) -> None:
+    """A router's web search (OpenRouter's web plugin, an ":online" slug, its web_search server tool) bills its
+    results beside the tokens, in what the router says it charged: each request is held at its most results too
+    (a server tool given no bound is sent the plan's, as held), charged what the reply says; a router's tool that
+    bills what policyd cannot bound is refused before the provider sees it."""
+    client = gateway.client(gateway.customer("e2e-router-search", plan="routed"))
+
+    def charged(usage: Any, results: int) -> int:  # the mock's route and results, in 1e-13 dollars, up to nanos
+        return -(-(usage.prompt_tokens * 12_345_678 + usage.completion_tokens * 45_678_912 + results * 4 * 10 ** 10)
+                 // 10_000)
+
+    def sent(content: str, **extra: Any) -> tuple[Any, dict[str, Any]]:
+        raw = client.chat.completions.with_raw_response.create(
+            model="router/open-model", messages=[{"role": "user", "content": content}], max_tokens=8, extra_body=extra)
+        return raw.parse(), gateway.record(raw.headers["x-policyd-request-id"])
+
+    for content, extra, results, most in (
+            ("search the web: plugin", {"plugins": [{"id": "web", "max_results": 3}]}, 3, 3),
+            ("search the web: tool..", {"tools": [{"type": "openrouter:web_search"}]}, 10, 10 * 5)):  # plan's 10 of 5
+        completion, record = sent(content, **extra)
+        assert (record["cost_nanos"], record["error_class"]) == (charged(completion.usage, results), ""), content
+        _, plain = sent(content.replace("search", "looked"))  # the same request's tokens, no search asked
+        held_searches = record["reserved_nanos"] - plain["reserved_nanos"]  # (and a few tokens of the fields asking)
+        assert 0 <= held_searches - most * 4_000_000 * 11_000 // 10_000 < price_quantity(100, parse_amount("2.20")), \
+            content
+    asked = [r["body"] for r in gateway.mock.received() if "search the web: tool" in json.dumps(r["body"])][-1]
+    assert asked["tools"] == [{"type": "openrouter:web_search", "parameters": {"max_total_results": 50}}]
+    replied, chunks = streamed(client, "search the web, streamed", model="router/open-model", max_tokens=8,
+                               stream_options={"include_usage": True}, extra_body={"plugins": [{"id": "web"}]})
+    usage = [c.usage for c in chunks if c.usage][0]
+    assert gateway.record(replied["x-policyd-request-id"])["cost_nanos"] == charged(usage, 5)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="router/open-model", messages=[{"role": "user", "content": "fuse"}],
+                                       max_tokens=8, extra_body={"tools": [{"type": "openrouter:fusion"}]})
+    assert (refused.value.code, refused.value.param) == ("tool_not_priced", "tools")
+    assert not [r for r in gateway.mock.received() if "fuse" in json.dumps(r["body"])]
+
+
 def test_a_request_id_reused_while_its_first_request_is_in_flight_is_refused(gateway: Gateway) -> None:
     """Clients may name their requests (x-policyd-request-id, idempotency-key, x-request-id). A second one
     sent with the id of one still in flight (a retry on a timeout, or on purpose) used to be answered as a

@@ -156,6 +156,57 @@ def test_a_routers_models_are_read_as_its_fallbacks_and_sent_as_the_provider_nam
                         False) is None
 
 
+def test_a_routers_web_search_is_read_as_the_results_it_may_bill() -> None:
+    """OpenRouter's web search on chat and text completions and responses: the web plugin (or a slug ending
+    ":online") one search of its max_results (5 unless told); the web_search server tool its max_total_results (as
+    many searches), or given none its results a search, the total then set from the plan's searches; a router's
+    tools that bill what no field bounds are refused, its clock is not; malformed bounds are refused."""
+    def parsed(path: str = "/v1/chat/completions", model: str = "router/m", **body: Any) -> http_api.HttpCall:
+        return parse_call("POST", path, {}, json.dumps({"model": model, "messages": [], "input": "hi", "prompt": "hi",
+                                                        **body}).encode())
+
+    def searched(call: http_api.HttpCall) -> tuple[Any, ...]:
+        shape = call.authorize_input().shape
+        return call.problem, shape.web_searches, shape.web_results, shape.web_results_per_search, shape.unseen_input
+
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+        assert searched(parsed(path, plugins=[{"id": "web"}])) == ("", 1, 5, 0, True), path
+        assert searched(parsed(path, plugins=[{"id": "web", "max_results": 2}, {"id": "response-healing"}])) == (
+            "", 1, 2, 0, True)
+        assert searched(parsed(path, model="router/m:online")) == ("", 1, 5, 0, True)
+        assert searched(parsed(path, model="router/m:online", plugins=[{"id": "web", "max_results": 3}])) == (
+            "", 1, 3, 0, True)  # one search, however many ask for it
+        tool = {"type": "openrouter:web_search", "parameters": {"max_results": 4, "max_total_results": 9}}
+        assert searched(parsed(path, tools=[tool, {"type": "openrouter:datetime"}])) == ("", 9, 9, 0, True)
+        assert searched(parsed(path, tools=[{"type": "openrouter:web_search"}])) == ("", 0, 0, 5, True)
+        assert searched(parsed(path, tools=[{"type": "openrouter:web_search", "parameters": {"max_results": 3}}])) == (
+            "", 0, 0, 3, True)
+        assert searched(parsed(path, plugins=[{"id": "file-parser"}], tools=[{"type": "function"}])) == (
+            "", 0, 0, 0, False)
+    for tool in ("openrouter:fusion", "openrouter:subagent", "openrouter:image_generation", "openrouter:web_fetch"):
+        refused = parsed(tools=[{"type": tool}])
+        assert (refused.problem, refused.problem_param) == ("tool_not_priced", "tools"), tool
+    for odd in ({"plugins": "web"}, {"plugins": [{"id": 5}]}, {"plugins": [{"id": "web", "max_results": 0}]},
+                {"plugins": [{"id": "web", "max_results": 1001}]},
+                {"tools": [{"type": "openrouter:web_search", "parameters": {"max_total_results": -1}}]},
+                {"tools": [{"type": "openrouter:web_search", "parameters": []}]},
+                {"tools": [{"type": "openrouter:web_search"}, {"type": "openrouter:web_search"}]}):
+        refused = parsed(**odd)
+        assert refused.problem == "invalid_request" and refused.problem_param in ("plugins", "tools"), odd
+    # elsewhere no router's field: not read
+    assert searched(parse_call("POST", "/v1/embeddings", {}, json.dumps(
+        {"model": "e", "input": "x", "plugins": [{"id": "web"}]}).encode()))[1:4] == (0, 0, 0)
+    # a server tool given no bound is sent with the plan's searches' results (the decision's bound, times its own)
+    body = {"model": "router/m", "messages": [], "tools": [{"type": "function", "function": {"name": "f"}},
+                                                           {"type": "openrouter:web_search",
+                                                            "parameters": {"max_results": 3, "engine": "exa"}}]}
+    rewritten = rewrite_body(body, "chat_completions", "router/m", "router/m", 0, True, False, tool_call_cap=10)
+    assert rewritten["tools"] == [body["tools"][0], {"type": "openrouter:web_search", "parameters": {
+        "max_results": 3, "engine": "exa", "max_total_results": 30}}]
+    bounded = {**body, "tools": [{"type": "openrouter:web_search", "parameters": {"max_total_results": 4}}]}
+    assert rewrite_body(bounded, "chat_completions", "router/m", "router/m", 0, True, False, tool_call_cap=10) is None
+
+
 def test_what_a_routers_reply_says_was_charged_is_read_to_the_nano() -> None:
     """OpenRouter's usage accounting: usage.cost in dollars (a JSON number of many decimals, read as the digits
     written, rounded up to the nano); with the customer's own provider key (is_byok) the provider's charge beside
@@ -339,10 +390,12 @@ def test_parse_never_raises_on_random_bytes(body: bytes, path: str) -> None:
 
 
 _JSON_KEYS = ["model", "models", "fallbacks", "messages", "input", "tools", "type", "max_tokens", "max_output_tokens",
-              "stream", "n", "previous_response_id", "conversation", "prompt", "max_uses", "content", "role"]
+              "stream", "n", "previous_response_id", "conversation", "prompt", "max_uses", "content", "role",
+              "plugins", "id", "parameters", "max_results", "max_total_results"]
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(10**13), 10**13) | st.floats(allow_nan=False) | st.text(max_size=6)
-    | st.sampled_from(["gpt-4o", "advisor_20260301", "web_search", "image_generation"]),
+    | st.sampled_from(["gpt-4o", "advisor_20260301", "web_search", "image_generation", "web", "gpt-4o:online",
+                       "openrouter:web_search", "openrouter:fusion", "openrouter:datetime"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_JSON_KEYS), inner, max_size=5),
     max_leaves=25)
 
@@ -356,6 +409,9 @@ def test_parse_never_raises_on_any_json_body(body: dict, path: str) -> None:
     call = parse_call("POST", path, {"authorization": "Bearer x"}, json.dumps(body).encode())
     assert call.problem or (isinstance(call.model, str) and call.model)
     assert all(isinstance(m, str) and m for m in call.fallback_models)
+    # a router's web search read as bounded counts: never more than the request's bounds allow
+    assert 0 <= call.web_results <= 2 * http_api.ROUTER_WEB_RESULTS_MAX
+    assert 0 <= call.web_results_per_search <= http_api.ROUTER_WEB_RESULTS_MAX
 
 
 def test_a_compressed_body_is_read_decoded_and_a_bad_one_refused_clearly() -> None:

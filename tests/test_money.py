@@ -2030,6 +2030,54 @@ async def test_a_model_priced_as_its_provider_reports_costs_what_the_reply_says_
     assert (await service.admin.audit()).ok
 
 
+async def test_a_routers_web_search_is_held_at_its_results_and_refused_where_it_cannot_be(service: Service) -> None:
+    """A router's web search (OpenRouter's web plugin, its web_search server tool) is billed in what the router
+    says it charged, beside the tokens: its results (Exa's engine: each) and searches (its native engines: each).
+    The hold takes the most the request allows at the model's per_web_result and per_web_search: the plugin's one
+    search of its max_results, the server tool's max_total_results (as many searches: each returns one at least),
+    a server tool given no bound the plan's searches of its max_results each (the bound answered to set). A model
+    whose cost is not the router's to say, or that prices no web search, refuses it; a reply saying no cost is
+    charged its held results beside its tokens, marked."""
+    document = yaml.safe_load((await service.admin.book.version(1)).canonical)
+    models = document["price_table"]["models"]
+    models["router/open-model"] = {"provider": "openrouter", "tier": "low-cost", "input": "2.00", "output": "8.00",
+                                   "reported_cost": True, "per_web_result": "0.004", "per_web_search": "0.01"}
+    models["router/unpriced-search"] = {"provider": "openrouter", "tier": "low-cost", "input": "2.00",
+                                        "output": "8.00", "reported_cost": True}
+    models["router/table-priced"] = {"provider": "openrouter", "tier": "low-cost", "input": "2.00", "output": "8.00",
+                                     "per_web_result": "0.004"}
+    await service.admin.apply_policy(yaml.safe_dump(document), "router-search.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "100")
+    tokens = price_quantity(1000, parse_amount("2.00")) + price_quantity(100, parse_amount("8.00"))
+    result, search = parse_amount("0.004"), parse_amount("0.01")
+
+    async def held(rid: str, model: str = "router/open-model", **shape: int) -> Any:
+        return await service.engine.authorize(reshaped(ask(secret, model=model, request_id=rid, input_tokens=1000,
+                                                           max_output_tokens=100), **shape))
+
+    plugin = await held("plugin", web_searches=1, web_results=5)
+    assert (plugin.decision, plugin.reserved) == ("allow", apply_basis_points(tokens + 5 * result + search, 12_000))
+    bounded = await held("bounded", web_searches=7, web_results=7)
+    assert bounded.reserved == apply_basis_points(tokens + 7 * (result + search), 12_000)
+    unbounded = await held("unbounded", web_results_per_search=3)
+    assert unbounded.max_tool_calls == 10  # the plan's searches, their results (3 each) the bound to set
+    assert unbounded.reserved == apply_basis_points(tokens + 30 * (result + search), 12_000)
+    assert (await held("plain")).reserved == apply_basis_points(tokens, 12_000)  # no search asked, none held
+    for rid, model in (("unpriced", "router/unpriced-search"), ("table", "router/table-priced")):
+        refused = await held(rid, model, web_searches=1, web_results=5)
+        assert (refused.decision, refused.reason, refused.error_param) == ("deny", "tool_not_priced", "tools"), rid
+    said = await service.engine.settle(usage("plugin", 1000, 100, reported_cost=25_000_000))
+    assert (said.cost, said.charge) == (25_000_000, apply_basis_points(25_000_000, 12_000))
+    unsaid = await service.engine.settle(usage("unbounded", 1000, 100))  # a stream cut before its usage
+    assert (unsaid.cost, unsaid.charge) == (tokens + 30 * result, apply_basis_points(tokens + 30 * result, 12_000))
+    plain = await service.engine.settle(usage("plain", 1000, 100))
+    assert plain.cost == tokens
+    await service.writer.drain()
+    assert service.store.usage_record("unbounded").error_class == "cost_not_reported"
+    assert (await service.admin.audit()).ok
+
+
 async def test_a_request_at_a_regions_endpoint_is_held_and_charged_at_that_geographys_prices(service: Service) -> None:
     """Claude at a Vertex AI region's endpoint costs more than at the global one (the newer models), and the reply
     does not say where it ran: a request whose endpoint is a region's (Shape.geo) is held and charged at the

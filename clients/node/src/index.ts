@@ -113,6 +113,8 @@ export interface AuthorizeInput {
   fallbackModels?: string[];   // models the provider may fall back to and bill (Anthropic's fallbacks): the key's too, held
   fallbacksRouted?: boolean;   // ... a router's (OpenRouter's models): the one serving alone billed, the dearest held
   geo?: string;             // where its endpoint runs it, unsaid by the reply ("regional": Vertex AI's regions)
+  webResults?: number;      // a router's web search (OpenRouter's): the most results it may return (webSearches: as many)
+  webResultsPerSearch?: number;  // ... its server tool given no max_total_results: each search's (set maxToolCalls x it)
   advisorModel?: string;       // an advisor tool's model (Anthropic's advisor_*): the key's too, held for its calls
   advisorCalls?: number;       // ... at most this many (its max_uses; 0: the plan's bound, set it as maxToolCalls says)
   advisorMaxTokens?: number;   // ... each writing at most this (its max_tokens; 0: the advisor model's cap)
@@ -149,7 +151,8 @@ export interface Decision {
   route: string;
   maxOutputTokens: number;
   /** > 0: the bound of the request's unbounded search tools the reservation covers: set it in the request
-   *  (the Responses API's max_tool_calls; max_uses on each Anthropic web search tool without one). */
+   *  (the Responses API's max_tool_calls; max_uses on each Anthropic web search tool without one; a router's
+   *  web_search tool's max_total_results, this times its max_results). */
   maxToolCalls: number;
   reservedNanos: bigint;
   retryAfterSeconds: number;
@@ -304,6 +307,7 @@ export class PolicyClient {
         fallbackModels: input.fallbackModels ?? [], advisorModel: input.advisorModel ?? "",
         advisorCalls: input.advisorCalls ?? 0, advisorMaxTokens: input.advisorMaxTokens ?? 0,
         fallbacksRouted: input.fallbacksRouted ?? false, geo: input.geo ?? "",
+        webResults: input.webResults ?? 0, webResultsPerSearch: input.webResultsPerSearch ?? 0,
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",

@@ -60,6 +60,12 @@ test("the request's shape reaches policyd: a tier asked for is priced or refused
                                              requestId: "node-implied", serviceTier: "priority", serviceTierImplied: true });
     assert.equal(implied.allowed, true);
     assert.equal(await policy.release("node-implied", "provider_error"), "released");
+    // a router's web search: a model whose cost is not the router's to say refuses it
+    for (const shape of [{ webResults: 5, webSearches: 1 }, { webResultsPerSearch: 5 }]) {
+      const searched = await policy.authorize({ apiKey, endpoint: "chat_completions", model: "gpt-4o-mini", ...shape });
+      assert.equal(searched.allowed, false);
+      assert.equal(searched.reason, "tool_not_priced");
+    }
   } finally {
     policy.close();
   }
