@@ -220,7 +220,7 @@ CLOSED_RECORD_FIELDS = ("request_id", "created_ms", "customer_id", "wallet_id", 
                         "max_output_tokens", "choices", "containers", "container_memory", "image_model")
 CLOSED_FIELDS = ("input_tokens_estimate", "seconds_estimate", "audio_tokens_estimate", "image_scale", "images",
                  "call_token", "search_units", "search_units_likely", "video_seconds", "cache_tokens",
-                 "cache_kept_seconds", "geo", "web_results")
+                 "cache_kept_seconds", "geo", "web_results", "fallbacks")
 
 
 def closed_facts(reservation: Reservation) -> list[str]:

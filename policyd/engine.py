@@ -1545,6 +1545,9 @@ class Engine:
             fields["search_units"], fields["search_units_likely"] = attempt.search_units, attempt.likely_search_units
             extra += (f',"search_units":{int(attempt.search_units)},'
                       f'"search_units_likely":{int(attempt.likely_search_units)}')
+        if request.shape.fallback_models:  # a reply may name one by a name the table does not hold: served as it
+            fields["fallbacks"] = list(request.shape.fallback_models)
+            extra += f',"fallbacks":{compact_json.dumps(fields["fallbacks"])}'
         web_results = request.shape.web_results + attempt.tool_call_cap * request.shape.web_results_per_search
         if web_results:  # a router's web search results: charged as held when the router says no cost
             fields["web_results"] = web_results
@@ -1746,7 +1749,7 @@ class Engine:
             served = r["served_model"]  # the model authorized, by the name it was sent upstream with
         asked = served
         if policy is not None and report.reply_model:  # the provider served another model it names: billed as it
-            served = policy.served_as(served, report.reply_model)
+            served = policy.served_as(served, report.reply_model, tuple(reservation.fields.get("fallbacks") or ()))
         fell_back = [part.model for part in report.parts if part.kind == "fallback_message" and part.model]
         # the provider served another model than it was sent: a router's fallback, Anthropic's server-side one
         provider_fell_back = served != asked or any(part.kind == "fallback_message" for part in report.parts)

@@ -659,17 +659,23 @@ class Policy:
         price = self.model(name)
         return price.upstream_model if price is not None and price.upstream_model else name
 
-    def served_as(self, sent: str, reply_model: str) -> str:
+    def served_as(self, sent: str, reply_model: str, fallbacks: tuple[str, ...] = ()) -> str:
         """The model a provider's reply names, when that is not `sent` (the model authorized, or the name it
         went upstream with) and the table prices it by that name for the same provider: a provider that
-        served another model bills that one. Else `sent`: a name the table does not hold (the dated snapshot
-        an alias resolved to; a name that is only some entry's upstream_model, which other aliases may
-        resolve to as well), or another provider's entry (an Azure deployment's reply naming OpenAI's model)."""
+        served another model bills that one. A fallback the request named (`fallbacks`: the provider's to serve
+        instead) by any name of it too: its upstream name (which it went upstream with) or a dated snapshot of
+        either, unless a name of `sent` is the longer match. Else `sent`: a name the table does not hold (the
+        dated snapshot an alias resolved to; a name that is only some entry's upstream_model, which other aliases
+        may resolve to as well), or another provider's entry (an Azure deployment's reply naming OpenAI's model)."""
         if not reply_model or reply_model == sent or reply_model == self.upstream_name(sent):
             return sent
         price, sent_price = self.model(reply_model), self.model(sent)
-        return reply_model if price is not None and sent_price is not None and price.provider == sent_price.provider \
-            else sent
+        if price is not None and sent_price is not None and price.provider == sent_price.provider:
+            return reply_model
+        named = [(len(name), model != sent, model) for model in (sent, *fallbacks)
+                 for name in (model, self.upstream_name(model)) if reply_model.startswith(name + "-")
+                 or (reply_model == name and model != sent)]
+        return max(named)[2] if named else sent
 
     def part_model(self, served: str, name: str) -> tuple[str, bool]:
         """The model a part of a reply ran on (an Anthropic usage.iterations entry names it) as the table prices

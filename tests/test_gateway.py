@@ -266,6 +266,16 @@ def test_a_routers_fallback_models_are_the_keys_held_as_the_dearest_and_charged_
                                   max_tokens=8, extra_body={"models": ["gpt-4o", "house-fast"]})
     (upstream,) = [r["body"] for r in gateway.mock.received() if "routed alias" in json.dumps(r["body"])]
     assert upstream["models"] == ["gpt-4o", "gpt-4o-mini-2024-07-18"]
+    # an alias's fallback that served answers by the name it went upstream with: charged as that alias
+    raw = house.chat.completions.with_raw_response.create(
+        model="house-compat", messages=[{"role": "user", "content": "fall through, to an alias"}], max_tokens=8,
+        extra_body={"models": ["house-compat", "house-eu"]})
+    completion = raw.parse()
+    assert completion.model == "eu-prod-4o"
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["served_model"], record["cost_nanos"]) == (
+        "house-eu", price_quantity(completion.usage.prompt_tokens, parse_amount("2.75"))
+        + price_quantity(completion.usage.completion_tokens, parse_amount("11.00")))
 
 
 def test_a_routers_model_costs_what_its_reply_says_was_charged(gateway: Gateway) -> None:

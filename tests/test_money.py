@@ -2030,6 +2030,49 @@ async def test_a_model_priced_as_its_provider_reports_costs_what_the_reply_says_
     assert (await service.admin.audit()).ok
 
 
+async def test_a_fallback_that_served_is_charged_as_it_by_any_name_its_reply_gives(service: Service) -> None:
+    """A reply naming a fallback the request named by another name than the table's, its upstream name (an alias's
+    fallback goes upstream so, and the router answers so) or a dated snapshot of either, was priced as the model
+    asked for (the cheaper): it is that fallback, counted in its limits; a snapshot of the model asked for stays
+    that model, even where a fallback's name begins its name."""
+    document = yaml.safe_load((await service.admin.book.version(1)).canonical)
+    models = document["price_table"]["models"]
+    models["router/cheap"] = {"provider": "openrouter", "tier": "low-cost", "input": "0.15", "output": "0.60"}
+    models["router/cheap-mini"] = {"provider": "openrouter", "tier": "low-cost", "input": "0.05", "output": "0.20"}
+    models["premium"] = {"provider": "openrouter", "tier": "premium", "input": "15.00", "output": "75.00",
+                         "upstream_model": "anthropic/claude-opus-4"}
+    document["plans"]["pro"]["limits"] = [*document["plans"]["pro"].get("limits", []), {
+        "name": "opus-day", "scope": "customer", "window": "day", "unit": "money", "limit": "100",
+        "models": ["premium"]}]
+    await service.admin.apply_policy(yaml.safe_dump(document), "fallback-names.yaml")
+    _, secret = await new_key(service)
+    await fund(service, "acme", "100")
+
+    def cost(input_price: str, output_price: str) -> int:
+        return price_quantity(1000, parse_amount(input_price)) + price_quantity(150, parse_amount(output_price))
+
+    for rid, asked, fallback, reply, served in (
+            ("upstream", "router/cheap", "premium", "anthropic/claude-opus-4", "premium"),
+            ("snapshot", "router/cheap", "premium", "anthropic/claude-opus-4-20250514", "premium"),
+            ("own", "router/cheap-mini", "router/cheap", "router/cheap-mini-2025-01-01", "router/cheap-mini"),
+            ("fallback-snapshot", "router/cheap-mini", "router/cheap", "router/cheap-2025-01-01", "router/cheap"),
+            ("unlisted", "router/cheap", "premium", "someone/else", "router/cheap")):
+        held = await service.engine.authorize(reshaped(ask(secret, model=asked, request_id=rid, input_tokens=1000,
+                                                           max_output_tokens=200),
+                                                       fallback_models=(fallback,), fallbacks_routed=True))
+        assert held.decision == "allow", (rid, held)
+        settled = await service.engine.settle(usage(rid, 1000, 150, reply_model=reply))
+        prices = {"premium": ("15.00", "75.00"), "router/cheap": ("0.15", "0.60"),
+                  "router/cheap-mini": ("0.05", "0.20")}[served]
+        assert (settled.served_model, settled.cost) == (served, cost(*prices)), rid
+    await service.writer.drain()
+    # the limit on the premium model alone (its bucket of some models, ":m=") counts the request it served alone
+    premium = [h for h in service.store.usage_record("upstream").final_holds if ":m=" in h[0]]
+    assert premium and premium[0][2] == apply_basis_points(cost("15.00", "75.00"), 12_000)
+    unlisted = [h for h in service.store.usage_record("unlisted").final_holds if ":m=" in h[0]]
+    assert unlisted and unlisted[0][2] == 0
+
+
 async def test_a_routers_web_search_is_held_at_its_results_and_refused_where_it_cannot_be(service: Service) -> None:
     """A router's web search (OpenRouter's web plugin, its web_search server tool) is billed in what the router
     says it charged, beside the tokens: its results (Exa's engine: each) and searches (its native engines: each).
