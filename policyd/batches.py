@@ -132,9 +132,10 @@ def _held(url: str, bodies: list[tuple[str, Any]], none: str) -> BatchInput:
         if (call.previous_response and not cache) or call.conversation:
             return BatchInput(problem=f"{where}: a batch's requests do not continue stored responses or conversations")
         if call.unbounded_web_search_tools or call.unbounded_file_search or call.image_model_default or \
-                (call.image_model and not call.image_generation_calls):
+                (call.image_model and not call.image_generation_calls) or call.web_results_per_search:
             return BatchInput(problem=f"{where}: give the request's hosted tools a bound (max_tool_calls, max_uses, "
-                                      f"and the image_generation tool's model): a batch's requests are not rewritten")
+                                      f"max_total_results, and the image_generation tool's model): a batch's "
+                                      f"requests are not rewritten")
         if model and call.model != model:
             return BatchInput(problem=f"{where}: a batch's requests are all for one model ({model})")
         if call.fallback_models or call.advisor_model:  # other models run beside it (not offered in batches)

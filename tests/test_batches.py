@@ -57,6 +57,7 @@ def test_a_files_requests_are_read_as_each_would_be_sent_alone_at_the_batch_tier
      "do not continue stored responses"),
     (line({"model": "gpt-4o-mini", "input": "x", "tools": [{"type": "web_search"}]}, url="/v1/responses"),
      "give the request's hosted tools a bound"),
+    (line(chat(tools=[{"type": "openrouter:web_search"}])), "give the request's hosted tools a bound"),
 ])
 def test_a_file_whose_requests_cannot_be_held_says_which_line_and_why(content: bytes, said: str) -> None:
     url = "/v1/responses" if b"/v1/responses" in content else CHAT
