@@ -966,8 +966,10 @@ def _other_models(call: HttpCall, data: dict[str, Any]) -> tuple[str, str] | Non
     return None
 
 
-# endpoints where a router (OpenRouter, and gateways of its kind) reads `models`, the fallbacks it tries in turn
-ROUTED_ENDPOINTS = frozenset({"chat_completions", "completions", "responses"})
+# endpoints where a router (OpenRouter, and gateways of its kind) reads `models`, the fallbacks it tries in turn,
+# and its own extras (`plugins`, its `openrouter:*` tools): Anthropic's Messages too (OpenRouter's /v1/messages;
+# Anthropic's API refuses the field)
+ROUTED_ENDPOINTS = frozenset({"chat_completions", "completions", "responses", "anthropic_messages"})
 
 
 def _routed_models(call: HttpCall, data: dict[str, Any]) -> tuple[str, str] | None:
@@ -1373,6 +1375,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.file_searches = _search_bound(endpoint, data, "file_search")
     call.unbounded_web_search_tools = _unbounded_search_tools(endpoint, data)
     call.unbounded_file_search = _unbounded_search_tools(endpoint, data, "file_search") > 0
+    if endpoint == "anthropic_messages" and routed and data.get("fallbacks") is not None:
+        return _problem(call, "invalid_request", "a request names its fallbacks once: models or fallbacks", "models")
     if endpoint == "anthropic_messages" and (problem := _other_models(call, data)):
         return _problem(call, "invalid_request", *problem)
     if endpoint in ROUTED_ENDPOINTS and (refusal := _router_web_search(call, data)):

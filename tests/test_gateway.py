@@ -2855,6 +2855,27 @@ def test_anthropic_messages_are_charged_from_their_usage(gateway: Gateway) -> No
     assert code == 401 and error["error"]["code"] == "invalid_api_key"
 
 
+def test_a_routers_fallbacks_on_its_messages_endpoint_are_the_keys_and_charged_as_the_one_that_served(
+        gateway: Gateway) -> None:
+    """OpenRouter's Messages endpoint reads a router's `models` too (Anthropic's API refuses the field): a model the
+    key may not use there is refused before the provider is called, and the fallback that served is charged as it."""
+    pro = gateway.customer("e2e-routed-messages-pro", plan="pro")
+    code, _, error = anthropic_post(gateway, pro, {"model": "claude-sonnet-4", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "not my fallback"}], "models": ["claude-sonnet-4", "claude-fable-5"]})
+    assert (code, error["error"]["type"]) == (403, "permission_error") and "not my fallback" not in json.dumps(
+        gateway.mock.received())
+    house = gateway.customer("e2e-routed-messages", plan="house")
+    code, headers, reply = anthropic_post(gateway, house, {"model": "house-claude", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "fall through, on messages"}], "models": ["house-claude", "claude-fable-5"]})
+    assert (code, reply["model"]) == (200, "claude-fable-5"), reply
+    record = gateway.record(headers["x-policyd-request-id"])
+    assert (record["served_model"], record["fallback_reason"], record["cost_nanos"]) == (
+        "claude-fable-5", "provider_fallback", price_quantity(reply["usage"]["input_tokens"], parse_amount("10.00"))
+        + price_quantity(reply["usage"]["output_tokens"], parse_amount("50.00")))
+    sent = [r["body"] for r in gateway.mock.received() if "fall through, on messages" in json.dumps(r["body"])][-1]
+    assert sent["models"] == ["claude-sonnet-4-20250514", "claude-fable-5"]  # the alias as the provider names it
+
+
 def test_anthropics_iterations_and_refusals_are_charged_as_anthropic_bills_them(gateway: Gateway) -> None:
     """Through Envoy, whole and streamed: a server-side fallback's declined attempt that wrote something is
     charged at its own model's prices and the reply at the fallback's (the record names the model that wrote

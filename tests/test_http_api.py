@@ -125,13 +125,13 @@ def test_shape_and_attribution() -> None:
 
 
 def test_a_routers_models_are_read_as_its_fallbacks_and_sent_as_the_provider_names_them() -> None:
-    """OpenRouter's `models` (and gateways of its kind) on chat and text completions and responses: the fallbacks
+    """OpenRouter's `models` (and gateways of its kind) on chat and text completions, responses, messages: the fallbacks
     besides the request's model, in order, each once; the list's first is the model when the request names none."""
     def parsed(path: str, **body: Any) -> http_api.HttpCall:
         return parse_call("POST", path, {}, json.dumps({"messages": [], "input": "hi", "prompt": "hi",
                                                         **body}).encode())
 
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"):
         call = parsed(path, model="a/cheap", models=["a/cheap", "b/dear", "c/other", "b/dear"])
         assert (call.model, call.fallback_models, call.fallbacks_routed, call.problem) == (
             "a/cheap", ("b/dear", "c/other"), True, ""), path
@@ -144,6 +144,9 @@ def test_a_routers_models_are_read_as_its_fallbacks_and_sent_as_the_provider_nam
         refused = parsed("/v1/chat/completions", model="a/cheap", models=models)
         assert (refused.problem, refused.problem_param) == ("invalid_request", "models"), models
     assert parsed("/v1/chat/completions", models=[]).problem_param == "model"  # no model at all
+    # OpenRouter's Messages endpoint takes a router's list or fallbacks ([{"model": ...}]), not both
+    both = parsed("/v1/messages", model="a/cheap", models=["b/dear"], fallbacks=[{"model": "c/other"}])
+    assert (both.problem, both.problem_param) == ("invalid_request", "models")
     # elsewhere `models` is no router's list: not read
     assert parse_call("POST", "/v1/embeddings", {}, json.dumps(
         {"model": "e", "input": "x", "models": "anything"}).encode()).fallback_models == ()
@@ -157,7 +160,7 @@ def test_a_routers_models_are_read_as_its_fallbacks_and_sent_as_the_provider_nam
 
 
 def test_a_routers_web_search_is_read_as_the_results_it_may_bill() -> None:
-    """OpenRouter's web search on chat and text completions and responses: the web plugin (or a slug ending
+    """OpenRouter's web search on chat and text completions, responses, messages: the web plugin (or a slug ending
     ":online") one search of its max_results (5 unless told); the web_search server tool its max_total_results (as
     many searches), or given none its results a search, the total then set from the plan's searches; a router's
     tools that bill what no field bounds are refused, its clock is not; malformed bounds are refused."""
@@ -169,7 +172,7 @@ def test_a_routers_web_search_is_read_as_the_results_it_may_bill() -> None:
         shape = call.authorize_input().shape
         return call.problem, shape.web_searches, shape.web_results, shape.web_results_per_search, shape.unseen_input
 
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"):
         assert searched(parsed(path, plugins=[{"id": "web"}])) == ("", 1, 5, 0, True), path
         assert searched(parsed(path, plugins=[{"id": "web", "max_results": 2}, {"id": "response-healing"}])) == (
             "", 1, 2, 0, True)
