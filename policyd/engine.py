@@ -1329,8 +1329,9 @@ class Engine:
             if s.unbounded_web_search_tools or s.unbounded_file_search or s.web_results_per_search else 0
         tool_call_cap = searches_bound if request.endpoint in TOOL_BOUND_ENDPOINTS or s.web_results_per_search else 0
         # a router's web search: its results, and as many searches (each returns one at least), where the request
-        # bounds them; its server tool given no bound, the plan's searches of its results each (set in the request)
-        router_results = s.web_results + searches_bound * s.web_results_per_search
+        # bounds them (in s.web_searches); its server tool given no bound, the plan's searches of its results each
+        # (their total set in the request)
+        unbounded_results = searches_bound * s.web_results_per_search
         # a chat model that searches as it will (Perplexity's Sonar Deep Research) is held for the searches its
         # price table entry says; its reasoning, billed beside its output at a price of its own, takes no bound
         # from the request either: held at the output cap
@@ -1345,7 +1346,7 @@ class Engine:
             output_tokens=output_cap * max(1, s.choices) + reasoning, reasoning_output_tokens=reasoning,
             images=(s.image_count or 1) if request.endpoint == "images" else 0,
             seconds=seconds, web_searches=s.web_searches + s.unbounded_web_search_tools * searches_bound
-            + chat_searches + (router_results - s.web_results), web_results=router_results,
+            + chat_searches + unbounded_results, web_results=s.web_results + unbounded_results,
             search_context_size=s.search_context_size,
             file_searches=s.file_searches + (searches_bound if s.unbounded_file_search else 0), service_tier=tier,
             audio_input_tokens=audio_tokens,
@@ -1824,7 +1825,7 @@ class Engine:
                 report = replace(report, error_class=report.error_class or "cost_not_reported")
                 if held_results := int(reservation.fields.get("web_results") or 0):
                     quantities = replace(quantities, web_results=held_results)
-                    cost += held_results * price.per_web_result
+                    cost += cost_of(price, Quantities(requests=0, web_results=held_results))
                     charge = charge_of(plan, served, quantities, cost, r["billing_mode"])
         numbers = [report.input_tokens, report.cached_input_tokens, report.output_tokens, report.images,
                    report.seconds, report.requests or 1, served, report.cache_write_input_tokens]
