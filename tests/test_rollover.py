@@ -159,6 +159,14 @@ async def test_a_service_where_the_writer_runs_carries_by_itself(backend: dict[s
     """The pass runs where the writer runs, every PASS_SECONDS: a team that spent part of yesterday's budget finds
     the rest carried into today without anyone asking."""
     monkeypatch.setattr(rollover, "PASS_SECONDS", 0.2)
+    # the passes carry once a window: one made before yesterday's spend was in SQL would find nothing to carry and
+    # not come again (a window's first pass comes SETTLED_AFTER_MS into it, the records of the one before in SQL)
+    spent_yesterday, carry = asyncio.Event(), rollover.carry
+
+    async def carry_once_spent(*args: Any, **kwargs: Any) -> int:
+        return await carry(*args, **kwargs) if spent_yesterday.is_set() else 0
+
+    monkeypatch.setattr(rollover, "carry", carry_once_spent)
     service = await Service.build(make_settings(backend, writer_enabled=True))
     await service.start()
     try:
@@ -169,6 +177,7 @@ async def test_a_service_where_the_writer_runs_carries_by_itself(backend: dict[s
         spent = await spend(service, secret, "yesterday", 1, now - now % DAY_MS - DAY_MS // 2)
         service.engine.clock = lambda: now
         await service.writer.drain()
+        spent_yesterday.set()
         bucket = today_bucket(service, "team-c", now)
         for _ in range(100):
             if await used(service, bucket):
