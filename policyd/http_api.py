@@ -1005,6 +1005,9 @@ ROUTER_ONLINE_SUFFIX = ":online"
 # fetch, image generation, and the tools running other models, fusion, advisor, subagent) bills what no request
 # field bounds, and is refused
 ROUTER_FREE_TOOLS = frozenset({"openrouter:datetime"})
+# a router's preset (OpenRouter's: a `preset` field, or a model "@preset/<slug>", alone or after a model's name) sets
+# what the request does not carry, kept at the router: its model or fallbacks, a system prompt, its parameters
+ROUTER_PRESET = "@preset/"
 
 
 def _router_web_search(call: HttpCall, data: dict[str, Any]) -> tuple[str, str, str] | None:
@@ -1375,6 +1378,10 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.file_searches = _search_bound(endpoint, data, "file_search")
     call.unbounded_web_search_tools = _unbounded_search_tools(endpoint, data)
     call.unbounded_file_search = _unbounded_search_tools(endpoint, data, "file_search") > 0
+    if endpoint in ROUTED_ENDPOINTS and (data.get("preset") is not None or ROUTER_PRESET in model
+                                         or any(ROUTER_PRESET in m for m in call.fallback_models)):
+        return _problem(call, "invalid_request", "a router's preset sets what policyd cannot see (a model, fallbacks, "
+                        "a system prompt): send them in the request itself", "preset")
     if endpoint == "anthropic_messages" and routed and data.get("fallbacks") is not None:
         return _problem(call, "invalid_request", "a request names its fallbacks once: models or fallbacks", "models")
     if endpoint == "anthropic_messages" and (problem := _other_models(call, data)):

@@ -343,6 +343,10 @@ def test_a_routers_web_search_is_held_at_its_results_and_charged_what_the_router
                                        max_tokens=8, extra_body={"tools": [{"type": "openrouter:fusion"}]})
     assert (refused.value.code, refused.value.param) == ("tool_not_priced", "tools")
     assert not [r for r in gateway.mock.received() if "fuse" in json.dumps(r["body"])]
+    with pytest.raises(openai.BadRequestError) as preset:  # a router's preset: what it sets, policyd cannot see
+        client.chat.completions.create(model="router/open-model", messages=[{"role": "user", "content": "preset"}],
+                                       max_tokens=8, extra_body={"preset": "anything-goes"})
+    assert preset.value.param == "preset" and "anything-goes" not in json.dumps(gateway.mock.received())
 
 
 def test_a_request_id_reused_while_its_first_request_is_in_flight_is_refused(gateway: Gateway) -> None:

@@ -144,6 +144,13 @@ def test_a_routers_models_are_read_as_its_fallbacks_and_sent_as_the_provider_nam
         refused = parsed("/v1/chat/completions", model="a/cheap", models=models)
         assert (refused.problem, refused.problem_param) == ("invalid_request", "models"), models
     assert parsed("/v1/chat/completions", models=[]).problem_param == "model"  # no model at all
+    # a router's preset (kept at the router: a model, fallbacks, a system prompt policyd cannot see) is refused
+    for path in ("/v1/chat/completions", "/v1/messages"):
+        for preset in ({"model": "a/cheap", "preset": "house"}, {"model": "@preset/house"},
+                       {"model": "a/cheap@preset/house"}, {"models": ["@preset/house"]},
+                       {"model": "a/cheap", "models": ["a/cheap", "b/dear@preset/house"]}):
+            refused = parsed(path, **preset)
+            assert (refused.problem, refused.problem_param) == ("invalid_request", "preset"), (path, preset)
     # OpenRouter's Messages endpoint takes a router's list or fallbacks ([{"model": ...}]), not both
     both = parsed("/v1/messages", model="a/cheap", models=["b/dear"], fallbacks=[{"model": "c/other"}])
     assert (both.problem, both.problem_param) == ("invalid_request", "models")
