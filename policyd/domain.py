@@ -153,6 +153,9 @@ class Shape:
     # the fallbacks are a router's (OpenRouter's `models`): tried in turn until one serves, and the model that
     # served alone is billed; so the hold is the dearest of the request on each, not their sum
     fallbacks_routed: bool = False
+    # the field the request named its fallbacks in, where not its endpoint's own (a router's `models`, Anthropic's
+    # `fallbacks`): a gateway of LiteLLM's kind's `fallbacks` beside a chat completion: what a refusal names
+    fallbacks_param: str = ""
     # how many of a model's most per image (output_tokens_per_image) one image may bill: its area over the
     # standard sizes' largest (1536x1024), times a GIF's frames; 0 = 1 (images, the image_generation tool)
     image_scale: int = 0

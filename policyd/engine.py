@@ -1080,7 +1080,8 @@ class Engine:
                               shape: Shape) -> tuple[str, str]:
         """Other models the provider may run for a request, and bill (a server-side fallback, an advisor): the key's
         to use too, as its own model is; the refusal (reason, param) of the first that is not."""
-        others = [(m, "models" if shape.fallbacks_routed else "fallbacks") for m in shape.fallback_models] + \
+        named = shape.fallbacks_param or ("models" if shape.fallbacks_routed else "fallbacks")
+        others = [(m, named) for m in shape.fallback_models] + \
             ([(shape.advisor_model, "tools")] if shape.advisor_model else [])
         for other, param in others:
             if policy.model(other) is None:

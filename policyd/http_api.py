@@ -344,6 +344,7 @@ class HttpCall:
     # or a router's fallbacks (`models`: fallbacks_routed, the one that serves alone billed) (Shape's)
     fallback_models: tuple[str, ...] = ()
     fallbacks_routed: bool = False
+    fallbacks_param: str = ""  # the field the fallbacks came in, where not the endpoint's own (Shape's)
     advisor_model: str = ""
     advisor_calls: int = 0
     advisor_max_tokens: int = 0
@@ -430,7 +431,8 @@ class HttpCall:
                         search_context_size=self.search_context_size, fallback_models=self.fallback_models,
                         advisor_model=self.advisor_model, advisor_calls=self.advisor_calls,
                         advisor_max_tokens=self.advisor_max_tokens, fallbacks_routed=self.fallbacks_routed,
-                        web_results=self.web_results, web_results_per_search=self.web_results_per_search),
+                        web_results=self.web_results, web_results_per_search=self.web_results_per_search,
+                        fallbacks_param=self.fallbacks_param),
             client_address=self.client_address, user_agent=self.user_agent, count_tokens=self.count_tokens,
             stored_response=self.stored_response, deletes_stored=self.deletes_stored,
             previous_response=self.previous_response,
@@ -986,6 +988,44 @@ def _routed_models(call: HttpCall, data: dict[str, Any]) -> tuple[str, str] | No
     return None
 
 
+# endpoints where a gateway of LiteLLM's kind reads `fallbacks` (model names, or {"model": ...}) and
+# `context_window_fallback_dict` (the model to use instead when a prompt passes the model's window): tried in turn
+# when a model fails, the one that served billed. OpenAI's API refuses the fields; Anthropic's `fallbacks` is its own.
+LISTED_FALLBACK_ENDPOINTS = frozenset({"chat_completions", "completions", "responses"})
+
+
+def _listed_fallbacks(call: HttpCall, data: dict[str, Any]) -> tuple[str, str] | None:
+    """A gateway's fallbacks of LiteLLM's kind, as a router's (Shape.fallbacks_routed: the one that served billed,
+    the dearest held), the refusals naming `fallbacks`. The problem, if any, as (message, param)."""
+    listed, window = data.get("fallbacks"), data.get("context_window_fallback_dict")
+    if listed is None and window is None:
+        return None
+    if "models" in data:
+        return "a request names its fallbacks once: models or fallbacks", "fallbacks"
+    if listed is not None and not (isinstance(listed, list) and all(
+            (isinstance(f, str) and f) or (isinstance(f, dict) and set(f) == {"model"} and isinstance(f["model"], str)
+                                           and f["model"]) for f in listed)):
+        return 'fallbacks must be a list of model names (or {"model": ...}, nothing else)', "fallbacks"
+    if window is not None and not (isinstance(window, dict) and all(
+            isinstance(m, str) and m for m in window.values())):
+        return "context_window_fallback_dict must map models to model names", "context_window_fallback_dict"
+    others = _listed_fallback_names(data, call.model)
+    if len(others) > ROUTED_FALLBACKS_MAX:
+        return f"fallbacks names at most {ROUTED_FALLBACKS_MAX} models besides the request's own", "fallbacks"
+    call.fallback_models, call.fallbacks_routed, call.fallbacks_param = others, bool(others), "fallbacks"
+    return None
+
+
+def _listed_fallback_names(data: dict[str, Any], model: str) -> tuple[str, ...]:
+    """A gateway's fallbacks of LiteLLM's kind besides `model`, in order: its `fallbacks`, then the model its
+    context_window_fallback_dict names for `model` (names alone: what is no name is passed over)."""
+    listed, window = data.get("fallbacks"), data.get("context_window_fallback_dict")
+    names = [f.get("model") if isinstance(f, dict) else f for f in listed] if isinstance(listed, list) else []
+    if isinstance(window, dict) and model in window:
+        names.append(window[model])
+    return tuple(dict.fromkeys(n[:256] for n in names if isinstance(n, str) and n and n != model))
+
+
 def _routed_fallbacks(data: dict[str, Any]) -> tuple[str, ...]:
     """A router's list of models (a list of names) as the fallbacks besides the request's model, in order."""
     models, model = data["models"], data.get("model")
@@ -1378,6 +1418,8 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     call.file_searches = _search_bound(endpoint, data, "file_search")
     call.unbounded_web_search_tools = _unbounded_search_tools(endpoint, data)
     call.unbounded_file_search = _unbounded_search_tools(endpoint, data, "file_search") > 0
+    if endpoint in LISTED_FALLBACK_ENDPOINTS and (problem := _listed_fallbacks(call, data)):
+        return _problem(call, "invalid_request", *problem)
     if endpoint in ROUTED_ENDPOINTS and (data.get("preset") is not None or ROUTER_PRESET in model
                                          or any(ROUTER_PRESET in m for m in call.fallback_models)):
         return _problem(call, "invalid_request", "a router's preset sets what policyd cannot see (a model, fallbacks, "
@@ -2041,6 +2083,19 @@ def rewrite_body(call_body: dict[str, Any] | MultipartForm, endpoint: str, upstr
         names = dict(zip(_routed_fallbacks(call_body), fallback_models)) | ({requested_model: upstream_model}
                                                                             if renamed else {})
         body["models"] = [names.get(m, m) if isinstance(m, str) else m for m in body["models"]]
+        changed = True
+    if endpoint in LISTED_FALLBACK_ENDPOINTS and fallback_models and not isinstance(body.get("models"), list) and (
+            body.get("fallbacks") is not None or body.get("context_window_fallback_dict") is not None):
+        # a gateway's of LiteLLM's kind: each as the provider names it
+        names = dict(zip(_listed_fallback_names(call_body, requested_model), fallback_models))
+        if isinstance(body.get("fallbacks"), list):
+            body["fallbacks"] = [names.get(f, f) if isinstance(f, str) else dict(f, model=names[f["model"]])
+                                 if isinstance(f, dict) and isinstance(f.get("model"), str) and f["model"] in names
+                                 else f for f in body["fallbacks"]]
+        if isinstance(body.get("context_window_fallback_dict"), dict):
+            body["context_window_fallback_dict"] = {  # keyed by the model as it is sent
+                upstream_model if k == requested_model else k: names.get(v, v) if isinstance(v, str) else v
+                for k, v in body["context_window_fallback_dict"].items()}
         changed = True
     if tool_call_cap and endpoint in ROUTED_ENDPOINTS and isinstance(body.get("tools"), list):
         tools = [_router_search_bounded(t, tool_call_cap) for t in body["tools"]]

@@ -38,7 +38,8 @@ reports the input and half the output.
 
 Header `x-mock-reply-model`: the model the reply names (a provider that served another model than it
 was sent: a server-side fallback, a router). A chat completion or response with a router's `models` whose
-prompt says "fall through" is answered by the first of them other than its `model` (OpenRouter's fallbacks).
+prompt says "fall through" is answered by the first of them other than its `model` (OpenRouter's fallbacks), as is
+one with `fallbacks` beside a chat or text completion or a response (a gateway's of LiteLLM's kind).
 Models named router/* answer as OpenRouter does: their usage says the cost charged (usage.cost, 13 decimal places;
 header `x-mock-byok`: the fee alone, the provider's charge in cost_details.upstream_inference_cost), with $0.004 a
 result of its web search: its web plugin's (or an ":online" slug's) max_results (5 unless told), its web_search
@@ -477,6 +478,9 @@ class MockProvider:
         listed = [m for m in body.get("models") or [] if isinstance(m, str) and m]
         model = model or (listed[0] if listed else "")  # a router's list: its first is the model when none is named
         routed = [m for m in listed if m != model]
+        if not route.endswith("/messages"):  # a gateway's of LiteLLM's kind (Anthropic's fallbacks are its own)
+            routed += [f if isinstance(f, str) else f.get("model") for f in body.get("fallbacks") or []
+                       if isinstance(f, str) or isinstance(f, dict)]
         if routed and "fall through" in json.dumps(body.get("messages", body.get("input"))):
             model = routed[0]  # a router's: the model asked for failed, its first fallback served (and is billed)
         p_tokens = prompt_tokens(body)

@@ -119,6 +119,7 @@ def authorize_input(request: policy_pb2.AuthorizeRequest, traceparent: str = "")
             advisor_model=s.advisor_model[:256], advisor_calls=s.advisor_calls, advisor_max_tokens=s.advisor_max_tokens,
             fallbacks_routed=s.fallbacks_routed, geo=s.geo.strip().lower()[:16],
             web_results=s.web_results, web_results_per_search=s.web_results_per_search,
+            fallbacks_param=s.fallbacks_param[:64],
         ),
         client_address=request.client.address,
         user_agent=request.client.user_agent,

@@ -260,6 +260,20 @@ def test_a_routers_fallback_models_are_the_keys_held_as_the_dearest_and_charged_
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "malformed"}],
                                        max_tokens=8, extra_body={"models": "gpt-4o"})
     assert malformed.value.body["param"] == "models"
+    # a gateway's of LiteLLM's kind (`fallbacks`): the key's, and the one that served charged as it
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "fall through, litellm"}], max_tokens=8,
+        extra_body={"fallbacks": ["gpt-4o"]})
+    completion = raw.parse()
+    record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (completion.model, record["served_model"], record["charge_nanos"]) == ("gpt-4o", "gpt-4o", expected_charge(
+        "gpt-4o", completion.usage.prompt_tokens, completion.usage.completion_tokens))
+    with pytest.raises(openai.PermissionDeniedError) as not_theirs:
+        gateway.client(free).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "not mine, litellm"}], max_tokens=8,
+            extra_body={"fallbacks": [{"model": "gpt-4o"}]})
+    assert (not_theirs.value.code, not_theirs.value.param) == ("model_not_allowed", "fallbacks")
+    assert "not mine, litellm" not in json.dumps(gateway.mock.received())
     # a table's alias in the list is sent as the provider names it
     house = gateway.client(gateway.customer("e2e-routed-house", plan="house"))
     house.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "routed alias"}],

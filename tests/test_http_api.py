@@ -166,6 +166,40 @@ def test_a_routers_models_are_read_as_its_fallbacks_and_sent_as_the_provider_nam
                         False) is None
 
 
+def test_a_gateways_fallbacks_of_litellms_kind_are_read_as_a_routers() -> None:
+    """LiteLLM's `fallbacks` (names, or {"model": ...}) and `context_window_fallback_dict` on chat and text
+    completions and responses: the models it tries in turn when one fails, the one that served billed (a router's);
+    its refusals name `fallbacks`; Anthropic's own `fallbacks` stay its own."""
+    def parsed(path: str = "/v1/chat/completions", **body: Any) -> http_api.HttpCall:
+        return parse_call("POST", path, {}, json.dumps({"model": "a/cheap", "messages": [], "input": "hi",
+                                                        "prompt": "hi", **body}).encode())
+
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+        call = parsed(path, fallbacks=["b/dear", {"model": "c/other"}, "a/cheap", "b/dear"],
+                      context_window_fallback_dict={"a/cheap": "d/long", "x": "y"})
+        shape = call.authorize_input().shape
+        assert (call.problem, shape.fallback_models, shape.fallbacks_routed, shape.fallbacks_param) == (
+            "", ("b/dear", "c/other", "d/long"), True, "fallbacks"), path
+    assert parsed(context_window_fallback_dict={"x": "y"}).fallback_models == ()  # none for the model asked for
+    for odd in ({"fallbacks": "b/dear"}, {"fallbacks": [{"model": "b/dear", "messages": []}]}, {"fallbacks": [3]},
+                {"fallbacks": [f"m/{n}" for n in range(11)]}, {"fallbacks": ["b"], "models": ["c"]},
+                {"context_window_fallback_dict": ["b"]}):
+        refused = parsed(**odd)
+        assert refused.problem == "invalid_request" and refused.problem_param in (
+            "fallbacks", "context_window_fallback_dict"), odd
+    anthropic = parse_call("POST", "/v1/messages", {}, json.dumps(
+        {"model": "a/cheap", "max_tokens": 5, "messages": [], "fallbacks": [{"model": "b/dear"}]}).encode())
+    assert (anthropic.fallback_models, anthropic.fallbacks_routed, anthropic.fallbacks_param) == (
+        ("b/dear",), False, "")
+    # sent with each as the provider names it
+    body = {"model": "house", "messages": [], "fallbacks": ["alias", {"model": "plain"}],
+            "context_window_fallback_dict": {"house": "alias"}}
+    rewritten = rewrite_body(body, "chat_completions", "house-2024", "house", 0, True, False,
+                             fallback_models=("alias-upstream", "plain"))
+    assert (rewritten["fallbacks"], rewritten["context_window_fallback_dict"]) == (
+        ["alias-upstream", {"model": "plain"}], {"house-2024": "alias-upstream"})
+
+
 def test_a_routers_web_search_is_read_as_the_results_it_may_bill() -> None:
     """OpenRouter's web search on chat and text completions, responses, messages: the web plugin (or a slug ending
     ":online") one search of its max_results (5 unless told); the web_search server tool its max_total_results (as
@@ -401,7 +435,7 @@ def test_parse_never_raises_on_random_bytes(body: bytes, path: str) -> None:
 
 _JSON_KEYS = ["model", "models", "fallbacks", "messages", "input", "tools", "type", "max_tokens", "max_output_tokens",
               "stream", "n", "previous_response_id", "conversation", "prompt", "max_uses", "content", "role",
-              "plugins", "id", "parameters", "max_results", "max_total_results"]
+              "plugins", "id", "parameters", "max_results", "max_total_results", "context_window_fallback_dict"]
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(10**13), 10**13) | st.floats(allow_nan=False) | st.text(max_size=6)
     | st.sampled_from(["gpt-4o", "advisor_20260301", "web_search", "image_generation", "web", "gpt-4o:online",

@@ -1892,6 +1892,10 @@ async def test_a_routers_fallbacks_are_the_keys_and_the_dearest_of_them_is_held(
         request.shape, fallback_models=("anthropic/claude-opus-4",), fallbacks_routed=True)))
     assert (denied.decision, denied.reason, denied.error_param, denied.reserved) == (
         "deny", "model_not_allowed", "models", 0)
+    litellm = await service.engine.authorize(replace(request, shape=replace(  # a gateway of LiteLLM's kind's list
+        request.shape, fallback_models=("anthropic/claude-opus-4",), fallbacks_routed=True,
+        fallbacks_param="fallbacks")))
+    assert (litellm.decision, litellm.reason, litellm.error_param) == ("deny", "model_not_allowed", "fallbacks")
     unknown = await service.engine.authorize(asked("unknown", fallback_models=("mystery/model-9",),
                                                    fallbacks_routed=True))
     assert (unknown.decision, unknown.reason, unknown.error_param) == ("deny", "unknown_model", "models")

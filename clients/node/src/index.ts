@@ -115,6 +115,7 @@ export interface AuthorizeInput {
   geo?: string;             // where its endpoint runs it, unsaid by the reply ("regional": Vertex AI's regions)
   webResults?: number;      // a router's web search (OpenRouter's): the most results it may return (webSearches: as many)
   webResultsPerSearch?: number;  // ... its server tool given no max_total_results: each search's (set maxToolCalls x it)
+  fallbacksParam?: string;  // the field the fallbacks came in, where not the endpoint's own (LiteLLM's "fallbacks")
   advisorModel?: string;       // an advisor tool's model (Anthropic's advisor_*): the key's too, held for its calls
   advisorCalls?: number;       // ... at most this many (its max_uses; 0: the plan's bound, set it as maxToolCalls says)
   advisorMaxTokens?: number;   // ... each writing at most this (its max_tokens; 0: the advisor model's cap)
@@ -308,6 +309,7 @@ export class PolicyClient {
         advisorCalls: input.advisorCalls ?? 0, advisorMaxTokens: input.advisorMaxTokens ?? 0,
         fallbacksRouted: input.fallbacksRouted ?? false, geo: input.geo ?? "",
         webResults: input.webResults ?? 0, webResultsPerSearch: input.webResultsPerSearch ?? 0,
+        fallbacksParam: input.fallbacksParam ?? "",
       },
       countTokens: input.countTokens ?? false,
       storedResponseId: input.storedResponseId ?? "", previousResponseId: input.previousResponseId ?? "",

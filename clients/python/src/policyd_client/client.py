@@ -214,7 +214,8 @@ def _authorize_request(api_key: str, endpoint: str, model: str, request_id: str,
                                     fallbacks_routed=bool(attribution.pop("fallbacks_routed", False)),
                                     geo=attribution.pop("geo", ""),
                                     web_results=attribution.pop("web_results", 0),
-                                    web_results_per_search=attribution.pop("web_results_per_search", 0))
+                                    web_results_per_search=attribution.pop("web_results_per_search", 0),
+                                    fallbacks_param=attribution.pop("fallbacks_param", ""))
     request = policy_pb2.AuthorizeRequest(
         api_key=api_key, endpoint=types_pb2.EndpointFamily.Value(endpoint.upper()) if endpoint in ENDPOINTS else 0,
         model=model, attribution=types_pb2.Attribution(request_id=request_id, tags=tags, **attribution),
