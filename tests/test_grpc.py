@@ -549,3 +549,13 @@ async def test_a_native_proxy_settles_what_the_provider_said_it_charged(channel:
     assert dict(estimated_other.value.trailing_metadata())["policyd-reason"] == "invalid_usage"
     wallet = await admin.GetWallet(admin_pb2.GetWalletRequest(customer_id="acme"), metadata=AUTH)
     assert wallet.balance_nanos == 10**9 - settled.charge.nanos  # rc-2 still held, nothing charged for it
+    # a router's web search on it, and a gateway's fallbacks named in their own field, travel the native shape
+    searched = await policy.Authorize(policy_pb2.AuthorizeRequest(
+        api_key=created.secret, endpoint=types_pb2.CHAT_COMPLETIONS, model="router/open-model",
+        shape=policy_pb2.RequestShape(input_tokens=100, max_output_tokens=10, web_results=5, web_searches=1)))
+    assert (searched.decision, searched.reason) == (policy_pb2.DENY, "tool_not_priced")  # no per_web_result given
+    fallen = await policy.Authorize(policy_pb2.AuthorizeRequest(
+        api_key=created.secret, endpoint=types_pb2.CHAT_COMPLETIONS, model="router/open-model",
+        shape=policy_pb2.RequestShape(input_tokens=100, max_output_tokens=10, fallback_models=["mystery/model"],
+                                      fallbacks_routed=True, fallbacks_param="fallbacks")))
+    assert (fallen.decision, fallen.reason, fallen.error.param) == (policy_pb2.DENY, "unknown_model", "fallbacks")
