@@ -156,8 +156,8 @@ class PostgresServer:
         return self.url(name)
 
     def close(self) -> None:
-        """Stopped at once (its data is thrown away): a postmaster told to stop waits for its clients to leave
-        (a smart shutdown, SIGTERM's), which pools keeping connections open made take seconds."""
+        """Stopped at once (its data is thrown away): a postmaster sent SIGTERM waits for its clients to leave
+        (a smart shutdown)."""
         if self.process.poll() is None:
             subprocess.run(self._as_user([str(self.bin / "pg_ctl"), "stop", "-D", self.data, "-m", "immediate", "-w",
                                           "-t", "15"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
