@@ -772,8 +772,9 @@ attributed_ops = st.lists(
         # or Anthropic's kind)
         st.tuples(st.just("authorize"), st.integers(0, 1), st.integers(0, 2), st.integers(0, 2), st.integers(0, 1),
                   st.integers(0, 1), st.integers(0, 2_000), st.integers(1, 400), st.integers(0, 3), st.booleans()),
-        # ..., and which of the models that may serve it did
-        st.tuples(st.just("settle"), st.integers(0, 30), st.floats(0, 1), st.floats(0, 1), st.integers(0, 1)),
+        # ..., and which of the models that may serve it did, its reply naming it or a dated snapshot of it
+        st.tuples(st.just("settle"), st.integers(0, 30), st.floats(0, 1), st.floats(0, 1), st.integers(0, 1),
+                  st.booleans()),
         st.tuples(st.just("release"), st.integers(0, 30)),
     ),
     min_size=1,
@@ -811,6 +812,12 @@ operator_caps = st.lists(st.tuples(st.sampled_from(("", "openai", "google")), st
 @example(limits=[("key", "requests", "block", (), 12)],
          operations=[("authorize", n % 2, n % 3, 0, 0, 0, 1_000, 200) for n in range(8)], keys_own=None, owners=None,
          caps=[("openai", ("gpt-4o",), "requests", "downgrade", 2), ("", (), "money", "shadow", 1)])
+# a router's fallback served, its reply naming a dated snapshot of it, a limit on its model alone; and one on the
+# cheaper model asked for, a snapshot of which begins with the fallback's name
+@example(limits=[("customer", "money", "block", ("gpt-4o",), 12), ("customer", "requests", "block", (), 12)],
+         operations=[("authorize", 0, 0, 0, 0, 0, 400, 50, 2, True), ("settle", 0, 1.0, 1.0, 1, True),
+                     ("authorize", 0, 1, 0, 0, 0, 400, 50, 1, True), ("settle", 0, 1.0, 1.0, 1, True)],
+         keys_own=None, owners=None, caps=[])
 def test_every_limit_of_a_plan_counts_exactly_the_requests_it_binds(running, limits, operations, keys_own,
                                                                     owners, caps) -> None:
     """A plan with any mix of limits (a key's, the customer's, a team's, an end user's, a feature's, a thread's, a
@@ -955,8 +962,11 @@ async def _attributed_scenario(service: Service, drawn: list, operations: list, 
                 del counted[rid]
             else:
                 served = list(ids)[(op[4] if len(op) > 4 else 0) % len(ids)]  # the first: the model authorized
+                # (a snapshot of gpt-4o-mini is its own, whichever of the two is a fallback: the longer name's)
+                reply = served + "-2025-01-01" if len(op) > 5 and op[5] else served
                 s = await service.engine.settle(usage(rid, input_tokens=int(input_bound * op[2]),
-                                                      output_tokens=int(output_bound * op[3]), reply_model=served))
+                                                      output_tokens=int(output_bound * op[3]), reply_model=reply))
+                assert s.served_model == served, (reply, served, s.served_model)
                 assert s.charge <= hold
                 counted[rid] = (ids, served, s.charge)
         # each bucket: what the requests any of its limits (or caps) binds put in it, each once (a request its
