@@ -2842,8 +2842,8 @@ def test_bodies_are_rewritten_for_every_request_of_a_crowd(gateway: Gateway) -> 
             assert all(chunk.choices and chunk.usage is None for chunk in response.parse())
             return response.headers["x-policyd-request-id"]
 
-    with ThreadPoolExecutor(max_workers=32) as pool:
-        request_ids = list(pool.map(one, range(400)))
+    with ThreadPoolExecutor(max_workers=32) as pool:  # 32 at once, 200 in all
+        request_ids = list(pool.map(one, range(200)))
     records = [gateway.record(request_id) for request_id in request_ids]
     assert {(r["status"], r["error_class"]) for r in records} == {("settled", "")}
     assert all(r["output_tokens"] > 0 for r in records)
