@@ -697,7 +697,7 @@ def _gateway_config(args: argparse.Namespace) -> int:
     print(render(listen_port=args.listen_port, policyd_host=host, policyd_port=port, admin_port=args.admin_port,
                  upstreams=tuple(upstreams), failure_mode_allow=args.fail_open, shape=args.shape,
                  more_policyd=tuple(more), route_timeout_seconds=args.route_timeout,
-                 cors_origins=tuple(args.cors_origin or ())), end="")
+                 cors_origins=tuple(args.cors_origin or ()), access_log_path=args.access_log or ""), end="")
     from policyd.gateway_config import STREAM_TIMEOUT_MARGIN_SECONDS
     from policyd.settings import Settings
 
@@ -988,6 +988,9 @@ def parser() -> argparse.ArgumentParser:
     gateway.add_argument("--cors-origin", action="append",
                          help="a web origin (https://app.example, or * for any) whose pages may call the gateway "
                               "from a browser, repeatable; none by default")
+    gateway.add_argument("--access-log", metavar="PATH",
+                         help="a file where Envoy writes a JSON line a request (its status and why: response flags "
+                              "and code details; no secret); none by default")
     gateway.set_defaults(run=_gateway_config)
 
     demo = client(commands.add_parser("demo", help="drive a running gateway with the openai SDK"))

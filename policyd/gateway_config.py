@@ -425,16 +425,47 @@ def _gemini_upload_url_filter() -> str:
                           value_match=GEMINI_UPLOAD_PATH_MATCH)
 
 
+# What Envoy's access log says of a request: why it ended so (its response flags and code details: UAEX, a
+# decision that failed or timed out; UC/UF, the provider's connection reset or refused), never a secret (no
+# header of a credential, and the path without its query, where a key may be).
+ACCESS_LOG_FIELDS = {
+    "start_time": "%START_TIME%", "method": "%REQ(:METHOD)%", "path": "%REQ_WITHOUT_QUERY(:PATH)%",
+    "request_id": f"%RESP({REQUEST_ID_HEADER})%", "status": "%RESPONSE_CODE%", "flags": "%RESPONSE_FLAGS%",
+    "details": "%RESPONSE_CODE_DETAILS%", "upstream": "%UPSTREAM_HOST%",
+    "upstream_failure": "%UPSTREAM_TRANSPORT_FAILURE_REASON%", "duration_ms": "%DURATION%",
+}
+
+
+def _access_log(path: str) -> str:
+    if not path:
+        return ""
+    fields = "".join(f"\n                  {name}: \"{value}\"" for name, value in ACCESS_LOG_FIELDS.items())
+    return f"""          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {json.dumps(path)}
+              log_format:
+                json_format:{fields}
+                formatters:
+                - name: envoy.formatter.req_without_query
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery
+"""
+
+
 def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_host: str = "127.0.0.1",
            policyd_port: int = 50051, admin_port: int = 9901, upstreams: tuple[Upstream, ...] = DEFAULT_UPSTREAMS,
            failure_mode_allow: bool = False, body_bytes_max: int = REQUEST_BODY_BYTES_MAX,
            shape: str = SHAPES[0], more_policyd: tuple[tuple[str, int], ...] = (),
-           route_timeout_seconds: int = ROUTE_TIMEOUT_SECONDS, cors_origins: tuple[str, ...] = ()) -> str:
+           route_timeout_seconds: int = ROUTE_TIMEOUT_SECONDS, cors_origins: tuple[str, ...] = (),
+           access_log_path: str = "") -> str:
     """`more_policyd`: further (host, port) replicas beside policyd_host:policyd_port; Envoy spreads
     each request's streams over all of them (a name that resolves to several addresses does too).
     `route_timeout_seconds`: how long the gateway waits for a reply, and for its next bytes (policyd's
     reservations must outlast it: POLICYD_RESERVATION_TTL_SECONDS). `cors_origins`: the web origins
-    (`https://app.example`, or `*` for any) whose pages may call the gateway from a browser; none by default."""
+    (`https://app.example`, or `*` for any) whose pages may call the gateway from a browser; none by default.
+    `access_log_path`: a file where Envoy writes a JSON line a request (`_access_log`); none by default."""
     if route_timeout_seconds < 1:
         raise ValueError("the route timeout is at least a second")
     for origin in cors_origins:
@@ -484,7 +515,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: gateway
           stream_idle_timeout: {route_timeout_seconds}s  # a reply not streamed may think as long as the route waits
-          max_request_headers_kb: {REQUEST_HEADERS_KB_MAX}
+{_access_log(access_log_path)}          max_request_headers_kb: {REQUEST_HEADERS_KB_MAX}
           common_http_protocol_options: {{max_headers_count: {REQUEST_HEADERS_COUNT_MAX}}}
           route_config:
             name: providers

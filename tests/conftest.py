@@ -98,3 +98,27 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
         if left < MINUTE_LEFT_SECONDS:
             time.sleep(left + 0.05)
     yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A test through a gateway that failed shows why the gateway answered as it did: the requests of its access
+    log that did not end 2xx or 4xx (a 503's response flags say whether policyd's decision or the provider's
+    connection failed), and the end of Envoy's own log."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    gateway = getattr(item, "funcargs", {}).get("gateway")
+    if report.when != "call" or not report.failed or gateway is None:
+        return
+    time.sleep(1.1)  # Envoy writes its access log out each second
+    shown = []
+    for source in ("access_log", "envoy_log"):
+        path = getattr(gateway, source, None)
+        if path is None or not Path(path).exists():
+            continue
+        lines = Path(path).read_text(errors="replace").splitlines()
+        if source == "access_log":
+            lines = [line for line in lines if not re.search(r'"status":"?[24]\d\d', line)]
+        shown.append(f"{path}:\n" + "\n".join(lines[-30:]))
+    if shown:
+        report.sections.append(("what the gateway said", "\n\n".join(shown)))

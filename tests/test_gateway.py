@@ -115,7 +115,8 @@ class Gateway(FundedCustomers):
                                             Upstream("jina", "127.0.0.1", self.mock.port),
                                             Upstream("mistral", "127.0.0.1", self.mock.port),
                                             Upstream("perplexity", "127.0.0.1", self.mock.port)), shape=shape,
-                                 cors_origins=(APP_ORIGIN,)))
+                                 cors_origins=(APP_ORIGIN,), access_log_path=str(tmp / "access.log")))
+        self.access_log = tmp / "access.log"  # shown beside a failed test (tests/conftest.py)
         self.envoy_log = tmp / "envoy.log"
         self.envoy = start_envoy(config, self.port, self.envoy_log)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -756,6 +757,13 @@ def test_a_key_in_the_query_opens_the_gateway_and_never_reaches_the_provider(gat
     assert sent["path"] == "/v1/chat/completions?trace=on" and key not in json.dumps(sent)
     record = gateway.record(request_id)
     assert (record["status"], record["customer_id"]) == ("settled", "e2e-query-key")
+    # the gateway's access log has the request, by its path without the query, and never the key
+    deadline = time.monotonic() + 5
+    while request_id not in gateway.access_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)  # Envoy flushes its access log a moment after the reply
+    logged = [json.loads(line) for line in gateway.access_log.read_text().splitlines() if request_id in line]
+    assert [(e["method"], e["path"], e["status"]) for e in logged] == [("POST", "/v1/chat/completions", 200)]
+    assert key not in gateway.access_log.read_text()
 
 
 def test_azure_openai_clients_are_charged_and_a_downgrade_reaches_the_cheaper_deployment(gateway: Gateway) -> None:
