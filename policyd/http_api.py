@@ -1060,7 +1060,8 @@ def _router_web_search(call: HttpCall, data: dict[str, Any]) -> tuple[str, str, 
             isinstance(p, dict) and isinstance(p.get("id"), str) for p in plugins)):
         return "invalid_request", 'plugins must be a list of {"id": ...}', "plugins"
     web = [p for p in plugins or () if p["id"] == "web"]
-    if web or call.model.endswith(ROUTER_ONLINE_SUFFIX):  # one search, however many ask for it
+    online = any(m.endswith(ROUTER_ONLINE_SUFFIX) for m in (call.model, *call.fallback_models))  # a fallback's too
+    if web or online:  # one search, however many ask for it (one model serves)
         asked = [p["max_results"] for p in web if p.get("max_results") is not None]
         if not all(0 < _count(n) <= ROUTER_WEB_RESULTS_MAX for n in asked):
             return "invalid_request", f"the web plugin's max_results must be from 1 to {ROUTER_WEB_RESULTS_MAX}", \

@@ -218,6 +218,7 @@ def test_a_routers_web_search_is_read_as_the_results_it_may_bill() -> None:
         assert searched(parsed(path, plugins=[{"id": "web", "max_results": 2}, {"id": "response-healing"}])) == (
             "", 1, 2, 0, True)
         assert searched(parsed(path, model="router/m:online")) == ("", 1, 5, 0, True)
+        assert searched(parsed(path, models=["router/m", "router/n:online"])) == ("", 1, 5, 0, True)  # a fallback's
         assert searched(parsed(path, model="router/m:online", plugins=[{"id": "web", "max_results": 3}])) == (
             "", 1, 3, 0, True)  # one search, however many ask for it
         tool = {"type": "openrouter:web_search", "parameters": {"max_results": 4, "max_total_results": 9}}
