@@ -19,7 +19,7 @@ from typing import Any, Callable
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from policyd.gateway_config import ROUTE_TIMEOUT_SECONDS, SHAPES
+from policyd.gateway_config import ROUTE_TIMEOUT_SECONDS, SHAPES, UPSTREAM_IDLE_TIMEOUT_SECONDS
 from policyd.money import MONEY_UNITS, MoneyError, format_amount, parse_amount
 from policyd.settings import reference as settings_reference
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
@@ -697,7 +697,8 @@ def _gateway_config(args: argparse.Namespace) -> int:
     print(render(listen_port=args.listen_port, policyd_host=host, policyd_port=port, admin_port=args.admin_port,
                  upstreams=tuple(upstreams), failure_mode_allow=args.fail_open, shape=args.shape,
                  more_policyd=tuple(more), route_timeout_seconds=args.route_timeout,
-                 cors_origins=tuple(args.cors_origin or ()), access_log_path=args.access_log or ""), end="")
+                 cors_origins=tuple(args.cors_origin or ()), access_log_path=args.access_log or "",
+                 upstream_idle_timeout_seconds=args.upstream_idle_timeout), end="")
     from policyd.gateway_config import STREAM_TIMEOUT_MARGIN_SECONDS
     from policyd.settings import Settings
 
@@ -988,6 +989,10 @@ def parser() -> argparse.ArgumentParser:
     gateway.add_argument("--cors-origin", action="append",
                          help="a web origin (https://app.example, or * for any) whose pages may call the gateway "
                               "from a browser, repeatable; none by default")
+    gateway.add_argument("--upstream-idle-timeout", type=int, default=UPSTREAM_IDLE_TIMEOUT_SECONDS, metavar="SECONDS",
+                         help="seconds a connection to a provider stays open unused: below the provider's own "
+                              f"keep-alive timeout (default {UPSTREAM_IDLE_TIMEOUT_SECONDS}: uvicorn and Node.js "
+                              "close theirs after 5)")
     gateway.add_argument("--access-log", metavar="PATH",
                          help="a file where Envoy writes a JSON line a request (its status and why: response flags "
                               "and code details; no secret); none by default")

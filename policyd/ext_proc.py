@@ -54,7 +54,7 @@ from policyd.engine import Engine
 from policyd.exchange import EXT_PROC_NAMESPACE, Exchange
 from policyd.http_api import REQUEST_ID_HEADER
 from policyd.providers import ProviderPool
-from policyd.upstream import GATEWAY_TIMEOUT_HEADER, UNASKED_USAGE_HEADER, upstream_request
+from policyd.upstream import CONNECTION_ENDED_HEADER, GATEWAY_TIMEOUT_HEADER, UNASKED_USAGE_HEADER, upstream_request
 from policyd.usage_capture import closing
 
 log = logging.getLogger("policyd.ext_proc")
@@ -291,8 +291,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         exchange.attempts = min(int(attempts), 100) if attempts.isdigit() and attempts != "0" else 1
         if exchange.stored and exchange.endpoint == "gemini_generate_content":  # a Gemini upload begun: its id
             exchange.reader.response_id = http_api.gemini_upload_begun(headers) or exchange.reader.response_id
-        # (a reply the gateway stopped waiting for says nothing of the account)
-        if exchange.status in COOLDOWN_STATUSES and exchange.account and not exchange.gateway_timed_out:
+        # (a reply the gateway stopped waiting for, or a connection that ended before any reply, says nothing of
+        # the account)
+        said_by_account = not exchange.gateway_timed_out and headers.get(CONNECTION_ENDED_HEADER) != "yes"
+        if exchange.status in COOLDOWN_STATUSES and exchange.account and said_by_account:
             self.pool.cool_down(exchange.account, exchange.retry_after or 30)
 
     def _read_response(self, exchange: Exchange, request: Any) -> bool:

@@ -29,8 +29,8 @@ from policyd.http_api import (CREDENTIAL_REFUSALS, PROVIDER_ACCOUNT_HEADERS, REQ
                               REQUEST_HEADERS_BYTES_MAX, REQUEST_ID_HEADER, UPLOAD_PATH_REGEX, BATCHES_PATH_REGEX,
                               REQUEST_LOOKUP_PATH_REGEX, credentials_refused_reply)
 from policyd.http_api import REQUEST_HEADERS_COUNT_MAX as HEADERS_COUNT_MAX
-from policyd.upstream import (GATEWAY_TIMEOUT_HEADER, OBSERVER_HEADER, REWRITE_HEADER, ROUTE_HEADER,
-                              UNASKED_USAGE_HEADER)
+from policyd.upstream import (CONNECTION_ENDED_HEADER, GATEWAY_TIMEOUT_HEADER, OBSERVER_HEADER, REWRITE_HEADER,
+                              ROUTE_HEADER, UNASKED_USAGE_HEADER)
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ SHAPES = ("ext_authz+ext_proc", "ext_proc")
 # policyd's ext_proc streams live a little longer, to see the reply's end.
 ROUTE_TIMEOUT_SECONDS = 600
 STREAM_TIMEOUT_MARGIN_SECONDS = 60
+# How long a connection to a provider stays open unused: below the 5 s after which uvicorn (vLLM's server) and
+# Node.js close theirs. A request after a quiet spell opens a new one (a TCP and TLS handshake).
+UPSTREAM_IDLE_TIMEOUT_SECONDS = 4
 
 # Requests an Envoy may hold in flight to a provider cluster, and gRPC streams to policyd (an allowed
 # request holds the processing filter's stream for its whole life, a streamed one the observer's
@@ -74,7 +77,10 @@ def _discovery(host: str) -> str:
     return "STATIC" if host.replace(".", "").isdigit() or ":" in host else "STRICT_DNS"
 
 
-def _cluster(u: Upstream) -> str:
+def _cluster(u: Upstream, idle_timeout_seconds: int) -> str:
+    """A provider's cluster. Its connections close after `idle_timeout_seconds` unused: before the provider closes
+    them (uvicorn, vLLM's server, and Node.js close a kept-alive connection after 5 s), so that the gateway never
+    sends a request on a connection the provider is closing (a 503 that never reached it)."""
     address = _discovery(u.host)
     tls = f"""
     transport_socket:
@@ -85,7 +91,12 @@ def _cluster(u: Upstream) -> str:
     return f"""  - name: {u.name}
     type: {address}
     connect_timeout: 2s
-{CIRCUIT_BREAKERS}    load_assignment:
+{CIRCUIT_BREAKERS}    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        common_http_protocol_options: {{idle_timeout: {idle_timeout_seconds}s}}
+        explicit_http_config: {{http_protocol_options: {{}}}}
+    load_assignment:
       cluster_name: {u.name}
       endpoints:
       - lb_endpoints:
@@ -459,13 +470,14 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
            failure_mode_allow: bool = False, body_bytes_max: int = REQUEST_BODY_BYTES_MAX,
            shape: str = SHAPES[0], more_policyd: tuple[tuple[str, int], ...] = (),
            route_timeout_seconds: int = ROUTE_TIMEOUT_SECONDS, cors_origins: tuple[str, ...] = (),
-           access_log_path: str = "") -> str:
+           access_log_path: str = "", upstream_idle_timeout_seconds: int = UPSTREAM_IDLE_TIMEOUT_SECONDS) -> str:
     """`more_policyd`: further (host, port) replicas beside policyd_host:policyd_port; Envoy spreads
     each request's streams over all of them (a name that resolves to several addresses does too).
     `route_timeout_seconds`: how long the gateway waits for a reply, and for its next bytes (policyd's
     reservations must outlast it: POLICYD_RESERVATION_TTL_SECONDS). `cors_origins`: the web origins
     (`https://app.example`, or `*` for any) whose pages may call the gateway from a browser; none by default.
-    `access_log_path`: a file where Envoy writes a JSON line a request (`_access_log`); none by default."""
+    `access_log_path`: a file where Envoy writes a JSON line a request (`_access_log`); none by default.
+    `upstream_idle_timeout_seconds`: how long a connection to a provider may stay unused (`_cluster`)."""
     if route_timeout_seconds < 1:
         raise ValueError("the route timeout is at least a second")
     for origin in cors_origins:
@@ -482,7 +494,9 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
             address:
               socket_address: {{address: {host}, port_value: {port}}}""" for host, port in replicas)
     fail_open = "true" if failure_mode_allow else "false"
-    clusters = "".join(_cluster(u) for u in upstreams)
+    if upstream_idle_timeout_seconds < 1:
+        raise ValueError("the upstream idle timeout is at least a second")
+    clusters = "".join(_cluster(u, upstream_idle_timeout_seconds) for u in upstreams)
     filters = _cors_filter(cors_origins) + _credentials_refused_filter(shape) + \
         (_ext_authz_filter(fail_open, body_bytes_max) if shape != "ext_proc" else "") + \
         _unasked_usage_filter(shape) + _gemini_upload_url_filter() + \
@@ -530,6 +544,11 @@ static_resources:
                 response_flag_filter: {{flags: [UT, SI]}}
               headers_to_add:
               - header: {{key: {GATEWAY_TIMEOUT_HEADER}, value: "yes"}}
+                append_action: OVERWRITE_IF_EXISTS_OR_ADD
+            - filter:  # the provider's connection ended before the reply's headers: not the account's answer
+                response_flag_filter: {{flags: [UC]}}
+              headers_to_add:
+              - header: {{key: {CONNECTION_ENDED_HEADER}, value: "yes"}}
                 append_action: OVERWRITE_IF_EXISTS_OR_ADD
             - filter:
                 status_code_filter:

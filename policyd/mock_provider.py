@@ -263,9 +263,15 @@ def anthropic_speed_and_geo(body: dict[str, Any]) -> dict[str, str]:
 
 
 class MockProvider:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, api_keys: tuple[str, ...] = ()) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, api_keys: tuple[str, ...] = (),
+                 keep_alive_seconds: float | None = None) -> None:
+        """`keep_alive_seconds`: a connection unused that long is closed (uvicorn's and Node.js's 5 s); by default
+        never."""
         self.api_keys = set(api_keys)
         self.requests: list[dict[str, Any]] = []
+        # each connection ended: (the client's port, who ended it: "client", or "provider" (its keep-alive timeout,
+        # a reply it cut or hung up on))
+        self.connections_ended: list[tuple[int, str]] = []
         self.lock = threading.Lock()
         self.stored: dict[str, tuple[dict[str, Any], Any]] = {}  # stored responses: id -> (reply, input)
         self.background: dict[str, int] = {}  # background responses still running: id -> reads before it ends
@@ -286,6 +292,15 @@ class MockProvider:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = keep_alive_seconds  # waiting for a request past it, the connection is closed
+
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                finally:  # the client ended it when its next request line came empty (its end of the stream)
+                    by = "client" if getattr(self, "raw_requestline", None) == b"" else "provider"
+                    with provider.lock:
+                        provider.connections_ended.append((self.client_address[1], by))
 
             def log_message(self, format: str, *args: Any) -> None:  # quiet
                 pass
@@ -384,6 +399,7 @@ class MockProvider:
         auth = next((h.headers[k] for k in CREDENTIAL_HEADERS if h.headers.get(k)), "")
         with self.lock:
             self.requests.append({"path": h.path, "body": body, "authorization": auth, "scenario": scenario,
+                                  "client_port": h.client_address[1],
                                   "credentials": {k: h.headers[k] for k in CREDENTIAL_HEADERS if h.headers.get(k)},
                                   "policyd_headers": sorted(k.lower() for k in h.headers if k.lower().startswith("x-policyd-")),
                                   "content_length": h.headers.get("content-length"), "bytes": len(raw),
@@ -407,6 +423,9 @@ class MockProvider:
             return h._json(500, {"error": {"type": "server_error", "message": "boom"}})
         if scenario == "unavailable":  # overloaded for a moment: its account cools down for a second only
             return h._json(503, {"error": {"type": "server_error", "message": "try again"}}, {"retry-after": "1"})
+        if scenario == "hang_up":  # the connection closes, no reply: as a provider closing a kept-alive one
+            h.close_connection = True
+            return None
         if scenario == "stall":
             time.sleep(30)
         route = h.path.split("?")[0].rstrip("/")

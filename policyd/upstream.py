@@ -23,6 +23,9 @@ REWRITE_HEADER = "x-policyd-rewrite"  # ext_authz: whether the processing filter
 UNASKED_USAGE_HEADER = "x-policyd-unasked-usage"  # strip: the stream's usage event is kept from the client
 # on the gateway's own reply when it gave up on the provider (its route or idle timeout: Envoy's UT, SI)
 GATEWAY_TIMEOUT_HEADER = "x-policyd-gateway-timeout"
+# on the gateway's own 503 when the provider's connection ended before the reply's headers (Envoy's UC): most often
+# a kept-alive connection the provider closed as the gateway sent on it, which says nothing of the account
+CONNECTION_ENDED_HEADER = "x-policyd-connection-ended"
 
 
 @dataclass(frozen=True)

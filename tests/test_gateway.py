@@ -73,7 +73,8 @@ PROVIDERS = ("accounts:\n"
 
 def start_envoy(config: Path, port: int, log: Path) -> subprocess.Popen:
     """The real Envoy on `config`, once it listens on `port`."""
-    envoy = subprocess.Popen([envoy_binary(), "-c", str(config), "--log-level", "warn", "--base-id", str(port)],
+    envoy = subprocess.Popen([envoy_binary(), "-c", str(config), "--log-level", "warn", "--base-id", str(port),
+                              "--file-flush-interval-msec", "200"],  # its access log written out at once
                              stdout=log.open("wb"), stderr=subprocess.STDOUT)
     wait_port(port, timeout=60)
     return envoy
@@ -2751,6 +2752,60 @@ def test_upstream_errors_release_and_cool_the_account_down(gateway: Gateway) -> 
     after = [r["authorization"] for r in gateway.mock.received() if str(r["body"].get("messages", [{}])[0].get("content", "")).startswith("after ")]
     assert len(after) == 4 and cooled not in after
     assert gateway.wallet_at_rest("e2e-429").reserved_nanos == 0
+
+
+def test_a_providers_connection_ending_before_its_reply_cools_no_account(gateway: Gateway) -> None:
+    """A provider closing a kept-alive connection as the gateway sends on it: Envoy's own 503 (UC), which says
+    nothing of the account. It used to cool the account down 30 s as a 5xx of the provider's would (the requests
+    after it all went to the other account, or to a fallback model); now it is marked and cools nothing."""
+    key = gateway.customer("e2e-hang-up")
+    client = gateway.client(key)
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hung up"}],
+                                       extra_headers={"x-mock-scenario": "hang_up",
+                                                      "x-policyd-request-id": "e2e-hang-up-1"})
+    assert (failed.value.status_code, failed.value.response.headers.get("x-policyd-connection-ended")) == (503, "yes")
+    record = gateway.record("e2e-hang-up-1")
+    assert (record["status"], record["charge_nanos"]) == ("released", 0)
+    (hung_up,) = [r["authorization"] for r in gateway.mock.received() if r["scenario"] == "hang_up"]
+    for i in range(4):  # both accounts take turns: the one hung up on is not cooling down
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"after a hang-up {i}"}])
+    after = [r["authorization"] for r in gateway.mock.received()
+             if str(r["body"].get("messages", [{}])[0].get("content", "")).startswith("after a hang-up ")]
+    assert len(after) == 4 and hung_up in after
+    assert gateway.wallet_at_rest("e2e-hang-up").reserved_nanos == 0
+
+
+def test_the_gateway_closes_a_providers_idle_connection_before_the_provider_would(
+        gateway: Gateway, tmp_path: Path) -> None:
+    """A provider closes a kept-alive connection unused a while (uvicorn, vLLM's server, Node.js: after 5 s); a
+    request the gateway sends on it as it closes fails (Envoy's 503, the provider never saw it). The gateway closes
+    its connections to providers unused past its upstream idle timeout (4 s by default, below those 5 s): here 1 s
+    against a provider closing at 2 s, so each connection is ended by the gateway, and the next request opens
+    its own."""
+    provider = MockProvider(api_keys=PROVIDER_KEYS, keep_alive_seconds=2).start()
+    port = free_port()
+    config = tmp_path / "envoy-idle.yaml"
+    config.write_text(render(listen_port=port, policyd_port=gateway.policyd.port, admin_port=free_port(),
+                             upstreams=tuple(Upstream(name, "127.0.0.1", provider.port)
+                                             for name in ("openai", "anthropic", "google")),
+                             shape=gateway.shape, upstream_idle_timeout_seconds=1))
+    envoy = start_envoy(config, port, tmp_path / "envoy-idle.log")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=gateway.customer("e2e-idle"),
+                               max_retries=0, timeout=20)
+        for i in range(2):
+            reply = client.chat.completions.create(model="gpt-4o-mini", max_tokens=8,
+                                                   messages=[{"role": "user", "content": f"idle {i}"}])
+            assert reply.choices[0].message.content
+            time.sleep(1.6)  # past the gateway's idle timeout, short of the provider's
+        ports = [r["client_port"] for r in provider.received()]
+        assert len(ports) == 2 and ports[0] != ports[1]  # the second request came on a connection of its own
+        assert [by for p, by in provider.connections_ended if p in ports] == ["client", "client"]
+    finally:
+        envoy.terminate()
+        envoy.wait(timeout=10)
+        provider.stop()
 
 
 def test_concurrent_streams_never_overspend_a_strict_wallet(gateway: Gateway) -> None:

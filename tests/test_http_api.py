@@ -72,6 +72,19 @@ def test_gateway_config_reaches_policyd_by_address_name_or_several_replicas(tmp_
         assert checked.returncode == 0, checked.stdout + checked.stderr
     with pytest.raises(ValueError):
         render(policyd_host="10.0.0.5", more_policyd=(("policyd.internal", 50051),))
+    # a provider's connections close unused past the upstream idle timeout (4 s unless told); an access log if asked
+    config = subprocess.run([sys.executable, "-m", "policyd.cli", "gateway-config", "--cluster", "vllm=10.0.0.7:8000",
+                             "--cluster", "openai=api.openai.com:443:tls", "--upstream-idle-timeout", "2",
+                             "--access-log", str(tmp_path / "access.log")], capture_output=True, text=True,
+                            check=True).stdout
+    assert config.count("common_http_protocol_options: {idle_timeout: 2s}") == 2
+    assert render().count("common_http_protocol_options: {idle_timeout: 4s}") == 3  # the default clusters
+    (tmp_path / "idle.yaml").write_text(config)
+    checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "idle.yaml")],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    with pytest.raises(ValueError):
+        render(upstream_idle_timeout_seconds=0)
 
 
 @pytest.mark.parametrize(
