@@ -671,7 +671,8 @@ def _mock_provider(args: argparse.Namespace) -> int:
 
     from policyd.mock_provider import MockProvider
 
-    mock = MockProvider(host=args.host, port=args.port, api_keys=tuple(args.api_key or ())).start()
+    mock = MockProvider(host=args.host, port=args.port, api_keys=tuple(args.api_key or ()),
+                        keep_alive_seconds=args.keep_alive).start()
     print(f"mock provider on http://{args.host}:{mock.port}", flush=True)
     try:
         while True:
@@ -972,6 +973,8 @@ def parser() -> argparse.ArgumentParser:
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8080)
     mock.add_argument("--api-key", action="append", help="the provider key it accepts (repeatable; none = any)")
+    mock.add_argument("--keep-alive", type=float, metavar="SECONDS",
+                      help="close a connection unused this long (as uvicorn does after 5 s); by default never")
     mock.set_defaults(run=_mock_provider)
 
     gateway = commands.add_parser("gateway-config", help="print an Envoy config that makes Envoy a policyd gateway")
