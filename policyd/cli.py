@@ -19,9 +19,8 @@ from typing import Any, Callable
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from policyd.gateway_config import ROUTE_TIMEOUT_SECONDS, SHAPES, UPSTREAM_IDLE_TIMEOUT_SECONDS
+from policyd.gateway_defaults import ROUTE_TIMEOUT_SECONDS, SHAPES, UPSTREAM_IDLE_TIMEOUT_SECONDS
 from policyd.money import MONEY_UNITS, MoneyError, format_amount, parse_amount
-from policyd.settings import reference as settings_reference
 from policyd_client.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 EXIT_ERROR = 1
@@ -682,6 +681,13 @@ def _mock_provider(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_settings_reference(args: argparse.Namespace) -> int:
+    from policyd.settings import reference
+
+    print(reference(), end="")
+    return 0
+
+
 def _gateway_config(args: argparse.Namespace) -> int:
     from policyd.gateway_config import Upstream, render
 
@@ -700,7 +706,7 @@ def _gateway_config(args: argparse.Namespace) -> int:
                  more_policyd=tuple(more), route_timeout_seconds=args.route_timeout,
                  cors_origins=tuple(args.cors_origin or ()), access_log_path=args.access_log or "",
                  upstream_idle_timeout_seconds=args.upstream_idle_timeout), end="")
-    from policyd.gateway_config import STREAM_TIMEOUT_MARGIN_SECONDS
+    from policyd.gateway_defaults import STREAM_TIMEOUT_MARGIN_SECONDS
     from policyd.settings import Settings
 
     needed = args.route_timeout + STREAM_TIMEOUT_MARGIN_SECONDS
@@ -1008,7 +1014,7 @@ def parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     commands.add_parser("config-reference", help="print the configuration reference (Markdown)").set_defaults(
-        run=lambda args: print(settings_reference(), end="") or 0)
+        run=_print_settings_reference)
 
     caps = client(commands.add_parser("caps", help="the operator's caps: what each holds this window"))
     caps_commands = caps.add_subparsers(dest="caps_command")

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from importlib import resources
 
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE
+from policyd.gateway_defaults import (ROUTE_TIMEOUT_SECONDS, SHAPES, STREAM_TIMEOUT_MARGIN_SECONDS,
+                                      UPSTREAM_IDLE_TIMEOUT_SECONDS)
 from policyd.batches import DECISION_SECONDS
 from policyd import request_lookup
 from policyd.http_api import (CREDENTIAL_REFUSALS, PROVIDER_ACCOUNT_HEADERS, REQUEST_BODY_BYTES_MAX,
@@ -45,15 +47,6 @@ class Upstream:
 # Past these Envoy's codec drops the connection; below them policyd answers 431 with a JSON error and a record.
 REQUEST_HEADERS_KB_MAX = 2 * REQUEST_HEADERS_BYTES_MAX // 1024
 REQUEST_HEADERS_COUNT_MAX = 2 * HEADERS_COUNT_MAX
-
-SHAPES = ("ext_authz+ext_proc", "ext_proc")
-# How long the gateway waits for a provider's reply, and for its next bytes: the openai SDK's own timeout.
-# policyd's ext_proc streams live a little longer, to see the reply's end.
-ROUTE_TIMEOUT_SECONDS = 600
-STREAM_TIMEOUT_MARGIN_SECONDS = 60
-# How long a connection to a provider stays open unused: below the 5 s after which uvicorn (vLLM's server) and
-# Node.js close theirs. A request after a quiet spell opens a new one (a TCP and TLS handshake).
-UPSTREAM_IDLE_TIMEOUT_SECONDS = 4
 
 # Requests an Envoy may hold in flight to a provider cluster, and gRPC streams to policyd (an allowed
 # request holds the processing filter's stream for its whole life, a streamed one the observer's
