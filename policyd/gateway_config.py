@@ -57,6 +57,42 @@ CIRCUIT_BREAKERS = f"""    circuit_breakers:  # Envoy's default caps each at 1,0
       thresholds: [{{max_connections: {IN_FLIGHT_MAX}, max_pending_requests: {IN_FLIGHT_MAX}, max_requests: {IN_FLIGHT_MAX}}}]
 """
 
+# Each policyd replica's gRPC health, checked every second: one that fails it twice (gone, or stopping: its health
+# turns NOT_SERVING as it drains), or whose connection is refused, gets no new request until it passes again, so a
+# replica lost or restarted fails no request while another serves (with fewer than half the replicas healthy,
+# Envoy sends to all: its panic mode).
+POLICYD_HEALTH_CHECKS = """    health_checks:
+    - timeout: 1s
+      interval: 1s
+      no_traffic_interval: 1s
+      unhealthy_threshold: 2
+      healthy_threshold: 1
+      grpc_health_check: {}
+    outlier_detection:  # a replica whose connection is refused is set aside at once (2 s, longer if again)
+      split_external_local_origin_errors: true
+      consecutive_local_origin_failure: 1
+      enforcing_consecutive_local_origin_failure: 100
+      enforcing_consecutive_5xx: 0  # policyd's own errors (its Redis unreachable) say no replica is better
+      enforcing_consecutive_gateway_failure: 0
+      enforcing_success_rate: 0
+      enforcing_local_origin_success_rate: 0
+      interval: 1s
+      base_ejection_time: 2s
+      max_ejection_percent: 50
+"""
+
+# A call to policyd that never reached a replica (its connection refused or reset before the call was sent) is
+# made again, to a replica it has not tried: policyd never saw it, so nothing is held twice.
+POLICYD_RETRY = """retry_policy:
+  retry_on: connect-failure,refused-stream,reset-before-request
+  num_retries: 2
+  retry_host_predicate:
+  - name: envoy.retry_host_predicates.previous_hosts
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+  host_selection_retry_max_attempts: 5
+"""
+
 DEFAULT_UPSTREAMS = (
     Upstream("openai", "127.0.0.1", 8080),
     Upstream("anthropic", "127.0.0.1", 8080),
@@ -162,7 +198,7 @@ def _slow_decision_route(shape: str, match: str, decision_seconds: int, route_ti
                       grpc_service:
                         envoy_grpc: {{cluster_name: policyd}}
                         timeout: {decision_seconds}s
-""")
+{_indented(POLICYD_RETRY, 24)}""")
 
 
 def _ext_authz_filter(fail_open: str, body_bytes_max: int) -> str:
@@ -173,7 +209,7 @@ def _ext_authz_filter(fail_open: str, body_bytes_max: int) -> str:
               grpc_service:
                 envoy_grpc: {{cluster_name: policyd}}
                 timeout: 2s
-              with_request_body:
+{_indented(POLICYD_RETRY, 16)}              with_request_body:
                 max_request_bytes: {body_bytes_max}
                 allow_partial_message: false
                 pack_as_bytes: true
@@ -198,7 +234,7 @@ def _processing_config(fail_open: str, response_header_mode: str, more: str, str
 grpc_service:
   envoy_grpc: {{cluster_name: policyd}}
   timeout: {stream_seconds}s
-failure_mode_allow: {fail_open}
+{_indented(POLICYD_RETRY, 2)}failure_mode_allow: {fail_open}
 status_on_error: {{code: ServiceUnavailable}}
 message_timeout: 5s{max_message_timeout}
 processing_mode:
@@ -375,7 +411,7 @@ def _observer_filter(shape: str, stream_seconds: int) -> str:
                   grpc_service:
                     envoy_grpc: {{cluster_name: policyd}}
                     timeout: {stream_seconds}s
-                  observability_mode: true
+{_indented(POLICYD_RETRY, 20)}                  observability_mode: true
                   deferred_close_timeout: 2s
                   failure_mode_allow: true
                   processing_mode:
@@ -576,7 +612,7 @@ static_resources:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config:
           http2_protocol_options: {{}}
-    load_assignment:
+{POLICYD_HEALTH_CHECKS}    load_assignment:
       cluster_name: policyd
       endpoints:
       - lb_endpoints:{policyd_endpoints}

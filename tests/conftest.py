@@ -107,7 +107,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     connection failed), and the end of Envoy's own log."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
-    gateway = getattr(item, "funcargs", {}).get("gateway")
+    funcargs = getattr(item, "funcargs", {})
+    gateway = funcargs.get("gateway") or funcargs.get("replicas")
     if report.when != "call" or not report.failed or gateway is None:
         return
     time.sleep(0.5)  # Envoy writes its access log out every 200 ms (start_envoy)

@@ -38,6 +38,7 @@ class PolicydProcess:
                     "POLICYD_DATABASE_URL": database_url, "POLICYD_PARTITIONS": "4",
                     "POLICYD_SWEEPER_INTERVAL_MS": "100", **(extra_env or {})})
         args = [*policyd_command(), "serve"] + (["--policy", policy] if policy else [])
+        self._started_as = (redis_url, database_url, {"policy": policy, "extra_env": extra_env, "cwd": cwd})
         with self.log_path.open("wb") as log:  # the process writes to its own copy of the handle
             self.process = subprocess.Popen(args, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -45,6 +46,11 @@ class PolicydProcess:
         except TimeoutError:
             self.kill()
             raise RuntimeError(f"policyd did not start:\n{self.log()}") from None
+
+    def restarted(self) -> "PolicydProcess":
+        """A new process of the same settings on the same port (this one stopped or killed first)."""
+        redis_url, database_url, kwargs = self._started_as
+        return PolicydProcess(redis_url, database_url, port=self.port, **kwargs)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -41,8 +41,10 @@ class Replicas(FundedCustomers):
         (tmp / "envoy.yaml").write_text(render(
             listen_port=self.port, policyd_port=self.replicas[0].port, admin_port=self.admin_port,
             upstreams=(Upstream("openai", "127.0.0.1", self.mock.port),), shape=shape,
-            more_policyd=(("127.0.0.1", self.replicas[1].port),)))
-        self.envoy = start_envoy(tmp / "envoy.yaml", self.port, tmp / "envoy.log")
+            more_policyd=(("127.0.0.1", self.replicas[1].port),), access_log_path=str(tmp / "access.log")))
+        self.access_log = tmp / "access.log"  # shown beside a failed test (tests/conftest.py)
+        self.envoy_log = tmp / "envoy.log"
+        self.envoy = start_envoy(tmp / "envoy.yaml", self.port, self.envoy_log)
         self.channel = grpc.insecure_channel(self.replicas[0].address)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
 
@@ -217,3 +219,50 @@ async def test_a_cool_down_one_replica_began_steers_every_replica(shared: tuple[
     finally:
         await first.close()
         await second.close()
+
+
+def test_a_replica_that_goes_down_fails_no_request_while_another_serves(replicas: Replicas) -> None:
+    """One of two replicas killed (a crash, a node lost), then brought back: every request meanwhile is served by
+    the other. Envoy checks each replica's gRPC health, stops sending to one that fails it, and sends a decision
+    that could not reach its replica (refused, reset before it was sent) to the other; policyd never saw it, so
+    nothing is held twice. Before, Envoy went on sending a share of the requests to the lost replica: each of
+    them got a 503."""
+    key = replicas.customer("one-replica-down")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{replicas.port}/v1", api_key=key, max_retries=0, timeout=20)
+
+    def ask(text: str) -> str:
+        if len(text) % 2:
+            reply = client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": text}], max_tokens=8)
+            return reply.headers["x-policyd-request-id"]
+        with client.chat.completions.with_streaming_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": text}], stream=True,
+                max_tokens=8) as response:
+            list(response.iter_lines())
+            return response.headers["x-policyd-request-id"]
+
+    def settled() -> set[str]:
+        report = replicas.admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="one-replica-down", limit=200))
+        return {r.request_id for r in report.records if r.status == "settled"}
+
+    served = [ask(f"before {i}") for i in range(4)]
+    deadline = time.monotonic() + 20
+    while settled() != set(served):  # (a settle on its way to the replica killed would be charged as held later)
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    lost = replicas.replicas[1]
+    lost.kill()
+    served += [ask(f"while down {i}") for i in range(20)]  # at once, and on
+    replicas.replicas[1] = lost.restarted()
+    before = replicas.streams_per_replica()[1]
+    deadline = time.monotonic() + 30
+    while replicas.streams_per_replica()[1] == before:  # back in Envoy's rotation once its health check passes
+        assert time.monotonic() < deadline, "the replica back never had a stream again"
+        served.append(ask(f"back {len(served)}"))
+    deadline = time.monotonic() + 20
+    while settled() != set(served):  # each settled exactly (its stream to a replica that was up)
+        assert time.monotonic() < deadline, sorted(served.index(r) for r in set(served) - settled())
+        time.sleep(0.2)
+    report = replicas.admin.ListUsage(admin_pb2.ListUsageRequest(customer_id="one-replica-down", limit=200))
+    assert len(report.records) == len(served)  # one record a request: none decided twice
+    assert replicas.wallet_at_rest("one-replica-down", seconds=20).reserved_nanos == 0
