@@ -275,7 +275,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
     server, health_servicer = make_grpc_server(service, admin=not separate_admin, gateway_streams=gateway_streams)
     main_names = ("", "policyd.v1.PolicyService") + (() if separate_admin else ("policyd.v1.AdminService",))
     servers = [(server, health_servicer, main_names)]
-    dashboard = None
+    dashboard, started_serving = None, False
     try:  # from here, whatever ends serving (a signal, an address taken, an error) stops the service in order
         # bound once the service is ready (a gateway connecting earlier is refused, and tries another replica)
         _listen(server, settings.listen, settings, settings.tls_client_ca_file)
@@ -291,6 +291,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
             await grpc_server.start()
             for name in names:
                 await health_of.set(name, health_pb2.HealthCheckResponse.SERVING)
+        started_serving = True
         runtime.settle_in()
         log.info("policyd serving on %s (redis: %s, database: %s)", settings.listen,
                  "embedded" if not settings.redis_url else "external", settings.database_url.split("://")[0])
@@ -301,6 +302,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None,
         log.info("policyd stopping")
         for grpc_server, health_of, _ in servers:
             await health_of.enter_graceful_shutdown()
+        if shutdown.is_set() and started_serving:  # told to stop: load balancers learn it before calls are refused
+            await _announce_stopping(settings.shutdown_delay_seconds, stop_now)
         await _stop_serving([grpc_server for grpc_server, _, _ in servers], gateway_streams,
                             settings.shutdown_grace_seconds, stop_now)
         log.info("grpc servers stopped")
@@ -334,6 +337,16 @@ async def _start(service: Service, shutdown: asyncio.Event, stop_now: asyncio.Ev
         await starting
     log.info("policyd told again to stop: its start cancelled")
     return False
+
+
+async def _announce_stopping(delay_seconds: int, stop_now: asyncio.Event) -> None:
+    """Go on taking new calls `delay_seconds` (Settings.shutdown_delay_seconds) while the health says NOT_SERVING,
+    so that a gateway checking it sends new requests elsewhere before any is refused; a second signal ends it."""
+    if delay_seconds <= 0 or stop_now.is_set():
+        return
+    log.info("policyd stopping: health NOT_SERVING, new calls still taken for %d s", delay_seconds)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop_now.wait(), timeout=delay_seconds)
 
 
 async def _stop_serving(grpc_servers: list[grpc.aio.Server], gateway_streams: ExternalProcessorServicer,

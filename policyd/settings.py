@@ -55,6 +55,11 @@ class Settings(BaseSettings):
                                                   "idempotency keys commonly last; about 1 KB of Redis a request "
                                                   "meanwhile. A request naming the id after it is a new request, "
                                                   "recorded apart")
+    shutdown_delay_seconds: int = Field(3, ge=0, le=600, description="on SIGTERM, how long `policyd serve` goes on "
+                                        "taking new calls while its health says NOT_SERVING, before it takes no more: "
+                                        "the gateway's Envoy, checking each replica every second, sends new requests "
+                                        "to the others first (a call refused meanwhile would fail, or go unsettled). "
+                                        "0 with no load balancer checking it; a second SIGTERM ends it at once")
     shutdown_grace_seconds: int = Field(660, ge=0, description="on SIGTERM, how long `policyd serve` waits for the "
                                         "gateway's streams still open to end (it stops as soon as they have, other "
                                         "calls given 5 s more); replies still passing then go on to their clients "

@@ -36,7 +36,9 @@ class PolicydProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
         env.update({"POLICYD_LISTEN": self.address, "POLICYD_REDIS_URL": redis_url,
                     "POLICYD_DATABASE_URL": database_url, "POLICYD_PARTITIONS": "4",
-                    "POLICYD_SWEEPER_INTERVAL_MS": "100", **(extra_env or {})})
+                    "POLICYD_SWEEPER_INTERVAL_MS": "100",
+                    "POLICYD_SHUTDOWN_DELAY_SECONDS": "0",  # no gateway checks its health (unless told)
+                    **(extra_env or {})})
         args = [*policyd_command(), "serve"] + (["--policy", policy] if policy else [])
         self._started_as = (redis_url, database_url, {"policy": policy, "extra_env": extra_env, "cwd": cwd})
         with self.log_path.open("wb") as log:  # the process writes to its own copy of the handle
@@ -47,10 +49,11 @@ class PolicydProcess:
             self.kill()
             raise RuntimeError(f"policyd did not start:\n{self.log()}") from None
 
-    def restarted(self) -> "PolicydProcess":
-        """A new process of the same settings on the same port (this one stopped or killed first)."""
+    def restarted(self, **more_env: str) -> "PolicydProcess":
+        """A new process of the same settings (and `more_env`) on the same port (this one stopped or killed first)."""
         redis_url, database_url, kwargs = self._started_as
-        return PolicydProcess(redis_url, database_url, port=self.port, **kwargs)
+        return PolicydProcess(redis_url, database_url, port=self.port,
+                              **{**kwargs, "extra_env": {**(kwargs["extra_env"] or {}), **more_env}})
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -9,6 +9,7 @@ import json
 import re
 import secrets
 import shutil
+import signal
 import tempfile
 import time
 import urllib.request
@@ -222,11 +223,12 @@ async def test_a_cool_down_one_replica_began_steers_every_replica(shared: tuple[
 
 
 def test_a_replica_that_goes_down_fails_no_request_while_another_serves(replicas: Replicas) -> None:
-    """One of two replicas killed (a crash, a node lost), then brought back: every request meanwhile is served by
-    the other. Envoy checks each replica's gRPC health, stops sending to one that fails it, and sends a decision
-    that could not reach its replica (refused, reset before it was sent) to the other; policyd never saw it, so
-    nothing is held twice. Before, Envoy went on sending a share of the requests to the lost replica: each of
-    them got a 503."""
+    """One of two replicas killed (a crash, a node lost), brought back, then told to stop (a rolling deploy): every
+    request meanwhile is served, and settled, by a replica up. Envoy checks each replica's gRPC health, sets aside
+    one whose connection is refused or that fails it (a replica stopping says NOT_SERVING, and takes new calls a
+    moment longer), and sends a call that could not reach its replica (refused, reset before it was sent) to the
+    other; policyd never saw it, so nothing is held twice. Before, Envoy went on sending a share of the requests
+    to the lost replica (each got a 503), and to the stopping one (refused: their settles were lost)."""
     key = replicas.customer("one-replica-down")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{replicas.port}/v1", api_key=key, max_retries=0, timeout=20)
 
@@ -253,12 +255,21 @@ def test_a_replica_that_goes_down_fails_no_request_while_another_serves(replicas
     lost = replicas.replicas[1]
     lost.kill()
     served += [ask(f"while down {i}") for i in range(20)]  # at once, and on
-    replicas.replicas[1] = lost.restarted()
+    replicas.replicas[1] = lost.restarted(POLICYD_SHUTDOWN_DELAY_SECONDS="3")  # as served behind a gateway
     before = replicas.streams_per_replica()[1]
     deadline = time.monotonic() + 30
     while replicas.streams_per_replica()[1] == before:  # back in Envoy's rotation once its health check passes
         assert time.monotonic() < deadline, "the replica back never had a stream again"
         served.append(ask(f"back {len(served)}"))
+    # a replica told to stop (a rolling deploy) says so in its health and takes new calls a moment longer
+    # (POLICYD_SHUTDOWN_DELAY_SECONDS), while the gateway sends them to the other, then drains
+    stopping = replicas.replicas[1]
+    stopping.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while stopping.process.poll() is None:  # before Envoy set it aside, and after
+        assert time.monotonic() < deadline, "the replica told to stop never did"
+        served.append(ask(f"while stopping {len(served)}"))
+    assert stopping.process.returncode == 0
     deadline = time.monotonic() + 20
     while settled() != set(served):  # each settled exactly (its stream to a replica that was up)
         assert time.monotonic() < deadline, sorted(served.index(r) for r in set(served) - settled())

@@ -234,3 +234,37 @@ def test_a_replica_killed_mid_stream_leaves_a_charge_at_the_deadline_not_free_us
         assert wallet.reserved_nanos == 0 and d.admin.Audit(admin_pb2.AuditRequest()).ok
     finally:
         d.close()
+
+
+def test_a_replica_told_to_stop_says_so_in_its_health_before_it_refuses_calls(tmp_path: Path) -> None:
+    """SIGTERM: the health turns NOT_SERVING at once, and new calls are still taken for
+    POLICYD_SHUTDOWN_DELAY_SECONDS, time for a gateway checking the health to send them elsewhere first; then the
+    replica takes no more and exits. A second SIGTERM ends the wait at once."""
+    for second_signal in (False, True):
+        replica = PolicydProcess("", f"sqlite:///{tmp_path / f'delay-{second_signal}.db'}",
+                                 extra_env={"POLICYD_SHUTDOWN_DELAY_SECONDS": "4"})
+        channel = grpc.insecure_channel(replica.address)
+        health = health_pb2_grpc.HealthStub(channel)
+        try:
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            told = time.monotonic()
+            replica.process.send_signal(signal.SIGTERM)
+            assert wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status ==
+                            health_pb2.HealthCheckResponse.NOT_SERVING, 3)
+            if second_signal:
+                replica.process.send_signal(signal.SIGTERM)
+                assert replica.process.wait(timeout=10) == 0 and time.monotonic() - told < 3.5
+                continue
+            # a new call, on a new connection, is still answered in the delay
+            fresh = grpc.insecure_channel(replica.address)
+            try:
+                answered = health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert answered.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            finally:
+                fresh.close()
+            assert time.monotonic() - told < 3.5 and replica.process.poll() is None
+            assert replica.process.wait(timeout=30) == 0 and time.monotonic() - told >= 4
+        finally:
+            channel.close()
+            replica.stop()
