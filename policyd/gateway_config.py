@@ -82,7 +82,9 @@ POLICYD_HEALTH_CHECKS = """    health_checks:
 """
 
 # A call to policyd that never reached a replica (its connection refused or reset before the call was sent) is
-# made again, to a replica it has not tried: policyd never saw it, so nothing is held twice.
+# made again, to a replica it has not tried: policyd never saw it, so nothing is held twice. Not the observer's
+# stream: Envoy keeps what a stream retried sends, which for the observer is the whole reply (it opens after the
+# decision's calls, which set a replica refusing them aside first).
 POLICYD_RETRY = """retry_policy:
   retry_on: connect-failure,refused-stream,reset-before-request
   num_retries: 2
@@ -411,7 +413,7 @@ def _observer_filter(shape: str, stream_seconds: int) -> str:
                   grpc_service:
                     envoy_grpc: {{cluster_name: policyd}}
                     timeout: {stream_seconds}s
-{_indented(POLICYD_RETRY, 20)}                  observability_mode: true
+                  observability_mode: true  # no retry_policy: Envoy would keep the whole reply for a retry
                   deferred_close_timeout: 2s
                   failure_mode_allow: true
                   processing_mode:
