@@ -166,6 +166,25 @@ def gateway(request: pytest.FixtureRequest) -> Iterator[Gateway]:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def another_envoy(gateway: Gateway, tmp_path: Path, name: str, provider_port: int = 0,
+                  **options: Any) -> Iterator[str]:
+    """An Envoy of its own before the module's policyd, rendered with `options`, its providers at `provider_port`
+    (the module's mock provider unless told): its base URL, while it runs."""
+    port = free_port()
+    config = tmp_path / f"envoy-{name}.yaml"
+    config.write_text(render(listen_port=port, policyd_port=gateway.policyd.port, admin_port=free_port(),
+                             upstreams=tuple(Upstream(upstream, "127.0.0.1", provider_port or gateway.mock.port)
+                                             for upstream in ("openai", "anthropic", "google")),
+                             shape=gateway.shape, **options))
+    envoy = start_envoy(config, port, tmp_path / f"envoy-{name}.log")
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        envoy.terminate()
+        envoy.wait(timeout=10)
+
+
 def expected_charge(model: str, prompt: int, completion: int, markup_bps: int = 2000) -> int:
     price_in, price_out = PRICE[model]
     cost = price_quantity(prompt, parse_amount(price_in)) + price_quantity(completion, parse_amount(price_out))
@@ -2784,27 +2803,18 @@ def test_the_gateway_closes_a_providers_idle_connection_before_the_provider_woul
     against a provider closing at 2 s, so each connection is ended by the gateway, and the next request opens
     its own."""
     provider = MockProvider(api_keys=PROVIDER_KEYS, keep_alive_seconds=2).start()
-    port = free_port()
-    config = tmp_path / "envoy-idle.yaml"
-    config.write_text(render(listen_port=port, policyd_port=gateway.policyd.port, admin_port=free_port(),
-                             upstreams=tuple(Upstream(name, "127.0.0.1", provider.port)
-                                             for name in ("openai", "anthropic", "google")),
-                             shape=gateway.shape, upstream_idle_timeout_seconds=1))
-    envoy = start_envoy(config, port, tmp_path / "envoy-idle.log")
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=gateway.customer("e2e-idle"),
-                               max_retries=0, timeout=20)
-        for i in range(2):
-            reply = client.chat.completions.create(model="gpt-4o-mini", max_tokens=8,
-                                                   messages=[{"role": "user", "content": f"idle {i}"}])
-            assert reply.choices[0].message.content
-            time.sleep(1.6)  # past the gateway's idle timeout, short of the provider's
-        ports = [r["client_port"] for r in provider.received()]
-        assert len(ports) == 2 and ports[0] != ports[1]  # the second request came on a connection of its own
-        assert [by for p, by in provider.connections_ended if p in ports] == ["client", "client"]
+        with another_envoy(gateway, tmp_path, "idle", provider.port, upstream_idle_timeout_seconds=1) as base_url:
+            client = openai.OpenAI(base_url=base_url, api_key=gateway.customer("e2e-idle"), max_retries=0, timeout=20)
+            for i in range(2):
+                reply = client.chat.completions.create(model="gpt-4o-mini", max_tokens=8,
+                                                       messages=[{"role": "user", "content": f"idle {i}"}])
+                assert reply.choices[0].message.content
+                time.sleep(1.6)  # past the gateway's idle timeout, short of the provider's
+            ports = [r["client_port"] for r in provider.received()]
+            assert len(ports) == 2 and ports[0] != ports[1]  # the second request came on a connection of its own
+            assert [by for p, by in provider.connections_ended if p in ports] == ["client", "client"]
     finally:
-        envoy.terminate()
-        envoy.wait(timeout=10)
         provider.stop()
 
 
@@ -3238,16 +3248,9 @@ def test_a_reply_the_gateway_stops_waiting_for_is_charged_as_held(gateway: Gatew
     """The gateway's route timeout (2 s here) answers 504 for a provider still at work on the request, which
     goes on and bills it: charged as a client gone (its input and the output held for it), marked
     usage_estimated:gateway_timeout."""
-    port = free_port()
-    config = tmp_path / "envoy-short.yaml"
-    config.write_text(render(listen_port=port, policyd_port=gateway.policyd.port, admin_port=free_port(),
-                             upstreams=tuple(Upstream(name, "127.0.0.1", gateway.mock.port)
-                                             for name in ("openai", "anthropic", "google")),
-                             shape=gateway.shape, route_timeout_seconds=2))
-    envoy = start_envoy(config, port, tmp_path / "envoy-short.log")
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=gateway.customer("e2e-gw-timeout"),
-                               max_retries=0, timeout=20)
+    with another_envoy(gateway, tmp_path, "short", route_timeout_seconds=2) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key=gateway.customer("e2e-gw-timeout"), max_retries=0,
+                               timeout=20)
         with pytest.raises(openai.InternalServerError) as timed_out:
             client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "think long"}],
                                            max_tokens=300, extra_headers={"x-mock-scenario": "stall",
@@ -3258,9 +3261,6 @@ def test_a_reply_the_gateway_stops_waiting_for_is_charged_as_held(gateway: Gatew
         assert (record["status"], record["error_class"], record["output_tokens"]) == (
             "settled", "usage_estimated:gateway_timeout", 300)
         assert record["charge_nanos"] == record["reserved_nanos"] > 0
-    finally:
-        envoy.terminate()
-        envoy.wait(timeout=10)
 
 
 def test_a_client_that_leaves_before_its_reply_began_is_charged(gateway: Gateway) -> None:
