@@ -61,7 +61,7 @@ CIRCUIT_BREAKERS = f"""    circuit_breakers:  # Envoy's default caps each at 1,0
 # turns NOT_SERVING as it drains), or whose connection is refused, gets no new request until it passes again, so a
 # replica lost or restarted fails no request while another serves (with fewer than half the replicas healthy,
 # Envoy sends to all: its panic mode).
-POLICYD_HEALTH_CHECKS = """    health_checks:
+POLICYD_REPLICA_HEALTH = """    health_checks:
     - timeout: 1s
       interval: 1s
       no_traffic_interval: 1s
@@ -83,8 +83,8 @@ POLICYD_HEALTH_CHECKS = """    health_checks:
 
 # A call to policyd that never reached a replica (its connection refused or reset before the call was sent) is
 # made again, to a replica it has not tried: policyd never saw it, so nothing is held twice. Not the observer's
-# stream: Envoy keeps what a stream retried sends, which for the observer is the whole reply (it opens after the
-# decision's calls, which set a replica refusing them aside first).
+# stream: Envoy keeps what a stream retried sends, which for the observer is the whole reply (one that meets a
+# replica just lost, before Envoy set it aside, is charged as held at its deadline).
 POLICYD_RETRY = """retry_policy:
   retry_on: connect-failure,refused-stream,reset-before-request
   num_retries: 2
@@ -614,7 +614,7 @@ static_resources:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config:
           http2_protocol_options: {{}}
-{POLICYD_HEALTH_CHECKS}    load_assignment:
+{POLICYD_REPLICA_HEALTH}    load_assignment:
       cluster_name: policyd
       endpoints:
       - lb_endpoints:{policyd_endpoints}
