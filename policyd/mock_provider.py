@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import base64
 import calendar
+import collections
 import gzip
 import itertools
 import json
@@ -269,9 +270,9 @@ class MockProvider:
         never."""
         self.api_keys = set(api_keys)
         self.requests: list[dict[str, Any]] = []
-        # each connection ended: (the client's port, who ended it: "client", or "provider" (its keep-alive timeout,
-        # a reply it cut or hung up on))
-        self.connections_ended: list[tuple[int, str]] = []
+        # the last connections ended: (the client's port, who ended it: "client", or "provider" (its keep-alive
+        # timeout, a reply it cut or hung up on)); a mock run for days keeps the last 10,000
+        self.connections_ended: collections.deque[tuple[int, str]] = collections.deque(maxlen=10_000)
         self.lock = threading.Lock()
         self.stored: dict[str, tuple[dict[str, Any], Any]] = {}  # stored responses: id -> (reply, input)
         self.background: dict[str, int] = {}  # background responses still running: id -> reads before it ends
