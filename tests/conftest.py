@@ -107,8 +107,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     connection failed), and the end of Envoy's own log."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
-    funcargs = getattr(item, "funcargs", {})
-    gateway = funcargs.get("gateway") or funcargs.get("replicas")
+    # the test's gateway: whichever of its fixtures keeps an access log (tests/test_gateway.py, test_gateway_replicas)
+    gateway = next((value for value in getattr(item, "funcargs", {}).values() if hasattr(value, "access_log")), None)
     if report.when != "call" or not report.failed or gateway is None:
         return
     time.sleep(0.5)  # Envoy writes its access log out every 200 ms (start_envoy)
