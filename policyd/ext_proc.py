@@ -182,6 +182,10 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         exchange: Exchange | None = None
         arrival: Arrival | None = None
         decided = False  # by ext_authz (its metadata came) or here
+        # ext_authz decided it and the observer filter reads its reply: the observer, open since the request
+        # headers, closes it, whatever becomes of this stream (Envoy may end it as it goes on, before this
+        # stream has taken up its next message: a provider unreachable answers at once)
+        closed_by_observer = False
         content_type = coding = ""  # of a request ext_authz decided, for reading its body
         request = first
         try:
@@ -190,6 +194,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 if kind == "request_headers":
                     exchange = Exchange.from_metadata(request)  # None: no ext_authz decided; this stream decides
                     decided = exchange is not None
+                    closed_by_observer = decided and observer and exchange.observed
                     headers = _headers(request.request_headers)
                     content_type = headers.get("content-type", "")
                     coding = headers.get("content-encoding", "").strip().lower()
@@ -255,7 +260,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     return
                 request = await anext(messages, None)
         finally:
-            if exchange is not None and not exchange.closed and not exchange.free:
+            if exchange is not None and not exchange.closed and not exchange.free and not closed_by_observer:
                 self._close(exchange, cut=True)  # the client went away, or the stream was cut
 
     async def _observe(self, first: Any, messages: AsyncIterator[Any]) -> None:

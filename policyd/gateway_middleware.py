@@ -141,7 +141,7 @@ class PolicydMiddleware:
         except PolicydCallError as error:
             log.error("authorize failed (%s): refusing the request", error.reason)
             await _respond(send, 503, http_api.error_body("server_error", "policy_unavailable",
-                                                          "the spend policy service is unavailable; retry later"),
+                                                          http_api.POLICY_UNAVAILABLE_MESSAGE),
                            retry_after=1, aws=aws)
             return
         if not decision.allowed:

@@ -176,8 +176,10 @@ _AZURE = re.compile(r"(^|/)openai/deployments/(?P<model>[^/]+)/(?P<operation>cha
                     r"|images/generations|images/edits|audio/speech|audio/transcriptions|audio/translations)/?$")
 _AZURE_RESPONSES = re.compile(r"(^|/)openai/responses/?$")
 _AZURE_DATED = re.compile(r"(^|/)openai/(?!v1/)[a-z]")  # Azure OpenAI's dated API (/openai/files, not /openai/v1/...)
-_BEDROCK = re.compile(r"(^|/)model/(?P<model>[^/]+)/(?P<verb>converse|converse-stream|invoke|invoke-with-response-stream"
-                      r"|count-tokens)/?$")
+BEDROCK_VERBS = ("converse", "converse-stream", "invoke", "invoke-with-response-stream", "count-tokens")
+_BEDROCK = re.compile(rf"(^|/)model/(?P<model>[^/]+)/(?P<verb>{'|'.join(BEDROCK_VERBS)})/?$")
+# a Bedrock runtime path, as a gateway matches it whole (its query too)
+BEDROCK_PATH_REGEX = rf".*/model/[^/]+/({'|'.join(BEDROCK_VERBS)})/?([?].*)?"
 # Bedrock's own tiers a request may ask for (Converse's serviceTier.type; InvokeModel's header); "default" is none
 BEDROCK_TIER_HEADER = "x-amzn-bedrock-service-tier"
 BEDROCK_LATENCY_HEADER = "x-amzn-bedrock-performanceconfig-latency"  # InvokeModel's performanceConfig
@@ -1980,6 +1982,9 @@ def for_aws_clients(status: int, headers: dict[str, str], body: bytes) -> tuple[
     else:
         name = AWS_ERROR_NAMES.get(status, "ValidationException" if status < 500 else "InternalServerException")
     return status, {**headers, AWS_ERROR_HEADER: name}, json.dumps({"message": message, **error}).encode()
+
+
+POLICY_UNAVAILABLE_MESSAGE = "the spend policy service is unavailable; retry later"
 
 
 def error_body(error_type: str, code: str, message: str, param: str = "") -> bytes:

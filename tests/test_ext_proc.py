@@ -212,6 +212,34 @@ async def test_the_processing_filters_stream_ends_once_it_has_nothing_left_to_do
     assert s.streams_open == 0  # counted while open, for a shutdown to wait for
 
 
+async def test_a_processing_stream_envoy_ends_as_the_request_goes_on_leaves_its_reply_to_the_observer() -> None:
+    """Envoy ends the processing filter's stream when the request is done with it; a provider it cannot reach (or
+    one that answers at once) ends it before this stream has taken up its next message, and grpc closes the stream
+    at the reply it last gave. That counted as a client gone: the request was charged as held (seen through the
+    gateway: a third of the requests to a provider down, kept-alive, charged), and the observer, reading the
+    provider's 503, found it settled. The observer, open since the request headers, is the one to close it."""
+    s, engine, _ = servicer()
+    messages = after_ext_authz()
+
+    async def stream() -> AsyncIterator[ep.ProcessingRequest]:
+        for m in messages:
+            yield m
+        await asyncio.Event().wait()  # the stream stays open until Envoy ends it
+
+    replies = s.Process(stream(), None)
+    assert (await anext(replies)).WhichOneof("response") == "request_headers"
+    assert (await anext(replies)).WhichOneof("response") == "request_body"
+    await replies.aclose()  # Envoy ended it while the body's reply was its last
+    for _ in range(3):  # the loop finalizes the inner generator the stream was reading
+        await asyncio.sleep(0)
+    await engine.finish()
+    assert engine.closed == [] and s.streams_open == 0
+    await run(s, observed(ep.ProcessingRequest(request_headers=headers()),
+                          ep.ProcessingRequest(response_headers=headers("503"))))
+    await engine.finish()
+    assert engine.closed == [("release", "r-1", "upstream_503")]
+
+
 async def test_the_observer_learns_the_request_from_the_deciding_ext_proc_namespace() -> None:
     s, engine, _ = servicer()
     await run(s, observed(ep.ProcessingRequest(response_headers=headers("200")),

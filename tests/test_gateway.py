@@ -26,7 +26,7 @@ import urllib.request
 import openai
 import pytest
 
-from policyd import event_stream
+from policyd import event_stream, http_api
 from policyd.gateway_config import SHAPES, Upstream, render
 from policyd.mock_provider import (ACCOUNT_HEADERS, AUDIO_BYTES_PER_CHARACTER, COMPLETION_TOKENS_MAX, GEMINI_IMAGE_TOKENS,
                                    IMAGE_TOKENS, SLOW_FILE_SECONDS, WORDS, MockProvider, prompt_tokens)
@@ -167,15 +167,16 @@ def gateway(request: pytest.FixtureRequest) -> Iterator[Gateway]:
 
 
 @contextlib.contextmanager
-def another_envoy(gateway: Gateway, tmp_path: Path, name: str, provider_port: int = 0,
+def another_envoy(gateway: Gateway, tmp_path: Path, name: str, provider_port: int = 0, policyd_port: int = 0,
                   **options: Any) -> Iterator[str]:
-    """An Envoy of its own before the module's policyd, rendered with `options`, its providers at `provider_port`
-    (the module's mock provider unless told): its base URL, while it runs."""
+    """An Envoy of its own, rendered with `options`, before `policyd_port` (the module's policyd unless told), its
+    providers at `provider_port` (the module's mock provider unless told): its base URL, while it runs."""
     port = free_port()
     config = tmp_path / f"envoy-{name}.yaml"
-    config.write_text(render(listen_port=port, policyd_port=gateway.policyd.port, admin_port=free_port(),
+    config.write_text(render(listen_port=port, policyd_port=policyd_port or gateway.policyd.port,
+                             admin_port=free_port(),
                              upstreams=tuple(Upstream(upstream, "127.0.0.1", provider_port or gateway.mock.port)
-                                             for upstream in ("openai", "anthropic", "google")),
+                                             for upstream in ("openai", "anthropic", "google", "bedrock")),
                              shape=gateway.shape, **options))
     envoy = start_envoy(config, port, tmp_path / f"envoy-{name}.log")
     try:
@@ -1163,14 +1164,15 @@ def test_claude_at_a_vertex_regions_endpoint_is_charged_that_regions_prices(gate
                 price_quantity(record["output_tokens"], parse_amount(price_out)), (location, verb)
 
 
-def bedrock_client(gateway: Gateway, key: str, attempts: int = 1) -> Any:
+def bedrock_client(gateway: Gateway, key: str, attempts: int = 1, port: int = 0) -> Any:
     """boto3's Bedrock runtime client on the gateway, the customer's key sent as a Bedrock API key is
     (`Authorization: Bearer`). boto3 sends AWS_BEARER_TOKEN_BEDROCK's key over HTTPS alone, and the test's
     gateway listens in plain HTTP: the client signs nothing and the header is set as boto3 would set it."""
     import boto3
     import botocore
 
-    client = boto3.client("bedrock-runtime", region_name="us-east-1", endpoint_url=f"http://127.0.0.1:{gateway.port}",
+    client = boto3.client("bedrock-runtime", region_name="us-east-1",
+                          endpoint_url=f"http://127.0.0.1:{port or gateway.port}",
                           config=botocore.config.Config(retries={"max_attempts": attempts}, read_timeout=20,
                                                         signature_version=botocore.UNSIGNED))
     client.meta.events.register("before-send.bedrock-runtime.*",
@@ -2784,6 +2786,7 @@ def test_a_providers_connection_ending_before_its_reply_cools_no_account(gateway
                                        extra_headers={"x-mock-scenario": "hang_up",
                                                       "x-policyd-request-id": "e2e-hang-up-1"})
     assert (failed.value.status_code, failed.value.response.headers.get("x-policyd-connection-ended")) == (503, "yes")
+    assert (failed.value.code, failed.value.type) == ("upstream_unavailable", "server_error")  # the gateway's own error
     record = gateway.record("e2e-hang-up-1")
     assert (record["status"], record["charge_nanos"]) == ("released", 0)
     (hung_up,) = [r["authorization"] for r in gateway.mock.received() if r["scenario"] == "hang_up"]
@@ -3255,12 +3258,82 @@ def test_a_reply_the_gateway_stops_waiting_for_is_charged_as_held(gateway: Gatew
             client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "think long"}],
                                            max_tokens=300, extra_headers={"x-mock-scenario": "stall",
                                                                           "x-policyd-request-id": "e2e-gw-timeout-1"})
-        assert timed_out.value.status_code == 504
+        assert (timed_out.value.status_code, timed_out.value.code) == (504, "upstream_timeout")
         assert timed_out.value.response.headers["x-policyd-gateway-timeout"] == "yes"
         record = gateway.record("e2e-gw-timeout-1")
         assert (record["status"], record["error_class"], record["output_tokens"]) == (
             "settled", "usage_estimated:gateway_timeout", 300)
         assert record["charge_nanos"] == record["reserved_nanos"] > 0
+
+
+def test_the_gateways_own_failures_are_errors_its_clients_read(gateway: Gateway, tmp_path: Path) -> None:
+    """Envoy's own replies were empty (policyd unreachable: the openai SDK said only "Error code: 503") or plain
+    text (a provider unreachable). Each is now an error in the OpenAI shape with a machine code, and in AWS's on a
+    Bedrock path, as policyd's own refusals are; policyd unreachable says when to try again. Nothing is charged."""
+    import botocore.exceptions
+
+    key, bedrock_key = gateway.customer("e2e-gateway-failures"), gateway.customer("e2e-gateway-failures-aws", "bedrock")
+    said = [{"role": "user", "content": [{"text": "the gateway's own failure"}]}]
+
+    def failed_on_bedrock(base_url: str) -> dict[str, Any]:
+        port = int(base_url.rsplit(":", 1)[1].split("/")[0])
+        with bedrock_client(gateway, bedrock_key, port=port) as bedrock, \
+                pytest.raises(botocore.exceptions.ClientError) as failed:
+            bedrock.converse(modelId=BEDROCK_SONNET, messages=said)
+        return failed.value.response
+
+    with another_envoy(gateway, tmp_path, "no-provider", provider_port=free_port()) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=20)
+        with pytest.raises(openai.InternalServerError) as unreachable:
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "unreachable"}],
+                                           extra_headers={"x-policyd-request-id": "e2e-gateway-failures-1"})
+        error = failed_on_bedrock(base_url)
+    assert (unreachable.value.status_code, unreachable.value.type, unreachable.value.code) == (
+        503, "server_error", "upstream_unavailable")
+    assert unreachable.value.message.endswith(
+        " - the provider could not be reached: upstream connect error or disconnect/reset before headers. "
+        "reset reason: remote connection failure")
+    assert (error["ResponseMetadata"]["HTTPStatusCode"], error["Error"]["Code"]) == (503, "ServiceUnavailableException")
+    assert error["Error"]["Message"].startswith("the provider could not be reached")
+    record = gateway.record("e2e-gateway-failures-1")  # decided, then released: the provider never answered
+    assert (record["status"], record["close_reason"], record["charge_nanos"]) == ("released", "upstream_503", 0)
+
+    with another_envoy(gateway, tmp_path, "no-policyd", policyd_port=free_port()) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=20)
+        with pytest.raises(openai.InternalServerError) as unavailable:
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "no policy"}])
+        error = failed_on_bedrock(base_url)
+    assert (unavailable.value.status_code, unavailable.value.type, unavailable.value.code) == (
+        503, "server_error", "policy_unavailable")
+    assert unavailable.value.response.headers["retry-after"] == "1"  # the openai SDKs wait that long to try again
+    assert unavailable.value.response.headers["content-type"] == "application/json"
+    assert (error["ResponseMetadata"]["HTTPStatusCode"], error["Error"]["Code"]) == (503, "ServiceUnavailableException")
+    assert error["Error"]["Message"] == http_api.POLICY_UNAVAILABLE_MESSAGE
+    for customer in ("e2e-gateway-failures", "e2e-gateway-failures-aws"):
+        wallet = gateway.wallet_at_rest(customer)
+        assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10"), 0), gateway.records(customer)
+    assert not sent_with_text(gateway, "the gateway's own failure")
+
+
+def test_no_request_to_a_provider_that_cannot_be_reached_is_charged(gateway: Gateway, tmp_path: Path) -> None:
+    """A provider down (its connection refused) answers at once: Envoy ended the processing filter's stream before
+    policyd had taken up its next message, which counted as a client gone, and a third of such requests from a
+    client keeping its connection alive were charged as held (the observer, reading the 503, found them settled).
+    Each is released; the wallet is whole."""
+    key = gateway.customer("e2e-provider-down")
+    with another_envoy(gateway, tmp_path, "provider-down", provider_port=free_port()) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=20)  # one kept-alive connection
+        request_ids = []
+        for i in range(10):
+            with pytest.raises(openai.InternalServerError) as unreachable:
+                client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"down {i}"}])
+            request_ids.append(unreachable.value.response.headers["x-policyd-request-id"])
+            time.sleep(0.3)  # (a client's pause between requests: at once after another, none was charged)
+    closed = [gateway.record(request_id) for request_id in request_ids]
+    assert [(r["status"], r["close_reason"], r["charge_nanos"]) for r in closed] == [
+        ("released", "upstream_503", 0)] * 10
+    wallet = gateway.wallet_at_rest("e2e-provider-down")
+    assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10"), 0)
 
 
 def test_a_client_that_leaves_before_its_reply_began_is_charged(gateway: Gateway) -> None:
