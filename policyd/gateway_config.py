@@ -158,7 +158,9 @@ def _route(match: str, route_timeout_seconds: int, filters: str = "") -> str:
                   timeout: {route_timeout_seconds}s
                 # policyd's own headers, and the router's instructions no client may give (CLIENT_ROUTER_HEADERS)
                 request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}, {UNASKED_USAGE_HEADER}, {", ".join(CLIENT_ROUTER_HEADERS)}]
-                response_headers_to_remove: [{", ".join(PROVIDER_ACCOUNT_HEADERS)}, {UNASKED_USAGE_HEADER}]  # the operator's account; policyd's mark
+                # the operator's account; policyd's marks (the gateway's own replies get theirs after this)
+                response_headers_to_remove: [{", ".join(PROVIDER_ACCOUNT_HEADERS)}, {UNASKED_USAGE_HEADER},
+                                             {GATEWAY_TIMEOUT_HEADER}, {CONNECTION_ENDED_HEADER}]
 {filters}"""
 
 

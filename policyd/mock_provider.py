@@ -9,6 +9,7 @@ tool's partial images, response.completed with the usage); chat and legacy compl
 
 Scenarios, by the request header `x-mock-scenario`:
     ok (default) | rate_limited (429) | server_error (500) | unavailable (503, retry-after 1 s) | stall (sleeps 30 s) |
+    hang_up (the connection closes, no reply) | marked (a 500 carrying the gateway's marks of its own replies) |
     cut (a stream that stops mid-way without usage) | no_usage (a reply without usage) |
     slow (a stream with 200 ms between events, for clients that hang up mid-way) | very_slow (600 ms: a
     stream that outlasts a few seconds) |
@@ -424,6 +425,10 @@ class MockProvider:
             return h._json(500, {"error": {"type": "server_error", "message": "boom"}})
         if scenario == "unavailable":  # overloaded for a moment: its account cools down for a second only
             return h._json(503, {"error": {"type": "server_error", "message": "try again"}}, {"retry-after": "1"})
+        if scenario == "marked":  # a 500 carrying the gateway's own marks (as another gateway before it may send)
+            return h._json(500, {"error": {"type": "server_error", "message": "boom"}},
+                           {"x-policyd-gateway-timeout": "yes", "x-policyd-connection-ended": "yes",
+                            "retry-after": "1"})
         if scenario == "hang_up":  # the connection closes, no reply: as a provider closing a kept-alive one
             h.close_connection = True
             return None
