@@ -428,7 +428,7 @@ class MockProvider:
         if scenario == "marked":  # a 500 carrying the gateway's own marks (as another gateway before it may send)
             return h._json(500, {"error": {"type": "server_error", "message": "boom"}},
                            {"x-policyd-gateway-timeout": "yes", "x-policyd-connection-ended": "yes",
-                            "retry-after": "1"})
+                            "retry-after": "1"})  # its account cools a second only
         if scenario == "hang_up":  # the connection closes, no reply: as a provider closing a kept-alive one
             h.close_connection = True
             return None
