@@ -182,10 +182,13 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         exchange: Exchange | None = None
         arrival: Arrival | None = None
         decided = False  # by ext_authz (its metadata came) or here
-        # ext_authz decided it and the observer filter reads its reply: the observer, open since the request
-        # headers, closes it, whatever becomes of this stream (Envoy may end it as it goes on, before this
-        # stream has taken up its next message: a provider unreachable answers at once)
+        # ext_authz decided it and the observer filter reads its reply: once the request has gone on past this
+        # filter, the observer (after it in the chain) has it and closes it, whatever becomes of this stream
+        # (Envoy may end it as the request goes on, before this stream has taken up its next message: a provider
+        # unreachable answers at once); until then Envoy waits for this stream, and a request whose stream ends
+        # first never reached the provider
         closed_by_observer = False
+        gone_on = False  # the reply that lets the request go on is given (or being given)
         content_type = coding = ""  # of a request ext_authz decided, for reading its body
         request = first
         try:
@@ -210,9 +213,11 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         yield reply
                     elif exchange is not None and exchange.model_in_path_changes:  # ext_authz decided another model
                         path = exchange.upstream_path(headers.get(":path", ""))
+                        gone_on = request.request_headers.end_of_stream
                         yield _phase(kind, ep.CommonResponse(header_mutation=ep.HeaderMutation(
                             set_headers=[_header(":path", path)])))
                     else:
+                        gone_on = request.request_headers.end_of_stream
                         yield _phase(kind)
                 elif kind == "request_body":
                     if exchange is None and arrival is not None:
@@ -223,7 +228,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         decided = True
                         yield reply
                     else:
-                        yield self._request_body(exchange, request.request_body, content_type, coding)
+                        reply = self._request_body(exchange, request.request_body, content_type, coding)
+                        gone_on = request.request_body.end_of_stream
+                        yield reply
                         if exchange is not None and (exchange.free or observer and exchange.observed):
                             exchange = None  # ext_authz decided: the observer filter reads the reply (open since
                             # the request headers), or a token count leaves nothing to read
@@ -260,8 +267,11 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     return
                 request = await anext(messages, None)
         finally:
-            if exchange is not None and not exchange.closed and not exchange.free and not closed_by_observer:
-                self._close(exchange, cut=True)  # the client went away, or the stream was cut
+            if exchange is not None and not exchange.closed and not exchange.free:
+                if not closed_by_observer:
+                    self._close(exchange, cut=True)  # the client went away, or the stream was cut
+                elif not gone_on:  # the client went away while Envoy waited for this stream: nothing was sent
+                    self._close(exchange, never_sent=True)
 
     async def _observe(self, first: Any, messages: AsyncIterator[Any]) -> None:
         """The observer filter's stream: the response as it passes, nothing answered. Returning ends
@@ -417,19 +427,25 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse(
             header_mutation=mutation, body_mutation=ep.BodyMutation(body=new_body))))
 
-    def _close(self, exchange: Exchange, cut: bool = False, unread: bool = False) -> None:
+    def _close(self, exchange: Exchange, cut: bool = False, unread: bool = False, never_sent: bool = False) -> None:
         """Settle or release in a task of its own: the reply to Envoy does not wait for it (the client
         gets its last bytes a Redis round trip sooner), and the end or cancellation of this stream
         cannot interrupt it. Audits and shutdown wait for them (Engine.finish_closings). `unread`: the
-        reply goes on to its client unread (this process stopped reading it as it shut down)."""
+        reply goes on to its client unread (this process stopped reading it as it shut down). `never_sent`:
+        the request ended before the gateway sent it on (released: client_gone)."""
         if exchange.closed:
             return
         exchange.closed = True
         if unread:
             log.warning("request %s: its reply goes on unread as policyd stops; charged as held", exchange.request_id)
-        self.engine.close_in_background(lambda: self._settle_or_release(exchange, cut, unread), exchange.request_id)
+        self.engine.close_in_background(lambda: self._settle_or_release(exchange, cut, unread, never_sent),
+                                        exchange.request_id)
 
-    async def _settle_or_release(self, exchange: Exchange, cut: bool, unread: bool = False) -> None:
+    async def _settle_or_release(self, exchange: Exchange, cut: bool, unread: bool = False,
+                                 never_sent: bool = False) -> None:
+        if never_sent:
+            await self.engine.release(exchange.request_id, "client_gone")
+            return
         status = exchange.status
         reader = exchange.reader
         end = closing(status, reader, cut, gateway_timed_out=exchange.gateway_timed_out, background=exchange.background)

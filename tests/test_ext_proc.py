@@ -238,6 +238,12 @@ async def test_a_processing_stream_envoy_ends_as_the_request_goes_on_leaves_its_
                           ep.ProcessingRequest(response_headers=headers("503"))))
     await engine.finish()
     assert engine.closed == [("release", "r-1", "upstream_503")]
+    # until the body's reply lets the request go on, Envoy waits for this stream, and the observer (after it) has
+    # not seen the request: one whose client went away then never reached the provider, and is released at once
+    s, engine, _ = servicer()
+    await run(s, after_ext_authz()[:1])  # the stream ends before the body's message
+    await engine.finish()
+    assert engine.closed == [("release", "r-1", "client_gone")]
 
 
 async def test_the_observer_learns_the_request_from_the_deciding_ext_proc_namespace() -> None:
