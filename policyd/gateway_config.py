@@ -499,49 +499,57 @@ def _access_log(path: str) -> str:
 """
 
 
-
-# The replies the gateway makes itself, in the OpenAI error shape every client of it reads (Envoy's own are empty or
-# plain text: the openai SDKs then say only "Error code: 503"), and in AWS's on a Bedrock path, as policyd's own
-# denials are (http_api.for_aws_clients). Each is (Envoy's access log filter, error type, code, message, AWS error
-# name, headers added); Envoy uses the first that matches a reply, and leaves policyd's own replies as they are.
-# A reply the gateway gave up waiting for, or whose provider connection ended before its headers, is marked for
-# policyd's observer (ext_proc._response_began, usage_capture.closing).
+# policyd unreachable, or too slow for its filter's timeout: Envoy's code details, never those of policyd's own replies
 _POLICYD_UNREACHABLE = ("extension_filter: {name: envoy.access_loggers.extension_filters.cel, typed_config: {"
                         '"@type": type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter, '
                         "expression: \"response.code_details == 'ext_authz_error' || "
                         "response.code_details.startsWith('ext_proc_error')\"}}")
-GATEWAY_REPLIES = (
-    # policyd unreachable, or too slow for the filter's timeout (fail closed): nothing was sent, nothing spent
-    (_POLICYD_UNREACHABLE, "server_error", "policy_unavailable", POLICY_UNAVAILABLE_MESSAGE,
-     "ServiceUnavailableException", (("retry-after", "1"),)),
-    # the gateway gave up on the provider (its route or idle timeout), which goes on and bills
-    ("response_flag_filter: {flags: [UT, SI]}", "server_error", "upstream_timeout",
-     "the gateway stopped waiting for the provider: %LOCAL_REPLY_BODY%", "ServiceUnavailableException",
-     ((GATEWAY_TIMEOUT_HEADER, "yes"),)),
-    # the provider's connection ended before the reply's headers: not the account's answer
-    ("response_flag_filter: {flags: [UC]}", "server_error", "upstream_unavailable",
-     "the provider could not be reached: %LOCAL_REPLY_BODY%", "ServiceUnavailableException",
-     ((CONNECTION_ENDED_HEADER, "yes"),)),
-    ("response_flag_filter: {flags: [UF, UH, UO, URX, NC, UPE, LR, DF, DO, OM]}", "server_error",
-     "upstream_unavailable", "the provider could not be reached: %LOCAL_REPLY_BODY%", "ServiceUnavailableException",
-     ()),
-    ("status_code_filter: {comparison: {op: EQ, value: {default_value: 413, runtime_key: policyd.body_too_large}}}",
-     "invalid_request_error", "request_too_large",
-     "The request body is larger than this gateway accepts ({body_bytes_max} bytes).", "ValidationException", ()),
-    ("status_code_filter: {comparison: {op: EQ, value: {default_value: 431, runtime_key: policyd.headers_too_large}}}",
-     "invalid_request_error", "request_headers_too_large",
-     f"The request headers are larger than this gateway accepts ({REQUEST_HEADERS_KB_MAX} KiB, "
-     f"{REQUEST_HEADERS_COUNT_MAX} headers).", "ValidationException", ()),
-)
+_BODY_TOO_LARGE = ("status_code_filter: {comparison: {op: EQ, value: {default_value: 413, "
+                   "runtime_key: policyd.body_too_large}}}")
+_HEADERS_TOO_LARGE = ("status_code_filter: {comparison: {op: EQ, value: {default_value: 431, "
+                      "runtime_key: policyd.headers_too_large}}}")
+# Envoy's access log filter, error type, code, message, AWS error name, headers added
+GatewayReply = tuple[str, str, str, str, str, tuple[tuple[str, str], ...]]
+
+
+def gateway_replies(body_bytes_max: int) -> tuple[GatewayReply, ...]:
+    """The replies the gateway makes itself, in the OpenAI error shape every client of it reads (Envoy's own are
+    empty or plain text: the openai SDKs then say only "Error code: 503"), and in AWS's on a Bedrock path, as
+    policyd's own denials are (http_api.for_aws_clients); `body_bytes_max` the largest body it takes. Envoy uses
+    the first that matches a reply, and leaves policyd's own replies as they are. A reply the gateway gave up
+    waiting for, or whose provider connection ended before its headers, is marked for policyd's observer
+    (ext_proc._response_began, usage_capture.closing)."""
+    return (
+        # policyd unreachable, or too slow for the filter's timeout (fail closed): nothing was sent, nothing spent
+        (_POLICYD_UNREACHABLE, "server_error", "policy_unavailable", POLICY_UNAVAILABLE_MESSAGE,
+         "ServiceUnavailableException", (("retry-after", "1"),)),
+        # the gateway gave up on the provider (its route or idle timeout), which goes on and bills
+        ("response_flag_filter: {flags: [UT, SI]}", "server_error", "upstream_timeout",
+         "the gateway stopped waiting for the provider: %LOCAL_REPLY_BODY%", "ServiceUnavailableException",
+         ((GATEWAY_TIMEOUT_HEADER, "yes"),)),
+        # the provider's connection ended before the reply's headers: not the account's answer
+        ("response_flag_filter: {flags: [UC]}", "server_error", "upstream_unavailable",
+         "the provider could not be reached: %LOCAL_REPLY_BODY%", "ServiceUnavailableException",
+         ((CONNECTION_ENDED_HEADER, "yes"),)),
+        ("response_flag_filter: {flags: [UF, UH, UO, URX, NC, UPE, LR, DF, DO, OM]}", "server_error",
+         "upstream_unavailable", "the provider could not be reached: %LOCAL_REPLY_BODY%", "ServiceUnavailableException",
+         ()),
+        (_BODY_TOO_LARGE, "invalid_request_error", "request_too_large",
+         f"The request body is larger than this gateway accepts ({body_bytes_max} bytes).", "ValidationException",
+         ()),
+        (_HEADERS_TOO_LARGE, "invalid_request_error", "request_headers_too_large",
+         f"The request headers are larger than this gateway accepts ({REQUEST_HEADERS_KB_MAX} KiB, "
+         f"{REQUEST_HEADERS_COUNT_MAX} headers).", "ValidationException", ()),
+    )
 
 
 def _local_reply_mappers(body_bytes_max: int) -> str:
-    """GATEWAY_REPLIES as the connection manager's local reply mappers, each first for a Bedrock path."""
+    """The gateway's own replies as the connection manager's local reply mappers, each first for a Bedrock path."""
     bedrock_path = ('header_filter: {header: {name: ":path", string_match: {safe_regex: {regex: "'
                     + BEDROCK_PATH_REGEX + '"}}}}')
     mappers = []
-    for filter_, error_type, code, message, aws_name, headers in GATEWAY_REPLIES:
-        message = json.dumps(message.replace("{body_bytes_max}", str(body_bytes_max)))
+    for filter_, error_type, code, message, aws_name, headers in gateway_replies(body_bytes_max):
+        message = json.dumps(message)
         error = f"error: {{type: {error_type}, code: {code}, message: {message}, param: null}}"
         for aws in (True, False):
             added = (*headers, (AWS_ERROR_HEADER, aws_name)) if aws else headers
@@ -557,6 +565,7 @@ def _local_reply_mappers(body_bytes_max: int) -> str:
                        "                content_type: application/json\n")
             mappers.append(mapper)
     return "".join(mappers)
+
 
 def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_host: str = "127.0.0.1",
            policyd_port: int = 50051, admin_port: int = 9901, upstreams: tuple[Upstream, ...] = DEFAULT_UPSTREAMS,
