@@ -213,11 +213,12 @@ async def test_the_processing_filters_stream_ends_once_it_has_nothing_left_to_do
 
 
 async def test_a_processing_stream_envoy_ends_as_the_request_goes_on_leaves_its_reply_to_the_observer() -> None:
-    """Envoy ends the processing filter's stream when the request is done with it; a provider it cannot reach (or
-    one that answers at once) ends it before this stream has taken up its next message, and grpc closes the stream
-    at the reply it last gave. That counted as a client gone: the request was charged as held (seen through the
+    """Envoy ends the processing filter's stream when the request is done with it; a provider it cannot reach (its
+    connection refused) ends it before this stream has taken up its next message, and grpc closes the stream at
+    the reply it last gave. That counted as a client gone: the request was charged as held (seen through the
     gateway: a third of the requests to a provider down, kept-alive, charged), and the observer, reading the
-    provider's 503, found it settled. The observer, open since the request headers, is the one to close it."""
+    provider's 503, found it settled. The observer, after this filter in the chain, has every request that went on
+    past it, and is the one to close it."""
     s, engine, _ = servicer()
     messages = after_ext_authz()
 
