@@ -689,23 +689,22 @@ def _print_settings_reference(args: argparse.Namespace) -> int:
 
 
 def _gateway_config(args: argparse.Namespace) -> int:
-    from policyd.gateway_config import Upstream, render
+    from policyd.gateway_config import host_and_port, parse_upstream, render
 
-    replicas = []
-    for address in args.policyd.split(","):
-        host, _, port = address.strip().rpartition(":")
-        replicas.append((host.strip("[]"), int(port)))
-    upstreams = []
-    for spec in args.cluster or ["openai=127.0.0.1:8080", "anthropic=127.0.0.1:8080", "google=127.0.0.1:8080"]:
-        name, _, address = spec.partition("=")
-        parts = address.split(":")
-        upstreams.append(Upstream(name, parts[0], int(parts[1]), tls=len(parts) > 2 and parts[2] == "tls"))
-    (host, port), *more = replicas
-    print(render(listen_port=args.listen_port, policyd_host=host, policyd_port=port, admin_port=args.admin_port,
-                 upstreams=tuple(upstreams), failure_mode_allow=args.fail_open, shape=args.shape,
-                 more_policyd=tuple(more), route_timeout_seconds=args.route_timeout,
-                 cors_origins=tuple(args.cors_origin or ()), access_log_path=args.access_log or "",
-                 upstream_idle_timeout_seconds=args.upstream_idle_timeout), end="")
+    try:  # a spec it cannot take is said in a line, not as a traceback (nor a cluster taken as something else)
+        (host, port), *more = [host_and_port(address) for address in args.policyd.split(",")]
+        upstreams = [parse_upstream(spec) for spec in args.cluster or
+                     ["openai=127.0.0.1:8080", "anthropic=127.0.0.1:8080", "google=127.0.0.1:8080"]]
+        if len({u.name for u in upstreams}) < len(upstreams):
+            raise ValueError("each --cluster has a name of its own")
+        config = render(listen_port=args.listen_port, policyd_host=host, policyd_port=port,
+                        admin_port=args.admin_port, upstreams=tuple(upstreams), failure_mode_allow=args.fail_open,
+                        shape=args.shape, more_policyd=tuple(more), route_timeout_seconds=args.route_timeout,
+                        cors_origins=tuple(args.cors_origin or ()), access_log_path=args.access_log or "",
+                        upstream_idle_timeout_seconds=args.upstream_idle_timeout)
+    except ValueError as error:
+        raise SystemExit(f"policyd gateway-config: {error}") from None
+    print(config, end="")
     from policyd.gateway_defaults import STREAM_TIMEOUT_MARGIN_SECONDS
     from policyd.settings import Settings
 
@@ -988,7 +987,9 @@ def parser() -> argparse.ArgumentParser:
     gateway.add_argument("--admin-port", type=int, default=9901)
     gateway.add_argument("--policyd", default="127.0.0.1:50051",
                          help="host:port of policyd; several replicas comma-separated (or a name that resolves to them)")
-    gateway.add_argument("--cluster", action="append", help="NAME=HOST:PORT[:tls], repeatable")
+    gateway.add_argument("--cluster", action="append",
+                         help="NAME=HOST:PORT[:tls][:idle=SECONDS], repeatable (idle: a provider that closes an "
+                              "unused connection sooner than --upstream-idle-timeout)")
     gateway.add_argument("--fail-open", action="store_true", help="serve unmetered while policyd is down")
     gateway.add_argument("--shape", choices=SHAPES, default=SHAPES[0],
                          help="ext_authz+ext_proc (default) or ext_proc alone (one stream per request)")

@@ -42,6 +42,42 @@ class Upstream:
     host: str
     port: int
     tls: bool = False
+    idle_timeout_seconds: int = 0  # how long a connection to it may stay unused; 0: the gateway's (render's)
+
+
+_CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\]")  # a name, an address
+
+
+def host_and_port(address: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 address in brackets) as the host (without them) and the port, or a ValueError that says
+    what is wrong."""
+    host, _, port = address.strip().rpartition(":")
+    if not _HOST.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"an address is HOST:PORT (an IPv6 address in brackets), not {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_upstream(spec: str) -> Upstream:
+    """A provider's cluster as `policyd gateway-config --cluster` takes it: NAME=HOST:PORT[:tls][:idle=SECONDS]
+    (`idle`: how long a connection to it may stay unused, where the provider closes its own sooner than the
+    gateway's --upstream-idle-timeout: gunicorn after 2 s), or a ValueError that says what is wrong."""
+    name, equals, rest = spec.partition("=")
+    if not equals or not _CLUSTER_NAME.fullmatch(name):
+        raise ValueError(f"a cluster is NAME=HOST:PORT[:tls][:idle=SECONDS], its name letters, digits, _ . -; "
+                         f"not {spec!r}")
+    address, *options = re.split(r":(?=tls$|tls:|idle=)", rest)
+    host, port = host_and_port(address)
+    tls, idle = False, 0
+    for option in options:
+        if option == "tls" and not tls and not idle:
+            tls = True
+        elif option.startswith("idle=") and option[5:].isdigit() and int(option[5:]) > 0 and not idle:
+            idle = int(option[5:])
+        else:
+            raise ValueError(f"a cluster's options are tls and idle=SECONDS (a whole number, at least 1), in that "
+                             f"order; not {option!r} in {spec!r}")
+    return Upstream(name, host, port, tls=tls, idle_timeout_seconds=idle)
 
 
 # Envoy's own limits on request headers: a backstop at twice policyd's (http_api.REQUEST_HEADERS_*_MAX).
@@ -110,9 +146,11 @@ def _discovery(host: str) -> str:
 
 
 def _cluster(u: Upstream, idle_timeout_seconds: int) -> str:
-    """A provider's cluster. Its connections close after `idle_timeout_seconds` unused: before the provider closes
-    them (uvicorn, vLLM's server, and Node.js close a kept-alive connection after 5 s), so that the gateway never
-    sends a request on a connection the provider is closing (a 503 that never reached it)."""
+    """A provider's cluster. Its connections close after `idle_timeout_seconds` unused (the upstream's own, where
+    it has one): before the provider closes them (uvicorn, vLLM's server, and Node.js close a kept-alive connection
+    after 5 s), so that the gateway never sends a request on a connection the provider is closing (a 503 that never
+    reached it)."""
+    idle_timeout_seconds = u.idle_timeout_seconds or idle_timeout_seconds
     address = _discovery(u.host)
     tls = f"""
     transport_socket:

@@ -85,9 +85,13 @@ def test_gateway_config_reaches_policyd_by_address_name_or_several_replicas(tmp_
     # a provider's connections close unused past the upstream idle timeout (4 s unless told); an access log if asked
     config = subprocess.run([sys.executable, "-m", "policyd.cli", "gateway-config", "--cluster", "vllm=10.0.0.7:8000",
                              "--cluster", "openai=api.openai.com:443:tls", "--upstream-idle-timeout", "2",
+                             "--cluster", "flask_app=models_host:8000:idle=1",  # closes its own after 2 s
                              "--access-log", str(tmp_path / "access.log")], capture_output=True, text=True,
                             check=True).stdout
     assert config.count("common_http_protocol_options: {idle_timeout: 2s}") == 2
+    flask_app = config[config.index("  - name: flask_app\n"):]
+    assert "common_http_protocol_options: {idle_timeout: 1s}" in flask_app and "socket_address: {address: models_host" \
+        in flask_app
     assert render().count("common_http_protocol_options: {idle_timeout: 4s}") == 3  # the default clusters
     (tmp_path / "idle.yaml").write_text(config)
     checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "idle.yaml")],
@@ -95,6 +99,22 @@ def test_gateway_config_reaches_policyd_by_address_name_or_several_replicas(tmp_
     assert checked.returncode == 0, checked.stdout + checked.stderr
     with pytest.raises(ValueError):
         render(upstream_idle_timeout_seconds=0)
+
+
+def test_gateway_config_refuses_a_cluster_or_replica_it_cannot_take_in_a_line() -> None:
+    """A spec `policyd gateway-config` cannot take is said in one line, nothing printed on its standard output: it
+    was a traceback, and a misspelled option (`:tlx`) was taken as plain HTTP to the provider."""
+    import subprocess
+    import sys
+
+    for args in (["--cluster", "openai"], ["--cluster", "openai=api.openai.com"], ["--cluster", "openai=host:443:tlx"],
+                 ["--cluster", "openai=host:https"], ["--cluster", "o p=host:443"], ["--cluster", "g=h:8000:idle=0"],
+                 ["--cluster", "a=h:1", "--cluster", "a=h:2"], ["--policyd", "policyd.internal"],
+                 ["--policyd", "10.0.0.5:50051,10.0.0.6"], ["--route-timeout", "0"]):
+        run = subprocess.run([sys.executable, "-m", "policyd.cli", "gateway-config", *args], capture_output=True,
+                             text=True)
+        assert (run.returncode, run.stdout) == (1, ""), args
+        assert run.stderr.startswith("policyd gateway-config: ") and run.stderr.count("\n") == 1, run.stderr
 
 
 @pytest.mark.parametrize(
