@@ -626,7 +626,11 @@ def _moment(text: str, zone_name: str = "") -> int:
     from datetime import datetime, timezone
     from zoneinfo import ZoneInfo
 
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise SystemExit(f"policyd: a date or time is ISO 8601 (2026-12-01, 2026-12-01T09:30, "
+                         f"2026-12-01T09:30:00+01:00), not {text!r}") from None
     if moment.tzinfo is None:
         try:
             zone = ZoneInfo(zone_name) if zone_name and zone_name != "UTC" else timezone.utc
@@ -1050,6 +1054,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": {"code": code.name if code else "", "reason": reason, "message": error.details()}}))
         else:
             print(f"error ({reason}): {error.details()}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as error:  # a file named that cannot be read (a policy, an export, a TLS key): a line, no traceback
+        said = f"{error.filename}: {error.strerror}" if error.filename else str(error)
+        print(f"policyd: {said}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -82,6 +82,10 @@ def test_a_new_users_tour(server: PolicydProcess, tmp_path: Path) -> None:
     assert zoned.returncode == 0 and f"demo,{today},5,4,1" in zoned.stdout, zoned.stdout
     unknown = run(server, "usage", "report", "--bucket", "day", "--timezone", "Mars/Olympus_Mons", "--since", "2026-11-01")
     assert unknown.returncode != 0 and "unknown time zone" in unknown.stderr
+    for args in (["usage", "report", "--since", "yesterday"], ["keys", "create", "--customer", "demo", "--plan", "pro",
+                                                               "--expires-at", "soon"]):
+        unread = run(server, *args)  # said in a line, not as a traceback
+        assert unread.returncode != 0 and unread.stderr.startswith("policyd: a date or time is ISO 8601"), unread.stderr
 
     assert run(server, "keys", "revoke", key_id).returncode == 0
     revoked = run(server, "authorize", "--key", rotated["secret"], "--model", "gpt-4o")
@@ -485,6 +489,15 @@ def test_gateway_config_names_the_reservation_ttl_a_longer_route_timeout_needs()
     assert "POLICYD_RESERVATION_TTL_SECONDS of at least 1260" in longer.stderr
     default = subprocess.run([*policyd_command(), "gateway-config"], capture_output=True, text=True, timeout=60)
     assert default.returncode == 0 and default.stderr == ""
+
+
+def test_a_file_the_command_cannot_read_is_said_in_a_line(tmp_path: Path) -> None:
+    """A policy, a provider's export or a TLS file that is not there: one line and exit status 1, not a traceback."""
+    missing = str(tmp_path / "missing")
+    for args in (["apply", "-f", missing], ["reconcile", "--provider", "openai", "--file", missing],
+                 ["wallet", "acme", "--tls-ca", missing]):
+        run = subprocess.run([*policyd_command(), *args], capture_output=True, text=True, timeout=60)
+        assert (run.returncode, run.stdout, run.stderr) == (1, "", f"policyd: {missing}: No such file or directory\n")
 
 
 def test_the_command_line_starts_without_loading_the_service() -> None:
