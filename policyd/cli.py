@@ -699,8 +699,6 @@ def _gateway_config(args: argparse.Namespace) -> int:
         (host, port), *more = [host_and_port(address) for address in args.policyd.split(",")]
         upstreams = [parse_upstream(spec) for spec in args.cluster or
                      ["openai=127.0.0.1:8080", "anthropic=127.0.0.1:8080", "google=127.0.0.1:8080"]]
-        if len({u.name for u in upstreams}) < len(upstreams):
-            raise ValueError("each --cluster has a name of its own")
         config = render(listen_port=args.listen_port, policyd_host=host, policyd_port=port,
                         admin_port=args.admin_port, upstreams=tuple(upstreams), failure_mode_allow=args.fail_open,
                         shape=args.shape, more_policyd=tuple(more), route_timeout_seconds=args.route_timeout,

@@ -636,6 +636,9 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
     fail_open = "true" if failure_mode_allow else "false"
     if upstream_idle_timeout_seconds < 1:
         raise ValueError("the upstream idle timeout is at least a second")
+    names = [u.name for u in upstreams]
+    if len(set(names)) < len(names) or "policyd" in names:
+        raise ValueError("each provider cluster has a name of its own, not policyd (the gateway's own cluster)")
     clusters = "".join(_cluster(u, upstream_idle_timeout_seconds) for u in upstreams)
     filters = _cors_filter(cors_origins) + _credentials_refused_filter(shape) + \
         (_ext_authz_filter(fail_open, body_bytes_max) if shape != "ext_proc" else "") + \

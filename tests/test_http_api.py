@@ -109,7 +109,8 @@ def test_gateway_config_refuses_a_cluster_or_replica_it_cannot_take_in_a_line() 
 
     for args in (["--cluster", "openai"], ["--cluster", "openai=api.openai.com"], ["--cluster", "openai=host:443:tlx"],
                  ["--cluster", "openai=host:https"], ["--cluster", "o p=host:443"], ["--cluster", "g=h:8000:idle=0"],
-                 ["--cluster", "a=h:1", "--cluster", "a=h:2"], ["--policyd", "policyd.internal"],
+                 ["--cluster", "a=h:1", "--cluster", "a=h:2"], ["--cluster", "policyd=h:1"],
+                 ["--policyd", "policyd.internal"],
                  ["--policyd", "10.0.0.5:50051,10.0.0.6"], ["--route-timeout", "0"]):
         run = subprocess.run([sys.executable, "-m", "policyd.cli", "gateway-config", *args], capture_output=True,
                              text=True)
