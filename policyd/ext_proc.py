@@ -231,7 +231,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         reply = self._request_body(exchange, request.request_body, content_type, coding)
                         gone_on = request.request_body.end_of_stream
                         yield reply
-                        if exchange is not None and (exchange.free or observer and exchange.observed):
+                        if exchange is not None and (exchange.free or closed_by_observer):
                             exchange = None  # ext_authz decided: the observer filter reads the reply (open since
                             # the request headers), or a token count leaves nothing to read
                 elif kind == "response_headers":
