@@ -29,6 +29,8 @@ from policyd.engine import Engine
 from policyd.ext_authz import AuthorizationServicer
 from policyd.ext_proc import ExternalProcessorServicer
 from policyd.loops import every
+from policyd.domain import PolicydError
+from policyd.policy import PolicyError, parse_policy
 from policyd.providers import ProviderPool
 from policyd.policy_book import PolicyBook
 from policyd.servicers import AdminServicer, PolicyServicer
@@ -97,6 +99,7 @@ class Service:
         return cls(settings, store, counters, book, directory, writer, engine, admin, pool)
 
     async def start(self) -> None:
+        policy_text = _policy_file_text(self.settings.policy_file) if self.settings.policy_file else ""
         await self.writer.ensure_groups()  # the first call to Redis: one that cannot reach it has nothing to stop
         self._started = True
         await self.book.load_latest()
@@ -106,8 +109,10 @@ class Service:
         self.counters.on_fenced = self._counters_fenced
         await _warn_of_eviction(self.counters)
         if self.settings.policy_file:
-            text = Path(self.settings.policy_file).read_text()
-            result = await self.admin.apply_policy(text, self.settings.policy_file)
+            try:
+                result = await self.admin.apply_policy(policy_text, self.settings.policy_file)
+            except PolicydError as error:  # valid alone, not here (a plan its keys use is missing, caps on a cluster)
+                raise SystemExit(f"cannot apply the policy file {self.settings.policy_file}: {error.message}") from None
             log.info("policy %s: version %d%s", self.settings.policy_file, result.version,
                      " (applied)" if result.changed else " (unchanged)")
         self.tasks.append(asyncio.create_task(self.engine.run_sweeper(self.stop, self.settings.sweeper_interval_ms)))
@@ -233,6 +238,21 @@ def make_grpc_server(service: Service, policy: bool = True, admin: bool = True,
     names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     return server, health_servicer
+
+
+def _policy_file_text(path: str) -> str:
+    """The policy file `policyd serve` applies at its start, read and checked before anything starts: one it cannot
+    read, or not a valid policy, stops it with the reason in a line (not a traceback after the counters' rebuild)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        parse_policy(text, path)
+    except OSError as error:
+        raise SystemExit(f"cannot read the policy file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise SystemExit(f"cannot read the policy file {path}: not UTF-8 text") from None
+    except PolicyError as error:
+        raise SystemExit(f"invalid policy file: {error}") from None
+    return text
 
 
 def _listen(server: grpc.aio.Server, address: str, settings: Settings, client_ca_file: str) -> None:

@@ -324,6 +324,31 @@ def test_serve_whose_address_is_taken_ends_at_once_saying_why(tmp_path: Path, se
     assert f"{says} {address}" in done.stderr, done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("policy, says", [
+    ("missing.yaml", "cannot read the policy file {path}: No such file or directory"),
+    ("typo.yaml", "invalid policy file: {path}:3: invalid YAML"),
+    ("plans.yaml", "invalid policy file: {path}:1: a policy is a mapping with price_table and plans"),
+])
+def test_serve_with_a_policy_file_it_cannot_apply_ends_at_once_saying_why(tmp_path: Path, policy: str,
+                                                                          says: str) -> None:
+    """A policy file missing, or not a policy: `policyd serve` ends before it starts anything, with the file and the
+    reason in one line (it was a traceback in a JSON field, after the counters' rebuild), and nothing served."""
+    import os
+
+    from tests.servers import free_port
+
+    (tmp_path / "typo.yaml").write_text("plans:\n  free: [oops\n")
+    (tmp_path / "plans.yaml").write_text("- a list\n")
+    path = str(tmp_path / policy)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
+    env.update(POLICYD_LISTEN=f"127.0.0.1:{free_port()}", POLICYD_DATABASE_URL=f"sqlite:///{tmp_path}/p.db")
+    done = subprocess.run([*policyd_command(), "serve", "--policy", path], env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert says.format(path=path) in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "policyd serving" not in done.stderr
+
+
 def test_serve_that_cannot_reach_redis_exits_with_the_error_logged_as_json(tmp_path: Path) -> None:
     """Redis refusing connections at start: `policyd serve` exits non-zero at once, the error one JSON log line
     with its traceback a field (not printed raw), and no drain tried of a service that never started."""
