@@ -139,13 +139,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         # the processing filter rewrites the body, or sends on decoded one the client compressed
         rewrite = exchange.rewrite(call.body) is not None or exchange.model_in_path_changes or call.body_decoded
         upstream = upstream_request(d, self.pool, observed=settled, rewrite=rewrite,
-                                    usage_unasked=exchange.usage_unasked)
+                                    usage_unasked=exchange.usage_unasked, policyd_headers=call.policyd_headers)
         exchange.account = upstream.account
         headers = [_header(k, v) for k, v in upstream.set_headers]
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
-                headers=headers, headers_to_remove=upstream.remove_headers + [REQUEST_ID_HEADER],
+                headers=headers, headers_to_remove=upstream.remove_headers,
                 response_headers_to_add=[_header(k, v) for k, v in (
                     (REQUEST_ID_HEADER, d.request_id),
                     *http_api.rate_limit_headers(d.rate_limits, int(time.time() * 1000)))] if settled else [],

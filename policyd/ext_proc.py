@@ -381,7 +381,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                                                             *background.unfollowable(call.endpoint)))
         # the observer filter reads every reply (a token count's, free, is not read)
         upstream = upstream_request(decision, self.pool, observed=not call.count_tokens,
-                                    usage_unasked=call.usage_kept_from_client(decision.stream_usage_reported))
+                                    usage_unasked=call.usage_kept_from_client(decision.stream_usage_reported),
+                                    policyd_headers=call.policyd_headers)
         exchange = Exchange.of(call, decision, upstream.account, observed=observer)
         exchange.reply_headers = ((REQUEST_ID_HEADER, decision.request_id),
                                   *http_api.rate_limit_headers(decision.rate_limits, int(time.time() * 1000)))
@@ -396,7 +397,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         decoded = ["content-encoding"] if call.body_decoded else []
         common = ep.CommonResponse(
             header_mutation=ep.HeaderMutation(set_headers=set_headers,
-                                              remove_headers=upstream.remove_headers + [REQUEST_ID_HEADER, *decoded]),
+                                              remove_headers=upstream.remove_headers + decoded),
             body_mutation=ep.BodyMutation(body=new_body) if new_body is not None else None,
             clear_route_cache=True)
         reply = _phase(kind, common)

@@ -27,10 +27,10 @@ from policyd.gateway_defaults import (ROUTE_TIMEOUT_SECONDS, SHAPES, STREAM_TIME
                                       UPSTREAM_IDLE_TIMEOUT_SECONDS)
 from policyd.batches import DECISION_SECONDS
 from policyd import request_lookup
-from policyd.http_api import (AWS_ERROR_HEADER, BEDROCK_PATH_REGEX, CREDENTIAL_REFUSALS, POLICY_UNAVAILABLE_MESSAGE,
-                              PROVIDER_ACCOUNT_HEADERS, REQUEST_BODY_BYTES_MAX, REQUEST_HEADERS_BYTES_MAX,
-                              REQUEST_ID_HEADER, UPLOAD_PATH_REGEX, BATCHES_PATH_REGEX, REQUEST_LOOKUP_PATH_REGEX,
-                              credentials_refused_reply)
+from policyd.http_api import (AWS_ERROR_HEADER, BEDROCK_PATH_REGEX, CREDENTIAL_REFUSALS, GATEWAY_ONLY_HEADERS,
+                              POLICY_UNAVAILABLE_MESSAGE, PROVIDER_ACCOUNT_HEADERS, REQUEST_BODY_BYTES_MAX,
+                              REQUEST_HEADERS_BYTES_MAX, REQUEST_ID_HEADER, UPLOAD_PATH_REGEX, BATCHES_PATH_REGEX,
+                              REQUEST_LOOKUP_PATH_REGEX, credentials_refused_reply)
 from policyd.http_api import REQUEST_HEADERS_COUNT_MAX as HEADERS_COUNT_MAX
 from policyd.upstream import (CONNECTION_ENDED_HEADER, GATEWAY_TIMEOUT_HEADER, OBSERVER_HEADER, REWRITE_HEADER,
                               ROUTE_HEADER, UNASKED_USAGE_HEADER)
@@ -194,8 +194,10 @@ def _route(match: str, route_timeout_seconds: int, filters: str = "") -> str:
                 route:
                   cluster_header: {ROUTE_HEADER}
                   timeout: {route_timeout_seconds}s
-                # policyd's own headers, and the router's instructions no client may give (CLIENT_ROUTER_HEADERS)
-                request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}, {UNASKED_USAGE_HEADER}, {", ".join(CLIENT_ROUTER_HEADERS)}]
+                # policyd's own headers, the router's instructions no client may give (CLIENT_ROUTER_HEADERS), and what
+                # a client tells the gateway alone (GATEWAY_ONLY_HEADERS: whom a request is for, a browser's cookies)
+                request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}, {UNASKED_USAGE_HEADER}, {", ".join(CLIENT_ROUTER_HEADERS)},
+                                            {", ".join(GATEWAY_ONLY_HEADERS)}]
                 # the operator's account; policyd's marks (the gateway's own replies get theirs after this)
                 response_headers_to_remove: [{", ".join(PROVIDER_ACCOUNT_HEADERS)}, {UNASKED_USAGE_HEADER},
                                              {GATEWAY_TIMEOUT_HEADER}, {CONNECTION_ENDED_HEADER}]

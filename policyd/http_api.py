@@ -274,6 +274,15 @@ IDEMPOTENCY_HEADER = "idempotency-key"  # the other name a client may give its r
 CORRELATION_HEADER = "x-request-id"
 TAG_HEADER_PREFIX = "x-policyd-tag-"
 CUSTOMER_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")  # api-key: Azure OpenAI's
+POLICYD_HEADER_PREFIX = "x-policyd-"
+TRACING_HEADERS = ("traceparent", "tracestate", "x-trace-id", CORRELATION_HEADER)  # go on, as tracing means them to
+# What a client tells the gateway alone, never sent on to a provider: whom a request is for and what it is part of
+# (the operator's customers, their end users, threads and features: nothing a provider reads, and not its to know),
+# a browser's cookies for the gateway's own site, and policyd's instructions (its headers, x-policyd-*: the route
+# drops these names; a request's tag headers, named by the client, are dropped by policyd's decision,
+# HttpCall.policyd_headers).
+GATEWAY_ONLY_HEADERS = ("cookie", *(h for h in ATTRIBUTION_HEADERS if h not in TRACING_HEADERS), REQUEST_ID_HEADER,
+                        THREAD_BUDGET_HEADER, MAX_CHARGE_HEADER)
 # The OpenAI organization and project a request names (the openai SDK sends them from OPENAI_ORG_ID and
 # OPENAI_PROJECT_ID): the client's own account, which the operator's key does not belong to (OpenAI refuses
 # it: 401 mismatched_organization). Never sent upstream; an account's own are set from its configuration.
@@ -379,6 +388,7 @@ class HttpCall:
     problem_message: str = ""
     problem_param: str = ""
     attribution: Attribution = field(default_factory=Attribution)
+    policyd_headers: tuple[str, ...] = ()  # the request's headers named x-policyd-*: policyd's, never a provider's
     client_address: str = ""
     user_agent: str = ""
 
@@ -1224,6 +1234,7 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
     if named.refers_to:  # the upload a file is made of: the customer's own, or not found
         call.files = (named.refers_to,)
     call.attribution = _attribution(headers)
+    call.policyd_headers = tuple(name for name in headers if name.startswith(POLICYD_HEADER_PREFIX))
     forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
     call.client_address = forwarded or client_address
     if len(headers) > REQUEST_HEADERS_COUNT_MAX or \

@@ -404,6 +404,7 @@ class MockProvider:
                                   "client_port": h.client_address[1],
                                   "credentials": {k: h.headers[k] for k in CREDENTIAL_HEADERS if h.headers.get(k)},
                                   "policyd_headers": sorted(k.lower() for k in h.headers if k.lower().startswith("x-policyd-")),
+                                  "header_names": sorted({k.lower() for k in h.headers}),
                                   "content_length": h.headers.get("content-length"), "bytes": len(raw),
                                   "accept_encoding": h.headers.get("accept-encoding", ""),
                                   "content_encoding": h.headers.get("content-encoding", ""),

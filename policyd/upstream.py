@@ -36,13 +36,14 @@ class UpstreamRequest:
 
 
 def upstream_request(decision: Decision, pool: ProviderPool, observed: bool, rewrite: bool | None = None,
-                     usage_unasked: bool = False) -> UpstreamRequest:
+                     usage_unasked: bool = False, policyd_headers: tuple[str, ...] = ()) -> UpstreamRequest:
     """`observed`: whether the observer filter reads the response (or the processing filter does);
     `rewrite`, from ext_authz only: whether the processing filter rewrites the body; `usage_unasked`: a
     stream whose client did not ask for the usage policyd asks for (HttpCall.usage_unasked). All always set
-    here, so what a client sent under these names never decides them (the route drops them upstream)."""
+    here, so what a client sent under these names never decides them (the route drops them upstream).
+    `policyd_headers`: the client's headers named x-policyd-* (its tags among them), removed."""
     account = pool.named(decision.provider, decision.account) if decision.account else pool.pick(decision.provider)
-    remove = [*http_api.CUSTOMER_KEY_HEADERS, *http_api.ACCOUNT_REQUEST_HEADERS]
+    remove = [*http_api.CUSTOMER_KEY_HEADERS, *http_api.ACCOUNT_REQUEST_HEADERS, http_api.REQUEST_ID_HEADER]
     route = decision.route
     headers: list[tuple[str, str]] = [(OBSERVER_HEADER, "read" if observed else "skip"),
                                       (UNASKED_USAGE_HEADER, "strip" if usage_unasked else "pass")]
@@ -54,8 +55,8 @@ def upstream_request(decision: Decision, pool: ProviderPool, observed: bool, rew
         name, value = account.credential_header()
         headers.append((name, value))
         headers.extend(account.account_headers())
-        set_here = {k for k, _ in headers}
-        remove = [h for h in remove if h not in set_here]
         route = account.cluster
     headers.append((ROUTE_HEADER, route))
+    set_here = {k for k, _ in headers}
+    remove = [h for h in dict.fromkeys([*remove, *policyd_headers]) if h not in set_here]
     return UpstreamRequest(headers, remove, account.name if account else "")

@@ -599,16 +599,26 @@ def test_the_observer_and_rewrite_headers_are_policyds_alone(gateway: Gateway) -
     streamed = gateway.record(streamed_id)
     assert (streamed["status"], streamed["error_class"], streamed["output_tokens"]) == (
         "settled", "", usage.completion_tokens)
+    # and what a client tells the gateway alone goes no further: whom the request is for, its tags, its cookies
+    told = {"x-end-user-id": "user-7", "x-thread-id": "thread-9", "x-feature": "search",
+            "x-customer-id": "e2e-observer",
+            "x-policyd-tag-team": "growth", "x-policyd-request-id": f"observed-{gateway.shape}",
+            "x-policyd-max-charge": "1", "cookie": "session=secret",
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "observe me too"}],
-        extra_headers={"x-policyd-observer": "read", "x-policyd-rewrite": "yes"})
+        extra_headers={"x-policyd-observer": "read", "x-policyd-rewrite": "yes", **told})
     plain = gateway.record(raw.headers["x-policyd-request-id"])
     assert (plain["status"], plain["error_class"], plain["output_tokens"]) == (
         "settled", "", raw.parse().usage.completion_tokens)
+    assert (plain["request_id"], plain["end_user_id"], plain["thread_id"], plain["feature"]) == (
+        f"observed-{gateway.shape}", "user-7", "thread-9", "search") and json.loads(plain["tags"])["team"] == "growth"
     wallet = gateway.wallet_at_rest("e2e-observer")
     assert wallet.balance_nanos == parse_amount("10") - streamed["charge_nanos"] - plain["charge_nanos"]
     sent = [r for r in gateway.mock.received() if str(r["body"].get("messages", [{}])[0].get("content", "")).startswith("observe me")]
     assert len(sent) == 2 and all(r["policyd_headers"] == [] for r in sent)  # policyd's headers stay in Envoy
+    assert not set(sent[1]["header_names"]) & {*told} - {"traceparent"}, sent[1]["header_names"]
+    assert "traceparent" in sent[1]["header_names"]  # tracing goes on
 
 
 def test_deny_paths_raise_the_matching_sdk_exceptions(gateway: Gateway) -> None:
@@ -758,6 +768,7 @@ def test_a_client_cannot_make_the_gateway_try_the_provider_again(gateway: Gatewa
                                                    messages=[{"role": "user", "content": content}])
             assert reply.choices[0].message.content
             assert len([r for r in gateway.mock.received() if content in json.dumps(r["body"])]) == 1
+        gateway.wallet_at_rest("e2e-no-retries")  # the reply read to its end before this Envoy goes
     finally:
         envoy.terminate()
         envoy.wait(timeout=10)
