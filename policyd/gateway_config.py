@@ -563,10 +563,12 @@ def gateway_replies(body_bytes_max: int) -> tuple[GatewayReply, ...]:
         # policyd unreachable, or too slow for the filter's timeout (fail closed): nothing was sent, nothing spent
         (_POLICYD_UNREACHABLE, "server_error", "policy_unavailable", POLICY_UNAVAILABLE_MESSAGE,
          "ServiceUnavailableException", (("retry-after", "1"),)),
-        # the gateway gave up on the provider (its route or idle timeout), which goes on and bills
+        # the gateway gave up on the provider (its route or idle timeout), which goes on and bills: charged as held,
+        # so not to be tried again by itself (the openai and Anthropic SDKs retry a 504 twice unless told, each
+        # attempt as long and charged again)
         ("response_flag_filter: {flags: [UT, SI]}", "server_error", "upstream_timeout",
          "the gateway stopped waiting for the provider: %LOCAL_REPLY_BODY%", "ServiceUnavailableException",
-         ((GATEWAY_TIMEOUT_HEADER, "yes"),)),
+         ((GATEWAY_TIMEOUT_HEADER, "yes"), ("x-should-retry", "false"))),
         # the provider's connection ended before the reply's headers: not the account's answer
         ("response_flag_filter: {flags: [UC]}", "server_error", "upstream_unavailable",
          "the provider could not be reached: %LOCAL_REPLY_BODY%", "ServiceUnavailableException",

@@ -3277,20 +3277,20 @@ def test_embeddings_responses_and_replies_without_usage(gateway: Gateway) -> Non
 def test_a_reply_the_gateway_stops_waiting_for_is_charged_as_held(gateway: Gateway, tmp_path: Path) -> None:
     """The gateway's route timeout (2 s here) answers 504 for a provider still at work on the request, which
     goes on and bills it: charged as a client gone (its input and the output held for it), marked
-    usage_estimated:gateway_timeout."""
+    usage_estimated:gateway_timeout. The reply tells the SDK not to try again by itself (it did, twice, each
+    attempt as long and charged again)."""
     with another_envoy(gateway, tmp_path, "short", route_timeout_seconds=2) as base_url:
-        client = openai.OpenAI(base_url=base_url, api_key=gateway.customer("e2e-gw-timeout"), max_retries=0,
-                               timeout=20)
+        client = openai.OpenAI(base_url=base_url, api_key=gateway.customer("e2e-gw-timeout"), timeout=20)
         with pytest.raises(openai.InternalServerError) as timed_out:
-            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "think long"}],
-                                           max_tokens=300, extra_headers={"x-mock-scenario": "stall",
-                                                                          "x-policyd-request-id": "e2e-gw-timeout-1"})
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "think longer"}],
+                                           max_tokens=300, extra_headers={"x-mock-scenario": "stall"})
         assert (timed_out.value.status_code, timed_out.value.code) == (504, "upstream_timeout")
         assert timed_out.value.response.headers["x-policyd-gateway-timeout"] == "yes"
-        record = gateway.record("e2e-gw-timeout-1")
+        record = gateway.record(timed_out.value.response.headers["x-policyd-request-id"])
         assert (record["status"], record["error_class"], record["output_tokens"]) == (
             "settled", "usage_estimated:gateway_timeout", 300)
         assert record["charge_nanos"] == record["reserved_nanos"] > 0
+    assert len(sent_with_text(gateway, "think longer")) == 1 and len(gateway.records("e2e-gw-timeout")) == 1
 
 
 def test_the_gateways_own_failures_are_errors_its_clients_read(gateway: Gateway, tmp_path: Path) -> None:
