@@ -3315,6 +3315,8 @@ def test_the_gateways_own_failures_are_errors_its_clients_read(gateway: Gateway,
             client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "unreachable"}],
                                            extra_headers={"x-policyd-request-id": "e2e-gateway-failures-1"})
         error = failed_on_bedrock(base_url)
+        for customer in ("e2e-gateway-failures", "e2e-gateway-failures-aws"):  # read by the observer before this
+            gateway.wallet_at_rest(customer)  # Envoy goes (one stopped mid-reply leaves it charged as held)
     assert (unreachable.value.status_code, unreachable.value.type, unreachable.value.code) == (
         503, "server_error", "upstream_unavailable")
     assert unreachable.value.message.endswith(
@@ -3338,7 +3340,8 @@ def test_the_gateways_own_failures_are_errors_its_clients_read(gateway: Gateway,
     assert error["Error"]["Message"] == http_api.POLICY_UNAVAILABLE_MESSAGE
     for customer in ("e2e-gateway-failures", "e2e-gateway-failures-aws"):
         wallet = gateway.wallet_at_rest(customer)
-        assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10"), 0), gateway.records(customer)
+        assert (wallet.balance_nanos, wallet.reserved_nanos) == (parse_amount("10"), 0), [
+            (r.request_id, r.endpoint, r.status, r.error_class, r.charge.nanos) for r in gateway.records(customer)]
     assert not sent_with_text(gateway, "the gateway's own failure")
 
 
@@ -3356,7 +3359,7 @@ def test_no_request_to_a_provider_that_cannot_be_reached_is_charged(gateway: Gat
                 client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"down {i}"}])
             request_ids.append(unreachable.value.response.headers["x-policyd-request-id"])
             time.sleep(0.3)  # (a client's pause between requests: at once after another, none was charged)
-    closed = [gateway.record(request_id) for request_id in request_ids]
+        closed = [gateway.record(request_id) for request_id in request_ids]  # read before this Envoy goes
     assert [(r["status"], r["close_reason"], r["charge_nanos"]) for r in closed] == [
         ("released", "upstream_503", 0)] * 10
     wallet = gateway.wallet_at_rest("e2e-provider-down")
