@@ -703,7 +703,7 @@ def _gateway_config(args: argparse.Namespace) -> int:
                         admin_port=args.admin_port, upstreams=tuple(upstreams), failure_mode_allow=args.fail_open,
                         shape=args.shape, more_policyd=tuple(more), route_timeout_seconds=args.route_timeout,
                         cors_origins=tuple(args.cors_origin or ()), access_log_path=args.access_log or "",
-                        upstream_idle_timeout_seconds=args.upstream_idle_timeout)
+                        upstream_idle_timeout_seconds=args.upstream_idle_timeout, trusted_proxies=args.trusted_proxies)
     except ValueError as error:
         raise SystemExit(f"policyd gateway-config: {error}") from None
     print(config, end="")
@@ -1005,6 +1005,9 @@ def parser() -> argparse.ArgumentParser:
                          help="seconds a connection to a provider stays open unused: below the provider's own "
                               f"keep-alive timeout (default {UPSTREAM_IDLE_TIMEOUT_SECONDS}: uvicorn and Node.js "
                               "close theirs after 5)")
+    gateway.add_argument("--trusted-proxies", type=int, default=0, metavar="N",
+                         help="the operator's own proxies before the gateway (a load balancer: 1): the client's "
+                              "address is the one the first of them saw; by default the connection's")
     gateway.add_argument("--access-log", metavar="PATH",
                          help="a file where Envoy writes a JSON line a request (its status and why: response flags "
                               "and code details; no secret); none by default")

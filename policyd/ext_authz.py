@@ -25,7 +25,7 @@ from policyd.engine import Engine
 from policyd.exchange import EXT_AUTHZ_NAMESPACE, Exchange
 from policyd.http_api import REQUEST_ID_HEADER
 from policyd.providers import ProviderPool
-from policyd.upstream import upstream_request
+from policyd.upstream import CLIENT_ADDRESS_HEADER, upstream_request
 
 log = logging.getLogger("policyd.ext_authz")
 
@@ -91,7 +91,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     async def _check(self, request: external_auth_pb2.CheckRequest) -> Any:
         http = request.attributes.request.http
         body = http.raw_body or http.body.encode("utf-8", "surrogateescape")
-        source = request.attributes.source.address.socket_address.address
+        source = http.headers.get(CLIENT_ADDRESS_HEADER) or request.attributes.source.address.socket_address.address
         call = http_api.parse_call(http.method, http.path, dict(http.headers), body, source)
         if call.models_listing:
             models, denial = await self.engine.models_for(call.api_key)

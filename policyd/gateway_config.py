@@ -32,8 +32,8 @@ from policyd.http_api import (AWS_ERROR_HEADER, BEDROCK_PATH_REGEX, CREDENTIAL_R
                               REQUEST_HEADERS_BYTES_MAX, REQUEST_ID_HEADER, UPLOAD_PATH_REGEX, BATCHES_PATH_REGEX,
                               REQUEST_LOOKUP_PATH_REGEX, credentials_refused_reply)
 from policyd.http_api import REQUEST_HEADERS_COUNT_MAX as HEADERS_COUNT_MAX
-from policyd.upstream import (CONNECTION_ENDED_HEADER, GATEWAY_TIMEOUT_HEADER, OBSERVER_HEADER, REWRITE_HEADER,
-                              ROUTE_HEADER, UNASKED_USAGE_HEADER)
+from policyd.upstream import (CLIENT_ADDRESS_HEADER, CONNECTION_ENDED_HEADER, GATEWAY_TIMEOUT_HEADER, OBSERVER_HEADER,
+                              REWRITE_HEADER, ROUTE_HEADER, UNASKED_USAGE_HEADER)
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def _route(match: str, route_timeout_seconds: int, filters: str = "") -> str:
                   timeout: {route_timeout_seconds}s
                 # policyd's own headers, the router's instructions no client may give (CLIENT_ROUTER_HEADERS), and what
                 # a client tells the gateway alone (GATEWAY_ONLY_HEADERS: whom a request is for, a browser's cookies)
-                request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}, {UNASKED_USAGE_HEADER}, {", ".join(CLIENT_ROUTER_HEADERS)},
+                request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}, {UNASKED_USAGE_HEADER}, {CLIENT_ADDRESS_HEADER}, {", ".join(CLIENT_ROUTER_HEADERS)},
                                             {", ".join(GATEWAY_ONLY_HEADERS)}]
                 # the operator's account; policyd's marks (the gateway's own replies get theirs after this)
                 response_headers_to_remove: [{", ".join(PROVIDER_ACCOUNT_HEADERS)}, {UNASKED_USAGE_HEADER},
@@ -363,6 +363,22 @@ CLIENT_ROUTER_HEADERS = ("x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-m
 CORS_ALLOW_HEADERS = "authorization, *"
 CORS_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_MAX_AGE_SECONDS = 600
+
+
+def _client_address_filter() -> str:
+    """ext_authz is told the connection's peer alone: the client's address as the connection manager judged it
+    (behind the operator's own proxies, the one the first of them saw) goes to policyd in a header of its own,
+    set over anything a client sent under that name (and taken off before the provider)."""
+    return f"""\
+          - name: envoy.filters.http.header_mutation
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+              mutations:
+                request_mutations:
+                - append:
+                    header: {{key: {CLIENT_ADDRESS_HEADER}, value: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}}
+                    append_action: OVERWRITE_IF_EXISTS_OR_ADD
+"""
 
 
 def _cors_filter(origins: tuple[str, ...]) -> str:
@@ -609,21 +625,30 @@ def _local_reply_mappers(body_bytes_max: int) -> str:
     return "".join(mappers)
 
 
+TRUSTED_PROXIES_MAX = 8
+
+
 def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_host: str = "127.0.0.1",
            policyd_port: int = 50051, admin_port: int = 9901, upstreams: tuple[Upstream, ...] = DEFAULT_UPSTREAMS,
            failure_mode_allow: bool = False, body_bytes_max: int = REQUEST_BODY_BYTES_MAX,
            shape: str = SHAPES[0], more_policyd: tuple[tuple[str, int], ...] = (),
            route_timeout_seconds: int = ROUTE_TIMEOUT_SECONDS, cors_origins: tuple[str, ...] = (),
-           access_log_path: str = "", upstream_idle_timeout_seconds: int = UPSTREAM_IDLE_TIMEOUT_SECONDS) -> str:
+           access_log_path: str = "", upstream_idle_timeout_seconds: int = UPSTREAM_IDLE_TIMEOUT_SECONDS,
+           trusted_proxies: int = 0) -> str:
     """`more_policyd`: further (host, port) replicas beside policyd_host:policyd_port; Envoy spreads
     each request's streams over all of them (a name that resolves to several addresses does too).
     `route_timeout_seconds`: how long the gateway waits for a reply, and for its next bytes (policyd's
     reservations must outlast it: POLICYD_RESERVATION_TTL_SECONDS). `cors_origins`: the web origins
     (`https://app.example`, or `*` for any) whose pages may call the gateway from a browser; none by default.
     `access_log_path`: a file where Envoy writes a JSON line a request (`_access_log`); none by default.
-    `upstream_idle_timeout_seconds`: how long a connection to a provider may stay unused (`_cluster`)."""
+    `upstream_idle_timeout_seconds`: how long a connection to a provider may stay unused (`_cluster`).
+    `trusted_proxies`: the proxies of the operator's own before the gateway (a load balancer: 1), each adding the
+    address it was called from to x-forwarded-for; the client's address is the one the first of them saw, or the
+    connection's with none. What a client writes in x-forwarded-for itself is never taken as its address."""
     if route_timeout_seconds < 1:
         raise ValueError("the route timeout is at least a second")
+    if not 0 <= trusted_proxies <= TRUSTED_PROXIES_MAX:
+        raise ValueError(f"the trusted proxies before the gateway are 0 to {TRUSTED_PROXIES_MAX}")
     for origin in cors_origins:
         if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d+)?", origin):
             raise ValueError(f"a CORS origin is a scheme and host (https://app.example[:port]) or *, not {origin!r}")
@@ -644,7 +669,8 @@ def render(listen_host: str = "127.0.0.1", listen_port: int = 10000, policyd_hos
     if len(set(names)) < len(names) or "policyd" in names:
         raise ValueError("each provider cluster has a name of its own, not policyd (the gateway's own cluster)")
     clusters = "".join(_cluster(u, upstream_idle_timeout_seconds) for u in upstreams)
-    filters = _cors_filter(cors_origins) + _credentials_refused_filter(shape) + \
+    filters = (_client_address_filter() if shape != "ext_proc" else "") + \
+        _cors_filter(cors_origins) + _credentials_refused_filter(shape) + \
         (_ext_authz_filter(fail_open, body_bytes_max) if shape != "ext_proc" else "") + \
         _unasked_usage_filter(shape) + _gemini_upload_url_filter() + \
         _ext_proc_filter(fail_open, shape, stream_seconds) + \
@@ -676,6 +702,11 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: gateway
           stream_idle_timeout: {route_timeout_seconds}s  # a reply not streamed may think as long as the route waits
+          # the client's address (policyd records it) is the connection's, or the one the operator's own proxies saw:
+          # never what a client wrote in x-forwarded-for; a client's x-request-id (its tracing id) is kept as sent
+          use_remote_address: true
+          xff_num_trusted_hops: {trusted_proxies}
+          preserve_external_request_id: true
 {_access_log(access_log_path)}          max_request_headers_kb: {REQUEST_HEADERS_KB_MAX}
           common_http_protocol_options: {{max_headers_count: {REQUEST_HEADERS_COUNT_MAX}}}
           route_config:

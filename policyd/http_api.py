@@ -1235,8 +1235,6 @@ def parse_call(method: str, path: str, headers: dict[str, str], body: bytes, cli
         call.files = (named.refers_to,)
     call.attribution = _attribution(headers)
     call.policyd_headers = tuple(name for name in headers if name.startswith(POLICYD_HEADER_PREFIX))
-    forwarded = headers.get("x-forwarded-for", "").split(",")[0].strip()
-    call.client_address = forwarded or client_address
     if len(headers) > REQUEST_HEADERS_COUNT_MAX or \
             sum(len(k) + len(v) for k, v in headers.items()) > REQUEST_HEADERS_BYTES_MAX:
         return _problem(call, "request_headers_too_large", f"the request headers are larger than "

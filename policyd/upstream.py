@@ -21,6 +21,10 @@ ROUTE_HEADER = "x-policyd-route"
 OBSERVER_HEADER = "x-policyd-observer"
 REWRITE_HEADER = "x-policyd-rewrite"  # ext_authz: whether the processing filter rewrites the body
 UNASKED_USAGE_HEADER = "x-policyd-unasked-usage"  # strip: the stream's usage event is kept from the client
+# the client's address as the gateway's connection manager judged it (the connection's, or the one the operator's
+# own proxies saw: gateway_config `trusted_proxies`), set on every request for ext_authz, which is told the
+# connection's peer alone (the ext_proc shape reads Envoy's source.address attribute)
+CLIENT_ADDRESS_HEADER = "x-policyd-client-address"
 # on the gateway's own reply when it gave up on the provider (its route or idle timeout: Envoy's UT, SI)
 GATEWAY_TIMEOUT_HEADER = "x-policyd-gateway-timeout"
 # on the gateway's own 503 when the provider's connection ended before the reply's headers (Envoy's UC): most often

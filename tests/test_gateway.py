@@ -196,7 +196,7 @@ def test_non_streamed_chat_charges_the_provider_reported_usage(gateway: Gateway)
     key = gateway.customer("e2e-plain")
     raw = gateway.client(key).chat.completions.with_raw_response.create(
         model="gpt-4o", messages=[{"role": "user", "content": "How exact is policyd?"}], max_tokens=40,
-        extra_headers={"x-feature": "faq", "x-thread-id": "t-1"})
+        extra_headers={"x-feature": "faq", "x-thread-id": "t-1", "x-forwarded-for": "203.0.113.9"})
     completion = raw.parse()
     request_id = raw.headers["x-policyd-request-id"]
     record = gateway.record(request_id)
@@ -208,12 +208,25 @@ def test_non_streamed_chat_charges_the_provider_reported_usage(gateway: Gateway)
     assert (record["feature"], record["thread_id"], record["customer_id"]) == ("faq", "t-1", "e2e-plain")
     assert (record["request_count"], record["retries"]) == (1, 0)  # from Envoy's x-envoy-attempt-count
     assert record["provider_account"] in ("openai-1", "openai-2")  # which credential served it
-    assert record["client_address"] == "127.0.0.1"
+    assert record["client_address"] == "127.0.0.1"  # the connection's, not what its x-forwarded-for claimed
     wallet = gateway.wallet_at_rest("e2e-plain")
     assert wallet.balance_nanos == parse_amount("10") - record["charge_nanos"] and wallet.reserved_nanos == 0
     sent = [r for r in gateway.mock.received() if r["body"].get("messages", [{}])[0].get("content") == "How exact is policyd?"]
     assert sent and sent[-1]["authorization"] in (f"Bearer {PROVIDER_KEYS[0]}", f"Bearer {PROVIDER_KEYS[1]}")
     assert key not in json.dumps(gateway.mock.received())  # the customer's key never reaches the provider
+
+
+def test_a_clients_address_is_the_one_the_operators_own_proxies_saw(gateway: Gateway, tmp_path: Path) -> None:
+    """Behind a load balancer of the operator's (`trusted_proxies=1`), the address it saw, the last of
+    x-forwarded-for, is the client's; what the client wrote there itself is not (it was taken as the client's
+    address: a client could name any). Without one, the connection's (test_non_streamed_chat_...)."""
+    with another_envoy(gateway, tmp_path, "behind-a-balancer", trusted_proxies=1) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key=gateway.customer("e2e-balanced"), max_retries=0, timeout=20)
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", max_tokens=8, messages=[{"role": "user", "content": "from behind a balancer"}],
+            extra_headers={"x-forwarded-for": "203.0.113.9, 198.51.100.4"})  # claimed by the client, seen by the LB
+        record = gateway.record(raw.headers["x-policyd-request-id"])
+    assert (record["status"], record["client_address"]) == ("settled", "198.51.100.4")
 
 
 def test_a_reply_from_another_model_than_sent_is_charged_as_the_model_that_served_it(gateway: Gateway) -> None:

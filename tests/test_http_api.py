@@ -86,9 +86,11 @@ def test_gateway_config_reaches_policyd_by_address_name_or_several_replicas(tmp_
     config = subprocess.run([sys.executable, "-m", "policyd.cli", "gateway-config", "--cluster", "vllm=10.0.0.7:8000",
                              "--cluster", "openai=api.openai.com:443:tls", "--upstream-idle-timeout", "2",
                              "--cluster", "flask_app=models_host:8000:idle=1",  # closes its own after 2 s
-                             "--access-log", str(tmp_path / "access.log")], capture_output=True, text=True,
-                            check=True).stdout
+                             "--access-log", str(tmp_path / "access.log"), "--trusted-proxies", "2"],
+                            capture_output=True, text=True, check=True).stdout
     assert config.count("common_http_protocol_options: {idle_timeout: 2s}") == 2
+    # the client's address: behind two proxies of the operator's, the one the first saw; by default the connection's
+    assert "xff_num_trusted_hops: 2" in config and "xff_num_trusted_hops: 0" in render()
     flask_app = config[config.index("  - name: flask_app\n"):]
     assert "common_http_protocol_options: {idle_timeout: 1s}" in flask_app and "socket_address: {address: models_host" \
         in flask_app
@@ -111,7 +113,8 @@ def test_gateway_config_refuses_a_cluster_or_replica_it_cannot_take_in_a_line() 
                  ["--cluster", "openai=host:https"], ["--cluster", "o p=host:443"], ["--cluster", "g=h:8000:idle=0"],
                  ["--cluster", "a=h:1", "--cluster", "a=h:2"], ["--cluster", "policyd=h:1"],
                  ["--policyd", "policyd.internal"],
-                 ["--policyd", "10.0.0.5:50051,10.0.0.6"], ["--route-timeout", "0"]):
+                 ["--policyd", "10.0.0.5:50051,10.0.0.6"], ["--route-timeout", "0"], ["--trusted-proxies", "-1"],
+                 ["--trusted-proxies", "9"]):
         run = subprocess.run([sys.executable, "-m", "policyd.cli", "gateway-config", *args], capture_output=True,
                              text=True)
         assert (run.returncode, run.stdout) == (1, ""), args
@@ -147,7 +150,7 @@ def test_shape_and_attribution() -> None:
                        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo"}]})
     call = parse_call("POST", "/v1/chat/completions", {"x-feature": "chat", "x-thread-id": "t", "x-request-id": "r1",
                                                          "x-policyd-tag-team": "search", "x-forwarded-for": "1.2.3.4, 10.0.0.1"},
-                      body.encode())
+                      body.encode(), client_address="192.0.2.7")
     assert (call.model, call.max_output_tokens, call.stream, call.message_count) == ("gpt-4o", 77, True, 2)
     assert call.prompt_bytes == len("system".encode()) + len("be brief") + len("user") + len("héllo".encode())
     a = call.attribution
@@ -155,7 +158,7 @@ def test_shape_and_attribution() -> None:
     # never the request's id (which is policyd's own, or the client's x-policyd-request-id / idempotency-key)
     assert (a.feature, a.thread_id, a.request_id, a.tags, a.end_user_id) == (
         "chat", "t", "", {"team": "search", "x-request-id": "r1"}, "u-9")
-    assert call.client_address == "1.2.3.4"
+    assert call.client_address == "192.0.2.7"  # the gateway's (Envoy's) view, never what x-forwarded-for claims
     for said, end_user in (({"safety_identifier": "hashed-7", "user": "u-9"}, "hashed-7"), ({"user": "u-9"}, "u-9"),
                            ({"metadata": {"user_id": "anthropic-3"}}, "anthropic-3"), ({"user": 5, "metadata": []}, "")):
         path = "/v1/messages" if "metadata" in said else "/v1/chat/completions"
