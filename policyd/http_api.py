@@ -278,11 +278,12 @@ POLICYD_HEADER_PREFIX = "x-policyd-"
 TRACING_HEADERS = ("traceparent", "tracestate", "x-trace-id", CORRELATION_HEADER)  # go on, as tracing means them to
 # What a client tells the gateway alone, never sent on to a provider: whom a request is for and what it is part of
 # (the operator's customers, their end users, threads and features: nothing a provider reads, and not its to know),
-# a browser's cookies for the gateway's own site, and policyd's instructions (its headers, x-policyd-*: the route
-# drops these names; a request's tag headers, named by the client, are dropped by policyd's decision,
-# HttpCall.policyd_headers).
-GATEWAY_ONLY_HEADERS = ("cookie", *(h for h in ATTRIBUTION_HEADERS if h not in TRACING_HEADERS), REQUEST_ID_HEADER,
-                        THREAD_BUDGET_HEADER, MAX_CHARGE_HEADER)
+# where it came from (its address, which the gateway adds to x-forwarded-for as a proxy does), a browser's cookies
+# for the gateway's own site, and policyd's instructions (its headers, x-policyd-*: the route drops these names; a
+# request's tag headers, named by the client, are dropped by policyd's decision, HttpCall.policyd_headers).
+GATEWAY_ONLY_HEADERS = ("cookie", *(h for h in ATTRIBUTION_HEADERS if h not in TRACING_HEADERS),
+                        "x-forwarded-for", "x-envoy-external-address", REQUEST_ID_HEADER, THREAD_BUDGET_HEADER,
+                        MAX_CHARGE_HEADER)
 # The OpenAI organization and project a request names (the openai SDK sends them from OPENAI_ORG_ID and
 # OPENAI_PROJECT_ID): the client's own account, which the operator's key does not belong to (OpenAI refuses
 # it: 401 mismatched_organization). Never sent upstream; an account's own are set from its configuration.

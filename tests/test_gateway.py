@@ -616,7 +616,7 @@ def test_the_observer_and_rewrite_headers_are_policyds_alone(gateway: Gateway) -
     told = {"x-end-user-id": "user-7", "x-thread-id": "thread-9", "x-feature": "search",
             "x-customer-id": "e2e-observer",
             "x-policyd-tag-team": "growth", "x-policyd-request-id": f"observed-{gateway.shape}",
-            "x-policyd-max-charge": "1", "cookie": "session=secret",
+            "x-policyd-max-charge": "1", "cookie": "session=secret", "x-forwarded-for": "203.0.113.9",
             "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "observe me too"}],
@@ -630,7 +630,8 @@ def test_the_observer_and_rewrite_headers_are_policyds_alone(gateway: Gateway) -
     assert wallet.balance_nanos == parse_amount("10") - streamed["charge_nanos"] - plain["charge_nanos"]
     sent = [r for r in gateway.mock.received() if str(r["body"].get("messages", [{}])[0].get("content", "")).startswith("observe me")]
     assert len(sent) == 2 and all(r["policyd_headers"] == [] for r in sent)  # policyd's headers stay in Envoy
-    assert not set(sent[1]["header_names"]) & {*told} - {"traceparent"}, sent[1]["header_names"]
+    assert not set(sent[1]["header_names"]) & {*told, "x-envoy-external-address"} - {"traceparent"}, \
+        sent[1]["header_names"]
     assert "traceparent" in sent[1]["header_names"]  # tracing goes on
 
 
