@@ -195,7 +195,7 @@ def _route(match: str, route_timeout_seconds: int, filters: str = "") -> str:
                   cluster_header: {ROUTE_HEADER}
                   timeout: {route_timeout_seconds}s
                 # policyd's own headers, the router's instructions no client may give (CLIENT_ROUTER_HEADERS), and what
-                # a client tells the gateway alone (GATEWAY_ONLY_HEADERS: whom a request is for, a browser's cookies)
+                # a client tells the gateway alone (GATEWAY_ONLY_HEADERS: whom a request is for, its address, cookies)
                 request_headers_to_remove: [{ROUTE_HEADER}, {OBSERVER_HEADER}, {REWRITE_HEADER}, {UNASKED_USAGE_HEADER}, {CLIENT_ADDRESS_HEADER}, {", ".join(CLIENT_ROUTER_HEADERS)},
                                             {", ".join(GATEWAY_ONLY_HEADERS)}]
                 # the operator's account; policyd's marks (the gateway's own replies get theirs after this)
