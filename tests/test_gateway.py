@@ -612,7 +612,8 @@ def test_the_observer_and_rewrite_headers_are_policyds_alone(gateway: Gateway) -
     streamed = gateway.record(streamed_id)
     assert (streamed["status"], streamed["error_class"], streamed["output_tokens"]) == (
         "settled", "", usage.completion_tokens)
-    # and what a client tells the gateway alone goes no further: whom the request is for, its tags, its cookies
+    # and what a client tells the gateway alone goes no further: whom the request is for, its tags, its address,
+    # its cookies
     told = {"x-end-user-id": "user-7", "x-thread-id": "thread-9", "x-feature": "search",
             "x-customer-id": "e2e-observer",
             "x-policyd-tag-team": "growth", "x-policyd-request-id": f"observed-{gateway.shape}",
