@@ -45,9 +45,9 @@ def upstream_request(decision: Decision, pool: ProviderPool, observed: bool, rew
     `rewrite`, from ext_authz only: whether the processing filter rewrites the body; `usage_unasked`: a
     stream whose client did not ask for the usage policyd asks for (HttpCall.usage_unasked). All always set
     here, so what a client sent under these names never decides them (the route drops them upstream).
-    `policyd_headers`: the client's headers named x-policyd-* (its tags among them), removed."""
+    `policyd_headers`: the client's headers named x-policyd-* (its request id and tags among them), removed."""
     account = pool.named(decision.provider, decision.account) if decision.account else pool.pick(decision.provider)
-    remove = [*http_api.CUSTOMER_KEY_HEADERS, *http_api.ACCOUNT_REQUEST_HEADERS, http_api.REQUEST_ID_HEADER]
+    remove = [*http_api.CUSTOMER_KEY_HEADERS, *http_api.ACCOUNT_REQUEST_HEADERS]
     route = decision.route
     headers: list[tuple[str, str]] = [(OBSERVER_HEADER, "read" if observed else "skip"),
                                       (UNASKED_USAGE_HEADER, "strip" if usage_unasked else "pass")]
